@@ -1,0 +1,34 @@
+# SOP: quantizer, golden model and LUT-decoder generator.  `make help` lists the targets.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+# Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: help setup test test-fast demo bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## idempotent: Icarus (apt), .venv, project editable with dev extras
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	scripts/setup.sh
+
+test: $(STAMP)  ## the whole suite (set-up first if needed)
+	$(PYTEST) -q
+
+test-fast: $(STAMP)  ## the suite without the slow tests
+	$(PYTEST) -q -m "not slow"
+
+demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print the error per format
+	$(VENV)/bin/sop demo
+
+bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header
+	$(PY) bench/hif_sqnr.py
+	$(PY) bench/codebook_sqnr.py
+	$(PY) bench/header_sqnr.py
+
+clean:  ## remove generated files (build/), keep the venv
+	rm -rf build .pytest_cache .hypothesis

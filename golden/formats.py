@@ -1,0 +1,289 @@
+"""Number formats: the one definition of every element, scale, LUT and output format.
+
+Every format here is a *code table*: a format of ``bits`` bits maps each code
+``0 .. 2**bits - 1`` to one value (a float64, NaN for a NaN code). Decoding is a
+table look-up; encoding is "nearest value in the table".
+
+Contract (documented in docs/formats.md, tested exhaustively against ml_dtypes):
+
+* ``decode(codes)`` is exact: every value of every format here is a float64.
+* ``encode(x)`` rounds to the nearest representable value, **ties to the even
+  code** (to the larger magnitude for a float without mantissa bits, E8M0,
+  where both neighbours have significand 1), and **saturates**: anything beyond the largest finite value, ±Inf
+  included, becomes ±max. It never returns a NaN or Inf code. A zero result
+  keeps the sign of ``x`` where the format has a negative zero. NaN input raises
+  ``ValueError`` naming the first NaN's position; a negative input to an
+  unsigned format raises too.
+
+Float formats are sign-magnitude, ``[sign][exponent E][mantissa M]``, with
+value ``(1 + m/2^M) * 2^(e - bias)`` for ``e > 0`` and, where subnormals exist,
+``(m/2^M) * 2^(1 - bias)`` for ``e == 0``. Special codes, by ``specials``:
+
+* ``"finite"``: every code is a number (E2M1, E2M3, E3M2, UE4M4, HIF, ...).
+* ``"fn"``: only the all-ones magnitude ``.1111.111`` is NaN (E4M3fn, UE4M3).
+* ``"ieee"``: exponent all ones is Inf (mantissa 0) or NaN (E5M2, BF16).
+* ``"e8m0"``: no sign, no mantissa, no zero (code 0 is ``2^-bias``), all ones NaN.
+
+Integer formats are two's complement (INT4, INT8).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+__all__ = [
+    "CodeTable", "FloatFormat", "IntFormat", "FORMATS", "get_format",
+    "format_names", "round_to_table", "ELEMENT_FORMATS", "SCALE_FORMATS", "OUTPUT_FORMATS",
+]
+
+
+def _code_dtype(bits: int):
+    return np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
+
+
+def check_no_nan(x: np.ndarray, what: str) -> None:
+    """Raise ValueError naming the first NaN of ``x`` (by multi-index), if any."""
+    nan = np.isnan(x)
+    if nan.any():
+        pos = tuple(int(i) for i in np.argwhere(nan)[0])
+        raise ValueError(f"{what}: NaN at position {pos if len(pos) != 1 else pos[0]}; "
+                         f"NaN cannot be encoded")
+
+
+def round_to_table(x: np.ndarray, values: np.ndarray, codes: np.ndarray,
+                   neg_zero_code: int | None = None, ties: str = "even") -> np.ndarray:
+    """Nearest entry of a table, ties to the even code, saturating at both ends.
+
+    ``ties="away"`` sends ties to the larger magnitude instead: the rule for a
+    float with no mantissa bits (E8M0), whose neighbours both have significand 1,
+    so that "even" does not decide (IEEE 754 and ml_dtypes agree on this).
+
+    ``values`` must be sorted ascending and free of duplicates and NaN; ``codes``
+    gives the code of each value. Where the nearest value is 0 and ``x`` carries a
+    negative sign, ``neg_zero_code`` (if given) is returned instead.
+    This is the single rounding rule of the project: element formats, scale
+    formats, HIF and codebook assignment all use it.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(values)
+    hi_idx = np.clip(np.searchsorted(values, x, side="left"), 0, n - 1)
+    lo_idx = np.clip(hi_idx - 1, 0, n - 1)
+    lo, hi = values[lo_idx], values[hi_idx]
+    # Both differences are exact in float64 (the table values have few significant
+    # bits and lie within a binade or two of x), so ties are detected exactly.
+    with np.errstate(invalid="ignore"):
+        d_lo = x - lo
+        d_hi = hi - x
+    tie = d_lo == d_hi
+    # Beyond either end lo_idx == hi_idx or d_hi < 0 < d_lo: saturation falls out.
+    tie_hi = (codes[hi_idx] & 1) == 0 if ties == "even" else x > 0
+    pick_hi = (d_hi < d_lo) | (tie & tie_hi)
+    out = np.where(pick_hi, codes[hi_idx], codes[lo_idx])
+    if neg_zero_code is not None:
+        chosen = np.where(pick_hi, hi, lo)
+        out = np.where((chosen == 0) & np.signbit(x), neg_zero_code, out)
+    return out
+
+
+@dataclass(frozen=True)
+class CodeTable:
+    """A format given by the value of each of its ``2**bits`` codes."""
+
+    name: str
+    bits: int
+
+    # -- to be provided by subclasses ------------------------------------
+    def _values(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    signed: bool = field(default=True)
+
+    # -- derived -----------------------------------------------------------
+    @cached_property
+    def values(self) -> np.ndarray:
+        """float64 value of every code, NaN for NaN codes, ±Inf for Inf codes."""
+        v = self._values().astype(np.float64)
+        v.setflags(write=False)
+        return v
+
+    @cached_property
+    def _encode_table(self):
+        v = self.values
+        finite = np.isfinite(v)
+        codes = np.arange(len(v))[finite]
+        vals = v[finite]
+        # One entry per value. +0 sorts before -0, so the kept zero is the positive
+        # one; the negative zero's code is remembered for negative inputs.
+        order = np.lexsort((np.signbit(vals), vals))
+        vals, codes = vals[order], codes[order]
+        keep = np.concatenate([[True], np.diff(vals) != 0])
+        neg = (vals == 0) & np.signbit(vals)
+        neg_zero = int(codes[neg][0]) if neg.any() else None
+        return vals[keep], codes[keep], neg_zero
+
+    @property
+    def max(self) -> float:
+        """Largest finite value."""
+        return float(self._encode_table[0][-1])
+
+    @property
+    def min_positive(self) -> float:
+        """Smallest value above zero."""
+        vals = self._encode_table[0]
+        return float(vals[vals > 0][0])
+
+    def decode(self, codes) -> np.ndarray:
+        """Exact value of each code (float64); raises on codes out of range."""
+        codes = np.asarray(codes)
+        if codes.size and (codes.min() < 0 or codes.max() >= (1 << self.bits)):
+            bad = codes[(codes < 0) | (codes >= (1 << self.bits))].flat[0]
+            raise ValueError(f"{self.name}: code {int(bad)} is out of range 0..{(1 << self.bits) - 1}")
+        return self.values[codes.astype(np.int64)]
+
+    def encode(self, x) -> np.ndarray:
+        """Round to nearest, ties to even code, saturating; see the module contract."""
+        x = np.asarray(x, dtype=np.float64)
+        check_no_nan(x, f"encode to {self.name}")
+        if not self.signed and (x < 0).any():
+            pos = np.argwhere(x < 0)[0]
+            raise ValueError(f"encode to {self.name}: negative value {float(x[tuple(pos)])!r} at position "
+                             f"{tuple(int(i) for i in pos)}; the format is unsigned")
+        vals, codes, neg_zero = self._encode_table
+        return round_to_table(x, vals, codes, neg_zero, self.ties).astype(_code_dtype(self.bits))
+
+    @property
+    def ties(self) -> str:
+        """Tie rule of ``encode``: "even" (the even code) or "away" (larger magnitude)."""
+        return "even"
+
+    def quantize(self, x) -> np.ndarray:
+        """``decode(encode(x))``: the value ``x`` becomes in this format."""
+        return self.decode(self.encode(x))
+
+
+@dataclass(frozen=True)
+class FloatFormat(CodeTable):
+    """Sign-magnitude binary float with E exponent and M mantissa bits."""
+
+    ebits: int = 0
+    mbits: int = 0
+    bias: int = 0
+    specials: str = "finite"        # "finite" | "fn" | "ieee" | "e8m0"
+
+    def __post_init__(self):
+        if self.bits != int(self.signed) + self.ebits + self.mbits:
+            raise ValueError(f"{self.name}: bits {self.bits} != sign + E + M")
+        if self.specials not in ("finite", "fn", "ieee", "e8m0"):
+            raise ValueError(f"{self.name}: unknown specials {self.specials!r}")
+        if self.ebits < 1 or self.mbits < 0:
+            raise ValueError(f"{self.name}: need at least one exponent bit")
+
+    @property
+    def ties(self) -> str:
+        return "away" if self.mbits == 0 else "even"
+
+    @property
+    def subnormals(self) -> bool:
+        return self.specials != "e8m0"
+
+    @property
+    def emax(self) -> int:
+        """Unbiased exponent of the largest finite value (the OCP MX ``emax``)."""
+        return int(np.floor(np.log2(self.max)))
+
+    @property
+    def emin(self) -> int:
+        """Unbiased exponent of the smallest normal value."""
+        return (0 if self.specials == "e8m0" else 1) - self.bias
+
+    def _values(self) -> np.ndarray:
+        E, M = self.ebits, self.mbits
+        codes = np.arange(1 << self.bits, dtype=np.int64)
+        m = codes & ((1 << M) - 1)
+        e = (codes >> M) & ((1 << E) - 1)
+        s = (codes >> (E + M)) & 1 if self.signed else np.zeros_like(codes)
+        normal = np.ldexp((m + (1 << M)).astype(np.float64), (e - self.bias - M).astype(np.int32))
+        if self.subnormals:
+            sub = np.ldexp(m.astype(np.float64), np.full_like(e, 1 - self.bias - M).astype(np.int32))
+            mag = np.where(e == 0, sub, normal)
+        else:
+            mag = normal
+        e_all, m_all = (1 << E) - 1, (1 << M) - 1
+        if self.specials == "ieee":
+            mag = np.where(e == e_all, np.where(m == 0, np.inf, np.nan), mag)
+        elif self.specials in ("fn", "e8m0"):
+            mag = np.where((e == e_all) & (m == m_all), np.nan, mag)
+        return np.where(s == 1, -mag, mag)
+
+
+@dataclass(frozen=True)
+class IntFormat(CodeTable):
+    """Two's-complement (or unsigned) integer; the value is the integer itself."""
+
+    def _values(self) -> np.ndarray:
+        codes = np.arange(1 << self.bits, dtype=np.int64)
+        if self.signed:
+            codes = np.where(codes >= 1 << (self.bits - 1), codes - (1 << self.bits), codes)
+        return codes.astype(np.float64)
+
+
+def _fp(name, E, M, bias=None, signed=True, specials="finite") -> FloatFormat:
+    bias = (1 << (E - 1)) - 1 if bias is None else bias
+    return FloatFormat(name=name, bits=int(signed) + E + M, signed=signed,
+                       ebits=E, mbits=M, bias=bias, specials=specials)
+
+
+ELEMENT_FORMATS = {
+    "e2m1": _fp("e2m1", 2, 1),
+    "e2m3": _fp("e2m3", 2, 3),
+    "e3m2": _fp("e3m2", 3, 2),
+    "e4m3": _fp("e4m3", 4, 3, specials="fn"),
+    "e5m2": _fp("e5m2", 5, 2, specials="ieee"),
+    "int4": IntFormat(name="int4", bits=4),
+    "int8": IntFormat(name="int8", bits=8),
+}
+
+SCALE_FORMATS = {
+    "ue8m0": _fp("ue8m0", 8, 0, bias=127, signed=False, specials="e8m0"),
+    "ue4m3": _fp("ue4m3", 4, 3, signed=False, specials="fn"),
+    "ue4m4": _fp("ue4m4", 4, 4, signed=False),
+    "ue5m3": _fp("ue5m3", 5, 3, signed=False),
+    "se4m3": _fp("se4m3", 4, 3, specials="fn"),
+    # 6-bit magnitudes for the 8-bit SOP4 header (selection + sign + scale).
+    "ue3m3": _fp("ue3m3", 3, 3, signed=False),
+    "ue4m2": _fp("ue4m2", 4, 2, signed=False),
+    "ue5m1": _fp("ue5m1", 5, 1, signed=False),
+}
+
+OUTPUT_FORMATS = {
+    "bf16": _fp("bf16", 8, 7, specials="ieee"),
+}
+
+FORMATS = {**ELEMENT_FORMATS, **SCALE_FORMATS, **OUTPUT_FORMATS}
+
+_PARAMETRIC = re.compile(r"^(?P<u>u)?e(?P<E>\d+)m(?P<M>\d+)(?:b(?P<bias>-?\d+))?$")
+
+
+def format_names() -> list[str]:
+    return sorted(FORMATS)
+
+
+def get_format(name: str) -> CodeTable:
+    """A format by name: a named one, or parametric ``[u]e<E>m<M>[b<bias>]``.
+
+    Parametric formats have every code finite (no Inf/NaN), subnormals, and the
+    bias ``2^(E-1) - 1`` unless ``b<bias>`` is given; ``u`` drops the sign bit.
+    """
+    key = name.lower()
+    if key in FORMATS:
+        return FORMATS[key]
+    m = _PARAMETRIC.match(key)
+    if m and 1 <= int(m["E"]) <= 11 and 0 <= int(m["M"]) <= 15 and int(m["E"]) + int(m["M"]) <= 16:
+        return _fp(key, int(m["E"]), int(m["M"]),
+                   bias=None if m["bias"] is None else int(m["bias"]), signed=not m["u"])
+    raise ValueError(f"unknown format {name!r}; valid: {', '.join(format_names())}, "
+                     f"or parametric [u]e<E>m<M>[b<bias>] (for example ue4m4b7)")

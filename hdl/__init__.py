@@ -1,0 +1,1 @@
+"""Amaranth RTL of the LUT decoder (implements golden.decoder)."""

@@ -1,0 +1,1 @@
+"""The SOP quantizer: weights in, golden layer streams out."""

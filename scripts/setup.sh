@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Icarus Verilog from Debian if missing, .venv, the project editable with dev extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v iverilog >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq iverilog
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch is pinned to the CPU build of 2.13.0: any other version pulls multi-GB CUDA wheels.
+.venv/bin/python -m pip install -q -e '.[dev]'
+touch .venv/.setup-stamp

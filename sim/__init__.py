@@ -1,0 +1,1 @@
+"""cocotb regression of the generated Verilog against golden/."""

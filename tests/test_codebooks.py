@@ -1,0 +1,109 @@
+"""golden.codebooks: each table against an independent definition, and the HIF rounding."""
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from sop.golden import bof4
+from sop.golden.codebooks import (FIXED_4BIT, Codebook, codebook_names, get_codebook,
+                                  sh4_levels, split87_levels)
+from sop.golden.formats import get_format
+from sop.golden.hif import DEFAULT_HIF, hif_format
+
+
+def bitsandbytes_nf4() -> np.ndarray:
+    """NF4 rebuilt from its published construction (bitsandbytes create_normal_map):
+    normal quantiles, 8 above zero and 7 below, offset 0.9677083, normalized to 1."""
+    offset = 0.9677083
+    pos = norm.ppf(np.linspace(offset, 0.5, 9)[:-1])
+    neg = -norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
+    v = np.sort(np.concatenate([pos, [0.0], neg]))
+    return v / np.abs(v).max()
+
+
+def test_nf4_matches_its_published_construction():
+    np.testing.assert_allclose(get_codebook("nf4").raw, bitsandbytes_nf4(), rtol=0, atol=2e-7)
+
+
+def test_fp4_and_int4_tables():
+    e2m1 = get_format("e2m1")
+    np.testing.assert_array_equal(get_codebook("fp4").values, e2m1.values)
+    codes = np.arange(16)
+    expect = np.where(codes >= 8, -(codes - 8), codes)   # sign-magnitude s.mmm
+    np.testing.assert_array_equal(get_codebook("int4").values, expect)
+
+
+def test_bof4_constants_are_reproduced_by_the_script():
+    fresh = bof4.generate()
+    for name in ("bof4", "bof4-s"):
+        checked_in = get_codebook(name)
+        np.testing.assert_allclose(checked_in.raw, fresh[name], rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(checked_in.hif_codes, Codebook.from_values(name, fresh[name]).hif_codes)
+
+
+def _block_mse(cb_values: np.ndarray, blocks: np.ndarray, signed: bool) -> float:
+    """Weight-domain MSE of block-max normalization with nearest-entry rounding."""
+    idx = np.abs(blocks).argmax(axis=1)
+    s = blocks[np.arange(len(blocks)), idx]
+    s = s if signed else np.abs(s)
+    x = blocks / s[:, None]
+    table = np.sort(cb_values)
+    near = table[np.abs(x[..., None] - table).argmin(axis=-1)]
+    return float(((near * s[:, None] - blocks) ** 2).mean())
+
+
+def test_bof4_beats_nf4_on_the_distribution_it_is_built_for():
+    blocks = np.random.default_rng(7).standard_normal((4096, 64))   # a seed the script did not use
+    nf4 = _block_mse(get_codebook("nf4").raw, blocks, signed=False)
+    assert _block_mse(get_codebook("bof4").raw, blocks, signed=False) < nf4
+    assert _block_mse(get_codebook("bof4-s").raw, blocks, signed=True) < \
+        _block_mse(get_codebook("bof4").raw, blocks, signed=False)
+
+
+def test_split87_and_sh4_structure():
+    for levels in (split87_levels(), sh4_levels()):
+        assert len(levels) == 16 and np.all(np.diff(levels) > 0)
+        assert (levels > 0).sum() == 8 and (levels < 0).sum() == 7 and 0.0 in levels
+        assert levels[0] == -1 and levels[-1] == 1
+    # Split87: uniform steps of 1/8 above zero and 1/7 below
+    np.testing.assert_allclose(np.diff(split87_levels()[7:]), 1 / 8)
+    np.testing.assert_allclose(np.diff(split87_levels()[:8]), 1 / 7)
+    # SH4 with alpha -> 0 is Split87
+    np.testing.assert_allclose(sh4_levels(1e-6), split87_levels(), atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n in codebook_names() if n != "dd4"])
+def test_every_codebook_is_its_raw_table_rounded_into_hif_once(name):
+    cb = get_codebook(name)
+    np.testing.assert_array_equal(cb.values, DEFAULT_HIF.decode(cb.hif_codes))
+    np.testing.assert_array_equal(cb.values, DEFAULT_HIF.quantize(np.asarray(cb.raw)))
+    assert Codebook.from_hif_codes(name, cb.hif_codes).values.tolist() == cb.values.tolist()
+    # rounding moves no entry by more than half a HIF step
+    assert np.all(np.abs(cb.values - np.asarray(cb.raw)) <= 2.0 ** -(DEFAULT_HIF.mbits + 1) * np.abs(cb.raw) + 1e-300)
+
+
+@pytest.mark.parametrize("name", ["e2m1", "e2m3", "fp4", "int4"])
+def test_element_values_are_exact_in_the_default_hif(name):
+    cb = get_codebook(name)
+    np.testing.assert_array_equal(cb.values, np.asarray(cb.raw))
+
+
+def test_fixed_pair_candidates_are_4_bit_tables():
+    assert all(get_codebook(n).bits == 4 for n in FIXED_4BIT)
+
+
+def test_a_value_the_hif_cannot_hold_is_refused():
+    with pytest.raises(ValueError, match="entry 3 = 100.0 exceeds .* LUT cannot hold"):
+        Codebook.from_values("dd4", [0.0, 0.5, 1.0, 100.0] + [0.0] * 12)
+    with pytest.raises(ValueError, match="need 16"):
+        Codebook.from_values("dd4", np.zeros(15).tolist() + [1.0, 2.0])
+    with pytest.raises(ValueError, match="valid: .*nf4"):
+        get_codebook("nf5")
+
+
+def test_narrow_hif_rounds_coarsely():
+    narrow = get_codebook("nf4", hif_format(2))
+    assert not np.array_equal(narrow.values, get_codebook("nf4").values)
+    v = np.abs(narrow.values[narrow.values != 0])
+    significand = v / 2.0 ** np.floor(np.log2(v))          # in [1, 2)
+    assert np.all(significand * 4 % 1 == 0)                 # two mantissa bits, no more

@@ -1,0 +1,181 @@
+"""golden.formats against ml_dtypes, exhaustively: every code, every midpoint, saturation, zeros.
+
+``oracle_mismatches`` is the checker; the real tests assert it finds nothing, and
+``test_oracle_catches_*`` show it finds an injected rounding or decoding bug.
+"""
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from sop.golden import formats
+from sop.golden.formats import FloatFormat, get_format
+
+# (our format, ml_dtypes type, storage dtype of the ml type's bits)
+ORACLES = [
+    ("e2m1", ml_dtypes.float4_e2m1fn, np.uint8),
+    ("e2m3", ml_dtypes.float6_e2m3fn, np.uint8),
+    ("e3m2", ml_dtypes.float6_e3m2fn, np.uint8),
+    ("e4m3", ml_dtypes.float8_e4m3fn, np.uint8),
+    ("e5m2", ml_dtypes.float8_e5m2, np.uint8),
+    ("se4m3", ml_dtypes.float8_e4m3fn, np.uint8),
+    ("ue8m0", ml_dtypes.float8_e8m0fnu, np.uint8),
+    ("bf16", ml_dtypes.bfloat16, np.uint16),
+    # The parametric class covers ml_dtypes' IEEE-style 8-bit floats too.
+    (FloatFormat(name="e4m3-ieee", bits=8, ebits=4, mbits=3, bias=7, specials="ieee"),
+     ml_dtypes.float8_e4m3, np.uint8),
+    (FloatFormat(name="e3m4-ieee", bits=8, ebits=3, mbits=4, bias=3, specials="ieee"),
+     ml_dtypes.float8_e3m4, np.uint8),
+]
+
+
+def _fmt(f):
+    return get_format(f) if isinstance(f, str) else f
+
+
+def ml_decode(codes, ml_type, storage):
+    with np.errstate(invalid="ignore"):          # NaN codes cast with a warning
+        return np.asarray(codes, dtype=storage).view(ml_type).astype(np.float64)
+
+
+def ml_encode(x, ml_type, storage):
+    return np.asarray(x, dtype=np.float64).astype(ml_type).view(storage)
+
+
+def probe_values(fmt) -> np.ndarray:
+    """Every finite value, every midpoint between neighbours (the ties), points just
+    either side of each midpoint, and values beyond the maximum; both signs."""
+    v = np.unique(fmt.values[np.isfinite(fmt.values)])
+    v = v[v >= 0]
+    mid = (v[:-1] + v[1:]) / 2
+    # ml_dtypes casts float64 through float32, so probes are float32 values (exact there).
+    mid32 = mid.astype(np.float32)
+    up, down = np.nextafter(mid32, np.float32(np.inf)), np.nextafter(mid32, np.float32(0))
+    top = fmt.max * np.array([1.0001, 1.5, 2.0, 1e6, np.inf])
+    pos = np.concatenate([v, mid, up, down, top,
+                          [fmt.min_positive / 2, fmt.min_positive / 4]])
+    return np.concatenate([pos, -pos]) if fmt.signed else pos
+
+
+def oracle_mismatches(fmt, ml_type, storage) -> list[str]:
+    """Differences between ``fmt`` and the ml_dtypes oracle, described."""
+    problems = []
+    codes = np.arange(1 << fmt.bits)
+    ours, theirs = fmt.decode(codes), ml_decode(codes, ml_type, storage)
+    same = (ours == theirs) & (np.signbit(ours) == np.signbit(theirs)) | (np.isnan(ours) & np.isnan(theirs))
+    problems += [f"decode code {c}: {ours[c]} != {theirs[c]}" for c in codes[~same]]
+
+    x = probe_values(fmt)
+    if fmt.specials == "e8m0":
+        # No zero: the oracle is defined from the minimum up; and ml_dtypes rounds a
+        # float32-subnormal input (below 2^-126) by its exponent field alone.
+        x = x[(x >= fmt.min_positive) & ((x >= 2.0 ** -126) | np.isin(x, fmt.values))]
+    # ml_dtypes gives NaN/Inf beyond the range where we saturate: clip first (the documented rule).
+    expect = ml_encode(np.clip(x, -fmt.max, fmt.max), ml_type, storage)
+    got = fmt.encode(x)
+    problems += [f"encode {xi!r}: {g} != {e}" for xi, g, e in zip(x, got, expect) if g != e]
+    return problems
+
+
+@pytest.mark.parametrize("name,ml_type,storage", ORACLES, ids=lambda o: getattr(o, "name", str(o)))
+def test_format_matches_ml_dtypes_exhaustively(name, ml_type, storage):
+    fmt = _fmt(name)
+    assert oracle_mismatches(fmt, ml_type, storage) == []
+
+
+def test_unsigned_e4m3_is_the_positive_half_of_e4m3fn():
+    ue, e = get_format("ue4m3"), get_format("e4m3")
+    np.testing.assert_array_equal(ue.values, e.values[:128])
+    x = probe_values(ue)
+    np.testing.assert_array_equal(ue.encode(x), e.encode(x))
+
+
+class _TiesAwayFromZero(FloatFormat):
+    """An injected bug: ties round away from zero instead of to the even code."""
+
+    def encode(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        nudged = x + np.sign(x) * np.abs(x) * 1e-12
+        return super().encode(nudged)
+
+
+def test_oracle_catches_wrong_tie_rounding():
+    e2m3 = get_format("e2m3")
+    broken = _TiesAwayFromZero(**{f.name: getattr(e2m3, f.name) for f in dataclasses.fields(e2m3)})
+    problems = oracle_mismatches(broken, ml_dtypes.float6_e2m3fn, np.uint8)
+    assert any("encode" in p for p in problems)
+
+
+def test_oracle_catches_wrong_bias():
+    e4m3 = get_format("e4m3")
+    broken = dataclasses.replace(e4m3, bias=8)
+    assert any("decode" in p for p in oracle_mismatches(broken, ml_dtypes.float8_e4m3fn, np.uint8))
+
+
+@pytest.mark.parametrize("name", ["int4", "int8"])
+def test_int_formats(name):
+    fmt = get_format(name)
+    lo, hi = -(1 << (fmt.bits - 1)), (1 << (fmt.bits - 1)) - 1
+    codes = np.arange(1 << fmt.bits)
+    if name == "int4":   # decode of every code against ml_dtypes' int4
+        ml = np.arange(-8, 8).astype(ml_dtypes.int4).astype(np.int64)
+        np.testing.assert_array_equal(fmt.decode(np.arange(-8, 8) & 15), ml)
+    np.testing.assert_array_equal(fmt.decode(codes), np.where(codes > hi, codes - (1 << fmt.bits), codes))
+    x = np.concatenate([np.arange(lo - 3, hi + 3, 0.25), [np.inf, -np.inf, -0.0]])
+    expect = np.clip(np.rint(x), lo, hi)        # numpy rint: round half to even
+    np.testing.assert_array_equal(fmt.decode(fmt.encode(x)), expect)
+
+
+# -- properties every format of the registry must have (no oracle needed) ---------------
+
+@pytest.mark.parametrize("name", sorted(formats.FORMATS) + ["ue6m2", "e3m3b5", "ue4m4b3"])
+def test_every_finite_code_round_trips_and_ties_go_to_even(name):
+    fmt = get_format(name)
+    codes = np.arange(1 << fmt.bits)
+    v = fmt.decode(codes)
+    fin = np.isfinite(v)
+    back = fmt.encode(v[fin])
+    np.testing.assert_array_equal(fmt.decode(back), v[fin])
+    np.testing.assert_array_equal(np.signbit(fmt.decode(back)), np.signbit(v[fin]))
+    vals = np.unique(v[fin])
+    mids = (vals[:-1] + vals[1:]) / 2
+    mids = mids[mids != 0]
+    if fmt.ties == "even":
+        assert (fmt.encode(mids) % 2 == 0).all()
+    else:
+        np.testing.assert_array_equal(fmt.decode(fmt.encode(mids)), vals[1:][vals[1:] != 0 ][-len(mids):])
+
+
+def test_parametric_format_values_follow_the_formula():
+    fmt = get_format("ue4m4")
+    # largest: (2 - 2^-4) * 2^(15 - 7); smallest subnormal: 2^-4 * 2^(1 - 7)
+    assert fmt.max == (2 - 2 ** -4) * 2 ** 8
+    assert fmt.min_positive == 2.0 ** -10
+    assert get_format("ue4m4b3").max == (2 - 2 ** -4) * 2 ** 12
+    assert np.all(np.diff(fmt.values) > 0)
+
+
+def test_signed_zero_and_negative_underflow():
+    e2m1 = get_format("e2m1")
+    assert e2m1.encode(-0.0) == 0b1000
+    assert e2m1.encode(-0.2) == 0b1000      # rounds to zero, keeps the sign
+    assert e2m1.encode(0.25) == 0           # tie between 0 and 0.5: even code 0
+
+
+def test_saturation():
+    e4m3 = get_format("e4m3")
+    assert e4m3.decode(e4m3.encode([1e30, -np.inf, 464.0, 470.0])).tolist() == [448, -448, 448, 448]
+
+
+def test_bad_input_is_refused_clearly():
+    e2m3 = get_format("e2m3")
+    with pytest.raises(ValueError, match=r"NaN at position \(1, 2\)"):
+        e2m3.encode(np.array([[0, 1, 2], [3, 4, np.nan]]))
+    with pytest.raises(ValueError, match="unsigned"):
+        get_format("ue4m4").encode([1.0, -2.0])
+    with pytest.raises(ValueError, match="out of range"):
+        e2m3.decode([64])
+    with pytest.raises(ValueError, match="valid: .*e2m3.*ue4m4"):
+        get_format("e9m9x")

@@ -1,0 +1,152 @@
+"""golden.layout: bit-exact packing (hand-worked bytes), round trips (hypothesis), bad buffers."""
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sop.golden.artifact import crc32
+from sop.golden.formats import get_format
+from sop.golden.hif import DEFAULT_HIF
+from sop.golden.layout import (BlockLayout, LayerStream, LayoutError, Sparse, named_layouts,
+                               pack_blocks, pack_layer, unpack_blocks, unpack_layer)
+
+SOP4 = named_layouts()["sop4-g16"]
+FP6 = named_layouts()["e2m3-ue4m4-g16"]
+
+
+def test_named_layouts_cost_what_the_operating_points_say():
+    assert SOP4.header_bits == 8 and SOP4.bpw == 4.5 and SOP4.banks == 2
+    assert FP6.header_bits == 8 and FP6.bpw == 6.5 and FP6.banks == 1
+
+
+def test_sop4_block_bytes_by_hand():
+    # header: select=1 (bit 7), sign=0 (bit 6), scale code 5 (bits 0-5) -> 0b1000_0101
+    hdr = SOP4.make_header(5, 0, 1)
+    assert int(hdr) == 0x85
+    data = pack_blocks(SOP4, [hdr], [np.arange(16)])
+    # codes LSB first: code 0 in the low nibble of byte 1, code 1 in its high nibble, ...
+    assert data == bytes([0x85, 0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE])
+
+
+def test_e2m3_block_bytes_by_hand():
+    codes = np.zeros((1, 16), dtype=int)
+    codes[0, :4] = [0b000001, 0b111111, 0b101010, 0b010101]
+    data = pack_blocks(FP6, [0x7C], codes)
+    assert len(data) == 13
+    # bits 8..13 code 0 = 000001, bits 14..19 code 1 = 111111, bits 20..25 code 2 = 101010,
+    # bits 26..31 code 3 = 010101:
+    # byte1 = bits 8..15  = c0[0..5] + c1[0..1]        = 0b11_000001 = 0xC1
+    # byte2 = bits 16..23 = c1[2..5] + c2[0..3]        = 0b1010_1111 = 0xAF
+    # byte3 = bits 24..31 = c2[4..5] + c3[0..5]        = 0b010101_10 = 0x56
+    assert data[:4] == bytes([0x7C, 0xC1, 0xAF, 0x56]) and data[4:] == bytes(9)
+
+
+def test_header_fields_split_back():
+    lay = BlockLayout(4, 16, get_format("ue3m3"), signed_scale=True, select_bit=True)
+    hdr = lay.make_header([0, 63, 17], [1, 0, 1], [0, 1, 1])
+    assert [x.tolist() for x in lay.split_header(hdr)] == [[0, 63, 17], [1, 0, 1], [0, 1, 1]]
+    with pytest.raises(ValueError, match="select"):
+        FP6.make_header(3, 0, 1)          # FP6 has no selection bit
+
+
+LAYOUTS = [BlockLayout(k, g, get_format(s), sign, sel)
+           for k in (4, 6) for g in (8, 16, 32, 64)
+           for s, sign, sel in (("ue4m4", False, False), ("ue3m3", True, True), ("ue4m3", True, False),
+                                ("ue4m3", False, True), ("ue8m0", False, False))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), layout=st.sampled_from(LAYOUTS), n=st.integers(1, 12))
+def test_unpack_inverts_pack(data, layout, n):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    headers = rng.integers(0, 1 << layout.header_bits, n)
+    codes = rng.integers(0, 1 << layout.code_bits, (n, layout.group))
+    h2, c2 = unpack_blocks(layout, pack_blocks(layout, headers, codes))
+    np.testing.assert_array_equal(h2, headers)
+    np.testing.assert_array_equal(c2, codes)
+
+
+def random_stream(rng, layout: BlockLayout, rows=3, blocks_per_row=2, n_sparse=4) -> LayerStream:
+    cols = blocks_per_row * layout.group
+    n = rows * blocks_per_row
+    headers = rng.integers(0, 1 << layout.header_bits, n)
+    codes = rng.integers(0, 1 << layout.code_bits, (n, layout.group))
+    luts = rng.integers(0, 1 << DEFAULT_HIF.bits, (layout.banks, 1 << layout.code_bits))
+    idx = np.sort(rng.choice(rows * cols, size=min(n_sparse, rows * cols), replace=False)).astype(np.uint32)
+    vals = rng.integers(0, 1 << 15, len(idx)).astype(np.uint16)
+    return LayerStream(layout, DEFAULT_HIF, luts, int(rng.integers(-128, 128)), rows, cols,
+                       pack_blocks(layout, headers, codes), Sparse(idx, vals))
+
+
+def assert_same_stream(a: LayerStream, b: LayerStream):
+    assert a.layout == b.layout and a.hif == b.hif and a.offset == b.offset
+    assert (a.rows, a.cols, a.blocks) == (b.rows, b.cols, b.blocks)
+    np.testing.assert_array_equal(a.luts, b.luts)
+    np.testing.assert_array_equal(a.sparse.index, b.sparse.index)
+    np.testing.assert_array_equal(a.sparse.value_bf16, b.sparse.value_bf16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), layout=st.sampled_from(LAYOUTS),
+       rows=st.integers(1, 5), bpr=st.integers(1, 3), n_sparse=st.integers(0, 6))
+def test_unpack_layer_inverts_pack_layer(seed, layout, rows, bpr, n_sparse):
+    s = random_stream(np.random.default_rng(seed), layout, rows, bpr, n_sparse)
+    assert_same_stream(unpack_layer(pack_layer(s)), s)
+
+
+def test_every_truncation_is_refused():
+    data = pack_layer(random_stream(np.random.default_rng(1), SOP4))
+    for n in range(len(data)):
+        with pytest.raises(LayoutError):
+            unpack_layer(data[:n])
+
+
+def test_every_single_bit_flip_is_refused():
+    data = bytearray(pack_layer(random_stream(np.random.default_rng(2), FP6)))
+    for i in range(len(data) * 8):
+        flipped = bytearray(data)
+        flipped[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(LayoutError):
+            unpack_layer(bytes(flipped))
+
+
+def _recrc(body: bytes) -> bytes:
+    return body + struct.pack("<I", crc32(body))
+
+
+def test_inconsistent_stream_with_valid_checksum_is_refused():
+    data = pack_layer(random_stream(np.random.default_rng(3), SOP4))[:-4]
+    bad_k = data[:5] + bytes([5]) + data[6:]                      # code width 5
+    with pytest.raises(LayoutError, match="code width 5"):
+        unpack_layer(_recrc(bad_k))
+    with pytest.raises(LayoutError, match="trailing"):
+        unpack_layer(_recrc(data + b"\0"))
+    with pytest.raises(LayoutError, match="version"):
+        unpack_layer(_recrc(data[:4] + bytes([9]) + data[5:]))
+    with pytest.raises(LayoutError, match="magic"):
+        unpack_layer(b"XXXX" + data[4:])
+
+
+def test_unpack_blocks_refuses_a_partial_block():
+    with pytest.raises(LayoutError, match="whole number"):
+        unpack_blocks(SOP4, bytes(10))
+
+
+def test_invalid_layouts_and_streams_are_refused():
+    with pytest.raises(ValueError, match="block size 12"):
+        BlockLayout(4, 12, get_format("ue4m4"))
+    with pytest.raises(ValueError, match="unsigned"):
+        BlockLayout(4, 16, get_format("e4m3"))
+    with pytest.raises(ValueError, match="whole bytes"):
+        BlockLayout(4, 16, get_format("ue4m3"))            # 7-bit header + 64 bits
+    s = random_stream(np.random.default_rng(4), SOP4)
+    import dataclasses
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        pack_layer(dataclasses.replace(s, cols=s.cols + 1))
+    with pytest.raises(ValueError, match="offset"):
+        pack_layer(dataclasses.replace(s, offset=200))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        pack_layer(dataclasses.replace(s, sparse=Sparse(np.array([3, 3], np.uint32), np.zeros(2, np.uint16))))
