@@ -107,3 +107,16 @@ def test_narrow_hif_rounds_coarsely():
     v = np.abs(narrow.values[narrow.values != 0])
     significand = v / 2.0 ** np.floor(np.log2(v))          # in [1, 2)
     assert np.all(significand * 4 % 1 == 0)                 # two mantissa bits, no more
+
+
+def test_reproduction_check_catches_a_different_procedure():
+    """The BOF4 reproduction check is sharp: another seed gives other constants."""
+    other = bof4.generate(seed=1)
+    assert np.abs(np.asarray(get_codebook("bof4").raw) - other["bof4"]).max() > 1e-6
+
+
+def test_nf4_check_catches_a_perturbed_entry():
+    wrong = np.asarray(get_codebook("nf4").raw).copy()
+    wrong[9] += 1e-4
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(wrong, bitsandbytes_nf4(), rtol=0, atol=2e-7)

@@ -150,3 +150,11 @@ def test_invalid_layouts_and_streams_are_refused():
         pack_layer(dataclasses.replace(s, offset=200))
     with pytest.raises(ValueError, match="strictly increasing"):
         pack_layer(dataclasses.replace(s, sparse=Sparse(np.array([3, 3], np.uint32), np.zeros(2, np.uint16))))
+
+
+def test_hand_check_catches_msb_first_packing():
+    """The hand-worked bytes tell LSB-first from MSB-first packing (an injected bug)."""
+    bits = np.concatenate([[1, 0, 1, 0, 0, 0, 0, 1],                      # 0x85 LSB first
+                           ((np.arange(16)[:, None] >> np.arange(4)) & 1).ravel()])
+    msb_first = np.packbits(bits.astype(np.uint8), bitorder="big").tobytes()
+    assert msb_first != pack_blocks(SOP4, [0x85], [np.arange(16)])
