@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 # Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help setup test test-fast demo bench clean
+.PHONY: help setup test test-fast demo verilog bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -25,10 +25,14 @@ test-fast: $(STAMP)  ## the suite without the slow tests
 demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print the error per format
 	$(VENV)/bin/sop demo
 
-bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header
+verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/
+	$(PY) -m sop.hdl.generate --out build/verilog
+
+bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, yosys cell counts
 	$(PY) bench/hif_sqnr.py
 	$(PY) bench/codebook_sqnr.py
 	$(PY) bench/header_sqnr.py
+	$(PY) bench/synth_cells.py
 
 clean:  ## remove generated files (build/), keep the venv
 	rm -rf build .pytest_cache .hypothesis

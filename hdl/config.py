@@ -1,0 +1,148 @@
+"""Decoder configuration: the generator's parameters, their checks and derived widths.
+
+A ``DecoderConfig`` names everything one decoder instance needs: lanes ``N``
+(codes decoded per cycle), the golden ``BlockLayout`` (code width, block size,
+header fields and scale format), the HIF format of the LUT entries and the
+output format. Invalid combinations are refused here, at generation time, with
+a message that says what to change.
+
+Beats. The input stream carries whole blocks: one block per beat when
+``N <= g`` (the decoder then spends ``g / N`` cycles on it), ``N / g`` blocks per
+beat when ``N > g``. The beat's payload is those blocks exactly as
+golden.layout packs them (LSB first), plus a ``swap`` flag (double-buffered
+tables, see hdl/decoder.py).
+
+Output lanes: ``"bf16"`` is 16 bits per lane; ``"exact"`` is the exact
+product as golden.decoder.product_fields gives it, ``{sig, exp, sign}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from amaranth.hdl import signed, unsigned
+from amaranth.lib import data
+
+from sop.golden.formats import FloatFormat
+from sop.golden.hif import DEFAULT_HIF
+from sop.golden.layout import OFFSET_RANGE, BlockLayout, named_layouts
+
+OUTPUTS = ("exact", "bf16")
+MAX_LANES = 64
+
+
+def _float_exponent_range(fmt: FloatFormat) -> tuple[int, int]:
+    """Range of the exponent X in value = sig * 2^X (golden.decoder's fields)."""
+    emin = 1 if fmt.subnormals else 0
+    return emin - fmt.bias - fmt.mbits, (1 << fmt.ebits) - 1 - fmt.bias - fmt.mbits
+
+
+def _signed_width(lo: int, hi: int) -> int:
+    w = 1
+    while not (-(1 << (w - 1)) <= lo and hi < (1 << (w - 1))):
+        w += 1
+    return w
+
+
+def scale_exp_shape(layout: BlockLayout):
+    """Shape of a block scale's exponent with the per-layer offset added."""
+    lo, hi = _float_exponent_range(layout.scale)
+    return signed(_signed_width(lo + OFFSET_RANGE[0], hi + OFFSET_RANGE[1]))
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    name: str
+    lanes: int
+    layout: BlockLayout
+    hif: FloatFormat = DEFAULT_HIF
+    output: str = "bf16"
+
+    def __post_init__(self):
+        problems = []
+        n, g = self.lanes, self.layout.group
+        if not 1 <= n <= MAX_LANES or n & (n - 1):
+            problems.append(f"lanes must be a power of two in 1..{MAX_LANES}, got {n}")
+        elif g % n and n % g:
+            problems.append(f"lanes {n} and block size {g} must divide one another")
+        if self.output not in OUTPUTS:
+            problems.append(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        for what, fmt in (("scale", self.layout.scale), ("HIF", self.hif)):
+            if not isinstance(fmt, FloatFormat) or fmt.specials != "finite":
+                problems.append(f"{what} format {fmt.name} has NaN/Inf codes; the hardware decodes "
+                                f"formats whose every code is a number (for example ue4m4, ue3m3)")
+        if problems:
+            raise ValueError(f"decoder config {self.name!r}: " + "; ".join(problems))
+
+    # -- beats ---------------------------------------------------------------
+    @property
+    def blocks_per_beat(self) -> int:
+        return max(1, self.lanes // self.layout.group)
+
+    @property
+    def beats_per_block(self) -> int:
+        return max(1, self.layout.group // self.lanes)
+
+    @property
+    def beat_bits(self) -> int:
+        return self.blocks_per_beat * self.layout.block_bits
+
+    # -- datapath widths -----------------------------------------------------
+    @property
+    def scale(self) -> FloatFormat:
+        return self.layout.scale
+
+    @property
+    def sig_bits(self) -> int:
+        """Width of the product significand: HIF significand times scale significand."""
+        return (self.hif.mbits + 1) + (self.scale.mbits + 1)
+
+    @property
+    def exp_range(self) -> tuple[int, int]:
+        hl, hh = _float_exponent_range(self.hif)
+        sl, sh = _float_exponent_range(self.scale)
+        return hl + sl + OFFSET_RANGE[0], hh + sh + OFFSET_RANGE[1]
+
+    @property
+    def exp_shape(self):
+        return signed(_signed_width(*self.exp_range))
+
+    @property
+    def lane_layout(self):
+        if self.output == "bf16":
+            return unsigned(16)
+        return data.StructLayout({"sig": unsigned(self.sig_bits), "exp": self.exp_shape,
+                                  "sign": unsigned(1)})
+
+    @property
+    def load_layout(self) -> data.StructLayout:
+        """One LUT write: bank (0 = A, 1 = B), entry address, HIF code."""
+        return data.StructLayout({"bank": unsigned(1), "addr": unsigned(self.layout.code_bits),
+                                  "data": unsigned(self.hif.bits)})
+
+    @property
+    def beat_layout(self) -> data.StructLayout:
+        return data.StructLayout({"blocks": unsigned(self.beat_bits), "swap": unsigned(1)})
+
+    def describe(self) -> dict:
+        lay = self.layout
+        return {"name": self.name, "lanes": self.lanes, "code_bits": lay.code_bits, "group": lay.group,
+                "header_bits": lay.header_bits, "scale": lay.scale.name,
+                "signed_scale": lay.signed_scale, "select_bit": lay.select_bit, "banks": lay.banks,
+                "hif": {"name": self.hif.name, "ebits": self.hif.ebits, "mbits": self.hif.mbits,
+                        "bias": self.hif.bias},
+                "output": self.output, "blocks_per_beat": self.blocks_per_beat,
+                "beats_per_block": self.beats_per_block, "beat_bits": self.beat_bits}
+
+
+def named_configs() -> dict[str, DecoderConfig]:
+    """The configurations `make verilog` writes (docs/hardware.md)."""
+    lay = named_layouts()
+    cfgs = [
+        DecoderConfig("sop4-g16", 8, lay["sop4-g16"]),
+        DecoderConfig("e2m3-ue4m4-g16", 8, lay["e2m3-ue4m4-g16"]),
+        DecoderConfig("sop4-g16-x1", 1, lay["sop4-g16"]),
+        DecoderConfig("sop4-g16-exact", 8, lay["sop4-g16"], output="exact"),
+        DecoderConfig("sop4-g16-x64", 64, lay["sop4-g16"]),
+    ]
+    return {c.name: c for c in cfgs}

@@ -1,0 +1,78 @@
+"""`make verilog`: Verilog and a JSON manifest for each named decoder configuration.
+
+    python -m sop.hdl.generate [--out build/verilog] [--config NAME ...]
+
+For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
+with ``_`` for ``-``) and ``NAME.json``: the parameters, every port with its
+width and direction, and the pipeline latency. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from amaranth.back import verilog
+from amaranth.hdl import Shape
+from amaranth.lib import wiring
+
+from sop.golden.artifact import write_atomic
+
+from .config import DecoderConfig, named_configs
+from .decoder import Decoder
+
+
+def module_name(config: DecoderConfig) -> str:
+    return "sop_decoder_" + config.name.replace("-", "_")
+
+
+def ports(dut: wiring.Component) -> list[dict]:
+    """Ports as Amaranth names them in the Verilog: clk, rst, then the signature's members."""
+    out = [{"name": "clk", "width": 1, "direction": "input"},
+           {"name": "rst", "width": 1, "direction": "input", "note": "synchronous, active high"}]
+    for path, member in dut.signature.members.flatten():
+        if not member.is_port:
+            continue
+        direction = "input" if member.flow == wiring.In else "output"
+        out.append({"name": "__".join(str(p) for p in path),
+                    "width": Shape.cast(member.shape).width, "direction": direction})
+    return out
+
+
+def manifest(config: DecoderConfig, dut: Decoder) -> dict:
+    return {"module": module_name(config), "parameters": config.describe(),
+            "latency_cycles": dut.latency, "ports": ports(dut),
+            "lane_word_bits": Shape.cast(config.lane_layout).width}
+
+
+def generate(config: DecoderConfig, out_dir: Path) -> tuple[Path, Path]:
+    dut = Decoder(config)
+    text = verilog.convert(dut, name=module_name(config), emit_src=False)
+    doc = manifest(config, dut)
+    v_path, j_path = out_dir / f"{config.name}.v", out_dir / f"{config.name}.json"
+    write_atomic(v_path, text.encode())
+    write_atomic(j_path, (json.dumps(doc, indent=1) + "\n").encode())
+    return v_path, j_path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("build/verilog"))
+    p.add_argument("--config", action="append", help="a named configuration (default: all)")
+    args = p.parse_args(argv)
+    configs = named_configs()
+    names = args.config or list(configs)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
+        return 2
+    for name in names:
+        v, _ = generate(configs[name], args.out)
+        print(f"{v}  ({configs[name].lanes} lanes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

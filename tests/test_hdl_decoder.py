@@ -1,0 +1,138 @@
+"""The decoder top in amaranth.sim, bit-exact against golden/ (hdl.reference).
+
+Random streams with random input idles and output stalls, table swaps between
+layers mid-stream, every code / bank / sign / scale extreme, subnormal and
+saturated outputs, reset mid-stream; and the checks shown to catch injected bugs.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hdl_harness import Layer, corner_layer, random_layer, run_decoder
+
+from amaranth.hdl import Module, Mux
+
+from sop.golden.codebooks import get_codebook
+from sop.golden.layout import named_layouts, unpack_blocks
+from sop.hdl.codebook_mux import CodebookMux
+from sop.hdl.hif_formatter import HifFormatter
+from sop.hdl.config import DecoderConfig, named_configs
+from sop.hdl.decoder import Decoder
+from sop.quantize.blockwise import encode_layer
+from sop.quantize.weights import minilm_linear_weights
+
+LAY = named_layouts()
+CONFIGS = {
+    "sop4-x8-bf16": DecoderConfig("t", 8, LAY["sop4-g16"]),
+    "sop4-x1-bf16": DecoderConfig("t", 1, LAY["sop4-g16"]),
+    "sop4-x32-exact": DecoderConfig("t", 32, LAY["sop4-g16"], output="exact"),
+    "fp6-x4-bf16": DecoderConfig("t", 4, LAY["e2m3-ue4m4-g16"]),
+    "fp6-x16-exact": DecoderConfig("t", 16, LAY["e2m3-ue4m4-g16"], output="exact"),
+}
+
+
+def expected(cfg, layers):
+    return [beat for layer in layers for beat in layer.expected(cfg)]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_random_layers_with_stalls_and_table_swaps(name):
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng(1)
+    layers = [random_layer(cfg, rng, n_blocks=6) for _ in range(3)]
+    assert run_decoder(cfg, layers, seed=2) == expected(cfg, layers)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_code_bank_sign_and_scale_extreme(name):
+    cfg = CONFIGS[name]
+    # offsets at both ends: subnormal / underflowing outputs and saturated ones
+    layers = [corner_layer(cfg, offset) for offset in (-128, 0, 127)]
+    assert run_decoder(cfg, layers, seed=3, p_idle=0.1, p_stall=0.1) == expected(cfg, layers)
+
+
+def test_subnormal_and_saturated_bf16_outputs_are_exercised():
+    cfg = CONFIGS["sop4-x8-bf16"]
+    words = np.array(expected(cfg, [corner_layer(cfg, -128), corner_layer(cfg, 127)])).ravel()
+    mag = words & 0x7FFF
+    assert ((mag > 0) & (mag < 0x0080)).any()           # BF16 subnormals
+    assert (mag == 0x7F7F).any()                         # saturated at the largest finite value
+    assert (words == 0x8000).any()                       # negative zero
+
+
+@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x1-bf16", "sop4-x32-exact"])
+def test_full_throughput_without_stalls(name):
+    """No bubble: with both sides always ready, one output beat leaves every cycle,
+    across blocks (g > N: a block over several cycles) and across a table swap."""
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng(4)
+    # The first layer is long enough for the host to load all of the next layer's
+    # tables (one word per cycle) while it streams.
+    layers = [random_layer(cfg, rng, n_blocks=80), random_layer(cfg, rng, n_blocks=8)]
+    cycles = []
+    # the second layer's tables are loaded while the first streams; its first beat swaps pages
+    assert run_decoder(cfg, layers, seed=5, p_idle=0.0, p_stall=0.0, beat_cycles=cycles) == \
+        expected(cfg, layers)
+    assert np.all(np.diff(cycles) == 1)
+
+
+def test_reset_mid_stream_leaves_no_stale_data():
+    cfg = CONFIGS["sop4-x8-bf16"]
+    rng = np.random.default_rng(6)
+    first, second = random_layer(cfg, rng, 8), random_layer(cfg, rng, 4)
+    got = run_decoder(cfg, [first, second], seed=7, reset_after_beats=5)
+    assert got == second.expected(cfg)
+
+
+def test_real_minilm_layer():
+    cfg = named_configs()["sop4-g16"]
+    w = minilm_linear_weights()["encoder.layer.0.attention.self.query.weight"][:8].astype(np.float64)
+    stream = encode_layer(w, LAY["sop4-g16"], [get_codebook("nf4"), get_codebook("sh4")])
+    headers, codes = unpack_blocks(stream.layout, stream.blocks)
+    layer = Layer(stream.luts, stream.offset, headers, codes)
+    assert run_decoder(cfg, [layer], seed=8) == expected(cfg, [layer])
+
+
+# -- the checks catch injected bugs -------------------------------------------------------
+
+def test_check_catches_a_flipped_lut_bit():
+    cfg = CONFIGS["sop4-x8-bf16"]
+    layer = corner_layer(cfg, 0)
+    broken = dataclasses.replace(layer, luts=layer.luts.copy())
+    broken.luts[1, 5] ^= 1 << 2                         # the hardware gets a wrong table
+    got = run_decoder(cfg, [broken], seed=9, p_idle=0, p_stall=0)
+    assert got != expected(cfg, [layer])
+
+
+class _InvertedSelect(CodebookMux):
+    """An injected bug: the mux takes bank A when the selection bit says B."""
+
+    def elaborate(self, platform):
+        m = Module()
+        for lane in range(self.lanes):
+            sel = self.select[min(lane // self.group, self.blocks - 1)]
+            m.d.comb += self.out[lane].eq(Mux(sel, self.a[lane], self.b[lane]))
+        return m
+
+
+class _TiesAway(HifFormatter):
+    """An injected bug: BF16 ties round away from zero instead of to even."""
+
+    @staticmethod
+    def round_up(r0, guard, sticky):
+        return guard
+
+
+def test_check_catches_an_inverted_selection_bit():
+    cfg = CONFIGS["sop4-x8-bf16"]
+    layer = corner_layer(cfg, 0)
+    got = run_decoder(cfg, [layer], seed=10, p_idle=0, p_stall=0, dut=Decoder(cfg, mux=_InvertedSelect))
+    assert got != expected(cfg, [layer])
+
+
+def test_check_catches_wrong_rounding():
+    cfg = CONFIGS["sop4-x8-bf16"]
+    layer = random_layer(cfg, np.random.default_rng(11), n_blocks=16, offset=-10)
+    got = run_decoder(cfg, [layer], seed=11, p_idle=0, p_stall=0, dut=Decoder(cfg, formatter=_TiesAway))
+    assert got != expected(cfg, [layer])
