@@ -25,8 +25,8 @@ import numpy as np
 from sop.golden.artifact import write_atomic
 from sop.golden.codebooks import get_codebook
 from sop.golden.decoder import decode_layer
-from sop.golden.formats import get_format
 from sop.golden.layout import named_layouts, pack_layer, unpack_layer
+from sop.quantize import baselines
 from sop.quantize.blockwise import encode_layer
 from sop.quantize.weights import minilm_linear_weights
 
@@ -38,10 +38,9 @@ POINTS = {
 
 
 def fp8_e4m3_pot(w: np.ndarray) -> tuple[np.ndarray, float]:
-    """Baseline: E4M3 with one power-of-two scale per layer putting max|w| under 448."""
-    e4m3 = get_format("e4m3")
-    step = 2.0 ** np.ceil(np.log2(np.abs(w).max() / e4m3.max))
-    return e4m3.quantize(w / step) * step, 8.0 + 8 / w.size
+    """Baseline: E4M3 with one power-of-two scale per layer (quantize/baselines.py): (recon, bpw)."""
+    res = baselines.fp8_e4m3_pot(w)
+    return res.recon, res.bpw
 
 
 def sqnr_db(signal: float, noise: float) -> float:

@@ -1,0 +1,140 @@
+"""Calibration: per-layer input-activation statistics from real forward passes on offline text.
+
+For each linear layer ``y = x W^T + b`` the statistic is the per-input-channel
+mean square of ``x``, ``act_ms[j] = mean over tokens of x_j^2``, over every
+non-padding token of the calibration sentences. The activation-weighted
+metrics (quantize/metrics.py) weight input column ``j`` by
+``a_j = sqrt(act_ms[j])``; the SOP search may use it to weight its choices.
+
+* Text: English prose from Python's own ``pydoc_data.topics`` (no download):
+  split into sentences, kept when 40..250 characters long and mostly letters,
+  de-duplicated, shuffled with a fixed seed. Calibration takes sentences from
+  the front of that list (``calibration_sentences``), the end-to-end check
+  from the back (``heldout_sentences``): the two sets are disjoint.
+* Forward pass: for ``minilm`` and any BERT folder (``config.json`` with
+  ``model_type: bert`` and ``tokenizer.json``), the real model with its shipped
+  tokenizer (quantize/e2e.py), padding masked out of the statistics.
+* Cache: ``<cache_dir>/<key>.npz`` (default ``build/calib/``), written
+  atomically; ``key`` is a SHA-256 of the procedure version, the checkpoint
+  files' contents and the calibration text, so a changed model or text is never
+  served stale statistics.
+* Any other model has no forward pass here: ``Calibration.weighted`` is False,
+  every error is unweighted (``a = 1``), and ``note`` says so (`sop eval` prints
+  it and writes it to the JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from sop.golden.artifact import write_atomic
+
+CALIB_VERSION = 1
+N_CALIB = 256
+N_HELDOUT = 64
+DEFAULT_CACHE = Path("build/calib")
+SEED = 0
+_META = "__meta__"
+
+
+@cache
+def corpus() -> tuple[str, ...]:
+    """Every usable sentence of pydoc_data.topics, de-duplicated, in a fixed shuffled order."""
+    from pydoc_data.topics import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics)))
+    seen, out = set(), []
+    for s in re.split(r"(?<=[.!?])\s+", text):
+        if 40 <= len(s) <= 250 and sum(c.isalpha() for c in s) / len(s) > 0.75 and s not in seen:
+            seen.add(s)
+            out.append(s)
+    order = np.random.default_rng(SEED).permutation(len(out))
+    return tuple(out[i] for i in order)
+
+
+def calibration_sentences(n: int = N_CALIB) -> list[str]:
+    return list(corpus()[:n])
+
+
+def heldout_sentences(n: int = N_HELDOUT) -> list[str]:
+    """Sentences from the end of the corpus: disjoint from any calibration set that leaves room."""
+    c = corpus()
+    if n > len(c) // 2:
+        raise ValueError(f"at most {len(c) // 2} held-out sentences (the corpus has {len(c)})")
+    return list(c[len(c) - n:])
+
+
+@dataclass
+class Calibration:
+    weighted: bool
+    note: str
+    act_ms: dict[str, np.ndarray] = field(default_factory=dict)
+    key: str | None = None
+    sentences: int = 0
+    tokens: int = 0
+    cached: bool = False
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The layer's per-input-channel mean square, or None (unweighted)."""
+        return self.act_ms.get(name) if self.weighted else None
+
+    def describe(self) -> dict:
+        return {"weighted": self.weighted, "note": self.note, "key": self.key,
+                "sentences": self.sentences, "tokens": self.tokens, "cached": self.cached}
+
+
+def unweighted(note: str) -> Calibration:
+    return Calibration(False, note)
+
+
+def cache_key(fingerprint: str, prefix: str, sentences: list[str]) -> str:
+    h = hashlib.sha256(f"sop-calib v{CALIB_VERSION}\n{fingerprint}\n{prefix}\n".encode())
+    h.update("\n".join(sentences).encode())
+    return h.hexdigest()
+
+
+def collect_stats(bert, sentences: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """Per-input-channel mean square of every linear's input over non-padding tokens."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name, x):
+        sums[name] = sums.get(name, 0.0) + np.einsum("ti,ti->i", x, x)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    bert.embed(sentences, hook=hook)
+    tokens = counts.get(bert.linear_names()[0], 0)
+    return {n: sums[n] / counts[n] for n in sums}, tokens
+
+
+def calibrate(src, n_sentences: int = N_CALIB, cache_dir=DEFAULT_CACHE, use_cache: bool = True) -> Calibration:
+    """Activation statistics for a ModelSource (quantize/models.py), cached on disk."""
+    if src.bert_folder is None:
+        return unweighted(f"no forward pass for this model ({src.kind}); errors are unweighted (a = 1)")
+    from sop.quantize.e2e import Bert
+
+    sentences = calibration_sentences(n_sentences)
+    key = cache_key(src.fingerprint(), src.bert_prefix, sentences)
+    path = Path(cache_dir) / f"{key[:32]}.npz"
+    note = f"mean square of each linear's input over {len(sentences)} pydoc_data.topics sentences"
+    if use_cache and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z[_META]))
+            if meta.get("key") == key:
+                stats = {n: z[n] for n in z.files if n != _META}
+                return Calibration(True, note, stats, key, meta["sentences"], meta["tokens"], cached=True)
+    stats, tokens = collect_stats(Bert(src.bert_folder, src.bert_prefix), sentences)
+    if use_cache:
+        buf = io.BytesIO()
+        meta = {"key": key, "sentences": len(sentences), "tokens": tokens, "version": CALIB_VERSION}
+        np.savez(buf, **stats, **{_META: np.array(json.dumps(meta))})
+        write_atomic(path, buf.getvalue())
+    return Calibration(True, note, stats, key, len(sentences), tokens)

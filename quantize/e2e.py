@@ -1,0 +1,140 @@
+"""End-to-end fidelity: a plain-torch BERT sentence encoder, and how far quantization moves it.
+
+``Bert(folder)`` runs a BERT checkpoint (all-MiniLM-L6-v2, or any Hugging Face
+BERT folder with ``config.json``, ``tokenizer.json`` and safetensors weights)
+the way sentence-transformers does for all-MiniLM-L6-v2: the shipped tokenizer
+(truncation to its 128 tokens; the batch is padded to its longest sentence and
+the padding is masked), embeddings + LayerNorm, the encoder layers (erf GELU),
+mean pooling over the attention mask, then L2 normalization. It is checked
+against ``sentence_transformers`` in tests/test_calib.py.
+
+Every ``nn.Linear``-equivalent matmul goes through one function, so
+
+* ``weights={name: W}`` replaces any linear weight (``(out, in)``) by, e.g., its
+  quantized reconstruction, and
+* ``hook(name, x)`` sees each linear's input rows of the non-padding tokens,
+  ``x`` of shape ``(tokens, in)``: quantize/calib.py accumulates its statistics.
+
+The pooler (``pooler.dense``) does not enter the sentence embedding; it is run on
+the [CLS] state only when a hook is given, so that calibration covers it.
+
+``embedding_fidelity(ref, quant)`` is the end-to-end metric: the cosine between
+full-precision and quantized embeddings of each held-out sentence, its mean and
+its minimum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
+           "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+class Bert:
+    def __init__(self, folder, prefix: str = ""):
+        import torch
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        self.folder = Path(folder)
+        self.prefix = prefix
+        cfg = json.loads((self.folder / "config.json").read_text())
+        if cfg.get("model_type") != "bert":
+            raise ValueError(f"{folder}: not a BERT model (model_type {cfg.get('model_type')!r})")
+        self.layers = int(cfg["num_hidden_layers"])
+        self.heads = int(cfg["num_attention_heads"])
+        self.eps = float(cfg.get("layer_norm_eps", 1e-12))
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{folder}: activation {cfg.get('hidden_act')!r} not supported (gelu only)")
+        self.params: dict[str, torch.Tensor] = {}
+        for f in sorted(self.folder.glob("*.safetensors")):
+            self.params.update({k: v.float() for k, v in load_file(str(f)).items()})
+        if not self.params:
+            raise ValueError(f"{folder}: no safetensors weights")
+        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")      # pad to the longest in the batch
+        if self.tokenizer.truncation is None:
+            self.tokenizer.enable_truncation(max_length=int(cfg.get("max_position_embeddings", 512)))
+
+    def linear_names(self) -> list[str]:
+        names = [f"{self.prefix}encoder.layer.{i}.{l}.weight" for i in range(self.layers) for l in LINEARS]
+        pooler = f"{self.prefix}pooler.dense.weight"
+        return names + ([pooler] if pooler in self.params else [])
+
+    def tokenize(self, sentences: list[str]):
+        import torch
+
+        enc = self.tokenizer.encode_batch(list(sentences))
+        ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+        return ids, mask
+
+    def embed(self, sentences: list[str], weights: dict | None = None,
+              hook: Callable[[str, "np.ndarray"], None] | None = None, batch: int = 64) -> np.ndarray:
+        """L2-normalized mean-pooled sentence embeddings, (n, hidden) float64."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(sentences), batch):
+                ids, mask = self.tokenize(sentences[i:i + batch])
+                out.append(self._forward(ids, mask, weights or {}, hook))
+        return np.concatenate(out).astype(np.float64)
+
+    def _forward(self, ids, mask, weights, hook):
+        import torch
+        import torch.nn.functional as F
+
+        P, pre = self.params, self.prefix
+        keep = mask.bool()
+
+        def lin(name, x):
+            wname = f"{pre}{name}.weight"
+            if hook is not None:
+                hook(wname, x[keep].double().numpy() if x.dim() == 3 else x.double().numpy())
+            W = weights.get(wname)
+            W = P[wname] if W is None else torch.as_tensor(np.asarray(W), dtype=torch.float32)
+            return F.linear(x, W, P[f"{pre}{name}.bias"])
+
+        def ln(name, x):
+            return F.layer_norm(x, x.shape[-1:], P[f"{pre}{name}.weight"], P[f"{pre}{name}.bias"], self.eps)
+
+        B, T = ids.shape
+        e = f"{pre}embeddings."
+        x = (P[e + "word_embeddings.weight"][ids] + P[e + "position_embeddings.weight"][:T][None]
+             + P[e + "token_type_embeddings.weight"][torch.zeros_like(ids)])
+        x = ln("embeddings.LayerNorm", x)
+        H = x.shape[-1]
+        d = H // self.heads
+        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for i in range(self.layers):
+            L = f"encoder.layer.{i}."
+
+            def split(t):
+                return t.view(B, T, self.heads, d).transpose(1, 2)
+
+            q, k, v = (split(lin(L + f"attention.self.{n}", x)) for n in ("query", "key", "value"))
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + bias, dim=-1)
+            ctx = (att @ v).transpose(1, 2).reshape(B, T, H)
+            x = ln(L + "attention.output.LayerNorm", x + lin(L + "attention.output.dense", ctx))
+            h = F.gelu(lin(L + "intermediate.dense", x))
+            x = ln(L + "output.LayerNorm", x + lin(L + "output.dense", h))
+        if hook is not None and f"{pre}pooler.dense.weight" in P:
+            lin("pooler.dense", x[:, 0])
+        m = mask[..., None].float()
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1).numpy()
+
+
+def embedding_fidelity(ref: np.ndarray, quant: np.ndarray) -> dict:
+    """Cosine between full-precision and quantized embeddings per sentence: mean and minimum."""
+    ref, quant = np.asarray(ref, np.float64), np.asarray(quant, np.float64)
+    cos = (ref * quant).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(quant, axis=1))
+    return {"metric": "sentence-embedding cosine", "sentences": int(len(cos)),
+            "cos_mean": float(cos.mean()), "cos_min": float(cos.min())}

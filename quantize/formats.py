@@ -1,0 +1,245 @@
+"""The quantizer's format registry: every name `sop eval --format` accepts, with its exact bit cost.
+
+``get_quant_format(name)`` returns a ``QuantFormat``: a name, a quantizer
+``quantize(w, act_ms=None, **kw) -> QuantResult`` (quantize/result.py), the
+nominal bits per weight of a large layer, and, where the cost depends only on
+the shape, ``bits(rows, cols)``: every stored bit of a ``rows x cols`` layer
+(padding included). An unknown name raises ``ValueError`` listing the valid
+ones.
+
+* Baselines (quantize/baselines.py): ``fp8-e4m3-pot``, ``int8-ch``,
+  ``mxfp8-e4m3``, ``mxfp6-e2m3``, ``mxfp6-e3m2``, ``mxfp4``, ``nvfp4``,
+  ``nvfp4-46``, ``if4``, ``nf4-g64``.
+* SOP points: ``e2m3-ue4m4-g16`` and ``sop4-g16`` come from
+  ``quantize.sop_search`` (``quantize_fp6``, ``quantize_sop4``), imported when
+  first used. While that module is absent, ``e2m3-ue4m4-g16`` falls back to the
+  plain block encoder (``quantize.blockwise.encode_layer`` with the golden
+  layout and the ``e2m3`` table, decoded by ``golden.decoder``; its ``choice``
+  says so) and ``sop4-g16`` raises a clear error. ``sop-budget`` is
+  model-level: ``quantize_model(layers, budget)`` runs the multiple-choice
+  knapsack of ``quantize.knapsack`` over every layer at once (so its layers are
+  all in memory together), choosing per layer among SOP4, SOP4 + sparse
+  residuals, the FP6 point and FP8 under the average ``--budget``.
+
+Widths that are not a multiple of a format's block are zero-padded per row (the
+rule of quantize/baselines.py); for the SOP points the registry pads before
+calling the quantizer and crops the reconstruction, so the padded codes count.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from sop.quantize import baselines as B
+from sop.quantize.result import QuantResult
+
+SOP_SEARCH_MODULE = "sop.quantize.sop_search"
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    quantize: Callable[..., QuantResult]
+    bpw: float | None                           # nominal bits per weight of a large layer
+    bpw_formula: str                            # the exact cost, in words
+    description: str
+    group: int | None = None                    # block size along a row (None: no blocks)
+    bits: Callable[[int, int], int] | None = None   # exact bits of a (rows, cols) layer
+    kind: str = "baseline"                      # "baseline" | "sop"
+    model_level: bool = False                   # needs every layer at once (knapsack)
+    quantize_model: Callable | None = None      # for model-level formats: (layers, budget) -> BudgetResult
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "bpw": self.bpw, "bpw_formula": self.bpw_formula,
+                "group": self.group, "description": self.description}
+
+
+def _padded(cols: int, group: int) -> int:
+    return -(-cols // group) * group
+
+
+def _block_bits(elem_bits: int, group: int, scale_bits: int, per_layer: int = 0):
+    def bits(rows: int, cols: int) -> int:
+        pc = _padded(cols, group)
+        return rows * pc * elem_bits + rows * (pc // group) * scale_bits + per_layer
+    return bits
+
+
+# -- the SOP points, imported lazily -----------------------------------------------------------
+
+def _sop_search():
+    """quantize.sop_search, or None while it does not exist (a broken module still raises)."""
+    try:
+        return importlib.import_module(SOP_SEARCH_MODULE)
+    except ModuleNotFoundError as err:
+        if err.name == SOP_SEARCH_MODULE:
+            return None
+        raise
+
+
+def sop_search_available() -> bool:
+    return _sop_search() is not None
+
+
+def _pad_call(fn, group: int, w, act_ms, **kw) -> QuantResult:
+    """Call a block quantizer on the zero-padded matrix; crop the reconstruction back."""
+    w = np.asarray(w, dtype=np.float64)
+    cols = w.shape[1]
+    wp = B.pad_to_block(w, group)
+    if act_ms is not None and wp.shape[1] != cols:
+        act_ms = np.asarray(act_ms, dtype=np.float64)
+        fill = float(act_ms.mean()) if act_ms.size else 1.0
+        act_ms = np.concatenate([act_ms, np.full(wp.shape[1] - cols, fill)])
+    res = fn(wp, act_ms=act_ms, **kw)
+    if wp.shape[1] != cols:
+        res.recon = res.recon[:, :cols]
+        res.extra = {**res.extra, "padded_cols": wp.shape[1]}
+    return res
+
+
+def _fp6_fallback(w, act_ms=None, name: str = "layer", **kw) -> QuantResult:
+    from sop.golden.codebooks import get_codebook
+    from sop.golden.decoder import decode_layer
+    from sop.golden.layout import named_layouts
+    from sop.quantize.blockwise import encode_layer
+
+    stream = encode_layer(w, named_layouts()["e2m3-ue4m4-g16"], [get_codebook("e2m3")], name=name)
+    return QuantResult(decode_layer(stream), stream.bits, choice="e2m3 x ue4m4 (blockwise fallback)",
+                       stream=stream)
+
+
+def quantize_e2m3_ue4m4(w, act_ms=None, name: str = "layer", **kw) -> QuantResult:
+    mod = _sop_search()
+    fn = (lambda wp, act_ms=None: mod.quantize_fp6(wp, act_ms=act_ms, name=name, **kw)) if mod else \
+        (lambda wp, act_ms=None: _fp6_fallback(wp, act_ms=act_ms, name=name))
+    return _pad_call(fn, 16, w, act_ms)
+
+
+def quantize_sop4_g16(w, act_ms=None, name: str = "layer", **kw) -> QuantResult:
+    mod = _sop_search()
+    if mod is None:
+        raise ValueError(f"format sop4-g16 needs {SOP_SEARCH_MODULE} (the SOP search), which is not "
+                         f"installed in this tree yet")
+    return _pad_call(lambda wp, act_ms=None: mod.quantize_sop4(wp, act_ms=act_ms, name=name, **kw), 16, w, act_ms)
+
+
+KNAPSACK_MODULE = "sop.quantize.knapsack"
+
+
+def _sop_budget(w, act_ms=None, **kw) -> QuantResult:
+    raise ValueError("format sop-budget is chosen over all layers at once: use quantize_sop_budget "
+                     "(`sop eval MODEL --format sop-budget --budget B`)")
+
+
+def quantize_sop_budget(layers: dict, budget: float | None, **kw):
+    """sop-budget: ``quantize.knapsack.quantize_budget(layers, budget)`` over every layer at once.
+
+    ``layers``: name -> ``(w, act_ms)``; widths are padded to 16 like the other
+    SOP points, and ``budget`` counts bits per *real* weight (the knapsack gets
+    ``budget * real / padded``). Returns the knapsack's ``BudgetResult``
+    (``results``: name -> QuantResult, ``choice``: name -> option, ``report``)."""
+    if budget is None:
+        raise ValueError("format sop-budget needs --budget B (average bits per weight)")
+    try:
+        mod = importlib.import_module(KNAPSACK_MODULE)
+    except ModuleNotFoundError as err:
+        if err.name == KNAPSACK_MODULE:
+            raise ValueError(f"format sop-budget needs {KNAPSACK_MODULE}, which is not installed in this "
+                             f"tree yet") from None
+        raise
+    cols, padded = {}, {}
+    for name, (w, act_ms) in layers.items():           # the padding rule, as for the other SOP points
+        w = np.asarray(w, dtype=np.float64)
+        cols[name] = w.shape[1]
+        wp = B.pad_to_block(w, 16)
+        if act_ms is not None and wp.shape[1] != w.shape[1]:
+            act_ms = np.concatenate([act_ms, np.full(wp.shape[1] - w.shape[1], float(np.mean(act_ms)))])
+        padded[name] = (wp, act_ms)
+    # the budget is per real weight: padded zeros cost bits but are not weights
+    real = sum(cols[n] * padded[n][0].shape[0] for n in padded)
+    stored = sum(padded[n][0].size for n in padded)
+    res = mod.quantize_budget(padded, budget * real / stored, **kw)
+    for name, r in res.results.items():
+        r.recon = r.recon[:, :cols[name]]
+    return res
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+def _mx(element: str):
+    return lambda w, act_ms=None, name="layer", **kw: B.mx(w, element, name=name)
+
+
+def _baseline(fn):
+    return lambda w, act_ms=None, name="layer", **kw: fn(w, name=name)
+
+
+def _registry() -> dict[str, QuantFormat]:
+    from sop.golden.formats import get_format
+
+    fmts = [
+        QuantFormat("fp8-e4m3-pot", _baseline(B.fp8_e4m3_pot), 8.0, "8 + 8/numel",
+                    "E4M3, one power-of-two scale per layer",
+                    bits=lambda r, c: 8 * r * c + 8),
+        QuantFormat("int8-ch", _baseline(B.int8_per_channel), 8.0, "8 + 32/cols",
+                    "INT8, symmetric FP32 scale amax/127 per output row",
+                    bits=lambda r, c: 8 * r * c + 32 * r),
+    ]
+    for name, elem in B.MX_ELEMENTS.items():
+        eb = get_format(elem).bits
+        fmts.append(QuantFormat(name, _mx(elem), eb + 8 / B.MX_BLOCK, f"{eb} + 8/32",
+                                f"OCP MX: {elem.upper()} elements, block 32, UE8M0 shared scale",
+                                group=B.MX_BLOCK, bits=_block_bits(eb, B.MX_BLOCK, 8)))
+    nv = _block_bits(4, B.NV_BLOCK, 8, per_layer=B.FP32_BITS)
+    fmts += [
+        QuantFormat("nvfp4", _baseline(B.nvfp4), 4.5, "4 + 8/16 + 32/numel",
+                    "E2M1, block 16, E4M3 block scale, FP32 tensor scale", group=B.NV_BLOCK, bits=nv),
+        QuantFormat("nvfp4-46", _baseline(B.nvfp4_46), 4.5, "4 + 8/16 + 32/numel",
+                    "NVFP4, each block scaled to max 6 or max 4 (Four over Six), lower error wins",
+                    group=B.NV_BLOCK, bits=nv),
+        QuantFormat("if4", _baseline(B.if4), 4.5, "4 + 8/16 + 32/numel",
+                    "IF4: per block E2M1 or INT4 (k*6/7) under an E4M3 scale, choice in its sign bit",
+                    group=B.NV_BLOCK, bits=nv),
+        QuantFormat("nf4-g64", _baseline(B.nf4_g64), 4.5, "4 + 32/64",
+                    "bitsandbytes NF4 (published table), block 64, FP32 absmax",
+                    group=B.NF4_BLOCK, bits=_block_bits(4, B.NF4_BLOCK, 32)),
+        QuantFormat("e2m3-ue4m4-g16", quantize_e2m3_ue4m4, 6.5, "6 + 8/16 + (LUT image + offset byte)/numel",
+                    "SOP FP6 point: E2M3 elements, UE4M4 block scale, block 16", group=16, kind="sop"),
+        QuantFormat("sop4-g16", quantize_sop4_g16, 4.5, "4 + 8/16 + LUT images/numel + sparse",
+                    "SOP 4-bit: codebook pair per layer, selection bit + sign + UE3M3 per block of 16",
+                    group=16, kind="sop"),
+        QuantFormat("sop-budget", _sop_budget, None, "the --budget average (knapsack over layers)",
+                    "SOP points chosen per layer under an average bit budget", group=16, kind="sop",
+                    model_level=True, quantize_model=quantize_sop_budget),
+    ]
+    return {f.name: f for f in fmts}
+
+
+_REGISTRY: dict[str, QuantFormat] | None = None
+
+
+def quant_formats() -> dict[str, QuantFormat]:
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _registry()
+    return _REGISTRY
+
+
+def quant_format_names() -> list[str]:
+    return list(quant_formats())
+
+
+def baseline_names() -> list[str]:
+    return [n for n, f in quant_formats().items() if f.kind == "baseline"]
+
+
+def get_quant_format(name: str) -> QuantFormat:
+    """The format called ``name``; ``ValueError`` listing every valid name otherwise."""
+    fmts = quant_formats()
+    if name not in fmts:
+        raise ValueError(f"unknown format {name!r}; valid: {', '.join(fmts)}")
+    return fmts[name]

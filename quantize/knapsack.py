@@ -1,0 +1,268 @@
+"""Layer promotion under a bit budget: a multiple-choice knapsack over the model's layers.
+
+Every layer ``l`` has options ``o`` (a format, or a format plus sparse residuals),
+each with its exact bit cost ``b_lo`` (``QuantResult.bits``: blocks, LUT images,
+offset, sparse entries) and its activation-weighted squared error
+``e_lo = sum_ij act_ms_j (w_ij - q_ij)^2``. Choose one option per layer to
+
+    minimize  sum_l e_l,o(l)   subject to   sum_l b_l,o(l) <= B = budget_bpw * total weights.
+
+``solve_mckp`` solves it by dynamic programming over a discretized budget:
+
+* every layer's cheapest option is taken as the base; only the *extra* bits over
+  it are budgeted: ``X = B - sum_l min_o b_lo`` (infeasible if negative);
+* the extra bits are counted in units of ``u = max(1, ceil(X / resolution))``
+  bits, each option's extra cost rounded **up** to whole units, the capacity
+  rounded down (``floor(X / u)`` units). So every solution of the discrete
+  problem fits the real budget;
+* the DP over (layer, units used) is exact for those discretized costs: it
+  returns a minimum-error choice among all choices whose rounded-up costs fit.
+  With ``u = 1`` (all extra bits fit in ``resolution`` states) it is the exact
+  optimum of the real problem.
+
+What the rounding can cost is bounded by the **Lagrangian lower bound**
+``max_{lambda >= 0} sum_l min_o (e_lo + lambda b_lo) - lambda B``, which is at most
+the real optimum; ``Solution.gap`` = DP error - bound bounds the loss of the
+DP solution against the true optimum (discretization plus the LP duality gap).
+
+``quantize_budget`` builds the options of every layer (SOP4 with the pair search,
+SOP4 plus sparse residuals at a few densities, the FP6 point, FP8 E4M3 with a
+per-layer power-of-two scale), solves, and reports which layers were promoted
+above the base option and why: their error reduction per extra bit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sop.quantize.baselines import fp8_e4m3_pot
+
+from .result import QuantResult
+from .sop_search import quantize_fp6, quantize_sop4
+from .sparse import add_sparse
+
+DEFAULT_RESOLUTION = 1 << 15
+
+
+@dataclass
+class Solution:
+    choice: list[int]          # option index per layer
+    bits: int                  # real bits of the choice
+    error: float               # its total error
+    lower_bound: float         # Lagrangian bound: no choice within the budget has less error
+    unit: int                  # bits per DP cost unit
+    budget_bits: int
+
+    @property
+    def gap(self) -> float:
+        return self.error - self.lower_bound
+
+
+def lagrangian_bound(options: list[list[tuple[int, float]]], budget_bits: float) -> float:
+    """``max_{lambda >= 0} sum_l min_o (e + lambda b) - lambda B``: a lower bound on the optimum.
+
+    The function of lambda is concave and piecewise linear, so its maximum sits at
+    lambda = 0 or at a breakpoint, where two options of one layer tie: lambda =
+    (e_i - e_j) / (b_j - b_i) > 0. All are tried (a loop over option pairs, not weights)."""
+    lams = {0.0}
+    for opts in options:
+        for (bi, ei), (bj, ej) in ((p, q) for p in opts for q in opts):
+            if bj > bi and ei > ej:
+                lams.add((ei - ej) / (bj - bi))
+    lam = np.array(sorted(lams))
+    total = -lam * budget_bits
+    for opts in options:
+        b = np.array([o[0] for o in opts], dtype=np.float64)
+        e = np.array([o[1] for o in opts], dtype=np.float64)
+        total = total + (e[None, :] + lam[:, None] * b[None, :]).min(axis=1)
+    return float(total.max())
+
+
+def solve_mckp(options: list[list[tuple[int, float]]], budget_bits: int,
+               resolution: int = DEFAULT_RESOLUTION) -> Solution:
+    """One option per layer, minimum total error, total bits <= ``budget_bits``; see the module docstring.
+
+    ``options[l]`` is a list of ``(bits, error)``. Ties go to the earlier option."""
+    if not options or any(not o for o in options):
+        raise ValueError("every layer needs at least one option")
+    min_bits = [min(b for b, _ in opts) for opts in options]
+    extra = int(budget_bits) - sum(min_bits)
+    if extra < 0:
+        raise ValueError(f"budget of {budget_bits} bits is below the cheapest choice ({sum(min_bits)} bits)")
+    unit = max(1, math.ceil(extra / resolution))
+    cap = extra // unit
+    dp = np.zeros(cap + 1)                          # min error over the layers so far, using <= c units
+    picks = []
+    for opts, mb in zip(options, min_bits):
+        new = np.full(cap + 1, np.inf)
+        pick = np.zeros(cap + 1, dtype=np.int32)
+        for i, (b, e) in enumerate(opts):
+            cost = -(-(b - mb) // unit)               # rounded up: a discrete fit is a real fit
+            if cost > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[cost:] = dp[:cap + 1 - cost] + e
+            better = cand < new
+            new = np.where(better, cand, new)
+            pick = np.where(better, i, pick)
+        dp, picks = new, picks + [pick]
+    c = cap
+    choice = []
+    for opts, mb, pick in zip(reversed(options), reversed(min_bits), reversed(picks)):
+        i = int(pick[c])
+        choice.append(i)
+        c -= -(-(opts[i][0] - mb) // unit)
+    choice.reverse()
+    bits = sum(options[l][i][0] for l, i in enumerate(choice))
+    error = sum(options[l][i][1] for l, i in enumerate(choice))
+    return Solution(choice, int(bits), float(error), lagrangian_bound(options, budget_bits), unit,
+                    int(budget_bits))
+
+
+# -- the per-layer options and the model-level quantizer -----------------------------------------
+
+#: The options each layer may take: a base format, optionally "+sp<percent>%" sparse residuals.
+DEFAULT_OPTIONS = ("sop4-g16", "sop4-g16+sp0.25%", "sop4-g16+sp0.5%", "sop4-g16+sp1%",
+                   "sop4-g16+sp2%", "e2m3-ue4m4-g16", "e2m3-ue4m4-g16+sp0.25%", "fp8-e4m3-pot")
+
+_OPTION = re.compile(r"^(?P<base>[a-z0-9-]+?)(?:\+sp(?P<pct>\d+(?:\.\d+)?)%)?$")
+_BASES = {"sop4-g16", "e2m3-ue4m4-g16", "fp8-e4m3-pot"}
+
+
+def parse_option(name: str) -> tuple[str, float]:
+    """``"sop4-g16+sp0.5%"`` -> ``("sop4-g16", 0.005)``."""
+    m = _OPTION.match(name)
+    if not m or m["base"] not in _BASES:
+        raise ValueError(f"unknown budget option {name!r}; a base ({', '.join(sorted(_BASES))}) "
+                         f"optionally followed by +sp<percent>%")
+    if m["pct"] and m["base"] == "fp8-e4m3-pot":
+        raise ValueError("sparse residuals apply to the SOP layouts (they have a layer stream)")
+    return m["base"], float(m["pct"] or 0) / 100
+
+
+def weighted_error(w, recon, act_ms=None) -> float:
+    d = np.asarray(w, dtype=np.float64) - recon
+    d *= d
+    return float(d.sum() if act_ms is None else (d @ np.asarray(act_ms, dtype=np.float64)).sum())
+
+
+def _base_result(base: str, w, act_ms, name: str, sop4_kw: dict) -> QuantResult:
+    if base == "sop4-g16":
+        return quantize_sop4(w, act_ms, name=name, **sop4_kw)
+    if base == "e2m3-ue4m4-g16":
+        return quantize_fp6(w, act_ms, name=name)
+    return fp8_e4m3_pot(w, act_ms, name=name)
+
+
+def _with_sparse(res: QuantResult, w, act_ms, density: float) -> QuantResult:
+    if density <= 0:
+        return res
+    k = int(round(density * w.size))
+    stream, recon = add_sparse(res.stream, w, res.recon, k, act_ms)
+    return QuantResult(recon, stream.bits, f"{res.choice} +{len(stream.sparse)} sparse", stream,
+                       extra={**res.extra, "sparse": len(stream.sparse)})
+
+
+@dataclass
+class BudgetResult:
+    results: dict[str, QuantResult]      # the chosen quantization of every layer
+    choice: dict[str, str]               # layer -> option name
+    solution: Solution
+    table: list[dict] = field(default_factory=list)   # per layer: options, choice, why
+    report: str = ""
+
+    @property
+    def bpw(self) -> float:
+        return self.solution.bits / sum(r.recon.size for r in self.results.values())
+
+
+@dataclass
+class LayerOptions:
+    """Every layer's options, quantized once: reusable for several budgets."""
+
+    names: list[str]                     # layer names, in order
+    parsed: list[tuple[str, str, float]] # (option name, base format, sparse density)
+    costs: list[list[tuple[int, float]]] # per layer, per option: (bits, weighted error)
+    bases: dict[str, dict[str, QuantResult]]
+    layers: dict
+
+    @property
+    def n_weights(self) -> int:
+        return sum(np.asarray(w).size for w, _ in self.layers.values())
+
+    def result(self, layer: str, option: int) -> QuantResult:
+        w, act_ms = self.layers[layer]
+        _, base, density = self.parsed[option]
+        return _with_sparse(self.bases[layer][base], np.asarray(w, dtype=np.float64), act_ms, density)
+
+
+def layer_options(layers: dict, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None) -> LayerOptions:
+    """Quantize every layer in every option's base format once and measure each option's
+    bits and activation-weighted error (sparse variants are derived from the base stream)."""
+    parsed = [(o, *parse_option(o)) for o in options]
+    sop4_kw = dict(sop4_kw or {})
+    costs, bases = [], {}
+    for lname, (w, act_ms) in layers.items():
+        w = np.asarray(w, dtype=np.float64)
+        mine = {}
+        row = []
+        for oname, base, density in parsed:
+            if base not in mine:
+                mine[base] = _base_result(base, w, act_ms, lname, sop4_kw)
+            res = _with_sparse(mine[base], w, act_ms, density)
+            row.append((res.bits, weighted_error(w, res.recon, act_ms)))
+        costs.append(row)
+        bases[lname] = mine
+    return LayerOptions(list(layers), parsed, costs, bases, layers)
+
+
+def quantize_budget(layers: dict, budget_bpw: float, options=DEFAULT_OPTIONS,
+                    resolution: int = DEFAULT_RESOLUTION, sop4_kw: dict | None = None,
+                    prepared: LayerOptions | None = None) -> BudgetResult:
+    """Quantize every layer under an average of ``budget_bpw`` bits per weight.
+
+    ``layers``: name -> ``(w, act_ms)`` (``act_ms`` may be None: unweighted error).
+    The first option of ``options`` should be the cheapest (it is the base the
+    report measures promotions against). ``prepared`` (from ``layer_options``)
+    reuses the quantized options for another budget; see the module docstring."""
+    opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
+    n_weights = opts.n_weights
+    budget_bits = int(math.floor(budget_bpw * n_weights))
+    sol = solve_mckp(opts.costs, budget_bits, resolution)
+    results, choice, table = {}, {}, []
+    for lname, row, i in zip(opts.names, opts.costs, sol.choice):
+        res = opts.result(lname, i)
+        results[lname] = res
+        choice[lname] = opts.parsed[i][0]
+        b0, e0 = row[0]
+        b, e = row[i]
+        table.append({"layer": lname, "option": choice[lname], "bits": b, "error": e,
+                      "bpw": b / res.recon.size, "extra_bits": b - b0, "error_reduction": e0 - e,
+                      "reduction_per_bit": (e0 - e) / (b - b0) if b > b0 else 0.0,
+                      "options": {opts.parsed[j][0]: {"bits": bb, "error": ee}
+                                  for j, (bb, ee) in enumerate(row)}})
+    res = BudgetResult(results, choice, sol, table)
+    res.report = budget_report(res, budget_bpw, n_weights)
+    return res
+
+
+def budget_report(res: BudgetResult, budget_bpw: float, n_weights: int) -> str:
+    sol = res.solution
+    base = res.table[0]["options"] and next(iter(res.table[0]["options"]))
+    lines = [f"budget {budget_bpw:.3f} bpw = {sol.budget_bits:,} bits over {n_weights:,} weights; "
+             f"used {sol.bits:,} bits ({sol.bits / n_weights:.4f} bpw)",
+             f"total weighted error {sol.error:.6g}; Lagrangian lower bound {sol.lower_bound:.6g} "
+             f"(gap {sol.gap:.3g}, {100 * sol.gap / sol.error if sol.error else 0:.3f}%); "
+             f"DP unit {sol.unit} bits",
+             f"promoted above {base} (sorted by error reduction per extra bit):"]
+    promoted = sorted((t for t in res.table if t["extra_bits"] > 0), key=lambda t: -t["reduction_per_bit"])
+    for t in promoted:
+        lines.append(f"  {t['layer']:<50} {t['option']:<24} +{t['extra_bits']:>9,} bits  "
+                     f"error -{t['error_reduction']:.4g} ({t['reduction_per_bit']:.3g}/bit)")
+    if not promoted:
+        lines.append("  (none)")
+    return "\n".join(lines)

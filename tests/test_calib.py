@@ -1,0 +1,109 @@
+"""quantize.calib and the plain-torch BERT of quantize.e2e: the offline text, the forward pass
+against sentence-transformers, statistics with the padding masked, the cache, and the fallback."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sop.quantize import calib as C
+from sop.quantize.e2e import Bert, embedding_fidelity
+from sop.quantize.models import minilm_folder, open_model
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.",
+             "Quantization maps each weight to a nearby value on a small grid.",
+             "A short one."]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return Bert(minilm_folder())
+
+
+def test_text_is_offline_deterministic_and_disjoint():
+    cal, held = C.calibration_sentences(256), C.heldout_sentences(64)
+    assert len(cal) == 256 and len(held) == 64 and not set(cal) & set(held)
+    assert len(C.corpus()) > 1000 and all(40 <= len(s) <= 250 for s in cal + held)
+    C.corpus.cache_clear()
+    assert C.calibration_sentences(256) == cal                        # same after a rebuild
+    with pytest.raises(ValueError, match="held-out"):
+        C.heldout_sentences(len(C.corpus()))
+
+
+def test_bert_matches_sentence_transformers(bert):
+    try:
+        from sentence_transformers import SentenceTransformer
+        ref = SentenceTransformer(str(minilm_folder()), device="cpu")
+    except Exception as err:                                            # pragma: no cover
+        pytest.skip(f"sentence-transformers cannot load the model offline: {err}")
+    expect = ref.encode(SENTENCES, convert_to_numpy=True)
+    got = bert.embed(SENTENCES)
+    np.testing.assert_allclose(got, expect, atol=2e-6)
+
+
+def test_padding_does_not_change_embeddings_or_statistics(bert):
+    """A batch padded to its longest sentence gives the same embeddings and the same
+    token-weighted statistics as sentences run alone (no padding at all)."""
+    batched, tokens = C.collect_stats(bert, SENTENCES)
+    sums, count = {}, 0
+    for s in SENTENCES:
+        st, n = C.collect_stats(bert, [s])
+        count += n
+        for k, v in st.items():
+            sums[k] = sums.get(k, 0) + v * (n if "pooler" not in k else 1)
+    assert tokens == count
+    for k in batched:
+        div = count if "pooler" not in k else len(SENTENCES)
+        np.testing.assert_allclose(batched[k], sums[k] / div, rtol=1e-5, atol=1e-9, err_msg=k)
+    alone = np.concatenate([bert.embed([s]) for s in SENTENCES])
+    np.testing.assert_allclose(bert.embed(SENTENCES), alone, atol=1e-6)
+
+
+def test_statistics_cover_every_linear_and_are_the_inputs_mean_square(bert):
+    stats, tokens = C.collect_stats(bert, SENTENCES)
+    assert set(stats) == {l.name for l in open_model("minilm").layers}
+    q, k, v = (stats[f"encoder.layer.3.attention.self.{n}.weight"] for n in ("query", "key", "value"))
+    np.testing.assert_array_equal(q, k)
+    np.testing.assert_array_equal(q, v)                                 # one input, three projections
+    assert stats["encoder.layer.0.output.dense.weight"].shape == (1536,)
+    # layer 0's query input is LayerNorm(word + position + type embeddings), recomputed here
+    P = bert.params
+    ids, mask = bert.tokenize(SENTENCES)
+    e = (P["embeddings.word_embeddings.weight"][ids] + P["embeddings.position_embeddings.weight"][:ids.shape[1]]
+         + P["embeddings.token_type_embeddings.weight"][0])
+    x = torch.nn.functional.layer_norm(e, (384,), P["embeddings.LayerNorm.weight"],
+                                       P["embeddings.LayerNorm.bias"], 1e-12)[mask.bool()].double()
+    assert tokens == x.shape[0]
+    np.testing.assert_allclose(stats["encoder.layer.0.attention.self.query.weight"],
+                               (x ** 2).mean(0).numpy(), rtol=1e-5)
+
+
+def test_weight_override_moves_the_embedding(bert):
+    name = "encoder.layer.2.intermediate.dense.weight"
+    ref = bert.embed(SENTENCES)
+    same = bert.embed(SENTENCES, weights={name: bert.params[name].numpy()})
+    assert embedding_fidelity(ref, same)["cos_min"] > 1 - 1e-6
+    noisy = bert.params[name].numpy() + np.random.default_rng(0).normal(0, 0.05, (1536, 384))
+    f = embedding_fidelity(ref, bert.embed(SENTENCES, weights={name: noisy}))
+    assert f["cos_min"] <= f["cos_mean"] < 0.9999 and f["sentences"] == 3
+
+
+def test_calibration_is_cached_by_model_and_text(tmp_path):
+    src = open_model("minilm")
+    first = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
+    assert first.weighted and not first.cached and first.sentences == 12
+    assert (tmp_path / f"{first.key[:32]}.npz").is_file()
+    again = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
+    assert again.cached and again.key == first.key and again.tokens == first.tokens
+    for k, v in first.act_ms.items():
+        np.testing.assert_array_equal(again.act_ms[k], v)
+    other = C.calibrate(src, n_sentences=13, cache_dir=tmp_path)
+    assert other.key != first.key and not other.cached
+    assert C.cache_key("model-b", "", C.calibration_sentences(12)) != first.key
+
+
+def test_models_without_a_forward_pass_fall_back_to_unweighted(tmp_path):
+    save_file({"l.0.fc.weight": torch.ones(4, 4)}, tmp_path / "m.safetensors")
+    cal = C.calibrate(open_model(str(tmp_path / "m.safetensors")), cache_dir=tmp_path)
+    assert not cal.weighted and "unweighted" in cal.note and cal.get("l.0.fc.weight") is None
+    assert not list(tmp_path.glob("*.npz"))

@@ -1,0 +1,102 @@
+"""quantize.knapsack: the DP against brute force, the Lagrangian bound, and the budgeted quantizer."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sop.golden.decoder import decode_layer
+from sop.quantize.knapsack import lagrangian_bound, layer_options, parse_option, quantize_budget, solve_mckp
+
+
+def random_case(seed, layers=5, max_opts=4):
+    rng = np.random.default_rng(seed)
+    opts = []
+    for _ in range(layers):
+        n = int(rng.integers(1, max_opts + 1))
+        bits = rng.integers(50, 400, n)
+        err = rng.random(n) * 10
+        opts.append([(int(b), float(e)) for b, e in zip(bits, err)])
+    lo = sum(min(b for b, _ in o) for o in opts)
+    hi = sum(max(b for b, _ in o) for o in opts)
+    return opts, int(rng.integers(lo, hi + 1))
+
+
+def brute_force(opts, budget):
+    best = None
+    for combo in itertools.product(*[range(len(o)) for o in opts]):
+        bits = sum(opts[l][i][0] for l, i in enumerate(combo))
+        err = sum(opts[l][i][1] for l, i in enumerate(combo))
+        if bits <= budget and (best is None or err < best[0]):
+            best = (err, combo)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_is_the_brute_force_optimum(seed):
+    opts, budget = random_case(seed)
+    sol = solve_mckp(opts, budget)                 # all extra bits fit the resolution: unit 1, exact
+    err, _ = brute_force(opts, budget)
+    assert sol.unit == 1
+    assert sol.bits <= budget
+    assert sol.error == pytest.approx(err, abs=1e-12)
+    assert sol.lower_bound <= err + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_coarse_discretization_stays_feasible_and_bounded(seed):
+    opts, budget = random_case(100 + seed, layers=6)
+    sol = solve_mckp(opts, budget, resolution=7)   # units of many bits, costs rounded up
+    err, _ = brute_force(opts, budget)
+    assert sol.unit > 1 and sol.bits <= budget
+    assert sol.error >= err - 1e-12                # it can lose, but never beats the true optimum
+    assert sol.lower_bound <= err + 1e-9 and sol.gap >= -1e-9
+
+
+def test_lagrangian_bound_by_hand():
+    # one layer, options (0 bits, err 10) and (10 bits, err 0), budget 5: the LP mixes
+    # half of each (error 5); the integer optimum is 10
+    assert lagrangian_bound([[(0, 10.0), (10, 0.0)]], 5) == pytest.approx(5.0)
+    sol = solve_mckp([[(0, 10.0), (10, 0.0)]], 5)
+    assert sol.error == 10.0 and sol.gap == pytest.approx(5.0)
+
+
+def test_infeasible_budget_is_refused():
+    with pytest.raises(ValueError, match="below the cheapest"):
+        solve_mckp([[(100, 1.0)], [(50, 2.0), (80, 1.0)]], 149)
+
+
+def test_option_names():
+    assert parse_option("sop4-g16+sp0.5%") == ("sop4-g16", 0.005)
+    assert parse_option("e2m3-ue4m4-g16") == ("e2m3-ue4m4-g16", 0.0)
+    with pytest.raises(ValueError, match="unknown budget option"):
+        parse_option("nf4+sp1%")
+
+
+def test_quantize_budget_promotes_within_the_budget():
+    rng = np.random.default_rng(7)
+    layers = {f"l{i}": (rng.standard_t(5, (32, 128)) * s, None) for i, s in enumerate((0.02, 0.2, 0.05))}
+    layers["l3"] = (rng.standard_normal((32, 128)) * 0.1, rng.random(128) * 4)      # activation-weighted
+    n = sum(w.size for w, _ in layers.values())
+    opts = ("sop4-g16", "sop4-g16+sp1%", "e2m3-ue4m4-g16", "fp8-e4m3-pot")
+    prep = layer_options(layers, opts)                   # every option quantized once
+    low = quantize_budget(layers, 4.6, options=opts)
+    high = quantize_budget(layers, 9.0, prepared=prep)
+    mid = quantize_budget(layers, 5.6, prepared=prep)
+    assert quantize_budget(layers, 4.6, prepared=prep).choice == low.choice
+    for res, budget in ((low, 4.6), (mid, 5.6), (high, 9.0)):
+        assert res.solution.bits <= budget * n
+        assert sum(r.bits for r in res.results.values()) == res.solution.bits
+        for name, r in res.results.items():
+            if r.stream is not None:
+                assert np.array_equal(decode_layer(r.stream), r.recon)
+    # with room for everything each layer takes its least-error option
+    for row in high.table:
+        assert row["error"] == min(o["error"] for o in row["options"].values())
+    # more budget, less error; the loudest layer (largest weights) is promoted first
+    assert high.solution.error < mid.solution.error < low.solution.error
+    assert mid.choice["l1"] != "sop4-g16"
+    assert "l1" in mid.report and "promoted" in mid.report
+    errs = {row["layer"]: row["error"] for row in mid.table}
+    w3, a3 = layers["l3"]
+    assert errs["l3"] == pytest.approx(((w3 - mid.results["l3"].recon) ** 2 * a3).sum())

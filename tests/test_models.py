@@ -1,0 +1,177 @@
+"""quantize.models: every input kind (safetensors, HF folder, torch state dict, GGUF, minilm), the
+linear-layer rule, include/exclude globs, one-layer-at-a-time memory, and bad input."""
+
+import json
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sop.quantize.models import QuantizedReferenceWarning, linear_reason, open_model
+from sop.quantize.weights import minilm_linear_weights
+
+RNG = np.random.default_rng(0)
+
+
+def t(*shape, dtype=torch.float32):
+    return torch.from_numpy(RNG.standard_normal(shape).astype(np.float32)).to(dtype)
+
+
+def toy_state():
+    return {
+        "model.embed_tokens.weight": t(50, 8),
+        "model.layers.0.input_layernorm.weight": t(8),
+        "model.layers.0.self_attn.q_proj.weight": t(16, 8),
+        "model.layers.0.self_attn.q_proj.bias": t(16),
+        "model.layers.0.mlp.up_proj.weight": t(24, 8, dtype=torch.bfloat16),
+        "model.layers.10.mlp.down_proj.weight": t(8, 24, dtype=torch.float16),
+        "model.layers.2.mlp.down_proj.weight": t(8, 24),
+        "transformer.h.0.attn.c_attn.weight": t(8, 24),        # HF Conv1D: stored (in, out)
+        "transformer.h.0.ln_1.weight": t(8),
+        "transformer.wte.weight": t(50, 8),
+        "position_ids": torch.arange(8)[None],
+    }
+
+
+EXPECTED = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.2.mlp.down_proj.weight", "model.layers.10.mlp.down_proj.weight",
+            "transformer.h.0.attn.c_attn.weight"]
+
+
+def test_linear_rule():
+    assert linear_reason("a.q_proj.weight", (4, 4), True) is None
+    assert linear_reason("a.q_proj.weight", (4, 4), False) == "not a floating-point tensor"
+    assert linear_reason("a.q_proj.bias", (4, 4), True) == "not a weight"
+    assert linear_reason("a.q_proj.weight", (4,), True) == "1-D"
+    assert linear_reason("embeddings.word_embeddings.weight", (4, 4), True) == "embedding"
+    assert linear_reason("token_embd.weight", (4, 4), True) == "embedding"
+    assert linear_reason("h.0.ln_1.weight", (4, 4), True) == "norm"
+    assert linear_reason("x.LayerNorm.weight", (4, 4), True) == "norm"
+
+
+def test_safetensors_file(tmp_path):
+    sd = toy_state()
+    save_file(sd, tmp_path / "m.safetensors")
+    m = open_model(str(tmp_path / "m.safetensors"))
+    assert [l.name for l in m.layers] == EXPECTED          # natural order: layer 2 before layer 10
+    assert m.kind == "safetensors" and m.bert_folder is None
+    assert m.skipped["model.embed_tokens.weight"] == "embedding"
+    conv = m.layer("transformer.h.0.attn.c_attn.weight")
+    assert conv.transposed and conv.shape == (24, 8)
+    np.testing.assert_array_equal(m.load(conv.name), sd[conv.name].numpy().T)
+    # bf16 and f16 are read exactly (both widen to float32 without rounding)
+    np.testing.assert_array_equal(m.load("model.layers.0.mlp.up_proj.weight"),
+                                  sd["model.layers.0.mlp.up_proj.weight"].float().numpy())
+    np.testing.assert_array_equal(m.load("model.layers.10.mlp.down_proj.weight"),
+                                  sd["model.layers.10.mlp.down_proj.weight"].float().numpy())
+    assert m.load(EXPECTED[1]).dtype == np.float64
+
+
+def test_include_exclude_globs(tmp_path):
+    save_file(toy_state(), tmp_path / "m.safetensors")
+    path = str(tmp_path / "m.safetensors")
+    m = open_model(path, include=["model.layers.*"], exclude=["*down_proj*"])
+    assert [l.name for l in m.layers] == EXPECTED[:2]
+    m = open_model(path, include=["*c_attn*", "*q_proj*"])
+    assert [l.name for l in m.layers] == [EXPECTED[1], EXPECTED[4]]
+    with pytest.raises(ValueError, match="no linear layer selected .*include/--exclude"):
+        open_model(path, exclude=["*"])
+
+
+def test_hf_folder_with_shards(tmp_path):
+    sd = toy_state()
+    keys = list(sd)
+    save_file({k: sd[k] for k in keys[:5]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: sd[k] for k in keys[5:]}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    m = open_model(str(tmp_path))
+    assert [l.name for l in m.layers] == EXPECTED
+    assert m.bert_folder is None and len(m.files) == 2
+
+
+def test_torch_state_dict_weights_only(tmp_path):
+    sd = {k: v for k, v in toy_state().items()}
+    torch.save({"state_dict": sd}, tmp_path / "m.pt")
+    m = open_model(str(tmp_path / "m.pt"))
+    assert m.kind == "torch" and [l.name for l in m.layers] == EXPECTED
+    np.testing.assert_array_equal(m.load(EXPECTED[2]), sd[EXPECTED[2]].numpy())
+    # weights_only: a pickle that would run code is refused, as a clear error
+    torch.save({"w": sd[EXPECTED[2]], "evil": Exception("x")}, tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match="weights_only"):
+        open_model(str(tmp_path / "bad.bin"))
+
+
+def test_gguf_f32_f16_bf16_and_a_quantized_tensor(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    T = gguf.GGMLQuantizationType
+    a = RNG.standard_normal((16, 8)).astype(np.float32)
+    b = RNG.standard_normal((8, 32)).astype(np.float16)
+    c = RNG.standard_normal((8, 64)).astype(np.float32)
+    d = RNG.standard_normal((4, 32)).astype(np.float32)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_tensor("blk.0.attn_q.weight", a)
+    w.add_tensor("blk.0.ffn_up.weight", b)
+    w.add_tensor("blk.0.ffn_down.weight", gguf.quants.quantize(c, T.Q8_0), raw_dtype=T.Q8_0)
+    w.add_tensor("blk.0.attn_k.weight", gguf.quants.quantize(d, T.BF16), raw_dtype=T.BF16)
+    w.add_tensor("token_embd.weight", a)
+    w.add_tensor("blk.0.attn_norm.weight", a[0])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    m = open_model(str(tmp_path / "m.gguf"))
+    assert {l.name: l.shape for l in m.layers} == {
+        "blk.0.attn_q.weight": (16, 8), "blk.0.ffn_up.weight": (8, 32),
+        "blk.0.ffn_down.weight": (8, 64), "blk.0.attn_k.weight": (4, 32)}
+    assert m.skipped["token_embd.weight"] == "embedding"
+    np.testing.assert_array_equal(m.load("blk.0.attn_q.weight"), a)
+    np.testing.assert_array_equal(m.load("blk.0.ffn_up.weight"), b.astype(np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # BF16 is full precision: no warning
+        np.testing.assert_allclose(m.load("blk.0.attn_k.weight"), d, rtol=2 ** -8)
+    with pytest.warns(QuantizedReferenceWarning, match="Q8_0"):
+        deq = m.load("blk.0.ffn_down.weight")
+    assert deq.shape == (8, 64) and np.abs(deq - c).max() < 0.05
+
+
+def test_minilm_builtin():
+    m = open_model("minilm")
+    ref = minilm_linear_weights()
+    assert m.kind == "minilm" and m.bert_folder is not None
+    assert sorted(l.name for l in m.layers) == sorted(ref) and len(m.layers) == 37
+    name = "encoder.layer.0.output.dense.weight"
+    np.testing.assert_array_equal(m.load(name), ref[name])
+    assert m.layer(name).shape == (384, 1536)
+
+
+def test_layers_are_read_one_at_a_time(tmp_path):
+    """Peak memory while walking all layers stays near one layer, far below the model."""
+    sd = {f"l.{i}.fc.weight": t(256, 512) for i in range(8)}
+    save_file(sd, tmp_path / "m.safetensors")
+    m = open_model(str(tmp_path / "m.safetensors"))
+    layer64 = 256 * 512 * 8
+    tracemalloc.start()
+    try:
+        total = 0.0
+        for _, w in m.iter_layers():
+            total += float(w.sum())
+            del w
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert layer64 <= peak < 3 * layer64          # one float64 layer is seen; eight are not held
+
+
+def test_bad_model_specs(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        open_model(str(tmp_path / "nope.safetensors"))
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported file type '.onnx'"):
+        open_model(str(tmp_path / "m.onnx"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        open_model(str(tmp_path / "empty"))

@@ -1,0 +1,69 @@
+"""quantize.sparse: the k largest weighted residuals as golden Sparse entries, decoded by golden."""
+
+import numpy as np
+import pytest
+
+from sop.golden.decoder import decode_layer
+from sop.golden.formats import get_format
+from sop.golden.layout import SPARSE_ENTRY_BITS, pack_layer, unpack_layer
+from sop.quantize.sop_search import quantize_fp6, quantize_sop4
+from sop.quantize.sparse import add_sparse, sparse_residuals
+
+BF16 = get_format("bf16")
+
+
+def layer(seed, rows=32, cols=128):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)) * 0.05
+    w[rng.integers(0, rows, 6), rng.integers(0, cols, 6)] = rng.choice([-1, 1], 6) * 0.9   # outliers
+    return w
+
+
+@pytest.mark.parametrize("act", [False, True])
+@pytest.mark.parametrize("k", [1, 25, 300])
+def test_error_drops_by_the_removed_residual_energy(act, k):
+    w = layer(1)
+    a = np.random.default_rng(2).random(w.shape[1]) + 0.01 if act else None
+    base = quantize_sop4(w, a, dd4=False)
+    stream, recon = add_sparse(base.stream, w, base.recon, k, a)
+    assert len(stream.sparse) == k
+    # the golden decoder applies the entries (through pack/unpack): recon is its output
+    assert np.array_equal(decode_layer(unpack_layer(pack_layer(stream))), recon)
+    assert stream.bits == base.stream.bits + k * SPARSE_ENTRY_BITS
+    aw = np.ones(w.shape[1]) if a is None else a
+    r = (w - base.recon).ravel()
+    idx = stream.sparse.index.astype(np.int64)
+    kept = r[idx]
+    ac = np.tile(aw, w.shape[0])[idx]
+    removed = (ac * (kept ** 2 - (kept - BF16.decode(stream.sparse.value_bf16)) ** 2)).sum()
+    err_before = (aw * (w - base.recon) ** 2).sum()
+    err_after = (aw * (w - recon) ** 2).sum()
+    assert err_before - err_after == pytest.approx(removed, rel=1e-9, abs=1e-15)
+    # BF16 keeps 8 significant bits: rounding moves each kept residual by at most 2^-8 of itself
+    assert np.all(np.abs(kept - BF16.decode(stream.sparse.value_bf16)) <= np.abs(kept) * 2.0 ** -8)
+
+
+def test_entries_are_the_largest_weighted_residuals():
+    w = layer(3)
+    a = np.random.default_rng(4).random(w.shape[1])
+    base = quantize_fp6(w, a)
+    sp = sparse_residuals(w, base.recon, 50, a)
+    energy = ((w - base.recon) ** 2 * a).ravel()
+    idx = sp.index.astype(np.int64)
+    assert np.all(np.diff(idx) > 0)
+    rest = np.delete(energy, idx)
+    assert energy[idx].min() >= rest.max()
+    # unweighted selection differs: the weighting matters
+    assert set(sparse_residuals(w, base.recon, 50).index.tolist()) != set(idx.tolist())
+
+
+def test_outliers_are_caught_and_zero_residuals_are_not_stored():
+    w = layer(5)
+    w[:, 5::16] = 0.0                      # exact zeros reconstruct exactly: nothing to store
+    base = quantize_sop4(w, dd4=False)
+    stream, recon = add_sparse(base.stream, w, base.recon, w.size, None)
+    nonzero = np.count_nonzero(BF16.encode((w - base.recon).ravel()) & 0x7FFF)
+    assert len(stream.sparse) == nonzero < w.size
+    assert np.abs(w - recon).max() <= np.abs(w - base.recon).max() * 2.0 ** -8 * (1 + 1e-9)
+    with pytest.raises(ValueError, match="already"):
+        add_sparse(stream, w, recon, 3)
