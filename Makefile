@@ -6,7 +6,9 @@ STAMP := $(VENV)/.setup-stamp
 # Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help setup test test-fast demo verilog bench clean
+.PHONY: help setup test test-fast demo verilog sim bench clean
+
+SIM ?= icarus
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,11 +30,15 @@ demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/
 	$(PY) -m sop.hdl.generate --out build/verilog
 
+sim: $(STAMP)  ## cocotb regression of every named configuration (SIM=icarus|verilator, WAVES=1)
+	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
+
 bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, yosys cell counts
 	$(PY) bench/hif_sqnr.py
 	$(PY) bench/codebook_sqnr.py
 	$(PY) bench/header_sqnr.py
 	$(PY) bench/synth_cells.py
+	$(PY) bench/sim_speed.py
 
 clean:  ## remove generated files (build/), keep the venv
 	rm -rf build .pytest_cache .hypothesis

@@ -44,10 +44,11 @@ from .scale_decoder import ScaleDecoder
 
 
 class Decoder(wiring.Component):
-    def __init__(self, config: DecoderConfig, *, formatter=HifFormatter, mux=CodebookMux):
-        # formatter / mux: the component classes used, replaceable so that tests can show
-        # that a broken one (wrong rounding, inverted selection) is caught.
-        self.config, self._formatter_cls, self._mux_cls = config, formatter, mux
+    def __init__(self, config: DecoderConfig, *, formatter=HifFormatter, mux=CodebookMux, bank=LutBank):
+        # formatter / mux / bank: the component classes used, replaceable so that tests can
+        # show that a broken one (wrong rounding, inverted selection, a flipped LUT bit) is caught.
+        self.config = config
+        self._formatter_cls, self._mux_cls, self._bank_cls = formatter, mux, bank
         self.latency = 2 + (1 if config.output == "exact" else 3)
         super().__init__({
             "blocks": In(stream.Signature(config.beat_layout)),
@@ -108,7 +109,7 @@ class Decoder(wiring.Component):
         # -- stage 1: LUT read; header and offset registered beside it -------------------------
         banks = []
         for b in range(lay.banks):
-            bank = LutBank(code_bits=k, width=cfg.hif.bits, lanes=N)
+            bank = self._bank_cls(code_bits=k, width=cfg.hif.bits, lanes=N)
             m.submodules[f"bank_{'ab'[b]}"] = bank
             m.d.comb += [
                 bank.write.payload.addr.eq(self.load.payload.addr),

@@ -5,10 +5,12 @@ reads the *active* page while the host loads the next layer's table into the
 other one, so a table swap between layers costs no cycle. The page of each
 access is an address bit (``{page, code}``), chosen by the decoder.
 
-It is a ``lib.memory.Memory`` of ``2 * 2**code_bits`` words with one write
-port and ``lanes`` synchronous read ports, so synthesis maps it to RAM where
-the target has it (ECP5 distributed RAM: one DPR16X4 per 4 bits per page and
-port), never to a flip-flop bank with a wide mux.
+It is ``lanes`` copies of a ``lib.memory.Memory`` of ``2 * 2**code_bits``
+words, each with the shared write port and one synchronous read port: the
+structure a multi-read-port table has in RAM anyway (ECP5 distributed RAM:
+one DPR16X4 per 4 bits per page and read port), written out so that every
+synthesis tool maps it to RAM, never to a flip-flop bank with a wide mux.
+(One memory with 64 read ports made yosys's memory mapper fail.)
 
 Ports
 * ``write``: always-ready stream of ``{addr, data}``; the word goes to page
@@ -39,15 +41,19 @@ class LutBank(wiring.Component):
             "read_data": Out(data.ArrayLayout(unsigned(width), lanes)),
         })
 
+    def stored_word(self, addr, data):
+        """The word the RAM stores for a write (the identity; tests override it to inject a bug)."""
+        return data
+
     def elaborate(self, platform):
         m = Module()
-        m.submodules.mem = mem = memory.Memory(shape=unsigned(self.width),
-                                               depth=2 << self.code_bits, init=[])
-        wp = mem.write_port()
-        m.d.comb += [wp.addr.eq(Cat(self.write.payload.addr, self.write_page)),
-                     wp.data.eq(self.write.payload.data),
-                     wp.en.eq(self.write.valid)]
         for lane in range(self.lanes):
+            mem = memory.Memory(shape=unsigned(self.width), depth=2 << self.code_bits, init=[])
+            m.submodules[f"mem{lane}"] = mem
+            wp = mem.write_port()
+            m.d.comb += [wp.addr.eq(Cat(self.write.payload.addr, self.write_page)),
+                         wp.data.eq(self.stored_word(self.write.payload.addr, self.write.payload.data)),
+                         wp.en.eq(self.write.valid)]
             rp = mem.read_port()          # not transparent: reads and writes never share a page
             m.d.comb += [rp.addr.eq(Cat(self.read_addr[lane], self.read_page)),
                          rp.en.eq(self.read_en),

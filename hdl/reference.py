@@ -16,6 +16,7 @@ wires), so a testbench only compares integers.
 from __future__ import annotations
 
 import numpy as np
+from amaranth.hdl import Shape
 
 from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS
@@ -47,7 +48,11 @@ def expected_beats(cfg: DecoderConfig, luts, offset: int, headers, codes) -> lis
     return [[int(w) for w in words[i:i + cfg.lanes]] for i in range(0, len(words), cfg.lanes)]
 
 
+def lane_word_bits(cfg: DecoderConfig) -> int:
+    return Shape.cast(cfg.lane_layout).width
+
+
 def split_lanes(cfg: DecoderConfig, payload: int) -> list[int]:
     """The ``lanes`` output words of one output beat's payload integer."""
-    w = cfg.lane_layout.size if hasattr(cfg.lane_layout, "size") else cfg.lane_layout.width
+    w = lane_word_bits(cfg)
     return [(payload >> (i * w)) & ((1 << w) - 1) for i in range(cfg.lanes)]

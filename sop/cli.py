@@ -4,6 +4,12 @@
     sop codebook NAME [--json]    the values of a codebook or element format, and its LUT image in HIF
     sop demo                      encode the built-in model (all-MiniLM-L6-v2) into the golden block
                                   layout, decode it with the golden model, print the error per format
+    sop eval MODEL --format F [--format F ...] [--budget B] [--json FILE]
+                                  quantize a model's linear layers in each format, print and write the
+                                  errors (quantize/evaluate.py has the JSON schema); MODEL is a
+                                  safetensors / torch / GGUF file, a HF folder, or `minilm`
+    sop vectors MODEL --format F [--layer NAME ...] --out DIR [--rows N]
+                                  real quantized layers as test vectors for the RTL (docs/vectors.md)
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from sop.golden.codebooks import codebook_names, get_codebook
 from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, get_format
@@ -42,7 +49,15 @@ def formats_doc() -> dict:
         "layouts": [{"name": n, "code_bits": l.code_bits, "group": l.group, "header_bits": l.header_bits,
                      "scale": l.scale.name, "signed_scale": l.signed_scale, "select_bit": l.select_bit,
                      "block_bpw": l.bpw} for n, l in layouts.items()],
+        "quantizers": _quantizers(),
     }
+
+
+def _quantizers() -> list[dict]:
+    """Every `sop eval --format` name with its bits per weight (quantize/formats.py)."""
+    from sop.quantize.formats import quant_formats
+
+    return [f.describe() for f in quant_formats().values()]
 
 
 def codebook_doc(name: str) -> dict:
@@ -82,6 +97,10 @@ def cmd_formats(args) -> int:
     print("codebooks: " + ", ".join(f"{c['name']}({c['bits']}b)" for c in doc["codebooks"]))
     print("\nlayouts")
     _print_table(doc["layouts"], ["name", "code_bits", "group", "header_bits", "scale", "block_bpw"])
+    print("\nquantizer formats (sop eval --format)")
+    for q in doc["quantizers"]:
+        bpw = "-" if q["bpw"] is None else f"{q['bpw']:g}"
+        print(f"  {q['name']:<16} {bpw:>6} bpw   exact: {q['bpw_formula']:<42} {q['description']}")
     return 0
 
 
@@ -103,6 +122,28 @@ def cmd_demo(args) -> int:
     return demo.run(limit=args.layers)
 
 
+def cmd_eval(args) -> int:
+    from sop.quantize import evaluate
+
+    doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,
+                            exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
+                            nan_policy=args.nan_policy, n_calib=args.calib_sentences,
+                            cache_dir=args.cache_dir, progress=not args.quiet)
+    print(evaluate.format_table(doc))
+    if args.json:
+        evaluate.write_json(args.json, doc)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def cmd_vectors(args) -> int:
+    from sop.sim.vectors import make_vectors
+
+    path = make_vectors(args.model, args.format, args.layer, args.out, rows=args.rows)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
@@ -117,6 +158,29 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="encode and decode the built-in model, print the error per format")
     d.add_argument("--layers", type=int, default=None, help="only the first N layers")
     d.set_defaults(func=cmd_demo)
+    e = sub.add_parser("eval", help="quantize a model in each format and measure the error")
+    e.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, or 'minilm'")
+    e.add_argument("--format", action="append", required=True, metavar="F",
+                   help="a format name (repeat for several); `sop formats` lists them")
+    e.add_argument("--budget", type=float, default=None, help="average bits per weight for sop-budget")
+    e.add_argument("--json", metavar="FILE", help="write the results as JSON (atomically)")
+    e.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
+    e.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
+    e.add_argument("--nan-policy", choices=("error", "zero"), default="error",
+                   help="a NaN/Inf weight is an error (default) or is replaced by 0")
+    e.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted errors")
+    e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end embedding check")
+    e.add_argument("--calib-sentences", type=int, default=256, help="calibration sentences (default 256)")
+    e.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+    v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
+    v.add_argument("model", help="a model path or 'minilm'")
+    v.add_argument("--format", required=True, choices=("sop4-g16", "e2m3-ue4m4-g16"))
+    v.add_argument("--layer", action="append", metavar="NAME", help="a linear layer (repeatable; default all)")
+    v.add_argument("--out", required=True, type=Path, help="the vector directory")
+    v.add_argument("--rows", type=int, default=None, help="only the first N rows of each layer")
+    v.set_defaults(func=cmd_vectors)
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -1,83 +1,23 @@
-"""amaranth.sim harness for the decoder top: a host driver, a monitor and golden layers.
+"""amaranth.sim harness for the decoder top: a host driver and a monitor.
 
-``Layer`` is one layer's worth of decoder input (LUT images, offset, headers,
-codes); ``run_decoder`` streams any number of layers through a ``Decoder`` the
+``run_decoder`` streams any number of layers through a ``Decoder`` the
 way a host does (load the next layer's tables into the inactive page while the
 current layer streams, first beat of each layer with ``swap``), with random
 idle cycles on the input and random stalls on the output, and returns the
-output beats it saw. The expected beats come from hdl.reference (golden only).
+output beats it saw. Layers and their expected beats come from sim.stimulus and hdl.reference (golden only).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
-import numpy as np
 from amaranth.hdl import ClockDomain, Module
 from amaranth.sim import Simulator
 
-from sop.golden.codebooks import get_codebook
-from sop.golden.layout import BlockLayout
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
-
-
-@dataclass
-class Layer:
-    luts: np.ndarray            # (banks, 2**k) HIF codes
-    offset: int
-    headers: np.ndarray         # (n,)
-    codes: np.ndarray           # (n, g)
-
-    def writes(self):
-        """The host's load sequence: every LUT word, then the offset."""
-        out = [("lut", b, a, int(self.luts[b, a])) for b in range(self.luts.shape[0])
-               for a in range(self.luts.shape[1])]
-        return out + [("offset", self.offset)]
-
-    def expected(self, cfg: DecoderConfig) -> list[list[int]]:
-        return reference.expected_beats(cfg, self.luts, self.offset, self.headers, self.codes)
-
-
-def random_layer(cfg: DecoderConfig, rng: np.random.Generator, n_blocks: int, offset=None,
-                 luts=None) -> Layer:
-    lay: BlockLayout = cfg.layout
-    n_blocks = -(-n_blocks // cfg.blocks_per_beat) * cfg.blocks_per_beat
-    scale_codes = rng.integers(0, 1 << lay.scale.bits, n_blocks)
-    headers = lay.make_header(scale_codes, rng.integers(0, 2, n_blocks) * lay.signed_scale,
-                              rng.integers(0, 2, n_blocks) * lay.select_bit)
-    codes = rng.integers(0, 1 << lay.code_bits, (n_blocks, lay.group))
-    if luts is None:
-        luts = rng.integers(0, 1 << cfg.hif.bits, (lay.banks, 1 << lay.code_bits))
-    if offset is None:
-        offset = int(rng.integers(-40, 20))
-    return Layer(np.asarray(luts), offset, headers, codes)
-
-
-def corner_layer(cfg: DecoderConfig, offset: int) -> Layer:
-    """Every code, both banks, both signs, the scale codes at both extremes and zero."""
-    lay = cfg.layout
-    n_codes = 1 << lay.code_bits
-    scale_codes = [0, 1, (1 << lay.scale.bits) - 2, (1 << lay.scale.bits) - 1]
-    headers, codes = [], []
-    per_block = np.arange(n_codes).reshape(-1, lay.group) if n_codes >= lay.group else \
-        np.resize(np.arange(n_codes), (1, lay.group))
-    for sc in scale_codes:
-        for sign in ((0, 1) if lay.signed_scale else (0,)):
-            for sel in ((0, 1) if lay.select_bit else (0,)):
-                for row in per_block:
-                    headers.append(int(lay.make_header(sc, sign, sel)))
-                    codes.append(row)
-    while len(headers) % cfg.blocks_per_beat:
-        headers.append(headers[-1])
-        codes.append(codes[-1])
-    if lay.code_bits == 6:
-        luts = get_codebook("e2m3").hif_codes[None, :]
-    else:
-        luts = np.stack([get_codebook("nf4").hif_codes, get_codebook("sh4").hif_codes])[:lay.banks]
-    return Layer(np.asarray(luts, dtype=np.int64), offset, np.array(headers), np.array(codes))
+from sop.sim.stimulus import Layer, corner_layer, random_layer  # noqa: F401  (re-exported for tests)
 
 
 def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, p_stall=0.3,

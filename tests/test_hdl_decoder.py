@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 from hdl_harness import Layer, corner_layer, random_layer, run_decoder
 
-from amaranth.hdl import Module, Mux
+import mutants
 
 from sop.golden.codebooks import get_codebook
 from sop.golden.layout import named_layouts, unpack_blocks
-from sop.hdl.codebook_mux import CodebookMux
-from sop.hdl.hif_formatter import HifFormatter
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.decoder import Decoder
 from sop.quantize.blockwise import encode_layer
@@ -105,34 +103,22 @@ def test_check_catches_a_flipped_lut_bit():
     assert got != expected(cfg, [layer])
 
 
-class _InvertedSelect(CodebookMux):
-    """An injected bug: the mux takes bank A when the selection bit says B."""
-
-    def elaborate(self, platform):
-        m = Module()
-        for lane in range(self.lanes):
-            sel = self.select[min(lane // self.group, self.blocks - 1)]
-            m.d.comb += self.out[lane].eq(Mux(sel, self.a[lane], self.b[lane]))
-        return m
-
-
-class _TiesAway(HifFormatter):
-    """An injected bug: BF16 ties round away from zero instead of to even."""
-
-    @staticmethod
-    def round_up(r0, guard, sticky):
-        return guard
+def test_check_catches_a_flipped_bit_in_the_lut_ram():
+    cfg = CONFIGS["sop4-x8-bf16"]
+    layer = corner_layer(cfg, 0)
+    got = run_decoder(cfg, [layer], seed=12, p_idle=0, p_stall=0, dut=Decoder(cfg, bank=mutants.FlippedLutBit))
+    assert got != expected(cfg, [layer])
 
 
 def test_check_catches_an_inverted_selection_bit():
     cfg = CONFIGS["sop4-x8-bf16"]
     layer = corner_layer(cfg, 0)
-    got = run_decoder(cfg, [layer], seed=10, p_idle=0, p_stall=0, dut=Decoder(cfg, mux=_InvertedSelect))
+    got = run_decoder(cfg, [layer], seed=10, p_idle=0, p_stall=0, dut=Decoder(cfg, mux=mutants.InvertedSelect))
     assert got != expected(cfg, [layer])
 
 
 def test_check_catches_wrong_rounding():
     cfg = CONFIGS["sop4-x8-bf16"]
     layer = random_layer(cfg, np.random.default_rng(11), n_blocks=16, offset=-10)
-    got = run_decoder(cfg, [layer], seed=11, p_idle=0, p_stall=0, dut=Decoder(cfg, formatter=_TiesAway))
+    got = run_decoder(cfg, [layer], seed=11, p_idle=0, p_stall=0, dut=Decoder(cfg, formatter=mutants.TiesAway))
     assert got != expected(cfg, [layer])

