@@ -10,6 +10,12 @@
                                   safetensors / torch / GGUF file, a HF folder, or `minilm`
     sop vectors MODEL --format F [--layer NAME ...] --out DIR [--rows N]
                                   real quantized layers as test vectors for the RTL (docs/vectors.md)
+    sop quantize MODEL --format F --out FILE.sopq [--budget B]
+                                  write the quantized artifact (quantize/artifact.py has the container)
+    sop dequantize FILE.sopq --out W.safetensors
+                                  decode every layer through the golden decoder into float32 safetensors
+    sop report FILE.json [--out STEM] [--bpw-tol T]
+                                  markdown table and SQNR-vs-bpw plot (PNG) of a `sop eval --json` file
 """
 
 from __future__ import annotations
@@ -144,6 +150,44 @@ def cmd_vectors(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import time
+
+    from sop.quantize.artifact import quantize_model
+
+    t0 = time.time()
+    info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
+                          exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
+                          n_calib=args.calib_sentences, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(f"wrote {info['path']}: {info['format']}, {info['layers']} layers, {info['weights']:,} weights, "
+          f"{info['bpw']:.4f} bpw, SQNR {info['sqnr_db']:.2f} dB, {info['bytes']:,} bytes "
+          f"({time.time() - t0:.1f} s)")
+    if "f32" in info["records"]:
+        print("note: layers without a golden layer stream (baseline formats) are stored decoded, as float32")
+    return 0
+
+
+def cmd_dequantize(args) -> int:
+    import time
+
+    from sop.quantize.artifact import dequantize
+
+    t0 = time.time()
+    info = dequantize(args.file, args.out, progress=not args.quiet)
+    print(f"wrote {info['path']}: {info['layers']} float32 tensors, {info['weights']:,} weights "
+          f"({info['format']}, {time.time() - t0:.1f} s)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from sop.quantize.report import report
+
+    info = report(args.json, stem=args.out, bpw_tol=args.bpw_tol)
+    print(info["markdown"], end="")
+    print(f"\nwrote {info['md']} and {info['png']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
@@ -181,10 +225,36 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--out", required=True, type=Path, help="the vector directory")
     v.add_argument("--rows", type=int, default=None, help="only the first N rows of each layer")
     v.set_defaults(func=cmd_vectors)
+    q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
+    q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, or 'minilm'")
+    q.add_argument("--format", required=True, metavar="F", help="a format name; `sop formats` lists them")
+    q.add_argument("--out", required=True, type=Path, help="the artifact to write (atomically)")
+    q.add_argument("--budget", type=float, default=None, help="average bits per weight for sop-budget")
+    q.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
+    q.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
+    q.add_argument("--nan-policy", choices=("error", "zero"), default="error",
+                   help="a NaN/Inf weight is an error (default) or is replaced by 0")
+    q.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted search")
+    q.add_argument("--calib-sentences", type=int, default=256, help="calibration sentences (default 256)")
+    q.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
+    q.set_defaults(func=cmd_quantize)
+    dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
+    dq.add_argument("file", type=Path, help="the .sopq artifact")
+    dq.add_argument("--out", required=True, type=Path, help="the .safetensors file to write (atomically)")
+    dq.add_argument("--quiet", action="store_true", help="no progress bars")
+    dq.set_defaults(func=cmd_dequantize)
+    r = sub.add_parser("report", help="markdown table and SQNR-vs-bpw plot of a `sop eval --json` file")
+    r.add_argument("json", type=Path, help="the `sop eval --json` output")
+    r.add_argument("--out", type=Path, default=None, metavar="STEM",
+                   help="write STEM.md and STEM.png (default: next to the JSON, same name)")
+    r.add_argument("--bpw-tol", type=float, default=0.01, metavar="T",
+                   help="bit costs within T bpw count as equal on the Pareto front (default 0.01)")
+    r.set_defaults(func=cmd_report)
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"sop: error: {err}", file=sys.stderr)
         return 2
 

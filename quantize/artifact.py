@@ -1,0 +1,449 @@
+"""The quantized artifact (``.sopq``): `sop quantize` writes it, `sop dequantize` reads it back.
+
+A ``.sopq`` file holds one model quantized in one format (docs/quantizer.md,
+"Artifacts and reports"). All integers are little-endian::
+
+    offset        bytes  field
+    0             4      magic  b"SOPQ"
+    4             2      container version (1)
+    6             2      reserved, 0
+    8             4      header length H
+    12            H      header: UTF-8 JSON (model, fingerprint, format, calibration,
+                         one entry per layer, summary)
+    12 + H        4      CRC-32 of the header bytes
+    16 + H        D      data: the layer records back to back, in header order
+    16 + H + D    4      CRC-32 of every byte before it (the whole file)
+
+A layer's header entry gives its name (as in the source checkpoint), its
+``(out, in)`` shape, its padded shape, whether the checkpoint stores it
+transposed, the record kind, the record's offset (from the start of the data)
+and length, the record's CRC-32, its bits, bpw and the quantizer's choice.
+Two record kinds:
+
+* ``"sopl"``: exactly ``golden.layout.pack_layer(stream)`` (its own magic, LUT
+  images, offset, blocks, sparse table and CRC-32), for every format with a
+  golden layer stream (``sop4-g16``, ``e2m3-ue4m4-g16``, the SOP layers of
+  ``sop-budget``). Its ``rows x cols`` is the padded shape; decoding crops.
+* ``"f32"``: the reconstruction as float32, little-endian, row-major
+  ``(out, in)``, for the baselines (and ``sop-budget``'s FP8 layers), which have
+  no hardware stream in this project: they are stored *decoded*, 32 bits per
+  weight on disk (their ``bits``/``bpw`` in the header are the format's cost).
+
+Contract.
+
+* ``quantize_model`` reads and quantizes the layers one at a time (peak memory
+  about one layer, except ``sop-budget``, whose knapsack holds every layer) and
+  streams the records to a temporary file in the target folder; the container is
+  then assembled in a second temporary file, flushed to disk and renamed over
+  the target. On any exception (Ctrl-C included) both temporary files are
+  removed and an existing target is left as it was.
+* ``open_artifact`` checks, before returning anything, the magic, version,
+  header CRC, every header field, the file length, every record's CRC and the
+  whole-file CRC; any failure raises ``ArtifactError`` naming what is wrong
+  (the layer, for a record). Decoding a record checks it again.
+* ``dequantize`` decodes every layer through ``golden.decoder.decode_layer``
+  (exact output) or reads its float32 record, crops the padding, restores the
+  checkpoint's orientation and writes float32 safetensors (the quantized linear
+  layers only, under their source names), streamed through a temporary file and
+  renamed: the same all-or-nothing guarantee. For every layer the result equals
+  ``QuantResult.recon.astype(float32)`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from sop.golden.artifact import atomic_output, crc32, temp_file_in
+from sop.golden.decoder import decode_layer
+from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
+from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
+from sop.quantize import calib as C
+from sop.quantize.evaluate import NAN_POLICIES, sanitize
+from sop.quantize.formats import get_quant_format
+from sop.quantize.metrics import ErrorStats, aggregate
+from sop.quantize.models import open_model
+from sop.quantize.result import QuantResult
+
+MAGIC = b"SOPQ"
+VERSION = 1
+SUFFIX = ".sopq"
+PREAMBLE = struct.Struct("<4sHHI")        # magic, version, reserved, header length
+CRC = struct.Struct("<I")
+RECORD_KINDS = {
+    "sopl": f"golden.layout.pack_layer stream (layer stream version {LAYER_STREAM_VERSION}), padded shape",
+    "f32": "float32 little-endian reconstruction, row-major (out, in), stored decoded",
+}
+MAX_HEADER = 1 << 30                      # a sanity bound on the header length field
+_CHUNK = 1 << 20
+
+
+class ArtifactError(ValueError):
+    """A .sopq file that is truncated, corrupted or inconsistent."""
+
+
+def _progress(iterable, desc: str, progress: bool, total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="layer", total=total, file=sys.stderr, leave=False,
+                disable=not (progress and sys.stderr.isatty()))
+
+
+# -- records -----------------------------------------------------------------------------------------
+
+def encode_record(res: QuantResult, shape: tuple[int, int], name: str) -> tuple[str, bytes, list[int]]:
+    """(kind, record bytes, padded shape) of one quantized layer."""
+    rows, cols = shape
+    if res.recon.shape != (rows, cols):
+        raise ValueError(f"{name}: reconstruction shape {res.recon.shape} differs from the layer's {shape}")
+    if res.stream is not None:
+        s: LayerStream = res.stream
+        if s.rows != rows or s.cols < cols:
+            raise ValueError(f"{name}: layer stream {s.rows} x {s.cols} cannot hold a {rows} x {cols} layer")
+        return "sopl", pack_layer(s), [s.rows, s.cols]
+    return "f32", np.ascontiguousarray(res.recon, dtype="<f4").tobytes(), [rows, cols]
+
+
+def decode_record(entry: "LayerEntry", data: bytes) -> np.ndarray:
+    """The layer's float32 ``(out, in)`` weights from its record (padding cropped)."""
+    rows, cols = entry.shape
+    if entry.kind == "sopl":
+        try:
+            s = unpack_layer(data)
+        except LayoutError as err:
+            raise ArtifactError(f"layer {entry.name}: bad layer stream: {err}") from None
+        if [s.rows, s.cols] != list(entry.padded_shape):
+            raise ArtifactError(f"layer {entry.name}: stream is {s.rows} x {s.cols}, the header says "
+                                f"{entry.padded_shape[0]} x {entry.padded_shape[1]}")
+        return decode_layer(s)[:, :cols].astype(np.float32)
+    if len(data) != 4 * rows * cols:
+        raise ArtifactError(f"layer {entry.name}: float32 record of {len(data)} bytes for {rows} x {cols}")
+    return np.frombuffer(data, dtype="<f4").reshape(rows, cols).astype(np.float32)
+
+
+# -- the header --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerEntry:
+    name: str
+    shape: tuple[int, int]            # (out, in), the real weights
+    padded_shape: tuple[int, int]     # the record's rows x cols ("sopl": padded to the block)
+    transposed: bool                  # the checkpoint stores it (in, out)
+    kind: str                         # "sopl" | "f32"
+    offset: int                       # from the start of the data section
+    length: int
+    crc32: int
+    bits: int
+    choice: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "padded_shape": list(self.padded_shape),
+                "transposed": self.transposed, "record": self.kind, "offset": self.offset,
+                "length": self.length, "crc32": self.crc32, "bits": self.bits,
+                "bpw": self.bits / (self.shape[0] * self.shape[1]), "choice": self.choice}
+
+
+def _get(d, key: str, where: str, kind):
+    if not isinstance(d, dict) or key not in d:
+        raise ArtifactError(f"header: {where}: field {key!r} is missing")
+    v = d[key]
+    ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+    if not ok:
+        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ArtifactError(f"header: {where}: field {key!r} must be {want}, got {type(v).__name__}")
+    return v
+
+
+def _pair(d, key: str, where: str) -> tuple[int, int]:
+    v = _get(d, key, where, list)
+    if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+        raise ArtifactError(f"header: {where}: field {key!r} must be two positive integers, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def parse_entries(meta: dict) -> list[LayerEntry]:
+    """The layer entries of a header, checked field by field; records must tile the data section."""
+    layers = _get(meta, "layers", "top level", list)
+    if not layers:
+        raise ArtifactError("header: no layer")
+    entries, pos, seen = [], 0, set()
+    for i, d in enumerate(layers):
+        where = f"layers[{i}]"
+        name = _get(d, "name", where, str)
+        where = f"layer {name}"
+        if name in seen:
+            raise ArtifactError(f"header: {where} appears twice")
+        seen.add(name)
+        shape, padded = _pair(d, "shape", where), _pair(d, "padded_shape", where)
+        kind = _get(d, "record", where, str)
+        if kind not in RECORD_KINDS:
+            raise ArtifactError(f"header: {where}: unknown record kind {kind!r}; valid: {', '.join(RECORD_KINDS)}")
+        if padded[0] != shape[0] or padded[1] < shape[1] or (kind == "f32" and padded != shape):
+            raise ArtifactError(f"header: {where}: padded shape {padded} does not fit shape {shape}")
+        offset, length = _get(d, "offset", where, int), _get(d, "length", where, int)
+        if offset != pos or length <= 0:
+            raise ArtifactError(f"header: {where}: record at {offset} (+{length}) does not follow the "
+                                f"previous one (expected offset {pos})")
+        crc = _get(d, "crc32", where, int)
+        if not 0 <= crc < 1 << 32:
+            raise ArtifactError(f"header: {where}: crc32 {crc} is not a 32-bit value")
+        entries.append(LayerEntry(name, shape, padded, _get(d, "transposed", where, bool), kind, offset,
+                                  length, crc, _get(d, "bits", where, int), _get(d, "choice", where, str)))
+        pos += length
+    if _get(meta, "data_bytes", "top level", int) != pos:
+        raise ArtifactError(f"header: data_bytes {meta['data_bytes']} is not the sum of the records ({pos})")
+    return entries
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+@dataclass
+class Artifact:
+    """An opened, fully verified .sopq file."""
+
+    path: Path
+    meta: dict
+    layers: list[LayerEntry]
+    data_start: int
+
+    @property
+    def format(self) -> str:
+        return self.meta["format"]["name"]
+
+    def entry(self, name: str) -> LayerEntry:
+        for e in self.layers:
+            if e.name == name:
+                return e
+        raise KeyError(f"{name} is not a layer of {self.path}")
+
+    def record(self, entry: LayerEntry) -> bytes:
+        """A layer's record bytes, CRC-checked."""
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + entry.offset)
+            data = f.read(entry.length)
+        if len(data) != entry.length:
+            raise ArtifactError(f"{self.path}: layer {entry.name}: record truncated "
+                                f"({len(data)} of {entry.length} bytes)")
+        if crc32(data) != entry.crc32:
+            raise ArtifactError(f"{self.path}: layer {entry.name}: record checksum mismatch (corrupted)")
+        return data
+
+    def stream(self, entry: LayerEntry) -> LayerStream | None:
+        """The golden layer stream of a "sopl" record (None for "f32")."""
+        if entry.kind != "sopl":
+            return None
+        try:
+            return unpack_layer(self.record(entry))
+        except LayoutError as err:
+            raise ArtifactError(f"{self.path}: layer {entry.name}: bad layer stream: {err}") from None
+
+    def weights(self, entry: LayerEntry) -> np.ndarray:
+        """The layer's float32 ``(out, in)`` weights, through the golden decoder where it has a stream."""
+        data = self.record(entry)
+        try:
+            return decode_record(entry, data)
+        except ArtifactError as err:
+            raise ArtifactError(f"{self.path}: {err}") from None
+
+
+def open_artifact(path: str | os.PathLike) -> Artifact:
+    """Open and verify a .sopq file (see the module docstring); ``ArtifactError`` on any fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such file")
+    size = path.stat().st_size
+    where = str(path)
+    with open(path, "rb") as f:
+        pre = f.read(PREAMBLE.size)
+        if len(pre) < 4 or pre[:4] != MAGIC:
+            raise ArtifactError(f"{where}: not a SOPQ artifact (magic {pre[:4]!r}, expected {MAGIC!r})")
+        if len(pre) < PREAMBLE.size:
+            raise ArtifactError(f"{where}: truncated: {size} bytes, shorter than the "
+                                f"{PREAMBLE.size}-byte preamble")
+        _, version, reserved, hlen = PREAMBLE.unpack(pre)
+        if version != VERSION:
+            raise ArtifactError(f"{where}: container version {version} not supported (expected {VERSION})")
+        if reserved != 0:
+            raise ArtifactError(f"{where}: reserved preamble field is {reserved}, expected 0 (corrupted)")
+        if hlen > MAX_HEADER or PREAMBLE.size + hlen + 2 * CRC.size > size:
+            raise ArtifactError(f"{where}: truncated or corrupted: a {hlen}-byte header does not fit in "
+                                f"the {size}-byte file")
+        hbytes = f.read(hlen)
+        (hcrc,) = CRC.unpack(f.read(CRC.size))
+        if crc32(hbytes) != hcrc:
+            raise ArtifactError(f"{where}: header checksum mismatch: the header is corrupted "
+                                f"(or the header length field is)")
+        try:
+            meta = json.loads(hbytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"{where}: header is not valid JSON ({err})") from None
+        try:
+            if not isinstance(meta, dict) or meta.get("container") != "sopq":
+                raise ArtifactError("header: field 'container' is not 'sopq'")
+            fmt = _get(meta, "format", "top level", dict)
+            _get(fmt, "name", "format", str)
+            entries = parse_entries(meta)
+        except ArtifactError as err:
+            raise ArtifactError(f"{where}: {err}") from None
+        data_start = PREAMBLE.size + hlen + CRC.size
+        expected = data_start + meta["data_bytes"] + CRC.size
+        if size != expected:
+            raise ArtifactError(f"{where}: {'truncated' if size < expected else 'trailing bytes'}: the file is "
+                                f"{size} bytes, its header says {expected}")
+        running = zlib.crc32(pre + hbytes + CRC.pack(hcrc))
+        for e in entries:
+            data = f.read(e.length)
+            if crc32(data) != e.crc32:
+                raise ArtifactError(f"{where}: layer {e.name}: record checksum mismatch (corrupted)")
+            running = zlib.crc32(data, running)
+        (fcrc,) = CRC.unpack(f.read(CRC.size))
+        if running & 0xFFFFFFFF != fcrc:
+            raise ArtifactError(f"{where}: whole-file checksum mismatch (the trailer or the preamble is "
+                                f"corrupted)")
+    return Artifact(path, meta, entries, data_start)
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, np.generic):
+        return _finite(x.item())
+    return x
+
+
+def write_container(out: Path, meta: dict, spool: BinaryIO) -> int:
+    """Assemble preamble, header, the records in ``spool`` and the trailer into ``out`` atomically."""
+    hbytes = json.dumps(_finite(meta), indent=1, allow_nan=False).encode("utf-8")
+    head = PREAMBLE.pack(MAGIC, VERSION, 0, len(hbytes)) + hbytes + CRC.pack(crc32(hbytes))
+    with atomic_output(out) as f:
+        f.write(head)
+        running = zlib.crc32(head)
+        spool.seek(0)
+        for chunk in iter(lambda: spool.read(_CHUNK), b""):
+            f.write(chunk)
+            running = zlib.crc32(chunk, running)
+        f.write(CRC.pack(running & 0xFFFFFFFF))
+        return f.tell()
+
+
+def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget: float | None = None,
+                   include=None, exclude=None, calibrate: bool = True, nan_policy: str = "error",
+                   n_calib: int = C.N_CALIB, cache_dir=C.DEFAULT_CACHE, progress: bool = True) -> dict:
+    """Quantize ``model``'s selected linear layers in ``fmt_name`` into the artifact ``out``.
+
+    Returns a summary: path, file bytes, layers, weights, bits, bpw, sqnr_db, record kinds."""
+    fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"unknown NaN policy {nan_policy!r}; valid: {', '.join(NAN_POLICIES)}")
+    if fmt.model_level and budget is None:
+        raise ValueError(f"{fmt.name} needs --budget B (average bits per weight)")
+    if budget is not None and not fmt.model_level:
+        raise ValueError("--budget applies to a budgeted format (sop-budget) only")
+    out = Path(out)
+
+    def say(msg):
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    src = open_model(model, include, exclude)
+    say(f"{model}: {len(src.layers)} linear layers, {src.n_weights:,} weights -> {out} ({fmt.name})")
+    if calibrate and src.bert_folder is not None:
+        say(f"calibrating on {n_calib} sentences (cache {cache_dir})")
+    cal = (C.calibrate(src, n_calib, cache_dir) if calibrate
+           else C.unweighted("calibration disabled; errors are unweighted (a = 1)"))
+    budgeted = None
+    if fmt.model_level:                                   # the knapsack needs every layer at once
+        say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
+        inputs = {lay.name: (sanitize(lay.name, src.load(lay.name), nan_policy)[0], cal.get(lay.name))
+                  for lay in src.layers}
+        budgeted = fmt.quantize_model(inputs, budget)
+        del inputs
+    out.parent.mkdir(parents=True, exist_ok=True)
+    entries, stats, pos = [], [], 0
+    with temp_file_in(out.parent, out.name + ".records") as (spool, spool_path):
+        try:
+            for lay in _progress(src.layers, f"quantize {fmt.name}", progress):
+                w, n_bad = sanitize(lay.name, src.load(lay.name), nan_policy)
+                act = cal.get(lay.name)
+                if budgeted is not None:
+                    res = budgeted.results.pop(lay.name)
+                    choice = f"{budgeted.choice[lay.name]}: {res.choice}"
+                else:
+                    res = fmt.quantize(w, act_ms=act, name=lay.name)
+                    choice = res.choice
+                kind, rec, padded = encode_record(res, lay.shape, lay.name)
+                spool.write(rec)
+                e = LayerEntry(lay.name, tuple(lay.shape), tuple(padded), lay.transposed, kind, pos, len(rec),
+                               crc32(rec), int(res.bits), choice)
+                d = e.as_dict()
+                if n_bad:
+                    d["nonfinite_replaced"] = n_bad
+                entries.append(d)
+                pos += len(rec)
+                stats.append(ErrorStats.of(w, res.recon, act, res.bits))
+                del w, res, rec
+            total = aggregate(stats)
+            meta = {
+                "container": "sopq", "version": VERSION,
+                "format": fmt.describe(), "budget": budget,
+                "model": {**src.describe(), "fingerprint": src.fingerprint()},
+                "calibration": cal.describe(), "nan_policy": nan_policy,
+                "record_kinds": RECORD_KINDS,
+                "summary": {**total.as_dict(), "bits": total.bits, "weights": total.weights},
+                "data_bytes": pos, "layers": entries,
+            }
+            if budgeted is not None:
+                meta["budget_report"] = budgeted.report
+            size = write_container(out, meta, spool)
+        finally:
+            spool.close()
+            spool_path.unlink(missing_ok=True)
+    kinds = sorted({d["record"] for d in entries})
+    return {"path": str(out), "bytes": size, "layers": len(entries), "weights": total.weights,
+            "bits": total.bits, "bpw": total.bpw, "sqnr_db": total.sqnr_db, "records": kinds,
+            "format": fmt.name}
+
+
+# -- dequantize --------------------------------------------------------------------------------------
+
+def _safetensors_header(art: Artifact) -> bytes:
+    """The safetensors JSON header of the float32 output (shapes in the checkpoint's orientation)."""
+    header = {"__metadata__": {"format": "pt", "sop_artifact": art.path.name, "sop_format": art.format,
+                               "sop_model_fingerprint": str(art.meta.get("model", {}).get("fingerprint", ""))}}
+    pos = 0
+    for e in art.layers:
+        shape = [e.shape[1], e.shape[0]] if e.transposed else list(e.shape)
+        n = 4 * e.shape[0] * e.shape[1]
+        header[e.name] = {"dtype": "F32", "shape": shape, "data_offsets": [pos, pos + n]}
+        pos += n
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return hb + b" " * (-len(hb) % 8)               # pad to 8 bytes, as the safetensors library does
+
+
+def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> dict:
+    """Decode every layer of the artifact ``path`` into the float32 safetensors file ``out``."""
+    art = open_artifact(path)
+    hb = _safetensors_header(art)
+    with atomic_output(out) as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
+        for e in _progress(art.layers, "dequantize", progress):
+            w = art.weights(e)
+            f.write(np.ascontiguousarray(w.T if e.transposed else w, dtype="<f4").tobytes())
+        size = f.tell()
+    return {"path": str(out), "bytes": size, "layers": len(art.layers), "format": art.format,
+            "weights": sum(e.shape[0] * e.shape[1] for e in art.layers)}

@@ -1,0 +1,213 @@
+"""`sop report`: the table and the Pareto picture of a `sop eval --json` result.
+
+``report(json_path, stem=None)`` reads the JSON that ``quantize.evaluate``
+writes (its schema is in that module's docstring), and writes, next to it
+(or at ``stem``):
+
+* ``<stem>.md``: a markdown table, one row per format sorted by bits per weight
+  (then by SQNR, best first): format, bpw, aggregate SQNR (dB), relative MSE,
+  ACos, the end-to-end embedding cosine mean and minimum when any format has
+  them, and whether the format is on the Pareto front;
+* ``<stem>.png``: a scatter of aggregate SQNR (dB) against bpw, every point
+  labeled with its format, the Pareto front drawn as the staircase of the best
+  SQNR reachable at each bpw (matplotlib, Agg canvas, no display needed).
+
+Both files are written atomically (golden.artifact.write_atomic).
+
+**Pareto front** (``pareto_front``): a format is on it when no other format has
+fewer-or-equal bits per weight *and* greater-or-equal SQNR with at least one of
+the two strictly better. Equal points are all on it. The report compares bit
+costs with a tolerance, ``BPW_TOL`` = 0.01 bpw by default (``bpw_tol``; 0.2 % of
+4.5 bpw): formats of one nominal cost differ by a few thousandths of a bit per
+weight through their per-layer tables and scales (on MiniLM ``nf4-g64`` 4.5
+exactly, ``nvfp4`` 4.500003, ``sop4-g16`` 4.5011 with its two LUT images per
+layer), and a user choosing a format sees them as one cost. A null SQNR in the JSON
+is an exact reconstruction (the evaluator writes infinity as null) and counts as
++infinity: it is listed as ``inf`` and left out of the plot (noted under it).
+
+Bad input (a missing file, not JSON, a missing or mistyped field) raises
+``ValueError`` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from sop.golden.artifact import write_atomic
+
+BPW_TOL = 0.01          # default: bit costs this close count as equal on the Pareto front
+
+
+def pareto_front(bpw, sqnr, bpw_tol: float = 0.0) -> np.ndarray:
+    """Boolean mask: which points are not dominated (minimize bpw, maximize SQNR).
+
+    Point j dominates i when ``bpw_j <= bpw_i``, ``sqnr_j >= sqnr_i`` and one of
+    them is strict, where bit costs within ``bpw_tol`` of each other count as
+    equal. NaN coordinates are never on the front and dominate nothing."""
+    b = np.asarray(bpw, dtype=np.float64)
+    s = np.asarray(sqnr, dtype=np.float64)
+    if b.shape != s.shape or b.ndim != 1:
+        raise ValueError(f"bpw and SQNR must be 1-D of one length, got {b.shape} and {s.shape}")
+    if not bpw_tol >= 0:
+        raise ValueError(f"bpw tolerance must be >= 0, got {bpw_tol}")
+    ok = ~(np.isnan(b) | np.isnan(s))
+    # dom[j, i]: point j dominates point i
+    db = b[:, None] - b[None, :]                  # bpw_j - bpw_i
+    le, ge = db <= bpw_tol, s[:, None] >= s[None, :]
+    strict = (db < -bpw_tol) | (s[:, None] > s[None, :])
+    dom = le & ge & strict & ok[:, None] & ok[None, :]
+    return ok & ~dom.any(axis=0)
+
+
+# -- reading the eval JSON ------------------------------------------------------------------------
+
+def _num(d: dict, key: str, where: str, nullable: bool = False) -> float:
+    if not isinstance(d, dict) or key not in d:
+        raise ValueError(f"{where}: field {key!r} is missing")
+    v = d[key]
+    if v is None and nullable:
+        return math.inf
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: field {key!r} must be a number, got {v!r}")
+    return float(v)
+
+
+def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> list[dict]:
+    """One row per format: name, bpw, sqnr_db, rel_mse, acos, e2e (mean, min) or None; sorted by bpw."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("formats"), dict) or not doc["formats"]:
+        raise ValueError(f"{where}: field 'formats' is missing or empty (is this `sop eval --json` output?)")
+    rows = []
+    for name, f in doc["formats"].items():
+        w = f"{where}: formats.{name}"
+        e2e = f.get("e2e") if isinstance(f, dict) else None
+        cos = None
+        if isinstance(e2e, dict) and "cos_mean" in e2e:
+            cos = (_num(e2e, "cos_mean", f"{w}.e2e"), _num(e2e, "cos_min", f"{w}.e2e"))
+        rows.append({"format": name, "bpw": _num(f, "bpw", w), "sqnr_db": _num(f, "sqnr_db", w, nullable=True),
+                     "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos})
+    rows.sort(key=lambda r: (r["bpw"], -r["sqnr_db"], r["format"]))
+    front = pareto_front([r["bpw"] for r in rows], [r["sqnr_db"] for r in rows], bpw_tol)
+    for r, on in zip(rows, front):
+        r["pareto"] = bool(on)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    has_e2e = any(r["e2e"] is not None for r in rows)
+    head = ["format", "bpw", "SQNR dB", "rel MSE", "ACos"] + (["e2e cos mean", "e2e cos min"] if has_e2e else [])
+    head.append("Pareto")
+    lines = ["| " + " | ".join(head) + " |",
+             "|---|" + "---:|" * (len(head) - 2) + ":---:|"]
+    for r in rows:
+        sq = "inf" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.2f}"
+        cells = [r["format"], f"{r['bpw']:.3f}", sq, f"{r['rel_mse']:.3e}", f"{r['acos']:.6f}"]
+        if has_e2e:
+            cells += [f"{r['e2e'][0]:.5f}", f"{r['e2e'][1]:.5f}"] if r["e2e"] else ["-", "-"]
+        cells.append("yes" if r["pareto"] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- the plot -----------------------------------------------------------------------------------------
+
+def _spread(y: np.ndarray, x: np.ndarray, min_gap: float, x_near: float) -> np.ndarray:
+    """Label heights: ``y`` pushed apart to at least ``min_gap`` among labels whose x are near
+    (a few relaxation sweeps over the formats; there are only a handful)."""
+    out = np.asarray(y, dtype=np.float64).copy()
+    for _ in range(100):
+        moved = False
+        order = np.argsort(out, kind="stable")
+        for i, a in enumerate(order):
+            for b in order[i + 1:]:
+                gap = out[b] - out[a]
+                if abs(x[a] - x[b]) < x_near and gap < min_gap * (1 - 1e-9):
+                    push = (min_gap - gap) / 2
+                    out[a] -= push
+                    out[b] += push
+                    moved = True
+        if not moved:
+            break
+    return out
+
+
+def plot_png(rows: list[dict], title: str) -> bytes:
+    """The SQNR-vs-bpw scatter with labels and the Pareto staircase, as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts = [r for r in rows if math.isfinite(r["sqnr_db"])]
+    left_out = [r["format"] for r in rows if not math.isfinite(r["sqnr_db"])]
+    fig = Figure(figsize=(8, 5.2), dpi=130)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if pts:
+        x = np.array([r["bpw"] for r in pts])
+        y = np.array([r["sqnr_db"] for r in pts])
+        on = np.array([r["pareto"] for r in pts])
+        xr = max(x.max() - x.min(), 1.0)
+        yr = max(y.max() - y.min(), 1.0)
+        ax.set_xlim(x.min() - 0.08 * xr, x.max() + 0.30 * xr)
+        ax.set_ylim(y.min() - 0.12 * yr, y.max() + 0.12 * yr)
+        fx, fy = x[on], y[on]
+        k = np.lexsort((-fy, fx))
+        fx, fy = fx[k], fy[k]
+        if len(fx):
+            sx = np.append(fx, x.max() + 0.30 * xr)
+            sy = np.append(fy, fy[-1])
+            ax.step(sx, np.maximum.accumulate(sy), where="post", color="tab:red", lw=1.5, alpha=0.8,
+                    label="Pareto front", zorder=2)
+        ax.scatter(x[~on], y[~on], s=36, facecolors="white", edgecolors="tab:gray", lw=1.4,
+                   label="dominated", zorder=3)
+        ax.scatter(x[on], y[on], s=44, color="tab:red", label="on the front", zorder=4)
+        ly = _spread(y, x, min_gap=0.045 * (ax.get_ylim()[1] - ax.get_ylim()[0]), x_near=0.25 * xr)
+        for r, xi, yi, li in zip(pts, x, y, ly):
+            ax.annotate(f"{r['format']}  ({yi:.2f} dB)", (xi, yi), xytext=(xi + 0.035 * xr, li),
+                        textcoords="data", fontsize=8, va="center",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}, zorder=5)
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("aggregate SQNR (dB)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if left_out:
+        fig.text(0.01, 0.01, f"not plotted (exact, infinite SQNR): {', '.join(left_out)}", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# -- the command ----------------------------------------------------------------------------------------
+
+def report(json_path: str | Path, stem: str | Path | None = None, bpw_tol: float = BPW_TOL) -> dict:
+    """Write ``<stem>.md`` and ``<stem>.png`` for an eval JSON; returns paths, markdown and rows."""
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise ValueError(f"{json_path}: no such file (write one with `sop eval ... --json FILE`)")
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{json_path}: not valid JSON ({err})") from None
+    rows = load_rows(doc, str(json_path), bpw_tol)
+    stem = Path(stem) if stem is not None else json_path.with_suffix("")
+    md_path, png_path = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".png")
+    src = doc.get("source") if isinstance(doc.get("source"), dict) else {}
+    cal = doc.get("calibration") if isinstance(doc.get("calibration"), dict) else {}
+    model = doc.get("model", "?")
+    desc = f"{model}: {src.get('layers', '?')} linear layers, {src.get('weights', '?'):,} weights" \
+        if isinstance(src.get("weights"), int) else f"{model}"
+    weighted = "calibrated, activation-weighted" if cal.get("weighted") else "uncalibrated, unweighted"
+    table = markdown_table(rows)
+    front = ", ".join(r["format"] for r in rows if r["pareto"])
+    md = (f"# Quantization report: {model}\n\n{desc}; {weighted}. Source: `{json_path.name}`.\n\n{table}\n"
+          f"Pareto front (fewer bits, more SQNR; bit costs within {bpw_tol:g} bpw count as equal): "
+          f"{front}.\n\n![SQNR against bpw]({png_path.name})\n")
+    png = plot_png(rows, f"{model}: aggregate SQNR against bits per weight ({weighted})")
+    write_atomic(png_path, png)
+    write_atomic(md_path, md.encode("utf-8"))
+    return {"md": md_path, "png": png_path, "markdown": table, "rows": rows}

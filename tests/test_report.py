@@ -1,0 +1,153 @@
+"""`sop report`: the markdown table and the SQNR-vs-bpw PNG of a real `sop eval --json` file, the
+Pareto front on hand-made points, and bad input."""
+
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from sop.cli import main
+from sop.quantize.report import pareto_front
+
+FORMATS = ["fp8-e4m3-pot", "nf4-g64", "mxfp4", "nvfp4", "mxfp6-e2m3", "e2m3-ue4m4-g16"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def eval_json(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    out = tmp / "eval.json"
+    args = ["eval", "minilm", "--include", "encoder.layer.0.attention.self.*", "--no-calib", "--no-e2e",
+            "--quiet", "--json", str(out)]
+    assert main(args + sum((["--format", f] for f in FORMATS), [])) == 0
+    return out
+
+
+def table_rows(md: str) -> list[list[str]]:
+    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines[1:]]     # after the head row
+
+
+def check_png(data: bytes) -> tuple[int, int]:
+    """Width and height of a well-formed PNG (signature, IHDR, IEND, every chunk's CRC)."""
+    assert data[:8] == PNG_MAGIC
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body), kind
+        chunks.append((kind, body))
+        pos += 12 + n
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND" and pos == len(data)
+    return struct.unpack(">II", chunks[0][1][:8])
+
+
+def brute_front(points, tol):
+    """Pareto membership by the definition, one pair at a time."""
+    out = []
+    for i, (bi, si) in enumerate(points):
+        dominated = any(bj - bi <= tol and sj >= si and (bj - bi < -tol or sj > si)
+                        for j, (bj, sj) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def test_report_writes_the_table_and_the_plot(eval_json, capsys):
+    assert main(["report", str(eval_json)]) == 0
+    printed = capsys.readouterr().out
+    md_path, png_path = eval_json.with_suffix(".md"), eval_json.with_suffix(".png")
+    md = md_path.read_text()
+    rows = table_rows(md)
+    assert sorted(r[0] for r in rows) == sorted(FORMATS)               # one row per format
+    assert table_rows(printed) == rows
+    doc = json.loads(eval_json.read_text())["formats"]
+    bpw = [float(r[1]) for r in rows]
+    assert bpw == sorted(bpw)
+    for r in rows:
+        f = doc[r[0]]
+        assert float(r[1]) == pytest.approx(f["bpw"], abs=5e-4)
+        assert float(r[2]) == pytest.approx(f["sqnr_db"], abs=5e-3)
+        assert float(r[3]) == pytest.approx(f["rel_mse"], rel=1e-3)
+        assert float(r[4]) == pytest.approx(f["acos"], abs=1e-6)
+    assert "e2e" not in md                                             # every e2e was skipped
+    points = [(doc[r[0]]["bpw"], doc[r[0]]["sqnr_db"]) for r in rows]
+    assert [r[-1] == "yes" for r in rows] == brute_front(points, 0.01)
+    # on these layers the FP6 point beats FP8 with fewer bits: FP8 is dominated
+    assert {r[0]: r[-1] for r in rows}["fp8-e4m3-pot"] == ""
+    assert {r[0]: r[-1] for r in rows}["e2m3-ue4m4-g16"] == "yes"
+    w, h = check_png(png_path.read_bytes())
+    assert w > 600 and h > 400
+    assert f"![SQNR against bpw]({png_path.name})" in md
+    assert not list(eval_json.parent.glob(".*.tmp"))
+
+
+def test_e2e_columns_and_exact_formats(eval_json, tmp_path, capsys):
+    doc = json.loads(eval_json.read_text())
+    doc["formats"]["nf4-g64"]["e2e"] = {"metric": "sentence-embedding cosine", "sentences": 64,
+                                        "cos_mean": 0.97386, "cos_min": 0.96248}
+    doc["formats"]["int8-ch"] = {**doc["formats"]["fp8-e4m3-pot"], "bpw": 8.0625, "sqnr_db": None}
+    src = tmp_path / "e.json"
+    src.write_text(json.dumps(doc))
+    assert main(["report", str(src), "--out", str(tmp_path / "sub" / "r")]) == 0
+    md = (tmp_path / "sub" / "r.md").read_text()
+    head = [l for l in md.splitlines() if l.startswith("| format")][0]
+    assert "e2e cos mean" in head and "e2e cos min" in head
+    rows = {r[0]: r for r in table_rows(md)}
+    assert rows["nf4-g64"][5:7] == ["0.97386", "0.96248"] and rows["mxfp4"][5:7] == ["-", "-"]
+    assert rows["int8-ch"][2] == "inf" and rows["int8-ch"][-1] == "yes"     # exact: infinite SQNR
+    check_png((tmp_path / "sub" / "r.png").read_bytes())
+
+
+def test_pareto_front_on_hand_made_points():
+    #            bpw    SQNR
+    pts = [(4.25, 18.6),     # 0 cheapest: on the front
+           (4.5, 20.5),      # 1 dominated by 2 (same bpw, more SQNR)
+           (4.5, 22.0),      # 2 on
+           (6.25, 30.9),     # 3 on
+           (6.5, 33.9),      # 4 on
+           (6.5, 33.9),      # 5 equal to 4: both on
+           (8.0, 31.5),      # 6 dominated by 4
+           (8.25, 30.3),     # 7 dominated by 4 and 6
+           (8.06, 40.0),     # 8 on
+           (9.0, math.nan),  # 9 NaN: never on the front
+           (3.0, math.nan)]  # 10 NaN dominates nothing
+    want = [True, False, True, True, True, True, False, False, True, False, False]
+    b, s = np.array(pts).T
+    assert pareto_front(b, s).tolist() == want
+    # a tolerance makes near-equal bit costs equal: 4.501 with more SQNR now dominates 4.5
+    b2, s2 = [4.5, 4.501, 6.5], [22.0, 23.3, 33.0]
+    assert pareto_front(b2, s2).tolist() == [True, True, True]
+    assert pareto_front(b2, s2, bpw_tol=0.01).tolist() == [False, True, True]
+    assert pareto_front([5.0, 4.0], [math.inf, 20.0]).tolist() == [True, True]
+    assert pareto_front([4.0, 5.0], [math.inf, 20.0]).tolist() == [True, False]
+    with pytest.raises(ValueError, match="one length"):
+        pareto_front([1.0, 2.0], [1.0])
+
+
+def test_pareto_front_against_the_definition_on_random_points():
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        b = rng.choice([4.25, 4.5, 4.5005, 6.25, 6.5, 8.0], size=9)
+        s = rng.integers(15, 35, size=9).astype(float)
+        for tol in (0.0, 0.01):
+            assert pareto_front(b, s, tol).tolist() == brute_front(list(zip(b, s)), tol)
+
+
+@pytest.mark.parametrize("content, want", [
+    (None, "no such file"),
+    ("not json", "not valid JSON"),
+    ('{"model": "m"}', "field 'formats' is missing"),
+    ('{"formats": {"nf4-g64": {"bpw": "4.5", "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}',
+     "'bpw' must be a number"),
+    ('{"formats": {"nf4-g64": {"bpw": 4.5, "rel_mse": 0.01, "acos": 0.99}}}', "'sqnr_db' is missing"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, content, want):
+    src = tmp_path / "e.json"
+    if content is not None:
+        src.write_text(content)
+    assert main(["report", str(src)]) == 2
+    assert want in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if content is None else ["e.json"])
