@@ -21,7 +21,7 @@ every pipeline register, so a stalled output freezes the pipeline and nothing
 is lost or duplicated; while both sides are ready, ``N`` values leave every
 cycle with no bubble (a block of ``g > N`` codes is issued over ``g / N``
 cycles while the next one is already accepted). ``latency`` is the number of
-cycles from a beat's handshake to its first output beat (4 exact, 9 BF16).
+cycles from a beat's handshake to its first output beat (4 exact, 10 BF16).
 
 Reset (synchronous) clears every valid bit, the block in hand and the page
 pointer (page 0 active). LUT RAM is not cleared: after reset the host loads the

@@ -11,18 +11,18 @@ Exact output (golden.decoder.product_fields), 2 stages:
    offset), ``sign = sign_h ^ sign_block``.
 
 BF16 output (round to nearest, ties to even, saturating, subnormals kept:
-golden.formats' rule), 7 stages:
+golden.formats' rule), 8 stages:
 
 1. register the inputs;
 2. normalize both operands: a subnormal HIF significand or scale significand is
    shifted up to its leading one (its exponent down by as much), so that each
    significand has its top bit set (or is zero);
-3. multiply the normalized significands: the product's leading one is then at
-   one of its two top bits;
-4. select that leading one (a 1-bit normalize), form the BF16 biased exponent
-   ``Eb`` and, beside it, the subnormal shift ``1 - Eb``, and take the 8 bits
-   from the leading one down (``R0``), the next bit (``guard``) and the OR of
-   the rest (``sticky``);
+3. multiply the normalized significands (the product's leading one is then at
+   one of its two top bits) and, beside it, add the exponents;
+4. select that leading one (a 1-bit normalize), take the 8 bits from it down
+   (``R0``), the next bit (``guard``) and the OR of the rest (``sticky``), and
+   form the BF16 biased exponent ``Eb`` and the subnormal shift ``1 - Eb``;
+4b. clamp the shift, form the exponent field and the saturation flag;
 5. for a subnormal result (``Eb < 1``) shift ``R0, guard`` right by ``1 - Eb``
    (at most 10), folding what falls off into ``sticky``;
 6. ``R = R0 + (guard & (sticky | R0[0]))``;
@@ -85,38 +85,42 @@ class HifFormatter(wiring.Component):
             m.d.comb += [self.out.sig.eq(sig), self.out.exp.eq(exp), self.out.sign.eq(sign)]
             return m
 
-        # 2: normalize both significands to a set top bit
+        # 2: normalize both significands to a set top bit (exponents adjusted separately)
         a_raw = Cat(mant, normal)                         # M + 1 bits
         lz_a = self._leading_zeros(m, a_raw, "lz_a")
         lz_s = self._leading_zeros(m, ss, "lz_s")
         lo, hi = cfg.exp_range
         x_shape = signed(_signed_width(lo - M - scale.mbits - 2, hi) + 1)
-        a, b, x, sign, zero = stage(
+        a, b, xh, xs, sign, zero = stage(
             ("a2", a_raw << lz_a, unsigned(M + 1)), ("b2", ss << lz_s, unsigned(scale.mbits + 1)),
-            ("x2", Mux(normal, expf, 1) - lz_a - (hif.bias + M) + xs - lz_s, x_shape),
+            ("xh2", Mux(normal, expf, 1) - lz_a, signed(E + 2)), ("xs2", xs - lz_s, x_shape),
             ("sign2", sign_h ^ bsign, 1), ("zero2", (a_raw == 0) | (ss == 0), 1))
 
-        # 3: multiply
+        # 3: multiply; beside it, the product's exponent
         P = cfg.sig_bits
-        p, x, sign, zero = stage(("p3", a * b, unsigned(P)), ("x3", x, x_shape), ("sign3", sign, 1),
-                                 ("zero3", zero, 1))
+        p, x, sign, zero = stage(("p3", a * b, unsigned(P)), ("x3", xh + xs - (hif.bias + M), x_shape),
+                                 ("sign3", sign, 1), ("zero3", zero, 1))
 
-        # 4: leading one (one of the top two bits), BF16 exponent, 8 bits + guard + sticky, and
-        #    the subnormal shift 1 - Eb, computed beside Eb (not from it) to keep the stage short
+        # 4: select the leading one (bit P-1 or P-2: a 1-bit normalize); the 8 bits from it down
+        #    (R0), the next (guard), the OR of the rest (sticky); the BF16 biased exponent Eb and
+        #    the subnormal shift 1 - Eb
         Q = max(P, BF16_M + 3)                           # room for R0, guard and one sticky bit
         top = p[P - 1]
         n = Signal(unsigned(Q), name="n4")
         m.d.comb += n.eq(Cat(Const(0, Q - P), Mux(top, p, p << 1)))
         eb_shape = signed(x_shape.width + 2)
-        eb = Signal(eb_shape, name="eb4")
-        back = Signal(eb_shape, name="back4")            # 1 - Eb
-        m.d.comb += [eb.eq(Mux(top, x + (P - 1 + BF16_BIAS), x + (P - 2 + BF16_BIAS))),
-                     back.eq(Mux(top, (1 - P + 1 - BF16_BIAS) - x, (1 - P + 2 - BF16_BIAS) - x))]
-        r0, guard, sticky, shift, e1, sat, sign, zero = stage(
+        r0, guard, sticky, eb, back, sign, zero = stage(
             ("r0_4", n[Q - 8:], unsigned(8)), ("guard4", n[Q - 9], 1), ("sticky4", n[:Q - 9].any(), 1),
-            ("shift4", Mux(back <= 0, 0, Mux(back > 10, 10, back)), range(11)),
-            ("e1m1_4", Mux(eb >= 1, eb - 1, 0), unsigned(8)),   # sat4: it does not fit 8 bits
-            ("sat4", eb >= 256, 1), ("sign4", sign, 1), ("zero4", zero, 1))
+            ("eb4", Mux(top, x + (P - 1 + BF16_BIAS), x + (P - 2 + BF16_BIAS)), eb_shape),
+            ("back4", Mux(top, (2 - P - BF16_BIAS) - x, (3 - P - BF16_BIAS) - x), eb_shape),
+            ("sign4", sign, 1), ("zero4", zero, 1))
+
+        # 4b: clamp the shift (from 9 on everything rounds to 0), the exponent field, saturation
+        r0, guard, sticky, shift, e1, sat, sign, zero = stage(
+            ("r0_4b", r0, unsigned(8)), ("guard4b", guard, 1), ("sticky4b", sticky, 1),
+            ("shift4b", Mux(back <= 0, 0, Mux(back > 10, 10, back)), range(11)),
+            ("e1m1_4b", Mux(eb >= 1, eb - 1, 0), unsigned(8)),    # sat4b: it does not fit 8 bits
+            ("sat4b", eb >= 256, 1), ("sign4b", sign, 1), ("zero4b", zero, 1))
 
         # 5: subnormal results: shift right by 1 - Eb (clamped: from 9 on everything rounds to 0)
         ext = Signal(unsigned(19), name="ext5")
@@ -143,7 +147,7 @@ class HifFormatter(wiring.Component):
     @staticmethod
     def stages(config: DecoderConfig) -> int:
         """Pipeline stages (= cycles of latency) for ``config``'s output format."""
-        return 2 if config.output == "exact" else 7
+        return 2 if config.output == "exact" else 8
 
     @staticmethod
     def _leading_zeros(m: Module, value, name: str):
