@@ -52,7 +52,6 @@ Contract.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import sys
@@ -68,7 +67,7 @@ from sop.golden.decoder import decode_layer
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
-from sop.quantize.evaluate import NAN_POLICIES, sanitize
+from sop.quantize.evaluate import NAN_POLICIES, jsonable, sanitize
 from sop.quantize.formats import get_quant_format
 from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.models import open_model
@@ -314,21 +313,9 @@ def open_artifact(path: str | os.PathLike) -> Artifact:
 
 # -- writing -----------------------------------------------------------------------------------------
 
-def _finite(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, np.generic):
-        return _finite(x.item())
-    return x
-
-
 def write_container(out: Path, meta: dict, spool: BinaryIO) -> int:
     """Assemble preamble, header, the records in ``spool`` and the trailer into ``out`` atomically."""
-    hbytes = json.dumps(_finite(meta), indent=1, allow_nan=False).encode("utf-8")
+    hbytes = json.dumps(jsonable(meta), indent=1, allow_nan=False).encode("utf-8")
     head = PREAMBLE.pack(MAGIC, VERSION, 0, len(hbytes)) + hbytes + CRC.pack(crc32(hbytes))
     with atomic_output(out) as f:
         f.write(head)

@@ -157,20 +157,21 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     return doc
 
 
-def _jsonable(x):
+def jsonable(x):
+    """``x`` with numpy scalars made Python numbers and non-finite floats made None."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
-        return _jsonable(x.item())
+        return jsonable(x.item())
     return x
 
 
 def to_json(doc: dict) -> str:
-    return json.dumps(_jsonable(doc), indent=1, allow_nan=False)
+    return json.dumps(jsonable(doc), indent=1, allow_nan=False)
 
 
 def write_json(path, doc: dict) -> None:
