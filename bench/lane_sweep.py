@@ -25,10 +25,9 @@ The floor (``floor``) is per lane and is an estimate, not a proof:
   detect ``ceil(P / 2)``; BF16 exponent ``Ew``; alignment shifter
   ``(7 + 3) * 4`` (8 result bits, guard and one spare, four 2:1 levels);
   sticky ``ceil((P - 1) / 4)``; rounding incrementer 15; output saturation
-  and sign 16; and on iCE40 (no DSP inference in ``synth_ice40``) the
-  significand multiplier ``(Ms - 1) * (Mh + 1)`` adder bits; on ECP5 that is
-  one MULT18X18D. ``P`` is the product significand width (11), ``Ew`` the
-  exponent width (10), ``Mh``/``Ms`` the HIF / scale significand widths.
+  and sign 16. The significand multiplier is one DSP (MULT18X18D, SB_MAC16),
+  as the flow maps it. ``P`` is the product significand width (11), ``Ew``
+  the exponent width (9).
 * FF: the pipeline registers the latency needs: read data ``banks * W`` on
   ECP5 (the distributed RAM reads asynchronously; iCE40's RAM40 has its own
   output register), the product fields ``P + Ew + 1``, the rounding inputs
@@ -71,14 +70,13 @@ def floor(cfg: DecoderConfig) -> dict[str, dict[str, int]]:
     """Per-lane floor estimate {target: {luts, ffs, ram, dsps}} (see the module docstring)."""
     lay, w, p = cfg.layout, cfg.hif.bits, cfg.sig_bits
     ew = cfg.exp_shape.width
-    mh, ms = cfg.hif.mbits + 1, cfg.scale.mbits + 1
     mux = w if lay.banks == 2 else 0
     luts = mux + ew + ceil_div(p, 2) + ew + (7 + 3) * 4 + ceil_div(p - 1, 4) + 15 + 16
     ffs_core = (p + ew + 1) + (9 + 2 + ew + 2) + 16
     return {
         "ecp5": {"luts": luts, "ffs": ffs_core + lay.banks * w, "dsps": 1,
                  "ram": lay.banks * 2 * ceil_div(1 << lay.code_bits, 16) * ceil_div(w, 4)},
-        "ice40": {"luts": luts + (ms - 1) * (mh + 1), "ffs": ffs_core, "dsps": 0,
+        "ice40": {"luts": luts, "ffs": ffs_core, "dsps": 1,
                   "ram": max(1, ceil_div(lay.banks * 2 * (1 << lay.code_bits) * w, 4096))},
     }
 

@@ -1,13 +1,13 @@
 """`make synth`: every named decoder configuration through yosys and nextpnr (synth/flow.py).
 
-    python -m sop.synth [--config NAME ...] [--target generic|ice40|ecp5 ...] [--out build/synth]
-                        [--jobs N] [--force]
+    python -m sop.synth [--config NAME ...] [--target generic|ice40|ecp5|ecp5-nodsp ...]
+                        [--out build/synth] [--jobs N] [--force]
 
 Writes ``report.json``, ``details.json`` and ``report.md`` under ``--out``
 (schema in synth/flow.py and docs/synthesis.md), prints the markdown table
 and the wall time. A run of some configurations or targets updates their
-entries and keeps the others. Runs whose Verilog, commands and tools are unchanged are
-taken from the cache (``--force`` repeats them). Exit status 2 for an
+entries and keeps the others. Runs whose Verilog, commands and tools are
+unchanged are taken from the cache (``--force`` repeats them). Exit status 2 for an
 unknown configuration or target, 1 if a tool failed.
 """
 
@@ -21,20 +21,21 @@ from pathlib import Path
 from sop import toolenv
 from sop.hdl.config import named_configs
 
-from .flow import (DEFAULT_OUT, TARGETS, ToolError, markdown_table, merge_results, rtl_state, run_many,
-                   write_reports)
+from .flow import (DEFAULT_OUT, DEFAULT_TARGETS, TARGETS, ToolError, markdown_table, merge_results,
+                   rtl_state, run_many, write_reports)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sop.synth", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
-    p.add_argument("--target", action="append", help=f"one of {', '.join(TARGETS)} (default: all)")
+    p.add_argument("--target", action="append",
+                   help=f"one of {', '.join(TARGETS)} (default: {', '.join(DEFAULT_TARGETS)})")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--jobs", type=int, default=2, help="tool runs at a time (default 2)")
     p.add_argument("--force", action="store_true", help="repeat cached runs")
     args = p.parse_args(argv)
     configs = named_configs()
-    names, targets = args.config or list(configs), args.target or list(TARGETS)
+    names, targets = args.config or list(configs), args.target or list(DEFAULT_TARGETS)
     bad = [n for n in names if n not in configs] + [t for t in targets if t not in TARGETS]
     if bad:
         print(f"unknown {bad}; configurations: {', '.join(configs)}; targets: {', '.join(TARGETS)}",

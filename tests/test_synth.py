@@ -70,7 +70,8 @@ def test_wrapper_registers_every_decoder_port():
     assert {n: len(getattr(w, n)) for n in ("clk", "din", "dout")} == {"clk": 1, "din": 1, "dout": 8}
     text = verilog.convert(w, name="wrapped", emit_src=False)
     head = text[text.index("module wrapped("):text.index("endmodule")]
-    ports = sorted(ln.split()[-1].rstrip(";") for ln in head.splitlines() if ln.strip().startswith(("input", "output")))
+    decls = [ln.split()[-1].rstrip(";") for ln in head.splitlines() if ln.strip().startswith(("input", "output"))]
+    ports = sorted(decls)
     assert ports == ["clk", "din", "dout"]                   # 10 pins: no reset pin, no wide bus
 
 
@@ -139,7 +140,7 @@ def test_one_lane_decoder_on_ice40_report_schema(tmp_path):
     assert "| sop4-g16-x1 | ice40 |" in markdown_table(results)
     assert (tmp_path / "report.md").read_text().startswith(markdown_table(results))
     assert "hdl/*.py sha256" in json.loads((tmp_path / "details.json").read_text())[cfg.name]["ice40"]["rtl"]
-    assert "RTL: git " in (tmp_path / "report.md").read_text()
+    assert "RTL: hdl/ of git " in (tmp_path / "report.md").read_text()
 
 
 def test_fmax_only_where_a_register_to_register_path_exists(tmp_path):
