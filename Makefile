@@ -46,6 +46,7 @@ bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, yos
 	$(PY) bench/header_sqnr.py
 	$(PY) bench/synth_cells.py
 	$(PY) bench/sim_speed.py
+	$(PY) bench/lane_sweep.py
 
 clean:  ## remove generated files (build/), keep the venv
 	rm -rf build .pytest_cache .hypothesis
