@@ -67,7 +67,7 @@ from sop.golden.decoder import decode_layer
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
-from sop.quantize.evaluate import NAN_POLICIES, jsonable, sanitize
+from sop.quantize.evaluate import calibration_for, check_options, jsonable, reporter, sanitize
 from sop.quantize.formats import get_quant_format
 from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.models import open_model
@@ -335,24 +335,12 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
 
     Returns a summary: path, file bytes, layers, weights, bits, bpw, sqnr_db, record kinds."""
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"unknown NaN policy {nan_policy!r}; valid: {', '.join(NAN_POLICIES)}")
-    if fmt.model_level and budget is None:
-        raise ValueError(f"{fmt.name} needs --budget B (average bits per weight)")
-    if budget is not None and not fmt.model_level:
-        raise ValueError("--budget applies to a budgeted format (sop-budget) only")
+    check_options([fmt], budget, nan_policy)
     out = Path(out)
-
-    def say(msg):
-        if progress:
-            print(msg, file=sys.stderr, flush=True)
-
+    say = reporter(progress)
     src = open_model(model, include, exclude)
     say(f"{model}: {len(src.layers)} linear layers, {src.n_weights:,} weights -> {out} ({fmt.name})")
-    if calibrate and src.bert_folder is not None:
-        say(f"calibrating on {n_calib} sentences (cache {cache_dir})")
-    cal = (C.calibrate(src, n_calib, cache_dir) if calibrate
-           else C.unweighted("calibration disabled; errors are unweighted (a = 1)"))
+    cal = calibration_for(src, calibrate, n_calib, cache_dir, say)
     budgeted = None
     if fmt.model_level:                                   # the knapsack needs every layer at once
         say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")

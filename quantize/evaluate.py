@@ -76,6 +76,33 @@ def _e2e_runner(src, enabled: bool, n_heldout: int):
     return (bert, sentences, bert.embed(sentences)), None
 
 
+def check_options(fmts, budget: float | None, nan_policy: str) -> None:
+    """Refuse a NaN policy, or a budget given to / missing from the formats, before any work."""
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"unknown NaN policy {nan_policy!r}; valid: {', '.join(NAN_POLICIES)}")
+    if budget is not None and not any(f.model_level for f in fmts):
+        raise ValueError("--budget applies to a budgeted format (sop-budget) only")
+    if budget is None and any(f.model_level for f in fmts):
+        raise ValueError(f"{next(f.name for f in fmts if f.model_level)} needs --budget B "
+                         f"(average bits per weight)")
+
+
+def reporter(progress: bool):
+    """A ``say(msg)`` that prints status lines to stderr when ``progress`` is on."""
+    def say(msg):
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+    return say
+
+
+def calibration_for(src, calibrate: bool, n_calib: int, cache_dir, say):
+    """The model's activation statistics (unweighted when disabled or the model cannot run)."""
+    if calibrate and src.bert_folder is not None:
+        say(f"calibrating on {n_calib} sentences (cache {cache_dir})")
+    return (C.calibrate(src, n_calib, cache_dir) if calibrate
+            else C.unweighted("calibration disabled; errors are unweighted (a = 1)"))
+
+
 def evaluate(model: str, formats: list[str], *, budget: float | None = None, include=None, exclude=None,
              calibrate: bool = True, e2e: bool = True, nan_policy: str = "error",
              n_calib: int = C.N_CALIB, n_heldout: int = C.N_HELDOUT, cache_dir=C.DEFAULT_CACHE,
@@ -87,24 +114,11 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     if not names:
         raise ValueError("no format given")
     fmts = [get_quant_format(n) for n in names]          # unknown names fail here, before any work
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"unknown NaN policy {nan_policy!r}; valid: {', '.join(NAN_POLICIES)}")
-    if budget is not None and not any(f.model_level for f in fmts):
-        raise ValueError("--budget applies to a budgeted format (sop-budget) only")
-    if budget is None and any(f.model_level for f in fmts):
-        raise ValueError(f"{next(f.name for f in fmts if f.model_level)} needs --budget B "
-                         f"(average bits per weight)")
-
-    def say(msg):
-        if progress:
-            print(msg, file=sys.stderr, flush=True)
-
+    check_options(fmts, budget, nan_policy)
+    say = reporter(progress)
     src = open_model(model, include, exclude)
     say(f"{model}: {len(src.layers)} linear layers, {src.n_weights:,} weights")
-    if calibrate and src.bert_folder is not None:
-        say(f"calibrating on {n_calib} sentences (cache {cache_dir})")
-    cal = (C.calibrate(src, n_calib, cache_dir) if calibrate
-           else C.unweighted("calibration disabled; errors are unweighted (a = 1)"))
+    cal = calibration_for(src, calibrate, n_calib, cache_dir, say)
     if not cal.weighted:
         say(f"calibration: {cal.note}")
     runner, e2e_skip = _e2e_runner(src, e2e, n_heldout)

