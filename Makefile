@@ -31,8 +31,9 @@ demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/
 	$(PY) -m sop.hdl.generate --out build/verilog
 
-sim: $(STAMP)  ## cocotb regression of every named configuration (SIM=icarus|verilator, WAVES=1)
+sim: $(STAMP)  ## cocotb regression of every named configuration (SIM=icarus|verilator, WAVES=1), then the board bring-up in simulation
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
+	$(PY) -m sop.synth.bringup --sim
 
 synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json
 	$(PY) -m sop.synth

@@ -19,15 +19,16 @@ The floor (``floor``) is per lane and is an estimate, not a proof:
   port; its capacity (4096 bits) is far above what a lane needs
   (``banks * 2 * 2^k * W`` = 640 bits), so the ports, not the bits, bound it.
   The floor assumes only the selected bank is read (both banks in one RAM,
-  the selection bit an address bit); the RTL reads both banks, 2 per lane.
+  the selection bit an address bit), as the RTL does.
 * LUT4 (the BF16 lane datapath, one LUT4 per bit for each function of more
   than four inputs): codebook mux ``W``; exponent sum ``Ew``; leading-one
   detect ``ceil(P / 2)``; BF16 exponent ``Ew``; alignment shifter
   ``(7 + 3) * 4`` (8 result bits, guard and one spare, four 2:1 levels);
   sticky ``ceil((P - 1) / 4)``; rounding incrementer 15; output saturation
-  and sign 16. The significand multiplier is one DSP (MULT18X18D, SB_MAC16),
-  as the flow maps it. ``P`` is the product significand width (11), ``Ew``
-  the exponent width (9).
+  and sign 16. The significand multiplier is one DSP (MULT18X18D, SB_MAC16).
+  The RTL builds it from LUTs instead (two pipelined adder levels, for Fmax),
+  so its LUT4 count is held to a floor that leaves the multiplier out.
+  ``P`` is the product significand width (11), ``Ew`` the exponent width (9).
 * FF: the pipeline registers the latency needs: read data ``banks * W`` on
   ECP5 (the distributed RAM reads asynchronously; iCE40's RAM40 has its own
   output register), the product fields ``P + Ew + 1``, the rounding inputs

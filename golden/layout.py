@@ -84,6 +84,16 @@ class BlockLayout:
         return self.block_bits / self.group
 
     # -- header fields ------------------------------------------------------
+    @property
+    def sign_position(self) -> int:
+        """Bit of the header that holds the block sign (when ``signed_scale``)."""
+        return self.scale.bits
+
+    @property
+    def select_position(self) -> int:
+        """Bit of the header that holds the selection bit (when ``select_bit``)."""
+        return self.scale.bits + int(self.signed_scale)
+
     def make_header(self, scale_code, sign=0, select=0) -> np.ndarray:
         scale_code, sign, select = (np.asarray(a, dtype=np.int64) for a in (scale_code, sign, select))
         S = self.scale.bits
@@ -92,9 +102,9 @@ class BlockLayout:
         for name, v, present in (("sign", sign, self.signed_scale), ("select", select, self.select_bit)):
             if ((v != 0) & (v != 1)).any() or (not present and v.any()):
                 raise ValueError(f"header field {name} must be 0/1 and needs the layout to carry it")
-        hdr = scale_code | (sign << S) if self.signed_scale else scale_code
+        hdr = scale_code | (sign << self.sign_position) if self.signed_scale else scale_code
         if self.select_bit:
-            hdr = hdr | (select << (S + int(self.signed_scale)))
+            hdr = hdr | (select << self.select_position)
         return hdr
 
     def split_header(self, header) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,8 +112,8 @@ class BlockLayout:
         header = np.asarray(header, dtype=np.int64)
         S = self.scale.bits
         scale_code = header & ((1 << S) - 1)
-        sign = (header >> S) & 1 if self.signed_scale else np.zeros_like(header)
-        select = (header >> (S + int(self.signed_scale))) & 1 if self.select_bit else np.zeros_like(header)
+        sign = (header >> self.sign_position) & 1 if self.signed_scale else np.zeros_like(header)
+        select = (header >> self.select_position) & 1 if self.select_bit else np.zeros_like(header)
         return scale_code, sign, select
 
 

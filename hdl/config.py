@@ -44,12 +44,6 @@ def _signed_width(lo: int, hi: int) -> int:
     return w
 
 
-def scale_exp_shape(layout: BlockLayout):
-    """Shape of a block scale's exponent with the per-layer offset added."""
-    lo, hi = _float_exponent_range(layout.scale)
-    return signed(_signed_width(lo + OFFSET_RANGE[0], hi + OFFSET_RANGE[1]))
-
-
 @dataclass(frozen=True)
 class DecoderConfig:
     name: str

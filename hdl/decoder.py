@@ -2,44 +2,60 @@
 
 Implements golden.decoder for one ``DecoderConfig`` (docs/hardware.md)::
 
-    blocks ──▶ [hold] ──▶ LUT read (bank A, bank B) ──▶ codebook mux ─▶ HIF formatter ──▶ values
-                 │           ▲ {page, code}                 ▲ select       ▲ scale, sign
-                 └─ header ──┴────────────▶ scale decoder ──┴──────────────┘ (+ offset[page])
-    load ──▶ LUT bank A/B, offset (the inactive page)
+    blocks ─▶ hold ─{page, bank, code}─▶ LUT RAM (per lane) ─▶ HIF formatter ─▶ output ─▶ values
+               │  └ select ─▶ codebook mux ─┘                     ▲ (per lane)     buffer
+               └ headers ─▶ scale decoder (+ offset[page]) ───────┘ block fields
+    load ─▶ LUT word encoder ─▶ LUT RAM, offset (the inactive page)
 
 Interfaces
 * ``blocks``: stream of ``{blocks, swap}``; ``blocks`` is one block (``N <= g``)
   or ``N / g`` blocks (``N > g``) exactly as golden.layout packs them, LSB first.
   ``swap`` makes this beat, and all after it, use the other page of the tables
   and offset: the page the host has just loaded. The swap costs no cycle.
-* ``load``: stream of LUT writes (``ready`` is tied high) ``{bank, addr, data}`` into the
-  inactive page; ``offset``/``offset_we`` write the inactive page's per-layer offset.
+* ``load``: stream of table writes ``{bank, addr, data}`` (``data`` a HIF code;
+  ``ready`` is tied high) into the inactive page; ``offset``/``offset_we`` write
+  the inactive page's per-layer offset.
 * ``values``: stream of ``N`` lanes (BF16 or the exact product fields).
 
-Timing. One global enable, ``advance = ~values.valid | values.ready``, moves
-every pipeline register, so a stalled output freezes the pipeline and nothing
-is lost or duplicated; while both sides are ready, ``N`` values leave every
-cycle with no bubble (a block of ``g > N`` codes is issued over ``g / N``
-cycles while the next one is already accepted). ``latency`` is the number of
-cycles from a beat's handshake to its first output beat (4 exact, 10 BF16).
+Timing. Stage 0 (``hold``) takes a beat and issues it: a block of ``g > N``
+codes over ``g / N`` cycles, each lane shifting its own codes out, while the
+next beat is already accepted. Stage 1 reads each lane's table RAM and
+registers the block fields; the formatter's stages follow. ``latency`` is the
+number of cycles from a beat's handshake to its first output beat
+(4 exact, 8 BF16 for the sop4 layout). While both sides are ready, ``N`` values
+leave every cycle with no bubble.
+
+Stalls. One enable moves every pipeline register. It is a register, copied once
+per lane and once for the control (hdl.replica): ``en`` for the next cycle is
+decided from the output buffer's state (hdl.output_buffer), so ``values.ready``
+reaches only that buffer, not every register of every lane; ``blocks.ready``
+depends only on registers. Nothing is lost or duplicated under backpressure.
+
+Tables. A table word written in cycle ``t`` is readable from cycle ``t + 2``
+(hdl.lut_bank), and a beat accepted in cycle ``t`` reads its tables in cycle
+``t + 1``: the beat with ``swap`` must come after the cycle of the page's last
+write. The host must not write a page while beats that read it are in flight:
+load the next layer only after the current layer's first (swap) beat has been
+accepted. The per-layer offset is written at once.
 
 Reset (synchronous) clears every valid bit, the block in hand and the page
-pointer (page 0 active). LUT RAM is not cleared: after reset the host loads the
-tables (they go to page 1) and sends the first beat with ``swap`` set.
-The host must not write a page while beats that read it are in flight: load the
-next layer only after the current layer's first (swap) beat has been accepted.
+pointer (page 0 active); the datapath registers have no reset. LUT RAM is not
+cleared: after reset the host loads the tables (they go to page 1) and sends
+the first beat with ``swap`` set.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Module, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Module, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from . import lut_word, replica as rep, scale_decoder
 from .codebook_mux import CodebookMux
 from .config import DecoderConfig
 from .hif_formatter import HifFormatter
 from .lut_bank import LutBank
+from .output_buffer import OutputBuffer
 from .scale_decoder import ScaleDecoder
 
 
@@ -64,101 +80,131 @@ class Decoder(wiring.Component):
         N, g, k, H = cfg.lanes, lay.group, lay.code_bits, lay.header_bits
         B = cfg.blocks_per_beat                 # blocks per beat
         C = cfg.beats_per_block                 # cycles spent per block (chunks)
+        n_groups = rep.groups(N)
+        per_group = N // n_groups
 
-        m.d.comb += self.load.ready.eq(1)         # LUT writes are always accepted
+        # -- the pipeline enable, decided by the output buffers, copied to every lane ---------
+        # One output buffer per OUT_GROUP lanes, all with the same state, each deciding the same
+        # enable: values.ready is then the only net that reaches them all. The enable reaches the
+        # lanes through one register level (up to REGION lanes) or two: a copy per region, taken
+        # from one of its own buffers, then a copy per lane.
+        levels, n_regions = rep.enable_levels(N), rep.groups(N, rep.REGION)
+        per_region = N // n_regions
+        n_outs = rep.groups(N, rep.OUT_GROUP)
+        per_out = N // n_outs
+        outs = [OutputBuffer(data.ArrayLayout(cfg.lane_layout, per_out), delay=levels) for _ in range(n_outs)]
+        for j, ob in enumerate(outs):
+            m.submodules[f"output_buffer{j}"] = ob
+        if levels == 1:
+            roots = [outs[0].en_next] * n_regions
+        else:
+            roots = [rep.replica(1, name=f"en_region{r}", init=1) for r in range(n_regions)]
+            m.d.sync += [root.eq(outs[r * per_region // per_out].en_next) for r, root in enumerate(roots)]
+        region = lambda lane: roots[lane // per_region]     # noqa: E731
+        en = rep.replica(1, name="en_ctl", init=1)
+        en_lane = [rep.replica(1, name=f"en_lane{i}", init=1) for i in range(N)]
+        en_out = [rep.replica(1, name=f"en_out{j}", init=1) for j in range(n_outs)]
+        m.d.sync += [en.eq(roots[0])] + [e.eq(region(i)) for i, e in enumerate(en_lane)]
+        m.d.sync += [e.eq(region(j * per_out)) for j, e in enumerate(en_out)]
+        m.d.comb += [self.values.valid.eq(outs[0].values.valid),
+                     self.values.payload.eq(Cat(ob.values.payload for ob in outs))]
+        for ob, e in zip(outs, en_out):
+            m.d.comb += [ob.en.eq(e), ob.values.ready.eq(self.values.ready)]
 
-        advance = Signal()
-        out_valid = Signal()
-        m.d.comb += [advance.eq(~out_valid | self.values.ready), self.values.valid.eq(out_valid)]
-
-        # -- double-buffered page pointer and per-layer offsets --------------------------
+        # -- tables: the write port, the double-buffered page pointer, per-layer offsets -------
         active = Signal()
-        offsets = Array([Signal(signed(8), name=f"offset_page{p}") for p in range(2)])
+        # per page: the layer offset plus the block exponent's constant part (hdl.scale_decoder)
+        layer_terms = Array([Signal(scale_decoder.layer_term_shape(cfg), name=f"layer_term{p}")
+                             for p in range(2)])
         with m.If(self.offset_we):
-            m.d.sync += offsets[~active].eq(self.offset)
+            m.d.sync += layer_terms[~active].eq(self.offset + scale_decoder.exp_constant(cfg))
+        m.submodules.encoder = enc = lut_word.LutWordEncoder(cfg)
+        m.submodules.bank = bank = self._bank_cls(code_bits=k, banks=lay.banks, word=lut_word.word(cfg), lanes=N)
+        m.d.comb += [self.load.ready.eq(1), enc.hif.eq(self.load.payload.data),
+                     bank.write.valid.eq(self.load.valid), bank.write_page.eq(~active),
+                     bank.write.payload.bank.eq(self.load.payload.bank),
+                     bank.write.payload.addr.eq(self.load.payload.addr),
+                     bank.write.payload.data.eq(enc.word)]
 
-        # -- stage 0: the beat in hand, issued chunk by chunk ---------------------------------
-        hold = Signal(unsigned(cfg.beat_bits))
+        # -- stage 0: the beat in hand; each lane holds its own codes and page/bank bits -------
         hold_valid = Signal()
-        hold_page = Signal()
+        decoders = [ScaleDecoder(cfg) for _ in range(B)]        # the beat's headers, decoded as it arrives
+        held = [Signal(scale_decoder.fields(cfg), name=f"fields{b}", reset_less=True) for b in range(B)]
+        for b, (sd, h) in enumerate(zip(decoders, self._beat_headers(self.blocks.payload.blocks))):
+            m.submodules[f"scale_{b}"] = sd
+            m.d.comb += sd.header.eq(h)
         chunk = Signal(range(C)) if C > 1 else None        # which N codes of the block issue now
-        last_chunk = chunk == C - 1 if C > 1 else 1
-        m.d.comb += self.blocks.ready.eq(advance & (~hold_valid | last_chunk))
-        with m.If(advance):
-            with m.If(self.blocks.ready):
-                m.d.sync += [hold.eq(self.blocks.payload.blocks), hold_valid.eq(self.blocks.valid)]
+        take = ~hold_valid | (chunk == C - 1) if C > 1 else 1
+        m.d.comb += self.blocks.ready.eq(en & take)
+        accept = self.blocks.ready & self.blocks.valid
+        page = active ^ (accept & self.blocks.payload.swap)     # the page of a beat taken now
+        with m.If(en):
+            with m.If(take):
+                m.d.sync += [hold_valid.eq(self.blocks.valid), active.eq(page)]
+                m.d.sync += [r.eq(sd.fields) for r, sd in zip(held, decoders)]
                 if C > 1:
                     m.d.sync += chunk.eq(0)
-                with m.If(self.blocks.valid):
-                    page = active ^ self.blocks.payload.swap
-                    m.d.sync += [hold_page.eq(page), active.eq(page)]
             if C > 1:
                 with m.Else():
                     m.d.sync += chunk.eq(chunk + 1)
 
-        # Headers of the beat's blocks and the codes of the chunk being issued.
-        block_bits = lay.block_bits
-        headers = [hold[b * block_bits:b * block_bits + H] for b in range(B)]
-        if C == 1:
-            codes = [hold[(i // g) * block_bits + H + (i % g) * k:][:k] for i in range(N)]
-        else:
-            chunk_words = Array([hold[H + c * N * k:H + (c + 1) * N * k] for c in range(C)])
-            word = chunk_words[chunk]
-            codes = [word[i * k:(i + 1) * k] for i in range(N)]
-
-        # -- stage 1: LUT read; header and offset registered beside it -------------------------
-        banks = []
-        for b in range(lay.banks):
-            bank = self._bank_cls(code_bits=k, width=cfg.hif.bits, lanes=N)
-            m.submodules[f"bank_{'ab'[b]}"] = bank
-            m.d.comb += [
-                bank.write.payload.addr.eq(self.load.payload.addr),
-                bank.write.payload.data.eq(self.load.payload.data),
-                bank.write.valid.eq(self.load.valid & (self.load.payload.bank == b)),
-                bank.write_page.eq(~active),
-                bank.read_en.eq(advance),
-                bank.read_page.eq(hold_page),
-            ]
-            m.d.comb += [bank.read_addr[i].eq(codes[i]) for i in range(N)]
-            banks.append(bank)
-
-        s1_valid = Signal()
-        s1_headers = [Signal(unsigned(H), name=f"s1_header{b}") for b in range(B)]
-        s1_offset = Signal(signed(8))
-        with m.If(advance):
-            m.d.sync += [s1_valid.eq(hold_valid), s1_offset.eq(offsets[hold_page])]
-            m.d.sync += [s1_headers[b].eq(headers[b]) for b in range(B)]
-
-        scales = []
-        for b in range(B):
-            sd = ScaleDecoder(lay)
-            m.submodules[f"scale_{b}"] = sd
-            m.d.comb += [sd.header.eq(s1_headers[b]), sd.offset.eq(s1_offset)]
-            scales.append(sd)
-
+        beat = self.blocks.payload.blocks
         if lay.banks == 2:
-            m.submodules.mux = mux = self._mux_cls(width=cfg.hif.bits, lanes=N, group=g)
-            m.d.comb += [mux.a.eq(banks[0].read_data), mux.b.eq(banks[1].read_data)]
-            m.d.comb += [mux.select[b].eq(scales[b].select) for b in range(B)]
-            entries = mux.out
-        else:
-            entries = banks[0].read_data
+            m.submodules.mux = mux = self._mux_cls(lanes=N, group=g)
+            for b, sd in enumerate(decoders):
+                m.d.comb += mux.select[b].eq(sd.select)
+        for i in range(N):
+            # lane i issues codes i, i + N, ... of its block, one per cycle (a shift register)
+            codes = rep.replica(unsigned(C * k), name=f"codes{i}", reset_less=True)
+            lane_page = rep.replica(1, name=f"page{i}", reset_less=True)
+            lane_bank = rep.replica(1, name=f"bank{i}", reset_less=True)
+            block_base = (i // g) * lay.block_bits + H if B > 1 else H
+            first = i % g if B > 1 else i
+            with m.If(en_lane[i]):
+                with m.If(take):
+                    m.d.sync += [codes.eq(Cat(beat[block_base + (first + c * N) * k:][:k] for c in range(C))),
+                                 lane_page.eq(page)]
+                    if lay.banks == 2:
+                        m.d.sync += lane_bank.eq(mux.bank[i])
+                if C > 1:
+                    with m.Else():
+                        m.d.sync += codes.eq(codes >> k)
+            m.d.comb += [bank.read_en[i].eq(en_lane[i]), bank.read_page[i].eq(lane_page),
+                         bank.read_bank[i].eq(lane_bank), bank.read_addr[i].eq(codes[:k])]
+
+        # -- stage 1: table read (in the bank); the block fields plus the layer's offset,
+        #    registered per lane group ----------------------------------------------------------
+        valid1 = Signal()
+        with m.If(en):
+            m.d.sync += valid1.eq(hold_valid)
+        hold_page = Signal()                               # the page of the beat in hold
+        with m.If(en & take):
+            m.d.sync += hold_page.eq(page)
+        layer_term = layer_terms[hold_page]
+        block_regs = []
+        for grp in range(n_groups):
+            r = rep.replica(scale_decoder.block(cfg), name=f"block_g{grp}", reset_less=True)
+            with m.If(en_lane[grp * per_group]):
+                f = held[(grp * per_group) // g if B > 1 else 0]
+                m.d.sync += [getattr(r, k).eq(v) for k, v in scale_decoder.with_layer_term(cfg, f, layer_term).items()]
+            block_regs.append(r)
 
         # -- stages 2..: one formatter per lane ------------------------------------------------
-        valid = s1_valid
-        fmt_latency = 0
         for i in range(N):
-            sd = scales[i // g if B > 1 else 0]
             fmt = self._formatter_cls(cfg)
             m.submodules[f"lane_{i}"] = fmt
-            m.d.comb += [fmt.en.eq(advance), fmt.hif.eq(entries[i]), fmt.block_sign.eq(sd.sign),
-                         fmt.scale_sig.eq(sd.sig), fmt.scale_exp.eq(sd.exp),
-                         self.values.payload[i].eq(fmt.out)]
-            fmt_latency = fmt.latency
-        for stage in range(fmt_latency):
+            m.d.comb += [fmt.en.eq(en_lane[i]), fmt.word.eq(bank.read_data[i]),
+                         fmt.block.eq(block_regs[i // per_group]),
+                         outs[i // per_out].last[i % per_out].eq(fmt.out)]
+        valid = valid1
+        for stage in range(self._formatter_cls.stages(cfg) - 1):
             nxt = Signal(name=f"valid_s{stage + 2}")
-            with m.If(advance):
+            with m.If(en):
                 m.d.sync += nxt.eq(valid)
             valid = nxt
-        m.d.comb += out_valid.eq(valid)
+        m.d.comb += [ob.entering_valid.eq(valid) for ob in outs]
         return m
+
+    def _beat_headers(self, beat):
+        lay = self.config.layout
+        return [beat[b * lay.block_bits:][:lay.header_bits] for b in range(self.config.blocks_per_beat)]

@@ -1,35 +1,41 @@
-"""HIF formatter: one lane's LUT value (HIF) times the block scale, into the output format.
+"""HIF formatter: one lane's table word times its block's scale, into the output format.
 
-Pipelined; every register advances on ``en`` (the decoder's global pipeline
-enable), so the datapath holds its state while the output is stalled. Each
-stage is short (a few LUT levels or one small multiply), for Fmax.
+Pipelined; every register advances on ``en`` (the lane's copy of the decoder's
+pipeline enable), so the lane holds its state while the output is stalled.
+The datapath registers have no reset: the decoder's valid bits say which
+stages hold data. Each stage is one short carry chain or two to three LUT
+levels, for Fmax.
 
-Exact output (golden.decoder.product_fields), 2 stages:
+Exact output (golden.decoder.product_fields). The word is the HIF code; the
+block gives the raw scale fields. ``sig = Sh * Ss`` in the pipelined
+multiplier (hdl.arith), ``exp = Xh + Xs`` and ``sign = sign_h ^ sign_block``
+beside it: ``stages = multiplier stages`` (2 for a UE3M3 scale).
 
-1. register the HIF code and the block's scale fields;
-2. ``sig = Sh * Ss``, ``exp = Xh + Xs`` (``Xs`` already carries the per-layer
-   offset), ``sign = sign_h ^ sign_block``.
+BF16 output (round to nearest, ties to even, saturating at the largest finite
+value, subnormals kept: golden.formats' rule). The word and the block scale
+arrive normalized (hdl.lut_word, hdl.scale_decoder), so each significand has
+its leading one at its top bit, and the ``P``-bit product ``p`` has its leading
+one at bit ``P - 1`` (``top``) or ``P - 2``. With ``e0 = word.exp + kb``, the
+BF16 biased exponent of the result is ``Eb = e0 + 1 + top``. Stages:
 
-BF16 output (round to nearest, ties to even, saturating, subnormals kept:
-golden.formats' rule), 8 stages:
+1. (multiplier, first adder level) ``e0``; the zero flag and the sign;
+2. (multiplier, last level) from ``e0`` alone: whether the result is normal
+   (``Eb >= 1``) and whether it saturates (``Eb >= 255``) for either value
+   of ``top``; ``Eb`` for ``top = 0``; the subnormal shift ``-e0`` (clamped);
+3. select by ``top``: the exponent field, the saturation flag and the right
+   shift ``sa`` (``top`` for a normal result, ``-e0`` for a subnormal one, at
+   most 10: from there on everything rounds to zero); take a 10-bit window of
+   ``p`` (the rest into ``sticky``) and shift it right by ``sa mod 4``;
+4. shift right by ``4 * (sa // 4)``: the 8 bits ``R0`` (hidden bit included for
+   a normal result), the ``guard`` bit below them and ``sticky``;
+5. ``{exponent field, R0[6:0]} + (guard & (sticky | R0[0]))``: a mantissa carry
+   walks into the exponent by itself, and a subnormal that rounds up becomes
+   the smallest normal; beside it, whether the result reaches ``0x7F80``
+   (exponent 255) from the exponent field and the carry, with no comparator;
+6. such a result saturates to ``0x7F7F``; a zero product is 0; the sign goes on top.
 
-1. register the inputs;
-2. normalize both operands: a subnormal HIF significand or scale significand is
-   shifted up to its leading one (its exponent down by as much), so that each
-   significand has its top bit set (or is zero);
-3. multiply the normalized significands (the product's leading one is then at
-   one of its two top bits) and, beside it, add the exponents;
-4. select that leading one (a 1-bit normalize), take the 8 bits from it down
-   (``R0``), the next bit (``guard``) and the OR of the rest (``sticky``), and
-   form the BF16 biased exponent ``Eb`` and the subnormal shift ``1 - Eb``;
-4b. clamp the shift, form the exponent field and the saturation flag;
-5. for a subnormal result (``Eb < 1``) shift ``R0, guard`` right by ``1 - Eb``
-   (at most 10), folding what falls off into ``sticky``;
-6. ``R = R0 + (guard & (sticky | R0[0]))``;
-7. the BF16 bits are ``((max(Eb, 1) - 1) << 7) + R`` (a mantissa carry walks
-   into the exponent by itself and a subnormal that rounds up becomes the
-   smallest normal); at or past ``0x7F80`` the result saturates to ``0x7F7F``;
-   the sign goes on top.
+A multiplier of more than two levels (a scale with more than 3 mantissa bits)
+adds a stage before 3.
 """
 
 from __future__ import annotations
@@ -38,126 +44,125 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .config import DecoderConfig, _signed_width, scale_exp_shape
+from . import lut_word, scale_decoder
+from .arith import PipelinedMultiplier, delay
+from .config import DecoderConfig
 
-BF16_BIAS, BF16_M = 127, 7
+BF16_M = 7
+WINDOW = BF16_M + 3              # R0 (8 bits) and the guard bit, plus the top bit of p
+MAX_SHIFT = 10                   # from a right shift of 10 on, everything rounds to zero
 
 
 class HifFormatter(wiring.Component):
     def __init__(self, config: DecoderConfig):
         self.config = config
-        hif, scale = config.hif, config.scale
         self.latency = self.stages(config)
         super().__init__({
             "en": In(1),
-            "hif": In(unsigned(hif.bits)),
-            "block_sign": In(1),
-            "scale_sig": In(unsigned(scale.mbits + 1)),
-            "scale_exp": In(scale_exp_shape(config.layout)),
+            "word": In(lut_word.word(config)),
+            "block": In(scale_decoder.block(config)),
             "out": Out(config.lane_layout),
         })
+
+    @staticmethod
+    def _multiplier_stages(config: DecoderConfig) -> int:
+        return PipelinedMultiplier.stages(config.scale.mbits + 1)
+
+    @classmethod
+    def stages(cls, config: DecoderConfig) -> int:
+        """Pipeline stages (= cycles of latency) for ``config``'s output format."""
+        lm = cls._multiplier_stages(config)
+        return lm if config.output == "exact" else max(lm, 2) + 4
 
     def elaborate(self, platform):
         m = Module()
         cfg, hif, scale = self.config, self.config.hif, self.config.scale
-        M, E = hif.mbits, hif.ebits
+        M = hif.mbits
 
         def stage(*pairs):
             """Registers loaded from ``pairs`` (name, value, shape) when ``en`` is high."""
             regs = []
             for name, value, shape in pairs:
-                r = Signal(shape, name=name)
+                r = Signal(shape, name=name, reset_less=True)
                 with m.If(self.en):
                     m.d.sync += r.eq(value)
                 regs.append(r)
             return regs
 
-        # 1: the inputs
-        h, bsign, ss, xs = stage(("h1", self.hif, unsigned(hif.bits)), ("bsign1", self.block_sign, 1),
-                                 ("ss1", self.scale_sig, unsigned(scale.mbits + 1)),
-                                 ("xs1", self.scale_exp, scale_exp_shape(cfg.layout)))
-        mant, expf, sign_h = h[:M], h[M:M + E], h[M + E]
-        normal = expf != 0
+        m.submodules.mul = mul = PipelinedMultiplier(M + 1, scale.mbits + 1)
+        m.d.comb += mul.en.eq(self.en)
+        word, blk = self.word, self.block
+
         if cfg.output == "exact":
-            sig, exp, sign = stage(("sig", Cat(mant, normal) * ss, unsigned(cfg.sig_bits)),
-                                   ("exp", Mux(normal, expf, 1) - (hif.bias + M) + xs, cfg.exp_shape),
-                                   ("sign", sign_h ^ bsign, 1))
-            m.d.comb += [self.out.sig.eq(sig), self.out.exp.eq(exp), self.out.sign.eq(sign)]
+            mant, expf, sign_h = word.hif[:M], word.hif[M:M + hif.ebits], word.hif[M + hif.ebits]
+            normal = expf != 0
+            m.d.comb += [mul.a.eq(Cat(mant, normal)), mul.b.eq(blk.sig)]
+            exp, sign = stage(("exp1", Mux(normal, expf, 1) - (hif.bias + M) + blk.exp, cfg.exp_shape),
+                              ("sign1", sign_h ^ blk.sign, 1))
+            lm = mul.latency
+            m.d.comb += [self.out.sig.eq(mul.p), self.out.exp.eq(delay(m, self.en, exp, lm - 1, "exp")),
+                         self.out.sign.eq(delay(m, self.en, sign, lm - 1, "sign"))]
             return m
 
-        # 2: normalize both significands to a set top bit (exponents adjusted separately)
-        a_raw = Cat(mant, normal)                         # M + 1 bits
-        lz_a = self._leading_zeros(m, a_raw, "lz_a")
-        lz_s = self._leading_zeros(m, ss, "lz_s")
-        lo, hi = cfg.exp_range
-        x_shape = signed(_signed_width(lo - M - scale.mbits - 2, hi) + 1)
-        a, b, xh, xs, sign, zero = stage(
-            ("a2", a_raw << lz_a, unsigned(M + 1)), ("b2", ss << lz_s, unsigned(scale.mbits + 1)),
-            ("xh2", Mux(normal, expf, 1) - lz_a, signed(E + 2)), ("xs2", xs - lz_s, x_shape),
-            ("sign2", sign_h ^ bsign, 1), ("zero2", (a_raw == 0) | (ss == 0), 1))
-
-        # 3: multiply; beside it, the product's exponent
+        # 1-2: the product; beside it the exponent e0 and what follows from it
+        m.d.comb += [mul.a.eq(Cat(word.frac, 1)), mul.b.eq(Cat(blk.frac, 1))]
+        e0_shape = signed(max(len(blk.kb), len(word.exp) + 1) + 1)
+        e0, zero, sign = stage(("e0_1", word.exp + blk.kb, e0_shape),
+                               ("zero1", (word.exp == 0) | blk.zero, 1), ("sign1", word.sign ^ blk.sign, 1))
+        # Written as bit logic on e0, not as comparisons, so that no carry chain follows the add
+        # of stage 1 (sub: -e0 clamped to MAX_SHIFT = 10; e0 in [-16, -1] iff its top bits are all ones).
+        neg, low, high = e0[-1], e0[:4], e0[8:-1]
+        minus16_to_1 = neg & e0[4:].all()
+        normal0, normal1, sat0, sat1, eb0, sub, zero, sign = stage(
+            ("normal0_2", ~neg, 1), ("normal1_2", ~neg | e0.all(), 1),              # Eb >= 1, top = 0 / 1
+            ("sat0_2", ~neg & (high.any() | e0[1:8].all()), 1),                       # e0 >= 254: Eb >= 255
+            ("sat1_2", ~neg & (high.any() | (e0[2:8].all() & e0[:2].any())), 1),      # e0 >= 253
+            ("eb0_2", e0[:8] + 1, unsigned(8)),                                       # Eb for top = 0
+            ("sub2", Mux(minus16_to_1 & (low > 15 - MAX_SHIFT), (0 - low)[:4], MAX_SHIFT), unsigned(4)),
+            ("zero2", zero, 1), ("sign2", sign, 1))
+        align = max(mul.latency, 2)
+        normal0, normal1, sat0, sat1, eb0, sub, zero, sign = (
+            delay(m, self.en, s, align - 2, s.name) for s in (normal0, normal1, sat0, sat1, eb0, sub, zero, sign))
+        p = delay(m, self.en, mul.p, align - mul.latency, "p")
         P = cfg.sig_bits
-        p, x, sign, zero = stage(("p3", a * b, unsigned(P)), ("x3", xh + xs - (hif.bias + M), x_shape),
-                                 ("sign3", sign, 1), ("zero3", zero, 1))
 
-        # 4: select the leading one (bit P-1 or P-2: a 1-bit normalize); the 8 bits from it down
-        #    (R0), the next (guard), the OR of the rest (sticky); the BF16 biased exponent Eb and
-        #    the subnormal shift 1 - Eb
-        Q = max(P, BF16_M + 3)                           # room for R0, guard and one sticky bit
+        # 3: select by top; a WINDOW-bit window of p, shifted right by sa mod 4
         top = p[P - 1]
-        n = Signal(unsigned(Q), name="n4")
-        m.d.comb += n.eq(Cat(Const(0, Q - P), Mux(top, p, p << 1)))
-        eb_shape = signed(x_shape.width + 2)
-        r0, guard, sticky, eb, back, sign, zero = stage(
-            ("r0_4", n[Q - 8:], unsigned(8)), ("guard4", n[Q - 9], 1), ("sticky4", n[:Q - 9].any(), 1),
-            ("eb4", Mux(top, x + (P - 1 + BF16_BIAS), x + (P - 2 + BF16_BIAS)), eb_shape),
-            ("back4", Mux(top, (2 - P - BF16_BIAS) - x, (3 - P - BF16_BIAS) - x), eb_shape),
-            ("sign4", sign, 1), ("zero4", zero, 1))
+        normal = Mux(top, normal1, normal0)
+        sa = Signal(unsigned(4), name="sa3")
+        m.d.comb += sa.eq(Mux(normal, top, sub))
+        if P >= WINDOW:
+            y, lost = p[P - WINDOW:], p[:P - WINDOW].any() if P > WINDOW else Const(0, 1)
+        else:
+            y, lost = Cat(Const(0, WINDOW - P), p), Const(0, 1)
+        fine = sa[:2]
+        y1, sticky, sa_hi, ef, sat, zero, sign = stage(
+            ("y3", y >> fine, unsigned(WINDOW)),
+            ("sticky3", lost | Mux(fine == 0, 0, Mux(fine == 1, y[0], Mux(fine == 2, y[:2].any(), y[:3].any()))), 1),
+            ("sa_hi3", sa[2:], unsigned(2)),
+            ("ef3", Mux(normal, eb0 + top, 0), unsigned(8)),
+            ("sat3", Mux(top, sat1, sat0), 1), ("zero3", zero, 1), ("sign3", sign, 1))
 
-        # 4b: clamp the shift (from 9 on everything rounds to 0), the exponent field, saturation
-        r0, guard, sticky, shift, e1, sat, sign, zero = stage(
-            ("r0_4b", r0, unsigned(8)), ("guard4b", guard, 1), ("sticky4b", sticky, 1),
-            ("shift4b", Mux(back <= 0, 0, Mux(back > 10, 10, back)), range(11)),
-            ("e1m1_4b", Mux(eb >= 1, eb - 1, 0), unsigned(8)),    # sat4b: it does not fit 8 bits
-            ("sat4b", eb >= 256, 1), ("sign4b", sign, 1), ("zero4b", zero, 1))
+        # 4: shift right by 4 * sa_hi (0, 4 or 8): R0, guard, sticky
+        z = Mux(sa_hi == 0, y1, Mux(sa_hi == 1, y1 >> 4, y1 >> 8))
+        lost = Mux(sa_hi == 0, 0, Mux(sa_hi == 1, y1[:4].any(), y1[:8].any()))
+        r0, guard, sticky, ef, sat, zero, sign = stage(
+            ("r0_4", z[1:9], unsigned(8)), ("guard4", z[0], 1), ("sticky4", sticky | lost, 1),
+            ("ef4", ef, unsigned(8)), ("sat4", sat, 1), ("zero4", zero, 1), ("sign4", sign, 1))
 
-        # 5: subnormal results: shift right by 1 - Eb (clamped: from 9 on everything rounds to 0)
-        ext = Signal(unsigned(19), name="ext5")
-        m.d.comb += ext.eq(Cat(Const(0, 10), guard, r0) >> shift)
-        r0, guard, sticky, e1, sat, sign, zero = stage(
-            ("r0_5", ext[11:], unsigned(8)), ("guard5", ext[10], 1), ("sticky5", sticky | ext[:10].any(), 1),
-            ("e1m1_5", e1, unsigned(8)), ("sat5", sat, 1), ("sign5", sign, 1), ("zero5", zero, 1))
+        # 5: round to nearest even on the assembled {exponent, mantissa}; beside the add, whether
+        #    the result reaches exponent 255 (Inf/NaN in BF16): already there, or 254 plus the
+        #    carry of a rounded-up all-ones mantissa
+        up = self.round_up(r0, guard, sticky)
+        word15, sat, zero, sign = stage(
+            ("word5", Cat(r0[:BF16_M], ef) + up, unsigned(15)),
+            ("sat5", sat | ef.all() | (ef[1:].all() & r0[:BF16_M].all() & up), 1),
+            ("zero5", zero, 1), ("sign5", sign, 1))
 
-        # 6: round to nearest even
-        rounded, e1, sat, sign, zero = stage(
-            ("rounded6", r0 + self.round_up(r0, guard, sticky), unsigned(BF16_M + 2)),
-            ("e1m1_6", e1, unsigned(8)), ("sat6", sat, 1), ("sign6", sign, 1), ("zero6", zero, 1))
-
-        # 7: assemble: (E1 - 1) * 128 + R = {E1 - 1 + R[8:7], R[6:0]}; saturate at 0x7F80
-        exp_field = Signal(unsigned(9), name="exp7")
-        m.d.comb += exp_field.eq(e1 + rounded[BF16_M:])
-        # biased exponent 255 (Inf/NaN in BF16) or beyond: saturate
-        word = Mux(zero, 0, Mux(sat | exp_field[8] | (exp_field == 255),
-                               0x7F7F, Cat(rounded[:BF16_M], exp_field[:8])))
-        (out,) = stage(("out7", Cat(word, sign), unsigned(16)))
+        # 6: saturate to 0x7F7F, zero, sign
+        (out,) = stage(("out6", Cat(Mux(zero, 0, Mux(sat, 0x7F7F, word15)), sign), unsigned(16)))
         m.d.comb += self.out.eq(out)
         return m
-
-    @staticmethod
-    def stages(config: DecoderConfig) -> int:
-        """Pipeline stages (= cycles of latency) for ``config``'s output format."""
-        return 2 if config.output == "exact" else 8
-
-    @staticmethod
-    def _leading_zeros(m: Module, value, name: str):
-        """Leading zeros of ``value`` within its width (priority encoder; 0 for a zero value)."""
-        w = len(value)
-        lz = Signal(range(w + 1), name=name)
-        for i in range(w):                    # the highest set bit wins
-            with m.If(value[i]):
-                m.d.comb += lz.eq(w - 1 - i)
-        return lz
 
     @staticmethod
     def round_up(r0, guard, sticky):

@@ -16,6 +16,11 @@
                                   decode every layer through the golden decoder into float32 safetensors
     sop report FILE.json [--out STEM] [--bpw-tol T]
                                   markdown table and SQNR-vs-bpw plot (PNG) of a `sop eval --json` file
+    sop board --port PORT MODEL --format F [--layer NAME] [--baud B] [--timeout S] [--rows N]
+                                  one quantized layer through an FPGA board's decoder over its serial
+                                  port, checked against golden/ (synth/bringup.py); exit 0 when the
+                                  board's checksum matches, 1 on a mismatch or a board that does not
+                                  answer, 2 on a usage error
 """
 
 from __future__ import annotations
@@ -188,6 +193,36 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_board(args) -> int:
+    from sop.synth import bringup, host
+
+    # the layer first: a wrong model or layer name is reported without touching the port
+    name, stream = bringup.quantize_layer(args.model, args.format, args.layer, args.rows)
+    transport = host.SerialTransport(args.port, args.baud)
+    try:
+        result = bringup.run_board(transport, stream, args.format, name=name, timeout=args.timeout)
+    except bringup.BOARD_FAILURES as err:
+        print(f"sop board: {err}", file=sys.stderr)
+        return 1
+    finally:
+        transport.close()
+    print("\n".join(result.lines()))
+    return 0 if result.ok else 1
+
+
+def _positive(kind):
+    """An argparse type: a number of ``kind`` above zero (a usage error otherwise)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:                                  # NaN too
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
@@ -251,6 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--bpw-tol", type=float, default=0.01, metavar="T",
                    help="bit costs within T bpw count as equal on the Pareto front (default 0.01)")
     r.set_defaults(func=cmd_report)
+    b = sub.add_parser("board", help="check one quantized layer through an FPGA board over its serial port")
+    b.add_argument("--port", required=True, help="the board's serial port (for example /dev/ttyUSB1)")
+    b.add_argument("model", help="a model path or 'minilm'")
+    b.add_argument("--format", required=True, choices=("sop4-g16", "e2m3-ue4m4-g16"),
+                   help="the format of the board's decoder (the boards of synth/board.py: sop4-g16)")
+    b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")
+    b.add_argument("--baud", type=_positive(int), default=115200, help="baud rate (default 115200)")
+    b.add_argument("--timeout", type=_positive(float), default=1.0, metavar="S",
+                   help="seconds to wait for each reply (default 1)")
+    b.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of the layer")
+    b.set_defaults(func=cmd_board)
     args = p.parse_args(argv)
     try:
         return args.func(args)

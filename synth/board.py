@@ -130,7 +130,9 @@ def build(board: str, build_dir: str | os.PathLike | None = None):
     env.setdefault("OPENFPGALOADER", "true")          # the ULX3S plan names it even without programming
     build_dir = Path(build_dir) if build_dir else ROOT / "build" / "bitstream" / board
     platform = BOARDS[board].platform()
-    return platform.build(BoardTop(board), name=f"sop_{board}", build_dir=str(build_dir), do_program=False)
+    from sop.hdl.replica import YOSYS_KEEP
+    return platform.build(BoardTop(board), name=f"sop_{board}", build_dir=str(build_dir), do_program=False,
+                          script_after_read="\n".join(YOSYS_KEEP))
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,7 @@ from sop.golden.artifact import write_atomic
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
+from sop.hdl.replica import YOSYS_KEEP
 
 from .wrapper import IoWrapper
 
@@ -203,6 +204,7 @@ def synthesize(work: Path, top: str, target: Target) -> str | None:
         lines = ["read_verilog design.v"]
         if target.wrap:
             lines.append(f"setattr -mod -set keep_hierarchy 1 {top}.dut")
+        lines += YOSYS_KEEP                     # keep the decoder's register copies apart
         lines += [command.format(top=top), "tee -q -o stat.json stat -json"]
         if target.pnr:
             lines += ["setattr -mod -unset keep_hierarchy A:keep_hierarchy", "flatten", "write_json netlist.json"]

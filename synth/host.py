@@ -12,7 +12,7 @@ too, plus the host:
   A transport has ``write(data: bytes)`` and ``read(n: int, timeout: float) ->
   bytes`` (at most ``n`` bytes; fewer when ``timeout`` seconds pass without the
   rest), which a pyserial ``Serial`` wrapped in ``SerialTransport`` provides, and
-  the amaranth.sim bridge of tests/test_protocol.py too.
+  the amaranth.sim bridge of synth/simboard.py too.
 * ``values_checksum``: the (count, CRC-32) the board must report for a list of
   expected output beats (hdl.reference.expected_beats).
 
@@ -114,11 +114,16 @@ def values_checksum(beats: list[list[int]], lane_bits: int) -> tuple[int, int]:
 
 
 class SerialTransport:
-    """A pyserial port as a transport (``pip install pyserial``; not a dependency of the project)."""
+    """A pyserial port as a transport; ``OSError`` naming the port when it cannot be opened."""
 
     def __init__(self, port: str, baud: int = 115200):
-        import serial                  # noqa: PLC0415  (optional, only for real boards)
-        self.port = serial.Serial(port, baud, timeout=0.05)
+        import serial                  # noqa: PLC0415  (only real boards need it: imported on use)
+        try:
+            self.port = serial.Serial(port, baud, timeout=0.05)
+        except (serial.SerialException, ValueError) as err:   # ValueError: a baud it cannot set
+            raise OSError(f"cannot open serial port {port} at {baud} Bd: {err}; check the port name "
+                          f"(ls /dev/ttyUSB* /dev/ttyACM*), that the board is plugged in and that "
+                          f"you may use the port (the dialout group)") from None
 
     def write(self, data: bytes) -> None:
         self.port.write(data)
@@ -130,6 +135,9 @@ class SerialTransport:
         while len(out) < n and time.monotonic() < deadline:
             out += self.port.read(n - len(out))
         return bytes(out)
+
+    def close(self) -> None:
+        self.port.close()
 
 
 class BoardLink:

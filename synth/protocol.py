@@ -67,6 +67,13 @@ def crc32_update(crc: Value, byte: Value) -> Value:
     return Cat(*(Cat(*[crc[j] for j in regs], *[byte[k] for k in data]).xor() for regs, data in CRC_TAPS))
 
 
+def status_bytes(config: DecoderConfig, max_payload: int) -> list[int]:
+    """The constant part of the STATUS reply (host.Status without ``errors``) of a decoder."""
+    lay = config.layout
+    return [PROTOCOL_VERSION, config.lanes, lay.code_bits, lay.group, config.blocks_per_beat * lay.block_bytes,
+            lane_bytes(lane_word_bits(config)), config.hif.bits, lay.banks, max_payload & 0xFF, max_payload >> 8]
+
+
 class ProtocolEngine(wiring.Component):
     rx: In(stream.Signature(8))
     tx: Out(stream.Signature(8))
@@ -86,11 +93,7 @@ class ProtocolEngine(wiring.Component):
         super().__init__()
 
     def status_bytes(self) -> list[int]:
-        """The constant part of the STATUS reply (host.Status without ``errors``)."""
-        cfg = self.config
-        return [PROTOCOL_VERSION, cfg.lanes, cfg.layout.code_bits, cfg.layout.group, self.beat_bytes,
-                self.lane_bytes, cfg.hif.bits, cfg.layout.banks,
-                self.max_payload & 0xFF, self.max_payload >> 8]
+        return status_bytes(self.config, self.max_payload)
 
     def elaborate(self, platform):
         m = Module()

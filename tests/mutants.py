@@ -20,13 +20,12 @@ class FlippedLutBit(LutBank):
 
 
 class InvertedSelect(CodebookMux):
-    """The mux takes bank A when the selection bit says B."""
+    """The mux reads bank A when the selection bit says B."""
 
     def elaborate(self, platform):
         m = Module()
         for lane in range(self.lanes):
-            sel = self.select[min(lane // self.group, self.blocks - 1)]
-            m.d.comb += self.out[lane].eq(Mux(sel, self.a[lane], self.b[lane]))
+            m.d.comb += self.bank[lane].eq(~self.select[self.block_of(lane)])
         return m
 
 

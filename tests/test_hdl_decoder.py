@@ -9,12 +9,14 @@ import dataclasses
 
 import numpy as np
 import pytest
+from amaranth.sim import Simulator
 from hdl_harness import Layer, corner_layer, random_layer, run_decoder
 
 import mutants
 
 from sop.golden.codebooks import get_codebook
 from sop.golden.layout import named_layouts, unpack_blocks
+from sop.hdl import reference
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.decoder import Decoder
 from sop.quantize.blockwise import encode_layer
@@ -73,6 +75,41 @@ def test_full_throughput_without_stalls(name):
     assert run_decoder(cfg, layers, seed=5, p_idle=0.0, p_stall=0.0, beat_cycles=cycles) == \
         expected(cfg, layers)
     assert np.all(np.diff(cycles) == 1)
+
+
+@pytest.mark.parametrize("name", ["sop4-x8-bf16", "fp6-x4-bf16", "sop4-x32-exact"])
+def test_latency_is_what_the_manifest_says(name):
+    """Cycles from a beat's handshake to its first output beat, measured."""
+    cfg = CONFIGS[name]
+    layer = random_layer(cfg, np.random.default_rng(13), n_blocks=cfg.blocks_per_beat)
+    dut = Decoder(cfg)
+    seen = {}
+
+    async def bench(ctx):
+        for _, bank, addr, value in (w for w in layer.writes() if w[0] == "lut"):
+            ctx.set(dut.load.payload.bank, bank)
+            ctx.set(dut.load.payload.addr, addr)
+            ctx.set(dut.load.payload.data, value)
+            ctx.set(dut.load.valid, 1)
+            await ctx.tick()
+        ctx.set(dut.load.valid, 0)
+        ctx.set(dut.values.ready, 1)
+        ctx.set(dut.blocks.payload.blocks, reference.input_beats(cfg, layer.headers, layer.codes)[0])
+        ctx.set(dut.blocks.payload.swap, 1)
+        ctx.set(dut.blocks.valid, 1)
+        for cycle in range(40):
+            _, _, ready, valid = await ctx.tick().sample(dut.blocks.ready, dut.values.valid)
+            if ready and "in" not in seen:
+                seen["in"] = cycle
+                ctx.set(dut.blocks.valid, 0)
+            if valid and "out" not in seen:
+                seen["out"] = cycle
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert seen["out"] - seen["in"] == dut.latency
 
 
 def test_reset_mid_stream_leaves_no_stale_data():

@@ -1,20 +1,18 @@
 """The board protocol end to end: synth/host.py's BoardLink driving synth/protocol.py (+ the decoder) in amaranth.sim.
 
 The host code is the one a real board uses; its transport here is a byte
-queue bridged into the simulation (``SimSerial``), either straight onto the
-engine's byte streams (most tests: one byte per cycle) or through the UART
-pins of ``BoardCore`` (bit-banged by the testbench, an independent UART
-model). Timeouts are in simulated seconds. Expected values come from golden/
-only (hdl.reference); the board reports a CRC-32 and a count of the decoded
-words, compared with the host's own over the expected words.
+queue bridged into the simulation (synth/simboard.py's ``SimSerial``), either
+straight onto the engine's byte streams (most tests: one byte per cycle) or
+through the UART pins of ``BoardCore`` (bit-banged by the testbench, an
+independent UART model). Timeouts are in simulated seconds. Expected values
+come from golden/ only (hdl.reference); the board reports a CRC-32 and a count
+of the decoded words, compared with the host's own over the expected words.
 """
 
-import collections
 import struct
 
 import numpy as np
 import pytest
-from amaranth.sim import Simulator
 
 import mutants
 
@@ -25,8 +23,10 @@ from sop.hdl.decoder import Decoder
 from sop.sim.stimulus import from_stream, random_layer
 from sop.synth import host
 from sop.synth.board import BOARDS, BoardCore, elaborate_for
+from sop.synth.bringup import quantize_layer
 from sop.synth.host import BoardError, BoardLink, BoardTimeout, Cmd, Err, encode_frame
 from sop.synth.protocol import ProtocolEngine
+from sop.synth.simboard import SimSerial, stream_port, uart_port, uart_timeout
 
 CFG = DecoderConfig("board", 2, named_layouts()["sop4-g16"])
 PERIOD = 1e-6                  # simulated clock: 1 MHz
@@ -34,86 +34,15 @@ GAP = 64                       # the engine's byte-gap timeout, cycles
 MAX_PAYLOAD = 64
 
 
-class SimSerial:
-    """A host transport whose far end is a simulated design (write / read(n, timeout))."""
-
-    def __init__(self, top, step_cycles=32):
-        self.to_dev, self.from_dev = collections.deque(), collections.deque()
-        self.sim = Simulator(top)
-        self.sim.add_clock(PERIOD)
-        self.t = 0.0
-        self.step = step_cycles * PERIOD
-
-    def write(self, data: bytes) -> None:
-        self.to_dev.extend(data)
-
-    def read(self, n: int, timeout: float) -> bytes:
-        deadline = self.t + timeout
-        while len(self.from_dev) < n and self.t < deadline:
-            self.t += self.step
-            self.sim.run_until(self.t)
-        return bytes(self.from_dev.popleft() for _ in range(min(n, len(self.from_dev))))
-
-
 def stream_link(engine):
-    """The engine's byte streams fed from / drained into the transport's queues, one byte a cycle."""
-    port = SimSerial(engine)
-
-    async def bridge(ctx):
-        ctx.set(engine.tx.ready, 1)
-        while True:
-            offered = bool(port.to_dev)       # the host may write while the simulation is paused
-            ctx.set(engine.rx.valid, offered)
-            if offered:
-                ctx.set(engine.rx.payload, port.to_dev[0])
-            _, _, taken, valid, byte = await ctx.tick().sample(engine.rx.ready, engine.tx.valid,
-                                                               engine.tx.payload)
-            if offered and taken:
-                port.to_dev.popleft()
-            if valid:
-                port.from_dev.append(byte)
-
-    port.sim.add_testbench(bridge, background=True)
-    return BoardLink(port, timeout=2000 * PERIOD, max_payload=MAX_PAYLOAD)
+    """The host on the engine's byte streams (one byte a cycle)."""
+    return BoardLink(stream_port(engine, period=PERIOD), timeout=2000 * PERIOD, max_payload=MAX_PAYLOAD)
 
 
 def uart_link(core, divisor):
-    """The BoardCore's rx / tx pins driven and sampled bit by bit by a UART model in the testbench."""
-    port = SimSerial(core, step_cycles=10 * divisor)
-
-    # plain ticks only: the simulation is left suspended at the end of a test, and a testbench
-    # parked inside tick().repeat() / until() (async generators) warns when it is collected
-    async def tx_to_board(ctx):
-        ctx.set(core.rx, 1)
-        while True:
-            if not port.to_dev:
-                await ctx.tick()
-                continue
-            byte = port.to_dev.popleft()
-            for bit in [0] + [(byte >> i) & 1 for i in range(8)] + [1]:
-                ctx.set(core.rx, bit)
-                for _ in range(divisor):
-                    await ctx.tick()
-
-    async def rx_from_board(ctx):
-        while True:
-            _, _, line = await ctx.tick().sample(core.tx)
-            if line:
-                continue
-            for _ in range(divisor // 2):                  # to the middle of the start bit
-                await ctx.tick()
-            bits = []
-            for _ in range(9):
-                for _ in range(divisor):
-                    await ctx.tick()
-                bits.append(ctx.get(core.tx))
-            assert bits[8] == 1, "stop bit from the board is 0"
-            port.from_dev.append(sum(b << i for i, b in enumerate(bits[:8])))
-
-    port.sim.add_testbench(tx_to_board, background=True)
-    port.sim.add_testbench(rx_from_board, background=True)
-    # the sim transport "sends" at once: the timeout covers a whole frame on the wire, then the reply
-    return BoardLink(port, timeout=(MAX_PAYLOAD + 40) * 10 * divisor * PERIOD, max_payload=MAX_PAYLOAD)
+    """The host on the BoardCore's UART pins, bit-banged by the testbench."""
+    return BoardLink(uart_port(core, divisor, period=PERIOD),
+                     timeout=uart_timeout(MAX_PAYLOAD, divisor, PERIOD), max_payload=MAX_PAYLOAD)
 
 
 def make_engine(decoder=None):
@@ -138,12 +67,8 @@ def send_layers(link, layers):
 
 @pytest.fixture(scope="module")
 def minilm_layer():
-    from sop.quantize.models import open_model
-    from sop.quantize.sop_search import quantize_sop4
-    name = "encoder.layer.0.attention.self.query.weight"
-    w = open_model("minilm").load(name)
-    res = quantize_sop4(np.asarray(w, dtype=np.float64)[:8], name=name)
-    return from_stream(CFG, res.stream, name)
+    name, stream = quantize_layer("minilm", "sop4-g16", "encoder.layer.0.attention.self.query.weight", rows=8)
+    return from_stream(CFG, stream, name)
 
 
 # -- host-side frame code -------------------------------------------------------------
@@ -248,7 +173,7 @@ def test_error_replies_raise_board_error():
 
 def test_host_times_out_with_a_clear_message_when_nothing_answers():
     engine = make_engine()
-    port = SimSerial(engine)                       # no bridge: the engine never sees a byte
+    port = SimSerial(engine, period=PERIOD)        # no bridge: the engine never sees a byte
     link = BoardLink(port, timeout=500 * PERIOD)
     with pytest.raises(BoardTimeout, match="no reply from the board .* check the port"):
         link.status()

@@ -1,0 +1,98 @@
+"""Output buffer: skid storage that lets the pipeline's enable be a register.
+
+The decoder's pipeline advances only when its last stage's beat can go
+somewhere, so the enable depends on the consumer's ``ready``. Computed
+combinationally, it is one net from ``values.ready`` to every register of every
+lane: thousands of loads at 64 lanes. Instead the enable is decided ``delay``
+cycles ahead and reaches the lanes through ``delay`` levels of register copies
+(hdl.replica). The cost of deciding early is ``delay`` beats of skid storage
+here: a beat that leaves the last stage while the consumer stalls goes into it.
+
+The rule: with ``S`` the beats held (skid entries plus the last stage's beat),
+the enable ``delay`` cycles from now is high when ``S`` next cycle is at most 1.
+At most ``delay - 1`` beats can arrive in between, so ``S`` never exceeds
+``delay`` when the pipeline advances, and the skid (``delay`` entries) never
+overflows. While both sides are ready, ``S`` stays 1 and a beat leaves every
+cycle; after a stall the output may pause ``delay - 1`` cycles while the
+pipeline restarts.
+
+A decoder with many lanes uses one buffer per group of lanes, each with its
+own copy of the (identical) control state, so that no control register drives
+the whole output.
+
+Ports
+* ``en``: the pipeline enable this cycle;
+* ``entering_valid``: the valid bit of the beat that enters the last stage when ``en`` is high;
+* ``last``: the last stage's registers, valid when ``last_valid``;
+* ``values``: the output stream; its payload is the oldest skid entry while the
+  skid holds any (they are older), else the last stage;
+* ``en_next``: the enable decided now, for ``delay`` cycles later.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Array, Const, Module, Mux, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from . import replica as rep
+
+
+class OutputBuffer(wiring.Component):
+    def __init__(self, payload_shape, *, delay: int = 1):
+        self.delay = delay
+        super().__init__({
+            "en": In(1),
+            "entering_valid": In(1),
+            "last": In(payload_shape),
+            "values": Out(stream.Signature(payload_shape)),
+            "en_next": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        D = self.delay
+        # Control state: replicas, because every group's buffer has the same. The skid's fill is
+        # a thermometer code (more[j]: more than j entries hold beats still to be sent), so that
+        # the next state and the enable are a few LUTs, with no adder.
+        last_valid = rep.replica(1, name="last_valid")
+        more = [rep.replica(1, name=f"held_gt{j}") for j in range(D)]
+        if D > 1:           # the skid is a ring: write pointer, and the oldest beat still to be sent
+            wp, rp = rep.replica(range(D), name="wp"), rep.replica(range(D), name="rp")
+        else:
+            wp = rp = Const(0)
+        skid = Array(Signal.like(self.last, name=f"skid{i}", reset_less=True) for i in range(D))
+
+        held = more[0]
+        pop = self.values.valid & self.values.ready
+        pop_skid, pop_last = pop & held, pop & ~held
+        m.d.comb += [self.values.valid.eq(held | last_valid),
+                     self.values.payload.eq(Mux(held, skid[rp], self.last))]
+
+        # Every beat that leaves the last stage (en high) is written into the skid, taken now or
+        # not: the skid's write enable then depends on registers only, not on values.ready, and
+        # only the fill counts what is still to be sent (the newest entries of the ring).
+        capture = self.en & last_valid
+        stays = capture & ~pop_last
+        with m.If(capture):
+            m.d.sync += skid[wp].eq(self.last)
+
+        # Next state as plain expressions, no comb processes: a 4-state simulator such as Icarus
+        # never evaluates a process whose inputs do not change after time 0.
+        last_next = Signal(name="last_next")
+        nxt = [Signal(name=f"held_gt{j}_next") for j in range(D)]
+        m.d.comb += last_next.eq(Mux(self.en, self.entering_valid, last_valid & ~pop_last))
+        for j in range(D):
+            below = more[j - 1] if j else Const(1)
+            above = more[j + 1] if j + 1 < D else Const(0)
+            # more than j next: more than j now and not one fewer, or exactly j now and one more
+            m.d.comb += nxt[j].eq((more[j] & (stays | ~pop_skid | above)) |
+                                  (below & ~more[j] & stays & ~pop_skid))
+        # at most one beat held next cycle (skid entries plus the last stage)
+        m.d.comb += self.en_next.eq(~(nxt[0] & last_next) & (~nxt[1] if D > 1 else 1))
+        m.d.sync += [last_valid.eq(last_next)] + [r.eq(n) for r, n in zip(more, nxt)]
+        if D > 1:
+            assert D == 2, "the ring's read pointer below is written for two entries"
+            wp_next = wp ^ capture
+            m.d.sync += [wp.eq(wp_next), rp.eq(wp_next ^ (nxt[0] & ~nxt[1]))]   # oldest = wp - fill
+        return m

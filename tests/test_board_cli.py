@@ -1,0 +1,142 @@
+"""`sop board` and synth/bringup.py without hardware: the board's whole design in amaranth.sim.
+
+A real MiniLM layer slice (a row or two, so each test takes seconds) goes
+through ``run_board`` into a simulated ``BoardCore`` (UART pins bit-banged by
+synth/simboard.py) with the board's decoder configuration, and the board's
+checksum must equal golden/'s. The CLI runs with ``host.SerialTransport``
+replaced by that simulated board, or on a pseudo-terminal that nobody answers
+(a real serial port for pyserial), or on a port that does not exist. Timeouts
+of the simulated board are in simulated seconds.
+"""
+
+import functools
+import os
+from dataclasses import replace
+
+import pytest
+
+import mutants
+
+from sop import cli
+from sop.hdl.decoder import Decoder
+from sop.synth import bringup, host
+from sop.synth.board import BOARDS
+from sop.synth import protocol
+
+LAYER = "encoder.layer.0.attention.self.query.weight"
+
+
+def board_args(port="sim", *extra, fmt="sop4-g16", rows=1):
+    return ["board", "--port", port, "minilm", "--format", fmt, "--layer", LAYER, "--rows", str(rows),
+            *extra]
+
+
+@pytest.fixture
+def sim_port(monkeypatch):
+    """Make `sop board` talk to a simulated iCEBreaker core; returns the host timeout it needs."""
+    def install(decoder=None):
+        port, timeout = bringup.sim_board("icebreaker", decoder=decoder)
+        monkeypatch.setattr(host, "SerialTransport", lambda name, baud: port)
+        return timeout
+    return install
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_run_board_checks_a_real_minilm_layer_through_the_uart(board):
+    name, stream = bringup.quantize_layer("minilm", "sop4-g16", LAYER, rows=2)
+    port, timeout = bringup.sim_board(board)
+    result = bringup.run_board(port, stream, "sop4-g16", name=name, timeout=timeout, clock=port.now)
+    assert result.ok and result.got == result.expected
+    assert result.values == 2 * 384 and (result.rows, result.cols) == (2, 384)
+    assert result.status.lanes == BOARDS[board].lanes
+    assert result.wire_bytes > len(stream.blocks)          # the blocks plus frames and replies
+    assert 0 < result.values_per_s and 0 < result.bytes_per_s
+    text = "\n".join(result.lines())
+    assert f"layer: {LAYER} (2 x 384, sop4-g16)" in text and "values checked: 768" in text
+    assert "result: OK" in text and "bytes/s over the wire" in text
+
+
+def test_cli_prints_ok_and_exits_0(sim_port, capsys):
+    timeout = sim_port()
+    assert cli.main(board_args("sim", "--timeout", str(timeout))) == 0
+    out = capsys.readouterr().out
+    assert "values checked: 384" in out and "result: OK" in out and "values/s" in out
+
+
+def test_a_broken_decoder_gives_mismatch_and_exit_1(sim_port, capsys):
+    """One flipped LUT bit (tests/mutants.py) changes the board's CRC: MISMATCH, exit status 1."""
+    timeout = sim_port(Decoder(BOARDS["icebreaker"].config(), bank=mutants.FlippedLutBit))
+    assert cli.main(board_args("sim", "--timeout", str(timeout))) == 1
+    assert "result: MISMATCH" in capsys.readouterr().out
+
+
+def test_the_make_sim_step_fails_on_a_mismatch(monkeypatch, capsys):
+    """`python -m sop.synth.bringup --sim` (make sim) exits 1 when the board's checksum differs."""
+    broken = Decoder(BOARDS["icebreaker"].config(), bank=mutants.FlippedLutBit)
+    monkeypatch.setattr(bringup, "sim_board", functools.partial(bringup.sim_board, decoder=broken))
+    assert bringup.main(["--sim", "--rows", "1", "--layer", LAYER]) == 1
+    out = capsys.readouterr().out
+    assert "simulated icebreaker board core" in out and "result: MISMATCH" in out
+
+
+def test_a_board_with_another_decoder_is_refused(sim_port, capsys):
+    timeout = sim_port()
+    assert cli.main(board_args("sim", "--timeout", str(timeout), fmt="e2m3-ue4m4-g16")) == 1
+    err = capsys.readouterr().err
+    assert "does not match format e2m3-ue4m4-g16: code_bits 4 (needs 6)" in err and "Traceback" not in err
+
+
+def test_status_checks_version_and_lanes():
+    good = host.Status(host.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
+    assert bringup.check_status(good, "sop4-g16").lanes == 2
+    with pytest.raises(bringup.BoardConfigError, match="protocol version 7"):
+        bringup.check_status(replace(good, version=7), "sop4-g16")
+    with pytest.raises(bringup.BoardConfigError, match="reports 3 lanes"):
+        bringup.check_status(replace(good, lanes=3), "sop4-g16")
+    with pytest.raises(bringup.BoardConfigError, match="beat_bytes 18 [(]needs 9[)]"):
+        bringup.check_status(replace(good, beat_bytes=18), "sop4-g16")
+    with pytest.raises(bringup.BoardConfigError, match="max payload 9 cannot hold one beat of 9 bytes"):
+        bringup.check_status(replace(good, max_payload=9), "sop4-g16")
+
+
+@pytest.mark.parametrize("fmt", bringup.HW_FORMATS)
+@pytest.mark.parametrize("lanes", [2, 8, 32])
+def test_the_status_the_engine_reports_passes_the_check(fmt, lanes):
+    """check_status's expectations are what the gateware's STATUS reply says for that decoder."""
+    cfg = bringup.format_config(fmt, lanes)
+    st = host.Status(*protocol.status_bytes(cfg, host.DEFAULT_MAX_PAYLOAD)[:8], host.DEFAULT_MAX_PAYLOAD, 0)
+    assert bringup.check_status(st, fmt) == cfg
+    other = next(f for f in bringup.HW_FORMATS if f != fmt)
+    with pytest.raises(bringup.BoardConfigError, match=f"does not match format {other}"):
+        bringup.check_status(st, other)
+
+
+def test_a_board_that_never_answers_times_out_with_one_line(capsys):
+    """A pseudo-terminal is a serial port pyserial opens; nobody answers on its other end."""
+    master, slave = os.openpty()
+    try:
+        assert cli.main(board_args(os.ttyname(slave), "--timeout", "0.05")) == 1
+    finally:
+        os.close(slave)
+        os.close(master)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop board: no reply from the board within 0.05 s") and "check the port" in err
+    assert "\n" not in err
+
+
+def test_a_port_that_cannot_be_opened_is_a_usage_error(tmp_path, capsys):
+    assert cli.main(board_args(str(tmp_path / "ttyNONE"))) == 2
+    assert "cannot open serial port" in capsys.readouterr().err
+
+
+def test_an_unknown_format_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(board_args("sim", fmt="nf4"))
+    assert exit_.value.code == 2 and "invalid choice: 'nf4'" in capsys.readouterr().err
+
+
+def test_an_unknown_layer_is_a_usage_error(capsys):
+    args = board_args("sim")
+    args[args.index(LAYER)] = "encoder.layer.9.nothing"
+    assert cli.main(args) == 2
+    assert "no linear layer 'encoder.layer.9.nothing'" in capsys.readouterr().err
