@@ -109,8 +109,8 @@ class BoardTop(wiring.Component):
         m.submodules.core = core
         m.d.comb += [core.rx.eq(rx_pin.i), tx_pin.o.eq(core.tx)]
         if self.board.activity_led:
-            # LED 0: serial activity. Not on the ULX3S: with any LED output added, Yosys 0.70's
-            # ABC9 mapping for ECP5 fails an internal assertion (ABC_OPS_REINTEGRATE, rtlil.cc:3091).
+            # LED 0: serial activity. Not on the ULX3S: it was left out while that board's build
+            # still used ABC9, which failed an internal assertion with it (see build()).
             m.submodules.led0 = led0 = io.Buffer("o", platform.request("led", 0, dir="-"))
             m.d.comb += led0.o.eq(core.activity)
         return m
@@ -131,8 +131,18 @@ def build(board: str, build_dir: str | os.PathLike | None = None):
     build_dir = Path(build_dir) if build_dir else ROOT / "build" / "bitstream" / board
     platform = BOARDS[board].platform()
     from sop.hdl.replica import YOSYS_KEEP
+    from .flow import ECP5_CLASSIC_LUT_MAP
+    overrides = {"script_after_read": "\n".join(YOSYS_KEEP)}
+    if board == "ulx3s":
+        # Yosys 0.70's ABC9 LUT mapping for ECP5 fails an internal assertion on this design
+        # (ABC_OPS_REINTEGRATE, rtlil.cc:3091): synth_ecp5 runs up to its LUT mapping, classic
+        # ABC maps the LUTs, and synth_ecp5 finishes from its cell mapping (as synth/flow.py's
+        # fallback does).
+        overrides["synth_opts"] = "-run begin:map_luts"
+        overrides["script_after_synth"] = "\n".join(ECP5_CLASSIC_LUT_MAP + (
+            f"synth_ecp5 -top sop_{board} -run map_cells:",))
     return platform.build(BoardTop(board), name=f"sop_{board}", build_dir=str(build_dir), do_program=False,
-                          script_after_read="\n".join(YOSYS_KEEP))
+                          **overrides)
 
 
 def main(argv=None) -> int:

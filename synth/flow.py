@@ -87,6 +87,11 @@ SEED = 1
 TOOL_TIMEOUT_S = 1800
 
 
+# synth_ecp5's LUT mapping with classic ABC: what its -noabc9 did before Yosys ignored it. ABC9
+# fails an internal assertion on some designs (ABC_OPS_REINTEGRATE, rtlil.cc:3091).
+ECP5_CLASSIC_LUT_MAP = ("techmap -map +/lattice/latches_map.v", "abc -dress -lut 4:7", "clean")
+
+
 @dataclass(frozen=True)
 class Target:
     """One synthesis target: yosys command, nextpnr command and clock, what to count, device size."""
@@ -121,8 +126,8 @@ TARGETS = {
                 "dsps": {"MULT18X18D": 1}, "lutram": {"TRELLIS_DPR16X4": 1}},
         capacity={"luts": 83640, "brams": 208, "dsps": 156},
         # synth_ecp5 with classic ABC in place of ABC9 (its map_luts step replaced, as -noabc9 did)
-        fallback="synth_ecp5 -top {top} -run begin:map_luts; techmap -map +/lattice/latches_map.v; "
-                 "abc -dress -lut 4:7; clean; synth_ecp5 -top {top} -run map_cells:"),
+        fallback="synth_ecp5 -top {top} -run begin:map_luts; " + "; ".join(ECP5_CLASSIC_LUT_MAP) +
+                 "; synth_ecp5 -top {top} -run map_cells:"),
 }
 # Not in `make synth`: the ECP5 flow with the multipliers in LUTs (`--target ecp5-nodsp`).
 TARGETS["ecp5-nodsp"] = Target(**{
