@@ -41,11 +41,10 @@ synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s in build/bitstream/$(BOARD)/ (no programming)
 	$(PY) -m sop.synth.board $(BOARD)
 
-bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, yosys cell counts
+bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, sim speed, lane sweep (after make synth)
 	$(PY) bench/hif_sqnr.py
 	$(PY) bench/codebook_sqnr.py
 	$(PY) bench/header_sqnr.py
-	$(PY) bench/synth_cells.py
 	$(PY) bench/sim_speed.py
 	$(PY) bench/lane_sweep.py
 

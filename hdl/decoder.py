@@ -105,19 +105,22 @@ class Decoder(wiring.Component):
         en_lane = [rep.replica(1, name=f"en_lane{i}", init=1) for i in range(N)]
         en_out = [rep.replica(1, name=f"en_out{j}", init=1) for j in range(n_outs)]
         m.d.sync += [en.eq(roots[0])] + [e.eq(region(i)) for i, e in enumerate(en_lane)]
-        m.d.sync += [e.eq(region(j * per_out)) for j, e in enumerate(en_out)]
+        # each buffer's own copy: from its own decision (one level) or its region's copy (two)
+        upcoming = [ob.en_next if levels == 1 else region(j * per_out) for j, ob in enumerate(outs)]
+        m.d.sync += [e.eq(u) for e, u in zip(en_out, upcoming)]
         m.d.comb += [self.values.valid.eq(outs[0].values.valid),
                      self.values.payload.eq(Cat(ob.values.payload for ob in outs))]
-        for ob, e in zip(outs, en_out):
-            m.d.comb += [ob.en.eq(e), ob.values.ready.eq(self.values.ready)]
+        for ob, e, u in zip(outs, en_out, upcoming):
+            m.d.comb += [ob.en.eq(e), ob.en_upcoming.eq(u), ob.values.ready.eq(self.values.ready)]
 
         # -- tables: the write port, the double-buffered page pointer, per-layer offsets -------
         active = Signal()
-        # per page: the layer offset plus the block exponent's constant part (hdl.scale_decoder)
-        layer_terms = Array([Signal(scale_decoder.layer_term_shape(cfg), name=f"layer_term{p}")
-                             for p in range(2)])
+        # per page: the layer offset plus the block exponent's constant part (hdl.scale_decoder),
+        # one copy per lane group, beside the group's block-field registers
+        layer_terms = [Array([rep.replica(scale_decoder.layer_term_shape(cfg), name=f"layer_term{p}_g{grp}",
+                                          reset_less=True) for p in range(2)]) for grp in range(n_groups)]
         with m.If(self.offset_we):
-            m.d.sync += layer_terms[~active].eq(self.offset + scale_decoder.exp_constant(cfg))
+            m.d.sync += [t[~active].eq(self.offset + scale_decoder.exp_constant(cfg)) for t in layer_terms]
         m.submodules.encoder = enc = lut_word.LutWordEncoder(cfg)
         m.submodules.bank = bank = self._bank_cls(code_bits=k, banks=lay.banks, word=lut_word.word(cfg), lanes=N)
         m.d.comb += [self.load.ready.eq(1), enc.hif.eq(self.load.payload.data),
@@ -129,7 +132,11 @@ class Decoder(wiring.Component):
         # -- stage 0: the beat in hand; each lane holds its own codes and page/bank bits -------
         hold_valid = Signal()
         decoders = [ScaleDecoder(cfg) for _ in range(B)]        # the beat's headers, decoded as it arrives
-        held = [Signal(scale_decoder.fields(cfg), name=f"fields{b}", reset_less=True) for b in range(B)]
+        # per lane group: its block's decoded header and the beat's page
+        held = [rep.replica(scale_decoder.fields(cfg), name=f"fields_g{grp}", reset_less=True)
+                for grp in range(n_groups)]
+        held_page = [rep.replica(1, name=f"page_g{grp}", reset_less=True) for grp in range(n_groups)]
+        block_of_group = [(grp * per_group) // g if B > 1 else 0 for grp in range(n_groups)]
         for b, (sd, h) in enumerate(zip(decoders, self._beat_headers(self.blocks.payload.blocks))):
             m.submodules[f"scale_{b}"] = sd
             m.d.comb += sd.header.eq(h)
@@ -141,12 +148,15 @@ class Decoder(wiring.Component):
         with m.If(en):
             with m.If(take):
                 m.d.sync += [hold_valid.eq(self.blocks.valid), active.eq(page)]
-                m.d.sync += [r.eq(sd.fields) for r, sd in zip(held, decoders)]
                 if C > 1:
                     m.d.sync += chunk.eq(0)
             if C > 1:
                 with m.Else():
                     m.d.sync += chunk.eq(chunk + 1)
+
+        for grp, b in enumerate(block_of_group):          # each group's copy moves on its own enable copy
+            with m.If(en_lane[grp * per_group] & take):
+                m.d.sync += [held[grp].eq(decoders[b].fields), held_page[grp].eq(page)]
 
         beat = self.blocks.payload.blocks
         if lay.banks == 2:
@@ -177,16 +187,13 @@ class Decoder(wiring.Component):
         valid1 = Signal()
         with m.If(en):
             m.d.sync += valid1.eq(hold_valid)
-        hold_page = Signal()                               # the page of the beat in hold
-        with m.If(en & take):
-            m.d.sync += hold_page.eq(page)
-        layer_term = layer_terms[hold_page]
         block_regs = []
         for grp in range(n_groups):
             r = rep.replica(scale_decoder.block(cfg), name=f"block_g{grp}", reset_less=True)
             with m.If(en_lane[grp * per_group]):
-                f = held[(grp * per_group) // g if B > 1 else 0]
-                m.d.sync += [getattr(r, k).eq(v) for k, v in scale_decoder.with_layer_term(cfg, f, layer_term).items()]
+                term = layer_terms[grp][held_page[grp]]
+                m.d.sync += [getattr(r, name).eq(value)
+                             for name, value in scale_decoder.with_layer_term(cfg, held[grp], term).items()]
             block_regs.append(r)
 
         # -- stages 2..: one formatter per lane ------------------------------------------------

@@ -22,6 +22,7 @@ the whole output.
 
 Ports
 * ``en``: the pipeline enable this cycle;
+* ``en_upcoming``: the enable of the next cycle (what ``en``'s register is loaded with);
 * ``entering_valid``: the valid bit of the beat that enters the last stage when ``en`` is high;
 * ``last``: the last stage's registers, valid when ``last_valid``;
 * ``values``: the output stream; its payload is the oldest skid entry while the
@@ -43,6 +44,7 @@ class OutputBuffer(wiring.Component):
         self.delay = delay
         super().__init__({
             "en": In(1),
+            "en_upcoming": In(1),
             "entering_valid": In(1),
             "last": In(payload_shape),
             "values": Out(stream.Signature(payload_shape)),
@@ -72,7 +74,9 @@ class OutputBuffer(wiring.Component):
         # Every beat that leaves the last stage (en high) is written into the skid, taken now or
         # not: the skid's write enable then depends on registers only, not on values.ready, and
         # only the fill counts what is still to be sent (the newest entries of the ring).
-        capture = self.en & last_valid
+        # capture == en & last_valid, kept in a register of its own (loaded from the next cycle's
+        # values) so that the skid's write enable is a flip-flop beside the skid, not logic.
+        capture = rep.replica(1, name="capture")
         stays = capture & ~pop_last
         with m.If(capture):
             m.d.sync += skid[wp].eq(self.last)
@@ -90,7 +94,8 @@ class OutputBuffer(wiring.Component):
                                   (below & ~more[j] & stays & ~pop_skid))
         # at most one beat held next cycle (skid entries plus the last stage)
         m.d.comb += self.en_next.eq(~(nxt[0] & last_next) & (~nxt[1] if D > 1 else 1))
-        m.d.sync += [last_valid.eq(last_next)] + [r.eq(n) for r, n in zip(more, nxt)]
+        m.d.sync += [last_valid.eq(last_next), capture.eq(self.en_upcoming & last_next)]
+        m.d.sync += [r.eq(n) for r, n in zip(more, nxt)]
         if D > 1:
             assert D == 2, "the ring's read pointer below is written for two entries"
             wp_next = wp ^ capture

@@ -325,7 +325,8 @@ class BufferedPipe(Elaboratable):
         for i in range(self.buf.delay):
             r = Signal(init=1, name=f"en{i}")
             m.d.sync += r.eq(en)
-            en = r
+            upcoming, en = en, r
+        m.d.comb += buf.en_upcoming.eq(upcoming)
         count = Signal(16)
         stages = [(Signal(16, name=f"d{i}"), Signal(name=f"v{i}")) for i in range(3)]
         with m.If(en):
