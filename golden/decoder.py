@@ -30,7 +30,7 @@ from .layout import BlockLayout, LayerStream, unpack_blocks
 OUTPUTS = ("exact", "bf16")
 
 
-def _fields(fmt: CodeTable, codes: np.ndarray):
+def float_fields(fmt: CodeTable, codes: np.ndarray):
     """(sign, significand, exponent) of float codes: value = ±sig * 2^exp."""
     if not isinstance(fmt, FloatFormat):
         raise ValueError(f"{fmt.name} is not a float format")
@@ -53,8 +53,8 @@ def product_fields(hif: FloatFormat, luts, layout: BlockLayout, offset: int, hea
     codes = np.asarray(codes, dtype=np.int64)
     scale_code, sign_b, select = layout.split_header(headers)
     h = luts[select[:, None], codes]
-    sh, Sh, Xh = _fields(hif, h)
-    _, Ss, Xs = _fields(layout.scale, scale_code)
+    sh, Sh, Xh = float_fields(hif, h)
+    _, Ss, Xs = float_fields(layout.scale, scale_code)
     nan = np.isnan(layout.scale.values[scale_code])[:, None] & np.ones_like(h, dtype=bool)
     return sh ^ sign_b[:, None], Sh * Ss[:, None], Xh + (Xs + offset)[:, None], nan
 

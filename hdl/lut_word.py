@@ -23,6 +23,8 @@ from amaranth.hdl import Cat, Module, Mux, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from sop.golden.decoder import float_fields
+
 from .arith import leading_zeros
 from .config import DecoderConfig
 
@@ -51,14 +53,12 @@ def encode(config: DecoderConfig, codes) -> np.ndarray:
     hif, codes = config.hif, np.asarray(codes, dtype=np.int64)
     if config.output == "exact":
         return codes
-    M, E = hif.mbits, hif.ebits
-    mant, e, sign = codes & ((1 << M) - 1), (codes >> M) & ((1 << E) - 1), (codes >> (M + E)) & 1
-    sig = mant | np.where(e != 0, 1 << M, 0)                        # significand, M + 1 bits
+    M = hif.mbits
+    sign, sig, x = float_fields(hif, codes)                        # value = ±sig * 2^x (golden)
     lz = np.zeros_like(sig)
     for i in range(M + 1):                                          # leading zeros of sig
         lz = np.where(sig >> i == 1, M - i, lz)
-    x = np.maximum(e, 1) - hif.bias - M - lz                        # exponent of the normalized sig
-    field = np.where(sig == 0, 0, x - exp_base(config))              # max(e, 1) + M - lz
+    field = np.where(sig == 0, 0, x - lz - exp_base(config))        # max(e, 1) + M - lz
     frac = (sig << lz) & ((1 << M) - 1)
     return frac | field << M | sign << (M + exp_bits(config))
 
