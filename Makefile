@@ -31,8 +31,9 @@ demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/
 	$(PY) -m sop.hdl.generate --out build/verilog
 
-sim: $(STAMP)  ## cocotb regression of every named configuration (SIM=icarus|verilator, WAVES=1), then the board bring-up in simulation
+sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), then the board bring-up in simulation
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
+	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --config e2m3-ue4m4-g16 --lutram-depth 16
 	$(PY) -m sop.synth.bringup --sim
 
 synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json
@@ -41,12 +42,13 @@ synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s in build/bitstream/$(BOARD)/ (no programming)
 	$(PY) -m sop.synth.board $(BOARD)
 
-bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, sim speed, lane sweep (after make synth)
+bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, sim speed, lane sweep (after make synth), Fmax over placement seeds
 	$(PY) bench/hif_sqnr.py
 	$(PY) bench/codebook_sqnr.py
 	$(PY) bench/header_sqnr.py
 	$(PY) bench/sim_speed.py
 	$(PY) bench/lane_sweep.py
+	$(PY) bench/fmax_seeds.py
 
 clean:  ## remove generated files (build/), keep the venv
 	rm -rf build .pytest_cache .hypothesis

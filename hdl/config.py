@@ -12,6 +12,10 @@ beat when ``N > g``. The beat's payload is those blocks exactly as
 golden.layout packs them (LSB first), plus a ``swap`` flag (double-buffered
 tables, see hdl/decoder.py).
 
+Table RAM: ``lutram_depth`` 0 builds each lane's table as one memory with a
+registered read (block RAM); a power of two ``D`` builds it from ``D``-word
+memories, one more cycle of latency (LUT RAM, see hdl/lut_bank.py).
+
 Output lanes: ``"bf16"`` is 16 bits per lane; ``"exact"`` is the exact
 product as golden.decoder.product_fields gives it, ``{sig, exp, sign}``.
 """
@@ -51,6 +55,7 @@ class DecoderConfig:
     layout: BlockLayout
     hif: FloatFormat = DEFAULT_HIF
     output: str = "bf16"
+    lutram_depth: int = 0
 
     def __post_init__(self):
         problems = []
@@ -65,6 +70,10 @@ class DecoderConfig:
             if not isinstance(fmt, FloatFormat) or fmt.specials != "finite":
                 problems.append(f"{what} format {fmt.name} has NaN/Inf codes; the hardware decodes "
                                 f"formats whose every code is a number (for example ue4m4, ue3m3)")
+        d, depth = self.lutram_depth, self.table_depth
+        if d and (d & (d - 1) or not 2 <= d < depth):
+            problems.append(f"lutram_depth must be 0 (one memory per lane) or a power of two below the "
+                            f"lane's table depth {depth}, got {d}")
         if problems:
             raise ValueError(f"decoder config {self.name!r}: " + "; ".join(problems))
 
@@ -80,6 +89,11 @@ class DecoderConfig:
     @property
     def beat_bits(self) -> int:
         return self.blocks_per_beat * self.layout.block_bits
+
+    @property
+    def table_depth(self) -> int:
+        """Words in one lane's table RAM: 2 pages x banks x 2^code_bits."""
+        return 2 * self.layout.banks << self.layout.code_bits
 
     # -- datapath widths -----------------------------------------------------
     @property
@@ -125,7 +139,7 @@ class DecoderConfig:
                 "signed_scale": lay.signed_scale, "select_bit": lay.select_bit, "banks": lay.banks,
                 "hif": {"name": self.hif.name, "ebits": self.hif.ebits, "mbits": self.hif.mbits,
                         "bias": self.hif.bias},
-                "output": self.output, "blocks_per_beat": self.blocks_per_beat,
+                "output": self.output, "lutram_depth": self.lutram_depth, "blocks_per_beat": self.blocks_per_beat,
                 "beats_per_block": self.beats_per_block, "beat_bits": self.beat_bits}
 
 

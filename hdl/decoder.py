@@ -46,7 +46,7 @@ the first beat with ``swap`` set.
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Module, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -65,7 +65,7 @@ class Decoder(wiring.Component):
         # show that a broken one (wrong rounding, inverted selection, a flipped LUT bit) is caught.
         self.config = config
         self._formatter_cls, self._mux_cls, self._bank_cls = formatter, mux, bank
-        self.latency = 2 + formatter.stages(config)
+        self.latency = 1 + self.read_latency(config) + formatter.stages(config)
         super().__init__({
             "blocks": In(stream.Signature(config.beat_layout)),
             "load": In(stream.Signature(config.load_layout)),
@@ -73,6 +73,11 @@ class Decoder(wiring.Component):
             "offset_we": In(1),
             "values": Out(stream.Signature(data.ArrayLayout(config.lane_layout, config.lanes))),
         })
+
+    @staticmethod
+    def read_latency(config: DecoderConfig) -> int:
+        """Cycles of the table read: 1, or 2 with the table split into LUT RAM memories."""
+        return 1 if config.lutram_depth == 0 else 2
 
     def elaborate(self, platform):
         m = Module()
@@ -98,12 +103,15 @@ class Decoder(wiring.Component):
         if levels == 1:
             roots = [outs[0].en_next] * n_regions
         else:
-            roots = [rep.replica(1, name=f"en_region{r}", init=1) for r in range(n_regions)]
+            roots = [rep.replica(1, name=f"en_region{r}", init=1, reset_less=True) for r in range(n_regions)]
             m.d.sync += [root.eq(outs[r * per_region // per_out].en_next) for r, root in enumerate(roots)]
         region = lambda lane: roots[lane // per_region]     # noqa: E731
-        en = rep.replica(1, name="en_ctl", init=1)
-        en_lane = [rep.replica(1, name=f"en_lane{i}", init=1) for i in range(N)]
-        en_out = [rep.replica(1, name=f"en_out{j}", init=1) for j in range(n_outs)]
+        # The copies have no reset: each follows the output buffers' (reset) state a fixed number
+        # of cycles later, so they stay equal to one another through a reset, and the reset net
+        # does not reach every lane.
+        en = rep.replica(1, name="en_ctl", init=1, reset_less=True)
+        en_lane = [rep.replica(1, name=f"en_lane{i}", init=1, reset_less=True) for i in range(N)]
+        en_out = [rep.replica(1, name=f"en_out{j}", init=1, reset_less=True) for j in range(n_outs)]
         m.d.sync += [en.eq(roots[0])] + [e.eq(region(i)) for i, e in enumerate(en_lane)]
         # each buffer's own copy: from its own decision (one level) or its region's copy (two)
         upcoming = [ob.en_next if levels == 1 else region(j * per_out) for j, ob in enumerate(outs)]
@@ -122,7 +130,8 @@ class Decoder(wiring.Component):
         with m.If(self.offset_we):
             m.d.sync += [t[~active].eq(self.offset + scale_decoder.exp_constant(cfg)) for t in layer_terms]
         m.submodules.encoder = enc = lut_word.LutWordEncoder(cfg)
-        m.submodules.bank = bank = self._bank_cls(code_bits=k, banks=lay.banks, word=lut_word.word(cfg), lanes=N)
+        m.submodules.bank = bank = self._bank_cls(code_bits=k, banks=lay.banks, word=lut_word.word(cfg), lanes=N,
+                                             lutram_depth=cfg.lutram_depth)
         m.d.comb += [self.load.ready.eq(1), enc.hif.eq(self.load.payload.data),
                      bank.write.valid.eq(self.load.valid), bank.write_page.eq(~active),
                      bank.write.payload.bank.eq(self.load.payload.bank),
@@ -140,11 +149,22 @@ class Decoder(wiring.Component):
         for b, (sd, h) in enumerate(zip(decoders, self._beat_headers(self.blocks.payload.blocks))):
             m.submodules[f"scale_{b}"] = sd
             m.d.comb += sd.header.eq(h)
+        # ``take``: the beat in hand issues its last codes this cycle (or there is none), so a new
+        # beat may be taken. A register, one copy per lane group and one for the control, decided a
+        # cycle ahead, so that it does not fan out from the chunk counter's logic.
         chunk = Signal(range(C)) if C > 1 else None        # which N codes of the block issue now
-        take = ~hold_valid | (chunk == C - 1) if C > 1 else 1
+        if C > 1:
+            take, take_g = rep.replica(1, name="take_ctl", init=1), [rep.replica(1, name=f"take_g{grp}", init=1)
+                                                                     for grp in range(n_groups)]
+            take_next = Mux(take, ~self.blocks.valid, chunk == C - 2)
+            for t in [take] + take_g:
+                with m.If(en):
+                    m.d.sync += t.eq(take_next)
+        else:
+            take, take_g = 1, [1] * n_groups
         m.d.comb += self.blocks.ready.eq(en & take)
-        accept = self.blocks.ready & self.blocks.valid
-        page = active ^ (accept & self.blocks.payload.swap)     # the page of a beat taken now
+        # the page of a beat taken now (where ready is high, a valid beat is an accepted one)
+        page = active ^ (self.blocks.valid & self.blocks.payload.swap)
         with m.If(en):
             with m.If(take):
                 m.d.sync += [hold_valid.eq(self.blocks.valid), active.eq(page)]
@@ -155,7 +175,7 @@ class Decoder(wiring.Component):
                     m.d.sync += chunk.eq(chunk + 1)
 
         for grp, b in enumerate(block_of_group):          # each group's copy moves on its own enable copy
-            with m.If(en_lane[grp * per_group] & take):
+            with m.If(en_lane[grp * per_group] & take_g[grp]):
                 m.d.sync += [held[grp].eq(decoders[b].fields), held_page[grp].eq(page)]
 
         beat = self.blocks.payload.blocks
@@ -171,7 +191,7 @@ class Decoder(wiring.Component):
             block_base = (i // g) * lay.block_bits + H if B > 1 else H
             first = i % g if B > 1 else i
             with m.If(en_lane[i]):
-                with m.If(take):
+                with m.If(take_g[i // per_group]):
                     m.d.sync += [codes.eq(Cat(beat[block_base + (first + c * N) * k:][:k] for c in range(C))),
                                  lane_page.eq(page)]
                     if lay.banks == 2:
@@ -182,30 +202,49 @@ class Decoder(wiring.Component):
             m.d.comb += [bank.read_en[i].eq(en_lane[i]), bank.read_page[i].eq(lane_page),
                          bank.read_bank[i].eq(lane_bank), bank.read_addr[i].eq(codes[:k])]
 
-        # -- stage 1: table read (in the bank); the block fields plus the layer's offset,
-        #    registered per lane group ----------------------------------------------------------
-        valid1 = Signal()
-        with m.If(en):
-            m.d.sync += valid1.eq(hold_valid)
+        # -- stage 1 (and 2 with a two-cycle table read): table read (in the bank); the block
+        #    fields plus the layer's offset, registered per lane group ------------------------
+        valid = hold_valid
+        for r in range(self.read_latency(cfg)):
+            nxt = Signal(name=f"valid_r{r + 1}")
+            with m.If(en):
+                m.d.sync += nxt.eq(valid)
+            valid = nxt
+        # The scale significand goes into every partial product of a lane's multiplier: it gets
+        # a register per lane; the rest of the block fields one per lane group.
+        sig_name = "sig" if cfg.output == "exact" else "frac"
         block_regs = []
         for grp in range(n_groups):
             r = rep.replica(scale_decoder.block(cfg), name=f"block_g{grp}", reset_less=True)
-            with m.If(en_lane[grp * per_group]):
+            en_g = en_lane[grp * per_group]
+            with m.If(en_g):
                 term = layer_terms[grp][held_page[grp]]
                 m.d.sync += [getattr(r, name).eq(value)
                              for name, value in scale_decoder.with_layer_term(cfg, held[grp], term).items()]
-            block_regs.append(r)
+            sig_src = getattr(held[grp], sig_name)
+            for d in range(self.read_latency(cfg) - 1):     # keep pace with the table read
+                r_next = rep.replica(scale_decoder.block(cfg), name=f"block{d + 2}_g{grp}", reset_less=True)
+                with m.If(en_g):
+                    m.d.sync += r_next.eq(r)
+                r, sig_src = r_next, getattr(r, sig_name)
+            for i in range(grp * per_group, (grp + 1) * per_group):
+                lane_sig = rep.replica(len(sig_src), name=f"scale_{sig_name}{i}", reset_less=True)
+                with m.If(en_lane[i]):
+                    m.d.sync += lane_sig.eq(sig_src)
+                lane_block = Signal(scale_decoder.block(cfg), name=f"block_lane{i}")
+                m.d.comb += [getattr(lane_block, f).eq(getattr(r, f) if f != sig_name else lane_sig)
+                             for f in lane_block.shape().members]
+                block_regs.append(lane_block)
 
         # -- stages 2..: one formatter per lane ------------------------------------------------
         for i in range(N):
             fmt = self._formatter_cls(cfg)
             m.submodules[f"lane_{i}"] = fmt
             m.d.comb += [fmt.en.eq(en_lane[i]), fmt.word.eq(bank.read_data[i]),
-                         fmt.block.eq(block_regs[i // per_group]),
+                         fmt.block.eq(block_regs[i]),
                          outs[i // per_out].last[i % per_out].eq(fmt.out)]
-        valid = valid1
         for stage in range(self._formatter_cls.stages(cfg) - 1):
-            nxt = Signal(name=f"valid_s{stage + 2}")
+            nxt = Signal(name=f"valid_f{stage + 2}")
             with m.If(en):
                 m.d.sync += nxt.eq(valid)
             valid = nxt

@@ -1,8 +1,10 @@
 """`make verilog`: Verilog and a JSON manifest for each named decoder configuration.
 
-    python -m sop.hdl.generate [--out build/verilog] [--config NAME ...]
+    python -m sop.hdl.generate [--out build/verilog] [--config NAME ...] [--lutram-depth D]
 
-For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
+``--lutram-depth D`` builds each lane's table from ``D``-word memories
+(hdl/lut_bank.py; 16 for ECP5's DPR16X4, what ``make synth`` measures there)
+instead of one block-RAM-shaped memory. For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
 with ``_`` for ``-``) and ``NAME.json``: the parameters, every port with its
 width and direction, and the pipeline latency. Files are written atomically.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from amaranth.back import verilog
@@ -61,6 +64,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("build/verilog"))
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
+    p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
+                   help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16); "
+                        "default 0: one memory per lane with a registered read (block RAM)")
     args = p.parse_args(argv)
     configs = named_configs()
     names = args.config or list(configs)
@@ -68,9 +74,14 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
         return 2
-    for name in names:
-        v, _ = generate(configs[name], args.out)
-        print(f"{v}  ({configs[name].lanes} lanes)")
+    try:
+        chosen = [replace(configs[n], lutram_depth=args.lutram_depth) for n in names]
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    for cfg in chosen:
+        v, _ = generate(cfg, args.out)
+        print(f"{v}  ({cfg.lanes} lanes" + (f", lutram depth {cfg.lutram_depth})" if cfg.lutram_depth else ")"))
     return 0
 
 

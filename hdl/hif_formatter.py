@@ -47,6 +47,7 @@ from amaranth.lib.wiring import In, Out
 from . import lut_word, scale_decoder
 from .arith import PipelinedMultiplier, delay
 from .config import DecoderConfig
+from .replica import replica
 
 BF16_M = 7
 WINDOW = BF16_M + 3              # R0 (8 bits) and the guard bit, plus the top bit of p
@@ -109,16 +110,22 @@ class HifFormatter(wiring.Component):
         e0_shape = signed(max(len(blk.kb), len(word.exp) + 1) + 1)
         e0, zero, sign = stage(("e0_1", word.exp + blk.kb, e0_shape),
                                ("zero1", (word.exp == 0) | blk.zero, 1), ("sign1", word.sign ^ blk.sign, 1))
+        # e0 twice (a register copy): one for the flags, one for the subnormal shift and eb0,
+        # halving each bit's fanout.
+        e0_copy = replica(e0_shape, name="e0c_1", reset_less=True)
+        with m.If(self.en):
+            m.d.sync += e0_copy.eq(word.exp + blk.kb)
         # Written as bit logic on e0, not as comparisons, so that no carry chain follows the add
         # of stage 1 (sub: -e0 clamped to MAX_SHIFT = 10; e0 in [-16, -1] iff its top bits are all ones).
         neg, low, high = e0[-1], e0[:4], e0[8:-1]
-        minus16_to_1 = neg & e0[4:].all()
+        minus16_to_1 = e0_copy[-1] & e0_copy[4:].all()
         normal0, normal1, sat0, sat1, eb0, sub, zero, sign = stage(
             ("normal0_2", ~neg, 1), ("normal1_2", ~neg | e0.all(), 1),              # Eb >= 1, top = 0 / 1
             ("sat0_2", ~neg & (high.any() | e0[1:8].all()), 1),                       # e0 >= 254: Eb >= 255
             ("sat1_2", ~neg & (high.any() | (e0[2:8].all() & e0[:2].any())), 1),      # e0 >= 253
-            ("eb0_2", e0[:8] + 1, unsigned(8)),                                       # Eb for top = 0
-            ("sub2", Mux(minus16_to_1 & (low > 15 - MAX_SHIFT), (0 - low)[:4], MAX_SHIFT), unsigned(4)),
+            ("eb0_2", e0_copy[:8] + 1, unsigned(8)),                                  # Eb for top = 0
+            ("sub2", Mux(minus16_to_1 & (e0_copy[:4] > 15 - MAX_SHIFT), (0 - e0_copy[:4])[:4], MAX_SHIFT),
+             unsigned(4)),
             ("zero2", zero, 1), ("sign2", sign, 1))
         align = max(mul.latency, 2)
         normal0, normal1, sat0, sat1, eb0, sub, zero, sign = (

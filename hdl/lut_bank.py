@@ -16,14 +16,23 @@ next clock edge: a word written in cycle ``t`` can be read from cycle ``t + 2``.
 
 Read ports: ``read_en[lane]``, ``read_page[lane]``, ``read_bank[lane]``,
 ``read_addr[lane]`` are sampled at a clock edge with ``read_en`` high;
-``read_data[lane]`` holds the word from the next cycle on, and keeps it while
-``read_en`` is low (a stalled pipeline). Pages are never read and written at
-the same time, so no read-during-write behavior is needed.
+``read_data[lane]`` holds the word ``read_latency`` such edges later, and keeps
+it while ``read_en`` is low (a stalled pipeline). Pages are never read and
+written at the same time, so no read-during-write behavior is needed.
+
+RAM shape (``lutram_depth``). With 0, a lane's table is one memory read
+through its own output register (``read_latency`` 1): what block RAM is built
+for (iCE40 SB_RAM40_4K). LUT RAM is shallow (ECP5 DPR16X4: 16 words) and reads
+asynchronously, so a deeper memory becomes rows of LUT RAM and a row mux in
+front of the read register, and that read is the longest path of the lane.
+With ``lutram_depth = D`` the table is built from memories of ``D`` words:
+each is read into its own register, and a second register takes the
+addressed one (``read_latency`` 2; more flip-flops, a shorter path).
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, unsigned
+from amaranth.hdl import Array, Cat, Module, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -31,9 +40,12 @@ from . import replica as rep
 
 
 class LutBank(wiring.Component):
-    def __init__(self, *, code_bits: int, banks: int, word, lanes: int):
+    def __init__(self, *, code_bits: int, banks: int, word, lanes: int, lutram_depth: int = 0):
         self.code_bits, self.banks, self.lanes = code_bits, banks, lanes
         self.word = word
+        self.depth = 2 * banks << code_bits
+        self.part_depth = lutram_depth or self.depth
+        self.read_latency = 1 if self.part_depth == self.depth else 2
         lanes_of = lambda shape: data.ArrayLayout(shape, lanes)    # noqa: E731
         super().__init__({
             "write": In(stream.Signature(data.StructLayout({
@@ -50,19 +62,26 @@ class LutBank(wiring.Component):
         """The word the RAM stores for a write (the identity; tests override it to inject a bug)."""
         return data
 
+    def part_select(self, registered, current):
+        """Which memory a two-cycle read takes its word from: the one its address named a
+        cycle earlier, ``registered`` (tests override it to inject a bug)."""
+        return registered
+
     def _address(self, code, bank, page):
         return Cat(code, bank, page) if self.banks == 2 else Cat(code, page)
 
     def elaborate(self, platform):
         m = Module()
         w = self.write.payload
-        depth = 2 * self.banks << self.code_bits
+        depth, part_depth = self.depth, self.part_depth
+        parts, part_bits = depth // part_depth, (part_depth - 1).bit_length()
         word_bits = data.Layout.cast(self.word).size
         copies = []
         for g in range(rep.groups(self.lanes)):        # the write port, registered per lane group
             c = {"addr": rep.replica(range(depth), name=f"waddr_g{g}", reset_less=True),
                  "data": rep.replica(unsigned(word_bits), name=f"wdata_g{g}", reset_less=True),
-                 "en": rep.replica(1, name=f"wen_g{g}")}
+                 # no reset: a write taken before a reset still lands, like the RAM keeps its words
+                 "en": rep.replica(1, name=f"wen_g{g}", reset_less=True)}
             m.d.sync += [c["addr"].eq(self._address(w.addr, w.bank, self.write_page)),
                          c["data"].eq(self.stored_word(w.addr, w.data.as_value())),
                          c["en"].eq(self.write.valid)]
@@ -70,13 +89,23 @@ class LutBank(wiring.Component):
         per_group = self.lanes // len(copies)
         for lane in range(self.lanes):
             c = copies[lane // per_group]
-            mem = memory.Memory(shape=unsigned(word_bits), depth=depth, init=[])
-            m.submodules[f"mem{lane}"] = mem
-            wp = mem.write_port()
-            m.d.comb += [wp.addr.eq(c["addr"]), wp.data.eq(c["data"]), wp.en.eq(c["en"])]
-            rp = mem.read_port()          # not transparent: reads and writes never share a page
-            m.d.comb += [rp.addr.eq(self._address(self.read_addr[lane], self.read_bank[lane],
-                                                  self.read_page[lane])),
-                         rp.en.eq(self.read_en[lane]),
-                         self.read_data[lane].eq(rp.data)]
+            addr = self._address(self.read_addr[lane], self.read_bank[lane], self.read_page[lane])
+            part_data = []
+            for p in range(parts):
+                mem = memory.Memory(shape=unsigned(word_bits), depth=part_depth, init=[])
+                m.submodules[f"mem{lane}" if parts == 1 else f"mem{lane}_{p}"] = mem
+                wp = mem.write_port()
+                here = c["en"] if parts == 1 else c["en"] & (c["addr"][part_bits:] == p)
+                m.d.comb += [wp.addr.eq(c["addr"][:part_bits]), wp.data.eq(c["data"]), wp.en.eq(here)]
+                rp = mem.read_port()      # not transparent: reads and writes never share a page
+                m.d.comb += [rp.addr.eq(addr[:part_bits]), rp.en.eq(self.read_en[lane])]
+                part_data.append(rp.data)
+            if parts == 1:
+                m.d.comb += self.read_data[lane].eq(part_data[0])
+                continue
+            part = Signal(range(parts), name=f"part{lane}", reset_less=True)
+            data_reg = Signal(unsigned(word_bits), name=f"read_data{lane}", reset_less=True)
+            with m.If(self.read_en[lane]):
+                m.d.sync += [part.eq(addr[part_bits:]), data_reg.eq(Array(part_data)[self.part_select(part, addr[part_bits:])])]
+            m.d.comb += self.read_data[lane].eq(data_reg)
         return m

@@ -1,6 +1,7 @@
 """`make sim`: the cocotb regression of every named configuration, in Icarus or Verilator.
 
     python -m sop.sim.runner [--config NAME ...] [--sim icarus|verilator] [--quick] [--seed N]
+                             [--lutram-depth D]
 
 For each configuration it writes the Verilog (hdl.generate) and the real
 MiniLM vectors for its layout (`sop vectors`, cached under build/vectors/),
@@ -9,7 +10,10 @@ sim/tb_decoder.py with a plan: the vectors, random streams, corner cases and
 a reset mid-stream. The two operating points get the full plan (two whole
 MiniLM layers, 4 x 256 random blocks), the other configurations a medium one
 (16 rows of one layer, 4 x 64 random blocks), ``--quick`` (for `make test`)
-and the 64-lane design in Icarus a quick one. ``WAVES=1``
+and the 64-lane design in Icarus a quick one. ``--lutram-depth D`` runs the
+configurations built with their tables in ``D``-word LUT RAM memories (what
+``make synth`` measures on ECP5), under ``build/sim/<sim>/<config>-lutram<D>/``,
+with the medium plan at most. ``WAVES=1``
 writes waveforms. Each run ends with the summary line: vectors checked,
 mismatches, functional coverage. Exit status 1 if anything mismatched.
 """
@@ -22,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sop import toolenv
@@ -56,7 +61,7 @@ def plan_size(cfg: DecoderConfig, sim: str, quick: bool) -> str:
     """"full", "medium" or "quick" (Icarus is too slow for the 64-lane design's full plan)."""
     if quick or (sim == "icarus" and cfg.lanes > 8):
         return "quick"
-    return "full" if cfg.name in OPERATING_POINTS else "medium"
+    return "full" if cfg.name in OPERATING_POINTS and not cfg.lutram_depth else "medium"
 
 
 def plan_for(cfg: DecoderConfig, size: str, vectors_dir: Path | None) -> dict:
@@ -65,7 +70,8 @@ def plan_for(cfg: DecoderConfig, size: str, vectors_dir: Path | None) -> dict:
         jobs.append({"kind": "vectors", "dir": str(vectors_dir)})
     layers, blocks = {"quick": (2, 16), "medium": (4, 64), "full": (4, 256)}[size]
     jobs += [{"kind": "random", "layers": layers, "blocks": blocks}, {"kind": "corners"}, {"kind": "reset"}]
-    return {"config": cfg.name, "size": size, "jobs": jobs, "p_idle": 0.2, "p_stall": 0.2}
+    return {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "size": size, "jobs": jobs,
+            "p_idle": 0.2, "p_stall": 0.2}
 
 
 def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path:
@@ -95,7 +101,8 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
     from sop.hdl.generate import generate
 
     check_simulator(sim)
-    build_dir = Path(build_dir or ROOT / "build" / "sim" / sim / cfg.name).resolve()
+    variant = cfg.name + (f"-lutram{cfg.lutram_depth}" if cfg.lutram_depth else "")
+    build_dir = Path(build_dir or ROOT / "build" / "sim" / sim / variant).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     if verilog is None:
         verilog, _ = generate(cfg, build_dir / "rtl")
@@ -141,7 +148,8 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
 
 def summary_line(s: dict) -> str:
     cov = s["coverage_hit"] / s["coverage_bins"]
-    return (f"{s['config']} [{s['sim']}, {s.get('plan')}]: {s['checked']} vectors checked, {s['mismatches']} mismatches, "
+    name = s["config"] + (f" lutram {s['lutram_depth']}" if s.get("lutram_depth") else "")
+    return (f"{name} [{s['sim']}, {s.get('plan')}]: {s['checked']} vectors checked, {s['mismatches']} mismatches, "
             f"coverage {s['coverage_hit']}/{s['coverage_bins']} = {cov:.3f} "
             f"(seed {s.get('seed')}, {s['wall_seconds']:.1f} s)")
 
@@ -152,11 +160,18 @@ def main(argv=None) -> int:
     p.add_argument("--sim", default=os.environ.get("SIM", "icarus"), choices=list(SIMULATORS))
     p.add_argument("--quick", action="store_true", help="the fast subset")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
+                   help="the tables in D-word LUT RAM memories (hdl/lut_bank.py)")
     args = p.parse_args(argv)
     configs = named_configs()
     names = args.config or list(configs)
     if unknown := [n for n in names if n not in configs]:
         print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
+        return 2
+    try:
+        configs = {n: replace(configs[n], lutram_depth=args.lutram_depth) for n in names}
+    except ValueError as err:
+        print(f"sop sim: {err}", file=sys.stderr)
         return 2
     try:
         check_simulator(args.sim)

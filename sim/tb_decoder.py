@@ -19,6 +19,7 @@ written to ``SOP_SIM_REPORT``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -217,7 +218,7 @@ def _check_vector_expectations(cfg: DecoderConfig, v) -> None:
 @cocotb.test()
 async def regression(dut):
     plan = json.loads(Path(os.environ["SOP_SIM_PLAN"]).read_text())
-    cfg = named_configs()[plan["config"]]
+    cfg = dataclasses.replace(named_configs()[plan["config"]], lutram_depth=plan.get("lutram_depth", 0))
     seed = cocotb.RANDOM_SEED
     dut._log.info(f"config {cfg.name}, random seed {seed} (rerun with COCOTB_RANDOM_SEED={seed})")
     rng = np.random.default_rng(seed)
@@ -238,7 +239,7 @@ async def regression(dut):
         else:
             await tb.run(_job_layers(cfg, job, rng))
     hit, total = stimulus.coverage(cfg, tb.layers_checked)
-    summary = {"config": cfg.name, "seed": seed, "checked": tb.checked, "mismatches": tb.mismatches,
+    summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": tb.checked, "mismatches": tb.mismatches,
                "coverage_hit": hit, "coverage_bins": total, "seconds": time.time() - t0}
     Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
     dut._log.info(f"{cfg.name}: {tb.checked} vectors checked, {tb.mismatches} mismatches, "

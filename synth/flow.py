@@ -22,7 +22,8 @@ Targets (``TARGETS``):
   SB_MAC16s: without ``-dsp`` they are LUTs, slower and larger), nextpnr-ice40
   at 50 MHz.
 * ``ecp5``: ECP5-85F (LFE5U-85F) CABGA381, ``synth_ecp5``, nextpnr-ecp5 at
-  200 MHz. Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs
+  200 MHz. The decoder is built with ``lutram_depth=16`` (``for_target``):
+  its tables in DPR16X4 rows, each read into its own register. Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs
   with ABC9: its ``-noabc9`` is accepted and ignored. ABC9 maps the 64-lane
   design in about 60 s and 0.5 GB here (the wrapper keeps the decoder in its
   own module). Where ABC9 fails (it has asserted on some designs), the ECP5
@@ -66,7 +67,7 @@ import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -104,6 +105,7 @@ class Target:
     capacity: dict = field(default_factory=dict)    # report key -> what the device has
     wrap: bool = True
     fallback: str = ""                  # yosys command(s) used if ``synth`` fails (noted in the record)
+    lutram_depth: int = 0               # the decoder's table RAM shape for this target (DecoderConfig)
 
 
 TARGETS = {
@@ -125,6 +127,7 @@ TARGETS = {
         counts={"luts": {"LUT4": 1, "CCU2C": 2}, "ffs": {"TRELLIS_FF": 1}, "brams": {"DP16KD": 1},
                 "dsps": {"MULT18X18D": 1}, "lutram": {"TRELLIS_DPR16X4": 1}},
         capacity={"luts": 83640, "brams": 208, "dsps": 156},
+        lutram_depth=16,            # the tables as DPR16X4 rows, each read into its own register
         # synth_ecp5 with classic ABC in place of ABC9 (its map_luts step replaced, as -noabc9 did)
         fallback="synth_ecp5 -top {top} -run begin:map_luts; " + "; ".join(ECP5_CLASSIC_LUT_MAP) +
                  "; synth_ecp5 -top {top} -run map_cells:"),
@@ -273,10 +276,10 @@ def critical_path(report: dict) -> dict | None:
     return None
 
 
-def place_and_route(work: Path, target: Target, freq_mhz: float) -> None:
+def place_and_route(work: Path, target: Target, freq_mhz: float, *, seed: int = SEED) -> None:
     """nextpnr in ``work`` on ``netlist.json``: writes ``pnr.json`` (its ``--report``) and the log."""
     argv = list(target.pnr) + ["--json", "netlist.json", "--freq", f"{freq_mhz:g}", "--report", "pnr.json",
-                               "--timing-allow-fail", "--seed", str(SEED), "-l", "nextpnr.log", "-q"]
+                               "--timing-allow-fail", "--seed", str(seed), "-l", "nextpnr.log", "-q"]
     _run(argv, work, work / "nextpnr.log", target.pnr[0])
 
 
@@ -354,9 +357,21 @@ def run_design(dut: wiring.Component, name: str, target: str | Target, out: Path
     return rec
 
 
+def for_target(cfg: DecoderConfig, target: str | Target) -> DecoderConfig:
+    """``cfg`` with the target's table RAM shape, unless it names one itself."""
+    target = TARGETS[target] if isinstance(target, str) else target
+    d = target.lutram_depth
+    if cfg.lutram_depth or not d or d >= cfg.table_depth:
+        return cfg
+    return replace(cfg, lutram_depth=d)
+
+
 def run_config(cfg: DecoderConfig, target: str, out: Path = DEFAULT_OUT, *, force: bool = False) -> dict:
-    """One decoder configuration on one target."""
-    return run_design(Decoder(cfg), cfg.name, target, out, top="synth_" + module_name(cfg), force=force)
+    """One decoder configuration on one target (with the target's table RAM shape, ``for_target``)."""
+    cfg = for_target(cfg, target)
+    rec = run_design(Decoder(cfg), cfg.name, target, out, top="synth_" + module_name(cfg), force=force)
+    rec["lutram_depth"] = cfg.lutram_depth
+    return rec
 
 
 def run_many(jobs_list: list[tuple[DecoderConfig, str]], out: Path = DEFAULT_OUT, *, jobs: int = 1,

@@ -1,7 +1,8 @@
 """Deliberately broken decoder parts, to show that each checker catches a real bug.
 
 Used by the amaranth.sim tests and by the cocotb regression test: a LUT bank
-that stores one bit of one entry flipped, a codebook mux with the selection
+that stores one bit of one entry flipped, one whose two-cycle (LUT RAM) read
+takes its word from the memory the *next* read addresses, a codebook mux with the selection
 inverted, and a formatter that rounds BF16 ties away from zero.
 """
 
@@ -17,6 +18,13 @@ class FlippedLutBit(LutBank):
 
     def stored_word(self, addr, data):
         return Mux(addr == 5, data ^ (1 << 3), data)
+
+
+class StalePartSelect(LutBank):
+    """A two-cycle read picks its memory with the current address instead of its own."""
+
+    def part_select(self, registered, current):
+        return current
 
 
 class InvertedSelect(CodebookMux):

@@ -1,10 +1,12 @@
 """The cocotb regression's fast subset (`make sim` runs the whole of it).
 
-Real simulators on the generated Verilog: Icarus for the two operating points,
-Verilator for the 1-lane configuration; and a deliberately broken design must
+Real simulators on the generated Verilog: Icarus for the two operating points
+and sop4-g16 with its tables in LUT RAM rows (what ECP5 builds), Verilator for
+the 1-lane configuration; and a deliberately broken design must
 make the regression report mismatches.
 """
 
+import dataclasses
 import json
 import os
 
@@ -22,12 +24,13 @@ from sop.sim.vectors import VectorError, make_vectors, read_vectors
 CONFIGS = named_configs()
 
 
-@pytest.mark.parametrize("name,sim", [("sop4-g16", "icarus"), ("e2m3-ue4m4-g16", "icarus"),
-                                      ("sop4-g16-x1", "verilator")])
-def test_regression_quick(name, sim, tmp_path):
+@pytest.mark.parametrize("name,sim,lutram_depth", [("sop4-g16", "icarus", 0), ("e2m3-ue4m4-g16", "icarus", 0),
+                                                   ("sop4-g16-x1", "verilator", 0), ("sop4-g16", "icarus", 16)])
+def test_regression_quick(name, sim, lutram_depth, tmp_path):
     # A fixed seed: the coverage bound below is then a fact about this stimulus, not a chance
     # (`make sim` draws a new seed every run).
-    s = runner.run(CONFIGS[name], sim, quick=True, build_dir=tmp_path / "build", seed=1)
+    cfg = dataclasses.replace(CONFIGS[name], lutram_depth=lutram_depth)
+    s = runner.run(cfg, sim, quick=True, build_dir=tmp_path / "build", seed=1)
     print(runner.summary_line(s))
     assert s["failed_tests"] == 0 and s["mismatches"] == 0
     assert s["checked"] > 5000 and s["coverage_hit"] / s["coverage_bins"] > 0.5

@@ -29,6 +29,9 @@ CONFIGS = {
     "sop4-x32-exact": DecoderConfig("t", 32, LAY["sop4-g16"], output="exact"),
     "fp6-x4-bf16": DecoderConfig("t", 4, LAY["e2m3-ue4m4-g16"]),
     "fp6-x16-exact": DecoderConfig("t", 16, LAY["e2m3-ue4m4-g16"], output="exact"),
+    # tables from LUT RAM memories (hdl/lut_bank.py): a two-cycle read
+    "sop4-x8-bf16-lutram16": DecoderConfig("t", 8, LAY["sop4-g16"], lutram_depth=16),
+    "fp6-x16-exact-lutram32": DecoderConfig("t", 16, LAY["e2m3-ue4m4-g16"], output="exact", lutram_depth=32),
 }
 
 
@@ -61,7 +64,7 @@ def test_subnormal_and_saturated_bf16_outputs_are_exercised():
     assert (words == 0x8000).any()                       # negative zero
 
 
-@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x1-bf16", "sop4-x32-exact"])
+@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x1-bf16", "sop4-x32-exact", "sop4-x8-bf16-lutram16"])
 def test_full_throughput_without_stalls(name):
     """No bubble: with both sides always ready, one output beat leaves every cycle,
     across blocks (g > N: a block over several cycles) and across a table swap."""
@@ -77,7 +80,8 @@ def test_full_throughput_without_stalls(name):
     assert np.all(np.diff(cycles) == 1)
 
 
-@pytest.mark.parametrize("name", ["sop4-x8-bf16", "fp6-x4-bf16", "sop4-x32-exact"])
+@pytest.mark.parametrize("name", ["sop4-x8-bf16", "fp6-x4-bf16", "sop4-x32-exact", "sop4-x8-bf16-lutram16",
+                                  "fp6-x16-exact-lutram32"])
 def test_latency_is_what_the_manifest_says(name):
     """Cycles from a beat's handshake to its first output beat, measured."""
     cfg = CONFIGS[name]
@@ -112,8 +116,9 @@ def test_latency_is_what_the_manifest_says(name):
     assert seen["out"] - seen["in"] == dut.latency
 
 
-def test_reset_mid_stream_leaves_no_stale_data():
-    cfg = CONFIGS["sop4-x8-bf16"]
+@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x8-bf16-lutram16"])
+def test_reset_mid_stream_leaves_no_stale_data(name):
+    cfg = CONFIGS[name]
     rng = np.random.default_rng(6)
     first, second = random_layer(cfg, rng, 8), random_layer(cfg, rng, 4)
     got = run_decoder(cfg, [first, second], seed=7, reset_after_beats=5)
@@ -158,4 +163,11 @@ def test_check_catches_wrong_rounding():
     cfg = CONFIGS["sop4-x8-bf16"]
     layer = random_layer(cfg, np.random.default_rng(11), n_blocks=16, offset=-10)
     got = run_decoder(cfg, [layer], seed=11, p_idle=0, p_stall=0, dut=Decoder(cfg, formatter=mutants.TiesAway))
+    assert got != expected(cfg, [layer])
+
+
+def test_check_catches_a_stale_part_select_in_the_lut_ram():
+    cfg = CONFIGS["sop4-x8-bf16-lutram16"]
+    layer = corner_layer(cfg, 0)
+    got = run_decoder(cfg, [layer], seed=14, dut=Decoder(cfg, bank=mutants.StalePartSelect))
     assert got != expected(cfg, [layer])

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import mutants
 import numpy as np
 import pytest
 from amaranth.hdl import Elaboratable, Module, Signal
@@ -94,62 +95,77 @@ def test_pipelined_multiplier_every_product(a_bits, b_bits):
 
 # -- LUT bank and codebook mux --------------------------------------------------------------
 
-def test_lut_bank_pages_banks_and_write_latency():
+def check_lut_bank(lutram_depth, bank_cls=LutBank):
+    """Reads of every page, bank and address on three lanes with their own random read
+    enables: ``read_data`` is always the word of the read issued ``read_latency`` enabled
+    edges ago (held while stalled); a word written in cycle t is read from cycle t + 2."""
     cfg = config("exact")
     lanes = 3
-    dut = LutBank(code_bits=4, banks=2, word=lut_word.word(cfg), lanes=lanes)
+    dut = bank_cls(code_bits=4, banks=2, word=lut_word.word(cfg), lanes=lanes, lutram_depth=lutram_depth)
+    assert dut.read_latency == (1 if lutram_depth == 0 else 2)
+    L = dut.read_latency
     rng = np.random.default_rng(0)
     tables = rng.integers(0, 1 << 10, (2, 2, 16))       # page, bank, addr
+    reads = [(page, bank, addr) for page in (0, 1) for bank in (0, 1) for addr in range(16)]
+    checked = []
+
+    def write(ctx, page, bank, addr, value):
+        ctx.set(dut.write_page, page)
+        ctx.set(dut.write.payload.bank, bank)
+        ctx.set(dut.write.payload.addr, addr)
+        ctx.set(dut.write.payload.data.as_value(), int(value))
+        ctx.set(dut.write.valid, 1)
+
+    def issue(ctx, lane, page, bank, addr):
+        ctx.set(dut.read_page[lane], page)
+        ctx.set(dut.read_bank[lane], bank)
+        ctx.set(dut.read_addr[lane], addr)
 
     async def bench(ctx):
-        for page in (0, 1):
-            ctx.set(dut.write_page, page)
-            for bank in (0, 1):
-                for addr in range(16):
-                    ctx.set(dut.write.payload.bank, bank)
-                    ctx.set(dut.write.payload.addr, addr)
-                    ctx.set(dut.write.payload.data.as_value(), int(tables[page, bank, addr]))
-                    ctx.set(dut.write.valid, 1)
-                    await ctx.tick()
+        for page, bank, addr in reads:
+            write(ctx, page, bank, addr, tables[page, bank, addr])
+            await ctx.tick()
         ctx.set(dut.write.valid, 0)
         await ctx.tick()                                 # a write reaches the RAM one edge later
-        for lane in range(lanes):
-            ctx.set(dut.read_en[lane], 1)
-        for page in (0, 1):
-            for start in range(16):
-                addrs = [(start + 5 * lane) % 16 for lane in range(lanes)]
-                banks = [(start + lane) % 2 for lane in range(lanes)]
-                for lane in range(lanes):
-                    ctx.set(dut.read_page[lane], page)
-                    ctx.set(dut.read_bank[lane], banks[lane])
-                    ctx.set(dut.read_addr[lane], addrs[lane])
-                await ctx.tick()
-                assert [ctx.get(dut.read_data[lane].as_value()) for lane in range(lanes)] == \
-                    [int(tables[page, bk, a]) for bk, a in zip(banks, addrs)]
-        # read_en low: the words stay while the address changes (a stalled pipeline)
-        held = [ctx.get(dut.read_data[lane].as_value()) for lane in range(lanes)]
-        ctx.set(dut.read_en[0], 0)
-        ctx.set(dut.read_addr[0], 3)
-        await ctx.tick()
-        assert ctx.get(dut.read_data[0].as_value()) == held[0]
-        # write latency: a word written in cycle t is read from cycle t + 2, not before
+        issued = [[] for _ in range(lanes)]              # per lane: the reads its enabled edges took
+        for cycle in range(3 * len(reads)):
+            for lane in range(lanes):
+                read = reads[(cycle + 37 * lane) % len(reads)]
+                issue(ctx, lane, *read)
+                en = rng.random() < 0.7
+                ctx.set(dut.read_en[lane], en)
+                if en:
+                    issued[lane].append(read)
+            await ctx.tick()
+            for lane in range(lanes):
+                if len(issued[lane]) >= L:
+                    page, bank, addr = issued[lane][-L]
+                    assert ctx.get(dut.read_data[lane].as_value()) == tables[page, bank, addr], (cycle, lane)
+                    checked.append(1)
+        # write latency: issue a read of the written word in cycles t, t + 1, t + 2, t + 3
         ctx.set(dut.read_en[0], 1)
-        ctx.set(dut.read_page[0], 1)
-        ctx.set(dut.read_bank[0], 0)
-        ctx.set(dut.read_addr[0], 7)
-        ctx.set(dut.write_page, 1)
-        ctx.set(dut.write.payload.bank, 0)
-        ctx.set(dut.write.payload.addr, 7)
-        ctx.set(dut.write.payload.data.as_value(), 0x155)
-        ctx.set(dut.write.valid, 1)
-        await ctx.tick()                                  # cycle t: the write is taken
-        ctx.set(dut.write.valid, 0)
-        await ctx.tick()                                  # cycle t + 1: the read sees the old word
-        assert ctx.get(dut.read_data[0].as_value()) == int(tables[1, 0, 7])
-        await ctx.tick()                                  # cycle t + 2: the new one
-        assert ctx.get(dut.read_data[0].as_value()) == 0x155
+        issue(ctx, 0, 1, 0, 7)
+        write(ctx, 1, 0, 7, 0x155)
+        seen = []
+        for cycle in range(4 + L):
+            await ctx.tick()
+            ctx.set(dut.write.valid, 0)
+            if cycle >= L - 1:
+                seen.append(ctx.get(dut.read_data[0].as_value()))
+        assert seen[:4] == [int(tables[1, 0, 7])] * 2 + [0x155] * 2
 
     simulate(dut, bench)
+    assert len(checked) > 2 * len(reads)
+
+
+@pytest.mark.parametrize("lutram_depth", [0, 16, 32])
+def test_lut_bank_pages_banks_stalls_and_write_latency(lutram_depth):
+    check_lut_bank(lutram_depth)
+
+
+def test_lut_bank_check_catches_a_stale_part_select():
+    with pytest.raises(AssertionError):
+        check_lut_bank(16, mutants.StalePartSelect)
 
 
 @pytest.mark.parametrize("lanes,group", [(8, 16), (32, 16), (64, 8)])
@@ -372,4 +388,8 @@ def test_config_refuses_invalid_combinations():
         DecoderConfig("bad", 8, BlockLayout(4, 16, get_format("ue8m0")))
     with pytest.raises(ValueError, match="output"):
         DecoderConfig("bad", 8, LAY["sop4-g16"], output="fp32")
+    for depth in (12, 64, 1):        # not a power of two; a sop4 lane's whole table; a 1-word memory
+        with pytest.raises(ValueError, match="lutram_depth"):
+            DecoderConfig("bad", 8, LAY["sop4-g16"], lutram_depth=depth)
+    assert DecoderConfig("ok", 8, LAY["e2m3-ue4m4-g16"], lutram_depth=64).table_depth == 128
     assert dataclasses.replace(DecoderConfig("ok", 64, LAY["sop4-g16"])).blocks_per_beat == 4

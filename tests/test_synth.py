@@ -4,6 +4,7 @@ Small on purpose (about 20 s): the 1-lane decoder on iCE40 through yosys and
 nextpnr, and two tiny designs; `make synth` runs the full flow.
 """
 
+import dataclasses
 import json
 import random
 
@@ -18,8 +19,8 @@ from sop.hdl.config import named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.replica import replica
 from sop.synth.__main__ import main
-from sop.synth.flow import (REPORT_KEYS, TARGETS, Target, markdown_table, report, run_config, run_design,
-                            write_reports)
+from sop.synth.flow import (REPORT_KEYS, TARGETS, Target, for_target, markdown_table, report, run_config,
+                            run_design, write_reports)
 from sop.synth.wrapper import IoWrapper, fold_levels, port_bits
 
 
@@ -195,6 +196,19 @@ def test_generic_target_counts_memories_abstractly(tmp_path):
     cfg = named_configs()["sop4-g16-x1"]
     rec = run_config(cfg, "generic", tmp_path)
     assert rec["fmax_mhz"] is None and rec["brams"] == 1 and rec["luts"] > 100 and rec["dsps"] == 0
+
+
+def test_ecp5_builds_the_tables_from_lut_ram_rows(tmp_path):
+    """On ECP5 the decoder is built with lutram_depth 16: each DPR16X4 row read into its own
+    register, still the floor of 12 DPR16X4 per sop4 lane; iCE40 keeps one RAM40 per lane."""
+    cfg = named_configs()["sop4-g16-x1"]
+    assert for_target(cfg, "ecp5").lutram_depth == 16
+    assert for_target(cfg, "ice40") == cfg and for_target(cfg, "generic") == cfg
+    own = dataclasses.replace(cfg, lutram_depth=32)
+    assert for_target(own, "ecp5") == own                 # a config that names its shape keeps it
+    rec = run_config(cfg, "ecp5", tmp_path)
+    assert rec["lutram_depth"] == 16 and rec["lutram"] == 12 and rec["brams"] == 0
+    assert rec["fmax_mhz"] is not None
 
 
 def test_cli_refuses_unknown_names(capsys):

@@ -1,5 +1,6 @@
 """`make verilog`: every named configuration generates, lints clean and compiles."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,13 +15,18 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = named_configs()
 # docs/hardware.md's latencies: BF16 8 cycles (9 with a UE4M4 scale: one more multiplier level),
 # exact 4; tests/test_hdl_decoder.py measures them in simulation.
-LATENCY = {"sop4-g16": 8, "e2m3-ue4m4-g16": 9, "sop4-g16-x1": 8, "sop4-g16-exact": 4, "sop4-g16-x64": 8}
+# The LUT RAM variant (--lutram-depth, what make synth builds for ECP5) reads its tables in two
+# cycles: one more.
+LATENCY = {"sop4-g16": 8, "e2m3-ue4m4-g16": 9, "sop4-g16-x1": 8, "sop4-g16-exact": 4, "sop4-g16-x64": 8,
+           "sop4-g16-lutram16": 9, "e2m3-ue4m4-g16-lutram16": 10}
+VARIANTS = {**CONFIGS, **{f"{n}-lutram16": dataclasses.replace(CONFIGS[n], name=f"{n}-lutram16", lutram_depth=16)
+                          for n in ("sop4-g16", "e2m3-ue4m4-g16")}}
 
 
 @pytest.fixture(scope="module")
 def verilog_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("verilog")
-    for cfg in CONFIGS.values():
+    for cfg in VARIANTS.values():
         generate(cfg, out)
     return out
 
@@ -32,9 +38,9 @@ def test_named_configurations_include_the_required_ones():
     assert min(c.lanes for c in CONFIGS.values()) == 1
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_manifest_describes_the_ports(verilog_dir, name):
-    cfg = CONFIGS[name]
+    cfg = VARIANTS[name]
     doc = json.loads((verilog_dir / f"{name}.json").read_text())
     ports = {p["name"]: p for p in doc["ports"]}
     assert ports["blocks__payload"]["width"] == cfg.beat_bits + 1 and ports["blocks__payload"]["direction"] == "input"
@@ -47,7 +53,7 @@ def test_manifest_describes_the_ports(verilog_dir, name):
     assert doc["latency_cycles"] == LATENCY[name]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_verilator_lint_clean_with_documented_waivers(verilog_dir, name):
     assert shutil.which("verilator"), "verilator not found: run `make setup`"
     r = subprocess.run(["verilator", "--lint-only", "-Wall", str(ROOT / "hdl" / "lint.vlt"),
@@ -55,7 +61,7 @@ def test_verilator_lint_clean_with_documented_waivers(verilog_dir, name):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_iverilog_compiles(verilog_dir, name, tmp_path):
     assert shutil.which("iverilog"), "iverilog not found: run `make setup`"
     r = subprocess.run(["iverilog", "-g2005", "-o", str(tmp_path / "a.vvp"), str(verilog_dir / f"{name}.v")],
@@ -75,3 +81,12 @@ def test_lint_catches_a_real_problem(tmp_path):
 def test_unknown_configuration_is_refused(capsys):
     assert main(["--config", "nope", "--out", "/nonexistent"]) == 2
     assert "sop4-g16" in capsys.readouterr().err
+
+
+def test_lutram_depth_option(tmp_path, capsys):
+    assert main(["--config", "sop4-g16", "--lutram-depth", "16", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "sop4-g16.json").read_text())
+    assert doc["parameters"]["lutram_depth"] == 16 and doc["latency_cycles"] == LATENCY["sop4-g16"] + 1
+    # 64 words is a sop4 lane's whole table: no split to make
+    assert main(["--config", "sop4-g16", "--lutram-depth", "64", "--out", str(tmp_path)]) == 2
+    assert "lutram_depth must be 0" in capsys.readouterr().err

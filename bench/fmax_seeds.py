@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Fmax over placement seeds on ECP5: the table read as LUT RAM rows against one memory per lane.
+
+nextpnr's placement depends on its seed, and at 200 MHz on ECP5 the achieved
+Fmax of one design moves by several per cent from seed to seed. `make synth`
+reports seed 1; this script shows the spread. For each operating point
+(sop4-g16, e2m3-ue4m4-g16: 8 lanes) it builds two variants side by side in the
+same process:
+
+* ``lutram_depth=16`` (what `make synth` builds for ECP5): each DPR16X4 row
+  read into its own register, then a registered row select;
+* ``lutram_depth=0`` (the baseline: one memory per lane, the 4:1 or 8:1 row
+  mux in front of the read register: the previous ECP5 build);
+
+synthesizes each once (synth/flow.py, ``build/synth-seeds/``) and places and
+routes it with seeds 1 to ``--seeds``, then prints per variant the Fmax of
+every seed, min / median / max, and the ratio of the medians.
+
+Run: .venv/bin/python bench/fmax_seeds.py [--seeds 5] [--jobs 2]    (about 5 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from sop import toolenv
+from sop.golden.artifact import write_atomic
+from sop.hdl.config import named_configs
+from sop.hdl.decoder import Decoder
+from sop.hdl.generate import module_name
+from sop.synth.flow import SEED, TARGETS, place_and_route, read_pnr, run_design
+
+OUT = toolenv.ROOT / "build" / "synth-seeds"
+CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
+VARIANTS = {"lutram16": 16, "one-memory": 0}
+
+
+def fmax_for_seed(work: Path, seed: int) -> dict:
+    """Place and route the netlist in ``work`` again with ``seed`` (seed 1: the synthesis run's)."""
+    target = TARGETS["ecp5"]
+    if seed == SEED:
+        return read_pnr(work)
+    run = work / f"seed{seed}"
+    run.mkdir(exist_ok=True)
+    shutil.copy(work / "netlist.json", run / "netlist.json")     # the YoWASP tools take relative paths
+    place_and_route(run, target, target.freq_mhz, seed=seed)
+    return read_pnr(run)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=2)
+    args = p.parse_args()
+    toolenv.apply()
+    t0 = time.monotonic()
+    works = {}
+    for name in CONFIGS:
+        for variant, depth in VARIANTS.items():
+            cfg = replace(named_configs()[name], lutram_depth=depth)
+            label = f"{name}-{variant}"
+            run_design(Decoder(cfg), label, "ecp5", OUT, top="synth_" + module_name(cfg))
+            works[label] = OUT / "runs" / label / "ecp5"
+    jobs = [(label, seed) for label in works for seed in range(1, args.seeds + 1)]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        got = list(pool.map(lambda j: fmax_for_seed(works[j[0]], j[1]), jobs))
+    fmax = {label: [] for label in works}
+    for (label, _), rec in zip(jobs, got):
+        fmax[label].append(rec["fmax_mhz"])
+    summary = {}
+    lines = ["| config | table RAM | Fmax per seed (MHz) | min | median | max |", "|---|---|---|---:|---:|---:|"]
+    for name in CONFIGS:
+        med = {}
+        for variant in VARIANTS:
+            f = fmax[f"{name}-{variant}"]
+            med[variant] = statistics.median(f)
+            summary[f"{name}-{variant}"] = {"fmax_mhz": f, "median": med[variant]}
+            lines.append(f"| {name} | {variant} | {' / '.join(f'{x:.1f}' for x in f)} | {min(f):.1f} | "
+                         f"{med[variant]:.1f} | {max(f):.1f} |")
+        summary[name] = {"median_ratio": med["lutram16"] / med["one-memory"]}
+    text = "\n".join(lines) + "\n\n" + "\n".join(
+        f"{n}: median Fmax lutram16 / one-memory = {summary[n]['median_ratio']:.3f}" for n in CONFIGS) + "\n"
+    write_atomic(OUT / "fmax_seeds.json", (json.dumps(summary, indent=1) + "\n").encode())
+    write_atomic(OUT / "fmax_seeds.md", text.encode())
+    print(text)
+    print(f"wall time {time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
