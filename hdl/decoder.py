@@ -20,9 +20,10 @@ Interfaces
 Timing. Stage 0 (``hold``) takes a beat and issues it: a block of ``g > N``
 codes over ``g / N`` cycles, each lane shifting its own codes out, while the
 next beat is already accepted. Stage 1 reads each lane's table RAM and
-registers the block fields; the formatter's stages follow. ``latency`` is the
-number of cycles from a beat's handshake to its first output beat
-(4 exact, 8 BF16 for the sop4 layout). While both sides are ready, ``N`` values
+registers the block fields (stages 1 and 2 where the tables are LUT RAM
+memories, ``lutram_depth > 0``); the formatter's stages follow. ``latency`` is
+the number of cycles from a beat's handshake to its first output beat
+(4 exact, 8 BF16 for the sop4 layout; one more with ``lutram_depth > 0``). While both sides are ready, ``N`` values
 leave every cycle with no bubble.
 
 Stalls. One enable moves every pipeline register. It is a register, copied once
