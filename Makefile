@@ -33,7 +33,8 @@ verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuratio
 
 sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), then the board bring-up in simulation
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
-	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --config e2m3-ue4m4-g16 --lutram-depth 16
+	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
+	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
 	$(PY) -m sop.synth.bringup --sim
 
 synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json

@@ -7,10 +7,11 @@ reports seed 1; this script shows the spread. For each operating point
 (sop4-g16, e2m3-ue4m4-g16: 8 lanes) it builds two variants side by side in the
 same process:
 
-* ``lutram_depth=16`` (what `make synth` builds for ECP5): each DPR16X4 row
-  read into its own register, then a registered row select;
+* ``lutram`` (what `make synth` builds for ECP5, synth.flow.for_target:
+  ``lutram_depth`` 16 for sop4, 32 for the 6-bit codes): the tables as LUT RAM
+  memories, each read into its own register, then a registered row select;
 * ``lutram_depth=0`` (the baseline: one memory per lane, the 4:1 or 8:1 row
-  mux in front of the read register: the previous ECP5 build);
+  mux in front of the read register: the shape ECP5 was built with before);
 
 synthesizes each once (synth/flow.py, ``build/synth-seeds/``) and places and
 routes it with seeds 1 to ``--seeds``, then prints per variant the Fmax of
@@ -35,11 +36,11 @@ from sop.golden.artifact import write_atomic
 from sop.hdl.config import named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
-from sop.synth.flow import SEED, TARGETS, place_and_route, read_pnr, run_design
+from sop.synth.flow import SEED, TARGETS, for_target, place_and_route, read_pnr, run_design
 
 OUT = toolenv.ROOT / "build" / "synth-seeds"
 CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
-VARIANTS = {"lutram16": 16, "one-memory": 0}
+VARIANTS = ("lutram", "one-memory")
 
 
 def fmax_for_seed(work: Path, seed: int) -> dict:
@@ -61,13 +62,14 @@ def main() -> None:
     args = p.parse_args()
     toolenv.apply()
     t0 = time.monotonic()
-    works = {}
+    works, depths = {}, {}
     for name in CONFIGS:
-        for variant, depth in VARIANTS.items():
-            cfg = replace(named_configs()[name], lutram_depth=depth)
+        for variant in VARIANTS:
+            cfg = named_configs()[name]
+            cfg = for_target(cfg, "ecp5") if variant == "lutram" else replace(cfg, lutram_depth=0)
             label = f"{name}-{variant}"
             run_design(Decoder(cfg), label, "ecp5", OUT, top="synth_" + module_name(cfg))
-            works[label] = OUT / "runs" / label / "ecp5"
+            works[label], depths[label] = OUT / "runs" / label / "ecp5", cfg.lutram_depth
     jobs = [(label, seed) for label in works for seed in range(1, args.seeds + 1)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         got = list(pool.map(lambda j: fmax_for_seed(works[j[0]], j[1]), jobs))
@@ -79,14 +81,15 @@ def main() -> None:
     for name in CONFIGS:
         med = {}
         for variant in VARIANTS:
-            f = fmax[f"{name}-{variant}"]
+            label = f"{name}-{variant}"
+            f = fmax[label]
             med[variant] = statistics.median(f)
-            summary[f"{name}-{variant}"] = {"fmax_mhz": f, "median": med[variant]}
-            lines.append(f"| {name} | {variant} | {' / '.join(f'{x:.1f}' for x in f)} | {min(f):.1f} | "
-                         f"{med[variant]:.1f} | {max(f):.1f} |")
-        summary[name] = {"median_ratio": med["lutram16"] / med["one-memory"]}
+            summary[label] = {"lutram_depth": depths[label], "fmax_mhz": f, "median": med[variant]}
+            lines.append(f"| {name} | {variant} (lutram_depth {depths[label]}) | "
+                         f"{' / '.join(f'{x:.1f}' for x in f)} | {min(f):.1f} | {med[variant]:.1f} | {max(f):.1f} |")
+        summary[name] = {"median_ratio": med["lutram"] / med["one-memory"]}
     text = "\n".join(lines) + "\n\n" + "\n".join(
-        f"{n}: median Fmax lutram16 / one-memory = {summary[n]['median_ratio']:.3f}" for n in CONFIGS) + "\n"
+        f"{n}: median Fmax lutram / one-memory = {summary[n]['median_ratio']:.3f}" for n in CONFIGS) + "\n"
     write_atomic(OUT / "fmax_seeds.json", (json.dumps(summary, indent=1) + "\n").encode())
     write_atomic(OUT / "fmax_seeds.md", text.encode())
     print(text)

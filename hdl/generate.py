@@ -2,11 +2,13 @@
 
     python -m sop.hdl.generate [--out build/verilog] [--config NAME ...] [--lutram-depth D]
 
-``--lutram-depth D`` builds each lane's table from ``D``-word memories
-(hdl/lut_bank.py; 16 for ECP5's DPR16X4, what ``make synth`` measures there)
-instead of one block-RAM-shaped memory. For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
+For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
 with ``_`` for ``-``) and ``NAME.json``: the parameters, every port with its
 width and direction, and the pipeline latency. Files are written atomically.
+
+``--lutram-depth D`` builds each lane's table from ``D``-word memories
+(hdl/lut_bank.py) instead of one block-RAM-shaped memory. What ``make synth``
+measures on ECP5: 16 for 4-bit codes, 32 for 6-bit codes.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("build/verilog"))
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
-                   help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16); "
+                   help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16 for "
+                        "4-bit codes, 32 for 6-bit codes); "
                         "default 0: one memory per lane with a registered read (block RAM)")
     args = p.parse_args(argv)
     configs = named_configs()

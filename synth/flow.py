@@ -22,8 +22,8 @@ Targets (``TARGETS``):
   SB_MAC16s: without ``-dsp`` they are LUTs, slower and larger), nextpnr-ice40
   at 50 MHz.
 * ``ecp5``: ECP5-85F (LFE5U-85F) CABGA381, ``synth_ecp5``, nextpnr-ecp5 at
-  200 MHz. The decoder is built with ``lutram_depth=16`` (``for_target``):
-  its tables in DPR16X4 rows, each read into its own register. Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs
+  200 MHz. The decoder is built with its tables as LUT RAM memories read
+  into registers (``for_target``: ``lutram_depth`` 16, 32 for 6-bit codes). Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs
   with ABC9: its ``-noabc9`` is accepted and ignored. ABC9 maps the 64-lane
   design in about 60 s and 0.5 GB here (the wrapper keeps the decoder in its
   own module). Where ABC9 fails (it has asserted on some designs), the ECP5
@@ -127,7 +127,7 @@ TARGETS = {
         counts={"luts": {"LUT4": 1, "CCU2C": 2}, "ffs": {"TRELLIS_FF": 1}, "brams": {"DP16KD": 1},
                 "dsps": {"MULT18X18D": 1}, "lutram": {"TRELLIS_DPR16X4": 1}},
         capacity={"luts": 83640, "brams": 208, "dsps": 156},
-        lutram_depth=16,            # the tables as DPR16X4 rows, each read into its own register
+        lutram_depth=16,            # the tables as DPR16X4 rows read into registers (for_target)
         # synth_ecp5 with classic ABC in place of ABC9 (its map_luts step replaced, as -noabc9 did)
         fallback="synth_ecp5 -top {top} -run begin:map_luts; " + "; ".join(ECP5_CLASSIC_LUT_MAP) +
                  "; synth_ecp5 -top {top} -run map_cells:"),
@@ -357,13 +357,21 @@ def run_design(dut: wiring.Component, name: str, target: str | Target, out: Path
     return rec
 
 
+MAX_LUTRAM_PARTS = 4     # memories per lane: the row select stays one 4:1 mux (a LUT4 pair and a PFUMX)
+
+
 def for_target(cfg: DecoderConfig, target: str | Target) -> DecoderConfig:
-    """``cfg`` with the target's table RAM shape, unless it names one itself."""
+    """``cfg`` with the target's table RAM shape, unless it names one itself.
+
+    A LUT RAM target splits each lane's table into memories of its LUT RAM depth, or deeper
+    where that would make more than ``MAX_LUTRAM_PARTS`` of them (the 128-word tables of
+    6-bit codes: 32-word memories, each two DPR16X4 rows and a 2:1 mux before its register).
+    """
     target = TARGETS[target] if isinstance(target, str) else target
-    d = target.lutram_depth
-    if cfg.lutram_depth or not d or d >= cfg.table_depth:
+    if cfg.lutram_depth or not target.lutram_depth:
         return cfg
-    return replace(cfg, lutram_depth=d)
+    d = max(target.lutram_depth, cfg.table_depth // MAX_LUTRAM_PARTS)
+    return cfg if d >= cfg.table_depth else replace(cfg, lutram_depth=d)
 
 
 def run_config(cfg: DecoderConfig, target: str, out: Path = DEFAULT_OUT, *, force: bool = False) -> dict:

@@ -199,10 +199,12 @@ def test_generic_target_counts_memories_abstractly(tmp_path):
 
 
 def test_ecp5_builds_the_tables_from_lut_ram_rows(tmp_path):
-    """On ECP5 the decoder is built with lutram_depth 16: each DPR16X4 row read into its own
-    register, still the floor of 12 DPR16X4 per sop4 lane; iCE40 keeps one RAM40 per lane."""
+    """On ECP5 the decoder is built with its tables as LUT RAM memories (sop4: 16 words, each
+    DPR16X4 row read into its own register), still the floor of 12 DPR16X4 per sop4 lane;
+    iCE40 keeps one RAM40 per lane."""
     cfg = named_configs()["sop4-g16-x1"]
     assert for_target(cfg, "ecp5").lutram_depth == 16
+    assert for_target(named_configs()["e2m3-ue4m4-g16"], "ecp5").lutram_depth == 32   # at most 4 memories
     assert for_target(cfg, "ice40") == cfg and for_target(cfg, "generic") == cfg
     own = dataclasses.replace(cfg, lutram_depth=32)
     assert for_target(own, "ecp5") == own                 # a config that names its shape keeps it

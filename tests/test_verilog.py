@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = named_configs()
 # docs/hardware.md's latencies: BF16 8 cycles (9 with a UE4M4 scale: one more multiplier level),
 # exact 4; tests/test_hdl_decoder.py measures them in simulation.
-# The LUT RAM variant (--lutram-depth, what make synth builds for ECP5) reads its tables in two
+# The LUT RAM variants (--lutram-depth, what make synth builds for ECP5) read their tables in two
 # cycles: one more.
 LATENCY = {"sop4-g16": 8, "e2m3-ue4m4-g16": 9, "sop4-g16-x1": 8, "sop4-g16-exact": 4, "sop4-g16-x64": 8,
-           "sop4-g16-lutram16": 9, "e2m3-ue4m4-g16-lutram16": 10}
-VARIANTS = {**CONFIGS, **{f"{n}-lutram16": dataclasses.replace(CONFIGS[n], name=f"{n}-lutram16", lutram_depth=16)
-                          for n in ("sop4-g16", "e2m3-ue4m4-g16")}}
+           "sop4-g16-lutram16": 9, "e2m3-ue4m4-g16-lutram32": 10}
+VARIANTS = {**CONFIGS, **{f"{n}-lutram{d}": dataclasses.replace(CONFIGS[n], name=f"{n}-lutram{d}", lutram_depth=d)
+                          for n, d in (("sop4-g16", 16), ("e2m3-ue4m4-g16", 32))}}
 
 
 @pytest.fixture(scope="module")
