@@ -105,7 +105,8 @@ class LutBank(wiring.Component):
                 continue
             part = Signal(range(parts), name=f"part{lane}", reset_less=True)
             data_reg = Signal(unsigned(word_bits), name=f"read_data{lane}", reset_less=True)
+            chosen = Array(part_data)[self.part_select(part, addr[part_bits:])]
             with m.If(self.read_en[lane]):
-                m.d.sync += [part.eq(addr[part_bits:]), data_reg.eq(Array(part_data)[self.part_select(part, addr[part_bits:])])]
+                m.d.sync += [part.eq(addr[part_bits:]), data_reg.eq(chosen)]
             m.d.comb += self.read_data[lane].eq(data_reg)
         return m

@@ -239,8 +239,8 @@ async def regression(dut):
         else:
             await tb.run(_job_layers(cfg, job, rng))
     hit, total = stimulus.coverage(cfg, tb.layers_checked)
-    summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": tb.checked, "mismatches": tb.mismatches,
-               "coverage_hit": hit, "coverage_bins": total, "seconds": time.time() - t0}
+    summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": tb.checked,
+               "mismatches": tb.mismatches, "coverage_hit": hit, "coverage_bins": total, "seconds": time.time() - t0}
     Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
     dut._log.info(f"{cfg.name}: {tb.checked} vectors checked, {tb.mismatches} mismatches, "
                   f"coverage {hit}/{total} = {hit / total:.3f}")

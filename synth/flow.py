@@ -23,10 +23,11 @@ Targets (``TARGETS``):
   at 50 MHz.
 * ``ecp5``: ECP5-85F (LFE5U-85F) CABGA381, ``synth_ecp5``, nextpnr-ecp5 at
   200 MHz. The decoder is built with its tables as LUT RAM memories read
-  into registers (``for_target``: ``lutram_depth`` 16, 32 for 6-bit codes). Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs
-  with ABC9: its ``-noabc9`` is accepted and ignored. ABC9 maps the 64-lane
-  design in about 60 s and 0.5 GB here (the wrapper keeps the decoder in its
-  own module). Where ABC9 fails (it has asserted on some designs), the ECP5
+  into registers (``for_target``: ``lutram_depth`` 16, 32 for 6-bit codes).
+  Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs with ABC9:
+  its ``-noabc9`` is accepted and ignored. ABC9 maps the 64-lane design in
+  about 60 s and 0.5 GB here (the wrapper keeps the decoder in its own
+  module). Where ABC9 fails (it has asserted on some designs), the ECP5
   targets fall back to classic ABC (``Target.fallback``) and the record's
   note says so. ``ecp5-nodsp`` (not in the default set) maps the
   multipliers to LUTs instead of MULT18X18D.
