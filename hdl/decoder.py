@@ -55,7 +55,7 @@ from . import lut_word, replica as rep, scale_decoder
 from .codebook_mux import CodebookMux
 from .config import DecoderConfig
 from .hif_formatter import HifFormatter
-from .lut_bank import LutBank
+from .lut_bank import LutBank, read_latency
 from .output_buffer import OutputBuffer
 from .scale_decoder import ScaleDecoder
 
@@ -66,7 +66,7 @@ class Decoder(wiring.Component):
         # show that a broken one (wrong rounding, inverted selection, a flipped LUT bit) is caught.
         self.config = config
         self._formatter_cls, self._mux_cls, self._bank_cls = formatter, mux, bank
-        self.latency = 1 + self.read_latency(config) + formatter.stages(config)
+        self.latency = 1 + read_latency(config.lutram_depth) + formatter.stages(config)
         super().__init__({
             "blocks": In(stream.Signature(config.beat_layout)),
             "load": In(stream.Signature(config.load_layout)),
@@ -74,11 +74,6 @@ class Decoder(wiring.Component):
             "offset_we": In(1),
             "values": Out(stream.Signature(data.ArrayLayout(config.lane_layout, config.lanes))),
         })
-
-    @staticmethod
-    def read_latency(config: DecoderConfig) -> int:
-        """Cycles of the table read: 1, or 2 with the table split into LUT RAM memories."""
-        return 1 if config.lutram_depth == 0 else 2
 
     def elaborate(self, platform):
         m = Module()
@@ -206,7 +201,7 @@ class Decoder(wiring.Component):
         # -- stage 1 (and 2 with a two-cycle table read): table read (in the bank); the block
         #    fields plus the layer's offset, registered per lane group ------------------------
         valid = hold_valid
-        for r in range(self.read_latency(cfg)):
+        for r in range(read_latency(cfg.lutram_depth)):
             nxt = Signal(name=f"valid_r{r + 1}")
             with m.If(en):
                 m.d.sync += nxt.eq(valid)
@@ -223,7 +218,7 @@ class Decoder(wiring.Component):
                 m.d.sync += [getattr(r, name).eq(value)
                              for name, value in scale_decoder.with_layer_term(cfg, held[grp], term).items()]
             sig_src = getattr(held[grp], sig_name)
-            for d in range(self.read_latency(cfg) - 1):     # keep pace with the table read
+            for d in range(read_latency(cfg.lutram_depth) - 1):     # keep pace with the table read
                 r_next = rep.replica(scale_decoder.block(cfg), name=f"block{d + 2}_g{grp}", reset_less=True)
                 with m.If(en_g):
                     m.d.sync += r_next.eq(r)

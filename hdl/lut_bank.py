@@ -39,13 +39,21 @@ from amaranth.lib.wiring import In, Out
 from . import replica as rep
 
 
+def read_latency(lutram_depth: int) -> int:
+    """Enabled clock edges from a read's address to its word: 1 for one memory, 2 for LUT RAM
+    memories (their registers, then the row select)."""
+    return 1 if lutram_depth == 0 else 2
+
+
 class LutBank(wiring.Component):
     def __init__(self, *, code_bits: int, banks: int, word, lanes: int, lutram_depth: int = 0):
         self.code_bits, self.banks, self.lanes = code_bits, banks, lanes
         self.word = word
         self.depth = 2 * banks << code_bits
+        if lutram_depth >= self.depth:
+            raise ValueError(f"lutram_depth {lutram_depth} must be below the table depth {self.depth}")
         self.part_depth = lutram_depth or self.depth
-        self.read_latency = 1 if self.part_depth == self.depth else 2
+        self.read_latency = read_latency(lutram_depth)
         lanes_of = lambda shape: data.ArrayLayout(shape, lanes)    # noqa: E731
         super().__init__({
             "write": In(stream.Signature(data.StructLayout({
