@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 # Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help setup test test-fast demo verilog sim synth bitstream bench clean
+.PHONY: help setup test test-fast fuzz demo verilog sim synth bitstream bench clean
 
 SIM ?= icarus
 BOARD ?= icebreaker
@@ -24,6 +24,9 @@ test: $(STAMP)  ## the whole suite (set-up first if needed)
 
 test-fast: $(STAMP)  ## the suite without the slow tests
 	$(PYTEST) -q -m "not slow"
+
+fuzz: $(STAMP)  ## the fuzz suite, long (SOP_FUZZ=1: 50x the examples of make test, not derandomized)
+	SOP_FUZZ=1 $(PYTEST) -q -m fuzz
 
 demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print the error per format
 	$(VENV)/bin/sop demo
@@ -43,13 +46,14 @@ synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s in build/bitstream/$(BOARD)/ (no programming)
 	$(PY) -m sop.synth.board $(BOARD)
 
-bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, sim speed, lane sweep (after make synth), Fmax over placement seeds
+bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight
 	$(PY) bench/hif_sqnr.py
 	$(PY) bench/codebook_sqnr.py
 	$(PY) bench/header_sqnr.py
 	$(PY) bench/sim_speed.py
 	$(PY) bench/lane_sweep.py
 	$(PY) bench/fmax_seeds.py
+	$(PY) bench/memory.py
 
 clean:  ## remove generated files (build/), keep the venv
 	rm -rf build .pytest_cache .hypothesis

@@ -1,56 +1,256 @@
-"""Safe file output: atomic writes (temp file + rename) and the checksum every artifact carries.
+"""Safe file output: targets checked before any work, atomic writes, and the project's checksum.
 
-A reader either sees the old file or the complete new one, never a partial
-write: the data goes to a temporary file in the same folder, is flushed to
-disk, then renamed over the target; if anything raises (Ctrl-C included) the
-temporary file is removed and the target is left as it was. CRC-32 (zlib's,
-IEEE 802.3 polynomial) is the project's checksum for packed streams and artifacts.
+Every file the project writes goes through ``atomic_output`` (or ``write_atomic``).
+The contract:
+
+* **Never replace what is not ours to replace.** ``check_output(path, inputs)``
+  refuses, before any work, a target that exists and is not a regular file (a
+  device such as ``/dev/null``, a FIFO, a socket, a folder), a target that is
+  the same file as one of the command's inputs (``os.path.samefile``: through
+  symbolic and hard links), and a target whose folder cannot be made.
+  ``atomic_output`` repeats the regular-file check just before the rename, so
+  no writer of the project can turn a device into a regular file. A target
+  that is a symbolic link is written through it: the link stays, the file it
+  names is replaced.
+* **All or nothing.** The data goes to a temporary file in the target's folder,
+  is flushed to disk, then renamed over the target: a reader sees the old file
+  or the complete new one, never a partial one. If anything raises (Ctrl-C,
+  and SIGTERM/SIGHUP, which ``signals_as_interrupts`` turns into exceptions for
+  the CLI, included) the
+  temporary file is removed and the target is left as it was.
+* **No litter.** A temporary file is named ``.<target name>.<pid>-<random>.sop-tmp``
+  (the target name cut to ``NAME_KEEP`` characters): plainly ours, and naming
+  the process that writes it. A run killed outright (SIGKILL, power loss) leaves
+  its temporary file behind; the next write to the same target removes every
+  such file whose process is no longer running.
+
+CRC-32 (zlib's, IEEE 802.3 polynomial) is the project's checksum for packed
+streams and artifacts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import signal
+import stat
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+TEMP_SUFFIX = ".sop-tmp"
+NAME_KEEP = 120                 # characters of the target name kept in a temporary file's name
+
+
+class OutputError(ValueError):
+    """A target the project refuses to write: not a regular file, an input, or an impossible path."""
+
+
+class InputError(ValueError):
+    """An input path that is missing, or not a regular file (a folder, a FIFO, a device)."""
+
+
+def input_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` if it is a regular file; ``InputError`` naming it otherwise.
+
+    A FIFO or a device is refused rather than read: reading one can block forever."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such {what}") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: the {what} is {_kind(mode)}, not a regular file")
+    return path
 
 
 def crc32(data: bytes) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _refuse_non_regular(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode            # follows symbolic links: the file that would be replaced
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise OutputError(f"{path}: cannot check the output path: {err.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{path}: the output exists and is {_kind(mode)}; refusing to replace it "
+                          f"with a regular file")
+
+
+def _real_target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: a symbolic link is followed, so that the link stays."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                 folder: bool = False) -> Path:
+    """Refuse a target before any work (see the module docstring); returns it as a Path.
+
+    ``inputs``: every file the command reads. ``folder``: the target is a folder
+    the command writes files into (``sop vectors --out DIR``), not a file.
+    """
+    path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path}: the output folder exists and is not a folder")
+        try:                                    # made now, so that the write probe below can run
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"{path}: cannot create the output folder: {err.strerror or err}") from None
+    else:
+        _refuse_non_regular(path)
+    for src in inputs:
+        with contextlib.suppress(OSError):      # an input that does not exist cannot be overwritten
+            if os.path.samefile(path, src):
+                raise OutputError(f"{path}: the output is the input {src}; refusing to overwrite an "
+                                  f"input (choose another --out)")
+    parent = path if folder else _real_target(path).parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{path}: cannot create the output folder: {existing} is not a folder")
+    if existing == parent:                      # a real probe: os.access says yes to root everywhere
+        try:
+            with tempfile.NamedTemporaryFile(prefix=".sop-probe.", suffix=TEMP_SUFFIX, dir=parent):
+                pass
+        except OSError as err:
+            raise OutputError(f"{path}: cannot write there: {err.strerror or err}") from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write there: {existing} is not writable")
+    return path
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name[:NAME_KEEP]}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                    # another user's process: running
+        return True
+    return True
+
+
+def reclaim_temps(folder: Path, name: str) -> list[Path]:
+    """Remove the temporary files of writes to ``folder/name`` whose process has died; returns them."""
+    removed = []
+    for p in glob.glob(glob.escape(str(folder / _temp_prefix(name))) + "*" + TEMP_SUFFIX):
+        middle = Path(p).name[len(_temp_prefix(name)):-len(TEMP_SUFFIX)]
+        pid = middle.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+                removed.append(Path(p))
+    return removed
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def temp_file_in(folder: Path, name: str) -> Iterator[tuple[BinaryIO, Path]]:
-    """A temporary file (normal permissions) in ``folder``; removed if the block raises."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp)
+    """A temporary file (normal permissions) for ``folder/name``; removed if the block raises.
+
+    Stale temporary files of earlier, killed writes to the same name are removed first."""
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        reclaim_temps(folder, name)
+    except OSError as err:
+        raise OutputError(f"{folder / name}: cannot write there: {err.strerror or err}") from None
+    # The signals that unwind a run are held back from the file's creation until the
+    # clean-up below is armed, so that no interrupt lands between the two.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    tmp = None
+    try:
+        try:
+            fd, path = tempfile.mkstemp(prefix=_temp_prefix(name) + f"{os.getpid()}-", suffix=TEMP_SUFFIX,
+                                        dir=folder)
+        except OSError as err:
+            raise OutputError(f"{folder / name}: cannot write there: {err.strerror or err}") from None
+        tmp = Path(path)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)          # mkstemp makes 0600
         with os.fdopen(fd, "w+b") as f:
             yield f, tmp
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Stream a file to ``path``: renamed into place when the block ends normally."""
+    """Stream a file to ``path``: renamed into place when the block ends normally.
+
+    Refuses (``OutputError``) a target that exists and is not a regular file, before
+    writing and again just before the rename."""
     path = Path(path)
-    with temp_file_in(path.parent, path.name) as (f, tmp):
+    _refuse_non_regular(path)
+    target = _real_target(path)
+    with temp_file_in(target.parent, target.name) as (f, tmp):
         yield f
         f.flush()
         os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _refuse_non_regular(target)
+        os.replace(tmp, target)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that an interruption leaves no partial file."""
     with atomic_output(path) as f:
         f.write(data)
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every temporary file is removed on the way out."""
+
+    def __init__(self, number: int):
+        self.number, self.name = number, signal.Signals(number).name
+        super().__init__(self.name)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """Within the block, SIGTERM and SIGHUP raise ``Signalled`` (a KeyboardInterrupt), as SIGINT does.
+
+    A process killed by them then unwinds like one interrupted by Ctrl-C, and the
+    writers above remove their temporary files. Outside the main thread (where
+    Python cannot set handlers) the block runs unchanged."""
+    def handler(number, _frame):
+        raise Signalled(number)
+    caught = (signal.SIGTERM, signal.SIGHUP)
+    try:
+        old = {s: signal.signal(s, handler) for s in caught}
+    except ValueError:                                   # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

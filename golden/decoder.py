@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import FORMATS, CodeTable, FloatFormat
+from .formats import FORMATS, CodeTable, FloatFormat, to_float32
 from .layout import BlockLayout, LayerStream, unpack_blocks
 
 OUTPUTS = ("exact", "bf16")
@@ -80,13 +80,51 @@ def decode_blocks(hif: FloatFormat, luts, layout: BlockLayout, offset: int, head
     return value
 
 
-def decode_layer(stream: LayerStream, out: str = "exact") -> np.ndarray:
-    """Decode a whole layer to its (rows, cols) weight matrix."""
-    headers, codes = unpack_blocks(stream.layout, stream.blocks)
-    residual = None
-    if len(stream.sparse):
-        residual = np.zeros(stream.rows * stream.cols)
-        residual[stream.sparse.index.astype(np.int64)] = FORMATS["bf16"].decode(stream.sparse.value_bf16)
-    values = decode_blocks(stream.hif, stream.luts, stream.layout, stream.offset, headers, codes,
-                           out, residual)
-    return values.reshape(stream.rows, stream.cols)
+#: Weights decoded per chunk by ``decode_layer``: its integer temporaries (about 80 bytes per
+#: weight) stay a few MB whatever the layer's size.
+CHUNK_WEIGHTS = 1 << 16
+
+
+def decode_layer(stream: LayerStream, out: str = "exact", *, dest: np.ndarray | None = None) -> np.ndarray:
+    """Decode a whole layer to its (rows, cols) weight matrix (float64).
+
+    The layer is decoded in chunks of whole rows (``CHUNK_WEIGHTS`` weights), each
+    exactly as ``decode_blocks`` decodes the whole layer, so the values do not depend on
+    the chunking. ``dest``, if given, is a preallocated ``(rows, c)`` array with
+    ``c <= cols`` (of any float dtype): the first ``c`` columns of every row are written
+    into it (each chunk rounded to its dtype; float32 by ``to_float32``, which saturates)
+    and it is returned; the padding is cropped without a float64 copy of the layer."""
+    if out not in OUTPUTS:
+        raise ValueError(f"unknown output format {out!r}; valid: {', '.join(OUTPUTS)}")
+    rows, cols, lay = stream.rows, stream.cols, stream.layout
+    if dest is None:
+        dest = np.empty((rows, cols))
+    elif dest.ndim != 2 or dest.shape[0] != rows or dest.shape[1] > cols:
+        raise ValueError(f"dest of shape {dest.shape} cannot hold a {rows} x {cols} layer (cropped)")
+    keep = dest.shape[1]
+    bpr = cols // lay.group                         # blocks per row
+    if len(stream.blocks) != rows * bpr * lay.block_bytes:
+        unpack_blocks(lay, stream.blocks)           # golden's error for a truncated stream
+        raise ValueError(f"block stream of {len(stream.blocks)} bytes for {rows} x {cols} weights")
+    sparse = len(stream.sparse) > 0
+    if sparse:
+        index = stream.sparse.index.astype(np.int64)
+        svals = FORMATS["bf16"].decode(stream.sparse.value_bf16)
+        order = np.argsort(index, kind="stable")    # validated streams are sorted already
+        index, svals = index[order], svals[order]
+    step = max(1, CHUNK_WEIGHTS // max(1, cols))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        headers, codes = unpack_blocks(lay, stream.blocks[r0 * bpr * lay.block_bytes:r1 * bpr * lay.block_bytes])
+        residual = None
+        if sparse:
+            # A dense residual whenever the layer has sparse entries (adding +0 turns a -0
+            # product into +0, exactly as the whole-layer residual does).
+            lo, hi = np.searchsorted(index, [r0 * cols, r1 * cols])
+            residual = np.zeros((r1 - r0) * cols)
+            residual[index[lo:hi] - r0 * cols] = svals[lo:hi]
+        values = decode_blocks(stream.hif, stream.luts, lay, stream.offset, headers, codes, out, residual)
+        values = values.reshape(r1 - r0, cols)[:, :keep]
+        # float32 (the files' type) by its output rule: saturating, so a finite value stays finite
+        dest[r0:r1] = to_float32(values) if dest.dtype == np.float32 else values
+    return dest

@@ -7,7 +7,8 @@ table look-up; encoding is "nearest value in the table".
 Contract (documented in docs/formats.md, tested exhaustively against ml_dtypes):
 
 * ``decode(codes)`` is exact: every value of every format here is a float64.
-* ``encode(x)`` rounds to the nearest representable value, **ties to the even
+* ``encode(x)`` rounds to the nearest representable value (decided exactly for
+  every float64 ``x``, by comparison with exact midpoints), **ties to the even
   code** (to the larger magnitude for a float without mantissa bits, E8M0,
   where both neighbours have significand 1), and **saturates**: anything beyond the largest finite value, ±Inf
   included, becomes ±max. It never returns a NaN or Inf code. A zero result
@@ -37,7 +38,7 @@ import numpy as np
 
 __all__ = [
     "CodeTable", "FloatFormat", "IntFormat", "FORMATS", "get_format",
-    "format_names", "round_to_table", "ELEMENT_FORMATS", "SCALE_FORMATS", "OUTPUT_FORMATS",
+    "format_names", "round_to_table", "table_midpoints", "ELEMENT_FORMATS", "SCALE_FORMATS", "OUTPUT_FORMATS",
 ]
 
 
@@ -54,39 +55,99 @@ def check_no_nan(x: np.ndarray, what: str) -> None:
                          f"NaN cannot be encoded")
 
 
+def table_midpoints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The exact decision points of a sorted table: ``(m, r, exact)``.
+
+    For neighbours ``lo < hi`` the true midpoint ``(lo + hi) / 2`` is a rational that
+    float64 may not hold (``-1/8`` and ``3e-300``; two NF4 constants of different
+    binades). It is kept as ``m = fl((lo + hi) / 2)`` (rounded to nearest) and the sign
+    ``r`` of ``(lo + hi) / 2 - m``, both computed exactly:
+
+    * TwoSum (Knuth) gives ``s = fl(lo + hi)`` and ``e = (lo + hi) - s`` exactly for any
+      finite ``lo, hi`` whose sum does not overflow; then ``m = s / 2`` is the rounded
+      midpoint (halving is exact) and ``r = sign(e)``.
+    * Halving is inexact only for ``|s| < 2^-1021``; a sum that small is exact
+      (both terms are multiples of 2^-1074, and so is every float below 2^-1021),
+      so ``e = 0`` and ``r = sign(s - 2 m)``, itself exact. ``(s - 2m) + e`` covers both.
+    * Where ``lo + hi`` overflows, both are huge, their halves are exact, and the
+      midpoint is the (TwoSum) sum of the halves.
+
+    ``m`` is non-decreasing (rounding is monotone). For a float ``x``: ``x > m``
+    implies ``x > (lo + hi) / 2`` and ``x < m`` implies ``x <`` it (the true midpoint
+    lies within half an ulp of ``m``, a neighbouring float a whole ulp), so only
+    ``x == m`` needs ``r``. ``exact`` is True when every ``r`` is 0 and ``m`` is
+    strictly increasing (every table of few-bit values): one search then decides.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = v[:-1], v[1:]
+
+    def two_sum(a, b):
+        s = a + b
+        bb = s - a
+        return s, (a - (s - bb)) + (b - bb)
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        s, e = two_sum(lo, hi)
+        m = s / 2
+        r = np.sign((s - 2 * m) + e)
+    over = ~np.isfinite(s)
+    if over.any():
+        m[over], e2 = two_sum(lo[over] / 2, hi[over] / 2)
+        r[over] = np.sign(e2)
+    exact = not r.any() and bool(np.all(m[1:] > m[:-1]))
+    return m, r.astype(np.int8), exact
+
+
 def round_to_table(x: np.ndarray, values: np.ndarray, codes: np.ndarray,
-                   neg_zero_code: int | None = None, ties: str = "even") -> np.ndarray:
+                   neg_zero_code: int | None = None, ties: str = "even",
+                   midpoints: tuple | None = None) -> np.ndarray:
     """Nearest entry of a table, ties to the even code, saturating at both ends.
 
     ``ties="away"`` sends ties to the larger magnitude instead: the rule for a
     float with no mantissa bits (E8M0), whose neighbours both have significand 1,
     so that "even" does not decide (IEEE 754 and ml_dtypes agree on this).
 
-    ``values`` must be sorted ascending and free of duplicates and NaN; ``codes``
+    ``values`` must be sorted ascending and free of duplicates, NaN and Inf; ``codes``
     gives the code of each value. Where the nearest value is 0 and ``x`` carries a
     negative sign, ``neg_zero_code`` (if given) is returned instead.
     This is the single rounding rule of the project: element formats, scale
     formats, HIF and codebook assignment all use it.
+
+    Exact for every float64 ``x`` and every table: ``x`` is compared with the exact
+    midpoints of neighbouring values (``table_midpoints``, which ``midpoints`` may
+    pass precomputed), never with rounded differences. The nearest value is the
+    one above as many midpoints as lie strictly below ``x``; ``x`` equal to a
+    midpoint is a tie. Beyond either end that count is 0 or ``n - 1``: saturation.
     """
     x = np.asarray(x, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
     n = len(values)
-    hi_idx = np.clip(np.searchsorted(values, x, side="left"), 0, n - 1)
-    lo_idx = np.clip(hi_idx - 1, 0, n - 1)
-    lo, hi = values[lo_idx], values[hi_idx]
-    # Both differences are exact in float64 (the table values have few significant
-    # bits and lie within a binade or two of x), so ties are detected exactly.
-    with np.errstate(invalid="ignore"):
-        d_lo = x - lo
-        d_hi = hi - x
-    tie = d_lo == d_hi
-    # Beyond either end lo_idx == hi_idx or d_hi < 0 < d_lo: saturation falls out.
-    tie_hi = (codes[hi_idx] & 1) == 0 if ties == "even" else x > 0
-    pick_hi = (d_hi < d_lo) | (tie & tie_hi)
-    out = np.where(pick_hi, codes[hi_idx], codes[lo_idx])
+    if n == 0:
+        raise ValueError("round_to_table: empty table")
+    m, r, exact = table_midpoints(values) if midpoints is None else midpoints
+    flat = x.reshape(-1)
+    j = np.searchsorted(m, flat, side="left")             # midpoints with m < x
+    # positions where x equals some rounded midpoint (none in a one-entry table)
+    eq = np.flatnonzero(m[np.minimum(j, n - 2)] == flat) if n > 1 else j[:0]
+    if eq.size and not exact:
+        # Equal rounded midpoints, in order of the true ones: r < 0 (below x), at most
+        # one r == 0 (a tie), then r > 0 (above x).
+        xe = flat[eq]
+        lo_i, hi_i = j[eq], np.searchsorted(m, xe, side="right")
+        neg = np.concatenate([[0], np.cumsum(r < 0)])
+        zero = np.concatenate([[0], np.cumsum(r == 0)])
+        j[eq] += neg[hi_i] - neg[lo_i]
+        eq = eq[zero[hi_i] > zero[lo_i]]
+    if eq.size:                                            # ties between j and j + 1
+        je = j[eq]
+        up = (codes[je + 1] & 1) == 0 if ties == "even" else flat[eq] > 0
+        j[eq] = je + up
+    out = codes[j]
     if neg_zero_code is not None:
-        chosen = np.where(pick_hi, hi, lo)
-        out = np.where((chosen == 0) & np.signbit(x), neg_zero_code, out)
-    return out
+        z = np.searchsorted(values, 0.0)
+        if z < n and values[z] == 0:
+            out = np.where((j == z) & np.signbit(flat), neg_zero_code, out)
+    return out.reshape(x.shape)
 
 
 @dataclass(frozen=True)
@@ -125,6 +186,11 @@ class CodeTable:
         neg_zero = int(codes[neg][0]) if neg.any() else None
         return vals[keep], codes[keep], neg_zero
 
+    @cached_property
+    def _midpoints(self):
+        """``table_midpoints`` of the encode table, computed once."""
+        return table_midpoints(self._encode_table[0])
+
     @property
     def max(self) -> float:
         """Largest finite value."""
@@ -153,7 +219,8 @@ class CodeTable:
             raise ValueError(f"encode to {self.name}: negative value {float(x[tuple(pos)])!r} at position "
                              f"{tuple(int(i) for i in pos)}; the format is unsigned")
         vals, codes, neg_zero = self._encode_table
-        return round_to_table(x, vals, codes, neg_zero, self.ties).astype(_code_dtype(self.bits))
+        return round_to_table(x, vals, codes, neg_zero, self.ties,
+                              self._midpoints).astype(_code_dtype(self.bits))
 
     @property
     def ties(self) -> str:
@@ -266,6 +333,26 @@ OUTPUT_FORMATS = {
 FORMATS = {**ELEMENT_FORMATS, **SCALE_FORMATS, **OUTPUT_FORMATS}
 
 _PARAMETRIC = re.compile(r"^(?P<u>u)?e(?P<E>\d+)m(?P<M>\d+)(?:b(?P<bias>-?\d+))?$")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def to_float32(x) -> np.ndarray:
+    """``x`` rounded to float32, to nearest, ties to even, **saturating**: the float32 output rule.
+
+    The float32 files the project writes (``sop dequantize``, the ``f32`` records of
+    a ``.sopq``) follow the rule of the BF16 output: a finite value beyond the largest
+    float32 becomes +-FLT_MAX, never Inf, so a finite input never becomes a
+    non-finite output. NaN stays NaN (no quantizer output is one)."""
+    x = np.asarray(x)
+    with np.errstate(over="ignore"):
+        y = x.astype(np.float32)
+    over = np.isinf(y)
+    if over.any():
+        over &= np.isfinite(x)
+        y[over] = np.copysign(np.float32(FLOAT32_MAX), x[over])
+    return y
 
 
 def format_names() -> list[str]:

@@ -157,6 +157,16 @@ def unpack_blocks(layout: BlockLayout, data: bytes) -> tuple[np.ndarray, np.ndar
     return headers, codes
 
 
+def block_headers(layout: BlockLayout, data: bytes) -> np.ndarray:
+    """The header of every block (n,), without unpacking the codes."""
+    raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, layout.block_bytes)
+    nbytes = (layout.header_bits + 7) // 8
+    head = np.zeros(len(raw), dtype=np.int64)
+    for i in range(nbytes):                    # a few bytes, little-endian: no per-block Python loop
+        head |= raw[:, i].astype(np.int64) << (8 * i)
+    return head & ((1 << layout.header_bits) - 1)
+
+
 @dataclass(frozen=True)
 class Sparse:
     """Sparse residuals: flat indices (row * cols + col, strictly increasing) and BF16 values."""
@@ -229,6 +239,19 @@ def validate_stream(s: LayerStream) -> None:
         raise ValueError("sparse index and value arrays differ in length")
     if len(idx) and (idx[0] < 0 or idx[-1] >= s.rows * s.cols or (np.diff(idx) <= 0).any()):
         raise ValueError("sparse indices must be strictly increasing and inside the layer")
+    # Nothing in a stream may decode to a non-finite value: the quantizer never writes
+    # a NaN scale code or a non-finite residual, so a stream holding one is corrupt.
+    bf16_exp = (np.asarray(s.sparse.value_bf16, dtype=np.int64) >> 7) & 0xFF
+    if (bf16_exp == 0xFF).any():
+        i = int(np.flatnonzero(bf16_exp == 0xFF)[0])
+        raise ValueError(f"sparse value {i} (BF16 {int(s.sparse.value_bf16[i]):#06x}) is not finite")
+    nan_codes = np.flatnonzero(np.isnan(lay.scale.values))
+    if len(nan_codes) and s.n_blocks:
+        scale_code, _, _ = lay.split_header(block_headers(lay, s.blocks))
+        bad = np.isin(scale_code, nan_codes)
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"block {b}: scale code {int(scale_code[b]):#x} is NaN in {lay.scale.name}")
 
 
 def pack_layer(s: LayerStream) -> bytes:
@@ -268,6 +291,9 @@ def unpack_layer(data: bytes) -> LayerStream:
     version, k, g, flags = r.unpack("<BBBB", "header")
     if version != VERSION:
         raise LayoutError(f"layer stream version {version} not supported (expected {VERSION})")
+    if flags & ~0b11:
+        raise LayoutError(f"inconsistent layer header: flags {flags:#04x} set reserved bits (only bit 0, "
+                          f"signed scale, and bit 1, selection bit, are defined)")
     (name_len,) = r.unpack("<B", "scale format name length")
     name = r.take(name_len, "scale format name").decode("ascii", errors="replace")
     e, m, bias, offset = r.unpack("<BBbb", "HIF and offset")
@@ -277,6 +303,9 @@ def unpack_layer(data: bytes) -> LayerStream:
         hif = hif_format(m, e, bias)
     except ValueError as err:
         raise LayoutError(f"inconsistent layer header: {err}") from None
+    if layout.scale.name != name:              # one spelling a format: packing writes its own name
+        raise LayoutError(f"inconsistent layer header: scale format written {name!r}, not as "
+                          f"{layout.scale.name!r}")
     luts = np.frombuffer(r.take(2 * layout.banks << k, "LUT images"), "<u2").reshape(layout.banks, -1)
     if cols % g:
         raise LayoutError(f"inconsistent layer header: {cols} columns, block size {g}")

@@ -62,11 +62,13 @@ from typing import BinaryIO
 
 import numpy as np
 
-from sop.golden.artifact import atomic_output, crc32, temp_file_in
+from sop.golden.artifact import InputError, atomic_output, crc32, input_file, temp_file_in
 from sop.golden.decoder import decode_layer
+from sop.golden.formats import to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
+from sop.quantize.blockwise import narrow_weights
 from sop.quantize.evaluate import calibration_for, check_options, jsonable, reporter, sanitize
 from sop.quantize.formats import get_quant_format
 from sop.quantize.metrics import ErrorStats, aggregate
@@ -83,6 +85,8 @@ RECORD_KINDS = {
     "f32": "float32 little-endian reconstruction, row-major (out, in), stored decoded",
 }
 MAX_HEADER = 1 << 30                      # a sanity bound on the header length field
+MAX_NAME = 1024                           # longest layer name (a checkpoint tensor name)
+RESERVED_NAMES = ("__metadata__",)        # the safetensors header's own key
 _CHUNK = 1 << 20
 
 
@@ -99,8 +103,12 @@ def _progress(iterable, desc: str, progress: bool, total: int | None = None):
 
 # -- records -----------------------------------------------------------------------------------------
 
-def encode_record(res: QuantResult, shape: tuple[int, int], name: str) -> tuple[str, bytes, list[int]]:
-    """(kind, record bytes, padded shape) of one quantized layer."""
+def encode_record(res: QuantResult, shape: tuple[int, int], name: str):
+    """(kind, the record's bytes as an iterator of chunks, padded shape) of one quantized layer.
+
+    An ``f32`` record is the reconstruction rounded by the float32 output rule
+    (``golden.formats.to_float32``: saturating, so never Inf), in row chunks of about
+    ``_CHUNK`` bytes; a ``sopl`` record is one chunk, ``pack_layer(stream)``."""
     rows, cols = shape
     if res.recon.shape != (rows, cols):
         raise ValueError(f"{name}: reconstruction shape {res.recon.shape} differs from the layer's {shape}")
@@ -108,8 +116,11 @@ def encode_record(res: QuantResult, shape: tuple[int, int], name: str) -> tuple[
         s: LayerStream = res.stream
         if s.rows != rows or s.cols < cols:
             raise ValueError(f"{name}: layer stream {s.rows} x {s.cols} cannot hold a {rows} x {cols} layer")
-        return "sopl", pack_layer(s), [s.rows, s.cols]
-    return "f32", np.ascontiguousarray(res.recon, dtype="<f4").tobytes(), [rows, cols]
+        return "sopl", iter([pack_layer(s)]), [s.rows, s.cols]
+    step = max(1, _CHUNK // max(1, 4 * cols))
+    chunks = (np.ascontiguousarray(to_float32(res.recon[r:r + step]), dtype="<f4").tobytes()
+              for r in range(0, rows, step))
+    return "f32", chunks, [rows, cols]
 
 
 def decode_record(entry: "LayerEntry", data: bytes) -> np.ndarray:
@@ -123,10 +134,11 @@ def decode_record(entry: "LayerEntry", data: bytes) -> np.ndarray:
         if [s.rows, s.cols] != list(entry.padded_shape):
             raise ArtifactError(f"layer {entry.name}: stream is {s.rows} x {s.cols}, the header says "
                                 f"{entry.padded_shape[0]} x {entry.padded_shape[1]}")
-        return decode_layer(s)[:, :cols].astype(np.float32)
+        # decoded in row chunks straight into float32, the padding cropped: no float64 layer
+        return decode_layer(s, dest=np.empty((rows, cols), dtype=np.float32))
     if len(data) != 4 * rows * cols:
         raise ArtifactError(f"layer {entry.name}: float32 record of {len(data)} bytes for {rows} x {cols}")
-    return np.frombuffer(data, dtype="<f4").reshape(rows, cols).astype(np.float32)
+    return np.frombuffer(data, dtype="<f4").reshape(rows, cols)        # a view of the record, no copy
 
 
 # -- the header --------------------------------------------------------------------------------------
@@ -178,6 +190,9 @@ def parse_entries(meta: dict) -> list[LayerEntry]:
     for i, d in enumerate(layers):
         where = f"layers[{i}]"
         name = _get(d, "name", where, str)
+        if name in RESERVED_NAMES or not name or len(name) > MAX_NAME:
+            raise ArtifactError(f"header: {where}: layer name {name[:80]!r} cannot be written to "
+                                f"safetensors (empty, reserved or over {MAX_NAME} characters)")
         where = f"layer {name}"
         if name in seen:
             raise ArtifactError(f"header: {where} appears twice")
@@ -188,6 +203,9 @@ def parse_entries(meta: dict) -> list[LayerEntry]:
             raise ArtifactError(f"header: {where}: unknown record kind {kind!r}; valid: {', '.join(RECORD_KINDS)}")
         if padded[0] != shape[0] or padded[1] < shape[1] or (kind == "f32" and padded != shape):
             raise ArtifactError(f"header: {where}: padded shape {padded} does not fit shape {shape}")
+        if kind == "f32" and _get(d, "length", where, int) != 4 * shape[0] * shape[1]:
+            raise ArtifactError(f"header: {where}: float32 record of {d['length']} bytes for a "
+                                f"{shape[0]} x {shape[1]} layer")
         offset, length = _get(d, "offset", where, int), _get(d, "length", where, int)
         if offset != pos or length <= 0:
             raise ArtifactError(f"header: {where}: record at {offset} (+{length}) does not follow the "
@@ -195,8 +213,11 @@ def parse_entries(meta: dict) -> list[LayerEntry]:
         crc = _get(d, "crc32", where, int)
         if not 0 <= crc < 1 << 32:
             raise ArtifactError(f"header: {where}: crc32 {crc} is not a 32-bit value")
+        bits = _get(d, "bits", where, int)
+        if bits < 0:
+            raise ArtifactError(f"header: {where}: field 'bits' is negative ({bits})")
         entries.append(LayerEntry(name, shape, padded, _get(d, "transposed", where, bool), kind, offset,
-                                  length, crc, _get(d, "bits", where, int), _get(d, "choice", where, str)))
+                                  length, crc, bits, _get(d, "choice", where, str)))
         pos += length
     if _get(meta, "data_bytes", "top level", int) != pos:
         raise ArtifactError(f"header: data_bytes {meta['data_bytes']} is not the sum of the records ({pos})")
@@ -256,9 +277,17 @@ class Artifact:
 
 def open_artifact(path: str | os.PathLike) -> Artifact:
     """Open and verify a .sopq file (see the module docstring); ``ArtifactError`` on any fault."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such file")
+    try:
+        path = input_file(path, ".sopq file")
+    except InputError as err:
+        raise ArtifactError(str(err)) from None
+    try:
+        return _verify(path)
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
+def _verify(path: Path) -> Artifact:
     size = path.stat().st_size
     where = str(path)
     with open(path, "rb") as f:
@@ -285,11 +314,16 @@ def open_artifact(path: str | os.PathLike) -> Artifact:
             meta = json.loads(hbytes.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ArtifactError(f"{where}: header is not valid JSON ({err})") from None
+        except RecursionError:
+            raise ArtifactError(f"{where}: header JSON is nested too deeply") from None
         try:
             if not isinstance(meta, dict) or meta.get("container") != "sopq":
                 raise ArtifactError("header: field 'container' is not 'sopq'")
             fmt = _get(meta, "format", "top level", dict)
             _get(fmt, "name", "format", str)
+            model = _get(meta, "model", "top level", dict)
+            if not isinstance(model.get("fingerprint", ""), str):
+                raise ArtifactError("header: model: field 'fingerprint' must be str")
             entries = parse_entries(meta)
         except ArtifactError as err:
             raise ArtifactError(f"{where}: {err}") from None
@@ -344,8 +378,8 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     budgeted = None
     if fmt.model_level:                                   # the knapsack needs every layer at once
         say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
-        inputs = {lay.name: (sanitize(lay.name, src.load(lay.name), nan_policy)[0], cal.get(lay.name))
-                  for lay in src.layers}
+        inputs = {lay.name: (narrow_weights(sanitize(lay.name, src.load(lay.name), nan_policy)[0]),
+                             cal.get(lay.name)) for lay in src.layers}
         budgeted = fmt.quantize_model(inputs, budget)
         del inputs
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -354,6 +388,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
         try:
             for lay in _progress(src.layers, f"quantize {fmt.name}", progress):
                 w, n_bad = sanitize(lay.name, src.load(lay.name), nan_policy)
+                w = narrow_weights(w)       # float32 where exact: the layer held costs 4 bytes a weight
                 act = cal.get(lay.name)
                 if budgeted is not None:
                     res = budgeted.results.pop(lay.name)
@@ -361,17 +396,22 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
                 else:
                     res = fmt.quantize(w, act_ms=act, name=lay.name)
                     choice = res.choice
-                kind, rec, padded = encode_record(res, lay.shape, lay.name)
-                spool.write(rec)
-                e = LayerEntry(lay.name, tuple(lay.shape), tuple(padded), lay.transposed, kind, pos, len(rec),
-                               crc32(rec), int(res.bits), choice)
+                stats.append(ErrorStats.of(w, res.recon, act, res.bits))
+                del w
+                kind, chunks, padded = encode_record(res, lay.shape, lay.name)
+                length, crc = 0, 0
+                for chunk in chunks:                   # an f32 record in row chunks: no copy of the layer
+                    spool.write(chunk)
+                    crc, length = zlib.crc32(chunk, crc), length + len(chunk)
+                crc &= 0xFFFFFFFF
+                e = LayerEntry(lay.name, tuple(lay.shape), tuple(padded), lay.transposed, kind, pos, length,
+                               crc, int(res.bits), choice)
                 d = e.as_dict()
                 if n_bad:
                     d["nonfinite_replaced"] = n_bad
                 entries.append(d)
-                pos += len(rec)
-                stats.append(ErrorStats.of(w, res.recon, act, res.bits))
-                del w, res, rec
+                pos += length
+                del res
             total = aggregate(stats)
             meta = {
                 "container": "sopq", "version": VERSION,
@@ -418,7 +458,13 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
         f.write(struct.pack("<Q", len(hb)) + hb)
         for e in _progress(art.layers, "dequantize", progress):
             w = art.weights(e)
-            f.write(np.ascontiguousarray(w.T if e.transposed else w, dtype="<f4").tobytes())
+            if not e.transposed:
+                f.write(np.ascontiguousarray(w, dtype="<f4").data)       # no copy: w is float32 already
+            else:                                                        # (in, out): transposed in row chunks
+                step = max(1, _CHUNK // max(1, 4 * w.shape[0]))
+                for c in range(0, w.shape[1], step):
+                    f.write(np.ascontiguousarray(w[:, c:c + step].T, dtype="<f4").data)
+            del w
         size = f.tell()
     return {"path": str(out), "bytes": size, "layers": len(art.layers), "format": art.format,
             "weights": sum(e.shape[0] * e.shape[1] for e in art.layers)}

@@ -32,7 +32,9 @@ Definitions (docs/quantizer.md has the same list; ``numel = rows * cols``):
 * ``if4`` (IF4, arXiv 2603.28765): the NVFP4 scales (``s_t`` with 448, one E4M3
   block scale ``amax_block / 6 / s_t``); per block either E2M1 elements or INT4
   elements on the grid ``k * 6/7``, ``k = -7 .. 7`` (golden ``int4``, RNE, the
-  argument clipped to ±7 first), whichever has the lower block squared error
+  argument clipped to ±7 first; the value ``k * 6/7 * scale`` is not a float, so
+  the reconstruction holds it correctly rounded to float64, ``if4_int_recon``),
+  whichever has the lower block squared error
   (ties keep FP4). The choice is the sign bit of the scale byte, so bits are
   those of ``nvfp4``.
 * ``nf4-g64`` (bitsandbytes NF4): block 64, FP32 absmax scale, each element the
@@ -47,7 +49,7 @@ cols``), while ``QuantResult.bpw`` divides by the real number of weights; the
 reconstruction has the original shape.
 
 Non-finite weights are refused with a ``ValueError`` naming the layer, row and
-column (``quantize.blockwise.check_weights``). The ``act_ms`` argument is
+column (``quantize.blockwise.as_weights``). The ``act_ms`` argument is
 accepted for a common signature and ignored: these baselines are defined
 without activation weighting.
 """
@@ -58,7 +60,7 @@ import numpy as np
 
 from sop.golden.codebooks import NF4_VALUES
 from sop.golden.formats import get_format, round_to_table
-from sop.quantize.blockwise import check_weights
+from sop.quantize.blockwise import as_weights, run_chunks
 from sop.quantize.result import QuantResult
 
 FP32_BITS = 32
@@ -92,6 +94,44 @@ def _fp32(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
+#: Weights per row chunk: every baseline computes its reconstruction chunk by
+#: chunk into one float64 array, so its temporaries stay O(chunk), not O(layer).
+CHUNK_WEIGHTS = 1 << 16
+
+
+def _row_chunks(w: np.ndarray) -> list[slice]:
+    """Row slices of about CHUNK_WEIGHTS weights (one empty slice for a layer without rows,
+    so that the per-chunk code still runs and gives its outputs their dtypes)."""
+    rows = w.shape[0]
+    step = max(1, CHUNK_WEIGHTS // max(1, w.shape[1]))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)] or [slice(0, 0)]
+
+
+def _f64(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _amax(w: np.ndarray) -> float:
+    """``max |w|`` over the layer (0 for an empty one), chunk by chunk."""
+    if not w.size:
+        return 0.0
+    return max(float(np.abs(_f64(w[sl])).max()) for sl in _row_chunks(w))
+
+
+def _chunked(w: np.ndarray, fn) -> tuple[np.ndarray, list]:
+    """(float64 reconstruction of ``w``'s shape, per-chunk extras in row order): ``fn(sl)``
+    returns the reconstruction of rows ``sl`` and its extra; chunks run on blockwise's threads."""
+    recon = np.empty(w.shape)
+    chunks = _row_chunks(w)
+    extras = [None] * len(chunks)
+
+    def work(i):
+        recon[chunks[i]], extras[i] = fn(chunks[i])
+
+    run_chunks(work, list(range(len(chunks))))
+    return recon, extras
+
+
 def _pct(mask: np.ndarray) -> str:
     return f"{100.0 * mask.mean():.1f}%" if mask.size else "0%"
 
@@ -100,52 +140,62 @@ def _pct(mask: np.ndarray) -> str:
 
 def fp8_e4m3_pot(w, act_ms=None, name: str = "layer") -> QuantResult:
     """E4M3 with one power-of-two scale per layer (8.0 bpw); see the module docstring."""
-    w = check_weights(name, w, 1)
+    w = as_weights(name, w, 1)
     e4m3 = get_format("e4m3")
-    amax = float(np.abs(w).max()) if w.size else 0.0
+    amax = _amax(w)
     exp = int(np.ceil(np.log2(amax / e4m3.max))) if amax > 0 else 0
     if amax > 0 and amax / 2.0 ** exp > e4m3.max:
         exp += 1
     step = 2.0 ** exp
-    recon = e4m3.quantize(w / step) * step
+    recon, _ = _chunked(w, lambda sl: (e4m3.quantize(_f64(w[sl]) / step) * step, None))
     return QuantResult(recon, 8 * w.size + 8, choice=f"scale 2^{exp}", extra={"scale_exp": exp})
 
 
 def int8_per_channel(w, act_ms=None, name: str = "layer") -> QuantResult:
     """Symmetric INT8 with an FP32 scale amax/127 per output row."""
-    w = check_weights(name, w, 1)
+    w = as_weights(name, w, 1)
     int8 = get_format("int8")
-    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
-    scale = _fp32(amax / 127.0)
-    scale = np.where(scale > 0, scale, 1.0)
-    q = int8.quantize(w / scale[:, None])
-    return QuantResult(q * scale[:, None], 8 * w.size + FP32_BITS * w.shape[0], choice="per-row")
+
+    def rows(sl):
+        x = _f64(w[sl])
+        amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0])
+        scale = _fp32(amax / 127.0)
+        scale = np.where(scale > 0, scale, 1.0)
+        return int8.quantize(x / scale[:, None]) * scale[:, None], None
+
+    recon, _ = _chunked(w, rows)
+    return QuantResult(recon, 8 * w.size + FP32_BITS * w.shape[0], choice="per-row")
 
 
 # -- OCP MX ----------------------------------------------------------------------------------
 
 def mx(w, element: str, act_ms=None, name: str = "layer") -> QuantResult:
     """OCP MX: block 32, UE8M0 shared scale 2^(floor(log2 amax) - emax), saturating elements."""
-    w = check_weights(name, w, 1)
+    w = as_weights(name, w, 1)
     elem, ue8m0 = get_format(element), get_format("ue8m0")
-    blocks = _blocks(w, MX_BLOCK)
-    amax = np.abs(blocks).max(axis=2)
-    # floor(log2 amax) exactly: amax = m * 2^e with m in [0.5, 1)
-    _, e = np.frexp(amax)
-    shared = np.where(amax > 0, e - 1 - elem.emax, -ue8m0.bias)
-    code = np.clip(shared + ue8m0.bias, 0, 254)          # 255 is NaN
-    X = ue8m0.decode(code)
-    recon = elem.quantize(blocks / X[..., None]) * X[..., None]
-    bits = elem.bits * blocks.size + 8 * amax.size
-    return QuantResult(_crop(recon, w.shape[1]), int(bits), choice=f"{element} x ue8m0/32",
-                       extra={"scale_codes": code})
+
+    def rows(sl):
+        blocks = _blocks(_f64(w[sl]), MX_BLOCK)
+        amax = np.abs(blocks).max(axis=2)
+        # floor(log2 amax) exactly: amax = m * 2^e with m in [0.5, 1)
+        _, e = np.frexp(amax)
+        shared = np.where(amax > 0, e - 1 - elem.emax, -ue8m0.bias)
+        code = np.clip(shared + ue8m0.bias, 0, 254)          # 255 is NaN
+        X = ue8m0.decode(code)
+        return _crop(elem.quantize(blocks / X[..., None]) * X[..., None], w.shape[1]), code
+
+    recon, codes = _chunked(w, rows)
+    n_blocks = w.shape[0] * (-(-w.shape[1] // MX_BLOCK))
+    bits = elem.bits * n_blocks * MX_BLOCK + 8 * n_blocks
+    return QuantResult(recon, int(bits), choice=f"{element} x ue8m0/32",
+                       extra={"scale_codes": np.concatenate(codes)})
 
 
 # -- NVFP4 family ----------------------------------------------------------------------------
 
 def _tensor_scale(w: np.ndarray, scale_max: float) -> float:
     """The FP32 per-tensor scale amax / (6 * scale_max); 1 for an all-zero tensor."""
-    amax = float(np.abs(w).max()) if w.size else 0.0
+    amax = _amax(w)
     return float(_fp32(amax / (6.0 * scale_max))) if amax > 0 else 1.0
 
 
@@ -161,52 +211,82 @@ def _e2m1_recon(blocks: np.ndarray, eff: np.ndarray) -> np.ndarray:
     return np.where(eff[..., None] > 0, q, 0.0)
 
 
-def _nv_bits(blocks: np.ndarray, n_blocks: int) -> int:
-    return int(4 * blocks.size + 8 * n_blocks + FP32_BITS)
-
-
 def nvfp4(w, act_ms=None, name: str = "layer") -> QuantResult:
     """NVFP4: E2M1, block 16, E4M3 block scale, FP32 tensor scale (4.5 bpw + 32 bits)."""
-    w = check_weights(name, w, 1)
-    blocks = _blocks(w, NV_BLOCK)
+    w = as_weights(name, w, 1)
     s_t = _tensor_scale(w, get_format("e4m3").max)
-    amax = np.abs(blocks).max(axis=2)
-    eff = _e4m3_block_scale(amax, 6.0, s_t) * s_t
-    recon = _e2m1_recon(blocks, eff)
-    return QuantResult(_crop(recon, w.shape[1]), _nv_bits(blocks, amax.size), choice="e2m1 x e4m3/16",
+
+    def rows(sl):
+        blocks = _blocks(_f64(w[sl]), NV_BLOCK)
+        eff = _e4m3_block_scale(np.abs(blocks).max(axis=2), 6.0, s_t) * s_t
+        return _crop(_e2m1_recon(blocks, eff), w.shape[1]), None
+
+    recon, _ = _chunked(w, rows)
+    n_blocks = w.shape[0] * (-(-w.shape[1] // NV_BLOCK))
+    return QuantResult(recon, int(4 * n_blocks * NV_BLOCK + 8 * n_blocks + FP32_BITS), choice="e2m1 x e4m3/16",
                        extra={"tensor_scale": s_t})
 
 
 def nvfp4_46(w, act_ms=None, name: str = "layer") -> QuantResult:
     """Four over Six: NVFP4 with each block scaled to max 6 or max 4, lower block error wins."""
-    w = check_weights(name, w, 1)
-    blocks = _blocks(w, NV_BLOCK)
+    w = as_weights(name, w, 1)
     s_t = _tensor_scale(w, E4M3_MAX_FOUROVERSIX)
-    amax = np.abs(blocks).max(axis=2)
-    r6 = _e2m1_recon(blocks, _e4m3_block_scale(amax, 6.0, s_t) * s_t)
-    r4 = _e2m1_recon(blocks, _e4m3_block_scale(amax, 4.0, s_t) * s_t)
-    pick4 = ((blocks - r4) ** 2).sum(axis=2) < ((blocks - r6) ** 2).sum(axis=2)
-    recon = np.where(pick4[..., None], r4, r6)
-    return QuantResult(_crop(recon, w.shape[1]), _nv_bits(blocks, amax.size),
+
+    def rows(sl):
+        blocks = _blocks(_f64(w[sl]), NV_BLOCK)
+        amax = np.abs(blocks).max(axis=2)
+        r6 = _e2m1_recon(blocks, _e4m3_block_scale(amax, 6.0, s_t) * s_t)
+        r4 = _e2m1_recon(blocks, _e4m3_block_scale(amax, 4.0, s_t) * s_t)
+        pick4 = ((blocks - r4) ** 2).sum(axis=2) < ((blocks - r6) ** 2).sum(axis=2)
+        return _crop(np.where(pick4[..., None], r4, r6), w.shape[1]), pick4
+
+    recon, picks = _chunked(w, rows)
+    pick4 = np.concatenate(picks)
+    n_blocks = w.shape[0] * (-(-w.shape[1] // NV_BLOCK))
+    return QuantResult(recon, int(4 * n_blocks * NV_BLOCK + 8 * n_blocks + FP32_BITS),
                        choice=f"max-4 on {_pct(pick4)} of blocks",
                        extra={"tensor_scale": s_t, "four": pick4})
 
 
+def if4_int_recon(k: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """IF4's INT4 value ``k * 6/7 * scale``, correctly rounded to float64 (one rounding).
+
+    ``k`` is an integer in -7 .. 7 and ``scale`` an E4M3 value (4 significant bits)
+    times the FP32 tensor scale (24): at most 28 significant bits. So ``6 k`` (6 bits)
+    times ``scale`` has at most 34 significant bits and is exact in float64 (no
+    underflow: the product is 0 or above 2^-170), and the only rounding is the IEEE
+    division by 7, correctly rounded. ``k * (6/7) * scale`` would round 6/7 first and
+    miss the correctly rounded value on about 30 % of INT4 weights.
+
+    Its float32 cast is the correctly rounded float32 of the exact value, too: the
+    exact ``n 2^a / 7`` (``n`` < 2^34) is either a float64 (7 divides ``n``) or at
+    least ``2^min(a, b) / 7`` from every float32 rounding midpoint ``c 2^b``, far more
+    than the half float64 ulp it moves, so it never rounds onto one.
+    """
+    return np.asarray(k, dtype=np.float64) * 6.0 * scale / 7.0
+
+
 def if4(w, act_ms=None, name: str = "layer") -> QuantResult:
     """IF4: per block FP4 (E2M1) or INT4 (k * 6/7) under one E4M3 scale, lower block error wins."""
-    w = check_weights(name, w, 1)
-    blocks = _blocks(w, NV_BLOCK)
+    w = as_weights(name, w, 1)
     s_t = _tensor_scale(w, get_format("e4m3").max)
-    amax = np.abs(blocks).max(axis=2)
-    eff = _e4m3_block_scale(amax, 6.0, s_t) * s_t
-    r_fp = _e2m1_recon(blocks, eff)
     int4 = get_format("int4")
-    safe = np.where(eff > 0, eff, 1.0)[..., None]
-    k = int4.quantize(np.clip(blocks / safe * (7.0 / 6.0), -7.0, 7.0))
-    r_int = np.where(eff[..., None] > 0, k * (6.0 / 7.0) * safe, 0.0)
-    pick_int = ((blocks - r_int) ** 2).sum(axis=2) < ((blocks - r_fp) ** 2).sum(axis=2)
-    recon = np.where(pick_int[..., None], r_int, r_fp)
-    return QuantResult(_crop(recon, w.shape[1]), _nv_bits(blocks, amax.size),
+
+    def rows(sl):
+        blocks = _blocks(_f64(w[sl]), NV_BLOCK)
+        amax = np.abs(blocks).max(axis=2)
+        eff = _e4m3_block_scale(amax, 6.0, s_t) * s_t
+        r_fp = _e2m1_recon(blocks, eff)
+        safe = np.where(eff > 0, eff, 1.0)[..., None]
+        k = int4.quantize(np.clip(blocks / safe * (7.0 / 6.0), -7.0, 7.0))
+        r_int = np.where(eff[..., None] > 0, if4_int_recon(k, safe), 0.0)
+        pick_int = ((blocks - r_int) ** 2).sum(axis=2) < ((blocks - r_fp) ** 2).sum(axis=2)
+        return _crop(np.where(pick_int[..., None], r_int, r_fp), w.shape[1]), pick_int
+
+    recon, picks = _chunked(w, rows)
+    pick_int = np.concatenate(picks)
+    n_blocks = w.shape[0] * (-(-w.shape[1] // NV_BLOCK))
+    return QuantResult(recon, int(4 * n_blocks * NV_BLOCK + 8 * n_blocks + FP32_BITS),
                        choice=f"int4 on {_pct(pick_int)} of blocks",
                        extra={"tensor_scale": s_t, "int": pick_int})
 
@@ -215,13 +295,18 @@ def if4(w, act_ms=None, name: str = "layer") -> QuantResult:
 
 def nf4_g64(w, act_ms=None, name: str = "layer") -> QuantResult:
     """bitsandbytes NF4: block 64, FP32 absmax, nearest entry of the published NF4 table."""
-    w = check_weights(name, w, 1)
+    w = as_weights(name, w, 1)
     table = np.array(NF4_VALUES, dtype=np.float64)
-    blocks = _blocks(w, NF4_BLOCK)
-    absmax = _fp32(np.abs(blocks).max(axis=2))
-    safe = np.where(absmax > 0, absmax, 1.0)[..., None]
-    codes = round_to_table(blocks / safe, table, np.arange(len(table)))
-    recon = table[codes] * safe
-    bits = 4 * blocks.size + FP32_BITS * absmax.size
-    return QuantResult(_crop(recon, w.shape[1]), int(bits), choice="nf4 x fp32/64",
-                       extra={"codes": codes})
+
+    def rows(sl):
+        blocks = _blocks(_f64(w[sl]), NF4_BLOCK)
+        absmax = _fp32(np.abs(blocks).max(axis=2))
+        safe = np.where(absmax > 0, absmax, 1.0)[..., None]
+        codes = round_to_table(blocks / safe, table, np.arange(len(table)))
+        return _crop(table[codes] * safe, w.shape[1]), codes.astype(np.uint8)
+
+    recon, codes = _chunked(w, rows)
+    n_blocks = w.shape[0] * (-(-w.shape[1] // NF4_BLOCK))
+    bits = 4 * n_blocks * NF4_BLOCK + FP32_BITS * n_blocks
+    return QuantResult(recon, int(bits), choice="nf4 x fp32/64",
+                       extra={"codes": np.concatenate(codes)})     # uint8: 16 codes

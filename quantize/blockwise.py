@@ -30,9 +30,8 @@ multiple of the block size; NaN/Inf weights are refused.
 Speed (the inner loop of the whole quantizer): ``FastTable`` replaces
 ``Codebook.encode``'s binary search by a look-up on a uniform grid fine enough
 that every decision midpoint of the table is a grid point, so a weight's cell
-decides its code except exactly on a midpoint (a tie), on zero (the sign of
-zero) or next to a midpoint between entries of opposite sign (where golden's
-float64 differences round); those go to ``Codebook.encode`` itself, so the codes
+decides its code except exactly on a midpoint (a tie) or on zero (the sign of
+zero); those go to ``Codebook.encode`` itself, so the codes
 are golden's by construction (and tested so). The work runs in chunks of
 ~64 K weights so that the temporaries stay in cache, on ``THREADS`` threads. The
 per-bank evaluation (``evaluate_bank``) is reusable: a two-bank encode is the
@@ -50,7 +49,7 @@ from functools import lru_cache
 import numpy as np
 
 from sop.golden.codebooks import Codebook
-from sop.golden.formats import check_no_nan
+from sop.golden.formats import check_no_nan, table_midpoints
 from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, pack_blocks
 
 #: Weights per chunk: temporaries of this size (512 KB in float64) stay in L2.
@@ -63,17 +62,42 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _MAX_GRID = 1 << 20
 
 
-def check_weights(name: str, w: np.ndarray, group: int) -> np.ndarray:
-    w = np.asarray(w, dtype=np.float64)
+def as_weights(name: str, w, group: int) -> np.ndarray:
+    """``w`` as a 2-D float array whose values are finite and whose width is a multiple of
+    ``group``, checked row chunk by row chunk (no float64 copy). A float32 or float16 layer stays so: callers cast
+    each chunk to float64 (exact), so the results are those of the float64 copy."""
+    w = np.asarray(w)
+    if w.dtype.kind != "f" or w.dtype.itemsize > 8:
+        w = np.asarray(w, dtype=np.float64)
     if w.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D weight matrix, got shape {w.shape}")
-    bad = ~np.isfinite(w)
-    if bad.any():
-        r, c = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c}")
+    step = max(1, CHUNK_WEIGHTS // max(1, w.shape[1]))
+    for r0 in range(0, w.shape[0], step):
+        bad = ~np.isfinite(w[r0:r0 + step])
+        if bad.any():
+            r, c = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{name}: non-finite weight {float(w[r0 + r, c])} at row {r0 + r}, column {c}")
     if w.shape[1] % group:
         raise ValueError(f"{name}: {w.shape[1]} columns are not a multiple of the block size {group}")
     return w
+
+
+def narrow_weights(w: np.ndarray) -> np.ndarray:
+    """``w`` as float32 when every weight is exactly a float32 (a float32, float16 or bfloat16
+    checkpoint read as float64), else ``w`` itself; checked chunk by chunk. Every consumer
+    casts to float64 again, exactly, so results are unchanged while a layer held between
+    steps costs 4 bytes per weight instead of 8."""
+    w = np.asarray(w)
+    if w.dtype == np.float32 or w.dtype.kind != "f" or w.ndim != 2:
+        return w
+    out = np.empty(w.shape, dtype=np.float32)
+    step = max(1, CHUNK_WEIGHTS // max(1, w.shape[1]))
+    for r0 in range(0, w.shape[0], step):
+        c = w[r0:r0 + step]
+        out[r0:r0 + step] = c
+        if not np.array_equal(out[r0:r0 + step], c):    # rounded, overflowed or NaN: keep w
+            return w
+    return out
 
 
 def check_col_weight(name: str, col_weight, cols: int) -> np.ndarray | None:
@@ -107,24 +131,31 @@ def run_chunks(fn, chunks: list) -> None:
 class FastTable:
     """Nearest entry of a codebook by grid look-up; codes identical to ``Codebook.encode``.
 
-    Let ``u`` be the sorted distinct table values and ``m`` the midpoints between
-    neighbours. ``p`` is the smallest power of two with every ``m * 2^p`` an integer
-    (HIF values have few significant bits, so ``p`` <= 11 for the default HIF). Then
-    ``t = x * 2^p`` is exact, and every ``x`` with ``floor(t) = k`` and ``t != k``
-    lies strictly inside one grid cell, which contains no midpoint: its nearest entry
-    is that of the cell's centre, which the table stores (computed by
-    ``Codebook.encode`` itself, so the tie and sign-of-zero rules are golden's).
-    Where ``t == k`` exactly and ``k`` is a midpoint (a tie) or ``x`` is zero (whose
-    code depends on its sign), ``Codebook.encode`` decides. Cells beyond both ends
-    hold the end entries, which is saturation.
+    An acceleration of golden's rule, not a second rule: every code it returns was
+    computed by ``Codebook.encode`` (``golden.formats.round_to_table``). Why that is
+    exact: golden compares ``x`` with the exact midpoints ``m`` between neighbouring
+    distinct table values ``u``, so every ``x`` strictly between two neighbouring
+    midpoints gets the one entry between them, and ``x`` on a midpoint is a tie. Where
+    every midpoint is a float64 (``table_midpoints``: HIF values have few significant
+    bits), ``p`` is the smallest power of two with every ``m * 2^p`` an integer
+    (``p`` <= 11 for the default HIF). Then ``t = x * 2^p`` is exact (scaling up by a
+    power of two; an overflow to ±Inf saturates like ``x`` would), every midpoint is a
+    grid point, and the half-open cell ``[k, k + 1) / 2^p`` contains a midpoint only at
+    its left edge. So every ``x`` of a cell other than its left edge has one nearest
+    entry, that of the cell's centre, which the table stores (computed by
+    ``Codebook.encode``). Where ``t == k`` exactly and ``k`` is a midpoint (a tie) or
+    ``x`` is zero (whose code depends on its sign), ``Codebook.encode`` decides. Cells
+    beyond both ends hold the end entries, which is saturation. No other input needs
+    golden: the grid never meets a rounded comparison (tests/test_exactness.py checks
+    this against an exact rational reference, tables without a zero entry included).
     """
 
     def __init__(self, cb: Codebook):
         self.cb = cb
         self.values_table = cb.values
         u = np.unique(cb.values)
-        mids = (u[1:] + u[:-1]) / 2
-        self.exact = bool(len(mids)) and bool(np.all(2 * mids - u[:-1] == u[1:]))
+        mids, _, self.exact = table_midpoints(u)
+        self.exact = self.exact and len(mids) > 0
         p = 0
         while self.exact and p <= 40 and not np.all(np.floor(mids * 2.0 ** p) == mids * 2.0 ** p):
             p += 1
@@ -141,39 +172,23 @@ class FastTable:
         self.lut_values = cb.values[self.lut_codes]
         grid = cells / self.mul
         self.on_mid = np.isin(grid, mids)                        # cells whose left edge is a tie
-        # Codebook.encode measures x - lo and hi - x in float64. Between entries of one
-        # sign both are exact near the midpoint, but across zero (a table without a zero
-        # entry) a tiny x against large entries rounds them, so golden can see a tie
-        # the exact midpoint test would not; the two cells around such a midpoint go to
-        # Codebook.encode whole, so that its answer is the answer.
-        straddle = mids[(u[:-1] < 0) & (u[1:] > 0)] * self.mul
-        self.forced = [(float(m) - 1, float(m) + 1) for m in straddle]
 
-    def _cells(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(cell index into the look-up tables, flat positions where t = x * 2^p is an
-        integer, flat positions in forced cells or None)."""
+    def _cells(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cell index into the look-up tables, flat positions where t = x * 2^p is an integer)."""
         f = np.floor(t)
         hits = np.flatnonzero(t == f)
-        forced = None
-        if self.forced:
-            mask = np.zeros(t.shape, dtype=bool)
-            for lo, hi in self.forced:
-                mask |= (t >= lo) & (t < hi)
-            forced = np.flatnonzero(mask)
         f += self.K
         np.maximum(f, 0, out=f)                     # saturation; np.clip is 5x slower here
         np.minimum(f, 2 * self.K - 1, out=f)
-        return f.astype(np.int32), hits, forced
+        return f.astype(np.int32), hits
 
     def values_t(self, t: np.ndarray) -> np.ndarray:
         """``values(t / 2^p)``: callers fold the power of two into their division (exact)."""
         if not self.exact:
             return self.values_table[self.cb.encode(t / self.mul)]
-        j, hits, forced = self._cells(t)
+        j, hits = self._cells(t)
         v = self.lut_values[j]
         fix = hits[self.on_mid[j.reshape(-1)[hits]]] if hits.size else hits
-        if forced is not None:
-            fix = np.union1d(fix, forced)
         if fix.size:
             v.reshape(-1)[fix] = self.values_table[self.cb.encode(t.reshape(-1)[fix] / self.mul)]
         return v
@@ -182,24 +197,26 @@ class FastTable:
         """``encode(t / 2^p)``."""
         if not self.exact:
             return self.cb.encode(t / self.mul)
-        j, hits, forced = self._cells(t)
+        j, hits = self._cells(t)
         c = self.lut_codes[j]
         fix = hits[self.on_mid[j.reshape(-1)[hits]] | (t.reshape(-1)[hits] == 0)] if hits.size else hits
-        if forced is not None:
-            fix = np.union1d(fix, forced)
         if fix.size:
             c.reshape(-1)[fix] = self.cb.encode(t.reshape(-1)[fix] / self.mul)
         return c
 
     def values(self, x) -> np.ndarray:
         """The table value nearest each ``x`` (``cb.values[cb.encode(x)]`` up to the sign of zero)."""
-        return self.values_t(np.asarray(x, dtype=np.float64) * self.mul)
+        with np.errstate(over="ignore"):            # beyond 2^1023 / 2^p: ±Inf, which saturates
+            t = np.asarray(x, dtype=np.float64) * self.mul
+        return self.values_t(t)
 
     def encode(self, x) -> np.ndarray:
         """Codes identical to ``Codebook.encode(x)`` (tested over random inputs, ties and ±0)."""
         x = np.asarray(x, dtype=np.float64)
         check_no_nan(x, f"encode to {self.cb.name}")
-        return self.encode_t(x * self.mul)
+        with np.errstate(over="ignore"):            # beyond 2^1023 / 2^p: ±Inf, which saturates
+            t = x * self.mul
+        return self.encode_t(t)
 
 
 @lru_cache(maxsize=64)
@@ -230,7 +247,9 @@ class Prepared:
         key = (float(cb.values.max()), float(cb.values.min()), sign, offset, self.layout.scale.name)
         if key not in self._cover:
             target = cover_targets(self.bmax, self.bmin, cb, sign)
-            self._cover[key] = np.searchsorted(svals, target, side="left")
+            # at most len(svals) (<= 2^16 for scale formats of up to 16 bits): held as uint16
+            idx = np.searchsorted(svals, target, side="left")
+            self._cover[key] = idx.astype(np.uint16) if len(svals) < 1 << 16 else idx
         return self._cover[key]
 
     def chunks_for(self, candidates: int = 1) -> list[slice]:
@@ -241,14 +260,24 @@ class Prepared:
 
 
 def prepare(w, layout: BlockLayout, col_weight=None, name: str = "layer") -> Prepared:
-    w = check_weights(name, w, layout.group)
+    """The layer in blocks. A float32 (or float16) ``w`` is kept as it is, not copied to
+    float64: every use casts a chunk of ``blocks`` to float64 first (exact), so the results
+    are those of the float64 layer. The per-block statistics are computed in row chunks."""
+    w = as_weights(name, w, layout.group)
     a = check_col_weight(name, col_weight, w.shape[1])
     g = layout.group
     blocks = w.reshape(w.shape[0], -1, g)
     a = None if a is None else a.reshape(-1, g)
-    w2 = blocks * blocks
-    ww = (w2 if a is None else w2 * a).sum(axis=-1)
-    return Prepared(name, layout, w, blocks, a, blocks.max(axis=-1), blocks.min(axis=-1), ww)
+    shape = blocks.shape[:2]
+    bmax, bmin, ww = np.empty(shape), np.empty(shape), np.empty(shape)
+    step = max(1, CHUNK_WEIGHTS // max(1, w.shape[1]))
+    for r in range(0, shape[0], step):
+        blk = np.asarray(blocks[r:r + step], dtype=np.float64)
+        w2 = blk * blk
+        ww[r:r + step] = (w2 if a is None else w2 * a).sum(axis=-1)
+        bmax[r:r + step] = blk.max(axis=-1)
+        bmin[r:r + step] = blk.min(axis=-1)
+    return Prepared(name, layout, w, blocks, a, bmax, bmin, ww)
 
 
 def _sorted_scales(layout: BlockLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -286,78 +315,153 @@ def choose_offset(layout: BlockLayout, max_target: float) -> int:
 def bank_offset(prep: Prepared, cb: Codebook) -> int:
     """The offset ``cb`` alone would need; a set of banks needs the largest of theirs."""
     signs = (1, -1) if prep.layout.signed_scale else (1,)
-    worst = max(float(cover_targets(prep.bmax, prep.bmin, cb, s).max()) for s in signs)
+    # the largest target, row chunk by row chunk (a maximum is exact in any grouping)
+    worst = max(float(cover_targets(prep.bmax[sl], prep.bmin[sl], cb, s).max())
+                for s in signs for sl in prep.chunks_for(1) if sl.stop > sl.start) if prep.bmax.size else 0.0
     return choose_offset(prep.layout, worst)
 
 
 @dataclass
 class BankEval:
-    """The best candidate of one bank for every block, at one offset."""
+    """The best candidate of one bank for every block, at one offset.
+
+    Held compactly (the pair search keeps many): per block the error and ``qq`` (float64),
+    the index of the chosen scale among the ascending scale values (``sidx``) and its sign
+    (``neg``), about 1.1 bytes per weight. ``scale_code``, ``sign``, ``sv``, ``sdiv`` and
+    ``wq`` are computed from them on access (each a new (rows, bpr) array). A *choice-only*
+    evaluation (``err`` and ``qq`` None, 0.125 bytes per weight) is enough for ``assemble``
+    when the caller gives the per-block bank selection (the SOP4 pair search does)."""
 
     cb: Codebook
     offset: int
-    err: np.ndarray          # (rows, bpr) weighted squared error of the best candidate
-    scale_code: np.ndarray   # (rows, bpr) int64
-    sign: np.ndarray         # (rows, bpr) 0 = +, 1 = -
-    sv: np.ndarray           # (rows, bpr) the signed scale value, offset included
-    sdiv: np.ndarray         # (rows, bpr) what w is divided by: sv (1 for a zero scale) / 2^p
-    wq: np.ndarray           # (rows, bpr) sum_j a_j w_j q_j
-    qq: np.ndarray           # (rows, bpr) sum_j a_j q_j^2
+    err: np.ndarray | None   # (rows, bpr) weighted squared error of the best candidate
+    qq: np.ndarray | None    # (rows, bpr) sum_j a_j q_j^2
+    sidx: np.ndarray         # (rows, bpr) index into the ascending finite scale values
+    neg: np.ndarray          # (rows, bpr) bool: the scale is negative
+    ww: np.ndarray           # (rows, bpr) the layer's sum_j a_j w_j^2 (Prepared.ww, shared)
+    order: np.ndarray        # scale codes in ascending order of value (finite ones)
+    svals: np.ndarray        # their values times 2^offset
+    divs: np.ndarray         # what w is divided by: svals (1 for a zero scale) / 2^p
     _codes: np.ndarray | None = None
+
+    @property
+    def scale_code(self) -> np.ndarray:     # (rows, bpr) int64
+        return self.order[self.sidx]
+
+    @property
+    def sign(self) -> np.ndarray:           # (rows, bpr) int64, 0 = +, 1 = -
+        return self.neg.astype(np.int64)
+
+    def sv_of(self, sl=slice(None)) -> np.ndarray:
+        """The signed scale value (offset included) of the blocks of rows ``sl``."""
+        si, neg = self.sidx[sl], self.neg[sl]
+        return np.where(neg, -self.svals[si], self.svals[si])
+
+    def sdiv_of(self, sl=slice(None)) -> np.ndarray:
+        si, neg = self.sidx[sl], self.neg[sl]
+        return np.where(neg, -self.divs[si], self.divs[si])
+
+    @property
+    def sv(self) -> np.ndarray:             # (rows, bpr) the signed scale value, offset included
+        return self.sv_of()
+
+    @property
+    def sdiv(self) -> np.ndarray:           # (rows, bpr) sv (1 for a zero scale) / 2^p
+        return self.sdiv_of()
+
+    @property
+    def wq(self) -> np.ndarray:             # (rows, bpr) sum_j a_j w_j q_j
+        # err = ww - 2 wq + qq per block, so wq follows without another pass over the weights
+        return (self.ww + self.qq - self.err) / 2
+
+    def codes_of(self, prep: "Prepared", sl) -> np.ndarray:
+        """(rc, bpr, g) uint8 codes of rows ``sl``, identical to Codebook.encode(w / sv)."""
+        if self._codes is not None:
+            return self._codes[sl]
+        blk = np.asarray(prep.blocks[sl], dtype=np.float64)
+        return fast_table(self.cb).encode_t(blk / self.sdiv_of(sl)[..., None])
 
     def codes(self, prep: "Prepared") -> np.ndarray:
         """(rows, bpr, g) uint8 codes of the chosen candidates, identical to Codebook.encode(w / sv);
-        computed on first use (the pair search needs them only for the winning pair)."""
+        computed on first use and kept (the DD4 fit uses them; ``assemble`` works per chunk)."""
         if self._codes is None:
-            ft = fast_table(self.cb)
             codes = np.empty(prep.blocks.shape, dtype=np.uint8)
 
             def work(sl):
-                codes[sl] = ft.encode_t(prep.blocks[sl] / self.sdiv[sl][..., None])
+                codes[sl] = self.codes_of(prep, sl)
 
             run_chunks(work, prep.chunks_for(1))
             self._codes = codes
         return self._codes
 
 
-def evaluate_bank(prep: Prepared, cb: Codebook, offset: int, scale_search: int = 1) -> BankEval:
-    """Per block, the best (sign, scale code) of ``cb`` at ``offset``.
+class BankEvaluator:
+    """The candidate search of one bank at one offset, row chunk by row chunk.
 
-    Candidates in order: sign + then - (where the layout has a sign), and for each
-    the covering scale code plus ``scale_search`` neighbours each side, smaller first.
-    """
-    lay = prep.layout
-    if cb.bits != lay.code_bits:
-        raise ValueError(f"{cb.name} is a {cb.bits}-bit table; the layout needs {lay.code_bits}-bit codes")
-    ft = fast_table(cb)
-    order, svals = _sorted_scales(lay)
-    svals = svals * 2.0 ** offset
-    # A zero scale divides by 1 and reconstructs 0. Dividing by scale / 2^p gives
-    # (w / scale) * 2^p exactly (a power of two commutes with rounding), the grid
-    # coordinate FastTable looks up.
-    divs = np.where(svals == 0, 1.0, svals) / ft.mul
-    idx = []
-    sgn = []
-    for s in _signs(lay):
-        cover = prep.cover(cb, s, offset, svals)
-        for d in range(-scale_search, scale_search + 1):
-            idx.append(np.clip(cover + d, 0, len(order) - 1))
-            sgn.append(s)
-    idx = np.stack(idx)                                     # (C, rows, bpr) index into order
-    sgn = np.array(sgn, dtype=np.float64)[:, None, None]
-    cdiv = sgn * divs[idx]
-    cmul = sgn * svals[idx]
-    blocks, a, g = prep.blocks, prep.a, lay.group
-    shape = blocks.shape[:2]
-    best_k = np.empty(shape, dtype=np.int64)
-    best_err = np.empty(shape)
-    qq = np.empty(shape)
-    ones = np.ones(g)
+    ``chunk(sl)`` evaluates the blocks of rows ``sl``: every candidate (sign + then -,
+    where the layout has a sign; for each the covering scale code and ``scale_search``
+    neighbours each side, smaller first), keeping the first one of least error. A block's
+    result depends only on the row chunk it is evaluated in, and ``evaluate_bank`` and the
+    SOP4 pair search both use ``chunks()``, so their per-block results are the same bits.
+    ``cached``: take the covering scale indices from ``Prepared.cover`` (whole-layer arrays,
+    kept) or compute them per chunk (the same values; nothing kept)."""
 
-    def work(sl):
-        blk = blocks[sl]
-        rec = ft.values_t(blk[None] / cdiv[:, sl, :, None])   # (C, rc, bpr, g) table values
-        rec *= cmul[:, sl, :, None]                           # the exact decoded products
+    def __init__(self, prep: Prepared, cb: Codebook, offset: int, scale_search: int = 1,
+                 cached: bool = True):
+        lay = prep.layout
+        if cb.bits != lay.code_bits:
+            raise ValueError(f"{cb.name} is a {cb.bits}-bit table; the layout needs {lay.code_bits}-bit codes")
+        self.prep, self.cb, self.offset, self.cached = prep, cb, offset, cached
+        self.ft = ft = fast_table(cb)
+        order, svals = _sorted_scales(lay)
+        self.order, self.svals = order, svals * 2.0 ** offset
+        # A zero scale divides by 1 and reconstructs 0. Dividing by scale / 2^p gives
+        # (w / scale) * 2^p exactly (a power of two commutes with rounding), the grid
+        # coordinate FastTable looks up.
+        self.divs = np.where(self.svals == 0, 1.0, self.svals) / ft.mul
+        self.signs = _signs(lay)
+        sgn, deltas = [], []
+        for c, s in enumerate(self.signs):
+            for d in range(-scale_search, scale_search + 1):
+                sgn.append(s)
+                deltas.append((c, d))
+        self.deltas = deltas
+        self.sgn = np.array(sgn, dtype=np.float64)[:, None, None]
+        self.sidx_dtype = np.uint8 if len(order) <= 256 else np.int64
+        self.ones = np.ones(lay.group)
+
+    @property
+    def candidates(self) -> int:
+        return len(self.deltas)
+
+    def chunks(self) -> list[slice]:
+        return self.prep.chunks_for(self.candidates)
+
+    def covers(self, sl) -> list[np.ndarray]:
+        """Per sign, the index (into ``svals``) of each block's covering scale, rows ``sl``."""
+        prep = self.prep
+        if self.cached:
+            return [prep.cover(self.cb, s, self.offset, self.svals)[sl] for s in self.signs]
+        return [np.searchsorted(self.svals, cover_targets(prep.bmax[sl], prep.bmin[sl], self.cb, s), side="left")
+                for s in self.signs]
+
+    def _idx(self, sl) -> np.ndarray:
+        covers = self.covers(sl)
+        last = len(self.order) - 1
+        return np.stack([np.clip(covers[c].astype(np.int64) + d, 0, last) for c, d in self.deltas])
+
+    def chunk(self, sl) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(err, qq, k, idx) of rows ``sl``: per block the least error, its ``qq``, the index
+        ``k`` of its candidate and every candidate's scale index (C, rc, bpr)."""
+        prep, g = self.prep, self.prep.layout.group
+        a, sgn, ones = prep.a, self.sgn, self.ones
+        # the candidates of this chunk only: (C, rc, bpr) indices into order
+        idx = self._idx(sl)
+        cdiv = sgn * self.divs[idx]
+        cmul = sgn * self.svals[idx]
+        blk = np.asarray(prep.blocks[sl], dtype=np.float64)
+        rec = self.ft.values_t(blk[None] / cdiv[..., None])  # (C, rc, bpr, g) table values
+        rec *= cmul[..., None]                                # the exact decoded products
         sq = rec * rec
         if a is not None:
             sq *= a
@@ -369,18 +473,51 @@ def evaluate_bank(prep: Prepared, cb: Codebook, offset: int, scale_search: int =
             rec *= a
         errs = (rec.reshape(-1, g) @ ones).reshape(q2.shape)
         k = np.argmin(errs, axis=0)                           # first minimum: the documented tie order
-        best_k[sl] = k
-        best_err[sl] = np.take_along_axis(errs, k[None], 0)[0]
-        qq[sl] = np.take_along_axis(q2, k[None], 0)[0]
+        return (np.take_along_axis(errs, k[None], 0)[0], np.take_along_axis(q2, k[None], 0)[0], k, idx)
 
-    run_chunks(work, prep.chunks_for(len(sgn)))
-    sidx = np.take_along_axis(idx, best_k[None], 0)[0]
-    neg = sgn.reshape(-1)[best_k] < 0
-    sv = np.where(neg, -svals[sidx], svals[sidx])
-    sdiv = np.where(neg, -divs[sidx], divs[sidx])
-    # err = ww - 2 wq + qq per block, so wq follows without another pass over the weights
-    wq = (prep.ww + qq - best_err) / 2
-    return BankEval(cb, offset, best_err, order[sidx], neg.astype(np.int64), sv, sdiv, wq, qq)
+    def choice(self, k: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sidx, neg) of the candidates ``k`` among ``idx`` (as ``chunk`` returns them)."""
+        return np.take_along_axis(idx, k[None], 0)[0], self.sgn.reshape(-1)[k] < 0
+
+    def choice_of(self, sl, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sidx, neg) of rows ``sl`` whose candidates are ``k`` (kept from ``chunk``)."""
+        return self.choice(np.asarray(k, dtype=np.int64), self._idx(sl))
+
+    def bank_eval(self, err, qq, sidx, neg) -> BankEval:
+        return BankEval(self.cb, self.offset, err, qq, sidx, neg, self.prep.ww, self.order, self.svals,
+                        self.divs)
+
+    def from_choices(self, k: np.ndarray) -> BankEval:
+        """A choice-only BankEval (no ``err``/``qq``) from the candidate index of every block."""
+        shape = self.prep.blocks.shape[:2]
+        sidx, neg = np.empty(shape, dtype=self.sidx_dtype), np.empty(shape, dtype=bool)
+
+        def work(sl):
+            sidx[sl], neg[sl] = self.choice_of(sl, k[sl])
+
+        run_chunks(work, self.chunks())
+        return self.bank_eval(None, None, sidx, neg)
+
+
+def evaluate_bank(prep: Prepared, cb: Codebook, offset: int, scale_search: int = 1) -> BankEval:
+    """Per block, the best (sign, scale code) of ``cb`` at ``offset``.
+
+    Candidates in order: sign + then - (where the layout has a sign), and for each
+    the covering scale code plus ``scale_search`` neighbours each side, smaller first.
+    """
+    ev = BankEvaluator(prep, cb, offset, scale_search)
+    shape = prep.blocks.shape[:2]
+    sidx_all = np.empty(shape, dtype=ev.sidx_dtype)
+    neg_all = np.empty(shape, dtype=bool)
+    best_err = np.empty(shape)
+    qq = np.empty(shape)
+
+    def work(sl):
+        best_err[sl], qq[sl], k, idx = ev.chunk(sl)
+        sidx_all[sl], neg_all[sl] = ev.choice(k, idx)
+
+    run_chunks(work, ev.chunks())
+    return ev.bank_eval(best_err, qq, sidx_all, neg_all)
 
 
 # -- assembling a stream ----------------------------------------------------------------------
@@ -413,7 +550,8 @@ class Encoded:
     """An encoded layer: the stream, its exact reconstruction and the per-block choices."""
 
     stream: LayerStream
-    recon: np.ndarray          # (rows, cols) == golden.decoder.decode_layer(stream), bit for bit
+    recon: np.ndarray          # (rows, cols) == golden.decoder.decode_layer(stream), bit for bit;
+                               # float32 where that holds every product exactly (products_fit_float32)
     err: np.ndarray            # (rows, bpr) weighted squared error per block
     select: np.ndarray         # (rows, bpr) bank chosen per block (0 = A)
     wq: np.ndarray             # (rows, bpr) sum_j a_j w_j q_j
@@ -435,8 +573,12 @@ def merge_banks(evals: list[BankEval]) -> np.ndarray:
     return select
 
 
-def assemble(prep: Prepared, evals: list[BankEval]) -> Encoded:
-    """The stream that picks, per block, the best of the given bank evaluations (same offset)."""
+def assemble(prep: Prepared, evals: list[BankEval], select: np.ndarray | None = None) -> Encoded:
+    """The stream that picks, per block, the best of the given bank evaluations (same offset).
+
+    ``select`` (rows, bpr), if given, is that per-block choice already made (``merge_banks``
+    of the same evaluations); the evaluations may then be choice-only, and the returned
+    ``err``, ``wq`` and ``qq`` are None where they are."""
     lay = prep.layout
     if len(evals) != lay.banks:
         raise ValueError(f"layout needs {lay.banks} codebook bank(s), got {len(evals)}")
@@ -446,7 +588,9 @@ def assemble(prep: Prepared, evals: list[BankEval]) -> Encoded:
     hif = evals[0].cb.hif
     if any(ev.cb.hif != hif for ev in evals):
         raise ValueError("every bank must be in one HIF format")
-    select = merge_banks(evals)
+    if select is None:
+        select = merge_banks(evals)
+    full = all(ev.err is not None for ev in evals)
 
     def pick(attr):
         out = getattr(evals[0], attr)
@@ -455,21 +599,71 @@ def assemble(prep: Prepared, evals: list[BankEval]) -> Encoded:
             out = np.where(m[..., None] if getattr(ev, attr).ndim == 3 else m, getattr(ev, attr), out)
         return out
 
-    codes = evals[0].codes(prep)
-    for t, ev in enumerate(evals[1:], start=1):
-        if (select == t).any():
-            codes = np.where((select == t)[..., None], ev.codes(prep), codes)
-    sv = pick("sv")
-    values = evals[0].cb.values[codes]
-    for t, ev in enumerate(evals[1:], start=1):
-        values = np.where((select == t)[..., None], ev.cb.values[codes], values)
-    recon = (values * sv[..., None]).reshape(prep.w.shape)
-    headers = lay.make_header(pick("scale_code").reshape(-1), pick("sign").reshape(-1),
-                              select.reshape(-1) if lay.select_bit else 0)
+    def scale_codes(sl):
+        out = evals[0].order[evals[0].sidx[sl]]
+        for t, ev in enumerate(evals[1:], start=1):
+            out = np.where(select[sl] == t, ev.order[ev.sidx[sl]], out)
+        return out
+
+    def signs(sl):
+        out = evals[0].neg[sl]
+        for t, ev in enumerate(evals[1:], start=1):
+            out = np.where(select[sl] == t, ev.neg[sl], out)
+        return out.astype(np.int64)
+
+    def headers_of(sl):
+        return lay.make_header(scale_codes(sl).reshape(-1), signs(sl).reshape(-1),
+                               select[sl].reshape(-1) if lay.select_bit else 0)
+
+    rows, cols = prep.w.shape
+    g, bpr, bb = lay.group, cols // lay.group, lay.block_bytes
+    used = [t == 0 or bool((select == t).any()) for t in range(len(evals))]
+    # float32 holds every product exactly for the SOP layouts: then the reconstruction is float32
+    recon = np.empty((rows, cols), dtype=np.float32 if products_fit_float32(evals) else np.float64)
+    fast = lay.header_bits % 8 == 0 and (lay.code_bits == 4 or (lay.code_bits == 6 and g % 4 == 0))
+    # the fast path makes each chunk's headers in the chunk (the same values, elementwise)
+    headers = None if fast else headers_of(slice(None))
+    packed = bytearray(rows * bpr * bb) if fast else None
+    all_codes = None if fast else np.empty(prep.blocks.shape, dtype=np.uint8)
+
+    def work(sl):
+        # chunk by chunk, exactly as the whole layer: codes, values, products, packed blocks
+        sel = select[sl]
+        codes = evals[0].codes_of(prep, sl)
+        for t, ev in enumerate(evals[1:], start=1):
+            if used[t]:
+                codes = np.where((sel == t)[..., None], ev.codes_of(prep, sl), codes)
+        sv = evals[0].sv_of(sl)
+        values = evals[0].cb.values[codes]
+        for t, ev in enumerate(evals[1:], start=1):
+            values = np.where((sel == t)[..., None], ev.cb.values[codes], values)
+            sv = np.where(sel == t, ev.sv_of(sl), sv)
+        recon[sl] = (values * sv[..., None]).reshape(-1, cols)
+        if fast:
+            b0, b1 = sl.start * bpr, min(sl.stop, rows) * bpr
+            packed[b0 * bb:b1 * bb] = pack_blocks_fast(lay, headers_of(sl), codes.reshape(-1, g))
+        else:
+            all_codes[sl] = codes
+
+    run_chunks(work, prep.chunks_for(1))
+    blocks = bytes(packed) if fast else pack_blocks_fast(lay, headers, all_codes.reshape(-1, g))
+    del packed, all_codes, headers
     luts = np.stack([ev.cb.hif_codes.astype(np.int64) for ev in evals])
-    stream = LayerStream(lay, hif, luts, offset, prep.w.shape[0], prep.w.shape[1],
-                         pack_blocks_fast(lay, headers, codes.reshape(-1, lay.group)))
+    stream = LayerStream(lay, hif, luts, offset, rows, cols, blocks)
+    if not full:
+        return Encoded(stream, recon, None, select, None, None)
     return Encoded(stream, recon, pick("err"), select, pick("wq"), pick("qq"))
+
+
+def products_fit_float32(evals: list[BankEval]) -> bool:
+    """Whether every product of a bank entry and a signed scale value (offset included) is
+    exactly a float32: then a float32 reconstruction holds the exact products, bit for bit."""
+    with np.errstate(over="ignore"):
+        for ev in evals:
+            p = ev.cb.values[:, None] * ev.svals[None, :]
+            if not np.array_equal(p.astype(np.float32), p):
+                return False
+    return True
 
 
 def encode(w, layout: BlockLayout, banks: list[Codebook], scale_search: int = 1,

@@ -8,9 +8,14 @@ metrics (quantize/metrics.py) weight input column ``j`` by
 
 * Text: English prose from Python's own ``pydoc_data.topics`` (no download):
   split into sentences, kept when 40..250 characters long and mostly letters,
-  de-duplicated, shuffled with a fixed seed. Calibration takes sentences from
-  the front of that list (``calibration_sentences``), the end-to-end check
-  from the back (``heldout_sentences``): the two sets are disjoint.
+  de-duplicated, shuffled with a fixed seed. The last ``HELDOUT_RESERVE`` (256)
+  sentences of that list are reserved for the end-to-end check
+  (``heldout_sentences`` takes its ``n`` from the very end); calibration takes
+  its ``n`` from the front of the rest (``calibration_sentences``). The two sets
+  are disjoint by construction for every count: a calibration count above
+  ``max_calibration_sentences()`` (1188 with Python 3.11's pydoc_data), or below 1,
+  is refused with a ``ValueError`` naming ``--calib-sentences`` and the maximum,
+  as is a held-out count beyond the reserve.
 * Forward pass: for ``minilm`` and any BERT folder (``config.json`` with
   ``model_type: bert`` and ``tokenizer.json``), the real model with its shipped
   tokenizer (quantize/e2e.py), padding masked out of the statistics.
@@ -40,6 +45,8 @@ from sop.golden.artifact import write_atomic
 CALIB_VERSION = 1
 N_CALIB = 256
 N_HELDOUT = 64
+#: Sentences at the end of the corpus kept for the end-to-end check, never for calibration.
+HELDOUT_RESERVE = 256
 DEFAULT_CACHE = Path("build/calib")
 SEED = 0
 _META = "__meta__"
@@ -60,15 +67,30 @@ def corpus() -> tuple[str, ...]:
     return tuple(out[i] for i in order)
 
 
+def max_calibration_sentences() -> int:
+    """The most calibration sentences there are: the corpus less the held-out reserve."""
+    return len(corpus()) - HELDOUT_RESERVE
+
+
+def _count(n, what: str, most: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= most:
+        raise ValueError(f"{what} must be an integer from 1 to {most} (the pydoc_data.topics corpus has "
+                         f"{len(corpus())} sentences, {HELDOUT_RESERVE} of them reserved for the "
+                         f"held-out end-to-end check), got {n!r}")
+    return int(n)
+
+
 def calibration_sentences(n: int = N_CALIB) -> list[str]:
+    """The first ``n`` sentences of the corpus outside the held-out reserve."""
+    n = _count(n, "--calib-sentences", max_calibration_sentences())
     return list(corpus()[:n])
 
 
 def heldout_sentences(n: int = N_HELDOUT) -> list[str]:
-    """Sentences from the end of the corpus: disjoint from any calibration set that leaves room."""
+    """The last ``n`` sentences of the corpus, all inside the held-out reserve: disjoint
+    from every calibration set."""
     c = corpus()
-    if n > len(c) // 2:
-        raise ValueError(f"at most {len(c) // 2} held-out sentences (the corpus has {len(c)})")
+    n = _count(n, "the number of held-out sentences", HELDOUT_RESERVE)
     return list(c[len(c) - n:])
 
 
@@ -117,6 +139,7 @@ def collect_stats(bert, sentences: list[str]) -> tuple[dict[str, np.ndarray], in
 
 def calibrate(src, n_sentences: int = N_CALIB, cache_dir=DEFAULT_CACHE, use_cache: bool = True) -> Calibration:
     """Activation statistics for a ModelSource (quantize/models.py), cached on disk."""
+    _count(n_sentences, "--calib-sentences", max_calibration_sentences())   # refused for any model
     if src.bert_folder is None:
         return unweighted(f"no forward pass for this model ({src.kind}); errors are unweighted (a = 1)")
     from sop.quantize.e2e import Bert

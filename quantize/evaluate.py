@@ -43,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.artifact import write_atomic
+from sop.golden.formats import to_float32
 from sop.quantize import calib as C
+from sop.quantize.blockwise import narrow_weights
 from sop.quantize.formats import get_quant_format
 from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.models import open_model
@@ -51,8 +53,17 @@ from sop.quantize.models import open_model
 NAN_POLICIES = ("error", "zero")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)      # the smallest normal float32, 2^-126
+
+
 def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarray, int]:
-    """The weight with non-finite entries handled by ``policy``, and how many there were."""
+    """The weight with non-finite entries handled by ``policy``, and how many there were.
+
+    A weight beyond float32's range, or a nonzero layer whose every weight lies
+    below float32's smallest normal number (possible only in a float64
+    checkpoint), is refused: the outputs (float32 files, BF16 hardware values)
+    could not hold it, the first as Inf, the second as all zeros."""
     if policy not in NAN_POLICIES:
         raise ValueError(f"unknown NaN policy {policy!r}; valid: {', '.join(NAN_POLICIES)}")
     bad = ~np.isfinite(w)
@@ -61,7 +72,18 @@ def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarra
         r, c = (int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
                          f"--nan-policy zero replaces them with 0")
-    return (np.where(bad, 0.0, w) if n else w), n
+    w = np.where(bad, 0.0, w) if n else w
+    peak = max(float(w.max()), -float(w.min())) if w.size else 0.0
+    if peak > FLOAT32_MAX:
+        r, c = (int(i) for i in np.argwhere(np.abs(w) > FLOAT32_MAX)[0])
+        raise ValueError(f"{name}: weight {w[r, c]:.6g} at row {r}, column {c} is beyond float32's range "
+                         f"(+-{FLOAT32_MAX:.6g}); the quantized outputs are float32 and BF16: rescale the "
+                         f"checkpoint")
+    if 0 < peak < FLOAT32_TINY:
+        raise ValueError(f"{name}: every weight lies below float32's smallest normal number "
+                         f"({FLOAT32_TINY:.6g}; the largest is {peak:.6g}): the layer would decode to "
+                         f"zeros; rescale the checkpoint")
+    return w, n
 
 
 def _e2e_runner(src, enabled: bool, n_heldout: int):
@@ -131,16 +153,17 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
         budgeted = None
         if fmt.model_level:                 # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
-            inputs = {lay.name: (sanitize(lay.name, src.load(lay.name), nan_policy)[0], cal.get(lay.name))
-                      for lay in src.layers}
+            inputs = {lay.name: (narrow_weights(sanitize(lay.name, src.load(lay.name), nan_policy)[0]),
+                                 cal.get(lay.name)) for lay in src.layers}
             budgeted = fmt.quantize_model(inputs, budget)
             del inputs
         for lay in tqdm(src.layers, desc=f"{fmt.name:>16}", unit="layer", file=sys.stderr,
                         disable=not progress, leave=False):
             w, n_bad = sanitize(lay.name, src.load(lay.name), nan_policy)
+            w = narrow_weights(w)           # float32 where exact: the layer held costs 4 bytes a weight
             act = cal.get(lay.name)
             if budgeted is not None:
-                res = budgeted.results[lay.name]
+                res = budgeted.results.pop(lay.name)
                 res.choice = f"{budgeted.choice[lay.name]}: {res.choice}"
             else:
                 res = fmt.quantize(w, act_ms=act, name=lay.name)
@@ -151,7 +174,8 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
                 rec["nonfinite_replaced"] = n_bad
             layers[lay.name] = rec
             if runner is not None:
-                recons[lay.name] = res.recon.astype(np.float32)
+                recons[lay.name] = to_float32(res.recon)
+            del w, res                      # before the next layer is read
         total = aggregate(stats)
         entry = {**total.as_dict(), "bits": total.bits, "weights": total.weights}
         if budgeted is not None:

@@ -33,17 +33,19 @@ above the base option and why: their error reduction per extra bit.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from sop.golden.layout import Sparse
 from sop.quantize.baselines import fp8_e4m3_pot
 
 from .result import QuantResult
-from .sop_search import quantize_fp6, quantize_sop4
-from .sparse import add_sparse
+from .sop_search import StreamSums, quantize_fp6, quantize_sop4
+from .sparse import add_sparse, apply_sparse
 
 DEFAULT_RESOLUTION = 1 << 15
 
@@ -144,10 +146,42 @@ def parse_option(name: str) -> tuple[str, float]:
     return m["base"], float(m["pct"] or 0) / 100
 
 
+def _float(w) -> np.ndarray:
+    """``w`` as a float array, without a float64 copy where it is one already (float32 stays:
+    every consumer casts chunks to float64, exactly)."""
+    w = np.asarray(w)
+    return w if w.dtype.kind == "f" and w.dtype.itemsize <= 8 else np.asarray(w, dtype=np.float64)
+
+
+#: Weights per row chunk of ``weighted_error``.
+CHUNK_WEIGHTS = 1 << 18
+
+
 def weighted_error(w, recon, act_ms=None) -> float:
-    d = np.asarray(w, dtype=np.float64) - recon
+    """``sum_ij act_ms_j (w_ij - q_ij)^2`` (all ones without ``act_ms``), the same bits as the
+    whole-layer expression ``((w - q)^2).sum()`` or ``((w - q)^2 @ act_ms).sum()``: the squared
+    differences are formed row chunk by row chunk; unweighted, their sum is numpy's pairwise sum
+    reproduced segment by segment (``sop_search.StreamSums``), so nothing of the layer's size is
+    held; weighted, the squares go into one float64 array for the one matrix-vector product."""
+    w, recon = np.asarray(w), np.asarray(recon)
+    if w.ndim != 2 or recon.shape != w.shape:
+        d = np.asarray(w, dtype=np.float64) - recon
+        d *= d
+        return float(d.sum() if act_ms is None else (d @ np.asarray(act_ms, dtype=np.float64)).sum())
+    rows, cols = w.shape
+    step = max(1, CHUNK_WEIGHTS // max(1, cols))
+    if act_ms is None:
+        sums = StreamSums(1, w.size, most=1 << 16)
+        for r in range(0, rows, step):
+            d = np.asarray(w[r:r + step], dtype=np.float64) - recon[r:r + step]
+            d *= d
+            sums.push(d.reshape(1, -1))
+        return float(sums.total()[0])
+    d = np.empty(w.shape)
+    for r in range(0, rows, step):
+        np.subtract(np.asarray(w[r:r + step], dtype=np.float64), recon[r:r + step], out=d[r:r + step])
     d *= d
-    return float(d.sum() if act_ms is None else (d @ np.asarray(act_ms, dtype=np.float64)).sum())
+    return float((d @ np.asarray(act_ms, dtype=np.float64)).sum())
 
 
 def _base_result(base: str, w, act_ms, name: str, sop4_kw: dict) -> QuantResult:
@@ -158,11 +192,17 @@ def _base_result(base: str, w, act_ms, name: str, sop4_kw: dict) -> QuantResult:
     return fp8_e4m3_pot(w, act_ms, name=name)
 
 
-def _with_sparse(res: QuantResult, w, act_ms, density: float) -> QuantResult:
+def _with_sparse(res: QuantResult, w, act_ms, density: float, entries: Sparse | None = None) -> QuantResult:
+    """``res`` plus its ``density`` largest residuals (``entries``: those entries, found before)."""
     if density <= 0:
         return res
-    k = int(round(density * w.size))
-    stream, recon = add_sparse(res.stream, w, res.recon, k, act_ms)
+    if entries is None:
+        k = int(round(density * w.size))
+        stream, recon = add_sparse(res.stream, w, res.recon, k, act_ms)
+    else:
+        if len(res.stream.sparse):
+            raise ValueError("the stream already carries sparse entries")
+        stream, recon = dataclasses.replace(res.stream, sparse=entries), apply_sparse(res.recon, entries)
     return QuantResult(recon, stream.bits, f"{res.choice} +{len(stream.sparse)} sparse", stream,
                        extra={**res.extra, "sparse": len(stream.sparse)})
 
@@ -189,6 +229,9 @@ class LayerOptions:
     costs: list[list[tuple[int, float]]] # per layer, per option: (bits, weighted error)
     bases: dict[str, dict[str, QuantResult]]
     layers: dict
+    #: (layer, option) -> the sparse entries of that option (a few bytes per entry), so that
+    #: ``result`` does not search the residuals again
+    entries: dict = field(default_factory=dict)
 
     @property
     def n_weights(self) -> int:
@@ -197,7 +240,8 @@ class LayerOptions:
     def result(self, layer: str, option: int) -> QuantResult:
         w, act_ms = self.layers[layer]
         _, base, density = self.parsed[option]
-        return _with_sparse(self.bases[layer][base], np.asarray(w, dtype=np.float64), act_ms, density)
+        return _with_sparse(self.bases[layer][base], _float(w), act_ms, density,
+                            self.entries.get((layer, option)))
 
 
 def layer_options(layers: dict, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None) -> LayerOptions:
@@ -205,19 +249,22 @@ def layer_options(layers: dict, options=DEFAULT_OPTIONS, sop4_kw: dict | None = 
     bits and activation-weighted error (sparse variants are derived from the base stream)."""
     parsed = [(o, *parse_option(o)) for o in options]
     sop4_kw = dict(sop4_kw or {})
-    costs, bases = [], {}
+    costs, bases, entries = [], {}, {}
     for lname, (w, act_ms) in layers.items():
-        w = np.asarray(w, dtype=np.float64)
+        w = _float(w)                       # float32 stays (the quantizers cast chunks, exactly)
         mine = {}
         row = []
-        for oname, base, density in parsed:
+        for i, (oname, base, density) in enumerate(parsed):
             if base not in mine:
                 mine[base] = _base_result(base, w, act_ms, lname, sop4_kw)
             res = _with_sparse(mine[base], w, act_ms, density)
+            if density > 0:
+                entries[(lname, i)] = res.stream.sparse
             row.append((res.bits, weighted_error(w, res.recon, act_ms)))
+            del res
         costs.append(row)
         bases[lname] = mine
-    return LayerOptions(list(layers), parsed, costs, bases, layers)
+    return LayerOptions(list(layers), parsed, costs, bases, layers, entries)
 
 
 def quantize_budget(layers: dict, budget_bpw: float, options=DEFAULT_OPTIONS,

@@ -12,6 +12,15 @@ without calibration), with ``a_j = sqrt(m_j)``:
   same definition as quantize/sop_search.py uses to pick a codebook pair);
 * ``max_abs_err = max |W - Q|``.
 
+**Range.** Every sum is kept scaled by one power of two per layer (``2^-2k``
+with ``2^k`` above the layer's largest magnitude, exact), so that no square
+overflows to Inf or underflows to zero: the metrics are right for any finite
+float64 layer, from ``1e-300`` to ``1e300``. An all-zero reconstruction of a
+nonzero layer is ``0 dB``, an exact one ``inf`` dB; a NaN is never produced.
+A non-finite reconstruction is a bug of the quantizer and raises
+``RuntimeError``. ``ErrorStats.of`` works through the layer in row chunks of
+about ``CHUNK`` weights: its temporaries do not grow with the layer.
+
 ``ErrorStats`` keeps the sums, so stats add up over layers: the aggregate is
 computed from the summed numerators and denominators over all selected layers
 (aggregate SQNR = ``10 log10(sum over layers of sum W^2 / sum over layers of
@@ -27,22 +36,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+CHUNK = 1 << 18          # weights per chunk of ErrorStats.of (a few MB of float64 temporaries)
+
 
 @dataclass(frozen=True)
 class ErrorStats:
-    signal: float = 0.0          # sum W^2
+    signal: float = 0.0          # sum W^2           (these five: times 2^-scale_exp)
     noise: float = 0.0           # sum (W - Q)^2
     wq: float = 0.0              # sum m_j W Q
     ww: float = 0.0              # sum m_j W^2
     qq: float = 0.0              # sum m_j Q^2
-    max_abs_err: float = 0.0
+    max_abs_err: float = 0.0     # unscaled
     weights: int = 0
     bits: int = 0
+    scale_exp: int = 0           # the sums above are the true sums times 2^-scale_exp
 
     @classmethod
     def of(cls, w, q, act_ms=None, bits: int = 0) -> "ErrorStats":
-        w = np.asarray(w, dtype=np.float64)
-        q = np.asarray(q, dtype=np.float64)
+        w, q = np.asarray(w), np.asarray(q)
         if w.shape != q.shape:
             raise ValueError(f"reconstruction shape {q.shape} differs from the weight's {w.shape}")
         m = np.ones(w.shape[-1]) if act_ms is None else np.asarray(act_ms, dtype=np.float64)
@@ -50,18 +61,37 @@ class ErrorStats:
             raise ValueError(f"activation statistics of length {m.shape} for {w.shape[-1]} input channels")
         if (m < 0).any() or not np.isfinite(m).all():
             raise ValueError("activation mean squares must be finite and non-negative")
-        d = w - q
-        return cls(signal=float((w * w).sum()), noise=float((d * d).sum()),
-                   wq=float(((w * q) @ m).sum()), ww=float(((w * w) @ m).sum()),
-                   qq=float(((q * q) @ m).sum()),
-                   max_abs_err=float(np.abs(d).max()) if d.size else 0.0,
-                   weights=int(w.size), bits=int(bits))
+        w2 = w.reshape(-1, w.shape[-1]) if w.ndim else w.reshape(1, 1)
+        q2 = q.reshape(w2.shape)
+        # The power of two 2^k above every magnitude: scaling by 2^-k is exact.
+        peak = max(_abs_max(w2), _abs_max(q2))
+        if not math.isfinite(peak):
+            raise RuntimeError("a weight or its reconstruction is not finite: the quantizer must not "
+                               "produce one (a bug)")
+        k = math.frexp(peak)[1] if peak > 0 else 0
+        sums = np.zeros(5)
+        max_err = 0.0
+        step = max(1, CHUNK // max(1, w2.shape[1]))
+        for r in range(0, w2.shape[0], step):
+            ws = np.ldexp(w2[r:r + step].astype(np.float64), -k)
+            qs = np.ldexp(q2[r:r + step].astype(np.float64), -k)
+            d = ws - qs
+            sums += (float((ws * ws).sum()), float((d * d).sum()), float(((ws * qs) @ m).sum()),
+                     float(((ws * ws) @ m).sum()), float(((qs * qs) @ m).sum()))
+            if d.size:
+                max_err = max(max_err, float(np.abs(d).max()))
+        return cls(*(float(x) for x in sums), max_abs_err=math.ldexp(max_err, k), weights=int(w.size),
+                   bits=int(bits), scale_exp=2 * k)
+
+    def _sums(self) -> tuple[float, ...]:
+        return self.signal, self.noise, self.wq, self.ww, self.qq
 
     def __add__(self, other: "ErrorStats") -> "ErrorStats":
-        return ErrorStats(self.signal + other.signal, self.noise + other.noise, self.wq + other.wq,
-                          self.ww + other.ww, self.qq + other.qq,
-                          max(self.max_abs_err, other.max_abs_err),
-                          self.weights + other.weights, self.bits + other.bits)
+        e = max(self.scale_exp, other.scale_exp)       # both brought to the larger scale
+        a = [math.ldexp(x, self.scale_exp - e) for x in self._sums()]
+        b = [math.ldexp(x, other.scale_exp - e) for x in other._sums()]
+        return ErrorStats(*(x + y for x, y in zip(a, b)), max_abs_err=max(self.max_abs_err, other.max_abs_err),
+                          weights=self.weights + other.weights, bits=self.bits + other.bits, scale_exp=e)
 
     @property
     def sqnr_db(self) -> float:
@@ -88,6 +118,11 @@ class ErrorStats:
     def as_dict(self) -> dict:
         return {"bpw": self.bpw, "sqnr_db": self.sqnr_db, "rel_mse": self.rel_mse, "acos": self.acos,
                 "max_abs_err": self.max_abs_err}
+
+
+def _abs_max(x: np.ndarray) -> float:
+    """max |x| without a temporary the size of ``x`` (NaN if ``x`` holds one)."""
+    return max(float(x.max()), -float(x.min())) if x.size else 0.0
 
 
 def aggregate(stats) -> ErrorStats:

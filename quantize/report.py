@@ -34,11 +34,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from sop.golden.artifact import write_atomic
+from sop.golden.artifact import input_file, write_atomic
 
 BPW_TOL = 0.01          # default: bit costs this close count as equal on the Pareto front
 
@@ -176,26 +177,38 @@ def plot_png(rows: list[dict], title: str) -> bytes:
     ax.grid(True, alpha=0.3)
     if left_out:
         fig.text(0.01, 0.01, f"not plotted (exact, infinite SQNR): {', '.join(left_out)}", fontsize=7)
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with warnings.catch_warnings():
+        # A name with a character the font lacks (from a user's JSON) is drawn as a box, not a warning.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
 # -- the command ----------------------------------------------------------------------------------------
 
+def output_paths(json_path: str | Path, stem: str | Path | None = None) -> tuple[Path, Path]:
+    """(``<stem>.md``, ``<stem>.png``); the stem defaults to the JSON's path without its suffix."""
+    stem = Path(stem) if stem is not None else Path(json_path).with_suffix("")
+    return stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".png")
+
+
 def report(json_path: str | Path, stem: str | Path | None = None, bpw_tol: float = BPW_TOL) -> dict:
     """Write ``<stem>.md`` and ``<stem>.png`` for an eval JSON; returns paths, markdown and rows."""
-    json_path = Path(json_path)
-    if not json_path.is_file():
-        raise ValueError(f"{json_path}: no such file (write one with `sop eval ... --json FILE`)")
+    json_path = input_file(json_path, "eval JSON (write one with `sop eval ... --json FILE`)")
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{json_path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{json_path}: JSON nested too deeply to be an eval result") from None
+    except OSError as err:
+        raise ValueError(f"{json_path}: cannot read: {err.strerror or err}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{json_path}: not a `sop eval --json` result (a JSON {type(doc).__name__})")
     rows = load_rows(doc, str(json_path), bpw_tol)
-    stem = Path(stem) if stem is not None else json_path.with_suffix("")
-    md_path, png_path = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".png")
+    md_path, png_path = output_paths(json_path, stem)
     src = doc.get("source") if isinstance(doc.get("source"), dict) else {}
     cal = doc.get("calibration") if isinstance(doc.get("calibration"), dict) else {}
     model = doc.get("model", "?")

@@ -25,6 +25,17 @@ ACos. The winning pair's stream is bit for bit what ``blockwise.encode_layer``
 gives for that pair (a test checks it). An ACos tie goes to the earlier pair
 (``FIXED_4BIT`` order, DD4 pairs last).
 
+Memory: the pairs are scored in one pass over the layer (``score_pairs``), batch
+by batch of blocks: every table is evaluated on the batch (in ``evaluate_bank``'s
+own row chunks, so every per-block number is its bits), each pair takes its
+per-block minimum, and the pair's sums of ``wq``, ``qq`` and error are numpy's
+pairwise sums of the whole layer reproduced segment by segment (``StreamSums``):
+every score is the bits ``np.sum`` of whole-layer arrays gives. Kept per layer:
+each evaluation's candidate index (1 byte per block), each pair's choice of bank
+(1 bit per block) and, for the DD4 pairs scored after the fit, each fixed
+table's per-block error and ``qq`` at the offset DD4 most likely needs (that of
+a table ending at -1 and +1; another offset is evaluated again).
+
 DD4 is fitted after the fixed pairs are scored: as bank B next to the best fixed
 pair's bank A, starting from that pair's bank B, so that its Lloyd iterations
 descend the error of a pair that is already the best fixed one (quantize.dd4);
@@ -44,10 +55,11 @@ import itertools
 
 import numpy as np
 
-from sop.golden.codebooks import FIXED_4BIT, Codebook, get_codebook
+from sop.golden.codebooks import FIXED_4BIT, get_codebook
 from sop.golden.layout import named_layouts
 
-from .blockwise import BankEval, Prepared, assemble, bank_offset, encode, evaluate_bank, prepare
+from .blockwise import (BankEvaluator, Prepared, assemble, bank_offset, choose_offset, encode, prepare,
+                        run_chunks)
 from .dd4 import fit_dd4
 from .result import QuantResult
 from .sparse import add_sparse
@@ -70,34 +82,152 @@ def acos(ww: float, wq: float, qq: float) -> float:
     return float(wq / np.sqrt(ww * qq))
 
 
-class PairSearch:
-    """Evaluations of every table at every offset a pair needs, shared across pairs."""
+#: Blocks per batch of the pair search (every table's evaluation of one batch is held at once).
+BATCH_BLOCKS = 1 << 14
+#: Largest node of numpy's pairwise-summation tree that the pair search sums in one call.
+SEGMENT_BLOCKS = 1 << 13
 
-    def __init__(self, prep: Prepared, books: dict[str, Codebook], scale_search: int):
-        self.prep, self.books, self.scale_search = prep, books, scale_search
-        self.offsets = {n: bank_offset(prep, cb) for n, cb in books.items()}
-        self._cache: dict[tuple[str, int], BankEval] = {}
-        self.ww = float(prep.ww.sum())
 
-    def add_book(self, name: str, cb: Codebook) -> None:
-        self.books[name] = cb
-        self.offsets[name] = bank_offset(self.prep, cb)
+def _pairwise_plan(n: int, most: int = SEGMENT_BLOCKS) -> tuple[list[tuple[int, int]], object]:
+    """numpy's pairwise summation of ``n`` contiguous float64 (``np.sum``), cut into segments.
 
-    def eval(self, name: str, offset: int) -> BankEval:
-        key = (name, offset)
-        if key not in self._cache:
-            self._cache[key] = evaluate_bank(self.prep, self.books[name], offset, self.scale_search)
-        return self._cache[key]
+    ``np.sum(x)`` of a contiguous array is ``0.0 + pw(x)`` where ``pw`` adds runs of at most
+    128 with 8 accumulators and, above 128, splits ``n`` at ``n2 = n // 2 - (n // 2) % 8`` and
+    adds ``pw(left) + pw(right)``. Descending that recursion until a node has at most ``most``
+    (>= 128) elements gives segments whose ``np.sum`` is their ``pw`` (up to the sign of a zero,
+    which the final ``0.0 +`` removes) and a tree of nested (left, right) segment indices that
+    combines them in numpy's order: the sum is the same bits as ``np.sum`` of the whole."""
+    segs: list[tuple[int, int]] = []
 
-    def pair(self, a: str, b: str) -> tuple[float, float, BankEval, BankEval]:
-        """(ACos, weighted error, bank A eval, bank B eval) of the pair, blocks choosing the better."""
-        off = max(self.offsets[a], self.offsets[b])
-        ea, eb = self.eval(a, off), self.eval(b, off)
-        use_b = eb.err < ea.err                           # bank A wins a tie, as in encode_layer
-        wq = float(np.where(use_b, eb.wq, ea.wq).sum())
-        qq = float(np.where(use_b, eb.qq, ea.qq).sum())
-        err = float(np.where(use_b, eb.err, ea.err).sum())
-        return acos(self.ww, wq, qq), err, ea, eb
+    def build(start: int, m: int):
+        if m <= most:
+            segs.append((start, start + m))
+            return len(segs) - 1
+        n2 = m // 2
+        n2 -= n2 % 8
+        return (build(start, n2), build(start + n2, m - n2))
+
+    return segs, build(0, n)
+
+
+class StreamSums:
+    """``np.sum`` of each row of a (Q, n) float64 array, bit for bit, fed in column batches."""
+
+    def __init__(self, q: int, n: int, most: int = SEGMENT_BLOCKS):
+        self.segs, self.tree = _pairwise_plan(n, max(128, most))
+        self.sums = np.zeros((len(self.segs), q))
+        self.pend = np.zeros((q, 0))
+        self.start = 0               # column of pend[:, 0]
+        self.next = 0                # the first segment not yet summed
+
+    def push(self, vals: np.ndarray) -> None:
+        pend = np.concatenate([self.pend, vals], axis=1) if self.pend.shape[1] else vals
+        end = self.start + pend.shape[1]
+        cut = 0
+        while self.next < len(self.segs) and self.segs[self.next][1] <= end:
+            a, b = self.segs[self.next]
+            self.sums[self.next] = np.sum(pend[:, a - self.start:b - self.start], axis=1)
+            cut = b - self.start
+            self.next += 1
+        self.pend = np.array(pend[:, cut:])      # a copy: the batch is not kept alive
+        self.start += cut
+
+    def total(self) -> np.ndarray:
+        self.push(np.zeros((self.sums.shape[1], 0)))
+        if self.next != len(self.segs):
+            raise RuntimeError("pair search: blocks missing from the sums")
+
+        def value(node):
+            return self.sums[node] if isinstance(node, int) else value(node[0]) + value(node[1])
+
+        return 0.0 + value(self.tree)
+
+
+class _Source:
+    """One (table, offset) of the pair search: evaluated in the stream, or given (kept arrays)."""
+
+    def __init__(self, ev: BankEvaluator, keep: bool = False):
+        self.ev, self.keep = ev, keep
+        shape = ev.prep.blocks.shape[:2]
+        self.k = np.empty(shape, dtype=np.uint8)     # the candidate of each block (C <= 255)
+        kept = np.empty((2,) + shape) if keep else None      # one allocation: freed as one
+        self.err, self.qq = (kept[0], kept[1]) if keep else (None, None)
+        self.evaluated = False
+
+
+def score_pairs(prep: Prepared, sources: list[_Source], pairs: list[tuple[int, int]]):
+    """(ACos, weighted error) of every pair of sources, and per pair the blocks that take bank B.
+
+    Works batch by batch of blocks: every source not yet evaluated is evaluated on the batch
+    (its row chunks exactly as ``evaluate_bank`` has them, so the per-block results are its
+    bits); a pair's per-block choice is the better of its two banks (A on a tie, as
+    ``merge_banks``); the sums of the chosen ``wq``, ``qq`` and error are numpy's pairwise
+    sums over the whole layer (``StreamSums``), so every score is what ``np.sum`` of the
+    whole-layer arrays gives. The choices are kept as bits (``np.packbits``)."""
+    fresh = [s for s in sources if not s.evaluated]
+    rows, bpr = prep.blocks.shape[:2]
+    n = rows * bpr
+    cand = {s.ev.candidates for s in sources}
+    if len(cand) != 1:
+        raise ValueError("every source of a pair search needs the same candidates")
+    chunks = prep.chunks_for(cand.pop())
+    batches, cur, size = [], [], 0
+    for sl in chunks:
+        cur.append(sl)
+        size += (sl.stop - sl.start) * bpr
+        if size >= BATCH_BLOCKS:
+            batches.append(cur)
+            cur, size = [], 0
+    if cur:
+        batches.append(cur)
+    sums = StreamSums(3 * len(pairs), n)
+    masks: list[list[tuple[np.ndarray, int]]] = [[] for _ in pairs]
+    for batch in batches:
+        r0, r1 = batch[0].start, batch[-1].stop
+        nb = (r1 - r0) * bpr
+        local = {id(s): (np.empty((r1 - r0, bpr)), np.empty((r1 - r0, bpr))) for s in fresh}
+
+        def work(sl):
+            loc = slice(sl.start - r0, sl.stop - r0)
+            for s in fresh:
+                err, qq, k, _ = s.ev.chunk(sl)
+                local[id(s)][0][loc], local[id(s)][1][loc] = err, qq
+                s.k[sl] = k
+                if s.keep:
+                    s.err[sl], s.qq[sl] = err, qq
+
+        run_chunks(work, batch)
+        rs = slice(r0, r1)
+        ww = prep.ww[rs]
+        vals = {}
+        for s in sources:
+            err, qq = local[id(s)] if id(s) in local else (s.err[rs], s.qq[rs])
+            vals[id(s)] = (err, qq, (ww + qq - err) / 2)            # BankEval.wq, block by block
+        out = np.empty((3 * len(pairs), nb))
+        for p, (ia, ib) in enumerate(pairs):
+            ea, eb = vals[id(sources[ia])], vals[id(sources[ib])]
+            use_b = eb[0] < ea[0]                                   # bank A wins a tie, as in encode_layer
+            out[3 * p] = np.where(use_b, eb[2], ea[2]).reshape(-1)
+            out[3 * p + 1] = np.where(use_b, eb[1], ea[1]).reshape(-1)
+            out[3 * p + 2] = np.where(use_b, eb[0], ea[0]).reshape(-1)
+            masks[p].append((np.packbits(use_b.reshape(-1)), nb))
+        vals = local = None                # this batch's arrays go before the next one
+        sums.push(out)
+        del out
+    for s in fresh:
+        s.evaluated = True
+    tot = sums.total()
+    ww = float(prep.ww.sum())
+    scores = [(acos(ww, float(tot[3 * p]), float(tot[3 * p + 1])), float(tot[3 * p + 2]))
+              for p in range(len(pairs))]
+    return scores, masks
+
+
+def unpack_select(prep: Prepared, mask: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """The (rows, bpr) 0/1 bank selection from ``score_pairs``' packed bits."""
+    parts = [np.unpackbits(m, count=c) for m, c in mask]
+    sel = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+    return sel.reshape(prep.blocks.shape[:2])
 
 
 def default_pairs(names) -> list[tuple[str, str]]:
@@ -123,19 +253,52 @@ def quantize_sop4(w, act_ms=None, pairs=None, dd4: bool = True, sparse_k: int = 
             raise ValueError(f"pair ({a}, {b}) uses one table twice")
     used = {n for p in pairs for n in p}
     books = {n: get_codebook(n) for n in sorted(used - {"dd4"})}
-    search = PairSearch(prep, books, scale_search)
+    offsets = {n: bank_offset(prep, cb) for n, cb in books.items()}
+    sources: dict[tuple[str, int], _Source] = {}
+    with_dd4 = {n for p in pairs if "dd4" in p for n in p} - {"dd4"}
+    # The DD4 pairs come after the fixed ones, at max(offset of X, offset of DD4); DD4 ends at
+    # +1 and near -1, so its offset is most likely that of a table ending at -1 and +1 (the
+    # offset of NF4): each such X is kept whole from the fixed pairs at that offset, to be
+    # scored against DD4 without a second evaluation (any other is evaluated again).
+    guess = choose_offset(layout, max(max(float(prep.bmax[sl].max()), -float(prep.bmin[sl].min()), 0.0)
+                                      for sl in prep.chunks_for(1))) if prep.bmax.size else 0
+    keep_at = {n: max(offsets[n], guess) for n in with_dd4 if n in offsets}
+
+    def source(name, off, keep=False):
+        if (name, off) not in sources:
+            ev = BankEvaluator(prep, books[name], off, scale_search, cached=False)
+            sources[(name, off)] = _Source(ev, keep)
+        return sources[(name, off)]
+
     scores = {}
     best = None
 
     def score(group):
+        # every pair of the group at once, in one pass over the layer; then in order, as before
         nonlocal best
-        for a, b in group:
-            cos, err, ea, eb = search.pair(a, b)
+        if not group:
+            return
+        keys = [(n, max(offsets[a], offsets[b])) for a, b in group for n in (a, b)]
+        srcs = [source(n, off, keep=keep_at.get(n) == off) for n, off in keys]
+        order = list(dict.fromkeys(id(s) for s in srcs))
+        uniq = [next(s for s in srcs if id(s) == i) for i in order]
+        for s in uniq:
+            if s.evaluated and not s.keep:       # scored before and not kept: evaluate it again
+                s.evaluated = False
+                if s.k is None:
+                    s.k = np.empty(prep.blocks.shape[:2], dtype=np.uint8)
+        idx = [order.index(id(s)) for s in srcs]
+        res, masks = score_pairs(prep, uniq, [(idx[2 * i], idx[2 * i + 1]) for i in range(len(group))])
+        for (a, b), (cos, err), mask, i in zip(group, res, masks, range(len(group))):
             scores[f"{a}+{b}"] = (cos, err)
             if best is None or cos > best[0]:
-                best = (cos, (a, b), ea, eb)
+                best = (cos, (a, b), (keys[2 * i], keys[2 * i + 1]), mask, err)
 
     score([p for p in pairs if "dd4" not in p])
+    if best is not None:                   # of the fixed tables' choices, only the best pair's can win
+        for key, src in sources.items():
+            if not src.keep and key not in best[2]:
+                src.k = None
     if "dd4" in used:
         opts = dict(dd4_options or {})
         if best is not None and "partner" not in opts:
@@ -145,14 +308,19 @@ def quantize_sop4(w, act_ms=None, pairs=None, dd4: bool = True, sparse_k: int = 
             opts.setdefault("partner", books[a])
             opts.setdefault("init", books[b].values)
         books["dd4"] = fit_dd4(None, layout=layout, prep=prep, **opts)
-        search.add_book("dd4", books["dd4"])
+        offsets["dd4"] = bank_offset(prep, books["dd4"])
         score([p for p in pairs if "dd4" in p])
-    cos, (a, b), ea, eb = best
-    enc = assemble(prep, [ea, eb])
+    cos, (a, b), (ka, kb), mask, err = best
+    best = None
+    select = unpack_select(prep, mask)
+    ea, eb = (sources[key].ev.from_choices(sources[key].k) for key in (ka, kb))
+    sources.clear()                        # only the winning pair's choices are needed now
+    enc = assemble(prep, [ea, eb], select=select)
     stream, recon = enc.stream, enc.recon
     if sparse_k:
         stream, recon = add_sparse(stream, prep.w, recon, sparse_k, act_ms)
-    extra = {"acos": cos, "error": enc.error, "pairs": scores,
+    # the winning pair's error sum is the encoded layer's (the same blocks, the same np.sum)
+    extra = {"acos": cos, "error": err, "pairs": scores,
              "share_b": float(enc.select.mean()), "sparse": len(stream.sparse)}
     if "dd4" in books:
         extra["dd4"] = books["dd4"].values.copy()

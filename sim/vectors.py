@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.artifact import write_atomic
+from sop.golden.artifact import InputError, input_file, write_atomic
 from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS, get_format
 from sop.golden.hif import hif_format
-from sop.golden.layout import BlockLayout, LayerStream, unpack_blocks
+from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, unpack_blocks
 
 VERSION = 1
 
@@ -56,6 +56,25 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+def vector_files(name: str) -> dict[str, str]:
+    """The file names of a layer's vectors (in the vector directory), by kind."""
+    return {"blocks": f"{_safe(name)}.blocks.hex", "bf16": f"{_safe(name)}.bf16.hex",
+            "exact": f"{_safe(name)}.exact.txt"}
+
+
+def _check_distinct(names: list[str]) -> None:
+    """Two layers whose file names would coincide (``a/b`` and ``a_b``) would overwrite each other."""
+    seen: dict[str, str] = {}
+    for name in names:
+        stem = _safe(name)
+        if stem in seen:
+            raise ValueError(f"layers {seen[stem]!r} and {name!r} would share the vector files {stem}.*; "
+                             f"write them to separate --out folders")
+        if len(stem) > 200:
+            raise ValueError(f"layer {name[:60]!r}...: name too long for a vector file name")
+        seen[stem] = name
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -63,6 +82,7 @@ def _sha(data: bytes) -> str:
 def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | None = None) -> Path:
     """Write ``streams`` (name -> golden LayerStream without sparse entries) as vectors."""
     out_dir = Path(out_dir)
+    _check_distinct(list(streams))
     layers, first = [], None
     for name, s in streams.items():
         if len(s.sparse):
@@ -80,8 +100,7 @@ def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | N
             "bf16": "\n".join(f"{v:04x}" for v in bf16.ravel()) + "\n",
             "exact": "\n".join(f"{a} {b} {c}" for a, b, c in zip(sign.ravel(), exp.ravel(), sig.ravel())) + "\n",
         }
-        names = {"blocks": f"{_safe(name)}.blocks.hex", "bf16": f"{_safe(name)}.bf16.hex",
-                 "exact": f"{_safe(name)}.exact.txt"}
+        names = vector_files(name)
         for kind, text in files.items():
             write_atomic(out_dir / names[kind], text.encode())
         layers.append({"name": name, "rows": s.rows, "cols": s.cols, "n_blocks": s.n_blocks,
@@ -111,12 +130,16 @@ def _field(doc: dict, key: str, where: str, kind=None):
 def read_vectors(directory: Path) -> list[VectorLayer]:
     directory = Path(directory)
     index = directory / "vectors.json"
-    if not index.is_file():
-        raise VectorError(f"{index}: missing (write vectors with `sop vectors`)")
+    try:
+        input_file(index, "vector index (write vectors with `sop vectors`)")
+    except InputError as err:
+        raise VectorError(str(err)) from None
     try:
         doc = json.loads(index.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise VectorError(f"{index}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise VectorError(f"{index}: JSON nested too deeply") from None
     where = str(index)
     if _field(doc, "version", where, int) != VERSION:
         raise VectorError(f"{where}: field 'version' is {doc['version']}, expected {VERSION}")
@@ -144,17 +167,27 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         texts = {}
         for kind in ("blocks", "bf16", "exact"):
             path = directory / _field(files, kind, f"{lw} files", str)
-            if not path.is_file():
-                raise VectorError(f"{path}: missing (named by {lw} files.{kind})")
+            try:
+                input_file(path, f"vector file named by {lw} files.{kind}")
+            except InputError as err:
+                raise VectorError(str(err)) from None
             data = path.read_bytes()
             if _sha(data) != _field(sums, kind, f"{lw} sha256", str):
                 raise VectorError(f"{path}: SHA-256 does not match {lw} sha256.{kind}: "
                                   f"the file is truncated or changed")
             texts[kind] = (path, data.decode())
         n_blocks = _field(ld, "n_blocks", lw, int)
-        luts = np.asarray(_field(ld, "luts", lw, list), dtype=np.int64)
-        if luts.shape != (layout.banks, 1 << layout.code_bits):
-            raise VectorError(f"{lw}: field 'luts' must be {layout.banks} x {1 << layout.code_bits} integers")
+        if isinstance(n_blocks, bool) or n_blocks < 0:
+            raise VectorError(f"{lw}: field 'n_blocks' must be a count, got {n_blocks!r}")
+        luts = _field(ld, "luts", lw, list)
+        shape = (layout.banks, 1 << layout.code_bits)
+        if (len(luts) != shape[0] or not all(isinstance(b, list) and len(b) == shape[1] for b in luts)
+                or not all(type(v) is int and 0 <= v < 1 << hif.bits for b in luts for v in b)):
+            raise VectorError(f"{lw}: field 'luts' must be {shape[0]} x {shape[1]} {hif.bits}-bit HIF codes")
+        luts = np.asarray(luts, dtype=np.int64)
+        offset = _field(ld, "offset", lw, int)
+        if isinstance(offset, bool) or not OFFSET_RANGE[0] <= offset <= OFFSET_RANGE[1]:
+            raise VectorError(f"{lw}: field 'offset' must be an integer in {OFFSET_RANGE}, got {offset!r}")
         path, text = texts["blocks"]
         try:
             block_ints = [int(line, 16) for line in text.split()]
@@ -173,19 +206,24 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         exact = np.array([int(v) for v in text.split()], dtype=np.int64)
         if len(exact) != 3 * n:
             raise VectorError(f"{path}: expected {n} lines of 'sign exp sig'")
-        out.append(VectorLayer(name, layout, hif, luts, _field(ld, "offset", lw, int), headers, codes,
+        out.append(VectorLayer(name, layout, hif, luts, offset, headers, codes,
                                bf16, exact.reshape(n, 3)))
     return out
 
 
 def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:
-    """The golden stream of one layer in a hardware format (the quantizer's choice)."""
+    """The golden stream of one layer in a hardware format (the quantizer's choice).
+
+    The weights are checked as every command checks them (``quantize.evaluate.sanitize``:
+    no NaN/Inf, nothing a float32 or BF16 output could not hold)."""
     from sop.quantize import sop_search
+    from sop.quantize.evaluate import sanitize
 
     quantizers = {"sop4-g16": sop_search.quantize_sop4, "e2m3-ue4m4-g16": sop_search.quantize_fp6}
     if fmt not in quantizers:
         raise ValueError(f"format {fmt!r} has no hardware stream; valid: {', '.join(quantizers)}")
-    return quantizers[fmt](np.asarray(w, dtype=np.float64), name=name).stream
+    w, _ = sanitize(name, np.asarray(w, dtype=np.float64))
+    return quantizers[fmt](w, name=name).stream
 
 
 def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
@@ -194,16 +232,24 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
 
     ``rows`` keeps only the first rows of each layer (small, fast vector sets).
     """
+    from sop.golden.artifact import check_output
     from sop.quantize.models import open_model
 
+    if rows is not None and rows <= 0:
+        raise ValueError(f"--rows must be a positive number of rows, got {rows}")
     source = open_model(model)
-    names = layers or [lay.name for lay in source.layers]
+    names = list(dict.fromkeys(layers or [lay.name for lay in source.layers]))
+    known = {lay.name for lay in source.layers}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"{model}: {name} is not a linear layer; linear layers: "
+                             f"{', '.join(lay.name for lay in source.layers)}")
+    out_dir = Path(out_dir)
+    _check_distinct(names)
+    for f in ["vectors.json", *(f for n in names for f in vector_files(n).values())]:
+        check_output(out_dir / f, source.files)          # no vector file may replace an input
     streams = {}
     for name in names:                      # one layer in memory at a time
-        try:
-            w = source.load(name)
-        except KeyError as err:
-            raise ValueError(f"{model}: {err.args[0]}; linear layers: "
-                             f"{', '.join(lay.name for lay in source.layers)}") from None
+        w = source.load(name)
         streams[name] = quantize_layer(fmt, w if rows is None else w[:rows], name)
-    return write_vectors(Path(out_dir), streams, {"model": model, "format": fmt})
+    return write_vectors(out_dir, streams, {"model": model, "format": fmt})

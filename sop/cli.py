@@ -28,9 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
+from sop.golden.artifact import OutputError, check_output, signals_as_interrupts
 from sop.golden.codebooks import codebook_names, get_codebook
 from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, get_format
 from sop.golden.hif import DEFAULT_HIF
@@ -136,6 +139,9 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from sop.quantize import evaluate
 
+    if args.json:
+        check_output(args.json, _model_inputs(args.model))
+    _check_calibration(args)
     doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,
                             exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
                             nan_policy=args.nan_policy, n_calib=args.calib_sentences,
@@ -150,6 +156,7 @@ def cmd_eval(args) -> int:
 def cmd_vectors(args) -> int:
     from sop.sim.vectors import make_vectors
 
+    check_output(args.out, _model_inputs(args.model), folder=True)
     path = make_vectors(args.model, args.format, args.layer, args.out, rows=args.rows)
     print(f"wrote {path}")
     return 0
@@ -160,6 +167,8 @@ def cmd_quantize(args) -> int:
 
     from sop.quantize.artifact import quantize_model
 
+    check_output(args.out, _model_inputs(args.model))
+    _check_calibration(args)
     t0 = time.time()
     info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
                           exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
@@ -177,6 +186,7 @@ def cmd_dequantize(args) -> int:
 
     from sop.quantize.artifact import dequantize
 
+    check_output(args.out, [args.file])
     t0 = time.time()
     info = dequantize(args.file, args.out, progress=not args.quiet)
     print(f"wrote {info['path']}: {info['layers']} float32 tensors, {info['weights']:,} weights "
@@ -185,12 +195,24 @@ def cmd_dequantize(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from sop.quantize.report import report
+    from sop.quantize.report import output_paths, report
 
+    for out in output_paths(args.json, args.out):
+        check_output(out, [args.json])
     info = report(args.json, stem=args.out, bpw_tol=args.bpw_tol)
     print(info["markdown"], end="")
     print(f"\nwrote {info['md']} and {info['png']}")
     return 0
+
+
+def _check_calibration(args) -> None:
+    """A calibration count or cache folder that cannot work is refused before any work."""
+    from sop.quantize.calib import calibration_sentences
+
+    if not args.no_calib:
+        calibration_sentences(args.calib_sentences)       # ValueError naming --calib-sentences
+    if Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise OutputError(f"--cache-dir {args.cache_dir}: exists and is not a folder")
 
 
 def cmd_board(args) -> int:
@@ -210,21 +232,41 @@ def cmd_board(args) -> int:
     return 0 if result.ok else 1
 
 
-def _positive(kind):
-    """An argparse type: a number of ``kind`` above zero (a usage error otherwise)."""
+def _number(kind, minimum, inclusive: bool):
+    """An argparse type: a finite number of ``kind`` above ``minimum`` (at or above it if
+    ``inclusive``); anything else is a usage error naming the value."""
+    what = "an integer" if kind is int else "a finite number"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:                                  # NaN too
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
+        if not ok:                                          # NaN and Inf too
+            raise argparse.ArgumentTypeError(f"must be {what} {'at least' if inclusive else 'above'} "
+                                             f"{minimum}, got {text}")
         return value
     return parse
 
 
+def _positive(kind):
+    """An argparse type: a finite number of ``kind`` above zero."""
+    return _number(kind, 0, inclusive=False)
+
+
+def _model_inputs(spec: str) -> list[Path]:
+    """Every file a model spec may read (all the files of a folder): no output may be one of them."""
+    from sop.quantize.models import MINILM, minilm_folder
+
+    p = minilm_folder() if spec == MINILM else Path(spec)
+    if p.is_dir():
+        return [f for f in p.iterdir() if f.is_file()]
+    return [p]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sop", description="SOP weight quantization: golden model, "
+    p = _Parser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("formats", help="list every format, codebook and layout")
@@ -235,13 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_codebook)
     d = sub.add_parser("demo", help="encode and decode the built-in model, print the error per format")
-    d.add_argument("--layers", type=int, default=None, help="only the first N layers")
+    d.add_argument("--layers", type=_positive(int), default=None, help="only the first N layers")
     d.set_defaults(func=cmd_demo)
     e = sub.add_parser("eval", help="quantize a model in each format and measure the error")
     e.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, or 'minilm'")
     e.add_argument("--format", action="append", required=True, metavar="F",
                    help="a format name (repeat for several); `sop formats` lists them")
-    e.add_argument("--budget", type=float, default=None, help="average bits per weight for sop-budget")
+    e.add_argument("--budget", type=_positive(float), default=None,
+                   help="average bits per weight for sop-budget")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON (atomically)")
     e.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
     e.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
@@ -249,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a NaN/Inf weight is an error (default) or is replaced by 0")
     e.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted errors")
     e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end embedding check")
-    e.add_argument("--calib-sentences", type=int, default=256, help="calibration sentences (default 256)")
+    e.add_argument("--calib-sentences", type=_positive(int), default=256, help="calibration sentences (default 256)")
     e.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
@@ -258,19 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--format", required=True, choices=("sop4-g16", "e2m3-ue4m4-g16"))
     v.add_argument("--layer", action="append", metavar="NAME", help="a linear layer (repeatable; default all)")
     v.add_argument("--out", required=True, type=Path, help="the vector directory")
-    v.add_argument("--rows", type=int, default=None, help="only the first N rows of each layer")
+    v.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of each layer")
     v.set_defaults(func=cmd_vectors)
     q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
     q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, or 'minilm'")
     q.add_argument("--format", required=True, metavar="F", help="a format name; `sop formats` lists them")
     q.add_argument("--out", required=True, type=Path, help="the artifact to write (atomically)")
-    q.add_argument("--budget", type=float, default=None, help="average bits per weight for sop-budget")
+    q.add_argument("--budget", type=_positive(float), default=None,
+                   help="average bits per weight for sop-budget")
     q.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
     q.add_argument("--nan-policy", choices=("error", "zero"), default="error",
                    help="a NaN/Inf weight is an error (default) or is replaced by 0")
     q.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted search")
-    q.add_argument("--calib-sentences", type=int, default=256, help="calibration sentences (default 256)")
+    q.add_argument("--calib-sentences", type=_positive(int), default=256, help="calibration sentences (default 256)")
     q.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_quantize)
@@ -283,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("json", type=Path, help="the `sop eval --json` output")
     r.add_argument("--out", type=Path, default=None, metavar="STEM",
                    help="write STEM.md and STEM.png (default: next to the JSON, same name)")
-    r.add_argument("--bpw-tol", type=float, default=0.01, metavar="T",
+    r.add_argument("--bpw-tol", type=_number(float, 0, inclusive=True), default=0.01, metavar="T",
                    help="bit costs within T bpw count as equal on the Pareto front (default 0.01)")
     r.set_defaults(func=cmd_report)
     b = sub.add_parser("board", help="check one quantized layer through an FPGA board over its serial port")
@@ -298,11 +342,44 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of the layer")
     b.set_defaults(func=cmd_board)
     args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as err:
-        print(f"sop: error: {err}", file=sys.stderr)
-        return 2
+    with signals_as_interrupts():
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as sig:
+            print(f"sop: interrupted ({getattr(sig, 'name', 'SIGINT')}); no output was written "
+                  f"or replaced", file=sys.stderr)
+            return 128 + getattr(sig, "number", signal.SIGINT)
+        except (ValueError, OSError) as err:
+            print(f"sop: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print("sop: error: out of memory (docs/benchmarks.md gives the peak per command)",
+                  file=sys.stderr)
+            return 1
+        except Exception as err:                         # noqa: BLE001 - the last resort, said to be a bug
+            if os.environ.get("SOP_DEBUG"):
+                raise
+            print(f"sop: internal error: {type(err).__name__}: {_one_line(err)}. This is a bug in sop, not "
+                  f"in your input: please report it with the command line (run it again with "
+                  f"SOP_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 70                                    # EX_SOFTWARE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line: ``sop: error: ...``, exit 2."""
+
+    def error(self, message):
+        print(f"sop: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line; an OSError as ``path: reason``."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ class _Metered:
 
     def __init__(self, inner):
         self.inner, self.bytes = inner, 0
+        self.now = getattr(inner, "now", time.monotonic)   # the inner transport's clock for BoardLink
 
     def write(self, data: bytes) -> None:
         self.bytes += len(data)

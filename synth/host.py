@@ -11,20 +11,37 @@ too, plus the host:
   checksum of the decoded values) over any byte transport, request then reply.
   A transport has ``write(data: bytes)`` and ``read(n: int, timeout: float) ->
   bytes`` (at most ``n`` bytes; fewer when ``timeout`` seconds pass without the
-  rest), which a pyserial ``Serial`` wrapped in ``SerialTransport`` provides, and
-  the amaranth.sim bridge of synth/simboard.py too.
+  rest, and it blocks, not spins, while it waits), and optionally ``now()``
+  (its clock, in the seconds of those timeouts), which a pyserial ``Serial``
+  wrapped in ``SerialTransport`` provides, and the amaranth.sim bridge of
+  synth/simboard.py too.
 * ``values_checksum``: the (count, CRC-32) the board must report for a list of
   expected output beats (hdl.reference.expected_beats).
 
-Errors: ``BoardTimeout`` when no (complete) reply comes within the timeout,
-with what was received; ``BoardError`` for an error reply from the board
-(bad CRC, unknown command, oversized length, bad length, byte-gap timeout,
-garbage) or a reply that is itself corrupt; ``resync()`` drains the line after one.
+Errors: ``BoardTimeout`` when no complete reply comes within the timeout, with
+what was received; ``BoardError`` for an error reply from the board (bad CRC,
+unknown command, oversized length, bad length, byte-gap timeout, garbage) or a
+reply that is itself corrupt or malformed; ``resync()`` drains the line after one.
+
+Contract (the host never hangs, never buffers without bound): ``read_frame``
+waits at most ``timeout`` seconds for a whole reply (one deadline from the
+moment the wait starts, not one per byte, so a line that keeps sending garbage
+or start bytes that never make a frame still ends in ``BoardTimeout``), plus one
+read granularity of the transport (50 ms for ``SerialTransport``); it keeps the
+first ``GARBAGE_KEPT`` bytes of garbage for the message and only counts the
+rest, and refuses a length field over ``min(max_payload, MAX_REPLY_PAYLOAD)``
+at once. Every reply payload is length-checked before it is decoded (STATUS,
+CHECKSUM, error replies), so a short or malformed reply is a ``BoardError``
+naming what was wrong, never a ``struct.error`` or ``IndexError``. ``resync()``
+gives up (``BoardTimeout``) when the line does not go quiet within
+``timeout + quiet``. Time is the transport's: ``transport.now()`` when it has
+one (simulated seconds for synth/simboard.py), else ``time.monotonic``.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import struct
 import time
 from dataclasses import dataclass
@@ -41,6 +58,13 @@ LOAD_ENTRY_BYTES = 3                   # {bank << 7 | addr}, HIF data u16 LE
 SWAP_FLAG = 0x01                       # BLOCKS flags: the frame's first beat carries swap
 CLEAR_FLAG = 0x01                      # CHECKSUM flags: restart count and CRC after the reply
 DEFAULT_MAX_PAYLOAD = 256
+# The host's bounds on what it reads (it never waits for, or keeps, more): a reply's payload (replies
+# are at most 12 bytes in this version; the cap stays below a bogus 64 KiB length field), the garbage
+# bytes quoted in an error message (the rest are only counted), the bytes resync() hands back.
+MAX_REPLY_PAYLOAD = DEFAULT_MAX_PAYLOAD
+GARBAGE_KEPT = 64
+RESYNC_KEPT = 4096
+ERROR_PAYLOAD_BYTES = 2                # an error reply's payload: {code, cmd}
 
 
 class Cmd(enum.IntEnum):
@@ -87,6 +111,10 @@ class Status:
 
 
 STATUS_FORMAT = "<8BHH"
+CHECKSUM_FORMAT = "<II"
+# The OK reply payload of each command, in bytes: checked before it is decoded.
+REPLY_PAYLOAD_BYTES = {Cmd.STATUS: struct.calcsize(STATUS_FORMAT), Cmd.LOAD: 0, Cmd.OFFSET: 0, Cmd.BLOCKS: 0,
+                       Cmd.CHECKSUM: struct.calcsize(CHECKSUM_FORMAT)}
 
 
 def encode_frame(cmd: int, payload: bytes = b"") -> bytes:
@@ -114,85 +142,181 @@ def values_checksum(beats: list[list[int]], lane_bits: int) -> tuple[int, int]:
 
 
 class SerialTransport:
-    """A pyserial port as a transport; ``OSError`` naming the port when it cannot be opened."""
+    """A pyserial port (a device or a pyserial URL) as a transport; ``OSError`` naming the port
+    when it cannot be opened.
+
+    Reads wait in pyserial's 50 ms reads (the granularity of a timeout); writes give up after
+    ``write_timeout`` (a stuck port must not hang the host either) with ``BoardTimeout``, and an
+    I/O error of an open port (a board unplugged) is a ``BoardError``, not a usage error.
+    """
+
+    READ_GRANULARITY = 0.05
 
     def __init__(self, port: str, baud: int = 115200):
         import serial                  # noqa: PLC0415  (only real boards need it: imported on use)
+        self.name, self.serial = port, serial
+        # the longest frame twice over on the wire (10 bits a byte), and a second for the OS
+        self.write_timeout = 1.0 + 2 * 10 * (HEADER_BYTES + DEFAULT_MAX_PAYLOAD + CRC_BYTES) / max(baud, 1)
         try:
-            self.port = serial.Serial(port, baud, timeout=0.05)
-        except (serial.SerialException, ValueError) as err:   # ValueError: a baud it cannot set
+            # a device path, or a pyserial URL (loop:// in tests, socket:// or rfc2217:// for a remote port)
+            self.port = serial.serial_for_url(port, baud, timeout=self.READ_GRANULARITY,
+                                              write_timeout=self.write_timeout)
+        except (ValueError, OverflowError) as err:       # a baud pyserial or the OS cannot set
+            raise OSError(f"cannot open serial port {port}: baud rate {baud} (--baud) is not one it "
+                          f"accepts ({err})") from None
+        except serial.SerialException as err:
             raise OSError(f"cannot open serial port {port} at {baud} Bd: {err}; check the port name "
                           f"(ls /dev/ttyUSB* /dev/ttyACM*), that the board is plugged in and that "
                           f"you may use the port (the dialout group)") from None
 
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
     def write(self, data: bytes) -> None:
-        self.port.write(data)
-        self.port.flush()
+        try:
+            self.port.write(data)
+            self.port.flush()
+        except self.serial.SerialTimeoutException:
+            raise BoardTimeout(f"serial port {self.name} did not take {len(data)} bytes within "
+                               f"{self.write_timeout:.3g} s; check the port and the board") from None
+        except (self.serial.SerialException, OSError) as err:
+            raise BoardError(f"serial port {self.name} failed while writing: {err}") from None
 
     def read(self, n: int, timeout: float) -> bytes:
         out = bytearray()
         deadline = time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < deadline:
-            out += self.port.read(n - len(out))
+        try:
+            while len(out) < n and time.monotonic() < deadline:     # each read blocks up to 50 ms
+                out += self.port.read(n - len(out))
+        except (self.serial.SerialException, OSError) as err:
+            raise BoardError(f"serial port {self.name} failed while reading: {err}") from None
         return bytes(out)
 
     def close(self) -> None:
         self.port.close()
 
 
+def _check_seconds(what: str, value) -> float:
+    """``value`` as seconds to wait: positive and finite (an infinite or NaN wait could hang)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of seconds, got {value!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a positive, finite number of seconds, got {value}")
+    return value
+
+
+def _quote(kept: bytes, total: int) -> str:
+    """Bytes for an error message: the ones kept in hex, and how many more were only counted."""
+    if not total:
+        return "none"
+    return kept.hex() + (f"... ({total - len(kept)} more)" if total > len(kept) else "")
+
+
+def _cmd_name(cmd: int) -> str:
+    return Cmd(cmd).name if cmd in Cmd._value2member_map_ else f"{cmd:#04x}"
+
+
 class BoardLink:
     """The protocol's commands over a byte transport; each waits for its reply.
 
-    ``timeout``: seconds without a byte of the reply before ``BoardTimeout``.
+    ``timeout``: seconds to wait for a whole reply (positive and finite) before ``BoardTimeout``.
     ``max_payload``: the board's (``status().max_payload``); frames are cut to fit.
+    ``clock``: the time the timeout is measured in (default: ``transport.now`` if the transport
+    has one, else ``time.monotonic``).
     """
 
-    def __init__(self, transport, *, timeout: float = 1.0, max_payload: int = DEFAULT_MAX_PAYLOAD):
+    def __init__(self, transport, *, timeout: float = 1.0, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 clock=None):
         self.transport, self.timeout, self.max_payload = transport, timeout, max_payload
+        self.clock = clock or getattr(transport, "now", time.monotonic)
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._timeout = _check_seconds("the reply timeout", value)
 
     # -- frames ------------------------------------------------------------------------
     def send(self, cmd: int, payload: bytes = b"") -> None:
         self.transport.write(encode_frame(cmd, payload))
 
-    def _read(self, n: int, what: str, got: bytes) -> bytes:
-        data = self.transport.read(n, self.timeout)
-        if len(data) < n:
-            raise BoardTimeout(f"no reply from the board within {self.timeout} s while waiting for "
-                               f"{what} ({len(got) + len(data)} reply bytes received: "
-                               f"{(got + data).hex() or 'none'}); check the port, the baud rate "
-                               f"and that the bitstream is loaded")
-        return data
-
     def read_frame(self) -> tuple[int, bytes]:
-        """The next reply frame as (cmd, payload); bytes before a start byte are skipped."""
-        skipped = b""
+        """The next reply frame as (cmd, payload); bytes before a start byte are skipped.
+
+        One deadline, ``timeout`` after the call, for the whole frame. Reads never go past the
+        frame's end (the next frame, if any, stays in the transport): while hunting for a start
+        byte at most a minimal frame's 8 bytes, then exactly the bytes the frame still lacks.
+        """
+        deadline = self.clock() + self.timeout
+        limit = min(self.max_payload, MAX_REPLY_PAYLOAD)
+        garbage, n_garbage = bytearray(), 0      # bytes before the start byte: the first kept, all counted
+        frame = bytearray()                       # from the start byte on (at most 8 + limit bytes)
+        length = 0
         while True:
-            b = self._read(1, "a start byte", skipped)
-            if b[0] == START:
+            need = HEADER_BYTES + length + CRC_BYTES - len(frame)
+            if need <= 0:
                 break
-            skipped += b
-        head = self._read(3, "the reply header", skipped + b)
-        cmd, length = head[0], struct.unpack("<H", head[1:])[0]
-        rest = self._read(length + CRC_BYTES, f"{length} payload bytes and the CRC",
-                          skipped + b + head)
-        payload, crc = rest[:length], struct.unpack("<I", rest[length:])[0]
-        if crc32(head + payload) != crc:
+            remaining = deadline - self.clock()
+            if not remaining > 0:
+                what = ("a start byte" if not frame else "the reply header" if len(frame) < HEADER_BYTES
+                        else f"{length} payload bytes and the CRC")
+                got = [_quote(bytes(garbage), n_garbage)] if n_garbage else []
+                got += [_quote(bytes(frame[:GARBAGE_KEPT]), len(frame))] if frame else []
+                raise BoardTimeout(f"no reply from the board within {self.timeout} s while waiting for "
+                                   f"{what} ({n_garbage + len(frame)} reply bytes received: "
+                                   f"{', then '.join(got) or 'none'}); check the port, the baud rate "
+                                   f"and that the bitstream is loaded")
+            data = self.transport.read(need, remaining)
+            if not frame:
+                at = data.find(START)
+                junk = data if at < 0 else data[:at]
+                garbage += junk[:max(GARBAGE_KEPT - len(garbage), 0)]
+                n_garbage += len(junk)
+                data = b"" if at < 0 else data[at:]
+            had = len(frame)
+            frame += data
+            if had < HEADER_BYTES <= len(frame):
+                length = struct.unpack_from("<H", frame, 2)[0]
+                if length > limit:               # a bogus length: neither waited for nor buffered
+                    raise BoardError(f"corrupt reply from the board: length {length} is over the "
+                                     f"{limit}-byte limit of a reply (header "
+                                     f"{frame[:HEADER_BYTES].hex()})")
+        body = bytes(frame[1:HEADER_BYTES + length])             # cmd, len, payload: what the CRC covers
+        crc = struct.unpack_from("<I", frame, HEADER_BYTES + length)[0]
+        if crc32(body) != crc:
             raise BoardError(f"corrupt reply from the board (CRC {crc:#010x}, expected "
-                             f"{crc32(head + payload):#010x}): {(head + rest).hex()}")
-        return cmd, payload
+                             f"{crc32(body):#010x}): {_quote(bytes(frame[:GARBAGE_KEPT]), len(frame))}")
+        return body[0], body[3:]
+
+    def _error_payload(self, payload: bytes) -> tuple[Err | None, int]:
+        """(code, the frame command the board saw) of an error reply; ``BoardError`` if malformed."""
+        if len(payload) != ERROR_PAYLOAD_BYTES:
+            raise BoardError(f"malformed error reply from the board: {len(payload)} payload bytes "
+                             f"({payload.hex() or 'empty'}), expected {ERROR_PAYLOAD_BYTES} (code, command)")
+        code = Err(payload[0]) if payload[0] in Err._value2member_map_ else None
+        return code, payload[1]
 
     def reply(self, cmd: int) -> bytes:
-        """Wait for the reply to ``cmd``; raises ``BoardError`` for an error reply."""
+        """Wait for the reply to ``cmd``; ``BoardError`` for an error reply or a malformed one."""
         rcmd, payload = self.read_frame()
         if rcmd == ERROR_REPLY:
-            code = Err(payload[0]) if payload and payload[0] in Err._value2member_map_ else None
-            seen = payload[1] if len(payload) > 1 else None
-            name = code.name if code else f"code {payload[:1].hex()}"
-            raise BoardError(f"the board replied {name} (frame command {seen:#04x}) to "
-                             f"{Cmd(cmd).name if cmd in Cmd._value2member_map_ else hex(cmd)}",
+            code, seen = self._error_payload(payload)
+            name = code.name if code else f"unknown error code {payload[0]}"
+            raise BoardError(f"the board replied {name} (frame command {seen:#04x}) to {_cmd_name(cmd)}",
                              code, seen)
         if rcmd != cmd | REPLY_BIT:
-            raise BoardError(f"reply {rcmd:#04x} to command {cmd:#04x}: out of step (call resync())")
+            raise BoardError(f"unexpected reply {rcmd:#04x} to {_cmd_name(cmd)} (expected "
+                             f"{cmd | REPLY_BIT:#04x} or an error reply): out of step or not this "
+                             f"protocol (call resync())")
+        want = REPLY_PAYLOAD_BYTES.get(cmd)
+        if want is not None and len(payload) != want:
+            raise BoardError(f"malformed {_cmd_name(cmd)} reply from the board: {len(payload)} payload "
+                             f"bytes ({payload.hex() or 'empty'}), expected {want}")
         return payload
 
     def command(self, cmd: int, payload: bytes = b"") -> bytes:
@@ -204,19 +328,35 @@ class BoardLink:
         rcmd, payload = self.read_frame()
         if rcmd != ERROR_REPLY:
             raise BoardError(f"expected an error reply, got command {rcmd:#04x} {payload.hex()}")
-        return Err(payload[0])
+        code, _ = self._error_payload(payload)
+        if code is None:
+            raise BoardError(f"error reply with an unknown code {payload[0]}")
+        return code
 
     def resync(self, quiet: float | None = None) -> bytes:
-        """Discard whatever arrives until the line is quiet for ``quiet`` seconds; returns it."""
-        quiet = self.timeout / 4 if quiet is None else quiet
-        out = b""
-        while chunk := self.transport.read(4096, quiet):
-            out += chunk
-        return out
+        """Discard whatever arrives until the line is quiet for ``quiet`` seconds (default ``timeout / 4``).
+
+        Returns the first ``RESYNC_KEPT`` bytes discarded; ``BoardTimeout`` when the line has not
+        been quiet for ``quiet`` seconds within ``timeout + quiet`` (a line that never stops).
+        """
+        quiet = _check_seconds("the quiet time", self.timeout / 4 if quiet is None else quiet)
+        limit = self.timeout + quiet
+        deadline = self.clock() + limit
+        kept, total = bytearray(), 0
+        while (remaining := deadline - self.clock()) > 0:
+            wait = min(quiet, remaining)
+            chunk = self.transport.read(RESYNC_KEPT, wait)
+            if not chunk and wait >= quiet:
+                return bytes(kept)
+            kept += chunk[:max(RESYNC_KEPT - len(kept), 0)]
+            total += len(chunk)
+        raise BoardTimeout(f"the line from the board was not quiet for {quiet} s within {limit} s "
+                           f"({total} bytes discarded: {_quote(bytes(kept[:GARBAGE_KEPT]), total)}); "
+                           f"check the port, the baud rate and that the bitstream is loaded")
 
     # -- commands ------------------------------------------------------------------------
     def status(self) -> Status:
-        return Status(*struct.unpack(STATUS_FORMAT, self.command(Cmd.STATUS)))
+        return Status(*struct.unpack(STATUS_FORMAT, self.command(Cmd.STATUS)))   # length checked
 
     def load(self, words) -> None:
         """LUT words ``(bank, addr, data)`` into the inactive page, as many frames as needed."""
@@ -239,7 +379,8 @@ class BoardLink:
 
     def checksum(self, *, clear: bool = False) -> tuple[int, int]:
         """(lane words decoded, CRC-32 of them) since reset or the last clear; waits for the pipeline."""
-        count, crc = struct.unpack("<II", self.command(Cmd.CHECKSUM, bytes([CLEAR_FLAG if clear else 0])))
+        reply = self.command(Cmd.CHECKSUM, bytes([CLEAR_FLAG if clear else 0]))   # length checked
+        count, crc = struct.unpack(CHECKSUM_FORMAT, reply)
         return count, crc
 
     def load_layer(self, luts, offset: int) -> None:

@@ -252,7 +252,38 @@ INCONSISTENT = {
     "record kind swapped": (_swap_kind, "float32 record of"),
     "padded shape": (_wrong_padded, "stream is 8 x 48"),
     "corrupt stream, good crc": (_bad_stream, "bad layer stream"),
+    "layer named __metadata__": (lambda m, b: m["layers"][0].update(name="__metadata__"),
+                                 "layer name '__metadata__' cannot be written to safetensors"),
+    "empty layer name": (lambda m, b: m["layers"][0].update(name=""), "cannot be written"),
+    "model of the wrong type": (lambda m, b: m.update(model=["x"]), "field 'model' must be dict, got list"),
+    "fingerprint of the wrong type": (lambda m, b: m["model"].update(fingerprint=7), "'fingerprint' must be str"),
+    "negative bits": (lambda m, b: m["layers"][2].update(bits=-5), "'bits' is negative"),
+    "hif bias out of range": (lambda m, b: _edit_stream(m, b, 0, 16, -3), "HIF bias -3 out of range"),
 }
+
+
+def _edit_stream(meta, body, layer: int, at: int, value: int) -> bytes:
+    """Set byte ``at`` of a layer's golden stream (a signed value) and recompute both its CRCs."""
+    e = meta["layers"][layer]
+    rec = bytearray(body[e["offset"]:e["offset"] + e["length"]])
+    rec[at] = value & 0xFF
+    rec[-4:] = struct.pack("<I", zlib.crc32(bytes(rec[:-4])))
+    e["crc32"] = zlib.crc32(bytes(rec))
+    return body[:e["offset"]] + bytes(rec) + body[e["offset"] + e["length"]:]
+
+
+def test_a_deeply_nested_header_is_a_clear_error(toy_sop4, tmp_path, capsys):
+    data = toy_sop4.read_bytes()
+    hlen = struct.unpack_from("<I", data, 8)[0]
+    deep = b"[" * 200_000 + b"]" * 200_000                   # beyond any JSON parser's recursion limit
+    h = data[12:12 + hlen].rstrip()[:-1] + b', "x": ' + deep + b"}"
+    body = data[16 + hlen:-4]
+    out = struct.pack("<4sHHI", b"SOPQ", 1, 0, len(h)) + h + struct.pack("<I", zlib.crc32(h)) + body
+    bad = tmp_path / "deep.sopq"
+    bad.write_bytes(out + struct.pack("<I", zlib.crc32(out)))
+    assert main(["dequantize", str(bad), "--out", str(tmp_path / "w.safetensors"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "header JSON is nested too deeply" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("case", list(INCONSISTENT))
@@ -277,7 +308,7 @@ def test_rebuild_without_edit_is_accepted(toy_sop4, tmp_path):
 
 def test_not_an_artifact(tmp_path, capsys):
     assert main(["dequantize", str(tmp_path / "missing.sopq"), "--out", str(tmp_path / "w.safetensors")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "no such .sopq file" in capsys.readouterr().err
     p = tmp_path / "w.json"
     p.write_text("{}")
     with pytest.raises(A.ArtifactError, match="not a SOPQ artifact"):

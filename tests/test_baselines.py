@@ -1,6 +1,9 @@
 """Each baseline against its published definition: hand-worked blocks, an independent ml_dtypes
 re-computation (not golden), the exact bit count, the padding rule, and the reference SQNRs."""
 
+import math
+from fractions import Fraction
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -169,6 +172,71 @@ def test_if4_matches_a_recomputation():
     np.testing.assert_array_equal(r.extra["int"], pick[..., 0])
     # k * 6/7 * scale: the same value up to the order of float64 products
     np.testing.assert_allclose(r.recon, np.where(pick, r_int, r_fp).reshape(8, -1), rtol=1e-15, atol=0)
+
+
+# -- IF4's INT4 value: k * 6/7 * scale correctly rounded, against rational arithmetic -------------
+
+def round_fraction(x: Fraction, mant: int) -> float:
+    """``x`` rounded to nearest, ties to even, on a grid of ``mant`` fraction bits (normal range)."""
+    if x == 0:
+        return 0.0
+    sign, x = (-1.0 if x < 0 else 1.0), abs(x)
+    e = x.numerator.bit_length() - x.denominator.bit_length()
+    if Fraction(2) ** e > x:
+        e -= 1                                                  # 2^e <= x < 2^(e+1)
+    scaled = x / Fraction(2) ** (e - mant)
+    n, rem = divmod(scaled.numerator, scaled.denominator)
+    if 2 * rem > scaled.denominator or (2 * rem == scaled.denominator and n % 2):
+        n += 1
+    return sign * math.ldexp(n, e - mant)
+
+
+def if4_scales() -> np.ndarray:
+    """Every positive E4M3 block scale times FP32 tensor scales of many binades."""
+    rng = np.random.default_rng(7)
+    e4m3 = ml_decode_e4m3_positive()
+    s_t = np.ldexp(1 + rng.random(10), rng.integers(-40, 12, 10)).astype(np.float32).astype(np.float64)
+    return (e4m3[:, None] * np.concatenate([s_t, [1.0, 2.0 ** -9]])[None]).ravel()
+
+
+def ml_decode_e4m3_positive() -> np.ndarray:
+    v = np.arange(128, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return v[np.isfinite(v) & (v > 0)]
+
+
+def if4_mismatches(recon_fn) -> int:
+    """Values of ``recon_fn(k, scale)`` that differ from k * 6/7 * scale correctly rounded to float64,
+    or whose float32 cast differs from it correctly rounded to float32, over every k and many scales."""
+    k = np.arange(-7, 8, dtype=np.float64)[:, None]
+    scale = if4_scales()[None, :]
+    got = np.broadcast_to(recon_fn(k, scale), (k.size, scale.size))
+    bad = 0
+    for ki, row in zip(range(-7, 8), got):
+        for s, g in zip(scale[0].tolist(), row.tolist()):
+            exact = Fraction(ki) * 6 * Fraction(s) / 7
+            bad += g != round_fraction(exact, 52) or float(np.float32(g)) != round_fraction(exact, 23)
+    return bad
+
+
+def test_if4_int4_values_are_correctly_rounded():
+    assert if4_mismatches(B.if4_int_recon) == 0
+
+
+def test_if4_check_catches_a_rounded_six_sevenths():
+    assert if4_mismatches(lambda k, s: k * (6.0 / 7.0) * s) > 0
+
+
+def test_if4_reconstruction_of_int4_blocks_is_correctly_rounded():
+    w = wide(8, 96, seed=3)
+    _, eff, _ = _nv_oracle(w, 448, 6)
+    r = q("if4", w)
+    pick = np.broadcast_to(r.extra["int"][..., None], eff.shape[:2] + (16,))
+    rec = r.recon.reshape(pick.shape)
+    scale = np.broadcast_to(eff, pick.shape)
+    assert pick.any()
+    for v, s in zip(rec[pick].tolist(), scale[pick].tolist()):
+        k = round(v / s * 7 / 6)                                # the INT4 code the value holds
+        assert abs(k) <= 7 and v == round_fraction(Fraction(k) * 6 * Fraction(s) / 7, 52)
 
 
 def test_nf4_matches_the_published_table_and_absmax_rule():

@@ -6,16 +6,21 @@ synth/simboard.py) with the board's decoder configuration, and the board's
 checksum must equal golden/'s. The CLI runs with ``host.SerialTransport``
 replaced by that simulated board, or on a pseudo-terminal that nobody answers
 (a real serial port for pyserial), or on a port that does not exist. Timeouts
-of the simulated board are in simulated seconds.
+of the simulated board are in simulated seconds. The host's robustness on a
+hostile line (garbage forever, malformed replies, options that could hang it)
+is checked here through the CLI and in tests/test_host_robust.py below it.
 """
 
 import functools
+import itertools
 import os
+import time
 from dataclasses import replace
 
 import pytest
 
 import mutants
+from serial_lines import GARBAGE, fed_pty
 
 from sop import cli
 from sop.hdl.decoder import Decoder
@@ -140,3 +145,82 @@ def test_an_unknown_layer_is_a_usage_error(capsys):
     args[args.index(LAYER)] = "encoder.layer.9.nothing"
     assert cli.main(args) == 2
     assert "no linear layer 'encoder.layer.9.nothing'" in capsys.readouterr().err
+
+
+# -- a hostile line and options that could hang the host ---------------------------------------
+def test_a_board_sending_garbage_forever_times_out_with_one_line(monkeypatch, capsys):
+    """Garbage that never stops (a wrong baud rate looks like this) ends at --timeout, exit 1."""
+    real, opened = host.SerialTransport, []
+
+    with fed_pty(itertools.repeat(GARBAGE[:64])) as (port, start):
+        def open_and_feed(name, baud):
+            transport = real(name, baud)
+            opened.append(time.monotonic())
+            start()
+            return transport
+        monkeypatch.setattr(host, "SerialTransport", open_and_feed)
+        assert cli.main(board_args(port, "--timeout", "0.3")) == 1
+        took = time.monotonic() - opened[0]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop board: no reply from the board within 0.3 s while waiting for a start byte")
+    assert "more)" in err and "\n" not in err and len(err) < 600
+    assert took < 0.3 + real.READ_GRANULARITY + 0.3
+
+
+def status_reply():
+    """The STATUS reply of the simulated iCEBreaker's decoder (as synth/protocol.py sends it)."""
+    cfg = BOARDS["icebreaker"].config()
+    return host.encode_frame(host.Cmd.STATUS | host.REPLY_BIT,
+                             bytes(protocol.status_bytes(cfg, host.DEFAULT_MAX_PAYLOAD)) + b"\0\0")
+
+
+class Scripted(host.SerialTransport):
+    """pyserial's loop:// port whose every request is answered by the next scripted reply."""
+
+    def __init__(self, replies):
+        super().__init__("loop://")
+        self.replies = list(replies)
+
+    def write(self, data: bytes) -> None:
+        super().write(self.replies.pop(0) if self.replies else b"")
+
+
+@pytest.mark.parametrize("replies, message", [
+    ([host.encode_frame(0x81, bytes(11))], "malformed STATUS reply from the board: 11 payload bytes"),
+    ([host.encode_frame(host.ERROR_REPLY, b"")], "malformed error reply from the board: 0 payload bytes"),
+    ([host.encode_frame(host.ERROR_REPLY, b"\x01")], "malformed error reply from the board: 1 payload bytes"),
+    ([host.encode_frame(0x42, b"")], "unexpected reply 0x42 to STATUS"),
+    ([b"\x55\x81\xff\xff" + bytes(64)], "length 65535 is over the 256-byte limit"),
+    ([status_reply(), host.encode_frame(0x85, bytes(7))], "malformed CHECKSUM reply from the board: 7 payload"),
+], ids=["status-short", "error-empty", "error-1-byte", "unknown-reply", "huge-length", "checksum-short"])
+def test_a_malformed_reply_exits_1_with_one_line(monkeypatch, capsys, replies, message):
+    monkeypatch.setattr(host, "SerialTransport", lambda name, baud: Scripted(replies))
+    assert cli.main(board_args("loop://", "--timeout", "0.2")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop board: ") and message in err and "\n" not in err
+
+
+def test_a_baud_the_port_refuses_is_a_usage_error_naming_it(capsys):
+    master, slave = os.openpty()
+    try:
+        assert cli.main(board_args(os.ttyname(slave), "--baud", str(2**31))) == 2
+    finally:
+        os.close(slave)
+        os.close(master)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop: error: cannot open serial port") and "baud rate 2147483648 (--baud)" in err
+    assert "\n" not in err
+
+
+@pytest.mark.parametrize("option, value", [("--timeout", "inf"), ("--timeout", "nan"), ("--timeout", "-1"),
+                                           ("--timeout", "0"), ("--timeout", "1e999"), ("--rows", "-1"),
+                                           ("--rows", "0"), ("--baud", "-5"), ("--baud", "fast")])
+def test_a_bad_number_is_a_one_line_usage_error_naming_the_option(capsys, option, value):
+    """``--timeout inf`` would let the host wait forever: refused before anything runs."""
+    args = board_args("/dev/null")
+    if option in args:
+        del args[args.index(option):args.index(option) + 2]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*args, option, value])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("sop: error:") and option in err and "\n" not in err

@@ -107,3 +107,51 @@ def test_models_without_a_forward_pass_fall_back_to_unweighted(tmp_path):
     cal = C.calibrate(open_model(str(tmp_path / "m.safetensors")), cache_dir=tmp_path)
     assert not cal.weighted and "unweighted" in cal.note and cal.get("l.0.fc.weight") is None
     assert not list(tmp_path.glob("*.npz"))
+
+
+# -- calibration and the held-out end-to-end sentences never overlap -------------------------------
+
+MAX_CALIB = C.max_calibration_sentences()
+
+
+@pytest.mark.parametrize("n", [1, 12, C.N_CALIB, MAX_CALIB])
+def test_calibration_never_overlaps_the_heldout_sentences(n):
+    corpus = C.corpus()
+    cal = C.calibration_sentences(n)
+    held = corpus[len(corpus) - C.N_HELDOUT:]                   # what the end-to-end check embeds
+    assert len(cal) == n == len(set(cal)) and not set(cal) & set(held)
+    assert not set(cal) & set(C.heldout_sentences(C.HELDOUT_RESERVE))
+    assert C.heldout_sentences() == list(held)
+
+
+def test_the_largest_calibration_set_and_the_reserve_are_the_whole_corpus():
+    assert (sorted(C.calibration_sentences(MAX_CALIB) + C.heldout_sentences(C.HELDOUT_RESERVE))
+            == sorted(C.corpus()))
+    assert MAX_CALIB > 1000                                     # room for far more than the default 256
+
+
+@pytest.mark.parametrize("n", [0, -1, MAX_CALIB + 1, len(C.corpus()), 10 ** 9, 2.5, True])
+def test_calib_sentences_out_of_range_is_refused_naming_the_option_and_the_maximum(n):
+    with pytest.raises(ValueError, match=rf"--calib-sentences must be an integer from 1 to {MAX_CALIB}\b"):
+        C.calibration_sentences(n)
+    src = type("Src", (), {"bert_folder": None, "kind": "toy"})()   # refused before any model runs
+    with pytest.raises(ValueError, match="--calib-sentences"):
+        C.calibrate(src, n_sentences=n)
+
+
+@pytest.mark.parametrize("n", [0, C.HELDOUT_RESERVE + 1])
+def test_heldout_count_beyond_the_reserve_is_refused(n):
+    with pytest.raises(ValueError, match="held-out"):
+        C.heldout_sentences(n)
+
+
+def test_cli_refuses_too_many_calibration_sentences_with_exit_2(tmp_path, capsys):
+    from sop.cli import main
+
+    save_file({"l.0.fc.weight": torch.ones(4, 16)}, tmp_path / "m.safetensors")
+    out = tmp_path / "m.sopq"
+    args = ["quantize", str(tmp_path / "m.safetensors"), "--format", "nf4-g64", "--out", str(out), "--quiet",
+            "--cache-dir", str(tmp_path)]
+    assert main([*args, "--calib-sentences", str(MAX_CALIB + 1)]) == 2
+    assert f"--calib-sentences must be an integer from 1 to {MAX_CALIB}" in capsys.readouterr().err
+    assert not out.exists()

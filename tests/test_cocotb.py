@@ -65,7 +65,7 @@ def test_vectors_round_trip_and_bad_files(tmp_path):
     (out / "vectors.json").write_text("{not json")
     with pytest.raises(VectorError, match="not valid JSON"):
         read_vectors(out)
-    with pytest.raises(VectorError, match="missing"):
+    with pytest.raises(VectorError, match="no such vector index"):
         read_vectors(tmp_path / "nowhere")
 
 

@@ -70,13 +70,18 @@ def test_unpack_inverts_pack(data, layout, n):
 
 
 def random_stream(rng, layout: BlockLayout, rows=3, blocks_per_row=2, n_sparse=4) -> LayerStream:
+    """A random valid stream: any header but a NaN scale code, any finite BF16 residual."""
     cols = blocks_per_row * layout.group
     n = rows * blocks_per_row
-    headers = rng.integers(0, 1 << layout.header_bits, n)
+    finite_scales = np.flatnonzero(~np.isnan(layout.scale.values))
+    headers = layout.make_header(rng.choice(finite_scales, n),
+                                 rng.integers(0, 2, n) if layout.signed_scale else 0,
+                                 rng.integers(0, 2, n) if layout.select_bit else 0)
     codes = rng.integers(0, 1 << layout.code_bits, (n, layout.group))
     luts = rng.integers(0, 1 << DEFAULT_HIF.bits, (layout.banks, 1 << layout.code_bits))
     idx = np.sort(rng.choice(rows * cols, size=min(n_sparse, rows * cols), replace=False)).astype(np.uint32)
-    vals = rng.integers(0, 1 << 15, len(idx)).astype(np.uint16)
+    vals = rng.integers(0, 0xFF00, len(idx)).astype(np.uint16)          # sign, exponent < 0xFF, mantissa
+    vals = np.where((vals >> 7 & 0xFF) == 0xFF, vals & 0x807F, vals).astype(np.uint16)
     return LayerStream(layout, DEFAULT_HIF, luts, int(rng.integers(-128, 128)), rows, cols,
                        pack_blocks(layout, headers, codes), Sparse(idx, vals))
 
@@ -158,3 +163,56 @@ def test_hand_check_catches_msb_first_packing():
                            ((np.arange(16)[:, None] >> np.arange(4)) & 1).ravel()])
     msb_first = np.packbits(bits.astype(np.uint8), bitorder="big").tobytes()
     assert msb_first != pack_blocks(SOP4, [0x85], [np.arange(16)])
+
+
+# -- crafted streams with valid checksums: nothing may decode to a non-finite value -----------------------
+
+UE8M0 = BlockLayout(4, 16, get_format("ue8m0"))                 # 0xFF is its NaN code
+
+
+def test_a_nan_scale_code_is_refused_at_pack_and_at_unpack():
+    s = random_stream(np.random.default_rng(5), UE8M0, rows=2, n_sparse=0)
+    body = bytearray(pack_layer(s)[:-4])
+    start = len(body) - len(s.blocks)                          # no sparse entries: the blocks end the body
+    body[start + UE8M0.block_bytes] = 0xFF                     # block 1's scale code
+    with pytest.raises(LayoutError, match="block 1: scale code 0xff is NaN in ue8m0"):
+        unpack_layer(_recrc(bytes(body)))
+    import dataclasses
+    headers, codes = unpack_blocks(UE8M0, bytes(body[start:]))
+    with pytest.raises(ValueError, match="NaN"):
+        pack_layer(dataclasses.replace(s, blocks=pack_blocks(UE8M0, headers, codes)))
+
+
+@pytest.mark.parametrize("bf16", [0x7F80, 0xFF80, 0x7FC1])          # +Inf, -Inf, NaN
+def test_a_non_finite_residual_is_refused(bf16):
+    s = random_stream(np.random.default_rng(6), SOP4, n_sparse=2)
+    body = bytearray(pack_layer(s)[:-4])
+    body[-2:] = bf16.to_bytes(2, "little")                       # the last sparse value
+    with pytest.raises(LayoutError, match="sparse value 1 .* is not finite"):
+        unpack_layer(_recrc(bytes(body)))
+
+
+@pytest.mark.parametrize("bias", [-1, 8, 127, -128])
+def test_a_hif_bias_outside_the_documented_range_is_refused(bias):
+    data = pack_layer(random_stream(np.random.default_rng(7), SOP4))[:-4]
+    at = 4 + 4 + 1 + len(SOP4.scale.name) + 2                  # magic, k g flags version, name, E, M
+    assert struct.unpack_from("<b", data, at)[0] == DEFAULT_HIF.bias
+    bad = data[:at] + struct.pack("<b", bias) + data[at + 1:]
+    with pytest.raises(LayoutError, match=f"HIF bias {bias} out of range"):
+        unpack_layer(_recrc(bad))
+
+
+def test_the_largest_valid_stream_decodes_to_finite_values():
+    """Every documented extreme at once (largest HIF, largest scale, offset 127, largest residual)
+    decodes to finite values in every output: float64 holds 2^(2 + 15 + 127 + 8) easily."""
+    from sop.golden.decoder import decode_layer
+    from sop.golden.hif import hif_format
+
+    lay = BlockLayout(4, 16, get_format("ue4m4"))
+    hif = hif_format(10, 5, 0)                                  # E5 bias 0: the widest HIF range
+    blocks = pack_blocks(lay, [(1 << 8) - 1], [np.arange(16)])
+    s = LayerStream(lay, hif, np.full((1, 16), (1 << hif.bits) // 2 - 1), 127, 1, 16, blocks,
+                    Sparse(np.array([3], np.uint32), np.array([0x7F7F], np.uint16)))
+    s = unpack_layer(pack_layer(s))
+    for out in ("exact", "bf16"):
+        assert np.isfinite(decode_layer(s, out)).all()

@@ -137,7 +137,7 @@ def test_pareto_front_against_the_definition_on_random_points():
 
 
 @pytest.mark.parametrize("content, want", [
-    (None, "no such file"),
+    (None, "no such eval JSON"),
     ("not json", "not valid JSON"),
     ('{"model": "m"}', "field 'formats' is missing"),
     ('{"formats": {"nf4-g64": {"bpw": "4.5", "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}',

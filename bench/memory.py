@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Peak memory of `sop quantize`, `sop dequantize` and `sop eval`, in bytes per weight of the layer.
+
+A synthetic checkpoint (safetensors, one ``SIZE x SIZE`` linear layer named
+``model.layers.0.mlp.down_proj.weight``, weights ``N(0, 1) * 0.02`` from a fixed
+seed, float32 by default or ``--dtype bf16``) is quantized in every format
+family (``--format`` to choose), and for each format three commands run, each in
+a fresh Python process:
+
+* ``quantize``: ``quantize.artifact.quantize_model(..., calibrate=False)`` into a ``.sopq``;
+* ``dequantize``: ``quantize.artifact.dequantize`` of that artifact into float32 safetensors;
+* ``eval``: ``quantize.evaluate.evaluate(..., calibrate=False, e2e=False)``.
+
+The figure is the child's peak resident set (``VmHWM`` of ``/proc/self/status``)
+minus its resident set after every import (the interpreter's baseline; the peak
+is reset there through ``/proc/self/clear_refs``), divided by the layer's
+weights. The target of issue 11 is at most 16 bytes per weight. Wall seconds
+of each command are printed too (indicative: other jobs share the machine).
+
+Run: .venv/bin/python bench/memory.py [--size 8192] [--format F ...] [--budget 5.0] [--json FILE]
+
+To measure another source tree (a "before" figure), put its ``sop`` package on
+``PYTHONPATH``: the children run outside the repository, so it takes precedence
+over the editable install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+LAYER = "model.layers.0.mlp.down_proj.weight"
+TARGET = 16.0
+FAMILIES = ["fp8-e4m3-pot", "int8-ch", "mxfp8-e4m3", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4", "nvfp4",
+            "nvfp4-46", "if4", "nf4-g64", "e2m3-ue4m4-g16", "sop4-g16", "sop-budget"]
+COMMANDS = ("quantize", "dequantize", "eval")
+
+# The child: imports everything first, takes its baseline, resets the peak, runs one command.
+CHILD = r"""
+import gc, json, sys, time
+import numpy as np
+import tqdm
+from sop.quantize import artifact, evaluate, formats, knapsack, sop_search, baselines, blockwise, dd4, sparse
+from sop.golden import decoder
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+cmd, model, fmt, sopq, out, budget, n = sys.argv[1:8]
+budget = None if budget == "-" else float(budget)
+gc.collect()
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:      # reset VmHWM to the current RSS
+    f.write("5")
+t0 = time.perf_counter()
+if cmd == "quantize":
+    artifact.quantize_model(model, fmt, sopq, budget=budget, calibrate=False, progress=False)
+elif cmd == "dequantize":
+    artifact.dequantize(sopq, out, progress=False)
+else:
+    evaluate.evaluate(model, [fmt], budget=budget, calibrate=False, e2e=False, progress=False)
+wall = time.perf_counter() - t0
+peak = status("VmHWM")
+print(json.dumps({"base": base, "peak": peak, "bpw": (peak - base) / int(n), "seconds": wall}))
+"""
+
+
+def write_checkpoint(path: Path, size: int, dtype: str) -> None:
+    """One ``size x size`` linear layer, N(0, 1) * 0.02, written without holding a float64 copy."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(11)
+    w = np.empty((size, size), dtype=np.float32)
+    step = max(1, (1 << 22) // size)
+    for r in range(0, size, step):                  # row chunks: the generator's float64 stays small
+        w[r:r + step] = rng.standard_normal((min(step, size - r), size)) * 0.02
+    if dtype == "bf16":
+        import torch
+        from safetensors.torch import save_file as save_torch
+
+        save_torch({LAYER: torch.from_numpy(w).to(torch.bfloat16)}, str(path))
+    else:
+        save_file({LAYER: w}, str(path))
+
+
+def run_child(cmd: str, model: Path, fmt: str, work: Path, budget: float | None, n: int) -> dict:
+    sopq, out = work / f"{fmt}.sopq", work / f"{fmt}.safetensors"
+    args = [sys.executable, "-c", CHILD, cmd, str(model), fmt, str(sopq), str(out),
+            "-" if budget is None else str(budget), str(n)]
+    p = subprocess.run(args, cwd=work, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{cmd} {fmt} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=8192, help="the layer is SIZE x SIZE (default 8192)")
+    ap.add_argument("--format", action="append", dest="formats", help="format(s) to measure (default: all)")
+    ap.add_argument("--command", action="append", dest="commands", choices=COMMANDS,
+                    help="command(s) to measure (default: all three)")
+    ap.add_argument("--budget", type=float, default=5.0, help="sop-budget's --budget (default 5.0)")
+    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32", help="checkpoint dtype (default f32)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--workdir", help="folder for the checkpoint and artifacts (default: a temporary one)")
+    args = ap.parse_args(argv)
+    formats = args.formats or FAMILIES
+    commands = [c for c in COMMANDS if c in (args.commands or COMMANDS)]
+    n = args.size * args.size
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        model = work / "model.safetensors"
+        t0 = time.perf_counter()
+        write_checkpoint(model, args.size, args.dtype)
+        print(f"checkpoint: {LAYER} {args.size} x {args.size} {args.dtype} ({n:,} weights), "
+              f"{time.perf_counter() - t0:.1f} s; target <= {TARGET:g} bytes/weight", file=sys.stderr)
+        head = f"{'format':<16}" + "".join(f"{c + ' B/w':>16}{'s':>7}" for c in commands)
+        print(head, flush=True)
+        for fmt in formats:
+            budget = args.budget if fmt == "sop-budget" else None
+            row = {}
+            for cmd in commands:
+                if cmd == "dequantize" and not (work / f"{fmt}.sopq").exists():
+                    run_child("quantize", model, fmt, work, budget, n)
+                row[cmd] = run_child(cmd, model, fmt, work, budget, n)
+            for f in work.glob(f"{fmt}.*"):
+                f.unlink()
+            results[fmt] = row
+            print(f"{fmt:<16}" + "".join(f"{row[c]['bpw']:16.2f}{row[c]['seconds']:7.1f}" for c in commands),
+                  flush=True)
+    worst = max(r["bpw"] for row in results.values() for r in row.values())
+    print(f"worst {worst:.2f} bytes/weight: target <= {TARGET:g} {'met' if worst <= TARGET else 'MISSED'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size": args.size, "dtype": args.dtype, "weights": n,
+                                               "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Bad input at the command line: every class ends in one line `sop: error: ...` naming the option or
+the file and what is wrong, exit 2, before any work and with nothing written; an unexpected internal
+error says that it is a bug and how to report it (docs/robustness.md lists every class)."""
+
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from sop import cli
+from sop.cli import main
+
+LAYER = "blk.0.fc.weight"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    path = d / "toy.safetensors"
+    save_file({LAYER: (np.random.default_rng(3).standard_normal((16, 64)) * 0.02).astype(np.float32)}, str(path))
+    return path
+
+
+def run(argv) -> int:
+    """main's exit status (argparse's usage errors exit through SystemExit, as argparse does)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def one_error_line(capsys, argv, code=2) -> str:
+    assert run(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# -- numeric options -----------------------------------------------------------------------------------
+
+OPTIONS = {
+    # name: (argv after the model, the option named, what is said)
+    "budget inf": (["eval", "M", "--format", "sop-budget", "--budget", "inf"], "--budget", "finite number"),
+    "budget nan": (["quantize", "M", "--format", "sop-budget", "--budget", "nan", "--out", "O"], "--budget",
+                   "finite number"),
+    "budget negative": (["eval", "M", "--format", "sop-budget", "--budget", "-4.5"], "--budget", "above 0"),
+    "budget not a number": (["eval", "M", "--format", "sop-budget", "--budget", "four"], "--budget",
+                            "not a finite number"),
+    "calib-sentences zero": (["eval", "M", "--format", "nvfp4", "--calib-sentences", "0"], "--calib-sentences",
+                             "integer above 0"),
+    "calib-sentences negative": (["quantize", "M", "--format", "nvfp4", "--calib-sentences", "-5", "--out", "O"],
+                                 "--calib-sentences", "integer above 0"),
+    "calib-sentences above the corpus": (["eval", "M", "--format", "nvfp4", "--calib-sentences", "100000"],
+                                         "--calib-sentences", "must be an integer from 1 to"),
+    "vectors rows negative": (["vectors", "M", "--format", "sop4-g16", "--rows", "-1", "--out", "O"], "--rows",
+                              "integer above 0"),
+    "vectors rows zero": (["vectors", "M", "--format", "sop4-g16", "--rows", "0", "--out", "O"], "--rows",
+                          "integer above 0"),
+    "demo layers zero": (["demo", "--layers", "0"], "--layers", "integer above 0"),
+    "report bpw-tol negative": (["report", "M", "--bpw-tol", "-0.1"], "--bpw-tol", "at least 0"),
+    "report bpw-tol nan": (["report", "M", "--bpw-tol", "nan"], "--bpw-tol", "finite number"),
+    "board timeout negative": (["board", "--port", "P", "M", "--format", "sop4-g16", "--timeout", "-1"],
+                               "--timeout", "above 0"),
+    "board timeout inf": (["board", "--port", "P", "M", "--format", "sop4-g16", "--timeout", "inf"], "--timeout",
+                          "finite number"),
+    "board rows negative": (["board", "--port", "P", "M", "--format", "sop4-g16", "--rows", "-3"], "--rows",
+                            "integer above 0"),
+    "board baud zero": (["board", "--port", "P", "M", "--format", "sop4-g16", "--baud", "0"], "--baud",
+                        "integer above 0"),
+    "unknown format": (["eval", "M", "--format", "nf5"], "nf5", "valid:"),
+    "budget without sop-budget": (["eval", "M", "--format", "nvfp4", "--budget", "4"], "--budget",
+                                  "budgeted format"),
+    "sop-budget without budget": (["eval", "M", "--format", "sop-budget"], "sop-budget", "needs --budget"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_a_bad_option_is_one_line_naming_it(ckpt, tmp_path, capsys, case):
+    argv, option, said = OPTIONS[case]
+    argv = [str(ckpt) if a == "M" else str(tmp_path / "out") if a == "O" else a for a in argv]
+    err = one_error_line(capsys, argv)
+    assert option in err and said in err, err
+    assert list(tmp_path.iterdir()) == []                       # refused before anything was written
+
+
+# -- paths ---------------------------------------------------------------------------------------------
+
+def test_a_missing_model_names_the_path(tmp_path, capsys):
+    err = one_error_line(capsys, ["eval", str(tmp_path / "nope.safetensors"), "--format", "nvfp4"])
+    assert "nope.safetensors" in err and "not found" in err
+
+
+@pytest.mark.parametrize("cmd", ["dequantize", "report"])
+@pytest.mark.parametrize("kind", ["missing", "folder", "fifo", "unreadable"])
+def test_an_input_that_cannot_be_read_names_the_path(tmp_path, capsys, cmd, kind):
+    path = tmp_path / ("x.sopq" if cmd == "dequantize" else "x.json")
+    said = {"missing": "no such", "folder": "is a folder", "fifo": "is a FIFO",
+            "unreadable": "cannot read"}[kind]
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)                                      # reading one would block forever
+    elif kind == "unreadable":
+        path = "/proc/self/mem"                              # a regular file whose read fails (EIO), even for root
+    argv = {"dequantize": ["dequantize", str(path), "--out", str(tmp_path / "o.safetensors")],
+            "report": ["report", str(path), "--out", str(tmp_path / "o")]}[cmd]
+    err = one_error_line(capsys, argv)
+    assert str(path) in err and said in err, err
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "vectors"])
+def test_an_output_that_cannot_be_written_fails_before_any_work(ckpt, capsys, cmd):
+    """/proc refuses new files even to root: the write probe finds it before quantizing."""
+    argv = {"quantize": ["quantize", str(ckpt), "--format", "sop4-g16", "--out", "/proc/sop-test.sopq"],
+            "vectors": ["vectors", str(ckpt), "--format", "sop4-g16", "--out", "/proc/sop-test"]}[cmd]
+    err = one_error_line(capsys, argv)
+    assert "/proc/sop-test" in err and "cannot" in err
+    assert "linear layers" not in capsys.readouterr().out
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(ckpt, tmp_path, capsys):
+    f = tmp_path / "cache"
+    f.write_text("x")
+    err = one_error_line(capsys, ["eval", str(ckpt), "--format", "nvfp4", "--cache-dir", str(f)])
+    assert "--cache-dir" in err and "not a folder" in err
+
+
+def test_an_unknown_vector_layer_lists_the_layers(ckpt, tmp_path, capsys):
+    err = one_error_line(capsys, ["vectors", str(ckpt), "--format", "sop4-g16", "--layer", "x.weight",
+                                  "--out", str(tmp_path / "v")])
+    assert "x.weight is not a linear layer" in err and LAYER in err
+
+
+def test_vector_layers_whose_files_would_collide_are_refused(tmp_path, capsys):
+    path = tmp_path / "c.safetensors"
+    w = np.ones((16, 16), np.float32)
+    save_file({"a/b.weight": w, "a_b.weight": w}, str(path))
+    err = one_error_line(capsys, ["vectors", str(path), "--format", "sop4-g16", "--out", str(tmp_path / "v")])
+    assert "would share the vector files" in err
+
+
+# -- weights that no output could hold --------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale, said", [(1e300, "beyond float32's range"), (1e-300, "below float32's smallest "
+                                                                                     "normal number")])
+@pytest.mark.parametrize("cmd", ["quantize", "eval", "vectors"])
+def test_a_float64_layer_outside_float32_is_refused(tmp_path, capsys, cmd, scale, said):
+    path = tmp_path / "f64.safetensors"
+    save_file({LAYER: np.random.default_rng(0).standard_normal((16, 32)) * scale}, str(path))
+    out = str(tmp_path / "o")
+    argv = {"quantize": ["quantize", str(path), "--format", "sop4-g16", "--out", out, "--quiet"],
+            "eval": ["eval", str(path), "--format", "fp8-e4m3-pot", "--quiet"],
+            "vectors": ["vectors", str(path), "--format", "sop4-g16", "--out", out]}[cmd]
+    err = one_error_line(capsys, argv)
+    assert LAYER in err and said in err
+
+
+# -- what is not the user's fault ---------------------------------------------------------------------------
+
+def test_an_internal_error_says_it_is_a_bug(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("an internal slip")
+    monkeypatch.setattr(cli, "cmd_formats", broken)
+    assert main(["formats"]) == 70
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop: internal error: KeyError") and "This is a bug in sop" in err
+    assert "SOP_DEBUG=1" in err and "\n" not in err
+    monkeypatch.setenv("SOP_DEBUG", "1")
+    with pytest.raises(KeyError):                          # the traceback, for the report
+        main(["formats"])
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_formats", interrupted)
+    assert main(["formats"]) == 130
+    assert capsys.readouterr().err.strip() == "sop: interrupted (SIGINT); no output was written or replaced"
+
+
+def test_a_usage_error_is_one_line(capsys):
+    err = one_error_line(capsys, ["eval"])
+    assert err.startswith("sop: error: sop eval: ") and "required" in err

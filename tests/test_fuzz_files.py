@@ -1,0 +1,242 @@
+"""Fuzz suite over the project's own files (tests/fuzzing.py): `.sopq` artifacts, golden layer
+streams, RTL vector sets and `sop eval --json` results, each mutated with its checksums recomputed
+(so that the structure checks, not the CRCs, are what is tested). The property: the reader raises its
+documented clean error (a ValueError subclass naming what is wrong, which the CLI prints as one
+`sop: error:` line, exit 2) or returns a result that is valid and used without error; never another
+exception, a non-finite decoded value or a hang."""
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fuzzing import fuzz
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.numpy import save_file
+
+from sop.cli import main
+from sop.golden.artifact import crc32
+from sop.golden.decoder import decode_layer
+from sop.golden.layout import LayoutError, pack_layer, unpack_layer
+from sop.quantize import artifact as A
+from sop.quantize.report import load_rows, markdown_table, report
+from sop.sim.vectors import VectorError, read_vectors, write_vectors
+
+pytestmark = pytest.mark.fuzz
+
+LAYERS = {"blk.0.fc.weight": (16, 48), "h.0.attn.c_attn.weight": (32, 24)}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A checkpoint, its sop4 and fp8 artifacts, a vector set and an eval JSON (made once)."""
+    d = tmp_path_factory.mktemp("fuzz")
+    rng = np.random.default_rng(11)
+    ckpt = d / "m.safetensors"
+    save_file({n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in LAYERS.items()}, str(ckpt))
+    out = {"dir": d}
+    for fmt in ("sop4-g16", "fp8-e4m3-pot"):
+        out[fmt] = (d / f"{fmt}.sopq")
+        assert main(["quantize", str(ckpt), "--format", fmt, "--out", str(out[fmt]), "--quiet"]) == 0
+    art = A.open_artifact(out["sop4-g16"])
+    out["stream"] = pack_layer(art.stream(art.layers[0]))
+    out["vectors"] = d / "vec"
+    write_vectors(out["vectors"], {"l0": art.stream(art.layers[0])}, {"model": "m", "format": "sop4-g16"})
+    out["json"] = d / "eval.json"
+    assert main(["eval", str(ckpt), "--format", "sop4-g16", "--format", "nvfp4", "--json", str(out["json"]),
+                 "--quiet"]) == 0
+    return out
+
+
+# -- JSON mutations ------------------------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) in a JSON document."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+@st.composite
+def json_edits(draw, doc):
+    """``doc`` with one to three values replaced, deleted, or given a new key."""
+    doc = json.loads(json.dumps(doc))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p, _ in _paths(doc) if p]
+        path = draw(st.sampled_from(paths))
+        parent = doc
+        for k in path[:-1]:
+            parent = parent[k]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "delete" and isinstance(parent, dict):
+            parent.pop(path[-1])
+        elif action == "add" and isinstance(parent, dict):
+            parent[draw(st.text(max_size=6))] = draw(JSON_VALUES)
+        else:
+            parent[path[-1]] = draw(JSON_VALUES)
+    return doc
+
+
+def container(meta: dict | bytes, body: bytes) -> bytes:
+    """A .sopq container around ``meta`` and the records ``body``, every checksum right."""
+    h = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+    out = struct.pack("<4sHHI", b"SOPQ", 1, 0, len(h)) + h + struct.pack("<I", zlib.crc32(h)) + body
+    return out + struct.pack("<I", zlib.crc32(out))
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    hlen = struct.unpack_from("<I", data, 8)[0]
+    return json.loads(data[12:12 + hlen]), data[16 + hlen:-4]
+
+
+def check_artifact(path: Path, out: Path) -> None:
+    """Open and dequantize: a clean ArtifactError, or a complete file of finite float32."""
+    try:
+        A.dequantize(path, out, progress=False)
+    except A.ArtifactError as err:
+        assert str(err).startswith(str(path)) and "\n" not in str(err)
+        assert not out.exists()
+        return
+    from safetensors.numpy import load_file
+
+    for w in load_file(str(out)).values():
+        assert np.isfinite(w).all()
+
+
+@pytest.mark.parametrize("fmt", ["sop4-g16", "fp8-e4m3-pot"])
+@fuzz(60)
+@given(data=st.data())
+def test_artifact_header_mutations(made, tmp_path_factory, fmt, data):
+    meta, body = split(made[fmt].read_bytes())
+    d = tmp_path_factory.mktemp("a")
+    bad = d / "x.sopq"
+    bad.write_bytes(container(data.draw(json_edits(meta)), body))
+    check_artifact(bad, d / "x.safetensors")
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_artifact_record_mutations(made, tmp_path_factory, data):
+    """Bytes of a golden stream changed, the stream's own CRC and the record's CRC recomputed."""
+    meta, body = split(made["sop4-g16"].read_bytes())
+    e = meta["layers"][data.draw(st.integers(0, len(meta["layers"]) - 1))]
+    rec = bytearray(body[e["offset"]:e["offset"] + e["length"]])
+    for _ in range(data.draw(st.integers(1, 4))):
+        rec[data.draw(st.integers(0, len(rec) - 5))] = data.draw(st.integers(0, 255))
+    rec[-4:] = struct.pack("<I", crc32(bytes(rec[:-4])))
+    e["crc32"] = crc32(bytes(rec))
+    body = body[:e["offset"]] + bytes(rec) + body[e["offset"] + e["length"]:]
+    d = tmp_path_factory.mktemp("r")
+    bad = d / "x.sopq"
+    bad.write_bytes(container(meta, body))
+    check_artifact(bad, d / "x.safetensors")
+
+
+# -- golden layer streams ------------------------------------------------------------------------------------
+
+@fuzz(150)
+@given(data=st.data())
+def test_layer_stream_mutations(made, data):
+    """Changed, inserted or deleted bytes with the CRC recomputed: LayoutError, or a stream that
+    packs back to the same bytes and decodes to finite values in every output."""
+    body = bytearray(made["stream"][:-4])
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(body)))
+        action = data.draw(st.sampled_from(["set", "insert", "delete"]))
+        if action == "set" and at < len(body):
+            body[at] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            body[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+        elif at < len(body):
+            del body[at:at + data.draw(st.integers(1, 4))]
+    raw = bytes(body) + struct.pack("<I", crc32(bytes(body)))
+    try:
+        s = unpack_layer(raw)
+    except LayoutError as err:
+        assert "\n" not in str(err)
+        return
+    assert pack_layer(s) == raw
+    for out in ("exact", "bf16"):
+        assert np.isfinite(decode_layer(s, out)).all()
+
+
+# -- vector sets ---------------------------------------------------------------------------------------------
+
+@fuzz(60)
+@given(data=st.data())
+def test_vector_index_mutations(made, tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("v")
+    for f in made["vectors"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    doc = json.loads((d / "vectors.json").read_text())
+    (d / "vectors.json").write_text(json.dumps(data.draw(json_edits(doc))))
+    try:
+        layers = read_vectors(d)
+    except VectorError as err:
+        assert "\n" not in str(err)
+        return
+    for lay in layers:                                  # whatever was accepted is usable
+        assert lay.codes.shape == (len(lay.headers), lay.layout.group)
+
+
+@fuzz(40)
+@given(kind=st.sampled_from(["blocks", "bf16", "exact"]), data=st.data())
+def test_vector_file_mutations_are_caught_by_the_checksums(made, tmp_path_factory, kind, data):
+    d = tmp_path_factory.mktemp("w")
+    for f in made["vectors"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    target = next(d.glob(f"*.{ {'blocks': 'blocks.hex', 'bf16': 'bf16.hex', 'exact': 'exact.txt'}[kind]}"))
+    raw = bytearray(target.read_bytes())
+    at = data.draw(st.integers(0, len(raw) - 1))
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[at]))
+    raw[at] = new
+    target.write_bytes(bytes(raw))
+    with pytest.raises(VectorError, match="SHA-256 does not match"):
+        read_vectors(d)
+
+
+# -- eval results (the input of `sop report`) ----------------------------------------------------------------
+
+def mutated_eval_json(made, tmp_path_factory, data) -> Path:
+    src = tmp_path_factory.mktemp("j") / "e.json"
+    src.write_text(json.dumps(data.draw(json_edits(json.loads(made["json"].read_text())))))
+    return src
+
+
+@fuzz(80)
+@given(data=st.data())
+def test_eval_json_mutations_read(made, tmp_path_factory, data):
+    """The loader and the table of `sop report` (the plot is fuzzed below, fewer times: it is slow)."""
+    src = mutated_eval_json(made, tmp_path_factory, data)
+    try:
+        rows = load_rows(json.loads(src.read_text()), str(src))
+    except ValueError as err:
+        assert str(err).startswith(str(src)) and "\n" not in str(err)
+        return
+    assert markdown_table(rows).count("\n") == len(rows) + 2
+
+
+@fuzz(8)
+@given(data=st.data())
+def test_eval_json_mutations_report(made, tmp_path_factory, data):
+    src = mutated_eval_json(made, tmp_path_factory, data)
+    try:
+        info = report(src)
+    except ValueError as err:
+        assert str(err).startswith(str(src)) and "\n" not in str(err)
+        return
+    assert info["md"].read_text().startswith("# Quantization report")
+    assert info["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,301 @@
+"""The board host never hangs and never misreads: synth/host.py against hostile serial lines.
+
+Role: the robustness contract of ``BoardLink`` (docs/board-protocol.md, "Host
+behaviour"): one deadline a reply, bounded buffers, every reply payload checked
+before it is decoded. Three kinds of line, none of them the simulated board:
+
+* ``FakeLine``: an in-memory transport with its own clock (a byte arrives
+  every ``BYTE_TIME`` seconds), so endless garbage and exact timing checks run
+  in milliseconds;
+* a pseudo-terminal (a real serial port to pyserial) whose far end a thread
+  feeds with garbage forever, timed with the wall clock;
+* pyserial's ``loop://`` port, into which a malformed reply is written.
+
+The fuzz tests (hypothesis, tests/fuzzing.py) feed arbitrary bytes as replies:
+the outcome is the correct result (only when a valid frame is there) or
+``BoardError`` / ``BoardTimeout``, never another exception, never longer than
+the timeout.
+"""
+
+import itertools
+import os
+import struct
+import time
+
+import pytest
+from fuzzing import fuzz
+from serial_lines import GARBAGE, fed_pty
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sop.synth import host
+from sop.synth.host import (BoardError, BoardLink, BoardTimeout, Cmd, Err, SerialTransport, Status,
+                            encode_frame)
+
+BYTE_TIME = 1e-4               # FakeLine: seconds a byte (about 100 kBd)
+TIMEOUT = 0.05                 # FakeLine: the host's reply timeout (500 byte times)
+MESSAGE_MAX = 600              # characters: an error message quotes a bounded part of what came
+STATUS = Status(host.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
+STATUS_PAYLOAD = struct.pack(host.STATUS_FORMAT, *(getattr(STATUS, f) for f in Status.__dataclass_fields__))
+CHECKSUM_PAYLOAD = struct.pack(host.CHECKSUM_FORMAT, 1234, 0xDEADBEEF)
+
+
+class FakeLine:
+    """A transport whose bytes come from ``source`` (any iterable, endless ones too), one every
+    ``BYTE_TIME`` seconds of its own clock; ``read`` advances the clock as a serial port would."""
+
+    def __init__(self, source=b""):
+        self.source, self.t, self.written, self.reads = iter(source), 0.0, bytearray(), []
+
+    def now(self) -> float:
+        return self.t
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def read(self, n: int, timeout: float) -> bytes:
+        self.reads.append(n)
+        out = bytes(itertools.islice(self.source, min(n, int(timeout / BYTE_TIME))))
+        self.t += len(out) * BYTE_TIME if len(out) == n else timeout
+        return out
+
+
+def fake_link(source, timeout=TIMEOUT) -> BoardLink:
+    return BoardLink(FakeLine(source), timeout=timeout)
+
+
+# -- one deadline a reply, bounded buffers ---------------------------------------------------
+def test_endless_garbage_ends_in_a_timeout_within_the_timeout():
+    """Today's bug: each garbage byte restarted the timer and was kept; now one deadline, 64 bytes kept."""
+    link = fake_link(itertools.cycle(GARBAGE))
+    with pytest.raises(BoardTimeout, match=r"no reply from the board within 0.05 s while waiting for "
+                                           r"a start byte \(\d+ reply bytes received: 0001.*more\)") as err:
+        link.status()
+    assert link.transport.t <= TIMEOUT + BYTE_TIME
+    assert len(str(err.value)) < MESSAGE_MAX
+    assert max(link.transport.reads) <= host.HEADER_BYTES + host.CRC_BYTES     # never past a minimal frame
+
+
+@pytest.mark.parametrize("source, error, match", [
+    # a start byte, then silence: waits for the header until the deadline
+    (b"\x55\x81", BoardTimeout, r"waiting for the reply header \(2 reply bytes received: 5581\)"),
+    (b"\x00\x55\x81\x0c\x00\x01", BoardTimeout,
+     r"waiting for 12 payload bytes and the CRC \(6 reply bytes received: 00, then 55810c0001\)"),
+    # endless starts that never make a frame: the next start is read as payload, the CRC fails
+    (itertools.cycle(b"\x55\x81\x0c\x00"), BoardError, "corrupt reply from the board [(]CRC"),
+    # endless start bytes: the length field reads 0x5555, over the limit, refused at once
+    (itertools.repeat(0x55), BoardError, "length 21845 is over the 256-byte limit"),
+], ids=["start-then-silence", "header-then-silence", "endless-frame-starts", "endless-start-bytes"])
+def test_frame_starts_that_never_complete_end_in_a_clean_error(source, error, match):
+    link = fake_link(source)
+    with pytest.raises(error, match=match) as err:
+        link.status()
+    assert link.transport.t <= TIMEOUT + BYTE_TIME and len(str(err.value)) < MESSAGE_MAX
+
+
+def test_a_bogus_huge_length_is_neither_waited_for_nor_buffered():
+    link = fake_link(itertools.chain(b"\x55\x81\xff\xff", itertools.cycle(GARBAGE)))
+    with pytest.raises(BoardError, match="length 65535 is over the 256-byte limit") as err:
+        link.status()
+    assert sum(link.transport.reads) <= 8 and link.transport.t < 10 * BYTE_TIME
+    assert len(str(err.value)) < MESSAGE_MAX
+    link.max_payload = 16                                    # a board's smaller max payload bounds it too
+    with pytest.raises(BoardError, match="length 17 is over the 16-byte limit"):
+        BoardLink(FakeLine(b"\x55\x81\x11\x00" + bytes(21)), timeout=TIMEOUT, max_payload=16).status()
+
+
+def test_a_valid_reply_after_garbage_is_read_and_nothing_past_it():
+    after = encode_frame(Cmd.CHECKSUM | host.REPLY_BIT, CHECKSUM_PAYLOAD)
+    link = fake_link(bytes(GARBAGE[:100]) + encode_frame(Cmd.STATUS | host.REPLY_BIT, STATUS_PAYLOAD) + after)
+    assert link.status() == STATUS
+    assert link.checksum() == (1234, 0xDEADBEEF)             # the second frame was left in the line
+
+
+def test_resync_drains_a_line_and_gives_up_on_one_that_never_goes_quiet():
+    assert fake_link(GARBAGE[:10]).resync() == GARBAGE[:10]
+    link = fake_link(itertools.cycle(GARBAGE))
+    with pytest.raises(BoardTimeout, match=r"not quiet for 0.0125 s within 0.0625 s "
+                                           r"\(\d+ bytes discarded") as err:
+        link.resync()
+    assert link.transport.t <= TIMEOUT + TIMEOUT / 4 + BYTE_TIME and len(str(err.value)) < MESSAGE_MAX
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0.0, -1.0, "soon"])
+def test_a_timeout_that_could_hang_is_refused(timeout):
+    with pytest.raises(ValueError, match="the reply timeout must be a"):
+        BoardLink(FakeLine(), timeout=timeout)
+    link = BoardLink(FakeLine())
+    with pytest.raises(ValueError, match="the reply timeout must be a"):
+        link.timeout = timeout
+
+
+# -- short and malformed replies -----------------------------------------------------------
+def ok(cmd, payload=b""):
+    return encode_frame(cmd | host.REPLY_BIT, payload)
+
+
+def err_frame(payload):
+    return encode_frame(host.ERROR_REPLY, payload)
+
+
+MALFORMED = {   # name: (command, its reply bytes, message)
+    "status-short": (Cmd.STATUS, ok(Cmd.STATUS, STATUS_PAYLOAD[:11]),
+                     "malformed STATUS reply from the board: 11 payload bytes .*expected 12"),
+    "status-long": (Cmd.STATUS, ok(Cmd.STATUS, STATUS_PAYLOAD + b"\x00"), "malformed STATUS reply.*13 payload"),
+    "status-empty": (Cmd.STATUS, ok(Cmd.STATUS), r"malformed STATUS reply.*0 payload bytes \(empty\)"),
+    "checksum-short": (Cmd.CHECKSUM, ok(Cmd.CHECKSUM, CHECKSUM_PAYLOAD[:7]),
+                       "malformed CHECKSUM reply.*7 payload bytes .*expected 8"),
+    "checksum-long": (Cmd.CHECKSUM, ok(Cmd.CHECKSUM, CHECKSUM_PAYLOAD + b"\x00"),
+                      "malformed CHECKSUM.*9 payload"),
+    "offset-with-payload": (Cmd.OFFSET, ok(Cmd.OFFSET, b"\x01"), "malformed OFFSET reply.*expected 0"),
+    "error-empty": (Cmd.STATUS, err_frame(b""),
+                    r"malformed error reply from the board: 0 payload bytes \(empty\)"),
+    "error-1-byte": (Cmd.STATUS, err_frame(b"\x01"),
+                     r"malformed error reply.*1 payload bytes \(01\), expected 2"),
+    "error-3-bytes": (Cmd.STATUS, err_frame(b"\x01\x01\x00"), "malformed error reply.*3 payload bytes"),
+    "error-unknown-code": (Cmd.STATUS, err_frame(b"\x09\x01"),
+                           r"the board replied unknown error code 9 \(frame command 0x01\) to STATUS"),
+    "unknown-reply-type": (Cmd.STATUS, encode_frame(0x42, b"abc"),
+                           "unexpected reply 0x42 to STATUS [(]expected 0x81 or an error reply[)]"),
+    "reply-to-another-command": (Cmd.STATUS, ok(Cmd.CHECKSUM, CHECKSUM_PAYLOAD),
+                                 "unexpected reply 0x85 to STATUS"),
+    "request-echoed": (Cmd.CHECKSUM, encode_frame(Cmd.CHECKSUM, b"\x00"), "unexpected reply 0x05 to CHECKSUM"),
+}
+
+
+def call(link, cmd):
+    """The command as bringup.run_board uses it (decoded), its request already sent."""
+    if cmd == Cmd.STATUS:
+        return Status(*struct.unpack(host.STATUS_FORMAT, link.reply(cmd)))
+    if cmd == Cmd.CHECKSUM:
+        return struct.unpack(host.CHECKSUM_FORMAT, link.reply(cmd))
+    return link.reply(cmd)
+
+
+@pytest.fixture
+def loop_link():
+    """pyserial's loop:// port (what is written comes back) behind the real SerialTransport."""
+    transport = SerialTransport("loop://")
+    yield BoardLink(transport, timeout=0.2)
+    transport.close()
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_malformed_reply_is_a_board_error_naming_it(name, loop_link):
+    cmd, reply, match = MALFORMED[name]
+    link = fake_link(reply)
+    with pytest.raises(BoardError, match=match):
+        call(link, cmd)
+    loop_link.transport.write(reply)                         # over a serial port: the same error
+    with pytest.raises(BoardError, match=match):
+        call(loop_link, cmd)
+
+
+def test_the_typed_commands_check_their_reply_length():
+    with pytest.raises(BoardError, match="malformed STATUS reply"):
+        fake_link(ok(Cmd.STATUS, STATUS_PAYLOAD[:3])).status()
+    with pytest.raises(BoardError, match="malformed CHECKSUM reply"):
+        fake_link(ok(Cmd.CHECKSUM, b"")).checksum()
+
+
+def test_error_reply_checks_its_payload():
+    assert fake_link(err_frame(b"\x06\x00")).error_reply() == Err.GARBAGE
+    for payload, match in [(b"", "malformed error reply"), (b"\x06", "malformed error reply"),
+                           (b"\x63\x00", "unknown code 99")]:
+        with pytest.raises(BoardError, match=match):
+            fake_link(err_frame(payload)).error_reply()
+
+
+def test_a_loop_port_that_echoes_the_request_is_out_of_step(loop_link):
+    """Over loop:// the host reads its own STATUS request back: a clean error, not a hang."""
+    with pytest.raises(BoardError, match="unexpected reply 0x01 to STATUS"):
+        loop_link.status()
+
+
+# -- a real pseudo-terminal fed forever -------------------------------------------------------
+@pytest.mark.parametrize("chunks, error, match", [
+    (itertools.repeat(GARBAGE[:64]), BoardTimeout, r"no reply from the board within 0.3 s .*more\)"),
+    (itertools.chain([b"\x55\x81\xff\xff"], itertools.repeat(GARBAGE[:64])), BoardError, "length 65535"),
+], ids=["garbage-forever", "huge-length-then-garbage"])
+def test_a_serial_port_sending_forever_ends_within_the_timeout(chunks, error, match):
+    with fed_pty(chunks) as (port, start):
+        transport = SerialTransport(port)
+        try:
+            link = BoardLink(transport, timeout=0.3)
+            start()
+            t0 = time.monotonic()
+            with pytest.raises(error, match=match) as err:
+                link.status()
+            took = time.monotonic() - t0
+        finally:
+            transport.close()
+    assert took < 0.3 + SerialTransport.READ_GRANULARITY + 0.25         # slack for a loaded machine
+    assert len(str(err.value)) < MESSAGE_MAX
+
+
+@pytest.mark.parametrize("baud", [2**31, 10**30, -5])
+def test_a_baud_the_port_refuses_is_an_os_error_naming_it(baud):
+    master, slave = os.openpty()
+    try:
+        with pytest.raises(OSError, match=rf"cannot open serial port .*: baud rate {baud} \(--baud\)"):
+            SerialTransport(os.ttyname(slave), baud)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+# -- fuzz: arbitrary bytes as replies ---------------------------------------------------------
+REPLIES = {Cmd.STATUS: (STATUS_PAYLOAD, STATUS), Cmd.CHECKSUM: (CHECKSUM_PAYLOAD, (1234, 0xDEADBEEF)),
+           Cmd.OFFSET: (b"", None)}
+
+
+def run_command(link, cmd):
+    if cmd == Cmd.STATUS:
+        return link.status()
+    if cmd == Cmd.CHECKSUM:
+        return link.checksum()
+    return link.set_offset(-3)
+
+
+def outcome(data: bytes, cmd, endless: bool):
+    """What the host makes of ``data`` as the reply to ``cmd`` (repeated forever when ``endless``)."""
+    line = FakeLine(itertools.cycle(data) if endless and data else data)
+    link = BoardLink(line, timeout=TIMEOUT)
+    try:
+        result = ("ok", run_command(link, cmd))
+    except (BoardError, BoardTimeout) as err:
+        assert str(err) and len(str(err)) < MESSAGE_MAX and "\n" not in str(err)
+        result = ("error", type(err).__name__)
+    assert line.t <= TIMEOUT + BYTE_TIME                     # never longer than the timeout
+    return result
+
+
+@pytest.mark.fuzz
+@fuzz(1500)
+@given(data=st.binary(max_size=80), cmd=st.sampled_from(list(REPLIES)), endless=st.booleans())
+def test_fuzz_arbitrary_bytes_as_a_reply(data, cmd, endless):
+    kind, value = outcome(data, cmd, endless)
+    if kind == "ok":                                         # only a valid frame gives a result, the right one
+        payload, expected = REPLIES[cmd]
+        assert value == expected and ok(cmd, payload) in data
+
+
+@pytest.mark.fuzz
+@fuzz(1500)
+@given(cmd=st.sampled_from(list(REPLIES)), garbage=st.binary(max_size=40), tail=st.binary(max_size=20),
+       cut=st.integers(0, 30), flip=st.tuples(st.integers(0, 30), st.integers(1, 255)) | st.none(),
+       endless=st.booleans())
+def test_fuzz_damaged_replies_never_give_a_different_result(cmd, garbage, tail, cut, flip, endless):
+    """The right reply after garbage, then cut short or with one byte changed: the right result or
+    a clean error; a clean line (no start byte in the garbage, the frame intact) gives the right result."""
+    payload, expected = REPLIES[cmd]
+    frame = bytearray(ok(cmd, payload))
+    if flip is not None:
+        frame[flip[0] % len(frame)] ^= flip[1]
+    frame = bytes(frame[:len(frame) - cut % len(frame)] if cut else frame)
+    kind, value = outcome(garbage + frame + tail, cmd, endless)
+    intact = frame == ok(cmd, payload)
+    if kind == "ok":
+        assert value == expected
+    if intact and host.START not in garbage:                 # a clean line: it must be read right
+        assert (kind, value) == ("ok", expected)

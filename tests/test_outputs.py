@@ -1,0 +1,294 @@
+"""Outputs never destroy inputs (golden.artifact): every writing command refuses, before any work,
+a target that is one of its inputs (through symbolic and hard links) or that exists and is not a
+regular file; a writer killed at any point leaves the old target intact, no partial file under the
+final name, and no temporary file once the next write to that target has run."""
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from sop.cli import main
+from sop.golden import artifact as G
+
+LAYER = "blk.0.fc.weight"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A toy checkpoint, its .sopq artifact and an eval JSON, made through the CLI."""
+    d = tmp_path_factory.mktemp("outputs")
+    rng = np.random.default_rng(7)
+    ckpt = d / "toy.safetensors"
+    save_file({LAYER: (rng.standard_normal((16, 64)) * 0.02).astype(np.float32)}, str(ckpt))
+    sopq, js = d / "toy.sopq", d / "toy.json"
+    assert main(["quantize", str(ckpt), "--format", "sop4-g16", "--out", str(sopq), "--quiet"]) == 0
+    assert main(["eval", str(ckpt), "--format", "sop4-g16", "--json", str(js), "--quiet"]) == 0
+    return {"ckpt": ckpt, "sopq": sopq, "json": js}
+
+
+def snapshot(paths) -> dict:
+    return {p: (Path(p).read_bytes(), os.stat(p).st_ino) for p in paths}
+
+
+def commands(f, out):
+    """Every writing command, with ``out`` as its output."""
+    return {
+        "quantize": ["quantize", str(f["ckpt"]), "--format", "sop4-g16", "--out", str(out), "--quiet"],
+        "dequantize": ["dequantize", str(f["sopq"]), "--out", str(out), "--quiet"],
+        "eval": ["eval", str(f["ckpt"]), "--format", "sop4-g16", "--json", str(out), "--quiet"],
+        "report": ["report", str(f["json"]), "--out", str(out)],
+    }
+
+
+def refused(capsys, argv, *phrases) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop: error: ") and "\n" not in err, err
+    for p in phrases:
+        assert p in err, err
+    return err
+
+
+# -- the output is an input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link"])
+@pytest.mark.parametrize("cmd", ["quantize", "dequantize", "eval"])
+def test_an_output_that_is_an_input_is_refused(files, tmp_path, capsys, cmd, how):
+    src = {"quantize": files["ckpt"], "eval": files["ckpt"], "dequantize": files["sopq"]}[cmd]
+    out = src
+    if how != "same path":
+        out = tmp_path / f"alias{src.suffix}"
+        (os.symlink if how == "symlink" else os.link)(src, out)
+    before = snapshot([src])
+    refused(capsys, commands(files, out)[cmd], "is the input", "refusing to overwrite an input")
+    assert snapshot([src]) == before
+
+
+def test_report_outputs_that_are_its_input_are_refused(files, tmp_path, capsys):
+    alias = tmp_path / "r.md"
+    os.link(files["json"], alias)                  # r.md would be written over the JSON
+    before = snapshot([files["json"]])
+    refused(capsys, ["report", str(files["json"]), "--out", str(tmp_path / "r")], "is the input")
+    assert snapshot([files["json"]]) == before
+
+
+def test_vector_files_that_are_an_input_are_refused(files, tmp_path, capsys):
+    out = tmp_path / "vec"
+    out.mkdir()
+    os.link(files["ckpt"], out / "vectors.json")
+    before = snapshot([files["ckpt"]])
+    refused(capsys, ["vectors", str(files["ckpt"]), "--format", "sop4-g16", "--out", str(out)],
+            "vectors.json", "is the input")
+    assert snapshot([files["ckpt"]]) == before
+
+
+def test_an_output_in_the_input_folder_under_another_name_is_allowed(files, tmp_path):
+    """The check is on the file, not the folder: a new name beside the input is fine."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.link(files["ckpt"], folder / "model.safetensors")
+    assert main(["quantize", str(folder), "--format", "sop4-g16", "--out", str(folder / "q.sopq"),
+                 "--quiet"]) == 0
+    assert (folder / "q.sopq").stat().st_size > 0
+
+
+# -- targets that are not regular files -----------------------------------------------------------------
+
+def make_target(kind: str, tmp_path: Path):
+    """(path, a check that the thing is still there as it was, something to close)."""
+    if kind == "device":
+        return Path("/dev/null"), lambda: stat.S_ISCHR(os.stat("/dev/null").st_mode), None
+    path = tmp_path / f"target-{kind}"
+    closer = None
+    if kind == "fifo":
+        os.mkfifo(path)
+        check = lambda: stat.S_ISFIFO(os.lstat(path).st_mode)        # noqa: E731
+    elif kind == "socket":
+        closer = socket.socket(socket.AF_UNIX)
+        closer.bind(str(path))
+        check = lambda: stat.S_ISSOCK(os.lstat(path).st_mode)        # noqa: E731
+    elif kind == "folder":
+        path.mkdir()
+        (path / "keep").write_text("x")
+        check = lambda: path.is_dir() and (path / "keep").read_text() == "x"  # noqa: E731
+    elif kind == "symlink to a device":
+        os.symlink("/dev/null", path)
+        check = lambda: path.is_symlink() and stat.S_ISCHR(os.stat(path).st_mode)  # noqa: E731
+    return path, check, closer
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "socket", "folder", "symlink to a device"])
+@pytest.mark.parametrize("cmd", ["quantize", "dequantize", "eval"])
+def test_a_target_that_is_not_a_regular_file_is_never_replaced(files, tmp_path, capsys, cmd, kind):
+    path, intact, closer = make_target(kind, tmp_path)
+    try:
+        what = {"device": "a character device", "fifo": "a FIFO", "socket": "a socket", "folder": "a folder",
+                "symlink to a device": "a character device"}[kind]
+        refused(capsys, commands(files, path)[cmd], f"exists and is {what}", "refusing to replace it")
+        assert intact()
+    finally:
+        if closer is not None:
+            closer.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_report_never_replaces_a_non_regular_file(files, tmp_path, capsys, kind):
+    path, intact, _ = make_target(kind, tmp_path)
+    md = path.with_name("r.md")
+    os.rename(path, md)
+    refused(capsys, ["report", str(files["json"]), "--out", str(tmp_path / "r")], "r.md", "refusing")
+    assert md.is_dir() if kind == "folder" else stat.S_ISFIFO(os.lstat(md).st_mode)
+    assert not (tmp_path / "r.png").exists()                  # refused before any output
+
+
+def test_the_writer_itself_refuses_a_device(tmp_path):
+    """Every writer of the project goes through atomic_output, which refuses too (not only the CLI)."""
+    with pytest.raises(G.OutputError, match="character device"):
+        G.write_atomic("/dev/null", b"data")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_symlinked_target_is_written_through_the_link(tmp_path):
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    os.symlink(real, link)
+    G.write_atomic(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+
+
+def test_an_output_under_a_file_is_a_clear_error(files, capsys):
+    refused(capsys, commands(files, files["ckpt"] / "x.sopq")["quantize"], str(files["ckpt"]))
+
+
+def test_an_output_folder_that_is_a_file_is_refused(files, tmp_path, capsys):
+    f = tmp_path / "plain"
+    f.write_text("keep")
+    refused(capsys, ["vectors", str(files["ckpt"]), "--format", "sop4-g16", "--out", str(f)], "not a folder")
+    assert f.read_text() == "keep"
+
+
+# -- killed writers --------------------------------------------------------------------------------------
+
+WRITER = r"""
+import sys, time
+from sop.golden.artifact import atomic_output, signals_as_interrupts
+path, hold = sys.argv[1], sys.argv[2]
+
+
+def stage(name):                 # say where the writer is; wait there to be killed if asked to
+    print(name, flush=True)
+    if name == hold:
+        time.sleep(60)
+
+
+with signals_as_interrupts():
+    stage("open")
+    with atomic_output(path) as f:
+        for i in range(3):
+            f.write(bytes([65 + i]) * 65536)
+            f.flush()
+            stage(f"chunk {i}")
+print("done", flush=True)
+"""
+
+
+def run_writer(target: Path, hold: str = "") -> subprocess.Popen:
+    """The writer, stopping for a minute at stage ``hold`` (none: it runs to the end)."""
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(target), hold], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def temps(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*" + G.TEMP_SUFFIX))
+
+
+def wait_for(proc: subprocess.Popen, line: str) -> None:
+    for got in proc.stdout:                         # the writer prints each stage, then sleeps
+        if got.strip() == line:
+            return
+    raise AssertionError(f"the writer ended before {line!r}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("stage", ["open", "chunk 0", "chunk 2"])
+def test_a_killed_writer_never_leaves_a_partial_file(tmp_path, sig, stage):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"the old target")
+    proc = run_writer(target, hold=stage)
+    try:
+        wait_for(proc, stage)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) != 0
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert target.read_bytes() == b"the old target"
+    assert sorted(tmp_path.iterdir()) == sorted([target, *temps(tmp_path)])
+    if sig == signal.SIGKILL:
+        assert len(temps(tmp_path)) == (0 if stage == "open" else 1)   # nothing ran to remove it
+    else:
+        assert temps(tmp_path) == []                                      # removed on the way out
+    proc = run_writer(target)                                              # the next write, to the end
+    assert proc.wait(timeout=60) == 0
+    proc.stdout.close()
+    assert target.read_bytes() == b"A" * 65536 + b"B" * 65536 + b"C" * 65536
+    assert temps(tmp_path) == []
+
+
+def test_a_running_writers_temporary_file_is_left_alone(tmp_path):
+    """Reclaiming removes only the files of dead processes: a concurrent writer keeps its own."""
+    target = tmp_path / "out.bin"
+    proc = run_writer(target, hold="chunk 0")
+    try:
+        wait_for(proc, "chunk 0")
+        live = temps(tmp_path)
+        assert len(live) == 1
+        G.write_atomic(target, b"other")
+        assert temps(tmp_path) == live and target.read_bytes() == b"other"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_the_cli_interrupted_by_sigterm_removes_its_temporary_files(files, tmp_path):
+    """`sop quantize` on the real MiniLM, terminated mid-run: message, exit 143, no file left."""
+    out = tmp_path / "m.sopq"
+    proc = subprocess.Popen([sys.executable, "-m", "sop.cli", "quantize", "minilm", "--format", "sop4-g16",
+                             "--out", str(out), "--no-calib"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not temps(tmp_path) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)                       # the records spool exists: the run is writing
+        assert temps(tmp_path), "the run never started writing"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert rc == 128 + signal.SIGTERM, err
+    assert "sop: interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_temporary_file_of_a_dead_process_is_reclaimed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".out.bin.{pid}-abc{G.TEMP_SUFFIX}"
+    other = tmp_path / f".other.bin.{pid}-abc{G.TEMP_SUFFIX}"       # another target's: not ours to take
+    stale.write_bytes(b"partial")
+    other.write_bytes(b"partial")
+    G.write_atomic(tmp_path / "out.bin", b"x")
+    assert not stale.exists() and other.exists()
