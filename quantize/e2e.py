@@ -57,7 +57,11 @@ class Bert:
             self.params.update({k: v.float() for k, v in load_file(str(f)).items()})
         if not self.params:
             raise ValueError(f"{folder}: no safetensors weights")
-        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        except Exception as err:            # noqa: BLE001 - the tokenizers library raises bare Exception
+            raise ValueError(f"{self.folder / 'tokenizer.json'}: not a tokenizer the `tokenizers` "
+                             f"library can load ({' '.join(str(err).split())[:200]})") from None
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")      # pad to the longest in the batch
         if self.tokenizer.truncation is None:
             self.tokenizer.enable_truncation(max_length=int(cfg.get("max_position_embeddings", 512)))

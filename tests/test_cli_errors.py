@@ -182,3 +182,15 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 def test_a_usage_error_is_one_line(capsys):
     err = one_error_line(capsys, ["eval"])
     assert err.startswith("sop: error: sop eval: ") and "required" in err
+
+
+def test_a_tokenizer_the_library_cannot_load_is_one_line(tmp_path, capsys):
+    """A BERT folder whose tokenizer.json is JSON but no tokenizer: the forward pass cannot start."""
+    from sop.quantize.models import minilm_folder
+
+    src = minilm_folder()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(src / name, tmp_path / name)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')
+    err = one_error_line(capsys, ["eval", str(tmp_path), "--format", "nvfp4", "--quiet"])
+    assert "tokenizer.json: not a tokenizer the `tokenizers` library can load" in err
