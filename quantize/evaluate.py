@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.artifact import write_atomic
-from sop.golden.formats import to_float32
+from sop.golden.formats import FLOAT32_MAX, to_float32
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.formats import get_quant_format
@@ -53,7 +53,6 @@ from sop.quantize.models import open_model
 NAN_POLICIES = ("error", "zero")
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)      # the smallest normal float32, 2^-126
 
 

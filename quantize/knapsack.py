@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sop.golden.decoder import decode_layer
 from sop.golden.layout import Sparse
 from sop.quantize.baselines import fp8_e4m3_pot
 
@@ -222,16 +223,27 @@ class BudgetResult:
 
 @dataclass
 class LayerOptions:
-    """Every layer's options, quantized once: reusable for several budgets."""
+    """Every layer's options, measured once: reusable for several budgets.
+
+    Only what the knapsack needs is kept per option (its bits and error, and the sparse
+    entries of a sparse option, a few bytes each), not its reconstruction: of an SOP base
+    (a stream without sparse entries) the result less its reconstruction is kept (the
+    stream, under a byte per weight), and ``result`` decodes the stream again
+    (``golden.decoder.decode_layer``, which the encoder's reconstruction equals bit for
+    bit) into the dtype the quantizer gave; any other base (FP8) is quantized again (the
+    quantizers are deterministic: the same result, bit for bit). Then the kept entries
+    are added."""
 
     names: list[str]                     # layer names, in order
     parsed: list[tuple[str, str, float]] # (option name, base format, sparse density)
     costs: list[list[tuple[int, float]]] # per layer, per option: (bits, weighted error)
-    bases: dict[str, dict[str, QuantResult]]
     layers: dict
     #: (layer, option) -> the sparse entries of that option (a few bytes per entry), so that
     #: ``result`` does not search the residuals again
     entries: dict = field(default_factory=dict)
+    sop4_kw: dict = field(default_factory=dict)
+    #: (layer, base) -> (the base result without its reconstruction, the reconstruction's dtype)
+    streams: dict = field(default_factory=dict)
 
     @property
     def n_weights(self) -> int:
@@ -240,31 +252,44 @@ class LayerOptions:
     def result(self, layer: str, option: int) -> QuantResult:
         w, act_ms = self.layers[layer]
         _, base, density = self.parsed[option]
-        return _with_sparse(self.bases[layer][base], _float(w), act_ms, density,
-                            self.entries.get((layer, option)))
+        w = _float(w)
+        kept = self.streams.get((layer, base))
+        if kept is None:
+            res = _base_result(base, w, act_ms, layer, self.sop4_kw)
+        else:
+            res, dtype = kept
+            recon = decode_layer(res.stream, dest=np.empty((res.stream.rows, res.stream.cols), dtype=dtype))
+            res = dataclasses.replace(res, recon=recon, extra=dict(res.extra))
+        return _with_sparse(res, w, act_ms, density, self.entries.get((layer, option)))
 
 
 def layer_options(layers: dict, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None) -> LayerOptions:
-    """Quantize every layer in every option's base format once and measure each option's
-    bits and activation-weighted error (sparse variants are derived from the base stream)."""
+    """Quantize every layer in every option's base format and measure each option's bits and
+    activation-weighted error (sparse variants are derived from the base stream). One base
+    result is held at a time: each base format's options are measured, then it is dropped."""
     parsed = [(o, *parse_option(o)) for o in options]
     sop4_kw = dict(sop4_kw or {})
-    costs, bases, entries = [], {}, {}
+    bases = list(dict.fromkeys(base for _, base, _ in parsed))   # in order of first use
+    costs, entries, streams = [], {}, {}
     for lname, (w, act_ms) in layers.items():
         w = _float(w)                       # float32 stays (the quantizers cast chunks, exactly)
-        mine = {}
-        row = []
-        for i, (oname, base, density) in enumerate(parsed):
-            if base not in mine:
-                mine[base] = _base_result(base, w, act_ms, lname, sop4_kw)
-            res = _with_sparse(mine[base], w, act_ms, density)
-            if density > 0:
-                entries[(lname, i)] = res.stream.sparse
-            row.append((res.bits, weighted_error(w, res.recon, act_ms)))
-            del res
+        row = [None] * len(parsed)
+        for base in bases:
+            base_res = _base_result(base, w, act_ms, lname, sop4_kw)
+            for i, (oname, b, density) in enumerate(parsed):
+                if b != base:
+                    continue
+                res = _with_sparse(base_res, w, act_ms, density)
+                if density > 0:
+                    entries[(lname, i)] = res.stream.sparse
+                row[i] = (res.bits, weighted_error(w, res.recon, act_ms))
+                del res
+            st = base_res.stream
+            if st is not None and not len(st.sparse) and base_res.recon.shape == (st.rows, st.cols):
+                streams[(lname, base)] = (dataclasses.replace(base_res, recon=None), base_res.recon.dtype)
+            del base_res
         costs.append(row)
-        bases[lname] = mine
-    return LayerOptions(list(layers), parsed, costs, bases, layers, entries)
+    return LayerOptions(list(layers), parsed, costs, layers, entries, sop4_kw, streams)
 
 
 def quantize_budget(layers: dict, budget_bpw: float, options=DEFAULT_OPTIONS,
