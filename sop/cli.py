@@ -346,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.func(args)
         except KeyboardInterrupt as sig:
-            print(f"sop: interrupted ({getattr(sig, 'name', 'SIGINT')}); no output was written "
-                  f"or replaced", file=sys.stderr)
+            # every file is written whole or not at all, so none is left half-written
+            print(f"sop: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left",
+                  file=sys.stderr)
             return 128 + getattr(sig, "number", signal.SIGINT)
         except (ValueError, OSError) as err:
             print(f"sop: error: {_one_line(err)}", file=sys.stderr)

@@ -176,7 +176,7 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "cmd_formats", interrupted)
     assert main(["formats"]) == 130
-    assert capsys.readouterr().err.strip() == "sop: interrupted (SIGINT); no output was written or replaced"
+    assert capsys.readouterr().err.strip() == "sop: interrupted (SIGINT); no partial file was left"
 
 
 def test_a_usage_error_is_one_line(capsys):
