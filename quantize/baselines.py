@@ -60,7 +60,7 @@ import numpy as np
 
 from sop.golden.codebooks import NF4_VALUES
 from sop.golden.formats import get_format, round_to_table
-from sop.quantize.blockwise import as_weights, run_chunks
+from sop.quantize.blockwise import as_weights, row_slices, run_chunks
 from sop.quantize.result import QuantResult
 
 FP32_BITS = 32
@@ -102,9 +102,7 @@ CHUNK_WEIGHTS = 1 << 16
 def _row_chunks(w: np.ndarray) -> list[slice]:
     """Row slices of about CHUNK_WEIGHTS weights (one empty slice for a layer without rows,
     so that the per-chunk code still runs and gives its outputs their dtypes)."""
-    rows = w.shape[0]
-    step = max(1, CHUNK_WEIGHTS // max(1, w.shape[1]))
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)] or [slice(0, 0)]
+    return row_slices(w.shape[0], w.shape[1], CHUNK_WEIGHTS) or [slice(0, 0)]
 
 
 def _f64(x: np.ndarray) -> np.ndarray:

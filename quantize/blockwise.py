@@ -62,13 +62,25 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _MAX_GRID = 1 << 20
 
 
+def float_weights(w) -> np.ndarray:
+    """``w`` as a float array without a copy where it is one already: float16, float32 and
+    float64 stay as they are (every consumer casts chunks to float64, which is exact),
+    anything else becomes float64."""
+    w = np.asarray(w)
+    return w if w.dtype.kind == "f" and w.dtype.itemsize <= 8 else np.asarray(w, dtype=np.float64)
+
+
+def row_slices(rows: int, cols: int, chunk: int = CHUNK_WEIGHTS) -> list[slice]:
+    """Row slices of a ``rows x cols`` array, about ``chunk`` elements each (at least one row)."""
+    step = max(1, chunk // max(1, cols))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
 def as_weights(name: str, w, group: int) -> np.ndarray:
     """``w`` as a 2-D float array whose values are finite and whose width is a multiple of
     ``group``, checked row chunk by row chunk (no float64 copy). A float32 or float16 layer stays so: callers cast
     each chunk to float64 (exact), so the results are those of the float64 copy."""
-    w = np.asarray(w)
-    if w.dtype.kind != "f" or w.dtype.itemsize > 8:
-        w = np.asarray(w, dtype=np.float64)
+    w = float_weights(w)
     if w.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D weight matrix, got shape {w.shape}")
     step = max(1, CHUNK_WEIGHTS // max(1, w.shape[1]))
@@ -254,9 +266,7 @@ class Prepared:
 
     def chunks_for(self, candidates: int = 1) -> list[slice]:
         """Row slices of about CHUNK_WEIGHTS / candidates weights each."""
-        rows = self.blocks.shape[0]
-        step = max(1, CHUNK_WEIGHTS // max(1, candidates * self.w.shape[1]))
-        return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+        return row_slices(self.blocks.shape[0], candidates * self.w.shape[1])
 
 
 def prepare(w, layout: BlockLayout, col_weight=None, name: str = "layer") -> Prepared:
@@ -647,7 +657,7 @@ def assemble(prep: Prepared, evals: list[BankEval], select: np.ndarray | None = 
 
     run_chunks(work, prep.chunks_for(1))
     blocks = bytes(packed) if fast else pack_blocks_fast(lay, headers, all_codes.reshape(-1, g))
-    del packed, all_codes, headers
+    packed = all_codes = headers = None         # freed before the stream is built
     luts = np.stack([ev.cb.hif_codes.astype(np.int64) for ev in evals])
     stream = LayerStream(lay, hif, luts, offset, rows, cols, blocks)
     if not full:

@@ -47,7 +47,7 @@ from sop.golden.formats import FLOAT32_MAX, to_float32
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.formats import get_quant_format
-from sop.quantize.metrics import ErrorStats, aggregate
+from sop.quantize.metrics import ErrorStats, abs_max, aggregate
 from sop.quantize.models import open_model
 
 NAN_POLICIES = ("error", "zero")
@@ -72,7 +72,7 @@ def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarra
         raise ValueError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
                          f"--nan-policy zero replaces them with 0")
     w = np.where(bad, 0.0, w) if n else w
-    peak = max(float(w.max()), -float(w.min())) if w.size else 0.0
+    peak = abs_max(w)
     if peak > FLOAT32_MAX:
         r, c = (int(i) for i in np.argwhere(np.abs(w) > FLOAT32_MAX)[0])
         raise ValueError(f"{name}: weight {w[r, c]:.6g} at row {r}, column {c} is beyond float32's range "

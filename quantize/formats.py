@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from sop.quantize import baselines as B
+from sop.quantize.blockwise import float_weights
 from sop.quantize.result import QuantResult
 
 SOP_SEARCH_MODULE = "sop.quantize.sop_search"
@@ -85,16 +86,10 @@ def sop_search_available() -> bool:
     return _sop_search() is not None
 
 
-def _float(w) -> np.ndarray:
-    """``w`` as a float array without a copy where it is one already (float32 is kept)."""
-    w = np.asarray(w)
-    return w if w.dtype.kind == "f" and w.dtype.itemsize <= 8 else np.asarray(w, dtype=np.float64)
-
-
 def _pad_call(fn, group: int, w, act_ms, **kw) -> QuantResult:
     """Call a block quantizer on the zero-padded matrix; crop the reconstruction back.
     A float32 layer stays float32 (the quantizers cast chunks to float64, exactly)."""
-    w = _float(w)
+    w = float_weights(w)
     cols = w.shape[1]
     wp = B.pad_to_block(w, group)
     if act_ms is not None and wp.shape[1] != cols:
@@ -160,7 +155,7 @@ def quantize_sop_budget(layers: dict, budget: float | None, **kw):
         raise
     cols, padded = {}, {}
     for name, (w, act_ms) in layers.items():           # the padding rule, as for the other SOP points
-        w = _float(w)
+        w = float_weights(w)
         cols[name] = w.shape[1]
         wp = B.pad_to_block(w, 16)
         if act_ms is not None and wp.shape[1] != w.shape[1]:

@@ -44,6 +44,7 @@ from sop.golden.decoder import decode_layer
 from sop.golden.layout import Sparse
 from sop.quantize.baselines import fp8_e4m3_pot
 
+from .blockwise import float_weights
 from .result import QuantResult
 from .sop_search import StreamSums, quantize_fp6, quantize_sop4
 from .sparse import add_sparse, apply_sparse
@@ -147,13 +148,6 @@ def parse_option(name: str) -> tuple[str, float]:
     return m["base"], float(m["pct"] or 0) / 100
 
 
-def _float(w) -> np.ndarray:
-    """``w`` as a float array, without a float64 copy where it is one already (float32 stays:
-    every consumer casts chunks to float64, exactly)."""
-    w = np.asarray(w)
-    return w if w.dtype.kind == "f" and w.dtype.itemsize <= 8 else np.asarray(w, dtype=np.float64)
-
-
 #: Weights per row chunk of ``weighted_error``.
 CHUNK_WEIGHTS = 1 << 18
 
@@ -252,7 +246,7 @@ class LayerOptions:
     def result(self, layer: str, option: int) -> QuantResult:
         w, act_ms = self.layers[layer]
         _, base, density = self.parsed[option]
-        w = _float(w)
+        w = float_weights(w)
         kept = self.streams.get((layer, base))
         if kept is None:
             res = _base_result(base, w, act_ms, layer, self.sop4_kw)
@@ -272,7 +266,7 @@ def layer_options(layers: dict, options=DEFAULT_OPTIONS, sop4_kw: dict | None = 
     bases = list(dict.fromkeys(base for _, base, _ in parsed))   # in order of first use
     costs, entries, streams = [], {}, {}
     for lname, (w, act_ms) in layers.items():
-        w = _float(w)                       # float32 stays (the quantizers cast chunks, exactly)
+        w = float_weights(w)                       # float32 stays (the quantizers cast chunks, exactly)
         row = [None] * len(parsed)
         for base in bases:
             base_res = _base_result(base, w, act_ms, lname, sop4_kw)

@@ -64,7 +64,7 @@ class ErrorStats:
         w2 = w.reshape(-1, w.shape[-1]) if w.ndim else w.reshape(1, 1)
         q2 = q.reshape(w2.shape)
         # The power of two 2^k above every magnitude: scaling by 2^-k is exact.
-        peak = max(_abs_max(w2), _abs_max(q2))
+        peak = max(abs_max(w2), abs_max(q2))
         if not math.isfinite(peak):
             raise RuntimeError("a weight or its reconstruction is not finite: the quantizer must not "
                                "produce one (a bug)")
@@ -120,7 +120,7 @@ class ErrorStats:
                 "max_abs_err": self.max_abs_err}
 
 
-def _abs_max(x: np.ndarray) -> float:
+def abs_max(x: np.ndarray) -> float:
     """max |x| without a temporary the size of ``x`` (NaN if ``x`` holds one)."""
     return max(float(x.max()), -float(x.min())) if x.size else 0.0
 

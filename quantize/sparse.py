@@ -25,6 +25,7 @@ import numpy as np
 
 from sop.golden.formats import get_format
 from sop.golden.layout import LayerStream, Sparse
+from sop.quantize.blockwise import float_weights, row_slices
 
 BF16 = get_format("bf16")
 
@@ -34,9 +35,7 @@ CHUNK_WEIGHTS = 1 << 18
 
 
 def _rows(shape) -> list[slice]:
-    rows, cols = shape
-    step = max(1, CHUNK_WEIGHTS // max(1, cols))
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+    return row_slices(shape[0], shape[1], CHUNK_WEIGHTS)
 
 
 def _energy(w, recon, act, sl) -> tuple[np.ndarray, np.ndarray]:
@@ -82,9 +81,7 @@ def sparse_residuals(w, recon, k: int, act_ms=None) -> Sparse:
     Row chunk by row chunk (a float32 ``w`` stays so): the entries are those of the
     whole-layer ``np.argpartition`` of the energies; where a tie at the k-th largest energy
     makes that choice ambiguous, the whole-layer arrays are built and it is asked."""
-    w = np.asarray(w)
-    if w.dtype.kind != "f" or w.dtype.itemsize > 8:
-        w = np.asarray(w, dtype=np.float64)
+    w = float_weights(w)
     n = w.size
     if k <= 0 or n == 0:
         return Sparse()
