@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sop import toolenv
-from sop.golden.artifact import write_atomic
+from sop.golden.files import write_atomic
 from sop.hdl.config import named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name

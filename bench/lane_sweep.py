@@ -46,7 +46,7 @@ import time
 import numpy as np
 
 from sop import toolenv
-from sop.golden.artifact import write_atomic
+from sop.golden.files import write_atomic
 from sop.golden.layout import named_layouts
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.synth.flow import DEFAULT_OUT, TARGETS, rtl_state, run_many

@@ -47,7 +47,7 @@ CHILD = r"""
 import gc, json, sys, time
 import numpy as np
 import tqdm
-from sop.quantize import artifact, evaluate, formats, knapsack, sop_search, baselines, blockwise, dd4, sparse
+from sop.quantize import artifact, evaluate, schemes, knapsack, sop_search, baselines, blockwise, dd4, sparse
 from sop.golden import decoder
 
 def status(key):

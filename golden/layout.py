@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .artifact import crc32
+from .files import crc32
 from .formats import CodeTable, FloatFormat, get_format
 from .hif import hif_format
 

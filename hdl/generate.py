@@ -23,7 +23,7 @@ from amaranth.back import verilog
 from amaranth.hdl import Shape
 from amaranth.lib import wiring
 
-from sop.golden.artifact import write_atomic
+from sop.golden.files import write_atomic
 
 from .config import DecoderConfig, named_configs
 from .decoder import Decoder

@@ -62,7 +62,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from sop.golden.artifact import InputError, atomic_output, crc32, input_file, temp_file_in
+from sop.golden.files import InputError, atomic_output, crc32, input_file, temp_file_in
 from sop.golden.decoder import decode_layer
 from sop.golden.formats import to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
@@ -70,7 +70,7 @@ from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.evaluate import calibration_for, check_options, jsonable, reporter, sanitize
-from sop.quantize.formats import get_quant_format
+from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.models import open_model
 from sop.quantize.result import QuantResult

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.artifact import write_atomic
+from sop.golden.files import write_atomic
 
 CALIB_VERSION = 1
 N_CALIB = 256

@@ -3,7 +3,7 @@
 ``evaluate(model, formats, ...)`` opens the model (quantize/models.py), gathers
 activation statistics where the model can be run (quantize/calib.py), then for
 each format quantizes every selected layer, one layer at a time, through the
-format registry (quantize/formats.py) and accumulates the metrics of
+format registry (quantize/schemes.py) and accumulates the metrics of
 quantize/metrics.py. A model-level format (``sop-budget``: the knapsack over
 layers under ``budget``) gets every layer at once and is then measured the same
 way. For a model it can run (``minilm``, BERT folders) it also
@@ -42,11 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.artifact import write_atomic
+from sop.golden.files import write_atomic
 from sop.golden.formats import FLOAT32_MAX, to_float32
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
-from sop.quantize.formats import get_quant_format
+from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import ErrorStats, abs_max, aggregate
 from sop.quantize.models import open_model
 

@@ -12,7 +12,7 @@ writes (its schema is in that module's docstring), and writes, next to it
   labeled with its format, the Pareto front drawn as the staircase of the best
   SQNR reachable at each bpw (matplotlib, Agg canvas, no display needed).
 
-Both files are written atomically (golden.artifact.write_atomic).
+Both files are written atomically (golden.files.write_atomic).
 
 **Pareto front** (``pareto_front``): a format is on it when no other format has
 fewer-or-equal bits per weight *and* greater-or-equal SQNR with at least one of
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.artifact import input_file, write_atomic
+from sop.golden.files import input_file, write_atomic
 
 BPW_TOL = 0.01          # default: bit costs this close count as equal on the Pareto front
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from sop.golden import bof4
-from sop.golden.artifact import write_atomic
+from sop.golden.files import write_atomic
 
 OUT = Path(__file__).resolve().parent.parent / "golden" / "data" / "bof4.json"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.artifact import InputError, input_file, write_atomic
+from sop.golden.files import InputError, input_file, write_atomic
 from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS, get_format
 from sop.golden.hif import hif_format
@@ -232,7 +232,7 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
 
     ``rows`` keeps only the first rows of each layer (small, fast vector sets).
     """
-    from sop.golden.artifact import check_output
+    from sop.golden.files import check_output
     from sop.quantize.models import open_model
 
     if rows is not None and rows <= 0:

@@ -33,7 +33,7 @@ import signal
 import sys
 from pathlib import Path
 
-from sop.golden.artifact import OutputError, check_output, signals_as_interrupts
+from sop.golden.files import OutputError, check_output, signals_as_interrupts
 from sop.golden.codebooks import codebook_names, get_codebook
 from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, get_format
 from sop.golden.hif import DEFAULT_HIF
@@ -68,8 +68,8 @@ def formats_doc() -> dict:
 
 
 def _quantizers() -> list[dict]:
-    """Every `sop eval --format` name with its bits per weight (quantize/formats.py)."""
-    from sop.quantize.formats import quant_formats
+    """Every `sop eval --format` name with its bits per weight (quantize/schemes.py)."""
+    from sop.quantize.schemes import quant_formats
 
     return [f.describe() for f in quant_formats().values()]
 
@@ -219,7 +219,7 @@ def cmd_board(args) -> int:
     from sop.synth import bringup, host
 
     # the layer first: a wrong model or layer name is reported without touching the port
-    name, stream = bringup.quantize_layer(args.model, args.format, args.layer, args.rows)
+    name, stream = bringup.model_layer_stream(args.model, args.format, args.layer, args.rows)
     transport = host.SerialTransport(args.port, args.baud)
     try:
         result = bringup.run_board(transport, stream, args.format, name=name, timeout=args.timeout)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.artifact import write_atomic
+from sop.golden.files import write_atomic
 from sop.golden.decoder import decode_layer
 from sop.golden.layout import pack_layer, unpack_layer
 

@@ -5,7 +5,7 @@ behind the board step of ``make sim``, ``python -m sop.synth.bringup --sim``,
 which runs the same host code against the whole board design (UART pins
 included) in amaranth.sim.
 
-* ``quantize_layer(model, fmt, layer, rows)``: (name, golden layer stream) of
+* ``model_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream) of
   one linear layer (or its first ``rows`` rows), as ``sop vectors`` quantizes it.
 * ``run_board(transport, stream, fmt)``: over any byte transport
   (host.SerialTransport for a board, simboard.SimSerial for its simulation):
@@ -155,7 +155,7 @@ def check_status(st: Status, fmt: str) -> DecoderConfig:
     return cfg
 
 
-def quantize_layer(model: str, fmt: str, layer: str | None = None,
+def model_layer_stream(model: str, fmt: str, layer: str | None = None,
                    rows: int | None = None) -> tuple[str, LayerStream]:
     """(name, golden stream) of ``layer`` of ``model`` (default: its first linear layer), first ``rows`` rows."""
     from sop.quantize.models import open_model
@@ -215,7 +215,7 @@ def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=Non
 def simulate(model: str = "minilm", fmt: str = "sop4-g16", layer: str | None = None,
              rows: int | None = SIM_ROWS, board: str = "icebreaker", divisor: int = SIM_DIVISOR) -> BoardResult:
     """``run_board`` on a real layer against the simulated board (simulated time for the throughput)."""
-    name, stream = quantize_layer(model, fmt, layer, rows)
+    name, stream = model_layer_stream(model, fmt, layer, rows)
     port, timeout = sim_board(board, divisor)
     return run_board(port, stream, fmt, name=name, timeout=timeout, clock=port.now)
 

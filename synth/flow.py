@@ -76,7 +76,7 @@ from amaranth.back import verilog
 from amaranth.lib import wiring
 
 from sop import toolenv
-from sop.golden.artifact import write_atomic
+from sop.golden.files import write_atomic
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name

@@ -5,7 +5,7 @@ commands, error codes, the CRC) that the gateware (synth/protocol.py) imports
 too, plus the host:
 
 * ``encode_frame`` / ``read_frame``: frames ``0x55 | cmd | len u16 LE | payload |
-  crc32 LE``, the CRC being zlib's CRC-32 (golden.artifact.crc32) over
+  crc32 LE``, the CRC being zlib's CRC-32 (golden.files.crc32) over
   ``cmd``, ``len`` and ``payload``.
 * ``BoardLink(transport)``: the commands (status, LUT load, offset, blocks,
   checksum of the decoded values) over any byte transport, request then reply.
@@ -46,7 +46,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from sop.golden.artifact import crc32
+from sop.golden.files import crc32
 
 PROTOCOL_VERSION = 1
 START = 0x55

@@ -18,7 +18,7 @@ from sop.cli import main
 from sop.golden.decoder import decode_layer
 from sop.golden.layout import pack_layer, unpack_layer
 from sop.quantize import artifact as A
-from sop.quantize import formats as F
+from sop.quantize import schemes as F
 from sop.quantize.models import open_model
 
 MINILM_LAYERS = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.weight"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sop.quantize import baselines as B
-from sop.quantize.formats import baseline_names, get_quant_format
+from sop.quantize.schemes import baseline_names, get_quant_format
 
 # The published NF4 table (bitsandbytes; docs/REFERENCES), typed in here, not imported.
 NF4_PUBLISHED = np.array([

@@ -48,7 +48,7 @@ def sim_port(monkeypatch):
 
 @pytest.mark.parametrize("board", BOARDS)
 def test_run_board_checks_a_real_minilm_layer_through_the_uart(board):
-    name, stream = bringup.quantize_layer("minilm", "sop4-g16", LAYER, rows=2)
+    name, stream = bringup.model_layer_stream("minilm", "sop4-g16", LAYER, rows=2)
     port, timeout = bringup.sim_board(board)
     result = bringup.run_board(port, stream, "sop4-g16", name=name, timeout=timeout, clock=port.now)
     assert result.ok and result.got == result.expected

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from sop.cli import main
 from sop.golden.decoder import decode_layer
-from sop.quantize import formats as F
+from sop.quantize import schemes as F
 from sop.quantize.evaluate import evaluate, to_json
 
 # all-MiniLM-L6-v2, all 37 linear weights, aggregate SQNR (docs REFERENCES, measured independently)

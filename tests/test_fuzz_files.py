@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from sop.cli import main
-from sop.golden.artifact import crc32
+from sop.golden.files import crc32
 from sop.golden.decoder import decode_layer
 from sop.golden.layout import LayoutError, pack_layer, unpack_layer
 from sop.quantize import artifact as A

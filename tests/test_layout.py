@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sop.golden.artifact import crc32
+from sop.golden.files import crc32
 from sop.golden.formats import get_format
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import (BlockLayout, LayerStream, LayoutError, Sparse, named_layouts,

@@ -13,7 +13,7 @@ from sop.cli import main
 from sop.golden.decoder import decode_layer
 from sop.golden.formats import FLOAT32_MAX, to_float32
 from sop.quantize import artifact as A
-from sop.quantize.formats import quant_formats
+from sop.quantize.schemes import quant_formats
 from sop.quantize.metrics import ErrorStats, aggregate
 
 LAYER = "blk.0.fc.weight"

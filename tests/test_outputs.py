@@ -1,4 +1,4 @@
-"""Outputs never destroy inputs (golden.artifact): every writing command refuses, before any work,
+"""Outputs never destroy inputs (golden.files): every writing command refuses, before any work,
 a target that is one of its inputs (through symbolic and hard links) or that exists and is not a
 regular file; a writer killed at any point leaves the old target intact, no partial file under the
 final name, and no temporary file once the next write to that target has run."""
@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from sop.cli import main
-from sop.golden import artifact as G
+from sop.golden import files as G
 
 LAYER = "blk.0.fc.weight"
 
@@ -181,7 +181,7 @@ def test_an_output_folder_that_is_a_file_is_refused(files, tmp_path, capsys):
 
 WRITER = r"""
 import sys, time
-from sop.golden.artifact import atomic_output, signals_as_interrupts
+from sop.golden.files import atomic_output, signals_as_interrupts
 path, hold = sys.argv[1], sys.argv[2]
 
 

@@ -23,7 +23,7 @@ from sop.hdl.decoder import Decoder
 from sop.sim.stimulus import from_stream, random_layer
 from sop.synth import host
 from sop.synth.board import BOARDS, BoardCore, elaborate_for
-from sop.synth.bringup import quantize_layer
+from sop.synth.bringup import model_layer_stream
 from sop.synth.host import BoardError, BoardLink, BoardTimeout, Cmd, Err, encode_frame
 from sop.synth.protocol import ProtocolEngine
 from sop.synth.simboard import SimSerial, stream_port, uart_port, uart_timeout
@@ -67,7 +67,7 @@ def send_layers(link, layers):
 
 @pytest.fixture(scope="module")
 def minilm_layer():
-    name, stream = quantize_layer("minilm", "sop4-g16", "encoder.layer.0.attention.self.query.weight", rows=8)
+    name, stream = model_layer_stream("minilm", "sop4-g16", "encoder.layer.0.attention.self.query.weight", rows=8)
     return from_stream(CFG, stream, name)
 
 
