@@ -323,16 +323,8 @@ def unpack_layer(data: bytes) -> LayerStream:
     return s
 
 
-# -- the named layouts of the project's operating points --------------------------------
-
 def named_layouts() -> dict[str, BlockLayout]:
-    return {
-        # The paper's FP6 point: E2M3 codes, UE4M4 block scale, 6 + 8/16 = 6.5 bpw.
-        "e2m3-ue4m4-g16": BlockLayout(6, 16, get_format("ue4m4")),
-        # SOP 4.5 bpw: selection bit + sign + 6-bit scale = 8-bit header (docs/formats.md).
-        "sop4-g16": BlockLayout(4, 16, get_format(SOP4_SCALE), signed_scale=True, select_bit=True),
-    }
+    """The layout of each operating point, by name (the registry is golden/points.py)."""
+    from .points import operating_points      # points builds on this module
 
-
-#: The 6-bit scale magnitude of the SOP4 header, chosen by bench/header_sqnr.py.
-SOP4_SCALE = "ue3m3"
+    return {name: p.layout for name, p in operating_points().items()}

@@ -29,7 +29,7 @@ from amaranth.lib import data
 
 from sop.golden.formats import FloatFormat
 from sop.golden.hif import DEFAULT_HIF
-from sop.golden.layout import OFFSET_RANGE, BlockLayout, named_layouts
+from sop.golden.layout import OFFSET_RANGE, BlockLayout
 
 OUTPUTS = ("exact", "bf16")
 MAX_LANES = 64
@@ -142,15 +142,22 @@ class DecoderConfig:
                 "output": self.output, "lutram_depth": self.lutram_depth, "blocks_per_beat": self.blocks_per_beat,
                 "beats_per_block": self.beats_per_block, "beat_bits": self.beat_bits}
 
+    @classmethod
+    def from_description(cls, d: dict) -> DecoderConfig:
+        """The configuration ``describe()`` wrote (a sim plan carries it to the simulator's process)."""
+        from sop.golden.formats import get_format
+        from sop.golden.hif import hif_format
+
+        layout = BlockLayout(d["code_bits"], d["group"], get_format(d["scale"]), d["signed_scale"],
+                             d["select_bit"])
+        hif = hif_format(d["hif"]["mbits"], d["hif"]["ebits"], d["hif"]["bias"])
+        return cls(d["name"], d["lanes"], layout, hif, d["output"], d["lutram_depth"])
+
 
 def named_configs() -> dict[str, DecoderConfig]:
-    """The configurations `make verilog` writes (docs/hardware.md)."""
-    lay = named_layouts()
-    cfgs = [
-        DecoderConfig("sop4-g16", 8, lay["sop4-g16"]),
-        DecoderConfig("e2m3-ue4m4-g16", 8, lay["e2m3-ue4m4-g16"]),
-        DecoderConfig("sop4-g16-x1", 1, lay["sop4-g16"]),
-        DecoderConfig("sop4-g16-exact", 8, lay["sop4-g16"], output="exact"),
-        DecoderConfig("sop4-g16-x64", 64, lay["sop4-g16"]),
-    ]
-    return {c.name: c for c in cfgs}
+    """The configurations `make verilog` writes: each operating point's, and its variants
+    (golden/points.py, docs/hardware.md)."""
+    from sop.golden.points import operating_points
+
+    return {name: DecoderConfig(name, lanes, p.layout, p.hif, output)
+            for p in operating_points().values() for name, (lanes, output) in p.configs().items()}

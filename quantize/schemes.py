@@ -10,13 +10,10 @@ ones.
 * Baselines (quantize/baselines.py): ``fp8-e4m3-pot``, ``int8-ch``,
   ``mxfp8-e4m3``, ``mxfp6-e2m3``, ``mxfp6-e3m2``, ``mxfp4``, ``nvfp4``,
   ``nvfp4-46``, ``if4``, ``nf4-g64``.
-* SOP points: ``e2m3-ue4m4-g16`` and ``sop4-g16`` come from
-  ``quantize.sop_search`` (``quantize_fp6``, ``quantize_sop4``), imported when
-  first used. While that module is absent, ``e2m3-ue4m4-g16`` falls back to the
-  plain block encoder (``quantize.blockwise.encode_layer`` with the golden
-  layout and the ``e2m3`` table, decoded by ``golden.decoder``; its ``choice``
-  says so) and ``sop4-g16`` raises a clear error. ``sop-budget`` is
-  model-level: ``quantize_model(layers, budget)`` runs the multiple-choice
+* SOP points: one format per operating point of golden/points.py (``sop4-g16``,
+  ``e2m3-ue4m4-g16``, and any point registered there), quantized by
+  ``quantize.sop_search.quantize_point`` (the point's ``search``). ``sop-budget``
+  is model-level: ``quantize_model(layers, budget)`` runs the multiple-choice
   knapsack of ``quantize.knapsack`` over every layer at once (so its layers are
   all in memory together), choosing per layer among SOP4, SOP4 + sparse
   residuals, the FP6 point and FP8 under the average ``--budget``.
@@ -28,7 +25,6 @@ calling the quantizer and crops the reconstruction, so the padded codes count.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,7 +34,6 @@ from sop.quantize import baselines as B
 from sop.quantize.blockwise import float_weights
 from sop.quantize.result import QuantResult
 
-SOP_SEARCH_MODULE = "sop.quantize.sop_search"
 
 
 @dataclass(frozen=True)
@@ -70,21 +65,7 @@ def _block_bits(elem_bits: int, group: int, scale_bits: int, per_layer: int = 0)
     return bits
 
 
-# -- the SOP points, imported lazily -----------------------------------------------------------
-
-def _sop_search():
-    """quantize.sop_search, or None while it does not exist (a broken module still raises)."""
-    try:
-        return importlib.import_module(SOP_SEARCH_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name == SOP_SEARCH_MODULE:
-            return None
-        raise
-
-
-def sop_search_available() -> bool:
-    return _sop_search() is not None
-
+# -- the SOP points --------------------------------------------------------------------------------
 
 def _pad_call(fn, group: int, w, act_ms, **kw) -> QuantResult:
     """Call a block quantizer on the zero-padded matrix; crop the reconstruction back.
@@ -103,33 +84,23 @@ def _pad_call(fn, group: int, w, act_ms, **kw) -> QuantResult:
     return res
 
 
-def _fp6_fallback(w, act_ms=None, name: str = "layer", **kw) -> QuantResult:
-    from sop.golden.codebooks import get_codebook
-    from sop.golden.decoder import decode_layer
-    from sop.golden.layout import named_layouts
-    from sop.quantize.blockwise import encode_layer
+def _point_quantizer(point) -> Callable[..., QuantResult]:
+    """The registry's quantizer of an operating point: padded to its block, cropped back."""
+    def quantize(w, act_ms=None, name: str = "layer", **kw) -> QuantResult:
+        from sop.quantize.sop_search import quantize_point
 
-    stream = encode_layer(w, named_layouts()["e2m3-ue4m4-g16"], [get_codebook("e2m3")], name=name)
-    return QuantResult(decode_layer(stream), stream.bits, choice="e2m3 x ue4m4 (blockwise fallback)",
-                       stream=stream)
-
-
-def quantize_e2m3_ue4m4(w, act_ms=None, name: str = "layer", **kw) -> QuantResult:
-    mod = _sop_search()
-    fn = (lambda wp, act_ms=None: mod.quantize_fp6(wp, act_ms=act_ms, name=name, **kw)) if mod else \
-        (lambda wp, act_ms=None: _fp6_fallback(wp, act_ms=act_ms, name=name))
-    return _pad_call(fn, 16, w, act_ms)
+        return _pad_call(lambda wp, act_ms=None: quantize_point(wp, point, act_ms=act_ms, name=name, **kw),
+                         point.layout.group, w, act_ms)
+    return quantize
 
 
-def quantize_sop4_g16(w, act_ms=None, name: str = "layer", **kw) -> QuantResult:
-    mod = _sop_search()
-    if mod is None:
-        raise ValueError(f"format sop4-g16 needs {SOP_SEARCH_MODULE} (the SOP search), which is not "
-                         f"installed in this tree yet")
-    return _pad_call(lambda wp, act_ms=None: mod.quantize_sop4(wp, act_ms=act_ms, name=name, **kw), 16, w, act_ms)
-
-
-KNAPSACK_MODULE = "sop.quantize.knapsack"
+def _point_format(point) -> QuantFormat:
+    lay = point.layout
+    tables = f"{lay.banks} LUT image{'s' if lay.banks > 1 else ''} + offset byte"
+    return QuantFormat(point.name, _point_quantizer(point), lay.bpw,
+                       f"{lay.code_bits} + {lay.header_bits}/{lay.group} + ({tables})/numel"
+                       + (" + sparse" if point.search == "pair" else ""),
+                       point.description, group=lay.group, kind="sop")
 
 
 def _sop_budget(w, act_ms=None, **kw) -> QuantResult:
@@ -146,13 +117,7 @@ def quantize_sop_budget(layers: dict, budget: float | None, **kw):
     (``results``: name -> QuantResult, ``choice``: name -> option, ``report``)."""
     if budget is None:
         raise ValueError("format sop-budget needs --budget B (average bits per weight)")
-    try:
-        mod = importlib.import_module(KNAPSACK_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name == KNAPSACK_MODULE:
-            raise ValueError(f"format sop-budget needs {KNAPSACK_MODULE}, which is not installed in this "
-                             f"tree yet") from None
-        raise
+    from sop.quantize import knapsack
     cols, padded = {}, {}
     for name, (w, act_ms) in layers.items():           # the padding rule, as for the other SOP points
         w = float_weights(w)
@@ -164,7 +129,7 @@ def quantize_sop_budget(layers: dict, budget: float | None, **kw):
     # the budget is per real weight: padded zeros cost bits but are not weights
     real = sum(cols[n] * padded[n][0].shape[0] for n in padded)
     stored = sum(padded[n][0].size for n in padded)
-    res = mod.quantize_budget(padded, budget * real / stored, **kw)
+    res = knapsack.quantize_budget(padded, budget * real / stored, **kw)
     for name, r in res.results.items():
         r.recon = r.recon[:, :cols[name]]
     return res
@@ -182,6 +147,7 @@ def _baseline(fn):
 
 def _registry() -> dict[str, QuantFormat]:
     from sop.golden.formats import get_format
+    from sop.golden.points import operating_points
 
     fmts = [
         QuantFormat("fp8-e4m3-pot", _baseline(B.fp8_e4m3_pot), 8.0, "8 + 8/numel",
@@ -209,26 +175,17 @@ def _registry() -> dict[str, QuantFormat]:
         QuantFormat("nf4-g64", _baseline(B.nf4_g64), 4.5, "4 + 32/64",
                     "bitsandbytes NF4 (published table), block 64, FP32 absmax",
                     group=B.NF4_BLOCK, bits=_block_bits(4, B.NF4_BLOCK, 32)),
-        QuantFormat("e2m3-ue4m4-g16", quantize_e2m3_ue4m4, 6.5, "6 + 8/16 + (LUT image + offset byte)/numel",
-                    "SOP FP6 point: E2M3 elements, UE4M4 block scale, block 16", group=16, kind="sop"),
-        QuantFormat("sop4-g16", quantize_sop4_g16, 4.5, "4 + 8/16 + LUT images/numel + sparse",
-                    "SOP 4-bit: codebook pair per layer, selection bit + sign + UE3M3 per block of 16",
-                    group=16, kind="sop"),
         QuantFormat("sop-budget", _sop_budget, None, "the --budget average (knapsack over layers)",
                     "SOP points chosen per layer under an average bit budget", group=16, kind="sop",
                     model_level=True, quantize_model=quantize_sop_budget),
     ]
+    fmts[-1:-1] = [_point_format(p) for p in operating_points().values()]    # before sop-budget
     return {f.name: f for f in fmts}
 
 
-_REGISTRY: dict[str, QuantFormat] | None = None
-
-
 def quant_formats() -> dict[str, QuantFormat]:
-    global _REGISTRY
-    if _REGISTRY is None:
-        _REGISTRY = _registry()
-    return _REGISTRY
+    """Every format, by name: built on each call, so a point registered in golden/points.py shows."""
+    return _registry()
 
 
 def quant_format_names() -> list[str]:

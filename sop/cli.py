@@ -37,7 +37,7 @@ from sop.golden.files import OutputError, check_output, signals_as_interrupts
 from sop.golden.codebooks import codebook_names, get_codebook
 from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, get_format
 from sop.golden.hif import DEFAULT_HIF
-from sop.golden.layout import named_layouts
+from sop.golden.points import board_points, operating_points, vector_points
 
 
 def _describe(fmt) -> dict:
@@ -51,7 +51,6 @@ def _describe(fmt) -> dict:
 
 
 def formats_doc() -> dict:
-    layouts = named_layouts()
     return {
         "element": [_describe(f) for f in ELEMENT_FORMATS.values()],
         "scale": [_describe(f) for f in SCALE_FORMATS.values()],
@@ -60,9 +59,7 @@ def formats_doc() -> dict:
         "hif": _describe(DEFAULT_HIF),
         "codebooks": [{"name": n, "bits": get_codebook(n).bits} for n in codebook_names() if n != "dd4"]
                      + [{"name": "dd4", "bits": 4, "note": "fitted per layer"}],
-        "layouts": [{"name": n, "code_bits": l.code_bits, "group": l.group, "header_bits": l.header_bits,
-                     "scale": l.scale.name, "signed_scale": l.signed_scale, "select_bit": l.select_bit,
-                     "block_bpw": l.bpw} for n, l in layouts.items()],
+        "points": [p.describe() for p in operating_points().values()],
         "quantizers": _quantizers(),
     }
 
@@ -109,8 +106,9 @@ def cmd_formats(args) -> int:
         _print_table(doc[section], ["name", "bits", "ebits", "mbits", "bias", "specials", "max"])
     print(f"\nHIF (LUT output): {doc['hif']['name']}, {doc['hif']['bits']} bits")
     print("codebooks: " + ", ".join(f"{c['name']}({c['bits']}b)" for c in doc["codebooks"]))
-    print("\nlayouts")
-    _print_table(doc["layouts"], ["name", "code_bits", "group", "header_bits", "scale", "block_bpw"])
+    print("\noperating points (golden/points.py)")
+    _print_table(doc["points"], ["name", "code_bits", "group", "header_bits", "scale", "block_bpw", "lanes",
+                                 "output"])
     print("\nquantizer formats (sop eval --format)")
     for q in doc["quantizers"]:
         bpw = "-" if q["bpw"] is None else f"{q['bpw']:g}"
@@ -298,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_eval)
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
     v.add_argument("model", help="a model path or 'minilm'")
-    v.add_argument("--format", required=True, choices=("sop4-g16", "e2m3-ue4m4-g16"))
+    v.add_argument("--format", required=True, choices=vector_points())
     v.add_argument("--layer", action="append", metavar="NAME", help="a linear layer (repeatable; default all)")
     v.add_argument("--out", required=True, type=Path, help="the vector directory")
     v.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of each layer")
@@ -333,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("board", help="check one quantized layer through an FPGA board over its serial port")
     b.add_argument("--port", required=True, help="the board's serial port (for example /dev/ttyUSB1)")
     b.add_argument("model", help="a model path or 'minilm'")
-    b.add_argument("--format", required=True, choices=("sop4-g16", "e2m3-ue4m4-g16"),
+    b.add_argument("--format", required=True, choices=board_points(),
                    help="the format of the board's decoder (the boards of synth/board.py: sop4-g16)")
     b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")
     b.add_argument("--baud", type=_positive(int), default=115200, help="baud rate (default 115200)")

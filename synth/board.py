@@ -29,7 +29,7 @@ from amaranth.lib import io, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from sop.golden.layout import named_layouts
+from sop.golden.points import get_point
 from sop.hdl.config import DecoderConfig
 
 from .protocol import ProtocolEngine
@@ -76,6 +76,7 @@ class Board:
     lanes: int
     baud: int = 115200
     activity_led: bool = True
+    point: str = "sop4-g16"             # the operating point of its decoder (golden/points.py)
 
     def platform(self):
         if self.name == "icebreaker":
@@ -85,7 +86,8 @@ class Board:
         return ULX3S_85F_Platform()
 
     def config(self) -> DecoderConfig:
-        return DecoderConfig(f"board-{self.name}", self.lanes, named_layouts()["sop4-g16"])
+        point = get_point(self.point)
+        return DecoderConfig(f"board-{self.name}", self.lanes, point.layout, point.hif)
 
 
 BOARDS = {"icebreaker": Board("icebreaker", 2), "ulx3s": Board("ulx3s", 8, activity_led=False)}

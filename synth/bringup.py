@@ -29,7 +29,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from sop.golden.layout import LayerStream, named_layouts
+from sop.golden.layout import LayerStream
+from sop.golden.points import board_points, get_point
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.sim.stimulus import from_stream
@@ -37,7 +38,6 @@ from sop.sim.stimulus import from_stream
 from . import host
 from .host import BoardLink, Status
 
-HW_FORMATS = ("sop4-g16", "e2m3-ue4m4-g16")       # the formats the decoder reads (a golden stream)
 SIM_DIVISOR = 4                                    # simulated UART: clock cycles a bit
 SIM_ROWS = 96                                      # `make sim`: rows of the layer (about 2 min on one core)
 
@@ -115,14 +115,16 @@ class _Metered:
 
 
 def check_format(fmt: str) -> None:
-    if fmt not in HW_FORMATS:
-        raise ValueError(f"format {fmt!r} has no hardware decoder; formats: {', '.join(HW_FORMATS)}")
+    """``fmt`` is an operating point the board flow supports (golden/points.py)."""
+    if fmt not in board_points():
+        raise ValueError(f"format {fmt!r} has no hardware decoder; formats: {', '.join(board_points())}")
 
 
 def format_config(fmt: str, lanes: int) -> DecoderConfig:
     """The decoder configuration a board with ``lanes`` lanes needs for ``fmt`` (BF16 output)."""
     check_format(fmt)
-    return DecoderConfig(f"board-{fmt}", lanes, named_layouts()[fmt])
+    point = get_point(fmt)
+    return DecoderConfig(f"board-{fmt}", lanes, point.layout, point.hif)
 
 
 def status_fields(cfg: DecoderConfig) -> dict[str, int]:
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
                                             "for a real board use `sop board --port PORT`")
     p.add_argument("--sim", action="store_true", required=True, help="run the simulated board")
     p.add_argument("--model", default="minilm", help="a model path or 'minilm' (default)")
-    p.add_argument("--format", default="sop4-g16", choices=HW_FORMATS)
+    p.add_argument("--format", default="sop4-g16", choices=board_points())
     p.add_argument("--layer", default=None, help="a linear layer (default: the model's first)")
     p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
     p.add_argument("--board", default="icebreaker", choices=("icebreaker", "ulx3s"),

@@ -23,6 +23,7 @@ import mutants
 from serial_lines import GARBAGE, fed_pty
 
 from sop import cli
+from sop.golden.points import board_points
 from sop.hdl.decoder import Decoder
 from sop.synth import bringup, host
 from sop.synth.board import BOARDS
@@ -104,14 +105,14 @@ def test_status_checks_version_and_lanes():
         bringup.check_status(replace(good, max_payload=9), "sop4-g16")
 
 
-@pytest.mark.parametrize("fmt", bringup.HW_FORMATS)
+@pytest.mark.parametrize("fmt", board_points())
 @pytest.mark.parametrize("lanes", [2, 8, 32])
 def test_the_status_the_engine_reports_passes_the_check(fmt, lanes):
     """check_status's expectations are what the gateware's STATUS reply says for that decoder."""
     cfg = bringup.format_config(fmt, lanes)
     st = host.Status(*protocol.status_bytes(cfg, host.DEFAULT_MAX_PAYLOAD)[:8], host.DEFAULT_MAX_PAYLOAD, 0)
     assert bringup.check_status(st, fmt) == cfg
-    other = next(f for f in bringup.HW_FORMATS if f != fmt)
+    other = next(f for f in board_points() if f != fmt)
     with pytest.raises(bringup.BoardConfigError, match=f"does not match format {other}"):
         bringup.check_status(st, other)
 

@@ -25,7 +25,7 @@ def test_formats_json_lists_every_format_with_its_width(capsys):
     assert widths["e2m1"] == 4 and widths["e2m3"] == 6 and widths["e4m3"] == 8
     assert widths["ue4m4"] == 8 and widths["ue3m3"] == 6 and widths["ue8m0"] == 8
     assert doc["hif"]["bits"] == 10
-    assert {l["name"]: l["block_bpw"] for l in doc["layouts"]} == {"e2m3-ue4m4-g16": 6.5, "sop4-g16": 4.5}
+    assert {p["name"]: p["block_bpw"] for p in doc["points"]} == {"e2m3-ue4m4-g16": 6.5, "sop4-g16": 4.5}
     assert {"nf4", "bof4", "bof4-s", "split87", "sh4", "dd4"} <= {c["name"] for c in doc["codebooks"]}
 
 

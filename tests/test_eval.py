@@ -112,12 +112,7 @@ def test_json_has_no_nan_or_infinity():
 
 # -- the SOP points through the registry ----------------------------------------------------------------
 
-@pytest.mark.parametrize("with_search", [True, False])
-def test_fp6_point_pads_and_decodes_to_its_reconstruction(monkeypatch, with_search):
-    if with_search and not F.sop_search_available():
-        pytest.skip("quantize.sop_search is not in this tree yet")
-    if not with_search:
-        monkeypatch.setattr(F, "_sop_search", lambda: None)       # the blockwise fallback
+def test_fp6_point_pads_and_decodes_to_its_reconstruction():
     w = np.random.default_rng(1).standard_normal((4, 70))
     r = F.get_quant_format("e2m3-ue4m4-g16").quantize(w)
     assert r.recon.shape == (4, 70) and r.stream.cols == 80
@@ -130,18 +125,10 @@ def test_fp6_point_pads_and_decodes_to_its_reconstruction(monkeypatch, with_sear
 
 
 def test_sop4_point_through_the_registry():
-    if not F.sop_search_available():
-        pytest.skip("quantize.sop_search is not in this tree yet")
     w = np.random.default_rng(2).standard_normal((8, 64))
     r = F.get_quant_format("sop4-g16").quantize(w, act_ms=np.linspace(0.5, 2, 64))
     np.testing.assert_array_equal(decode_layer(r.stream), r.recon)
     assert 4.5 < r.bpw < 6.5
-
-
-def test_sop4_without_the_search_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(F, "_sop_search", lambda: None)
-    with pytest.raises(ValueError, match="sop4-g16 needs .*sop_search"):
-        F.get_quant_format("sop4-g16").quantize(np.ones((1, 16)))
 
 
 def test_sop_budget_without_a_budget_is_refused():
@@ -150,7 +137,6 @@ def test_sop_budget_without_a_budget_is_refused():
 
 
 def test_sop_budget_runs_the_knapsack_under_the_budget(tmp_path):
-    pytest.importorskip("sop.quantize.knapsack", reason="quantize.knapsack is not in this tree yet")
     rng = np.random.default_rng(3)
     sd = {f"l.{i}.fc.weight": torch.from_numpy((rng.standard_t(3, (16, 64 + 3 * i)) * 0.05).astype(np.float32))
           for i in range(3)}                                         # widths 64, 67, 70: padded

@@ -1,0 +1,175 @@
+"""The operating points: the one registry every layer of the project reads.
+
+An *operating point* is a hardware format the decoder reads and the quantizer
+writes: a golden ``BlockLayout`` (code width, block size, header fields, scale
+format), the HIF format of its LUT entries, how the quantizer fills it, the
+decoder's default lanes and output, and which tools support it. One row here
+is all it takes to add a point; everything else derives from this table:
+
+==========================  ===========================================================
+reader                      what it takes from a point
+==========================  ===========================================================
+golden.layout.named_layouts ``layout`` by name
+hdl.config.named_configs    one ``DecoderConfig`` per point (``lanes``, ``output``,
+                            ``hif``) plus one per ``variants`` entry: `make verilog`,
+                            `make synth`, `make sim`
+quantize.schemes            a ``--format`` of kind ``"sop"``; ``search`` picks the
+                            quantizer (``"blockwise"``: golden's block encoder with the
+                            ``codebooks`` tables and the activation-weighted scale
+                            search; ``"pair"``: the SOP codebook-pair search)
+sim.vectors, `sop vectors`  points with ``vectors``
+sim.runner (`make sim`)     every named configuration; a point's own configuration gets
+                            the full plan, a variant the medium one; vectors from the
+                            configuration's point
+synth bring-up, `sop board` points with ``board``
+`sop formats`               every row, as ``points``
+==========================  ===========================================================
+
+``register(point)`` adds a row at run time (a test or a plugin does this);
+``registered(point)`` does it for the length of a ``with`` block. The table is
+data only: golden/ stays free of the quantizer and of Amaranth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .decoder import OUTPUTS
+from .formats import FloatFormat, get_format
+from .hif import DEFAULT_HIF
+from .layout import BlockLayout
+
+#: How the quantizer fills a point (quantize/schemes.py maps each to a function).
+SEARCHES = ("blockwise", "pair")
+#: The 6-bit scale magnitude of the SOP4 header, chosen by bench/header_sqnr.py.
+SOP4_SCALE = "ue3m3"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A further named decoder configuration of a point: ``<point>-<suffix>``."""
+
+    suffix: str
+    lanes: int | None = None            # None: the point's
+    output: str | None = None
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    name: str
+    layout: BlockLayout
+    description: str
+    search: str = "blockwise"           # one of SEARCHES
+    codebooks: tuple[str, ...] = ()     # the LUT tables of a "blockwise" point, one per bank
+    hif: FloatFormat = DEFAULT_HIF
+    lanes: int = 8                      # the named configuration's lanes
+    output: str = "bf16"                # and its output
+    variants: tuple[Variant, ...] = ()
+    vectors: bool = True                # `sop vectors` and the sim regression's real layers
+    board: bool = True                  # `sop board` and the bring-up
+    notes: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        problems = []
+        if self.search not in SEARCHES:
+            problems.append(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if self.search == "blockwise" and len(self.codebooks) != self.layout.banks:
+            problems.append(f"a blockwise point names one codebook per LUT bank ({self.layout.banks}), "
+                            f"got {len(self.codebooks)}")
+        if self.search == "pair" and not (self.layout.select_bit and self.layout.code_bits == 4):
+            problems.append("the pair search needs 4-bit codes and a selection bit")
+        for out in {self.output} | {v.output for v in self.variants if v.output}:
+            if out not in OUTPUTS:
+                problems.append(f"output must be one of {OUTPUTS}, got {out!r}")
+        suffixes = [v.suffix for v in self.variants]
+        if len(set(suffixes)) != len(suffixes) or "" in suffixes:
+            problems.append(f"variant suffixes must be distinct and nonempty, got {suffixes}")
+        if problems:
+            raise ValueError(f"operating point {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def bpw(self) -> float:
+        """Bits per weight of the blocks (the per-layer LUT images and offset come on top)."""
+        return self.layout.bpw
+
+    def configs(self) -> dict[str, tuple[int, str]]:
+        """Named decoder configurations of this point: name -> (lanes, output)."""
+        out = {self.name: (self.lanes, self.output)}
+        for v in self.variants:
+            out[f"{self.name}-{v.suffix}"] = (v.lanes or self.lanes, v.output or self.output)
+        return out
+
+    def describe(self) -> dict:
+        lay = self.layout
+        return {"name": self.name, "description": self.description, "code_bits": lay.code_bits,
+                "group": lay.group, "header_bits": lay.header_bits, "scale": lay.scale.name,
+                "signed_scale": lay.signed_scale, "select_bit": lay.select_bit, "banks": lay.banks,
+                "block_bpw": lay.bpw, "hif": self.hif.name, "search": self.search,
+                "codebooks": list(self.codebooks), "lanes": self.lanes, "output": self.output,
+                "configs": list(self.configs()), "vectors": self.vectors, "board": self.board}
+
+
+_POINTS: dict[str, OperatingPoint] = {}
+
+
+def register(point: OperatingPoint) -> OperatingPoint:
+    """Add ``point`` to the registry; a name (or a configuration name) already taken is refused."""
+    taken = {c for p in _POINTS.values() for c in p.configs()}
+    if clash := sorted(taken & set(point.configs())):
+        raise ValueError(f"operating point {point.name!r}: name(s) already registered: {', '.join(clash)}")
+    _POINTS[point.name] = point
+    return point
+
+
+@contextlib.contextmanager
+def registered(point: OperatingPoint) -> Iterator[OperatingPoint]:
+    """``point`` is in the registry for the length of the block."""
+    register(point)
+    try:
+        yield point
+    finally:
+        del _POINTS[point.name]
+
+
+def operating_points() -> dict[str, OperatingPoint]:
+    """Every point, by name, in registration order."""
+    return dict(_POINTS)
+
+
+def get_point(name: str) -> OperatingPoint:
+    try:
+        return _POINTS[name]
+    except KeyError:
+        raise ValueError(f"unknown operating point {name!r}; valid: {', '.join(_POINTS)}") from None
+
+
+def vector_points() -> list[str]:
+    return [n for n, p in _POINTS.items() if p.vectors]
+
+
+def board_points() -> list[str]:
+    return [n for n, p in _POINTS.items() if p.board]
+
+
+def config_point(config: str) -> tuple[OperatingPoint, bool]:
+    """(the point of the named decoder configuration ``config``, whether it is the point's own)."""
+    for p in _POINTS.values():
+        if config in p.configs():
+            return p, config == p.name
+    raise ValueError(f"unknown decoder configuration {config!r}")
+
+
+# -- the project's points -------------------------------------------------------------------------
+
+register(OperatingPoint(
+    "sop4-g16", BlockLayout(4, 16, get_format(SOP4_SCALE), signed_scale=True, select_bit=True),
+    "SOP 4-bit: a codebook pair per layer, selection bit + sign + UE3M3 scale per block of 16 (4.5 bpw)",
+    search="pair",
+    variants=(Variant("x1", lanes=1), Variant("exact", output="exact"), Variant("x64", lanes=64))))
+register(OperatingPoint(
+    "e2m3-ue4m4-g16", BlockLayout(6, 16, get_format("ue4m4")),
+    "the paper's FP6 point: E2M3 codes, UE4M4 block scale, block 16 (6.5 bpw); a 64-entry LUT "
+    "holding the E2M3 table",
+    codebooks=("e2m3",)))
