@@ -7,13 +7,13 @@ reports seed 1; this script shows the spread. For each operating point
 (sop4-g16, e2m3-ue4m4-g16: 8 lanes) it builds two variants side by side in the
 same process:
 
-* ``lutram`` (what `make synth` builds for ECP5, synth.flow.for_target:
+* ``lutram`` (what `make synth` builds for ECP5, synth.flow.yosys_nextpnr.for_target:
   ``lutram_depth`` 16 for sop4, 32 for the 6-bit codes): the tables as LUT RAM
   memories, each read into its own register, then a registered row select;
 * ``lutram_depth=0`` (the baseline: one memory per lane, the 4:1 or 8:1 row
   mux in front of the read register: the shape ECP5 was built with before);
 
-synthesizes each once (synth/flow.py, ``build/synth-seeds/``) and places and
+synthesizes each once (synth/flow/yosys_nextpnr.py, ``build/synth-seeds/``) and places and
 routes it with seeds 1 to ``--seeds``, then prints per variant the Fmax of
 every seed, min / median / max, and the ratio of the medians.
 
@@ -36,9 +36,9 @@ from sop.golden.files import write_atomic
 from sop.hdl.config import named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
-from sop.synth.flow import SEED, TARGETS, for_target, place_and_route, read_pnr, run_design
+from sop.synth.flow.yosys_nextpnr import SEED, TARGETS, for_target, place_and_route, read_pnr, run_design
 
-OUT = toolenv.ROOT / "build" / "synth-seeds"
+OUT = toolenv.build_root() / "synth-seeds"
 CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 VARIANTS = ("lutram", "one-memory")
 

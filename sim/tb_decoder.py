@@ -1,25 +1,56 @@
-"""cocotb testbench of a generated decoder: drivers, a monitor and a golden scoreboard.
+"""cocotb testbench of a generated decoder: a driver, monitors, a model on golden/ and a scoreboard.
 
 Run through sim/runner.py (it builds the Verilog and passes the plan). The plan
-(JSON file named by ``SOP_SIM_PLAN``) names the configuration and the jobs:
+(JSON file named by ``SOP_SIM_PLAN``) carries the configuration
+(``"decoder"``: ``DecoderConfig.describe()``, rebuilt here with
+``from_description``, so a configuration made at run time simulates too) and
+the jobs (sim/stimulus.py ``plan_jobs``):
 
 * ``vectors``: a vector directory written by `sop vectors` (real quantized layers);
 * ``random``: random layers (random LUTs, headers, codes, offsets);
 * ``corners``: every code x bank x sign x scale extreme at offsets -128, 0, 127;
 * ``reset``: a layer cut off by a reset mid-stream, then a fresh one.
 
-Every job's layers stream back to back with table swaps between them (the next
-layer's tables are loaded while the current one streams), with random input
-idles and output stalls. Expected values come only from golden/ (hdl.reference);
-for vector jobs the files' expected values must agree with golden too. The
-random seed is ``cocotb.RANDOM_SEED`` (printed), so a failure reproduces with
-``COCOTB_RANDOM_SEED``. A summary (vectors checked, mismatches, coverage) is
-written to ``SOP_SIM_REPORT``.
+Structure (cocotb's ``examples/matrix_multiplier``)::
+
+    stimulus.host_sequence ─▶ HostDriver ─▶ DUT ─▶ OutputMonitor (values.ready: random stalls)
+                                  InputMonitor ─┘         │ each output beat as it arrives
+                                      │ load, offset,      ▼
+                                      │ beats, reset ─▶ DecoderModel (golden/) ─▶ Scoreboard (in order)
+
+* ``HostDriver`` drives the host side from ``stimulus.host_sequence``, the
+  same host-sequence driver the amaranth.sim harness (tests/hdl_harness.py)
+  consumes: tables loaded into the inactive page while the current layer
+  streams, a swap on each layer's first beat, random input idles, the reset.
+* ``InputMonitor`` observes every handshake on the input side (table and
+  offset writes, accepted beats, reset) at each clock edge, as transactions.
+* ``DecoderModel`` (sim/model.py) turns them into the output beats owed, from
+  golden/ only; the ``Scoreboard`` queues them in order.
+* ``OutputMonitor`` drives ``values.ready`` with random stalls and hands each
+  output beat taken to the ``Scoreboard``, which compares it at once with the
+  next beat owed (a mismatch is logged with its beat and lane as it happens);
+  an output beat nobody owes is an error, and a reset drops what was owed.
+* ``Testbench`` wires them and runs the jobs: each job's host sequence, then
+  the drain (every owed beat must come within a cycle bound), then a quiet
+  window in which nothing more may come out. One clock loop calls each
+  component's phase every cycle: in ReadOnly before the edge the monitors
+  sample what the edge takes (output first, so a reset never races an output
+  beat) and the driver sees whether its beat is taken; after the edge the
+  driver drives its next cycle and the output side its ``ready``. (A
+  coroutine per component would cost cocotb two more awaits a cycle each,
+  the regression's main cost.)
+
+For vector jobs the files' expected values must agree with golden too. The
+random seed is ``cocotb.RANDOM_SEED`` (printed): the layers are drawn from one
+stream of it and the idles and stalls from another (``stimulus.seeded_rngs``),
+so a failure reproduces with ``COCOTB_RANDOM_SEED`` and a test can rebuild the
+layers from the seed. A summary (values checked, mismatches, coverage of the
+blocks whose output was checked, and its bitmap) is written to ``SOP_SIM_REPORT``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import json
 import os
 import time
@@ -28,220 +59,314 @@ from pathlib import Path
 import cocotb
 import numpy as np
 from cocotb.clock import Clock
-from cocotb.triggers import ReadOnly, RisingEdge
+from cocotb.triggers import Event, ReadOnly, RisingEdge
+from cocotb.types import Logic
 
 from sop.hdl import reference
-from sop.hdl.config import DecoderConfig, named_configs
+from sop.hdl.config import DecoderConfig
 from sop.sim import stimulus
+from sop.sim.model import DecoderModel
+from sop.sim.stimulus import HostCycle
 from sop.sim.vectors import read_vectors
+
+QUIET_CYCLES = 12                # after a job: cycles in which no output beat may come
+MISMATCHES_LOGGED = 10
+ONE = Logic(1)                   # a 1-bit value read from the DUT is this object (Logic is interned)
+
+
+class HostDriver:
+    """The host side of the DUT (``blocks``, ``load``, ``offset``, ``rst``), one ``HostCycle`` a cycle
+    from a host sequence (stimulus.host_sequence); ``done`` is set when it has run out."""
+
+    def __init__(self, dut, cfg: DecoderConfig):
+        self.dut, self.cfg = dut, cfg
+        self.k = cfg.layout.code_bits
+        self.sequence = None
+        self.cycle: HostCycle | None = None
+        self.taken = False
+        self.done = Event()
+        self._driven: dict[str, int] = {}
+
+    def start(self, sequence) -> None:
+        """Drive ``sequence`` from the next clock edge on."""
+        self.sequence, self.cycle, self.taken = sequence, None, False
+        self.done.clear()
+
+    def _put(self, name: str, value: int) -> None:
+        """Write a DUT input only when it changes (a write costs the simulator, even of the same value)."""
+        if self._driven.get(name) != value:
+            self._driven[name] = value
+            getattr(self.dut, name).value = value
+
+    def apply(self, cycle: HostCycle) -> None:
+        w = cycle.write
+        lut = w is not None and w[0] == "lut"
+        if lut:
+            _, bank, addr, value = w
+            self._put("load__payload", bank | (addr << 1) | (value << (1 + self.k)))
+        self._put("load__valid", int(lut))
+        offset = w is not None and w[0] == "offset"
+        if offset:
+            self._put("offset", w[1] & 0xFF)
+        self._put("offset_we", int(offset))
+        if cycle.beat is not None:
+            self._put("blocks__payload", cycle.beat | (int(cycle.swap) << self.cfg.beat_bits))
+        self._put("blocks__valid", int(cycle.beat is not None))
+        self._put("rst", int(cycle.reset))
+
+    def sample(self) -> None:
+        """Before the edge: is the beat offered taken?"""
+        self.taken = self.cycle is not None and self.cycle.beat is not None and self.dut.blocks__ready.value is ONE
+
+    def step(self) -> None:
+        """After the edge: tell the sequence, drive its next cycle."""
+        if self.sequence is None:
+            return
+        try:
+            self.cycle = next(self.sequence) if self.cycle is None else self.sequence.send(self.taken)
+        except StopIteration:
+            self.sequence, self.cycle = None, None
+            self.apply(HostCycle())
+            self.done.set()
+            return
+        self.apply(self.cycle)
+
+
+class InputMonitor:
+    """Every input-side transaction at each clock edge, to ``sink``: ``reset()``, ``beat(blocks,
+    swap)``, ``write(bank, addr, code)``, ``set_offset(value)`` (DecoderModel's order: at one edge
+    the beat comes before the writes, and a reset replaces everything else)."""
+
+    def __init__(self, dut, cfg: DecoderConfig, sink):
+        self.dut, self.cfg, self.sink = dut, cfg, sink
+        k = cfg.layout.code_bits
+        self._addr_mask, self._data_shift = (1 << k) - 1, 1 + k
+        self._beat_bits = cfg.beat_bits
+        self._beat_mask = (1 << cfg.beat_bits) - 1
+
+    def sample(self) -> None:
+        """Before the edge (ReadOnly): what the edge will take."""
+        d, sink = self.dut, self.sink
+        if d.rst.value is ONE:
+            sink.reset()
+            return
+        if d.blocks__valid.value is ONE and d.blocks__ready.value is ONE:
+            word = int(d.blocks__payload.value)
+            sink.beat(word & self._beat_mask, bool(word >> self._beat_bits))
+        if d.load__valid.value is ONE and d.load__ready.value is ONE:
+            word = int(d.load__payload.value)
+            sink.write(word & 1, (word >> 1) & self._addr_mask, word >> self._data_shift)
+        if d.offset_we.value is ONE:
+            sink.set_offset(int(d.offset.value))
+
+
+class OutputMonitor:
+    """The output side: drives ``values.ready`` (stalls with probability ``p_stall``, none while
+    ``stalled`` or ``always_ready``) and passes every output beat taken to ``sink(payload)``."""
+
+    def __init__(self, dut, rng: np.random.Generator, p_stall: float, sink):
+        self.dut, self.rng, self.p_stall, self.sink = dut, rng, p_stall, sink
+        self.stalled = False                    # held low (output owed before a reset)
+        self.always_ready = False               # the quiet window: anything that comes is taken
+        self.ready = False
+
+    def drive(self) -> None:
+        """After the edge: ``values.ready`` for the cycle to come."""
+        ready = not self.stalled and (self.always_ready or self.rng.random() >= self.p_stall)
+        if ready != self.ready:                 # written only when it changes
+            self.dut.values__ready.value = int(ready)
+            self.ready = ready
+
+    def sample(self) -> None:
+        """Before the edge (ReadOnly): an output beat taken at it goes to the sink (None when
+        it has X or Z bits)."""
+        if self.ready and self.dut.values__valid.value is ONE:
+            try:
+                payload = int(self.dut.values__payload.value)
+            except ValueError:                  # X or Z bits (cheaper than is_resolvable bit by bit)
+                payload = None
+            self.sink(payload)
+
+
+class Scoreboard:
+    """In-order, streaming: the model's output beats are queued as the input monitor sees their
+    input beats; each output beat is compared as it arrives with the next one owed."""
+
+    def __init__(self, cfg: DecoderConfig, log):
+        self.cfg, self.log = cfg, log
+        self.lane_bits = reference.lane_word_bits(cfg)
+        self.owed: collections.deque = collections.deque()   # (output beat, input beat record, last?)
+        self.checked = self.mismatches = self.beats_seen = 0
+        self.coverage = stimulus.Coverage(cfg)
+
+    def expect(self, outputs: list[int], blocks: tuple) -> None:
+        for i, out in enumerate(outputs):
+            self.owed.append((out, blocks, i == len(outputs) - 1))
+
+    def flush(self) -> None:
+        """A reset: the output owed is lost (its beats were cut off)."""
+        self.owed.clear()
+
+    def compare(self, got: int | None) -> None:
+        """One output beat as it arrives (``None``: it had X or Z bits)."""
+        n = self.cfg.lanes
+        index, self.beats_seen = self.beats_seen, self.beats_seen + 1
+        if not self.owed:
+            self.log.error(f"output beat {index}: {got if got is None else hex(got)} came with nothing owed "
+                           f"(more output than input)")
+            self.mismatches += n
+            return
+        want, blocks, last = self.owed.popleft()
+        self.checked += n
+        if last:
+            self.coverage.add(*blocks)
+        if got == want:
+            return
+        if got is None:
+            self.log.error(f"output beat {index}: X or Z bits, expected {want:#x}")
+            self.mismatches += n
+            return
+        w = self.lane_bits
+        mask = (1 << w) - 1
+        bad = [lane for lane in range(n) if (got >> (lane * w)) & mask != (want >> (lane * w)) & mask]
+        if self.mismatches < MISMATCHES_LOGGED:
+            lane = bad[0]
+            self.log.error(f"output beat {index} lane {lane}: got {(got >> (lane * w)) & mask:#x}, "
+                           f"expected {(want >> (lane * w)) & mask:#x} ({len(bad)} of {n} lanes differ)")
+        self.mismatches += len(bad)
+
+    def missing(self) -> None:
+        """The owed beats that never came (the decoder stopped)."""
+        if self.owed:
+            self.log.error(f"{len(self.owed)} output beats never came")
+            self.mismatches += len(self.owed) * self.cfg.lanes
+            self.owed.clear()
+
+
+class ModelFeed:
+    """The input monitor's sink: each transaction into the model; a beat's outputs to the scoreboard."""
+
+    def __init__(self, model: DecoderModel, scoreboard: Scoreboard, on_reset=None):
+        self.model, self.scoreboard, self.on_reset = model, scoreboard, on_reset
+        self.write, self.set_offset = model.write, model.set_offset
+
+    def reset(self) -> None:
+        self.model.reset()
+        self.scoreboard.flush()
+        if self.on_reset is not None:
+            self.on_reset()
+
+    def beat(self, blocks: int, swap: bool) -> None:
+        outputs = self.model.beat(blocks, swap)
+        self.scoreboard.expect(outputs, self.model.last)
 
 
 class Testbench:
-    def __init__(self, dut, cfg: DecoderConfig, rng: np.random.Generator, p_idle: float, p_stall: float):
-        self.dut, self.cfg, self.rng = dut, cfg, rng
-        self.p_idle, self.p_stall = p_idle, p_stall
-        self.lane_bits = reference.lane_word_bits(cfg)
-        self.checked = self.mismatches = 0
-        self.layers_checked: list[stimulus.Layer] = []
-        self.log = dut._log
+    """The components wired; one clock loop calls their phases each cycle (before the edge:
+    output monitor, input monitor, driver's sample; after it: driver, output ready), in that
+    order, so a reset never races an output beat, and cocotb schedules two awaits a cycle, not
+    one pair per component."""
 
-    # -- host side -------------------------------------------------------------------------
-    def _write(self, w) -> None:
-        d = self.dut
-        if w[0] == "lut":
-            _, bank, addr, value = w
-            k = self.cfg.layout.code_bits
-            d.load__payload.value = bank | (addr << 1) | (value << (1 + k))
-            d.load__valid.value = 1
-        else:
-            d.offset.value = w[1] & 0xFF
-            d.offset_we.value = 1
+    def __init__(self, dut, cfg: DecoderConfig, timing: np.random.Generator, p_idle: float, p_stall: float):
+        self.dut, self.cfg, self.timing, self.p_idle = dut, cfg, timing, p_idle
+        self.scoreboard = Scoreboard(cfg, dut._log)
+        self.driver = HostDriver(dut, cfg)
+        self.model = ModelFeed(DecoderModel(cfg), self.scoreboard, on_reset=self._after_reset)
+        self.input_monitor = InputMonitor(dut, cfg, self.model)
+        self.output_monitor = OutputMonitor(dut, timing, p_stall, self.scoreboard.compare)
+        self.cycles = 0
+        self._task = None
 
-    def _idle_writes(self) -> None:
-        self.dut.load__valid.value = 0
-        self.dut.offset_we.value = 0
+    def _after_reset(self) -> None:
+        self.output_monitor.stalled = False     # what was owed is gone: the output may flow again
 
-    async def _tick(self) -> None:
-        await RisingEdge(self.dut.clk)
-        self._idle_writes()
-
-    async def load(self, writes) -> None:
-        self.dut.blocks__valid.value = 0
-        for w in writes:
-            self._write(w)
-            await self._tick()
-
-    async def send(self, beat: int, swap: bool, budget: list | None = None) -> bool:
-        """Offer one beat until it is accepted (or a cycle budget runs out)."""
-        d = self.dut
-        d.blocks__payload.value = beat | (int(swap) << self.cfg.beat_bits)
-        d.blocks__valid.value = 1
+    async def _clock(self) -> None:
+        d, out, inp, drv = self.dut, self.output_monitor, self.input_monitor, self.driver
         while True:
             await ReadOnly()
-            accepted = d.blocks__ready.value == 1
-            await self._tick()
-            if accepted:
-                return True
-            if budget is not None:
-                budget[0] -= 1
-                if budget[0] <= 0:
-                    return False
-
-    async def drive(self, layers, cut_after: int | None = None) -> None:
-        """Stream ``layers``; with ``cut_after``, stop the first layer after that many beats."""
-        pending: list = []
-        await self.load(layers[0].writes())
-        for li, layer in enumerate(layers):
-            beats = reference.input_beats(self.cfg, layer.headers, layer.codes)
-            cut = cut_after is not None and li == 0
-            await self.load(pending)
-            pending = []
-            budget = [4 * cut_after * self.cfg.beats_per_block] if cut else None
-            for bi, beat in enumerate(beats[:cut_after] if cut else beats):
-                while self.rng.random() < self.p_idle:
-                    self.dut.blocks__valid.value = 0
-                    await self._tick()
-                if pending:
-                    self._write(pending.pop(0))
-                if not await self.send(beat, bi == 0, budget):
-                    break
-                if bi == 0 and li + 1 < len(layers) and not cut:
-                    pending = list(layers[li + 1].writes())
-            self.dut.blocks__valid.value = 0
-            if cut:
-                return
-
-    # -- device side -----------------------------------------------------------------------
-    async def collect(self, n_beats: int) -> list[int]:
-        d, got, cycles = self.dut, [], 0
-        while len(got) < n_beats:
-            ready = self.rng.random() >= self.p_stall
-            d.values__ready.value = int(ready)
-            await ReadOnly()
-            if ready and d.values__valid.value == 1:
-                got.append(int(d.values__payload.value))
+            out.sample()
+            inp.sample()
+            drv.sample()
             await RisingEdge(d.clk)
-            cycles += 1
-            assert cycles < 100 * n_beats + 10_000, "decoder stopped producing output"
-        return got
+            self.cycles += 1
+            drv.step()
+            out.drive()
 
-    async def quiet(self, cycles: int = 12) -> int:
-        """Output beats seen in ``cycles`` cycles after the expected ones (must be 0)."""
-        extra = 0
-        self.dut.values__ready.value = 1
+    def start(self) -> None:
+        self._task = cocotb.start_soon(self._clock())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def reset(self, cycles: int = 2) -> None:
+        self.driver.apply(HostCycle(reset=True))
         for _ in range(cycles):
-            await ReadOnly()
-            extra += int(self.dut.values__valid.value == 1)
             await RisingEdge(self.dut.clk)
-        return extra
+        self.driver.apply(HostCycle())
 
-    def score(self, layers, got: list[int], extra: int) -> None:
-        """Compare the output beats with golden's; ``extra`` beats came after the last one."""
-        want = [self._pack(beat) for layer in layers for beat in layer.expected(self.cfg)]
-        self.layers_checked += layers
-        w, n = self.lane_bits, self.cfg.lanes
-        mask = (1 << w) - 1
-        if len(got) != len(want):
-            self.log.error(f"got {len(got)} output beats, expected {len(want)}")
-        for i, (g, e) in enumerate(zip(got, want)):
-            if g != e:
-                bad = [lane for lane in range(n) if (g >> (lane * w)) & mask != (e >> (lane * w)) & mask]
-                if self.mismatches < 10:
-                    lane = bad[0]
-                    self.log.error(f"beat {i} lane {lane}: got {(g >> (lane * w)) & mask:#x}, "
-                                   f"expected {(e >> (lane * w)) & mask:#x}")
-                self.mismatches += len(bad)
-        if extra:
-            self.log.error(f"{extra} output beats more than the input gave")
-        self.mismatches += (abs(len(got) - len(want)) + extra) * n
-        self.checked += min(len(got), len(want)) * n
-
-    def _pack(self, lanes: list[int]) -> int:
-        return sum(v << (i * self.lane_bits) for i, v in enumerate(lanes))
-
-    async def reset(self) -> None:
-        d = self.dut
-        d.rst.value = 1
-        for _ in range(2):
-            await RisingEdge(d.clk)
-        d.rst.value = 0
-
-    async def run(self, layers) -> None:
-        n = sum(len(layer.expected(self.cfg)) for layer in layers)
-        drive = cocotb.start_soon(self.drive(layers))
-        got = await self.collect(n)
-        await drive
-        self.score(layers, got, await self.quiet())
-
-    async def run_reset(self, first, second, cut_after: int) -> None:
-        """Reset with a layer half streamed and the output stalled; then a fresh layer."""
-        self.dut.values__ready.value = 0
-        await self.drive([first], cut_after=cut_after)
-        await self.reset()
-        n = len(second.expected(self.cfg))
-        drive = cocotb.start_soon(self.drive([second]))
-        got = await self.collect(n)
-        await drive
-        self.score([second], got, await self.quiet())
+    async def run(self, job: stimulus.Job) -> None:
+        """One job: its host sequence, the drain of every owed beat, a quiet window."""
+        out = self.output_monitor
+        out.stalled = job.cut_after is not None         # the cut layer's output stays in the decoder
+        self.driver.start(stimulus.host_sequence(self.cfg, job.layers, self.timing, p_idle=self.p_idle,
+                                                 cut_after=job.cut_after))
+        await self.driver.done.wait()
+        out.stalled = False
+        limit = self.cycles + 100 * len(self.scoreboard.owed) + 10_000
+        while self.scoreboard.owed and self.cycles < limit:
+            await RisingEdge(self.dut.clk)
+        self.scoreboard.missing()
+        out.always_ready = True
+        for _ in range(QUIET_CYCLES):
+            await RisingEdge(self.dut.clk)
+        out.always_ready = False
 
 
-def _job_layers(cfg, job, rng) -> list[stimulus.Layer]:
-    kind = job["kind"]
-    if kind == "vectors":
-        layers = []
-        for v in read_vectors(Path(job["dir"])):
-            if v.layout != cfg.layout or v.hif != cfg.hif:
-                raise ValueError(f"{job['dir']}: vectors are for another layout/HIF than {cfg.name}")
-            layer = stimulus.Layer(v.luts, v.offset, *stimulus.pad_to_beats(cfg, v.headers, v.codes), v.name)
-            _check_vector_expectations(cfg, v)
-            layers.append(layer)
-        return layers
-    if kind == "random":
-        return [stimulus.random_layer(cfg, rng, job.get("blocks", 32)) for _ in range(job.get("layers", 3))]
-    if kind == "corners":
-        return [stimulus.corner_layer(cfg, off) for off in (-128, 0, 127)]
-    raise ValueError(f"unknown job kind {kind!r}")
-
-
-def _check_vector_expectations(cfg: DecoderConfig, v) -> None:
+def check_vector_expectations(cfg: DecoderConfig, vectors_dir: Path) -> None:
     """The vector files' expected values must be golden's (they are written from golden)."""
     from sop.golden.decoder import product_fields
-    if cfg.output == "bf16":
-        want = reference.lane_words(cfg, v.luts, v.offset, v.headers, v.codes)
-        assert np.array_equal(want, v.expected_bf16), f"{v.name}: BF16 vector file disagrees with golden"
-    else:
-        sign, sig, exp, _ = product_fields(cfg.hif, v.luts, cfg.layout, v.offset, v.headers, v.codes)
-        got = np.stack([sign.ravel(), exp.ravel(), sig.ravel()], axis=1)
-        assert np.array_equal(got, v.expected_exact), f"{v.name}: exact vector file disagrees with golden"
+    for v in read_vectors(vectors_dir):
+        if cfg.output == "bf16":
+            want = reference.lane_words(cfg, v.luts, v.offset, v.headers, v.codes)
+            assert np.array_equal(want, v.expected_bf16), f"{v.name}: BF16 vector file disagrees with golden"
+        else:
+            sign, sig, exp, _ = product_fields(cfg.hif, v.luts, cfg.layout, v.offset, v.headers, v.codes)
+            got = np.stack([sign.ravel(), exp.ravel(), sig.ravel()], axis=1)
+            assert np.array_equal(got, v.expected_exact), f"{v.name}: exact vector file disagrees with golden"
 
 
 @cocotb.test()
 async def regression(dut):
     plan = json.loads(Path(os.environ["SOP_SIM_PLAN"]).read_text())
-    cfg = dataclasses.replace(named_configs()[plan["config"]], lutram_depth=plan.get("lutram_depth", 0))
+    cfg = DecoderConfig.from_description(plan["decoder"])
     seed = cocotb.RANDOM_SEED
     dut._log.info(f"config {cfg.name}, random seed {seed} (rerun with COCOTB_RANDOM_SEED={seed})")
-    rng = np.random.default_rng(seed)
-    tb = Testbench(dut, cfg, rng, plan.get("p_idle", 0.2), plan.get("p_stall", 0.2))
+    content, timing = stimulus.seeded_rngs(seed)
+    jobs = stimulus.plan_jobs(cfg, plan, content)
+    for job in plan["jobs"]:
+        if job["kind"] == "vectors":
+            check_vector_expectations(cfg, Path(job["dir"]))
+    tb = Testbench(dut, cfg, timing, plan.get("p_idle", 0.2), plan.get("p_stall", 0.2))
     Clock(dut.clk, 10, unit="ns").start()
-    for name in ("blocks__valid", "load__valid", "offset_we", "values__ready"):
-        getattr(dut, name).value = 0
+    tb.driver.apply(HostCycle())
     dut.load__payload.value = 0
     dut.offset.value = 0
     dut.blocks__payload.value = 0
+    dut.values__ready.value = 0
+    tb.start()
     await tb.reset()
     t0 = time.time()
-    for job in plan["jobs"]:
-        if job["kind"] == "reset":
-            first = stimulus.random_layer(cfg, rng, 16)
-            second = stimulus.random_layer(cfg, rng, 8)
-            await tb.run_reset(first, second, cut_after=5)
-        else:
-            await tb.run(_job_layers(cfg, job, rng))
-    hit, total = stimulus.coverage(cfg, tb.layers_checked)
-    summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": tb.checked,
-               "mismatches": tb.mismatches, "coverage_hit": hit, "coverage_bins": total, "seconds": time.time() - t0}
+    for job in jobs:
+        await tb.run(job)
+    tb.stop()
+    sb = tb.scoreboard
+    hit, total = sb.coverage.counts
+    summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": sb.checked,
+               "mismatches": sb.mismatches, "coverage_hit": hit, "coverage_bins": total,
+               "coverage_map": sb.coverage.bitmap(), "seconds": time.time() - t0}
     Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
-    dut._log.info(f"{cfg.name}: {tb.checked} vectors checked, {tb.mismatches} mismatches, "
+    dut._log.info(f"{cfg.name}: {sb.checked} vectors checked, {sb.mismatches} mismatches, "
                   f"coverage {hit}/{total} = {hit / total:.3f}")
-    assert tb.mismatches == 0, f"{tb.mismatches} mismatching values"
+    assert sb.mismatches == 0, f"{sb.mismatches} mismatching values"

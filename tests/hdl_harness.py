@@ -1,10 +1,12 @@
-"""amaranth.sim harness for the decoder top: a host driver and a monitor.
+"""amaranth.sim harness for the decoder top: the shared host-sequence driver and a monitor.
 
 ``run_decoder`` streams any number of layers through a ``Decoder`` the
-way a host does (load the next layer's tables into the inactive page while the
-current layer streams, first beat of each layer with ``swap``), with random
-idle cycles on the input and random stalls on the output, and returns the
-output beats it saw. Layers and their expected beats come from sim.stimulus and hdl.reference (golden only).
+way a host does, with the cycles of ``sim.stimulus.host_sequence`` (the same
+host-sequence driver the cocotb bench, sim/tb_decoder.py, consumes): the next
+layer's tables loaded into the inactive page while the current layer streams,
+the first beat of each layer with ``swap``, random idle cycles on the input;
+and random stalls on the output. It returns the output beats it saw. Layers
+and their expected beats come from sim.stimulus and hdl.reference (golden only).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from amaranth.sim import Simulator
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
-from sop.sim.stimulus import Layer, corner_layer, random_layer  # noqa: F401  (re-exported for tests)
+from sop.sim.stimulus import HostCycle, Layer, corner_layer, host_sequence, random_layer  # noqa: F401  (re-exported)
 
 
 def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, p_stall=0.3,
@@ -41,71 +43,37 @@ def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, 
     n_expected = sum(len(layer.expected(cfg)) for layer in
                      (layers[1:] if reset_after_beats is not None else layers))
 
-    async def write_one(ctx, w):
-        if w[0] == "lut":
+    def apply(ctx, cycle: HostCycle):
+        w = cycle.write
+        lut = w is not None and w[0] == "lut"
+        if lut:
             _, bank, addr, value = w
             ctx.set(dut.load.payload.bank, bank)
             ctx.set(dut.load.payload.addr, addr)
             ctx.set(dut.load.payload.data, value)
-            ctx.set(dut.load.valid, 1)
-        else:
+        ctx.set(dut.load.valid, lut)
+        if w is not None and w[0] == "offset":
             ctx.set(dut.offset, w[1])
-            ctx.set(dut.offset_we, 1)
-
-    def idle_writes(ctx):
-        ctx.set(dut.load.valid, 0)
-        ctx.set(dut.offset_we, 0)
-
-    async def send(ctx, beat: int, swap: bool, budget: list | None):
-        """Offer one beat until accepted (or, in the reset phase, until the cycle budget runs out)."""
-        ctx.set(dut.blocks.payload.blocks, beat)
-        ctx.set(dut.blocks.payload.swap, int(swap))
-        ctx.set(dut.blocks.valid, 1)
-        while True:
-            _, _, ready = await ctx.tick().sample(dut.blocks.ready)
-            if ready:
-                return True
-            if budget is not None:
-                budget[0] -= 1
-                if budget[0] <= 0:
-                    return False
-
-    async def load(ctx, writes):
-        ctx.set(dut.blocks.valid, 0)
-        for w in writes:
-            await write_one(ctx, w)
-            await ctx.tick()
-        idle_writes(ctx)
+        ctx.set(dut.offset_we, w is not None and w[0] == "offset")
+        if cycle.beat is not None:
+            ctx.set(dut.blocks.payload.blocks, cycle.beat)
+            ctx.set(dut.blocks.payload.swap, cycle.swap)
+        ctx.set(dut.blocks.valid, cycle.beat is not None)
+        ctx.set(cd.rst, cycle.reset)
 
     async def driver(ctx):
-        await load(ctx, layers[0].writes())
-        pending = []
-        for li, layer in enumerate(layers):
-            beats = reference.input_beats(cfg, layer.headers, layer.codes)
-            cut = reset_after_beats is not None and li == 0
-            budget = [4 * reset_after_beats * cfg.beats_per_block] if cut else None
-            await load(ctx, pending)             # the next tables must be in before their swap beat
-            pending = []
-            for bi, beat in enumerate(beats[:reset_after_beats] if cut else beats):
-                while rng.random() < p_idle:
-                    ctx.set(dut.blocks.valid, 0)
-                    await ctx.tick()
-                if pending:                       # one table word per cycle beside the stream
-                    await write_one(ctx, pending.pop(0))
-                accepted = await send(ctx, beat, bi == 0, budget)
-                idle_writes(ctx)
-                if not accepted:
-                    break
-                if bi == 0 and li + 1 < len(layers) and not cut:
-                    pending = list(layers[li + 1].writes())
-            if cut:                               # reset with a beat possibly still offered
-                ctx.set(cd.rst, 1)
-                await ctx.tick()
-                ctx.set(cd.rst, 0)
-                ctx.set(dut.blocks.valid, 0)
-                after_reset[0] = True
-                pending = list(layers[1].writes()) if len(layers) > 1 else []
-        ctx.set(dut.blocks.valid, 0)
+        sequence = host_sequence(cfg, layers, rng, p_idle=p_idle, cut_after=reset_after_beats)
+        try:
+            cycle = next(sequence)
+            while True:
+                apply(ctx, cycle)
+                _, _, ready = await ctx.tick().sample(dut.blocks.ready)
+                if cycle.reset:
+                    after_reset[0] = True
+                cycle = sequence.send(cycle.beat is not None and bool(ready))
+        except StopIteration:
+            pass
+        apply(ctx, HostCycle())
 
     async def monitor(ctx):
         cycles = 0

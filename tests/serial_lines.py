@@ -5,9 +5,9 @@ import os
 import threading
 import tty
 
-from sop.synth import host
+from sop.synth import wire
 
-GARBAGE = bytes(b for b in range(256) if b != host.START)     # never a frame start
+GARBAGE = bytes(b for b in range(256) if b != wire.START)     # never a frame start
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
-"""`sop board` and synth/bringup.py without hardware: the board's whole design in amaranth.sim.
+"""`sop board` and synth/host/bringup.py without hardware: the board's whole design in amaranth.sim.
 
 A real MiniLM layer slice (a row or two, so each test takes seconds) goes
 through ``run_board`` into a simulated ``BoardCore`` (UART pins bit-banged by
-synth/simboard.py) with the board's decoder configuration, and the board's
-checksum must equal golden/'s. The CLI runs with ``host.SerialTransport``
+synth/gateware/simboard.py) with the board's decoder configuration, and the board's
+checksum must equal golden/'s. The CLI runs with ``client.SerialTransport``
 replaced by that simulated board, or on a pseudo-terminal that nobody answers
 (a real serial port for pyserial), or on a port that does not exist. Timeouts
 of the simulated board are in simulated seconds. The host's robustness on a
@@ -25,9 +25,10 @@ from serial_lines import GARBAGE, fed_pty
 from sop import cli
 from sop.golden.points import board_points
 from sop.hdl.decoder import Decoder
-from sop.synth import bringup, host
-from sop.synth.board import BOARDS
-from sop.synth import protocol
+from sop.synth import wire
+from sop.synth.gateware import protocol
+from sop.synth.gateware.board import BOARDS
+from sop.synth.host import bringup, client
 
 LAYER = "encoder.layer.0.attention.self.query.weight"
 
@@ -42,7 +43,7 @@ def sim_port(monkeypatch):
     """Make `sop board` talk to a simulated iCEBreaker core; returns the host timeout it needs."""
     def install(decoder=None):
         port, timeout = bringup.sim_board("icebreaker", decoder=decoder)
-        monkeypatch.setattr(host, "SerialTransport", lambda name, baud: port)
+        monkeypatch.setattr(client, "SerialTransport", lambda name, baud: port)
         return timeout
     return install
 
@@ -77,7 +78,7 @@ def test_a_broken_decoder_gives_mismatch_and_exit_1(sim_port, capsys):
 
 
 def test_the_make_sim_step_fails_on_a_mismatch(monkeypatch, capsys):
-    """`python -m sop.synth.bringup --sim` (make sim) exits 1 when the board's checksum differs."""
+    """`python -m sop.synth.host.bringup --sim` (make sim) exits 1 when the board's checksum differs."""
     broken = Decoder(BOARDS["icebreaker"].config(), bank=mutants.FlippedLutBit)
     monkeypatch.setattr(bringup, "sim_board", functools.partial(bringup.sim_board, decoder=broken))
     assert bringup.main(["--sim", "--rows", "1", "--layer", LAYER]) == 1
@@ -92,8 +93,29 @@ def test_a_board_with_another_decoder_is_refused(sim_port, capsys):
     assert "does not match format e2m3-ue4m4-g16: code_bits 4 (needs 6)" in err and "Traceback" not in err
 
 
+class ReportsSixBitCodes(protocol.ProtocolEngine):
+    """A broken engine: its STATUS says 6-bit codes while its decoder takes 4-bit ones."""
+
+    def status_bytes(self):
+        reply = super().status_bytes()
+        reply[2] = 6                                     # version, lanes, code bits, ...
+        return reply
+
+
+def test_a_board_whose_status_is_wrong_is_refused(monkeypatch, capsys):
+    """The device under test mutated, not the command line: the host refuses a board whose STATUS
+    describes another decoder than the one the format needs, before it loads anything."""
+    from sop.synth.gateware.simboard import stream_port
+
+    engine = ReportsSixBitCodes(BOARDS["icebreaker"].config())
+    monkeypatch.setattr(client, "SerialTransport", lambda name, baud: stream_port(engine))
+    assert cli.main(board_args("sim", "--timeout", "0.01")) == 1       # simulated seconds: 10,000 cycles
+    err = capsys.readouterr().err
+    assert "does not match format sop4-g16: code_bits 6 (needs 4)" in err and "Traceback" not in err
+
+
 def test_status_checks_version_and_lanes():
-    good = host.Status(host.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
+    good = wire.Status(wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
     assert bringup.check_status(good, "sop4-g16").lanes == 2
     with pytest.raises(bringup.BoardConfigError, match="protocol version 7"):
         bringup.check_status(replace(good, version=7), "sop4-g16")
@@ -110,7 +132,7 @@ def test_status_checks_version_and_lanes():
 def test_the_status_the_engine_reports_passes_the_check(fmt, lanes):
     """check_status's expectations are what the gateware's STATUS reply says for that decoder."""
     cfg = bringup.format_config(fmt, lanes)
-    st = host.Status(*protocol.status_bytes(cfg, host.DEFAULT_MAX_PAYLOAD)[:8], host.DEFAULT_MAX_PAYLOAD, 0)
+    st = wire.Status(*protocol.status_bytes(cfg, wire.DEFAULT_MAX_PAYLOAD)[:8], wire.DEFAULT_MAX_PAYLOAD, 0)
     assert bringup.check_status(st, fmt) == cfg
     other = next(f for f in board_points() if f != fmt)
     with pytest.raises(bringup.BoardConfigError, match=f"does not match format {other}"):
@@ -151,7 +173,7 @@ def test_an_unknown_layer_is_a_usage_error(capsys):
 # -- a hostile line and options that could hang the host ---------------------------------------
 def test_a_board_sending_garbage_forever_times_out_with_one_line(monkeypatch, capsys):
     """Garbage that never stops (a wrong baud rate looks like this) ends at --timeout, exit 1."""
-    real, opened = host.SerialTransport, []
+    real, opened = client.SerialTransport, []
 
     with fed_pty(itertools.repeat(GARBAGE[:64])) as (port, start):
         def open_and_feed(name, baud):
@@ -159,7 +181,7 @@ def test_a_board_sending_garbage_forever_times_out_with_one_line(monkeypatch, ca
             opened.append(time.monotonic())
             start()
             return transport
-        monkeypatch.setattr(host, "SerialTransport", open_and_feed)
+        monkeypatch.setattr(client, "SerialTransport", open_and_feed)
         assert cli.main(board_args(port, "--timeout", "0.3")) == 1
         took = time.monotonic() - opened[0]
     err = capsys.readouterr().err.strip()
@@ -169,13 +191,13 @@ def test_a_board_sending_garbage_forever_times_out_with_one_line(monkeypatch, ca
 
 
 def status_reply():
-    """The STATUS reply of the simulated iCEBreaker's decoder (as synth/protocol.py sends it)."""
+    """The STATUS reply of the simulated iCEBreaker's decoder (as synth/gateware/protocol.py sends it)."""
     cfg = BOARDS["icebreaker"].config()
-    return host.encode_frame(host.Cmd.STATUS | host.REPLY_BIT,
-                             bytes(protocol.status_bytes(cfg, host.DEFAULT_MAX_PAYLOAD)) + b"\0\0")
+    return wire.encode_frame(wire.Cmd.STATUS | wire.REPLY_BIT,
+                             bytes(protocol.status_bytes(cfg, wire.DEFAULT_MAX_PAYLOAD)) + b"\0\0")
 
 
-class Scripted(host.SerialTransport):
+class Scripted(client.SerialTransport):
     """pyserial's loop:// port whose every request is answered by the next scripted reply."""
 
     def __init__(self, replies):
@@ -187,15 +209,15 @@ class Scripted(host.SerialTransport):
 
 
 @pytest.mark.parametrize("replies, message", [
-    ([host.encode_frame(0x81, bytes(11))], "malformed STATUS reply from the board: 11 payload bytes"),
-    ([host.encode_frame(host.ERROR_REPLY, b"")], "malformed error reply from the board: 0 payload bytes"),
-    ([host.encode_frame(host.ERROR_REPLY, b"\x01")], "malformed error reply from the board: 1 payload bytes"),
-    ([host.encode_frame(0x42, b"")], "unexpected reply 0x42 to STATUS"),
+    ([wire.encode_frame(0x81, bytes(11))], "malformed STATUS reply from the board: 11 payload bytes"),
+    ([wire.encode_frame(wire.ERROR_REPLY, b"")], "malformed error reply from the board: 0 payload bytes"),
+    ([wire.encode_frame(wire.ERROR_REPLY, b"\x01")], "malformed error reply from the board: 1 payload bytes"),
+    ([wire.encode_frame(0x42, b"")], "unexpected reply 0x42 to STATUS"),
     ([b"\x55\x81\xff\xff" + bytes(64)], "length 65535 is over the 256-byte limit"),
-    ([status_reply(), host.encode_frame(0x85, bytes(7))], "malformed CHECKSUM reply from the board: 7 payload"),
+    ([status_reply(), wire.encode_frame(0x85, bytes(7))], "malformed CHECKSUM reply from the board: 7 payload"),
 ], ids=["status-short", "error-empty", "error-1-byte", "unknown-reply", "huge-length", "checksum-short"])
 def test_a_malformed_reply_exits_1_with_one_line(monkeypatch, capsys, replies, message):
-    monkeypatch.setattr(host, "SerialTransport", lambda name, baud: Scripted(replies))
+    monkeypatch.setattr(client, "SerialTransport", lambda name, baud: Scripted(replies))
     assert cli.main(board_args("loop://", "--timeout", "0.2")) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("sop board: ") and message in err and "\n" not in err

@@ -1,9 +1,14 @@
 """The cocotb regression's fast subset (`make sim` runs the whole of it).
 
-Real simulators on the generated Verilog: Icarus for the two operating points
-and sop4-g16 with its tables in LUT RAM rows (what ECP5 builds), Verilator for
-the 1-lane configuration; and a deliberately broken design must
-make the regression report mismatches.
+Real simulators on the generated Verilog: Icarus for the two operating points,
+for sop4-g16 with its tables in LUT RAM rows (what ECP5 builds) and for a
+configuration made by hand at run time (in no registry: the bench rebuilds it
+from the plan's description), Verilator for the 1-lane configuration. Each run
+must check every value of every block its plan streams (the reset job's cut
+layer aside), and its coverage must be exactly the bins of those blocks,
+rebuilt here from the plan and the seed. Broken designs (a flipped table bit,
+an inverted bank select, an output beat dropped) must make the streaming
+scoreboard report mismatches.
 """
 
 import dataclasses
@@ -12,38 +17,93 @@ import os
 
 import pytest
 from amaranth.back import verilog
+from amaranth.hdl import Module, Signal
+from amaranth.lib import wiring
 
 import mutants
 from sop.golden.layout import named_layouts
-from sop.hdl.config import named_configs
+from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
-from sop.sim import runner
+from sop.sim import runner, stimulus
 from sop.sim.vectors import VectorError, make_vectors, read_vectors
 
 CONFIGS = named_configs()
+# Made here, registered nowhere: the simulator's process must build it from the plan alone.
+ADHOC = DecoderConfig("adhoc-sop4-x2-exact", 2, named_layouts()["sop4-g16"], output="exact")
 
 
-@pytest.mark.parametrize("name,sim,lutram_depth", [("sop4-g16", "icarus", 0), ("e2m3-ue4m4-g16", "icarus", 0),
-                                                   ("sop4-g16-x1", "verilator", 0), ("sop4-g16", "icarus", 16)])
-def test_regression_quick(name, sim, lutram_depth, tmp_path):
-    # A fixed seed: the coverage bound below is then a fact about this stimulus, not a chance
-    # (`make sim` draws a new seed every run).
-    cfg = dataclasses.replace(CONFIGS[name], lutram_depth=lutram_depth)
-    s = runner.run(cfg, sim, quick=True, build_dir=tmp_path / "build", seed=1)
+def plan_blocks(summary: dict, build_dir, cfg) -> tuple[int, stimulus.Coverage, stimulus.Coverage]:
+    """(values the plan's checked blocks hold, their coverage, the corners job's coverage),
+    rebuilt from the plan the runner wrote and the seed the bench reported."""
+    plan = json.loads((build_dir / "plan.json").read_text())
+    assert DecoderConfig.from_description(plan["decoder"]) == cfg
+    content, _ = stimulus.seeded_rngs(summary["seed"])
+    values, cov, corners = 0, stimulus.Coverage(cfg), stimulus.Coverage(cfg)
+    for job in stimulus.plan_jobs(cfg, plan, content):
+        for layer in job.checked:
+            values += layer.codes.size
+            cov.add(layer.headers, layer.codes)
+            if job.kind == "corners":
+                corners.add(layer.headers, layer.codes)
+    return values, cov, corners
+
+
+@pytest.mark.parametrize("cfg,sim", [
+    (CONFIGS["sop4-g16"], "icarus"), (CONFIGS["e2m3-ue4m4-g16"], "icarus"),
+    (CONFIGS["sop4-g16-x1"], "verilator"), (dataclasses.replace(CONFIGS["sop4-g16"], lutram_depth=16), "icarus"),
+    (ADHOC, "icarus")], ids=["sop4-g16", "e2m3-ue4m4-g16", "sop4-g16-x1-verilator", "sop4-g16-lutram16", "adhoc"])
+def test_regression_quick(cfg, sim, tmp_path):
+    # A fixed seed reproduces a run; the checks below hold for any seed (`make sim` draws one each run).
+    build = tmp_path / "build"
+    s = runner.run(cfg, sim, quick=True, build_dir=build, seed=1)
     print(runner.summary_line(s))
     assert s["failed_tests"] == 0 and s["mismatches"] == 0
-    assert s["checked"] > 5000 and s["coverage_hit"] / s["coverage_bins"] > 0.5
+    values, cov, corners = plan_blocks(s, build, cfg)
+    assert s["checked"] == values                      # every value of every checked block, once
+    assert (s["coverage_hit"], s["coverage_bins"]) == cov.counts and s["coverage_map"] == cov.bitmap()
+    # the corners job alone: every code x bank x sign at the smallest and largest scale exponent
+    lay = cfg.layout
+    assert corners.counts[0] == (1 << lay.code_bits) * lay.banks * (2 if lay.signed_scale else 1) * 2
+    assert ((cov.hit | corners.hit) == cov.hit).all()
 
 
-@pytest.mark.parametrize("mutant", ["bank", "mux"])
+class DropsABeat(wiring.Component):
+    """The decoder with its ``index``-th output beat swallowed (taken from the decoder, never
+    offered): every beat after it comes one place early."""
+
+    def __init__(self, cfg: DecoderConfig, index: int = 40):
+        self.decoder, self.index = Decoder(cfg), index
+        super().__init__(self.decoder.signature)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.decoder = dec = self.decoder
+        wiring.connect(m, wiring.flipped(self.blocks), dec.blocks)
+        wiring.connect(m, wiring.flipped(self.load), dec.load)
+        m.d.comb += [dec.offset.eq(self.offset), dec.offset_we.eq(self.offset_we)]
+        count = Signal(range(self.index + 2))
+        drop = count == self.index
+        m.d.comb += [self.values.payload.eq(dec.values.payload), self.values.valid.eq(dec.values.valid & ~drop),
+                     dec.values.ready.eq(self.values.ready | drop)]
+        with m.If(dec.values.valid & dec.values.ready & (count <= self.index)):
+            m.d.sync += count.eq(count + 1)
+        return m
+
+
+@pytest.mark.parametrize("mutant", ["bank", "mux", "drop"])
 def test_regression_reports_a_broken_design(mutant, tmp_path):
     cfg = CONFIGS["sop4-g16"]
-    broken = Decoder(cfg, **{mutant: {"bank": mutants.FlippedLutBit, "mux": mutants.InvertedSelect}[mutant]})
+    broken = DropsABeat(cfg) if mutant == "drop" else \
+        Decoder(cfg, **{mutant: {"bank": mutants.FlippedLutBit, "mux": mutants.InvertedSelect}[mutant]})
     v = tmp_path / "broken.v"
     v.write_text(verilog.convert(broken, name=module_name(cfg), emit_src=False))
     s = runner.run(cfg, "icarus", quick=True, verilog=v, build_dir=tmp_path / "build", vectors=False)
     assert s["mismatches"] > 0 and s["failed_tests"] == 1
+    log = (tmp_path / "build" / "sim.log").read_text()
+    assert "lane" in log and "expected" in log                    # reported beat by beat as it came
+    if mutant == "drop":
+        assert "output beat 40 lane" in log                        # the first beat out of place
 
 
 def test_vectors_round_trip_and_bad_files(tmp_path):

@@ -1,4 +1,4 @@
-"""The board host never hangs and never misreads: synth/host.py against hostile serial lines.
+"""The board host never hangs and never misreads: synth/host/client.py against hostile serial lines.
 
 Role: the robustness contract of ``BoardLink`` (docs/board-protocol.md, "Host
 behaviour"): one deadline a reply, bounded buffers, every reply payload checked
@@ -28,16 +28,16 @@ from serial_lines import GARBAGE, fed_pty
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sop.synth import host
-from sop.synth.host import (BoardError, BoardLink, BoardTimeout, Cmd, Err, SerialTransport, Status,
-                            encode_frame)
+from sop.synth import wire
+from sop.synth.host.client import BoardError, BoardLink, BoardTimeout, SerialTransport
+from sop.synth.wire import Cmd, Err, Status, encode_frame
 
 BYTE_TIME = 1e-4               # FakeLine: seconds a byte (about 100 kBd)
 TIMEOUT = 0.05                 # FakeLine: the host's reply timeout (500 byte times)
 MESSAGE_MAX = 600              # characters: an error message quotes a bounded part of what came
-STATUS = Status(host.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
-STATUS_PAYLOAD = struct.pack(host.STATUS_FORMAT, *(getattr(STATUS, f) for f in Status.__dataclass_fields__))
-CHECKSUM_PAYLOAD = struct.pack(host.CHECKSUM_FORMAT, 1234, 0xDEADBEEF)
+STATUS = Status(wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
+STATUS_PAYLOAD = struct.pack(wire.STATUS_FORMAT, *(getattr(STATUS, f) for f in Status.__dataclass_fields__))
+CHECKSUM_PAYLOAD = struct.pack(wire.CHECKSUM_FORMAT, 1234, 0xDEADBEEF)
 
 
 class FakeLine:
@@ -73,7 +73,7 @@ def test_endless_garbage_ends_in_a_timeout_within_the_timeout():
         link.status()
     assert link.transport.t <= TIMEOUT + BYTE_TIME
     assert len(str(err.value)) < MESSAGE_MAX
-    assert max(link.transport.reads) <= host.HEADER_BYTES + host.CRC_BYTES     # never past a minimal frame
+    assert max(link.transport.reads) <= wire.HEADER_BYTES + wire.CRC_BYTES     # never past a minimal frame
 
 
 @pytest.mark.parametrize("source, error, match", [
@@ -105,8 +105,8 @@ def test_a_bogus_huge_length_is_neither_waited_for_nor_buffered():
 
 
 def test_a_valid_reply_after_garbage_is_read_and_nothing_past_it():
-    after = encode_frame(Cmd.CHECKSUM | host.REPLY_BIT, CHECKSUM_PAYLOAD)
-    link = fake_link(bytes(GARBAGE[:100]) + encode_frame(Cmd.STATUS | host.REPLY_BIT, STATUS_PAYLOAD) + after)
+    after = encode_frame(Cmd.CHECKSUM | wire.REPLY_BIT, CHECKSUM_PAYLOAD)
+    link = fake_link(bytes(GARBAGE[:100]) + encode_frame(Cmd.STATUS | wire.REPLY_BIT, STATUS_PAYLOAD) + after)
     assert link.status() == STATUS
     assert link.checksum() == (1234, 0xDEADBEEF)             # the second frame was left in the line
 
@@ -131,11 +131,11 @@ def test_a_timeout_that_could_hang_is_refused(timeout):
 
 # -- short and malformed replies -----------------------------------------------------------
 def ok(cmd, payload=b""):
-    return encode_frame(cmd | host.REPLY_BIT, payload)
+    return encode_frame(cmd | wire.REPLY_BIT, payload)
 
 
 def err_frame(payload):
-    return encode_frame(host.ERROR_REPLY, payload)
+    return encode_frame(wire.ERROR_REPLY, payload)
 
 
 MALFORMED = {   # name: (command, its reply bytes, message)
@@ -166,9 +166,9 @@ MALFORMED = {   # name: (command, its reply bytes, message)
 def call(link, cmd):
     """The command as bringup.run_board uses it (decoded), its request already sent."""
     if cmd == Cmd.STATUS:
-        return Status(*struct.unpack(host.STATUS_FORMAT, link.reply(cmd)))
+        return Status(*struct.unpack(wire.STATUS_FORMAT, link.reply(cmd)))
     if cmd == Cmd.CHECKSUM:
-        return struct.unpack(host.CHECKSUM_FORMAT, link.reply(cmd))
+        return struct.unpack(wire.CHECKSUM_FORMAT, link.reply(cmd))
     return link.reply(cmd)
 
 
@@ -297,5 +297,5 @@ def test_fuzz_damaged_replies_never_give_a_different_result(cmd, garbage, tail, 
     intact = frame == ok(cmd, payload)
     if kind == "ok":
         assert value == expected
-    if intact and host.START not in garbage:                 # a clean line: it must be read right
+    if intact and wire.START not in garbage:                 # a clean line: it must be read right
         assert (kind, value) == ("ok", expected)

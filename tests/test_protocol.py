@@ -1,7 +1,8 @@
-"""The board protocol end to end: synth/host.py's BoardLink driving synth/protocol.py (+ the decoder) in amaranth.sim.
+"""The board protocol end to end: synth/host/client.py's BoardLink driving synth/gateware/protocol.py
+(+ the decoder) in amaranth.sim.
 
 The host code is the one a real board uses; its transport here is a byte
-queue bridged into the simulation (synth/simboard.py's ``SimSerial``), either
+queue bridged into the simulation (synth/gateware/simboard.py's ``SimSerial``), either
 straight onto the engine's byte streams (most tests: one byte per cycle) or
 through the UART pins of ``BoardCore`` (bit-banged by the testbench, an
 independent UART model). Timeouts are in simulated seconds. Expected values
@@ -21,12 +22,14 @@ from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
 from sop.sim.stimulus import from_stream, random_layer
-from sop.synth import host
-from sop.synth.board import BOARDS, BoardCore, elaborate_for
-from sop.synth.bringup import model_layer_stream
-from sop.synth.host import BoardError, BoardLink, BoardTimeout, Cmd, Err, encode_frame
-from sop.synth.protocol import ProtocolEngine
-from sop.synth.simboard import SimSerial, stream_port, uart_port, uart_timeout
+from sop.golden.files import crc32
+from sop.synth import wire
+from sop.synth.gateware.board import BOARDS, BoardCore, elaborate_for
+from sop.synth.gateware.protocol import ProtocolEngine
+from sop.synth.gateware.simboard import SimSerial, stream_port, uart_port, uart_timeout
+from sop.synth.host.bringup import model_layer_stream
+from sop.synth.host.client import BoardError, BoardLink, BoardTimeout, beat_bytes_of
+from sop.synth.wire import Cmd, Err, encode_frame
 
 CFG = DecoderConfig("board", 2, named_layouts()["sop4-g16"])
 PERIOD = 1e-6                  # simulated clock: 1 MHz
@@ -51,12 +54,12 @@ def make_engine(decoder=None):
 
 def beats_of(layer):
     eng_bb = CFG.blocks_per_beat * CFG.layout.block_bytes
-    return host.beat_bytes_of(reference.input_beats(CFG, layer.headers, layer.codes), eng_bb)
+    return beat_bytes_of(reference.input_beats(CFG, layer.headers, layer.codes), eng_bb)
 
 
 def expected_checksum(layers):
     beats = [beat for layer in layers for beat in layer.expected(CFG)]
-    return host.values_checksum(beats, reference.lane_word_bits(CFG))
+    return wire.values_checksum(beats, reference.lane_word_bits(CFG))
 
 
 def send_layers(link, layers):
@@ -75,12 +78,12 @@ def minilm_layer():
 def test_frame_encoding_and_crc_residue():
     frame = encode_frame(Cmd.OFFSET, b"\xfe")
     assert frame[:4] == bytes([0x55, Cmd.OFFSET, 1, 0]) and len(frame) == 4 + 1 + 4
-    assert struct.unpack("<I", frame[-4:])[0] == host.crc32(frame[1:-4])
+    assert struct.unpack("<I", frame[-4:])[0] == crc32(frame[1:-4])
     crc = 0xFFFFFFFF                               # the gateware's check: data + CRC leaves the residue
     for b in frame[1:]:
-        crc = host.crc32_update_byte(crc, b)
+        crc = wire.crc32_update_byte(crc, b)
     assert crc == 0xDEBB20E3
-    assert host.values_checksum([[1, 2], [0x1234, 0]], 16) == (4, host.crc32(bytes.fromhex("0100020034120000")))
+    assert wire.values_checksum([[1, 2], [0x1234, 0]], 16) == (4, crc32(bytes.fromhex("0100020034120000")))
 
 
 # -- through the byte streams -------------------------------------------------------------
@@ -88,7 +91,7 @@ def test_status_reports_the_configuration():
     link = stream_link(make_engine())
     st = link.status()
     assert (st.version, st.lanes, st.code_bits, st.group, st.beat_bytes, st.lane_bytes, st.hif_bits,
-            st.banks, st.max_payload, st.errors) == (host.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 64, 0)
+            st.banks, st.max_payload, st.errors) == (wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 64, 0)
 
 
 def test_minilm_layer_and_random_layers_decode_bit_exact(minilm_layer):

@@ -1,10 +1,10 @@
-"""synth/uart.py in amaranth.sim: the line format bit by bit, TX to RX loopback of every byte, framing errors."""
+"""synth/gateware/uart.py in amaranth.sim: the line format bit by bit, TX to RX loopback of every byte, framing errors."""
 
 import pytest
 from amaranth.hdl import Module
 from amaranth.sim import Simulator
 
-from sop.synth.uart import UartRx, UartTx, divisor_for
+from sop.synth.gateware.uart import UartRx, UartTx, divisor_for
 
 CLK, BAUD = 8e6, 2e6          # 4 cycles per bit
 D = 4

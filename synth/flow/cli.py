@@ -1,10 +1,10 @@
-"""`make synth`: every named decoder configuration through yosys and nextpnr (synth/flow.py).
+"""`make synth`: every named decoder configuration through yosys and nextpnr (yosys_nextpnr.py).
 
     python -m sop.synth [--config NAME ...] [--target generic|ice40|ecp5|ecp5-nodsp ...]
                         [--out build/synth] [--jobs N] [--force]
 
 Writes ``report.json``, ``details.json`` and ``report.md`` under ``--out``
-(schema in synth/flow.py and docs/synthesis.md), prints the markdown table
+(schema in synth/flow/yosys_nextpnr.py and docs/synthesis.md), prints the markdown table
 and the wall time. A run of some configurations or targets updates their
 entries and keeps the others. Runs whose Verilog, commands and tools are
 unchanged are taken from the cache (``--force`` repeats them). Exit status 2 for an
@@ -21,8 +21,8 @@ from pathlib import Path
 from sop import toolenv
 from sop.hdl.config import named_configs
 
-from .flow import (DEFAULT_OUT, DEFAULT_TARGETS, TARGETS, ToolError, markdown_table, merge_results,
-                   rtl_state, run_many, write_reports)
+from .yosys_nextpnr import (DEFAULT_OUT, DEFAULT_TARGETS, TARGETS, ToolError, markdown_table, merge_results,
+                            rtl_state, run_many, write_reports)
 
 
 def main(argv=None) -> int:

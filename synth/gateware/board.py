@@ -15,14 +15,12 @@ domain, created by the platform) and ``uart`` 0, and runs ``BoardCore`` with
 the board's decoder configuration (``BOARDS``): 2 lanes on the iCE40UP5K of
 the iCEBreaker, 8 on the ECP5-85F of the ULX3S, both sop4-g16 with BF16
 output, 115200 Bd. ``elaborate_for(board)`` checks a top against its platform
-with ``prepare()`` (no toolchain); ``build(board)`` runs the yowasp flow
-(sop.toolenv) into ``build/bitstream/<board>/`` without programming.
+with ``prepare()`` (no toolchain). The bitstream build (yowasp tools) is
+synth/flow/bitstream.py's.
 """
 
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from amaranth.hdl import Module
 from amaranth.lib import io, wiring
@@ -34,8 +32,6 @@ from sop.hdl.config import DecoderConfig
 
 from .protocol import ProtocolEngine
 from .uart import UartRx, UartTx
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class BoardCore(wiring.Component):
@@ -112,7 +108,7 @@ class BoardTop(wiring.Component):
         m.d.comb += [core.rx.eq(rx_pin.i), tx_pin.o.eq(core.tx)]
         if self.board.activity_led:
             # LED 0: serial activity. Not on the ULX3S: it was left out while that board's build
-            # still used ABC9, which failed an internal assertion with it (see build()).
+            # still used ABC9, which failed an internal assertion with it (synth/flow/bitstream.py).
             m.submodules.led0 = led0 = io.Buffer("o", platform.request("led", 0, dir="-"))
             m.d.comb += led0.o.eq(core.activity)
         return m
@@ -123,41 +119,3 @@ def elaborate_for(board: str):
     top = BoardTop(board)
     platform = BOARDS[board].platform()
     return platform.prepare(top, name=f"sop_{board}", debug_verilog=False)
-
-
-def build(board: str, build_dir: str | os.PathLike | None = None):
-    """Synthesize, place and route the board top with the yowasp tools; no programming."""
-    from sop import toolenv
-    env = toolenv.apply()
-    env.setdefault("OPENFPGALOADER", "true")          # the ULX3S plan names it even without programming
-    build_dir = Path(build_dir) if build_dir else ROOT / "build" / "bitstream" / board
-    platform = BOARDS[board].platform()
-    from sop.hdl.replica import YOSYS_KEEP
-    from .flow import ECP5_CLASSIC_LUT_MAP
-    overrides = {"script_after_read": "\n".join(YOSYS_KEEP)}
-    if board == "ulx3s":
-        # Yosys 0.70's ABC9 LUT mapping for ECP5 fails an internal assertion on this design
-        # (ABC_OPS_REINTEGRATE, rtlil.cc:3091): synth_ecp5 runs up to its LUT mapping, classic
-        # ABC maps the LUTs, and synth_ecp5 finishes from its cell mapping (as synth/flow.py's
-        # fallback does).
-        overrides["synth_opts"] = "-run begin:map_luts"
-        overrides["script_after_synth"] = "\n".join(ECP5_CLASSIC_LUT_MAP + (
-            f"synth_ecp5 -top sop_{board} -run map_cells:",))
-    return platform.build(BoardTop(board), name=f"sop_{board}", build_dir=str(build_dir), do_program=False,
-                          **overrides)
-
-
-def main(argv=None) -> int:
-    """``python -m sop.synth.board icebreaker|ulx3s``: build one board's bitstream."""
-    import sys
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] not in BOARDS:
-        print(f"usage: python -m sop.synth.board {{{'|'.join(BOARDS)}}}", file=sys.stderr)
-        return 2
-    build(args[0])
-    print(f"bitstream in {ROOT / 'build' / 'bitstream' / args[0]}/")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

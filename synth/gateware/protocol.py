@@ -1,8 +1,9 @@
 """The board protocol engine: framed bytes in, commands to ``hdl.decoder.Decoder``, replies out.
 
 Role: the gateware end of docs/board-protocol.md, between a byte stream (a
-UART, synth/board.py) and one decoder instance, which it contains
-(``engine.decoder``). The numbers of the protocol come from synth/host.py.
+UART, synth/gateware/board.py) and one decoder instance, which it contains
+(``engine.decoder``). The numbers of the protocol come from synth/wire.py
+(never from the host client, synth/host/).
 
 Interfaces (``sync`` domain): ``rx`` (stream of bytes in), ``tx`` (stream of
 bytes out). Nothing else: the decoder's ``values`` are consumed here, folded
@@ -28,6 +29,24 @@ Contract.
 * Decoded values are folded as each lane word's ``ceil(bits / 8)`` bytes, LSB
   first, lanes in order, one byte per cycle (``values.ready`` only on a beat's
   last byte); the CRC is zlib's CRC-32, the count is in lane words.
+
+Two FSMs, every state written out (docs/board-protocol.md, "Engine states"):
+
+* ``parser``: ``HUNT`` (outside a frame: wait for 0x55, report garbage once),
+  ``CMD``, ``LEN0``, ``LEN1``, ``PAYLOAD`` (into the buffer), ``CRC`` (the four
+  CRC bytes through the CRC register), ``EXEC`` (check the length, dispatch);
+  then per command, reading the buffer a byte at a time (a ``*_FETCH`` state
+  presents the address, the ``*_USE`` state after it sees the byte):
+  ``LOAD_FETCH``/``LOAD_USE``/``LOAD_ISSUE`` (one table word per entry),
+  ``OFFSET_FETCH``/``OFFSET_USE``, ``FLAGS_FETCH``/``FLAGS_USE`` then
+  ``BEAT_FETCH``/``BEAT_USE``/``BEAT_ISSUE`` (BLOCKS: one decoder beat per
+  ``beat bytes``), ``CHECKSUM_FETCH``/``CHECKSUM_USE``/``CHECKSUM_WAIT``
+  (until the pipeline is empty). Every command ends in ``HUNT`` with its reply
+  requested. The receiving states (``CMD`` to ``CRC``) drop the half frame on
+  a byte gap (TIMEOUT).
+* ``reply``: ``IDLE``, then ``START``, ``CMD``, ``LEN0``, ``LEN1``,
+  ``PAYLOAD``, ``CRC``: one byte each per ``tx`` transfer, the CRC folded in
+  from ``CMD`` to the end of the payload.
 """
 
 
@@ -39,13 +58,9 @@ from amaranth.lib.wiring import In, Out
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
 from sop.hdl.reference import lane_word_bits
-
-from .host import (CLEAR_FLAG, DEFAULT_MAX_PAYLOAD, ERROR_REPLY, LOAD_ENTRY_BYTES, PROTOCOL_VERSION,
-                   REPLY_BIT, START, SWAP_FLAG, Cmd, Err, crc32_update_byte, lane_bytes)
-
-CRC_INIT = 0xFFFFFFFF
-CRC_GOOD = 0xDEBB20E3          # raw register after data + its own CRC-32 (LE): ~0x2144DF1C
-REPLY_MAX = 12                 # longest reply payload (STATUS)
+from sop.synth.wire import (CLEAR_FLAG, CRC_INIT, CRC_RESIDUE, DEFAULT_MAX_PAYLOAD, ERROR_REPLY,
+                            LOAD_ENTRY_BYTES, PROTOCOL_VERSION, REPLY_BIT, REPLY_MAX, START, SWAP_FLAG, Cmd, Err,
+                            crc32_update_byte, lane_bytes)
 
 
 def _crc_taps() -> list[tuple[list[int], list[int]]]:
@@ -124,20 +139,32 @@ class ProtocolEngine(wiring.Component):
             reply(ERROR_REPLY, [int(code), cmd_seen])
             m.d.sync += errors.eq(errors + 1)
 
+        def put(byte):
+            """Offer ``byte`` on ``tx``; true when it is taken."""
+            m.d.comb += [sending.eq(1), self.tx.valid.eq(1), self.tx.payload.eq(byte)]
+            return self.tx.ready
+
         r_crc_bytes = Array(r_crc[8 * i:8 * i + 8] ^ 0xFF for i in range(4))
         with m.FSM(name="reply"):
             with m.State("IDLE"):
                 with m.If(r_go):
                     m.d.sync += [r_go.eq(0), r_idx.eq(0), r_crc.eq(CRC_INIT)]
                     m.next = "START"
-            for state, byte, nxt in (("START", Const(START, 8), "CMD"), ("CMD", r_cmd, "LEN0"),
-                                     ("LEN0", r_len, "LEN1"), ("LEN1", Const(0, 8), "PAYLOAD")):
-                with m.State(state):
-                    m.d.comb += [sending.eq(1), self.tx.valid.eq(1), self.tx.payload.eq(byte)]
-                    with m.If(self.tx.ready):
-                        if state != "START":
-                            m.d.sync += r_crc.eq(crc32_update(r_crc, byte))
-                        m.next = nxt
+            with m.State("START"):                     # the start byte is not in the CRC
+                with m.If(put(Const(START, 8))):
+                    m.next = "CMD"
+            with m.State("CMD"):
+                with m.If(put(r_cmd)):
+                    m.d.sync += r_crc.eq(crc32_update(r_crc, r_cmd))
+                    m.next = "LEN0"
+            with m.State("LEN0"):
+                with m.If(put(r_len)):
+                    m.d.sync += r_crc.eq(crc32_update(r_crc, r_len))
+                    m.next = "LEN1"
+            with m.State("LEN1"):                      # replies are shorter than 256 bytes
+                with m.If(put(Const(0, 8))):
+                    m.d.sync += r_crc.eq(crc32_update(r_crc, Const(0, 8)))
+                    m.next = "PAYLOAD"
             with m.State("PAYLOAD"):
                 m.d.comb += sending.eq(1)
                 byte = Array(r_bytes)[r_idx]
@@ -149,8 +176,7 @@ class ProtocolEngine(wiring.Component):
                     with m.If(self.tx.ready):
                         m.d.sync += [r_crc.eq(crc32_update(r_crc, byte)), r_idx.eq(r_idx + 1)]
             with m.State("CRC"):
-                m.d.comb += [sending.eq(1), self.tx.valid.eq(1), self.tx.payload.eq(r_crc_bytes[r_idx[:2]])]
-                with m.If(self.tx.ready):
+                with m.If(put(r_crc_bytes[r_idx[:2]])):
                     m.d.sync += r_idx.eq(r_idx + 1)
                     with m.If(r_idx == 3):
                         m.next = "IDLE"
@@ -205,21 +231,27 @@ class ProtocolEngine(wiring.Component):
             m.d.sync += gap.eq(gap + 1)
         timed_out = (gap == self.gap_cycles) & ~self.rx.valid
 
-        def receiving(state, body):
-            with m.State(state):
-                m.d.comb += self.rx.ready.eq(1)
-                with m.If(take):
-                    body()
-                with m.Elif(timed_out):
-                    error(Err.TIMEOUT, cmd)
-                    m.d.sync += [quiet.eq(1), gap.eq(0)]
-                    m.next = "HUNT"
+        def drop_half_frame():
+            """A receiving state after a byte gap: TIMEOUT, back to hunting for a start byte."""
+            error(Err.TIMEOUT, cmd)
+            m.d.sync += [quiet.eq(1), gap.eq(0)]
+            m.next = "HUNT"
 
         def finish(payload=()):
+            """The command is done: its OK reply, then the next frame."""
             reply(cmd | REPLY_BIT, list(payload))
             m.next = "HUNT"
 
+        def bad_length():
+            error(Err.BAD_LENGTH, cmd)
+            m.next = "HUNT"
+
+        def gather():
+            """A ``*_USE`` state: the buffer's byte into the accumulator, the next address."""
+            m.d.sync += [acc.eq(Cat(acc[8:], rp.data)), idx.eq(idx + 1), sub.eq(sub + 1)]
+
         with m.FSM(name="parser"):
+            # -- receiving a frame: one byte a transfer, each state ends at a byte gap --------
             with m.State("HUNT"):
                 m.d.comb += self.rx.ready.eq(~busy)
                 with m.If(take):
@@ -232,54 +264,66 @@ class ProtocolEngine(wiring.Component):
                 with m.Elif(timed_out):
                     m.d.sync += [quiet.eq(0), gap.eq(0)]
 
-            def on_cmd():
-                m.d.sync += [cmd.eq(byte), crc.eq(crc_next)]
-                m.next = "LEN0"
-            receiving("CMD", on_cmd)
+            with m.State("CMD"):
+                m.d.comb += self.rx.ready.eq(1)
+                with m.If(take):
+                    m.d.sync += [cmd.eq(byte), crc.eq(crc_next)]
+                    m.next = "LEN0"
+                with m.Elif(timed_out):
+                    drop_half_frame()
 
-            def on_len0():
-                m.d.sync += [length[:8].eq(byte), crc.eq(crc_next)]
-                m.next = "LEN1"
-            receiving("LEN0", on_len0)
+            with m.State("LEN0"):
+                m.d.comb += self.rx.ready.eq(1)
+                with m.If(take):
+                    m.d.sync += [length[:8].eq(byte), crc.eq(crc_next)]
+                    m.next = "LEN1"
+                with m.Elif(timed_out):
+                    drop_half_frame()
 
-            def on_len1():
-                m.d.sync += [length[8:].eq(byte), crc.eq(crc_next), idx.eq(0), crc_n.eq(0),
-                             mod3.eq(0), modb.eq(bb - 1)]    # the first BLOCKS byte is the flags
-                with m.If(Cat(length[:8], byte) > self.max_payload):
-                    error(Err.OVERSIZE, cmd)
-                    m.d.sync += quiet.eq(1)
-                    m.next = "HUNT"
-                with m.Elif(Cat(length[:8], byte) == 0):
-                    m.next = "CRC"
-                with m.Else():
-                    m.next = "PAYLOAD"
-            receiving("LEN1", on_len1)
-
-            def on_payload():
-                m.d.comb += wp.en.eq(1)
-                m.d.sync += [crc.eq(crc_next), idx.eq(idx + 1),
-                             mod3.eq(Mux(mod3 == LOAD_ENTRY_BYTES - 1, 0, mod3 + 1)),
-                             modb.eq(Mux(modb == bb - 1, 0, modb + 1))]
-                with m.If(idx == length - 1):
-                    m.next = "CRC"
-            receiving("PAYLOAD", on_payload)
-
-            def on_crc():
-                m.d.sync += [crc.eq(crc_next), crc_n.eq(crc_n + 1)]
-                with m.If(crc_n == 3):
-                    with m.If(crc_next == CRC_GOOD):
-                        m.d.sync += [idx.eq(0), sub.eq(0), first.eq(1)]
-                        m.next = "EXEC"
-                    with m.Else():
-                        error(Err.BAD_CRC, cmd)
+            with m.State("LEN1"):
+                m.d.comb += self.rx.ready.eq(1)
+                with m.If(take):
+                    m.d.sync += [length[8:].eq(byte), crc.eq(crc_next), idx.eq(0), crc_n.eq(0),
+                                 mod3.eq(0), modb.eq(bb - 1)]    # the first BLOCKS byte is the flags
+                    with m.If(Cat(length[:8], byte) > self.max_payload):
+                        error(Err.OVERSIZE, cmd)
                         m.d.sync += quiet.eq(1)
                         m.next = "HUNT"
-            receiving("CRC", on_crc)
+                    with m.Elif(Cat(length[:8], byte) == 0):
+                        m.next = "CRC"
+                    with m.Else():
+                        m.next = "PAYLOAD"
+                with m.Elif(timed_out):
+                    drop_half_frame()
 
-            def bad_length():
-                error(Err.BAD_LENGTH, cmd)
-                m.next = "HUNT"
+            with m.State("PAYLOAD"):
+                m.d.comb += self.rx.ready.eq(1)
+                with m.If(take):
+                    m.d.comb += wp.en.eq(1)
+                    m.d.sync += [crc.eq(crc_next), idx.eq(idx + 1),
+                                 mod3.eq(Mux(mod3 == LOAD_ENTRY_BYTES - 1, 0, mod3 + 1)),
+                                 modb.eq(Mux(modb == bb - 1, 0, modb + 1))]
+                    with m.If(idx == length - 1):
+                        m.next = "CRC"
+                with m.Elif(timed_out):
+                    drop_half_frame()
 
+            with m.State("CRC"):
+                m.d.comb += self.rx.ready.eq(1)
+                with m.If(take):
+                    m.d.sync += [crc.eq(crc_next), crc_n.eq(crc_n + 1)]
+                    with m.If(crc_n == 3):
+                        with m.If(crc_next == CRC_RESIDUE):
+                            m.d.sync += [idx.eq(0), sub.eq(0), first.eq(1)]
+                            m.next = "EXEC"
+                        with m.Else():
+                            error(Err.BAD_CRC, cmd)
+                            m.d.sync += quiet.eq(1)
+                            m.next = "HUNT"
+                with m.Elif(timed_out):
+                    drop_half_frame()
+
+            # -- a whole, checked frame: the length for the command, then its states ---------
             with m.State("EXEC"):
                 with m.Switch(cmd):
                     with m.Case(Cmd.STATUS):
@@ -311,22 +355,18 @@ class ProtocolEngine(wiring.Component):
                         error(Err.UNKNOWN_CMD, cmd)
                         m.next = "HUNT"
 
-            # Reading the buffer: FETCH presents idx to the read port, USE sees its byte.
-            def fetch(state, use):
-                with m.State(state):
-                    m.next = use
-
-            def gather(use, unit, issue):
-                with m.State(use):
-                    m.d.sync += [acc.eq(Cat(acc[8:], rp.data)), idx.eq(idx + 1), sub.eq(sub + 1)]
-                    with m.If(sub == unit - 1):
-                        m.d.sync += sub.eq(0)
-                        m.next = issue
-                    with m.Else():
-                        m.next = use.replace("USE", "FETCH")
-
-            fetch("LOAD_FETCH", "LOAD_USE")
-            gather("LOAD_USE", LOAD_ENTRY_BYTES, "LOAD_ISSUE")
+            # Reading the buffer: a *_FETCH state presents idx to the read port, the *_USE state
+            # after it sees its byte.
+            # LOAD: 3-byte entries, each one table word into the decoder's inactive page.
+            with m.State("LOAD_FETCH"):
+                m.next = "LOAD_USE"
+            with m.State("LOAD_USE"):
+                gather()
+                with m.If(sub == LOAD_ENTRY_BYTES - 1):
+                    m.d.sync += sub.eq(0)
+                    m.next = "LOAD_ISSUE"
+                with m.Else():
+                    m.next = "LOAD_FETCH"
             with m.State("LOAD_ISSUE"):
                 entry = acc[len(acc) - 8 * LOAD_ENTRY_BYTES:]
                 m.d.comb += [dec.load.valid.eq(1), dec.load.payload.bank.eq(entry[7]),
@@ -336,17 +376,28 @@ class ProtocolEngine(wiring.Component):
                 with m.Else():
                     m.next = "LOAD_FETCH"
 
-            fetch("OFFSET_FETCH", "OFFSET_USE")
+            # OFFSET: one byte, the inactive page's per-layer offset.
+            with m.State("OFFSET_FETCH"):
+                m.next = "OFFSET_USE"
             with m.State("OFFSET_USE"):
                 m.d.comb += [dec.offset.eq(rp.data), dec.offset_we.eq(1)]
                 finish()
 
-            fetch("FLAGS_FETCH", "FLAGS_USE")
+            # BLOCKS: the flags byte, then whole beats into the decoder (swap on the first if flagged).
+            with m.State("FLAGS_FETCH"):
+                m.next = "FLAGS_USE"
             with m.State("FLAGS_USE"):
                 m.d.sync += [flags.eq(rp.data), idx.eq(1)]
                 m.next = "BEAT_FETCH"
-            fetch("BEAT_FETCH", "BEAT_USE")
-            gather("BEAT_USE", bb, "BEAT_ISSUE")
+            with m.State("BEAT_FETCH"):
+                m.next = "BEAT_USE"
+            with m.State("BEAT_USE"):
+                gather()
+                with m.If(sub == bb - 1):
+                    m.d.sync += sub.eq(0)
+                    m.next = "BEAT_ISSUE"
+                with m.Else():
+                    m.next = "BEAT_FETCH"
             with m.State("BEAT_ISSUE"):
                 m.d.comb += [dec.blocks.valid.eq(1), dec.blocks.payload.blocks.eq(acc[:cfg.beat_bits]),
                              dec.blocks.payload.swap.eq(first & (flags & SWAP_FLAG).any())]
@@ -357,7 +408,9 @@ class ProtocolEngine(wiring.Component):
                     with m.Else():
                         m.next = "BEAT_FETCH"
 
-            fetch("CHECKSUM_FETCH", "CHECKSUM_USE")
+            # CHECKSUM: the optional flags byte, then wait until every owed output beat is folded in.
+            with m.State("CHECKSUM_FETCH"):
+                m.next = "CHECKSUM_USE"
             with m.State("CHECKSUM_USE"):
                 with m.If(length == 1):
                     m.d.sync += flags.eq(rp.data)

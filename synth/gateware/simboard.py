@@ -1,21 +1,23 @@
 """A board in amaranth.sim as a host transport: the far end of ``BoardLink`` without hardware.
 
-Role: lets the host code a real board uses (synth/host.py, synth/bringup.py)
-drive the gateware in simulation, for tests/test_protocol.py,
-tests/test_board_cli.py and ``python -m sop.synth.bringup --sim``.
+Role: lets the host code a real board uses (synth/host/client.py,
+synth/host/bringup.py) drive the gateware in simulation, for
+tests/test_protocol.py, tests/test_board_cli.py and
+``python -m sop.synth.host.bringup --sim``. Gateware side: it imports no host
+module; the host hands it bytes.
 
 ``SimSerial`` is a transport (``write(bytes)``, ``read(n, timeout)``) whose
 bytes go through a queue into a running ``Simulator``; ``read`` advances the
 simulation until the bytes arrive or ``timeout`` *simulated* seconds pass, and
 ``now()`` is the simulated time (a clock for throughput figures); ``close()``
-does nothing, so it stands in for host.SerialTransport. Two bridges
+does nothing, so it stands in for host.client.SerialTransport. Two bridges
 connect the queues to a design:
 
 * ``stream_port(engine)``: straight onto a ``ProtocolEngine``'s byte streams,
   one byte a cycle (fast; no UART);
 * ``uart_port(core, divisor)``: onto the ``rx`` / ``tx`` pins of a
   ``BoardCore``, bit-banged by the testbench at ``divisor`` cycles a bit (an
-  UART model independent of synth/uart.py), so the whole board design runs.
+  UART model independent of synth/gateware/uart.py), so the whole board design runs.
 
 The host "sends" a frame at once while the wire needs ``10 * divisor`` cycles
 a byte: ``uart_timeout`` gives a host timeout that covers a whole frame on the
@@ -58,7 +60,7 @@ class SimSerial:
         return self.t
 
     def close(self) -> None:
-        """Nothing to release (a drop-in for host.SerialTransport)."""
+        """Nothing to release (a drop-in for host.client.SerialTransport)."""
 
 
 def stream_port(engine, *, period: float = DEFAULT_PERIOD) -> SimSerial:

@@ -21,7 +21,7 @@ and the baud rate; one bit lasts ``divisor = round(clk_freq / baud)`` cycles
   (a break does not produce bytes). ``o`` holds one byte: the receiver cannot
   stall the line, so a byte that arrives while the previous one is still not
   taken replaces it, with an ``overrun`` pulse. A consumer that may stall
-  longer than one byte time puts a FIFO behind ``o`` (synth/board.py does).
+  longer than one byte time puts a FIFO behind ``o`` (synth/gateware/board.py does).
 """
 
 

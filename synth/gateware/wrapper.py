@@ -24,7 +24,7 @@ Ports of the wrapper: ``clk``, ``din`` (``din_width`` bits), ``dout``
 (``dout_width`` bits); no reset pin. Contract: the wrapped design is the
 submodule ``dut`` (its Verilog module is ``<top>.dut``), unchanged, so its
 cell counts can be read from a synthesis that keeps its hierarchy
-(synth/flow.py). The wrapper is a synthesis harness, not a usable interface:
+(synth/flow/yosys_nextpnr.py). The wrapper is a synthesis harness, not a usable interface:
 the inputs change every cycle.
 """
 

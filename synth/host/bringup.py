@@ -1,25 +1,27 @@
 """Board bring-up: one real quantized layer through a board's decoder, checked against golden/.
 
 Role: the logic behind ``sop board`` (sop/cli.py holds only its argparse) and
-behind the board step of ``make sim``, ``python -m sop.synth.bringup --sim``,
+behind the board step of ``make sim``, ``python -m sop.synth.host.bringup --sim``,
 which runs the same host code against the whole board design (UART pins
 included) in amaranth.sim.
 
 * ``model_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream) of
   one linear layer (or its first ``rows`` rows), as ``sop vectors`` quantizes it.
 * ``run_board(transport, stream, fmt)``: over any byte transport
-  (host.SerialTransport for a board, simboard.SimSerial for its simulation):
+  (client.SerialTransport for a board, gateware.simboard.SimSerial for its
+  simulation):
   STATUS must report the protocol version and the decoder of ``fmt``
   (``BoardConfigError`` if not); then the LUT banks and offset are loaded,
   the layer's blocks streamed (table swap on the first beat), and the board's
   (count, CRC-32) of the decoded values compared with
-  ``host.values_checksum(hdl.reference.expected_beats(...))``. Returns a
+  ``wire.values_checksum(hdl.reference.expected_beats(...))``. Returns a
   ``BoardResult`` with the throughput of the streaming phase (BLOCKS frames
   until the CHECKSUM reply) in values/s and bytes/s over the wire (both
   directions, frames included), timed by ``clock`` (simulated seconds in
   simulation).
 * ``sim_board(board, divisor)``: a ``BoardCore`` with the board's decoder
-  configuration behind a bit-banged UART at ``divisor`` clock cycles a bit.
+  configuration behind a bit-banged UART at ``divisor`` clock cycles a bit
+  (the gateware is imported there only: the rest is host code).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from sop.golden.points import board_points, get_point
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.sim.stimulus import from_stream
+from sop.synth import wire
+from sop.synth.wire import Status
 
-from . import host
-from .host import BoardLink, Status
+from . import client
+from .client import BoardLink
 
 SIM_DIVISOR = 4                                    # simulated UART: clock cycles a bit
 SIM_ROWS = 96                                      # `make sim`: rows of the layer (about 2 min on one core)
@@ -48,7 +52,7 @@ class BoardConfigError(RuntimeError):
 
 # A board that does not answer, answers wrong or runs another decoder: a failed check (exit 1),
 # not a usage error, although BoardTimeout is an OSError.
-BOARD_FAILURES = (host.BoardTimeout, host.BoardError, BoardConfigError)
+BOARD_FAILURES = (client.BoardTimeout, client.BoardError, BoardConfigError)
 
 
 @dataclass(frozen=True)
@@ -128,18 +132,18 @@ def format_config(fmt: str, lanes: int) -> DecoderConfig:
 
 
 def status_fields(cfg: DecoderConfig) -> dict[str, int]:
-    """What STATUS reports for ``cfg`` (the lanes aside), by host.Status field."""
-    return {"version": host.PROTOCOL_VERSION, "code_bits": cfg.layout.code_bits, "group": cfg.layout.group,
+    """What STATUS reports for ``cfg`` (the lanes aside), by wire.Status field."""
+    return {"version": wire.PROTOCOL_VERSION, "code_bits": cfg.layout.code_bits, "group": cfg.layout.group,
             "beat_bytes": cfg.blocks_per_beat * cfg.layout.block_bytes,
-            "lane_bytes": host.lane_bytes(reference.lane_word_bits(cfg)), "hif_bits": cfg.hif.bits,
+            "lane_bytes": wire.lane_bytes(reference.lane_word_bits(cfg)), "hif_bits": cfg.hif.bits,
             "banks": cfg.layout.banks}
 
 
 def check_status(st: Status, fmt: str) -> DecoderConfig:
     """The board's decoder configuration for ``fmt``; ``BoardConfigError`` when STATUS disagrees."""
-    if st.version != host.PROTOCOL_VERSION:     # the other fields may mean something else
+    if st.version != wire.PROTOCOL_VERSION:     # the other fields may mean something else
         raise BoardConfigError(f"the board speaks protocol version {st.version}, this host "
-                               f"{host.PROTOCOL_VERSION}; rebuild the bitstream from this checkout")
+                               f"{wire.PROTOCOL_VERSION}; rebuild the bitstream from this checkout")
     try:
         cfg = format_config(fmt, st.lanes)
     except ValueError as err:                  # lanes the generator would refuse: not our decoder
@@ -184,8 +188,8 @@ def run_board(transport, stream: LayerStream, fmt: str, *, name: str = "", timeo
     cfg = check_status(st, fmt)
     link.max_payload = st.max_payload
     layer = from_stream(cfg, stream, name)     # padded to whole beats as the decoder takes them
-    beats = host.beat_bytes_of(reference.input_beats(cfg, layer.headers, layer.codes), st.beat_bytes)
-    expected = host.values_checksum(layer.expected(cfg), reference.lane_word_bits(cfg))
+    beats = client.beat_bytes_of(reference.input_beats(cfg, layer.headers, layer.codes), st.beat_bytes)
+    expected = wire.values_checksum(layer.expected(cfg), reference.lane_word_bits(cfg))
     link.checksum(clear=True)                  # count from zero, whatever ran before
     link.load_layer(layer.luts, layer.offset)
     t0, b0 = clock(), meter.bytes
@@ -202,8 +206,8 @@ def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=Non
     cycles a bit (faster than the board's 115200 Bd, which would take ~100 cycles a bit);
     ``decoder`` replaces the decoder (a broken one, in tests).
     """
-    from .board import BOARDS, BoardCore
-    from .simboard import uart_port, uart_timeout
+    from sop.synth.gateware.board import BOARDS, BoardCore
+    from sop.synth.gateware.simboard import uart_port, uart_timeout
 
     if board not in BOARDS:
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
@@ -223,8 +227,8 @@ def simulate(model: str = "minilm", fmt: str = "sop4-g16", layer: str | None = N
 
 
 def main(argv=None) -> int:
-    """``python -m sop.synth.bringup --sim``: a real layer through the simulated board; 1 on a mismatch."""
-    p = argparse.ArgumentParser(prog="python -m sop.synth.bringup",
+    """``python -m sop.synth.host.bringup --sim``: a real layer through the simulated board; 1 on a mismatch."""
+    p = argparse.ArgumentParser(prog="python -m sop.synth.host.bringup",
                                 description="a real quantized layer through the whole board design "
                                             "(UART pins included) in amaranth.sim, checked against golden/; "
                                             "for a real board use `sop board --port PORT`")

@@ -1,12 +1,10 @@
-"""The host side of the board protocol (docs/board-protocol.md), in plain Python.
+"""The host side of the board protocol (docs/board-protocol.md): the protocol client, in plain Python.
 
-This module is the one definition of the protocol's numbers (start byte,
-commands, error codes, the CRC) that the gateware (synth/protocol.py) imports
-too, plus the host:
+The protocol's numbers, frames and CRC are synth/wire.py's, which the gateware
+(synth/gateware/) imports too; this module is the host:
 
-* ``encode_frame`` / ``read_frame``: frames ``0x55 | cmd | len u16 LE | payload |
-  crc32 LE``, the CRC being zlib's CRC-32 (golden.files.crc32) over
-  ``cmd``, ``len`` and ``payload``.
+* ``read_frame`` (in ``BoardLink``): the reply frames ``encode_frame``
+  (synth/wire.py) writes, checked against zlib's CRC-32 (golden.files.crc32).
 * ``BoardLink(transport)``: the commands (status, LUT load, offset, blocks,
   checksum of the decoded values) over any byte transport, request then reply.
   A transport has ``write(data: bytes)`` and ``read(n: int, timeout: float) ->
@@ -14,9 +12,11 @@ too, plus the host:
   rest, and it blocks, not spins, while it waits), and optionally ``now()``
   (its clock, in the seconds of those timeouts), which a pyserial ``Serial``
   wrapped in ``SerialTransport`` provides, and the amaranth.sim bridge of
-  synth/simboard.py too.
-* ``values_checksum``: the (count, CRC-32) the board must report for a list of
-  expected output beats (hdl.reference.expected_beats).
+  synth/gateware/simboard.py too.
+* ``beat_bytes_of``: input beats as integers to their bytes on the wire.
+
+What the board must report for a layer is ``wire.values_checksum`` of the
+expected output beats (hdl.reference.expected_beats).
 
 Errors: ``BoardTimeout`` when no complete reply comes within the timeout, with
 what was received; ``BoardError`` for an error reply from the board (bad CRC,
@@ -35,53 +35,26 @@ CHECKSUM, error replies), so a short or malformed reply is a ``BoardError``
 naming what was wrong, never a ``struct.error`` or ``IndexError``. ``resync()``
 gives up (``BoardTimeout``) when the line does not go quiet within
 ``timeout + quiet``. Time is the transport's: ``transport.now()`` when it has
-one (simulated seconds for synth/simboard.py), else ``time.monotonic``.
+one (simulated seconds for synth/gateware/simboard.py), else ``time.monotonic``.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import struct
 import time
-from dataclasses import dataclass
 
 from sop.golden.files import crc32
+from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_MAX_PAYLOAD, ERROR_PAYLOAD_BYTES,
+                            ERROR_REPLY, HEADER_BYTES, LOAD_ENTRY_BYTES, REPLY_BIT, REPLY_PAYLOAD_BYTES, START,
+                            STATUS_FORMAT, SWAP_FLAG, Cmd, Err, Status, encode_frame)
 
-PROTOCOL_VERSION = 1
-START = 0x55
-CRC_BYTES = 4
-HEADER_BYTES = 4                       # start, cmd, len (u16 LE)
-REPLY_BIT = 0x80                       # an OK reply's cmd is the request's cmd | 0x80
-ERROR_REPLY = 0xFF                     # an error reply's cmd
-LOAD_ENTRY_BYTES = 3                   # {bank << 7 | addr}, HIF data u16 LE
-SWAP_FLAG = 0x01                       # BLOCKS flags: the frame's first beat carries swap
-CLEAR_FLAG = 0x01                      # CHECKSUM flags: restart count and CRC after the reply
-DEFAULT_MAX_PAYLOAD = 256
 # The host's bounds on what it reads (it never waits for, or keeps, more): a reply's payload (replies
 # are at most 12 bytes in this version; the cap stays below a bogus 64 KiB length field), the garbage
 # bytes quoted in an error message (the rest are only counted), the bytes resync() hands back.
 MAX_REPLY_PAYLOAD = DEFAULT_MAX_PAYLOAD
 GARBAGE_KEPT = 64
 RESYNC_KEPT = 4096
-ERROR_PAYLOAD_BYTES = 2                # an error reply's payload: {code, cmd}
-
-
-class Cmd(enum.IntEnum):
-    STATUS = 0x01
-    LOAD = 0x02
-    OFFSET = 0x03
-    BLOCKS = 0x04
-    CHECKSUM = 0x05
-
-
-class Err(enum.IntEnum):
-    BAD_CRC = 1
-    UNKNOWN_CMD = 2
-    OVERSIZE = 3
-    BAD_LENGTH = 4
-    TIMEOUT = 5            # byte gap inside a frame: the half-received frame is dropped
-    GARBAGE = 6            # bytes outside a frame (reported once per run of them)
 
 
 class BoardError(RuntimeError):
@@ -94,51 +67,6 @@ class BoardError(RuntimeError):
 
 class BoardTimeout(TimeoutError):
     """No complete reply within the timeout."""
-
-
-@dataclass(frozen=True)
-class Status:
-    version: int
-    lanes: int
-    code_bits: int
-    group: int
-    beat_bytes: int
-    lane_bytes: int
-    hif_bits: int
-    banks: int
-    max_payload: int
-    errors: int            # error replies the board has sent since reset (mod 2^16)
-
-
-STATUS_FORMAT = "<8BHH"
-CHECKSUM_FORMAT = "<II"
-# The OK reply payload of each command, in bytes: checked before it is decoded.
-REPLY_PAYLOAD_BYTES = {Cmd.STATUS: struct.calcsize(STATUS_FORMAT), Cmd.LOAD: 0, Cmd.OFFSET: 0, Cmd.BLOCKS: 0,
-                       Cmd.CHECKSUM: struct.calcsize(CHECKSUM_FORMAT)}
-
-
-def encode_frame(cmd: int, payload: bytes = b"") -> bytes:
-    body = bytes([cmd]) + struct.pack("<H", len(payload)) + bytes(payload)
-    return bytes([START]) + body + struct.pack("<I", crc32(body))
-
-
-def crc32_update_byte(crc: int, byte: int) -> int:
-    """One byte into the raw (reflected, not inverted) CRC-32 register, as the gateware does it."""
-    crc ^= byte
-    for _ in range(8):
-        crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
-    return crc
-
-
-def lane_bytes(lane_bits: int) -> int:
-    return (lane_bits + 7) // 8
-
-
-def values_checksum(beats: list[list[int]], lane_bits: int) -> tuple[int, int]:
-    """(number of lane words, CRC-32 of the words in order, each ``lane_bytes`` bytes LE)."""
-    nb = lane_bytes(lane_bits)
-    data = b"".join(int(w).to_bytes(nb, "little") for beat in beats for w in beat)
-    return sum(len(b) for b in beats), crc32(data)
 
 
 class SerialTransport:

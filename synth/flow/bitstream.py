@@ -1,0 +1,61 @@
+"""`make bitstream`: a board's bitstream with the yowasp tools, nothing programmed.
+
+    python -m sop.synth.flow.bitstream icebreaker|ulx3s
+
+``build(board)`` synthesizes, places and routes the board top
+(synth/gateware/board.py, ``BoardTop``) through the board's Amaranth platform
+(amaranth-boards) with the yowasp tools (sop.toolenv), into
+``build/bitstream/<board>/`` under the working directory. The decoder's
+register copies are kept apart (hdl.replica's ``YOSYS_KEEP``); the ULX3S maps
+its LUTs with classic ABC (``ECP5_CLASSIC_LUT_MAP``, shared with
+synth/flow/yosys_nextpnr.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from sop.synth.gateware.board import BOARDS, BoardTop
+
+from .yosys_nextpnr import ECP5_CLASSIC_LUT_MAP
+
+
+def build(board: str, build_dir: str | os.PathLike | None = None):
+    """Synthesize, place and route the board top with the yowasp tools; no programming."""
+    from sop import toolenv
+    from sop.hdl.replica import YOSYS_KEEP
+
+    if board not in BOARDS:
+        raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
+    env = toolenv.apply()
+    env.setdefault("OPENFPGALOADER", "true")          # the ULX3S plan names it even without programming
+    build_dir = Path(build_dir) if build_dir else toolenv.build_root() / "bitstream" / board
+    platform = BOARDS[board].platform()
+    overrides = {"script_after_read": "\n".join(YOSYS_KEEP)}
+    if board == "ulx3s":
+        # Yosys 0.70's ABC9 LUT mapping for ECP5 fails an internal assertion on this design
+        # (ABC_OPS_REINTEGRATE, rtlil.cc:3091): synth_ecp5 runs up to its LUT mapping, classic
+        # ABC maps the LUTs, and synth_ecp5 finishes from its cell mapping (as the ``ecp5``
+        # target's fallback in yosys_nextpnr.py does).
+        overrides["synth_opts"] = "-run begin:map_luts"
+        overrides["script_after_synth"] = "\n".join(ECP5_CLASSIC_LUT_MAP + (
+            f"synth_ecp5 -top sop_{board} -run map_cells:",))
+    return platform.build(BoardTop(board), name=f"sop_{board}", build_dir=str(build_dir), do_program=False,
+                          **overrides)
+
+
+def main(argv=None) -> int:
+    """``python -m sop.synth.flow.bitstream icebreaker|ulx3s``: build one board's bitstream."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in BOARDS:
+        print(f"usage: python -m sop.synth.flow.bitstream {{{'|'.join(BOARDS)}}}", file=sys.stderr)
+        return 2
+    build(args[0])
+    print(f"bitstream in {Path('build', 'bitstream', args[0])}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The board protocol on the wire (docs/board-protocol.md): its numbers, frames and CRC.
+
+Plain Python, no Amaranth and no I/O: the one definition that both ends
+import, the gateware (synth/gateware/protocol.py builds its constants and its
+CRC network from these) and the host (synth/host/client.py). Neither end
+imports the other.
+
+* constants: ``PROTOCOL_VERSION``, ``START``, the header and CRC sizes, the
+  reply bit, the error reply's command, the LOAD entry size, the BLOCKS and
+  CHECKSUM flags, the boards' default max payload;
+* ``Cmd`` (request commands) and ``Err`` (error codes);
+* ``Status`` and ``STATUS_FORMAT`` (the STATUS reply payload), ``CHECKSUM_FORMAT``,
+  ``REPLY_PAYLOAD_BYTES`` (the OK reply payload of each command);
+* ``encode_frame``: ``0x55 | cmd | len u16 LE | payload | crc32 LE``, the CRC
+  being zlib's CRC-32 (golden.files.crc32) over ``cmd``, ``len`` and ``payload``;
+* ``crc32_update_byte``: one byte into the raw CRC-32 register, as the gateware
+  updates it (a frame followed by its own CRC leaves ``CRC_RESIDUE``);
+* ``lane_bytes`` and ``values_checksum``: the (count, CRC-32) of decoded lane
+  words that CHECKSUM reports.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from sop.golden.files import crc32
+
+PROTOCOL_VERSION = 1
+START = 0x55
+CRC_BYTES = 4
+HEADER_BYTES = 4                       # start, cmd, len (u16 LE)
+REPLY_BIT = 0x80                       # an OK reply's cmd is the request's cmd | 0x80
+ERROR_REPLY = 0xFF                     # an error reply's cmd
+ERROR_PAYLOAD_BYTES = 2                # an error reply's payload: {code, cmd}
+LOAD_ENTRY_BYTES = 3                   # {bank << 7 | addr}, HIF data u16 LE
+SWAP_FLAG = 0x01                       # BLOCKS flags: the frame's first beat carries swap
+CLEAR_FLAG = 0x01                      # CHECKSUM flags: restart count and CRC after the reply
+DEFAULT_MAX_PAYLOAD = 256
+CRC_INIT = 0xFFFFFFFF                  # the raw CRC-32 register before the first byte
+CRC_RESIDUE = 0xDEBB20E3               # the raw register after data + its own CRC-32 (LE): ~0x2144DF1C
+
+
+class Cmd(enum.IntEnum):
+    STATUS = 0x01
+    LOAD = 0x02
+    OFFSET = 0x03
+    BLOCKS = 0x04
+    CHECKSUM = 0x05
+
+
+class Err(enum.IntEnum):
+    BAD_CRC = 1
+    UNKNOWN_CMD = 2
+    OVERSIZE = 3
+    BAD_LENGTH = 4
+    TIMEOUT = 5            # byte gap inside a frame: the half-received frame is dropped
+    GARBAGE = 6            # bytes outside a frame (reported once per run of them)
+
+
+@dataclass(frozen=True)
+class Status:
+    version: int
+    lanes: int
+    code_bits: int
+    group: int
+    beat_bytes: int
+    lane_bytes: int
+    hif_bits: int
+    banks: int
+    max_payload: int
+    errors: int            # error replies the board has sent since reset (mod 2^16)
+
+
+STATUS_FORMAT = "<8BHH"
+CHECKSUM_FORMAT = "<II"
+# The OK reply payload of each command, in bytes.
+REPLY_PAYLOAD_BYTES = {Cmd.STATUS: struct.calcsize(STATUS_FORMAT), Cmd.LOAD: 0, Cmd.OFFSET: 0, Cmd.BLOCKS: 0,
+                       Cmd.CHECKSUM: struct.calcsize(CHECKSUM_FORMAT)}
+REPLY_MAX = max(REPLY_PAYLOAD_BYTES.values())      # the longest OK reply payload (STATUS, 12 bytes)
+
+
+def encode_frame(cmd: int, payload: bytes = b"") -> bytes:
+    body = bytes([cmd]) + struct.pack("<H", len(payload)) + bytes(payload)
+    return bytes([START]) + body + struct.pack("<I", crc32(body))
+
+
+def crc32_update_byte(crc: int, byte: int) -> int:
+    """One byte into the raw (reflected, not inverted) CRC-32 register, as the gateware does it."""
+    crc ^= byte
+    for _ in range(8):
+        crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
+    return crc
+
+
+def lane_bytes(lane_bits: int) -> int:
+    return (lane_bits + 7) // 8
+
+
+def values_checksum(beats: list[list[int]], lane_bits: int) -> tuple[int, int]:
+    """(number of lane words, CRC-32 of the words in order, each ``lane_bytes`` bytes LE)."""
+    nb = lane_bytes(lane_bits)
+    data = b"".join(int(w).to_bytes(nb, "little") for beat in beats for w in beat)
+    return sum(len(b) for b in beats), crc32(data)
