@@ -8,10 +8,14 @@ lane instead of two and leaves no data mux after the RAM.
 Combinational: ``select`` has one bit per block of the beat
 (``ceil(lanes / group)`` blocks), ``bank`` one bit per lane. With one bank (no
 selection bit in the header) the decoder does not instantiate it.
+
+Ports: ``select`` (in), ``bank`` (out). Latency 0. ``model`` gives each lane's
+bank from the blocks' selection bits.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from amaranth.hdl import Module, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
@@ -34,3 +38,10 @@ class CodebookMux(wiring.Component):
         for lane in range(self.lanes):
             m.d.comb += self.bank[lane].eq(self.select[self.block_of(lane)])
         return m
+
+
+def model(lanes: int, group: int, select) -> np.ndarray:
+    """Bank of each lane (..., lanes) from the selection bits (..., blocks) of the beat's blocks:
+    lane ``i`` belongs to block ``i // group`` (the one block when lanes <= group)."""
+    select = np.asarray(select, dtype=np.int64)
+    return select[..., np.minimum(np.arange(lanes) // group, select.shape[-1] - 1)]

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from amaranth.hdl import signed, unsigned
 from amaranth.lib import data
 
+from sop.golden.decoder import OUTPUTS
 from sop.golden.formats import FloatFormat
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import OFFSET_RANGE, BlockLayout
 
-OUTPUTS = ("exact", "bf16")
 MAX_LANES = 64
 
 

@@ -4,7 +4,9 @@
 
 For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
 with ``_`` for ``-``) and ``NAME.json``: the parameters, every port with its
-width and direction, and the pipeline latency. Files are written atomically.
+width and direction, the pipeline latency (and each component's share) and the
+fields of an output lane word (docs/hardware.md explains every field). Files are
+written atomically.
 
 ``--lutram-depth D`` builds each lane's table from ``D``-word memories
 (hdl/lut_bank.py) instead of one block-RAM-shaped memory. What ``make synth``
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from amaranth.back import verilog
 from amaranth.hdl import Shape
-from amaranth.lib import wiring
+from amaranth.lib import data, wiring
 
 from sop.golden.files import write_atomic
 
@@ -46,10 +48,24 @@ def ports(dut: wiring.Component) -> list[dict]:
     return out
 
 
+def lane_fields(config: DecoderConfig) -> list[dict]:
+    """The fields of one output lane word, LSB first: BF16, or the exact product's sig, exp, sign."""
+    shape = config.lane_layout
+    if not isinstance(shape, data.StructLayout):
+        return [{"name": config.output, "lsb": 0, "width": Shape.cast(shape).width, "signed": False}]
+    return [{"name": name, "lsb": f.offset, "width": f.width, "signed": Shape.cast(f.shape).signed}
+            for name, f in shape]
+
+
 def manifest(config: DecoderConfig, dut: Decoder) -> dict:
+    """The JSON manifest of ``dut`` (every field is explained in docs/hardware.md)."""
     return {"module": module_name(config), "parameters": config.describe(),
-            "latency_cycles": dut.latency, "ports": ports(dut),
-            "lane_word_bits": Shape.cast(config.lane_layout).width}
+            "latency_cycles": dut.latency,
+            "latency_stages": {"beat_issue": dut.issue.latency, "table_read": dut.lanes.read_latency,
+                               "formatter": dut.lanes.formatters[0].latency,
+                               "output": dut.output.latency},
+            "ports": ports(dut),
+            "lane_word_bits": Shape.cast(config.lane_layout).width, "lane_fields": lane_fields(config)}
 
 
 def generate(config: DecoderConfig, out_dir: Path) -> tuple[Path, Path]:

@@ -36,21 +36,33 @@ BF16 biased exponent of the result is ``Eb = e0 + 1 + top``. Stages:
 
 A multiplier of more than two levels (a scale with more than 3 mantissa bits)
 adds a stage before 3.
+
+Ports: ``en`` (in), ``word`` (in, ``lut_word.word(config)``), ``block`` (in,
+``scale_decoder.block(config)``), ``out`` (out, ``config.lane_layout``).
+Latency: ``latency`` enabled edges from ``word``/``block`` to ``out`` (the
+stages above; elaboration checks that it builds that many). ``model`` computes
+the output word from golden: the word's and the block's values as their
+contracts define them (hdl.lut_word, hdl.scale_decoder), their exact product,
+rounded by golden.formats' BF16 (or golden's exact product fields).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from . import lut_word, scale_decoder
+from sop.golden.decoder import float_fields
+
+from . import lut_word, reference, scale_decoder
 from .arith import PipelinedMultiplier, delay
 from .config import DecoderConfig
 from .replica import replica
+from .scale_decoder import BF16, BF16_M
 
-BF16_M = 7
 WINDOW = BF16_M + 3              # R0 (8 bits) and the guard bit, plus the top bit of p
+SATURATED = int(BF16.encode(BF16.max))      # 0x7F7F: the largest finite BF16
 MAX_SHIFT = 10                   # from a right shift of 10 on, everything rounds to zero
 
 
@@ -80,8 +92,12 @@ class HifFormatter(wiring.Component):
         cfg, hif, scale = self.config, self.config.hif, self.config.scale
         M = hif.mbits
 
+        depth = 0               # register stages built on the path from word/block to out
+
         def stage(*pairs):
-            """Registers loaded from ``pairs`` (name, value, shape) when ``en`` is high."""
+            """Registers loaded from ``pairs`` (name, value, shape) when ``en`` is high: one stage."""
+            nonlocal depth
+            depth += 1
             regs = []
             for name, value, shape in pairs:
                 r = Signal(shape, name=name, reset_less=True)
@@ -103,6 +119,7 @@ class HifFormatter(wiring.Component):
             lm = mul.latency
             m.d.comb += [self.out.sig.eq(mul.p), self.out.exp.eq(delay(m, self.en, exp, lm - 1, "exp")),
                          self.out.sign.eq(delay(m, self.en, sign, lm - 1, "sign"))]
+            assert depth + lm - 1 == self.latency
             return m
 
         # 1-2: the product; beside it the exponent e0 and what follows from it
@@ -117,7 +134,7 @@ class HifFormatter(wiring.Component):
             m.d.sync += e0_copy.eq(word.exp + blk.kb)
         # Written as bit logic on e0, not as comparisons, so that no carry chain follows the add
         # of stage 1 (sub: -e0 clamped to MAX_SHIFT = 10; e0 in [-16, -1] iff its top bits are all ones).
-        neg, low, high = e0[-1], e0[:4], e0[8:-1]
+        neg, high = e0[-1], e0[8:-1]
         minus16_to_1 = e0_copy[-1] & e0_copy[4:].all()
         normal0, normal1, sat0, sat1, eb0, sub, zero, sign = stage(
             ("normal0_2", ~neg, 1), ("normal1_2", ~neg | e0.all(), 1),              # Eb >= 1, top = 0 / 1
@@ -131,6 +148,7 @@ class HifFormatter(wiring.Component):
         normal0, normal1, sat0, sat1, eb0, sub, zero, sign = (
             delay(m, self.en, s, align - 2, s.name) for s in (normal0, normal1, sat0, sat1, eb0, sub, zero, sign))
         p = delay(m, self.en, mul.p, align - mul.latency, "p")
+        depth += align - 2
         P = cfg.sig_bits
 
         # 3: select by top; a WINDOW-bit window of p, shifted right by sa mod 4
@@ -167,11 +185,39 @@ class HifFormatter(wiring.Component):
             ("zero5", zero, 1), ("sign5", sign, 1))
 
         # 6: saturate to 0x7F7F, zero, sign
-        (out,) = stage(("out6", Cat(Mux(zero, 0, Mux(sat, 0x7F7F, word15)), sign), unsigned(16)))
+        (out,) = stage(("out6", Cat(Mux(zero, 0, Mux(sat, SATURATED, word15)), sign), unsigned(16)))
         m.d.comb += self.out.eq(out)
+        assert depth == self.latency
         return m
 
     @staticmethod
     def round_up(r0, guard, sticky):
         """Round to nearest, ties to even: up when past the half, or at it with R0 odd."""
         return guard & (sticky | r0[0])
+
+
+def model(config: DecoderConfig, words, block: dict) -> np.ndarray:
+    """Output words of table words ``words`` (integers, ``lut_word.word(config)``) times blocks
+    ``block`` (arrays of the ``scale_decoder.block(config)`` fields).
+
+    Exact: the word is a HIF code; golden.decoder.float_fields gives ``(sign, Sh, Xh)`` and the
+    block ``(sig, exp, sign)`` is the scale times ``2^offset`` (golden's product fields), so the
+    lane is ``{Sh * sig, Xh + exp, sign_h ^ sign}`` (packed as hdl.reference packs it).
+    BF16: the word is ``(2^M + frac) * 2^(exp + exp_base)`` (zero where ``exp == 0``,
+    hdl.lut_word) and ``kb`` is defined so that ``e0 = exp + kb`` is the BF16 biased exponent
+    minus one of the ``P``-bit significand product ``p`` with its leading one at bit ``P - 2``
+    (hdl.scale_decoder): the value is ``p * 2^(e0 + 1 - bias - (P - 2))``, rounded by golden's
+    BF16 encoder (to nearest, ties to even, saturating, subnormals kept)."""
+    cfg, hif = config, config.hif
+    words = np.asarray(words, dtype=np.int64)
+    if cfg.output == "exact":
+        sign_h, sig_h, x_h = float_fields(hif, words)
+        return reference.pack_exact(cfg, sign_h ^ block["sign"], sig_h * block["sig"], x_h + block["exp"])
+    M, eb, Ms, P = hif.mbits, lut_word.exp_bits(cfg), cfg.scale.mbits, cfg.sig_bits
+    frac, exp, sign = words & ((1 << M) - 1), (words >> M) & ((1 << eb) - 1), (words >> (M + eb)) & 1
+    p = (frac + (1 << M)) * (np.asarray(block["frac"], dtype=np.int64) + (1 << Ms))
+    e0 = exp + np.asarray(block["kb"], dtype=np.int64)
+    mag = np.ldexp(p.astype(np.float64), (e0 + 1 - BF16.bias - (P - 2)).astype(np.int32))
+    mag = np.where((exp == 0) | (np.asarray(block["zero"]) == 1), 0.0, mag)
+    value = np.where((sign ^ np.asarray(block["sign"])) == 1, -mag, mag)
+    return BF16.encode(value).astype(np.int64)

@@ -28,10 +28,14 @@ front of the read register, and that read is the longest path of the lane.
 With ``lutram_depth = D`` the table is built from memories of ``D`` words:
 each is read into its own register, and a second register takes the
 addressed one (``read_latency`` 2; more flip-flops, a shorter path).
+
+Latency: ``read_latency`` enabled edges from a read to its word. ``model`` is
+the table lookup the reads must return.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from amaranth.hdl import Array, Cat, Module, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -118,3 +122,9 @@ class LutBank(wiring.Component):
                 m.d.sync += [part.eq(addr[part_bits:]), data_reg.eq(chosen)]
             m.d.comb += self.read_data[lane].eq(data_reg)
         return m
+
+
+def model(tables, page, bank, addr) -> np.ndarray:
+    """The word each read ``(page, bank, addr)`` returns: ``tables[page, bank, addr]`` (the last
+    word written there)."""
+    return np.asarray(tables)[np.asarray(page), np.asarray(bank), np.asarray(addr)]

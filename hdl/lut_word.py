@@ -12,8 +12,9 @@ The host loads HIF codes (golden.hif); the table stores them as ``word(config)``
   RAM width (11 bits for E3M6), which fits in the same RAM cells on ECP5
   (three 4-bit DPR16X4 columns) and on iCE40 (one 16-bit RAM40).
 
-``LutWordEncoder`` is the combinational HIF -> word encoder on the write path;
-``encode`` is its numpy model.
+``LutWordEncoder`` is the combinational HIF -> word encoder on the write path
+(ports ``hif`` in, ``word`` out; latency 0); ``encode`` (also ``model``) is its
+numpy model, from golden.decoder's fields of the HIF code.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def encode(config: DecoderConfig, codes) -> np.ndarray:
     field = np.where(sig == 0, 0, x - lz - exp_base(config))        # max(e, 1) + M - lz
     frac = (sig << lz) & ((1 << M) - 1)
     return frac | field << M | sign << (M + exp_bits(config))
+
+
+model = encode
 
 
 class LutWordEncoder(wiring.Component):

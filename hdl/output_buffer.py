@@ -20,23 +20,36 @@ A decoder with many lanes uses one buffer per group of lanes, each with its
 own copy of the (identical) control state, so that no control register drives
 the whole output.
 
-Ports
-* ``en``: the pipeline enable this cycle;
-* ``en_upcoming``: the enable of the next cycle (what ``en``'s register is loaded with);
-* ``entering_valid``: the valid bit of the beat that enters the last stage when ``en`` is high;
-* ``last``: the last stage's registers, valid when ``last_valid``;
-* ``values``: the output stream; its payload is the oldest skid entry while the
-  skid holds any (they are older), else the last stage;
-* ``en_next``: the enable decided now, for ``delay`` cycles later.
+``OutputBuffer`` ports
+* ``en`` (in): the pipeline enable this cycle;
+* ``en_upcoming`` (in): the enable of the next cycle (what ``en``'s register is
+  loaded with); the contract: ``en_upcoming`` now is ``en`` next cycle;
+* ``entering_valid`` (in): the valid bit of the beat that enters the last stage when ``en`` is high;
+* ``last`` (in): the last stage's registers, valid when the buffer's ``last_valid``;
+* ``values`` (out stream): its payload is the oldest skid entry while the skid
+  holds any (they are older), else the last stage;
+* ``en_next`` (out): the enable decided now, for ``delay`` cycles later.
+
+Latency 0: a beat in the last stage is on ``values`` in the same cycle while the
+skid is empty. ``model`` is the cycle model of the rule above (a FIFO, not the
+ring and thermometer code the hardware uses).
+
+``OutputStage`` is the decoder's output: one ``OutputBuffer`` per
+``replica.OUT_GROUP`` lanes (all with the same control state, so the first one's
+``valid`` is everyone's), their payloads side by side as one ``values`` stream,
+and their enable ports gathered in one ``control`` interface
+(hdl.pipeline.OutputControlSignature) for the pipeline control.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Const, Module, Mux, Signal
-from amaranth.lib import stream, wiring
+import numpy as np
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from . import replica as rep
+from .pipeline import OutputControlSignature, buffers
 
 
 class OutputBuffer(wiring.Component):
@@ -101,3 +114,64 @@ class OutputBuffer(wiring.Component):
             wp_next = wp ^ capture
             m.d.sync += [wp.eq(wp_next), rp.eq(wp_next ^ (nxt[0] & ~nxt[1]))]   # oldest = wp - fill
         return m
+
+
+class OutputStage(wiring.Component):
+    def __init__(self, lane_shape, lanes: int, *, delay: int = 1):
+        self.lane_shape, self.lanes, self.delay = lane_shape, lanes, delay
+        self.n_buffers = buffers(lanes)
+        super().__init__({
+            "last": In(data.ArrayLayout(lane_shape, lanes)),
+            "values": Out(stream.Signature(data.ArrayLayout(lane_shape, lanes))),
+            "control": Out(OutputControlSignature(self.n_buffers)),
+        })
+
+    @property
+    def latency(self) -> int:
+        """Cycles from the last stage to ``values`` (with the skid empty): none."""
+        return 0
+
+    def elaborate(self, platform):
+        m = Module()
+        per = self.lanes // self.n_buffers
+        outs = [OutputBuffer(data.ArrayLayout(self.lane_shape, per), delay=self.delay)
+                for _ in range(self.n_buffers)]
+        for j, ob in enumerate(outs):
+            m.submodules[f"output_buffer{j}"] = ob
+            m.d.comb += [ob.en.eq(self.control.en[j]), ob.en_upcoming.eq(self.control.en_upcoming[j]),
+                         ob.entering_valid.eq(self.control.entering_valid),
+                         self.control.en_next[j].eq(ob.en_next), ob.values.ready.eq(self.values.ready)]
+            m.d.comb += [ob.last[i].eq(self.last[j * per + i]) for i in range(per)]
+        m.d.comb += [self.values.valid.eq(outs[0].values.valid),
+                     self.values.payload.eq(Cat(ob.values.payload for ob in outs))]
+        return m
+
+
+def model(delay: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
+    """Cycle model of an ``OutputBuffer`` (or an ``OutputStage``: its buffers side by side).
+
+    Inputs per cycle ``t``: ``en[t]`` (``en_upcoming[t]`` is ``en[t + 1]``), ``entering_valid[t]``,
+    the last stage's payload ``last[t]`` (an integer) and ``values.ready`` ``ready[t]``. Returns per
+    cycle ``valid``, ``payload`` (0 where not valid) and ``en_next``. The rule: the output is the
+    oldest beat held; a beat that leaves the last stage (``en`` high) without being sent waits in
+    a FIFO of at most ``delay`` entries; ``en_next`` is high when at most one beat (FIFO plus last
+    stage) will be held next cycle."""
+    n = len(en)
+    out = {k: np.zeros(n, dtype=object) for k in ("valid", "payload", "en_next")}
+    fifo: list[int] = []
+    last_valid = False
+    for t in range(n):
+        valid = bool(fifo) or last_valid
+        payload = fifo[0] if fifo else int(last[t])
+        pop = valid and bool(ready[t])
+        pop_fifo, pop_last = pop and bool(fifo), pop and not fifo
+        if pop_fifo:
+            fifo.pop(0)
+        if en[t] and last_valid and not pop_last:
+            fifo.append(int(last[t]))
+        if len(fifo) > delay:
+            raise AssertionError(f"cycle {t}: {len(fifo)} beats in a skid of {delay}")
+        last_valid = bool(entering_valid[t]) if en[t] else (last_valid and not pop_last)
+        out["valid"][t], out["payload"][t] = int(valid), payload if valid else 0
+        out["en_next"][t] = int(len(fifo) + last_valid <= 1)
+    return {k: v.astype(np.int64) if k != "payload" else v for k, v in out.items()}

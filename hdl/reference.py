@@ -39,8 +39,15 @@ def lane_words(cfg: DecoderConfig, luts, offset: int, headers, codes) -> np.ndar
         values = decode_blocks(cfg.hif, luts, cfg.layout, offset, headers, codes, "bf16")
         return FORMATS["bf16"].encode(values).astype(np.int64).reshape(-1)
     sign, sig, exp, _ = product_fields(cfg.hif, luts, cfg.layout, offset, headers, codes)
+    return pack_exact(cfg, sign, sig, exp).reshape(-1)
+
+
+def pack_exact(cfg: DecoderConfig, sign, sig, exp) -> np.ndarray:
+    """Exact-output lane words: ``sig | exp << P | sign << (P + E)``, the exponent in E-bit two's
+    complement (``DecoderConfig.lane_layout``; docs/hardware.md)."""
     P, E = cfg.sig_bits, cfg.exp_shape.width
-    return (sig | ((exp & ((1 << E) - 1)) << P) | (sign << (P + E))).astype(np.int64).reshape(-1)
+    sign, sig, exp = (np.asarray(a, dtype=np.int64) for a in (sign, sig, exp))
+    return (sig | ((exp & ((1 << E) - 1)) << P) | (sign << (P + E))).astype(np.int64)
 
 
 def expected_beats(cfg: DecoderConfig, luts, offset: int, headers, codes) -> list[list[int]]:

@@ -1,16 +1,23 @@
 """Deliberately broken decoder parts, to show that each checker catches a real bug.
 
-Used by the amaranth.sim tests and by the cocotb regression test: a LUT bank
-that stores one bit of one entry flipped, one whose two-cycle (LUT RAM) read
-takes its word from the memory the *next* read addresses, a codebook mux with the selection
-inverted, and a formatter that rounds BF16 ties away from zero.
+Used by the amaranth.sim tests (tests/test_hdl_units.py, tests/test_hdl_decoder.py)
+and by the cocotb regression test: a LUT bank that stores one bit of one entry
+flipped, one whose two-cycle (LUT RAM) read takes its word from the memory the
+*next* read addresses, a codebook mux with the selection inverted, a formatter
+that rounds BF16 ties away from zero; and, each wrapping the real component
+behind its own ports, a scale decoder whose subnormal scales are one binade too
+large, block fields that take the other page's layer offset, and an output
+buffer whose enable decision arrives a cycle late.
 """
 
-from amaranth.hdl import Module, Mux
+from amaranth.hdl import Module, Mux, Signal
 
+from sop.hdl.block_fields import BlockFields
 from sop.hdl.codebook_mux import CodebookMux
 from sop.hdl.hif_formatter import HifFormatter
 from sop.hdl.lut_bank import LutBank
+from sop.hdl.output_buffer import OutputBuffer
+from sop.hdl.scale_decoder import ScaleDecoder
 
 
 class FlippedLutBit(LutBank):
@@ -43,3 +50,45 @@ class TiesAway(HifFormatter):
     @staticmethod
     def round_up(r0, guard, sticky):
         return guard
+
+
+class SubnormalScaleOffByOne(ScaleDecoder):
+    """A subnormal scale (exponent field 0) gets an exponent one too large."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.real = real = ScaleDecoder(self.config)
+        scale = self.config.scale
+        m.d.comb += [real.header.eq(self.header), self.select.eq(real.select), self.fields.eq(real.fields)]
+        with m.If(self.header[scale.mbits:scale.bits] == 0):
+            m.d.comb += self.fields.exp.eq(real.fields.exp + 1)
+        return m
+
+
+class OtherPageOffset(BlockFields):
+    """Each block takes the layer offset of the page it does not read."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.real = real = BlockFields(self.config, read_latency=self.read_latency)
+        m.d.comb += [real.enable.en.eq(self.enable.en), real.enable.lane.eq(self.enable.lane),
+                     real.issue.write_page.eq(self.issue.write_page), real.offset.eq(self.offset),
+                     real.offset_we.eq(self.offset_we), self.block.eq(real.block)]
+        for g, f in enumerate(self.issue.fields):
+            m.d.comb += [real.issue.fields[g].fields.eq(f.fields), real.issue.fields[g].page.eq(~f.page)]
+        return m
+
+
+class LateEnable(OutputBuffer):
+    """The enable decision leaves a cycle late (an extra register level without a larger skid)."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.real = real = OutputBuffer(self.last.shape(), delay=self.delay)
+        late = Signal(init=1)
+        m.d.sync += late.eq(real.en_next)
+        m.d.comb += [real.en.eq(self.en), real.en_upcoming.eq(self.en_upcoming),
+                     real.entering_valid.eq(self.entering_valid), real.last.eq(self.last),
+                     real.values.ready.eq(self.values.ready), self.values.valid.eq(real.values.valid),
+                     self.values.payload.eq(real.values.payload), self.en_next.eq(late)]
+        return m

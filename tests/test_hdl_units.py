@@ -1,23 +1,37 @@
-"""Unit tests of each decoder component in amaranth.sim, against golden/."""
+"""Unit tests of each decoder component in amaranth.sim, against its numpy model.
+
+Every component of hdl/ has a bit-exact ``model()`` beside it whose expectations
+come from golden/ (the number formats) or from the component's documented
+contract (the control); each test drives the RTL, with random stalls where it has
+an enable, and compares every output with the model. The data models are in turn
+checked against golden/'s decoder, and each comparison is shown to catch a broken
+component (tests/mutants.py).
+"""
 
 import dataclasses
 
 import mutants
 import numpy as np
 import pytest
-from amaranth.hdl import Elaboratable, Module, Signal
+from amaranth.hdl import Elaboratable, Module, Shape, Signal, Value, unsigned
+from amaranth.lib import data, wiring
 from amaranth.sim import Simulator
 
-from sop.golden.decoder import decode_blocks, product_fields
+from sop.golden.decoder import product_fields
 from sop.golden.formats import FORMATS, FloatFormat, get_format
 from sop.golden.layout import BlockLayout, named_layouts
-from sop.hdl import lut_word, scale_decoder
+from sop.hdl import (arith, beat_issue, block_fields, codebook_mux, hif_formatter, lanes as lanes_mod, lut_bank,
+                     lut_word, output_buffer, pipeline, reference, replica, scale_decoder)
 from sop.hdl.arith import PipelinedMultiplier
+from sop.hdl.beat_issue import BeatIssue
+from sop.hdl.block_fields import BlockFields
 from sop.hdl.codebook_mux import CodebookMux
 from sop.hdl.config import DecoderConfig
 from sop.hdl.hif_formatter import HifFormatter
+from sop.hdl.lanes import Lanes
 from sop.hdl.lut_bank import LutBank
-from sop.hdl.output_buffer import OutputBuffer
+from sop.hdl.output_buffer import OutputBuffer, OutputStage
+from sop.hdl.pipeline import PipelineControl
 from sop.hdl.reference import lane_words
 from sop.hdl.scale_decoder import ScaleDecoder
 
@@ -32,8 +46,39 @@ def simulate(dut, bench, clocked=True):
     sim.run()
 
 
-def config(output="bf16", layout="sop4-g16", lanes=1):
-    return DecoderConfig("t", lanes, LAY[layout], output=output)
+def config(output="bf16", layout="sop4-g16", lanes=1, lutram_depth=0):
+    return DecoderConfig("t", lanes, LAY[layout], output=output, lutram_depth=lutram_depth)
+
+
+def _width(shape) -> int:
+    return Shape.cast(shape).width
+
+
+def pack(shape, value) -> int:
+    """The integer of ``value`` (nested dicts / lists / ints) in layout ``shape``."""
+    if isinstance(shape, data.StructLayout):
+        return sum(pack(f.shape, value[name]) << f.offset for name, f in shape)
+    if isinstance(shape, data.ArrayLayout):
+        w = _width(shape.elem_shape)
+        return sum(pack(shape.elem_shape, v) << (i * w) for i, v in enumerate(value))
+    return int(value) & ((1 << _width(shape)) - 1)
+
+
+def unpack(shape, value: int):
+    """Nested dicts / lists / ints (signed fields sign-extended) of an integer in layout ``shape``."""
+    if isinstance(shape, data.StructLayout):
+        return {name: unpack(f.shape, (value >> f.offset) & ((1 << f.width) - 1)) for name, f in shape}
+    if isinstance(shape, data.ArrayLayout):
+        w = _width(shape.elem_shape)
+        return [unpack(shape.elem_shape, (value >> (i * w)) & ((1 << w) - 1)) for i in range(shape.length)]
+    s = Shape.cast(shape)
+    value &= (1 << s.width) - 1
+    return value - (1 << s.width) if s.signed and value >> (s.width - 1) else value
+
+
+def row(fields: dict, n: int) -> dict:
+    """Element ``n`` of a dict of arrays, as ints."""
+    return {k: int(v[n]) for k, v in fields.items()}
 
 
 # -- LUT word encoder ------------------------------------------------------------------------
@@ -44,13 +89,14 @@ def test_lut_word_encoder_every_hif_code(output):
     to golden's HIF values (normalized: the leading one at bit M)."""
     cfg = config(output)
     hif, codes = cfg.hif, np.arange(1 << cfg.hif.bits)
-    want = lut_word.encode(cfg, codes)
+    want = lut_word.model(cfg, codes)
     if output == "bf16":
         M, eb = hif.mbits, lut_word.exp_bits(cfg)
         frac, exp, sign = want & ((1 << M) - 1), (want >> M) & ((1 << eb) - 1), want >> (M + eb)
         mag = np.where(exp == 0, 0.0, np.ldexp((frac + (1 << M)).astype(float), exp + lut_word.exp_base(cfg)))
         np.testing.assert_array_equal(np.where(sign == 1, -mag, mag), hif.values)
         assert (np.signbit(hif.values) == (sign == 1)).all()
+        assert ((exp == 0) | (frac + (1 << M) >= 1 << M)).all()
     else:
         np.testing.assert_array_equal(want, codes)
     dut = lut_word.LutWordEncoder(cfg)
@@ -90,19 +136,19 @@ def test_pipelined_multiplier_every_product(a_bits, b_bits):
 
     simulate(dut, bench)
     assert len(got) > len(a) // 2
-    np.testing.assert_array_equal(got, (a * b)[:len(got)])
+    np.testing.assert_array_equal(got, arith.model(a, b)[:len(got)])
 
 
 # -- LUT bank and codebook mux --------------------------------------------------------------
 
 def check_lut_bank(lutram_depth, bank_cls=LutBank):
     """Reads of every page, bank and address on three lanes with their own random read
-    enables: ``read_data`` is always the word of the read issued ``read_latency`` enabled
-    edges ago (held while stalled); a word written in cycle t is read from cycle t + 2."""
+    enables: ``read_data`` is always the model's word of the read issued ``read_latency``
+    enabled edges ago (held while stalled); a word written in cycle t is read from cycle t + 2."""
     cfg = config("exact")
     lanes = 3
     dut = bank_cls(code_bits=4, banks=2, word=lut_word.word(cfg), lanes=lanes, lutram_depth=lutram_depth)
-    assert dut.read_latency == (1 if lutram_depth == 0 else 2)
+    assert dut.read_latency == lut_bank.read_latency(lutram_depth) == (1 if lutram_depth == 0 else 2)
     L = dut.read_latency
     rng = np.random.default_rng(0)
     tables = rng.integers(0, 1 << 10, (2, 2, 16))       # page, bank, addr
@@ -140,7 +186,8 @@ def check_lut_bank(lutram_depth, bank_cls=LutBank):
             for lane in range(lanes):
                 if len(issued[lane]) >= L:
                     page, bank, addr = issued[lane][-L]
-                    assert ctx.get(dut.read_data[lane].as_value()) == tables[page, bank, addr], (cycle, lane)
+                    want = lut_bank.model(tables, page, bank, addr)
+                    assert ctx.get(dut.read_data[lane].as_value()) == want, (cycle, lane)
                     checked.append(1)
         # write latency: issue a read of the written word in cycles t, t + 1, t + 2, t + 3
         ctx.set(dut.read_en[0], 1)
@@ -174,11 +221,12 @@ def test_codebook_mux_every_select_pattern(lanes, group):
 
     async def bench(ctx):
         for pattern in range(1 << dut.blocks):
-            for blk in range(dut.blocks):
-                ctx.set(dut.select[blk], (pattern >> blk) & 1)
+            select = [(pattern >> blk) & 1 for blk in range(dut.blocks)]
+            for blk, s in enumerate(select):
+                ctx.set(dut.select[blk], s)
             await ctx.delay(1e-9)
-            for i in range(lanes):
-                assert ctx.get(dut.bank[i]) == (pattern >> (i // group)) & 1
+            want = codebook_mux.model(lanes, group, select)
+            assert [ctx.get(dut.bank[i]) for i in range(lanes)] == list(want)
 
     simulate(dut, bench, clocked=False)
 
@@ -204,34 +252,184 @@ def scale_fields(lay, scale_codes, offsets):
     return sig, exp
 
 
-@pytest.mark.parametrize("layout", ["sop4-g16", "e2m3-ue4m4-g16"])
-@pytest.mark.parametrize("output", ["exact", "bf16"])
-def test_scale_decoder_every_header(layout, output):
-    """Exact: golden's fields. BF16: the same scale value, normalized (leading one at bit M).
-    The per-layer offset is added to ``exp`` afterwards (golden's fields at offset 0)."""
-    cfg = config(output, layout)
+def check_scale_decoder(cfg, decoder_cls=ScaleDecoder):
     lay = cfg.layout
-    dut = ScaleDecoder(cfg)
+    dut = decoder_cls(cfg)
     headers = np.arange(1 << lay.header_bits)
-    scale_code, sign, select = lay.split_header(headers)
-    sig, exp = scale_fields(lay, scale_code, np.zeros(len(headers), int))
-    Ms = lay.scale.mbits
+    want = scale_decoder.model(cfg, headers)
 
     async def bench(ctx):
         for h in headers:
             ctx.set(dut.header, int(h))
             await ctx.delay(1e-9)
-            f = dut.fields
-            assert ctx.get(f.sign) == sign[h] and ctx.get(dut.select) == select[h]
-            if output == "exact":
-                assert ctx.get(f.sig) == sig[h] and ctx.get(f.exp) + scale_decoder.exp_constant(cfg) == exp[h]
-                continue
-            assert ctx.get(f.zero) == (sig[h] == 0)
-            if sig[h]:
-                x = ctx.get(f.exp) - lay.scale.bias - Ms          # the exponent of the normalized sig
-                assert (ctx.get(f.frac) + (1 << Ms)) * 2.0 ** x == sig[h] * 2.0 ** exp[h], h
+            got = unpack(scale_decoder.fields(cfg), ctx.get(dut.fields.as_value()))
+            assert {**got, "select": ctx.get(dut.select)} == row(want, h), h
 
     simulate(dut, bench, clocked=False)
+
+
+@pytest.mark.parametrize("layout", ["sop4-g16", "e2m3-ue4m4-g16"])
+@pytest.mark.parametrize("output", ["exact", "bf16"])
+def test_scale_decoder_every_header(layout, output):
+    """The RTL's fields of every header are the model's, bit for bit; the model's are golden's
+    scale (exact) or the same value normalized (BF16: leading one at bit M), the per-layer offset
+    added afterwards (golden's fields at offset 0)."""
+    cfg = config(output, layout)
+    lay = cfg.layout
+    headers = np.arange(1 << lay.header_bits)
+    scale_code, sign, select = lay.split_header(headers)
+    sig, exp = scale_fields(lay, scale_code, np.zeros(len(headers), int))
+    f = scale_decoder.model(cfg, headers)
+    np.testing.assert_array_equal(f["sign"], sign)
+    np.testing.assert_array_equal(f["select"], select)
+    if output == "exact":
+        np.testing.assert_array_equal(f["sig"], sig)
+        np.testing.assert_array_equal(f["exp"] + scale_decoder.exp_constant(cfg), exp)
+    else:
+        Ms = lay.scale.mbits
+        np.testing.assert_array_equal(f["zero"], sig == 0)
+        value = np.ldexp((f["frac"] + (1 << Ms)).astype(float), f["exp"] - lay.scale.bias - Ms)
+        np.testing.assert_array_equal(np.where(sig == 0, 0.0, value), np.ldexp(sig.astype(float), exp))
+    check_scale_decoder(cfg)
+
+
+def test_scale_decoder_check_catches_a_subnormal_scale_off_by_one():
+    with pytest.raises(AssertionError):
+        check_scale_decoder(config("bf16"), mutants.SubnormalScaleOffByOne)
+
+
+# -- block fields ---------------------------------------------------------------------------
+
+def random_headers(cfg, rng, n):
+    lay = cfg.layout
+    return lay.make_header(rng.integers(0, 1 << lay.scale.bits, n), rng.integers(0, 2, n) * lay.signed_scale,
+                           rng.integers(0, 2, n) * lay.select_bit)
+
+
+def test_block_fields_model_is_golden():
+    """Through the formatter's model, the block fields' model gives golden's lane words."""
+    rng = np.random.default_rng(3)
+    for output in ("bf16", "exact"):
+        for layout in ("sop4-g16", "e2m3-ue4m4-g16"):
+            cfg = config(output, layout)
+            lay, n = cfg.layout, 4000
+            headers, offset = random_headers(cfg, rng, n), int(rng.integers(-128, 128))
+            luts = rng.integers(0, 1 << cfg.hif.bits, (lay.banks, 1 << lay.code_bits))
+            codes = rng.integers(0, 1 << lay.code_bits, (n, 1))
+            _, _, select = lay.split_header(headers)
+            words = lut_word.model(cfg, luts[select, codes[:, 0]])
+            got = hif_formatter.model(cfg, words, block_fields.model(cfg, headers, offset))
+            want = reference.lane_words(cfg, luts, offset, headers, np.repeat(codes, lay.group, axis=1))
+            np.testing.assert_array_equal(got, want.reshape(n, lay.group)[:, 0])
+
+
+def check_block_fields(cfg, cls=BlockFields, seed=0, cycles=300):
+    """Random per-group fields and pages with random stalls and offset writes: ``block[i]`` is the
+    model's value of lane i's group's header at the offset its page held when the fields were
+    loaded, ``latency`` enabled edges later."""
+    dut = cls(cfg)
+    rng = np.random.default_rng(seed)
+    N, G = cfg.lanes, replica.groups(cfg.lanes)
+    per = N // G
+    L = dut.latency
+    glay = data.ArrayLayout(beat_issue.group_layout(cfg), G)
+    blay = data.ArrayLayout(scale_decoder.block(cfg), N)
+    headers = random_headers(cfg, rng, cycles * G).reshape(cycles, G)
+    pages = rng.integers(0, 2, (cycles, G))
+    issued = []                                   # per enabled edge: the expected block of each lane
+    checked = []
+
+    async def bench(ctx):
+        offsets = [int(o) for o in rng.integers(-128, 128, 2)]
+        for p in (0, 1):                          # both pages' offsets
+            ctx.set(dut.issue.write_page, p)
+            ctx.set(dut.offset, offsets[p])
+            ctx.set(dut.offset_we, 1)
+            await ctx.tick()
+        for t in range(cycles):
+            n = len(issued)
+            fields = scale_decoder.model(cfg, headers[n])
+            ctx.set(dut.issue.fields.as_value(), pack(glay, [
+                {"fields": row(fields, g), "page": pages[n, g]} for g in range(G)]))
+            en = int(rng.random() < 0.7)
+            ctx.set(dut.enable.en, en)
+            ctx.set(dut.enable.lane.as_value(), (1 << N) - 1 if en else 0)
+            we, wp, off = int(rng.random() < 0.2), int(rng.integers(0, 2)), int(rng.integers(-128, 128))
+            ctx.set(dut.offset_we, we)
+            ctx.set(dut.issue.write_page, wp)
+            ctx.set(dut.offset, off)
+            await ctx.tick()
+            if en:                                # loaded with the offsets as they were before this edge
+                model = block_fields.model(cfg, headers[n], [offsets[p] for p in pages[n]])
+                issued.append([row(model, i // per) for i in range(N)])
+            if we:
+                offsets[wp] = off
+            if len(issued) >= L:
+                assert unpack(blay, ctx.get(dut.block.as_value())) == issued[-L], t
+                checked.append(t)
+
+    simulate(dut, bench)
+    assert len(checked) > cycles // 2
+
+
+@pytest.mark.parametrize("output,layout,lanes,lutram_depth", [
+    ("bf16", "sop4-g16", 8, 0), ("exact", "e2m3-ue4m4-g16", 4, 0), ("bf16", "e2m3-ue4m4-g16", 16, 32),
+    ("exact", "sop4-g16", 1, 16)])
+def test_block_fields_against_model(output, layout, lanes, lutram_depth):
+    check_block_fields(config(output, layout, lanes, lutram_depth))
+
+
+def test_block_fields_check_catches_the_wrong_page():
+    with pytest.raises(AssertionError):
+        check_block_fields(config("bf16", "sop4-g16", 8), mutants.OtherPageOffset)
+
+
+# -- HIF formatter --------------------------------------------------------------------------
+
+def random_vectors(cfg, rng, n):
+    """Table words of random HIF codes and the block fields of random headers and offsets."""
+    headers = random_headers(cfg, rng, n)
+    offsets = rng.integers(-128, 128, n)
+    return lut_word.model(cfg, rng.integers(0, 1 << cfg.hif.bits, n)), block_fields.model(cfg, headers, offsets)
+
+
+def check_formatter(cfg, formatter=HifFormatter, n=3000, seed=0):
+    """Random words and blocks, random stalls: ``out`` is the model's word ``latency`` enabled
+    edges after its inputs."""
+    dut = formatter(cfg)
+    rng = np.random.default_rng(seed)
+    words, blocks = random_vectors(cfg, rng, n)
+    want = hif_formatter.model(cfg, words, blocks)
+    F = dut.latency
+    assert F == HifFormatter.stages(cfg)
+    got = []
+
+    async def bench(ctx):
+        k = 0                                     # enabled edges so far
+        while len(got) < n:
+            ctx.set(dut.word.as_value(), int(words[k % n]))
+            ctx.set(dut.block.as_value(), pack(scale_decoder.block(cfg), row(blocks, k % n)))
+            en = int(rng.random() < 0.75)
+            ctx.set(dut.en, en)
+            await ctx.tick()
+            k += en
+            if en and k >= F:
+                got.append(ctx.get(Value.cast(dut.out)))
+
+    simulate(dut, bench)
+    return np.array(got), want
+
+
+@pytest.mark.parametrize("output", ["exact", "bf16"])
+@pytest.mark.parametrize("layout", ["sop4-g16", "e2m3-ue4m4-g16"])
+def test_formatter_against_model(output, layout):
+    got, want = check_formatter(config(output, layout))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_formatter_check_catches_ties_away():
+    got, want = check_formatter(config("bf16"), mutants.TiesAway)
+    assert (got != want).any()
 
 
 # -- one lane: encoder, scale decoder and formatter together, exhaustive ------------------
@@ -295,44 +493,197 @@ def golden_words(cfg, h, c, s, o):
     return want
 
 
+OFFSETS = [-128, -100, -20, 0, 20, 100, 127]
+
+
 @pytest.mark.parametrize("output", ["exact", "bf16"])
 @pytest.mark.parametrize("layout", ["sop4-g16", "e2m3-ue4m4-g16"])
 def test_lane_exhaustive(output, layout):
-    """Every HIF code x every scale code x both signs, at offsets from subnormal to saturated."""
+    """Every HIF code x every scale code x both signs, at offsets from subnormal to saturated:
+    the RTL lane and the models of its parts all give golden's words."""
     cfg = config(output, layout)
-    h, c, s, o = lane_vectors(cfg, [-128, -100, -20, 0, 20, 100, 127], np.random.default_rng(1))
-    np.testing.assert_array_equal(run_lane(cfg, h, c, s, o), golden_words(cfg, h, c, s, o))
+    h, c, s, o = lane_vectors(cfg, OFFSETS, np.random.default_rng(1))
+    want = golden_words(cfg, h, c, s, o)
+    headers = cfg.layout.make_header(c, s, 0)
+    np.testing.assert_array_equal(hif_formatter.model(cfg, lut_word.model(cfg, h),
+                                                      block_fields.model(cfg, headers, o)), want)
+    np.testing.assert_array_equal(run_lane(cfg, h, c, s, o), want)
 
 
 def test_lane_check_catches_ties_away():
     """The exhaustive lane comparison catches a rounding bug (ties away from zero)."""
-    import mutants
     cfg = config("bf16")
-    h, c, s, o = lane_vectors(cfg, [-20], np.random.default_rng(2))
+    rng = np.random.default_rng(2)
+    vectors = lane_vectors(cfg, [-20], rng)
+    pick = rng.random(len(vectors[0])) < 0.125                 # an eighth of them, for time
+    h, c, s, o = (v[pick] for v in vectors)
     assert (run_lane(cfg, h, c, s, o, mutants.TiesAway) != golden_words(cfg, h, c, s, o)).any()
 
 
-def test_formatter_check_catches_ties_away():
-    """Golden's BF16 differs from ties-away rounding on the vectors the lane test uses."""
-    cfg = config("bf16")
-    luts = np.arange(1 << cfg.hif.bits)[None, :]
-    hdr = cfg.layout.make_header(np.arange(64), 0, 0)
-    codes = np.tile(np.arange(1 << cfg.hif.bits), (64, 1))
-    exact = decode_blocks(cfg.hif, luts, cfg.layout, -20, hdr, codes)
-    f32 = exact.astype(np.float32).view(np.uint32).astype(np.int64)
-    ties_away = ((f32 + 0x8000) >> 16) & 0xFFFF
-    assert (ties_away != FORMATS["bf16"].encode(exact).astype(np.int64)).any()
+# -- lanes: table writes, reads and formatters ---------------------------------------------
+
+def check_lanes(cfg, seed=0, reads=400, **parts):
+    """Both pages of the tables loaded through ``load``; then per lane random reads of any page,
+    bank and address with random blocks, random stalls: ``out[i]`` is the model's word of lane
+    i's read ``latency`` enabled edges earlier (its block given ``read_latency`` edges after it)."""
+    dut = Lanes(cfg, **parts)
+    rng = np.random.default_rng(seed)
+    lay, N = cfg.layout, cfg.lanes
+    tables = rng.integers(0, 1 << cfg.hif.bits, (2, lay.banks, 1 << lay.code_bits))
+    page, bank, addr = (rng.integers(0, hi, (reads, N)) for hi in (2, lay.banks, 1 << lay.code_bits))
+    headers = random_headers(cfg, rng, reads * N).reshape(reads, N)
+    blocks = block_fields.model(cfg, headers, rng.integers(-128, 128, (reads, N)))
+    want = lanes_mod.model(cfg, tables, page, bank, addr, blocks)
+    rlay = data.ArrayLayout(beat_issue.read_layout(cfg), N)
+    blay = data.ArrayLayout(scale_decoder.block(cfg), N)
+    olay = data.ArrayLayout(cfg.lane_layout, N)
+    L, total = dut.read_latency, dut.latency
+    got = []
+
+    async def bench(ctx):
+        for p in (0, 1):
+            ctx.set(dut.issue.write_page, p)
+            for b in range(lay.banks):
+                for a in range(1 << lay.code_bits):
+                    ctx.set(dut.load.payload, {"bank": b, "addr": a, "data": int(tables[p, b, a])})
+                    ctx.set(dut.load.valid, 1)
+                    await ctx.tick()
+        ctx.set(dut.load.valid, 0)
+        await ctx.tick()
+        k = 0
+        while len(got) < reads:
+            ctx.set(dut.issue.read.as_value(), pack(rlay, [
+                {"addr": addr[k % reads, i], "bank": bank[k % reads, i], "page": page[k % reads, i]}
+                for i in range(N)]))
+            if k >= L:
+                ctx.set(dut.block.as_value(), pack(blay, [
+                    {f: v[(k - L) % reads, i] for f, v in blocks.items()} for i in range(N)]))
+            en = int(rng.random() < 0.75)
+            ctx.set(dut.enable.en, en)
+            ctx.set(dut.enable.lane.as_value(), (1 << N) - 1 if en else 0)
+            await ctx.tick()
+            k += en
+            if en and k >= total:
+                got.append([pack(cfg.lane_layout, v) if isinstance(v, dict) else v
+                            for v in unpack(olay, ctx.get(dut.out.as_value()))])
+
+    simulate(dut, bench)
+    return np.array(got), want
 
 
-# -- output buffer --------------------------------------------------------------------------
+@pytest.mark.parametrize("output,layout,lanes,lutram_depth", [
+    ("bf16", "sop4-g16", 4, 0), ("exact", "e2m3-ue4m4-g16", 2, 0), ("bf16", "sop4-g16", 2, 16),
+    ("bf16", "e2m3-ue4m4-g16", 1, 32)])
+def test_lanes_against_model(output, layout, lanes, lutram_depth):
+    got, want = check_lanes(config(output, layout, lanes, lutram_depth))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_lanes_check_catches_a_flipped_lut_bit():
+    got, want = check_lanes(config("bf16", "sop4-g16", 2), bank=mutants.FlippedLutBit)
+    assert (got != want).any()
+
+
+# -- beat issue -----------------------------------------------------------------------------
+
+def check_beat_issue(cfg, mux=CodebookMux, seed=0, cycles=400):
+    """A stream of random beats (random idles, a random swap on some) under random stalls: every
+    cycle, ``blocks.ready``, ``valid`` and ``write_page`` are the model's, and where stage 0 holds
+    a beat so are each lane's read and each group's fields and page."""
+    dut = BeatIssue(cfg, mux=mux)
+    rng = np.random.default_rng(seed)
+    lay, N = cfg.layout, cfg.lanes
+    n_beats = cycles // cfg.beats_per_block
+    headers = random_headers(cfg, rng, n_beats * cfg.blocks_per_beat)
+    codes = rng.integers(0, 1 << lay.code_bits, (len(headers), lay.group))
+    beats = reference.input_beats(cfg, headers, codes)
+    swaps = rng.random(n_beats) < 0.2
+    rec = {k: [] for k in ("beat", "swap", "valid", "en", "ready", "hold", "write_page", "read", "groups")}
+    rlay = data.ArrayLayout(beat_issue.read_layout(cfg), N)
+    glay = data.ArrayLayout(beat_issue.group_layout(cfg), replica.groups(N))
+
+    async def bench(ctx):
+        nxt = 0
+        for _ in range(cycles):
+            valid = int(nxt < n_beats and rng.random() < 0.8)
+            beat, swap = (beats[nxt], int(swaps[nxt])) if nxt < n_beats else (0, 0)
+            ctx.set(dut.blocks.payload, {"blocks": beat, "swap": swap})
+            ctx.set(dut.blocks.valid, valid)
+            en = int(rng.random() < 0.8)
+            ctx.set(dut.enable.en, en)
+            ctx.set(dut.enable.lane.as_value(), (1 << N) - 1 if en else 0)
+            _, _, ready, hold, wp, wp2, read, groups = await ctx.tick().sample(
+                dut.blocks.ready, dut.valid, dut.lanes.write_page, dut.groups.write_page,
+                dut.lanes.read.as_value(), dut.groups.fields.as_value())
+            assert wp == wp2
+            for k, v in zip(rec, (beat, swap, valid, en, ready, hold, wp, read, groups)):
+                rec[k].append(v)
+            nxt += valid and ready
+
+    simulate(dut, bench)
+    want = beat_issue.model(cfg, rec["beat"], rec["swap"], rec["valid"], rec["en"])
+    for k, w in (("ready", "ready"), ("hold", "valid"), ("write_page", "write_page")):
+        np.testing.assert_array_equal(rec[k], want[w], err_msg=k)
+    assert sum(rec["ready"][t] and rec["valid"][t] for t in range(cycles)) > n_beats // 2
+    field_names = list(scale_decoder.fields(cfg).members)
+    for t in np.flatnonzero(want["valid"]):
+        reads = unpack(rlay, rec["read"][t])
+        assert reads == [{"addr": want["addr"][t, i], "bank": want["bank"][t, i], "page": want["page"][t, i]}
+                         for i in range(N)], t
+        groups = unpack(glay, rec["groups"][t])
+        assert groups == [{"fields": {f: want[f"fields.{f}"][t, g] for f in field_names},
+                           "page": want["group_page"][t, g]} for g in range(len(groups))], t
+
+
+@pytest.mark.parametrize("output,layout,lanes", [
+    ("bf16", "sop4-g16", 4), ("bf16", "sop4-g16", 16), ("exact", "sop4-g16", 64), ("bf16", "e2m3-ue4m4-g16", 8),
+    ("exact", "e2m3-ue4m4-g16", 1)])
+def test_beat_issue_against_model(output, layout, lanes):
+    check_beat_issue(config(output, layout, lanes))
+
+
+def test_beat_issue_check_catches_an_inverted_selection_bit():
+    with pytest.raises(AssertionError):
+        check_beat_issue(config("bf16", "sop4-g16", 8), mux=mutants.InvertedSelect)
+
+
+# -- pipeline control, output buffer, output stage ----------------------------------------
+
+@pytest.mark.parametrize("lanes,depth", [(1, 2), (8, 6), (16, 9), (64, 4)])
+def test_pipeline_control_against_model(lanes, depth):
+    """Random decisions and stage-0 valid bits: every enable copy and the valid chain are the
+    model's in every cycle."""
+    dut = PipelineControl(lanes, depth)
+    nb = pipeline.buffers(lanes)
+    rng = np.random.default_rng(lanes + depth)
+    T = 300
+    en_next, valid = (rng.random(T) < 0.6).astype(int), (rng.random(T) < 0.5).astype(int)
+    want = pipeline.model(lanes, depth, en_next, valid)
+    assert dut.latency == (1 if lanes <= replica.REGION else 2)
+
+    async def bench(ctx):
+        for t in range(T):
+            ctx.set(dut.buffers.en_next.as_value(), (1 << nb) - 1 if en_next[t] else 0)
+            ctx.set(dut.valid, int(valid[t]))
+            _, _, en, lane, ben, up, ev = await ctx.tick().sample(
+                dut.enable.en, dut.enable.lane.as_value(), dut.buffers.en.as_value(),
+                dut.buffers.en_upcoming.as_value(), dut.buffers.entering_valid)
+            got = (en, [lane >> i & 1 for i in range(lanes)], [ben >> j & 1 for j in range(nb)],
+                   [up >> j & 1 for j in range(nb)], ev)
+            assert got == (want["en"][t], list(want["lane"][t]), list(want["buffer_en"][t]),
+                           list(want["en_upcoming"][t]), want["entering_valid"][t]), t
+
+    simulate(dut, bench)
+
 
 class BufferedPipe(Elaboratable):
     """A 3-stage counter pipeline with the decoder's enable scheme: en is en_next through
     ``delay`` registers."""
 
-    def __init__(self, delay):
+    def __init__(self, delay, buffer=OutputBuffer):
         self.src_valid = Signal()
-        self.buf = OutputBuffer(16, delay=delay)
+        self.buf = buffer(16, delay=delay)
+        self.entering_valid = Signal()
 
     def elaborate(self, platform):
         m = Module()
@@ -351,32 +702,119 @@ class BufferedPipe(Elaboratable):
             m.d.sync += [stages[0][0].eq(count), stages[0][1].eq(self.src_valid)]
             for (d0, v0), (d1, v1) in zip(stages, stages[1:]):
                 m.d.sync += [d1.eq(d0), v1.eq(v0)]
-        m.d.comb += [buf.en.eq(en), buf.entering_valid.eq(stages[1][1]), buf.last.eq(stages[2][0])]
+        m.d.comb += [buf.en.eq(en), buf.entering_valid.eq(stages[1][1]), buf.last.eq(stages[2][0]),
+                     self.entering_valid.eq(stages[1][1])]
         return m
+
+
+def check_output_buffer(delay, p_valid, p_ready, buffer=OutputBuffer, cycles=600):
+    """The buffer in a pipeline that its own decision enables: every cycle its output and its
+    decision are the cycle model's, and the beats leave in order, none lost or repeated."""
+    dut = BufferedPipe(delay, buffer)
+    rng = np.random.default_rng(int(p_valid * 10 + p_ready * 100) + delay)
+    rec = {k: [] for k in ("en", "entering", "last", "ready", "valid", "payload", "en_next")}
+    got, cycles_out = [], []
+
+    async def bench(ctx):
+        for cycle in range(cycles):
+            ctx.set(dut.src_valid, int(rng.random() < p_valid))
+            ctx.set(dut.buf.values.ready, int(rng.random() < p_ready))
+            _, _, *sampled = await ctx.tick().sample(
+                dut.buf.en, dut.entering_valid, dut.buf.last, dut.buf.values.ready, dut.buf.values.valid,
+                dut.buf.values.payload, dut.buf.en_next)
+            for k, v in zip(rec, sampled):
+                rec[k].append(v)
+            en, _, _, ready, valid, payload, _ = sampled
+            if valid and ready:
+                got.append(payload)
+                cycles_out.append(cycle)
+
+    simulate(dut, bench)
+    want = output_buffer.model(delay, rec["en"], rec["entering"], rec["last"], rec["ready"])
+    for k in ("valid", "en_next"):
+        np.testing.assert_array_equal(rec[k], want[k], err_msg=k)
+    valid = np.array(rec["valid"]) == 1
+    np.testing.assert_array_equal(np.array(rec["payload"])[valid], want["payload"][valid].astype(np.int64))
+    return got, cycles_out
 
 
 @pytest.mark.parametrize("delay", [1, 2])
 @pytest.mark.parametrize("p_valid,p_ready", [(1.0, 1.0), (0.7, 0.5), (1.0, 0.2), (0.3, 0.9)])
-def test_output_buffer_loses_and_duplicates_nothing(p_valid, p_ready, delay):
-    dut = BufferedPipe(delay)
-    rng = np.random.default_rng(int(p_valid * 10 + p_ready * 100))
-    got, cycles = [], []
-
-    async def bench(ctx):
-        for cycle in range(600):
-            ctx.set(dut.src_valid, int(rng.random() < p_valid))
-            ctx.set(dut.buf.values.ready, int(rng.random() < p_ready))
-            _, _, valid, ready, payload = await ctx.tick().sample(
-                dut.buf.values.valid, dut.buf.values.ready, dut.buf.values.payload)
-            if valid and ready:
-                got.append(payload)
-                cycles.append(cycle)
-
-    simulate(dut, bench)
+def test_output_buffer_against_model(p_valid, p_ready, delay):
+    got, cycles = check_output_buffer(delay, p_valid, p_ready)
     assert len(got) > 50
     assert got == list(range(len(got)))                  # in order, none lost, none twice
     if p_valid == 1.0 and p_ready == 1.0:                # no bubble once the pipeline is full
         assert np.all(np.diff(cycles) == 1)
+
+
+def test_output_buffer_check_catches_a_late_decision():
+    with pytest.raises(AssertionError):
+        check_output_buffer(2, 1.0, 0.5, mutants.LateEnable)
+
+
+class ControlledStage(Elaboratable):
+    """The decoder's control loop alone: a pipeline of ``depth`` stages after stage 0 carrying a
+    counter (lane i: counter + i), enabled by ``PipelineControl``, emptied by ``OutputStage``."""
+
+    def __init__(self, lanes, depth=3):
+        self.lanes, self.depth, self.src_valid = lanes, depth, Signal()
+        self.control = PipelineControl(lanes, depth)
+        self.output = OutputStage(unsigned(16), lanes, delay=self.control.latency)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.control = control = self.control
+        m.submodules.output = output = self.output
+        wiring.connect(m, control.buffers, output.control)
+        en = control.enable.en
+        count, v0 = Signal(16), Signal()
+        regs = [Signal(16, name=f"d{s}") for s in range(self.depth + 1)]
+        with m.If(en):
+            with m.If(self.src_valid):
+                m.d.sync += count.eq(count + 1)
+            m.d.sync += [v0.eq(self.src_valid), regs[0].eq(count)]
+            m.d.sync += [b.eq(a) for a, b in zip(regs, regs[1:])]
+        m.d.comb += [control.valid.eq(v0)] + [output.last[i].eq(regs[-1] + i) for i in range(self.lanes)]
+        return m
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_output_stage_with_pipeline_control(lanes):
+    """The control loop (the enable tree and the output buffers) under random input and output
+    stalls: the output and decisions are the buffer model's, the enables the control model's,
+    every lane's beats leave in order, none lost or repeated."""
+    dut = ControlledStage(lanes)
+    rng = np.random.default_rng(lanes)
+    nb = pipeline.buffers(lanes)
+    rec = {k: [] for k in ("en", "entering", "last", "ready", "valid", "payload", "en_next", "v0")}
+    olay = data.ArrayLayout(unsigned(16), lanes)
+
+    async def bench(ctx):
+        for _ in range(500):
+            ctx.set(dut.src_valid, int(rng.random() < 0.8))
+            ctx.set(dut.output.values.ready, int(rng.random() < 0.6))
+            _, _, *sampled = await ctx.tick().sample(
+                dut.control.enable.en, dut.control.buffers.entering_valid, dut.output.last.as_value(),
+                dut.output.values.ready, dut.output.values.valid, dut.output.values.payload.as_value(),
+                dut.control.buffers.en_next.as_value(), dut.control.valid)
+            for k, v in zip(rec, sampled):
+                rec[k].append(v)
+
+    simulate(dut, bench)
+    assert set(rec["en_next"]) <= {0, (1 << nb) - 1}          # every buffer decides the same
+    en_next = [int(x != 0) for x in rec["en_next"]]
+    ctl = pipeline.model(lanes, 3, en_next, rec["v0"])
+    np.testing.assert_array_equal(rec["en"], ctl["en"])
+    np.testing.assert_array_equal(rec["entering"], ctl["entering_valid"])
+    want = output_buffer.model(dut.output.delay, rec["en"], rec["entering"], rec["last"], rec["ready"])
+    np.testing.assert_array_equal(rec["valid"], want["valid"])
+    np.testing.assert_array_equal(en_next, want["en_next"])
+    sent = [unpack(olay, p) for p, v, r in zip(rec["payload"], rec["valid"], rec["ready"]) if v and r]
+    assert len(sent) > 100
+    assert sent == [[(j + i) & 0xFFFF for i in range(lanes)] for j in range(len(sent))]
+    valid = np.array(rec["valid"]) == 1
+    np.testing.assert_array_equal(np.array(rec["payload"], dtype=object)[valid], want["payload"][valid])
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -393,3 +831,12 @@ def test_config_refuses_invalid_combinations():
             DecoderConfig("bad", 8, LAY["sop4-g16"], lutram_depth=depth)
     assert DecoderConfig("ok", 8, LAY["e2m3-ue4m4-g16"], lutram_depth=64).table_depth == 128
     assert dataclasses.replace(DecoderConfig("ok", 64, LAY["sop4-g16"])).blocks_per_beat == 4
+
+
+def test_duplicated_constants_come_from_golden():
+    from sop.golden import decoder as golden_decoder
+    from sop.hdl import config as hdl_config
+    assert hdl_config.OUTPUTS is golden_decoder.OUTPUTS
+    bf16 = FORMATS["bf16"]
+    assert (scale_decoder.BF16_BIAS, scale_decoder.BF16_M, hif_formatter.BF16_M) == (bf16.bias, bf16.mbits,
+                                                                                    bf16.mbits)

@@ -1,17 +1,21 @@
-"""`make verilog`: every named configuration generates, lints clean and compiles."""
+"""`make verilog`: every named configuration generates, lints clean and compiles; the manifest
+says what the Verilog has (its ports parsed from the module's header and declarations)."""
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from sop.hdl import reference
 from sop.hdl.config import named_configs
 from sop.hdl.generate import generate, main
 
-ROOT = Path(__file__).resolve().parent.parent
+LINT_WAIVERS = Path(str(resources.files("sop.hdl").joinpath("lint.vlt")))      # the documented waivers
 CONFIGS = named_configs()
 # docs/hardware.md's latencies: BF16 8 cycles (9 with a UE4M4 scale: one more multiplier level),
 # exact 4; tests/test_hdl_decoder.py measures them in simulation.
@@ -38,6 +42,28 @@ def test_named_configurations_include_the_required_ones():
     assert min(c.lanes for c in CONFIGS.values()) == 1
 
 
+def verilog_ports(text: str, module: str) -> dict[str, tuple[str, int]]:
+    """The ports of ``module`` in Verilog ``text``: every name of its header, with the direction
+    and width of its declaration in the module body (Yosys's non-ANSI style)."""
+    m = re.search(rf"^module {re.escape(module)}\((?P<names>[^)]*)\);(?P<body>.*?)^endmodule", text, re.S | re.M)
+    assert m, f"module {module} not in the text"
+    names = [n.strip() for n in m["names"].split(",") if n.strip()]
+    decls = {d["name"]: (d["dir"], int(d["msb"]) - int(d["lsb"]) + 1 if d["msb"] else 1)
+             for d in re.finditer(r"^\s*(?P<dir>input|output|inout)\s+(?:wire\s+|reg\s+)?(?:signed\s+)?"
+                                  r"(?:\[(?P<msb>\d+):(?P<lsb>\d+)\]\s+)?(?P<name>\S+?)\s*;", m["body"], re.M)}
+    assert sorted(decls) == sorted(names), f"header and declarations disagree on {sorted(set(decls) ^ set(names))}"
+    return decls
+
+
+def test_port_parser_reads_names_directions_and_widths():
+    text = ("module other(a);\n  input [9:0] a;\nendmodule\n"
+            "module top(x, clk, y);\n  input signed [72:0] x;\n  wire [3:0] t;\n  input clk;\n  output reg [15:0] y;\n"
+            "endmodule\n")
+    assert verilog_ports(text, "top") == {"x": ("input", 73), "clk": ("input", 1), "y": ("output", 16)}
+    with pytest.raises(AssertionError, match="disagree"):             # a header name without declaration
+        verilog_ports(text.replace("top(x, clk, y)", "top(x, clk, y, z)"), "top")
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_manifest_describes_the_ports(verilog_dir, name):
     cfg = VARIANTS[name]
@@ -46,17 +72,26 @@ def test_manifest_describes_the_ports(verilog_dir, name):
     assert ports["blocks__payload"]["width"] == cfg.beat_bits + 1 and ports["blocks__payload"]["direction"] == "input"
     assert ports["values__payload"]["width"] == cfg.lanes * doc["lane_word_bits"]
     assert ports["values__payload"]["direction"] == "output" and ports["clk"]["direction"] == "input"
+    # exactly the Verilog top's ports, each with its direction and width
     text = (verilog_dir / f"{name}.v").read_text()
-    assert f"module {doc['module']}(" in text
-    for p in doc["ports"]:
-        assert p["name"] in text
-    assert doc["latency_cycles"] == LATENCY[name]
+    assert verilog_ports(text, doc["module"]) == {p["name"]: (p["direction"], p["width"]) for p in doc["ports"]}
+    assert doc["latency_cycles"] == LATENCY[name] == sum(doc["latency_stages"].values())
+    # the lane word's fields tile it, LSB first, in the order hdl.reference packs them
+    fields = doc["lane_fields"]
+    assert [f["lsb"] for f in fields] == [sum(g["width"] for g in fields[:i]) for i in range(len(fields))]
+    assert sum(f["width"] for f in fields) == doc["lane_word_bits"] == reference.lane_word_bits(cfg)
+    if cfg.output == "exact":
+        sig, exp, sign = ({f["name"]: f for f in fields}[k] for k in ("sig", "exp", "sign"))
+        assert exp["signed"] and not sig["signed"]
+        word = int(reference.pack_exact(cfg, 1, 5, -3))
+        assert (word >> sig["lsb"]) & ((1 << sig["width"]) - 1) == 5 and word >> sign["lsb"] == 1
+        assert (word >> exp["lsb"]) & ((1 << exp["width"]) - 1) == (1 << exp["width"]) - 3
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_verilator_lint_clean_with_documented_waivers(verilog_dir, name):
     assert shutil.which("verilator"), "verilator not found: run `make setup`"
-    r = subprocess.run(["verilator", "--lint-only", "-Wall", str(ROOT / "hdl" / "lint.vlt"),
+    r = subprocess.run(["verilator", "--lint-only", "-Wall", str(LINT_WAIVERS),
                         str(verilog_dir / f"{name}.v")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -73,7 +108,7 @@ def test_lint_catches_a_real_problem(tmp_path):
     """The waivers are narrow: an undriven output still fails the lint."""
     bad = tmp_path / "bad.v"
     bad.write_text("module bad(input clk, output [3:0] q);\nendmodule\n")
-    r = subprocess.run(["verilator", "--lint-only", "-Wall", str(ROOT / "hdl" / "lint.vlt"), str(bad)],
+    r = subprocess.run(["verilator", "--lint-only", "-Wall", str(LINT_WAIVERS), str(bad)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "UNDRIVEN" in r.stderr
 

@@ -1,0 +1,223 @@
+"""Beat issue: pipeline stage 0, the beat in hand, issued to the lanes over ``g / N`` cycles.
+
+Takes one beat of the ``blocks`` stream (``DecoderConfig.beat_layout``: one block
+when ``N <= g``, ``N / g`` blocks when ``N > g``, as golden.layout packs them) and
+holds it as stage 0 of the decoder's pipeline:
+
+* per lane ``i`` its table read (``lanes.read[i]``): the code it issues now, the
+  block's bank (the selection bit, through the codebook mux, hdl.codebook_mux)
+  and the beat's page. With ``N < g`` lane ``i`` issues codes ``i, i + N, ...``
+  of the block, one per cycle (each lane's own shift register), so a block takes
+  ``C = g / N`` cycles; with ``N >= g`` lane ``i`` issues code ``i mod g`` of block
+  ``i // g`` in one cycle;
+* per group of ``replica.GROUP`` lanes (``groups.fields[j]``) its block's header,
+  decoded as the beat arrives (hdl.scale_decoder, ``fields(config)``), and the
+  beat's page;
+* ``valid``: stage 0 holds a beat.
+
+Handshake. ``blocks.ready = en & take``: ``take`` (the beat in hand issues its
+last codes this cycle, or there is none) is a register decided a cycle ahead,
+one copy per lane group and one for the control, so ``blocks.ready`` depends on
+registers only; the next beat is taken on the last cycle of the one in hand (no
+bubble). Everything moves on the pipeline enable (``enable``, hdl.pipeline);
+the lane and group registers each on their own copy.
+
+Pages. ``swap`` on a beat makes it, and every beat after it, use the other page
+of the tables and the offset: the page of a beat taken now is
+``active ^ (valid & swap)`` (no ``ready`` in its logic). ``write_page`` (in both
+output interfaces) is the other page, where the host's table and offset writes go.
+
+Reset clears ``valid``, ``take``, the chunk counter and the page pointer
+(``active = 0``); the lane and group registers have none.
+
+Latency: 1 (``latency``): a beat whose handshake is at edge ``t`` issues its
+first codes in the cycle after it. ``model`` is the cycle model (golden.layout
+unpacks the beats, ``scale_decoder.model`` decodes the headers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from sop.golden.layout import unpack_blocks
+
+from . import replica as rep, scale_decoder
+from .codebook_mux import CodebookMux
+from .config import DecoderConfig
+from .pipeline import EnableSignature
+from .scale_decoder import ScaleDecoder
+
+
+def read_layout(config: DecoderConfig) -> data.StructLayout:
+    """One lane's table read: code (the entry address), bank, page."""
+    return data.StructLayout({"addr": unsigned(config.layout.code_bits), "bank": unsigned(1), "page": unsigned(1)})
+
+
+def group_layout(config: DecoderConfig) -> data.StructLayout:
+    """One lane group's block: its decoded header and the beat's page."""
+    return data.StructLayout({"fields": scale_decoder.fields(config), "page": unsigned(1)})
+
+
+class LaneIssueSignature(wiring.Signature):
+    """Stage 0 to the lanes (hdl.lanes): per lane its read; the page the host writes."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__({"read": Out(data.ArrayLayout(read_layout(config), config.lanes)),
+                          "write_page": Out(1)})
+
+
+class GroupIssueSignature(wiring.Signature):
+    """Stage 0 to the block fields (hdl.block_fields): per lane group its block; the page the host writes."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__({"fields": Out(data.ArrayLayout(group_layout(config), rep.groups(config.lanes))),
+                          "write_page": Out(1)})
+
+
+class BeatIssue(wiring.Component):
+    def __init__(self, config: DecoderConfig, *, mux=CodebookMux):
+        # mux: the codebook mux class (tests replace it with a broken one)
+        self.config, self._mux_cls = config, mux
+        super().__init__({
+            "blocks": In(stream.Signature(config.beat_layout)),
+            "enable": In(EnableSignature(config.lanes)),
+            "valid": Out(1),
+            "lanes": Out(LaneIssueSignature(config)),
+            "groups": Out(GroupIssueSignature(config)),
+        })
+
+    @property
+    def latency(self) -> int:
+        """Stage 0 is one register stage: the hold registers."""
+        return 1
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, lay = self.config, self.config.layout
+        N, g, k, H = cfg.lanes, lay.group, lay.code_bits, lay.header_bits
+        B, C = cfg.blocks_per_beat, cfg.beats_per_block
+        n_groups = rep.groups(N)
+        per_group = N // n_groups
+        en, en_lane = self.enable.en, self.enable.lane
+        beat = self.blocks.payload.blocks
+
+        active = Signal()                                  # the page the beat in hand reads
+        hold_valid = Signal()
+        decoders = [ScaleDecoder(cfg) for _ in range(B)]   # the beat's headers, decoded as it arrives
+        for b, sd in enumerate(decoders):
+            m.submodules[f"scale_{b}"] = sd
+            m.d.comb += sd.header.eq(beat[b * lay.block_bits:][:H])
+
+        # ``take``: the beat in hand issues its last codes this cycle (or there is none), so a new
+        # beat may be taken. A register, one copy per lane group and one for the control, decided a
+        # cycle ahead, so that it does not fan out from the chunk counter's logic.
+        if C > 1:
+            chunk = Signal(range(C))                       # which N codes of the block issue now
+            take = rep.replica(1, name="take_ctl", init=1)
+            take_g = [rep.replica(1, name=f"take_g{grp}", init=1) for grp in range(n_groups)]
+            take_next = Mux(take, ~self.blocks.valid, chunk == C - 2)
+            with m.If(en):
+                m.d.sync += [t.eq(take_next) for t in [take] + take_g]
+        else:
+            take, take_g = 1, [1] * n_groups
+        m.d.comb += self.blocks.ready.eq(en & take)
+        # the page of a beat taken now (where ready is high, a valid beat is an accepted one)
+        page = active ^ (self.blocks.valid & self.blocks.payload.swap)
+        with m.If(en):
+            with m.If(take):
+                m.d.sync += [hold_valid.eq(self.blocks.valid), active.eq(page)]
+                if C > 1:
+                    m.d.sync += chunk.eq(0)
+            if C > 1:
+                with m.Else():
+                    m.d.sync += chunk.eq(chunk + 1)
+        m.d.comb += [self.valid.eq(hold_valid), self.lanes.write_page.eq(~active),
+                     self.groups.write_page.eq(~active)]
+
+        # per lane group: its block's decoded header and the beat's page, each group's copy
+        # on its own enable copy
+        for grp in range(n_groups):
+            held = rep.replica(scale_decoder.fields(cfg), name=f"fields_g{grp}", reset_less=True)
+            held_page = rep.replica(1, name=f"page_g{grp}", reset_less=True)
+            with m.If(en_lane[grp * per_group] & take_g[grp]):
+                m.d.sync += [held.eq(decoders[(grp * per_group) // g if B > 1 else 0].fields),
+                             held_page.eq(page)]
+            m.d.comb += [self.groups.fields[grp].fields.eq(held), self.groups.fields[grp].page.eq(held_page)]
+
+        if lay.banks == 2:
+            m.submodules.mux = mux = self._mux_cls(lanes=N, group=g)
+            m.d.comb += [mux.select[b].eq(sd.select) for b, sd in enumerate(decoders)]
+        for i in range(N):
+            # lane i issues codes i, i + N, ... of its block, one per cycle (a shift register)
+            codes = rep.replica(unsigned(C * k), name=f"codes{i}", reset_less=True)
+            lane_page = rep.replica(1, name=f"page{i}", reset_less=True)
+            lane_bank = rep.replica(1, name=f"bank{i}", reset_less=True)
+            block_base = (i // g) * lay.block_bits + H if B > 1 else H
+            first = i % g if B > 1 else i
+            with m.If(en_lane[i]):
+                with m.If(take_g[i // per_group]):
+                    m.d.sync += [codes.eq(Cat(beat[block_base + (first + c * N) * k:][:k] for c in range(C))),
+                                 lane_page.eq(page)]
+                    if lay.banks == 2:
+                        m.d.sync += lane_bank.eq(mux.bank[i])
+                if C > 1:
+                    with m.Else():
+                        m.d.sync += codes.eq(codes >> k)
+            r = self.lanes.read[i]
+            m.d.comb += [r.addr.eq(codes[:k]), r.bank.eq(lane_bank), r.page.eq(lane_page)]
+        return m
+
+
+def model(config: DecoderConfig, beats, swap, valid, en) -> dict[str, np.ndarray]:
+    """Cycle model: the outputs in every cycle ``t`` from the inputs of that cycle.
+
+    Inputs per cycle: the offered beat ``beats[t]`` (an integer, as the payload's ``blocks``
+    field), its ``swap[t]``, ``blocks.valid`` ``valid[t]`` and the enable ``en[t]``. Returns per
+    cycle ``ready``, ``valid``, ``write_page``, per lane ``addr``, ``bank``, ``page`` (T, N) and per
+    lane group the ``scale_decoder.model`` fields of its block and ``group_page`` (T, groups); lane
+    and group values are 0 where ``valid`` is 0.
+
+    The contract, without the hardware's ``take`` register: a beat is taken on an enabled
+    cycle when stage 0 is empty or issues its block's last codes; a taken beat with ``swap``
+    flips the active page; it then issues chunk ``c = 0 .. C - 1`` on successive enabled cycles."""
+    cfg, lay = config, config.layout
+    N, g, B, C = cfg.lanes, lay.group, cfg.blocks_per_beat, cfg.beats_per_block
+    n_groups = rep.groups(N)
+    per_group = N // n_groups
+    T = len(valid)
+    z = lambda *shape: np.zeros(shape, dtype=np.int64)        # noqa: E731
+    out = {"ready": z(T), "valid": z(T), "write_page": z(T), "addr": z(T, N), "bank": z(T, N),
+           "page": z(T, N), "group_page": z(T, n_groups)}
+    fields = {name: z(T, n_groups) for name in scale_decoder.fields(cfg).members}
+    lane_block = np.array([i // g if B > 1 else 0 for i in range(N)])
+    group_block = lane_block[np.arange(n_groups) * per_group]
+    cur, chunk, active = None, 0, 0
+    for t in range(T):
+        take = cur is None or chunk == C - 1
+        out["ready"][t], out["write_page"][t] = int(bool(en[t]) and take), 1 - active
+        if cur is not None:
+            headers, codes, page = cur
+            _, _, select = lay.split_header(headers)
+            index = [i % g if B > 1 else i + chunk * N for i in range(N)]
+            out["valid"][t] = 1
+            out["addr"][t] = codes[lane_block, index]
+            out["bank"][t] = select[lane_block]
+            out["page"][t] = page
+            out["group_page"][t] = page
+            for name, v in scale_decoder.model(cfg, headers[group_block]).items():
+                if name in fields:
+                    fields[name][t] = v
+        if en[t]:
+            if take:
+                cur, chunk = None, 0
+                if valid[t]:
+                    active ^= int(swap[t])
+                    headers, codes = unpack_blocks(lay, int(beats[t]).to_bytes(cfg.beat_bits // 8, "little"))
+                    cur = (headers, codes, active)
+            else:
+                chunk += 1
+    out.update({f"fields.{name}": v for name, v in fields.items()})
+    return out

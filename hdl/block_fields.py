@@ -1,0 +1,103 @@
+"""Block fields: each block's decoded header plus the layer's offset, registered beside its lanes.
+
+From stage 0 (hdl.beat_issue) each group of ``replica.GROUP`` lanes gets its
+block's header fields (``scale_decoder.fields(config)``: the scale without its
+constant exponent part) and the beat's page. This component adds the page's
+*layer term*, the per-layer offset plus ``scale_decoder.exp_constant(config)``,
+and delivers per lane the ``scale_decoder.block(config)`` values the lane's
+formatter takes (hdl.hif_formatter), in step with the lane's table word: it
+takes ``latency`` enabled edges, the table read's (1, or 2 with
+``lutram_depth > 0``, hdl.lut_bank.read_latency).
+
+Registers. Per lane group and page one layer term (``offset_we`` writes
+``offset + exp_constant`` into the page ``issue.write_page``, the one the host
+loads, at once), and per group one register of the block's fields, plus one per
+extra cycle of the table read. The scale significand, which gates every
+partial product of a lane's multiplier, gets a register per lane instead
+(its last stage). No register drives more than a group; none has a reset.
+
+Ports
+* ``enable`` (in, hdl.pipeline.EnableSignature): each group's registers move on
+  its first lane's copy, each lane's on its own;
+* ``issue`` (in, hdl.beat_issue.GroupIssueSignature): per group ``fields`` and
+  ``page``; ``write_page``;
+* ``offset`` (in, signed 8), ``offset_we`` (in);
+* ``block`` (out): per lane its ``block(config)`` values.
+
+Latency: ``latency`` (= ``read_latency``) enabled edges from ``issue`` to
+``block``. ``model`` is hdl.scale_decoder.block_model (golden's scale fields
+and the offset).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Array, Module, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from . import replica as rep, scale_decoder
+from .beat_issue import GroupIssueSignature
+from .config import DecoderConfig
+from .lut_bank import read_latency as table_read_latency
+from .pipeline import EnableSignature
+
+model = scale_decoder.block_model
+
+
+class BlockFields(wiring.Component):
+    def __init__(self, config: DecoderConfig, *, read_latency: int | None = None):
+        self.config = config
+        self.read_latency = table_read_latency(config.lutram_depth) if read_latency is None else read_latency
+        if self.read_latency < 1:
+            raise ValueError(f"read latency {self.read_latency}: the block fields take at least one register")
+        super().__init__({
+            "enable": In(EnableSignature(config.lanes)),
+            "issue": In(GroupIssueSignature(config)),
+            "offset": In(signed(8)),
+            "offset_we": In(1),
+            "block": Out(data.ArrayLayout(scale_decoder.block(config), config.lanes)),
+        })
+
+    @property
+    def latency(self) -> int:
+        """Register stages from ``issue`` to ``block``: the fields register and one per extra
+        cycle of the table read."""
+        return self.read_latency
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        N = cfg.lanes
+        n_groups = rep.groups(N)
+        per_group = N // n_groups
+        en_lane = self.enable.lane
+        sig_name = "sig" if cfg.output == "exact" else "frac"
+        with_term = scale_decoder.with_layer_term
+        for grp in range(n_groups):
+            held = self.issue.fields[grp]
+            en_g = en_lane[grp * per_group]
+            # per page: the layer offset plus the block exponent's constant part
+            terms = Array(rep.replica(scale_decoder.layer_term_shape(cfg), name=f"layer_term{p}_g{grp}",
+                                      reset_less=True) for p in range(2))
+            with m.If(self.offset_we):
+                m.d.sync += terms[self.issue.write_page].eq(self.offset + scale_decoder.exp_constant(cfg))
+            r = rep.replica(scale_decoder.block(cfg), name=f"block_g{grp}", reset_less=True)
+            with m.If(en_g):
+                m.d.sync += [getattr(r, name).eq(value)
+                             for name, value in with_term(cfg, held.fields, terms[held.page]).items()]
+            stages, sig_src = 1, getattr(held.fields, sig_name)
+            for d in range(self.read_latency - 1):             # keep pace with the table read
+                r_next = rep.replica(scale_decoder.block(cfg), name=f"block{d + 2}_g{grp}", reset_less=True)
+                with m.If(en_g):
+                    m.d.sync += r_next.eq(r)
+                r, sig_src, stages = r_next, getattr(r, sig_name), stages + 1
+            assert stages == self.latency
+            for i in range(grp * per_group, (grp + 1) * per_group):
+                lane_sig = rep.replica(len(sig_src), name=f"scale_{sig_name}{i}", reset_less=True)
+                with m.If(en_lane[i]):
+                    m.d.sync += lane_sig.eq(sig_src)
+                lane_block = Signal(scale_decoder.block(cfg), name=f"block_lane{i}")
+                m.d.comb += [getattr(lane_block, f).eq(getattr(r, f) if f != sig_name else lane_sig)
+                             for f in lane_block.shape().members]
+                m.d.comb += self.block[i].eq(lane_block)
+        return m

@@ -1,0 +1,156 @@
+"""Pipeline control: the enable tree and the valid chain, the one place that builds either.
+
+The decoder's datapath is one pipeline that moves as a whole: every stage
+register advances on one enable, ``en``, and a valid bit per stage says which
+stages hold a beat. Both are built here and nowhere else.
+
+Enable. The output buffers (hdl.output_buffer) decide the enable ``levels``
+cycles ahead (``en_next``); it reaches the datapath through ``levels`` levels of
+register copies (hdl.replica), so that ``values.ready`` reaches only the
+buffers and no register drives more than a few loads:
+
+* ``levels = 1`` (up to ``replica.REGION`` lanes): one copy per lane, one for
+  the control (``enable.en``) and one per output buffer, each loaded from an
+  output buffer's ``en_next``;
+* ``levels = 2``: first one copy per region of ``REGION`` lanes (loaded from one
+  of the region's own buffers), then the copies above, each from its region's.
+
+Every buffer holds the same state and decides the same ``en_next``, so every
+copy is the same signal, delayed by ``levels`` cycles. The copies have no reset:
+each follows the buffers' (reset) state a fixed number of cycles later, so they
+stay equal to one another through a reset and the reset net does not reach every
+lane.
+
+Valid chain. ``valid`` is the valid bit of the pipeline's stage 0 (the beat
+issue stage, hdl.beat_issue); the chain carries it through ``depth - 1``
+registers that advance on ``en``: ``buffers.entering_valid`` is the valid bit of
+the beat that enters the last stage (stage ``depth`` after stage 0) at the next
+enabled edge; the output buffer keeps the last stage's own valid bit.
+
+Ports
+* ``valid`` (in): stage 0 holds a beat.
+* ``enable`` (out, ``EnableSignature``): ``en`` (the control's copy) and
+  ``lane[i]`` (lane ``i``'s copy); all equal.
+* ``buffers`` (``OutputControlSignature``, flipped): each output buffer's
+  ``en_next`` in; its ``en`` and ``en_upcoming`` (the value its ``en`` takes
+  next cycle) and the shared ``entering_valid`` out.
+
+Latency: ``levels`` cycles from ``en_next`` to every enable copy (the
+``latency`` property, counted from the registers built); ``depth - 1`` enabled
+edges from ``valid`` to ``entering_valid``. ``model`` is the cycle model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import Module, Signal
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from . import replica as rep
+
+
+class EnableSignature(wiring.Signature):
+    """The pipeline enable as the control drives it: ``en`` (control copy), ``lane[i]`` (lane copies)."""
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+        super().__init__({"en": Out(1), "lane": Out(data.ArrayLayout(1, lanes))})
+
+
+class OutputControlSignature(wiring.Signature):
+    """Between the output buffers (this side) and the pipeline control (flipped): per buffer its
+    decision ``en_next`` out; its enable ``en``, the next cycle's ``en_upcoming`` and the valid bit
+    of the beat entering the last stage in."""
+
+    def __init__(self, buffers: int):
+        self.buffers = buffers
+        super().__init__({"en_next": Out(data.ArrayLayout(1, buffers)),
+                          "en": In(data.ArrayLayout(1, buffers)),
+                          "en_upcoming": In(data.ArrayLayout(1, buffers)),
+                          "entering_valid": In(1)})
+
+
+def buffers(lanes: int) -> int:
+    """Output buffers of a decoder of ``lanes`` lanes: one per ``replica.OUT_GROUP`` lanes."""
+    return rep.groups(lanes, rep.OUT_GROUP)
+
+
+class PipelineControl(wiring.Component):
+    def __init__(self, lanes: int, depth: int):
+        if depth < 1:
+            raise ValueError(f"pipeline depth {depth}: the datapath has at least one stage after stage 0")
+        self.lanes, self.depth = lanes, depth
+        self.levels = rep.enable_levels(lanes)
+        super().__init__({
+            "valid": In(1),
+            "enable": Out(EnableSignature(lanes)),
+            "buffers": In(OutputControlSignature(buffers(lanes))),
+        })
+
+    @property
+    def latency(self) -> int:
+        """Cycles from ``en_next`` to the enable copies: the register levels of the tree."""
+        return self.levels
+
+    def elaborate(self, platform):
+        m = Module()
+        N, levels = self.lanes, self.levels
+        n_regions, n_outs = rep.groups(N, rep.REGION), buffers(N)
+        per_region, per_out = N // n_regions, N // n_outs
+        en_next = self.buffers.en_next
+        if levels == 1:
+            roots = [en_next[0]] * n_regions
+        else:                                         # a copy per region, from one of its own buffers
+            roots = [rep.replica(1, name=f"en_region{r}", init=1, reset_less=True) for r in range(n_regions)]
+            m.d.sync += [root.eq(en_next[r * per_region // per_out]) for r, root in enumerate(roots)]
+
+        def region(lane):
+            return roots[lane // per_region]
+
+        en = rep.replica(1, name="en_ctl", init=1, reset_less=True)
+        en_lane = [rep.replica(1, name=f"en_lane{i}", init=1, reset_less=True) for i in range(N)]
+        en_out = [rep.replica(1, name=f"en_out{j}", init=1, reset_less=True) for j in range(n_outs)]
+        m.d.sync += [en.eq(roots[0])] + [e.eq(region(i)) for i, e in enumerate(en_lane)]
+        # each buffer's own copy: from its own decision (one level) or its region's copy (two)
+        upcoming = [en_next[j] if levels == 1 else region(j * per_out) for j in range(n_outs)]
+        m.d.sync += [e.eq(u) for e, u in zip(en_out, upcoming)]
+        m.d.comb += [self.enable.en.eq(en)] + [self.enable.lane[i].eq(e) for i, e in enumerate(en_lane)]
+        m.d.comb += [self.buffers.en[j].eq(e) for j, e in enumerate(en_out)]
+        m.d.comb += [self.buffers.en_upcoming[j].eq(u) for j, u in enumerate(upcoming)]
+
+        # the valid chain: stage 0's valid bit through depth - 1 registers
+        valid = self.valid
+        for stage in range(1, self.depth):
+            nxt = Signal(name=f"valid{stage}")
+            with m.If(en):
+                m.d.sync += nxt.eq(valid)
+            valid = nxt
+        m.d.comb += self.buffers.entering_valid.eq(valid)
+        return m
+
+
+def model(lanes: int, depth: int, en_next, valid) -> dict[str, np.ndarray]:
+    """Cycle model: per cycle ``t`` the enable copies and ``entering_valid``, from the buffers'
+    ``en_next[t]`` (the same for every buffer) and stage 0's ``valid[t]``.
+
+    Every copy is ``en_next`` delayed by ``levels`` cycles (1 before that: the initial value);
+    ``en_upcoming`` is that delayed by one cycle less; the valid chain is a shift register of
+    ``depth - 1`` bits that shifts on enabled cycles."""
+    en_next, valid = np.asarray(en_next, dtype=np.int64), np.asarray(valid, dtype=np.int64)
+    levels = rep.enable_levels(lanes)
+
+    def delayed(x, d):
+        return np.concatenate([np.ones(d, dtype=np.int64), x[:len(x) - d]]) if d else x.copy()
+
+    en = delayed(en_next, levels)
+    chain = [0] * (depth - 1)                 # chain[s]: the valid bit of stage s + 1
+    entering = np.zeros(len(valid), dtype=np.int64)
+    for t in range(len(valid)):
+        entering[t] = chain[-1] if chain else valid[t]
+        if en[t]:
+            chain = [int(valid[t])] + chain[:-1]
+    return {"en": en, "lane": np.repeat(en[:, None], lanes, axis=1),
+            "buffer_en": np.repeat(en[:, None], buffers(lanes), axis=1),
+            "en_upcoming": np.repeat(delayed(en_next, levels - 1)[:, None], buffers(lanes), axis=1),
+            "entering_valid": entering}
