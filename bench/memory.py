@@ -49,6 +49,8 @@ import numpy as np
 import tqdm
 from sop.quantize import artifact, evaluate, schemes, knapsack, sop_search, baselines, blockwise, dd4, sparse
 from sop.golden import decoder
+from sop.quantize.memory import release_freed_memory
+release_freed_memory()                             # as `sop` does at start
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -36,18 +36,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sop.golden.decoder import decode_layer
 from sop.golden.layout import Sparse
+from sop.golden.points import get_point, operating_points
 from sop.quantize.baselines import fp8_e4m3_pot
 
 from .blockwise import float_weights
 from .result import QuantResult
-from .sop_search import StreamSums, quantize_fp6, quantize_sop4
-from .sparse import add_sparse, apply_sparse
+from .sop_search import StreamSums, quantize_point
+from .sparse import apply_sparse, sparse_residuals, sparse_values
 
 DEFAULT_RESOLUTION = 1 << 15
 
@@ -134,14 +136,16 @@ DEFAULT_OPTIONS = ("sop4-g16", "sop4-g16+sp0.25%", "sop4-g16+sp0.5%", "sop4-g16+
                    "sop4-g16+sp2%", "e2m3-ue4m4-g16", "e2m3-ue4m4-g16+sp0.25%", "fp8-e4m3-pot")
 
 _OPTION = re.compile(r"^(?P<base>[a-z0-9-]+?)(?:\+sp(?P<pct>\d+(?:\.\d+)?)%)?$")
-_BASES = {"sop4-g16", "e2m3-ue4m4-g16", "fp8-e4m3-pot"}
+FP8 = "fp8-e4m3-pot"      # the one base that is not an operating point (no layer stream)
 
 
 def parse_option(name: str) -> tuple[str, float]:
-    """``"sop4-g16+sp0.5%"`` -> ``("sop4-g16", 0.005)``."""
+    """``"sop4-g16+sp0.5%"`` -> ``("sop4-g16", 0.005)``. A base is an operating point
+    (golden/points.py) or ``fp8-e4m3-pot``."""
+    bases = [*operating_points(), FP8]
     m = _OPTION.match(name)
-    if not m or m["base"] not in _BASES:
-        raise ValueError(f"unknown budget option {name!r}; a base ({', '.join(sorted(_BASES))}) "
+    if not m or m["base"] not in bases:
+        raise ValueError(f"unknown budget option {name!r}; a base ({', '.join(sorted(bases))}) "
                          f"optionally followed by +sp<percent>%")
     if m["pct"] and m["base"] == "fp8-e4m3-pot":
         raise ValueError("sparse residuals apply to the SOP layouts (they have a layer stream)")
@@ -152,67 +156,85 @@ def parse_option(name: str) -> tuple[str, float]:
 CHUNK_WEIGHTS = 1 << 18
 
 
-def weighted_error(w, recon, act_ms=None) -> float:
-    """``sum_ij act_ms_j (w_ij - q_ij)^2`` (all ones without ``act_ms``), the same bits as the
-    whole-layer expression ``((w - q)^2).sum()`` or ``((w - q)^2 @ act_ms).sum()``: the squared
-    differences are formed row chunk by row chunk; unweighted, their sum is numpy's pairwise sum
-    reproduced segment by segment (``sop_search.StreamSums``), so nothing of the layer's size is
-    held; weighted, the squares go into one float64 array for the one matrix-vector product."""
+def weighted_error(w, recon, act_ms=None, sparse: Sparse | None = None) -> float:
+    """``sum_ij act_ms_j (w_ij - q_ij)^2`` (all ones without ``act_ms``), where ``q`` is
+    ``recon`` with the ``sparse`` entries added as ``sparse.apply_sparse`` adds them, without
+    building ``q``: the squared differences are formed row chunk by row chunk (the entries'
+    positions replaced), so nothing of the layer's size is held. Unweighted, their sum is
+    numpy's pairwise sum of the whole layer reproduced segment by segment
+    (``sop_search.StreamSums``): the bits of ``((w - q)^2).sum()``; weighted, each row's sum
+    of ``act_ms_j (w_ij - q_ij)^2`` goes into a vector of the rows, summed at the end: the
+    bits of the whole-layer ``((w - q)^2 * act_ms).sum(axis=1).sum()`` (a test checks both;
+    not a matrix-vector product, whose rounding depends on how many rows BLAS gets)."""
     w, recon = np.asarray(w), np.asarray(recon)
-    if w.ndim != 2 or recon.shape != w.shape:
-        d = np.asarray(w, dtype=np.float64) - recon
-        d *= d
-        return float(d.sum() if act_ms is None else (d @ np.asarray(act_ms, dtype=np.float64)).sum())
+    if recon.shape != w.shape:
+        raise ValueError(f"reconstruction shape {recon.shape} differs from the weights' {w.shape}")
+    if w.ndim != 2:
+        w, recon = w.reshape(1, -1), recon.reshape(1, -1)
     rows, cols = w.shape
+    act = None if act_ms is None else np.asarray(act_ms, dtype=np.float64)
+    idx = vals = None
+    if sparse is not None and len(sparse):
+        idx, vals = sparse.index.astype(np.int64), sparse_values(sparse)
     step = max(1, CHUNK_WEIGHTS // max(1, cols))
-    if act_ms is None:
-        sums = StreamSums(1, w.size, most=1 << 16)
-        for r in range(0, rows, step):
-            d = np.asarray(w[r:r + step], dtype=np.float64) - recon[r:r + step]
-            d *= d
-            sums.push(d.reshape(1, -1))
-        return float(sums.total()[0])
-    d = np.empty(w.shape)
+    sums = StreamSums(1, w.size, most=1 << 16) if act is None else None
+    per_row = np.empty(rows) if act is not None else None
     for r in range(0, rows, step):
-        np.subtract(np.asarray(w[r:r + step], dtype=np.float64), recon[r:r + step], out=d[r:r + step])
-    d *= d
-    return float((d @ np.asarray(act_ms, dtype=np.float64)).sum())
+        d = np.asarray(w[r:r + step], dtype=np.float64) - recon[r:r + step]
+        if idx is not None:
+            lo, hi = np.searchsorted(idx, (r * cols, (r + step) * cols))
+            if hi > lo:
+                rr, cc = np.divmod(idx[lo:hi], cols)
+                d[rr - r, cc] = np.asarray(w[rr, cc], dtype=np.float64) - (
+                    np.asarray(recon[rr, cc], dtype=np.float64) + vals[lo:hi])
+        d *= d
+        if act is None:
+            sums.push(d.reshape(1, -1))
+        else:
+            d *= act
+            per_row[r:r + step] = d.sum(axis=1)        # pairwise per row: independent of the chunking
+    return float(sums.total()[0]) if act is None else float(per_row.sum())
 
 
 def _base_result(base: str, w, act_ms, name: str, sop4_kw: dict) -> QuantResult:
-    if base == "sop4-g16":
-        return quantize_sop4(w, act_ms, name=name, **sop4_kw)
-    if base == "e2m3-ue4m4-g16":
-        return quantize_fp6(w, act_ms, name=name)
-    return fp8_e4m3_pot(w, act_ms, name=name)
+    if base == FP8:
+        return fp8_e4m3_pot(w, act_ms, name=name)
+    point = get_point(base)
+    return quantize_point(w, point, act_ms, name=name, **(sop4_kw if point.search == "pair" else {}))
 
 
-def _with_sparse(res: QuantResult, w, act_ms, density: float, entries: Sparse | None = None) -> QuantResult:
-    """``res`` plus its ``density`` largest residuals (``entries``: those entries, found before)."""
-    if density <= 0:
-        return res
-    if entries is None:
-        k = int(round(density * w.size))
-        stream, recon = add_sparse(res.stream, w, res.recon, k, act_ms)
-    else:
-        if len(res.stream.sparse):
-            raise ValueError("the stream already carries sparse entries")
-        stream, recon = dataclasses.replace(res.stream, sparse=entries), apply_sparse(res.recon, entries)
-    return QuantResult(recon, stream.bits, f"{res.choice} +{len(stream.sparse)} sparse", stream,
-                       extra={**res.extra, "sparse": len(stream.sparse)})
+class LazyLayers(Mapping):
+    """name -> ``(w, act_ms)``, each layer loaded (``load(name)``) when asked for and not kept:
+    the knapsack reads every layer once to measure its options, and once more for the
+    layers whose chosen result it cannot rebuild from what it kept."""
+
+    def __init__(self, names, load: Callable[[str], tuple]):
+        self.names, self.load = list(names), load
+
+    def __getitem__(self, name):
+        if name not in self.names:
+            raise KeyError(name)
+        return self.load(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
 
 
 @dataclass
 class BudgetResult:
-    results: dict[str, QuantResult]      # the chosen quantization of every layer
+    results: Mapping[str, QuantResult]   # the chosen quantization of every layer (``LazyResults``)
     choice: dict[str, str]               # layer -> option name
     solution: Solution
     table: list[dict] = field(default_factory=list)   # per layer: options, choice, why
     report: str = ""
+    n_weights: int = 0
 
     @property
     def bpw(self) -> float:
-        return self.solution.bits / sum(r.recon.size for r in self.results.values())
+        return self.solution.bits / self.n_weights
 
 
 @dataclass
@@ -224,94 +246,138 @@ class LayerOptions:
     (a stream without sparse entries) the result less its reconstruction is kept (the
     stream, under a byte per weight), and ``result`` decodes the stream again
     (``golden.decoder.decode_layer``, which the encoder's reconstruction equals bit for
-    bit) into the dtype the quantizer gave; any other base (FP8) is quantized again (the
-    quantizers are deterministic: the same result, bit for bit). Then the kept entries
-    are added."""
+    bit) into the dtype the quantizer gave and adds the kept entries in place, without
+    reading the layer; any other base (FP8) is quantized again from the layer (the
+    quantizers are deterministic: the same result, bit for bit)."""
 
     names: list[str]                     # layer names, in order
     parsed: list[tuple[str, str, float]] # (option name, base format, sparse density)
     costs: list[list[tuple[int, float]]] # per layer, per option: (bits, weighted error)
-    layers: dict
+    layers: Mapping
     #: (layer, option) -> the sparse entries of that option (a few bytes per entry), so that
     #: ``result`` does not search the residuals again
     entries: dict = field(default_factory=dict)
     sop4_kw: dict = field(default_factory=dict)
     #: (layer, base) -> (the base result without its reconstruction, the reconstruction's dtype)
     streams: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)    # layer -> weights
 
     @property
     def n_weights(self) -> int:
-        return sum(np.asarray(w).size for w, _ in self.layers.values())
+        return sum(self.sizes.values())
 
     def result(self, layer: str, option: int) -> QuantResult:
-        w, act_ms = self.layers[layer]
         _, base, density = self.parsed[option]
-        w = float_weights(w)
         kept = self.streams.get((layer, base))
         if kept is None:
-            res = _base_result(base, w, act_ms, layer, self.sop4_kw)
-        else:
-            res, dtype = kept
-            recon = decode_layer(res.stream, dest=np.empty((res.stream.rows, res.stream.cols), dtype=dtype))
-            res = dataclasses.replace(res, recon=recon, extra=dict(res.extra))
-        return _with_sparse(res, w, act_ms, density, self.entries.get((layer, option)))
+            w, act_ms = self.layers[layer]
+            return _base_result(base, float_weights(w), act_ms, layer, self.sop4_kw)   # FP8: no entries
+        res, dtype = kept
+        entries = self.entries.get((layer, option)) if density > 0 else None
+        # with entries the sums need float64 (a BF16 residual on a product is not a float32 in
+        # general): decoded straight into float64, the entries are then added in place
+        shape = (res.stream.rows, res.stream.cols)
+        recon = decode_layer(res.stream, dest=np.empty(shape, dtype=np.float64 if entries else dtype))
+        if entries is None:
+            return dataclasses.replace(res, recon=recon, extra=dict(res.extra))
+        stream = dataclasses.replace(res.stream, sparse=entries)
+        recon = apply_sparse(recon, entries, inplace=True)
+        return QuantResult(recon, stream.bits, f"{res.choice} +{len(entries)} sparse", stream,
+                           extra={**res.extra, "sparse": len(entries)})
 
 
-def layer_options(layers: dict, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None) -> LayerOptions:
+class LazyResults(Mapping):
+    """layer -> its chosen ``QuantResult``, built when asked for (``pop`` it to let it go):
+    one layer's reconstruction at a time. ``cols`` crops a padded reconstruction."""
+
+    def __init__(self, opts: LayerOptions, choice: dict[str, int], cols: dict[str, int] | None = None):
+        self.opts, self.choice, self.cols = opts, dict(choice), dict(cols or {})
+
+    def __getitem__(self, name):
+        res = self.opts.result(name, self.choice[name])
+        if name in self.cols and res.recon.shape[1] != self.cols[name]:
+            res.recon = res.recon[:, :self.cols[name]]
+        return res
+
+    def pop(self, name, *default):
+        if name not in self.choice:
+            if default:
+                return default[0]
+            raise KeyError(name)
+        res = self[name]
+        del self.choice[name]
+        return res
+
+    def __iter__(self):
+        return iter(self.choice)
+
+    def __len__(self):
+        return len(self.choice)
+
+
+def layer_options(layers: Mapping, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None) -> LayerOptions:
     """Quantize every layer in every option's base format and measure each option's bits and
-    activation-weighted error (sparse variants are derived from the base stream). One base
-    result is held at a time: each base format's options are measured, then it is dropped."""
+    activation-weighted error (sparse variants from the base result's residuals, their error
+    measured without building their reconstruction). One layer and one base result are held
+    at a time: each base format's options are measured, then it is dropped."""
     parsed = [(o, *parse_option(o)) for o in options]
     sop4_kw = dict(sop4_kw or {})
     bases = list(dict.fromkeys(base for _, base, _ in parsed))   # in order of first use
-    costs, entries, streams = [], {}, {}
+    costs, entries, streams, sizes = [], {}, {}, {}
     for lname, (w, act_ms) in layers.items():
         w = float_weights(w)                       # float32 stays (the quantizers cast chunks, exactly)
+        sizes[lname] = w.size
         row = [None] * len(parsed)
         for base in bases:
             base_res = _base_result(base, w, act_ms, lname, sop4_kw)
             for i, (oname, b, density) in enumerate(parsed):
                 if b != base:
                     continue
-                res = _with_sparse(base_res, w, act_ms, density)
                 if density > 0:
-                    entries[(lname, i)] = res.stream.sparse
-                row[i] = (res.bits, weighted_error(w, res.recon, act_ms))
-                del res
+                    if len(base_res.stream.sparse):
+                        raise ValueError("the stream already carries sparse entries")
+                    sp = sparse_residuals(w, base_res.recon, int(round(density * w.size)), act_ms)
+                    entries[(lname, i)] = sp
+                    row[i] = (dataclasses.replace(base_res.stream, sparse=sp).bits,
+                              weighted_error(w, base_res.recon, act_ms, sparse=sp))
+                else:
+                    row[i] = (base_res.bits, weighted_error(w, base_res.recon, act_ms))
             st = base_res.stream
             if st is not None and not len(st.sparse) and base_res.recon.shape == (st.rows, st.cols):
                 streams[(lname, base)] = (dataclasses.replace(base_res, recon=None), base_res.recon.dtype)
             del base_res
+        del w
         costs.append(row)
-    return LayerOptions(list(layers), parsed, costs, layers, entries, sop4_kw, streams)
+    return LayerOptions(list(layers), parsed, costs, layers, entries, sop4_kw, streams, sizes)
 
 
-def quantize_budget(layers: dict, budget_bpw: float, options=DEFAULT_OPTIONS,
+def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
                     resolution: int = DEFAULT_RESOLUTION, sop4_kw: dict | None = None,
-                    prepared: LayerOptions | None = None) -> BudgetResult:
+                    prepared: LayerOptions | None = None, cols: dict[str, int] | None = None) -> BudgetResult:
     """Quantize every layer under an average of ``budget_bpw`` bits per weight.
 
-    ``layers``: name -> ``(w, act_ms)`` (``act_ms`` may be None: unweighted error).
-    The first option of ``options`` should be the cheapest (it is the base the
-    report measures promotions against). ``prepared`` (from ``layer_options``)
-    reuses the quantized options for another budget; see the module docstring."""
+    ``layers``: name -> ``(w, act_ms)`` (``act_ms`` may be None: unweighted error); a
+    ``LazyLayers`` loads each when needed. The first option of ``options`` should be the
+    cheapest (it is the base the report measures promotions against). ``prepared`` (from
+    ``layer_options``) reuses the quantized options for another budget; ``cols`` crops the
+    results (padded layers). The results are built one at a time as they are asked for
+    (``BudgetResult.results``); see the module docstring."""
     opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
     n_weights = opts.n_weights
     budget_bits = int(math.floor(budget_bpw * n_weights))
     sol = solve_mckp(opts.costs, budget_bits, resolution)
-    results, choice, table = {}, {}, []
+    choice, table = {}, []
     for lname, row, i in zip(opts.names, opts.costs, sol.choice):
-        res = opts.result(lname, i)
-        results[lname] = res
         choice[lname] = opts.parsed[i][0]
         b0, e0 = row[0]
         b, e = row[i]
         table.append({"layer": lname, "option": choice[lname], "bits": b, "error": e,
-                      "bpw": b / res.recon.size, "extra_bits": b - b0, "error_reduction": e0 - e,
+                      "bpw": b / opts.sizes[lname], "extra_bits": b - b0, "error_reduction": e0 - e,
                       "reduction_per_bit": (e0 - e) / (b - b0) if b > b0 else 0.0,
                       "options": {opts.parsed[j][0]: {"bits": bb, "error": ee}
                                   for j, (bb, ee) in enumerate(row)}})
-    res = BudgetResult(results, choice, sol, table)
+    results = LazyResults(opts, dict(zip(opts.names, sol.choice)), cols)
+    res = BudgetResult(results, choice, sol, table, n_weights=n_weights)
     res.report = budget_report(res, budget_bpw, n_weights)
     return res
 

@@ -14,8 +14,9 @@ ones.
   ``e2m3-ue4m4-g16``, and any point registered there), quantized by
   ``quantize.sop_search.quantize_point`` (the point's ``search``). ``sop-budget``
   is model-level: ``quantize_model(layers, budget)`` runs the multiple-choice
-  knapsack of ``quantize.knapsack`` over every layer at once (so its layers are
-  all in memory together), choosing per layer among SOP4, SOP4 + sparse
+  knapsack of ``quantize.knapsack`` over every layer at once (each layer is read
+  once to measure its options; only their costs, sparse entries and streams are
+  kept), choosing per layer among SOP4, SOP4 + sparse
   residuals, the FP6 point and FP8 under the average ``--budget``.
 
 Widths that are not a multiple of a format's block are zero-padded per row (the
@@ -25,8 +26,8 @@ calling the quantizer and crops the reconstruction, so the padded codes count.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -108,31 +109,48 @@ def _sop_budget(w, act_ms=None, **kw) -> QuantResult:
                      "(`sop eval MODEL --format sop-budget --budget B`)")
 
 
-def quantize_sop_budget(layers: dict, budget: float | None, **kw):
-    """sop-budget: ``quantize.knapsack.quantize_budget(layers, budget)`` over every layer at once.
+class _Padded(Mapping):
+    """name -> (w zero-padded to the SOP block, act_ms padded with its mean), on access;
+    records each layer's real columns and weights as it goes."""
 
-    ``layers``: name -> ``(w, act_ms)``; widths are padded to 16 like the other
-    SOP points, and ``budget`` counts bits per *real* weight (the knapsack gets
-    ``budget * real / padded``). Returns the knapsack's ``BudgetResult``
-    (``results``: name -> QuantResult, ``choice``: name -> option, ``report``)."""
-    if budget is None:
-        raise ValueError("format sop-budget needs --budget B (average bits per weight)")
-    from sop.quantize import knapsack
-    cols, padded = {}, {}
-    for name, (w, act_ms) in layers.items():           # the padding rule, as for the other SOP points
+    def __init__(self, layers: Mapping, group: int):
+        self.layers, self.group, self.cols, self.real = layers, group, {}, {}
+
+    def __getitem__(self, name):
+        w, act_ms = self.layers[name]
         w = float_weights(w)
-        cols[name] = w.shape[1]
-        wp = B.pad_to_block(w, 16)
+        self.cols[name], self.real[name] = w.shape[1], w.size
+        wp = B.pad_to_block(w, self.group)
         if act_ms is not None and wp.shape[1] != w.shape[1]:
             act_ms = np.concatenate([act_ms, np.full(wp.shape[1] - w.shape[1], float(np.mean(act_ms)))])
-        padded[name] = (wp, act_ms)
+        return wp, act_ms
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+
+def quantize_sop_budget(layers: Mapping, budget: float | None, **kw):
+    """sop-budget: ``quantize.knapsack.quantize_budget(layers, budget)`` over every layer at once.
+
+    ``layers``: name -> ``(w, act_ms)`` (a ``knapsack.LazyLayers`` loads each only when
+    needed, so that no two layers are held at once); widths are padded to 16 like the other
+    SOP points, and ``budget`` counts bits per *real* weight (the knapsack gets
+    ``budget * real / padded``). Returns the knapsack's ``BudgetResult`` (``results``:
+    name -> QuantResult, built as asked for; ``choice``: name -> option, ``report``)."""
+    from sop.quantize import knapsack
+
+    if budget is None:
+        raise ValueError("format sop-budget needs --budget B (average bits per weight)")
+    padded = _Padded(layers, 16)
+    opts = kw.pop("prepared", None) or knapsack.layer_options(
+        padded, kw.pop("options", knapsack.DEFAULT_OPTIONS), kw.pop("sop4_kw", None))
     # the budget is per real weight: padded zeros cost bits but are not weights
-    real = sum(cols[n] * padded[n][0].shape[0] for n in padded)
-    stored = sum(padded[n][0].size for n in padded)
-    res = knapsack.quantize_budget(padded, budget * real / stored, **kw)
-    for name, r in res.results.items():
-        r.recon = r.recon[:, :cols[name]]
-    return res
+    real = sum(padded.real.values()) if padded.real else sum(np.asarray(w).size for w, _ in layers.values())
+    return knapsack.quantize_budget(padded, budget * real / opts.n_weights, prepared=opts,
+                                    cols=dict(padded.cols), **kw)
 
 
 # -- the registry ---------------------------------------------------------------------------------

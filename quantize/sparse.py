@@ -13,7 +13,9 @@ With the entries the layer's weighted error drops by exactly
 ``sum a_j (r^2 - (r - bf16(r))^2)`` over the kept positions: the removed residual
 energy up to BF16's rounding of each residual (a test checks this).
 
-Entries whose residual rounds to BF16 zero are dropped (they would cost 48 bits
+Among equal energies at the k-th largest, the lowest flat indices are kept (a rule
+of this module, not of numpy's partition, so that the choice can be made row chunk
+by row chunk). Entries whose residual rounds to BF16 zero are dropped (they would cost 48 bits
 for nothing), so a stream can hold fewer than ``k``.
 """
 
@@ -47,98 +49,92 @@ def _energy(w, recon, act, sl) -> tuple[np.ndarray, np.ndarray]:
     return r.reshape(-1), energy.reshape(-1)
 
 
-def _top_k(w, recon, k: int, act) -> np.ndarray | None:
-    """The flat indices of the ``k`` largest energies, row chunk by row chunk, when they are
-    unambiguous: no energy outside them equals the smallest inside (else None: which of tied
-    entries ``np.argpartition`` keeps is its own business, so the caller asks it)."""
+def _top_k(w, recon, k: int, act) -> np.ndarray:
+    """The flat indices (ascending) of the ``k`` largest energies, ties at the k-th largest
+    going to the lowest flat indices, row chunk by row chunk.
+
+    Candidates are kept in index order: once ``k`` are held, a later energy must beat the
+    smallest held one strictly to enter (an equal one has a higher index, so it loses),
+    and a prune keeps exactly ``k``. Memory: the candidates (at most ``2k`` + one chunk),
+    16 bytes each, besides one chunk of float64 temporaries."""
     cols = w.shape[1]
-    parts_e, parts_i, total, thr = [], [], 0, -np.inf
+    parts_e, parts_i, total, thr, full = [], [], 0, -np.inf, False
 
     def prune():
         pe, pi = np.concatenate(parts_e), np.concatenate(parts_i)
+        if pe.size <= k:
+            return pe, pi
         kth = np.partition(pe, pe.size - k)[pe.size - k]     # the k-th largest so far
-        m = pe >= kth
-        return pe[m], pi[m], kth
+        above = pe > kth
+        ties = np.flatnonzero(pe == kth)[:k - int(np.count_nonzero(above))]   # the lowest indices
+        keep = above
+        keep[ties] = True
+        return pe[keep], pi[keep]
 
     for sl in _rows(w.shape):
         _, e = _energy(w, recon, act, sl)
-        keep = np.flatnonzero(e >= thr)            # below the k-th largest so far: never chosen
+        keep = np.flatnonzero(e > thr if full else e >= thr)
         parts_e.append(e[keep])
         parts_i.append(keep + sl.start * cols)
         total += keep.size
         if total > 2 * k + CHUNK_WEIGHTS:
-            pe, pi, thr = prune()
+            pe, pi = prune()
             parts_e, parts_i, total = [pe], [pi], pe.size
-    pe, pi, _ = prune()
-    if pe.size != k:                                # a tie across the boundary: ambiguous
-        return None
-    return pi
+            full = pe.size == k
+            thr = float(pe.min()) if full else -np.inf
+    return prune()[1]
 
 
 def sparse_residuals(w, recon, k: int, act_ms=None) -> Sparse:
     """The ``k`` largest activation-weighted residuals of ``w - recon`` as golden Sparse entries.
 
-    Row chunk by row chunk (a float32 ``w`` stays so): the entries are those of the
-    whole-layer ``np.argpartition`` of the energies; where a tie at the k-th largest energy
-    makes that choice ambiguous, the whole-layer arrays are built and it is asked."""
+    Row chunk by row chunk (a float32 ``w`` stays so; nothing of the layer's size is
+    allocated); among equal energies at the k-th largest, the lowest flat indices are kept."""
     w = float_weights(w)
-    n = w.size
-    if k <= 0 or n == 0:
-        return Sparse()
     recon = np.asarray(recon)
+    if recon.shape != w.shape:
+        raise ValueError(f"reconstruction shape {recon.shape} differs from the weights' {w.shape}")
+    if w.ndim != 2:
+        w, recon = w.reshape(1, -1), recon.reshape(1, -1)
+    if k <= 0 or w.size == 0:
+        return Sparse()
     act = None if act_ms is None else np.asarray(act_ms, dtype=np.float64)
-    k = min(int(k), n)
-    idx = None
-    if w.ndim == 2 and recon.shape == w.shape and k < n:
-        idx = _top_k(w, recon, k, act)
-    if idx is None:
-        # np.argpartition over the whole layer's energies, as before (which of tied entries it
-        # keeps depends on the whole array); built row chunk by row chunk and negated in place
-        # (the same values as ``-energy``), without the float64 copy of w or the residuals
-        energy = np.empty(n)
-        if w.ndim == 2 and recon.shape == w.shape:
-            cols = w.shape[1]
-            for sl in _rows(w.shape):
-                energy[sl.start * cols:sl.stop * cols] = _energy(w, recon, act, sl)[1]
-        else:
-            r = (np.asarray(w, dtype=np.float64) - recon).reshape(-1)
-            energy[:] = r * r if act is None else ((r * r).reshape(w.shape) * act).reshape(-1)
-            del r
-        np.negative(energy, out=energy)
-        idx = np.argpartition(energy, k - 1)[:k].copy() if k < n else np.arange(n)
-        idx = np.sort(idx[energy[idx] < 0])          # energy > 0
-        del energy
-        rv = (np.asarray(w, dtype=np.float64).reshape(-1)[idx] if w.ndim != 2 else
-              np.asarray(w[idx // w.shape[1], idx % w.shape[1]], dtype=np.float64)) - recon.reshape(-1)[idx]
-    else:
-        idx = np.sort(idx)
-        rows, cols = idx // w.shape[1], idx % w.shape[1]
-        rv = np.asarray(w[rows, cols], dtype=np.float64) - recon[rows, cols]
-        e = rv * rv
-        if act is not None:
-            e = e * act[cols]
-        pos = e > 0
-        idx, rv = idx[pos], rv[pos]
+    idx = _top_k(w, recon, min(int(k), w.size), act)
+    rows, cols = idx // w.shape[1], idx % w.shape[1]
+    rv = np.asarray(w[rows, cols], dtype=np.float64) - recon[rows, cols]
+    e = rv * rv
+    if act is not None:
+        e = e * act[cols]
+    pos = e > 0
+    idx, rv = idx[pos], rv[pos]
     codes = BF16.encode(rv).astype(np.uint16)
     keep = BF16.decode(codes) != 0
     return Sparse(idx[keep].astype(np.uint32), codes[keep])
 
 
-def apply_sparse(recon: np.ndarray, sparse: Sparse) -> np.ndarray:
+def apply_sparse(recon: np.ndarray, sparse: Sparse, inplace: bool = False) -> np.ndarray:
     """``recon`` with the entries added, the way golden.decoder does it (a dense float64
     residual added to the exact products), so the result equals decode_layer bit for bit.
     Built without the dense residual: ``recon + 0.0`` everywhere (which turns -0 into +0, as
-    adding the residual's zeros does), then the entries' sums at their positions."""
+    adding the residual's zeros does), then the entries' sums at their positions.
+    ``inplace`` (a C-contiguous float64 ``recon`` the caller owns) writes into ``recon``."""
     if not len(sparse):
         return recon
-    out = np.empty(recon.shape)
+    if inplace and not (recon.dtype == np.float64 and recon.flags.c_contiguous):
+        raise ValueError("apply_sparse in place needs a C-contiguous float64 reconstruction")
+    out = recon if inplace else np.empty(recon.shape)
     flat, src = out.reshape(-1), recon.reshape(-1)
     step = CHUNK_WEIGHTS
     for a in range(0, src.size, step):
         np.add(src[a:a + step], 0.0, out=flat[a:a + step], dtype=np.float64)
     idx = sparse.index.astype(np.int64)
-    flat[idx] = src[idx].astype(np.float64) + np.asarray(BF16.decode(sparse.value_bf16), dtype=np.float64)
+    flat[idx] = src[idx].astype(np.float64) + sparse_values(sparse)
     return out
+
+
+def sparse_values(sparse: Sparse) -> np.ndarray:
+    """The entries' residuals as float64 (their BF16 values, exactly)."""
+    return np.asarray(BF16.decode(sparse.value_bf16), dtype=np.float64)
 
 
 def add_sparse(stream: LayerStream, w, recon, k: int, act_ms=None) -> tuple[LayerStream, np.ndarray]:

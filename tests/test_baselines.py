@@ -11,7 +11,8 @@ import pytest
 from sop.quantize import baselines as B
 from sop.quantize.schemes import baseline_names, get_quant_format
 
-# The published NF4 table (bitsandbytes; docs/REFERENCES), typed in here, not imported.
+# The NF4 table bitsandbytes publishes (its NF4 lookup table in bitsandbytes/functional.py), typed in
+# here, not imported.
 NF4_PUBLISHED = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -322,7 +323,8 @@ def test_an_unknown_format_lists_the_valid_names():
     assert "mxfp4" in str(e.value) and "fp8-e4m3-pot" in str(e.value)
 
 
-# -- the reference figures (docs REFERENCES: iid Gaussian, round-half-even emulation) ------------------
+# -- the reference figures (docs/quantizer.md section 3: iid Gaussian, an independent round-half-even
+# emulation, not this code) -----------------------------------------------------------------------------
 
 GAUSSIAN_SQNR = {"fp8-e4m3-pot": 31.5, "mxfp6-e2m3": 30.9, "mxfp8-e4m3": 30.7, "if4": 22.1,
                  "nf4-g64": 20.7, "nvfp4": 20.4, "mxfp4": 18.8}

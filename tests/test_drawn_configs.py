@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from hdl_harness import random_layer, run_decoder
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -61,6 +62,7 @@ def _cfg(lanes, k, g, scale, signed_scale, select_bit, hif, output, lutram=0):
                          lutram)
 
 
+@pytest.mark.fuzz
 @settings(max_examples=EXAMPLES * (50 if LONG else 1), deadline=None, derandomize=not LONG, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cfg=decoder_configs(), seed=st.integers(0, 2**16), offset=st.sampled_from([*OFFSET_RANGE, None, None]))

@@ -100,3 +100,50 @@ def test_quantize_budget_promotes_within_the_budget():
     errs = {row["layer"]: row["error"] for row in mid.table}
     w3, a3 = layers["l3"]
     assert errs["l3"] == pytest.approx(((w3 - mid.results["l3"].recon) ** 2 * a3).sum())
+
+
+@pytest.mark.parametrize("chunk", [5, 64, 1 << 18])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_weighted_error_is_the_whole_layer_expression_with_the_entries_added(monkeypatch, chunk, weighted):
+    """Row chunk by row chunk, entries included without building the corrected layer: the
+    same bits as the whole-layer numpy expression on ``apply_sparse``'s result."""
+    from sop.quantize import knapsack
+    from sop.quantize.sparse import apply_sparse, sparse_residuals
+
+    monkeypatch.setattr(knapsack, "CHUNK_WEIGHTS", chunk)
+    rng = np.random.default_rng(chunk)
+    w = (rng.standard_normal((23, 48)) * 0.1).astype(np.float32)
+    recon = np.round(w.astype(np.float64) * 8) / 8
+    recon[0, :3] = -0.0                                   # -0 in the reconstruction: + 0.0 in apply_sparse
+    act = rng.random(48) * 3 if weighted else None
+    sp = sparse_residuals(w, recon, 40, act)
+    q = apply_sparse(recon, sp)
+    d = (w.astype(np.float64) - q) ** 2
+    want = (d * act).sum(axis=1).sum() if weighted else d.sum()
+    assert knapsack.weighted_error(w, recon, act, sparse=sp) == want
+    d0 = (w.astype(np.float64) - recon) ** 2
+    assert knapsack.weighted_error(w, recon, act) == ((d0 * act).sum(axis=1).sum() if weighted else d0.sum())
+
+
+def test_the_budgeted_quantizer_reads_each_layer_once_and_builds_results_one_at_a_time():
+    """LazyLayers: every layer loaded once to measure its options (an FP8 choice once more);
+    the results are built when asked for and equal what the eager path gives."""
+    from sop.quantize.knapsack import LazyLayers
+
+    rng = np.random.default_rng(9)
+    data = {f"l{i}": (rng.standard_t(5, (16, 64)) * s, None) for i, s in enumerate((0.02, 0.3))}
+    loads = []
+
+    def load(name):
+        loads.append(name)
+        return data[name]
+
+    opts = ("sop4-g16", "sop4-g16+sp1%", "e2m3-ue4m4-g16")
+    lazy = quantize_budget(LazyLayers(list(data), load), 6.0, options=opts)
+    assert loads == ["l0", "l1"]                          # SOP results rebuilt from the kept streams
+    eager = quantize_budget(data, 6.0, options=opts)
+    assert lazy.choice == eager.choice and lazy.solution.bits == eager.solution.bits
+    for name in data:
+        a, b = lazy.results.pop(name), eager.results[name]
+        assert np.array_equal(a.recon, b.recon) and a.stream.sparse.index.tolist() == b.stream.sparse.index.tolist()
+    assert len(lazy.results) == 0 and loads == ["l0", "l1"]

@@ -67,3 +67,22 @@ def test_outliers_are_caught_and_zero_residuals_are_not_stored():
     assert np.abs(w - recon).max() <= np.abs(w - base.recon).max() * 2.0 ** -8 * (1 + 1e-9)
     with pytest.raises(ValueError, match="already"):
         add_sparse(stream, w, recon, 3)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 18])
+@pytest.mark.parametrize("k", [1, 5, 40, 199, 400])
+def test_ties_at_the_kth_energy_go_to_the_lowest_flat_indices(monkeypatch, chunk, k):
+    """Many equal residuals (levels of a coarse grid): the entries are the first k of the
+    whole layer sorted by (energy descending, flat index ascending), however the rows are
+    chunked."""
+    from sop.quantize import sparse
+
+    monkeypatch.setattr(sparse, "CHUNK_WEIGHTS", chunk)
+    rng = np.random.default_rng(k + chunk)
+    recon = np.zeros((20, 20), dtype=np.float32)
+    w = (rng.integers(-3, 4, recon.shape) * 0.25).astype(np.float32)     # |r| in {0, .25, .5, .75}
+    energy = (w.astype(np.float64) ** 2).ravel()
+    order = np.lexsort((np.arange(energy.size), -energy))                 # energy desc, index asc
+    want = np.sort(order[:k][energy[order[:k]] > 0])
+    got = sparse_residuals(w, recon, k).index.astype(np.int64)
+    np.testing.assert_array_equal(got, want)
