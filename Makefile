@@ -31,6 +31,10 @@ fuzz: $(STAMP)  ## the fuzz suite, long (SOP_FUZZ=1: 50x the examples of make te
 demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print the error per format
 	$(VENV)/bin/sop demo
 
+.PHONY: demo-llm
+demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with calibration, ppl/KLD table, .sopq, a model folder transformers loads, greedy completions
+	$(PY) -m sop.demo_llm
+
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/
 	$(PY) -m sop.hdl.generate --out build/verilog
 
@@ -38,18 +42,19 @@ sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
-	$(PY) -m sop.synth.bringup --sim
+	$(PY) -m sop.synth.host.bringup --sim
 
 synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json
 	$(PY) -m sop.synth
 
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s in build/bitstream/$(BOARD)/ (no programming)
-	$(PY) -m sop.synth.board $(BOARD)
+	$(PY) -m sop.synth.flow.bitstream $(BOARD)
 
-bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight
+bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, quantizer speed, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight
 	$(PY) bench/hif_sqnr.py
 	$(PY) bench/codebook_sqnr.py
 	$(PY) bench/header_sqnr.py
+	$(PY) bench/quantize_speed.py
 	$(PY) bench/sim_speed.py
 	$(PY) bench/lane_sweep.py
 	$(PY) bench/fmax_seeds.py

@@ -32,7 +32,8 @@ Two record kinds:
 Contract.
 
 * ``quantize_model`` reads and quantizes the layers one at a time (peak memory
-  about one layer, except ``sop-budget``, whose knapsack holds every layer) and
+  about one layer; ``sop-budget``'s knapsack reads every layer once to measure its
+  options and keeps only their costs, sparse entries and streams) and
   streams the records to a temporary file in the target folder; the container is
   then assembled in a second temporary file, flushed to disk and renamed over
   the target. On any exception (Ctrl-C included) both temporary files are
@@ -69,7 +70,7 @@ from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
-from sop.quantize.evaluate import calibration_for, check_options, jsonable, reporter, sanitize
+from sop.quantize.evaluate import budget_inputs, calibration_for, check_options, jsonable, reporter, sanitize
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.models import open_model
@@ -378,10 +379,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     budgeted = None
     if fmt.model_level:                                   # the knapsack needs every layer at once
         say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
-        inputs = {lay.name: (narrow_weights(sanitize(lay.name, src.load(lay.name), nan_policy)[0]),
-                             cal.get(lay.name)) for lay in src.layers}
-        budgeted = fmt.quantize_model(inputs, budget)
-        del inputs
+        budgeted = fmt.quantize_model(budget_inputs(src, cal, nan_policy), budget)
     out.parent.mkdir(parents=True, exist_ok=True)
     entries, stats, pos = [], [], 0
     with temp_file_in(out.parent, out.name + ".records") as (spool, spool_path):

@@ -19,13 +19,23 @@ metrics (quantize/metrics.py) weight input column ``j`` by
 * Forward pass: for ``minilm`` and any BERT folder (``config.json`` with
   ``model_type: bert`` and ``tokenizer.json``), the real model with its shipped
   tokenizer (quantize/e2e.py), padding masked out of the statistics.
+* Causal LMs (any ``transformers`` causal LM folder, a GGUF of an architecture
+  ``transformers`` reads, ``smollm2``; quantize/causal_lm.py): forward hooks on
+  every ``nn.Linear`` / ``Conv1D``, keyed by checkpoint tensor name. The text is
+  the calibration part of the corpus (every sentence outside the reserve, in
+  order) joined by spaces and tokenized once; its first ``seqs x seq_len``
+  tokens, cut into ``seqs`` windows of ``seq_len`` (``--calib-seqs``,
+  ``--seq-len``; default 32 x 256), are run. A text shorter than that is refused
+  with a ``ValueError`` before any layer is quantized. ``--calib-sentences``
+  applies to sentence encoders only.
 * Cache: ``<cache_dir>/<key>.npz`` (default ``build/calib/``), written
   atomically; ``key`` is a SHA-256 of the procedure version, the checkpoint
-  files' contents and the calibration text, so a changed model or text is never
-  served stale statistics.
+  files' contents (for a causal-LM folder also its configuration and tokenizer
+  files), the window shape and the calibration text, so a changed model or text
+  is never served stale statistics; a cache hit loads no model.
 * Any other model has no forward pass here: ``Calibration.weighted`` is False,
-  every error is unweighted (``a = 1``), and ``note`` says so (`sop eval` prints
-  it and writes it to the JSON).
+  every error is unweighted (``a = 1``), and ``note`` says so, with the reason
+  (`sop eval` prints it and writes it to the JSON).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import numpy as np
 from sop.golden.files import write_atomic
 
 CALIB_VERSION = 1
+CAUSAL_VERSION = 1
 N_CALIB = 256
 N_HELDOUT = 64
 #: Sentences at the end of the corpus kept for the end-to-end check, never for calibration.
@@ -94,6 +105,23 @@ def heldout_sentences(n: int = N_HELDOUT) -> list[str]:
     return list(c[len(c) - n:])
 
 
+@dataclass(frozen=True)
+class CalibSize:
+    """How much calibration text: ``sentences`` for sentence encoders (BERT), ``seqs`` windows of
+    ``seq_len`` tokens for causal LMs."""
+
+    sentences: int = N_CALIB
+    seqs: int = 32
+    seq_len: int = 256
+
+    def __post_init__(self):
+        for what, v in (("--calib-seqs", self.seqs), ("--seq-len", self.seq_len)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{what} must be a positive integer, got {v!r}")
+        if self.seq_len < 4:
+            raise ValueError(f"--seq-len must be at least 4 tokens, got {self.seq_len}")
+
+
 @dataclass
 class Calibration:
     weighted: bool
@@ -103,14 +131,19 @@ class Calibration:
     sentences: int = 0
     tokens: int = 0
     cached: bool = False
+    seqs: int = 0                   # causal LMs: windows x tokens
+    seq_len: int = 0
 
     def get(self, name: str) -> np.ndarray | None:
         """The layer's per-input-channel mean square, or None (unweighted)."""
         return self.act_ms.get(name) if self.weighted else None
 
     def describe(self) -> dict:
-        return {"weighted": self.weighted, "note": self.note, "key": self.key,
-                "sentences": self.sentences, "tokens": self.tokens, "cached": self.cached}
+        d = {"weighted": self.weighted, "note": self.note, "key": self.key,
+             "sentences": self.sentences, "tokens": self.tokens, "cached": self.cached}
+        if self.seqs:
+            d.update(seqs=self.seqs, seq_len=self.seq_len)
+        return d
 
 
 def unweighted(note: str) -> Calibration:
@@ -137,27 +170,95 @@ def collect_stats(bert, sentences: list[str]) -> tuple[dict[str, np.ndarray], in
     return {n: sums[n] / counts[n] for n in sums}, tokens
 
 
-def calibrate(src, n_sentences: int = N_CALIB, cache_dir=DEFAULT_CACHE, use_cache: bool = True) -> Calibration:
-    """Activation statistics for a ModelSource (quantize/models.py), cached on disk."""
-    _count(n_sentences, "--calib-sentences", max_calibration_sentences())   # refused for any model
+def _load_cached(path: Path, key: str, note: str) -> Calibration | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z[_META]))
+        if meta.get("key") != key:
+            return None
+        stats = {n: z[n] for n in z.files if n != _META}
+    return Calibration(True, note, stats, key, meta["sentences"], meta["tokens"], cached=True,
+                       seqs=meta.get("seqs", 0), seq_len=meta.get("seq_len", 0))
+
+
+def _save(path: Path, cal: Calibration) -> None:
+    buf = io.BytesIO()
+    meta = {"key": cal.key, "sentences": cal.sentences, "tokens": cal.tokens, "version": CALIB_VERSION,
+            "seqs": cal.seqs, "seq_len": cal.seq_len}
+    np.savez(buf, **cal.act_ms, **{_META: np.array(json.dumps(meta))})
+    write_atomic(path, buf.getvalue())
+
+
+def _sentences_used(runner, sentences: list[str], n_tokens: int) -> int:
+    """How many of the joined sentences the first ``n_tokens`` tokens reach into."""
+    text = " ".join(sentences)
+    try:
+        offsets = runner.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        end = offsets[min(n_tokens, len(offsets)) - 1][1]
+    except (NotImplementedError, KeyError, IndexError, TypeError, ValueError):
+        return len(sentences)
+    starts = np.cumsum([0] + [len(s) + 1 for s in sentences[:-1]])
+    return int(np.searchsorted(starts, end, side="left"))
+
+
+def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: bool = True) -> Calibration:
+    """Activation statistics of a causal LM (quantize/causal_lm.py), cached on disk."""
+    from sop.quantize import causal_lm
+
+    sentences = calibration_sentences(max_calibration_sentences())
+    key = cache_key(f"{src.fingerprint()}\n{causal_lm.aux_fingerprint(src)}",
+                    f"causal-lm v{CAUSAL_VERSION} {size.seqs}x{size.seq_len}", sentences)
+    path = Path(cache_dir) / f"{key[:32]}.npz"
+    note = (f"mean square of each linear's input over {size.seqs} x {size.seq_len} tokens of pydoc_data.topics "
+            f"text (transformers forward pass, hooks on every linear)")
+    if use_cache:
+        hit = _load_cached(path, key, note)
+        if hit is not None:
+            return hit
+    runner = causal_lm.load(src)
+    ids = runner.token_ids(sentences)
+    windows = runner.windows(ids, size.seqs, size.seq_len, "calibration text (--calib-seqs x --seq-len)")
+    stats, tokens = runner.collect_stats(windows)
+    cal = Calibration(True, note, stats, key, _sentences_used(runner, sentences, tokens), tokens,
+                      seqs=size.seqs, seq_len=size.seq_len)
+    if use_cache:
+        _save(path, cal)
+    return cal
+
+
+def no_forward_note(src) -> str:
+    why = getattr(src, "forward_note", "") or f"a {src.kind} checkpoint"
+    return f"no forward pass for this model ({why}); errors are unweighted (a = 1)"
+
+
+def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_CACHE,
+              use_cache: bool = True) -> Calibration:
+    """Activation statistics for a ModelSource (quantize/models.py), cached on disk.
+
+    ``n_sentences``: the sentence count (sentence encoders), or a ``CalibSize`` that also gives
+    the causal-LM window shape."""
+    size = n_sentences if isinstance(n_sentences, CalibSize) else None
+    _count(size.sentences if size else n_sentences, "--calib-sentences",
+           max_calibration_sentences())                    # refused for any model
+    size = size or CalibSize(int(n_sentences))
+    if getattr(src, "forward", None) == "causal-lm":
+        return calibrate_causal(src, size, cache_dir, use_cache)
     if src.bert_folder is None:
-        return unweighted(f"no forward pass for this model ({src.kind}); errors are unweighted (a = 1)")
+        return unweighted(no_forward_note(src))
+    n_sentences = size.sentences
     from sop.quantize.e2e import Bert
 
     sentences = calibration_sentences(n_sentences)
     key = cache_key(src.fingerprint(), src.bert_prefix, sentences)
     path = Path(cache_dir) / f"{key[:32]}.npz"
     note = f"mean square of each linear's input over {len(sentences)} pydoc_data.topics sentences"
-    if use_cache and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z[_META]))
-            if meta.get("key") == key:
-                stats = {n: z[n] for n in z.files if n != _META}
-                return Calibration(True, note, stats, key, meta["sentences"], meta["tokens"], cached=True)
-    stats, tokens = collect_stats(Bert(src.bert_folder, src.bert_prefix), sentences)
     if use_cache:
-        buf = io.BytesIO()
-        meta = {"key": key, "sentences": len(sentences), "tokens": tokens, "version": CALIB_VERSION}
-        np.savez(buf, **stats, **{_META: np.array(json.dumps(meta))})
-        write_atomic(path, buf.getvalue())
-    return Calibration(True, note, stats, key, len(sentences), tokens)
+        hit = _load_cached(path, key, note)
+        if hit is not None:
+            return hit
+    stats, tokens = collect_stats(Bert(src.bert_folder, src.bert_prefix), sentences)
+    cal = Calibration(True, note, stats, key, len(sentences), tokens)
+    if use_cache:
+        _save(path, cal)
+    return cal

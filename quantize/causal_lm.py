@@ -1,0 +1,526 @@
+"""Causal language models through ``transformers``: the forward pass behind calibration and the
+end-to-end check of any causal LM (quantize/calib.py, quantize/evaluate.py).
+
+``load(src)`` runs the model of a ``ModelSource`` (quantize/models.py) whose ``forward`` is
+``"causal-lm"``, in float32 on the CPU, offline (``HF_HUB_OFFLINE=1``, local files only):
+
+* a folder (``config.json``, tokenizer files, safetensors single or sharded, or torch ``.bin``):
+  ``AutoModelForCausalLM.from_pretrained``; every tensor the configuration needs must be in the
+  checkpoint with its shape, and every checkpoint tensor must have a place in the model, else
+  ``CheckpointError`` naming ``config.json`` and the first mismatch;
+* a GGUF file: the configuration and tokenizer from its metadata (``transformers``' GGUF
+  support), the model built from that configuration, and every tensor read by the project's own
+  GGUF reader (quantized types dequantized to float32, as the quantizer reads them), converted to
+  ``transformers``' names and layout by ``transformers``' own GGUF tables (name map, the Llama
+  Q/K row permutation, GPT-2's transposes).
+
+**Names.** ``CausalLM.targets`` maps every checkpoint tensor that is the weight of an
+``nn.Linear`` or HF ``Conv1D`` module to that module (``Target``); a tied output head maps to the
+input embedding's tensor. It must cover every selected layer (``CheckpointError`` otherwise,
+before any work), and the module must take the layer's input channels in the layer's column
+order (checked on an index matrix for GGUF conversions).
+
+**Calibration** (``collect_stats``): forward pre-hooks on every mapped module accumulate the
+per-input-channel sum of squares of its input over every token of the windows (no padding: every
+window is full), in float64. The output head is the last module: its hook records its input and
+stops the pass, so no logits are computed.
+
+**End to end** (``reference`` then ``score``), the convention of llama.cpp's
+``perplexity --kl-divergence``: the held-out text is tokenized once and cut into ``n`` windows of
+``T`` tokens (the first token of each replaced by BOS where the tokenizer adds one itself); in
+each window the logits at positions ``T/2 .. T-2`` predict tokens ``T/2+1 .. T-1``: those
+``n * (T - 1 - T/2)`` tokens are scored. With ``p`` the reference model's next-token distribution
+and ``q`` the quantized model's, both ``softmax`` of float32 logits taken in float64:
+
+* ``ppl = exp(mean(-log q[next token]))``, ``ppl_ref`` the same with ``p``;
+* ``kld = mean(sum_v p_v (log p_v - log q_v))`` in nats per token;
+* ``top1`` = the fraction of tokens where ``argmax q == argmax p``.
+
+A reconstruction equal to the reference gives exactly ``kld == 0``, ``top1 == 1`` and
+``ppl == ppl_ref`` (the same computation on the same numbers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sop.golden.files import atomic_output
+from sop.quantize.checkpoint_files import CheckpointError, describe_error
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DEFAULT_CALIB_SEQS = 32
+DEFAULT_SEQ_LEN = 256
+DEFAULT_E2E_WINDOWS = 16
+BATCH = 4
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken",
+                   "vocab.txt")
+HINT = "--no-calib --no-e2e quantizes it without a forward pass"
+#: Files of a model folder besides the weights that change what the forward pass computes.
+AUX_SUFFIXES = (".json", ".model", ".txt", ".tiktoken")
+
+
+def quiet_transformers() -> None:
+    """transformers' logging to errors only and no progress bars (sop prints its own progress)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a checkpoint tensor sits in the running model."""
+
+    name: str           # the checkpoint tensor (the quantizer's layer name)
+    module: str         # the nn.Linear / Conv1D module that uses it as its weight
+    conv1d: bool        # HF Conv1D: the module's weight is (in, out)
+    tied: bool = False  # the output head, tied to the input embedding
+
+
+class _Stop(Exception):
+    """Raised by the output head's calibration hook: the logits are not needed."""
+
+
+def aux_fingerprint(src) -> str:
+    """SHA-256 over a model folder's configuration and tokenizer files (not the weights): with
+    ``src.fingerprint()`` it keys the calibration cache."""
+    import hashlib
+
+    h = hashlib.sha256()
+    folder = getattr(src, "folder", None)
+    if folder is not None and Path(folder).is_dir() and src.kind != "gguf":
+        weights = {Path(f).resolve() for f in src.files}
+        for f in sorted(Path(folder).iterdir()):
+            if f.is_file() and f.suffix in AUX_SUFFIXES and f.resolve() not in weights:
+                h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def memory_needed(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN) -> int:
+    """Bytes the forward pass needs, roughly: the model in float32, and for the end-to-end check
+    (``windows`` > 0) one format's float32 reconstructions and the reference logits."""
+    shapes = [src.tensor_shape(n) for n in src.tensor_names()]
+    params = sum(math.prod(s) for s in shapes)
+    vocab = max((s[0] for s in shapes if len(s) == 2), default=0)
+    need = 4 * params + 4 * BATCH * seq_len * vocab          # the model; one batch's logits
+    if windows:
+        need += 4 * src.n_weights + 4 * windows * (seq_len - 1 - seq_len // 2) * vocab
+    return need
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (psutil, which accelerate brings; else /proc/meminfo)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError):
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN) -> None:
+    """Refuse, before any work, a model whose forward pass does not fit in the memory available."""
+    avail = available_memory()
+    if avail is None:                                     # pragma: no cover - neither psutil nor /proc
+        return
+    need = memory_needed(src, windows, seq_len)
+    if need > avail:
+        what = "the end-to-end check" if windows else "calibration"
+        raise ValueError(f"{src.spec}: the forward pass for {what} needs about {need / 2**30:.1f} GiB (the model "
+                         f"in float32{', one format of reconstructions and the reference logits' if windows else ''}"
+                         f"), {avail / 2**30:.1f} GiB are available: --no-e2e{' --no-calib' if not windows else ''} "
+                         f"skips it")
+
+
+def load(src, progress: bool = False) -> "CausalLM":
+    """The forward pass of a causal-LM ModelSource, loaded once and cached on it."""
+    if src._runner is not None:
+        return src._runner
+    if src.forward != "causal-lm":
+        raise ValueError(f"{src.spec}: no causal-LM forward pass ({src.forward_note or src.forward})")
+    quiet_transformers()
+    if src.kind == "gguf":
+        model, tok, convert = _load_gguf(src)
+    else:
+        model, tok = _load_folder(src)
+        convert = None
+    src._runner = CausalLM(src, model, tok, convert)
+    return src._runner
+
+
+def _load_folder(src):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(src.folder)
+    cfg = folder / "config.json"
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(folder, f"has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): the forward "
+                                      f"pass of calibration and of the end-to-end check needs one; add it, or {HINT}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:            # noqa: BLE001 - transformers raises anything from a bad tokenizer
+        raise CheckpointError(folder, f"transformers cannot load its tokenizer ({describe_error(err)}); "
+                                      f"{HINT}") from None
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except Exception as err:            # noqa: BLE001 - transformers raises anything from a bad folder
+        raise CheckpointError(folder, f"transformers cannot load it as a causal LM ({describe_error(err)}); "
+                                      f"{HINT}") from None
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        name, ckpt, want = mismatched[0]
+        raise CheckpointError(cfg, f"does not match the weights: {name} is {tuple(ckpt)} in the checkpoint, the "
+                                   f"model config.json describes has it {tuple(want)} ({len(mismatched)} "
+                                   f"tensors differ)")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise CheckpointError(cfg, f"does not match the weights: the model config.json describes needs "
+                                   f"{missing[0]}, which the checkpoint lacks ({len(missing)} tensors missing)")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        raise CheckpointError(cfg, f"does not match the weights: the checkpoint holds {unexpected[0]}, which "
+                                   f"the model config.json describes has no place for ({len(unexpected)} "
+                                   f"tensors unused)")
+    return model.eval(), tok
+
+
+class _GGUFConvert:
+    """A GGUF tensor (as the project's reader returns it) to transformers' name and layout."""
+
+    def __init__(self, model, arch: str, config: dict):
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map)
+
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+        self.names = get_gguf_hf_weights_map(model, self.processor)
+        self.back = {hf: g for g, hf in self.names.items()}
+
+    def __call__(self, name: str, w: np.ndarray):
+        """(transformers parameter name or None when the model has no place for it, weights)."""
+        parsed = {"tensors": {}}
+        res = self.processor.process(weights=w, name=name, tensor_key_mapping=self.names, parsed_parameters=parsed)
+        if res.name is None:                      # GPT-2's output.weight: the processor stores it itself
+            (hf, t), = parsed["tensors"].items()
+            return hf, t.numpy()
+        return self.names.get(res.name), res.weights
+
+
+def _load_gguf(src):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    f = Path(src.files[0])
+    reader = src._reader
+    if reader.field("tokenizer.ggml.model") is None:
+        raise CheckpointError(f, f"has no tokenizer (no tokenizer.ggml.* metadata): the forward pass of "
+                                 f"calibration and of the end-to-end check needs one; {HINT}")
+    try:
+        cfg = AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        convert = _GGUFConvert(model, reader.field("general.architecture"), cfg.to_dict())
+    except Exception as err:            # noqa: BLE001 - transformers raises anything from a GGUF it cannot read
+        raise CheckpointError(f, f"transformers cannot build a causal LM from its metadata "
+                                 f"({describe_error(err)}); {HINT}") from None
+    expect = model.state_dict()
+    state = {}
+    for name in src.tensor_names():
+        hf, w = convert(name, src.read_tensor(name))
+        if hf is None or hf not in expect:
+            continue                              # rope_freqs and the like: no parameter of the model
+        if tuple(w.shape) != tuple(expect[hf].shape):
+            raise CheckpointError(f, f"does not match its metadata: tensor {name} ({hf}) is "
+                                     f"{tuple(w.shape)}, the model the metadata describes has it "
+                                     f"{tuple(expect[hf].shape)}")
+        state[hf] = torch.from_numpy(np.array(w, dtype=np.float32))
+    missing, _ = model.load_state_dict(state, strict=False)
+    tied_head = _tied_head_name(model)
+    missing = [k for k in missing if k != tied_head]
+    if missing:
+        raise CheckpointError(f, f"does not match its metadata: the model it describes needs {missing[0]}, "
+                                 f"which the file lacks ({len(missing)} tensors missing)")
+    return model.eval(), tok, convert
+
+
+def _tied_head_name(model) -> str | None:
+    """The output head's weight parameter name when it is the input embedding's (tied), else None."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return None
+    for name, mod in model.named_modules():
+        if mod is out:
+            return f"{name}.weight"
+    return None
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+class CausalLM:
+    """A loaded causal LM with its checkpoint-name map (see the module docstring)."""
+
+    def __init__(self, src, model, tokenizer, convert=None):
+        self.src = src
+        self.model = model
+        self.tokenizer = tokenizer
+        self.convert = convert                    # GGUF: _GGUFConvert; folders: None
+        self.modules = dict(model.named_modules())
+        head = model.get_output_embeddings()
+        self.head_module = next((n for n, m in self.modules.items() if m is head), None) if head is not None \
+            else None
+        self.targets = self._map_targets()
+        self._check_selected()
+        ids = tokenizer("a")["input_ids"]
+        bos = tokenizer.bos_token_id
+        self.bos = bos if bos is not None and ids and ids[0] == bos else None
+        self._ref = None
+
+    # -- names ----------------------------------------------------------------------------------------
+
+    def _tensor_for(self, module_name: str, names: set) -> str | None:
+        """The checkpoint tensor a module's weight was loaded from."""
+        param = f"{module_name}.weight" if module_name else "weight"
+        if self.convert is not None:
+            g = self.convert.back.get(param)
+            if g is None and module_name == self.head_module and "output.weight" in names:
+                g = "output.weight"
+            return g if g in names else None
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        for cand in (param, param.removeprefix(f"{prefix}.") if prefix else param, f"{prefix}.{param}"):
+            if cand in names:
+                return cand
+        return None
+
+    def _map_targets(self) -> dict[str, Target]:
+        names = set(self.src.tensor_names())
+        tied = _tied_head_name(self.model)
+        embed = self.model.get_input_embeddings()
+        embed_name = next((n for n, m in self.modules.items() if m is embed), None)
+        out: dict[str, Target] = {}
+        for mname, mod in self.modules.items():
+            if not _is_linear(mod):
+                continue
+            is_tied = tied is not None and mname == self.head_module
+            tname = self._tensor_for(embed_name if is_tied else mname, names)
+            if tname is None:
+                raise CheckpointError(self.src.files[0], f"the weight of the model's linear module {mname} comes "
+                                                         f"from no tensor of the checkpoint; {HINT}")
+            out[tname] = Target(tname, mname, type(mod).__name__ == "Conv1D", is_tied)
+        return out
+
+    def _check_selected(self) -> None:
+        """Every selected layer is a mapped module's weight, with the module's shape and channel order."""
+        for lay in self.src.layers:
+            t = self.targets.get(lay.name)
+            if t is None:
+                raise CheckpointError(self.src.files[0], f"layer {lay.name} is the weight of no linear module of "
+                                                         f"the {type(self.model).__name__} that transformers "
+                                                         f"runs; --exclude it, or {HINT}")
+            if t.conv1d != lay.transposed and self.convert is None:
+                raise CheckpointError(self.src.files[0], f"layer {lay.name}: the checkpoint stores it "
+                                                         f"{'(in, out)' if lay.transposed else '(out, in)'}, the "
+                                                         f"model's {t.module} is "
+                                                         f"{'a Conv1D' if t.conv1d else 'an nn.Linear'}")
+            rows, cols = lay.shape
+            probe = np.arange(rows * cols, dtype=np.int32 if rows * cols < 2**31 else np.int64).reshape(rows, cols)
+            w = self.module_weight(lay.name, probe)
+            param = self.modules[t.module].weight
+            if tuple(w.shape) != tuple(param.shape):
+                raise CheckpointError(self.src.files[0], f"layer {lay.name} is {lay.shape} (out, in), the model's "
+                                                         f"{t.module} has a weight of {tuple(param.shape)}")
+            cols_seen = (w.T if t.conv1d else w) % cols           # (out, in): each column's source column
+            if not bool((cols_seen == np.arange(cols)).all()):
+                raise CheckpointError(self.src.files[0], f"layer {lay.name}: its input channels reach "
+                                                         f"{t.module} in another order; {HINT}")
+
+    def module_weight(self, name: str, w: np.ndarray) -> np.ndarray:
+        """A layer's ``(out, in)`` matrix (as ModelSource.load gives it) in the module's layout."""
+        t = self.targets[name]
+        if self.convert is not None:
+            hf, out = self.convert(name, w)
+            if hf is None:                                        # pragma: no cover - mapped at load
+                raise CheckpointError(self.src.files[0], f"layer {name} has no place in the model")
+            return np.asarray(out)
+        return w.T if t.conv1d else w
+
+    # -- substitution -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def substituted(self, weights: dict | None):
+        """Within the block the model runs with ``weights`` ({layer: (out, in) array}) in place of the
+        reference; the reference is restored after, whatever happens."""
+        import torch
+
+        saved = {}
+        try:
+            for name, w in (weights or {}).items():
+                param = self.modules[self.targets[name].module].weight
+                new = np.ascontiguousarray(self.module_weight(name, np.asarray(w)), dtype=np.float32)
+                saved[name] = param.data
+                param.data = torch.from_numpy(new)
+            yield self
+        finally:
+            for name, data in saved.items():
+                self.modules[self.targets[name].module].weight.data = data
+
+    # -- text and windows ------------------------------------------------------------------------------
+
+    def token_ids(self, sentences: list[str]) -> list[int]:
+        """The sentences joined by spaces, tokenized once without special tokens."""
+        return list(self.tokenizer(" ".join(sentences), add_special_tokens=False)["input_ids"])
+
+    def windows(self, ids: list[int], n: int, seq_len: int, what: str):
+        """``n`` consecutive windows of ``seq_len`` tokens (BOS first where the tokenizer adds one)."""
+        import torch
+
+        need = n * seq_len
+        if len(ids) < need:
+            raise ValueError(f"{what}: {n} x {seq_len} = {need:,} tokens asked, the text gives {len(ids):,} with "
+                             f"this model's tokenizer; ask for fewer")
+        w = torch.tensor(ids[:need], dtype=torch.long).view(n, seq_len)
+        if self.bos is not None:
+            w[:, 0] = self.bos
+        return w
+
+    # -- calibration ------------------------------------------------------------------------------------
+
+    def collect_stats(self, windows, batch: int = BATCH) -> tuple[dict[str, np.ndarray], int]:
+        """Per-input-channel mean square of every mapped module's input over every token of ``windows``."""
+        import torch
+
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        handles = []
+
+        def hook_for(tname: str, stop: bool):
+            def hook(_module, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                x = x.detach().reshape(-1, x.shape[-1]).double()
+                s = (x * x).sum(0)
+                sums[tname] = sums[tname] + s if tname in sums else s
+                counts[tname] = counts.get(tname, 0) + x.shape[0]
+                if stop:
+                    raise _Stop
+            return hook
+
+        try:
+            for t in self.targets.values():
+                handles.append(self.modules[t.module].register_forward_pre_hook(
+                    hook_for(t.name, t.module == self.head_module), with_kwargs=True))
+            with torch.inference_mode():
+                for i in range(0, len(windows), batch):
+                    try:
+                        self.model(input_ids=windows[i:i + batch], use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        tokens = int(windows.numel())
+        return {n: (sums[n] / counts[n]).numpy() for n in sums}, tokens
+
+    # -- end to end -----------------------------------------------------------------------------------------
+
+    def _logits(self, ids):
+        """float32 logits at positions T/2 .. T-2 of each window: (batch, T - 1 - T/2, vocab)."""
+        T = ids.shape[1]
+        first = T // 2
+        out = self.model(input_ids=ids, use_cache=False, logits_to_keep=T - first).logits
+        out = out[:, first:T - 1] if out.shape[1] == T else out[:, :-1]
+        return out.float()
+
+    def reference(self, windows, batch: int = BATCH) -> None:
+        """Run the unquantized model on the windows once; ``score`` compares against it."""
+        import torch
+
+        with torch.inference_mode():
+            ref = torch.cat([self._logits(windows[i:i + batch]) for i in range(0, len(windows), batch)])
+        self._ref = (windows, ref)
+
+    def score(self, weights: dict | None = None, batch: int = BATCH) -> dict:
+        """Perplexity, KL divergence and top-1 agreement of the model with ``weights`` substituted,
+        against the reference (module docstring)."""
+        import torch
+
+        if self._ref is None:
+            raise RuntimeError("CausalLM.score needs CausalLM.reference first")
+        windows, ref = self._ref
+        first = windows.shape[1] // 2
+        acc = np.zeros(5)
+        with self.substituted(weights), torch.inference_mode():
+            for i in range(0, len(windows), batch):
+                q = self._logits(windows[i:i + batch])
+                for j in range(q.shape[0]):
+                    acc += next_token_sums(ref[i + j], q[j], windows[i + j, first + 1:])
+        kld, nll_ref, nll, top1, n = acc
+        return {"metric": "causal-lm", "tokens": int(n), "ppl": math.exp(nll / n), "ppl_ref": math.exp(nll_ref / n),
+                "kld": kld / n, "top1": top1 / n, "windows": int(len(windows)), "seq_len": int(windows.shape[1])}
+
+    # -- generation and export ----------------------------------------------------------------------------
+
+    def complete(self, prompt: str, max_new_tokens: int = 24, weights: dict | None = None) -> str:
+        """The greedy completion of ``prompt`` (its new text only)."""
+        import torch
+
+        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with self.substituted(weights), torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def save_folder(self, out: Path, weights: dict | None = None) -> list[Path]:
+        """A model folder ``transformers`` loads (config, float32 safetensors, tokenizer) of the model
+        with ``weights`` substituted; every file written atomically (golden.files)."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written = []
+        with self.substituted(weights), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            out.mkdir(exist_ok=True)
+            for f in sorted(Path(tmp).iterdir()):
+                if not f.is_file():
+                    continue
+                with open(f, "rb") as src, atomic_output(out / f.name) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+                written.append(out / f.name)
+        return written
+
+
+def next_token_sums(ref_logits, logits, targets) -> np.ndarray:
+    """Sums over one window's scored positions: (KLD, NLL of the reference, NLL, top-1 matches, count).
+
+    ``ref_logits``, ``logits``: (positions, vocab); ``targets``: (positions,) the next tokens."""
+    import torch
+
+    lp = torch.log_softmax(ref_logits.double(), dim=-1)
+    lq = torch.log_softmax(logits.double(), dim=-1)
+    kld = (lp.exp() * (lp - lq)).sum(-1)
+    tgt = targets.long()[:, None]
+    nll_p = -lp.gather(-1, tgt).squeeze(-1)
+    nll_q = -lq.gather(-1, tgt).squeeze(-1)
+    top1 = lp.argmax(-1) == lq.argmax(-1)
+    return np.array([float(kld.sum()), float(nll_p.sum()), float(nll_q.sum()), float(top1.sum()), len(targets)])

@@ -1,0 +1,54 @@
+"""A quantized causal LM as a model folder that ``transformers`` loads (`sop dequantize --model-folder`).
+
+``export_model_folder(artifact, out)`` opens a ``.sopq`` artifact (quantize/artifact.py, every
+check of ``open_artifact``), opens the source model it names (or ``model``; its fingerprint must
+be the artifact's), runs that model through quantize/causal_lm.py, decodes every layer of the
+artifact (``Artifact.weights``: the golden decoder for layer streams) into it in place of the
+reference, and writes the whole model as a ``transformers`` folder: ``config.json``,
+``generation_config.json``, float32 ``model.safetensors`` (sharded where transformers shards) and
+the tokenizer files. Every tensor that was not quantized (embeddings, norms, a kept ``lm_head``)
+is the reference's: for a GGUF source that is the GGUF dequantized to float32. Each file is
+written atomically (golden.files); an error before the writing starts leaves nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from sop.quantize.artifact import open_artifact
+from sop.quantize.models import is_lm_head, open_model
+
+
+def export_model_folder(artifact, out, model: str | None = None, progress: bool = True) -> dict:
+    from sop.quantize import causal_lm
+
+    art = open_artifact(artifact)
+    meta = art.meta.get("model", {})
+    spec = model if model is not None else meta.get("spec")
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"{art.path}: the artifact names no source model; give --model")
+    names = [e.name for e in art.layers]
+    head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
+    src = open_model(spec, include=[glob.escape(n) for n in names], lm_head=head)
+    fp = meta.get("fingerprint")
+    if fp and src.fingerprint() != fp:
+        raise ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
+                         f"differ); give the source with --model")
+    missing = sorted(set(names) - {lay.name for lay in src.layers})
+    if missing:
+        raise ValueError(f"{art.path}: layer {missing[0]} is no linear layer of {spec}")
+    if src.forward != "causal-lm":
+        raise ValueError(f"{spec}: --model-folder needs a causal LM that transformers runs "
+                         f"({src.forward_note or 'a ' + str(src.forward) + ' model'})")
+    causal_lm.check_memory(src)
+    runner = causal_lm.load(src, progress)
+    weights = {}
+    for e in art.layers:
+        if tuple(e.shape) != tuple(src.layer(e.name).shape):
+            raise ValueError(f"{art.path}: layer {e.name} is {tuple(e.shape)}, {spec} has it "
+                             f"{tuple(src.layer(e.name).shape)}")
+        weights[e.name] = art.weights(e)
+    files = runner.save_folder(Path(out), weights)
+    return {"path": str(out), "files": [f.name for f in files], "layers": len(weights), "format": art.format,
+            "model": spec}

@@ -1,0 +1,512 @@
+"""Causal LMs through transformers (quantize/causal_lm.py): tiny random models built from a config
+in the test (Llama, GPT-2, Qwen2, Gemma 2; single and sharded safetensors; a GGUF), the checkpoint
+name map, calibration by hooks against the inputs recomputed here, perplexity / KL divergence /
+top-1 against an independent computation, the layer policy (lm_head, tied weights), `sop eval`'s
+JSON and table, `sop report`'s KLD panel, the dequantized model folder, and bad input."""
+
+import json
+import math
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from sop.cli import main
+from sop.quantize import calib as C
+from sop.quantize import causal_lm as L
+from sop.quantize.models import linear_reason, open_model
+
+transformers = pytest.importorskip("transformers")
+L.quiet_transformers()
+
+VOCAB = 320
+SEQ = 32                       # tokens per window in these tests (the CLI default is 256)
+SMALL = ["--calib-seqs", "3", "--seq-len", str(SEQ), "--e2e-windows", "3"]
+
+
+def configs():
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
+
+    common = {"vocab_size": VOCAB, "initializer_range": 0.25, "bos_token_id": 0, "eos_token_id": 1}
+    return {
+        "llama": LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=True, **common),
+        "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common),
+        "qwen2": Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=False, **common),
+        "gemma2": Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=1, head_dim=8, **common),
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE of 320 tokens trained on the calibration part of the corpus (offline, ms)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(C.corpus()[:300], trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def make_folder(path, arch, tokenizer, shard=None, dtype=None):
+    """A tiny random model of ``arch`` saved with save_pretrained (safetensors), with the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(configs()[arch])
+    if dtype is not None:
+        model = model.to(dtype)
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kw)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer):
+    base = tmp_path_factory.mktemp("lm")
+    out = {arch: make_folder(base / arch, arch, tokenizer) for arch in configs()}
+    out["sharded"] = make_folder(base / "sharded", "llama", tokenizer, shard="20KB")
+    out["bf16"] = make_folder(base / "bf16", "qwen2", tokenizer, dtype=torch.bfloat16)
+    return out
+
+
+def reference_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
+
+
+def windows_of(runner, n=3, seq=SEQ):
+    return runner.windows(runner.token_ids(C.heldout_sentences(C.HELDOUT_RESERVE)), n, seq, "held-out text")
+
+
+# -- models, names, layer policy ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma2", "sharded", "bf16"])
+def test_every_linear_of_the_blocks_is_selected_and_mapped_to_its_module(folders, arch):
+    src = open_model(str(folders[arch]))
+    if arch == "bf16":
+        assert {l.dtype for l in src.layers} == {"BF16"}
+    assert src.forward == "causal-lm" and src.folder == folders[arch]
+    runner = L.load(src)
+    model = runner.model
+    head = runner.head_module
+    linears = {n for n, m in model.named_modules() if L._is_linear(m)}
+    # the map is complete: every nn.Linear / Conv1D module, head included, comes from a checkpoint tensor
+    assert {t.module for t in runner.targets.values()} == linears
+    # the quantized layers are exactly the block linears: not the head, no embedding
+    selected = {lay.name for lay in src.layers}
+    assert selected == {t.name for t in runner.targets.values() if t.module != head}
+    assert all(linear_reason(n, (2, 2), True) is None for n in selected)
+    if arch == "sharded":
+        assert len(src.files) > 1 and (folders[arch] / "model.safetensors.index.json").is_file()
+    for lay in src.layers:                      # the checkpoint tensor is the module's weight, value for value
+        t = runner.targets[lay.name]
+        w = model.get_submodule(t.module).weight.detach().numpy()
+        np.testing.assert_array_equal(runner.module_weight(lay.name, src.load(lay.name)), w)
+        assert t.conv1d == (arch == "gpt2") == lay.transposed
+
+
+def test_lm_head_policy_tied_and_untied(folders):
+    tied = open_model(str(folders["llama"]))
+    assert "model.embed_tokens.weight" not in {l.name for l in tied.layers}
+    assert "tied to model.embed_tokens.weight" in tied.lm_head and "--include-lm-head" in tied.lm_head
+    assert tied.kept()["embedding"] == 1 and "lm_head" in tied.kept_line()
+    with_head = open_model(str(folders["llama"]), lm_head=True)
+    assert "model.embed_tokens.weight" in {l.name for l in with_head.layers}
+    assert with_head.tied_to == "model.embed_tokens.weight" and len(with_head.layers) == len(tied.layers) + 1
+    runner = L.load(with_head)
+    t = runner.targets["model.embed_tokens.weight"]
+    assert t.tied and t.module == runner.head_module
+    untied = open_model(str(folders["qwen2"]))
+    assert untied.skipped["lm_head.weight"] == "lm_head" and "lm_head.weight" not in {l.name for l in untied.layers}
+    assert "lm_head.weight" in {l.name for l in open_model(str(folders["qwen2"]), lm_head=True).layers}
+    assert linear_reason("output.weight", (4, 4), True) == "lm_head"               # GGUF
+    assert linear_reason("gpt_neox.embed_out.weight", (4, 4), True) == "lm_head"   # GPT-NeoX
+    assert linear_reason("blk.0.attn_output.weight", (4, 4), True) is None
+
+
+def test_a_tied_head_quantized_changes_the_embedding_lookup_too(folders):
+    src = open_model(str(folders["llama"]), lm_head=True)
+    runner = L.load(src)
+    w = src.load("model.embed_tokens.weight")
+    model = runner.model
+    with runner.substituted({"model.embed_tokens.weight": np.zeros_like(w)}):
+        assert not model.get_input_embeddings().weight.any() and not model.get_output_embeddings().weight.any()
+    np.testing.assert_array_equal(model.get_input_embeddings().weight.detach().numpy(), w)
+
+
+# -- calibration ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_statistics_are_the_mean_square_of_each_linears_input(folders, arch):
+    src = open_model(str(folders[arch]))
+    runner = L.load(src)
+    wins = windows_of(runner, 2)
+    stats, tokens = runner.collect_stats(wins)
+    assert tokens == 2 * SEQ and set(stats) == set(runner.targets)
+    ref = reference_model(folders[arch])
+    with torch.inference_mode():
+        hs = ref(input_ids=wins, output_hidden_states=True).hidden_states
+    for i in range(2):
+        with torch.inference_mode():
+            if arch == "llama":
+                x = ref.model.layers[i].input_layernorm(hs[i])
+                names = [f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkv"]
+            else:
+                x = ref.transformer.h[i].ln_1(hs[i])
+                names = [f"transformer.h.{i}.attn.c_attn.weight"]
+        want = (x.double() ** 2).reshape(-1, 32).mean(0).numpy()
+        for n in names:
+            np.testing.assert_allclose(stats[n], want, rtol=1e-6, err_msg=n)
+    head = next(t.name for t in runner.targets.values() if t.module == runner.head_module)
+    np.testing.assert_allclose(stats[head], (hs[-1].double() ** 2).reshape(-1, 32).mean(0).numpy(), rtol=1e-6)
+
+
+def test_calibration_is_cached_by_model_text_and_window_shape(folders, tmp_path, tokenizer):
+    d = make_folder(tmp_path / "m", "llama", tokenizer)
+    size = C.CalibSize(seqs=2, seq_len=SEQ)
+    first = C.calibrate(open_model(str(d)), size, tmp_path / "c")
+    assert first.weighted and not first.cached and first.tokens == 2 * SEQ and first.seqs == 2
+    assert 0 < first.sentences < 20 and len(first.act_ms) == 15           # 14 block linears and the head
+    again = C.calibrate(open_model(str(d)), size, tmp_path / "c")
+    assert again.cached and again.key == first.key
+    for k, v in first.act_ms.items():
+        np.testing.assert_array_equal(again.act_ms[k], v)
+    assert C.calibrate(open_model(str(d)), C.CalibSize(seqs=2, seq_len=SEQ + 1), tmp_path / "c").key != first.key
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg | {"model_max_length": 77}))
+    assert C.calibrate(open_model(str(d)), size, tmp_path / "c").key != first.key   # tokenizer files count
+
+
+# -- end to end: perplexity, KL divergence, top-1 ----------------------------------------------------------
+
+def independent_e2e(folder, wins, weights):
+    """ppl, ppl_ref, KL(p||q), KL(q||p), top-1 with plain torch and numpy: full logits, no shortcut."""
+    from transformers import AutoModelForCausalLM
+
+    ref = reference_model(folder)
+    quant = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
+    sd = quant.state_dict()
+    for name, w in weights.items():
+        sd[name] = torch.from_numpy(np.asarray(w, np.float32))
+    quant.load_state_dict(sd)
+    T = wins.shape[1]
+    with torch.inference_mode():
+        lp_all = ref(input_ids=wins).logits[:, T // 2:T - 1].double().numpy()
+        lq_all = quant(input_ids=wins).logits[:, T // 2:T - 1].double().numpy()
+
+    def log_softmax(z):
+        m = z.max(-1, keepdims=True)
+        return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(lp_all), log_softmax(lq_all)
+    tgt = wins[:, T // 2 + 1:].numpy()
+    nll_p = -np.take_along_axis(lp, tgt[..., None], -1).mean()
+    nll_q = -np.take_along_axis(lq, tgt[..., None], -1).mean()
+    kl_pq = (np.exp(lp) * (lp - lq)).sum(-1).mean()
+    kl_qp = (np.exp(lq) * (lq - lp)).sum(-1).mean()
+    top1 = (lp.argmax(-1) == lq.argmax(-1)).mean()
+    return math.exp(nll_q), math.exp(nll_p), kl_pq, kl_qp, top1, tgt.size
+
+
+def test_ppl_kld_top1_match_an_independent_computation(folders):
+    src = open_model(str(folders["llama"]))
+    runner = L.load(src)
+    wins = windows_of(runner)
+    runner.reference(wins)
+    rng = np.random.default_rng(5)
+    noisy = {l.name: src.load(l.name) * (1 + 0.3 * rng.standard_normal(l.shape)) for l in src.layers}
+    got = runner.score(noisy)
+    ppl, ppl_ref, kl_pq, kl_qp, top1, n = independent_e2e(folders["llama"], wins, noisy)
+    assert got["metric"] == "causal-lm" and got["tokens"] == n == 3 * (SEQ - 1 - SEQ // 2)
+    assert got["ppl"] == pytest.approx(ppl, rel=1e-6) and got["ppl_ref"] == pytest.approx(ppl_ref, rel=1e-6)
+    assert got["kld"] == pytest.approx(kl_pq, rel=1e-5)
+    assert abs(kl_pq - kl_qp) > 1e-3 * kl_pq                 # the direction is told apart: KL(p || q)
+    assert got["top1"] == top1 and 0 < top1 < 1 and got["kld"] > 0.01
+    # the model's own weights are back after the check
+    for l in src.layers:
+        t = runner.targets[l.name]
+        np.testing.assert_array_equal(runner.model.get_submodule(t.module).weight.detach().numpy(),
+                                      runner.module_weight(l.name, src.load(l.name)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_the_reference_itself_has_kld_exactly_zero(folders, arch):
+    src = open_model(str(folders[arch]))
+    runner = L.load(src)
+    runner.reference(windows_of(runner, 2))
+    same = runner.score({l.name: src.load(l.name).astype(np.float32) for l in src.layers})
+    assert same["kld"] == 0.0 and same["top1"] == 1.0 and same["ppl"] == same["ppl_ref"]
+    assert runner.score(None) == same
+
+
+# -- GGUF ----------------------------------------------------------------------------------------------------
+
+def _permute(w, n_head):
+    """llama.cpp's convert_hf_to_gguf Q/K row permutation (the inverse of transformers' reverse_permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True):
+    """The tiny Llama of ``folder`` as a GGUF file, the way llama.cpp's converter lays it out."""
+    gguf = pytest.importorskip("gguf")
+    cfg = json.loads((folder / "config.json").read_text())
+    sd = {k: v.numpy() for k, v in reference_model(folder).state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(128)
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(VOCAB)
+    vocab = tokenizer.backend_tokenizer.get_vocab()
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
+    w.add_token_types([3, 3] + [1] * (VOCAB - 2))
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    T = gguf.GGMLQuantizationType
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        names = {"attn_q": _permute(sd[p + "self_attn.q_proj.weight"], heads),
+                 "attn_k": _permute(sd[p + "self_attn.k_proj.weight"], kv),
+                 "attn_v": sd[p + "self_attn.v_proj.weight"], "attn_output": sd[p + "self_attn.o_proj.weight"],
+                 "ffn_gate": sd[p + "mlp.gate_proj.weight"], "ffn_up": sd[p + "mlp.up_proj.weight"],
+                 "ffn_down": sd[p + "mlp.down_proj.weight"]}
+        for n, t in names.items():
+            if quantize_ffn and n.startswith("ffn_") and t.shape[1] % 32 == 0:
+                w.add_tensor(f"blk.{i}.{n}.weight", gguf.quants.quantize(t, T.Q8_0), raw_dtype=T.Q8_0)
+            else:
+                w.add_tensor(f"blk.{i}.{n}.weight", t)
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_runs_with_the_folders_logits_and_one_warning_line(folders, tokenizer, tmp_path):
+    path = write_llama_gguf(tmp_path / "tiny.gguf", folders["llama"], tokenizer, quantize_ffn=False)
+    src = open_model(str(path))
+    assert src.forward == "causal-lm" and not src.notes                  # float tensors: nothing to warn
+    runner = L.load(src)
+    wins = windows_of(runner, 2)
+    with torch.inference_mode():
+        got = runner.model(input_ids=wins).logits
+        want = reference_model(folders["llama"])(input_ids=wins).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)   # Q/K un-permuted right
+    for lay in src.layers:                                          # and the channel order of every layer
+        t = runner.targets[lay.name]
+        np.testing.assert_array_equal(runner.module_weight(lay.name, src.load(lay.name)),
+                                      runner.model.get_submodule(t.module).weight.detach().numpy())
+    q = open_model(str(write_llama_gguf(tmp_path / "q.gguf", folders["llama"], tokenizer)))
+    assert len(q.notes) == 1 and "4 of the 14 selected layers are already quantized" in q.notes[0] \
+        and "Q8_0 x4" in q.notes[0]
+
+
+def test_gguf_eval_prints_the_warning_once(folders, tokenizer, tmp_path, capsys):
+    path = write_llama_gguf(tmp_path / "q.gguf", folders["llama"], tokenizer)
+    assert main(["eval", str(path), "--format", "fp8-e4m3-pot", "--quiet", "--no-calib", *SMALL[2:],
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "Q8_0 x4" in err
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eval_doc(folders, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    out = tmp / "e.json"
+    assert main(["eval", str(folders["gpt2"]), "--format", "nf4-g64", "--format", "fp8-e4m3-pot", "--json",
+                 str(out), "--quiet", "--cache-dir", str(tmp / "c"), *SMALL]) == 0
+    return out
+
+
+def test_eval_json_has_the_causal_lm_e2e_entry(eval_doc):
+    doc = json.loads(eval_doc.read_text())
+    assert doc["calibration"]["weighted"] and doc["calibration"]["seqs"] == 3
+    assert doc["calibration"]["seq_len"] == SEQ and doc["calibration"]["tokens"] == 3 * SEQ
+    assert doc["source"]["forward"] == "causal-lm" and "lm_head" in doc["source"]["lm_head"]
+    for name in ("nf4-g64", "fp8-e4m3-pot"):
+        e = doc["formats"][name]["e2e"]
+        assert {"metric", "tokens", "ppl", "ppl_ref", "kld", "top1"} <= set(e) and e["metric"] == "causal-lm"
+        assert isinstance(e["tokens"], int) and e["tokens"] == 3 * (SEQ - 1 - SEQ // 2)
+        assert all(isinstance(e[k], float) for k in ("ppl", "ppl_ref", "kld", "top1"))
+        assert e["kld"] > 0 and 0 < e["top1"] <= 1 and e["ppl_ref"] > 1
+        assert all(l["weighted"] for l in doc["formats"][name]["layers"].values())
+    nf4, fp8 = (doc["formats"][n]["e2e"] for n in ("nf4-g64", "fp8-e4m3-pot"))
+    assert nf4["ppl_ref"] == fp8["ppl_ref"] and nf4["kld"] > fp8["kld"]   # 4.5 bits lose more than 8
+
+
+def test_report_adds_the_kld_columns_and_panel(eval_doc, capsys):
+    assert main(["report", str(eval_doc)]) == 0
+    out = capsys.readouterr().out
+    assert "| KLD |" in out and "| top-1 |" in out and "KLD front" in out
+    md = eval_doc.with_suffix(".md").read_text()
+    assert "KLD front (fewer bits, lower mean KL divergence" in md
+    png = eval_doc.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    (n,) = struct.unpack(">I", png[8:12])
+    assert png[12:16] == b"IHDR" and zlib.crc32(png[12:16 + n]) == struct.unpack(">I", png[16 + n:20 + n])[0]
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 2 * height                                             # two panels side by side
+
+
+def test_eval_table_shows_ppl_kld_top1(folders, tmp_path, capsys):
+    assert main(["eval", str(folders["qwen2"]), "--format", "mxfp4", "--quiet", "--no-calib",
+                 "--cache-dir", str(tmp_path), *SMALL[2:]]) == 0
+    out = capsys.readouterr().out
+    assert "ppl" in out and "KLD" in out and "top-1" in out and "reference ppl" in out
+    assert "lm_head (lm_head.weight) kept" in out and "unweighted" in out
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["blocks", "with-tied-head"])
+def test_quantize_then_a_model_folder_transformers_loads(folders, tmp_path, capsys, head):
+    art = tmp_path / "m.sopq"
+    assert main(["quantize", str(folders["llama"]), "--format", "sop4-g16", "--out", str(art), "--quiet",
+                 "--cache-dir", str(tmp_path / "c"), "--calib-seqs", "2", "--seq-len", str(SEQ),
+                 *(["--include-lm-head"] if head else [])]) == 0
+    out = tmp_path / "folder"
+    assert main(["dequantize", str(art), "--model-folder", "--out", str(out), "--quiet"]) == 0
+    assert "a transformers model folder" in capsys.readouterr().out
+    from sop.quantize.artifact import open_artifact
+
+    a = open_artifact(art)
+    loaded = reference_model(out)
+    ref = reference_model(folders["llama"]).state_dict()
+    sd = loaded.state_dict()
+    quantized = {e.name for e in a.layers}
+    assert len(quantized) == 14 + head and ("model.embed_tokens.weight" in quantized) == head
+    for e in a.layers:
+        np.testing.assert_array_equal(sd[e.name].numpy(), a.weights(e))
+    if head:                                                   # the tied head is the quantized matrix too
+        np.testing.assert_array_equal(sd["lm_head.weight"].numpy(), sd["model.embed_tokens.weight"].numpy())
+        quantized.add("lm_head.weight")
+    for k, v in ref.items():                                   # everything else is the reference's
+        if k not in quantized:
+            np.testing.assert_array_equal(sd[k].numpy(), v.numpy(), err_msg=k)
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".folder.*"))
+    if not head:                   # the artifact against another checkpoint: one line, no folder made
+        err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(tmp_path / "other"),
+                                 "--model", str(folders["sharded"])])
+        assert "was made from another checkpoint" in err and not (tmp_path / "other").exists()
+        err = one_error(capsys, ["dequantize", str(art), "--out", str(tmp_path / "w.safetensors"),
+                                 "--model", str(folders["llama"])])
+        assert "--model applies with --model-folder only" in err
+
+
+# -- bad input: one line, exit 2, nothing written -------------------------------------------------------------
+
+def one_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop: error: ") and "\n" not in err, err
+    return err
+
+
+def _copy(folder, dest):
+    import shutil
+
+    shutil.copytree(folder, dest)
+    return dest
+
+
+@pytest.mark.parametrize("case", ["no tokenizer", "bad tokenizer", "mismatch", "missing", "unused", "bad config"])
+def test_bad_folders_are_one_line_before_any_work(folders, tmp_path, capsys, case):
+    d = _copy(folders["llama"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    expect = {"no tokenizer": "has no tokenizer", "bad tokenizer": "cannot load its tokenizer",
+              "mismatch": "config.json: does not match the weights: model.layers.0.mlp.down_proj.weight is",
+              "missing": "config.json: does not match the weights: the model config.json describes needs model.layers.2",
+              "unused": "config.json: does not match the weights: the checkpoint holds model.layers.1",
+              "bad config": "transformers cannot load it as a causal LM"}[case]
+    if case == "no tokenizer":
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (d / f).unlink()
+    elif case == "bad tokenizer":
+        (d / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')
+    elif case == "mismatch":
+        (d / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 40}))
+    elif case == "missing":
+        (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3}))
+    elif case == "unused":
+        (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 1}))
+    else:
+        (d / "config.json").write_text(json.dumps(cfg | {"hidden_act": "no-such-activation"}))
+    out = tmp_path / "r.json"
+    err = one_error(capsys, ["eval", str(d), "--format", "nf4-g64", "--json", str(out), "--quiet",
+                             "--cache-dir", str(tmp_path / "c"), *SMALL])
+    assert expect in err and (case in ("no tokenizer", "bad tokenizer", "bad config") or "config.json" in err)
+    assert not out.exists() and not (tmp_path / "c").exists()
+    art = tmp_path / "m.sopq"                                  # quantize refuses it the same way
+    one_error(capsys, ["quantize", str(d), "--format", "nf4-g64", "--out", str(art), "--quiet",
+                       "--cache-dir", str(tmp_path / "c"), *SMALL[:4]])
+    assert not art.exists()
+
+
+@pytest.mark.parametrize("flag,n,what", [("--calib-seqs", "1000", "calibration text"),
+                                        ("--e2e-windows", "100", "held-out text")])
+def test_text_shorter_than_asked_is_refused(folders, tmp_path, capsys, flag, n, what):
+    out = tmp_path / "r.json"
+    args = ["eval", str(folders["llama"]), "--format", "nf4-g64", "--json", str(out), "--quiet",
+            "--cache-dir", str(tmp_path / "c"), "--seq-len", "512", "--calib-seqs", "2", "--e2e-windows", "2",
+            flag, n]
+    err = one_error(capsys, args)
+    assert what in err and "tokens asked, the text gives" in err and "ask for fewer" in err
+    assert not out.exists() and not list(tmp_path.glob("c/*.npz"))
+
+
+def test_a_model_too_large_for_memory_is_refused(folders, monkeypatch, tmp_path, capsys):
+    import psutil
+
+    class Tiny:
+        available = 1000
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny)
+    err = one_error(capsys, ["eval", str(folders["llama"]), "--format", "nf4-g64", "--quiet", "--cache-dir",
+                             str(tmp_path), *SMALL])
+    assert "needs about" in err and "GiB are available" in err and "--no-e2e" in err
+
+
+def test_the_lm_head_option_without_a_head(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"l.0.fc.weight": torch.ones(4, 16)}, tmp_path / "m.safetensors")
+    err = one_error(capsys, ["eval", str(tmp_path / "m.safetensors"), "--format", "nf4-g64", "--include-lm-head",
+                             "--quiet"])
+    assert "--include-lm-head" in err and "no output head" in err
+
+
+def test_other_configs_run_unweighted_with_the_reason(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"encoder.block.0.fc.weight": torch.ones(8, 16)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert main(["eval", str(tmp_path), "--format", "nf4-g64", "--quiet", "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "config.json model_type 't5' is no causal LM that transformers runs" in out and "unweighted" in out
+
+
+def test_env_is_offline():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
