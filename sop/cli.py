@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("formats", help="list every format, codebook and layout")
+    f = sub.add_parser("formats", help="list every format, codebook and operating point")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_formats)
     c = sub.add_parser("codebook", help="values and LUT image of a codebook or element format")
