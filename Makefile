@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 # Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help setup test test-fast fuzz demo verilog sim synth bitstream bench clean
+.PHONY: help setup test test-fast fuzz demo verilog sim synth bitstream bench mutate clean
 
 SIM ?= icarus
 BOARD ?= icebreaker
@@ -59,6 +59,9 @@ bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, qua
 	$(PY) bench/lane_sweep.py
 	$(PY) bench/fmax_seeds.py
 	$(PY) bench/memory.py
+
+mutate: $(STAMP)  ## mutation score of the decoder: yosys mutate, every mutant against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
+	$(PY) -m sop.sim.mutate --config sop4-g16 --mutants 1000 --out build/mutate
 
 clean:  ## remove generated files (build/), keep the venv
 	rm -rf build .pytest_cache .hypothesis

@@ -1,0 +1,562 @@
+"""cocotb bench of the mutation run (sim/mutate.py): every mutant of one design in one simulation.
+
+The design under test is the decoder with all its yosys mutants built in, one
+selected at run time by the input ``mutsel`` (0: the original). For each
+mutant the bench
+
+1. scrubs the tables with the original design selected: a reset, then every
+   word of both pages and both offsets written with values that differ from
+   every value the regression loads at that address, so that a mutant whose
+   write path is broken cannot read a word left by the mutant before it;
+2. selects the mutant and resets it;
+3. runs the fast regression's scenarios in order and stops at the first failure.
+
+Scenarios (the plan's ``scenarios``, each a list of layers streamed back to back
+with table swaps, the next layer's tables loaded while the current one streams,
+random input idles and output stalls; expected beats from golden/ only, through
+hdl.reference):
+
+* ``vectors``: the first blocks of a real quantized MiniLM layer (`sop vectors`);
+* ``random``: random layers (random tables, headers, codes, offsets);
+* ``corners``: every code x bank x sign x scale extreme at offsets -128, 0, 127;
+* ``reset``: a layer cut off by a reset with the output stalled, then a fresh one;
+* ``timing`` (added by the mutation analysis, docs/benchmarks.md): a layer with
+  no idles and no stalls must come out exactly ``latency`` cycles after its first
+  handshake and with no bubble; then a layer under the other extreme, long
+  output stalls with bursts of idles (the skid buffers full, the enable tree
+  frozen and restarted);
+* ``writes`` (added likewise): the tables loaded while beats stall at the input
+  (blocks.valid high and not taken), a load with ``blocks.valid`` low
+  between beats, and an offset write on the cycle a swap beat is taken.
+
+A mutant is killed on the first output beat that differs from golden (any
+lane; an X or Z bit counts as a difference), an output beat more than
+expected, a missing beat or an input that is never taken (a cycle limit of
+twice the original's cycles plus a margin), or, in ``timing``, a beat out of
+its cycle. The original is run first (its cycles set the limits) and last; it
+must pass both times, or the run is void.
+
+Results go, one JSON line per design (``"mutant": 0`` is the original), to
+the file named by ``SOP_MUT_RESULTS`` as they come, so a crash loses nothing
+already decided. The plan is the JSON file named by ``SOP_MUT_PLAN``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import cocotb
+import numpy as np
+from cocotb.clock import Clock
+from cocotb.triggers import ReadOnly, RisingEdge
+
+from sop.golden.decoder import float_fields
+from sop.hdl import reference
+from sop.hdl.config import DecoderConfig
+from sop.sim import stimulus
+from sop.sim.vectors import read_vectors
+
+
+class Killed(Exception):
+    """The mutant under test failed a check: the message says which and where."""
+
+
+def _layers(cfg: DecoderConfig, spec: dict, rng: np.random.Generator) -> list[stimulus.Layer]:
+    kind = spec["kind"]
+    if kind == "vectors":
+        out = []
+        for v in read_vectors(Path(spec["dir"])):
+            n = min(len(v.headers), spec.get("blocks", len(v.headers)))
+            n -= n % cfg.blocks_per_beat
+            out.append(stimulus.Layer(v.luts, v.offset, v.headers[:n], v.codes[:n], v.name))
+        return out[:spec.get("layers", 1)]
+    if kind == "random":
+        return [stimulus.random_layer(cfg, rng, spec.get("blocks", 32), offset=spec.get("offset"))
+                for _ in range(spec.get("layers", 2))]
+    if kind == "tables":
+        return _table_layers(cfg, rng)
+    if kind == "rounding":
+        return rounding_layers(cfg, rng)
+    if kind == "corners":
+        return [stimulus.corner_layer(cfg, off) for off in spec.get("offsets", (-128, 0, 127))]
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def _table_layers(cfg: DecoderConfig, rng: np.random.Generator) -> list[stimulus.Layer]:
+    """Every HIF code in some table (the codes shuffled, a table full per layer), each entry
+    read once per bank by blocks of random scale and sign, at random offsets."""
+    lay = cfg.layout
+    n_codes, per = 1 << lay.code_bits, lay.banks << lay.code_bits
+    codes_all = rng.permutation(1 << cfg.hif.bits)
+    codes_all = np.concatenate([codes_all, codes_all[:-len(codes_all) % per]])     # whole tables
+    rows = np.resize(np.arange(n_codes), (-(-n_codes // lay.group), lay.group))
+    out = []
+    for i in range(0, len(codes_all), per):
+        luts = codes_all[i:i + per].reshape(lay.banks, n_codes)
+        headers, codes = [], []
+        for bank in range(lay.banks):
+            for row in rows:
+                headers.append(int(lay.make_header(int(rng.integers(0, 1 << lay.scale.bits)),
+                                                   int(rng.integers(0, 2)) * lay.signed_scale, bank)))
+                codes.append(row)
+        headers, codes = stimulus.pad_to_beats(cfg, np.array(headers), np.array(codes))
+        out.append(stimulus.Layer(luts.astype(np.int64), int(rng.integers(-40, 20)), headers, codes, "tables"))
+    return out
+
+
+BF16_M, BF16_BIAS = 7, 127
+
+
+def _where(eb: np.ndarray) -> np.ndarray:
+    """Where a result of biased exponent ``eb`` lands: 1 below eb = -40; 2 .. 42 each eb from -40
+    to 0 (subnormal or flushed: the shift and what it drops); 43 .. 45 the lowest three exponents;
+    46 .. 52 each eb from 250 to 256 (the largest normal, saturation); 53 above; 54 elsewhere
+    (0 is zero, set by the caller)."""
+    return np.select([eb < -40, eb <= 0, eb <= 3, eb > 256, eb >= 250],
+                     [1, eb + 42, eb + 42, 53, eb - 204], 54)
+
+
+def _round(sig, t, eb):
+    """(guard, sticky, kept bits r, carry, dropped bits below the guard) of rounding ``sig`` (top
+    bit ``t``) to BF16 at biased exponent ``eb``."""
+    drop = t - BF16_M + np.maximum(0, 1 - eb)
+    d = np.clip(drop, 1, 62)
+    r = np.where(drop > 0, sig >> d, sig)
+    guard = np.where(drop > 0, (sig >> (d - 1)) & 1, 0)
+    below = np.where(drop > 1, sig & ((1 << (d - 1)) - 1), 0)
+    sticky = (below != 0).astype(np.int64)
+    up = guard & (sticky | (r & 1))
+    carry = np.where(eb >= 1, (r + up) >> (BF16_M + 1), (r + up) >> BF16_M) & 1
+    # how far below the guard the highest dropped 1 is (0: just below), 11 and more together; 12: none
+    hb = np.frexp(np.maximum(below, 1).astype(np.float64))[1] - 1
+    gap = np.where(below != 0, np.minimum(np.clip(d - 2, 0, 62) - hb, 11), 12)
+    return guard, sticky, r, carry, gap
+
+
+# Families of rounding cases, each a range of bin numbers: every product lands in one bin of each.
+#   A  where (_where) x top x guard x sticky x kept LSB x carry
+#   B  the exact biased exponent (-45 .. 260, clipped) x top x carry: every exponent field value,
+#      and the rounding carry at each (a saturation test on some exponent bits)
+#   C  at exponents 252 .. 256: which one bit of the kept mantissa is 0 (none, one of 7, more)
+#      x guard x sticky x LSB (the "all ones, rounded up" test of the largest normal)
+#   D  depth (subnormal 1 .. 14 binades, or normal with top 0 / 1) x how far below the guard the
+#      highest dropped 1 is x guard x LSB (each group of dropped bits that makes the sticky bit)
+N_A, N_B, N_C, N_D = 55 * 32, 307 * 4, 1 + 5 * 9 * 8, 17 * 13 * 4
+N_BINS = N_A + N_B + N_C + N_D
+
+
+class RoundingCases:
+    """The BF16 rounding cases (families A to D above) of every (HIF code, scale code) product,
+    per offset: ``bins(offset)`` is an integer array (4, HIF codes, scale codes) of bin numbers in
+    ``range(N_BINS)``, from golden's exact product fields (value = sig * 2^exp) and the product of
+    the normalized significands (the formatter's ``top``). Only the stimulus is chosen with it:
+    the expected values come from golden."""
+
+    def __init__(self, cfg: DecoderConfig):
+        lay, hif = cfg.layout, cfg.hif
+        _, sh, xh = float_fields(hif, np.arange(1 << hif.bits))
+        _, ss, xs = float_fields(lay.scale, np.arange(1 << lay.scale.bits))
+        self.sig = sh[:, None] * ss[None, :]
+        self.t = np.frexp(np.maximum(self.sig, 1).astype(np.float64))[1] - 1          # sig's top bit
+        self.eb0 = xh[:, None] + xs[None, :] + self.t + BF16_BIAS                     # at offset 0
+        th = np.frexp(np.maximum(sh, 1).astype(np.float64))[1] - 1
+        ts = np.frexp(np.maximum(ss, 1).astype(np.float64))[1] - 1
+        self.top = (((sh << (hif.mbits - th))[:, None] * (ss << (lay.scale.mbits - ts))[None, :])
+                    >> (hif.mbits + lay.scale.mbits + 1)) & 1
+        self.zero = self.sig == 0
+        self.normal = self._fields(self.sig, self.t, np.ones_like(self.eb0))         # any normal exponent
+
+    @staticmethod
+    def _fields(sig, t, eb):
+        g, st, r, carry, gap = _round(sig, t, eb)
+        low = r & ((1 << BF16_M) - 1)
+        zeros = BF16_M - np.array([bin(int(v)).count("1") for v in range(1 << BF16_M)])[low]
+        zpos = np.where(zeros == 0, 0, np.where(zeros == 1, 1 + (np.frexp(((1 << BF16_M) - 1 - low)
+                                                                         .astype(np.float64))[1] - 1), 8))
+        return g, st, r & 1, carry, gap, zpos
+
+    def bins(self, offset: int) -> np.ndarray:
+        eb = self.eb0 + offset
+        g, st, lsb, carry, gap, zpos = (f.copy() for f in self.normal)
+        sub = (eb <= 0) & ~self.zero
+        if sub.any():
+            for f, v in zip((g, st, lsb, carry, gap, zpos), self._fields(self.sig[sub], self.t[sub], eb[sub])):
+                f[sub] = v
+        top, zero = self.top, self.zero
+        where = np.where(zero, 0, _where(eb))
+        a = ((((where * 2 + top) * 2 + g) * 2 + st) * 2 + lsb) * 2 + carry
+        b = N_A + ((np.where(zero, 0, np.clip(eb, -45, 260) + 46) * 2 + top) * 2 + carry)
+        hi = (eb >= 252) & (eb <= 256) & ~zero
+        c = N_A + N_B + np.where(hi, 1 + (((np.clip(eb - 252, 0, 4) * 9 + zpos) * 2 + g) * 2 + st) * 2 + lsb, 0)
+        depth = np.where(zero, 0, np.where(eb <= 0, np.minimum(1 - eb, 14), 15 + top))
+        d = N_A + N_B + N_C + ((depth * 13 + gap) * 2 + g) * 2 + lsb
+        return np.stack([a, b, c, d])
+
+
+def rounding_layers(cfg: DecoderConfig, rng: np.random.Generator) -> list[stimulus.Layer]:
+    """Layers that hit every reachable ``RoundingCases`` bin once in every lane (BF16 output only).
+
+    Offsets are chosen greedily (the one that adds most missing bins first); at each, scale
+    codes likewise (the block header whose column of products adds most), and per missing bin
+    one random HIF code of that column (its other families' bins are then had too), in a table
+    slot."""
+    if cfg.output != "bf16":
+        return []
+    lay = cfg.layout
+    cases = RoundingCases(cfg)
+    offsets = range(-128, 128)
+    present = np.stack([np.bincount(cases.bins(o).ravel(), minlength=N_BINS) > 0 for o in offsets])
+    missing = present.any(axis=0)
+    plan: list[tuple[int, np.ndarray]] = []
+    while missing.any():
+        i = int(np.argmax((present & missing).sum(axis=1)))
+        plan.append((offsets[i], present[i] & missing))
+        missing &= ~present[i]
+    picks_by_offset = []
+    for off, want in plan:
+        bins = cases.bins(off)                               # (4, HIF codes, scale codes)
+        picks: list[tuple[int, int]] = []                   # (HIF code, scale code)
+        while want.any():
+            gain = [want[np.unique(bins[:, :, sc])].sum() for sc in range(bins.shape[2])]
+            sc = int(np.argmax(gain))
+            col = bins[:, :, sc]
+            for c in np.unique(col):
+                if want[c]:
+                    h = int(rng.choice(np.flatnonzero((col == c).any(axis=0))))
+                    picks.append((h, sc))
+                    want[col[:, h]] = False
+        picks_by_offset.append((off, picks))
+    n_codes, per_table = 1 << lay.code_bits, lay.banks << lay.code_bits
+    out = []
+    for off, picks in picks_by_offset:
+        for start in range(0, len(picks), per_table):
+            batch = picks[start:start + per_table]
+            slots = list(dict.fromkeys(h for h, _ in batch))
+            filler = rng.integers(0, 1 << cfg.hif.bits, per_table - len(slots)).tolist()
+            luts = np.array(slots + filler, dtype=np.int64).reshape(lay.banks, n_codes)
+            by_block: dict[tuple[int, int], list[int]] = {}
+            for h, sc in batch:
+                slot = slots.index(h)
+                by_block.setdefault((slot // n_codes, sc), []).append(slot % n_codes)
+            headers, codes = [], []
+            N, g = cfg.lanes, lay.group
+            for (bank, sc), idx in by_block.items():
+                # every product in every lane: the q-th at flat position q * N + lane, which lane
+                # `lane` decodes (block (q N + lane) // g, whole beats of them, code (q N + lane) % g)
+                flat = rng.integers(0, n_codes, -(-len(idx) * N // g) * g)
+                for q, code in enumerate(idx):
+                    flat[q * N:(q + 1) * N] = code
+                for row in flat.reshape(-1, g):
+                    headers.append(int(lay.make_header(sc, int(rng.integers(0, 2)) * lay.signed_scale,
+                                                       bank * lay.select_bit)))
+                    codes.append(row)
+            headers, codes = stimulus.pad_to_beats(cfg, np.array(headers), np.array(codes))
+            out.append(stimulus.Layer(luts, off, headers, codes, f"rounding{off:+d}"))
+    return out
+
+
+class Part:
+    """Layers streamed back to back: their input beats (swap on each first beat) and expected beats."""
+
+    def __init__(self, cfg: DecoderConfig, layers: list[stimulus.Layer]):
+        self.layers = layers
+        bits, lane_bits = cfg.beat_bits, reference.lane_word_bits(cfg)
+        self.beats = [[b | (int(i == 0) << bits) for i, b in enumerate(reference.input_beats(cfg, L.headers, L.codes))]
+                      for L in layers]
+        self.expected = [sum(v << (i * lane_bits) for i, v in enumerate(beat))
+                         for L in layers for beat in L.expected(cfg)]
+
+
+class Scenario:
+    """One scenario of the plan, built once for every mutant.
+
+    ``kind``: ``stream`` (the layers back to back), ``timed`` (the same, and every output beat
+    must leave in its cycle: latency after the first handshake, no bubble; give it no idles or
+    stalls) or ``reset`` (the first layer cut after ``cut_after`` beats with the output stalled,
+    a reset, then the other layers)."""
+
+    def __init__(self, cfg: DecoderConfig, spec: dict, rng: np.random.Generator):
+        self.name = spec["name"]
+        self.kind = spec.get("kind", "stream")
+        layers = [layer for part in spec["layers"] for layer in _layers(cfg, part, rng)]
+        self.p_idle = spec.get("p_idle", 0.2)
+        self.p_stall = spec.get("p_stall", 0.2)
+        self.stall_burst = spec.get("stall_burst", 1)
+        self.cut_after = spec.get("cut_after", 5)
+        self.write_while_stalled = spec.get("write_while_stalled", False)
+        if self.kind == "reset":
+            self.parts = [Part(cfg, layers[:1]), Part(cfg, layers[1:])]
+        else:
+            self.parts = [Part(cfg, layers)]
+        self.layers = layers
+
+
+class Bench:
+    def __init__(self, dut, cfg: DecoderConfig, plan: dict):
+        self.dut, self.cfg, self.plan = dut, cfg, plan
+        self.latency = plan["latency"]
+        self.seed = plan["seed"]
+        rng = np.random.default_rng(self.seed)
+        self.scenarios = [sc for sc in (Scenario(cfg, s, rng) for s in plan["scenarios"]) if sc.layers]
+        self.scrub_tables = self._scrub_values(rng)
+        self.k = cfg.layout.code_bits
+        # signal handles, and the last value written to each (a write only when it changes)
+        self.h = {n: getattr(dut, n) for n in ("clk", "rst", "mutsel", "blocks__valid", "blocks__payload",
+                                               "blocks__ready", "load__valid", "load__payload", "offset",
+                                               "offset_we", "values__valid", "values__ready",
+                                               "values__payload")}
+        self.last: dict[str, int] = {}
+        self.limits: dict[str, int] = {}
+
+    def _scrub_values(self, rng) -> list:
+        """Per page, table words and an offset unlike any the scenarios load at the same place."""
+        lay, hif_codes = self.cfg.layout, 1 << self.cfg.hif.bits
+        used = [set() for _ in range(lay.banks << lay.code_bits)]
+        offsets = set()
+        for sc in self.scenarios:
+            for L in sc.layers:
+                for b in range(L.luts.shape[0]):
+                    for a in range(L.luts.shape[1]):
+                        used[(b << lay.code_bits) + a].add(int(L.luts[b, a]))
+                offsets.add(L.offset)
+        pages = []
+        for _ in range(2):
+            words = []
+            for i in range(lay.banks << lay.code_bits):
+                v = int(rng.integers(0, hif_codes))
+                while v in used[i]:
+                    v = (v + 1) % hif_codes
+                used[i].add(v)                     # the two pages differ too
+                words.append(("lut", i >> lay.code_bits, i & ((1 << lay.code_bits) - 1), v))
+            off = next(o for o in range(-128, 128) if o not in offsets)
+            offsets.add(off)
+            pages.append(words + [("offset", off)])
+        return pages
+
+    # -- pins ----------------------------------------------------------------------------------
+    def _set(self, name: str, value: int) -> None:
+        if self.last.get(name) != value:
+            self.h[name].value = value
+            self.last[name] = value
+
+    def _apply(self, valid: int, payload: int | None, write) -> None:
+        self._set("blocks__valid", valid)
+        if payload is not None:
+            self._set("blocks__payload", payload)
+        if write is None:
+            self._set("load__valid", 0)
+            self._set("offset_we", 0)
+        elif write[0] == "lut":
+            _, bank, addr, value = write
+            self._set("load__payload", bank | (addr << 1) | (value << (1 + self.k)))
+            self._set("load__valid", 1)
+            self._set("offset_we", 0)
+        else:
+            self._set("offset", write[1] & 0xFF)
+            self._set("offset_we", 1)
+            self._set("load__valid", 0)
+
+    async def cycles(self, n: int, rst: int = 0, ready: int = 1) -> None:
+        self._apply(0, None, None)
+        self._set("rst", rst)
+        self._set("values__ready", ready)
+        for _ in range(n):
+            await RisingEdge(self.h["clk"])
+        self._set("rst", 0)
+
+    async def reset(self) -> None:
+        await self.cycles(2, rst=1, ready=0)
+
+    # -- the host side, one cycle at a time --------------------------------------------------------
+    @staticmethod
+    def host(sc: Scenario, part: Part, rng, cut: bool, self_bpb: int):
+        """A generator: yields (valid, payload, write) for each cycle, is sent whether the beat was taken.
+
+        As sim/tb_decoder.py drives: the first layer's tables are loaded, then each layer streams;
+        once its first (swap) beat is taken, the next layer's table writes go out one per offered
+        beat, and whatever is left before that layer's first beat. With ``write_while_stalled`` a
+        write also goes out on each cycle a beat waits or the input idles."""
+        layers = part.layers
+        for w in layers[0].writes():
+            yield 0, None, w
+        pending: deque = deque()
+        extra = sc.write_while_stalled
+        for li in range(len(layers)):
+            while pending:
+                yield 0, None, pending.popleft()
+            beats = part.beats[li][:sc.cut_after] if cut else part.beats[li]
+            for bi, beat in enumerate(beats):
+                while rng.random() < sc.p_idle:
+                    yield 0, None, (pending.popleft() if pending and extra else None)
+                taken = yield 1, beat, (pending.popleft() if pending else None)
+                wait = 0
+                while not taken:
+                    wait += 1
+                    if cut and wait > 4 * self_bpb:   # the output is stalled: the input fills, then stops
+                        return
+                    taken = yield 1, beat, (pending.popleft() if pending and extra else None)
+                if bi == 0 and li + 1 < len(layers):
+                    pending = deque(layers[li + 1].writes())
+
+    async def stream(self, sc: Scenario, part: Part, rng, *, limit: int | None, cut: bool = False) -> int:
+        """Stream ``part`` and check every output beat; raises Killed. Returns the cycles it took.
+
+        ``cut``: the output stays stalled and the input stops once a beat is refused (no check)."""
+        timed = sc.kind == "timed"
+        expected = deque() if cut else deque(part.expected)
+        n_out = len(expected)
+        if limit is None:                             # the original's run, which sets the limits
+            limit = 100 * (n_out + sum(map(len, part.beats))) + 10_000
+        host = self.host(sc, part, rng, cut, self.cfg.beats_per_block)
+        valid, payload, write = next(host)
+        h, done, cycles, out_count, stall_left = self.h, False, 0, 0, 0
+        takes: list[int] = []                         # the cycle each input beat was taken
+        offered = None                                # since when the beat in hand is offered
+        bpb = self.cfg.beats_per_block
+        while True:
+            self._apply(valid, payload, write)
+            if cut:
+                ready = 0
+            elif stall_left:
+                ready, stall_left = 0, stall_left - 1
+            elif sc.p_stall and rng.random() < sc.p_stall:
+                ready, stall_left = 0, int(rng.integers(0, sc.stall_burst))
+            else:
+                ready = 1
+            self._set("values__ready", ready)
+            await ReadOnly()
+            taken = valid and h["blocks__ready"].value == 1
+            if timed and valid:
+                if offered is None:
+                    offered = cycles
+                due = offered if not takes else max(offered, takes[-1] + bpb)
+                if taken != (cycles == due):
+                    raise Killed(f"{sc.name}: input beat {len(takes)} {'taken' if taken else 'refused'} in cycle "
+                                 f"{cycles}; offered from cycle {offered}, it is due in cycle {due} (one beat "
+                                 f"every {bpb} cycle(s) while the output is ready)")
+            if ready and h["values__valid"].value == 1:
+                if not expected:
+                    raise Killed(f"{sc.name}: an output beat more than the {n_out} expected (cycle {cycles})")
+                want = expected.popleft()
+                try:
+                    got = int(h["values__payload"].value)
+                except ValueError:
+                    raise Killed(f"{sc.name}: output beat {out_count} has X/Z bits") from None
+                if got != want:
+                    raise Killed(f"{sc.name}: output beat {out_count} differs from golden{self._lanes(got, want)}")
+                if timed:
+                    beat_in, k = divmod(out_count, bpb)
+                    due = takes[beat_in] + self.latency + k if beat_in < len(takes) else None
+                    if cycles != due:
+                        raise Killed(f"{sc.name}: output beat {out_count} in cycle {cycles}, due in cycle {due} "
+                                     f"(latency {self.latency} after its input beat's handshake, no bubble)")
+                out_count += 1
+            if taken:
+                takes.append(cycles)
+                offered = None
+            await RisingEdge(h["clk"])
+            cycles += 1
+            if not done:
+                try:
+                    valid, payload, write = host.send(taken)
+                except StopIteration:
+                    done, valid, payload, write = True, 0, None, None
+            if done and not expected:
+                break
+            if limit is not None and cycles > limit:
+                if not done:
+                    raise Killed(f"{sc.name}: input not taken within {limit} cycles (hang)")
+                raise Killed(f"{sc.name}: {len(expected)} of {n_out} output beats missing after {limit} cycles")
+        if not cut:                                   # nothing more may come out
+            self._apply(0, None, None)
+            self._set("values__ready", 1)
+            for q in range(self.latency + 8):
+                await ReadOnly()
+                if h["values__valid"].value == 1:
+                    raise Killed(f"{sc.name}: an output beat more than the {n_out} expected "
+                                 f"({q + 1} cycles after the last)")
+                await RisingEdge(h["clk"])
+        return cycles
+
+    def _lanes(self, got: int, want: int) -> str:
+        w = reference.lane_word_bits(self.cfg)
+        m = (1 << w) - 1
+        bad = [i for i in range(self.cfg.lanes) if (got >> (i * w)) & m != (want >> (i * w)) & m]
+        return f" in lane(s) {bad[:4]}: got {(got >> (bad[0] * w)) & m:#x}, expected {(want >> (bad[0] * w)) & m:#x}"
+
+    async def scenario(self, sc: Scenario, rng, limit: int | None) -> int:
+        if sc.kind == "reset":
+            await self.stream(sc, sc.parts[0], rng, limit=limit, cut=True)
+            await self.reset()
+            return await self.stream(sc, sc.parts[1], rng, limit=limit)
+        return await self.stream(sc, sc.parts[0], rng, limit=limit)
+
+    async def scrub(self) -> None:
+        """The original design selected: fill both pages with values no scenario expects there."""
+        self._set("mutsel", 0)
+        await self.reset()
+        for page, words in enumerate(self.scrub_tables):
+            for w in words:
+                self._apply(0, None, w)
+                await RisingEdge(self.h["clk"])
+            self._apply(1, self.scenarios[0].parts[0].beats[0][0], None)     # a swap beat: the other page next
+            self._set("values__ready", 1)
+            while True:
+                await ReadOnly()
+                taken = self.h["blocks__ready"].value == 1
+                await RisingEdge(self.h["clk"])
+                if taken:
+                    break
+        await self.cycles(self.latency + 8)
+
+    async def run_design(self, index: int, calibrate: bool = False) -> dict:
+        """Scrub, select design ``index``, reset, run every scenario; the verdict."""
+        await self.scrub()
+        self._set("mutsel", index)
+        await self.reset()
+        t0 = time.time()
+        cycles = 0
+        for i, sc in enumerate(self.scenarios):
+            rng = np.random.default_rng([self.seed, i])
+            limit = None if calibrate else self.limits[sc.name]
+            try:
+                n = await self.scenario(sc, rng, limit)
+            except Killed as k:
+                await RisingEdge(self.h["clk"])           # out of the read-only phase
+                return {"mutant": index, "verdict": "killed", "by": sc.name, "reason": str(k),
+                        "cycles": cycles, "seconds": round(time.time() - t0, 3)}
+            cycles += n
+            if calibrate:
+                self.limits[sc.name] = 2 * n + 200
+        return {"mutant": index, "verdict": "survived", "cycles": cycles, "seconds": round(time.time() - t0, 3)}
+
+
+@cocotb.test()
+async def mutants(dut):
+    plan = json.loads(Path(os.environ["SOP_MUT_PLAN"]).read_text())
+    cfg = DecoderConfig.from_description(plan["decoder"])
+    bench = Bench(dut, cfg, plan)
+    Clock(dut.clk, 10, unit="ns").start()
+    for name in ("blocks__valid", "load__valid", "offset_we", "values__ready", "load__payload", "offset",
+                 "blocks__payload", "mutsel"):
+        bench._set(name, 0)
+    results = Path(os.environ["SOP_MUT_RESULTS"])
+    with results.open("a") as out:
+        def record(r: dict) -> None:
+            out.write(json.dumps(r) + "\n")
+            out.flush()
+
+        first = await bench.run_design(0, calibrate=True)
+        first["limits"] = dict(bench.limits)
+        record(first)
+        assert first["verdict"] == "survived", f"the original design fails the regression: {first}"
+        for index in plan["mutants"]:
+            record(await bench.run_design(index))
+        last = await bench.run_design(0)
+        last["final"] = True
+        record(last)
+        assert last["verdict"] == "survived", f"the original design fails after the mutants: {last}"
