@@ -2,47 +2,44 @@
 
     python -m sop.sim.mutate [--config NAME ...] [--mutants N] [--seed S] [--sim verilator|icarus]
                              [--lutram-depth D] [--lanes N] [--out build/mutate] [--no-prove]
-                             [--prove-timeout S] [--bmc-depth K]
+                             [--induction K] [--bmc-depth K] [--only I,J,...]
 
-For each configuration (default: the operating point ``sop4-g16``):
+For each configuration (default: the two operating points, ``sop4-g16`` and ``e2m3-ue4m4-g16``):
 
-1. **Design.** ``hdl.generate.generate`` writes the Verilog the project ships;
-   yosys reads it and elaborates it as synthesis would (``hierarchy; proc;
-   flatten``, the register copies kept as in synth/, ``opt``): ``prep.il``.
-2. **Mutations.** ``mutate -list N -seed S`` on ``prep.il`` lists ``N``
-   mutations by yosys's even sampling over the design's cells, ports, bits and
-   source lines (every cell port bit that drives or reads logic: ``inv``,
-   ``const0``, ``const1``, ``cnot0``, ``cnot1``); the initial contents of the
-   table RAM (``$meminit``) are left out: the host loads every word before a
-   beat reads it (docs/hardware.md), so a mutant there cannot be observed by a
-   conforming host. The whole space is printed (``sites``); ``-list`` larger
-   than it lists every site once.
-3. **One design, every mutant.** The list is applied with ``-ctrl mutsel W i``
-   (mutant ``i`` active when the new input ``mutsel`` equals ``i``, 0 is the
-   original), and written as Verilog: ``mutants.v``.
-4. **Regression.** sim/tb_mutants.py runs, in one simulation, every mutant
-   against the fast regression (real MiniLM blocks, random layers, every
-   code x bank x sign x scale extreme, a reset mid-stream, table swaps, input
-   idles and output stalls; then the checks the survivors' analysis added:
-   latency and throughput, long stalls, writes while the input waits), each
-   output beat compared with golden. Killed: a differing beat, one too many or
-   missing, an input never taken.
-5. **Proofs.** Each survivor is checked with yosys against the original, both
-   with the tables mapped to flip-flops and the mutant selected by a constant
-   ``mutsel``: ``proven`` equivalent when, from any state shared by both, the
-   two have the same outputs and the same next state for every input (a
-   miter of the two with their flip-flops turned into inputs and outputs,
-   ``expose -evert-dff``; by induction from a common initial state they never
-   differ); otherwise a bounded check from reset (``sat -tempinduct-baseonly
-   -maxsteps K``, all state zero, reset in the first cycle) says whether a
-   difference shows within ``K`` cycles (``differs`` with the cycle, or
-   ``bounded``). Mutants of a clock port are not proven (yosys's SAT model has
-   one global clock).
+1. **Design.** ``hdl.generate.generate`` writes the Verilog the project ships (whatever the
+   generator emits: the flow reads only its top module and ports); yosys elaborates it as
+   synthesis would (``hierarchy; proc; flatten``, the register copies kept as in synth/,
+   ``opt``): ``prep.il``.
+2. **Mutations.** ``mutate -list N -seed S`` lists ``N`` mutations by yosys's even sampling over
+   the cells, ports, bits and source lines (every cell port bit: ``inv``, ``const0``,
+   ``const1``, ``cnot0``/``cnot1`` = the bit xnor/xor another bit of the same port). Left out:
+   the table RAM's initial contents (``$meminit``), which a conforming host overwrites before
+   any beat reads them (docs/hardware.md). The size of the whole space is reported (``sites``):
+   a sample, since it is tens of thousands (a ``-list`` larger than it lists every site once).
+3. **One design, every mutant.** The list is applied with ``-ctrl mutsel W i`` (mutant ``i`` is
+   active when the new input ``mutsel`` is ``i``; 0 is the original) and written as Verilog:
+   ``mutants.v``.
+4. **Regression.** sim/tb_mutants.py runs every mutant in one simulation against the fast
+   regression (``scenarios``), each output beat compared with golden; killed on a differing
+   beat, one too many or missing, an input never taken, or a beat out of its cycle.
+5. **Proofs.** Each survivor is checked against the original with yosys, the tables mapped to
+   flip-flops and only the outputs the mutation reaches (and their input cone) kept:
 
-Output under ``OUT/<config>/``: ``list.ys`` (the mutations), ``mutants.v``,
-``results.jsonl`` (the bench's verdicts), ``proofs/`` (one yosys log per
-survivor), ``summary.json``; and ``OUT/summary.json`` and ``OUT/summary.md``
-over every configuration. The score is killed / (total - proven equivalent).
+   * one step: every flip-flop becomes an input (its Q) and outputs (D, clock); a miter of the
+     two designs sharing those inputs (``expose -evert-dff``, ``miter -equiv``, ``sat``). If, from
+     any state, both give the same outputs and the same next state, then by induction from a
+     common initial state they never differ: ``proven``. Sound for any reset-less state; blind
+     to a difference only in states the design never reaches.
+   * ``--induction K`` (default 2): k-induction of the same property on one machine whose state
+     is the original's, both designs' logic reading it; base case from power-up (every register
+     and table word 0) with the reset in the first cycle. Proves mutants that differ only in
+     states unreachable one or two cycles after any state (``proven``, "k-induction").
+   * ``--bmc-depth K`` (off by default, slow): a bounded check from reset of what is still not
+     proven (``differs`` at a cycle, or ``bounded``).
+
+Output under ``OUT/<config>/``: ``list.ys`` (the mutations), ``mutants.v``, ``results.jsonl``
+(the bench's verdicts), ``proofs/`` (yosys logs), ``summary.json``; and ``OUT/summary.json``,
+``OUT/summary.md`` over every configuration. The score is killed / (total - proven equivalent).
 Exit status 1 if the original design fails the regression (the run is void).
 """
 
@@ -64,7 +61,7 @@ from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.hdl.config import DecoderConfig, named_configs
 
-DEFAULT_CONFIGS = ("sop4-g16",)
+DEFAULT_CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 DEFAULT_MUTANTS = 1000
 DEFAULT_SEED = 1
 CTRL = "mutsel"
@@ -255,9 +252,20 @@ def scenarios(cfg: DecoderConfig, vectors_dir: Path | None, *, size: str = "full
 
     First what sim/tb_decoder.py's quick plan runs (MiniLM blocks, random layers, corners, a reset
     mid-stream); then what the survivors' analysis added (docs/benchmarks.md, "Mutation score"):
-    ``edges``, layers whose offsets put products at both ends of BF16's range (subnormal results,
-    rounding into the smallest normal, the largest normal and saturation), and ``timing``, the
-    latency and one beat per cycle checked beat by beat. ``size`` "tiny" is the self-test's."""
+
+    * ``edges``: random layers at offsets that put products at both ends of BF16's range;
+    * ``rounding``: every reachable rounding case of golden's products, in every lane
+      (tb_mutants.RoundingCases: subnormal depth, each exponent, guard, sticky, each dropped bit
+      alone, the carry into the next binade and into saturation);
+    * ``tables``: every HIF code through the table write path (the LUT word encoder);
+    * ``scales``: every header (scale code x sign x bank) in every lane, subnormal scales
+      included (a survivor of the first run decoded the scale 0x02 with the wrong shift);
+    * ``timing``: each output beat exactly ``latency`` after its input beat, no bubble, each input
+      beat taken as soon as it may be;
+    * ``reset1``: a one-cycle reset while the output is stalled and full, the output then held
+      until the next layer reaches it (the enable copies have no reset).
+
+    ``size`` "tiny" is the self-test's (shorter random layers)."""
     blocks = {"tiny": 8, "full": 32}[size]
     out = []
     if vectors_dir is not None:
@@ -274,10 +282,15 @@ def scenarios(cfg: DecoderConfig, vectors_dir: Path | None, *, size: str = "full
                                          for o in edge_offsets]},
             {"name": "rounding", "layers": [{"kind": "rounding"}]},
             {"name": "tables", "layers": [{"kind": "tables"}]},
-            {"name": "stalls", "p_stall": 0.3, "stall_burst": 12, "p_idle": 0.3,
-             "layers": [{"kind": "random", "layers": 2, "blocks": blocks}]},
+            {"name": "scales", "layers": [{"kind": "scales"}]},
             {"name": "timing", "kind": "timed", "p_stall": 0.0, "p_idle": 0.3,
-             "layers": [{"kind": "random", "layers": 2, "blocks": blocks}]}]
+             "layers": [{"kind": "random", "layers": 2, "blocks": blocks}]},
+            # the output still stalled when the next layer's first beats reach it (its table writes
+            # plus the pipeline), so that a buffer left out of step by the reset shows
+            {"name": "reset1", "kind": "reset", "cut_after": 12, "reset_cycles": 1,
+             "stall_after_reset": (cfg.layout.banks << cfg.layout.code_bits) + 1 + 48,
+             "layers": [{"kind": "random", "layers": 1, "blocks": 16},
+                        {"kind": "random", "layers": 1, "blocks": 8}]}]
     return out
 
 
@@ -341,7 +354,8 @@ def _prelude(top: str) -> list[str]:
     # it cannot make two designs differ in their state; then plain one-bit $_DFF_P_.
     # expose -evert-dff skips a flip-flop whose output wire has a private name ($...), such as the
     # one a mutation of a Q port puts after it: every flip-flop output gets a public name first.
-    return ["delete t:$scopeinfo", "memory_collect", "memory_map", "opt_clean", "simplemap t:$*dff*",
+    # (the register copies' keep, for synthesis, would keep a dead copy's bits too)
+    return ["setattr -unset keep", "delete t:$scopeinfo", "memory_collect", "memory_map", "opt_clean", "simplemap t:$*dff*",
             "opt_clean", "dffunmap", "opt_clean -purge", "autoname", "splitnets"]
 
 
@@ -357,11 +371,9 @@ def _pair(top: str, width: int, index: int, outputs: bool = False) -> list[str]:
     lines = [f"copy {top} gate", f"rename {top} gold"]
     for mod, value in (("gold", 0), ("gate", index)):
         lines += [f"delete -port {mod}/{CTRL}", f"connect -set {CTRL} {width}'d{value} {mod}"]
-    # opt_merge -share_all: what the two share (all but the mutation's cone) is built once;
-    # no $sdff/$dffe back (SAT takes plain $dff)
+    # opt_merge -share_all: what the two share (all but the mutation's cone) is built once
     return lines + [f"miter -equiv -flatten -make_assert{' -make_outputs' if outputs else ''} gold gate miter",
-                    "hierarchy -top miter",
-                    "opt -fast -nosdff -nodffe", "opt_merge -share_all", "opt -fast -nosdff -nodffe"]
+                    "hierarchy -top miter", "opt_expr", "opt_merge -share_all", "opt_clean"]
 
 
 def prove(work: Path, top: str, mutants: list[Mutant], width: int, *, timeout: float) -> dict[int, dict]:
@@ -377,12 +389,14 @@ def prove(work: Path, top: str, mutants: list[Mutant], width: int, *, timeout: f
     run = 0
     while todo:
         run += 1
-        (pdir / "apply.ys").write_text("".join(m.command + "\n" for m in todo))
+        # each mutation with a control input of its own, so that its cone can be selected
+        (pdir / "apply.ys").write_text("".join(m.command_for(ctrl=False) + f" -ctrl {ONE}{m.index} 1 1\n"
+                                               for m in todo))
         # every flip-flop (the tables' words too) becomes an input (Q) and outputs (D, clock): the
         # miter compares the outputs and the next state from any state the two share
         lines = ["read_rtlil ../prep.il", "script apply.ys", *_prelude(top), *_EVERT, "design -save base"]
         for m in todo:
-            lines += ["design -load base", *_pair(top, width, m.index),
+            lines += ["design -load base", *_cone(top, m.index),
                       f"tee -q -o m{m.index:04d}.log sat -prove-asserts -timeout {int(timeout)} miter"]
         t0 = time.time()
         log = f"prove{run}.log"
@@ -410,6 +424,22 @@ def prove(work: Path, top: str, mutants: list[Mutant], width: int, *, timeout: f
             done += 1
         todo = todo[done:]
     return out
+
+
+ONE = "mutant_ctrl_"        # the one-bit control input of each mutation in the proofs' designs
+
+
+def _cone(top: str, index: int) -> list[str]:
+    """Mutant ``index`` (control input ``{ONE}{index}``) against the original, on the outputs its
+    mutation reaches and their input cone only (every other output is the same logic of the same
+    inputs in both): the miter of the two, every other mutation off."""
+    ctrl = f"{ONE}{index}"
+    return [f"select -set cone w:{ctrl} %co* o:* %i %ci*", "delete c:* @cone %d", "delete -output o:* @cone %d",
+            "select -clear", "opt_clean", f"copy {top} gate", f"rename {top} gold",
+            f"delete -port gold/w:{ONE}* gate/w:{ONE}*", f"connect -set {ctrl} 1'1 gate",
+            "setundef -zero -undriven gold gate",
+            "miter -equiv -flatten -make_assert gold gate miter", "hierarchy -top miter",
+            "opt_expr", "opt_merge -share_all", "opt_clean"]
 
 
 def _shared_machine(portlist: str) -> str:
@@ -608,14 +638,23 @@ def markdown(summaries: list[dict], command: str) -> str:
         lines.append(f"| {s['config']} | {s['sites']} | {s['total']} | {s['killed']} | {s['equivalent']} | "
                      f"{s['survived']} | {100 * s['score']:.1f} % |")
     for s in summaries:
+        how: dict[str, int] = {}
+        for r in s["mutants"]:
+            if r["verdict"] == "equivalent":
+                how[r["proof"].get("how", "?")] = how.get(r["proof"].get("how", "?"), 0) + 1
         lines += ["", f"## {s['config']}", "",
                   f"Killed by check: {', '.join(f'{k} {v}' for k, v in s['killed_by'].items())}. "
-                  f"Time: {s['timing_s']}.", "", "| mutant | verdict | mutation | proof |", "|---|---|---|---|"]
+                  f"Proven equivalent: {', '.join(f'{v} by {k}' for k, v in how.items()) or 'none'}. "
+                  f"Time (s): {s['timing_s']}.", "",
+                  "Survivors (not proven equivalent):", "",
+                  "| mutant | mutation | Verilog | one step | induction |", "|---|---|---|---|---|"]
         for r in s["mutants"]:
-            if r["verdict"] in ("survived", "equivalent", "not run"):
+            if r["verdict"] in ("survived", "not run"):
                 p = r.get("proof", {})
-                lines.append(f"| {r['mutant']} | {r['verdict']} | `{r['mutation']}` | "
-                             f"{p.get('status', '')} {p.get('cycle') or p.get('depth') or p.get('why') or ''} |")
+                ind = p.get("induction", {})
+                ind_text = f"base {ind.get('base')}, step {ind.get('induction')}" if ind else ""
+                verilog = " / ".join(r.get("verilog", [])).replace("|", "\\|")
+                lines.append(f"| {r['mutant']} | `{r['mutation']}` | `{verilog}` | {p.get('step', '')} | {ind_text} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,44 +1,31 @@
 """cocotb bench of the mutation run (sim/mutate.py): every mutant of one design in one simulation.
 
-The design under test is the decoder with all its yosys mutants built in, one
-selected at run time by the input ``mutsel`` (0: the original). For each
-mutant the bench
+The design under test is the decoder with all its yosys mutants built in, one selected at run
+time by the input ``mutsel`` (0: the original). For each mutant the bench
 
-1. scrubs the tables with the original design selected: a reset, then every
-   word of both pages and both offsets written with values that differ from
-   every value the regression loads at that address, so that a mutant whose
-   write path is broken cannot read a word left by the mutant before it;
+1. scrubs the tables with the original selected: a reset, then every word of both pages and
+   both offsets written with values that differ from every value the regression loads at that
+   address, so that a mutant whose write path is broken cannot read a word left by the run
+   before it;
 2. selects the mutant and resets it;
-3. runs the fast regression's scenarios in order and stops at the first failure.
+3. runs the plan's scenarios in order and stops at the first failure.
 
-Scenarios (the plan's ``scenarios``, each a list of layers streamed back to back
-with table swaps, the next layer's tables loaded while the current one streams,
-random input idles and output stalls; expected beats from golden/ only, through
-hdl.reference):
+A scenario (``Scenario``) streams layers back to back with table swaps (the next layer's tables
+loaded while the current one streams, as sim/tb_decoder.py does), with random input idles and
+output stalls; expected beats come from golden/ only (hdl.reference). Layer kinds: ``vectors``
+(the first blocks of a real quantized MiniLM layer, `sop vectors`), ``random``, ``corners``
+(sim/stimulus.py), ``tables`` (every HIF code in some table) and ``rounding`` (every reachable
+BF16 rounding case in every lane, ``RoundingCases``). Scenario kinds: ``stream``, ``timed``
+(beat timing checked too) and ``reset`` (a layer cut off by a reset with the output stalled).
 
-* ``vectors``: the first blocks of a real quantized MiniLM layer (`sop vectors`);
-* ``random``: random layers (random tables, headers, codes, offsets);
-* ``corners``: every code x bank x sign x scale extreme at offsets -128, 0, 127;
-* ``reset``: a layer cut off by a reset with the output stalled, then a fresh one;
-* ``timing`` (added by the mutation analysis, docs/benchmarks.md): a layer with
-  no idles and no stalls must come out exactly ``latency`` cycles after its first
-  handshake and with no bubble; then a layer under the other extreme, long
-  output stalls with bursts of idles (the skid buffers full, the enable tree
-  frozen and restarted);
-* ``writes`` (added likewise): the tables loaded while beats stall at the input
-  (blocks.valid high and not taken), a load with ``blocks.valid`` low
-  between beats, and an offset write on the cycle a swap beat is taken.
+A mutant is killed by the first output beat that differs from golden (any lane; an X or Z bit
+counts as a difference), an output beat more than expected, a missing beat or an input that is
+never taken (a cycle limit of twice the original's cycles plus 200), or, in ``timed``, a beat out
+of its cycle. The original runs first (its cycles set the limits) and last; it must pass both
+times, or the run is void.
 
-A mutant is killed on the first output beat that differs from golden (any
-lane; an X or Z bit counts as a difference), an output beat more than
-expected, a missing beat or an input that is never taken (a cycle limit of
-twice the original's cycles plus a margin), or, in ``timing``, a beat out of
-its cycle. The original is run first (its cycles set the limits) and last; it
-must pass both times, or the run is void.
-
-Results go, one JSON line per design (``"mutant": 0`` is the original), to
-the file named by ``SOP_MUT_RESULTS`` as they come, so a crash loses nothing
-already decided. The plan is the JSON file named by ``SOP_MUT_PLAN``.
+One JSON line per design (``"mutant": 0`` is the original) goes to the file named by
+``SOP_MUT_RESULTS`` as it is decided; the plan is the JSON file named by ``SOP_MUT_PLAN``.
 """
 
 from __future__ import annotations
@@ -79,11 +66,27 @@ def _layers(cfg: DecoderConfig, spec: dict, rng: np.random.Generator) -> list[st
                 for _ in range(spec.get("layers", 2))]
     if kind == "tables":
         return _table_layers(cfg, rng)
+    if kind == "scales":
+        return [_scales_layer(cfg, rng)]
     if kind == "rounding":
         return rounding_layers(cfg, rng)
     if kind == "corners":
         return [stimulus.corner_layer(cfg, off) for off in spec.get("offsets", (-128, 0, 127))]
     raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def _scales_layer(cfg: DecoderConfig, rng: np.random.Generator) -> stimulus.Layer:
+    """Every header (each scale code x sign x bank) once, in an order shuffled, with random codes:
+    every lane meets every scale code, subnormal scales included (the corners have the scale
+    codes' extremes only). Offset 0, random tables."""
+    lay = cfg.layout
+    sc, sign, sel = np.meshgrid(np.arange(1 << lay.scale.bits), np.arange(1 + lay.signed_scale),
+                                np.arange(lay.banks if lay.select_bit else 1), indexing="ij")
+    headers = rng.permutation(lay.make_header(sc.ravel(), sign.ravel(), sel.ravel()))
+    codes = rng.integers(0, 1 << lay.code_bits, size=(len(headers), lay.group))
+    luts = rng.integers(0, 1 << cfg.hif.bits, size=(lay.banks, 1 << lay.code_bits))
+    headers, codes = stimulus.pad_to_beats(cfg, headers, codes)
+    return stimulus.Layer(luts.astype(np.int64), 0, headers, codes, "scales")
 
 
 def _table_layers(cfg: DecoderConfig, rng: np.random.Generator) -> list[stimulus.Layer]:
@@ -131,9 +134,11 @@ def _round(sig, t, eb):
     sticky = (below != 0).astype(np.int64)
     up = guard & (sticky | (r & 1))
     carry = np.where(eb >= 1, (r + up) >> (BF16_M + 1), (r + up) >> BF16_M) & 1
-    # how far below the guard the highest dropped 1 is (0: just below), 11 and more together; 12: none
+    # where the one dropped 1 below the guard is, when there is exactly one (0: just below the
+    # guard; 11 and further together); 12: none; 13: more than one
     hb = np.frexp(np.maximum(below, 1).astype(np.float64))[1] - 1
-    gap = np.where(below != 0, np.minimum(np.clip(d - 2, 0, 62) - hb, 11), 12)
+    single = (below != 0) & ((below & (below - 1)) == 0)
+    gap = np.where(below == 0, 12, np.where(single, np.minimum(np.clip(d - 2, 0, 62) - hb, 11), 13))
     return guard, sticky, r, carry, gap
 
 
@@ -143,9 +148,9 @@ def _round(sig, t, eb):
 #      and the rounding carry at each (a saturation test on some exponent bits)
 #   C  at exponents 252 .. 256: which one bit of the kept mantissa is 0 (none, one of 7, more)
 #      x guard x sticky x LSB (the "all ones, rounded up" test of the largest normal)
-#   D  depth (subnormal 1 .. 14 binades, or normal with top 0 / 1) x how far below the guard the
-#      highest dropped 1 is x guard x LSB (each group of dropped bits that makes the sticky bit)
-N_A, N_B, N_C, N_D = 55 * 32, 307 * 4, 1 + 5 * 9 * 8, 17 * 13 * 4
+#   D  depth (subnormal 1 .. 14 binades, or normal with top 0 / 1) x where the one dropped 1 below
+#      the guard is (or none, or several) x guard x LSB: each dropped bit alone makes the sticky bit
+N_A, N_B, N_C, N_D = 55 * 32, 307 * 4, 1 + 5 * 9 * 8, 17 * 14 * 4
 N_BINS = N_A + N_B + N_C + N_D
 
 
@@ -193,7 +198,7 @@ class RoundingCases:
         hi = (eb >= 252) & (eb <= 256) & ~zero
         c = N_A + N_B + np.where(hi, 1 + (((np.clip(eb - 252, 0, 4) * 9 + zpos) * 2 + g) * 2 + st) * 2 + lsb, 0)
         depth = np.where(zero, 0, np.where(eb <= 0, np.minimum(1 - eb, 14), 15 + top))
-        d = N_A + N_B + N_C + ((depth * 13 + gap) * 2 + g) * 2 + lsb
+        d = N_A + N_B + N_C + ((depth * 14 + gap) * 2 + g) * 2 + lsb
         return np.stack([a, b, c, d])
 
 
@@ -275,9 +280,11 @@ class Scenario:
     """One scenario of the plan, built once for every mutant.
 
     ``kind``: ``stream`` (the layers back to back), ``timed`` (the same, and every output beat
-    must leave in its cycle: latency after the first handshake, no bubble; give it no idles or
-    stalls) or ``reset`` (the first layer cut after ``cut_after`` beats with the output stalled,
-    a reset, then the other layers)."""
+    must leave in its cycle, ``latency`` after its input beat's handshake with no bubble, and
+    every input beat be taken as soon as it may; give it no output stalls) or ``reset`` (the
+    first layer cut after ``cut_after`` beats with the output stalled, a reset of
+    ``reset_cycles`` cycles, then the other layers, the output stalled for their first
+    ``stall_after_reset`` cycles)."""
 
     def __init__(self, cfg: DecoderConfig, spec: dict, rng: np.random.Generator):
         self.name = spec["name"]
@@ -287,6 +294,8 @@ class Scenario:
         self.p_stall = spec.get("p_stall", 0.2)
         self.stall_burst = spec.get("stall_burst", 1)
         self.cut_after = spec.get("cut_after", 5)
+        self.reset_cycles = spec.get("reset_cycles", 2)
+        self.stall_after_reset = spec.get("stall_after_reset", 0)
         self.write_while_stalled = spec.get("write_while_stalled", False)
         if self.kind == "reset":
             self.parts = [Part(cfg, layers[:1]), Part(cfg, layers[1:])]
@@ -368,8 +377,8 @@ class Bench:
             await RisingEdge(self.h["clk"])
         self._set("rst", 0)
 
-    async def reset(self) -> None:
-        await self.cycles(2, rst=1, ready=0)
+    async def reset(self, n: int = 2) -> None:
+        await self.cycles(n, rst=1, ready=0)
 
     # -- the host side, one cycle at a time --------------------------------------------------------
     @staticmethod
@@ -402,7 +411,8 @@ class Bench:
                 if bi == 0 and li + 1 < len(layers):
                     pending = deque(layers[li + 1].writes())
 
-    async def stream(self, sc: Scenario, part: Part, rng, *, limit: int | None, cut: bool = False) -> int:
+    async def stream(self, sc: Scenario, part: Part, rng, *, limit: int | None, cut: bool = False,
+                     stall: int = 0) -> int:
         """Stream ``part`` and check every output beat; raises Killed. Returns the cycles it took.
 
         ``cut``: the output stays stalled and the input stops once a beat is refused (no check)."""
@@ -413,7 +423,7 @@ class Bench:
             limit = 100 * (n_out + sum(map(len, part.beats))) + 10_000
         host = self.host(sc, part, rng, cut, self.cfg.beats_per_block)
         valid, payload, write = next(host)
-        h, done, cycles, out_count, stall_left = self.h, False, 0, 0, 0
+        h, done, cycles, out_count, stall_left = self.h, False, 0, 0, stall
         takes: list[int] = []                         # the cycle each input beat was taken
         offered = None                                # since when the beat in hand is offered
         bpb = self.cfg.beats_per_block
@@ -491,8 +501,8 @@ class Bench:
     async def scenario(self, sc: Scenario, rng, limit: int | None) -> int:
         if sc.kind == "reset":
             await self.stream(sc, sc.parts[0], rng, limit=limit, cut=True)
-            await self.reset()
-            return await self.stream(sc, sc.parts[1], rng, limit=limit)
+            await self.reset(sc.reset_cycles)
+            return await self.stream(sc, sc.parts[1], rng, limit=limit, stall=sc.stall_after_reset)
         return await self.stream(sc, sc.parts[0], rng, limit=limit)
 
     async def scrub(self) -> None:
