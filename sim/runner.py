@@ -1,7 +1,7 @@
 """`make sim`: the cocotb regression of every named configuration, in Icarus or Verilator.
 
     python -m sop.sim.runner [--config NAME ...] [--sim icarus|verilator] [--quick] [--seed N]
-                             [--lutram-depth D]
+                             [--lutram-depth D] [--axis]
 
 For each configuration it writes the Verilog (hdl.generate) and the real
 MiniLM vectors for its layout (`sop vectors`, cached under build/vectors/),
@@ -13,8 +13,12 @@ MiniLM layers, 4 x 256 random blocks), the other configurations a medium one
 and the 64-lane design in Icarus a quick one. ``--lutram-depth D`` runs the
 configurations built with their tables in ``D``-word LUT RAM memories (what
 ``make synth`` measures on ECP5), under ``build/sim/<sim>/<config>-lutram<D>/``.
-``WAVES=1`` writes waveforms. Each run ends with the summary line: vectors checked,
-mismatches, functional coverage. Exit status 1 if anything mismatched.
+``--axis`` runs the AXI4-Stream shell (``NAME_axis.v``, hdl/axis.py) in
+sim/tb_axis.py instead, with cocotbext-axi's sources and sink
+(``build/sim/<sim>/<config>-axis/``). ``WAVES=1`` writes waveforms. Each run
+ends with the summary line: vectors checked, mismatches, functional coverage
+(for the shell: values, beats and layers checked, mismatches, AXI protocol
+errors). Exit status 1 if anything mismatched.
 """
 
 from __future__ import annotations
@@ -106,9 +110,6 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
 
     ``verilog`` replaces the generated design (for example a deliberately broken variant).
     """
-    from cocotb_tools.check_results import get_results
-    from cocotb_tools.runner import get_runner
-
     from sop.hdl.generate import generate
 
     check_simulator(sim)
@@ -119,11 +120,21 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
         verilog, _ = generate(cfg, build_dir / "rtl")
     size = plan_size(cfg, sim, quick)
     plan = plan_for(cfg, size, minilm_vectors(cfg, size != "full") if vectors else None)
+    return _simulate(cfg, sim, Path(verilog), module_name(cfg), "sop.sim.tb_decoder", plan, size, build_dir,
+                     seed=seed, waves=waves)
+
+
+def _simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module: str, plan: dict, size: str,
+              build_dir: Path, *, seed: int | None, waves: bool) -> dict:
+    """Build ``verilog`` (top ``top``) in ``build_dir``, run the cocotb ``test_module`` on ``plan``;
+    the summary it reported, with the simulator, plan size, failed tests and wall time."""
+    from cocotb_tools.check_results import get_results
+    from cocotb_tools.runner import get_runner
+
     plan_path, report_path = build_dir / "plan.json", build_dir / "report.json"
     write_atomic(plan_path, json.dumps(plan).encode())
     report_path.unlink(missing_ok=True)
     runner = get_runner(sim)
-    top = module_name(cfg)
     sources = [Path(verilog).resolve()]
     if sim == "verilator":                   # the documented lint waivers (hdl/lint.vlt)
         from cocotb_tools.runner import VerilatorControlFile
@@ -144,7 +155,7 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
     t0 = time.time()
     results_xml = build_dir / "results.xml"
     try:
-        runner.test(test_module="sop.sim.tb_decoder", hdl_toplevel=top, build_dir=build_dir,
+        runner.test(test_module=test_module, hdl_toplevel=top, build_dir=build_dir,
                     seed=seed, waves=waves, timescale=("1ns", "1ps"), results_xml=str(results_xml),
                     extra_env={"SOP_SIM_PLAN": str(plan_path), "SOP_SIM_REPORT": str(report_path)},
                     log_file=build_dir / "sim.log")
@@ -155,6 +166,47 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
         {"config": cfg.name, "checked": 0, "mismatches": None, "coverage_hit": 0, "coverage_bins": 1}
     summary.update(sim=sim, plan=size, failed_tests=failed, wall_seconds=time.time() - t0)
     return summary
+
+
+# -- the AXI4-Stream shell (hdl/axis.py, sim/tb_axis.py) -------------------------------------------
+AXIS_PLAN = {"quick": [{"kind": "random", "layers": 3, "blocks": 16}, {"kind": "corners"}],
+             "full": [{"kind": "random", "layers": 6, "blocks": 128}, {"kind": "corners"}]}
+
+
+def axis_plan(cfg: DecoderConfig, size: str, vectors_dir: Path | None) -> dict:
+    """Layers back to back, each its own load packet and block packet: random ones, the corner layers
+    (three table swaps), real MiniLM rows in the full plan; random TVALID gaps and TREADY pauses."""
+    jobs = ([{"kind": "vectors", "dir": str(vectors_dir)}] if vectors_dir is not None else []) + AXIS_PLAN[size]
+    return {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "decoder": cfg.describe(), "size": size,
+            "jobs": jobs, "p_idle": 0.3, "p_stall": 0.3}
+
+
+def run_axis(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: int | None = None,
+             verilog: Path | None = None, build_dir: Path | None = None, vectors: bool = True,
+             waves: bool = False) -> dict:
+    """Build the AXI4-Stream shell of ``cfg`` (``NAME_axis.v``) and run sim/tb_axis.py on it with
+    cocotbext-axi's sources and sink; returns the summary. The quick plan (random layers and the
+    corners) is for `make test`; the full one adds 16 MiniLM rows (the quick vectors: the shell's
+    datapath is the decoder's, which sim/tb_decoder.py runs on whole layers)."""
+    from sop.hdl.generate import axis_module_name, generate_axis
+
+    check_simulator(sim)
+    variant = cfg.name + (f"-lutram{cfg.lutram_depth}" if cfg.lutram_depth else "") + "-axis"
+    build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / variant).resolve()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if verilog is None:
+        verilog = generate_axis(cfg, build_dir / "rtl")["verilog"]
+    size = "quick" if quick or (sim == "icarus" and cfg.lanes > 8) else "full"
+    plan = axis_plan(cfg, size, minilm_vectors(cfg, True) if vectors and size == "full" else None)
+    return _simulate(cfg, sim, Path(verilog), axis_module_name(cfg), "sop.sim.tb_axis", plan, size, build_dir,
+                     seed=seed, waves=waves)
+
+
+def axis_summary_line(s: dict) -> str:
+    name = s["config"] + (f" lutram {s['lutram_depth']}" if s.get("lutram_depth") else "")
+    return (f"{name} AXI4-Stream [{s['sim']}, {s.get('plan')}]: {s.get('checked', 0)} values in {s.get('beats', 0)} "
+            f"beats of {s.get('layers', 0)} layers checked, {s['mismatches']} mismatches, "
+            f"{s.get('protocol_errors')} protocol errors (seed {s.get('seed')}, {s['wall_seconds']:.1f} s)")
 
 
 def summary_line(s: dict) -> str:
@@ -173,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
                    help="the tables in D-word LUT RAM memories (hdl/lut_bank.py)")
+    p.add_argument("--axis", action="store_true",
+                   help="the AXI4-Stream shell (NAME_axis.v, sim/tb_axis.py) instead of the bare decoder")
     args = p.parse_args(argv)
     configs = named_configs()
     names = args.config or list(configs)
@@ -192,8 +246,12 @@ def main(argv=None) -> int:
     waves = os.environ.get("WAVES", "0") not in ("", "0")
     ok, lines = True, []
     for name in names:
-        s = run(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves)
-        lines.append(summary_line(s))
+        if args.axis:
+            s = run_axis(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves)
+            lines.append(axis_summary_line(s))
+        else:
+            s = run(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves)
+            lines.append(summary_line(s))
         print(lines[-1], flush=True)
         ok &= s["mismatches"] == 0 and s["failed_tests"] == 0
     print("\n".join(["", "summary:"] + lines))
