@@ -33,7 +33,9 @@ Contract.
 
 * ``quantize_model`` reads and quantizes the layers one at a time (peak memory
   about one layer; ``sop-budget``'s knapsack reads every layer once to measure its
-  options and keeps only their costs, sparse entries and streams) and
+  options and keeps only their costs, sparse entries and streams; ``jobs=N``: N
+  layers at a time in worker processes, quantize/jobs.py, the records taken in
+  layer order so the file is the same bytes) and
   streams the records to a temporary file in the target folder; the container is
   then assembled in a second temporary file, flushed to disk and renamed over
   the target. On any exception (Ctrl-C included) both temporary files are
@@ -52,10 +54,11 @@ Contract.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
-import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +73,10 @@ from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
-from sop.quantize.evaluate import budget_inputs, calibration_for, check_options, jsonable, reporter, sanitize
+from sop.quantize.evaluate import (LayerOutcome, _BudgetOutcomes, budget_done, budget_inputs, calibration_for,
+                                   check_options, jsonable, layer_line, quantize_layer, reporter, sanitize)
+from sop.quantize.evaluate import _layer_outcomes as evaluate_layer_outcomes
+from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.models import open_model
@@ -95,13 +101,6 @@ class ArtifactError(ValueError):
     """A .sopq file that is truncated, corrupted or inconsistent."""
 
 
-def _progress(iterable, desc: str, progress: bool, total: int | None = None):
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, unit="layer", total=total, file=sys.stderr, leave=False,
-                disable=not (progress and sys.stderr.isatty()))
-
-
 # -- records -----------------------------------------------------------------------------------------
 
 def encode_record(res: QuantResult, shape: tuple[int, int], name: str):
@@ -122,6 +121,18 @@ def encode_record(res: QuantResult, shape: tuple[int, int], name: str):
     chunks = (np.ascontiguousarray(to_float32(res.recon[r:r + step]), dtype="<f4").tobytes()
               for r in range(0, rows, step))
     return "f32", chunks, [rows, cols]
+
+
+def record_payload(res: QuantResult, shape: tuple[int, int], name: str):
+    """(kind, the record as one array, padded shape): ``encode_record``'s chunks joined, for a
+    --jobs worker to send back raw (quantize/jobs.py). An ``f32`` record is the float32 array itself
+    (the chunks are its rows: the same bytes), a ``sopl`` record a uint8 array of its bytes."""
+    kind, chunks, padded = encode_record(res, shape, name)
+    if kind == "f32":
+        from sop.quantize.evaluate import recon_float32
+
+        return kind, np.ascontiguousarray(recon_float32(res.recon), dtype="<f4"), padded
+    return kind, np.frombuffer(b"".join(chunks), dtype=np.uint8), padded
 
 
 def decode_record(entry: "LayerEntry", data: bytes) -> np.ndarray:
@@ -334,11 +345,16 @@ def _verify(path: Path) -> Artifact:
             raise ArtifactError(f"{where}: {'truncated' if size < expected else 'trailing bytes'}: the file is "
                                 f"{size} bytes, its header says {expected}")
         running = zlib.crc32(pre + hbytes + CRC.pack(hcrc))
-        for e in entries:
-            data = f.read(e.length)
-            if crc32(data) != e.crc32:
+        for e in entries:              # in chunks: no record (4 bytes a weight for f32) is held
+            crc, left = 0, e.length
+            while left:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    break
+                crc, running = zlib.crc32(chunk, crc), zlib.crc32(chunk, running)
+                left -= len(chunk)
+            if left or crc & 0xFFFFFFFF != e.crc32:
                 raise ArtifactError(f"{where}: layer {e.name}: record checksum mismatch (corrupted)")
-            running = zlib.crc32(data, running)
         (fcrc,) = CRC.unpack(f.read(CRC.size))
         if running & 0xFFFFFFFF != fcrc:
             raise ArtifactError(f"{where}: whole-file checksum mismatch (the trailer or the preamble is "
@@ -365,51 +381,101 @@ def write_container(out: Path, meta: dict, spool: BinaryIO) -> int:
 
 def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget: float | None = None,
                    include=None, exclude=None, calibrate: bool = True, nan_policy: str = "error",
-                   n_calib: int = C.N_CALIB, cache_dir=C.DEFAULT_CACHE, progress: bool = True) -> dict:
+                   n_calib: int = C.N_CALIB, cache_dir=C.DEFAULT_CACHE, progress: bool = True,
+                   jobs: int = 1) -> dict:
     """Quantize ``model``'s selected linear layers in ``fmt_name`` into the artifact ``out``.
 
-    Returns a summary: path, file bytes, layers, weights, bits, bpw, sqnr_db, record kinds."""
+    ``jobs``: layers quantized in that many worker processes (quantize/jobs.py; the same bytes;
+    ``sop-budget`` builds its options here). Returns a summary: path, file bytes, layers,
+    weights, bits, bpw, sqnr_db, record kinds."""
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
     check_options([fmt], budget, nan_policy)
+    jobs = check_jobs(jobs)
     out = Path(out)
     say = reporter(progress)
     src = open_model(model, include, exclude)
     say(f"{model}: {len(src.layers)} linear layers, {src.n_weights:,} weights -> {out} ({fmt.name})")
-    cal = calibration_for(src, calibrate, n_calib, cache_dir, say)
-    budgeted = None
-    if fmt.model_level:                                   # the knapsack needs every layer at once
-        say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
-        budgeted = fmt.quantize_model(budget_inputs(src, cal, nan_policy), budget)
+    with contextlib.ExitStack() as stack:
+        # started first, so that the workers start while the model is calibrated here
+        pool = stack.enter_context(LayerPool(jobs)) if jobs > 1 and not fmt.model_level else None
+        cal = calibration_for(src, calibrate, n_calib, cache_dir, say)
+        if fmt.model_level:                               # the knapsack needs every layer at once
+            say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
+            inputs = budget_inputs(src, cal, nan_policy, say)
+            outcomes = _BudgetRecords(fmt.quantize_model(inputs, budget), src, cal, nan_policy)
+            budget_done(inputs)
+        else:
+            outcomes = _layer_outcomes(src, fmt, cal, nan_policy, "record", pool)
+        return _write_artifact(src, fmt, out, budget, cal, nan_policy, outcomes, say)
+
+
+class _BudgetRecords(_BudgetOutcomes):
+    """``(LayerOutcome, record chunks)`` of every layer of a budgeted format, in order, built one at
+    a time from the knapsack's lazy results (``budgeted``: the knapsack's result)."""
+
+    def __init__(self, budgeted, src, cal, nan_policy: str):
+        super().__init__(budgeted, src, cal, nan_policy, False)
+
+    def __iter__(self):
+        b = self.budgeted
+        for lay in self.src.layers:
+            t0 = time.perf_counter()
+            w, n_bad = sanitize(lay.name, self.src.load(lay.name), self.nan_policy)
+            w = narrow_weights(w)                   # float32 where exact: 4 bytes a weight held
+            act = self.cal.get(lay.name)
+            res = b.results.pop(lay.name)
+            s = ErrorStats.of(w, res.recon, act, res.bits)
+            del w
+            kind, chunks, padded = encode_record(res, lay.shape, lay.name)
+            out = LayerOutcome(lay.name, s, f"{b.choice[lay.name]}: {res.choice}", int(res.bits), n_bad,
+                               time.perf_counter() - t0, (kind, padded))
+            del res
+            yield out, chunks                       # an f32 record in row chunks: no copy of the layer
+
+
+def _layer_outcomes(src, fmt, cal, nan_policy: str, want: str, pool):
+    """``(LayerOutcome, record chunks)`` of every layer in order, from ``evaluate``'s loop (here, or
+    on the workers of ``pool``). Here the record is streamed as ``encode_record``'s row chunks
+    (no copy of the layer); from a worker it arrives as one array."""
+    if pool is not None:
+        yield from evaluate_layer_outcomes(src, fmt, cal, nan_policy, want, pool)
+        return
+    for lay in src.layers:
+        t0 = time.perf_counter()
+        res, stats, n_bad = quantize_layer(src, lay.name, fmt, cal.get(lay.name), nan_policy)
+        kind, chunks, padded = encode_record(res, lay.shape, lay.name)
+        out = LayerOutcome(lay.name, stats, res.choice, int(res.bits), n_bad, time.perf_counter() - t0,
+                           (kind, padded))
+        del res
+        yield out, chunks
+
+
+def _write_artifact(src, fmt, out: Path, budget, cal, nan_policy: str, outcomes, say) -> dict:
+    """The records of ``outcomes`` streamed to a temporary file beside ``out``, then the container."""
     out.parent.mkdir(parents=True, exist_ok=True)
     entries, stats, pos = [], [], 0
+    n = len(src.layers)
     with temp_file_in(out.parent, out.name + ".records") as (spool, spool_path):
         try:
-            for lay in _progress(src.layers, f"quantize {fmt.name}", progress):
-                w, n_bad = sanitize(lay.name, src.load(lay.name), nan_policy)
-                w = narrow_weights(w)       # float32 where exact: the layer held costs 4 bytes a weight
-                act = cal.get(lay.name)
-                if budgeted is not None:
-                    res = budgeted.results.pop(lay.name)
-                    choice = f"{budgeted.choice[lay.name]}: {res.choice}"
-                else:
-                    res = fmt.quantize(w, act_ms=act, name=lay.name)
-                    choice = res.choice
-                stats.append(ErrorStats.of(w, res.recon, act, res.bits))
-                del w
-                kind, chunks, padded = encode_record(res, lay.shape, lay.name)
+            for i, (o, chunks) in enumerate(outcomes, 1):
+                lay = src.layers[i - 1]
+                stats.append(o.stats)
+                kind, padded = o.record
                 length, crc = 0, 0
-                for chunk in chunks:                   # an f32 record in row chunks: no copy of the layer
-                    spool.write(chunk)
-                    crc, length = zlib.crc32(chunk, crc), length + len(chunk)
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    spool.write(view)
+                    crc, length = zlib.crc32(view, crc), length + len(view)
                 crc &= 0xFFFFFFFF
+                del chunks
                 e = LayerEntry(lay.name, tuple(lay.shape), tuple(padded), lay.transposed, kind, pos, length,
-                               crc, int(res.bits), choice)
+                               crc, o.bits, o.choice)
                 d = e.as_dict()
-                if n_bad:
-                    d["nonfinite_replaced"] = n_bad
+                if o.n_bad:
+                    d["nonfinite_replaced"] = o.n_bad
                 entries.append(d)
                 pos += length
-                del res
+                say(layer_line(f"quantize {fmt.name}", i, n, lay.name, lay.shape, o.seconds))
             total = aggregate(stats)
             meta = {
                 "container": "sopq", "version": VERSION,
@@ -420,8 +486,8 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
                 "summary": {**total.as_dict(), "bits": total.bits, "weights": total.weights},
                 "data_bytes": pos, "layers": entries,
             }
-            if budgeted is not None:
-                meta["budget_report"] = budgeted.report
+            if getattr(outcomes, "budgeted", None) is not None:
+                meta["budget_report"] = outcomes.budgeted.report
             size = write_container(out, meta, spool)
         finally:
             spool.close()
@@ -452,9 +518,12 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
     """Decode every layer of the artifact ``path`` into the float32 safetensors file ``out``."""
     art = open_artifact(path)
     hb = _safetensors_header(art)
+    say = reporter(progress)
+    n = len(art.layers)
     with atomic_output(out) as f:
         f.write(struct.pack("<Q", len(hb)) + hb)
-        for e in _progress(art.layers, "dequantize", progress):
+        for i, e in enumerate(art.layers, 1):
+            t0 = time.perf_counter()
             w = art.weights(e)
             if not e.transposed:
                 f.write(np.ascontiguousarray(w, dtype="<f4").data)       # no copy: w is float32 already
@@ -463,6 +532,7 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
                 for c in range(0, w.shape[1], step):
                     f.write(np.ascontiguousarray(w[:, c:c + step].T, dtype="<f4").data)
             del w
+            say(layer_line("dequantize", i, n, e.name, e.shape, time.perf_counter() - t0))
         size = f.tell()
     return {"path": str(out), "bytes": size, "layers": len(art.layers), "format": art.format,
             "weights": sum(e.shape[0] * e.shape[1] for e in art.layers)}

@@ -105,47 +105,35 @@ def aux_fingerprint(src) -> str:
     return h.hexdigest()
 
 
-def memory_needed(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN) -> int:
+def memory_needed(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0) -> int:
     """Bytes the forward pass needs, roughly: the model in float32, and for the end-to-end check
-    (``windows`` > 0) one format's float32 reconstructions and the reference logits."""
+    (``windows`` > 0) one format's float32 reconstructions and the reference logits; plus ``extra``
+    (what the layer search holds beside it: quantize/evaluate.py, ``search_memory``)."""
     shapes = [src.tensor_shape(n) for n in src.tensor_names()]
     params = sum(math.prod(s) for s in shapes)
     vocab = max((s[0] for s in shapes if len(s) == 2), default=0)
     need = 4 * params + 4 * BATCH * seq_len * vocab          # the model; one batch's logits
     if windows:
         need += 4 * src.n_weights + 4 * windows * (seq_len - 1 - seq_len // 2) * vocab
-    return need
+    return need + extra
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available now (psutil, which accelerate brings; else /proc/meminfo)."""
-    try:
-        import psutil
+    """Bytes a forward pass may use now (``quantize.memory.available_memory``: psutil, capped by
+    ``SOP_MEMORY_LIMIT``)."""
+    from sop.quantize.memory import available_memory as avail
 
-        return int(psutil.virtual_memory().available)
-    except (ImportError, OSError):
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return avail()
 
 
-def check_memory(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN) -> None:
+def check_memory(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0) -> None:
     """Refuse, before any work, a model whose forward pass does not fit in the memory available."""
-    avail = available_memory()
-    if avail is None:                                     # pragma: no cover - neither psutil nor /proc
-        return
-    need = memory_needed(src, windows, seq_len)
-    if need > avail:
-        what = "the end-to-end check" if windows else "calibration"
-        raise ValueError(f"{src.spec}: the forward pass for {what} needs about {need / 2**30:.1f} GiB (the model "
-                         f"in float32{', one format of reconstructions and the reference logits' if windows else ''}"
-                         f"), {avail / 2**30:.1f} GiB are available: --no-e2e{' --no-calib' if not windows else ''} "
-                         f"skips it")
+    from sop.quantize.memory import check_fits
+
+    what = "the end-to-end check" if windows else "calibration"
+    held = "the model in float32" + (", one format of reconstructions and the reference logits" if windows else "")
+    check_fits(memory_needed(src, windows, seq_len, extra), f"{src.spec}: the forward pass for {what} ({held})",
+               "--no-e2e skips it" if windows else "--no-calib skips it (unweighted search)")
 
 
 def load(src, progress: bool = False) -> "CausalLM":

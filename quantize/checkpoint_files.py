@@ -41,6 +41,9 @@ class CheckpointError(ValueError):
         self.what = " ".join(str(what).split())
         super().__init__(f"{self.path}: {self.what}")
 
+    def __reduce__(self):                # pickled from a --jobs worker process (quantize/jobs.py)
+        return type(self), (self.path, self.what)
+
 
 def describe_error(err: BaseException, limit: int = 160) -> str:
     """What a library's exception says, as one short line (its type when it says nothing)."""

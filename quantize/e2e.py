@@ -136,6 +136,14 @@ class Bert:
         return F.normalize(pooled, dim=-1).numpy()
 
 
+def memory_needed(src, extra: int = 0) -> int:
+    """Bytes the BERT forward pass of the end-to-end check needs, roughly: every tensor of the model
+    in float32 (``Bert`` holds them all) and one format's float32 reconstructions, plus ``extra``
+    (what the layer search holds beside it). Activations (64 sentences x 128 tokens) are small."""
+    params = sum(math.prod(src.tensor_shape(n)) for n in src.tensor_names())
+    return 4 * params + 4 * src.n_weights + extra
+
+
 def embedding_fidelity(ref: np.ndarray, quant: np.ndarray) -> dict:
     """Cosine between full-precision and quantized embeddings per sentence: mean and minimum."""
     ref, quant = np.asarray(ref, np.float64), np.asarray(quant, np.float64)

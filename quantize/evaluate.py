@@ -14,6 +14,11 @@ sentence embeddings on held-out sentences; for causal LMs (quantize/causal_lm.py
 next-token distributions against the unquantized model and top-1 agreement on
 held-out text (llama.cpp's ``perplexity --kl-divergence`` convention). Only then
 are a format's reconstructions kept until its forward pass (as float32).
+``jobs=N`` quantizes the layers of a per-layer format N at a time in worker
+processes (quantize/jobs.py), results taken in layer order: the same document.
+Each layer prints one progress line (``layer_line``: name, shape, seconds). An
+end-to-end check or calibration that would not fit in memory is refused before
+any work (``check_e2e_memory``, quantize/memory.py).
 
 The result is a JSON-ready dict (``write_json`` writes it atomically)::
 
@@ -42,10 +47,12 @@ count in the layer's ``nonfinite_replaced``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -174,38 +181,151 @@ def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bo
         causal_lm.check_memory(src, 0, size.seq_len)
         say(f"calibrating on {size.seqs} x {size.seq_len} tokens (cache {cache_dir})")
     elif calibrate and src.bert_folder is not None:
+        from sop.quantize import e2e as E
+        from sop.quantize.memory import check_fits
+
+        check_fits(E.memory_needed(src) - 4 * src.n_weights, f"{src.spec}: the forward pass for calibration "
+                   f"(the BERT model in float32)", "--no-calib skips it (unweighted search)")
         say(f"calibrating on {size.sentences} sentences (cache {cache_dir})")
     return (C.calibrate(src, size, cache_dir) if calibrate
             else C.unweighted("calibration disabled; errors are unweighted (a = 1)"))
 
 
-def budget_inputs(src, cal, nan_policy: str):
+def budget_inputs(src, cal, nan_policy: str, say=None):
     """The layers of ``src`` for a model-level format: name -> ``(w, act_ms)``, each layer read
-    (and checked, as every command checks it) only when the knapsack asks for it."""
+    (and checked, as every command checks it) only when the knapsack asks for it. With ``say``,
+    the first pass over the layers (the knapsack's options, built layer by layer) prints one
+    progress line per layer as the next is read; ``budget_done(inputs)`` prints the last."""
     from sop.quantize.knapsack import LazyLayers
 
-    return LazyLayers([lay.name for lay in src.layers],
-                      lambda name: (narrow_weights(sanitize(name, src.load(name), nan_policy)[0]), cal.get(name)))
+    shapes = {lay.name: lay.shape for lay in src.layers}
+    n = len(src.layers)
+    seen: list = []                     # (name, start time) of the layers read in the first pass
+
+    def load(name):
+        if say is not None and len(seen) < n:
+            _budget_line(say, seen, n, shapes)
+            seen.append((name, time.perf_counter()))
+        return narrow_weights(sanitize(name, src.load(name), nan_policy)[0]), cal.get(name)
+
+    class Inputs(LazyLayers):
+        progress = (say, seen, n, shapes)          # for budget_done
+
+    return Inputs([lay.name for lay in src.layers], load)
+
+
+def _budget_line(say, seen, n, shapes) -> None:
+    if seen and len(seen) <= n:
+        name, t0 = seen[-1]
+        say(layer_line("sop-budget options", len(seen), n, name, shapes[name], time.perf_counter() - t0))
+
+
+def budget_done(inputs) -> None:
+    """The progress line of the last layer of the knapsack's first pass (see ``budget_inputs``)."""
+    say, seen, n, shapes = inputs.progress
+    if say is not None and len(seen) == n:
+        _budget_line(say, seen, n, shapes)
+        seen.append(None)               # printed once
+
+
+def layer_line(what: str, i: int, n: int, name: str, shape, seconds: float) -> str:
+    """The progress line of one layer: ``what [i/n] name ROWSxCOLS: s``."""
+    return f"{what} [{i}/{n}] {name} {shape[0]}x{shape[1]}: {seconds:.2f} s"
+
+
+def quantize_layer(src, name: str, fmt, act, nan_policy: str):
+    """One layer read, checked and quantized: ``(QuantResult, ErrorStats, non-finite count)``.
+    The computation of every command, in this process or a --jobs worker (quantize/jobs.py)."""
+    w, n_bad = sanitize(name, src.load(name), nan_policy)
+    w = narrow_weights(w)               # float32 where exact: the layer held costs 4 bytes a weight
+    res = fmt.quantize(w, act_ms=act, name=name)
+    return res, ErrorStats.of(w, res.recon, act, res.bits), n_bad
+
+
+@dataclass
+class LayerOutcome:
+    """What a --jobs worker sends back for one layer (its arrays travel beside it, raw)."""
+
+    name: str
+    stats: ErrorStats
+    choice: str
+    bits: int
+    n_bad: int
+    seconds: float
+    record: tuple | None = None          # (kind, padded shape): the payload is the first array
+
+
+def recon_float32(recon) -> np.ndarray:
+    """``to_float32(recon)`` built row chunk by row chunk (no float64 temporary of the layer)."""
+    recon = np.asarray(recon)
+    out = np.empty(recon.shape, dtype=np.float32)
+    step = max(1, (1 << 18) // max(1, recon.shape[-1]))
+    for r in range(0, recon.shape[0], step):
+        out[r:r + step] = to_float32(recon[r:r + step])
+    return out
+
+
+def layer_outcome(src, name: str, fmt_name: str, act, nan_policy: str, want: str | None):
+    """``quantize_layer`` packed for the parent: ``(LayerOutcome, arrays)``; ``want`` "recon" adds
+    the float32 reconstruction, "record" the ``.sopq`` record (quantize/artifact.py) as one array."""
+    from sop.quantize.artifact import record_payload
+
+    t0 = time.perf_counter()
+    res, stats, n_bad = quantize_layer(src, name, get_quant_format(fmt_name), act, nan_policy)
+    arrays, record = [], None
+    if want == "recon":
+        arrays.append(recon_float32(res.recon))
+    elif want == "record":
+        kind, payload, padded = record_payload(res, src.layer(name).shape, name)
+        arrays.append(payload)
+        record = (kind, padded)
+    return LayerOutcome(name, stats, res.choice, int(res.bits), n_bad, time.perf_counter() - t0, record), arrays
+
+
+def search_memory(src, jobs: int = 1) -> int:
+    """Bytes the layer search holds at its peak beside a forward pass: ``jobs`` layers of the
+    largest size at 16 bytes per weight (the bound docs/benchmarks.md measures)."""
+    return 16 * jobs * max(lay.size for lay in src.layers)
+
+
+def check_e2e_memory(src, e2e: bool, windows: int, seq_len: int, jobs: int = 1) -> None:
+    """Refuse, before any work, an end-to-end check (causal LM or BERT) that would not fit in memory."""
+    if not e2e:
+        return
+    if src.forward == "causal-lm":
+        from sop.quantize import causal_lm
+
+        causal_lm.check_memory(src, windows, seq_len, extra=search_memory(src, jobs))
+    elif src.bert_folder is not None:
+        from sop.quantize import e2e as E
+        from sop.quantize.memory import check_fits
+
+        check_fits(E.memory_needed(src, search_memory(src, jobs)),
+                   f"{src.spec}: the end-to-end check (the BERT model in float32 and one format of float32 "
+                   f"reconstructions, beside the layer search)", "--no-e2e skips it")
 
 
 def evaluate(model: str, formats: list[str], *, budget: float | None = None, include=None, exclude=None,
              calibrate: bool = True, e2e: bool = True, nan_policy: str = "error",
              n_calib: "int | C.CalibSize" = C.N_CALIB, n_heldout: int = C.N_HELDOUT, cache_dir=C.DEFAULT_CACHE,
-             progress: bool = True, lm_head: bool = False, e2e_windows: int = 16, on_format=None) -> dict:
+             progress: bool = True, lm_head: bool = False, e2e_windows: int = 16, on_format=None,
+             jobs: int = 1) -> dict:
     """Quantize ``model`` in every format and measure it; see the module docstring.
 
     ``n_calib``: calibration sentences, or a ``calib.CalibSize`` (causal LMs: ``seqs`` windows of
     ``seq_len`` tokens; ``seq_len`` is also the length of the ``e2e_windows`` held-out windows).
     ``lm_head``: quantize the output head too. ``on_format(name, runner, recons)``, if given, is
     called after each format's end-to-end check with the causal-LM runner and that format's
-    float32 reconstructions (the demo prints a greedy completion there)."""
-    from tqdm import tqdm
+    float32 reconstructions (the demo prints a greedy completion there). ``jobs``: layers
+    quantized in that many worker processes (quantize/jobs.py; the same results)."""
+    from sop.quantize.jobs import LayerPool, check_jobs
 
     names = list(dict.fromkeys(formats))
     if not names:
         raise ValueError("no format given")
     fmts = [get_quant_format(n) for n in names]          # unknown names fail here, before any work
     check_options(fmts, budget, nan_policy)
+    jobs = check_jobs(jobs)
     size = n_calib if isinstance(n_calib, C.CalibSize) else C.CalibSize(n_calib)
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"--e2e-windows must be a positive integer, got {e2e_windows!r}")
@@ -213,10 +333,16 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     src = open_model(model, include, exclude, lm_head=lm_head)
     say(f"{model}: {len(src.layers)} linear layers, {src.n_weights:,} weights")
     announce(src, say)
-    if src.forward == "causal-lm" and e2e:
-        from sop.quantize import causal_lm
+    check_e2e_memory(src, e2e, e2e_windows, size.seq_len, jobs)        # before any work
+    with contextlib.ExitStack() as stack:
+        # started first, so that the workers start while the model is loaded and calibrated here
+        pool = stack.enter_context(LayerPool(jobs)) if jobs > 1 else None
+        return _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_heldout, cache_dir,
+                         say, progress, e2e_windows, on_format, pool)
 
-        causal_lm.check_memory(src, e2e_windows, size.seq_len)       # before any work
+
+def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_heldout, cache_dir, say, progress,
+              e2e_windows, on_format, pool) -> dict:
     prep, e2e_skip = _e2e_prepare(src, e2e, n_heldout, e2e_windows, size.seq_len)
     cal = calibration_for(src, calibrate, size, cache_dir, say, announced=True)
     if not cal.weighted:
@@ -228,37 +354,37 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
 
     doc = {"model": str(model), "source": src.describe(), "calibration": cal.describe(),
            "nan_policy": nan_policy, "budget": budget, "formats": {}}
+    n = len(src.layers)
     for fmt in fmts:
         t0 = time.time()
         layers, stats, recons = {}, [], {}
-        budgeted = None
         if fmt.model_level:                 # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
-            budgeted = fmt.quantize_model(budget_inputs(src, cal, nan_policy), budget)
-        for lay in tqdm(src.layers, desc=f"{fmt.name:>16}", unit="layer", file=sys.stderr,
-                        disable=not progress, leave=False):
-            w, n_bad = sanitize(lay.name, src.load(lay.name), nan_policy)
-            w = narrow_weights(w)           # float32 where exact: the layer held costs 4 bytes a weight
-            act = cal.get(lay.name)
-            if budgeted is not None:
-                res = budgeted.results.pop(lay.name)
-                res.choice = f"{budgeted.choice[lay.name]}: {res.choice}"
-            else:
-                res = fmt.quantize(w, act_ms=act, name=lay.name)
-            s = ErrorStats.of(w, res.recon, act, res.bits)
-            stats.append(s)
-            rec = {**s.as_dict(), "choice": res.choice, "shape": list(lay.shape), "weighted": act is not None}
-            if n_bad:
-                rec["nonfinite_replaced"] = n_bad
+            inputs = budget_inputs(src, cal, nan_policy, say)
+            budgeted = fmt.quantize_model(inputs, budget)
+            budget_done(inputs)
+            outcomes = _BudgetOutcomes(budgeted, src, cal, nan_policy, runner is not None)
+            entry_budget = outcomes.budgeted
+        else:
+            outcomes = _layer_outcomes(src, fmt, cal, nan_policy, "recon" if runner is not None else None, pool)
+            entry_budget = None
+        for i, (out, arrays) in enumerate(outcomes, 1):
+            lay = src.layers[i - 1]
+            say(layer_line(fmt.name, i, n, lay.name, lay.shape, out.seconds))
+            stats.append(out.stats)
+            rec = {**out.stats.as_dict(), "choice": out.choice, "shape": list(lay.shape),
+                   "weighted": cal.get(lay.name) is not None}
+            if out.n_bad:
+                rec["nonfinite_replaced"] = out.n_bad
             layers[lay.name] = rec
             if runner is not None:
-                recons[lay.name] = to_float32(res.recon)
-            del w, res                      # before the next layer is read
+                recons[lay.name] = arrays[0]
+            del arrays                      # before the next layer is read
         total = aggregate(stats)
         entry = {**total.as_dict(), "bits": total.bits, "weights": total.weights}
-        if budgeted is not None:
-            sol = budgeted.solution
-            entry["budget"] = {"bpw": budget, "report": budgeted.report, "error": sol.error,
+        if entry_budget is not None:
+            sol = entry_budget.solution
+            entry["budget"] = {"bpw": budget, "report": entry_budget.report, "error": sol.error,
                                "lower_bound": sol.lower_bound}
         if runner is not None:
             say(f"{fmt.name}: end-to-end check")
@@ -275,6 +401,44 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
         entry["layers"] = layers
         doc["formats"][fmt.name] = entry
     return doc
+
+
+def _layer_outcomes(src, fmt, cal, nan_policy: str, want: str | None, pool):
+    """``(LayerOutcome, arrays)`` of every layer in order: quantized here one at a time, or on the
+    workers of ``pool`` (at most its ``jobs`` layers in flight)."""
+    if pool is not None:
+        from sop.quantize import jobs
+
+        args = [(src.opened_with, lay.name, fmt.name, cal.get(lay.name), nan_policy, want) for lay in src.layers]
+        yield from pool.map(jobs.eval_layer, args, label=lambda i: src.layers[i].name)
+        return
+    for lay in src.layers:
+        yield layer_outcome(src, lay.name, fmt.name, cal.get(lay.name), nan_policy, want)
+
+
+class _BudgetOutcomes:
+    """The chosen result of every layer of a budgeted format as ``(LayerOutcome, arrays)``, in
+    order, built one at a time (``BudgetResult.results`` is lazy); ``budgeted`` is the result."""
+
+    def __init__(self, budgeted, src, cal, nan_policy: str, want_recon: bool):
+        self.budgeted, self.src, self.cal, self.nan_policy, self.want_recon = (budgeted, src, cal, nan_policy,
+                                                                                 want_recon)
+
+    def __iter__(self):
+        b = self.budgeted
+        for lay in self.src.layers:
+            t0 = time.perf_counter()
+            w, n_bad = sanitize(lay.name, self.src.load(lay.name), self.nan_policy)
+            w = narrow_weights(w)
+            act = self.cal.get(lay.name)
+            res = b.results.pop(lay.name)
+            s = ErrorStats.of(w, res.recon, act, res.bits)
+            del w
+            arrays = [recon_float32(res.recon)] if self.want_recon else []
+            out = LayerOutcome(lay.name, s, f"{b.choice[lay.name]}: {res.choice}", int(res.bits), n_bad,
+                               time.perf_counter() - t0)
+            del res
+            yield out, arrays
 
 
 def jsonable(x):

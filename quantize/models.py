@@ -477,6 +477,9 @@ class ModelSource:
     _reader: object = None
     _fingerprint: str | None = None
     _runner: object = None                      # the loaded forward pass (quantize/causal_lm.py), cached
+    #: the arguments of ``open_model`` that opened it: a worker process (quantize/jobs.py) reopens
+    #: the same selection with ``open_model(*src.opened_with)``
+    opened_with: tuple = ()
 
     def layer(self, name: str) -> LinearLayer:
         for lay in self.layers:
@@ -817,4 +820,5 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                          f"model")
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
                        folder if forward else None, head_note, tied if (tied and lm_head) else None,
-                       notes, reader)
+                       notes, reader, opened_with=(spec, list(include or []) or None,
+                                                   list(exclude or []) or None, lm_head))

@@ -1,0 +1,311 @@
+"""Layers quantized in parallel worker processes: ``--jobs N`` of `sop eval` and `sop quantize`.
+
+Role: ``LayerPool(jobs)`` starts ``jobs`` worker processes (multiprocessing's ``forkserver``
+start method where the platform has it, else ``spawn``: never a plain ``fork`` of a process that
+may hold threads), and ``pool.map(fn, argss)`` runs ``fn(*args)`` for each item on them and
+yields the results **in item order**, so that whatever the caller builds from them (a ``.sopq``,
+an eval JSON) is the bytes ``--jobs 1`` builds. The task function here (``eval_layer``) opens
+the checkpoint itself (``open_model(*src.opened_with)``, once per
+worker) and read only the layer they are given; the parent sends a layer name and its
+calibration statistics, never weights.
+
+Contract.
+
+* **Identical results.** A task is the computation the serial loop does
+  (``evaluate.quantize_layer``) on the same inputs; the quantizers are
+  deterministic and independent of the thread count (their chunk threads write disjoint slices).
+* **Bounded memory.** At most ``jobs`` items are in flight or waiting to be consumed: a new one is
+  sent only when the oldest result has been handed on. Peak memory is about ``jobs`` times the
+  single-process peak of the largest layer (docs/benchmarks.md) plus the results held.
+  Large arrays come back as raw bytes into a preallocated array (``Connection.send_bytes`` /
+  ``recv_bytes_into``), not through pickle, so the parent holds each once.
+* **One core per worker.** Each worker runs its chunk loop inline (``SOP_THREADS=1``) and
+  limits BLAS / OpenMP / torch to one thread: ``jobs`` workers use ``jobs`` cores.
+* **No hang, clear errors.** Every wait polls with a timeout (``POLL`` seconds) and watches each
+  busy worker's process sentinel: a worker that dies (killed for memory, a crash) raises
+  ``WorkerError`` naming the layer and the exit status, and the other workers are ended. An
+  exception inside a task comes back as its message and is raised in the parent, in item order
+  (the first failing layer, as ``--jobs 1`` would report it), as the same kind (``ValueError``,
+  ``OSError``, ``MemoryError``; anything else as ``RuntimeError`` with the worker's traceback as a
+  note). Workers ignore SIGINT: Ctrl-C reaches the parent, which ends them; leaving the pool
+  (``close`` or ``with``) ends every worker, politely when idle, by ``terminate``/``kill``
+  after a timeout or on an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+import types
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+#: Seconds between checks of the busy workers' health while waiting for a result.
+POLL = 1.0
+#: Seconds a worker gets to exit after being told to, before it is terminated.
+EXIT_TIMEOUT = 10.0
+#: Environment of a worker: one thread for sop's chunk loop, BLAS, OpenMP and torch.
+SINGLE_THREAD_ENV = {"SOP_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                     "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+
+
+class WorkerError(RuntimeError):
+    """A worker process died or could not start (`sop` prints it as one ``sop: error:`` line)."""
+
+
+def check_jobs(jobs) -> int:
+    """``jobs`` as a positive int; anything else is a ``ValueError`` naming ``--jobs``."""
+    if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
+        raise ValueError(f"--jobs must be a positive integer, got {jobs!r}")
+    return int(jobs)
+
+
+# -- the worker side ---------------------------------------------------------------------------
+
+def _single_thread() -> None:
+    """One thread for everything this worker runs (see the module docstring)."""
+    os.environ.update(SINGLE_THREAD_ENV)
+    try:
+        from sop.quantize import blockwise
+
+        blockwise.THREADS = 1                # read at call time: the chunk loop runs inline
+    except ImportError:                      # pragma: no cover - the package is broken anyway
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)                 # BLAS / OpenMP pools numpy already started
+    except ImportError:                      # pragma: no cover - threadpoolctl comes with the deps
+        pass
+    if "torch" in sys.modules:               # imported later otherwise: OMP_NUM_THREADS holds then
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _kind(err: BaseException) -> str:
+    for kind, cls in (("value", ValueError), ("os", OSError), ("memory", MemoryError)):
+        if isinstance(err, cls):
+            return kind
+    return "other"
+
+
+def _worker(conn) -> None:
+    """A worker's loop: receive ``(index, fn, args)``, send back ``fn(*args)``; ``None`` ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the parent's to handle
+    _single_thread()
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):                     # the parent is gone
+            return
+        if msg is None:
+            return
+        index, fn, args = msg
+        try:
+            meta, arrays = fn(*args)
+            arrays = [np.ascontiguousarray(a) for a in arrays]
+            conn.send((index, "ok", meta, [(a.shape, a.dtype.str) for a in arrays]))
+            for a in arrays:                            # raw bytes: no pickled copy on either side
+                conn.send_bytes(memoryview(a).cast("B"))
+            del meta, arrays
+        except BaseException as err:                    # noqa: BLE001 - every failure goes back
+            conn.send((index, "error", (_kind(err), str(err) or type(err).__name__, type(err).__name__,
+                                        traceback.format_exc()), []))
+
+
+# -- the parent side ---------------------------------------------------------------------------
+
+def _context():
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        # the server imports the quantizer once; each worker is a fork of it (fast to start)
+        ctx.set_forkserver_preload(["sop.quantize.jobs", "sop.quantize.evaluate", "sop.quantize.artifact"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _exit_text(code) -> str:
+    if code is None:
+        return "it stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    return f"exit status {code}"
+
+
+def _raise_task_error(kind: str, message: str, type_name: str, tb: str):
+    if kind == "value":
+        raise ValueError(message)
+    if kind == "os":
+        raise OSError(message)
+    if kind == "memory":
+        raise MemoryError(message)
+    err = RuntimeError(f"{type_name}: {message}")
+    err.add_note(f"in a --jobs worker process:\n{tb}")
+    raise err
+
+
+@contextlib.contextmanager
+def _caller_main_hidden():
+    """While a worker starts, ``__main__`` is an empty module: spawn and forkserver would otherwise
+    run the caller's main script again in the worker (``python script.py`` without an
+    ``if __name__ == "__main__"`` guard would start its work there). The workers need nothing of it:
+    their tasks live in sop's modules."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+@dataclass
+class _Worker:
+    process: Any                       # a multiprocessing Process of the pool's context
+    conn: Connection
+    item: int | None = None            # the item it is working on
+
+
+class LayerPool:
+    """``jobs`` worker processes; see the module docstring. Use as a context manager."""
+
+    def __init__(self, jobs: int):
+        self.jobs = check_jobs(jobs)
+        ctx = _context()
+        self.workers: list[_Worker] = []
+        saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
+        try:
+            # spawned / forked-from-server workers inherit this environment when they start
+            os.environ.update(SINGLE_THREAD_ENV)
+            for i in range(self.jobs):
+                parent, child = ctx.Pipe(duplex=True)
+                p = ctx.Process(target=_worker, args=(child,), name=f"sop-job-{i}", daemon=True)
+                with _caller_main_hidden():
+                    p.start()
+                child.close()
+                self.workers.append(_Worker(p, parent))
+        except BaseException:
+            self.close(abort=True)
+            raise
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self.close(abort=kind is not None)
+
+    def map(self, fn, argss, label=str):
+        """Yield ``(meta, arrays)`` of ``fn(*args)`` for each ``args`` of ``argss``, in order.
+
+        ``label(i)`` names item ``i`` in an error (a layer name)."""
+        argss = list(argss)
+        n = len(argss)
+        results: dict[int, tuple] = {}
+        idle = list(self.workers)
+        busy: list[_Worker] = []
+        sent = done = 0
+        while done < n:
+            while idle and sent < n and sent - done < self.jobs:
+                w = idle.pop(0)
+                w.conn.send((sent, fn, argss[sent]))
+                w.item = sent
+                busy.append(w)
+                sent += 1
+            if done in results:
+                status, meta, arrays = results.pop(done)
+                done += 1
+                if status == "error":
+                    self.close(abort=True)
+                    _raise_task_error(*meta)
+                yield meta, arrays
+                continue
+            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL))
+            for w in list(busy):
+                if w.conn in ready:
+                    try:
+                        index, status, meta, specs = w.conn.recv()
+                        arrays = []
+                        for shape, dtype in specs:
+                            a = np.empty(shape, dtype=np.dtype(dtype))
+                            w.conn.recv_bytes_into(memoryview(a).cast("B"))
+                            arrays.append(a)
+                    except (EOFError, OSError):
+                        self._died(w, label)
+                    results[index] = (status, meta, arrays)
+                    w.item = None
+                    busy.remove(w)
+                    idle.append(w)
+                elif w.process.sentinel in ready:
+                    self._died(w, label)
+
+    def _died(self, w: _Worker, label):
+        w.process.join(1.0)
+        what = _exit_text(w.process.exitcode)
+        item = label(w.item) if w.item is not None else "no item"
+        self.close(abort=True)
+        raise WorkerError(f"a --jobs worker process (pid {w.process.pid}) died while working on {item} ({what}); "
+                          f"nothing was written; fewer --jobs use less memory")
+
+    def close(self, abort: bool = False) -> None:
+        """End every worker: told to exit (``abort``: terminated at once), killed after a timeout."""
+        for w in self.workers:
+            if not abort and w.process.is_alive():
+                try:
+                    w.conn.send(None)
+                except (OSError, ValueError):
+                    pass
+        deadline = time.monotonic() + (0.0 if abort else EXIT_TIMEOUT)
+        for w in self.workers:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                w.process.terminate()
+                w.process.join(2.0)
+            if w.process.is_alive():                   # pragma: no cover - terminate is enough
+                w.process.kill()
+                w.process.join(2.0)
+            w.conn.close()
+        self.workers = []
+
+
+# -- the tasks ---------------------------------------------------------------------------------
+
+_SOURCE: dict = {}
+
+
+def source(opened_with: tuple):
+    """The model as the parent opened it, opened once in this worker (the last one kept)."""
+    key = repr(opened_with)
+    if key not in _SOURCE:
+        from sop.quantize.models import open_model
+
+        _SOURCE.clear()
+        spec, include, exclude, lm_head = opened_with
+        _SOURCE[key] = open_model(spec, include, exclude, lm_head=lm_head)
+    return _SOURCE[key]
+
+
+def eval_layer(opened_with: tuple, name: str, fmt_name: str, act, nan_policy: str, want: str | None):
+    """One layer of `sop eval` / `sop quantize` in a worker: ``(LayerOutcome, arrays)``.
+
+    ``want``: None (the statistics only), ``"recon"`` (also the float32 reconstruction, for the
+    end-to-end check) or ``"record"`` (also the layer's ``.sopq`` record)."""
+    from sop.quantize.evaluate import layer_outcome
+
+    return layer_outcome(source(opened_with), name, fmt_name, act, nan_policy, want)

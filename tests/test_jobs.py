@@ -1,0 +1,138 @@
+"""`--jobs N` (quantize/jobs.py): layers quantized in worker processes give the bytes of `--jobs 1`
+(the .sopq of every record kind, the eval JSON but its timings, calibrated and end to end on
+MiniLM), errors come back in layer order as one line, a dying worker is a clear error and no
+hang, a bad --jobs value is refused before any work."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sop.cli import main
+from sop.quantize import jobs as J
+from sop.quantize.evaluate import evaluate
+
+
+def run(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Seven layers of several shapes: float32 and bfloat16, a width that is no multiple of 16
+    (padded), a transposed Conv1D."""
+    d = tmp_path_factory.mktemp("jobs")
+    g = torch.Generator().manual_seed(5)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    save_file({"h.0.attn.q.weight": w(64, 128), "h.0.attn.k.weight": w(32, 128),
+               "h.0.mlp.up.weight": w(160, 128).to(torch.bfloat16), "h.0.mlp.down.weight": w(128, 160),
+               "h.1.attn.q.weight": w(64, 120), "h.1.c_attn.weight": w(128, 96),
+               "h.1.mlp.up.weight": w(96, 64).to(torch.bfloat16), "h.1.norm.weight": w(128)},
+              str(d / "model.safetensors"))
+    return d / "model.safetensors"
+
+
+FORMATS = ["sop4-g16", "e2m3-ue4m4-g16", "nf4-g64", "fp8-e4m3-pot"]
+
+
+def without_timings(doc: dict) -> dict:
+    for f in doc["formats"].values():
+        f.pop("seconds")
+    return doc
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_with_two_jobs_writes_the_same_bytes(model, tmp_path, fmt):
+    outs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}.sopq"
+        assert run(["quantize", str(model), "--format", fmt, "--out", str(out), "--quiet", "--jobs", str(jobs)]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert not [p for p in tmp_path.iterdir() if p.suffix != ".sopq"]      # no spool or temporary left
+
+
+def test_eval_with_two_jobs_gives_the_same_json(model, tmp_path):
+    docs = []
+    for jobs in (1, 3):
+        out = tmp_path / f"j{jobs}.json"
+        argv = ["eval", str(model), "--json", str(out), "--quiet", "--jobs", str(jobs)]
+        for f in FORMATS:
+            argv += ["--format", f]
+        assert run(argv) == 0
+        docs.append(without_timings(json.loads(out.read_text())))
+    assert docs[0] == docs[1]
+    assert len(docs[0]["formats"]["sop4-g16"]["layers"]) == 7
+
+
+def test_minilm_calibrated_end_to_end_with_two_jobs(tmp_path):
+    """Calibration statistics go to the workers and the float32 reconstructions come back for
+    the end-to-end check: the same JSON."""
+    kw = dict(include=["encoder.layer.5.attention.*"], cache_dir=tmp_path / "calib", progress=False)
+    one = evaluate("minilm", ["sop4-g16", "nf4-g64"], **kw)
+    two = evaluate("minilm", ["sop4-g16", "nf4-g64"], jobs=2, **kw)
+    assert one["calibration"]["weighted"] and one["formats"]["sop4-g16"]["e2e"]["cos_mean"] > 0.99
+    assert not one["calibration"].pop("cached") and two["calibration"].pop("cached")    # the same statistics
+    assert without_timings(one) == without_timings(two)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_a_bad_jobs_value_is_one_error_line(model, tmp_path, capsys, value):
+    out = tmp_path / "x.sopq"
+    assert run(["quantize", str(model), "--format", "nf4-g64", "--out", str(out), "--jobs", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop: error: ") and "--jobs" in err and "\n" not in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--jobs must be a positive integer"):
+        evaluate(str(model), ["nf4-g64"], jobs=0, progress=False)
+
+
+def test_a_layer_error_comes_back_as_with_one_job(tmp_path, capsys):
+    w = np.random.default_rng(1).standard_normal((4, 32, 64)).astype(np.float32) * 0.02
+    w[2, 3, 5] = np.nan
+    path = tmp_path / "nan.safetensors"
+    save_file({f"l.{i}.fc.weight": torch.from_numpy(w[i]) for i in range(4)}, str(path))
+    errs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"{jobs}.sopq"
+        assert run(["quantize", str(path), "--format", "sop4-g16", "--out", str(out), "--quiet",
+                    "--jobs", jobs]) == 2
+        errs.append(capsys.readouterr().err.strip())
+        assert not out.exists() and not list(tmp_path.glob("*.records*"))
+    assert errs[0] == errs[1] and "l.2.fc.weight: non-finite weight nan at row 3, column 5" in errs[0]
+
+
+def square(x, delay):
+    """A task: (x squared, [an array of x]) after ``delay`` seconds (later items finish first)."""
+    import time
+
+    time.sleep(delay)
+    if x < 0:
+        raise ValueError(f"negative {x}")
+    return x * x, [np.full((3, 2), x, dtype=np.float32)]
+
+
+def test_results_come_in_order_and_the_first_error_in_order_is_raised():
+    with J.LayerPool(2) as pool:
+        got = list(pool.map(square, [(1, 0.3), (2, 0.0), (3, 0.1), (4, 0.0)]))
+    assert [m for m, _ in got] == [1, 4, 9, 16]
+    assert all(a[0].dtype == np.float32 and (a[0] == x).all() for x, (_, a) in zip((1, 2, 3, 4), got))
+    with J.LayerPool(2) as pool, pytest.raises(ValueError, match="negative -1"):
+        list(pool.map(square, [(-1, 0.3), (-2, 0.0)]))
+
+
+def test_a_dying_worker_is_a_clear_error_not_a_hang(capsys):
+    with J.LayerPool(2) as pool, pytest.raises(J.WorkerError) as exc:
+        list(pool.map(os._exit, [(3,), (0,)], label=lambda i: f"layer {i}"))
+    msg = str(exc.value)
+    assert "died while working on layer" in msg and "exit status" in msg, msg
+    assert pool.workers == []                     # every worker ended
