@@ -4,17 +4,22 @@
     sop codebook NAME [--json]    the values of a codebook or element format, and its LUT image in HIF
     sop demo                      encode the built-in model (all-MiniLM-L6-v2) into the golden block
                                   layout, decode it with the golden model, print the error per format
-    sop eval MODEL --format F [--format F ...] [--budget B] [--json FILE]
+    sop eval MODEL --format F [--format F ...] [--budget B] [--json FILE] [--jobs N]
                                   quantize a model's linear layers in each format, print and write the
                                   errors (quantize/evaluate.py has the JSON schema); MODEL is a
-                                  safetensors / torch / GGUF file, a HF folder, `minilm` or `smollm2`
+                                  safetensors / torch / GGUF file, a HF folder, `minilm` or `smollm2`;
+                                  --jobs N: N layers at once in worker processes (quantize/jobs.py)
     sop vectors MODEL --format F [--layer NAME ...] --out DIR [--rows N]
                                   real quantized layers as test vectors for the RTL (docs/vectors.md)
-    sop quantize MODEL --format F --out FILE.sopq [--budget B]
+    sop quantize MODEL --format F --out FILE.sopq [--budget B] [--jobs N]
                                   write the quantized artifact (quantize/artifact.py has the container)
     sop dequantize FILE.sopq --out W.safetensors [--model-folder]
                                   decode every layer through the golden decoder into float32 safetensors
                                   (--model-folder: a whole causal-LM folder transformers loads)
+    sop gemv FILE.sopq --layer NAME --x X.npy [--x-format bf16|e4m3] --out Y.npy
+                                  y = W x of one quantized layer by the golden dot-product engine
+                                  (golden/dot.py, docs/dot.md): X (in,) or (batch, in) float32 whose
+                                  values the activation format holds exactly; Y (out,) or (batch, out)
     sop report FILE.json [--out STEM] [--bpw-tol T]
                                   markdown table and SQNR-vs-bpw plot (PNG) of a `sop eval --json` file
     sop board --port PORT MODEL --format F [--layer NAME] [--baud B] [--timeout S] [--rows N]
@@ -34,11 +39,13 @@ import signal
 import sys
 from pathlib import Path
 
-from sop.golden.files import OutputError, check_output, signals_as_interrupts
+from sop.golden.dot import ACT_FORMATS
+from sop.golden.files import OutputError, check_output, input_file, signals_as_interrupts, write_atomic
 from sop.golden.codebooks import codebook_names, get_codebook
 from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, get_format
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.points import board_points, operating_points, vector_points
+from sop.quantize.jobs import WorkerError
 from sop.quantize.memory import release_freed_memory
 
 
@@ -146,7 +153,7 @@ def cmd_eval(args) -> int:
                             exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
                             nan_policy=args.nan_policy, n_calib=_calib_size(args),
                             cache_dir=args.cache_dir, progress=not args.quiet, lm_head=args.include_lm_head,
-                            e2e_windows=args.e2e_windows)
+                            e2e_windows=args.e2e_windows, jobs=args.jobs)
     print(evaluate.format_table(doc))
     if args.json:
         evaluate.write_json(args.json, doc)
@@ -175,7 +182,8 @@ def cmd_quantize(args) -> int:
     with including_lm_head(args.include_lm_head):
         info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
                               exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
-                              n_calib=_calib_size(args), cache_dir=args.cache_dir, progress=not args.quiet)
+                              n_calib=_calib_size(args), cache_dir=args.cache_dir, progress=not args.quiet,
+                              jobs=args.jobs)
     print(f"wrote {info['path']}: {info['format']}, {info['layers']} layers, {info['weights']:,} weights, "
           f"{info['bpw']:.4f} bpw, SQNR {info['sqnr_db']:.2f} dB, {info['bytes']:,} bytes "
           f"({time.time() - t0:.1f} s)")
@@ -207,6 +215,76 @@ def cmd_dequantize(args) -> int:
     info = dequantize(args.file, args.out, progress=not args.quiet)
     print(f"wrote {info['path']}: {info['layers']} float32 tensors, {info['weights']:,} weights "
           f"({info['format']}, {time.time() - t0:.1f} s)")
+    return 0
+
+
+#: How many layer names an unknown --layer lists.
+LAYERS_NAMED = 5
+
+
+def _artifact_layer(art, name: str):
+    """The entry of layer ``name``; a ValueError naming a few valid layers otherwise."""
+    for e in art.layers:
+        if e.name == name:
+            return e
+    names = [e.name for e in art.layers]
+    more = f", ... ({len(names)} in all)" if len(names) > LAYERS_NAMED else ""
+    raise ValueError(f"--layer {name!r} is not a layer of {art.path}; its layers: "
+                     f"{', '.join(names[:LAYERS_NAMED])}{more}")
+
+
+def _load_vectors(path: Path, cols: int, layer: str):
+    """X from a .npy file: a 1-D (in,) or 2-D (batch, in) float32 array, anything else refused."""
+    import numpy as np
+
+    input_file(path, "--x file")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a .npy array: {_one_line(err)}") from None
+    if not isinstance(x, np.ndarray):                    # an .npz archive
+        x.close()
+        raise ValueError(f"{path}: an .npz archive, not one .npy array")
+    if x.dtype.kind != "f" or x.dtype.itemsize != 4:
+        raise ValueError(f"{path}: X must be float32, got {x.dtype}")
+    if x.ndim not in (1, 2) or x.size == 0:
+        raise ValueError(f"{path}: X must be a nonempty 1-D (in,) or 2-D (batch, in) array, got shape {x.shape}")
+    if x.shape[-1] != cols:
+        raise ValueError(f"{path}: X has {x.shape[-1]} entries per vector; layer {layer} takes {cols} "
+                         f"(its input width)")
+    return x.astype(np.float32)                          # native byte order
+
+
+def cmd_gemv(args) -> int:
+    import io
+
+    import numpy as np
+
+    from sop.golden.dot import activation_codes, gemv
+    from sop.quantize.artifact import open_artifact
+
+    check_output(args.out, [args.file, args.x])
+    art = open_artifact(args.file)
+    entry = _artifact_layer(art, args.layer)
+    stream = art.stream(entry)
+    if stream is None:
+        raise ValueError(f"layer {entry.name} of {args.file} is stored decoded as float32 (a baseline layer "
+                         f"of {art.format}), not as a golden layer stream: sop gemv runs SOP layers only")
+    rows, cols = entry.shape
+    x = _load_vectors(args.x, cols, entry.name)
+    try:
+        activation_codes(x, args.x_format)
+    except ValueError as err:
+        raise ValueError(f"{args.x}: {err}") from None
+    # the stream's padding columns (cols up to a whole block) get +0 activations: they add exactly 0
+    pad = np.zeros((*x.shape[:-1], stream.cols - cols), np.float32)
+    y = gemv(stream, np.concatenate([x, pad], axis=-1), args.x_format)
+    buf = io.BytesIO()
+    np.save(buf, y)
+    write_atomic(args.out, buf.getvalue())
+    vectors = 1 if x.ndim == 1 else x.shape[0]
+    print(f"wrote {args.out}: y = W x of {entry.name} ({rows} x {cols}, {art.format}), {vectors} "
+          f"{args.x_format} vector{'s' if vectors > 1 else ''}, float32 {tuple(y.shape)}")
     return 0
 
 
@@ -327,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--include-lm-head", action="store_true",
                    help="quantize the output head too (kept by default, as the embeddings)")
     e.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
+                   help="quantize N layers at once in worker processes, one core each (default 1; the "
+                        "same results; peak memory about N times one layer's)")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
     e.set_defaults(func=cmd_eval)
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
     v.add_argument("model", help="a model path or 'minilm'")
@@ -356,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--include-lm-head", action="store_true",
                    help="quantize the output head too (kept by default, as the embeddings)")
     q.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
+    q.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
+                   help="quantize N layers at once in worker processes, one core each (default 1; the "
+                        "same results; peak memory about N times one layer's)")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_quantize)
     dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
@@ -368,8 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     dq.add_argument("--model", default=None, metavar="MODEL",
                     help="with --model-folder: the source model (default: the one the artifact names; its "
                          "fingerprint must match)")
-    dq.add_argument("--quiet", action="store_true", help="no progress bars")
+    dq.add_argument("--quiet", action="store_true", help="no progress lines")
     dq.set_defaults(func=cmd_dequantize)
+    gm = sub.add_parser("gemv", help="y = W x of one quantized layer by the golden dot-product engine")
+    gm.add_argument("file", type=Path, help="the .sopq artifact")
+    gm.add_argument("--layer", required=True, metavar="NAME", help="the layer (its name in the artifact)")
+    gm.add_argument("--x", required=True, type=Path, metavar="X.npy",
+                    help="activations: a float32 .npy array, (in,) or (batch, in), every value held exactly "
+                         "by --x-format")
+    gm.add_argument("--x-format", choices=list(ACT_FORMATS), default="bf16",
+                    help="the activation format (default bf16)")
+    gm.add_argument("--out", required=True, type=Path, metavar="Y.npy",
+                    help="the float32 .npy result to write (atomically): (out,) or (batch, out)")
+    gm.set_defaults(func=cmd_gemv)
     r = sub.add_parser("report", help="markdown table and SQNR-vs-bpw plot of a `sop eval --json` file")
     r.add_argument("json", type=Path, help="the `sop eval --json` output")
     r.add_argument("--out", type=Path, default=None, metavar="STEM",
@@ -400,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             print(f"sop: error: {_one_line(err)}", file=sys.stderr)
             return 2
+        except WorkerError as err:                       # a --jobs worker died (killed for memory?)
+            print(f"sop: error: {_one_line(err)}", file=sys.stderr)
+            return 1
         except MemoryError:
             print("sop: error: out of memory (docs/benchmarks.md gives the peak per command)",
                   file=sys.stderr)
