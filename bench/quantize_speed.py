@@ -17,7 +17,10 @@ the layer's DD4), ``fp8-e4m3-pot``, ``nvfp4``, ``if4``, ``nf4-g64``; with
 options of every layer are quantized once, and each budget's time is that build
 plus its own solve).
 
-Run: .venv/bin/python bench/quantize_speed.py [--budget 5.0] [--layers N]
+The weights are passed as float32, as the model holds them and as ``sop eval`` passes them
+(errors are summed in float64). One core: ``SOP_THREADS=1 OPENBLAS_NUM_THREADS=1``.
+
+Run: SOP_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/quantize_speed.py [--budget 5.0] [--layers N]
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def measure(weights: dict[str, np.ndarray], fn) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     for name, w in weights.items():
         res = fn(w)
-        e = float(((w - res.recon) ** 2).sum())
-        s = float((w ** 2).sum())
+        w64 = w.astype(np.float64)                      # the errors in float64, whatever recon's dtype
+        e = float(((w64 - res.recon) ** 2).sum())
+        s = float((w64 ** 2).sum())
         signal, noise, bits = signal + s, noise + e, bits + res.bits
         per_layer[name] = 10 * np.log10(s / e)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -69,7 +73,10 @@ def main() -> None:
                     help="also run sop-budget at these bpw (the options are quantized once)")
     ap.add_argument("--layers", type=int, default=None, help="only the first N layers")
     args = ap.parse_args()
-    weights = {k: v.astype(np.float64) for k, v in list(minilm_linear_weights().items())[:args.layers]}
+    # float32, as the model holds them and as sop eval / sop quantize pass them (narrow_weights):
+    # the quantizers' float32 paths are the ones that run
+    weights = {k: np.ascontiguousarray(v, dtype=np.float32)
+               for k, v in list(minilm_linear_weights().items())[:args.layers]}
     n = sum(w.size for w in weights.values())
     print(f"all-MiniLM-L6-v2: {len(weights)} layers, {n:,} weights; encoder threads {THREADS}\n")
     rows = {name: measure(weights, fn) for name, fn in FORMATS.items()}
@@ -79,13 +86,14 @@ def main() -> None:
         layers = {k: (w, None) for k, w in weights.items()}
         prep = layer_options(layers)
         build_wall, build_cpu = time.perf_counter() - t0, time.process_time() - c0
-        signal = sum(float((w ** 2).sum()) for w in weights.values())
+        signal = sum(float((w.astype(np.float64) ** 2).sum()) for w in weights.values())
         for b in args.budget:
             t0, c0 = time.perf_counter(), time.process_time()
             res = quantize_budget(layers, b, prepared=prep)
             wall = build_wall + time.perf_counter() - t0
             cpu = build_cpu + time.process_time() - c0
-            noise = sum(float(((w - res.results[k].recon) ** 2).sum()) for k, w in weights.items())
+            noise = sum(float(((w.astype(np.float64) - res.results[k].recon) ** 2).sum())
+                        for k, w in weights.items())
             rows[f"sop-budget {b}"] = {"sqnr": 10 * np.log10(signal / noise), "bpw": res.bpw,
                                        "wall": wall, "cpu": cpu, "wps": n / wall, "per_layer": {}}
             reports.append(res.report)

@@ -56,11 +56,13 @@ without activation weighting.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from sop.golden.codebooks import NF4_VALUES
-from sop.golden.formats import get_format, round_to_table
-from sop.quantize.blockwise import as_weights, row_slices, run_chunks
+from sop.golden.formats import check_no_nan, get_format, round_to_table, table_midpoints
+from sop.quantize.blockwise import as_weights, block_reduce, row_slices, run_chunks
 from sop.quantize.result import QuantResult
 
 FP32_BITS = 32
@@ -105,6 +107,11 @@ def _row_chunks(w: np.ndarray) -> list[slice]:
     return row_slices(w.shape[0], w.shape[1], CHUNK_WEIGHTS) or [slice(0, 0)]
 
 
+def block_max(m: np.ndarray) -> np.ndarray:
+    """``m.max(axis=-1)``, the same bits, faster (``blockwise.block_reduce``)."""
+    return block_reduce(m, np.maximum)
+
+
 def _f64(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
@@ -117,21 +124,120 @@ def _amax(w: np.ndarray) -> float:
 
 
 def _chunked(w: np.ndarray, fn) -> tuple[np.ndarray, list]:
-    """(float64 reconstruction of ``w``'s shape, per-chunk extras in row order): ``fn(sl)``
-    returns the reconstruction of rows ``sl`` and its extra; chunks run on blockwise's threads."""
+    """(float64 reconstruction of ``w``'s shape, per-chunk extras in row order): ``fn(sl, out)``
+    writes the reconstruction of rows ``sl`` into ``out`` (that slice of the result) and returns
+    its extra; chunks run on blockwise's threads."""
     recon = np.empty(w.shape)
     chunks = _row_chunks(w)
     extras = [None] * len(chunks)
 
     def work(i):
-        recon[chunks[i]], extras[i] = fn(chunks[i])
+        extras[i] = fn(chunks[i], recon[chunks[i]])
 
     run_chunks(work, list(range(len(chunks))))
     return recon, extras
 
 
+def _out_blocks(out: np.ndarray, group: int) -> np.ndarray | None:
+    """``out`` (rows, cols) as (rows, blocks, group) to write into, or None where the rows are
+    padded (then the caller crops a block array into ``out``)."""
+    return out.reshape(out.shape[0], -1, group) if out.shape[1] % group == 0 else None
+
+
+def _put(out: np.ndarray, blocks: np.ndarray) -> None:
+    out[...] = _crop(blocks, out.shape[1])
+
+
 def _pct(mask: np.ndarray) -> str:
     return f"{100.0 * mask.mean():.1f}%" if mask.size else "0%"
+
+
+# -- exact fast rounding -----------------------------------------------------------------------
+# Speed without a second rule: golden's ``quantize`` (a binary search over exact midpoints per
+# weight) is what every baseline means; the two helpers below give its bits with a handful of
+# vectorized passes, and tests/test_quantize_speedpaths.py checks them against golden on every
+# rounding boundary of each format (ties, subnormals, saturation, signed zeros).
+
+def round_magnitude(a: np.ndarray, fmt, X: np.ndarray | None = None) -> np.ndarray:
+    """``fmt.quantize(a)`` for a non-negative finite float32 or float64 ``a``, bit for bit, in place
+    (``fmt`` a golden FloatFormat with subnormals and no Inf: round to nearest, ties to even,
+    saturating). Every value of those formats is a float32, so ``a``'s dtype holds the result.
+
+    ``|a|`` is clamped to the maximum first (saturation: the maximum is a value and rounding is
+    monotone). Then with ``E = max(exponent of a, emin)`` the format's step at ``a`` is
+    ``q = 2^(E - M)``, and ``c = 2^(E + p - M)`` (``p`` = 23 or 52 fraction bits) has an ulp of
+    exactly ``q`` while ``a < c``: the IEEE sum ``a + c`` rounds ``a`` to a multiple of ``q``, to
+    nearest, ties to the even multiple, and ``(a + c) - c`` is exact. An even multiple is an even
+    mantissa, and a float format's code ends in its mantissa bit: golden's even code.
+
+    ``X`` (powers of two broadcasting against ``a``), if given, scales the format: the result
+    is ``quantize(a / X) * X``, computed as the rounding of ``a`` itself on the grid scaled by
+    ``X`` (maximum ``max X``, fixed step below ``2^emin X``). The caller guarantees that
+    ``2^emin X`` is a normal float and that ``c`` below cannot overflow."""
+    it, mant, expo = ((np.int32, 23, 0x7F800000) if a.dtype == np.float32
+                      else (np.int64, 52, 0x7FF0000000000000))
+    np.minimum(a, fmt.max if X is None else fmt.max * X, out=a)
+    c = a.view(it) & it(expo)                    # 2^exponent (0 for zeros and subnormals)
+    c = c.view(a.dtype)
+    # subnormals of the format: a fixed step
+    np.maximum(c, 2.0 ** fmt.emin if X is None else 2.0 ** fmt.emin * X, out=c)
+    c *= 2.0 ** (mant - fmt.mbits)
+    a += c
+    a -= c
+    return a
+
+
+def round_float(x: np.ndarray, fmt) -> np.ndarray:
+    """``fmt.quantize(x)`` for a finite float32 or float64 ``x``, bit for bit, in ``x``'s dtype: the
+    magnitude by ``round_magnitude``, the sign copied back (a negative ``x`` that rounds to zero
+    gives -0, as golden's negative-zero code decodes)."""
+    r = round_magnitude(np.abs(x), fmt)
+    np.copysign(r, x, out=r)
+    return r
+
+
+class TableRound:
+    """``round_to_table(x, values, codes)`` (golden's nearest entry, ties to the even code) for
+    ``x`` in ``[-1, 1]``, bit for bit, by one look-up and one comparison per weight.
+
+    The range is cut into ``2H`` cells; for each cell the table holds the code below the one
+    exact midpoint (``table_midpoints``) within a window of the cell and its two neighbours
+    (``base``), and a threshold ``thr``: the rounded midpoint where ``x`` equal to it goes down,
+    the float below it where it goes up (a tie to an even code above, or a true midpoint below
+    the rounded one), ``+Inf`` where the window holds no midpoint. Then the code is
+    ``base + (x > thr)``, exactly golden's comparisons. The cell index ``floor((x + 1) H)``
+    may be rounded by one cell at a cell edge, which the window absorbs. Needs every window
+    to hold at most one midpoint (checked; else ``ok`` is False and callers use golden)."""
+
+    def __init__(self, values, codes, H: int = 128):
+        v = np.asarray(values, dtype=np.float64)
+        codes = np.asarray(codes)
+        m, r, _ = table_midpoints(v)
+        self.H, self.values, self.codes = H, v, codes
+        edges = np.arange(2 * H + 1) / H - 1.0                  # left edge of each cell
+        lo, hi = edges - 1.0 / H, edges + 2.0 / H               # the window: cells c-1 .. c+1
+        self.base = np.empty(2 * H + 1, dtype=np.intp)
+        self.thr = np.full(2 * H + 1, np.inf)
+        self.ok = True
+        for c in range(2 * H + 1):                               # 257 cells: set-up, not weights
+            inside = np.flatnonzero((m >= lo[c]) & (m < hi[c]))
+            if len(inside) > 1:
+                self.ok = False
+                return
+            j = inside[0] if len(inside) else np.searchsorted(m, edges[c], side="left")
+            self.base[c] = j
+            if len(inside):
+                up = r[j] < 0 or (r[j] == 0 and (codes[j + 1] & 1) == 0)
+                self.thr[c] = np.nextafter(m[j], -np.inf) if up else m[j]
+
+    def index(self, x: np.ndarray) -> np.ndarray:
+        """Position in ``values`` of the entry nearest each ``x`` (|x| <= 1)."""
+        c = x + 1.0
+        c *= self.H
+        c = c.astype(np.intp)                  # x + 1 >= 0: truncation is the floor
+        j = self.base[c]
+        j += x > self.thr[c]
+        return j
 
 
 # -- per-layer and per-channel scales ------------------------------------------------------
@@ -145,7 +251,11 @@ def fp8_e4m3_pot(w, act_ms=None, name: str = "layer") -> QuantResult:
     if amax > 0 and amax / 2.0 ** exp > e4m3.max:
         exp += 1
     step = 2.0 ** exp
-    recon, _ = _chunked(w, lambda sl: (e4m3.quantize(_f64(w[sl]) / step) * step, None))
+
+    def rows(sl, out):
+        np.multiply(round_float(_f64(w[sl]) / step, e4m3), step, out=out)
+
+    recon, _ = _chunked(w, rows)
     return QuantResult(recon, 8 * w.size + 8, choice=f"scale 2^{exp}", extra={"scale_exp": exp})
 
 
@@ -154,12 +264,12 @@ def int8_per_channel(w, act_ms=None, name: str = "layer") -> QuantResult:
     w = as_weights(name, w, 1)
     int8 = get_format("int8")
 
-    def rows(sl):
+    def rows(sl, out):
         x = _f64(w[sl])
         amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0])
         scale = _fp32(amax / 127.0)
         scale = np.where(scale > 0, scale, 1.0)
-        return int8.quantize(x / scale[:, None]) * scale[:, None], None
+        out[...] = int8.quantize(x / scale[:, None]) * scale[:, None]
 
     recon, _ = _chunked(w, rows)
     return QuantResult(recon, 8 * w.size + FP32_BITS * w.shape[0], choice="per-row")
@@ -172,15 +282,56 @@ def mx(w, element: str, act_ms=None, name: str = "layer") -> QuantResult:
     w = as_weights(name, w, 1)
     elem, ue8m0 = get_format(element), get_format("ue8m0")
 
-    def rows(sl):
-        blocks = _blocks(_f64(w[sl]), MX_BLOCK)
-        amax = np.abs(blocks).max(axis=2)
+    # A float32 (or float16) layer is worked in float32: the elements w / X are exact there
+    # (X is a power of two from 2^-127 to 2^127, so w * 2^(127 - code) is a float32 scaling
+    # that neither overflows nor, above the smallest element step, underflows), and round_float
+    # gives golden's bits in either width; only the products, exact in both, are float64.
+    narrow = w.dtype.itemsize <= 4
+    # largest code for which 2^(exponent + 23 - M) of every |w| <= max X stays a float32
+    lim_code = 231 - elem.emax + elem.mbits
+
+    def scales(amax):
+        """(UE8M0 code, X, 1 / X) per block, X and 1 / X in amax's dtype."""
+        if narrow:
+            # floor(log2 amax) is the float32 exponent field less 127 where amax is a normal
+            # float32; the codes then run from 1 - emax up, and X = 2^(code - 127) and its
+            # inverse are float32 bit patterns. Zero or subnormal block maxima (code 0,
+            # X = 2^-127 a subnormal) take frexp below.
+            code = (amax.view(np.int32) >> 23) - elem.emax
+            if code.size and 1 <= int(code.min()) and int(code.max()) <= 253:
+                return code, (code << 23).view(np.float32), ((254 - code) << 23).view(np.float32)
         # floor(log2 amax) exactly: amax = m * 2^e with m in [0.5, 1)
-        _, e = np.frexp(amax)
+        _, e = np.frexp(amax.astype(np.float64))
         shared = np.where(amax > 0, e - 1 - elem.emax, -ue8m0.bias)
         code = np.clip(shared + ue8m0.bias, 0, 254)          # 255 is NaN
         X = ue8m0.decode(code)
-        return _crop(elem.quantize(blocks / X[..., None]) * X[..., None], w.shape[1]), code
+        inv = np.ldexp(np.float32(1), ue8m0.bias - code) if narrow else None
+        return code, X.astype(amax.dtype), inv
+
+    def rows(sl, out):
+        blocks = _blocks(np.asarray(w[sl], dtype=np.float32 if narrow else np.float64), MX_BLOCK)
+        mag = np.abs(blocks)
+        code, X, inv = scales(block_max(mag))
+        X = X[..., None]
+        if narrow and code.size and 1 - elem.emin <= int(code.min()) and int(code.max()) <= lim_code:
+            # |w| rounded on X's grid directly: the element grid scaled by the power of two X
+            # (maximum max X, subnormal threshold 2^emin X, a float32 normal for these codes),
+            # which is round_magnitude of |w| / X, times X, without the two products
+            round_magnitude(mag, elem, X)
+        else:
+            if narrow:
+                mag *= inv[..., None]
+            else:
+                mag /= X
+            round_magnitude(mag, elem)                       # |w| / X rounded, sign below
+            # element x X is exact in float32 too (down to 2^-136, a float32 subnormal)
+            mag *= X
+        ob = _out_blocks(out, MX_BLOCK)
+        if ob is None:
+            _put(out, np.copysign(mag, blocks))
+        else:
+            np.copysign(mag, blocks, out=ob)                 # the sign, and the float64 result
+        return code.astype(np.int32)
 
     recon, codes = _chunked(w, rows)
     n_blocks = w.shape[0] * (-(-w.shape[1] // MX_BLOCK))
@@ -198,15 +349,47 @@ def _tensor_scale(w: np.ndarray, scale_max: float) -> float:
 
 
 def _e4m3_block_scale(amax_block: np.ndarray, target: float, s_t: float) -> np.ndarray:
-    """Decoded E4M3 block scale for ``amax_block / target / s_t`` (golden ue4m3, saturating)."""
-    return get_format("ue4m3").quantize(amax_block / target / s_t)
+    """Decoded E4M3 block scale for ``amax_block / target / s_t`` (golden ue4m3, saturating;
+    a NaN, 0 / 0 where the tensor scale underflowed to 0, is refused as golden's encode does)."""
+    x = amax_block / target / s_t
+    check_no_nan(x, "encode to ue4m3")
+    return round_float(x, get_format("ue4m3"))
 
 
-def _e2m1_recon(blocks: np.ndarray, eff: np.ndarray) -> np.ndarray:
-    """E2M1 elements under the effective scale ``eff`` (per block); a zero scale gives zeros."""
-    safe = np.where(eff > 0, eff, 1.0)[..., None]
-    q = get_format("e2m1").quantize(blocks / safe) * safe
-    return np.where(eff[..., None] > 0, q, 0.0)
+def _safe(eff: np.ndarray) -> np.ndarray:
+    """The per-block divisor: ``eff``, or 1 for a zero scale (whose block reconstructs to 0)."""
+    return np.where(eff > 0, eff, 1.0)[..., None]
+
+
+def _zero_blocks(r: np.ndarray, eff: np.ndarray) -> np.ndarray:
+    """``r`` with the blocks of a zero scale set to +0 (in place)."""
+    zero = eff == 0
+    if zero.any():
+        r[zero] = 0.0
+    return r
+
+
+def _e2m1_recon(blocks: np.ndarray, eff: np.ndarray, mag: np.ndarray | None = None) -> np.ndarray:
+    """E2M1 elements under the effective scale ``eff`` (per block); a zero scale gives zeros.
+    ``mag``, if given, is ``|blocks|`` already computed. The element of ``w`` is golden's
+    ``quantize(w / s)``, sign-symmetric: the magnitude ``|w| / s`` (the same division) is
+    rounded and the product ``q s`` takes ``w``'s sign, -0 included."""
+    safe = _safe(eff)
+    q = (np.abs(blocks) if mag is None else mag) / safe
+    round_magnitude(q, get_format("e2m1"))
+    q *= safe
+    np.copysign(q, blocks, out=q)
+    return _zero_blocks(q, eff)
+
+
+def _write_choice(out: np.ndarray, group: int, pick: np.ndarray, r_pick: np.ndarray, r_else: np.ndarray) -> None:
+    """``out`` = per block ``r_pick`` where ``pick`` else ``r_else`` (cropped where padded)."""
+    ob = _out_blocks(out, group)
+    if ob is None:
+        _put(out, np.where(pick[..., None], r_pick, r_else))
+        return
+    np.copyto(ob, r_else)
+    np.copyto(ob, r_pick, where=pick[..., None])
 
 
 def nvfp4(w, act_ms=None, name: str = "layer") -> QuantResult:
@@ -214,10 +397,11 @@ def nvfp4(w, act_ms=None, name: str = "layer") -> QuantResult:
     w = as_weights(name, w, 1)
     s_t = _tensor_scale(w, get_format("e4m3").max)
 
-    def rows(sl):
+    def rows(sl, out):
         blocks = _blocks(_f64(w[sl]), NV_BLOCK)
-        eff = _e4m3_block_scale(np.abs(blocks).max(axis=2), 6.0, s_t) * s_t
-        return _crop(_e2m1_recon(blocks, eff), w.shape[1]), None
+        mag = np.abs(blocks)
+        eff = _e4m3_block_scale(block_max(mag), 6.0, s_t) * s_t
+        _put(out, _e2m1_recon(blocks, eff, mag))
 
     recon, _ = _chunked(w, rows)
     n_blocks = w.shape[0] * (-(-w.shape[1] // NV_BLOCK))
@@ -230,13 +414,15 @@ def nvfp4_46(w, act_ms=None, name: str = "layer") -> QuantResult:
     w = as_weights(name, w, 1)
     s_t = _tensor_scale(w, E4M3_MAX_FOUROVERSIX)
 
-    def rows(sl):
+    def rows(sl, out):
         blocks = _blocks(_f64(w[sl]), NV_BLOCK)
-        amax = np.abs(blocks).max(axis=2)
-        r6 = _e2m1_recon(blocks, _e4m3_block_scale(amax, 6.0, s_t) * s_t)
-        r4 = _e2m1_recon(blocks, _e4m3_block_scale(amax, 4.0, s_t) * s_t)
+        mag = np.abs(blocks)
+        amax = block_max(mag)
+        r6 = _e2m1_recon(blocks, _e4m3_block_scale(amax, 6.0, s_t) * s_t, mag)
+        r4 = _e2m1_recon(blocks, _e4m3_block_scale(amax, 4.0, s_t) * s_t, mag)
         pick4 = ((blocks - r4) ** 2).sum(axis=2) < ((blocks - r6) ** 2).sum(axis=2)
-        return _crop(np.where(pick4[..., None], r4, r6), w.shape[1]), pick4
+        _write_choice(out, NV_BLOCK, pick4, r4, r6)
+        return pick4
 
     recon, picks = _chunked(w, rows)
     pick4 = np.concatenate(picks)
@@ -268,18 +454,24 @@ def if4(w, act_ms=None, name: str = "layer") -> QuantResult:
     """IF4: per block FP4 (E2M1) or INT4 (k * 6/7) under one E4M3 scale, lower block error wins."""
     w = as_weights(name, w, 1)
     s_t = _tensor_scale(w, get_format("e4m3").max)
-    int4 = get_format("int4")
 
-    def rows(sl):
+    def rows(sl, out):
         blocks = _blocks(_f64(w[sl]), NV_BLOCK)
-        amax = np.abs(blocks).max(axis=2)
+        mag = np.abs(blocks)
+        amax = block_max(mag)
         eff = _e4m3_block_scale(amax, 6.0, s_t) * s_t
-        r_fp = _e2m1_recon(blocks, eff)
-        safe = np.where(eff > 0, eff, 1.0)[..., None]
-        k = int4.quantize(np.clip(blocks / safe * (7.0 / 6.0), -7.0, 7.0))
-        r_int = np.where(eff[..., None] > 0, if4_int_recon(k, safe), 0.0)
+        safe = _safe(eff)
+        r_fp = _e2m1_recon(blocks, eff, mag)
+        t = blocks / safe
+        # golden int4 on [-7, 7]: the nearest integer, ties to the even code, which is the even
+        # integer (np.rint); int4 has no -0, so the +0.0 turns rint's -0 into golden's +0
+        k = np.clip(t * (7.0 / 6.0), -7.0, 7.0)
+        np.rint(k, out=k)
+        k += 0.0
+        r_int = _zero_blocks(if4_int_recon(k, safe), eff)
         pick_int = ((blocks - r_int) ** 2).sum(axis=2) < ((blocks - r_fp) ** 2).sum(axis=2)
-        return _crop(np.where(pick_int[..., None], r_int, r_fp), w.shape[1]), pick_int
+        _write_choice(out, NV_BLOCK, pick_int, r_int, r_fp)
+        return pick_int
 
     recon, picks = _chunked(w, rows)
     pick_int = np.concatenate(picks)
@@ -291,17 +483,29 @@ def if4(w, act_ms=None, name: str = "layer") -> QuantResult:
 
 # -- NF4 ---------------------------------------------------------------------------------------
 
+@lru_cache(maxsize=1)
+def _nf4_round() -> TableRound:
+    return TableRound(NF4_VALUES, np.arange(len(NF4_VALUES)))
+
+
 def nf4_g64(w, act_ms=None, name: str = "layer") -> QuantResult:
     """bitsandbytes NF4: block 64, FP32 absmax, nearest entry of the published NF4 table."""
     w = as_weights(name, w, 1)
     table = np.array(NF4_VALUES, dtype=np.float64)
+    look = _nf4_round()
 
-    def rows(sl):
+    def rows(sl, out):
         blocks = _blocks(_f64(w[sl]), NF4_BLOCK)
-        absmax = _fp32(np.abs(blocks).max(axis=2))
+        absmax = _fp32(block_max(np.abs(blocks)))
         safe = np.where(absmax > 0, absmax, 1.0)[..., None]
-        codes = round_to_table(blocks / safe, table, np.arange(len(table)))
-        return _crop(table[codes] * safe, w.shape[1]), codes.astype(np.uint8)
+        x = blocks / safe                                     # in [-1, 1]
+        codes = look.index(x) if look.ok else round_to_table(x, table, np.arange(len(table)))
+        ob = _out_blocks(out, NF4_BLOCK)
+        if ob is not None:
+            np.multiply(table[codes], safe, out=ob)
+        else:
+            _put(out, table[codes] * safe)
+        return codes.astype(np.uint8)
 
     recon, codes = _chunked(w, rows)
     n_blocks = w.shape[0] * (-(-w.shape[1] // NF4_BLOCK))

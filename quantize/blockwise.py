@@ -32,7 +32,9 @@ Speed (the inner loop of the whole quantizer): ``FastTable`` replaces
 that every decision midpoint of the table is a grid point, so a weight's cell
 decides its code except exactly on a midpoint (a tie) or on zero (the sign of
 zero); those go to ``Codebook.encode`` itself, so the codes
-are golden's by construction (and tested so). The work runs in chunks of
+are golden's by construction (and tested so). For a float32 layer the grid
+coordinate ``w / s`` is the float32 quotient, redone in float64 only where it is
+an integer (``FastTable.cells_div`` has the proof). The work runs in chunks of
 ~64 K weights so that the temporaries stay in cache, on ``THREADS`` threads. The
 per-bank evaluation (``evaluate_bank``) is reusable: a two-bank encode is the
 per-block minimum of two one-bank evaluations, which is what lets the SOP pair
@@ -41,7 +43,9 @@ search score every pair at the cost of one evaluation per codebook.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -58,6 +62,9 @@ CHUNK_WEIGHTS = 1 << 16
 #: one layer run in parallel); ``SOP_THREADS`` overrides, 1 runs everything inline.
 THREADS = int(os.environ.get("SOP_THREADS", "0")) or min(8, os.cpu_count() or 1)
 _pool: tuple[int, ThreadPoolExecutor] | None = None
+#: Per thread, the float32 quotients' cells of the chunk last evaluated (BankEvaluator.chunk).
+_cells_memo = threading.local()
+_tokens = itertools.count()
 #: Largest fast-path grid (entries per look-up table); finer tables use Codebook.encode.
 _MAX_GRID = 1 << 20
 
@@ -68,6 +75,19 @@ def float_weights(w) -> np.ndarray:
     anything else becomes float64."""
     w = np.asarray(w)
     return w if w.dtype.kind == "f" and w.dtype.itemsize <= 8 else np.asarray(w, dtype=np.float64)
+
+
+def block_reduce(m: np.ndarray, op=np.maximum) -> np.ndarray:
+    """``op.reduce(m, axis=-1)`` for ``op`` np.maximum or np.minimum (exact in any order), by
+    halving a power-of-two last axis: numpy's reduction over a short last axis costs about five
+    elementwise passes, the halving about one and a half."""
+    g = m.shape[-1]
+    if g & (g - 1) or g < 2:
+        return op.reduce(m, axis=-1)
+    while g > 1:
+        g //= 2
+        m = op(m[..., :g], m[..., g:2 * g])
+    return m[..., 0]
 
 
 def row_slices(rows: int, cols: int, chunk: int = CHUNK_WEIGHTS) -> list[slice]:
@@ -182,6 +202,8 @@ class FastTable:
         centres = (cells + 0.5) / self.mul
         self.lut_codes = cb.encode(centres).astype(np.uint8 if cb.bits <= 8 else np.uint16)
         self.lut_values = cb.values[self.lut_codes]
+        # at cell k (index k + K) the value of cell -k - 1 (index K - 1 - k): that of -t
+        self.lut_values_mirror = self.lut_values[::-1].copy()
         grid = cells / self.mul
         self.on_mid = np.isin(grid, mids)                        # cells whose left edge is a tie
 
@@ -192,7 +214,8 @@ class FastTable:
         f += self.K
         np.maximum(f, 0, out=f)                     # saturation; np.clip is 5x slower here
         np.minimum(f, 2 * self.K - 1, out=f)
-        return f.astype(np.int32), hits
+        # intp, not int32: numpy's gather converts any other index type first (3x slower)
+        return f.astype(np.intp), hits
 
     def values_t(self, t: np.ndarray) -> np.ndarray:
         """``values(t / 2^p)``: callers fold the power of two into their division (exact)."""
@@ -204,6 +227,75 @@ class FastTable:
         if fix.size:
             v.reshape(-1)[fix] = self.values_table[self.cb.encode(t.reshape(-1)[fix] / self.mul)]
         return v
+
+    def cells_div(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray) -> tuple:
+        """The grid cells of the quotients ``w / d[..., None]`` from their float32 copies, for
+        a float32 or float16 ``w`` and divisors that are all exactly float32 (``d32``):
+        ``(j, again, t64)``, ``j`` the index into ``lut_values`` of each quotient's cell,
+        ``again`` the flat positions whose float32 quotient is an integer and ``t64`` their
+        float64 quotients, which ``values_t`` decides.
+
+        Why the float32 quotient decides the cell of every other one: the exact quotient
+        ``q``, its float64 ``t64`` and its float32 ``t32`` are correctly rounded copies of one
+        real number. If ``t32`` is not an integer, no integer lies between ``q`` and ``t32``
+        (an integer below 2^24 is a float32 nearer to ``q``, and from 2^24 up every float32
+        is an integer), nor between ``q`` and ``t64``, and ``q`` is none: all three have one
+        floor, and neither quotient is a grid point. Every ``t32`` that is an integer (zero
+        and underflows among them) is computed again in float64. Beyond the grid
+        (``|t32| > K - 1/2``, Inf included) ``q`` and ``t64`` are too (rounding is monotone and
+        ``K - 1/2`` is a float32), so both take the end cell."""
+        with np.errstate(over="ignore"):            # beyond FLT_MAX: Inf, which saturates
+            t = np.asarray(w, dtype=np.float32) / d32[..., None]
+        # saturate to the end cells at half-integers, which the integer test cannot flag
+        np.clip(t, 0.5 - self.K, self.K - 0.5, out=t)
+        f = np.floor(t)
+        again = np.flatnonzero(t == f)
+        f += self.K                                 # exact: integers below 2^24
+        t64 = None
+        if again.size:
+            pos = np.unravel_index(again, t.shape)
+            t64 = (np.broadcast_to(w, t.shape)[pos].astype(np.float64)
+                   / np.broadcast_to(d[..., None], t.shape)[pos])
+        return f.astype(np.intp), again, t64
+
+    def values_div(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray | None = None,
+                   cells: tuple | None = None) -> np.ndarray:
+        """``values_t(w / d[..., None])`` for weights ``w`` (..., g) and divisors ``d`` (any leading
+        candidate axes, then ``w``'s block axes), the same bits, from the float32 quotient
+        (``cells_div``; ``cells`` if already computed) where ``w`` is float32 or float16 and
+        ``d32`` is ``d`` as float32 (given only where every divisor is exactly one)."""
+        if cells is None:
+            if d32 is None or w.dtype.itemsize > 4 or not self.exact:
+                return self.values_t(np.asarray(w, dtype=np.float64) / d[..., None])
+            cells = self.cells_div(w, d, d32)
+        j, again, t64 = cells
+        v = np.take(self.lut_values, j, mode="clip")    # every index is in range: no check
+        if again.size:
+            v.reshape(-1)[again] = self.values_t(t64)
+        return v
+
+    def values_div_mirrored(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray | None, rec: np.ndarray,
+                            cells: tuple | None = None) -> None:
+        """For ``d`` (B, h, ...) the divisors of ``h`` candidates (a float32 or float16 ``w``
+        broadcasting against them, ``d32`` given): ``rec[:, :h] = values_div(w, d, d32)`` and
+        ``rec[:, h:] = values_div(w, -d, -d32)`` (``rec`` is (B, 2h, ..., g)), one quotient for
+        both: ``w / -d`` is exactly ``-(w / d)``, in float32 and float64 alike, and the cell of a
+        non-integer ``-t`` is ``-floor(t) - 1``, which the mirrored table ``lut_values_mirror``
+        holds at ``floor(t)``. The quotients that are integers are the same for both signs and
+        both go to ``values_t`` in float64."""
+        j, again, t64 = self.cells_div(w, d, d32) if cells is None else cells
+        h = j.shape[1]
+        for b in range(rec.shape[0]):
+            # mode="clip": numpy buffers a take into ``out`` in its default mode (slow), not
+            # here; each ``out`` is contiguous (a strided one is copied back), every index in range
+            np.take(self.lut_values, j[b], out=rec[b, :h], mode="clip")
+            np.take(self.lut_values_mirror, j[b], out=rec[b, h:], mode="clip")
+        if again.size:
+            half = j[0].size                         # h candidates x the rest, per b
+            plus = again + (again // half) * half    # from (B, h, ...) to (B, 2h, ...) positions
+            flat = rec.reshape(-1)
+            flat[plus] = self.values_t(t64)
+            flat[plus + half] = self.values_t(-t64)
 
     def encode_t(self, t: np.ndarray) -> np.ndarray:
         """``encode(t / 2^p)``."""
@@ -251,6 +343,9 @@ class Prepared:
     bmin: np.ndarray          # (rows, bpr) smallest weight of each block
     ww: np.ndarray            # (rows, bpr) sum_j a_j w_j^2 of each block
     _cover: dict = field(default_factory=dict, repr=False)
+    _batch_idx: dict = field(default_factory=dict, repr=False)     # BankEvaluator.prime
+    #: never reused (unlike id()): names this layer in the per-thread memo of BankEvaluator.chunk
+    token: int = field(default_factory=lambda: next(_tokens), repr=False)
 
     def cover(self, cb: Codebook, sign: int, offset: int, svals: np.ndarray) -> np.ndarray:
         """Index (into ``svals``, the ascending scale values at ``offset``) of each block's
@@ -285,8 +380,8 @@ def prepare(w, layout: BlockLayout, col_weight=None, name: str = "layer") -> Pre
         blk = np.asarray(blocks[r:r + step], dtype=np.float64)
         w2 = blk * blk
         ww[r:r + step] = (w2 if a is None else w2 * a).sum(axis=-1)
-        bmax[r:r + step] = blk.max(axis=-1)
-        bmin[r:r + step] = blk.min(axis=-1)
+        bmax[r:r + step] = block_reduce(blk, np.maximum)
+        bmin[r:r + step] = block_reduce(blk, np.minimum)
     return Prepared(name, layout, w, blocks, a, bmax, bmin, ww)
 
 
@@ -429,6 +524,10 @@ class BankEvaluator:
         # (w / scale) * 2^p exactly (a power of two commutes with rounding), the grid
         # coordinate FastTable looks up.
         self.divs = np.where(self.svals == 0, 1.0, self.svals) / ft.mul
+        # the divisors as float32 where every one is exactly a float32 (FastTable.values_div)
+        with np.errstate(over="ignore", under="ignore"):
+            d32 = self.divs.astype(np.float32)
+        self.divs32 = d32 if np.array_equal(d32.astype(np.float64), self.divs) else None
         self.signs = _signs(lay)
         sgn, deltas = [], []
         for c, s in enumerate(self.signs):
@@ -436,7 +535,20 @@ class BankEvaluator:
                 sgn.append(s)
                 deltas.append((c, d))
         self.deltas = deltas
+        self._delta_sign = np.array([c for c, _ in deltas], dtype=np.intp)
+        self._delta_step = np.array([d for _, d in deltas], dtype=np.int64)[:, None, None]
         self.sgn = np.array(sgn, dtype=np.float64)[:, None, None]
+        self.sgn32 = self.sgn.astype(np.float32)
+        # Signed scales with a table whose ends are opposite (NF4, BOF4, Split87, SH4, FP4, INT4):
+        # both signs have the same covering scale, so candidate h + i is candidate i negated
+        # (sign + first, then -, the same scale steps: see the loop above)
+        h = len(deltas) // 2
+        self.mirrored = (self.signs == (1, -1) and float(cb.values.max()) == -float(cb.values.min())
+                         and [d for _, d in deltas[:h]] == [d for _, d in deltas[h:]])
+        # the candidates' scale indices depend on the table only through its end values
+        self._idx_key = (float(cb.values.max()), float(cb.values.min()), offset, tuple(deltas))
+        # and the float32 quotients' cells also on its grid (BankEvaluator.chunk)
+        self._cells_key = (self._idx_key, ft.mul, ft.K, h if self.mirrored else len(deltas))
         self.sidx_dtype = np.uint8 if len(order) <= 256 else np.int64
         self.ones = np.ones(lay.group)
 
@@ -452,38 +564,107 @@ class BankEvaluator:
         prep = self.prep
         if self.cached:
             return [prep.cover(self.cb, s, self.offset, self.svals)[sl] for s in self.signs]
-        return [np.searchsorted(self.svals, cover_targets(prep.bmax[sl], prep.bmin[sl], self.cb, s), side="left")
-                for s in self.signs]
+        signs = self.signs[:1] if self.mirrored else self.signs     # mirrored: both signs cover alike
+        out = [np.searchsorted(self.svals, cover_targets(prep.bmax[sl], prep.bmin[sl], self.cb, s), side="left")
+               for s in signs]
+        return out * (len(self.signs) // len(signs))
+
+
+    def prime(self, r0: int, r1: int) -> None:
+        """Compute the candidates' scale indices of rows ``r0:r1`` (a batch of the pair search)
+        in one go, for the chunks of those rows to slice: per chunk they cost more in numpy
+        calls than in arithmetic. Kept in ``Prepared`` under the table's end values, so the
+        tables that share them (NF4, BOF4, Split87 and SH4 all end at -1 and +1) share one
+        computation; only the latest batch is kept. Call it outside ``run_chunks``."""
+        memo = self.prep._batch_idx
+        if memo.get("rows") != (r0, r1):
+            memo.clear()
+            memo["rows"] = (r0, r1)
+        if self._idx_key not in memo:
+            memo[self._idx_key] = self._compute_idx(slice(r0, r1))
 
     def _idx(self, sl) -> np.ndarray:
-        covers = self.covers(sl)
-        last = len(self.order) - 1
-        return np.stack([np.clip(covers[c].astype(np.int64) + d, 0, last) for c, d in self.deltas])
+        memo = self.prep._batch_idx
+        rows = memo.get("rows")
+        if rows is not None and rows[0] <= sl.start and sl.stop <= rows[1] and self._idx_key in memo:
+            return memo[self._idx_key][:, sl.start - rows[0]:sl.stop - rows[0]]
+        return self._compute_idx(sl)
+
+    def _compute_idx(self, sl) -> np.ndarray:
+        covers = np.stack(self.covers(sl)).astype(np.int64)
+        idx = covers[self._delta_sign] + self._delta_step      # (C, rc, bpr), one broadcast
+        np.maximum(idx, 0, out=idx)                             # np.clip costs more in call overhead
+        np.minimum(idx, len(self.order) - 1, out=idx)
+        return idx
 
     def chunk(self, sl) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(err, qq, k, idx) of rows ``sl``: per block the least error, its ``qq``, the index
         ``k`` of its candidate and every candidate's scale index (C, rc, bpr)."""
+        return self.chunk_group([sl])
+
+    def chunk_group(self, sls: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``chunk`` of consecutive row chunks ``sls`` of equal height at once, the same bits:
+        the elementwise work runs on all of them in each numpy call, and the sums of each
+        chunk's g terms are its own matrix-vector product, of the chunk's shape exactly as
+        ``chunk`` forms it (BLAS's order of summation can depend on the number of rows).
+        Returns (err, qq, k) of the rows ``sls`` span and their scale indices (C, rows, bpr).
+        The pair search calls it one chunk at a time (``chunk``): groups of 2 to 8 chunks
+        measured no faster, their temporaries leaving the cache."""
         prep, g = self.prep, self.prep.layout.group
         a, sgn, ones = prep.a, self.sgn, self.ones
-        # the candidates of this chunk only: (C, rc, bpr) indices into order
-        idx = self._idx(sl)
-        cdiv = sgn * self.divs[idx]
-        cmul = sgn * self.svals[idx]
-        blk = np.asarray(prep.blocks[sl], dtype=np.float64)
-        rec = self.ft.values_t(blk[None] / cdiv[..., None])  # (C, rc, bpr, g) table values
+        B, r0, r1 = len(sls), sls[0].start, sls[-1].stop
+        rc, bpr, C = sls[0].stop - r0, prep.blocks.shape[1], len(self.deltas)
+        # the candidates of these rows only: (C, rows, bpr) indices into order, as (B, C, rc, bpr)
+        idx = self._idx(slice(r0, r1))
+        idxb = idx.reshape(C, B, rc, bpr).swapaxes(0, 1)
+        cdiv = sgn * self.divs[idxb]
+        cmul = sgn * self.svals[idxb]
+        raw = prep.blocks[r0:r1].reshape(B, 1, rc, bpr, g)
+        if self.divs32 is not None and raw.dtype.itemsize <= 4 and self.ft.exact:
+            # The float32 quotients' cells depend on the table only through its grid and its
+            # covers: tables that share both (NF4, BOF4 and SH4) share them on these rows, kept
+            # per thread while the pair search evaluates every table on these rows.
+            h = self._cells_key[-1]
+            rows = (prep.token, r0, r1)
+            memo = getattr(_cells_memo, "chunk", None)
+            if memo is None or memo[0] != rows:
+                memo = (rows, {})
+                _cells_memo.chunk = memo
+            cells = memo[1].get(self._cells_key)
+            if cells is None:
+                d32 = self.divs32[idxb[:, :h]] if self.mirrored else self.sgn32 * self.divs32[idxb]
+                cells = memo[1][self._cells_key] = self.ft.cells_div(raw, cdiv[:, :h], d32)
+            if self.mirrored:
+                # the - sign candidates are the + ones negated (same covers): one quotient for both
+                rec = np.empty(cdiv.shape + (g,))
+                self.ft.values_div_mirrored(raw, cdiv[:, :h], None, rec, cells)
+            else:
+                rec = self.ft.values_div(raw, cdiv, cells=cells)
+        else:
+            rec = self.ft.values_div(raw, cdiv)
+        blk = np.asarray(raw, dtype=np.float64)
         rec *= cmul[..., None]                                # the exact decoded products
         sq = rec * rec
         if a is not None:
             sq *= a
-        # matrix-vector products sum the g terms ~5x faster than .sum(axis=-1)
-        q2 = (sq.reshape(-1, g) @ ones).reshape(rec.shape[:3])
-        np.subtract(blk[None], rec, out=rec)
+        # matrix-vector products sum the g terms ~5x faster than .sum(axis=-1); one per chunk
+        q2, errs = np.empty(cdiv.shape), np.empty(cdiv.shape)
+        for b in range(B):
+            q2[b] = (sq[b].reshape(-1, g) @ ones).reshape(cdiv.shape[1:])
+        np.subtract(blk, rec, out=rec)
         rec *= rec
         if a is not None:
             rec *= a
-        errs = (rec.reshape(-1, g) @ ones).reshape(q2.shape)
-        k = np.argmin(errs, axis=0)                           # first minimum: the documented tie order
-        return (np.take_along_axis(errs, k[None], 0)[0], np.take_along_axis(q2, k[None], 0)[0], k, idx)
+        for b in range(B):
+            errs[b] = (rec[b].reshape(-1, g) @ ones).reshape(cdiv.shape[1:])
+        k = np.argmin(errs, axis=1)                           # first minimum: the documented tie order
+        # errs[k] is the minimum itself (errors are never -0 or NaN, so no other bits can tie);
+        # qq of candidate k by one flat gather (take_along_axis costs more in index set-up)
+        n = rc * bpr
+        at = (np.arange(B)[:, None] * (C * n) + k.reshape(B, n) * n + np.arange(n)).reshape(-1)
+        rows_shape = (r1 - r0, bpr)
+        return (errs.min(axis=1).reshape(rows_shape), q2.reshape(-1)[at].reshape(rows_shape),
+                k.reshape(rows_shape), idx)
 
     def choice(self, k: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sidx, neg) of the candidates ``k`` among ``idx`` (as ``chunk`` returns them)."""
@@ -505,7 +686,8 @@ class BankEvaluator:
         def work(sl):
             sidx[sl], neg[sl] = self.choice_of(sl, k[sl])
 
-        run_chunks(work, self.chunks())
+        # the choice is block by block: rows in slices of ~16 K blocks, not the evaluation's chunks
+        run_chunks(work, row_slices(shape[0], shape[1], 1 << 14))
         return self.bank_eval(None, None, sidx, neg)
 
 

@@ -201,7 +201,10 @@ def score_pairs(prep: Prepared, sources: list[_Source], pairs: list[tuple[int, i
     for batch in batches:
         r0, r1 = batch[0].start, batch[-1].stop
         nb = (r1 - r0) * bpr
-        local = {id(s): (np.empty((r1 - r0, bpr)), np.empty((r1 - r0, bpr))) for s in fresh}
+        # per source (wq, qq, err) of the batch's blocks, in the order a pair's sums take them;
+        # the chunks write err and qq in place
+        stacks = {id(s): np.empty((3, r1 - r0, bpr)) for s in fresh}
+        local = {i: (st[2], st[1]) for i, st in stacks.items()}
 
         def work(sl):
             loc = slice(sl.start - r0, sl.stop - r0)
@@ -212,26 +215,35 @@ def score_pairs(prep: Prepared, sources: list[_Source], pairs: list[tuple[int, i
                 if s.keep:
                     s.err[sl], s.qq[sl] = err, qq
 
+        for s in fresh:
+            s.ev.prime(r0, r1)
         run_chunks(work, batch)
         rs = slice(r0, r1)
         ww = prep.ww[rs]
         vals = {}
         for s in sources:
-            err, qq = local[id(s)] if id(s) in local else (s.err[rs], s.qq[rs])
-            vals[id(s)] = (err, qq, (ww + qq - err) / 2)            # BankEval.wq, block by block
+            st = stacks.get(id(s))
+            if st is None:                                          # kept from an earlier scoring
+                st = np.empty((3, r1 - r0, bpr))
+                st[2], st[1] = s.err[rs], s.qq[rs]
+            np.add(ww, st[1], out=st[0])                            # BankEval.wq, block by block:
+            st[0] -= st[2]                                          # (ww + qq - err) / 2
+            st[0] /= 2
+            vals[id(s)] = st
         out = np.empty((3 * len(pairs), nb))
         for p, (ia, ib) in enumerate(pairs):
             ea, eb = vals[id(sources[ia])], vals[id(sources[ib])]
-            use_b = eb[0] < ea[0]                                   # bank A wins a tie, as in encode_layer
-            out[3 * p] = np.where(use_b, eb[2], ea[2]).reshape(-1)
-            out[3 * p + 1] = np.where(use_b, eb[1], ea[1]).reshape(-1)
-            out[3 * p + 2] = np.where(use_b, eb[0], ea[0]).reshape(-1)
+            use_b = eb[2] < ea[2]                                   # bank A wins a tie, as in encode_layer
+            dst = out[3 * p:3 * p + 3].reshape(ea.shape)            # wq, qq, err of the chosen bank
+            np.copyto(dst, ea)
+            np.copyto(dst, eb, where=use_b)
             masks[p].append((np.packbits(use_b.reshape(-1)), nb))
-        vals = local = None                # this batch's arrays go before the next one
+        vals = local = stacks = None       # this batch's arrays go before the next one
         sums.push(out)
         del out
     for s in fresh:
         s.evaluated = True
+    prep._batch_idx.clear()
     tot = sums.total()
     ww = float(prep.ww.sum())
     scores = [(acos(ww, float(tot[3 * p]), float(tot[3 * p + 1])), float(tot[3 * p + 2]))

@@ -1,0 +1,173 @@
+"""The quantizer's fast paths give golden's bits: each against the plain computation it replaces.
+
+* ``baselines.round_magnitude`` / ``round_float`` (the element and block-scale formats of the
+  baselines, float32 and float64) against golden ``FloatFormat.quantize``, on every value of
+  the format, every midpoint (exact ties), the floats on either side of each, the subnormal
+  range of the format and of float32, beyond the maximum, ±0 and random values; bits compared
+  (the sign of zero included).
+* ``baselines.TableRound`` (NF4) against golden ``round_to_table`` on the midpoints, their
+  neighbouring floats and random values of [-1, 1].
+* ``blockwise.FastTable.values_div`` (the float32 quotient) and ``values_div_mirrored``
+  against ``values_t`` of the float64 quotient, with quotients that are integers, zero,
+  beyond the grid and beyond float32.
+* ``blockwise.block_reduce`` against ``max`` / ``min``.
+* End to end: every baseline and the SOP points on a float32 layer (the float32 paths) give
+  the bits of the same layer as float64 (the float64 paths).
+"""
+
+import numpy as np
+import pytest
+
+from sop.golden.codebooks import NF4_VALUES, get_codebook
+from sop.golden.formats import get_format, round_to_table, table_midpoints
+from sop.golden.points import get_point
+from sop.quantize import baselines as B
+from sop.quantize.blockwise import BankEvaluator, block_reduce, fast_table, prepare
+from sop.quantize.sop_search import quantize_fp6, quantize_sop4
+
+
+def bits(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    return x.view(np.int64 if x.dtype == np.float64 else np.int32)
+
+
+def neighbours(x: np.ndarray, dtype) -> np.ndarray:
+    """x and the floats of ``dtype`` on either side of each, both signs."""
+    x = np.asarray(x, dtype=dtype)
+    up, down = np.nextafter(x, dtype(np.inf)), np.nextafter(x, dtype(-np.inf))
+    v = np.concatenate([x, up, down])
+    return np.concatenate([v, -v])
+
+
+def probes(fmt, dtype, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vals = np.unique(np.abs(fmt.values[np.isfinite(fmt.values)]))
+    mids = (vals[1:] + vals[:-1]) / 2                       # exact: few-bit values
+    f32 = np.finfo(np.float32)
+    extra = [0.0, fmt.max * 1.01, fmt.max * 4, 2.0 ** fmt.emin, 2.0 ** (fmt.emin - fmt.mbits - 1),
+             float(f32.tiny), float(f32.smallest_subnormal), 1e-40, 3e38 if dtype == np.float32 else 1e300]
+    rand = np.concatenate([rng.uniform(0, fmt.max * 1.2, 4000),
+                           np.exp(rng.uniform(np.log(1e-12), np.log(fmt.max * 2), 4000))])
+    return neighbours(np.concatenate([vals, mids, extra, rand]), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["e2m1", "e2m3", "e3m2", "e4m3", "ue4m3"])
+def test_round_float_is_golden_quantize(name, dtype):
+    fmt = get_format(name)
+    x = probes(fmt, dtype)
+    if not fmt.signed:
+        x = np.abs(x)
+    with np.errstate(over="ignore"):
+        want = fmt.quantize(x.astype(np.float64))
+    got = B.round_float(x, fmt)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(bits(got.astype(np.float64)), bits(want))
+
+
+def test_table_round_is_golden_round_to_table():
+    v = np.array(NF4_VALUES)
+    look = B.TableRound(v, np.arange(16))
+    assert look.ok
+    m, _, _ = table_midpoints(v)
+    rng = np.random.default_rng(1)
+    x = np.concatenate([neighbours(m, np.float64), v, -v, [0.0, -0.0, 1.0, -1.0],
+                        rng.uniform(-1, 1, 20000), np.float32(rng.uniform(-1, 1, 2000)) / np.float32(0.7)])
+    x = x[np.abs(x) <= 1]
+    np.testing.assert_array_equal(look.index(x), round_to_table(x, v, np.arange(16)))
+
+
+@pytest.mark.parametrize("cb_name", ["nf4", "bof4-s", "int4", "fp4", "sh4"])
+def test_values_div_float32_quotient_is_the_float64_one(cb_name):
+    ft = fast_table(get_codebook(cb_name))
+    assert ft.exact
+    rng = np.random.default_rng(2)
+    C, r, nb, g = 3, 7, 9, 16
+    w = (rng.standard_normal((r, nb, g)) * np.exp(rng.uniform(-3, 3, (r, nb, 1)))).astype(np.float32)
+    w[0, 0] = 0.0
+    w[0, 1] = -0.0
+    w[1, 0, :4] = [3e38, -3e38, 1e-45, -1e-45]
+    d = np.ldexp(rng.integers(8, 16, (C, r, nb)).astype(np.float64), rng.integers(-12, -2, (C, r, nb)))
+    d[0, 2, 0] = 2.0 ** -140                                  # quotients beyond float32: Inf
+    # weights that are exact multiples of their divisor: integer quotients, many on midpoints
+    k = rng.integers(-2 * ft.K, 2 * ft.K, (r, g)) / ft.mul
+    w[:, 3] = (k * d[1, :, 3, None]).astype(np.float32)
+    d32 = d.astype(np.float32)
+    assert np.array_equal(d32.astype(np.float64), d)
+    want = ft.values_t(w.astype(np.float64)[None] / d[..., None])
+    np.testing.assert_array_equal(bits(ft.values_div(w, d, d32)), bits(want))
+    rec = np.empty((1, 2 * C) + w.shape)                     # (B, 2h, ...): + then - candidates
+    ft.values_div_mirrored(w[None, None], d[None], d32[None], rec)
+    np.testing.assert_array_equal(bits(rec[0, :C]), bits(want))
+    np.testing.assert_array_equal(bits(rec[0, C:]), bits(ft.values_t(w.astype(np.float64)[None] / -d[..., None])))
+
+
+def test_evaluators_mirror_the_tables_with_opposite_ends():
+    prep = prepare(np.ones((1, 16), np.float32), get_point("sop4-g16").layout)
+    assert BankEvaluator(prep, get_codebook("nf4"), 0).mirrored
+    assert not BankEvaluator(prep, get_codebook("bof4-s"), 0).mirrored
+
+
+@pytest.mark.parametrize("g", [1, 3, 16, 32, 64])
+def test_block_reduce_is_max_and_min(g):
+    x = np.random.default_rng(3).standard_normal((5, 7, g))
+    assert np.array_equal(block_reduce(x, np.maximum), x.max(axis=-1))
+    assert np.array_equal(block_reduce(x, np.minimum), x.min(axis=-1))
+
+
+def layer32() -> np.ndarray:
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((48, 256)) * rng.uniform(0.01, 3, (48, 1))).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1, ::3] = -0.0
+    w[2] *= np.float32(1e-38)                                # subnormal float32 weights
+    w[3, :16] = (np.arange(16) - 8) / 8                      # exact ties
+    return w
+
+
+QUANTIZERS = {
+    "nf4-g64": B.nf4_g64, "nvfp4": B.nvfp4, "nvfp4-46": B.nvfp4_46, "if4": B.if4,
+    "fp8-e4m3-pot": B.fp8_e4m3_pot, "int8-ch": B.int8_per_channel,
+    **{name: (lambda e: lambda w: B.mx(w, e))(e) for name, e in B.MX_ELEMENTS.items()},
+    "e2m3-ue4m4-g16": quantize_fp6, "sop4-g16": quantize_sop4,
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_float32_paths_give_the_float64_bits(name):
+    w = layer32()
+    a, b = QUANTIZERS[name](w), QUANTIZERS[name](w.astype(np.float64))
+    np.testing.assert_array_equal(bits(np.asarray(a.recon, np.float64)), bits(np.asarray(b.recon, np.float64)))
+    assert a.bits == b.bits and a.choice == b.choice
+    for key, val in a.extra.items():
+        if isinstance(val, np.ndarray):
+            np.testing.assert_array_equal(val, b.extra[key])
+            assert val.dtype == b.extra[key].dtype
+        else:
+            assert val == b.extra[key], key
+    if a.stream is not None:
+        assert a.stream.blocks == b.stream.blocks and a.stream.offset == b.stream.offset
+
+
+@pytest.mark.parametrize("name", ["e2m1", "e2m3", "e3m2", "e4m3"])
+def test_round_magnitude_on_a_scaled_grid_is_the_scaled_rounding(name):
+    fmt = get_format(name)
+    rng = np.random.default_rng(5)
+    X = np.ldexp(np.float32(1), rng.integers(-120 - fmt.emin, 100 - fmt.emax, (64, 1)).astype(np.int32))
+    x = np.abs(probes(fmt, np.float32))
+    x = x[x <= 4 * fmt.max]
+    a = x[:64 * (len(x) // 64)].reshape(64, -1) * X
+    want = B.round_magnitude(a / X, fmt) * X
+    np.testing.assert_array_equal(bits(B.round_magnitude(a.copy(), fmt, X)), bits(want))
+
+
+@pytest.mark.parametrize("cb_name", ["nf4", "bof4-s"])
+def test_a_group_of_chunks_is_its_chunks(cb_name):
+    w = layer32()
+    prep = prepare(w, get_point("sop4-g16").layout)
+    ev = BankEvaluator(prep, get_codebook(cb_name), 0, cached=False)
+    sls = [slice(r, r + 4) for r in range(0, 16, 4)]
+    err, qq, k, idx = ev.chunk_group(sls)
+    parts = [ev.chunk(sl) for sl in sls]
+    for got, want in zip((err, qq, k, idx), zip(*parts)):
+        np.testing.assert_array_equal(got, np.concatenate(want, axis=-2))
