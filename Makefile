@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 # Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help setup test test-fast fuzz demo verilog sim synth bitstream bench mutate clean
+.PHONY: help setup test test-fast fuzz demo verilog sim synth bitstream bench peers mutate clean
 
 SIM ?= icarus
 BOARD ?= icebreaker
@@ -35,13 +35,14 @@ demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print
 demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with calibration, ppl/KLD table, .sopq, a model folder transformers loads, greedy completions
 	$(PY) -m sop.demo_llm
 
-verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/
+verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, and its AXI4-Stream shell with a FuseSoC core (NAME_axis.v, NAME_axis.core)
 	$(PY) -m sop.hdl.generate --out build/verilog
 
-sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), then the board bring-up in simulation
+sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), then the board bring-up in simulation
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
+	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --axis
 	$(PY) -m sop.synth.host.bringup --sim
 
 synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json
@@ -60,8 +61,13 @@ bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, qua
 	$(PY) bench/fmax_seeds.py
 	$(PY) bench/memory.py
 
-mutate: $(STAMP)  ## mutation score of the decoder: yosys mutate, every mutant against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
-	$(PY) -m sop.sim.mutate --config sop4-g16 --mutants 1000 --out build/mutate
+peers: $(STAMP)  ## install the quantizers bench/peer_speed.py times ours against (pinned, CPU): bitsandbytes, torchao, fouroversix
+	$(VENV)/bin/pip install -q "bitsandbytes==0.50.2" packaging
+	$(VENV)/bin/pip install -q --no-deps "torchao==0.18.0"
+	SKIP_CUDA_BUILD=1 $(VENV)/bin/pip install -q --no-deps --no-build-isolation "fouroversix==1.0.5"
+
+mutate: $(STAMP)  ## mutation score of both operating points (about 13 min on 2 cores): yosys mutate, 1,000 mutants each against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
+	$(PY) -m sop.sim.mutate --mutants 1000 --seed 1 --out build/mutate
 
 clean:  ## remove generated files (build/), keep the venv
 	rm -rf build .pytest_cache .hypothesis

@@ -35,7 +35,7 @@ zero); those go to ``Codebook.encode`` itself, so the codes
 are golden's by construction (and tested so). For a float32 layer the grid
 coordinate ``w / s`` is the float32 quotient, redone in float64 only where it is
 an integer (``FastTable.cells_div`` has the proof). The work runs in chunks of
-~64 K weights so that the temporaries stay in cache, on ``THREADS`` threads. The
+~64 K weights so that the temporaries stay in cache, on ``THREADS`` threads (default one). The
 per-bank evaluation (``evaluate_bank``) is reusable: a two-bank encode is the
 per-block minimum of two one-bank evaluations, which is what lets the SOP pair
 search score every pair at the cost of one evaluation per codebook.
@@ -58,9 +58,13 @@ from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, pack_block
 
 #: Weights per chunk: temporaries of this size (512 KB in float64) stay in L2.
 CHUNK_WEIGHTS = 1 << 16
-#: Worker threads for the chunk loop (numpy releases the GIL in its loops, so chunks of
-#: one layer run in parallel); ``SOP_THREADS`` overrides, 1 runs everything inline.
-THREADS = int(os.environ.get("SOP_THREADS", "0")) or min(8, os.cpu_count() or 1)
+#: Worker threads for the chunk loop; ``SOP_THREADS`` sets it, default 1 (inline). Threads
+#: were the default once, but the loop is many short numpy calls that hold the GIL between
+#: them: on the 2-CPU machine 2 threads ran the sop4-g16 search 16 % slower than one (4096 x
+#: 2048: 6.35 s against 5.47 s; `sop eval minilm` 12.6 to 13.1 s against 12.1 to 12.2 s, most of
+#: the difference system time). Cores are used by processes instead: ``--jobs N``
+#: (quantize/jobs.py), layers in parallel, 2.3x at 2 jobs (docs/benchmarks.md).
+THREADS = int(os.environ.get("SOP_THREADS", "0")) or 1
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 #: Per thread, the float32 quotients' cells of the chunk last evaluated (BankEvaluator.chunk).
 _cells_memo = threading.local()
