@@ -401,6 +401,8 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
         cal = calibration_for(src, calibrate, n_calib, cache_dir, say)
         if fmt.model_level:                               # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
+            if jobs > 1:
+                say(f"{fmt.name}: --jobs {jobs} does not apply; its options are built in this process")
             inputs = budget_inputs(src, cal, nan_policy, say)
             outcomes = _BudgetRecords(fmt.quantize_model(inputs, budget), src, cal, nan_policy)
             budget_done(inputs)

@@ -360,6 +360,8 @@ def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_held
         layers, stats, recons = {}, [], {}
         if fmt.model_level:                 # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
+            if pool is not None:
+                say(f"{fmt.name}: --jobs {pool.jobs} does not apply; its options are built in this process")
             inputs = budget_inputs(src, cal, nan_policy, say)
             budgeted = fmt.quantize_model(inputs, budget)
             budget_done(inputs)

@@ -136,3 +136,15 @@ def test_a_dying_worker_is_a_clear_error_not_a_hang(capsys):
     msg = str(exc.value)
     assert "died while working on layer" in msg and "exit status" in msg, msg
     assert pool.workers == []                     # every worker ended
+
+
+def test_sop_budget_says_jobs_does_not_apply_and_writes_the_same_bytes(model, tmp_path, capsys):
+    outs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}.sopq"
+        assert run(["quantize", str(model), "--format", "sop-budget", "--budget", "5", "--out", str(out),
+                    "--no-calib", "--jobs", str(jobs)]) == 0
+        outs.append(out.read_bytes())
+        said = "sop-budget: --jobs 2 does not apply" in capsys.readouterr().err
+        assert said == (jobs == 2)
+    assert outs[0] == outs[1]
