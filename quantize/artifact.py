@@ -73,7 +73,7 @@ from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
-from sop.quantize.evaluate import (LayerOutcome, _BudgetOutcomes, budget_done, budget_inputs, calibration_for,
+from sop.quantize.evaluate import (LayerOutcome, _BudgetOutcomes, budget_model, calibration_for,
                                    check_options, jsonable, layer_line, quantize_layer, reporter, sanitize)
 from sop.quantize.evaluate import _layer_outcomes as evaluate_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
@@ -397,15 +397,12 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     say(f"{model}: {len(src.layers)} linear layers, {src.n_weights:,} weights -> {out} ({fmt.name})")
     with contextlib.ExitStack() as stack:
         # started first, so that the workers start while the model is calibrated here
-        pool = stack.enter_context(LayerPool(jobs)) if jobs > 1 and not fmt.model_level else None
+        pool = stack.enter_context(LayerPool(jobs)) if jobs > 1 else None
         cal = calibration_for(src, calibrate, n_calib, cache_dir, say)
         if fmt.model_level:                               # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
-            if jobs > 1:
-                say(f"{fmt.name}: --jobs {jobs} does not apply; its options are built in this process")
-            inputs = budget_inputs(src, cal, nan_policy, say)
-            outcomes = _BudgetRecords(fmt.quantize_model(inputs, budget), src, cal, nan_policy)
-            budget_done(inputs)
+            outcomes = _BudgetRecords(budget_model(fmt, src, cal, nan_policy, budget, say, pool)[1], src, cal,
+                                      nan_policy)
         else:
             outcomes = _layer_outcomes(src, fmt, cal, nan_policy, "record", pool)
         return _write_artifact(src, fmt, out, budget, cal, nan_policy, outcomes, say)

@@ -214,6 +214,30 @@ def budget_inputs(src, cal, nan_policy: str, say=None):
     return Inputs([lay.name for lay in src.layers], load)
 
 
+def budget_model(fmt, src, cal, nan_policy: str, budget: float, say, pool):
+    """``fmt.quantize_model`` (sop-budget) over ``src``'s layers: ``(inputs, BudgetResult)``.
+    Every layer's options measured here, or on ``pool``'s workers (quantize/jobs.py: the same
+    bits, at most ``jobs`` layers in flight), then the knapsack here; ``inputs`` reads the
+    layers the chosen results need as they are built."""
+    if pool is None:
+        inputs = budget_inputs(src, cal, nan_policy, say)
+        budgeted = fmt.quantize_model(inputs, budget)
+        budget_done(inputs)
+        return inputs, budgeted
+    from sop.quantize import jobs
+
+    def rows():
+        args = [(src.opened_with, lay.name, cal.get(lay.name), nan_policy) for lay in src.layers]
+        results = pool.map(jobs.budget_layer, args, label=lambda i: src.layers[i].name)
+        for i, ((row, cols, real, seconds), _) in enumerate(results, 1):
+            lay = src.layers[i - 1]
+            say(layer_line(f"{fmt.name} options", i, len(src.layers), lay.name, lay.shape, seconds))
+            yield row, cols, real
+
+    inputs = budget_inputs(src, cal, nan_policy)        # no progress: read only for the results
+    return inputs, fmt.quantize_model(inputs, budget, rows=rows())
+
+
 def _budget_line(say, seen, n, shapes) -> None:
     if seen and len(seen) <= n:
         name, t0 = seen[-1]
@@ -360,11 +384,7 @@ def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_held
         layers, stats, recons = {}, [], {}
         if fmt.model_level:                 # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
-            if pool is not None:
-                say(f"{fmt.name}: --jobs {pool.jobs} does not apply; its options are built in this process")
-            inputs = budget_inputs(src, cal, nan_policy, say)
-            budgeted = fmt.quantize_model(inputs, budget)
-            budget_done(inputs)
+            inputs, budgeted = budget_model(fmt, src, cal, nan_policy, budget, say, pool)
             outcomes = _BudgetOutcomes(budgeted, src, cal, nan_policy, runner is not None)
             entry_budget = outcomes.budgeted
         else:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -315,39 +315,65 @@ class LazyResults(Mapping):
         return len(self.choice)
 
 
-def layer_options(layers: Mapping, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None) -> LayerOptions:
-    """Quantize every layer in every option's base format and measure each option's bits and
+@dataclass
+class LayerRow:
+    """One layer's options, measured (``option_row``): what ``layer_options`` keeps of it."""
+
+    name: str
+    size: int                            # weights
+    costs: list                          # per option: (bits, weighted error)
+    entries: dict                        # option index -> sparse entries
+    streams: dict                        # base -> (the base result without its reconstruction, its dtype)
+
+
+def option_row(name: str, w, act_ms, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None) -> LayerRow:
+    """Quantize one layer in every option's base format and measure each option's bits and
     activation-weighted error (sparse variants from the base result's residuals, their error
-    measured without building their reconstruction). One layer and one base result are held
-    at a time: each base format's options are measured, then it is dropped."""
+    measured without building their reconstruction). One base result is held at a time: each
+    base format's options are measured, then it is dropped. The same in this process or in a
+    --jobs worker (quantize/jobs.py), bit for bit."""
     parsed = [(o, *parse_option(o)) for o in options]
     sop4_kw = dict(sop4_kw or {})
-    bases = list(dict.fromkeys(base for _, base, _ in parsed))   # in order of first use
+    w = float_weights(w)                           # float32 stays (the quantizers cast chunks, exactly)
+    out = LayerRow(name, w.size, [None] * len(parsed), {}, {})
+    for base in dict.fromkeys(base for _, base, _ in parsed):       # in order of first use
+        base_res = _base_result(base, w, act_ms, name, sop4_kw)
+        for i, (oname, b, density) in enumerate(parsed):
+            if b != base:
+                continue
+            if density > 0:
+                if len(base_res.stream.sparse):
+                    raise ValueError("the stream already carries sparse entries")
+                sp = sparse_residuals(w, base_res.recon, int(round(density * w.size)), act_ms)
+                out.entries[i] = sp
+                out.costs[i] = (dataclasses.replace(base_res.stream, sparse=sp).bits,
+                                weighted_error(w, base_res.recon, act_ms, sparse=sp))
+            else:
+                out.costs[i] = (base_res.bits, weighted_error(w, base_res.recon, act_ms))
+        st = base_res.stream
+        if st is not None and not len(st.sparse) and base_res.recon.shape == (st.rows, st.cols):
+            out.streams[base] = (dataclasses.replace(base_res, recon=None), base_res.recon.dtype)
+        del base_res
+    return out
+
+
+def layer_options(layers: Mapping, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None,
+                  rows: Iterable[LayerRow] | None = None) -> LayerOptions:
+    """Every layer's ``option_row``, one layer held at a time. ``rows``: the rows already
+    measured elsewhere (--jobs workers), in the order of ``layers``; ``layers`` is then read
+    only later, for what the chosen results need."""
+    parsed = [(o, *parse_option(o)) for o in options]
+    sop4_kw = dict(sop4_kw or {})
+    if rows is None:
+        rows = (option_row(lname, w, act_ms, options, sop4_kw) for lname, (w, act_ms) in layers.items())
     costs, entries, streams, sizes = [], {}, {}, {}
-    for lname, (w, act_ms) in layers.items():
-        w = float_weights(w)                       # float32 stays (the quantizers cast chunks, exactly)
-        sizes[lname] = w.size
-        row = [None] * len(parsed)
-        for base in bases:
-            base_res = _base_result(base, w, act_ms, lname, sop4_kw)
-            for i, (oname, b, density) in enumerate(parsed):
-                if b != base:
-                    continue
-                if density > 0:
-                    if len(base_res.stream.sparse):
-                        raise ValueError("the stream already carries sparse entries")
-                    sp = sparse_residuals(w, base_res.recon, int(round(density * w.size)), act_ms)
-                    entries[(lname, i)] = sp
-                    row[i] = (dataclasses.replace(base_res.stream, sparse=sp).bits,
-                              weighted_error(w, base_res.recon, act_ms, sparse=sp))
-                else:
-                    row[i] = (base_res.bits, weighted_error(w, base_res.recon, act_ms))
-            st = base_res.stream
-            if st is not None and not len(st.sparse) and base_res.recon.shape == (st.rows, st.cols):
-                streams[(lname, base)] = (dataclasses.replace(base_res, recon=None), base_res.recon.dtype)
-            del base_res
-        del w
-        costs.append(row)
+    for lname, row in zip(layers, rows, strict=True):
+        if row.name != lname:
+            raise RuntimeError(f"option rows out of order: {row.name} where {lname} was expected")
+        sizes[lname] = row.size
+        costs.append(row.costs)
+        entries.update(((lname, i), sp) for i, sp in row.entries.items())
+        streams.update(((lname, base), kept) for base, kept in row.streams.items())
     return LayerOptions(list(layers), parsed, costs, layers, entries, sop4_kw, streams, sizes)
 
 

@@ -109,6 +109,14 @@ def _sop_budget(w, act_ms=None, **kw) -> QuantResult:
                      "(`sop eval MODEL --format sop-budget --budget B`)")
 
 
+def _pad(w: np.ndarray, act_ms, group: int):
+    """``w`` zero-padded to a multiple of ``group`` columns, ``act_ms`` padded with its mean."""
+    wp = B.pad_to_block(w, group)
+    if act_ms is not None and wp.shape[1] != w.shape[1]:
+        act_ms = np.concatenate([act_ms, np.full(wp.shape[1] - w.shape[1], float(np.mean(act_ms)))])
+    return wp, act_ms
+
+
 class _Padded(Mapping):
     """name -> (w zero-padded to the SOP block, act_ms padded with its mean), on access;
     records each layer's real columns and weights as it goes."""
@@ -120,10 +128,13 @@ class _Padded(Mapping):
         w, act_ms = self.layers[name]
         w = float_weights(w)
         self.cols[name], self.real[name] = w.shape[1], w.size
-        wp = B.pad_to_block(w, self.group)
-        if act_ms is not None and wp.shape[1] != w.shape[1]:
-            act_ms = np.concatenate([act_ms, np.full(wp.shape[1] - w.shape[1], float(np.mean(act_ms)))])
-        return wp, act_ms
+        return _pad(w, act_ms, self.group)
+
+    def measured(self, rows):
+        """``budget_row`` results -> their ``LayerRow``s, the real sizes recorded as they pass."""
+        for row, cols, real in rows:
+            self.cols[row.name], self.real[row.name] = cols, real
+            yield row
 
     def __iter__(self):
         return iter(self.layers)
@@ -132,21 +143,41 @@ class _Padded(Mapping):
         return len(self.layers)
 
 
-def quantize_sop_budget(layers: Mapping, budget: float | None, **kw):
+BUDGET_GROUP = 16           # sop-budget pads every layer's width to the SOP block, as the SOP points do
+
+
+def budget_row(name: str, w, act_ms, options=None, sop4_kw: dict | None = None):
+    """One layer's knapsack options for sop-budget, measured as ``quantize_sop_budget`` measures
+    them (padded to the block): ``(knapsack.LayerRow, real columns, real weights)``. The task of
+    a --jobs worker (quantize/jobs.py), with the default options; the same bits in this process."""
+    from sop.quantize import knapsack
+
+    w = float_weights(w)
+    cols = w.shape[1]
+    wp, act_p = _pad(w, act_ms, BUDGET_GROUP)
+    return knapsack.option_row(name, wp, act_p, options or knapsack.DEFAULT_OPTIONS, sop4_kw), cols, w.size
+
+
+def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
     """sop-budget: ``quantize.knapsack.quantize_budget(layers, budget)`` over every layer at once.
 
     ``layers``: name -> ``(w, act_ms)`` (a ``knapsack.LazyLayers`` loads each only when
     needed, so that no two layers are held at once); widths are padded to 16 like the other
     SOP points, and ``budget`` counts bits per *real* weight (the knapsack gets
-    ``budget * real / padded``). Returns the knapsack's ``BudgetResult`` (``results``:
-    name -> QuantResult, built as asked for; ``choice``: name -> option, ``report``)."""
+    ``budget * real / padded``). ``rows``: each layer's ``budget_row``, in layer order, measured
+    elsewhere with the same options (--jobs workers); ``layers`` is then read only for the
+    chosen results. Returns the
+    knapsack's ``BudgetResult`` (``results``: name -> QuantResult, built as asked for;
+    ``choice``: name -> option, ``report``)."""
     from sop.quantize import knapsack
 
     if budget is None:
         raise ValueError("format sop-budget needs --budget B (average bits per weight)")
-    padded = _Padded(layers, 16)
-    opts = kw.pop("prepared", None) or knapsack.layer_options(
-        padded, kw.pop("options", knapsack.DEFAULT_OPTIONS), kw.pop("sop4_kw", None))
+    padded = _Padded(layers, BUDGET_GROUP)
+    options, sop4_kw = kw.pop("options", knapsack.DEFAULT_OPTIONS), kw.pop("sop4_kw", None)
+    if rows is not None:
+        rows = padded.measured(rows)
+    opts = kw.pop("prepared", None) or knapsack.layer_options(padded, options, sop4_kw, rows=rows)
     # the budget is per real weight: padded zeros cost bits but are not weights
     real = sum(padded.real.values()) if padded.real else sum(np.asarray(w).size for w, _ in layers.values())
     return knapsack.quantize_budget(padded, budget * real / opts.n_weights, prepared=opts,

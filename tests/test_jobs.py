@@ -138,13 +138,17 @@ def test_a_dying_worker_is_a_clear_error_not_a_hang(capsys):
     assert pool.workers == []                     # every worker ended
 
 
-def test_sop_budget_says_jobs_does_not_apply_and_writes_the_same_bytes(model, tmp_path, capsys):
-    outs = []
+def test_sop_budget_options_on_two_jobs_give_the_same_bytes_and_json(model, tmp_path, capsys):
+    outs, docs = [], []
     for jobs in (1, 2):
-        out = tmp_path / f"j{jobs}.sopq"
+        out, js = tmp_path / f"j{jobs}.sopq", tmp_path / f"j{jobs}.json"
         assert run(["quantize", str(model), "--format", "sop-budget", "--budget", "5", "--out", str(out),
                     "--no-calib", "--jobs", str(jobs)]) == 0
+        err = capsys.readouterr().err
+        assert err.count("sop-budget options [") == 7, err           # one progress line per layer
+        assert run(["eval", str(model), "--format", "sop-budget", "--budget", "5", "--json", str(js),
+                    "--no-calib", "--quiet", "--jobs", str(jobs)]) == 0
         outs.append(out.read_bytes())
-        said = "sop-budget: --jobs 2 does not apply" in capsys.readouterr().err
-        assert said == (jobs == 2)
+        docs.append(without_timings(json.loads(js.read_text())))
     assert outs[0] == outs[1]
+    assert docs[0] == docs[1]
