@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from sop import cli
+from cli_run import run
 from sop.cli import main
 
 LAYER = "blk.0.fc.weight"
@@ -20,14 +21,6 @@ def ckpt(tmp_path_factory):
     path = d / "toy.safetensors"
     save_file({LAYER: (np.random.default_rng(3).standard_normal((16, 64)) * 0.02).astype(np.float32)}, str(path))
     return path
-
-
-def run(argv) -> int:
-    """main's exit status (argparse's usage errors exit through SystemExit, as argparse does)."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
 
 
 def one_error_line(capsys, argv, code=2) -> str:

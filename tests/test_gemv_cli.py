@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cli_run import run
 from sop.cli import main
 from sop.golden import dot
 from sop.golden.formats import FORMATS
@@ -32,13 +33,6 @@ def artifacts(tmp_path_factory):
         out[fmt] = d / f"toy-{fmt}.sopq"
         assert main(["quantize", str(ckpt), "--format", fmt, "--out", str(out[fmt]), "--quiet", "--no-calib"]) == 0
     return out
-
-
-def run(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:                       # argparse's usage errors
-        return int(exc.code or 0)
 
 
 def one_error_line(capsys, argv) -> str:

@@ -11,16 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sop.cli import main
+from cli_run import run
 from sop.quantize import jobs as J
 from sop.quantize.evaluate import evaluate
-
-
-def run(argv) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")

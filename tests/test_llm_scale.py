@@ -11,18 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sop.cli import main
+from cli_run import run
 
 SHAPES = {"mlp.gate_proj": (96, 64), "mlp.up_proj": (96, 64), "mlp.down_proj": (64, 96),
           "self_attn.q_proj": (64, 64), "self_attn.o_proj": (64, 64)}
 LINE = re.compile(r"^(?P<what>.+) \[(?P<i>\d+)/(?P<n>\d+)\] (?P<name>\S+) (?P<r>\d+)x(?P<c>\d+): \d+\.\d\d s$")
-
-
-def run(argv) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")
