@@ -139,7 +139,7 @@ class OutputStage(wiring.Component):
         for j, ob in enumerate(outs):
             m.submodules[f"output_buffer{j}"] = ob
             m.d.comb += [ob.en.eq(self.control.en[j]), ob.en_upcoming.eq(self.control.en_upcoming[j]),
-                         ob.entering_valid.eq(self.control.entering_valid),
+                         ob.entering_valid.eq(self.control.entering_valid[j]),
                          self.control.en_next[j].eq(ob.en_next), ob.values.ready.eq(self.values.ready)]
             m.d.comb += [ob.last[i].eq(self.last[j * per + i]) for i in range(per)]
         m.d.comb += [self.values.valid.eq(outs[0].values.valid),

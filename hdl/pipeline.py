@@ -23,17 +23,20 @@ lane.
 
 Valid chain. ``valid`` is the valid bit of the pipeline's stage 0 (the beat
 issue stage, hdl.beat_issue); the chain carries it through ``depth - 1``
-registers that advance on ``en``: ``buffers.entering_valid`` is the valid bit of
-the beat that enters the last stage (stage ``depth`` after stage 0) at the next
-enabled edge; the output buffer keeps the last stage's own valid bit.
+registers that advance on the enable: ``buffers.entering_valid[j]`` is the
+valid bit of the beat that enters the last stage (stage ``depth`` after stage 0)
+at the next enabled edge, one copy per output buffer; the output buffer keeps
+the last stage's own valid bit. With two levels the chain is built once per
+region, on the region's own enable copy, so that no chain register reaches
+every output buffer (at 64 lanes one did, and set the clock).
 
 Ports
 * ``valid`` (in): stage 0 holds a beat.
 * ``enable`` (out, ``EnableSignature``): ``en`` (the control's copy) and
   ``lane[i]`` (lane ``i``'s copy); all equal.
 * ``buffers`` (``OutputControlSignature``, flipped): each output buffer's
-  ``en_next`` in; its ``en`` and ``en_upcoming`` (the value its ``en`` takes
-  next cycle) and the shared ``entering_valid`` out.
+  ``en_next`` in; its ``en``, ``en_upcoming`` (the value its ``en`` takes
+  next cycle) and ``entering_valid`` (its region's chain) out.
 
 Latency: ``levels`` cycles from ``en_next`` to every enable copy (the
 ``latency`` property, counted from the registers built); ``depth - 1`` enabled
@@ -61,14 +64,14 @@ class EnableSignature(wiring.Signature):
 class OutputControlSignature(wiring.Signature):
     """Between the output buffers (this side) and the pipeline control (flipped): per buffer its
     decision ``en_next`` out; its enable ``en``, the next cycle's ``en_upcoming`` and the valid bit
-    of the beat entering the last stage in."""
+    of the beat entering the last stage (``entering_valid``, every buffer's the same) in."""
 
     def __init__(self, buffers: int):
         self.buffers = buffers
         super().__init__({"en_next": Out(data.ArrayLayout(1, buffers)),
                           "en": In(data.ArrayLayout(1, buffers)),
                           "en_upcoming": In(data.ArrayLayout(1, buffers)),
-                          "entering_valid": In(1)})
+                          "entering_valid": In(data.ArrayLayout(1, buffers))})
 
 
 def buffers(lanes: int) -> int:
@@ -119,19 +122,29 @@ class PipelineControl(wiring.Component):
         m.d.comb += [self.buffers.en[j].eq(e) for j, e in enumerate(en_out)]
         m.d.comb += [self.buffers.en_upcoming[j].eq(u) for j, u in enumerate(upcoming)]
 
-        # the valid chain: stage 0's valid bit through depth - 1 registers
-        valid = self.valid
-        for stage in range(1, self.depth):
-            nxt = Signal(name=f"valid{stage}")
-            with m.If(en):
-                m.d.sync += nxt.eq(valid)
-            valid = nxt
-        m.d.comb += self.buffers.entering_valid.eq(valid)
+        # The valid chain: stage 0's valid bit through depth - 1 registers, once per region (one
+        # region up to REGION lanes), each chain on an enable copy of its own; each buffer reads
+        # its region's chain.
+        ends = []
+        for r in range(n_regions):
+            if levels == 1:
+                en_chain = en
+            else:
+                en_chain = rep.replica(1, name=f"en_valid{r}", init=1, reset_less=True)
+                m.d.sync += en_chain.eq(roots[r])
+            valid = self.valid
+            for stage in range(1, self.depth):
+                nxt = rep.replica(1, name=f"valid{stage}_r{r}") if n_regions > 1 else Signal(name=f"valid{stage}")
+                with m.If(en_chain):
+                    m.d.sync += nxt.eq(valid)
+                valid = nxt
+            ends.append(valid)
+        m.d.comb += [self.buffers.entering_valid[j].eq(ends[j * per_out // per_region]) for j in range(n_outs)]
         return m
 
 
 def model(lanes: int, depth: int, en_next, valid) -> dict[str, np.ndarray]:
-    """Cycle model: per cycle ``t`` the enable copies and ``entering_valid``, from the buffers'
+    """Cycle model: per cycle ``t`` the enable copies and ``entering_valid`` (per buffer), from the buffers'
     ``en_next[t]`` (the same for every buffer) and stage 0's ``valid[t]``.
 
     Every copy is ``en_next`` delayed by ``levels`` cycles (1 before that: the initial value);
@@ -150,7 +163,6 @@ def model(lanes: int, depth: int, en_next, valid) -> dict[str, np.ndarray]:
         entering[t] = chain[-1] if chain else valid[t]
         if en[t]:
             chain = [int(valid[t])] + chain[:-1]
-    return {"en": en, "lane": np.repeat(en[:, None], lanes, axis=1),
-            "buffer_en": np.repeat(en[:, None], buffers(lanes), axis=1),
-            "en_upcoming": np.repeat(delayed(en_next, levels - 1)[:, None], buffers(lanes), axis=1),
-            "entering_valid": entering}
+    per_buffer = lambda x: np.repeat(x[:, None], buffers(lanes), axis=1)     # noqa: E731
+    return {"en": en, "lane": np.repeat(en[:, None], lanes, axis=1), "buffer_en": per_buffer(en),
+            "en_upcoming": per_buffer(delayed(en_next, levels - 1)), "entering_valid": per_buffer(entering)}

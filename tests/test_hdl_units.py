@@ -667,11 +667,11 @@ def test_pipeline_control_against_model(lanes, depth):
             ctx.set(dut.valid, int(valid[t]))
             _, _, en, lane, ben, up, ev = await ctx.tick().sample(
                 dut.enable.en, dut.enable.lane.as_value(), dut.buffers.en.as_value(),
-                dut.buffers.en_upcoming.as_value(), dut.buffers.entering_valid)
+                dut.buffers.en_upcoming.as_value(), dut.buffers.entering_valid.as_value())
             got = (en, [lane >> i & 1 for i in range(lanes)], [ben >> j & 1 for j in range(nb)],
-                   [up >> j & 1 for j in range(nb)], ev)
+                   [up >> j & 1 for j in range(nb)], [ev >> j & 1 for j in range(nb)])
             assert got == (want["en"][t], list(want["lane"][t]), list(want["buffer_en"][t]),
-                           list(want["en_upcoming"][t]), want["entering_valid"][t]), t
+                           list(want["en_upcoming"][t]), list(want["entering_valid"][t])), t
 
     simulate(dut, bench)
 
@@ -795,7 +795,7 @@ def test_output_stage_with_pipeline_control(lanes):
             ctx.set(dut.src_valid, int(rng.random() < 0.8))
             ctx.set(dut.output.values.ready, int(rng.random() < 0.6))
             _, _, *sampled = await ctx.tick().sample(
-                dut.control.enable.en, dut.control.buffers.entering_valid, dut.output.last.as_value(),
+                dut.control.enable.en, dut.control.buffers.entering_valid[0], dut.output.last.as_value(),
                 dut.output.values.ready, dut.output.values.valid, dut.output.values.payload.as_value(),
                 dut.control.buffers.en_next.as_value(), dut.control.valid)
             for k, v in zip(rec, sampled):
@@ -806,7 +806,7 @@ def test_output_stage_with_pipeline_control(lanes):
     en_next = [int(x != 0) for x in rec["en_next"]]
     ctl = pipeline.model(lanes, 3, en_next, rec["v0"])
     np.testing.assert_array_equal(rec["en"], ctl["en"])
-    np.testing.assert_array_equal(rec["entering"], ctl["entering_valid"])
+    np.testing.assert_array_equal(rec["entering"], ctl["entering_valid"][:, 0])
     want = output_buffer.model(dut.output.delay, rec["en"], rec["entering"], rec["last"], rec["ready"])
     np.testing.assert_array_equal(rec["valid"], want["valid"])
     np.testing.assert_array_equal(en_next, want["en_next"])

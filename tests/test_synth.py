@@ -113,9 +113,9 @@ def test_wrapper_registers_every_decoder_port():
 
 def _xor_fold(bits: list[int], levels: list[int]) -> list[int]:
     for width in levels:
-        out = [0] * width
+        out, k = [0] * width, -(-len(bits) // width)      # bit j: the XOR of bits [j k, (j + 1) k)
         for i, b in enumerate(bits):
-            out[i % width] ^= b
+            out[i // k] ^= b
         bits = out
     return bits
 

@@ -13,9 +13,12 @@ and so that a design with hundreds of I/O bits still fits a small package
   register itself has no reset. The design's ``sync`` reset is therefore a
   flip-flop output too, and its fanout is a timed path like any other.
 * **Outputs.** Every ``Out`` bit of the design goes into a pipelined XOR fold: each level
-  XORs at most four bits of the level before into one flip-flop (one LUT4 per
-  bit), until ``dout_width`` bits remain; the last level drives the ``dout``
-  pins. Every output bit reaches ``dout``, so synthesis can remove nothing
+  XORs at most four adjacent bits of the level before (bits ``[j k, (j + 1) k)``
+  into bit ``j``) into one flip-flop (one LUT4 per bit), until ``dout_width``
+  bits remain; the last level drives the ``dout`` pins. Adjacent bits come from
+  the same lane, so the first level's inputs sit beside each other: folding
+  bits a quarter of the bus apart made the fold itself the longest path at 64
+  lanes. Every output bit reaches ``dout``, so synthesis can remove nothing
   (a constant output, such as the tied-high ``load.ready``, folds away),
   and no fold level adds more than one LUT between two flip-flops, so the
   wrapper never sets the clock period.
@@ -96,9 +99,9 @@ class IoWrapper(wiring.Component):
         level = [v[i] for v in map(Value.cast, outs) for i in range(len(v))]
         for n, width in enumerate(self.fold):
             reg = Signal(width, name=f"fold{n}", reset_less=True)
-            terms = [Const(0, 1)] * width
+            terms, k = [Const(0, 1)] * width, -(-len(level) // width)
             for i, bit in enumerate(level):
-                terms[i % width] = terms[i % width] ^ bit
+                terms[i // k] = terms[i // k] ^ bit
             m.d.sync += reg.eq(Cat(*terms))
             level = list(reg)
         m.d.comb += self.dout.eq(Cat(*level))
