@@ -10,29 +10,37 @@ the marginal cost of a lane (least-squares slope of LUT4 over N >= 4, which
 leaves out the per-decoder control and the beat register), Fmax, and the
 ratio of the slope to the floor.
 
-The floor (``floor``) is per lane and is an estimate, not a proof:
+The floor (``floor_terms``, ``floor``) is per lane and derived from what a lane
+must compute (docs/synthesis.md, "The floor"): every term is a lower bound under
+a stated cost model, not a measurement of the RTL.
 
-* RAM. ECP5: ``banks * 2 pages * ceil(2^k / 16) * ceil(W / 4)``
-  TRELLIS_DPR16X4 (W = 10 HIF bits; 12 for sop4), one copy per read port,
-  which is what a lane needs each cycle. iCE40: one SB_RAM40_4K per lane: a
-  lane must read one table entry per cycle and a RAM40 (256 x 16) has one read
-  port; its capacity (4096 bits) is far above what a lane needs
-  (``banks * 2 * 2^k * W`` = 640 bits), so the ports, not the bits, bound it.
-  The floor assumes only the selected bank is read (both banks in one RAM,
-  the selection bit an address bit), as the RTL does.
-* LUT4 (the BF16 lane datapath, one LUT4 per bit for each function of more
-  than four inputs): codebook mux ``W``; exponent sum ``Ew``; leading-one
-  detect ``ceil(P / 2)``; BF16 exponent ``Ew``; alignment shifter
-  ``(7 + 3) * 4`` (8 result bits, guard and one spare, four 2:1 levels);
-  sticky ``ceil((P - 1) / 4)``; rounding incrementer 15; output saturation
-  and sign 16. The significand multiplier is one DSP (MULT18X18D, SB_MAC16).
-  The RTL builds it from LUTs instead (two pipelined adder levels, for Fmax),
-  so its LUT4 count is held to a floor that leaves the multiplier out.
-  ``P`` is the product significand width (11), ``Ew`` the exponent width (9).
-* FF: the pipeline registers the latency needs: read data ``banks * W`` on
-  ECP5 (the distributed RAM reads asynchronously; iCE40's RAM40 has its own
-  output register), the product fields ``P + Ew + 1``, the rounding inputs
-  ``9 + 2 + Ew + 2`` and the output word 16.
+* RAM. ECP5: ``banks * 2 pages * ceil(2^k / 16) * ceil(W / 4)`` TRELLIS_DPR16X4
+  (W = 11 stored bits: 12 for sop4), one copy per read port. iCE40: one
+  SB_RAM40_4K per lane (one read port per lane per cycle; the bits fit).
+* LUT4, cost model: one LUT4 per result bit of a function of at most four
+  inputs; one LUT4 per result bit of a two-operand add on a carry chain, a gate
+  folded into it (a CCU2C counts as two, as everywhere in this flow); an
+  ``n``:1 mux costs ``ceil(n / 2)`` LUT4 per bit on ECP5 (PFUMX / L6MUX21 are
+  free) and ``n - 1`` on iCE40. Terms: the table row select (ECP5: the rows of
+  LUT RAM); the significand product in LUTs, ``(b - 1)`` gated additions of
+  ``a + 1`` bits (``a``, ``b`` the significand widths, ``b``'s top bit a
+  constant one); the exponent sum; the BF16 exponent; the shift amount and
+  flags; the alignment shifter; sticky; round to nearest even; saturation, zero
+  and sign; on ECP5 the stall skid's ``(D + 1)``:1 output mux (``D`` = the
+  enable's register levels, hdl.pipeline: at 200 MHz the stall cannot reach
+  every lane in the cycle it is decided; at iCE40's 50 MHz it can, so the iCE40
+  floor has no skid); the lane's code register when a block takes ``C > 1`` cycles.
+* FF: the stage cuts the target's clock needs, each holding only the live bits:
+  ECP5 (200 MHz: one carry chain per stage) cuts after the table read (W; the
+  LUT RAM reads asynchronously), after the product's first adder level, after
+  the product, after the alignment, after the rounding add, and the output
+  word; iCE40 (50 MHz) one cut after the product and the output word (the
+  RAM40 registers its own read). ECP5 also the skid's ``D`` entries of 16
+  bits; both the lane's ``C * k`` code bits.
+
+The marginal floor is the slope of ``N * floor(N)`` over the same ``N`` as the
+design's (the skid depth and ``C`` change with ``N``), so the ratio compares
+like with like.
 
 Run: .venv/bin/python bench/lane_sweep.py [--lanes 1 2 4 ...] [--jobs N]   (about 10 minutes cold)
 """
@@ -48,7 +56,11 @@ import numpy as np
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.golden.layout import named_layouts
+from sop.hdl import lut_word
 from sop.hdl.config import DecoderConfig, named_configs
+from sop.hdl.hif_formatter import MAX_SHIFT
+from sop.hdl.replica import enable_levels
+from sop.hdl.scale_decoder import BF16_M
 from sop.synth.flow.yosys_nextpnr import DEFAULT_OUT, TARGETS, rtl_state, run_many
 
 LANES = (1, 2, 4, 8, 16, 32, 64)
@@ -67,19 +79,53 @@ def sweep_config(lanes: int, layout: str = "sop4-g16") -> DecoderConfig:
     return DecoderConfig(f"{layout}-x{lanes}", lanes, named_layouts()[layout])
 
 
+def floor_terms(cfg: DecoderConfig, target: str) -> list[tuple[str, int, int]]:
+    """Per-lane floor of a BF16 lane on ``target`` as ``(term, LUT4, FF)`` rows (module docstring):
+    each row costs LUT4 or FF, not both."""
+    lay, hif, scale = cfg.layout, cfg.hif, cfg.scale
+    W = lut_word.word(cfg).size                        # the stored table word
+    a, b, P, ew = hif.mbits + 1, scale.mbits + 1, cfg.sig_bits, cfg.exp_shape.width
+    k, C, D = lay.code_bits, cfg.beats_per_block, enable_levels(cfg.lanes)
+    ecp5 = target == "ecp5"
+    rows = lay.banks * 2 * ceil_div(1 << k, 16)        # LUT RAM rows of a lane's table (ECP5)
+
+    def mux(n: int) -> int:
+        return ceil_div(n, 2) if ecp5 else n - 1
+
+    window = BF16_M + 3                                # R0, guard, and the product's top bit
+    luts = [
+        ("table row select: a rows:1 mux per stored bit", W * mux(rows) if ecp5 else 0),
+        ("significand product: b - 1 gated additions of a + 1 bits", (b - 1) * (a + 1)),
+        ("exponent sum e0", ew),
+        ("shift amount (4 bits) and the normal / saturate / zero flags", 4 + 3),
+        ("alignment shifter: the window over log2(11) 2:1 levels", window * MAX_SHIFT.bit_length()),
+        ("sticky", ceil_div(P - 1, 4)),
+        ("BF16 exponent", 8),
+        ("round to nearest even: the 15-bit increment and its decision", 15 + 1),
+        ("saturation, zero and sign of the 16-bit word", 16),
+        (f"stall skid: the {D + 1}:1 output mux", 16 * mux(D + 1) if ecp5 else 0),
+        (f"code register: {C} codes issued one per cycle", min(C * k, k * mux(C)) if C > 1 else 0),
+    ]
+    ffs = [("code register", C * k), ("output word", 16), ("cut after the product: p, e0, sign, zero", P + ew + 2)]
+    if ecp5:                                           # 200 MHz: one carry chain per stage
+        ffs += [("skid entries", 16 * D),("cut after the table read (LUT RAM reads asynchronously)", W),
+                ("cut inside the product: two partial sums, e0, sign, zero", 2 * (a + 2) + ew + 2),
+                ("cut after the alignment: exponent, R0, guard, sticky, flags", 8 + BF16_M + 1 + 2 + 3),
+                ("cut after the rounding add: word, flags", 15 + 3)]
+    terms = [(name, n, 0) for name, n in luts] + [(name, 0, n) for name, n in ffs]
+    return terms
+
+
 def floor(cfg: DecoderConfig) -> dict[str, dict[str, int]]:
-    """Per-lane floor estimate {target: {luts, ffs, ram, dsps}} (see the module docstring)."""
-    lay, w, p = cfg.layout, cfg.hif.bits, cfg.sig_bits
-    ew = cfg.exp_shape.width
-    mux = w if lay.banks == 2 else 0
-    luts = mux + ew + ceil_div(p, 2) + ew + (7 + 3) * 4 + ceil_div(p - 1, 4) + 15 + 16
-    ffs_core = (p + ew + 1) + (9 + 2 + ew + 2) + 16
-    return {
-        "ecp5": {"luts": luts, "ffs": ffs_core + lay.banks * w, "dsps": 1,
-                 "ram": lay.banks * 2 * ceil_div(1 << lay.code_bits, 16) * ceil_div(w, 4)},
-        "ice40": {"luts": luts, "ffs": ffs_core, "dsps": 1,
-                  "ram": max(1, ceil_div(lay.banks * 2 * (1 << lay.code_bits) * w, 4096))},
-    }
+    """Per-lane floor {target: {luts, ffs, ram, dsps}} of ``cfg`` (the sum of ``floor_terms``)."""
+    lay, w = cfg.layout, lut_word.word(cfg).size
+    out = {}
+    for t in SWEEP_TARGETS:
+        terms = floor_terms(cfg, t)
+        out[t] = {"luts": sum(r[1] for r in terms), "ffs": sum(r[2] for r in terms), "dsps": 0,
+                  "ram": (lay.banks * 2 * ceil_div(1 << lay.code_bits, 16) * ceil_div(w, 4)) if t == "ecp5"
+                  else max(1, ceil_div(lay.banks * 2 * (1 << lay.code_bits) * w, 4096))}
+    return out
 
 
 RAM_KEY = {"ecp5": "lutram", "ice40": "brams"}
@@ -96,23 +142,27 @@ def slope(lanes: np.ndarray, values: np.ndarray) -> float:
 def summarize(results: dict[str, dict[str, dict]], lanes: list[int]) -> dict:
     out = {}
     cfgs = [sweep_config(n) for n in lanes]
-    fl = floor(cfgs[0])
+    floors = [floor(c) for c in cfgs]
+    n = np.array(lanes, dtype=float)
     for t in SWEEP_TARGETS:
         recs = [results[c.name][t] for c in cfgs]
-        n = np.array(lanes, dtype=float)
-        luts = np.array([r["luts"] for r in recs], dtype=float)
-        ffs = np.array([r["ffs"] for r in recs], dtype=float)
-        ram = np.array([r[RAM_KEY[t]] for r in recs], dtype=float)
-        per = {"luts": slope(n, luts), "ffs": slope(n, ffs), "ram": slope(n, ram)}
+        design = {"luts": [r["luts"] for r in recs], "ffs": [r["ffs"] for r in recs],
+                  "ram": [r[RAM_KEY[t]] for r in recs]}
+        per = {k: slope(n, np.array(v, dtype=float)) for k, v in design.items()}
+        # the floor's own marginal cost over the same N (its skid depth and code register change with N)
+        fl = {k: slope(n, n * np.array([f[t][k] for f in floors], dtype=float)) for k in per}
         out[t] = {
-            "device": TARGETS[t].device, "constraint_mhz": TARGETS[t].freq_mhz, "floor_per_lane": fl[t],
+            "device": TARGETS[t].device, "constraint_mhz": TARGETS[t].freq_mhz,
+            "floor_slope_per_lane": {k: round(v, 1) for k, v in fl.items()},
+            "floor_terms": [list(r) for r in floor_terms(cfgs[-1], t)], "floor_terms_lanes": lanes[-1],
             "slope_per_lane": {k: round(v, 1) for k, v in per.items()},
-            "slope_over_floor": {k: round(per[k] / fl[t][k], 2) for k in per},
+            "slope_over_floor": {k: round(per[k] / fl[k], 2) for k in per},
             "rows": [{"lanes": int(k), "luts": r["luts"], "ffs": r["ffs"], "ram": r[RAM_KEY[t]],
                       "dsps": r["dsps"], "luts_per_lane": round(r["luts"] / k, 1),
-                      "ffs_per_lane": round(r["ffs"] / k, 1), "fmax_mhz": r["fmax_mhz"],
+                      "ffs_per_lane": round(r["ffs"] / k, 1), "floor_luts_per_lane": f[t]["luts"],
+                      "floor_ffs_per_lane": f[t]["ffs"], "fmax_mhz": r["fmax_mhz"],
                       "critical_path": r.get("critical_path"), "note": r.get("note", ""),
-                      "wall_s": r["wall_s"]} for k, r in zip(lanes, recs)],
+                      "wall_s": r["wall_s"]} for k, r, f in zip(lanes, recs, floors)],
         }
     return out
 
@@ -120,20 +170,24 @@ def summarize(results: dict[str, dict[str, dict]], lanes: list[int]) -> dict:
 def markdown(summary: dict) -> str:
     lines = []
     for t, s in summary.items():
-        f = s["floor_per_lane"]
+        f = s["floor_slope_per_lane"]
         ram = "DPR16X4" if t == "ecp5" else "RAM40"
-        lines += [f"**{s['device']}** (constraint {s['constraint_mhz']:g} MHz; floor per lane: "
-                  f"{f['luts']} LUT4, {f['ffs']} FF, {f['ram']} {ram}, {f['dsps']} DSP)", "",
-                  f"| lanes | LUT4 | LUT4/lane | FF | FF/lane | {ram} | DSP | Fmax (MHz) | note |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"**{s['device']}** (constraint {s['constraint_mhz']:g} MHz; marginal floor per lane: "
+                  f"{f['luts']} LUT4, {f['ffs']} FF, {f['ram']} {ram}, no DSP)", "",
+                  f"| lanes | LUT4 | LUT4/lane | floor | FF | FF/lane | floor | {ram} | DSP | Fmax (MHz) | note |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in s["rows"]:
             fmax = "-" if r["fmax_mhz"] is None else f"{r['fmax_mhz']:.1f}"
-            lines.append(f"| {r['lanes']} | {r['luts']} | {r['luts_per_lane']} | {r['ffs']} | "
-                         f"{r['ffs_per_lane']} | {r['ram']} | {r['dsps']} | {fmax} | {r['note']} |")
+            lines.append(f"| {r['lanes']} | {r['luts']} | {r['luts_per_lane']} | {r['floor_luts_per_lane']} | "
+                         f"{r['ffs']} | {r['ffs_per_lane']} | {r['floor_ffs_per_lane']} | {r['ram']} | "
+                         f"{r['dsps']} | {fmax} | {r['note']} |")
         sl, ratio = s["slope_per_lane"], s["slope_over_floor"]
         lines += ["", f"Marginal cost of a lane (slope over N >= 4): {sl['luts']} LUT4 "
                   f"({ratio['luts']}x floor), {sl['ffs']} FF ({ratio['ffs']}x), {sl['ram']} {ram} "
-                  f"({ratio['ram']}x).", ""]
+                  f"({ratio['ram']}x).", "", f"Floor terms per lane at {s['floor_terms_lanes']} lanes:", "",
+                  "| term | LUT4 | FF |", "|---|---:|---:|"]
+        lines += [f"| {name} | {lut or ''} | {ff or ''} |" for name, lut, ff in s["floor_terms"] if lut or ff]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -20,8 +20,8 @@ from sop.hdl.config import named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.replica import replica
 from sop.synth.flow.cli import main
-from sop.synth.flow.yosys_nextpnr import (REPORT_KEYS, TARGETS, Target, for_target, markdown_table, report,
-                                          run_config, run_design, write_reports)
+from sop.synth.flow.yosys_nextpnr import (REPORT_KEYS, TARGETS, Target, for_target, late_endpoints, markdown_table,
+                                          report, run_config, run_design, write_reports)
 from sop.synth.gateware.wrapper import IoWrapper, fold_levels, port_bits
 
 # docs/synthesis.md, "The floor": a sop4 lane needs at least 108 LUT4 (one per result bit of each
@@ -236,3 +236,23 @@ def test_targets_declare_their_report_keys(name):
     t = TARGETS[name]
     assert {"luts", "ffs", "brams", "dsps"} <= set(t.counts)
     assert (t.freq_mhz is None) == (not t.pnr)
+
+
+def test_late_endpoints_groups_registers_by_name_worst_first():
+    """nextpnr's detailed report (shape of ``--detailed-timing-report``): endpoints after 96 % of the
+    period are counted per register (lane and bit numbers folded), pins left out, worst first."""
+    def net(name, *ends):
+        return {"net": name, "endpoints": [{"cell": c, "delay": [0.5, t]} for c, t in ends]}
+    report = {"detailed_net_timings": [
+        net("dut.lanes.bank.wdata_g9", ("dut.lanes.bank.wdata_g3_TRELLIS_FF_Q_2", 6.1),
+            ("dut.lanes.bank.wdata_g12_TRELLIS_FF_Q", 5.0), ("dut.lanes.bank.wdata_g1_TRELLIS_FF_Q", 4.7)),
+        net("dut.lanes.lane_7.word5", ("dut.lanes.lane_7.word5_TRELLIS_FF_Q_14", 5.5)),
+        net("dout[3]$TRELLIS_IO_OUT", ("dout[3]$tr_io", 8.6)),
+    ]}
+    got = late_endpoints(report, 200.0)            # late: after 4.8 ns
+    assert got == [{"register": "dut.lanes.bank.wdata_g#", "count": 2, "worst_ns": 6.1,
+                    "via": "dut.lanes.bank.wdata_g9"},
+                   {"register": "dut.lanes.lane_#.word#", "count": 1, "worst_ns": 5.5,
+                    "via": "dut.lanes.lane_7.word5"}]
+    assert late_endpoints(report, 100.0) == []     # a 10 ns period: none late
+    assert late_endpoints({}, 200.0) == []         # no detailed report

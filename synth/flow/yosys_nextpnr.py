@@ -138,6 +138,10 @@ TARGETS["ecp5-nodsp"] = Target(**{
     **TARGETS["ecp5"].__dict__, "name": "ecp5-nodsp",
     "synth": TARGETS["ecp5"].synth.replace("synth_ecp5", "synth_ecp5 -nodsp"),
     "fallback": TARGETS["ecp5"].fallback.replace("synth_ecp5", "synth_ecp5 -nodsp")})
+# Not in `make synth`: the ECP5 flow with every endpoint's arrival time (`--target ecp5-timing`):
+# the record's ``late_endpoints`` groups the registers that arrive late (``late_endpoints``).
+TARGETS["ecp5-timing"] = Target(**{**TARGETS["ecp5"].__dict__, "name": "ecp5-timing",
+                                   "pnr": TARGETS["ecp5"].pnr + ("--detailed-timing-report",)})
 DEFAULT_TARGETS = ("generic", "ice40", "ecp5")
 REPORT_KEYS = ("luts", "ffs", "brams", "dsps", "fmax_mhz")
 
@@ -285,13 +289,42 @@ def place_and_route(work: Path, target: Target, freq_mhz: float, *, seed: int = 
     _run(argv, work, work / "nextpnr.log", target.pnr[0])
 
 
-def read_pnr(work: Path) -> dict:
-    """Fmax (the slowest clock; None without a register-to-register path), utilisation, critical path."""
+LATE = 0.96         # an endpoint is late when it arrives after this share of the clock period
+
+
+def late_endpoints(report: dict, freq_mhz: float) -> list[dict]:
+    """Endpoints arriving after ``LATE`` of the period, grouped by register (bit and lane numbers
+    folded to ``#``), worst first: ``{"register", "count", "worst_ns", "via"}`` (the net into the
+    worst one). Needs nextpnr's ``--detailed-timing-report`` (the ``ecp5-timing`` target); empty
+    without it. I/O pins are left out: the wrapper's pins are not timed paths of the design."""
+    limit = LATE * 1e3 / freq_mhz
+    groups: dict[str, dict] = {}
+    for net in report.get("detailed_net_timings", []):
+        if "$TRELLIS_IO" in net["net"] or "$SB_IO" in net["net"]:
+            continue
+        for end in net["endpoints"]:
+            arrival = end["delay"][1]
+            if arrival <= limit:
+                continue
+            g = groups.setdefault(re.sub(r"\d+", "#", _signal(end["cell"])),
+                                  {"count": 0, "worst_ns": 0.0, "via": ""})
+            g["count"] += 1
+            if arrival > g["worst_ns"]:
+                g["worst_ns"], g["via"] = round(arrival, 3), _signal(net["net"])
+    return [{"register": k, **v} for k, v in sorted(groups.items(), key=lambda kv: -kv[1]["worst_ns"])]
+
+
+def read_pnr(work: Path, freq_mhz: float | None = None) -> dict:
+    """Fmax (the slowest clock; None without a register-to-register path), utilisation, critical
+    path; with ``freq_mhz`` and a detailed report, the late endpoints too."""
     report = json.loads((work / "pnr.json").read_text())
     clocks = {k: v["achieved"] for k, v in report.get("fmax", {}).items()}
-    return {"fmax_mhz": round(min(clocks.values()), 2) if clocks else None, "clocks": clocks,
-            "utilisation": {k: v for k, v in report.get("utilization", {}).items() if v["used"]},
-            "critical_path": critical_path(report)}
+    out = {"fmax_mhz": round(min(clocks.values()), 2) if clocks else None, "clocks": clocks,
+           "utilisation": {k: v for k, v in report.get("utilization", {}).items() if v["used"]},
+           "critical_path": critical_path(report)}
+    if freq_mhz and "detailed_net_timings" in report:
+        out["late_endpoints"] = late_endpoints(report, freq_mhz)
+    return out
 
 
 def run_key(text: str, target: Target, freq_mhz: float | None) -> str:
@@ -348,7 +381,7 @@ def run_design(dut: wiring.Component, name: str, target: str | Target, out: Path
         if meta["pnr_error"]:
             rec["note"] = f"place and route failed: {meta['pnr_error']}"
         else:
-            rec.update(read_pnr(work))
+            rec.update(read_pnr(work, freq_mhz))
     if meta.get("fallback_after"):
         rec["note"] = (f"{target.synth.split()[0]} failed ({meta['fallback_after']}): mapped with the "
                        f"fallback script; " + rec["note"]).rstrip("; ")
