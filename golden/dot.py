@@ -156,8 +156,8 @@ def activation_codes(x, act) -> np.ndarray:
     bad = back != x64                          # -0.0 == 0.0: a signed zero is held (encode keeps the sign)
     if bad.any():
         pos = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"activation {_where(pos, x.ndim)} = {float(x64[pos])!r} is not a {fmt.name} value "
-                         f"(nearest: {float(back[pos])!r}); give values {fmt.name} holds exactly")
+        raise ValueError(f"activation {_where(pos, x.ndim)} = {float(x64[pos])!r} is not exactly representable "
+                         f"in {fmt.name} (nearest: {float(back[pos])!r}); give values {fmt.name} holds exactly")
     return codes
 
 

@@ -90,7 +90,7 @@ CASES = {
     "inf in a batch": (np.where(np.arange(80).reshape(2, 40) == 45, -np.inf, 1).astype(np.float32),
                        "x[1, 5] = -inf is not finite"),
     "not bf16": (np.where(np.arange(40) == 3, 1 + 2.0 ** -12, 0).astype(np.float32),
-                 "x[3] = 1.000244140625 is not a bf16 value"),
+                 "x[3] = 1.000244140625 is not exactly representable in bf16"),
     "float64": (np.zeros(40), "must be float32, got float64"),
     "int": (np.zeros(40, np.int32), "must be float32, got int32"),
     "3-D": (np.zeros((1, 2, 40), np.float32), "1-D (in,) or 2-D (batch, in)"),
@@ -112,7 +112,7 @@ def test_e4m3_refuses_what_e4m3_does_not_hold(artifacts, tmp_path, capsys):
     x = bad_x(tmp_path, "x.npy", np.full(40, 500.0, np.float32))       # beyond E4M3's 448
     err = one_error_line(capsys, ["gemv", artifacts["sop4-g16"], "--layer", PADDED, "--x", x, "--x-format", "e4m3",
                                   "--out", tmp_path / "y.npy"])
-    assert "x[0] = 500.0 is not a e4m3 value" in err
+    assert "x[0] = 500.0 is not exactly representable in e4m3" in err
 
 
 def test_files_that_are_not_one_npy_array(artifacts, tmp_path, capsys):
