@@ -1,0 +1,226 @@
+"""FP32 row accumulation: a pipelined binary32 adder and the row accumulator built on it (docs/dot.md).
+
+Role: the GEMV engine's second stage (issue 15, section 2): the block values
+``V_b`` of a row (hdl.block_dot) summed as golden.dot defines it,
+``y_r = (((+0 + V_0) + V_1) + ...)``, each ``+`` an IEEE binary32 addition rounded
+to nearest even, subnormals kept, saturating at +-FLT_MAX (``golden.dot.fp32_add``,
+``accumulate_blocks``).
+
+``Fp32Add``: ``s = a + b``, ``latency`` enabled edges later (every register
+advances on ``en``; reset-less datapath). Finite operands by contract (the block
+dot unit never makes Inf or NaN). Stages, each one carry chain or two to three
+LUT levels:
+
+1. unpack (``e' = max(e, 1)``, the hidden bit), ``|a| >= |b|`` (a 31-bit
+   compare), both exponent differences;
+2. swap: the larger magnitude ``big``, the smaller ``small`` (with three bits
+   below it: guard, round, sticky), the shift ``d`` (clamped to 31: from 27 on
+   everything is sticky), the result's sign (the larger's), the sign of an exact
+   zero (``-`` only for ``-0 + -0``), and the normalization barrier (below);
+3. - 5. ``small >> d``, two bits of ``d`` per stage, the bits shifted out into
+   sticky, ORed into its bottom bit in the last;
+6. ``-small`` for a subtraction (a 29-bit chain);
+7. ``R = big + small`` (28 bits: a carry bit, 24, guard/round/sticky): exact but for sticky;
+8. ``R | barrier``: the barrier bit at ``27 - e'_big`` makes the leading-zero count
+   ``k = min(lz(R), e'_big)``, so a result below the smallest normal comes out
+   aligned to the subnormal quantum (as hdl.block_dot);
+9. - 10. ``k`` (hdl.block_dot.leading_zeros_pipelined);
+11. - 13. ``R << k`` (two bits of ``k`` per stage); beside the first, ``e'_big - k``;
+14. - 16. round to nearest even, saturate, sign (hdl.block_dot.round_fp32).
+
+The 3 extra bits suffice for a correctly rounded sum: a shift of ``d >= 2`` leaves
+at most one bit of normalization (guard and round stay exact, sticky is the OR
+of the rest); ``d <= 1`` loses nothing.
+
+``RowAccumulator``: ``slots`` running sums around a ring: the operand registers,
+the adder and ``slots - latency`` more registers (``latency`` = the adder's + 1 =
+17), so that a sum comes back to the adder's input exactly ``slots`` enabled
+edges after it entered. The ring turns every enabled cycle
+(a position counter, mod ``slots``); a value for slot ``j`` is taken when the ring
+is at ``j`` (``values.ready = en & (pos == slot)``): it is added to the slot's sum
+(to +0 when ``first``), and when ``last`` the new sum leaves on ``sums`` with its
+slot. A turn with no value adds +0 (``x + (+0) = x``; a sum is never -0). Each
+slot's additions happen in the order its values arrive, from +0: golden's order,
+whatever the interleaving.
+
+Throughput: one value per cycle when consecutive values go to consecutive slots
+(``slots >= 17`` rows interleaved: a batch of ``slots`` activation vectors
+against the same block, or ``slots`` rows' blocks in turn); a single row (every
+value slot 0) takes one value per ``slots`` cycles: the loop-carried add cannot
+be one cycle at 200 MHz, and golden's order forbids reassociating a row's sum.
+
+Stream handshake as hdl.block_dot: one enable, decided a cycle ahead by an output
+buffer (hdl.pipeline, hdl.output_buffer), so no path from ``sums.ready`` to the
+datapath. Ports: ``values`` (in stream, ``value_layout(slots)``: ``value``
+(binary32), ``slot``, ``first``, ``last``), ``sums`` (out stream,
+``sum_layout(slots)``: ``value``, ``slot``). Latency: ``latency`` cycles from the
+``last`` value taken to its sum on ``sums``. ``model`` computes through
+golden.dot.accumulate_blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from sop.golden import dot
+
+from .arith import delay
+from .block_dot import (leading_zeros_pipelined, output_pipeline, round_fp32, shift_left, shift_stages,
+                        stage_reg)
+
+EXTRA = 3                       # guard, round, sticky below the smaller operand's significand
+R_BITS = 1 + 24 + EXTRA         # the sum: a carry bit, the significand, the extra bits
+MAX_ALIGN = 31                  # the alignment shift, clamped: from 27 on every bit is sticky
+#: Fp32Add's stages: unpack, swap, align, negate, add, barrier, leading zeros (2), normalize, round (3)
+ADD_LATENCY = 2 + shift_stages(MAX_ALIGN) + 2 + 1 + 2 + shift_stages(R_BITS) + 3
+
+
+def _unpack(x):
+    """(sign, significand with its hidden bit, e' = max(e, 1)) of a binary32 pattern."""
+    e = x[23:31]
+    return x[31], Cat(x[:23], e.any()), Cat(x[23] | ~e.any(), x[24:31])
+
+
+class Fp32Add(wiring.Component):
+    def __init__(self):
+        self.latency = ADD_LATENCY
+        super().__init__({"en": In(1), "a": In(unsigned(32)), "b": In(unsigned(32)), "s": Out(unsigned(32))})
+
+    def elaborate(self, platform):
+        m = Module()
+        en = self.en
+
+        def reg(name, value, shape):
+            return stage_reg(m, en, name, value, shape)
+
+        # 1: unpack, compare magnitudes, both exponent differences
+        (sa, ma, ea), (sb, mb, eb) = _unpack(self.a), _unpack(self.b)
+        a_ge = reg("a_ge", self.a[:31] >= self.b[:31], 1)
+        sa, sb = reg("sa", sa, 1), reg("sb", sb, 1)
+        ma, mb = reg("ma", ma, unsigned(24)), reg("mb", mb, unsigned(24))
+        da, db = reg("da", ea - eb, unsigned(8)), reg("db", eb - ea, unsigned(8))     # the right one is >= 0
+        ea, eb = reg("ea", ea, unsigned(8)), reg("eb", eb, unsigned(8))
+        # 2: swap; the shift clamped; the barrier at 27 - e'_big
+        d = Mux(a_ge, da, db)
+        big = reg("big", Mux(a_ge, ma, mb), unsigned(24))
+        small = reg("small", Cat(Const(0, EXTRA), Mux(a_ge, mb, ma)), unsigned(24 + EXTRA))
+        e_big = Mux(a_ge, ea, eb)
+        dc = reg("dc", Mux(d[5:].any(), MAX_ALIGN, d[:5]), unsigned(5))
+        barrier = reg("barrier", Cat(e_big == R_BITS - 1 - i for i in range(R_BITS)), unsigned(R_BITS))
+        e_big = reg("e_big", e_big, unsigned(8))
+        sign = reg("sign", Mux(a_ge, sa, sb), 1)
+        sub = reg("sub", sa ^ sb, 1)
+        zsign = reg("zsign", sa & sb, 1)               # an exact zero is -0 only for -0 + -0
+        # 3-5: align the smaller operand, the bits shifted out into sticky
+        n_align = shift_stages(MAX_ALIGN)
+        sticky = Const(0, 1)
+        for i in range(n_align):
+            lo = 2 * i
+            bits = dc[lo:lo + 2]
+            shifted = Array([small >> (j << lo) for j in range(1 << len(bits))])
+            lost = Array([small[:j << lo].any() if j else Const(0, 1) for j in range(1 << len(bits))])
+            if i + 1 < n_align:
+                sticky = reg(f"sticky{i}", sticky | lost[bits], 1)
+                small = reg(f"align{i}", shifted[bits], unsigned(24 + EXTRA))
+            else:                                       # the last stage ORs sticky into the bottom bit
+                small = reg(f"align{i}", shifted[bits] | sticky | lost[bits], unsigned(24 + EXTRA))
+            dc = reg(f"dc{i}", dc, dc.shape())
+        big, e_big, barrier, sign, sub, zsign = (
+            delay(m, en, v, n_align, v.name) for v in (big, e_big, barrier, sign, sub, zsign))
+        # 6: the smaller operand (sticky at its bottom), negated for a subtraction; 7: the sum,
+        #    exact but for sticky (|big| >= |small|: never negative)
+        small = reg("small_n", Mux(sub, -small, small), signed(R_BITS + 1))
+        big, e_big, barrier, sign, zsign = (reg(f"{v.name}_n", v, v.shape())
+                                            for v in (big, e_big, barrier, sign, zsign))
+        r = reg("r", Cat(Const(0, EXTRA), big) + small, unsigned(R_BITS))
+        e_big, barrier, sign, zsign = (reg(f"{v.name}_s", v, v.shape()) for v in (e_big, barrier, sign, zsign))
+        # 7: the barrier; zero detection
+        rb = reg("rb", r | barrier, unsigned(R_BITS))
+        zero = reg("zero", r == 0, 1)
+        # 8-9: k = min(lz(R), e'_big)
+        k = leading_zeros_pipelined(m, en, rb, "k")
+        r, e_big, sign, zsign = (delay(m, en, v, 3, f"{v.name}_k") for v in (r, e_big, sign, zsign))
+        zero = delay(m, en, zero, 2, "zero_k")
+        # 10-12: normalize; e'_big - k (the biased exponent minus one of a normal result, else 0)
+        ebm1 = stage_reg(m, en, "ebm1", e_big - k, unsigned(8))
+        n_norm = shift_stages(R_BITS)
+        rs = shift_left(m, en, r, k, R_BITS, "norm")
+        ebm1 = delay(m, en, ebm1, n_norm - 1, "ebm1")
+        zero, sign, zsign = (delay(m, en, v, n_norm, f"{v.name}_n") for v in (zero, sign, zsign))
+        # 13-15: round, saturate, sign
+        assert shift_stages(MAX_ALIGN) == n_align and self.latency == 2 + n_align + 2 + 1 + 2 + n_norm + 3
+        m.d.comb += self.s.eq(round_fp32(m, en, rs, ebm1, zero, sign, zsign, self.round_up, "r"))
+        return m
+
+    @staticmethod
+    def round_up(lsb, guard, sticky):
+        """Round to nearest, ties to even."""
+        return guard & (sticky | lsb)
+
+
+def add_model(a, b) -> np.ndarray:
+    """``Fp32Add``'s sums (uint32 patterns) of patterns ``a``, ``b``: golden.dot.fp32_add."""
+    a, b = (np.asarray(x, np.uint32).view(np.float32) for x in (a, b))
+    return dot.fp32_add(a, b).view(np.uint32)
+
+
+def value_layout(slots: int) -> data.StructLayout:
+    return data.StructLayout({"value": unsigned(32), "slot": range(slots), "first": unsigned(1),
+                              "last": unsigned(1)})
+
+
+def sum_layout(slots: int) -> data.StructLayout:
+    return data.StructLayout({"value": unsigned(32), "slot": range(slots)})
+
+
+class RowAccumulator(wiring.Component):
+    def __init__(self, slots: int):
+        if slots < ADD_LATENCY + 1:
+            self._MustUse__silence = True        # refused: never elaborated, no unused-component warning
+            raise ValueError(f"{slots} slots: the ring needs at least its operand register and the adder's "
+                             f"latency, {ADD_LATENCY + 1}")
+        self.slots = slots
+        self.latency = ADD_LATENCY + 1
+        super().__init__({"values": In(stream.Signature(value_layout(slots))),
+                          "sums": Out(stream.Signature(sum_layout(slots)))})
+
+    def elaborate(self, platform):
+        m = Module()
+        S, L = self.slots, self.latency
+        ctl, out = output_pipeline(m, L, self.sums)
+        en = ctl.enable.lane[0]
+        m.submodules.add = add = Fp32Add()
+        pos = Signal(range(S), name="pos")                 # the ring's position: the slot at the adder's input
+        with m.If(ctl.enable.en):
+            m.d.sync += pos.eq(Mux(pos == S - 1, 0, pos + 1))
+        v = self.values.payload
+        take = Signal(name="take")
+        m.d.comb += [self.values.ready.eq(ctl.enable.en & (v.slot == pos)), take.eq(self.values.valid &
+                                                                                    self.values.ready)]
+        # the operands registered (the adder's compare then starts at a register), the adder, and
+        # S - L - 1 more registers: a sum is back at the input S enabled edges after it entered
+        ring = delay(m, en, add.s, S - L, "ring")
+        a = stage_reg(m, en, "opa", Mux(take & v.first, 0, ring), unsigned(32))
+        b = stage_reg(m, en, "opb", Mux(take, v.value, 0), unsigned(32))
+        m.d.comb += [add.en.eq(en), add.a.eq(a), add.b.eq(b), ctl.valid.eq(take & v.last)]
+        slot = delay(m, en, pos, L, "slot")
+        m.d.comb += Value.cast(out.last).eq(Cat(add.s, slot))           # sum_layout: value, then slot
+        return m
+
+
+def model(values, slots, first, last) -> list[tuple[int, int]]:
+    """The sums (binary32 pattern, slot) in the order they leave: each slot's values summed from +0
+    (at ``first``) in arrival order, one sum out at each ``last``, by golden.dot.accumulate_blocks."""
+    values = np.asarray(values, np.uint32).view(np.float32)
+    open_rows: dict[int, list[int]] = {}
+    out = []
+    for i, (s, f, l) in enumerate(zip(slots, first, last)):         # one pass over the values
+        row = [i] if f else open_rows.get(int(s), []) + [i]
+        open_rows[int(s)] = row
+        if l:
+            y = dot.accumulate_blocks(values[row][None, :])[0]
+            out.append((int(np.float32(y).view(np.uint32)), int(s)))
+    return out
