@@ -13,11 +13,21 @@ computed as integers, the way the datapath does it (``product_fields``)::
 so that ``value = (-1)^sign * sig * 2^exp`` exactly (a zero keeps its sign, so
 a zero entry under a negative scale gives -0). A NaN scale code (UE8M0
 0xFF, UE4M3 0x7F) yields NaN. Sparse residuals are then added to the exact
-product (in float64), and the sum is rounded once into the output format:
+product, and the exact sum is rounded once into the output format
+(docs/formats.md section 9):
 
-* ``"exact"``: no rounding (float64 holds every product exactly);
-* ``"bf16"``: round to nearest, ties to even, saturating, subnormals kept
-  (golden.formats' rule; BF16 = E8M7, bias 127).
+* ``"exact"``: without residuals no rounding (float64 holds every product
+  exactly); with them, the exact sum rounded once to float64 (an IEEE float64
+  addition of two float64 values is exactly that);
+* ``"bf16"``: the exact sum rounded once to BF16: to nearest, ties to even,
+  saturating, subnormals kept (golden.formats' rule; BF16 = E8M7, bias 127).
+  ``sum_to_bf16_grid`` makes the one rounding exact: float64 alone would round
+  twice (a product near 2^100 plus a residual near 2^-133 first to float64, whose
+  result can sit exactly on a BF16 tie that the exact sum does not).
+
+The sum's zero follows IEEE round-to-nearest: ``x + (-x) = +0``, ``(-0) + (-0) = -0``,
+``(-0) + (+0) = +0``. A layer that carries sparse entries adds its residual to
+*every* value (``+0`` where it has no entry), so there a -0 product decodes to +0.
 """
 
 from __future__ import annotations
@@ -59,9 +69,38 @@ def product_fields(hif: FloatFormat, luts, layout: BlockLayout, offset: int, hea
     return sh ^ sign_b[:, None], Sh * Ss[:, None], Xh + (Xs + offset)[:, None], nan
 
 
+def sum_to_bf16_grid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a + b`` (float64 arrays) rounded to odd in float64: a float64 whose BF16 rounding
+    (to nearest even, saturating) is the BF16 rounding of the exact sum.
+
+    TwoSum gives ``s = fl(a + b)`` and the exact error ``e = (a + b) - s`` (exact for any
+    finite ``a``, ``b`` whose sum does not overflow, which no decoded value comes near).
+    Where ``e != 0`` and ``s`` has an even significand, ``s`` moves one ulp towards ``e``:
+    that is the odd one of the two float64 neighbours of the exact sum (round to odd).
+    A rounding to odd at p bits followed by a rounding to nearest at q <= p - 2 bits is
+    the rounding to nearest of the exact value (Boldo and Melquiond): 53 >= 8 + 2 for
+    BF16's normal range, and BF16's subnormals and the saturation threshold are farther
+    apart still. A zero sum is exact (``e == 0``) and keeps IEEE's sign (``x + (-x) = +0``,
+    ``(-0) + (-0) = -0``); a nonzero sum is never rounded to float64 zero (every float64
+    sum that small is exact). NaN propagates."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    bits = s.view(np.int64)
+    odd = (e != 0) & ((bits & 1) == 0)                  # NaN: e is NaN, != 0, but s stays NaN below
+    # one ulp away from zero (bits + 1) where e has the sign of s, towards zero (bits - 1) else:
+    # sign-magnitude bit patterns, so the same for either sign of s
+    step = np.where(np.signbit(e) == np.signbit(s), 1, -1)
+    return np.where(odd & ~np.isnan(s), (bits + step * odd).view(np.float64), s)
+
+
 def decode_blocks(hif: FloatFormat, luts, layout: BlockLayout, offset: int, headers, codes,
                   out: str = "exact", residual: np.ndarray | None = None) -> np.ndarray:
-    """Decoded values (n, g) of blocks given as header and code arrays."""
+    """Decoded values (n, g) of blocks given as header and code arrays.
+
+    ``residual`` (float64, one per value, BF16 values; +0 where a layer with sparse entries
+    has none) is added to the exact products and the sum rounded once (module docstring)."""
     if out not in OUTPUTS:
         raise ValueError(f"unknown output format {out!r}; valid: {', '.join(OUTPUTS)}")
     sign, sig, exp, nan = product_fields(hif, luts, layout, offset, headers, codes)
@@ -70,7 +109,10 @@ def decode_blocks(hif: FloatFormat, luts, layout: BlockLayout, offset: int, head
     # negative scale decodes to -0 (BF16 0x8000), as the datapath's sign bit does.
     value = np.where(nan, np.nan, np.where(sign == 1, -magnitude, magnitude))
     if residual is not None:
-        value = value + residual.reshape(value.shape)
+        residual = np.asarray(residual, dtype=np.float64).reshape(value.shape)
+        # float64 output: one IEEE addition is the exact sum rounded once to float64;
+        # BF16 output: rounded to odd, so that the BF16 rounding below is the only one
+        value = sum_to_bf16_grid(value, residual) if out == "bf16" else value + residual
     if out == "bf16":
         bf16 = FORMATS["bf16"]
         finite = ~np.isnan(value)

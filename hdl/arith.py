@@ -16,7 +16,7 @@ gate in synthesis.
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -29,6 +29,44 @@ def leading_zeros(m: Module, value, name: str):
         with m.If(value[i]):
             m.d.comb += lz.eq(w - 1 - i)
     return lz
+
+
+def leading_zeros_tree(m: Module, value, name: str):
+    """Leading zeros of ``value`` within its width (0 for a zero value, as ``leading_zeros``),
+    as a tree of halves: ``log2(width)`` levels of 2:1 muxes, not a priority chain."""
+    def lz(v):
+        w = len(v)
+        if w == 1:
+            return Cat(~v[0]), v[0]           # (leading zeros of a 1-bit value, nonzero)
+        lo_w = w // 2
+        hi, lo = v[lo_w:], v[:lo_w]
+        (lz_hi, nz_hi), (lz_lo, nz_lo) = lz(hi), lz(lo)
+        out_w = w.bit_length()
+        return Mux(nz_hi, lz_hi, (len(hi) + lz_lo)[:out_w]), nz_hi | nz_lo
+
+    count, nonzero = lz(value)
+    out = Signal(range(len(value) + 1), name=name)
+    m.d.comb += out.eq(Mux(nonzero, count, 0))
+    return out
+
+
+class Stages:
+    """Register stages on an enable: ``stage(*pairs)`` builds one stage, a reset-less register per
+    ``(name, value, shape)`` loaded from ``value`` when ``en`` is high, and returns them; ``depth``
+    counts the stages built (a component checks its latency against it)."""
+
+    def __init__(self, m: Module, en):
+        self.m, self.en, self.depth = m, en, 0
+
+    def __call__(self, *pairs):
+        self.depth += 1
+        regs = []
+        for name, value, shape in pairs:
+            r = Signal(shape, name=name, reset_less=True)
+            with self.m.If(self.en):
+                self.m.d.sync += r.eq(value)
+            regs.append(r)
+        return regs
 
 
 def delay(m: Module, en, value, stages: int, name: str):

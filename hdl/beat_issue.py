@@ -33,6 +33,15 @@ Reset clears ``valid``, ``take``, the chunk counter and the page pointer
 Latency: 1 (``latency``): a beat whose handshake is at edge ``t`` issues its
 first codes in the cycle after it. ``model`` is the cycle model (golden.layout
 unpacks the beats, ``scale_decoder.model`` decodes the headers).
+
+Sparse residuals (``config.residuals > 0``): a ``merge`` interface
+(hdl.residual.MergeIssueSignature) tells the merge what stage 0 does and takes
+back ``hold_next``; ``hold`` (registers: one for the control, one per lane group,
+all loaded with ``hold_next`` every cycle) makes stage 0 present its chunk again
+next cycle: while ``hold`` is high nothing in stage 0 moves, no beat is taken
+(``blocks.ready`` low) and ``valid`` is low (the pass is a bubble of
+the valid chain; the lanes compute it all the same, for the residual adders).
+Without residuals none of this is built.
 """
 
 from __future__ import annotations
@@ -81,13 +90,17 @@ class BeatIssue(wiring.Component):
     def __init__(self, config: DecoderConfig, *, mux=CodebookMux):
         # mux: the codebook mux class (tests replace it with a broken one)
         self.config, self._mux_cls = config, mux
-        super().__init__({
+        members = {
             "blocks": In(stream.Signature(config.beat_layout)),
             "enable": In(EnableSignature(config.lanes)),
             "valid": Out(1),
             "lanes": Out(LaneIssueSignature(config)),
             "groups": Out(GroupIssueSignature(config)),
-        })
+        }
+        if config.residuals:
+            from .residual import MergeIssueSignature
+            members["merge"] = Out(MergeIssueSignature())
+        super().__init__(members)
 
     @property
     def latency(self) -> int:
@@ -114,19 +127,28 @@ class BeatIssue(wiring.Component):
         # ``take``: the beat in hand issues its last codes this cycle (or there is none), so a new
         # beat may be taken. A register, one copy per lane group and one for the control, decided a
         # cycle ahead, so that it does not fan out from the chunk counter's logic.
+        # ``hold`` (sparse residuals only): stage 0 keeps its chunk this cycle, one copy for the
+        # control and one per lane group, all loaded with the merge's ``hold_next``
+        if cfg.residuals:
+            hold = rep.replica(1, name="hold_ctl")
+            hold_g = [rep.replica(1, name=f"hold_g{grp}") for grp in range(n_groups)]
+            m.d.sync += [h.eq(self.merge.hold_next) for h in [hold] + hold_g]
+            en_ctl = en & ~hold
+        else:
+            hold, hold_g, en_ctl = 0, [0] * n_groups, en
         if C > 1:
             chunk = Signal(range(C))                       # which N codes of the block issue now
             take = rep.replica(1, name="take_ctl", init=1)
             take_g = [rep.replica(1, name=f"take_g{grp}", init=1) for grp in range(n_groups)]
             take_next = Mux(take, ~self.blocks.valid, chunk == C - 2)
-            with m.If(en):
+            with m.If(en_ctl):
                 m.d.sync += [t.eq(take_next) for t in [take] + take_g]
         else:
             take, take_g = 1, [1] * n_groups
-        m.d.comb += self.blocks.ready.eq(en & take)
+        m.d.comb += self.blocks.ready.eq(en_ctl & take)
         # the page of a beat taken now (where ready is high, a valid beat is an accepted one)
         page = active ^ (self.blocks.valid & self.blocks.payload.swap)
-        with m.If(en):
+        with m.If(en_ctl):
             with m.If(take):
                 m.d.sync += [hold_valid.eq(self.blocks.valid), active.eq(page)]
                 if C > 1:
@@ -134,15 +156,21 @@ class BeatIssue(wiring.Component):
             if C > 1:
                 with m.Else():
                     m.d.sync += chunk.eq(chunk + 1)
-        m.d.comb += [self.valid.eq(hold_valid), self.lanes.write_page.eq(~active),
-                     self.groups.write_page.eq(~active)]
+        m.d.comb += [self.valid.eq(hold_valid & ~hold if cfg.residuals else hold_valid),
+                     self.lanes.write_page.eq(~active), self.groups.write_page.eq(~active)]
+        if cfg.residuals:
+            mg = self.merge
+            m.d.comb += [mg.present.eq(hold_valid), mg.taken.eq(self.blocks.valid & self.blocks.ready),
+                         mg.present_next.eq(Mux(en_ctl & take, self.blocks.valid, hold_valid)),
+                         mg.swap.eq(self.blocks.payload.swap), mg.page.eq(page), mg.write_page.eq(~active)]
 
         # per lane group: its block's decoded header and the beat's page, each group's copy
         # on its own enable copy
         for grp in range(n_groups):
             held = rep.replica(scale_decoder.fields(cfg), name=f"fields_g{grp}", reset_less=True)
             held_page = rep.replica(1, name=f"page_g{grp}", reset_less=True)
-            with m.If(en_lane[grp * per_group] & take_g[grp]):
+            with m.If(en_lane[grp * per_group] & take_g[grp] & ~hold_g[grp] if cfg.residuals
+                      else en_lane[grp * per_group] & take_g[grp]):
                 m.d.sync += [held.eq(decoders[(grp * per_group) // g if B > 1 else 0].fields),
                              held_page.eq(page)]
             m.d.comb += [self.groups.fields[grp].fields.eq(held), self.groups.fields[grp].page.eq(held_page)]
@@ -157,7 +185,7 @@ class BeatIssue(wiring.Component):
             lane_bank = rep.replica(1, name=f"bank{i}", reset_less=True)
             block_base = (i // g) * lay.block_bits + H if B > 1 else H
             first = i % g if B > 1 else i
-            with m.If(en_lane[i]):
+            with m.If(en_lane[i] & ~hold_g[i // per_group] if cfg.residuals else en_lane[i]):
                 with m.If(take_g[i // per_group]):
                     m.d.sync += [codes.eq(Cat(beat[block_base + (first + c * N) * k:][:k] for c in range(C))),
                                  lane_page.eq(page)]

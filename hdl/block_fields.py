@@ -27,6 +27,12 @@ Ports
 Latency: ``latency`` (= ``read_latency``) enabled edges from ``issue`` to
 ``block``. ``model`` is hdl.scale_decoder.block_model (golden's scale fields
 and the offset).
+
+Sparse residuals (``config.residuals > 0``): ``layer_sparse`` (in), written with
+``offset_we`` beside the offset, is the page's flag "the layer carries sparse
+entries"; ``plus0`` (out, per lane) is the flag of the lane's block's page, in
+step with ``block``: in such a layer the formatter turns a -0 product into +0
+(the layer's residual is +0 where it has no entry, golden.decoder).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from . import replica as rep, scale_decoder
+from .arith import delay
 from .beat_issue import GroupIssueSignature
 from .config import DecoderConfig
 from .lut_bank import read_latency as table_read_latency
@@ -56,6 +63,7 @@ class BlockFields(wiring.Component):
             "offset": In(signed(8)),
             "offset_we": In(1),
             "block": Out(data.ArrayLayout(scale_decoder.block(config), config.lanes)),
+            **({"layer_sparse": In(1), "plus0": Out(data.ArrayLayout(1, config.lanes))} if config.residuals else {}),
         })
 
     @property
@@ -86,6 +94,13 @@ class BlockFields(wiring.Component):
                 m.d.sync += [getattr(r, name).eq(value)
                              for name, value in with_term(cfg, held.fields, terms[held.page]).items()]
             stages, sig_src = 1, getattr(held.fields, sig_name)
+            if cfg.residuals:          # the page's sparse flag, per group, in step with the fields
+                flags = Array(rep.replica(1, name=f"layer_sparse{p}_g{grp}", reset_less=True) for p in range(2))
+                with m.If(self.offset_we):
+                    m.d.sync += flags[self.issue.write_page].eq(self.layer_sparse)
+                plus0 = delay(m, en_g, flags[held.page], self.read_latency, f"plus0_g{grp}")
+                for i in range(grp * per_group, (grp + 1) * per_group):
+                    m.d.comb += self.plus0[i].eq(plus0)
             for d in range(self.read_latency - 1):             # keep pace with the table read
                 r_next = rep.replica(scale_decoder.block(cfg), name=f"block{d + 2}_g{grp}", reset_less=True)
                 with m.If(en_g):

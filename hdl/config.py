@@ -18,6 +18,14 @@ memories, one more cycle of latency (LUT RAM, see hdl/lut_bank.py).
 
 Output lanes: ``"bf16"`` is 16 bits per lane; ``"exact"`` is the exact
 product as golden.decoder.product_fields gives it, ``{sig, exp, sign}``.
+
+Sparse residuals: ``residuals`` = R > 0 adds the residual path (hdl/residual.py,
+docs/hardware.md "Sparse residuals"): a ``sparse`` input stream of entries
+``{index, value, last}`` and R shared residual adders, each of which adds one
+entry's BF16 value to the exact product of the lane it falls in before the one
+BF16 rounding. At most R entries are applied per output beat at full speed; a
+beat with more costs one more cycle per R entries. BF16 output only. R = 0 (the
+default) builds the decoder without it, bit for bit the same Verilog.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import OFFSET_RANGE, BlockLayout
 
 MAX_LANES = 64
+MAX_RESIDUALS = 4
+SPARSE_INDEX_BITS = 32          # golden.layout's u32 flat index
+RESIDUAL_SUFFIX = "sp"          # a named configuration with the residual path: <name>-sp (residual_configs)
 
 
 def _float_exponent_range(fmt: FloatFormat) -> tuple[int, int]:
@@ -56,6 +67,7 @@ class DecoderConfig:
     hif: FloatFormat = DEFAULT_HIF
     output: str = "bf16"
     lutram_depth: int = 0
+    residuals: int = 0
 
     def __post_init__(self):
         problems = []
@@ -74,6 +86,12 @@ class DecoderConfig:
         if d and (d & (d - 1) or not 2 <= d < depth):
             problems.append(f"lutram_depth must be 0 (one memory per lane) or a power of two below the "
                             f"lane's table depth {depth}, got {d}")
+        if not 0 <= self.residuals <= MAX_RESIDUALS:
+            problems.append(f"residuals must be 0 (no residual path) .. {MAX_RESIDUALS} residual adders, "
+                            f"got {self.residuals}")
+        elif self.residuals and self.output != "bf16":
+            problems.append("sparse residuals need the bf16 output (the exact output is the product's "
+                            "fields; add the residual after it)")
         if problems:
             raise ValueError(f"decoder config {self.name!r}: " + "; ".join(problems))
 
@@ -132,15 +150,25 @@ class DecoderConfig:
     def beat_layout(self) -> data.StructLayout:
         return data.StructLayout({"blocks": unsigned(self.beat_bits), "swap": unsigned(1)})
 
+    @property
+    def sparse_layout(self) -> data.StructLayout:
+        """One sparse entry: flat index within the layer (``row * cols + col``), its BF16 value,
+        and ``last``: the layer's last entry."""
+        return data.StructLayout({"index": unsigned(SPARSE_INDEX_BITS), "value": unsigned(16),
+                                  "last": unsigned(1)})
+
     def describe(self) -> dict:
         lay = self.layout
-        return {"name": self.name, "lanes": self.lanes, "code_bits": lay.code_bits, "group": lay.group,
-                "header_bits": lay.header_bits, "scale": lay.scale.name,
-                "signed_scale": lay.signed_scale, "select_bit": lay.select_bit, "banks": lay.banks,
-                "hif": {"name": self.hif.name, "ebits": self.hif.ebits, "mbits": self.hif.mbits,
-                        "bias": self.hif.bias},
-                "output": self.output, "lutram_depth": self.lutram_depth, "blocks_per_beat": self.blocks_per_beat,
-                "beats_per_block": self.beats_per_block, "beat_bits": self.beat_bits}
+        out = {"name": self.name, "lanes": self.lanes, "code_bits": lay.code_bits, "group": lay.group,
+               "header_bits": lay.header_bits, "scale": lay.scale.name,
+               "signed_scale": lay.signed_scale, "select_bit": lay.select_bit, "banks": lay.banks,
+               "hif": {"name": self.hif.name, "ebits": self.hif.ebits, "mbits": self.hif.mbits,
+                       "bias": self.hif.bias},
+               "output": self.output, "lutram_depth": self.lutram_depth, "blocks_per_beat": self.blocks_per_beat,
+               "beats_per_block": self.beats_per_block, "beat_bits": self.beat_bits}
+        if self.residuals:
+            out["residuals"] = self.residuals
+        return out
 
     @classmethod
     def from_description(cls, d: dict) -> DecoderConfig:
@@ -151,7 +179,7 @@ class DecoderConfig:
         layout = BlockLayout(d["code_bits"], d["group"], get_format(d["scale"]), d["signed_scale"],
                              d["select_bit"])
         hif = hif_format(d["hif"]["mbits"], d["hif"]["ebits"], d["hif"]["bias"])
-        return cls(d["name"], d["lanes"], layout, hif, d["output"], d["lutram_depth"])
+        return cls(d["name"], d["lanes"], layout, hif, d["output"], d["lutram_depth"], d.get("residuals", 0))
 
 
 def named_configs() -> dict[str, DecoderConfig]:
@@ -161,3 +189,20 @@ def named_configs() -> dict[str, DecoderConfig]:
 
     return {name: DecoderConfig(name, lanes, p.layout, p.hif, output)
             for p in operating_points().values() for name, (lanes, output) in p.configs().items()}
+
+
+def residual_configs(residuals: int = 1) -> dict[str, DecoderConfig]:
+    """Each named BF16 configuration of up to 8 lanes with the residual path: ``<name>-sp``
+    (``residuals`` adders). Not in ``named_configs`` (so `make synth` and the lane sweep keep
+    measuring the decoder without it); `make verilog` writes them with ``--residuals``, and
+    `make sim` runs them with sparse layers."""
+    from dataclasses import replace
+
+    return {f"{name}-{RESIDUAL_SUFFIX}": replace(cfg, name=f"{name}-{RESIDUAL_SUFFIX}", residuals=residuals)
+            for name, cfg in named_configs().items() if cfg.output == "bf16" and cfg.lanes <= 8}
+
+
+def base_name(name: str) -> str:
+    """The named configuration a residual configuration was made from (``sop4-g16-sp`` -> ``sop4-g16``)."""
+    suffix = f"-{RESIDUAL_SUFFIX}"
+    return name[:-len(suffix)] if name.endswith(suffix) else name

@@ -55,6 +55,19 @@ pointer (page 0 active); the datapath registers have no reset. LUT RAM is not
 cleared: after reset the host loads the tables (they go to page 1) and sends
 the first beat with ``swap`` set.
 
+Sparse residuals (``config.residuals`` = R > 0; docs/hardware.md "Sparse
+residuals"): three more ports, ``sparse`` (in stream of ``{index, value, last}``:
+a layer's entries, after its swap beat), ``layer_sparse`` (in, written with
+``offset_we``: the loaded layer has entries) and ``sparse_error`` (out, sticky
+bits), and two more components::
+
+    sparse ─▶ SparseMerge ─hold─▶ BeatIssue          (stage 0 presents a chunk again)
+              (stage 0)   ─entries─▶ ResidualPath ◀─ words, blocks, lane outputs
+                                     (R adders, lane delay, override) ─▶ OutputStage
+
+The latency grows by ``ResidualPath.latency`` (the adder is longer than the
+formatter). Without residuals the decoder is built exactly as before.
+
 ``model`` is hdl.reference.expected_beats (golden/ only).
 """
 
@@ -65,6 +78,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from . import reference, replica as rep
+from .arith import delay
 from .beat_issue import BeatIssue
 from .block_fields import BlockFields
 from .codebook_mux import CodebookMux
@@ -79,31 +93,45 @@ model = reference.expected_beats
 
 
 class Decoder(wiring.Component):
-    def __init__(self, config: DecoderConfig, *, formatter=HifFormatter, mux=CodebookMux, bank=LutBank):
-        # formatter / mux / bank: the component classes used, replaceable so that tests can
-        # show that a broken one (wrong rounding, inverted selection, a flipped LUT bit) is caught.
+    def __init__(self, config: DecoderConfig, *, formatter=HifFormatter, mux=CodebookMux, bank=LutBank,
+                 merge=None, path=None):
+        # formatter / mux / bank (and merge / path with residuals): the component classes used,
+        # replaceable so that tests can show that a broken one (wrong rounding, inverted
+        # selection, a flipped LUT bit, a merge that never holds) is caught.
         self.config = config
         self.issue = BeatIssue(config, mux=mux)
         self.lanes = Lanes(config, formatter=formatter, bank=bank)
         self.fields = BlockFields(config, read_latency=self.lanes.read_latency)
         self.output = OutputStage(config.lane_layout, config.lanes, delay=rep.enable_levels(config.lanes))
-        # the valid chain spans the stages after stage 0 up to the last one (hdl.pipeline)
-        self.control = PipelineControl(config.lanes, depth=self.lanes.latency)
-        assert self.control.latency == self.output.delay, "the skid must cover the enable's register levels"
-        assert self.fields.latency == self.lanes.read_latency, "block fields must arrive with the table word"
-        super().__init__({
+        members = {
             "blocks": In(stream.Signature(config.beat_layout)),
             "load": In(stream.Signature(config.load_layout)),
             "offset": In(signed(8)),
             "offset_we": In(1),
             "values": Out(stream.Signature(data.ArrayLayout(config.lane_layout, config.lanes))),
-        })
+        }
+        if config.residuals:
+            from .residual import ResidualPath, SparseMerge, error_layout
+            self.merge, self.residual = (merge or SparseMerge)(config), (path or ResidualPath)(config)
+            assert self.merge.latency == self.issue.latency, "entries come with the pass's table read"
+            members.update({"sparse": In(stream.Signature(config.sparse_layout)), "layer_sparse": In(1),
+                            "sparse_error": Out(error_layout())})
+        # the valid chain spans the stages after stage 0 up to the last one (hdl.pipeline)
+        self.control = PipelineControl(config.lanes, depth=self.lanes.latency + self.residual_latency)
+        assert self.control.latency == self.output.delay, "the skid must cover the enable's register levels"
+        assert self.fields.latency == self.lanes.read_latency, "block fields must arrive with the table word"
+        super().__init__(members)
+
+    @property
+    def residual_latency(self) -> int:
+        """The residual path's stages after the lanes (0 without residuals)."""
+        return self.residual.latency if self.config.residuals else 0
 
     @property
     def latency(self) -> int:
         """Cycles from a beat's handshake to its first output beat: the stages of the components
-        on the way (stage 0, the lanes, the output stage)."""
-        return self.issue.latency + self.lanes.latency + self.output.latency
+        on the way (stage 0, the lanes, the residual path, the output stage)."""
+        return self.issue.latency + self.lanes.latency + self.residual_latency + self.output.latency
 
     def elaborate(self, platform):
         m = Module()
@@ -121,5 +149,30 @@ class Decoder(wiring.Component):
         wiring.connect(m, issue=issue.groups, fields=fields.issue)
         m.d.comb += [control.valid.eq(issue.valid),
                      fields.offset.eq(self.offset), fields.offset_we.eq(self.offset_we),
-                     lanes.block.eq(fields.block), output.last.eq(lanes.out)]
+                     lanes.block.eq(fields.block)]
+        if not self.config.residuals:
+            m.d.comb += output.last.eq(lanes.out)
+            return m
+        m.submodules.merge = merge = self.merge
+        m.submodules.residual_path = path = self.residual
+        wiring.connect(m, wiring.flipped(self.sparse), merge.sparse)
+        wiring.connect(m, issue=issue.merge, merge=merge.issue)
+        wiring.connect(m, control=control.enable, residual=path.enable)
+        # The merge's own copy of the enable, so that its registers do not load the control's:
+        # the output buffers' decision through as many register levels as every copy has
+        # (hdl.pipeline), hence the same signal.
+        en_merge = output.control.en_next[0]
+        for level in range(control.latency):
+            r = rep.replica(1, name=f"en_merge{level}", init=1, reset_less=True)
+            m.d.sync += r.eq(en_merge)
+            en_merge = r
+        # the pass's entries meet its table words: the table read's cycles after the first
+        extra = self.lanes.read_latency - 1
+        m.d.comb += [merge.en.eq(en_merge), merge.layer_sparse.eq(self.layer_sparse),
+                     merge.offset_we.eq(self.offset_we), self.sparse_error.eq(merge.error),
+                     fields.layer_sparse.eq(self.layer_sparse), lanes.plus0.eq(fields.plus0),
+                     path.entries.eq(delay(m, control.enable.en, merge.entries.as_value(), extra, "entries")),
+                     path.final.eq(delay(m, control.enable.en, merge.final, extra, "final")),
+                     path.word.eq(lanes.word), path.block.eq(fields.block), path.lanes.eq(lanes.out),
+                     output.last.eq(path.out)]
         return m

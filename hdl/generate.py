@@ -22,6 +22,12 @@ beside it) and ``sim`` (Icarus, the testbench)::
 ``--lutram-depth D`` builds each lane's table from ``D``-word memories
 (hdl/lut_bank.py) instead of one block-RAM-shaped memory. What ``make synth``
 measures on ECP5: 16 for 4-bit codes, 32 for 6-bit codes.
+
+``--residuals R`` writes, instead, each BF16 configuration of up to 8 lanes with
+the sparse-residual path of R adders (hdl/residual.py): ``NAME-sp.v`` and its
+manifest (ports ``sparse__*``, ``layer_sparse``, ``sparse_error__*``;
+``latency_stages.residual``), without an AXI4-Stream shell (the shell does not
+carry the sparse stream).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from sop import toolenv
 from sop.golden.files import write_atomic
 
 from . import axis
-from .config import DecoderConfig, named_configs
+from .config import DecoderConfig, named_configs, residual_configs
 from .decoder import Decoder
 
 CORE_VERSION = "0.1.0"
@@ -80,6 +86,7 @@ def manifest(config: DecoderConfig, dut: Decoder) -> dict:
             "latency_cycles": dut.latency,
             "latency_stages": {"beat_issue": dut.issue.latency, "table_read": dut.lanes.read_latency,
                                "formatter": dut.lanes.formatters[0].latency,
+                               **({"residual": dut.residual_latency} if config.residuals else {}),
                                "output": dut.output.latency},
             "ports": ports(dut),
             "lane_word_bits": Shape.cast(config.lane_layout).width, "lane_fields": lane_fields(config)}
@@ -288,8 +295,15 @@ def main(argv=None) -> int:
                    help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16 for "
                         "4-bit codes, 32 for 6-bit codes); "
                         "default 0: one memory per lane with a registered read (block RAM)")
+    p.add_argument("--residuals", type=int, default=0, metavar="R",
+                   help="the configurations with the sparse-residual path of R adders (NAME-sp), "
+                        "without AXI4-Stream shells")
     args = p.parse_args(argv)
-    configs = named_configs()
+    try:
+        configs = residual_configs(args.residuals) if args.residuals else named_configs()
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     names = args.config or list(configs)
     unknown = [n for n in names if n not in configs]
     if unknown:
@@ -302,6 +316,10 @@ def main(argv=None) -> int:
         return 2
     for cfg in chosen:
         v, _ = generate(cfg, args.out)
+        if cfg.residuals:
+            print(f"{v}  ({cfg.lanes} lanes, {cfg.residuals} residual adder{'s' * (cfg.residuals > 1)}"
+                  + (f", lutram depth {cfg.lutram_depth})" if cfg.lutram_depth else ")"))
+            continue
         shell = generate_axis(cfg, args.out)
         print(f"{v}  ({cfg.lanes} lanes" + (f", lutram depth {cfg.lutram_depth})" if cfg.lutram_depth else ")") +
               f", AXI4-Stream shell {shell['verilog'].name}, FuseSoC core {shell['core'].name}")

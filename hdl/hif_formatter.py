@@ -37,6 +37,11 @@ BF16 biased exponent of the result is ``Eb = e0 + 1 + top``. Stages:
 A multiplier of more than two levels (a scale with more than 3 mantissa bits)
 adds a stage before 3.
 
+With sparse residuals (``config.residuals > 0``) a ``plus0`` input (the block's
+layer carries sparse entries, hdl.block_fields) clears the sign of a zero
+product in stage 1: such a layer adds +0 where it has no entry, and -0 + +0 = +0
+(golden.decoder). The lanes an entry falls in are replaced later (hdl.residual).
+
 Ports: ``en`` (in), ``word`` (in, ``lut_word.word(config)``), ``block`` (in,
 ``scale_decoder.block(config)``), ``out`` (out, ``config.lane_layout``).
 Latency: ``latency`` enabled edges from ``word``/``block`` to ``out`` (the
@@ -56,7 +61,7 @@ from amaranth.lib.wiring import In, Out
 from sop.golden.decoder import float_fields
 
 from . import lut_word, reference, scale_decoder
-from .arith import PipelinedMultiplier, delay
+from .arith import PipelinedMultiplier, Stages, delay
 from .config import DecoderConfig
 from .replica import replica
 from .scale_decoder import BF16, BF16_M
@@ -74,6 +79,7 @@ class HifFormatter(wiring.Component):
             "en": In(1),
             "word": In(lut_word.word(config)),
             "block": In(scale_decoder.block(config)),
+            **({"plus0": In(1)} if config.residuals else {}),
             "out": Out(config.lane_layout),
         })
 
@@ -92,19 +98,7 @@ class HifFormatter(wiring.Component):
         cfg, hif, scale = self.config, self.config.hif, self.config.scale
         M = hif.mbits
 
-        depth = 0               # register stages built on the path from word/block to out
-
-        def stage(*pairs):
-            """Registers loaded from ``pairs`` (name, value, shape) when ``en`` is high: one stage."""
-            nonlocal depth
-            depth += 1
-            regs = []
-            for name, value, shape in pairs:
-                r = Signal(shape, name=name, reset_less=True)
-                with m.If(self.en):
-                    m.d.sync += r.eq(value)
-                regs.append(r)
-            return regs
+        stage = Stages(m, self.en)      # register stages built on the path from word/block to out
 
         m.submodules.mul = mul = PipelinedMultiplier(M + 1, scale.mbits + 1)
         m.d.comb += mul.en.eq(self.en)
@@ -119,14 +113,17 @@ class HifFormatter(wiring.Component):
             lm = mul.latency
             m.d.comb += [self.out.sig.eq(mul.p), self.out.exp.eq(delay(m, self.en, exp, lm - 1, "exp")),
                          self.out.sign.eq(delay(m, self.en, sign, lm - 1, "sign"))]
-            assert depth + lm - 1 == self.latency
+            assert stage.depth + lm - 1 == self.latency
             return m
 
         # 1-2: the product; beside it the exponent e0 and what follows from it
         m.d.comb += [mul.a.eq(Cat(word.frac, 1)), mul.b.eq(Cat(blk.frac, 1))]
         e0_shape = signed(max(len(blk.kb), len(word.exp) + 1) + 1)
+        zero_p, sign_p = (word.exp == 0) | blk.zero, word.sign ^ blk.sign
+        if cfg.residuals:                    # a layer with sparse entries: -0 + (+0) = +0
+            sign_p = sign_p & ~(zero_p & self.plus0)
         e0, zero, sign = stage(("e0_1", word.exp + blk.kb, e0_shape),
-                               ("zero1", (word.exp == 0) | blk.zero, 1), ("sign1", word.sign ^ blk.sign, 1))
+                               ("zero1", zero_p, 1), ("sign1", sign_p, 1))
         # e0 twice (a register copy): one for the flags, one for the subnormal shift and eb0,
         # halving each bit's fanout.
         e0_copy = replica(e0_shape, name="e0c_1", reset_less=True)
@@ -148,7 +145,7 @@ class HifFormatter(wiring.Component):
         normal0, normal1, sat0, sat1, eb0, sub, zero, sign = (
             delay(m, self.en, s, align - 2, s.name) for s in (normal0, normal1, sat0, sat1, eb0, sub, zero, sign))
         p = delay(m, self.en, mul.p, align - mul.latency, "p")
-        depth += align - 2
+        stage.depth += align - 2
         P = cfg.sig_bits
 
         # 3: select by top; a WINDOW-bit window of p, shifted right by sa mod 4
@@ -187,7 +184,7 @@ class HifFormatter(wiring.Component):
         # 6: saturate to 0x7F7F, zero, sign
         (out,) = stage(("out6", Cat(Mux(zero, 0, Mux(sat, SATURATED, word15)), sign), unsigned(16)))
         m.d.comb += self.out.eq(out)
-        assert depth == self.latency
+        assert stage.depth == self.latency
         return m
 
     @staticmethod
@@ -196,7 +193,7 @@ class HifFormatter(wiring.Component):
         return guard & (sticky | r0[0])
 
 
-def model(config: DecoderConfig, words, block: dict) -> np.ndarray:
+def model(config: DecoderConfig, words, block: dict, plus0=0) -> np.ndarray:
     """Output words of table words ``words`` (integers, ``lut_word.word(config)``) times blocks
     ``block`` (arrays of the ``scale_decoder.block(config)`` fields).
 
@@ -207,17 +204,28 @@ def model(config: DecoderConfig, words, block: dict) -> np.ndarray:
     hdl.lut_word) and ``kb`` is defined so that ``e0 = exp + kb`` is the BF16 biased exponent
     minus one of the ``P``-bit significand product ``p`` with its leading one at bit ``P - 2``
     (hdl.scale_decoder): the value is ``p * 2^(e0 + 1 - bias - (P - 2))``, rounded by golden's
-    BF16 encoder (to nearest, ties to even, saturating, subnormals kept)."""
+    BF16 encoder (to nearest, ties to even, saturating, subnormals kept). ``plus0`` (residual
+    configurations): where set, a zero product is +0 (golden's +0 residual added)."""
     cfg, hif = config, config.hif
     words = np.asarray(words, dtype=np.int64)
     if cfg.output == "exact":
         sign_h, sig_h, x_h = float_fields(hif, words)
         return reference.pack_exact(cfg, sign_h ^ block["sign"], sig_h * block["sig"], x_h + block["exp"])
-    M, eb, Ms, P = hif.mbits, lut_word.exp_bits(cfg), cfg.scale.mbits, cfg.sig_bits
+    value = product_values(cfg, words, block)
+    value = np.where((value == 0) & (np.asarray(plus0) == 1), 0.0, value)
+    return BF16.encode(value).astype(np.int64)
+
+
+def product_values(config: DecoderConfig, words, block: dict) -> np.ndarray:
+    """The exact products (float64, a zero signed by the word's and block's signs) of BF16-form
+    table words ``words`` times ``block`` fields, as their contracts define them (hdl.lut_word,
+    hdl.scale_decoder): ``(2^M + frac) * (2^Ms + frac_s) * 2^(e0 + 1 - bias - (P - 2))`` with
+    ``e0 = exp + kb``, zero where the word's ``exp`` is 0 or the block is ``zero``."""
+    words = np.asarray(words, dtype=np.int64)
+    M, eb, Ms, P = config.hif.mbits, lut_word.exp_bits(config), config.scale.mbits, config.sig_bits
     frac, exp, sign = words & ((1 << M) - 1), (words >> M) & ((1 << eb) - 1), (words >> (M + eb)) & 1
     p = (frac + (1 << M)) * (np.asarray(block["frac"], dtype=np.int64) + (1 << Ms))
     e0 = exp + np.asarray(block["kb"], dtype=np.int64)
     mag = np.ldexp(p.astype(np.float64), (e0 + 1 - BF16.bias - (P - 2)).astype(np.int32))
     mag = np.where((exp == 0) | (np.asarray(block["zero"]) == 1), 0.0, mag)
-    value = np.where((sign ^ np.asarray(block["sign"])) == 1, -mag, mag)
-    return BF16.encode(value).astype(np.int64)
+    return np.where((sign ^ np.asarray(block["sign"])) == 1, -mag, mag)

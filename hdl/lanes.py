@@ -21,6 +21,10 @@ Ports
 Latency: ``latency`` = the bank's ``read_latency`` + the formatter's ``latency``
 enabled edges from a read to its output word; both are properties of the
 instances built. ``model`` composes the encoder's and the formatter's models.
+
+Sparse residuals (``config.residuals > 0``): ``plus0`` (in, per lane, with
+``block``) goes to each formatter; ``word`` (out, per lane) is the table word
+each formatter takes this cycle, for the residual adders (hdl.residual).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class Lanes(wiring.Component):
             "issue": In(LaneIssueSignature(config)),
             "block": In(data.ArrayLayout(scale_decoder.block(config), config.lanes)),
             "out": Out(data.ArrayLayout(config.lane_layout, config.lanes)),
+            **({"plus0": In(data.ArrayLayout(1, config.lanes)),
+                "word": Out(data.ArrayLayout(lut_word.word(config), config.lanes))} if config.residuals else {}),
         })
 
     @property
@@ -80,6 +86,8 @@ class Lanes(wiring.Component):
                          bank.read_bank[i].eq(read.bank), bank.read_addr[i].eq(read.addr),
                          fmt.en.eq(en), fmt.word.eq(bank.read_data[i]), fmt.block.eq(self.block[i]),
                          self.out[i].eq(fmt.out)]
+            if self.config.residuals:
+                m.d.comb += [fmt.plus0.eq(self.plus0[i]), self.word[i].eq(bank.read_data[i])]
         return m
 
 

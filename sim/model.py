@@ -19,6 +19,14 @@ Transactions, in the order of one clock edge:
 * ``reset()``: the page pointer back to page 0 (tables and offsets keep
   their contents, as LUT RAM does; the host loads both before its first
   swap beat anyway).
+* with sparse residuals (``cfg.residuals``): ``set_offset(value, layer_sparse)``
+  also writes the page's flag, and ``entry(index, value)`` is a sparse entry
+  the decoder took. A beat of a layer with entries owes output beats whose
+  values depend on entries that may come after it: ``beat`` returns them as
+  functions, which the scoreboard calls when the output arrives (by then the
+  decoder has taken every entry of that beat: it holds a chunk until it has).
+  Their values are golden's, the layer's residuals added to the exact products
+  (hdl.residual.expected_words).
 
 The lane words of a page are tabulated once, for every header and code (each
 code of a block decodes on its own: golden.decoder), in one golden call
@@ -50,6 +58,9 @@ class DecoderModel:
         self.beat_bytes = cfg.blocks_per_beat * lay.block_bytes
         self.tabulate = (1 << (lay.header_bits + lay.code_bits)) <= TABLE_LIMIT
         self.last: tuple[np.ndarray, np.ndarray] | None = None     # (headers, codes) of the last beat
+        self.layer_sparse = [0, 0]          # per page: the layer has sparse entries
+        self.entries: dict[int, int] = {}   # the current layer's entries taken so far: index -> BF16
+        self.position = 0                   # the current layer's values before the next beat
 
     # -- transactions ----------------------------------------------------------------------
     def reset(self) -> None:
@@ -60,25 +71,49 @@ class DecoderModel:
         self.luts[page, bank, addr] = code
         self._tables[page] = None
 
-    def set_offset(self, value: int) -> None:
+    def set_offset(self, value: int, layer_sparse: int = 0) -> None:
         page = 1 - self.active
         value &= 0xFF
         self.offsets[page] = value - 256 if value >= 128 else value
+        self.layer_sparse[page] = int(layer_sparse)
         self._tables[page] = None
 
-    def beat(self, blocks: int, swap: bool) -> list[int]:
+    def entry(self, index: int, value: int) -> None:
+        self.entries[int(index)] = int(value)
+
+    def beat(self, blocks: int, swap: bool) -> list:
         """The output beats (packed lane words, lane 0 in the low bits) of one input beat;
-        its (headers, codes) are left in ``last``."""
+        its (headers, codes) are left in ``last``. In a layer with sparse entries each is a
+        function that computes it from the entries taken by then."""
         if swap:
             self.active ^= 1
+            self.entries, self.position = {}, 0
         headers, codes = self.last = self.blocks_of(blocks)
-        page = self.active
+        page, start = self.active, self.position
+        self.position += codes.size
+        if self.layer_sparse[page]:
+            # this layer's own entries (a swap starts a new dict; an owed beat is often computed
+            # after the next layer has begun)
+            n, w, entries = self.cfg.lanes, self.lane_bits, self.entries
+            luts, offset = self.luts[page].copy(), self.offsets[page]     # the page may be reloaded by then
+            return [lambda j=j: self._sparse_beat(luts, offset, entries, headers, codes, start, j, n, w)
+                    for j in range(0, codes.size, n)]
         if self.tabulate:
             words = self._table(page)[headers[:, None], codes].ravel()
         else:
             words = reference.lane_words(self.cfg, self.luts[page], self.offsets[page], headers, codes)
         n, w = self.cfg.lanes, self.lane_bits
         return [sum(int(v) << (i * w) for i, v in enumerate(words[j:j + n])) for j in range(0, len(words), n)]
+
+    def _sparse_beat(self, luts, offset, entries, headers, codes, start, j, n, w) -> int:
+        from sop.hdl.residual import expected_words
+
+        hit = {i - start: v for i, v in entries.items() if start <= i < start + codes.size}
+        idx = np.array(sorted(hit), dtype=np.int64)
+        if not len(idx):      # the layer's residual is +0 here: -0 products become +0
+            idx, hit = np.array([0]), {0: 0}
+        words = expected_words(self.cfg, luts, offset, headers, codes, idx, [hit[i] for i in idx.tolist()])
+        return sum(int(v) << (i * w) for i, v in enumerate(words[j:j + n]))
 
     # -- helpers -----------------------------------------------------------------------------
     def blocks_of(self, blocks: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,11 @@
     python -m sop.sim.runner [--config NAME ...] [--sim icarus|verilator] [--quick] [--seed N]
                              [--lutram-depth D] [--axis]
 
-For each configuration it writes the Verilog (hdl.generate) and the real
-MiniLM vectors for its layout (`sop vectors`, cached under build/vectors/),
+For each configuration (the named ones and, but for ``--axis``, those with the
+residual path, ``<name>-sp``: hdl.config.residual_configs) it writes the Verilog
+(hdl.generate) and the real MiniLM vectors for its layout (`sop vectors`, cached
+under build/vectors/; for ``-sp`` the layers `sop-budget` stores with sparse
+residuals),
 builds the simulator under ``build/sim/<sim>/<config>/`` and runs
 sim/tb_decoder.py with a plan: the vectors, random streams, corner cases and
 a reset mid-stream. The two operating points get the full plan (two whole
@@ -35,7 +38,7 @@ from pathlib import Path
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.golden.points import OperatingPoint, config_point, operating_points
-from sop.hdl.config import DecoderConfig, named_configs
+from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
 from sop.hdl.generate import module_name
 
 SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
@@ -57,19 +60,20 @@ def check_simulator(sim: str) -> None:
 def plan_size(cfg: DecoderConfig, sim: str, quick: bool) -> str:
     """"full", "medium" or "quick" (Icarus is too slow for the 64-lane design's full plan).
 
-    An operating point's own configuration gets the full plan (two whole MiniLM layers);
-    its variants (golden/points.py) share its datapath and get a shorter one."""
+    An operating point's own configuration, with or without residuals, gets the full plan (two
+    whole MiniLM layers); its variants (golden/points.py) share its datapath and get a shorter one."""
     if quick or (sim == "icarus" and cfg.lanes > 8):
         return "quick"
     point = point_of(cfg)
-    return "full" if point is not None and point.name == cfg.name else "medium"
+    return "full" if point is not None and point.name == base_name(cfg.name) else "medium"
 
 
 def point_of(cfg: DecoderConfig) -> OperatingPoint | None:
-    """The operating point of a named configuration, else the point with its layout and HIF
-    (a configuration built by hand), else None."""
+    """The operating point of a named configuration (or of the one a residual configuration
+    was made from), else the point with its layout and HIF (a configuration built by hand),
+    else None."""
     try:
-        return config_point(cfg.name)[0]
+        return config_point(base_name(cfg.name))[0]
     except ValueError:
         return next((p for p in operating_points().values()
                      if (p.layout, p.hif) == (cfg.layout, cfg.hif)), None)
@@ -81,26 +85,57 @@ def plan_for(cfg: DecoderConfig, size: str, vectors_dir: Path | None) -> dict:
         jobs.append({"kind": "vectors", "dir": str(vectors_dir)})
     layers, blocks = {"quick": (2, 16), "medium": (4, 64), "full": (4, 256)}[size]
     jobs += [{"kind": "random", "layers": layers, "blocks": blocks}, {"kind": "corners"}, {"kind": "reset"}]
+    if cfg.residuals:
+        jobs.append({"kind": "sparse", "blocks": {"quick": 8, "medium": 16, "full": 64}[size], "density": 0.05})
     return {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "decoder": cfg.describe(), "size": size,
             "jobs": jobs, "p_idle": 0.2, "p_stall": 0.2}
 
 
+#: The budget of the sop-budget artifact whose layers give a residual configuration its real
+#: vectors: at 6.0 bpw the knapsack keeps 0.25 % residuals on six sop4-g16 layers and 21
+#: e2m3-ue4m4-g16 layers of MiniLM (docs/benchmarks.md, "Sparse residuals in the decoder").
+SPARSE_BUDGET = 6.0
+
+
 def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
     """Real quantized MiniLM layers for this configuration's point (cached); None where its
-    point has no vectors."""
+    point has no vectors. A configuration with residuals gets the layers `sop-budget` stores
+    with sparse entries (at ``SPARSE_BUDGET``, calibrated), as the artifact holds them."""
     from sop.sim.vectors import make_vectors
 
     point = point_of(cfg)
     if point is None or not point.vectors:
         return None
     fmt = point.name
-    out = toolenv.build_root() / "vectors" / (fmt + ("-quick" if quick else ""))
+    out = toolenv.build_root() / "vectors" / (fmt + ("-sparse" if cfg.residuals else "") + ("-quick" if quick else ""))
     if not (out / "vectors.json").is_file():
         rows = 16 if quick else None
+        if cfg.residuals:
+            art, names = sparse_artifact(fmt)
+            make_vectors(str(art), fmt, names[:1] if quick else names[:2], out, rows=rows)
+            return out
         layers = ["encoder.layer.0.attention.self.query.weight"] if quick else \
             ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.output.dense.weight"]
         make_vectors("minilm", fmt, layers, out, rows=rows)
     return out
+
+
+def sparse_artifact(fmt: str) -> tuple[Path, list[str]]:
+    """MiniLM quantized with sop-budget at ``SPARSE_BUDGET`` (cached under build/vectors/), and the
+    names of its layers stored in ``fmt``'s layout with sparse entries."""
+    from sop.golden.points import get_point
+    from sop.quantize.artifact import open_artifact, quantize_model
+
+    path = toolenv.build_root() / "vectors" / f"minilm-sop-budget-{SPARSE_BUDGET}.sopq"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        quantize_model("minilm", "sop-budget", path, budget=SPARSE_BUDGET, progress=False)
+    art, layout = open_artifact(path), get_point(fmt).layout
+    names = [e.name for e in art.layers if e.kind == "sopl"
+             and (s := art.stream(e)).layout == layout and len(s.sparse)]
+    if not names:
+        raise ValueError(f"{path}: no {fmt} layer with sparse residuals")
+    return path, names
 
 
 def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: int | None = None,
@@ -212,8 +247,9 @@ def axis_summary_line(s: dict) -> str:
 def summary_line(s: dict) -> str:
     cov = s["coverage_hit"] / s["coverage_bins"]
     name = s["config"] + (f" lutram {s['lutram_depth']}" if s.get("lutram_depth") else "")
-    return (f"{name} [{s['sim']}, {s.get('plan')}]: {s['checked']} vectors checked, {s['mismatches']} mismatches, "
-            f"coverage {s['coverage_hit']}/{s['coverage_bins']} = {cov:.3f} "
+    sparse = f", {s['sparse_entries']} sparse entries" if s.get("sparse_entries") else ""
+    return (f"{name} [{s['sim']}, {s.get('plan')}]: {s['checked']} vectors checked{sparse}, {s['mismatches']} "
+            f"mismatches, coverage {s['coverage_hit']}/{s['coverage_bins']} = {cov:.3f} "
             f"(seed {s.get('seed')}, {s['wall_seconds']:.1f} s)")
 
 
@@ -228,7 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--axis", action="store_true",
                    help="the AXI4-Stream shell (NAME_axis.v, sim/tb_axis.py) instead of the bare decoder")
     args = p.parse_args(argv)
-    configs = named_configs()
+    # the bare decoder's regression covers the configurations with the residual path too (the
+    # AXI4-Stream shell does not carry the sparse stream)
+    configs = {**named_configs(), **({} if args.axis else residual_configs())}
     names = args.config or list(configs)
     if unknown := [n for n in names if n not in configs]:
         print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)

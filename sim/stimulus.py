@@ -1,10 +1,12 @@
 """Stimulus shared by the amaranth.sim tests and the cocotb regression: layers, the host's cycles, coverage.
 
 A ``Layer`` is one layer's worth of decoder input (LUT images, per-layer
-offset, block headers and codes); its expected output comes from
-hdl.reference, i.e. from golden/ only. ``random_layer`` draws one,
-``corner_layer`` covers every code x bank x sign at the scale codes' extremes,
-``from_stream`` takes a real quantized layer.
+offset, block headers and codes, and its sparse entries, if any); its expected
+output comes from hdl.reference (hdl.residual.expected_words with entries),
+i.e. from golden/ only. ``random_layer`` draws one, ``corner_layer`` covers
+every code x bank x sign at the scale codes' extremes, ``from_stream`` takes a
+real quantized layer (its sparse entries too), ``with_sparse`` gives a layer
+entries of a chosen pattern (for a decoder with the residual path).
 
 ``host_sequence`` is the one host-sequence driver: a generator of what the
 host drives in each clock cycle (``HostCycle``: a table or offset write into
@@ -22,8 +24,9 @@ blocks exercises; ``coverage`` does it for layers.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +44,33 @@ class Layer:
     headers: np.ndarray         # (n,)
     codes: np.ndarray           # (n, g)
     name: str = ""
+    #: sparse entries: flat indices (strictly increasing, within the blocks) and BF16 codes
+    sparse_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sparse_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def has_sparse(self) -> bool:
+        return len(self.sparse_index) > 0
 
     def writes(self):
-        """The host's load sequence: every LUT word, then the offset."""
+        """The host's load sequence: every LUT word, then the offset with the layer's sparse flag
+        (``layer_sparse``, which a decoder without residuals does not have)."""
         out = [("lut", b, a, int(self.luts[b, a])) for b in range(self.luts.shape[0])
                for a in range(self.luts.shape[1])]
-        return out + [("offset", self.offset)]
+        return out + [("offset", self.offset, int(self.has_sparse))]
+
+    def entries(self) -> list[tuple[int, int, int]]:
+        """The sparse stream of the layer: ``(index, value, last)``."""
+        n = len(self.sparse_index)
+        return [(int(i), int(v), int(k == n - 1)) for k, (i, v) in enumerate(zip(self.sparse_index, self.sparse_values))]
 
     def expected(self, cfg: DecoderConfig) -> list[list[int]]:
-        return reference.expected_beats(cfg, self.luts, self.offset, self.headers, self.codes)
+        if not self.has_sparse:
+            return reference.expected_beats(cfg, self.luts, self.offset, self.headers, self.codes)
+        from sop.hdl.residual import expected_words
+        words = expected_words(cfg, self.luts, self.offset, self.headers, self.codes, self.sparse_index,
+                               self.sparse_values)
+        return [[int(w) for w in words[i:i + cfg.lanes]] for i in range(0, len(words), cfg.lanes)]
 
 
 def pad_to_beats(cfg: DecoderConfig, headers, codes):
@@ -63,7 +84,8 @@ def pad_to_beats(cfg: DecoderConfig, headers, codes):
 
 def from_stream(cfg: DecoderConfig, stream: LayerStream, name: str = "") -> Layer:
     headers, codes = pad_to_beats(cfg, *unpack_blocks(stream.layout, stream.blocks))
-    return Layer(np.asarray(stream.luts, dtype=np.int64), stream.offset, headers, codes, name)
+    return Layer(np.asarray(stream.luts, dtype=np.int64), stream.offset, headers, codes, name,
+                 np.asarray(stream.sparse.index, dtype=np.int64), np.asarray(stream.sparse.value_bf16, dtype=np.int64))
 
 
 def random_layer(cfg: DecoderConfig, rng: np.random.Generator, n_blocks: int, offset=None,
@@ -79,6 +101,60 @@ def random_layer(cfg: DecoderConfig, rng: np.random.Generator, n_blocks: int, of
         offset = int(rng.integers(-40, 20))
     headers, codes = pad_to_beats(cfg, headers, codes)
     return Layer(np.asarray(luts, dtype=np.int64), offset, headers, codes, "random")
+
+
+SPARSE_PATTERNS = ("random", "burst", "boundaries", "ends", "swap", "values")
+
+
+def with_sparse(cfg: DecoderConfig, layer: Layer, rng: np.random.Generator, pattern: str = "random",
+                density: float = 0.05) -> Layer:
+    """``layer`` with sparse entries (golden's residuals, decoded by golden through
+    ``Layer.expected``). ``pattern``:
+
+    * ``random``: each value an entry with probability ``density``, random BF16 values;
+    * ``burst``: whole output beats of entries (``lanes`` in one beat), and pairs;
+    * ``boundaries``: the first and last value of every block and of every output beat;
+    * ``ends``: the layer's first and last value, and the swap beat's (the first beat) every value;
+    * ``swap``: only in the first output beat (the beat that swaps the tables);
+    * ``values``: residuals that cancel the product (to +0), flip its sign, push it past the
+      BF16 maximum (saturation) or break a BF16 tie 60 binades down, on random values."""
+    from sop.golden.decoder import decode_blocks
+    from sop.golden.formats import get_format
+
+    bf16 = get_format("bf16")
+    N, g = cfg.lanes, cfg.layout.group
+    n = layer.codes.size
+    if pattern == "random":
+        idx = np.flatnonzero(rng.random(n) < density)
+    elif pattern == "burst":
+        beats = rng.choice(max(1, n // N), max(1, n // N // 8), replace=False)
+        idx = np.union1d((beats[:, None] * N + np.arange(N)).ravel(), np.flatnonzero(rng.random(n) < density))
+    elif pattern == "boundaries":
+        idx = np.union1d(np.union1d(np.arange(0, n, g), np.arange(g - 1, n, g)),
+                         np.union1d(np.arange(0, n, N), np.arange(N - 1, n, N)))
+    elif pattern == "ends":
+        idx = np.union1d(np.arange(min(N, n)), [n - 1])
+    elif pattern == "swap":
+        idx = np.arange(min(N, n))
+    elif pattern == "values":
+        idx = np.flatnonzero(rng.random(n) < max(density, 0.25))
+    else:
+        raise ValueError(f"unknown sparse pattern {pattern!r}; valid: {', '.join(SPARSE_PATTERNS)}")
+    idx = np.unique(idx[(idx >= 0) & (idx < n)]).astype(np.int64)
+    if len(idx) == 0:
+        idx = np.array([int(rng.integers(0, n))])
+    p = decode_blocks(cfg.hif, layer.luts, cfg.layout, layer.offset, layer.headers, layer.codes, "exact").ravel()[idx]
+    r = rng.standard_normal(len(idx)) * np.where(p == 0, 2.0 ** rng.integers(-20, 0, len(idx)), np.abs(p))
+    if pattern == "values":
+        kind = rng.integers(0, 4, len(idx))
+        mag = np.where(p == 0, 1.0, np.abs(p))
+        r = np.select([kind == 0, kind == 1, kind == 2],
+                      [np.where(bf16.quantize(-p) == -p, -p, bf16.quantize(-p)),      # cancel
+                       -3.0 * p,                                                        # flip
+                       np.sign(p + 0.5) * bf16.max],                                    # saturate
+                      np.ldexp(rng.choice([-1.0, 1.0], len(idx)), np.frexp(mag)[1] - 61))   # tie breakers
+    values = bf16.encode(np.clip(r, -bf16.max, bf16.max)).astype(np.int64)
+    return replace(layer, sparse_index=idx, sparse_values=values, name=f"{layer.name}+sparse-{pattern}")
 
 
 def corner_layer(cfg: DecoderConfig, offset: int) -> Layer:
@@ -141,23 +217,26 @@ def coverage(cfg: DecoderConfig, layers: list[Layer]) -> tuple[int, int]:
 class HostCycle:
     """What the host drives in one clock cycle (all else idle).
 
-    ``write``: ``("lut", bank, addr, hif_code)`` or ``("offset", value)``, into the inactive page,
-    this cycle only; ``beat``: the input beat offered (``blocks.valid``), its packed blocks as an
-    integer (hdl.reference.input_beats), with ``swap``; ``reset``: the synchronous reset, high
-    for this cycle.
+    ``write``: ``("lut", bank, addr, hif_code)`` or ``("offset", value, layer_sparse)``, into the
+    inactive page, this cycle only; ``beat``: the input beat offered (``blocks.valid``), its packed
+    blocks as an integer (hdl.reference.input_beats), with ``swap``; ``reset``: the synchronous
+    reset, high for this cycle; ``entry``: the sparse entry offered (``sparse.valid``),
+    ``(index, value, last)``.
     """
     write: tuple | None = None
     beat: int | None = None
     swap: bool = False
     reset: bool = False
+    entry: tuple | None = None
 
 
 def host_sequence(cfg: DecoderConfig, layers: list[Layer], rng, *, p_idle: float = 0.0,
-                  cut_after: int | None = None) -> Generator[HostCycle, bool | None, None]:
+                  cut_after: int | None = None) -> Generator[HostCycle, bool | tuple | None, None]:
     """The host's cycles for ``layers``; send back whether each cycle's beat was taken.
 
     Use: ``cycle = next(seq)``, then per clock cycle drive ``cycle``, let the edge pass and
-    ``cycle = seq.send(taken)`` (``taken``: the beat offered was accepted at that edge) until
+    ``cycle = seq.send(taken)`` (``taken``: the beat offered was accepted at that edge; with
+    sparse entries ``(taken, entry_taken)``, the second whether ``cycle.entry`` was) until
     ``StopIteration``. ``rng`` is anything with ``random()`` (``random.Random``, a numpy
     ``Generator``); it draws the idle cycles.
 
@@ -167,36 +246,64 @@ def host_sequence(cfg: DecoderConfig, layers: list[Layer], rng, *, p_idle: float
        taken, the next layer's writes go out one a beat beside the stream (into the page the
        stream does not read: docs/hardware.md's rule); those still pending when the layer ends
        go out before the next layer's swap beat;
-    3. with ``cut_after``, the first layer stops after that many beats (or after
+    3. a layer's sparse entries (``Layer.entries``) go on the sparse stream from the cycle
+       after its swap beat was taken, in order, beside its beats, an entry offered until
+       taken, idle cycles between them while ``rng.random() < p_idle``; after the last beat
+       the host stays until every entry has been taken;
+    4. with ``cut_after``, the first layer stops after that many beats (or after
        ``4 * cut_after * beats_per_block`` cycles without a beat taken), then one reset cycle
        with the last beat still offered, then the other layers from a fresh load. Output
        owed for the cut layer is lost: a consumer holds its output stalled until the reset.
     """
+    queue: deque = deque()               # sparse entries to offer, in order
+    offered = [None]                     # the entry offered and not yet taken
+
+    def emit(cycle: HostCycle):
+        if offered[0] is None and queue and not rng.random() < p_idle:
+            offered[0] = queue[0]
+        if offered[0] is not None:
+            cycle = replace(cycle, entry=offered[0])
+        reply = yield cycle
+        taken, entry_taken = reply if isinstance(reply, tuple) else (reply, False)
+        if offered[0] is not None and entry_taken:
+            queue.popleft()
+            offered[0] = None
+        return taken
+
     pending = list(layers[0].writes()) if layers else []
     last = HostCycle()
     for li, layer in enumerate(layers):
         cut = cut_after is not None and li == 0
         for w in pending:                          # the tables must be in before their swap beat
-            yield HostCycle(write=w)
+            yield from emit(HostCycle(write=w))
         pending = []
         beats = reference.input_beats(cfg, layer.headers, layer.codes)
         budget = 4 * cut_after * cfg.beats_per_block if cut else None
         for bi, beat in enumerate(beats[:cut_after] if cut else beats):
             while rng.random() < p_idle:
-                yield HostCycle()
+                yield from emit(HostCycle())
             last = HostCycle(write=pending.pop(0) if pending else None, beat=beat, swap=bi == 0)
-            taken = yield last
+            taken = yield from emit(last)
             while not taken and (budget is None or budget > 1):
                 budget = None if budget is None else budget - 1
                 last = HostCycle(beat=beat, swap=bi == 0)
-                taken = yield last
+                taken = yield from emit(last)
             if not taken:                          # the cut layer's budget ran out
                 break
-            if bi == 0 and li + 1 < len(layers) and not cut:
-                pending = list(layers[li + 1].writes())
+            if bi == 0:
+                queue.extend(layer.entries())
+                if li + 1 < len(layers) and not cut:
+                    pending = list(layers[li + 1].writes())
         if cut:
             yield HostCycle(beat=last.beat, swap=last.swap, reset=True)
+            queue.clear()
+            offered[0] = None
             pending = list(layers[1].writes()) if len(layers) > 1 else []
+    idle = 0
+    while queue and idle < 1000:                   # the last entries (a decoder that takes none: stop)
+        n = len(queue)
+        yield from emit(HostCycle())
+        idle = 0 if len(queue) < n else idle + 1
 
 
 # -- a sim plan's jobs -----------------------------------------------------------------------------
@@ -235,7 +342,20 @@ def plan_jobs(cfg: DecoderConfig, plan: dict, rng: np.random.Generator) -> list[
             for v in read_vectors(Path(job["dir"])):
                 if v.layout != cfg.layout or v.hif != cfg.hif:
                     raise ValueError(f"{job['dir']}: vectors are for another layout/HIF than {cfg.name}")
-                layers.append(Layer(v.luts, v.offset, *pad_to_beats(cfg, v.headers, v.codes), v.name))
+                if len(v.sparse_index) and not cfg.residuals:
+                    raise ValueError(f"{job['dir']}: layer {v.name} has sparse residuals; {cfg.name} has no "
+                                     f"residual path (a configuration with residuals: {cfg.name}-sp)")
+                layers.append(Layer(v.luts, v.offset, *pad_to_beats(cfg, v.headers, v.codes), v.name,
+                                    v.sparse_index, v.sparse_values))
+            jobs.append(Job(kind, layers))
+        elif kind == "sparse":
+            # every pattern of entries (with_sparse), a layer without entries between two
+            layers = []
+            for i, pattern in enumerate(SPARSE_PATTERNS):
+                layers.append(with_sparse(cfg, random_layer(cfg, rng, job.get("blocks", 16)), rng, pattern,
+                                          job.get("density", 0.05)))
+                if i % 2:
+                    layers.append(random_layer(cfg, rng, max(1, job.get("blocks", 16) // 4)))
             jobs.append(Job(kind, layers))
         elif kind == "random":
             jobs.append(Job(kind, [random_layer(cfg, rng, job.get("blocks", 32))

@@ -9,7 +9,13 @@ the jobs (sim/stimulus.py ``plan_jobs``):
 * ``vectors``: a vector directory written by `sop vectors` (real quantized layers);
 * ``random``: random layers (random LUTs, headers, codes, offsets);
 * ``corners``: every code x bank x sign x scale extreme at offsets -128, 0, 127;
-* ``reset``: a layer cut off by a reset mid-stream, then a fresh one.
+* ``reset``: a layer cut off by a reset mid-stream, then a fresh one;
+* ``sparse`` (a configuration with residuals): layers with every pattern of sparse entries
+  (sim.stimulus.with_sparse: bursts of a whole beat, block and beat boundaries, the first
+  and last value, the swap beat, residuals that cancel, flip the sign, saturate or break
+  ties), layers without entries between them. The sparse stream goes beside the beats
+  (each layer's entries after its swap beat), with random gaps; the ``sparse_error`` bits
+  must stay clear.
 
 Structure (cocotb's ``examples/matrix_multiplier``)::
 
@@ -64,6 +70,7 @@ from cocotb.types import Logic
 
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
+from sop.hdl.residual import ERRORS
 from sop.sim import stimulus
 from sop.sim.model import DecoderModel
 from sop.sim.stimulus import HostCycle
@@ -83,7 +90,7 @@ class HostDriver:
         self.k = cfg.layout.code_bits
         self.sequence = None
         self.cycle: HostCycle | None = None
-        self.taken = False
+        self.taken = self.entry_taken = False
         self.done = Event()
         self._driven: dict[str, int] = {}
 
@@ -108,22 +115,32 @@ class HostDriver:
         offset = w is not None and w[0] == "offset"
         if offset:
             self._put("offset", w[1] & 0xFF)
+            if self.cfg.residuals:
+                self._put("layer_sparse", w[2])
         self._put("offset_we", int(offset))
+        if self.cfg.residuals:
+            if cycle.entry is not None:
+                index, value, last = cycle.entry
+                self._put("sparse__payload", index | (value << 32) | (last << 48))
+            self._put("sparse__valid", int(cycle.entry is not None))
         if cycle.beat is not None:
             self._put("blocks__payload", cycle.beat | (int(cycle.swap) << self.cfg.beat_bits))
         self._put("blocks__valid", int(cycle.beat is not None))
         self._put("rst", int(cycle.reset))
 
     def sample(self) -> None:
-        """Before the edge: is the beat offered taken?"""
+        """Before the edge: is the beat offered taken (and the sparse entry offered)?"""
         self.taken = self.cycle is not None and self.cycle.beat is not None and self.dut.blocks__ready.value is ONE
+        self.entry_taken = (self.cfg.residuals and self.cycle is not None and self.cycle.entry is not None
+                            and self.dut.sparse__ready.value is ONE)
 
     def step(self) -> None:
         """After the edge: tell the sequence, drive its next cycle."""
         if self.sequence is None:
             return
+        reply = (self.taken, self.entry_taken) if self.cfg.residuals else self.taken
         try:
-            self.cycle = next(self.sequence) if self.cycle is None else self.sequence.send(self.taken)
+            self.cycle = next(self.sequence) if self.cycle is None else self.sequence.send(reply)
         except StopIteration:
             self.sequence, self.cycle = None, None
             self.apply(HostCycle())
@@ -134,8 +151,9 @@ class HostDriver:
 
 class InputMonitor:
     """Every input-side transaction at each clock edge, to ``sink``: ``reset()``, ``beat(blocks,
-    swap)``, ``write(bank, addr, code)``, ``set_offset(value)`` (DecoderModel's order: at one edge
-    the beat comes before the writes, and a reset replaces everything else)."""
+    swap)``, ``write(bank, addr, code)``, ``set_offset(value, layer_sparse)``, ``entry(index,
+    value)`` (a sparse entry taken; DecoderModel's order: at one edge the beat comes before the
+    writes and the entry, and a reset replaces everything else)."""
 
     def __init__(self, dut, cfg: DecoderConfig, sink):
         self.dut, self.cfg, self.sink = dut, cfg, sink
@@ -157,7 +175,13 @@ class InputMonitor:
             word = int(d.load__payload.value)
             sink.write(word & 1, (word >> 1) & self._addr_mask, word >> self._data_shift)
         if d.offset_we.value is ONE:
-            sink.set_offset(int(d.offset.value))
+            if self.cfg.residuals:
+                sink.set_offset(int(d.offset.value), int(d.layer_sparse.value))
+            else:
+                sink.set_offset(int(d.offset.value))
+        if self.cfg.residuals and d.sparse__valid.value is ONE and d.sparse__ready.value is ONE:
+            word = int(d.sparse__payload.value)
+            sink.entry(word & 0xFFFFFFFF, (word >> 32) & 0xFFFF)
 
 
 class OutputMonitor:
@@ -217,6 +241,8 @@ class Scoreboard:
             self.mismatches += n
             return
         want, blocks, last = self.owed.popleft()
+        if callable(want):                       # a beat of a sparse layer: its entries are in by now
+            want = want()
         self.checked += n
         if last:
             self.coverage.add(*blocks)
@@ -248,7 +274,7 @@ class ModelFeed:
 
     def __init__(self, model: DecoderModel, scoreboard: Scoreboard, on_reset=None):
         self.model, self.scoreboard, self.on_reset = model, scoreboard, on_reset
-        self.write, self.set_offset = model.write, model.set_offset
+        self.write, self.set_offset, self.entry = model.write, model.set_offset, model.entry
 
     def reset(self) -> None:
         self.model.reset()
@@ -327,9 +353,10 @@ class Testbench:
 def check_vector_expectations(cfg: DecoderConfig, vectors_dir: Path) -> None:
     """The vector files' expected values must be golden's (they are written from golden)."""
     from sop.golden.decoder import product_fields
+    from sop.hdl.residual import expected_words
     for v in read_vectors(vectors_dir):
         if cfg.output == "bf16":
-            want = reference.lane_words(cfg, v.luts, v.offset, v.headers, v.codes)
+            want = expected_words(cfg, v.luts, v.offset, v.headers, v.codes, v.sparse_index, v.sparse_values)
             assert np.array_equal(want, v.expected_bf16), f"{v.name}: BF16 vector file disagrees with golden"
         else:
             sign, sig, exp, _ = product_fields(cfg.hif, v.luts, cfg.layout, v.offset, v.headers, v.codes)
@@ -355,6 +382,9 @@ async def regression(dut):
     dut.offset.value = 0
     dut.blocks__payload.value = 0
     dut.values__ready.value = 0
+    if cfg.residuals:
+        dut.sparse__payload.value = 0
+        dut.layer_sparse.value = 0
     tb.start()
     await tb.reset()
     t0 = time.time()
@@ -363,9 +393,17 @@ async def regression(dut):
     tb.stop()
     sb = tb.scoreboard
     hit, total = sb.coverage.counts
+    # a good stream sets no sparse error bit (each bit is the hardware's verdict on its input)
+    errors = {name: int(str(dut.sparse_error.value)[::-1][i]) for i, name in enumerate(ERRORS)} \
+        if cfg.residuals else {}
+    if any(errors.values()):
+        dut._log.error(f"sparse_error set on a good stream: {errors}")
+        sb.mismatches += 1
     summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": sb.checked,
                "mismatches": sb.mismatches, "coverage_hit": hit, "coverage_bins": total,
-               "coverage_map": sb.coverage.bitmap(), "seconds": time.time() - t0}
+               "coverage_map": sb.coverage.bitmap(), "sparse_errors": errors,
+               "sparse_entries": sum(len(layer.sparse_index) for job in jobs for layer in job.checked),
+               "seconds": time.time() - t0}
     Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
     dut._log.info(f"{cfg.name}: {sb.checked} vectors checked, {sb.mismatches} mismatches, "
                   f"coverage {hit}/{total} = {hit / total:.3f}")

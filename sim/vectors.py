@@ -8,12 +8,22 @@ A vector directory holds ``vectors.json`` and, per layer, three text files:
 * ``<layer>.bf16.hex``: the expected BF16 output, one value per line, 4 hex
   digits, in code order (block by block, code 0 first);
 * ``<layer>.exact.txt``: the expected exact product, one value per line,
-  ``sign exp sig`` in decimal (value = (-1)^sign * sig * 2^exp).
+  ``sign exp sig`` in decimal (value = (-1)^sign * sig * 2^exp);
+* ``<layer>.sparse.txt`` (a layer with sparse residuals only): one entry per
+  line, ``index value``: the flat index in decimal and the BF16 value as 4 hex
+  digits, strictly increasing. The layer's ``bf16.hex`` then holds golden's
+  values with the residuals added (rounded once); ``exact.txt`` stays the
+  product without them (the exact-output decoder does not add residuals).
 
 ``vectors.json`` carries the layout, the HIF, and per layer its shape, offset,
-LUT images and the SHA-256 of each file. Expected values come from golden/
-only. Reading checks everything and raises ``VectorError`` naming the file and
-the field that is missing or malformed.
+LUT images, its number of sparse entries and the SHA-256 of each file. Expected
+values come from golden/ only. Reading checks everything and raises
+``VectorError`` naming the file and the field that is missing or malformed; a
+sparse file that is not strictly increasing, indexes past the layer or holds a
+non-finite value is refused with the line that does.
+
+``make_vectors`` takes a model, or a ``.sopq`` artifact (`sop quantize`): its
+layers' streams as stored, sparse residuals included (``sop-budget``).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +40,7 @@ from sop.golden.files import InputError, input_file, write_atomic
 from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS, get_format
 from sop.golden.hif import hif_format
-from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, unpack_blocks
+from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, unpack_blocks, validate_stream
 
 VERSION = 1
 
@@ -50,16 +60,31 @@ class VectorLayer:
     codes: np.ndarray
     expected_bf16: np.ndarray
     expected_exact: np.ndarray        # (n, 3): sign, exp, sig
+    sparse_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sparse_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-def vector_files(name: str) -> dict[str, str]:
+def vector_files(name: str, sparse: bool = False) -> dict[str, str]:
     """The file names of a layer's vectors (in the vector directory), by kind."""
-    return {"blocks": f"{_safe(name)}.blocks.hex", "bf16": f"{_safe(name)}.bf16.hex",
-            "exact": f"{_safe(name)}.exact.txt"}
+    out = {"blocks": f"{_safe(name)}.blocks.hex", "bf16": f"{_safe(name)}.bf16.hex",
+           "exact": f"{_safe(name)}.exact.txt"}
+    if sparse:
+        out["sparse"] = f"{_safe(name)}.sparse.txt"
+    return out
+
+
+def dense_residual(s: LayerStream) -> np.ndarray | None:
+    """The layer's residual as golden.decoder adds it: every value, +0 where no entry; None
+    without entries."""
+    if not len(s.sparse):
+        return None
+    r = np.zeros(s.rows * s.cols)
+    r[np.asarray(s.sparse.index, dtype=np.int64)] = FORMATS["bf16"].decode(s.sparse.value_bf16)
+    return r
 
 
 def _check_distinct(names: list[str]) -> None:
@@ -80,19 +105,18 @@ def _sha(data: bytes) -> str:
 
 
 def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | None = None) -> Path:
-    """Write ``streams`` (name -> golden LayerStream without sparse entries) as vectors."""
+    """Write ``streams`` (name -> golden LayerStream, sparse entries included) as vectors."""
     out_dir = Path(out_dir)
     _check_distinct(list(streams))
     layers, first = [], None
     for name, s in streams.items():
-        if len(s.sparse):
-            raise ValueError(f"{name}: sparse residuals are not decoded by the hardware; "
-                             f"write vectors of the dense stream")
+        validate_stream(s)
         first = first or s
         if (s.layout, s.hif) != (first.layout, first.hif):
             raise ValueError("all layers of a vector set share one layout and HIF")
         headers, codes = unpack_blocks(s.layout, s.blocks)
-        bf16 = FORMATS["bf16"].encode(decode_blocks(s.hif, s.luts, s.layout, s.offset, headers, codes, "bf16"))
+        bf16 = FORMATS["bf16"].encode(decode_blocks(s.hif, s.luts, s.layout, s.offset, headers, codes, "bf16",
+                                                    dense_residual(s)))
         sign, sig, exp, _ = product_fields(s.hif, s.luts, s.layout, s.offset, headers, codes)
         bb = s.layout.block_bytes
         files = {
@@ -100,11 +124,14 @@ def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | N
             "bf16": "\n".join(f"{v:04x}" for v in bf16.ravel()) + "\n",
             "exact": "\n".join(f"{a} {b} {c}" for a, b, c in zip(sign.ravel(), exp.ravel(), sig.ravel())) + "\n",
         }
-        names = vector_files(name)
+        if len(s.sparse):
+            files["sparse"] = "\n".join(f"{i} {v:04x}" for i, v in zip(s.sparse.index.tolist(),
+                                                                        s.sparse.value_bf16.tolist())) + "\n"
+        names = vector_files(name, sparse=len(s.sparse) > 0)
         for kind, text in files.items():
             write_atomic(out_dir / names[kind], text.encode())
         layers.append({"name": name, "rows": s.rows, "cols": s.cols, "n_blocks": s.n_blocks,
-                       "offset": s.offset, "luts": s.luts.tolist(), "files": names,
+                       "offset": s.offset, "luts": s.luts.tolist(), "sparse": len(s.sparse), "files": names,
                        "sha256": {k: _sha(t.encode()) for k, t in files.items()}})
     lay = first.layout
     doc = {"version": VERSION, **(meta or {}),
@@ -164,8 +191,11 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         name = _field(ld, "name", lw, str)
         files = _field(ld, "files", lw, dict)
         sums = _field(ld, "sha256", lw, dict)
+        n_sparse = ld.get("sparse", 0) if isinstance(ld, dict) else 0
+        if type(n_sparse) is not int or n_sparse < 0:
+            raise VectorError(f"{lw}: field 'sparse' must be a count of entries, got {n_sparse!r}")
         texts = {}
-        for kind in ("blocks", "bf16", "exact"):
+        for kind in ("blocks", "bf16", "exact") + (("sparse",) if n_sparse else ()):
             path = directory / _field(files, kind, f"{lw} files", str)
             try:
                 input_file(path, f"vector file named by {lw} files.{kind}")
@@ -206,9 +236,36 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         exact = np.array([int(v) for v in text.split()], dtype=np.int64)
         if len(exact) != 3 * n:
             raise VectorError(f"{path}: expected {n} lines of 'sign exp sig'")
+        index, values = (_read_sparse(*texts["sparse"], lw, n_sparse, n) if n_sparse
+                         else (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
         out.append(VectorLayer(name, layout, hif, luts, offset, headers, codes,
-                               bf16, exact.reshape(n, 3)))
+                               bf16, exact.reshape(n, 3), index, values))
     return out
+
+
+def _read_sparse(path: Path, text: str, where: str, count: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's sparse file: ``count`` lines of ``index value`` (decimal, 4 hex digits), strictly
+    increasing indices below ``n``, finite BF16 values; a ``VectorError`` naming the line otherwise."""
+    lines = text.splitlines()
+    if len(lines) != count:
+        raise VectorError(f"{path}: {len(lines)} sparse entries, {where} sparse says {count}")
+    index, values = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+    for k, line in enumerate(lines):
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit() or not re.fullmatch(r"[0-9a-fA-F]{4}", parts[1]):
+            raise VectorError(f"{path}: line {k + 1}: expected 'index value' (decimal, 4 hex digits), got {line!r}")
+        index[k], values[k] = int(parts[0]), int(parts[1], 16)
+    bad = np.flatnonzero(np.diff(index) <= 0)
+    if len(bad):
+        raise VectorError(f"{path}: line {bad[0] + 2}: index {index[bad[0] + 1]} does not follow "
+                          f"{index[bad[0]]}: the indices must be strictly increasing")
+    past = np.flatnonzero(index >= n)
+    if len(past):
+        raise VectorError(f"{path}: line {past[0] + 1}: index {index[past[0]]} is past the layer's {n} values")
+    nonfinite = np.flatnonzero((values >> 7) & 0xFF == 0xFF)
+    if len(nonfinite):
+        raise VectorError(f"{path}: line {nonfinite[0] + 1}: value {values[nonfinite[0]]:04x} is not a finite BF16")
+    return index, values
 
 
 def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:
@@ -226,9 +283,49 @@ def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:
     return get_quant_format(fmt).quantize(w, name=name).stream
 
 
+def crop_rows(s: LayerStream, rows: int) -> LayerStream:
+    """The first ``rows`` rows of a stream: their blocks and the sparse entries inside them."""
+    from dataclasses import replace
+
+    from sop.golden.layout import Sparse
+
+    rows = min(rows, s.rows)
+    keep = np.asarray(s.sparse.index, dtype=np.int64) < rows * s.cols
+    blocks = s.blocks[:rows * s.cols // s.layout.group * s.layout.block_bytes]
+    return replace(s, rows=rows, blocks=blocks, sparse=Sparse(s.sparse.index[keep], s.sparse.value_bf16[keep]))
+
+
+def artifact_vectors(path: Path, fmt: str, layers: list[str] | None, out_dir: Path, rows: int | None) -> Path:
+    """Vectors of the stored layer streams of a ``.sopq`` artifact (sparse entries included)."""
+    from sop.golden.files import check_output
+    from sop.golden.points import get_point
+    from sop.quantize.artifact import open_artifact
+
+    art = open_artifact(path)
+    layout = get_point(fmt).layout
+    entries = [e for e in art.layers if e.kind == "sopl"]
+    names = list(dict.fromkeys(layers or [e.name for e in entries if art.stream(e).layout == layout]))
+    streams = {}
+    for name in names:
+        entry = next((e for e in art.layers if e.name == name), None)
+        if entry is None:
+            raise ValueError(f"{path}: no layer {name}; layers: {', '.join(e.name for e in art.layers)}")
+        s = art.stream(entry)
+        if s is None or s.layout != layout:
+            raise ValueError(f"{path}: layer {name} is stored as {entry.choice}, not in the {fmt} layout")
+        streams[name] = s if rows is None else crop_rows(s, rows)
+    if not streams:
+        raise ValueError(f"{path}: no layer is stored in the {fmt} layout")
+    _check_distinct(list(streams))
+    for f in ["vectors.json", *(f for n in streams for f in vector_files(n, True).values())]:
+        check_output(out_dir / f, [Path(path)])
+    return write_vectors(out_dir, streams, {"model": str(path), "format": fmt})
+
+
 def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
                  rows: int | None = None) -> Path:
-    """Quantize ``layers`` of ``model`` (all linear layers if None) into vectors under ``out_dir``.
+    """Quantize ``layers`` of ``model`` (all linear layers if None) into vectors under ``out_dir``;
+    a ``.sopq`` artifact gives its stored streams instead (``artifact_vectors``).
 
     ``rows`` keeps only the first rows of each layer (small, fast vector sets).
     """
@@ -237,6 +334,8 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
 
     if rows is not None and rows <= 0:
         raise ValueError(f"--rows must be a positive number of rows, got {rows}")
+    if str(model).endswith(".sopq"):
+        return artifact_vectors(Path(model), fmt, layers, Path(out_dir), rows)
     source = open_model(model)
     names = list(dict.fromkeys(layers or [lay.name for lay in source.layers]))
     known = {lay.name for lay in source.layers}

@@ -24,14 +24,17 @@ from sop.sim.stimulus import HostCycle, Layer, corner_layer, host_sequence, rand
 
 def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, p_stall=0.3,
                 dut: Decoder | None = None, reset_after_beats: int | None = None,
-                max_cycles: int = 200_000, beat_cycles: list | None = None) -> list[list[int]]:
+                max_cycles: int = 200_000, beat_cycles: list | None = None,
+                errors: dict | None = None) -> list[list[int]]:
     """Stream ``layers`` through the decoder; returns the output beats (lane words).
 
     With ``reset_after_beats``, the first layer is cut off after that many input
     beats, the output held stalled, and a synchronous reset pulsed; the other
     layers then follow from a fresh load. The monitor only counts beats after
     the reset, so stale data would show up as extra or wrong beats.
-    ``beat_cycles``, if given, receives the cycle number of each output beat.
+    ``beat_cycles``, if given, receives the cycle number of each output beat. With sparse
+    residuals (``cfg.residuals``) the layers' entries go on the ``sparse`` stream and
+    ``errors``, if given, receives the ``sparse_error`` bits at the end.
     """
     rng = random.Random(seed)
     dut = dut or Decoder(cfg)
@@ -54,7 +57,16 @@ def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, 
         ctx.set(dut.load.valid, lut)
         if w is not None and w[0] == "offset":
             ctx.set(dut.offset, w[1])
+            if cfg.residuals:
+                ctx.set(dut.layer_sparse, w[2])
         ctx.set(dut.offset_we, w is not None and w[0] == "offset")
+        if cfg.residuals:
+            if cycle.entry is not None:
+                index, value, last = cycle.entry
+                ctx.set(dut.sparse.payload.index, index)
+                ctx.set(dut.sparse.payload.value, value)
+                ctx.set(dut.sparse.payload.last, last)
+            ctx.set(dut.sparse.valid, cycle.entry is not None)
         if cycle.beat is not None:
             ctx.set(dut.blocks.payload.blocks, cycle.beat)
             ctx.set(dut.blocks.payload.swap, cycle.swap)
@@ -67,10 +79,15 @@ def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, 
             cycle = next(sequence)
             while True:
                 apply(ctx, cycle)
-                _, _, ready = await ctx.tick().sample(dut.blocks.ready)
+                if cfg.residuals:
+                    _, _, ready, sready = await ctx.tick().sample(dut.blocks.ready, dut.sparse.ready)
+                    reply = (cycle.beat is not None and bool(ready), cycle.entry is not None and bool(sready))
+                else:
+                    _, _, ready = await ctx.tick().sample(dut.blocks.ready)
+                    reply = cycle.beat is not None and bool(ready)
                 if cycle.reset:
                     after_reset[0] = True
-                cycle = sequence.send(cycle.beat is not None and bool(ready))
+                cycle = sequence.send(reply)
         except StopIteration:
             pass
         apply(ctx, HostCycle())
@@ -92,6 +109,8 @@ def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, 
         for _ in range(12):                       # nothing more may come out
             _, _, valid = await ctx.tick().sample(dut.values.valid)
             assert not valid, f"decoder produced more beats than it was given ({len(got)} + more)"
+        if errors is not None and cfg.residuals:
+            errors.update({k: ctx.get(getattr(dut.sparse_error, k)) for k in dut.sparse_error.shape().members})
 
     sim = Simulator(top)
     sim.add_clock(1e-8)

@@ -12,23 +12,27 @@ scoreboard report mismatches.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 from amaranth.back import verilog
 from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 
 import mutants
+import residual_mutants
 from sop.golden.layout import named_layouts
-from sop.hdl.config import DecoderConfig, named_configs
+from sop.hdl.config import DecoderConfig, named_configs, residual_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
 from sop.sim import runner, stimulus
 from sop.sim.vectors import VectorError, make_vectors, read_vectors
 
 CONFIGS = named_configs()
+SPARSE = residual_configs()
 # Made here, registered nowhere: the simulator's process must build it from the plan alone.
 ADHOC = DecoderConfig("adhoc-sop4-x2-exact", 2, named_layouts()["sop4-g16"], output="exact")
 
@@ -52,7 +56,9 @@ def plan_blocks(summary: dict, build_dir, cfg) -> tuple[int, stimulus.Coverage, 
 @pytest.mark.parametrize("cfg,sim", [
     (CONFIGS["sop4-g16"], "icarus"), (CONFIGS["e2m3-ue4m4-g16"], "icarus"),
     (CONFIGS["sop4-g16-x1"], "verilator"), (dataclasses.replace(CONFIGS["sop4-g16"], lutram_depth=16), "icarus"),
-    (ADHOC, "icarus")], ids=["sop4-g16", "e2m3-ue4m4-g16", "sop4-g16-x1-verilator", "sop4-g16-lutram16", "adhoc"])
+    (ADHOC, "icarus"), (SPARSE["sop4-g16-sp"], "icarus"), (SPARSE["sop4-g16-x1-sp"], "verilator")],
+    ids=["sop4-g16", "e2m3-ue4m4-g16", "sop4-g16-x1-verilator", "sop4-g16-lutram16", "adhoc", "sop4-g16-sp",
+         "sop4-g16-x1-sp-verilator"])
 def test_regression_quick(cfg, sim, tmp_path):
     # A fixed seed reproduces a run; the checks below hold for any seed (`make sim` draws one each run).
     build = tmp_path / "build"
@@ -66,6 +72,8 @@ def test_regression_quick(cfg, sim, tmp_path):
     lay = cfg.layout
     assert corners.counts[0] == (1 << lay.code_bits) * lay.banks * (2 if lay.signed_scale else 1) * 2
     assert ((cov.hit | corners.hit) == cov.hit).all()
+    if cfg.residuals:           # the sparse job and the budget layer's entries, no error bit set
+        assert s["sparse_entries"] > 100 and not any(s["sparse_errors"].values())
 
 
 class DropsABeat(wiring.Component):
@@ -104,6 +112,51 @@ def test_regression_reports_a_broken_design(mutant, tmp_path):
     assert "lane" in log and "expected" in log                    # reported beat by beat as it came
     if mutant == "drop":
         assert "output beat 40 lane" in log                        # the first beat out of place
+
+
+@pytest.mark.parametrize("mutant", ["never hold", "neighbour lane"])
+def test_regression_reports_a_broken_residual_path(mutant, tmp_path):
+    cfg = SPARSE["sop4-g16-sp"]
+    kw = {"never hold": {"merge": residual_mutants.NeverHold},
+          "neighbour lane": {"path": residual_mutants.NeighbourLane}}[mutant]
+    v = tmp_path / "broken.v"
+    v.write_text(verilog.convert(Decoder(cfg, **kw), name=module_name(cfg), emit_src=False))
+    s = runner.run(cfg, "icarus", quick=True, verilog=v, build_dir=tmp_path / "build", vectors=False)
+    assert s["mismatches"] > 0 and s["failed_tests"] == 1
+
+
+def test_sparse_vectors_round_trip_and_bad_files(tmp_path):
+    """`sop vectors` of a sop-budget artifact carries its layers' residuals; a sparse file that
+    is not strictly increasing, indexes past the layer or holds a non-finite value is refused
+    with the line that does."""
+    art, names = runner.sparse_artifact("sop4-g16")
+    out = tmp_path / "v"
+    make_vectors(str(art), "sop4-g16", names[:1], out, rows=8)
+    (layer,) = read_vectors(out)
+    assert len(layer.sparse_index) > 0 and (np.diff(layer.sparse_index) > 0).all()
+    assert layer.sparse_index[-1] < layer.codes.size
+    doc = json.loads((out / "vectors.json").read_text())
+    path = out / doc["layers"][0]["files"]["sparse"]
+    good = path.read_text().splitlines()
+    for bad, match in [([good[1], good[0]] + good[2:], "must be strictly increasing"),
+                       (good[:-1] + [f"{layer.codes.size + 3} 3f80"], "past the layer"),
+                       ([good[0].split()[0] + " 7fc0"] + good[1:], "not a finite BF16"),
+                       (["12 zz"] + good[1:], "expected 'index value'")]:
+        text = "\n".join(bad) + "\n"
+        path.write_text(text)
+        doc["layers"][0]["sha256"]["sparse"] = hashlib.sha256(text.encode()).hexdigest()
+        (out / "vectors.json").write_text(json.dumps(doc))
+        with pytest.raises(VectorError, match=match) as err:
+            read_vectors(out)
+        assert "\n" not in str(err.value)
+    # a layer with residuals is refused by a decoder without the residual path
+    path.write_text("\n".join(good) + "\n")
+    doc["layers"][0]["sha256"]["sparse"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (out / "vectors.json").write_text(json.dumps(doc))
+    plan = {"jobs": [{"kind": "vectors", "dir": str(out)}]}
+    with pytest.raises(ValueError, match="no residual path"):
+        stimulus.plan_jobs(CONFIGS["sop4-g16"], plan, np.random.default_rng(0))
+    assert len(stimulus.plan_jobs(SPARSE["sop4-g16-sp"], plan, np.random.default_rng(0))[0].layers[0].sparse_index)
 
 
 def test_vectors_round_trip_and_bad_files(tmp_path):

@@ -1,0 +1,149 @@
+"""The residual path's stall rate on real layers: `python -m sop.sim.sparse_stalls`.
+
+    python -m sop.sim.sparse_stalls [--budget B ...] [--lanes N ...] [--residuals R ...]
+                                    [--out build/bench/sparse_stalls.json]
+
+Quantizes MiniLM with ``sop-budget`` at each budget (`sop quantize`, calibrated, the
+quantizer's own knapsack: the densities it really chooses), and for every layer that
+carries sparse entries counts the cycles the decoder's stage 0 spends on it with the
+residual path's rule (hdl.residual.MergeModel, the cycle model the RTL is checked
+against, tests/test_hdl_residual.py): the host offers a beat every cycle and the
+layer's entries from the cycle after its swap beat, one a cycle; the output is always
+ready. A stall is a cycle in which stage 0 presents a chunk it must present again (more
+than R entries in it, or its entries not yet proven complete). ``stall rate`` = stalls /
+chunks: the throughput lost. tests/test_sparse_stalls.py checks the count against the
+decoder itself in amaranth.sim on a MiniLM layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sop.golden.files import write_atomic
+from sop.hdl.config import DecoderConfig
+from sop.hdl.residual import MergeModel
+
+DEFAULT_BUDGETS = (4.75, 5.0, 5.5, 6.0)
+
+
+def issue_cycles(config: DecoderConfig, layers) -> dict:
+    """Cycles of stage 0 for ``layers``, each ``(n_values, sparse indices)``, streamed back to back
+    at full speed (tables preloaded, every beat and entry offered as soon as the host may, output
+    always ready). Returns ``chunks`` (output beats), ``cycles`` (passes: chunks plus stalls),
+    ``stalls`` and ``stalls_per_layer``."""
+    N, C = config.lanes, config.beats_per_block
+    model = MergeModel(config)
+    chunks = [-(-n // N) for n, _ in layers]
+    total_cycles, per_layer = 0, []
+    queue, qi = np.zeros(0, dtype=np.int64), 0
+    active, hold = 0, 0
+    cur = None                                   # (layer, chunk) presented
+    li, beat = 0, 0                              # the next beat to take
+    first_flag_written = False
+    while cur is not None or li < len(layers):
+        offer = li < len(layers)
+        we = ls = 0
+        if offer and beat == 0 and not first_flag_written:      # its flag, before its swap beat
+            we, ls, first_flag_written = 1, int(len(layers[li][1]) > 0), True
+        present = cur is not None
+        last_chunk = present and (cur[1] % C == C - 1 or cur[1] == chunks[cur[0]] - 1)
+        take_reg = not present or last_chunk
+        swap = offer and beat == 0
+        taken = bool(take_reg and not hold and offer and not we)
+        entry = (int(queue[qi]), 0, int(qi == len(queue) - 1)) if qi < len(queue) else (0, 0, 0)
+        cy = {"present": int(present), "present_next": int(offer and not we if take_reg and not hold else present),
+              "taken": int(taken), "swap": int(swap), "page": active ^ int(swap), "write_page": 1 - active,
+              "en": 1, "offset_we": we, "layer_sparse": ls, "valid": int(qi < len(queue)), "entry": entry}
+        out = model.step(cy)
+        if present:
+            total_cycles += 1
+            while len(per_layer) <= cur[0]:
+                per_layer.append(0)
+            per_layer[cur[0]] += 1
+        if cy["valid"] and out["ready"]:
+            qi += 1
+        if present and not hold:
+            cur = None if last_chunk else (cur[0], cur[1] + 1)
+        if taken:
+            if swap:
+                active ^= 1
+                queue, qi = np.asarray(layers[li][1], dtype=np.int64), 0
+            cur = (li, beat * C)
+            beat += 1
+            if beat * C >= chunks[li]:
+                li, beat, first_flag_written = li + 1, 0, False
+        hold = out["hold_next"]
+    if any(out["error"].values()):
+        raise AssertionError(f"the stream set {out['error']}")
+    stalls = [p - c for p, c in zip(per_layer, chunks)]
+    return {"chunks": sum(chunks), "cycles": total_cycles, "stalls": sum(stalls), "stalls_per_layer": stalls}
+
+
+def budget_streams(budget: float, out_dir: Path, *, calibrate: bool = True) -> dict:
+    """``{layer: LayerStream}`` of MiniLM quantized with sop-budget at ``budget`` (cached .sopq)."""
+    from sop.quantize.artifact import open_artifact, quantize_model
+
+    path = out_dir / f"minilm-sop-budget-{budget}.sopq"
+    if not path.is_file():
+        quantize_model("minilm", "sop-budget", path, budget=budget, calibrate=calibrate, progress=False)
+    art = open_artifact(path)
+    return {e.name: art.stream(e) for e in art.layers if e.kind == "sopl"}
+
+
+def measure(budgets, lanes, residuals, out_dir: Path) -> dict:
+    from sop.golden.points import operating_points
+
+    points = {p.layout: p for p in operating_points().values()}
+    rows = []
+    for budget in budgets:
+        streams = budget_streams(budget, out_dir)
+        sparse = {name: s for name, s in streams.items() if len(s.sparse)}
+        for n in lanes:
+            for r in residuals:
+                by_point: dict = {}
+                for name, s in sparse.items():
+                    by_point.setdefault(points[s.layout].name, []).append((name, s))
+                for point, items in by_point.items():
+                    p = points[items[0][1].layout]
+                    cfg = DecoderConfig(f"{point}-x{n}-r{r}", n, p.layout, p.hif, residuals=r)
+                    t0 = time.monotonic()
+                    res = issue_cycles(cfg, [(s.rows * s.cols, s.sparse.index) for _, s in items])
+                    dens = [len(s.sparse) / (s.rows * s.cols) for _, s in items]
+                    per_beat = [np.bincount(np.asarray(s.sparse.index, dtype=np.int64) // n).max() for _, s in items]
+                    rows.append({"budget": budget, "point": point, "lanes": n, "residuals": r,
+                                 "layers": len(items), "entries": int(sum(len(s.sparse) for _, s in items)),
+                                 "density_min": min(dens), "density_max": max(dens),
+                                 "densities": sorted({round(d * 100, 2) for d in dens}),
+                                 "max_entries_in_a_beat": int(max(per_beat)),
+                                 "chunks": res["chunks"], "stalls": res["stalls"],
+                                 "stall_rate": res["stalls"] / res["chunks"],
+                                 "worst_layer": max(st / -(-(s.rows * s.cols) // n)
+                                                    for st, (_, s) in zip(res["stalls_per_layer"], items)),
+                                 "seconds": round(time.monotonic() - t0, 1)})
+                    print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "all_layers": len(streams)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, action="append")
+    p.add_argument("--lanes", type=int, action="append")
+    p.add_argument("--residuals", type=int, action="append")
+    p.add_argument("--out", type=Path, default=Path("build/bench/sparse_stalls.json"))
+    args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    doc = measure(args.budget or DEFAULT_BUDGETS, args.lanes or [8], args.residuals or [1, 2], args.out.parent)
+    write_atomic(args.out, (json.dumps(doc, indent=1) + "\n").encode())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

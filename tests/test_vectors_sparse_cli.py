@@ -1,0 +1,43 @@
+"""`sop vectors` of a .sopq artifact: its layers as stored, sparse residuals included; bad requests end
+in one line `sop: error: ...`."""
+
+import json
+
+from cli_run import run
+
+from sop.sim import runner
+from sop.sim.vectors import read_vectors
+
+
+def test_vectors_of_a_budget_artifact_carry_the_residuals(tmp_path, capsys):
+    art, names = runner.sparse_artifact("sop4-g16")
+    out = tmp_path / "v"
+    assert run(["vectors", art, "--format", "sop4-g16", "--layer", names[0], "--out", out, "--rows", 8]) == 0
+    doc = json.loads((out / "vectors.json").read_text())
+    (entry,) = doc["layers"]
+    assert entry["sparse"] > 0 and "sparse" in entry["files"] and entry["rows"] == 8
+    (layer,) = read_vectors(out)
+    assert len(layer.sparse_index) == entry["sparse"]
+    # every layer stored in the layout, without --layer
+    assert run(["vectors", art, "--format", "sop4-g16", "--out", tmp_path / "all", "--rows", 2]) == 0
+    assert len(read_vectors(tmp_path / "all")) == len(
+        [e for e in json.loads((tmp_path / "all" / "vectors.json").read_text())["layers"]])
+
+
+def one_error_line(capsys, argv) -> str:
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_artifact_requests_are_one_line(tmp_path, capsys):
+    art, names = runner.sparse_artifact("sop4-g16")
+    _, e2m3 = runner.sparse_artifact("e2m3-ue4m4-g16")
+    err = one_error_line(capsys, ["vectors", art, "--format", "sop4-g16", "--layer", e2m3[0], "--out", tmp_path / "a"])
+    assert e2m3[0] in err and "not in the sop4-g16 layout" in err
+    err = one_error_line(capsys, ["vectors", art, "--format", "sop4-g16", "--layer", "nope", "--out", tmp_path / "b"])
+    assert "no layer nope" in err
+    bad = tmp_path / "bad.sopq"
+    bad.write_bytes(b"not an artifact")
+    assert "bad.sopq" in one_error_line(capsys, ["vectors", bad, "--format", "sop4-g16", "--out", tmp_path / "c"])
