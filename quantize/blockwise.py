@@ -23,6 +23,15 @@ The error of each candidate is computed on the exact product the decoder forms
 encoder reports (``Encoded.recon``) is, bit for bit, ``golden.decoder.decode_layer``'s
 output for the stream (tests/test_sop_search.py checks it through pack/unpack).
 
+Its arithmetic, fixed to the bit: per candidate ``q_j`` (the product), the error is
+``block_sum(((w_j - q_j) * (w_j - q_j)) * a_j)`` in float64, and the chosen candidate's
+``qq = block_sum((q_j * q_j) * a_j)``, where ``block_sum`` adds a block's g terms in the fixed
+order ``np.sum`` takes over a contiguous axis of g (numpy's pairwise summation), written out as
+additions of slices. Nothing is summed by BLAS (whose order is its kernel's, which depends on
+the CPU and the number of rows) or by a library reduction: numpy and torch on any device
+(``--device``, quantize/device.py) perform the same additions, so every device gives the same
+bits, and a block's result does not depend on the chunk it is evaluated in.
+
 The per-layer power-of-two offset is the smallest that lets the largest block
 fit under the scale format's maximum (over every bank and sign). Width must be a
 multiple of the block size; NaN/Inf weights are refused.
@@ -34,16 +43,19 @@ decides its code except exactly on a midpoint (a tie) or on zero (the sign of
 zero); those go to ``Codebook.encode`` itself, so the codes
 are golden's by construction (and tested so). For a float32 layer the grid
 coordinate ``w / s`` is the float32 quotient, redone in float64 only where it is
-an integer (``FastTable.cells_div`` has the proof). The work runs in chunks of
-~64 K weights so that the temporaries stay in cache, on ``THREADS`` threads (default one). The
-per-bank evaluation (``evaluate_bank``) is reusable: a two-bank encode is the
-per-block minimum of two one-bank evaluations, which is what lets the SOP pair
-search score every pair at the cost of one evaluation per codebook.
+an integer (``FastTable.cells_div`` has the proof). The candidate search works on row chunks
+of about ``EVAL_WEIGHTS`` candidate weights with each block's g terms on a leading axis
+(``Prepared.transposed``: the sums are whole-array additions, every per-block factor broadcasts
+along a contiguous axis), in reused work arrays (``_scratch``), with ``qq`` formed for the
+chosen candidate only; on ``THREADS`` threads (default one). The per-bank evaluation (``evaluate_bank``) is
+reusable: a two-bank encode is the per-block minimum of two one-bank evaluations, which is what
+lets the SOP pair search score every pair at the cost of one evaluation per codebook.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -56,8 +68,15 @@ from sop.golden.codebooks import Codebook
 from sop.golden.formats import check_no_nan, table_midpoints
 from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, pack_blocks
 
+from . import device
+
 #: Weights per chunk: temporaries of this size (512 KB in float64) stay in L2.
 CHUNK_WEIGHTS = 1 << 16
+#: Candidate weights per row chunk of the candidate search (``BankEvaluator.chunks``): every
+#: candidate's products of a chunk are one float64 array of about this many elements. A block's
+#: results do not depend on the chunk, so this is a matter of speed alone (2^16 to 2^18 measured
+#: within 5 % of each other on the 2-core machine, 2^15 slower).
+EVAL_WEIGHTS = 1 << 17
 #: Worker threads for the chunk loop; ``SOP_THREADS`` sets it, default 1 (inline). Threads
 #: were the default once, but the loop is many short numpy calls that hold the GIL between
 #: them: on the 2-CPU machine 2 threads ran the sop4-g16 search 16 % slower than one (4096 x
@@ -66,7 +85,8 @@ CHUNK_WEIGHTS = 1 << 16
 #: (quantize/jobs.py), layers in parallel, 2.3x at 2 jobs (docs/benchmarks.md).
 THREADS = int(os.environ.get("SOP_THREADS", "0")) or 1
 _pool: tuple[int, ThreadPoolExecutor] | None = None
-#: Per thread, the float32 quotients' cells of the chunk last evaluated (BankEvaluator.chunk).
+#: Per thread, what the tables evaluated on one row chunk share: its blocks transposed and the
+#: float32 quotients' cells (BankEvaluator.chunk), of the chunk last evaluated.
 _cells_memo = threading.local()
 _tokens = itertools.count()
 #: Largest fast-path grid (entries per look-up table); finer tables use Codebook.encode.
@@ -92,6 +112,131 @@ def block_reduce(m: np.ndarray, op=np.maximum) -> np.ndarray:
         g //= 2
         m = op(m[..., :g], m[..., g:2 * g])
     return m[..., 0]
+
+
+def _part(x, axis: int, index):
+    at = [slice(None)] * x.ndim
+    at[axis] = index
+    return x[tuple(at)]
+
+
+def _pairwise(x, axis: int, lo: int, n: int):
+    """numpy's pairwise summation (``pairwise_sum`` in its loops) of ``x[lo:lo + n]`` along ``axis``:
+    below 8 terms one after the other; up to 128, eight running sums of every eighth term, added
+    as ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the rest one by one; above 128, the
+    two halves (the first a multiple of 8) summed so and added."""
+    if n < 8:
+        res = _part(x, axis, lo)
+        for i in range(lo + 1, lo + n):
+            res = res + _part(x, axis, i)
+        return res
+    if n <= 128:
+        r = _part(x, axis, slice(lo, lo + 8))             # the 8 running sums, side by side
+        i = 8
+        while i < n - n % 8:
+            r = r + _part(x, axis, slice(lo + i, lo + i + 8))
+            i += 8
+        r = _part(r, axis, slice(0, 8, 2)) + _part(r, axis, slice(1, 8, 2))
+        r = _part(r, axis, slice(0, 4, 2)) + _part(r, axis, slice(1, 4, 2))
+        res = _part(r, axis, 0) + _part(r, axis, 1)
+        for i in range(lo + n - n % 8, lo + n):
+            res = res + _part(x, axis, i)
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise(x, axis, lo, n2) + _pairwise(x, axis, lo + n2, n - n2)
+
+
+def block_sum(x, axis: int = -1):
+    """The sum over ``axis`` of a float64 array with the bits of ``np.sum`` over that axis laid
+    out last and contiguous (``np.ascontiguousarray(np.moveaxis(x, axis, -1)).sum(-1)``; numpy
+    adds a non-contiguous axis in another order), as a fixed sequence of elementwise additions of
+    slices (numpy's pairwise order, ``_pairwise``, then ``0.0 +``, which only turns a sum of -0s
+    into +0), on numpy arrays and torch tensors alike.
+
+    Every per-block sum of the quantizer's search is this one: an order fixed by the block size
+    alone, which numpy, torch on the CPU and torch on CUDA all follow (IEEE additions, no library
+    choosing the order). A matrix-vector product (BLAS) sums in an order of its own kernel's,
+    which depends on the CPU and the number of rows; ``np.sum`` over a short last axis costs about
+    five elementwise passes, these slices about two where the axis is not the last."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    if n == 0:
+        raise ValueError("block_sum of an empty axis")
+    return _pairwise(x, axis, 0, n) + 0.0
+
+
+@lru_cache(maxsize=16)
+def sum_order(g: int) -> np.ndarray | None:
+    """The order to lay a block's g terms out in so that ``block_sum`` becomes halvings of
+    contiguous slices (``halved_sum``), for g a multiple of 8 up to 128; None for other g.
+
+    numpy's pairwise sum of g terms adds them into 8 running sums ``r_i`` (every eighth term, in
+    turn), then ``((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))``. With each group of 8 laid
+    out as terms 0, 4, 2, 6, 1, 5, 3, 7, the running sums come out in that order, and each level
+    of the tree adds the first half to the second: (r0 + r1, r4 + r5, r2 + r3, r6 + r7), then
+    ((r0 + r1) + (r2 + r3), (r4 + r5) + (r6 + r7)), then their sum. The same additions, every one
+    a single elementwise call on contiguous data (the strided pairs of ``block_sum`` cost several
+    times more per element)."""
+    if g % 8 or not 8 <= g <= 128:
+        return None
+    order = np.concatenate([base + np.array([0, 4, 2, 6, 1, 5, 3, 7]) for base in range(0, g, 8)])
+    order.flags.writeable = False
+    return order
+
+
+def halved_sum(x: np.ndarray, axis: int) -> np.ndarray:
+    """``block_sum(x, axis)`` of terms laid out in ``sum_order(g)``, bit for bit (g = x.shape[axis])."""
+    if axis < 0 or axis > 1:
+        x, axis = np.moveaxis(x, axis, 0) if isinstance(x, np.ndarray) else x.movedim(axis, 0), 0
+    y = x if axis == 0 else x.swapaxes(0, 1)                # a view: the terms on the first axis
+    g = y.shape[0]
+    r = y[0:8]
+    for i in range(8, g, 8):                                # the running sums, group by group
+        r = r + y[i:i + 8]
+    r = r[:4] + r[4:]
+    r = r[:2] + r[2:]
+    r = r[0] + r[1]
+    r += 0.0
+    return r
+
+
+def _rows_memo(prep, sl) -> dict:
+    """This thread's memo of rows ``sl`` of ``prep`` (emptied when other rows are asked for)."""
+    rows = (prep.token, sl.start, sl.stop)
+    memo = getattr(_cells_memo, "chunk", None)
+    if memo is None or memo[0] != rows:
+        memo = (rows, {})
+        _cells_memo.chunk = memo
+    return memo[1]
+
+
+def _scratch(name, shape: tuple, dtype) -> np.ndarray:
+    """This thread's work array ``name`` of that shape and dtype, reused from call to call (a
+    fresh array of a megabyte costs about as much as a pass over it): a view of the front of a
+    buffer that only grows; its contents are whatever the last user left."""
+    bufs = getattr(_cells_memo, "scratch", None)
+    if bufs is None:
+        bufs = _cells_memo.scratch = {}
+    size = math.prod(shape)
+    buf = bufs.get(name)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = bufs[name] = np.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
+
+
+@lru_cache(maxsize=8)
+def _grid_index(g: int, n: int) -> np.ndarray:
+    idx = np.arange(g * n, dtype=np.intp).reshape(g, n)
+    idx.flags.writeable = False
+    return idx
+
+
+def first_min(errs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(k, min) over the leading axis: the first index holding the least value (``np.argmin``'s
+    documented tie order) and that value (errors are never NaN or -0, so no other bits tie)."""
+    k = np.argmin(errs, axis=0)
+    return k, np.minimum.reduce(errs, axis=0)
 
 
 def row_slices(rows: int, cols: int, chunk: int = CHUNK_WEIGHTS) -> list[slice]:
@@ -232,12 +377,14 @@ class FastTable:
             v.reshape(-1)[fix] = self.values_table[self.cb.encode(t.reshape(-1)[fix] / self.mul)]
         return v
 
-    def cells_div(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray) -> tuple:
-        """The grid cells of the quotients ``w / d[..., None]`` from their float32 copies, for
-        a float32 or float16 ``w`` and divisors that are all exactly float32 (``d32``):
-        ``(j, again, t64)``, ``j`` the index into ``lut_values`` of each quotient's cell,
-        ``again`` the flat positions whose float32 quotient is an integer and ``t64`` their
-        float64 quotients, which ``values_t`` decides.
+    def cells_div(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray,
+                  out: np.ndarray | None = None) -> tuple:
+        """The grid cells of the quotients ``w / d`` (``w`` and ``d`` broadcast against each
+        other) from their float32 copies, for a float32 or float16 ``w`` and divisors that are
+        all exactly float32 (``d32``, shaped as ``d``): ``(j, again, t64)``, ``j`` the index into
+        ``lut_values`` of each quotient's cell, ``again`` the flat positions whose float32
+        quotient is an integer and ``t64`` their float64 quotients, which ``values_t`` decides
+        (``j`` written into ``out`` if given).
 
         Why the float32 quotient decides the cell of every other one: the exact quotient
         ``q``, its float64 ``t64`` and its float32 ``t32`` are correctly rounded copies of one
@@ -248,29 +395,31 @@ class FastTable:
         and underflows among them) is computed again in float64. Beyond the grid
         (``|t32| > K - 1/2``, Inf included) ``q`` and ``t64`` are too (rounding is monotone and
         ``K - 1/2`` is a float32), so both take the end cell."""
+        shape = np.broadcast_shapes(np.shape(w), np.shape(d32))
+        t = _scratch("t32", shape, np.float32)
         with np.errstate(over="ignore"):            # beyond FLT_MAX: Inf, which saturates
-            t = np.asarray(w, dtype=np.float32) / d32[..., None]
+            np.divide(w, d32, out=t, dtype=np.float32)
         # saturate to the end cells at half-integers, which the integer test cannot flag
         np.clip(t, 0.5 - self.K, self.K - 0.5, out=t)
-        f = np.floor(t)
-        again = np.flatnonzero(t == f)
+        f = np.floor(t, out=_scratch("f32", shape, np.float32))
+        again = np.flatnonzero(np.equal(t, f, out=_scratch("hit", shape, np.bool_)))
         f += self.K                                 # exact: integers below 2^24
+        j = np.empty(shape, dtype=np.intp) if out is None else out
+        np.copyto(j, f, casting="unsafe")           # exact: integers
         t64 = None
         if again.size:
-            pos = np.unravel_index(again, t.shape)
-            t64 = (np.broadcast_to(w, t.shape)[pos].astype(np.float64)
-                   / np.broadcast_to(d[..., None], t.shape)[pos])
-        return f.astype(np.intp), again, t64
+            pos = np.unravel_index(again, shape)
+            t64 = np.broadcast_to(w, shape)[pos].astype(np.float64) / np.broadcast_to(d, shape)[pos]
+        return j, again, t64
 
     def values_div(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray | None = None,
                    cells: tuple | None = None) -> np.ndarray:
-        """``values_t(w / d[..., None])`` for weights ``w`` (..., g) and divisors ``d`` (any leading
-        candidate axes, then ``w``'s block axes), the same bits, from the float32 quotient
-        (``cells_div``; ``cells`` if already computed) where ``w`` is float32 or float16 and
-        ``d32`` is ``d`` as float32 (given only where every divisor is exactly one)."""
+        """``values_t(w / d)`` (``w`` and ``d`` broadcast against each other), the same bits, from
+        the float32 quotient (``cells_div``; ``cells`` if already computed) where ``w`` is float32
+        or float16 and ``d32`` is ``d`` as float32 (given only where every divisor is exactly one)."""
         if cells is None:
             if d32 is None or w.dtype.itemsize > 4 or not self.exact:
-                return self.values_t(np.asarray(w, dtype=np.float64) / d[..., None])
+                return self.values_t(np.asarray(w, dtype=np.float64) / d)
             cells = self.cells_div(w, d, d32)
         j, again, t64 = cells
         v = np.take(self.lut_values, j, mode="clip")    # every index is in range: no check
@@ -278,28 +427,32 @@ class FastTable:
             v.reshape(-1)[again] = self.values_t(t64)
         return v
 
-    def values_div_mirrored(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray | None, rec: np.ndarray,
-                            cells: tuple | None = None) -> None:
-        """For ``d`` (B, h, ...) the divisors of ``h`` candidates (a float32 or float16 ``w``
-        broadcasting against them, ``d32`` given): ``rec[:, :h] = values_div(w, d, d32)`` and
-        ``rec[:, h:] = values_div(w, -d, -d32)`` (``rec`` is (B, 2h, ..., g)), one quotient for
-        both: ``w / -d`` is exactly ``-(w / d)``, in float32 and float64 alike, and the cell of a
-        non-integer ``-t`` is ``-floor(t) - 1``, which the mirrored table ``lut_values_mirror``
-        holds at ``floor(t)``. The quotients that are integers are the same for both signs and
-        both go to ``values_t`` in float64."""
-        j, again, t64 = self.cells_div(w, d, d32) if cells is None else cells
-        h = j.shape[1]
-        for b in range(rec.shape[0]):
-            # mode="clip": numpy buffers a take into ``out`` in its default mode (slow), not
-            # here; each ``out`` is contiguous (a strided one is copied back), every index in range
-            np.take(self.lut_values, j[b], out=rec[b, :h], mode="clip")
-            np.take(self.lut_values_mirror, j[b], out=rec[b, h:], mode="clip")
+    def values_mirrored(self, cells: tuple, out: np.ndarray) -> None:
+        """From the cells of ``h`` candidates' quotients ``t = w / d`` (``cells_div``, its first
+        axis the candidates), ``out[:h] = values_t(t)`` and ``out[h:] = values_t(-t)``
+        (``out`` is (2h, ...)): one quotient for both signs, since ``w / -d`` is exactly
+        ``-(w / d)`` in float32 and float64 alike, and the cell of a non-integer ``-t`` is
+        ``-floor(t) - 1``, which the mirrored table ``lut_values_mirror`` holds at ``floor(t)``.
+        The quotients that are integers are the same for both signs and both go to ``values_t``
+        in float64."""
+        j, again, t64 = cells
+        h = j.shape[0]
+        # mode="clip": numpy buffers a take into ``out`` in its default mode (slow), not here;
+        # both halves of ``out`` are contiguous, every index in range
+        self.lut_values.take(j, out=out[:h], mode="clip")
+        self.lut_values_mirror.take(j, out=out[h:], mode="clip")
         if again.size:
-            half = j[0].size                         # h candidates x the rest, per b
-            plus = again + (again // half) * half    # from (B, h, ...) to (B, 2h, ...) positions
-            flat = rec.reshape(-1)
-            flat[plus] = self.values_t(t64)
-            flat[plus + half] = self.values_t(-t64)
+            flat = out.reshape(-1)
+            both = self.values_t(np.concatenate([t64, -t64]))       # one call for both signs
+            flat[again] = both[:again.size]
+            flat[again + j.size] = both[again.size:]
+
+    def values_into(self, cells: tuple, out: np.ndarray) -> None:
+        """``out[...] = values_t(t)`` of the quotients whose cells are ``cells`` (``cells_div``)."""
+        j, again, t64 = cells
+        self.lut_values.take(j, out=out, mode="clip")
+        if again.size:
+            out.reshape(-1)[again] = self.values_t(t64)
 
     def encode_t(self, t: np.ndarray) -> np.ndarray:
         """``encode(t / 2^p)``."""
@@ -350,6 +503,7 @@ class Prepared:
     _batch_idx: dict = field(default_factory=dict, repr=False)     # BankEvaluator.prime
     #: never reused (unlike id()): names this layer in the per-thread memo of BankEvaluator.chunk
     token: int = field(default_factory=lambda: next(_tokens), repr=False)
+    _aT: np.ndarray | None = field(default=None, repr=False)
 
     def cover(self, cb: Codebook, sign: int, offset: int, svals: np.ndarray) -> np.ndarray:
         """Index (into ``svals``, the ascending scale values at ``offset``) of each block's
@@ -366,6 +520,51 @@ class Prepared:
     def chunks_for(self, candidates: int = 1) -> list[slice]:
         """Row slices of about CHUNK_WEIGHTS / candidates weights each."""
         return row_slices(self.blocks.shape[0], candidates * self.w.shape[1])
+
+    def eval_chunks(self, candidates: int) -> list[slice]:
+        """The row chunks of the candidate search: about EVAL_WEIGHTS / candidates weights each
+        (on a torch device, its own size: quantize/device.py)."""
+        return row_slices(self.blocks.shape[0], candidates * self.w.shape[1],
+                          device.chunk_weights(EVAL_WEIGHTS))
+
+    @property
+    def aT(self) -> np.ndarray | None:
+        """The error weights as (g, 1, bpr), beside ``transposed`` blocks (the same order of the
+        g terms); None unweighted."""
+        if self.a is None:
+            return None
+        if self._aT is None:
+            order = sum_order(self.layout.group)
+            a = self.a if order is None else self.a[:, order]
+            self._aT = np.ascontiguousarray(a.T[:, None, :])
+        return self._aT
+
+    def transposed(self, sl) -> tuple[np.ndarray, np.ndarray]:
+        """(blocks of rows ``sl`` as (g, rows, bpr) in their own dtype, the same in float64):
+        every per-block array of the search then has the block's g terms on a leading axis, in
+        ``sum_order`` where there is one, so the per-block sums are whole-array additions of
+        contiguous halves (``halved_sum``) and the per-block factors broadcast along a contiguous
+        last axis. Kept per thread for the rows last asked for (every table of the pair search
+        evaluates the same rows in turn)."""
+        memo = _rows_memo(self, sl)
+        if "T" not in memo:
+            blocks = self.blocks[sl]
+            g = blocks.shape[-1]
+            if sum_order(g) is None:
+                view = blocks.transpose(2, 0, 1)
+            else:
+                # sum_order is the bit reversal of each term's place in its group of 8: one
+                # transposition of the terms' bits (group, b2, b1, b0) to (group, b0, b1, b2)
+                rows, bpr = blocks.shape[:2]
+                view = blocks.reshape(rows, bpr, g // 8, 2, 2, 2).transpose(2, 5, 4, 3, 0, 1)
+                view = view.reshape(g, rows, bpr)
+            raw = np.ascontiguousarray(view)
+            memo["T"] = raw, raw.astype(np.float64)
+        return memo["T"]
+
+    def block_sum(self, x: np.ndarray, axis: int) -> np.ndarray:
+        """``block_sum`` over the g axis of arrays laid out as ``transposed``."""
+        return block_sum(x, axis) if sum_order(self.layout.group) is None else halved_sum(x, axis)
 
 
 def prepare(w, layout: BlockLayout, col_weight=None, name: str = "layer") -> Prepared:
@@ -510,10 +709,10 @@ class BankEvaluator:
     ``chunk(sl)`` evaluates the blocks of rows ``sl``: every candidate (sign + then -,
     where the layout has a sign; for each the covering scale code and ``scale_search``
     neighbours each side, smaller first), keeping the first one of least error. A block's
-    result depends only on the row chunk it is evaluated in, and ``evaluate_bank`` and the
-    SOP4 pair search both use ``chunks()``, so their per-block results are the same bits.
-    ``cached``: take the covering scale indices from ``Prepared.cover`` (whole-layer arrays,
-    kept) or compute them per chunk (the same values; nothing kept)."""
+    result depends on nothing but the block (elementwise arithmetic and ``block_sum``), so
+    ``evaluate_bank``, the SOP4 pair search, any chunking and any ``--device`` give the same
+    bits. ``cached``: take the covering scale indices from ``Prepared.cover`` (whole-layer
+    arrays, kept) or compute them per chunk (the same values; nothing kept)."""
 
     def __init__(self, prep: Prepared, cb: Codebook, offset: int, scale_search: int = 1,
                  cached: bool = True):
@@ -542,7 +741,6 @@ class BankEvaluator:
         self._delta_sign = np.array([c for c, _ in deltas], dtype=np.intp)
         self._delta_step = np.array([d for _, d in deltas], dtype=np.int64)[:, None, None]
         self.sgn = np.array(sgn, dtype=np.float64)[:, None, None]
-        self.sgn32 = self.sgn.astype(np.float32)
         # Signed scales with a table whose ends are opposite (NF4, BOF4, Split87, SH4, FP4, INT4):
         # both signs have the same covering scale, so candidate h + i is candidate i negated
         # (sign + first, then -, the same scale steps: see the loop above)
@@ -551,17 +749,24 @@ class BankEvaluator:
                          and [d for _, d in deltas[:h]] == [d for _, d in deltas[h:]])
         # the candidates' scale indices depend on the table only through its end values
         self._idx_key = (float(cb.values.max()), float(cb.values.min()), offset, tuple(deltas))
+        # and their divisors also on its grid
+        self._div_key = ("div", self._idx_key, ft.mul, self.mirrored, self.divs32 is None)
         # and the float32 quotients' cells also on its grid (BankEvaluator.chunk)
         self._cells_key = (self._idx_key, ft.mul, ft.K, h if self.mirrored else len(deltas))
         self.sidx_dtype = np.uint8 if len(order) <= 256 else np.int64
-        self.ones = np.ones(lay.group)
+        # per candidate, its sign's block of the signed tables below (one gather each)
+        n = len(self.svals)
+        self._sign_at = (np.array([c for c, _ in deltas], dtype=np.int64) * n)[:, None, None]
+        signed = np.array(self.signs, dtype=np.float64)[:, None]
+        self._sdivs, self._svals = (signed * self.divs).reshape(-1), (signed * self.svals).reshape(-1)
+        self._sdivs32 = None if self.divs32 is None else (signed.astype(np.float32) * self.divs32).reshape(-1)
 
     @property
     def candidates(self) -> int:
         return len(self.deltas)
 
     def chunks(self) -> list[slice]:
-        return self.prep.chunks_for(self.candidates)
+        return self.prep.eval_chunks(self.candidates)
 
     def covers(self, sl) -> list[np.ndarray]:
         """Per sign, the index (into ``svals``) of each block's covering scale, rows ``sl``."""
@@ -575,24 +780,50 @@ class BankEvaluator:
 
 
     def prime(self, r0: int, r1: int) -> None:
-        """Compute the candidates' scale indices of rows ``r0:r1`` (a batch of the pair search)
-        in one go, for the chunks of those rows to slice: per chunk they cost more in numpy
-        calls than in arithmetic. Kept in ``Prepared`` under the table's end values, so the
-        tables that share them (NF4, BOF4, Split87 and SH4 all end at -1 and +1) share one
-        computation; only the latest batch is kept. Call it outside ``run_chunks``."""
+        """Compute the candidates' scale indices, divisors and multipliers of rows ``r0:r1`` (a
+        batch of the pair search) in one go, for the chunks of those rows to slice: per chunk
+        they cost more in numpy calls than in arithmetic. Kept in ``Prepared`` under the table's
+        end values (and grid), so the tables that share them (NF4, BOF4, Split87 and SH4 all end
+        at -1 and +1) share one computation; only the latest batch is kept. Call it outside
+        ``run_chunks``."""
         memo = self.prep._batch_idx
         if memo.get("rows") != (r0, r1):
             memo.clear()
             memo["rows"] = (r0, r1)
         if self._idx_key not in memo:
             memo[self._idx_key] = self._compute_idx(slice(r0, r1))
+        if self._div_key not in memo:
+            memo[self._div_key] = self._divisors(memo[self._idx_key])
 
     def _idx(self, sl) -> np.ndarray:
+        return self._candidates(sl)[0]
+
+    @property
+    def twin_key(self) -> tuple:
+        """Evaluators of one layer with equal keys differ at most in their offset."""
+        return (self.prep.token, id(self.cb), self.cb.values.tobytes(), tuple(self.deltas))
+
+    def _candidates(self, sl) -> tuple:
+        """(idx, cdiv, cmul, d32) of rows ``sl``, each (C, rows, bpr): every candidate's index
+        into the ascending scale values, its signed divisor (``divs``), its signed scale value
+        and the divisor as float32 (None where not every one is a float32; for a mirrored table
+        only the + half)."""
         memo = self.prep._batch_idx
         rows = memo.get("rows")
-        if rows is not None and rows[0] <= sl.start and sl.stop <= rows[1] and self._idx_key in memo:
-            return memo[self._idx_key][:, sl.start - rows[0]:sl.stop - rows[0]]
-        return self._compute_idx(sl)
+        if rows is not None and rows[0] <= sl.start and sl.stop <= rows[1] and self._div_key in memo:
+            part = slice(sl.start - rows[0], sl.stop - rows[0])
+            return tuple(None if a is None else a[:, part]
+                         for a in (memo[self._idx_key],) + memo[self._div_key])
+        idx = self._compute_idx(sl)
+        return (idx,) + self._divisors(idx)
+
+    def _divisors(self, idx: np.ndarray) -> tuple:
+        at = idx + self._sign_at
+        cdiv, cmul = self._sdivs.take(at), self._svals.take(at)
+        d32 = None
+        if self._sdivs32 is not None:
+            d32 = self._sdivs32.take(at[:len(self.deltas) // 2] if self.mirrored else at)
+        return cdiv, cmul, d32
 
     def _compute_idx(self, sl) -> np.ndarray:
         covers = np.stack(self.covers(sl)).astype(np.int64)
@@ -601,74 +832,99 @@ class BankEvaluator:
         np.minimum(idx, len(self.order) - 1, out=idx)
         return idx
 
+    def values(self, rawT: np.ndarray, blkT: np.ndarray, cdiv: np.ndarray, d32: np.ndarray | None,
+               memo: dict | None = None) -> np.ndarray:
+        """(C, g, ...): the table value nearest each weight of ``rawT`` (g, ...) over each
+        candidate's divisor ``cdiv`` (C, ...) (``FastTable.values_t``'s bits), from the float32
+        quotient where the weights and divisors allow it (``FastTable.cells_div``; the cells are
+        kept in ``memo`` for the other tables of the same grid and covers: NF4, BOF4 and SH4),
+        else from the float64 one."""
+        C, g = cdiv.shape[0], rawT.shape[0]
+        ft = self.ft
+        if d32 is None or rawT.dtype.itemsize > 4 or not ft.exact:
+            return ft.values_t(blkT / cdiv[:, None])
+        h = self._cells_key[-1]
+        cells = None if memo is None else memo.get(self._cells_key)
+        if cells is None:
+            # j in a work array of its own per grid (the memo of these rows holds it until the
+            # next rows replace the memo)
+            j = _scratch(("j",) + self._cells_key, (h,) + rawT.shape, np.intp) if memo is not None else None
+            cells = ft.cells_div(rawT, cdiv[:h, None], d32[:, None], out=j)
+            if memo is not None:
+                memo[self._cells_key] = cells
+        out = _scratch("q", (C, g) + cdiv.shape[1:], np.float64)
+        if self.mirrored:
+            # the - sign candidates are the + ones negated (same covers): one quotient for both
+            ft.values_mirrored(cells, out)
+        else:
+            ft.values_into(cells, out)
+        return out
+
     def chunk(self, sl) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(err, qq, k, idx) of rows ``sl``: per block the least error, its ``qq``, the index
-        ``k`` of its candidate and every candidate's scale index (C, rc, bpr)."""
-        return self.chunk_group([sl])
+        ``k`` of its candidate and every candidate's scale index (C, rows, bpr).
 
-    def chunk_group(self, sls: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``chunk`` of consecutive row chunks ``sls`` of equal height at once, the same bits:
-        the elementwise work runs on all of them in each numpy call, and the sums of each
-        chunk's g terms are its own matrix-vector product, of the chunk's shape exactly as
-        ``chunk`` forms it (BLAS's order of summation can depend on the number of rows).
-        Returns (err, qq, k) of the rows ``sls`` span and their scale indices (C, rows, bpr).
-        The pair search calls it one chunk at a time (``chunk``): groups of 2 to 8 chunks
-        measured no faster, their temporaries leaving the cache."""
-        prep, g = self.prep, self.prep.layout.group
-        a, sgn, ones = prep.a, self.sgn, self.ones
-        B, r0, r1 = len(sls), sls[0].start, sls[-1].stop
-        rc, bpr, C = sls[0].stop - r0, prep.blocks.shape[1], len(self.deltas)
-        # the candidates of these rows only: (C, rows, bpr) indices into order, as (B, C, rc, bpr)
-        idx = self._idx(slice(r0, r1))
-        idxb = idx.reshape(C, B, rc, bpr).swapaxes(0, 1)
-        cdiv = sgn * self.divs[idxb]
-        cmul = sgn * self.svals[idxb]
-        raw = prep.blocks[r0:r1].reshape(B, 1, rc, bpr, g)
-        if self.divs32 is not None and raw.dtype.itemsize <= 4 and self.ft.exact:
-            # The float32 quotients' cells depend on the table only through its grid and its
-            # covers: tables that share both (NF4, BOF4 and SH4) share them on these rows, kept
-            # per thread while the pair search evaluates every table on these rows.
-            h = self._cells_key[-1]
-            rows = (prep.token, r0, r1)
-            memo = getattr(_cells_memo, "chunk", None)
-            if memo is None or memo[0] != rows:
-                memo = (rows, {})
-                _cells_memo.chunk = memo
-            cells = memo[1].get(self._cells_key)
-            if cells is None:
-                d32 = self.divs32[idxb[:, :h]] if self.mirrored else self.sgn32 * self.divs32[idxb]
-                cells = memo[1][self._cells_key] = self.ft.cells_div(raw, cdiv[:, :h], d32)
-            if self.mirrored:
-                # the - sign candidates are the + ones negated (same covers): one quotient for both
-                rec = np.empty(cdiv.shape + (g,))
-                self.ft.values_div_mirrored(raw, cdiv[:, :h], None, rec, cells)
-            else:
-                rec = self.ft.values_div(raw, cdiv, cells=cells)
+        Every number is elementwise IEEE arithmetic and ``block_sum``, so a block's result does
+        not depend on the chunk it is evaluated in, nor on the library that evaluates it
+        (quantize/device.py does the same on a torch device): per candidate the exact decoded
+        products ``q = value * scale``, the error ``block_sum((w - q)^2 * a)`` of each, the first
+        least error, and ``qq = block_sum(q^2 * a)`` of that candidate only."""
+        if device.on_torch() and self.ft.exact:
+            return device.evaluate(self, sl)
+        idx, cdiv, cmul, d32 = self._candidates(sl)
+        rawT, blkT = self.prep.transposed(sl)
+        return self._search(rawT, blkT, self.prep.aT, cdiv, cmul, d32, _rows_memo(self.prep, sl)) + (idx,)
+
+    def _search(self, rawT, blkT, aT, cdiv, cmul, d32, memo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(err, qq, k) of the blocks whose weights are ``rawT``/``blkT`` (g, ...), error weights
+        ``aT`` (broadcasting against them) or None, and candidates' divisors and products
+        ``cdiv``, ``cmul``, ``d32`` (C, ...); see ``chunk``."""
+        prep = self.prep
+        C, g = cdiv.shape[0], rawT.shape[0]
+        q = self.values(rawT, blkT, cdiv, d32, memo)          # (C, g, ...)
+        np.multiply(q, cmul[:, None], out=q)                  # the exact decoded products
+        d = np.subtract(blkT, q, out=_scratch("d", q.shape, np.float64))
+        np.multiply(d, d, out=d)
+        if aT is not None:
+            np.multiply(d, aT, out=d)
+        errs = prep.block_sum(d, axis=1)
+        if C == 1:                                            # one candidate: no choice to make
+            k, err, qk = np.zeros(errs.shape[1:], dtype=np.intp), errs[0], q[0]
         else:
-            rec = self.ft.values_div(raw, cdiv)
-        blk = np.asarray(raw, dtype=np.float64)
-        rec *= cmul[..., None]                                # the exact decoded products
-        sq = rec * rec
-        if a is not None:
-            sq *= a
-        # matrix-vector products sum the g terms ~5x faster than .sum(axis=-1); one per chunk
-        q2, errs = np.empty(cdiv.shape), np.empty(cdiv.shape)
-        for b in range(B):
-            q2[b] = (sq[b].reshape(-1, g) @ ones).reshape(cdiv.shape[1:])
-        np.subtract(blk, rec, out=rec)
-        rec *= rec
-        if a is not None:
-            rec *= a
-        for b in range(B):
-            errs[b] = (rec[b].reshape(-1, g) @ ones).reshape(cdiv.shape[1:])
-        k = np.argmin(errs, axis=1)                           # first minimum: the documented tie order
-        # errs[k] is the minimum itself (errors are never -0 or NaN, so no other bits can tie);
-        # qq of candidate k by one flat gather (take_along_axis costs more in index set-up)
-        n = rc * bpr
-        at = (np.arange(B)[:, None] * (C * n) + k.reshape(B, n) * n + np.arange(n)).reshape(-1)
-        rows_shape = (r1 - r0, bpr)
-        return (errs.min(axis=1).reshape(rows_shape), q2.reshape(-1)[at].reshape(rows_shape),
-                k.reshape(rows_shape), idx)
+            k, err = first_min(errs)
+            # the chosen candidate's products, one flat gather
+            n = k.size
+            at = np.add(_grid_index(g, n), k.reshape(1, n) * (g * n), out=_scratch("at", (g, n), np.intp))
+            qk = q.reshape(-1).take(at).reshape(q.shape[1:])
+        qk *= qk
+        if aT is not None:
+            qk *= aT
+        return err, prep.block_sum(qk, axis=0), k
+
+    def reuse(self, other: "BankEvaluator", results: tuple, sl) -> tuple | None:
+        """(err, qq, k) of rows ``sl`` from ``other``'s ``results`` there, where ``other`` is this
+        table at another offset (``twin_key``): a block whose candidates are the same signed
+        scale values in the same order has every input of the search the same (the divisors are
+        the scale values over the table's grid step), so its results are ``other``'s, bit for bit.
+        The other blocks are searched here, gathered. None where the two are no twins or where
+        most blocks differ (then ``chunk`` is as fast)."""
+        if self.twin_key != other.twin_key:
+            return None
+        idx, cdiv, cmul, d32 = self._candidates(sl)
+        diff = (cmul != other._candidates(sl)[2]).any(axis=0)
+        n = int(np.count_nonzero(diff))
+        if n * 2 > diff.size:
+            return None
+        err, qq, k = (np.array(r) for r in results[:3])
+        if n:
+            r, c = np.nonzero(diff)
+            rawT, blkT = self.prep.transposed(sl)
+            aT = self.prep.aT
+            sub = self._search(rawT[:, r, c][:, None], blkT[:, r, c][:, None],
+                               None if aT is None else aT[:, 0, c][:, None], cdiv[:, r, c][:, None],
+                               cmul[:, r, c][:, None], None if d32 is None else d32[:, r, c][:, None], None)
+            err[r, c], qq[r, c], k[r, c] = (x[0] for x in sub)
+        return err, qq, k
 
     def choice(self, k: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sidx, neg) of the candidates ``k`` among ``idx`` (as ``chunk`` returns them)."""

@@ -228,7 +228,8 @@ def budget_model(fmt, src, cal, nan_policy: str, budget: float, say, pool):
 
     def rows():
         args = [(src.opened_with, lay.name, cal.get(lay.name), nan_policy) for lay in src.layers]
-        results = pool.map(jobs.budget_layer, args, label=lambda i: src.layers[i].name)
+        results = pool.map(jobs.budget_layer, args, label=lambda i: src.layers[i].name,
+                           weights=lambda i: src.layers[i].size)
         for i, ((row, cols, real, seconds), _) in enumerate(results, 1):
             lay = src.layers[i - 1]
             say(layer_line(f"{fmt.name} options", i, len(src.layers), lay.name, lay.shape, seconds))
@@ -432,7 +433,8 @@ def _layer_outcomes(src, fmt, cal, nan_policy: str, want: str | None, pool):
         from sop.quantize import jobs
 
         args = [(src.opened_with, lay.name, fmt.name, cal.get(lay.name), nan_policy, want) for lay in src.layers]
-        yield from pool.map(jobs.eval_layer, args, label=lambda i: src.layers[i].name)
+        yield from pool.map(jobs.eval_layer, args, label=lambda i: src.layers[i].name,
+                            weights=lambda i: src.layers[i].size)
         return
     for lay in src.layers:
         yield layer_outcome(src, lay.name, fmt.name, cal.get(lay.name), nan_policy, want)

@@ -23,7 +23,14 @@ Contract.
   limits BLAS / OpenMP / torch to one thread: ``jobs`` workers use ``jobs`` cores.
 * **No hang, clear errors.** Every wait polls with a timeout (``POLL`` seconds) and watches each
   busy worker's process sentinel: a worker that dies (killed for memory, a crash) raises
-  ``WorkerError`` naming the layer and the exit status, and the other workers are ended. An
+  ``WorkerError`` naming the layer and the exit status, and the other workers are ended. A worker
+  that is alive but stuck (stopped, deadlocked, swapping) is caught by a per-layer time limit
+  (``layer_limit``: ``LIMIT_BASE`` seconds plus ``LIMIT_PER_WEIGHT`` per weight of the layer, 5 min
+  plus 50 s per million weights, about 15 times what the slowest format takes on a loaded 2-core
+  machine; ``SOP_LAYER_TIMEOUT=S`` makes it S seconds for every layer): past it, ``WorkerError``
+  says which layer and how long, every worker is ended and nothing is written. Reading a result
+  is bounded by the same limit (a reader thread), so a worker stuck halfway through sending one
+  cannot hang the parent either. An
   exception inside a task comes back as its message and is raised in the parent, in item order
   (the first failing layer, as ``--jobs 1`` would report it), as the same kind (``ValueError``,
   ``OSError``, ``MemoryError``; anything else as ``RuntimeError`` with the worker's traceback as a
@@ -39,6 +46,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -52,6 +60,13 @@ import numpy as np
 POLL = 1.0
 #: Seconds a worker gets to exit after being told to, before it is terminated.
 EXIT_TIMEOUT = 10.0
+#: A layer's time limit on a worker: this many seconds plus LIMIT_PER_WEIGHT per weight.
+LIMIT_BASE = 300.0
+#: Seconds per weight of a layer's time limit (50 s per million weights: the sop4-g16 search runs
+#: at 0.4 to 2.5 M weights/s per core, sop-budget's options at about 0.3 to 0.9).
+LIMIT_PER_WEIGHT = 50e-6
+#: Environment variable: every layer's time limit in seconds, instead of the scaled default.
+LIMIT_ENV = "SOP_LAYER_TIMEOUT"
 #: Environment of a worker: one thread for sop's chunk loop, BLAS, OpenMP and torch.
 SINGLE_THREAD_ENV = {"SOP_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                      "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
@@ -59,6 +74,28 @@ SINGLE_THREAD_ENV = {"SOP_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_T
 
 class WorkerError(RuntimeError):
     """A worker process died or could not start (`sop` prints it as one ``sop: error:`` line)."""
+
+
+def limit_override() -> float | None:
+    """``SOP_LAYER_TIMEOUT`` as seconds (None when unset); anything but a positive number is a
+    ValueError naming it."""
+    text = os.environ.get(LIMIT_ENV)
+    if text is None or not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{LIMIT_ENV} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def layer_limit(weights: int | None, override: float | None = None) -> float:
+    """Seconds a worker may spend on one item of ``weights`` weights (see the module docstring)."""
+    if override is not None:
+        return override
+    return LIMIT_BASE + LIMIT_PER_WEIGHT * max(0, int(weights or 0))
 
 
 def check_jobs(jobs) -> int:
@@ -96,10 +133,14 @@ def _kind(err: BaseException) -> str:
     return "other"
 
 
-def _worker(conn) -> None:
-    """A worker's loop: receive ``(index, fn, args)``, send back ``fn(*args)``; ``None`` ends it."""
+def _worker(conn, dev: str = "numpy") -> None:
+    """A worker's loop: receive ``(index, fn, args)``, send back ``fn(*args)``; ``None`` ends it.
+    ``dev``: the parent's ``--device`` (quantize/device.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the parent's to handle
     _single_thread()
+    from sop.quantize import device
+
+    device.set_default(dev)
     while True:
         try:
             msg = conn.recv()
@@ -175,13 +216,21 @@ class _Worker:
     process: Any                       # a multiprocessing Process of the pool's context
     conn: Connection
     item: int | None = None            # the item it is working on
+    started: float = 0.0               # time.monotonic() when the item was sent
+    limit: float = 0.0                 # seconds it may take (layer_limit)
+
+
+_NOTHING = object()
 
 
 class LayerPool:
     """``jobs`` worker processes; see the module docstring. Use as a context manager."""
 
     def __init__(self, jobs: int):
+        from sop.quantize import device
+
         self.jobs = check_jobs(jobs)
+        self.limit_override = limit_override()          # a bad SOP_LAYER_TIMEOUT: before any work
         ctx = _context()
         self.workers: list[_Worker] = []
         saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
@@ -190,7 +239,8 @@ class LayerPool:
             os.environ.update(SINGLE_THREAD_ENV)
             for i in range(self.jobs):
                 parent, child = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=_worker, args=(child,), name=f"sop-job-{i}", daemon=True)
+                p = ctx.Process(target=_worker, args=(child, device.active()), name=f"sop-job-{i}",
+                                daemon=True)
                 with _caller_main_hidden():
                     p.start()
                 child.close()
@@ -211,10 +261,11 @@ class LayerPool:
     def __exit__(self, kind, value, tb):
         self.close(abort=kind is not None)
 
-    def map(self, fn, argss, label=str):
+    def map(self, fn, argss, label=str, weights=None):
         """Yield ``(meta, arrays)`` of ``fn(*args)`` for each ``args`` of ``argss``, in order.
 
-        ``label(i)`` names item ``i`` in an error (a layer name)."""
+        ``label(i)`` names item ``i`` in an error (a layer name); ``weights(i)`` is its size, which
+        scales its time limit (``layer_limit``; without it each item has ``LIMIT_BASE`` seconds)."""
         argss = list(argss)
         n = len(argss)
         results: dict[int, tuple] = {}
@@ -225,7 +276,8 @@ class LayerPool:
             while idle and sent < n and sent - done < self.jobs:
                 w = idle.pop(0)
                 w.conn.send((sent, fn, argss[sent]))
-                w.item = sent
+                w.item, w.started = sent, time.monotonic()
+                w.limit = layer_limit(None if weights is None else weights(sent), self.limit_override)
                 busy.append(w)
                 sent += 1
             if done in results:
@@ -236,24 +288,61 @@ class LayerPool:
                     _raise_task_error(*meta)
                 yield meta, arrays
                 continue
-            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL))
+            now = time.monotonic()
+            timeout = min([POLL] + [max(0.0, w.started + w.limit - now) for w in busy])
+            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=timeout))
             for w in list(busy):
                 if w.conn in ready:
-                    try:
-                        index, status, meta, specs = w.conn.recv()
-                        arrays = []
-                        for shape, dtype in specs:
-                            a = np.empty(shape, dtype=np.dtype(dtype))
-                            w.conn.recv_bytes_into(memoryview(a).cast("B"))
-                            arrays.append(a)
-                    except (EOFError, OSError):
-                        self._died(w, label)
+                    index, status, meta, arrays = self._receive(w, label)
                     results[index] = (status, meta, arrays)
                     w.item = None
                     busy.remove(w)
                     idle.append(w)
                 elif w.process.sentinel in ready:
                     self._died(w, label)
+                elif time.monotonic() - w.started > w.limit:
+                    self._stuck(w, label)
+
+    def _receive(self, w: _Worker, label) -> tuple:
+        """A result from ``w`` (whose pipe has data), read by a thread within the item's time
+        limit: a worker stopped halfway through sending cannot hang this process."""
+        box: dict = {}
+
+        def read():
+            try:
+                index, status, meta, specs = w.conn.recv()
+                arrays = []
+                for shape, dtype in specs:
+                    a = np.empty(shape, dtype=np.dtype(dtype))
+                    w.conn.recv_bytes_into(memoryview(a).cast("B"))
+                    arrays.append(a)
+                box["result"] = (index, status, meta, arrays)
+            except (EOFError, OSError) as err:
+                box["lost"] = err
+            except BaseException as err:                # noqa: BLE001 - raised in the parent
+                box["error"] = err
+
+        reader = threading.Thread(target=read, name="sop-job-reader", daemon=True)
+        reader.start()
+        reader.join(max(0.0, w.started + w.limit - time.monotonic()) + POLL)
+        if reader.is_alive():
+            self._stuck(w, label)                       # ends the worker: the reader sees EOF
+        if "lost" in box:
+            self._died(w, label)
+        if "error" in box:
+            self.close(abort=True)
+            raise box["error"]
+        return box["result"]
+
+    def _stuck(self, w: _Worker, label):
+        item = label(w.item) if w.item is not None else "no item"
+        spent, limit, pid = time.monotonic() - w.started, w.limit, w.process.pid
+        self.close(abort=True)
+        how = (f"{LIMIT_ENV}={limit:g}" if self.limit_override is not None else
+               f"{LIMIT_BASE:g} s plus {LIMIT_PER_WEIGHT * 1e6:g} s per million weights; {LIMIT_ENV}=S sets "
+               f"S seconds")
+        raise WorkerError(f"a --jobs worker process (pid {pid}) was still working on {item} after {spent:.0f} s, "
+                          f"its time limit ({limit:g} s: {how}); it was stopped and nothing was written")
 
     def _died(self, w: _Worker, label):
         w.process.join(1.0)

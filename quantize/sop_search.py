@@ -26,8 +26,8 @@ gives for that pair (a test checks it). An ACos tie goes to the earlier pair
 (``FIXED_4BIT`` order, DD4 pairs last).
 
 Memory: the pairs are scored in one pass over the layer (``score_pairs``), batch
-by batch of blocks: every table is evaluated on the batch (in ``evaluate_bank``'s
-own row chunks, so every per-block number is its bits), each pair takes its
+by batch of blocks: every table is evaluated on the batch (per-block numbers that depend on
+the block alone: ``evaluate_bank``'s bits, on any ``--device``), each pair takes its
 per-block minimum, and the pair's sums of ``wq``, ``qq`` and error are numpy's
 pairwise sums of the whole layer reproduced segment by segment (``StreamSums``):
 every score is the bits ``np.sum`` of whole-layer arrays gives. Kept per layer:
@@ -59,6 +59,7 @@ from sop.golden.codebooks import FIXED_4BIT, get_codebook
 from sop.golden.layout import BlockLayout
 from sop.golden.points import OperatingPoint, get_point
 
+from . import device
 from .blockwise import (BankEvaluator, Prepared, assemble, bank_offset, choose_offset, encode, prepare,
                         run_chunks)
 from .dd4 import fit_dd4
@@ -132,21 +133,26 @@ class StreamSums:
     def __init__(self, q: int, n: int, most: int = SEGMENT_BLOCKS):
         self.segs, self.tree = _pairwise_plan(n, max(128, most))
         self.sums = np.zeros((len(self.segs), q))
-        self.pend = np.zeros((q, 0))
-        self.start = 0               # column of pend[:, 0]
+        self.parts: list[tuple[int, np.ndarray]] = []    # (first column, columns) not yet summed
+        self.end = 0                 # columns pushed so far
         self.next = 0                # the first segment not yet summed
 
     def push(self, vals: np.ndarray) -> None:
-        pend = np.concatenate([self.pend, vals], axis=1) if self.pend.shape[1] else vals
-        end = self.start + pend.shape[1]
-        cut = 0
-        while self.next < len(self.segs) and self.segs[self.next][1] <= end:
+        """Columns ``end:end + vals.shape[1]``; every segment they complete is summed. A segment
+        within one batch is summed in place; one across batches from a copy of its own columns
+        (at most ``most``), so no batch is copied whole."""
+        if vals.shape[1]:
+            self.parts.append((self.end, vals))
+            self.end += vals.shape[1]
+        while self.next < len(self.segs) and self.segs[self.next][1] <= self.end:
             a, b = self.segs[self.next]
-            self.sums[self.next] = np.sum(pend[:, a - self.start:b - self.start], axis=1)
-            cut = b - self.start
+            cols = [p[:, max(a, s) - s:min(b, s + p.shape[1]) - s] for s, p in self.parts
+                    if s < b and a < s + p.shape[1]]
+            self.sums[self.next] = np.sum(cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1), axis=1)
             self.next += 1
-        self.pend = np.array(pend[:, cut:])      # a copy: the batch is not kept alive
-        self.start += cut
+            # a batch whose columns are all summed is let go
+            while self.parts and self.parts[0][0] + self.parts[0][1].shape[1] <= b:
+                self.parts.pop(0)
 
     def total(self) -> np.ndarray:
         self.push(np.zeros((self.sums.shape[1], 0)))
@@ -175,8 +181,9 @@ def score_pairs(prep: Prepared, sources: list[_Source], pairs: list[tuple[int, i
     """(ACos, weighted error) of every pair of sources, and per pair the blocks that take bank B.
 
     Works batch by batch of blocks: every source not yet evaluated is evaluated on the batch
-    (its row chunks exactly as ``evaluate_bank`` has them, so the per-block results are its
-    bits); a pair's per-block choice is the better of its two banks (A on a tie, as
+    (the per-block results are ``evaluate_bank``'s bits; a table at a second offset takes the
+    first one's results on the blocks where its candidates are the same scales and searches the
+    others, ``BankEvaluator.reuse``); a pair's per-block choice is the better of its two banks (A on a tie, as
     ``merge_banks``); the sums of the chosen ``wq``, ``qq`` and error are numpy's pairwise
     sums over the whole layer (``StreamSums``), so every score is what ``np.sum`` of the
     whole-layer arrays gives. The choices are kept as bits (``np.packbits``)."""
@@ -186,7 +193,7 @@ def score_pairs(prep: Prepared, sources: list[_Source], pairs: list[tuple[int, i
     cand = {s.ev.candidates for s in sources}
     if len(cand) != 1:
         raise ValueError("every source of a pair search needs the same candidates")
-    chunks = prep.chunks_for(cand.pop())
+    chunks = prep.eval_chunks(cand.pop())
     batches, cur, size = [], [], 0
     for sl in chunks:
         cur.append(sl)
@@ -208,8 +215,15 @@ def score_pairs(prep: Prepared, sources: list[_Source], pairs: list[tuple[int, i
 
         def work(sl):
             loc = slice(sl.start - r0, sl.stop - r0)
+            done: dict = {}                  # twin key -> (evaluator, its results) on these rows
             for s in fresh:
-                err, qq, k, _ = s.ev.chunk(sl)
+                twin = done.get(s.ev.twin_key)
+                # the same table at another offset: its results where the scales are the same
+                got = None if twin is None or device.on_torch() else s.ev.reuse(twin[0], twin[1], sl)
+                if got is None:
+                    got = s.ev.chunk(sl)[:3]
+                    done.setdefault(s.ev.twin_key, (s.ev, got))
+                err, qq, k = got
                 local[id(s)][0][loc], local[id(s)][1][loc] = err, qq
                 s.k[sl] = k
                 if s.keep:

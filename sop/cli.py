@@ -4,14 +4,16 @@
     sop codebook NAME [--json]    the values of a codebook or element format, and its LUT image in HIF
     sop demo                      encode the built-in model (all-MiniLM-L6-v2) into the golden block
                                   layout, decode it with the golden model, print the error per format
-    sop eval MODEL --format F [--format F ...] [--budget B] [--json FILE] [--jobs N]
+    sop eval MODEL --format F [--format F ...] [--budget B] [--json FILE] [--jobs N] [--device D]
                                   quantize a model's linear layers in each format, print and write the
                                   errors (quantize/evaluate.py has the JSON schema); MODEL is a
                                   safetensors / torch / GGUF file, a HF folder, `minilm` or `smollm2`;
-                                  --jobs N: N layers at once in worker processes (quantize/jobs.py)
+                                  --jobs N: N layers at once in worker processes (quantize/jobs.py);
+                                  --device numpy|cpu|cuda[:N]: where the SOP search runs, the same
+                                  bits on each (quantize/device.py)
     sop vectors MODEL --format F [--layer NAME ...] --out DIR [--rows N]
                                   real quantized layers as test vectors for the RTL (docs/vectors.md)
-    sop quantize MODEL --format F --out FILE.sopq [--budget B] [--jobs N]
+    sop quantize MODEL --format F --out FILE.sopq [--budget B] [--jobs N] [--device D]
                                   write the quantized artifact (quantize/artifact.py has the container)
     sop dequantize FILE.sopq --out W.safetensors [--model-folder]
                                   decode every layer through the golden decoder into float32 safetensors
@@ -143,17 +145,30 @@ def cmd_demo(args) -> int:
     return demo.run(limit=args.layers)
 
 
+def _search_settings(args):
+    """``--device`` and ``SOP_LAYER_TIMEOUT`` checked before any work (one error line each);
+    the context the search runs in."""
+    from sop.quantize import device, jobs
+
+    dev = device.check(args.device)
+    if args.jobs > 1:
+        jobs.limit_override()
+    return device.use(dev)
+
+
 def cmd_eval(args) -> int:
     from sop.quantize import evaluate
 
+    settings = _search_settings(args)
     if args.json:
         check_output(args.json, _model_inputs(args.model))
     _check_calibration(args)
-    doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,
-                            exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
-                            nan_policy=args.nan_policy, n_calib=_calib_size(args),
-                            cache_dir=args.cache_dir, progress=not args.quiet, lm_head=args.include_lm_head,
-                            e2e_windows=args.e2e_windows, jobs=args.jobs)
+    with settings:
+        doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,
+                                exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
+                                nan_policy=args.nan_policy, n_calib=_calib_size(args),
+                                cache_dir=args.cache_dir, progress=not args.quiet,
+                                lm_head=args.include_lm_head, e2e_windows=args.e2e_windows, jobs=args.jobs)
     print(evaluate.format_table(doc))
     if args.json:
         evaluate.write_json(args.json, doc)
@@ -176,10 +191,11 @@ def cmd_quantize(args) -> int:
     from sop.quantize.artifact import quantize_model
     from sop.quantize.models import including_lm_head
 
+    settings = _search_settings(args)
     check_output(args.out, _model_inputs(args.model))
     _check_calibration(args)
     t0 = time.time()
-    with including_lm_head(args.include_lm_head):
+    with including_lm_head(args.include_lm_head), settings:
         info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
                               exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
                               n_calib=_calib_size(args), cache_dir=args.cache_dir, progress=not args.quiet,
@@ -405,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--include-lm-head", action="store_true",
                    help="quantize the output head too (kept by default, as the embeddings)")
     e.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
+    e.add_argument("--device", default="numpy", metavar="D",
+                   help="where the SOP search runs: numpy (default), cpu (torch on the CPU), cuda or cuda:N "
+                        "(torch on a GPU); the same output bits on every device")
     e.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
                    help="quantize N layers at once in worker processes, one core each (default 1; the "
                         "same results; peak memory about N times one layer's)")
@@ -437,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--include-lm-head", action="store_true",
                    help="quantize the output head too (kept by default, as the embeddings)")
     q.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
+    q.add_argument("--device", default="numpy", metavar="D",
+                   help="where the SOP search runs: numpy (default), cpu (torch on the CPU), cuda or cuda:N "
+                        "(torch on a GPU); the same output bits on every device")
     q.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
                    help="quantize N layers at once in worker processes, one core each (default 1; the "
                         "same results; peak memory about N times one layer's)")

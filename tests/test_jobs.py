@@ -1,7 +1,9 @@
 """`--jobs N` (quantize/jobs.py): layers quantized in worker processes give the bytes of `--jobs 1`
 (the .sopq of every record kind, the eval JSON but its timings, calibrated and end to end on
 MiniLM), errors come back in layer order as one line, a dying worker is a clear error and no
-hang, a bad --jobs value is refused before any work."""
+hang, a worker alive but stuck (sleeping, stopped) ends the run at its layer's time limit with
+one line and nothing written, a bad --jobs value or SOP_LAYER_TIMEOUT is refused before any
+work."""
 
 import json
 import os
@@ -145,3 +147,81 @@ def test_sop_budget_options_on_two_jobs_give_the_same_bytes_and_json(model, tmp_
         docs.append(without_timings(json.loads(js.read_text())))
     assert outs[0] == outs[1]
     assert docs[0] == docs[1]
+
+
+# -- a worker that is alive but stuck --------------------------------------------------------------
+
+def sleep_forever(*args):
+    """A task that never ends (a worker alive but stuck)."""
+    import time
+
+    time.sleep(3600)
+
+
+def stop_self(*args):
+    """A task whose worker stops itself (SIGSTOP: alive, never answering)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@pytest.fixture
+def no_hang():
+    """Turn a hang into a failure (the code under test should never need it)."""
+    import signal
+
+    def fail(*_):
+        raise AssertionError("the run hung")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("task", [sleep_forever, stop_self])
+def test_a_stuck_worker_is_stopped_at_its_time_limit(monkeypatch, no_hang, task):
+    monkeypatch.setenv("SOP_LAYER_TIMEOUT", "1.5")
+    with J.LayerPool(2) as pool, pytest.raises(J.WorkerError) as exc:
+        list(pool.map(task, [(1,), (2,)], label=lambda i: f"layer {i}"))
+    msg = str(exc.value)
+    assert "was still working on layer 0 after" in msg and "SOP_LAYER_TIMEOUT=1.5" in msg, msg
+    assert "nothing was written" in msg and "\n" not in msg
+    assert pool.workers == []                     # every worker ended, the stopped one too
+
+
+@pytest.mark.parametrize("fmt,task", [("sop4-g16", "eval_layer"), ("sop-budget", "budget_layer")])
+def test_a_stuck_worker_ends_the_run_with_one_line_and_nothing_written(model, tmp_path, capsys, monkeypatch,
+                                                                        no_hang, fmt, task):
+    monkeypatch.setenv("SOP_LAYER_TIMEOUT", "2")
+    monkeypatch.setattr(J, task, sleep_forever)   # the workers run it in place of the layer's task
+    out = tmp_path / "x.sopq"
+    budget = ["--budget", "5"] if fmt == "sop-budget" else []
+    assert run(["quantize", model, "--format", fmt, *budget, "--out", out, "--jobs", "2",
+                "--quiet", "--no-calib"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sop: error: a --jobs worker process (pid ") and err.count("\n") == 1, err
+    assert "was still working on h.0.attn.k.weight after" in err          # the first layer in order
+    assert not any(tmp_path.iterdir())            # no artifact, no spool, no temporary
+
+
+def test_the_time_limit_grows_with_the_layer_and_can_be_set(monkeypatch):
+    """The documented default: 5 minutes plus 50 s per million weights; SOP_LAYER_TIMEOUT sets
+    one limit for every layer; anything but a positive number is refused."""
+    assert J.layer_limit(0) == 300 and J.layer_limit(2_000_000) == 400
+    assert J.layer_limit(58_720_256) > J.layer_limit(1_000_000)
+    assert J.layer_limit(58_720_256, override=7.0) == 7.0
+    for bad in ("0", "-3", "soon", "inf", "nan"):
+        monkeypatch.setenv("SOP_LAYER_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="SOP_LAYER_TIMEOUT must be a positive number of seconds"):
+            J.limit_override()
+
+
+def test_a_bad_time_limit_is_one_error_line_before_any_work(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SOP_LAYER_TIMEOUT", "ten")
+    out = tmp_path / "x.sopq"
+    assert run(["quantize", model, "--format", "sop4-g16", "--out", out, "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "sop: error: SOP_LAYER_TIMEOUT must be a positive number of seconds, got 'ten'\n"
+    assert not any(tmp_path.iterdir())

@@ -7,10 +7,15 @@
   (the sign of zero included).
 * ``baselines.TableRound`` (NF4) against golden ``round_to_table`` on the midpoints, their
   neighbouring floats and random values of [-1, 1].
-* ``blockwise.FastTable.values_div`` (the float32 quotient) and ``values_div_mirrored``
+* ``blockwise.FastTable.values_div`` (the float32 quotient) and ``values_mirrored``
   against ``values_t`` of the float64 quotient, with quotients that are integers, zero,
   beyond the grid and beyond float32.
 * ``blockwise.block_reduce`` against ``max`` / ``min``.
+* The candidate search (``BankEvaluator.chunk``: every fast path, the fixed-order sums) against
+  the plain computation with ``np.sum`` over each block, for every fixed table, three dtypes,
+  weighted or not; chunking that does not change it; a table at a second offset reusing the
+  first one's results only where the scales are the same; the pair sums (``StreamSums``)
+  against ``np.sum`` for any batches.
 * End to end: every baseline and the SOP points on a float32 layer (the float32 paths) give
   the bits of the same layer as float64 (the float64 paths).
 """
@@ -22,8 +27,9 @@ from sop.golden.codebooks import NF4_VALUES, get_codebook
 from sop.golden.formats import get_format, round_to_table, table_midpoints
 from sop.golden.points import get_point
 from sop.quantize import baselines as B
-from sop.quantize.blockwise import BankEvaluator, block_reduce, fast_table, prepare
-from sop.quantize.sop_search import quantize_fp6, quantize_sop4
+from sop.quantize import blockwise
+from sop.quantize.blockwise import BankEvaluator, bank_offset, block_reduce, encode, fast_table, prepare
+from sop.quantize.sop_search import StreamSums, _Source, quantize_fp6, quantize_sop4, score_pairs
 
 
 def bits(x: np.ndarray) -> np.ndarray:
@@ -95,11 +101,11 @@ def test_values_div_float32_quotient_is_the_float64_one(cb_name):
     d32 = d.astype(np.float32)
     assert np.array_equal(d32.astype(np.float64), d)
     want = ft.values_t(w.astype(np.float64)[None] / d[..., None])
-    np.testing.assert_array_equal(bits(ft.values_div(w, d, d32)), bits(want))
-    rec = np.empty((1, 2 * C) + w.shape)                     # (B, 2h, ...): + then - candidates
-    ft.values_div_mirrored(w[None, None], d[None], d32[None], rec)
-    np.testing.assert_array_equal(bits(rec[0, :C]), bits(want))
-    np.testing.assert_array_equal(bits(rec[0, C:]), bits(ft.values_t(w.astype(np.float64)[None] / -d[..., None])))
+    np.testing.assert_array_equal(bits(ft.values_div(w[None], d[..., None], d32[..., None])), bits(want))
+    rec = np.empty((2 * C,) + w.shape)                       # + then - candidates
+    ft.values_mirrored(ft.cells_div(w[None], d[..., None], d32[..., None]), rec)
+    np.testing.assert_array_equal(bits(rec[:C]), bits(want))
+    np.testing.assert_array_equal(bits(rec[C:]), bits(ft.values_t(w.astype(np.float64)[None] / -d[..., None])))
 
 
 def test_evaluators_mirror_the_tables_with_opposite_ends():
@@ -161,13 +167,110 @@ def test_round_magnitude_on_a_scaled_grid_is_the_scaled_rounding(name):
     np.testing.assert_array_equal(bits(B.round_magnitude(a.copy(), fmt, X)), bits(want))
 
 
-@pytest.mark.parametrize("cb_name", ["nf4", "bof4-s"])
-def test_a_group_of_chunks_is_its_chunks(cb_name):
+def plain_search(ev: BankEvaluator, sl):
+    """``ev.chunk(sl)`` written plainly: every candidate's values through ``values_t`` of the
+    float64 quotient, the errors and qq by ``np.sum`` over the block's last axis, ``np.argmin``."""
+    prep = ev.prep
+    idx = ev._compute_idx(sl)
+    cdiv, cmul = ev.sgn * ev.divs[idx], ev.sgn * ev.svals[idx]
+    blk = np.asarray(prep.blocks[sl], np.float64)
+    q = ev.ft.values_t(blk[None] / cdiv[..., None]) * cmul[..., None]
+    a = 1.0 if prep.a is None else prep.a
+    errs = ((blk[None] - q) ** 2 * a).sum(axis=-1)
+    k = np.argmin(errs, axis=0)
+    qk = np.take_along_axis(q, k[None, ..., None], 0)[0]
+    return errs.min(axis=0), (qk * qk * a).sum(axis=-1), k, idx
+
+
+SEARCHED = [("sop4-g16", n) for n in ("nf4", "bof4", "bof4-s", "split87", "sh4", "fp4", "int4")] + \
+    [("e2m3-ue4m4-g16", "e2m3")]
+
+
+@pytest.mark.parametrize("point,cb_name", SEARCHED)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_the_candidate_search_is_the_plain_computation(point, cb_name, dtype):
+    """Every per-block number of the search (the least error, its qq, the candidate, the scale
+    indices), through every fast path (the float32 quotient, the mirrored tables, the float32
+    products, the shared cells, the primed batches), is the plain computation's, bit for bit:
+    the sums are np.sum's over each block (no BLAS, no other order)."""
+    w = layer32().astype(dtype)
+    act = np.random.default_rng(6).uniform(0, 2, w.shape[1])
+    act[:3] = 0
+    for a in (None, act):
+        prep = prepare(w, get_point(point).layout, a)
+        cb = get_codebook(cb_name)
+        for ss in (0, 1, 2):
+            ev = BankEvaluator(prep, cb, bank_offset(prep, cb), ss, cached=False)
+            for primed in (False, True):
+                if primed:
+                    ev.prime(0, w.shape[0])
+                for sl in ev.chunks():
+                    for got, want in zip(ev.chunk(sl), plain_search(ev, sl)):
+                        np.testing.assert_array_equal(got, want)
+                        assert bits(np.asarray(got, np.float64)).tobytes() == bits(np.asarray(want, np.float64)).tobytes()
+
+
+def test_chunking_does_not_change_the_search(monkeypatch):
+    """A block's results depend on the block alone: one row per chunk and the whole layer in one
+    chunk give the same pair search."""
     w = layer32()
+    res = []
+    for weights in (1, 1 << 24):
+        monkeypatch.setattr(blockwise, "EVAL_WEIGHTS", weights)
+        res.append(quantize_sop4(w, np.linspace(0, 1, w.shape[1])))
+    assert res[0].stream.blocks == res[1].stream.blocks
+    assert res[0].extra["pairs"] == res[1].extra["pairs"] and res[0].extra["acos"] == res[1].extra["acos"]
+
+
+def test_a_table_at_a_second_offset_takes_the_first_ones_results_only_where_they_are_the_same(monkeypatch):
+    """FP4 and INT4 at their own offset and at NF4's: the pair search takes the first
+    evaluation's results on the blocks whose candidates are the same scales and searches the
+    others; every score, choice of bank and candidate is that of searching every block."""
+    w = layer32()
+    w[40:, 16:48] *= 1e-4                                 # two blocks a row whose small scales differ
+    monkeypatch.setattr(blockwise, "EVAL_WEIGHTS", 1)     # one row per chunk
     prep = prepare(w, get_point("sop4-g16").layout)
-    ev = BankEvaluator(prep, get_codebook(cb_name), 0, cached=False)
-    sls = [slice(r, r + 4) for r in range(0, 16, 4)]
-    err, qq, k, idx = ev.chunk_group(sls)
-    parts = [ev.chunk(sl) for sl in sls]
-    for got, want in zip((err, qq, k, idx), zip(*parts)):
-        np.testing.assert_array_equal(got, np.concatenate(want, axis=-2))
+    books = {n: get_codebook(n) for n in ("nf4", "fp4", "int4")}
+    own = max(bank_offset(prep, books["fp4"]), bank_offset(prep, books["int4"]))
+    other = max(bank_offset(prep, books["nf4"]), bank_offset(prep, books["fp4"]))
+    assert own != other
+    keys = [("fp4", own), ("int4", own), ("nf4", other), ("fp4", other), ("int4", other)]
+    pairs = [(0, 1), (2, 3), (2, 4)]
+
+    def search():
+        sources = [_Source(BankEvaluator(prep, books[n], off, 1, cached=False)) for n, off in keys]
+        scores, masks = score_pairs(prep, sources, pairs)
+        return scores, [np.concatenate([np.unpackbits(m, count=c) for m, c in mask]) for mask in masks], \
+            [s.k.copy() for s in sources]
+
+    partial = []
+    reuse = BankEvaluator.reuse
+
+    def spy(self, other, results, sl):
+        got = reuse(self, other, results, sl)
+        if got is not None:
+            partial.append(any((a != b).any() for a, b in zip(got, results[:3])))
+        return got
+
+    monkeypatch.setattr(BankEvaluator, "reuse", spy)
+    reused = search()
+    assert any(partial) and not all(partial), partial     # rows reused whole, rows in part
+    monkeypatch.setattr(BankEvaluator, "reuse", lambda self, other, results, sl: None)
+    every = search()
+    assert reused[0] == every[0]
+    for a, b in zip(reused[1] + reused[2], every[1] + every[2]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n,most", [(1, 128), (1000, 128), (50_000, 1 << 13), (70_001, 128)])
+def test_stream_sums_are_np_sum_for_any_batches(n, most):
+    """The pair scores' sums: np.sum of each row, bit for bit, whatever the batches (empty ones,
+    ones inside a segment, segments across several batches)."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((3, n)) * np.exp(rng.uniform(-20, 20, (3, n)))
+    cuts = np.unique(np.concatenate([[0, n], rng.integers(0, n + 1, 12)]))
+    sums = StreamSums(3, n, most)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        sums.push(x[:, a:b])
+        sums.push(x[:, b:b])
+    assert bits(sums.total()).tobytes() == bits(x.sum(axis=1)).tobytes()
