@@ -180,9 +180,12 @@ def test_an_output_folder_that_is_a_file_is_refused(files, tmp_path, capsys):
 # -- killed writers --------------------------------------------------------------------------------------
 
 WRITER = r"""
-import sys, time
+import signal, sys, time
 from sop.golden.files import atomic_output, signals_as_interrupts
 path, hold = sys.argv[1], sys.argv[2]
+# SIGINT as in a terminal: a suite run as a background job inherits SIGINT ignored (and a
+# process that ignores SIGINT rightly keeps running when it gets one)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def stage(name):                 # say where the writer is; wait there to be killed if asked to
