@@ -1,4 +1,6 @@
-"""Arithmetic building blocks of the datapath: leading zeros, a pipelined multiplier, delays.
+"""Arithmetic building blocks of the datapath: leading zeros, a pipelined multiplier, delays, and the
+pipelined stages the decoder, the residual path and the dot-product engine share (``stage_reg``,
+``Stages``, ``shift_left``, ``leading_zeros_pipelined``).
 
 ``PipelinedMultiplier`` multiplies two small unsigned significands in LUT
 logic over ``stages(b_bits)`` register stages: the partial products ``a << i``
@@ -16,7 +18,7 @@ gate in synthesis.
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -50,6 +52,17 @@ def leading_zeros_tree(m: Module, value, name: str):
     return out
 
 
+CHUNK = 8                # leading_zeros_pipelined: per chunk of 8 bits, then across chunks
+
+
+def stage_reg(m: Module, en, name: str, value, shape) -> Signal:
+    """A reset-less register loaded from ``value`` when ``en`` is high: one pipeline stage."""
+    r = Signal(shape, name=name, reset_less=True)
+    with m.If(en):
+        m.d.sync += r.eq(value)
+    return r
+
+
 class Stages:
     """Register stages on an enable: ``stage(*pairs)`` builds one stage, a reset-less register per
     ``(name, value, shape)`` loaded from ``value`` when ``en`` is high, and returns them; ``depth``
@@ -60,13 +73,7 @@ class Stages:
 
     def __call__(self, *pairs):
         self.depth += 1
-        regs = []
-        for name, value, shape in pairs:
-            r = Signal(shape, name=name, reset_less=True)
-            with self.m.If(self.en):
-                self.m.d.sync += r.eq(value)
-            regs.append(r)
-        return regs
+        return [stage_reg(self.m, self.en, name, value, shape) for name, value, shape in pairs]
 
 
 def delay(m: Module, en, value, stages: int, name: str):
@@ -77,6 +84,51 @@ def delay(m: Module, en, value, stages: int, name: str):
             m.d.sync += r.eq(value)
         value = r
     return value
+
+
+def shift_stages(max_shift: int) -> int:
+    """Stages of ``shift_left`` for amounts up to ``max_shift``: two bits of the amount per stage."""
+    return max(1, (max_shift.bit_length() + 1) // 2)
+
+
+def shift_left(m: Module, en, value, amount, width: int, name: str):
+    """``value << amount`` truncated to ``width`` bits (signed if ``value`` is), two bits of ``amount``
+    per stage (a 4:1 mux each): ``shift_stages(2^len(amount) - 1)`` stages."""
+    shape = signed(width) if value.shape().signed else unsigned(width)
+    for i in range(shift_stages(2 ** len(amount) - 1)):
+        lo = 2 * i
+        bits = amount[lo:lo + 2]
+        choices = Array([value << (j << lo) for j in range(1 << len(bits))])
+        value = stage_reg(m, en, f"{name}{i}", choices[bits], shape)
+        amount = stage_reg(m, en, f"{name}_amt{i}", amount, amount.shape())
+    return value
+
+
+def chunks(width: int) -> list[tuple[int, int]]:
+    """(lo, hi) bit ranges of ``CHUNK`` bits, the top one first (the last may be narrower)."""
+    return [(max(0, hi - CHUNK), hi) for hi in range(width, 0, -CHUNK)]
+
+
+def leading_zeros_pipelined(m: Module, en, value, name: str) -> Signal:
+    """Leading zeros of ``value`` within its width (its width for 0), two stages later: per chunk
+    of ``CHUNK`` bits (a priority mux) and its nonzero flag, then the first nonzero chunk's."""
+    parts = chunks(len(value))
+    lzc = [stage_reg(m, en, f"{name}_lz{c}", _chunk_lz(value[lo:hi]), unsigned(CHUNK.bit_length()))
+           for c, (lo, hi) in enumerate(parts)]
+    nzc = stage_reg(m, en, f"{name}_nz", Cat(value[lo:hi].any() for lo, hi in parts), unsigned(len(parts)))
+    k = Const(len(value), range(len(value) + 1))
+    for c in reversed(range(len(parts))):            # the first nonzero chunk from the top wins
+        k = Mux(nzc[c], CHUNK * c + lzc[c], k)
+    return stage_reg(m, en, name, k, range(len(value) + 1))
+
+
+def _chunk_lz(value):
+    """Leading zeros of a short ``value`` (a chunk) within its width, as a priority mux."""
+    w = len(value)
+    lz = Const(w, range(w + 1))
+    for i in range(w):                        # the highest set bit wins: the last Mux applied
+        lz = Mux(value[i], w - 1 - i, lz)
+    return lz
 
 
 class PipelinedMultiplier(wiring.Component):

@@ -83,7 +83,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Shape, Signal, Value, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, Value, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -92,7 +92,7 @@ from sop.golden.formats import FloatFormat
 from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, pack_blocks
 
 from . import replica as rep
-from .arith import PipelinedMultiplier
+from .arith import PipelinedMultiplier, chunks, leading_zeros_pipelined, shift_left, shift_stages, stage_reg
 from .arith import delay as arith_delay
 from .output_buffer import OutputStage
 from .pipeline import PipelineControl
@@ -100,7 +100,6 @@ from .pipeline import PipelineControl
 #: The widest exact accumulator built: E4M3 needs 36 bits, BF16 279 (refused).
 MAX_ACC_BITS = 64
 FP32_MAX_BITS = 0x7F7FFFFF
-CHUNK = 8                        # leading-zero count: per chunk of 8 bits, then across chunks
 
 
 def _float(fmt, what: str) -> FloatFormat:
@@ -308,32 +307,6 @@ def output_pipeline(m: Module, depth: int, port, lanes: int = 1) -> tuple[Pipeli
     return ctl, out
 
 
-def stage_reg(m: Module, en, name: str, value, shape) -> Signal:
-    """A reset-less register loaded from ``value`` when ``en`` is high: one pipeline stage."""
-    r = Signal(shape, name=name, reset_less=True)
-    with m.If(en):
-        m.d.sync += r.eq(value)
-    return r
-
-
-def shift_stages(max_shift: int) -> int:
-    """Stages of ``shift_left`` for amounts up to ``max_shift``: two bits of the amount per stage."""
-    return max(1, (max_shift.bit_length() + 1) // 2)
-
-
-def shift_left(m: Module, en, value, amount, width: int, name: str):
-    """``value << amount`` truncated to ``width`` bits (signed if ``value`` is), two bits of ``amount``
-    per stage (a 4:1 mux each): ``shift_stages(2^len(amount) - 1)`` stages."""
-    shape = signed(width) if value.shape().signed else unsigned(width)
-    for i in range(shift_stages(2 ** len(amount) - 1)):
-        lo = 2 * i
-        bits = amount[lo:lo + 2]
-        choices = Array([value << (j << lo) for j in range(1 << len(bits))])
-        value = stage_reg(m, en, f"{name}{i}", choices[bits], shape)
-        amount = stage_reg(m, en, f"{name}_amt{i}", amount, amount.shape())
-    return value
-
-
 def round_fp32(m: Module, en, q, ebm1, zero, sign, zero_sign, round_up, name: str) -> Signal:
     """The binary32 pattern of a normalized ``q``, three stages later.
 
@@ -357,33 +330,6 @@ def round_fp32(m: Module, en, q, ebm1, zero, sign, zero_sign, round_up, name: st
     sat = word[23:] >= 255
     return stage_reg(m, en, f"{name}_out", Mux(zero, Cat(Const(0, 31), zero_sign),
                                                  Cat(Mux(sat, FP32_MAX_BITS, word[:31]), sign)), unsigned(32))
-
-
-def chunks(width: int) -> list[tuple[int, int]]:
-    """(lo, hi) bit ranges of ``CHUNK`` bits, the top one first (the last may be narrower)."""
-    return [(max(0, hi - CHUNK), hi) for hi in range(width, 0, -CHUNK)]
-
-
-def leading_zeros_pipelined(m: Module, en, value, name: str) -> Signal:
-    """Leading zeros of ``value`` within its width (its width for 0), two stages later: per chunk
-    of ``CHUNK`` bits (a priority mux) and its nonzero flag, then the first nonzero chunk's."""
-    parts = chunks(len(value))
-    lzc = [stage_reg(m, en, f"{name}_lz{c}", _chunk_lz(value[lo:hi]), unsigned(CHUNK.bit_length()))
-           for c, (lo, hi) in enumerate(parts)]
-    nzc = stage_reg(m, en, f"{name}_nz", Cat(value[lo:hi].any() for lo, hi in parts), unsigned(len(parts)))
-    k = Const(len(value), range(len(value) + 1))
-    for c in reversed(range(len(parts))):            # the first nonzero chunk from the top wins
-        k = Mux(nzc[c], CHUNK * c + lzc[c], k)
-    return stage_reg(m, en, name, k, range(len(value) + 1))
-
-
-def _chunk_lz(value):
-    """Leading zeros of a short ``value`` (a chunk) within its width, as a priority mux."""
-    w = len(value)
-    lz = Const(w, range(w + 1))
-    for i in range(w):                        # the highest set bit wins: the last Mux applied
-        lz = Mux(value[i], w - 1 - i, lz)
-    return lz
 
 
 def _surrogate(layout: BlockLayout) -> BlockLayout:

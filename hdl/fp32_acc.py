@@ -24,7 +24,7 @@ LUT levels:
 8. ``R | barrier``: the barrier bit at ``27 - e'_big`` makes the leading-zero count
    ``k = min(lz(R), e'_big)``, so a result below the smallest normal comes out
    aligned to the subnormal quantum (as hdl.block_dot);
-9. - 10. ``k`` (hdl.block_dot.leading_zeros_pipelined);
+9. - 10. ``k`` (hdl.arith.leading_zeros_pipelined);
 11. - 13. ``R << k`` (two bits of ``k`` per stage); beside the first, ``e'_big - k``;
 14. - 16. round to nearest even, saturate, sign (hdl.block_dot.round_fp32).
 
@@ -67,9 +67,8 @@ from amaranth.lib.wiring import In, Out
 
 from sop.golden import dot
 
-from .arith import delay
-from .block_dot import (leading_zeros_pipelined, output_pipeline, round_fp32, shift_left, shift_stages,
-                        stage_reg)
+from .arith import delay, leading_zeros_pipelined, shift_left, shift_stages, stage_reg
+from .block_dot import output_pipeline, round_fp32
 
 EXTRA = 3                       # guard, round, sticky below the smaller operand's significand
 R_BITS = 1 + 24 + EXTRA         # the sum: a carry bit, the significand, the extra bits

@@ -382,6 +382,19 @@ def _model_inputs(spec: str) -> list[Path]:
     return [p]
 
 
+def _search_options(p) -> None:
+    """The options ``eval`` and ``quantize`` share: what is quantized and where the search runs."""
+    p.add_argument("--include-lm-head", action="store_true",
+                   help="quantize the output head too (kept by default, as the embeddings)")
+    p.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
+    p.add_argument("--device", default="numpy", metavar="D",
+                   help="where the SOP search runs: numpy (default), cpu (torch on the CPU), cuda or cuda:N "
+                        "(torch on a GPU); the same output bits on every device")
+    p.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
+                   help="quantize N layers at once in worker processes, one core each (default 1; the "
+                        "same results; peak memory about N times one layer's)")
+
+
 def main(argv: list[str] | None = None) -> int:
     release_freed_memory()              # the peak-memory figures of docs/benchmarks.md assume it
     p = _Parser(prog="sop", description="SOP weight quantization: golden model, "
@@ -418,15 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="causal LMs: tokens per calibration and held-out window (default 256)")
     e.add_argument("--e2e-windows", type=_positive(int), default=16,
                    help="causal LMs: held-out windows for perplexity/KLD/top-1 (default 16)")
-    e.add_argument("--include-lm-head", action="store_true",
-                   help="quantize the output head too (kept by default, as the embeddings)")
-    e.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
-    e.add_argument("--device", default="numpy", metavar="D",
-                   help="where the SOP search runs: numpy (default), cpu (torch on the CPU), cuda or cuda:N "
-                        "(torch on a GPU); the same output bits on every device")
-    e.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
-                   help="quantize N layers at once in worker processes, one core each (default 1; the "
-                        "same results; peak memory about N times one layer's)")
+    _search_options(e)
     e.add_argument("--quiet", action="store_true", help="no progress lines")
     e.set_defaults(func=cmd_eval)
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
@@ -453,15 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="causal LMs: calibration windows (default 32)")
     q.add_argument("--seq-len", type=_number(int, 4, inclusive=True), default=256,
                    help="causal LMs: tokens per calibration window (default 256)")
-    q.add_argument("--include-lm-head", action="store_true",
-                   help="quantize the output head too (kept by default, as the embeddings)")
-    q.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
-    q.add_argument("--device", default="numpy", metavar="D",
-                   help="where the SOP search runs: numpy (default), cpu (torch on the CPU), cuda or cuda:N "
-                        "(torch on a GPU); the same output bits on every device")
-    q.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
-                   help="quantize N layers at once in worker processes, one core each (default 1; the "
-                        "same results; peak memory about N times one layer's)")
+    _search_options(q)
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_quantize)
     dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
