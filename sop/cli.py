@@ -24,9 +24,10 @@
                                   values the activation format holds exactly; Y (out,) or (batch, out)
     sop report FILE.json [--out STEM] [--bpw-tol T]
                                   markdown table and SQNR-vs-bpw plot (PNG) of a `sop eval --json` file
-    sop board --port PORT MODEL --format F [--layer NAME] [--baud B] [--timeout S] [--rows N]
+    sop board --port PORT MODEL|FILE.sopq --format F [--layer NAME] [--baud B] [--timeout S] [--rows N]
                                   one quantized layer through an FPGA board's decoder over its serial
-                                  port, checked against golden/ (synth/host/bringup.py); exit 0 when the
+                                  port (a stored layer's sparse residuals too: the board adds them),
+                                  checked against golden/ (synth/host/bringup.py); exit 0 when the
                                   board's checksum matches, 1 on a mismatch or a board that does not
                                   answer, 2 on a usage error
 """
@@ -335,8 +336,10 @@ def _check_calibration(args) -> None:
 def cmd_board(args) -> int:
     from sop.synth.host import bringup, client
 
-    # the layer first: a wrong model or layer name is reported without touching the port
+    # the layer first: a wrong model or layer name, or a bad sparse table, is reported without
+    # touching the port
     name, stream = bringup.model_layer_stream(args.model, args.format, args.layer, args.rows)
+    bringup.check_sparse(stream, name)
     transport = client.SerialTransport(args.port, args.baud)
     try:
         result = bringup.run_board(transport, stream, args.format, name=name, timeout=args.timeout)
@@ -493,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(func=cmd_report)
     b = sub.add_parser("board", help="check one quantized layer through an FPGA board over its serial port")
     b.add_argument("--port", required=True, help="the board's serial port (for example /dev/ttyUSB1)")
-    b.add_argument("model", help="a model path or 'minilm'")
+    b.add_argument("model", help="a model path, 'minilm', or a .sopq artifact (`sop quantize`; its stored "
+                                 "layer, sparse residual entries included)")
     b.add_argument("--format", required=True, choices=board_points(),
                    help="the format of the board's decoder (the boards of synth/gateware/board.py: sop4-g16)")
     b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")

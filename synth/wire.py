@@ -6,10 +6,13 @@ CRC network from these) and the host (synth/host/client.py). Neither end
 imports the other.
 
 * constants: ``PROTOCOL_VERSION``, ``START``, the header and CRC sizes, the
-  reply bit, the error reply's command, the LOAD entry size, the BLOCKS and
-  CHECKSUM flags, the boards' default max payload;
+  reply bit, the error reply's command, the LOAD and SPARSE entry sizes, the
+  BLOCKS, CHECKSUM, OFFSET and SPARSE flags, the boards' default max payload
+  and sparse entry queue;
 * ``Cmd`` (request commands) and ``Err`` (error codes);
-* ``Status`` and ``STATUS_FORMAT`` (the STATUS reply payload), ``CHECKSUM_FORMAT``,
+* ``Status`` and ``STATUS_FORMAT`` (the STATUS reply payload), ``SparseStatus`` and
+  ``SPARSE_STATUS_FORMAT`` (the SPARSE_STATUS reply), ``SPARSE_ERRORS`` (the names of the
+  decoder's sticky ``sparse_error`` bits, LSB first), ``CHECKSUM_FORMAT``,
   ``REPLY_PAYLOAD_BYTES`` (the OK reply payload of each command);
 * ``encode_frame``: ``0x55 | cmd | len u16 LE | payload | crc32 LE``, the CRC
   being zlib's CRC-32 (golden.files.crc32) over ``cmd``, ``len`` and ``payload``;
@@ -37,6 +40,10 @@ ERROR_PAYLOAD_BYTES = 2                # an error reply's payload: {code, cmd}
 LOAD_ENTRY_BYTES = 3                   # {bank << 7 | addr}, HIF data u16 LE
 SWAP_FLAG = 0x01                       # BLOCKS flags: the frame's first beat carries swap
 CLEAR_FLAG = 0x01                      # CHECKSUM flags: restart count and CRC after the reply
+SPARSE_LAYER_FLAG = 0x01               # OFFSET's optional flags byte: the layer has sparse entries
+SPARSE_ENTRY_BYTES = 6                 # SPARSE entries: flat index u32 LE, BF16 residual u16 LE
+LAST_FLAG = 0x01                       # SPARSE flags: the frame's last entry is the layer's last
+DEFAULT_SPARSE_QUEUE = 64              # the boards' queue of sparse entries (SPARSE_STATUS reports it)
 DEFAULT_MAX_PAYLOAD = 256
 CRC_INIT = 0xFFFFFFFF                  # the raw CRC-32 register before the first byte
 CRC_RESIDUE = 0xDEBB20E3               # the raw register after data + its own CRC-32 (LE): ~0x2144DF1C
@@ -48,6 +55,8 @@ class Cmd(enum.IntEnum):
     OFFSET = 0x03
     BLOCKS = 0x04
     CHECKSUM = 0x05
+    SPARSE = 0x06            # a board with the residual path only (else UNKNOWN_CMD)
+    SPARSE_STATUS = 0x07     # idem
 
 
 class Err(enum.IntEnum):
@@ -57,6 +66,7 @@ class Err(enum.IntEnum):
     BAD_LENGTH = 4
     TIMEOUT = 5            # byte gap inside a frame: the half-received frame is dropped
     GARBAGE = 6            # bytes outside a frame (reported once per run of them)
+    STALLED = 7            # the decoder made no progress for the stall time (residual path only)
 
 
 @dataclass(frozen=True)
@@ -75,9 +85,25 @@ class Status:
 
 STATUS_FORMAT = "<8BHH"
 CHECKSUM_FORMAT = "<II"
+#: The decoder's sticky sparse error bits, LSB first (hdl.residual.ERRORS, docs/hardware.md).
+SPARSE_ERRORS = ("order", "past_layer", "no_layer", "not_finite")
+
+
+@dataclass(frozen=True)
+class SparseStatus:
+    adders: int            # residual adders of the decoder (R)
+    errors: int            # its sticky sparse_error bits (SPARSE_ERRORS, LSB first); cleared by reset only
+    queue: int             # entries the board's sparse queue holds
+
+    def error_names(self) -> list[str]:
+        return [name for i, name in enumerate(SPARSE_ERRORS) if self.errors >> i & 1]
+
+
+SPARSE_STATUS_FORMAT = "<BBH"
 # The OK reply payload of each command, in bytes.
 REPLY_PAYLOAD_BYTES = {Cmd.STATUS: struct.calcsize(STATUS_FORMAT), Cmd.LOAD: 0, Cmd.OFFSET: 0, Cmd.BLOCKS: 0,
-                       Cmd.CHECKSUM: struct.calcsize(CHECKSUM_FORMAT)}
+                       Cmd.CHECKSUM: struct.calcsize(CHECKSUM_FORMAT), Cmd.SPARSE: 0,
+                       Cmd.SPARSE_STATUS: struct.calcsize(SPARSE_STATUS_FORMAT)}
 REPLY_MAX = max(REPLY_PAYLOAD_BYTES.values())      # the longest OK reply payload (STATUS, 12 bytes)
 
 

@@ -14,17 +14,23 @@ is checked here through the CLI and in tests/test_host_robust.py below it.
 import functools
 import itertools
 import os
+import re
+import struct
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 import mutants
 from serial_lines import GARBAGE, fed_pty
 
 from sop import cli
+from sop.golden.layout import Sparse
 from sop.golden.points import board_points
+from sop.hdl import reference
 from sop.hdl.decoder import Decoder
+from sop.sim.stimulus import from_stream
 from sop.synth import wire
 from sop.synth.gateware import protocol
 from sop.synth.gateware.board import BOARDS
@@ -81,7 +87,7 @@ def test_the_make_sim_step_fails_on_a_mismatch(monkeypatch, capsys):
     """`python -m sop.synth.host.bringup --sim` (make sim) exits 1 when the board's checksum differs."""
     broken = Decoder(BOARDS["icebreaker"].config(), bank=mutants.FlippedLutBit)
     monkeypatch.setattr(bringup, "sim_board", functools.partial(bringup.sim_board, decoder=broken))
-    assert bringup.main(["--sim", "--rows", "1", "--layer", LAYER]) == 1
+    assert bringup.main(["--sim", "--model", "minilm", "--rows", "1", "--layer", LAYER]) == 1
     out = capsys.readouterr().out
     assert "simulated icebreaker board core" in out and "result: MISMATCH" in out
 
@@ -197,6 +203,10 @@ def status_reply():
                              bytes(protocol.status_bytes(cfg, wire.DEFAULT_MAX_PAYLOAD)) + b"\0\0")
 
 
+def sparse_status_reply(payload=struct.pack(wire.SPARSE_STATUS_FORMAT, 1, 0, 64)):
+    return wire.encode_frame(wire.Cmd.SPARSE_STATUS | wire.REPLY_BIT, payload)
+
+
 class Scripted(client.SerialTransport):
     """pyserial's loop:// port whose every request is answered by the next scripted reply."""
 
@@ -214,8 +224,14 @@ class Scripted(client.SerialTransport):
     ([wire.encode_frame(wire.ERROR_REPLY, b"\x01")], "malformed error reply from the board: 1 payload bytes"),
     ([wire.encode_frame(0x42, b"")], "unexpected reply 0x42 to STATUS"),
     ([b"\x55\x81\xff\xff" + bytes(64)], "length 65535 is over the 256-byte limit"),
-    ([status_reply(), wire.encode_frame(0x85, bytes(7))], "malformed CHECKSUM reply from the board: 7 payload"),
-], ids=["status-short", "error-empty", "error-1-byte", "unknown-reply", "huge-length", "checksum-short"])
+    ([status_reply(), sparse_status_reply(), wire.encode_frame(0x85, bytes(7))],
+     "malformed CHECKSUM reply from the board: 7 payload"),
+    ([status_reply(), sparse_status_reply(bytes(3))], "malformed SPARSE_STATUS reply from the board: 3 payload"),
+    # a board without the residual path (SPARSE_STATUS unknown) still checks a layer without entries
+    ([status_reply(), wire.encode_frame(wire.ERROR_REPLY, bytes([wire.Err.UNKNOWN_CMD, wire.Cmd.SPARSE_STATUS])),
+      wire.encode_frame(0x85, bytes(7))], "malformed CHECKSUM reply from the board: 7 payload"),
+], ids=["status-short", "error-empty", "error-1-byte", "unknown-reply", "huge-length", "checksum-short",
+        "sparse-status-short", "checksum-short-no-residual-path"])
 def test_a_malformed_reply_exits_1_with_one_line(monkeypatch, capsys, replies, message):
     monkeypatch.setattr(client, "SerialTransport", lambda name, baud: Scripted(replies))
     assert cli.main(board_args("loop://", "--timeout", "0.2")) == 1
@@ -247,3 +263,96 @@ def test_a_bad_number_is_a_one_line_usage_error_naming_the_option(capsys, option
         cli.main([*args, option, value])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("sop: error:") and option in err and "\n" not in err
+
+
+# -- sparse residuals: the entries go to the board, its decoder adds them ---------------------------
+MODEL_LAYER_STREAM = bringup.model_layer_stream     # (the tests below replace it in bringup)
+ENTRIES = ([0, 17, 100, 383], [0x3F80, 0xBC00, 0x0001, 0x4120])      # a row's first and last value among them
+
+
+def sparse_stream(index=ENTRIES[0], values=ENTRIES[1]):
+    """One row of the MiniLM layer with sparse entries (as a sop-budget artifact stores them)."""
+    name, stream = MODEL_LAYER_STREAM("minilm", "sop4-g16", LAYER, rows=1)
+    return name, replace(stream, sparse=Sparse(np.array(index, np.uint32), np.array(values, np.uint16)))
+
+
+def test_the_board_adds_the_sparse_residuals_bit_exact():
+    """Through the ULX3S core's UART pins (8 lanes): golden's values with the residuals, which differ
+    from the values without them; the host adds nothing."""
+    name, stream = sparse_stream()
+    port, timeout = bringup.sim_board("ulx3s")
+    result = bringup.run_board(port, stream, "sop4-g16", name=name, timeout=timeout, clock=port.now)
+    assert result.ok and result.sparse == 4 and result.sparse_errors == ()
+    cfg = bringup.format_config("sop4-g16", 8)
+    dense = from_stream(cfg, replace(stream, sparse=Sparse()))
+    assert result.expected != wire.values_checksum(dense.expected(cfg), reference.lane_word_bits(cfg))
+    assert "sparse residuals: 4 entries, added by the board's decoder" in "\n".join(result.lines())
+
+
+def test_cli_sends_the_sparse_entries_and_exits_0(sim_port, monkeypatch, capsys):
+    timeout = sim_port()
+    monkeypatch.setattr(bringup, "model_layer_stream", lambda *a: sparse_stream())
+    assert cli.main(board_args("sim", "--timeout", str(timeout))) == 0
+    out = capsys.readouterr().out
+    assert "sparse residuals: 4 entries" in out and "result: OK" in out
+
+
+def test_a_host_that_drops_the_last_entry_is_caught(sim_port, monkeypatch, capsys):
+    """An injected host bug: the layer's last entry not sent (``last`` on the one before): MISMATCH."""
+    timeout = sim_port()
+    monkeypatch.setattr(bringup, "model_layer_stream", lambda *a: sparse_stream())
+    send = client.BoardLink.sparse
+
+    def drops_last(self, entries, *, last):
+        entries = list(entries)
+        return send(self, entries[:-1] if last else entries, last=last)
+    monkeypatch.setattr(client.BoardLink, "sparse", drops_last)
+    assert cli.main(board_args("sim", "--timeout", str(timeout))) == 1
+    assert "result: MISMATCH" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("index, values, message", [
+    ([17, 17, 30], [1, 2, 3], "entry 1 of 3: index 17 is not above the previous entry's 17: the indices must "
+                              "be strictly increasing"),
+    ([3, 384], [1, 2], "entry 1 of 2: index 384 is outside the layer's 384 values [(]1 x 384[)]"),
+    ([3, 9], [0x3F80, 0xFF80], "entry 1 of 2: value 0xff80 at index 9 is not a finite BF16 number"),
+])
+def test_a_bad_sparse_table_is_refused_with_one_line_before_the_port(monkeypatch, capsys, index, values, message):
+    monkeypatch.setattr(bringup, "model_layer_stream", lambda *a: sparse_stream(index, values))
+    monkeypatch.setattr(client, "SerialTransport", lambda *a: pytest.fail("the port was opened"))
+    assert cli.main(board_args("sim")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sop: error: layer {LAYER}: bad sparse table, ") and "\n" not in err
+    assert re.search(message, err) and "not sent to the board" in err
+
+
+def test_a_sparse_layer_on_a_board_without_the_residual_path_is_refused(monkeypatch, capsys):
+    port, timeout = bringup.sim_board("icebreaker", residuals=0)
+    monkeypatch.setattr(client, "SerialTransport", lambda name, baud: port)
+    monkeypatch.setattr(bringup, "model_layer_stream", lambda *a: sparse_stream())
+    assert cli.main(board_args("sim", "--timeout", str(timeout))) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sop board: the board's decoder has no sparse-residual path") and "\n" not in err
+
+
+def test_bad_entries_past_the_host_are_flagged_by_the_board():
+    """A table whose indices go down, sent without the host's check: the board's decoder flags
+    ``order``, the check fails and says so; a second run on that board is refused (sticky bits)."""
+    name, stream = sparse_stream()
+    port, timeout = bringup.sim_board("icebreaker")
+    result = bringup.run_board(port, bringup.bad_entries_stream(stream), "sop4-g16", name=name,
+                               timeout=timeout, clock=port.now, check_table=False)
+    assert not result.ok and result.sparse_errors == ("order",)
+    assert "sparse error: the board's decoder flagged order" in "\n".join(result.lines())
+    with pytest.raises(bringup.BoardConfigError, match="flagged sparse errors before this run [(]order"):
+        bringup.run_board(port, stream, "sop4-g16", name=name, timeout=timeout, clock=port.now)
+
+
+@pytest.mark.slow
+def test_the_make_sim_step_runs_a_sop_budget_layer_and_a_bad_table(capsys):
+    """`python -m sop.synth.host.bringup --sim` as `make sim` runs it, on 8 rows: MiniLM's sop-budget
+    artifact (built and cached by sim/runner.py if missing), its first layer with sparse entries."""
+    assert bringup.main(["--sim", "--rows", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"layer: {bringup.SIM_LAYER} (8 x 384, sop4-g16)" in out and "sparse residuals: 12 entries" in out
+    assert "result: OK" in out and "the board flagged order" in out

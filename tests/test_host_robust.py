@@ -38,6 +38,8 @@ MESSAGE_MAX = 600              # characters: an error message quotes a bounded p
 STATUS = Status(wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
 STATUS_PAYLOAD = struct.pack(wire.STATUS_FORMAT, *(getattr(STATUS, f) for f in Status.__dataclass_fields__))
 CHECKSUM_PAYLOAD = struct.pack(wire.CHECKSUM_FORMAT, 1234, 0xDEADBEEF)
+SPARSE_STATUS = wire.SparseStatus(1, 0b0001, 64)
+SPARSE_STATUS_PAYLOAD = struct.pack(wire.SPARSE_STATUS_FORMAT, 1, 0b0001, 64)
 
 
 class FakeLine:
@@ -148,6 +150,13 @@ MALFORMED = {   # name: (command, its reply bytes, message)
     "checksum-long": (Cmd.CHECKSUM, ok(Cmd.CHECKSUM, CHECKSUM_PAYLOAD + b"\x00"),
                       "malformed CHECKSUM.*9 payload"),
     "offset-with-payload": (Cmd.OFFSET, ok(Cmd.OFFSET, b"\x01"), "malformed OFFSET reply.*expected 0"),
+    "sparse-status-short": (Cmd.SPARSE_STATUS, ok(Cmd.SPARSE_STATUS, SPARSE_STATUS_PAYLOAD[:3]),
+                            "malformed SPARSE_STATUS reply from the board: 3 payload bytes .*expected 4"),
+    "sparse-status-long": (Cmd.SPARSE_STATUS, ok(Cmd.SPARSE_STATUS, SPARSE_STATUS_PAYLOAD + b"\x00"),
+                           "malformed SPARSE_STATUS reply.*5 payload"),
+    "sparse-with-payload": (Cmd.SPARSE, ok(Cmd.SPARSE, b"\x01"), "malformed SPARSE reply.*expected 0"),
+    "stalled-to-sparse": (Cmd.SPARSE, err_frame(bytes([Err.STALLED, Cmd.SPARSE])),
+                          r"the board replied STALLED \(frame command 0x06\) to SPARSE"),
     "error-empty": (Cmd.STATUS, err_frame(b""),
                     r"malformed error reply from the board: 0 payload bytes \(empty\)"),
     "error-1-byte": (Cmd.STATUS, err_frame(b"\x01"),
@@ -169,6 +178,8 @@ def call(link, cmd):
         return Status(*struct.unpack(wire.STATUS_FORMAT, link.reply(cmd)))
     if cmd == Cmd.CHECKSUM:
         return struct.unpack(wire.CHECKSUM_FORMAT, link.reply(cmd))
+    if cmd == Cmd.SPARSE_STATUS:
+        return wire.SparseStatus(*struct.unpack(wire.SPARSE_STATUS_FORMAT, link.reply(cmd)))
     return link.reply(cmd)
 
 
@@ -196,6 +207,40 @@ def test_the_typed_commands_check_their_reply_length():
         fake_link(ok(Cmd.STATUS, STATUS_PAYLOAD[:3])).status()
     with pytest.raises(BoardError, match="malformed CHECKSUM reply"):
         fake_link(ok(Cmd.CHECKSUM, b"")).checksum()
+    with pytest.raises(BoardError, match="malformed SPARSE_STATUS reply"):
+        fake_link(ok(Cmd.SPARSE_STATUS, b"\x01")).sparse_status()
+    assert fake_link(ok(Cmd.SPARSE_STATUS, SPARSE_STATUS_PAYLOAD)).sparse_status() == SPARSE_STATUS
+
+
+def test_sparse_entries_go_out_in_frames_the_board_takes():
+    """SPARSE frames: flags (last on the final frame only), 6-byte entries, cut to the max payload;
+    a sparse layer: the swap beat alone, then each frame's entries and the one beyond before it."""
+    line = FakeLine(itertools.cycle(ok(Cmd.SPARSE)))
+    link = BoardLink(line, timeout=TIMEOUT, max_payload=64)            # 10 entries a frame
+    link.sparse([(i * 3, 0x3F80 + i) for i in range(25)], last=True)
+    frames = [encode_frame(Cmd.SPARSE, bytes([last]) + b"".join(struct.pack("<IH", i * 3, 0x3F80 + i)
+                                                                 for i in range(a, min(a + 10, 25))))
+              for a, last in ((0, 0), (10, 0), (20, wire.LAST_FLAG))]
+    assert bytes(line.written) == b"".join(frames)
+
+    class Recorder(BoardLink):
+        def command(self, cmd, payload=b""):
+            sent.append((Cmd(cmd).name, payload[0], (len(payload) - 1) // (9 if cmd == Cmd.BLOCKS else 6)))
+            return b""
+    sent = []
+    beats = [bytes(9)] * 20                                            # 16 values a beat, 7 beats a frame
+    link = Recorder(FakeLine(), timeout=TIMEOUT, max_payload=64)
+    link.sparse_layer(beats, [(5, 1), (40, 1), (300, 1), (301, 1)], 16, 18)
+    assert sent == [("BLOCKS", wire.SWAP_FLAG, 1), ("SPARSE", 0, 3), ("BLOCKS", 0, 7), ("BLOCKS", 0, 7),
+                    ("SPARSE", wire.LAST_FLAG, 1), ("BLOCKS", 0, 5)]
+    sent.clear()                                # every value an entry: frames cut to the queue (17 + 1)
+    link.sparse_layer(beats[:4], [(i, 1) for i in range(64)], 16, 18)
+    assert sent == [("BLOCKS", wire.SWAP_FLAG, 1), ("SPARSE", 0, 10), ("SPARSE", 0, 7),      # beat 0's, 1 beyond
+                    ("SPARSE", 0, 10), ("SPARSE", 0, 6), ("BLOCKS", 0, 1),                 # beat 1's
+                    ("SPARSE", 0, 10), ("SPARSE", 0, 6), ("BLOCKS", 0, 1),
+                    ("SPARSE", 0, 10), ("SPARSE", wire.LAST_FLAG, 5), ("BLOCKS", 0, 1)]
+    with pytest.raises(ValueError, match="queue of 17 entries cannot hold one beat's 16 entries"):
+        link.sparse_layer(beats, [(1, 1)], 16, 17)
 
 
 def test_error_reply_checks_its_payload():
@@ -246,7 +291,7 @@ def test_a_baud_the_port_refuses_is_an_os_error_naming_it(baud):
 
 # -- fuzz: arbitrary bytes as replies ---------------------------------------------------------
 REPLIES = {Cmd.STATUS: (STATUS_PAYLOAD, STATUS), Cmd.CHECKSUM: (CHECKSUM_PAYLOAD, (1234, 0xDEADBEEF)),
-           Cmd.OFFSET: (b"", None)}
+           Cmd.OFFSET: (b"", None), Cmd.SPARSE_STATUS: (SPARSE_STATUS_PAYLOAD, SPARSE_STATUS)}
 
 
 def run_command(link, cmd):
@@ -254,6 +299,8 @@ def run_command(link, cmd):
         return link.status()
     if cmd == Cmd.CHECKSUM:
         return link.checksum()
+    if cmd == Cmd.SPARSE_STATUS:
+        return link.sparse_status()
     return link.set_offset(-3)
 
 

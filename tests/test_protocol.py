@@ -11,17 +11,21 @@ of the decoded words, compared with the host's own over the expected words.
 """
 
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import mutants
 
+from amaranth.hdl import Const
+
 from sop.golden.layout import named_layouts
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
+from sop.hdl import residual
 from sop.hdl.decoder import Decoder
-from sop.sim.stimulus import from_stream, random_layer
+from sop.sim.stimulus import from_stream, random_layer, with_sparse
 from sop.golden.files import crc32
 from sop.synth import wire
 from sop.synth.gateware.board import BOARDS, BoardCore, elaborate_for
@@ -213,3 +217,131 @@ def test_board_tops_prepare_for_their_platforms(board):
     rtlil = plan.files[f"sop_{board}.il"]
     assert "decoder" in rtlil and "uart_rx" in rtlil and "uart_tx" in rtlil
     assert BOARDS[board].config().lanes == {"icebreaker": 2, "ulx3s": 8}[board]
+
+
+# -- sparse residuals (a decoder with the residual path) ----------------------------------------
+RCFG = replace(CFG, residuals=1)
+QUEUE = 32                     # the engine's sparse queue in these tests (the boards have 64)
+STALL = 2048                   # cycles without decoder progress before STALLED
+
+
+def sparse_engine(engine_class=ProtocolEngine):
+    return engine_class(RCFG, max_payload=MAX_PAYLOAD, gap_cycles=GAP, sparse_queue=QUEUE, stall_cycles=STALL)
+
+
+def sparse_link(engine):
+    return BoardLink(stream_port(engine, period=PERIOD), timeout=4 * STALL * PERIOD, max_payload=MAX_PAYLOAD)
+
+
+def entries_of(layer):
+    return list(zip(layer.sparse_index.tolist(), layer.sparse_values.tolist()))
+
+
+def send_sparse_layer(link, layer, entries=None):
+    link.load_layer(layer.luts, layer.offset, sparse=True)
+    link.sparse_layer(beats_of(layer), entries_of(layer) if entries is None else entries,
+                      RCFG.blocks_per_beat * RCFG.layout.group, QUEUE)
+
+
+def test_the_sparse_numbers_are_the_decoders():
+    assert wire.SPARSE_ERRORS == residual.ERRORS
+    assert RCFG.sparse_layout.size == 8 * wire.SPARSE_ENTRY_BYTES + 1      # index, value, last
+    assert wire.SparseStatus(1, 0b1010, 64).error_names() == ["past_layer", "not_finite"]
+    frame = encode_frame(Cmd.SPARSE, bytes([wire.LAST_FLAG]) + struct.pack("<IH", 383, 0x3F80))
+    assert frame[1:4] == bytes([Cmd.SPARSE, 7, 0])
+
+
+def test_a_decoder_without_the_residual_path_refuses_the_sparse_commands():
+    """The old engine, unchanged: SPARSE and SPARSE_STATUS unknown, OFFSET 1 byte only."""
+    link = stream_link(make_engine())
+    for cmd, payload, code in [(Cmd.SPARSE, b"\x01" + bytes(6), Err.UNKNOWN_CMD),
+                               (Cmd.SPARSE_STATUS, b"", Err.UNKNOWN_CMD),
+                               (Cmd.OFFSET, bytes([0, wire.SPARSE_LAYER_FLAG]), Err.BAD_LENGTH)]:
+        with pytest.raises(BoardError) as err:
+            link.command(cmd, payload)
+        assert err.value.code == code, cmd
+
+
+def test_sparse_layers_decode_bit_exact_with_the_residuals():
+    """Entries of every kind (random, bursts in one beat, block and beat boundaries, the layer's ends and
+    its swap beat, every value), a layer without entries between, in frames cut to the queue: golden's
+    values."""
+    link = sparse_link(sparse_engine())
+    assert link.sparse_status() == wire.SparseStatus(1, 0, QUEUE)
+    rng = np.random.default_rng(11)
+    for pattern, density in [("random", 0.1), ("burst", 0.1), ("boundaries", 0), ("ends", 0), (None, 0),
+                             ("values", 0.25), ("random", 1.0)]:
+        layer = random_layer(RCFG, rng, 10 if density < 1 else 4)
+        if pattern is None:
+            send_layers(link, [layer])
+        else:
+            layer = with_sparse(RCFG, layer, rng, pattern, density=density)
+            send_sparse_layer(link, layer)
+        assert link.checksum(clear=True) == expected_checksum([layer]), (pattern, density)
+    assert link.sparse_status().errors == 0 and link.status().errors == 0
+
+
+@pytest.mark.parametrize("payload, flags", [
+    ("order", [(40, 0x3F80), (20, 0x3F80)]),              # not strictly increasing
+    ("not_finite", [(3, 0x7F80), (9, 0x3F80)]),           # +Inf
+    ("no_layer", None),                                   # entries for a layer loaded without its flag
+])
+def test_the_decoder_flags_bad_entries_and_the_host_reads_the_bits(payload, flags):
+    link = sparse_link(sparse_engine())
+    layer = random_layer(RCFG, np.random.default_rng(12), 4)
+    if flags is None:
+        link.load_layer(layer.luts, layer.offset)                   # layer_sparse 0
+        link.blocks(beats_of(layer), swap=True)
+        link.sparse([(5, 0x3F80)], last=True)
+    else:
+        send_sparse_layer(link, layer, flags)
+    link.checksum(clear=True)
+    assert link.sparse_status().error_names() == [payload]
+
+
+def test_bad_sparse_frames_get_error_replies():
+    link = sparse_link(sparse_engine())
+    for cmd, payload in [(Cmd.SPARSE, b"\x01"), (Cmd.SPARSE, b"\x01" + bytes(7)), (Cmd.SPARSE, bytes(6)),
+                         (Cmd.SPARSE_STATUS, b"\x00"), (Cmd.OFFSET, bytes(3))]:
+        with pytest.raises(BoardError) as err:
+            link.command(cmd, payload)
+        assert err.value.code == Err.BAD_LENGTH, (cmd, payload)
+    assert link.sparse_status().errors == 0 and link.status().errors == 5
+
+
+def test_missing_entries_end_in_stalled_not_a_hang():
+    """A sparse layer whose entries never come stops the decoder: BLOCKS is answered STALLED
+    (within the stall time), the engine keeps answering, and the entries sent late finish it."""
+    link = sparse_link(sparse_engine())
+    layer = with_sparse(RCFG, random_layer(RCFG, np.random.default_rng(13), 8), np.random.default_rng(1), "ends")
+    link.load_layer(layer.luts, layer.offset, sparse=True)
+    beats = beats_of(layer)
+    link.blocks(beats[:1], swap=True)
+    with pytest.raises(BoardError) as err:
+        link.blocks(beats[1:], swap=False)
+    assert err.value.code == Err.STALLED
+    assert link.status().errors == 1 and link.sparse_status().errors == 0
+    link.sparse(entries_of(layer), last=True)                       # the decoder goes on
+    assert link.checksum(clear=True)[0] >= 16                       # the beats it had taken
+    link.load_layer(layer.luts, layer.offset, sparse=True)          # a `last` never sent: stalls too
+    link.blocks(beats[:1], swap=True)
+    link.sparse([(1, 0x3F80)], last=False)
+    with pytest.raises(BoardError) as err:
+        link.blocks(beats[1:], swap=False)
+        link.checksum()
+    assert err.value.code == Err.STALLED
+
+
+class DropsLast(ProtocolEngine):
+    """A broken engine: the queue loses ``last`` (the decoder never learns the layer's entries ended)."""
+
+    def sparse_word(self, entry, last):
+        return super().sparse_word(entry, Const(0, 1))
+
+
+def test_an_engine_that_drops_last_is_caught():
+    link = sparse_link(sparse_engine(DropsLast))
+    layer = with_sparse(RCFG, random_layer(RCFG, np.random.default_rng(14), 6), np.random.default_rng(2), "random")
+    with pytest.raises(BoardError, match="STALLED"):
+        send_sparse_layer(link, layer)
+        link.checksum()

@@ -1,9 +1,11 @@
 """`make bitstream`: a board's bitstream with the yowasp tools, nothing programmed.
 
-    python -m sop.synth.flow.bitstream icebreaker|ulx3s
+    python -m sop.synth.flow.bitstream icebreaker|ulx3s [--residuals R] [--out DIR]
 
-``build(board)`` synthesizes, places and routes the board top
-(synth/gateware/board.py, ``BoardTop``) through the board's Amaranth platform
+``build(board, residuals=)`` synthesizes, places and routes the board top
+(synth/gateware/board.py, ``BoardTop``; ``residuals``: the decoder's residual
+adders, default the board's 1, 0 for the decoder without the sparse-residual
+path) through the board's Amaranth platform
 (amaranth-boards) with the yowasp tools (sop.toolenv), into
 ``build/bitstream/<board>/`` under the working directory. The decoder's
 register copies are kept apart (hdl.replica's ``YOSYS_KEEP``); the ULX3S maps
@@ -22,7 +24,7 @@ from sop.synth.gateware.board import BOARDS, BoardTop
 from .yosys_nextpnr import ECP5_CLASSIC_LUT_MAP
 
 
-def build(board: str, build_dir: str | os.PathLike | None = None):
+def build(board: str, build_dir: str | os.PathLike | None = None, residuals: int | None = None):
     """Synthesize, place and route the board top with the yowasp tools; no programming."""
     from sop import toolenv
     from sop.hdl.replica import YOSYS_KEEP
@@ -42,18 +44,23 @@ def build(board: str, build_dir: str | os.PathLike | None = None):
         overrides["synth_opts"] = "-run begin:map_luts"
         overrides["script_after_synth"] = "\n".join(ECP5_CLASSIC_LUT_MAP + (
             f"synth_ecp5 -top sop_{board} -run map_cells:",))
-    return platform.build(BoardTop(board), name=f"sop_{board}", build_dir=str(build_dir), do_program=False,
+    return platform.build(BoardTop(board, residuals), name=f"sop_{board}", build_dir=str(build_dir), do_program=False,
                           **overrides)
 
 
 def main(argv=None) -> int:
-    """``python -m sop.synth.flow.bitstream icebreaker|ulx3s``: build one board's bitstream."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] not in BOARDS:
-        print(f"usage: python -m sop.synth.flow.bitstream {{{'|'.join(BOARDS)}}}", file=sys.stderr)
+    """``python -m sop.synth.flow.bitstream icebreaker|ulx3s [--residuals R] [--out DIR]``: one board's bitstream."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    opts = dict(zip(args[1::2], args[2::2]))
+    usage = (f"usage: python -m sop.synth.flow.bitstream {{{'|'.join(BOARDS)}}} [--residuals 0|1|2] [--out DIR]"
+             f"  (--residuals: the decoder's residual adders, default the board's; 0: no sparse-residual path)")
+    if (not args or args[0] not in BOARDS or len(args) % 2 != 1 or set(opts) - {"--residuals", "--out"}
+            or opts.get("--residuals", "1") not in ("0", "1", "2")):
+        print(usage, file=sys.stderr)
         return 2
-    build(args[0])
-    print(f"bitstream in {Path('build', 'bitstream', args[0])}/")
+    residuals = int(opts["--residuals"]) if "--residuals" in opts else None
+    build(args[0], opts.get("--out"), residuals)
+    print(f"bitstream in {opts.get('--out') or Path('build', 'bitstream', args[0])}/")
     return 0
 
 

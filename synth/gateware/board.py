@@ -14,13 +14,15 @@ the line); the byte-gap timeout of the engine is ``gap_s`` seconds.
 domain, created by the platform) and ``uart`` 0, and runs ``BoardCore`` with
 the board's decoder configuration (``BOARDS``): 2 lanes on the iCE40UP5K of
 the iCEBreaker, 8 on the ECP5-85F of the ULX3S, both sop4-g16 with BF16
-output, 115200 Bd. ``elaborate_for(board)`` checks a top against its platform
-with ``prepare()`` (no toolchain). The bitstream build (yowasp tools) is
-synth/flow/bitstream.py's.
+output and the sparse-residual path (R = 1 residual adder: the point's
+``-sp`` configuration of ``hdl.config.residual_configs`` with the board's
+lanes; ``residuals=0`` builds the decoder without it, as before), 115200 Bd.
+``elaborate_for(board)`` checks a top against its platform with ``prepare()``
+(no toolchain). The bitstream build (yowasp tools) is synth/flow/bitstream.py's.
 """
 
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from amaranth.hdl import Module
 from amaranth.lib import io, wiring
@@ -28,7 +30,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from sop.golden.points import get_point
-from sop.hdl.config import DecoderConfig
+from sop.hdl.config import RESIDUAL_SUFFIX, DecoderConfig, residual_configs
 
 from .protocol import ProtocolEngine
 from .uart import UartRx, UartTx
@@ -73,6 +75,7 @@ class Board:
     baud: int = 115200
     activity_led: bool = True
     point: str = "sop4-g16"             # the operating point of its decoder (golden/points.py)
+    residuals: int = 1                  # residual adders of its decoder (0: no sparse-residual path)
 
     def platform(self):
         if self.name == "icebreaker":
@@ -81,7 +84,12 @@ class Board:
         from amaranth_boards.ulx3s import ULX3S_85F_Platform
         return ULX3S_85F_Platform()
 
-    def config(self) -> DecoderConfig:
+    def config(self, residuals: int | None = None) -> DecoderConfig:
+        """The board's decoder: the point's, with ``residuals`` adders (default the board's)."""
+        r = self.residuals if residuals is None else residuals
+        if r:        # the point's residual configuration (hdl.config.residual_configs), the board's lanes
+            named = residual_configs(r)[f"{self.point}-{RESIDUAL_SUFFIX}"]
+            return replace(named, name=f"board-{self.name}-{RESIDUAL_SUFFIX}", lanes=self.lanes)
         point = get_point(self.point)
         return DecoderConfig(f"board-{self.name}", self.lanes, point.layout, point.hif)
 
@@ -92,10 +100,11 @@ BOARDS = {"icebreaker": Board("icebreaker", 2), "ulx3s": Board("ulx3s", 8, activ
 class BoardTop(wiring.Component):
     """The whole design for one board (no ports: everything goes through platform resources)."""
 
-    def __init__(self, board: str):
+    def __init__(self, board: str, residuals: int | None = None):
         if board not in BOARDS:
             raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
         self.board = BOARDS[board]
+        self.config = self.board.config(residuals)
         super().__init__({})
 
     def elaborate(self, platform):
@@ -103,7 +112,7 @@ class BoardTop(wiring.Component):
         uart = platform.request("uart", 0, dir="-")
         m.submodules.rx_pin = rx_pin = io.Buffer("i", uart.rx)
         m.submodules.tx_pin = tx_pin = io.Buffer("o", uart.tx)
-        core = BoardCore(self.board.config(), clk_freq=platform.default_clk_frequency, baud=self.board.baud)
+        core = BoardCore(self.config, clk_freq=platform.default_clk_frequency, baud=self.board.baud)
         m.submodules.core = core
         m.d.comb += [core.rx.eq(rx_pin.i), tx_pin.o.eq(core.tx)]
         if self.board.activity_led:
@@ -114,8 +123,8 @@ class BoardTop(wiring.Component):
         return m
 
 
-def elaborate_for(board: str):
+def elaborate_for(board: str, residuals: int | None = None):
     """Prepare the board top for its platform (no toolchain): the design and pins must be consistent."""
-    top = BoardTop(board)
+    top = BoardTop(board, residuals)
     platform = BOARDS[board].platform()
     return platform.prepare(top, name=f"sop_{board}", debug_verilog=False)

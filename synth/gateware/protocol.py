@@ -29,6 +29,16 @@ Contract.
 * Decoded values are folded as each lane word's ``ceil(bits / 8)`` bytes, LSB
   first, lanes in order, one byte per cycle (``values.ready`` only on a beat's
   last byte); the CRC is zlib's CRC-32, the count is in lane words.
+* With the residual path (``config.residuals`` = R > 0; else none of this is
+  built and the engine is the same as before): OFFSET takes an optional flags
+  byte, the page's ``layer_sparse``; SPARSE writes its entries (flat index,
+  BF16 value, ``last`` on the frame's last one if flagged) into a queue of
+  ``sparse_queue`` entries, which feeds ``decoder.sparse`` at the decoder's
+  pace, and is answered once they are all queued; SPARSE_STATUS reports R, the
+  decoder's sticky ``sparse_error`` bits and the queue depth. A wait on the
+  decoder (a beat, a queue slot, the pipeline for CHECKSUM) with no progress
+  for ``stall_cycles`` cycles ends the command with a STALLED error reply
+  (a sparse layer whose entries do not come would otherwise hang the engine).
 
 Two FSMs, every state written out (docs/board-protocol.md, "Engine states"):
 
@@ -41,7 +51,10 @@ Two FSMs, every state written out (docs/board-protocol.md, "Engine states"):
   ``OFFSET_FETCH``/``OFFSET_USE``, ``FLAGS_FETCH``/``FLAGS_USE`` then
   ``BEAT_FETCH``/``BEAT_USE``/``BEAT_ISSUE`` (BLOCKS: one decoder beat per
   ``beat bytes``), ``CHECKSUM_FETCH``/``CHECKSUM_USE``/``CHECKSUM_WAIT``
-  (until the pipeline is empty). Every command ends in ``HUNT`` with its reply
+  (until the pipeline is empty); with the residual path also
+  ``OFFSET_FLAGS_FETCH``/``OFFSET_FLAGS_USE`` (OFFSET's flags byte) and
+  ``ENTRY_ISSUE`` (SPARSE, read through ``FLAGS_*`` and ``BEAT_*`` as BLOCKS
+  is: one queue entry per 6 bytes). Every command ends in ``HUNT`` with its reply
   requested. The receiving states (``CMD`` to ``CRC``) drop the half frame on
   a byte gap (TIMEOUT).
 * ``reply``: ``IDLE``, then ``START``, ``CMD``, ``LEN0``, ``LEN1``,
@@ -52,14 +65,16 @@ Two FSMs, every state written out (docs/board-protocol.md, "Engine states"):
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value
 from amaranth.lib import stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
 from sop.hdl.reference import lane_word_bits
-from sop.synth.wire import (CLEAR_FLAG, CRC_INIT, CRC_RESIDUE, DEFAULT_MAX_PAYLOAD, ERROR_REPLY,
-                            LOAD_ENTRY_BYTES, PROTOCOL_VERSION, REPLY_BIT, REPLY_MAX, START, SWAP_FLAG, Cmd, Err,
+from sop.synth.wire import (CLEAR_FLAG, CRC_INIT, CRC_RESIDUE, DEFAULT_MAX_PAYLOAD, DEFAULT_SPARSE_QUEUE,
+                            ERROR_REPLY, LAST_FLAG, LOAD_ENTRY_BYTES, PROTOCOL_VERSION, REPLY_BIT, REPLY_MAX,
+                            SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG, START, SWAP_FLAG, Cmd, Err,
                             crc32_update_byte, lane_bytes)
 
 
@@ -94,11 +109,16 @@ class ProtocolEngine(wiring.Component):
     tx: Out(stream.Signature(8))
 
     def __init__(self, config: DecoderConfig, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
-                 gap_cycles: int = 1 << 16, decoder=None):
+                 gap_cycles: int = 1 << 16, decoder=None, sparse_queue: int = DEFAULT_SPARSE_QUEUE,
+                 stall_cycles: int | None = None):
         if not 16 <= max_payload <= 0xFFFF:
             raise ValueError(f"max_payload must be in 16..65535, got {max_payload}")
+        if config.residuals and not 2 <= sparse_queue <= 0xFFFF:
+            raise ValueError(f"sparse_queue must be in 2..65535 entries, got {sparse_queue}")
         self.config = config
         self.max_payload, self.gap_cycles = max_payload, gap_cycles
+        self.sparse_queue = sparse_queue if config.residuals else 0
+        self.stall_cycles = gap_cycles if stall_cycles is None else stall_cycles
         self.beat_bytes = config.blocks_per_beat * config.layout.block_bytes
         if 1 + self.beat_bytes > max_payload:
             raise ValueError(f"max_payload {max_payload} cannot hold one beat of {self.beat_bytes} bytes")
@@ -109,6 +129,10 @@ class ProtocolEngine(wiring.Component):
 
     def status_bytes(self) -> list[int]:
         return status_bytes(self.config, self.max_payload)
+
+    def sparse_word(self, entry: Value, last: Value) -> Value:
+        """A queue word, ``decoder.sparse``'s payload ``{index, value, last}`` (tests break this)."""
+        return Cat(entry, last)
 
     def elaborate(self, platform):
         m = Module()
@@ -205,6 +229,17 @@ class ProtocolEngine(wiring.Component):
         gave = dec.values.valid & dec.values.ready
         m.d.sync += pending.eq(pending + Mux(took, C, 0) - gave)
 
+        # -- sparse entries (residual path only): SPARSE frames into a queue, the queue into the
+        # decoder's stream at the decoder's pace; a wait without decoder progress ends in STALLED
+        R = cfg.residuals
+        if R:
+            m.submodules.sparse_queue = queue = SyncFIFOBuffered(width=len(dec.sparse.payload.as_value()),
+                                                                 depth=self.sparse_queue)
+            m.d.comb += [dec.sparse.valid.eq(queue.r_stream.valid), dec.sparse.payload.eq(queue.r_stream.payload),
+                         queue.r_stream.ready.eq(dec.sparse.ready)]
+            stall = Signal(range(self.stall_cycles + 1))
+            m.d.sync += stall.eq(0)                    # counted up in a wait state only (``stalled``)
+
         # -- frame parser and executor --------------------------------------------------
         cmd = Signal(8)
         length = Signal(16)
@@ -213,8 +248,9 @@ class ProtocolEngine(wiring.Component):
         crc_n = Signal(range(4))
         quiet = Signal()              # an error was reported: no GARBAGE reply until a start byte
         gap = Signal(range(self.gap_cycles + 1))
-        acc = Signal(8 * max(LOAD_ENTRY_BYTES, bb))
-        sub = Signal(range(max(LOAD_ENTRY_BYTES, bb) + 1))
+        entry_max = max(LOAD_ENTRY_BYTES, bb, SPARSE_ENTRY_BYTES if R else 0)
+        acc = Signal(8 * entry_max)
+        sub = Signal(range(entry_max + 1))
         flags = Signal(8)
         first = Signal()
         byte = self.rx.payload
@@ -225,6 +261,7 @@ class ProtocolEngine(wiring.Component):
         # payload-length checks, counted as the payload arrives
         mod3 = Signal(range(LOAD_ENTRY_BYTES))
         modb = Signal(range(bb))
+        mod6 = Signal(range(SPARSE_ENTRY_BYTES)) if R else None
         with m.If(take):
             m.d.sync += gap.eq(0)
         with m.Elif(gap != self.gap_cycles):
@@ -245,6 +282,18 @@ class ProtocolEngine(wiring.Component):
         def bad_length():
             error(Err.BAD_LENGTH, cmd)
             m.next = "HUNT"
+
+        def stalled(progress):
+            """A wait on the decoder (residual engine only): STALLED after ``stall_cycles`` cycles
+            without ``progress`` (a sparse layer whose entries never come must not hang the engine)."""
+            if not R:
+                return
+            with m.If(~progress):
+                with m.If(stall == self.stall_cycles):
+                    error(Err.STALLED, cmd)
+                    m.next = "HUNT"
+                with m.Else():
+                    m.d.sync += stall.eq(stall + 1)
 
         def gather():
             """A ``*_USE`` state: the buffer's byte into the accumulator, the next address."""
@@ -285,6 +334,8 @@ class ProtocolEngine(wiring.Component):
                 with m.If(take):
                     m.d.sync += [length[8:].eq(byte), crc.eq(crc_next), idx.eq(0), crc_n.eq(0),
                                  mod3.eq(0), modb.eq(bb - 1)]    # the first BLOCKS byte is the flags
+                    if R:                                        # the first SPARSE byte is the flags
+                        m.d.sync += mod6.eq(SPARSE_ENTRY_BYTES - 1)
                     with m.If(Cat(length[:8], byte) > self.max_payload):
                         error(Err.OVERSIZE, cmd)
                         m.d.sync += quiet.eq(1)
@@ -303,6 +354,8 @@ class ProtocolEngine(wiring.Component):
                     m.d.sync += [crc.eq(crc_next), idx.eq(idx + 1),
                                  mod3.eq(Mux(mod3 == LOAD_ENTRY_BYTES - 1, 0, mod3 + 1)),
                                  modb.eq(Mux(modb == bb - 1, 0, modb + 1))]
+                    if R:
+                        m.d.sync += mod6.eq(Mux(mod6 == SPARSE_ENTRY_BYTES - 1, 0, mod6 + 1))
                     with m.If(idx == length - 1):
                         m.next = "CRC"
                 with m.Elif(timed_out):
@@ -336,8 +389,8 @@ class ProtocolEngine(wiring.Component):
                             bad_length()
                         with m.Else():
                             m.next = "LOAD_FETCH"
-                    with m.Case(Cmd.OFFSET):
-                        with m.If(length != 1):
+                    with m.Case(Cmd.OFFSET):              # (with the residual path: and its flags)
+                        with m.If(((length != 1) & (length != 2)) if R else (length != 1)):
                             bad_length()
                         with m.Else():
                             m.next = "OFFSET_FETCH"
@@ -351,6 +404,18 @@ class ProtocolEngine(wiring.Component):
                             bad_length()
                         with m.Else():
                             m.next = "CHECKSUM_FETCH"
+                    if R:
+                        with m.Case(Cmd.SPARSE):
+                            with m.If((length < 1 + SPARSE_ENTRY_BYTES) | (mod6 != 0)):
+                                bad_length()
+                            with m.Else():
+                                m.next = "FLAGS_FETCH"
+                        with m.Case(Cmd.SPARSE_STATUS):
+                            with m.If(length != 0):
+                                bad_length()
+                            with m.Else():
+                                q = self.sparse_queue
+                                finish([R, dec.sparse_error.as_value(), q & 0xFF, q >> 8])
                     with m.Default():
                         error(Err.UNKNOWN_CMD, cmd)
                         m.next = "HUNT"
@@ -376,14 +441,29 @@ class ProtocolEngine(wiring.Component):
                 with m.Else():
                     m.next = "LOAD_FETCH"
 
-            # OFFSET: one byte, the inactive page's per-layer offset.
+            # OFFSET: one byte, the inactive page's per-layer offset; with the residual path an
+            # optional flags byte, the page's ``layer_sparse`` (0 without it).
             with m.State("OFFSET_FETCH"):
                 m.next = "OFFSET_USE"
-            with m.State("OFFSET_USE"):
-                m.d.comb += [dec.offset.eq(rp.data), dec.offset_we.eq(1)]
+            def write_offset(offset, layer_sparse=None):
+                """``offset_we`` (and ``layer_sparse``) into the decoder's inactive page; the OK reply."""
+                m.d.comb += [dec.offset.eq(offset), dec.offset_we.eq(1)]
+                if layer_sparse is not None:
+                    m.d.comb += dec.layer_sparse.eq(layer_sparse)
                 finish()
 
+            with m.State("OFFSET_USE"):
+                if R:
+                    with m.If(length == 2):
+                        m.d.sync += [acc[:8].eq(rp.data), idx.eq(1)]
+                        m.next = "OFFSET_FLAGS_FETCH"
+                    with m.Else():
+                        write_offset(rp.data)
+                else:
+                    write_offset(rp.data)
+
             # BLOCKS: the flags byte, then whole beats into the decoder (swap on the first if flagged).
+            # SPARSE (residual path) goes the same way, with 6-byte entries into the queue.
             with m.State("FLAGS_FETCH"):
                 m.next = "FLAGS_USE"
             with m.State("FLAGS_USE"):
@@ -393,11 +473,24 @@ class ProtocolEngine(wiring.Component):
                 m.next = "BEAT_USE"
             with m.State("BEAT_USE"):
                 gather()
-                with m.If(sub == bb - 1):
-                    m.d.sync += sub.eq(0)
-                    m.next = "BEAT_ISSUE"
-                with m.Else():
-                    m.next = "BEAT_FETCH"
+                if R:
+                    with m.If(cmd == Cmd.SPARSE):
+                        with m.If(sub == SPARSE_ENTRY_BYTES - 1):
+                            m.d.sync += sub.eq(0)
+                            m.next = "ENTRY_ISSUE"
+                        with m.Else():
+                            m.next = "BEAT_FETCH"
+                    with m.Elif(sub == bb - 1):
+                        m.d.sync += sub.eq(0)
+                        m.next = "BEAT_ISSUE"
+                    with m.Else():
+                        m.next = "BEAT_FETCH"
+                else:
+                    with m.If(sub == bb - 1):
+                        m.d.sync += sub.eq(0)
+                        m.next = "BEAT_ISSUE"
+                    with m.Else():
+                        m.next = "BEAT_FETCH"
             with m.State("BEAT_ISSUE"):
                 m.d.comb += [dec.blocks.valid.eq(1), dec.blocks.payload.blocks.eq(acc[:cfg.beat_bits]),
                              dec.blocks.payload.swap.eq(first & (flags & SWAP_FLAG).any())]
@@ -407,6 +500,7 @@ class ProtocolEngine(wiring.Component):
                         finish()
                     with m.Else():
                         m.next = "BEAT_FETCH"
+                stalled(dec.blocks.ready)
 
             # CHECKSUM: the optional flags byte, then wait until every owed output beat is folded in.
             with m.State("CHECKSUM_FETCH"):
@@ -423,4 +517,24 @@ class ProtocolEngine(wiring.Component):
                     finish([v_count[8 * i:8 * i + 8] for i in range(4)] +
                            [final[8 * i:8 * i + 8] for i in range(4)])
                     m.d.comb += clear.eq((flags & CLEAR_FLAG).any())
+                stalled(dec.values.valid | (pending == 0))
+
+            # Residual path only. OFFSET's flags byte: the offset with the page's ``layer_sparse``.
+            # SPARSE (its flags and entry bytes read as BLOCKS reads its own): one entry into the
+            # queue, ``last`` on the frame's last entry when the flags say so.
+            if R:
+                with m.State("OFFSET_FLAGS_FETCH"):
+                    m.next = "OFFSET_FLAGS_USE"
+                with m.State("OFFSET_FLAGS_USE"):
+                    write_offset(acc[:8], (rp.data & SPARSE_LAYER_FLAG).any())
+                with m.State("ENTRY_ISSUE"):
+                    entry = acc[len(acc) - 8 * SPARSE_ENTRY_BYTES:]
+                    last = (flags & LAST_FLAG).any() & (idx == length)
+                    m.d.comb += [queue.w_stream.valid.eq(1), queue.w_stream.payload.eq(self.sparse_word(entry, last))]
+                    with m.If(queue.w_stream.ready):
+                        with m.If(idx == length):
+                            finish()
+                        with m.Else():
+                            m.next = "BEAT_FETCH"
+                    stalled(queue.w_stream.ready)
         return m

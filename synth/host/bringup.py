@@ -6,31 +6,45 @@ which runs the same host code against the whole board design (UART pins
 included) in amaranth.sim.
 
 * ``model_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream) of
-  one linear layer (or its first ``rows`` rows), as ``sop vectors`` quantizes it.
+  one linear layer (or its first ``rows`` rows), as ``sop vectors`` quantizes it;
+  for a ``.sopq`` artifact (`sop quantize`) the layer's stream as stored, its
+  sparse residuals included (default layer: the first stored in ``fmt``'s
+  layout with sparse entries, else the first in that layout).
+* ``check_sparse(stream, name)``: the layer's sparse table is one the decoder
+  can take (indices strictly increasing and inside the layer, finite BF16
+  values); ``ValueError`` with one line naming the first bad entry otherwise.
 * ``run_board(transport, stream, fmt)``: over any byte transport
   (client.SerialTransport for a board, gateware.simboard.SimSerial for its
   simulation):
   STATUS must report the protocol version and the decoder of ``fmt``
-  (``BoardConfigError`` if not); then the LUT banks and offset are loaded,
-  the layer's blocks streamed (table swap on the first beat), and the board's
-  (count, CRC-32) of the decoded values compared with
-  ``wire.values_checksum(hdl.reference.expected_beats(...))``. Returns a
-  ``BoardResult`` with the throughput of the streaming phase (BLOCKS frames
-  until the CHECKSUM reply) in values/s and bytes/s over the wire (both
-  directions, frames included), timed by ``clock`` (simulated seconds in
-  simulation).
+  (``BoardConfigError`` if not); a layer with sparse entries needs a board
+  with the residual path (SPARSE_STATUS; a board without it, or whose decoder
+  flagged sparse errors before the run, is refused); then the LUT banks and
+  offset (and the sparse flag) are loaded, the layer's blocks streamed (table
+  swap on the first beat) with its sparse entries between them
+  (``BoardLink.sparse_layer``), and the board's (count, CRC-32) of the decoded
+  values compared with ``wire.values_checksum`` of golden's values, the
+  residuals included (the host adds nothing); the decoder's sticky sparse
+  error bits, read after the run, must be 0. Returns a ``BoardResult`` with the
+  throughput of the streaming phase (BLOCKS and SPARSE frames until the
+  CHECKSUM reply) in values/s and bytes/s over the wire (both directions,
+  frames included), timed by ``clock`` (simulated seconds in simulation).
 * ``sim_board(board, divisor)``: a ``BoardCore`` with the board's decoder
   configuration behind a bit-banged UART at ``divisor`` clock cycles a bit
   (the gateware is imported there only: the rest is host code).
+* ``simulate`` / ``simulate_bad_entries``: the ``--sim`` runs of ``main``: a
+  real sop-budget MiniLM layer with sparse entries, and a table that is not
+  strictly increasing sent past the host's check, which the board must flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from sop.golden.layout import LayerStream, Sparse
 from sop.golden.points import board_points, get_point
@@ -44,7 +58,9 @@ from . import client
 from .client import BoardLink
 
 SIM_DIVISOR = 4                                    # simulated UART: clock cycles a bit
-SIM_ROWS = 96                                      # `make sim`: rows of the layer (about 2 min on one core)
+SIM_STALL = 4096                                   # simulated board: cycles without decoder progress
+SIM_ROWS = 96                                      # `make sim`: rows of the layer (about 3.5 min of CPU)
+SIM_LAYER = "encoder.layer.0.attention.output.dense.weight"   # sop-budget stores it with sparse entries
 
 
 class BoardConfigError(RuntimeError):
@@ -67,11 +83,12 @@ class BoardResult:
     got: tuple[int, int]               # the board's
     seconds: float                     # streaming phase: first BLOCKS frame to the CHECKSUM reply
     wire_bytes: int                    # bytes both ways in that phase
-    sparse: int = 0                    # sparse residuals of the stream (not applied: no residual path)
+    sparse: int = 0                    # sparse entries of the layer, applied by the board's decoder
+    sparse_errors: tuple[str, ...] = ()   # the decoder's sticky sparse error bits set after the run
 
     @property
     def ok(self) -> bool:
-        return self.got == self.expected
+        return self.got == self.expected and not self.sparse_errors
 
     @property
     def values(self) -> int:
@@ -94,13 +111,21 @@ class BoardResult:
                f"{st.max_payload}",
                f"layer: {self.layer} ({self.rows} x {self.cols}, {self.fmt})",
                f"values checked: {self.values:,}",
-               f"result: {'OK' if self.ok else 'MISMATCH'} (board: {self.got[0]:,} values, CRC "
+               f"result: {self._verdict()} (board: {self.got[0]:,} values, CRC "
                f"{self.got[1]:#010x}; golden: {self.expected[0]:,} values, CRC {self.expected[1]:#010x})",
                f"throughput: {rate} over the wire ({self.wire_bytes:,} bytes in {self.seconds:.3g} s)"]
         if self.sparse:
-            out.append(f"note: {self.sparse} sparse residuals not applied: the board's decoder has no residual "
-                       f"path (docs/hardware.md, Sparse residuals); checked: the values without them")
+            out.insert(3, f"sparse residuals: {self.sparse:,} entries, added by the board's decoder")
+        if self.sparse_errors:
+            out.append(f"sparse error: the board's decoder flagged {', '.join(self.sparse_errors)} "
+                       f"(docs/hardware.md, Sparse residuals: the values after it are not defined); "
+                       f"reset the board before the next run")
         return out
+
+    def _verdict(self) -> str:
+        if self.got != self.expected:
+            return "MISMATCH"
+        return "SPARSE ERROR" if self.sparse_errors else "OK"
 
 
 class _Metered:
@@ -163,15 +188,59 @@ def check_status(st: Status, fmt: str) -> DecoderConfig:
     return cfg
 
 
+def check_sparse(stream: LayerStream, name: str = "") -> None:
+    """The layer's sparse table is one the decoder takes; ``ValueError`` naming the first bad entry."""
+    index = np.asarray(stream.sparse.index, dtype=np.int64)
+    value = np.asarray(stream.sparse.value_bf16, dtype=np.int64)
+    where = f"layer {name}: " if name else ""
+    if index.shape != value.shape or index.ndim != 1:
+        raise ValueError(f"{where}bad sparse table: {index.size} indices and {value.size} values")
+    n = stream.rows * stream.cols
+    problems = [(np.flatnonzero(index[1:] <= index[:-1]) + 1, lambda k: f"index {index[k]} is not above the "
+                 f"previous entry's {index[k - 1]}: the indices must be strictly increasing"),
+                (np.flatnonzero((index < 0) | (index >= n)), lambda k: f"index {index[k]} is outside the "
+                 f"layer's {n:,} values ({stream.rows} x {stream.cols})"),
+                (np.flatnonzero((value < 0) | (value > 0xFFFF) | ((value >> 7) & 0xFF == 0xFF)),
+                 lambda k: f"value {value[k]:#06x} at index {index[k]} is not a finite BF16 number")]
+    bad = [(int(at[0]), say) for at, say in problems if at.size]
+    if bad:
+        k, say = min(bad, key=lambda b: b[0])
+        raise ValueError(f"{where}bad sparse table, entry {k} of {index.size}: {say(k)}; not sent to the board")
+
+
+def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
+                          rows: int | None = None) -> tuple[str, LayerStream]:
+    """(name, stored stream) of ``layer`` of a ``.sopq`` artifact, its sparse entries included."""
+    from sop.quantize.artifact import open_artifact
+    from sop.sim.vectors import crop_rows
+
+    art, layout = open_artifact(path), get_point(fmt).layout
+    stored = {e.name: (e, art.stream(e)) for e in art.layers}
+    mine = [n for n, (_, st) in stored.items() if st is not None and st.layout == layout]
+    name = layer or next((n for n in mine if len(stored[n][1].sparse)), mine[0] if mine else None)
+    if name is None:
+        raise ValueError(f"{path}: no layer is stored in the {fmt} layout")
+    if name not in stored:
+        raise ValueError(f"{path}: no layer {name!r}; layers: {', '.join(stored)}")
+    entry, st = stored[name]
+    if name not in mine:
+        raise ValueError(f"{path}: layer {name} is stored as {entry.choice}, not in the {fmt} layout; "
+                         f"layers in it: {', '.join(mine) or 'none'}")
+    return name, st if rows is None else crop_rows(st, rows)
+
+
 def model_layer_stream(model: str, fmt: str, layer: str | None = None,
                    rows: int | None = None) -> tuple[str, LayerStream]:
-    """(name, golden stream) of ``layer`` of ``model`` (default: its first linear layer), first ``rows`` rows."""
+    """(name, golden stream) of ``layer`` of ``model`` (default: its first linear layer), first ``rows`` rows;
+    a ``.sopq`` artifact gives its stored stream (``artifact_layer_stream``)."""
     from sop.quantize.models import open_model
     from sop.sim.vectors import quantize_layer as quantize_weights
 
     check_format(fmt)                          # before any work
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
+    if str(model).endswith(".sopq"):
+        return artifact_layer_stream(model, fmt, layer, rows)
     source = open_model(model)
     names = [lay.name for lay in source.layers]
     name = layer or names[0]
@@ -181,34 +250,83 @@ def model_layer_stream(model: str, fmt: str, layer: str | None = None,
     return name, quantize_weights(fmt, w if rows is None else w[:rows], name)
 
 
+def sparse_status(link: BoardLink, entries: int) -> wire.SparseStatus | None:
+    """The board's residual path (None: it has none); refused if the layer's ``entries`` need one it
+    lacks, or if its decoder flagged sparse errors before this run (sticky until reset)."""
+    try:
+        ss = link.sparse_status()
+    except client.BoardError as err:
+        if err.code != wire.Err.UNKNOWN_CMD:
+            raise
+        if entries:
+            raise BoardConfigError(f"the board's decoder has no sparse-residual path (SPARSE_STATUS is "
+                                   f"unknown to it) and the layer has {entries:,} sparse entries; load a "
+                                   f"bitstream built with the residual path (make bitstream)") from None
+        return None
+    if ss.errors:
+        raise BoardConfigError(f"the board's decoder flagged sparse errors before this run "
+                               f"({', '.join(ss.error_names())}; sticky until reset): reset the board "
+                               f"(power-cycle it or load the bitstream again)")
+    return ss
+
+
+def _stalled(link: BoardLink, err: client.BoardError) -> client.BoardError:
+    """A STALLED error reply as one line with the decoder's sparse error bits."""
+    try:
+        flagged = ", ".join(link.sparse_status().error_names()) or "none"
+    except (client.BoardError, client.BoardTimeout) as again:
+        flagged = f"unknown ({again})"
+    return client.BoardError(f"{err}: the board's decoder made no progress (it waits for sparse entries "
+                             f"that did not come); sparse error bits: {flagged}; reset the board",
+                             err.code, err.cmd)
+
+
 def run_board(transport, stream: LayerStream, fmt: str, *, name: str = "", timeout: float = 1.0,
-              clock=time.monotonic) -> BoardResult:
-    """Check STATUS, load the layer's tables, stream its blocks, compare the board's checksum with golden/."""
+              clock=time.monotonic, check_table: bool = True) -> BoardResult:
+    """Check STATUS, load the layer's tables, stream its blocks and sparse entries, compare the board's
+    checksum and sparse error bits with golden/. ``check_table=False`` sends a sparse table without
+    the host's check (``check_sparse``), to show the board's own."""
+    if check_table:
+        check_sparse(stream, name)             # before a byte is sent
     meter = _Metered(transport)
     link = BoardLink(meter, timeout=timeout)
     st = link.status()
     cfg = check_status(st, fmt)
     link.max_payload = st.max_payload
-    # padded to whole beats as the decoder takes them; without the sparse entries, which the
-    # board's decoder (no residual path) does not apply
-    layer = from_stream(cfg, dataclasses.replace(stream, sparse=Sparse()), name)
+    n_sparse = len(stream.sparse)
+    ss = sparse_status(link, n_sparse)
+    # padded to whole beats as the decoder takes them; the expected values are golden's with the
+    # residuals added (the board's decoder adds them: the host adds nothing)
+    layer = from_stream(cfg, stream, name)
     beats = client.beat_bytes_of(reference.input_beats(cfg, layer.headers, layer.codes), st.beat_bytes)
     expected = wire.values_checksum(layer.expected(cfg), reference.lane_word_bits(cfg))
     link.checksum(clear=True)                  # count from zero, whatever ran before
-    link.load_layer(layer.luts, layer.offset)
+    link.load_layer(layer.luts, layer.offset, sparse=n_sparse > 0)
     t0, b0 = clock(), meter.bytes
-    link.blocks(beats, swap=True)
-    got = link.checksum(clear=True)
-    return BoardResult(name, fmt, stream.rows, stream.cols, st, expected, got, clock() - t0,
-                       meter.bytes - b0, len(stream.sparse))
+    try:
+        if n_sparse:
+            link.sparse_layer(beats, zip(stream.sparse.index, stream.sparse.value_bf16),
+                              cfg.blocks_per_beat * cfg.layout.group, ss.queue)
+        else:
+            link.blocks(beats, swap=True)
+        got = link.checksum(clear=True)
+    except client.BoardError as err:
+        if err.code == wire.Err.STALLED:
+            raise _stalled(link, err) from None
+        raise
+    seconds, wire_bytes = clock() - t0, meter.bytes - b0
+    flagged = tuple(link.sparse_status().error_names()) if ss is not None else ()
+    return BoardResult(name, fmt, stream.rows, stream.cols, st, expected, got, seconds, wire_bytes,
+                       n_sparse, flagged)
 
 
-def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=None):
+def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=None, residuals: int | None = None):
     """(transport, host timeout) of a simulated ``BoardCore`` with ``board``'s decoder, UART pins driven.
 
     The clock is the board's (12 MHz iCEBreaker, 25 MHz ULX3S) and the UART runs at ``divisor``
     cycles a bit (faster than the board's 115200 Bd, which would take ~100 cycles a bit);
-    ``decoder`` replaces the decoder (a broken one, in tests).
+    ``decoder`` replaces the decoder (a broken one, in tests); ``residuals``: the decoder's residual
+    adders (default the board's; 0: a core built without the sparse-residual path).
     """
     from sop.synth.gateware.board import BOARDS, BoardCore
     from sop.synth.gateware.simboard import uart_port, uart_timeout
@@ -217,17 +335,47 @@ def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=Non
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
     clk = BOARDS[board].platform().default_clk_frequency
     engine_args = {} if decoder is None else {"decoder": decoder}
-    core = BoardCore(BOARDS[board].config(), clk_freq=clk, baud=clk / divisor,
-                     gap_cycles=40 * divisor, **engine_args)
+    core = BoardCore(BOARDS[board].config(residuals), clk_freq=clk, baud=clk / divisor,
+                     gap_cycles=40 * divisor, stall_cycles=SIM_STALL, **engine_args)
     return uart_port(core, divisor, period=1 / clk), uart_timeout(core.engine.max_payload, divisor, 1 / clk)
 
 
-def simulate(model: str = "minilm", fmt: str = "sop4-g16", layer: str | None = None,
+def sparse_model(fmt: str = "sop4-g16") -> str:
+    """MiniLM quantized with sop-budget (sim/runner.py's ``sparse_artifact``, cached under build/):
+    the ``.sopq`` whose ``fmt`` layers carry sparse entries."""
+    from sop.sim.runner import sparse_artifact
+
+    return str(sparse_artifact(fmt)[0])
+
+
+def simulate(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = None,
              rows: int | None = SIM_ROWS, board: str = "icebreaker", divisor: int = SIM_DIVISOR) -> BoardResult:
-    """``run_board`` on a real layer against the simulated board (simulated time for the throughput)."""
-    name, stream = model_layer_stream(model, fmt, layer, rows)
+    """``run_board`` on a real layer against the simulated board (simulated time for the throughput);
+    ``model`` None: MiniLM's sop-budget artifact and its first layer with sparse entries."""
+    name, stream = model_layer_stream(model or sparse_model(fmt), fmt, layer, rows)
     port, timeout = sim_board(board, divisor)
     return run_board(port, stream, fmt, name=name, timeout=timeout, clock=port.now)
+
+
+def bad_entries_stream(stream: LayerStream) -> LayerStream:
+    """``stream`` cut to its first two rows, with two sparse entries whose indices go down."""
+    from dataclasses import replace
+
+    from sop.sim.vectors import crop_rows
+
+    small = crop_rows(stream, 2)
+    n = small.rows * small.cols
+    return replace(small, sparse=Sparse(np.array([n // 2, n // 4], np.uint32), np.array([0x3F80, 0x3F80], np.uint16)))
+
+
+def simulate_bad_entries(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = None,
+                         board: str = "icebreaker", divisor: int = SIM_DIVISOR) -> BoardResult:
+    """A sparse table that is not strictly increasing, sent past the host's check: the simulated
+    board's decoder must flag it (``order``); the result is not ``ok``."""
+    name, stream = model_layer_stream(model or sparse_model(fmt), fmt, layer, 2)
+    port, timeout = sim_board(board, divisor)
+    return run_board(port, bad_entries_stream(stream), fmt, name=f"{name} (bad entries)", timeout=timeout,
+                     clock=port.now, check_table=False)
 
 
 def main(argv=None) -> int:
@@ -237,9 +385,12 @@ def main(argv=None) -> int:
                                             "(UART pins included) in amaranth.sim, checked against golden/; "
                                             "for a real board use `sop board --port PORT`")
     p.add_argument("--sim", action="store_true", required=True, help="run the simulated board")
-    p.add_argument("--model", default="minilm", help="a model path or 'minilm' (default)")
+    p.add_argument("--model", default=None,
+                   help="a model path, 'minilm' or a .sopq artifact (default: MiniLM quantized with sop-budget, "
+                        "whose layers carry sparse entries; built and cached under build/vectors/)")
     p.add_argument("--format", default="sop4-g16", choices=board_points())
-    p.add_argument("--layer", default=None, help="a linear layer (default: the model's first)")
+    p.add_argument("--layer", default=None,
+                   help="a linear layer (default: the model's first; of an artifact, its first with sparse entries)")
     p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
     p.add_argument("--board", default="icebreaker", choices=("icebreaker", "ulx3s"),
                    help="the board whose core is simulated (default icebreaker)")
@@ -248,16 +399,23 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     try:
         result = simulate(args.model, args.format, args.layer, args.rows, args.board, args.divisor)
+        print(f"simulated {args.board} board core, UART at {args.divisor} cycles a bit "
+              f"({time.monotonic() - t0:.0f} s wall; throughput in simulated time)")
+        print("\n".join(result.lines()))
+        if not result.ok:
+            return 1
+        if not result.sparse:
+            return 0
+        bad = simulate_bad_entries(args.model, args.format, args.layer, args.board, args.divisor)
     except BOARD_FAILURES as err:
         print(f"bringup: {err}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as err:
         print(f"bringup: error: {err}", file=sys.stderr)
         return 2
-    print(f"simulated {args.board} board core, UART at {args.divisor} cycles a bit "
-          f"({time.monotonic() - t0:.0f} s wall; throughput in simulated time)")
-    print("\n".join(result.lines()))
-    return 0 if result.ok else 1
+    print(f"bad entries (indices going down, past the host's check): the board flagged "
+          f"{', '.join(bad.sparse_errors) or 'nothing'}")
+    return 0 if "order" in bad.sparse_errors else 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ The protocol's numbers, frames and CRC are synth/wire.py's, which the gateware
 * ``read_frame`` (in ``BoardLink``): the reply frames ``encode_frame``
   (synth/wire.py) writes, checked against zlib's CRC-32 (golden.files.crc32).
 * ``BoardLink(transport)``: the commands (status, LUT load, offset, blocks,
-  checksum of the decoded values) over any byte transport, request then reply.
+  checksum of the decoded values; on a board with the residual path, sparse
+  entries and the sparse status) over any byte transport, request then reply;
+  ``sparse_layer`` streams a layer with sparse entries, its SPARSE and BLOCKS
+  frames interleaved so that the board's entry queue never blocks.
   A transport has ``write(data: bytes)`` and ``read(n: int, timeout: float) ->
   bytes`` (at most ``n`` bytes; fewer when ``timeout`` seconds pass without the
   rest, and it blocks, not spins, while it waits), and optionally ``now()``
@@ -45,9 +48,12 @@ import struct
 import time
 
 from sop.golden.files import crc32
+import bisect
+
 from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_MAX_PAYLOAD, ERROR_PAYLOAD_BYTES,
-                            ERROR_REPLY, HEADER_BYTES, LOAD_ENTRY_BYTES, REPLY_BIT, REPLY_PAYLOAD_BYTES, START,
-                            STATUS_FORMAT, SWAP_FLAG, Cmd, Err, Status, encode_frame)
+                            ERROR_REPLY, HEADER_BYTES, LAST_FLAG, LOAD_ENTRY_BYTES, REPLY_BIT, REPLY_PAYLOAD_BYTES,
+                            SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG, SPARSE_STATUS_FORMAT, START, STATUS_FORMAT,
+                            SWAP_FLAG, Cmd, Err, SparseStatus, Status, encode_frame)
 
 # The host's bounds on what it reads (it never waits for, or keeps, more): a reply's payload (replies
 # are at most 12 bytes in this version; the cap stays below a bogus 64 KiB length field), the garbage
@@ -293,8 +299,11 @@ class BoardLink:
         for i in range(0, len(entries), per):
             self.command(Cmd.LOAD, b"".join(entries[i:i + per]))
 
-    def set_offset(self, offset: int) -> None:
-        self.command(Cmd.OFFSET, struct.pack("<b", offset))
+    def set_offset(self, offset: int, *, sparse: bool = False) -> None:
+        """The inactive page's offset; ``sparse``: its layer has sparse entries (the flags byte,
+        sent only then: a board without the residual path takes the 1-byte form only)."""
+        flags = bytes([SPARSE_LAYER_FLAG]) if sparse else b""
+        self.command(Cmd.OFFSET, struct.pack("<b", offset) + flags)
 
     def blocks(self, beats: list[bytes], *, swap: bool) -> None:
         """Input beats (each ``beat_bytes`` bytes, golden.layout's packing); ``swap`` on the first."""
@@ -311,10 +320,63 @@ class BoardLink:
         count, crc = struct.unpack(CHECKSUM_FORMAT, reply)
         return count, crc
 
-    def load_layer(self, luts, offset: int) -> None:
-        """A layer's tables (``luts[bank][addr]``) and offset, into the inactive page."""
+    def load_layer(self, luts, offset: int, *, sparse: bool = False) -> None:
+        """A layer's tables (``luts[bank][addr]``) and offset (and its sparse flag), into the inactive page."""
         self.load([(b, a, int(luts[b][a])) for b in range(len(luts)) for a in range(len(luts[b]))])
-        self.set_offset(offset)
+        self.set_offset(offset, sparse=sparse)
+
+    def sparse_status(self) -> SparseStatus:
+        """The residual path's status: adders, the decoder's sticky error bits, the entry queue's depth."""
+        return SparseStatus(*struct.unpack(SPARSE_STATUS_FORMAT, self.command(Cmd.SPARSE_STATUS)))
+
+    def sparse(self, entries, *, last: bool) -> None:
+        """Sparse entries ``(index, bf16)`` into the board's queue, as many frames as needed;
+        ``last``: the final entry is the layer's last. Nothing is checked here (``sparse_layer``
+        streams a layer; the bring-up checks its table first)."""
+        entries = list(entries)
+        if not entries:
+            return
+        per = (self.max_payload - 1) // SPARSE_ENTRY_BYTES
+        for i in range(0, len(entries), per):
+            flags = LAST_FLAG if last and i + per >= len(entries) else 0
+            self.command(Cmd.SPARSE, bytes([flags]) + b"".join(struct.pack("<IH", int(x), int(v))
+                                                               for x, v in entries[i:i + per]))
+
+    def sparse_layer(self, beats: list[bytes], entries, values_per_beat: int, queue: int) -> None:
+        """A layer with sparse entries ``(index, bf16)`` (strictly increasing), its swap beat first.
+
+        The swap beat goes alone (the entries may only follow it); then, before each BLOCKS
+        frame, the entries its values need and the first one beyond them (the decoder holds a
+        chunk until it knows all of its entries), the last one flagged. A frame is cut so that
+        its entries and that one fit the board's ``queue``: the board queues every entry the
+        host sent, the decoder drains the queue as it decodes the beats already sent, so a
+        SPARSE frame never waits on beats that have not been sent.
+        """
+        entries = [(int(i), int(v)) for i, v in entries]
+        if not beats or not entries:
+            raise ValueError("a sparse layer needs at least one beat and one entry")
+        index = [i for i, _ in entries]
+        per = max(1, (self.max_payload - 1) // len(beats[0]))
+        if queue < values_per_beat + 2:
+            raise ValueError(f"the board's sparse queue of {queue} entries cannot hold one beat's "
+                             f"{values_per_beat} entries and the one beyond")
+        room = queue - 1                               # the frame's entries and the one beyond
+        self.blocks(beats[:1], swap=True)
+        sent, done = 0, 1                              # entries sent, beats sent
+        while done < len(beats) or sent < len(entries):
+            end = min(len(beats), done + per)
+            # the entries below the frame's end not yet sent, and the one beyond, must fit the queue
+            while end > done and bisect.bisect_left(index, end * values_per_beat) - sent + 1 > room:
+                end -= 1
+            need = min(len(entries), bisect.bisect_left(index, end * values_per_beat) + 1)
+            if end == done and need == sent:          # cannot happen with the queue checked above
+                raise ValueError(f"sparse entries from index {index[sent]} do not fit a queue of {queue}")
+            if need > sent:
+                self.sparse(entries[sent:need], last=need == len(entries))
+                sent = need
+            if end > done:
+                self.blocks(beats[done:end], swap=False)
+                done = end
 
 
 def beat_bytes_of(beats: list[int], beat_bytes: int) -> list[bytes]:
