@@ -78,7 +78,7 @@ FP32_PRECISION = 24
 FP32_MIN_QUANTUM_EXP = -149
 
 #: Products per chunk of rows: the per-product int64 temporaries stay a few tens of MB.
-CHUNK_PRODUCTS = 1 << 18
+CHUNK_PRODUCTS = 1 << 20
 
 
 def exponent_range(fmt: FloatFormat) -> tuple[int, int]:
@@ -244,50 +244,94 @@ def _as_batch(x, cols: int, act) -> tuple[np.ndarray, bool]:
     return (codes[None, :] if x.ndim == 1 else codes), x.ndim == 1
 
 
+#: Whether ``_block_values`` takes the float64 route where it is exact (tests turn it off to check
+#: the limb accumulator on every block).
+FLOAT64_ROUTE = True
+
+
+def float64_span(hif: FloatFormat, act: FloatFormat, group: int, scale_bits: int) -> int:
+    """The widest exponent spread of a block's nonzero products (``max - min`` of their LSB
+    exponents) for which ``|A| * Ss`` stays below 2^53, so float64 holds it and every partial
+    sum exactly: each product is below 2^(hif significand + act significand bits) times its
+    LSB weight, ``group`` of them add ``ceil(log2 group)`` bits, ``Ss`` its ``scale_bits``."""
+    return 53 - (hif.mbits + 1) - (act.mbits + 1) - math.ceil(math.log2(group)) - scale_bits
+
+
 def _block_values(stream: LayerStream, codes_x: np.ndarray, act: FloatFormat) -> np.ndarray:
-    """(batch, rows, blocks per row) float32: ``V_b`` of every block and activation vector."""
+    """(batch, rows, blocks per row) float32: ``V_b`` of every block and activation vector.
+
+    Two routes to the same bits. Where a block's nonzero products span few enough binades
+    that ``A * Ss`` fits in a float64 significand (``float64_span``, bounded by the block's
+    HIF exponent spread plus the activations'), every product, every partial sum (a multiple
+    of the smallest product's quantum below 2^53), the scale and the power of two are exact
+    in float64, in any order: the block is a float64 matrix product, and its one rounding into
+    binary32 is contract 2's. The other blocks (wide exponent spreads, rare in real layers)
+    take the limb accumulator."""
     lay, g = stream.layout, stream.layout.group
     acc = accumulator(stream.hif, act, g)
     bpr = stream.cols // g
     batch = codes_x.shape[0]
-    # per LUT entry: HIF sign, significand, exponent
-    h_sign, h_sig, h_exp = float_fields(stream.hif, np.asarray(stream.luts, dtype=np.int64))
-    # per activation: (bpr, batch, g), the block's columns
-    x_sign, x_sig, x_exp = (f.reshape(batch, bpr, g).transpose(1, 0, 2)
-                            for f in float_fields(act, codes_x))
-    x_signed = np.where(x_sign == 1, -x_sig, x_sig)
-    x_shift = x_exp - acc.lsb_exp
-    # limbs for A * Ss: A's bits, the scale significand's bits, and a sign limb
     if not isinstance(lay.scale, FloatFormat):
         raise ValueError(f"scale format {lay.scale.name} is not a float format")
     scale_bits = lay.scale.mbits + 1
     n_limbs = (acc.bits + scale_bits) // LIMB_BITS + 2
+    fast_span = float64_span(stream.hif, act, g, scale_bits)
+    # per LUT entry: HIF sign, significand, exponent, value
+    luts = np.asarray(stream.luts, dtype=np.int64)
+    h_sign, h_sig, h_exp = float_fields(stream.hif, luts)
+    h_value = np.where(h_sign == 1, -h_sig, h_sig) * np.ldexp(1.0, h_exp)
+    # per activation: (bpr, batch, g), the block's columns; their exponent spread per block column
+    x_sign, x_sig, x_exp = (f.reshape(batch, bpr, g).transpose(1, 0, 2)
+                            for f in float_fields(act, codes_x))
+    x_signed = np.where(x_sign == 1, -x_sig, x_sig)
+    x_value = x_signed * np.ldexp(1.0, x_exp)
+    x_shift = x_exp - acc.lsb_exp
+    x_spread, x_zero = _spread(x_exp, x_sig != 0)                                  # (bpr, batch)
     out = np.empty((batch, stream.rows, bpr), np.float32)
     step = max(1, CHUNK_PRODUCTS // max(1, stream.cols * batch))
     for r0 in range(0, stream.rows, step):
         r1 = min(stream.rows, r0 + step)
-        nb = (r1 - r0) * bpr
+        nr = r1 - r0
         headers, codes = unpack_blocks(lay, stream.blocks[r0 * bpr * lay.block_bytes:r1 * bpr * lay.block_bytes])
         scale_code, block_sign, select = lay.split_header(headers)
-        entry = (select[:, None], codes)
-        hs, hsig, hexp = h_sign[entry], h_sig[entry], h_exp[entry]                 # (nb, g)
-        shape = (r1 - r0, bpr, 1, g)
-        hsig_signed = np.where(hs == 1, -hsig, hsig).reshape(shape)
-        product = hsig_signed * x_signed[None]                                      # (rows, bpr, batch, g)
-        shift = hexp.reshape(shape) + x_shift[None]
-        owner = np.repeat(np.arange(nb * batch), g)                                 # the block x vector
-        limbs = _exact_sums(nb * batch, n_limbs, owner, product.reshape(-1), shift.reshape(-1))
-        negative = limbs[:, -1] < 0                                                 # the accumulator's sign
-        limbs[negative] = -limbs[negative]
-        _propagate(limbs)                                                           # |A|
-        _, s_sig, s_exp = float_fields(lay.scale, scale_code)                       # (nb,)
-        limbs *= np.repeat(s_sig, batch)[:, None]                                   # |A| * Ss, < 2^48 a limb
-        _propagate(limbs)
-        negative ^= np.repeat(block_sign == 1, batch)
-        exp = np.repeat(acc.lsb_exp + s_exp + stream.offset, batch)
-        v = round_to_float32(negative, limbs, exp)
-        out[:, r0:r1, :] = v.reshape(r1 - r0, bpr, batch).transpose(2, 0, 1)
+        entry = (select[:, None], codes)                                           # (nb, g)
+        _, s_sig, s_exp = float_fields(lay.scale, scale_code)                      # (nb,)
+        exp = acc.lsb_exp + s_exp + stream.offset
+        h_spread, h_zero = _spread(h_exp[entry], h_sig[entry] != 0)                # (nb,)
+        # the float64 route: (bpr, rows, g) @ (bpr, g, batch), then the block's signed scale
+        a = np.matmul(h_value[entry].reshape(nr, bpr, g).transpose(1, 0, 2), x_value.transpose(0, 2, 1))
+        scale = np.where(block_sign == 1, -1.0, 1.0) * np.ldexp(s_sig.astype(np.float64), s_exp + stream.offset)
+        v = a.transpose(2, 1, 0) * scale.reshape(nr, bpr)                          # (batch, rows, bpr)
+        v = to_float32(np.where(v == 0, 0.0, v))                                   # A = 0: +0
+        # the blocks float64 may not hold: their exact sums on limbs
+        wide = ~(h_zero.reshape(nr, bpr)[None] | x_zero.T[:, None]) & (
+            h_spread.reshape(nr, bpr)[None] + x_spread.T[:, None] > fast_span) | (not FLOAT64_ROUTE)
+        n, r, b = np.nonzero(wide)
+        if len(n):
+            blk = r * bpr + b
+            hs = h_sign[entry][blk]
+            product = np.where(hs == 1, -h_sig[entry][blk], h_sig[entry][blk]) * x_signed[b, n]
+            shift = h_exp[entry][blk] + x_shift[b, n]
+            limbs = _exact_sums(len(n), n_limbs, np.repeat(np.arange(len(n)), g), product.reshape(-1),
+                                shift.reshape(-1))
+            negative = limbs[:, -1] < 0                                            # the accumulator's sign
+            limbs[negative] = -limbs[negative]
+            _propagate(limbs)                                                      # |A|
+            limbs *= s_sig[blk][:, None]                                           # |A| * Ss, < 2^48 a limb
+            _propagate(limbs)
+            v[n, r, b] = round_to_float32(negative ^ (block_sign[blk] == 1), limbs, exp[blk])
+        out[:, r0:r1, :] = v
     return out
+
+
+def _spread(exponents: np.ndarray, nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over the last axis: ``max - min`` of the exponents of the nonzero entries, and whether
+    there is none."""
+    big = 1 << 40
+    hi = np.where(nonzero, exponents, -big).max(axis=-1)
+    lo = np.where(nonzero, exponents, big).min(axis=-1)
+    none = ~nonzero.any(axis=-1)
+    return np.where(none, 0, hi - lo), none
 
 
 def block_values(stream: LayerStream, x, act="bf16") -> np.ndarray:
@@ -354,3 +398,63 @@ def operating_point_accumulators() -> list[dict]:
 
     return [{"point": p.name, **accumulator(p.hif, fmt, p.layout.group).describe()}
             for p in operating_points().values() for fmt in ACT_FORMATS.values()]
+
+
+# -- the RTL engine's block order ---------------------------------------------------------------------------
+
+def tile_order(rows: int, blocks_per_row: int, tile: int) -> np.ndarray:
+    """Block indices (``row * blocks_per_row + b``, golden.layout's order) in the order the GEMV
+    engine (hdl/gemv.py, docs/dot.md section 8) takes them: row tiles of ``tile`` rows (the last
+    one holds what is left), and within a tile, for each block column ``b``, that block of every
+    row of the tile, rows ascending::
+
+        for t0 in 0, tile, 2 tile, ...:
+            for b in 0 .. blocks_per_row - 1:
+                for r in t0 .. min(t0 + tile, rows) - 1:
+                    block r * blocks_per_row + b
+
+    Each row still meets its blocks in ascending ``b``, so ``y`` is ``gemv``'s bit for bit; ``tile``
+    rows in turn keep a pipelined FP32 adder busy (one running sum per row of the tile)."""
+    if rows < 1 or blocks_per_row < 1 or tile < 1:
+        raise ValueError(f"rows ({rows}), blocks per row ({blocks_per_row}) and tile ({tile}) must be >= 1")
+    out = []
+    for t0 in range(0, rows, tile):
+        tile_rows = np.arange(t0, min(rows, t0 + tile))
+        out.append((tile_rows[None, :] * blocks_per_row + np.arange(blocks_per_row)[:, None]).reshape(-1))
+    return np.concatenate(out)
+
+
+def tiled_blocks(stream: LayerStream, tile: int) -> bytes:
+    """The layer's packed blocks (``stream.blocks``, each block's bytes unchanged) in ``tile_order``."""
+    bpr = stream.cols // stream.layout.group
+    raw = np.frombuffer(stream.blocks, np.uint8).reshape(-1, stream.layout.block_bytes)
+    return raw[tile_order(stream.rows, bpr, tile)].tobytes()
+
+
+def tile_residuals(stream: LayerStream, tile: int) -> list[dict[str, np.ndarray]]:
+    """Per row tile (``tile_order``'s), the sparse residual entries as the GEMV engine takes them
+    after the tile's blocks: ``row``, ``col``, ``value`` (BF16 code) and ``last`` (the row's last
+    entry), in rounds: round ``i`` holds the ``i``-th entry of every row of the tile, rows ascending.
+    Each row keeps its entries in ascending column (golden's order, step 4), then is padded to the
+    tile's largest count (at least one) with entries ``rho = +0`` at column 0, which add exactly
+    nothing (``y + (+-0) = y``: a row sum is never -0). So every row's ``last`` entry is in the last
+    round, and the rows' sums leave in row order; the rounds cost no more than without the padding
+    (each round is one turn of the engine's ring)."""
+    index = stream.sparse.index.astype(np.int64)
+    rows, cols = index // stream.cols, index % stream.cols
+    values = np.asarray(stream.sparse.value_bf16, np.int64)
+    out = []
+    for t0 in range(0, stream.rows, tile):
+        t1 = min(stream.rows, t0 + tile)
+        bounds = np.searchsorted(rows, np.arange(t0, t1 + 1))
+        rounds = max(1, int(np.diff(bounds).max()))
+        # (tile rows, rounds): each row's entries, then +0 at column 0
+        col = np.zeros((t1 - t0, rounds), np.int64)
+        val = np.zeros((t1 - t0, rounds), np.int64)
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            col[i, :hi - lo], val[i, :hi - lo] = cols[lo:hi], values[lo:hi]
+        row = np.repeat(np.arange(t0, t1)[:, None], rounds, axis=1)
+        last = np.zeros_like(col)
+        last[:, -1] = 1
+        out.append({k: a.T.reshape(-1) for k, a in (("row", row), ("col", col), ("value", val), ("last", last))})
+    return out

@@ -13,7 +13,12 @@ Every ``nn.Linear``-equivalent matmul goes through one function, so
 * ``weights={name: W}`` replaces any linear weight (``(out, in)``) by, e.g., its
   quantized reconstruction, and
 * ``hook(name, x)`` sees each linear's input rows of the non-padding tokens,
-  ``x`` of shape ``(tokens, in)``: quantize/calib.py accumulates its statistics.
+  ``x`` of shape ``(tokens, in)``: quantize/calib.py accumulates its statistics;
+* ``products={name: f}`` computes that linear's matrix product another way:
+  ``f(x)`` takes the non-padding tokens' input rows ``(tokens, in)`` float32 and
+  returns ``x W^T`` ``(tokens, out)`` (the bias is added after it); the demo runs
+  the SOP dot engine's golden model (golden/dot.py) through it. Padding tokens
+  keep the float product: attention and pooling mask them out.
 
 The pooler (``pooler.dense``) does not enter the sentence embedding; it is run on
 the [CLS] state only when a hook is given, so that calibration covers it.
@@ -80,7 +85,8 @@ class Bert:
         return ids, mask
 
     def embed(self, sentences: list[str], weights: dict | None = None,
-              hook: Callable[[str, "np.ndarray"], None] | None = None, batch: int = 64) -> np.ndarray:
+              hook: Callable[[str, "np.ndarray"], None] | None = None, batch: int = 64,
+              products: dict[str, Callable[["np.ndarray"], "np.ndarray"]] | None = None) -> np.ndarray:
         """L2-normalized mean-pooled sentence embeddings, (n, hidden) float64."""
         import torch
 
@@ -88,10 +94,10 @@ class Bert:
         with torch.inference_mode():
             for i in range(0, len(sentences), batch):
                 ids, mask = self.tokenize(sentences[i:i + batch])
-                out.append(self._forward(ids, mask, weights or {}, hook))
+                out.append(self._forward(ids, mask, weights or {}, hook, products or {}))
         return np.concatenate(out).astype(np.float64)
 
-    def _forward(self, ids, mask, weights, hook):
+    def _forward(self, ids, mask, weights, hook, products):
         import torch
         import torch.nn.functional as F
 
@@ -104,7 +110,12 @@ class Bert:
                 hook(wname, x[keep].double().numpy() if x.dim() == 3 else x.double().numpy())
             W = weights.get(wname)
             W = P[wname] if W is None else torch.as_tensor(np.asarray(W), dtype=torch.float32)
-            return F.linear(x, W, P[f"{pre}{name}.bias"])
+            y = F.linear(x, W, P[f"{pre}{name}.bias"])
+            if wname in products:
+                rows = keep if x.dim() == 3 else slice(None)
+                xw = torch.as_tensor(np.asarray(products[wname](x[rows].numpy()), dtype=np.float32))
+                y[rows] = xw + P[f"{pre}{name}.bias"]
+            return y
 
         def ln(name, x):
             return F.layer_norm(x, x.shape[-1:], P[f"{pre}{name}.weight"], P[f"{pre}{name}.bias"], self.eps)

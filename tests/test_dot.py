@@ -188,6 +188,22 @@ def check_block_order():
     assert same_float32(dot.gemv(s, x), [1.0])
 
 
+def check_wide_block_on_the_float64_route():
+    """A block float64 cannot sum exactly: products ``p0 = H X``, ``p1 = H X 2^-39``, ``p2 = -H X``
+    with ``H = 127/64`` (HIF) and ``X = 255/128`` (BF16): 15-bit significands 39 binades apart,
+    so ``p0 + p1`` needs 54 bits. The exact sum is ``p1`` (15 bits, a float32), what the limbs
+    give; float64 rounds ``p0 + p1`` and leaves ``p1`` off by one of its units."""
+    h, x_ = 127 / 64, 255 / 128
+    s = small_stream([0, h, -h], [[1, 1, 2, 0, 0, 0, 0, 0]])
+    x = np.array([x_, x_ * 2.0 ** -39, x_, 0, 0, 0, 0, 0], np.float32)
+    assert dot.block_values(s, x)[0, 0, 0] == np.float32(h * x_ * 2.0 ** -39)
+
+
+def test_a_block_past_the_float64_span_takes_the_exact_limbs():
+    assert dot.float64_span(DEFAULT_HIF, BF16, 8, 4) < 39        # the limbs' route, unless mutated
+    check_wide_block_on_the_float64_route()
+
+
 def test_blocks_are_summed_in_block_order_each_addition_rounded():
     check_block_order()
 
@@ -326,10 +342,15 @@ def cases(draw):
 @settings(max_examples=60, deadline=None)
 @given(cases())
 def test_block_values_and_rows_equal_the_exact_oracle(case):
+    """Both routes of golden's block sums (float64 where exact, the limb accumulator for the
+    rest; docs/dot.md section 6) give the oracle's bits: once as chosen, once all on limbs."""
     stream, x, act = case
     V, y = oracle(stream, x, act)
     assert same_float32(dot.block_values(stream, x, act), V)
     assert same_float32(dot.gemv(stream, x, act), y)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dot, "FLOAT64_ROUTE", False)
+        assert same_float32(dot.block_values(stream, x, act), V)
 
 
 # -- each check can fail ----------------------------------------------------------------------------------
@@ -338,10 +359,15 @@ real_accumulate = dot.accumulate_blocks
 
 
 def test_the_checks_catch_a_wrong_rounding_a_wrong_order_and_residuals_in_the_block(monkeypatch):
-    with monkeypatch.context() as m:                 # round half up instead of half to even
+    with monkeypatch.context() as m:                 # round half up instead of half to even (limbs)
+        m.setattr(dot, "FLOAT64_ROUTE", False)
         m.setattr(dot, "_rne_increment", lambda round_bit, sticky, lsb: round_bit)
         with pytest.raises(AssertionError):
             check_ties()
+    with monkeypatch.context() as m:                 # float64 trusted 8 bits past its significand
+        m.setattr(dot, "float64_span", lambda *a, real=dot.float64_span: real(*a) + 8)
+        with pytest.raises(AssertionError):
+            check_wide_block_on_the_float64_route()
     with monkeypatch.context() as m:                 # the blocks of a row summed last to first
         m.setattr(dot, "accumulate_blocks", lambda v: real_accumulate(v[..., ::-1]))
         with pytest.raises(AssertionError):
@@ -435,3 +461,48 @@ def test_minilm_layers_are_within_the_derived_float64_bound(minilm_streams, act)
         assert (err <= bound).all(), (name, fmt, float((err / bound).max()))
         worst = max(worst, float((err / bound).max()))
     assert 0 < worst < 1
+
+
+@pytest.mark.parametrize("act", [BF16, E4M3])
+def test_both_routes_give_the_same_bits_on_real_layers(minilm_streams, act, monkeypatch):
+    """Real MiniLM blocks and spread activations (outlier channels, three magnitudes): the
+    float64 route golden takes for them gives the limb accumulator's bits. (Real blocks all
+    fit float64; the limb route's own check is the oracle over random layouts above.)"""
+    rng = np.random.default_rng(12)
+    for (name, fmt), stream in minilm_streams.items():
+        x = activations(rng, 3, stream.cols, act)
+        chosen = dot.block_values(stream, x, act)
+        with monkeypatch.context() as m:
+            m.setattr(dot, "FLOAT64_ROUTE", False)
+            assert same_float32(chosen, dot.block_values(stream, x, act)), (name, fmt)
+
+
+def test_the_forward_pass_takes_a_layers_products_from_the_engine():
+    """quantize.e2e's ``products`` hook (the demo's dot-engine step): a linear computed by
+    golden.dot.gemv from a sop4-g16 stream moves the sentence embedding as little as the
+    decoded weights do; a hook that is ignored, or that returns zeros, is told apart."""
+    from sop.quantize.calib import heldout_sentences
+    from sop.quantize.e2e import Bert, embedding_fidelity
+    from sop.quantize.models import minilm_folder, open_model
+    from sop.quantize.schemes import get_quant_format
+
+    bert, sentences = Bert(minilm_folder()), heldout_sentences(3)
+    name = "encoder.layer.0.intermediate.dense.weight"
+    res = get_quant_format("sop4-g16").quantize(open_model("minilm").load(name).astype(np.float32))
+    ref = bert.embed(sentences)
+    decoded = bert.embed(sentences, weights={name: res.recon})
+    seen = []
+
+    def engine(x):
+        seen.append(x.shape)
+        return dot.gemv(res.stream, BF16.quantize(x).astype(np.float32), "bf16")
+
+    through_engine = bert.embed(sentences, products={name: engine})
+    tokens = int(bert.tokenize(sentences)[1].sum())
+    assert seen == [(tokens, 384)]                                   # the non-padding rows, once
+    assert not np.array_equal(through_engine, decoded)               # the engine's own arithmetic
+    cos = embedding_fidelity(decoded, through_engine)["cos_min"]
+    assert cos > 0.99999, cos                                        # BF16 activations, FP32 sums
+    assert embedding_fidelity(ref, through_engine)["cos_min"] > 0.99
+    zeros = bert.embed(sentences, products={name: lambda x: np.zeros((len(x), 1536), np.float32)})
+    assert embedding_fidelity(ref, zeros)["cos_min"] < 0.99

@@ -1,0 +1,795 @@
+"""GEMV engine: ``y = W x`` straight from the packed blocks (issue 15; docs/dot.md section 8).
+
+Role: the SOP dot-product engine's top. The activation vector ``x`` (E4M3 codes)
+is loaded once per vector into a buffer; the layer's packed blocks ``W`` stream
+in, one block per beat, in ``golden.dot.tile_order``; each block's ``g`` codes
+are looked up in the LUT bank its selection bit picks (the decoder's table RAM
+with two pages, hdl.lut_bank, hdl.codebook_mux), its dot product with the
+block's ``g`` activations is summed exactly, scaled and rounded once into FP32
+(hdl.block_dot), and a row's block values, then its sparse residual terms, are
+added in FP32 in golden's order (hdl.fp32_acc): ``y`` leaves as a stream of
+FP32 words, bit for bit ``golden.dot.gemv``.
+
+Components, joined by ``wiring.connect`` and a little glue (the FIFOs'
+handshakes)::
+
+    x ─────▶ BlockSequencer ─x_write─▶ XBuffer ──────── x word (block column) ──┐
+    w ─────▶ (stage 0: the block in hand and its tag;                           ▼
+    layer ─▶  tile_order's counters; pages; status)  ─reads─▶ LutBank ─hif─▶ [front end out] ─▶ BlockDot ─┐
+    sparse ─▶                  └─entries─▶ ResidualTerm (reads x when no block is inside) ───────────────┤
+    load ─────────────────────────────────▶ LutBank                                                    ▼
+                                          value FIFO (value, tag) ─▶ RowAccumulator ─▶ y (+ marks FIFO: y.last)
+
+* ``BlockSequencer``: the x, ``w`` and ``sparse`` handshakes, the block counters
+  of ``tile_order`` (column ``col``, the row's ``slot`` in its tile, ``first`` /
+  ``last`` value of the row, ``end`` of the pass), the two pages of layer
+  registers (rows, blocks per row, offset, sparse), the status bits; latency 1.
+* ``XBuffer``: the activation vector, one word of ``g`` codes per block column
+  (``lib.memory``, one read port, shared with the term unit); latency 1.
+* ``LutBank``: every lane's copy of both banks of both pages, written through
+  ``load`` into the inactive page; latency ``read_latency`` (1; 2 for LUT RAM).
+* The front end (the sequencer's stage 0 and the reads) is one pipeline on an
+  enable decided ahead (``block_dot.output_pipeline``: hdl.pipeline's enable
+  tree, a copy per lane, and hdl.output_buffer's skid buffers at its end), so
+  no ``ready`` reaches the table RAM's enables.
+* ``BlockDot`` (hdl.block_dot), ``ResidualTerm`` (below), ``RowAccumulator(tile)``
+  (hdl.fp32_acc); between them ``lib.fifo`` FIFOs: the blocks' tags beside
+  BlockDot, the values (``VALUE_FIFO_DEPTH``) before the ring, each row sum's
+  ``end`` flag beside the ring.
+
+Block order (``golden.dot.tile_order``): row tiles of ``tile`` rows (``tile``
+>= 17, the FP32 adder's loop); in a tile, for each block column, that block of
+every row of the tile. A row's blocks still come in ascending order, so each
+row's sum is golden's. Row ``r`` of a tile has the row accumulator's running
+sum ``slot = r mod tile``; consecutive blocks go to consecutive slots, which is
+what lets the adder take one value a cycle. The last tile may have fewer rows:
+it is right, and slower (the ring waits ``tile - rows_in_tile`` cycles per
+block column).
+
+Sparse residuals (a layer written with ``sparse``): after each tile's blocks the
+sequencer takes the tile's entries (``golden.dot.tile_residuals``: rounds of one
+entry per row of the tile, each row's in ascending column, padded with ``+0``
+terms so that every row's last entry is in the last round), once every block
+value of the tile is out of BlockDot; ``ResidualTerm`` reads each entry's x code
+through the x buffer's port and makes ``T = RNE_fp32(rho x_j)``, which follows
+the row's block values into its running sum (golden.dot step 4). A row's
+``last`` is then its last entry's, not its last block's.
+
+Ports
+* ``x`` (in stream, ``x_layout``): ``codes`` (``g`` E4M3 codes, columns
+  ``k g .. k g + g - 1`` in beat ``k``), ``last`` (the vector's last beat),
+  ``swap`` (this vector starts a new layer: its beat, and everything after it,
+  uses the other page of tables and layer registers: the page the host has just
+  loaded). ``x.ready`` is low while a vector is loaded and its pass not done.
+* ``w`` (in stream, ``block_bits``): one packed block, LSB first, exactly the
+  bytes golden.layout packs. Taken only while a vector is loaded.
+* ``sparse`` (in stream, ``sparse_layout``): ``{row, col, value (BF16), last}``,
+  a tile's entries after its blocks (``sparse_beats``).
+* ``load`` (in stream, ``ready`` tied high, ``load_layout``): a table write
+  ``{bank, addr, data}`` (``data`` a HIF code) into the inactive page.
+* ``layer`` (in stream, ``ready`` tied high, ``layer_layout``): ``{rows,
+  blocks_per_row, offset, sparse}`` of the next layer, into the inactive page.
+* ``clear`` (in): clears the sticky error bits.
+* ``y`` (out stream, ``y_layout``): ``value`` (binary32 pattern of ``y_r``),
+  ``last`` (the pass's last row); rows in ascending order, one word per row per
+  vector.
+* ``status`` (out, ``status_layout``): ``x_loaded`` (a vector is loaded and its
+  pass not done: what a host checks before it waits for ``y``), and the sticky
+  ``errors`` (``error_layout``): ``w_before_x`` (a block was offered while no
+  vector was loaded: it waits, nothing is lost; a host that sends x first never
+  sets it), ``x_length`` (a vector with more or fewer beats than the layer's
+  blocks per row), ``x_nan`` (an E4M3 NaN code, S.1111.111, in x: the block
+  dot unit would read it as +-480), ``layer`` (a layer write with 0 rows, more
+  than ``max_rows``, 0 blocks per row or more than ``max_cols / g``),
+  ``sparse`` (an entry whose row is not in the tile or whose column is beyond
+  the layer). Reset and ``clear`` clear them.
+
+Host sequence per layer: write its tables (``load``) and ``layer`` into the
+inactive page (while the previous layer runs, after that layer's swap); for
+each vector, its x beats (the first vector's first beat with ``swap``), then
+its ``rows * cols / g`` blocks in tile order (and, beside them, its sparse
+beats). A word written at cycle ``t`` is read from cycle ``t + 2`` on
+(hdl.lut_bank); the swap beat comes after the page's last write. One x buffer:
+the next vector loads after the current pass has read it (``cols / g`` cycles
+per vector, against the pass's ``rows cols / g``).
+
+Latency: ``latency`` cycles from the handshake of a row's last block on ``w``
+to its word on ``y`` with nothing stalled and the ring aligned: the
+sequencer's 1 + the reads' 2 (the x word is registered straight from the block
+RAM; the table words wait for it) + BlockDot's + the FIFO's 1 + the row
+accumulator's (45 for sop4-g16). The first block of a pass waits up to
+``tile - 1`` cycles for the ring to reach slot 0 (the ring turns freely); the
+value FIFO then holds that backlog (at most its entries) for the rest of the pass.
+
+Throughput: one block (``g`` MACs) per cycle while ``w`` is valid and ``y``
+ready, for full tiles; between vectors the x load (``cols / g`` beats) and the
+ring's alignment. A layer with residual entries spends, per tile, the block
+dot unit's drain (about 30 cycles) and ``tile`` cycles per round of entries.
+
+Open: BF16 activations (refused by BlockDot).
+
+``model`` is golden.dot.gemv; ``gemv_configs`` the named configurations and
+``describe`` their manifests; ``w_beats``, ``x_beats``, ``sparse_beats`` the host side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from sop.golden import dot
+from sop.golden.formats import FORMATS, FloatFormat, to_float32
+from sop.golden.layout import BlockLayout, LayerStream
+
+from .arith import PipelinedMultiplier, Stages, delay, leading_zeros, stage_reg
+from .block_dot import BlockDot, block_layout, output_pipeline
+from .codebook_mux import CodebookMux
+from .fp32_acc import ADD_LATENCY, RowAccumulator
+from .lut_bank import LutBank
+
+#: The fewest rows a tile can have: one running sum per stage of the FP32 adder's loop.
+MIN_TILE = ADD_LATENCY + 1
+#: Entries of the FIFO between the block dot unit and the row accumulator. Once the ring has missed
+#: a slot it waits a whole turn, so the values must come without a gap: the FIFO fills while the ring
+#: waits and covers the gaps the front end's and the block dot unit's restarts leave (their enables
+#: are decided ahead: a cycle each). 5 entries keep one block a cycle in the throughput test, 4 do
+#: not; 8 leave a margin.
+VALUE_FIFO_DEPTH = 8
+VALUE_FIFO_LATENCY = 1          # lib.fifo.SyncFIFOBuffered: a word written at edge t is readable in cycle t + 1
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One engine: the block layout and HIF of an operating point, the activation format, the row
+    tile, the largest layer it takes, the table RAM's shape (hdl.lut_bank)."""
+
+    name: str
+    layout: BlockLayout
+    hif: FloatFormat
+    act: str = "e4m3"
+    tile: int = MIN_TILE
+    max_cols: int = 16384
+    max_rows: int = 65535
+    lutram_depth: int = 0
+
+    def __post_init__(self):
+        problems = []
+        g = self.layout.group
+        if self.tile < MIN_TILE:
+            problems.append(f"tile must be at least {MIN_TILE} rows (the FP32 adder's loop), got {self.tile}")
+        blocks = self.max_cols // g
+        if self.max_cols % g or blocks < 1 or blocks & (blocks - 1):
+            problems.append(f"max_cols must be {g} times a power of two, got {self.max_cols}")
+        if self.max_rows < 1:
+            problems.append(f"max_rows must be at least 1, got {self.max_rows}")
+        if problems:
+            raise ValueError(f"engine config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def group(self) -> int:
+        return self.layout.group
+
+    @property
+    def max_blocks(self) -> int:
+        """Blocks per row (x words) the buffer holds."""
+        return self.max_cols // self.layout.group
+
+    @property
+    def act_format(self) -> FloatFormat:
+        return dot.act_format(self.act)
+
+    def describe(self) -> dict:
+        lay = self.layout
+        return {"name": self.name, "code_bits": lay.code_bits, "group": lay.group, "scale": lay.scale.name,
+                "signed_scale": lay.signed_scale, "select_bit": lay.select_bit, "banks": lay.banks,
+                "block_bits": lay.block_bits, "hif": self.hif.name, "act": self.act_format.name,
+                "accumulator_bits": dot.accumulator(self.hif, self.act_format, lay.group).bits,
+                "tile": self.tile, "max_cols": self.max_cols, "max_rows": self.max_rows,
+                "lutram_depth": self.lutram_depth, "macs_per_cycle": lay.group}
+
+
+def gemv_configs() -> dict[str, GemvConfig]:
+    """The named engines: ``gemv-<point>`` for each operating point with E4M3 activations."""
+    from sop.golden.points import get_point
+
+    return {f"gemv-{name}": GemvConfig(f"gemv-{name}", get_point(name).layout, get_point(name).hif)
+            for name in ("sop4-g16", "e2m3-ue4m4-g16")}
+
+
+# -- payloads ------------------------------------------------------------------------------------------------
+
+def x_layout(config: GemvConfig) -> data.StructLayout:
+    return data.StructLayout({"codes": data.ArrayLayout(unsigned(config.act_format.bits), config.group),
+                              "last": unsigned(1), "swap": unsigned(1)})
+
+
+def layer_layout(config: GemvConfig) -> data.StructLayout:
+    """A layer's registers: its shape, offset, and ``sparse``: its tiles are followed by residual entries."""
+    return data.StructLayout({"rows": unsigned(config.max_rows.bit_length()),
+                              "blocks_per_row": unsigned(config.max_blocks.bit_length()), "offset": signed(8),
+                              "sparse": unsigned(1)})
+
+
+def sparse_layout(config: GemvConfig) -> data.StructLayout:
+    """One residual entry (``golden.dot.tile_residuals``): its row in the layer, its column, its BF16
+    value, and ``last``: the row's last entry."""
+    return data.StructLayout({"row": unsigned(config.max_rows.bit_length()), "col": range(config.max_cols),
+                              "value": unsigned(16), "last": unsigned(1)})
+
+
+def load_layout(config: GemvConfig) -> data.StructLayout:
+    """One LUT write: bank (0 = A, 1 = B), entry address, HIF code (the decoder's load word)."""
+    return data.StructLayout({"bank": unsigned(1), "addr": unsigned(config.layout.code_bits),
+                              "data": unsigned(config.hif.bits)})
+
+
+def table_word(config: GemvConfig) -> data.StructLayout:
+    """A LUT word as the table RAM holds it: the HIF code itself (hdl.lut_word's exact form)."""
+    return data.StructLayout({"hif": unsigned(config.hif.bits)})
+
+
+def y_layout() -> data.StructLayout:
+    return data.StructLayout({"value": unsigned(32), "last": unsigned(1)})
+
+
+def error_layout() -> data.StructLayout:
+    return data.StructLayout({"w_before_x": unsigned(1), "x_length": unsigned(1), "x_nan": unsigned(1),
+                              "layer": unsigned(1), "sparse": unsigned(1)})
+
+
+def status_layout() -> data.StructLayout:
+    return data.StructLayout({"x_loaded": unsigned(1), "errors": error_layout()})
+
+
+def tag_layout(config: GemvConfig) -> data.StructLayout:
+    """What a block (or a residual term) carries to the row accumulator: its row's slot, first / last
+    value of the row, last value of the pass."""
+    return data.StructLayout({"slot": range(config.tile), "first": unsigned(1), "last": unsigned(1),
+                              "end": unsigned(1)})
+
+
+def front_layout(config: GemvConfig) -> data.StructLayout:
+    """What the front end hands the block dot unit: the block (``block_dot.block_layout``), its tag,
+    padding to a whole number of lanes (the front end's output buffers split it by lane)."""
+    block = block_layout(config.hif, config.act_format, config.layout)
+    used = block.size + tag_layout(config).size
+    return data.StructLayout({"block": block, "tag": tag_layout(config),
+                              "pad": unsigned(-used % config.group)})
+
+
+def entry_layout(config: GemvConfig) -> data.StructLayout:
+    """A residual entry as the term unit takes it: its column, BF16 value and tag."""
+    return data.StructLayout({"col": range(config.max_cols), "value": unsigned(16), "tag": tag_layout(config)})
+
+
+class IssueSignature(wiring.Signature):
+    """Stage 0 (the block in hand) to the table and x reads: its bits, page, block column, the
+    layer's offset and its tag."""
+
+    def __init__(self, config: GemvConfig):
+        super().__init__({"valid": Out(1), "block": Out(unsigned(config.layout.block_bits)), "page": Out(1),
+                          "col": Out(range(config.max_blocks)), "offset": Out(signed(8)),
+                          "tag": Out(tag_layout(config))})
+
+
+class XWriteSignature(wiring.Signature):
+    def __init__(self, config: GemvConfig):
+        super().__init__({"en": Out(1), "addr": Out(range(config.max_blocks)),
+                          "data": Out(unsigned(config.act_format.bits * config.group))})
+
+
+# -- the x buffer ---------------------------------------------------------------------------------------------
+
+class XBuffer(wiring.Component):
+    """The activation vector: ``max_blocks`` words of ``g`` codes (``lib.memory``), written through
+    ``write`` (lands at the clock edge), read at ``read_addr`` when ``read_en``; ``read_data`` holds
+    the word ``latency`` (1) enabled edges later and keeps it while ``read_en`` is low. Not
+    transparent: the sequencer never reads and writes it in one cycle."""
+
+    latency = 1
+
+    def __init__(self, config: GemvConfig):
+        self.config = config
+        width = config.act_format.bits * config.group
+        super().__init__({"write": In(XWriteSignature(config)), "read_en": In(1),
+                          "read_addr": In(range(config.max_blocks)), "read_data": Out(unsigned(width))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.mem = mem = memory.Memory(shape=self.read_data.shape(), depth=self.config.max_blocks, init=[])
+        wp, rp = mem.write_port(), mem.read_port()
+        m.d.comb += [wp.en.eq(self.write.en), wp.addr.eq(self.write.addr), wp.data.eq(self.write.data),
+                     rp.en.eq(self.read_en), rp.addr.eq(self.read_addr), self.read_data.eq(rp.data)]
+        return m
+
+    @staticmethod
+    def model(words, addr) -> np.ndarray:
+        """The word each read returns: the last written at its address."""
+        return np.asarray(words)[np.asarray(addr)]
+
+
+# -- the residual term ---------------------------------------------------------------------------------------------
+
+BF16 = FORMATS["bf16"]
+
+
+def _bf16_fields(code):
+    """(sign, significand with its hidden bit, X + 134) of a BF16 code: X = max(e, 1) - 127 - 7."""
+    e = code[7:15]
+    return code[15], Cat(code[:7], e.any()), Mux(e.any(), e, 1)
+
+
+class ResidualTerm(wiring.Component):
+    """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` (golden.dot step 4), ``latency`` (8) cycles.
+
+    The product of a BF16 significand (8 bits) and an E4M3 one (4 bits) is 12 bits at an exponent
+    ``X >= -133 - 9 = -142``: every such value at or above 2^-149 is a binary32 value, subnormal or
+    normal, so ``T`` is the exact product, or +-FLT_MAX where it is beyond (``X + 11 >= 128``): no
+    rounding. A zero product keeps the IEEE sign. Stages, a pipeline that never stalls (its terms wait
+    in a FIFO of ``latency + 2`` at its end; an entry is taken only while there is room for it and
+    every one inside: a credit register, so no outside ``ready`` reaches the x buffer), each one mux
+    or one short chain: 1 the x word read (the
+    entry's block column; the engine lends the port only while no block is inside); 2 the word
+    registered straight from the RAM (a block RAM is slow to its output); 3 the entry's code out of
+    the word; 4 both significands, the exponent sum and the sign; 5-6 the product (hdl.arith's LUT
+    multiplier); 7 its leading zeros and the biased exponent; 8 the binary32 pattern: normal (the
+    leading one dropped), subnormal (P at the 2^-149 quantum), saturated, or a signed zero.
+
+    Ports: ``entries`` (in stream: ``col``, ``value`` (BF16), ``tag``), ``x_en``, ``x_addr`` (out) and
+    ``x_data`` (in, one cycle later): the x buffer's read port; ``terms`` (out stream: ``value``,
+    ``tag``), ``busy`` (out: an entry or a term is inside). ``model`` is golden.dot.residual_terms' rounding."""
+
+    def __init__(self, config: GemvConfig):
+        self.config = config
+        g, bits = config.group, config.act_format.bits
+        self.multiplier = PipelinedMultiplier(BF16.mbits + 1, config.act_format.mbits + 1)
+        self.latency = 4 + self.multiplier.latency + 2
+        super().__init__({
+            "entries": In(stream.Signature(entry_layout(config))),
+            "x_en": Out(1), "x_addr": Out(range(config.max_blocks)), "x_data": In(unsigned(g * bits)),
+            "terms": Out(stream.Signature(data.StructLayout({"value": unsigned(32), "tag": tag_layout(config)}))),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        bits, lane_bits = cfg.act_format.bits, (cfg.group - 1).bit_length()
+        act = cfg.act_format
+        ent = self.entries
+        # The pipeline never stalls (its enable is 1): its terms wait in a FIFO at its end, and an entry
+        # is taken only while that FIFO has room for it and every one inside (a credit register), so
+        # that no ``ready`` from outside reaches the x buffer's read enable.
+        depth = self.latency + 2
+        m.submodules.queue = queue = fifo.SyncFIFOBuffered(width=32 + tag_layout(cfg).size, depth=depth)
+        room = Signal(range(depth + 1), init=depth, name="room")
+        v = [Signal(name=f"valid{i}") for i in range(self.latency)]
+        en = Const(1)
+        take = Signal(name="take")
+        pop = self.terms.valid & self.terms.ready
+        m.d.comb += [ent.ready.eq(room != 0), take.eq(ent.valid & ent.ready), self.busy.eq(room != depth)]
+        m.d.sync += [v[0].eq(take), room.eq(room - take + pop)] + [v[i + 1].eq(v[i]) for i in range(self.latency - 1)]
+        stage = Stages(m, en)
+
+        def carry(value, n, name):
+            return delay(m, en, value, n, name)
+
+        # 1: the x word (read at this edge); the entry's lane, value and tag
+        m.d.comb += [self.x_en.eq(take), self.x_addr.eq(ent.payload.col >> lane_bits)]
+        lane, rho, tag = stage(("lane", ent.payload.col[:lane_bits] if lane_bits else 0, unsigned(max(1, lane_bits))),
+                               ("rho", ent.payload.value, unsigned(16)), ("tag1", ent.payload.tag, tag_layout(cfg)))
+        # 2: the x word, straight from the RAM's output (a block RAM is slow to its output: nothing
+        #    between it and this register); 3: the activation code out of its word (a 16:1 mux)
+        word, = stage(("x_word", self.x_data, self.x_data.shape()))
+        lane = carry(lane, 1, "lane")
+        code, = stage(("code", word.word_select(lane, bits) if lane_bits else word[:bits], unsigned(bits)))
+        rho, tag = carry(rho, 2, "rho"), carry(tag.as_value(), 2, "tag")
+        # 4: both significands, the sign, eb = X + 138: the biased binary32 exponent of P * 2^X if P's
+        #    leading one were at bit 11 (X = (er - 134) + (ex - bias - M)); the result's is eb - lz(P)
+        sr, Sr, er = _bf16_fields(rho)
+        e_x = code[act.mbits:bits - 1]
+        sx, Sx, ex = code[bits - 1], Cat(code[:act.mbits], e_x.any()), Mux(e_x.any(), e_x, 1)
+        sign, Sr, Sx, eb = stage(("sign3", self.sign(sr, sx), 1), ("sr3", Sr, 8), ("sx3", Sx, 4),
+                                 ("eb3", er + ex + (138 - 134 - act.bias - act.mbits), signed(10)))
+        tag = carry(tag, 1, "tag3")
+        # 5-6: the product, exact
+        m.submodules.multiplier = mul = self.multiplier
+        m.d.comb += [mul.en.eq(en), mul.a.eq(Sr), mul.b.eq(Sx)]
+        sign, eb, tag = (carry(x, mul.latency, n) for x, n in ((sign, "sign"), (eb, "eb"), (tag, "tag_m")))
+        p = mul.p
+        # 7: the leading zeros, the biased exponent, the subnormal shift P << (X + 149) = P << (eb + 11)
+        #    (7 .. 22 where it applies)
+        lz = leading_zeros(m, p, "lz")
+        biased, shift, p, sign, tag = stage(("biased", eb - lz, signed(10)), ("sub_shift", (eb + 11)[:5], unsigned(5)),
+                                            ("p6", p, unsigned(12)), ("sign6", sign, 1), ("tag6", tag, len(tag)))
+        lz = stage_reg(m, en, "lz6", lz, lz.shape())
+        # 8: the pattern
+        normal = Cat(Const(0, 12), (p << lz)[:11])
+        mag = Mux(p == 0, 0, Mux(biased >= 255, 0x7F7FFFFF,
+                                 Mux(biased >= 1, Cat(normal, biased[:8]), (p << shift)[:23])))
+        out, tag = stage(("out", Cat(mag[:31], sign), unsigned(32)), ("tag7", tag, len(tag)))
+        assert stage.depth + mul.latency == self.latency, (stage.depth, self.latency)
+        m.d.comb += [queue.w_en.eq(v[-1]), queue.w_data.eq(Cat(out, tag)),
+                     self.terms.valid.eq(queue.r_rdy), self.terms.payload.as_value().eq(queue.r_data),
+                     queue.r_en.eq(pop)]
+        return m
+
+    @staticmethod
+    def sign(rho_sign, x_sign):
+        """The product's sign (tests override it to inject a bug)."""
+        return rho_sign ^ x_sign
+
+    @staticmethod
+    def model(rho_bf16, x_codes) -> np.ndarray:
+        """The terms (binary32 patterns) of BF16 values ``rho_bf16`` times E4M3 codes ``x_codes``."""
+        rho = BF16.decode(np.asarray(rho_bf16, np.int64))
+        x = dot.ACT_FORMATS["e4m3"].decode(np.asarray(x_codes, np.int64))
+        return to_float32(rho * x).view(np.uint32)
+
+
+# -- the sequencer: handshakes, block counters, pages, status -------------------------------------------------
+
+class BlockSequencer(wiring.Component):
+    """Stage 0 of the engine. Takes x beats (into the x buffer) and blocks (into stage 0, with their
+    tags from the counters of ``golden.dot.tile_order``), holds the layer registers of both pages
+    and the status. ``en`` (in, the front end's pipeline enable) moves stage 0 into the reads: a
+    block taken at edge ``t`` is on ``issue`` from cycle ``t + 1`` (``latency`` 1) until the first
+    enabled edge after; ``offer`` (out) is ``w.valid`` where a block may be taken (the pipeline's
+    input valid). After each tile's blocks of a layer with residual entries it takes the tile's
+    entries (``sparse``, ``golden.dot.tile_residuals``' order) and passes them on (``entries``, to
+    the term unit) once ``drained`` (no block left in the front end or the block dot unit); the
+    next tile's blocks wait for them to leave the term unit (``term_busy``)."""
+
+    latency = 1
+
+    def __init__(self, config: GemvConfig):
+        self.config = config
+        super().__init__({
+            "x": In(stream.Signature(x_layout(config))),
+            "w": In(stream.Signature(unsigned(config.layout.block_bits))),
+            "layer": In(stream.Signature(layer_layout(config))),
+            "sparse": In(stream.Signature(sparse_layout(config))),
+            "clear": In(1),
+            "en": In(1),
+            "offer": Out(1),
+            "drained": In(1),
+            "term_busy": In(1),
+            "issue": Out(IssueSignature(config)),
+            "entries": Out(stream.Signature(entry_layout(config))),
+            "x_write": Out(XWriteSignature(config)),
+            "write_page": Out(1),
+            "status": Out(status_layout()),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        S, B = cfg.tile, cfg.max_blocks
+        rows_shape, bpr_shape = unsigned(cfg.max_rows.bit_length()), range(B)
+        errors = Signal(error_layout(), name="errors")
+        error_now = Signal(error_layout(), name="error_now")
+        with m.If(self.clear):
+            m.d.sync += errors.eq(0)
+        with m.Else():
+            m.d.sync += errors.eq(errors.as_value() | error_now.as_value())
+
+        # -- the layer registers, two pages; the host writes the inactive one --------------------
+        active = Signal(name="active")
+        rows_m1 = Array(Signal(rows_shape, name=f"rows_m1_p{p}", reset_less=True) for p in range(2))
+        bpr_m1 = Array(Signal(bpr_shape, name=f"bpr_m1_p{p}", reset_less=True) for p in range(2))
+        offset = Array(Signal(signed(8), name=f"offset_p{p}", reset_less=True) for p in range(2))
+        sparse = Array(Signal(name=f"sparse_p{p}", reset_less=True) for p in range(2))
+        lw = self.layer.payload
+        m.d.comb += self.layer.ready.eq(1)
+        with m.If(self.layer.valid):
+            m.d.sync += [rows_m1[~active].eq(lw.rows - 1), bpr_m1[~active].eq(lw.blocks_per_row - 1),
+                         offset[~active].eq(lw.offset), sparse[~active].eq(lw.sparse)]
+            m.d.comb += error_now.layer.eq((lw.rows == 0) | (lw.rows > cfg.max_rows) | (lw.blocks_per_row == 0)
+                                           | (lw.blocks_per_row > B))
+        m.d.comb += self.write_page.eq(~active)
+
+        # -- x: one vector into the buffer; the swap beat flips the page ---------------------------
+        x_loaded = Signal(name="x_loaded")          # a vector is loaded and its pass not done
+        x_count = Signal(range(2 * B), name="x_count")          # beats of the vector so far (saturates)
+        xp = self.x.payload
+        page_now = active ^ (self.x.valid & xp.swap)            # the page of a beat taken now
+        x_take = Signal(name="x_take")
+        m.d.comb += [self.x.ready.eq(~x_loaded), x_take.eq(self.x.valid & self.x.ready),
+                     self.x_write.en.eq(x_take), self.x_write.addr.eq(x_count[:len(self.x_write.addr)]),
+                     self.x_write.data.eq(xp.codes.as_value())]
+        bpr_now = bpr_m1[page_now]
+        with m.If(x_take):
+            m.d.sync += active.eq(page_now)
+            m.d.comb += [error_now.x_nan.eq(Cat((c[:7] == 0x7F) for c in xp.codes).any()),
+                         error_now.x_length.eq((x_count > bpr_now) | (xp.last & (x_count != bpr_now)))]
+            with m.If(xp.last):
+                m.d.sync += [x_loaded.eq(1), x_count.eq(0)]
+            with m.Elif(~x_count[-1]):
+                m.d.sync += x_count.eq(x_count + 1)
+
+        # -- blocks: the counters of tile_order -----------------------------------------------------
+        col = Signal(bpr_shape, name="col")                   # block column of the next block
+        slot = Signal(range(S), name="slot")                  # its row's slot (row - tile base)
+        row = Signal(rows_shape, name="row")
+        tile_base = Signal(rows_shape, name="tile_base")
+        end_taken = Signal(name="end_taken")                  # the pass's last block is taken
+        terms = Signal(name="terms")                          # the tile's residual entries come now
+        rows_last, cols_last, with_terms = rows_m1[active], bpr_m1[active], sparse[active]
+        at_last_row = row == rows_last
+        column_done = (slot == S - 1) | at_last_row           # the tile's last row of this column
+        row_done = col == cols_last
+        w_take = Signal(name="w_take")
+        pass_open = x_loaded & ~end_taken & ~terms & ~self.term_busy
+        m.d.comb += [self.w.ready.eq(self.en & pass_open), w_take.eq(self.w.valid & self.w.ready),
+                     self.offer.eq(self.w.valid & pass_open)]
+        m.d.comb += error_now.w_before_x.eq(self.w.valid & ~x_loaded)
+
+        valid0 = Signal(name="valid0")
+        block0 = stage_reg(m, w_take, "block0", self.w.payload, unsigned(cfg.layout.block_bits))
+        page0 = stage_reg(m, w_take, "page0", active, 1)
+        col0 = stage_reg(m, w_take, "col0", col, bpr_shape)
+        offset0 = stage_reg(m, w_take, "offset0", offset[active], signed(8))
+        # with residual entries a row's last value is its last entry's term, not its last block's
+        tag0 = stage_reg(m, w_take, "tag0", self.tag(slot, col == 0, row_done & ~with_terms,
+                                                      column_done & row_done & at_last_row & ~with_terms),
+                         tag_layout(cfg))
+        with m.If(self.en):
+            m.d.sync += valid0.eq(w_take)
+        terms_base = Signal(rows_shape, name="terms_base")    # the tile whose entries come
+        terms_last = Signal(range(S), name="terms_last")      # its last row's slot
+        terms_end = Signal(name="terms_end")                  # it is the pass's last tile
+        terms_rows = Signal(range(S), name="terms_rows")      # its rows whose last entry has come
+        with m.If(w_take):
+            with m.If(~column_done):
+                m.d.sync += [slot.eq(slot + 1), row.eq(row + 1)]
+            with m.Elif(~row_done):
+                m.d.sync += [slot.eq(0), row.eq(tile_base), col.eq(col + 1)]
+            with m.Elif(~at_last_row):                            # the next tile
+                m.d.sync += [slot.eq(0), row.eq(row + 1), tile_base.eq(row + 1), col.eq(0)]
+            with m.Else():                                        # the pass's last block
+                m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), end_taken.eq(1)]
+            with m.If(column_done & row_done & with_terms):       # the tile's last block: its entries next
+                m.d.sync += [terms.eq(1), terms_base.eq(tile_base), terms_last.eq(slot), terms_end.eq(at_last_row),
+                             terms_rows.eq(0)]
+
+        # -- residual entries: after each tile's blocks, once the blocks' values are all out ------------
+        sp, ent = self.sparse.payload, self.entries
+        entry_slot = sp.row - terms_base
+        outside = (sp.row < terms_base) | (entry_slot > terms_last) | (sp.col >> (cfg.group - 1).bit_length() > cols_last)
+        final = sp.last & (terms_rows == terms_last)           # the tile's last row's last entry
+        m.d.comb += [ent.valid.eq(terms & self.drained & self.sparse.valid),
+                     self.sparse.ready.eq(terms & self.drained & ent.ready),
+                     ent.payload.col.eq(sp.col), ent.payload.value.eq(sp.value),
+                     ent.payload.tag.eq(self.tag(Mux(outside, 0, entry_slot[:len(slot)]), 0, sp.last,
+                                                 final & terms_end))]
+        terms_done = Signal(name="terms_done")                # the pass's last entry is taken
+        with m.If(self.sparse.valid & self.sparse.ready):
+            m.d.comb += error_now.sparse.eq(outside)
+            with m.If(sp.last):
+                m.d.sync += terms_rows.eq(terms_rows + 1)
+                with m.If(final):
+                    m.d.sync += [terms.eq(0), terms_done.eq(terms_end)]
+
+        # the pass's last block leaves stage 0, or its last entry the term unit (their x words are read
+        # by then): the buffer is free
+        with m.If((self.en & valid0 & tag0.end) | (terms_done & ~self.term_busy)):
+            m.d.sync += [x_loaded.eq(0), end_taken.eq(0), terms_done.eq(0)]
+
+        m.d.comb += [self.issue.valid.eq(valid0), self.issue.block.eq(block0), self.issue.page.eq(page0),
+                     self.issue.col.eq(col0), self.issue.offset.eq(offset0), self.issue.tag.eq(tag0),
+                     self.status.x_loaded.eq(x_loaded), self.status.errors.eq(errors)]
+        return m
+
+    def tag(self, slot, first, last, end):
+        """A block's tag (tests override it to inject a bug)."""
+        return Cat(slot, first, last, end)
+
+    @staticmethod
+    def model(rows: int, blocks_per_row: int, tile: int) -> dict[str, np.ndarray]:
+        """Per block in stream order (``golden.dot.tile_order``): ``col``, ``slot``, ``first``, ``last``,
+        ``end``."""
+        order = dot.tile_order(rows, blocks_per_row, tile)
+        row, col = order // blocks_per_row, order % blocks_per_row
+        end = np.zeros(len(order), np.int64)
+        end[-1] = 1
+        return {"col": col, "slot": row % tile, "first": (col == 0).astype(np.int64),
+                "last": (col == blocks_per_row - 1).astype(np.int64), "end": end}
+
+
+# -- the engine --------------------------------------------------------------------------------------------------
+
+class GemvEngine(wiring.Component):
+    def __init__(self, config: GemvConfig, *, sequencer=BlockSequencer, bank=LutBank, mux=CodebookMux,
+                 term=None):
+        # sequencer / bank / mux / term: the component classes used (tests replace them with broken ones)
+        self.config = config
+        lay = config.layout
+        self.sequencer = sequencer(config)
+        self.x_buffer = XBuffer(config)
+        self.bank = bank(code_bits=lay.code_bits, banks=lay.banks, word=table_word(config),
+                         lanes=lay.group, lutram_depth=config.lutram_depth)
+        self.mux = mux(lanes=lay.group, group=lay.group) if lay.banks == 2 else None
+        self.dot = BlockDot(lay, config.hif, config.act)
+        self.acc = RowAccumulator(config.tile)
+        self.term = (term or ResidualTerm)(config)
+        super().__init__({
+            "x": In(stream.Signature(x_layout(config))),
+            "w": In(stream.Signature(unsigned(lay.block_bits))),
+            "sparse": In(stream.Signature(sparse_layout(config))),
+            "load": In(stream.Signature(load_layout(config))),
+            "layer": In(stream.Signature(layer_layout(config))),
+            "clear": In(1),
+            "y": Out(stream.Signature(y_layout())),
+            "status": Out(status_layout()),
+        })
+
+    @property
+    def read_latency(self) -> int:
+        """The table read's stages (the x word is delayed to meet it)."""
+        return self.bank.read_latency
+
+    @property
+    def reads(self) -> int:
+        """The front end's stages after stage 0: the table read's, or the x buffer's read and the
+        register after the block RAM, whichever is longer."""
+        return max(self.read_latency, self.x_buffer.latency + 1)
+
+    @property
+    def latency(self) -> int:
+        """Cycles from a row's last block taken on ``w`` to its ``y`` word, nothing stalled and the ring
+        aligned: the components on the way."""
+        return (self.sequencer.latency + self.reads + self.dot.latency + VALUE_FIFO_LATENCY
+                + self.acc.latency)
+
+    def latencies(self) -> dict[str, int]:
+        return {"sequencer": self.sequencer.latency, "reads": self.reads,
+                "block_dot": self.dot.latency, "fifo": VALUE_FIFO_LATENCY, "row_accumulator": self.acc.latency}
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, lay = self.config, self.config.layout
+        g, H, k = lay.group, lay.header_bits, lay.code_bits
+        m.submodules.sequencer = seq = self.sequencer
+        m.submodules.x_buffer = xbuf = self.x_buffer
+        m.submodules.bank = bank = self.bank
+        m.submodules.block_dot = bdot = self.dot
+        m.submodules.row_accumulator = acc = self.acc
+        m.submodules.residual_term = term = self.term
+        tag_shape = tag_layout(cfg)
+        # tags beside the block dot unit (in at its input, out with its value); values to the ring
+        m.submodules.tags = tags = fifo.SyncFIFOBuffered(width=tag_shape.size, depth=bdot.latency + 4)
+        m.submodules.values = vals = fifo.SyncFIFOBuffered(width=32 + tag_shape.size, depth=VALUE_FIFO_DEPTH)
+        # the pass-end flag of each row sum inside the ring (y.last)
+        m.submodules.marks = marks = fifo.SyncFIFOBuffered(width=1, depth=acc.latency + 4)
+
+        wiring.connect(m, wiring.flipped(self.x), seq.x)
+        wiring.connect(m, wiring.flipped(self.w), seq.w)
+        wiring.connect(m, wiring.flipped(self.layer), seq.layer)
+        wiring.connect(m, wiring.flipped(self.sparse), seq.sparse)
+        wiring.connect(m, seq.entries, term.entries)
+        load = self.load.payload
+        m.d.comb += [self.load.ready.eq(1), bank.write.valid.eq(self.load.valid), bank.write.payload.bank.eq(load.bank),
+                     bank.write.payload.addr.eq(load.addr), bank.write.payload.data.hif.eq(load.data)]
+        wiring.connect(m, seq.x_write, xbuf.write)
+        m.d.comb += [seq.clear.eq(self.clear), self.status.eq(seq.status), bank.write_page.eq(seq.write_page)]
+
+        # -- the front end: stage 0 (the sequencer) and the reads, a pipeline of 1 + R stages that moves
+        #    on an enable decided ahead (hdl.pipeline, hdl.output_buffer: one copy per lane, skid
+        #    buffers at its end), so that no ready reaches the table RAM's enables
+        R, RX = self.read_latency, self.reads
+        front = stream.Signature(front_layout(cfg)).create(path=("front",))
+        ctl, out = output_pipeline(m, seq.latency + RX, front, g)
+        en, en_lane = ctl.enable.en, ctl.enable.lane
+        m.d.comb += [ctl.valid.eq(seq.offer), seq.en.eq(en)]
+        issue = seq.issue
+        header = issue.block[:H]
+        if self.mux is not None:
+            m.submodules.mux = mux = self.mux
+            m.d.comb += mux.select[0].eq(header[lay.select_position])
+        for j in range(g):
+            m.d.comb += [bank.read_en[j].eq(en_lane[j]), bank.read_page[j].eq(self.table_page(issue.page)),
+                         bank.read_bank[j].eq(mux.bank[j] if self.mux is not None else 0),
+                         bank.read_addr[j].eq(issue.block[H + j * k:][:k])]
+        # the x buffer's one read port: a block's read, or (with no block in the engine) a residual entry's
+        m.d.comb += [xbuf.read_en.eq((en & issue.valid) | term.x_en),
+                     xbuf.read_addr.eq(Mux(term.x_en, term.x_addr, self.x_address(issue.col))),
+                     term.x_data.eq(xbuf.read_data)]
+        # the block's other fields wait for the reads
+        sign = header[lay.sign_position] if lay.signed_scale else Const(0, 1)
+        side = delay(m, en, Cat(header[:lay.scale.bits], sign, issue.offset, issue.tag), RX, "front")
+        scale, rest = side[:lay.scale.bits], side[lay.scale.bits:]
+        # the x word registered straight from the block RAM's output (slow to its output: nothing
+        # between the two), the table words delayed to meet it
+        m.d.comb += Value.cast(out.last).eq(Cat(delay(m, en, bank.read_data.as_value(), RX - R, "hif"),
+                                                delay(m, en, xbuf.read_data, RX - xbuf.latency, "x_word"),
+                                                scale, rest[0], rest[1:9], rest[9:]))
+
+        # -- the block dot unit; its tags wait in a FIFO beside it -------------------------------------
+        blocks = bdot.blocks
+        m.d.comb += [blocks.valid.eq(front.valid & tags.w_rdy), front.ready.eq(blocks.ready & tags.w_rdy),
+                     blocks.payload.eq(front.payload.block),
+                     tags.w_en.eq(blocks.valid & blocks.ready), tags.w_data.eq(front.payload.tag)]
+        # blocks taken and not yet out of the block dot unit: with none, residual entries may go (they
+        # then reach the ring after every block value of their tile, and read x alone)
+        block_in = bdot.values.valid & bdot.values.ready
+        inside = Signal(range(2 * (R + 1 + 2 + bdot.latency + 4)), name="blocks_inside")
+        m.d.sync += inside.eq(inside + (seq.w.valid & seq.w.ready) - block_in)
+        m.d.comb += [seq.drained.eq((inside == 0) & ~(seq.w.valid & seq.w.ready)), seq.term_busy.eq(term.busy)]
+        # into the value FIFO: block values, or (only while no block is inside) residual terms
+        m.d.comb += [bdot.values.ready.eq(vals.w_rdy & tags.r_rdy), term.terms.ready.eq(vals.w_rdy),
+                     vals.w_en.eq(block_in | (term.terms.valid & vals.w_rdy)),
+                     vals.w_data.eq(Mux(term.terms.valid, term.terms.payload.as_value(),
+                                        Cat(bdot.values.payload, tags.r_data))),
+                     tags.r_en.eq(block_in)]
+
+        # -- the row accumulator; y --------------------------------------------------------------------------
+        value, tag = vals.r_data[:32], data.View(tag_shape, vals.r_data[32:])
+        into = acc.values
+        m.d.comb += [into.valid.eq(vals.r_rdy & (~tag.last | marks.w_rdy)),
+                     into.payload.value.eq(value), into.payload.slot.eq(tag.slot),
+                     into.payload.first.eq(tag.first), into.payload.last.eq(tag.last),
+                     vals.r_en.eq(into.valid & into.ready),
+                     marks.w_en.eq(vals.r_en & tag.last), marks.w_data.eq(tag.end)]
+        m.d.comb += [self.y.valid.eq(acc.sums.valid & marks.r_rdy), self.y.payload.value.eq(acc.sums.payload.value),
+                     self.y.payload.last.eq(marks.r_data), acc.sums.ready.eq(self.y.ready & marks.r_rdy),
+                     marks.r_en.eq(self.y.valid & self.y.ready)]
+        return m
+
+    def table_page(self, page):
+        """The table page a block reads: the page it was taken with (tests override it to inject a bug)."""
+        return page
+
+    def x_address(self, col):
+        """The x word a block reads: its block column (tests override it to inject a bug)."""
+        return col
+
+    def model(self, stream_: LayerStream, x) -> np.ndarray:
+        return model(self.config, stream_, x)
+
+
+def model(config: GemvConfig, layer: LayerStream, x) -> np.ndarray:
+    """``y`` (float32, (rows,) or (batch, rows)) of ``layer`` and E4M3 activations ``x``: golden.dot.gemv."""
+    return dot.gemv(layer, x, config.act)
+
+
+# -- the host side ---------------------------------------------------------------------------------------------
+
+def w_beats(config: GemvConfig, layer: LayerStream) -> list[int]:
+    """The ``w`` beats of one pass: the layer's blocks in ``tile_order``, each as an integer (LSB first)."""
+    nb = layer.layout.block_bytes
+    raw = dot.tiled_blocks(layer, config.tile)
+    return [int.from_bytes(raw[i:i + nb], "little") for i in range(0, len(raw), nb)]
+
+
+def sparse_beats(config: GemvConfig, layer: LayerStream) -> list[dict[str, int]]:
+    """The ``sparse`` beats of one pass (a layer with residual entries): each tile's entries in
+    ``golden.dot.tile_residuals``' order, tile after tile; the engine takes a tile's after its blocks."""
+    return [{"row": int(r), "col": int(c), "value": int(v), "last": int(k)}
+            for t in dot.tile_residuals(layer, config.tile)
+            for r, c, v, k in zip(t["row"], t["col"], t["value"], t["last"])]
+
+
+def x_beats(config: GemvConfig, codes) -> list[int]:
+    """The ``codes`` fields of one vector's ``x`` beats (``g`` E4M3 codes each), as integers."""
+    g, bits = config.group, config.act_format.bits
+    words = np.asarray(codes, np.int64).reshape(-1, g)
+    return [sum(int(c) << (j * bits) for j, c in enumerate(w)) for w in words]
+
+
+def describe(config: GemvConfig, engine: GemvEngine) -> dict:
+    """The manifest of ``engine`` (built from ``config``, and elaborated: the one converted to Verilog):
+    module name, parameters, ports (as the Verilog names them), latency and its shares, error bits."""
+    from .generate import ports
+
+    return {"module": module_name(config), "parameters": config.describe(), "latency_cycles": engine.latency,
+            "latency_stages": engine.latencies(), "ports": ports(engine),
+            "error_bits": [name for name, _ in error_layout()], "block_order": "golden.dot.tile_order",
+            "tile": config.tile}
+
+
+def module_name(config: GemvConfig) -> str:
+    return "sop_" + config.name.replace("-", "_")

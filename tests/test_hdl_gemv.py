@@ -1,0 +1,633 @@
+"""The GEMV engine (hdl/gemv.py) in amaranth.sim, bit for bit against golden.dot.gemv.
+
+A host driver streams layers the way docs/dot.md section 8 says: the next layer's
+tables and layer registers into the inactive page while the current layer runs,
+each vector's x beats (the first of a new layer with ``swap``), then its blocks in
+``golden.dot.tile_order`` and its sparse entries in ``golden.dot.tile_residuals``'
+order; random idle cycles on every input and random stalls on ``y``. Checked:
+hand-sized layers (one block per row, a single tile, rows not a multiple of the
+tile), random layers over every code, table swaps, LUT RAM tables, sparse residuals
+(terms that saturate or are subnormal; the term unit alone), a real MiniLM layer
+quantized to sop4-g16, without and with sparse residuals, with real E4M3
+activations (the layer's inputs in the BERT forward pass on a sentence, rounded to
+E4M3), throughput (one block a cycle) and latency, the error bits, the Verilog; and
+that injected bugs (a wrong slot, a wrong x word, the wrong table page, an inverted
+bank select, a flipped table bit, a term without x's sign, a block order that
+reverses each row) are caught.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from amaranth.back import verilog
+from amaranth.hdl import Mux
+from amaranth.sim import Simulator
+
+from sop.golden import dot
+from sop.golden.layout import LayerStream, Sparse, pack_blocks
+from sop.golden.points import get_point
+from sop.hdl import gemv
+from sop.hdl.gemv import BlockSequencer, GemvConfig, GemvEngine, ResidualTerm, gemv_configs
+
+import mutants
+
+E4M3 = dot.ACT_FORMATS["e4m3"]
+SOP4 = get_point("sop4-g16")
+FP6 = get_point("e2m3-ue4m4-g16")
+SMALL = dict(max_cols=256, max_rows=255)        # small buffers: a faster simulation
+
+
+def config(point=SOP4, **kw) -> GemvConfig:
+    return GemvConfig(f"test-{point.name}", point.layout, point.hif, **{**SMALL, **kw})
+
+
+# -- layers and activations -------------------------------------------------------------------------------
+
+def random_layer(point, rows, cols, rng, *, offset=None) -> LayerStream:
+    """A layer over every code, header and both banks, with random tables (HIF codes of both
+    signs, zeros) and an offset that keeps most results normal."""
+    lay = point.layout
+    n = rows * cols // lay.group
+    codes = rng.integers(0, 1 << lay.code_bits, (n, lay.group))
+    scale = rng.integers(0, 1 << lay.scale.bits, n)
+    sign = rng.integers(0, 2, n) if lay.signed_scale else np.zeros(n, np.int64)
+    select = rng.integers(0, 2, n) if lay.select_bit else np.zeros(n, np.int64)
+    blocks = pack_blocks(lay, lay.make_header(scale, sign, select), codes)
+    luts = rng.integers(0, 1 << point.hif.bits, (lay.banks, 1 << lay.code_bits))
+    luts[:, 0] = 0
+    off = int(rng.integers(-20, 21)) if offset is None else offset
+    return LayerStream(lay, point.hif, luts, off, rows, cols, blocks)
+
+
+BF16 = dot.FORMATS["bf16"]
+
+
+def with_residuals(layer: LayerStream, rng, n: int) -> LayerStream:
+    """``layer`` with ``n`` sparse entries at random places (rows with none, rows with several), BF16
+    values of every magnitude: terms that saturate, go subnormal, or are exact normal products."""
+    index = np.sort(rng.choice(layer.rows * layer.cols, n, replace=False)).astype(np.uint32)
+    mag = np.exp2(rng.choice([-132, -8, 121], n) + rng.uniform(0, 6.9, n))   # tiny, plain, huge
+    value = BF16.encode(BF16.quantize(mag * rng.choice([-1, 1], n))).astype(np.uint16)
+    return LayerStream(layer.layout, layer.hif, layer.luts, layer.offset, layer.rows, layer.cols, layer.blocks,
+                       Sparse(index, value))
+
+
+def act_vectors(rng, batch, cols):
+    """Gaussian activations with a few outlier channels, rounded to E4M3 (test_hdl_block_dot's)."""
+    x = rng.standard_normal((batch, cols)) * rng.choice([0.05, 1, 20], size=(batch, 1))
+    x[:, rng.integers(0, cols, 4)] *= 50
+    return E4M3.quantize(np.clip(x, -E4M3.max, E4M3.max)).astype(np.float32)
+
+
+# -- the host driver --------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One layer and its activation vectors; ``w_order`` replaces the blocks' order (a mutant host)."""
+    layer: LayerStream
+    x: np.ndarray                      # (batch, cols) float32, E4M3 values
+    w_order: np.ndarray | None = None
+
+
+@dataclass
+class Trace:
+    y: list = field(default_factory=list)          # (pattern, last)
+    y_cycles: list = field(default_factory=list)
+    w_cycles: list = field(default_factory=list)   # the cycle of each block taken
+    status: list = field(default_factory=list)     # the status at the end
+
+
+def host_items(cfg: GemvConfig, jobs: list[Job]):
+    """Per layer: its table and layer writes; per vector: its x beats and w beats."""
+    out = []
+    for job in jobs:
+        lay, s = job.layer.layout, job.layer
+        loads = [("load", b, a, int(s.luts[b][a])) for b in range(lay.banks) for a in range(1 << lay.code_bits)]
+        loads.append(("layer", s.rows, s.cols // lay.group, s.offset, int(len(s.sparse) > 0)))
+        w = gemv.w_beats(cfg, s)
+        if job.w_order is not None:
+            nb = lay.block_bytes
+            raw = np.frombuffer(s.blocks, np.uint8).reshape(-1, nb)[job.w_order]
+            w = [int.from_bytes(raw[i].tobytes(), "little") for i in range(len(raw))]
+        sp = gemv.sparse_beats(cfg, s) if len(s.sparse) else []
+        vectors = [(gemv.x_beats(cfg, dot.activation_codes(v, E4M3)), w, sp) for v in job.x]
+        out.append((loads, vectors))
+    return out
+
+
+def run_engine(dut: GemvEngine, jobs: list[Job], *, seed=0, p_idle=0.2, p_stall=0.3, max_cycles=100_000,
+               w_before_x=0) -> Trace:
+    """Drive ``jobs`` through ``dut``: the next layer's writes once the current layer has swapped in,
+    each vector's x beats once its layer's writes are done, its blocks once its x is taken (with
+    ``w_before_x`` > 0, the first vector's blocks are offered that many cycles before its x)."""
+    cfg = dut.config
+    rng = np.random.default_rng(seed)
+    items = host_items(cfg, jobs)
+    n_y = sum(j.layer.rows * len(j.x) for j in jobs)
+    tr = Trace()
+
+    async def bench(ctx):
+        load_layer, load_pos = 0, 0          # the layer whose writes go out, the next write
+        swapped = -1                         # the last layer whose swap beat was taken
+        loads_done_at = {}                   # layer -> the cycle after its last write
+        job, vec, x_pos, w_pos, s_pos = 0, 0, 0, 0, 0
+        cycle = 0
+        while len(tr.y) < n_y:
+            assert cycle < max_cycles, f"the engine stopped: {len(tr.y)} of {n_y} rows"
+            # table and layer writes: layer L once layer L - 1 has swapped in
+            write = None
+            if load_layer < len(items) and swapped >= load_layer - 1 and rng.random() >= p_idle:
+                write = items[load_layer][0][load_pos]
+            ctx.set(dut.load.valid, int(write is not None and write[0] == "load"))
+            ctx.set(dut.layer.valid, int(write is not None and write[0] == "layer"))
+            if write is not None and write[0] == "load":
+                ctx.set(dut.load.payload.bank, write[1])
+                ctx.set(dut.load.payload.addr, write[2])
+                ctx.set(dut.load.payload.data, write[3])
+            elif write is not None:
+                ctx.set(dut.layer.payload.rows, write[1])
+                ctx.set(dut.layer.payload.blocks_per_row, write[2])
+                ctx.set(dut.layer.payload.offset, write[3])
+                ctx.set(dut.layer.payload.sparse, write[4])
+            # x, then w, of the current vector
+            x_offer = w_offer = s_offer = False
+            if job < len(items):
+                xs, ws, ss = items[job][1][vec]
+                ready_to_swap = vec > 0 or loads_done_at.get(job, max_cycles) <= cycle
+                x_offer = x_pos < len(xs) and ready_to_swap and rng.random() >= p_idle
+                early = job == 0 and vec == 0 and w_before_x and cycle < w_before_x
+                w_offer = w_pos < len(ws) and (x_pos == len(xs) or early) and rng.random() >= p_idle
+                ctx.set(dut.x.valid, int(x_offer))
+                if x_offer:
+                    ctx.set(dut.x.payload.codes.as_value(), xs[x_pos])
+                    ctx.set(dut.x.payload.last, int(x_pos == len(xs) - 1))
+                    ctx.set(dut.x.payload.swap, int(vec == 0 and x_pos == 0))
+                ctx.set(dut.w.valid, int(w_offer))
+                if w_offer:
+                    ctx.set(dut.w.payload, ws[w_pos])
+                # the pass's residual entries, offered beside the blocks (the engine takes them by tile)
+                s_offer = s_pos < len(ss) and x_pos == len(xs) and rng.random() >= p_idle
+                ctx.set(dut.sparse.valid, int(s_offer))
+                if s_offer:
+                    for name, v in ss[s_pos].items():
+                        ctx.set(getattr(dut.sparse.payload, name), v)
+            else:
+                ctx.set(dut.x.valid, 0)
+                ctx.set(dut.w.valid, 0)
+                ctx.set(dut.sparse.valid, 0)
+            ctx.set(dut.y.ready, int(rng.random() >= p_stall))
+            # sample the handshakes before the edge
+            x_took = x_offer and ctx.get(dut.x.ready)
+            w_took = w_offer and ctx.get(dut.w.ready)
+            s_took = s_offer and ctx.get(dut.sparse.ready)
+            if ctx.get(dut.y.valid) and ctx.get(dut.y.ready):
+                tr.y.append((ctx.get(dut.y.payload.value), ctx.get(dut.y.payload.last)))
+                tr.y_cycles.append(cycle)
+            await ctx.tick()
+            cycle += 1
+            if write is not None:
+                load_pos += 1
+                if load_pos == len(items[load_layer][0]):
+                    loads_done_at[load_layer] = cycle + 1
+                    load_layer, load_pos = load_layer + 1, 0
+            if x_took:
+                if vec == 0 and x_pos == 0:
+                    swapped = job
+                x_pos += 1
+            s_pos += s_took
+            if w_took:
+                tr.w_cycles.append(cycle - 1)
+                w_pos += 1
+            if job < len(items) and w_pos == len(ws) and s_pos == len(ss):
+                vec, x_pos, w_pos, s_pos = vec + 1, 0, 0, 0
+                if vec == len(items[job][1]):
+                    job, vec = job + 1, 0
+        for _ in range(4):
+            await ctx.tick()
+        tr.status.append(ctx.get(dut.status.as_value()))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    return tr
+
+
+def expected(cfg: GemvConfig, jobs: list[Job]) -> list[tuple[int, int]]:
+    out = []
+    for job in jobs:
+        y = gemv.model(cfg, job.layer, job.x).view(np.uint32)
+        for v in y:
+            out += [(int(w), int(r == len(v) - 1)) for r, w in enumerate(v)]
+    return out
+
+
+def check(dut, jobs, **kw) -> Trace:
+    tr = run_engine(dut, jobs, **kw)
+    want = expected(dut.config, jobs)
+    bad = [i for i, (a, b) in enumerate(zip(tr.y, want)) if a != b]
+    assert len(tr.y) == len(want) and not bad, [(i, tr.y[i], want[i]) for i in bad[:5]]
+    assert tr.status[-1] & ~1 == 0, f"error bits set: {tr.status[-1]:#x}"
+    return tr
+
+
+# -- hand-sized and random layers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,cols,batch", [(5, 16, 2), (17, 48, 1), (20, 32, 2), (1, 64, 1)],
+                         ids=["one-block-per-row", "one-full-tile", "a-tile-and-3-rows", "one-row"])
+def test_hand_sized_layers(rows, cols, batch):
+    rng = np.random.default_rng(rows * cols)
+    cfg = config()
+    job = Job(random_layer(SOP4, rows, cols, rng), act_vectors(rng, batch, cols))
+    check(GemvEngine(cfg), [job], seed=rows)
+
+
+def test_lut_ram_tables():
+    """Tables built from 16-word LUT RAM memories (a two-cycle read: the x word waits a cycle)."""
+    rng = np.random.default_rng(8)
+    cfg = config(lutram_depth=16)
+    dut = GemvEngine(cfg)
+    assert dut.read_latency == 2
+    check(dut, [Job(random_layer(SOP4, 20, 48, rng), act_vectors(rng, 2, 48))], seed=5)
+
+
+def test_tile_order_keeps_each_rows_order():
+    order = dot.tile_order(40, 3, 17)
+    assert sorted(order) == list(range(120))
+    for r in range(40):
+        mine = [int(i) for i in order if i // 3 == r]
+        assert mine == [3 * r, 3 * r + 1, 3 * r + 2]
+    # the sequencer's tags: slot = row mod tile, first / last block of the row, the pass's end
+    tags = BlockSequencer.model(40, 3, 17)
+    assert list(tags["slot"][:18]) == list(range(17)) + [0] and list(tags["slot"][-6:]) == list(range(6)) * 1
+    assert tags["end"].sum() == 1 and tags["end"][-1] == 1
+
+
+def test_tile_residuals_keep_each_rows_entries_and_end_rows_in_order():
+    rng = np.random.default_rng(17)
+    layer = with_residuals(random_layer(SOP4, 40, 32, rng), rng, 70)
+    tiles = dot.tile_residuals(layer, 17)
+    assert len(tiles) == 3
+    flat = {k: np.concatenate([t[k] for t in tiles]) for k in tiles[0]}
+    real = flat["value"] != 0                          # the entries; the rest is +0 padding
+    index = flat["row"][real] * layer.cols + flat["col"][real]
+    assert sorted(index) == list(layer.sparse.index) and (flat["col"][~real] == 0).all()
+    for t in tiles:
+        rows = np.unique(t["row"])
+        # every row of the tile once per round; its entries in ascending column, its last one last
+        assert (t["row"].reshape(-1, len(rows)) == rows).all()
+        assert (t["last"].reshape(-1, len(rows))[-1] == 1).all() and t["last"].sum() == len(rows)
+        for r in rows:
+            cols = t["col"][(t["row"] == r) & (t["value"] != 0)]
+            assert (np.diff(cols) > 0).all()
+
+
+def test_table_swap_between_two_layers_and_both_points():
+    """Two layers back to back (the second's tables loaded while the first runs, then swapped in),
+    then an e2m3-ue4m4-g16 engine (one bank, 6-bit codes, unsigned scales)."""
+    rng = np.random.default_rng(7)
+    cfg = config()
+    jobs = [Job(random_layer(SOP4, 19, 32, rng), act_vectors(rng, 2, 32)),
+            Job(random_layer(SOP4, 6, 64, rng), act_vectors(rng, 1, 64)),
+            Job(random_layer(SOP4, 18, 16, rng), act_vectors(rng, 1, 16))]
+    check(GemvEngine(cfg), jobs, seed=1)
+    fp6 = config(FP6)
+    check(GemvEngine(fp6), [Job(random_layer(FP6, 18, 32, rng), act_vectors(rng, 2, 32))], seed=2)
+
+
+# -- sparse residuals -----------------------------------------------------------------------------------------
+
+def test_residual_term_unit_bit_exact():
+    """rho (BF16) x x_j (E4M3) into binary32: exact, or saturated; subnormal terms and signed zeros."""
+    cfg = config()
+    dut = ResidualTerm(cfg)
+    rng = np.random.default_rng(14)
+    n = 1500
+    rho = rng.integers(0, 1 << 16, n)
+    rho = np.where(((rho >> 7) & 0xFF) == 0xFF, rho & ~(1 << 14), rho)         # finite values only
+    xc = rng.integers(0, 256, n)
+    xc = np.where((xc & 0x7F) == 0x7F, xc & ~1, xc)                           # no NaN code
+    col = rng.integers(0, cfg.max_cols, n)
+    want = ResidualTerm.model(rho, xc)
+    v = want.view(np.float32)
+    assert (np.abs(v) == np.finfo(np.float32).max).any() and ((v == 0) & np.signbit(v)).any()
+    assert ((v != 0) & (np.abs(v) < np.finfo(np.float32).tiny)).any()
+    got = []
+
+    async def bench(ctx):
+        i, stall = 0, np.random.default_rng(1)
+        while len(got) < n:
+            ctx.set(dut.entries.valid, int(i < n))
+            if i < n:
+                ctx.set(dut.entries.payload.col, int(col[i]))
+                ctx.set(dut.entries.payload.value, int(rho[i]))
+            ctx.set(dut.terms.ready, int(stall.random() < 0.7))
+            took = i < n and ctx.get(dut.entries.ready)
+            if ctx.get(dut.terms.valid) and ctx.get(dut.terms.ready):
+                got.append(ctx.get(dut.terms.payload.value))
+            word = int(xc[i]) << (8 * (int(col[i]) % 16)) if took else None
+            await ctx.tick()
+            if took:                        # the x buffer's word, a cycle after the read
+                ctx.set(dut.x_data, word)
+                i += 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    np.testing.assert_array_equal(np.array(got, np.uint32), want)
+
+
+def test_sparse_residuals_after_each_tile():
+    """Random layers with entries (rows without any, rows with several, terms that saturate or are
+    subnormal), two tiles and a short one; a sparse layer and a plain one back to back."""
+    rng = np.random.default_rng(16)
+    cfg = config()
+    a = with_residuals(random_layer(SOP4, 40, 32, rng), rng, 60)
+    b = random_layer(SOP4, 18, 16, rng)
+    xa = act_vectors(rng, 2, 32)
+    rows, terms = dot.residual_terms(a, xa)
+    t = np.abs(terms.reshape(-1))
+    assert (t == np.finfo(np.float32).max).any() and ((t > 0) & (t < np.finfo(np.float32).tiny)).any()
+    assert 0 < len(np.unique(rows)) < a.rows
+    check(GemvEngine(cfg), [Job(a, xa), Job(b, act_vectors(rng, 1, 16))], seed=9)
+
+
+def test_the_checks_catch_a_broken_residual_path():
+    class UnsignedTerm(ResidualTerm):
+        @staticmethod
+        def sign(rho_sign, x_sign):
+            return rho_sign
+
+    rng = np.random.default_rng(16)
+    cfg = config()
+    job = Job(with_residuals(random_layer(SOP4, 18, 32, rng), rng, 30), act_vectors(rng, 1, 32))
+    assert rows_wrong(GemvEngine(cfg, term=UnsignedTerm), [job]) > 0
+
+
+# -- a real layer -------------------------------------------------------------------------------------------
+
+QUERY = "encoder.layer.0.attention.self.query.weight"
+
+
+@pytest.fixture(scope="module")
+def minilm_query():
+    """The first 40 rows of MiniLM's layer-0 query (two full tiles and 6 rows), quantized to sop4-g16,
+    without and with sparse residuals, and that layer's real inputs: the BERT forward pass's input to it for the tokens of a sentence,
+    rounded to E4M3."""
+    from sop.quantize.schemes import get_quant_format
+    from sop.quantize.weights import minilm_linear_weights
+
+    from sop.quantize.sparse import add_sparse
+
+    w = minilm_linear_weights()[QUERY][:40].astype(np.float32)
+    res = get_quant_format("sop4-g16").quantize(w)
+    # and with sparse residuals at the knapsack's SOP4 density, 2 % (quantize/sparse.py)
+    return res.stream, add_sparse(res.stream, w, res.recon, int(0.02 * w.size))[0], real_inputs()
+
+
+def real_inputs() -> np.ndarray:
+    """The layer's inputs in the BERT forward pass (quantize/e2e.py, the calibration's forward) for
+    each token of a sentence, rounded to E4M3: (tokens, 384)."""
+    from sop.quantize.e2e import Bert
+    from sop.quantize.models import minilm_folder
+
+    seen = []
+    Bert(minilm_folder()).embed(["The quick brown fox jumps over the lazy dog."],
+                                hook=lambda name, x: seen.append(x) if name == QUERY else None)
+    return E4M3.quantize(np.clip(seen[0], -E4M3.max, E4M3.max)).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_whole_minilm_query_layer():
+    """All 384 rows (22 full tiles and 10 rows) of the layer-0 query, real inputs of two tokens."""
+    from sop.quantize.schemes import get_quant_format
+    from sop.quantize.weights import minilm_linear_weights
+
+    layer = get_quant_format("sop4-g16").quantize(minilm_linear_weights()[QUERY].astype(np.float32)).stream
+    x = real_inputs()
+    check(GemvEngine(config(max_cols=512, max_rows=1023)), [Job(layer, x[[2, 7]])], seed=6, p_idle=0.1,
+          p_stall=0.1, max_cycles=400_000)
+
+
+def test_real_minilm_layer_with_real_activations_under_stalls(minilm_query):
+    layer, sparse_layer, x = minilm_query
+    assert not len(layer.sparse) and x.shape[1] == layer.cols == 384
+    cfg = config(max_cols=512)
+    tr = check(GemvEngine(cfg), [Job(layer, x[[1, 5]]), Job(sparse_layer, x[[3]])], seed=3, p_idle=0.3,
+               p_stall=0.3)
+    assert len(tr.y) == 120
+
+
+# -- throughput and latency -----------------------------------------------------------------------------------
+
+def test_one_block_a_cycle_and_the_stated_latency():
+    """Two full tiles of 8 blocks per row with nothing idle and y always ready: after the ring's
+    alignment (at most tile - 1 cycles, once per pass) one block (16 MACs) a cycle; the last row's y
+    leaves ``latency`` cycles after its last block (the FIFO's backlog from the alignment aside)."""
+    rng = np.random.default_rng(11)
+    cfg = config()
+    dut = GemvEngine(cfg)
+    job = Job(random_layer(SOP4, 34, 128, rng), act_vectors(rng, 1, 128))
+    tr = check(dut, [job], p_idle=0, p_stall=0)
+    gaps = np.diff(tr.w_cycles) - 1
+    assert (gaps > 0).sum() == 1 and gaps.sum() < cfg.tile, gaps      # the alignment, then no bubble
+    n = len(tr.w_cycles)
+    rate = (n - 1) / (tr.w_cycles[-1] - tr.w_cycles[0])
+    assert rate > 0.94, rate
+    # y rows one a cycle at the end of each tile; the last row's latency
+    extra = tr.y_cycles[-1] - tr.w_cycles[-1] - dut.latency
+    assert 0 <= extra <= gemv.VALUE_FIFO_DEPTH, (tr.y_cycles[-1] - tr.w_cycles[-1], dut.latency)
+
+
+# -- the error bits --------------------------------------------------------------------------------------------
+
+ERR = {name: 1 << (1 + f.offset) for name, f in gemv.error_layout()}       # status bits: x_loaded, then errors
+X_LOADED = 1
+
+
+def test_error_bits():
+    """Each bit on its own: a bad layer write, an x vector too long and one too short, a NaN code;
+    ``clear`` clears them, ``x_loaded`` follows the vector; a block offered before x waits."""
+    cfg = config()
+    dut = GemvEngine(cfg)
+    seen = {}
+
+    async def bench(ctx):
+        async def tick(n=1):
+            for _ in range(n):
+                await ctx.tick()
+
+        def status():
+            return ctx.get(dut.status.as_value())
+
+        async def clear():
+            ctx.set(dut.clear, 1)
+            await tick()
+            ctx.set(dut.clear, 0)
+
+        async def layer(rows, bpr):
+            ctx.set(dut.layer.payload.rows, rows)
+            ctx.set(dut.layer.payload.blocks_per_row, bpr)
+            ctx.set(dut.layer.valid, 1)
+            await tick()
+            ctx.set(dut.layer.valid, 0)
+
+        async def vector(codes_per_beat, swap):
+            for i, c in enumerate(codes_per_beat):
+                ctx.set(dut.x.payload.codes.as_value(), c)
+                ctx.set(dut.x.payload.last, int(i == len(codes_per_beat) - 1))
+                ctx.set(dut.x.payload.swap, int(swap and i == 0))
+                ctx.set(dut.x.valid, 1)
+                assert ctx.get(dut.x.ready)
+                await tick()
+            ctx.set(dut.x.valid, 0)
+            await tick()
+
+        async def blocks(n):
+            ctx.set(dut.w.valid, 1)
+            ctx.set(dut.w.payload, 0)
+            taken = 0
+            while taken < n:
+                taken += ctx.get(dut.w.ready)
+                await tick()
+            ctx.set(dut.w.valid, 0)
+            await tick(2)
+
+        ctx.set(dut.y.ready, 1)
+        # a block before any vector: it waits (not taken), the bit says so
+        ctx.set(dut.w.valid, 1)
+        for _ in range(5):
+            assert not ctx.get(dut.w.ready)
+            await tick()
+        ctx.set(dut.w.valid, 0)
+        await tick()
+        seen["w_before_x"] = status()
+        await clear()
+        seen["cleared"] = status()
+        # layer writes: 0 rows, 0 blocks per row, more blocks per row than the buffer holds
+        for rows, bpr in ((0, 2), (3, 0), (3, cfg.max_blocks + 1)):
+            await layer(rows, bpr)
+            await tick()
+            seen[f"layer {rows}x{bpr}"] = status()
+            await clear()
+        await layer(3, 2)                                  # 3 rows, 2 blocks per row: 6 blocks a pass
+        await tick()
+        seen["good layer"] = status()
+        ONE = int(sum(0x38 << (8 * j) for j in range(16)))  # sixteen 1.0 codes
+        await vector([ONE] * 3, swap=True)                 # one beat too many
+        seen["x too long"] = status()
+        await blocks(6)
+        seen["after the pass"] = status()
+        await clear()
+        await vector([ONE], swap=False)                    # one beat too few
+        seen["x too short"] = status()
+        await blocks(6)
+        await clear()
+        await vector([ONE, ONE | 0x7F << 40], swap=False)  # a NaN code (0x7F) in column 21
+        seen["x nan"] = status()
+        await blocks(6)
+        await clear()
+        await vector([ONE, ONE | 0xFF << 40], swap=False)  # -NaN
+        seen["x -nan"] = status()
+        await blocks(6)
+        await clear()
+        await vector([ONE, ONE | 0x7E << 40], swap=False)  # 448, the largest finite: no error
+        seen["x 448"] = status()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert seen["w_before_x"] == ERR["w_before_x"] and seen["cleared"] == 0
+    for k in ("layer 0x2", "layer 3x0", f"layer 3x{cfg.max_blocks + 1}"):
+        assert seen[k] == ERR["layer"], (k, seen[k])
+    assert seen["good layer"] == 0
+    assert seen["x too long"] == ERR["x_length"] | X_LOADED and seen["after the pass"] == ERR["x_length"]
+    assert seen["x too short"] == ERR["x_length"] | X_LOADED
+    assert seen["x nan"] == seen["x -nan"] == ERR["x_nan"] | X_LOADED
+    assert seen["x 448"] == X_LOADED
+
+
+def test_blocks_offered_before_x_wait_and_are_flagged():
+    rng = np.random.default_rng(12)
+    cfg = config()
+    job = Job(random_layer(SOP4, 18, 32, rng), act_vectors(rng, 1, 32))
+    tr = run_engine(GemvEngine(cfg), [job], w_before_x=200, seed=4)
+    assert tr.y == expected(cfg, [job])
+    assert tr.status[-1] == ERR["w_before_x"]
+
+
+# -- the checks catch injected bugs --------------------------------------------------------------------------
+
+class SharedSlot(BlockSequencer):
+    """The second row of each tile adds into the first row's running sum."""
+
+    def tag(self, slot, first, last, end):
+        return super().tag(Mux(slot == 1, 0, slot), first, last, end)
+
+
+class WrongXWord(GemvEngine):
+    """Block column 1 reads x word 0."""
+
+    def x_address(self, col):
+        return Mux(col == 1, 0, col)
+
+
+class OtherTablePage(GemvEngine):
+    """Blocks read the page the host is writing, not the one they were taken with."""
+
+    def table_page(self, page):
+        return ~page
+
+
+def reversed_rows(rows, bpr, tile):
+    """``tile_order`` with each row's blocks in reverse (what a host with the wrong order sends)."""
+    order = dot.tile_order(rows, bpr, tile)
+    return (order // bpr) * bpr + (bpr - 1 - order % bpr)
+
+
+def rows_wrong(dut, jobs) -> int:
+    tr = run_engine(dut, jobs, p_idle=0.1, p_stall=0.1)
+    return sum(a != b for a, b in zip(tr.y, expected(dut.config, jobs)))
+
+
+@pytest.fixture(scope="module")
+def two_layers():
+    rng = np.random.default_rng(13)
+    return [Job(random_layer(SOP4, 18, 64, rng), act_vectors(rng, 1, 64)),
+            Job(random_layer(SOP4, 17, 32, rng), act_vectors(rng, 1, 32))]
+
+
+@pytest.mark.parametrize("build", [lambda c: GemvEngine(c, sequencer=SharedSlot), WrongXWord, OtherTablePage,
+                                   lambda c: GemvEngine(c, mux=mutants.InvertedSelect),
+                                   lambda c: GemvEngine(c, bank=mutants.FlippedLutBit)],
+                         ids=["shared-slot", "wrong-x-word", "other-table-page", "inverted-select", "flipped-lut-bit"])
+def test_the_checks_catch_a_broken_engine(build, two_layers):
+    assert rows_wrong(build(config()), two_layers) > 0
+
+
+def test_the_checks_catch_a_block_order_that_reverses_rows(two_layers):
+    cfg = config()
+    jobs = [Job(j.layer, j.x, reversed_rows(j.layer.rows, j.layer.cols // 16, cfg.tile)) for j in two_layers]
+    assert rows_wrong(GemvEngine(cfg), jobs) > 0
+
+
+# -- the Verilog -------------------------------------------------------------------------------------------------
+
+def test_named_configurations_elaborate_to_verilog():
+    configs = gemv_configs()
+    assert {"gemv-sop4-g16", "gemv-e2m3-ue4m4-g16"} <= set(configs)
+    cfg = configs["gemv-sop4-g16"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dut = GemvEngine(cfg)
+        text = verilog.convert(dut, name=gemv.module_name(cfg), emit_src=False)
+    assert f"module {gemv.module_name(cfg)}" in text
+    doc = gemv.describe(cfg, dut)
+    assert doc["latency_cycles"] == sum(doc["latency_stages"].values())
+    assert {p["name"] for p in doc["ports"]} >= {"x__payload", "w__payload", "y__payload", "status"}
