@@ -38,11 +38,12 @@ demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with cali
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, and its AXI4-Stream shell with a FuseSoC core (NAME_axis.v, NAME_axis.core)
 	$(PY) -m sop.hdl.generate --out build/verilog
 
-sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), then the board bring-up in simulation
+sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines, then the board bring-up in simulation
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --axis
+	SIM=$(SIM) $(PY) -m sop.sim.gemv_runner --sim $(SIM)
 	$(PY) -m sop.synth.host.bringup --sim
 
 synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json

@@ -1,0 +1,401 @@
+"""cocotb testbench of the GEMV engine's Verilog (hdl/gemv.py ``GemvEngine``): a host driver, a ``y``
+monitor and an in-order scoreboard against expected words computed from golden.
+
+Run through sim/gemv_runner.py, which converts the engine to Verilog and writes
+the plan (JSON, named by ``SOP_SIM_PLAN``): the engine's parameters (rebuilt
+here as a ``GemvConfig`` for the payload layouts) and the jobs. Each layer of a
+job carries its table writes, its layer registers, its ``w`` beats (blocks in
+``golden.dot.tile_order``), its ``sparse`` beats (``gemv.sparse_beats``) and per
+vector its ``x`` beats and the ``y`` words ``golden.dot.gemv`` gives: the bench
+computes nothing, it drives beats and compares every ``y`` word bit for bit,
+``value`` and ``last``.
+
+* ``layers`` job: the layers back to back, as docs/dot.md section 8's host
+  sequence says: a layer's tables and registers go into the inactive page once
+  the previous layer has swapped in; its first vector's first ``x`` beat carries
+  ``swap`` (no sooner than two cycles after the page's last write); each
+  vector's ``w`` and ``sparse`` beats once its ``x`` is taken. After the job
+  every owed word must come within a cycle bound, then nothing more may come,
+  and ``status`` must read 0 (no vector loaded, no error bit).
+* ``errors`` job: one small layer; vectors one beat too long, one too short,
+  with an E4M3 NaN and -NaN: while each is loaded ``status`` must hold
+  ``x_loaded`` and its bit (``x_length``, ``x_nan``), after its pass the bit
+  alone; ``clear`` must clear it. Their ``y`` words are counted (and ``last``
+  checked), not compared; a good vector after them is compared.
+
+Random idle cycles on every input (``p_idle``: ``x``, ``w``, ``sparse``, ``load``,
+``layer``) and random stalls on ``y.ready`` (``p_stall``) come from the plan's
+``seed`` (printed; the runner's ``--seed`` reruns it). Every wait
+is bounded: each job runs under ``with_timeout`` and its drain under a cycle
+limit. One clock loop calls the driver and the monitor each cycle (in ReadOnly
+before the edge: the ``y`` word taken, the handshakes, ``status`` when asked;
+after it: the next inputs, written only when they change). The summary (words
+checked, counted, mismatches, status errors, layers, sparse entries, cycles)
+goes to ``SOP_SIM_REPORT``; the test fails on any mismatch or status error.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cocotb
+import numpy as np
+from cocotb.clock import Clock
+from cocotb.triggers import Event, ReadOnly, RisingEdge, with_timeout
+from cocotb.types import Logic
+
+from sop.golden.points import get_point
+from sop.hdl import gemv
+from sop.hdl.gemv import GemvConfig
+
+ONE = Logic(1)                    # a 1-bit value read from the DUT is this object
+QUIET_CYCLES = 12                 # after a job: cycles in which no y word may come
+MISMATCHES_LOGGED = 10
+CLOCK_NS = 10
+X_LOADED = 1                      # status bit 0; the error bits follow in gemv.error_layout()'s order
+ERROR_BITS = {name: 1 << (1 + field.offset) for name, field in gemv.error_layout()}
+
+
+def engine_config(plan: dict) -> GemvConfig:
+    point = get_point(plan["point"])
+    return GemvConfig(plan["config"], point.layout, point.hif, **plan["engine"])
+
+
+class Packer:
+    """A stream payload (an amaranth ``StructLayout``) packed into the integer its Verilog port takes."""
+
+    def __init__(self, layout):
+        self.fields = {name: (field.offset, (1 << field.width) - 1) for name, field in layout}
+
+    def __call__(self, **values) -> int:
+        word = 0
+        for name, value in values.items():
+            offset, mask = self.fields[name]
+            word |= (int(value) & mask) << offset
+        return word
+
+
+@dataclass
+class HostCycle:
+    """What the host offers in one cycle (packed payloads; None: valid low)."""
+    load: int | None = None
+    layer: int | None = None
+    x: int | None = None
+    w: int | None = None
+    sparse: int | None = None
+    clear: bool = False
+    read_status: bool = False
+
+
+@dataclass
+class Reply:
+    """What the edge took of a ``HostCycle``, and ``status`` before it (when asked)."""
+    x: bool
+    w: bool
+    sparse: bool
+    status: int | None
+
+
+IDLE = HostCycle()
+
+
+class HostDriver:
+    """Drives the engine's inputs one ``HostCycle`` a cycle from a generator that is sent, after each
+    edge, the ``Reply``; ``done`` is set when the generator returns."""
+
+    PORTS = ("load", "layer", "x", "w", "sparse")
+
+    def __init__(self, dut):
+        self.dut = dut
+        self.sequence = None
+        self.fresh = False
+        self.cycle = IDLE
+        self.reply: Reply | None = None
+        self.done = Event()
+        self._driven: dict[str, int] = {}
+
+    def _put(self, name: str, value: int) -> None:
+        if self._driven.get(name) != value:
+            self._driven[name] = value
+            getattr(self.dut, name).value = value
+
+    def apply(self, cycle: HostCycle) -> None:
+        self.cycle = cycle
+        for port in self.PORTS:
+            payload = getattr(cycle, port)
+            if payload is not None:
+                self._put(f"{port}__payload", payload)
+            self._put(f"{port}__valid", int(payload is not None))
+        self._put("clear", int(cycle.clear))
+
+    def start(self, sequence) -> None:
+        self.sequence, self.fresh = sequence, True
+        self.done.clear()
+
+    def sample(self) -> None:
+        """Before the edge: what it takes."""
+        c, d = self.cycle, self.dut
+        self.reply = Reply(c.x is not None and d.x__ready.value is ONE, c.w is not None and d.w__ready.value is ONE,
+                           c.sparse is not None and d.sparse__ready.value is ONE,
+                           int(d.status.value) if c.read_status else None)
+
+    def step(self) -> None:
+        """After the edge: the generator's next cycle."""
+        if self.sequence is None:
+            return
+        try:
+            cycle = next(self.sequence) if self.fresh else self.sequence.send(self.reply)
+            self.fresh = False
+        except StopIteration:
+            self.sequence = None
+            self.apply(IDLE)
+            self.done.set()
+            return
+        self.apply(cycle)
+
+
+class Scoreboard:
+    """The ``y`` words owed, in order: (value or None: counted only, last, label); each word taken is
+    compared at once with the next one owed."""
+
+    def __init__(self, log):
+        self.log = log
+        self.owed: collections.deque = collections.deque()
+        self.checked = self.counted = self.mismatches = self.seen = 0
+
+    def expect(self, words, label: str) -> None:
+        for row, value in enumerate(words):
+            self.owed.append((value, row == len(words) - 1, f"{label} row {row}"))
+
+    def compare(self, payload: int | None) -> None:
+        index, self.seen = self.seen, self.seen + 1
+        if not self.owed:
+            self.error(f"y word {index}: {payload} came with nothing owed")
+            return
+        want, last, label = self.owed.popleft()
+        if payload is None:
+            self.error(f"y word {index} ({label}): X or Z bits")
+            return
+        value, got_last = payload & 0xFFFFFFFF, (payload >> 32) & 1
+        if want is None:
+            self.counted += 1
+        else:
+            self.checked += 1
+        if (want is not None and value != want) or got_last != last:
+            want_text = "any value" if want is None else f"{want:#010x}"
+            self.error(f"y word {index} ({label}): got {value:#010x} last {got_last}, expected {want_text} "
+                       f"last {int(last)}")
+
+    def error(self, text: str) -> None:
+        if self.mismatches < MISMATCHES_LOGGED:
+            self.log.error(text)
+        self.mismatches += 1
+
+    def missing(self) -> None:
+        if self.owed:
+            self.error(f"{len(self.owed)} y words never came (the first: {self.owed[0][2]})")
+            self.mismatches += len(self.owed) - 1
+            self.owed.clear()
+
+
+class Testbench:
+    def __init__(self, dut, cfg: GemvConfig, rng: np.random.Generator, p_idle: float, p_stall: float):
+        self.dut, self.cfg, self.rng, self.p_idle, self.p_stall = dut, cfg, rng, p_idle, p_stall
+        self.pack_x, self.pack_load = Packer(gemv.x_layout(cfg)), Packer(gemv.load_layout(cfg))
+        self.pack_layer, self.pack_sparse = Packer(gemv.layer_layout(cfg)), Packer(gemv.sparse_layout(cfg))
+        self.driver = HostDriver(dut)
+        self.scoreboard = Scoreboard(dut._log)
+        self.y_ready = False
+        self.always_ready = False
+        self.cycles = self.status_errors = self.layers = self.entries = 0
+        self._task = None
+
+    # -- the clock loop ----------------------------------------------------------------------------------
+    async def _clock(self) -> None:
+        d, drv, sb = self.dut, self.driver, self.scoreboard
+        while True:
+            await ReadOnly()
+            if self.y_ready and d.y__valid.value is ONE:
+                try:
+                    sb.compare(int(d.y__payload.value))
+                except ValueError:
+                    sb.compare(None)
+            drv.sample()
+            await RisingEdge(d.clk)
+            self.cycles += 1
+            drv.step()
+            ready = self.always_ready or self.rng.random() >= self.p_stall
+            if ready != self.y_ready:
+                d.y__ready.value = int(ready)
+                self.y_ready = ready
+
+    def start(self) -> None:
+        self._task = cocotb.start_soon(self._clock())
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+    # -- host sequences ----------------------------------------------------------------------------------
+    def writes(self, layer: dict) -> list[HostCycle]:
+        rows, bpr, offset, sparse = layer["layer"]
+        return [HostCycle(load=self.pack_load(bank=b, addr=a, data=v)) for b, a, v in layer["loads"]] + \
+            [HostCycle(layer=self.pack_layer(rows=rows, blocks_per_row=bpr, offset=offset, sparse=sparse))]
+
+    def x_cycle(self, beats: list[int], k: int, swap: bool) -> HostCycle:
+        return HostCycle(x=self.pack_x(codes=beats[k], last=int(k == len(beats) - 1), swap=int(swap)))
+
+    def offered(self) -> bool:
+        return self.rng.random() >= self.p_idle
+
+    def layers_sequence(self, layers: list[dict], max_cycles: int):
+        """The layers back to back: the next layer's writes once the current one has swapped in; each
+        vector's x (the layer's first with ``swap``, two cycles after its last write at the soonest),
+        then its w and sparse beats, with random idle cycles on each."""
+        writes = [self.writes(layer) for layer in layers]
+        load_layer, load_pos, swapped, loads_done_at = 0, 0, -1, {}
+        li = vec = xp = wp = sp = 0
+        cycle = 0
+        while li < len(layers):
+            assert cycle < max_cycles, f"the host sequence ran past {max_cycles} cycles (layer {li}, vector {vec})"
+            layer = layers[li]
+            xs, ws, ss = layer["vectors"][vec]["x"], layer["w"], layer["sparse"]
+            write = None
+            if load_layer < len(layers) and swapped >= load_layer - 1 and self.offered():
+                write = writes[load_layer][load_pos]
+            c = HostCycle(load=write.load, layer=write.layer) if write is not None else HostCycle()
+            ready_to_swap = vec > 0 or loads_done_at.get(li, max_cycles) <= cycle
+            if xp < len(xs) and ready_to_swap and self.offered():
+                c.x = self.x_cycle(xs, xp, vec == 0 and xp == 0).x
+            if xp == len(xs) and wp < len(ws) and self.offered():
+                c.w = ws[wp]
+            if xp == len(xs) and sp < len(ss) and self.offered():
+                row, col, value, last = ss[sp]
+                c.sparse = self.pack_sparse(row=row, col=col, value=value, last=last)
+            reply = yield c
+            cycle += 1
+            if write is not None:
+                load_pos += 1
+                if load_pos == len(writes[load_layer]):
+                    loads_done_at[load_layer] = cycle + 1
+                    load_layer, load_pos = load_layer + 1, 0
+            if reply.x:
+                swapped = li if vec == 0 and xp == 0 else swapped
+                xp += 1
+            wp += reply.w
+            sp += reply.sparse
+            if wp == len(ws) and sp == len(ss):
+                vec, xp, wp, sp = vec + 1, 0, 0, 0
+                if vec == len(layer["vectors"]):
+                    li, vec = li + 1, 0
+
+    def check_status(self, status: int, want: int, when: str) -> None:
+        if status != want:
+            names = [n for n, bit in ERROR_BITS.items() if status & bit] + (["x_loaded"] if status & X_LOADED else [])
+            self.dut._log.error(f"status {when}: {status:#x} {names}, expected {want:#x}")
+            self.status_errors += 1
+
+    def read_status(self):
+        """A generator step: one idle cycle, ``status`` read before its edge."""
+        reply = yield HostCycle(read_status=True)
+        return reply.status
+
+    def errors_sequence(self, job: dict, max_wait: int):
+        """The layer's writes, then each case: its x beats (the first with swap), ``status`` with its
+        error bit while loaded, its blocks, ``status`` after the pass, ``clear``, ``status`` 0."""
+        for c in self.writes(job):
+            yield c
+        for _ in range(3):
+            yield IDLE
+        for i, case in enumerate(job["cases"]):
+            bit = ERROR_BITS[case["error"]] if case["error"] else 0
+            for k in range(len(case["x"])):
+                for _ in range(max_wait):
+                    if (yield self.x_cycle(case["x"], k, i == 0 and k == 0)).x:
+                        break
+                else:
+                    raise AssertionError(f"errors case {i}: x beat {k} not taken in {max_wait} cycles")
+            yield IDLE
+            self.check_status((yield from self.read_status()), X_LOADED | bit, f"errors case {i}, vector loaded")
+            for w in job["w"]:
+                for _ in range(max_wait):
+                    if (yield HostCycle(w=w)).w:
+                        break
+                else:
+                    raise AssertionError(f"errors case {i}: a block not taken in {max_wait} cycles")
+            for _ in range(max_wait):
+                status = yield from self.read_status()
+                if not status & X_LOADED:
+                    break
+            self.check_status(status, bit, f"errors case {i}, after the pass")
+            yield HostCycle(clear=True)
+            self.check_status((yield from self.read_status()), 0, f"errors case {i}, after clear")
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    async def run(self, job: dict) -> None:
+        sb = self.scoreboard
+        if job["kind"] == "layers":
+            layers = job["layers"]
+            beats = sum(len(layer["loads"]) + len(v["x"]) + len(layer["w"]) + len(layer["sparse"])
+                        for layer in layers for v in layer["vectors"])
+            for layer in layers:
+                for i, v in enumerate(layer["vectors"]):
+                    sb.expect(v["expect"], f"{layer['name']} vector {i}")
+            self.layers += len(layers)
+            self.entries += sum(layer["entries"] for layer in layers)
+            # a bound far above the stalls' cost: every beat waits less than 20 cycles on average
+            max_cycles = 20 * beats + 200 * len(layers) + 2000
+            self.driver.start(self.layers_sequence(layers, max_cycles))
+        else:
+            for i, case in enumerate(job["cases"]):
+                sb.expect(case.get("expect") or [None] * job["rows"], f"errors case {i} ({case['error']})")
+            self.layers += 1
+            max_cycles = 200 * (len(job["loads"]) + len(job["w"]) * len(job["cases"]) + 100)
+            self.driver.start(self.errors_sequence(job, 500))
+        await with_timeout(self.driver.done.wait(), max_cycles * CLOCK_NS, "ns")
+        limit = self.cycles + 100 * len(sb.owed) + 2000
+        while sb.owed and self.cycles < limit:
+            await RisingEdge(self.dut.clk)
+        sb.missing()
+        self.always_ready = True
+        for _ in range(QUIET_CYCLES):
+            await RisingEdge(self.dut.clk)
+        self.always_ready = False
+        await ReadOnly()
+        self.check_status(int(self.dut.status.value), 0, f"after the {job.get('name', job['kind'])} job")
+        await RisingEdge(self.dut.clk)
+
+
+@cocotb.test()
+async def gemv_regression(dut):
+    plan = json.loads(Path(os.environ["SOP_SIM_PLAN"]).read_text())
+    cfg = engine_config(plan)
+    seed = plan["seed"]
+    dut._log.info(f"engine {cfg.name}, plan {plan['size']}, seed {seed} (rerun: gemv_runner --seed {seed})")
+    tb = Testbench(dut, cfg, np.random.default_rng([seed, 1]), plan["p_idle"], plan["p_stall"])
+    Clock(dut.clk, CLOCK_NS, unit="ns").start()
+    for port in HostDriver.PORTS:
+        getattr(dut, f"{port}__payload").value = 0
+    tb.driver.apply(IDLE)
+    dut.y__ready.value = 0
+    dut.rst.value = 1
+    for _ in range(2):
+        await RisingEdge(dut.clk)
+    dut.rst.value = 0
+    tb.start()
+    t0 = time.time()
+    for job in plan["jobs"]:
+        await tb.run(job)
+    tb.stop()
+    sb = tb.scoreboard
+    summary = {"config": cfg.name, "seed": seed, "checked": sb.checked, "counted": sb.counted,
+               "mismatches": sb.mismatches, "status_errors": tb.status_errors, "layers": tb.layers,
+               "entries": tb.entries, "cycles": tb.cycles, "seconds": time.time() - t0}
+    Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
+    dut._log.info(f"{cfg.name}: {sb.checked} words checked, {sb.counted} counted, {sb.mismatches} mismatches, "
+                  f"{tb.status_errors} status errors, {tb.cycles} cycles")
+    assert sb.mismatches == 0 and tb.status_errors == 0, f"{sb.mismatches} mismatches, {tb.status_errors} status errors"

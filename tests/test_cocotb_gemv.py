@@ -1,0 +1,68 @@
+"""The GEMV engine's cocotb regression (sim/gemv_runner.py, sim/tb_gemv.py): its fast subset.
+
+Icarus on ``gemv-sop4-g16``'s Verilog with the quick plan (40 real MiniLM rows
+with real E4M3 activations, without and with sparse residuals, the corner layers
+back to back, the bad vectors): every expected ``y`` word checked, none
+mismatched, the status bits as they should be. The checker can fail: an engine
+whose table bank stores one bit of entry 5 flipped (tests/mutants.py), and a plan
+with one expected word off by one bit and a NaN vector said to be good, must be
+reported. Verilator and the full plans (whole layers) are slow.
+"""
+
+import pytest
+
+import mutants
+from sop.hdl import gemv
+from sop.sim import gemv_runner
+
+CONFIGS = gemv.gemv_configs()
+SOP4 = CONFIGS["gemv-sop4-g16"]
+
+
+def test_quick_regression_icarus(tmp_path):
+    s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
+    print(gemv_runner.summary_line(s))
+    assert s["failed_tests"] == 0 and s["mismatches"] == 0 and s["status_errors"] == 0
+    assert s["checked"] == s["expected"] > 250 and s["counted"] == 12      # 4 bad vectors of 3 rows
+    assert s["entries"] > 300 and s["layers"] == 11
+    assert gemv_runner.passed(s)
+
+
+def corners_only(plan: dict) -> None:
+    """The plan without its MiniLM job (a shorter run for the injected bugs)."""
+    plan["jobs"] = [job for job in plan["jobs"] if job.get("name") != "minilm"]
+
+
+def test_a_broken_engine_is_reported(tmp_path):
+    verilog = gemv_runner.build_verilog(SOP4, tmp_path / "rtl", gemv.GemvEngine(SOP4, bank=mutants.FlippedLutBit))
+    s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, verilog=verilog, build_dir=tmp_path / "build",
+                        plan_edit=corners_only)
+    print(gemv_runner.summary_line(s))
+    assert s["mismatches"] > 0 and s["failed_tests"] == 1 and not gemv_runner.passed(s)
+    log = (tmp_path / "build" / "sim.log").read_text()
+    assert "expected 0x" in log                                   # reported word by word, with its layer and row
+
+
+def test_a_wrong_expected_word_and_a_wrong_status_are_reported(tmp_path):
+    def break_plan(plan):
+        corners_only(plan)
+        layer = plan["jobs"][0]["layers"][3]                       # cancellation-and-zero-blocks
+        layer["vectors"][0]["expect"][5] ^= 1                      # one bit of one word
+        plan["jobs"][-1]["cases"][2]["error"] = None               # the NaN vector, said to be good
+
+    s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, build_dir=tmp_path / "build", plan_edit=break_plan)
+    print(gemv_runner.summary_line(s))
+    assert s["mismatches"] == 1 and s["status_errors"] >= 1 and s["failed_tests"] == 1
+    log = (tmp_path / "build" / "sim.log").read_text()
+    assert "cancellation-and-zero-blocks vector 0 row 5" in log and "status errors case 2" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("sim", ["icarus", "verilator"])
+def test_full_regression(name, sim, tmp_path):
+    """A whole MiniLM layer with real activations, every corner; both simulators."""
+    s = gemv_runner.run(CONFIGS[name], sim, seed=2, build_dir=tmp_path / "build")
+    print(gemv_runner.summary_line(s))
+    assert gemv_runner.passed(s), gemv_runner.summary_line(s)
+    assert s["checked"] > 1000
