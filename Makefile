@@ -35,7 +35,7 @@ demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print
 demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with calibration, ppl/KLD table, .sopq, a model folder transformers loads, greedy completions
 	$(PY) -m sop.demo_llm
 
-verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, and its AXI4-Stream shell with a FuseSoC core (NAME_axis.v, NAME_axis.core)
+verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, each with residuals (NAME-sp), their AXI4-Stream shells with FuseSoC cores (NAME_axis.v, NAME_axis.core), and the GEMV engines (gemv-*.v)
 	$(PY) -m sop.hdl.generate --out build/verilog
 
 sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines, then the board bring-up in simulation
@@ -67,7 +67,7 @@ peers: $(STAMP)  ## install the quantizers bench/peer_speed.py times ours agains
 	$(VENV)/bin/pip install -q --no-deps "torchao==0.18.0"
 	SKIP_CUDA_BUILD=1 $(VENV)/bin/pip install -q --no-deps --no-build-isolation "fouroversix==1.0.5"
 
-mutate: $(STAMP)  ## mutation score of both operating points (about 13 min on 2 cores): yosys mutate, 1,000 mutants each against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
+mutate: $(STAMP)  ## mutation score of both operating points and of the residual path (about 50 min on 2 cores): yosys mutate, 1,000 mutants each (300 of sop4-g16-sp's residual path) against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
 	$(PY) -m sop.sim.mutate --mutants 1000 --seed 1 --out build/mutate
 
 clean:  ## remove generated files (build/), keep the venv

@@ -1,4 +1,4 @@
-"""`make verilog`: Verilog and a JSON manifest for each named decoder configuration.
+"""`make verilog`: Verilog and a JSON manifest for each named decoder configuration and GEMV engine.
 
     python -m sop.hdl.generate [--out build/verilog] [--config NAME ...] [--lutram-depth D]
 
@@ -19,15 +19,30 @@ beside it) and ``sim`` (Icarus, the testbench)::
 
     fusesoc --cores-root build/verilog run --target lint sop:decoder:sop_decoder_sop4_g16_axis
 
+By default it writes every named configuration and, after them, each with the
+sparse-residual path of one adder (hdl.config.residual_configs: ``NAME-sp``,
+BF16 configurations of up to 8 lanes; hdl/residual.py): ``NAME-sp.v`` and its
+manifest (ports ``sparse__*``, ``layer_sparse``, ``sparse_error``;
+``latency_stages.residual``), and ``NAME-sp_axis.v`` with the shell's sparse
+stream ``s_axis_sparse`` (48-bit TDATA: flat index, BF16 value; TLAST on a
+layer's last entry), the ``CTRL_SPARSE`` bit of the offset word and the
+``sparse_error`` output (docs/hardware.md, "AXI4-Stream shell"); its manifest
+adds ``sparse_fields``, ``ctrl_bits.sparse`` and ``sparse_error_bits``, and its
+testbench streams the first and last layers with sparse entries (golden's
+residual sums) and checks that ``sparse_error`` stays 0.
+
+After the decoders, the GEMV engines (hdl/gemv.py ``gemv_configs()``: ``gemv-sop4-g16``,
+``gemv-e2m3-ue4m4-g16``; docs/dot.md section 8): ``NAME.v`` (top module
+``sop_gemv_<point>``) and ``NAME.json`` (``gemv.describe``: parameters, ports, latency
+and each component's share, error bits, the block order), no shell.
+
 ``--lutram-depth D`` builds each lane's table from ``D``-word memories
 (hdl/lut_bank.py) instead of one block-RAM-shaped memory. What ``make synth``
 measures on ECP5: 16 for 4-bit codes, 32 for 6-bit codes.
 
-``--residuals R`` writes, instead, each BF16 configuration of up to 8 lanes with
-the sparse-residual path of R adders (hdl/residual.py): ``NAME-sp.v`` and its
-manifest (ports ``sparse__*``, ``layer_sparse``, ``sparse_error__*``;
-``latency_stages.residual``), without an AXI4-Stream shell (the shell does not
-carry the sparse stream).
+``--residuals R`` writes only the residual configurations, with R adders, and
+without their shells (the bare ``NAME-sp.v`` the sparse decoder's tests read);
+``--config NAME-sp`` picks one of the default run's, shell included.
 """
 
 from __future__ import annotations
@@ -46,12 +61,13 @@ from amaranth.lib import data, wiring
 from sop import toolenv
 from sop.golden.files import write_atomic
 
-from . import axis
+from . import axis, gemv
 from .config import DecoderConfig, named_configs, residual_configs
 from .decoder import Decoder
 
 CORE_VERSION = "0.1.0"
 TB_LAYERS, TB_BLOCKS, TB_SEED = 3, 8, 1          # the FuseSoC sim target's testbench
+TB_DENSITY = 0.1                                 # its sparse layers' entries (with residuals)
 
 
 def module_name(config: DecoderConfig) -> str:
@@ -101,14 +117,25 @@ def _convert(top, name: str, **kwargs) -> str:
     return verilog.convert(top, name=name, emit_src=False, **kwargs)
 
 
-def generate(config: DecoderConfig, out_dir: Path) -> tuple[Path, Path]:
-    dut = Decoder(config)
-    text = _convert(dut, module_name(config))
-    doc = manifest(config, dut)
-    v_path, j_path = out_dir / f"{config.name}.v", out_dir / f"{config.name}.json"
+def _write(out_dir: Path, name: str, text: str, doc: dict) -> tuple[Path, Path]:
+    v_path, j_path = out_dir / f"{name}.v", out_dir / f"{name}.json"
     write_atomic(v_path, text.encode())
     write_atomic(j_path, (json.dumps(doc, indent=1) + "\n").encode())
     return v_path, j_path
+
+
+def generate(config: DecoderConfig, out_dir: Path) -> tuple[Path, Path]:
+    dut = Decoder(config)
+    text = _convert(dut, module_name(config))
+    return _write(out_dir, config.name, text, manifest(config, dut))
+
+
+def generate_gemv(config: gemv.GemvConfig, out_dir: Path) -> tuple[Path, Path]:
+    """``NAME.v`` and ``NAME.json`` of a GEMV engine (hdl/gemv.py; docs/dot.md section 8). The
+    manifest is taken from the engine just converted (``gemv.describe`` needs it elaborated)."""
+    engine = gemv.GemvEngine(config)
+    text = _convert(engine, gemv.module_name(config))
+    return _write(out_dir, config.name, text, gemv.describe(config, engine))
 
 
 # -- the AXI4-Stream shell, its testbench and its FuseSoC core --------------------------------------
@@ -120,16 +147,27 @@ def axis_manifest(config: DecoderConfig, top: axis.AxisTop) -> dict:
     """The shell's ports (AXI names), TDATA widths, load-word fields and latency."""
     ports = [{"name": name, "width": len(value), "direction": "input" if member.flow == wiring.In else "output"}
              for (name, (value, _)), (_, member, _) in zip(top.ports().items(), top.signature.flatten(top))]
-    return {"module": axis_module_name(config), "decoder": module_name(config), "parameters": config.describe(),
-            "latency_cycles": top.latency, "tdata_bits": axis.widths(config),
-            "lane_bytes": axis.lane_bytes(config), "lane_word_bits": Shape.cast(config.lane_layout).width,
-            "load_fields": {k: {"lsb": lsb, "width": w} for k, (lsb, w) in axis.load_fields(config).items()},
-            "ctrl_bits": {"bank": 0, "offset": 1}, "tlast_depth": top.core.tlast_depth, "ports": ports}
+    doc = {"module": axis_module_name(config), "decoder": module_name(config), "parameters": config.describe(),
+           "latency_cycles": top.latency, "tdata_bits": axis.widths(config),
+           "lane_bytes": axis.lane_bytes(config), "lane_word_bits": Shape.cast(config.lane_layout).width,
+           "load_fields": {k: {"lsb": lsb, "width": w} for k, (lsb, w) in axis.load_fields(config).items()},
+           "ctrl_bits": {"bank": 0, "offset": 1}, "tlast_depth": top.core.tlast_depth, "ports": ports}
+    if config.residuals:
+        from .residual import ERRORS
+
+        doc["ctrl_bits"]["sparse"] = axis.CTRL_SPARSE.bit_length() - 1
+        doc["sparse_fields"] = {"index": {"lsb": 0, "width": 8 * axis.SPARSE_INDEX_BYTES},
+                                "value": {"lsb": 8 * axis.SPARSE_INDEX_BYTES, "width": 8 * axis.SPARSE_VALUE_BYTES}}
+        doc["sparse_error_bits"] = list(ERRORS)
+    return doc
 
 
 def testbench_layers(config: DecoderConfig, n_layers: int = TB_LAYERS, n_blocks: int = TB_BLOCKS,
                      seed: int = TB_SEED) -> list[tuple]:
-    """Random layers ``(luts, offset, headers, codes)`` for the Verilog testbench (whole beats)."""
+    """Random layers ``(luts, offset, headers, codes)`` for the Verilog testbench (whole beats).
+    With residuals each is ``(luts, offset, headers, codes, index, values)``: the first and the
+    last layer with sparse entries (``TB_DENSITY``, the layer's first value among them), the
+    others without."""
     rng, lay = np.random.default_rng(seed), config.layout
     n_blocks += -n_blocks % config.blocks_per_beat
     layers = []
@@ -140,6 +178,18 @@ def testbench_layers(config: DecoderConfig, n_layers: int = TB_LAYERS, n_blocks:
         codes = rng.integers(0, 1 << lay.code_bits, (n_blocks, lay.group))
         luts = rng.integers(0, 1 << config.hif.bits, (lay.banks, 1 << lay.code_bits))
         layers.append((luts, int(rng.integers(-40, 20)), headers, codes))
+    if config.residuals:
+        from sop.golden.formats import get_format
+
+        bf16, out = get_format("bf16"), []
+        for i, layer in enumerate(layers):
+            index = np.zeros(0, dtype=np.int64)
+            if i in (0, n_layers - 1):
+                n = layer[3].size
+                index = np.flatnonzero((rng.random(n) < TB_DENSITY) | (np.arange(n) == 0))
+            values = bf16.encode(rng.normal(0, 2.0 ** rng.integers(-30, 10, len(index)))).astype(np.int64)
+            out.append((*layer, index, values))
+        layers = out
     return layers
 
 
@@ -153,40 +203,74 @@ def _memory(name: str, bits: int, beats) -> str:
 def axis_testbench(config: DecoderConfig, layers) -> str:
     """A self-checking Verilog-2005 testbench of ``NAME_axis.v``: loads and streams ``layers`` with
     random TVALID gaps (TVALID held until its handshake, as AXI requires) and TREADY pauses, and
-    compares every output beat, TLAST included, with ``axis.model``. Ends with ``PASS``, or
+    compares every output beat, TLAST included, with ``axis.model``. With residuals it also
+    streams the layers' sparse packets (all queued at once: the shell holds each until its
+    layer's first beat) and requires ``sparse_error`` to be 0 at the end. Ends with ``PASS``, or
     ``FAIL`` and ``$fatal``."""
     w = axis.widths(config)
-    blocks = [b for _, _, h, c in layers for b in axis.block_beats(config, h, c)]
-    loads = [b for luts, off, _, _ in layers for b in axis.load_beats(config, luts, off)]
+    sparse = bool(config.residuals)
+    blocks = [b for _, _, h, c, *_ in layers for b in axis.block_beats(config, h, c)]
+    loads = [b for luts, off, _, _, *e in layers
+             for b in axis.load_beats(config, luts, off, sparse=bool(e and len(e[0])))]
+    entries = [b for *_, i, v in layers for b in axis.sparse_beats(i, v)] if sparse else []
     expect = axis.model(config, layers)
     top, sw, lw, mw = axis_module_name(config), w["s_axis"], w["s_axis_load"], w["m_axis"]
-    limit = 20 * (len(blocks) * config.beats_per_block + len(loads)) + 1000
+    limit = 20 * (len(blocks) * config.beats_per_block + len(loads) + len(entries)) + 1000
+    ne, ew = len(entries), axis.SPARSE_BITS
+    # the sparse stream's lines (none without residuals: the testbench is the one it was before)
+    sp = {"mem": "", "regs": "", "ports": "", "take": "", "count": "", "drive": "", "clear": "", "check": "",
+          "what": "", "int": ""}
+    if sparse:
+        from .residual import ERRORS
+
+        n_err = len(ERRORS)
+        sp["mem"] = "\n" + _memory("spw", ew, entries) if ne else ""
+        sp["regs"] = (f"\n  reg [{ew - 1}:0] e_tdata = 0;  reg e_tvalid = 1'b0, e_tlast = 1'b0;  wire e_tready;"
+                      f"\n  wire [{n_err - 1}:0] sparse_error;")
+        sp["ports"] = ("\n    .s_axis_sparse_tdata(e_tdata), .s_axis_sparse_tvalid(e_tvalid), "
+                       ".s_axis_sparse_tlast(e_tlast),\n    .s_axis_sparse_tready(e_tready), "
+                       ".sparse_error(sparse_error),")
+        sp["int"] = ", ei = 0"
+        sp["take"] = "\n    e_took = e_tvalid & e_tready;"
+        sp["count"] = "\n    if (e_took) ei = ei + 1;"
+        sp["drive"] = (f"\n    if (!e_tvalid || e_took) begin"
+                       f"\n      e_tvalid = (ei < {ne}) && (($random(seed) & 3) != 0);"
+                       + (f"\n      if (ei < {ne}) {{e_tlast, e_tdata}} = spw[ei];" if ne else "")
+                       + "\n    end")
+        sp["clear"] = "\n    e_took = 1'b0;"
+        sp["check"] = (f"\n      if (sparse_error !== {n_err}'b0) begin"
+                       "\n        errors = errors + 1;"
+                       "\n        $display(\"FAIL: sparse_error %b (order, past_layer, no_layer, not_finite from bit 0)\","
+                       " sparse_error);"
+                       "\n      end")
+        sp["what"] = f", {ne} sparse entries"
+    took = "reg s_took = 1'b0, l_took = 1'b0" + (", e_took = 1'b0" if sparse else "") + ";"
     return f"""// Generated by sop.hdl.generate: self-checking testbench of {top} (FuseSoC target sim).
-// {len(layers)} layers, golden's values; random TVALID gaps and TREADY pauses.
+// {len(layers)} layers{sp["what"]}, golden's values; random TVALID gaps and TREADY pauses.
 `timescale 1ns/1ps
 module {top}_tb;
   reg aclk = 1'b0;
   always #5 aclk = ~aclk;
   reg aresetn = 1'b0;
 {_memory("blk", sw, blocks)}
-{_memory("ldw", lw, loads)}
+{_memory("ldw", lw, loads)}{sp["mem"]}
 {_memory("exp", mw, expect)}
   reg [{sw - 1}:0] s_tdata = 0;  reg s_tvalid = 1'b0, s_tlast = 1'b0;  wire s_tready;
-  reg [{lw - 1}:0] l_tdata = 0;  reg l_tvalid = 1'b0, l_tlast = 1'b0;  wire l_tready;
+  reg [{lw - 1}:0] l_tdata = 0;  reg l_tvalid = 1'b0, l_tlast = 1'b0;  wire l_tready;{sp["regs"]}
   wire [{mw - 1}:0] m_tdata;  wire m_tvalid, m_tlast;  reg m_tready = 1'b0;
   {top} dut (
     .aclk(aclk), .aresetn(aresetn),
     .s_axis_tdata(s_tdata), .s_axis_tvalid(s_tvalid), .s_axis_tlast(s_tlast), .s_axis_tready(s_tready),
     .s_axis_load_tdata(l_tdata), .s_axis_load_tvalid(l_tvalid), .s_axis_load_tlast(l_tlast),
-    .s_axis_load_tready(l_tready),
+    .s_axis_load_tready(l_tready),{sp["ports"]}
     .m_axis_tdata(m_tdata), .m_axis_tvalid(m_tvalid), .m_axis_tlast(m_tlast), .m_axis_tready(m_tready));
-  integer seed = {TB_SEED}, bi = 0, li = 0, oi = 0, cycles = 0, errors = 0;
-  reg s_took = 1'b0, l_took = 1'b0;
+  integer seed = {TB_SEED}, bi = 0, li = 0{sp["int"]}, oi = 0, cycles = 0, errors = 0;
+  {took}
   always @(posedge aclk) if (aresetn) begin
     s_took = s_tvalid & s_tready;
-    l_took = l_tvalid & l_tready;
+    l_took = l_tvalid & l_tready;{sp["take"]}
     if (s_took) bi = bi + 1;
-    if (l_took) li = li + 1;
+    if (l_took) li = li + 1;{sp["count"]}
     if (m_tvalid & m_tready) begin
       if ({{m_tlast, m_tdata}} !== exp[oi]) begin
         errors = errors + 1;
@@ -196,8 +280,8 @@ module {top}_tb;
       oi = oi + 1;
     end
     cycles = cycles + 1;
-    if (oi == {len(expect)}) begin
-      if (errors == 0) $display("PASS: %0d output beats, {len(layers)} layers, %0d cycles", oi, cycles);
+    if (oi == {len(expect)}) begin{sp["check"]}
+      if (errors == 0) $display("PASS: %0d output beats, {len(layers)} layers{sp["what"]}, %0d cycles", oi, cycles);
       else $display("FAIL: %0d of %0d output beats differ", errors, oi);
       if (errors != 0) $fatal(1);
       $finish;
@@ -216,9 +300,9 @@ module {top}_tb;
     if (!l_tvalid || l_took) begin
       l_tvalid = (li < {len(loads)}) && (($random(seed) & 3) != 0);
       if (li < {len(loads)}) {{l_tlast, l_tdata}} = ldw[li];
-    end
+    end{sp["drive"]}
     s_took = 1'b0;
-    l_took = 1'b0;
+    l_took = 1'b0;{sp["clear"]}
     m_tready = ($random(seed) & 3) != 0;
   end
   initial begin
@@ -296,33 +380,42 @@ def main(argv=None) -> int:
                         "4-bit codes, 32 for 6-bit codes); "
                         "default 0: one memory per lane with a registered read (block RAM)")
     p.add_argument("--residuals", type=int, default=0, metavar="R",
-                   help="the configurations with the sparse-residual path of R adders (NAME-sp), "
-                        "without AXI4-Stream shells")
+                   help="only the configurations with the sparse-residual path of R adders (NAME-sp), "
+                        "without AXI4-Stream shells; by default every named configuration and each "
+                        "NAME-sp of one adder, all with shells")
     args = p.parse_args(argv)
     try:
-        configs = residual_configs(args.residuals) if args.residuals else named_configs()
+        configs = residual_configs(args.residuals) if args.residuals else {**named_configs(), **residual_configs()}
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    names = args.config or list(configs)
-    unknown = [n for n in names if n not in configs]
+    engines = {} if args.residuals else gemv.gemv_configs()
+    names = args.config or list(configs) + list(engines)
+    unknown = [n for n in names if n not in configs and n not in engines]
     if unknown:
-        print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
+        print(f"unknown configuration(s) {unknown}; valid: {', '.join(list(configs) + list(engines))}",
+              file=sys.stderr)
         return 2
     try:
-        chosen = [replace(configs[n], lutram_depth=args.lutram_depth) for n in names]
+        chosen = [replace(configs[n], lutram_depth=args.lutram_depth) for n in names if n in configs]
+        chosen_engines = [replace(engines[n], lutram_depth=args.lutram_depth) for n in names if n in engines]
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
     for cfg in chosen:
         v, _ = generate(cfg, args.out)
-        if cfg.residuals:
-            print(f"{v}  ({cfg.lanes} lanes, {cfg.residuals} residual adder{'s' * (cfg.residuals > 1)}"
-                  + (f", lutram depth {cfg.lutram_depth})" if cfg.lutram_depth else ")"))
+        what = f"{cfg.lanes} lanes" + (f", {cfg.residuals} residual adder{'s' * (cfg.residuals > 1)}"
+                                       if cfg.residuals else "") \
+            + (f", lutram depth {cfg.lutram_depth}" if cfg.lutram_depth else "")
+        if args.residuals:
+            print(f"{v}  ({what})")
             continue
         shell = generate_axis(cfg, args.out)
-        print(f"{v}  ({cfg.lanes} lanes" + (f", lutram depth {cfg.lutram_depth})" if cfg.lutram_depth else ")") +
-              f", AXI4-Stream shell {shell['verilog'].name}, FuseSoC core {shell['core'].name}")
+        print(f"{v}  ({what}), AXI4-Stream shell {shell['verilog'].name}, FuseSoC core {shell['core'].name}")
+    for cfg in chosen_engines:
+        v, _ = generate_gemv(cfg, args.out)
+        print(f"{v}  (GEMV engine, {cfg.layout.group} MACs a cycle, {cfg.act} activations"
+              + (f", lutram depth {cfg.lutram_depth}" if cfg.lutram_depth else "") + ")")
     return 0
 
 

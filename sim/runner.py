@@ -3,8 +3,8 @@
     python -m sop.sim.runner [--config NAME ...] [--sim icarus|verilator] [--quick] [--seed N]
                              [--lutram-depth D] [--axis]
 
-For each configuration (the named ones and, but for ``--axis``, those with the
-residual path, ``<name>-sp``: hdl.config.residual_configs) it writes the Verilog
+For each configuration (the named ones and those with the residual path,
+``<name>-sp``: hdl.config.residual_configs) it writes the Verilog
 (hdl.generate) and the real MiniLM vectors for its layout (`sop vectors`, cached
 under build/vectors/; for ``-sp`` the layers `sop-budget` stores with sparse
 residuals),
@@ -18,7 +18,10 @@ configurations built with their tables in ``D``-word LUT RAM memories (what
 ``make synth`` measures on ECP5), under ``build/sim/<sim>/<config>-lutram<D>/``.
 ``--axis`` runs the AXI4-Stream shell (``NAME_axis.v``, hdl/axis.py) in
 sim/tb_axis.py instead, with cocotbext-axi's sources and sink
-(``build/sim/<sim>/<config>-axis/``). ``WAVES=1`` writes waveforms. Each run
+(``build/sim/<sim>/<config>-axis/``); a ``-sp`` shell also gets layers with
+every pattern of sparse entries on ``s_axis_sparse`` and, in the full plan,
+16 rows of each of the three `sop-budget` layers with the most entries in them
+(``sparse_row_vectors``). ``WAVES=1`` writes waveforms. Each run
 ends with the summary line: vectors checked, mismatches, functional coverage
 (for the shell: values, beats and layers checked, mismatches, AXI protocol
 errors). Exit status 1 if anything mismatched.
@@ -138,6 +141,36 @@ def sparse_artifact(fmt: str) -> tuple[Path, list[str]]:
     return path, names
 
 
+#: the real sop-budget layers in a -sp shell's full plan: rows of each, at most this many layers
+AXIS_SPARSE_ROWS, AXIS_SPARSE_LAYERS = 16, 3
+
+
+def sparse_row_vectors(cfg: DecoderConfig) -> Path | None:
+    """The first ``AXIS_SPARSE_ROWS`` rows of the `sop-budget` layers (``sparse_artifact``) in this
+    configuration's layout whose rows hold the most sparse entries, up to ``AXIS_SPARSE_LAYERS``
+    layers (cached under build/vectors/): real entries for the AXI4-Stream shell's bench, whose
+    plan is too short for whole layers (the first rows of the first layer may have none)."""
+    import tempfile
+
+    from sop.sim.vectors import make_vectors, read_vectors
+
+    point = point_of(cfg)
+    if point is None or not point.vectors:
+        return None
+    fmt = point.name
+    out = toolenv.build_root() / "vectors" / f"{fmt}-sparse-rows{AXIS_SPARSE_ROWS}"
+    if not (out / "vectors.json").is_file():
+        art, names = sparse_artifact(fmt)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            make_vectors(str(art), fmt, names, Path(tmp), rows=AXIS_SPARSE_ROWS)
+            counts = {v.name: len(v.sparse_index) for v in read_vectors(Path(tmp))}
+        chosen = sorted((n for n in names if counts[n]), key=lambda n: -counts[n])[:AXIS_SPARSE_LAYERS]
+        if not chosen:
+            raise ValueError(f"no {fmt} layer of {art} has sparse entries in its first {AXIS_SPARSE_ROWS} rows")
+        make_vectors(str(art), fmt, chosen, out, rows=AXIS_SPARSE_ROWS)
+    return out
+
+
 def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: int | None = None,
         verilog: Path | None = None, build_dir: Path | None = None, vectors: bool = True,
         waves: bool = False) -> dict:
@@ -206,12 +239,18 @@ def _simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module
 # -- the AXI4-Stream shell (hdl/axis.py, sim/tb_axis.py) -------------------------------------------
 AXIS_PLAN = {"quick": [{"kind": "random", "layers": 3, "blocks": 16}, {"kind": "corners"}],
              "full": [{"kind": "random", "layers": 6, "blocks": 128}, {"kind": "corners"}]}
+#: a -sp shell's synthetic sparse job (stimulus.plan_jobs "sparse": every entry pattern, layers
+#: without entries between): blocks per layer
+AXIS_SPARSE_BLOCKS = {"quick": 8, "full": 32}
 
 
 def axis_plan(cfg: DecoderConfig, size: str, vectors_dir: Path | None) -> dict:
     """Layers back to back, each its own load packet and block packet: random ones, the corner layers
-    (three table swaps), real MiniLM rows in the full plan; random TVALID gaps and TREADY pauses."""
+    (three table swaps), real MiniLM rows in the full plan; with residuals the sparse job (its
+    layers' entry packets on ``s_axis_sparse``); random TVALID gaps and TREADY pauses."""
     jobs = ([{"kind": "vectors", "dir": str(vectors_dir)}] if vectors_dir is not None else []) + AXIS_PLAN[size]
+    if cfg.residuals:
+        jobs = jobs + [{"kind": "sparse", "blocks": AXIS_SPARSE_BLOCKS[size], "density": 0.05}]
     return {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "decoder": cfg.describe(), "size": size,
             "jobs": jobs, "p_idle": 0.3, "p_stall": 0.3}
 
@@ -221,8 +260,9 @@ def run_axis(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, se
              waves: bool = False) -> dict:
     """Build the AXI4-Stream shell of ``cfg`` (``NAME_axis.v``) and run sim/tb_axis.py on it with
     cocotbext-axi's sources and sink; returns the summary. The quick plan (random layers and the
-    corners) is for `make test`; the full one adds 16 MiniLM rows (the quick vectors: the shell's
-    datapath is the decoder's, which sim/tb_decoder.py runs on whole layers)."""
+    corners; with residuals the sparse patterns) is for `make test`; the full one adds 16 MiniLM
+    rows (the quick vectors: the shell's datapath is the decoder's, which sim/tb_decoder.py runs
+    on whole layers; for ``-sp`` 16 rows of three `sop-budget` layers, ``sparse_row_vectors``)."""
     from sop.hdl.generate import axis_module_name, generate_axis
 
     check_simulator(sim)
@@ -232,7 +272,10 @@ def run_axis(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, se
     if verilog is None:
         verilog = generate_axis(cfg, build_dir / "rtl")["verilog"]
     size = "quick" if quick or (sim == "icarus" and cfg.lanes > 8) else "full"
-    plan = axis_plan(cfg, size, minilm_vectors(cfg, True) if vectors and size == "full" else None)
+    vdir = None
+    if vectors and size == "full":
+        vdir = sparse_row_vectors(cfg) if cfg.residuals else minilm_vectors(cfg, True)
+    plan = axis_plan(cfg, size, vdir)
     return _simulate(cfg, sim, Path(verilog), axis_module_name(cfg), "sop.sim.tb_axis", plan, size, build_dir,
                      seed=seed, waves=waves)
 
@@ -240,7 +283,9 @@ def run_axis(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, se
 def axis_summary_line(s: dict) -> str:
     name = s["config"] + (f" lutram {s['lutram_depth']}" if s.get("lutram_depth") else "")
     return (f"{name} AXI4-Stream [{s['sim']}, {s.get('plan')}]: {s.get('checked', 0)} values in {s.get('beats', 0)} "
-            f"beats of {s.get('layers', 0)} layers checked, {s['mismatches']} mismatches, "
+            f"beats of {s.get('layers', 0)} layers checked"
+            + (f", {s['sparse_entries']} sparse entries" if s.get("sparse_entries") else "")
+            + f", {s['mismatches']} mismatches, "
             f"{s.get('protocol_errors')} protocol errors (seed {s.get('seed')}, {s['wall_seconds']:.1f} s)")
 
 
@@ -264,9 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--axis", action="store_true",
                    help="the AXI4-Stream shell (NAME_axis.v, sim/tb_axis.py) instead of the bare decoder")
     args = p.parse_args(argv)
-    # the bare decoder's regression covers the configurations with the residual path too (the
-    # AXI4-Stream shell does not carry the sparse stream)
-    configs = {**named_configs(), **({} if args.axis else residual_configs())}
+    # the configurations with the residual path too, bare or in the AXI4-Stream shell
+    configs = {**named_configs(), **residual_configs()}
     names = args.config or list(configs)
     if unknown := [n for n in names if n not in configs]:
         print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)

@@ -6,16 +6,23 @@ sim/tb_decoder.py; its layers come from ``stimulus.plan_jobs`` (random layers,
 the corner layers, real MiniLM vectors), their expected output from
 ``hdl.axis.model`` (golden/ only)::
 
-    AxiStreamSource s_axis_load ─▶ ┐
-    AxiStreamSource s_axis      ─▶ DUT ─▶ m_axis ─▶ AxiStreamSink ─▶ per layer: bytes == model's
-                                      └─▶ ProtocolMonitor (m_axis: AXI4-Stream rules, every cycle)
+    AxiStreamSource s_axis_load   ─▶ ┐
+    AxiStreamSource s_axis        ─▶ DUT ─▶ m_axis ─▶ AxiStreamSink ─▶ per layer: bytes == model's
+    AxiStreamSource s_axis_sparse ─▶ ┘   └─▶ ProtocolMonitor (m_axis: AXI4-Stream rules, every cycle)
+    (with residuals)
 
 * Every layer is one load packet (hdl.axis.load_beats: table words, then the
   offset word with TLAST) and one block packet (hdl.axis.block_beats: TLAST on
   its last beat); all of a job's packets are queued at once, so the loads of
   layer ``L + 1`` run beside layer ``L``'s blocks and the shell's own
   sequencing (hdl/axis.py) is what keeps them apart.
-* Both sources pause at random (TVALID gaps, ``p_idle``), the sink too (TREADY
+* With residuals (a ``-sp`` configuration): each layer with sparse entries has the
+  ``CTRL_SPARSE`` bit on its offset word and one packet on ``s_axis_sparse``
+  (hdl.axis.sparse_beats: index and BF16 value, TLAST on the last entry), queued
+  with the rest, so the shell alone holds it until its layer's first beat; the
+  expected values are golden's residual sums (hdl.residual.expected_words), and
+  ``sparse_error`` must read 0 at the end.
+* The sources pause at random (TVALID gaps, ``p_idle``), the sink too (TREADY
   low, ``p_stall``); the pause generators draw from ``cocotb.RANDOM_SEED``.
 * Each output packet (the beats up to TLAST) must be exactly the model's bytes
   for its layer: a misplaced TLAST makes packets of the wrong length, a wrong
@@ -25,7 +32,7 @@ the corner layers, real MiniLM vectors), their expected output from
   TVALID is never X or Z after reset.
 
 Summary (``SOP_SIM_REPORT``): values and output beats checked, layers,
-mismatches, protocol errors, cycles, seed.
+sparse entries, mismatches, protocol errors, the ``sparse_error`` bits, cycles, seed.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from cocotb.triggers import ReadOnly, RisingEdge, with_timeout
 from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
 
 from sop.hdl import axis, reference
+from sop.hdl.residual import ERRORS
 from sop.hdl.config import DecoderConfig
 from sop.sim import stimulus
 
@@ -146,10 +154,15 @@ async def regression(dut):
     load = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis_load"), dut.aclk, dut.aresetn,
                            reset_active_level=False)
     sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_axis"), dut.aclk, dut.aresetn, reset_active_level=False)
-    for bfm in (src, load, sink):
+    sources = [src, load]
+    if cfg.residuals:
+        sparse = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis_sparse"), dut.aclk, dut.aresetn,
+                                 reset_active_level=False)
+        sources.append(sparse)
+    for bfm in (*sources, sink):
         bfm.log.setLevel("WARNING")                       # one line per frame otherwise
-    src.set_pause_generator(pauses(timing, p_idle))
-    load.set_pause_generator(pauses(timing, p_idle))
+    for bfm in sources:
+        bfm.set_pause_generator(pauses(timing, p_idle))
     sink.set_pause_generator(pauses(timing, p_stall))
     monitor = ProtocolMonitor(dut, "m_axis")
     cocotb.start_soon(monitor.run())
@@ -162,14 +175,21 @@ async def regression(dut):
     sb = Scoreboard(cfg, dut._log)
     sw, lw = axis.widths(cfg)["s_axis"], axis.widths(cfg)["s_axis_load"]
     t0 = time.time()
+    entries = 0
     for job in jobs:
         if job.cut_after is not None:
             raise ValueError("the AXI4-Stream bench has no reset job (sim/tb_decoder.py covers reset)")
         for layer in job.layers:                           # every packet of the job queued at once
-            await load.send(AxiStreamFrame(axis.to_bytes(axis.load_beats(cfg, layer.luts, layer.offset), lw)))
+            await load.send(AxiStreamFrame(axis.to_bytes(axis.load_beats(cfg, layer.luts, layer.offset,
+                                                                         layer.has_sparse), lw)))
             await src.send(AxiStreamFrame(axis.to_bytes(axis.block_beats(cfg, layer.headers, layer.codes), sw)))
+            if layer.has_sparse:
+                beats = axis.sparse_beats(layer.sparse_index, layer.sparse_values)
+                await sparse.send(AxiStreamFrame(axis.to_bytes(beats, axis.SPARSE_BITS)))
+                entries += len(beats)
         for layer in job.layers:
-            want = axis.model(cfg, [(layer.luts, layer.offset, layer.headers, layer.codes)])
+            want = axis.model(cfg, [(layer.luts, layer.offset, layer.headers, layer.codes, layer.sparse_index,
+                                     layer.sparse_values)])
             budget_ns = 10 * (100 * len(want) + 1000)
             try:
                 frame = await with_timeout(sink.recv(), budget_ns, "ns")
@@ -183,12 +203,19 @@ async def regression(dut):
     if not sink.empty():
         dut._log.error(f"{sink.count()} output packets nobody owed")
         sb.mismatches += cfg.lanes
+    errors = {}
+    if cfg.residuals:
+        bits = str(dut.sparse_error.value)[::-1]          # bit 0 first
+        errors = {name: bits[i] for i, name in enumerate(ERRORS) if bits[i] != "0"}
+        if errors:
+            dut._log.error(f"sparse_error set on a good stream: {errors}")
     summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": sb.checked,
-               "beats": sb.beats, "layers": sb.layers, "mismatches": sb.mismatches,
-               "protocol_errors": monitor.errors, "stalled_cycles": monitor.stalls, "cycles": monitor.cycles,
-               "lane_bits": reference.lane_word_bits(cfg), "seconds": time.time() - t0}
+               "beats": sb.beats, "layers": sb.layers, "sparse_entries": entries, "mismatches": sb.mismatches,
+               "protocol_errors": monitor.errors, "sparse_errors": errors, "stalled_cycles": monitor.stalls,
+               "cycles": monitor.cycles, "lane_bits": reference.lane_word_bits(cfg), "seconds": time.time() - t0}
     Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
-    dut._log.info(f"{cfg.name} AXI4-Stream: {sb.checked} values in {sb.beats} beats of {sb.layers} layers checked, "
-                  f"{sb.mismatches} mismatches, {monitor.errors} protocol errors")
-    assert sb.mismatches == 0 and monitor.errors == 0, \
-        f"{sb.mismatches} mismatching values, {monitor.errors} protocol errors"
+    dut._log.info(f"{cfg.name} AXI4-Stream: {sb.checked} values in {sb.beats} beats of {sb.layers} layers checked"
+                  f"{f', {entries} sparse entries' if cfg.residuals else ''}, {sb.mismatches} mismatches, "
+                  f"{monitor.errors} protocol errors")
+    assert sb.mismatches == 0 and monitor.errors == 0 and not errors, \
+        f"{sb.mismatches} mismatching values, {monitor.errors} protocol errors, sparse errors {errors}"

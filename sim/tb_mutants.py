@@ -16,7 +16,12 @@ output stalls; expected beats come from golden/ only (hdl.reference). Layer kind
 (the first blocks of a real quantized MiniLM layer, `sop vectors`), ``random``, ``corners``
 (sim/stimulus.py), ``tables`` (every HIF code in some table) and ``rounding`` (every reachable
 BF16 rounding case in every lane, ``RoundingCases``). Scenario kinds: ``stream``, ``timed``
-(beat timing checked too) and ``reset`` (a layer cut off by a reset with the output stalled).
+(beat timing checked too), ``reset`` (a layer cut off by a reset with the output stalled) and,
+for a configuration with residuals (``-sp``), ``error`` (a faulty sparse stream: exactly its
+sticky ``sparse_error`` bit must be set). With residuals, layer kinds ``sparse`` (every entry
+pattern of sim/stimulus.py, layers without entries between) and ``bad`` (``bad_layers``) too,
+``vectors`` keep their entries, each layer's entries go on the ``sparse`` stream from the cycle
+after its swap beat (random gaps), and every good stream must leave ``sparse_error`` at 0.
 
 A mutant is killed by the first output beat that differs from golden (any lane; an X or Z bit
 counts as a difference), an output beat more than expected, a missing beat or an input that is
@@ -34,6 +39,7 @@ import json
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 import cocotb
@@ -42,10 +48,18 @@ from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
 from sop.golden.decoder import float_fields
+from sop.golden.formats import get_format
 from sop.hdl import reference
+from sop.hdl.residual import ERRORS
 from sop.hdl.config import DecoderConfig
 from sop.sim import stimulus
 from sop.sim.vectors import read_vectors
+
+
+#: the decoder's sparse-residual ports (a configuration with residuals)
+SPARSE_PINS = ("sparse__valid", "sparse__payload", "sparse__ready", "layer_sparse", "sparse_error")
+BF16 = get_format("bf16")
+BF16_INF = 0x7F80
 
 
 class Killed(Exception):
@@ -59,8 +73,25 @@ def _layers(cfg: DecoderConfig, spec: dict, rng: np.random.Generator) -> list[st
         for v in read_vectors(Path(spec["dir"])):
             n = min(len(v.headers), spec.get("blocks", len(v.headers)))
             n -= n % cfg.blocks_per_beat
-            out.append(stimulus.Layer(v.luts, v.offset, v.headers[:n], v.codes[:n], v.name))
+            keep = np.asarray(v.sparse_index) < n * cfg.layout.group if cfg.residuals else []
+            out.append(stimulus.Layer(v.luts, v.offset, v.headers[:n], v.codes[:n], v.name,
+                                      *((np.asarray(v.sparse_index)[keep], np.asarray(v.sparse_values)[keep])
+                                        if cfg.residuals else ())))
         return out[:spec.get("layers", 1)]
+    if kind == "sparse":
+        # each pattern of entries (stimulus.with_sparse) on a random layer, a layer without
+        # entries after each
+        out = []
+        for pattern in spec.get("patterns", stimulus.SPARSE_PATTERNS):
+            out.append(stimulus.with_sparse(cfg, stimulus.random_layer(cfg, rng, spec.get("blocks", 16)), rng,
+                                            pattern, spec.get("density", 0.05)))
+            if spec.get("plain", True):
+                out.append(stimulus.random_layer(cfg, rng, spec.get("plain_blocks", 2)))
+        return out
+    if kind == "bad":
+        return bad_layers(cfg, rng, spec["bad"], spec.get("blocks", 8))
+    if kind == "adder":
+        return [adder_layer(cfg, rng, spec.get("blocks", 16)) for _ in range(spec.get("layers", 1))]
     if kind == "random":
         return [stimulus.random_layer(cfg, rng, spec.get("blocks", 32), offset=spec.get("offset"))
                 for _ in range(spec.get("layers", 2))]
@@ -73,6 +104,61 @@ def _layers(cfg: DecoderConfig, spec: dict, rng: np.random.Generator) -> list[st
     if kind == "corners":
         return [stimulus.corner_layer(cfg, off) for off in spec.get("offsets", (-128, 0, 127))]
     raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def adder_layer(cfg: DecoderConfig, rng: np.random.Generator, blocks: int) -> stimulus.Layer:
+    """A random layer with an entry on half its values, each residual chosen against its value's
+    exact product ``p`` (golden.decoder) to reach every step of the residual adder: ``±|p| 2^k``
+    with ``k`` from -30 to 30 (either operand shifted out, the sticky bit), ``-p (1 ± 2^-j)``
+    (cancellation down to the last bits), ``-p`` rounded to BF16, and random values for ``p = 0``;
+    one entry in five a BF16 zero or subnormal of either sign (the residual's normalization)."""
+    from sop.golden.decoder import decode_blocks
+
+    layer = stimulus.random_layer(cfg, rng, blocks)
+    n = layer.codes.size
+    idx = np.flatnonzero(rng.random(n) < 0.5).astype(np.int64)
+    if len(idx) == 0:
+        idx = np.array([0], dtype=np.int64)
+    p = decode_blocks(cfg.hif, layer.luts, cfg.layout, layer.offset, layer.headers, layer.codes,
+                      "exact").ravel()[idx]
+    k = len(idx)
+    mag = np.where(p == 0, 2.0 ** rng.integers(-40, 10, k).astype(float), np.abs(p))
+    sign = rng.choice([-1.0, 1.0], k)
+    j = rng.integers(1, 24, k).astype(float)
+    kind = rng.integers(0, 4, k)
+    r = np.select([kind == 0, kind == 1, kind == 2],
+                  [sign * mag * 2.0 ** rng.integers(-30, 31, k).astype(float),
+                   -p * (1 + rng.choice([-1.0, 1.0], k) * 2.0 ** -j),
+                   -BF16.quantize(p)],
+                  sign * mag * (1 + rng.random(k)))
+    values = BF16.encode(np.clip(r, -BF16.max, BF16.max)).astype(np.int64)
+    tiny = rng.random(k) < 0.2                      # ±0 and subnormals: exponent field 0
+    values = np.where(tiny, (rng.integers(0, 2, k) << 15) | rng.integers(0, 1 << BF16.mbits, k), values)
+    return replace(layer, sparse_index=idx, sparse_values=values.astype(np.int64), name="adder")
+
+
+def bad_layers(cfg: DecoderConfig, rng: np.random.Generator, bad: str, blocks: int) -> list[stimulus.Layer]:
+    """Two layers whose sparse stream has the fault ``bad`` (one of hdl.residual.ERRORS) in the
+    first: ``order`` an index equal to the one before, ``not_finite`` an infinite value,
+    ``past_layer`` a last index past the layer (the second layer's swap beat ends it), ``no_layer``
+    no entries (the bench offers one before the first swap beat)."""
+    first = stimulus.random_layer(cfg, rng, blocks)
+    n = first.codes.size
+    index = np.sort(rng.choice(n, size=max(3, n // 10), replace=False)).astype(np.int64)
+    values = BF16.encode(rng.normal(0, 1.0, len(index))).astype(np.int64)
+    k = len(index) // 2
+    if bad == "order":
+        index[k] = index[k - 1]
+    elif bad == "not_finite":
+        values[k] = BF16_INF
+    elif bad == "past_layer":
+        index, values = np.append(index, n + 5), np.append(values, values[0])
+    elif bad == "no_layer":
+        index, values = index[:0], values[:0]
+    else:
+        raise ValueError(f"unknown sparse fault {bad!r}; valid: {', '.join(ERRORS)}")
+    first = replace(first, sparse_index=index, sparse_values=values, name=f"bad-{bad}")
+    return [first, stimulus.random_layer(cfg, rng, max(1, blocks // 2))]
 
 
 def _scales_layer(cfg: DecoderConfig, rng: np.random.Generator) -> stimulus.Layer:
@@ -265,15 +351,16 @@ def rounding_layers(cfg: DecoderConfig, rng: np.random.Generator) -> list[stimul
 
 
 class Part:
-    """Layers streamed back to back: their input beats (swap on each first beat) and expected beats."""
+    """Layers streamed back to back: their input beats (swap on each first beat) and expected beats
+    (none with ``check`` false: a faulty sparse stream has no expected output)."""
 
-    def __init__(self, cfg: DecoderConfig, layers: list[stimulus.Layer]):
+    def __init__(self, cfg: DecoderConfig, layers: list[stimulus.Layer], check: bool = True):
         self.layers = layers
         bits, lane_bits = cfg.beat_bits, reference.lane_word_bits(cfg)
         self.beats = [[b | (int(i == 0) << bits) for i, b in enumerate(reference.input_beats(cfg, L.headers, L.codes))]
                       for L in layers]
         self.expected = [sum(v << (i * lane_bits) for i, v in enumerate(beat))
-                         for L in layers for beat in L.expected(cfg)]
+                         for L in layers for beat in L.expected(cfg)] if check else []
 
 
 class Scenario:
@@ -297,11 +384,53 @@ class Scenario:
         self.reset_cycles = spec.get("reset_cycles", 2)
         self.stall_after_reset = spec.get("stall_after_reset", 0)
         self.write_while_stalled = spec.get("write_while_stalled", False)
+        self.bad = spec.get("bad")                   # kind "error": the sparse fault (hdl.residual.ERRORS)
         if self.kind == "reset":
             self.parts = [Part(cfg, layers[:1]), Part(cfg, layers[1:])]
         else:
-            self.parts = [Part(cfg, layers)]
+            self.parts = [Part(cfg, layers, check=self.kind != "error")]
         self.layers = layers
+
+
+class HostPort:
+    """The host side of one stream, cycle by cycle: ``Bench.host``'s beats and table writes, and
+    (with residuals) the sparse entries it releases, each offered until taken.
+
+    Per cycle: ``drive`` before the read-only phase, then, in it, ``edge(taken)``: the clock edge,
+    after which the entry offered is gone if it was taken and the host has its next cycle."""
+
+    def __init__(self, bench: Bench, host, entries: deque | None):
+        self.bench, self.host, self.entries = bench, host, entries
+        self.entry = None                             # the entry offered and not yet taken
+        self.valid, self.payload, self.write = next(host)
+        self.done = False                             # the host has run out
+
+    @property
+    def owed(self) -> bool:
+        """Sparse entries not yet taken."""
+        return bool(self.entries) or self.entry is not None
+
+    def drive(self, rng, p_idle: float) -> None:
+        """This cycle's beat and write; a new entry unless one waits (a gap with probability
+        ``p_idle``, drawn only when an entry is due, so the draws of a stream without entries do
+        not change)."""
+        self.bench._apply(self.valid, self.payload, self.write)
+        if self.entries is not None:
+            if self.entry is None and self.entries and rng.random() >= p_idle:
+                self.entry = self.entries.popleft()
+            self.bench._offer(self.entry)
+
+    async def edge(self, taken: bool) -> None:
+        h = self.bench.h
+        entry_taken = self.entry is not None and h["sparse__ready"].value == 1
+        await RisingEdge(h["clk"])
+        if entry_taken:
+            self.entry = None
+        if not self.done:
+            try:
+                self.valid, self.payload, self.write = self.host.send(taken)
+            except StopIteration:
+                self.done, self.valid, self.payload, self.write = True, 0, None, None
 
 
 class Bench:
@@ -314,10 +443,11 @@ class Bench:
         self.scrub_tables = self._scrub_values(rng)
         self.k = cfg.layout.code_bits
         # signal handles, and the last value written to each (a write only when it changes)
-        self.h = {n: getattr(dut, n) for n in ("clk", "rst", "mutsel", "blocks__valid", "blocks__payload",
-                                               "blocks__ready", "load__valid", "load__payload", "offset",
-                                               "offset_we", "values__valid", "values__ready",
-                                               "values__payload")}
+        names = ("clk", "rst", "mutsel", "blocks__valid", "blocks__payload", "blocks__ready", "load__valid",
+                 "load__payload", "offset", "offset_we", "values__valid", "values__ready", "values__payload")
+        if cfg.residuals:
+            names += SPARSE_PINS
+        self.h = {n: getattr(dut, n) for n in names}
         self.last: dict[str, int] = {}
         self.limits: dict[str, int] = {}
 
@@ -368,9 +498,20 @@ class Bench:
             self._set("offset", write[1] & 0xFF)
             self._set("offset_we", 1)
             self._set("load__valid", 0)
+            if self.cfg.residuals:                  # the layer's sparse flag, written with its offset
+                self._set("layer_sparse", write[2] if len(write) > 2 else 0)
+
+    def _offer(self, entry) -> None:
+        """The sparse entry ``(index, value, last)`` offered this cycle, or none."""
+        if entry is not None:
+            index, value, last = entry
+            self._set("sparse__payload", index | (value << 32) | (last << 48))
+        self._set("sparse__valid", int(entry is not None))
 
     async def cycles(self, n: int, rst: int = 0, ready: int = 1) -> None:
         self._apply(0, None, None)
+        if self.cfg.residuals:
+            self._offer(None)
         self._set("rst", rst)
         self._set("values__ready", ready)
         for _ in range(n):
@@ -382,13 +523,15 @@ class Bench:
 
     # -- the host side, one cycle at a time --------------------------------------------------------
     @staticmethod
-    def host(sc: Scenario, part: Part, rng, cut: bool, self_bpb: int):
+    def host(sc: Scenario, part: Part, rng, cut: bool, self_bpb: int, entries: deque | None = None):
         """A generator: yields (valid, payload, write) for each cycle, is sent whether the beat was taken.
 
         As sim/tb_decoder.py drives: the first layer's tables are loaded, then each layer streams;
         once its first (swap) beat is taken, the next layer's table writes go out one per offered
         beat, and whatever is left before that layer's first beat. With ``write_while_stalled`` a
-        write also goes out on each cycle a beat waits or the input idles."""
+        write also goes out on each cycle a beat waits or the input idles. With residuals, once a
+        layer's swap beat is taken its sparse entries join ``entries`` (``stream`` offers them
+        from the next cycle on, beside the beats)."""
         layers = part.layers
         for w in layers[0].writes():
             yield 0, None, w
@@ -408,6 +551,8 @@ class Bench:
                     if cut and wait > 4 * self_bpb:   # the output is stalled: the input fills, then stops
                         return
                     taken = yield 1, beat, (pending.popleft() if pending and extra else None)
+                if bi == 0 and entries is not None:
+                    entries.extend(layers[li].entries())
                 if bi == 0 and li + 1 < len(layers):
                     pending = deque(layers[li + 1].writes())
 
@@ -421,14 +566,15 @@ class Bench:
         n_out = len(expected)
         if limit is None:                             # the original's run, which sets the limits
             limit = 100 * (n_out + sum(map(len, part.beats))) + 10_000
-        host = self.host(sc, part, rng, cut, self.cfg.beats_per_block)
-        valid, payload, write = next(host)
-        h, done, cycles, out_count, stall_left = self.h, False, 0, 0, stall
+        entries: deque | None = deque() if self.cfg.residuals else None     # sparse entries owed
+        port = HostPort(self, self.host(sc, part, rng, cut, self.cfg.beats_per_block, entries), entries)
+        h, cycles, out_count, stall_left = self.h, 0, 0, stall
         takes: list[int] = []                         # the cycle each input beat was taken
         offered = None                                # since when the beat in hand is offered
         bpb = self.cfg.beats_per_block
         while True:
-            self._apply(valid, payload, write)
+            port.drive(rng, sc.p_idle)
+            valid = port.valid
             if cut:
                 ready = 0
             elif stall_left:
@@ -468,18 +614,15 @@ class Bench:
             if taken:
                 takes.append(cycles)
                 offered = None
-            await RisingEdge(h["clk"])
+            await port.edge(taken)
             cycles += 1
-            if not done:
-                try:
-                    valid, payload, write = host.send(taken)
-                except StopIteration:
-                    done, valid, payload, write = True, 0, None, None
-            if done and not expected:
+            if port.done and not expected and (cut or not port.owed):
                 break
             if limit is not None and cycles > limit:
-                if not done:
+                if not port.done:
                     raise Killed(f"{sc.name}: input not taken within {limit} cycles (hang)")
+                if not expected:
+                    raise Killed(f"{sc.name}: sparse entries not taken within {limit} cycles")
                 raise Killed(f"{sc.name}: {len(expected)} of {n_out} output beats missing after {limit} cycles")
         if not cut:                                   # nothing more may come out
             self._apply(0, None, None)
@@ -490,6 +633,13 @@ class Bench:
                     raise Killed(f"{sc.name}: an output beat more than the {n_out} expected "
                                  f"({q + 1} cycles after the last)")
                 await RisingEdge(h["clk"])
+            if self.cfg.residuals:                    # a good stream sets no error bit
+                await ReadOnly()
+                err = h["sparse_error"].value
+                if not err.is_resolvable or int(err):
+                    raise Killed(f"{sc.name}: sparse_error {err} (order, past_layer, no_layer, not_finite "
+                                 f"from bit 0) after a good stream")
+                await RisingEdge(h["clk"])
         return cycles
 
     def _lanes(self, got: int, want: int) -> str:
@@ -498,7 +648,37 @@ class Bench:
         bad = [i for i in range(self.cfg.lanes) if (got >> (i * w)) & m != (want >> (i * w)) & m]
         return f" in lane(s) {bad[:4]}: got {(got >> (bad[0] * w)) & m:#x}, expected {(want >> (bad[0] * w)) & m:#x}"
 
+    async def bad_stream(self, sc: Scenario, part: Part, rng, limit: int | None) -> int:
+        """Stream ``part``, whose sparse stream has the fault ``sc.bad``, from a reset, the output
+        always ready and not compared; then exactly that error bit must be set. Ends with a reset
+        (the bits are sticky). Raises Killed; returns the cycles it took."""
+        h = self.h
+        await self.reset()
+        entries: deque = deque()
+        if sc.bad == "no_layer":                 # an entry before any layer's swap beat
+            entries.append((0, 0x3F80, 1))
+        port = HostPort(self, self.host(sc, part, rng, False, self.cfg.beats_per_block, entries), entries)
+        cap = limit or 100 * sum(map(len, part.beats)) + 10_000
+        cycles = 0
+        while cycles < cap and not (port.done and not port.owed):
+            port.drive(rng, 0.0)
+            self._set("values__ready", 1)
+            await ReadOnly()
+            await port.edge(bool(port.valid) and h["blocks__ready"].value == 1)
+            cycles += 1
+        await self.cycles(self.latency + 8)
+        await ReadOnly()
+        err, want = h["sparse_error"].value, 1 << ERRORS.index(sc.bad)
+        if not err.is_resolvable or int(err) != want:
+            raise Killed(f"{sc.name}: sparse_error {err} after a stream with the fault {sc.bad}, expected "
+                         f"{want:0{len(ERRORS)}b} (order, past_layer, no_layer, not_finite from bit 0)")
+        await RisingEdge(h["clk"])
+        await self.reset()
+        return cycles
+
     async def scenario(self, sc: Scenario, rng, limit: int | None) -> int:
+        if sc.kind == "error":
+            return await self.bad_stream(sc, sc.parts[0], rng, limit)
         if sc.kind == "reset":
             await self.stream(sc, sc.parts[0], rng, limit=limit, cut=True)
             await self.reset(sc.reset_cycles)
@@ -552,7 +732,8 @@ async def mutants(dut):
     bench = Bench(dut, cfg, plan)
     Clock(dut.clk, 10, unit="ns").start()
     for name in ("blocks__valid", "load__valid", "offset_we", "values__ready", "load__payload", "offset",
-                 "blocks__payload", "mutsel"):
+                 "blocks__payload", "mutsel") + (("sparse__valid", "sparse__payload", "layer_sparse")
+                                                 if cfg.residuals else ()):
         bench._set(name, 0)
     results = Path(os.environ["SOP_MUT_RESULTS"])
     with results.open("a") as out:

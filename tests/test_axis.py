@@ -22,20 +22,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import ClockDomain, Module, Signal
+from amaranth.hdl import ClockDomain, Const, Module, Signal
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 import mutants
 from sop.golden.layout import pack_blocks
 from sop.hdl import axis, reference
-from sop.hdl.config import named_configs
+from sop.hdl.config import base_name, named_configs, residual_configs
 from sop.hdl.decoder import Decoder
-from sop.hdl.generate import axis_module_name, generate_axis
+from sop.hdl.generate import axis_module_name, generate, generate_axis
 from sop.sim import runner, stimulus
 from test_verilog import LATENCY, LINT_WAIVERS, verilog_ports
 
 CONFIGS = named_configs()
+SPARSE = residual_configs()
+ALL = {**CONFIGS, **SPARSE}
 
 
 def random_layers(cfg, n_layers, n_blocks, seed):
@@ -44,7 +46,7 @@ def random_layers(cfg, n_layers, n_blocks, seed):
 
 
 def as_model_layers(layers):
-    return [(la.luts, la.offset, la.headers, la.codes) for la in layers]
+    return [(la.luts, la.offset, la.headers, la.codes, la.sparse_index, la.sparse_values) for la in layers]
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -91,14 +93,17 @@ def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, s
     dut = shell(cfg)
     rng = np.random.default_rng(seed)
     blocks = [b for la in layers for b in axis.block_beats(cfg, la.headers, la.codes)]
-    loads = [b for la in layers for b in axis.load_beats(cfg, la.luts, la.offset)]
+    loads = [b for la in layers for b in axis.load_beats(cfg, la.luts, la.offset, la.has_sparse)]
+    entries = [b for la in layers for b in axis.sparse_beats(la.sparse_index, la.sparse_values)]
     n_out = sum(len(la.expected(cfg)) for la in layers)
-    got, out_cycles, in_cycles, depends = [], [], [], []
+    got, out_cycles, in_cycles, depends, errors = [], [], [], [], []
+    dut.final_errors = errors                   # the sparse_error bits at the end (with residuals)
 
     async def host(ctx):
         s, ld, m = dut.s_axis, dut.s_axis_load, dut.m_axis
-        si = li = 0
-        s_on = l_on = False
+        sp = dut.s_axis_sparse if cfg.residuals else None
+        si = li = ei = 0
+        s_on = l_on = e_on = False
         for cycle in range(max_cycles):
             if not s_on and si < len(blocks) and rng.random() >= p_idle:
                 s_on = True
@@ -108,8 +113,22 @@ def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, s
                 l_on = True
                 ctx.set(ld.tdata, loads[li][0])
                 ctx.set(ld.tlast, loads[li][1])
+            if sp is not None and not e_on and ei < len(entries) and rng.random() >= p_idle:
+                e_on = True
+                ctx.set(sp.tdata, entries[ei][0])
+                ctx.set(sp.tlast, entries[ei][1])
+            sources = [x for x in (s, ld, sp) if x is not None]
+            probe = []
+            for v in (0, 1):                    # every TREADY the same with TVALID low and high
+                for x in sources:
+                    ctx.set(x.tvalid, v)
+                probe.append([ctx.get(x.tready) for x in sources])
+            if probe[0] != probe[1]:
+                depends.append(cycle)
             ctx.set(s.tvalid, s_on)
             ctx.set(ld.tvalid, l_on)
+            if sp is not None:
+                ctx.set(sp.tvalid, e_on)
             seen = []
             for r in (0, 1):                    # m_axis with TREADY low, then high: the same
                 ctx.set(m.tready, r)
@@ -123,10 +142,14 @@ def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, s
                 si, s_on = si + 1, False
             if l_on and ctx.get(ld.tready):
                 li, l_on = li + 1, False
+            if e_on and ctx.get(sp.tready):
+                ei, e_on = ei + 1, False
             if ready and seen[1][0]:
                 got.append((seen[1][1], seen[1][2]))
                 out_cycles.append(cycle)
                 if len(got) == n_out:
+                    if sp is not None:
+                        errors.append(ctx.get(dut.sparse_error))
                     return
             await ctx.tick()
 
@@ -143,7 +166,33 @@ def test_shell_matches_its_model_and_valid_never_waits_for_ready(name):
     layers = random_layers(cfg, 3, 8 if cfg.lanes <= 8 else 16, seed=2)
     got, _, _, depends, _ = simulate_shell(cfg, layers, p_idle=0.3, p_stall=0.3, seed=3)
     assert got == axis.model(cfg, as_model_layers(layers))
-    assert depends == [], f"m_axis changed with TREADY in cycles {depends[:5]}"
+    assert depends == [], f"m_axis changed with TREADY (or a TREADY with TVALID) in cycles {depends[:5]}"
+
+
+def sparse_layers(cfg, seed, n_blocks=8):
+    """Layers with every pattern of entries (stimulus.with_sparse), a layer without entries after
+    every other one."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, pattern in enumerate(stimulus.SPARSE_PATTERNS):
+        out.append(stimulus.with_sparse(cfg, stimulus.random_layer(cfg, rng, n_blocks), rng, pattern, 0.05))
+        if i % 2 == 0:
+            out.append(stimulus.random_layer(cfg, rng, 2))
+    return out
+
+
+def test_sparse_shell_matches_golden_with_gaps_and_pauses():
+    """The -sp shell: every entry pattern, layers with and without entries back to back, every
+    packet queued at once (entries wait for their layer), random TVALID gaps and TREADY pauses;
+    golden's residual sums, no TREADY that depends on TVALID, no error bit set."""
+    cfg = SPARSE["sop4-g16-sp"]
+    layers = sparse_layers(cfg, seed=6)
+    assert sum(la.has_sparse for la in layers) == len(stimulus.SPARSE_PATTERNS)
+    got, _, _, depends, dut = simulate_shell(cfg, layers, p_idle=0.3, p_stall=0.3, seed=7, max_cycles=40_000)
+    assert got == axis.model(cfg, as_model_layers(layers))
+    assert depends == [], f"a TREADY depends on TVALID, or m_axis on TREADY, in cycles {depends[:5]}"
+    assert axis.widths(cfg) == {"s_axis": 72, "s_axis_load": 32, "m_axis": 128, "s_axis_sparse": 48}
+    assert dut.latency == dut.decoder.latency and dut.final_errors == [0]
 
 
 def test_valid_check_catches_valid_that_waits_for_ready():
@@ -189,6 +238,30 @@ def test_axis_regression_quick(name, tmp_path):
     assert s["stalled_cycles"] > 10                                        # TREADY pauses did happen
 
 
+@pytest.mark.parametrize("name, sim", [("sop4-g16-sp", "icarus"), ("sop4-g16-x1-sp", "verilator")])
+def test_sparse_axis_regression_quick(name, sim, tmp_path):
+    """A -sp shell in cocotb: random and corner layers, then every entry pattern with layers
+    without entries between (sparse packets on ``s_axis_sparse``), golden's residual sums."""
+    cfg = SPARSE[name]
+    s = runner.run_axis(cfg, sim, quick=True, seed=1, build_dir=tmp_path / "build")
+    print(runner.axis_summary_line(s))
+    assert s["failed_tests"] == 0 and s["mismatches"] == 0 and s["protocol_errors"] == 0 and not s["sparse_errors"]
+    plan = json.loads((tmp_path / "build" / "plan.json").read_text())
+    content, _ = stimulus.seeded_rngs(s["seed"])
+    layers = [la for job in stimulus.plan_jobs(cfg, plan, content) for la in job.layers]
+    assert s["checked"] == sum(la.codes.size for la in layers) and s["layers"] == len(layers)
+    assert s["sparse_entries"] == sum(len(la.sparse_index) for la in layers) > 50
+    assert sum(la.has_sparse for la in layers) == len(stimulus.SPARSE_PATTERNS)
+
+
+class NoSparseFlag(axis.AxisDecoder):
+    """A broken -sp shell: the offset word's ``CTRL_SPARSE`` bit is ignored (every layer loaded
+    as one without entries, so no packet is ever taken and no residual added)."""
+
+    def _sparse(self, m, dec, offset_take, flag, swap_take):
+        super()._sparse(m, dec, offset_take, Const(0), swap_take)
+
+
 class TamperedTop(wiring.Component):
     """``AxisTop``'s ports around a shell whose ``m_axis`` is broken: ``"tlast"`` drops every
     second layer's TLAST (two layers in one packet), ``"hold"`` lowers TVALID every other
@@ -219,11 +292,13 @@ class TamperedTop(wiring.Component):
         return m
 
 
-@pytest.mark.parametrize("how", ["value", "tlast", "hold"])
+@pytest.mark.parametrize("how", ["value", "tlast", "hold", "sparse"])
 def test_axis_regression_reports_a_broken_shell(how, tmp_path):
-    cfg = CONFIGS["sop4-g16"]
+    cfg = SPARSE["sop4-g16-sp"] if how == "sparse" else CONFIGS["sop4-g16"]
     if how == "value":
         top = axis.AxisTop(cfg, decoder=Decoder(cfg, bank=mutants.FlippedLutBit))
+    elif how == "sparse":
+        top = axis.AxisTop(cfg, core=NoSparseFlag(cfg))
     else:
         top = TamperedTop(cfg, how)
     v = tmp_path / "broken.v"
@@ -242,25 +317,37 @@ def test_axis_regression_reports_a_broken_shell(how, tmp_path):
 @pytest.fixture(scope="module")
 def axis_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("verilog")
-    for cfg in CONFIGS.values():
+    for cfg in ALL.values():
         generate_axis(cfg, out)
+    for cfg in SPARSE.values():             # the bare -sp decoders' manifests (their latency)
+        generate(cfg, out)
     return out
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ALL)
 def test_shell_ports_manifest_and_lint(axis_dir, name):
-    cfg = CONFIGS[name]
+    cfg = ALL[name]
     doc = json.loads((axis_dir / f"{name}_axis.json").read_text())
     ports = {p["name"]: (p["direction"], p["width"]) for p in doc["ports"]}
     assert verilog_ports((axis_dir / f"{name}_axis.v").read_text(), doc["module"]) == ports
     w = axis.widths(cfg)
+    streams = ("", "_load", "_sparse") if cfg.residuals else ("", "_load")
     assert ports == {"aclk": ("input", 1), "aresetn": ("input", 1),
-                     **{f"s_axis{s}_{sig}": (d, n) for s in ("", "_load")
+                     **{f"s_axis{s}_{sig}": (d, n) for s in streams
                         for sig, d, n in (("tdata", "input", w[f"s_axis{s}"]), ("tvalid", "input", 1),
                                           ("tready", "output", 1), ("tlast", "input", 1))},
                      "m_axis_tdata": ("output", w["m_axis"]), "m_axis_tvalid": ("output", 1),
-                     "m_axis_tready": ("input", 1), "m_axis_tlast": ("output", 1)}
-    assert doc["latency_cycles"] == LATENCY[name]                    # the decoder's (tests/test_verilog.py)
+                     "m_axis_tready": ("input", 1), "m_axis_tlast": ("output", 1),
+                     **({"sparse_error": ("output", 4)} if cfg.residuals else {})}
+    if cfg.residuals:       # the decoder's latency with its residual stage (tests/test_verilog_sparse.py)
+        bare = json.loads((axis_dir / f"{name}.json").read_text())          # the decoder's manifest
+        assert doc["latency_cycles"] == bare["latency_cycles"] == \
+            LATENCY[base_name(name)] + bare["latency_stages"]["residual"]
+        assert w["s_axis_sparse"] == 48 and doc["ctrl_bits"]["sparse"] == 2
+        assert doc["sparse_fields"] == {"index": {"lsb": 0, "width": 32}, "value": {"lsb": 32, "width": 16}}
+        assert doc["sparse_error_bits"] == ["order", "past_layer", "no_layer", "not_finite"]
+    else:
+        assert doc["latency_cycles"] == LATENCY[name]                # the decoder's (tests/test_verilog.py)
     r = subprocess.run(["verilator", "--lint-only", "-Wall", str(LINT_WAIVERS), str(axis_dir / f"{name}_axis.v")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -281,14 +368,16 @@ def fusesoc(cores_root: Path, target: str, vlnv: str, work: Path) -> subprocess.
 
 def test_fusesoc_lint_and_sim_targets(axis_dir, tmp_path):
     assert shutil.which("iverilog") and shutil.which("verilator"), "run `make setup`"
-    for name in ("sop4-g16", "sop4-g16-exact"):
-        vlnv = f"sop:decoder:{axis_module_name(CONFIGS[name])}"
+    for name in ("sop4-g16", "sop4-g16-exact", "sop4-g16-sp"):
+        vlnv = f"sop:decoder:{axis_module_name(ALL[name])}"
         r = fusesoc(axis_dir, "lint", vlnv, tmp_path / name)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert "--lint-only" in (tmp_path / name / "lint" / f"{vlnv.replace(':', '_')}_0.1.0.vc").read_text()
         r = fusesoc(axis_dir, "sim", vlnv, tmp_path / name)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        assert "PASS: 48 output beats, 3 layers" in r.stdout
+        # the -sp testbench: its first and last layers with entries, sparse_error 0 at the end
+        assert ("PASS: 48 output beats, 3 layers, 26 sparse entries" if ALL[name].residuals
+                else "PASS: 48 output beats, 3 layers,") in r.stdout
 
 
 def test_fusesoc_targets_fail_on_a_broken_design(axis_dir, tmp_path):

@@ -5,6 +5,8 @@ The 1-lane configuration, 20 mutations listed by yosys, plus two chosen ones: yo
 mutation (the original under a mutant's number: it must survive the regression and be proven
 equivalent) and the output's valid bit inverted (it must be killed). Every mutant must come out
 killed, proven equivalent or survived; the original must pass before and after the mutants.
+The sparse scenario (sop4-g16-sp: the residual path's mutations, the sparse regression) kills
+two known-bad mutants: a merge that never holds, error bits set on good input.
 """
 
 import dataclasses
@@ -14,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from sop.hdl.config import named_configs
+from sop.hdl.config import named_configs, residual_configs
 from sop.sim import mutate
 from sop.sim.tb_mutants import RoundingCases, rounding_layers
 
@@ -88,3 +90,30 @@ def test_rounding_layers_reach_every_case_in_every_lane():
             per_lane[i % cfg.lanes].update(bins[:, i].tolist())
     assert all(lane == reachable for lane in per_lane)
     assert len(reachable) > 1000
+
+
+# -- the sparse scenario (a -sp design: the residual path's mutants, the sparse regression) --------
+SPARSE_BAD = {"-mode const0 -wire issue__hold_next": "differs from golden",   # a merge that never holds
+              "-mode inv -wire sparse_error": "after a good stream"}       # error bits set on good input
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tmp_path_factory):
+    cfg = residual_configs()["sop4-g16-sp"]
+    return mutate.run_config(cfg, tmp_path_factory.mktemp("mutate-sp"), n=4, seed=1, sim="verilator",
+                             prove_survivors=False, prove_timeout=30, depth=0, vectors=False, size="tiny",
+                             extra=tuple(SPARSE_BAD))
+
+
+def test_sparse_scenario_kills_known_bad_mutants(sparse_run):
+    """The residual path's mutations only (hdl/residual.py's cells), the sparse scenarios: the
+    original passes them before and after, a merge that never holds is caught by an output beat
+    (chunks of more than R entries), error bits set on a good stream by the error check."""
+    s = sparse_run
+    assert not s["void"], s["original"]
+    names = [sc["name"] for sc in mutate.sparse_scenarios(residual_configs()["sop4-g16-sp"], None, size="tiny")]
+    assert {"sparse", "dense", "plain", "reset", "error-order", "error-no_layer"} <= set(names)
+    assert set(s["original"][0]["limits"]) == set(names)
+    for f, reason in SPARSE_BAD.items():
+        bad = next(r for r in s["mutants"] if r.get("extra") == f)
+        assert bad["verdict"] == "killed" and reason in bad["reason"], bad

@@ -125,3 +125,28 @@ def test_lutram_depth_option(tmp_path, capsys):
     # 64 words is a sop4 lane's whole table: no split to make
     assert main(["--config", "sop4-g16", "--lutram-depth", "64", "--out", str(tmp_path)]) == 2
     assert "lutram_depth must be 0" in capsys.readouterr().err
+
+
+# The GEMV engines (hdl/gemv.py) `make verilog` writes after the decoders: docs/dot.md section 8's
+# latencies (sop4-g16 45 cycles, e2m3-ue4m4-g16 one more: the scale multiplier's extra level).
+ENGINE_LATENCY = {"gemv-sop4-g16": 45, "gemv-e2m3-ue4m4-g16": 46}
+
+
+@pytest.mark.parametrize("name", ENGINE_LATENCY)
+def test_gemv_engines_generate_with_a_manifest_lint_clean_and_compile(tmp_path, capsys, name):
+    assert main(["--config", name, "--out", str(tmp_path)]) == 0
+    assert f"{name}.v" in capsys.readouterr().out
+    doc = json.loads((tmp_path / f"{name}.json").read_text())
+    text = (tmp_path / f"{name}.v").read_text()
+    assert doc["module"] == "sop_gemv_" + name.removeprefix("gemv-").replace("-", "_")
+    assert verilog_ports(text, doc["module"]) == {p["name"]: (p["direction"], p["width"]) for p in doc["ports"]}
+    ports = {p["name"]: p for p in doc["ports"]}
+    assert ports["y__payload"]["direction"] == "output" and ports["y__payload"]["width"] == 33   # value, last
+    assert doc["latency_cycles"] == ENGINE_LATENCY[name] == sum(doc["latency_stages"].values())
+    assert doc["block_order"] == "golden.dot.tile_order" and doc["tile"] >= 17
+    lint = subprocess.run(["verilator", "--lint-only", "-Wall", str(LINT_WAIVERS), str(tmp_path / f"{name}.v")],
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stderr[-3000:]
+    cc = subprocess.run(["iverilog", "-g2005", "-o", str(tmp_path / "a.vvp"), str(tmp_path / f"{name}.v")],
+                        capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr[-3000:]
