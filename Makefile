@@ -46,8 +46,9 @@ sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two
 	SIM=$(SIM) $(PY) -m sop.sim.gemv_runner --sim $(SIM)
 	$(PY) -m sop.synth.host.bringup --sim
 
-synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json
+synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json; then the GEMV engine beside the naive path in the same flow: build/dot_vs_naive/report.json
 	$(PY) -m sop.synth
+	$(PY) bench/dot_vs_naive.py --design sop-engine --design sop-units --design naive-tree
 
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s in build/bitstream/$(BOARD)/ (no programming)
 	$(PY) -m sop.synth.flow.bitstream $(BOARD)
