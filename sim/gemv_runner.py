@@ -7,7 +7,7 @@ For each named engine (hdl.gemv.gemv_configs: ``gemv-sop4-g16``,
 ``build/sim/<sim>/<config>/rtl/`` (as named: up to 16384 columns and 65535 rows;
 one Verilator waiver, ``SIM_WAIVERS``), writes the plan (``plan.json``: the layers'
 beats and every expected ``y`` word) and runs sim/tb_gemv.py on it with
-cocotb's runner (sim/runner.py's build and test step, ``_simulate``).
+cocotb's runner (sim/runner.py's build and test step, ``simulate``).
 
 Contract: every expected word is ``golden.dot.gemv`` of the layer and the
 vector, computed here; the bench only drives beats and compares words. The
@@ -57,7 +57,7 @@ from sop.golden.layout import LayerStream, Sparse, pack_blocks
 from sop.golden.points import get_point
 from sop.hdl import gemv
 from sop.hdl.gemv import GemvConfig
-from sop.sim.runner import SIMULATORS, SimulatorMissing, _simulate, check_simulator
+from sop.sim.runner import SIMULATORS, SimulatorMissing, check_simulator, simulate
 
 E4M3 = dot.ACT_FORMATS["e4m3"]
 BF16 = dot.FORMATS["bf16"]
@@ -337,7 +337,7 @@ def run(cfg: GemvConfig, sim: str = "icarus", *, quick: bool = False, seed: int 
     plan = plan_for(cfg, size, seed)
     if plan_edit is not None:
         plan_edit(plan)
-    summary = _simulate(cfg, sim, Path(verilog), gemv.module_name(cfg), "sop.sim.tb_gemv", plan, size, build_dir,
+    summary = simulate(cfg, sim, Path(verilog), gemv.module_name(cfg), "sop.sim.tb_gemv", plan, size, build_dir,
                         seed=seed, waves=waves)
     summary.update(seed=seed, expected=expected_words(plan))
     return summary

