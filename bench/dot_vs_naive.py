@@ -83,9 +83,11 @@ def sop_engine(target: str) -> tuple[str, list[tuple[str, object]]]:
         from sop.hdl.gemv import GemvEngine, gemv_configs
         cfg = gemv_configs()[f"gemv-{POINT}"]
         cfg = replace(cfg, lutram_depth=depth) if depth else cfg
+        if target == "ecp5":          # the x buffer's DP16KDs with their output register (hdl/gemv.py)
+            cfg = replace(cfg, x_ram="dp16kd")
         rtlil.convert(GemvEngine(cfg))                       # elaborates, or the stand-in
         return (f"hdl.gemv.GemvEngine({cfg.name}: tile {cfg.tile}, max_cols {cfg.max_cols}, "
-                f"lutram_depth {cfg.lutram_depth})"), [(SOP, GemvEngine(cfg))]
+                f"lutram_depth {cfg.lutram_depth}, x_ram {cfg.x_ram})"), [(SOP, GemvEngine(cfg))]
     except Exception as e:                                    # noqa: BLE001  (any failure: the stand-in)
         what, parts = sop_units()
         return f"stand-in (hdl.gemv unusable: {type(e).__name__}: {e}): {what}", parts

@@ -24,8 +24,15 @@ handshakes)::
   of ``tile_order`` (column ``col``, the row's ``slot`` in its tile, ``first`` /
   ``last`` value of the row, ``end`` of the pass), the two pages of layer
   registers (rows, blocks per row, offset, sparse), the status bits; latency 1.
-* ``XBuffer``: the activation vector, one word of ``g`` codes per block column
-  (``lib.memory``, one read port, shared with the term unit); latency 1.
+  Its comparisons (last row, last slot, last column, first column) are flags
+  worked out a block ahead, so none lies between a counter and its next value; a
+  register holds the residual entry in hand (its slot and checks worked out on
+  the way in); the error bits reach ``status`` a cycle after the event.
+* ``XBuffer``: the activation vector, one word of ``g`` codes per block column,
+  one read port (shared with the term unit) read into the RAM's latch, then its
+  output register: latency 2. ``GemvConfig.x_ram``: ``lib.memory`` and a
+  register, or ECP5 DP16KDs instantiated with their output register (yosys
+  infers a DP16KD only without it, 5.8 ns from clock to output).
 * ``LutBank``: every lane's copy of both banks of both pages, written through
   ``load`` into the inactive page; latency ``read_latency`` (1; 2 for LUT RAM).
 * The front end (the sequencer's stage 0 and the reads) is one pipeline on an
@@ -95,15 +102,15 @@ per vector, against the pass's ``rows cols / g``).
 
 Latency: ``latency`` cycles from the handshake of a row's last block on ``w``
 to its word on ``y`` with nothing stalled and the ring aligned: the
-sequencer's 1 + the reads' 2 (the x word is registered straight from the block
-RAM; the table words wait for it) + BlockDot's + the FIFO's 1 + the row
-accumulator's (45 for sop4-g16). The first block of a pass waits up to
+sequencer's 1 + the reads' 3 (the x buffer's read and output register, then one
+more register on the way to the lanes; the table words wait for it) + BlockDot's
++ the FIFO's 1 + the row accumulator's (46 for sop4-g16). The first block of a pass waits up to
 ``tile - 1`` cycles for the ring to reach slot 0 (the ring turns freely); the
 value FIFO then holds that backlog (at most its entries) for the rest of the pass.
 
 Throughput: one block (``g`` MACs) per cycle while ``w`` is valid and ``y``
-ready, for full tiles; between vectors the x load (``cols / g`` beats) and the
-ring's alignment. A layer with residual entries spends, per tile, the block
+ready, for full tiles; between vectors the x load (``cols / g`` beats, and two
+cycles after its last beat before the first block) and the ring's alignment. A layer with residual entries spends, per tile, the block
 dot unit's drain (about 30 cycles) and ``tile`` cycles per round of entries.
 
 Open: BF16 activations (refused by BlockDot).
@@ -117,7 +124,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.hdl import Array, Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -140,6 +147,11 @@ MIN_TILE = ADD_LATENCY + 1
 #: not; 8 leave a margin.
 VALUE_FIFO_DEPTH = 8
 VALUE_FIFO_LATENCY = 1          # lib.fifo.SyncFIFOBuffered: a word written at edge t is readable in cycle t + 1
+#: How the x buffer is built (``GemvConfig.x_ram``): ``memory``, a ``lib.memory`` read port and a
+#: register after it (what yosys infers, and what amaranth.sim runs); ``dp16kd``, ECP5 DP16KD block
+#: RAMs instantiated with their output register (``REGMODE_B = "OUTREG"``), the same behaviour: yosys
+#: infers a DP16KD only without it, and then its 5.8 ns clock to output sets the clock.
+X_RAMS = ("memory", "dp16kd")
 
 
 @dataclass(frozen=True)
@@ -155,9 +167,12 @@ class GemvConfig:
     max_cols: int = 16384
     max_rows: int = 65535
     lutram_depth: int = 0
+    x_ram: str = "memory"
 
     def __post_init__(self):
         problems = []
+        if self.x_ram not in X_RAMS:
+            problems.append(f"x_ram must be one of {X_RAMS}, got {self.x_ram!r}")
         g = self.layout.group
         if self.tile < MIN_TILE:
             problems.append(f"tile must be at least {MIN_TILE} rows (the FP32 adder's loop), got {self.tile}")
@@ -189,7 +204,7 @@ class GemvConfig:
                 "block_bits": lay.block_bits, "hif": self.hif.name, "act": self.act_format.name,
                 "accumulator_bits": dot.accumulator(self.hif, self.act_format, lay.group).bits,
                 "tile": self.tile, "max_cols": self.max_cols, "max_rows": self.max_rows,
-                "lutram_depth": self.lutram_depth, "macs_per_cycle": lay.group}
+                "lutram_depth": self.lutram_depth, "x_ram": self.x_ram, "macs_per_cycle": lay.group}
 
 
 def gemv_configs() -> dict[str, GemvConfig]:
@@ -285,25 +300,76 @@ class XWriteSignature(wiring.Signature):
 # -- the x buffer ---------------------------------------------------------------------------------------------
 
 class XBuffer(wiring.Component):
-    """The activation vector: ``max_blocks`` words of ``g`` codes (``lib.memory``), written through
-    ``write`` (lands at the clock edge), read at ``read_addr`` when ``read_en``; ``read_data`` holds
-    the word ``latency`` (1) enabled edges later and keeps it while ``read_en`` is low. Not
-    transparent: the sequencer never reads and writes it in one cycle."""
+    """The activation vector: ``max_blocks`` words of ``g`` codes, written through ``write`` (lands at
+    the clock edge), read in two steps: at an edge where ``read_en`` is high the word at ``read_addr``
+    is read into the RAM's latch; at an edge where ``out_en`` is high the latch goes into the output
+    register, ``read_data`` (``latency`` 2 when both are high). Each holds while its enable is low. As
+    ``GemvConfig.x_ram`` says: a ``lib.memory`` read port and a register, or ECP5 DP16KDs with their
+    output register (``CEB`` and ``OCEB``): a block RAM's output register is fast to its output, its
+    plain read is not. Not transparent: the sequencer never reads and writes it in one cycle."""
 
-    latency = 1
+    latency = 2
 
     def __init__(self, config: GemvConfig):
         self.config = config
         width = config.act_format.bits * config.group
-        super().__init__({"write": In(XWriteSignature(config)), "read_en": In(1),
+        super().__init__({"write": In(XWriteSignature(config)), "read_en": In(1), "out_en": In(1),
                           "read_addr": In(range(config.max_blocks)), "read_data": Out(unsigned(width))})
 
     def elaborate(self, platform):
         m = Module()
+        if self.config.x_ram == "dp16kd":
+            return self.dp16kd(m)
         m.submodules.mem = mem = memory.Memory(shape=self.read_data.shape(), depth=self.config.max_blocks, init=[])
         wp, rp = mem.write_port(), mem.read_port()
         m.d.comb += [wp.en.eq(self.write.en), wp.addr.eq(self.write.addr), wp.data.eq(self.write.data),
-                     rp.en.eq(self.read_en), rp.addr.eq(self.read_addr), self.read_data.eq(rp.data)]
+                     rp.en.eq(self.read_en), rp.addr.eq(self.read_addr)]
+        out = stage_reg(m, self.out_en, "out", rp.data, self.read_data.shape())
+        m.d.comb += self.read_data.eq(out)
+        return m
+
+    def dp16kd(self, m):
+        """Columns of DP16KDs, each 512 x 36 (write port A, read port B; as yosys maps a memory to a
+        pseudo-dual-port block RAM), ``max_blocks / 512`` deep, with the output register
+        (``REGMODE`` OUTREG on both ports: at 36 bits the read word leaves on both ports' outputs,
+        and nextpnr times each port's outputs by its own mode)."""
+        width, depth = len(self.read_data), self.config.max_blocks
+        rows = -(-depth // 512)
+        cols = -(-width // 36)
+        abits = max(1, (depth - 1).bit_length())
+        wdata = Cat(self.write.data, Const(0, cols * 36 - width))
+        outs = []
+        for r in range(rows):
+            sel_w = (self.write.addr >> 9) == r if rows > 1 else Const(1)
+            col_out = []
+            for c in range(cols):
+                do = Signal(36, name=f"do_r{r}_c{c}")
+                wa = Cat(Const(0xF, 4), Const(0, 1), self.write.addr[:min(9, abits)])
+                ra = Cat(Const(0, 5), self.read_addr[:min(9, abits)])
+                ports = {"i_CLKA": ClockSignal(), "i_CEA": self.write.en & sel_w, "i_OCEA": self.out_en, "i_WEA": Const(1),
+                         "i_RSTA": Const(0), "i_CLKB": ClockSignal(), "i_CEB": self.read_en, "i_OCEB": self.out_en,
+                         "i_WEB": Const(0), "i_RSTB": Const(0)}
+                for i in range(3):
+                    ports[f"i_CSA{i}"] = ports[f"i_CSB{i}"] = Const(0)
+                for i in range(14):
+                    ports[f"i_ADA{i}"] = wa[i] if i < len(wa) else Const(0)
+                    ports[f"i_ADB{i}"] = ra[i] if i < len(ra) else Const(0)
+                di = wdata[c * 36:(c + 1) * 36]
+                for i in range(18):
+                    ports[f"i_DIA{i}"], ports[f"i_DIB{i}"] = di[i], di[18 + i]
+                    ports[f"o_DOA{i}"], ports[f"o_DOB{i}"] = do[i], do[18 + i]
+                m.submodules[f"ram_r{r}_c{c}"] = Instance(
+                    "DP16KD", p_DATA_WIDTH_A=36, p_DATA_WIDTH_B=36, p_REGMODE_A="OUTREG", p_REGMODE_B="OUTREG",
+                    p_RESETMODE="SYNC", p_ASYNC_RESET_RELEASE="SYNC", p_CSDECODE_A="0b000", p_CSDECODE_B="0b000",
+                    p_WRITEMODE_A="NORMAL", p_WRITEMODE_B="NORMAL", p_GSR="DISABLED", **ports)
+                col_out.append(do)
+            outs.append(Cat(*col_out)[:width])
+        if rows == 1:
+            m.d.comb += self.read_data.eq(outs[0])
+        else:           # the row of the word in the output registers (its address, two reads ago)
+            row_l = stage_reg(m, self.read_en, "row_latch", self.read_addr >> 9, range(rows))
+            row_o = stage_reg(m, self.out_en, "row_out", row_l, range(rows))
+            m.d.comb += self.read_data.eq(Array(outs)[row_o])
         return m
 
     @staticmethod
@@ -324,7 +390,7 @@ def _bf16_fields(code):
 
 
 class ResidualTerm(wiring.Component):
-    """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` (golden.dot step 4), ``latency`` (8) cycles.
+    """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` (golden.dot step 4), ``latency`` (10) cycles.
 
     The product of a BF16 significand (8 bits) and an E4M3 one (4 bits) is 12 bits at an exponent
     ``X >= -133 - 9 = -142``: every such value at or above 2^-149 is a binary32 value, subnormal or
@@ -332,25 +398,29 @@ class ResidualTerm(wiring.Component):
     rounding. A zero product keeps the IEEE sign. Stages, a pipeline that never stalls (its terms wait
     in a FIFO of ``latency + 2`` at its end; an entry is taken only while there is room for it and
     every one inside: a credit register, so no outside ``ready`` reaches the x buffer), each one mux
-    or one short chain: 1 the x word read (the
-    entry's block column; the engine lends the port only while no block is inside); 2 the word
-    registered straight from the RAM (a block RAM is slow to its output); 3 the entry's code out of
-    the word; 4 both significands, the exponent sum and the sign; 5-6 the product (hdl.arith's LUT
-    multiplier); 7 its leading zeros and the biased exponent; 8 the binary32 pattern: normal (the
-    leading one dropped), subnormal (P at the 2^-149 quantum), saturated, or a signed zero.
+    or one short chain: 1 the x word read into the RAM's latch (the entry's block column; the engine
+    lends the port only while no block is inside); 2 the word in the x buffer's output register (the
+    block RAM's own: ``x_out_en``); 3 the entry's code out of the word (and rho's fields, the
+    constant part of the exponent sum); 4 both significands, the exponent sum and the sign; 5-6 the
+    product (hdl.arith's LUT multiplier); 7 its leading zeros; 8 the biased exponent and the
+    subnormal shift; 9 the candidates, normal (the leading one dropped) and subnormal (P at the
+    2^-149 quantum), and the conditions; 10 the binary32 pattern: one of those, saturated, or a
+    signed zero.
 
-    Ports: ``entries`` (in stream: ``col``, ``value`` (BF16), ``tag``), ``x_en``, ``x_addr`` (out) and
-    ``x_data`` (in, one cycle later): the x buffer's read port; ``terms`` (out stream: ``value``,
-    ``tag``), ``busy`` (out: an entry or a term is inside). ``model`` is golden.dot.residual_terms' rounding."""
+    Ports: ``entries`` (in stream: ``col``, ``value`` (BF16), ``tag``), ``x_en``, ``x_out_en`` (the
+    next cycle), ``x_addr`` (out) and ``x_data`` (in, two cycles later): the x buffer's read port; ``terms`` (out stream: ``value``,
+    ``tag``), ``busy`` (out, a register: an entry or a term is inside, or was a cycle ago). ``model`` is
+    golden.dot.residual_terms' rounding."""
 
     def __init__(self, config: GemvConfig):
         self.config = config
         g, bits = config.group, config.act_format.bits
         self.multiplier = PipelinedMultiplier(BF16.mbits + 1, config.act_format.mbits + 1)
-        self.latency = 4 + self.multiplier.latency + 2
+        self.latency = 4 + self.multiplier.latency + 4
         super().__init__({
             "entries": In(stream.Signature(entry_layout(config))),
-            "x_en": Out(1), "x_addr": Out(range(config.max_blocks)), "x_data": In(unsigned(g * bits)),
+            "x_en": Out(1), "x_out_en": Out(1), "x_addr": Out(range(config.max_blocks)),
+            "x_data": In(unsigned(g * bits)),
             "terms": Out(stream.Signature(data.StructLayout({"value": unsigned(32), "tag": tag_layout(config)}))),
             "busy": Out(1),
         })
@@ -367,34 +437,40 @@ class ResidualTerm(wiring.Component):
         depth = self.latency + 2
         m.submodules.queue = queue = fifo.SyncFIFOBuffered(width=32 + tag_layout(cfg).size, depth=depth)
         room = Signal(range(depth + 1), init=depth, name="room")
+        busy = Signal(name="busy")      # room != depth, or was (a register: high a cycle longer at most)
         v = [Signal(name=f"valid{i}") for i in range(self.latency)]
         en = Const(1)
         take = Signal(name="take")
         pop = self.terms.valid & self.terms.ready
-        m.d.comb += [ent.ready.eq(room != 0), take.eq(ent.valid & ent.ready), self.busy.eq(room != depth)]
-        m.d.sync += [v[0].eq(take), room.eq(room - take + pop)] + [v[i + 1].eq(v[i]) for i in range(self.latency - 1)]
+        room_next = room - take + pop
+        m.d.comb += [ent.ready.eq(room != 0), take.eq(ent.valid & ent.ready), self.busy.eq(busy)]
+        m.d.sync += [v[0].eq(take), room.eq(room_next), busy.eq((room != depth) | take)]
+        m.d.sync += [v[i + 1].eq(v[i]) for i in range(self.latency - 1)]
         stage = Stages(m, en)
 
         def carry(value, n, name):
             return delay(m, en, value, n, name)
 
         # 1: the x word (read at this edge); the entry's lane, value and tag
-        m.d.comb += [self.x_en.eq(take), self.x_addr.eq(ent.payload.col >> lane_bits)]
+        m.d.comb += [self.x_en.eq(take), self.x_out_en.eq(v[0]), self.x_addr.eq(ent.payload.col >> lane_bits)]
         lane, rho, tag = stage(("lane", ent.payload.col[:lane_bits] if lane_bits else 0, unsigned(max(1, lane_bits))),
                                ("rho", ent.payload.value, unsigned(16)), ("tag1", ent.payload.tag, tag_layout(cfg)))
-        # 2: the x word, straight from the RAM's output (a block RAM is slow to its output: nothing
-        #    between it and this register); 3: the activation code out of its word (a 16:1 mux)
-        word, = stage(("x_word", self.x_data, self.x_data.shape()))
+        # 2: the x word in the x buffer's output register (``x_out_en``, a cycle after the read);
+        # 3: the activation code out of its word (a 16:1 mux); beside it rho's fields and
+        #    er + 138 - 134 - bias - M (the constant part of eb below)
+        word = self.x_data
         lane = carry(lane, 1, "lane")
-        code, = stage(("code", word.word_select(lane, bits) if lane_bits else word[:bits], unsigned(bits)))
-        rho, tag = carry(rho, 2, "rho"), carry(tag.as_value(), 2, "tag")
+        sr, Sr, er = _bf16_fields(carry(rho, 1, "rho"))
+        code, sr, Sr, erk = stage(("code", word.word_select(lane, bits) if lane_bits else word[:bits], unsigned(bits)),
+                                  ("sr2", sr, 1), ("Sr2", Sr, 8),
+                                  ("erk", er + (138 - 134 - act.bias - act.mbits), signed(10)))
+        tag = carry(tag.as_value(), 2, "tag")
         # 4: both significands, the sign, eb = X + 138: the biased binary32 exponent of P * 2^X if P's
         #    leading one were at bit 11 (X = (er - 134) + (ex - bias - M)); the result's is eb - lz(P)
-        sr, Sr, er = _bf16_fields(rho)
         e_x = code[act.mbits:bits - 1]
         sx, Sx, ex = code[bits - 1], Cat(code[:act.mbits], e_x.any()), Mux(e_x.any(), e_x, 1)
         sign, Sr, Sx, eb = stage(("sign3", self.sign(sr, sx), 1), ("sr3", Sr, 8), ("sx3", Sx, 4),
-                                 ("eb3", er + ex + (138 - 134 - act.bias - act.mbits), signed(10)))
+                                 ("eb3", erk + ex, signed(10)))
         tag = carry(tag, 1, "tag3")
         # 5-6: the product, exact
         m.submodules.multiplier = mul = self.multiplier
@@ -403,16 +479,22 @@ class ResidualTerm(wiring.Component):
         p = mul.p
         # 7: the leading zeros, the biased exponent, the subnormal shift P << (X + 149) = P << (eb + 11)
         #    (7 .. 22 where it applies)
+        #    (7 .. 22 where it applies): the leading zeros in a stage of their own, then the rest
         lz = leading_zeros(m, p, "lz")
+        lz, eb, p, sign, tag = stage(("lz5", lz, lz.shape()), ("eb5", eb, signed(10)), ("p5", p, unsigned(12)),
+                                     ("sign5", sign, 1), ("tag5", tag, len(tag)))
         biased, shift, p, sign, tag = stage(("biased", eb - lz, signed(10)), ("sub_shift", (eb + 11)[:5], unsigned(5)),
                                             ("p6", p, unsigned(12)), ("sign6", sign, 1), ("tag6", tag, len(tag)))
         lz = stage_reg(m, en, "lz6", lz, lz.shape())
-        # 8: the pattern
-        normal = Cat(Const(0, 12), (p << lz)[:11])
-        mag = Mux(p == 0, 0, Mux(biased >= 255, 0x7F7FFFFF,
-                                 Mux(biased >= 1, Cat(normal, biased[:8]), (p << shift)[:23])))
+        # 8: the candidates (normal: the leading one dropped; subnormal: P at the 2^-149 quantum) and
+        #    the conditions; 9: the pattern
+        normal, sub, zero, sat, norm, biased8, sign, tag = stage(
+            ("normal", (p << lz)[:11], unsigned(11)), ("sub", (p << shift)[:23], unsigned(23)),
+            ("zero8", p == 0, 1), ("sat8", biased >= 255, 1), ("norm8", biased >= 1, 1),
+            ("biased8", biased[:8], unsigned(8)), ("sign8", sign, 1), ("tag8", tag, len(tag)))
+        mag = Mux(zero, 0, Mux(sat, 0x7F7FFFFF, Mux(norm, Cat(Const(0, 12), normal, biased8), sub)))
         out, tag = stage(("out", Cat(mag[:31], sign), unsigned(32)), ("tag7", tag, len(tag)))
-        assert stage.depth + mul.latency == self.latency, (stage.depth, self.latency)
+        assert 1 + stage.depth + mul.latency == self.latency, (stage.depth, self.latency)     # 1: the RAM's register
         m.d.comb += [queue.w_en.eq(v[-1]), queue.w_data.eq(Cat(out, tag)),
                      self.terms.valid.eq(queue.r_rdy), self.terms.payload.as_value().eq(queue.r_data),
                      queue.r_en.eq(pop)]
@@ -440,9 +522,12 @@ class BlockSequencer(wiring.Component):
     block taken at edge ``t`` is on ``issue`` from cycle ``t + 1`` (``latency`` 1) until the first
     enabled edge after; ``offer`` (out) is ``w.valid`` where a block may be taken (the pipeline's
     input valid). After each tile's blocks of a layer with residual entries it takes the tile's
-    entries (``sparse``, ``golden.dot.tile_residuals``' order) and passes them on (``entries``, to
-    the term unit) once ``drained`` (no block left in the front end or the block dot unit); the
-    next tile's blocks wait for them to leave the term unit (``term_busy``)."""
+    entries (``sparse``, ``golden.dot.tile_residuals``' order) into an entry register and passes
+    them on (``entries``, to the term unit) once ``drained`` (no block left in the front end or the
+    block dot unit); the next tile's blocks wait for them to leave the term unit (``term_busy``).
+    The counters' comparisons are registered flags, worked out a block ahead, against registered
+    copies of the active page's registers; a block is taken two cycles after the last x beat at the
+    earliest (the flags then see the page that beat swapped in)."""
 
     latency = 1
 
@@ -472,10 +557,17 @@ class BlockSequencer(wiring.Component):
         rows_shape, bpr_shape = unsigned(cfg.max_rows.bit_length()), range(B)
         errors = Signal(error_layout(), name="errors")
         error_now = Signal(error_layout(), name="error_now")
+        # the errors found now, registered before they join the sticky bits (a cycle later on status);
+        # the x length check (error_late) is worked out on registers already, a cycle after the beat
+        # (every bit of error_now is driven by an expression: a comb process that only assigns a
+        # constant never runs in a 4-state simulator such as Icarus, and leaves its bit X)
+        error_seen = Signal(error_layout(), name="error_seen")
+        x_length_late = Signal(name="x_length_late")
         with m.If(self.clear):
-            m.d.sync += errors.eq(0)
+            m.d.sync += [errors.eq(0), error_seen.eq(0)]
         with m.Else():
-            m.d.sync += errors.eq(errors.as_value() | error_now.as_value())
+            m.d.sync += [errors.eq(errors.as_value() | error_seen.as_value() | (x_length_late << 1)),
+                         error_seen.eq(error_now)]
 
         # -- the layer registers, two pages; the host writes the inactive one --------------------
         active = Signal(name="active")
@@ -483,13 +575,21 @@ class BlockSequencer(wiring.Component):
         bpr_m1 = Array(Signal(bpr_shape, name=f"bpr_m1_p{p}", reset_less=True) for p in range(2))
         offset = Array(Signal(signed(8), name=f"offset_p{p}", reset_less=True) for p in range(2))
         sparse = Array(Signal(name=f"sparse_p{p}", reset_less=True) for p in range(2))
+        # rows - 2 and blocks per row - 2: what the counters' flags below compare with a block ahead
+        rows_m2 = Array(Signal(rows_shape, name=f"rows_m2_p{p}", reset_less=True) for p in range(2))
+        bpr_m2 = Array(Signal(bpr_shape, name=f"bpr_m2_p{p}", reset_less=True) for p in range(2))
         lw = self.layer.payload
         m.d.comb += self.layer.ready.eq(1)
         with m.If(self.layer.valid):
             m.d.sync += [rows_m1[~active].eq(lw.rows - 1), bpr_m1[~active].eq(lw.blocks_per_row - 1),
+                         rows_m2[~active].eq(lw.rows - 2), bpr_m2[~active].eq(lw.blocks_per_row - 2),
                          offset[~active].eq(lw.offset), sparse[~active].eq(lw.sparse)]
-            m.d.comb += error_now.layer.eq((lw.rows == 0) | (lw.rows > cfg.max_rows) | (lw.blocks_per_row == 0)
-                                           | (lw.blocks_per_row > B))
+            # a bound the field's width already enforces is not compared (a constant compare,
+            # which Verilator's lint refuses)
+            too_many_rows = (lw.rows > cfg.max_rows) if cfg.max_rows < (1 << cfg.max_rows.bit_length()) - 1 else 0
+            too_many_blocks = (lw.blocks_per_row > B) if B < (1 << len(lw.blocks_per_row)) - 1 else 0
+            m.d.comb += error_now.layer.eq((lw.rows == 0) | too_many_rows | (lw.blocks_per_row == 0)
+                                           | too_many_blocks)
         m.d.comb += self.write_page.eq(~active)
 
         # -- x: one vector into the buffer; the swap beat flips the page ---------------------------
@@ -501,11 +601,16 @@ class BlockSequencer(wiring.Component):
         m.d.comb += [self.x.ready.eq(~x_loaded), x_take.eq(self.x.valid & self.x.ready),
                      self.x_write.en.eq(x_take), self.x_write.addr.eq(x_count[:len(self.x_write.addr)]),
                      self.x_write.data.eq(xp.codes.as_value())]
-        bpr_now = bpr_m1[page_now]
+        # the length check a cycle later, on registered copies (the beat's page's blocks per row among them)
+        xl_take, xl_last = Signal(name="xl_take"), Signal(name="xl_last", reset_less=True)
+        xl_count = Signal.like(x_count, name="xl_count", reset_less=True)
+        bpr_now = Signal(bpr_shape, name="xl_bpr", reset_less=True)       # the beat's page's blocks per row - 1
+        m.d.sync += [xl_take.eq(x_take), xl_last.eq(xp.last), xl_count.eq(x_count), bpr_now.eq(bpr_m1[page_now])]
+        m.d.comb += [x_length_late.eq(xl_take & ((xl_count > bpr_now) | (xl_last & (xl_count != bpr_now)))),
+                     error_now.x_length.eq(x_length_late)]
         with m.If(x_take):
             m.d.sync += active.eq(page_now)
-            m.d.comb += [error_now.x_nan.eq(Cat((c[:7] == 0x7F) for c in xp.codes).any()),
-                         error_now.x_length.eq((x_count > bpr_now) | (xp.last & (x_count != bpr_now)))]
+            m.d.comb += error_now.x_nan.eq(Cat((c[:7] == 0x7F) for c in xp.codes).any())
             with m.If(xp.last):
                 m.d.sync += [x_loaded.eq(1), x_count.eq(0)]
             with m.Elif(~x_count[-1]):
@@ -518,61 +623,107 @@ class BlockSequencer(wiring.Component):
         tile_base = Signal(rows_shape, name="tile_base")
         end_taken = Signal(name="end_taken")                  # the pass's last block is taken
         terms = Signal(name="terms")                          # the tile's residual entries come now
-        rows_last, cols_last, with_terms = rows_m1[active], bpr_m1[active], sparse[active]
-        at_last_row = row == rows_last
-        column_done = (slot == S - 1) | at_last_row           # the tile's last row of this column
-        row_done = col == cols_last
+        # the active page's registers copied every cycle (a cycle late: the flags see a swap two
+        # cycles after its beat, and a block is taken two cycles after the last x beat at the earliest)
+        rows_last = stage_reg(m, 1, "rows_last", rows_m1[active], rows_shape)
+        cols_last = stage_reg(m, 1, "cols_last", bpr_m1[active], bpr_shape)
+        rows_last_m1 = stage_reg(m, 1, "rows_last_m1", rows_m2[active], rows_shape)
+        cols_last_m1 = stage_reg(m, 1, "cols_last_m1", bpr_m2[active], bpr_shape)
+        with_terms = sparse[active]
+        # the counters' comparisons as flags, registers worked out a block ahead (from the counters
+        # and rows - 2, blocks per row - 2) when a block is taken, else from the counters as they are:
+        # no comparison lies between the counters and their next values. A block is taken only two
+        # cycles after the last x beat (``settled``): a swap changes the layer registers the flags use.
+        at_last_row = Signal(name="at_last_row")             # row == rows - 1
+        last_slot = Signal(name="last_slot")                 # slot == tile - 1
+        row_done = Signal(name="row_done")                   # col == blocks per row - 1
+        col_first = Signal(name="col_first", init=1)          # col == 0
+        settled = Signal(name="settled")
+        x_took = Signal(name="x_took")
+        m.d.sync += [x_took.eq(x_take), settled.eq(~x_take & ~x_took)]
+        column_done = last_slot | at_last_row                 # the tile's last row of this column
         w_take = Signal(name="w_take")
-        pass_open = x_loaded & ~end_taken & ~terms & ~self.term_busy
+        pass_open = x_loaded & settled & ~end_taken & ~terms & ~self.term_busy
         m.d.comb += [self.w.ready.eq(self.en & pass_open), w_take.eq(self.w.valid & self.w.ready),
                      self.offer.eq(self.w.valid & pass_open)]
         m.d.comb += error_now.w_before_x.eq(self.w.valid & ~x_loaded)
 
         valid0 = Signal(name="valid0")
-        block0 = stage_reg(m, w_take, "block0", self.w.payload, unsigned(cfg.layout.block_bits))
-        page0 = stage_reg(m, w_take, "page0", active, 1)
-        col0 = stage_reg(m, w_take, "col0", col, bpr_shape)
-        offset0 = stage_reg(m, w_take, "offset0", offset[active], signed(8))
+        # stage 0 loads on every enabled edge, a block taken or not (valid0 says which): the enable
+        # is a register, where the take is logic with a hundred loads
+        block0 = stage_reg(m, self.en, "block0", self.w.payload, unsigned(cfg.layout.block_bits))
+        page0 = stage_reg(m, self.en, "page0", active, 1)
+        col0 = stage_reg(m, self.en, "col0", col, bpr_shape)
+        offset0 = stage_reg(m, self.en, "offset0", offset[active], signed(8))
         # with residual entries a row's last value is its last entry's term, not its last block's
-        tag0 = stage_reg(m, w_take, "tag0", self.tag(slot, col == 0, row_done & ~with_terms,
+        tag0 = stage_reg(m, self.en, "tag0", self.tag(slot, col_first, row_done & ~with_terms,
                                                       column_done & row_done & at_last_row & ~with_terms),
                          tag_layout(cfg))
         with m.If(self.en):
             m.d.sync += valid0.eq(w_take)
         terms_base = Signal(rows_shape, name="terms_base")    # the tile whose entries come
+        terms_top = Signal(rows_shape, name="terms_top")      # its last row
         terms_last = Signal(range(S), name="terms_last")      # its last row's slot
         terms_end = Signal(name="terms_end")                  # it is the pass's last tile
-        terms_rows = Signal(range(S), name="terms_rows")      # its rows whose last entry has come
+        terms_rows = Signal(range(S), name="terms_rows")      # its rows whose last entry has come in
+        terms_in = Signal(name="terms_in")                    # its last entry has come in
+        rows_before_last = row == rows_last_m1               # row + 1 is the last row
         with m.If(w_take):
             with m.If(~column_done):
-                m.d.sync += [slot.eq(slot + 1), row.eq(row + 1)]
+                m.d.sync += [slot.eq(slot + 1), row.eq(row + 1), last_slot.eq(slot == S - 2),
+                             at_last_row.eq(rows_before_last)]
             with m.Elif(~row_done):
-                m.d.sync += [slot.eq(0), row.eq(tile_base), col.eq(col + 1)]
+                m.d.sync += [slot.eq(0), row.eq(tile_base), col.eq(col + 1), last_slot.eq(0),
+                             at_last_row.eq(tile_base == rows_last), row_done.eq(col == cols_last_m1),
+                             col_first.eq(0)]
             with m.Elif(~at_last_row):                            # the next tile
-                m.d.sync += [slot.eq(0), row.eq(row + 1), tile_base.eq(row + 1), col.eq(0)]
+                m.d.sync += [slot.eq(0), row.eq(row + 1), tile_base.eq(row + 1), col.eq(0), last_slot.eq(0),
+                             at_last_row.eq(rows_before_last), row_done.eq(cols_last == 0), col_first.eq(1)]
             with m.Else():                                        # the pass's last block
-                m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), end_taken.eq(1)]
+                m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), end_taken.eq(1), last_slot.eq(0),
+                             at_last_row.eq(rows_last == 0), row_done.eq(cols_last == 0), col_first.eq(1)]
             with m.If(column_done & row_done & with_terms):       # the tile's last block: its entries next
-                m.d.sync += [terms.eq(1), terms_base.eq(tile_base), terms_last.eq(slot), terms_end.eq(at_last_row),
-                             terms_rows.eq(0)]
+                m.d.sync += [terms.eq(1), terms_base.eq(tile_base), terms_top.eq(row), terms_last.eq(slot),
+                             terms_end.eq(at_last_row), terms_rows.eq(0), terms_in.eq(0)]
+        with m.Else():
+            m.d.sync += [last_slot.eq(slot == S - 1), at_last_row.eq(row == rows_last),
+                         row_done.eq(col == cols_last), col_first.eq(col == 0)]
 
         # -- residual entries: after each tile's blocks, once the blocks' values are all out ------------
+        # An entry register between ``sparse`` and ``entries``: it takes the tile's entries (while
+        # ``terms``, until the tile's last one is in) and works out their slot, whether they are
+        # outside the tile and whether they are the tile's last on the way in; it hands them on
+        # once the tile's blocks are out (``drained``)
         sp, ent = self.sparse.payload, self.entries
+        e_valid = Signal(name="entry_valid")
+        e_col = Signal.like(sp.col, name="entry_col", reset_less=True)
+        e_value = Signal.like(sp.value, name="entry_value", reset_less=True)
+        e_last, e_final, e_outside = (Signal(name=f"entry_{n}", reset_less=True) for n in ("last", "final", "outside"))
+        e_slot = Signal(range(S), name="entry_slot", reset_less=True)
         entry_slot = sp.row - terms_base
-        outside = (sp.row < terms_base) | (entry_slot > terms_last) | (sp.col >> (cfg.group - 1).bit_length() > cols_last)
+        outside = (sp.row < terms_base) | (sp.row > terms_top) | (sp.col >> (cfg.group - 1).bit_length() > cols_last)
         final = sp.last & (terms_rows == terms_last)           # the tile's last row's last entry
-        m.d.comb += [ent.valid.eq(terms & self.drained & self.sparse.valid),
-                     self.sparse.ready.eq(terms & self.drained & ent.ready),
-                     ent.payload.col.eq(sp.col), ent.payload.value.eq(sp.value),
-                     ent.payload.tag.eq(self.tag(Mux(outside, 0, entry_slot[:len(slot)]), 0, sp.last,
-                                                 final & terms_end))]
+        ent_take = Signal(name="entry_take")
+        m.d.comb += [ent.valid.eq(e_valid & self.drained), ent_take.eq(ent.valid & ent.ready),
+                     self.sparse.ready.eq(terms & ~terms_in & (~e_valid | ent_take)),
+                     ent.payload.col.eq(e_col), ent.payload.value.eq(e_value),
+                     ent.payload.tag.eq(self.tag(Mux(e_outside, 0, e_slot), 0, e_last, e_final & terms_end))]
         terms_done = Signal(name="terms_done")                # the pass's last entry is taken
+        with m.If(self.sparse.ready):             # (loaded taken or not: e_valid says which)
+            m.d.sync += [e_col.eq(sp.col), e_value.eq(sp.value), e_last.eq(sp.last), e_final.eq(final),
+                         e_outside.eq(outside), e_slot.eq(entry_slot[:len(e_slot)])]
         with m.If(self.sparse.valid & self.sparse.ready):
-            m.d.comb += error_now.sparse.eq(outside)
+            m.d.sync += e_valid.eq(1)
             with m.If(sp.last):
                 m.d.sync += terms_rows.eq(terms_rows + 1)
                 with m.If(final):
-                    m.d.sync += [terms.eq(0), terms_done.eq(terms_end)]
+                    m.d.sync += terms_in.eq(1)
+        with m.Elif(ent_take):
+            m.d.sync += e_valid.eq(0)
+        with m.If(ent_take):
+            m.d.comb += error_now.sparse.eq(e_outside)
+            with m.If(e_final):
+                m.d.sync += [terms.eq(0), terms_done.eq(terms_end)]
 
         # the pass's last block leaves stage 0, or its last entry the term unit (their x words are read
         # by then): the buffer is free
@@ -634,8 +785,8 @@ class GemvEngine(wiring.Component):
 
     @property
     def reads(self) -> int:
-        """The front end's stages after stage 0: the table read's, or the x buffer's read and the
-        register after the block RAM, whichever is longer."""
+        """The front end's stages after stage 0: the table read's, or the x buffer's read, its output
+        register and one more register, whichever is longer."""
         return max(self.read_latency, self.x_buffer.latency + 1)
 
     @property
@@ -694,33 +845,47 @@ class GemvEngine(wiring.Component):
             m.d.comb += [bank.read_en[j].eq(en_lane[j]), bank.read_page[j].eq(self.table_page(issue.page)),
                          bank.read_bank[j].eq(mux.bank[j] if self.mux is not None else 0),
                          bank.read_addr[j].eq(issue.block[H + j * k:][:k])]
-        # the x buffer's one read port: a block's read, or (with no block in the engine) a residual entry's
-        m.d.comb += [xbuf.read_en.eq((en & issue.valid) | term.x_en),
-                     xbuf.read_addr.eq(Mux(term.x_en, term.x_addr, self.x_address(issue.col))),
+        drained = Signal(name="drained")      # no block past stage 0 (below)
+        # the x buffer's one read port: a block's read, or (with no block in the engine) a residual
+        # entry's. The front end reads on every enabled edge (stage 0 valid or not: its latch and output
+        # register move with the pipeline) at stage 0's column while stage 0 holds a block, else at the
+        # term unit's (a register selects: no handshake reaches the RAM's address). While the engine
+        # is drained (no block past stage 0, so no read waits in the latch) it reads on every edge:
+        # the term unit's reads among them, with no handshake on the RAM's enable either.
+        m.d.comb += [xbuf.read_en.eq(en | drained), xbuf.out_en.eq(en | term.x_out_en),
+                     xbuf.read_addr.eq(Mux(issue.valid, self.x_address(issue.col), term.x_addr)),
                      term.x_data.eq(xbuf.read_data)]
         # the block's other fields wait for the reads
         sign = header[lay.sign_position] if lay.signed_scale else Const(0, 1)
         side = delay(m, en, Cat(header[:lay.scale.bits], sign, issue.offset, issue.tag), RX, "front")
         scale, rest = side[:lay.scale.bits], side[lay.scale.bits:]
-        # the x word registered straight from the block RAM's output (slow to its output: nothing
-        # between the two), the table words delayed to meet it
+        # the x word from the x buffer's output register (the block RAM's own) into one more register
+        # (the block RAM sits apart from the lanes: the routing to them gets a cycle of its own), the
+        # table words delayed to meet it
         m.d.comb += Value.cast(out.last).eq(Cat(delay(m, en, bank.read_data.as_value(), RX - R, "hif"),
                                                 delay(m, en, xbuf.read_data, RX - xbuf.latency, "x_word"),
                                                 scale, rest[0], rest[1:9], rest[9:]))
 
         # -- the block dot unit; its tags wait in a FIFO beside it -------------------------------------
+        # (the tags FIFO holds the tags of the blocks inside the block dot unit: at most its stages and
+        # its two skid entries, fewer than its depth, so its w_rdy and r_rdy are left out of the
+        # handshakes: front.ready is the block dot unit's enable copy, a register)
         blocks = bdot.blocks
-        m.d.comb += [blocks.valid.eq(front.valid & tags.w_rdy), front.ready.eq(blocks.ready & tags.w_rdy),
+        m.d.comb += [blocks.valid.eq(front.valid), front.ready.eq(blocks.ready),
                      blocks.payload.eq(front.payload.block),
                      tags.w_en.eq(blocks.valid & blocks.ready), tags.w_data.eq(front.payload.tag)]
         # blocks taken and not yet out of the block dot unit: with none, residual entries may go (they
         # then reach the ring after every block value of their tile, and read x alone)
         block_in = bdot.values.valid & bdot.values.ready
+        # (counted from the block's leaving stage 0, on registers: ``drained`` matters only while
+        # the sequencer takes no block, and then a block is either in stage 0 or counted)
         inside = Signal(range(2 * (R + 1 + 2 + bdot.latency + 4)), name="blocks_inside")
-        m.d.sync += inside.eq(inside + (seq.w.valid & seq.w.ready) - block_in)
-        m.d.comb += [seq.drained.eq((inside == 0) & ~(seq.w.valid & seq.w.ready)), seq.term_busy.eq(term.busy)]
+        m.d.sync += inside.eq(inside + (en & seq.issue.valid) - block_in)
+        # (drained, a register: a cycle late, which is early enough for the entries, which wait for it)
+        m.d.sync += drained.eq((inside == 0) & ~seq.issue.valid)
+        m.d.comb += [seq.drained.eq(drained), seq.term_busy.eq(term.busy)]
         # into the value FIFO: block values, or (only while no block is inside) residual terms
-        m.d.comb += [bdot.values.ready.eq(vals.w_rdy & tags.r_rdy), term.terms.ready.eq(vals.w_rdy),
+        m.d.comb += [bdot.values.ready.eq(vals.w_rdy), term.terms.ready.eq(vals.w_rdy),
                      vals.w_en.eq(block_in | (term.terms.valid & vals.w_rdy)),
                      vals.w_data.eq(Mux(term.terms.valid, term.terms.payload.as_value(),
                                         Cat(bdot.values.payload, tags.r_data))),
@@ -729,13 +894,16 @@ class GemvEngine(wiring.Component):
         # -- the row accumulator; y --------------------------------------------------------------------------
         value, tag = vals.r_data[:32], data.View(tag_shape, vals.r_data[32:])
         into = acc.values
-        m.d.comb += [into.valid.eq(vals.r_rdy & (~tag.last | marks.w_rdy)),
+        # (the marks FIFO holds a flag per row sum inside the ring and its output buffer: at most the
+        # ring's latency and one skid entry, fewer than its depth, so its w_rdy and r_rdy are left
+        # out of the handshakes)
+        m.d.comb += [into.valid.eq(vals.r_rdy),
                      into.payload.value.eq(value), into.payload.slot.eq(tag.slot),
                      into.payload.first.eq(tag.first), into.payload.last.eq(tag.last),
                      vals.r_en.eq(into.valid & into.ready),
                      marks.w_en.eq(vals.r_en & tag.last), marks.w_data.eq(tag.end)]
-        m.d.comb += [self.y.valid.eq(acc.sums.valid & marks.r_rdy), self.y.payload.value.eq(acc.sums.payload.value),
-                     self.y.payload.last.eq(marks.r_data), acc.sums.ready.eq(self.y.ready & marks.r_rdy),
+        m.d.comb += [self.y.valid.eq(acc.sums.valid), self.y.payload.value.eq(acc.sums.payload.value),
+                     self.y.payload.last.eq(marks.r_data), acc.sums.ready.eq(self.y.ready),
                      marks.r_en.eq(self.y.valid & self.y.ready)]
         return m
 

@@ -319,7 +319,7 @@ def test_residual_term_unit_bit_exact():
     got = []
 
     async def bench(ctx):
-        i, stall = 0, np.random.default_rng(1)
+        i, stall, word = 0, np.random.default_rng(1), None
         while len(got) < n:
             ctx.set(dut.entries.valid, int(i < n))
             if i < n:
@@ -329,10 +329,12 @@ def test_residual_term_unit_bit_exact():
             took = i < n and ctx.get(dut.entries.ready)
             if ctx.get(dut.terms.valid) and ctx.get(dut.terms.ready):
                 got.append(ctx.get(dut.terms.payload.value))
+            latched = word                  # read at the last edge: into the output register at this one
             word = int(xc[i]) << (8 * (int(col[i]) % 16)) if took else None
             await ctx.tick()
-            if took:                        # the x buffer's word, a cycle after the read
-                ctx.set(dut.x_data, word)
+            if latched is not None:         # the x buffer's word, two cycles after the read
+                ctx.set(dut.x_data, latched)
+            if took:
                 i += 1
 
     sim = Simulator(dut)
