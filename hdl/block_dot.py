@@ -120,7 +120,7 @@ def block_layout(hif: FloatFormat, act: FloatFormat, layout: BlockLayout) -> dat
     })
 
 
-def _fields(fmt: FloatFormat, code):
+def code_fields(fmt: FloatFormat, code):
     """(sign, significand, biased exponent e' = X - min X) of a float code, as hardware."""
     M, E = fmt.mbits, fmt.ebits
     mant, e = code[:M], code[M:M + E]
@@ -193,8 +193,8 @@ class BlockDot(wiring.Component):
         terms = []
         for j in range(g):
             en = en_lane[j]
-            sh, Sh, eh = _fields(hif, inp.hif[j])
-            sx, Sx, ex = _fields(act, inp.act[j])
+            sh, Sh, eh = code_fields(hif, inp.hif[j])
+            sx, Sx, ex = code_fields(act, inp.act[j])
             m.submodules[f"mul{j}"] = mul = PipelinedMultiplier(hif.mbits + 1, act.mbits + 1)
             Sh, Sx = reg(en, f"sh{j}_1", Sh, unsigned(len(Sh))), reg(en, f"sx{j}_1", Sx, unsigned(len(Sx)))
             m.d.comb += [mul.en.eq(en), mul.a.eq(Sh), mul.b.eq(Sx)]
@@ -220,7 +220,7 @@ class BlockDot(wiring.Component):
         assert width == W, (width, W)
 
         # -- the block path: scale significand, sign, kmax = NQ - 1 + E + 126 --------------------------------
-        _, Ss, es = _fields(scale, inp.scale)
+        _, Ss, es = code_fields(scale, inp.scale)
         s_lo, s_hi = dot.exponent_range(scale)
         const = NQ - 1 + self.acc.lsb_exp + s_lo + 126
         kmax_top = const + (s_hi - s_lo) + OFFSET_RANGE[1]
@@ -293,16 +293,19 @@ class BlockDot(wiring.Component):
 def output_pipeline(m: Module, depth: int, port, lanes: int = 1) -> tuple[PipelineControl, OutputStage]:
     """The stream handshake of a pipeline of ``depth`` stages whose result drives ``port`` (an out
     stream): hdl.pipeline's control (the enable tree, one copy per lane, and the valid chain) and an
-    hdl.output_buffer stage, the payload's bits split evenly over ``lanes`` lanes, joined as the
+    hdl.output_buffer stage, the payload's bits split over ``lanes`` lanes of ``ceil(width / lanes)``
+    bits (where ``lanes`` does not divide the width, the top ones carry constant 0), joined as the
     decoder joins them (two register levels of the enable and two skid entries above 8 lanes). The
     caller feeds ``ctl.valid``, moves its registers on ``ctl.enable`` and drives ``out.last`` (as a
     value) from its last stage."""
     width = Shape.cast(port.payload.shape()).width
-    assert width % lanes == 0, (width, lanes)
+    per = -(-width // lanes)
     m.submodules.ctl = ctl = PipelineControl(lanes, depth)
-    m.submodules.out = out = OutputStage(unsigned(width // lanes), lanes, delay=rep.enable_levels(lanes))
+    m.submodules.out = out = OutputStage(unsigned(per), lanes, delay=rep.enable_levels(lanes))
     wiring.connect(m, control=ctl.buffers, output=out.control)
-    m.d.comb += [port.valid.eq(out.values.valid), Value.cast(port.payload).eq(Value.cast(out.values.payload)),
+    words = Value.cast(out.values.payload)
+    m.d.comb += [port.valid.eq(out.values.valid),
+                 Value.cast(port.payload).eq(words if per * lanes == width else words[:width]),
                  out.values.ready.eq(port.ready)]
     return ctl, out
 

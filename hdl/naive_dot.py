@@ -81,12 +81,10 @@ from sop.golden.points import get_point
 
 from . import replica as rep
 from .arith import PipelinedMultiplier, delay, leading_zeros_pipelined, shift_left, shift_stages, stage_reg
-from .block_dot import round_fp32
+from .block_dot import code_fields, output_pipeline, round_fp32
 from .config import DecoderConfig
 from .decoder import Decoder
 from .fp32_acc import ADD_LATENCY, Fp32Add, sum_layout
-from .output_buffer import OutputStage
-from .pipeline import PipelineControl
 
 BF16 = FORMATS["bf16"]
 REDUCTIONS = ("lanes", "tree")
@@ -110,15 +108,6 @@ def act_layout(lanes: int, slots: int) -> data.StructLayout:
     """One block's activations and row tags (hdl.fp32_acc.value_layout's ``slot``, ``first``, ``last``)."""
     return data.StructLayout({"act": data.ArrayLayout(unsigned(8), lanes), "slot": range(slots),
                               "first": unsigned(1), "last": unsigned(1)})
-
-
-def _unpack(fmt, code):
-    """(sign, significand with its hidden bit, ``e' = max(e, 1) - 1``) of a float code with subnormals:
-    the value is ``significand * 2^(e' + 1 - bias - mbits)``."""
-    M, E = fmt.mbits, fmt.ebits
-    mant, e = code[:M], code[M:M + E]
-    nz = e.any()
-    return code[M + E], Cat(mant, nz), e - nz
 
 
 class NaiveDot(wiring.Component):
@@ -164,13 +153,14 @@ class NaiveDot(wiring.Component):
         wiring.connect(m, wiring.flipped(self.load), dec.load)
         m.d.comb += [dec.offset.eq(self.offset), dec.offset_we.eq(self.offset_we)]
 
-        ctl, last = _output_pipeline(m, self.latency, self.sums, g)
+        ctl, out = output_pipeline(m, self.latency, self.sums, g)
+        last = Signal(Shape.cast(self.sums.payload.shape()).width, name="result")
+        m.d.comb += Value.cast(out.last).eq(last)
         en0, en_lane = ctl.enable.en, [ctl.enable.lane[j] for j in range(g)]
 
         # -- the weights' FIFO (weight_fifo), then the join: a block's weights and activations, taken
         #    when the ring is at their slot
         held, pop, weights = self.weight_fifo(m, dec.values)
-        pos = Signal(range(S), name="pos")              # the ring's slot at the join
         pos = Signal(range(S), name="pos")              # the ring's slot at the join
         with m.If(en0):
             m.d.sync += pos.eq(Mux(pos == S - 1, 0, pos + 1))
@@ -233,8 +223,8 @@ class NaiveDot(wiring.Component):
     def product(self, m: Module, en, w, x, name: str) -> Value:
         """``w * x`` in binary32 (exact; saturating) of a BF16 code and an E4M3 code, ``product_latency``
         stages later."""
-        sw, Sw, ew = _unpack(BF16, w)
-        sx, Sx, ex = _unpack(self.act, x)
+        sw, Sw, ew = code_fields(BF16, w)
+        sx, Sx, ex = code_fields(self.act, x)
         Sw, Sx = stage_reg(m, en, f"{name}_sw", Sw, unsigned(8)), stage_reg(m, en, f"{name}_sx", Sx, unsigned(4))
         ew, ex = stage_reg(m, en, f"{name}_ew", ew, unsigned(8)), stage_reg(m, en, f"{name}_ex", ex, unsigned(4))
         neg = stage_reg(m, en, f"{name}_neg", sw ^ sx, 1)
@@ -298,22 +288,6 @@ class NaiveDot(wiring.Component):
         """The sums (binary32 pattern, slot) in the order they leave, for the joined blocks in order:
         ``weights`` (n, g) BF16 codes (the decoder's output), ``acts`` (n, g) E4M3 codes, the tags (n,)."""
         return model(weights, acts, slots, first, last, self.reduction)
-
-
-def _output_pipeline(m: Module, depth: int, port, lanes: int):
-    """hdl.block_dot.output_pipeline for a payload that ``lanes`` does not divide: the payload's bits
-    spread over ``lanes`` buffers of ``ceil(width / lanes)`` bits (the top ones constant 0), so that
-    every lane has its enable copy. Returns the control and the value to drive from the last stage."""
-    width = Shape.cast(port.payload.shape()).width
-    per = -(-width // lanes)
-    m.submodules.ctl = ctl = PipelineControl(lanes, depth)
-    m.submodules.out = out = OutputStage(unsigned(per), lanes, delay=rep.enable_levels(lanes))
-    wiring.connect(m, control=ctl.buffers, output=out.control)
-    last = Signal(width, name="result")
-    m.d.comb += [port.valid.eq(out.values.valid),
-                 Value.cast(port.payload).eq(Value.cast(out.values.payload)[:width]),
-                 out.values.ready.eq(port.ready), Value.cast(out.last).eq(last)]
-    return ctl, last
 
 
 def products(weights, acts) -> np.ndarray:
