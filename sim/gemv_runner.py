@@ -28,8 +28,9 @@ from ``--seed``, else from a new seed each run, printed: ``--seed`` reruns it):
   sign bit); zero blocks and a zero vector; subnormal, +-0 and +-448 activations; a
   random layer over every code, both banks and signs; a single row; random layers
   with sparse residuals (terms that saturate or go subnormal) and a partial last tile.
-* ``errors``: a vector one beat too long, one too short, one with an E4M3 NaN
-  and one with -NaN (``x_length``, ``x_nan`` must be set while it is loaded, clear
+* ``errors``: a vector one beat too long, one too short, then one vector for each
+  lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
+  detector alone) (``x_length``, ``x_nan`` must be set while it is loaded, clear
   after ``clear``; their ``y`` words are counted, not compared), then a good
   vector (compared) and a clear status.
 
@@ -261,16 +262,16 @@ def layer_entry(cfg: GemvConfig, name: str, layer: LayerStream, vectors) -> dict
 
 
 def error_job(cfg: GemvConfig, point: str, rng) -> dict:
-    """A 3-row, 2-block layer; vectors too long, too short, with NaN and -NaN (their ``y`` counted,
-    not compared), then a good one with 448 (compared)."""
+    """A 3-row, 2-block layer; vectors too long, too short, with a NaN in each lane of a beat (one
+    vector a lane, +NaN and -NaN in turn: every lane's detector must fire on its own; their ``y``
+    counted, not compared), then a good one with 448 (compared)."""
     layer = random_layer(point, 3, 2 * cfg.group, rng, offset=0)
     good = rng.integers(0, 0x7F, 2 * cfg.group)
     good[5] = 0x7E
     entry = layer_entry(cfg, "errors", layer, [good])
     beats = entry["vectors"][0]["x"]
-    nan = beats[1] | 0x7F << 40
-    cases = [("x_length", beats + [beats[0]]), ("x_length", beats[:1]), ("x_nan", [beats[0], nan]),
-             ("x_nan", [beats[0], nan | 0x80 << 40])]
+    nans = [beats[1] & ~(0xFF << 8 * k) | (0x7F | (k & 1) << 7) << 8 * k for k in range(cfg.group)]
+    cases = [("x_length", beats + [beats[0]]), ("x_length", beats[:1])] + [("x_nan", [beats[0], n]) for n in nans]
     entry["cases"] = [{"error": e, "x": x} for e, x in cases] + [{"error": None, **entry["vectors"][0]}]
     return {"kind": "errors", **entry}
 
