@@ -356,9 +356,12 @@ def passed(s: dict) -> bool:
             and s.get("checked") == s.get("expected"))
 
 
-def main(argv=None) -> int:
+def cli(argv, description: str, run_one, line, ok) -> int:
+    """The command line of an engine bench (this runner's and sim.tb_gemv_axis's): ``run_one(cfg, sim,
+    quick=, seed=, waves=)`` for each named engine chosen, ``line(summary)`` printed, exit 0 when
+    ``ok(summary)`` for all, 2 when the simulator is missing."""
     configs = gemv.gemv_configs()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", action="append", choices=list(configs), help="a named engine (default: all)")
     p.add_argument("--sim", default=os.environ.get("SIM", "icarus"), choices=list(SIMULATORS))
     p.add_argument("--quick", action="store_true", help="the fast subset (make test)")
@@ -368,13 +371,17 @@ def main(argv=None) -> int:
     results = []
     try:
         for name in args.config or list(configs):
-            results.append(run(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves))
-            print(summary_line(results[-1]), flush=True)
+            results.append(run_one(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves))
+            print(line(results[-1]), flush=True)
     except SimulatorMissing as err:
         print(f"sop sim: {err}", file=sys.stderr)
         return 2
-    print("\n".join(["", "summary:"] + [summary_line(s) for s in results]))
-    return 0 if all(passed(s) for s in results) else 1
+    print("\n".join(["", "summary:"] + [line(s) for s in results]))
+    return 0 if all(ok(s) for s in results) else 1
+
+
+def main(argv=None) -> int:
+    return cli(argv, __doc__.splitlines()[0], run, summary_line, passed)
 
 
 if __name__ == "__main__":

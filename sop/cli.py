@@ -25,10 +25,14 @@
     sop report FILE.json [--out STEM] [--bpw-tol T]
                                   markdown table and SQNR-vs-bpw plot (PNG) of a `sop eval --json` file
     sop board --port PORT MODEL|FILE.sopq --format F [--layer NAME] [--baud B] [--timeout S] [--rows N]
+              [--gemv [--x X.npy]]
                                   one quantized layer through an FPGA board's decoder over its serial
                                   port (a stored layer's sparse residuals too: the board adds them),
-                                  checked against golden/ (synth/host/bringup.py); exit 0 when the
-                                  board's checksum matches, 1 on a mismatch or a board that does not
+                                  checked against golden/ (synth/host/bringup.py); --gemv: the layer's
+                                  y = W x on the board's GEMV engine (ULX3S only) with a real MiniLM
+                                  activation vector, bit-exact against golden/dot.py, its error against
+                                  float64 and the throughput (synth/host/gemv_bringup.py); exit 0 when
+                                  the board's result matches, 1 on a mismatch or a board that does not
                                   answer, 2 on a usage error
 """
 
@@ -334,15 +338,28 @@ def _check_calibration(args) -> None:
 
 
 def cmd_board(args) -> int:
-    from sop.synth.host import bringup, client
+    from sop.synth.host import bringup
 
+    if args.gemv:
+        return _board_gemv(args)
+    if args.x is not None:
+        raise ValueError("--x (an activation vector) goes with --gemv")
     # the layer first: a wrong model or layer name, or a bad sparse table, is reported without
     # touching the port
     name, stream = bringup.model_layer_stream(args.model, args.format, args.layer, args.rows)
     bringup.check_sparse(stream, name)
+    return _on_board(args, lambda transport: bringup.run_board(transport, stream, args.format, name=name,
+                                                               timeout=args.timeout))
+
+
+def _on_board(args, run) -> int:
+    """``run(transport)`` on the board's serial port, its result printed: 0 when it is OK, 1 on a
+    mismatch or a board failure (one ``sop board:`` line)."""
+    from sop.synth.host import bringup, client
+
     transport = client.SerialTransport(args.port, args.baud)
     try:
-        result = bringup.run_board(transport, stream, args.format, name=name, timeout=args.timeout)
+        result = run(transport)
     except bringup.BOARD_FAILURES as err:
         print(f"sop board: {err}", file=sys.stderr)
         return 1
@@ -350,6 +367,25 @@ def cmd_board(args) -> int:
         transport.close()
     print("\n".join(result.lines()))
     return 0 if result.ok else 1
+
+
+def _board_gemv(args) -> int:
+    """``sop board --gemv``: one layer's y = W x on the board's GEMV engine (synth/host/gemv_bringup.py)."""
+    from sop.golden.dot import activation_codes
+    from sop.synth.host import gemv_bringup
+
+    # the layer and x first: a wrong layer, a sparse one or a bad vector is reported without the port
+    name, stream = gemv_bringup.gemv_layer_stream(args.model, args.format, args.layer, args.rows)
+    if args.x is not None:                  # the host's checks: a float32 .npy of the layer's width
+        x, source = _load_vectors(args.x, stream.cols, name), str(args.x)
+        if x.ndim != 1:
+            raise ValueError(f"{args.x}: the board takes one vector (in,), got shape {x.shape}")
+    else:
+        x, source = gemv_bringup.layer_activation(name, stream.cols)
+    codes = activation_codes(x, "e4m3")
+    gemv_bringup.check_x(codes, stream.cols)
+    return _on_board(args, lambda transport: gemv_bringup.run_gemv(transport, stream, codes, args.format, name=name,
+                                                                   x_source=source, timeout=args.timeout))
 
 
 def _number(kind, minimum, inclusive: bool):
@@ -505,6 +541,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--timeout", type=_positive(float), default=1.0, metavar="S",
                    help="seconds to wait for each reply (default 1)")
     b.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of the layer")
+    b.add_argument("--x", type=Path, default=None, metavar="X.npy",
+                   help="with --gemv: the activation vector, (in,) float values E4M3 holds exactly (default: "
+                        "MiniLM's real input to the layer for a token of a sentence, rounded to E4M3)")
+    b.add_argument("--gemv", action="store_true",
+                   help="y = W x of the layer on the board's GEMV engine (ULX3S only: the iCEBreaker cannot hold "
+                        "it) with a real MiniLM activation vector, bit-exact against golden/dot.py, its error "
+                        "against float64 and the throughput; the layer must have no sparse entries")
     b.set_defaults(func=cmd_board)
     args = p.parse_args(argv)
     with signals_as_interrupts():

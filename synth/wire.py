@@ -19,7 +19,12 @@ imports the other.
 * ``crc32_update_byte``: one byte into the raw CRC-32 register, as the gateware
   updates it (a frame followed by its own CRC leaves ``CRC_RESIDUE``);
 * ``lane_bytes`` and ``values_checksum``: the (count, CRC-32) of decoded lane
-  words that CHECKSUM reports.
+  words that CHECKSUM reports;
+* the GEMV engine's commands (a board with the engine only, docs/board-protocol.md
+  "GEMV"): ``GEMV_LAYER_FORMAT``, the ``X_SWAP`` / ``X_LAST`` flags of GEMV_X,
+  ``Y_MAX_WORDS`` (the most FP32 words one GEMV_Y reply carries), ``GemvStatus``
+  and ``GEMV_STATUS_FORMAT`` (the GEMV_STATUS reply), ``GEMV_ERRORS`` (the
+  engine's sticky error bits, LSB first: hdl.gemv.error_layout).
 """
 
 from __future__ import annotations
@@ -57,6 +62,12 @@ class Cmd(enum.IntEnum):
     CHECKSUM = 0x05
     SPARSE = 0x06            # a board with the residual path only (else UNKNOWN_CMD)
     SPARSE_STATUS = 0x07     # idem
+    GEMV_LOAD = 0x08         # a board with the GEMV engine only (else UNKNOWN_CMD): LOAD's entries, the engine's tables
+    GEMV_LAYER = 0x09        # idem: the next layer's registers (GEMV_LAYER_FORMAT)
+    GEMV_X = 0x0A            # idem: flags (X_SWAP, X_LAST), then E4M3 codes, one byte each, g a beat
+    GEMV_W = 0x0B            # idem: packed blocks in golden.dot.tile_order, block_bytes each
+    GEMV_Y = 0x0C            # idem: count u16; the reply: up to count FP32 words of y (u32 LE each)
+    GEMV_STATUS = 0x0D       # idem: optional flags (CLEAR_FLAG); the reply: GEMV_STATUS_FORMAT
 
 
 class Err(enum.IntEnum):
@@ -66,7 +77,8 @@ class Err(enum.IntEnum):
     BAD_LENGTH = 4
     TIMEOUT = 5            # byte gap inside a frame: the half-received frame is dropped
     GARBAGE = 6            # bytes outside a frame (reported once per run of them)
-    STALLED = 7            # the decoder made no progress for the stall time (residual path only)
+    STALLED = 7            # the decoder (or the GEMV engine) made no progress for the stall time
+    NO_Y = 8               # GEMV_Y with no y word waiting and none owed: no vector was loaded (or all read)
 
 
 @dataclass(frozen=True)
@@ -100,11 +112,52 @@ class SparseStatus:
 
 
 SPARSE_STATUS_FORMAT = "<BBH"
-# The OK reply payload of each command, in bytes.
+
+# -- the GEMV engine (hdl/gemv.py) behind GEMV_* commands -----------------------------------------------
+GEMV_LAYER_FORMAT = "<HHb"             # GEMV_LAYER: rows, blocks per row, offset (no sparse entries)
+X_SWAP = 0x01                          # GEMV_X flags: the frame's first beat starts a new layer (table swap)
+X_LAST = 0x02                          # GEMV_X flags: the frame's last beat is the vector's last
+Y_MAX_WORDS = 64                       # the most y words one GEMV_Y reply carries (256 bytes)
+Y_WORD_BYTES = 4
+#: The engine's sticky error bits, LSB first (hdl.gemv.error_layout, docs/dot.md).
+GEMV_ERRORS = ("w_before_x", "x_length", "x_nan", "layer", "sparse")
+
+
+@dataclass(frozen=True)
+class GemvStatus:
+    flags: int             # bit 0: x_loaded (a vector is loaded and its pass not done)
+    errors: int            # the engine's sticky error bits (GEMV_ERRORS, LSB first); reset or CLEAR_FLAG
+    group: int             # g: codes per x beat, MACs per block
+    tile: int              # rows per tile of golden.dot.tile_order
+    max_cols: int
+    max_rows: int
+    y_waiting: int         # y words in the board's FIFO
+    y_depth: int           # the FIFO's size (y words)
+    blocks: int            # W blocks the engine took (mod 2^32), since reset or CLEAR_FLAG
+    offered_cycles: int    # cycles a W block was offered to it (taken or held off)
+    pass_cycles: int       # cycles a vector was loaded (x_loaded)
+
+    @property
+    def x_loaded(self) -> bool:
+        return bool(self.flags & 1)
+
+    def error_names(self) -> list[str]:
+        return [name for i, name in enumerate(GEMV_ERRORS) if self.errors >> i & 1]
+
+
+GEMV_STATUS_FORMAT = "<4B4H3I"
+
+# The OK reply payload of each command, in bytes (GEMV_Y's varies: a multiple of 4, see Y_MAX_WORDS).
 REPLY_PAYLOAD_BYTES = {Cmd.STATUS: struct.calcsize(STATUS_FORMAT), Cmd.LOAD: 0, Cmd.OFFSET: 0, Cmd.BLOCKS: 0,
                        Cmd.CHECKSUM: struct.calcsize(CHECKSUM_FORMAT), Cmd.SPARSE: 0,
-                       Cmd.SPARSE_STATUS: struct.calcsize(SPARSE_STATUS_FORMAT)}
-REPLY_MAX = max(REPLY_PAYLOAD_BYTES.values())      # the longest OK reply payload (STATUS, 12 bytes)
+                       Cmd.SPARSE_STATUS: struct.calcsize(SPARSE_STATUS_FORMAT),
+                       Cmd.GEMV_LOAD: 0, Cmd.GEMV_LAYER: 0, Cmd.GEMV_X: 0, Cmd.GEMV_W: 0,
+                       Cmd.GEMV_STATUS: struct.calcsize(GEMV_STATUS_FORMAT)}
+GEMV_COMMANDS = (Cmd.GEMV_LOAD, Cmd.GEMV_LAYER, Cmd.GEMV_X, Cmd.GEMV_W, Cmd.GEMV_Y, Cmd.GEMV_STATUS)
+#: The longest OK reply payload of a board without the engine (STATUS, 12 bytes): its reply buffer.
+REPLY_MAX = max(n for c, n in REPLY_PAYLOAD_BYTES.items() if c not in GEMV_COMMANDS)
+#: ... and with it: GEMV_STATUS's 24 bytes are held in the buffer (GEMV_Y's words stream from the FIFO).
+REPLY_MAX_GEMV = max(REPLY_PAYLOAD_BYTES.values())
 
 
 def encode_frame(cmd: int, payload: bytes = b"") -> bytes:

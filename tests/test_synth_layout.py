@@ -40,7 +40,7 @@ def loaded_after(*modules: str) -> list[str]:
 
 def test_gateware_modules_are_the_ones_named():
     assert GATEWARE_MODULES == [f"sop.synth.gateware.{m}" for m in
-                                ("board", "protocol", "simboard", "uart", "wrapper")]
+                                ("board", "gemv_port", "protocol", "simboard", "uart", "wrapper")]
 
 
 def test_the_gateware_does_not_load_the_host_software():
@@ -165,7 +165,7 @@ def test_the_makefile_and_cli_name_modules_that_exist():
         assert util.find_spec(m) is not None, m
     cli = (ROOT / "sop" / "cli.py").read_text()
     imports = re.findall(r"from (sop\.synth[\w.]*) import ([\w, ]+)", cli)
-    assert imports == [("sop.synth.host", "bringup, client")]
+    assert imports == [("sop.synth.host", "bringup"), ("sop.synth.host", "bringup, client"), ("sop.synth.host", "gemv_bringup")]
     for package, names in imports:
         for name in names.split(", "):
             assert util.find_spec(f"{package}.{name}") is not None, name
@@ -175,6 +175,7 @@ def test_the_makefile_and_cli_name_modules_that_exist():
     (["-m", "sop.synth", "--config", "nope"], 2, "configurations"),
     (["-m", "sop.synth.flow.bitstream"], 2, "usage: python -m sop.synth.flow.bitstream {icebreaker|ulx3s}"),
     (["-m", "sop.synth.host.bringup", "--help"], 0, "--sim"),
+    (["-m", "sop.synth.host.gemv_bringup", "--help"], 0, "--sim"),
 ])
 def test_the_entry_points_run(argv, code, text):
     r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -13,7 +13,8 @@ import pytest
 
 from sop.hdl import reference
 from sop.hdl.config import named_configs
-from sop.hdl.generate import generate, main
+from sop.hdl import gemv, gemv_axis
+from sop.hdl.generate import generate, generate_gemv_axis, main
 
 LINT_WAIVERS = Path(str(resources.files("sop.hdl").joinpath("lint.vlt")))      # the documented waivers
 CONFIGS = named_configs()
@@ -150,3 +151,61 @@ def test_gemv_engines_generate_with_a_manifest_lint_clean_and_compile(tmp_path, 
     cc = subprocess.run(["iverilog", "-g2005", "-o", str(tmp_path / "a.vvp"), str(tmp_path / f"{name}.v")],
                         capture_output=True, text=True)
     assert cc.returncode == 0, cc.stderr[-3000:]
+
+
+# The GEMV engines' AXI4-Stream shells (hdl/gemv_axis.py), written beside the engines.
+@pytest.fixture(scope="module")
+def gemv_axis_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemv_axis")
+    for cfg in gemv.gemv_configs().values():
+        generate_gemv_axis(cfg, out)
+    return out
+
+
+@pytest.mark.parametrize("name", ENGINE_LATENCY)
+def test_gemv_axis_shells_lint_clean_compile_and_match_their_manifest(gemv_axis_dir, name):
+    cfg = gemv.gemv_configs()[name]
+    doc = json.loads((gemv_axis_dir / f"{name}_axis.json").read_text())
+    text = (gemv_axis_dir / f"{name}_axis.v").read_text()
+    ports = verilog_ports(text, doc["module"])
+    assert doc["module"] == gemv_axis.module_name(cfg) and ports == {p["name"]: (p["direction"], p["width"])
+                                                                      for p in doc["ports"]}
+    w = gemv_axis.widths(cfg)
+    assert ports == {"aclk": ("input", 1), "aresetn": ("input", 1), "clear": ("input", 1),
+                     "status": ("output", len(doc["status_bits"])),
+                     **{f"{s}_{sig}": (d if s.startswith("s_") else {"input": "output", "output": "input"}[d],
+                                       w[s] if sig == "tdata" else 1)
+                        for s in w for sig, d in (("tdata", "input"), ("tvalid", "input"), ("tready", "output"),
+                                                  ("tlast", "input"))}}
+    assert doc["latency_cycles"] == ENGINE_LATENCY[name] and doc["tdata_bits"] == w
+    assert doc["status_bits"][:2] == ["x_loaded", "w_before_x"] and doc["status_bits"][-1] == "load_tlast"
+    lint = subprocess.run(["verilator", "--lint-only", "-Wall", str(LINT_WAIVERS), str(gemv_axis_dir / f"{name}_axis.v")],
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stderr[-3000:]
+    cc = subprocess.run(["iverilog", "-g2005", "-o", str(gemv_axis_dir / f"{name}.vvp"),
+                         str(gemv_axis_dir / f"{name}_axis.v"), str(gemv_axis_dir / f"{name}_axis_tb.v")],
+                        capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr[-3000:]
+
+
+def test_gemv_axis_fusesoc_lint_and_sim_targets(gemv_axis_dir, tmp_path):
+    """`fusesoc run --target lint` and `--target sim` (the self-checking testbench) on each shell's
+    core; the testbench fails on one flipped bit of an expected word."""
+    from test_axis import fusesoc            # (test_axis imports this module)
+
+    for name in ENGINE_LATENCY:
+        vlnv = f"sop:gemv:{gemv_axis.module_name(gemv.gemv_configs()[name])}"
+        r = fusesoc(gemv_axis_dir, "lint", vlnv, tmp_path / name)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        r = fusesoc(gemv_axis_dir, "sim", vlnv, tmp_path / name)
+        assert r.returncode == 0 and "PASS: 58 y words, 2 layers" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    cores = tmp_path / "cores"
+    cores.mkdir()
+    name = "gemv-sop4-g16"
+    for f in (f"{name}_axis.core", f"{name}_axis.v", "lint.vlt"):
+        shutil.copy(gemv_axis_dir / f, cores / f)
+    tb = (gemv_axis_dir / f"{name}_axis_tb.v").read_text()
+    i = tb.index("exp[5] = 33'h") + len("exp[5] = 33'h") + 3
+    (cores / f"{name}_axis_tb.v").write_text(tb[:i] + "%x" % (int(tb[i], 16) ^ 1) + tb[i + 1:])
+    r = fusesoc(cores, "sim", f"sop:gemv:{gemv_axis.module_name(gemv.gemv_configs()[name])}", tmp_path / "broken")
+    assert r.returncode != 0 and "FAIL: y word 5" in r.stdout

@@ -10,7 +10,8 @@ path) through the board's Amaranth platform
 ``build/bitstream/<board>/`` under the working directory. The decoder's
 register copies are kept apart (hdl.replica's ``YOSYS_KEEP``); the ULX3S maps
 its LUTs with classic ABC (``ECP5_CLASSIC_LUT_MAP``, shared with
-synth/flow/yosys_nextpnr.py).
+synth/flow/yosys_nextpnr.py). The ULX3S top holds the GEMV engine beside the
+decoder (synth/gateware/board.py, ``Board.gemv``); the iCEBreaker's cannot.
 """
 
 from __future__ import annotations

@@ -19,6 +19,14 @@ output and the sparse-residual path (R = 1 residual adder: the point's
 lanes; ``residuals=0`` builds the decoder without it, as before), 115200 Bd.
 ``elaborate_for(board)`` checks a top against its platform with ``prepare()``
 (no toolchain). The bitstream build (yowasp tools) is synth/flow/bitstream.py's.
+
+The GEMV engine (hdl/gemv.py, the GEMV_* commands through
+synth/gateware/gemv_port.py) is in the ULX3S core only: ``Board.gemv`` sizes it
+for MiniLM (``gemv_config``: the board's point, ``max_cols`` 2048, ``max_rows``
+1536, a y FIFO of 1536 words). The iCEBreaker does not get it: the engine's 16
+BlockDot lanes need about 12,300 LC and 55 RAM40 of an iCE40UP5K's 5,280 LC and
+30 RAM40, so it cannot fit; that core answers the GEMV_* commands UNKNOWN_CMD
+(docs/board-protocol.md, "GEMV").
 """
 
 
@@ -31,6 +39,7 @@ from amaranth.lib.wiring import In, Out
 
 from sop.golden.points import get_point
 from sop.hdl.config import RESIDUAL_SUFFIX, DecoderConfig, residual_configs
+from sop.hdl.gemv import GemvConfig
 
 from .protocol import ProtocolEngine
 from .uart import UartRx, UartTx
@@ -76,6 +85,9 @@ class Board:
     activity_led: bool = True
     point: str = "sop4-g16"             # the operating point of its decoder (golden/points.py)
     residuals: int = 1                  # residual adders of its decoder (0: no sparse-residual path)
+    gemv: bool = False                  # the GEMV engine beside the decoder (GEMV_* commands)
+    gemv_cols: int = 2048               # its largest layer: MiniLM's widest input (1536) rounded up to 16 * 2^k
+    gemv_rows: int = 1536               # ... and MiniLM's most rows (the intermediate layers); the y FIFO's words
 
     def platform(self):
         if self.name == "icebreaker":
@@ -94,7 +106,17 @@ class Board:
         return DecoderConfig(f"board-{self.name}", self.lanes, point.layout, point.hif)
 
 
-BOARDS = {"icebreaker": Board("icebreaker", 2), "ulx3s": Board("ulx3s", 8, activity_led=False)}
+    def gemv_config(self) -> GemvConfig | None:
+        """The board's GEMV engine (the point's layout and HIF, E4M3 activations), None without one."""
+        if not self.gemv:
+            return None
+        point = get_point(self.point)
+        return GemvConfig(f"board-{self.name}-gemv", point.layout, point.hif, max_cols=self.gemv_cols,
+                          max_rows=self.gemv_rows)
+
+
+# the iCEBreaker has no GEMV engine: it cannot fit an iCE40UP5K (module docstring)
+BOARDS = {"icebreaker": Board("icebreaker", 2), "ulx3s": Board("ulx3s", 8, activity_led=False, gemv=True)}
 
 
 class BoardTop(wiring.Component):
@@ -105,6 +127,7 @@ class BoardTop(wiring.Component):
             raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
         self.board = BOARDS[board]
         self.config = self.board.config(residuals)
+        self.gemv = self.board.gemv_config()
         super().__init__({})
 
     def elaborate(self, platform):
@@ -112,7 +135,8 @@ class BoardTop(wiring.Component):
         uart = platform.request("uart", 0, dir="-")
         m.submodules.rx_pin = rx_pin = io.Buffer("i", uart.rx)
         m.submodules.tx_pin = tx_pin = io.Buffer("o", uart.tx)
-        core = BoardCore(self.config, clk_freq=platform.default_clk_frequency, baud=self.board.baud)
+        core = BoardCore(self.config, clk_freq=platform.default_clk_frequency, baud=self.board.baud,
+                         gemv=self.gemv)
         m.submodules.core = core
         m.d.comb += [core.rx.eq(rx_pin.i), tx_pin.o.eq(core.tx)]
         if self.board.activity_led:

@@ -57,11 +57,30 @@ Two FSMs, every state written out (docs/board-protocol.md, "Engine states"):
   is: one queue entry per 6 bytes). Every command ends in ``HUNT`` with its reply
   requested. The receiving states (``CMD`` to ``CRC``) drop the half frame on
   a byte gap (TIMEOUT).
+  With the GEMV engine (``gemv``, a ``GemvConfig``: the ULX3S core; else none
+  of it is built), the GEMV_* commands: GEMV_LOAD through the ``LOAD_*``
+  states into the engine's tables; ``G_FLAGS_FETCH``/``G_FLAGS_USE`` (GEMV_X's
+  flags), ``G_FETCH``/``G_USE``/``G_ISSUE`` (one item: GEMV_LAYER's fields, an x
+  beat of ``g`` codes, a block, GEMV_Y's count) and
+  ``G_STATUS_FETCH``/``G_STATUS_USE``.
 * ``reply``: ``IDLE``, then ``START``, ``CMD``, ``LEN0``, ``LEN1``,
   ``PAYLOAD``, ``CRC``: one byte each per ``tx`` transfer, the CRC folded in
-  from ``CMD`` to the end of the payload.
+  from ``CMD`` to the end of the payload (GEMV_Y's payload: words of the
+  engine's y FIFO, LSB first, popped as they leave).
+
+The GEMV engine (synth/gateware/gemv_port.py: hdl.gemv.GemvEngine, its y FIFO,
+counters and status) is ``engine.gemv``: GEMV_LAYER writes its inactive page's
+layer registers, GEMV_X its x beats (swap on the frame's first if flagged,
+``last`` on the frame's last if flagged), GEMV_W its blocks, each waiting on the
+engine (STALLED after ``stall_cycles`` without progress); GEMV_Y answers with the
+words in the FIFO, at most its count and ``Y_MAX_WORDS`` (none: an empty OK
+reply while words are owed, NO_Y when none is); GEMV_STATUS with the engine's
+bits, FIFO level and counters, then clears the sticky bits and counters if
+flagged.
 """
 
+
+import struct
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value
 from amaranth.lib import stream, wiring
@@ -71,11 +90,15 @@ from amaranth.lib.wiring import In, Out
 
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
+from sop.hdl.gemv import GemvConfig
 from sop.hdl.reference import lane_word_bits
 from sop.synth.wire import (CLEAR_FLAG, CRC_INIT, CRC_RESIDUE, DEFAULT_MAX_PAYLOAD, DEFAULT_SPARSE_QUEUE,
-                            ERROR_REPLY, LAST_FLAG, LOAD_ENTRY_BYTES, PROTOCOL_VERSION, REPLY_BIT, REPLY_MAX,
-                            SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG, START, SWAP_FLAG, Cmd, Err,
-                            crc32_update_byte, lane_bytes)
+                            ERROR_REPLY, GEMV_LAYER_FORMAT, LAST_FLAG, LOAD_ENTRY_BYTES, PROTOCOL_VERSION,
+                            REPLY_BIT, REPLY_MAX, REPLY_MAX_GEMV, SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG, START,
+                            SWAP_FLAG, X_LAST, X_SWAP, Y_MAX_WORDS, Y_WORD_BYTES, Cmd, Err, crc32_update_byte,
+                            lane_bytes)
+
+from .gemv_port import GemvPort
 
 
 def _crc_taps() -> list[tuple[list[int], list[int]]]:
@@ -110,7 +133,7 @@ class ProtocolEngine(wiring.Component):
 
     def __init__(self, config: DecoderConfig, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  gap_cycles: int = 1 << 16, decoder=None, sparse_queue: int = DEFAULT_SPARSE_QUEUE,
-                 stall_cycles: int | None = None):
+                 stall_cycles: int | None = None, gemv: GemvConfig | None = None, gemv_port=None):
         if not 16 <= max_payload <= 0xFFFF:
             raise ValueError(f"max_payload must be in 16..65535, got {max_payload}")
         if config.residuals and not 2 <= sparse_queue <= 0xFFFF:
@@ -125,6 +148,13 @@ class ProtocolEngine(wiring.Component):
         self.lane_bits = lane_word_bits(config)
         self.lane_bytes = lane_bytes(self.lane_bits)
         self.decoder = decoder if decoder is not None else Decoder(config)
+        # the GEMV engine (GEMV_* commands; none: they are UNKNOWN_CMD and nothing of it is built)
+        self.gemv = gemv_port if gemv_port is not None else GemvPort(gemv) if gemv is not None else None
+        if self.gemv is not None:
+            gcfg = self.gemv.config
+            if max_payload < 1 + max(gcfg.group, gcfg.layout.block_bytes):
+                raise ValueError(f"max_payload {max_payload} cannot hold one x beat or block of the engine")
+        self.y_max = min(Y_MAX_WORDS, max_payload // Y_WORD_BYTES)     # y words a GEMV_Y reply carries
         super().__init__()
 
     def status_bytes(self) -> list[int]:
@@ -136,8 +166,10 @@ class ProtocolEngine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg, dec = self.config, self.decoder
+        cfg, dec, G = self.config, self.decoder, self.gemv
         m.submodules.decoder = dec
+        if G is not None:
+            m.submodules.gemv = G
         N, C, bb = cfg.lanes, cfg.beats_per_block, self.beat_bytes
 
         m.submodules.buffer = mem = Memory(shape=8, depth=self.max_payload, init=[])
@@ -147,9 +179,13 @@ class ProtocolEngine(wiring.Component):
         # -- reply writer ----------------------------------------------------------------
         r_go = Signal()
         r_cmd = Signal(8)
-        r_len = Signal(range(REPLY_MAX + 1))
-        r_bytes = [Signal(8, name=f"reply{i}") for i in range(REPLY_MAX)]
-        r_idx = Signal(range(REPLY_MAX + 1))
+        # (with the engine: GEMV_STATUS's longer payload, and GEMV_Y's words streamed from its FIFO)
+        held = REPLY_MAX_GEMV if G is not None else REPLY_MAX
+        longest = max(held, Y_WORD_BYTES * self.y_max) if G is not None else held
+        r_len = Signal(range(longest + 1))
+        r_bytes = [Signal(8, name=f"reply{i}") for i in range(held)]
+        r_idx = Signal(range(longest + 1))
+        r_stream = Signal()           # the payload is GEMV_Y's words, from the engine's y FIFO
         r_crc = Signal(32)
         errors = Signal(16)
         sending = Signal()
@@ -158,6 +194,12 @@ class ProtocolEngine(wiring.Component):
         def reply(cmd, payload):
             m.d.sync += [r_cmd.eq(cmd), r_len.eq(len(payload)), r_go.eq(1)]
             m.d.sync += [r_bytes[i].eq(p) for i, p in enumerate(payload)]
+            if G is not None:
+                m.d.sync += r_stream.eq(0)
+
+        def reply_words(cmd, n):
+            """An OK reply whose payload is ``n`` words of the engine's y FIFO (GEMV_Y)."""
+            m.d.sync += [r_cmd.eq(cmd), r_len.eq(n * Y_WORD_BYTES), r_go.eq(1), r_stream.eq(1)]
 
         def error(code, cmd_seen):
             reply(ERROR_REPLY, [int(code), cmd_seen])
@@ -185,13 +227,19 @@ class ProtocolEngine(wiring.Component):
                 with m.If(put(r_len)):
                     m.d.sync += r_crc.eq(crc32_update(r_crc, r_len))
                     m.next = "LEN1"
-            with m.State("LEN1"):                      # replies are shorter than 256 bytes
-                with m.If(put(Const(0, 8))):
-                    m.d.sync += r_crc.eq(crc32_update(r_crc, Const(0, 8)))
+            with m.State("LEN1"):                      # replies are shorter than 256 bytes but GEMV_Y's
+                hi = r_len[8:] if G is not None else Const(0, 8)
+                with m.If(put(hi)):
+                    m.d.sync += r_crc.eq(crc32_update(r_crc, hi))
                     m.next = "PAYLOAD"
             with m.State("PAYLOAD"):
                 m.d.comb += sending.eq(1)
                 byte = Array(r_bytes)[r_idx]
+                if G is not None:                      # GEMV_Y: the FIFO's head word, LSB first; popped
+                    y_byte = Array(G.y.payload[8 * i:8 * i + 8] for i in range(Y_WORD_BYTES))[r_idx[:2]]
+                    byte = Mux(r_stream, y_byte, byte)
+                    with m.If(r_stream & self.tx.valid & self.tx.ready & (r_idx[:2] == Y_WORD_BYTES - 1)):
+                        m.d.comb += G.y.ready.eq(1)
                 with m.If(r_idx == r_len):
                     m.d.sync += r_idx.eq(0)
                     m.next = "CRC"
@@ -232,13 +280,14 @@ class ProtocolEngine(wiring.Component):
         # -- sparse entries (residual path only): SPARSE frames into a queue, the queue into the
         # decoder's stream at the decoder's pace; a wait without decoder progress ends in STALLED
         R = cfg.residuals
+        if R or G is not None:
+            stall = Signal(range(self.stall_cycles + 1))
+            m.d.sync += stall.eq(0)                    # counted up in a wait state only (``stalled``)
         if R:
             m.submodules.sparse_queue = queue = SyncFIFOBuffered(width=len(dec.sparse.payload.as_value()),
                                                                  depth=self.sparse_queue)
             m.d.comb += [dec.sparse.valid.eq(queue.r_stream.valid), dec.sparse.payload.eq(queue.r_stream.payload),
                          queue.r_stream.ready.eq(dec.sparse.ready)]
-            stall = Signal(range(self.stall_cycles + 1))
-            m.d.sync += stall.eq(0)                    # counted up in a wait state only (``stalled``)
 
         # -- frame parser and executor --------------------------------------------------
         cmd = Signal(8)
@@ -248,7 +297,11 @@ class ProtocolEngine(wiring.Component):
         crc_n = Signal(range(4))
         quiet = Signal()              # an error was reported: no GARBAGE reply until a start byte
         gap = Signal(range(self.gap_cycles + 1))
-        entry_max = max(LOAD_ENTRY_BYTES, bb, SPARSE_ENTRY_BYTES if R else 0)
+        layer_bytes = struct.calcsize(GEMV_LAYER_FORMAT)
+        if G is not None:
+            g, wb = G.config.group, G.config.layout.block_bytes
+        entry_max = max(LOAD_ENTRY_BYTES, bb, SPARSE_ENTRY_BYTES if R else 0,
+                        *((g, wb, layer_bytes) if G is not None else ()))
         acc = Signal(8 * entry_max)
         sub = Signal(range(entry_max + 1))
         flags = Signal(8)
@@ -262,6 +315,8 @@ class ProtocolEngine(wiring.Component):
         mod3 = Signal(range(LOAD_ENTRY_BYTES))
         modb = Signal(range(bb))
         mod6 = Signal(range(SPARSE_ENTRY_BYTES)) if R else None
+        modx = Signal(range(g)) if G is not None else None          # GEMV_X: flags, then g-byte beats
+        modw = Signal(range(wb)) if G is not None else None         # GEMV_W: whole blocks
         with m.If(take):
             m.d.sync += gap.eq(0)
         with m.Elif(gap != self.gap_cycles):
@@ -284,9 +339,10 @@ class ProtocolEngine(wiring.Component):
             m.next = "HUNT"
 
         def stalled(progress):
-            """A wait on the decoder (residual engine only): STALLED after ``stall_cycles`` cycles
-            without ``progress`` (a sparse layer whose entries never come must not hang the engine)."""
-            if not R:
+            """A wait on the decoder (residual engine only) or the GEMV engine: STALLED after
+            ``stall_cycles`` cycles without ``progress`` (a sparse layer whose entries never come, or
+            blocks sent with no vector loaded, must not hang the engine)."""
+            if not R and G is None:
                 return
             with m.If(~progress):
                 with m.If(stall == self.stall_cycles):
@@ -336,6 +392,8 @@ class ProtocolEngine(wiring.Component):
                                  mod3.eq(0), modb.eq(bb - 1)]    # the first BLOCKS byte is the flags
                     if R:                                        # the first SPARSE byte is the flags
                         m.d.sync += mod6.eq(SPARSE_ENTRY_BYTES - 1)
+                    if G is not None:                            # the first GEMV_X byte is the flags
+                        m.d.sync += [modx.eq(g - 1), modw.eq(0)]
                     with m.If(Cat(length[:8], byte) > self.max_payload):
                         error(Err.OVERSIZE, cmd)
                         m.d.sync += quiet.eq(1)
@@ -356,6 +414,9 @@ class ProtocolEngine(wiring.Component):
                                  modb.eq(Mux(modb == bb - 1, 0, modb + 1))]
                     if R:
                         m.d.sync += mod6.eq(Mux(mod6 == SPARSE_ENTRY_BYTES - 1, 0, mod6 + 1))
+                    if G is not None:
+                        m.d.sync += [modx.eq(Mux(modx == g - 1, 0, modx + 1)),
+                                     modw.eq(Mux(modw == wb - 1, 0, modw + 1))]
                     with m.If(idx == length - 1):
                         m.next = "CRC"
                 with m.Elif(timed_out):
@@ -416,6 +477,37 @@ class ProtocolEngine(wiring.Component):
                             with m.Else():
                                 q = self.sparse_queue
                                 finish([R, dec.sparse_error.as_value(), q & 0xFF, q >> 8])
+                    if G is not None:
+                        with m.Case(Cmd.GEMV_LOAD):
+                            with m.If((length == 0) | (mod3 != 0)):
+                                bad_length()
+                            with m.Else():
+                                m.next = "LOAD_FETCH"
+                        with m.Case(Cmd.GEMV_LAYER):
+                            with m.If(length != layer_bytes):
+                                bad_length()
+                            with m.Else():
+                                m.next = "G_FETCH"
+                        with m.Case(Cmd.GEMV_X):
+                            with m.If((length < 1 + g) | (modx != 0)):
+                                bad_length()
+                            with m.Else():
+                                m.next = "G_FLAGS_FETCH"
+                        with m.Case(Cmd.GEMV_W):
+                            with m.If((length < wb) | (modw != 0)):
+                                bad_length()
+                            with m.Else():
+                                m.next = "G_FETCH"
+                        with m.Case(Cmd.GEMV_Y):
+                            with m.If(length != 2):
+                                bad_length()
+                            with m.Else():
+                                m.next = "G_FETCH"
+                        with m.Case(Cmd.GEMV_STATUS):
+                            with m.If(length > 1):
+                                bad_length()
+                            with m.Else():
+                                m.next = "G_STATUS_FETCH"
                     with m.Default():
                         error(Err.UNKNOWN_CMD, cmd)
                         m.next = "HUNT"
@@ -434,8 +526,13 @@ class ProtocolEngine(wiring.Component):
                     m.next = "LOAD_FETCH"
             with m.State("LOAD_ISSUE"):
                 entry = acc[len(acc) - 8 * LOAD_ENTRY_BYTES:]
-                m.d.comb += [dec.load.valid.eq(1), dec.load.payload.bank.eq(entry[7]),
-                             dec.load.payload.addr.eq(entry[:7]), dec.load.payload.data.eq(entry[8:24])]
+                if G is not None:                      # GEMV_LOAD: the engine's tables, else the decoder's
+                    m.d.comb += [dec.load.valid.eq(cmd != Cmd.GEMV_LOAD), G.load.valid.eq(cmd == Cmd.GEMV_LOAD)]
+                else:
+                    m.d.comb += dec.load.valid.eq(1)
+                for target in [dec.load] + ([G.load] if G is not None else []):
+                    m.d.comb += [target.payload.bank.eq(entry[7]), target.payload.addr.eq(entry[:7]),
+                                 target.payload.data.eq(entry[8:24])]
                 with m.If(idx == length):
                     finish()
                 with m.Else():
@@ -537,4 +634,73 @@ class ProtocolEngine(wiring.Component):
                         with m.Else():
                             m.next = "BEAT_FETCH"
                     stalled(queue.w_stream.ready)
+
+            # GEMV_* (a board with the engine only). ``G_FETCH`` / ``G_USE`` gather an item (GEMV_LAYER's
+            # fields, an x beat of ``g`` codes, a block, GEMV_Y's count) from the buffer, ``G_ISSUE`` hands
+            # it on; GEMV_X reads its flags first (``G_FLAGS_*``), GEMV_STATUS its optional flags
+            # (``G_STATUS_*``); GEMV_LOAD shares LOAD's states. A wait on the engine ends in STALLED.
+            if G is not None:
+                need = Mux(cmd == Cmd.GEMV_X, g, Mux(cmd == Cmd.GEMV_W, wb, Mux(cmd == Cmd.GEMV_Y, 2, layer_bytes)))
+
+                def item(n):
+                    return acc[len(acc) - 8 * n:]
+
+                with m.State("G_FLAGS_FETCH"):
+                    m.next = "G_FLAGS_USE"
+                with m.State("G_FLAGS_USE"):
+                    m.d.sync += [flags.eq(rp.data), idx.eq(1)]
+                    m.next = "G_FETCH"
+                with m.State("G_FETCH"):
+                    m.next = "G_USE"
+                with m.State("G_USE"):
+                    gather()
+                    with m.If(sub == need - 1):
+                        m.d.sync += sub.eq(0)
+                        m.next = "G_ISSUE"
+                    with m.Else():
+                        m.next = "G_FETCH"
+                with m.State("G_ISSUE"):
+                    more = idx != length
+                    with m.Switch(cmd):
+                        with m.Case(Cmd.GEMV_LAYER):
+                            f = item(layer_bytes)
+                            m.d.comb += [G.layer.valid.eq(1), G.layer.payload.rows.eq(f[:16]),
+                                         G.layer.payload.blocks_per_row.eq(f[16:32]),
+                                         G.layer.payload.offset.eq(f[32:40])]
+                            finish()
+                        with m.Case(Cmd.GEMV_X):
+                            m.d.comb += [G.x.valid.eq(1), G.x.payload.codes.as_value().eq(item(g)),
+                                         G.x.payload.swap.eq(first & (flags & X_SWAP).any()),
+                                         G.x.payload.last.eq(~more & (flags & X_LAST).any())]
+                            with m.If(G.x.ready):
+                                m.d.sync += first.eq(0)
+                                with m.If(more):
+                                    m.next = "G_FETCH"
+                                with m.Else():
+                                    finish()
+                            stalled(G.x.ready)
+                        with m.Case(Cmd.GEMV_W):
+                            m.d.comb += [G.w.valid.eq(1), G.w.payload.eq(item(wb)[:G.config.layout.block_bits])]
+                            with m.If(G.w.ready):
+                                with m.If(more):
+                                    m.next = "G_FETCH"
+                                with m.Else():
+                                    finish()
+                            stalled(G.w.ready)
+                        with m.Case(Cmd.GEMV_Y):                 # the words waiting, up to the count and y_max
+                            count = item(2)
+                            n = Mux(count < G.y_level, count, G.y_level)
+                            n = Mux(n < self.y_max, n, self.y_max)
+                            with m.If((n == 0) & G.y_none):
+                                error(Err.NO_Y, cmd)
+                                m.next = "HUNT"
+                            with m.Else():
+                                reply_words(cmd | REPLY_BIT, n)
+                                m.next = "HUNT"
+
+                with m.State("G_STATUS_FETCH"):
+                    m.next = "G_STATUS_USE"
+                with m.State("G_STATUS_USE"):
+                    finish(G.status_payload())
+                    m.d.comb += G.clear.eq((length == 1) & (rp.data & CLEAR_FLAG).any())
         return m

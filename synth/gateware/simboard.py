@@ -1,9 +1,10 @@
 """A board in amaranth.sim as a host transport: the far end of ``BoardLink`` without hardware.
 
 Role: lets the host code a real board uses (synth/host/client.py,
-synth/host/bringup.py) drive the gateware in simulation, for
-tests/test_protocol.py, tests/test_board_cli.py and
-``python -m sop.synth.host.bringup --sim``. Gateware side: it imports no host
+synth/host/bringup.py, synth/host/gemv_bringup.py) drive the gateware in
+simulation, for tests/test_protocol.py, tests/test_board_cli.py,
+tests/test_board_gemv.py, ``python -m sop.synth.host.bringup --sim`` and
+``python -m sop.synth.host.gemv_bringup --sim``. Gateware side: it imports no host
 module; the host hands it bytes.
 
 ``SimSerial`` is a transport (``write(bytes)``, ``read(n, timeout)``) whose

@@ -9,7 +9,10 @@ The protocol's numbers, frames and CRC are synth/wire.py's, which the gateware
   checksum of the decoded values; on a board with the residual path, sparse
   entries and the sparse status) over any byte transport, request then reply;
   ``sparse_layer`` streams a layer with sparse entries, its SPARSE and BLOCKS
-  frames interleaved so that the board's entry queue never blocks.
+  frames interleaved so that the board's entry queue never blocks; on a board
+  with the GEMV engine, ``gemv_status`` / ``gemv_load`` / ``gemv_layer`` /
+  ``gemv_x`` / ``gemv_w`` / ``gemv_y`` / ``read_y`` (a board without it answers
+  them UNKNOWN_CMD: a ``BoardError`` with that code).
   A transport has ``write(data: bytes)`` and ``read(n: int, timeout: float) ->
   bytes`` (at most ``n`` bytes; fewer when ``timeout`` seconds pass without the
   rest, and it blocks, not spins, while it waits), and optionally ``now()``
@@ -51,9 +54,10 @@ from sop.golden.files import crc32
 import bisect
 
 from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_MAX_PAYLOAD, ERROR_PAYLOAD_BYTES,
-                            ERROR_REPLY, HEADER_BYTES, LAST_FLAG, LOAD_ENTRY_BYTES, REPLY_BIT, REPLY_PAYLOAD_BYTES,
-                            SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG, SPARSE_STATUS_FORMAT, START, STATUS_FORMAT,
-                            SWAP_FLAG, Cmd, Err, SparseStatus, Status, encode_frame)
+                            ERROR_REPLY, GEMV_LAYER_FORMAT, GEMV_STATUS_FORMAT, HEADER_BYTES, LAST_FLAG,
+                            LOAD_ENTRY_BYTES, REPLY_BIT, REPLY_PAYLOAD_BYTES, SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG,
+                            SPARSE_STATUS_FORMAT, START, STATUS_FORMAT, SWAP_FLAG, X_LAST, X_SWAP, Y_MAX_WORDS,
+                            Y_WORD_BYTES, Cmd, Err, GemvStatus, SparseStatus, Status, encode_frame)
 
 # The host's bounds on what it reads (it never waits for, or keeps, more): a reply's payload (replies
 # are at most 12 bytes in this version; the cap stays below a bogus 64 KiB length field), the garbage
@@ -292,12 +296,13 @@ class BoardLink:
     def status(self) -> Status:
         return Status(*struct.unpack(STATUS_FORMAT, self.command(Cmd.STATUS)))   # length checked
 
-    def load(self, words) -> None:
-        """LUT words ``(bank, addr, data)`` into the inactive page, as many frames as needed."""
+    def load(self, words, cmd: Cmd = Cmd.LOAD) -> None:
+        """LUT words ``(bank, addr, data)`` into the inactive page, as many frames as needed
+        (``cmd`` GEMV_LOAD: the GEMV engine's tables)."""
         entries = [bytes([bank << 7 | addr]) + struct.pack("<H", data) for bank, addr, data in words]
         per = self.max_payload // LOAD_ENTRY_BYTES
         for i in range(0, len(entries), per):
-            self.command(Cmd.LOAD, b"".join(entries[i:i + per]))
+            self.command(cmd, b"".join(entries[i:i + per]))
 
     def set_offset(self, offset: int, *, sparse: bool = False) -> None:
         """The inactive page's offset; ``sparse``: its layer has sparse entries (the flags byte,
@@ -377,6 +382,66 @@ class BoardLink:
             if end > done:
                 self.blocks(beats[done:end], swap=False)
                 done = end
+
+
+    # -- the GEMV engine (GEMV_* commands; a board without it answers UNKNOWN_CMD) -----------------
+    def gemv_status(self, *, clear: bool = False) -> GemvStatus:
+        """The engine's status bits, its y FIFO and counters; ``clear``: then clear the sticky
+        error bits and the counters."""
+        reply = self.command(Cmd.GEMV_STATUS, bytes([CLEAR_FLAG]) if clear else b"")    # length checked
+        return GemvStatus(*struct.unpack(GEMV_STATUS_FORMAT, reply))
+
+    def gemv_layer(self, luts, rows: int, blocks_per_row: int, offset: int) -> None:
+        """A layer's tables (``luts[bank][addr]``) and registers into the engine's inactive page."""
+        self.load([(b, a, int(luts[b][a])) for b in range(len(luts)) for a in range(len(luts[b]))],
+                  Cmd.GEMV_LOAD)
+        self.command(Cmd.GEMV_LAYER, struct.pack(GEMV_LAYER_FORMAT, rows, blocks_per_row, offset))
+
+    def gemv_x(self, codes, group: int, *, swap: bool) -> None:
+        """One activation vector (E4M3 codes, ``group`` a beat: its length a multiple of it);
+        ``swap``: its first beat starts the layer just written. Nothing is checked here."""
+        data = bytes(int(c) & 0xFF for c in codes)
+        per = (self.max_payload - 1) // group * group
+        for i in range(0, len(data), per):
+            flags = (X_SWAP if swap and i == 0 else 0) | (X_LAST if i + per >= len(data) else 0)
+            self.command(Cmd.GEMV_X, bytes([flags]) + data[i:i + per])
+
+    def gemv_w(self, blocks: bytes, block_bytes: int) -> None:
+        """Packed blocks (``block_bytes`` each, golden.dot.tile_order), as many frames as needed."""
+        per = self.max_payload // block_bytes * block_bytes
+        for i in range(0, len(blocks), per):
+            self.command(Cmd.GEMV_W, blocks[i:i + per])
+
+    def gemv_y(self, count: int) -> list[int]:
+        """The y words (FP32 bit patterns) the board has, at most ``count`` (one GEMV_Y)."""
+        count = min(count, Y_MAX_WORDS, self.max_payload // Y_WORD_BYTES)
+        reply = self.command(Cmd.GEMV_Y, struct.pack("<H", count))
+        if len(reply) % Y_WORD_BYTES or len(reply) > Y_WORD_BYTES * count:
+            raise BoardError(f"malformed GEMV_Y reply from the board: {len(reply)} payload bytes for at "
+                             f"most {count} words of {Y_WORD_BYTES} bytes")
+        return list(struct.unpack(f"<{len(reply) // Y_WORD_BYTES}I", reply))
+
+    def read_y(self, n: int) -> list[int]:
+        """``n`` y words; ``BoardTimeout`` when none comes for ``timeout`` seconds, ``BoardError``
+        (code NO_Y) when the board owes none (no vector loaded: y read before x)."""
+        out: list[int] = []
+        deadline = self.clock() + self.timeout
+        while len(out) < n:
+            try:
+                got = self.gemv_y(n - len(out))
+            except BoardError as err:
+                if err.code == Err.NO_Y:
+                    raise BoardError(f"the board has no y to read after {len(out)} of {n} words: no "
+                                     f"vector is loaded (y read before x, or x refused)", err.code,
+                                     err.cmd) from None
+                raise
+            if got:
+                out += got
+                deadline = self.clock() + self.timeout
+            elif self.clock() > deadline:
+                raise BoardTimeout(f"the board's GEMV engine gave {len(out)} of {n} y words and no more "
+                                   f"within {self.timeout} s")
+        return out
 
 
 def beat_bytes_of(beats: list[int], beat_bytes: int) -> list[bytes]:

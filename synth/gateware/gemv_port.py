@@ -1,0 +1,133 @@
+"""The GEMV engine's side of the board protocol: hdl.gemv.GemvEngine, a y FIFO, counters, status.
+
+Role: what ``ProtocolEngine`` (synth/gateware/protocol.py) drives for the GEMV_*
+commands of docs/board-protocol.md on a board that has the engine (the ULX3S);
+the parser there cuts frames into these streams, this module holds the engine and
+what the protocol needs around it. Nothing here knows about frames or bytes but
+``status_payload`` (the GEMV_STATUS reply bytes).
+
+Ports (``sync`` domain):
+
+* ``load`` (in stream, hdl.gemv.load_layout): table writes, straight to the engine;
+* ``layer`` (in stream, ``wire_layer_layout``: rows and blocks per row as the
+  wire's u16, offset): into the engine's layer registers, each field saturated
+  to its width (a value too large for the engine is then still one it flags:
+  its ``layer`` error bit, never a silently truncated shape);
+* ``x`` (in stream, hdl.gemv.x_layout), ``w`` (in stream, a packed block): to the
+  engine, counted;
+* ``y`` (out stream, 32 bits): the engine's y words through a FIFO of
+  ``y_depth`` words (a layer's rows: the engine never waits for the UART within
+  a pass), ``y_level`` the words in it;
+* ``y_none`` (out): the FIFO is empty and no y word is owed: no vector was
+  loaded since the last word was read (GEMV_Y answers NO_Y). Owed words are
+  counted from the x beats: a vector's last beat owes its layer's rows (the
+  rows the host wrote for the page that beat uses);
+* ``clear`` (in): clears the engine's sticky error bits and the counters;
+* ``x_loaded``, ``errors`` (out): the engine's status.
+
+Counters (32 bits, wrapping; reset and ``clear`` zero them): ``blocks`` (W
+blocks taken), ``offered`` (cycles a W block was offered, taken or held off:
+blocks * g / offered is the engine's MACs per active cycle, g when it is never
+held off), ``pass_cycles`` (cycles with a vector loaded: the pass's span on the
+board, set by how fast the wire brings the blocks).
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from sop.hdl.gemv import GemvConfig, GemvEngine, error_layout, load_layout, x_layout
+
+
+def wire_layer_layout() -> data.StructLayout:
+    """GEMV_LAYER's fields as the wire carries them (wire.GEMV_LAYER_FORMAT)."""
+    return data.StructLayout({"rows": unsigned(16), "blocks_per_row": unsigned(16), "offset": signed(8)})
+
+
+class GemvPort(wiring.Component):
+    def __init__(self, config: GemvConfig, *, y_depth: int | None = None, engine=None):
+        self.config = config
+        self.y_depth = config.max_rows if y_depth is None else y_depth
+        if not 1 <= self.y_depth <= 0xFFFF or not 1 <= config.max_rows <= 0xFFFF or config.max_cols > 0xFFFF:
+            raise ValueError(f"engine {config.name}: max_rows, max_cols and the y FIFO must fit the wire's u16")
+        self.engine = engine if engine is not None else GemvEngine(config)
+        super().__init__({
+            "load": In(stream.Signature(load_layout(config))),
+            "layer": In(stream.Signature(wire_layer_layout())),
+            "x": In(stream.Signature(x_layout(config))),
+            "w": In(stream.Signature(unsigned(config.layout.block_bits))),
+            "y": Out(stream.Signature(32)),
+            "y_level": Out(range(self.y_depth + 1)),
+            "y_none": Out(1),
+            "clear": In(1),
+            "x_loaded": Out(1),
+            "errors": Out(error_layout()),
+            "blocks": Out(32), "offered": Out(32), "pass_cycles": Out(32),
+        })
+
+    def status_payload(self) -> list:
+        """The GEMV_STATUS reply (wire.GEMV_STATUS_FORMAT) as byte values, LSB first."""
+        cfg = self.config
+
+        def le(value, n):
+            return [value[8 * i:8 * i + 8] for i in range(n)]
+
+        def const(v, n):
+            return [(v >> 8 * i) & 0xFF for i in range(n)]
+
+        return ([self.x_loaded, self.errors.as_value(), cfg.group, cfg.tile] + const(cfg.max_cols, 2)
+                + const(cfg.max_rows, 2) + le(self.y_level, 2) + const(self.y_depth, 2)
+                + le(self.blocks, 4) + le(self.offered, 4) + le(self.pass_cycles, 4))
+
+    def y_word(self, value):
+        """A y word as it goes into the FIFO: the engine's (tests break this)."""
+        return value
+
+    def elaborate(self, platform):
+        m = Module()
+        eng = self.engine
+        m.submodules.engine = eng
+        m.submodules.y_fifo = fifo = SyncFIFOBuffered(width=32, depth=self.y_depth)
+
+        wiring.connect(m, wiring.flipped(self.load), eng.load)
+        wiring.connect(m, wiring.flipped(self.x), eng.x)
+        wiring.connect(m, wiring.flipped(self.w), eng.w)
+        wiring.connect(m, fifo.r_stream, wiring.flipped(self.y))
+
+        # the layer registers, each field saturated to the engine's width
+        lw, ew = self.layer.payload, eng.layer.payload
+        m.d.comb += [eng.layer.valid.eq(self.layer.valid), self.layer.ready.eq(eng.layer.ready),
+                     ew.offset.eq(lw.offset)]
+        for name in ("rows", "blocks_per_row"):
+            top = (1 << len(getattr(ew, name))) - 1
+            m.d.comb += getattr(ew, name).eq(Mux(getattr(lw, name) > top, top, getattr(lw, name)))
+
+        # y: the engine's words into the FIFO (``last`` is not kept: the host counts rows)
+        m.d.comb += [fifo.w_stream.valid.eq(eng.y.valid), fifo.w_stream.payload.eq(self.y_word(eng.y.payload.value)),
+                     eng.y.ready.eq(fifo.w_stream.ready), self.y_level.eq(fifo.level)]
+
+        # words owed: a vector's last x beat owes its page's rows, each word into the FIFO pays one
+        rows_next, rows_now = Signal(16), Signal(16)
+        owed = Signal(18)
+        with m.If(self.layer.valid & self.layer.ready):
+            m.d.sync += rows_next.eq(lw.rows)
+        x_take = self.x.valid & self.x.ready
+        swap, last = self.x.payload.swap, self.x.payload.last
+        with m.If(x_take & swap):
+            m.d.sync += rows_now.eq(rows_next)
+        owes = Mux(x_take & last, Mux(swap, rows_next, rows_now), 0)
+        paid = fifo.w_stream.valid & fifo.w_stream.ready
+        m.d.sync += owed.eq(owed + owes - paid)
+        m.d.comb += self.y_none.eq((fifo.level == 0) & (owed == 0))
+
+        # status and counters
+        m.d.comb += [eng.clear.eq(self.clear), self.x_loaded.eq(eng.status.x_loaded),
+                     self.errors.eq(eng.status.errors)]
+        with m.If(self.clear):
+            m.d.sync += [self.blocks.eq(0), self.offered.eq(0), self.pass_cycles.eq(0)]
+        with m.Else():
+            m.d.sync += [self.blocks.eq(self.blocks + (eng.w.valid & eng.w.ready)),
+                         self.offered.eq(self.offered + eng.w.valid),
+                         self.pass_cycles.eq(self.pass_cycles + eng.status.x_loaded)]
+        return m

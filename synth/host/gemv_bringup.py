@@ -1,0 +1,334 @@
+"""GEMV bring-up: one real MiniLM layer's ``y = W x`` on a board's GEMV engine, checked against golden/.
+
+Role: the logic behind ``sop board --gemv`` (sop/cli.py holds only its argparse)
+and behind ``python -m sop.synth.host.gemv_bringup --sim``, which runs the same
+host code against the ULX3S board core (decoder and GEMV engine, UART pins
+included) in amaranth.sim. The engine is in the ULX3S core only: the
+iCEBreaker's cannot hold it (synth/gateware/board.py), and answers the GEMV_*
+commands UNKNOWN_CMD, which the host reports as "this board has no GEMV engine".
+
+* ``gemv_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream) of
+  one linear layer (default: a model's first; an artifact's first stored in
+  ``fmt``'s layout without sparse entries). The board's GEMV path takes layers
+  without sparse residual entries (there is no command for them yet): a layer
+  with some is refused (``ValueError``, one line).
+* ``layer_activation(name, cols)``: (E4M3 values, where they come from): the
+  layer's real input in MiniLM's forward pass (quantize/e2e.py's hook, the
+  calibration's forward) of ``SENTENCE``, token ``TOKEN``, rounded to E4M3;
+  for a layer the forward does not reach, a seeded random vector of E4M3 values.
+* ``check_x(codes, cols)``: the host's check of a vector: ``cols`` codes, no E4M3
+  NaN (S.1111.111); ``ValueError`` with one line otherwise (the engine also flags
+  both: its sticky ``x_length`` and ``x_nan`` bits).
+* ``run_gemv(transport, stream, codes)``: STATUS must describe the layer's
+  point (bringup.check_status); GEMV_STATUS must answer (else "no GEMV
+  engine"), the layer must fit the engine (``max_cols``, ``max_rows``, the y FIFO)
+  and no vector may be loaded; the sticky bits and counters are cleared; then the
+  tables and layer registers (GEMV_LOAD, GEMV_LAYER), x with the swap
+  (GEMV_X), the blocks in ``golden.dot.tile_order`` (GEMV_W), the rows' y words
+  (GEMV_Y) and GEMV_STATUS again. ``GemvResult``: the words against
+  ``golden.dot.gemv`` bit for bit, the engine's error bits (must be 0), the
+  relative error of y against float64 (``golden.decoder.decode_layer(W) @ x``
+  in float64), the wire throughput (GEMV_X to the last y word, timed by
+  ``clock``) and the engine's MACs per cycle from its counters.
+* ``sim_gemv_board(divisor)``: the ULX3S ``BoardCore`` behind a bit-banged UART.
+* ``simulate`` / ``simulate_bad_input`` / ``main``: the ``--sim`` runs: a real
+  layer's first rows bit-exact, then y read before x (NO_Y: one clear error), a
+  NaN code and a short vector sent past the host's check (the engine's
+  ``x_nan`` and ``x_length`` bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from sop.golden import dot
+from sop.golden.layout import LayerStream
+from sop.golden.points import board_points, get_point
+from sop.synth.wire import Err, GemvStatus, Status
+
+from . import bringup, client
+from .bringup import BOARD_FAILURES, BoardConfigError, _Metered
+from .client import BoardLink
+
+E4M3 = dot.ACT_FORMATS["e4m3"]
+SENTENCE = "The quick brown fox jumps over the lazy dog."     # sim/gemv_runner.py's
+TOKEN = 2                                                     # the token whose activations are x
+X_SEED = 15
+SIM_BOARD = "ulx3s"                                           # the only board with the engine
+SIM_ROWS = 17                                                 # `make sim`: one tile (34 rows: ~6 min of CPU)
+SIM_LAYER = "encoder.layer.0.attention.self.query.weight"
+NO_ENGINE = ("this board has no GEMV engine (it answers GEMV_STATUS with UNKNOWN_CMD): only the ULX3S "
+             "core has one, an iCE40UP5K (iCEBreaker) cannot hold it (docs/board-protocol.md, GEMV); load "
+             "the ULX3S bitstream (make bitstream BOARD=ulx3s)")
+
+
+@dataclass(frozen=True)
+class GemvResult:
+    layer: str
+    fmt: str
+    rows: int
+    cols: int
+    x_source: str
+    status: Status
+    got: np.ndarray                    # the board's y words (uint32)
+    expected: np.ndarray | None        # golden.dot.gemv's (None: the x sent is no valid vector)
+    reference: np.ndarray | None       # W x in float64
+    seconds: float                     # GEMV_X's first frame to the last y word
+    wire_bytes: int                    # bytes both ways in that phase
+    engine: GemvStatus                 # GEMV_STATUS after the run
+
+    @property
+    def errors(self) -> list[str]:
+        return self.engine.error_names()
+
+    @property
+    def exact(self) -> bool:
+        return self.expected is not None and np.array_equal(self.got, self.expected)
+
+    @property
+    def ok(self) -> bool:
+        return self.exact and not self.errors
+
+    @property
+    def macs(self) -> int:
+        return self.rows * self.cols
+
+    def relative_error(self) -> tuple[float, float]:
+        """(||y - y64|| / ||y64||, max |y - y64|) of the board's y against float64."""
+        y = self.got.astype(np.uint32).view(np.float32).astype(np.float64)
+        ref = self.reference
+        norm = float(np.linalg.norm(ref))
+        return (float(np.linalg.norm(y - ref)) / norm if norm else float(np.linalg.norm(y)),
+                float(np.abs(y - ref).max()))
+
+    def lines(self) -> list[str]:
+        st, en = self.status, self.engine
+        out = [f"board: protocol {st.version}, GEMV engine: {en.group} MACs a block, tile {en.tile}, up to "
+               f"{en.max_rows} x {en.max_cols}, y FIFO {en.y_depth} words",
+               f"layer: {self.layer} ({self.rows} x {self.cols}, {self.fmt}), x: {self.x_source}"]
+        if self.expected is None:
+            out.append(f"result: NOT CHECKED (the x sent is not a valid vector); {len(self.got)} y words read")
+        else:
+            bad = np.flatnonzero(self.got != self.expected)
+            first = (f"; first at row {bad[0]}: board {int(self.got[bad[0]]):#010x}, golden "
+                     f"{int(self.expected[bad[0]]):#010x}" if bad.size else "")
+            out.append(f"result: {'OK' if self.ok else 'MISMATCH' if bad.size else 'ENGINE ERROR'}: "
+                       f"{self.rows - bad.size:,} of {self.rows:,} y words bit-exact against "
+                       f"golden.dot.gemv{first}")
+            rel, worst = self.relative_error()
+            out.append(f"error against float64 (W decoded @ x): relative {rel:.3g} (L2), largest {worst:.3g}")
+        rate = (f"{self.wire_bytes / self.seconds:,.0f} bytes/s, {self.macs / self.seconds:,.0f} MACs/s"
+                if self.seconds > 0 else "not measured")
+        out.append(f"throughput: {rate} over the wire ({self.wire_bytes:,} bytes in {self.seconds:.3g} s)")
+        blocks_macs = en.blocks * en.group
+        per_active = blocks_macs / en.offered_cycles if en.offered_cycles else 0.0
+        per_pass = blocks_macs / en.pass_cycles if en.pass_cycles else 0.0
+        out.append(f"engine: {blocks_macs:,} MACs, {per_active:.2f} MACs per active cycle ({en.offered_cycles:,} "
+                   f"cycles with a block offered; at most {en.group}), {per_pass:.3g} per cycle of the pass "
+                   f"({en.pass_cycles:,} cycles: the wire's pace)")
+        if self.errors:
+            out.append(f"engine error: the board's GEMV engine flagged {', '.join(self.errors)} "
+                       f"(docs/board-protocol.md, GEMV_STATUS)")
+        return out
+
+
+def gemv_layer_stream(model: str, fmt: str, layer: str | None = None,
+                      rows: int | None = None) -> tuple[str, LayerStream]:
+    """(name, stream) of one layer without sparse entries; ``ValueError`` (one line) otherwise."""
+    if layer is None and str(model).endswith(".sopq"):
+        from sop.quantize.artifact import open_artifact
+
+        art, lay = open_artifact(model), get_point(fmt).layout
+        plain = [e.name for e in art.layers if (st := art.stream(e)) is not None and st.layout == lay
+                 and not len(st.sparse)]
+        if not plain:
+            raise ValueError(f"{model}: no layer in the {fmt} layout without sparse entries; the board's GEMV "
+                             f"path takes layers without sparse residuals (docs/board-protocol.md, GEMV)")
+        layer = plain[0]
+    name, stream = bringup.model_layer_stream(model, fmt, layer, rows)
+    if len(stream.sparse):
+        raise ValueError(f"layer {name} has {len(stream.sparse):,} sparse residual entries: the board's GEMV "
+                         f"path takes layers without them (docs/board-protocol.md, GEMV); pick another --layer")
+    return name, stream
+
+
+def layer_activation(name: str, cols: int) -> tuple[np.ndarray, str]:
+    """(E4M3 values (cols,), where they come from): the layer's input in MiniLM's forward pass, else random."""
+    seen: list[np.ndarray] = []
+    if name.startswith("encoder.layer."):
+        try:
+            from sop.quantize.e2e import Bert
+            from sop.quantize.models import minilm_folder
+
+            Bert(minilm_folder()).embed([SENTENCE], hook=lambda n, x: seen.append(x) if n == name else None)
+        except (OSError, ImportError, ValueError):        # no MiniLM here: the random vector below
+            seen = []
+    if seen and seen[0].shape[-1] == cols and seen[0].shape[0] > TOKEN:
+        x = E4M3.quantize(np.clip(seen[0][TOKEN], -E4M3.max, E4M3.max))
+        return x.astype(np.float32), f"MiniLM's input to this layer, token {TOKEN} of {SENTENCE!r}, rounded to E4M3"
+    rng = np.random.default_rng(X_SEED)
+    x = E4M3.quantize(np.clip(rng.normal(0, 1, cols), -E4M3.max, E4M3.max))
+    return x.astype(np.float32), f"seeded random N(0, 1) rounded to E4M3 (seed {X_SEED})"
+
+
+def check_x(codes, cols: int) -> None:
+    """The host's check of an x vector of E4M3 codes: ``cols`` of them, none a NaN."""
+    codes = np.asarray(codes, np.int64)
+    if codes.ndim != 1 or codes.size != cols:
+        raise ValueError(f"activation vector of length {codes.size}, the layer has {cols} columns; not sent "
+                         f"to the board")
+    nan = np.flatnonzero((codes & 0x7F) == 0x7F)
+    if nan.size:
+        raise ValueError(f"activation x[{nan[0]}] is an E4M3 NaN (code {int(codes[nan[0]]):#04x}); the engine "
+                         f"takes finite activations only; not sent to the board")
+
+
+def engine_status(link: BoardLink, clear: bool = False) -> GemvStatus:
+    """GEMV_STATUS; a board without the engine is a ``BoardConfigError`` saying so."""
+    try:
+        return link.gemv_status(clear=clear)
+    except client.BoardError as err:
+        if err.code == Err.UNKNOWN_CMD:
+            raise BoardConfigError(NO_ENGINE) from None
+        raise
+
+
+def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "", x_source: str = "",
+             timeout: float = 1.0, clock=time.monotonic, check: bool = True) -> GemvResult:
+    """``y = W x`` of ``stream`` and the E4M3 ``codes`` on the board's engine, against golden/.
+    ``check=False`` sends ``codes`` without the host's check (``check_x``), to show the engine's."""
+    codes = np.asarray(codes, np.int64)
+    if check:
+        check_x(codes, stream.cols)            # before a byte is sent
+    meter = _Metered(transport)
+    link = BoardLink(meter, timeout=timeout)
+    st = link.status()
+    bringup.check_status(st, fmt)
+    link.max_payload = st.max_payload
+    en = engine_status(link)
+    g = en.group
+    if stream.layout.group != g or stream.cols % g:
+        raise BoardConfigError(f"the board's GEMV engine takes blocks of {g}, the layer has {stream.layout.group}")
+    if stream.cols > en.max_cols or stream.rows > min(en.max_rows, en.y_depth):
+        raise ValueError(f"layer {name} ({stream.rows} x {stream.cols}) is larger than the board's GEMV engine "
+                         f"takes ({min(en.max_rows, en.y_depth)} x {en.max_cols}); pass --rows")
+    if en.x_loaded:
+        raise BoardConfigError("the board's GEMV engine holds a vector of an earlier, unfinished run; reset the "
+                               "board (power-cycle it or load the bitstream again)")
+    if en.y_waiting:
+        link.read_y(en.y_waiting)              # an earlier run's words nobody read
+    engine_status(link, clear=True)            # the sticky bits and counters count this run only
+    link.gemv_layer(stream.luts, stream.rows, stream.cols // g, stream.offset)
+    t0, b0 = clock(), meter.bytes
+    link.gemv_x(codes, g, swap=True)
+    link.gemv_w(dot.tiled_blocks(stream, en.tile), stream.layout.block_bytes)
+    got = np.array(link.read_y(stream.rows), np.uint32)
+    seconds, wire_bytes = clock() - t0, meter.bytes - b0
+    after = engine_status(link)
+    expected = reference = None
+    if codes.shape == (stream.cols,) and not ((codes & 0x7F) == 0x7F).any():
+        from sop.golden.decoder import decode_layer
+
+        x = E4M3.decode(codes)
+        expected = dot.gemv(stream, x.astype(np.float32), "e4m3").view(np.uint32)
+        reference = decode_layer(stream) @ x.astype(np.float64)
+    return GemvResult(name, fmt, stream.rows, stream.cols, x_source, st, got, expected, reference, seconds,
+                      wire_bytes, after)
+
+
+def sim_gemv_board(divisor: int = bringup.SIM_DIVISOR, gemv_port=None):
+    """(transport, host timeout) of the simulated ULX3S ``BoardCore`` (decoder and GEMV engine), its
+    UART pins driven at ``divisor`` cycles a bit; ``gemv_port`` replaces its engine's port (tests)."""
+    from sop.synth.gateware.board import BOARDS, BoardCore
+    from sop.synth.gateware.simboard import uart_port, uart_timeout
+
+    board = BOARDS[SIM_BOARD]
+    clk = board.platform().default_clk_frequency
+    extra = {"gemv_port": gemv_port} if gemv_port is not None else {"gemv": board.gemv_config()}
+    core = BoardCore(board.config(), clk_freq=clk, baud=clk / divisor, gap_cycles=40 * divisor,
+                     stall_cycles=bringup.SIM_STALL, **extra)
+    return uart_port(core, divisor, period=1 / clk), uart_timeout(core.engine.max_payload, divisor, 1 / clk)
+
+
+def default_model() -> str:
+    return "minilm"
+
+
+def simulate(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = SIM_LAYER,
+             rows: int | None = SIM_ROWS, divisor: int = bringup.SIM_DIVISOR) -> GemvResult:
+    """``run_gemv`` on a real layer's first ``rows`` rows against the simulated ULX3S board."""
+    name, stream = gemv_layer_stream(model or default_model(), fmt, layer, rows)
+    x, source = layer_activation(name, stream.cols)
+    port, timeout = sim_gemv_board(divisor)
+    return run_gemv(port, stream, dot.activation_codes(x, "e4m3"), fmt, name=name, x_source=source,
+                    timeout=timeout, clock=port.now)
+
+
+def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = SIM_LAYER,
+                       divisor: int = bringup.SIM_DIVISOR) -> dict[str, str]:
+    """On one simulated board, the layer's first row: y read before x (the host's error), then a NaN
+    code and a vector one beat short sent past the host's check (the engine's sticky bits).
+    Returns what each case gave, by case."""
+    name, stream = gemv_layer_stream(model or default_model(), fmt, layer, 1)
+    x, _ = layer_activation(name, stream.cols)
+    codes = dot.activation_codes(x, "e4m3")
+    port, timeout = sim_gemv_board(divisor)
+    link = BoardLink(port, timeout=timeout)
+    seen = {}
+    try:
+        link.read_y(1)
+        seen["y before x"] = "no error"
+    except client.BoardError as err:
+        seen["y before x"] = str(err)
+    nan = codes.copy()
+    nan[5] = 0x7F
+    short = codes[:-stream.layout.group]
+    for case, bad in (("NaN in x", nan), ("x one beat short", short)):
+        result = run_gemv(port, stream, bad, fmt, name=name, timeout=timeout, clock=port.now, check=False)
+        seen[case] = ", ".join(result.errors) or "nothing"
+    return seen
+
+
+def main(argv=None) -> int:
+    """``python -m sop.synth.host.gemv_bringup --sim``: a real layer's y = W x on the simulated ULX3S core."""
+    p = argparse.ArgumentParser(prog="python -m sop.synth.host.gemv_bringup",
+                                description="a real MiniLM layer's y = W x through the ULX3S board design's GEMV "
+                                            "engine (UART pins included) in amaranth.sim, bit-exact against "
+                                            "golden/dot.py; for a real board use `sop board --gemv --port PORT`")
+    p.add_argument("--sim", action="store_true", required=True, help="run the simulated board")
+    p.add_argument("--model", default=None, help="a model path, 'minilm' (default) or a .sopq artifact")
+    p.add_argument("--format", default="sop4-g16", choices=board_points())
+    p.add_argument("--layer", default=SIM_LAYER, help=f"a linear layer (default {SIM_LAYER})")
+    p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
+    p.add_argument("--divisor", type=int, default=bringup.SIM_DIVISOR, help="UART clock cycles a bit")
+    args = p.parse_args(argv)
+    t0 = time.monotonic()
+    try:
+        result = simulate(args.model, args.format, args.layer, args.rows, args.divisor)
+        print(f"simulated {SIM_BOARD} board core with the GEMV engine, UART at {args.divisor} cycles a bit "
+              f"({time.monotonic() - t0:.0f} s wall; throughput in simulated time)")
+        print("\n".join(result.lines()))
+        if not result.ok:
+            return 1
+        bad = simulate_bad_input(args.model, args.format, args.layer, args.divisor)
+    except BOARD_FAILURES as err:
+        print(f"gemv bringup: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:
+        print(f"gemv bringup: error: {err}", file=sys.stderr)
+        return 2
+    for case, what in bad.items():
+        print(f"bad input, {case}: {what}")
+    caught = ("no vector is loaded" in bad["y before x"] and "x_nan" in bad["NaN in x"]
+              and "x_length" in bad["x one beat short"])
+    print(f"bad input: {'each caught' if caught else 'NOT CAUGHT'}")
+    return 0 if caught else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

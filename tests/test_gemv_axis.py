@@ -1,0 +1,278 @@
+"""The GEMV engine's AXI4-Stream shell (hdl/gemv_axis.py), its Verilog, FuseSoC core and cocotb bench.
+
+* The beat-level model and the TDATA layouts.
+* amaranth.sim (small buffers): every packet of every layer queued at once, random TVALID
+  gaps and TREADY pauses: golden's words, TLAST on each vector's last row; ``m_axis_y``
+  never depends on TREADY (probed every cycle); the sequencing rule (a layer's first
+  vector waits for its load packet, the next packet waits for that vector, a layer's
+  ``vectors`` count decides where the next swap is); the shell's error bits and ``clear``.
+* (tests/test_verilog.py: the generated shells, their manifests, lint, FuseSoC targets.)
+* cocotb with cocotbext-axi (sim/tb_gemv_axis.py) on ``gemv-sop4-g16_axis.v``: two layers
+  of a real MiniLM slice with real E4M3 activations, one with sparse residuals, page
+  swaps, bit-exact in Icarus and Verilator; a broken shell (a dropped TLAST) and a
+  byte-swapped expected word are reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from amaranth.back import verilog
+from amaranth.hdl import Signal
+from amaranth.sim import Simulator
+
+from sop.golden.points import get_point
+from sop.hdl import axis, gemv, gemv_axis
+from sop.hdl.gemv import GemvConfig
+from sop.hdl.gemv_axis import GemvAxis, GemvAxisTop
+from sop.sim import gemv_runner, tb_gemv_axis
+
+SOP4 = get_point("sop4-g16")
+SMALL = GemvConfig("test-axis-sop4-g16", SOP4.layout, SOP4.hif, max_cols=256, max_rows=255)
+NAMED = gemv.gemv_configs()
+
+
+def two_layers(seed=0):
+    """A 20-row, 64-column layer for two vectors, then a 24-row one with residuals for one."""
+    rng = np.random.default_rng(seed)
+    a = gemv_runner.random_layer("sop4-g16", 20, 64, rng)
+    b = gemv_runner.with_residuals(gemv_runner.random_layer("sop4-g16", 24, 48, rng), rng, 30)
+    return [(a, [rng.integers(0, 0x7F, 64), rng.integers(0, 0xFF, 64) & 0xF7]), (b, [rng.integers(0, 0x7F, 48)])]
+
+
+def simulate(dut, streams, n_out, *, p_idle=0.3, p_stall=0.3, seed=0, max_cycles=30_000, clear_at=None):
+    """Drive ``dut`` (a ``GemvAxis``) as an AXI host: each stream's beats held until taken, random
+    gaps, random TREADY pauses on ``m_axis_y``. Returns the output beats, the handshake cycles of
+    every stream, the cycles where ``m_axis_y`` changed with TREADY or a TREADY with TVALID, and
+    ``status`` at the end."""
+    rng = np.random.default_rng(seed)
+    got, taken, depends, final = [], {name: [] for name in [*streams, "m_axis_y"]}, [], []
+
+    async def host(ctx):
+        pos, on = dict.fromkeys(streams, 0), dict.fromkeys(streams, False)
+        y = dut.m_axis_y
+        for cycle in range(max_cycles):
+            for name, beats in streams.items():
+                port = getattr(dut, name)
+                if not on[name] and pos[name] < len(beats) and rng.random() >= p_idle:
+                    on[name] = True
+                    ctx.set(port.tdata, beats[pos[name]][0])
+                    ctx.set(port.tlast, beats[pos[name]][1])
+            probe = []
+            for v in (0, 1):                    # every TREADY the same with TVALID low and high
+                for name in streams:
+                    ctx.set(getattr(dut, name).tvalid, v)
+                probe.append([ctx.get(getattr(dut, name).tready) for name in streams])
+            if probe[0] != probe[1]:
+                depends.append(cycle)
+            for name in streams:
+                ctx.set(getattr(dut, name).tvalid, on[name])
+            seen = []
+            for r in (0, 1):                    # m_axis_y with TREADY low, then high: the same
+                ctx.set(y.tready, r)
+                seen.append((ctx.get(y.tvalid), ctx.get(y.tdata), ctx.get(y.tlast)))
+            if seen[0] != seen[1]:
+                depends.append(cycle)
+            ready = rng.random() >= p_stall
+            ctx.set(y.tready, ready)
+            ctx.set(dut.clear, clear_at is not None and cycle == clear_at)
+            for name in streams:
+                if on[name] and ctx.get(getattr(dut, name).tready):
+                    taken[name].append(cycle)
+                    pos[name], on[name] = pos[name] + 1, False
+            if ready and seen[1][0]:
+                got.append((seen[1][1], seen[1][2]))
+                taken["m_axis_y"].append(cycle)
+            if len(got) == n_out and all(pos[n] == len(b) for n, b in streams.items()) \
+                    and (clear_at is None or cycle > clear_at):
+                for _ in range(8):
+                    await ctx.tick()
+                final.append(ctx.get(dut.status.as_value()))
+                return
+            await ctx.tick()
+        final.append(ctx.get(dut.status.as_value()))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(host)
+    sim.run()
+    return got, taken, depends, final[0]
+
+
+def status_bits(word: int) -> dict[str, int]:
+    """``status`` by field name: ``x_loaded``, the engine's error bits, the shell's."""
+    fields = {"x_loaded": 0, **{n: 1 + f.offset for n, f in gemv.error_layout()},
+              **{n: 1 + gemv.error_layout().size + f.offset for n, f in gemv_axis.shell_error_layout()}}
+    return {n: (word >> bit) & 1 for n, bit in fields.items()}
+
+
+# -- the model --------------------------------------------------------------------------------------------
+def test_tdata_layouts_and_the_model():
+    cfg = NAMED["gemv-sop4-g16"]
+    assert gemv_axis.widths(cfg) == {"s_axis_x": 128, "s_axis_w": 72, "s_axis_sparse": 56, "s_axis_load": 64,
+                                     "m_axis_y": 32}
+    assert gemv_axis.widths(NAMED["gemv-e2m3-ue4m4-g16"])["s_axis_w"] == 104
+    layers = two_layers()
+    (a, va), (b, vb) = layers
+    loads = gemv_axis.load_beats(cfg, a, 2)
+    # table words as the decoder shell's (ctrl, address byte, HIF code in bytes 2-3), then the layer word
+    assert loads[5] == (axis.load_word(cfg, bank=0, addr=5, data=int(a.luts[0][5])), 0)
+    word, last = loads[-1]
+    assert last == 1 and word & 0xFF == gemv_axis.CTRL_LAYER and (word >> 8) & 0xFF == a.offset & 0xFF
+    assert (word >> 16) & 0xFFFF == 20 and (word >> 32) & 0xFFFF == 4 and word >> 48 == 2
+    assert gemv_axis.load_beats(cfg, b, 1)[-1][0] & gemv_axis.CTRL_SPARSE
+    # blocks: golden's bytes in tile order, TLAST on the pass's last; x: byte j = column j
+    w = gemv_axis.w_beats(cfg, a)
+    assert axis.to_bytes(w, 72) == gemv.dot.tiled_blocks(a, cfg.tile) and [t for _, t in w][-2:] == [0, 1]
+    x = gemv_axis.x_beats(cfg, va[0])
+    assert axis.to_bytes(x, 128) == bytes(int(c) for c in va[0]) and [t for _, t in x] == [0, 0, 0, 1]
+    sp = gemv_axis.sparse_beats(cfg, b)
+    entries = gemv.sparse_beats(cfg, b)
+    assert [(d & 0xFFFF, (d >> 16) & 0xFFFF, (d >> 32) & 0xFFFF, d >> 48) for d, _ in sp] == \
+        [(e["row"], e["col"], e["value"], e["last"]) for e in entries]
+    assert [t for _, t in sp].count(1) == 1 and sp[-1][1] == 1 and gemv_axis.sparse_beats(cfg, a) == []
+    # y: golden.dot.gemv word by word, one packet per vector
+    out = gemv_axis.model(cfg, layers)
+    assert len(out) == 2 * 20 + 24 and [i for i, (_, t) in enumerate(out) if t] == [19, 39, 63]
+    y = gemv.model(cfg, b, gemv.dot.ACT_FORMATS["e4m3"].decode(vb[0]).astype(np.float32))
+    assert [d for d, _ in out[40:]] == list(y.view(np.uint32))
+
+
+# -- amaranth.sim -----------------------------------------------------------------------------------------
+def test_shell_matches_golden_queued_at_once_with_gaps_and_pauses():
+    """Every packet of both layers queued at once: the shell's sequencing alone keeps the pages
+    apart; golden's words, TLAST per vector, m_axis_y independent of TREADY, no error bit."""
+    layers = two_layers()
+    streams = gemv_axis.stream_beats(SMALL, layers)
+    dut = GemvAxis(SMALL)
+    want = dut.model(layers)
+    got, taken, depends, status = simulate(dut, streams, len(want), seed=1)
+    assert got == want
+    assert depends == [], f"m_axis_y changed with TREADY, or a TREADY with TVALID, in cycles {depends[:5]}"
+    assert status == 0, status_bits(status)
+    # the sequencing: the first vector waits for its load packet, is taken after its TLAST word; the
+    # second layer's packet waits for that swap (and completes during the first layer's passes),
+    # the first layer's 2nd vector does not swap, the second layer's vector does, after its packet
+    half = len(streams["s_axis_load"]) // 2
+    load_end = [taken["s_axis_load"][i] for i, (_, t) in enumerate(streams["s_axis_load"]) if t]
+    firsts = [taken["s_axis_x"][0]] + [taken["s_axis_x"][i + 1] for i, (_, t) in
+                                       enumerate(streams["s_axis_x"][:-1]) if t]
+    assert len(load_end) == 2 and len(firsts) == 3
+    assert load_end[0] < firsts[0] < taken["s_axis_load"][half]
+    assert load_end[1] < firsts[1] < firsts[2]
+
+
+def test_a_layers_vector_count_decides_the_swap():
+    """Layer A for 2 vectors, B for 1, then a third vector nobody loaded: it waits (no swap into
+    the stale page), A's 2nd vector does not wait for B's packet although B's packet is complete."""
+    layers = two_layers(seed=3)
+    streams = gemv_axis.stream_beats(SMALL, layers)
+    extra = gemv_axis.x_beats(SMALL, layers[1][1][0])
+    streams["s_axis_x"] = streams["s_axis_x"] + extra
+    want = gemv_axis.model(SMALL, layers)
+    got, taken, _, status = simulate(GemvAxis(SMALL), streams, len(want), p_idle=0.0, p_stall=0.0,
+                                     max_cycles=3000)
+    assert got == want
+    n_x = len(streams["s_axis_x"]) - len(extra)
+    assert len(taken["s_axis_x"]) == n_x                     # the extra vector waits for a load packet
+    # A's 2nd vector starts before B's swap: B's packet completed during A's first pass
+    b_end = taken["s_axis_load"][-1]
+    assert b_end < taken["s_axis_x"][4]
+    assert status & 1 == 0
+
+
+def test_error_bits_and_clear():
+    """A pass whose TLAST is dropped (w_tlast), a load packet ending on a table word (load_tlast),
+    a layer for 0 vectors (the engine's ``layer`` bit); ``clear`` clears them."""
+    (a, va), _ = two_layers()
+    streams = gemv_axis.stream_beats(SMALL, [(a, va[:1])])
+    w = streams["s_axis_w"]
+    w[-1] = (w[-1][0], 0)                   # dropped
+    w[3] = (w[3][0], 1)                     # and one too early
+    got, _, _, status = simulate(GemvAxis(SMALL), streams, 20, seed=2)
+    assert got == gemv_axis.model(SMALL, [(a, va[:1])])          # the engine frames the pass itself
+    bits = status_bits(status)
+    assert bits["w_tlast"] == 1 and sum(bits.values()) == 1
+    loads = gemv_axis.load_beats(SMALL, a, 0)
+    bad = {"s_axis_load": loads[:-1] + [(loads[-1][0], 0), (loads[0][0], 1)]}
+    *_, status = simulate(GemvAxis(SMALL), bad, 0, max_cycles=200)
+    bits = status_bits(status)
+    assert bits["load_tlast"] == 1 and bits["layer"] == 1 and bits["w_tlast"] == 0
+    *_, status = simulate(GemvAxis(SMALL), bad, 0, max_cycles=200, clear_at=150)
+    assert status == 0
+
+
+def test_the_pysim_check_catches_a_dropped_tlast():
+    class NoYLast(GemvAxis):
+        def elaborate(self, platform):
+            m = super().elaborate(platform)
+            m.d.comb += self.m_axis_y.tlast.eq(0)
+            return m
+
+    layers = two_layers()[:1]
+    want = gemv_axis.model(SMALL, layers)
+    got, *_ = simulate(NoYLast(SMALL), gemv_axis.stream_beats(SMALL, layers), len(want), seed=1)
+    assert got != want and [d for d, _ in got] == [d for d, _ in want]
+
+
+# -- cocotb ------------------------------------------------------------------------------------------------
+def test_cocotb_quick_icarus(tmp_path):
+    """40 MiniLM rows for two tokens, with 2 % residuals for one, plain again for one: three swaps."""
+    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
+    print(tb_gemv_axis.summary_line(s))
+    assert tb_gemv_axis.passed(s), tb_gemv_axis.summary_line(s)
+    assert s["checked"] == s["expected"] == 4 * 40 and s["packets"] == 4 and s["layers"] == 3
+    assert s["entries"] > 300 and s["stalled_cycles"] > 10
+
+
+@pytest.mark.slow
+def test_cocotb_full_verilator(tmp_path):
+    """The whole query layer (384 rows) for two tokens, then the 40 rows with residuals for two
+    (about 45 s of CPU, most of it Verilator's C++ build; `make test`, not `make test-fast`)."""
+    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "verilator", seed=2, build_dir=tmp_path / "build")
+    print(tb_gemv_axis.summary_line(s))
+    assert tb_gemv_axis.passed(s), tb_gemv_axis.summary_line(s)
+    assert s["checked"] == s["expected"] == 2 * 384 + 3 * 40 and s["layers"] == 3
+
+
+def first_layer_only(plan: dict) -> None:
+    """The plan's first layer (two vectors): a shorter run for the injected bugs."""
+    plan["layers"] = plan["layers"][:1]
+
+
+class DropsEveryOtherTlast(GemvAxis):
+    """A broken shell: every other vector's TLAST is dropped, the first's first (two vectors in one
+    packet)."""
+
+    def elaborate(self, platform):
+        m = super().elaborate(platform)
+        y, odd = self.m_axis_y, Signal(init=1)
+        with m.If(y.tvalid & y.tready & self.engine.y.payload.last):
+            m.d.sync += odd.eq(~odd)
+        m.d.comb += y.tlast.eq(self.engine.y.payload.last & ~odd)
+        return m
+
+
+def test_cocotb_reports_a_dropped_tlast(tmp_path):
+    cfg = NAMED["gemv-sop4-g16"]
+    top = GemvAxisTop(cfg, core=DropsEveryOtherTlast(cfg))
+    v = tmp_path / "broken.v"
+    v.write_text(verilog.convert(top, name=gemv_axis.module_name(cfg), ports=top.ports(), emit_src=False))
+    s = tb_gemv_axis.run(cfg, "icarus", quick=True, seed=1, verilog=v, build_dir=tmp_path / "build",
+                         plan_edit=first_layer_only)
+    print(tb_gemv_axis.summary_line(s))
+    assert s["failed_tests"] == 1 and s["mismatches"] >= 40 and not tb_gemv_axis.passed(s)
+    assert "packet of 80 words, expected 40 (TLAST misplaced)" in (tmp_path / "build" / "sim.log").read_text()
+
+
+def test_cocotb_reports_a_byte_swapped_word(tmp_path):
+    def swap_bytes(plan):
+        first_layer_only(plan)
+        expect = plan["layers"][0]["vectors"][1]["expect"]
+        expect[3] = int.from_bytes(expect[3].to_bytes(4, "little"), "big")
+
+    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build",
+                         plan_edit=swap_bytes)
+    print(tb_gemv_axis.summary_line(s))
+    assert s["failed_tests"] == 1 and s["mismatches"] == 1 and s["checked"] == s["expected"] == 80
+    assert "vector 1 row 3: got" in (tmp_path / "build" / "sim.log").read_text()
