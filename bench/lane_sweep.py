@@ -38,11 +38,19 @@ a stated cost model, not a measurement of the RTL.
   RAM40 registers its own read). ECP5 also the skid's ``D`` entries of 16
   bits; both the lane's ``C * k`` code bits.
 
+The build measured. ECP5 measures the decoder as `make synth` builds it (the
+default ``pipeline="deep"``: the one design built for 200 MHz). iCE40 measures
+the shallow pipeline (``DecoderConfig(pipeline="shallow")``, hdl/config.py: no
+output skid, the stall combinational, a four-stage formatter), the build for a
+50 MHz LUT4 FPGA that the iCE40 floor assumes; its runs are named
+``<config>-shallow``. ``--ice40-pipeline deep`` measures the default build there.
+
 The marginal floor is the slope of ``N * floor(N)`` over the same ``N`` as the
 design's (the skid depth and ``C`` change with ``N``), so the ratio compares
 like with like.
 
-Run: .venv/bin/python bench/lane_sweep.py [--lanes 1 2 4 ...] [--jobs N]   (about 10 minutes cold)
+Run: .venv/bin/python bench/lane_sweep.py [--lanes 1 2 4 ...] [--jobs N] [--ice40-pipeline deep|shallow]
+(about 10 minutes cold)
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -57,7 +66,7 @@ from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.golden.layout import named_layouts
 from sop.hdl import lut_word
-from sop.hdl.config import DecoderConfig, named_configs
+from sop.hdl.config import PIPELINES, DecoderConfig, named_configs
 from sop.hdl.hif_formatter import MAX_SHIFT
 from sop.hdl.replica import enable_levels
 from sop.hdl.scale_decoder import BF16_M
@@ -71,12 +80,16 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def sweep_config(lanes: int, layout: str = "sop4-g16") -> DecoderConfig:
-    """The sweep's configuration of ``lanes`` lanes; a named one where it exists (shared cache)."""
-    for cfg in named_configs().values():
-        if cfg.layout == named_layouts()[layout] and cfg.lanes == lanes and cfg.output == "bf16":
-            return cfg
-    return DecoderConfig(f"{layout}-x{lanes}", lanes, named_layouts()[layout])
+PIPELINE = {"ice40": "shallow", "ecp5": "deep"}      # the build measured per target (module docstring)
+
+
+def sweep_config(lanes: int, layout: str = "sop4-g16", pipeline: str = "deep") -> DecoderConfig:
+    """The sweep's configuration of ``lanes`` lanes; a named one where it exists (shared cache), with
+    ``pipeline`` (hdl.config.DecoderConfig): a shallow build is named ``<name>-shallow``."""
+    cfg = next((c for c in named_configs().values()
+                if c.layout == named_layouts()[layout] and c.lanes == lanes and c.output == "bf16"),
+               None) or DecoderConfig(f"{layout}-x{lanes}", lanes, named_layouts()[layout])
+    return cfg if pipeline == "deep" else replace(cfg, name=f"{cfg.name}-{pipeline}", pipeline=pipeline)
 
 
 def floor_terms(cfg: DecoderConfig, target: str) -> list[tuple[str, int, int]]:
@@ -139,12 +152,12 @@ def slope(lanes: np.ndarray, values: np.ndarray) -> float:
     return float(np.polyfit(lanes[keep], values[keep], 1)[0])
 
 
-def summarize(results: dict[str, dict[str, dict]], lanes: list[int]) -> dict:
+def summarize(results: dict[str, dict[str, dict]], lanes: list[int], pipelines: dict[str, str] = PIPELINE) -> dict:
     out = {}
-    cfgs = [sweep_config(n) for n in lanes]
-    floors = [floor(c) for c in cfgs]
     n = np.array(lanes, dtype=float)
     for t in SWEEP_TARGETS:
+        cfgs = [sweep_config(k, pipeline=pipelines[t]) for k in lanes]
+        floors = [floor(c) for c in cfgs]
         recs = [results[c.name][t] for c in cfgs]
         design = {"luts": [r["luts"] for r in recs], "ffs": [r["ffs"] for r in recs],
                   "ram": [r[RAM_KEY[t]] for r in recs]}
@@ -152,7 +165,7 @@ def summarize(results: dict[str, dict[str, dict]], lanes: list[int]) -> dict:
         # the floor's own marginal cost over the same N (its skid depth and code register change with N)
         fl = {k: slope(n, n * np.array([f[t][k] for f in floors], dtype=float)) for k in per}
         out[t] = {
-            "device": TARGETS[t].device, "constraint_mhz": TARGETS[t].freq_mhz,
+            "device": TARGETS[t].device, "constraint_mhz": TARGETS[t].freq_mhz, "pipeline": pipelines[t],
             "floor_slope_per_lane": {k: round(v, 1) for k, v in fl.items()},
             "floor_terms": [list(r) for r in floor_terms(cfgs[-1], t)], "floor_terms_lanes": lanes[-1],
             "slope_per_lane": {k: round(v, 1) for k, v in per.items()},
@@ -172,7 +185,8 @@ def markdown(summary: dict) -> str:
     for t, s in summary.items():
         f = s["floor_slope_per_lane"]
         ram = "DPR16X4" if t == "ecp5" else "RAM40"
-        lines += [f"**{s['device']}** (constraint {s['constraint_mhz']:g} MHz; marginal floor per lane: "
+        lines += [f"**{s['device']}** (constraint {s['constraint_mhz']:g} MHz; the {s['pipeline']} pipeline, "
+                  f"DecoderConfig(pipeline=\"{s['pipeline']}\"); marginal floor per lane: "
                   f"{f['luts']} LUT4, {f['ffs']} FF, {f['ram']} {ram}, no DSP)", "",
                   f"| lanes | LUT4 | LUT4/lane | floor | FF | FF/lane | floor | {ram} | DSP | Fmax (MHz) | note |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -197,14 +211,17 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--force", action="store_true")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--ice40-pipeline", choices=PIPELINES, default=PIPELINE["ice40"],
+                   help="the build measured on iCE40 (default: the shallow pipeline)")
     args = p.parse_args()
+    pipelines = {**PIPELINE, "ice40": args.ice40_pipeline}
     toolenv.apply()
     rtl = rtl_state()
     t0 = time.monotonic()
-    pairs = [(sweep_config(n), t) for n in args.lanes for t in SWEEP_TARGETS]
+    pairs = [(sweep_config(n, pipeline=pipelines[t]), t) for n in args.lanes for t in SWEEP_TARGETS]
     pairs.sort(key=lambda p: -p[0].lanes * (3 if p[1] == "ecp5" else 1))
     results = run_many(pairs, args.out, jobs=args.jobs, force=args.force)
-    summary = summarize(results, sorted(args.lanes))
+    summary = summarize(results, sorted(args.lanes), pipelines)
     text = markdown(summary) + f"RTL: {rtl}.\n"
     out = args.out                                  # relative: under the working directory
     write_atomic(f"{out}/lane_sweep.json", (json.dumps({**summary, "_rtl": rtl}, indent=1) + "\n").encode())

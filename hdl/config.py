@@ -16,6 +16,18 @@ Table RAM: ``lutram_depth`` 0 builds each lane's table as one memory with a
 registered read (block RAM); a power of two ``D`` builds it from ``D``-word
 memories, one more cycle of latency (LUT RAM, see hdl/lut_bank.py).
 
+Pipeline (``pipeline``): ``"deep"`` (the default) is the one design built for
+200 MHz on ECP5 and used on every FPGA: the pipeline enable a register decided
+ahead, output skid buffers (hdl.output_buffer), a six-stage BF16 formatter
+with register copies (hdl.hif_formatter). ``"shallow"`` builds the same
+function for a low-Fmax LUT4 FPGA (iCE40 at 50 MHz): the consumer's ready
+reaches the enables combinationally (no skid, no enable registers), a
+four-stage formatter without the copies, and table memories that state their
+no-collision contract to synthesis (hdl/lut_bank.py, ``no_rw_check``); fewer
+LUT4 and flip-flops per lane, bit for bit the same outputs, a shorter latency.
+No residual path (refused). ``"deep"`` builds exactly the
+Verilog it built before the knob existed.
+
 Output lanes: ``"bf16"`` is 16 bits per lane; ``"exact"`` is the exact
 product as golden.decoder.product_fields gives it, ``{sig, exp, sign}``.
 
@@ -43,6 +55,7 @@ from sop.golden.layout import OFFSET_RANGE, BlockLayout
 MAX_LANES = 64
 MAX_RESIDUALS = 4
 SPARSE_INDEX_BITS = 32          # golden.layout's u32 flat index
+PIPELINES = ("deep", "shallow")  # DecoderConfig.pipeline: 200 MHz ECP5 (default) / low-Fmax LUT4 FPGA
 RESIDUAL_SUFFIX = "sp"          # a named configuration with the residual path: <name>-sp (residual_configs)
 
 
@@ -68,6 +81,7 @@ class DecoderConfig:
     output: str = "bf16"
     lutram_depth: int = 0
     residuals: int = 0
+    pipeline: str = "deep"
 
     def __post_init__(self):
         problems = []
@@ -92,8 +106,18 @@ class DecoderConfig:
         elif self.residuals and self.output != "bf16":
             problems.append("sparse residuals need the bf16 output (the exact output is the product's "
                             "fields; add the residual after it)")
+        if self.pipeline not in PIPELINES:
+            problems.append(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        elif self.shallow and self.residuals:
+            problems.append("the shallow pipeline has no residual path (hdl/residual.py is timed against the "
+                            "deep formatter and the enable's register levels): residuals must be 0")
         if problems:
             raise ValueError(f"decoder config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def shallow(self) -> bool:
+        """Built for a low-Fmax LUT4 FPGA (``pipeline == "shallow"``, module docstring)."""
+        return self.pipeline == "shallow"
 
     # -- beats ---------------------------------------------------------------
     @property
@@ -168,6 +192,8 @@ class DecoderConfig:
                "beats_per_block": self.beats_per_block, "beat_bits": self.beat_bits}
         if self.residuals:
             out["residuals"] = self.residuals
+        if self.shallow:                    # absent for the default: the descriptions written before stay as they were
+            out["pipeline"] = self.pipeline
         return out
 
     @classmethod
@@ -179,7 +205,8 @@ class DecoderConfig:
         layout = BlockLayout(d["code_bits"], d["group"], get_format(d["scale"]), d["signed_scale"],
                              d["select_bit"])
         hif = hif_format(d["hif"]["mbits"], d["hif"]["ebits"], d["hif"]["bias"])
-        return cls(d["name"], d["lanes"], layout, hif, d["output"], d["lutram_depth"], d.get("residuals", 0))
+        return cls(d["name"], d["lanes"], layout, hif, d["output"], d["lutram_depth"], d.get("residuals", 0),
+                   d.get("pipeline", "deep"))
 
 
 def named_configs() -> dict[str, DecoderConfig]:

@@ -43,6 +43,14 @@ next cycle is decided from the output buffer's state (hdl.output_buffer), so
 ``blocks.ready`` depends only on registers. Nothing is lost or duplicated under
 backpressure.
 
+Shallow pipeline (``config.pipeline == "shallow"``, hdl.config: a low clock on a
+LUT4 FPGA such as iCE40 at 50 MHz): the same function, bit for bit, built
+smaller: no enable registers and no skid (``values.ready`` reaches every
+enable, and ``blocks.ready``, combinationally), one output buffer, a
+four-stage BF16 formatter (hdl.hif_formatter), the table memories marked
+``no_rw_check`` (hdl.lut_bank). Latency 6 BF16 for the sop4
+layout (one more with ``lutram_depth > 0``); exact output as deep.
+
 Tables. A table word written in cycle ``t`` is readable from cycle ``t + 2``
 (hdl.lut_bank), and a beat accepted in cycle ``t`` reads its tables in cycle
 ``t + 1``: the beat with ``swap`` must come after the cycle of the page's last
@@ -87,7 +95,7 @@ from .hif_formatter import HifFormatter
 from .lanes import Lanes
 from .lut_bank import LutBank
 from .output_buffer import OutputStage
-from .pipeline import PipelineControl
+from .pipeline import PipelineControl, levels_for
 
 model = reference.expected_beats
 
@@ -102,7 +110,8 @@ class Decoder(wiring.Component):
         self.issue = BeatIssue(config, mux=mux)
         self.lanes = Lanes(config, formatter=formatter, bank=bank)
         self.fields = BlockFields(config, read_latency=self.lanes.read_latency)
-        self.output = OutputStage(config.lane_layout, config.lanes, delay=rep.enable_levels(config.lanes))
+        levels = levels_for(config)          # the enable's register levels: 0 for the shallow pipeline
+        self.output = OutputStage(config.lane_layout, config.lanes, delay=levels)
         members = {
             "blocks": In(stream.Signature(config.beat_layout)),
             "load": In(stream.Signature(config.load_layout)),
@@ -117,7 +126,8 @@ class Decoder(wiring.Component):
             members.update({"sparse": In(stream.Signature(config.sparse_layout)), "layer_sparse": In(1),
                             "sparse_error": Out(error_layout())})
         # the valid chain spans the stages after stage 0 up to the last one (hdl.pipeline)
-        self.control = PipelineControl(config.lanes, depth=self.lanes.latency + self.residual_latency)
+        self.control = PipelineControl(config.lanes, depth=self.lanes.latency + self.residual_latency,
+                                       levels=levels)
         assert self.control.latency == self.output.delay, "the skid must cover the enable's register levels"
         assert self.fields.latency == self.lanes.read_latency, "block fields must arrive with the table word"
         super().__init__(members)

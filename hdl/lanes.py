@@ -18,6 +18,9 @@ Ports
   enabled edges after its read (as hdl.block_fields delivers them);
 * ``out`` (out): per lane its output word (``config.lane_layout``).
 
+With ``config.shallow`` the bank's memories carry yosys's ``no_rw_check``
+(hdl.lut_bank: the no-collision contract, no read-during-write logic).
+
 Latency: ``latency`` = the bank's ``read_latency`` + the formatter's ``latency``
 enabled edges from a read to its output word; both are properties of the
 instances built. ``model`` composes the encoder's and the formatter's models.
@@ -48,8 +51,9 @@ class Lanes(wiring.Component):
         self.config = config
         lay = config.layout
         self.encoder = lut_word.LutWordEncoder(config)
+        # the shallow pipeline's bank states its no-collision contract to synthesis (hdl.lut_bank)
         self.bank = bank(code_bits=lay.code_bits, banks=lay.banks, word=lut_word.word(config), lanes=config.lanes,
-                         lutram_depth=config.lutram_depth)
+                         lutram_depth=config.lutram_depth, no_rw_check=config.shallow)
         self.formatters = [formatter(config) for _ in range(config.lanes)]
         super().__init__({
             "load": In(stream.Signature(config.load_layout)),

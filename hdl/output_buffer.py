@@ -16,6 +16,14 @@ overflows. While both sides are ready, ``S`` stays 1 and a beat leaves every
 cycle; after a stall the output may pause ``delay - 1`` cycles while the
 pipeline restarts.
 
+``delay = 0`` (the shallow pipeline, ``DecoderConfig.shallow``): no skid and
+no decision ahead; ``en_next`` is the enable of this very cycle, high unless
+the last stage holds a beat the consumer does not take (``~last_valid |
+values.ready``), so ``values.ready`` reaches the pipeline's enables
+combinationally: what a low clock on a LUT4 FPGA allows, and ``delay`` beats
+of skid fewer per lane. ``en`` must then be ``en_next`` itself (hdl.pipeline
+with no levels).
+
 A decoder with many lanes uses one buffer per group of lanes, each with its
 own copy of the (identical) control state, so that no control register drives
 the whole output.
@@ -67,6 +75,8 @@ class OutputBuffer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         D = self.delay
+        if D == 0:
+            return self._no_skid(m)
         # Control state: replicas, because every group's buffer has the same. The skid's fill is
         # a thermometer code (more[j]: more than j entries hold beats still to be sent), so that
         # the next state and the enable are a few LUTs, with no adder.
@@ -115,11 +125,20 @@ class OutputBuffer(wiring.Component):
             m.d.sync += [wp.eq(wp_next), rp.eq(wp_next ^ (nxt[0] & ~nxt[1]))]   # oldest = wp - fill
         return m
 
+    def _no_skid(self, m):
+        """``delay`` 0: the last stage is the output; the pipeline moves when it is empty or taken."""
+        last_valid = Signal(name="last_valid")
+        m.d.comb += [self.values.valid.eq(last_valid), self.values.payload.eq(self.last),
+                     self.en_next.eq(~last_valid | self.values.ready)]
+        with m.If(self.en):
+            m.d.sync += last_valid.eq(self.entering_valid)
+        return m
+
 
 class OutputStage(wiring.Component):
     def __init__(self, lane_shape, lanes: int, *, delay: int = 1):
         self.lane_shape, self.lanes, self.delay = lane_shape, lanes, delay
-        self.n_buffers = buffers(lanes)
+        self.n_buffers = buffers(lanes, delay)
         super().__init__({
             "last": In(data.ArrayLayout(lane_shape, lanes)),
             "values": Out(stream.Signature(data.ArrayLayout(lane_shape, lanes))),
@@ -155,7 +174,8 @@ def model(delay: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
     cycle ``valid``, ``payload`` (0 where not valid) and ``en_next``. The rule: the output is the
     oldest beat held; a beat that leaves the last stage (``en`` high) without being sent waits in
     a FIFO of at most ``delay`` entries; ``en_next`` is high when at most one beat (FIFO plus last
-    stage) will be held next cycle."""
+    stage) will be held next cycle. With ``delay`` 0 ``en_next`` is this cycle's enable (``en[t]``
+    must equal it): high when the last stage is empty or its beat is taken now."""
     n = len(en)
     out = {k: np.zeros(n, dtype=object) for k in ("valid", "payload", "en_next")}
     fifo: list[int] = []
@@ -171,7 +191,8 @@ def model(delay: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
             fifo.append(int(last[t]))
         if len(fifo) > delay:
             raise AssertionError(f"cycle {t}: {len(fifo)} beats in a skid of {delay}")
+        moves = not last_valid or pop_last                  # delay 0: the enable of this cycle
         last_valid = bool(entering_valid[t]) if en[t] else (last_valid and not pop_last)
         out["valid"][t], out["payload"][t] = int(valid), payload if valid else 0
-        out["en_next"][t] = int(len(fifo) + last_valid <= 1)
+        out["en_next"][t] = int(moves if delay == 0 else len(fifo) + last_valid <= 1)
     return {k: v.astype(np.int64) if k != "payload" else v for k, v in out.items()}

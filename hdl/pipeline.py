@@ -15,6 +15,12 @@ buffers and no register drives more than a few loads:
 * ``levels = 2``: first one copy per region of ``REGION`` lanes (loaded from one
   of the region's own buffers), then the copies above, each from its region's.
 
+* ``levels = 0`` (the shallow pipeline, ``DecoderConfig.shallow``: a low clock on a
+  LUT4 FPGA): no registers; ``en_next`` (one output buffer, no skid) is every
+  copy in the same cycle, so ``values.ready`` reaches every register's enable
+  combinationally. ``en_upcoming`` is not defined then (0): a buffer with no
+  skid does not use it.
+
 Every buffer holds the same state and decides the same ``en_next``, so every
 copy is the same signal, delayed by ``levels`` cycles. The copies have no reset:
 each follows the buffers' (reset) state a fixed number of cycles later, so they
@@ -38,7 +44,7 @@ Ports
   ``en_next`` in; its ``en``, ``en_upcoming`` (the value its ``en`` takes
   next cycle) and ``entering_valid`` (its region's chain) out.
 
-Latency: ``levels`` cycles from ``en_next`` to every enable copy (the
+Latency: ``levels`` cycles (0 to 2) from ``en_next`` to every enable copy (the
 ``latency`` property, counted from the registers built); ``depth - 1`` enabled
 edges from ``valid`` to ``entering_valid``. ``model`` is the cycle model.
 """
@@ -74,21 +80,29 @@ class OutputControlSignature(wiring.Signature):
                           "entering_valid": In(data.ArrayLayout(1, buffers))})
 
 
-def buffers(lanes: int) -> int:
-    """Output buffers of a decoder of ``lanes`` lanes: one per ``replica.OUT_GROUP`` lanes."""
-    return rep.groups(lanes, rep.OUT_GROUP)
+def buffers(lanes: int, levels: int | None = None) -> int:
+    """Output buffers of a decoder of ``lanes`` lanes: one per ``replica.OUT_GROUP`` lanes, or one
+    where the enable has no register levels (``levels`` 0: no skid, so no state to copy)."""
+    return 1 if levels == 0 else rep.groups(lanes, rep.OUT_GROUP)
+
+
+def levels_for(config) -> int:
+    """The enable's register levels for a decoder ``config`` (hdl.config.DecoderConfig): 0 for the
+    shallow pipeline, else ``replica.enable_levels``."""
+    return 0 if config.shallow else rep.enable_levels(config.lanes)
 
 
 class PipelineControl(wiring.Component):
-    def __init__(self, lanes: int, depth: int):
+    def __init__(self, lanes: int, depth: int, *, levels: int | None = None):
+        # levels: the enable's register levels; None: replica.enable_levels(lanes)
         if depth < 1:
             raise ValueError(f"pipeline depth {depth}: the datapath has at least one stage after stage 0")
         self.lanes, self.depth = lanes, depth
-        self.levels = rep.enable_levels(lanes)
+        self.levels = rep.enable_levels(lanes) if levels is None else levels
         super().__init__({
             "valid": In(1),
             "enable": Out(EnableSignature(lanes)),
-            "buffers": In(OutputControlSignature(buffers(lanes))),
+            "buffers": In(OutputControlSignature(buffers(lanes, self.levels))),
         })
 
     @property
@@ -99,6 +113,8 @@ class PipelineControl(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         N, levels = self.lanes, self.levels
+        if levels == 0:
+            return self._combinational(m)
         n_regions, n_outs = rep.groups(N, rep.REGION), buffers(N)
         per_region, per_out = N // n_regions, N // n_outs
         en_next = self.buffers.en_next
@@ -132,26 +148,40 @@ class PipelineControl(wiring.Component):
             else:
                 en_chain = rep.replica(1, name=f"en_valid{r}", init=1, reset_less=True)
                 m.d.sync += en_chain.eq(roots[r])
-            valid = self.valid
-            for stage in range(1, self.depth):
-                nxt = rep.replica(1, name=f"valid{stage}_r{r}") if n_regions > 1 else Signal(name=f"valid{stage}")
-                with m.If(en_chain):
-                    m.d.sync += nxt.eq(valid)
-                valid = nxt
-            ends.append(valid)
+            ends.append(self._valid_chain(m, en_chain, r if n_regions > 1 else None))
         m.d.comb += [self.buffers.entering_valid[j].eq(ends[j * per_out // per_region]) for j in range(n_outs)]
         return m
 
+    def _combinational(self, m):
+        """No register levels: the one buffer's ``en_next`` is every copy, and one valid chain."""
+        en = self.buffers.en_next[0]
+        m.d.comb += [self.enable.en.eq(en), self.buffers.en[0].eq(en), self.buffers.en_upcoming[0].eq(0)]
+        m.d.comb += [self.enable.lane[i].eq(en) for i in range(self.lanes)]
+        m.d.comb += self.buffers.entering_valid[0].eq(self._valid_chain(m, en))
+        return m
 
-def model(lanes: int, depth: int, en_next, valid) -> dict[str, np.ndarray]:
+    def _valid_chain(self, m, en, region=None):
+        """Stage 0's valid bit through ``depth - 1`` registers that advance on ``en``; returns the
+        last. ``region``: the chain of that region (its registers copies, hdl.replica)."""
+        valid = self.valid
+        for stage in range(1, self.depth):
+            nxt = Signal(name=f"valid{stage}") if region is None else rep.replica(1, name=f"valid{stage}_r{region}")
+            with m.If(en):
+                m.d.sync += nxt.eq(valid)
+            valid = nxt
+        return valid
+
+
+def model(lanes: int, depth: int, en_next, valid, levels: int | None = None) -> dict[str, np.ndarray]:
     """Cycle model: per cycle ``t`` the enable copies and ``entering_valid`` (per buffer), from the buffers'
     ``en_next[t]`` (the same for every buffer) and stage 0's ``valid[t]``.
 
-    Every copy is ``en_next`` delayed by ``levels`` cycles (1 before that: the initial value);
-    ``en_upcoming`` is that delayed by one cycle less; the valid chain is a shift register of
-    ``depth - 1`` bits that shifts on enabled cycles."""
+    Every copy is ``en_next`` delayed by ``levels`` cycles (1 before that: the initial value;
+    ``levels`` None: ``replica.enable_levels(lanes)``); ``en_upcoming`` is that delayed by one
+    cycle less (0 with no levels); the valid chain is a shift register of ``depth - 1`` bits that
+    shifts on enabled cycles."""
     en_next, valid = np.asarray(en_next, dtype=np.int64), np.asarray(valid, dtype=np.int64)
-    levels = rep.enable_levels(lanes)
+    levels = rep.enable_levels(lanes) if levels is None else levels
 
     def delayed(x, d):
         return np.concatenate([np.ones(d, dtype=np.int64), x[:len(x) - d]]) if d else x.copy()
@@ -163,6 +193,7 @@ def model(lanes: int, depth: int, en_next, valid) -> dict[str, np.ndarray]:
         entering[t] = chain[-1] if chain else valid[t]
         if en[t]:
             chain = [int(valid[t])] + chain[:-1]
-    per_buffer = lambda x: np.repeat(x[:, None], buffers(lanes), axis=1)     # noqa: E731
+    per_buffer = lambda x: np.repeat(x[:, None], buffers(lanes, levels), axis=1)     # noqa: E731
+    upcoming = delayed(en_next, levels - 1) if levels else np.zeros_like(en)
     return {"en": en, "lane": np.repeat(en[:, None], lanes, axis=1), "buffer_en": per_buffer(en),
-            "en_upcoming": per_buffer(delayed(en_next, levels - 1)), "entering_valid": per_buffer(entering)}
+            "en_upcoming": per_buffer(upcoming), "entering_valid": per_buffer(entering)}

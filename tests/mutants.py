@@ -7,7 +7,8 @@ flipped, one whose two-cycle (LUT RAM) read takes its word from the memory the
 that rounds BF16 ties away from zero; and, each wrapping the real component
 behind its own ports, a scale decoder whose subnormal scales are one binade too
 large, block fields that take the other page's layer offset, and an output
-buffer whose enable decision arrives a cycle late.
+buffer whose enable decision arrives a cycle late, and a formatter that builds one
+stage more than it declares (an off-by-one stage, shown on the shallow pipeline).
 """
 
 from amaranth.hdl import Module, Mux, Signal
@@ -91,4 +92,19 @@ class LateEnable(OutputBuffer):
                      real.entering_valid.eq(self.entering_valid), real.last.eq(self.last),
                      real.values.ready.eq(self.values.ready), self.values.valid.eq(real.values.valid),
                      self.values.payload.eq(real.values.payload), self.en_next.eq(late)]
+        return m
+
+
+class ExtraStage(HifFormatter):
+    """One enabled register more on the output than ``latency`` says: the word arrives a stage
+    after the valid bit that announces it."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.real = real = HifFormatter(self.config)
+        late = Signal.like(real.out, name="late")
+        with m.If(self.en):
+            m.d.sync += late.eq(real.out)
+        m.d.comb += [real.en.eq(self.en), real.word.eq(self.word), real.block.eq(self.block),
+                     self.out.eq(late)]
         return m

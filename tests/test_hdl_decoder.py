@@ -9,6 +9,7 @@ the one-bank load; and the checks shown to catch bugs injected into the device
 
 import numpy as np
 import pytest
+from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 from hdl_harness import Layer, corner_layer, random_layer, run_decoder
 
@@ -33,6 +34,12 @@ CONFIGS = {
     # tables from LUT RAM memories (hdl/lut_bank.py): a two-cycle read
     "sop4-x8-bf16-lutram16": DecoderConfig("t", 8, LAY["sop4-g16"], lutram_depth=16),
     "fp6-x16-exact-lutram32": DecoderConfig("t", 16, LAY["e2m3-ue4m4-g16"], output="exact", lutram_depth=32),
+    # the shallow pipeline (hdl/config.py): no skid, combinational stall, four-stage formatter
+    "sop4-x8-bf16-shallow": DecoderConfig("t", 8, LAY["sop4-g16"], pipeline="shallow"),
+    "sop4-x16-bf16-shallow": DecoderConfig("t", 16, LAY["sop4-g16"], pipeline="shallow"),
+    "fp6-x4-bf16-shallow": DecoderConfig("t", 4, LAY["e2m3-ue4m4-g16"], pipeline="shallow"),
+    "fp6-x16-exact-lutram32-shallow": DecoderConfig("t", 16, LAY["e2m3-ue4m4-g16"], output="exact",
+                                                    lutram_depth=32, pipeline="shallow"),
 }
 
 
@@ -65,7 +72,8 @@ def test_subnormal_and_saturated_bf16_outputs_are_exercised():
     assert (words == 0x8000).any()                       # negative zero
 
 
-@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x1-bf16", "sop4-x32-exact", "sop4-x8-bf16-lutram16"])
+@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x1-bf16", "sop4-x32-exact", "sop4-x8-bf16-lutram16",
+                                  "sop4-x8-bf16-shallow"])
 def test_full_throughput_without_stalls(name):
     """No bubble: with both sides always ready, one output beat leaves every cycle,
     across blocks (g > N: a block over several cycles) and across a table swap."""
@@ -125,7 +133,8 @@ def run_one_layer(cfg, layer, *, dut=None, bank_bit=None, cycles=200):
 
 
 @pytest.mark.parametrize("name", ["sop4-x8-bf16", "fp6-x4-bf16", "sop4-x32-exact", "sop4-x8-bf16-lutram16",
-                                  "fp6-x16-exact-lutram32"])
+                                  "fp6-x16-exact-lutram32", "sop4-x8-bf16-shallow", "fp6-x4-bf16-shallow",
+                                  "fp6-x16-exact-lutram32-shallow"])
 def test_latency_is_what_the_manifest_says(name):
     """Cycles from a beat's handshake to its first output beat's handshake (the output always
     ready), measured; it is the sum of the components' latencies, which each component takes from
@@ -151,7 +160,7 @@ def test_one_bank_configuration_ignores_the_load_bank_bit():
     assert run_one_layer(cfg, layer, bank_bit=1)[0] == want == run_one_layer(cfg, layer, bank_bit=0)[0]
 
 
-@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x8-bf16-lutram16"])
+@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x8-bf16-lutram16", "sop4-x8-bf16-shallow"])
 def test_reset_mid_stream_leaves_no_stale_data(name):
     cfg = CONFIGS[name]
     rng = np.random.default_rng(6)
@@ -196,4 +205,23 @@ def test_check_catches_a_stale_part_select_in_the_lut_ram():
     cfg = CONFIGS["sop4-x8-bf16-lutram16"]
     layer = corner_layer(cfg, 0)
     got = run_decoder(cfg, [layer], seed=14, dut=Decoder(cfg, bank=mutants.StalePartSelect))
+    assert got != expected(cfg, [layer])
+
+
+def test_shallow_latency_is_two_stages_shorter():
+    """The shallow pipeline's latency: the deep one's less the two formatter stages it merges
+    (the enable has no register levels, the output stage none either way)."""
+    deep, shallow = Decoder(CONFIGS["sop4-x8-bf16"]), Decoder(CONFIGS["sop4-x8-bf16-shallow"])
+    for dut in (deep, shallow):
+        Fragment.get(dut, None)              # elaborated: each component checks its stages against its latency
+    assert (deep.latency, shallow.latency) == (8, 6)
+    assert shallow.control.latency == shallow.output.delay == 0
+
+
+def test_check_catches_an_extra_stage_in_the_shallow_formatter():
+    """An off-by-one stage (the formatter builds one register more than its latency says) in the
+    shallow pipeline: the words leave a beat late, and the stream check sees it."""
+    cfg = CONFIGS["sop4-x8-bf16-shallow"]
+    layer = random_layer(cfg, np.random.default_rng(16), n_blocks=4)
+    got = run_decoder(cfg, [layer], seed=16, dut=Decoder(cfg, formatter=mutants.ExtraStage))
     assert got != expected(cfg, [layer])

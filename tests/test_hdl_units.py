@@ -13,6 +13,7 @@ import dataclasses
 import mutants
 import numpy as np
 import pytest
+from amaranth.back import verilog
 from amaranth.hdl import Elaboratable, Module, Shape, Signal, Value, unsigned
 from amaranth.lib import data, wiring
 from amaranth.sim import Simulator
@@ -26,7 +27,7 @@ from sop.hdl.arith import PipelinedMultiplier
 from sop.hdl.beat_issue import BeatIssue
 from sop.hdl.block_fields import BlockFields
 from sop.hdl.codebook_mux import CodebookMux
-from sop.hdl.config import DecoderConfig
+from sop.hdl.config import PIPELINES, DecoderConfig
 from sop.hdl.hif_formatter import HifFormatter
 from sop.hdl.lanes import Lanes
 from sop.hdl.lut_bank import LutBank
@@ -46,8 +47,8 @@ def simulate(dut, bench, clocked=True):
     sim.run()
 
 
-def config(output="bf16", layout="sop4-g16", lanes=1, lutram_depth=0):
-    return DecoderConfig("t", lanes, LAY[layout], output=output, lutram_depth=lutram_depth)
+def config(output="bf16", layout="sop4-g16", lanes=1, lutram_depth=0, pipeline="deep"):
+    return DecoderConfig("t", lanes, LAY[layout], output=output, lutram_depth=lutram_depth, pipeline=pipeline)
 
 
 def _width(shape) -> int:
@@ -420,16 +421,27 @@ def check_formatter(cfg, formatter=HifFormatter, n=3000, seed=0):
     return np.array(got), want
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("output", ["exact", "bf16"])
 @pytest.mark.parametrize("layout", ["sop4-g16", "e2m3-ue4m4-g16"])
-def test_formatter_against_model(output, layout):
-    got, want = check_formatter(config(output, layout))
+def test_formatter_against_model(output, layout, pipeline):
+    got, want = check_formatter(config(output, layout, pipeline=pipeline))
     np.testing.assert_array_equal(got, want)
 
 
-def test_formatter_check_catches_ties_away():
-    got, want = check_formatter(config("bf16"), mutants.TiesAway)
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_formatter_check_catches_ties_away(pipeline):
+    got, want = check_formatter(config("bf16", pipeline=pipeline), mutants.TiesAway)
     assert (got != want).any()
+
+
+def test_shallow_formatter_stages():
+    """The shallow BF16 formatter is two stages shorter than the deep one (the stages it merges,
+    hdl/hif_formatter.py); the exact output has the multiplier's stages in both."""
+    for layout in ("sop4-g16", "e2m3-ue4m4-g16"):
+        deep, shallow = (HifFormatter.stages(config("bf16", layout, pipeline=p)) for p in PIPELINES)
+        assert shallow == deep - 2
+        assert len({HifFormatter.stages(config("exact", layout, pipeline=p)) for p in PIPELINES}) == 1
 
 
 # -- one lane: encoder, scale decoder and formatter together, exhaustive ------------------
@@ -496,12 +508,12 @@ def golden_words(cfg, h, c, s, o):
 OFFSETS = [-128, -100, -20, 0, 20, 100, 127]
 
 
-@pytest.mark.parametrize("output", ["exact", "bf16"])
+@pytest.mark.parametrize("output,pipeline", [("exact", "deep"), ("bf16", "deep"), ("bf16", "shallow")])
 @pytest.mark.parametrize("layout", ["sop4-g16", "e2m3-ue4m4-g16"])
-def test_lane_exhaustive(output, layout):
+def test_lane_exhaustive(output, layout, pipeline):
     """Every HIF code x every scale code x both signs, at offsets from subnormal to saturated:
     the RTL lane and the models of its parts all give golden's words."""
-    cfg = config(output, layout)
+    cfg = config(output, layout, pipeline=pipeline)
     h, c, s, o = lane_vectors(cfg, OFFSETS, np.random.default_rng(1))
     want = golden_words(cfg, h, c, s, o)
     headers = cfg.layout.make_header(c, s, 0)
@@ -571,12 +583,21 @@ def check_lanes(cfg, seed=0, reads=400, **parts):
     return np.array(got), want
 
 
-@pytest.mark.parametrize("output,layout,lanes,lutram_depth", [
-    ("bf16", "sop4-g16", 4, 0), ("exact", "e2m3-ue4m4-g16", 2, 0), ("bf16", "sop4-g16", 2, 16),
-    ("bf16", "e2m3-ue4m4-g16", 1, 32)])
-def test_lanes_against_model(output, layout, lanes, lutram_depth):
-    got, want = check_lanes(config(output, layout, lanes, lutram_depth))
+@pytest.mark.parametrize("output,layout,lanes,lutram_depth,pipeline", [
+    ("bf16", "sop4-g16", 4, 0, "deep"), ("exact", "e2m3-ue4m4-g16", 2, 0, "deep"), ("bf16", "sop4-g16", 2, 16, "deep"),
+    ("bf16", "e2m3-ue4m4-g16", 1, 32, "deep"), ("bf16", "sop4-g16", 4, 0, "shallow"),
+    ("bf16", "e2m3-ue4m4-g16", 2, 32, "shallow")])
+def test_lanes_against_model(output, layout, lanes, lutram_depth, pipeline):
+    got, want = check_lanes(config(output, layout, lanes, lutram_depth, pipeline))
     np.testing.assert_array_equal(got, want)
+
+
+def test_only_the_shallow_bank_states_its_no_collision_contract():
+    """The shallow pipeline's table memories carry yosys's ``no_rw_check`` (hdl/lut_bank.py: no
+    read-during-write logic around each RAM); the deep build's Verilog has none, as before."""
+    for pipeline, marked in (("deep", False), ("shallow", True)):
+        text = verilog.convert(Lanes(config("bf16", "sop4-g16", 2, pipeline=pipeline)), name="lanes")
+        assert ("no_rw_check" in text) == marked, pipeline
 
 
 def test_lanes_check_catches_a_flipped_lut_bit():
@@ -649,22 +670,24 @@ def test_beat_issue_check_catches_an_inverted_selection_bit():
 
 # -- pipeline control, output buffer, output stage ----------------------------------------
 
-@pytest.mark.parametrize("lanes,depth", [(1, 2), (8, 6), (16, 9), (64, 4)])
-def test_pipeline_control_against_model(lanes, depth):
+@pytest.mark.parametrize("lanes,depth,levels", [(1, 2, None), (8, 6, None), (16, 9, None), (64, 4, None),
+                                                 (8, 4, 0), (64, 6, 0)])
+def test_pipeline_control_against_model(lanes, depth, levels):
     """Random decisions and stage-0 valid bits: every enable copy and the valid chain are the
-    model's in every cycle."""
-    dut = PipelineControl(lanes, depth)
-    nb = pipeline.buffers(lanes)
+    model's in every cycle (``levels`` 0: the shallow pipeline's combinational enable)."""
+    dut = PipelineControl(lanes, depth, levels=levels)
+    nb = pipeline.buffers(lanes, levels)
     rng = np.random.default_rng(lanes + depth)
     T = 300
     en_next, valid = (rng.random(T) < 0.6).astype(int), (rng.random(T) < 0.5).astype(int)
-    want = pipeline.model(lanes, depth, en_next, valid)
-    assert dut.latency == (1 if lanes <= replica.REGION else 2)
+    want = pipeline.model(lanes, depth, en_next, valid, levels)
+    assert dut.latency == ((1 if lanes <= replica.REGION else 2) if levels is None else levels)
 
     async def bench(ctx):
         for t in range(T):
             ctx.set(dut.buffers.en_next.as_value(), (1 << nb) - 1 if en_next[t] else 0)
             ctx.set(dut.valid, int(valid[t]))
+            # sampled after the edge: with no levels the copies follow en_next in the same cycle
             _, _, en, lane, ben, up, ev = await ctx.tick().sample(
                 dut.enable.en, dut.enable.lane.as_value(), dut.buffers.en.as_value(),
                 dut.buffers.en_upcoming.as_value(), dut.buffers.entering_valid.as_value())
@@ -688,7 +711,7 @@ class BufferedPipe(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         m.submodules.buf = buf = self.buf
-        en = buf.en_next
+        en, upcoming = buf.en_next, 0          # delay 0: no register, en_upcoming unused
         for i in range(self.buf.delay):
             r = Signal(init=1, name=f"en{i}")
             m.d.sync += r.eq(en)
@@ -738,7 +761,7 @@ def check_output_buffer(delay, p_valid, p_ready, buffer=OutputBuffer, cycles=600
     return got, cycles_out
 
 
-@pytest.mark.parametrize("delay", [1, 2])
+@pytest.mark.parametrize("delay", [0, 1, 2])
 @pytest.mark.parametrize("p_valid,p_ready", [(1.0, 1.0), (0.7, 0.5), (1.0, 0.2), (0.3, 0.9)])
 def test_output_buffer_against_model(p_valid, p_ready, delay):
     got, cycles = check_output_buffer(delay, p_valid, p_ready)
@@ -757,9 +780,9 @@ class ControlledStage(Elaboratable):
     """The decoder's control loop alone: a pipeline of ``depth`` stages after stage 0 carrying a
     counter (lane i: counter + i), enabled by ``PipelineControl``, emptied by ``OutputStage``."""
 
-    def __init__(self, lanes, depth=3):
+    def __init__(self, lanes, depth=3, levels=None):
         self.lanes, self.depth, self.src_valid = lanes, depth, Signal()
-        self.control = PipelineControl(lanes, depth)
+        self.control = PipelineControl(lanes, depth, levels=levels)
         self.output = OutputStage(unsigned(16), lanes, delay=self.control.latency)
 
     def elaborate(self, platform):
@@ -779,14 +802,15 @@ class ControlledStage(Elaboratable):
         return m
 
 
-@pytest.mark.parametrize("lanes", [8, 16])
-def test_output_stage_with_pipeline_control(lanes):
-    """The control loop (the enable tree and the output buffers) under random input and output
-    stalls: the output and decisions are the buffer model's, the enables the control model's,
-    every lane's beats leave in order, none lost or repeated."""
-    dut = ControlledStage(lanes)
+@pytest.mark.parametrize("lanes,levels", [(8, None), (16, None), (16, 0)])
+def test_output_stage_with_pipeline_control(lanes, levels):
+    """The control loop (the enable tree and the output buffers; ``levels`` 0: the shallow
+    pipeline's, no skid) under random input and output stalls: the output and decisions are the
+    buffer model's, the enables the control model's, every lane's beats leave in order, none lost
+    or repeated."""
+    dut = ControlledStage(lanes, levels=levels)
     rng = np.random.default_rng(lanes)
-    nb = pipeline.buffers(lanes)
+    nb = pipeline.buffers(lanes, dut.control.levels)
     rec = {k: [] for k in ("en", "entering", "last", "ready", "valid", "payload", "en_next", "v0")}
     olay = data.ArrayLayout(unsigned(16), lanes)
 
@@ -804,7 +828,7 @@ def test_output_stage_with_pipeline_control(lanes):
     simulate(dut, bench)
     assert set(rec["en_next"]) <= {0, (1 << nb) - 1}          # every buffer decides the same
     en_next = [int(x != 0) for x in rec["en_next"]]
-    ctl = pipeline.model(lanes, 3, en_next, rec["v0"])
+    ctl = pipeline.model(lanes, 3, en_next, rec["v0"], dut.control.levels)
     np.testing.assert_array_equal(rec["en"], ctl["en"])
     np.testing.assert_array_equal(rec["entering"], ctl["entering_valid"][:, 0])
     want = output_buffer.model(dut.output.delay, rec["en"], rec["entering"], rec["last"], rec["ready"])
@@ -829,8 +853,21 @@ def test_config_refuses_invalid_combinations():
     for depth in (12, 64, 1):        # not a power of two; a sop4 lane's whole table; a 1-word memory
         with pytest.raises(ValueError, match="lutram_depth"):
             DecoderConfig("bad", 8, LAY["sop4-g16"], lutram_depth=depth)
+    with pytest.raises(ValueError, match="pipeline must be"):
+        DecoderConfig("bad", 8, LAY["sop4-g16"], pipeline="fast")
+    with pytest.raises(ValueError, match="shallow pipeline has no residual path"):
+        DecoderConfig("bad", 8, LAY["sop4-g16"], residuals=1, pipeline="shallow")
     assert DecoderConfig("ok", 8, LAY["e2m3-ue4m4-g16"], lutram_depth=64).table_depth == 128
     assert dataclasses.replace(DecoderConfig("ok", 64, LAY["sop4-g16"])).blocks_per_beat == 4
+
+
+def test_pipeline_knob_round_trips_and_leaves_the_default_description_alone():
+    """``pipeline`` travels through ``describe`` / ``from_description`` (a sim plan carries it);
+    the default's description has no such key, as before the knob."""
+    deep, shallow = config(lanes=8), config(lanes=8, pipeline="shallow")
+    assert "pipeline" not in deep.describe() and shallow.describe()["pipeline"] == "shallow"
+    for cfg in (deep, shallow):
+        assert DecoderConfig.from_description(cfg.describe()) == cfg
 
 
 def test_duplicated_constants_come_from_golden():
