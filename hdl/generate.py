@@ -1,6 +1,6 @@
 """`make verilog`: Verilog and a JSON manifest for each named decoder configuration and GEMV engine.
 
-    python -m sop.hdl.generate [--out build/verilog] [--config NAME ...] [--lutram-depth D]
+    python -m sop.hdl.generate [--out build/verilog] [--config NAME ...] [--lutram-depth D] [--pipeline shallow]
 
 For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
 with ``_`` for ``-``) and ``NAME.json``: the parameters, every port with its
@@ -48,6 +48,12 @@ packet queued at once, golden.dot.gemv's words) and a FuseSoC core
 (hdl/lut_bank.py) instead of one block-RAM-shaped memory. What ``make synth``
 measures on ECP5: 16 for 4-bit codes, 32 for 6-bit codes.
 
+``--pipeline shallow`` writes the decoders built for a low-Fmax LUT4 FPGA
+(hdl/config.py: no output skid, a four-stage formatter; what the iCE40 lane
+sweep measures), bare (no shells, no residual configurations, no engines: the
+shallow build has no residual path), under the same file names: give it its
+own ``--out``.
+
 ``--residuals R`` writes only the residual configurations, with R adders, and
 without their shells (the bare ``NAME-sp.v`` the sparse decoder's tests read);
 ``--config NAME-sp`` picks one of the default run's, shell included.
@@ -70,7 +76,7 @@ from sop import toolenv
 from sop.golden.files import write_atomic
 
 from . import axis, gemv, gemv_axis
-from .config import DecoderConfig, named_configs, residual_configs
+from .config import PIPELINES, DecoderConfig, named_configs, residual_configs
 from .decoder import Decoder
 
 CORE_VERSION = "0.1.0"
@@ -515,13 +521,18 @@ def main(argv=None) -> int:
                    help="only the configurations with the sparse-residual path of R adders (NAME-sp), "
                         "without AXI4-Stream shells; by default every named configuration and each "
                         "NAME-sp of one adder, all with shells")
+    p.add_argument("--pipeline", choices=PIPELINES, default=PIPELINES[0],
+                   help="shallow: the decoders built for a low-Fmax LUT4 FPGA (iCE40), bare (no shells, "
+                        "residual configurations or engines); default deep, the one design for 200 MHz")
     args = p.parse_args(argv)
+    shallow = args.pipeline != PIPELINES[0]
     try:
-        configs = residual_configs(args.residuals) if args.residuals else {**named_configs(), **residual_configs()}
+        configs = residual_configs(args.residuals) if args.residuals else \
+            named_configs() if shallow else {**named_configs(), **residual_configs()}
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    engines = {} if args.residuals else gemv.gemv_configs()
+    engines = {} if args.residuals or shallow else gemv.gemv_configs()
     names = args.config or list(configs) + list(engines)
     unknown = [n for n in names if n not in configs and n not in engines]
     if unknown:
@@ -529,7 +540,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        chosen = [replace(configs[n], lutram_depth=args.lutram_depth) for n in names if n in configs]
+        chosen = [replace(configs[n], lutram_depth=args.lutram_depth, pipeline=args.pipeline)
+                  for n in names if n in configs]
         chosen_engines = [replace(engines[n], lutram_depth=args.lutram_depth) for n in names if n in engines]
     except ValueError as e:
         print(e, file=sys.stderr)
@@ -538,8 +550,9 @@ def main(argv=None) -> int:
         v, _ = generate(cfg, args.out)
         what = f"{cfg.lanes} lanes" + (f", {cfg.residuals} residual adder{'s' * (cfg.residuals > 1)}"
                                        if cfg.residuals else "") \
-            + (f", lutram depth {cfg.lutram_depth}" if cfg.lutram_depth else "")
-        if args.residuals:
+            + (f", lutram depth {cfg.lutram_depth}" if cfg.lutram_depth else "") \
+            + (f", {cfg.pipeline} pipeline" if shallow else "")
+        if args.residuals or shallow:
             print(f"{v}  ({what})")
             continue
         shell = generate_axis(cfg, args.out)

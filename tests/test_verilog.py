@@ -22,10 +22,13 @@ CONFIGS = named_configs()
 # exact 4; tests/test_hdl_decoder.py measures them in simulation.
 # The LUT RAM variants (--lutram-depth, what make synth builds for ECP5) read their tables in two
 # cycles: one more.
+# The shallow builds (--pipeline shallow, the iCE40 lane) merge two pairs of formatter stages: two fewer.
 LATENCY = {"sop4-g16": 8, "e2m3-ue4m4-g16": 9, "sop4-g16-x1": 8, "sop4-g16-exact": 4, "sop4-g16-x64": 8,
-           "sop4-g16-lutram16": 9, "e2m3-ue4m4-g16-lutram32": 10}
+           "sop4-g16-lutram16": 9, "e2m3-ue4m4-g16-lutram32": 10, "sop4-g16-shallow": 6, "e2m3-ue4m4-g16-shallow": 7}
 VARIANTS = {**CONFIGS, **{f"{n}-lutram{d}": dataclasses.replace(CONFIGS[n], name=f"{n}-lutram{d}", lutram_depth=d)
-                          for n, d in (("sop4-g16", 16), ("e2m3-ue4m4-g16", 32))}}
+                          for n, d in (("sop4-g16", 16), ("e2m3-ue4m4-g16", 32))},
+            **{f"{n}-shallow": dataclasses.replace(CONFIGS[n], name=f"{n}-shallow", pipeline="shallow")
+               for n in ("sop4-g16", "e2m3-ue4m4-g16")}}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,19 @@ def test_lutram_depth_option(tmp_path, capsys):
     # 64 words is a sop4 lane's whole table: no split to make
     assert main(["--config", "sop4-g16", "--lutram-depth", "64", "--out", str(tmp_path)]) == 2
     assert "lutram_depth must be 0" in capsys.readouterr().err
+
+
+def test_pipeline_option_writes_the_bare_shallow_decoders(tmp_path, capsys):
+    assert main(["--pipeline", "shallow", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.v")) == sorted(f"{n}.v" for n in CONFIGS)   # no shells, -sp, engines
+    doc = json.loads((tmp_path / "sop4-g16.json").read_text())
+    assert doc["parameters"]["pipeline"] == "shallow" and doc["latency_cycles"] == LATENCY["sop4-g16-shallow"]
+    assert "pipeline" not in json.loads(main_manifest(tmp_path / "deep"))["parameters"]       # the default says nothing
+
+
+def main_manifest(out: Path) -> str:
+    assert main(["--config", "sop4-g16", "--out", str(out)]) == 0
+    return (out / "sop4-g16.json").read_text()
 
 
 # The GEMV engines (hdl/gemv.py) `make verilog` writes after the decoders: docs/dot.md section 8's
