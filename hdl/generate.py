@@ -535,6 +535,10 @@ def main(argv=None) -> int:
     engines = {} if args.residuals or shallow else gemv.gemv_configs()
     names = args.config or list(configs) + list(engines)
     unknown = [n for n in names if n not in configs and n not in engines]
+    if shallow and unknown:
+        print(f"--pipeline shallow builds the bare decoders ({', '.join(configs)}), not {', '.join(unknown)}: "
+              "the shallow pipeline has no residual path, shells or engines", file=sys.stderr)
+        return 2
     if unknown:
         print(f"unknown configuration(s) {unknown}; valid: {', '.join(list(configs) + list(engines))}",
               file=sys.stderr)

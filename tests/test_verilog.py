@@ -137,6 +137,8 @@ def test_pipeline_option_writes_the_bare_shallow_decoders(tmp_path, capsys):
     doc = json.loads((tmp_path / "sop4-g16.json").read_text())
     assert doc["parameters"]["pipeline"] == "shallow" and doc["latency_cycles"] == LATENCY["sop4-g16-shallow"]
     assert "pipeline" not in json.loads(main_manifest(tmp_path / "deep"))["parameters"]       # the default says nothing
+    assert main(["--pipeline", "shallow", "--config", "sop4-g16-sp", "--out", str(tmp_path)]) == 2
+    assert "no residual path" in capsys.readouterr().err
 
 
 def main_manifest(out: Path) -> str:
