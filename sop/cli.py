@@ -29,11 +29,11 @@
                                   one quantized layer through an FPGA board's decoder over its serial
                                   port (a stored layer's sparse residuals too: the board adds them),
                                   checked against golden/ (synth/host/bringup.py); --gemv: the layer's
-                                  y = W x on the board's GEMV engine (ULX3S only) with a real MiniLM
-                                  activation vector, bit-exact against golden/dot.py, its error against
-                                  float64 and the throughput (synth/host/gemv_bringup.py); exit 0 when
-                                  the board's result matches, 1 on a mismatch or a board that does not
-                                  answer, 2 on a usage error
+                                  y = W x on the board's GEMV engine (ULX3S only; sparse residuals
+                                  included) with a real MiniLM activation vector, bit-exact against
+                                  golden/dot.py, its error against float64 and the throughput
+                                  (synth/host/gemv_bringup.py); exit 0 when the board's result matches,
+                                  1 on a mismatch or a board that does not answer, 2 on a usage error
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ def _board_gemv(args) -> int:
     from sop.golden.dot import activation_codes
     from sop.synth.host import gemv_bringup
 
-    # the layer and x first: a wrong layer, a sparse one or a bad vector is reported without the port
+    # the layer and x first: a wrong layer, a bad sparse table or a bad vector is reported without the port
     name, stream = gemv_bringup.gemv_layer_stream(args.model, args.format, args.layer, args.rows)
     if args.x is not None:                  # the host's checks: a float32 .npy of the layer's width
         x, source = _load_vectors(args.x, stream.cols, name), str(args.x)
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--gemv", action="store_true",
                    help="y = W x of the layer on the board's GEMV engine (ULX3S only: the iCEBreaker cannot hold "
                         "it) with a real MiniLM activation vector, bit-exact against golden/dot.py, its error "
-                        "against float64 and the throughput; the layer must have no sparse entries")
+                        "against float64 and the throughput; a layer's sparse residuals too (the engine adds them)")
     b.set_defaults(func=cmd_board)
     args = p.parse_args(argv)
     with signals_as_interrupts():

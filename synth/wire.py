@@ -21,7 +21,9 @@ imports the other.
 * ``lane_bytes`` and ``values_checksum``: the (count, CRC-32) of decoded lane
   words that CHECKSUM reports;
 * the GEMV engine's commands (a board with the engine only, docs/board-protocol.md
-  "GEMV"): ``GEMV_LAYER_FORMAT``, the ``X_SWAP`` / ``X_LAST`` flags of GEMV_X,
+  "GEMV"): ``GEMV_LAYER_FORMAT`` (and its optional flags byte, ``SPARSE_LAYER_FLAG``:
+  the layer has sparse residual entries), ``GEMV_ENTRY_FORMAT`` and ``ENTRY_LAST``
+  (GEMV_SPARSE's entries), the ``X_SWAP`` / ``X_LAST`` flags of GEMV_X,
   ``Y_MAX_WORDS`` (the most FP32 words one GEMV_Y reply carries), ``GemvStatus``
   and ``GEMV_STATUS_FORMAT`` (the GEMV_STATUS reply), ``GEMV_ERRORS`` (the
   engine's sticky error bits, LSB first: hdl.gemv.error_layout).
@@ -45,7 +47,7 @@ ERROR_PAYLOAD_BYTES = 2                # an error reply's payload: {code, cmd}
 LOAD_ENTRY_BYTES = 3                   # {bank << 7 | addr}, HIF data u16 LE
 SWAP_FLAG = 0x01                       # BLOCKS flags: the frame's first beat carries swap
 CLEAR_FLAG = 0x01                      # CHECKSUM flags: restart count and CRC after the reply
-SPARSE_LAYER_FLAG = 0x01               # OFFSET's optional flags byte: the layer has sparse entries
+SPARSE_LAYER_FLAG = 0x01               # OFFSET's (and GEMV_LAYER's) optional flags byte: the layer has sparse entries
 SPARSE_ENTRY_BYTES = 6                 # SPARSE entries: flat index u32 LE, BF16 residual u16 LE
 LAST_FLAG = 0x01                       # SPARSE flags: the frame's last entry is the layer's last
 DEFAULT_SPARSE_QUEUE = 64              # the boards' queue of sparse entries (SPARSE_STATUS reports it)
@@ -68,6 +70,7 @@ class Cmd(enum.IntEnum):
     GEMV_W = 0x0B            # idem: packed blocks in golden.dot.tile_order, block_bytes each
     GEMV_Y = 0x0C            # idem: count u16; the reply: up to count FP32 words of y (u32 LE each)
     GEMV_STATUS = 0x0D       # idem: optional flags (CLEAR_FLAG); the reply: GEMV_STATUS_FORMAT
+    GEMV_SPARSE = 0x0E       # idem: sparse residual entries (GEMV_ENTRY_FORMAT each) into the engine's queue
 
 
 class Err(enum.IntEnum):
@@ -114,7 +117,10 @@ class SparseStatus:
 SPARSE_STATUS_FORMAT = "<BBH"
 
 # -- the GEMV engine (hdl/gemv.py) behind GEMV_* commands -----------------------------------------------
-GEMV_LAYER_FORMAT = "<HHb"             # GEMV_LAYER: rows, blocks per row, offset (no sparse entries)
+GEMV_LAYER_FORMAT = "<HHb"             # GEMV_LAYER: rows, blocks per row, offset; then optionally flags
+                                       # (SPARSE_LAYER_FLAG: the layer has sparse entries; none: it has none)
+GEMV_ENTRY_FORMAT = "<HHHB"            # GEMV_SPARSE: row, column, BF16 value, flags (ENTRY_LAST), per entry
+ENTRY_LAST = 0x01                      # GEMV_SPARSE entry flags: the row's last entry (golden.dot.tile_residuals)
 X_SWAP = 0x01                          # GEMV_X flags: the frame's first beat starts a new layer (table swap)
 X_LAST = 0x02                          # GEMV_X flags: the frame's last beat is the vector's last
 Y_MAX_WORDS = 64                       # the most y words one GEMV_Y reply carries (256 bytes)
@@ -152,8 +158,9 @@ REPLY_PAYLOAD_BYTES = {Cmd.STATUS: struct.calcsize(STATUS_FORMAT), Cmd.LOAD: 0, 
                        Cmd.CHECKSUM: struct.calcsize(CHECKSUM_FORMAT), Cmd.SPARSE: 0,
                        Cmd.SPARSE_STATUS: struct.calcsize(SPARSE_STATUS_FORMAT),
                        Cmd.GEMV_LOAD: 0, Cmd.GEMV_LAYER: 0, Cmd.GEMV_X: 0, Cmd.GEMV_W: 0,
-                       Cmd.GEMV_STATUS: struct.calcsize(GEMV_STATUS_FORMAT)}
-GEMV_COMMANDS = (Cmd.GEMV_LOAD, Cmd.GEMV_LAYER, Cmd.GEMV_X, Cmd.GEMV_W, Cmd.GEMV_Y, Cmd.GEMV_STATUS)
+                       Cmd.GEMV_STATUS: struct.calcsize(GEMV_STATUS_FORMAT), Cmd.GEMV_SPARSE: 0}
+GEMV_COMMANDS = (Cmd.GEMV_LOAD, Cmd.GEMV_LAYER, Cmd.GEMV_X, Cmd.GEMV_W, Cmd.GEMV_Y, Cmd.GEMV_STATUS,
+                 Cmd.GEMV_SPARSE)
 #: The longest OK reply payload of a board without the engine (STATUS, 12 bytes): its reply buffer.
 REPLY_MAX = max(n for c, n in REPLY_PAYLOAD_BYTES.items() if c not in GEMV_COMMANDS)
 #: ... and with it: GEMV_STATUS's 24 bytes are held in the buffer (GEMV_Y's words stream from the FIFO).

@@ -7,30 +7,37 @@ cycle; the UART path is ``make sim``'s, python -m sop.synth.host.gemv_bringup
 --sim). A real MiniLM layer slice (the layer-0 query, one tile of 17 rows, or one
 row where the result does not matter) with its real input for a token (MiniLM's
 forward pass, rounded to E4M3) goes through ``run_gemv``; the board's y words
-must equal golden.dot.gemv's bit for bit. Checked too: that a board whose y words
-are wrong, or whose engine reports an error bit, is caught; the bad inputs (y read
-before x, a NaN code, a short vector: the host's one-line refusal, and the
-engine's sticky bits when sent past it); the new commands' length checks and a
-wait on the engine ending in STALLED; a board without the engine (the
-iCEBreaker's core) named as such; ``sop board --gemv``'s output and exit codes.
+must equal golden.dot.gemv's bit for bit. So must a sop-budget MiniLM layer's
+first 18 rows (two row tiles) with their sparse residual entries (GEMV_SPARSE
+frames after each tile's blocks). Checked too: that a board whose y words are
+wrong, or whose engine reports an error bit, and a host that drops a sparse entry,
+are caught; the bad inputs (y read before x, a NaN code, a short vector, a sparse
+entry beyond the layer: the host's one-line refusal, and the engine's sticky bits
+when sent past it); the new commands' length checks and waits on the engine
+ending in STALLED (entries left in the queue dropped by GEMV_STATUS's clear); a
+board without the engine (the iCEBreaker's core) named as such; ``sop board
+--gemv``'s output and exit codes, a ``.sopq``'s default (sparse) layer included.
 """
 
 import re
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from sop import cli
 from sop.golden import dot
+from sop.golden.layout import Sparse
 from sop.synth import wire
 from sop.synth.gateware.board import BOARDS
 from sop.synth.gateware.gemv_port import GemvPort
 from sop.synth.gateware import protocol
 from sop.synth.gateware.protocol import ProtocolEngine
 from sop.synth.gateware.simboard import stream_port
-from sop.synth.host import client, gemv_bringup
+from sop.synth.host import bringup, client, gemv_bringup
 from sop.synth.host.bringup import BoardConfigError
+from sop.sim.vectors import crop_rows
 from sop.synth.host.client import BoardError, BoardLink
 from sop.synth.wire import Cmd, Err, encode_frame
 
@@ -56,15 +63,39 @@ def layer():
     return name, stream, row, dot.activation_codes(x, "e4m3"), source
 
 
+@pytest.fixture(scope="module")
+def sparse_layer():
+    """(name, its first 18 rows: two row tiles, real x codes) of the sop-budget artifact's default layer
+    (bringup.model_layer_stream's: its first with sparse entries)."""
+    name, stream = gemv_bringup.gemv_layer_stream(bringup.sparse_model(FMT), FMT, None, 18)
+    x, _ = gemv_bringup.layer_activation(name, stream.cols)
+    return name, stream, dot.activation_codes(x, "e4m3")
+
+
+def golden_y(stream, codes):
+    return dot.gemv(stream, dot.ACT_FORMATS["e4m3"].decode(codes).astype(np.float32), "e4m3").view(np.uint32)
+
+
+@pytest.fixture(scope="module")
+def board():
+    """One simulated ULX3S protocol engine on its byte streams, shared by the tests of correct runs and
+    of bad input past the host (each run starts with GEMV_STATUS's clear: no run depends on another's
+    state; building the engine once saves 3 s a test)."""
+    return stream_port(board_engine(), period=PERIOD)
+
+
 def run(engine, stream, codes, **kw):
-    port = stream_port(engine, period=PERIOD)
+    return on(stream_port(engine, period=PERIOD), stream, codes, **kw)
+
+
+def on(port, stream, codes, **kw):
     return gemv_bringup.run_gemv(port, stream, codes, FMT, timeout=TIMEOUT, clock=port.now, **kw)
 
 
-def test_a_real_minilm_tile_is_bit_exact_through_the_protocol(layer):
+def test_a_real_minilm_tile_is_bit_exact_through_the_protocol(layer, board):
     name, stream, _, codes, source = layer
     assert source.startswith("MiniLM's input")
-    result = run(board_engine(), stream, codes, name=name, x_source=source)
+    result = on(board, stream, codes, name=name, x_source=source)
     assert result.ok, "\n".join(result.lines())
     assert result.got.tolist() == dot.gemv(stream, dot.ACT_FORMATS["e4m3"].decode(codes).astype(np.float32),
                                            "e4m3").view(np.uint32).tolist()
@@ -93,16 +124,22 @@ class ReportsAnError(GemvPort):
         return payload
 
 
-def test_a_wrong_y_word_and_an_engine_error_are_caught(layer):
+@pytest.fixture(scope="module")
+def wrong_board():
+    """A simulated board whose y words are wrong (``WrongWord``), shared as ``board`` is."""
+    return stream_port(board_engine(WrongWord(ULX3S.gemv_config())), period=PERIOD)
+
+
+def test_a_wrong_y_word_and_an_engine_error_are_caught(layer, wrong_board):
     name, _, row, codes, _ = layer
-    wrong = run(board_engine(WrongWord(ULX3S.gemv_config())), row, codes, name=name)
+    wrong = on(wrong_board, row, codes, name=name)
     assert not wrong.ok and not wrong.exact and "MISMATCH" in "\n".join(wrong.lines())
     flagged = run(board_engine(ReportsAnError(ULX3S.gemv_config())), row, codes, name=name)
     assert flagged.exact and not flagged.ok and flagged.errors == ["x_length"]
     assert "ENGINE ERROR" in "\n".join(flagged.lines())
 
 
-def test_bad_x_is_refused_by_the_host_and_flagged_by_the_engine_past_it(layer):
+def test_bad_x_is_refused_by_the_host_and_flagged_by_the_engine_past_it(layer, board):
     name, _, row, codes, _ = layer
     with pytest.raises(ValueError, match="length 368, the layer has 384 columns"):
         gemv_bringup.check_x(codes[:-16], row.cols)
@@ -110,8 +147,7 @@ def test_bad_x_is_refused_by_the_host_and_flagged_by_the_engine_past_it(layer):
     nan[7] = 0xFF
     with pytest.raises(ValueError, match=r"x\[7\] is an E4M3 NaN"):
         gemv_bringup.check_x(nan, row.cols)
-    engine = board_engine()
-    port = stream_port(engine, period=PERIOD)
+    port = board                                          # every word of earlier runs read: none owed
     link = BoardLink(port, timeout=TIMEOUT)
     with pytest.raises(BoardError, match="no vector is loaded") as err:       # y before x
         link.read_y(1)
@@ -124,7 +160,8 @@ def test_bad_x_is_refused_by_the_host_and_flagged_by_the_engine_past_it(layer):
 
 def test_the_new_commands_check_lengths_and_a_wait_ends_in_stalled():
     link = BoardLink(stream_port(board_engine(), period=PERIOD), timeout=TIMEOUT)
-    for cmd, payload in [(Cmd.GEMV_LOAD, b"\x00\x00"), (Cmd.GEMV_LAYER, bytes(4)), (Cmd.GEMV_X, bytes(16)),
+    for cmd, payload in [(Cmd.GEMV_LOAD, b"\x00\x00"), (Cmd.GEMV_LAYER, bytes(4)), (Cmd.GEMV_LAYER, bytes(7)),
+                         (Cmd.GEMV_SPARSE, b""), (Cmd.GEMV_SPARSE, bytes(8)), (Cmd.GEMV_X, bytes(16)),
                          (Cmd.GEMV_X, bytes(18)), (Cmd.GEMV_W, bytes(10)), (Cmd.GEMV_Y, b"\x01"),
                          (Cmd.GEMV_STATUS, b"\x00\x00")]:
         link.send(cmd, payload)
@@ -147,20 +184,19 @@ def test_a_board_without_the_engine_is_named(layer):
         run(engine, row, codes, name=name)
 
 
-def cli_board(monkeypatch, engine, *extra):
-    port = stream_port(engine, period=PERIOD)
+def cli_board(monkeypatch, port, *extra):
     monkeypatch.setattr(client, "SerialTransport", lambda name, baud: port)
     return cli.main(["board", "--port", "sim", "minilm", "--format", FMT, "--layer", LAYER, "--rows", "1",
                      "--gemv", "--timeout", str(TIMEOUT), *extra])
 
 
-def test_sop_board_gemv_prints_ok_and_exits_0_else_1(monkeypatch, capsys):
-    assert cli_board(monkeypatch, board_engine()) == 0
+def test_sop_board_gemv_prints_ok_and_exits_0_else_1(monkeypatch, capsys, board, wrong_board):
+    assert cli_board(monkeypatch, board) == 0
     out = capsys.readouterr().out
     assert "result: OK: 1 of 1 y words bit-exact" in out and "error against float64" in out
-    assert cli_board(monkeypatch, board_engine(WrongWord(ULX3S.gemv_config()))) == 1
+    assert cli_board(monkeypatch, wrong_board) == 1
     assert "MISMATCH" in capsys.readouterr().out
-    assert cli_board(monkeypatch, ProtocolEngine(BOARDS["icebreaker"].config())) == 1
+    assert cli_board(monkeypatch, stream_port(ProtocolEngine(BOARDS["icebreaker"].config()), period=PERIOD)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "this board has no GEMV engine" in err[0]
 
@@ -206,3 +242,79 @@ def test_sop_board_gemv_refuses_a_bad_x_with_one_line_before_the_port(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sop: error: ")
     assert re.search(message, err[0]), err[0]
+
+
+# -- sparse residuals: GEMV_LAYER's flag, GEMV_SPARSE's entries after each tile's blocks -----------------
+def test_a_real_sop_budget_slice_with_sparse_entries_is_bit_exact(sparse_layer, board):
+    name, stream, codes = sparse_layer
+    tiles = gemv_bringup.gemv_entries(stream, ULX3S.gemv_config().tile)
+    assert len(tiles) == 2 and len(stream.sparse) >= 10 and all(tiles)
+    result = on(board, stream, codes, name=name)
+    assert result.ok, "\n".join(result.lines())
+    assert result.got.tolist() == golden_y(stream, codes).tolist()
+    assert result.got.tolist() != golden_y(replace(stream, sparse=Sparse()), codes).tolist()  # the entries count
+    assert (result.sparse, result.entries_sent) == (len(stream.sparse), sum(map(len, tiles)))
+    assert result.engine.blocks == stream.rows * stream.cols // 16 and not result.engine.x_loaded
+    assert f"sparse residuals: {len(stream.sparse)} entries" in "\n".join(result.lines())
+
+
+def test_a_bad_entry_is_refused_by_the_host_and_flagged_by_the_engine_past_it(sparse_layer, board):
+    """An entry beyond the layer: refused by the host's check in one line, flagged by the engine
+    (``sparse``) past it. Before that run, 64 entries left queued by a stalled GEMV_SPARSE: the run's
+    clear drops them (else its tile would take one of them, in range, and nothing would be flagged)."""
+    name, stream, codes = sparse_layer
+    row = crop_rows(stream, 1)
+    bad = gemv_bringup.beyond_the_layer(gemv_bringup.gemv_entries(row, 17), row.cols)
+    with pytest.raises(ValueError, match=r"bad sparse entry 0 of row tile 0: column \d+ is outside the layer's "
+                                         r"384 columns; not sent to the board"):
+        gemv_bringup.check_entries(bad, row, 17)
+    port = board
+    link = BoardLink(port, timeout=TIMEOUT)
+    junk = struct.pack(wire.GEMV_ENTRY_FORMAT, 0, 0, 0x3F80, wire.ENTRY_LAST) * 36
+    link.command(Cmd.GEMV_SPARSE, junk)                   # 36 entries queued, no pass takes them
+    link.send(Cmd.GEMV_SPARSE, junk)                      # the queue (64) fills: the wait ends
+    assert link.error_reply() == Err.STALLED
+    flagged = gemv_bringup.run_gemv(port, row, codes, FMT, timeout=TIMEOUT, clock=port.now, check=False,
+                                    entries=bad)
+    assert flagged.errors == ["sparse"] and not flagged.ok
+
+
+@pytest.mark.parametrize("tiles, message", [
+    ([[(0, 3, 0x3F80, 1)], []], "sparse entries for 2 row tiles [(]1 not empty[)]; the layer's 18 rows make 2 "
+                                "tiles of 17, each with entries or none"),
+    ([[(1, 3, 0x3F80, 1)] * 17, [(17, 0, 0, 1)]], "entry 0 of row tile 0: row 1, where its round needs row 0"),
+    ([[(r, 3, 0x7F80 if r == 5 else 0, 1) for r in range(17)], [(17, 0, 0, 1)]],
+     "entry 5 of row tile 0: value 0x7f80 is not a finite BF16 number"),
+    ([[(r, 3, 0, 0) for r in range(17)], [(17, 0, 0, 1)]],
+     "entry 0 of row tile 0: its row's last entry is not in the tile's last round"),
+    ([[(r, 3, 0, 1) for r in range(17)], [(17, 0, 0, 1), (17, 0, 0, 1)]], "entry 0 of row tile 1: its row's last"),
+    ([[(r, 3, 0, 1) for r in range(17)] + [(0, 3, 0, 1)], [(17, 0, 0, 1)]], "row tile 0 has 18 sparse entries, not "
+                                                                            "whole rounds of its 17 rows"),
+])
+def test_the_host_refuses_bad_entries_with_one_line(sparse_layer, tiles, message):
+    _, stream, _ = sparse_layer
+    with pytest.raises(ValueError, match=message):
+        gemv_bringup.check_entries(tiles, stream, 17)
+    gemv_bringup.check_entries(gemv_bringup.gemv_entries(stream, 17), stream, 17)     # the layer's own pass
+
+
+def test_sop_board_gemv_takes_a_sopq_default_sparse_layer_and_catches_a_dropped_entry(monkeypatch, capsys,
+                                                                                     board):
+    """The artifact's default layer (its first with sparse entries), 3 rows: OK. A host that drops a
+    tile's first real entry that is not a row's last (the engine still gets every row's last): MISMATCH."""
+    monkeypatch.setattr(client, "SerialTransport", lambda name, baud: board)
+    args = ["board", "--port", "sim", bringup.sparse_model(FMT), "--format", FMT, "--rows", "3", "--gemv",
+            "--timeout", str(TIMEOUT)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "layer: encoder.layer.0.attention.output.dense.weight (3 x 384" in out
+    assert "result: OK: 3 of 3 y words bit-exact" in out and "sparse residuals: 6 entries (15 sent" in out
+    send = BoardLink.gemv_sparse
+
+    def drops_one(self, entries):
+        entries = list(entries)
+        k = next(i for i, (_, _, value, last) in enumerate(entries) if value and not last)
+        return send(self, entries[:k] + entries[k + 1:])
+    monkeypatch.setattr(BoardLink, "gemv_sparse", drops_one)
+    assert cli.main(args) == 1
+    assert "result: MISMATCH" in capsys.readouterr().out

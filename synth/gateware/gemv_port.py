@@ -12,9 +12,17 @@ Ports (``sync`` domain):
 * ``layer`` (in stream, ``wire_layer_layout``: rows and blocks per row as the
   wire's u16, offset): into the engine's layer registers, each field saturated
   to its width (a value too large for the engine is then still one it flags:
-  its ``layer`` error bit, never a silently truncated shape);
+  its ``layer`` error bit, never a silently truncated shape), and ``sparse``: the
+  layer's tiles are followed by their residual entries;
 * ``x`` (in stream, hdl.gemv.x_layout), ``w`` (in stream, a packed block): to the
   engine, counted;
+* ``sparse`` (in stream, ``wire_entry_layout``: row, column and BF16 value as the
+  wire's u16, the row's ``last``): sparse residual entries into a queue of
+  ``entry_depth`` entries, which feeds the engine's ``sparse`` stream at its
+  pace (it takes a tile's entries after the tile's blocks). A row or column too
+  large for the engine's fields becomes the row ``2^n - 1``, which is in no tile:
+  the engine flags it (its ``sparse`` error bit), never a silently truncated
+  entry;
 * ``y`` (out stream, 32 bits): the engine's y words through a FIFO of
   ``y_depth`` words (a layer's rows: the engine never waits for the UART within
   a pass), ``y_level`` the words in it;
@@ -22,7 +30,9 @@ Ports (``sync`` domain):
   loaded since the last word was read (GEMV_Y answers NO_Y). Owed words are
   counted from the x beats: a vector's last beat owes its layer's rows (the
   rows the host wrote for the page that beat uses);
-* ``clear`` (in): clears the engine's sticky error bits and the counters;
+* ``clear`` (in): clears the engine's sticky error bits and the counters, and drops
+  the entries left in the sparse entry queue (a host clears before a run, with no
+  vector loaded: the engine takes entries only within a pass);
 * ``x_loaded``, ``errors`` (out): the engine's status.
 
 Counters (32 bits, wrapping; reset and ``clear`` zero them): ``blocks`` (W
@@ -37,26 +47,41 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from sop.hdl.gemv import GemvConfig, GemvEngine, error_layout, load_layout, x_layout
+from sop.hdl.gemv import GemvConfig, GemvEngine, error_layout, load_layout, sparse_layout, x_layout
+
+#: The sparse entry queue's depth (entries): more than one GEMV_SPARSE frame of the default payload.
+DEFAULT_ENTRY_DEPTH = 64
 
 
 def wire_layer_layout() -> data.StructLayout:
-    """GEMV_LAYER's fields as the wire carries them (wire.GEMV_LAYER_FORMAT)."""
-    return data.StructLayout({"rows": unsigned(16), "blocks_per_row": unsigned(16), "offset": signed(8)})
+    """GEMV_LAYER's fields as the wire carries them (wire.GEMV_LAYER_FORMAT and its flags' ``sparse``)."""
+    return data.StructLayout({"rows": unsigned(16), "blocks_per_row": unsigned(16), "offset": signed(8),
+                              "sparse": unsigned(1)})
+
+
+def wire_entry_layout() -> data.StructLayout:
+    """A GEMV_SPARSE entry as the wire carries it (wire.GEMV_ENTRY_FORMAT): row, column, BF16 value,
+    and ``last`` (its flags' ENTRY_LAST: the row's last entry)."""
+    return data.StructLayout({"row": unsigned(16), "col": unsigned(16), "value": unsigned(16), "last": unsigned(1)})
 
 
 class GemvPort(wiring.Component):
-    def __init__(self, config: GemvConfig, *, y_depth: int | None = None, engine=None):
+    def __init__(self, config: GemvConfig, *, y_depth: int | None = None, entry_depth: int = DEFAULT_ENTRY_DEPTH,
+                 engine=None):
         self.config = config
         self.y_depth = config.max_rows if y_depth is None else y_depth
+        self.entry_depth = entry_depth
         if not 1 <= self.y_depth <= 0xFFFF or not 1 <= config.max_rows <= 0xFFFF or config.max_cols > 0xFFFF:
             raise ValueError(f"engine {config.name}: max_rows, max_cols and the y FIFO must fit the wire's u16")
+        if entry_depth < 2:
+            raise ValueError(f"the sparse entry queue needs at least 2 entries, got {entry_depth}")
         self.engine = engine if engine is not None else GemvEngine(config)
         super().__init__({
             "load": In(stream.Signature(load_layout(config))),
             "layer": In(stream.Signature(wire_layer_layout())),
             "x": In(stream.Signature(x_layout(config))),
             "w": In(stream.Signature(unsigned(config.layout.block_bits))),
+            "sparse": In(stream.Signature(wire_entry_layout())),
             "y": Out(stream.Signature(32)),
             "y_level": Out(range(self.y_depth + 1)),
             "y_none": Out(1),
@@ -84,6 +109,16 @@ class GemvPort(wiring.Component):
         """A y word as it goes into the FIFO: the engine's (tests break this)."""
         return value
 
+    def engine_entry(self, m, entry):
+        """A wire entry as the engine's ``sparse`` payload (hdl.gemv.sparse_layout): a row or column
+        beyond the engine's fields gives the row ``2^n - 1``, in no tile (the engine flags it)."""
+        out = Signal(sparse_layout(self.config))
+        row_top, col_top = (1 << len(out.row)) - 1, self.config.max_cols - 1
+        wide = (entry.row > row_top) | (entry.col > col_top)
+        m.d.comb += [out.row.eq(Mux(wide, row_top, entry.row)), out.col.eq(entry.col[:len(out.col)]),
+                     out.value.eq(entry.value), out.last.eq(entry.last)]
+        return out
+
     def elaborate(self, platform):
         m = Module()
         eng = self.engine
@@ -95,10 +130,24 @@ class GemvPort(wiring.Component):
         wiring.connect(m, wiring.flipped(self.w), eng.w)
         wiring.connect(m, fifo.r_stream, wiring.flipped(self.y))
 
+        # sparse entries: into the queue (fitted to the engine's fields), the queue into the engine
+        entry = self.engine_entry(m, self.sparse.payload)
+        m.submodules.entry_queue = queue = SyncFIFOBuffered(width=len(entry.as_value()), depth=self.entry_depth)
+        # ``clear`` also drops the entries an earlier, broken run left in the queue (read out until empty)
+        flush = Signal()
+        with m.If(self.clear):
+            m.d.sync += flush.eq(1)
+        with m.Elif(~queue.r_stream.valid):
+            m.d.sync += flush.eq(0)
+        m.d.comb += [queue.w_stream.valid.eq(self.sparse.valid), queue.w_stream.payload.eq(entry),
+                     self.sparse.ready.eq(queue.w_stream.ready),
+                     eng.sparse.valid.eq(queue.r_stream.valid & ~flush), eng.sparse.payload.eq(queue.r_stream.payload),
+                     queue.r_stream.ready.eq(eng.sparse.ready | flush)]
+
         # the layer registers, each field saturated to the engine's width
         lw, ew = self.layer.payload, eng.layer.payload
         m.d.comb += [eng.layer.valid.eq(self.layer.valid), self.layer.ready.eq(eng.layer.ready),
-                     ew.offset.eq(lw.offset)]
+                     ew.offset.eq(lw.offset), ew.sparse.eq(lw.sparse)]
         for name in ("rows", "blocks_per_row"):
             top = (1 << len(getattr(ew, name))) - 1
             m.d.comb += getattr(ew, name).eq(Mux(getattr(lw, name) > top, top, getattr(lw, name)))

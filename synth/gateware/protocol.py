@@ -61,7 +61,7 @@ Two FSMs, every state written out (docs/board-protocol.md, "Engine states"):
   of it is built), the GEMV_* commands: GEMV_LOAD through the ``LOAD_*``
   states into the engine's tables; ``G_FLAGS_FETCH``/``G_FLAGS_USE`` (GEMV_X's
   flags), ``G_FETCH``/``G_USE``/``G_ISSUE`` (one item: GEMV_LAYER's fields, an x
-  beat of ``g`` codes, a block, GEMV_Y's count) and
+  beat of ``g`` codes, a block, a sparse entry, GEMV_Y's count) and
   ``G_STATUS_FETCH``/``G_STATUS_USE``.
 * ``reply``: ``IDLE``, then ``START``, ``CMD``, ``LEN0``, ``LEN1``,
   ``PAYLOAD``, ``CRC``: one byte each per ``tx`` transfer, the CRC folded in
@@ -70,9 +70,12 @@ Two FSMs, every state written out (docs/board-protocol.md, "Engine states"):
 
 The GEMV engine (synth/gateware/gemv_port.py: hdl.gemv.GemvEngine, its y FIFO,
 counters and status) is ``engine.gemv``: GEMV_LAYER writes its inactive page's
-layer registers, GEMV_X its x beats (swap on the frame's first if flagged,
-``last`` on the frame's last if flagged), GEMV_W its blocks, each waiting on the
-engine (STALLED after ``stall_cycles`` without progress); GEMV_Y answers with the
+layer registers (with the optional flags byte: ``sparse``), GEMV_X its x beats
+(swap on the frame's first if flagged, ``last`` on the frame's last if flagged),
+GEMV_W its blocks, GEMV_SPARSE its entries into the port's entry queue, each
+waiting on the engine (STALLED after ``stall_cycles`` without progress: the
+engine takes a tile's entries only after the tile's blocks, and the tile's next
+blocks only after its entries); GEMV_Y answers with the
 words in the FIFO, at most its count and ``Y_MAX_WORDS`` (none: an empty OK
 reply while words are owed, NO_Y when none is); GEMV_STATUS with the engine's
 bits, FIFO level and counters, then clears the sticky bits and counters if
@@ -93,7 +96,8 @@ from sop.hdl.decoder import Decoder
 from sop.hdl.gemv import GemvConfig
 from sop.hdl.reference import lane_word_bits
 from sop.synth.wire import (CLEAR_FLAG, CRC_INIT, CRC_RESIDUE, DEFAULT_MAX_PAYLOAD, DEFAULT_SPARSE_QUEUE,
-                            ERROR_REPLY, GEMV_LAYER_FORMAT, LAST_FLAG, LOAD_ENTRY_BYTES, PROTOCOL_VERSION,
+                            ENTRY_LAST, ERROR_REPLY, GEMV_ENTRY_FORMAT, GEMV_LAYER_FORMAT, LAST_FLAG,
+                            LOAD_ENTRY_BYTES, PROTOCOL_VERSION,
                             REPLY_BIT, REPLY_MAX, REPLY_MAX_GEMV, SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG, START,
                             SWAP_FLAG, X_LAST, X_SWAP, Y_MAX_WORDS, Y_WORD_BYTES, Cmd, Err, crc32_update_byte,
                             lane_bytes)
@@ -297,11 +301,12 @@ class ProtocolEngine(wiring.Component):
         crc_n = Signal(range(4))
         quiet = Signal()              # an error was reported: no GARBAGE reply until a start byte
         gap = Signal(range(self.gap_cycles + 1))
-        layer_bytes = struct.calcsize(GEMV_LAYER_FORMAT)
+        layer_bytes = struct.calcsize(GEMV_LAYER_FORMAT)        # and an optional flags byte
+        gemv_entry = struct.calcsize(GEMV_ENTRY_FORMAT)
         if G is not None:
             g, wb = G.config.group, G.config.layout.block_bytes
         entry_max = max(LOAD_ENTRY_BYTES, bb, SPARSE_ENTRY_BYTES if R else 0,
-                        *((g, wb, layer_bytes) if G is not None else ()))
+                        *((g, wb, layer_bytes + 1, gemv_entry) if G is not None else ()))
         acc = Signal(8 * entry_max)
         sub = Signal(range(entry_max + 1))
         flags = Signal(8)
@@ -317,6 +322,7 @@ class ProtocolEngine(wiring.Component):
         mod6 = Signal(range(SPARSE_ENTRY_BYTES)) if R else None
         modx = Signal(range(g)) if G is not None else None          # GEMV_X: flags, then g-byte beats
         modw = Signal(range(wb)) if G is not None else None         # GEMV_W: whole blocks
+        mode = Signal(range(gemv_entry)) if G is not None else None  # GEMV_SPARSE: whole entries
         with m.If(take):
             m.d.sync += gap.eq(0)
         with m.Elif(gap != self.gap_cycles):
@@ -393,7 +399,7 @@ class ProtocolEngine(wiring.Component):
                     if R:                                        # the first SPARSE byte is the flags
                         m.d.sync += mod6.eq(SPARSE_ENTRY_BYTES - 1)
                     if G is not None:                            # the first GEMV_X byte is the flags
-                        m.d.sync += [modx.eq(g - 1), modw.eq(0)]
+                        m.d.sync += [modx.eq(g - 1), modw.eq(0), mode.eq(0)]
                     with m.If(Cat(length[:8], byte) > self.max_payload):
                         error(Err.OVERSIZE, cmd)
                         m.d.sync += quiet.eq(1)
@@ -416,7 +422,8 @@ class ProtocolEngine(wiring.Component):
                         m.d.sync += mod6.eq(Mux(mod6 == SPARSE_ENTRY_BYTES - 1, 0, mod6 + 1))
                     if G is not None:
                         m.d.sync += [modx.eq(Mux(modx == g - 1, 0, modx + 1)),
-                                     modw.eq(Mux(modw == wb - 1, 0, modw + 1))]
+                                     modw.eq(Mux(modw == wb - 1, 0, modw + 1)),
+                                     mode.eq(Mux(mode == gemv_entry - 1, 0, mode + 1))]
                     with m.If(idx == length - 1):
                         m.next = "CRC"
                 with m.Elif(timed_out):
@@ -483,8 +490,8 @@ class ProtocolEngine(wiring.Component):
                                 bad_length()
                             with m.Else():
                                 m.next = "LOAD_FETCH"
-                        with m.Case(Cmd.GEMV_LAYER):
-                            with m.If(length != layer_bytes):
+                        with m.Case(Cmd.GEMV_LAYER):             # (and its optional flags byte)
+                            with m.If((length != layer_bytes) & (length != layer_bytes + 1)):
                                 bad_length()
                             with m.Else():
                                 m.next = "G_FETCH"
@@ -508,6 +515,11 @@ class ProtocolEngine(wiring.Component):
                                 bad_length()
                             with m.Else():
                                 m.next = "G_STATUS_FETCH"
+                        with m.Case(Cmd.GEMV_SPARSE):
+                            with m.If((length == 0) | (mode != 0)):
+                                bad_length()
+                            with m.Else():
+                                m.next = "G_FETCH"
                     with m.Default():
                         error(Err.UNKNOWN_CMD, cmd)
                         m.next = "HUNT"
@@ -636,14 +648,26 @@ class ProtocolEngine(wiring.Component):
                     stalled(queue.w_stream.ready)
 
             # GEMV_* (a board with the engine only). ``G_FETCH`` / ``G_USE`` gather an item (GEMV_LAYER's
-            # fields, an x beat of ``g`` codes, a block, GEMV_Y's count) from the buffer, ``G_ISSUE`` hands
+            # fields and flags, an x beat of ``g`` codes, a block, a sparse entry, GEMV_Y's count) from the
+            # buffer, ``G_ISSUE`` hands
             # it on; GEMV_X reads its flags first (``G_FLAGS_*``), GEMV_STATUS its optional flags
             # (``G_STATUS_*``); GEMV_LOAD shares LOAD's states. A wait on the engine ends in STALLED.
             if G is not None:
-                need = Mux(cmd == Cmd.GEMV_X, g, Mux(cmd == Cmd.GEMV_W, wb, Mux(cmd == Cmd.GEMV_Y, 2, layer_bytes)))
+                need = Mux(cmd == Cmd.GEMV_X, g, Mux(cmd == Cmd.GEMV_W, wb, Mux(cmd == Cmd.GEMV_Y, 2,
+                           Mux(cmd == Cmd.GEMV_SPARSE, gemv_entry, length))))      # GEMV_LAYER: 5 or 6 bytes
 
                 def item(n):
                     return acc[len(acc) - 8 * n:]
+
+                def handed_on(ready, more):
+                    """The item waits for ``ready``: then the next item, or the OK reply after the last;
+                    STALLED after the stall time without it."""
+                    with m.If(ready):
+                        with m.If(more):
+                            m.next = "G_FETCH"
+                        with m.Else():
+                            finish()
+                    stalled(ready)
 
                 with m.State("G_FLAGS_FETCH"):
                     m.next = "G_FLAGS_USE"
@@ -662,31 +686,30 @@ class ProtocolEngine(wiring.Component):
                 with m.State("G_ISSUE"):
                     more = idx != length
                     with m.Switch(cmd):
-                        with m.Case(Cmd.GEMV_LAYER):
-                            f = item(layer_bytes)
+                        with m.Case(Cmd.GEMV_LAYER):             # the fields, then the flags if sent
+                            flagged = length != layer_bytes
+                            f = Mux(flagged, item(layer_bytes + 1)[:8 * layer_bytes], item(layer_bytes))
                             m.d.comb += [G.layer.valid.eq(1), G.layer.payload.rows.eq(f[:16]),
                                          G.layer.payload.blocks_per_row.eq(f[16:32]),
-                                         G.layer.payload.offset.eq(f[32:40])]
+                                         G.layer.payload.offset.eq(f[32:40]),
+                                         G.layer.payload.sparse.eq(flagged & (item(1) & SPARSE_LAYER_FLAG).any())]
                             finish()
+                        with m.Case(Cmd.GEMV_SPARSE):            # one entry into the queue
+                            f = item(gemv_entry)
+                            m.d.comb += [G.sparse.valid.eq(1), G.sparse.payload.row.eq(f[:16]),
+                                         G.sparse.payload.col.eq(f[16:32]), G.sparse.payload.value.eq(f[32:48]),
+                                         G.sparse.payload.last.eq((f[48:56] & ENTRY_LAST).any())]
+                            handed_on(G.sparse.ready, more)
                         with m.Case(Cmd.GEMV_X):
                             m.d.comb += [G.x.valid.eq(1), G.x.payload.codes.as_value().eq(item(g)),
                                          G.x.payload.swap.eq(first & (flags & X_SWAP).any()),
                                          G.x.payload.last.eq(~more & (flags & X_LAST).any())]
                             with m.If(G.x.ready):
                                 m.d.sync += first.eq(0)
-                                with m.If(more):
-                                    m.next = "G_FETCH"
-                                with m.Else():
-                                    finish()
-                            stalled(G.x.ready)
+                            handed_on(G.x.ready, more)
                         with m.Case(Cmd.GEMV_W):
                             m.d.comb += [G.w.valid.eq(1), G.w.payload.eq(item(wb)[:G.config.layout.block_bits])]
-                            with m.If(G.w.ready):
-                                with m.If(more):
-                                    m.next = "G_FETCH"
-                                with m.Else():
-                                    finish()
-                            stalled(G.w.ready)
+                            handed_on(G.w.ready, more)
                         with m.Case(Cmd.GEMV_Y):                 # the words waiting, up to the count and y_max
                             count = item(2)
                             n = Mux(count < G.y_level, count, G.y_level)

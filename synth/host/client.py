@@ -11,8 +11,11 @@ The protocol's numbers, frames and CRC are synth/wire.py's, which the gateware
   ``sparse_layer`` streams a layer with sparse entries, its SPARSE and BLOCKS
   frames interleaved so that the board's entry queue never blocks; on a board
   with the GEMV engine, ``gemv_status`` / ``gemv_load`` / ``gemv_layer`` /
-  ``gemv_x`` / ``gemv_w`` / ``gemv_y`` / ``read_y`` (a board without it answers
-  them UNKNOWN_CMD: a ``BoardError`` with that code).
+  ``gemv_x`` / ``gemv_w`` / ``gemv_sparse`` / ``gemv_y`` / ``read_y`` (a board
+  without it answers them UNKNOWN_CMD: a ``BoardError`` with that code);
+  ``gemv_pass`` streams a layer's blocks tile by tile, each tile's sparse
+  entries after its blocks (GEMV_W and GEMV_SPARSE frames interleaved as the
+  engine takes them).
   A transport has ``write(data: bytes)`` and ``read(n: int, timeout: float) ->
   bytes`` (at most ``n`` bytes; fewer when ``timeout`` seconds pass without the
   rest, and it blocks, not spins, while it waits), and optionally ``now()``
@@ -53,9 +56,10 @@ import time
 from sop.golden.files import crc32
 import bisect
 
-from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_MAX_PAYLOAD, ERROR_PAYLOAD_BYTES,
-                            ERROR_REPLY, GEMV_LAYER_FORMAT, GEMV_STATUS_FORMAT, HEADER_BYTES, LAST_FLAG,
-                            LOAD_ENTRY_BYTES, REPLY_BIT, REPLY_PAYLOAD_BYTES, SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG,
+from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_MAX_PAYLOAD, ENTRY_LAST,
+                            ERROR_PAYLOAD_BYTES, ERROR_REPLY, GEMV_ENTRY_FORMAT, GEMV_LAYER_FORMAT,
+                            GEMV_STATUS_FORMAT, HEADER_BYTES, LAST_FLAG, LOAD_ENTRY_BYTES, REPLY_BIT,
+                            REPLY_PAYLOAD_BYTES, SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG,
                             SPARSE_STATUS_FORMAT, START, STATUS_FORMAT, SWAP_FLAG, X_LAST, X_SWAP, Y_MAX_WORDS,
                             Y_WORD_BYTES, Cmd, Err, GemvStatus, SparseStatus, Status, encode_frame)
 
@@ -391,11 +395,13 @@ class BoardLink:
         reply = self.command(Cmd.GEMV_STATUS, bytes([CLEAR_FLAG]) if clear else b"")    # length checked
         return GemvStatus(*struct.unpack(GEMV_STATUS_FORMAT, reply))
 
-    def gemv_layer(self, luts, rows: int, blocks_per_row: int, offset: int) -> None:
-        """A layer's tables (``luts[bank][addr]``) and registers into the engine's inactive page."""
+    def gemv_layer(self, luts, rows: int, blocks_per_row: int, offset: int, *, sparse: bool = False) -> None:
+        """A layer's tables (``luts[bank][addr]``) and registers into the engine's inactive page;
+        ``sparse``: its tiles are followed by residual entries (the flags byte, sent only then)."""
         self.load([(b, a, int(luts[b][a])) for b in range(len(luts)) for a in range(len(luts[b]))],
                   Cmd.GEMV_LOAD)
-        self.command(Cmd.GEMV_LAYER, struct.pack(GEMV_LAYER_FORMAT, rows, blocks_per_row, offset))
+        flags = bytes([SPARSE_LAYER_FLAG]) if sparse else b""
+        self.command(Cmd.GEMV_LAYER, struct.pack(GEMV_LAYER_FORMAT, rows, blocks_per_row, offset) + flags)
 
     def gemv_x(self, codes, group: int, *, swap: bool) -> None:
         """One activation vector (E4M3 codes, ``group`` a beat: its length a multiple of it);
@@ -411,6 +417,26 @@ class BoardLink:
         per = self.max_payload // block_bytes * block_bytes
         for i in range(0, len(blocks), per):
             self.command(Cmd.GEMV_W, blocks[i:i + per])
+
+    def gemv_sparse(self, entries) -> None:
+        """Sparse entries ``(row, col, bf16, last)`` (golden.dot.tile_residuals' order; ``last``: the
+        row's last) into the engine's queue, as many frames as needed. Nothing is checked here."""
+        size = struct.calcsize(GEMV_ENTRY_FORMAT)
+        data = [struct.pack(GEMV_ENTRY_FORMAT, int(r), int(c), int(v), ENTRY_LAST if k else 0)
+                for r, c, v, k in entries]
+        per = self.max_payload // size
+        for i in range(0, len(data), per):
+            self.command(Cmd.GEMV_SPARSE, b"".join(data[i:i + per]))
+
+    def gemv_pass(self, tiles, block_bytes: int) -> None:
+        """One pass of a layer: ``tiles``, per row tile of the engine, (its blocks' bytes in
+        golden.dot.tile_order, its sparse entries or none). The engine takes a tile's entries only
+        after the tile's last block, and the next tile's blocks only after those entries: so each
+        tile's GEMV_W frames end at its last block and its GEMV_SPARSE frames follow. No frame waits
+        on one not yet sent, whatever the depth of the board's entry queue."""
+        for blocks, entries in tiles:
+            self.gemv_w(blocks, block_bytes)
+            self.gemv_sparse(entries)
 
     def gemv_y(self, count: int) -> list[int]:
         """The y words (FP32 bit patterns) the board has, at most ``count`` (one GEMV_Y)."""

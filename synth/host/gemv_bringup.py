@@ -8,10 +8,17 @@ iCEBreaker's cannot hold it (synth/gateware/board.py), and answers the GEMV_*
 commands UNKNOWN_CMD, which the host reports as "this board has no GEMV engine".
 
 * ``gemv_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream) of
-  one linear layer (default: a model's first; an artifact's first stored in
-  ``fmt``'s layout without sparse entries). The board's GEMV path takes layers
-  without sparse residual entries (there is no command for them yet): a layer
-  with some is refused (``ValueError``, one line).
+  one linear layer, ``bringup.model_layer_stream``'s (default: a model's first;
+  an artifact's first stored in ``fmt``'s layout with sparse residual entries,
+  else its first in that layout), its sparse entries included (the engine adds
+  them) and their table checked (``bringup.check_sparse``: ``ValueError``, one line).
+* ``gemv_entries(stream, tile)``: per row tile of the engine, the layer's sparse
+  entries as the engine takes them after the tile's blocks
+  (``golden.dot.tile_residuals``: ``(row, col, bf16, last)``, padded with ``+0``
+  terms); ``check_entries(tiles, stream, tile)``: the host's check of them (each
+  row in its tile, each column in the layer, finite BF16 values, one entry per
+  row of the tile in each round); ``ValueError`` with one line otherwise (the
+  engine flags an entry outside its tile or the layer: its sticky ``sparse`` bit).
 * ``layer_activation(name, cols)``: (E4M3 values, where they come from): the
   layer's real input in MiniLM's forward pass (quantize/e2e.py's hook, the
   calibration's forward) of ``SENTENCE``, token ``TOKEN``, rounded to E4M3;
@@ -23,18 +30,22 @@ commands UNKNOWN_CMD, which the host reports as "this board has no GEMV engine".
   point (bringup.check_status); GEMV_STATUS must answer (else "no GEMV
   engine"), the layer must fit the engine (``max_cols``, ``max_rows``, the y FIFO)
   and no vector may be loaded; the sticky bits and counters are cleared; then the
-  tables and layer registers (GEMV_LOAD, GEMV_LAYER), x with the swap
-  (GEMV_X), the blocks in ``golden.dot.tile_order`` (GEMV_W), the rows' y words
-  (GEMV_Y) and GEMV_STATUS again. ``GemvResult``: the words against
+  tables and layer registers (GEMV_LOAD, GEMV_LAYER with the sparse flag when the
+  layer has entries), x with the swap (GEMV_X), the blocks in
+  ``golden.dot.tile_order`` (GEMV_W), each tile's sparse entries after its blocks
+  (GEMV_SPARSE, ``BoardLink.gemv_pass``), the rows' y words (GEMV_Y) and
+  GEMV_STATUS again. ``GemvResult``: the words against
   ``golden.dot.gemv`` bit for bit, the engine's error bits (must be 0), the
   relative error of y against float64 (``golden.decoder.decode_layer(W) @ x``
   in float64), the wire throughput (GEMV_X to the last y word, timed by
   ``clock``) and the engine's MACs per cycle from its counters.
 * ``sim_gemv_board(divisor)``: the ULX3S ``BoardCore`` behind a bit-banged UART.
-* ``simulate`` / ``simulate_bad_input`` / ``main``: the ``--sim`` runs: a real
-  layer's first rows bit-exact, then y read before x (NO_Y: one clear error), a
-  NaN code and a short vector sent past the host's check (the engine's
-  ``x_nan`` and ``x_length`` bits).
+* ``simulate`` / ``simulate_bad_input`` / ``main``: the ``--sim`` runs: a
+  real layer's first rows bit-exact, then a sop-budget layer's first rows with
+  their sparse entries (``SPARSE_ROWS``) bit-exact, then y read before x (NO_Y:
+  one clear error), a NaN code, a short vector and a sparse entry beyond the
+  layer sent past the host's check (the engine's ``x_nan``, ``x_length`` and
+  ``sparse`` bits).
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ import numpy as np
 
 from sop.golden import dot
 from sop.golden.layout import LayerStream
-from sop.golden.points import board_points, get_point
+from sop.golden.points import board_points
 from sop.synth.wire import Err, GemvStatus, Status
 
 from . import bringup, client
@@ -62,6 +73,7 @@ X_SEED = 15
 SIM_BOARD = "ulx3s"                                           # the only board with the engine
 SIM_ROWS = 17                                                 # `make sim`: one tile (34 rows: ~6 min of CPU)
 SIM_LAYER = "encoder.layer.0.attention.self.query.weight"
+SPARSE_ROWS = 3                                               # `make sim`'s sop-budget slice (6 entries, 15 sent)
 NO_ENGINE = ("this board has no GEMV engine (it answers GEMV_STATUS with UNKNOWN_CMD): only the ULX3S "
              "core has one, an iCE40UP5K (iCEBreaker) cannot hold it (docs/board-protocol.md, GEMV); load "
              "the ULX3S bitstream (make bitstream BOARD=ulx3s)")
@@ -81,6 +93,8 @@ class GemvResult:
     seconds: float                     # GEMV_X's first frame to the last y word
     wire_bytes: int                    # bytes both ways in that phase
     engine: GemvStatus                 # GEMV_STATUS after the run
+    sparse: int = 0                    # the layer's sparse residual entries
+    entries_sent: int = 0              # GEMV_SPARSE entries sent (the padding of tile_residuals included)
 
     @property
     def errors(self) -> list[str]:
@@ -124,6 +138,9 @@ class GemvResult:
             out.append(f"error against float64 (W decoded @ x): relative {rel:.3g} (L2), largest {worst:.3g}")
         rate = (f"{self.wire_bytes / self.seconds:,.0f} bytes/s, {self.macs / self.seconds:,.0f} MACs/s"
                 if self.seconds > 0 else "not measured")
+        if self.sparse or self.entries_sent:
+            out.append(f"sparse residuals: {self.sparse:,} entries ({self.entries_sent:,} sent, with the +0 "
+                       f"padding of golden.dot.tile_residuals), added by the board's GEMV engine")
         out.append(f"throughput: {rate} over the wire ({self.wire_bytes:,} bytes in {self.seconds:.3g} s)")
         blocks_macs = en.blocks * en.group
         per_active = blocks_macs / en.offered_cycles if en.offered_cycles else 0.0
@@ -139,22 +156,46 @@ class GemvResult:
 
 def gemv_layer_stream(model: str, fmt: str, layer: str | None = None,
                       rows: int | None = None) -> tuple[str, LayerStream]:
-    """(name, stream) of one layer without sparse entries; ``ValueError`` (one line) otherwise."""
-    if layer is None and str(model).endswith(".sopq"):
-        from sop.quantize.artifact import open_artifact
-
-        art, lay = open_artifact(model), get_point(fmt).layout
-        plain = [e.name for e in art.layers if (st := art.stream(e)) is not None and st.layout == lay
-                 and not len(st.sparse)]
-        if not plain:
-            raise ValueError(f"{model}: no layer in the {fmt} layout without sparse entries; the board's GEMV "
-                             f"path takes layers without sparse residuals (docs/board-protocol.md, GEMV)")
-        layer = plain[0]
+    """(name, stream) of one layer, sparse entries included, its sparse table checked."""
     name, stream = bringup.model_layer_stream(model, fmt, layer, rows)
-    if len(stream.sparse):
-        raise ValueError(f"layer {name} has {len(stream.sparse):,} sparse residual entries: the board's GEMV "
-                         f"path takes layers without them (docs/board-protocol.md, GEMV); pick another --layer")
+    bringup.check_sparse(stream, name)
     return name, stream
+
+
+def gemv_entries(stream: LayerStream, tile: int) -> list[list[tuple[int, int, int, int]]]:
+    """Per row tile of ``tile`` rows, the ``(row, col, bf16, last)`` entries the engine takes after the
+    tile's blocks (golden.dot.tile_residuals); none (empty lists) for a layer without sparse entries."""
+    if not len(stream.sparse):
+        return [[] for _ in range(0, stream.rows, tile)]
+    return [list(zip(*(t[k].tolist() for k in ("row", "col", "value", "last"))))
+            for t in dot.tile_residuals(stream, tile)]
+
+
+def check_entries(tiles, stream: LayerStream, tile: int) -> None:
+    """The host's check of the entries ``tiles`` (``gemv_entries``' form) for the engine's row tiles of
+    ``tile`` rows: one list per tile, all empty or none; each tile's entries whole rounds of one entry
+    per row of the tile, rows ascending, the last round's flagged ``last`` (and no other); columns in
+    the layer; finite BF16 values. ``ValueError`` (one line) naming the first bad entry."""
+    count = -(-stream.rows // tile)
+    if len(tiles) != count or (any(tiles) and not all(tiles)):
+        raise ValueError(f"sparse entries for {len(tiles)} row tiles ({sum(map(bool, tiles))} not empty); the "
+                         f"layer's {stream.rows} rows make {count} tiles of {tile}, each with entries or none; "
+                         f"not sent to the board")
+    for t, entries in enumerate(tiles):
+        n = min(tile, stream.rows - t * tile)
+        for k, (row, col, value, last) in enumerate(entries):
+            final = k >= len(entries) // n * n - n
+            problem = (f"row {row}, where its round needs row {t * tile + k % n}" if row != t * tile + k % n
+                       else f"column {col} is outside the layer's {stream.cols} columns" if not 0 <= col < stream.cols
+                       else f"value {value:#06x} is not a finite BF16 number"
+                       if not 0 <= value <= 0xFFFF or (value >> 7) & 0xFF == 0xFF
+                       else "its row's last entry is not in the tile's last round" if bool(last) != final
+                       else None)
+            if problem:
+                raise ValueError(f"bad sparse entry {k} of row tile {t}: {problem}; not sent to the board")
+        if len(entries) % n:
+            raise ValueError(f"row tile {t} has {len(entries)} sparse entries, not whole rounds of its {n} rows; "
+                             f"not sent to the board")
 
 
 def layer_activation(name: str, cols: int) -> tuple[np.ndarray, str]:
@@ -199,12 +240,15 @@ def engine_status(link: BoardLink, clear: bool = False) -> GemvStatus:
 
 
 def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "", x_source: str = "",
-             timeout: float = 1.0, clock=time.monotonic, check: bool = True) -> GemvResult:
-    """``y = W x`` of ``stream`` and the E4M3 ``codes`` on the board's engine, against golden/.
-    ``check=False`` sends ``codes`` without the host's check (``check_x``), to show the engine's."""
+             timeout: float = 1.0, clock=time.monotonic, check: bool = True, entries=None) -> GemvResult:
+    """``y = W x`` of ``stream`` (its sparse residuals included) and the E4M3 ``codes`` on the board's
+    engine, against golden/. ``entries`` (``gemv_entries``' form, for the board's tile): sent instead
+    of the layer's own. ``check=False`` sends ``codes``, the sparse table and ``entries`` without the
+    host's checks (``check_x``, ``bringup.check_sparse``, ``check_entries``), to show the engine's."""
     codes = np.asarray(codes, np.int64)
     if check:
         check_x(codes, stream.cols)            # before a byte is sent
+        bringup.check_sparse(stream, name)
     meter = _Metered(transport)
     link = BoardLink(meter, timeout=timeout)
     st = link.status()
@@ -220,13 +264,22 @@ def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "",
     if en.x_loaded:
         raise BoardConfigError("the board's GEMV engine holds a vector of an earlier, unfinished run; reset the "
                                "board (power-cycle it or load the bitstream again)")
+    tiles = gemv_entries(stream, en.tile) if entries is None else entries
+    if check:
+        check_entries(tiles, stream, en.tile)  # before the layer is sent
     if en.y_waiting:
         link.read_y(en.y_waiting)              # an earlier run's words nobody read
     engine_status(link, clear=True)            # the sticky bits and counters count this run only
-    link.gemv_layer(stream.luts, stream.rows, stream.cols // g, stream.offset)
+    sparse = any(tiles)
+    link.gemv_layer(stream.luts, stream.rows, stream.cols // g, stream.offset, sparse=sparse)
     t0, b0 = clock(), meter.bytes
     link.gemv_x(codes, g, swap=True)
-    link.gemv_w(dot.tiled_blocks(stream, en.tile), stream.layout.block_bytes)
+    blocks, nb = dot.tiled_blocks(stream, en.tile), stream.cols // g * stream.layout.block_bytes
+    if sparse:                                 # each tile's blocks, then its entries
+        link.gemv_pass([(blocks[t0 * nb:(t0 + en.tile) * nb], tile) for t0, tile in
+                        zip(range(0, stream.rows, en.tile), tiles)], stream.layout.block_bytes)
+    else:
+        link.gemv_w(blocks, stream.layout.block_bytes)
     got = np.array(link.read_y(stream.rows), np.uint32)
     seconds, wire_bytes = clock() - t0, meter.bytes - b0
     after = engine_status(link)
@@ -238,7 +291,7 @@ def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "",
         expected = dot.gemv(stream, x.astype(np.float32), "e4m3").view(np.uint32)
         reference = decode_layer(stream) @ x.astype(np.float64)
     return GemvResult(name, fmt, stream.rows, stream.cols, x_source, st, got, expected, reference, seconds,
-                      wire_bytes, after)
+                      wire_bytes, after, len(stream.sparse), sum(map(len, tiles)))
 
 
 def sim_gemv_board(divisor: int = bringup.SIM_DIVISOR, gemv_port=None):
@@ -272,8 +325,10 @@ def simulate(model: str | None = None, fmt: str = "sop4-g16", layer: str | None 
 def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = SIM_LAYER,
                        divisor: int = bringup.SIM_DIVISOR) -> dict[str, str]:
     """On one simulated board, the layer's first row: y read before x (the host's error), then a NaN
-    code and a vector one beat short sent past the host's check (the engine's sticky bits).
-    Returns what each case gave, by case."""
+    code and a vector one beat short sent past the host's check, then the first row of the
+    sop-budget layer (``bringup.sparse_model``) with its sparse entry moved beyond the layer's columns
+    (``beyond_the_layer``) past the host's check (the engine's sticky bits). Returns what each case
+    gave, by case."""
     name, stream = gemv_layer_stream(model or default_model(), fmt, layer, 1)
     x, _ = layer_activation(name, stream.cols)
     codes = dot.activation_codes(x, "e4m3")
@@ -291,7 +346,20 @@ def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: s
     for case, bad in (("NaN in x", nan), ("x one beat short", short)):
         result = run_gemv(port, stream, bad, fmt, name=name, timeout=timeout, clock=port.now, check=False)
         seen[case] = ", ".join(result.errors) or "nothing"
+    name, stream = gemv_layer_stream(bringup.sparse_model(fmt), fmt, None, 1)
+    x, _ = layer_activation(name, stream.cols)
+    tiles = beyond_the_layer(gemv_entries(stream, link.gemv_status().tile), stream.cols)
+    result = run_gemv(port, stream, dot.activation_codes(x, "e4m3"), fmt, name=name, timeout=timeout,
+                      clock=port.now, check=False, entries=tiles)
+    seen["sparse entry beyond the layer"] = ", ".join(result.errors) or "nothing"
     return seen
+
+
+def beyond_the_layer(tiles, cols: int):
+    """``tiles`` (``gemv_entries``' form) with the first entry's column moved past the layer's ``cols``
+    (what ``check_entries`` refuses and the engine flags: its ``sparse`` bit)."""
+    (row, col, value, last), *rest = tiles[0]
+    return [[(row, cols + col, value, last), *rest], *tiles[1:]]
 
 
 def main(argv=None) -> int:
@@ -306,14 +374,23 @@ def main(argv=None) -> int:
     p.add_argument("--layer", default=SIM_LAYER, help=f"a linear layer (default {SIM_LAYER})")
     p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
     p.add_argument("--divisor", type=int, default=bringup.SIM_DIVISOR, help="UART clock cycles a bit")
+    p.add_argument("--sparse-rows", type=int, default=SPARSE_ROWS,
+                   help=f"then the first N rows of the sop-budget artifact's first layer with sparse entries, "
+                        f"with them (default {SPARSE_ROWS}; 0: skip)")
     args = p.parse_args(argv)
+    if args.sparse_rows < 0:
+        p.error(f"--sparse-rows must be 0 or more, got {args.sparse_rows}")
     t0 = time.monotonic()
     try:
-        result = simulate(args.model, args.format, args.layer, args.rows, args.divisor)
+        results = [simulate(args.model, args.format, args.layer, args.rows, args.divisor)]
+        if args.sparse_rows:
+            results.append(simulate(bringup.sparse_model(args.format), args.format, None, args.sparse_rows,
+                                    args.divisor))
         print(f"simulated {SIM_BOARD} board core with the GEMV engine, UART at {args.divisor} cycles a bit "
               f"({time.monotonic() - t0:.0f} s wall; throughput in simulated time)")
-        print("\n".join(result.lines()))
-        if not result.ok:
+        for result in results:
+            print("\n".join(result.lines()))
+        if not all(result.ok for result in results):
             return 1
         bad = simulate_bad_input(args.model, args.format, args.layer, args.divisor)
     except BOARD_FAILURES as err:
@@ -325,7 +402,7 @@ def main(argv=None) -> int:
     for case, what in bad.items():
         print(f"bad input, {case}: {what}")
     caught = ("no vector is loaded" in bad["y before x"] and "x_nan" in bad["NaN in x"]
-              and "x_length" in bad["x one beat short"])
+              and "x_length" in bad["x one beat short"] and "sparse" in bad["sparse entry beyond the layer"])
     print(f"bad input: {'each caught' if caught else 'NOT CAUGHT'}")
     return 0 if caught else 1
 
