@@ -35,19 +35,30 @@ of the rest); ``d <= 1`` loses nothing.
 ``RowAccumulator``: ``slots`` running sums around a ring: the operand registers,
 the adder and ``slots - latency`` more registers (``latency`` = the adder's + 1 =
 17), so that a sum comes back to the adder's input exactly ``slots`` enabled
-edges after it entered. The ring turns every enabled cycle
-(a position counter, mod ``slots``); a value for slot ``j`` is taken when the ring
-is at ``j`` (``values.ready = en & (pos == slot)``): it is added to the slot's sum
+edges after it entered. The ring turns every enabled cycle, but while it is
+empty (below) (a position counter, mod ``slots``); a value for slot ``j`` is taken when the ring
+is at ``j`` (``values.ready = en & (slot == pos)``): it is added to the slot's sum
 (to +0 when ``first``), and when ``last`` the new sum leaves on ``sums`` with its
 slot. A turn with no value adds +0 (``x + (+0) = x``; a sum is never -0). Each
 slot's additions happen in the order its values arrive, from +0: golden's order,
-whatever the interleaving.
+whatever the interleaving. While no running sum is open (every ``first`` taken
+has had its ``last``: a count, ``empty`` a register) and no value is offered,
+nothing in the ring is wanted and nothing is coming: the ring holds its position
+(the datapath moves on: the finished sums leave). So the next value goes in at
+once if it is for the slot after the last one taken: after reset (slot 0), a
+pass after a pass of full tiles (the last took slot ``slots - 1``), a row of one
+value after a gap. A stream that starts at another slot waits for the ring as
+before (a pass after a short last tile of ``R`` rows: ``slots - R`` cycles).
+The values' ``ready`` is the same logic as a free-turning ring's (``slot ==
+pos``, no payload into the position).
 
 Throughput: one value per cycle when consecutive values go to consecutive slots
 (``slots >= 17`` rows interleaved: a batch of ``slots`` activation vectors
-against the same block, or ``slots`` rows' blocks in turn); a single row (every
-value slot 0) takes one value per ``slots`` cycles: the loop-carried add cannot
-be one cycle at 200 MHz, and golden's order forbids reassociating a row's sum.
+against the same block, or ``slots`` rows' blocks in turn), from the first value
+on when it is for the slot the ring holds; a single row (every value slot 0)
+takes one value per ``slots`` cycles: the loop-carried add cannot be one cycle
+at 200 MHz, and golden's order forbids reassociating a row's sum. ``schedule``
+gives the cycle each value is taken when they are offered back to back.
 
 Stream handshake as hdl.block_dot: one enable, decided a cycle ahead by an output
 buffer (hdl.pipeline, hdl.output_buffer), so no path from ``sums.ready`` to the
@@ -192,13 +203,26 @@ class RowAccumulator(wiring.Component):
         ctl, out = output_pipeline(m, L, self.sums)
         en = ctl.enable.lane[0]
         m.submodules.add = add = Fp32Add()
-        pos = Signal(range(S), name="pos")                 # the ring's position: the slot at the adder's input
-        with m.If(ctl.enable.en):
-            m.d.sync += pos.eq(Mux(pos == S - 1, 0, pos + 1))
         v = self.values.payload
+        # the ring's position: the slot at the adder's input. While no running sum is open (``empty``)
+        # and no value is offered, nothing in the ring matters and nothing is coming: the ring holds
+        # its position, so the next value, if it is for the slot after the last one taken (a new
+        # pass after full tiles, a tile after a tile), goes in at once
+        pos = Signal(range(S), name="pos")
+        empty = Signal(name="empty", init=1)               # no running sum open (``open`` == 0, registered)
+        open_ = Signal(range(S + 1), name="open")          # running sums open: a first taken, its last not
         take = Signal(name="take")
-        m.d.comb += [self.values.ready.eq(ctl.enable.en & (v.slot == pos)), take.eq(self.values.valid &
-                                                                                    self.values.ready)]
+        m.d.comb += [self.values.ready.eq(ctl.enable.en & (v.slot == pos)),
+                     take.eq(self.values.valid & self.values.ready)]
+        # (the count and the flag as muxes of values worked out from the registers: the take, late in
+        # the cycle, only selects)
+        opens, closes = take & v.first & ~v.last, take & v.last & ~v.first
+        with m.If(opens):
+            m.d.sync += [open_.eq(open_ + 1), empty.eq(0)]
+        with m.Elif(closes):
+            m.d.sync += [open_.eq(open_ - 1), empty.eq(open_ == 1)]
+        with m.If(ctl.enable.en & self.turns(empty, self.values.valid)):
+            m.d.sync += pos.eq(Mux(pos == S - 1, 0, pos + 1))
         # the operands registered (the adder's compare then starts at a register), the adder, and
         # S - L - 1 more registers: a sum is back at the input S enabled edges after it entered
         ring = delay(m, en, add.s, S - L, "ring")
@@ -208,6 +232,23 @@ class RowAccumulator(wiring.Component):
         slot = delay(m, en, pos, L, "slot")
         m.d.comb += Value.cast(out.last).eq(Cat(add.s, slot))           # sum_layout: value, then slot
         return m
+
+    def turns(self, empty, offered):
+        """Whether the ring turns at an enabled edge: unless no running sum is open and no value is
+        offered (tests override it to bring back the free-turning ring)."""
+        return ~empty | offered
+
+    def schedule(self, slots, *, start: int = 0) -> np.ndarray:
+        """The cycle each value is taken when they are offered back to back from cycle ``start`` on
+        (the ring held at slot 0 until then) and ``sums`` is always ready: a value goes in when the
+        ring is at its slot; the ring turns every cycle a value is offered."""
+        S = self.slots
+        cycles, t, pos = [], start, 0
+        for s in slots:
+            t += (int(s) - pos) % S
+            cycles.append(t)
+            t, pos = t + 1, (int(s) + 1) % S
+        return np.array(cycles, np.int64)
 
 
 def model(values, slots, first, last) -> list[tuple[int, int]]:

@@ -1,7 +1,8 @@
 """GEMV engine: ``y = W x`` straight from the packed blocks (issue 15; docs/dot.md section 8).
 
 Role: the SOP dot-product engine's top. The activation vector ``x`` (E4M3 codes)
-is loaded once per vector into a buffer; the layer's packed blocks ``W`` stream
+is loaded once per vector into a page of a two-page buffer (the next vector loads
+into the other page while the pass runs); the layer's packed blocks ``W`` stream
 in, one block per beat, in ``golden.dot.tile_order``; each block's ``g`` codes
 are looked up in the LUT bank its selection bit picks (the decoder's table RAM
 with two pages, hdl.lut_bank, hdl.codebook_mux), its dot product with the
@@ -28,8 +29,8 @@ handshakes)::
   worked out a block ahead, so none lies between a counter and its next value; a
   register holds the residual entry in hand (its slot and checks worked out on
   the way in); the error bits reach ``status`` a cycle after the event.
-* ``XBuffer``: the activation vector, one word of ``g`` codes per block column,
-  one read port (shared with the term unit) read into the RAM's latch, then its
+* ``XBuffer``: two activation vectors, a page each, one word of ``g`` codes per
+  block column, one read port (shared with the term unit) read into the RAM's latch, then its
   output register: latency 2. ``GemvConfig.x_ram``: ``lib.memory`` and a
   register, or ECP5 DP16KDs instantiated with their output register (yosys
   infers a DP16KD only without it, 5.8 ns from clock to output).
@@ -50,8 +51,8 @@ every row of the tile. A row's blocks still come in ascending order, so each
 row's sum is golden's. Row ``r`` of a tile has the row accumulator's running
 sum ``slot = r mod tile``; consecutive blocks go to consecutive slots, which is
 what lets the adder take one value a cycle. The last tile may have fewer rows:
-it is right, and slower (the ring waits ``tile - rows_in_tile`` cycles per
-block column).
+it is right, and slower (the ring waits ``tile - rows_in_tile`` cycles per later
+block column, and at the next pass's start).
 
 Sparse residuals (a layer written with ``sparse``): after each tile's blocks the
 sequencer takes the tile's entries (``golden.dot.tile_residuals``: rounds of one
@@ -67,7 +68,10 @@ Ports
   ``k g .. k g + g - 1`` in beat ``k``), ``last`` (the vector's last beat),
   ``swap`` (this vector starts a new layer: its beat, and everything after it,
   uses the other page of tables and layer registers: the page the host has just
-  loaded). ``x.ready`` is low while a vector is loaded and its pass not done.
+  loaded). ``x.ready`` is low while both x pages hold a vector whose pass is not
+  done, and for a ``swap`` beat while any vector is loaded (a new layer's first
+  vector waits until the layer before is done: its swap changes the tables and
+  layer registers; ``x.ready`` looks at ``swap``).
 * ``w`` (in stream, ``block_bits``): one packed block, LSB first, exactly the
   bytes golden.layout packs. Taken only while a vector is loaded.
 * ``sparse`` (in stream, ``sparse_layout``): ``{row, col, value (BF16), last}``,
@@ -81,7 +85,8 @@ Ports
   ``last`` (the pass's last row); rows in ascending order, one word per row per
   vector.
 * ``status`` (out, ``status_layout``): ``x_loaded`` (a vector is loaded and its
-  pass not done: what a host checks before it waits for ``y``), and the sticky
+  pass not done, one or two of them: what a host checks before it waits for
+  ``y``), and the sticky
   ``errors`` (``error_layout``): ``w_before_x`` (a block was offered while no
   vector was loaded: it waits, nothing is lost; a host that sends x first never
   sets it), ``x_length`` (a vector with more or fewer beats than the layer's
@@ -96,22 +101,36 @@ inactive page (while the previous layer runs, after that layer's swap); for
 each vector, its x beats (the first vector's first beat with ``swap``), then
 its ``rows * cols / g`` blocks in tile order (and, beside them, its sparse
 beats). A word written at cycle ``t`` is read from cycle ``t + 2`` on
-(hdl.lut_bank); the swap beat comes after the page's last write. One x buffer:
-the next vector loads after the current pass has read it (``cols / g`` cycles
-per vector, against the pass's ``rows cols / g``).
+(hdl.lut_bank); the swap beat comes after the page's last write. Two x pages:
+the next vector's x beats may go as soon as the current vector's are taken (the
+engine takes them into the free page while the pass runs, or holds them until a
+page is free); its blocks once its x is taken, as before. A layer's first vector
+(its swap beat) is held until the layer before is done, so the host's rule for
+the table writes is unchanged: after the swap beat is taken.
 
 Latency: ``latency`` cycles from the handshake of a row's last block on ``w``
-to its word on ``y`` with nothing stalled and the ring aligned: the
-sequencer's 1 + the reads' 3 (the x buffer's read and output register, then one
-more register on the way to the lanes; the table words wait for it) + BlockDot's
-+ the FIFO's 1 + the row accumulator's (46 for sop4-g16). The first block of a pass waits up to
-``tile - 1`` cycles for the ring to reach slot 0 (the ring turns freely); the
-value FIFO then holds that backlog (at most its entries) for the rest of the pass.
+to its word on ``y`` with nothing stalled: the sequencer's 1 + the reads' 3 (the
+x buffer's read and output register, then one more register on the way to the
+lanes; the table words wait for it) + BlockDot's + the value FIFO's 2 + the row
+accumulator's (47 for sop4-g16, 48 for e2m3-ue4m4-g16). The row accumulator's
+ring holds its position while no running sum is open and no value is offered, so
+after reset or a pass of full tiles (which leaves it at slot 0) a pass's first
+block does not wait for the ring, and the FIFO holds no backlog; after a pass
+whose last tile has ``R < tile`` rows it waits ``tile - R`` cycles.
 
 Throughput: one block (``g`` MACs) per cycle while ``w`` is valid and ``y``
-ready, for full tiles; between vectors the x load (``cols / g`` beats, and two
-cycles after its last beat before the first block) and the ring's alignment. A layer with residual entries spends, per tile, the block
-dot unit's drain (about 30 cycles) and ``tile`` cycles per round of entries.
+ready, for full tiles, from a pass's first block to its last: ``rows cols / g``
+blocks in as many cycles, the last row's ``y`` ``latency`` cycles later. The
+next vector of the layer, its x loaded during the pass, follows without a
+cycle between (``batch rows cols / g`` blocks in as many cycles after the first
+vector's load); a new layer's first vector loads after the layer before is
+done (the pass's last block out of stage 0, or its last entry out of the term
+unit), then ``cols / g`` beats; a block comes the cycle after its vector's last
+beat at the earliest, and not in the two cycles after a swap beat. A gap in the
+blocks inside a tile
+costs up to a ring turn (the ring has passed the next value's slot; the value
+FIFO queues what follows). A layer with residual entries spends, per tile, the
+block dot unit's drain (about 30 cycles) and ``tile`` cycles per round of entries.
 
 Open: BF16 activations (refused by BlockDot).
 
@@ -141,12 +160,14 @@ from .lut_bank import LutBank
 #: The fewest rows a tile can have: one running sum per stage of the FP32 adder's loop.
 MIN_TILE = ADD_LATENCY + 1
 #: Entries of the FIFO between the block dot unit and the row accumulator. Once the ring has missed
-#: a slot it waits a whole turn, so the values must come without a gap: the FIFO fills while the ring
-#: waits and covers the gaps the front end's and the block dot unit's restarts leave (their enables
-#: are decided ahead: a cycle each). 5 entries keep one block a cycle in the throughput test, 4 do
-#: not; 8 leave a margin.
+#: a slot (a gap in the blocks inside a tile) it waits a whole turn: the FIFO fills while it waits,
+#: and covers the gaps the front end's and the block dot unit's restarts leave (their enables are
+#: decided ahead: a cycle each). The throughput test (no gap, the ring held at slot 0 for each
+#: pass) keeps one block a cycle with 3 entries, not with 2 (the buffered FIFO cannot stream); 8
+#: leave a margin for gaps.
 VALUE_FIFO_DEPTH = 8
-VALUE_FIFO_LATENCY = 1          # lib.fifo.SyncFIFOBuffered: a word written at edge t is readable in cycle t + 1
+#: lib.fifo.SyncFIFOBuffered: a word written in cycle t (its handshake) is read from cycle t + 2
+VALUE_FIFO_LATENCY = 2
 #: How the x buffer is built (``GemvConfig.x_ram``): ``memory``, a ``lib.memory`` read port and a
 #: register after it (what yosys infers, and what amaranth.sim runs); ``dp16kd``, ECP5 DP16KD block
 #: RAMs instantiated with their output register (``REGMODE_B = "OUTREG"``), the same behaviour: yosys
@@ -287,40 +308,43 @@ class IssueSignature(wiring.Signature):
 
     def __init__(self, config: GemvConfig):
         super().__init__({"valid": Out(1), "block": Out(unsigned(config.layout.block_bits)), "page": Out(1),
-                          "col": Out(range(config.max_blocks)), "offset": Out(signed(8)),
+                          "col": Out(range(config.max_blocks)), "x_page": Out(1), "offset": Out(signed(8)),
                           "tag": Out(tag_layout(config))})
 
 
 class XWriteSignature(wiring.Signature):
     def __init__(self, config: GemvConfig):
-        super().__init__({"en": Out(1), "addr": Out(range(config.max_blocks)),
+        super().__init__({"en": Out(1), "addr": Out(range(2 * config.max_blocks)),
                           "data": Out(unsigned(config.act_format.bits * config.group))})
 
 
 # -- the x buffer ---------------------------------------------------------------------------------------------
 
 class XBuffer(wiring.Component):
-    """The activation vector: ``max_blocks`` words of ``g`` codes, written through ``write`` (lands at
-    the clock edge), read in two steps: at an edge where ``read_en`` is high the word at ``read_addr``
-    is read into the RAM's latch; at an edge where ``out_en`` is high the latch goes into the output
-    register, ``read_data`` (``latency`` 2 when both are high). Each holds while its enable is low. As
-    ``GemvConfig.x_ram`` says: a ``lib.memory`` read port and a register, or ECP5 DP16KDs with their
-    output register (``CEB`` and ``OCEB``): a block RAM's output register is fast to its output, its
-    plain read is not. Not transparent: the sequencer never reads and writes it in one cycle."""
+    """Two activation vectors: two pages of ``max_blocks`` words of ``g`` codes (the page the top
+    address bit), written through ``write`` (lands at the clock edge), read in two steps: at an edge
+    where ``read_en`` is high the word at ``read_addr`` is read into the RAM's latch; at an edge
+    where ``out_en`` is high the latch goes into the output register, ``read_data`` (``latency`` 2
+    when both are high). Each holds while its enable is low. As ``GemvConfig.x_ram`` says: a
+    ``lib.memory`` read port and a register, or ECP5 DP16KDs with their output register (``CEB`` and
+    ``OCEB``): a block RAM's output register is fast to its output, its plain read is not. Not
+    transparent: a read and a write in one cycle that matter are at different pages (a vector loads
+    into the page no pass reads)."""
 
     latency = 2
 
     def __init__(self, config: GemvConfig):
         self.config = config
         width = config.act_format.bits * config.group
+        self.depth = 2 * config.max_blocks
         super().__init__({"write": In(XWriteSignature(config)), "read_en": In(1), "out_en": In(1),
-                          "read_addr": In(range(config.max_blocks)), "read_data": Out(unsigned(width))})
+                          "read_addr": In(range(self.depth)), "read_data": Out(unsigned(width))})
 
     def elaborate(self, platform):
         m = Module()
         if self.config.x_ram == "dp16kd":
             return self.dp16kd(m)
-        m.submodules.mem = mem = memory.Memory(shape=self.read_data.shape(), depth=self.config.max_blocks, init=[])
+        m.submodules.mem = mem = memory.Memory(shape=self.read_data.shape(), depth=self.depth, init=[])
         wp, rp = mem.write_port(), mem.read_port()
         m.d.comb += [wp.en.eq(self.write.en), wp.addr.eq(self.write.addr), wp.data.eq(self.write.data),
                      rp.en.eq(self.read_en), rp.addr.eq(self.read_addr)]
@@ -330,10 +354,10 @@ class XBuffer(wiring.Component):
 
     def dp16kd(self, m):
         """Columns of DP16KDs, each 512 x 36 (write port A, read port B; as yosys maps a memory to a
-        pseudo-dual-port block RAM), ``max_blocks / 512`` deep, with the output register
+        pseudo-dual-port block RAM), ``2 max_blocks / 512`` deep, with the output register
         (``REGMODE`` OUTREG on both ports: at 36 bits the read word leaves on both ports' outputs,
         and nextpnr times each port's outputs by its own mode)."""
-        width, depth = len(self.read_data), self.config.max_blocks
+        width, depth = len(self.read_data), self.depth
         rows = -(-depth // 512)
         cols = -(-width // 36)
         abits = max(1, (depth - 1).bit_length())
@@ -526,8 +550,10 @@ class BlockSequencer(wiring.Component):
     them on (``entries``, to the term unit) once ``drained`` (no block left in the front end or the
     block dot unit); the next tile's blocks wait for them to leave the term unit (``term_busy``).
     The counters' comparisons are registered flags, worked out a block ahead, against registered
-    copies of the active page's registers; a block is taken two cycles after the last x beat at the
-    earliest (the flags then see the page that beat swapped in)."""
+    copies of the active page's registers; a block is taken the cycle after its vector's last x beat
+    at the earliest, and not in the two cycles after a swap beat (the flags then see the page that
+    beat swapped in). Two x pages: ``x`` beats go into the free one while the other's pass runs;
+    ``issue.x_page`` is the page a block reads, ``term_page`` the one a tile's entries read."""
 
     latency = 1
 
@@ -545,6 +571,7 @@ class BlockSequencer(wiring.Component):
             "term_busy": In(1),
             "issue": Out(IssueSignature(config)),
             "entries": Out(stream.Signature(entry_layout(config))),
+            "term_page": Out(1),
             "x_write": Out(XWriteSignature(config)),
             "write_page": Out(1),
             "status": Out(status_layout()),
@@ -592,14 +619,22 @@ class BlockSequencer(wiring.Component):
                                            | too_many_blocks)
         m.d.comb += self.write_page.eq(~active)
 
-        # -- x: one vector into the buffer; the swap beat flips the page ---------------------------
-        x_loaded = Signal(name="x_loaded")          # a vector is loaded and its pass not done
+        # -- x: two pages of the buffer, a vector each; the swap beat flips the layer page ----------
+        # A vector loads into the free x page while the other's pass runs; a swap beat (a new layer:
+        # it changes the layer registers and tables the pass uses) only while no vector is loaded.
+        x_held = Signal(range(3), name="x_held")     # vectors loaded and their passes not done
+        x_loaded = Signal(name="x_loaded")          # x_held != 0
+        x_both = Signal(name="x_both")              # x_held == 2: no page free
+        x_wpage = Signal(name="x_wpage")            # the x page the next beat writes
+        x_rpage = Signal(name="x_rpage")            # the x page of the pass whose blocks come now
         x_count = Signal(range(2 * B), name="x_count")          # beats of the vector so far (saturates)
         xp = self.x.payload
         page_now = active ^ (self.x.valid & xp.swap)            # the page of a beat taken now
         x_take = Signal(name="x_take")
-        m.d.comb += [self.x.ready.eq(~x_loaded), x_take.eq(self.x.valid & self.x.ready),
-                     self.x_write.en.eq(x_take), self.x_write.addr.eq(x_count[:len(self.x_write.addr)]),
+        wb = (B - 1).bit_length()                               # an x page's address bits
+        m.d.comb += [self.x.ready.eq(self.x_ready(x_loaded, x_both, xp.swap)),
+                     x_take.eq(self.x.valid & self.x.ready),
+                     self.x_write.en.eq(x_take), self.x_write.addr.eq(Cat(x_count[:wb], x_wpage)),
                      self.x_write.data.eq(xp.codes.as_value())]
         # the length check a cycle later, on registered copies (the beat's page's blocks per row among them)
         xl_take, xl_last = Signal(name="xl_take"), Signal(name="xl_last", reset_less=True)
@@ -612,7 +647,7 @@ class BlockSequencer(wiring.Component):
             m.d.sync += active.eq(page_now)
             m.d.comb += error_now.x_nan.eq(Cat((c[:7] == 0x7F) for c in xp.codes).any())
             with m.If(xp.last):
-                m.d.sync += [x_loaded.eq(1), x_count.eq(0)]
+                m.d.sync += [x_count.eq(0), x_wpage.eq(~x_wpage)]
             with m.Elif(~x_count[-1]):
                 m.d.sync += x_count.eq(x_count + 1)
 
@@ -624,7 +659,7 @@ class BlockSequencer(wiring.Component):
         end_taken = Signal(name="end_taken")                  # the pass's last block is taken
         terms = Signal(name="terms")                          # the tile's residual entries come now
         # the active page's registers copied every cycle (a cycle late: the flags see a swap two
-        # cycles after its beat, and a block is taken two cycles after the last x beat at the earliest)
+        # cycles after its beat, and no block is taken in the two cycles after a swap beat)
         rows_last = stage_reg(m, 1, "rows_last", rows_m1[active], rows_shape)
         cols_last = stage_reg(m, 1, "cols_last", bpr_m1[active], bpr_shape)
         rows_last_m1 = stage_reg(m, 1, "rows_last_m1", rows_m2[active], rows_shape)
@@ -633,17 +668,20 @@ class BlockSequencer(wiring.Component):
         # the counters' comparisons as flags, registers worked out a block ahead (from the counters
         # and rows - 2, blocks per row - 2) when a block is taken, else from the counters as they are:
         # no comparison lies between the counters and their next values. A block is taken only two
-        # cycles after the last x beat (``settled``): a swap changes the layer registers the flags use.
+        # cycles after a swap beat (``settled``): a swap changes the layer registers the flags use.
         at_last_row = Signal(name="at_last_row")             # row == rows - 1
         last_slot = Signal(name="last_slot")                 # slot == tile - 1
         row_done = Signal(name="row_done")                   # col == blocks per row - 1
         col_first = Signal(name="col_first", init=1)          # col == 0
         settled = Signal(name="settled")
-        x_took = Signal(name="x_took")
-        m.d.sync += [x_took.eq(x_take), settled.eq(~x_take & ~x_took)]
+        swap_take, swap_took = Signal(name="swap_take"), Signal(name="swap_took")
+        m.d.comb += swap_take.eq(x_take & xp.swap)
+        m.d.sync += [swap_took.eq(swap_take), settled.eq(~swap_take & ~swap_took)]
         column_done = last_slot | at_last_row                 # the tile's last row of this column
         w_take = Signal(name="w_take")
-        pass_open = x_loaded & settled & ~end_taken & ~terms & ~self.term_busy
+        # a vector whose blocks may come: the oldest one's, until its last block is taken, then the
+        # next one's if it is loaded (its page is the other: x_rpage flips at that last block)
+        pass_open = Mux(end_taken, x_both, x_loaded) & settled & ~terms & ~self.term_busy
         m.d.comb += [self.w.ready.eq(self.en & pass_open), w_take.eq(self.w.valid & self.w.ready),
                      self.offer.eq(self.w.valid & pass_open)]
         m.d.comb += error_now.w_before_x.eq(self.w.valid & ~x_loaded)
@@ -653,6 +691,7 @@ class BlockSequencer(wiring.Component):
         # is a register, where the take is logic with a hundred loads
         block0 = stage_reg(m, self.en, "block0", self.w.payload, unsigned(cfg.layout.block_bits))
         page0 = stage_reg(m, self.en, "page0", active, 1)
+        xpage0 = stage_reg(m, self.en, "xpage0", x_rpage, 1)
         col0 = stage_reg(m, self.en, "col0", col, bpr_shape)
         offset0 = stage_reg(m, self.en, "offset0", offset[active], signed(8))
         # with residual entries a row's last value is its last entry's term, not its last block's
@@ -667,6 +706,7 @@ class BlockSequencer(wiring.Component):
         terms_end = Signal(name="terms_end")                  # it is the pass's last tile
         terms_rows = Signal(range(S), name="terms_rows")      # its rows whose last entry has come in
         terms_in = Signal(name="terms_in")                    # its last entry has come in
+        terms_page = Signal(name="terms_page")                # the x page its entries read
         rows_before_last = row == rows_last_m1               # row + 1 is the last row
         with m.If(w_take):
             with m.If(~column_done):
@@ -680,11 +720,11 @@ class BlockSequencer(wiring.Component):
                 m.d.sync += [slot.eq(0), row.eq(row + 1), tile_base.eq(row + 1), col.eq(0), last_slot.eq(0),
                              at_last_row.eq(rows_before_last), row_done.eq(cols_last == 0), col_first.eq(1)]
             with m.Else():                                        # the pass's last block
-                m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), end_taken.eq(1), last_slot.eq(0),
+                m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), last_slot.eq(0), x_rpage.eq(~x_rpage),
                              at_last_row.eq(rows_last == 0), row_done.eq(cols_last == 0), col_first.eq(1)]
             with m.If(column_done & row_done & with_terms):       # the tile's last block: its entries next
                 m.d.sync += [terms.eq(1), terms_base.eq(tile_base), terms_top.eq(row), terms_last.eq(slot),
-                             terms_end.eq(at_last_row), terms_rows.eq(0), terms_in.eq(0)]
+                             terms_end.eq(at_last_row), terms_rows.eq(0), terms_in.eq(0), terms_page.eq(x_rpage)]
         with m.Else():
             m.d.sync += [last_slot.eq(slot == S - 1), at_last_row.eq(row == rows_last),
                          row_done.eq(col == cols_last), col_first.eq(col == 0)]
@@ -726,14 +766,28 @@ class BlockSequencer(wiring.Component):
                 m.d.sync += [terms.eq(0), terms_done.eq(terms_end)]
 
         # the pass's last block leaves stage 0, or its last entry the term unit (their x words are read
-        # by then): the buffer is free
-        with m.If((self.en & valid0 & tag0.end) | (terms_done & ~self.term_busy)):
-            m.d.sync += [x_loaded.eq(0), end_taken.eq(0), terms_done.eq(0)]
+        # by then): its x page is free. (A block of the next pass may be taken at that edge: its last
+        # block then sets end_taken again.)
+        freed = (self.en & valid0 & tag0.end) | (terms_done & ~self.term_busy)
+        x_in = x_take & xp.last                               # a vector loaded
+        x_held_next = x_held + x_in - freed
+        m.d.sync += [x_held.eq(x_held_next), x_loaded.eq(x_held_next != 0), x_both.eq(x_held_next == 2)]
+        with m.If(freed):
+            m.d.sync += [end_taken.eq(0), terms_done.eq(0)]
+        with m.If(w_take & column_done & row_done & at_last_row):
+            m.d.sync += end_taken.eq(1)
 
         m.d.comb += [self.issue.valid.eq(valid0), self.issue.block.eq(block0), self.issue.page.eq(page0),
-                     self.issue.col.eq(col0), self.issue.offset.eq(offset0), self.issue.tag.eq(tag0),
+                     self.issue.col.eq(col0), self.issue.x_page.eq(xpage0), self.issue.offset.eq(offset0),
+                     self.issue.tag.eq(tag0), self.term_page.eq(terms_page),
                      self.status.x_loaded.eq(x_loaded), self.status.errors.eq(errors)]
         return m
+
+    def x_ready(self, x_loaded, x_both, swap):
+        """Whether an x beat may be taken: while an x page is free, and a new layer's first beat
+        (``swap``) only while no vector is loaded (tests override it to inject a bug, or to use one
+        page at a time, the design before)."""
+        return ~x_both & ~(swap & x_loaded)
 
     def tag(self, slot, first, last, end):
         """A block's tag (tests override it to inject a bug)."""
@@ -755,8 +809,8 @@ class BlockSequencer(wiring.Component):
 
 class GemvEngine(wiring.Component):
     def __init__(self, config: GemvConfig, *, sequencer=BlockSequencer, bank=LutBank, mux=CodebookMux,
-                 term=None):
-        # sequencer / bank / mux / term: the component classes used (tests replace them with broken ones)
+                 term=None, acc=RowAccumulator):
+        # sequencer / bank / mux / term / acc: the component classes used (tests replace them with broken ones)
         self.config = config
         lay = config.layout
         self.sequencer = sequencer(config)
@@ -765,7 +819,7 @@ class GemvEngine(wiring.Component):
                          lanes=lay.group, lutram_depth=config.lutram_depth)
         self.mux = mux(lanes=lay.group, group=lay.group) if lay.banks == 2 else None
         self.dot = BlockDot(lay, config.hif, config.act)
-        self.acc = RowAccumulator(config.tile)
+        self.acc = acc(config.tile)
         self.term = (term or ResidualTerm)(config)
         super().__init__({
             "x": In(stream.Signature(x_layout(config))),
@@ -791,8 +845,8 @@ class GemvEngine(wiring.Component):
 
     @property
     def latency(self) -> int:
-        """Cycles from a row's last block taken on ``w`` to its ``y`` word, nothing stalled and the ring
-        aligned: the components on the way."""
+        """Cycles from a row's last block taken on ``w`` to its ``y`` word, nothing stalled: the
+        components on the way."""
         return (self.sequencer.latency + self.reads + self.dot.latency + VALUE_FIFO_LATENCY
                 + self.acc.latency)
 
@@ -832,6 +886,7 @@ class GemvEngine(wiring.Component):
         #    on an enable decided ahead (hdl.pipeline, hdl.output_buffer: one copy per lane, skid
         #    buffers at its end), so that no ready reaches the table RAM's enables
         R, RX = self.read_latency, self.reads
+        wb = (cfg.max_blocks - 1).bit_length()          # an x page's address bits
         front = stream.Signature(front_layout(cfg)).create(path=("front",))
         ctl, out = output_pipeline(m, seq.latency + RX, front, g)
         en, en_lane = ctl.enable.en, ctl.enable.lane
@@ -853,7 +908,8 @@ class GemvEngine(wiring.Component):
         # is drained (no block past stage 0, so no read waits in the latch) it reads on every edge:
         # the term unit's reads among them, with no handshake on the RAM's enable either.
         m.d.comb += [xbuf.read_en.eq(en | drained), xbuf.out_en.eq(en | term.x_out_en),
-                     xbuf.read_addr.eq(Mux(issue.valid, self.x_address(issue.col), term.x_addr)),
+                     xbuf.read_addr.eq(Mux(issue.valid, Cat(self.x_address(issue.col)[:wb], issue.x_page),
+                                           Cat(term.x_addr, seq.term_page))),
                      term.x_data.eq(xbuf.read_data)]
         # the block's other fields wait for the reads
         sign = header[lay.sign_position] if lay.signed_scale else Const(0, 1)

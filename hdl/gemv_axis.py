@@ -50,18 +50,19 @@ cycle after the load packet's TLAST word (the engine's table-write rule: a
 word written at cycle ``t`` is read from ``t + 2`` on, and blocks come two
 cycles after the last x beat). ``s_axis_load_tready = ~loaded``: the next
 layer's packet waits until this one's swap (the engine writes the inactive
-page, which is the one the waiting layer will read). Between vectors the engine
-itself holds x (one x buffer), and w and the sparse entries wait for their
-vector. After reset, the first vector waits for a load packet.
+page, which is the one the waiting layer will read). The engine itself holds
+two vectors (two x pages: the next loads during the current pass; its swap
+beat waits until no vector is loaded), and w and the sparse entries wait for
+their vector. After reset, the first vector waits for a load packet.
 
 Handshake (AMBA AXI4-Stream): ``m_axis_y_tvalid``, TDATA and TLAST are the
 engine's ``y`` stream, which does not depend on ``m_axis_y_tready`` and holds
 while TVALID is high and TREADY low (tests/test_gemv_axis.py probes it every
 cycle); every TREADY comes from registers and the engine's enable.
 
-Latency: ``latency`` = the engine's (46 cycles for gemv-sop4-g16): from the
+Latency: ``latency`` = the engine's (47 cycles for gemv-sop4-g16): from the
 handshake of a row's last block on ``s_axis_w`` to its word's on ``m_axis_y``,
-nothing stalled and the ring aligned. Throughput: the engine's (one block a
+nothing stalled. Throughput: the engine's (one block a
 cycle).
 
 ``model`` is the beat-level model (golden.dot.gemv through gemv.model): the

@@ -14,7 +14,10 @@ computes nothing, it drives beats and compares every ``y`` word bit for bit,
   sequence says: a layer's tables and registers go into the inactive page once
   the previous layer has swapped in; its first vector's first ``x`` beat carries
   ``swap`` (no sooner than two cycles after the page's last write); each
-  vector's ``w`` and ``sparse`` beats once its ``x`` is taken. After the job
+  vector's ``x`` beats as soon as the vector before's are taken (the engine
+  loads it into its other x page during that vector's pass, and holds a
+  layer's first vector until the layer before is done); each vector's ``w``
+  and ``sparse`` beats once its ``x`` is taken. After the job
   every owed word must come within a cycle bound, then nothing more may come,
   and ``status`` must read 0 (no vector loaded, no error bit).
 * ``errors`` job: one small layer; vectors one beat too long, one too short,
@@ -254,26 +257,31 @@ class Testbench:
 
     def layers_sequence(self, layers: list[dict], max_cycles: int):
         """The layers back to back: the next layer's writes once the current one has swapped in; each
-        vector's x (the layer's first with ``swap``, two cycles after its last write at the soonest),
-        then its w and sparse beats, with random idle cycles on each."""
+        vector's x (the layer's first with ``swap``, two cycles after its last write at the soonest)
+        as soon as the vector before's x is taken (the engine holds it while both x pages hold a
+        vector, and a layer's first vector until no vector is loaded), its w and sparse beats once
+        its x is taken, with random idle cycles on each."""
         writes = [self.writes(layer) for layer in layers]
+        vectors = [(li, v) for li, layer in enumerate(layers) for v in range(len(layer["vectors"]))]
         load_layer, load_pos, swapped, loads_done_at = 0, 0, -1, {}
-        li = vec = xp = wp = sp = 0
+        xv = xp = wv = wp = sp = 0
         cycle = 0
-        while li < len(layers):
-            assert cycle < max_cycles, f"the host sequence ran past {max_cycles} cycles (layer {li}, vector {vec})"
-            layer = layers[li]
-            xs, ws, ss = layer["vectors"][vec]["x"], layer["w"], layer["sparse"]
+        while wv < len(vectors):
+            assert cycle < max_cycles, f"the host sequence ran past {max_cycles} cycles (vector {wv} of {len(vectors)})"
             write = None
             if load_layer < len(layers) and swapped >= load_layer - 1 and self.offered():
                 write = writes[load_layer][load_pos]
             c = HostCycle(load=write.load, layer=write.layer) if write is not None else HostCycle()
-            ready_to_swap = vec > 0 or loads_done_at.get(li, max_cycles) <= cycle
-            if xp < len(xs) and ready_to_swap and self.offered():
-                c.x = self.x_cycle(xs, xp, vec == 0 and xp == 0).x
-            if xp == len(xs) and wp < len(ws) and self.offered():
+            if xv < len(vectors):
+                li, vec = vectors[xv]
+                xs = layers[li]["vectors"][vec]["x"]
+                ready_to_swap = vec > 0 or loads_done_at.get(li, max_cycles) <= cycle
+                if ready_to_swap and self.offered():
+                    c.x = self.x_cycle(xs, xp, vec == 0 and xp == 0).x
+            ws, ss = layers[vectors[wv][0]]["w"], layers[vectors[wv][0]]["sparse"]
+            if xv > wv and wp < len(ws) and self.offered():
                 c.w = ws[wp]
-            if xp == len(xs) and sp < len(ss) and self.offered():
+            if xv > wv and sp < len(ss) and self.offered():
                 row, col, value, last = ss[sp]
                 c.sparse = self.pack_sparse(row=row, col=col, value=value, last=last)
             reply = yield c
@@ -284,14 +292,15 @@ class Testbench:
                     loads_done_at[load_layer] = cycle + 1
                     load_layer, load_pos = load_layer + 1, 0
             if reply.x:
+                li, vec = vectors[xv]
                 swapped = li if vec == 0 and xp == 0 else swapped
                 xp += 1
+                if xp == len(layers[li]["vectors"][vec]["x"]):
+                    xv, xp = xv + 1, 0
             wp += reply.w
             sp += reply.sparse
             if wp == len(ws) and sp == len(ss):
-                vec, xp, wp, sp = vec + 1, 0, 0, 0
-                if vec == len(layer["vectors"]):
-                    li, vec = li + 1, 0
+                wv, wp, sp = wv + 1, 0, 0
 
     def check_status(self, status: int, want: int, when: str) -> None:
         if status != want:

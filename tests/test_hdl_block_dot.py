@@ -406,16 +406,23 @@ def test_the_adder_check_catches_a_dropped_sticky_bit():
     assert (run_adder(AdderDropsSticky(), a, b) != fp32_acc.add_model(a, b)).any()
 
 
-def run_rows(dut: RowAccumulator, values, slots, first, last, *, seed=0, p_idle=0.3, p_stall=0.3):
+def run_rows(dut: RowAccumulator, values, slots, first, last, *, seed=0, p_idle=0.3, p_stall=0.3, idle=0,
+             gaps=None):
+    """Offer ``values`` (after ``idle`` cycles; ``gaps``: value index -> idle cycles before it);
+    the sums and the cycle each value is taken."""
     rng = np.random.default_rng(seed)
     n_out = int(np.sum(last))
     got, taken = [], []
 
+    gaps = dict(gaps or {})
+
     async def bench(ctx):
-        sent, cycle = 0, 0
+        sent, cycle, resume = 0, 0, idle
         while len(got) < n_out:
             assert cycle < 40 * (len(values) + dut.slots) + 200, "the accumulator stopped"
-            offer = sent < len(values) and rng.random() >= p_idle
+            if sent in gaps:
+                resume = cycle + gaps.pop(sent)
+            offer = sent < len(values) and cycle >= resume and rng.random() >= p_idle
             ctx.set(dut.values.valid, int(offer))
             if offer:
                 ctx.set(dut.values.payload.value, int(values[sent]))
@@ -471,10 +478,12 @@ def test_row_accumulator_order_saturation_and_one_row_at_a_time():
     V = np.array([[1.0, 2.0 ** -24, 2.0 ** -24], [big, big, -1.0], [-0.0, -0.0, -0.0]], np.float32)
     vals = V.reshape(-1).view(np.uint32)
     first, last = [b == 0 for b in range(3)] * 3, [b == 2 for b in range(3)] * 3
-    got, taken = run_rows(RowAccumulator(SLOTS), vals, [0] * 9, first, last, p_idle=0, p_stall=0)
+    dut = RowAccumulator(SLOTS)
+    got, taken = run_rows(dut, vals, [0] * 9, first, last, p_idle=0, p_stall=0)
     want = [(0x3F800000, 0), (0x7F7FFFFF, 0), (0x00000000, 0)]           # +0 + -0 + ... = +0
     assert got == want == fp32_acc.model(vals, [0] * 9, first, last)
     assert (np.diff(taken) == SLOTS).all()                                   # one value per ring turn
+    np.testing.assert_array_equal(taken, dut.schedule([0] * 9))
 
 
 def test_row_accumulator_takes_one_value_a_cycle_when_rows_interleave():
@@ -485,6 +494,42 @@ def test_row_accumulator_takes_one_value_a_cycle_when_rows_interleave():
     got, taken = run_rows(dut, vals, slot, first, last, p_idle=0, p_stall=0)
     assert got == fp32_acc.model(vals, slot, first, last)
     np.testing.assert_array_equal(taken, np.arange(len(vals)))            # no bubbles
+    np.testing.assert_array_equal(taken, dut.schedule(slot))
+
+
+class FreeRing(RowAccumulator):
+    """The ring before: it turns freely, and a first value waits for it to reach its slot."""
+
+    def turns(self, empty, offered):
+        return 1
+
+
+@pytest.mark.parametrize("wait", [0, 5, 16])
+def test_row_accumulator_holds_its_ring_while_empty(wait):
+    """After ``wait`` idle cycles (the ring holds at slot 0), 17 rows of 3 values one a cycle from
+    the first; then 3 rows of 2 (a short tile: its second column waits for the ring), after a gap
+    of ``wait`` cycles (the ring holds where the last row left it: slot 0), and 4 rows of one value
+    each after a gap (slot 3: where the ring holds). The free-turning ring (the design before) is
+    caught waiting."""
+    rng = np.random.default_rng(7 + wait)
+    parts = [interleave(rng.standard_normal(shape).astype(np.float32), SLOTS) for shape in ((SLOTS, 3), (3, 2))]
+    parts.append(interleave(rng.standard_normal((4, 1)).astype(np.float32), SLOTS))
+    parts[2] = (parts[2][0], [3, 4, 5, 6], *parts[2][2:])                  # slots 3 .. 6
+    n = [len(p[0]) for p in parts]
+    vals, slot, first, last = (np.concatenate([p[k] for p in parts]) for k in range(4))
+    gaps = {n[0]: wait, n[0] + n[1]: 5}                                      # idle cycles before these values
+    want = np.concatenate([np.arange(3 * SLOTS), 3 * SLOTS + np.array([0, 1, 2, SLOTS, SLOTS + 1, SLOTS + 2]),
+                           4 * SLOTS + 3 + np.arange(4)])
+    want[n[0]:] += wait
+    want[n[0] + n[1]:] += 5
+    for dut in (RowAccumulator(SLOTS), FreeRing(SLOTS)):
+        got, taken = run_rows(dut, vals, slot, first, last, p_idle=0, p_stall=0, idle=wait, gaps=gaps)
+        assert got == fp32_acc.model(vals, slot, first, last)
+        if type(dut) is RowAccumulator:
+            np.testing.assert_array_equal(taken - wait, want)
+            np.testing.assert_array_equal(taken[:n[0]], dut.schedule(slot[:n[0]], start=wait))
+        else:                                                   # slot 0 comes round once a turn
+            assert taken[0] - wait == (-wait) % SLOTS and (taken - wait != want).any(), taken[:3]
 
 
 def test_row_accumulator_refuses_fewer_slots_than_the_adder_latency():
