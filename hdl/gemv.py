@@ -414,7 +414,7 @@ def _bf16_fields(code):
 
 
 class ResidualTerm(wiring.Component):
-    """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` (golden.dot step 4), ``latency`` (10) cycles.
+    """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` (golden.dot step 4), ``latency`` (11) cycles.
 
     The product of a BF16 significand (8 bits) and an E4M3 one (4 bits) is 12 bits at an exponent
     ``X >= -133 - 9 = -142``: every such value at or above 2^-149 is a binary32 value, subnormal or
@@ -424,11 +424,12 @@ class ResidualTerm(wiring.Component):
     every one inside: a credit register, so no outside ``ready`` reaches the x buffer), each one mux
     or one short chain: 1 the x word read into the RAM's latch (the entry's block column; the engine
     lends the port only while no block is inside); 2 the word in the x buffer's output register (the
-    block RAM's own: ``x_out_en``); 3 the entry's code out of the word (and rho's fields, the
-    constant part of the exponent sum); 4 both significands, the exponent sum and the sign; 5-6 the
-    product (hdl.arith's LUT multiplier); 7 its leading zeros; 8 the biased exponent and the
-    subnormal shift; 9 the candidates, normal (the leading one dropped) and subnormal (P at the
-    2^-149 quantum), and the conditions; 10 the binary32 pattern: one of those, saturated, or a
+    block RAM's own: ``x_out_en``); 3 the word in a register of its own (after the x buffer's
+    row mux); 4 the entry's code out of the word (and rho's fields, the
+    constant part of the exponent sum); 5 both significands, the exponent sum and the sign; 6-7 the
+    product (hdl.arith's LUT multiplier); 8 its leading zeros; 9 the biased exponent and the
+    subnormal shift; 10 the candidates, normal (the leading one dropped) and subnormal (P at the
+    2^-149 quantum), and the conditions; 11 the binary32 pattern: one of those, saturated, or a
     signed zero.
 
     Ports: ``entries`` (in stream: ``col``, ``value`` (BF16), ``tag``), ``x_en``, ``x_out_en`` (the
@@ -440,7 +441,7 @@ class ResidualTerm(wiring.Component):
         self.config = config
         g, bits = config.group, config.act_format.bits
         self.multiplier = PipelinedMultiplier(BF16.mbits + 1, config.act_format.mbits + 1)
-        self.latency = 4 + self.multiplier.latency + 4
+        self.latency = 4 + self.multiplier.latency + 5
         super().__init__({
             "entries": In(stream.Signature(entry_layout(config))),
             "x_en": Out(1), "x_out_en": Out(1), "x_addr": Out(range(config.max_blocks)),
@@ -480,29 +481,31 @@ class ResidualTerm(wiring.Component):
         lane, rho, tag = stage(("lane", ent.payload.col[:lane_bits] if lane_bits else 0, unsigned(max(1, lane_bits))),
                                ("rho", ent.payload.value, unsigned(16)), ("tag1", ent.payload.tag, tag_layout(cfg)))
         # 2: the x word in the x buffer's output register (``x_out_en``, a cycle after the read);
-        # 3: the activation code out of its word (a 16:1 mux); beside it rho's fields and
-        #    er + 138 - 134 - bias - M (the constant part of eb below)
-        word = self.x_data
-        lane = carry(lane, 1, "lane")
-        sr, Sr, er = _bf16_fields(carry(rho, 1, "rho"))
+        # 3: the word registered; 4: the activation code out of it (a 16:1 mux); beside it rho's
+        #    fields and er + 138 - 134 - bias - M (the constant part of eb below).
+        #    The word is registered first: with two x pages in DP16KDs the x buffer's output is a row
+        #    mux (4:1 at 16384 columns) after the block RAMs' registers, too slow in front of the 16:1
+        #    code mux in one cycle (7.8 ns on ECP5).
+        word, lane, rho = stage(("x_word", self.x_data, self.x_data.shape()), ("lane2", carry(lane, 1, "lane"), lane.shape()),
+                                ("rho2", carry(rho, 1, "rho"), unsigned(16)))
+        sr, Sr, er = _bf16_fields(rho)
         code, sr, Sr, erk = stage(("code", word.word_select(lane, bits) if lane_bits else word[:bits], unsigned(bits)),
                                   ("sr2", sr, 1), ("Sr2", Sr, 8),
                                   ("erk", er + (138 - 134 - act.bias - act.mbits), signed(10)))
-        tag = carry(tag.as_value(), 2, "tag")
-        # 4: both significands, the sign, eb = X + 138: the biased binary32 exponent of P * 2^X if P's
+        tag = carry(tag.as_value(), 3, "tag")
+        # 5: both significands, the sign, eb = X + 138: the biased binary32 exponent of P * 2^X if P's
         #    leading one were at bit 11 (X = (er - 134) + (ex - bias - M)); the result's is eb - lz(P)
         e_x = code[act.mbits:bits - 1]
         sx, Sx, ex = code[bits - 1], Cat(code[:act.mbits], e_x.any()), Mux(e_x.any(), e_x, 1)
         sign, Sr, Sx, eb = stage(("sign3", self.sign(sr, sx), 1), ("sr3", Sr, 8), ("sx3", Sx, 4),
                                  ("eb3", erk + ex, signed(10)))
         tag = carry(tag, 1, "tag3")
-        # 5-6: the product, exact
+        # 6-7: the product, exact
         m.submodules.multiplier = mul = self.multiplier
         m.d.comb += [mul.en.eq(en), mul.a.eq(Sr), mul.b.eq(Sx)]
         sign, eb, tag = (carry(x, mul.latency, n) for x, n in ((sign, "sign"), (eb, "eb"), (tag, "tag_m")))
         p = mul.p
-        # 7: the leading zeros, the biased exponent, the subnormal shift P << (X + 149) = P << (eb + 11)
-        #    (7 .. 22 where it applies)
+        # 8-9: the leading zeros, the biased exponent, the subnormal shift P << (X + 149) = P << (eb + 11)
         #    (7 .. 22 where it applies): the leading zeros in a stage of their own, then the rest
         lz = leading_zeros(m, p, "lz")
         lz, eb, p, sign, tag = stage(("lz5", lz, lz.shape()), ("eb5", eb, signed(10)), ("p5", p, unsigned(12)),
@@ -510,8 +513,8 @@ class ResidualTerm(wiring.Component):
         biased, shift, p, sign, tag = stage(("biased", eb - lz, signed(10)), ("sub_shift", (eb + 11)[:5], unsigned(5)),
                                             ("p6", p, unsigned(12)), ("sign6", sign, 1), ("tag6", tag, len(tag)))
         lz = stage_reg(m, en, "lz6", lz, lz.shape())
-        # 8: the candidates (normal: the leading one dropped; subnormal: P at the 2^-149 quantum) and
-        #    the conditions; 9: the pattern
+        # 10: the candidates (normal: the leading one dropped; subnormal: P at the 2^-149 quantum) and
+        #    the conditions; 11: the pattern
         normal, sub, zero, sat, norm, biased8, sign, tag = stage(
             ("normal", (p << lz)[:11], unsigned(11)), ("sub", (p << shift)[:23], unsigned(23)),
             ("zero8", p == 0, 1), ("sat8", biased >= 255, 1), ("norm8", biased >= 1, 1),
