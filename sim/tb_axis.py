@@ -102,6 +102,19 @@ class ProtocolMonitor:
             held = (str(self.tdata.value), str(self.tlast.value)) if stalled else None
 
 
+async def monitor_out_of_reset(dut, port: str) -> ProtocolMonitor:
+    """``port``'s protocol monitor started, ``aresetn`` (low from the start) released after three
+    cycles, and the monitor checking from the first cycle out of reset on; the monitor."""
+    monitor = ProtocolMonitor(dut, port)
+    cocotb.start_soon(monitor.run())
+    for _ in range(3):
+        await RisingEdge(dut.aclk)
+    dut.aresetn.value = 1
+    await RisingEdge(dut.aclk)
+    monitor.enabled = True
+    return monitor
+
+
 class Scoreboard:
     """Each output packet against the model's beats for its layer."""
 
@@ -164,13 +177,7 @@ async def regression(dut):
     for bfm in sources:
         bfm.set_pause_generator(pauses(timing, p_idle))
     sink.set_pause_generator(pauses(timing, p_stall))
-    monitor = ProtocolMonitor(dut, "m_axis")
-    cocotb.start_soon(monitor.run())
-    for _ in range(3):
-        await RisingEdge(dut.aclk)
-    dut.aresetn.value = 1
-    await RisingEdge(dut.aclk)
-    monitor.enabled = True
+    monitor = await monitor_out_of_reset(dut, "m_axis")
 
     sb = Scoreboard(cfg, dut._log)
     sw, lw = axis.widths(cfg)["s_axis"], axis.widths(cfg)["s_axis_load"]

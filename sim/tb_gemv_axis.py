@@ -58,7 +58,7 @@ from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStream
 from sop import toolenv
 from sop.hdl import axis, gemv_axis
 from sop.hdl.gemv import GemvConfig
-from sop.sim.tb_axis import MISMATCHES_LOGGED, ProtocolMonitor, pauses
+from sop.sim.tb_axis import MISMATCHES_LOGGED, monitor_out_of_reset, pauses
 
 INPUTS = ("s_axis_load", "s_axis_x", "s_axis_w", "s_axis_sparse")
 #: (rows of the plain layer, its tokens; tokens of the 40 rows with residuals; tokens of the 40 plain rows)
@@ -140,13 +140,7 @@ async def gemv_axis_regression(dut):
     for bfm in (*sources.values(), sink):
         bfm.log.setLevel("WARNING")                       # one line per frame otherwise
         bfm.set_pause_generator(pauses(rng, plan["p_stall"] if bfm is sink else plan["p_idle"]))
-    monitor = ProtocolMonitor(dut, "m_axis_y")
-    cocotb.start_soon(monitor.run())
-    for _ in range(3):
-        await RisingEdge(dut.aclk)
-    dut.aresetn.value = 1
-    await RisingEdge(dut.aclk)
-    monitor.enabled = True
+    monitor = await monitor_out_of_reset(dut, "m_axis_y")
 
     async def send(name: str, beats) -> None:
         if beats:
