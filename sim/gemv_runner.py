@@ -262,9 +262,10 @@ def layer_entry(cfg: GemvConfig, name: str, layer: LayerStream, vectors) -> dict
 
 
 def error_job(cfg: GemvConfig, point: str, rng) -> dict:
-    """A 3-row, 2-block layer; vectors too long, too short, with a NaN in each lane of a beat (one
-    vector a lane, +NaN and -NaN in turn: every lane's detector must fire on its own; their ``y``
-    counted, not compared), then a good one with 448 (compared)."""
+    """A 3-row, 2-block layer; a block offered before any vector; vectors too long, too short, with a
+    NaN in each lane of a beat (one vector a lane, +NaN and -NaN in turn: every lane's detector must
+    fire on its own; their ``y`` counted, not compared), then a good one with 448 (compared); a layer
+    word with no rows; the layer with a sparse entry beyond its columns."""
     layer = random_layer(point, 3, 2 * cfg.group, rng, offset=0)
     good = rng.integers(0, 0x7F, 2 * cfg.group)
     good[5] = 0x7E
@@ -272,7 +273,18 @@ def error_job(cfg: GemvConfig, point: str, rng) -> dict:
     beats = entry["vectors"][0]["x"]
     nans = [beats[1] & ~(0xFF << 8 * k) | (0x7F | (k & 1) << 7) << 8 * k for k in range(cfg.group)]
     cases = [("x_length", beats + [beats[0]]), ("x_length", beats[:1])] + [("x_nan", [beats[0], n]) for n in nans]
-    entry["cases"] = [{"error": e, "x": x} for e, x in cases] + [{"error": None, **entry["vectors"][0]}]
+    entry["cases"] = [{"error": "w_before_x", "offer": 5}] + [{"error": e, "x": x} for e, x in cases] + \
+        [{"error": None, **entry["vectors"][0]}]
+    # the layer registers: a layer word with no rows (nothing else is sent)
+    entry["cases"].append({"error": "layer", "layer": [0, *entry["layer"][1:]]})
+    # the sparse side: the same layer with entries, one moved beyond the layer's columns: its tables
+    # and layer word into the inactive page, its x swaps them in, then the blocks and the entries
+    # (its y counted)
+    sparse = layer_entry(cfg, "errors+sparse", with_residuals(layer, rng, 4), [good])
+    bad = sparse["sparse"][1]
+    bad[1] = layer.cols + cfg.group * int(rng.integers(0, 4))
+    entry["cases"].append({"error": "sparse", "loads": sparse["loads"], "layer": sparse["layer"], "x": beats,
+                           "sparse": sparse["sparse"]})
     return {"kind": "errors", **entry}
 
 

@@ -21,10 +21,14 @@ computes nothing, it drives beats and compares every ``y`` word bit for bit,
   every owed word must come within a cycle bound, then nothing more may come,
   and ``status`` must read 0 (no vector loaded, no error bit).
 * ``errors`` job: one small layer; vectors one beat too long, one too short,
-  with an E4M3 NaN and -NaN: while each is loaded ``status`` must hold
+  with an E4M3 NaN and -NaN (after a block offered before any x: never taken,
+  ``w_before_x``): while each is loaded ``status`` must hold
   ``x_loaded`` and its bit (``x_length``, ``x_nan``), after its pass the bit
   alone; ``clear`` must clear it. Their ``y`` words are counted (and ``last``
-  checked), not compared; a good vector after them is compared.
+  checked), not compared; a good vector after them is compared. Then a layer
+  word with 0 rows (``layer`` at once, cleared), and the layer again with
+  sparse entries, one beyond its columns: ``sparse`` once the engine takes it
+  (its ``y`` counted).
 
 Random idle cycles on every input (``p_idle``: ``x``, ``w``, ``sparse``, ``load``,
 ``layer``) and random stalls on ``y.ready`` (``p_stall``) come from the plan's
@@ -252,6 +256,9 @@ class Testbench:
     def x_cycle(self, beats: list[int], k: int, swap: bool) -> HostCycle:
         return HostCycle(x=self.pack_x(codes=beats[k], last=int(k == len(beats) - 1), swap=int(swap)))
 
+    def entry(self, row: int, col: int, value: int, last: int) -> int:
+        return self.pack_sparse(row=row, col=col, value=value, last=last)
+
     def offered(self) -> bool:
         return self.rng.random() >= self.p_idle
 
@@ -283,7 +290,7 @@ class Testbench:
                 c.w = ws[wp]
             if xv > wv and sp < len(ss) and self.offered():
                 row, col, value, last = ss[sp]
-                c.sparse = self.pack_sparse(row=row, col=col, value=value, last=last)
+                c.sparse = self.entry(*ss[sp])
             reply = yield c
             cycle += 1
             if write is not None:
@@ -314,28 +321,59 @@ class Testbench:
         return reply.status
 
     def errors_sequence(self, job: dict, max_wait: int):
-        """The layer's writes, then each case: its x beats (the first with swap), ``status`` with its
-        error bit while loaded, its blocks, ``status`` after the pass, ``clear``, ``status`` 0."""
+        """The layer's writes, then each case: blocks offered before any x (``w_before_x``, then
+        ``clear``), or its own tables and layer word if it has them (a layer word
+        alone: ``status`` with its bit, ``clear``, ``status`` 0), its x beats (the first with swap in
+        the first case and a case with its own layer), ``status`` with its error bit while loaded
+        (``sparse`` is flagged later, when its entry is taken), its blocks and entries, ``status``
+        after the pass, ``clear``, ``status`` 0."""
         for c in self.writes(job):
             yield c
         for _ in range(3):
             yield IDLE
+        first_x = next(i for i, case in enumerate(job["cases"]) if "x" in case)
         for i, case in enumerate(job["cases"]):
             bit = ERROR_BITS[case["error"]] if case["error"] else 0
+            if "offer" in case:            # a block offered with no vector loaded: never taken, flagged
+                for _ in range(case["offer"]):
+                    if (yield HostCycle(w=job["w"][0])).w:
+                        raise AssertionError(f"errors case {i}: a block taken before any x")
+                yield IDLE
+                self.check_status((yield from self.read_status()), bit, f"errors case {i}, block before x")
+                yield HostCycle(clear=True)
+                self.check_status((yield from self.read_status()), 0, f"errors case {i}, after clear")
+                continue
+            if "layer" in case:            # a layer word (and tables) into the inactive page; its x swaps them in
+                for c in self.writes({"loads": case.get("loads", []), "layer": case["layer"]}):
+                    yield c
+                if "x" not in case:        # a bad word alone: flagged (two cycles on), then cleared
+                    yield IDLE
+                    self.check_status((yield from self.read_status()), bit, f"errors case {i}, layer word")
+                    yield HostCycle(clear=True)
+                    self.check_status((yield from self.read_status()), 0, f"errors case {i}, after clear")
+                    continue
+                yield IDLE
             for k in range(len(case["x"])):
                 for _ in range(max_wait):
-                    if (yield self.x_cycle(case["x"], k, i == 0 and k == 0)).x:
+                    if (yield self.x_cycle(case["x"], k, (i == first_x or "layer" in case) and k == 0)).x:
                         break
                 else:
                     raise AssertionError(f"errors case {i}: x beat {k} not taken in {max_wait} cycles")
             yield IDLE
-            self.check_status((yield from self.read_status()), X_LOADED | bit, f"errors case {i}, vector loaded")
-            for w in job["w"]:
-                for _ in range(max_wait):
-                    if (yield HostCycle(w=w)).w:
-                        break
-                else:
-                    raise AssertionError(f"errors case {i}: a block not taken in {max_wait} cycles")
+            # a bad sparse entry is flagged when the engine takes it, after the blocks: not yet
+            loaded_bit = 0 if case["error"] == "sparse" else bit
+            self.check_status((yield from self.read_status()), X_LOADED | loaded_bit,
+                              f"errors case {i}, vector loaded")
+            ws, ss, wp, sp = job["w"], case.get("sparse", []), 0, 0
+            for _ in range(max_wait * (len(ws) + len(ss))):
+                if wp == len(ws) and sp == len(ss):
+                    break
+                reply = yield HostCycle(w=ws[wp] if wp < len(ws) else None,
+                                        sparse=self.entry(*ss[sp]) if sp < len(ss) else None)
+                wp, sp = wp + reply.w, sp + reply.sparse
+            else:
+                raise AssertionError(f"errors case {i}: {wp} of {len(ws)} blocks, {sp} of {len(ss)} entries "
+                                     f"taken in {max_wait} cycles each")
             for _ in range(max_wait):
                 status = yield from self.read_status()
                 if not status & X_LOADED:
@@ -361,7 +399,8 @@ class Testbench:
             self.driver.start(self.layers_sequence(layers, max_cycles))
         else:
             for i, case in enumerate(job["cases"]):
-                sb.expect(case.get("expect") or [None] * job["rows"], f"errors case {i} ({case['error']})")
+                if "x" in case:
+                    sb.expect(case.get("expect") or [None] * job["rows"], f"errors case {i} ({case['error']})")
             self.layers += 1
             max_cycles = 200 * (len(job["loads"]) + len(job["w"]) * len(job["cases"]) + 100)
             self.driver.start(self.errors_sequence(job, 500))
