@@ -71,9 +71,11 @@ Latency: ``latency`` cycles from a block taken on ``blocks`` to its value on
 ``values`` while ``values`` is ready (checked against the registers built).
 ``model`` computes the values through golden.dot.block_values.
 
-Activation formats: E4M3 (``golden.dot.ACT_FORMATS``) is built. BF16 is refused
-in the constructor: its exact accumulator is 279 bits (``MAX_ACC_BITS`` is the
-limit here); docs/dot.md section 7 says what a BF16 path takes. E4M3's NaN codes
+Activation formats: E4M3 (``golden.dot.ACT_FORMATS``) is built here. BF16, whose
+exact accumulator would be 279 bits (``MAX_ACC_BITS`` is the limit here), builds
+``hdl.block_dot_bf16.BlockDotBF16`` instead (``BlockDot(..., act="bf16")`` returns
+one): a window fast path and an exact serial fallback (docs/dot.md section 7);
+another format past the limit is refused in the constructor. E4M3's NaN codes
 (S.1111.111) are outside the contract (the host refuses non-finite
 activations); the unit reads them as +-480.
 """
@@ -97,7 +99,7 @@ from .arith import delay as arith_delay
 from .output_buffer import OutputStage
 from .pipeline import PipelineControl
 
-#: The widest exact accumulator built: E4M3 needs 36 bits, BF16 279 (refused).
+#: The widest exact accumulator built: E4M3 needs 36 bits; BF16 (279) takes hdl.block_dot_bf16.
 MAX_ACC_BITS = 64
 FP32_MAX_BITS = 0x7F7FFFFF
 
@@ -132,6 +134,14 @@ def code_fields(fmt: FloatFormat, code):
 
 
 class BlockDot(wiring.Component):
+    def __new__(cls, layout=None, hif=None, act="e4m3", *args, **kwargs):
+        # BF16 activations: the window fast path and its exact fallback (hdl.block_dot_bf16)
+        if cls is BlockDot and dot.act_format(act) is dot.ACT_FORMATS["bf16"]:
+            from .block_dot_bf16 import BlockDotBF16
+
+            return super().__new__(BlockDotBF16, src_loc_at=1)
+        return super().__new__(cls, src_loc_at=1)
+
     def __init__(self, layout: BlockLayout, hif: FloatFormat, act="e4m3"):
         self.layout, self.hif = layout, _float(hif, "HIF")
         self.act = dot.act_format(act)
@@ -141,9 +151,9 @@ class BlockDot(wiring.Component):
             self._MustUse__silence = True        # refused: never elaborated, no unused-component warning
             raise ValueError(
                 f"activation format {self.act.name} with HIF {self.hif.name} needs a {self.acc.bits}-bit exact "
-                f"block accumulator (docs/dot.md section 2); this unit builds at most {MAX_ACC_BITS}. A "
-                f"{self.act.name} path needs a window aligned to the block's largest product with a sticky bit "
-                f"and an exact cancellation path (docs/dot.md section 7); use act='e4m3'")
+                f"block accumulator (docs/dot.md section 2); this unit builds at most {MAX_ACC_BITS}. A wide "
+                f"format needs a window fast path and an exact fallback, as act='bf16' has (hdl.block_dot_bf16, "
+                f"docs/dot.md section 7); use act='e4m3' or act='bf16'")
         W, Ms = self.acc.bits, self.scale.mbits
         s_lo, _ = dot.exponent_range(self.scale)
         # Q = |A| * Ss: W - 1 + Ms + 1 bits, plus headroom at the top so that kmax >= 0 for every block
@@ -232,6 +242,26 @@ class BlockDot(wiring.Component):
         ss, sb = delay(en0, ss, 2, "ss"), delay(en0, sb, 2, "sb")
         kmax, ss, sb = (delay(en0, v, depth - 3, n) for v, n in ((kmax, "kmax"), (ss, "ss"), (sb, "sb")))
 
+        word, tail = self.scaled_word(m, en0, A, kmax, ss, sb)
+        depth += tail
+        assert depth == self.latency, (depth, self.latency)
+        m.d.comb += Value.cast(out.last).eq(word)
+        return m
+
+    def scaled_word(self, m: Module, en0, A, kmax, ss, sb) -> tuple[Value, int]:
+        """Section 3's one rounding of a block, from its exact sum ``A`` (signed, ``self.acc.bits`` bits or
+        a window of it), ``kmax``, the scale significand ``ss`` and the block sign ``sb``, all at one
+        stage: the binary32 word and the stages it takes (``|A|``, ``Q = |A| * Ss`` and the barrier,
+        leading zeros, the normalizing shift, ``round_fp32``). Both activation paths end here."""
+        W, NQ, scale = len(A), self.nq, self.scale
+
+        def reg(en, name, value, shape):
+            return stage_reg(m, en, name, value, shape)
+
+        def delay(en, value, n, name):
+            return arith_delay(m, en, value, n, name)
+
+        tail = 0
         # -- |A|, the sign, the barrier; Q = |A| * Ss ----------------------------------------------------------
         mag = reg(en0, "mag", Mux(A[-1], -A, A)[:W - 1], unsigned(W - 1))
         neg = reg(en0, "neg", A[-1] ^ sb, 1)
@@ -251,7 +281,7 @@ class BlockDot(wiring.Component):
         Q = reg(en0, "q", Cat(mul_lo.p[:half], mul_hi.p + mul_lo.p[half:]), unsigned(NQ))
         neg, barrier, kmax = (delay(en0, v, mul_lo.latency + 1, n) for v, n in
                               ((neg, "neg"), (barrier, "barrier"), (kmax, "kmax_q")))
-        depth += 1 + mul_lo.latency + 1
+        tail += 1 + mul_lo.latency + 1
 
         # -- normalize: k = leading zeros of Q | barrier = min(lz(Q), kmax) -------------------------------------
         qb = reg(en0, "qb", Q | barrier, unsigned(NQ))
@@ -260,7 +290,7 @@ class BlockDot(wiring.Component):
         zero = reg(en0, "zero_z", ~nzq.any(), 1)
         zero = reg(en0, "zero_z2", zero, 1)
         q2, neg, kmax = (delay(en0, v, 3, n) for v, n in ((Q, "q_z"), (neg, "neg_z"), (kmax, "kmax_z")))
-        depth += 3
+        tail += 3
 
         # -- shift by k; beside the first stage, kmax - k ---------------------------------------------------
         n_norm = shift_stages(NQ)
@@ -268,14 +298,12 @@ class BlockDot(wiring.Component):
         qs = shift_left(m, en0, q2, k, NQ, "norm")
         zero, neg = delay(en0, zero, n_norm, "zero_n"), delay(en0, neg, n_norm, "neg_n")
         ebm1 = delay(en0, ebm1, n_norm - 1, "ebm1")
-        depth += n_norm
+        tail += n_norm
 
         # -- round: {ef, mantissa} + up; saturate, zero, sign --------------------------------------------------
         word = round_fp32(m, en0, qs, ebm1, zero, neg, Const(0, 1), self.round_up, "r")
-        depth += 3
-        assert depth == self.latency, (depth, self.latency)
-        m.d.comb += Value.cast(out.last).eq(word)
-        return m
+        tail += 3
+        return word, tail
 
     @staticmethod
     def negate(sign, p):

@@ -132,7 +132,8 @@ costs up to a ring turn (the ring has passed the next value's slot; the value
 FIFO queues what follows). A layer with residual entries spends, per tile, the
 block dot unit's drain (about 30 cycles) and ``tile`` cycles per round of entries.
 
-Open: BF16 activations (refused by BlockDot).
+Open: BF16 activations (the block dot unit has them, hdl.block_dot_bf16; the engine refuses them
+in ``GemvConfig``: its term unit, x buffer and tests are E4M3's).
 
 ``model`` is golden.dot.gemv; ``gemv_configs`` the named configurations and
 ``describe`` their manifests; ``w_beats``, ``x_beats``, ``sparse_beats`` the host side.
@@ -202,6 +203,10 @@ class GemvConfig:
             problems.append(f"max_cols must be {g} times a power of two, got {self.max_cols}")
         if self.max_rows < 1:
             problems.append(f"max_rows must be at least 1, got {self.max_rows}")
+        if self.act_format is not dot.ACT_FORMATS["e4m3"]:
+            # the block dot unit has a BF16 path (hdl.block_dot_bf16); the engine's term unit, x buffer
+            # and tests are E4M3's (docs/dot.md section 8, "Open")
+            problems.append(f"act must be 'e4m3' (a BF16 engine is not built), got {self.act!r}")
         if problems:
             raise ValueError(f"engine config {self.name!r}: " + "; ".join(problems))
 

@@ -269,7 +269,7 @@ def test_real_minilm_blocks_under_stalls(minilm_stream):
         np.testing.assert_array_equal(block_dot.model(minilm_stream.layout, minilm_stream.hif, "e4m3", *blocks), want)
 
 
-# -- throughput, latency, the refusal --------------------------------------------------------------------
+# -- throughput, latency, the refusal of a format with no path -----------------------------------------
 
 def test_one_block_per_cycle_and_the_stated_latency():
     rng = np.random.default_rng(5)
@@ -282,9 +282,10 @@ def test_one_block_per_cycle_and_the_stated_latency():
     np.testing.assert_array_equal(when, dut.latency + np.arange(64))
 
 
-def test_bf16_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match=r"279-bit exact block accumulator.*sticky"):
-        BlockDot(SOP4.layout, HIF, "bf16")
+def test_a_format_without_a_path_is_refused_with_the_reason():
+    """BF16 builds its own unit (tests/test_hdl_block_dot_bf16.py); another wide format is refused."""
+    with pytest.raises(ValueError, match=r"274-bit exact block accumulator.*bf16"):
+        BlockDot(SOP4.layout, HIF, FORMATS["ue8m0"])
 
 
 # -- the checks catch injected bugs ------------------------------------------------------------------------

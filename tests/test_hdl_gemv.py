@@ -718,3 +718,10 @@ def test_named_configurations_elaborate_to_verilog():
     doc = gemv.describe(cfg, dut)
     assert doc["latency_cycles"] == sum(doc["latency_stages"].values())
     assert {p["name"] for p in doc["ports"]} >= {"x__payload", "w__payload", "y__payload", "status"}
+
+
+def test_a_bf16_engine_is_refused_with_the_reason():
+    """The block dot unit has a BF16 path; the engine (term unit, x buffer) does not: refused, not built."""
+    cfg = gemv_configs()["gemv-sop4-g16"]
+    with pytest.raises(ValueError, match=r"act must be 'e4m3' \(a BF16 engine is not built\), got 'bf16'"):
+        GemvConfig(**{**vars(cfg), "act": "bf16"})
