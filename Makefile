@@ -5,6 +5,11 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 # Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
 PYTEST := $(PY) -m pytest -p no:cacheprovider
+# make test and test-fast run the files in parallel (pytest-xdist, a file per worker: a module's
+# fixtures are built once), one worker per core up to 4 (each may hold a model in memory);
+# TEST_JOBS=0 runs them in this process, one after another.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
+PARALLEL := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 .PHONY: help setup test test-fast fuzz demo verilog sim synth bitstream bench peers mutate clean
 
@@ -19,11 +24,11 @@ setup: $(STAMP)  ## idempotent: Icarus (apt), .venv, project editable with dev e
 $(STAMP): pyproject.toml scripts/setup.sh
 	scripts/setup.sh
 
-test: $(STAMP)  ## the whole suite (set-up first if needed)
-	$(PYTEST) -q
+test: $(STAMP)  ## the whole suite (set-up first if needed; TEST_JOBS=N workers, 0: none)
+	$(PYTEST) -q $(PARALLEL)
 
 test-fast: $(STAMP)  ## the suite without the slow tests
-	$(PYTEST) -q -m "not slow"
+	$(PYTEST) -q $(PARALLEL) -m "not slow"
 
 fuzz: $(STAMP)  ## the fuzz suite, long (SOP_FUZZ=1: 50x the examples of make test, not derandomized)
 	SOP_FUZZ=1 $(PYTEST) -q -m fuzz
