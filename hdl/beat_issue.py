@@ -31,7 +31,14 @@ Reset clears ``valid``, ``take``, the chunk counter and the page pointer
 (``active = 0``); the lane and group registers have none.
 
 Latency: 1 (``latency``): a beat whose handshake is at edge ``t`` issues its
-first codes in the cycle after it. ``model`` is the cycle model (golden.layout
+first codes in the cycle after it.
+
+Wide decoders (``config.wide``, hdl.config: more than ``replica.REGION``
+lanes): an input stage in front of stage 0, one register per region of
+``REGION`` lanes (``_wide``), so that no input bit reaches logic before a
+register; ``write_page`` (to the lanes) is one bit per region and
+``region_valid`` (out) is stage 0's valid bit per region. Latency 2; the
+handshake (``blocks.ready = en & take``) is the same. ``model`` is the cycle model (golden.layout
 unpacks the beats, ``scale_decoder.model`` decodes the headers).
 
 Sparse residuals (``config.residuals > 0``): a ``merge`` interface
@@ -74,8 +81,9 @@ class LaneIssueSignature(wiring.Signature):
     """Stage 0 to the lanes (hdl.lanes): per lane its read; the page the host writes."""
 
     def __init__(self, config: DecoderConfig):
+        # write_page: one copy per region (``config.regions``: 1 unless ``config.wide``)
         super().__init__({"read": Out(data.ArrayLayout(read_layout(config), config.lanes)),
-                          "write_page": Out(1)})
+                          "write_page": Out(config.regions)})
 
 
 class GroupIssueSignature(wiring.Signature):
@@ -83,7 +91,7 @@ class GroupIssueSignature(wiring.Signature):
 
     def __init__(self, config: DecoderConfig):
         super().__init__({"fields": Out(data.ArrayLayout(group_layout(config), rep.groups(config.lanes))),
-                          "write_page": Out(1)})
+                          "write_page": Out(config.regions)})
 
 
 class BeatIssue(wiring.Component):
@@ -100,14 +108,19 @@ class BeatIssue(wiring.Component):
         if config.residuals:
             from .residual import MergeIssueSignature
             members["merge"] = Out(MergeIssueSignature())
+        if config.wide:
+            members["region_valid"] = Out(config.regions)
+            members["enable_upcoming"] = In(1)
         super().__init__(members)
 
     @property
     def latency(self) -> int:
-        """Stage 0 is one register stage: the hold registers."""
-        return 1
+        """Stage 0 is one register stage: the hold registers; a wide decoder's input stage one more."""
+        return 2 if self.config.wide else 1
 
     def elaborate(self, platform):
+        if self.config.wide:
+            return self._wide()
         m = Module()
         cfg, lay = self.config, self.config.layout
         N, g, k, H = cfg.lanes, lay.group, lay.code_bits, lay.header_bits
@@ -198,6 +211,115 @@ class BeatIssue(wiring.Component):
             m.d.comb += [r.addr.eq(codes[:k]), r.bank.eq(lane_bank), r.page.eq(lane_page)]
         return m
 
+    def _wide(self):
+        """``config.wide``: the beat first into an input register, one per region of
+        ``replica.REGION`` lanes holding only the bits its lanes use (their codes, their blocks'
+        headers), and whether a beat was taken, and its ``swap``. The register has no enable: a
+        beat taken at edge ``t`` is in it for one cycle, and stage 0 takes it at edge ``t + 1``
+        for certain, because ``blocks.ready`` is decided for that edge: ``en_upcoming`` (the
+        enable of the next cycle, a register of the control's) and the ``take`` of the next
+        cycle. So a beat's acceptance still means that the beat before it has left stage 0 by
+        the next edge, as the host's page rule needs (docs/hardware.md). Each region decodes its
+        own headers, selects its own banks and computes its own page bit from its own copies of
+        ``active`` and the input register; stage 0's valid bit is a copy per region
+        (``region_valid``, for the regions' valid chains, hdl.pipeline)."""
+        m = Module()
+        cfg, lay = self.config, self.config.layout
+        N, g, k, H = cfg.lanes, lay.group, lay.code_bits, lay.header_bits
+        B, C = cfg.blocks_per_beat, cfg.beats_per_block
+        R = cfg.regions
+        n_groups = rep.groups(N)
+        per_group, per_region = N // n_groups, N // R
+        en, en_lane = self.enable.en, self.enable.lane
+        beat = self.blocks.payload.blocks
+
+        def block_of(i):
+            return i // g if B > 1 else 0
+
+        def code_bits(i):
+            """Beat bit positions of lane ``i``'s codes, chunk 0 first."""
+            base = block_of(i) * lay.block_bits + H
+            first = i % g if B > 1 else i
+            return [base + (first + c * N) * k + j for c in range(C) for j in range(k)]
+
+        taken = []                                     # per region: a beat was taken last cycle
+        for r in range(R):
+            taken.append(rep.replica(1, name=f"beat_valid_r{r}"))
+        if C > 1:
+            chunk = Signal(range(C))
+            take = rep.replica(1, name="take_ctl", init=1)
+            take_g = [rep.replica(1, name=f"take_g{grp}", init=1) for grp in range(n_groups)]
+            take_next = Mux(take, ~taken[0], chunk == C - 2)
+            with m.If(en):
+                m.d.sync += [t.eq(take_next) for t in [take] + take_g]
+                with m.If(take):
+                    m.d.sync += chunk.eq(0)
+                with m.Else():
+                    m.d.sync += chunk.eq(chunk + 1)
+            take_upcoming = Mux(en, take_next, take)   # take of the next cycle
+        else:
+            take, take_g, take_upcoming = 1, [1] * n_groups, 1
+        # stage 0 takes at the next edge: the beat taken now is in the input register then
+        m.d.comb += self.blocks.ready.eq(self.enable_upcoming & take_upcoming)
+        accepted = self.blocks.valid & self.blocks.ready
+
+        pages = []
+        for r in range(R):
+            lanes_r = range(r * per_region, (r + 1) * per_region)
+            en_r, take_r = en_lane[lanes_r[0]], take_g[lanes_r[0] // per_group]
+            blocks_r = sorted({block_of(i) for i in lanes_r})
+            bits = sorted({b * lay.block_bits + j for b in blocks_r for j in range(H)} |
+                          {p for i in lanes_r for p in code_bits(i)})
+            where = {p: n for n, p in enumerate(bits)}
+            pre = rep.replica(len(bits), name=f"beat_r{r}", reset_less=True)
+            pre_swap = rep.replica(1, name=f"beat_swap_r{r}", reset_less=True)
+            active = rep.replica(1, name=f"active_r{r}")
+            valid = rep.replica(1, name=f"valid_r{r}")
+            m.d.sync += [pre.eq(Cat(beat[p] for p in bits)), taken[r].eq(accepted),
+                         pre_swap.eq(self.blocks.payload.swap)]
+
+            def at(start, width, pre=pre, where=where):
+                return Cat(pre[where[start + j]] for j in range(width))
+
+            # the page of the input register's beat (of the newest beat taken): writes go to the other
+            page = active ^ (taken[r] & pre_swap)
+            with m.If(en_r & take_r):
+                m.d.sync += [valid.eq(taken[r]), active.eq(page)]
+            m.d.comb += [self.lanes.write_page[r].eq(~page), self.groups.write_page[r].eq(~page),
+                         self.region_valid[r].eq(valid)]
+            pages.append(page)
+
+            decoders = {}
+            for b in blocks_r:
+                decoders[b] = sd = ScaleDecoder(cfg)
+                m.submodules[f"scale_r{r}_{b}"] = sd
+                m.d.comb += sd.header.eq(at(b * lay.block_bits, H))
+            if lay.banks == 2:
+                m.submodules[f"mux_r{r}"] = mux = self._mux_cls(lanes=per_region, group=g)
+                m.d.comb += [mux.select[n].eq(decoders[b].select) for n, b in enumerate(blocks_r)]
+            for grp in range(lanes_r[0] // per_group, (lanes_r[-1] + 1) // per_group):
+                held = rep.replica(scale_decoder.fields(cfg), name=f"fields_g{grp}", reset_less=True)
+                held_page = rep.replica(1, name=f"page_g{grp}", reset_less=True)
+                with m.If(en_lane[grp * per_group] & take_g[grp]):
+                    m.d.sync += [held.eq(decoders[block_of(grp * per_group)].fields), held_page.eq(page)]
+                m.d.comb += [self.groups.fields[grp].fields.eq(held), self.groups.fields[grp].page.eq(held_page)]
+            for i in lanes_r:
+                codes = rep.replica(unsigned(C * k), name=f"codes{i}", reset_less=True)
+                lane_page = rep.replica(1, name=f"page{i}", reset_less=True)
+                lane_bank = rep.replica(1, name=f"bank{i}", reset_less=True)
+                with m.If(en_lane[i]):
+                    with m.If(take_g[i // per_group]):
+                        m.d.sync += [codes.eq(Cat(pre[where[p]] for p in code_bits(i))), lane_page.eq(page)]
+                        if lay.banks == 2:
+                            m.d.sync += lane_bank.eq(mux.bank[i - lanes_r[0]])
+                    if C > 1:
+                        with m.Else():
+                            m.d.sync += codes.eq(codes >> k)
+                rd = self.lanes.read[i]
+                m.d.comb += [rd.addr.eq(codes[:k]), rd.bank.eq(lane_bank), rd.page.eq(lane_page)]
+        m.d.comb += self.valid.eq(self.region_valid[0])
+        return m
+
 
 def model(config: DecoderConfig, beats, swap, valid, en) -> dict[str, np.ndarray]:
     """Cycle model: the outputs in every cycle ``t`` from the inputs of that cycle.
@@ -210,7 +332,10 @@ def model(config: DecoderConfig, beats, swap, valid, en) -> dict[str, np.ndarray
 
     The contract, without the hardware's ``take`` register: a beat is taken on an enabled
     cycle when stage 0 is empty or issues its block's last codes; a taken beat with ``swap``
-    flips the active page; it then issues chunk ``c = 0 .. C - 1`` on successive enabled cycles."""
+    flips the active page; it then issues chunk ``c = 0 .. C - 1`` on successive enabled cycles.
+    ``write_page`` is the other page than the newest taken beat's. A wide decoder (``config.wide``)
+    holds a beat taken in cycle ``t`` in its input register in cycle ``t + 1``, and stage 0 takes it
+    at that edge: ``ready[t]`` is ``en[t + 1]`` and the take of cycle ``t + 1`` (0 in the last cycle)."""
     cfg, lay = config, config.layout
     N, g, B, C = cfg.lanes, lay.group, cfg.blocks_per_beat, cfg.beats_per_block
     n_groups = rep.groups(N)
@@ -222,7 +347,7 @@ def model(config: DecoderConfig, beats, swap, valid, en) -> dict[str, np.ndarray
     fields = {name: z(T, n_groups) for name in scale_decoder.fields(cfg).members}
     lane_block = np.array([i // g if B > 1 else 0 for i in range(N)])
     group_block = lane_block[np.arange(n_groups) * per_group]
-    cur, chunk, active = None, 0, 0
+    cur, chunk, active, pre = None, 0, 0, None     # pre: the beat in the input register (``config.wide``)
     for t in range(T):
         take = cur is None or chunk == C - 1
         out["ready"][t], out["write_page"][t] = int(bool(en[t]) and take), 1 - active
@@ -238,14 +363,31 @@ def model(config: DecoderConfig, beats, swap, valid, en) -> dict[str, np.ndarray
             for name, v in scale_decoder.model(cfg, headers[group_block]).items():
                 if name in fields:
                     fields[name][t] = v
+        if not cfg.wide:
+            if en[t]:
+                if take:
+                    cur, chunk = None, 0
+                    if valid[t]:
+                        active ^= int(swap[t])
+                        headers, codes = unpack_blocks(lay, int(beats[t]).to_bytes(cfg.beat_bits // 8, "little"))
+                        cur = (headers, codes, active)
+                else:
+                    chunk += 1
+            continue
+        # wide: stage 0 takes the input register's beat; the ready of this cycle is for the next
+        # edge (the enable and the take of the next cycle), so a beat taken now enters stage 0 then
+        assert pre is None or (en[t] and take), "the input register's beat must enter stage 0"
         if en[t]:
             if take:
-                cur, chunk = None, 0
-                if valid[t]:
-                    active ^= int(swap[t])
-                    headers, codes = unpack_blocks(lay, int(beats[t]).to_bytes(cfg.beat_bits // 8, "little"))
-                    cur = (headers, codes, active)
+                cur, chunk = pre, 0
             else:
                 chunk += 1
+        take_next = cur is None or chunk == C - 1
+        out["ready"][t] = int(t + 1 < T and bool(en[t + 1]) and take_next)
+        pre = None
+        if valid[t] and out["ready"][t]:
+            active ^= int(swap[t])
+            headers, codes = unpack_blocks(lay, int(beats[t]).to_bytes(cfg.beat_bits // 8, "little"))
+            pre = (headers, codes, active)
     out.update({f"fields.{name}": v for name, v in fields.items()})
     return out

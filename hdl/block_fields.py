@@ -11,8 +11,11 @@ takes ``latency`` enabled edges, the table read's (1, or 2 with
 
 Registers. Per lane group and page one layer term (``offset_we`` writes
 ``offset + exp_constant`` into the page ``issue.write_page``, the one the host
-loads, at once), and per group one register of the block's fields, plus one per
-extra cycle of the table read. The scale significand, which gates every
+loads, at once; in a wide decoder, hdl.config, one cycle later: the write is
+first registered per region of ``replica.REGION`` lanes with its region's copy of
+``write_page``, so that the inputs reach no logic before a register), and
+per group one register of the block's fields, plus one per extra cycle of the
+table read. The scale significand, which gates every
 partial product of a lane's multiplier, gets a register per lane instead
 (its last stage). No register drives more than a group; none has a reset.
 
@@ -20,7 +23,8 @@ Ports
 * ``enable`` (in, hdl.pipeline.EnableSignature): each group's registers move on
   its first lane's copy, each lane's on its own;
 * ``issue`` (in, hdl.beat_issue.GroupIssueSignature): per group ``fields`` and
-  ``page``; ``write_page``;
+  ``page``; ``write_page`` (one bit per region in a wide decoder, hdl.config: each
+  group takes its region's);
 * ``offset`` (in, signed 8), ``offset_we`` (in);
 * ``block`` (out): per lane its ``block(config)`` values.
 
@@ -81,14 +85,25 @@ class BlockFields(wiring.Component):
         en_lane = self.enable.lane
         sig_name = "sig" if cfg.output == "exact" else "frac"
         with_term = scale_decoder.with_layer_term
+        writes = []             # a wide decoder: the offset write registered per region first
+        for r in range(cfg.regions if cfg.wide else 0):
+            w = rep.replica(data.StructLayout({"we": 1, "page": 1, "offset": signed(8)}), name=f"offset_r{r}",
+                            reset_less=True)
+            m.d.sync += [w.we.eq(self.offset_we), w.page.eq(self.issue.write_page[r]), w.offset.eq(self.offset)]
+            writes.append(w)
         for grp in range(n_groups):
             held = self.issue.fields[grp]
             en_g = en_lane[grp * per_group]
             # per page: the layer offset plus the block exponent's constant part
             terms = Array(rep.replica(scale_decoder.layer_term_shape(cfg), name=f"layer_term{p}_g{grp}",
                                       reset_less=True) for p in range(2))
-            with m.If(self.offset_we):
-                m.d.sync += terms[self.issue.write_page].eq(self.offset + scale_decoder.exp_constant(cfg))
+            if cfg.wide:        # the region's registered write (its copy of the page the host writes)
+                w = writes[grp * cfg.regions // n_groups]
+                offset, offset_we, write_page = w.offset, w.we, w.page
+            else:
+                offset, offset_we, write_page = self.offset, self.offset_we, self.issue.write_page
+            with m.If(offset_we):
+                m.d.sync += terms[write_page].eq(offset + scale_decoder.exp_constant(cfg))
             r = rep.replica(scale_decoder.block(cfg), name=f"block_g{grp}", reset_less=True)
             with m.If(en_g):
                 m.d.sync += [getattr(r, name).eq(value)

@@ -28,6 +28,15 @@ LUT4 and flip-flops per lane, bit for bit the same outputs, a shorter latency.
 No residual path (refused). ``"deep"`` builds exactly the
 Verilog it built before the knob existed.
 
+Wide decoders (``wide``, derived, not a knob): a deep decoder of more than
+``replica.REGION`` lanes without residuals registers its two inputs once per
+region of ``REGION`` lanes before any logic (hdl.beat_issue: the ``blocks`` beat
+in a register stage in front of stage 0; hdl.lanes: the table write in front of
+the LUT word encoder, one encoder per region), so that no input net crosses the
+die through logic in one cycle. Both paths get one cycle longer, so the host's
+"write, then swap" rule is the same. Up to ``REGION`` lanes (every named
+configuration but the 64-lane one) the Verilog is what it was before.
+
 Output lanes: ``"bf16"`` is 16 bits per lane; ``"exact"`` is the exact
 product as golden.decoder.product_fields gives it, ``{sig, exp, sign}``.
 
@@ -118,6 +127,19 @@ class DecoderConfig:
     def shallow(self) -> bool:
         """Built for a low-Fmax LUT4 FPGA (``pipeline == "shallow"``, module docstring)."""
         return self.pipeline == "shallow"
+
+    @property
+    def wide(self) -> bool:
+        """Inputs registered once per region of ``replica.REGION`` lanes (module docstring): the
+        deep pipeline, more than ``REGION`` lanes, no residuals."""
+        from .replica import REGION
+        return not self.shallow and not self.residuals and self.lanes > REGION
+
+    @property
+    def regions(self) -> int:
+        """Copies of the input registers: one per region of ``replica.REGION`` lanes where ``wide``, else 1."""
+        from .replica import REGION
+        return self.lanes // REGION if self.wide else 1
 
     # -- beats ---------------------------------------------------------------
     @property

@@ -32,7 +32,8 @@ Latency. ``latency`` is the sum of the components' latencies (each a property of
 the instance built, checked against the registers it builds): the number of
 cycles from a beat's handshake (the edge where ``blocks.valid & blocks.ready``)
 to the edge where its first output beat is first offered, ``values.valid`` high
-(4 exact, 8 BF16 for the sop4 layout; one more with ``lutram_depth > 0``).
+(4 exact, 8 BF16 for the sop4 layout; one more with ``lutram_depth > 0``; one
+more in a wide decoder, below).
 tests/test_hdl_decoder.py measures it. While both sides are ready, ``N`` values
 leave every cycle with no bubble.
 
@@ -57,6 +58,20 @@ Tables. A table word written in cycle ``t`` is readable from cycle ``t + 2``
 write. The host must not write a page while beats that read it are in flight:
 load the next layer only after the current layer's first (swap) beat has been
 accepted. The per-layer offset is written at once.
+
+Wide decoders (``config.wide``: the deep pipeline with more than
+``replica.REGION`` lanes and no residuals, hdl.config) register both inputs once
+per region of ``REGION`` lanes before any logic: the beat issue's input stage
+(hdl.beat_issue, latency 2: each region decodes its own headers and keeps its
+own page pointer and stage 0 valid bit, which starts its region's valid chain in
+hdl.pipeline) and the table write's region registers in front of one LUT word
+encoder per region (hdl.lanes: a word written in cycle ``t`` is readable from
+``t + 3``; the offset write is registered per region too, and lands an edge
+later). The beat's reads are one cycle later too, so the rule above holds
+as written; and since the input stage has no enable (``blocks.ready`` is
+decided for the next edge), an accepted beat enters stage 0 at the next edge,
+so the beat before it has made its reads before any write the host sends
+after the acceptance lands. Up to ``REGION`` lanes the decoder is built as before.
 
 Reset (synchronous) clears every valid bit, the block in hand and the page
 pointer (page 0 active); the datapath registers have no reset. LUT RAM is not
@@ -127,7 +142,7 @@ class Decoder(wiring.Component):
                             "sparse_error": Out(error_layout())})
         # the valid chain spans the stages after stage 0 up to the last one (hdl.pipeline)
         self.control = PipelineControl(config.lanes, depth=self.lanes.latency + self.residual_latency,
-                                       levels=levels)
+                                       levels=levels, valids=config.regions, upcoming=config.wide)
         assert self.control.latency == self.output.delay, "the skid must cover the enable's register levels"
         assert self.fields.latency == self.lanes.read_latency, "block fields must arrive with the table word"
         super().__init__(members)
@@ -157,9 +172,11 @@ class Decoder(wiring.Component):
         wiring.connect(m, control=control.buffers, output=output.control)
         wiring.connect(m, issue=issue.lanes, lanes=lanes.issue)
         wiring.connect(m, issue=issue.groups, fields=fields.issue)
-        m.d.comb += [control.valid.eq(issue.valid),
+        m.d.comb += [control.valid.eq(issue.region_valid if self.config.wide else issue.valid),
                      fields.offset.eq(self.offset), fields.offset_we.eq(self.offset_we),
                      lanes.block.eq(fields.block)]
+        if self.config.wide:
+            m.d.comb += issue.enable_upcoming.eq(control.en_upcoming)
         if not self.config.residuals:
             m.d.comb += output.last.eq(lanes.out)
             return m

@@ -18,6 +18,14 @@ Ports
   enabled edges after its read (as hdl.block_fields delivers them);
 * ``out`` (out): per lane its output word (``config.lane_layout``).
 
+A wide decoder (``config.wide``, hdl.config) registers the write once per region
+of ``replica.REGION`` lanes first (``{valid, page, bank, addr, hif}``, the page
+``issue.write_page[r]``, the region's copy) and encodes it there, one encoder
+per region, into the bank's write port (hdl.lut_bank ``write_regions``): the
+``load`` input reaches registers only, and a word written in cycle ``t`` is
+readable from cycle ``t + 3`` (``write_latency``); the beat issue's input stage
+delays the reads by as much.
+
 With ``config.shallow`` the bank's memories carry yosys's ``no_rw_check``
 (hdl.lut_bank: the no-collision contract, no read-during-write logic).
 
@@ -37,7 +45,7 @@ from amaranth.hdl import Module
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import hif_formatter, lut_word, scale_decoder
+from . import hif_formatter, lut_word, replica as rep, scale_decoder
 from .beat_issue import LaneIssueSignature
 from .config import DecoderConfig
 from .hif_formatter import HifFormatter
@@ -50,10 +58,13 @@ class Lanes(wiring.Component):
         # formatter / bank: the component classes used (tests replace them with broken ones)
         self.config = config
         lay = config.layout
-        self.encoder = lut_word.LutWordEncoder(config)
+        # one encoder, or one per region (config.wide)
+        self.encoders = [lut_word.LutWordEncoder(config) for _ in range(config.regions)]
+        self.encoder = self.encoders[0]
         # the shallow pipeline's bank states its no-collision contract to synthesis (hdl.lut_bank)
         self.bank = bank(code_bits=lay.code_bits, banks=lay.banks, word=lut_word.word(config), lanes=config.lanes,
-                         lutram_depth=config.lutram_depth, no_rw_check=config.shallow)
+                         lutram_depth=config.lutram_depth, no_rw_check=config.shallow,
+                         **({"regions": config.regions} if config.wide else {}))
         self.formatters = [formatter(config) for _ in range(config.lanes)]
         super().__init__({
             "load": In(stream.Signature(config.load_layout)),
@@ -70,19 +81,38 @@ class Lanes(wiring.Component):
         return self.bank.read_latency
 
     @property
+    def write_latency(self) -> int:
+        """A word written (``load``) in cycle ``t`` is readable from cycle ``t + write_latency``."""
+        return 3 if self.config.wide else 2
+
+    @property
     def latency(self) -> int:
         """The table read's stages plus the formatter's."""
         return self.bank.read_latency + self.formatters[0].latency
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.encoder = enc = self.encoder
+        if not self.config.wide:
+            m.submodules.encoder = enc = self.encoder
         m.submodules.bank = bank = self.bank
         w = self.load.payload
-        m.d.comb += [self.load.ready.eq(1), enc.hif.eq(w.data),
-                     bank.write.valid.eq(self.load.valid), bank.write_page.eq(self.issue.write_page),
-                     bank.write.payload.bank.eq(w.bank), bank.write.payload.addr.eq(w.addr),
-                     bank.write.payload.data.eq(enc.word)]
+        if not self.config.wide:
+            m.d.comb += [self.load.ready.eq(1), enc.hif.eq(w.data),
+                         bank.write.valid.eq(self.load.valid), bank.write_page.eq(self.issue.write_page),
+                         bank.write.payload.bank.eq(w.bank), bank.write.payload.addr.eq(w.addr),
+                         bank.write.payload.data.eq(enc.word)]
+        else:
+            m.d.comb += self.load.ready.eq(1)
+        for r, enc in enumerate(self.encoders if self.config.wide else []):
+            # the write, registered per region (no reset: a write taken before a reset still lands)
+            reg = rep.replica(data.StructLayout({"en": 1, "page": 1, "bank": 1, "addr": len(w.addr),
+                                                 "hif": len(w.data)}), name=f"load_r{r}", reset_less=True)
+            m.d.sync += [reg.en.eq(self.load.valid), reg.page.eq(self.issue.write_page[r]), reg.bank.eq(w.bank),
+                         reg.addr.eq(w.addr), reg.hif.eq(w.data)]
+            m.submodules[f"encoder_r{r}"] = enc
+            wr = bank.write_regions[r]
+            m.d.comb += [enc.hif.eq(reg.hif), wr.en.eq(reg.en), wr.page.eq(reg.page), wr.bank.eq(reg.bank),
+                         wr.addr.eq(reg.addr), wr.data.eq(enc.word)]
         for i, fmt in enumerate(self.formatters):
             m.submodules[f"lane_{i}"] = fmt
             read, en = self.issue.read[i], self.enable.lane[i]

@@ -39,6 +39,12 @@ addresses, a bypass register of the word and a mux per bit, measured at about
 1 LUT4 and 5 flip-flops per lane: the write port's copies). The simulation is
 the same either way. The default (``False``) keeps the Verilog it always had.
 
+Write regions (``regions`` R > 1, a wide decoder, hdl.config ``wide``): the
+write comes as R copies, ``write_regions[r]`` = ``{en, page, bank, addr,
+data}`` (each a register of the caller's, hdl.lanes), and each group's write
+registers load from their region's copy; the timing from there is the same.
+With R = 1 (the default) the ports are ``write`` and ``write_page`` as above.
+
 Latency: ``read_latency`` enabled edges from a read to its word. ``model`` is
 the table lookup the reads must return.
 """
@@ -61,8 +67,8 @@ def read_latency(lutram_depth: int) -> int:
 
 class LutBank(wiring.Component):
     def __init__(self, *, code_bits: int, banks: int, word, lanes: int, lutram_depth: int = 0,
-                 no_rw_check: bool = False):
-        self.code_bits, self.banks, self.lanes = code_bits, banks, lanes
+                 no_rw_check: bool = False, regions: int = 1):
+        self.code_bits, self.banks, self.lanes, self.regions = code_bits, banks, lanes, regions
         # the memories' attributes: yosys's no_rw_check where asked (module docstring)
         self.mem_attrs = {"no_rw_check": 1} if no_rw_check else None
         self.word = word
@@ -72,10 +78,16 @@ class LutBank(wiring.Component):
         self.part_depth = lutram_depth or self.depth
         self.read_latency = read_latency(lutram_depth)
         lanes_of = lambda shape: data.ArrayLayout(shape, lanes)    # noqa: E731
-        super().__init__({
-            "write": In(stream.Signature(data.StructLayout({
+        if regions == 1:
+            writes = {"write": In(stream.Signature(data.StructLayout({
                 "bank": unsigned(1), "addr": unsigned(code_bits), "data": word}), always_ready=True)),
-            "write_page": In(1),
+                "write_page": In(1)}
+        else:
+            writes = {"write_regions": In(data.ArrayLayout(data.StructLayout({
+                "en": unsigned(1), "page": unsigned(1), "bank": unsigned(1), "addr": unsigned(code_bits),
+                "data": word}), regions))}
+        super().__init__({
+            **writes,
             "read_en": In(lanes_of(1)),
             "read_page": In(lanes_of(1)),
             "read_bank": In(lanes_of(1)),
@@ -97,19 +109,24 @@ class LutBank(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        w = self.write.payload
         depth, part_depth = self.depth, self.part_depth
         parts, part_bits = depth // part_depth, (part_depth - 1).bit_length()
         word_bits = data.Layout.cast(self.word).size
         copies = []
-        for g in range(rep.groups(self.lanes)):        # the write port, registered per lane group
+        n_groups = rep.groups(self.lanes)
+        for g in range(n_groups):        # the write port, registered per lane group
+            if self.regions == 1:
+                w, page, valid = self.write.payload, self.write_page, self.write.valid
+            else:
+                w = self.write_regions[g * self.regions // n_groups]
+                page, valid = w.page, w.en
             c = {"addr": rep.replica(range(depth), name=f"waddr_g{g}", reset_less=True),
                  "data": rep.replica(unsigned(word_bits), name=f"wdata_g{g}", reset_less=True),
                  # no reset: a write taken before a reset still lands, like the RAM keeps its words
                  "en": rep.replica(1, name=f"wen_g{g}", reset_less=True)}
-            m.d.sync += [c["addr"].eq(self._address(w.addr, w.bank, self.write_page)),
+            m.d.sync += [c["addr"].eq(self._address(w.addr, w.bank, page)),
                          c["data"].eq(self.stored_word(w.addr, w.data.as_value())),
-                         c["en"].eq(self.write.valid)]
+                         c["en"].eq(valid)]
             copies.append(c)
         per_group = self.lanes // len(copies)
         for lane in range(self.lanes):

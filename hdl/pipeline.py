@@ -36,8 +36,17 @@ the last stage's own valid bit. With two levels the chain is built once per
 region, on the region's own enable copy, so that no chain register reaches
 every output buffer (at 64 lanes one did, and set the clock).
 
+Stage 0's valid bit may come as one copy per region (``valids`` = the
+regions, a wide decoder's beat issue, hdl.config ``wide``): each region's chain
+then starts from its own copy. The default (1) is one bit for every chain.
+
+With ``upcoming`` (a wide decoder's beat issue, which decides ``blocks.ready``
+for the next cycle's enable) one more output, ``en_upcoming``: the control's
+enable of the next cycle, a register of its own loaded as region 0's copy (two
+levels only). The default builds none.
+
 Ports
-* ``valid`` (in): stage 0 holds a beat.
+* ``valid`` (in): stage 0 holds a beat (``valids`` bits: region ``r``'s copy in bit ``r``).
 * ``enable`` (out, ``EnableSignature``): ``en`` (the control's copy) and
   ``lane[i]`` (lane ``i``'s copy); all equal.
 * ``buffers`` (``OutputControlSignature``, flipped): each output buffer's
@@ -93,16 +102,24 @@ def levels_for(config) -> int:
 
 
 class PipelineControl(wiring.Component):
-    def __init__(self, lanes: int, depth: int, *, levels: int | None = None):
+    def __init__(self, lanes: int, depth: int, *, levels: int | None = None, valids: int = 1,
+                 upcoming: bool = False):
         # levels: the enable's register levels; None: replica.enable_levels(lanes)
+        # valids: copies of stage 0's valid bit, 1 or one per region (module docstring)
         if depth < 1:
             raise ValueError(f"pipeline depth {depth}: the datapath has at least one stage after stage 0")
         self.lanes, self.depth = lanes, depth
         self.levels = rep.enable_levels(lanes) if levels is None else levels
+        if valids != 1 and not (self.levels == 2 and valids == rep.groups(lanes, rep.REGION)):
+            raise ValueError(f"valids {valids}: 1, or one per region with two enable levels")
+        if upcoming and self.levels != 2:
+            raise ValueError("en_upcoming is built with two enable levels only")
+        self.valids, self.upcoming = valids, upcoming
         super().__init__({
-            "valid": In(1),
+            "valid": In(valids),
             "enable": Out(EnableSignature(lanes)),
             "buffers": In(OutputControlSignature(buffers(lanes, self.levels))),
+            **({"en_upcoming": Out(1)} if upcoming else {}),
         })
 
     @property
@@ -126,6 +143,11 @@ class PipelineControl(wiring.Component):
 
         def region(lane):
             return roots[lane // per_region]
+
+        if self.upcoming:           # the control's enable of the next cycle: region 0's copy, again
+            en_up = rep.replica(1, name="en_upcoming", init=1, reset_less=True)
+            m.d.sync += en_up.eq(en_next[0])
+            m.d.comb += self.en_upcoming.eq(en_up)
 
         en = rep.replica(1, name="en_ctl", init=1, reset_less=True)
         en_lane = [rep.replica(1, name=f"en_lane{i}", init=1, reset_less=True) for i in range(N)]
@@ -163,7 +185,7 @@ class PipelineControl(wiring.Component):
     def _valid_chain(self, m, en, region=None):
         """Stage 0's valid bit through ``depth - 1`` registers that advance on ``en``; returns the
         last. ``region``: the chain of that region (its registers copies, hdl.replica)."""
-        valid = self.valid
+        valid = self.valid if self.valids == 1 else self.valid[region]
         for stage in range(1, self.depth):
             nxt = Signal(name=f"valid{stage}") if region is None else rep.replica(1, name=f"valid{stage}_r{region}")
             with m.If(en):

@@ -16,7 +16,7 @@ from hdl_harness import Layer, corner_layer, random_layer, run_decoder
 import mutants
 
 from sop.golden.codebooks import get_codebook
-from sop.golden.layout import named_layouts, unpack_blocks
+from sop.golden.layout import BlockLayout, named_layouts, unpack_blocks
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.decoder import Decoder
@@ -34,6 +34,11 @@ CONFIGS = {
     # tables from LUT RAM memories (hdl/lut_bank.py): a two-cycle read
     "sop4-x8-bf16-lutram16": DecoderConfig("t", 8, LAY["sop4-g16"], lutram_depth=16),
     "fp6-x16-exact-lutram32": DecoderConfig("t", 16, LAY["e2m3-ue4m4-g16"], output="exact", lutram_depth=32),
+    # a wide decoder (more than 8 lanes, hdl/config.py): inputs registered per region, BF16, LUT RAM
+    "sop4-x16-bf16-lutram16": DecoderConfig("t", 16, LAY["sop4-g16"], lutram_depth=16),
+    # wide, a block over four cycles (blocks of 64: the input register's beat issued in chunks)
+    "sop4g64-x16-bf16-lutram16": DecoderConfig("t", 16, BlockLayout(4, 64, LAY["sop4-g16"].scale, True, True),
+                                               lutram_depth=16),
     # the shallow pipeline (hdl/config.py): no skid, combinational stall, four-stage formatter
     "sop4-x8-bf16-shallow": DecoderConfig("t", 8, LAY["sop4-g16"], pipeline="shallow"),
     "sop4-x16-bf16-shallow": DecoderConfig("t", 16, LAY["sop4-g16"], pipeline="shallow"),
@@ -73,7 +78,7 @@ def test_subnormal_and_saturated_bf16_outputs_are_exercised():
 
 
 @pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x1-bf16", "sop4-x32-exact", "sop4-x8-bf16-lutram16",
-                                  "sop4-x8-bf16-shallow"])
+                                  "sop4-x8-bf16-shallow", "sop4-x16-bf16-lutram16"])
 def test_full_throughput_without_stalls(name):
     """No bubble: with both sides always ready, one output beat leaves every cycle,
     across blocks (g > N: a block over several cycles) and across a table swap."""
@@ -134,7 +139,7 @@ def run_one_layer(cfg, layer, *, dut=None, bank_bit=None, cycles=200):
 
 @pytest.mark.parametrize("name", ["sop4-x8-bf16", "fp6-x4-bf16", "sop4-x32-exact", "sop4-x8-bf16-lutram16",
                                   "fp6-x16-exact-lutram32", "sop4-x8-bf16-shallow", "fp6-x4-bf16-shallow",
-                                  "fp6-x16-exact-lutram32-shallow"])
+                                  "fp6-x16-exact-lutram32-shallow", "sop4-x16-bf16-lutram16"])
 def test_latency_is_what_the_manifest_says(name):
     """Cycles from a beat's handshake to its first output beat's handshake (the output always
     ready), measured; it is the sum of the components' latencies, which each component takes from
@@ -146,6 +151,7 @@ def test_latency_is_what_the_manifest_says(name):
     assert got == expected(cfg, [layer])
     assert t_out[0] - t_in[0] == dut.latency
     assert dut.latency == dut.issue.latency + dut.lanes.latency + dut.output.latency
+    assert dut.issue.latency == (2 if cfg.wide else 1)          # a wide decoder's input stage
     assert dut.lanes.latency == dut.lanes.bank.read_latency + dut.lanes.formatters[0].latency
     assert manifest(cfg, dut)["latency_cycles"] == dut.latency
 
@@ -160,7 +166,8 @@ def test_one_bank_configuration_ignores_the_load_bank_bit():
     assert run_one_layer(cfg, layer, bank_bit=1)[0] == want == run_one_layer(cfg, layer, bank_bit=0)[0]
 
 
-@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x8-bf16-lutram16", "sop4-x8-bf16-shallow"])
+@pytest.mark.parametrize("name", ["sop4-x8-bf16", "sop4-x8-bf16-lutram16", "sop4-x8-bf16-shallow",
+                                  "sop4-x16-bf16-lutram16"])
 def test_reset_mid_stream_leaves_no_stale_data(name):
     cfg = CONFIGS[name]
     rng = np.random.default_rng(6)

@@ -343,10 +343,14 @@ def check_block_fields(cfg, cls=BlockFields, seed=0, cycles=300):
     async def bench(ctx):
         offsets = [int(o) for o in rng.integers(-128, 128, 2)]
         for p in (0, 1):                          # both pages' offsets
-            ctx.set(dut.issue.write_page, p)
+            ctx.set(dut.issue.write_page, p * ((1 << cfg.regions) - 1))     # every region's copy
             ctx.set(dut.offset, offsets[p])
             ctx.set(dut.offset_we, 1)
             await ctx.tick()
+        ctx.set(dut.offset_we, 0)
+        if cfg.wide:                              # the write lands an edge later (registered per region)
+            await ctx.tick()
+        pending = None
         for t in range(cycles):
             n = len(issued)
             fields = scale_decoder.model(cfg, headers[n])
@@ -357,13 +361,17 @@ def check_block_fields(cfg, cls=BlockFields, seed=0, cycles=300):
             ctx.set(dut.enable.lane.as_value(), (1 << N) - 1 if en else 0)
             we, wp, off = int(rng.random() < 0.2), int(rng.integers(0, 2)), int(rng.integers(-128, 128))
             ctx.set(dut.offset_we, we)
-            ctx.set(dut.issue.write_page, wp)
+            ctx.set(dut.issue.write_page, wp * ((1 << cfg.regions) - 1))
             ctx.set(dut.offset, off)
             await ctx.tick()
             if en:                                # loaded with the offsets as they were before this edge
                 model = block_fields.model(cfg, headers[n], [offsets[p] for p in pages[n]])
                 issued.append([row(model, i // per) for i in range(N)])
-            if we:
+            if cfg.wide:                          # the write of the cycle before lands at this edge
+                if pending is not None:
+                    offsets[pending[0]] = pending[1]
+                pending = (wp, off) if we else None
+            elif we:
                 offsets[wp] = off
             if len(issued) >= L:
                 assert unpack(blay, ctx.get(dut.block.as_value())) == issued[-L], t
@@ -554,14 +562,15 @@ def check_lanes(cfg, seed=0, reads=400, **parts):
 
     async def bench(ctx):
         for p in (0, 1):
-            ctx.set(dut.issue.write_page, p)
+            ctx.set(dut.issue.write_page, p * ((1 << cfg.regions) - 1))     # every region's copy
             for b in range(lay.banks):
                 for a in range(1 << lay.code_bits):
                     ctx.set(dut.load.payload, {"bank": b, "addr": a, "data": int(tables[p, b, a])})
                     ctx.set(dut.load.valid, 1)
                     await ctx.tick()
         ctx.set(dut.load.valid, 0)
-        await ctx.tick()
+        for _ in range(dut.write_latency - 1):         # the last word is readable from then on
+            await ctx.tick()
         k = 0
         while len(got) < reads:
             ctx.set(dut.issue.read.as_value(), pack(rlay, [
@@ -586,7 +595,7 @@ def check_lanes(cfg, seed=0, reads=400, **parts):
 @pytest.mark.parametrize("output,layout,lanes,lutram_depth,pipeline", [
     ("bf16", "sop4-g16", 4, 0, "deep"), ("exact", "e2m3-ue4m4-g16", 2, 0, "deep"), ("bf16", "sop4-g16", 2, 16, "deep"),
     ("bf16", "e2m3-ue4m4-g16", 1, 32, "deep"), ("bf16", "sop4-g16", 4, 0, "shallow"),
-    ("bf16", "e2m3-ue4m4-g16", 2, 32, "shallow")])
+    ("bf16", "e2m3-ue4m4-g16", 2, 32, "shallow"), ("bf16", "sop4-g16", 16, 16, "deep")])
 def test_lanes_against_model(output, layout, lanes, lutram_depth, pipeline):
     got, want = check_lanes(config(output, layout, lanes, lutram_depth, pipeline))
     np.testing.assert_array_equal(got, want)
@@ -623,21 +632,33 @@ def check_beat_issue(cfg, mux=CodebookMux, seed=0, cycles=400):
     rlay = data.ArrayLayout(beat_issue.read_layout(cfg), N)
     glay = data.ArrayLayout(beat_issue.group_layout(cfg), replica.groups(N))
 
+    # a wide decoder's beat issue takes the next cycle's enable too (hdl.beat_issue): drawn ahead
+    ens = (rng.random(cycles) < 0.8).astype(int) if cfg.wide else None
+
     async def bench(ctx):
         nxt = 0
-        for _ in range(cycles):
+        for t in range(cycles):
             valid = int(nxt < n_beats and rng.random() < 0.8)
             beat, swap = (beats[nxt], int(swaps[nxt])) if nxt < n_beats else (0, 0)
             ctx.set(dut.blocks.payload, {"blocks": beat, "swap": swap})
             ctx.set(dut.blocks.valid, valid)
-            en = int(rng.random() < 0.8)
+            if cfg.wide:
+                en = int(ens[t])
+                ctx.set(dut.enable_upcoming, int(ens[t + 1]) if t + 1 < cycles else 0)
+            else:
+                en = int(rng.random() < 0.8)
             ctx.set(dut.enable.en, en)
             ctx.set(dut.enable.lane.as_value(), (1 << N) - 1 if en else 0)
-            _, _, ready, hold, wp, wp2, read, groups = await ctx.tick().sample(
+            _, _, ready, hold, wp, wp2, read, groups, region_valid = await ctx.tick().sample(
                 dut.blocks.ready, dut.valid, dut.lanes.write_page, dut.groups.write_page,
-                dut.lanes.read.as_value(), dut.groups.fields.as_value())
-            assert wp == wp2
-            for k, v in zip(rec, (beat, swap, valid, en, ready, hold, wp, read, groups)):
+                dut.lanes.read.as_value(), dut.groups.fields.as_value(),
+                dut.region_valid if cfg.wide else dut.valid)
+            ones = (1 << cfg.regions) - 1
+            assert wp == wp2 and wp in (0, ones)              # one copy per region, all equal
+            wp2 &= 1
+            if cfg.wide:                                      # stage 0's valid bit, a copy per region
+                assert region_valid == hold * ones
+            for k, v in zip(rec, (beat, swap, valid, en, ready, hold, wp2, read, groups)):
                 rec[k].append(v)
             nxt += valid and ready
 
@@ -675,7 +696,8 @@ def test_beat_issue_check_catches_an_inverted_selection_bit():
 def test_pipeline_control_against_model(lanes, depth, levels):
     """Random decisions and stage-0 valid bits: every enable copy and the valid chain are the
     model's in every cycle (``levels`` 0: the shallow pipeline's combinational enable)."""
-    dut = PipelineControl(lanes, depth, levels=levels)
+    up = levels is None and lanes > replica.REGION          # a wide decoder's en_upcoming (two levels)
+    dut = PipelineControl(lanes, depth, levels=levels, upcoming=up)
     nb = pipeline.buffers(lanes, levels)
     rng = np.random.default_rng(lanes + depth)
     T = 300
@@ -688,11 +710,14 @@ def test_pipeline_control_against_model(lanes, depth, levels):
             ctx.set(dut.buffers.en_next.as_value(), (1 << nb) - 1 if en_next[t] else 0)
             ctx.set(dut.valid, int(valid[t]))
             # sampled after the edge: with no levels the copies follow en_next in the same cycle
-            _, _, en, lane, ben, up, ev = await ctx.tick().sample(
+            _, _, en, lane, ben, upc, ev, ctl_up = await ctx.tick().sample(
                 dut.enable.en, dut.enable.lane.as_value(), dut.buffers.en.as_value(),
-                dut.buffers.en_upcoming.as_value(), dut.buffers.entering_valid.as_value())
+                dut.buffers.en_upcoming.as_value(), dut.buffers.entering_valid.as_value(),
+                dut.en_upcoming if up else dut.enable.en)
+            if up:
+                assert ctl_up == want["en_upcoming"][t, 0], t
             got = (en, [lane >> i & 1 for i in range(lanes)], [ben >> j & 1 for j in range(nb)],
-                   [up >> j & 1 for j in range(nb)], [ev >> j & 1 for j in range(nb)])
+                   [upc >> j & 1 for j in range(nb)], [ev >> j & 1 for j in range(nb)])
             assert got == (want["en"][t], list(want["lane"][t]), list(want["buffer_en"][t]),
                            list(want["en_upcoming"][t]), list(want["entering_valid"][t])), t
 

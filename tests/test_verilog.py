@@ -23,7 +23,8 @@ CONFIGS = named_configs()
 # The LUT RAM variants (--lutram-depth, what make synth builds for ECP5) read their tables in two
 # cycles: one more.
 # The shallow builds (--pipeline shallow, the iCE40 lane) merge two pairs of formatter stages: two fewer.
-LATENCY = {"sop4-g16": 8, "e2m3-ue4m4-g16": 9, "sop4-g16-x1": 8, "sop4-g16-exact": 4, "sop4-g16-x64": 8,
+# 64 lanes (a wide decoder, hdl/config.py): the beat's input stage in front of stage 0, one more.
+LATENCY = {"sop4-g16": 8, "e2m3-ue4m4-g16": 9, "sop4-g16-x1": 8, "sop4-g16-exact": 4, "sop4-g16-x64": 9,
            "sop4-g16-lutram16": 9, "e2m3-ue4m4-g16-lutram32": 10, "sop4-g16-shallow": 6, "e2m3-ue4m4-g16-shallow": 7}
 VARIANTS = {**CONFIGS, **{f"{n}-lutram{d}": dataclasses.replace(CONFIGS[n], name=f"{n}-lutram{d}", lutram_depth=d)
                           for n, d in (("sop4-g16", 16), ("e2m3-ue4m4-g16", 32))},
