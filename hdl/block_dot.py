@@ -219,15 +219,9 @@ class BlockDot(wiring.Component):
         depth = 1 + mul1 + 1 + n_align
 
         # -- the exact sum: a tree of signed adders, one level per stage --------------------------------
-        level, width = 0, P + D + 1
-        while len(terms) > 1:
-            width += 1
-            terms = [reg(en_lane[2 * i << level], f"sum{level}_{i}", terms[2 * i] + terms[2 * i + 1],
-                         signed(width)) for i in range(len(terms) // 2)]
-            level += 1
-        (A,) = terms
-        depth += level
-        assert width == W, (width, W)
+        A, levels = adder_tree(m, en_lane, terms)
+        depth += levels
+        assert len(A) == W, (len(A), W)
 
         # -- the block path: scale significand, sign, kmax = NQ - 1 + E + 126 --------------------------------
         _, Ss, es = code_fields(scale, inp.scale)
@@ -336,6 +330,19 @@ def output_pipeline(m: Module, depth: int, port, lanes: int = 1) -> tuple[Pipeli
                  Value.cast(port.payload).eq(words if per * lanes == width else words[:width]),
                  out.values.ready.eq(port.ready)]
     return ctl, out
+
+
+def adder_tree(m: Module, en_lane, terms) -> tuple[Value, int]:
+    """The exact sum of ``terms`` (signed, one per lane, equal widths, a power of two of them): a tree
+    of signed adders, one level a stage, each sum one bit wider than its operands (no overflow), level
+    ``l``'s ``i``-th sum moving on lane ``2 i << l``'s enable. Returns the sum and the levels."""
+    level, width = 0, len(terms[0])
+    while len(terms) > 1:
+        width += 1
+        terms = [stage_reg(m, en_lane[2 * i << level], f"sum{level}_{i}", terms[2 * i] + terms[2 * i + 1],
+                           signed(width)) for i in range(len(terms) // 2)]
+        level += 1
+    return terms[0], level
 
 
 def round_fp32(m: Module, en, q, ebm1, zero, sign, zero_sign, round_up, name: str) -> Signal:

@@ -62,7 +62,7 @@ from sop.golden.layout import OFFSET_RANGE
 from . import replica as rep
 from .arith import PipelinedMultiplier, shift_stages, stage_reg
 from .arith import delay as arith_delay
-from .block_dot import BlockDot, block_layout, code_fields, output_pipeline, round_fp32
+from .block_dot import BlockDot, adder_tree, block_layout, code_fields, output_pipeline, round_fp32
 
 #: Fraction bits of the window below the block's largest product (docs/dot.md section 7: no MiniLM
 #: block with real BF16 activations drops a bit at F = 28; 32 leaves margin).
@@ -292,19 +292,13 @@ class BlockDotBF16(BlockDot):
         terms = []
         for j in range(g):
             en = en_lane[j]
-            pn = reg(en, f"pn{j}", Mux(s9[j], -p9[j], p9[j]), signed(P + 1))
+            pn = reg(en, f"pn{j}", self.negate(s9[j], p9[j]), signed(P + 1))
             c = reg(en, f"c{j}", c9[j], c9[j].shape())
             terms.append(shift_right(m, en, Cat(Const(0, F), pn).as_signed(), c, f"al{j}_"))
         depth = 1 + shift_stages(2 ** self.shift_bits - 1)
-        level, width = 0, P + 1 + F
-        while len(terms) > 1:
-            width += 1
-            terms = [reg(en_lane[2 * i << level], f"sum{level}_{i}", terms[2 * i] + terms[2 * i + 1],
-                         signed(width)) for i in range(len(terms) // 2)]
-            level += 1
-        (A,) = terms
-        depth += level
-        assert width == Wn, (width, Wn)
+        A, levels = adder_tree(m, en_lane, terms)
+        depth += levels
+        assert len(A) == Wn, (len(A), Wn)
 
         # the block path: kmax (>= 0 on the fast path), Ss, the sign, the slow flag, delayed beside the lanes
         kbits = (self.kconst + (1 << tbits) + (1 << scale.ebits) + OFFSET_RANGE[1]).bit_length()

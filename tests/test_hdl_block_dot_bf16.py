@@ -21,6 +21,7 @@ from sop.hdl import block_dot
 from sop.hdl.block_dot import BlockDot
 from sop.hdl.block_dot_bf16 import BlockDotBF16, takes_fallback
 
+import test_hdl_block_dot
 from test_hdl_block_dot import classify, pack_blocks_in, stream_blocks
 
 BF16 = dot.ACT_FORMATS["bf16"]
@@ -374,11 +375,9 @@ class NoFallback(BlockDotBF16):
 
 
 class DropsSticky(BlockDotBF16):
-    """Forgets the bits below the guard bit (both paths round through this)."""
+    """Forgets the bits below the guard bit (both paths round through this): the E4M3 unit's mutant."""
 
-    @staticmethod
-    def round_up(lsb, guard, sticky):
-        return guard & lsb
+    round_up = staticmethod(test_hdl_block_dot.DropsSticky.round_up)
 
 
 class Overwrites(BlockDotBF16):
