@@ -11,6 +11,9 @@ cycle (one block of ``g`` = 16 weights a cycle), and both are built from the pro
 * **SOP units** (``sop-units``): the engine's arithmetic alone, BlockDot and RowAccumulator(17),
   each synthesized on its own, their counts added and the lower Fmax taken (no table RAM, no x
   buffer, no sequencer): what the engine costs and reaches without its front end.
+* **SOP engine, folded** (``sop-engine-folded``, not in the ratios): the same engine with the folded
+  block dot unit (``GemvConfig(dot_lanes=1, dot_tail="serial")``, hdl/block_dot_folded.py): one MAC
+  a cycle, for FPGAs too small for 16 lanes (docs/dot.md 7.2).
 * **naive path** (hdl/naive_dot.py): the decoder (16 lanes, one block a cycle, BF16 weights), a
   BF16 x E4M3 multiply per lane into FP32, and FP32 additions, in its two reductions: ``tree``
   (the block's 16 products through an FP32 adder tree, then one ring of running sums: 16 FP32
@@ -59,8 +62,9 @@ POINT = "sop4-g16"
 BENCH_TARGETS = ("ecp5", "ice40")
 SOP = "sop-engine"
 SOP_UNITS = "sop-units"
+SOP_FOLDED = "sop-engine-folded"
 NAIVE = ("naive-tree", "naive-lanes")
-DESIGNS = (SOP, SOP_UNITS) + NAIVE
+DESIGNS = (SOP, SOP_UNITS) + NAIVE + (SOP_FOLDED,)
 HEADLINE = "naive-tree"
 MACS_PER_CYCLE = 16
 
@@ -74,8 +78,9 @@ def sop_units() -> tuple[str, list[tuple[str, object]]]:
         (f"{SOP}-block-dot", BlockDot(p.layout, p.hif)), (f"{SOP}-row-acc", RowAccumulator(ADD_LATENCY + 1))]
 
 
-def sop_engine(target: str) -> tuple[str, list[tuple[str, object]]]:
-    """(what was measured, [(run name, component)]): the engine, or (it is unusable) the units alone."""
+def sop_engine(target: str, folded: bool = False) -> tuple[str, list[tuple[str, object]]]:
+    """(what was measured, [(run name, component)]): the engine, or (it is unusable) the units alone;
+    ``folded``: with the folded block dot unit, a product a cycle (``dot_lanes=1``, the serial tail)."""
     depth = TARGETS[target].lutram_depth
     try:
         from amaranth.back import rtlil
@@ -85,9 +90,12 @@ def sop_engine(target: str) -> tuple[str, list[tuple[str, object]]]:
         cfg = replace(cfg, lutram_depth=depth) if depth else cfg
         if target == "ecp5":          # the x buffer's DP16KDs with their output register (hdl/gemv.py)
             cfg = replace(cfg, x_ram="dp16kd")
+        if folded:
+            cfg = replace(cfg, dot_lanes=1, dot_tail="serial")
         rtlil.convert(GemvEngine(cfg))                       # elaborates, or the stand-in
         return (f"hdl.gemv.GemvEngine({cfg.name}: tile {cfg.tile}, max_cols {cfg.max_cols}, "
-                f"lutram_depth {cfg.lutram_depth}, x_ram {cfg.x_ram})"), [(SOP, GemvEngine(cfg))]
+                f"lutram_depth {cfg.lutram_depth}, x_ram {cfg.x_ram}, macs_per_cycle {cfg.macs_per_cycle})"), [
+            (SOP_FOLDED if folded else SOP, GemvEngine(cfg))]
     except Exception as e:                                    # noqa: BLE001  (any failure: the stand-in)
         what, parts = sop_units()
         return f"stand-in (hdl.gemv unusable: {type(e).__name__}: {e}): {what}", parts
@@ -126,7 +134,9 @@ def place_with_seed(work: Path, target: str, seed: int) -> dict:
 
 def measure(design: str, target: str, out: Path, seed: int, force: bool) -> dict:
     what, parts = (sop_engine(target) if design == SOP else sop_units() if design == SOP_UNITS
+                   else sop_engine(target, folded=True) if design == SOP_FOLDED
                    else naive(design.split("-", 1)[1], target))
+    macs = 1 if design == SOP_FOLDED else MACS_PER_CYCLE
     recs = []
     for name, dut in parts:
         rec = run_design(dut, name, target, out, force=force)
@@ -143,8 +153,7 @@ def measure(design: str, target: str, out: Path, seed: int, force: bool) -> dict
     total.update({
         "design": design, "measured": what, "target": target, "device": TARGETS[target].device,
         "constraint_mhz": TARGETS[target].freq_mhz, "seed": seed, "fmax_mhz": fmax,
-        "macs_per_cycle": MACS_PER_CYCLE,
-        "gmac_s": None if fmax is None else round(MACS_PER_CYCLE * fmax / 1000, 2),
+        "macs_per_cycle": macs, "gmac_s": None if fmax is None else round(macs * fmax / 1000, 2),
         "critical_path": [r.get("critical_path") for r in recs], "note": "; ".join(r["note"] for r in recs if r["note"]),
         "nextpnr": [r["nextpnr"] for r in recs if "nextpnr" in r], "wall_s": sum(r["wall_s"] for r in recs),
         "parts": {name: {k: r.get(k) for k in keys + ("fmax_mhz",)} for (name, _), r in zip(parts, recs)},
@@ -205,7 +214,7 @@ def markdown(results: dict, rat: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", action="append", choices=BENCH_TARGETS, help="default: both")
-    p.add_argument("--design", action="append", choices=DESIGNS, help="default: all four")
+    p.add_argument("--design", action="append", choices=DESIGNS, help="default: all five")
     p.add_argument("--seed", type=int, default=SEED, help="nextpnr placement seed (default 1, the flow's)")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--force", action="store_true", help="run the tools again even where cached")

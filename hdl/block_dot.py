@@ -169,19 +169,20 @@ class BlockDot(wiring.Component):
 
     # -- pipeline shape ----------------------------------------------------------------------------
     def stages(self) -> int:
-        """Pipeline stages from a block taken to its value (the section list of the module docstring)."""
-        g = self.layout.group
-        mul1 = PipelinedMultiplier.stages(self.act.mbits + 1)
+        """Pipeline stages from a block taken to its value (the section list of the module docstring):
+        the lanes, the adder tree, the tail."""
+        return self.lane_stages() + int(np.log2(self.layout.group)) + self.tail_stages()
+
+    def tail_stages(self) -> int:
+        """``scaled_word``'s stages: ``|A|``, the scale multiplier and ``Q``, the barrier and leading
+        zeros, the normalizing shift, the rounding."""
         mul2 = PipelinedMultiplier.stages(self.scale.mbits + 1)
-        return (1 + mul1 + 1 + shift_stages(self.acc.span) + int(np.log2(g)) + 1 + mul2 + 1 + 3
-                + shift_stages(self.nq) + 3)
+        return 1 + mul2 + 1 + 3 + shift_stages(self.nq) + 3
 
     # -- build ----------------------------------------------------------------------------------------
     def elaborate(self, platform):
         m = Module()
-        g, W = self.layout.group, self.acc.bits
-        hif, act, scale = self.hif, self.act, self.scale
-        P, D, NQ = self.acc.product_bits, self.acc.span, self.nq
+        g, W, scale, NQ = self.layout.group, self.acc.bits, self.scale, self.nq
 
         lanes = min(g, 32)                     # an enable copy per lane (per two lanes at g = 64)
         ctl, out = output_pipeline(m, self.latency, self.values, lanes)
@@ -198,25 +199,8 @@ class BlockDot(wiring.Component):
             return arith_delay(m, en, value, n, name)
 
         # -- per lane: product, sign, alignment shift; negate; align ---------------------------------
-        mul1 = PipelinedMultiplier.stages(act.mbits + 1)
-        n_align = shift_stages(D)
-        terms = []
-        for j in range(g):
-            en = en_lane[j]
-            sh, Sh, eh = code_fields(hif, inp.hif[j])
-            sx, Sx, ex = code_fields(act, inp.act[j])
-            m.submodules[f"mul{j}"] = mul = PipelinedMultiplier(hif.mbits + 1, act.mbits + 1)
-            Sh, Sx = reg(en, f"sh{j}_1", Sh, unsigned(len(Sh))), reg(en, f"sx{j}_1", Sx, unsigned(len(Sx)))
-            m.d.comb += [mul.en.eq(en), mul.a.eq(Sh), mul.b.eq(Sx)]
-            # the exponents registered at the input (a LUT each), added in the next stage
-            eh, ex = reg(en, f"eh{j}_1", eh, unsigned(hif.ebits)), reg(en, f"ex{j}_1", ex, unsigned(act.ebits))
-            t = reg(en, f"t{j}_2", eh + ex, unsigned(max(1, D.bit_length())))
-            s = reg(en, f"s{j}_1", sh ^ sx, 1)
-            t, s = delay(en, t, mul1 - 1, f"t{j}"), delay(en, s, mul1, f"s{j}")
-            pn = reg(en, f"pn{j}", self.negate(s, mul.p), signed(P + 1))
-            t = reg(en, f"t{j}_n", t, t.shape())
-            terms.append(shift_left(m, en, pn, t, P + D + 1, f"al{j}_"))
-        depth = 1 + mul1 + 1 + n_align
+        terms = [self.lane(m, en_lane[j], j, inp.hif[j], inp.act[j]) for j in range(g)]
+        depth = self.lane_stages()
 
         # -- the exact sum: a tree of signed adders, one level per stage --------------------------------
         A, levels = adder_tree(m, en_lane, terms)
@@ -241,6 +225,39 @@ class BlockDot(wiring.Component):
         assert depth == self.latency, (depth, self.latency)
         m.d.comb += Value.cast(out.last).eq(word)
         return m
+
+    def lane_stages(self) -> int:
+        """``lane``'s stages: the input register, the multiplier, negate, the alignment shift."""
+        return 1 + PipelinedMultiplier.stages(self.act.mbits + 1) + 1 + shift_stages(self.acc.span)
+
+    def lane(self, m: Module, en, j: int, hcode, xcode) -> Value:
+        """Lane ``j``: the product of HIF code ``hcode`` and activation code ``xcode`` as a signed
+        integer aligned to the accumulator's LSB (``P + D + 1`` bits), ``lane_stages()`` stages later,
+        its registers on ``en``: the fields, ``Sh * Sx`` beside ``t`` = the exponents' sum, negate,
+        the shift left by ``t``. (The folded unit, hdl.block_dot_folded, builds its lanes with it.)"""
+        hif, act = self.hif, self.act
+        P, D = self.acc.product_bits, self.acc.span
+
+        def reg(en, name, value, shape):
+            return stage_reg(m, en, name, value, shape)
+
+        def delay(en, value, n, name):
+            return arith_delay(m, en, value, n, name)
+
+        mul1 = PipelinedMultiplier.stages(act.mbits + 1)
+        sh, Sh, eh = code_fields(hif, hcode)
+        sx, Sx, ex = code_fields(act, xcode)
+        m.submodules[f"mul{j}"] = mul = PipelinedMultiplier(hif.mbits + 1, act.mbits + 1)
+        Sh, Sx = reg(en, f"sh{j}_1", Sh, unsigned(len(Sh))), reg(en, f"sx{j}_1", Sx, unsigned(len(Sx)))
+        m.d.comb += [mul.en.eq(en), mul.a.eq(Sh), mul.b.eq(Sx)]
+        # the exponents registered at the input (a LUT each), added in the next stage
+        eh, ex = reg(en, f"eh{j}_1", eh, unsigned(hif.ebits)), reg(en, f"ex{j}_1", ex, unsigned(act.ebits))
+        t = reg(en, f"t{j}_2", eh + ex, unsigned(max(1, D.bit_length())))
+        s = reg(en, f"s{j}_1", sh ^ sx, 1)
+        t, s = delay(en, t, mul1 - 1, f"t{j}"), delay(en, s, mul1, f"s{j}")
+        pn = reg(en, f"pn{j}", self.negate(s, mul.p), signed(P + 1))
+        t = reg(en, f"t{j}_n", t, t.shape())
+        return shift_left(m, en, pn, t, P + D + 1, f"al{j}_")
 
     def scaled_word(self, m: Module, en0, A, kmax, ss, sb) -> tuple[Value, int]:
         """Section 3's one rounding of a block, from its exact sum ``A`` (signed, ``self.acc.bits`` bits or

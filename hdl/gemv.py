@@ -1,8 +1,8 @@
 """GEMV engine: ``y = W x`` straight from the packed blocks (issue 15; docs/dot.md section 8).
 
-Role: the SOP dot-product engine's top. The activation vector ``x`` (E4M3 codes)
-is loaded once per vector into a page of a two-page buffer (the next vector loads
-into the other page while the pass runs); the layer's packed blocks ``W`` stream
+Role: the SOP dot-product engine's top. The activation vector ``x`` (E4M3 or BF16
+codes, ``GemvConfig.act``) is loaded once per vector into a page of a two-page
+buffer (the next vector loads into the other page while the pass runs); the layer's packed blocks ``W`` stream
 in, one block per beat, in ``golden.dot.tile_order``; each block's ``g`` codes
 are looked up in the LUT bank its selection bit picks (the decoder's table RAM
 with two pages, hdl.lut_bank, hdl.codebook_mux), its dot product with the
@@ -60,12 +60,14 @@ entry per row of the tile, each row's in ascending column, padded with ``+0``
 terms so that every row's last entry is in the last round), once every block
 value of the tile is out of BlockDot; ``ResidualTerm`` reads each entry's x code
 through the x buffer's port and makes ``T = RNE_fp32(rho x_j)``, which follows
-the row's block values into its running sum (golden.dot step 4). A row's
+the row's block values into its running sum (golden.dot step 4): exact or
+saturated with E4M3 activations (``ResidualTerm``), rounded where it falls below
+2^-126 with BF16 ones (``ResidualTermBF16``). A row's
 ``last`` is then its last entry's, not its last block's.
 
 Ports
-* ``x`` (in stream, ``x_layout``): ``codes`` (``g`` E4M3 codes, columns
-  ``k g .. k g + g - 1`` in beat ``k``), ``last`` (the vector's last beat),
+* ``x`` (in stream, ``x_layout``): ``codes`` (``g`` codes of ``act``, E4M3 or
+  BF16, columns ``k g .. k g + g - 1`` in beat ``k``), ``last`` (the vector's last beat),
   ``swap`` (this vector starts a new layer: its beat, and everything after it,
   uses the other page of tables and layer registers: the page the host has just
   loaded). ``x.ready`` is low while both x pages hold a vector whose pass is not
@@ -90,8 +92,9 @@ Ports
   ``errors`` (``error_layout``): ``w_before_x`` (a block was offered while no
   vector was loaded: it waits, nothing is lost; a host that sends x first never
   sets it), ``x_length`` (a vector with more or fewer beats than the layer's
-  blocks per row), ``x_nan`` (an E4M3 NaN code, S.1111.111, in x: the block
-  dot unit would read it as +-480), ``layer`` (a layer write with 0 rows, more
+  blocks per row), ``x_nan`` (a code that is not finite in x: E4M3's NaN,
+  S.1111.111, which the block dot unit would read as +-480; BF16's Inf and
+  NaN, an exponent of all ones), ``layer`` (a layer write with 0 rows, more
   than ``max_rows``, 0 blocks per row or more than ``max_cols / g``),
   ``sparse`` (an entry whose row is not in the tile or whose column is beyond
   the layer). Reset and ``clear`` clear them.
@@ -112,7 +115,9 @@ Latency: ``latency`` cycles from the handshake of a row's last block on ``w``
 to its word on ``y`` with nothing stalled: the sequencer's 1 + the reads' 3 (the
 x buffer's read and output register, then one more register on the way to the
 lanes; the table words wait for it) + BlockDot's + the value FIFO's 2 + the row
-accumulator's (47 for sop4-g16, 48 for e2m3-ue4m4-g16). The row accumulator's
+accumulator's (47 for sop4-g16, 48 for e2m3-ue4m4-g16, 53 for gemv-sop4-g16-bf16:
+the BF16 block dot unit's 30 for a block on its fast path; a block on its slow
+path holds the front end, hdl.block_dot_bf16). The row accumulator's
 ring holds its position while no running sum is open and no value is offered, so
 after reset or a pass of full tiles (which leaves it at slot 0) a pass's first
 block does not wait for the ring, and the FIFO holds no backlog; after a pass
@@ -131,9 +136,13 @@ blocks inside a tile
 costs up to a ring turn (the ring has passed the next value's slot; the value
 FIFO queues what follows). A layer with residual entries spends, per tile, the
 block dot unit's drain (about 30 cycles) and ``tile`` cycles per round of entries.
+With a folded block dot unit (``dot_lanes`` P) a block is taken every ``g / P`` cycles: ``P``
+MACs a cycle, the front end and ``w`` held by its ``ready`` in between; ``latency`` then counts
+the folded unit's (a block's last chunk ``g / P - 1`` cycles after it is taken).
 
-Open: BF16 activations (the block dot unit has them, hdl.block_dot_bf16; the engine refuses them
-in ``GemvConfig``: its term unit, x buffer and tests are E4M3's).
+Activation formats (``GemvConfig.act``): ``e4m3`` (hdl.block_dot, ``ResidualTerm``, x words of
+``8 g`` bits) and ``bf16`` (hdl.block_dot_bf16, ``ResidualTermBF16``, x words of ``16 g`` bits);
+any other is refused in the constructor.
 
 ``model`` is golden.dot.gemv; ``gemv_configs`` the named configurations and
 ``describe`` their manifests; ``w_beats``, ``x_beats``, ``sparse_beats`` the host side.
@@ -154,6 +163,7 @@ from sop.golden.layout import BlockLayout, LayerStream
 
 from .arith import PipelinedMultiplier, Stages, delay, leading_zeros, stage_reg
 from .block_dot import BlockDot, block_layout, output_pipeline
+from .block_dot_folded import BlockDotFolded
 from .codebook_mux import CodebookMux
 from .fp32_acc import ADD_LATENCY, RowAccumulator
 from .lut_bank import LutBank
@@ -179,7 +189,10 @@ X_RAMS = ("memory", "dp16kd")
 @dataclass(frozen=True)
 class GemvConfig:
     """One engine: the block layout and HIF of an operating point, the activation format, the row
-    tile, the largest layer it takes, the table RAM's shape (hdl.lut_bank)."""
+    tile, the largest layer it takes, the table RAM's shape (hdl.lut_bank), and the block dot unit's
+    products a cycle: ``dot_lanes`` 0 builds ``BlockDot`` (``g`` a cycle, a block a cycle), ``P < g``
+    builds ``BlockDotFolded`` (hdl.block_dot_folded: a block every ``g / P`` cycles, with ``dot_tail``
+    ``"pipelined"`` or ``"serial"``; E4M3 activations), for FPGAs too small for ``g`` lanes."""
 
     name: str
     layout: BlockLayout
@@ -190,6 +203,8 @@ class GemvConfig:
     max_rows: int = 65535
     lutram_depth: int = 0
     x_ram: str = "memory"
+    dot_lanes: int = 0
+    dot_tail: str = "pipelined"
 
     def __post_init__(self):
         problems = []
@@ -203,10 +218,16 @@ class GemvConfig:
             problems.append(f"max_cols must be {g} times a power of two, got {self.max_cols}")
         if self.max_rows < 1:
             problems.append(f"max_rows must be at least 1, got {self.max_rows}")
-        if self.act_format is not dot.ACT_FORMATS["e4m3"]:
-            # the block dot unit has a BF16 path (hdl.block_dot_bf16); the engine's term unit, x buffer
-            # and tests are E4M3's (docs/dot.md section 8, "Open")
-            problems.append(f"act must be 'e4m3' (a BF16 engine is not built), got {self.act!r}")
+        if not isinstance(self.act, str) or self.act not in dot.ACT_FORMATS:
+            problems.append(f"act must be one of {', '.join(map(repr, dot.ACT_FORMATS))}, got {self.act!r}")
+        P = self.dot_lanes
+        if P and (P < 0 or P & (P - 1) or P >= g):
+            problems.append(f"dot_lanes must be 0 (the block dot unit's g = {g} lanes) or a power of two "
+                            f"below {g} (a folded unit), got {P}")
+        elif P and self.act != "e4m3":
+            problems.append(f"a folded block dot unit (dot_lanes {P}) takes E4M3 activations only, got {self.act!r}")
+        if self.dot_tail not in ("pipelined", "serial") or (self.dot_tail == "serial" and not P):
+            problems.append(f"dot_tail must be 'pipelined', or 'serial' with dot_lanes set, got {self.dot_tail!r}")
         if problems:
             raise ValueError(f"engine config {self.name!r}: " + "; ".join(problems))
 
@@ -223,6 +244,11 @@ class GemvConfig:
     def act_format(self) -> FloatFormat:
         return dot.act_format(self.act)
 
+    @property
+    def macs_per_cycle(self) -> int:
+        """Products the block dot unit takes a cycle: ``g``, or ``dot_lanes`` when folded."""
+        return self.dot_lanes or self.layout.group
+
     def describe(self) -> dict:
         lay = self.layout
         return {"name": self.name, "code_bits": lay.code_bits, "group": lay.group, "scale": lay.scale.name,
@@ -230,15 +256,22 @@ class GemvConfig:
                 "block_bits": lay.block_bits, "hif": self.hif.name, "act": self.act_format.name,
                 "accumulator_bits": dot.accumulator(self.hif, self.act_format, lay.group).bits,
                 "tile": self.tile, "max_cols": self.max_cols, "max_rows": self.max_rows,
-                "lutram_depth": self.lutram_depth, "x_ram": self.x_ram, "macs_per_cycle": lay.group}
+                "lutram_depth": self.lutram_depth, "x_ram": self.x_ram, "macs_per_cycle": self.macs_per_cycle,
+                **({"dot_lanes": self.dot_lanes, "dot_tail": self.dot_tail} if self.dot_lanes else {})}
 
 
 def gemv_configs() -> dict[str, GemvConfig]:
-    """The named engines: ``gemv-<point>`` for each operating point with E4M3 activations."""
+    """The named engines: ``gemv-<point>`` for each operating point with E4M3 activations, and
+    ``gemv-sop4-g16-bf16`` (sop4-g16, BF16 activations)."""
     from sop.golden.points import get_point
 
-    return {f"gemv-{name}": GemvConfig(f"gemv-{name}", get_point(name).layout, get_point(name).hif)
-            for name in ("sop4-g16", "e2m3-ue4m4-g16")}
+    configs = {f"gemv-{name}": GemvConfig(f"gemv-{name}", get_point(name).layout, get_point(name).hif)
+               for name in ("sop4-g16", "e2m3-ue4m4-g16")}
+    # and sop4-g16 with BF16 activations: the block dot unit's window and fallback (hdl.block_dot_bf16),
+    # the term unit's rounding (ResidualTermBF16), x words of 16 bits an activation
+    p = get_point("sop4-g16")
+    configs["gemv-sop4-g16-bf16"] = GemvConfig("gemv-sop4-g16-bf16", p.layout, p.hif, act="bf16")
+    return configs
 
 
 # -- payloads ------------------------------------------------------------------------------------------------
@@ -326,7 +359,8 @@ class XWriteSignature(wiring.Signature):
 # -- the x buffer ---------------------------------------------------------------------------------------------
 
 class XBuffer(wiring.Component):
-    """Two activation vectors: two pages of ``max_blocks`` words of ``g`` codes (the page the top
+    """Two activation vectors: two pages of ``max_blocks`` words of ``g`` codes (``8 g`` bits for E4M3,
+    ``16 g`` for BF16; the page the top
     address bit), written through ``write`` (lands at the clock edge), read in two steps: at an edge
     where ``read_en`` is high the word at ``read_addr`` is read into the RAM's latch; at an edge
     where ``out_en`` is high the latch goes into the output register, ``read_data`` (``latency`` 2
@@ -419,7 +453,8 @@ def _bf16_fields(code):
 
 
 class ResidualTerm(wiring.Component):
-    """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` (golden.dot step 4), ``latency`` (11) cycles.
+    """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` with E4M3 activations (golden.dot step 4),
+    ``latency`` (11) cycles (BF16 activations: ``ResidualTermBF16``).
 
     The product of a BF16 significand (8 bits) and an E4M3 one (4 bits) is 12 bits at an exponent
     ``X >= -133 - 9 = -142``: every such value at or above 2^-149 is a binary32 value, subnormal or
@@ -455,11 +490,14 @@ class ResidualTerm(wiring.Component):
             "busy": Out(1),
         })
 
-    def elaborate(self, platform):
-        m = Module()
+    def front(self, m, rho_exponent):
+        """The part both term units share: the credits and the FIFO at the end, and stages 1-4 (the x
+        word read, in the x buffer's output register, registered, and the entry's code out of it beside
+        rho's sign, significand and ``rho_exponent(er)``, a ``(name, value, shape)`` stage field: what a
+        unit keeps of rho's biased exponent). Returns ``(stage, carry, code, sr, Sr, e, tag, finish)``:
+        ``tag`` delayed to stage 4, ``finish(stage, out, tag)`` queues the last stage's pattern."""
         cfg = self.config
         bits, lane_bits = cfg.act_format.bits, (cfg.group - 1).bit_length()
-        act = cfg.act_format
         ent = self.entries
         # The pipeline never stalls (its enable is 1): its terms wait in a FIFO at its end, and an entry
         # is taken only while that FIFO has room for it and every one inside (a credit register), so
@@ -486,18 +524,32 @@ class ResidualTerm(wiring.Component):
         lane, rho, tag = stage(("lane", ent.payload.col[:lane_bits] if lane_bits else 0, unsigned(max(1, lane_bits))),
                                ("rho", ent.payload.value, unsigned(16)), ("tag1", ent.payload.tag, tag_layout(cfg)))
         # 2: the x word in the x buffer's output register (``x_out_en``, a cycle after the read);
-        # 3: the word registered; 4: the activation code out of it (a 16:1 mux); beside it rho's
-        #    fields and er + 138 - 134 - bias - M (the constant part of eb below).
+        # 3: the word registered; 4: the activation code out of it (a 16:1 mux); beside it rho's fields.
         #    The word is registered first: with two x pages in DP16KDs the x buffer's output is a row
         #    mux (4:1 at 16384 columns) after the block RAMs' registers, too slow in front of the 16:1
         #    code mux in one cycle (7.8 ns on ECP5).
         word, lane, rho = stage(("x_word", self.x_data, self.x_data.shape()), ("lane2", carry(lane, 1, "lane"), lane.shape()),
                                 ("rho2", carry(rho, 1, "rho"), unsigned(16)))
         sr, Sr, er = _bf16_fields(rho)
-        code, sr, Sr, erk = stage(("code", word.word_select(lane, bits) if lane_bits else word[:bits], unsigned(bits)),
-                                  ("sr2", sr, 1), ("Sr2", Sr, 8),
-                                  ("erk", er + (138 - 134 - act.bias - act.mbits), signed(10)))
+        code, sr, Sr, e = stage(("code", word.word_select(lane, bits) if lane_bits else word[:bits], unsigned(bits)),
+                                ("sr2", sr, 1), ("Sr2", Sr, 8), rho_exponent(er))
         tag = carry(tag.as_value(), 3, "tag")
+
+        def finish(stage, out, tag):
+            assert 1 + stage.depth + self.multiplier.latency == self.latency, (stage.depth, self.latency)  # 1: the RAM's register
+            m.d.comb += [queue.w_en.eq(v[-1]), queue.w_data.eq(Cat(out, tag)),
+                         self.terms.valid.eq(queue.r_rdy), self.terms.payload.as_value().eq(queue.r_data),
+                         queue.r_en.eq(pop)]
+        return stage, carry, code, sr, Sr, e, tag, finish
+
+    def elaborate(self, platform):
+        m = Module()
+        act = self.config.act_format
+        bits = act.bits
+        # stages 1-4; beside the code er + 138 - 134 - bias - M (the constant part of eb below)
+        stage, carry, code, sr, Sr, erk, tag, finish = self.front(
+            m, lambda er: ("erk", er + (138 - 134 - act.bias - act.mbits), signed(10)))
+        en = stage.en
         # 5: both significands, the sign, eb = X + 138: the biased binary32 exponent of P * 2^X if P's
         #    leading one were at bit 11 (X = (er - 134) + (ex - bias - M)); the result's is eb - lz(P)
         e_x = code[act.mbits:bits - 1]
@@ -526,10 +578,7 @@ class ResidualTerm(wiring.Component):
             ("biased8", biased[:8], unsigned(8)), ("sign8", sign, 1), ("tag8", tag, len(tag)))
         mag = Mux(zero, 0, Mux(sat, 0x7F7FFFFF, Mux(norm, Cat(Const(0, 12), normal, biased8), sub)))
         out, tag = stage(("out", Cat(mag[:31], sign), unsigned(32)), ("tag7", tag, len(tag)))
-        assert 1 + stage.depth + mul.latency == self.latency, (stage.depth, self.latency)     # 1: the RAM's register
-        m.d.comb += [queue.w_en.eq(v[-1]), queue.w_data.eq(Cat(out, tag)),
-                     self.terms.valid.eq(queue.r_rdy), self.terms.payload.as_value().eq(queue.r_data),
-                     queue.r_en.eq(pop)]
+        finish(stage, out, tag)
         return m
 
     @staticmethod
@@ -543,6 +592,129 @@ class ResidualTerm(wiring.Component):
         rho = BF16.decode(np.asarray(rho_bf16, np.int64))
         x = dot.ACT_FORMATS["e4m3"].decode(np.asarray(x_codes, np.int64))
         return to_float32(rho * x).view(np.uint32)
+
+
+class ResidualTermBF16(ResidualTerm):
+    """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` with BF16 activations (golden.dot step 4),
+    ``latency`` (14) cycles; the ports, the never-stalling pipeline, its credits and its FIFO are
+    ``ResidualTerm``'s.
+
+    The product of two BF16 significands (8 bits each) is ``P < 2^16`` at ``X = er + ex - 268``
+    (``er``, ``ex`` the biased exponents, 1 for a subnormal), ``-266 <= X <= 240``: wider than
+    binary32's range both ways, so the term must be rounded. Write ``eb = er + ex`` and ``lz`` for
+    P's leading zeros in 16 bits. Its binary32 exponent field would be ``E = eb - 126 - lz``:
+
+    * ``E >= 255``: beyond FLT_MAX, **saturated** to +-FLT_MAX (0x7F7FFFFF; golden.formats.to_float32);
+    * ``1 <= E <= 254``: a normal value whose 16 significant bits fit in 24: **exact**, the pattern
+      ``{E, P << lz}`` with the leading one dropped, no rounding;
+    * ``E <= 0``: below 2^-126, in units of the 2^-149 quantum ``P * 2^(eb - 119) = (P << 22) >> s``
+      with ``s = 141 - eb >= 0`` (``E <= 0`` means ``eb <= 126 + lz <= 141``). The one rounding of the
+      term happens here: ``(P << 23) >> min(s, 63)`` gives the 23 kept bits above its bit 0, the
+      round bit; the sticky bit (any bit of ``P << 22`` below the round bit) is ``tz(P) + 22 < s - 1``,
+      i.e. ``tz(P) + eb < 118`` (``tz``: P's trailing zeros); to nearest, ties to even: ``kept + (round
+      & (sticky | kept[0]))``. Bits are dropped only where ``s >= 23``, i.e. the product's LSB is below
+      2^-149; then ``kept <= P / 2 < 2^15``, so a rounded term never reaches 2^-126 (the carry into the
+      exponent field that a wider significand would need cannot happen), and one whose round bit is
+      beyond P (``s >= 39``) is zero. Where ``s < 23`` the shift drops only zeros: the subnormal is exact.
+    * ``P = 0``: a zero.
+
+    The sign is always ``sign(rho) xor sign(x)``: a zero product, a product that underflows to zero
+    and a saturated one keep the IEEE sign, as float64's product and its rounding into binary32 do.
+
+    Stages (each one mux or one short chain): 1 the x word read into the RAM's latch; 2 the x buffer's
+    output register; 3 the word in a register of its own; 4 the entry's code (a 16:1 mux of 16-bit
+    codes) and rho's fields; 5 both significands, ``eb`` and the sign; 6-8 the product (hdl.arith's
+    LUT multiplier); 9 ``lz`` and ``tz``; 10 ``E``, the shift ``s`` (clamped to 0 .. 63) and the sticky
+    bit; 11-12 the subnormal shift (3 bits of ``s`` a stage) beside the normal candidate; 13 the
+    rounding increment and the conditions; 14 the binary32 pattern."""
+
+    def __init__(self, config: GemvConfig):
+        super().__init__(config)
+        assert config.act_format is BF16, config.act
+        self.latency = 4 + self.multiplier.latency + 7
+
+    def elaborate(self, platform):
+        m = Module()
+        # stages 1-4, ResidualTerm's: the x word, then the entry's code beside rho's fields
+        stage, carry, code, sr, Sr, er, tag, finish = self.front(m, lambda er: ("er2", er, 8))
+        en = stage.en
+        # 5: both significands, the sign, eb = er + ex (the product is P * 2^(eb - 268))
+        sx, Sx, ex = _bf16_fields(code)
+        sign, Sr, Sx, eb = stage(("sign3", self.sign(sr, sx), 1), ("sr3", Sr, 8), ("sx3", Sx, 8),
+                                 ("eb3", er + ex, unsigned(9)))
+        tag = carry(tag, 1, "tag3")
+        # 6-8: the product, exact
+        m.submodules.multiplier = mul = self.multiplier
+        m.d.comb += [mul.en.eq(en), mul.a.eq(Sr), mul.b.eq(Sx)]
+        sign, eb, tag = (carry(x, mul.latency, n) for x, n in ((sign, "sign"), (eb, "eb"), (tag, "tag_m")))
+        p = mul.p
+        # 9: P's leading and trailing zeros (16 for P = 0)
+        lz, tz = leading_zeros(m, p, "lz"), _trailing_zeros(p)
+        lz, tz, eb, p, sign, tag = stage(("lz5", lz, lz.shape()), ("tz5", tz, range(17)), ("eb5", eb, unsigned(9)),
+                                         ("p5", p, unsigned(16)), ("sign5", sign, 1), ("tag5", tag, len(tag)))
+        # 10: the exponent field E = eb - 126 - lz, the subnormal shift s = 141 - eb (clamped to 0 .. 63:
+        #     s < 0 only where E >= 1, s > 38 leaves nothing), the sticky bit tz + eb < 118
+        s = Const(141, unsigned(9)) - eb
+        shift = Mux(eb >= 141, 0, Mux(eb <= 141 - 63, 63, s[:6]))
+        biased, shift, sticky, lz, p, sign, tag = stage(
+            ("biased", eb - 126 - lz, signed(11)), ("sub_shift", shift, unsigned(6)),
+            ("sticky", self.sticky(tz, eb), 1), ("lz6", lz, lz.shape()), ("p6", p, unsigned(16)),
+            ("sign6", sign, 1), ("tag6", tag, len(tag)))
+        # 11-12: (P << 23) >> s, three bits of s a stage; beside it the normal candidate (the leading
+        #     one dropped) and the conditions
+        wide = Cat(Const(0, 23), p)
+        wide, fine, normal, zero, sat, norm, biased8, sign, tag = stage(
+            ("sub_wide", wide >> Cat(Const(0, 3), shift[3:]), unsigned(39)), ("sub_fine", shift[:3], unsigned(3)),
+            ("normal", (p << lz)[:15], unsigned(15)), ("zero8", p == 0, 1), ("sat8", biased >= 255, 1),
+            ("norm8", biased >= 1, 1), ("biased8", biased[:8], unsigned(8)), ("sign7", sign, 1),
+            ("tag7", tag, len(tag)))
+        sticky = carry(sticky, 1, "sticky7")
+        wide, sticky, normal, zero, sat, norm, biased8, sign, tag = stage(
+            ("sub_wide8", (wide >> fine)[:24], unsigned(24)), ("sticky8", sticky, 1), ("normal8", normal, 15),
+            ("zero9", zero, 1), ("sat9", sat, 1), ("norm9", norm, 1), ("biased9", biased8, 8),
+            ("sign8", sign, 1), ("tag8", tag, len(tag)))
+        # 13: round to nearest, ties to even (bit 0 the round bit, bits 1-23 the kept ones)
+        kept, round_bit = wide[1:], wide[0]
+        sub, normal, zero, sat, norm, biased8, sign, tag = stage(
+            ("sub", kept + self.round_up(round_bit, sticky, kept[0]), unsigned(24)), ("normal9", normal, 15),
+            ("zero10", zero, 1), ("sat10", sat, 1), ("norm10", norm, 1), ("biased10", biased8, 8),
+            ("sign9", sign, 1), ("tag9", tag, len(tag)))
+        # 14: the pattern: a zero, saturated, normal (exact) or subnormal (rounded); the sign on top
+        mag = Mux(zero, 0, Mux(sat, 0x7F7FFFFF, Mux(norm, Cat(Const(0, 8), normal, biased8), sub)))
+        out, tag = stage(("out", Cat(mag[:31], sign), unsigned(32)), ("tag10", tag, len(tag)))
+        finish(stage, out, tag)
+        return m
+
+    @staticmethod
+    def sticky(tz, eb):
+        """Whether a bit of ``P << 22`` below the round bit (bit ``140 - eb``) is set (tests override it
+        to inject a bug)."""
+        return (tz + eb) < 118
+
+    @staticmethod
+    def round_up(round_bit, sticky, lsb):
+        """To nearest, ties to even (tests override it to inject a bug)."""
+        return round_bit & (sticky | lsb)
+
+    @staticmethod
+    def model(rho_bf16, x_codes) -> np.ndarray:
+        """The terms (binary32 patterns) of BF16 values ``rho_bf16`` times BF16 codes ``x_codes``."""
+        rho = BF16.decode(np.asarray(rho_bf16, np.int64))
+        x = BF16.decode(np.asarray(x_codes, np.int64))
+        return to_float32(rho * x).view(np.uint32)
+
+
+def residual_term_class(config: GemvConfig) -> type[ResidualTerm]:
+    """The term unit of the engine's activation format."""
+    return ResidualTermBF16 if config.act_format is BF16 else ResidualTerm
+
+
+def _trailing_zeros(value):
+    """Trailing zeros of ``value`` within its width (its width for 0), a priority mux."""
+    tz = Const(len(value), range(len(value) + 1))
+    for i in reversed(range(len(value))):              # the lowest set bit wins: the last Mux applied
+        tz = Mux(value[i], i, tz)
+    return tz
 
 
 # -- the sequencer: handshakes, block counters, pages, status -------------------------------------------------
@@ -653,7 +825,7 @@ class BlockSequencer(wiring.Component):
                      error_now.x_length.eq(x_length_late)]
         with m.If(x_take):
             m.d.sync += active.eq(page_now)
-            m.d.comb += error_now.x_nan.eq(Cat((c[:7] == 0x7F) for c in xp.codes).any())
+            m.d.comb += error_now.x_nan.eq(Cat(self.not_finite(c) for c in xp.codes).any())
             with m.If(xp.last):
                 m.d.sync += [x_count.eq(0), x_wpage.eq(~x_wpage)]
             with m.Elif(~x_count[-1]):
@@ -797,6 +969,14 @@ class BlockSequencer(wiring.Component):
         page at a time, the design before)."""
         return ~x_both & ~(swap & x_loaded)
 
+    def not_finite(self, code):
+        """Whether an activation code is not a finite value (the ``x_nan`` error): E4M3's NaN
+        (S.1111.111; E4M3 has no Inf), BF16's Inf and NaN (an exponent of all ones)."""
+        fmt = self.config.act_format
+        if fmt.specials == "ieee":
+            return code[fmt.mbits:fmt.mbits + fmt.ebits] == (1 << fmt.ebits) - 1
+        return code[:fmt.bits - 1] == (1 << (fmt.bits - 1)) - 1
+
     def tag(self, slot, first, last, end):
         """A block's tag (tests override it to inject a bug)."""
         return Cat(slot, first, last, end)
@@ -826,9 +1006,10 @@ class GemvEngine(wiring.Component):
         self.bank = bank(code_bits=lay.code_bits, banks=lay.banks, word=table_word(config),
                          lanes=lay.group, lutram_depth=config.lutram_depth)
         self.mux = mux(lanes=lay.group, group=lay.group) if lay.banks == 2 else None
-        self.dot = BlockDot(lay, config.hif, config.act)
+        self.dot = (BlockDotFolded(lay, config.hif, config.act, lanes=config.dot_lanes, tail=config.dot_tail)
+                    if config.dot_lanes else BlockDot(lay, config.hif, config.act))
         self.acc = acc(config.tile)
-        self.term = (term or ResidualTerm)(config)
+        self.term = (term or residual_term_class(config))(config)
         super().__init__({
             "x": In(stream.Signature(x_layout(config))),
             "w": In(stream.Signature(unsigned(lay.block_bits))),
@@ -984,7 +1165,8 @@ class GemvEngine(wiring.Component):
 
 
 def model(config: GemvConfig, layer: LayerStream, x) -> np.ndarray:
-    """``y`` (float32, (rows,) or (batch, rows)) of ``layer`` and E4M3 activations ``x``: golden.dot.gemv."""
+    """``y`` (float32, (rows,) or (batch, rows)) of ``layer`` and activations ``x`` (values of ``config.act``):
+    golden.dot.gemv."""
     return dot.gemv(layer, x, config.act)
 
 
@@ -1006,7 +1188,7 @@ def sparse_beats(config: GemvConfig, layer: LayerStream) -> list[dict[str, int]]
 
 
 def x_beats(config: GemvConfig, codes) -> list[int]:
-    """The ``codes`` fields of one vector's ``x`` beats (``g`` E4M3 codes each), as integers."""
+    """The ``codes`` fields of one vector's ``x`` beats (``g`` codes of ``config.act`` each), as integers."""
     g, bits = config.group, config.act_format.bits
     words = np.asarray(codes, np.int64).reshape(-1, g)
     return [sum(int(c) << (j * bits) for j, c in enumerate(w)) for w in words]

@@ -8,8 +8,9 @@ the same ports plus ``aclk`` and ``aresetn`` (synchronous, active low).
 
 Ports (every TDATA a whole number of bytes, LSB first, no TKEEP/TSTRB/TID/TDEST/TUSER)
 
-* ``s_axis_x`` (in): activations, one beat of ``g`` E4M3 codes (column
-  ``k g + j`` of beat ``k`` in byte ``j``); a vector is one packet, TLAST on its
+* ``s_axis_x`` (in): activations, one beat of ``g`` codes of the engine's
+  activation format, E4M3 or BF16 (column ``k g + j`` of beat ``k`` in byte
+  ``j``, or bytes ``2j, 2j + 1`` for BF16); a vector is one packet, TLAST on its
   last beat (the engine's ``x.last``: a vector of another length than the
   layer's blocks per row sets ``x_length``).
 * ``s_axis_w`` (in): one packed block per beat, exactly golden.layout's bytes
@@ -78,7 +79,6 @@ from amaranth.hdl import ClockDomain, Module, Mux, Shape, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from sop.golden import dot
 from sop.golden.layout import LayerStream
 
 from . import axis, gemv
@@ -327,7 +327,7 @@ def load_beats(cfg: GemvConfig, layer: LayerStream, vectors: int) -> list[tuple[
 
 
 def x_beats(cfg: GemvConfig, codes) -> list[tuple[int, int]]:
-    """``s_axis_x`` beats of one vector (E4M3 codes)."""
+    """``s_axis_x`` beats of one vector (codes of the engine's activation format)."""
     return _framed(gemv.x_beats(cfg, codes))
 
 
@@ -357,12 +357,13 @@ def stream_beats(cfg: GemvConfig, layers) -> dict[str, list[tuple[int, int]]]:
 
 
 def vector_y(cfg: GemvConfig, layer: LayerStream, vectors) -> np.ndarray:
-    """``y`` words (uint32, (vectors, rows)) of ``layer`` and E4M3 code vectors: golden.dot.gemv."""
-    x = dot.ACT_FORMATS["e4m3"].decode(np.asarray(vectors, np.int64).reshape(-1, layer.cols)).astype(np.float32)
+    """``y`` words (uint32, (vectors, rows)) of ``layer`` and activation code vectors (the engine's
+    format, ``cfg.act``): golden.dot.gemv."""
+    x = cfg.act_format.decode(np.asarray(vectors, np.int64).reshape(-1, layer.cols)).astype(np.float32)
     return gemv.model(cfg, layer, x).reshape(-1, layer.rows).view(np.uint32)
 
 
 def model(cfg: GemvConfig, layers) -> list[tuple[int, int]]:
-    """``m_axis_y`` beats ``(tdata, tlast)`` owed for ``layers``, each ``(layer, vectors)`` (E4M3
+    """``m_axis_y`` beats ``(tdata, tlast)`` owed for ``layers``, each ``(layer, vectors)`` (activation
     codes), loaded and streamed in turn: one packet per vector, TLAST on its last row."""
     return [b for layer, vectors in layers for y in vector_y(cfg, layer, vectors) for b in _framed(y)]

@@ -32,8 +32,8 @@ testbench streams the first and last layers with sparse entries (golden's
 residual sums) and checks that ``sparse_error`` stays 0.
 
 After the decoders, the GEMV engines (hdl/gemv.py ``gemv_configs()``: ``gemv-sop4-g16``,
-``gemv-e2m3-ue4m4-g16``; docs/dot.md section 8): ``NAME.v`` (top module
-``sop_gemv_<point>``) and ``NAME.json`` (``gemv.describe``: parameters, ports, latency
+``gemv-e2m3-ue4m4-g16`` with E4M3 activations, ``gemv-sop4-g16-bf16`` with BF16; docs/dot.md
+section 8): ``NAME.v`` (top module ``sop_gemv_<name without gemv->``) and ``NAME.json`` (``gemv.describe``: parameters, ports, latency
 and each component's share, error bits, the block order), and beside each its
 AXI4-Stream shell (hdl/gemv_axis.py; docs/dot.md, "AXI4-Stream shell"):
 ``NAME_axis.v`` (top ``sop_gemv_<point>_axis``), ``NAME_axis.json`` (ports, TDATA
@@ -367,8 +367,9 @@ def gemv_axis_manifest(config: gemv.GemvConfig, top: gemv_axis.GemvAxisTop) -> d
 
 def gemv_testbench_layers(config: gemv.GemvConfig, seed: int = TB_SEED) -> list[tuple]:
     """``(layer, vectors)`` of the shell's Verilog testbench (``GEMV_TB_LAYERS``): random layers over
-    every code and both banks (sim.gemv_runner's), random finite E4M3 vectors; the last layer with
-    residual entries (terms that saturate, are plain or go subnormal)."""
+    every code and both banks (sim.gemv_runner's), random finite vectors in the engine's activation
+    format (``gemv_runner.finite_codes``); the last layer with residual entries (terms that
+    saturate, are plain or go subnormal)."""
     from sop.sim import gemv_runner
 
     point, rng = gemv_runner.point_of(config), np.random.default_rng(seed)
@@ -377,7 +378,7 @@ def gemv_testbench_layers(config: gemv.GemvConfig, seed: int = TB_SEED) -> list[
         layer = gemv_runner.random_layer(point, rows, cols, rng)
         if entries:
             layer = gemv_runner.with_residuals(layer, rng, entries)
-        out.append((layer, [rng.integers(0, 0x7F, cols) | rng.integers(0, 2, cols) << 7 for _ in range(n_vectors)]))
+        out.append((layer, [gemv_runner.finite_codes(config.act_format, rng, cols) for _ in range(n_vectors)]))
     return out
 
 

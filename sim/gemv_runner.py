@@ -3,7 +3,7 @@
     python -m sop.sim.gemv_runner [--config NAME ...] [--sim icarus|verilator] [--quick] [--seed N]
 
 For each named engine (hdl.gemv.gemv_configs: ``gemv-sop4-g16``,
-``gemv-e2m3-ue4m4-g16``) it converts ``GemvEngine`` to Verilog under
+``gemv-e2m3-ue4m4-g16``, ``gemv-sop4-g16-bf16``) it converts ``GemvEngine`` to Verilog under
 ``build/sim/<sim>/<config>/rtl/`` (as named: up to 16384 columns and 65535 rows;
 one Verilator waiver, ``SIM_WAIVERS``), writes the plan (``plan.json``: the layers'
 beats and every expected ``y`` word) and runs sim/tb_gemv.py on it with
@@ -16,21 +16,31 @@ from ``--seed``, else from a new seed each run, printed: ``--seed`` reruns it):
 
 * ``minilm``: MiniLM's layer-0 query quantized to the configuration's operating
   point, with real activations (that layer's inputs in the BERT forward pass of a
-  sentence, quantize/e2e.py, rounded to E4M3; cached under build/vectors/). Quick:
+  sentence, quantize/e2e.py, rounded to the engine's activation format, E4M3 or BF16;
+  cached under build/vectors/). Quick:
   its first 40 rows (two tiles and a partial one) for one token, then the same rows
   with 2 % sparse residuals (quantize/sparse.py); full: all 384 rows for two
   tokens, then 40 rows with residuals for two tokens.
 * ``corners`` (layers back to back, a table swap before each): the largest
-  magnitudes (every table entry the largest HIF value, the largest scale, x = +-448,
-  at offsets 0 and 127: saturation) and the smallest (offset -128, subnormal x);
+  magnitudes (every table entry the largest HIF value, the largest scale, x the
+  largest finite activation, +-448 or +-3.39e38, at offsets 0 and 127: saturation)
+  and the smallest (offset -128, subnormal x);
   cancellation to exactly zero inside a block and across blocks (tables holding
   ``v`` and ``-v``, +-0 entries; with a signed scale, blocks that differ only by the
   sign bit); zero blocks and a zero vector; subnormal, +-0 and +-448 activations; a
   random layer over every code, both banks and signs; a single row; random layers
   with sparse residuals (terms that saturate or go subnormal) and a partial last tile.
+  With BF16 activations (``finite_codes``: random ones within 2^-8 .. 2^9, so that the
+  block dot unit stays on its fast path where a layer is not about its slow one) three
+  layers more: subnormal activations at offset -16 (subnormal sums), a block column
+  spanning 200 binades (the block dot unit's exact slow path between fast blocks), and
+  residual terms alone (all-zero tables) whose values cover ``ResidualTermBF16``'s
+  rounding: subnormal terms rounded at every shift, ties to even both ways, flushed ones,
+  the normal range's ends, saturation (``term_rounding_layer``, drawn from a generator of
+  its own: the other layers' draws are unchanged).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
-  detector alone) (``x_length``, ``x_nan`` must be set while it is loaded, clear
+  detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
   after ``clear``; their ``y`` words are counted, not compared), then a good
   vector (compared) and a clear status.
 
@@ -66,6 +76,11 @@ QUERY = "encoder.layer.0.attention.self.query.weight"
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 #: E4M3 codes the corner vectors draw from: +-0, subnormals, the smallest normal, +-448 (the largest)
 SPECIAL_CODES = [0x00, 0x80, 0x01, 0x81, 0x02, 0x05, 0x87, 0x07, 0x08, 0x88, 0x7E, 0xFE]
+#: BF16's: +-0, the smallest and largest subnormals, the smallest normal, 1, +-3.39e38 (the largest)
+SPECIAL_CODES_BF16 = [0x0000, 0x8000, 0x0001, 0x8001, 0x007F, 0x807F, 0x0080, 0x8080, 0x3F80, 0x7F7F, 0xFF7F]
+#: Per activation format: the largest finite code, the smallest subnormal, the sign bit, a NaN
+EXTREMES = {"e4m3": {"largest": 0x7E, "smallest": 0x01, "sign": 0x80, "nan": 0x7F},
+            "bf16": {"largest": 0x7F7F, "smallest": 0x0001, "sign": 0x8000, "nan": 0x7FC1}}
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
          "full": {"rows": None, "tokens": [2, 7], "sparse_tokens": [3, 5]}}
 
@@ -79,10 +94,12 @@ def point_of(cfg: GemvConfig) -> str:
     return next(name for name, p in operating_points().items() if (p.layout, p.hif) == (cfg.layout, cfg.hif))
 
 
-def minilm_activations() -> np.ndarray:
-    """E4M3 codes (tokens, 384) of the query layer's inputs in the BERT forward pass of ``SENTENCE``
-    (quantize/e2e.py's hook, the calibration's forward), cached under build/vectors/."""
-    path = toolenv.build_root() / "vectors" / "gemv-minilm-query-x-e4m3.npy"
+def minilm_activations(act: str = "e4m3") -> np.ndarray:
+    """``act`` codes (tokens, 384) of the query layer's inputs in the BERT forward pass of ``SENTENCE``
+    (quantize/e2e.py's hook, the calibration's forward), rounded to ``act`` (E4M3: clipped to +-448
+    first), cached under build/vectors/."""
+    fmt = dot.act_format(act)
+    path = toolenv.build_root() / "vectors" / f"gemv-minilm-query-x-{fmt.name}.npy"
     if not path.is_file():
         from sop.golden.files import write_atomic
         from sop.quantize.e2e import Bert
@@ -90,7 +107,10 @@ def minilm_activations() -> np.ndarray:
 
         seen = []
         Bert(minilm_folder()).embed([SENTENCE], hook=lambda name, x: seen.append(x) if name == QUERY else None)
-        codes = E4M3.encode(np.clip(seen[0], -E4M3.max, E4M3.max)).astype(np.uint8)
+        if fmt is E4M3:
+            codes = E4M3.encode(np.clip(seen[0], -E4M3.max, E4M3.max)).astype(np.uint8)
+        else:
+            codes = fmt.encode(fmt.quantize(seen[0])).astype(np.uint16)
         buf = io.BytesIO()
         np.save(buf, codes)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,38 +228,215 @@ def cancelling_layer(point: str, rng, rows: int = 22, cols: int = 64) -> LayerSt
     return make_layer(point, luts, int(rng.integers(-10, 11)), rows, headers, codes)
 
 
-def paired_vector(rng, cols: int, g: int) -> np.ndarray:
-    """E4M3 codes whose block ``2k + 1`` repeats block ``2k`` and whose columns come in equal pairs."""
-    pairs = rng.integers(0, 0x7F, (cols // (2 * g), g // 2)) | (rng.integers(0, 2, (cols // (2 * g), g // 2)) << 7)
+def finite_codes(act, rng, shape, signed: bool = True) -> np.ndarray:
+    """Random finite codes of ``act``: E4M3, any finite code; BF16, values within 2^-8 .. 2^9 (every
+    fraction; far wider blocks take the block dot unit's slow path, a hundred cycles each: the
+    corner layers hold those)."""
+    if act is E4M3:
+        x = rng.integers(0, 0x7F, shape)
+        return x | (rng.integers(0, 2, shape) << 7) if signed else x
+    x = (rng.integers(127 - 8, 127 + 9, shape) << 7) | rng.integers(0, 128, shape)
+    return x | (rng.integers(0, 2, shape) << 15) if signed else x
+
+
+def paired_vector(rng, cols: int, g: int, act=E4M3) -> np.ndarray:
+    """Activation codes whose block ``2k + 1`` repeats block ``2k`` and whose columns come in equal pairs."""
+    pairs = finite_codes(act, rng, (cols // (2 * g), g // 2))
     block = pairs.repeat(2, axis=1)
     return block.repeat(2, axis=0).reshape(-1)
 
 
-def special_vector(rng, cols: int) -> np.ndarray:
-    """E4M3 codes from ``SPECIAL_CODES`` (subnormals, +-0, +-448), a quarter of them random finite."""
-    x = rng.choice(SPECIAL_CODES, cols)
+def special_vector(rng, cols: int, act=E4M3) -> np.ndarray:
+    """Activation codes from ``SPECIAL_CODES`` (E4M3: subnormals, +-0, +-448; BF16:
+    ``SPECIAL_CODES_BF16``), a quarter of them random finite."""
+    x = rng.choice(SPECIAL_CODES if act is E4M3 else SPECIAL_CODES_BF16, cols)
     other = rng.random(cols) < 0.25
-    x[other] = rng.integers(0, 0x7F, other.sum()) | (rng.integers(0, 2, other.sum()) << 7)
+    x[other] = finite_codes(act, rng, other.sum())
     return x
 
 
-def corner_layers(point: str, rng) -> list[tuple[str, LayerStream, list[np.ndarray]]]:
-    """(name, layer, E4M3 code vectors) of the corner cases, streamed back to back."""
+def corner_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, list[np.ndarray]]]:
+    """(name, layer, activation code vectors) of the corner cases, streamed back to back. With BF16
+    the every-code layer takes plain activations (special ones, the largest beside subnormals in a
+    block, send nearly every block down the block dot unit's slow path: the other layers have them),
+    and two layers more: subnormal activations at offset -16 (FP32 subnormal sums) and a block column
+    spanning 200 binades (the slow path between fast blocks)."""
     g = get_point(point).layout.group
-    ones = np.full(64, 0x7E)
-    mixed = np.where(np.arange(64) % 3 == 0, 0xFE, 0x7E)
+    ext = EXTREMES[act.name]
+    big, neg = ext["largest"], ext["largest"] | ext["sign"]
+    ones = np.full(64, big)
+    mixed = np.where(np.arange(64) % 3 == 0, neg, big)
     cancel = cancelling_layer(point, rng)
+    every = 16 << get_point(point).layout.code_bits
     out = [("largest-offset0", extreme_layer(point, True, 0), [ones, mixed]),
            ("largest-offset127", extreme_layer(point, True, 127), [ones]),
-           ("smallest-offset-128", extreme_layer(point, False, -128), [np.full(64, 0x01), special_vector(rng, 64)]),
-           ("cancellation-and-zero-blocks", cancel, [paired_vector(rng, 64, g), np.zeros(64, np.int64)]),
-           ("every-code-bank-sign", random_layer(point, 17, 16 << get_point(point).layout.code_bits, rng),
-            [special_vector(rng, 16 << get_point(point).layout.code_bits)]),
-           ("one-row", random_layer(point, 1, 48, rng), [special_vector(rng, 48)]),
+           ("smallest-offset-128", extreme_layer(point, False, -128),
+            [np.full(64, ext["smallest"]), special_vector(rng, 64, act)]),
+           ("cancellation-and-zero-blocks", cancel, [paired_vector(rng, 64, g, act), np.zeros(64, np.int64)]),
+           ("every-code-bank-sign", random_layer(point, 17, every, rng),
+            [special_vector(rng, every) if act is E4M3 else finite_codes(act, rng, every)]),
+           ("one-row", random_layer(point, 1, 48, rng), [special_vector(rng, 48, act)]),
            ("sparse-40-rows", with_residuals(random_layer(point, 40, 32, rng), rng, 60),
-            [special_vector(rng, 32), rng.integers(0, 0x7F, 32)]),
-           ("plain-after-sparse", random_layer(point, 18, 32, rng), [rng.integers(0, 0x7F, 32)])]
+            [special_vector(rng, 32, act), finite_codes(act, rng, 32, signed=False)]),
+           ("plain-after-sparse", random_layer(point, 18, 32, rng), [finite_codes(act, rng, 32, signed=False)])]
+    if act is not E4M3:
+        sub = rng.integers(0, 0x80, 64) | (rng.integers(0, 2, 64) << 15)           # subnormal BF16, +-0
+        far = finite_codes(act, rng, 64)
+        far[g:2 * g] = act.encode(act.quantize(rng.standard_normal(g) * np.exp2(rng.choice([-100.0, 100.0], g))))
+        out += [("subnormal-x-offset-16", random_layer(point, 18, 64, rng, offset=-16), [sub]),
+                ("slow-blocks", random_layer(point, 18, 64, rng, offset=0), [far])]
     return out
+
+
+def bf16_term_class(rho: int, x: int) -> tuple:
+    """The case of ``ResidualTermBF16``'s arithmetic (hdl/gemv.py, its docstring) that the term
+    ``rho * x`` of two finite BF16 codes takes, from the codes' fields alone: ``("zero",)``,
+    ``("saturated", E - 255 clipped to 2)``, ``("normal", E at 1, 254 or between)`` or
+    ``("subnormal", s: below 23 exact / 23 .. 38 rounded / clamped, round bit, sticky bit, kept LSB,
+    s for a tie: P's trailing zeros are s - 23)``.
+    Used to pick cases, never to expect a value (the words come from golden.dot)."""
+    def fields(c):
+        e = (c >> 7) & 0xFF
+        return (c & 0x7F) | (0x80 if e else 0), max(e, 1)
+    (Sr, er), (Sx, ex) = fields(rho), fields(x)
+    p, eb = Sr * Sx, er + ex
+    if p == 0:
+        return ("zero",)
+    e = eb - 126 - (16 - p.bit_length())
+    if e >= 255:
+        return ("saturated", min(e - 255, 2))
+    if e >= 1:
+        return ("normal", 1 if e == 1 else 254 if e == 254 else 2)
+    s = 0 if eb >= 141 else 63 if eb <= 78 else 141 - eb
+    wide = (p << 23) >> s
+    sticky = s >= 2 and (p << 22) & ((1 << (s - 1)) - 1) != 0
+    kind = "exact" if s < 23 else "rounded" if s < 39 else "clamped" if s == 63 else "flushed"
+    tie = kind == "rounded" and wide & 1 and not sticky
+    return ("subnormal", kind, wide & 1, int(sticky), (wide >> 1) & 1, s if tie else None)
+
+
+def term_rounding_layer(point: str, rng, rows: int = 96, cols: int = 32) -> tuple[LayerStream, list[np.ndarray]]:
+    """BF16 only: a layer whose tables are all zero (every block +-0, at offset 0 on the block dot
+    unit's fast path), so that each row's ``y`` is its residual terms' sum alone and a term's last
+    bit shows, with one entry a row (a second in every fourth row): the entries' values picked,
+    against a vector of BF16 activations over every binade (subnormals, up to 2^60), to cover
+    ``bf16_term_class``'s cases (each candidate value of an entry the one whose case is least seen
+    so far): subnormal terms rounded at every shift 23 .. 38 (round, sticky and kept bits in every
+    combination; ties to even both ways at every shift, i.e. with P's trailing zeros 0 .. 15: the
+    sticky bit's compare), exact and flushed ones, the normal range's ends, terms
+    just at and beyond FLT_MAX. Returns the layer and two vectors (the second with the signs
+    flipped)."""
+    layer = random_layer(point, rows, cols, rng, offset=0)
+    luts = np.zeros_like(layer.luts)
+    exp = rng.integers(0, 128 + 60, cols)
+    exp[rng.random(cols) < 0.15] = 0                                   # subnormal activations
+    frac = rng.integers(0, 128, cols) & ~((1 << rng.integers(0, 8, cols)) - 1)   # trailing zeros: ties at s >= 33
+    x = (exp << 7) | frac | (rng.integers(0, 2, cols) << 15)
+    x[(x & 0x7FFF) == 0] |= 1
+    seen: dict = {}
+    index, value = [], []
+    for r in range(rows):
+        for c in sorted(rng.choice(cols, 1 + (r % 4 == 3), replace=False)):
+            ex = max(int(x[c] >> 7 & 0xFF), 1)
+            target = rng.integers(70, 150, 64) - ex                        # eb = er + ex around the subnormal range
+            target[:8] = rng.integers(370, 392, 8) - ex                     # and the top of the range
+            er = np.clip(target, 0, 254)
+            frac = rng.integers(0, 128, 64) & ~((1 << rng.integers(0, 8, 64)) - 1)   # trailing zeros: ties
+            cand = (er << 7) | frac | (rng.integers(0, 2, 64) << 15)
+            cand[(cand & 0x7FFF) == 0] |= 1
+            cls = [bf16_term_class(int(v), int(x[c])) for v in cand]
+            k = min(range(len(cand)), key=lambda i: (seen.get(cls[i], 0), i))
+            seen[cls[k]] = seen.get(cls[k], 0) + 1
+            index.append(r * cols + c)
+            value.append(int(cand[k]))
+    sparse = Sparse(np.asarray(index, np.uint32), np.asarray(value, np.uint16))
+    layer = LayerStream(layer.layout, layer.hif, luts, 0, rows, cols, layer.blocks, sparse)
+    return layer, [x, x ^ 0x8000]
+
+
+def _lsb_exponent(fmt, code: int) -> int:
+    """The exponent of the lowest set bit of a nonzero finite code's value (host side)."""
+    m, e = np.frexp(float(fmt.decode(np.array([code]))[0]))
+    mant = int(abs(m) * 2 ** 53)
+    return int(e) - 53 + ((mant & -mant).bit_length() - 1)
+
+
+def window_edge_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, list[np.ndarray]]:
+    """BF16 only: blocks at the edge of the BF16 block dot unit's window (hdl/block_dot_bf16.py: a
+    product whose lowest set bit lies more than ``window`` (its ``F_BITS``) binades below the block's
+    largest product LSB exponent takes the exact slow path). One nonzero block a row (so that its value is
+    the row's ``y``): two lanes hold ``+H x`` and ``-H x`` (a large product and its negation:
+    they cancel; in either order: the slow path's limb goes negative on the way, or not) and one
+    other lane a small product whose lowest set bit is exactly at the window's
+    last bit (fits: the fast path) or one below it (drops: the slow path), so the block's value is
+    the small product alone and a path decision that is off by one loses its last bit. The table's
+    small entries reach the same lowest bit with every count of trailing zeros of the HIF
+    significand (0 .. 6 where the product fits, 0 .. 5 where it drops), the activations with 0 .. 7;
+    every lane is the small one in a block of each kind in 7 of the 8 block columns, and takes
+    every fitting and every dropping table entry there (each lane's trailing-zero counts and its
+    window limit at both sides of the edge; 224 rows, 112 slow blocks). Returns the layer and its
+    vector."""
+    p = get_point(point)
+    lay, hif = p.layout, p.hif
+    g, half = lay.group, 1 << (lay.code_bits - 1)
+    m_bits, e_max = hif.mbits, (1 << hif.ebits) - 1
+    sign = 1 << (hif.bits - 1)
+
+    def hif_code(lsb: int, tz: int) -> int:
+        # a normal HIF value with ``tz`` trailing zeros in its significand and its lowest set bit at 2^lsb
+        e = lsb - tz + hif.bias + m_bits
+        upper = int(rng.integers(0, 1 << max(m_bits - tz - 1, 0))) << (tz + 1) if tz < m_bits else 0
+        mant = (upper | (1 << tz)) & ((1 << m_bits) - 1) if tz < m_bits else 0
+        assert 1 <= e <= e_max, (lsb, tz, e)
+        return (e << m_bits) | mant
+    # code 1: the large entry H (largest exponent), code half + 1: -H; codes 2 .. half: lowest bit at
+    # 2^fit, trailing zeros 0 .. ; codes half + 2 ..: one binade lower (drops), ditto
+    fit = e_max - hif.bias - m_bits + 1 - 1                            # -4 for hif-e3m6b5
+    luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
+    for b in range(lay.banks):
+        big = (e_max << m_bits) | int(rng.integers(0, 1 << m_bits))
+        luts[b, 1], luts[b, half + 1] = big, big | sign
+        for k, code in enumerate(range(2, half + 1)):
+            luts[b, code] = hif_code(fit, k % (m_bits + 1)) | int(rng.integers(0, 2)) * sign
+        for k, code in enumerate(range(half + 2, 2 * half)):
+            luts[b, code] = hif_code(fit - 1, (k + 3) % m_bits) | int(rng.integers(0, 2)) * sign
+    lsb_big = e_max - hif.bias - m_bits                                # H's significand LSB exponent (t's part)
+    n_cols = 8
+    x = np.zeros(n_cols * g, np.int64)
+    for k in range(n_cols):
+        ex_big = int(rng.integers(140, 166))                           # x ~ 2^13 .. 2^39
+        top = ex_big - 127 - 7 + lsb_big                               # T: the large products' LSB exponent
+        for j in range(g):
+            if j in (2 * k % g, 2 * k % g + 1):
+                x[k * g + j] = (ex_big << 7) | int(rng.integers(0, 128))
+                continue
+            # the small activation: lowest set bit at 2^(T - window - fit) (the product's then at the
+            # window's last bit with a ``fit`` entry), random trailing zeros in its significand
+            tz = (j + k) % 8
+            ex = top - window - fit - tz + 127 + 7
+            frac = (int(rng.integers(0, 1 << max(6 - tz, 0))) << (tz + 1) | 1 << tz) & 0x7F if tz < 7 else 0
+            x[k * g + j] = (ex << 7) | frac | int(rng.integers(0, 2)) << 15
+        x[k * g + 2 * k % g + 1] = x[k * g + 2 * k % g]                # the pair: the same activation
+    headers, codes = [], []
+    rows = 0
+    seen = np.zeros(g, np.int64)                                       # blocks each lane was the small one in
+    for k in range(n_cols):
+        pair = (2 * k % g, 2 * k % g + 1)
+        for j in (j for j in range(g) if j not in pair):
+            fits, drops = 2 + seen[j] % (half - 1), half + 2 + seen[j] % (half - 2)
+            seen[j] += 1
+            for small in (fits, drops):
+                for b in range(n_cols):
+                    c = np.zeros(g, np.int64)
+                    if b == k:                                         # every other pair of rows: -H x first
+                        c[list(pair)] = [1, half + 1] if rows // 2 % 2 else [half + 1, 1]
+                        c[j] = small
+                    headers.append(int(lay.make_header(int(rng.integers(1, 1 << lay.scale.bits)),
+                                                       int(rng.integers(0, 2)) if lay.signed_scale else 0,
+                                                       int(rng.integers(0, 2)) if lay.select_bit else 0)))
+                    codes.append(c)
+                rows += 1
+    return make_layer(point, luts, 0, rows, headers, codes), [x]
 
 
 # -- the plan --------------------------------------------------------------------------------------------------
@@ -249,7 +446,7 @@ def layer_entry(cfg: GemvConfig, name: str, layer: LayerStream, vectors) -> dict
     per vector its ``x`` beats and the expected ``y`` words (golden.dot.gemv)."""
     lay = layer.layout
     vectors = [np.asarray(v, np.int64) for v in vectors]
-    x = E4M3.decode(np.stack(vectors)).astype(np.float32)
+    x = cfg.act_format.decode(np.stack(vectors)).astype(np.float32)
     y = gemv.model(cfg, layer, x).view(np.uint32)
     return {"name": name, "rows": layer.rows,
             "loads": [[b, a, int(layer.luts[b][a])] for b in range(lay.banks) for a in range(1 << lay.code_bits)],
@@ -266,12 +463,17 @@ def error_job(cfg: GemvConfig, point: str, rng) -> dict:
     NaN in each lane of a beat (one vector a lane, +NaN and -NaN in turn: every lane's detector must
     fire on its own; their ``y`` counted, not compared), then a good one with 448 (compared); a layer
     word with no rows; the layer with a sparse entry beyond its columns."""
+    act = cfg.act_format
+    ext, bits = EXTREMES[act.name], act.bits
     layer = random_layer(point, 3, 2 * cfg.group, rng, offset=0)
-    good = rng.integers(0, 0x7F, 2 * cfg.group)
-    good[5] = 0x7E
+    good = finite_codes(act, rng, 2 * cfg.group, signed=False)
+    good[5] = ext["largest"]
     entry = layer_entry(cfg, "errors", layer, [good])
     beats = entry["vectors"][0]["x"]
-    nans = [beats[1] & ~(0xFF << 8 * k) | (0x7F | (k & 1) << 7) << 8 * k for k in range(cfg.group)]
+    # (BF16: NaN and Inf in turn, +NaN, -NaN, +Inf, -Inf: every code with an exponent of all ones)
+    bad = [(ext["nan"] if act is E4M3 or k % 4 < 2 else 0x7F80) | (k & 1) * ext["sign"] for k in range(cfg.group)]
+    mask = (1 << bits) - 1
+    nans = [beats[1] & ~(mask << bits * k) | bad[k] << bits * k for k in range(cfg.group)]
     cases = [("x_length", beats + [beats[0]]), ("x_length", beats[:1])] + [("x_nan", [beats[0], n]) for n in nans]
     entry["cases"] = [{"error": "w_before_x", "offer": 5}] + [{"error": e, "x": x} for e, x in cases] + \
         [{"error": None, **entry["vectors"][0]}]
@@ -292,13 +494,21 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
     point = point_of(cfg)
     rng = np.random.default_rng(seed)
     s = SIZES[size]
-    x = minilm_activations()
+    x = minilm_activations(cfg.act)
     plain, sparse = minilm_layers(point, s["rows"])
     minilm = [layer_entry(cfg, f"{QUERY}[:{plain.rows}]", plain, x[s["tokens"]]),
               layer_entry(cfg, f"{QUERY}[:40]+2%sparse", sparse, x[s["sparse_tokens"]])]
-    corners = [layer_entry(cfg, name, layer, v) for name, layer, v in corner_layers(point, rng)]
+    corners = [layer_entry(cfg, name, layer, v) for name, layer, v in corner_layers(point, rng, cfg.act_format)]
+    if cfg.act_format is BF16:
+        # the term unit's rounding (after every other draw, from a generator of its own: the plan's
+        # other layers are drawn as before)
+        layer, vectors = term_rounding_layer(point, np.random.default_rng([seed, 15]))
+        corners.append(layer_entry(cfg, "residual-term-rounding", layer, vectors))
+        layer, vectors = window_edge_layer(point, np.random.default_rng([seed, 16]))
+        corners.append(layer_entry(cfg, "window-edge", layer, vectors))
     return {"config": cfg.name, "point": point, "seed": seed, "engine": {"tile": cfg.tile, "max_cols": cfg.max_cols,
-                                                            "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth},
+                                                            "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
+                                                            "act": cfg.act},
             "size": size, "p_idle": 0.25, "p_stall": 0.3,
             "jobs": [{"kind": "layers", "name": "minilm", "layers": minilm},
                      {"kind": "layers", "name": "corners", "layers": corners}, error_job(cfg, point, rng)]}

@@ -328,6 +328,27 @@ def sparse_scenarios(cfg: DecoderConfig, vectors_dir: Path | None, *, size: str 
       not above the one before, one past the layer, an entry before any layer, an infinite
       value): exactly that bit must be set.
 
+    Then what the survivors' analysis added (docs/benchmarks.md, "The sparse scenario"), after
+    the others so that their stimulus stays the same:
+
+    * ``adder-edges``: the residual adder's corners, an entry on every value
+      (tb_mutants.adder_edge_layers, adder_deep_layer): products at both ends of BF16's range
+      with residuals that make exact ties and near ties, sums just below and above the
+      saturation point, cancellation into the subnormal range, powers of two (the sticky bit
+      alone), residuals of any exponent, every subnormal residual on zero products, and results
+      deep in the subnormal range (rounding points 16 to 23 bits down, ties, the carry past
+      ``2^-128``);
+    * ``throughput``: layers with and without entries at full speed (output ready, a beat and an
+      entry offered whenever the host may); the output beats' extra cycles must be the merge's
+      rule's (hdl.residual.MergeModel, as sim.sparse_stalls counts them) and every entry must
+      be taken in the cycle the rule takes it (``sparse.ready``); a layer with entries about
+      ``NEAR`` chunks apart (the inbox waits); ``throughput-gaps``: the same with gaps in the
+      sparse stream (the window runs dry): the holds the values never show;
+    * ``error-past_layer-far``: a last index 4,096 past the layer (still in the merge's inbox when
+      the layer ends);
+    * ``error-order-long`` (full size only): a repeated index at ``2^18`` in a layer of 262,400
+      values (MiniLM's FFN layers have 589,824): the order check's high bits.
+
     Every good stream also checks that ``sparse_error`` stays 0."""
     from sop.hdl.residual import ERRORS
 
@@ -346,6 +367,23 @@ def sparse_scenarios(cfg: DecoderConfig, vectors_dir: Path | None, *, size: str 
              "layers": [{**one, "blocks": 16}, {**one, "blocks": 8}, {"kind": "random", "layers": 1, "blocks": 4}]}]
     out += [{"name": f"error-{bad}", "kind": "error", "bad": bad, "layers": [{"kind": "bad", "bad": bad, "blocks": 8}]}
             for bad in ERRORS]
+    # -- added by the survivors' analysis (after the others, so that their stimulus stays the same)
+    out += [{"name": "adder-edges", "layers": [{"kind": "adder-edges", "blocks": {"tiny": 2, "full": 8}[size]},
+                                               {"kind": "adder-deep", "layers": {"tiny": 1, "full": 4}[size],
+                                                "blocks": {"tiny": 4, "full": 16}[size]},
+                                               {"kind": "adder-deep", "carry": True, "layers": {"tiny": 1, "full": 2}[size],
+                                                "blocks": {"tiny": 4, "full": 16}[size]}]},
+            {"name": "throughput", "kind": "throughput", "layers": [{"kind": "throughput", "blocks": 40}]},
+            {"name": "throughput-gaps", "kind": "throughput", "gaps": [0, 0, 1, 2, 3, 6, 12],
+             "layers": [{"kind": "throughput", "blocks": 40}]}]
+    # a last index so far past the layer that it still waits in the merge's inbox when the layer ends
+    out.append({"name": "error-past_layer-far", "kind": "error", "bad": "past_layer",
+                "layers": [{"kind": "bad", "bad": "past_layer", "blocks": 8, "past": 4096}]})
+    if size == "full":
+        # an index of 2^18 and more (MiniLM's FFN layers have 589,824 values): the order check's
+        # high bits; 16,400 blocks, the slowest scenario, last
+        out.append({"name": "error-order-long", "kind": "error", "bad": "order",
+                    "layers": [{"kind": "bad", "bad": "order", "blocks": 16_400, "at": 1 << 18, "next_blocks": 2}]})
     return out
 
 

@@ -32,20 +32,25 @@ from sop.hdl.residual import MergeModel
 DEFAULT_BUDGETS = (4.75, 5.0, 5.5, 6.0)
 
 
-def issue_cycles(config: DecoderConfig, layers) -> dict:
+def issue_cycles(config: DecoderConfig, layers, gaps=(0,)) -> dict:
     """Cycles of stage 0 for ``layers``, each ``(n_values, sparse indices)``, streamed back to back
-    at full speed (tables preloaded, every beat and entry offered as soon as the host may, output
-    always ready). Returns ``chunks`` (output beats), ``cycles`` (passes: chunks plus stalls),
-    ``stalls`` and ``stalls_per_layer``."""
+    at full speed (tables preloaded, every beat offered as soon as the host may, output always
+    ready), the sparse entries offered with ``gaps``: entry ``k`` of the whole stream (counted over
+    every layer) is offered ``gaps[k % len(gaps)]`` cycles after it is due (after entry ``k - 1`` is
+    taken, or from the cycle after its layer's swap beat; all 0: as soon as the host may). Returns
+    ``chunks`` (output beats), ``cycles`` (passes: chunks plus stalls), ``stalls``,
+    ``stalls_per_layer`` and ``entry_cycles`` (the cycle each entry is taken, ``sparse.ready``,
+    counted from the cycle the first beat is taken)."""
     N, C = config.lanes, config.beats_per_block
     model = MergeModel(config)
     chunks = [-(-n // N) for n, _ in layers]
     total_cycles, per_layer = 0, []
-    queue, qi = np.zeros(0, dtype=np.int64), 0
+    queue, qi, k, wait = np.zeros(0, dtype=np.int64), 0, 0, gaps[0]
     active, hold = 0, 0
     cur = None                                   # (layer, chunk) presented
     li, beat = 0, 0                              # the next beat to take
     first_flag_written = False
+    t, t0, took = 0, None, []                    # the cycle; the first beat's; each entry's
     while cur is not None or li < len(layers):
         offer = li < len(layers)
         we = ls = 0
@@ -56,18 +61,27 @@ def issue_cycles(config: DecoderConfig, layers) -> dict:
         take_reg = not present or last_chunk
         swap = offer and beat == 0
         taken = bool(take_reg and not hold and offer and not we)
-        entry = (int(queue[qi]), 0, int(qi == len(queue) - 1)) if qi < len(queue) else (0, 0, 0)
+        due = qi < len(queue)
+        valid = due and wait == 0
+        if due and wait:
+            wait -= 1
+        entry = (int(queue[qi]), 0, int(qi == len(queue) - 1)) if due else (0, 0, 0)
         cy = {"present": int(present), "present_next": int(offer and not we if take_reg and not hold else present),
               "taken": int(taken), "swap": int(swap), "page": active ^ int(swap), "write_page": 1 - active,
-              "en": 1, "offset_we": we, "layer_sparse": ls, "valid": int(qi < len(queue)), "entry": entry}
+              "en": 1, "offset_we": we, "layer_sparse": ls, "valid": int(valid), "entry": entry}
         out = model.step(cy)
         if present:
             total_cycles += 1
             while len(per_layer) <= cur[0]:
                 per_layer.append(0)
             per_layer[cur[0]] += 1
-        if cy["valid"] and out["ready"]:
-            qi += 1
+        if valid and out["ready"]:
+            qi, k = qi + 1, k + 1
+            wait = gaps[k % len(gaps)]
+            took.append(t)
+        if taken and t0 is None:
+            t0 = t
+        t += 1
         if present and not hold:
             cur = None if last_chunk else (cur[0], cur[1] + 1)
         if taken:
@@ -82,7 +96,8 @@ def issue_cycles(config: DecoderConfig, layers) -> dict:
     if any(out["error"].values()):
         raise AssertionError(f"the stream set {out['error']}")
     stalls = [p - c for p, c in zip(per_layer, chunks)]
-    return {"chunks": sum(chunks), "cycles": total_cycles, "stalls": sum(stalls), "stalls_per_layer": stalls}
+    return {"chunks": sum(chunks), "cycles": total_cycles, "stalls": sum(stalls), "stalls_per_layer": stalls,
+            "entry_cycles": [x - t0 for x in took]}
 
 
 def budget_streams(budget: float, out_dir: Path, *, calibrate: bool = True) -> dict:

@@ -21,7 +21,7 @@ computes nothing, it drives beats and compares every ``y`` word bit for bit,
   every owed word must come within a cycle bound, then nothing more may come,
   and ``status`` must read 0 (no vector loaded, no error bit).
 * ``errors`` job: one small layer; vectors one beat too long, one too short,
-  with an E4M3 NaN and -NaN (after a block offered before any x: never taken,
+  with a NaN and -NaN (BF16: and +-Inf) (after a block offered before any x: never taken,
   ``w_before_x``): while each is loaded ``status`` must hold
   ``x_loaded`` and its bit (``x_length``, ``x_nan``), after its pass the bit
   alone; ``clear`` must clear it. Their ``y`` words are counted (and ``last``

@@ -7,7 +7,7 @@ Runner (``run``, ``main``): converts ``GemvAxisTop`` (hdl.generate's
 the plan (``plan.json``) and runs this module's test on it with sim/runner.py's
 ``simulate`` (cocotb's runner, Icarus or Verilator). The plan's layers are real:
 MiniLM's layer-0 query quantized to the engine's operating point and its real
-inputs in the BERT forward pass of a sentence rounded to E4M3
+inputs in the BERT forward pass of a sentence rounded to the engine's activation format, E4M3 or BF16
 (sim/gemv_runner.py's ``minilm_layers`` and ``minilm_activations``):
 
 * quick (`make test`): its first 40 rows for two tokens, the same rows with 2 %
@@ -80,7 +80,7 @@ def plan_for(cfg: GemvConfig, size: str) -> dict:
 
     point = gemv_runner.point_of(cfg)
     rows, plain_tokens, sparse_tokens, last_tokens = SIZES[size]
-    x = gemv_runner.minilm_activations()
+    x = gemv_runner.minilm_activations(cfg.act)
     plain, sparse = gemv_runner.minilm_layers(point, rows)
     head = plain if rows == 40 else gemv_runner.minilm_layers(point, 40)[0]
     q = gemv_runner.QUERY
@@ -89,7 +89,7 @@ def plan_for(cfg: GemvConfig, size: str) -> dict:
               layer_entry(cfg, f"{q}[:40]", head, x[last_tokens])]
     return {"config": cfg.name, "point": point, "size": size, "p_idle": 0.3, "p_stall": 0.3,
             "engine": {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows,
-                       "lutram_depth": cfg.lutram_depth},
+                       "lutram_depth": cfg.lutram_depth, "act": cfg.act},
             "layers": layers}
 
 

@@ -18,10 +18,14 @@ output stalls; expected beats come from golden/ only (hdl.reference). Layer kind
 BF16 rounding case in every lane, ``RoundingCases``). Scenario kinds: ``stream``, ``timed``
 (beat timing checked too), ``reset`` (a layer cut off by a reset with the output stalled) and,
 for a configuration with residuals (``-sp``), ``error`` (a faulty sparse stream: exactly its
-sticky ``sparse_error`` bit must be set). With residuals, layer kinds ``sparse`` (every entry
-pattern of sim/stimulus.py, layers without entries between) and ``bad`` (``bad_layers``) too,
+sticky ``sparse_error`` bit must be set) and ``throughput`` (full speed; the output's extra
+cycles and the cycle each sparse entry is taken must be the merge's rule's, ``stage0_stalls``).
+With residuals, layer kinds ``sparse`` (every entry pattern of sim/stimulus.py, layers without
+entries between), ``bad`` (``bad_layers``), ``adder`` (``adder_layer``), ``adder-edges``
+(``adder_edge_layers``, ``adder_deep_layer``) and ``throughput`` (``throughput_layers``) too,
 ``vectors`` keep their entries, each layer's entries go on the ``sparse`` stream from the cycle
-after its swap beat (random gaps), and every good stream must leave ``sparse_error`` at 0.
+after its swap beat (random gaps, or a scenario's fixed ones), and every good stream must leave
+``sparse_error`` at 0.
 
 A mutant is killed by the first output beat that differs from golden (any lane; an X or Z bit
 counts as a difference), an output beat more than expected, a missing beat or an input that is
@@ -89,9 +93,17 @@ def _layers(cfg: DecoderConfig, spec: dict, rng: np.random.Generator) -> list[st
                 out.append(stimulus.random_layer(cfg, rng, spec.get("plain_blocks", 2)))
         return out
     if kind == "bad":
-        return bad_layers(cfg, rng, spec["bad"], spec.get("blocks", 8))
+        return bad_layers(cfg, rng, spec["bad"], spec.get("blocks", 8), at=spec.get("at"),
+                          next_blocks=spec.get("next_blocks"), past=spec.get("past", 5))
     if kind == "adder":
         return [adder_layer(cfg, rng, spec.get("blocks", 16)) for _ in range(spec.get("layers", 1))]
+    if kind == "adder-edges":
+        return adder_edge_layers(cfg, rng, spec.get("blocks", 8))
+    if kind == "adder-deep":
+        return [adder_deep_layer(cfg, rng, spec.get("blocks", 16), spec.get("carry", False))
+                for _ in range(spec.get("layers", 4))]
+    if kind == "throughput":
+        return throughput_layers(cfg, rng, spec.get("blocks", 40))
     if kind == "random":
         return [stimulus.random_layer(cfg, rng, spec.get("blocks", 32), offset=spec.get("offset"))
                 for _ in range(spec.get("layers", 2))]
@@ -137,28 +149,206 @@ def adder_layer(cfg: DecoderConfig, rng: np.random.Generator, blocks: int) -> st
     return replace(layer, sparse_index=idx, sparse_values=values.astype(np.int64), name="adder")
 
 
-def bad_layers(cfg: DecoderConfig, rng: np.random.Generator, bad: str, blocks: int) -> list[stimulus.Layer]:
+#: adder-edges: offsets whose products reach BF16's subnormal range (its smallest normal
+#: binades and below) and its top binades (the sums that saturate); the middle ones the others have
+ADDER_EDGE_OFFSETS = (-128, -126, -124, -122, -120, -118, -116, -112, 104, 112, 116, 118, 120, 122, 124, 126, 127)
+
+
+def _bf16_exact(x: np.ndarray) -> np.ndarray:
+    """Whether each of ``x`` is a finite BF16 value (no rounding)."""
+    x = np.asarray(x, dtype=np.float64)
+    ok = np.isfinite(x) & (np.abs(x) <= BF16.max)
+    return ok & (BF16.decode(BF16.encode(np.where(ok, x, 0.0))) == np.where(ok, x, 0.0))
+
+
+def edge_residuals(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """BF16 codes of residuals against exact products ``p`` (golden.decoder), for the residual
+    adder's corners: the sum exactly halfway between two BF16 neighbours (a tie, either way of
+    it by the smallest step a BF16 residual has there: the sticky bit), just below and above the
+    saturation point (the largest normal plus half its ulp), a cancellation to a few bits (the
+    result subnormal near BF16's smallest normal), ``±|p| 2^k`` for ``k`` from -12 to 12 (every
+    alignment shift), residuals of any exponent from the smallest subnormal to the largest normal
+    (one operand far above the other), powers of two near ``p`` (``1 - 2^-j`` sums: the sticky
+    bit alone decides a tie), and subnormal residuals (each leading-zero count).
+    Only the stimulus is chosen from ``p``: the expected words are golden's."""
+    k = len(p)
+    kind = rng.integers(0, 9, k)
+    sign = rng.choice([-1.0, 1.0], k)
+    q = BF16.quantize(p)
+    # the BF16 grid step at q (the subnormal step below the smallest normal)
+    e = np.floor(np.log2(np.maximum(np.abs(q), 2.0 ** -126)))
+    ulp = 2.0 ** (np.maximum(e, -126) - BF16_M)
+    mid = q + sign * ulp / 2                                  # a midpoint next to q
+    sat = np.sign(np.where(p == 0, sign, p)) * 2.0 ** 127 * (2 - 2.0 ** -8)   # max + half its ulp
+    tiny = 2.0 ** -133
+    cands = [
+        mid - p,                                              # the sum is a tie
+        mid - p + sign * np.maximum(np.abs(mid - p) * 2.0 ** -7, tiny),     # just off it
+        sat - p - np.sign(sat) * 2.0 ** rng.integers(119, 121, k).astype(float),  # just below saturation
+        sat - p + np.sign(sat) * 2.0 ** rng.integers(119, 121, k).astype(float),  # just above
+        -p * (1 - sign * 2.0 ** -rng.integers(1, 13, k).astype(float)),     # cancellation
+        sign * np.where(p == 0, 2.0 ** -130, np.abs(p)) * 2.0 ** rng.integers(-12, 13, k).astype(float),
+        sign * 2.0 ** rng.uniform(-133, 127.9, k),            # any exponent
+        np.zeros(k),                                          # a subnormal, below
+        # a power of two near p (a residual significand of one bit: the other's low bits alone
+        # make the sticky bit)
+        sign * 2.0 ** (np.floor(np.log2(np.where(p == 0, 2.0 ** -128, np.abs(p)))) + rng.integers(-12, 13, k))]
+    r = np.choose(kind, cands)
+    codes = BF16.encode(np.clip(np.where(_bf16_exact(r), r, BF16.quantize(np.clip(r, -BF16.max, BF16.max))),
+                                -BF16.max, BF16.max)).astype(np.int64)
+    sub = kind == 7
+    codes[sub] = (rng.integers(0, 2, sub.sum()) << 15) | rng.integers(0, 1 << BF16.mbits, sub.sum())
+    return codes
+
+
+#: the subnormal grid's step, BF16's smallest subnormal
+SUB = 2.0 ** -133
+
+
+def adder_deep_layer(cfg: DecoderConfig, rng: np.random.Generator, blocks: int, carry: bool = False) -> stimulus.Layer:
+    """Results deep in BF16's subnormal range, where the adder's rounding point is 16 to 23 bits
+    below its accumulator's top (the last stages of its shift and sticky tree): at offset -128 to
+    -126, the products in ``[2^-138, 2^-127]`` whose fraction of the subnormal step is at least a
+    half (the guard bit set: an exact tie or the sticky bit decides), picked for every value, plus
+    a residual ``±j 2^-133``, ``j`` 0 to 31 (the fraction kept or mirrored; ``j`` 0: ``±0``).
+    ``carry``: only exact ties in ``[2^-129, 2^-128)``, each with a residual of its sign, ``j`` up
+    to 15, that carries the sum past ``2^-128`` when it can (the accumulator's top bit, a tie).
+    Only the stimulus is chosen from golden's products: the expected words are golden's."""
+    from sop.golden.decoder import decode_blocks
+
+    lay = cfg.layout
+    off = -128 + int(rng.integers(0, 3))
+    luts = rng.integers(0, 1 << cfg.hif.bits, (lay.banks, 1 << lay.code_bits)).astype(np.int64)
+    # every (scale code, bank) block's 16 products
+    sc, bank = np.meshgrid(np.arange(1 << lay.scale.bits), np.arange(lay.banks), indexing="ij")
+    hdr = lay.make_header(sc.ravel(), 0, bank.ravel() * lay.select_bit)
+    codes = np.tile(np.arange(1 << lay.code_bits), (len(hdr), lay.group // (1 << lay.code_bits)))
+    p = np.abs(decode_blocks(cfg.hif, luts, lay, off, hdr, codes, "exact"))[:, :1 << lay.code_bits]
+    frac = (p / SUB) % 1.0
+    good = (p >= 2.0 ** -138) & (p <= 2.0 ** -127) & (frac >= 0.5)
+    tie = good & (frac == 0.5)
+    if carry:
+        good = tie = tie & (p >= 2.0 ** -129) & (p < 2.0 ** -128)
+    rows = np.flatnonzero(good.any(axis=1))
+    headers, out_codes = [], []
+    for _ in range(blocks):
+        r = int(rng.choice(rows))
+        pool = np.flatnonzero(tie[r]) if tie[r].any() and rng.random() < 0.5 else np.flatnonzero(good[r])
+        headers.append(int(lay.make_header(int(sc.ravel()[r]), int(rng.integers(0, 2)) * lay.signed_scale,
+                                           int(bank.ravel()[r]) * lay.select_bit)))
+        out_codes.append(rng.choice(pool, lay.group))
+    headers, out_codes = stimulus.pad_to_beats(cfg, np.array(headers), np.array(out_codes))
+    n = out_codes.size
+    values = (rng.integers(0, 2, n) << 15) | rng.integers(0, 32, n)
+    if carry:
+        q = decode_blocks(cfg.hif, luts, lay, off, headers, out_codes, "exact").ravel() / SUB
+        j = rng.integers(np.clip(np.ceil(32 - np.abs(q)), 0, 15).astype(np.int64), 16)
+        values = (np.signbit(q).astype(np.int64) << 15) | j
+    return stimulus.Layer(luts, off, headers, out_codes, f"adder-deep{off:+d}", np.arange(n, dtype=np.int64),
+                          values.astype(np.int64))
+
+
+def adder_edge_layers(cfg: DecoderConfig, rng: np.random.Generator, blocks: int) -> list[stimulus.Layer]:
+    """The residual adder's corners (``edge_residuals``) on an entry at every value: one random
+    layer at each of ``ADDER_EDGE_OFFSETS``, then a layer whose products are all zero (zero-scale
+    headers) carrying every subnormal residual of both signs (the sum is the residual itself: its
+    normalization, each leading-zero count, alone) and residuals of every exponent."""
+    from sop.golden.decoder import decode_blocks
+
+    lay = cfg.layout
+    out = []
+    for off in ADDER_EDGE_OFFSETS:
+        layer = stimulus.random_layer(cfg, rng, blocks, offset=off)
+        n = layer.codes.size
+        p = decode_blocks(cfg.hif, layer.luts, lay, layer.offset, layer.headers, layer.codes, "exact").ravel()
+        out.append(replace(layer, sparse_index=np.arange(n, dtype=np.int64), sparse_values=edge_residuals(p, rng),
+                           name=f"adder-edges{off:+d}"))
+    layer = stimulus.random_layer(cfg, rng, 2 * blocks, offset=int(rng.integers(-128, 128)))
+    nb = len(layer.headers)
+    layer = replace(layer, headers=lay.make_header(np.zeros(nb, dtype=np.int64), rng.integers(0, 2, nb) * lay.signed_scale,
+                                                   rng.integers(0, 2, nb) * lay.select_bit))
+    n = layer.codes.size
+    sub = np.arange(1 << (BF16.mbits + 1))                    # every subnormal, both signs (and ±0)
+    sub = (sub >> BF16.mbits << 15) | (sub & ((1 << BF16.mbits) - 1))
+    rest = BF16.encode(rng.choice([-1.0, 1.0], n) * 2.0 ** rng.uniform(-133, 127.9, n)).astype(np.int64)
+    values = np.concatenate([rng.permutation(sub), rest])[:n]
+    out.append(replace(layer, sparse_index=np.arange(n, dtype=np.int64), sparse_values=values, name="adder-zero"))
+    return out
+
+
+def stage0_stalls(cfg: DecoderConfig, layers: list[stimulus.Layer], gaps: list[int]) -> tuple[int, list[int]]:
+    """Stage 0's extra cycles (passes beyond one per chunk), and the cycle each sparse entry is
+    taken (``sparse.ready``; counted from the first input beat's), for ``layers`` streamed back to
+    back at full speed, output always ready, their sparse entries offered with ``gaps``: the merge's
+    cycle model (hdl.residual.MergeModel) on the stage-0 schedule of sim.sparse_stalls.issue_cycles
+    (which tests/test_sparse_stalls.py checks against the decoder)."""
+    from sop.sim.sparse_stalls import issue_cycles
+
+    res = issue_cycles(cfg, [(L.codes.size, L.sparse_index) for L in layers], gaps=gaps)
+    return res["stalls"], res["entry_cycles"]
+
+
+#: throughput: the entry patterns (sim.stimulus.with_sparse, and a density) of its layers, None:
+#: no entries; the pages alternate, so a layer with entries follows one without and one with, on
+#: either page
+THROUGHPUT_LAYERS = (None, ("random", 0.3), None, ("burst", 0.05), ("ends", 0.05), None, None, ("swap", 0.05),
+                     ("random", 0.1), ("random", 0.5), "far")
+
+
+def throughput_layers(cfg: DecoderConfig, rng: np.random.Generator, blocks: int) -> list[stimulus.Layer]:
+    """Layers for the throughput check (``THROUGHPUT_LAYERS``), each of ``blocks`` blocks: enough
+    input beats to carry the next layer's table writes, so the host never idles between layers."""
+    out = []
+    for spec in THROUGHPUT_LAYERS:
+        if spec == "far":
+            # entries 50 to 62 chunks apart, about the merge's NEAR: each waits in the inbox until
+            # it is near, and the next one is taken only then (``sparse.ready``)
+            from sop.hdl.residual import NEAR
+
+            layer = stimulus.random_layer(cfg, rng, 4 * blocks)
+            step = cfg.lanes * rng.integers(NEAR - 10, NEAR + 3, layer.codes.size // (cfg.lanes * (NEAR - 10)))
+            idx = np.cumsum(step) - rng.integers(0, cfg.lanes, len(step))
+            idx = idx[idx < layer.codes.size].astype(np.int64)
+            out.append(replace(layer, sparse_index=idx, sparse_values=BF16.encode(rng.normal(0, 1, len(idx))).astype(np.int64),
+                               name="far"))
+            continue
+        layer = stimulus.random_layer(cfg, rng, blocks)
+        out.append(layer if spec is None else stimulus.with_sparse(cfg, layer, rng, *spec))
+    return out
+
+
+def bad_layers(cfg: DecoderConfig, rng: np.random.Generator, bad: str, blocks: int, *, at: int | None = None,
+               next_blocks: int | None = None, past: int = 5) -> list[stimulus.Layer]:
     """Two layers whose sparse stream has the fault ``bad`` (one of hdl.residual.ERRORS) in the
     first: ``order`` an index equal to the one before, ``not_finite`` an infinite value,
     ``past_layer`` a last index past the layer (the second layer's swap beat ends it), ``no_layer``
-    no entries (the bench offers one before the first swap beat)."""
+    no entries (the bench offers one before the first swap beat). ``past``: how far past the
+    layer (far: the entry still waits in the merge's inbox, not its window, when the layer ends).
+    ``at``: the fault on the first
+    entry at or above that flat index (a long layer with 40 entries; default: a tenth of the
+    values have entries, the fault halfway); ``next_blocks``: the second layer's blocks (default
+    half)."""
     first = stimulus.random_layer(cfg, rng, blocks)
     n = first.codes.size
-    index = np.sort(rng.choice(n, size=max(3, n // 10), replace=False)).astype(np.int64)
+    if at is None:
+        index = np.sort(rng.choice(n, size=max(3, n // 10), replace=False)).astype(np.int64)
+        k = len(index) // 2
+    else:
+        index = np.unique(np.r_[rng.choice(n, size=40, replace=False), at, at + 1 + rng.choice(n - at - 1, 3)])
+        k = int(np.searchsorted(index, at)) + 1
     values = BF16.encode(rng.normal(0, 1.0, len(index))).astype(np.int64)
-    k = len(index) // 2
     if bad == "order":
         index[k] = index[k - 1]
     elif bad == "not_finite":
         values[k] = BF16_INF
     elif bad == "past_layer":
-        index, values = np.append(index, n + 5), np.append(values, values[0])
+        index, values = np.append(index, n + past), np.append(values, values[0])
     elif bad == "no_layer":
         index, values = index[:0], values[:0]
     else:
         raise ValueError(f"unknown sparse fault {bad!r}; valid: {', '.join(ERRORS)}")
     first = replace(first, sparse_index=index, sparse_values=values, name=f"bad-{bad}")
-    return [first, stimulus.random_layer(cfg, rng, max(1, blocks // 2))]
+    return [first, stimulus.random_layer(cfg, rng, next_blocks or max(1, blocks // 2))]
 
 
 def _scales_layer(cfg: DecoderConfig, rng: np.random.Generator) -> stimulus.Layer:
@@ -385,11 +575,23 @@ class Scenario:
         self.stall_after_reset = spec.get("stall_after_reset", 0)
         self.write_while_stalled = spec.get("write_while_stalled", False)
         self.bad = spec.get("bad")                   # kind "error": the sparse fault (hdl.residual.ERRORS)
+        self.gaps: list[int] | None = None           # kind "throughput": entry k offered gaps[k] cycles late
+        self.entry_cycles: list[int] = []            # kind "throughput": the cycle the model takes each entry
         if self.kind == "reset":
             self.parts = [Part(cfg, layers[:1]), Part(cfg, layers[1:])]
         else:
             self.parts = [Part(cfg, layers, check=self.kind != "error")]
         self.layers = layers
+        if self.kind == "throughput":
+            # the residual path's throughput rule: stage 0's extra cycles (hdl.residual.MergeModel,
+            # counted at full speed by sim.sparse_stalls, which tests/test_sparse_stalls.py checks
+            # against the decoder)
+            self.p_idle = self.p_stall = 0.0
+            self.gaps = spec.get("gaps")
+            if self.gaps is not None:
+                # the sparse stream with gaps, drawn once: the window runs dry and the hold waits
+                self.gaps = [int(g) for g in rng.choice(self.gaps, sum(len(L.sparse_index) for L in layers) + 1)]
+            self.stalls, self.entry_cycles = stage0_stalls(cfg, layers, self.gaps or [0])
 
 
 class HostPort:
@@ -399,9 +601,12 @@ class HostPort:
     Per cycle: ``drive`` before the read-only phase, then, in it, ``edge(taken)``: the clock edge,
     after which the entry offered is gone if it was taken and the host has its next cycle."""
 
-    def __init__(self, bench: Bench, host, entries: deque | None):
+    def __init__(self, bench: Bench, host, entries: deque | None, gaps: list[int] | None = None):
         self.bench, self.host, self.entries = bench, host, entries
         self.entry = None                             # the entry offered and not yet taken
+        # gaps: entry k offered gaps[k] cycles after it is due, instead of the random gaps
+        self.gaps, self.k, self.wait = gaps, 0, gaps[0] if gaps else 0
+        self.entry_cycles: list[int] = []             # the cycle each entry was taken (``edge``'s ``cycle``)
         self.valid, self.payload, self.write = next(host)
         self.done = False                             # the host has run out
 
@@ -416,16 +621,27 @@ class HostPort:
         not change)."""
         self.bench._apply(self.valid, self.payload, self.write)
         if self.entries is not None:
-            if self.entry is None and self.entries and rng.random() >= p_idle:
+            if self.gaps is not None:
+                if self.entry is None and self.entries:
+                    if self.wait:
+                        self.wait -= 1
+                    else:
+                        self.entry = self.entries.popleft()
+            elif self.entry is None and self.entries and rng.random() >= p_idle:
                 self.entry = self.entries.popleft()
             self.bench._offer(self.entry)
 
-    async def edge(self, taken: bool) -> None:
+    async def edge(self, taken: bool, cycle: int = 0) -> None:
         h = self.bench.h
         entry_taken = self.entry is not None and h["sparse__ready"].value == 1
+        if entry_taken:
+            self.entry_cycles.append(cycle)
         await RisingEdge(h["clk"])
         if entry_taken:
             self.entry = None
+            if self.gaps is not None:
+                self.k += 1
+                self.wait = self.gaps[self.k % len(self.gaps)]
         if not self.done:
             try:
                 self.valid, self.payload, self.write = self.host.send(taken)
@@ -557,17 +773,20 @@ class Bench:
                     pending = deque(layers[li + 1].writes())
 
     async def stream(self, sc: Scenario, part: Part, rng, *, limit: int | None, cut: bool = False,
-                     stall: int = 0) -> int:
+                     stall: int = 0, beat_cycles: list[int] | None = None,
+                     entry_cycles: list[int] | None = None) -> int:
         """Stream ``part`` and check every output beat; raises Killed. Returns the cycles it took.
 
-        ``cut``: the output stays stalled and the input stops once a beat is refused (no check)."""
+        ``cut``: the output stays stalled and the input stops once a beat is refused (no check);
+        ``beat_cycles``: the cycle of each output beat is appended to it; ``entry_cycles``: the
+        cycle each sparse entry was taken, counted from the first input beat's."""
         timed = sc.kind == "timed"
         expected = deque() if cut else deque(part.expected)
         n_out = len(expected)
         if limit is None:                             # the original's run, which sets the limits
             limit = 100 * (n_out + sum(map(len, part.beats))) + 10_000
         entries: deque | None = deque() if self.cfg.residuals else None     # sparse entries owed
-        port = HostPort(self, self.host(sc, part, rng, cut, self.cfg.beats_per_block, entries), entries)
+        port = HostPort(self, self.host(sc, part, rng, cut, self.cfg.beats_per_block, entries), entries, sc.gaps)
         h, cycles, out_count, stall_left = self.h, 0, 0, stall
         takes: list[int] = []                         # the cycle each input beat was taken
         offered = None                                # since when the beat in hand is offered
@@ -611,10 +830,12 @@ class Bench:
                         raise Killed(f"{sc.name}: output beat {out_count} in cycle {cycles}, due in cycle {due} "
                                      f"(latency {self.latency} after its input beat's handshake, no bubble)")
                 out_count += 1
+                if beat_cycles is not None:
+                    beat_cycles.append(cycles)
             if taken:
                 takes.append(cycles)
                 offered = None
-            await port.edge(taken)
+            await port.edge(taken, cycles)
             cycles += 1
             if port.done and not expected and (cut or not port.owed):
                 break
@@ -624,6 +845,8 @@ class Bench:
                 if not expected:
                     raise Killed(f"{sc.name}: sparse entries not taken within {limit} cycles")
                 raise Killed(f"{sc.name}: {len(expected)} of {n_out} output beats missing after {limit} cycles")
+        if entry_cycles is not None:
+            entry_cycles.extend(c - takes[0] for c in port.entry_cycles)
         if not cut:                                   # nothing more may come out
             self._apply(0, None, None)
             self._set("values__ready", 1)
@@ -679,6 +902,21 @@ class Bench:
     async def scenario(self, sc: Scenario, rng, limit: int | None) -> int:
         if sc.kind == "error":
             return await self.bad_stream(sc, sc.parts[0], rng, limit)
+        if sc.kind == "throughput":
+            beats: list[int] = []
+            entries: list[int] = []
+            n = await self.stream(sc, sc.parts[0], rng, limit=limit, beat_cycles=beats, entry_cycles=entries)
+            extra = beats[-1] - beats[0] + 1 - len(beats)
+            if extra != sc.stalls:
+                raise Killed(f"{sc.name}: the output beats took {extra} cycles more than one a cycle; the "
+                             f"residual path's rule (hdl.residual.MergeModel) gives {sc.stalls}")
+            if entries != sc.entry_cycles:
+                k = next((i for i, (a, b) in enumerate(zip(entries, sc.entry_cycles)) if a != b),
+                         min(len(entries), len(sc.entry_cycles)))
+                raise Killed(f"{sc.name}: sparse entry {k} taken in cycle {entries[k] if k < len(entries) else None}, "
+                             f"the merge's rule (hdl.residual.MergeModel: sparse.ready) takes it in cycle "
+                             f"{sc.entry_cycles[k] if k < len(sc.entry_cycles) else None}")
+            return n
         if sc.kind == "reset":
             await self.stream(sc, sc.parts[0], rng, limit=limit, cut=True)
             await self.reset(sc.reset_cycles)

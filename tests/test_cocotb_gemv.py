@@ -7,6 +7,7 @@ mismatched, the status bits as they should be. The checker can fail: an engine
 whose table bank stores one bit of entry 5 flipped (tests/mutants.py), and a plan
 with one expected word off by one bit and a NaN vector said to be good, must be
 reported. The full plans (whole layers) in Verilator are slow; in Icarus they are `make sim`'s.
+The BF16 engine's quick plan in Icarus is a slow test here (`make sim` runs its plans).
 """
 
 import pytest
@@ -55,6 +56,18 @@ def test_a_wrong_expected_word_and_a_wrong_status_are_reported(tmp_path):
     assert s["mismatches"] == 1 and s["status_errors"] >= 1 and s["failed_tests"] == 1
     log = (tmp_path / "build" / "sim.log").read_text()
     assert "cancellation-and-zero-blocks vector 0 row 5" in log and "status errors case 3" in log
+
+
+@pytest.mark.slow
+def test_bf16_quick_regression_icarus(tmp_path):
+    """The BF16 engine's quick plan: 40 real MiniLM rows with real activations rounded to BF16, the
+    corners (the largest BF16 activations, subnormal ones, a block column on the block dot unit's slow
+    path), NaN and Inf vectors (``make sim`` runs it in both simulators; slow: the BF16 engine's
+    Verilog is larger)."""
+    s = gemv_runner.run(CONFIGS["gemv-sop4-g16-bf16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
+    print(gemv_runner.summary_line(s))
+    assert gemv_runner.passed(s), gemv_runner.summary_line(s)
+    assert s["checked"] == s["expected"] > 280 and s["counted"] == 3 * 19 and s["layers"] == 13
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """The GEMV engine's AXI4-Stream shell (hdl/gemv_axis.py), its Verilog, FuseSoC core and cocotb bench.
 
-* The beat-level model and the TDATA layouts.
+* The beat-level model and the TDATA layouts (the BF16 engine's too: 256-bit x beats).
 * amaranth.sim (small buffers): every packet of every layer queued at once, random TVALID
   gaps and TREADY pauses: golden's words, TLAST on each vector's last row; ``m_axis_y``
   never depends on TREADY (probed every cycle); the sequencing rule (a layer's first
   vector waits for its load packet, the next packet waits for that vector, a layer's
-  ``vectors`` count decides where the next swap is); the shell's error bits and ``clear``.
+  ``vectors`` count decides where the next swap is); the shell's error bits and ``clear``;
+  the same queued packets with a BF16 engine.
 * (tests/test_verilog.py: the generated shells, their manifests, lint, FuseSoC targets.)
 * cocotb with cocotbext-axi (sim/tb_gemv_axis.py) on ``gemv-sop4-g16_axis.v``: two layers
   of a real MiniLM slice with real E4M3 activations, one with sparse residuals, page
@@ -136,6 +137,45 @@ def test_tdata_layouts_and_the_model():
     assert len(out) == 2 * 20 + 24 and [i for i, (_, t) in enumerate(out) if t] == [19, 39, 63]
     y = gemv.model(cfg, b, gemv.dot.ACT_FORMATS["e4m3"].decode(vb[0]).astype(np.float32))
     assert [d for d, _ in out[40:]] == list(y.view(np.uint32))
+
+
+def bf16_layers(seed=0):
+    """``two_layers``' shapes with BF16 code vectors (values within 2^-8 .. 2^9, both signs)."""
+    rng = np.random.default_rng(seed)
+    a = gemv_runner.random_layer("sop4-g16", 20, 64, rng)
+    b = gemv_runner.with_residuals(gemv_runner.random_layer("sop4-g16", 24, 48, rng), rng, 30)
+    act = gemv.dot.ACT_FORMATS["bf16"]
+    return [(a, [gemv_runner.finite_codes(act, rng, 64) for _ in range(2)]),
+            (b, [gemv_runner.finite_codes(act, rng, 48)])]
+
+
+def test_bf16_tdata_layout_and_model():
+    """The BF16 engine's shell: 16 codes of 16 bits a beat (column j in bytes 2j, 2j + 1, little-endian),
+    the other streams as the E4M3 engine's; the model is golden.dot.gemv with BF16 activations."""
+    cfg = NAMED["gemv-sop4-g16-bf16"]
+    assert gemv_axis.widths(cfg) == {**gemv_axis.widths(NAMED["gemv-sop4-g16"]), "s_axis_x": 256}
+    layers = bf16_layers()
+    (a, va), (b, vb) = layers
+    x = gemv_axis.x_beats(cfg, va[0])
+    assert axis.to_bytes(x, 256) == np.asarray(va[0], "<u2").tobytes() and [t for _, t in x] == [0, 0, 0, 1]
+    bf16 = gemv.dot.ACT_FORMATS["bf16"]
+    out = gemv_axis.model(cfg, layers)
+    assert len(out) == 2 * 20 + 24 and [i for i, (_, t) in enumerate(out) if t] == [19, 39, 63]
+    y = gemv.dot.gemv(b, bf16.decode(vb[0]).astype(np.float32), "bf16")
+    assert [d for d, _ in out[40:]] == list(y.view(np.uint32))
+    assert y.view(np.uint32).tolist() != gemv.dot.gemv(b, gemv.dot.ACT_FORMATS["e4m3"].decode(vb[0] & 0xFF)
+                                                      .astype(np.float32)).view(np.uint32).tolist()
+
+
+def test_bf16_shell_matches_golden_queued_at_once_with_gaps_and_pauses():
+    """The BF16 engine behind the shell, every packet of both layers (the second with residual
+    entries) queued at once, random gaps and pauses: golden's words, no error bit."""
+    cfg = GemvConfig("test-axis-sop4-g16-bf16", SOP4.layout, SOP4.hif, act="bf16", max_cols=256, max_rows=255)
+    layers = bf16_layers(1)
+    dut = GemvAxis(cfg)
+    want = dut.model(layers)
+    got, _, depends, status = simulate(dut, gemv_axis.stream_beats(cfg, layers), len(want), seed=2)
+    assert got == want and not depends and status == 0
 
 
 # -- amaranth.sim -----------------------------------------------------------------------------------------

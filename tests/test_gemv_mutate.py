@@ -12,6 +12,7 @@ runs in seconds; the equivalence proofs are sim/mutate.py's, tested in tests/tes
 import json
 import time
 
+import numpy as np
 import pytest
 
 from sop.sim import gemv_mutate
@@ -47,3 +48,78 @@ def test_original_passes_and_known_bad_mutants_are_killed(tiny_run):
     assert s["killed"] + s["survived"] + s["equivalent"] == s["total"]
     doc = json.loads((out / s["config"] / "summary.json").read_text())
     assert doc["score"] == s["score"] and len(doc["mutants"]) == s["total"]
+
+
+# -- the BF16 engine (gemv-sop4-g16-bf16) ------------------------------------------------------------------
+
+def bf16_plan_terms(seed: int):
+    """(rho, x) of every sparse beat of the BF16 engine's quick plan, each against every vector of
+    its layer, as float64 values (decoded here from the beats' codes)."""
+    from sop.golden.dot import FORMATS
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import plan_for
+
+    bf16 = FORMATS["bf16"]
+    plan = plan_for(gemv_configs()["gemv-sop4-g16-bf16"], "quick", seed)
+    rho, x = [], []
+    for job in plan["jobs"]:
+        for layer in job.get("layers", []) if job["kind"] == "layers" else []:
+            for v in layer["vectors"]:
+                codes = np.array([(b >> (16 * k)) & 0xFFFF for b in v["x"] for k in range(16)])
+                for _row, col, value, _last in layer["sparse"]:
+                    rho.append(value)
+                    x.append(codes[col])
+    return bf16.decode(np.array(rho)), bf16.decode(np.array(x))
+
+
+@pytest.mark.parametrize("seed", [1, 11])
+def test_bf16_quick_plan_reaches_the_term_units_rounding(seed):
+    """The BF16 quick plan's residual terms ``rho * x_j`` (exact in float64) reach every case of
+    ``ResidualTermBF16``'s one rounding, counted here from the values (the 2^-149 quantum): subnormal
+    terms that round down, up past the halfway point (a sticky bit), ties to even both ways, terms
+    below half the quantum (flushed to zero), normal ones at the smallest exponent, saturated ones.
+    (Without the plan's ``residual-term-rounding`` layer none of the rounding cases is reached:
+    the mutation run's survivors there were not seen.)"""
+    rho, x = bf16_plan_terms(seed)
+    p = rho * x                                                     # exact: 8 x 8 significand bits
+    q = np.abs(p) / 2.0 ** -149
+    sub = (p != 0) & (np.abs(p) < 2.0 ** -126)
+    frac = q - np.floor(q)
+    even = np.floor(q) % 2 == 0
+    cases = {"round down": sub & (frac > 0) & (frac < 0.5), "round up (sticky)": sub & (frac > 0.5),
+             "tie to even, down": sub & (frac == 0.5) & even, "tie to even, up": sub & (frac == 0.5) & ~even,
+             "flushed": (p != 0) & (q < 0.5), "exact subnormal": sub & (frac == 0) & (q >= 1),
+             "smallest normal binade": (np.abs(p) >= 2.0 ** -126) & (np.abs(p) < 2.0 ** -125),
+             "saturated": np.abs(p) > np.finfo(np.float32).max,
+             "negative rounded": sub & (frac != 0) & (p < 0)}
+    counts = {k: int(v.sum()) for k, v in cases.items()}
+    print(counts)
+    assert min(counts.values()) >= 3, counts
+
+
+#: Known-bad mutants of the BF16 engine that its quick plan reached only with the layers added for
+#: them (the mutation run's survivors before): the term unit's sticky bit held high (a subnormal
+#: term that is a tie rounds up: to odd) and lane 5's nonzero flag held low in the block dot unit's
+#: window check (a product past the window's last bit stays on the fast path and loses that bit).
+BF16_STICKY = "-mode const1 -wire residual_term.sticky8"
+BF16_WINDOW = "-mode const0 -wire block_dot.fnz5_d0"
+
+
+@pytest.mark.slow
+def test_bf16_engine_flow_kills_the_known_bad_mutants(tmp_path):
+    """The checker on gemv-sop4-g16-bf16 (Verilator: the BF16 corners take some 30,000 cycles a
+    design, minutes in Icarus): the original passes twice, yosys's "none" survives, and the two
+    mutants above are killed by a ``y`` word in the corners job."""
+    t0 = time.time()
+    s = gemv_mutate.run_engine(gemv_mutate.mutation_config("gemv-sop4-g16-bf16"), tmp_path, n=1, seed=1,
+                               sim="verilator", prove_survivors=False, extra=(BF16_STICKY, BF16_WINDOW), none=True,
+                               jobs=("corners",), count_sites=False)
+    print(f"{s['total']} mutants: {s['killed']} killed, {s['survived']} survived ({time.time() - t0:.0f} s, "
+          f"{s['timing_s']})")
+    assert not s["void"], s["original"]
+    assert s["original"][0]["cycles"] == s["original"][1]["cycles"]
+    none = next(r for r in s["mutants"] if r["mutation"].startswith("none"))
+    assert none["verdict"] == "survived", none
+    for f in (BF16_STICKY, BF16_WINDOW):
+        r = next(r for r in s["mutants"] if r.get("extra") == f)
+        assert r["verdict"] == "killed" and r["by"] == "y word" and "corners" in r["reason"], r

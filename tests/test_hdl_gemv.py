@@ -32,6 +32,7 @@ from sop.golden.layout import LayerStream, Sparse, pack_blocks
 from sop.golden.points import get_point
 from sop.hdl import gemv
 from sop.hdl.fp32_acc import RowAccumulator
+from sop.hdl.block_dot_folded import BlockDotFolded
 from sop.hdl.gemv import BlockSequencer, GemvConfig, GemvEngine, ResidualTerm, gemv_configs
 
 import mutants
@@ -90,7 +91,7 @@ def act_vectors(rng, batch, cols):
 class Job:
     """One layer and its activation vectors; ``w_order`` replaces the blocks' order (a mutant host)."""
     layer: LayerStream
-    x: np.ndarray                      # (batch, cols) float32, E4M3 values
+    x: np.ndarray                      # (batch, cols) float32, values of the engine's activation format
     w_order: np.ndarray | None = None
 
 
@@ -115,7 +116,7 @@ def host_items(cfg: GemvConfig, jobs: list[Job]):
             raw = np.frombuffer(s.blocks, np.uint8).reshape(-1, nb)[job.w_order]
             w = [int.from_bytes(raw[i].tobytes(), "little") for i in range(len(raw))]
         sp = gemv.sparse_beats(cfg, s) if len(s.sparse) else []
-        vectors = [(gemv.x_beats(cfg, dot.activation_codes(v, E4M3)), w, sp) for v in job.x]
+        vectors = [(gemv.x_beats(cfg, dot.activation_codes(v, cfg.act_format)), w, sp) for v in job.x]
         out.append((loads, vectors))
     return out
 
@@ -313,6 +314,40 @@ def test_table_swap_between_two_layers_and_both_points():
 
 # -- sparse residuals -----------------------------------------------------------------------------------------
 
+def run_terms(dut, rho, xc, col, stall_seed: int) -> np.ndarray:
+    """A term unit alone (``ResidualTerm`` or ``ResidualTermBF16``): entries ``(col, rho)`` offered back
+    to back, terms taken with random stalls, the x word holding code ``xc[i]`` in entry i's lane
+    supplied two cycles after its read, as the x buffer's port does. Returns the terms' patterns."""
+    cfg, n = dut.config, len(rho)
+    bits = cfg.act_format.bits
+    got = []
+
+    async def bench(ctx):
+        i, stall, word = 0, np.random.default_rng(stall_seed), None
+        while len(got) < n:
+            ctx.set(dut.entries.valid, int(i < n))
+            if i < n:
+                ctx.set(dut.entries.payload.col, int(col[i]))
+                ctx.set(dut.entries.payload.value, int(rho[i]))
+            ctx.set(dut.terms.ready, int(stall.random() < 0.7))
+            took = i < n and ctx.get(dut.entries.ready)
+            if ctx.get(dut.terms.valid) and ctx.get(dut.terms.ready):
+                got.append(ctx.get(dut.terms.payload.value))
+            latched = word                  # read at the last edge: into the output register at this one
+            word = int(xc[i]) << (bits * (int(col[i]) % cfg.group)) if took else None
+            await ctx.tick()
+            if latched is not None:         # the x buffer's word, two cycles after the read
+                ctx.set(dut.x_data, latched)
+            if took:
+                i += 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    return np.array(got, np.uint32)
+
+
 def test_residual_term_unit_bit_exact():
     """rho (BF16) x x_j (E4M3) into binary32: exact, or saturated; subnormal terms and signed zeros."""
     cfg = config()
@@ -328,32 +363,7 @@ def test_residual_term_unit_bit_exact():
     v = want.view(np.float32)
     assert (np.abs(v) == np.finfo(np.float32).max).any() and ((v == 0) & np.signbit(v)).any()
     assert ((v != 0) & (np.abs(v) < np.finfo(np.float32).tiny)).any()
-    got = []
-
-    async def bench(ctx):
-        i, stall, word = 0, np.random.default_rng(1), None
-        while len(got) < n:
-            ctx.set(dut.entries.valid, int(i < n))
-            if i < n:
-                ctx.set(dut.entries.payload.col, int(col[i]))
-                ctx.set(dut.entries.payload.value, int(rho[i]))
-            ctx.set(dut.terms.ready, int(stall.random() < 0.7))
-            took = i < n and ctx.get(dut.entries.ready)
-            if ctx.get(dut.terms.valid) and ctx.get(dut.terms.ready):
-                got.append(ctx.get(dut.terms.payload.value))
-            latched = word                  # read at the last edge: into the output register at this one
-            word = int(xc[i]) << (8 * (int(col[i]) % 16)) if took else None
-            await ctx.tick()
-            if latched is not None:         # the x buffer's word, two cycles after the read
-                ctx.set(dut.x_data, latched)
-            if took:
-                i += 1
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
-    np.testing.assert_array_equal(np.array(got, np.uint32), want)
+    np.testing.assert_array_equal(run_terms(dut, rho, xc, col, stall_seed=1), want)
 
 
 def test_sparse_residuals_after_each_tile():
@@ -720,8 +730,51 @@ def test_named_configurations_elaborate_to_verilog():
     assert {p["name"] for p in doc["ports"]} >= {"x__payload", "w__payload", "y__payload", "status"}
 
 
-def test_a_bf16_engine_is_refused_with_the_reason():
-    """The block dot unit has a BF16 path; the engine (term unit, x buffer) does not: refused, not built."""
+def test_bad_activation_formats_are_refused_in_one_line():
+    """BF16 and E4M3 engines are built (BF16: tests/test_hdl_gemv_bf16.py); any other ``act`` is refused
+    in one line that names the valid ones."""
     cfg = gemv_configs()["gemv-sop4-g16"]
-    with pytest.raises(ValueError, match=r"act must be 'e4m3' \(a BF16 engine is not built\), got 'bf16'"):
-        GemvConfig(**{**vars(cfg), "act": "bf16"})
+    assert GemvConfig(**{**vars(cfg), "act": "bf16"}).act_format is dot.ACT_FORMATS["bf16"]
+    for bad in ("fp16", "E4M3", "", None):
+        with pytest.raises(ValueError) as err:
+            GemvConfig(**{**vars(cfg), "act": bad})
+        msg = str(err.value)
+        assert "\n" not in msg and msg == (f"engine config 'gemv-sop4-g16': act must be one of 'bf16', 'e4m3', "
+                                           f"got {bad!r}")
+
+
+# -- a folded block dot unit (GemvConfig.dot_lanes, hdl.block_dot_folded) ----------------------------------------
+
+@pytest.mark.parametrize("lanes,tail", [(4, "pipelined"), (1, "serial")])
+def test_engine_with_a_folded_block_dot_unit(lanes, tail):
+    """``dot_lanes`` P: bit-exact on random layers with residual entries and a table swap under idles and
+    stalls; with nothing idle, a block every ``g / P`` cycles once the front end is full, the same
+    count as the blocks (no further bubbles) and the last row's y ``latency`` cycles after its last block."""
+    rng = np.random.default_rng(31)
+    cfg = config(dot_lanes=lanes, dot_tail=tail)
+    dut = GemvEngine(cfg)
+    assert isinstance(dut.dot, BlockDotFolded) and cfg.macs_per_cycle == lanes
+    assert cfg.describe()["dot_lanes"] == lanes and "dot_lanes" not in config().describe()
+    jobs = [Job(with_residuals(random_layer(SOP4, 20, 32, rng), rng, 12), act_vectors(rng, 2, 32)),
+            Job(random_layer(SOP4, 6, 48, rng), act_vectors(rng, 1, 48))]
+    check(dut, jobs, seed=3)
+    step = SOP4.layout.group // lanes
+    w, y = pass_cycles(GemvEngine(cfg), 34, 64, 1)
+    n, span = w.shape[1], w[0, -1] - w[0, 0] + 1
+    # the front end (stage 0, the reads, its skid entries) takes its first few blocks at once, then one
+    # every g / P cycles on average (in pairs: its two skid entries), never faster
+    ahead = 8
+    assert (n - ahead) * step <= span <= n * step, (span, n, step)
+    taken = np.arange(1, n + 1)
+    assert (taken <= (w[0] - w[0, 0]) // step + ahead).all(), np.diff(w[0])
+    assert dut.latency < y[0, -1] - w[0, -1] <= dut.latency + ahead * step, (y[0, -1] - w[0, -1], dut.latency)
+
+
+def test_folded_engine_configs_are_checked():
+    """``dot_lanes`` a power of two below g, E4M3 only; ``dot_tail`` 'serial' only with it: one line each."""
+    for kw, words in [(dict(dot_lanes=3), "dot_lanes must be 0"), (dict(dot_lanes=16), "dot_lanes must be 0"),
+                      (dict(dot_lanes=4, act="bf16"), "E4M3 activations only"),
+                      (dict(dot_tail="serial"), "dot_tail must be"), (dict(dot_lanes=4, dot_tail="x"), "dot_tail must be")]:
+        with pytest.raises(ValueError, match=words) as err:
+            config(**kw)
+        assert "\n" not in str(err.value)

@@ -6,7 +6,8 @@ mutation (the original under a mutant's number: it must survive the regression a
 equivalent) and the output's valid bit inverted (it must be killed). Every mutant must come out
 killed, proven equivalent or survived; the original must pass before and after the mutants.
 The sparse scenario (sop4-g16-sp: the residual path's mutations, the sparse regression) kills
-two known-bad mutants: a merge that never holds, error bits set on good input.
+two known-bad mutants: a merge that never holds, error bits set on good input; the throughput
+check's model and the adder's corner stimulus are checked here without a simulation.
 """
 
 import dataclasses
@@ -18,7 +19,8 @@ import pytest
 
 from sop.hdl.config import named_configs, residual_configs
 from sop.sim import mutate
-from sop.sim.tb_mutants import RoundingCases, rounding_layers
+from sop.sim.tb_mutants import (RoundingCases, adder_deep_layer, adder_edge_layers, rounding_layers, stage0_stalls,
+                                throughput_layers)
 
 BAD = "-mode inv -wire values__valid"
 
@@ -112,8 +114,41 @@ def test_sparse_scenario_kills_known_bad_mutants(sparse_run):
     s = sparse_run
     assert not s["void"], s["original"]
     names = [sc["name"] for sc in mutate.sparse_scenarios(residual_configs()["sop4-g16-sp"], None, size="tiny")]
-    assert {"sparse", "dense", "plain", "reset", "error-order", "error-no_layer"} <= set(names)
+    assert {"sparse", "dense", "plain", "reset", "error-order", "error-no_layer", "adder-edges", "throughput",
+            "throughput-gaps", "error-past_layer-far"} <= set(names)
     assert set(s["original"][0]["limits"]) == set(names)
     for f, reason in SPARSE_BAD.items():
         bad = next(r for r in s["mutants"] if r.get("extra") == f)
         assert bad["verdict"] == "killed" and reason in bad["reason"], bad
+
+
+def test_stage0_stalls_counts_each_entry_and_gaps_cost_cycles():
+    """The throughput check's model (tb_mutants.stage0_stalls: sim.sparse_stalls.issue_cycles, which
+    tests/test_sparse_stalls.py checks against the decoder, with gaps in the sparse stream): every
+    entry taken once, in order; gaps make the merge wait for entries, so they cost cycles and take
+    no entry earlier."""
+    cfg = residual_configs()["sop4-g16-sp"]
+    layers = throughput_layers(cfg, np.random.default_rng(0), 40)
+    stalls, taken = stage0_stalls(cfg, layers, [0])
+    assert stalls > 0
+    assert len(taken) == sum(len(L.sparse_index) for L in layers) and taken == sorted(set(taken))
+    gapped, later = stage0_stalls(cfg, layers, [0, 3])
+    assert gapped > stalls and all(b >= a for a, b in zip(taken, later))
+
+
+def test_adder_corner_layers_reach_saturation_and_deep_subnormal_ties():
+    """The adder's corner stimulus (tb_mutants.adder_edge_layers, adder_deep_layer): golden's
+    results include saturated words, subnormal words, and, deep in the subnormal range, sums
+    exactly halfway between two subnormals (the sticky bit's corner)."""
+    from sop.golden.decoder import decode_blocks
+    from sop.golden.formats import get_format
+
+    cfg = residual_configs()["sop4-g16-sp"]
+    rng = np.random.default_rng(0)
+    words = np.concatenate([np.asarray(L.expected(cfg)).ravel() for L in adder_edge_layers(cfg, rng, 2)])
+    assert ((words & 0x7FFF) == 0x7F7F).sum() > 20 and (((words >> 7) & 0xFF) == 0).sum() > 100
+    deep = adder_deep_layer(cfg, rng, 16)
+    p = decode_blocks(cfg.hif, deep.luts, cfg.layout, deep.offset, deep.headers, deep.codes, "exact").ravel()
+    r = get_format("bf16").decode(deep.sparse_values)
+    half = np.abs(p + r) / 2.0 ** -134                 # exact in float64: 11- and 5-bit terms near 2^-133
+    assert (half % 2 == 1).sum() > 20                  # p + r an odd multiple of half the step: a tie

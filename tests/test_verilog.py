@@ -148,8 +148,9 @@ def main_manifest(out: Path) -> str:
 
 
 # The GEMV engines (hdl/gemv.py) `make verilog` writes after the decoders: docs/dot.md section 8's
-# latencies (sop4-g16 47 cycles, e2m3-ue4m4-g16 one more: the scale multiplier's extra level).
-ENGINE_LATENCY = {"gemv-sop4-g16": 47, "gemv-e2m3-ue4m4-g16": 48}
+# latencies (sop4-g16 47 cycles, e2m3-ue4m4-g16 one more: the scale multiplier's extra level; with
+# BF16 activations 53: the block dot unit's window path and the BF16 term unit).
+ENGINE_LATENCY = {"gemv-sop4-g16": 47, "gemv-e2m3-ue4m4-g16": 48, "gemv-sop4-g16-bf16": 53}
 
 
 @pytest.mark.parametrize("name", ENGINE_LATENCY)
