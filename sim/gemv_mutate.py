@@ -26,7 +26,8 @@ what differs is the design and the bench.
    ``Testbench`` (its host sequences, idles, stalls and scoreboard). For each design: a reset
    and a scrub with the original selected (two random layers whose tables and vectors differ
    from the plan's, their activations ``finite_codes`` of the engine's format, so that a mutant
-   cannot read a table page or an ``x`` word the run before it left), then ``mutsel``, a reset and the plan's jobs in order. The original runs first and
+   cannot read a table page or an ``x`` word the run before it left), then ``mutsel``, a reset
+   and the plan's jobs in order. The original runs first and
    last and must pass both times, or the run is void. A mutant is **killed** at the first job
    with a ``y`` word that differs from golden (value or ``last``, X/Z bits too), a word more or
    missing, or a wrong ``status``; it **times out** (also killed: the regression sees the hang)
@@ -130,9 +131,7 @@ def prepare(cfg, work: Path, n: int, seed: int, *, extra: tuple[str, ...] = (), 
 def scrub_jobs(cfg, seed: int) -> list[dict]:
     """Two random layers (both table pages) with their vectors, none of the plan's values: what the
     original runs before each design."""
-    from sop.sim.gemv_runner import layer_entry, point_of, random_layer
-
-    from sop.sim.gemv_runner import finite_codes
+    from sop.sim.gemv_runner import finite_codes, layer_entry, point_of, random_layer
 
     rng = np.random.default_rng([seed, 7])
     point = point_of(cfg)
