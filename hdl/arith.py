@@ -1,4 +1,4 @@
-"""Arithmetic building blocks of the datapath: leading zeros, a pipelined multiplier, delays, and the
+"""Arithmetic building blocks of the datapath: leading and trailing zeros, a pipelined multiplier, delays, and the
 pipelined stages the decoder, the residual path and the dot-product engine share (``stage_reg``,
 ``Stages``, ``shift_left``, ``leading_zeros_pipelined``).
 
@@ -21,6 +21,15 @@ import numpy as np
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
+
+
+def trailing_zeros(value):
+    """Trailing zeros of ``value`` within its width (its width for 0), a priority mux."""
+    w = len(value)
+    tz = Const(w, range(w + 1))
+    for i in reversed(range(w)):              # the lowest set bit wins: the last Mux applied
+        tz = Mux(value[i], i, tz)
+    return tz
 
 
 def leading_zeros(m: Module, value, name: str):

@@ -60,7 +60,7 @@ from sop.golden import dot
 from sop.golden.layout import OFFSET_RANGE
 
 from . import replica as rep
-from .arith import PipelinedMultiplier, shift_stages, stage_reg
+from .arith import PipelinedMultiplier, shift_stages, stage_reg, trailing_zeros
 from .arith import delay as arith_delay
 from .block_dot import BlockDot, adder_tree, block_layout, code_fields, output_pipeline, round_fp32
 
@@ -68,15 +68,6 @@ from .block_dot import BlockDot, adder_tree, block_layout, code_fields, output_p
 #: block with real BF16 activations drops a bit at F = 28; 32 leaves margin).
 F_BITS = 32
 LIMB = 32
-
-
-def trailing_zeros(value):
-    """Trailing zeros of ``value`` within its width (its width for 0), a priority mux."""
-    w = len(value)
-    tz = Const(w, range(w + 1))
-    for i in reversed(range(w)):              # the lowest set bit wins: the last Mux applied
-        tz = Mux(value[i], i, tz)
-    return tz
 
 
 def shift_right(m: Module, en, value, amount, name: str):

@@ -161,7 +161,7 @@ from sop.golden import dot
 from sop.golden.formats import FORMATS, FloatFormat, to_float32
 from sop.golden.layout import BlockLayout, LayerStream
 
-from .arith import PipelinedMultiplier, Stages, delay, leading_zeros, stage_reg
+from .arith import PipelinedMultiplier, Stages, delay, leading_zeros, stage_reg, trailing_zeros
 from .block_dot import BlockDot, block_layout, output_pipeline
 from .block_dot_folded import BlockDotFolded
 from .codebook_mux import CodebookMux
@@ -649,7 +649,7 @@ class ResidualTermBF16(ResidualTerm):
         sign, eb, tag = (carry(x, mul.latency, n) for x, n in ((sign, "sign"), (eb, "eb"), (tag, "tag_m")))
         p = mul.p
         # 9: P's leading and trailing zeros (16 for P = 0)
-        lz, tz = leading_zeros(m, p, "lz"), _trailing_zeros(p)
+        lz, tz = leading_zeros(m, p, "lz"), trailing_zeros(p)
         lz, tz, eb, p, sign, tag = stage(("lz5", lz, lz.shape()), ("tz5", tz, range(17)), ("eb5", eb, unsigned(9)),
                                          ("p5", p, unsigned(16)), ("sign5", sign, 1), ("tag5", tag, len(tag)))
         # 10: the exponent field E = eb - 126 - lz, the subnormal shift s = 141 - eb (clamped to 0 .. 63:
@@ -707,14 +707,6 @@ class ResidualTermBF16(ResidualTerm):
 def residual_term_class(config: GemvConfig) -> type[ResidualTerm]:
     """The term unit of the engine's activation format."""
     return ResidualTermBF16 if config.act_format is BF16 else ResidualTerm
-
-
-def _trailing_zeros(value):
-    """Trailing zeros of ``value`` within its width (its width for 0), a priority mux."""
-    tz = Const(len(value), range(len(value) + 1))
-    for i in reversed(range(len(value))):              # the lowest set bit wins: the last Mux applied
-        tz = Mux(value[i], i, tz)
-    return tz
 
 
 # -- the sequencer: handshakes, block counters, pages, status -------------------------------------------------
