@@ -43,7 +43,7 @@ demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with cali
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, each with residuals (NAME-sp), their AXI4-Stream shells with FuseSoC cores (NAME_axis.v, NAME_axis.core), and the GEMV engines (gemv-*.v) with their AXI4-Stream shells and FuseSoC cores (gemv-*_axis.v, gemv-*_axis.core)
 	$(PY) -m sop.hdl.generate --out build/verilog
 
-sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core)
+sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core and of the iCEBreaker's GEMV core)
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
@@ -52,12 +52,13 @@ sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two
 	SIM=$(SIM) $(PY) -m sop.sim.tb_gemv_axis --sim $(SIM)
 	$(PY) -m sop.synth.host.bringup --sim
 	$(PY) -m sop.synth.host.gemv_bringup --sim
+	$(PY) -m sop.synth.host.gemv_bringup --sim --board icebreaker-gemv
 
 synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json; then the GEMV engine beside the naive path in the same flow: build/dot_vs_naive/report.json
 	$(PY) -m sop.synth
 	$(PY) bench/dot_vs_naive.py --design sop-engine --design sop-units --design naive-tree
 
-bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s in build/bitstream/$(BOARD)/ (no programming)
+bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s|icebreaker-gemv (the iCEBreaker's GEMV-only core) in build/bitstream/$(BOARD)/ (no programming)
 	$(PY) -m sop.synth.flow.bitstream $(BOARD)
 
 bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, quantizer speed, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight

@@ -163,9 +163,13 @@ class BlockDot(wiring.Component):
         self.nq = nq + self.headroom
         self.latency = self.stages()
         super().__init__({
-            "blocks": In(stream.Signature(block_layout(self.hif, self.act, layout))),
+            "blocks": In(stream.Signature(self.input_layout())),
             "values": Out(stream.Signature(unsigned(32))),
         })
+
+    def input_layout(self) -> data.StructLayout:
+        """The ``blocks`` payload: a whole block (``block_layout``)."""
+        return block_layout(self.hif, self.act, self.layout)
 
     # -- pipeline shape ----------------------------------------------------------------------------
     def stages(self) -> int:

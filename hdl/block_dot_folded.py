@@ -49,22 +49,35 @@ chunks. ``blocks.ready`` is the control's enable copy and the fold's "nothing he
 registers: no path from ``values.ready`` or ``blocks.valid`` to it. The datapath registers have no
 reset.
 
-Parameters: ``BlockDotFolded(layout, hif, act="e4m3", *, lanes=P, tail="pipelined" | "serial")``.
+Chunked input (``chunked=True``, what the GEMV engine builds: hdl.gemv's folded front end looks
+up ``P`` codes a cycle, so no stage before the unit carries a whole block). ``blocks`` then takes one
+chunk a transfer (``chunk_layout``: ``P`` HIF and activation codes, the block's scale, sign and
+offset, ``first`` / ``last`` chunk of the block): no fold register, ``blocks.ready`` is the control's
+enable copy. A block's chunks come in order, ``g/P`` of them, gaps allowed between them: a valid
+bit beside the chunk sum lets the accumulator add only chunks that are there. The header is
+registered at each chunk (all of a block's chunks carry the same), so the hop at the last chunk
+reads it from the chunk before: the same block's. The hops and the serial tail still see blocks'
+last chunks ``g/P`` or more stages apart (a block is ``g/P`` transfers).
 
-Ports: as ``BlockDot``: ``blocks`` (in stream, ``block_dot.block_layout(...)``), ``values`` (out
-stream, the binary32 pattern).
+Parameters: ``BlockDotFolded(layout, hif, act="e4m3", *, lanes=P, tail="pipelined" | "serial",
+chunked=False)``.
+
+Ports: as ``BlockDot``: ``blocks`` (in stream, ``block_dot.block_layout(...)``, or ``chunk_layout``
+when chunked), ``values`` (out stream, the binary32 pattern).
 
 Latency: ``latency`` = ``g/P - 1 + depth`` cycles from a block taken on ``blocks`` to its value on
 ``values`` while ``values`` is ready (the block's last chunk enters the pipeline ``g/P - 1`` cycles
 after the block is taken; ``depth``: the front end to the accumulator, ``front_stages``, plus the
-tail); checked against the registers built. Throughput: one block every ``cycles_per_block`` =
-``g/P`` cycles, no further bubbles while both sides are ready (``P`` products a cycle).
+tail); checked against the registers built. Chunked: ``depth`` from the block's last chunk taken.
+Throughput: one block every ``cycles_per_block`` = ``g/P`` cycles, no further bubbles while both
+sides are ready (``P`` products a cycle).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from amaranth.hdl import Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data
 
 from sop.golden import dot
 from sop.golden.formats import FloatFormat
@@ -76,9 +89,23 @@ from .block_dot import MAX_ACC_BITS, BlockDot, adder_tree, code_fields, output_p
 from .block_dot import model as block_model
 
 
+def chunk_layout(hif: FloatFormat, act: FloatFormat, layout: BlockLayout, lanes: int) -> data.StructLayout:
+    """One chunk of a block (the chunked unit's input): the HIF and activation codes of ``lanes`` of its
+    weights, the block's scale code, sign and offset (as ``block_layout``), its first / last chunk."""
+    return data.StructLayout({
+        "hif": data.ArrayLayout(unsigned(hif.bits), lanes),
+        "act": data.ArrayLayout(unsigned(act.bits), lanes),
+        "scale": unsigned(layout.scale.bits),
+        "sign": unsigned(1),
+        "offset": signed(8),
+        "first": unsigned(1),
+        "last": unsigned(1),
+    })
+
+
 class BlockDotFolded(BlockDot):
     def __init__(self, layout: BlockLayout, hif: FloatFormat, act="e4m3", *, lanes: int = 4,
-                 tail: str = "pipelined"):
+                 tail: str = "pipelined", chunked: bool = False):
         g = layout.group
         fmt = dot.act_format(act)
         problem = None
@@ -94,7 +121,7 @@ class BlockDotFolded(BlockDot):
         if problem:
             self._MustUse__silence = True        # refused: never elaborated, no unused-component warning
             raise ValueError(problem)
-        self.lanes, self.cycles_per_block, self.tail = lanes, g // lanes, tail
+        self.lanes, self.cycles_per_block, self.tail, self.chunked = lanes, g // lanes, tail, chunked
         super().__init__(layout, hif, act)
         if tail == "serial" and self.serial_steps() > self.cycles_per_block:
             self._MustUse__silence = True
@@ -130,14 +157,21 @@ class BlockDotFolded(BlockDot):
         return self.front_stages() + self.tail_stages()
 
     def stages(self) -> int:
-        """Cycles from a block taken to its value: its last chunk goes in ``g/P - 1`` cycles later."""
-        return self.cycles_per_block - 1 + self.depth
+        """Cycles from a block taken to its value: its last chunk goes in ``g/P - 1`` cycles later
+        (chunked: from its last chunk taken)."""
+        return self.depth if self.chunked else self.cycles_per_block - 1 + self.depth
+
+    def input_layout(self) -> data.StructLayout:
+        """A whole block, or one chunk of it when chunked."""
+        if self.chunked:
+            return chunk_layout(self.hif, self.act, self.layout, self.lanes)
+        return super().input_layout()
 
     # -- build ----------------------------------------------------------------------------------------
     def elaborate(self, platform):
         m = Module()
         W, P, n = self.acc.bits, self.lanes, self.cycles_per_block
-        hif, act, scale, NQ = self.hif, self.act, self.scale, self.nq
+        scale, NQ = self.scale, self.nq
         K = self.front_stages()
 
         ctl, out = output_pipeline(m, self.depth, self.values, P)
@@ -151,38 +185,21 @@ class BlockDotFolded(BlockDot):
         def delay(en, value, k, name):
             return arith_delay(m, en, value, k, name)
 
-        # -- the fold: chunk 0 from the payload, chunks 1 .. n-1 held and shifted down a chunk a cycle --
-        busy = Signal(name="busy")             # the fold register holds chunks still to go in
-        left = Signal(range(n), name="left")   # how many
-        take = Signal(name="take")
-        m.d.comb += [self.blocks.ready.eq(en0 & ~busy), take.eq(self.blocks.valid & self.blocks.ready)]
-        held = [[(Signal(unsigned(hif.bits), name=f"fold{c}_h{j}", reset_less=True),
-                  Signal(unsigned(act.bits), name=f"fold{c}_x{j}", reset_less=True)) for j in range(P)]
-                for c in range(1, n)]
-        # loaded from the payload while nothing is held (taken or not: only a taken block is ever read),
-        # else shifted down; selected by the register ``busy``, so ``blocks.valid`` drives no wide mux
-        with m.If(en0):
-            for c, chunk in enumerate(held, start=1):
-                for j, (h, x) in enumerate(chunk):
-                    nh, nx = held[c][j] if c < n - 1 else (h, x)
-                    m.d.sync += [h.eq(Mux(busy, nh, inp.hif[c * P + j])), x.eq(Mux(busy, nx, inp.act[c * P + j]))]
-        with m.If(take):
-            m.d.sync += [busy.eq(1), left.eq(n - 1)]
-        with m.Elif(en0 & busy):
-            m.d.sync += [busy.eq(left != 1), left.eq(left - 1)]
+        # -- stage 0: the chunk going in (the fold's, or the payload's when chunked) ----------------------
         first0, last0 = Signal(name="first0"), Signal(name="last0")
-        m.d.comb += [first0.eq(take), last0.eq(busy & (left == 1))]   # n >= 2: the last chunk is a held one
+        fold = self.chunk_in if self.chunked else self.fold
+        codes, hdr_en, live = fold(m, en0, first0, last0)
         m.d.comb += ctl.valid.eq(last0)        # the valid chain counts blocks: their last chunks
 
         # -- per lane: BlockDot's lane (fields, product, sign, alignment shift; negate; align) ----------
-        terms = [self.lane(m, en_lane[j], j, Mux(busy, held[0][j][0], inp.hif[j]),
-                           Mux(busy, held[0][j][1], inp.act[j])) for j in range(P)]
+        terms = [self.lane(m, en_lane[j], j, h, x) for j, (h, x) in enumerate(codes)]
 
         # -- the chunk's sum (P lanes), then the accumulator: exact, W bits ------------------------------
         chunk_sum, levels = adder_tree(m, en_lane, terms)
         first = delay(en0, first0, K - 1, "first")                   # beside the chunk sum
         acc = Signal(signed(W), name="acc", reset_less=True)
-        with m.If(en0):                        # never overflows: every partial sum of a block fits
+        # never overflows: every partial sum of a block fits
+        with m.If(en0 if live is None else en0 & delay(en0, live, K - 1, "live")):
             m.d.sync += acc.eq(self.restart(first, acc) + chunk_sum)
         depth = self.lane_stages() + levels + 1
         assert depth == K, (depth, K)
@@ -196,7 +213,7 @@ class BlockDotFolded(BlockDot):
                Signal(signed(8), name="hdr_off", reset_less=True),
                Signal(unsigned(len(Ss)), name="hdr_ss", reset_less=True),
                Signal(1, name="hdr_sb", reset_less=True)]
-        with m.If(en0 & ~busy):                # as the fold register: the taken block's header stays
+        with m.If(hdr_en):
             m.d.sync += [r.eq(v) for r, v in zip(hdr, (es, inp.offset, Ss, inp.sign))]
         es_r, off_r, ss, sb = hdr
         lasts = [last0]                        # lasts[s]: the chunk in stage s is a block's last
@@ -225,9 +242,48 @@ class BlockDotFolded(BlockDot):
         else:
             word, tail = self.scaled_word(m, en0, acc, kmax, ss, sb)
         depth += tail
-        assert depth == self.depth and n - 1 + depth == self.latency, (depth, self.latency)
+        assert depth == self.depth and depth + (0 if self.chunked else n - 1) == self.latency, (depth, self.latency)
         m.d.comb += Value.cast(out.last).eq(word)
         return m
+
+    def fold(self, m: Module, en0, first0, last0):
+        """The fold: a whole block taken, chunk 0 from the payload in that cycle, chunks 1 .. n-1 held
+        in a register shifted down a chunk a cycle. Drives ``blocks.ready``, ``first0`` / ``last0`` (the
+        chunk in stage 0 is a block's first / last); returns the chunk's ``P`` (HIF, activation) codes,
+        the header register's load enable and None (every enabled cycle's chunk sum counts)."""
+        P, n, inp = self.lanes, self.cycles_per_block, self.blocks.payload
+        busy = Signal(name="busy")             # the fold register holds chunks still to go in
+        left = Signal(range(n), name="left")   # how many
+        take = Signal(name="take")
+        m.d.comb += [self.blocks.ready.eq(en0 & ~busy), take.eq(self.blocks.valid & self.blocks.ready)]
+        held = [[(Signal(unsigned(self.hif.bits), name=f"fold{c}_h{j}", reset_less=True),
+                  Signal(unsigned(self.act.bits), name=f"fold{c}_x{j}", reset_less=True)) for j in range(P)]
+                for c in range(1, n)]
+        # loaded from the payload while nothing is held (taken or not: only a taken block is ever read),
+        # else shifted down; selected by the register ``busy``, so ``blocks.valid`` drives no wide mux
+        with m.If(en0):
+            for c, chunk in enumerate(held, start=1):
+                for j, (h, x) in enumerate(chunk):
+                    nh, nx = held[c][j] if c < n - 1 else (h, x)
+                    m.d.sync += [h.eq(Mux(busy, nh, inp.hif[c * P + j])), x.eq(Mux(busy, nx, inp.act[c * P + j]))]
+        with m.If(take):
+            m.d.sync += [busy.eq(1), left.eq(n - 1)]
+        with m.Elif(en0 & busy):
+            m.d.sync += [busy.eq(left != 1), left.eq(left - 1)]
+        m.d.comb += [first0.eq(take), last0.eq(busy & (left == 1))]   # n >= 2: the last chunk is a held one
+        codes = [(Mux(busy, held[0][j][0], inp.hif[j]), Mux(busy, held[0][j][1], inp.act[j])) for j in range(P)]
+        # the header as the fold register: loaded while nothing is held, so the taken block's stays
+        return codes, en0 & ~busy, None
+
+    def chunk_in(self, m: Module, en0, first0, last0):
+        """Chunked input: a chunk taken on every enabled edge it is offered. Returns the payload's
+        codes, the header's load enable (every chunk: the hop at a block's last chunk reads the chunk
+        before's, the same block's) and ``live``, a chunk is taken (gaps between a block's chunks
+        must not reach the accumulator)."""
+        inp, take = self.blocks.payload, Signal(name="take")
+        m.d.comb += [self.blocks.ready.eq(en0), take.eq(self.blocks.valid & self.blocks.ready),
+                     first0.eq(take & inp.first), last0.eq(take & inp.last)]
+        return [(inp.hif[j], inp.act[j]) for j in range(self.lanes)], take, take
 
     def serial_word(self, m: Module, en0, load, A, kmax, ss, sb) -> tuple[Value, int]:
         """``scaled_word``'s value, one register and a few steps instead of a pipeline: for a block every

@@ -32,10 +32,27 @@ The 3 extra bits suffice for a correctly rounded sum: a shift of ``d >= 2`` leav
 at most one bit of normalization (guard and round stay exact, sticky is the OR
 of the rest); ``d <= 1`` loses nothing.
 
+``Fp32Add(stages)`` places the registers: ``"full"`` (the default, above: a
+register after each of the 16 stages, 200 MHz on ECP5) or ``"compact"``: registers
+after stages 4 (the second alignment step), 7 (the exact sum ``R``) and 13 (the
+normalized sum), latency 3, the rest pass-through wires; the rounding (14-16) is
+combinational after the last register, so ``s`` is a function of that register
+(held while ``en`` is low). Why: on the iCEBreaker's iCE40UP5K the GEMV engine
+runs at 12 MHz and takes a block value every 16 cycles, so the full adder's
+registers (about 1000 of the row accumulator's 1219 FF) buy nothing, and the UP5K
+has 5280 logic cells. The same stage code builds both (``STAGINGS``; a stage
+without a register gets the shared helpers a stand-in module whose registers are
+wires), so the sums are the same bits. ``RowAccumulator(4, adder="compact")`` on
+the UP5K: 775 LUT4, 262 FF, 982 logic cells, 24.7 MHz (the full one, 17 slots:
+833, 1219, 1712, 46.5 MHz; docs/dot.md). Every placement of 3 registers tried
+tops out there, each with a segment of about 40 ns (the rounding and the ring's
+operand mux here); 2 registers (3 slots) give 20 MHz.
+
 ``RowAccumulator``: ``slots`` running sums around a ring: the operand registers,
 the adder and ``slots - latency`` more registers (``latency`` = the adder's + 1 =
-17), so that a sum comes back to the adder's input exactly ``slots`` enabled
-edges after it entered. The ring turns every enabled cycle, but while it is
+17, 4 with the compact adder: ``min_slots(adder)``, the fewest slots), so that a
+sum comes back to the adder's input exactly ``slots`` enabled edges after it
+entered. The ring turns every enabled cycle, but while it is
 empty (below) (a position counter, mod ``slots``); a value for slot ``j`` is taken when the ring
 is at ``j`` (``values.ready = en & (slot == pos)``): it is added to the slot's sum
 (to +0 when ``first``), and when ``last`` the new sum leaves on ``sums`` with its
@@ -53,11 +70,12 @@ The values' ``ready`` is the same logic as a free-turning ring's (``slot ==
 pos``, no payload into the position).
 
 Throughput: one value per cycle when consecutive values go to consecutive slots
-(``slots >= 17`` rows interleaved: a batch of ``slots`` activation vectors
-against the same block, or ``slots`` rows' blocks in turn), from the first value
-on when it is for the slot the ring holds; a single row (every value slot 0)
-takes one value per ``slots`` cycles: the loop-carried add cannot be one cycle
-at 200 MHz, and golden's order forbids reassociating a row's sum. ``schedule``
+(``slots >= 17`` rows interleaved, 4 with the compact adder: a batch of ``slots``
+activation vectors against the same block, or ``slots`` rows' blocks in turn),
+from the first value on when it is for the slot the ring holds; a single row
+(every value slot 0) takes one value per ``slots`` cycles: the loop-carried add
+cannot be one cycle at 200 MHz, and golden's order forbids reassociating a row's
+sum. ``schedule``
 gives the cycle each value is taken when they are offered back to back.
 
 Stream handshake as hdl.block_dot: one enable, decided a cycle ahead by an output
@@ -70,6 +88,8 @@ golden.dot.accumulate_blocks.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
@@ -94,36 +114,129 @@ def _unpack(x):
     return x[31], Cat(x[:23], e.any()), Cat(x[23] | ~e.any(), x[24:31])
 
 
+def _barrier(e_big):
+    """The normalization barrier: a one at bit ``27 - e'_big`` of the sum's width (none if ``e'_big > 27``)."""
+    return Cat(e_big == R_BITS - 1 - i for i in range(R_BITS))
+
+
+#: Fp32Add's register placements: the stages (numbered as in the module docstring) that end in a
+#: register; the others are pass-through wires. "full": all 16 (200 MHz on ECP5); "compact": after
+#: stages 4, 7 and 13, four combinational segments around the row accumulator's ring (the iCE40UP5K
+#: at 12 MHz: module docstring)
+STAGINGS = {"full": frozenset(range(1, ADD_LATENCY + 1)), "compact": frozenset({4, 7, 13})}
+#: the stages the shared helpers build as one group (leading zeros, normalize, round): all
+#: registers, none, or only the last (one register after the helper's logic built as wires)
+_GROUPS = ((9, 10), (11, 12, 13), (14, 15, 16))
+
+
+def adder_latency(stages: str = "full") -> int:
+    """The latency of ``Fp32Add(stages)``: its registered stages."""
+    return len(_staging(stages))
+
+
+def min_slots(adder: str = "full") -> int:
+    """The fewest running sums ``RowAccumulator(slots, adder=adder)`` takes: the operand register and
+    the adder's latency (17 full, 4 compact); the GEMV engine's smallest tile."""
+    return adder_latency(adder) + 1
+
+
+def _staging(stages: str) -> frozenset[int]:
+    """``STAGINGS[stages]``, checked: stages 1 to 16, each helper group all, none or its last."""
+    if stages not in STAGINGS:
+        raise ValueError(f"adder stages {stages!r}: one of {', '.join(map(repr, STAGINGS))}")
+    regd = STAGINGS[stages]
+    if not regd <= set(range(1, ADD_LATENCY + 1)) or any(
+            regd & set(g) not in (set(), set(g), {g[-1]}) for g in _GROUPS):
+        raise ValueError(f"adder stages {stages!r}: registers after {sorted(regd)}: a stage is 1 to "
+                         f"{ADD_LATENCY}, and of {_GROUPS} all, none or the last")
+    return regd
+
+
+class _Wires:
+    """Stands in for the Module given to the shared stage helpers (hdl.arith's ``stage_reg``,
+    ``delay``, ``shift_left``, ``leading_zeros_pipelined``; hdl.block_dot's ``round_fp32``) so the
+    stages they build become pass-through wires: each helper writes ``with m.If(en): m.d.sync +=
+    r.eq(value)``; here ``If`` is no condition and ``d.sync`` is the module's ``d.comb``, so the
+    "register" ``r`` is a wire that carries ``value`` (its shape kept). The same stage code, fewer
+    registers."""
+
+    def __init__(self, m: Module):
+        self.d = _CombDomains(m)
+
+    @staticmethod
+    def If(cond):                                                   # noqa: N802 (Module's name)
+        return contextlib.nullcontext()
+
+
+class _CombDomains:
+    """``_Wires.d``: every domain is the wrapped module's ``comb``."""
+
+    def __init__(self, m: Module):
+        object.__setattr__(self, "_m", m)
+
+    def __getattr__(self, name):
+        return self._m.d.comb
+
+    def __setattr__(self, name, value):             # ``d.sync += ...`` assigns the domain back: done
+        pass
+
+
 class Fp32Add(wiring.Component):
-    def __init__(self):
-        self.latency = ADD_LATENCY
+    """``s = a + b`` (binary32, finite operands), ``latency`` enabled edges after ``a``, ``b`` with
+    ``en`` high. ``stages``: a name in ``STAGINGS``, which stages end in a register ("full": all 16;
+    "compact": 3, its sum a combinational function of the last register, held while ``en`` is low)."""
+
+    def __init__(self, stages: str = "full"):
+        self.stages = stages
+        self.registered = _staging(stages)
+        self.latency = len(self.registered)
         super().__init__({"en": In(1), "a": In(unsigned(32)), "b": In(unsigned(32)), "s": Out(unsigned(32))})
 
     def elaborate(self, platform):
         m = Module()
-        en = self.en
+        en, regd = self.en, self.registered
+        wires = _Wires(m)
 
-        def reg(name, value, shape):
-            return stage_reg(m, en, name, value, shape)
+        def at(*stages):
+            """The module the helpers build ``stages`` in: ``m`` (registers) if all end in one, else
+            the pass-through stand-in (a group's last stage alone registered: ``cut`` after it)."""
+            return m if regd.issuperset(stages) else wires
+
+        def reg(stage, name, value, shape):
+            return stage_reg(at(stage), en, name, value, shape)
+
+        def pipe(value, stages, name):
+            """``value`` carried through ``stages``: a register at each registered one."""
+            return delay(m, en, value, len(regd.intersection(stages)), name)
+
+        def cut(group, name, value):
+            """A register after a helper built as wires when only the group's last stage has one."""
+            alone = regd.intersection(group) == {group[-1]}
+            return stage_reg(m, en, name, value, value.shape()) if alone else value
 
         # 1: unpack, compare magnitudes, both exponent differences
         (sa, ma, ea), (sb, mb, eb) = _unpack(self.a), _unpack(self.b)
-        a_ge = reg("a_ge", self.a[:31] >= self.b[:31], 1)
-        sa, sb = reg("sa", sa, 1), reg("sb", sb, 1)
-        ma, mb = reg("ma", ma, unsigned(24)), reg("mb", mb, unsigned(24))
-        da, db = reg("da", ea - eb, unsigned(8)), reg("db", eb - ea, unsigned(8))     # the right one is >= 0
-        ea, eb = reg("ea", ea, unsigned(8)), reg("eb", eb, unsigned(8))
-        # 2: swap; the shift clamped; the barrier at 27 - e'_big
+        a_ge = reg(1, "a_ge", self.a[:31] >= self.b[:31], 1)
+        sa, sb = reg(1, "sa", sa, 1), reg(1, "sb", sb, 1)
+        ma, mb = reg(1, "ma", ma, unsigned(24)), reg(1, "mb", mb, unsigned(24))
+        da, db = reg(1, "da", ea - eb, unsigned(8)), reg(1, "db", eb - ea, unsigned(8))   # the right one is >= 0
+        ea, eb = reg(1, "ea", ea, unsigned(8)), reg(1, "eb", eb, unsigned(8))
+        # 2: swap; the shift clamped; the barrier at 27 - e'_big (a function of e'_big: where stage 2
+        #    has no register it is decoded at stage 8 instead, so no register carries its 28 bits)
         d = Mux(a_ge, da, db)
-        big = reg("big", Mux(a_ge, ma, mb), unsigned(24))
-        small = reg("small", Cat(Const(0, EXTRA), Mux(a_ge, mb, ma)), unsigned(24 + EXTRA))
+        big = reg(2, "big", Mux(a_ge, ma, mb), unsigned(24))
+        small = reg(2, "small", Cat(Const(0, EXTRA), Mux(a_ge, mb, ma)), unsigned(24 + EXTRA))
         e_big = Mux(a_ge, ea, eb)
-        dc = reg("dc", Mux(d[5:].any(), MAX_ALIGN, d[:5]), unsigned(5))
-        barrier = reg("barrier", Cat(e_big == R_BITS - 1 - i for i in range(R_BITS)), unsigned(R_BITS))
-        e_big = reg("e_big", e_big, unsigned(8))
-        sign = reg("sign", Mux(a_ge, sa, sb), 1)
-        sub = reg("sub", sa ^ sb, 1)
-        zsign = reg("zsign", sa & sb, 1)               # an exact zero is -0 only for -0 + -0
+        dc = reg(2, "dc", Mux(d[5:].any(), MAX_ALIGN, d[:5]), unsigned(5))
+        early = 2 in regd
+        carried = ()
+        if early:
+            barrier = reg(2, "barrier", _barrier(e_big), unsigned(R_BITS))
+            carried = (barrier,)
+        e_big = reg(2, "e_big", e_big, unsigned(8))
+        sign = reg(2, "sign", Mux(a_ge, sa, sb), 1)
+        sub = reg(2, "sub", sa ^ sb, 1)
+        zsign = reg(2, "zsign", sa & sb, 1)               # an exact zero is -0 only for -0 + -0
         # 3-5: align the smaller operand, the bits shifted out into sticky
         n_align = shift_stages(MAX_ALIGN)
         sticky = Const(0, 1)
@@ -133,36 +246,39 @@ class Fp32Add(wiring.Component):
             shifted = Array([small >> (j << lo) for j in range(1 << len(bits))])
             lost = Array([small[:j << lo].any() if j else Const(0, 1) for j in range(1 << len(bits))])
             if i + 1 < n_align:
-                sticky = reg(f"sticky{i}", sticky | lost[bits], 1)
-                small = reg(f"align{i}", shifted[bits], unsigned(24 + EXTRA))
+                sticky = reg(3 + i, f"sticky{i}", sticky | lost[bits], 1)
+                small = reg(3 + i, f"align{i}", shifted[bits], unsigned(24 + EXTRA))
             else:                                       # the last stage ORs sticky into the bottom bit
-                small = reg(f"align{i}", shifted[bits] | sticky | lost[bits], unsigned(24 + EXTRA))
-            dc = reg(f"dc{i}", dc, dc.shape())
-        big, e_big, barrier, sign, sub, zsign = (
-            delay(m, en, v, n_align, v.name) for v in (big, e_big, barrier, sign, sub, zsign))
+                small = reg(3 + i, f"align{i}", shifted[bits] | sticky | lost[bits], unsigned(24 + EXTRA))
+            dc = reg(3 + i, f"dc{i}", dc, dc.shape())
+        big, e_big, *carried, sign, sub, zsign = (
+            pipe(v, range(3, 3 + n_align), v.name) for v in (big, e_big, *carried, sign, sub, zsign))
         # 6: the smaller operand (sticky at its bottom), negated for a subtraction; 7: the sum,
         #    exact but for sticky (|big| >= |small|: never negative)
-        small = reg("small_n", Mux(sub, -small, small), signed(R_BITS + 1))
-        big, e_big, barrier, sign, zsign = (reg(f"{v.name}_n", v, v.shape())
-                                            for v in (big, e_big, barrier, sign, zsign))
-        r = reg("r", Cat(Const(0, EXTRA), big) + small, unsigned(R_BITS))
-        e_big, barrier, sign, zsign = (reg(f"{v.name}_s", v, v.shape()) for v in (e_big, barrier, sign, zsign))
-        # 7: the barrier; zero detection
-        rb = reg("rb", r | barrier, unsigned(R_BITS))
-        zero = reg("zero", r == 0, 1)
-        # 8-9: k = min(lz(R), e'_big)
-        k = leading_zeros_pipelined(m, en, rb, "k")
-        r, e_big, sign, zsign = (delay(m, en, v, 3, f"{v.name}_k") for v in (r, e_big, sign, zsign))
-        zero = delay(m, en, zero, 2, "zero_k")
-        # 10-12: normalize; e'_big - k (the biased exponent minus one of a normal result, else 0)
-        ebm1 = stage_reg(m, en, "ebm1", e_big - k, unsigned(8))
+        small = reg(6, "small_n", Mux(sub, -small, small), signed(R_BITS + 1))
+        big, e_big, *carried, sign, zsign = (reg(6, f"{v.name}_n", v, v.shape())
+                                             for v in (big, e_big, *carried, sign, zsign))
+        r = reg(7, "r", Cat(Const(0, EXTRA), big) + small, unsigned(R_BITS))
+        e_big, *carried, sign, zsign = (reg(7, f"{v.name}_s", v, v.shape())
+                                        for v in (e_big, *carried, sign, zsign))
+        # 8: the barrier; zero detection
+        barrier = carried[0] if early else _barrier(e_big)
+        rb = reg(8, "rb", r | barrier, unsigned(R_BITS))
+        zero = reg(8, "zero", r == 0, 1)
+        # 9-10: k = min(lz(R), e'_big)
+        k = cut(_GROUPS[0], "k_cut", leading_zeros_pipelined(at(9, 10), en, rb, "k"))
+        r, e_big, sign, zsign = (pipe(v, (8, 9, 10), f"{v.name}_k") for v in (r, e_big, sign, zsign))
+        zero = pipe(zero, (9, 10), "zero_k")
+        # 11-13: normalize; e'_big - k (the biased exponent minus one of a normal result, else 0)
+        ebm1 = stage_reg(at(11, 12, 13), en, "ebm1", e_big - k, unsigned(8))
         n_norm = shift_stages(R_BITS)
-        rs = shift_left(m, en, r, k, R_BITS, "norm")
-        ebm1 = delay(m, en, ebm1, n_norm - 1, "ebm1")
-        zero, sign, zsign = (delay(m, en, v, n_norm, f"{v.name}_n") for v in (zero, sign, zsign))
-        # 13-15: round, saturate, sign
-        assert shift_stages(MAX_ALIGN) == n_align and self.latency == 2 + n_align + 2 + 1 + 2 + n_norm + 3
-        m.d.comb += self.s.eq(round_fp32(m, en, rs, ebm1, zero, sign, zsign, self.round_up, "r"))
+        rs = cut(_GROUPS[1], "norm_cut", shift_left(at(11, 12, 13), en, r, k, R_BITS, "norm"))
+        ebm1 = pipe(ebm1, range(12, 11 + n_norm), "ebm1")
+        zero, sign, zsign = (pipe(v, range(11, 11 + n_norm), f"{v.name}_n") for v in (zero, sign, zsign))
+        # 14-16: round, saturate, sign
+        assert shift_stages(MAX_ALIGN) == n_align and ADD_LATENCY == 2 + n_align + 2 + 1 + 2 + n_norm + 3
+        s = round_fp32(at(14, 15, 16), en, rs, ebm1, zero, sign, zsign, self.round_up, "r")
+        m.d.comb += self.s.eq(cut(_GROUPS[2], "s_cut", s))
         return m
 
     @staticmethod
@@ -187,13 +303,19 @@ def sum_layout(slots: int) -> data.StructLayout:
 
 
 class RowAccumulator(wiring.Component):
-    def __init__(self, slots: int):
-        if slots < ADD_LATENCY + 1:
-            self._MustUse__silence = True        # refused: never elaborated, no unused-component warning
+    """``slots`` running binary32 sums around a ring (module docstring); ``adder``: the ``Fp32Add``
+    staging ("full" or "compact"), which sets ``latency`` (the adder's + 1) and the fewest slots
+    (``min_slots(adder)``)."""
+
+    def __init__(self, slots: int, adder: str = "full"):
+        self._MustUse__silence = True            # until accepted: a refused one is never elaborated, no
+        need = min_slots(adder)                  # unused-component warning
+        if slots < need:
             raise ValueError(f"{slots} slots: the ring needs at least its operand register and the adder's "
-                             f"latency, {ADD_LATENCY + 1}")
-        self.slots = slots
-        self.latency = ADD_LATENCY + 1
+                             f"latency, {need}")
+        self._MustUse__silence = False
+        self.slots, self.adder = slots, adder
+        self.latency = need
         super().__init__({"values": In(stream.Signature(value_layout(slots))),
                           "sums": Out(stream.Signature(sum_layout(slots)))})
 
@@ -202,7 +324,7 @@ class RowAccumulator(wiring.Component):
         S, L = self.slots, self.latency
         ctl, out = output_pipeline(m, L, self.sums)
         en = ctl.enable.lane[0]
-        m.submodules.add = add = Fp32Add()
+        m.submodules.add = add = Fp32Add(self.adder)
         v = self.values.payload
         # the ring's position: the slot at the adder's input. While no running sum is open (``empty``)
         # and no value is offered, nothing in the ring matters and nothing is coming: the ring holds

@@ -34,7 +34,7 @@ handshakes)::
   output register: latency 2. ``GemvConfig.x_ram``: ``lib.memory`` and a
   register, or ECP5 DP16KDs instantiated with their output register (yosys
   infers a DP16KD only without it, 5.8 ns from clock to output).
-* ``LutBank``: every lane's copy of both banks of both pages, written through
+* ``LutBank``: every lane's copy (``P`` lanes when folded) of both banks of both pages, written through
   ``load`` into the inactive page; latency ``read_latency`` (1; 2 for LUT RAM).
 * The front end (the sequencer's stage 0 and the reads) is one pipeline on an
   enable decided ahead (``block_dot.output_pipeline``: hdl.pipeline's enable
@@ -136,9 +136,21 @@ blocks inside a tile
 costs up to a ring turn (the ring has passed the next value's slot; the value
 FIFO queues what follows). A layer with residual entries spends, per tile, the
 block dot unit's drain (about 30 cycles) and ``tile`` cycles per round of entries.
-With a folded block dot unit (``dot_lanes`` P) a block is taken every ``g / P`` cycles: ``P``
-MACs a cycle, the front end and ``w`` held by its ``ready`` in between; ``latency`` then counts
-the folded unit's (a block's last chunk ``g / P - 1`` cycles after it is taken).
+
+Folded (``dot_lanes`` P < g, for small FPGAs: the iCEBreaker's engine): the whole front end
+works on chunks of ``P`` codes. Stage 0 holds its block for ``g / P`` enabled edges and sends one
+chunk into the reads at each (a ``chunk`` counter; the sequencer moves on with the last chunk,
+``leaves``); the table RAM has ``P`` copies, not ``g``; the x buffer returns the chunk's ``P``
+codes of the word (``XBuffer.read_chunk``, the term unit's ``x_chunk`` for its entries); the
+pipeline, its skid buffers and the block dot unit's input (``BlockDotFolded(chunked=True)``) carry
+chunks with their first / last flags, and the tags FIFO takes a tag at a block's last chunk. A
+block is taken every ``g / P`` cycles exactly while nothing is idle (``P`` MACs a cycle); ``latency``
+adds the ``fold``'s ``g / P - 1`` cycles. With ``acc_adder`` "compact" the row accumulator's adder
+is hdl.fp32_acc's 3-stage one (tiles of 4 rows or more), for a slow clock (12 MHz on the
+iCEBreaker), where a value comes every ``g / P`` cycles anyway. ``sparse`` False builds no
+residual path: no term unit (``term_signature``'s signals, created and never driven: no entry,
+no term, never busy), the layer registers' ``sparse`` held at 0 (so the sequencer's entry logic
+folds away in synthesis) and a layer written with it set is the ``layer`` error.
 
 Activation formats (``GemvConfig.act``): ``e4m3`` (hdl.block_dot, ``ResidualTerm``, x words of
 ``8 g`` bits) and ``bf16`` (hdl.block_dot_bf16, ``ResidualTermBF16``, x words of ``16 g`` bits);
@@ -163,13 +175,14 @@ from sop.golden.layout import BlockLayout, LayerStream
 
 from .arith import PipelinedMultiplier, Stages, delay, leading_zeros, stage_reg, trailing_zeros
 from .block_dot import BlockDot, block_layout, output_pipeline
-from .block_dot_folded import BlockDotFolded
+from .block_dot_folded import BlockDotFolded, chunk_layout
 from .codebook_mux import CodebookMux
-from .fp32_acc import ADD_LATENCY, RowAccumulator
+from .fp32_acc import STAGINGS, RowAccumulator, min_slots
 from .lut_bank import LutBank
 
-#: The fewest rows a tile can have: one running sum per stage of the FP32 adder's loop.
-MIN_TILE = ADD_LATENCY + 1
+#: The fewest rows a tile can have: one running sum per stage of the FP32 adder's loop (the full,
+#: 16-stage adder's; ``GemvConfig.acc_adder`` "compact": ``min_slots("compact")``).
+MIN_TILE = min_slots()
 #: Entries of the FIFO between the block dot unit and the row accumulator. Once the ring has missed
 #: a slot (a gap in the blocks inside a tile) it waits a whole turn: the FIFO fills while it waits,
 #: and covers the gaps the front end's and the block dot unit's restarts leave (their enables are
@@ -192,7 +205,11 @@ class GemvConfig:
     tile, the largest layer it takes, the table RAM's shape (hdl.lut_bank), and the block dot unit's
     products a cycle: ``dot_lanes`` 0 builds ``BlockDot`` (``g`` a cycle, a block a cycle), ``P < g``
     builds ``BlockDotFolded`` (hdl.block_dot_folded: a block every ``g / P`` cycles, with ``dot_tail``
-    ``"pipelined"`` or ``"serial"``; E4M3 activations), for FPGAs too small for ``g`` lanes."""
+    ``"pipelined"`` or ``"serial"``; E4M3 activations), for FPGAs too small for ``g`` lanes: the front
+    end then folds too (module docstring). ``acc_adder``: the row accumulator's FP32 adder,
+    ``"full"`` (16 stages, ``tile`` >= 17) or ``"compact"`` (3 stages, ``tile`` >= 4; hdl.fp32_acc).
+    ``sparse`` False builds no residual path (no term unit; a layer written with ``sparse`` set is the
+    ``layer`` error and its entries are never taken): for the smallest FPGAs."""
 
     name: str
     layout: BlockLayout
@@ -205,14 +222,19 @@ class GemvConfig:
     x_ram: str = "memory"
     dot_lanes: int = 0
     dot_tail: str = "pipelined"
+    acc_adder: str = "full"
+    sparse: bool = True
 
     def __post_init__(self):
         problems = []
         if self.x_ram not in X_RAMS:
             problems.append(f"x_ram must be one of {X_RAMS}, got {self.x_ram!r}")
         g = self.layout.group
-        if self.tile < MIN_TILE:
-            problems.append(f"tile must be at least {MIN_TILE} rows (the FP32 adder's loop), got {self.tile}")
+        if self.acc_adder not in STAGINGS:
+            problems.append(f"acc_adder must be one of {', '.join(map(repr, STAGINGS))}, got {self.acc_adder!r}")
+        elif self.tile < min_slots(self.acc_adder):
+            problems.append(f"tile must be at least {min_slots(self.acc_adder)} rows (the FP32 adder's loop), "
+                            f"got {self.tile}")
         blocks = self.max_cols // g
         if self.max_cols % g or blocks < 1 or blocks & (blocks - 1):
             problems.append(f"max_cols must be {g} times a power of two, got {self.max_cols}")
@@ -257,7 +279,9 @@ class GemvConfig:
                 "accumulator_bits": dot.accumulator(self.hif, self.act_format, lay.group).bits,
                 "tile": self.tile, "max_cols": self.max_cols, "max_rows": self.max_rows,
                 "lutram_depth": self.lutram_depth, "x_ram": self.x_ram, "macs_per_cycle": self.macs_per_cycle,
-                **({"dot_lanes": self.dot_lanes, "dot_tail": self.dot_tail} if self.dot_lanes else {})}
+                **({"dot_lanes": self.dot_lanes, "dot_tail": self.dot_tail} if self.dot_lanes else {}),
+                **({"acc_adder": self.acc_adder} if self.acc_adder != "full" else {}),
+                **({} if self.sparse else {"sparse": False})}
 
 
 def gemv_configs() -> dict[str, GemvConfig]:
@@ -327,12 +351,16 @@ def tag_layout(config: GemvConfig) -> data.StructLayout:
 
 
 def front_layout(config: GemvConfig) -> data.StructLayout:
-    """What the front end hands the block dot unit: the block (``block_dot.block_layout``), its tag,
-    padding to a whole number of lanes (the front end's output buffers split it by lane)."""
-    block = block_layout(config.hif, config.act_format, config.layout)
+    """What the front end hands the block dot unit: the block (``block_dot.block_layout``), or with a
+    folded unit one chunk of it (``block_dot_folded.chunk_layout``), its tag, padding to a whole number
+    of lanes (the front end's output buffers split it by lane)."""
+    if config.dot_lanes:
+        block = chunk_layout(config.hif, config.act_format, config.layout, config.dot_lanes)
+    else:
+        block = block_layout(config.hif, config.act_format, config.layout)
     used = block.size + tag_layout(config).size
     return data.StructLayout({"block": block, "tag": tag_layout(config),
-                              "pad": unsigned(-used % config.group)})
+                              "pad": unsigned(-used % config.macs_per_cycle)})
 
 
 def entry_layout(config: GemvConfig) -> data.StructLayout:
@@ -368,35 +396,54 @@ class XBuffer(wiring.Component):
     ``lib.memory`` read port and a register, or ECP5 DP16KDs with their output register (``CEB`` and
     ``OCEB``): a block RAM's output register is fast to its output, its plain read is not. Not
     transparent: a read and a write in one cycle that matter are at different pages (a vector loads
-    into the page no pass reads)."""
+    into the page no pass reads).
+
+    With a folded block dot unit (``dot_lanes`` P) a read returns one chunk of the word: ``P`` codes,
+    chunk ``read_chunk`` (in, beside ``read_addr``, latched with the read). ``lib.memory``: picked
+    before the output register, so that register and everything after it are ``P`` codes wide, not
+    ``g``; DP16KDs: after their output registers."""
 
     latency = 2
 
     def __init__(self, config: GemvConfig):
         self.config = config
-        width = config.act_format.bits * config.group
+        self.chunks = config.group // config.macs_per_cycle       # 1 unless folded
+        width = config.act_format.bits * config.macs_per_cycle
         self.depth = 2 * config.max_blocks
+        chunk = {"read_chunk": In(range(self.chunks))} if self.chunks > 1 else {}
         super().__init__({"write": In(XWriteSignature(config)), "read_en": In(1), "out_en": In(1),
-                          "read_addr": In(range(self.depth)), "read_data": Out(unsigned(width))})
+                          "read_addr": In(range(self.depth)), **chunk, "read_data": Out(unsigned(width))})
 
     def elaborate(self, platform):
         m = Module()
         if self.config.x_ram == "dp16kd":
             return self.dp16kd(m)
-        m.submodules.mem = mem = memory.Memory(shape=self.read_data.shape(), depth=self.depth, init=[])
+        # (folded, for the smallest FPGAs: yosys's no_rw_check, the contract above, as hdl.lut_bank's, so
+        # that iCE40 synthesis builds no read-during-write bypass, a word of flip-flops; the unfolded
+        # engines keep the Verilog their figures were measured with)
+        attrs = {"no_rw_check": 1} if self.chunks > 1 else None
+        m.submodules.mem = mem = memory.Memory(shape=unsigned(len(self.write.data)), depth=self.depth, init=[],
+                                               attrs=attrs)
         wp, rp = mem.write_port(), mem.read_port()
         m.d.comb += [wp.en.eq(self.write.en), wp.addr.eq(self.write.addr), wp.data.eq(self.write.data),
                      rp.en.eq(self.read_en), rp.addr.eq(self.read_addr)]
-        out = stage_reg(m, self.out_en, "out", rp.data, self.read_data.shape())
+        word = rp.data
+        if self.chunks > 1:
+            word = word.word_select(self.chunk_latch(m), len(self.read_data))
+        out = stage_reg(m, self.out_en, "out", word, self.read_data.shape())
         m.d.comb += self.read_data.eq(out)
         return m
+
+    def chunk_latch(self, m):
+        """``read_chunk`` as the read latched it (folded only)."""
+        return stage_reg(m, self.read_en, "chunk_latch", self.read_chunk, self.read_chunk.shape())
 
     def dp16kd(self, m):
         """Columns of DP16KDs, each 512 x 36 (write port A, read port B; as yosys maps a memory to a
         pseudo-dual-port block RAM), ``2 max_blocks / 512`` deep, with the output register
         (``REGMODE`` OUTREG on both ports: at 36 bits the read word leaves on both ports' outputs,
         and nextpnr times each port's outputs by its own mode)."""
-        width, depth = len(self.read_data), self.depth
+        width, depth = len(self.write.data), self.depth
         rows = -(-depth // 512)
         cols = -(-width // 36)
         abits = max(1, (depth - 1).bit_length())
@@ -428,11 +475,15 @@ class XBuffer(wiring.Component):
                 col_out.append(do)
             outs.append(Cat(*col_out)[:width])
         if rows == 1:
-            m.d.comb += self.read_data.eq(outs[0])
+            word = outs[0]
         else:           # the row of the word in the output registers (its address, two reads ago)
             row_l = stage_reg(m, self.read_en, "row_latch", self.read_addr >> 9, range(rows))
             row_o = stage_reg(m, self.out_en, "row_out", row_l, range(rows))
-            m.d.comb += self.read_data.eq(Array(outs)[row_o])
+            word = Array(outs)[row_o]
+        if self.chunks > 1:    # the chunk picked after the block RAMs' output registers
+            chunk = stage_reg(m, self.out_en, "chunk_out", self.chunk_latch(m), self.read_chunk.shape())
+            word = word.word_select(chunk, len(self.read_data))
+        m.d.comb += self.read_data.eq(word)
         return m
 
     @staticmethod
@@ -450,6 +501,21 @@ def _bf16_fields(code):
     """(sign, significand with its hidden bit, X + 134) of a BF16 code: X = max(e, 1) - 127 - 7."""
     e = code[7:15]
     return code[15], Cat(code[:7], e.any()), Mux(e.any(), e, 1)
+
+
+def term_signature(config: GemvConfig) -> wiring.Signature:
+    """The term unit's ports (``ResidualTerm``; an engine without the residual path has the same
+    signals, created and left at 0)."""
+    g, bits = config.group, config.act_format.bits
+    return wiring.Signature({
+        "entries": In(stream.Signature(entry_layout(config))),
+        "x_en": Out(1), "x_out_en": Out(1), "x_addr": Out(range(config.max_blocks)),
+        # (with a folded unit the x buffer returns a chunk of P codes: ``x_chunk`` picks it)
+        **({"x_chunk": Out(range(g // config.macs_per_cycle))} if config.dot_lanes else {}),
+        "x_data": In(unsigned(config.macs_per_cycle * bits)),
+        "terms": Out(stream.Signature(data.StructLayout({"value": unsigned(32), "tag": tag_layout(config)}))),
+        "busy": Out(1),
+    })
 
 
 class ResidualTerm(wiring.Component):
@@ -479,16 +545,9 @@ class ResidualTerm(wiring.Component):
 
     def __init__(self, config: GemvConfig):
         self.config = config
-        g, bits = config.group, config.act_format.bits
         self.multiplier = PipelinedMultiplier(BF16.mbits + 1, config.act_format.mbits + 1)
         self.latency = 4 + self.multiplier.latency + 5
-        super().__init__({
-            "entries": In(stream.Signature(entry_layout(config))),
-            "x_en": Out(1), "x_out_en": Out(1), "x_addr": Out(range(config.max_blocks)),
-            "x_data": In(unsigned(g * bits)),
-            "terms": Out(stream.Signature(data.StructLayout({"value": unsigned(32), "tag": tag_layout(config)}))),
-            "busy": Out(1),
-        })
+        super().__init__(term_signature(config))
 
     def front(self, m, rho_exponent):
         """The part both term units share: the credits and the FIFO at the end, and stages 1-4 (the x
@@ -498,6 +557,7 @@ class ResidualTerm(wiring.Component):
         ``tag`` delayed to stage 4, ``finish(stage, out, tag)`` queues the last stage's pattern."""
         cfg = self.config
         bits, lane_bits = cfg.act_format.bits, (cfg.group - 1).bit_length()
+        sel_bits = (cfg.macs_per_cycle - 1).bit_length()        # the code's place in an x read: its lane
         ent = self.entries
         # The pipeline never stalls (its enable is 1): its terms wait in a FIFO at its end, and an entry
         # is taken only while that FIFO has room for it and every one inside (a credit register), so
@@ -521,7 +581,9 @@ class ResidualTerm(wiring.Component):
 
         # 1: the x word (read at this edge); the entry's lane, value and tag
         m.d.comb += [self.x_en.eq(take), self.x_out_en.eq(v[0]), self.x_addr.eq(ent.payload.col >> lane_bits)]
-        lane, rho, tag = stage(("lane", ent.payload.col[:lane_bits] if lane_bits else 0, unsigned(max(1, lane_bits))),
+        if cfg.dot_lanes:      # folded: the chunk of the word with the code (read with the word)
+            m.d.comb += self.x_chunk.eq(ent.payload.col[sel_bits:lane_bits])
+        lane, rho, tag = stage(("lane", ent.payload.col[:sel_bits] if sel_bits else 0, unsigned(max(1, sel_bits))),
                                ("rho", ent.payload.value, unsigned(16)), ("tag1", ent.payload.tag, tag_layout(cfg)))
         # 2: the x word in the x buffer's output register (``x_out_en``, a cycle after the read);
         # 3: the word registered; 4: the activation code out of it (a 16:1 mux); beside it rho's fields.
@@ -531,7 +593,7 @@ class ResidualTerm(wiring.Component):
         word, lane, rho = stage(("x_word", self.x_data, self.x_data.shape()), ("lane2", carry(lane, 1, "lane"), lane.shape()),
                                 ("rho2", carry(rho, 1, "rho"), unsigned(16)))
         sr, Sr, er = _bf16_fields(rho)
-        code, sr, Sr, e = stage(("code", word.word_select(lane, bits) if lane_bits else word[:bits], unsigned(bits)),
+        code, sr, Sr, e = stage(("code", word.word_select(lane, bits) if sel_bits else word[:bits], unsigned(bits)),
                                 ("sr2", sr, 1), ("Sr2", Sr, 8), rho_exponent(er))
         tag = carry(tag.as_value(), 3, "tag")
 
@@ -782,13 +844,15 @@ class BlockSequencer(wiring.Component):
         with m.If(self.layer.valid):
             m.d.sync += [rows_m1[~active].eq(lw.rows - 1), bpr_m1[~active].eq(lw.blocks_per_row - 1),
                          rows_m2[~active].eq(lw.rows - 2), bpr_m2[~active].eq(lw.blocks_per_row - 2),
-                         offset[~active].eq(lw.offset), sparse[~active].eq(lw.sparse)]
+                         offset[~active].eq(lw.offset), sparse[~active].eq(lw.sparse if cfg.sparse else 0)]
             # a bound the field's width already enforces is not compared (a constant compare,
             # which Verilator's lint refuses)
             too_many_rows = (lw.rows > cfg.max_rows) if cfg.max_rows < (1 << cfg.max_rows.bit_length()) - 1 else 0
             too_many_blocks = (lw.blocks_per_row > B) if B < (1 << len(lw.blocks_per_row)) - 1 else 0
-            m.d.comb += error_now.layer.eq((lw.rows == 0) | too_many_rows | (lw.blocks_per_row == 0)
-                                           | too_many_blocks)
+            bad = (lw.rows == 0) | too_many_rows | (lw.blocks_per_row == 0) | too_many_blocks
+            if not cfg.sparse:     # an engine without the residual path refuses a layer with entries
+                bad = bad | lw.sparse
+            m.d.comb += error_now.layer.eq(bad)
         m.d.comb += self.write_page.eq(~active)
 
         # -- x: two pages of the buffer, a vector each; the swap beat flips the layer page ----------
@@ -995,13 +1059,18 @@ class GemvEngine(wiring.Component):
         lay = config.layout
         self.sequencer = sequencer(config)
         self.x_buffer = XBuffer(config)
+        # (a folded engine looks up P codes a cycle: P table copies, a chunk of a block at a time)
+        P = config.macs_per_cycle
         self.bank = bank(code_bits=lay.code_bits, banks=lay.banks, word=table_word(config),
-                         lanes=lay.group, lutram_depth=config.lutram_depth)
-        self.mux = mux(lanes=lay.group, group=lay.group) if lay.banks == 2 else None
-        self.dot = (BlockDotFolded(lay, config.hif, config.act, lanes=config.dot_lanes, tail=config.dot_tail)
+                         lanes=P, lutram_depth=config.lutram_depth,
+                         **({"no_rw_check": True} if config.dot_lanes else {}))
+        self.mux = mux(lanes=P, group=lay.group) if lay.banks == 2 else None
+        self.dot = (BlockDotFolded(lay, config.hif, config.act, lanes=P, tail=config.dot_tail, chunked=True)
                     if config.dot_lanes else BlockDot(lay, config.hif, config.act))
-        self.acc = acc(config.tile)
-        self.term = (term or residual_term_class(config))(config)
+        self.acc = acc(config.tile, **({"adder": config.acc_adder} if config.acc_adder != "full" else {}))
+        # (without the residual path: the term unit's signals, never driven: no entry, no term, never busy)
+        self.term = ((term or residual_term_class(config))(config) if config.sparse
+                     else term_signature(config).create(path=("no_terms",)))
         super().__init__({
             "x": In(stream.Signature(x_layout(config))),
             "w": In(stream.Signature(unsigned(lay.block_bits))),
@@ -1025,15 +1094,20 @@ class GemvEngine(wiring.Component):
         return max(self.read_latency, self.x_buffer.latency + 1)
 
     @property
+    def fold(self) -> int:
+        """Cycles a block waits in stage 0 for its last chunk to go (``g / P - 1``; 0 unless folded)."""
+        return self.config.group // self.config.macs_per_cycle - 1
+
+    @property
     def latency(self) -> int:
         """Cycles from a row's last block taken on ``w`` to its ``y`` word, nothing stalled: the
         components on the way."""
-        return (self.sequencer.latency + self.reads + self.dot.latency + VALUE_FIFO_LATENCY
-                + self.acc.latency)
+        return sum(self.latencies().values())
 
     def latencies(self) -> dict[str, int]:
-        return {"sequencer": self.sequencer.latency, "reads": self.reads,
-                "block_dot": self.dot.latency, "fifo": VALUE_FIFO_LATENCY, "row_accumulator": self.acc.latency}
+        return {"sequencer": self.sequencer.latency, **({"fold": self.fold} if self.fold else {}),
+                "reads": self.reads, "block_dot": self.dot.latency, "fifo": VALUE_FIFO_LATENCY,
+                "row_accumulator": self.acc.latency}
 
     def elaborate(self, platform):
         m = Module()
@@ -1044,7 +1118,9 @@ class GemvEngine(wiring.Component):
         m.submodules.bank = bank = self.bank
         m.submodules.block_dot = bdot = self.dot
         m.submodules.row_accumulator = acc = self.acc
-        m.submodules.residual_term = term = self.term
+        term = self.term
+        if cfg.sparse:
+            m.submodules.residual_term = term
         tag_shape = tag_layout(cfg)
         # tags beside the block dot unit (in at its input, out with its value); values to the ring
         m.submodules.tags = tags = fifo.SyncFIFOBuffered(width=tag_shape.size, depth=bdot.latency + 4)
@@ -1056,7 +1132,8 @@ class GemvEngine(wiring.Component):
         wiring.connect(m, wiring.flipped(self.w), seq.w)
         wiring.connect(m, wiring.flipped(self.layer), seq.layer)
         wiring.connect(m, wiring.flipped(self.sparse), seq.sparse)
-        wiring.connect(m, seq.entries, term.entries)
+        if cfg.sparse:
+            wiring.connect(m, seq.entries, term.entries)
         load = self.load.payload
         m.d.comb += [self.load.ready.eq(1), bank.write.valid.eq(self.load.valid), bank.write.payload.bank.eq(load.bank),
                      bank.write.payload.addr.eq(load.addr), bank.write.payload.data.hif.eq(load.data)]
@@ -1069,18 +1146,36 @@ class GemvEngine(wiring.Component):
         R, RX = self.read_latency, self.reads
         wb = (cfg.max_blocks - 1).bit_length()          # an x page's address bits
         front = stream.Signature(front_layout(cfg)).create(path=("front",))
-        ctl, out = output_pipeline(m, seq.latency + RX, front, g)
+        P = cfg.macs_per_cycle
+        ctl, out = output_pipeline(m, seq.latency + RX, front, P)
         en, en_lane = ctl.enable.en, ctl.enable.lane
-        m.d.comb += [ctl.valid.eq(seq.offer), seq.en.eq(en)]
         issue = seq.issue
+        codes = issue.block[H:]
+        if self.fold:
+            # folded: stage 0 holds its block for g / P enabled edges, one chunk of P codes going into
+            # the reads at each; the pipeline's valid chain counts chunks (a block's stay valid until
+            # its last), and the sequencer moves on only with the last
+            chunk = Signal(range(g // P), name="chunk")
+            last_chunk = Signal(name="last_chunk")
+            m.d.comb += last_chunk.eq(chunk == g // P - 1)
+            with m.If(en & issue.valid):
+                m.d.sync += chunk.eq(Mux(last_chunk, 0, chunk + 1))
+            leaves = Signal(name="leaves")        # stage 0 moves on: after its block's last chunk
+            m.d.comb += [leaves.eq(en & (last_chunk | ~issue.valid)), seq.en.eq(leaves),
+                         ctl.valid.eq(Mux(issue.valid & ~last_chunk, 1, seq.offer)),
+                         xbuf.read_chunk.eq(Mux(issue.valid, self.x_chunk(chunk), term.x_chunk))]
+            codes = codes[:g * k].word_select(chunk, P * k)
+        else:
+            leaves = en
+            m.d.comb += [ctl.valid.eq(seq.offer), seq.en.eq(en)]
         header = issue.block[:H]
         if self.mux is not None:
             m.submodules.mux = mux = self.mux
             m.d.comb += mux.select[0].eq(header[lay.select_position])
-        for j in range(g):
+        for j in range(P):
             m.d.comb += [bank.read_en[j].eq(en_lane[j]), bank.read_page[j].eq(self.table_page(issue.page)),
                          bank.read_bank[j].eq(mux.bank[j] if self.mux is not None else 0),
-                         bank.read_addr[j].eq(issue.block[H + j * k:][:k])]
+                         bank.read_addr[j].eq(codes[j * k:][:k])]
         drained = Signal(name="drained")      # no block past stage 0 (below)
         # the x buffer's one read port: a block's read, or (with no block in the engine) a residual
         # entry's. The front end reads on every enabled edge (stage 0 valid or not: its latch and output
@@ -1094,7 +1189,9 @@ class GemvEngine(wiring.Component):
                      term.x_data.eq(xbuf.read_data)]
         # the block's other fields wait for the reads
         sign = header[lay.sign_position] if lay.signed_scale else Const(0, 1)
-        side = delay(m, en, Cat(header[:lay.scale.bits], sign, issue.offset, issue.tag), RX, "front")
+        # (folded: the chunk's first / last flags after the offset, as chunk_layout has them)
+        flags = [chunk == 0, last_chunk] if self.fold else []
+        side = delay(m, en, Cat(header[:lay.scale.bits], sign, issue.offset, *flags, issue.tag), RX, "front")
         scale, rest = side[:lay.scale.bits], side[lay.scale.bits:]
         # the x word from the x buffer's output register (the block RAM's own) into one more register
         # (the block RAM sits apart from the lanes: the routing to them gets a cycle of its own), the
@@ -1108,16 +1205,20 @@ class GemvEngine(wiring.Component):
         # its two skid entries, fewer than its depth, so its w_rdy and r_rdy are left out of the
         # handshakes: front.ready is the block dot unit's enable copy, a register)
         blocks = bdot.blocks
+        # (folded: a tag per block, at its last chunk)
+        block_taken = blocks.valid & blocks.ready
+        if self.fold:
+            block_taken = block_taken & front.payload.block.last
         m.d.comb += [blocks.valid.eq(front.valid), front.ready.eq(blocks.ready),
                      blocks.payload.eq(front.payload.block),
-                     tags.w_en.eq(blocks.valid & blocks.ready), tags.w_data.eq(front.payload.tag)]
+                     tags.w_en.eq(block_taken), tags.w_data.eq(front.payload.tag)]
         # blocks taken and not yet out of the block dot unit: with none, residual entries may go (they
         # then reach the ring after every block value of their tile, and read x alone)
         block_in = bdot.values.valid & bdot.values.ready
         # (counted from the block's leaving stage 0, on registers: ``drained`` matters only while
         # the sequencer takes no block, and then a block is either in stage 0 or counted)
         inside = Signal(range(2 * (R + 1 + 2 + bdot.latency + 4)), name="blocks_inside")
-        m.d.sync += inside.eq(inside + (en & seq.issue.valid) - block_in)
+        m.d.sync += inside.eq(inside + (leaves & seq.issue.valid) - block_in)
         # (drained, a register: a cycle late, which is early enough for the entries, which wait for it)
         m.d.sync += drained.eq((inside == 0) & ~seq.issue.valid)
         m.d.comb += [seq.drained.eq(drained), seq.term_busy.eq(term.busy)]
@@ -1151,6 +1252,10 @@ class GemvEngine(wiring.Component):
     def x_address(self, col):
         """The x word a block reads: its block column (tests override it to inject a bug)."""
         return col
+
+    def x_chunk(self, chunk):
+        """Folded: the chunk of the x word a block's chunk reads, its own (tests override it)."""
+        return chunk
 
     def model(self, stream_: LayerStream, x) -> np.ndarray:
         return model(self.config, stream_, x)

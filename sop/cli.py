@@ -29,10 +29,12 @@
                                   one quantized layer through an FPGA board's decoder over its serial
                                   port (a stored layer's sparse residuals too: the board adds them),
                                   checked against golden/ (synth/host/bringup.py); --gemv: the layer's
-                                  y = W x on the board's GEMV engine (ULX3S only; sparse residuals
-                                  included) with a real MiniLM activation vector, bit-exact against
-                                  golden/dot.py, its error against float64 and the throughput
-                                  (synth/host/gemv_bringup.py); exit 0 when the board's result matches,
+                                  y = W x on the board's GEMV engine (the ULX3S core, or the
+                                  iCEBreaker's GEMV-only core icebreaker-gemv, which has no decoder nor
+                                  residual path; sparse residuals included on the ULX3S) with a real
+                                  MiniLM activation vector,
+                                  bit-exact against golden/dot.py, its error against float64 and the
+                                  throughput (synth/host/gemv_bringup.py); exit 0 when the board's result matches,
                                   1 on a mismatch or a board that does not answer, 2 on a usage error
 """
 
@@ -535,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("model", help="a model path, 'minilm', or a .sopq artifact (`sop quantize`; its stored "
                                  "layer, sparse residual entries included)")
     b.add_argument("--format", required=True, choices=board_points(),
-                   help="the format of the board's decoder (the boards of synth/gateware/board.py: sop4-g16)")
+                   help="the format of the board's decoder or GEMV engine (the boards of synth/gateware/board.py: "
+                        "sop4-g16)")
     b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")
     b.add_argument("--baud", type=_positive(int), default=115200, help="baud rate (default 115200)")
     b.add_argument("--timeout", type=_positive(float), default=1.0, metavar="S",
@@ -545,9 +548,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --gemv: the activation vector, (in,) float values E4M3 holds exactly (default: "
                         "MiniLM's real input to the layer for a token of a sentence, rounded to E4M3)")
     b.add_argument("--gemv", action="store_true",
-                   help="y = W x of the layer on the board's GEMV engine (ULX3S only: the iCEBreaker cannot hold "
-                        "it) with a real MiniLM activation vector, bit-exact against golden/dot.py, its error "
-                        "against float64 and the throughput; a layer's sparse residuals too (the engine adds them)")
+                   help="y = W x of the layer on the board's GEMV engine (the ULX3S core, or the iCEBreaker's "
+                        "GEMV-only core icebreaker-gemv: without --gemv a board without a decoder is refused) with a "
+                        "real MiniLM activation vector, bit-exact against golden/dot.py, its error against float64 "
+                        "and the throughput; a layer's sparse residuals too (the ULX3S's engine adds them; the iCEBreaker's "
+                        "has no residual path and refuses such a layer)")
     b.set_defaults(func=cmd_board)
     args = p.parse_args(argv)
     with signals_as_interrupts():

@@ -131,7 +131,8 @@ GEMV_ERRORS = ("w_before_x", "x_length", "x_nan", "layer", "sparse")
 
 @dataclass(frozen=True)
 class GemvStatus:
-    flags: int             # bit 0: x_loaded (a vector is loaded and its pass not done)
+    flags: int             # bit 0: x_loaded (a vector is loaded and its pass not done); bit 1: the engine
+                           # has no residual path (takes no GEMV_SPARSE: the iCEBreaker's GEMV core)
     errors: int            # the engine's sticky error bits (GEMV_ERRORS, LSB first); reset or CLEAR_FLAG
     group: int             # g: codes per x beat, MACs per block
     tile: int              # rows per tile of golden.dot.tile_order
@@ -146,6 +147,11 @@ class GemvStatus:
     @property
     def x_loaded(self) -> bool:
         return bool(self.flags & 1)
+
+    @property
+    def residuals(self) -> bool:
+        """The engine adds sparse residual entries (GEMV_SPARSE)."""
+        return not self.flags & 2
 
     def error_names(self) -> list[str]:
         return [name for i, name in enumerate(GEMV_ERRORS) if self.errors >> i & 1]

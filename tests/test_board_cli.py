@@ -9,6 +9,9 @@ replaced by that simulated board, or on a pseudo-terminal that nobody answers
 of the simulated board are in simulated seconds. The host's robustness on a
 hostile line (garbage forever, malformed replies, options that could hang it)
 is checked here through the CLI and in tests/test_host_robust.py below it.
+A core without a decoder (the iCEBreaker's GEMV-only ``icebreaker-gemv``,
+STATUS with 0 lanes) is refused a decode run in one line; the point check a GEMV
+run makes of its STATUS is the gateware's (tests/test_board_gemv.py runs it).
 """
 
 import functools
@@ -54,7 +57,7 @@ def sim_port(monkeypatch):
     return install
 
 
-@pytest.mark.parametrize("board", BOARDS)
+@pytest.mark.parametrize("board", [name for name, board in BOARDS.items() if board.decoder])
 def test_run_board_checks_a_real_minilm_layer_through_the_uart(board):
     name, stream = bringup.model_layer_stream("minilm", "sop4-g16", LAYER, rows=2)
     port, timeout = bringup.sim_board(board)
@@ -143,6 +146,40 @@ def test_the_status_the_engine_reports_passes_the_check(fmt, lanes):
     other = next(f for f in board_points() if f != fmt)
     with pytest.raises(bringup.BoardConfigError, match=f"does not match format {other}"):
         bringup.check_status(st, other)
+
+
+def test_a_board_without_a_decoder_is_refused_a_decode_run_with_one_line(monkeypatch, capsys):
+    """The simulated ``icebreaker-gemv`` core (UART pins; its STATUS says 0 lanes): `sop board` exits 1
+    with one ``sop board:`` line naming it, before anything is loaded."""
+    port, timeout = bringup.sim_board("icebreaker-gemv")
+    monkeypatch.setattr(client, "SerialTransport", lambda name, baud: port)
+    assert cli.main(board_args("sim", "--timeout", str(timeout))) == 1
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [f"sop board: {bringup.NO_DECODER}"] and "result" not in out
+    assert "no decoder (its STATUS reports 0 lanes)" in err and "sop board --gemv" in err
+
+
+@pytest.mark.parametrize("fmt", board_points())
+def test_a_status_without_a_decoder_passes_the_point_check_only(fmt):
+    """check_point (a GEMV run) takes what the gateware's STATUS says for a GEMV-only core of ``fmt``
+    (0 lanes, the engine's point), check_status (a decode run) refuses it; another point, or decoder
+    fields that are not 0, are refused."""
+    from sop.golden.points import get_point
+    from sop.hdl.gemv import GemvConfig
+
+    point = get_point(fmt)
+    engine = GemvConfig("probe", point.layout, point.hif, max_cols=2048, max_rows=16)
+    st = wire.Status(*protocol.status_bytes(engine, wire.DEFAULT_MAX_PAYLOAD)[:8], wire.DEFAULT_MAX_PAYLOAD, 0)
+    assert st.lanes == 0 and bringup.check_point(st, fmt) is None
+    with pytest.raises(bringup.BoardConfigError, match="this board has no decoder"):
+        bringup.check_status(st, fmt)
+    other = next(f for f in board_points() if f != fmt)
+    with pytest.raises(bringup.BoardConfigError, match=f"the board's point does not match format {other}"):
+        bringup.check_point(st, other)
+    with pytest.raises(bringup.BoardConfigError, match="beat_bytes 9 [(]needs 0[)]"):
+        bringup.check_point(replace(st, beat_bytes=9), fmt)
+    decoder = wire.Status(*protocol.status_bytes(bringup.format_config(fmt, 2), 256)[:8], 256, 0)
+    assert bringup.check_point(decoder, fmt) == bringup.check_status(decoder, fmt)     # with one: its check
 
 
 def test_a_board_that_never_answers_times_out_with_one_line(capsys):

@@ -17,6 +17,12 @@ when sent past it); the new commands' length checks and waits on the engine
 ending in STALLED (entries left in the queue dropped by GEMV_STATUS's clear); a
 board without the engine (the iCEBreaker's core) named as such; ``sop board
 --gemv``'s output and exit codes, a ``.sopq``'s default (sparse) layer included.
+
+The iCEBreaker's GEMV-only core (``icebreaker-gemv``: no decoder, its own engine
+configuration and y FIFO from synth/gateware/board.py): the same 17-row tile
+bit-exact on its protocol engine, a wrong y word in it caught, one row through
+its whole ``BoardCore`` (UART pins, ``sim_gemv_board(board=...)``), and ``sop
+board --gemv`` on it OK (a decode run, ``sop board``, is refused: tests/test_board_cli.py).
 """
 
 import re
@@ -46,12 +52,14 @@ FMT = "sop4-g16"
 PERIOD = 1e-6
 TIMEOUT = 3000 * PERIOD        # host timeout in simulated seconds: a frame and its reply, with room
 ULX3S = BOARDS["ulx3s"]
+ICE = BOARDS["icebreaker-gemv"]                 # the iCEBreaker's GEMV-only core
 
 
-def board_engine(port: GemvPort | None = None, **kw) -> ProtocolEngine:
-    """The ULX3S board's protocol engine: its decoder and GEMV engine (or ``port``, a broken one)."""
-    extra = {"gemv_port": port} if port is not None else {"gemv": ULX3S.gemv_config()}
-    return ProtocolEngine(ULX3S.config(), stall_cycles=2048, **extra, **kw)
+def board_engine(port: GemvPort | None = None, board=ULX3S, **kw) -> ProtocolEngine:
+    """A board's protocol engine (default the ULX3S's: its decoder and GEMV engine; ``icebreaker-gemv``:
+    its GEMV engine alone) with the board's engine and y FIFO, or ``port``, a broken one."""
+    extra = {"gemv_port": port} if port is not None else board.gemv_args()
+    return ProtocolEngine(board.config(), stall_cycles=2048, **extra, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +326,66 @@ def test_sop_board_gemv_takes_a_sopq_default_sparse_layer_and_catches_a_dropped_
     monkeypatch.setattr(BoardLink, "gemv_sparse", drops_one)
     assert cli.main(args) == 1
     assert "result: MISMATCH" in capsys.readouterr().out
+
+
+# -- the iCEBreaker's GEMV-only core (icebreaker-gemv: no decoder) ----------------------------------------
+@pytest.fixture(scope="module")
+def ice_board():
+    """One simulated ``icebreaker-gemv`` protocol engine on its byte streams, shared as ``board`` is."""
+    return stream_port(board_engine(board=ICE), period=PERIOD)
+
+
+def test_the_gemv_only_core_runs_a_real_minilm_tile_bit_exact(layer, ice_board):
+    """Its STATUS says no decoder (0 lanes) and the engine's point; the layer-0 query's first tile
+    (17 rows) is bit-exact against golden.dot.gemv with the board's engine configuration."""
+    name, stream, _, codes, source = layer
+    result = on(ice_board, stream, codes, name=name, x_source=source)
+    assert result.ok, "\n".join(result.lines())
+    assert result.got.tolist() == golden_y(stream, codes).tolist()
+    assert (result.status.lanes, result.status.code_bits, result.status.group) == (0, 4, 16)
+    en = result.engine
+    assert (en.max_cols, en.max_rows, en.y_depth) == (ICE.gemv_cols, ICE.gemv_rows, ICE.gemv_y_depth)
+    assert en.blocks == stream.rows * stream.cols // 16 and not en.x_loaded and en.y_waiting == 0
+    assert "17 of 17 y words bit-exact" in "\n".join(result.lines())
+
+
+def test_a_wrong_y_word_of_the_gemv_only_core_is_caught(layer):
+    name, _, row, codes, _ = layer
+    wrong = run(board_engine(WrongWord(ICE.gemv_config(), y_depth=ICE.gemv_y_depth), board=ICE), row, codes,
+                name=name)
+    assert not wrong.ok and not wrong.exact and "MISMATCH" in "\n".join(wrong.lines())
+
+
+def test_the_gemv_only_core_through_its_uart_pins(layer):
+    """``sim_gemv_board(board="icebreaker-gemv")``: the whole core (UARTs, FIFOs, engine), one row."""
+    name, _, row, codes, _ = layer
+    port, timeout = gemv_bringup.sim_gemv_board(board="icebreaker-gemv")
+    result = gemv_bringup.run_gemv(port, row, codes, FMT, name=name, timeout=timeout, clock=port.now)
+    assert result.ok, "\n".join(result.lines())
+    assert result.status.lanes == 0 and result.engine.y_depth == ICE.gemv_y_depth
+    with pytest.raises(ValueError, match="board 'icebreaker' has no GEMV engine; boards with one: ulx3s, "
+                                         "icebreaker-gemv"):
+        gemv_bringup.sim_gemv_board(board="icebreaker")
+
+
+def test_sop_board_gemv_runs_on_the_gemv_only_core(monkeypatch, capsys, ice_board):
+    """`sop board --gemv` takes a board without a decoder (tests/test_board_cli.py: `sop board` refuses it)."""
+    assert cli_board(monkeypatch, ice_board) == 0
+    assert "result: OK: 1 of 1 y words bit-exact" in capsys.readouterr().out
+
+
+def test_the_gemv_only_core_has_no_residual_path_and_the_host_says_so(sparse_layer, layer, ice_board, board):
+    """Its engine has no residual path (the UP5K's room): GEMV_STATUS flags bit 1 says so (the ULX3S's
+    does not set it), the host refuses a layer with sparse entries in one line before the layer is
+    sent, and GEMV_SPARSE is UNKNOWN_CMD; a layer without them still runs (the first test above)."""
+    name, stream, codes = sparse_layer
+    with pytest.raises(gemv_bringup.BoardConfigError, match=r"has \d+ sparse residual entries and the board's "
+                                                            r"GEMV engine has no residual path") as err:
+        on(ice_board, stream, codes, name=name)
+    assert "\n" not in str(err.value)
+    link = BoardLink(ice_board, timeout=1.0)
+    assert not link.gemv_status().residuals and BoardLink(board, timeout=1.0).gemv_status().residuals
+    with pytest.raises(BoardError, match="UNKNOWN_CMD"):
+        link.gemv_sparse([(0, 0, 0x3F80, 1)])
+    lname, _, row, lcodes, _ = layer
+    assert on(ice_board, row, lcodes, name=lname).ok             # the board is left usable

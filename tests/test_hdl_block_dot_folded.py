@@ -253,3 +253,88 @@ def test_the_accumulator_is_goldens_width_and_the_tail_blockdots():
     wide = block_dot.BlockDot(SOP4.layout, HIF)
     assert dut.nq == wide.nq
     wide._MustUse__silence = dut._MustUse__silence = True
+
+
+# -- chunked input (the GEMV engine's folded front end: P codes a transfer) -----------------------------------
+
+def chunk_words(dut: BlockDotFolded, hif, act, scale, sign, offset) -> list[int]:
+    """Each block as ``g/P`` chunk payloads (``block_dot_folded.chunk_layout``), in order."""
+    lay = dut.blocks.payload.shape()
+    P, n = dut.lanes, dut.cycles_per_block
+    return [lay.const({"hif": [int(h) for h in hif[b][c * P:(c + 1) * P]],
+                       "act": [int(a) for a in act[b][c * P:(c + 1) * P]], "scale": int(scale[b]),
+                       "sign": int(sign[b]), "offset": int(offset[b]), "first": int(c == 0),
+                       "last": int(c == n - 1)}).as_value().value & ((1 << lay.size) - 1)
+            for b in range(len(scale)) for c in range(n)]
+
+
+def run_chunked(dut: BlockDotFolded, blocks, *, seed=0, p_gap=0.3, p_stall=0.3):
+    """Stream the chunks through ``dut``: before each chunk a gap of 1 to 3 cycles with probability
+    ``p_gap`` (inside a block and between blocks), output stalls. Returns the values and the cycle
+    each chunk was taken."""
+    words = chunk_words(dut, *blocks)
+    n_blocks = len(blocks[2])
+    rng = np.random.default_rng(seed)
+    got, taken = [], []
+
+    async def bench(ctx):
+        sent, cycle, start = 0, 0, 0
+        limit = 4 * len(words) + 4 * dut.latency + 200
+        while len(got) < n_blocks:
+            assert cycle < limit, "the unit stopped"
+            offer = sent < len(words) and cycle >= start
+            ctx.set(dut.blocks.valid, int(offer))
+            if offer:
+                ctx.set(dut.blocks.payload.as_value(), words[sent])
+            ctx.set(dut.values.ready, int(rng.random() >= p_stall))
+            if offer and ctx.get(dut.blocks.ready):
+                sent += 1
+                taken.append(cycle)
+                start = cycle + 1 + (int(rng.integers(1, 4)) if rng.random() < p_gap else 0)
+            if ctx.get(dut.values.valid) and ctx.get(dut.values.ready):
+                got.append(ctx.get(dut.values.payload))
+            await ctx.tick()
+            cycle += 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    return np.array(got, np.uint32), np.array(taken)
+
+
+@pytest.mark.parametrize("lanes,tail", [(1, "serial"), (4, "pipelined")])
+def test_chunked_input_bit_exact_with_gaps_inside_blocks(lanes, tail):
+    """``chunked=True``: the random blocks (every result class) as chunks, with gaps inside blocks and
+    between them and output stalls: each value bit for bit; back to back a chunk a cycle."""
+    rng = np.random.default_rng(57 + lanes)
+    blocks = random_blocks(SOP4.layout, HIF, rng, 120)
+    want = model(SOP4.layout, HIF, *blocks)
+    dut = BlockDotFolded(SOP4.layout, HIF, lanes=lanes, tail=tail, chunked=True)
+    assert dut.latency == dut.depth and dut.blocks.payload.shape() == block_dot_folded.chunk_layout(
+        HIF, dut.act, SOP4.layout, lanes)
+    got, taken = run_chunked(dut, blocks, seed=lanes)
+    np.testing.assert_array_equal(got, want)
+    got, taken = run_chunked(BlockDotFolded(SOP4.layout, HIF, lanes=lanes, tail=tail, chunked=True), blocks,
+                             seed=lanes, p_gap=0, p_stall=0)
+    np.testing.assert_array_equal(got, want)
+    assert (np.diff(taken) == 1).all()
+
+
+class CountsGaps(BlockDotFolded):
+    """Adds the chunk sum on every enabled cycle, as the whole-block fold may: a gap inside a block
+    adds a stale chunk."""
+
+    def chunk_in(self, m, en0, first0, last0):
+        codes, hdr_en, _ = super().chunk_in(m, en0, first0, last0)
+        return codes, hdr_en, None
+
+
+def test_gaps_inside_blocks_catch_an_ungated_accumulator():
+    rng = np.random.default_rng(58)
+    blocks = random_blocks(SOP4.layout, HIF, rng, 60)
+    want = model(SOP4.layout, HIF, *blocks)
+    got, _ = run_chunked(CountsGaps(SOP4.layout, HIF, lanes=4, chunked=True), blocks, seed=2)
+    assert (got != want).any()
+    got, _ = run_chunked(CountsGaps(SOP4.layout, HIF, lanes=4, chunked=True), blocks, seed=2, p_gap=0)
+    np.testing.assert_array_equal(got, want)             # without gaps it is right: the gaps catch it

@@ -708,6 +708,21 @@ def test_the_checks_catch_a_broken_engine(build, two_layers):
     assert rows_wrong(build(config()), two_layers) > 0
 
 
+class NextXChunk(GemvEngine):
+    """Folded: a block's chunk c reads the activations of chunk c + 1 (mod g / P)."""
+
+    def x_chunk(self, chunk):
+        return chunk + 1
+
+
+@pytest.mark.parametrize("build", [NextXChunk, WrongXWord, lambda c: GemvEngine(c, mux=mutants.InvertedSelect),
+                                   lambda c: GemvEngine(c, bank=mutants.FlippedLutBit)],
+                         ids=["next-x-chunk", "wrong-x-word", "inverted-select", "flipped-lut-bit"])
+def test_the_checks_catch_a_broken_folded_front_end(build, two_layers):
+    """The folded front end (P = 4: a chunk of codes a cycle, P table copies) under the same checks."""
+    assert rows_wrong(build(config(dot_lanes=4)), two_layers) > 0
+
+
 def test_the_checks_catch_a_block_order_that_reverses_rows(two_layers):
     cfg = config()
     jobs = [Job(j.layer, j.x, reversed_rows(j.layer.rows, j.layer.cols // 16, cfg.tile)) for j in two_layers]
@@ -745,36 +760,78 @@ def test_bad_activation_formats_are_refused_in_one_line():
 
 # -- a folded block dot unit (GemvConfig.dot_lanes, hdl.block_dot_folded) ----------------------------------------
 
-@pytest.mark.parametrize("lanes,tail", [(4, "pipelined"), (1, "serial")])
-def test_engine_with_a_folded_block_dot_unit(lanes, tail):
-    """``dot_lanes`` P: bit-exact on random layers with residual entries and a table swap under idles and
-    stalls; with nothing idle, a block every ``g / P`` cycles once the front end is full, the same
-    count as the blocks (no further bubbles) and the last row's y ``latency`` cycles after its last block."""
+@pytest.mark.parametrize("lanes,tail,acc", [(4, "pipelined", {}), (1, "serial", {}),
+                                            (1, "serial", {"acc_adder": "compact", "tile": 4})])
+def test_engine_with_a_folded_block_dot_unit(lanes, tail, acc):
+    """``dot_lanes`` P: the front end folded too (a chunk of P codes a cycle, P table copies, a chunk of
+    the x word), bit-exact on random layers with residual entries and a table swap under idles and
+    stalls; with nothing idle exactly one block every ``g / P`` cycles, from the first block on, the next
+    vector's first block ``g / P`` cycles after the last, and the last row's y ``latency`` cycles after
+    its last block, plus at most the ring's wait for its slot (values come every ``g / P`` cycles).
+    The last case is the iCEBreaker's engine: the compact FP32 adder, tiles of 4 rows."""
     rng = np.random.default_rng(31)
-    cfg = config(dot_lanes=lanes, dot_tail=tail)
+    cfg = config(dot_lanes=lanes, dot_tail=tail, **acc)
     dut = GemvEngine(cfg)
-    assert isinstance(dut.dot, BlockDotFolded) and cfg.macs_per_cycle == lanes
+    assert isinstance(dut.dot, BlockDotFolded) and dut.dot.chunked and cfg.macs_per_cycle == lanes
+    assert dut.bank.lanes == lanes and len(dut.x_buffer.read_data) == 8 * lanes
     assert cfg.describe()["dot_lanes"] == lanes and "dot_lanes" not in config().describe()
+    assert dut.latencies()["fold"] == 16 // lanes - 1
     jobs = [Job(with_residuals(random_layer(SOP4, 20, 32, rng), rng, 12), act_vectors(rng, 2, 32)),
             Job(random_layer(SOP4, 6, 48, rng), act_vectors(rng, 1, 48))]
     check(dut, jobs, seed=3)
     step = SOP4.layout.group // lanes
-    w, y = pass_cycles(GemvEngine(cfg), 34, 64, 1)
-    n, span = w.shape[1], w[0, -1] - w[0, 0] + 1
-    # the front end (stage 0, the reads, its skid entries) takes its first few blocks at once, then one
-    # every g / P cycles on average (in pairs: its two skid entries), never faster
-    ahead = 8
-    assert (n - ahead) * step <= span <= n * step, (span, n, step)
-    taken = np.arange(1, n + 1)
-    assert (taken <= (w[0] - w[0, 0]) // step + ahead).all(), np.diff(w[0])
-    assert dut.latency < y[0, -1] - w[0, -1] <= dut.latency + ahead * step, (y[0, -1] - w[0, -1], dut.latency)
+    w, y = pass_cycles(GemvEngine(cfg), 34, 64, 2)
+    assert (np.diff(w, axis=1) == step).all() and w[1, 0] - w[0, -1] == step, np.diff(w)
+    late = y[:, -1] - w[:, -1] - dut.latency
+    assert ((0 <= late) & (late < cfg.tile)).all(), (late, dut.latency)
+
+
+def test_engine_without_the_residual_path():
+    """``sparse=False`` (the iCEBreaker's engine: folded, the compact adder, no residual path): no term
+    unit; bit-exact on layers without residual entries and a table swap under idles and stalls; a layer
+    written with ``sparse`` set is the ``layer`` error (on an engine with the path the same write is
+    not), and its blocks wait (no pass starts with the error set: the host has cleared nothing)."""
+    rng = np.random.default_rng(44)
+    cfg = config(dot_lanes=1, dot_tail="serial", acc_adder="compact", tile=4, sparse=False)
+    dut = GemvEngine(cfg)
+    assert cfg.describe()["sparse"] is False and "sparse" not in config().describe()
+    assert not isinstance(dut.term, ResidualTerm)
+    check(dut, [Job(random_layer(SOP4, 10, 32, rng), act_vectors(rng, 2, 32)),
+                Job(random_layer(SOP4, 5, 48, rng), act_vectors(rng, 1, 48))], seed=5)
+
+    def layer_error(engine):
+        seen = []
+
+        async def bench(ctx):
+            lw = engine.layer.payload
+            ctx.set(lw.rows, 3)
+            ctx.set(lw.blocks_per_row, 2)
+            ctx.set(lw.sparse, 1)
+            ctx.set(engine.layer.valid, 1)
+            await ctx.tick()
+            ctx.set(engine.layer.valid, 0)
+            await ctx.tick().repeat(3)
+            seen.append(ctx.get(engine.status.as_value()))
+
+        sim = Simulator(engine)
+        sim.add_clock(1e-8)
+        sim.add_testbench(bench)
+        sim.run()
+        return seen[0]
+
+    assert layer_error(GemvEngine(cfg)) == ERR["layer"]
+    assert layer_error(GemvEngine(config(dot_lanes=1, dot_tail="serial"))) == 0
 
 
 def test_folded_engine_configs_are_checked():
-    """``dot_lanes`` a power of two below g, E4M3 only; ``dot_tail`` 'serial' only with it: one line each."""
+    """``dot_lanes`` a power of two below g, E4M3 only; ``dot_tail`` 'serial' only with it; ``acc_adder`` and the
+    tile it allows: one line each."""
     for kw, words in [(dict(dot_lanes=3), "dot_lanes must be 0"), (dict(dot_lanes=16), "dot_lanes must be 0"),
                       (dict(dot_lanes=4, act="bf16"), "E4M3 activations only"),
-                      (dict(dot_tail="serial"), "dot_tail must be"), (dict(dot_lanes=4, dot_tail="x"), "dot_tail must be")]:
+                      (dict(dot_tail="serial"), "dot_tail must be"), (dict(dot_lanes=4, dot_tail="x"), "dot_tail must be"),
+                      (dict(acc_adder="x"), "acc_adder must be one of 'full', 'compact'"),
+                      (dict(acc_adder="compact", tile=3), "tile must be at least 4 rows"),
+                      (dict(tile=16), "tile must be at least 17 rows")]:
         with pytest.raises(ValueError, match=words) as err:
             config(**kw)
         assert "\n" not in str(err.value)

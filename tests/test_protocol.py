@@ -1,6 +1,10 @@
 """The board protocol end to end: synth/host/client.py's BoardLink driving synth/gateware/protocol.py
 (+ the decoder) in amaranth.sim.
 
+Also the engine without a decoder (the iCEBreaker's GEMV-only core, ``icebreaker-gemv``): its STATUS
+(0 lanes, the engine's point), every decoder command answered UNKNOWN_CMD, and its top prepared for
+the iCEBreaker; its GEMV runs are tests/test_board_gemv.py's.
+
 The host code is the one a real board uses; its transport here is a byte
 queue bridged into the simulation (synth/gateware/simboard.py's ``SimSerial``), either
 straight onto the engine's byte streams (most tests: one byte per cycle) or
@@ -205,9 +209,10 @@ def test_end_to_end_through_the_uart_pins():
 # -- board tops --------------------------------------------------------------------------
 PINS = {"icebreaker": ("set_io uart_0__rx__io 6", "set_io uart_0__tx__io 9"),
         "ulx3s": ('LOCATE COMP "uart_0__rx__io" SITE "M1"', 'LOCATE COMP "uart_0__tx__io" SITE "L4"')}
+DECODER_BOARDS = [name for name, board in BOARDS.items() if board.decoder]     # icebreaker, ulx3s
 
 
-@pytest.mark.parametrize("board", BOARDS)
+@pytest.mark.parametrize("board", DECODER_BOARDS)
 def test_board_tops_prepare_for_their_platforms(board):
     """The top elaborates against the platform (clock, UART and LED resources) and yields a build plan."""
     plan = elaborate_for(board)
@@ -217,6 +222,65 @@ def test_board_tops_prepare_for_their_platforms(board):
     rtlil = plan.files[f"sop_{board}.il"]
     assert "decoder" in rtlil and "uart_rx" in rtlil and "uart_tx" in rtlil
     assert BOARDS[board].config().lanes == {"icebreaker": 2, "ulx3s": 8}[board]
+
+
+def test_the_gemv_only_top_prepares_for_the_icebreaker():
+    """``icebreaker-gemv``: the iCEBreaker's pins, the UART and the GEMV engine, nothing of the decoder
+    (no decoder, values CRC or sparse queue) and no residual path (no term unit, no entry queue: the
+    UP5K's room); its engine (folded, the compact adder) and y FIFO are the board entry's."""
+    board = BOARDS["icebreaker-gemv"]
+    assert (board.kit, board.decoder, board.config(), board.top_name) == ("icebreaker", False, None,
+                                                                           "sop_icebreaker_gemv")
+    plan = elaborate_for("icebreaker-gemv")
+    constraints = plan.files["sop_icebreaker_gemv.pcf"]
+    for pin in PINS["icebreaker"]:
+        assert pin in constraints
+    rtlil = plan.files["sop_icebreaker_gemv.il"]
+    assert "uart_rx" in rtlil and "uart_tx" in rtlil and "y_fifo" in rtlil and "block_dot" in rtlil
+    for part in ("decoder", "v_crc", "sparse_queue", "modb", "entry_queue", "residual_term"):
+        assert part not in rtlil, part
+    gemv = board.gemv_config()
+    assert (gemv.max_cols, gemv.max_rows, gemv.dot_lanes, gemv.dot_tail, gemv.acc_adder, gemv.tile,
+            gemv.sparse) == (2048, 1536, 1, "serial", "compact", 4, False)
+    assert board.gemv_args() == {"gemv": gemv, "gemv_y_depth": 384}      # (GEMV_STATUS reports it: below)
+    with pytest.raises(ValueError, match="board icebreaker-gemv has no decoder: residual adders"):
+        board.config(1)
+
+
+# -- an engine without the decoder (the iCEBreaker's GEMV-only core) -----------------------------
+@pytest.fixture(scope="module")
+def gemv_only_link():
+    """The host on the byte streams of ``icebreaker-gemv``'s protocol engine (no decoder, its GEMV engine)."""
+    return stream_link(ProtocolEngine(None, max_payload=MAX_PAYLOAD, gap_cycles=GAP,
+                                      **BOARDS["icebreaker-gemv"].gemv_args()))
+
+
+def test_a_core_without_the_decoder_answers_its_commands_unknown_cmd(gemv_only_link):
+    """Every decoder command (well-formed for a decoder) gets UNKNOWN_CMD and executes nothing, and so
+    does GEMV_SPARSE (this engine has no residual path); STATUS says 0 lanes (no decoder) with the
+    engine's point, and counts the error replies; GEMV_STATUS answers."""
+    link = gemv_only_link
+    before = link.status()
+    assert (before.version, before.lanes, before.code_bits, before.group, before.beat_bytes, before.lane_bytes,
+            before.hif_bits, before.banks, before.max_payload) == (wire.PROTOCOL_VERSION, 0, 4, 16, 0, 0, 10, 2,
+                                                                    MAX_PAYLOAD)
+    decoder_commands = [(Cmd.LOAD, bytes(3)), (Cmd.OFFSET, b"\x00"), (Cmd.OFFSET, bytes([0, 1])),
+                        (Cmd.BLOCKS, bytes(1 + 9)), (Cmd.CHECKSUM, b""), (Cmd.CHECKSUM, b"\x01"),
+                        (Cmd.SPARSE, b"\x01" + bytes(6)), (Cmd.SPARSE_STATUS, b""),
+                        (Cmd.GEMV_SPARSE, bytes(struct.calcsize(wire.GEMV_ENTRY_FORMAT)))]
+    for cmd, payload in decoder_commands:
+        with pytest.raises(BoardError, match=f"UNKNOWN_CMD .frame command {cmd:#04x}. to {cmd.name}") as err:
+            link.command(cmd, payload)
+        assert (err.value.code, err.value.cmd) == (Err.UNKNOWN_CMD, cmd)
+    assert link.status().errors == before.errors + len(decoder_commands)
+    assert link.gemv_status().group == 16 and link.gemv_status().y_depth == 384
+
+
+def test_an_engine_without_the_decoder_needs_the_gemv_engine():
+    with pytest.raises(ValueError, match="without a decoder .config None. needs the GEMV engine"):
+        ProtocolEngine(None)
+    with pytest.raises(ValueError, match="and takes no decoder"):
+        ProtocolEngine(None, decoder=object(), gemv=BOARDS["icebreaker-gemv"].gemv_config())
 
 
 # -- sparse residuals (a decoder with the residual path) ----------------------------------------

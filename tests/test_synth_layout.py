@@ -173,7 +173,7 @@ def test_the_makefile_and_cli_name_modules_that_exist():
 
 @pytest.mark.parametrize("argv, code, text", [
     (["-m", "sop.synth", "--config", "nope"], 2, "configurations"),
-    (["-m", "sop.synth.flow.bitstream"], 2, "usage: python -m sop.synth.flow.bitstream {icebreaker|ulx3s}"),
+    (["-m", "sop.synth.flow.bitstream"], 2, "usage: python -m sop.synth.flow.bitstream {icebreaker|ulx3s|icebreaker-gemv}"),
     (["-m", "sop.synth.host.bringup", "--help"], 0, "--sim"),
     (["-m", "sop.synth.host.gemv_bringup", "--help"], 0, "--sim"),
 ])

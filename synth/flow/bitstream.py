@@ -1,6 +1,6 @@
 """`make bitstream`: a board's bitstream with the yowasp tools, nothing programmed.
 
-    python -m sop.synth.flow.bitstream icebreaker|ulx3s [--residuals R] [--out DIR]
+    python -m sop.synth.flow.bitstream icebreaker|ulx3s|icebreaker-gemv [--residuals R] [--out DIR]
 
 ``build(board, residuals=)`` synthesizes, places and routes the board top
 (synth/gateware/board.py, ``BoardTop``; ``residuals``: the decoder's residual
@@ -11,7 +11,11 @@ path) through the board's Amaranth platform
 register copies are kept apart (hdl.replica's ``YOSYS_KEEP``); the ULX3S maps
 its LUTs with classic ABC (``ECP5_CLASSIC_LUT_MAP``, shared with
 synth/flow/yosys_nextpnr.py). The ULX3S top holds the GEMV engine beside the
-decoder (synth/gateware/board.py, ``Board.gemv``); the iCEBreaker's cannot.
+decoder (synth/gateware/board.py, ``Board.gemv``); the iCEBreaker has two
+cores, ``icebreaker`` (the decoder) and ``icebreaker-gemv`` (the GEMV engine
+without the decoder, which takes no ``--residuals``; its fit on the iCE40UP5K
+is being worked on). A board's files are named after ``Board.top_name``
+(``sop_icebreaker_gemv``: '-' as '_').
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from sop.synth.gateware.board import BOARDS, BoardTop
 
 from .yosys_nextpnr import ECP5_CLASSIC_LUT_MAP
 
+#: Yosys honours a memory's ``no_rw_check`` attribute (hdl.lut_bank, the folded engine's x buffer:
+#: a read and a write never meet at one address) when it reads Verilog, not from Amaranth's RTLIL,
+#: where each read port says "old data on a collision" (``COLLISION_X_MASK`` 0) and synthesis builds
+#: that behaviour around every block RAM: a register of the word and the write address, a mux per
+#: bit (278 flip-flops and 131 LUT4 on the folded engine's x buffer). After ``proc``, the memories
+#: are collected and those marked get "a collision reads X", the attribute's contract. Each marked
+#: memory has one read port and one write port (a one-bit mask).
+YOSYS_NO_RW_CHECK = ("memory_collect", "setparam -set RD_COLLISION_X_MASK 1'1 a:no_rw_check t:$mem_v2 %i")
+
 
 def build(board: str, build_dir: str | os.PathLike | None = None, residuals: int | None = None):
     """Synthesize, place and route the board top with the yowasp tools; no programming."""
@@ -35,22 +48,24 @@ def build(board: str, build_dir: str | os.PathLike | None = None, residuals: int
     env = toolenv.apply()
     env.setdefault("OPENFPGALOADER", "true")          # the ULX3S plan names it even without programming
     build_dir = Path(build_dir) if build_dir else toolenv.build_root() / "bitstream" / board
+    top = BoardTop(board, residuals)            # a core without a decoder refuses residuals here, before the tools
     platform = BOARDS[board].platform()
-    overrides = {"script_after_read": "\n".join(YOSYS_KEEP)}
-    if board == "ulx3s":
+    name = BOARDS[board].top_name
+    overrides = {"script_after_read": "\n".join(YOSYS_KEEP + YOSYS_NO_RW_CHECK)}
+    if BOARDS[board].kit == "ulx3s":
         # Yosys 0.70's ABC9 LUT mapping for ECP5 fails an internal assertion on this design
         # (ABC_OPS_REINTEGRATE, rtlil.cc:3091): synth_ecp5 runs up to its LUT mapping, classic
         # ABC maps the LUTs, and synth_ecp5 finishes from its cell mapping (as the ``ecp5``
         # target's fallback in yosys_nextpnr.py does).
         overrides["synth_opts"] = "-run begin:map_luts"
         overrides["script_after_synth"] = "\n".join(ECP5_CLASSIC_LUT_MAP + (
-            f"synth_ecp5 -top sop_{board} -run map_cells:",))
-    return platform.build(BoardTop(board, residuals), name=f"sop_{board}", build_dir=str(build_dir), do_program=False,
-                          **overrides)
+            f"synth_ecp5 -top {name} -run map_cells:",))
+    return platform.build(top, name=name, build_dir=str(build_dir), do_program=False, **overrides)
 
 
 def main(argv=None) -> int:
-    """``python -m sop.synth.flow.bitstream icebreaker|ulx3s [--residuals R] [--out DIR]``: one board's bitstream."""
+    """``python -m sop.synth.flow.bitstream BOARD [--residuals R] [--out DIR]``: one board's bitstream
+    (BOARD: a name of synth/gateware/board.py's ``BOARDS``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     opts = dict(zip(args[1::2], args[2::2]))
     usage = (f"usage: python -m sop.synth.flow.bitstream {{{'|'.join(BOARDS)}}} [--residuals 0|1|2] [--out DIR]"
@@ -60,6 +75,9 @@ def main(argv=None) -> int:
         print(usage, file=sys.stderr)
         return 2
     residuals = int(opts["--residuals"]) if "--residuals" in opts else None
+    if residuals is not None and not BOARDS[args[0]].decoder:
+        print(f"bitstream: board {args[0]} has no decoder: --residuals does not apply", file=sys.stderr)
+        return 2
     build(args[0], opts.get("--out"), residuals)
     print(f"bitstream in {opts.get('--out') or Path('build', 'bitstream', args[0])}/")
     return 0

@@ -1,4 +1,4 @@
-"""Board tops: the decoder behind the serial protocol, on an iCEBreaker or a ULX3S.
+"""Board tops: the decoder and/or the GEMV engine behind the serial protocol, on an iCEBreaker or a ULX3S.
 
 ``BoardCore`` is the board-independent part, simulated end to end by
 tests/test_protocol.py::
@@ -12,8 +12,9 @@ the line); the byte-gap timeout of the engine is ``gap_s`` seconds.
 
 ``BoardTop(board)`` requests the platform's default clock (the ``sync``
 domain, created by the platform) and ``uart`` 0, and runs ``BoardCore`` with
-the board's decoder configuration (``BOARDS``): 2 lanes on the iCE40UP5K of
-the iCEBreaker, 8 on the ECP5-85F of the ULX3S, both sop4-g16 with BF16
+the board's configuration (``BOARDS``, each core one entry, its FPGA board
+``Board.kit``): the decoder with 2 lanes on the iCE40UP5K of the iCEBreaker
+(``icebreaker``), 8 on the ECP5-85F of the ULX3S (``ulx3s``), both sop4-g16 with BF16
 output and the sparse-residual path (R = 1 residual adder: the point's
 ``-sp`` configuration of ``hdl.config.residual_configs`` with the board's
 lanes; ``residuals=0`` builds the decoder without it, as before), 115200 Bd.
@@ -21,12 +22,27 @@ lanes; ``residuals=0`` builds the decoder without it, as before), 115200 Bd.
 (no toolchain). The bitstream build (yowasp tools) is synth/flow/bitstream.py's.
 
 The GEMV engine (hdl/gemv.py, the GEMV_* commands through
-synth/gateware/gemv_port.py) is in the ULX3S core only: ``Board.gemv`` sizes it
-for MiniLM (``gemv_config``: the board's point, ``max_cols`` 2048, ``max_rows``
-1536, a y FIFO of 1536 words). The iCEBreaker does not get it: the engine's 16
-BlockDot lanes need about 12,300 LC and 55 RAM40 of an iCE40UP5K's 5,280 LC and
-30 RAM40, so it cannot fit; that core answers the GEMV_* commands UNKNOWN_CMD
-(docs/board-protocol.md, "GEMV").
+synth/gateware/gemv_port.py) is in two cores (``Board.gemv``), sized for MiniLM
+(``gemv_config``: the board's point, ``max_cols`` 2048, ``max_rows`` 1536, a y
+FIFO of ``gemv_y_depth`` words, default ``max_rows``):
+
+* ``ulx3s``: beside the decoder, the full engine (16 BlockDot lanes);
+* ``icebreaker-gemv``: the iCEBreaker's second core, the GEMV engine **without
+  the decoder** (``lanes`` 0: ``Board.decoder`` is false), as the iCE40UP5K
+  (5,280 LC, 30 RAM40) cannot hold both: the full engine needs about 12,300 LC
+  and 55 RAM40. Its engine (``gemv_options``) is the folded one (hdl.gemv's
+  ``dot_lanes`` 1, serial tail: 1 MAC a cycle, the front end in chunks), with
+  the compact FP32 adder (tiles of 4 rows) and no residual path (``sparse``
+  False: the term unit and entry queue do not fit beside the rest); its y FIFO
+  ``gemv_y_depth`` 384 words (4 RAM40; 1536 would take 12). It builds at 5155
+  of 5280 LC, 20 of 30 RAM40, 22.8 MHz (docs/board-protocol.md, "Boards"). Its
+  decoder commands and GEMV_SPARSE answer UNKNOWN_CMD and its STATUS reports 0
+  lanes (docs/board-protocol.md, "GEMV").
+
+The iCEBreaker's decoder core (``icebreaker``) has no GEMV engine: it answers
+the GEMV_* commands UNKNOWN_CMD. An iCEBreaker runs one core at a time: the
+bitstream loaded (``make bitstream BOARD=icebreaker`` or ``BOARD=icebreaker-gemv``)
+chooses which.
 """
 
 
@@ -46,11 +62,14 @@ from .uart import UartRx, UartTx
 
 
 class BoardCore(wiring.Component):
+    """UARTs, FIFOs and the ``ProtocolEngine`` (module docstring); ``config`` None: no decoder (a
+    GEMV-only core: ``engine_args`` then give the GEMV engine)."""
+
     rx: In(1, init=1)
     tx: Out(1, init=1)
     activity: Out(1)
 
-    def __init__(self, config: DecoderConfig, *, clk_freq: float, baud: float, gap_s: float = 0.01,
+    def __init__(self, config: DecoderConfig | None, *, clk_freq: float, baud: float, gap_s: float = 0.01,
                  gap_cycles: int | None = None, rx_fifo: int = 64, tx_fifo: int = 32, **engine_args):
         self.config, self.clk_freq, self.baud = config, clk_freq, baud
         gap = gap_cycles if gap_cycles is not None else max(1, round(gap_s * clk_freq))
@@ -77,27 +96,57 @@ class BoardCore(wiring.Component):
         return m
 
 
+KITS = ("icebreaker", "ulx3s")          # the FPGA boards (amaranth-boards platforms) the cores run on
+
+
 @dataclass(frozen=True)
 class Board:
+    """One core (a bitstream) for one FPGA board: its decoder, its GEMV engine, or both."""
+
     name: str
-    lanes: int
+    lanes: int                          # the decoder's lanes; 0: no decoder (a GEMV-only core)
     baud: int = 115200
     activity_led: bool = True
-    point: str = "sop4-g16"             # the operating point of its decoder (golden/points.py)
+    point: str = "sop4-g16"             # the operating point of its decoder and GEMV engine (golden/points.py)
     residuals: int = 1                  # residual adders of its decoder (0: no sparse-residual path)
-    gemv: bool = False                  # the GEMV engine beside the decoder (GEMV_* commands)
+    gemv: bool = False                  # the GEMV engine (GEMV_* commands)
     gemv_cols: int = 2048               # its largest layer: MiniLM's widest input (1536) rounded up to 16 * 2^k
-    gemv_rows: int = 1536               # ... and MiniLM's most rows (the intermediate layers); the y FIFO's words
+    gemv_rows: int = 1536               # ... and MiniLM's most rows (the intermediate layers)
+    gemv_y_depth: int | None = None     # the y FIFO's words (32 bits each; None: gemv_rows, a whole layer)
+    gemv_options: tuple[tuple[str, object], ...] = ()   # more hdl.gemv.GemvConfig fields: (name, value) pairs
+    kit: str = ""                       # the FPGA board (KITS; default: the name)
+
+    def __post_init__(self):
+        object.__setattr__(self, "kit", self.kit or self.name)      # (frozen: the default set once)
+        if self.kit not in KITS:
+            raise ValueError(f"board {self.name}: unknown FPGA board {self.kit!r}; kits: {', '.join(KITS)}")
+        if self.lanes < 0 or not (self.lanes or self.gemv):
+            raise ValueError(f"board {self.name}: needs a decoder (lanes >= 1) or the GEMV engine (gemv)")
+
+    @property
+    def decoder(self) -> bool:
+        """The core has the decoder (LOAD, OFFSET, BLOCKS, CHECKSUM, SPARSE*); else it is GEMV-only."""
+        return self.lanes > 0
+
+    @property
+    def top_name(self) -> str:
+        """The top's name in the build (files, the Verilog top): ``sop_<name>``, '-' as '_'."""
+        return "sop_" + self.name.replace("-", "_")
 
     def platform(self):
-        if self.name == "icebreaker":
+        if self.kit == "icebreaker":
             from amaranth_boards.icebreaker import ICEBreakerPlatform
             return ICEBreakerPlatform()
         from amaranth_boards.ulx3s import ULX3S_85F_Platform
         return ULX3S_85F_Platform()
 
-    def config(self, residuals: int | None = None) -> DecoderConfig:
-        """The board's decoder: the point's, with ``residuals`` adders (default the board's)."""
+    def config(self, residuals: int | None = None) -> DecoderConfig | None:
+        """The board's decoder: the point's, with ``residuals`` adders (default the board's); None on a
+        core without one (which takes no ``residuals``)."""
+        if not self.decoder:
+            if residuals:
+                raise ValueError(f"board {self.name} has no decoder: residual adders ({residuals}) do not apply")
+            return None
         r = self.residuals if residuals is None else residuals
         if r:        # the point's residual configuration (hdl.config.residual_configs), the board's lanes
             named = residual_configs(r)[f"{self.point}-{RESIDUAL_SUFFIX}"]
@@ -107,16 +156,32 @@ class Board:
 
 
     def gemv_config(self) -> GemvConfig | None:
-        """The board's GEMV engine (the point's layout and HIF, E4M3 activations), None without one."""
+        """The board's GEMV engine (the point's layout and HIF, E4M3 activations, ``gemv_options``),
+        None without one."""
         if not self.gemv:
             return None
         point = get_point(self.point)
         return GemvConfig(f"board-{self.name}-gemv", point.layout, point.hif, max_cols=self.gemv_cols,
-                          max_rows=self.gemv_rows)
+                          max_rows=self.gemv_rows, **dict(self.gemv_options))
+
+    def gemv_args(self) -> dict:
+        """``BoardCore`` / ``ProtocolEngine`` keyword arguments of the board's GEMV engine ({} without one)."""
+        if not self.gemv:
+            return {}
+        return {"gemv": self.gemv_config(), "gemv_y_depth": self.gemv_y_depth}
 
 
-# the iCEBreaker has no GEMV engine: it cannot fit an iCE40UP5K (module docstring)
-BOARDS = {"icebreaker": Board("icebreaker", 2), "ulx3s": Board("ulx3s", 8, activity_led=False, gemv=True)}
+BOARDS = {
+    "icebreaker": Board("icebreaker", 2),       # the iCEBreaker's decoder core (no GEMV engine: module docstring)
+    "ulx3s": Board("ulx3s", 8, activity_led=False, gemv=True),
+    # The iCEBreaker's GEMV-only core. ITS ENGINE CONFIGURATION AND Y FIFO ARE SET HERE, and only here:
+    # gemv_cols / gemv_rows (GemvConfig's max_cols / max_rows), gemv_options (GemvConfig's other
+    # fields: the folded front end, the compact adder, no residual path) and gemv_y_depth (the y
+    # FIFO: 384 x 32 bits = 4 of the UP5K's 30 RAM40). 97.6 % of its LCs (module docstring).
+    "icebreaker-gemv": Board("icebreaker-gemv", 0, kit="icebreaker", gemv=True, gemv_cols=2048, gemv_rows=1536,
+                             gemv_options=(("dot_lanes", 1), ("dot_tail", "serial"), ("acc_adder", "compact"),
+                                           ("tile", 4), ("sparse", False)), gemv_y_depth=384),
+}
 
 
 class BoardTop(wiring.Component):
@@ -136,7 +201,7 @@ class BoardTop(wiring.Component):
         m.submodules.rx_pin = rx_pin = io.Buffer("i", uart.rx)
         m.submodules.tx_pin = tx_pin = io.Buffer("o", uart.tx)
         core = BoardCore(self.config, clk_freq=platform.default_clk_frequency, baud=self.board.baud,
-                         gemv=self.gemv)
+                         **self.board.gemv_args())
         m.submodules.core = core
         m.d.comb += [core.rx.eq(rx_pin.i), tx_pin.o.eq(core.tx)]
         if self.board.activity_led:
@@ -151,4 +216,4 @@ def elaborate_for(board: str, residuals: int | None = None):
     """Prepare the board top for its platform (no toolchain): the design and pins must be consistent."""
     top = BoardTop(board, residuals)
     platform = BOARDS[board].platform()
-    return platform.prepare(top, name=f"sop_{board}", debug_verilog=False)
+    return platform.prepare(top, name=BOARDS[board].top_name, debug_verilog=False)

@@ -1,7 +1,8 @@
 """The GEMV engine's side of the board protocol: hdl.gemv.GemvEngine, a y FIFO, counters, status.
 
 Role: what ``ProtocolEngine`` (synth/gateware/protocol.py) drives for the GEMV_*
-commands of docs/board-protocol.md on a board that has the engine (the ULX3S);
+commands of docs/board-protocol.md on a board that has the engine (the ULX3S
+core, beside the decoder; the iCEBreaker's GEMV-only core, ``icebreaker-gemv``);
 the parser there cuts frames into these streams, this module holds the engine and
 what the protocol needs around it. Nothing here knows about frames or bytes but
 ``status_payload`` (the GEMV_STATUS reply bytes).
@@ -42,7 +43,7 @@ held off), ``pass_cycles`` (cycles with a vector loaded: the pass's span on the
 board, set by how fast the wire brings the blocks).
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -101,13 +102,30 @@ class GemvPort(wiring.Component):
         def const(v, n):
             return [(v >> 8 * i) & 0xFF for i in range(n)]
 
-        return ([self.x_loaded, self.errors.as_value(), cfg.group, cfg.tile] + const(cfg.max_cols, 2)
+        # flags: bit 0 x_loaded, bit 1 the engine has no residual path (wire.GemvStatus.residuals)
+        flags = self.x_loaded if cfg.sparse else Cat(self.x_loaded, Const(1, 1))
+        return ([flags, self.errors.as_value(), cfg.group, cfg.tile] + const(cfg.max_cols, 2)
                 + const(cfg.max_rows, 2) + le(self.y_level, 2) + const(self.y_depth, 2)
                 + le(self.blocks, 4) + le(self.offered, 4) + le(self.pass_cycles, 4))
 
     def y_word(self, value):
         """A y word as it goes into the FIFO: the engine's (tests break this)."""
         return value
+
+    def entry_queue(self, m, eng):
+        """The sparse entry queue between ``sparse`` and the engine's ``sparse`` stream."""
+        entry = self.engine_entry(m, self.sparse.payload)
+        m.submodules.entry_queue = queue = SyncFIFOBuffered(width=len(entry.as_value()), depth=self.entry_depth)
+        # ``clear`` also drops the entries an earlier, broken run left in the queue (read out until empty)
+        flush = Signal()
+        with m.If(self.clear):
+            m.d.sync += flush.eq(1)
+        with m.Elif(~queue.r_stream.valid):
+            m.d.sync += flush.eq(0)
+        m.d.comb += [queue.w_stream.valid.eq(self.sparse.valid), queue.w_stream.payload.eq(entry),
+                     self.sparse.ready.eq(queue.w_stream.ready),
+                     eng.sparse.valid.eq(queue.r_stream.valid & ~flush), eng.sparse.payload.eq(queue.r_stream.payload),
+                     queue.r_stream.ready.eq(eng.sparse.ready | flush)]
 
     def engine_entry(self, m, entry):
         """A wire entry as the engine's ``sparse`` payload (hdl.gemv.sparse_layout): a row or column
@@ -130,19 +148,10 @@ class GemvPort(wiring.Component):
         wiring.connect(m, wiring.flipped(self.w), eng.w)
         wiring.connect(m, fifo.r_stream, wiring.flipped(self.y))
 
-        # sparse entries: into the queue (fitted to the engine's fields), the queue into the engine
-        entry = self.engine_entry(m, self.sparse.payload)
-        m.submodules.entry_queue = queue = SyncFIFOBuffered(width=len(entry.as_value()), depth=self.entry_depth)
-        # ``clear`` also drops the entries an earlier, broken run left in the queue (read out until empty)
-        flush = Signal()
-        with m.If(self.clear):
-            m.d.sync += flush.eq(1)
-        with m.Elif(~queue.r_stream.valid):
-            m.d.sync += flush.eq(0)
-        m.d.comb += [queue.w_stream.valid.eq(self.sparse.valid), queue.w_stream.payload.eq(entry),
-                     self.sparse.ready.eq(queue.w_stream.ready),
-                     eng.sparse.valid.eq(queue.r_stream.valid & ~flush), eng.sparse.payload.eq(queue.r_stream.payload),
-                     queue.r_stream.ready.eq(eng.sparse.ready | flush)]
+        # sparse entries: into the queue (fitted to the engine's fields), the queue into the engine (an
+        # engine without the residual path has no queue: the protocol answers GEMV_SPARSE UNKNOWN_CMD)
+        if self.config.sparse:
+            self.entry_queue(m, eng)
 
         # the layer registers, each field saturated to the engine's width
         lw, ew = self.layer.payload, eng.layer.payload

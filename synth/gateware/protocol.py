@@ -2,8 +2,17 @@
 
 Role: the gateware end of docs/board-protocol.md, between a byte stream (a
 UART, synth/gateware/board.py) and one decoder instance, which it contains
-(``engine.decoder``). The numbers of the protocol come from synth/wire.py
-(never from the host client, synth/host/).
+(``engine.decoder``), and the GEMV engine if the board has one (``engine.gemv``).
+The numbers of the protocol come from synth/wire.py (never from the host
+client, synth/host/).
+
+Without a decoder (``config`` None, a GEMV-only core such as the iCEBreaker's
+``icebreaker-gemv``: the GEMV engine is then required) none of the decoder's
+hardware is built (no decoder, no values CRC, no sparse queue) and its commands
+(LOAD, OFFSET, BLOCKS, CHECKSUM, SPARSE, SPARSE_STATUS) answer UNKNOWN_CMD, as
+the commands of any part a core lacks do; STATUS then reports 0 lanes (no
+decoder), 0 beat and lane bytes, and the GEMV engine's point (code bits, block
+size, HIF bits, banks): ``status_bytes``.
 
 Interfaces (``sync`` domain): ``rx`` (stream of bytes in), ``tx`` (stream of
 bytes out). Nothing else: the decoder's ``values`` are consumed here, folded
@@ -124,57 +133,109 @@ def crc32_update(crc: Value, byte: Value) -> Value:
     return Cat(*(Cat(*[crc[j] for j in regs], *[byte[k] for k in data]).xor() for regs, data in CRC_TAPS))
 
 
-def status_bytes(config: DecoderConfig, max_payload: int) -> list[int]:
-    """The constant part of the STATUS reply (host.Status without ``errors``) of a decoder."""
+def status_bytes(config: DecoderConfig | GemvConfig, max_payload: int) -> list[int]:
+    """The constant part of the STATUS reply (host.Status without ``errors``) of a decoder; of a
+    GEMV-only core (``config`` its engine's ``GemvConfig``) the engine's point with lanes, beat bytes
+    and lane bytes 0: no decoder (docs/board-protocol.md, STATUS)."""
     lay = config.layout
-    return [PROTOCOL_VERSION, config.lanes, lay.code_bits, lay.group, config.blocks_per_beat * lay.block_bytes,
-            lane_bytes(lane_word_bits(config)), config.hif.bits, lay.banks, max_payload & 0xFF, max_payload >> 8]
+    if isinstance(config, GemvConfig):
+        decoder = [0, lay.code_bits, lay.group, 0, 0]
+    else:
+        decoder = [config.lanes, lay.code_bits, lay.group, config.blocks_per_beat * lay.block_bytes,
+                   lane_bytes(lane_word_bits(config))]
+    return [PROTOCOL_VERSION, *decoder, config.hif.bits, lay.banks, max_payload & 0xFF, max_payload >> 8]
 
 
 class ProtocolEngine(wiring.Component):
     rx: In(stream.Signature(8))
     tx: Out(stream.Signature(8))
 
-    def __init__(self, config: DecoderConfig, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
+    def __init__(self, config: DecoderConfig | None, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  gap_cycles: int = 1 << 16, decoder=None, sparse_queue: int = DEFAULT_SPARSE_QUEUE,
-                 stall_cycles: int | None = None, gemv: GemvConfig | None = None, gemv_port=None):
-        if not 16 <= max_payload <= 0xFFFF:
+                 stall_cycles: int | None = None, gemv: GemvConfig | None = None, gemv_y_depth: int | None = None,
+                 gemv_port=None):
+        self._MustUse__silence = True            # until accepted: a refused one is never elaborated, no
+        if not 16 <= max_payload <= 0xFFFF:      # unused-component warning
             raise ValueError(f"max_payload must be in 16..65535, got {max_payload}")
-        if config.residuals and not 2 <= sparse_queue <= 0xFFFF:
+        if config is None and (gemv is None and gemv_port is None or decoder is not None):
+            raise ValueError("a protocol engine without a decoder (config None) needs the GEMV engine "
+                             "(gemv or gemv_port) and takes no decoder")
+        residuals = config.residuals if config is not None else 0
+        if residuals and not 2 <= sparse_queue <= 0xFFFF:
             raise ValueError(f"sparse_queue must be in 2..65535 entries, got {sparse_queue}")
         self.config = config
         self.max_payload, self.gap_cycles = max_payload, gap_cycles
-        self.sparse_queue = sparse_queue if config.residuals else 0
+        self.sparse_queue = sparse_queue if residuals else 0
         self.stall_cycles = gap_cycles if stall_cycles is None else stall_cycles
-        self.beat_bytes = config.blocks_per_beat * config.layout.block_bytes
-        if 1 + self.beat_bytes > max_payload:
-            raise ValueError(f"max_payload {max_payload} cannot hold one beat of {self.beat_bytes} bytes")
-        self.lane_bits = lane_word_bits(config)
-        self.lane_bytes = lane_bytes(self.lane_bits)
-        self.decoder = decoder if decoder is not None else Decoder(config)
+        # the decoder (LOAD, OFFSET, BLOCKS, CHECKSUM, SPARSE*; none, config None: those commands are
+        # UNKNOWN_CMD and nothing of it is built: no decoder, values CRC, sparse queue)
+        if config is not None:
+            self.beat_bytes = config.blocks_per_beat * config.layout.block_bytes
+            if 1 + self.beat_bytes > max_payload:
+                raise ValueError(f"max_payload {max_payload} cannot hold one beat of {self.beat_bytes} bytes")
+            self.lane_bits = lane_word_bits(config)
+            self.lane_bytes = lane_bytes(self.lane_bits)
+            self.decoder = decoder if decoder is not None else Decoder(config)
+        else:
+            self.beat_bytes = self.lane_bits = self.lane_bytes = 0
+            self.decoder = None
         # the GEMV engine (GEMV_* commands; none: they are UNKNOWN_CMD and nothing of it is built)
-        self.gemv = gemv_port if gemv_port is not None else GemvPort(gemv) if gemv is not None else None
+        self.gemv = (gemv_port if gemv_port is not None else GemvPort(gemv, y_depth=gemv_y_depth)
+                     if gemv is not None else None)
         if self.gemv is not None:
             gcfg = self.gemv.config
             if max_payload < 1 + max(gcfg.group, gcfg.layout.block_bytes):
                 raise ValueError(f"max_payload {max_payload} cannot hold one x beat or block of the engine")
         self.y_max = min(Y_MAX_WORDS, max_payload // Y_WORD_BYTES)     # y words a GEMV_Y reply carries
+        self._MustUse__silence = False
         super().__init__()
 
     def status_bytes(self) -> list[int]:
-        return status_bytes(self.config, self.max_payload)
+        return status_bytes(self.config if self.config is not None else self.gemv.config, self.max_payload)
 
     def sparse_word(self, entry: Value, last: Value) -> Value:
         """A queue word, ``decoder.sparse``'s payload ``{index, value, last}`` (tests break this)."""
         return Cat(entry, last)
 
+    def fold_values(self, m: Module):
+        """The decoder's values folded into a running CRC-32 and a count of lane words (CHECKSUM),
+        each lane word's bytes LSB first, one byte a cycle. Returns ``(v_crc, v_count, clear,
+        pending)``: ``clear`` (comb) restarts the CRC and count, ``pending`` counts the output beats
+        the decoder still owes for the beats it accepted."""
+        cfg, dec = self.config, self.decoder
+        N = cfg.lanes
+        v_crc = Signal(32, init=CRC_INIT)
+        v_count = Signal(32)
+        nbytes = N * self.lane_bytes
+        words = [dec.values.payload.as_value()[i * self.lane_bits:(i + 1) * self.lane_bits] for i in range(N)]
+        v_bytes = Array(Cat(w, Const(0, 8 * self.lane_bytes - self.lane_bits))[8 * j:8 * j + 8]
+                        for w in words for j in range(self.lane_bytes))
+        v_idx = Signal(range(nbytes))
+        clear = Signal()
+        with m.If(clear):
+            m.d.sync += [v_crc.eq(CRC_INIT), v_count.eq(0)]
+        with m.Elif(dec.values.valid):
+            m.d.sync += [v_crc.eq(crc32_update(v_crc, v_bytes[v_idx])), v_idx.eq(v_idx + 1)]
+            with m.If(v_idx == nbytes - 1):
+                m.d.comb += dec.values.ready.eq(1)
+                m.d.sync += [v_idx.eq(0), v_count.eq(v_count + N)]
+
+        # output beats still owed by the decoder for the beats it accepted
+        pending = Signal(16)
+        took = dec.blocks.valid & dec.blocks.ready
+        gave = dec.values.valid & dec.values.ready
+        m.d.sync += pending.eq(pending + Mux(took, cfg.beats_per_block, 0) - gave)
+        return v_crc, v_count, clear, pending
+
     def elaborate(self, platform):
         m = Module()
         cfg, dec, G = self.config, self.decoder, self.gemv
-        m.submodules.decoder = dec
+        D = dec is not None                # the decoder's hardware and commands (else a GEMV-only core)
+        if D:
+            m.submodules.decoder = dec
         if G is not None:
             m.submodules.gemv = G
-        N, C, bb = cfg.lanes, cfg.beats_per_block, self.beat_bytes
+        bb = self.beat_bytes
 
         m.submodules.buffer = mem = Memory(shape=8, depth=self.max_payload, init=[])
         wp = mem.write_port()
@@ -215,6 +276,11 @@ class ProtocolEngine(wiring.Component):
             return self.tx.ready
 
         r_crc_bytes = Array(r_crc[8 * i:8 * i + 8] ^ 0xFF for i in range(4))
+        # every byte from CMD to the payload's last goes into the CRC as ``tx`` takes it: one CRC
+        # update on ``tx.payload`` (the parser's ``crc_next`` likewise), not one per state
+        r_crc_in = Signal()
+        with m.If(r_crc_in & self.tx.valid & self.tx.ready):
+            m.d.sync += r_crc.eq(crc32_update(r_crc, self.tx.payload))
         with m.FSM(name="reply"):
             with m.State("IDLE"):
                 with m.If(r_go):
@@ -224,20 +290,20 @@ class ProtocolEngine(wiring.Component):
                 with m.If(put(Const(START, 8))):
                     m.next = "CMD"
             with m.State("CMD"):
+                m.d.comb += r_crc_in.eq(1)
                 with m.If(put(r_cmd)):
-                    m.d.sync += r_crc.eq(crc32_update(r_crc, r_cmd))
                     m.next = "LEN0"
             with m.State("LEN0"):
+                m.d.comb += r_crc_in.eq(1)
                 with m.If(put(r_len)):
-                    m.d.sync += r_crc.eq(crc32_update(r_crc, r_len))
                     m.next = "LEN1"
             with m.State("LEN1"):                      # replies are shorter than 256 bytes but GEMV_Y's
+                m.d.comb += r_crc_in.eq(1)
                 hi = r_len[8:] if G is not None else Const(0, 8)
                 with m.If(put(hi)):
-                    m.d.sync += r_crc.eq(crc32_update(r_crc, hi))
                     m.next = "PAYLOAD"
             with m.State("PAYLOAD"):
-                m.d.comb += sending.eq(1)
+                m.d.comb += [sending.eq(1), r_crc_in.eq(1)]
                 byte = Array(r_bytes)[r_idx]
                 if G is not None:                      # GEMV_Y: the FIFO's head word, LSB first; popped
                     y_byte = Array(G.y.payload[8 * i:8 * i + 8] for i in range(Y_WORD_BYTES))[r_idx[:2]]
@@ -250,7 +316,7 @@ class ProtocolEngine(wiring.Component):
                 with m.Else():
                     m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(byte)]
                     with m.If(self.tx.ready):
-                        m.d.sync += [r_crc.eq(crc32_update(r_crc, byte)), r_idx.eq(r_idx + 1)]
+                        m.d.sync += r_idx.eq(r_idx + 1)
             with m.State("CRC"):
                 with m.If(put(r_crc_bytes[r_idx[:2]])):
                     m.d.sync += r_idx.eq(r_idx + 1)
@@ -258,32 +324,13 @@ class ProtocolEngine(wiring.Component):
                         m.next = "IDLE"
         m.d.comb += busy.eq(sending | r_go)
 
-        # -- decoded values: running CRC-32 and count ---------------------------------------
-        v_crc = Signal(32, init=CRC_INIT)
-        v_count = Signal(32)
-        nbytes = N * self.lane_bytes
-        words = [dec.values.payload.as_value()[i * self.lane_bits:(i + 1) * self.lane_bits] for i in range(N)]
-        v_bytes = Array(Cat(w, Const(0, 8 * self.lane_bytes - self.lane_bits))[8 * j:8 * j + 8]
-                        for w in words for j in range(self.lane_bytes))
-        v_idx = Signal(range(nbytes))
-        clear = Signal()
-        with m.If(clear):
-            m.d.sync += [v_crc.eq(CRC_INIT), v_count.eq(0)]
-        with m.Elif(dec.values.valid):
-            m.d.sync += [v_crc.eq(crc32_update(v_crc, v_bytes[v_idx])), v_idx.eq(v_idx + 1)]
-            with m.If(v_idx == nbytes - 1):
-                m.d.comb += dec.values.ready.eq(1)
-                m.d.sync += [v_idx.eq(0), v_count.eq(v_count + N)]
-
-        # output beats still owed by the decoder for the beats it accepted
-        pending = Signal(16)
-        took = dec.blocks.valid & dec.blocks.ready
-        gave = dec.values.valid & dec.values.ready
-        m.d.sync += pending.eq(pending + Mux(took, C, 0) - gave)
+        # -- decoded values: running CRC-32 and count (the decoder's) ---------------------------
+        if D:
+            v_crc, v_count, clear, pending = self.fold_values(m)
 
         # -- sparse entries (residual path only): SPARSE frames into a queue, the queue into the
         # decoder's stream at the decoder's pace; a wait without decoder progress ends in STALLED
-        R = cfg.residuals
+        R = cfg.residuals if D else 0
         if R or G is not None:
             stall = Signal(range(self.stall_cycles + 1))
             m.d.sync += stall.eq(0)                    # counted up in a wait state only (``stalled``)
@@ -318,7 +365,7 @@ class ProtocolEngine(wiring.Component):
 
         # payload-length checks, counted as the payload arrives
         mod3 = Signal(range(LOAD_ENTRY_BYTES))
-        modb = Signal(range(bb))
+        modb = Signal(range(bb), name="modb") if D else None       # BLOCKS: flags, then whole beats
         mod6 = Signal(range(SPARSE_ENTRY_BYTES)) if R else None
         modx = Signal(range(g)) if G is not None else None          # GEMV_X: flags, then g-byte beats
         modw = Signal(range(wb)) if G is not None else None         # GEMV_W: whole blocks
@@ -394,8 +441,9 @@ class ProtocolEngine(wiring.Component):
             with m.State("LEN1"):
                 m.d.comb += self.rx.ready.eq(1)
                 with m.If(take):
-                    m.d.sync += [length[8:].eq(byte), crc.eq(crc_next), idx.eq(0), crc_n.eq(0),
-                                 mod3.eq(0), modb.eq(bb - 1)]    # the first BLOCKS byte is the flags
+                    m.d.sync += [length[8:].eq(byte), crc.eq(crc_next), idx.eq(0), crc_n.eq(0), mod3.eq(0)]
+                    if D:                                        # the first BLOCKS byte is the flags
+                        m.d.sync += modb.eq(bb - 1)
                     if R:                                        # the first SPARSE byte is the flags
                         m.d.sync += mod6.eq(SPARSE_ENTRY_BYTES - 1)
                     if G is not None:                            # the first GEMV_X byte is the flags
@@ -416,8 +464,9 @@ class ProtocolEngine(wiring.Component):
                 with m.If(take):
                     m.d.comb += wp.en.eq(1)
                     m.d.sync += [crc.eq(crc_next), idx.eq(idx + 1),
-                                 mod3.eq(Mux(mod3 == LOAD_ENTRY_BYTES - 1, 0, mod3 + 1)),
-                                 modb.eq(Mux(modb == bb - 1, 0, modb + 1))]
+                                 mod3.eq(Mux(mod3 == LOAD_ENTRY_BYTES - 1, 0, mod3 + 1))]
+                    if D:
+                        m.d.sync += modb.eq(Mux(modb == bb - 1, 0, modb + 1))
                     if R:
                         m.d.sync += mod6.eq(Mux(mod6 == SPARSE_ENTRY_BYTES - 1, 0, mod6 + 1))
                     if G is not None:
@@ -452,26 +501,27 @@ class ProtocolEngine(wiring.Component):
                             bad_length()
                         with m.Else():
                             finish(self.status_bytes() + [errors[:8], errors[8:]])
-                    with m.Case(Cmd.LOAD):
-                        with m.If((length == 0) | (mod3 != 0)):
-                            bad_length()
-                        with m.Else():
-                            m.next = "LOAD_FETCH"
-                    with m.Case(Cmd.OFFSET):              # (with the residual path: and its flags)
-                        with m.If(((length != 1) & (length != 2)) if R else (length != 1)):
-                            bad_length()
-                        with m.Else():
-                            m.next = "OFFSET_FETCH"
-                    with m.Case(Cmd.BLOCKS):
-                        with m.If((length < 1 + bb) | (modb != 0)):
-                            bad_length()
-                        with m.Else():
-                            m.next = "FLAGS_FETCH"
-                    with m.Case(Cmd.CHECKSUM):
-                        with m.If(length > 1):
-                            bad_length()
-                        with m.Else():
-                            m.next = "CHECKSUM_FETCH"
+                    if D:                                 # (a GEMV-only core: UNKNOWN_CMD)
+                        with m.Case(Cmd.LOAD):
+                            with m.If((length == 0) | (mod3 != 0)):
+                                bad_length()
+                            with m.Else():
+                                m.next = "LOAD_FETCH"
+                        with m.Case(Cmd.OFFSET):          # (with the residual path: and its flags)
+                            with m.If(((length != 1) & (length != 2)) if R else (length != 1)):
+                                bad_length()
+                            with m.Else():
+                                m.next = "OFFSET_FETCH"
+                        with m.Case(Cmd.BLOCKS):
+                            with m.If((length < 1 + bb) | (modb != 0)):
+                                bad_length()
+                            with m.Else():
+                                m.next = "FLAGS_FETCH"
+                        with m.Case(Cmd.CHECKSUM):
+                            with m.If(length > 1):
+                                bad_length()
+                            with m.Else():
+                                m.next = "CHECKSUM_FETCH"
                     if R:
                         with m.Case(Cmd.SPARSE):
                             with m.If((length < 1 + SPARSE_ENTRY_BYTES) | (mod6 != 0)):
@@ -515,11 +565,12 @@ class ProtocolEngine(wiring.Component):
                                 bad_length()
                             with m.Else():
                                 m.next = "G_STATUS_FETCH"
-                        with m.Case(Cmd.GEMV_SPARSE):
-                            with m.If((length == 0) | (mode != 0)):
-                                bad_length()
-                            with m.Else():
-                                m.next = "G_FETCH"
+                        if G.config.sparse:    # (an engine without the residual path: UNKNOWN_CMD)
+                            with m.Case(Cmd.GEMV_SPARSE):
+                                with m.If((length == 0) | (mode != 0)):
+                                    bad_length()
+                                with m.Else():
+                                    m.next = "G_FETCH"
                     with m.Default():
                         error(Err.UNKNOWN_CMD, cmd)
                         m.next = "HUNT"
@@ -538,11 +589,12 @@ class ProtocolEngine(wiring.Component):
                     m.next = "LOAD_FETCH"
             with m.State("LOAD_ISSUE"):
                 entry = acc[len(acc) - 8 * LOAD_ENTRY_BYTES:]
-                if G is not None:                      # GEMV_LOAD: the engine's tables, else the decoder's
+                targets = ([dec.load] if D else []) + ([G.load] if G is not None else [])
+                if D and G is not None:                # GEMV_LOAD: the engine's tables, else the decoder's
                     m.d.comb += [dec.load.valid.eq(cmd != Cmd.GEMV_LOAD), G.load.valid.eq(cmd == Cmd.GEMV_LOAD)]
-                else:
-                    m.d.comb += dec.load.valid.eq(1)
-                for target in [dec.load] + ([G.load] if G is not None else []):
+                else:                                  # the only tables there are
+                    m.d.comb += targets[0].valid.eq(1)
+                for target in targets:
                     m.d.comb += [target.payload.bank.eq(entry[7]), target.payload.addr.eq(entry[:7]),
                                  target.payload.data.eq(entry[8:24])]
                 with m.If(idx == length):
@@ -550,87 +602,90 @@ class ProtocolEngine(wiring.Component):
                 with m.Else():
                     m.next = "LOAD_FETCH"
 
-            # OFFSET: one byte, the inactive page's per-layer offset; with the residual path an
-            # optional flags byte, the page's ``layer_sparse`` (0 without it).
-            with m.State("OFFSET_FETCH"):
-                m.next = "OFFSET_USE"
-            def write_offset(offset, layer_sparse=None):
-                """``offset_we`` (and ``layer_sparse``) into the decoder's inactive page; the OK reply."""
-                m.d.comb += [dec.offset.eq(offset), dec.offset_we.eq(1)]
-                if layer_sparse is not None:
-                    m.d.comb += dec.layer_sparse.eq(layer_sparse)
-                finish()
+            # The decoder's states (a core with the decoder only).
+            if D:
+                # OFFSET: one byte, the inactive page's per-layer offset; with the residual path an
+                # optional flags byte, the page's ``layer_sparse`` (0 without it).
+                with m.State("OFFSET_FETCH"):
+                    m.next = "OFFSET_USE"
+                def write_offset(offset, layer_sparse=None):
+                    """``offset_we`` (and ``layer_sparse``) into the decoder's inactive page; the OK reply."""
+                    m.d.comb += [dec.offset.eq(offset), dec.offset_we.eq(1)]
+                    if layer_sparse is not None:
+                        m.d.comb += dec.layer_sparse.eq(layer_sparse)
+                    finish()
 
-            with m.State("OFFSET_USE"):
-                if R:
-                    with m.If(length == 2):
-                        m.d.sync += [acc[:8].eq(rp.data), idx.eq(1)]
-                        m.next = "OFFSET_FLAGS_FETCH"
-                    with m.Else():
+                with m.State("OFFSET_USE"):
+                    if R:
+                        with m.If(length == 2):
+                            m.d.sync += [acc[:8].eq(rp.data), idx.eq(1)]
+                            m.next = "OFFSET_FLAGS_FETCH"
+                        with m.Else():
+                            write_offset(rp.data)
+                    else:
                         write_offset(rp.data)
-                else:
-                    write_offset(rp.data)
 
-            # BLOCKS: the flags byte, then whole beats into the decoder (swap on the first if flagged).
-            # SPARSE (residual path) goes the same way, with 6-byte entries into the queue.
-            with m.State("FLAGS_FETCH"):
-                m.next = "FLAGS_USE"
-            with m.State("FLAGS_USE"):
-                m.d.sync += [flags.eq(rp.data), idx.eq(1)]
-                m.next = "BEAT_FETCH"
-            with m.State("BEAT_FETCH"):
-                m.next = "BEAT_USE"
-            with m.State("BEAT_USE"):
-                gather()
-                if R:
-                    with m.If(cmd == Cmd.SPARSE):
-                        with m.If(sub == SPARSE_ENTRY_BYTES - 1):
+                # BLOCKS: the flags byte, then whole beats into the decoder (swap on the first if flagged).
+                # SPARSE (residual path) goes the same way, with 6-byte entries into the queue.
+                with m.State("FLAGS_FETCH"):
+                    m.next = "FLAGS_USE"
+                with m.State("FLAGS_USE"):
+                    m.d.sync += [flags.eq(rp.data), idx.eq(1)]
+                    m.next = "BEAT_FETCH"
+                with m.State("BEAT_FETCH"):
+                    m.next = "BEAT_USE"
+                with m.State("BEAT_USE"):
+                    gather()
+                    if R:
+                        with m.If(cmd == Cmd.SPARSE):
+                            with m.If(sub == SPARSE_ENTRY_BYTES - 1):
+                                m.d.sync += sub.eq(0)
+                                m.next = "ENTRY_ISSUE"
+                            with m.Else():
+                                m.next = "BEAT_FETCH"
+                        with m.Elif(sub == bb - 1):
                             m.d.sync += sub.eq(0)
-                            m.next = "ENTRY_ISSUE"
+                            m.next = "BEAT_ISSUE"
                         with m.Else():
                             m.next = "BEAT_FETCH"
-                    with m.Elif(sub == bb - 1):
-                        m.d.sync += sub.eq(0)
-                        m.next = "BEAT_ISSUE"
-                    with m.Else():
-                        m.next = "BEAT_FETCH"
-                else:
-                    with m.If(sub == bb - 1):
-                        m.d.sync += sub.eq(0)
-                        m.next = "BEAT_ISSUE"
-                    with m.Else():
-                        m.next = "BEAT_FETCH"
-            with m.State("BEAT_ISSUE"):
-                m.d.comb += [dec.blocks.valid.eq(1), dec.blocks.payload.blocks.eq(acc[:cfg.beat_bits]),
-                             dec.blocks.payload.swap.eq(first & (flags & SWAP_FLAG).any())]
-                with m.If(dec.blocks.ready):
-                    m.d.sync += first.eq(0)
-                    with m.If(idx == length):
-                        finish()
-                    with m.Else():
-                        m.next = "BEAT_FETCH"
-                stalled(dec.blocks.ready)
+                    else:
+                        with m.If(sub == bb - 1):
+                            m.d.sync += sub.eq(0)
+                            m.next = "BEAT_ISSUE"
+                        with m.Else():
+                            m.next = "BEAT_FETCH"
+                with m.State("BEAT_ISSUE"):
+                    m.d.comb += [dec.blocks.valid.eq(1), dec.blocks.payload.blocks.eq(acc[:cfg.beat_bits]),
+                                 dec.blocks.payload.swap.eq(first & (flags & SWAP_FLAG).any())]
+                    with m.If(dec.blocks.ready):
+                        m.d.sync += first.eq(0)
+                        with m.If(idx == length):
+                            finish()
+                        with m.Else():
+                            m.next = "BEAT_FETCH"
+                    stalled(dec.blocks.ready)
 
-            # CHECKSUM: the optional flags byte, then wait until every owed output beat is folded in.
-            with m.State("CHECKSUM_FETCH"):
-                m.next = "CHECKSUM_USE"
-            with m.State("CHECKSUM_USE"):
-                with m.If(length == 1):
-                    m.d.sync += flags.eq(rp.data)
-                with m.Else():
-                    m.d.sync += flags.eq(0)
-                m.next = "CHECKSUM_WAIT"
-            with m.State("CHECKSUM_WAIT"):
-                with m.If((pending == 0) & ~dec.values.valid):
-                    final = ~v_crc
-                    finish([v_count[8 * i:8 * i + 8] for i in range(4)] +
-                           [final[8 * i:8 * i + 8] for i in range(4)])
-                    m.d.comb += clear.eq((flags & CLEAR_FLAG).any())
-                stalled(dec.values.valid | (pending == 0))
+                # CHECKSUM: the optional flags byte, then wait until every owed output beat is folded in.
+                with m.State("CHECKSUM_FETCH"):
+                    m.next = "CHECKSUM_USE"
+                with m.State("CHECKSUM_USE"):
+                    with m.If(length == 1):
+                        m.d.sync += flags.eq(rp.data)
+                    with m.Else():
+                        m.d.sync += flags.eq(0)
+                    m.next = "CHECKSUM_WAIT"
+                with m.State("CHECKSUM_WAIT"):
+                    with m.If((pending == 0) & ~dec.values.valid):
+                        final = ~v_crc
+                        finish([v_count[8 * i:8 * i + 8] for i in range(4)] +
+                               [final[8 * i:8 * i + 8] for i in range(4)])
+                        m.d.comb += clear.eq((flags & CLEAR_FLAG).any())
+                    stalled(dec.values.valid | (pending == 0))
 
-            # Residual path only. OFFSET's flags byte: the offset with the page's ``layer_sparse``.
-            # SPARSE (its flags and entry bytes read as BLOCKS reads its own): one entry into the
-            # queue, ``last`` on the frame's last entry when the flags say so.
+            # Residual path only (R > 0: a decoder's; ``write_offset`` is above). OFFSET's flags byte:
+            # the offset with the page's ``layer_sparse``. SPARSE (its flags and entry bytes read as
+            # BLOCKS reads its own): one entry into the queue, ``last`` on the frame's last entry when
+            # the flags say so.
             if R:
                 with m.State("OFFSET_FLAGS_FETCH"):
                     m.next = "OFFSET_FLAGS_USE"
@@ -639,7 +694,8 @@ class ProtocolEngine(wiring.Component):
                 with m.State("ENTRY_ISSUE"):
                     entry = acc[len(acc) - 8 * SPARSE_ENTRY_BYTES:]
                     last = (flags & LAST_FLAG).any() & (idx == length)
-                    m.d.comb += [queue.w_stream.valid.eq(1), queue.w_stream.payload.eq(self.sparse_word(entry, last))]
+                    m.d.comb += [queue.w_stream.valid.eq(1),
+                                 queue.w_stream.payload.eq(self.sparse_word(entry, last))]
                     with m.If(queue.w_stream.ready):
                         with m.If(idx == length):
                             finish()
@@ -694,12 +750,13 @@ class ProtocolEngine(wiring.Component):
                                          G.layer.payload.offset.eq(f[32:40]),
                                          G.layer.payload.sparse.eq(flagged & (item(1) & SPARSE_LAYER_FLAG).any())]
                             finish()
-                        with m.Case(Cmd.GEMV_SPARSE):            # one entry into the queue
-                            f = item(gemv_entry)
-                            m.d.comb += [G.sparse.valid.eq(1), G.sparse.payload.row.eq(f[:16]),
-                                         G.sparse.payload.col.eq(f[16:32]), G.sparse.payload.value.eq(f[32:48]),
-                                         G.sparse.payload.last.eq((f[48:56] & ENTRY_LAST).any())]
-                            handed_on(G.sparse.ready, more)
+                        if G.config.sparse:
+                            with m.Case(Cmd.GEMV_SPARSE):            # one entry into the queue
+                                f = item(gemv_entry)
+                                m.d.comb += [G.sparse.valid.eq(1), G.sparse.payload.row.eq(f[:16]),
+                                             G.sparse.payload.col.eq(f[16:32]), G.sparse.payload.value.eq(f[32:48]),
+                                             G.sparse.payload.last.eq((f[48:56] & ENTRY_LAST).any())]
+                                handed_on(G.sparse.ready, more)
                         with m.Case(Cmd.GEMV_X):
                             m.d.comb += [G.x.valid.eq(1), G.x.payload.codes.as_value().eq(item(g)),
                                          G.x.payload.swap.eq(first & (flags & X_SWAP).any()),

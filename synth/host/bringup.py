@@ -17,8 +17,9 @@ included) in amaranth.sim.
   (client.SerialTransport for a board, gateware.simboard.SimSerial for its
   simulation):
   STATUS must report the protocol version and the decoder of ``fmt``
-  (``BoardConfigError`` if not); a layer with sparse entries needs a board
-  with the residual path (SPARSE_STATUS; a board without it, or whose decoder
+  (``BoardConfigError`` if not; 0 lanes: a core without a decoder, such as
+  the iCEBreaker's GEMV-only ``icebreaker-gemv``, refused with
+  ``NO_DECODER``); a layer with sparse entries needs a board with the residual path (SPARSE_STATUS; a board without it, or whose decoder
   flagged sparse errors before the run, is refused); then the LUT banks and
   offset (and the sparse flag) are loaded, the layer's blocks streamed (table
   swap on the first beat) with its sparse entries between them
@@ -29,9 +30,13 @@ included) in amaranth.sim.
   throughput of the streaming phase (BLOCKS and SPARSE frames until the
   CHECKSUM reply) in values/s and bytes/s over the wire (both directions,
   frames included), timed by ``clock`` (simulated seconds in simulation).
+* ``check_point(st, fmt)``: the check a GEMV run makes of STATUS (the board's
+  point: ``check_status`` on a board with a decoder; without one, the version
+  and the point's fields, lanes 0).
 * ``sim_board(board, divisor)``: a ``BoardCore`` with the board's decoder
-  configuration behind a bit-banged UART at ``divisor`` clock cycles a bit
-  (the gateware is imported there only: the rest is host code).
+  configuration (none on a GEMV-only core) behind a bit-banged UART at
+  ``divisor`` clock cycles a bit (the gateware is imported there only: the
+  rest is host code).
 * ``simulate`` / ``simulate_bad_entries``: the ``--sim`` runs of ``main``: a
   real sop-budget MiniLM layer with sparse entries, and a table that is not
   strictly increasing sent past the host's check, which the board must flag.
@@ -65,6 +70,11 @@ SIM_LAYER = "encoder.layer.0.attention.output.dense.weight"   # sop-budget store
 
 class BoardConfigError(RuntimeError):
     """The board's STATUS does not describe the decoder the format needs."""
+
+
+NO_DECODER = ("this board has no decoder (its STATUS reports 0 lanes): it is a GEMV-only core (the iCEBreaker's "
+              "icebreaker-gemv), which runs `sop board --gemv` only (docs/board-protocol.md, GEMV); for a decode "
+              "run load a decoder bitstream (make bitstream BOARD=icebreaker or BOARD=ulx3s)")
 
 
 # A board that does not answer, answers wrong or runs another decoder: a failed check (exit 1),
@@ -160,32 +170,62 @@ def format_config(fmt: str, lanes: int) -> DecoderConfig:
 
 def status_fields(cfg: DecoderConfig) -> dict[str, int]:
     """What STATUS reports for ``cfg`` (the lanes aside), by wire.Status field."""
-    return {"version": wire.PROTOCOL_VERSION, "code_bits": cfg.layout.code_bits, "group": cfg.layout.group,
-            "beat_bytes": cfg.blocks_per_beat * cfg.layout.block_bytes,
-            "lane_bytes": wire.lane_bytes(reference.lane_word_bits(cfg)), "hif_bits": cfg.hif.bits,
-            "banks": cfg.layout.banks}
+    return point_fields(cfg.layout, cfg.hif, beat_bytes=cfg.blocks_per_beat * cfg.layout.block_bytes,
+                        lane_bytes=wire.lane_bytes(reference.lane_word_bits(cfg)))
 
 
-def check_status(st: Status, fmt: str) -> DecoderConfig:
-    """The board's decoder configuration for ``fmt``; ``BoardConfigError`` when STATUS disagrees."""
+def point_fields(layout, hif, *, beat_bytes: int = 0, lane_bytes: int = 0) -> dict[str, int]:
+    """What STATUS reports for a point's ``layout`` and ``hif`` (the lanes aside), by wire.Status field:
+    ``beat_bytes`` and ``lane_bytes`` describe the decoder (0: a core without one)."""
+    return {"version": wire.PROTOCOL_VERSION, "code_bits": layout.code_bits, "group": layout.group,
+            "beat_bytes": beat_bytes, "lane_bytes": lane_bytes, "hif_bits": hif.bits, "banks": layout.banks}
+
+
+def _check_version(st: Status) -> None:
     if st.version != wire.PROTOCOL_VERSION:     # the other fields may mean something else
         raise BoardConfigError(f"the board speaks protocol version {st.version}, this host "
                                f"{wire.PROTOCOL_VERSION}; rebuild the bitstream from this checkout")
+
+
+def _check_fields(st: Status, wants: dict[str, int], what: str, fmt: str) -> None:
+    """``BoardConfigError`` naming each field of STATUS that is not the one ``wants``."""
+    wrong = [f"{field} {getattr(st, field)} (needs {want})" for field, want in wants.items()
+             if getattr(st, field) != want]
+    if wrong:
+        raise BoardConfigError(f"the board's {what} does not match format {fmt}: {', '.join(wrong)}; "
+                               f"pass the format of the loaded bitstream (--format) or load one built "
+                               f"for {fmt}")
+
+
+def check_status(st: Status, fmt: str) -> DecoderConfig:
+    """The board's decoder configuration for ``fmt``; ``BoardConfigError`` when STATUS disagrees
+    (``NO_DECODER`` when it reports none)."""
+    _check_version(st)
+    if st.lanes == 0:
+        raise BoardConfigError(NO_DECODER)
     try:
         cfg = format_config(fmt, st.lanes)
     except ValueError as err:                  # lanes the generator would refuse: not our decoder
         raise BoardConfigError(f"the board reports {st.lanes} lanes: {err}") from None
     wants = status_fields(cfg)
-    wrong = [f"{field} {getattr(st, field)} (needs {want})" for field, want in wants.items()
-             if getattr(st, field) != want]
-    if wrong:
-        raise BoardConfigError(f"the board's decoder does not match format {fmt}: {', '.join(wrong)}; "
-                               f"pass the format of the loaded bitstream (--format) or load one built "
-                               f"for {fmt}")
+    _check_fields(st, wants, "decoder", fmt)
     if st.max_payload < 1 + wants["beat_bytes"]:      # a BLOCKS frame must hold its flags and a beat
         raise BoardConfigError(f"the board's max payload {st.max_payload} cannot hold one beat of "
                                f"{wants['beat_bytes']} bytes")
     return cfg
+
+
+def check_point(st: Status, fmt: str) -> DecoderConfig | None:
+    """STATUS for a run on the board's GEMV engine: the board's point must be ``fmt``'s. With a decoder,
+    ``check_status`` (its configuration returned); without one (0 lanes: a GEMV-only core), the version
+    and the point's fields (code bits, block size, HIF bits, banks), None returned."""
+    if st.lanes:
+        return check_status(st, fmt)
+    _check_version(st)
+    check_format(fmt)
+    point = get_point(fmt)
+    _check_fields(st, point_fields(point.layout, point.hif), "point", fmt)
+    return None
 
 
 def check_sparse(stream: LayerStream, name: str = "") -> None:
@@ -333,9 +373,12 @@ def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=Non
 
     if board not in BOARDS:
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
-    clk = BOARDS[board].platform().default_clk_frequency
+    b = BOARDS[board]
+    clk = b.platform().default_clk_frequency
     engine_args = {} if decoder is None else {"decoder": decoder}
-    core = BoardCore(BOARDS[board].config(residuals), clk_freq=clk, baud=clk / divisor,
+    if not b.decoder:            # a GEMV-only core: its engine, which STATUS describes (the host refuses it)
+        engine_args |= b.gemv_args()
+    core = BoardCore(b.config(residuals), clk_freq=clk, baud=clk / divisor,
                      gap_cycles=40 * divisor, stall_cycles=SIM_STALL, **engine_args)
     return uart_port(core, divisor, period=1 / clk), uart_timeout(core.engine.max_payload, divisor, 1 / clk)
 
@@ -378,6 +421,13 @@ def simulate_bad_entries(model: str | None = None, fmt: str = "sop4-g16", layer:
                      clock=port.now, check_table=False)
 
 
+def decoder_boards() -> list[str]:
+    """The boards (synth/gateware/board.py's ``BOARDS``) whose core has a decoder: what ``--sim`` runs."""
+    from sop.synth.gateware.board import BOARDS
+
+    return [name for name, b in BOARDS.items() if b.decoder]
+
+
 def main(argv=None) -> int:
     """``python -m sop.synth.host.bringup --sim``: a real layer through the simulated board; 1 on a mismatch."""
     p = argparse.ArgumentParser(prog="python -m sop.synth.host.bringup",
@@ -392,7 +442,7 @@ def main(argv=None) -> int:
     p.add_argument("--layer", default=None,
                    help="a linear layer (default: the model's first; of an artifact, its first with sparse entries)")
     p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
-    p.add_argument("--board", default="icebreaker", choices=("icebreaker", "ulx3s"),
+    p.add_argument("--board", default="icebreaker", choices=decoder_boards(),
                    help="the board whose core is simulated (default icebreaker)")
     p.add_argument("--divisor", type=int, default=SIM_DIVISOR, help="UART clock cycles a bit")
     args = p.parse_args(argv)

@@ -1,11 +1,13 @@
 """GEMV bring-up: one real MiniLM layer's ``y = W x`` on a board's GEMV engine, checked against golden/.
 
 Role: the logic behind ``sop board --gemv`` (sop/cli.py holds only its argparse)
-and behind ``python -m sop.synth.host.gemv_bringup --sim``, which runs the same
-host code against the ULX3S board core (decoder and GEMV engine, UART pins
-included) in amaranth.sim. The engine is in the ULX3S core only: the
-iCEBreaker's cannot hold it (synth/gateware/board.py), and answers the GEMV_*
-commands UNKNOWN_CMD, which the host reports as "this board has no GEMV engine".
+and behind ``python -m sop.synth.host.gemv_bringup --sim [--board B]``, which
+runs the same host code against a board core with the engine (UART pins
+included) in amaranth.sim: the ULX3S core (decoder and GEMV engine, the
+default) or the iCEBreaker's GEMV-only core ``icebreaker-gemv``
+(synth/gateware/board.py). The iCEBreaker's decoder core has no engine and
+answers the GEMV_* commands UNKNOWN_CMD, which the host reports as "this board
+has no GEMV engine".
 
 * ``gemv_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream) of
   one linear layer, ``bringup.model_layer_stream``'s (default: a model's first;
@@ -27,7 +29,8 @@ commands UNKNOWN_CMD, which the host reports as "this board has no GEMV engine".
   NaN (S.1111.111); ``ValueError`` with one line otherwise (the engine also flags
   both: its sticky ``x_length`` and ``x_nan`` bits).
 * ``run_gemv(transport, stream, codes)``: STATUS must describe the layer's
-  point (bringup.check_status); GEMV_STATUS must answer (else "no GEMV
+  point (bringup.check_point: the decoder's whole check on a board with one;
+  a GEMV-only core reports 0 lanes); GEMV_STATUS must answer (else "no GEMV
   engine"), the layer must fit the engine (``max_cols``, ``max_rows``, the y FIFO)
   and no vector may be loaded; the sticky bits and counters are cleared; then the
   tables and layer registers (GEMV_LOAD, GEMV_LAYER with the sparse flag when the
@@ -39,7 +42,8 @@ commands UNKNOWN_CMD, which the host reports as "this board has no GEMV engine".
   relative error of y against float64 (``golden.decoder.decode_layer(W) @ x``
   in float64), the wire throughput (GEMV_X to the last y word, timed by
   ``clock``) and the engine's MACs per cycle from its counters.
-* ``sim_gemv_board(divisor)``: the ULX3S ``BoardCore`` behind a bit-banged UART.
+* ``sim_gemv_board(divisor, board=)``: a board's ``BoardCore`` (default ``SIM_BOARD``,
+  the ULX3S) behind a bit-banged UART; ``gemv_boards()``: the boards with the engine.
 * ``simulate`` / ``simulate_bad_input`` / ``main``: the ``--sim`` runs: a
   real layer's first rows bit-exact, then a sop-budget layer's first rows with
   their sparse entries (``SPARSE_ROWS``) bit-exact, then y read before x (NO_Y:
@@ -70,13 +74,14 @@ E4M3 = dot.ACT_FORMATS["e4m3"]
 SENTENCE = "The quick brown fox jumps over the lazy dog."     # sim/gemv_runner.py's
 TOKEN = 2                                                     # the token whose activations are x
 X_SEED = 15
-SIM_BOARD = "ulx3s"                                           # the only board with the engine
+SIM_BOARD = "ulx3s"                                           # --sim's default board (gemv_boards())
 SIM_ROWS = 17                                                 # `make sim`: one tile (34 rows: ~6 min of CPU)
 SIM_LAYER = "encoder.layer.0.attention.self.query.weight"
 SPARSE_ROWS = 3                                               # `make sim`'s sop-budget slice (6 entries, 15 sent)
-NO_ENGINE = ("this board has no GEMV engine (it answers GEMV_STATUS with UNKNOWN_CMD): only the ULX3S "
-             "core has one, an iCE40UP5K (iCEBreaker) cannot hold it (docs/board-protocol.md, GEMV); load "
-             "the ULX3S bitstream (make bitstream BOARD=ulx3s)")
+NO_ENGINE = ("this board has no GEMV engine (it answers GEMV_STATUS with UNKNOWN_CMD): the ULX3S core has "
+             "one beside its decoder, the iCEBreaker's decoder core has none (the iCE40UP5K cannot hold both: "
+             "its GEMV-only core has it; docs/board-protocol.md, GEMV); load a bitstream with the engine "
+             "(make bitstream BOARD=ulx3s or BOARD=icebreaker-gemv)")
 
 
 @dataclass(frozen=True)
@@ -252,7 +257,7 @@ def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "",
     meter = _Metered(transport)
     link = BoardLink(meter, timeout=timeout)
     st = link.status()
-    bringup.check_status(st, fmt)
+    bringup.check_point(st, fmt)
     link.max_payload = st.max_payload
     en = engine_status(link)
     g = en.group
@@ -265,6 +270,10 @@ def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "",
         raise BoardConfigError("the board's GEMV engine holds a vector of an earlier, unfinished run; reset the "
                                "board (power-cycle it or load the bitstream again)")
     tiles = gemv_entries(stream, en.tile) if entries is None else entries
+    if any(tiles) and not en.residuals:        # (the engine would answer GEMV_SPARSE UNKNOWN_CMD)
+        raise BoardConfigError(f"layer {name} has {len(stream.sparse)} sparse residual entries and the board's "
+                               f"GEMV engine has no residual path (the iCEBreaker's GEMV core): use a layer "
+                               f"without them, or the ULX3S")
     if check:
         check_entries(tiles, stream, en.tile)  # before the layer is sent
     if en.y_waiting:
@@ -294,16 +303,26 @@ def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "",
                       wire_bytes, after, len(stream.sparse), sum(map(len, tiles)))
 
 
-def sim_gemv_board(divisor: int = bringup.SIM_DIVISOR, gemv_port=None):
-    """(transport, host timeout) of the simulated ULX3S ``BoardCore`` (decoder and GEMV engine), its
-    UART pins driven at ``divisor`` cycles a bit; ``gemv_port`` replaces its engine's port (tests)."""
+def gemv_boards() -> list[str]:
+    """The boards (synth/gateware/board.py's ``BOARDS``) whose core has the GEMV engine."""
+    from sop.synth.gateware.board import BOARDS
+
+    return [name for name, b in BOARDS.items() if b.gemv]
+
+
+def sim_gemv_board(divisor: int = bringup.SIM_DIVISOR, gemv_port=None, board: str = SIM_BOARD):
+    """(transport, host timeout) of the simulated ``BoardCore`` of ``board`` (one of ``gemv_boards()``:
+    the ULX3S's decoder and GEMV engine, or the iCEBreaker's GEMV-only core), its UART pins driven at
+    ``divisor`` cycles a bit; ``gemv_port`` replaces its engine's port (tests)."""
     from sop.synth.gateware.board import BOARDS, BoardCore
     from sop.synth.gateware.simboard import uart_port, uart_timeout
 
-    board = BOARDS[SIM_BOARD]
-    clk = board.platform().default_clk_frequency
-    extra = {"gemv_port": gemv_port} if gemv_port is not None else {"gemv": board.gemv_config()}
-    core = BoardCore(board.config(), clk_freq=clk, baud=clk / divisor, gap_cycles=40 * divisor,
+    if board not in gemv_boards():
+        raise ValueError(f"board {board!r} has no GEMV engine; boards with one: {', '.join(gemv_boards())}")
+    b = BOARDS[board]
+    clk = b.platform().default_clk_frequency
+    extra = {"gemv_port": gemv_port} if gemv_port is not None else b.gemv_args()
+    core = BoardCore(b.config(), clk_freq=clk, baud=clk / divisor, gap_cycles=40 * divisor,
                      stall_cycles=bringup.SIM_STALL, **extra)
     return uart_port(core, divisor, period=1 / clk), uart_timeout(core.engine.max_payload, divisor, 1 / clk)
 
@@ -312,19 +331,27 @@ def default_model() -> str:
     return "minilm"
 
 
+def sim_residuals(board: str) -> bool:
+    """Whether the simulated ``board``'s engine has the residual path (the iCEBreaker's GEMV core has
+    none: its sparse run is skipped)."""
+    from sop.synth.gateware.board import BOARDS
+
+    return BOARDS[board].gemv_config().sparse
+
+
 def simulate(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = SIM_LAYER,
-             rows: int | None = SIM_ROWS, divisor: int = bringup.SIM_DIVISOR) -> GemvResult:
-    """``run_gemv`` on a real layer's first ``rows`` rows against the simulated ULX3S board."""
+             rows: int | None = SIM_ROWS, divisor: int = bringup.SIM_DIVISOR, board: str = SIM_BOARD) -> GemvResult:
+    """``run_gemv`` on a real layer's first ``rows`` rows against the simulated ``board``."""
     name, stream = gemv_layer_stream(model or default_model(), fmt, layer, rows)
     x, source = layer_activation(name, stream.cols)
-    port, timeout = sim_gemv_board(divisor)
+    port, timeout = sim_gemv_board(divisor, board=board)
     return run_gemv(port, stream, dot.activation_codes(x, "e4m3"), fmt, name=name, x_source=source,
                     timeout=timeout, clock=port.now)
 
 
 def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = SIM_LAYER,
-                       divisor: int = bringup.SIM_DIVISOR) -> dict[str, str]:
-    """On one simulated board, the layer's first row: y read before x (the host's error), then a NaN
+                       divisor: int = bringup.SIM_DIVISOR, board: str = SIM_BOARD) -> dict[str, str]:
+    """On one simulated ``board``, the layer's first row: y read before x (the host's error), then a NaN
     code and a vector one beat short sent past the host's check, then the first row of the
     sop-budget layer (``bringup.sparse_model``) with its sparse entry moved beyond the layer's columns
     (``beyond_the_layer``) past the host's check (the engine's sticky bits). Returns what each case
@@ -332,7 +359,7 @@ def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: s
     name, stream = gemv_layer_stream(model or default_model(), fmt, layer, 1)
     x, _ = layer_activation(name, stream.cols)
     codes = dot.activation_codes(x, "e4m3")
-    port, timeout = sim_gemv_board(divisor)
+    port, timeout = sim_gemv_board(divisor, board=board)
     link = BoardLink(port, timeout=timeout)
     seen = {}
     try:
@@ -349,9 +376,12 @@ def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: s
     name, stream = gemv_layer_stream(bringup.sparse_model(fmt), fmt, None, 1)
     x, _ = layer_activation(name, stream.cols)
     tiles = beyond_the_layer(gemv_entries(stream, link.gemv_status().tile), stream.cols)
-    result = run_gemv(port, stream, dot.activation_codes(x, "e4m3"), fmt, name=name, timeout=timeout,
-                      clock=port.now, check=False, entries=tiles)
-    seen["sparse entry beyond the layer"] = ", ".join(result.errors) or "nothing"
+    try:
+        result = run_gemv(port, stream, dot.activation_codes(x, "e4m3"), fmt, name=name, timeout=timeout,
+                          clock=port.now, check=False, entries=tiles)
+        seen["sparse entry beyond the layer"] = ", ".join(result.errors) or "nothing"
+    except BoardConfigError as err:            # an engine without the residual path: the host refuses
+        seen["sparse entry beyond the layer"] = f"refused: {err}"
     return seen
 
 
@@ -363,9 +393,10 @@ def beyond_the_layer(tiles, cols: int):
 
 
 def main(argv=None) -> int:
-    """``python -m sop.synth.host.gemv_bringup --sim``: a real layer's y = W x on the simulated ULX3S core."""
+    """``python -m sop.synth.host.gemv_bringup --sim [--board B]``: a real layer's y = W x on a simulated
+    board core with the engine (default the ULX3S's)."""
     p = argparse.ArgumentParser(prog="python -m sop.synth.host.gemv_bringup",
-                                description="a real MiniLM layer's y = W x through the ULX3S board design's GEMV "
+                                description="a real MiniLM layer's y = W x through a board design's GEMV "
                                             "engine (UART pins included) in amaranth.sim, bit-exact against "
                                             "golden/dot.py; for a real board use `sop board --gemv --port PORT`")
     p.add_argument("--sim", action="store_true", required=True, help="run the simulated board")
@@ -374,6 +405,9 @@ def main(argv=None) -> int:
     p.add_argument("--layer", default=SIM_LAYER, help=f"a linear layer (default {SIM_LAYER})")
     p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
     p.add_argument("--divisor", type=int, default=bringup.SIM_DIVISOR, help="UART clock cycles a bit")
+    p.add_argument("--board", default=SIM_BOARD, choices=gemv_boards(),
+                   help=f"the board whose core is simulated (default {SIM_BOARD}; icebreaker-gemv: the "
+                        f"iCEBreaker's GEMV-only core)")
     p.add_argument("--sparse-rows", type=int, default=SPARSE_ROWS,
                    help=f"then the first N rows of the sop-budget artifact's first layer with sparse entries, "
                         f"with them (default {SPARSE_ROWS}; 0: skip)")
@@ -382,17 +416,17 @@ def main(argv=None) -> int:
         p.error(f"--sparse-rows must be 0 or more, got {args.sparse_rows}")
     t0 = time.monotonic()
     try:
-        results = [simulate(args.model, args.format, args.layer, args.rows, args.divisor)]
-        if args.sparse_rows:
+        results = [simulate(args.model, args.format, args.layer, args.rows, args.divisor, args.board)]
+        if args.sparse_rows and sim_residuals(args.board):
             results.append(simulate(bringup.sparse_model(args.format), args.format, None, args.sparse_rows,
-                                    args.divisor))
-        print(f"simulated {SIM_BOARD} board core with the GEMV engine, UART at {args.divisor} cycles a bit "
+                                    args.divisor, args.board))
+        print(f"simulated {args.board} board core with the GEMV engine, UART at {args.divisor} cycles a bit "
               f"({time.monotonic() - t0:.0f} s wall; throughput in simulated time)")
         for result in results:
             print("\n".join(result.lines()))
         if not all(result.ok for result in results):
             return 1
-        bad = simulate_bad_input(args.model, args.format, args.layer, args.divisor)
+        bad = simulate_bad_input(args.model, args.format, args.layer, args.divisor, args.board)
     except BOARD_FAILURES as err:
         print(f"gemv bringup: {err}", file=sys.stderr)
         return 1
@@ -402,7 +436,8 @@ def main(argv=None) -> int:
     for case, what in bad.items():
         print(f"bad input, {case}: {what}")
     caught = ("no vector is loaded" in bad["y before x"] and "x_nan" in bad["NaN in x"]
-              and "x_length" in bad["x one beat short"] and "sparse" in bad["sparse entry beyond the layer"])
+              and "x_length" in bad["x one beat short"]
+              and ("sparse" in bad["sparse entry beyond the layer"] or "residual" in bad["sparse entry beyond the layer"]))
     print(f"bad input: {'each caught' if caught else 'NOT CAUGHT'}")
     return 0 if caught else 1
 
