@@ -54,9 +54,9 @@ sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two
 	$(PY) -m sop.synth.host.gemv_bringup --sim
 	$(PY) -m sop.synth.host.gemv_bringup --sim --board icebreaker-gemv
 
-synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json; then the GEMV engine beside the naive path in the same flow: build/dot_vs_naive/report.json
+synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP5-85F): build/synth/report.json; then the GEMV engine beside the naive path in the same flow, and the folded engine (1 MAC a cycle): build/dot_vs_naive/report.json
 	$(PY) -m sop.synth
-	$(PY) bench/dot_vs_naive.py --design sop-engine --design sop-units --design naive-tree
+	$(PY) bench/dot_vs_naive.py --design sop-engine --design sop-units --design naive-tree --design sop-engine-folded
 
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s|icebreaker-gemv (the iCEBreaker's GEMV-only core) in build/bitstream/$(BOARD)/ (no programming)
 	$(PY) -m sop.synth.flow.bitstream $(BOARD)

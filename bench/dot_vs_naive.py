@@ -11,9 +11,12 @@ cycle (one block of ``g`` = 16 weights a cycle), and both are built from the pro
 * **SOP units** (``sop-units``): the engine's arithmetic alone, BlockDot and RowAccumulator(17),
   each synthesized on its own, their counts added and the lower Fmax taken (no table RAM, no x
   buffer, no sequencer): what the engine costs and reaches without its front end.
-* **SOP engine, folded** (``sop-engine-folded``, not in the ratios): the same engine with the folded
-  block dot unit (``GemvConfig(dot_lanes=1, dot_tail="serial")``, hdl/block_dot_folded.py): one MAC
-  a cycle, for FPGAs too small for 16 lanes (docs/dot.md 7.2).
+* **SOP engine, folded** (``sop-engine-folded``, not in the ratios): the same engine folded
+  (``GemvConfig(dot_lanes=1, dot_tail="serial")``: hdl/block_dot_folded.py and the front end in
+  chunks): one MAC a cycle, for FPGAs too small for 16 lanes (docs/dot.md 7.2). On iCE40 it is built
+  at MiniLM's size with the compact FP32 adder (``max_cols`` 2048, ``max_rows`` 1536,
+  ``acc_adder="compact"``, ``tile=4``: the iCEBreaker's engine, with its residual path), the one
+  that fits the UP5K.
 * **naive path** (hdl/naive_dot.py): the decoder (16 lanes, one block a cycle, BF16 weights), a
   BF16 x E4M3 multiply per lane into FP32, and FP32 additions, in its two reductions: ``tree``
   (the block's 16 products through an FP32 adder tree, then one ring of running sums: 16 FP32
@@ -92,9 +95,12 @@ def sop_engine(target: str, folded: bool = False) -> tuple[str, list[tuple[str, 
             cfg = replace(cfg, x_ram="dp16kd")
         if folded:
             cfg = replace(cfg, dot_lanes=1, dot_tail="serial")
+            if target == "ice40":     # the size and adder that fit the UP5K (module docstring)
+                cfg = replace(cfg, max_cols=2048, max_rows=1536, acc_adder="compact", tile=4)
         rtlil.convert(GemvEngine(cfg))                       # elaborates, or the stand-in
         return (f"hdl.gemv.GemvEngine({cfg.name}: tile {cfg.tile}, max_cols {cfg.max_cols}, "
-                f"lutram_depth {cfg.lutram_depth}, x_ram {cfg.x_ram}, macs_per_cycle {cfg.macs_per_cycle})"), [
+                f"lutram_depth {cfg.lutram_depth}, x_ram {cfg.x_ram}, macs_per_cycle {cfg.macs_per_cycle}, "
+                f"acc_adder {cfg.acc_adder})"), [
             (SOP_FOLDED if folded else SOP, GemvEngine(cfg))]
     except Exception as e:                                    # noqa: BLE001  (any failure: the stand-in)
         what, parts = sop_units()
