@@ -43,12 +43,13 @@ demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with cali
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, each with residuals (NAME-sp), their AXI4-Stream shells with FuseSoC cores (NAME_axis.v, NAME_axis.core), and the GEMV engines (gemv-*.v) with their AXI4-Stream shells and FuseSoC cores (gemv-*_axis.v, gemv-*_axis.core)
 	$(PY) -m sop.hdl.generate --out build/verilog
 
-sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core and of the iCEBreaker's GEMV core)
+sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines (and the small-FPGA one) and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core and of the iCEBreaker's GEMV core)
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
 	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --axis
 	SIM=$(SIM) $(PY) -m sop.sim.gemv_runner --sim $(SIM)
+	SIM=$(SIM) $(PY) -m sop.sim.gemv_runner --sim $(SIM) --config gemv-sop4-g16-small
 	SIM=$(SIM) $(PY) -m sop.sim.tb_gemv_axis --sim $(SIM)
 	$(PY) -m sop.synth.host.bringup --sim
 	$(PY) -m sop.synth.host.gemv_bringup --sim

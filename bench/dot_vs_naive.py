@@ -88,7 +88,7 @@ def sop_engine(target: str, folded: bool = False) -> tuple[str, list[tuple[str, 
     try:
         from amaranth.back import rtlil
 
-        from sop.hdl.gemv import GemvEngine, gemv_configs
+        from sop.hdl.gemv import GemvEngine, gemv_configs, small_fpga_config
         cfg = gemv_configs()[f"gemv-{POINT}"]
         cfg = replace(cfg, lutram_depth=depth) if depth else cfg
         if target == "ecp5":          # the x buffer's DP16KDs with their output register (hdl/gemv.py)
@@ -96,7 +96,7 @@ def sop_engine(target: str, folded: bool = False) -> tuple[str, list[tuple[str, 
         if folded:
             cfg = replace(cfg, dot_lanes=1, dot_tail="serial")
             if target == "ice40":     # the size and adder that fit the UP5K (module docstring)
-                cfg = replace(cfg, max_cols=2048, max_rows=1536, acc_adder="compact", tile=4)
+                cfg = small_fpga_config(cfg, max_cols=2048, max_rows=1536)
         rtlil.convert(GemvEngine(cfg))                       # elaborates, or the stand-in
         return (f"hdl.gemv.GemvEngine({cfg.name}: tile {cfg.tile}, max_cols {cfg.max_cols}, "
                 f"lutram_depth {cfg.lutram_depth}, x_ram {cfg.x_ram}, macs_per_cycle {cfg.macs_per_cycle}, "

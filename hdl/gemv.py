@@ -162,7 +162,7 @@ any other is refused in the constructor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from amaranth.hdl import Array, Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value, signed, unsigned
@@ -284,6 +284,18 @@ class GemvConfig:
                 **({} if self.sparse else {"sparse": False})}
 
 
+#: What folds an engine for the smallest FPGAs (the iCEBreaker's iCE40UP5K at 12 MHz): one MAC a cycle
+#: (the folded block dot unit with its serial tail, the front end in chunks) and the compact FP32 adder
+#: with tiles of 4 rows (docs/dot.md 7.2). The iCEBreaker's GEMV core adds ``sparse=False``
+#: (synth/gateware/board.py); ``small_fpga_config`` applies it.
+SMALL_FPGA = (("dot_lanes", 1), ("dot_tail", "serial"), ("acc_adder", "compact"), ("tile", 4))
+
+
+def small_fpga_config(config: GemvConfig, **fields) -> GemvConfig:
+    """``config`` folded for the smallest FPGAs (``SMALL_FPGA``), with ``fields`` changed too."""
+    return replace(config, **dict(SMALL_FPGA), **fields)
+
+
 def gemv_configs() -> dict[str, GemvConfig]:
     """The named engines: ``gemv-<point>`` for each operating point with E4M3 activations, and
     ``gemv-sop4-g16-bf16`` (sop4-g16, BF16 activations)."""
@@ -359,8 +371,8 @@ def front_layout(config: GemvConfig) -> data.StructLayout:
     else:
         block = block_layout(config.hif, config.act_format, config.layout)
     used = block.size + tag_layout(config).size
-    return data.StructLayout({"block": block, "tag": tag_layout(config),
-                              "pad": unsigned(-used % config.macs_per_cycle)})
+    pad = -used % config.macs_per_cycle          # (none where it would be 0 bits: Verilog's [-1:0])
+    return data.StructLayout({"block": block, "tag": tag_layout(config), **({"pad": unsigned(pad)} if pad else {})})
 
 
 def entry_layout(config: GemvConfig) -> data.StructLayout:

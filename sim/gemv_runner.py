@@ -7,7 +7,12 @@ For each named engine (hdl.gemv.gemv_configs: ``gemv-sop4-g16``,
 ``build/sim/<sim>/<config>/rtl/`` (as named: up to 16384 columns and 65535 rows;
 one Verilator waiver, ``SIM_WAIVERS``), writes the plan (``plan.json``: the layers'
 beats and every expected ``y`` word) and runs sim/tb_gemv.py on it with
-cocotb's runner (sim/runner.py's build and test step, ``simulate``).
+cocotb's runner (sim/runner.py's build and test step, ``simulate``). Beside
+them, ``--config gemv-sop4-g16-small`` (``small_engines``, not in the default
+list: `make sim` runs it on its own line): sop4-g16 folded for the smallest
+FPGAs (hdl.gemv.small_fpga_config: one MAC a cycle, the compact FP32 adder,
+tiles of 4) at MiniLM's size, with its residual path: the iCEBreaker GEMV
+core's engine (which is built without that path; the plan has sparse layers).
 
 Contract: every expected word is ``golden.dot.gemv`` of the layer and the
 vector, computed here; the bench only drives beats and compares words. The
@@ -506,9 +511,10 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
         corners.append(layer_entry(cfg, "residual-term-rounding", layer, vectors))
         layer, vectors = window_edge_layer(point, np.random.default_rng([seed, 16]))
         corners.append(layer_entry(cfg, "window-edge", layer, vectors))
-    return {"config": cfg.name, "point": point, "seed": seed, "engine": {"tile": cfg.tile, "max_cols": cfg.max_cols,
-                                                            "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
-                                                            "act": cfg.act},
+    engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
+              "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
+              "sparse": cfg.sparse}
+    return {"config": cfg.name, "point": point, "seed": seed, "engine": engine,
             "size": size, "p_idle": 0.25, "p_stall": 0.3,
             "jobs": [{"kind": "layers", "name": "minilm", "layers": minilm},
                      {"kind": "layers", "name": "corners", "layers": corners}, error_job(cfg, point, rng)]}
@@ -578,13 +584,22 @@ def passed(s: dict) -> bool:
             and s.get("checked") == s.get("expected"))
 
 
-def cli(argv, description: str, run_one, line, ok) -> int:
+def small_engines() -> dict[str, GemvConfig]:
+    """The engines this runner takes beside the named ones (module docstring)."""
+    base = gemv.gemv_configs()["gemv-sop4-g16"]
+    return {"gemv-sop4-g16-small": gemv.small_fpga_config(base, name="gemv-sop4-g16-small", max_cols=2048,
+                                                           max_rows=1536)}
+
+
+def cli(argv, description: str, run_one, line, ok, extra: dict[str, GemvConfig] | None = None) -> int:
     """The command line of an engine bench (this runner's and sim.tb_gemv_axis's): ``run_one(cfg, sim,
-    quick=, seed=, waves=)`` for each named engine chosen, ``line(summary)`` printed, exit 0 when
-    ``ok(summary)`` for all, 2 when the simulator is missing."""
-    configs = gemv.gemv_configs()
+    quick=, seed=, waves=)`` for each named engine chosen (or one of ``extra``, by name only),
+    ``line(summary)`` printed, exit 0 when ``ok(summary)`` for all, 2 when the simulator is missing."""
+    named = gemv.gemv_configs()
+    configs = {**named, **(extra or {})}
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", action="append", choices=list(configs), help="a named engine (default: all)")
+    p.add_argument("--config", action="append", choices=list(configs),
+                   help="a named engine (default: every named one)")
     p.add_argument("--sim", default=os.environ.get("SIM", "icarus"), choices=list(SIMULATORS))
     p.add_argument("--quick", action="store_true", help="the fast subset (make test)")
     p.add_argument("--seed", type=int, default=None)
@@ -592,7 +607,7 @@ def cli(argv, description: str, run_one, line, ok) -> int:
     waves = os.environ.get("WAVES", "0") not in ("", "0")
     results = []
     try:
-        for name in args.config or list(configs):
+        for name in args.config or list(named):
             results.append(run_one(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves))
             print(line(results[-1]), flush=True)
     except SimulatorMissing as err:
@@ -603,7 +618,7 @@ def cli(argv, description: str, run_one, line, ok) -> int:
 
 
 def main(argv=None) -> int:
-    return cli(argv, __doc__.splitlines()[0], run, summary_line, passed)
+    return cli(argv, __doc__.splitlines()[0], run, summary_line, passed, small_engines())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ mismatched, the status bits as they should be. The checker can fail: an engine
 whose table bank stores one bit of entry 5 flipped (tests/mutants.py), and a plan
 with one expected word off by one bit and a NaN vector said to be good, must be
 reported. The full plans (whole layers) in Verilator are slow; in Icarus they are `make sim`'s.
-The BF16 engine's quick plan in Icarus is a slow test here (`make sim` runs its plans).
+The BF16 engine's quick plan in Icarus is a slow test here (`make sim` runs its plans). The
+small-FPGA engine (``gemv-sop4-g16-small``: folded to one MAC a cycle, the compact adder, tiles of
+4; the iCEBreaker's) runs the quick plan in Icarus here, the full one in Verilator as a slow test.
 """
 
 import pytest
@@ -18,6 +20,7 @@ from sop.sim import gemv_runner
 
 CONFIGS = gemv.gemv_configs()
 SOP4 = CONFIGS["gemv-sop4-g16"]
+SMALL = gemv_runner.small_engines()["gemv-sop4-g16-small"]
 
 
 def test_quick_regression_icarus(tmp_path):
@@ -27,6 +30,17 @@ def test_quick_regression_icarus(tmp_path):
     assert s["checked"] == s["expected"] > 250 and s["counted"] == 3 * 19   # 18 bad vectors of 3 rows, the bad entry's
     assert s["entries"] > 300 and s["layers"] == 11
     assert gemv_runner.passed(s)
+
+
+def test_small_fpga_engine_quick_regression_icarus(tmp_path):
+    """The folded engine's Verilog (a chunk of one code a cycle, one table copy, the compact adder)
+    under the same plan: real MiniLM rows with and without sparse residuals, the corners, the bad
+    vectors; about 48,000 cycles (a block every 16)."""
+    assert (SMALL.dot_lanes, SMALL.acc_adder, SMALL.tile, SMALL.sparse) == (1, "compact", 4, True)
+    s = gemv_runner.run(SMALL, "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
+    print(gemv_runner.summary_line(s))
+    assert gemv_runner.passed(s), gemv_runner.summary_line(s)
+    assert s["checked"] == s["expected"] > 250 and s["entries"] > 300 and s["layers"] == 11
 
 
 def corners_only(plan: dict) -> None:
@@ -72,11 +86,11 @@ def test_bf16_quick_regression_icarus(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, SMALL.name])
 def test_full_regression_verilator(name, tmp_path):
     """A whole MiniLM layer with real activations, every corner, in Verilator (the quick plan
     above is Icarus's; Icarus's full plan, about 100 s an engine, is `make sim`'s)."""
-    s = gemv_runner.run(CONFIGS[name], "verilator", seed=2, build_dir=tmp_path / "build")
+    s = gemv_runner.run({**CONFIGS, SMALL.name: SMALL}[name], "verilator", seed=2, build_dir=tmp_path / "build")
     print(gemv_runner.summary_line(s))
     assert gemv_runner.passed(s), gemv_runner.summary_line(s)
     assert s["checked"] > 1000

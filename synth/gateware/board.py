@@ -55,7 +55,7 @@ from amaranth.lib.wiring import In, Out
 
 from sop.golden.points import get_point
 from sop.hdl.config import RESIDUAL_SUFFIX, DecoderConfig, residual_configs
-from sop.hdl.gemv import GemvConfig
+from sop.hdl.gemv import SMALL_FPGA, GemvConfig
 
 from .protocol import ProtocolEngine
 from .uart import UartRx, UartTx
@@ -179,8 +179,7 @@ BOARDS = {
     # fields: the folded front end, the compact adder, no residual path) and gemv_y_depth (the y
     # FIFO: 384 x 32 bits = 4 of the UP5K's 30 RAM40). 97.6 % of its LCs (module docstring).
     "icebreaker-gemv": Board("icebreaker-gemv", 0, kit="icebreaker", gemv=True, gemv_cols=2048, gemv_rows=1536,
-                             gemv_options=(("dot_lanes", 1), ("dot_tail", "serial"), ("acc_adder", "compact"),
-                                           ("tile", 4), ("sparse", False)), gemv_y_depth=384),
+                             gemv_options=SMALL_FPGA + (("sparse", False),), gemv_y_depth=384),
 }
 
 
