@@ -22,7 +22,9 @@ The iCEBreaker's GEMV-only core (``icebreaker-gemv``: no decoder, its own engine
 configuration and y FIFO from synth/gateware/board.py): the same 17-row tile
 bit-exact on its protocol engine, a wrong y word in it caught, one row through
 its whole ``BoardCore`` (UART pins, ``sim_gemv_board(board=...)``), and ``sop
-board --gemv`` on it OK (a decode run, ``sop board``, is refused: tests/test_board_cli.py).
+board --gemv`` on it OK (a decode run, ``sop board``, is refused: tests/test_board_cli.py);
+its engine has no residual path: GEMV_STATUS's flags bit 1 says so, the host refuses a layer
+with sparse entries in one line, GEMV_SPARSE is UNKNOWN_CMD.
 """
 
 import re
