@@ -25,14 +25,27 @@ def test_our_gguf_path_gives_transformers_own_logits():
     f = smollm2_file()
     theirs = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32,
                                                   local_files_only=True).eval()
-    with torch.inference_mode():
-        ours = runner.model(input_ids=wins).logits
-        want = theirs(input_ids=wins).logits
-    np.testing.assert_allclose(ours.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+    # the model itself: every parameter and buffer bit for bit, the same attention and shape
+    ours_p, theirs_p = dict(runner.model.named_parameters()), dict(theirs.named_parameters())
+    assert ours_p.keys() == theirs_p.keys()
+    for name, p in ours_p.items():
+        np.testing.assert_array_equal(p.detach().numpy(), theirs_p[name].detach().numpy(), err_msg=name)
+    for name, b in theirs.named_buffers():
+        np.testing.assert_array_equal(runner.model.get_buffer(name).numpy(), b.numpy(), err_msg=name)
+    assert runner.model.config._attn_implementation == theirs.config._attn_implementation
     for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.ffn_down.weight"):
         t = runner.targets[name]
         np.testing.assert_array_equal(runner.model.get_submodule(t.module).weight.detach().numpy(),
                                       theirs.get_submodule(t.module).weight.detach().numpy())
+    # the logits: equal in a process of their own, but in the suite (another test's allocations
+    # before) two float32 forward passes of 30 layers once differed by 3.3e-3 at logits of about 16
+    # from position 1 on (summation order; position 0 equal): 1e-2 allows that, and a wrong weight,
+    # norm or RoPE moves them by far more
+    with torch.inference_mode():
+        ours = runner.model(input_ids=wins).logits
+        want = theirs(input_ids=wins).logits
+    assert float(want.abs().max()) > 10
+    np.testing.assert_allclose(ours.numpy(), want.numpy(), rtol=0, atol=1e-2)
 
 
 def test_eval_smollm2_with_calibration_and_kld(tmp_path, capsys):
