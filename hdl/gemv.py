@@ -616,6 +616,17 @@ class ResidualTerm(wiring.Component):
                          queue.r_en.eq(pop)]
         return stage, carry, code, sr, Sr, e, tag, finish
 
+    def product(self, m, stage, carry, sign, Sr, Sx, eb, tag):
+        """Stage 5 (the sign, both significands and ``eb``, a ``(name, value, shape)`` stage field: the
+        two units' exponent sums differ) and the multiplier's stages after it, with the sign, ``eb``
+        and ``tag`` carried beside. Returns ``(sign, eb, tag, P)``."""
+        sign, Sr, Sx, eb = stage(("sign3", sign, 1), ("sr3", Sr, 8), ("sx3", Sx, len(Sx)), eb)
+        tag = carry(tag, 1, "tag3")
+        m.submodules.multiplier = mul = self.multiplier
+        m.d.comb += [mul.en.eq(stage.en), mul.a.eq(Sr), mul.b.eq(Sx)]
+        sign, eb, tag = (carry(x, mul.latency, n) for x, n in ((sign, "sign"), (eb, "eb"), (tag, "tag_m")))
+        return sign, eb, tag, mul.p
+
     def elaborate(self, platform):
         m = Module()
         act = self.config.act_format
@@ -628,14 +639,8 @@ class ResidualTerm(wiring.Component):
         #    leading one were at bit 11 (X = (er - 134) + (ex - bias - M)); the result's is eb - lz(P)
         e_x = code[act.mbits:bits - 1]
         sx, Sx, ex = code[bits - 1], Cat(code[:act.mbits], e_x.any()), Mux(e_x.any(), e_x, 1)
-        sign, Sr, Sx, eb = stage(("sign3", self.sign(sr, sx), 1), ("sr3", Sr, 8), ("sx3", Sx, 4),
-                                 ("eb3", erk + ex, signed(10)))
-        tag = carry(tag, 1, "tag3")
         # 6-7: the product, exact
-        m.submodules.multiplier = mul = self.multiplier
-        m.d.comb += [mul.en.eq(en), mul.a.eq(Sr), mul.b.eq(Sx)]
-        sign, eb, tag = (carry(x, mul.latency, n) for x, n in ((sign, "sign"), (eb, "eb"), (tag, "tag_m")))
-        p = mul.p
+        sign, eb, tag, p = self.product(m, stage, carry, self.sign(sr, sx), Sr, Sx, ("eb3", erk + ex, signed(10)), tag)
         # 8-9: the leading zeros, the biased exponent, the subnormal shift P << (X + 149) = P << (eb + 11)
         #    (7 .. 22 where it applies): the leading zeros in a stage of their own, then the rest
         lz = leading_zeros(m, p, "lz")
@@ -711,17 +716,10 @@ class ResidualTermBF16(ResidualTerm):
         m = Module()
         # stages 1-4, ResidualTerm's: the x word, then the entry's code beside rho's fields
         stage, carry, code, sr, Sr, er, tag, finish = self.front(m, lambda er: ("er2", er, 8))
-        en = stage.en
         # 5: both significands, the sign, eb = er + ex (the product is P * 2^(eb - 268))
         sx, Sx, ex = _bf16_fields(code)
-        sign, Sr, Sx, eb = stage(("sign3", self.sign(sr, sx), 1), ("sr3", Sr, 8), ("sx3", Sx, 8),
-                                 ("eb3", er + ex, unsigned(9)))
-        tag = carry(tag, 1, "tag3")
         # 6-8: the product, exact
-        m.submodules.multiplier = mul = self.multiplier
-        m.d.comb += [mul.en.eq(en), mul.a.eq(Sr), mul.b.eq(Sx)]
-        sign, eb, tag = (carry(x, mul.latency, n) for x, n in ((sign, "sign"), (eb, "eb"), (tag, "tag_m")))
-        p = mul.p
+        sign, eb, tag, p = self.product(m, stage, carry, self.sign(sr, sx), Sr, Sx, ("eb3", er + ex, unsigned(9)), tag)
         # 9: P's leading and trailing zeros (16 for P = 0)
         lz, tz = leading_zeros(m, p, "lz"), trailing_zeros(p)
         lz, tz, eb, p, sign, tag = stage(("lz5", lz, lz.shape()), ("tz5", tz, range(17)), ("eb5", eb, unsigned(9)),

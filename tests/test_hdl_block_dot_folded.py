@@ -31,10 +31,12 @@ def run(dut: BlockDotFolded, hif, act, scale, sign, offset, *, seed=0, p_idle=0.
     """Stream the blocks through ``dut`` (random input gaps, output stalls, ``values.ready`` low for the
     first ``hold`` cycles). After each block taken the next is offered at once, or with probability
     ``p_idle`` after 1 to ``2 g/P`` cycles (so some come while the unit folds, some after it is ready:
-    a gap in its input); a block offered is held until taken (the stream rule). Returns the output
-    patterns, the cycle each left on, the cycle each block was taken, and the cycles ``blocks.ready``
-    was high."""
-    words = pack_blocks_in(dut, hif, act, scale, sign, offset)
+    a gap in its input); a block offered is held until taken (the stream rule). A chunked unit gets
+    each block as ``g/P`` chunk transfers (``chunk_words``), the same gaps before each chunk (inside
+    blocks too). Returns the output patterns, the cycle each left on, the cycle each block (chunk)
+    was taken, and the cycles ``blocks.ready`` was high."""
+    pack = chunk_words if dut.chunked else pack_blocks_in
+    words = pack(dut, hif, act, scale, sign, offset)
     rng = np.random.default_rng(seed)
     got, when, taken, ready = [], [], [], []
     n = dut.cycles_per_block
@@ -45,7 +47,7 @@ def run(dut: BlockDotFolded, hif, act, scale, sign, offset, *, seed=0, p_idle=0.
     async def bench(ctx):
         sent, cycle, start = 0, 0, wait()
         limit = 3 * n * len(words) + 4 * dut.latency + hold + 100
-        while len(got) < len(words):
+        while len(got) < len(scale):
             assert cycle < limit, "the unit stopped"
             offer = sent < len(words) and cycle >= start
             ctx.set(dut.blocks.valid, int(offer))
@@ -268,41 +270,6 @@ def chunk_words(dut: BlockDotFolded, hif, act, scale, sign, offset) -> list[int]
             for b in range(len(scale)) for c in range(n)]
 
 
-def run_chunked(dut: BlockDotFolded, blocks, *, seed=0, p_gap=0.3, p_stall=0.3):
-    """Stream the chunks through ``dut``: before each chunk a gap of 1 to 3 cycles with probability
-    ``p_gap`` (inside a block and between blocks), output stalls. Returns the values and the cycle
-    each chunk was taken."""
-    words = chunk_words(dut, *blocks)
-    n_blocks = len(blocks[2])
-    rng = np.random.default_rng(seed)
-    got, taken = [], []
-
-    async def bench(ctx):
-        sent, cycle, start = 0, 0, 0
-        limit = 4 * len(words) + 4 * dut.latency + 200
-        while len(got) < n_blocks:
-            assert cycle < limit, "the unit stopped"
-            offer = sent < len(words) and cycle >= start
-            ctx.set(dut.blocks.valid, int(offer))
-            if offer:
-                ctx.set(dut.blocks.payload.as_value(), words[sent])
-            ctx.set(dut.values.ready, int(rng.random() >= p_stall))
-            if offer and ctx.get(dut.blocks.ready):
-                sent += 1
-                taken.append(cycle)
-                start = cycle + 1 + (int(rng.integers(1, 4)) if rng.random() < p_gap else 0)
-            if ctx.get(dut.values.valid) and ctx.get(dut.values.ready):
-                got.append(ctx.get(dut.values.payload))
-            await ctx.tick()
-            cycle += 1
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
-    return np.array(got, np.uint32), np.array(taken)
-
-
 @pytest.mark.parametrize("lanes,tail", [(1, "serial"), (4, "pipelined")])
 def test_chunked_input_bit_exact_with_gaps_inside_blocks(lanes, tail):
     """``chunked=True``: the random blocks (every result class) as chunks, with gaps inside blocks and
@@ -313,10 +280,10 @@ def test_chunked_input_bit_exact_with_gaps_inside_blocks(lanes, tail):
     dut = BlockDotFolded(SOP4.layout, HIF, lanes=lanes, tail=tail, chunked=True)
     assert dut.latency == dut.depth and dut.blocks.payload.shape() == block_dot_folded.chunk_layout(
         HIF, dut.act, SOP4.layout, lanes)
-    got, taken = run_chunked(dut, blocks, seed=lanes)
+    got, _, _, _ = run(dut, *blocks, seed=lanes)
     np.testing.assert_array_equal(got, want)
-    got, taken = run_chunked(BlockDotFolded(SOP4.layout, HIF, lanes=lanes, tail=tail, chunked=True), blocks,
-                             seed=lanes, p_gap=0, p_stall=0)
+    got, _, taken, _ = run(BlockDotFolded(SOP4.layout, HIF, lanes=lanes, tail=tail, chunked=True), *blocks,
+                           seed=lanes, p_idle=0, p_stall=0)
     np.testing.assert_array_equal(got, want)
     assert (np.diff(taken) == 1).all()
 
@@ -334,7 +301,7 @@ def test_gaps_inside_blocks_catch_an_ungated_accumulator():
     rng = np.random.default_rng(58)
     blocks = random_blocks(SOP4.layout, HIF, rng, 60)
     want = model(SOP4.layout, HIF, *blocks)
-    got, _ = run_chunked(CountsGaps(SOP4.layout, HIF, lanes=4, chunked=True), blocks, seed=2)
+    got, _, _, _ = run(CountsGaps(SOP4.layout, HIF, lanes=4, chunked=True), *blocks, seed=2)
     assert (got != want).any()
-    got, _ = run_chunked(CountsGaps(SOP4.layout, HIF, lanes=4, chunked=True), blocks, seed=2, p_gap=0)
+    got, _, _, _ = run(CountsGaps(SOP4.layout, HIF, lanes=4, chunked=True), *blocks, seed=2, p_idle=0)
     np.testing.assert_array_equal(got, want)             # without gaps it is right: the gaps catch it
