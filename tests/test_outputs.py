@@ -191,7 +191,11 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 def stage(name):                 # say where the writer is; wait there to be killed if asked to
     print(name, flush=True)
     if name == hold:
-        time.sleep(60)
+        # short sleeps: a signal caught between the print and one long sleep would run its Python
+        # handler only when that sleep ends (the C handler has run, so the sleep is not cut short);
+        # each pass of the loop runs pending handlers
+        for _ in range(600):
+            time.sleep(0.1)
 
 
 with signals_as_interrupts():
@@ -234,6 +238,7 @@ def test_a_killed_writer_never_leaves_a_partial_file(tmp_path, sig, stage):
         assert proc.wait(timeout=20) != 0
     finally:
         proc.kill()
+        proc.wait(timeout=20)                       # reaped here, not left to a later test's GC
         proc.stdout.close()
     assert target.read_bytes() == b"the old target"
     assert sorted(tmp_path.iterdir()) == sorted([target, *temps(tmp_path)])
@@ -279,6 +284,7 @@ def test_the_cli_interrupted_by_sigterm_removes_its_temporary_files(files, tmp_p
         err = proc.stderr.read()
     finally:
         proc.kill()
+        proc.wait(timeout=20)
         proc.stderr.close()
     assert rc == 128 + signal.SIGTERM, err
     assert "sop: interrupted (SIGTERM)" in err and "Traceback" not in err
