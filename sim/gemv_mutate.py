@@ -10,7 +10,8 @@ what differs is the design and the bench.
 
 1. **Design.** ``GemvEngine`` of the named engine (default ``gemv-sop4-g16``; any of
    ``hdl.gemv.gemv_configs``, ``gemv-sop4-g16-bf16`` too: BF16 activations, the BF16 block dot
-   unit and ``ResidualTermBF16``, with the BF16 quick plan) with its ``x``
+   unit and ``ResidualTermBF16``, with the BF16 quick plan; and sim/gemv_runner.py's
+   ``gemv-sop4-g16-small``: the folded small-FPGA engine, one MAC a cycle) with its ``x``
    buffer cut to ``MAX_COLS`` columns (the widest layer of the quick plan is 384; the shipped
    16384 makes the proofs map a 128-Kbit memory to flip-flops; every other parameter, and the
    logic, as named), converted by sim/gemv_runner.py's ``build_verilog`` and elaborated as
@@ -80,11 +81,17 @@ SLACK = 1000
 SCRUB_CYCLES = 20000
 
 
-def mutation_config(name: str = DEFAULT_CONFIG):
-    """The named engine with the x buffer the mutation run uses (``MAX_COLS``)."""
+def engines() -> dict:
+    """The engines a mutation run takes: the named ones and sim/gemv_runner.py's small-FPGA one."""
     from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import small_engines
 
-    return replace(gemv_configs()[name], max_cols=MAX_COLS)
+    return {**gemv_configs(), **small_engines()}
+
+
+def mutation_config(name: str = DEFAULT_CONFIG):
+    """The engine ``name`` (``engines``) with the x buffer the mutation run uses (``MAX_COLS``)."""
+    return replace(engines()[name], max_cols=MAX_COLS)
 
 
 # -- the design and its mutants ----------------------------------------------------------------------
@@ -377,10 +384,8 @@ def by_location(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from sop.hdl.gemv import gemv_configs
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(gemv_configs()))
+    p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(engines()))
     p.add_argument("--mutants", type=int, default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
     p.add_argument("--seed", type=int, default=mu.DEFAULT_SEED)
     p.add_argument("--sim", default="verilator", choices=("verilator", "icarus"))

@@ -448,8 +448,11 @@ def _prelude(top: str) -> list[str]:
     # A memory of fewer words than its address reaches (the residual path's delay rings, 7 words)
     # maps to a read mux with undriven inputs (the words that do not exist, read only from states
     # the ring pointer never takes): 0 in both designs (`setundef`; a no-op elsewhere).
+    # No init values: every check here starts from a state of its own (the one-step check from any
+    # state, induction and BMC from all zeros), and a bit that setundef ties to 0 while its wire
+    # still says init x stops opt_clean ("Conflicting init values": the small-FPGA engine's tags).
     return ["setattr -unset keep", "delete t:$scopeinfo", "memory_collect", "memory_map", "setundef -zero -undriven",
-            "opt_clean", "simplemap t:$*dff*",
+            "setattr -unset init", "opt_clean", "simplemap t:$*dff*",
             "opt_clean", "dffunmap", "opt_clean -purge", "autoname", "splitnets"]
 
 

@@ -123,3 +123,18 @@ def test_bf16_engine_flow_kills_the_known_bad_mutants(tmp_path):
     for f in (BF16_STICKY, BF16_WINDOW):
         r = next(r for r in s["mutants"] if r.get("extra") == f)
         assert r["verdict"] == "killed" and r["by"] == "y word" and "corners" in r["reason"], r
+
+
+def test_the_small_fpga_engine_is_a_mutation_target():
+    """`make mutate` also scores the folded small-FPGA engine (sim/gemv_runner.py's
+    ``gemv-sop4-g16-small``): the run takes it by name, with the mutation run's x buffer."""
+    from sop.sim.gemv_runner import small_engines
+
+    small = small_engines()["gemv-sop4-g16-small"]
+    cfg = gemv_mutate.mutation_config("gemv-sop4-g16-small")
+    assert cfg.max_cols == gemv_mutate.MAX_COLS and cfg.dot_lanes == small.dot_lanes == 1
+    assert cfg.acc_adder == "compact" and cfg.sparse            # the engine as cocotb runs it, residual path too
+    assert {"gemv-sop4-g16", "gemv-sop4-g16-bf16", "gemv-sop4-g16-small"} <= set(gemv_mutate.engines())
+    with pytest.raises(SystemExit) as e:
+        gemv_mutate.main(["--config", "no-such-engine"])
+    assert e.value.code == 2
