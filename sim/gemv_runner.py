@@ -42,7 +42,11 @@ from ``--seed``, else from a new seed each run, printed: ``--seed`` reruns it):
   residual terms alone (all-zero tables) whose values cover ``ResidualTermBF16``'s
   rounding: subnormal terms rounded at every shift, ties to even both ways, flushed ones,
   the normal range's ends, saturation (``term_rounding_layer``, drawn from a generator of
-  its own: the other layers' draws are unchanged).
+  its own: the other layers' draws are unchanged). With E4M3 activations one layer more:
+  residual terms alone (all-zero tables) of subnormal and near-subnormal values, plain and
+  huge ones, and rows ``t + u - t`` that cancel to FP32 subnormals from every exponent below
+  28 (the row accumulator's normalization barrier; ``terms_alone_layer``, a generator of its
+  own too).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
@@ -359,6 +363,38 @@ def term_rounding_layer(point: str, rng, rows: int = 96, cols: int = 32) -> tupl
     return layer, [x, x ^ 0x8000]
 
 
+def terms_alone_layer(point: str, rng, rows: int = 48, cols: int = 32) -> tuple[LayerStream, list[np.ndarray]]:
+    """E4M3: a layer whose tables are all zero (every block +-0), so that each row's ``y`` is the sum
+    of its residual terms alone and no term is lost under a larger dot product. ``rows`` rows of 2
+    to 4 entries, most of them BF16 values from the smallest subnormal (2^-133) to 2^-108, whose
+    terms and sums against E4M3 activations are FP32 subnormals or just above (the term unit's
+    subnormal operands), the rest plain or huge; then 27 rows of three entries ``t, u, -t``, ``t``
+    at FP32's biased exponent 1 to 27 and ``u`` 1 to 23 binades below it: against activations of
+    1.0 the sum cancels to ``u``, a left shift that the row accumulator's normalization barrier
+    stops at every exponent below 28. Returns the layer and three vectors: special activations,
+    plain ones, and 1.0 everywhere."""
+    index, values = [], []
+    for r in range(rows):
+        cs = sorted(rng.choice(cols, 2 + r % 3, replace=False))
+        kind = rng.choice(3, len(cs), p=[0.8, 0.1, 0.1])                   # tiny, plain, huge
+        lo, hi = np.array([-133.0, -8.0, 110.0])[kind], np.array([-108.0, 8.0, 127.0])[kind]
+        index += [r * cols + c for c in cs]
+        values += list(np.exp2(rng.uniform(lo, hi)) * rng.choice([-1, 1], len(cs)))
+    for e in range(1, 28):                                               # t + u - t, in index order
+        cs = sorted(rng.choice(cols, 3, replace=False))
+        t = (1 + rng.integers(0, 128) / 128) * 2.0 ** (e - 127) * rng.choice([-1, 1])
+        u = (1 + rng.integers(0, 128) / 128) * 2.0 ** (e - 127 - int(rng.integers(1, 24))) * rng.choice([-1, 1])
+        index += [(rows + e - 1) * cols + c for c in cs]
+        values += [t, u, -t]
+    value = BF16.encode(BF16.quantize(np.asarray(values))).astype(np.uint16)
+    value[(value & 0x7FFF) == 0] |= 1                                   # no entry of +-0
+    n_rows = rows + 27
+    base = random_layer(point, n_rows, cols, rng, offset=0)
+    layer = LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, n_rows, cols, base.blocks,
+                        Sparse(np.asarray(index, np.uint32), value))
+    return layer, [special_vector(rng, cols), finite_codes(E4M3, rng, cols), np.full(cols, int(E4M3.encode(np.array([1.0]))[0]))]
+
+
 def _lsb_exponent(fmt, code: int) -> int:
     """The exponent of the lowest set bit of a nonzero finite code's value (host side)."""
     m, e = np.frexp(float(fmt.decode(np.array([code]))[0]))
@@ -511,6 +547,10 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
         corners.append(layer_entry(cfg, "residual-term-rounding", layer, vectors))
         layer, vectors = window_edge_layer(point, np.random.default_rng([seed, 16]))
         corners.append(layer_entry(cfg, "window-edge", layer, vectors))
+    else:
+        # E4M3: the residual terms alone (after every other draw, from a generator of its own)
+        layer, vectors = terms_alone_layer(point, np.random.default_rng([seed, 17]))
+        corners.append(layer_entry(cfg, "terms-alone", layer, vectors))
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}

@@ -138,3 +138,24 @@ def test_the_small_fpga_engine_is_a_mutation_target():
     with pytest.raises(SystemExit) as e:
         gemv_mutate.main(["--config", "no-such-engine"])
     assert e.value.code == 2
+
+
+def test_the_e4m3_plans_terms_alone_layer_reaches_subnormal_sums():
+    """The E4M3 quick plan's ``terms-alone`` layer (all-zero tables: each ``y`` is its residual
+    terms' sum alone): sums at many exponents below 28 and FP32 subnormals, and plain and
+    saturating ones too; its last 27 rows, ``t + u - t`` against activations of 1.0, cancel to
+    sums far below ``t`` (the row accumulator's normalization barrier). The mutation run's
+    residual-term and barrier survivors were killed by it (docs/dot.md)."""
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import plan_for
+
+    plan = plan_for(gemv_configs()["gemv-sop4-g16"], "quick", 1)
+    (layer,) = [lay for lay in plan["jobs"][1]["layers"] if lay["name"] == "terms-alone"]
+    ys = [np.asarray(v["expect"], dtype=np.int64) for v in layer["vectors"]]
+    y = np.concatenate(ys)
+    e = (y >> 23) & 0xFF
+    assert len(set(e[(e > 0) & (e < 28)].tolist())) >= 20
+    assert ((e == 0) & ((y & 0x7FFFFF) != 0)).sum() >= 20                # FP32 subnormal sums
+    assert (e > 100).sum() >= 10 and (e >= 250).sum() >= 3                # plain ones, and near the top
+    cancelled = (ys[2][-27:] >> 23) & 0xFF                                 # t at exponents 1 .. 27
+    assert (cancelled < np.arange(1, 28)).sum() >= 25
