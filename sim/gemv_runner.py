@@ -44,9 +44,9 @@ from ``--seed``, else from a new seed each run, printed: ``--seed`` reruns it):
   the normal range's ends, saturation (``term_rounding_layer``, drawn from a generator of
   its own: the other layers' draws are unchanged). With E4M3 activations one layer more:
   residual terms alone (all-zero tables) of subnormal and near-subnormal values, plain and
-  huge ones, and rows ``t + u - t`` that cancel to FP32 subnormals from every exponent below
-  28 (the row accumulator's normalization barrier; ``terms_alone_layer``, a generator of its
-  own too).
+  huge ones, and rows ``t + u - t`` that cancel far below ``t`` from every exponent below 28
+  (the row accumulator's normalization barrier; ``terms_alone_layer``, a generator of its own
+  too).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
@@ -370,9 +370,9 @@ def terms_alone_layer(point: str, rng, rows: int = 48, cols: int = 32) -> tuple[
     terms and sums against E4M3 activations are FP32 subnormals or just above (the term unit's
     subnormal operands), the rest plain or huge; then 27 rows of three entries ``t, u, -t``, ``t``
     at FP32's biased exponent 1 to 27 and ``u`` 1 to 23 binades below it: against activations of
-    1.0 the sum cancels to ``u``, a left shift that the row accumulator's normalization barrier
-    stops at every exponent below 28. Returns the layer and three vectors: special activations,
-    plain ones, and 1.0 everywhere."""
+    1.0 the sum cancels to about ``u`` (``t + u`` is rounded first), far below ``t``: a left shift
+    that the row accumulator's normalization barrier limits, at every exponent below 28. Returns
+    the layer and three vectors: special activations, plain ones, and 1.0 everywhere."""
     index, values = [], []
     for r in range(rows):
         cs = sorted(rng.choice(cols, 2 + r % 3, replace=False))
@@ -392,7 +392,8 @@ def terms_alone_layer(point: str, rng, rows: int = 48, cols: int = 32) -> tuple[
     base = random_layer(point, n_rows, cols, rng, offset=0)
     layer = LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, n_rows, cols, base.blocks,
                         Sparse(np.asarray(index, np.uint32), value))
-    return layer, [special_vector(rng, cols), finite_codes(E4M3, rng, cols), np.full(cols, int(E4M3.encode(np.array([1.0]))[0]))]
+    one = int(E4M3.encode(np.array([1.0]))[0])
+    return layer, [special_vector(rng, cols), finite_codes(E4M3, rng, cols), np.full(cols, one)]
 
 
 def _lsb_exponent(fmt, code: int) -> int:
