@@ -81,16 +81,11 @@ SLACK = 1000
 SCRUB_CYCLES = 20000
 
 
-def engines() -> dict:
-    """The engines a mutation run takes: the named ones and sim/gemv_runner.py's small-FPGA one."""
-    from sop.hdl.gemv import gemv_configs
-    from sop.sim.gemv_runner import small_engines
-
-    return {**gemv_configs(), **small_engines()}
-
-
 def mutation_config(name: str = DEFAULT_CONFIG):
-    """The engine ``name`` (``engines``) with the x buffer the mutation run uses (``MAX_COLS``)."""
+    """The engine ``name`` (sim/gemv_runner.py ``engines``: the named ones and the small-FPGA one)
+    with the x buffer the mutation run uses (``MAX_COLS``)."""
+    from sop.sim.gemv_runner import engines
+
     return replace(engines()[name], max_cols=MAX_COLS)
 
 
@@ -384,6 +379,8 @@ def by_location(s: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from sop.sim.gemv_runner import engines
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(engines()))
     p.add_argument("--mutants", type=int, default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")

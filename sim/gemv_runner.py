@@ -632,6 +632,11 @@ def small_engines() -> dict[str, GemvConfig]:
                                                            max_rows=1536)}
 
 
+def engines() -> dict[str, GemvConfig]:
+    """Every engine this runner takes by name: the named ones (hdl.gemv) and ``small_engines``."""
+    return {**gemv.gemv_configs(), **small_engines()}
+
+
 def cli(argv, description: str, run_one, line, ok, extra: dict[str, GemvConfig] | None = None) -> int:
     """The command line of an engine bench (this runner's and sim.tb_gemv_axis's): ``run_one(cfg, sim,
     quick=, seed=, waves=)`` for each named engine chosen (or one of ``extra``, by name only),

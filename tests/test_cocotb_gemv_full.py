@@ -6,10 +6,9 @@ worker. In Icarus the full plans are `make sim`'s (about 100 s an engine).
 
 import pytest
 
-from sop.hdl import gemv
 from sop.sim import gemv_runner
 
-ENGINES = {**gemv.gemv_configs(), **gemv_runner.small_engines()}
+ENGINES = gemv_runner.engines()
 
 
 @pytest.mark.slow

@@ -128,13 +128,13 @@ def test_bf16_engine_flow_kills_the_known_bad_mutants(tmp_path):
 def test_the_small_fpga_engine_is_a_mutation_target():
     """`make mutate` also scores the folded small-FPGA engine (sim/gemv_runner.py's
     ``gemv-sop4-g16-small``): the run takes it by name, with the mutation run's x buffer."""
-    from sop.sim.gemv_runner import small_engines
+    from sop.sim.gemv_runner import engines, small_engines
 
     small = small_engines()["gemv-sop4-g16-small"]
     cfg = gemv_mutate.mutation_config("gemv-sop4-g16-small")
     assert cfg.max_cols == gemv_mutate.MAX_COLS and cfg.dot_lanes == small.dot_lanes == 1
     assert cfg.acc_adder == "compact" and cfg.sparse            # the engine as cocotb runs it, residual path too
-    assert {"gemv-sop4-g16", "gemv-sop4-g16-bf16", "gemv-sop4-g16-small"} <= set(gemv_mutate.engines())
+    assert {"gemv-sop4-g16", "gemv-sop4-g16-bf16", "gemv-sop4-g16-small"} <= set(engines())
     with pytest.raises(SystemExit) as e:
         gemv_mutate.main(["--config", "no-such-engine"])
     assert e.value.code == 2
