@@ -516,8 +516,12 @@ def golden_words(cfg, h, c, s, o):
 OFFSETS = [-128, -100, -20, 0, 20, 100, 127]
 
 
-@pytest.mark.parametrize("output,pipeline", [("exact", "deep"), ("bf16", "deep"), ("bf16", "shallow")])
-@pytest.mark.parametrize("layout", ["sop4-g16", "e2m3-ue4m4-g16"])
+# The exact lane is the multiplier and an exponent add: exhaustive for the sop4 layout; the UE4M4
+# scale's wider multiplier is exhaustive alone (test_pipelined_multiplier_every_product, 7 x 5 bits)
+# and in the exact formatter under random words (test_formatter_against_model).
+@pytest.mark.parametrize("output,pipeline,layout", [
+    ("exact", "deep", "sop4-g16"), *((o, p, lay) for lay in ("sop4-g16", "e2m3-ue4m4-g16")
+                                     for o, p in (("bf16", "deep"), ("bf16", "shallow")))])
 def test_lane_exhaustive(output, layout, pipeline):
     """Every HIF code x every scale code x both signs, at offsets from subnormal to saturated:
     the RTL lane and the models of its parts all give golden's words."""
