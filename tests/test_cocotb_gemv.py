@@ -6,12 +6,11 @@ back to back, the bad vectors): every expected ``y`` word checked, none
 mismatched, the status bits as they should be. The checker can fail: an engine
 whose table bank stores one bit of entry 5 flipped (tests/mutants.py), and a plan
 with one expected word off by one bit and a NaN vector said to be good, must be
-reported. The full plans (whole layers) in Verilator are slow tests of their own file
-(tests/test_cocotb_gemv_full.py, so that the two halves run on two workers); in Icarus they are
-`make sim`'s.
-The BF16 engine's quick plan in Icarus is a slow test here (`make sim` runs its plans). The
-small-FPGA engine (``gemv-sop4-g16-small``: folded to one MAC a cycle, the compact adder, tiles of
-4; the iCEBreaker's) runs the quick plan in Icarus here, the full one in Verilator there.
+reported. The e2m3-ue4m4-g16 engine and the small-FPGA one (``gemv-sop4-g16-small``: folded to
+one MAC a cycle, the compact adder, tiles of 4; the iCEBreaker's) run the quick plan in Icarus
+here too, the BF16 engine's as a slow test. The BF16 engine's full plan (whole layers) in
+Verilator is a slow test of its own file (tests/test_cocotb_gemv_full.py, so that it runs on the
+other worker); every engine's full plan is `make sim`'s.
 """
 
 import pytest
@@ -32,6 +31,14 @@ def test_quick_regression_icarus(tmp_path):
     assert s["checked"] == s["expected"] > 250 and s["counted"] == 3 * 19   # 18 bad vectors of 3 rows, the bad entry's
     assert s["entries"] > 550 and s["layers"] == 12                          # terms-alone included
     assert gemv_runner.passed(s)
+
+
+def test_fp6_engine_quick_regression_icarus(tmp_path):
+    """The e2m3-ue4m4-g16 engine (one bank, 6-bit codes, unsigned scales) under its quick plan."""
+    s = gemv_runner.run(CONFIGS["gemv-e2m3-ue4m4-g16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
+    print(gemv_runner.summary_line(s))
+    assert gemv_runner.passed(s), gemv_runner.summary_line(s)
+    assert s["checked"] == s["expected"] > 250 and s["entries"] > 550 and s["layers"] == 12
 
 
 def test_small_fpga_engine_quick_regression_icarus(tmp_path):
