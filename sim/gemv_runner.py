@@ -396,6 +396,18 @@ def terms_alone_layer(point: str, rng, rows: int = 48, cols: int = 32) -> tuple[
     return layer, [special_vector(rng, cols), finite_codes(E4M3, rng, cols), np.full(cols, one)]
 
 
+def swap_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, list[np.ndarray]]]:
+    """(name, layer, vectors) of layers whose one vector is one or two ``x`` beats (16 or 32 columns),
+    after a wide one: the bench offers a layer's first block the cycle after its vector's last beat,
+    so these blocks come in the two cycles after the swap beat, where the engine's counter flags
+    still hold the layer before's rows and blocks per row (the sequencer's ``settled`` guard holds
+    them back). Each layer differs from the one before in a flag the first two blocks read: one
+    row or two, one block per row or two."""
+    shapes = [(3, 64), (2, 16), (1, 32), (1, 16), (2, 32), (3, 16), (1, 16), (2, 16)]
+    return [(f"swap-{rows}x{cols}", random_layer(point, rows, cols, rng), [finite_codes(act, rng, cols)])
+            for rows, cols in shapes]
+
+
 def _lsb_exponent(fmt, code: int) -> int:
     """The exponent of the lowest set bit of a nonzero finite code's value (host side)."""
     m, e = np.frexp(float(fmt.decode(np.array([code]))[0]))
@@ -552,6 +564,9 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
         # E4M3: the residual terms alone (after every other draw, from a generator of its own)
         layer, vectors = terms_alone_layer(point, np.random.default_rng([seed, 17]))
         corners.append(layer_entry(cfg, "terms-alone", layer, vectors))
+    # layers of one and two x beats, swapped in back to back (a generator of their own, last)
+    corners += [layer_entry(cfg, name, layer, v)
+                for name, layer, v in swap_layers(point, np.random.default_rng([seed, 18]), cfg.act_format)]
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}

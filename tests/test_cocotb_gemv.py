@@ -29,7 +29,7 @@ def test_quick_regression_icarus(tmp_path):
     print(gemv_runner.summary_line(s))
     assert s["failed_tests"] == 0 and s["mismatches"] == 0 and s["status_errors"] == 0
     assert s["checked"] == s["expected"] > 250 and s["counted"] == 3 * 19   # 18 bad vectors of 3 rows, the bad entry's
-    assert s["entries"] > 550 and s["layers"] == 12                          # terms-alone included
+    assert s["entries"] > 550 and s["layers"] == 20                          # terms-alone and swap-RxC included
     assert gemv_runner.passed(s)
 
 
@@ -38,7 +38,7 @@ def test_fp6_engine_quick_regression_icarus(tmp_path):
     s = gemv_runner.run(CONFIGS["gemv-e2m3-ue4m4-g16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
     print(gemv_runner.summary_line(s))
     assert gemv_runner.passed(s), gemv_runner.summary_line(s)
-    assert s["checked"] == s["expected"] > 250 and s["entries"] > 550 and s["layers"] == 12
+    assert s["checked"] == s["expected"] > 250 and s["entries"] > 550 and s["layers"] == 20
 
 
 def test_small_fpga_engine_quick_regression_icarus(tmp_path):
@@ -49,7 +49,7 @@ def test_small_fpga_engine_quick_regression_icarus(tmp_path):
     s = gemv_runner.run(SMALL, "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
     print(gemv_runner.summary_line(s))
     assert gemv_runner.passed(s), gemv_runner.summary_line(s)
-    assert s["checked"] == s["expected"] > 450 and s["entries"] > 550 and s["layers"] == 12
+    assert s["checked"] == s["expected"] > 450 and s["entries"] > 550 and s["layers"] == 20
 
 
 def corners_only(plan: dict) -> None:
@@ -91,4 +91,4 @@ def test_bf16_quick_regression_icarus(tmp_path):
     s = gemv_runner.run(CONFIGS["gemv-sop4-g16-bf16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
     print(gemv_runner.summary_line(s))
     assert gemv_runner.passed(s), gemv_runner.summary_line(s)
-    assert s["checked"] == s["expected"] > 280 and s["counted"] == 3 * 19 and s["layers"] == 13 + 2
+    assert s["checked"] == s["expected"] > 280 and s["counted"] == 3 * 19 and s["layers"] == 13 + 2 + 8

@@ -159,3 +159,29 @@ def test_the_e4m3_plans_terms_alone_layer_reaches_subnormal_sums():
     assert (e > 100).sum() >= 10 and (e >= 250).sum() >= 3                # plain ones, and near the top
     cancelled = (ys[2][-27:] >> 23) & 0xFF                                 # t at exponents 1 .. 27
     assert (cancelled < np.arange(1, 28)).sum() >= 25
+
+
+@pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-sop4-g16-bf16"])
+def test_the_quick_plans_swap_in_layers_of_one_and_two_x_beats(engine):
+    """The quick plans end with layers whose one vector is one or two ``x`` beats, each after a
+    layer that differs in a counter flag its first two blocks read (one row or two, one block per
+    row or two): the bench offers such a layer's first block the cycle after its last beat, inside
+    the two cycles in which the sequencer's ``settled`` guard holds blocks back. The small-FPGA
+    engine's survivor with that guard stuck open (``swap_take`` tied to 0) was killed by them
+    (docs/dot.md)."""
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import plan_for
+
+    plan = plan_for(gemv_configs()[engine], "quick", 1)
+    layers = plan["jobs"][1]["layers"]
+
+    def flags(lay):
+        rows, bpr = lay["layer"][:2]
+        return rows == 1, rows == 2, bpr == 1, bpr == 2
+
+    short = [(before, lay) for before, lay in zip(layers, layers[1:])
+             if len(lay["vectors"][0]["x"]) <= 2 and flags(lay) != flags(before)]
+    assert len(short) >= 6
+    assert {len(lay["vectors"][0]["x"]) for _, lay in short} == {1, 2}
+    assert {flags(lay) for _, lay in short} >= {(True, False, True, False), (False, True, True, False),
+                                                (True, False, False, True), (False, True, False, True)}
