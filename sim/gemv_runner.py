@@ -46,7 +46,10 @@ from ``--seed``, else from a new seed each run, printed: ``--seed`` reruns it):
   residual terms alone (all-zero tables) of subnormal and near-subnormal values, plain and
   huge ones, and rows ``t + u - t`` that cancel far below ``t`` from every exponent below 28
   (the row accumulator's normalization barrier; ``terms_alone_layer``, a generator of its own
-  too).
+  too); then, after the ``swap-RxC`` layers and from a generator of their own, terms ``(t + u) - t``
+  that cancel to the row adder's leading-zero counts up to 24 (``deep_cancel_layer``), block values at
+  offset 127 short of saturation (``top_offset_layer``), and a layer that reuses its page's tables
+  two layers on, with no table writes (``reused_table_layers``).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
@@ -408,6 +411,74 @@ def swap_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, list[
             for rows, cols in shapes]
 
 
+#: ``deep_cancel_layer``'s rows: (FP32 biased exponent of ``t``, binades ``u`` lies below ``t``)
+DEEP_CANCEL_ROWS = ([(e, 18) for e in range(20, 28)] + [(19, d) for d in (19, 20, 21, 23)]
+                    + [(75, d) for d in (12, 14, 17, 20, 23)] + [(100, d) for d in range(1, 24)])
+
+
+def deep_cancel_layer(point: str, rng, cols: int = 16) -> tuple[LayerStream, list[np.ndarray]]:
+    """E4M3: residual terms alone (all-zero tables, one block a row), each row ``t, u, -t`` against
+    activations of 1.0 (``DEEP_CANCEL_ROWS``: ``t`` at a biased exponent ``e``, ``u`` of ``t``'s sign
+    ``d`` binades below it), so that the row accumulator's last addition ``(t + u) - t`` cancels to
+    ``u``: its leading-zero count is ``d + 1`` (or ``e`` at the normalization barrier). Rows for the
+    count of 19 (the sum's leading one at bit 8 of the adder's word: ``d = 18`` above ``e = 19``, and
+    the barrier itself at ``e = 19``), for a count beyond the barrier bit of ``e = 11`` at ``e = 75``
+    (``75 = 11 + 64``: one exponent bit off), and counts from 3 to 24 at ``e = 100``. Returns the
+    layer and its vector."""
+    index, values = [], []
+    for r, (e, d) in enumerate(DEEP_CANCEL_ROWS):
+        cs = sorted(rng.choice(cols, 3, replace=False))
+        sign = float(rng.choice([-1, 1]))
+        t = (1 + int(rng.integers(0, 127)) / 128) * 2.0 ** (e - 127) * sign
+        u = (1 + int(rng.integers(0, 64)) / 128) * 2.0 ** (e - 127 - d) * sign
+        index += [r * cols + c for c in cs]
+        values += [t, u, -t]
+    value = BF16.encode(BF16.quantize(np.asarray(values))).astype(np.uint16)
+    rows = len(DEEP_CANCEL_ROWS)
+    base = random_layer(point, rows, cols, rng, offset=0)
+    layer = LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, rows, cols, base.blocks,
+                        Sparse(np.asarray(index, np.uint32), value))
+    return layer, [np.full(cols, int(E4M3.encode(np.array([1.0]))[0]))]
+
+
+def top_offset_layer(point: str, rng, rows: int = 16) -> tuple[LayerStream, list[np.ndarray]]:
+    """E4M3: one block a row at offset 127 (the block dot unit's ``kmax`` at 256 or more, its top
+    bit set), random tables and headers, against small activations (subnormal and the lowest normal
+    binades), so that most block values, each a row's ``y``, are normal, up to FLT_MAX's binade,
+    rather than saturated. Returns the layer and two vectors."""
+    layer = random_layer(point, rows, 16, rng, offset=127)
+    small = [rng.integers(0x01, 0x08, 16) | (rng.integers(0, 2, 16) << 7),
+             rng.integers(0x01, 0x18, 16) | (rng.integers(0, 2, 16) << 7)]
+    return layer, small
+
+
+def reused_table_layers(point: str, rng) -> list[tuple[str, LayerStream, list[np.ndarray], bool]]:
+    """(name, layer, vectors, whether its tables are written) of three small layers: ``A``, ``B``
+    (other tables; the last word the host writes, the last bank's last code, is ``A``'s negated) and
+    ``A`` again with no table writes (its layer word only): its page must still hold ``A``'s tables,
+    which nothing writes in between (the ``load`` payload stays at ``B``'s last word, and the page
+    to write flips at ``B``'s swap). Every other block of ``A`` (its rows' last block column) reads
+    that word in all its lanes."""
+    a, b = random_layer(point, 4, 32, rng), random_layer(point, 4, 32, rng)
+    lay, hi = a.layout, 1 << (a.hif.bits - 1)
+    bank, code = lay.banks - 1, (1 << lay.code_bits) - 1               # gemv_runner.layer_entry's last load
+    luts_a, luts_b = a.luts.copy(), b.luts.copy()
+    luts_a[bank, code] = int(luts_a[bank, code]) % (hi - 1) + 1        # nonzero, positive
+    luts_b[bank, code] = luts_a[bank, code] | hi                       # its negative
+    n = a.rows * a.cols // lay.group
+    headers = lay.make_header(rng.integers(1, 1 << lay.scale.bits, n),
+                              rng.integers(0, 2, n) if lay.signed_scale else 0,
+                              np.arange(n) % 2 if lay.select_bit else 0)
+    codes = rng.integers(0, 1 << lay.code_bits, (n, lay.group))
+    codes[1::2] = code                                                  # (odd blocks: select bit 1, the last bank)
+    a = make_layer(point, luts_a, a.offset, a.rows, headers, codes)
+    b = LayerStream(b.layout, b.hif, luts_b, b.offset, b.rows, b.cols, b.blocks, b.sparse)
+    xs = [finite_codes(E4M3, rng, 32, signed=False) for _ in range(3)]
+    for x in xs:
+        x[x == 0] = 0x08                                                # no zero activation
+    return [("tables-A", a, [xs[0]], True), ("tables-B", b, [xs[1]], True), ("tables-A-reused", a, [xs[2]], False)]
+
+
 def _lsb_exponent(fmt, code: int) -> int:
     """The exponent of the lowest set bit of a nonzero finite code's value (host side)."""
     m, e = np.frexp(float(fmt.decode(np.array([code]))[0]))
@@ -567,6 +638,18 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
     # layers of one and two x beats, swapped in back to back (a generator of their own, last)
     corners += [layer_entry(cfg, name, layer, v)
                 for name, layer, v in swap_layers(point, np.random.default_rng([seed, 18]), cfg.act_format)]
+    if cfg.act_format is E4M3:
+        # the row adder's deep cancellations, offset 127 short of saturation, a page's tables reused
+        # (a generator of their own, after every other draw)
+        more = np.random.default_rng([seed, 19])
+        layer, vectors = deep_cancel_layer(point, more)
+        corners.append(layer_entry(cfg, "deep-cancel", layer, vectors))
+        layer, vectors = top_offset_layer(point, more)
+        corners.append(layer_entry(cfg, "offset127-normal", layer, vectors))
+        for name, layer, vectors, written in reused_table_layers(point, more):
+            corners.append(layer_entry(cfg, name, layer, vectors))
+            if not written:
+                corners[-1]["loads"] = []
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}

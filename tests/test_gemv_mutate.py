@@ -185,3 +185,87 @@ def test_the_quick_plans_swap_in_layers_of_one_and_two_x_beats(engine):
     assert {len(lay["vectors"][0]["x"]) for _, lay in short} == {1, 2}
     assert {flags(lay) for _, lay in short} >= {(True, False, True, False), (False, True, True, False),
                                                 (True, False, False, True), (False, True, False, True)}
+
+
+def _quick_corners(engine: str = "gemv-sop4-g16") -> dict:
+    """The corner layers of an engine's quick plan (seed 1), by name."""
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import plan_for
+
+    return {lay["name"]: lay for lay in plan_for(gemv_configs()[engine], "quick", 1)["jobs"][1]["layers"]}
+
+
+def _biased_exponent(f32: np.ndarray) -> np.ndarray:
+    return (np.asarray(f32, np.float32).view(np.uint32).astype(np.int64) >> 23) & 0xFF
+
+
+def test_the_e4m3_plans_deep_cancel_layer_reaches_the_row_adders_leading_zero_counts():
+    """The E4M3 quick plan's ``deep-cancel`` layer (all-zero tables, activations of 1.0: each ``y`` is
+    ``(t + u) - t``): the row accumulator's last addition has the leading-zero count ``k`` (the
+    adder's ``e'_big`` minus the result's exponent field, plus one; ``e'_big`` for a subnormal result)
+    of 19 by a cancellation above exponent 19 and by the barrier at 19, counts beyond 11 at
+    ``e'_big = 75``, and every count from 6 to 24 (20 in all) above the barrier. The folded engine's survivors
+    there (a leading-zero select at 19, the compare ``e'_big == 11`` with one bit stuck, which
+    also holds at 75) were killed by it (docs/dot.md)."""
+    from sop.golden.dot import FORMATS
+
+    layer = _quick_corners()["deep-cancel"]
+    rows: dict[int, list] = {}
+    for row, col, value, _last in layer["sparse"]:
+        rows.setdefault(row, []).append((col, value))
+    assert sorted(rows) == list(range(layer["rows"])) and layer["layer"][1] == 1
+    y = np.asarray(layer["vectors"][0]["expect"], np.uint32).view(np.float32)
+    seen = []
+    for r, entries in sorted(rows.items()):
+        t, u, minus_t = FORMATS["bf16"].decode(np.array([v for _, v in sorted(entries)])).astype(np.float32)
+        assert minus_t == -t
+        s1 = np.float32(t) + np.float32(u)
+        assert np.float32(s1 + minus_t) == y[r]                                   # the golden sum
+        e_big = max(int(_biased_exponent(s1)), int(_biased_exponent(t)), 1)
+        e_y = int(_biased_exponent(y[r]))
+        seen.append((e_big, e_big - max(e_y - 1, 0)))
+    assert sum(k == 19 for e, k in seen if e > 19) >= 5
+    assert sum(k == 19 for e, k in seen if e == 19) >= 3                        # the barrier's count
+    assert sum(k > 11 for e, k in seen if e == 75) >= 3
+    above = {k for e, k in seen if e >= 28}
+    assert set(range(6, 25)) <= above and len(above) >= 20
+
+
+def test_the_e4m3_plans_offset127_layer_has_normal_block_values():
+    """The E4M3 quick plan's ``offset127-normal`` layer: one block a row at offset 127 (the block
+    dot unit's ``kmax`` at 256 or more, its bit 8 set: the folded tail's ``kk`` starts there), and
+    block values, each a row's ``y``, that are normal and not saturated, up to FLT_MAX's binade: the
+    count down from ``kmax`` crosses 256. (A bit of the folded tail's ``kk`` tied to its bit 8
+    survived every layer before: the others' values at such a ``kmax`` saturate.)"""
+    layer = _quick_corners()["offset127-normal"]
+    assert layer["layer"][1:3] == [1, 127]
+    y = np.concatenate([np.asarray(v["expect"], np.int64) for v in layer["vectors"]])
+    e = (y >> 23) & 0xFF
+    normal = (e >= 1) & (e <= 254) & ((y & 0x7FFFFFFF) != 0x7F7FFFFF)
+    assert normal.sum() >= 24 and len(set(e[normal].tolist())) >= 8 and (e[normal] < 248).sum() >= 5
+
+
+@pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-e2m3-ue4m4-g16"])
+def test_the_e4m3_plans_reuse_a_pages_tables(engine):
+    """The E4M3 quick plans end with ``tables-A``, ``tables-B`` and ``tables-A-reused``: the third
+    writes no table word (its page still holds ``A``'s), the last word ``B`` writes is the
+    negation of ``A``'s at the same bank and code, and half of ``A``'s blocks read that word in every
+    lane. (The table bank's write enable stuck high wrote ``B``'s last word, held on ``load``, into
+    ``A``'s page after ``B``'s swap: a folded-engine survivor, killed by these layers.)"""
+    from sop.golden.points import get_point
+
+    corners = _quick_corners(engine)
+    names = list(corners)
+    assert names[-3:] == ["tables-A", "tables-B", "tables-A-reused"]
+    a, b, again = (corners[n] for n in names[-3:])
+    assert again["loads"] == [] and a["loads"] and again["layer"] == a["layer"] and again["w"] == a["w"]
+    bank, code, value = b["loads"][-1]
+    assert value != dict(((bk, ad), v) for bk, ad, v in a["loads"])[(bank, code)]
+    lay = get_point(engine.removeprefix("gemv-")).layout
+    reads = 0
+    for beat in a["w"]:
+        header = beat & ((1 << lay.header_bits) - 1)
+        codes = [(beat >> (lay.header_bits + j * lay.code_bits)) & ((1 << lay.code_bits) - 1) for j in range(lay.group)]
+        in_bank = ((header >> lay.select_position) & 1 if lay.select_bit else 0) == bank
+        reads += in_bank and codes == [code] * lay.group
+    assert reads == len(a["w"]) // 2
