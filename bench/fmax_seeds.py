@@ -17,8 +17,13 @@ synthesizes each once (synth/flow/yosys_nextpnr.py, ``build/synth-seeds/``) and 
 routes it with seeds 1 to ``--seeds``, then prints per variant the Fmax of
 every seed, min / median / max, and the ratio of the medians.
 
+``--placer NAME`` (repeatable; ``PLACERS``) places each netlist again with nextpnr's own
+settings changed, beside the flow's (``default``): the same netlist and seeds, so that
+the rows compare the placer alone.
+
 Run: .venv/bin/python bench/fmax_seeds.py [--seeds 5] [--jobs 2]    (about 5 min)
      .venv/bin/python bench/fmax_seeds.py --config sop4-g16-x64 --variant lutram   (64 lanes: 8-14 min a seed)
+     .venv/bin/python bench/fmax_seeds.py --variant lutram --placer default --placer timing40
 """
 
 from __future__ import annotations
@@ -42,14 +47,20 @@ from sop.synth.flow.yosys_nextpnr import SEED, TARGETS, for_target, place_and_ro
 OUT = toolenv.build_root() / "synth-seeds"
 CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 VARIANTS = ("lutram", "one-memory")
+# nextpnr settings added to the flow's ECP5 command (``default``: none): HeAP's timing weight
+# (default 10) and criticality exponent (default 2) raised; the electrostatic placer in place of HeAP
+PLACERS = {"default": (),
+           "timing40": ("--placer-heap-timingweight", "40", "--placer-heap-critexp", "4"),
+           "static": ("--placer", "static")}
 
 
-def fmax_for_seed(work: Path, seed: int) -> dict:
-    """Place and route the netlist in ``work`` again with ``seed`` (seed 1: the synthesis run's)."""
-    target = TARGETS["ecp5"]
-    if seed == SEED:
+def fmax_for_seed(work: Path, seed: int, placer: str = "default") -> dict:
+    """Place and route the netlist in ``work`` again with ``seed`` and ``placer``'s settings (seed 1
+    with the flow's own: the synthesis run's)."""
+    if seed == SEED and placer == "default":
         return read_pnr(work)
-    run = work / f"seed{seed}"
+    target = replace(TARGETS["ecp5"], pnr=TARGETS["ecp5"].pnr + PLACERS[placer])
+    run = work / (f"seed{seed}" if placer == "default" else f"{placer}-seed{seed}")
     run.mkdir(exist_ok=True)
     shutil.copy(work / "netlist.json", run / "netlist.json")     # the YoWASP tools take relative paths
     place_and_route(run, target, target.freq_mhz, seed=seed)
@@ -63,8 +74,11 @@ def main() -> None:
     p.add_argument("--config", action="append", choices=list(named_configs()),
                    help=f"a named configuration (default: {', '.join(CONFIGS)})")
     p.add_argument("--variant", action="append", choices=VARIANTS, help="default: both")
+    p.add_argument("--placer", action="append", choices=list(PLACERS),
+                   help="nextpnr settings, each beside the others on the same netlists (default: the flow's)")
     args = p.parse_args()
     configs, variants = args.config or list(CONFIGS), args.variant or list(VARIANTS)
+    placers = args.placer or ["default"]
     toolenv.apply()
     t0 = time.monotonic()
     works, depths = {}, {}
@@ -75,30 +89,36 @@ def main() -> None:
             label = f"{name}-{variant}"
             run_design(Decoder(cfg), label, "ecp5", OUT, top="synth_" + module_name(cfg))
             works[label], depths[label] = OUT / "runs" / label / "ecp5", cfg.lutram_depth
-    jobs = [(label, seed) for label in works for seed in range(1, args.seeds + 1)]
+    jobs = [(label, placer, seed) for label in works for placer in placers for seed in range(1, args.seeds + 1)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        got = list(pool.map(lambda j: fmax_for_seed(works[j[0]], j[1]), jobs))
-    fmax = {label: [] for label in works}
-    for (label, _), rec in zip(jobs, got):
-        fmax[label].append(rec["fmax_mhz"])
+        got = list(pool.map(lambda j: fmax_for_seed(works[j[0]], j[2], j[1]), jobs))
+    fmax = {(label, placer): [] for label in works for placer in placers}
+    for (label, placer, _), rec in zip(jobs, got):
+        fmax[label, placer].append(rec["fmax_mhz"])
     summary = {}
-    lines = ["| config | table RAM | Fmax per seed (MHz) | min | median | max |", "|---|---|---|---:|---:|---:|"]
+    lines = ["| config | table RAM | placer | Fmax per seed (MHz) | min | median | max |",
+             "|---|---|---|---|---:|---:|---:|"]
     for name in configs:
         med = {}
         for variant in variants:
             label = f"{name}-{variant}"
-            f = fmax[label]
-            med[variant] = statistics.median(f)
-            summary[label] = {"lutram_depth": depths[label], "fmax_mhz": f, "median": med[variant]}
-            lines.append(f"| {name} | {variant} (lutram_depth {depths[label]}) | "
-                         f"{' / '.join(f'{x:.1f}' for x in f)} | {min(f):.1f} | {med[variant]:.1f} | {max(f):.1f} |")
+            for placer in placers:
+                f = fmax[label, placer]
+                key = label if placer == "default" else f"{label}-{placer}"
+                summary[key] = {"lutram_depth": depths[label], "placer": list(PLACERS[placer]), "fmax_mhz": f,
+                                "median": statistics.median(f)}
+                lines.append(f"| {name} | {variant} (lutram_depth {depths[label]}) | {placer} | "
+                             f"{' / '.join(f'{x:.1f}' for x in f)} | {min(f):.1f} | {statistics.median(f):.1f} | "
+                             f"{max(f):.1f} |")
+            # the lutram / one-memory ratio: with the first placer named
+            med[variant] = summary[label if placers[0] == "default" else f"{label}-{placers[0]}"]["median"]
         if len(med) == 2:
             summary[name] = {"median_ratio": med["lutram"] / med["one-memory"]}
     ratios = [f"{n}: median Fmax lutram / one-memory = {summary[n]['median_ratio']:.3f}"
               for n in configs if n in summary]
     text = "\n".join(lines) + "\n\n" + "\n".join(ratios) + "\n"
-    stem = "fmax_seeds" if configs == list(CONFIGS) and variants == list(VARIANTS) else \
-        "fmax_seeds-" + "-".join(configs + variants)
+    stem = "fmax_seeds" if configs == list(CONFIGS) and variants == list(VARIANTS) and placers == ["default"] \
+        else "fmax_seeds-" + "-".join(configs + variants + placers)
     write_atomic(OUT / f"{stem}.json", (json.dumps(summary, indent=1) + "\n").encode())
     write_atomic(OUT / f"{stem}.md", text.encode())
     print(text)
