@@ -32,13 +32,32 @@ computes nothing, it drives beats and compares every ``y`` word bit for bit,
 
 Random idle cycles on every input (``p_idle``: ``x``, ``w``, ``sparse``, ``load``,
 ``layer``) and random stalls on ``y.ready`` (``p_stall``) come from the plan's
-``seed`` (printed; the runner's ``--seed`` reruns it). Every wait
-is bounded: each job runs under ``with_timeout`` and its drain under a cycle
-limit. One clock loop calls the driver and the monitor each cycle (in ReadOnly
-before the edge: the ``y`` word taken, the handshakes, ``status`` when asked;
-after it: the next inputs, written only when they change). The summary (words
-checked, counted, mismatches, status errors, layers, sparse entries, cycles)
-goes to ``SOP_SIM_REPORT``; the test fails on any mismatch or status error.
+``seed`` (printed; the runner's ``--seed`` reruns it), and so do two things more:
+
+* **junk on idle payloads**: in a cycle in which an input's valid is low its payload
+  becomes a fresh random word (all its bits) with the chance ``P_JUNK`` (0.5), else it
+  keeps the one it had, as a real host (or AXI4-Stream) leaves a payload undefined
+  while valid is low; the engine must ignore it. A beat offered is driven as it is,
+  and a beat not taken is offered again unchanged (the payload is stable while valid
+  is high and ready low).
+* **long stalls of ``y``**: a cycle at least ``LONG_GAP`` (450) cycles after the last
+  long stall ended starts one with the chance ``P_LONG_STALL`` (1/550): ``y.ready``
+  low for 150 to 300 cycles (``LONG_STALL``, uniform), long enough that the value FIFO
+  fills and holds the block dot unit's output even in the folded engine (a value every
+  16 cycles, 8 entries). About one long stall per 1,200 cycles: 10 in gemv-sop4-g16's
+  quick plan at seed 1 (minilm 5, corners 5, errors 0), 53 in the small-FPGA engine's.
+
+Every wait is bounded: each job runs under ``with_timeout`` and its drain under a
+cycle limit, the errors job's waits under a count, each a bound without long stalls
+widened by ``with_long_stalls`` (the gap makes their share of any window at most
+``LONG_STALL[1] / LONG_GAP`` plus two stalls). One clock loop calls the driver and the
+monitor each cycle (in ReadOnly before the edge: the ``y`` word taken, the
+handshakes, ``status`` when asked; after it: the next inputs and ``y.ready``, each
+written only when it changes: the rng is drawn in a fixed order, so a seed reruns
+the same cycles). The summary (words checked, counted, mismatches, status errors,
+layers, sparse entries, cycles, long stalls and their cycles, junk payloads written,
+and per job its cycles and long stalls) goes to ``SOP_SIM_REPORT``; the test fails on
+any mismatch or status error.
 """
 
 from __future__ import annotations
@@ -66,6 +85,20 @@ MISMATCHES_LOGGED = 10
 CLOCK_NS = 10
 X_LOADED = 1                      # status bit 0; the error bits follow in gemv.error_layout()'s order
 ERROR_BITS = {name: 1 << (1 + field.offset) for name, field in gemv.error_layout()}
+P_JUNK = 0.5                      # an input idle in a cycle: its payload becomes fresh junk with this chance
+LONG_STALL = (150, 300)           # y.ready: a long stall's length in cycles (uniform, both ends included)
+P_LONG_STALL = 1 / 550            # ... the chance that a cycle starts one, once LONG_GAP cycles have
+LONG_GAP = 450                    # passed since the last one ended (LONG_GAP > LONG_STALL[1]: see with_long_stalls)
+WAIT_CYCLES = 500                 # the errors job: a beat's (and a pass's) wait, long stalls not counted
+
+
+def with_long_stalls(cycles: int) -> int:
+    """A bound of ``cycles`` cycles of progress as a bound in cycles with ``y``'s long stalls in them. In
+    any ``N`` consecutive cycles at most ``N // LONG_GAP + 2`` long stalls fall (each after the first
+    waits ``LONG_GAP`` cycles after the one before has ended), so at least ``N - (N / LONG_GAP + 2)
+    LONG_STALL[1]`` cycles are free of them: ``cycles`` or more for the ``N`` returned."""
+    most, gap = LONG_STALL[1], LONG_GAP
+    return -(-(cycles + 2 * most) * gap // (gap - most))
 
 
 def engine_config(plan: dict) -> GemvConfig:
@@ -113,18 +146,27 @@ IDLE = HostCycle()
 
 class HostDriver:
     """Drives the engine's inputs one ``HostCycle`` a cycle from a generator that is sent, after each
-    edge, the ``Reply``; ``done`` is set when the generator returns."""
+    edge, the ``Reply``; ``done`` is set when the generator returns. An input idle in a cycle (valid
+    low; also while no generator runs) gets a fresh random payload with the chance ``p_junk`` (from
+    ``rng``), else keeps the one it had: a host's payload means nothing while valid is low. A beat
+    offered is written as it is, and a beat not taken is offered again unchanged."""
 
     PORTS = ("load", "layer", "x", "w", "sparse")
 
-    def __init__(self, dut):
-        self.dut = dut
+    def __init__(self, dut, rng: np.random.Generator | None = None, p_junk: float = 0.0):
+        self.dut, self.rng, self.p_junk = dut, rng, p_junk
         self.sequence = None
         self.fresh = False
         self.cycle = IDLE
         self.reply: Reply | None = None
         self.done = Event()
         self._driven: dict[str, int] = {}
+        self._width = {port: len(getattr(dut, f"{port}__payload")) for port in self.PORTS}
+        self.junk = 0                     # junk payloads written
+
+    def _junk(self, port: str) -> int:
+        width = self._width[port]
+        return int.from_bytes(self.rng.bytes((width + 7) // 8), "little") & ((1 << width) - 1)
 
     def _put(self, name: str, value: int) -> None:
         if self._driven.get(name) != value:
@@ -137,6 +179,9 @@ class HostDriver:
             payload = getattr(cycle, port)
             if payload is not None:
                 self._put(f"{port}__payload", payload)
+            elif self.p_junk and self.rng.random() < self.p_junk:
+                self._put(f"{port}__payload", self._junk(port))
+                self.junk += 1
             self._put(f"{port}__valid", int(payload is not None))
         self._put("clear", int(cycle.clear))
 
@@ -152,8 +197,9 @@ class HostDriver:
                            int(d.status.value) if c.read_status else None)
 
     def step(self) -> None:
-        """After the edge: the generator's next cycle."""
+        """After the edge: the generator's next cycle (none running: an idle one)."""
         if self.sequence is None:
+            self.apply(IDLE)
             return
         try:
             cycle = next(self.sequence) if self.fresh else self.sequence.send(self.reply)
@@ -211,15 +257,20 @@ class Scoreboard:
 
 
 class Testbench:
-    def __init__(self, dut, cfg: GemvConfig, rng: np.random.Generator, p_idle: float, p_stall: float):
+    def __init__(self, dut, cfg: GemvConfig, rng: np.random.Generator, p_idle: float, p_stall: float,
+                 p_junk: float = P_JUNK, p_long_stall: float = P_LONG_STALL):
         self.dut, self.cfg, self.rng, self.p_idle, self.p_stall = dut, cfg, rng, p_idle, p_stall
+        self.p_long_stall = p_long_stall
         self.pack_x, self.pack_load = Packer(gemv.x_layout(cfg)), Packer(gemv.load_layout(cfg))
         self.pack_layer, self.pack_sparse = Packer(gemv.layer_layout(cfg)), Packer(gemv.sparse_layout(cfg))
-        self.driver = HostDriver(dut)
+        self.driver = HostDriver(dut, rng, p_junk)
         self.scoreboard = Scoreboard(dut._log)
         self.y_ready = False
         self.always_ready = False
         self.cycles = self.status_errors = self.layers = self.entries = 0
+        self.stall_left = self.stall_gap = 0            # the long stall's cycles left; cycles before the next may start
+        self.long_stalls = self.long_stall_cycles = 0
+        self.jobs: list[dict] = []                      # per job: name, cycles, long stalls started
         self._task = None
 
     # -- the clock loop ----------------------------------------------------------------------------------
@@ -236,10 +287,33 @@ class Testbench:
             await RisingEdge(d.clk)
             self.cycles += 1
             drv.step()
-            ready = self.always_ready or self.rng.random() >= self.p_stall
+            ready = self.next_y_ready()
             if ready != self.y_ready:
                 d.y__ready.value = int(ready)
                 self.y_ready = ready
+
+    def next_y_ready(self) -> bool:
+        """``y.ready`` for the next cycle: low in a long stall, else low with the chance ``p_stall``;
+        high while ``always_ready`` (which ends a long stall). A cycle at least ``LONG_GAP`` cycles
+        after the last long stall ended starts one with the chance ``p_long_stall``, of ``LONG_STALL``
+        cycles (uniform)."""
+        if self.always_ready:
+            if self.stall_left:
+                self.stall_left, self.stall_gap = 0, LONG_GAP
+            return True
+        if not self.stall_left:
+            if self.stall_gap:
+                self.stall_gap -= 1
+            elif self.p_long_stall and self.rng.random() < self.p_long_stall:
+                self.stall_left = int(self.rng.integers(LONG_STALL[0], LONG_STALL[1] + 1))
+                self.long_stalls += 1
+        if self.stall_left:
+            self.stall_left -= 1
+            self.long_stall_cycles += 1
+            if not self.stall_left:
+                self.stall_gap = LONG_GAP
+            return False
+        return self.rng.random() >= self.p_stall
 
     def start(self) -> None:
         self._task = cocotb.start_soon(self._clock())
@@ -394,18 +468,20 @@ class Testbench:
                     sb.expect(v["expect"], f"{layer['name']} vector {i}")
             self.layers += len(layers)
             self.entries += sum(layer["entries"] for layer in layers)
-            # a bound far above the stalls' cost: every beat waits less than 20 cycles on average
-            max_cycles = 20 * beats + 200 * len(layers) + 2000
+            # a bound far above the stalls' cost: every beat waits less than 20 cycles on average,
+            # beside the long stalls
+            max_cycles = with_long_stalls(20 * beats + 200 * len(layers) + 2000)
             self.driver.start(self.layers_sequence(layers, max_cycles))
         else:
             for i, case in enumerate(job["cases"]):
                 if "x" in case:
                     sb.expect(case.get("expect") or [None] * job["rows"], f"errors case {i} ({case['error']})")
             self.layers += 1
-            max_cycles = 200 * (len(job["loads"]) + len(job["w"]) * len(job["cases"]) + 100)
-            self.driver.start(self.errors_sequence(job, 500))
+            max_cycles = with_long_stalls(200 * (len(job["loads"]) + len(job["w"]) * len(job["cases"]) + 100))
+            self.driver.start(self.errors_sequence(job, with_long_stalls(WAIT_CYCLES)))
+        start, stalls = self.cycles, self.long_stalls
         await with_timeout(self.driver.done.wait(), max_cycles * CLOCK_NS, "ns")
-        limit = self.cycles + 100 * len(sb.owed) + 2000
+        limit = self.cycles + with_long_stalls(100 * len(sb.owed) + 2000)
         while sb.owed and self.cycles < limit:
             await RisingEdge(self.dut.clk)
         sb.missing()
@@ -416,6 +492,8 @@ class Testbench:
         await ReadOnly()
         self.check_status(int(self.dut.status.value), 0, f"after the {job.get('name', job['kind'])} job")
         await RisingEdge(self.dut.clk)
+        self.jobs.append({"name": job.get("name", job["kind"]), "cycles": self.cycles - start,
+                          "long_stalls": self.long_stalls - stalls})
 
 
 @cocotb.test()
@@ -442,8 +520,11 @@ async def gemv_regression(dut):
     sb = tb.scoreboard
     summary = {"config": cfg.name, "seed": seed, "checked": sb.checked, "counted": sb.counted,
                "mismatches": sb.mismatches, "status_errors": tb.status_errors, "layers": tb.layers,
-               "entries": tb.entries, "cycles": tb.cycles, "seconds": time.time() - t0}
+               "entries": tb.entries, "cycles": tb.cycles, "long_stalls": tb.long_stalls,
+               "long_stall_cycles": tb.long_stall_cycles, "junk": tb.driver.junk, "jobs": tb.jobs,
+               "seconds": time.time() - t0}
     Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
     dut._log.info(f"{cfg.name}: {sb.checked} words checked, {sb.counted} counted, {sb.mismatches} mismatches, "
-                  f"{tb.status_errors} status errors, {tb.cycles} cycles")
+                  f"{tb.status_errors} status errors, {tb.cycles} cycles ({tb.long_stalls} long stalls of y, "
+                  f"{tb.long_stall_cycles} cycles; {tb.driver.junk} junk payloads); jobs {tb.jobs}")
     assert sb.mismatches == 0 and tb.status_errors == 0, f"{sb.mismatches} mismatches, {tb.status_errors} status errors"

@@ -6,7 +6,8 @@ back to back, the bad vectors): every expected ``y`` word checked, none
 mismatched, the status bits as they should be. The checker can fail: an engine
 whose table bank stores one bit of entry 5 flipped (tests/mutants.py), and a plan
 with one expected word off by one bit and a NaN vector said to be good, must be
-reported. The e2m3-ue4m4-g16 engine and the small-FPGA one (``gemv-sop4-g16-small``: folded to
+reported; the bench's junk on idle payloads and long ``y`` stalls are checked without a
+simulator. The e2m3-ue4m4-g16 engine and the small-FPGA one (``gemv-sop4-g16-small``: folded to
 one MAC a cycle, the compact adder, tiles of 4; the iCEBreaker's) run the quick plan in Icarus
 here too, the BF16 engine's as a slow test. The BF16 engine's full plan (whole layers) in
 Verilator is a slow test of its own file (tests/test_cocotb_gemv_full.py, so that it runs on the
@@ -92,3 +93,60 @@ def test_bf16_quick_regression_icarus(tmp_path):
     print(gemv_runner.summary_line(s))
     assert gemv_runner.passed(s), gemv_runner.summary_line(s)
     assert s["checked"] == s["expected"] > 280 and s["counted"] == 3 * 19 and s["layers"] == 13 + 2 + 8
+
+
+def test_the_bench_drives_junk_while_idle_and_long_stalls_of_y_within_its_bounds():
+    """sim/tb_gemv.py's two stresses without a simulator: an idle input's payload turns to junk (valid
+    low) while an offered beat is driven as it is; and ``y.ready``'s long stalls are 150 to 300
+    cycles, at least ``LONG_GAP`` apart, so that every window of ``with_long_stalls(n)`` cycles has
+    ``n`` free of them (the bench's timeouts), about one per 1,200 cycles, the same for the same seed."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sop.sim import tb_gemv
+
+    class Port:
+        def __init__(self, width):
+            self.width, self.value = width, 0
+
+        def __len__(self):
+            return self.width
+
+    names = [f"{p}__{k}" for p in tb_gemv.HostDriver.PORTS for k in ("payload", "valid")] + ["clear"]
+    dut = SimpleNamespace(**{n: Port(72 if n.endswith("payload") else 1) for n in names})
+    drv = tb_gemv.HostDriver(dut, np.random.default_rng(1), tb_gemv.P_JUNK)
+    drv.apply(tb_gemv.HostCycle(w=0x123))
+    assert (dut.w__payload.value, dut.w__valid.value) == (0x123, 1)
+    seen = set()
+    for _ in range(40):
+        drv.apply(tb_gemv.IDLE)
+        assert dut.w__valid.value == 0
+        seen.add(dut.w__payload.value)
+    assert len(seen) > 10 and max(seen) >> 64 and drv.junk > 5 * 40 * 0.3
+    drv.apply(tb_gemv.HostCycle(w=0x123))
+    assert (dut.w__payload.value, dut.w__valid.value) == (0x123, 1)
+
+    def stalls(seed, n=300_000):
+        tb = SimpleNamespace(always_ready=False, stall_left=0, stall_gap=0, long_stalls=0, long_stall_cycles=0,
+                             p_long_stall=tb_gemv.P_LONG_STALL, p_stall=0.3, rng=np.random.default_rng(seed))
+        long = []
+        for _ in range(n):
+            before = tb.long_stall_cycles
+            ready = tb_gemv.Testbench.next_y_ready(tb)
+            long.append(tb.long_stall_cycles > before)
+            assert not (long[-1] and ready)                          # a long stall's cycle is a stall
+        return np.array(long), tb
+
+    long, tb = stalls(1)
+    step = np.diff(np.concatenate([[0], long.astype(int), [0]]))
+    starts, ends = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
+    lengths, gaps = ends - starts, starts[1:] - ends[:-1]
+    assert lengths.min() >= tb_gemv.LONG_STALL[0] and lengths[:-1].max() <= tb_gemv.LONG_STALL[1]
+    assert gaps.min() >= tb_gemv.LONG_GAP
+    assert 200 < tb.long_stalls < 300 and long.sum() == tb.long_stall_cycles
+    free = np.concatenate([[0], np.cumsum(~long)])
+    for n in (100, 500, 2000, 10_000):
+        window = tb_gemv.with_long_stalls(n)
+        assert (free[window:] - free[:-window]).min() >= n
+    assert (stalls(1, 20_000)[0] == long[:20_000]).all()                  # a seed reruns it
