@@ -24,11 +24,11 @@ setup: $(STAMP)  ## idempotent: Icarus (apt), .venv, project editable with dev e
 $(STAMP): pyproject.toml scripts/setup.sh
 	scripts/setup.sh
 
-test: $(STAMP)  ## the whole suite (set-up first if needed; TEST_JOBS=N workers, 0: none)
-	$(PYTEST) -q $(PARALLEL)
+test: $(STAMP)  ## the whole suite but the checks `make mutate` runs (set-up first if needed; TEST_JOBS=N workers, 0: none)
+	$(PYTEST) -q $(PARALLEL) -m "not long"
 
 test-fast: $(STAMP)  ## the suite without the slow tests
-	$(PYTEST) -q $(PARALLEL) -m "not slow"
+	$(PYTEST) -q $(PARALLEL) -m "not slow and not long"
 
 fuzz: $(STAMP)  ## the fuzz suite, long (SOP_FUZZ=1: 50x the examples of make test, not derandomized)
 	SOP_FUZZ=1 $(PYTEST) -q -m fuzz
@@ -78,6 +78,7 @@ peers: $(STAMP)  ## install the quantizers bench/peer_speed.py times ours agains
 	SKIP_CUDA_BUILD=1 $(VENV)/bin/pip install -q --no-deps --no-build-isolation "fouroversix==1.0.5"
 
 mutate: $(STAMP)  ## mutation score of both operating points, of the residual path and of the GEMV engine, E4M3, BF16 and the folded small-FPGA one (about 75 min on 2 cores, 9 of them the BF16 engine, 8 the folded one): yosys mutate, 1,000 mutants each (300 of sop4-g16-sp's residual path) against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
+	$(PYTEST) -q -m long
 	$(PY) -m sop.sim.mutate --mutants 1000 --seed 1 --out build/mutate
 	$(PY) -m sop.sim.gemv_mutate --mutants 200 --seed 1 --out build/mutate-gemv
 	$(PY) -m sop.sim.gemv_mutate --config gemv-sop4-g16-bf16 --mutants 200 --seed 1 --out build/mutate-gemv-bf16

@@ -105,11 +105,12 @@ BF16_STICKY = "-mode const1 -wire residual_term.sticky8"
 BF16_WINDOW = "-mode const0 -wire block_dot.fnz5_d0"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_bf16_engine_flow_kills_the_known_bad_mutants(tmp_path):
     """The checker on gemv-sop4-g16-bf16 (Verilator: the BF16 corners take some 30,000 cycles a
     design, minutes in Icarus): the original passes twice, yosys's "none" survives, and the two
-    mutants above are killed by a ``y`` word in the corners job."""
+    mutants above are killed by a ``y`` word in the corners job. About 80 s: `make mutate` runs it
+    (``long``), before the BF16 engine's own run; the E4M3 flow's check above is `make test`'s."""
     t0 = time.time()
     s = gemv_mutate.run_engine(gemv_mutate.mutation_config("gemv-sop4-g16-bf16"), tmp_path, n=1, seed=1,
                                sim="verilator", prove_survivors=False, extra=(BF16_STICKY, BF16_WINDOW), none=True,
