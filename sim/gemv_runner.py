@@ -46,10 +46,14 @@ from ``--seed``, else from a new seed each run, printed: ``--seed`` reruns it):
   residual terms alone (all-zero tables) of subnormal and near-subnormal values, plain and
   huge ones, and rows ``t + u - t`` that cancel far below ``t`` from every exponent below 28
   (the row accumulator's normalization barrier; ``terms_alone_layer``, a generator of its own
-  too); then, after the ``swap-RxC`` layers and from a generator of their own, terms ``(t + u) - t``
-  that cancel to the row adder's leading-zero counts up to 24 (``deep_cancel_layer``), block values at
-  offset 127 short of saturation (``top_offset_layer``), and a layer that reuses its page's tables
-  two layers on, with no table writes (``reused_table_layers``).
+  too). With either activation, then, eight small layers swapped in back to back, ``swap-RxC``
+  (``swap_layers``, a generator of their own): vectors of one or two ``x`` beats after a layer of
+  other dimensions, so that their first blocks come in the two cycles after the swap beat (the
+  sequencer's ``settled`` guard). With E4M3, after them and from a generator of their own,
+  terms ``(t + u) - t`` that cancel to the row adder's leading-zero counts up to 24
+  (``deep_cancel_layer``), block values at offset 127 short of saturation
+  (``top_offset_layer``), and a layer that reuses its page's tables two layers on, with no
+  table writes (``reused_table_layers``).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
