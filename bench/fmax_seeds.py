@@ -103,15 +103,13 @@ def main() -> None:
         for variant in variants:
             label = f"{name}-{variant}"
             for placer in placers:
-                f = fmax[label, placer]
+                f, m = fmax[label, placer], statistics.median(fmax[label, placer])
                 key = label if placer == "default" else f"{label}-{placer}"
                 summary[key] = {"lutram_depth": depths[label], "placer": list(PLACERS[placer]), "fmax_mhz": f,
-                                "median": statistics.median(f)}
+                                "median": m}
                 lines.append(f"| {name} | {variant} (lutram_depth {depths[label]}) | {placer} | "
-                             f"{' / '.join(f'{x:.1f}' for x in f)} | {min(f):.1f} | {statistics.median(f):.1f} | "
-                             f"{max(f):.1f} |")
-            # the lutram / one-memory ratio: with the first placer named
-            med[variant] = summary[label if placers[0] == "default" else f"{label}-{placers[0]}"]["median"]
+                             f"{' / '.join(f'{x:.1f}' for x in f)} | {min(f):.1f} | {m:.1f} | {max(f):.1f} |")
+            med[variant] = statistics.median(fmax[label, placers[0]])   # the ratio: with the first placer named
         if len(med) == 2:
             summary[name] = {"median_ratio": med["lutram"] / med["one-memory"]}
     ratios = [f"{n}: median Fmax lutram / one-memory = {summary[n]['median_ratio']:.3f}"
