@@ -570,15 +570,17 @@ def window_edge_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, l
 
 # -- the plan --------------------------------------------------------------------------------------------------
 
-def layer_entry(cfg: GemvConfig, name: str, layer: LayerStream, vectors) -> dict:
+def layer_entry(cfg: GemvConfig, name: str, layer: LayerStream, vectors, write_tables: bool = True) -> dict:
     """A layer as the bench drives it: table writes, layer registers, ``w`` and ``sparse`` beats, and
-    per vector its ``x`` beats and the expected ``y`` words (golden.dot.gemv)."""
+    per vector its ``x`` beats and the expected ``y`` words (golden.dot.gemv). ``write_tables=False``:
+    no table writes (``loads`` empty): the layer reads what its page already holds."""
     lay = layer.layout
     vectors = [np.asarray(v, np.int64) for v in vectors]
     x = cfg.act_format.decode(np.stack(vectors)).astype(np.float32)
     y = gemv.model(cfg, layer, x).view(np.uint32)
     return {"name": name, "rows": layer.rows,
-            "loads": [[b, a, int(layer.luts[b][a])] for b in range(lay.banks) for a in range(1 << lay.code_bits)],
+            "loads": [[b, a, int(layer.luts[b][a])] for b in range(lay.banks) for a in range(1 << lay.code_bits)]
+            if write_tables else [],
             "layer": [layer.rows, layer.cols // lay.group, layer.offset, int(len(layer.sparse) > 0)],
             "w": gemv.w_beats(cfg, layer),
             "sparse": [[e["row"], e["col"], e["value"], e["last"]] for e in gemv.sparse_beats(cfg, layer)]
@@ -650,10 +652,8 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
         corners.append(layer_entry(cfg, "deep-cancel", layer, vectors))
         layer, vectors = top_offset_layer(point, more)
         corners.append(layer_entry(cfg, "offset127-normal", layer, vectors))
-        for name, layer, vectors, written in reused_table_layers(point, more):
-            corners.append(layer_entry(cfg, name, layer, vectors))
-            if not written:
-                corners[-1]["loads"] = []
+        corners += [layer_entry(cfg, name, layer, vectors, write_tables=written)
+                    for name, layer, vectors, written in reused_table_layers(point, more)]
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}
