@@ -490,6 +490,13 @@ def _lsb_exponent(fmt, code: int) -> int:
     return int(e) - 53 + ((mant & -mant).bit_length() - 1)
 
 
+def random_header(lay, rng) -> int:
+    """A block header: a random nonzero scale code, scale sign and selection bit, drawn in that order."""
+    return int(lay.make_header(int(rng.integers(1, 1 << lay.scale.bits)),
+                               int(rng.integers(0, 2)) if lay.signed_scale else 0,
+                               int(rng.integers(0, 2)) if lay.select_bit else 0))
+
+
 def window_edge_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, list[np.ndarray]]:
     """BF16 only: blocks at the edge of the BF16 block dot unit's window (hdl/block_dot_bf16.py: a
     product whose lowest set bit lies more than ``window`` (its ``F_BITS``) binades below the block's
@@ -560,12 +567,151 @@ def window_edge_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, l
                     if b == k:                                         # every other pair of rows: -H x first
                         c[list(pair)] = [1, half + 1] if rows // 2 % 2 else [half + 1, 1]
                         c[j] = small
-                    headers.append(int(lay.make_header(int(rng.integers(1, 1 << lay.scale.bits)),
-                                                       int(rng.integers(0, 2)) if lay.signed_scale else 0,
-                                                       int(rng.integers(0, 2)) if lay.select_bit else 0)))
+                    headers.append(random_header(lay, rng))
                     codes.append(c)
                 rows += 1
     return make_layer(point, luts, 0, rows, headers, codes), [x]
+
+
+def window_pow2_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, list[np.ndarray]]:
+    """BF16 only: ``window_edge_layer``'s dropping blocks with a power-of-two HIF significand (every
+    significand bit zero: the HIF trailing-zero count at its largest, ``m_bits``), which that layer
+    cannot reach (its dropping entries lie one binade below its fitting ones: a power of two there
+    is subnormal). Here the small entry is the power of two at the fitting entries' lowest bit and
+    the small activation one binade lower, so that the product's lowest set bit is one below the
+    window's last bit: it drops by exactly one (a window check that counts one trailing zero too
+    many keeps it on the fast path and loses that bit). One nonzero block a row, ``+H x`` and
+    ``-H x`` cancelling in the pair's lanes (either order); every lane is the small one in each of
+    the two block columns where it is not a pair lane (28 rows, each block slow), with activation
+    trailing-zero counts 0 .. 7. Returns the layer and its vector."""
+    p = get_point(point)
+    lay, hif = p.layout, p.hif
+    g, half = lay.group, 1 << (lay.code_bits - 1)
+    m_bits, e_max = hif.mbits, (1 << hif.ebits) - 1
+    sign = 1 << (hif.bits - 1)
+    fit = e_max - hif.bias - m_bits + 1 - 1                            # as window_edge_layer's
+    e_pow2 = fit + hif.bias                                            # 1.0 * 2^fit: lowest set bit at 2^fit
+    assert 1 <= e_pow2 <= e_max
+    luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
+    for b in range(lay.banks):
+        big = (e_max << m_bits) | int(rng.integers(0, 1 << m_bits))
+        luts[b, 1], luts[b, half + 1] = big, big | sign
+        luts[b, 2], luts[b, half + 2] = e_pow2 << m_bits, (e_pow2 << m_bits) | sign
+    lsb_big = e_max - hif.bias - m_bits
+    n_cols = 2
+    pairs = [(0, 1), (2, 3)]
+    x = np.zeros(n_cols * g, np.int64)
+    for k in range(n_cols):
+        ex_big = int(rng.integers(140, 166))
+        top = ex_big - 127 - 7 + lsb_big
+        for j in range(g):
+            if j in pairs[k]:
+                x[k * g + j] = (ex_big << 7) | int(rng.integers(0, 128))
+                continue
+            tz = (j + 3 * k) % 8                                       # lowest set bit one below the fitting one
+            ex = top - window - fit - 1 - tz + 127 + 7
+            frac = (int(rng.integers(0, 1 << max(6 - tz, 0))) << (tz + 1) | 1 << tz) & 0x7F if tz < 7 else 0
+            x[k * g + j] = (ex << 7) | frac | int(rng.integers(0, 2)) << 15
+        x[k * g + pairs[k][1]] = x[k * g + pairs[k][0]]
+    headers, codes = [], []
+    rows = 0
+    for k in range(n_cols):
+        for j in (j for j in range(g) if j not in pairs[k]):
+            for b in range(n_cols):
+                c = np.zeros(g, np.int64)
+                if b == k:
+                    c[list(pairs[k])] = [1, half + 1] if rows % 2 else [half + 1, 1]
+                    c[j] = 2 if rows // 2 % 2 else half + 2
+                headers.append(random_header(lay, rng))
+                codes.append(c)
+            rows += 1
+    return make_layer(point, luts, 0, rows, headers, codes), [x]
+
+
+def subnormal_barrier_layer(point: str, rng, rows_per_kmax: int = 2) -> tuple[LayerStream, list[np.ndarray]]:
+    """BF16 only: fast blocks whose value is an FP32 subnormal, ``rows_per_kmax`` at every ``kmax``
+    of the block dot unit's tail from 0 to ``NQ - 2`` (53) (hdl/block_dot.py ``scaled_word``: the
+    leading-zero count of ``Q = |Wsum| * Ss`` is capped by the one-hot ``barrier`` bit at ``NQ - 1 -
+    kmax``; a subnormal result is one whose ``Q`` has more than ``kmax`` leading zeros, so that
+    barrier bit alone sets its shift). One nonzero block a row: ``+H x`` and ``-H x`` cancel in
+    lanes 0 and 1 (either order; ``H`` at the table's largest or smallest exponent) and set ``T``,
+    so ``kmax = T + e_s + offset`` (``takes_fallback``'s); one other lane's tiny product is the
+    block's value, down to a single bit at the window's last one (``Q`` of 1 .. 3 with a subnormal
+    scale: ``kmax`` 52, 53). Every combination of block column, pair, scale code, small lane and
+    small entry is evaluated here (``Q`` exactly, integers) and the rows drawn from those that hit
+    each ``kmax``. Returns the layer and its vector."""
+    from sop.golden.dot import FORMATS, accumulator, exponent_range
+    from sop.hdl.block_dot_bf16 import F_BITS, _fields, _trailing_zeros
+    p = get_point(point)
+    lay, hif = p.layout, p.hif
+    bf16 = FORMATS["bf16"]
+    g, half = lay.group, 1 << (lay.code_bits - 1)
+    m_bits, e_max = hif.mbits, (1 << hif.ebits) - 1
+    sign = 1 << (hif.bits - 1)
+    F, lg, Ms = F_BITS, int(g).bit_length() - 1, lay.scale.mbits
+    nq = ((m_bits + 1) + (bf16.mbits + 1) + 1 + F + lg - 1) + (Ms + 1)
+    kconst = nq - 1 + accumulator(hif, bf16, g).lsb_exp - F + exponent_range(lay.scale)[0] + 126
+    luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
+    for b in range(lay.banks):
+        hi = (e_max << m_bits) | int(rng.integers(0, 1 << m_bits))
+        lo = (1 << m_bits) | int(rng.integers(0, 1 << m_bits))
+        luts[b, 1], luts[b, half + 1], luts[b, 2], luts[b, half + 2] = hi, hi | sign, lo, lo | sign
+        luts[b, 3], luts[b, half + 3] = 1 << m_bits, (1 << m_bits) | sign          # 1.0 * 2^(1 - bias): a power of two
+        for code, e in ((4, e_max - 1), (5, e_max - 2)):                          # more pairs: T - 1, T - 2
+            luts[b, code] = (e << m_bits) | int(rng.integers(0, 1 << m_bits))
+            luts[b, half + code] = luts[b, code] | sign
+        for code in list(range(6, half)) + list(range(half + 6, 2 * half)):
+            luts[b, code] = (int(rng.integers(1, 4)) << m_bits) | int(rng.integers(0, 1 << m_bits)) \
+                | int(rng.integers(0, 2)) * sign
+    ex_big = [1, 8, 15, 22, 29, 36, 43, 48]
+    n_cols = len(ex_big)
+    x = np.zeros((n_cols, g), np.int64)
+    for k in range(n_cols):
+        x[k, :2] = (ex_big[k] << 7) | int(rng.integers(0, 128))
+        for j in range(2, 10):
+            # powers of two whose product with the pair's largest (smallest) entry is 2^u window
+            # bits: e' = T - 45 + u (a subnormal activation below e' = 0)
+            ex = ex_big[k] - 1 + (6 if j < 6 else 0) - (F + m_bits + bf16.mbits) + (j - 2) % 4 + 1
+            x[k, j] = (ex << 7 if ex >= 1 else 1 << min(max(6 + ex, 0), 6)) | int(rng.integers(0, 2)) << 15
+        for j in range(10, g):
+            tz = int(rng.integers(0, 8))
+            ex = ex_big[k] + (6 if j % 2 else 0) - int(rng.integers(30, 46)) + tz
+            frac = (int(rng.integers(0, 1 << max(6 - tz, 0))) << (tz + 1) | 1 << tz) & 0x7F if tz < 7 else 0
+            if ex < 1:                                                         # a subnormal activation
+                ex, frac = 0, int(rng.integers(1, 128))
+            x[k, j] = (ex << 7) | frac | int(rng.integers(0, 2)) << 15
+    # every (column, bank, pair entry, scale code, small lane, small code): the two products that matter
+    small = np.array([3, half + 3] + list(range(6, half)) + list(range(half + 6, 2 * half)))
+    K_, B_, P_, S_, J_, C_ = np.meshgrid(np.arange(n_cols), np.arange(lay.banks), np.array([1, 2, 4, 5]),
+                                         np.arange(1, 1 << lay.scale.bits), np.arange(2, g), small, indexing="ij")
+    K_, B_, P_, S_, J_, C_ = (a.ravel() for a in (K_, B_, P_, S_, J_, C_))
+    Shp, ehp = _fields(hif, luts[B_, P_])
+    Sxp, exp_ = _fields(bf16, x[K_, 0])
+    Shs, ehs = _fields(hif, luts[B_, C_])
+    Sxs, exs = _fields(bf16, x[K_, J_])
+    tp, ts = ehp + exp_, np.where(Sxs > 0, ehs + exs, 0)
+    T = np.maximum(tp, ts)
+    fits = ((T - tp <= F + _trailing_zeros(Shp) + _trailing_zeros(Sxp))
+            & (T - ts <= F + _trailing_zeros(Shs) + _trailing_zeros(Sxs)))
+    Ss, es = _fields(lay.scale, S_)
+    kmax = T + es + kconst
+    d = np.minimum(T - ts, F + 15)
+    q = (((Shs * Sxs) << F) >> d) * Ss                                      # |Wsum| * Ss: the pair cancels
+    lz = nq - np.floor(np.log2(np.maximum(q, 1))).astype(np.int64) - 1     # (a float: one low at most, never high)
+    ok = fits & (Sxs > 0) & (q > 0) & (lz > kmax)
+    headers, codes = [], []
+    for K in range(0, nq - 1):
+        pick = np.flatnonzero(ok & (kmax == K))
+        assert len(pick) >= rows_per_kmax, (K, len(pick))            # every kmax is reached (seeds 1 .. 12 checked)
+        for i in rng.choice(pick, rows_per_kmax, replace=False):
+            c = np.zeros((n_cols, g), np.int64)
+            c[K_[i], :2] = [P_[i], half + P_[i]] if rng.integers(0, 2) else [half + P_[i], P_[i]]
+            c[K_[i], J_[i]] = C_[i]
+            codes.extend(c)
+            for _b in range(n_cols):
+                headers.append(int(lay.make_header(int(S_[i]), int(rng.integers(0, 2)) if lay.signed_scale else 0,
+                                                   int(B_[i]))))
+    return make_layer(point, luts, 0, len(headers) // n_cols, headers, codes), [x.ravel()]
 
 
 # -- the plan --------------------------------------------------------------------------------------------------
@@ -644,14 +790,18 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
     # layers of one and two x beats, swapped in back to back (a generator of their own, last)
     corners += [layer_entry(cfg, name, layer, v)
                 for name, layer, v in swap_layers(point, np.random.default_rng([seed, 18]), cfg.act_format)]
+    if cfg.act_format is BF16:
+        # the window check's largest HIF trailing-zero count on a dropping product, the tail's barrier
+        # at every kmax (a generator of their own, after every other draw)
+        more = np.random.default_rng([seed, 20])
+        for name, build in (("window-pow2-drop", window_pow2_layer), ("subnormal-barrier", subnormal_barrier_layer)):
+            corners.append(layer_entry(cfg, name, *build(point, more)))
     if cfg.act_format is E4M3:
         # the row adder's deep cancellations, offset 127 short of saturation, a page's tables reused
         # (a generator of their own, after every other draw)
         more = np.random.default_rng([seed, 19])
-        layer, vectors = deep_cancel_layer(point, more)
-        corners.append(layer_entry(cfg, "deep-cancel", layer, vectors))
-        layer, vectors = top_offset_layer(point, more)
-        corners.append(layer_entry(cfg, "offset127-normal", layer, vectors))
+        for name, build in (("deep-cancel", deep_cancel_layer), ("offset127-normal", top_offset_layer)):
+            corners.append(layer_entry(cfg, name, *build(point, more)))
         corners += [layer_entry(cfg, name, layer, vectors, write_tables=written)
                     for name, layer, vectors, written in reused_table_layers(point, more)]
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,

@@ -270,3 +270,92 @@ def test_the_e4m3_plans_reuse_a_pages_tables(engine):
         in_bank = ((header >> lay.select_position) & 1 if lay.select_bit else 0) == bank
         reads += in_bank and codes == [code] * lay.group
     assert reads == len(a["w"]) // 2
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_bf16_plans_window_pow2_layer_drops_power_of_two_hif_products_by_one_bit(seed):
+    """The BF16 quick plan's ``window-pow2-drop`` layer: in every lane, blocks whose one dropping
+    product (past the window's last bit: the slow path) has a power-of-two HIF significand (its
+    trailing-zero count at the largest, ``m_bits``) and drops by exactly one bit (``T - t_j = F +
+    tz_h + tz_x + 1``): a window check whose count for a power of two is one too high keeps such a
+    block on the fast path (``takes_fallback`` with a window one bit wider: fast), which loses the
+    product's last bit, and the block's value is the product alone (``y`` nonzero). Computed here from
+    the table words and the codes. (``window-edge`` cannot reach it: its dropping entries' power of
+    two would be subnormal; lane 1's count raised from 6 to 7 survived the mutation run.)"""
+    from sop.golden.dot import FORMATS
+    from sop.golden.layout import unpack_blocks
+    from sop.hdl import block_dot_bf16 as bd
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import layer_entry, plan_for, window_pow2_layer
+
+    cfg = gemv_configs()["gemv-sop4-g16-bf16"]
+    plan = plan_for(cfg, "quick", seed)
+    (entry,) = [lay for lay in plan["jobs"][1]["layers"] if lay["name"] == "window-pow2-drop"]
+    layer, vectors = window_pow2_layer(plan["point"], np.random.default_rng([seed, 20]))
+    assert layer_entry(cfg, "window-pow2-drop", layer, vectors) == entry      # the plan's layer is this one
+    lay, hif = layer.layout, layer.hif
+    g, F = lay.group, bd.F_BITS
+    headers, codes = unpack_blocks(lay, layer.blocks)
+    bank = (headers >> lay.select_position) & 1 if lay.select_bit else np.zeros_like(headers)
+    h = layer.luts[bank[:, None], codes]                                       # (blocks, g) HIF codes
+    x = np.asarray(vectors[0], np.int64).reshape(-1, g)
+    xs = x[np.arange(len(codes)) % (layer.cols // g)]                          # each block's activations
+    Sh, eh = bd._fields(hif, h)
+    Sx, ex = bd._fields(FORMATS["bf16"], xs)
+    nz = (Sh > 0) & (Sx > 0)
+    t = np.where(nz, eh + ex, 0)
+    d = t.max(axis=1)[:, None] - t
+    tzh, tzx = bd._trailing_zeros(Sh), bd._trailing_zeros(Sx)
+    drops = nz & (d > F + tzh + tzx)
+    target = drops & (tzh == hif.mbits) & (d == F + tzh + tzx + 1) & (drops.sum(axis=1) == 1)[:, None]
+    scale = headers & ((1 << lay.scale.bits) - 1)
+    slow = bd.takes_fallback(lay, hif, h, xs, scale, layer.offset)
+    wider = bd.takes_fallback(lay, hif, h, xs, scale, layer.offset, f_bits=F + 1)
+    y = np.asarray(entry["vectors"][0]["expect"], np.int64)
+    hit = target & (slow & ~wider)[:, None] & (y[np.arange(len(codes)) // (layer.cols // g)] & 0x7FFFFFFF != 0)[:, None]
+    per_lane = hit.sum(axis=0)
+    assert (per_lane >= 1).all(), per_lane
+    assert set(tzx[hit].tolist()) >= set(range(8))                             # every activation count
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_bf16_plans_subnormal_barrier_layer_reaches_every_kmax_with_a_subnormal_block(seed):
+    """The BF16 quick plan's ``subnormal-barrier`` layer: for every ``kmax`` of the block dot unit's
+    tail from 0 to 53 (``NQ - 2``), at least two fast blocks with that ``kmax`` whose value, the row's
+    ``y``, is an FP32 subnormal (exponent field 0, nonzero): ``Q`` has more than ``kmax`` leading
+    zeros, so the one-hot barrier bit for that ``kmax`` alone sets the shift (hdl/block_dot.py
+    ``scaled_word``). ``kmax`` is read from the unit's own model: a block whose ``takes_fallback``
+    is false at offset ``-K`` and true at ``-K - 1`` has ``kmax == K``. (The barrier compares
+    ``kmax == 52`` and ``kmax == 23`` survived the mutation run: no subnormal block reached them.)"""
+    from sop.golden.layout import unpack_blocks
+    from sop.hdl import block_dot_bf16 as bd
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import layer_entry, plan_for, subnormal_barrier_layer, window_pow2_layer
+
+    cfg = gemv_configs()["gemv-sop4-g16-bf16"]
+    plan = plan_for(cfg, "quick", seed)
+    (entry,) = [lay for lay in plan["jobs"][1]["layers"] if lay["name"] == "subnormal-barrier"]
+    more = np.random.default_rng([seed, 20])
+    window_pow2_layer(plan["point"], more)                                      # the generator's first draws
+    layer, vectors = subnormal_barrier_layer(plan["point"], more)
+    assert layer_entry(cfg, "subnormal-barrier", layer, vectors) == entry
+    lay, hif = layer.layout, layer.hif
+    g, bpr = lay.group, layer.cols // lay.group
+    headers, codes = unpack_blocks(lay, layer.blocks)
+    bank = (headers >> lay.select_position) & 1 if lay.select_bit else np.zeros_like(headers)
+    h = layer.luts[bank[:, None], codes]
+    xs = np.asarray(vectors[0], np.int64).reshape(-1, g)[np.arange(len(codes)) % bpr]
+    scale = headers & ((1 << lay.scale.bits) - 1)
+    live = (codes != 0).any(axis=1)                                             # each row's one nonzero block
+    assert (live.reshape(-1, bpr).sum(axis=1) == 1).all()
+    h, xs, scale = h[live], xs[live], scale[live]
+    fast = ~bd.takes_fallback(lay, hif, h, xs, scale, layer.offset)
+    kmax = np.full(len(h), -1)
+    for K in range(0, 80):
+        at = ~bd.takes_fallback(lay, hif, h, xs, scale, layer.offset - K) & \
+            bd.takes_fallback(lay, hif, h, xs, scale, layer.offset - K - 1)
+        kmax[at] = K
+    y = np.asarray(entry["vectors"][0]["expect"], np.int64)
+    subnormal = ((y >> 23) & 0xFF == 0) & (y & 0x7FFFFF != 0)
+    reached = np.bincount(kmax[fast & subnormal & (kmax >= 0)], minlength=54)
+    assert (reached[:54] >= 2).all(), reached
