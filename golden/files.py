@@ -35,7 +35,9 @@ import glob
 import os
 import signal
 import stat
+import sys
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -243,14 +245,29 @@ def signals_as_interrupts():
     Python cannot set handlers) the block runs unchanged."""
     def handler(number, _frame):
         raise Signalled(number)
+
+    def unraisable(info):
+        # Python runs a signal handler at the next bytecode boundary, which may lie in a weakref
+        # callback or a __del__ (an import lock's, say): an exception raised there is printed as
+        # "Exception ignored" and dropped, and the run would go on. Send the signal again shortly,
+        # from a helper thread, so that it lands in ordinary code.
+        if isinstance(info.exc_value, Signalled):
+            again = threading.Timer(0.01, os.kill, (os.getpid(), info.exc_value.number))
+            again.daemon = True
+            again.start()
+        else:
+            previous_hook(info)
+
     caught = (signal.SIGTERM, signal.SIGHUP)
     try:
         old = {s: signal.signal(s, handler) for s in caught}
     except ValueError:                                   # not the main thread
         yield
         return
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in old.items():
             signal.signal(s, h)
