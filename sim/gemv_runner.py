@@ -490,6 +490,14 @@ def _lsb_exponent(fmt, code: int) -> int:
     return int(e) - 53 + ((mant & -mant).bit_length() - 1)
 
 
+def fraction_with_trailing_zeros(rng, tz: int, bits: int) -> int:
+    """A random ``bits``-bit significand field whose lowest set bit is bit ``tz`` (0 when ``tz`` is
+    ``bits``: the implicit bit alone); draws from ``rng`` only when ``tz < bits``."""
+    if tz >= bits:
+        return 0
+    return (int(rng.integers(0, 1 << max(bits - tz - 1, 0))) << (tz + 1) | 1 << tz) & ((1 << bits) - 1)
+
+
 def random_header(lay, rng) -> int:
     """A block header: a random nonzero scale code, scale sign and selection bit, drawn in that order."""
     return int(lay.make_header(int(rng.integers(1, 1 << lay.scale.bits)),
@@ -521,8 +529,7 @@ def window_edge_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, l
     def hif_code(lsb: int, tz: int) -> int:
         # a normal HIF value with ``tz`` trailing zeros in its significand and its lowest set bit at 2^lsb
         e = lsb - tz + hif.bias + m_bits
-        upper = int(rng.integers(0, 1 << max(m_bits - tz - 1, 0))) << (tz + 1) if tz < m_bits else 0
-        mant = (upper | (1 << tz)) & ((1 << m_bits) - 1) if tz < m_bits else 0
+        mant = fraction_with_trailing_zeros(rng, tz, m_bits)
         assert 1 <= e <= e_max, (lsb, tz, e)
         return (e << m_bits) | mant
     # code 1: the large entry H (largest exponent), code half + 1: -H; codes 2 .. half: lowest bit at
@@ -550,7 +557,7 @@ def window_edge_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, l
             # window's last bit with a ``fit`` entry), random trailing zeros in its significand
             tz = (j + k) % 8
             ex = top - window - fit - tz + 127 + 7
-            frac = (int(rng.integers(0, 1 << max(6 - tz, 0))) << (tz + 1) | 1 << tz) & 0x7F if tz < 7 else 0
+            frac = fraction_with_trailing_zeros(rng, tz, 7)
             x[k * g + j] = (ex << 7) | frac | int(rng.integers(0, 2)) << 15
         x[k * g + 2 * k % g + 1] = x[k * g + 2 * k % g]                # the pair: the same activation
     headers, codes = [], []
@@ -610,7 +617,7 @@ def window_pow2_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, l
                 continue
             tz = (j + 3 * k) % 8                                       # lowest set bit one below the fitting one
             ex = top - window - fit - 1 - tz + 127 + 7
-            frac = (int(rng.integers(0, 1 << max(6 - tz, 0))) << (tz + 1) | 1 << tz) & 0x7F if tz < 7 else 0
+            frac = fraction_with_trailing_zeros(rng, tz, 7)
             x[k * g + j] = (ex << 7) | frac | int(rng.integers(0, 2)) << 15
         x[k * g + pairs[k][1]] = x[k * g + pairs[k][0]]
     headers, codes = [], []
@@ -676,7 +683,7 @@ def subnormal_barrier_layer(point: str, rng, rows_per_kmax: int = 2) -> tuple[La
         for j in range(10, g):
             tz = int(rng.integers(0, 8))
             ex = ex_big[k] + (6 if j % 2 else 0) - int(rng.integers(30, 46)) + tz
-            frac = (int(rng.integers(0, 1 << max(6 - tz, 0))) << (tz + 1) | 1 << tz) & 0x7F if tz < 7 else 0
+            frac = fraction_with_trailing_zeros(rng, tz, 7)
             if ex < 1:                                                         # a subnormal activation
                 ex, frac = 0, int(rng.integers(1, 128))
             x[k, j] = (ex << 7) | frac | int(rng.integers(0, 2)) << 15
