@@ -241,8 +241,10 @@ def signals_as_interrupts():
     """Within the block, SIGTERM and SIGHUP raise ``Signalled`` (a KeyboardInterrupt), as SIGINT does.
 
     A process killed by them then unwinds like one interrupted by Ctrl-C, and the
-    writers above remove their temporary files. Outside the main thread (where
-    Python cannot set handlers) the block runs unchanged."""
+    writers above remove their temporary files. An interrupt whose exception Python
+    drops (one raised in a weakref callback or a ``__del__``) is sent again, for
+    SIGINT too. Outside the main thread (where Python cannot set handlers) the block
+    runs unchanged."""
     def handler(number, _frame):
         raise Signalled(number)
 
@@ -250,9 +252,11 @@ def signals_as_interrupts():
         # Python runs a signal handler at the next bytecode boundary, which may lie in a weakref
         # callback or a __del__ (an import lock's, say): an exception raised there is printed as
         # "Exception ignored" and dropped, and the run would go on. Send the signal again shortly,
-        # from a helper thread, so that it lands in ordinary code.
-        if isinstance(info.exc_value, Signalled):
-            again = threading.Timer(0.01, os.kill, (os.getpid(), info.exc_value.number))
+        # from a helper thread, so that it lands in ordinary code. A plain KeyboardInterrupt is
+        # Python's own SIGINT handler's (Ctrl-C).
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            number = getattr(info.exc_value, "number", signal.SIGINT)
+            again = threading.Timer(0.01, os.kill, (os.getpid(), number))
             again.daemon = True
             again.start()
         else:
