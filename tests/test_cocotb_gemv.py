@@ -9,10 +9,9 @@ with one expected word off by one bit and a NaN vector said to be good, must be
 reported; the bench's junk on idle payloads and long ``y`` stalls are checked without a
 simulator. The e2m3-ue4m4-g16 engine and the small-FPGA one (``gemv-sop4-g16-small``: folded to
 one MAC a cycle, the compact adder, tiles of 4; the iCEBreaker's) run the quick plan in Icarus
-here too. The BF16 engine's full plan (whole layers, the quick plan's corners among them) in
-Verilator is a slow test of its own file (tests/test_cocotb_gemv_full.py, so that it runs on the
-other worker); every engine's full plan is `make sim`'s, in Icarus by default (the BF16 one's
-too: its quick plan in Icarus took 52 s here, over the suite's budget).
+here too. The BF16 engine's quick plan in Verilator is a slow test of its own file
+(tests/test_cocotb_gemv_verilator.py, so that it runs on the other worker; in Icarus it took 52 s
+here, over the suite's budget); every engine's full plan is `make sim`'s, in Icarus by default.
 """
 
 import mutants

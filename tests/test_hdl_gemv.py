@@ -426,9 +426,12 @@ def real_inputs() -> np.ndarray:
     return E4M3.quantize(np.clip(seen[0], -E4M3.max, E4M3.max)).astype(np.float32)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_whole_minilm_query_layer():
-    """All 384 rows (22 full tiles and 10 rows) of the layer-0 query, real inputs of two tokens."""
+    """All 384 rows (22 full tiles and 10 rows) of the layer-0 query, real inputs of two tokens.
+
+    Out of `make test` (a minute of its 20-minute budget): `make sim` runs the same layer through
+    the engine's Verilog (gemv_runner's full plan), and `make mutate` runs this."""
     from sop.quantize.schemes import get_quant_format
     from sop.quantize.weights import minilm_linear_weights
 

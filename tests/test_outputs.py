@@ -268,6 +268,7 @@ def callback(_ref):
         pass
 
 
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (pytest-xdist's workers ignore it)
 try:
     with signals_as_interrupts():
         thing = Thing()
