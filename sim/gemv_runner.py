@@ -635,6 +635,43 @@ def window_pow2_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, l
     return make_layer(point, luts, 0, rows, headers, codes), [x]
 
 
+def sticky_decides(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether the row adder's sum of positive normal binary32 ``a`` and ``b`` carries out and is
+    then rounded by its lowest bit alone (hdl/fp32_acc.py ``Fp32Add``): its ``R`` is the larger
+    significand with 3 extra bits (guard, round, sticky) plus the smaller aligned under it, the bits
+    shifted out ORed into bit 0; after a carry-out ``R`` is not shifted, ``R[4]`` is the kept LSB and
+    ``R[4:0] == 0b01001`` (LSB 0, guard 1, then 0, 0 and the sticky 1) rounds up where without bit 0
+    it would be a tie, rounded down to even."""
+    a, b = np.maximum(a, b), np.minimum(a, b)
+    ua, ub = (np.asarray(v, np.float32).view(np.uint32).astype(np.int64) for v in (a, b))
+    big, small = (ua & 0x7FFFFF | 1 << 23) << 3, (ub & 0x7FFFFF | 1 << 23) << 3
+    d = np.minimum((ua >> 23) - (ub >> 23), 31)
+    r = big + ((small >> d) | ((small & ((1 << d) - 1)) != 0))
+    return (r >= 1 << 27) & (r & 0b11111 == 0b01001)
+
+
+def adder_sticky_layer(point: str, rng, rows: int = 8, cols: int = 32) -> tuple[LayerStream, list[np.ndarray]]:
+    """BF16 only: a layer whose tables are all zero (every block +-0), so that each row's ``y`` is its
+    three residual terms' sum ``(t1 + t2) + t3``, each ``t`` an entry times its column's activation
+    (16 significant bits, exact), row ``r`` on columns ``3r .. 3r + 2``. The rows are drawn (entries
+    and activations together) so that the last add carries out and is rounded by the alignment's
+    sticky bit alone (``sticky_decides``): the row adder's sticky OR with that bit dropped survived
+    the mutation run (two terms alone cannot get there: their low bits are 0 wherever a sum carries
+    out). Returns the layer and its vector."""
+    n = 1 << 20
+    draw = lambda lo, hi: (((rng.integers(lo, hi, (3, n)) << 7) | rng.integers(0, 128, (3, n)))).astype(np.uint32)
+    e, x = draw(120, 136), draw(127, 129)                               # BF16 patterns, positive, normal
+    t = (e << 16).view(np.float32) * (x << 16).view(np.float32)        # exact: 8 x 8 significant bits
+    hit = np.flatnonzero(sticky_decides((t[0] + t[1]).astype(np.float32), t[2]))[:rows]
+    assert len(hit) == rows, "too few rows drawn"
+    base = random_layer(point, rows, cols, rng, offset=0)
+    index = (np.arange(rows)[:, None] * cols + 3 * np.arange(rows)[:, None] + np.arange(3)).ravel()
+    vector = np.full(cols, 0x3F80, np.int64)                            # 1.0 where no entry reads it
+    vector[:3 * rows] = x[:, hit].T.ravel()
+    sparse = Sparse(index.astype(np.uint32), e[:, hit].T.ravel().astype(np.uint16))
+    return LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, rows, cols, base.blocks, sparse), [vector]
+
+
 def subnormal_barrier_layer(point: str, rng, rows_per_kmax: int = 2) -> tuple[LayerStream, list[np.ndarray]]:
     """BF16 only: fast blocks whose value is an FP32 subnormal, ``rows_per_kmax`` at every ``kmax``
     of the block dot unit's tail from 0 to ``NQ - 2`` (53) (hdl/block_dot.py ``scaled_word``: the
@@ -803,6 +840,8 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
         more = np.random.default_rng([seed, 20])
         for name, build in (("window-pow2-drop", window_pow2_layer), ("subnormal-barrier", subnormal_barrier_layer)):
             corners.append(layer_entry(cfg, name, *build(point, more)))
+        # the row adder's rounding by its sticky bit alone (a generator of its own, last)
+        corners.append(layer_entry(cfg, "adder-sticky", *adder_sticky_layer(point, np.random.default_rng([seed, 21]))))
     if cfg.act_format is E4M3:
         # the row adder's deep cancellations, offset 127 short of saturation, a page's tables reused
         # (a generator of their own, after every other draw)

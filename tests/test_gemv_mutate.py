@@ -10,6 +10,7 @@ runs in seconds; the equivalence proofs are sim/mutate.py's, tested in tests/tes
 """
 
 import json
+import math
 import time
 
 import numpy as np
@@ -359,3 +360,35 @@ def test_the_bf16_plans_subnormal_barrier_layer_reaches_every_kmax_with_a_subnor
     subnormal = ((y >> 23) & 0xFF == 0) & (y & 0x7FFFFF != 0)
     reached = np.bincount(kmax[fast & subnormal & (kmax >= 0)], minlength=54)
     assert (reached[:54] >= 2).all(), reached
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
+    """The BF16 quick plan's ``adder-sticky`` layer: in every row, ``y = (t1 + t2) + t3`` of three exact
+    terms, and its last add carries out (the sum reaches the binade above its larger operand's) and
+    lands above a tie by less than an eighth of the result's last place, with that place even: only
+    the sticky bit below the guard and round bits tells it from a tie, which would round down to
+    even. Checked here from the values in float64 (exact) against the plan's ``y``, which is the
+    rounded-up value. (The row adder's sticky OR with its bit 0 tied to 0 survived the mutation run.)"""
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import adder_sticky_layer, layer_entry, plan_for
+
+    cfg = gemv_configs()["gemv-sop4-g16-bf16"]
+    plan = plan_for(cfg, "quick", seed)
+    (entry,) = [lay for lay in plan["jobs"][1]["layers"] if lay["name"] == "adder-sticky"]
+    layer, (x,) = adder_sticky_layer(plan["point"], np.random.default_rng([seed, 21]))
+    assert layer_entry(cfg, "adder-sticky", layer, [x]) == entry
+    assert not layer.luts.any()                                                 # every block's value 0
+    rows = layer.rows
+    assert layer.sparse.index.tolist() == [r * layer.cols + 3 * r + i for r in range(rows) for i in range(3)]
+    bf16 = lambda p: float(np.uint32(int(p) << 16).view(np.float32))
+    for r in range(rows):
+        t = [bf16(layer.sparse.value_bf16[3 * r + i]) * bf16(x[3 * r + i]) for i in range(3)]
+        a = float(np.float32(t[0] + t[1]))                                      # the running sum, rounded
+        s = a + t[2]                                                            # exact in float64
+        assert s >= 2.0 ** (math.floor(math.log2(max(a, t[2]))) + 1), (r, a, t[2])   # a carry-out
+        q = 2.0 ** (math.floor(math.log2(s)) - 23)                              # the result's last place
+        kept, rest = divmod(s, q)
+        assert kept % 2 == 0 and q / 2 < rest < q / 2 + q / 8, (r, s, rest / q)
+        y = float(np.uint32(entry["vectors"][0]["expect"][r]).view(np.float32))
+        assert y == (kept + 1) * q, (r, y, s)
