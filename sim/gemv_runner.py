@@ -659,10 +659,14 @@ def adder_sticky_layer(point: str, rng, rows: int = 8, cols: int = 32) -> tuple[
     the mutation run (two terms alone cannot get there: their low bits are 0 wherever a sum carries
     out). Returns the layer and its vector."""
     n = 1 << 20
-    draw = lambda lo, hi: (((rng.integers(lo, hi, (3, n)) << 7) | rng.integers(0, 128, (3, n)))).astype(np.uint32)
-    e, x = draw(120, 136), draw(127, 129)                               # BF16 patterns, positive, normal
-    t = (e << 16).view(np.float32) * (x << 16).view(np.float32)        # exact: 8 x 8 significant bits
-    hit = np.flatnonzero(sticky_decides((t[0] + t[1]).astype(np.float32), t[2]))[:rows]
+
+    def draw(lo: int, hi: int) -> np.ndarray:
+        """(3, n) positive normal BF16 patterns, biased exponents ``lo`` .. ``hi - 1``."""
+        return (rng.integers(lo, hi, (3, n)) << 7) | rng.integers(0, 128, (3, n))
+
+    e, x = draw(120, 136), draw(127, 129)
+    t = (BF16.decode(e) * BF16.decode(x)).astype(np.float32)           # exact: 8 x 8 significant bits
+    hit = np.flatnonzero(sticky_decides(t[0] + t[1], t[2]))[:rows]     # t1 + t2 rounded in binary32
     assert len(hit) == rows, "too few rows drawn"
     base = random_layer(point, rows, cols, rng, offset=0)
     index = (np.arange(rows)[:, None] * cols + 3 * np.arange(rows)[:, None] + np.arange(3)).ravel()

@@ -370,6 +370,7 @@ def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
     the sticky bit below the guard and round bits tells it from a tie, which would round down to
     even. Checked here from the values in float64 (exact) against the plan's ``y``, which is the
     rounded-up value. (The row adder's sticky OR with its bit 0 tied to 0 survived the mutation run.)"""
+    from sop.golden.dot import FORMATS
     from sop.hdl.gemv import gemv_configs
     from sop.sim.gemv_runner import adder_sticky_layer, layer_entry, plan_for
 
@@ -381,9 +382,9 @@ def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
     assert not layer.luts.any()                                                 # every block's value 0
     rows = layer.rows
     assert layer.sparse.index.tolist() == [r * layer.cols + 3 * r + i for r in range(rows) for i in range(3)]
-    bf16 = lambda p: float(np.uint32(int(p) << 16).view(np.float32))
+    terms = FORMATS["bf16"].decode(layer.sparse.value_bf16) * FORMATS["bf16"].decode(x[:3 * rows])   # exact
     for r in range(rows):
-        t = [bf16(layer.sparse.value_bf16[3 * r + i]) * bf16(x[3 * r + i]) for i in range(3)]
+        t = terms[3 * r:3 * r + 3].tolist()
         a = float(np.float32(t[0] + t[1]))                                      # the running sum, rounded
         s = a + t[2]                                                            # exact in float64
         assert s >= 2.0 ** (math.floor(math.log2(max(a, t[2]))) + 1), (r, a, t[2])   # a carry-out
