@@ -53,7 +53,11 @@ from ``--seed``, else from a new seed each run, printed: ``--seed`` reruns it):
   terms ``(t + u) - t`` that cancel to the row adder's leading-zero counts up to 24
   (``deep_cancel_layer``), block values at offset 127 short of saturation
   (``top_offset_layer``), and a layer that reuses its page's tables two layers on, with no
-  table writes (``reused_table_layers``).
+  table writes (``reused_table_layers``); last, from a generator of their own again, odd
+  products at every alignment shift in every lane, exact block values (``lane_align_layer``),
+  a subnormal block value at every block exponent where one can be, one layer per offset
+  (``subnormal_block_layers``), and ``t + u - t`` of powers of two, a single one bit at every
+  position of the row adder's word (``deep_cancel_layer`` with ``SINGLE_BIT_ROWS``).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
@@ -420,25 +424,35 @@ DEEP_CANCEL_ROWS = ([(e, 18) for e in range(20, 28)] + [(19, d) for d in (19, 20
                     + [(75, d) for d in (12, 14, 17, 20, 23)] + [(100, d) for d in range(1, 24)])
 
 
-def deep_cancel_layer(point: str, rng, cols: int = 16) -> tuple[LayerStream, list[np.ndarray]]:
+#: ``deep_cancel_layer``'s rows with ``powers_of_two``: ``u`` at every distance below ``t`` that keeps
+#: ``t + u`` exact, so the last sum is a single one bit at every position of the adder's word below its top
+SINGLE_BIT_ROWS = [(100, d) for d in range(1, 24)]
+
+
+def deep_cancel_layer(point: str, rng, cols: int = 16, rows=DEEP_CANCEL_ROWS,
+                      powers_of_two: bool = False) -> tuple[LayerStream, list[np.ndarray]]:
     """E4M3: residual terms alone (all-zero tables, one block a row), each row ``t, u, -t`` against
-    activations of 1.0 (``DEEP_CANCEL_ROWS``: ``t`` at a biased exponent ``e``, ``u`` of ``t``'s sign
-    ``d`` binades below it), so that the row accumulator's last addition ``(t + u) - t`` cancels to
-    ``u``: its leading-zero count is ``d + 1`` (or ``e`` at the normalization barrier). Rows for the
-    count of 19 (the sum's leading one at bit 8 of the adder's word: ``d = 18`` above ``e = 19``, and
-    the barrier itself at ``e = 19``), for a count beyond the barrier bit of ``e = 11`` at ``e = 75``
-    (``75 = 11 + 64``: one exponent bit off), and counts from 3 to 24 at ``e = 100``. Returns the
-    layer and its vector."""
+    activations of 1.0 (``rows``: ``t`` at a biased exponent ``e``, ``u`` of ``t``'s sign ``d``
+    binades below it), so that the row accumulator's last addition ``(t + u) - t`` cancels to
+    ``u``: its leading-zero count is ``d + 1`` (or ``e`` at the normalization barrier). The
+    ``DEEP_CANCEL_ROWS``: the count of 19 (the sum's leading one at bit 8 of the adder's word: ``d =
+    18`` above ``e = 19``, and the barrier itself at ``e = 19``), a count beyond the barrier bit of
+    ``e = 11`` at ``e = 75`` (``75 = 11 + 64``: one exponent bit off), and counts from 3 to 24 at ``e
+    = 100``. With ``powers_of_two`` (``SINGLE_BIT_ROWS``) ``t`` and ``u`` are powers of two: every
+    sum of the row is then one or two one bits, and the last a single one, whose leading-zero
+    chunk holds no other (the chunk's nonzero flag sees that bit alone; the random fractions
+    left one above it in most rows). Returns the layer and its vector."""
     index, values = [], []
-    for r, (e, d) in enumerate(DEEP_CANCEL_ROWS):
+    keep = 0 if powers_of_two else 1
+    for r, (e, d) in enumerate(rows):
         cs = sorted(rng.choice(cols, 3, replace=False))
         sign = float(rng.choice([-1, 1]))
-        t = (1 + int(rng.integers(0, 127)) / 128) * 2.0 ** (e - 127) * sign
-        u = (1 + int(rng.integers(0, 64)) / 128) * 2.0 ** (e - 127 - d) * sign
+        t = (1 + keep * int(rng.integers(0, 127)) / 128) * 2.0 ** (e - 127) * sign
+        u = (1 + keep * int(rng.integers(0, 64)) / 128) * 2.0 ** (e - 127 - d) * sign
         index += [r * cols + c for c in cs]
         values += [t, u, -t]
     value = BF16.encode(BF16.quantize(np.asarray(values))).astype(np.uint16)
-    rows = len(DEEP_CANCEL_ROWS)
+    rows = len(rows)
     base = random_layer(point, rows, cols, rng, offset=0)
     layer = LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, rows, cols, base.blocks,
                         Sparse(np.asarray(index, np.uint32), value))
@@ -481,6 +495,102 @@ def reused_table_layers(point: str, rng) -> list[tuple[str, LayerStream, list[np
     for x in xs:
         x[x == 0] = 0x08                                                # no zero activation
     return [("tables-A", a, [xs[0]], True), ("tables-B", b, [xs[1]], True), ("tables-A-reused", a, [xs[2]], False)]
+
+
+def lane_align_layer(point: str, rng, draws: int = 2) -> tuple[LayerStream, list[np.ndarray]]:
+    """E4M3: every lane's product at every alignment shift ``t`` (hdl/block_dot.py ``lane``: the sum of
+    the HIF and activation exponents ``e'``, 0 .. 20 for sop4-g16), each product's significand odd, so
+    that its lowest bit is set where the shift puts it. The table's codes ``1 .. n`` (and ``half + 1
+    ..``, their negatives) hold HIF values of exponent fields ``1 .. n`` (``e' = 0 .. n - 1``) with
+    odd significands; row ``i`` gives lane ``j`` code ``1 + (i + j) % n`` (either sign), so over the
+    ``n`` rows each lane takes every ``e'``; the vectors give every lane the activation exponent
+    fields ``1, 1 + n, ...`` up to 15 (odd significands, either sign), ``draws`` times. Block values
+    are exact: the scales are powers of two, and the 16 products of a row lie within ``n - 1``
+    binades of each other, so their sum has fewer than 24 significant bits, and any bit a lane's
+    shift loses or adds changes ``y``. Returns the layer and its vectors."""
+    from sop.golden.decoder import float_fields
+
+    p = get_point(point)
+    lay, hif = p.layout, p.hif
+    g, half, sign = lay.group, 1 << (lay.code_bits - 1), 1 << (hif.bits - 1)
+    n = (1 << hif.ebits) - 1                                            # normal exponent fields 1 .. n
+    assert n < half and (hif.mbits + 1) + (E4M3.mbits + 1) + (n - 1) + int(np.log2(g)) <= 24   # exact sums
+    luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
+    for b in range(lay.banks):
+        for f in range(1, n + 1):
+            luts[b, f] = (f << hif.mbits) | (int(rng.integers(0, 1 << (hif.mbits - 1))) << 1) | 1
+            luts[b, half + f] = luts[b, f] | sign
+    codes = 1 + (np.arange(n)[:, None] + np.arange(g)) % n + half * rng.integers(0, 2, (n, g))
+    scales = np.arange(1, 1 << lay.scale.bits)
+    _, sig, _ = float_fields(lay.scale, scales)
+    pow2 = scales[sig == 1 << lay.scale.mbits]                         # significand 1.0: a power of two
+    headers = [int(lay.make_header(int(rng.choice(pow2)), int(rng.integers(0, 2)) if lay.signed_scale else 0,
+                                   int(rng.integers(0, 2)) if lay.select_bit else 0)) for _ in range(n)]
+    vectors = []
+    for _ in range(draws):
+        for f in range(1, 16, n):
+            m = 2 * rng.integers(0, 3 if f == 15 else 4, g) + 1            # odd; 0x7F is NaN
+            vectors.append((f << 3) | m | (rng.integers(0, 2, g) << 7))
+    return make_layer(point, luts, 0, n, headers, codes), vectors
+
+
+def subnormal_block_layers(point: str, rng, per_exponent: int = 2) -> list[tuple[str, LayerStream, list[np.ndarray]]]:
+    """E4M3: blocks whose value is an FP32 subnormal at every block exponent ``E`` where one can be:
+    a block's value is ``Q * 2^E`` (``Q = |A| * Ss``, ``E`` = the products' LSB exponent + the scale's
+    exponent + the offset), and the block dot unit's tail caps its normalizing shift with a one-hot
+    barrier at ``Q``'s bit worth 2^-126 (``kmax``: hdl/block_dot.py ``scaled_word``), so a subnormal
+    value at each ``E`` from the lowest (offset -128) to -127 (``Q`` of 1) is shifted by that
+    ``E``'s barrier bit alone. One layer per offset (-128 and up, each covering its scales'
+    exponents), one block a row: lane 0's activation the smallest subnormal 2^-9 and the other
+    lanes' 0, so ``|A|`` is lane 0's HIF value in units of 2^-10; per ``E`` ``per_exponent`` rows, the
+    largest subnormal the table and scales reach and a random one. (The barrier compare ``kmax ==
+    19``, ``E = -145``, survived the mutation run: no plan had a subnormal block there.) Returns
+    (name, layer, vectors) per layer."""
+    from sop.golden.decoder import float_fields
+    from sop.golden.layout import OFFSET_RANGE
+
+    p = get_point(point)
+    lay, hif = p.layout, p.hif
+    g, entries = lay.group, (1 << lay.code_bits) - 1
+    lsb = dot.accumulator(hif, E4M3, g).lsb_exp
+    s_lo, s_hi = dot.exponent_range(lay.scale)
+    _, h_sig, h_exp = float_fields(hif, np.arange(1, 1 << (hif.bits - 1)))
+    h_int = h_sig << (h_exp - h_exp.min())                              # |A|: HIF values in units of 2^-10
+    scales = np.arange(1, 1 << lay.scale.bits)
+    _, s_sig, s_exp = float_fields(lay.scale, scales)
+    x = np.zeros(g, np.int64)
+    x[0] = EXTREMES["e4m3"]["smallest"]
+    out, covered, offset = [], set(), OFFSET_RANGE[0]
+    while offset is not None:
+        picks = []                                                      # (scale code, |A|)
+        for e_s in range(s_lo, s_hi + 1):
+            E = lsb + e_s + offset
+            ss, sc = s_sig[s_exp == e_s], scales[s_exp == e_s]
+            q = h_int[None, :] * ss[:, None]                            # Q for every (scale, HIF value)
+            ok = np.argwhere(q < 2.0 ** (-126 - E))
+            if E in covered or not len(ok):
+                continue
+            covered.add(E)
+            top = ok[np.argmax(q[ok[:, 0], ok[:, 1]])]
+            for i, j in [top] + [ok[k] for k in rng.choice(len(ok), per_exponent - 1)]:
+                picks.append((int(sc[i]), int(h_int[j])))
+        values = sorted({a for _, a in picks})
+        assert len(values) <= entries, (offset, len(values))
+        luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
+        luts[:, 1:len(values) + 1] = [int(np.flatnonzero(h_int == a)[0]) + 1 for a in values]
+        headers, codes = [], []
+        for sc, a in picks:
+            headers.append(int(lay.make_header(sc, int(rng.integers(0, 2)) if lay.signed_scale else 0,
+                                               int(rng.integers(0, 2)) if lay.select_bit else 0)))
+            c = rng.integers(0, 1 << lay.code_bits, g)
+            c[0] = values.index(a) + 1
+            codes.append(c)
+        out.append((f"subnormal-block-offset{offset}", make_layer(point, luts, offset, len(picks), headers, codes), [x]))
+        # the next layer's lowest scale exponent at the lowest block exponent still missing (there
+        # the smallest scale significands reach it)
+        missing = [E for E in range(lsb + s_lo + OFFSET_RANGE[0], -126) if E not in covered]
+        offset = missing[0] - lsb - s_lo if missing else None
+    return out
 
 
 def _lsb_exponent(fmt, code: int) -> int:
@@ -854,6 +964,13 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
             corners.append(layer_entry(cfg, name, *build(point, more)))
         corners += [layer_entry(cfg, name, layer, vectors, write_tables=written)
                     for name, layer, vectors, written in reused_table_layers(point, more)]
+        # every lane's alignment shift, a subnormal block value at every block exponent, the row
+        # adder's sums of a single one bit (a generator of their own, last)
+        last = np.random.default_rng([seed, 22])
+        corners.append(layer_entry(cfg, "lane-align", *lane_align_layer(point, last)))
+        corners += [layer_entry(cfg, name, layer, v) for name, layer, v in subnormal_block_layers(point, last)]
+        corners.append(layer_entry(cfg, "single-bit-cancel",
+                                   *deep_cancel_layer(point, last, rows=SINGLE_BIT_ROWS, powers_of_two=True)))
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}

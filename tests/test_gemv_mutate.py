@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from sop.golden import dot
 from sop.sim import gemv_mutate
 
 BAD_WORD = "-mode inv -wire y__payload"
@@ -249,7 +250,7 @@ def test_the_e4m3_plans_offset127_layer_has_normal_block_values():
 
 @pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-e2m3-ue4m4-g16"])
 def test_the_e4m3_plans_reuse_a_pages_tables(engine):
-    """The E4M3 quick plans end with ``tables-A``, ``tables-B`` and ``tables-A-reused``: the third
+    """The E4M3 quick plans have ``tables-A``, ``tables-B`` and ``tables-A-reused`` in a row: the third
     writes no table word (its page still holds ``A``'s), the last word ``B`` writes is the
     negation of ``A``'s at the same bank and code, and half of ``A``'s blocks read that word in every
     lane. (The table bank's write enable stuck high wrote ``B``'s last word, held on ``load``, into
@@ -258,8 +259,9 @@ def test_the_e4m3_plans_reuse_a_pages_tables(engine):
 
     corners = _quick_corners(engine)
     names = list(corners)
-    assert names[-3:] == ["tables-A", "tables-B", "tables-A-reused"]
-    a, b, again = (corners[n] for n in names[-3:])
+    at = names.index("tables-A")
+    assert names[at:at + 3] == ["tables-A", "tables-B", "tables-A-reused"]
+    a, b, again = (corners[n] for n in names[at:at + 3])
     assert again["loads"] == [] and a["loads"] and again["layer"] == a["layer"] and again["w"] == a["w"]
     bank, code, value = b["loads"][-1]
     assert value != dict(((bk, ad), v) for bk, ad, v in a["loads"])[(bank, code)]
@@ -271,6 +273,130 @@ def test_the_e4m3_plans_reuse_a_pages_tables(engine):
         in_bank = ((header >> lay.select_position) & 1 if lay.select_bit else 0) == bank
         reads += in_bank and codes == [code] * lay.group
     assert reads == len(a["w"]) // 2
+
+
+def _e4m3_last_layers(engine: str, seed: int) -> tuple:
+    """The E4M3 quick plan's layers from ``lane-align`` on, drawn again as plan_for draws them (a
+    generator of their own, ``[seed, 22]``), checked against the plan's entries: (cfg, layers as
+    (name, LayerStream, vectors), the entries by name)."""
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_runner import (SINGLE_BIT_ROWS, deep_cancel_layer, lane_align_layer, layer_entry, plan_for,
+                                     subnormal_block_layers)
+
+    cfg = gemv_configs()[engine]
+    plan = plan_for(cfg, "quick", seed)
+    entries = {lay["name"]: lay for lay in plan["jobs"][1]["layers"]}
+    last = np.random.default_rng([seed, 22])
+    layers = [("lane-align", *lane_align_layer(plan["point"], last))]
+    layers += subnormal_block_layers(plan["point"], last)
+    layers += [("single-bit-cancel", *deep_cancel_layer(plan["point"], last, rows=SINGLE_BIT_ROWS,
+                                                        powers_of_two=True))]
+    assert list(entries)[-len(layers):] == [name for name, _, _ in layers]
+    for name, layer, vectors in layers:
+        assert layer_entry(cfg, name, layer, vectors) == entries[name]
+    return cfg, layers, entries
+
+
+def _block_fields(layer):
+    """Per block of a layer: the HIF codes its lanes read, its scale code and its sign bit."""
+    from sop.golden.layout import unpack_blocks
+
+    lay = layer.layout
+    headers, codes = unpack_blocks(lay, layer.blocks)
+    bank = (headers >> lay.select_position) & 1 if lay.select_bit else np.zeros_like(headers)
+    scale = headers & ((1 << lay.scale.bits) - 1)
+    sign = (headers >> lay.scale.bits) & 1 if lay.signed_scale else np.zeros_like(headers)
+    return layer.luts[bank[:, None], codes], scale, sign
+
+
+@pytest.mark.parametrize("engine,seed", [("gemv-sop4-g16", 1), ("gemv-sop4-g16", 2), ("gemv-e2m3-ue4m4-g16", 1)])
+def test_the_e4m3_plans_lane_align_layer_shifts_an_odd_product_by_every_amount_in_every_lane(engine, seed):
+    """The E4M3 quick plans' ``lane-align`` layer: in every lane, products whose HIF and activation
+    significands are both odd (the product's lowest bit set) at every alignment shift ``t`` (the
+    two exponents above their formats' smallest: 0 .. 20), and block values that are exact: each
+    ``y`` (one block a row) is the exact sum of its 16 products times the scale, so a bit that a
+    lane's shift loses or adds changes it. Fields from golden's ``float_fields``; the exact value in
+    float64 (fewer than 53 bits). (The alignment selects of the block dot unit's lanes were
+    survivors of the mutation runs, reachable only where a lane's shift met an odd product.)"""
+    from sop.golden.decoder import float_fields
+    from sop.sim.gemv_runner import E4M3
+
+    _, layers, entries = _e4m3_last_layers(engine, seed)
+    _, layer, vectors = layers[0]
+    lay, hif = layer.layout, layer.hif
+    h, scale, sign = _block_fields(layer)
+    _, h_sig, h_exp = float_fields(hif, h & ((1 << (hif.bits - 1)) - 1))
+    h_val = hif.decode(h).astype(np.float64)
+    s_val = lay.scale.decode(scale).astype(np.float64) * np.where(sign == 1, -1.0, 1.0)
+    t_max = int(np.ptp(dot.exponent_range(hif)) + np.ptp(dot.exponent_range(E4M3)))
+    assert t_max == 20
+    shifts = [set() for _ in range(lay.group)]
+    for x, expect in zip(vectors, (v["expect"] for v in entries["lane-align"]["vectors"])):
+        _, x_sig, x_exp = float_fields(E4M3, x & 0x7F)
+        t = (h_exp - dot.exponent_range(hif)[0]) + (x_exp - dot.exponent_range(E4M3)[0])
+        odd = (h_sig % 2 == 1) & (x_sig % 2 == 1)
+        for j in range(lay.group):
+            shifts[j] |= set(t[odd[:, j], j].tolist())
+        exact = (h_val * E4M3.decode(x).astype(np.float64)).sum(axis=1) * s_val * 2.0 ** layer.offset
+        y = np.asarray(expect, np.uint32).view(np.float32).astype(np.float64)
+        assert (y == exact).all() and (exact != 0).all()
+    assert all(s == set(range(t_max + 1)) for s in shifts), shifts
+
+
+@pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-e2m3-ue4m4-g16"])
+def test_the_e4m3_plans_subnormal_block_layers_reach_every_block_exponent(engine):
+    """The E4M3 quick plans' ``subnormal-block-offset*`` layers: one block a row whose value, the
+    row's ``y``, is an FP32 subnormal (exponent field 0, nonzero), at least two at every block
+    exponent ``E`` (the products' LSB exponent + the scale's exponent + the offset: the value is
+    ``Q * 2^E``, ``Q`` a positive integer) from the lowest (offset -128, the smallest scale
+    exponent) to -127, the last where a value can be subnormal (``Q = 1``); the block dot unit's
+    barrier bit for that ``E`` alone sets the normalizing shift. (Its compare ``kmax == 19``, ``E =
+    -145``, survived the mutation run: no plan had a subnormal block there.)"""
+    from sop.golden.decoder import float_fields
+    from sop.golden.layout import OFFSET_RANGE
+    from sop.sim.gemv_runner import E4M3
+
+    _, layers, entries = _e4m3_last_layers(engine, 1)
+    blocks = [(name, layer) for name, layer, _ in layers if name.startswith("subnormal-block-")]
+    lay = blocks[0][1].layout
+    lsb = dot.accumulator(blocks[0][1].hif, E4M3, lay.group).lsb_exp
+    s_lo = dot.exponent_range(lay.scale)[0]
+    reached = {}
+    for name, layer in blocks:
+        _, scale, _ = _block_fields(layer)
+        _, _, e_s = float_fields(lay.scale, scale)
+        y = np.asarray(entries[name]["vectors"][0]["expect"], np.int64)
+        subnormal = ((y >> 23) & 0xFF == 0) & (y & 0x7FFFFF != 0)
+        for E in (lsb + e_s + layer.offset)[subnormal].tolist():
+            reached[E] = reached.get(E, 0) + 1
+    expected = range(lsb + s_lo + OFFSET_RANGE[0], -126)
+    assert sorted(reached) == list(expected) and min(reached.values()) >= 2, reached
+
+
+def test_the_e4m3_plans_single_bit_cancel_layer_cancels_to_one_bit_at_every_distance():
+    """The E4M3 quick plan's ``single-bit-cancel`` layer: each row ``t, u, -t`` against activations
+    of 1.0, ``t`` and ``u`` powers of two of one sign, ``u`` 1 to 23 binades below ``t`` (each
+    once), and ``y == u``: every sum of the row is one or two one bits, and the last, ``(t + u) -
+    t``, a single bit at every position of the row adder's word below its top, alone in its
+    leading-zero chunk. (The adder's chunk flag ``|rb[19:12]`` without bit 17 survived the
+    mutation run: the random fractions of ``deep-cancel`` left another bit in that chunk.)"""
+    from sop.golden.dot import FORMATS
+    from sop.sim.gemv_runner import E4M3
+
+    _, layers, entries = _e4m3_last_layers("gemv-sop4-g16", 1)
+    _, layer, (x,) = layers[-1]
+    assert not layer.luts.any() and (E4M3.decode(x) == 1.0).all()
+    rows: dict[int, list] = {}
+    for row, col, value, _last in entries["single-bit-cancel"]["sparse"]:
+        rows.setdefault(row, []).append((col, value))
+    y = np.asarray(entries["single-bit-cancel"]["vectors"][0]["expect"], np.uint32).view(np.float32)
+    distances = []
+    for r, entry in sorted(rows.items()):
+        t, u, minus_t = FORMATS["bf16"].decode(np.array([v for _, v in sorted(entry)])).tolist()
+        assert minus_t == -t and t * u > 0 and float(y[r]) == u
+        assert math.log2(abs(t)).is_integer() and math.log2(abs(u)).is_integer()
+        distances.append(int(math.log2(t / u)))
+    assert sorted(distances) == list(range(1, 24))
 
 
 @pytest.mark.parametrize("seed", [1, 2])
