@@ -367,18 +367,18 @@ def gemv_axis_manifest(config: gemv.GemvConfig, top: gemv_axis.GemvAxisTop) -> d
 
 def gemv_testbench_layers(config: gemv.GemvConfig, seed: int = TB_SEED) -> list[tuple]:
     """``(layer, vectors)`` of the shell's Verilog testbench (``GEMV_TB_LAYERS``): random layers over
-    every code and both banks (sim.gemv_runner's), random finite vectors in the engine's activation
-    format (``gemv_runner.finite_codes``); the last layer with residual entries (terms that
+    every code and both banks (sim.gemv_layers's), random finite vectors in the engine's activation
+    format (``gemv_layers.finite_codes``); the last layer with residual entries (terms that
     saturate, are plain or go subnormal)."""
-    from sop.sim import gemv_runner
+    from sop.sim import gemv_layers, gemv_runner
 
     point, rng = gemv_runner.point_of(config), np.random.default_rng(seed)
     out = []
     for rows, cols, n_vectors, entries in GEMV_TB_LAYERS:
-        layer = gemv_runner.random_layer(point, rows, cols, rng)
+        layer = gemv_layers.random_layer(point, rows, cols, rng)
         if entries:
-            layer = gemv_runner.with_residuals(layer, rng, entries)
-        out.append((layer, [gemv_runner.finite_codes(config.act_format, rng, cols) for _ in range(n_vectors)]))
+            layer = gemv_layers.with_residuals(layer, rng, entries)
+        out.append((layer, [gemv_layers.finite_codes(config.act_format, rng, cols) for _ in range(n_vectors)]))
     return out
 
 

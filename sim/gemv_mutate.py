@@ -133,7 +133,8 @@ def prepare(cfg, work: Path, n: int, seed: int, *, extra: tuple[str, ...] = (), 
 def scrub_jobs(cfg, seed: int) -> list[dict]:
     """Two random layers (both table pages) with their vectors, none of the plan's values: what the
     original runs before each design."""
-    from sop.sim.gemv_runner import finite_codes, layer_entry, point_of, random_layer
+    from sop.sim.gemv_layers import finite_codes, random_layer
+    from sop.sim.gemv_runner import layer_entry, point_of
 
     rng = np.random.default_rng([seed, 7])
     point = point_of(cfg)

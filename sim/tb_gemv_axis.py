@@ -8,7 +8,7 @@ the plan (``plan.json``) and runs this module's test on it with sim/runner.py's
 ``simulate`` (cocotb's runner, Icarus or Verilator). The plan's layers are real:
 MiniLM's layer-0 query quantized to the engine's operating point and its real
 inputs in the BERT forward pass of a sentence rounded to the engine's activation format, E4M3 or BF16
-(sim/gemv_runner.py's ``minilm_layers`` and ``minilm_activations``):
+(sim/gemv_layers.py's ``minilm_layers`` and ``minilm_activations``):
 
 * quick (`make test`): its first 40 rows for two tokens, the same rows with 2 %
   sparse residuals for one token, the plain rows again for one token (three
@@ -76,14 +76,14 @@ def layer_entry(cfg: GemvConfig, name: str, layer, vectors) -> dict:
 
 
 def plan_for(cfg: GemvConfig, size: str) -> dict:
-    from sop.sim import gemv_runner
+    from sop.sim import gemv_layers, gemv_runner
 
     point = gemv_runner.point_of(cfg)
     rows, plain_tokens, sparse_tokens, last_tokens = SIZES[size]
-    x = gemv_runner.minilm_activations(cfg.act)
-    plain, sparse = gemv_runner.minilm_layers(point, rows)
-    head = plain if rows == 40 else gemv_runner.minilm_layers(point, 40)[0]
-    q = gemv_runner.QUERY
+    x = gemv_layers.minilm_activations(cfg.act)
+    plain, sparse = gemv_layers.minilm_layers(point, rows)
+    head = plain if rows == 40 else gemv_layers.minilm_layers(point, 40)[0]
+    q = gemv_layers.QUERY
     layers = [layer_entry(cfg, f"{q}[:{plain.rows}]", plain, x[plain_tokens]),
               layer_entry(cfg, f"{q}[:40]+2%sparse", sparse, x[sparse_tokens]),
               layer_entry(cfg, f"{q}[:40]", head, x[last_tokens])]

@@ -26,7 +26,7 @@ from sop.golden.points import get_point
 from sop.hdl import axis, gemv, gemv_axis
 from sop.hdl.gemv import GemvConfig
 from sop.hdl.gemv_axis import GemvAxis, GemvAxisTop
-from sop.sim import gemv_runner, tb_gemv_axis
+from sop.sim import gemv_layers, tb_gemv_axis
 
 SOP4 = get_point("sop4-g16")
 SMALL = GemvConfig("test-axis-sop4-g16", SOP4.layout, SOP4.hif, max_cols=256, max_rows=255)
@@ -36,8 +36,8 @@ NAMED = gemv.gemv_configs()
 def two_layers(seed=0):
     """A 20-row, 64-column layer for two vectors, then a 24-row one with residuals for one."""
     rng = np.random.default_rng(seed)
-    a = gemv_runner.random_layer("sop4-g16", 20, 64, rng)
-    b = gemv_runner.with_residuals(gemv_runner.random_layer("sop4-g16", 24, 48, rng), rng, 30)
+    a = gemv_layers.random_layer("sop4-g16", 20, 64, rng)
+    b = gemv_layers.with_residuals(gemv_layers.random_layer("sop4-g16", 24, 48, rng), rng, 30)
     return [(a, [rng.integers(0, 0x7F, 64), rng.integers(0, 0xFF, 64) & 0xF7]), (b, [rng.integers(0, 0x7F, 48)])]
 
 
@@ -142,11 +142,11 @@ def test_tdata_layouts_and_the_model():
 def bf16_layers(seed=0):
     """``two_layers``' shapes with BF16 code vectors (values within 2^-8 .. 2^9, both signs)."""
     rng = np.random.default_rng(seed)
-    a = gemv_runner.random_layer("sop4-g16", 20, 64, rng)
-    b = gemv_runner.with_residuals(gemv_runner.random_layer("sop4-g16", 24, 48, rng), rng, 30)
+    a = gemv_layers.random_layer("sop4-g16", 20, 64, rng)
+    b = gemv_layers.with_residuals(gemv_layers.random_layer("sop4-g16", 24, 48, rng), rng, 30)
     act = gemv.dot.ACT_FORMATS["bf16"]
-    return [(a, [gemv_runner.finite_codes(act, rng, 64) for _ in range(2)]),
-            (b, [gemv_runner.finite_codes(act, rng, 48)])]
+    return [(a, [gemv_layers.finite_codes(act, rng, 64) for _ in range(2)]),
+            (b, [gemv_layers.finite_codes(act, rng, 48)])]
 
 
 def test_bf16_tdata_layout_and_model():

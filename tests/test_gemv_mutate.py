@@ -280,8 +280,8 @@ def _e4m3_last_layers(engine: str, seed: int) -> tuple:
     generator of their own, ``[seed, 22]``), checked against the plan's entries: (cfg, layers as
     (name, LayerStream, vectors), the entries by name)."""
     from sop.hdl.gemv import gemv_configs
-    from sop.sim.gemv_runner import (SINGLE_BIT_ROWS, deep_cancel_layer, lane_align_layer, layer_entry, plan_for,
-                                     subnormal_block_layers)
+    from sop.sim.gemv_layers import SINGLE_BIT_ROWS, deep_cancel_layer, lane_align_layer, subnormal_block_layers
+    from sop.sim.gemv_runner import layer_entry, plan_for
 
     cfg = gemv_configs()[engine]
     plan = plan_for(cfg, "quick", seed)
@@ -319,7 +319,7 @@ def test_the_e4m3_plans_lane_align_layer_shifts_an_odd_product_by_every_amount_i
     float64 (fewer than 53 bits). (The alignment selects of the block dot unit's lanes were
     survivors of the mutation runs, reachable only where a lane's shift met an odd product.)"""
     from sop.golden.decoder import float_fields
-    from sop.sim.gemv_runner import E4M3
+    from sop.sim.gemv_layers import E4M3
 
     _, layers, entries = _e4m3_last_layers(engine, seed)
     _, layer, vectors = layers[0]
@@ -354,7 +354,7 @@ def test_the_e4m3_plans_subnormal_block_layers_reach_every_block_exponent(engine
     -145``, survived the mutation run: no plan had a subnormal block there.)"""
     from sop.golden.decoder import float_fields
     from sop.golden.layout import OFFSET_RANGE
-    from sop.sim.gemv_runner import E4M3
+    from sop.sim.gemv_layers import E4M3
 
     _, layers, entries = _e4m3_last_layers(engine, 1)
     blocks = [(name, layer) for name, layer, _ in layers if name.startswith("subnormal-block-")]
@@ -381,7 +381,7 @@ def test_the_e4m3_plans_single_bit_cancel_layer_cancels_to_one_bit_at_every_dist
     leading-zero chunk. (The adder's chunk flag ``|rb[19:12]`` without bit 17 survived the
     mutation run: the random fractions of ``deep-cancel`` left another bit in that chunk.)"""
     from sop.golden.dot import FORMATS
-    from sop.sim.gemv_runner import E4M3
+    from sop.sim.gemv_layers import E4M3
 
     _, layers, entries = _e4m3_last_layers("gemv-sop4-g16", 1)
     _, layer, (x,) = layers[-1]
@@ -413,7 +413,8 @@ def test_the_bf16_plans_window_pow2_layer_drops_power_of_two_hif_products_by_one
     from sop.golden.layout import unpack_blocks
     from sop.hdl import block_dot_bf16 as bd
     from sop.hdl.gemv import gemv_configs
-    from sop.sim.gemv_runner import layer_entry, plan_for, window_pow2_layer
+    from sop.sim.gemv_layers import window_pow2_layer
+    from sop.sim.gemv_runner import layer_entry, plan_for
 
     cfg = gemv_configs()["gemv-sop4-g16-bf16"]
     plan = plan_for(cfg, "quick", seed)
@@ -457,7 +458,8 @@ def test_the_bf16_plans_subnormal_barrier_layer_reaches_every_kmax_with_a_subnor
     from sop.golden.layout import unpack_blocks
     from sop.hdl import block_dot_bf16 as bd
     from sop.hdl.gemv import gemv_configs
-    from sop.sim.gemv_runner import layer_entry, plan_for, subnormal_barrier_layer, window_pow2_layer
+    from sop.sim.gemv_layers import subnormal_barrier_layer, window_pow2_layer
+    from sop.sim.gemv_runner import layer_entry, plan_for
 
     cfg = gemv_configs()["gemv-sop4-g16-bf16"]
     plan = plan_for(cfg, "quick", seed)
@@ -498,7 +500,8 @@ def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
     rounded-up value. (The row adder's sticky OR with its bit 0 tied to 0 survived the mutation run.)"""
     from sop.golden.dot import FORMATS
     from sop.hdl.gemv import gemv_configs
-    from sop.sim.gemv_runner import adder_sticky_layer, layer_entry, plan_for
+    from sop.sim.gemv_layers import adder_sticky_layer
+    from sop.sim.gemv_runner import layer_entry, plan_for
 
     cfg = gemv_configs()["gemv-sop4-g16-bf16"]
     plan = plan_for(cfg, "quick", seed)

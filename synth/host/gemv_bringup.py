@@ -71,7 +71,7 @@ from .bringup import BOARD_FAILURES, BoardConfigError, _Metered
 from .client import BoardLink
 
 E4M3 = dot.ACT_FORMATS["e4m3"]
-SENTENCE = "The quick brown fox jumps over the lazy dog."     # sim/gemv_runner.py's
+SENTENCE = "The quick brown fox jumps over the lazy dog."     # sim/gemv_layers.py's
 TOKEN = 2                                                     # the token whose activations are x
 X_SEED = 15
 SIM_BOARD = "ulx3s"                                           # --sim's default board (gemv_boards())
