@@ -3,7 +3,8 @@
 Each builder returns ``LayerStream`` layers (golden.layout) and activation code vectors, drawn
 from the generator it is given; gemv_runner turns them into bench beats and expected ``y`` words
 (golden.dot.gemv) and lists them in its plan (``plan_for``: which layers, in which order, from
-which generators). Golden only: nothing here knows the engine's Verilog or the bench. The corner
+which generators). Host side: values come from golden (a BF16 layer that aims at the block dot
+unit's window reads that unit's window constants); nothing here drives the bench. The corner
 layers each say which case of the engine they reach (a mutation survivor each was built for is
 named where one was); tests/test_gemv_mutate.py checks that reach from golden's own fields.
 
