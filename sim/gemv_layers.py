@@ -513,7 +513,8 @@ def subnormal_block_layers(point: str, rng, per_exponent: int = 2) -> list[tuple
             c = rng.integers(0, 1 << lay.code_bits, g)
             c[0] = values.index(a) + 1
             codes.append(c)
-        out.append((f"subnormal-block-offset{offset}", make_layer(point, luts, offset, len(picks), headers, codes), [x]))
+        layer = make_layer(point, luts, offset, len(picks), headers, codes)
+        out.append((f"subnormal-block-offset{offset}", layer, [x]))
         # the next layer's lowest scale exponent at the lowest block exponent still missing (there
         # the smallest scale significands reach it)
         missing = [E for E in range(lsb + s_lo + OFFSET_RANGE[0], -126) if E not in covered]

@@ -22,8 +22,9 @@ what differs is the design and the bench.
    ``--only I,J,...`` keeps these mutants of the list (the same draw: investigating survivors;
    the sites are not counted then).
 3. **Regression** (``gemv_mutants`` below, the cocotb test of this module): sim/gemv_runner.py's
-   quick plan (``plan_for(cfg, "quick", seed)``: MiniLM rows with real activations, with and
-   without residuals, the corner layers, the error cases), driven by sim/tb_gemv.py's
+   quick plan (``plan_for(cfg, "quick", seed, latency)``: MiniLM rows with real activations, with
+   and without residuals, the corner layers, the error cases, and the ``timing`` job with the
+   original's latency), driven by sim/tb_gemv.py's
    ``Testbench`` (its host sequences, idles, stalls and scoreboard). For each design: a reset
    and a scrub with the original selected (two random layers whose tables and vectors differ
    from the plan's, their activations ``finite_codes`` of the engine's format, so that a mutant
@@ -31,7 +32,8 @@ what differs is the design and the bench.
    and the plan's jobs in order. The original runs first and
    last and must pass both times, or the run is void. A mutant is **killed** at the first job
    with a ``y`` word that differs from golden (value or ``last``, X/Z bits too), a word more or
-   missing, or a wrong ``status``; it **times out** (also killed: the regression sees the hang)
+   missing, a wrong ``status``, or cycles the ``timing`` job does not allow (``cycles``: blocks
+   not back to back, the last word at another latency); it **times out** (also killed: the regression sees the hang)
    when a job runs past twice the original's cycles for it plus ``SLACK`` cycles, or a host
    sequence gives up on a beat that is never taken. One JSON line per design goes to
    ``results.jsonl`` as it is decided; a simulator that stops (a crash) is restarted after the
@@ -149,14 +151,16 @@ def simulate(cfg, work: Path, top: str, mutants_v: Path, indices: list[int], *, 
              jobs: tuple[str, ...] | None = None) -> list[dict]:
     """Build the all-mutant design once, run ``gemv_mutants`` on it; the verdicts in order (mutant 0
     first and last). A simulator that stops is restarted after the design it was running.
-    ``jobs``: only the quick plan's jobs of these names (``minilm``, ``corners``, ``errors``)."""
-    from sop.sim.gemv_runner import plan_for
+    ``jobs``: only the quick plan's jobs of these names (``minilm``, ``corners``, ``errors``,
+    ``timing``)."""
+    from sop.sim.gemv_runner import latency_of, plan_for
     from sop.sim.runner import check_simulator
 
     check_simulator(sim)
     sim_dir = (work / "sim" / sim).resolve()
     sim_dir.mkdir(parents=True, exist_ok=True)
-    plan = {"regression": plan_for(cfg, "quick", seed), "scrub": scrub_jobs(cfg, seed)}
+    plan = {"regression": plan_for(cfg, "quick", seed, latency=latency_of(work / f"{top}.v")),
+            "scrub": scrub_jobs(cfg, seed)}
     if jobs is not None:
         plan["regression"]["jobs"] = [j for j in plan["regression"]["jobs"] if job_name(j) in jobs]
     runner = mu.build_mutant_sim(sim, mutants_v, top, sim_dir)
@@ -285,8 +289,8 @@ async def _run_design(dut, index: int, plan: dict, limits: list[int] | None) -> 
             if tb.failure:
                 verdict.update(verdict="killed", by="timeout", reason=f"{name}: {tb.failure}")
                 break
-            if tb.scoreboard.mismatches or tb.status_errors:
-                by = "y word" if tb.scoreboard.mismatches else "status"
+            if tb.scoreboard.mismatches or tb.status_errors or tb.timing_errors:
+                by = "y word" if tb.scoreboard.mismatches else "status" if tb.status_errors else "cycles"
                 verdict.update(verdict="killed", by=by, reason=f"{name}: {tb.errors.first}")
                 break
     finally:

@@ -64,17 +64,27 @@ each run, printed: ``--seed`` reruns it):
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
   after ``clear``; their ``y`` words are counted, not compared), then a good
   vector (compared) and a clear status.
+* ``timing`` (``timing_job``; with the engine's latency, from the manifest
+  ``build_verilog`` writes beside the Verilog): hdl/gemv.py's throughput and
+  latency with no idle input and no stall: a one-tile layer that leaves the ring
+  at slot 0, then two full tiles of MiniLM's rows for two vectors, whose blocks
+  must be taken back to back (one every ``g / P`` cycles) and whose last ``y`` word
+  must come ``latency`` cycles after the last block (folded: up to the ring's wait
+  for its slot more). A cycles-only bug (a block sent down a slow path, a ring
+  that waits) fails here, not in a word.
 
 The bench drives random idle cycles on ``x``, ``w``, ``sparse``, ``load`` and
-``layer`` and random stalls on ``y`` (``p_idle``, ``p_stall``). One summary line
-per configuration: words checked, mismatches. Exit status 1 on any mismatch,
-status error, failed test or expected word not checked; 2 on a bad argument or a
-missing simulator.
+``layer`` and random stalls on ``y`` (``p_idle``, ``p_stall``) but in the
+``timing`` job. One summary line per configuration: words checked, mismatches,
+status and timing errors. Exit status 1 on any mismatch, status or timing error,
+failed test or expected word not checked; 2 on a bad argument or a missing
+simulator.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import sys
@@ -157,7 +167,32 @@ def error_job(cfg: GemvConfig, point: str, rng) -> dict:
     return {"kind": "errors", **entry}
 
 
-def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
+#: The ``timing`` job's two vectors: MiniLM tokens (the sentence's) other than the plan's others
+TIMING_TOKENS = [4, 6]
+
+
+def timing_job(cfg: GemvConfig, point: str, x: np.ndarray, latency: int, seed: int) -> dict:
+    """The engine's throughput and latency as hdl/gemv.py documents them, with no idle input and no
+    stall: a layer of one full tile (a random one, two blocks a row, from a generator of its own), so
+    that the ring ends at slot 0 and the value FIFO drains while the next layer's x loads (after a
+    partial tile, as the errors job's, a pass's first value waits for the ring and the FIFO keeps
+    that backlog while the blocks come back to back); then the measured layer, MiniLM's query rows,
+    two full tiles (no residuals: every block a fast one), two vectors. The bench checks that its
+    blocks are taken back to back (one every ``g / P`` cycles, across the two passes) and that its
+    last ``y`` word comes ``latency`` cycles after its last block (folded, a value every ``g / P``
+    cycles: plus at most the ring's wait for the row's slot, ``slack``) (``timing``), beside every word."""
+    rng, step = np.random.default_rng([seed, 23]), cfg.group // cfg.macs_per_cycle
+    settle = random_layer(point, cfg.tile, 2 * cfg.group, rng, offset=0)
+    plain, _ = minilm_layers(point, 2 * cfg.tile)
+    return {"kind": "layers", "name": "timing",
+            "timing": {"latency": latency, "block_cycles": step, "slack": 0 if step == 1 else cfg.tile - 1, "layer": 1},
+            "layers": [layer_entry(cfg, "timing-settle", settle, [finite_codes(cfg.act_format, rng, 2 * cfg.group)]),
+                       layer_entry(cfg, f"{QUERY}[:{plain.rows}]", plain, x[TIMING_TOKENS])]}
+
+
+def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) -> dict:
+    """The plan of ``cfg``'s regression: its ``minilm``, ``corners`` and ``errors`` jobs (the module's
+    doc) drawn from ``seed``, and with the engine's ``latency`` (``latency_of``) a last ``timing`` job."""
     point = point_of(cfg)
     rng = np.random.default_rng(seed)
     s = SIZES[size]
@@ -209,7 +244,8 @@ def plan_for(cfg: GemvConfig, size: str, seed: int) -> dict:
     return {"config": cfg.name, "point": point, "seed": seed, "engine": engine,
             "size": size, "p_idle": 0.25, "p_stall": 0.3,
             "jobs": [{"kind": "layers", "name": "minilm", "layers": minilm},
-                     {"kind": "layers", "name": "corners", "layers": corners}, error_job(cfg, point, rng)]}
+                     {"kind": "layers", "name": "corners", "layers": corners}, error_job(cfg, point, rng)]
+            + ([timing_job(cfg, point, x, latency, seed)] if latency is not None else [])}
 
 
 def expected_words(plan: dict) -> int:
@@ -231,16 +267,26 @@ SIM_WAIVERS = "/* verilator lint_off CMPCONST */\n"
 
 def build_verilog(cfg: GemvConfig, out_dir: Path, engine=None) -> Path:
     """``engine`` (default ``GemvEngine(cfg)``) as Verilog, module ``gemv.module_name(cfg)``, with
-    ``SIM_WAIVERS`` in front."""
+    ``SIM_WAIVERS`` in front, and beside it its manifest (``gemv.describe``: the latency that the
+    plan's ``timing`` job checks, ``latency_of``)."""
     from amaranth.back import verilog
 
     from sop.golden.files import write_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{gemv.module_name(cfg)}.v"
-    text = verilog.convert(engine or gemv.GemvEngine(cfg), name=gemv.module_name(cfg), emit_src=False)
+    engine = engine or gemv.GemvEngine(cfg)
+    text = verilog.convert(engine, name=gemv.module_name(cfg), emit_src=False)
     write_atomic(path, (SIM_WAIVERS + text).encode())
+    write_atomic(path.with_suffix(".json"), json.dumps(gemv.describe(cfg, engine), indent=1).encode())
     return path
+
+
+def latency_of(verilog: Path) -> int | None:
+    """The engine's latency from the manifest ``build_verilog`` wrote beside its Verilog (None if there
+    is none: the plan then has no ``timing`` job)."""
+    manifest = Path(verilog).with_suffix(".json")
+    return json.loads(manifest.read_text())["latency_cycles"] if manifest.is_file() else None
 
 
 def run(cfg: GemvConfig, sim: str = "icarus", *, quick: bool = False, seed: int | None = None,
@@ -255,7 +301,7 @@ def run(cfg: GemvConfig, sim: str = "icarus", *, quick: bool = False, seed: int 
     if verilog is None:
         verilog = build_verilog(cfg, build_dir / "rtl")
     seed = secrets.randbelow(1 << 31) if seed is None else seed
-    plan = plan_for(cfg, size, seed)
+    plan = plan_for(cfg, size, seed, latency=latency_of(verilog))
     if plan_edit is not None:
         plan_edit(plan)
     summary = simulate(cfg, sim, Path(verilog), gemv.module_name(cfg), "sop.sim.tb_gemv", plan, size, build_dir,
@@ -267,13 +313,14 @@ def run(cfg: GemvConfig, sim: str = "icarus", *, quick: bool = False, seed: int 
 def summary_line(s: dict) -> str:
     return (f"{s['config']} [{s['sim']}, {s.get('plan')}]: {s.get('checked', 0)} words checked "
             f"({s.get('counted', 0)} more counted after a bad vector, {s.get('entries', 0)} sparse entries, "
-            f"{s.get('layers', 0)} layers), {s['mismatches']} mismatches, {s.get('status_errors', 0)} status errors "
+            f"{s.get('layers', 0)} layers), {s['mismatches']} mismatches, {s.get('status_errors', 0)} status errors, "
+            f"{s.get('timing_errors', 0)} timing errors "
             f"(seed {s.get('seed')}, {s.get('cycles', 0)} cycles, {s['wall_seconds']:.1f} s)")
 
 
 def passed(s: dict) -> bool:
     return (s["mismatches"] == 0 and s["failed_tests"] == 0 and s.get("status_errors") == 0
-            and s.get("checked") == s.get("expected"))
+            and s.get("timing_errors", 0) == 0 and s.get("checked") == s.get("expected"))
 
 
 def small_engines() -> dict[str, GemvConfig]:

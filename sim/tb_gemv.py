@@ -29,6 +29,11 @@ computes nothing, it drives beats and compares every ``y`` word bit for bit,
   word with 0 rows (``layer`` at once, cleared), and the layer again with
   sparse entries, one beyond its columns: ``sparse`` once the engine takes it
   (its ``y`` counted).
+* a ``layers`` job with ``timing`` (the plan's last, ``timing``): no idle input and
+  no stall (nor a long one) while it runs; the measured layer's blocks must be taken
+  one every ``block_cycles`` cycles from its first to its last, and its last ``y``
+  word must come ``latency`` (to ``latency + slack``) cycles after its last block
+  (``check_timing``: a timing error each, beside the mismatches and status errors).
 
 Random idle cycles on every input (``p_idle``: ``x``, ``w``, ``sparse``, ``load``,
 ``layer``) and random stalls on ``y.ready`` (``p_stall``) come from the plan's
@@ -267,7 +272,10 @@ class Testbench:
         self.scoreboard = Scoreboard(dut._log)
         self.y_ready = False
         self.always_ready = False
-        self.cycles = self.status_errors = self.layers = self.entries = 0
+        self.cycles = self.status_errors = self.timing_errors = self.layers = self.entries = 0
+        self.timing: dict | None = None                 # a timing job's bounds, while it runs
+        self.w_cycles: list[int] = []                   # ... the cycle of each block taken, of each y word
+        self.y_cycles: list[int] = []
         self.stall_left = self.stall_gap = 0            # the long stall's cycles left; cycles before the next may start
         self.long_stalls = self.long_stall_cycles = 0
         self.jobs: list[dict] = []                      # per job: name, cycles, long stalls started
@@ -283,6 +291,8 @@ class Testbench:
                     sb.compare(int(d.y__payload.value))
                 except ValueError:
                     sb.compare(None)
+                if self.timing is not None:
+                    self.y_cycles.append(self.cycles)
             drv.sample()
             await RisingEdge(d.clk)
             self.cycles += 1
@@ -380,6 +390,8 @@ class Testbench:
                     xv, xp = xv + 1, 0
             wp += reply.w
             sp += reply.sparse
+            if reply.w and self.timing is not None and vectors[wv][0] == self.timing["layer"]:
+                self.w_cycles.append(self.cycles - 1)     # the cycle whose edge took it
             if wp == len(ws) and sp == len(ss):
                 wv, wp, sp = wv + 1, 0, 0
 
@@ -456,9 +468,30 @@ class Testbench:
             yield HostCycle(clear=True)
             self.check_status((yield from self.read_status()), 0, f"errors case {i}, after clear")
 
+    def check_timing(self, timing: dict) -> None:
+        """A ``timing`` job's cycles against hdl/gemv.py's throughput and latency: the measured layer's
+        blocks taken one every ``block_cycles`` cycles, back to back from the first to the last, and
+        the last ``y`` word ``latency`` cycles (to ``latency + slack``) after the last block."""
+        log = self.scoreboard.log                        # (the mutation bench keeps the first error)
+        gaps = sorted(set(np.diff(self.w_cycles).tolist()))
+        if gaps != [timing["block_cycles"]]:
+            log.error(f"the timing job's blocks taken {gaps} cycles apart, not every {timing['block_cycles']}")
+            self.timing_errors += 1
+        last = self.y_cycles[-1] - self.w_cycles[-1] if self.y_cycles and self.w_cycles else None
+        lo, hi = timing["latency"], timing["latency"] + timing["slack"]
+        if last is None or not lo <= last <= hi:
+            log.error(f"the timing job's last y word {last} cycles after its last block, not {lo}"
+                      f"{f' to {hi}' if hi > lo else ''} (the engine's latency)")
+            self.timing_errors += 1
+
     # -- jobs ------------------------------------------------------------------------------------------
     async def run(self, job: dict) -> None:
         sb = self.scoreboard
+        timing, idle = job.get("timing"), (self.p_idle, self.p_stall)
+        if timing is not None:                          # no idle input, no stall, no long stall
+            self.p_idle = self.p_stall = 0.0
+            self.always_ready = True
+            self.timing, self.w_cycles, self.y_cycles = timing, [], []
         if job["kind"] == "layers":
             layers = job["layers"]
             beats = sum(len(layer["loads"]) + len(v["x"]) + len(layer["w"]) + len(layer["sparse"])
@@ -489,6 +522,10 @@ class Testbench:
         for _ in range(QUIET_CYCLES):
             await RisingEdge(self.dut.clk)
         self.always_ready = False
+        if timing is not None:
+            self.check_timing(timing)
+            self.timing = None
+            self.p_idle, self.p_stall = idle
         await ReadOnly()
         self.check_status(int(self.dut.status.value), 0, f"after the {job.get('name', job['kind'])} job")
         await RisingEdge(self.dut.clk)
@@ -519,12 +556,14 @@ async def gemv_regression(dut):
     tb.stop()
     sb = tb.scoreboard
     summary = {"config": cfg.name, "seed": seed, "checked": sb.checked, "counted": sb.counted,
-               "mismatches": sb.mismatches, "status_errors": tb.status_errors, "layers": tb.layers,
-               "entries": tb.entries, "cycles": tb.cycles, "long_stalls": tb.long_stalls,
+               "mismatches": sb.mismatches, "status_errors": tb.status_errors, "timing_errors": tb.timing_errors,
+               "layers": tb.layers, "entries": tb.entries, "cycles": tb.cycles, "long_stalls": tb.long_stalls,
                "long_stall_cycles": tb.long_stall_cycles, "junk": tb.driver.junk, "jobs": tb.jobs,
                "seconds": time.time() - t0}
     Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
     dut._log.info(f"{cfg.name}: {sb.checked} words checked, {sb.counted} counted, {sb.mismatches} mismatches, "
-                  f"{tb.status_errors} status errors, {tb.cycles} cycles ({tb.long_stalls} long stalls of y, "
+                  f"{tb.status_errors} status errors, {tb.timing_errors} timing errors, {tb.cycles} cycles "
+                  f"({tb.long_stalls} long stalls of y, "
                   f"{tb.long_stall_cycles} cycles; {tb.driver.junk} junk payloads); jobs {tb.jobs}")
-    assert sb.mismatches == 0 and tb.status_errors == 0, f"{sb.mismatches} mismatches, {tb.status_errors} status errors"
+    assert sb.mismatches == 0 and tb.status_errors == 0 and tb.timing_errors == 0, \
+        f"{sb.mismatches} mismatches, {tb.status_errors} status errors, {tb.timing_errors} timing errors"

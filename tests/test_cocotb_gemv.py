@@ -28,7 +28,8 @@ def test_quick_regression_icarus(tmp_path):
     print(gemv_runner.summary_line(s))
     assert s["failed_tests"] == 0 and s["mismatches"] == 0 and s["status_errors"] == 0
     assert s["checked"] == s["expected"] > 250 and s["counted"] == 3 * 19   # 18 bad vectors of 3 rows, the bad entry's
-    assert s["entries"] > 550 and s["layers"] == 34          # terms-alone, swap-RxC, deep-cancel, lane-align, ... included
+    assert s["entries"] > 550 and s["layers"] == 36          # terms-alone, swap-RxC, lane-align, ... included
+    assert [job["name"] for job in s["jobs"]] == ["minilm", "corners", "errors", "timing"]   # timing: 2 layers
     assert gemv_runner.passed(s)
 
 
@@ -37,7 +38,7 @@ def test_fp6_engine_quick_regression_icarus(tmp_path):
     s = gemv_runner.run(CONFIGS["gemv-e2m3-ue4m4-g16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
     print(gemv_runner.summary_line(s))
     assert gemv_runner.passed(s), gemv_runner.summary_line(s)
-    assert s["checked"] == s["expected"] > 250 and s["entries"] > 550 and s["layers"] == 33   # 6 subnormal-block layers
+    assert s["checked"] == s["expected"] > 250 and s["entries"] > 550 and s["layers"] == 35   # 6 subnormal-block layers
 
 
 def test_small_fpga_engine_quick_regression_icarus(tmp_path):
@@ -48,7 +49,7 @@ def test_small_fpga_engine_quick_regression_icarus(tmp_path):
     s = gemv_runner.run(SMALL, "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
     print(gemv_runner.summary_line(s))
     assert gemv_runner.passed(s), gemv_runner.summary_line(s)
-    assert s["checked"] == s["expected"] > 450 and s["entries"] > 550 and s["layers"] == 34
+    assert s["checked"] == s["expected"] > 450 and s["entries"] > 550 and s["layers"] == 36
 
 
 def corners_only(plan: dict) -> None:
@@ -71,13 +72,17 @@ def test_a_wrong_expected_word_and_a_wrong_status_are_reported(tmp_path):
         corners_only(plan)
         layer = plan["jobs"][0]["layers"][3]                       # cancellation-and-zero-blocks
         layer["vectors"][0]["expect"][5] ^= 1                      # one bit of one word
-        plan["jobs"][-1]["cases"][3]["error"] = None               # the first NaN vector, said to be good
+        errors = next(job for job in plan["jobs"] if job["kind"] == "errors")
+        errors["cases"][3]["error"] = None                         # the first NaN vector, said to be good
+        timing = next(job for job in plan["jobs"] if job.get("name") == "timing")
+        timing["timing"]["latency"] += 1                           # the engine's latency, said a cycle longer
 
     s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, build_dir=tmp_path / "build", plan_edit=break_plan)
     print(gemv_runner.summary_line(s))
-    assert s["mismatches"] == 1 and s["status_errors"] >= 1 and s["failed_tests"] == 1
+    assert s["mismatches"] == 1 and s["status_errors"] >= 1 and s["timing_errors"] == 1 and s["failed_tests"] == 1
     log = (tmp_path / "build" / "sim.log").read_text()
     assert "cancellation-and-zero-blocks vector 0 row 5" in log and "status errors case 3" in log
+    assert "the timing job's last y word 47 cycles after its last block, not 48" in log
 
 
 def test_the_bench_drives_junk_while_idle_and_long_stalls_of_y_within_its_bounds():
