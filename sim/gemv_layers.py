@@ -380,9 +380,9 @@ def deep_cancel_layer(point: str, rng, cols: int = 16, rows=DEEP_CANCEL_ROWS,
         index += [r * cols + c for c in cs]
         values += [t, u, -t]
     value = BF16.encode(BF16.quantize(np.asarray(values))).astype(np.uint16)
-    rows = len(rows)
-    base = random_layer(point, rows, cols, rng, offset=0)
-    layer = LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, rows, cols, base.blocks,
+    n_rows = len(rows)
+    base = random_layer(point, n_rows, cols, rng, offset=0)
+    layer = LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, n_rows, cols, base.blocks,
                         Sparse(np.asarray(index, np.uint32), value))
     return layer, [np.full(cols, int(E4M3.encode(np.array([1.0]))[0]))]
 

@@ -301,11 +301,8 @@ def _block_fields(layer):
     """Per block of a layer: the HIF codes its lanes read, its scale code and its sign bit."""
     from sop.golden.layout import unpack_blocks
 
-    lay = layer.layout
-    headers, codes = unpack_blocks(lay, layer.blocks)
-    bank = (headers >> lay.select_position) & 1 if lay.select_bit else np.zeros_like(headers)
-    scale = headers & ((1 << lay.scale.bits) - 1)
-    sign = (headers >> lay.scale.bits) & 1 if lay.signed_scale else np.zeros_like(headers)
+    headers, codes = unpack_blocks(layer.layout, layer.blocks)
+    scale, sign, bank = layer.layout.split_header(headers)
     return layer.luts[bank[:, None], codes], scale, sign
 
 
