@@ -121,7 +121,13 @@ path holds the front end, hdl.block_dot_bf16). The row accumulator's
 ring holds its position while no running sum is open and no value is offered, so
 after reset or a pass of full tiles (which leaves it at slot 0) a pass's first
 block does not wait for the ring, and the FIFO holds no backlog; after a pass
-whose last tile has ``R < tile`` rows it waits ``tile - R`` cycles.
+whose last tile has ``R < tile`` rows it waits ``tile - R`` cycles. That wait holds
+values at the ring, not blocks: the value FIFO and the skid buffers take the blocks
+that come meanwhile, and ``w`` stalls once they are full, which after short passes
+may be a pass or a layer later (a 3-row layer, then a tile of 2 blocks a row, then
+two tiles of 8: the third layer's blocks stall for 5 cycles after its sixth, and its
+last row comes 3 cycles late; with 24 blocks a row the x load between the layers
+hides it).
 
 Throughput: one block (``g`` MACs) per cycle while ``w`` is valid and ``y``
 ready, for full tiles, from a pass's first block to its last: ``rows cols / g``
