@@ -13,7 +13,8 @@ named where one was); tests/test_gemv_mutate.py checks that reach from golden's 
 * Building blocks: ``make_layer``, ``random_layer``, ``with_residuals``, ``finite_codes`` and the
   special activation vectors.
 * Corners for every engine (``corner_layers``, ``swap_layers``); BF16 only (``term_rounding_layer``,
-  ``window_edge_layer``, ``window_pow2_layer``, ``subnormal_barrier_layer``, ``adder_sticky_layer``);
+  ``window_edge_layer``, ``window_pow2_layer``, ``subnormal_barrier_layer``, ``adder_sticky_layer``;
+  for the timing job, ``window_edge_fast_layer`` (with ``layer_rows``) and ``zero_products_fast_layer``);
   E4M3 only (``terms_alone_layer``, ``deep_cancel_layer``, ``top_offset_layer``,
   ``reused_table_layers``, ``lane_align_layer``, ``subnormal_block_layers``).
 """
@@ -617,6 +618,49 @@ def window_edge_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, l
                     codes.append(c)
                 rows += 1
     return make_layer(point, luts, 0, rows, headers, codes), [x]
+
+
+def layer_rows(layer: LayerStream, rows) -> LayerStream:
+    """``layer`` with only ``rows`` (row indices, in that order, repeats allowed); its tables and
+    offset kept, no sparse entries."""
+    blocks = np.frombuffer(layer.blocks, np.uint8).reshape(layer.rows, -1)[np.asarray(rows)]
+    return LayerStream(layer.layout, layer.hif, layer.luts, layer.offset, len(rows), layer.cols, blocks.tobytes(),
+                       Sparse(np.zeros(0, np.uint32), np.zeros(0, np.uint16)))
+
+
+def window_edge_fast_layer(point: str, rng, tile: int) -> tuple[LayerStream, list[np.ndarray]]:
+    """BF16 only: ``window_edge_layer``'s fitting rows alone (its even rows: every block on the fast
+    path, the small product's lowest set bit exactly at the window's last bit, every lane and
+    trailing-zero count), the first ones repeated up to whole tiles of ``tile`` rows: a layer that the
+    timing job runs with no idles, where a window check that sends a fitting block down the slow
+    path costs cycles and nothing else. Returns the layer and its vector."""
+    layer, x = window_edge_layer(point, rng)
+    fits = np.arange(0, layer.rows, 2)
+    return layer_rows(layer, np.resize(fits, -(-len(fits) // tile) * tile)), x
+
+
+def zero_products_fast_layer(point: str, rng, tile: int) -> tuple[LayerStream, list[np.ndarray]]:
+    """BF16 only, for the timing job: ``tile`` rows of two blocks, each block one product (the
+    table's largest entry times a large activation, ``2^13`` to ``2^39``: lane 0 in the first block
+    column, lane 1 in the second) and 15 zero entries under tiny activations (BF16 subnormals and
+    the smallest normals, or zero). Every block takes the fast path; a lane whose nonzero flag is
+    stuck at one counts its zero product, far below the window, as one that drops a bit (or, in a
+    block of zeros, as setting ``kmax`` below 0) and sends the block down the slow path: cycles
+    only (the BF16 engine's mutant 48, lane 5's flag). Returns the layer and its vector."""
+    p = get_point(point)
+    lay, hif = p.layout, p.hif
+    g = lay.group
+    luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
+    e_max = (1 << hif.ebits) - 1
+    luts[:, 1] = [(e_max << hif.mbits) | int(rng.integers(0, 1 << hif.mbits)) for _ in range(lay.banks)]
+    tiny = rng.integers(0, 1 << 8, 2 * g)                             # exponent field 0 or 1: subnormal or 2^-126
+    x = tiny | rng.integers(0, 2, 2 * g) << 15
+    for k in range(2):
+        x[k * g + k] = int(rng.integers(140, 167)) << 7 | int(rng.integers(0, 128)) | int(rng.integers(0, 2)) << 15
+    codes = np.zeros((tile, 2, g), np.int64)
+    codes[:, 0, 0] = codes[:, 1, 1] = 1
+    headers = [random_header(lay, rng) for _ in range(2 * tile)]
+    return make_layer(point, luts, 0, tile, headers, codes.reshape(-1, g)), [x]
 
 
 def window_pow2_layer(point: str, rng, window: int = 32) -> tuple[LayerStream, list[np.ndarray]]:

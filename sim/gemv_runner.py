@@ -67,7 +67,10 @@ each run, printed: ``--seed`` reruns it):
 * ``timing`` (``timing_job``; with the engine's latency, from the manifest
   ``build_verilog`` writes beside the Verilog): hdl/gemv.py's throughput and
   latency with no idle input and no stall: a one-tile layer that leaves the ring
-  at slot 0, then two full tiles of MiniLM's rows for two vectors, whose blocks
+  at slot 0, then two full tiles of MiniLM's rows for two vectors (with BF16
+  activations then two layers more, every block on the fast path: blocks at the
+  window's edge in every lane, ``window-edge-fast``, and blocks of one product
+  whose zero lanes lie far below the window, ``zero-products-fast``), whose blocks
   must be taken back to back (one every ``g / P`` cycles) and whose last ``y`` word
   must come ``latency`` cycles after the last block (folded: up to the ring's wait
   for its slot more). A cycles-only bug (a block sent down a slow path, a ring
@@ -100,7 +103,8 @@ from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, QUERY, SINGLE_BIT_ROWS, a
                                  deep_cancel_layer, finite_codes, lane_align_layer, minilm_activations, minilm_layers,
                                  random_layer, reused_table_layers, subnormal_barrier_layer, subnormal_block_layers,
                                  swap_layers, term_rounding_layer, terms_alone_layer, top_offset_layer,
-                                 window_edge_layer, window_pow2_layer, with_residuals)
+                                 window_edge_fast_layer, window_edge_layer, window_pow2_layer, with_residuals,
+                                 zero_products_fast_layer)
 from sop.sim.runner import SIMULATORS, SimulatorMissing, check_simulator, simulate
 
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
@@ -176,18 +180,27 @@ def timing_job(cfg: GemvConfig, point: str, x: np.ndarray, latency: int, seed: i
     stall: a layer of one full tile (a random one, two blocks a row, from a generator of its own), so
     that the ring ends at slot 0 and the value FIFO drains while the next layer's x loads (after a
     partial tile, as the errors job's, a pass's first value waits for the ring and the FIFO keeps
-    that backlog while the blocks come back to back); then the measured layer, MiniLM's query rows,
-    two full tiles (no residuals: every block a fast one), two vectors. The bench checks that its
-    blocks are taken back to back (one every ``g / P`` cycles, across the two passes) and that its
-    last ``y`` word comes ``latency`` cycles after its last block (folded, a value every ``g / P``
-    cycles: plus at most the ring's wait for the row's slot, ``slack``) (``timing``), beside every word."""
+    that backlog while the blocks come back to back); then the measured layers: MiniLM's query
+    rows, two full tiles (no residuals: every block a fast one), two vectors; with BF16
+    activations also ``window_edge_fast_layer`` and ``zero_products_fast_layer`` (every block fast,
+    at the window's edge or with zero products far below it: a window check that sends one down the
+    slow path costs cycles only; a generator of their own). The
+    bench checks that each measured layer's blocks are taken back to back (one every ``g / P``
+    cycles, across its passes) and that the last ``y`` word comes ``latency`` cycles after the last
+    block (folded, a value every ``g / P`` cycles: plus at most the ring's wait for the row's slot,
+    ``slack``) (``timing``), beside every word."""
     rng, step = np.random.default_rng([seed, 23]), cfg.group // cfg.macs_per_cycle
     settle = random_layer(point, cfg.tile, 2 * cfg.group, rng, offset=0)
     plain, _ = minilm_layers(point, 2 * cfg.tile)
-    return {"kind": "layers", "name": "timing",
-            "timing": {"latency": latency, "block_cycles": step, "slack": 0 if step == 1 else cfg.tile - 1, "layer": 1},
-            "layers": [layer_entry(cfg, "timing-settle", settle, [finite_codes(cfg.act_format, rng, 2 * cfg.group)]),
-                       layer_entry(cfg, f"{QUERY}[:{plain.rows}]", plain, x[TIMING_TOKENS])]}
+    layers = [layer_entry(cfg, "timing-settle", settle, [finite_codes(cfg.act_format, rng, 2 * cfg.group)]),
+              layer_entry(cfg, f"{QUERY}[:{plain.rows}]", plain, x[TIMING_TOKENS])]
+    if cfg.act_format is BF16:
+        edge = np.random.default_rng([seed, 24])
+        layers += [layer_entry(cfg, "window-edge-fast", *window_edge_fast_layer(point, edge, cfg.tile)),
+                   layer_entry(cfg, "zero-products-fast", *zero_products_fast_layer(point, edge, cfg.tile))]
+    return {"kind": "layers", "name": "timing", "layers": layers,
+            "timing": {"latency": latency, "block_cycles": step, "slack": 0 if step == 1 else cfg.tile - 1,
+                       "layers": list(range(1, len(layers)))}}
 
 
 def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) -> dict:

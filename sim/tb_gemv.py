@@ -30,9 +30,9 @@ computes nothing, it drives beats and compares every ``y`` word bit for bit,
   sparse entries, one beyond its columns: ``sparse`` once the engine takes it
   (its ``y`` counted).
 * a ``layers`` job with ``timing`` (the plan's last, ``timing``): no idle input and
-  no stall (nor a long one) while it runs; the measured layer's blocks must be taken
-  one every ``block_cycles`` cycles from its first to its last, and its last ``y``
-  word must come ``latency`` (to ``latency + slack``) cycles after its last block
+  no stall (nor a long one) while it runs; each measured layer's (``layers``) blocks
+  must be taken one every ``block_cycles`` cycles from its first to its last, and the
+  last ``y`` word must come ``latency`` (to ``latency + slack``) cycles after the last block
   (``check_timing``: a timing error each, beside the mismatches and status errors).
 
 Random idle cycles on every input (``p_idle``: ``x``, ``w``, ``sparse``, ``load``,
@@ -274,7 +274,8 @@ class Testbench:
         self.always_ready = False
         self.cycles = self.status_errors = self.timing_errors = self.layers = self.entries = 0
         self.timing: dict | None = None                 # a timing job's bounds, while it runs
-        self.w_cycles: list[int] = []                   # ... the cycle of each block taken, of each y word
+        self.w_cycles: dict[int, list[int]] = {}        # ... the cycle of each block taken (per measured
+                                                        # layer), of each y word
         self.y_cycles: list[int] = []
         self.stall_left = self.stall_gap = 0            # the long stall's cycles left; cycles before the next may start
         self.long_stalls = self.long_stall_cycles = 0
@@ -390,8 +391,8 @@ class Testbench:
                     xv, xp = xv + 1, 0
             wp += reply.w
             sp += reply.sparse
-            if reply.w and self.timing is not None and vectors[wv][0] == self.timing["layer"]:
-                self.w_cycles.append(self.cycles - 1)     # the cycle whose edge took it
+            if reply.w and self.timing is not None and vectors[wv][0] in self.timing["layers"]:
+                self.w_cycles.setdefault(vectors[wv][0], []).append(self.cycles - 1)     # the edge that took it
             if wp == len(ws) and sp == len(ss):
                 wv, wp, sp = wv + 1, 0, 0
 
@@ -469,15 +470,18 @@ class Testbench:
             self.check_status((yield from self.read_status()), 0, f"errors case {i}, after clear")
 
     def check_timing(self, timing: dict) -> None:
-        """A ``timing`` job's cycles against hdl/gemv.py's throughput and latency: the measured layer's
-        blocks taken one every ``block_cycles`` cycles, back to back from the first to the last, and
+        """A ``timing`` job's cycles against hdl/gemv.py's throughput and latency: each measured layer's
+        blocks taken one every ``block_cycles`` cycles, back to back from its first to its last, and
         the last ``y`` word ``latency`` cycles (to ``latency + slack``) after the last block."""
         log = self.scoreboard.log                        # (the mutation bench keeps the first error)
-        gaps = sorted(set(np.diff(self.w_cycles).tolist()))
-        if gaps != [timing["block_cycles"]]:
-            log.error(f"the timing job's blocks taken {gaps} cycles apart, not every {timing['block_cycles']}")
-            self.timing_errors += 1
-        last = self.y_cycles[-1] - self.w_cycles[-1] if self.y_cycles and self.w_cycles else None
+        for li in timing["layers"]:
+            gaps = sorted(set(np.diff(self.w_cycles.get(li, [])).tolist()))
+            if gaps != [timing["block_cycles"]]:
+                log.error(f"the timing job's layer {li}: blocks taken {gaps} cycles apart, "
+                          f"not every {timing['block_cycles']}")
+                self.timing_errors += 1
+        last_w = self.w_cycles.get(timing["layers"][-1])
+        last = self.y_cycles[-1] - last_w[-1] if self.y_cycles and last_w else None
         lo, hi = timing["latency"], timing["latency"] + timing["slack"]
         if last is None or not lo <= last <= hi:
             log.error(f"the timing job's last y word {last} cycles after its last block, not {lo}"
@@ -491,7 +495,7 @@ class Testbench:
         if timing is not None:                          # no idle input, no stall, no long stall
             self.p_idle = self.p_stall = 0.0
             self.always_ready = True
-            self.timing, self.w_cycles, self.y_cycles = timing, [], []
+            self.timing, self.w_cycles, self.y_cycles = timing, {}, []
         if job["kind"] == "layers":
             layers = job["layers"]
             beats = sum(len(layer["loads"]) + len(v["x"]) + len(layer["w"]) + len(layer["sparse"])

@@ -519,3 +519,115 @@ def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
         assert kept % 2 == 0 and q / 2 < rest < q / 2 + q / 8, (r, s, rest / q)
         y = float(np.uint32(entry["vectors"][0]["expect"][r]).view(np.float32))
         assert y == (kept + 1) * q, (r, y, s)
+
+
+def _bf16_timing_layers(seed: int) -> tuple:
+    """The BF16 quick plan's timing job's measured layers after MiniLM's, drawn again as plan_for
+    draws them (a generator of their own, ``[seed, 24]``) and checked against the plan's entries:
+    (cfg, [(name, LayerStream, vectors)])."""
+    from sop.hdl.gemv import gemv_configs
+    from sop.sim.gemv_layers import window_edge_fast_layer, zero_products_fast_layer
+    from sop.sim.gemv_runner import layer_entry, plan_for
+
+    cfg = gemv_configs()["gemv-sop4-g16-bf16"]
+    plan = plan_for(cfg, "quick", seed, latency=53)                # (any latency: the layers are the same)
+    timing = plan["jobs"][-1]
+    assert timing["name"] == "timing" and timing["timing"]["layers"] == [1, 2, 3]
+    edge = np.random.default_rng([seed, 24])
+    layers = [("window-edge-fast", *window_edge_fast_layer(plan["point"], edge, cfg.tile)),
+              ("zero-products-fast", *zero_products_fast_layer(plan["point"], edge, cfg.tile))]
+    for (name, layer, vectors), entry in zip(layers, timing["layers"][2:], strict=True):
+        assert layer_entry(cfg, name, layer, vectors) == entry
+    return cfg, layers
+
+
+def _bf16_products(layer, x) -> dict:
+    """Per block and lane of a BF16 layer under activation codes ``x``: the significands, the
+    product exponents ``t`` (zero products 0), their trailing zeros, the block's ``T``, and whether the
+    block takes the block dot unit's slow path (``takes_fallback``) with its window and with one a
+    bit narrower."""
+    from sop.hdl import block_dot_bf16 as bd
+
+    lay, hif, g = layer.layout, layer.hif, layer.layout.group
+    h, scale, _ = _block_fields(layer)
+    xs = np.asarray(x, np.int64).reshape(-1, g)[np.arange(len(h)) % (layer.cols // g)]
+    Sh, eh = bd._fields(hif, h)
+    Sx, ex = bd._fields(dot.FORMATS["bf16"], xs)
+    nz = (Sh > 0) & (Sx > 0)
+    t = np.where(nz, eh + ex, 0)
+    return {"Sh": Sh, "Sx": Sx, "eh": eh, "ex": ex, "nz": nz, "t": t, "T": t.max(axis=1),
+            "tzh": bd._trailing_zeros(Sh), "tzx": bd._trailing_zeros(Sx),
+            "slow": bd.takes_fallback(lay, hif, h, xs, scale, layer.offset),
+            "slow_narrower": bd.takes_fallback(lay, hif, h, xs, scale, layer.offset, f_bits=bd.F_BITS - 1)}
+
+
+def _window_edge_reach(layer, x) -> tuple[bool, list[set], list[set]]:
+    """Whether every block of ``layer`` is fast, and per lane the HIF and activation trailing-zero
+    counts of its products that sit exactly at the window's edge (``T - t = F + tz_h + tz_x``: the
+    lowest set bit on the window's last bit) in a block that a window one bit narrower sends slow."""
+    from sop.hdl.block_dot_bf16 import F_BITS
+
+    p = _bf16_products(layer, x)
+    at_edge = p["nz"] & (p["T"][:, None] - p["t"] == F_BITS + p["tzh"] + p["tzx"]) & p["slow_narrower"][:, None]
+    g = layer.layout.group
+    return (not p["slow"].any(), [set(p["tzh"][at_edge[:, j], j].tolist()) for j in range(g)],
+            [set(p["tzx"][at_edge[:, j], j].tolist()) for j in range(g)])
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_bf16_timing_jobs_window_edge_layer_is_fast_at_the_windows_edge_in_every_lane(seed):
+    """The BF16 quick plan's timing job runs ``window-edge-fast`` (no idles: its blocks must come back
+    to back): whole tiles of rows whose blocks all take the fast path, and in every lane products
+    whose lowest set bit sits exactly on the window's last bit, with every HIF trailing-zero count
+    (0 .. 6) and seven of the eight activation counts, in blocks that a window one bit narrower
+    would send down the slow path. A window check that counts one trailing zero too few there costs
+    cycles only: the window-check mutants 113 and 160 of the BF16 mutation run, killed by ``cycles``
+    with this layer. The check fails on ``window-edge``'s dropping rows."""
+    from sop.sim.gemv_layers import layer_rows, window_edge_layer
+
+    cfg, layers = _bf16_timing_layers(seed)
+    _, layer, (x,) = layers[0]
+    hif = layer.hif
+    assert layer.rows % cfg.tile == 0
+    fast, tzh, tzx = _window_edge_reach(layer, x)
+    assert fast and all(s == set(range(hif.mbits + 1)) for s in tzh), tzh
+    assert all(len(s) >= 7 for s in tzx), tzx
+    full, (xf,) = window_edge_layer("sop4-g16", np.random.default_rng([seed, 24]))
+    assert not _window_edge_reach(layer_rows(full, np.arange(1, full.rows, 2)), xf)[0]    # the dropping rows
+
+
+def _stuck_nonzero_slows(layer, x) -> list[int]:
+    """Per lane ``L``: how many blocks of ``layer`` a window check whose lane-``L`` nonzero flag is
+    stuck at one would send down the slow path: its zero product counted with ``t = e_h + e_x`` and
+    found to drop a bit (its trailing zeros taken as the significand's width, the most a count can
+    say) while nothing else changes."""
+    from sop.hdl.block_dot_bf16 import F_BITS
+
+    p = _bf16_products(layer, x)
+    hif = layer.hif
+    out = []
+    for lane in range(layer.layout.group):
+        nz = p["nz"].copy()
+        nz[:, lane] = True
+        t = np.where(nz, p["eh"] + p["ex"], 0)
+        tzh = np.where(p["Sh"] > 0, p["tzh"], hif.mbits + 1)
+        tzx = np.where(p["Sx"] > 0, p["tzx"], 8)
+        drop = (nz & (t.max(axis=1)[:, None] - t > F_BITS + tzh + tzx)).any(axis=1)
+        out.append(int((drop & ~p["slow"]).sum()))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_bf16_timing_jobs_zero_products_layer_slows_down_under_a_stuck_nonzero_flag(seed):
+    """The BF16 quick plan's timing job runs ``zero-products-fast``: one tile of blocks that all take
+    the fast path (one product each, the other lanes zero entries under tiny activations), where a
+    lane's nonzero flag stuck at one would send blocks down the slow path, for every lane: the
+    mutant 48 of the BF16 mutation run (lane 5's flag), killed by ``cycles`` with this layer. The
+    check fails when the zero lanes' activations are as large as the product's."""
+    cfg, layers = _bf16_timing_layers(seed)
+    _, layer, (x,) = layers[1]
+    assert layer.rows == cfg.tile
+    assert not _bf16_products(layer, x)["slow"].any()
+    assert min(_stuck_nonzero_slows(layer, x)) >= layer.rows
+    big = np.full_like(x, x[0])
+    assert min(_stuck_nonzero_slows(layer, big)) == 0
