@@ -11,6 +11,7 @@ which takes seconds where amaranth.sim took half a minute a configuration.
 """
 
 import dataclasses
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -528,6 +529,7 @@ module tb;
   end
 endmodule
 """)
+    assert shutil.which("iverilog") and shutil.which("vvp"), "iverilog not found: run `make setup`"
     for cmd in (["iverilog", "-g2005", "-o", "lane.vvp", "tb.v", "lane.v"], ["vvp", "-n", "lane.vvp"]):
         r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"{cmd[0]}: {r.stderr[-2000:]}{r.stdout[-2000:]}"
