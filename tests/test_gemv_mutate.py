@@ -406,8 +406,6 @@ def test_the_bf16_plans_window_pow2_layer_drops_power_of_two_hif_products_by_one
     product's last bit, and the block's value is the product alone (``y`` nonzero). Computed here from
     the table words and the codes. (``window-edge`` cannot reach it: its dropping entries' power of
     two would be subnormal; lane 1's count raised from 6 to 7 survived the mutation run.)"""
-    from sop.golden.dot import FORMATS
-    from sop.golden.layout import unpack_blocks
     from sop.hdl import block_dot_bf16 as bd
     from sop.hdl.gemv import gemv_configs
     from sop.sim.gemv_layers import window_pow2_layer
@@ -420,24 +418,15 @@ def test_the_bf16_plans_window_pow2_layer_drops_power_of_two_hif_products_by_one
     assert layer_entry(cfg, "window-pow2-drop", layer, vectors) == entry      # the plan's layer is this one
     lay, hif = layer.layout, layer.hif
     g, F = lay.group, bd.F_BITS
-    headers, codes = unpack_blocks(lay, layer.blocks)
-    bank = (headers >> lay.select_position) & 1 if lay.select_bit else np.zeros_like(headers)
-    h = layer.luts[bank[:, None], codes]                                       # (blocks, g) HIF codes
-    x = np.asarray(vectors[0], np.int64).reshape(-1, g)
-    xs = x[np.arange(len(codes)) % (layer.cols // g)]                          # each block's activations
-    Sh, eh = bd._fields(hif, h)
-    Sx, ex = bd._fields(FORMATS["bf16"], xs)
-    nz = (Sh > 0) & (Sx > 0)
-    t = np.where(nz, eh + ex, 0)
-    d = t.max(axis=1)[:, None] - t
-    tzh, tzx = bd._trailing_zeros(Sh), bd._trailing_zeros(Sx)
+    p = _bf16_products(layer, vectors[0])
+    nz, tzh, tzx = p["nz"], p["tzh"], p["tzx"]
+    d = p["T"][:, None] - p["t"]
     drops = nz & (d > F + tzh + tzx)
     target = drops & (tzh == hif.mbits) & (d == F + tzh + tzx + 1) & (drops.sum(axis=1) == 1)[:, None]
-    scale = headers & ((1 << lay.scale.bits) - 1)
-    slow = bd.takes_fallback(lay, hif, h, xs, scale, layer.offset)
-    wider = bd.takes_fallback(lay, hif, h, xs, scale, layer.offset, f_bits=F + 1)
+    wider = bd.takes_fallback(lay, hif, p["h"], p["xs"], p["scale"], layer.offset, f_bits=F + 1)
     y = np.asarray(entry["vectors"][0]["expect"], np.int64)
-    hit = target & (slow & ~wider)[:, None] & (y[np.arange(len(codes)) // (layer.cols // g)] & 0x7FFFFFFF != 0)[:, None]
+    blocks = np.arange(len(p["h"]))
+    hit = target & (p["slow"] & ~wider)[:, None] & (y[blocks // (layer.cols // g)] & 0x7FFFFFFF != 0)[:, None]
     per_lane = hit.sum(axis=0)
     assert (per_lane >= 1).all(), per_lane
     assert set(tzx[hit].tolist()) >= set(range(8))                             # every activation count
@@ -542,10 +531,10 @@ def _bf16_timing_layers(seed: int) -> tuple:
 
 
 def _bf16_products(layer, x) -> dict:
-    """Per block and lane of a BF16 layer under activation codes ``x``: the significands, the
-    product exponents ``t`` (zero products 0), their trailing zeros, the block's ``T``, and whether the
-    block takes the block dot unit's slow path (``takes_fallback``) with its window and with one a
-    bit narrower."""
+    """Per block and lane of a BF16 layer under activation codes ``x``: the HIF and activation codes
+    (``h``, ``xs``) and the scale code, the significands, the product exponents ``t`` (zero products
+    0), their trailing zeros, the block's ``T``, and whether the block takes the block dot unit's
+    slow path (``takes_fallback``)."""
     from sop.hdl import block_dot_bf16 as bd
 
     lay, hif, g = layer.layout, layer.hif, layer.layout.group
@@ -555,20 +544,20 @@ def _bf16_products(layer, x) -> dict:
     Sx, ex = bd._fields(dot.FORMATS["bf16"], xs)
     nz = (Sh > 0) & (Sx > 0)
     t = np.where(nz, eh + ex, 0)
-    return {"Sh": Sh, "Sx": Sx, "eh": eh, "ex": ex, "nz": nz, "t": t, "T": t.max(axis=1),
-            "tzh": bd._trailing_zeros(Sh), "tzx": bd._trailing_zeros(Sx),
-            "slow": bd.takes_fallback(lay, hif, h, xs, scale, layer.offset),
-            "slow_narrower": bd.takes_fallback(lay, hif, h, xs, scale, layer.offset, f_bits=bd.F_BITS - 1)}
+    return {"h": h, "xs": xs, "scale": scale, "Sh": Sh, "Sx": Sx, "eh": eh, "ex": ex, "nz": nz, "t": t,
+            "T": t.max(axis=1), "tzh": bd._trailing_zeros(Sh), "tzx": bd._trailing_zeros(Sx),
+            "slow": bd.takes_fallback(lay, hif, h, xs, scale, layer.offset)}
 
 
 def _window_edge_reach(layer, x) -> tuple[bool, list[set], list[set]]:
     """Whether every block of ``layer`` is fast, and per lane the HIF and activation trailing-zero
     counts of its products that sit exactly at the window's edge (``T - t = F + tz_h + tz_x``: the
     lowest set bit on the window's last bit) in a block that a window one bit narrower sends slow."""
-    from sop.hdl.block_dot_bf16 import F_BITS
+    from sop.hdl.block_dot_bf16 import F_BITS, takes_fallback
 
     p = _bf16_products(layer, x)
-    at_edge = p["nz"] & (p["T"][:, None] - p["t"] == F_BITS + p["tzh"] + p["tzx"]) & p["slow_narrower"][:, None]
+    narrower = takes_fallback(layer.layout, layer.hif, p["h"], p["xs"], p["scale"], layer.offset, f_bits=F_BITS - 1)
+    at_edge = p["nz"] & (p["T"][:, None] - p["t"] == F_BITS + p["tzh"] + p["tzx"]) & narrower[:, None]
     g = layer.layout.group
     return (not p["slow"].any(), [set(p["tzh"][at_edge[:, j], j].tolist()) for j in range(g)],
             [set(p["tzx"][at_edge[:, j], j].tolist()) for j in range(g)])
