@@ -17,6 +17,14 @@ synthesizes each once (synth/flow/yosys_nextpnr.py, ``build/synth-seeds/``) and 
 routes it with seeds 1 to ``--seeds``, then prints per variant the Fmax of
 every seed, min / median / max, and the ratio of the medians.
 
+``--lanes N`` (repeatable) measures each configuration at ``N`` lanes as well (``<name>-x<N>``,
+the lane sweep's configuration, bench/lane_sweep.py ``sweep_config``): the widest decoder that
+keeps a median of 200 MHz.
+
+``--copies K`` places ``K`` decoders of each configuration side by side, each with its own
+ports (``Copies``; label ``<name>-<variant>-k<K>``): whether ``K`` decoders of ``N`` lanes keep
+the clock that one decoder of ``K N`` lanes does not.
+
 ``--placer NAME`` (repeatable; ``PLACERS``) places each netlist again with nextpnr's own
 settings changed, beside the flow's (``default``): the same netlist and seeds, so that
 the rows compare the placer alone.
@@ -24,6 +32,8 @@ the rows compare the placer alone.
 Run: .venv/bin/python bench/fmax_seeds.py [--seeds 5] [--jobs 2]    (about 5 min)
      .venv/bin/python bench/fmax_seeds.py --config sop4-g16-x64 --variant lutram   (64 lanes: 8-14 min a seed)
      .venv/bin/python bench/fmax_seeds.py --variant lutram --placer default --placer timing40
+     .venv/bin/python bench/fmax_seeds.py --variant lutram --lanes 16 --lanes 32   (2-5 min a seed)
+     .venv/bin/python bench/fmax_seeds.py --variant lutram --lanes 32 --copies 2    (6-10 min a seed)
 """
 
 from __future__ import annotations
@@ -32,17 +42,26 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from amaranth.hdl import Module
+from amaranth.lib import wiring
+from amaranth.lib.wiring import Out
+
 from sop import toolenv
 from sop.golden.files import write_atomic
-from sop.hdl.config import named_configs
+from sop.golden.layout import named_layouts
+from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
 from sop.synth.flow.yosys_nextpnr import SEED, TARGETS, for_target, place_and_route, read_pnr, run_design
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lane_sweep import sweep_config  # noqa: E402  (a sibling script: bench/ is not a package)
 
 OUT = toolenv.build_root() / "synth-seeds"
 CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
@@ -52,6 +71,21 @@ VARIANTS = ("lutram", "one-memory")
 PLACERS = {"default": (),
            "timing40": ("--placer-heap-timingweight", "40", "--placer-heap-critexp", "4"),
            "static": ("--placer", "static")}
+
+
+class Copies(wiring.Component):
+    """``k`` independent decoders of ``cfg``, each with its own ports ``d0`` ... (no shared logic)."""
+
+    def __init__(self, cfg: DecoderConfig, k: int):
+        self.decoders = [Decoder(cfg) for _ in range(k)]
+        super().__init__({f"d{i}": Out(dec.signature) for i, dec in enumerate(self.decoders)})
+
+    def elaborate(self, platform):
+        m = Module()
+        for i, dec in enumerate(self.decoders):
+            m.submodules[f"dec{i}"] = dec
+            wiring.connect(m, wiring.flipped(getattr(self, f"d{i}")), dec)
+        return m
 
 
 def fmax_for_seed(work: Path, seed: int, placer: str = "default") -> dict:
@@ -73,21 +107,31 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--config", action="append", choices=list(named_configs()),
                    help=f"a named configuration (default: {', '.join(CONFIGS)})")
+    p.add_argument("--lanes", action="append", type=int, default=[],
+                   help="each configuration at this many lanes (sop4-g16 -> sop4-g16-xN), instead of its own")
+    p.add_argument("--copies", type=int, default=1, help="decoders side by side, each with its own ports")
     p.add_argument("--variant", action="append", choices=VARIANTS, help="default: both")
     p.add_argument("--placer", action="append", choices=list(PLACERS),
                    help="nextpnr settings, each beside the others on the same netlists (default: the flow's)")
     args = p.parse_args()
-    configs, variants = args.config or list(CONFIGS), args.variant or list(VARIANTS)
+    named = {name: named_configs()[name] for name in args.config or CONFIGS}
+    if args.lanes:          # sweep_config takes the layout's name (sop4-g16-x64's is sop4-g16)
+        layouts = {next(k for k, lay in named_layouts().items() if lay == cfg.layout) for cfg in named.values()}
+        named = {c.name: c for c in (sweep_config(n, k) for k in sorted(layouts) for n in args.lanes)}
+    configs = list(named)
+    variants = args.variant or list(VARIANTS)
     placers = args.placer or ["default"]
     toolenv.apply()
     t0 = time.monotonic()
     works, depths = {}, {}
+    suffix = f"-k{args.copies}" if args.copies > 1 else ""      # the run's label: K decoders side by side
     for name in configs:
         for variant in variants:
-            cfg = named_configs()[name]
+            cfg = named[name]
             cfg = for_target(cfg, "ecp5") if variant == "lutram" else replace(cfg, lutram_depth=0)
-            label = f"{name}-{variant}"
-            run_design(Decoder(cfg), label, "ecp5", OUT, top="synth_" + module_name(cfg))
+            label = f"{name}-{variant}{suffix}"
+            dut = Decoder(cfg) if args.copies == 1 else Copies(cfg, args.copies)
+            run_design(dut, label, "ecp5", OUT, top="synth_" + module_name(cfg))
             works[label], depths[label] = OUT / "runs" / label / "ecp5", cfg.lutram_depth
     jobs = [(label, placer, seed) for label in works for placer in placers for seed in range(1, args.seeds + 1)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -101,13 +145,14 @@ def main() -> None:
     for name in configs:
         med = {}
         for variant in variants:
-            label = f"{name}-{variant}"
+            label = f"{name}-{variant}{suffix}"
             for placer in placers:
                 f, m = fmax[label, placer], statistics.median(fmax[label, placer])
                 key = label if placer == "default" else f"{label}-{placer}"
                 summary[key] = {"lutram_depth": depths[label], "placer": list(PLACERS[placer]), "fmax_mhz": f,
                                 "median": m}
-                lines.append(f"| {name} | {variant} (lutram_depth {depths[label]}) | {placer} | "
+                shown = f"{name} (x {args.copies})" if suffix else name
+                lines.append(f"| {shown} | {variant} (lutram_depth {depths[label]}) | {placer} | "
                              f"{' / '.join(f'{x:.1f}' for x in f)} | {min(f):.1f} | {m:.1f} | {max(f):.1f} |")
             med[variant] = statistics.median(fmax[label, placers[0]])   # the ratio: with the first placer named
         if len(med) == 2:
@@ -116,7 +161,7 @@ def main() -> None:
               for n in configs if n in summary]
     text = "\n".join(lines) + "\n\n" + "\n".join(ratios) + "\n"
     stem = "fmax_seeds" if configs == list(CONFIGS) and variants == list(VARIANTS) and placers == ["default"] \
-        else "fmax_seeds-" + "-".join(configs + variants + placers)
+        else "fmax_seeds-" + "-".join(configs + variants + placers) + suffix
     write_atomic(OUT / f"{stem}.json", (json.dumps(summary, indent=1) + "\n").encode())
     write_atomic(OUT / f"{stem}.md", text.encode())
     print(text)
