@@ -34,6 +34,7 @@ Run: .venv/bin/python bench/fmax_seeds.py [--seeds 5] [--jobs 2]    (about 5 min
      .venv/bin/python bench/fmax_seeds.py --variant lutram --placer default --placer timing40
      .venv/bin/python bench/fmax_seeds.py --variant lutram --lanes 16 --lanes 32   (2-5 min a seed)
      .venv/bin/python bench/fmax_seeds.py --variant lutram --lanes 32 --copies 2    (6-10 min a seed)
+     .venv/bin/python bench/fmax_seeds.py --config sop4-g16-x64 --variant lutram --placer speed8   (speed grade 8)
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ OUT = toolenv.build_root() / "synth-seeds"
 CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 VARIANTS = ("lutram", "one-memory")
 # nextpnr settings added to the flow's ECP5 command (``default``: none): HeAP's timing weight
-# (default 10) and criticality exponent (default 2) raised; the electrostatic placer in place of HeAP
+# (default 10) and criticality exponent (default 2) raised; the electrostatic placer in place of HeAP;
+# the fastest speed grade, 8, in place of nextpnr's default 6 (the ULX3S's LFE5U-85F-6BG381C)
 PLACERS = {"default": (),
            "timing40": ("--placer-heap-timingweight", "40", "--placer-heap-critexp", "4"),
-           "static": ("--placer", "static")}
+           "static": ("--placer", "static"),
+           "speed8": ("--speed", "8")}
 
 
 class Copies(wiring.Component):
