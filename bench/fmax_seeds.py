@@ -17,7 +17,7 @@ synthesizes each once (synth/flow/yosys_nextpnr.py, ``build/synth-seeds/``) and 
 routes it with seeds 1 to ``--seeds``, then prints per variant the Fmax of
 every seed, min / median / max, and the ratio of the medians.
 
-``--lanes N`` (repeatable) measures each configuration at ``N`` lanes as well (``<name>-x<N>``,
+``--lanes N`` (repeatable) measures each configuration's layout at ``N`` lanes instead (``<name>-x<N>``,
 the lane sweep's configuration, bench/lane_sweep.py ``sweep_config``): the widest decoder that
 keeps a median of 200 MHz.
 
@@ -27,7 +27,7 @@ the clock that one decoder of ``K N`` lanes does not.
 
 ``--placer NAME`` (repeatable; ``PLACERS``) places each netlist again with nextpnr's own
 settings changed, beside the flow's (``default``): the same netlist and seeds, so that
-the rows compare the placer alone.
+the rows compare the placer alone (``speed8``: the same placer, timed for speed grade 8).
 
 Run: .venv/bin/python bench/fmax_seeds.py [--seeds 5] [--jobs 2]    (about 5 min)
      .venv/bin/python bench/fmax_seeds.py --config sop4-g16-x64 --variant lutram   (64 lanes: 8-14 min a seed)
