@@ -117,10 +117,15 @@ def main() -> None:
     p.add_argument("--placer", action="append", choices=list(PLACERS),
                    help="nextpnr settings, each beside the others on the same netlists (default: the flow's)")
     args = p.parse_args()
+    if args.copies < 1:
+        p.error(f"--copies must be at least 1, got {args.copies}")
     named = {name: named_configs()[name] for name in args.config or CONFIGS}
     if args.lanes:          # sweep_config takes the layout's name (sop4-g16-x64's is sop4-g16)
         layouts = {next(k for k, lay in named_layouts().items() if lay == cfg.layout) for cfg in named.values()}
-        named = {c.name: c for c in (sweep_config(n, k) for k in sorted(layouts) for n in args.lanes)}
+        try:
+            named = {c.name: c for c in (sweep_config(n, k) for k in sorted(layouts) for n in args.lanes)}
+        except ValueError as e:                     # DecoderConfig says what to change
+            p.error(f"--lanes: {e}")
     configs = list(named)
     variants = args.variant or list(VARIANTS)
     placers = args.placer or ["default"]
@@ -163,7 +168,8 @@ def main() -> None:
     ratios = [f"{n}: median Fmax lutram / one-memory = {summary[n]['median_ratio']:.3f}"
               for n in configs if n in summary]
     text = "\n".join(lines) + "\n\n" + "\n".join(ratios) + "\n"
-    stem = "fmax_seeds" if configs == list(CONFIGS) and variants == list(VARIANTS) and placers == ["default"] \
+    default_run = configs == list(CONFIGS) and variants == list(VARIANTS) and placers == ["default"] and not suffix
+    stem = "fmax_seeds" if default_run \
         else "fmax_seeds-" + "-".join(configs + variants + placers) + suffix
     write_atomic(OUT / f"{stem}.json", (json.dumps(summary, indent=1) + "\n").encode())
     write_atomic(OUT / f"{stem}.md", text.encode())
