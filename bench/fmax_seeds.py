@@ -55,7 +55,7 @@ from amaranth.lib.wiring import Out
 
 from sop import toolenv
 from sop.golden.files import write_atomic
-from sop.golden.layout import named_layouts
+from sop.golden.points import config_point
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
@@ -120,10 +120,10 @@ def main() -> None:
     if args.copies < 1:
         p.error(f"--copies must be at least 1, got {args.copies}")
     named = {name: named_configs()[name] for name in args.config or CONFIGS}
-    if args.lanes:          # sweep_config takes the layout's name (sop4-g16-x64's is sop4-g16)
-        layouts = {next(k for k, lay in named_layouts().items() if lay == cfg.layout) for cfg in named.values()}
+    if args.lanes:          # each configuration's operating point (sop4-g16-x64's is sop4-g16) at N lanes
+        points = sorted({config_point(name)[0].name for name in named})
         try:
-            named = {c.name: c for c in (sweep_config(n, k) for k in sorted(layouts) for n in args.lanes)}
+            named = {c.name: c for c in (sweep_config(n, point) for point in points for n in args.lanes)}
         except ValueError as e:                     # DecoderConfig says what to change
             p.error(f"--lanes: {e}")
     configs = list(named)

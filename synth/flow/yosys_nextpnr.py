@@ -23,8 +23,9 @@ Targets (``TARGETS``):
   at 50 MHz.
 * ``ecp5``: ECP5-85F (LFE5U-85F) CABGA381, ``synth_ecp5``, nextpnr-ecp5 at
   200 MHz, timed for speed grade 6 (nextpnr's default, and the ULX3S's
-  LFE5U-85F-6BG381C: the slowest grade). The decoder is built with its tables as LUT RAM memories read
-  into registers (``for_target``: ``lutram_depth`` 16, 32 for 6-bit codes).
+  LFE5U-85F-6BG381C: the slowest grade). The decoder is built with its
+  tables as LUT RAM memories read into registers (``for_target``:
+  ``lutram_depth`` 16, 32 for 6-bit codes).
   Yosys 0.70's ``synth_ecp5`` (``synth_lattice``) always maps LUTs with ABC9:
   its ``-noabc9`` is accepted and ignored. ABC9 maps the 64-lane design in
   about 60 s and 0.5 GB here (the wrapper keeps the decoder in its own
