@@ -27,7 +27,8 @@ the clock that one decoder of ``K N`` lanes does not.
 
 ``--placer NAME`` (repeatable; ``PLACERS``) places each netlist again with nextpnr's own
 settings changed, beside the flow's (``default``): the same netlist and seeds, so that
-the rows compare the placer alone (``speed8``: the same placer, timed for speed grade 8).
+the rows compare the placer alone (``speed7``, ``speed8``: the same placer, timed for speed
+grade 7 or 8).
 
 Run: .venv/bin/python bench/fmax_seeds.py [--seeds 5] [--jobs 2]    (about 5 min)
      .venv/bin/python bench/fmax_seeds.py --config sop4-g16-x64 --variant lutram   (64 lanes: 8-14 min a seed)
@@ -35,6 +36,7 @@ Run: .venv/bin/python bench/fmax_seeds.py [--seeds 5] [--jobs 2]    (about 5 min
      .venv/bin/python bench/fmax_seeds.py --variant lutram --lanes 16 --lanes 32   (2-5 min a seed)
      .venv/bin/python bench/fmax_seeds.py --variant lutram --lanes 32 --copies 2    (6-10 min a seed)
      .venv/bin/python bench/fmax_seeds.py --config sop4-g16-x64 --variant lutram --placer speed8   (speed grade 8)
+     .venv/bin/python bench/fmax_seeds.py --config sop4-g16-x64 --variant lutram --placer speed7   (speed grade 7)
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 VARIANTS = ("lutram", "one-memory")
 # nextpnr settings added to the flow's ECP5 command (``default``: none): HeAP's timing weight
 # (default 10) and criticality exponent (default 2) raised; the electrostatic placer in place of HeAP;
-# the fastest speed grade, 8, in place of nextpnr's default 6 (the ULX3S's LFE5U-85F-6BG381C)
+# speed grade 7, or the fastest, 8, in place of nextpnr's default 6 (the ULX3S's LFE5U-85F-6BG381C)
 PLACERS = {"default": (),
            "timing40": ("--placer-heap-timingweight", "40", "--placer-heap-critexp", "4"),
            "static": ("--placer", "static"),
+           "speed7": ("--speed", "7"),
            "speed8": ("--speed", "8")}
 
 
