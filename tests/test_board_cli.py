@@ -387,9 +387,9 @@ def test_bad_entries_past_the_host_are_flagged_by_the_board():
 
 @pytest.mark.slow
 def test_the_make_sim_step_runs_a_sop_budget_layer_and_a_bad_table(capsys):
-    """`python -m sop.synth.host.bringup --sim` as `make sim` runs it, on 3 rows (the fewest that hold
-    more than one sparse entry: each row costs seconds of amaranth.sim): MiniLM's sop-budget artifact (built
-    and cached by sim/runner.py if missing), its first layer with sparse entries."""
+    """`python -m sop.synth.host.bringup --sim` as `make sim` runs it, on 3 rows (the fewest that
+    hold more than one sparse entry: each row costs seconds of amaranth.sim): MiniLM's sop-budget
+    artifact (built and cached by sim/runner.py if missing), its first layer with sparse entries."""
     assert bringup.main(["--sim", "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert f"layer: {bringup.SIM_LAYER} (3 x 384, sop4-g16)" in out and "sparse residuals: 6 entries" in out
