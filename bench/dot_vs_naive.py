@@ -88,10 +88,11 @@ def sop_engine(target: str, folded: bool = False) -> tuple[str, list[tuple[str, 
     try:
         from amaranth.back import rtlil
 
-        from sop.hdl.gemv import GemvEngine, gemv_configs, small_fpga_config
+        from sop.hdl.gemv import GemvEngine
+        from sop.hdl.gemv_config import gemv_configs, small_fpga_config
         cfg = gemv_configs()[f"gemv-{POINT}"]
         cfg = replace(cfg, lutram_depth=depth) if depth else cfg
-        if target == "ecp5":          # the x buffer's DP16KDs with their output register (hdl/gemv.py)
+        if target == "ecp5":          # the x buffer's DP16KDs with their output register (hdl/gemv_x_buffer.py)
             cfg = replace(cfg, x_ram="dp16kd")
         if folded:
             cfg = replace(cfg, dot_lanes=1, dot_tail="serial")

@@ -19,7 +19,7 @@ Ports (every TDATA a whole number of bytes, LSB first, no TKEEP/TSTRB/TID/TDEST/
   (``rows * blocks_per_row`` of the layer) and sets ``w_tlast`` where TLAST is
   missing on that block or set on another one; the engine frames the pass by
   its own counters either way.
-* ``s_axis_sparse`` (in): the engine's residual entries (``gemv.sparse_beats``,
+* ``s_axis_sparse`` (in): the engine's residual entries (``gemv_config.sparse_beats``,
   ``golden.dot.tile_residuals``' order), ``SPARSE_FIELDS``: row (u16), column
   (u16), BF16 value, a flags byte (bit 0: the row's last entry); TLAST on the
   pass's last entry (for the host's framing; the engine takes a tile's entries
@@ -36,7 +36,7 @@ Ports (every TDATA a whole number of bytes, LSB first, no TKEEP/TSTRB/TID/TDEST/
 * ``m_axis_y`` (out): one FP32 word (binary32 pattern of ``y_r``) per beat, rows
   in ascending order; TLAST on the pass's last row: one packet per vector.
 * ``status`` (out, plain, ``status_layout``): ``x_loaded`` and the engine's
-  sticky errors (gemv.error_layout), then the shell's: ``w_tlast``,
+  sticky errors (gemv_config.error_layout), then the shell's: ``w_tlast``,
   ``load_tlast``. ``clear`` (in, plain): clears every sticky bit. Reset too.
 
 Sequencing, all in hardware (no timing rule left to the host: it may queue
@@ -81,9 +81,10 @@ from amaranth.lib.wiring import In, Out
 
 from sop.golden.layout import LayerStream
 
-from . import axis, gemv
+from . import axis, gemv, gemv_config
 from .axis import CTRL_BANK, CTRL_SPARSE, AxiStreamSignature, load_fields
-from .gemv import GemvConfig, GemvEngine
+from .gemv import GemvEngine
+from .gemv_config import GemvConfig
 
 CTRL_LAYER = axis.CTRL_OFFSET            # ctrl bit 1: the layer word (the decoder shell's offset word)
 VECTORS_BITS = 16                        # the layer word's ``vectors`` field
@@ -109,14 +110,14 @@ def _width(layout: data.StructLayout, name: str) -> int:
 
 def layer_fields(cfg: GemvConfig) -> dict[str, tuple[int, int]]:
     """The layer word's fields after its ctrl byte: offset, rows, blocks per row, vectors."""
-    lay = gemv.layer_layout(cfg)
+    lay = gemv_config.layer_layout(cfg)
     return {"ctrl": (0, 8), **_fields({"offset": 8, "rows": _width(lay, "rows"),
                                        "blocks_per_row": _width(lay, "blocks_per_row"), "vectors": VECTORS_BITS}, 8)}
 
 
 def sparse_fields(cfg: GemvConfig) -> dict[str, tuple[int, int]]:
     """An ``s_axis_sparse`` beat's fields: row, column, BF16 value, flags (bit 0: the row's last)."""
-    sp = gemv.sparse_layout(cfg)
+    sp = gemv_config.sparse_layout(cfg)
     return _fields({"row": _width(sp, "row"), "col": _width(sp, "col"), "value": 16, "flags": 8})
 
 
@@ -137,7 +138,8 @@ def shell_error_layout() -> data.StructLayout:
 
 def status_layout() -> data.StructLayout:
     """``status``: the engine's (``x_loaded``, ``errors``), then the shell's own sticky bits."""
-    return data.StructLayout({"x_loaded": unsigned(1), "errors": gemv.error_layout(), "shell": shell_error_layout()})
+    return data.StructLayout({"x_loaded": unsigned(1), "errors": gemv_config.error_layout(),
+                              "shell": shell_error_layout()})
 
 
 def _field(word, fields, name):
@@ -328,19 +330,21 @@ def load_beats(cfg: GemvConfig, layer: LayerStream, vectors: int) -> list[tuple[
 
 def x_beats(cfg: GemvConfig, codes) -> list[tuple[int, int]]:
     """``s_axis_x`` beats of one vector (codes of the engine's activation format)."""
-    return _framed(gemv.x_beats(cfg, codes))
+    return _framed(gemv_config.x_beats(cfg, codes))
 
 
 def w_beats(cfg: GemvConfig, layer: LayerStream) -> list[tuple[int, int]]:
     """``s_axis_w`` beats of one pass: the blocks in tile order, TLAST on the last."""
-    return _framed(gemv.w_beats(cfg, layer))
+    return _framed(gemv_config.w_beats(cfg, layer))
 
 
 def sparse_beats(cfg: GemvConfig, layer: LayerStream) -> list[tuple[int, int]]:
     """``s_axis_sparse`` beats of one pass (none without entries), TLAST on the last."""
     f = sparse_fields(cfg)
+    if not len(layer.sparse):
+        return _framed([])
     return _framed([(e["row"] << f["row"][0]) | (e["col"] << f["col"][0]) | (e["value"] << f["value"][0])
-                    | (e["last"] << f["flags"][0]) for e in gemv.sparse_beats(cfg, layer)] if len(layer.sparse) else [])
+                    | (e["last"] << f["flags"][0]) for e in gemv_config.sparse_beats(cfg, layer)])
 
 
 def stream_beats(cfg: GemvConfig, layers) -> dict[str, list[tuple[int, int]]]:

@@ -31,7 +31,7 @@ adds ``sparse_fields``, ``ctrl_bits.sparse`` and ``sparse_error_bits``, and its
 testbench streams the first and last layers with sparse entries (golden's
 residual sums) and checks that ``sparse_error`` stays 0.
 
-After the decoders, the GEMV engines (hdl/gemv.py ``gemv_configs()``: ``gemv-sop4-g16``,
+After the decoders, the GEMV engines (hdl/gemv_config.py ``gemv_configs()``: ``gemv-sop4-g16``,
 ``gemv-e2m3-ue4m4-g16`` with E4M3 activations, ``gemv-sop4-g16-bf16`` with BF16; docs/dot.md
 section 8): ``NAME.v`` (top module ``sop_gemv_<name without gemv->``) and ``NAME.json`` (``gemv.describe``: parameters, ports, latency
 and each component's share, error bits, the block order), and beside each its
@@ -75,7 +75,7 @@ from amaranth.lib import data, wiring
 from sop import toolenv
 from sop.golden.files import write_atomic
 
-from . import axis, gemv, gemv_axis
+from . import axis, gemv, gemv_axis, gemv_config
 from .config import PIPELINES, DecoderConfig, named_configs, residual_configs
 from .decoder import Decoder
 
@@ -146,7 +146,7 @@ def generate(config: DecoderConfig, out_dir: Path) -> tuple[Path, Path]:
     return _write(out_dir, config.name, text, manifest(config, dut))
 
 
-def generate_gemv(config: gemv.GemvConfig, out_dir: Path) -> tuple[Path, Path]:
+def generate_gemv(config: gemv_config.GemvConfig, out_dir: Path) -> tuple[Path, Path]:
     """``NAME.v`` and ``NAME.json`` of a GEMV engine (hdl/gemv.py; docs/dot.md section 8). The
     manifest is taken from the engine just converted (``gemv.describe`` needs it elaborated)."""
     engine = gemv.GemvEngine(config)
@@ -350,7 +350,7 @@ targets:
 
 
 # -- the GEMV engine's AXI4-Stream shell (hdl/gemv_axis.py) ------------------------------------------
-def gemv_axis_manifest(config: gemv.GemvConfig, top: gemv_axis.GemvAxisTop) -> dict:
+def gemv_axis_manifest(config: gemv_config.GemvConfig, top: gemv_axis.GemvAxisTop) -> dict:
     """The shell's ports (AXI names), TDATA widths and fields, status bits and latency."""
     def fields(f):
         return {k: {"lsb": lsb, "width": w} for k, (lsb, w) in f.items()}
@@ -360,12 +360,12 @@ def gemv_axis_manifest(config: gemv.GemvConfig, top: gemv_axis.GemvAxisTop) -> d
             "load_fields": fields(axis.load_fields(config)), "layer_fields": fields(gemv_axis.layer_fields(config)),
             "sparse_fields": fields(gemv_axis.sparse_fields(config)),
             "ctrl_bits": {"bank": 0, "layer": 1, "sparse": 2},
-            "status_bits": ["x_loaded"] + [n for n, _ in gemv.error_layout()]
+            "status_bits": ["x_loaded"] + [n for n, _ in gemv_config.error_layout()]
             + [n for n, _ in gemv_axis.shell_error_layout()],
             "block_order": "golden.dot.tile_order", "tile": config.tile, "ports": axi_port_list(top)}
 
 
-def gemv_testbench_layers(config: gemv.GemvConfig, seed: int = TB_SEED) -> list[tuple]:
+def gemv_testbench_layers(config: gemv_config.GemvConfig, seed: int = TB_SEED) -> list[tuple]:
     """``(layer, vectors)`` of the shell's Verilog testbench (``GEMV_TB_LAYERS``): random layers over
     every code and both banks (sim.gemv_layers's), random finite vectors in the engine's activation
     format (``gemv_layers.finite_codes``); the last layer with residual entries (terms that
@@ -382,7 +382,7 @@ def gemv_testbench_layers(config: gemv.GemvConfig, seed: int = TB_SEED) -> list[
     return out
 
 
-def gemv_axis_testbench(config: gemv.GemvConfig, layers) -> str:
+def gemv_axis_testbench(config: gemv_config.GemvConfig, layers) -> str:
     """A self-checking Verilog-2005 testbench of ``gemv-<point>_axis.v``: every packet of ``layers``
     queued at once on its stream (the shell sequences them), random TVALID gaps (TVALID held until
     its handshake) and TREADY pauses; every ``m_axis_y`` beat, TLAST included, against
@@ -473,13 +473,13 @@ endmodule
 """
 
 
-def gemv_fusesoc_core(config: gemv.GemvConfig) -> str:
+def gemv_fusesoc_core(config: gemv_config.GemvConfig) -> str:
     """A FuseSoC CAPI2 core of ``gemv-<point>_axis.v``: targets ``default``, ``lint`` and ``sim``."""
     return capi2_core("gemv", gemv_axis.module_name(config), f"{config.name}_axis", "docs/dot.md",
                       f"SOP GEMV engine {config.name} behind AXI4-Stream ports")
 
 
-def generate_gemv_axis(config: gemv.GemvConfig, out_dir: Path) -> dict[str, Path]:
+def generate_gemv_axis(config: gemv_config.GemvConfig, out_dir: Path) -> dict[str, Path]:
     """``gemv-<point>_axis.v``, ``.json``, ``_tb.v`` and ``.core`` (and ``lint.vlt``) in ``out_dir``."""
     top = gemv_axis.GemvAxisTop(config)
     text = _convert(top, gemv_axis.module_name(config), ports=top.ports())
@@ -533,7 +533,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    engines = {} if args.residuals or shallow else gemv.gemv_configs()
+    engines = {} if args.residuals or shallow else gemv_config.gemv_configs()
     names = args.config or list(configs) + list(engines)
     unknown = [n for n in names if n not in configs and n not in engines]
     if shallow and unknown:

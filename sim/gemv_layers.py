@@ -238,7 +238,7 @@ def corner_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, lis
 
 
 def bf16_term_class(rho: int, x: int) -> tuple:
-    """The case of ``ResidualTermBF16``'s arithmetic (hdl/gemv.py, its docstring) that the term
+    """The case of ``ResidualTermBF16``'s arithmetic (hdl/gemv_term.py, its docstring) that the term
     ``rho * x`` of two finite BF16 codes takes, from the codes' fields alone: ``("zero",)``,
     ``("saturated", E - 255 clipped to 2)``, ``("normal", E at 1, 254 or between)`` or
     ``("subnormal", s: below 23 exact / 23 .. 38 rounded / clamped, round bit, sticky bit, kept LSB,

@@ -9,7 +9,7 @@ sim/mutate.py's (``Mutant``, ``build_mutants``, ``prove``, ``induct``, ``counts`
 what differs is the design and the bench.
 
 1. **Design.** ``GemvEngine`` of the named engine (default ``gemv-sop4-g16``; any of
-   ``hdl.gemv.gemv_configs``, ``gemv-sop4-g16-bf16`` too: BF16 activations, the BF16 block dot
+   ``hdl.gemv_config.gemv_configs``, ``gemv-sop4-g16-bf16`` too: BF16 activations, the BF16 block dot
    unit and ``ResidualTermBF16``, with the BF16 quick plan; and sim/gemv_runner.py's
    ``gemv-sop4-g16-small``: the folded small-FPGA engine, one MAC a cycle) with its ``x``
    buffer cut to ``MAX_COLS`` columns (the widest layer of the quick plan is 384; the shipped

@@ -2,7 +2,7 @@
 
     python -m sop.sim.gemv_runner [--config NAME ...] [--sim icarus|verilator] [--quick] [--seed N]
 
-For each named engine (hdl.gemv.gemv_configs: ``gemv-sop4-g16``,
+For each named engine (hdl.gemv_config.gemv_configs: ``gemv-sop4-g16``,
 ``gemv-e2m3-ue4m4-g16``, ``gemv-sop4-g16-bf16``) it converts ``GemvEngine`` to Verilog under
 ``build/sim/<sim>/<config>/rtl/`` (as named: up to 16384 columns and 65535 rows;
 one Verilator waiver, ``SIM_WAIVERS``), writes the plan (``plan.json``: the layers'
@@ -10,7 +10,7 @@ beats and every expected ``y`` word) and runs sim/tb_gemv.py on it with
 cocotb's runner (sim/runner.py's build and test step, ``simulate``). Beside
 them, ``--config gemv-sop4-g16-small`` (``small_engines``, not in the default
 list: `make sim` runs it on its own line): sop4-g16 folded for the smallest
-FPGAs (hdl.gemv.small_fpga_config: one MAC a cycle, the compact FP32 adder,
+FPGAs (hdl.gemv_config.small_fpga_config: one MAC a cycle, the compact FP32 adder,
 tiles of 4) at MiniLM's size, with its residual path: the iCEBreaker GEMV
 core's engine (which is built without that path; the plan has sparse layers).
 
@@ -97,8 +97,8 @@ import numpy as np
 
 from sop import toolenv
 from sop.golden.layout import LayerStream
-from sop.hdl import gemv
-from sop.hdl.gemv import GemvConfig
+from sop.hdl import gemv, gemv_config
+from sop.hdl.gemv_config import GemvConfig
 from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, QUERY, SINGLE_BIT_ROWS, adder_sticky_layer, corner_layers,
                                  deep_cancel_layer, finite_codes, lane_align_layer, minilm_activations, minilm_layers,
                                  random_layer, reused_table_layers, subnormal_barrier_layer, subnormal_block_layers,
@@ -132,11 +132,11 @@ def layer_entry(cfg: GemvConfig, name: str, layer: LayerStream, vectors, write_t
             "loads": [[b, a, int(layer.luts[b][a])] for b in range(lay.banks) for a in range(1 << lay.code_bits)]
             if write_tables else [],
             "layer": [layer.rows, layer.cols // lay.group, layer.offset, int(len(layer.sparse) > 0)],
-            "w": gemv.w_beats(cfg, layer),
-            "sparse": [[e["row"], e["col"], e["value"], e["last"]] for e in gemv.sparse_beats(cfg, layer)]
+            "w": gemv_config.w_beats(cfg, layer),
+            "sparse": [[e["row"], e["col"], e["value"], e["last"]] for e in gemv_config.sparse_beats(cfg, layer)]
             if len(layer.sparse) else [],
             "entries": int(len(layer.sparse)),
-            "vectors": [{"x": gemv.x_beats(cfg, v), "expect": [int(w) for w in yv]} for v, yv in zip(vectors, y)]}
+            "vectors": [{"x": gemv_config.x_beats(cfg, v), "expect": [int(w) for w in yv]} for v, yv in zip(vectors, y)]}
 
 
 def error_job(cfg: GemvConfig, point: str, rng) -> dict:
@@ -338,21 +338,21 @@ def passed(s: dict) -> bool:
 
 def small_engines() -> dict[str, GemvConfig]:
     """The engines this runner takes beside the named ones (module docstring)."""
-    base = gemv.gemv_configs()["gemv-sop4-g16"]
-    return {"gemv-sop4-g16-small": gemv.small_fpga_config(base, name="gemv-sop4-g16-small", max_cols=2048,
+    base = gemv_config.gemv_configs()["gemv-sop4-g16"]
+    return {"gemv-sop4-g16-small": gemv_config.small_fpga_config(base, name="gemv-sop4-g16-small", max_cols=2048,
                                                            max_rows=1536)}
 
 
 def engines() -> dict[str, GemvConfig]:
-    """Every engine this runner takes by name: the named ones (hdl.gemv) and ``small_engines``."""
-    return {**gemv.gemv_configs(), **small_engines()}
+    """Every engine this runner takes by name: the named ones (hdl.gemv_config) and ``small_engines``."""
+    return {**gemv_config.gemv_configs(), **small_engines()}
 
 
 def cli(argv, description: str, run_one, line, ok, extra: dict[str, GemvConfig] | None = None) -> int:
     """The command line of an engine bench (this runner's and sim.tb_gemv_axis's): ``run_one(cfg, sim,
     quick=, seed=, waves=)`` for each named engine chosen (or one of ``extra``, by name only),
     ``line(summary)`` printed, exit 0 when ``ok(summary)`` for all, 2 when the simulator is missing."""
-    named = gemv.gemv_configs()
+    named = gemv_config.gemv_configs()
     configs = {**named, **(extra or {})}
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", action="append", choices=list(configs),

@@ -5,7 +5,7 @@ Run through sim/gemv_runner.py, which converts the engine to Verilog and writes
 the plan (JSON, named by ``SOP_SIM_PLAN``): the engine's parameters (rebuilt
 here as a ``GemvConfig`` for the payload layouts) and the jobs. Each layer of a
 job carries its table writes, its layer registers, its ``w`` beats (blocks in
-``golden.dot.tile_order``), its ``sparse`` beats (``gemv.sparse_beats``) and per
+``golden.dot.tile_order``), its ``sparse`` beats (``gemv_config.sparse_beats``) and per
 vector its ``x`` beats and the ``y`` words ``golden.dot.gemv`` gives: the bench
 computes nothing, it drives beats and compares every ``y`` word bit for bit,
 ``value`` and ``last``.
@@ -81,15 +81,15 @@ from cocotb.triggers import Event, ReadOnly, RisingEdge, with_timeout
 from cocotb.types import Logic
 
 from sop.golden.points import get_point
-from sop.hdl import gemv
-from sop.hdl.gemv import GemvConfig
+from sop.hdl import gemv_config
+from sop.hdl.gemv_config import GemvConfig
 
 ONE = Logic(1)                    # a 1-bit value read from the DUT is this object
 QUIET_CYCLES = 12                 # after a job: cycles in which no y word may come
 MISMATCHES_LOGGED = 10
 CLOCK_NS = 10
-X_LOADED = 1                      # status bit 0; the error bits follow in gemv.error_layout()'s order
-ERROR_BITS = {name: 1 << (1 + field.offset) for name, field in gemv.error_layout()}
+X_LOADED = 1                      # status bit 0; the error bits follow in gemv_config.error_layout()'s order
+ERROR_BITS = {name: 1 << (1 + field.offset) for name, field in gemv_config.error_layout()}
 P_JUNK = 0.5                      # an input idle in a cycle: its payload becomes fresh junk with this chance
 LONG_STALL = (150, 300)           # y.ready: a long stall's length in cycles (uniform, both ends included)
 P_LONG_STALL = 1 / 550            # ... the chance that a cycle starts one, once LONG_GAP cycles have
@@ -266,8 +266,8 @@ class Testbench:
                  p_junk: float = P_JUNK, p_long_stall: float = P_LONG_STALL):
         self.dut, self.cfg, self.rng, self.p_idle, self.p_stall = dut, cfg, rng, p_idle, p_stall
         self.p_long_stall = p_long_stall
-        self.pack_x, self.pack_load = Packer(gemv.x_layout(cfg)), Packer(gemv.load_layout(cfg))
-        self.pack_layer, self.pack_sparse = Packer(gemv.layer_layout(cfg)), Packer(gemv.sparse_layout(cfg))
+        self.pack_x, self.pack_load = Packer(gemv_config.x_layout(cfg)), Packer(gemv_config.load_layout(cfg))
+        self.pack_layer, self.pack_sparse = Packer(gemv_config.layer_layout(cfg)), Packer(gemv_config.sparse_layout(cfg))
         self.driver = HostDriver(dut, rng, p_junk)
         self.scoreboard = Scoreboard(dut._log)
         self.y_ready = False

@@ -57,7 +57,7 @@ from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStream
 
 from sop import toolenv
 from sop.hdl import axis, gemv_axis
-from sop.hdl.gemv import GemvConfig
+from sop.hdl.gemv_config import GemvConfig
 from sop.sim.tb_axis import MISMATCHES_LOGGED, monitor_out_of_reset, pauses
 
 INPUTS = ("s_axis_load", "s_axis_x", "s_axis_w", "s_axis_sparse")

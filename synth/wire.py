@@ -26,7 +26,7 @@ imports the other.
   (GEMV_SPARSE's entries), the ``X_SWAP`` / ``X_LAST`` flags of GEMV_X,
   ``Y_MAX_WORDS`` (the most FP32 words one GEMV_Y reply carries), ``GemvStatus``
   and ``GEMV_STATUS_FORMAT`` (the GEMV_STATUS reply), ``GEMV_ERRORS`` (the
-  engine's sticky error bits, LSB first: hdl.gemv.error_layout).
+  engine's sticky error bits, LSB first: hdl.gemv_config.error_layout).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ X_SWAP = 0x01                          # GEMV_X flags: the frame's first beat st
 X_LAST = 0x02                          # GEMV_X flags: the frame's last beat is the vector's last
 Y_MAX_WORDS = 64                       # the most y words one GEMV_Y reply carries (256 bytes)
 Y_WORD_BYTES = 4
-#: The engine's sticky error bits, LSB first (hdl.gemv.error_layout, docs/dot.md).
+#: The engine's sticky error bits, LSB first (hdl.gemv_config.error_layout, docs/dot.md).
 GEMV_ERRORS = ("w_before_x", "x_length", "x_nan", "layer", "sparse")
 
 

@@ -165,7 +165,7 @@ def test_a_status_without_a_decoder_passes_the_point_check_only(fmt):
     (0 lanes, the engine's point), check_status (a decode run) refuses it; another point, or decoder
     fields that are not 0, are refused."""
     from sop.golden.points import get_point
-    from sop.hdl.gemv import GemvConfig
+    from sop.hdl.gemv_config import GemvConfig
 
     point = get_point(fmt)
     engine = GemvConfig("probe", point.layout, point.hif, max_cols=2048, max_rows=16)

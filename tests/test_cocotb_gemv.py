@@ -18,10 +18,10 @@ lints and compiles it), is left to `make sim` (its quick plan here took 30 to 40
 """
 
 import mutants
-from sop.hdl import gemv
+from sop.hdl import gemv, gemv_config
 from sop.sim import gemv_runner
 
-CONFIGS = gemv.gemv_configs()
+CONFIGS = gemv_config.gemv_configs()
 SOP4 = CONFIGS["gemv-sop4-g16"]
 SMALL = gemv_runner.small_engines()["gemv-sop4-g16-small"]
 

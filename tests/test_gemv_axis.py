@@ -23,14 +23,14 @@ from amaranth.hdl import Signal
 from amaranth.sim import Simulator
 
 from sop.golden.points import get_point
-from sop.hdl import axis, gemv, gemv_axis
-from sop.hdl.gemv import GemvConfig
+from sop.hdl import axis, gemv, gemv_axis, gemv_config
+from sop.hdl.gemv_config import GemvConfig
 from sop.hdl.gemv_axis import GemvAxis, GemvAxisTop
 from sop.sim import gemv_layers, tb_gemv_axis
 
 SOP4 = get_point("sop4-g16")
 SMALL = GemvConfig("test-axis-sop4-g16", SOP4.layout, SOP4.hif, max_cols=256, max_rows=255)
-NAMED = gemv.gemv_configs()
+NAMED = gemv_config.gemv_configs()
 
 
 def two_layers(seed=0):
@@ -102,8 +102,8 @@ def simulate(dut, streams, n_out, *, p_idle=0.3, p_stall=0.3, seed=0, max_cycles
 
 def status_bits(word: int) -> dict[str, int]:
     """``status`` by field name: ``x_loaded``, the engine's error bits, the shell's."""
-    fields = {"x_loaded": 0, **{n: 1 + f.offset for n, f in gemv.error_layout()},
-              **{n: 1 + gemv.error_layout().size + f.offset for n, f in gemv_axis.shell_error_layout()}}
+    fields = {"x_loaded": 0, **{n: 1 + f.offset for n, f in gemv_config.error_layout()},
+              **{n: 1 + gemv_config.error_layout().size + f.offset for n, f in gemv_axis.shell_error_layout()}}
     return {n: (word >> bit) & 1 for n, bit in fields.items()}
 
 
@@ -128,7 +128,7 @@ def test_tdata_layouts_and_the_model():
     x = gemv_axis.x_beats(cfg, va[0])
     assert axis.to_bytes(x, 128) == bytes(int(c) for c in va[0]) and [t for _, t in x] == [0, 0, 0, 1]
     sp = gemv_axis.sparse_beats(cfg, b)
-    entries = gemv.sparse_beats(cfg, b)
+    entries = gemv_config.sparse_beats(cfg, b)
     assert [(d & 0xFFFF, (d >> 16) & 0xFFFF, (d >> 32) & 0xFFFF, d >> 48) for d, _ in sp] == \
         [(e["row"], e["col"], e["value"], e["last"]) for e in entries]
     assert [t for _, t in sp].count(1) == 1 and sp[-1][1] == 1 and gemv_axis.sparse_beats(cfg, a) == []

@@ -58,7 +58,7 @@ def bf16_plan_terms(seed: int):
     """(rho, x) of every sparse beat of the BF16 engine's quick plan, each against every vector of
     its layer, as float64 values (decoded here from the beats' codes)."""
     from sop.golden.dot import FORMATS
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_runner import plan_for
 
     bf16 = FORMATS["bf16"]
@@ -149,7 +149,7 @@ def test_the_e4m3_plans_terms_alone_layer_reaches_subnormal_sums():
     saturating ones too; its last 27 rows, ``t + u - t`` against activations of 1.0, cancel to
     sums far below ``t`` (the row accumulator's normalization barrier). The mutation run's
     residual-term and barrier survivors were killed by it (docs/dot.md)."""
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_runner import plan_for
 
     plan = plan_for(gemv_configs()["gemv-sop4-g16"], "quick", 1)
@@ -172,7 +172,7 @@ def test_the_quick_plans_swap_in_layers_of_one_and_two_x_beats(engine):
     the two cycles in which the sequencer's ``settled`` guard holds blocks back. The small-FPGA
     engine's survivor with that guard stuck open (``swap_take`` tied to 0) was killed by them
     (docs/dot.md)."""
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_runner import plan_for
 
     plan = plan_for(gemv_configs()[engine], "quick", 1)
@@ -192,7 +192,7 @@ def test_the_quick_plans_swap_in_layers_of_one_and_two_x_beats(engine):
 
 def _quick_corners(engine: str = "gemv-sop4-g16") -> dict:
     """The corner layers of an engine's quick plan (seed 1), by name."""
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_runner import plan_for
 
     return {lay["name"]: lay for lay in plan_for(gemv_configs()[engine], "quick", 1)["jobs"][1]["layers"]}
@@ -279,7 +279,7 @@ def _e4m3_last_layers(engine: str, seed: int) -> tuple:
     """The E4M3 quick plan's layers from ``lane-align`` on, drawn again as plan_for draws them (a
     generator of their own, ``[seed, 22]``), checked against the plan's entries: (cfg, layers as
     (name, LayerStream, vectors), the entries by name)."""
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_layers import SINGLE_BIT_ROWS, deep_cancel_layer, lane_align_layer, subnormal_block_layers
     from sop.sim.gemv_runner import layer_entry, plan_for
 
@@ -407,7 +407,7 @@ def test_the_bf16_plans_window_pow2_layer_drops_power_of_two_hif_products_by_one
     the table words and the codes. (``window-edge`` cannot reach it: its dropping entries' power of
     two would be subnormal; lane 1's count raised from 6 to 7 survived the mutation run.)"""
     from sop.hdl import block_dot_bf16 as bd
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_layers import window_pow2_layer
     from sop.sim.gemv_runner import layer_entry, plan_for
 
@@ -443,7 +443,7 @@ def test_the_bf16_plans_subnormal_barrier_layer_reaches_every_kmax_with_a_subnor
     ``kmax == 52`` and ``kmax == 23`` survived the mutation run: no subnormal block reached them.)"""
     from sop.golden.layout import unpack_blocks
     from sop.hdl import block_dot_bf16 as bd
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_layers import subnormal_barrier_layer, window_pow2_layer
     from sop.sim.gemv_runner import layer_entry, plan_for
 
@@ -485,7 +485,7 @@ def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
     even. Checked here from the values in float64 (exact) against the plan's ``y``, which is the
     rounded-up value. (The row adder's sticky OR with its bit 0 tied to 0 survived the mutation run.)"""
     from sop.golden.dot import FORMATS
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_layers import adder_sticky_layer
     from sop.sim.gemv_runner import layer_entry, plan_for
 
@@ -514,7 +514,7 @@ def _bf16_timing_layers(seed: int) -> tuple:
     """The BF16 quick plan's timing job's measured layers after MiniLM's, drawn again as plan_for
     draws them (a generator of their own, ``[seed, 24]``) and checked against the plan's entries:
     (cfg, [(name, LayerStream, vectors)])."""
-    from sop.hdl.gemv import gemv_configs
+    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_layers import window_edge_fast_layer, zero_products_fast_layer
     from sop.sim.gemv_runner import layer_entry, plan_for
 

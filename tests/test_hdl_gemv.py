@@ -30,10 +30,13 @@ from amaranth.sim import Simulator
 from sop.golden import dot
 from sop.golden.layout import LayerStream, Sparse, pack_blocks
 from sop.golden.points import get_point
-from sop.hdl import gemv
+from sop.hdl import gemv, gemv_config
 from sop.hdl.fp32_acc import RowAccumulator
 from sop.hdl.block_dot_folded import BlockDotFolded
-from sop.hdl.gemv import BlockSequencer, GemvConfig, GemvEngine, ResidualTerm, gemv_configs
+from sop.hdl.gemv import GemvEngine
+from sop.hdl.gemv_config import GemvConfig, gemv_configs
+from sop.hdl.gemv_sequencer import BlockSequencer
+from sop.hdl.gemv_term import ResidualTerm
 
 import mutants
 
@@ -110,13 +113,13 @@ def host_items(cfg: GemvConfig, jobs: list[Job]):
         lay, s = job.layer.layout, job.layer
         loads = [("load", b, a, int(s.luts[b][a])) for b in range(lay.banks) for a in range(1 << lay.code_bits)]
         loads.append(("layer", s.rows, s.cols // lay.group, s.offset, int(len(s.sparse) > 0)))
-        w = gemv.w_beats(cfg, s)
+        w = gemv_config.w_beats(cfg, s)
         if job.w_order is not None:
             nb = lay.block_bytes
             raw = np.frombuffer(s.blocks, np.uint8).reshape(-1, nb)[job.w_order]
             w = [int.from_bytes(raw[i].tobytes(), "little") for i in range(len(raw))]
-        sp = gemv.sparse_beats(cfg, s) if len(s.sparse) else []
-        vectors = [(gemv.x_beats(cfg, dot.activation_codes(v, cfg.act_format)), w, sp) for v in job.x]
+        sp = gemv_config.sparse_beats(cfg, s) if len(s.sparse) else []
+        vectors = [(gemv_config.x_beats(cfg, dot.activation_codes(v, cfg.act_format)), w, sp) for v in job.x]
         out.append((loads, vectors))
     return out
 
@@ -521,7 +524,7 @@ def test_the_cycle_check_catches_the_ring_alignment_wait_and_one_x_page():
 
 # -- the error bits --------------------------------------------------------------------------------------------
 
-ERR = {name: 1 << (1 + f.offset) for name, f in gemv.error_layout()}       # status bits: x_loaded, then errors
+ERR = {name: 1 << (1 + f.offset) for name, f in gemv_config.error_layout()}       # status bits: x_loaded, then errors
 X_LOADED = 1
 
 

@@ -28,8 +28,11 @@ from sop.golden import dot
 from sop.golden.formats import FLOAT32_MAX, FORMATS
 from sop.golden.layout import LayerStream, Sparse, pack_blocks
 from sop.golden.points import get_point
-from sop.hdl import gemv
-from sop.hdl.gemv import BlockSequencer, GemvConfig, GemvEngine, ResidualTermBF16, gemv_configs
+from sop.hdl import gemv, gemv_config
+from sop.hdl.gemv import GemvEngine
+from sop.hdl.gemv_config import GemvConfig, gemv_configs
+from sop.hdl.gemv_sequencer import BlockSequencer
+from sop.hdl.gemv_term import ResidualTermBF16
 
 from test_hdl_gemv import Job, check, no_bubble, random_layer, rows_wrong, with_residuals
 from test_hdl_gemv import run_terms as run_gemv_terms  # noqa: E402  (the shared term bench)
@@ -382,7 +385,7 @@ def test_x_nan_flags_bf16_inf_and_nan(sequencer):
 
     async def bench(ctx):
         async def vector(codes, swap):
-            for k, beat in enumerate(gemv.x_beats(dut.config, codes)):
+            for k, beat in enumerate(gemv_config.x_beats(dut.config, codes)):
                 ctx.set(dut.x.valid, 1)
                 ctx.set(dut.x.payload.codes.as_value(), beat)
                 ctx.set(dut.x.payload.last, int(k == 1))

@@ -13,7 +13,7 @@ import pytest
 
 from sop.hdl import reference
 from sop.hdl.config import named_configs
-from sop.hdl import gemv, gemv_axis
+from sop.hdl import gemv_axis, gemv_config
 from sop.hdl.generate import generate, generate_gemv_axis, main
 
 LINT_WAIVERS = Path(str(resources.files("sop.hdl").joinpath("lint.vlt")))      # the documented waivers
@@ -177,14 +177,14 @@ def test_gemv_engines_generate_with_a_manifest_lint_clean_and_compile(tmp_path, 
 @pytest.fixture(scope="module")
 def gemv_axis_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("gemv_axis")
-    for cfg in gemv.gemv_configs().values():
+    for cfg in gemv_config.gemv_configs().values():
         generate_gemv_axis(cfg, out)
     return out
 
 
 @pytest.mark.parametrize("name", ENGINE_LATENCY)
 def test_gemv_axis_shells_lint_clean_compile_and_match_their_manifest(gemv_axis_dir, name):
-    cfg = gemv.gemv_configs()[name]
+    cfg = gemv_config.gemv_configs()[name]
     doc = json.loads((gemv_axis_dir / f"{name}_axis.json").read_text())
     text = (gemv_axis_dir / f"{name}_axis.v").read_text()
     ports = verilog_ports(text, doc["module"])
@@ -214,7 +214,7 @@ def test_gemv_axis_fusesoc_lint_and_sim_targets(gemv_axis_dir, tmp_path):
     from test_axis import fusesoc            # (test_axis imports this module)
 
     for name in ENGINE_LATENCY:
-        vlnv = f"sop:gemv:{gemv_axis.module_name(gemv.gemv_configs()[name])}"
+        vlnv = f"sop:gemv:{gemv_axis.module_name(gemv_config.gemv_configs()[name])}"
         r = fusesoc(gemv_axis_dir, "lint", vlnv, tmp_path / name)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         r = fusesoc(gemv_axis_dir, "sim", vlnv, tmp_path / name)
@@ -227,5 +227,5 @@ def test_gemv_axis_fusesoc_lint_and_sim_targets(gemv_axis_dir, tmp_path):
     tb = (gemv_axis_dir / f"{name}_axis_tb.v").read_text()
     i = tb.index("exp[5] = 33'h") + len("exp[5] = 33'h") + 3
     (cores / f"{name}_axis_tb.v").write_text(tb[:i] + "%x" % (int(tb[i], 16) ^ 1) + tb[i + 1:])
-    r = fusesoc(cores, "sim", f"sop:gemv:{gemv_axis.module_name(gemv.gemv_configs()[name])}", tmp_path / "broken")
+    r = fusesoc(cores, "sim", f"sop:gemv:{gemv_axis.module_name(gemv_config.gemv_configs()[name])}", tmp_path / "broken")
     assert r.returncode != 0 and "FAIL: y word 5" in r.stdout

@@ -55,7 +55,7 @@ from amaranth.lib.wiring import In, Out
 
 from sop.golden.points import get_point
 from sop.hdl.config import RESIDUAL_SUFFIX, DecoderConfig, residual_configs
-from sop.hdl.gemv import SMALL_FPGA, GemvConfig
+from sop.hdl.gemv_config import SMALL_FPGA, GemvConfig
 
 from .protocol import ProtocolEngine
 from .uart import UartRx, UartTx
@@ -113,7 +113,7 @@ class Board:
     gemv_cols: int = 2048               # its largest layer: MiniLM's widest input (1536) rounded up to 16 * 2^k
     gemv_rows: int = 1536               # ... and MiniLM's most rows (the intermediate layers)
     gemv_y_depth: int | None = None     # the y FIFO's words (32 bits each; None: gemv_rows, a whole layer)
-    gemv_options: tuple[tuple[str, object], ...] = ()   # more hdl.gemv.GemvConfig fields: (name, value) pairs
+    gemv_options: tuple[tuple[str, object], ...] = ()   # more hdl.gemv_config.GemvConfig fields: (name, value) pairs
     kit: str = ""                       # the FPGA board (KITS; default: the name)
 
     def __post_init__(self):

@@ -9,13 +9,13 @@ what the protocol needs around it. Nothing here knows about frames or bytes but
 
 Ports (``sync`` domain):
 
-* ``load`` (in stream, hdl.gemv.load_layout): table writes, straight to the engine;
+* ``load`` (in stream, hdl.gemv_config.load_layout): table writes, straight to the engine;
 * ``layer`` (in stream, ``wire_layer_layout``: rows and blocks per row as the
   wire's u16, offset): into the engine's layer registers, each field saturated
   to its width (a value too large for the engine is then still one it flags:
   its ``layer`` error bit, never a silently truncated shape), and ``sparse``: the
   layer's tiles are followed by their residual entries;
-* ``x`` (in stream, hdl.gemv.x_layout), ``w`` (in stream, a packed block): to the
+* ``x`` (in stream, hdl.gemv_config.x_layout), ``w`` (in stream, a packed block): to the
   engine, counted;
 * ``sparse`` (in stream, ``wire_entry_layout``: row, column and BF16 value as the
   wire's u16, the row's ``last``): sparse residual entries into a queue of
@@ -48,7 +48,8 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from sop.hdl.gemv import GemvConfig, GemvEngine, error_layout, load_layout, sparse_layout, x_layout
+from sop.hdl.gemv import GemvEngine
+from sop.hdl.gemv_config import GemvConfig, error_layout, load_layout, sparse_layout, x_layout
 
 #: The sparse entry queue's depth (entries): more than one GEMV_SPARSE frame of the default payload.
 DEFAULT_ENTRY_DEPTH = 64
@@ -128,7 +129,7 @@ class GemvPort(wiring.Component):
                      queue.r_stream.ready.eq(eng.sparse.ready | flush)]
 
     def engine_entry(self, m, entry):
-        """A wire entry as the engine's ``sparse`` payload (hdl.gemv.sparse_layout): a row or column
+        """A wire entry as the engine's ``sparse`` payload (hdl.gemv_config.sparse_layout): a row or column
         beyond the engine's fields gives the row ``2^n - 1``, in no tile (the engine flags it)."""
         out = Signal(sparse_layout(self.config))
         row_top, col_top = (1 << len(out.row)) - 1, self.config.max_cols - 1

@@ -102,7 +102,7 @@ from amaranth.lib.wiring import In, Out
 
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
-from sop.hdl.gemv import GemvConfig
+from sop.hdl.gemv_config import GemvConfig
 from sop.hdl.reference import lane_word_bits
 from sop.synth.wire import (CLEAR_FLAG, CRC_INIT, CRC_RESIDUE, DEFAULT_MAX_PAYLOAD, DEFAULT_SPARSE_QUEUE,
                             ENTRY_LAST, ERROR_REPLY, GEMV_ENTRY_FORMAT, GEMV_LAYER_FORMAT, LAST_FLAG,

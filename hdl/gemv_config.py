@@ -1,0 +1,254 @@
+"""GEMV engine configuration and interface: ``GemvConfig``, the named engines, the payloads of the
+engine's ports and the host side's beats (docs/dot.md section 8).
+
+Role: what an engine is built from and what crosses its ports, apart from the logic
+(hdl.gemv ``GemvEngine``, the top, and its parts hdl.gemv_sequencer, hdl.gemv_x_buffer,
+hdl.gemv_term), so that the board gateware, the AXI4-Stream shell, the benches and the host
+tools can name an engine and encode its beats without building one (the role hdl.config has for
+the decoder).
+
+* ``GemvConfig``: the operating point's block layout and HIF, the activation format, the row tile,
+  the largest layer, the RAMs' shapes, the folding for small FPGAs; an impossible combination is
+  refused in its constructor with what to change. ``gemv_configs`` the named engines
+  (``gemv-<point>``, ``gemv-sop4-g16-bf16``); ``small_fpga_config`` one folded for the smallest
+  FPGAs (``SMALL_FPGA``).
+* Payload layouts: of the ports (``x_layout``, ``layer_layout``, ``sparse_layout``,
+  ``load_layout``, ``y_layout``, ``status_layout`` with ``error_layout``) and of what passes
+  between the engine's parts (``tag_layout``, ``front_layout``, ``entry_layout``, ``table_word``).
+* The host side: ``w_beats``, ``sparse_beats``, ``x_beats``, one pass's beats of a golden layer and
+  vector, as the ports take them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from amaranth.hdl import signed, unsigned
+from amaranth.lib import data
+
+from sop.golden import dot
+from sop.golden.formats import FloatFormat
+from sop.golden.layout import BlockLayout, LayerStream
+
+from .block_dot import block_layout
+from .block_dot_folded import chunk_layout
+from .fp32_acc import STAGINGS, min_slots
+
+#: The fewest rows a tile can have: one running sum per stage of the FP32 adder's loop (the full,
+#: 16-stage adder's; ``GemvConfig.acc_adder`` "compact": ``min_slots("compact")``).
+MIN_TILE = min_slots()
+#: How the x buffer is built (``GemvConfig.x_ram``): ``memory``, a ``lib.memory`` read port and a
+#: register after it (what yosys infers, and what amaranth.sim runs); ``dp16kd``, ECP5 DP16KD block
+#: RAMs instantiated with their output register (``REGMODE_B = "OUTREG"``), the same behaviour: yosys
+#: infers a DP16KD only without it, and then its 5.8 ns clock to output sets the clock.
+X_RAMS = ("memory", "dp16kd")
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One engine: the block layout and HIF of an operating point, the activation format, the row
+    tile, the largest layer it takes, the table RAM's shape (hdl.lut_bank), and the block dot unit's
+    products a cycle: ``dot_lanes`` 0 builds ``BlockDot`` (``g`` a cycle, a block a cycle), ``P < g``
+    builds ``BlockDotFolded`` (hdl.block_dot_folded: a block every ``g / P`` cycles, with ``dot_tail``
+    ``"pipelined"`` or ``"serial"``; E4M3 activations), for FPGAs too small for ``g`` lanes: the front
+    end then folds too (module docstring). ``acc_adder``: the row accumulator's FP32 adder,
+    ``"full"`` (16 stages, ``tile`` >= 17) or ``"compact"`` (3 stages, ``tile`` >= 4; hdl.fp32_acc).
+    ``sparse`` False builds no residual path (no term unit; a layer written with ``sparse`` set is the
+    ``layer`` error and its entries are never taken): for the smallest FPGAs."""
+
+    name: str
+    layout: BlockLayout
+    hif: FloatFormat
+    act: str = "e4m3"
+    tile: int = MIN_TILE
+    max_cols: int = 16384
+    max_rows: int = 65535
+    lutram_depth: int = 0
+    x_ram: str = "memory"
+    dot_lanes: int = 0
+    dot_tail: str = "pipelined"
+    acc_adder: str = "full"
+    sparse: bool = True
+
+    def __post_init__(self):
+        problems = []
+        if self.x_ram not in X_RAMS:
+            problems.append(f"x_ram must be one of {X_RAMS}, got {self.x_ram!r}")
+        g = self.layout.group
+        if self.acc_adder not in STAGINGS:
+            problems.append(f"acc_adder must be one of {', '.join(map(repr, STAGINGS))}, got {self.acc_adder!r}")
+        elif self.tile < min_slots(self.acc_adder):
+            problems.append(f"tile must be at least {min_slots(self.acc_adder)} rows (the FP32 adder's loop), "
+                            f"got {self.tile}")
+        blocks = self.max_cols // g
+        if self.max_cols % g or blocks < 1 or blocks & (blocks - 1):
+            problems.append(f"max_cols must be {g} times a power of two, got {self.max_cols}")
+        if self.max_rows < 1:
+            problems.append(f"max_rows must be at least 1, got {self.max_rows}")
+        if not isinstance(self.act, str) or self.act not in dot.ACT_FORMATS:
+            problems.append(f"act must be one of {', '.join(map(repr, dot.ACT_FORMATS))}, got {self.act!r}")
+        P = self.dot_lanes
+        if P and (P < 0 or P & (P - 1) or P >= g):
+            problems.append(f"dot_lanes must be 0 (the block dot unit's g = {g} lanes) or a power of two "
+                            f"below {g} (a folded unit), got {P}")
+        elif P and self.act != "e4m3":
+            problems.append(f"a folded block dot unit (dot_lanes {P}) takes E4M3 activations only, got {self.act!r}")
+        if self.dot_tail not in ("pipelined", "serial") or (self.dot_tail == "serial" and not P):
+            problems.append(f"dot_tail must be 'pipelined', or 'serial' with dot_lanes set, got {self.dot_tail!r}")
+        if problems:
+            raise ValueError(f"engine config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def group(self) -> int:
+        return self.layout.group
+
+    @property
+    def max_blocks(self) -> int:
+        """Blocks per row (x words) the buffer holds."""
+        return self.max_cols // self.layout.group
+
+    @property
+    def act_format(self) -> FloatFormat:
+        return dot.act_format(self.act)
+
+    @property
+    def macs_per_cycle(self) -> int:
+        """Products the block dot unit takes a cycle: ``g``, or ``dot_lanes`` when folded."""
+        return self.dot_lanes or self.layout.group
+
+    def describe(self) -> dict:
+        lay = self.layout
+        return {"name": self.name, "code_bits": lay.code_bits, "group": lay.group, "scale": lay.scale.name,
+                "signed_scale": lay.signed_scale, "select_bit": lay.select_bit, "banks": lay.banks,
+                "block_bits": lay.block_bits, "hif": self.hif.name, "act": self.act_format.name,
+                "accumulator_bits": dot.accumulator(self.hif, self.act_format, lay.group).bits,
+                "tile": self.tile, "max_cols": self.max_cols, "max_rows": self.max_rows,
+                "lutram_depth": self.lutram_depth, "x_ram": self.x_ram, "macs_per_cycle": self.macs_per_cycle,
+                **({"dot_lanes": self.dot_lanes, "dot_tail": self.dot_tail} if self.dot_lanes else {}),
+                **({"acc_adder": self.acc_adder} if self.acc_adder != "full" else {}),
+                **({} if self.sparse else {"sparse": False})}
+
+
+
+#: What folds an engine for the smallest FPGAs (the iCEBreaker's iCE40UP5K at 12 MHz): one MAC a cycle
+#: (the folded block dot unit with its serial tail, the front end in chunks) and the compact FP32 adder
+#: with tiles of 4 rows (docs/dot.md 7.2). The iCEBreaker's GEMV core adds ``sparse=False``
+#: (synth/gateware/board.py); ``small_fpga_config`` applies it.
+SMALL_FPGA = (("dot_lanes", 1), ("dot_tail", "serial"), ("acc_adder", "compact"), ("tile", 4))
+
+
+def small_fpga_config(config: GemvConfig, **fields) -> GemvConfig:
+    """``config`` folded for the smallest FPGAs (``SMALL_FPGA``), with ``fields`` changed too."""
+    return replace(config, **dict(SMALL_FPGA), **fields)
+
+
+def gemv_configs() -> dict[str, GemvConfig]:
+    """The named engines: ``gemv-<point>`` for each operating point with E4M3 activations, and
+    ``gemv-sop4-g16-bf16`` (sop4-g16, BF16 activations)."""
+    from sop.golden.points import get_point
+
+    configs = {f"gemv-{name}": GemvConfig(f"gemv-{name}", get_point(name).layout, get_point(name).hif)
+               for name in ("sop4-g16", "e2m3-ue4m4-g16")}
+    # and sop4-g16 with BF16 activations: the block dot unit's window and fallback (hdl.block_dot_bf16),
+    # the term unit's rounding (ResidualTermBF16), x words of 16 bits an activation
+    p = get_point("sop4-g16")
+    configs["gemv-sop4-g16-bf16"] = GemvConfig("gemv-sop4-g16-bf16", p.layout, p.hif, act="bf16")
+    return configs
+
+
+
+# -- payloads ------------------------------------------------------------------------------------------------
+
+def x_layout(config: GemvConfig) -> data.StructLayout:
+    return data.StructLayout({"codes": data.ArrayLayout(unsigned(config.act_format.bits), config.group),
+                              "last": unsigned(1), "swap": unsigned(1)})
+
+
+def layer_layout(config: GemvConfig) -> data.StructLayout:
+    """A layer's registers: its shape, offset, and ``sparse``: its tiles are followed by residual entries."""
+    return data.StructLayout({"rows": unsigned(config.max_rows.bit_length()),
+                              "blocks_per_row": unsigned(config.max_blocks.bit_length()), "offset": signed(8),
+                              "sparse": unsigned(1)})
+
+
+def sparse_layout(config: GemvConfig) -> data.StructLayout:
+    """One residual entry (``golden.dot.tile_residuals``): its row in the layer, its column, its BF16
+    value, and ``last``: the row's last entry."""
+    return data.StructLayout({"row": unsigned(config.max_rows.bit_length()), "col": range(config.max_cols),
+                              "value": unsigned(16), "last": unsigned(1)})
+
+
+def load_layout(config: GemvConfig) -> data.StructLayout:
+    """One LUT write: bank (0 = A, 1 = B), entry address, HIF code (the decoder's load word)."""
+    return data.StructLayout({"bank": unsigned(1), "addr": unsigned(config.layout.code_bits),
+                              "data": unsigned(config.hif.bits)})
+
+
+def table_word(config: GemvConfig) -> data.StructLayout:
+    """A LUT word as the table RAM holds it: the HIF code itself (hdl.lut_word's exact form)."""
+    return data.StructLayout({"hif": unsigned(config.hif.bits)})
+
+
+def y_layout() -> data.StructLayout:
+    return data.StructLayout({"value": unsigned(32), "last": unsigned(1)})
+
+
+def error_layout() -> data.StructLayout:
+    return data.StructLayout({"w_before_x": unsigned(1), "x_length": unsigned(1), "x_nan": unsigned(1),
+                              "layer": unsigned(1), "sparse": unsigned(1)})
+
+
+def status_layout() -> data.StructLayout:
+    return data.StructLayout({"x_loaded": unsigned(1), "errors": error_layout()})
+
+
+def tag_layout(config: GemvConfig) -> data.StructLayout:
+    """What a block (or a residual term) carries to the row accumulator: its row's slot, first / last
+    value of the row, last value of the pass."""
+    return data.StructLayout({"slot": range(config.tile), "first": unsigned(1), "last": unsigned(1),
+                              "end": unsigned(1)})
+
+
+def front_layout(config: GemvConfig) -> data.StructLayout:
+    """What the front end hands the block dot unit: the block (``block_dot.block_layout``), or with a
+    folded unit one chunk of it (``block_dot_folded.chunk_layout``), its tag, padding to a whole number
+    of lanes (the front end's output buffers split it by lane)."""
+    if config.dot_lanes:
+        block = chunk_layout(config.hif, config.act_format, config.layout, config.dot_lanes)
+    else:
+        block = block_layout(config.hif, config.act_format, config.layout)
+    used = block.size + tag_layout(config).size
+    pad = -used % config.macs_per_cycle          # (none where it would be 0 bits: Verilog's [-1:0])
+    return data.StructLayout({"block": block, "tag": tag_layout(config), **({"pad": unsigned(pad)} if pad else {})})
+
+
+def entry_layout(config: GemvConfig) -> data.StructLayout:
+    """A residual entry as the term unit takes it: its column, BF16 value and tag."""
+    return data.StructLayout({"col": range(config.max_cols), "value": unsigned(16), "tag": tag_layout(config)})
+
+
+
+# -- the host side ---------------------------------------------------------------------------------------------
+
+def w_beats(config: GemvConfig, layer: LayerStream) -> list[int]:
+    """The ``w`` beats of one pass: the layer's blocks in ``tile_order``, each as an integer (LSB first)."""
+    nb = layer.layout.block_bytes
+    raw = dot.tiled_blocks(layer, config.tile)
+    return [int.from_bytes(raw[i:i + nb], "little") for i in range(0, len(raw), nb)]
+
+
+def sparse_beats(config: GemvConfig, layer: LayerStream) -> list[dict[str, int]]:
+    """The ``sparse`` beats of one pass (a layer with residual entries): each tile's entries in
+    ``golden.dot.tile_residuals``' order, tile after tile; the engine takes a tile's after its blocks."""
+    return [{"row": int(r), "col": int(c), "value": int(v), "last": int(k)}
+            for t in dot.tile_residuals(layer, config.tile)
+            for r, c, v, k in zip(t["row"], t["col"], t["value"], t["last"])]
+
+
+def x_beats(config: GemvConfig, codes) -> list[int]:
+    """The ``codes`` fields of one vector's ``x`` beats (``g`` codes of ``config.act`` each), as integers."""
+    g, bits = config.group, config.act_format.bits
+    words = np.asarray(codes, np.int64).reshape(-1, g)
+    return [sum(int(c) << (j * bits) for j, c in enumerate(w)) for w in words]
+

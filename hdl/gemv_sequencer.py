@@ -1,0 +1,310 @@
+"""The GEMV engine's block sequencer (hdl.gemv): stage 0, handshakes, block counters, pages, status.
+
+Role: takes the engine's ``x``, ``w``, ``layer`` and ``sparse`` streams; writes x beats into the x
+buffer's free page; gives each block its tag from the counters of ``golden.dot.tile_order`` and
+holds it in stage 0 for the table and x reads (``issue``, ``IssueSignature``); holds the layer
+registers of both pages; passes each tile's residual entries on to the term unit once the blocks
+are drained; keeps the sticky error bits. Contract, timing and latency (1): ``BlockSequencer``'s
+docstring; ``BlockSequencer.model`` the counters' values per block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from sop.golden import dot
+
+from .arith import stage_reg
+from .gemv_config import (GemvConfig, entry_layout, error_layout, layer_layout, sparse_layout, status_layout,
+                          tag_layout, x_layout)
+from .gemv_x_buffer import XWriteSignature
+
+
+class IssueSignature(wiring.Signature):
+    """Stage 0 (the block in hand) to the table and x reads: its bits, page, block column, the
+    layer's offset and its tag."""
+
+    def __init__(self, config: GemvConfig):
+        super().__init__({"valid": Out(1), "block": Out(unsigned(config.layout.block_bits)), "page": Out(1),
+                          "col": Out(range(config.max_blocks)), "x_page": Out(1), "offset": Out(signed(8)),
+                          "tag": Out(tag_layout(config))})
+
+
+class BlockSequencer(wiring.Component):
+    """Stage 0 of the engine. Takes x beats (into the x buffer) and blocks (into stage 0, with their
+    tags from the counters of ``golden.dot.tile_order``), holds the layer registers of both pages
+    and the status. ``en`` (in, the front end's pipeline enable) moves stage 0 into the reads: a
+    block taken at edge ``t`` is on ``issue`` from cycle ``t + 1`` (``latency`` 1) until the first
+    enabled edge after; ``offer`` (out) is ``w.valid`` where a block may be taken (the pipeline's
+    input valid). After each tile's blocks of a layer with residual entries it takes the tile's
+    entries (``sparse``, ``golden.dot.tile_residuals``' order) into an entry register and passes
+    them on (``entries``, to the term unit) once ``drained`` (no block left in the front end or the
+    block dot unit); the next tile's blocks wait for them to leave the term unit (``term_busy``).
+    The counters' comparisons are registered flags, worked out a block ahead, against registered
+    copies of the active page's registers; a block is taken the cycle after its vector's last x beat
+    at the earliest, and not in the two cycles after a swap beat (the flags then see the page that
+    beat swapped in). Two x pages: ``x`` beats go into the free one while the other's pass runs;
+    ``issue.x_page`` is the page a block reads, ``term_page`` the one a tile's entries read."""
+
+    latency = 1
+
+    def __init__(self, config: GemvConfig):
+        self.config = config
+        super().__init__({
+            "x": In(stream.Signature(x_layout(config))),
+            "w": In(stream.Signature(unsigned(config.layout.block_bits))),
+            "layer": In(stream.Signature(layer_layout(config))),
+            "sparse": In(stream.Signature(sparse_layout(config))),
+            "clear": In(1),
+            "en": In(1),
+            "offer": Out(1),
+            "drained": In(1),
+            "term_busy": In(1),
+            "issue": Out(IssueSignature(config)),
+            "entries": Out(stream.Signature(entry_layout(config))),
+            "term_page": Out(1),
+            "x_write": Out(XWriteSignature(config)),
+            "write_page": Out(1),
+            "status": Out(status_layout()),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        S, B = cfg.tile, cfg.max_blocks
+        rows_shape, bpr_shape = unsigned(cfg.max_rows.bit_length()), range(B)
+        errors = Signal(error_layout(), name="errors")
+        error_now = Signal(error_layout(), name="error_now")
+        # the errors found now, registered before they join the sticky bits (a cycle later on status);
+        # the x length check (error_late) is worked out on registers already, a cycle after the beat
+        # (every bit of error_now is driven by an expression: a comb process that only assigns a
+        # constant never runs in a 4-state simulator such as Icarus, and leaves its bit X)
+        error_seen = Signal(error_layout(), name="error_seen")
+        x_length_late = Signal(name="x_length_late")
+        with m.If(self.clear):
+            m.d.sync += [errors.eq(0), error_seen.eq(0)]
+        with m.Else():
+            m.d.sync += [errors.eq(errors.as_value() | error_seen.as_value() | (x_length_late << 1)),
+                         error_seen.eq(error_now)]
+
+        # -- the layer registers, two pages; the host writes the inactive one --------------------
+        active = Signal(name="active")
+        rows_m1 = Array(Signal(rows_shape, name=f"rows_m1_p{p}", reset_less=True) for p in range(2))
+        bpr_m1 = Array(Signal(bpr_shape, name=f"bpr_m1_p{p}", reset_less=True) for p in range(2))
+        offset = Array(Signal(signed(8), name=f"offset_p{p}", reset_less=True) for p in range(2))
+        sparse = Array(Signal(name=f"sparse_p{p}", reset_less=True) for p in range(2))
+        # rows - 2 and blocks per row - 2: what the counters' flags below compare with a block ahead
+        rows_m2 = Array(Signal(rows_shape, name=f"rows_m2_p{p}", reset_less=True) for p in range(2))
+        bpr_m2 = Array(Signal(bpr_shape, name=f"bpr_m2_p{p}", reset_less=True) for p in range(2))
+        lw = self.layer.payload
+        m.d.comb += self.layer.ready.eq(1)
+        with m.If(self.layer.valid):
+            m.d.sync += [rows_m1[~active].eq(lw.rows - 1), bpr_m1[~active].eq(lw.blocks_per_row - 1),
+                         rows_m2[~active].eq(lw.rows - 2), bpr_m2[~active].eq(lw.blocks_per_row - 2),
+                         offset[~active].eq(lw.offset), sparse[~active].eq(lw.sparse if cfg.sparse else 0)]
+            # a bound the field's width already enforces is not compared (a constant compare,
+            # which Verilator's lint refuses)
+            too_many_rows = (lw.rows > cfg.max_rows) if cfg.max_rows < (1 << cfg.max_rows.bit_length()) - 1 else 0
+            too_many_blocks = (lw.blocks_per_row > B) if B < (1 << len(lw.blocks_per_row)) - 1 else 0
+            bad = (lw.rows == 0) | too_many_rows | (lw.blocks_per_row == 0) | too_many_blocks
+            if not cfg.sparse:     # an engine without the residual path refuses a layer with entries
+                bad = bad | lw.sparse
+            m.d.comb += error_now.layer.eq(bad)
+        m.d.comb += self.write_page.eq(~active)
+
+        # -- x: two pages of the buffer, a vector each; the swap beat flips the layer page ----------
+        # A vector loads into the free x page while the other's pass runs; a swap beat (a new layer:
+        # it changes the layer registers and tables the pass uses) only while no vector is loaded.
+        x_held = Signal(range(3), name="x_held")     # vectors loaded and their passes not done
+        x_loaded = Signal(name="x_loaded")          # x_held != 0
+        x_both = Signal(name="x_both")              # x_held == 2: no page free
+        x_wpage = Signal(name="x_wpage")            # the x page the next beat writes
+        x_rpage = Signal(name="x_rpage")            # the x page of the pass whose blocks come now
+        x_count = Signal(range(2 * B), name="x_count")          # beats of the vector so far (saturates)
+        xp = self.x.payload
+        page_now = active ^ (self.x.valid & xp.swap)            # the page of a beat taken now
+        x_take = Signal(name="x_take")
+        wb = (B - 1).bit_length()                               # an x page's address bits
+        m.d.comb += [self.x.ready.eq(self.x_ready(x_loaded, x_both, xp.swap)),
+                     x_take.eq(self.x.valid & self.x.ready),
+                     self.x_write.en.eq(x_take), self.x_write.addr.eq(Cat(x_count[:wb], x_wpage)),
+                     self.x_write.data.eq(xp.codes.as_value())]
+        # the length check a cycle later, on registered copies (the beat's page's blocks per row among them)
+        xl_take, xl_last = Signal(name="xl_take"), Signal(name="xl_last", reset_less=True)
+        xl_count = Signal.like(x_count, name="xl_count", reset_less=True)
+        bpr_now = Signal(bpr_shape, name="xl_bpr", reset_less=True)       # the beat's page's blocks per row - 1
+        m.d.sync += [xl_take.eq(x_take), xl_last.eq(xp.last), xl_count.eq(x_count), bpr_now.eq(bpr_m1[page_now])]
+        m.d.comb += [x_length_late.eq(xl_take & ((xl_count > bpr_now) | (xl_last & (xl_count != bpr_now)))),
+                     error_now.x_length.eq(x_length_late)]
+        with m.If(x_take):
+            m.d.sync += active.eq(page_now)
+            m.d.comb += error_now.x_nan.eq(Cat(self.not_finite(c) for c in xp.codes).any())
+            with m.If(xp.last):
+                m.d.sync += [x_count.eq(0), x_wpage.eq(~x_wpage)]
+            with m.Elif(~x_count[-1]):
+                m.d.sync += x_count.eq(x_count + 1)
+
+        # -- blocks: the counters of tile_order -----------------------------------------------------
+        col = Signal(bpr_shape, name="col")                   # block column of the next block
+        slot = Signal(range(S), name="slot")                  # its row's slot (row - tile base)
+        row = Signal(rows_shape, name="row")
+        tile_base = Signal(rows_shape, name="tile_base")
+        end_taken = Signal(name="end_taken")                  # the pass's last block is taken
+        terms = Signal(name="terms")                          # the tile's residual entries come now
+        # the active page's registers copied every cycle (a cycle late: the flags see a swap two
+        # cycles after its beat, and no block is taken in the two cycles after a swap beat)
+        rows_last = stage_reg(m, 1, "rows_last", rows_m1[active], rows_shape)
+        cols_last = stage_reg(m, 1, "cols_last", bpr_m1[active], bpr_shape)
+        rows_last_m1 = stage_reg(m, 1, "rows_last_m1", rows_m2[active], rows_shape)
+        cols_last_m1 = stage_reg(m, 1, "cols_last_m1", bpr_m2[active], bpr_shape)
+        with_terms = sparse[active]
+        # the counters' comparisons as flags, registers worked out a block ahead (from the counters
+        # and rows - 2, blocks per row - 2) when a block is taken, else from the counters as they are:
+        # no comparison lies between the counters and their next values. A block is taken only two
+        # cycles after a swap beat (``settled``): a swap changes the layer registers the flags use.
+        at_last_row = Signal(name="at_last_row")             # row == rows - 1
+        last_slot = Signal(name="last_slot")                 # slot == tile - 1
+        row_done = Signal(name="row_done")                   # col == blocks per row - 1
+        col_first = Signal(name="col_first", init=1)          # col == 0
+        settled = Signal(name="settled")
+        swap_take, swap_took = Signal(name="swap_take"), Signal(name="swap_took")
+        m.d.comb += swap_take.eq(x_take & xp.swap)
+        m.d.sync += [swap_took.eq(swap_take), settled.eq(~swap_take & ~swap_took)]
+        column_done = last_slot | at_last_row                 # the tile's last row of this column
+        w_take = Signal(name="w_take")
+        # a vector whose blocks may come: the oldest one's, until its last block is taken, then the
+        # next one's if it is loaded (its page is the other: x_rpage flips at that last block)
+        pass_open = Mux(end_taken, x_both, x_loaded) & settled & ~terms & ~self.term_busy
+        m.d.comb += [self.w.ready.eq(self.en & pass_open), w_take.eq(self.w.valid & self.w.ready),
+                     self.offer.eq(self.w.valid & pass_open)]
+        m.d.comb += error_now.w_before_x.eq(self.w.valid & ~x_loaded)
+
+        valid0 = Signal(name="valid0")
+        # stage 0 loads on every enabled edge, a block taken or not (valid0 says which): the enable
+        # is a register, where the take is logic with a hundred loads
+        block0 = stage_reg(m, self.en, "block0", self.w.payload, unsigned(cfg.layout.block_bits))
+        page0 = stage_reg(m, self.en, "page0", active, 1)
+        xpage0 = stage_reg(m, self.en, "xpage0", x_rpage, 1)
+        col0 = stage_reg(m, self.en, "col0", col, bpr_shape)
+        offset0 = stage_reg(m, self.en, "offset0", offset[active], signed(8))
+        # with residual entries a row's last value is its last entry's term, not its last block's
+        tag0 = stage_reg(m, self.en, "tag0", self.tag(slot, col_first, row_done & ~with_terms,
+                                                      column_done & row_done & at_last_row & ~with_terms),
+                         tag_layout(cfg))
+        with m.If(self.en):
+            m.d.sync += valid0.eq(w_take)
+        terms_base = Signal(rows_shape, name="terms_base")    # the tile whose entries come
+        terms_top = Signal(rows_shape, name="terms_top")      # its last row
+        terms_last = Signal(range(S), name="terms_last")      # its last row's slot
+        terms_end = Signal(name="terms_end")                  # it is the pass's last tile
+        terms_rows = Signal(range(S), name="terms_rows")      # its rows whose last entry has come in
+        terms_in = Signal(name="terms_in")                    # its last entry has come in
+        terms_page = Signal(name="terms_page")                # the x page its entries read
+        rows_before_last = row == rows_last_m1               # row + 1 is the last row
+        with m.If(w_take):
+            with m.If(~column_done):
+                m.d.sync += [slot.eq(slot + 1), row.eq(row + 1), last_slot.eq(slot == S - 2),
+                             at_last_row.eq(rows_before_last)]
+            with m.Elif(~row_done):
+                m.d.sync += [slot.eq(0), row.eq(tile_base), col.eq(col + 1), last_slot.eq(0),
+                             at_last_row.eq(tile_base == rows_last), row_done.eq(col == cols_last_m1),
+                             col_first.eq(0)]
+            with m.Elif(~at_last_row):                            # the next tile
+                m.d.sync += [slot.eq(0), row.eq(row + 1), tile_base.eq(row + 1), col.eq(0), last_slot.eq(0),
+                             at_last_row.eq(rows_before_last), row_done.eq(cols_last == 0), col_first.eq(1)]
+            with m.Else():                                        # the pass's last block
+                m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), last_slot.eq(0), x_rpage.eq(~x_rpage),
+                             at_last_row.eq(rows_last == 0), row_done.eq(cols_last == 0), col_first.eq(1)]
+            with m.If(column_done & row_done & with_terms):       # the tile's last block: its entries next
+                m.d.sync += [terms.eq(1), terms_base.eq(tile_base), terms_top.eq(row), terms_last.eq(slot),
+                             terms_end.eq(at_last_row), terms_rows.eq(0), terms_in.eq(0), terms_page.eq(x_rpage)]
+        with m.Else():
+            m.d.sync += [last_slot.eq(slot == S - 1), at_last_row.eq(row == rows_last),
+                         row_done.eq(col == cols_last), col_first.eq(col == 0)]
+
+        # -- residual entries: after each tile's blocks, once the blocks' values are all out ------------
+        # An entry register between ``sparse`` and ``entries``: it takes the tile's entries (while
+        # ``terms``, until the tile's last one is in) and works out their slot, whether they are
+        # outside the tile and whether they are the tile's last on the way in; it hands them on
+        # once the tile's blocks are out (``drained``)
+        sp, ent = self.sparse.payload, self.entries
+        e_valid = Signal(name="entry_valid")
+        e_col = Signal.like(sp.col, name="entry_col", reset_less=True)
+        e_value = Signal.like(sp.value, name="entry_value", reset_less=True)
+        e_last, e_final, e_outside = (Signal(name=f"entry_{n}", reset_less=True) for n in ("last", "final", "outside"))
+        e_slot = Signal(range(S), name="entry_slot", reset_less=True)
+        entry_slot = sp.row - terms_base
+        outside = (sp.row < terms_base) | (sp.row > terms_top) | (sp.col >> (cfg.group - 1).bit_length() > cols_last)
+        final = sp.last & (terms_rows == terms_last)           # the tile's last row's last entry
+        ent_take = Signal(name="entry_take")
+        m.d.comb += [ent.valid.eq(e_valid & self.drained), ent_take.eq(ent.valid & ent.ready),
+                     self.sparse.ready.eq(terms & ~terms_in & (~e_valid | ent_take)),
+                     ent.payload.col.eq(e_col), ent.payload.value.eq(e_value),
+                     ent.payload.tag.eq(self.tag(Mux(e_outside, 0, e_slot), 0, e_last, e_final & terms_end))]
+        terms_done = Signal(name="terms_done")                # the pass's last entry is taken
+        with m.If(self.sparse.ready):             # (loaded taken or not: e_valid says which)
+            m.d.sync += [e_col.eq(sp.col), e_value.eq(sp.value), e_last.eq(sp.last), e_final.eq(final),
+                         e_outside.eq(outside), e_slot.eq(entry_slot[:len(e_slot)])]
+        with m.If(self.sparse.valid & self.sparse.ready):
+            m.d.sync += e_valid.eq(1)
+            with m.If(sp.last):
+                m.d.sync += terms_rows.eq(terms_rows + 1)
+                with m.If(final):
+                    m.d.sync += terms_in.eq(1)
+        with m.Elif(ent_take):
+            m.d.sync += e_valid.eq(0)
+        with m.If(ent_take):
+            m.d.comb += error_now.sparse.eq(e_outside)
+            with m.If(e_final):
+                m.d.sync += [terms.eq(0), terms_done.eq(terms_end)]
+
+        # the pass's last block leaves stage 0, or its last entry the term unit (their x words are read
+        # by then): its x page is free. (A block of the next pass may be taken at that edge: its last
+        # block then sets end_taken again.)
+        freed = (self.en & valid0 & tag0.end) | (terms_done & ~self.term_busy)
+        x_in = x_take & xp.last                               # a vector loaded
+        x_held_next = x_held + x_in - freed
+        m.d.sync += [x_held.eq(x_held_next), x_loaded.eq(x_held_next != 0), x_both.eq(x_held_next == 2)]
+        with m.If(freed):
+            m.d.sync += [end_taken.eq(0), terms_done.eq(0)]
+        with m.If(w_take & column_done & row_done & at_last_row):
+            m.d.sync += end_taken.eq(1)
+
+        m.d.comb += [self.issue.valid.eq(valid0), self.issue.block.eq(block0), self.issue.page.eq(page0),
+                     self.issue.col.eq(col0), self.issue.x_page.eq(xpage0), self.issue.offset.eq(offset0),
+                     self.issue.tag.eq(tag0), self.term_page.eq(terms_page),
+                     self.status.x_loaded.eq(x_loaded), self.status.errors.eq(errors)]
+        return m
+
+    def x_ready(self, x_loaded, x_both, swap):
+        """Whether an x beat may be taken: while an x page is free, and a new layer's first beat
+        (``swap``) only while no vector is loaded (tests override it to inject a bug, or to use one
+        page at a time, the design before)."""
+        return ~x_both & ~(swap & x_loaded)
+
+    def not_finite(self, code):
+        """Whether an activation code is not a finite value (the ``x_nan`` error): E4M3's NaN
+        (S.1111.111; E4M3 has no Inf), BF16's Inf and NaN (an exponent of all ones)."""
+        fmt = self.config.act_format
+        if fmt.specials == "ieee":
+            return code[fmt.mbits:fmt.mbits + fmt.ebits] == (1 << fmt.ebits) - 1
+        return code[:fmt.bits - 1] == (1 << (fmt.bits - 1)) - 1
+
+    def tag(self, slot, first, last, end):
+        """A block's tag (tests override it to inject a bug)."""
+        return Cat(slot, first, last, end)
+
+    @staticmethod
+    def model(rows: int, blocks_per_row: int, tile: int) -> dict[str, np.ndarray]:
+        """Per block in stream order (``golden.dot.tile_order``): ``col``, ``slot``, ``first``, ``last``,
+        ``end``."""
+        order = dot.tile_order(rows, blocks_per_row, tile)
+        row, col = order // blocks_per_row, order % blocks_per_row
+        end = np.zeros(len(order), np.int64)
+        end[-1] = 1
+        return {"col": col, "slot": row % tile, "first": (col == 0).astype(np.int64),
+                "last": (col == blocks_per_row - 1).astype(np.int64), "end": end}
+
