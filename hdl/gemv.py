@@ -204,6 +204,9 @@ VALUE_FIFO_LATENCY = 2
 # -- the engine --------------------------------------------------------------------------------------------------
 
 class GemvEngine(wiring.Component):
+    """The engine of ``config``: ports, host sequence, latency and throughput as the module docstring
+    states; ``model`` is golden.dot.gemv, ``latencies`` the shares of ``latency``."""
+
     def __init__(self, config: GemvConfig, *, sequencer=BlockSequencer, bank=LutBank, mux=CodebookMux,
                  term=None, acc=RowAccumulator):
         # sequencer / bank / mux / term / acc: the component classes used (tests replace them with broken ones)
