@@ -148,7 +148,7 @@ def test_the_e4m3_plans_terms_alone_layer_reaches_subnormal_sums():
     terms' sum alone): sums at many exponents below 28 and FP32 subnormals, and plain and
     saturating ones too; its last 27 rows, ``t + u - t`` against activations of 1.0, cancel to
     sums far below ``t`` (the row accumulator's normalization barrier). The mutation run's
-    residual-term and barrier survivors were killed by it (docs/dot.md)."""
+    residual-term and barrier survivors were killed by it (docs/gemv-mutation.md)."""
     from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_runner import plan_for
 
@@ -171,7 +171,7 @@ def test_the_quick_plans_swap_in_layers_of_one_and_two_x_beats(engine):
     row or two): the bench offers such a layer's first block the cycle after its last beat, inside
     the two cycles in which the sequencer's ``settled`` guard holds blocks back. The small-FPGA
     engine's survivor with that guard stuck open (``swap_take`` tied to 0) was killed by them
-    (docs/dot.md)."""
+    (docs/gemv-mutation.md)."""
     from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_runner import plan_for
 
@@ -209,7 +209,7 @@ def test_the_e4m3_plans_deep_cancel_layer_reaches_the_row_adders_leading_zero_co
     of 19 by a cancellation above exponent 19 and by the barrier at 19, counts beyond 11 at
     ``e'_big = 75``, and every count from 6 to 24 (20 in all) above the barrier. The folded engine's survivors
     there (a leading-zero select at 19, the compare ``e'_big == 11`` with one bit stuck, which
-    also holds at 75) were killed by it (docs/dot.md)."""
+    also holds at 75) were killed by it (docs/gemv-mutation.md)."""
     from sop.golden.dot import FORMATS
 
     layer = _quick_corners()["deep-cancel"]
