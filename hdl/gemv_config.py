@@ -52,7 +52,7 @@ class GemvConfig:
     products a cycle: ``dot_lanes`` 0 builds ``BlockDot`` (``g`` a cycle, a block a cycle), ``P < g``
     builds ``BlockDotFolded`` (hdl.block_dot_folded: a block every ``g / P`` cycles, with ``dot_tail``
     ``"pipelined"`` or ``"serial"``; E4M3 activations), for FPGAs too small for ``g`` lanes: the front
-    end then folds too (module docstring). ``acc_adder``: the row accumulator's FP32 adder,
+    end then folds too (hdl.gemv, "Folded"). ``acc_adder``: the row accumulator's FP32 adder,
     ``"full"`` (16 stages, ``tile`` >= 17) or ``"compact"`` (3 stages, ``tile`` >= 4; hdl.fp32_acc).
     ``sparse`` False builds no residual path (no term unit; a layer written with ``sparse`` set is the
     ``layer`` error and its entries are never taken): for the smallest FPGAs."""

@@ -72,6 +72,8 @@ class ResidualTerm(wiring.Component):
     ``tag``), ``busy`` (out, a register: an entry or a term is inside, or was a cycle ago). ``model`` is
     golden.dot.residual_terms' rounding."""
 
+    ACT = "e4m3"        #: the activation format the unit is built for (``model`` decodes it)
+
     def __init__(self, config: GemvConfig):
         self.config = config
         self.multiplier = PipelinedMultiplier(BF16.mbits + 1, config.act_format.mbits + 1)
@@ -182,11 +184,12 @@ class ResidualTerm(wiring.Component):
         """The product's sign (tests override it to inject a bug)."""
         return rho_sign ^ x_sign
 
-    @staticmethod
-    def model(rho_bf16, x_codes) -> np.ndarray:
-        """The terms (binary32 patterns) of BF16 values ``rho_bf16`` times E4M3 codes ``x_codes``."""
+    @classmethod
+    def model(cls, rho_bf16, x_codes) -> np.ndarray:
+        """The terms (binary32 patterns) of BF16 values ``rho_bf16`` times codes ``x_codes`` of the
+        unit's activation format (``ACT``)."""
         rho = BF16.decode(np.asarray(rho_bf16, np.int64))
-        x = dot.ACT_FORMATS["e4m3"].decode(np.asarray(x_codes, np.int64))
+        x = dot.ACT_FORMATS[cls.ACT].decode(np.asarray(x_codes, np.int64))
         return to_float32(rho * x).view(np.uint32)
 
 
@@ -223,6 +226,8 @@ class ResidualTermBF16(ResidualTerm):
     LUT multiplier); 9 ``lz`` and ``tz``; 10 ``E``, the shift ``s`` (clamped to 0 .. 63) and the sticky
     bit; 11-12 the subnormal shift (3 bits of ``s`` a stage) beside the normal candidate; 13 the
     rounding increment and the conditions; 14 the binary32 pattern."""
+
+    ACT = "bf16"
 
     def __init__(self, config: GemvConfig):
         super().__init__(config)
@@ -284,13 +289,6 @@ class ResidualTermBF16(ResidualTerm):
     def round_up(round_bit, sticky, lsb):
         """To nearest, ties to even (tests override it to inject a bug)."""
         return round_bit & (sticky | lsb)
-
-    @staticmethod
-    def model(rho_bf16, x_codes) -> np.ndarray:
-        """The terms (binary32 patterns) of BF16 values ``rho_bf16`` times BF16 codes ``x_codes``."""
-        rho = BF16.decode(np.asarray(rho_bf16, np.int64))
-        x = BF16.decode(np.asarray(x_codes, np.int64))
-        return to_float32(rho * x).view(np.uint32)
 
 
 def residual_term_class(config: GemvConfig) -> type[ResidualTerm]:

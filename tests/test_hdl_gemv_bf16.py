@@ -147,6 +147,7 @@ def test_bf16_term_unit_bit_exact(pairs):
     exact = BF16.decode(rho) * BF16.decode(xc)
     rounded = (want.view(np.float32).astype(np.float64) != exact) & (np.abs(exact) < TINY)
     assert rounded.sum() > 100
+    np.testing.assert_array_equal(ResidualTermBF16.model(rho, xc), want)     # the unit's model is golden's
     got = run_terms(ResidualTermBF16(config()), rho, xc)
     bad = np.nonzero(got != want)[0]
     assert len(got) == len(want) and not len(bad), [(hex(rho[i]), hex(xc[i]), hex(got[i]), hex(want[i]))
