@@ -1,6 +1,6 @@
 """Checkpoint files checked before any library reads them: the one clean error per damaged file.
 
-Role: the structure checks behind quantize/models.py's readers. Each ``check_*``
+Role: the structure checks behind the readers of quantize/tensor_readers.py. Each ``check_*``
 function reads a file's headers only (never the whole file, never allocating what
 a damaged length field claims) and raises ``CheckpointError`` (a ``ValueError``
 whose one-line message is ``<file>: <what is wrong>``) for anything the format
@@ -173,7 +173,7 @@ TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, struct.erro
 def check_torch_zip(f: Path, size: int) -> set:
     """The zip container of a torch checkpoint: central directory, local headers, stored members in bounds.
 
-    Returns the (size, CRC-32) of every tensor-data member, for ``_TorchReader.get`` to check.
+    Returns the (size, CRC-32) of every tensor-data member, for ``tensor_readers.TorchReader.get`` to check.
     """
     crcs = set()
     try:

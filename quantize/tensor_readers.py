@@ -1,0 +1,316 @@
+"""Tensor readers: a checkpoint file's tensor names, shapes and types, and one tensor at a time.
+
+Role: the file-format side of model input (quantize/models.py's ``open_model`` picks a reader by
+the checkpoint's kind, ``READERS``, and applies the layer policy to what it lists). One reader per
+format: safetensors (``SafetensorsReader``, MiniLM's too), torch state dicts (``TorchReader``:
+zip or legacy pickle, loaded with ``weights_only=True``, nested dicts flattened with dots) and
+GGUF (``GGUFReader``: quantized tensors dequantized to float32).
+
+Contract, the same for every reader, built from a list of files:
+
+* ``names()``: every tensor's name; ``info(name)``: ``(shape, dtype name, is floating point)``;
+  ``file_of(name)``: the file that holds it;
+* ``check(name)``: raises ``CheckpointError`` for a selected layer the quantizer cannot read
+  (sparse, meta, zero-size, a GGUF type the gguf package cannot dequantize), before any work;
+* ``get(name)``: the tensor as a numpy array, as the file stores it (``open_model``'s
+  ``ModelSource.load`` makes it float64 and ``(out, in)``);
+* GGUF only: ``quantized(name)`` (its quantization type, or None) and ``field(key)`` (a metadata
+  value).
+
+Each reader validates its files' structure when it opens them (quantize/checkpoint_files.py:
+headers only, never the whole file) and translates the exceptions its library raises on damaged
+input, type by type, into ``CheckpointError``, whose message starts with the file at fault.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from sop.quantize.checkpoint_files import (GGUF_ERRORS, GGUF_MAGIC, ST_NUMPY, ST_TORCH, TORCH_LOAD_ERRORS,
+                                           ZIP_MAGIC, CheckpointError, check_file, check_gguf,
+                                           check_layer_size, check_safetensors, check_torch_legacy,
+                                           check_torch_zip, describe_error, read_at)
+
+class Reader:
+    """What every reader shares: ``where`` (each tensor's name, in the files' order, to its file)."""
+
+    where: dict[str, Path]
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def file_of(self, name) -> Path:
+        return self.where[name]
+
+
+class SafetensorsReader(Reader):
+    def __init__(self, files: list[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self.files = files
+        self.where: dict[str, Path] = {}
+        self.meta: dict[str, tuple[tuple, str]] = {}
+        for f in files:
+            check_safetensors(f, check_file(f))
+            try:
+                with safe_open(str(f), framework="np") as h:
+                    for k in h.keys():
+                        if k in self.where:
+                            raise CheckpointError(f, f"tensor {k} is also in {self.where[k]}")
+                        sl = h.get_slice(k)
+                        self.where[k] = f
+                        self.meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+            except SafetensorError as err:
+                raise CheckpointError(f, f"not a valid safetensors file ({describe_error(err)})") from None
+            except OSError as err:
+                raise CheckpointError(f, f"cannot be read ({err.strerror or describe_error(err)})") from None
+
+    def info(self, name):
+        shape, dtype = self.meta[name]
+        return shape, dtype, dtype.startswith(("F", "BF"))
+
+    def check(self, name) -> None:
+        shape, dtype = self.meta[name]
+        if dtype not in ST_NUMPY + ST_TORCH:
+            raise CheckpointError(self.where[name], f"layer {name} has dtype {dtype}, which is not read "
+                                                    f"(F16, F32, F64, BF16, F8_E4M3, F8_E5M2 are); "
+                                                    f"--exclude it")
+        check_layer_size(self.where[name], name, shape)
+
+    def get(self, name) -> np.ndarray:
+        from safetensors import SafetensorError, safe_open
+
+        _, dtype = self.meta[name]
+        f = self.where[name]
+        try:
+            if dtype in ST_NUMPY:
+                with safe_open(str(f), framework="np") as h:
+                    return h.get_tensor(name)
+            with safe_open(str(f), framework="pt") as h:      # BF16, FP8: numpy has no type
+                return h.get_tensor(name).float().numpy()
+        except SafetensorError as err:
+            raise CheckpointError(f, f"tensor {name} cannot be read ({describe_error(err)}); was the file changed "
+                                     f"since it was opened?") from None
+        except OSError as err:
+            raise CheckpointError(f, f"tensor {name} cannot be read ({err.strerror or describe_error(err)})") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    import torch
+
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, torch.Tensor):
+            out[key] = v
+    return out
+
+
+def _torch_problem(t) -> str | None:
+    """Why a torch tensor cannot be read as a dense floating-point matrix, or None."""
+    import torch
+
+    if t.layout != torch.strided:
+        return f"is sparse ({str(t.layout).removeprefix('torch.')}); only dense tensors are read"
+    if t.is_meta:
+        return "has no data (a meta tensor)"
+    if t.is_quantized:
+        return f"is a quantized torch tensor ({str(t.dtype).removeprefix('torch.')}); only dense " \
+               f"floating-point tensors are read"
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn,
+                       torch.float8_e5m2):
+        return f"has dtype {str(t.dtype).removeprefix('torch.')}, which is not read"
+    return None
+
+
+class TorchReader(Reader):
+    def __init__(self, files: list[Path]):
+        import torch
+
+        self.files = files
+        self.tensors = {}
+        self.where: dict[str, Path] = {}
+        self.crcs: dict[Path, set] = {}          # zip checkpoints: (size, CRC-32) of each data member
+        self.verified: set = set()               # storages whose CRC matched
+        for f in files:
+            size = check_file(f)
+            is_zip = read_at(f, 0, 4) == ZIP_MAGIC
+            if is_zip:
+                self.crcs[f] = check_torch_zip(f, size)
+            else:
+                check_torch_legacy(f, size)
+            try:
+                with warnings.catch_warnings():      # torch's notes on a damaged file's pickle protocol
+                    warnings.simplefilter("ignore", UserWarning)
+                    sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=is_zip)
+            except pickle.UnpicklingError as err:
+                if "Weights only load failed" in str(err):
+                    raise CheckpointError(f, f"refused by torch.load(weights_only=True), which loads tensors "
+                                             f"only: {describe_error(err)}") from None
+                raise CheckpointError(f, self._damaged(f, is_zip, err)) from None
+            except TORCH_LOAD_ERRORS as err:
+                raise CheckpointError(f, self._damaged(f, is_zip, err)) from None
+            except OSError as err:
+                raise CheckpointError(f, f"cannot be read ({err.strerror or describe_error(err)})") from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f, f"not a state dict (a {type(sd).__name__})")
+            for key in ("state_dict", "model"):
+                if key in sd and isinstance(sd[key], dict) and len(sd) == 1:
+                    sd = sd[key]
+            for k, v in _flatten(sd).items():
+                if k in self.where:
+                    raise CheckpointError(f, f"tensor {k} is also in {self.where[k]}")
+                self.tensors[k], self.where[k] = v, f
+
+    @staticmethod
+    def _damaged(f: Path, is_zip: bool, err: BaseException) -> str:
+        if is_zip:
+            return f"corrupt torch zip checkpoint ({describe_error(err)})"
+        if read_at(f, 0, 1) == b"\x80":
+            return f"corrupt or truncated torch checkpoint, legacy pickle format ({describe_error(err)})"
+        return f"not a torch checkpoint: neither a zip archive nor a pickle ({describe_error(err)})"
+
+    def info(self, name):
+        import torch
+
+        t = self.tensors[name]
+        is_float = t.is_floating_point() or t.is_quantized or t.layout != torch.strided or t.is_meta
+        return tuple(t.shape), str(t.dtype).removeprefix("torch."), is_float
+
+    def check(self, name) -> None:
+        t = self.tensors[name]
+        why = _torch_problem(t)
+        if why is not None:
+            raise CheckpointError(self.where[name], f"layer {name} {why}")
+        check_layer_size(self.where[name], name, tuple(t.shape))
+
+    def get(self, name) -> np.ndarray:
+        t = self.tensors[name]
+        f = self.where[name]
+        if f in self.crcs:
+            self._verify(name, t, f)
+        return t.detach().float().numpy()
+
+    def _verify(self, name, t, f: Path) -> None:
+        """The tensor's storage against the zip's CRC-32 of its member (torch's memory map checks none).
+
+        A member written without a CRC (``torch.serialization.set_crc32_options(False)``: 0) is not checked.
+        """
+        import torch
+
+        s = t.untyped_storage()
+        key = (f, s.data_ptr(), s.nbytes())
+        if key in self.verified:
+            return
+        crc = zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(s).numpy())
+        if not {(s.nbytes(), crc), (s.nbytes(), 0)} & self.crcs[f]:
+            raise CheckpointError(f, f"tensor {name}: its data fails the zip archive's CRC-32 check (corrupted)")
+        self.verified.add(key)
+
+
+class GGUFReader(Reader):
+    PLAIN = ("F32", "F16", "F64")
+    INTS = ("I8", "I16", "I32", "I64")
+
+    def __init__(self, files: list[Path]):
+        try:
+            import gguf
+        except ModuleNotFoundError:
+            raise ValueError("reading GGUF needs the `gguf` package (pip install gguf)") from None
+        self.files = files
+        self.tensors = {}
+        self.where: dict[str, Path] = {}
+        self.fields: dict[str, object] = {}      # the first file's metadata: architecture, tokenizer
+        for f in files:
+            size = check_file(f)
+            if read_at(f, 0, 4) != GGUF_MAGIC:
+                raise CheckpointError(f, "not a GGUF file (it does not start with the GGUF magic)")
+            check_gguf(f, size)
+            try:
+                r = gguf.GGUFReader(str(f))
+            except GGUF_ERRORS as err:
+                raise CheckpointError(f, f"corrupt or truncated GGUF file ({describe_error(err)})") from None
+            except OSError as err:
+                raise CheckpointError(f, f"cannot be read ({err.strerror or describe_error(err)})") from None
+            spans = []
+            for t in r.tensors:
+                start, n = int(t.data_offset), int(t.n_bytes)
+                if (start - r.data_offset) % int(r.alignment):
+                    raise CheckpointError(f, f"tensor {t.name}: data offset {start - r.data_offset} is not a "
+                                             f"multiple of the alignment {int(r.alignment)}")
+                if start + n > size:
+                    raise CheckpointError(f, f"truncated: tensor {t.name}'s data ends at byte {start + n}, "
+                                             f"the file has {size}")
+                spans.append((start, start + n, t.name))
+            spans.sort()
+            for (_, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+                if s1 < e0:
+                    raise CheckpointError(f, f"tensor {n1}'s data overlaps tensor {n0}'s")
+            align = int(r.alignment)
+            end = -(-max([e for _, e, _ in spans] + [int(r.data_offset)]) // align) * align
+            if size > end:                       # the last tensor is padded to the alignment, no more
+                raise CheckpointError(f, f"{size - end} bytes follow the last tensor's data: corrupted")
+            for t in r.tensors:
+                if t.name in self.where:
+                    raise CheckpointError(f, f"tensor {t.name} is also in {self.where[t.name]}")
+                self.tensors[t.name], self.where[t.name] = t, f
+            if not self.fields:
+                self.fields = r.fields
+
+    def field(self, key: str):
+        """A scalar metadata value (str or number), or None when the file has none."""
+        fl = self.fields.get(key)
+        if fl is None or not fl.data:
+            return None
+        try:
+            part = fl.parts[fl.data[0]]
+            if fl.types and fl.types[0].name == "STRING":
+                return bytes(part).decode("utf-8", "replace")
+            return part.tolist()[0] if hasattr(part, "tolist") else part
+        except (IndexError, ValueError, TypeError, AttributeError):
+            return None
+
+    def quantized(self, name: str) -> str | None:
+        """The GGUF type of a tensor stored quantized (Q4_1, Q8_0, ...), None for a float type."""
+        kind = self.tensors[name].tensor_type.name
+        return None if kind in self.PLAIN or kind == "BF16" else kind
+
+    def info(self, name):
+        t = self.tensors[name]
+        return tuple(reversed([int(d) for d in t.shape])), t.tensor_type.name, t.tensor_type.name not in self.INTS
+
+    def check(self, name) -> None:
+        from gguf import quants
+
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        traits = getattr(quants, "_type_traits", None)      # the types gguf can dequantize
+        if kind not in self.PLAIN and kind != "BF16" and traits is not None and t.tensor_type not in traits:
+            raise CheckpointError(self.where[name], f"layer {name} has GGUF type {kind}, which the gguf "
+                                                    f"package cannot dequantize; --exclude it")
+        check_layer_size(self.where[name], name, self.info(name)[0])
+
+    def get(self, name) -> np.ndarray:
+        from gguf import quants
+
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        if kind in self.PLAIN:
+            return np.asarray(t.data)
+        try:                                     # quantized (or BF16): ModelSource.notes says so, once
+            return quants.dequantize(t.data, t.tensor_type).reshape(self.info(name)[0])
+        except NotImplementedError:
+            raise CheckpointError(self.where[name], f"layer {name} has GGUF type {kind}, which the gguf "
+                                                    f"package cannot dequantize; --exclude it") from None
+
+
+#: The reader of each checkpoint kind (quantize/models.py's ``_resolve``).
+READERS = {"minilm": SafetensorsReader, "safetensors": SafetensorsReader, "torch": TorchReader,
+           "gguf": GGUFReader}
