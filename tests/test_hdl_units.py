@@ -639,9 +639,9 @@ def test_lanes_against_model(output, layout, lanes, lutram_depth, pipeline):
 def test_only_the_shallow_bank_states_its_no_collision_contract():
     """The shallow pipeline's table memories carry yosys's ``no_rw_check`` (hdl/lut_bank.py: no
     read-during-write logic around each RAM); the deep build's Verilog has none, as before."""
-    for pipeline, marked in (("deep", False), ("shallow", True)):
-        text = verilog.convert(Lanes(config("bf16", "sop4-g16", 2, pipeline=pipeline)), name="lanes")
-        assert ("no_rw_check" in text) == marked, pipeline
+    for kind, marked in (("deep", False), ("shallow", True)):
+        text = verilog.convert(Lanes(config("bf16", "sop4-g16", 2, pipeline=kind)), name="lanes")
+        assert ("no_rw_check" in text) == marked, kind
 
 
 def test_lanes_check_catches_a_flipped_lut_bit():

@@ -28,7 +28,7 @@ from sop.golden.formats import get_format, round_to_table, table_midpoints
 from sop.golden.points import get_point
 from sop.quantize import baselines as B
 from sop.quantize import blockwise
-from sop.quantize.blockwise import BankEvaluator, bank_offset, block_reduce, encode, fast_table, prepare
+from sop.quantize.blockwise import BankEvaluator, bank_offset, block_reduce, fast_table, prepare
 from sop.quantize.sop_search import StreamSums, _Source, quantize_fp6, quantize_sop4, score_pairs
 
 
