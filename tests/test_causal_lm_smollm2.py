@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_our_gguf_path_gives_transformers_own_logits():
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto import AutoModelForCausalLM
 
     src = open_model(SMOLLM2)
     runner = L.load(src)

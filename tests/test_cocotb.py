@@ -53,12 +53,14 @@ def plan_blocks(summary: dict, build_dir, cfg) -> tuple[int, stimulus.Coverage, 
     return values, cov, corners
 
 
+# Verilator here on the 1-lane decoder with the residual path; without it, tests/test_mutate.py's
+# tiny run passes its regression (the mutation flow's tiny plan) on sop4-g16-x1 in Verilator twice,
+# and `make sim SIM=verilator` runs every configuration's quick and full plans.
 @pytest.mark.parametrize("cfg,sim", [
     (CONFIGS["sop4-g16"], "icarus"), (CONFIGS["e2m3-ue4m4-g16"], "icarus"),
-    (CONFIGS["sop4-g16-x1"], "verilator"), (dataclasses.replace(CONFIGS["sop4-g16"], lutram_depth=16), "icarus"),
+    (dataclasses.replace(CONFIGS["sop4-g16"], lutram_depth=16), "icarus"),
     (ADHOC, "icarus"), (SPARSE["sop4-g16-sp"], "icarus"), (SPARSE["sop4-g16-x1-sp"], "verilator")],
-    ids=["sop4-g16", "e2m3-ue4m4-g16", "sop4-g16-x1-verilator", "sop4-g16-lutram16", "adhoc", "sop4-g16-sp",
-         "sop4-g16-x1-sp-verilator"])
+    ids=["sop4-g16", "e2m3-ue4m4-g16", "sop4-g16-lutram16", "adhoc", "sop4-g16-sp", "sop4-g16-x1-sp-verilator"])
 def test_regression_quick(cfg, sim, tmp_path):
     # A fixed seed reproduces a run; the checks below hold for any seed (`make sim` draws one each run).
     build = tmp_path / "build"
