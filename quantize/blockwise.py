@@ -27,7 +27,7 @@ Its arithmetic, fixed to the bit: per candidate ``q_j`` (the product), the error
 ``block_sum(((w_j - q_j) * (w_j - q_j)) * a_j)`` in float64, and the chosen candidate's
 ``qq = block_sum((q_j * q_j) * a_j)``, where ``block_sum`` adds a block's g terms in the fixed
 order ``np.sum`` takes over a contiguous axis of g (numpy's pairwise summation), written out as
-additions of slices. Nothing is summed by BLAS (whose order is its kernel's, which depends on
+additions of slices (quantize/block_sum.py). Nothing is summed by BLAS (whose order is its kernel's, which depends on
 the CPU and the number of rows) or by a library reduction: numpy and torch on any device
 (``--device``, quantize/device.py) perform the same additions, so every device gives the same
 bits, and a block's result does not depend on the chunk it is evaluated in.
@@ -36,7 +36,7 @@ The per-layer power-of-two offset is the smallest that lets the largest block
 fit under the scale format's maximum (over every bank and sign). Width must be a
 multiple of the block size; NaN/Inf weights are refused.
 
-Speed (the inner loop of the whole quantizer): ``FastTable`` replaces
+Speed (the inner loop of the whole quantizer): ``FastTable`` (quantize/fast_table.py) replaces
 ``Codebook.encode``'s binary search by a look-up on a uniform grid fine enough
 that every decision midpoint of the table is a grid point, so a weight's cell
 decides its code except exactly on a midpoint (a tie) or on zero (the sign of
@@ -46,7 +46,7 @@ coordinate ``w / s`` is the float32 quotient, redone in float64 only where it is
 an integer (``FastTable.cells_div`` has the proof). The candidate search works on row chunks
 of about ``EVAL_WEIGHTS`` candidate weights with each block's g terms on a leading axis
 (``Prepared.transposed``: the sums are whole-array additions, every per-block factor broadcasts
-along a contiguous axis), in reused work arrays (``_scratch``), with ``qq`` formed for the
+along a contiguous axis), in reused work arrays (``fast_table.work_array``), with ``qq`` formed for the
 chosen candidate only; on ``THREADS`` threads (default one). The per-bank evaluation (``evaluate_bank``) is
 reusable: a two-bank encode is the per-block minimum of two one-bank evaluations, which is what
 lets the SOP pair search score every pair at the cost of one evaluation per codebook.
@@ -55,7 +55,6 @@ lets the SOP pair search score every pair at the cost of one evaluation per code
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -65,10 +64,11 @@ from functools import lru_cache
 import numpy as np
 
 from sop.golden.codebooks import Codebook
-from sop.golden.formats import check_no_nan, table_midpoints
 from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, pack_blocks
 
 from . import device
+from .block_sum import block_sum, halved_sum, sum_order
+from .fast_table import fast_table, work_array
 
 #: Weights per chunk: temporaries of this size (512 KB in float64) stay in L2.
 CHUNK_WEIGHTS = 1 << 16
@@ -89,8 +89,6 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 #: float32 quotients' cells (BankEvaluator.chunk), of the chunk last evaluated.
 _cells_memo = threading.local()
 _tokens = itertools.count()
-#: Largest fast-path grid (entries per look-up table); finer tables use Codebook.encode.
-_MAX_GRID = 1 << 20
 
 
 def float_weights(w) -> np.ndarray:
@@ -114,93 +112,6 @@ def block_reduce(m: np.ndarray, op=np.maximum) -> np.ndarray:
     return m[..., 0]
 
 
-def _part(x, axis: int, index):
-    at = [slice(None)] * x.ndim
-    at[axis] = index
-    return x[tuple(at)]
-
-
-def _pairwise(x, axis: int, lo: int, n: int):
-    """numpy's pairwise summation (``pairwise_sum`` in its loops) of ``x[lo:lo + n]`` along ``axis``:
-    below 8 terms one after the other; up to 128, eight running sums of every eighth term, added
-    as ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the rest one by one; above 128, the
-    two halves (the first a multiple of 8) summed so and added."""
-    if n < 8:
-        res = _part(x, axis, lo)
-        for i in range(lo + 1, lo + n):
-            res = res + _part(x, axis, i)
-        return res
-    if n <= 128:
-        r = _part(x, axis, slice(lo, lo + 8))             # the 8 running sums, side by side
-        i = 8
-        while i < n - n % 8:
-            r = r + _part(x, axis, slice(lo + i, lo + i + 8))
-            i += 8
-        r = _part(r, axis, slice(0, 8, 2)) + _part(r, axis, slice(1, 8, 2))
-        r = _part(r, axis, slice(0, 4, 2)) + _part(r, axis, slice(1, 4, 2))
-        res = _part(r, axis, 0) + _part(r, axis, 1)
-        for i in range(lo + n - n % 8, lo + n):
-            res = res + _part(x, axis, i)
-        return res
-    n2 = n // 2
-    n2 -= n2 % 8
-    return _pairwise(x, axis, lo, n2) + _pairwise(x, axis, lo + n2, n - n2)
-
-
-def block_sum(x, axis: int = -1):
-    """The sum over ``axis`` of a float64 array with the bits of ``np.sum`` over that axis laid
-    out last and contiguous (``np.ascontiguousarray(np.moveaxis(x, axis, -1)).sum(-1)``; numpy
-    adds a non-contiguous axis in another order), as a fixed sequence of elementwise additions of
-    slices (numpy's pairwise order, ``_pairwise``, then ``0.0 +``, which only turns a sum of -0s
-    into +0), on numpy arrays and torch tensors alike.
-
-    Every per-block sum of the quantizer's search is this one: an order fixed by the block size
-    alone, which numpy, torch on the CPU and torch on CUDA all follow (IEEE additions, no library
-    choosing the order). A matrix-vector product (BLAS) sums in an order of its own kernel's,
-    which depends on the CPU and the number of rows; ``np.sum`` over a short last axis costs about
-    five elementwise passes, these slices about two where the axis is not the last."""
-    axis = axis % x.ndim
-    n = x.shape[axis]
-    if n == 0:
-        raise ValueError("block_sum of an empty axis")
-    return _pairwise(x, axis, 0, n) + 0.0
-
-
-@lru_cache(maxsize=16)
-def sum_order(g: int) -> np.ndarray | None:
-    """The order to lay a block's g terms out in so that ``block_sum`` becomes halvings of
-    contiguous slices (``halved_sum``), for g a multiple of 8 up to 128; None for other g.
-
-    numpy's pairwise sum of g terms adds them into 8 running sums ``r_i`` (every eighth term, in
-    turn), then ``((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))``. With each group of 8 laid
-    out as terms 0, 4, 2, 6, 1, 5, 3, 7, the running sums come out in that order, and each level
-    of the tree adds the first half to the second: (r0 + r1, r4 + r5, r2 + r3, r6 + r7), then
-    ((r0 + r1) + (r2 + r3), (r4 + r5) + (r6 + r7)), then their sum. The same additions, every one
-    a single elementwise call on contiguous data (the strided pairs of ``block_sum`` cost several
-    times more per element)."""
-    if g % 8 or not 8 <= g <= 128:
-        return None
-    order = np.concatenate([base + np.array([0, 4, 2, 6, 1, 5, 3, 7]) for base in range(0, g, 8)])
-    order.flags.writeable = False
-    return order
-
-
-def halved_sum(x: np.ndarray, axis: int) -> np.ndarray:
-    """``block_sum(x, axis)`` of terms laid out in ``sum_order(g)``, bit for bit (g = x.shape[axis])."""
-    if axis < 0 or axis > 1:
-        x, axis = np.moveaxis(x, axis, 0) if isinstance(x, np.ndarray) else x.movedim(axis, 0), 0
-    y = x if axis == 0 else x.swapaxes(0, 1)                # a view: the terms on the first axis
-    g = y.shape[0]
-    r = y[0:8]
-    for i in range(8, g, 8):                                # the running sums, group by group
-        r = r + y[i:i + 8]
-    r = r[:4] + r[4:]
-    r = r[:2] + r[2:]
-    r = r[0] + r[1]
-    r += 0.0
-    return r
-
-
 def _rows_memo(prep, sl) -> dict:
     """This thread's memo of rows ``sl`` of ``prep`` (emptied when other rows are asked for)."""
     rows = (prep.token, sl.start, sl.stop)
@@ -209,20 +120,6 @@ def _rows_memo(prep, sl) -> dict:
         memo = (rows, {})
         _cells_memo.chunk = memo
     return memo[1]
-
-
-def _scratch(name, shape: tuple, dtype) -> np.ndarray:
-    """This thread's work array ``name`` of that shape and dtype, reused from call to call (a
-    fresh array of a megabyte costs about as much as a pass over it): a view of the front of a
-    buffer that only grows; its contents are whatever the last user left."""
-    bufs = getattr(_cells_memo, "scratch", None)
-    if bufs is None:
-        bufs = _cells_memo.scratch = {}
-    size = math.prod(shape)
-    buf = bufs.get(name)
-    if buf is None or buf.size < size or buf.dtype != dtype:
-        buf = bufs[name] = np.empty(size, dtype=dtype)
-    return buf[:size].reshape(shape)
 
 
 @lru_cache(maxsize=8)
@@ -305,184 +202,6 @@ def run_chunks(fn, chunks: list) -> None:
         _pool = (os.getpid(), ThreadPoolExecutor(THREADS, thread_name_prefix="sop-encode"))
     for _ in _pool[1].map(fn, chunks):   # re-raises a worker's exception here
         pass
-
-
-# -- exact fast nearest-entry look-up ------------------------------------------------------
-
-class FastTable:
-    """Nearest entry of a codebook by grid look-up; codes identical to ``Codebook.encode``.
-
-    An acceleration of golden's rule, not a second rule: every code it returns was
-    computed by ``Codebook.encode`` (``golden.formats.round_to_table``). Why that is
-    exact: golden compares ``x`` with the exact midpoints ``m`` between neighbouring
-    distinct table values ``u``, so every ``x`` strictly between two neighbouring
-    midpoints gets the one entry between them, and ``x`` on a midpoint is a tie. Where
-    every midpoint is a float64 (``table_midpoints``: HIF values have few significant
-    bits), ``p`` is the smallest power of two with every ``m * 2^p`` an integer
-    (``p`` <= 11 for the default HIF). Then ``t = x * 2^p`` is exact (scaling up by a
-    power of two; an overflow to ±Inf saturates like ``x`` would), every midpoint is a
-    grid point, and the half-open cell ``[k, k + 1) / 2^p`` contains a midpoint only at
-    its left edge. So every ``x`` of a cell other than its left edge has one nearest
-    entry, that of the cell's centre, which the table stores (computed by
-    ``Codebook.encode``). Where ``t == k`` exactly and ``k`` is a midpoint (a tie) or
-    ``x`` is zero (whose code depends on its sign), ``Codebook.encode`` decides. Cells
-    beyond both ends hold the end entries, which is saturation. No other input needs
-    golden: the grid never meets a rounded comparison (tests/test_exactness.py checks
-    this against an exact rational reference, tables without a zero entry included).
-    """
-
-    def __init__(self, cb: Codebook):
-        self.cb = cb
-        self.values_table = cb.values
-        u = np.unique(cb.values)
-        mids, _, self.exact = table_midpoints(u)
-        self.exact = self.exact and len(mids) > 0
-        p = 0
-        while self.exact and p <= 40 and not np.all(np.floor(mids * 2.0 ** p) == mids * 2.0 ** p):
-            p += 1
-        span = int(np.ceil(np.abs(u).max() * 2.0 ** p)) + 2 if len(u) else 2
-        self.mul = 1.0
-        if not self.exact or p > 40 or 2 * span > _MAX_GRID:
-            self.exact = False                      # fall back to Codebook.encode
-            return
-        self.p, self.K = p, span
-        self.mul = 2.0 ** p
-        cells = np.arange(-span, span, dtype=np.float64)        # cell k covers [k, k+1) / 2^p
-        centres = (cells + 0.5) / self.mul
-        self.lut_codes = cb.encode(centres).astype(np.uint8 if cb.bits <= 8 else np.uint16)
-        self.lut_values = cb.values[self.lut_codes]
-        # at cell k (index k + K) the value of cell -k - 1 (index K - 1 - k): that of -t
-        self.lut_values_mirror = self.lut_values[::-1].copy()
-        grid = cells / self.mul
-        self.on_mid = np.isin(grid, mids)                        # cells whose left edge is a tie
-
-    def _cells(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(cell index into the look-up tables, flat positions where t = x * 2^p is an integer)."""
-        f = np.floor(t)
-        hits = np.flatnonzero(t == f)
-        f += self.K
-        np.maximum(f, 0, out=f)                     # saturation; np.clip is 5x slower here
-        np.minimum(f, 2 * self.K - 1, out=f)
-        # intp, not int32: numpy's gather converts any other index type first (3x slower)
-        return f.astype(np.intp), hits
-
-    def values_t(self, t: np.ndarray) -> np.ndarray:
-        """``values(t / 2^p)``: callers fold the power of two into their division (exact)."""
-        if not self.exact:
-            return self.values_table[self.cb.encode(t / self.mul)]
-        j, hits = self._cells(t)
-        v = self.lut_values[j]
-        fix = hits[self.on_mid[j.reshape(-1)[hits]]] if hits.size else hits
-        if fix.size:
-            v.reshape(-1)[fix] = self.values_table[self.cb.encode(t.reshape(-1)[fix] / self.mul)]
-        return v
-
-    def cells_div(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray,
-                  out: np.ndarray | None = None) -> tuple:
-        """The grid cells of the quotients ``w / d`` (``w`` and ``d`` broadcast against each
-        other) from their float32 copies, for a float32 or float16 ``w`` and divisors that are
-        all exactly float32 (``d32``, shaped as ``d``): ``(j, again, t64)``, ``j`` the index into
-        ``lut_values`` of each quotient's cell, ``again`` the flat positions whose float32
-        quotient is an integer and ``t64`` their float64 quotients, which ``values_t`` decides
-        (``j`` written into ``out`` if given).
-
-        Why the float32 quotient decides the cell of every other one: the exact quotient
-        ``q``, its float64 ``t64`` and its float32 ``t32`` are correctly rounded copies of one
-        real number. If ``t32`` is not an integer, no integer lies between ``q`` and ``t32``
-        (an integer below 2^24 is a float32 nearer to ``q``, and from 2^24 up every float32
-        is an integer), nor between ``q`` and ``t64``, and ``q`` is none: all three have one
-        floor, and neither quotient is a grid point. Every ``t32`` that is an integer (zero
-        and underflows among them) is computed again in float64. Beyond the grid
-        (``|t32| > K - 1/2``, Inf included) ``q`` and ``t64`` are too (rounding is monotone and
-        ``K - 1/2`` is a float32), so both take the end cell."""
-        shape = np.broadcast_shapes(np.shape(w), np.shape(d32))
-        t = _scratch("t32", shape, np.float32)
-        with np.errstate(over="ignore"):            # beyond FLT_MAX: Inf, which saturates
-            np.divide(w, d32, out=t, dtype=np.float32)
-        # saturate to the end cells at half-integers, which the integer test cannot flag
-        np.clip(t, 0.5 - self.K, self.K - 0.5, out=t)
-        f = np.floor(t, out=_scratch("f32", shape, np.float32))
-        again = np.flatnonzero(np.equal(t, f, out=_scratch("hit", shape, np.bool_)))
-        f += self.K                                 # exact: integers below 2^24
-        j = np.empty(shape, dtype=np.intp) if out is None else out
-        np.copyto(j, f, casting="unsafe")           # exact: integers
-        t64 = None
-        if again.size:
-            pos = np.unravel_index(again, shape)
-            t64 = np.broadcast_to(w, shape)[pos].astype(np.float64) / np.broadcast_to(d, shape)[pos]
-        return j, again, t64
-
-    def values_div(self, w: np.ndarray, d: np.ndarray, d32: np.ndarray | None = None,
-                   cells: tuple | None = None) -> np.ndarray:
-        """``values_t(w / d)`` (``w`` and ``d`` broadcast against each other), the same bits, from
-        the float32 quotient (``cells_div``; ``cells`` if already computed) where ``w`` is float32
-        or float16 and ``d32`` is ``d`` as float32 (given only where every divisor is exactly one)."""
-        if cells is None:
-            if d32 is None or w.dtype.itemsize > 4 or not self.exact:
-                return self.values_t(np.asarray(w, dtype=np.float64) / d)
-            cells = self.cells_div(w, d, d32)
-        j, again, t64 = cells
-        v = np.take(self.lut_values, j, mode="clip")    # every index is in range: no check
-        if again.size:
-            v.reshape(-1)[again] = self.values_t(t64)
-        return v
-
-    def values_mirrored(self, cells: tuple, out: np.ndarray) -> None:
-        """From the cells of ``h`` candidates' quotients ``t = w / d`` (``cells_div``, its first
-        axis the candidates), ``out[:h] = values_t(t)`` and ``out[h:] = values_t(-t)``
-        (``out`` is (2h, ...)): one quotient for both signs, since ``w / -d`` is exactly
-        ``-(w / d)`` in float32 and float64 alike, and the cell of a non-integer ``-t`` is
-        ``-floor(t) - 1``, which the mirrored table ``lut_values_mirror`` holds at ``floor(t)``.
-        The quotients that are integers are the same for both signs and both go to ``values_t``
-        in float64."""
-        j, again, t64 = cells
-        h = j.shape[0]
-        # mode="clip": numpy buffers a take into ``out`` in its default mode (slow), not here;
-        # both halves of ``out`` are contiguous, every index in range
-        self.lut_values.take(j, out=out[:h], mode="clip")
-        self.lut_values_mirror.take(j, out=out[h:], mode="clip")
-        if again.size:
-            flat = out.reshape(-1)
-            both = self.values_t(np.concatenate([t64, -t64]))       # one call for both signs
-            flat[again] = both[:again.size]
-            flat[again + j.size] = both[again.size:]
-
-    def values_into(self, cells: tuple, out: np.ndarray) -> None:
-        """``out[...] = values_t(t)`` of the quotients whose cells are ``cells`` (``cells_div``)."""
-        j, again, t64 = cells
-        self.lut_values.take(j, out=out, mode="clip")
-        if again.size:
-            out.reshape(-1)[again] = self.values_t(t64)
-
-    def encode_t(self, t: np.ndarray) -> np.ndarray:
-        """``encode(t / 2^p)``."""
-        if not self.exact:
-            return self.cb.encode(t / self.mul)
-        j, hits = self._cells(t)
-        c = self.lut_codes[j]
-        fix = hits[self.on_mid[j.reshape(-1)[hits]] | (t.reshape(-1)[hits] == 0)] if hits.size else hits
-        if fix.size:
-            c.reshape(-1)[fix] = self.cb.encode(t.reshape(-1)[fix] / self.mul)
-        return c
-
-    def values(self, x) -> np.ndarray:
-        """The table value nearest each ``x`` (``cb.values[cb.encode(x)]`` up to the sign of zero)."""
-        with np.errstate(over="ignore"):            # beyond 2^1023 / 2^p: ±Inf, which saturates
-            t = np.asarray(x, dtype=np.float64) * self.mul
-        return self.values_t(t)
-
-    def encode(self, x) -> np.ndarray:
-        """Codes identical to ``Codebook.encode(x)`` (tested over random inputs, ties and ±0)."""
-        x = np.asarray(x, dtype=np.float64)
-        check_no_nan(x, f"encode to {self.cb.name}")
-        with np.errstate(over="ignore"):            # beyond 2^1023 / 2^p: ±Inf, which saturates
-            t = x * self.mul
-        return self.encode_t(t)
-
-
-@lru_cache(maxsize=64)
-def fast_table(cb: Codebook) -> FastTable:
-    return FastTable(cb)
 
 
 # -- per-bank evaluation ----------------------------------------------------------------------
@@ -848,11 +567,11 @@ class BankEvaluator:
         if cells is None:
             # j in a work array of its own per grid (the memo of these rows holds it until the
             # next rows replace the memo)
-            j = _scratch(("j",) + self._cells_key, (h,) + rawT.shape, np.intp) if memo is not None else None
+            j = work_array(("j",) + self._cells_key, (h,) + rawT.shape, np.intp) if memo is not None else None
             cells = ft.cells_div(rawT, cdiv[:h, None], d32[:, None], out=j)
             if memo is not None:
                 memo[self._cells_key] = cells
-        out = _scratch("q", (C, g) + cdiv.shape[1:], np.float64)
+        out = work_array("q", (C, g) + cdiv.shape[1:], np.float64)
         if self.mirrored:
             # the - sign candidates are the + ones negated (same covers): one quotient for both
             ft.values_mirrored(cells, out)
@@ -883,7 +602,7 @@ class BankEvaluator:
         C, g = cdiv.shape[0], rawT.shape[0]
         q = self.values(rawT, blkT, cdiv, d32, memo)          # (C, g, ...)
         np.multiply(q, cmul[:, None], out=q)                  # the exact decoded products
-        d = np.subtract(blkT, q, out=_scratch("d", q.shape, np.float64))
+        d = np.subtract(blkT, q, out=work_array("d", q.shape, np.float64))
         np.multiply(d, d, out=d)
         if aT is not None:
             np.multiply(d, aT, out=d)
@@ -894,7 +613,7 @@ class BankEvaluator:
             k, err = first_min(errs)
             # the chosen candidate's products, one flat gather
             n = k.size
-            at = np.add(_grid_index(g, n), k.reshape(1, n) * (g * n), out=_scratch("at", (g, n), np.intp))
+            at = np.add(_grid_index(g, n), k.reshape(1, n) * (g * n), out=work_array("at", (g, n), np.intp))
             qk = q.reshape(-1).take(at).reshape(q.shape[1:])
         qk *= qk
         if aT is not None:

@@ -15,7 +15,7 @@ chosen candidate (``BankEvaluator.chunk``). Every step is one of
   comparisons, ``floor``, ``where``), each its own kernel (torch never fuses two of them into
   one rounding here: no ``addcmul``, no compiled graphs);
 * a gather from a table (no arithmetic);
-* a sum of a block's g terms, always ``blockwise.block_sum``'s additions: a fixed sequence of
+* a sum of a block's g terms, always ``block_sum``'s additions (quantize/block_sum.py): a fixed sequence of
   elementwise additions of slices, the order numpy's ``np.sum`` takes over a contiguous axis of
   g terms, written out so that numpy and torch perform the same additions (both on the terms
   laid out as ``Prepared.transposed`` lays them: ``Prepared.block_sum``). No BLAS product, no

@@ -1,6 +1,6 @@
 """``--device`` (quantize/device.py): the SOP search on a torch device gives numpy's bits.
 
-* ``blockwise.block_sum`` is ``np.sum`` over a contiguous axis, bit for bit, on numpy arrays and
+* ``block_sum.block_sum`` is ``np.sum`` over a contiguous axis, bit for bit, on numpy arrays and
   on torch tensors (the one order every device follows);
 * the search on torch's CPU device gives the numpy search's streams, reconstructions and
   per-pair scores on layers with every hard case (zeros of both signs, exact ties, subnormal
@@ -26,7 +26,8 @@ from test_quantize_speedpaths import layer32
 from sop.golden.codebooks import Codebook, get_codebook
 from sop.golden.points import get_point
 from sop.quantize import device
-from sop.quantize.blockwise import block_sum, encode, halved_sum, sum_order
+from sop.quantize.block_sum import block_sum, halved_sum, sum_order
+from sop.quantize.blockwise import encode
 from sop.quantize.sop_search import quantize_fp6, quantize_sop4
 
 LAYER0 = "encoder.layer.0.*"           # MiniLM's first block: 6 layers, 1.77 M weights

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from sop.golden.codebooks import Codebook, codebook_names, get_codebook
 from sop.golden.formats import format_names, get_format, round_to_table, table_midpoints
 from sop.golden.hif import DEFAULT_HIF
-from sop.quantize.blockwise import FastTable
+from sop.quantize.fast_table import FastTable
 
 TINY = 5e-324
 BIG = np.finfo(np.float64).max

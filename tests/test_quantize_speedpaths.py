@@ -7,7 +7,7 @@
   (the sign of zero included).
 * ``baselines.TableRound`` (NF4) against golden ``round_to_table`` on the midpoints, their
   neighbouring floats and random values of [-1, 1].
-* ``blockwise.FastTable.values_div`` (the float32 quotient) and ``values_mirrored``
+* ``fast_table.FastTable.values_div`` (the float32 quotient) and ``values_mirrored``
   against ``values_t`` of the float64 quotient, with quotients that are integers, zero,
   beyond the grid and beyond float32.
 * ``blockwise.block_reduce`` against ``max`` / ``min``.
@@ -28,7 +28,8 @@ from sop.golden.formats import get_format, round_to_table, table_midpoints
 from sop.golden.points import get_point
 from sop.quantize import baselines as B
 from sop.quantize import blockwise
-from sop.quantize.blockwise import BankEvaluator, bank_offset, block_reduce, fast_table, prepare
+from sop.quantize.blockwise import BankEvaluator, bank_offset, block_reduce, prepare
+from sop.quantize.fast_table import fast_table
 from sop.quantize.sop_search import StreamSums, _Source, quantize_fp6, quantize_sop4, score_pairs
 
 

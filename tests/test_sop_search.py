@@ -18,7 +18,8 @@ from sop.golden.formats import get_format
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import BlockLayout, named_layouts, pack_blocks, pack_layer, unpack_blocks, unpack_layer
 from sop.quantize import blockwise
-from sop.quantize.blockwise import FastTable, encode, encode_layer, pack_blocks_fast
+from sop.quantize.blockwise import encode, encode_layer, pack_blocks_fast
+from sop.quantize.fast_table import FastTable
 from sop.quantize.sop_search import quantize_fp6, quantize_sop4
 
 SOP4 = named_layouts()["sop4-g16"]
