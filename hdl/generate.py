@@ -553,8 +553,8 @@ def main(argv=None) -> int:
         return 2
     for cfg in chosen:
         v, _ = generate(cfg, args.out)
-        what = f"{cfg.lanes} lanes" + (f", {cfg.residuals} residual adder{'s' * (cfg.residuals > 1)}"
-                                       if cfg.residuals else "") \
+        what = f"{cfg.lanes} lane{'s' * (cfg.lanes > 1)}" \
+            + (f", {cfg.residuals} residual adder{'s' * (cfg.residuals > 1)}" if cfg.residuals else "") \
             + (f", lutram depth {cfg.lutram_depth}" if cfg.lutram_depth else "") \
             + (f", {cfg.pipeline} pipeline" if shallow else "")
         if args.residuals or shallow:

@@ -97,7 +97,7 @@ def rtl(short: bool) -> None:
         if short and name != DEMO_CONFIG:
             continue
         v, _ = generate(cfg, Path("build/verilog"))
-        print(f"{v} ({cfg.lanes} lanes, {cfg.output})")
+        print(f"{v} ({cfg.lanes} lane{'s' * (cfg.lanes > 1)}, {cfg.output})")
     try:
         s = runner.run(configs[DEMO_CONFIG], "icarus", quick=True,
                        build_dir=Path("build/sim/icarus/demo"))
