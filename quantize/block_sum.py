@@ -3,10 +3,11 @@
 ``block_sum(x, axis)`` is ``np.sum`` over ``axis`` laid out last and contiguous, bit for bit,
 written as a fixed sequence of elementwise additions of slices (numpy's pairwise order), so that
 numpy, torch on the CPU and torch on CUDA perform the same additions and give the same bits
-(quantize/device.py; docs/quantizer.md, "Devices"). ``sum_order(g)`` and ``halved_sum`` are the
-same additions on terms laid out so that every addition is one call on contiguous halves: what
-the candidate search (quantize/blockwise.py, ``Prepared.transposed``) uses for g a multiple of 8
-up to 128. Nothing here is summed by BLAS or a library reduction, whose order is its own.
+(quantize/device.py; docs/quantizer.md, section 5, "`--device D`"). ``sum_order(g)`` and
+``halved_sum`` are the same additions on terms laid out so that every addition is one call on
+contiguous halves: what the candidate search (quantize/blockwise.py, ``Prepared.transposed``)
+uses for g a multiple of 8 up to 128. Nothing here is summed by BLAS or a library reduction,
+whose order is its own.
 """
 
 from __future__ import annotations

@@ -25,31 +25,32 @@ output for the stream (tests/test_sop_search.py checks it through pack/unpack).
 
 Its arithmetic, fixed to the bit: per candidate ``q_j`` (the product), the error is
 ``block_sum(((w_j - q_j) * (w_j - q_j)) * a_j)`` in float64, and the chosen candidate's
-``qq = block_sum((q_j * q_j) * a_j)``, where ``block_sum`` adds a block's g terms in the fixed
-order ``np.sum`` takes over a contiguous axis of g (numpy's pairwise summation), written out as
-additions of slices (quantize/block_sum.py). Nothing is summed by BLAS (whose order is its kernel's, which depends on
-the CPU and the number of rows) or by a library reduction: numpy and torch on any device
-(``--device``, quantize/device.py) perform the same additions, so every device gives the same
-bits, and a block's result does not depend on the chunk it is evaluated in.
+``qq = block_sum((q_j * q_j) * a_j)``, where ``block_sum`` adds a block's g terms in the fixed order
+``np.sum`` takes over a contiguous axis of g (numpy's pairwise summation), written out as
+additions of slices (quantize/block_sum.py). Nothing is summed by BLAS (whose order is its
+kernel's, which depends on the CPU and the number of rows) or by a library reduction: numpy and
+torch on any device (``--device``, quantize/device.py) perform the same additions, so every
+device gives the same bits, and a block's result does not depend on the chunk it is evaluated
+in.
 
 The per-layer power-of-two offset is the smallest that lets the largest block
 fit under the scale format's maximum (over every bank and sign). Width must be a
 multiple of the block size; NaN/Inf weights are refused.
 
 Speed (the inner loop of the whole quantizer): ``FastTable`` (quantize/fast_table.py) replaces
-``Codebook.encode``'s binary search by a look-up on a uniform grid fine enough
-that every decision midpoint of the table is a grid point, so a weight's cell
-decides its code except exactly on a midpoint (a tie) or on zero (the sign of
-zero); those go to ``Codebook.encode`` itself, so the codes
-are golden's by construction (and tested so). For a float32 layer the grid
-coordinate ``w / s`` is the float32 quotient, redone in float64 only where it is
-an integer (``FastTable.cells_div`` has the proof). The candidate search works on row chunks
-of about ``EVAL_WEIGHTS`` candidate weights with each block's g terms on a leading axis
+``Codebook.encode``'s binary search by a look-up on a uniform grid fine enough that every
+decision midpoint of the table is a grid point, so a weight's cell decides its code except
+exactly on a midpoint (a tie) or on zero (the sign of zero); those go to ``Codebook.encode``
+itself, so the codes are golden's by construction (and tested so). For a float32 layer the grid
+coordinate ``w / s`` is the float32 quotient, redone in float64 only where it is an integer
+(``FastTable.cells_div`` has the proof). The candidate search works on row chunks of about
+``EVAL_WEIGHTS`` candidate weights with each block's g terms on a leading axis
 (``Prepared.transposed``: the sums are whole-array additions, every per-block factor broadcasts
-along a contiguous axis), in reused work arrays (``fast_table.work_array``), with ``qq`` formed for the
-chosen candidate only; on ``THREADS`` threads (default one). The per-bank evaluation (``evaluate_bank``) is
-reusable: a two-bank encode is the per-block minimum of two one-bank evaluations, which is what
-lets the SOP pair search score every pair at the cost of one evaluation per codebook.
+along a contiguous axis), in reused work arrays (``fast_table.work_array``), with ``qq`` formed
+for the chosen candidate only; on ``THREADS`` threads (default one). The per-bank evaluation
+(``evaluate_bank``) is reusable: a two-bank encode is the per-block minimum of two one-bank
+evaluations, which is what lets the SOP pair search score every pair at the cost of one
+evaluation per codebook.
 """
 
 from __future__ import annotations

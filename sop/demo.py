@@ -93,9 +93,7 @@ def rtl(short: bool) -> None:
     from sop.sim import runner
 
     configs = named_configs()
-    for name, cfg in configs.items():
-        if short and name != DEMO_CONFIG:
-            continue
+    for cfg in [configs[DEMO_CONFIG]] if short else configs.values():
         v, _ = generate(cfg, Path("build/verilog"))
         print(f"{v} ({cfg.lanes} lane{'s' * (cfg.lanes > 1)}, {cfg.output})")
     try:

@@ -131,15 +131,16 @@ def test_no_module_reaches_into_the_checkout():
     assert not bad, f"paths from __file__ above the package: {bad}"
 
 
-TOP_LEVEL_TRANSFORMERS = re.compile(r"^\s*(from\s+transformers\s+import\b|import\s+transformers\s*$)")
+TOP_LEVEL_TRANSFORMERS = re.compile(r"^\s*(from\s+transformers\s+import\b|import\s+transformers(\s+as\s+\w+)?\s*$)")
 
 
 def test_transformers_names_come_from_their_subpackages():
     """``from transformers import X`` makes pyright bind every model transformers ships (half a
     minute of the check above); each name is imported from the subpackage that defines it
-    (quantize/causal_lm.py's docstring). The pattern is shown to match both top-level forms."""
+    (quantize/causal_lm.py's docstring). The pattern is shown to match the top-level forms."""
     assert TOP_LEVEL_TRANSFORMERS.match("    from transformers import AutoConfig")
     assert TOP_LEVEL_TRANSFORMERS.match("import transformers")
+    assert TOP_LEVEL_TRANSFORMERS.match("import transformers as hf")
     assert not TOP_LEVEL_TRANSFORMERS.match("from transformers.models.auto import AutoConfig")
     bad = [f"{f.relative_to(ROOT)}:{i}" for f in checked_sources()
            for i, line in enumerate(f.read_text().splitlines(), 1) if TOP_LEVEL_TRANSFORMERS.match(line)]
