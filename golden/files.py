@@ -6,8 +6,9 @@ The contract:
 * **Never replace what is not ours to replace.** ``check_output(path, inputs)``
   refuses, before any work, a target that exists and is not a regular file (a
   device such as ``/dev/null``, a FIFO, a socket, a folder), a target that is
-  the same file as one of the command's inputs (``os.path.samefile``: through
-  symbolic and hard links), and a target whose folder cannot be made.
+  the same file as one of the command's inputs (``os.path.samefile`` on the path the
+  write reaches: through symbolic and hard links, and through ``..`` after a folder
+  still to be made), and a target whose folder cannot be made. It makes nothing.
   ``atomic_output`` repeats the regular-file check just before the rename, so
   no writer of the project can turn a device into a regular file. A target
   that is a symbolic link is written through it: the link stays, the file it
@@ -109,18 +110,18 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     the command writes files into (``sop vectors --out DIR``), not a file.
     """
     path = Path(path)
-    if folder:
+    if folder:                                  # checked, not made: a refused run leaves no folder behind
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path}: the output folder exists and is not a folder")
-        try:                                    # made now, so that the write probe below can run
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"{path}: cannot create the output folder: {err.strerror or err}") from None
     else:
         _refuse_non_regular(path)
+    # The file the write will reach: '..' after a folder the writer is still to make ('new/../in')
+    # leads back out of it, as the kernel resolves it once the folder exists; realpath (not strict)
+    # resolves the same way, so compare that, not the path as written.
+    reached = os.path.realpath(path)
     for src in inputs:
         with contextlib.suppress(OSError):      # an input that does not exist cannot be overwritten
-            if os.path.samefile(path, src):
+            if os.path.samefile(reached, src):
                 raise OutputError(f"{path}: the output is the input {src}; refusing to overwrite an "
                                   f"input (choose another --out)")
     parent = path if folder else _real_target(path).parent
@@ -226,6 +227,62 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that an interruption leaves no partial file."""
     with atomic_output(path) as f:
         f.write(data)
+
+
+class FileSet:
+    """Files that must change together (a vector set and its index, a model folder): see ``atomic_files``."""
+
+    def __init__(self):
+        self._staged: dict[Path, Path] = {}     # target -> its complete temporary file, in writing order
+
+    @contextlib.contextmanager
+    def open(self, path: str | os.PathLike) -> Iterator[BinaryIO]:
+        """Stream one file of the set: to a temporary file beside its target, renamed at the end."""
+        path = Path(path)
+        _refuse_non_regular(path)
+        target = _real_target(path)
+        if target in self._staged:
+            raise OutputError(f"{path}: written twice in one set of files")
+        with temp_file_in(target.parent, target.name) as (f, tmp):
+            self._staged[target] = tmp          # first, so that an interrupt below still removes it
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write(self, path: str | os.PathLike, data: bytes) -> None:
+        with self.open(path) as f:
+            f.write(data)
+
+    def _commit(self) -> None:
+        for target in self._staged:             # every target checked before any is replaced
+            _refuse_non_regular(target)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+        try:                                    # no interrupt between the first rename and the last
+            while self._staged:
+                target, tmp = next(iter(self._staged.items()))
+                os.replace(tmp, target)
+                del self._staged[target]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _discard(self) -> None:
+        for tmp in self._staged.values():
+            tmp.unlink(missing_ok=True)
+        self._staged.clear()
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[FileSet]:
+    """A set of files written all or nothing: ``files.write(path, data)`` / ``files.open(path)``
+    for each; when the block ends normally every file is renamed into place, in writing order,
+    with signals held back; if anything raises, every temporary file is removed and no target
+    has changed. Write an index last: a reader then never sees the new index with old files."""
+    files = FileSet()
+    try:
+        yield files
+        files._commit()
+    finally:
+        files._discard()
 
 
 class Signalled(KeyboardInterrupt):

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import atomic_output
+from sop.golden.files import atomic_files, check_output
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -484,23 +484,23 @@ class CausalLM:
                                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    def save_folder(self, out: Path, weights: dict | None = None) -> list[Path]:
+    def save_folder(self, out: Path, weights: dict | None = None, inputs=()) -> list[Path]:
         """A model folder ``transformers`` loads (config, float32 safetensors, tokenizer) of the model
-        with ``weights`` substituted; every file written atomically (golden.files)."""
+        with ``weights`` substituted; written all or nothing (golden.files.atomic_files), every file
+        checked against ``inputs`` (golden.files.check_output) before any is written."""
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        written = []
         with self.substituted(weights), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            out.mkdir(exist_ok=True)
-            for f in sorted(Path(tmp).iterdir()):
-                if not f.is_file():
-                    continue
-                with open(f, "rb") as src, atomic_output(out / f.name) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-                written.append(out / f.name)
-        return written
+            made = sorted(f for f in Path(tmp).iterdir() if f.is_file())
+            for f in made:
+                check_output(out / f.name, inputs)
+            with atomic_files() as files:
+                for f in made:
+                    with open(f, "rb") as src, files.open(out / f.name) as dst:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+        return [out / f.name for f in made]
 
 
 def next_token_sums(ref_logits, logits, targets) -> np.ndarray:

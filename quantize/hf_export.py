@@ -7,17 +7,28 @@ artifact (``Artifact.weights``: the golden decoder for layer streams) into it in
 reference, and writes the whole model as a ``transformers`` folder: ``config.json``,
 ``generation_config.json``, float32 ``model.safetensors`` (sharded where transformers shards) and
 the tokenizer files. Every tensor that was not quantized (embeddings, norms, a kept ``lm_head``)
-is the reference's: for a GGUF source that is the GGUF dequantized to float32. Each file is
-written atomically (golden.files); an error before the writing starts leaves nothing.
+is the reference's: for a GGUF source that is the GGUF dequantized to float32. The folder is
+written all or nothing (``golden.files.atomic_files``): an error or an interrupt at any point
+leaves every file there as it was. No file written may be an input (the artifact, a file of the
+source model), and the output folder may not be the source model's folder.
 """
 
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
+from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
-from sop.quantize.models import is_lm_head, open_model
+from sop.quantize.models import is_lm_head, model_inputs, open_model
+
+
+def _same_folder(a, b) -> bool:
+    try:
+        return os.path.samefile(os.path.realpath(a), b)
+    except OSError:                 # a folder still to be made is no existing folder
+        return False
 
 
 def export_model_folder(artifact, out, model: str | None = None, progress: bool = True) -> dict:
@@ -31,6 +42,11 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     names = [e.name for e in art.layers]
     head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
     src = open_model(spec, include=[glob.escape(n) for n in names], lm_head=head)
+    inputs = model_inputs(spec)
+    check_output(out, [art.path, *inputs], folder=True)
+    if any(_same_folder(out, f.parent) for f in inputs):
+        raise OutputError(f"{out}: the output folder is the source model's folder ({spec}); refusing to "
+                          f"write over the model (choose another --out)")
     fp = meta.get("fingerprint")
     if fp and src.fingerprint() != fp:
         raise ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
@@ -49,6 +65,6 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
             raise ValueError(f"{art.path}: layer {e.name} is {tuple(e.shape)}, {spec} has it "
                              f"{tuple(src.layer(e.name).shape)}")
         weights[e.name] = art.weights(e)
-    files = runner.save_folder(Path(out), weights)
+    files = runner.save_folder(Path(out), weights, inputs=[art.path, *inputs])
     return {"path": str(out), "files": [f.name for f in files], "layers": len(weights), "format": art.format,
             "model": spec}

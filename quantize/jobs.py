@@ -20,7 +20,9 @@ Contract.
   Large arrays come back as raw bytes into a preallocated array (``Connection.send_bytes`` /
   ``recv_bytes_into``), not through pickle, so the parent holds each once.
 * **One core per worker.** Each worker runs its chunk loop inline (``SOP_THREADS=1``) and
-  limits BLAS / OpenMP / torch to one thread: ``jobs`` workers use ``jobs`` cores.
+  limits BLAS / OpenMP / torch to one thread: ``jobs`` workers use ``jobs`` cores. A pool never
+  starts more workers than the CPUs the process may use (``usable_cpus``): a larger ``--jobs``
+  gets that many (the results are the same for any count).
 * **No hang, clear errors.** Every wait polls with a timeout (``POLL`` seconds) and watches each
   busy worker's process sentinel: a worker that dies (killed for memory, a crash) raises
   ``WorkerError`` naming the layer and the exit status, and the other workers are ended. A worker
@@ -96,6 +98,14 @@ def layer_limit(weights: int | None, override: float | None = None) -> float:
     if override is not None:
         return override
     return LIMIT_BASE + LIMIT_PER_WEIGHT * max(0, int(weights or 0))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or ``taskset``'s share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                      # no affinity call (macOS)
+        return os.cpu_count() or 1
 
 
 def check_jobs(jobs) -> int:
@@ -229,7 +239,9 @@ class LayerPool:
     def __init__(self, jobs: int):
         from sop.quantize import device
 
-        self.jobs = check_jobs(jobs)
+        # One core per worker: more workers than CPUs only add processes and memory (and --jobs
+        # 100000 would start processes until the machine stalls), never speed.
+        self.jobs = min(check_jobs(jobs), usable_cpus())
         self.limit_override = limit_override()          # a bad SOP_LAYER_TIMEOUT: before any work
         ctx = _context()
         self.workers: list[_Worker] = []

@@ -287,6 +287,14 @@ def builtin_path(spec: str) -> Path | None:
     return None
 
 
+def model_inputs(spec: str) -> list[Path]:
+    """Every file a model spec may read (all the files of a folder): no output may be one of them."""
+    p = builtin_path(spec) or Path(spec)
+    if p.is_dir():
+        return [f for f in p.iterdir() if f.is_file()]
+    return [p]
+
+
 def _read_json(path: Path) -> dict:
     """A JSON object from a model folder's config file; a clean error when it is none."""
     try:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import InputError, input_file, write_atomic
+from sop.golden.files import FileSet, InputError, atomic_files, input_file
 from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS, get_format
 from sop.golden.hif import hif_format
@@ -108,6 +108,11 @@ def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | N
     """Write ``streams`` (name -> golden LayerStream, sparse entries included) as vectors."""
     out_dir = Path(out_dir)
     _check_distinct(list(streams))
+    with atomic_files() as out:             # all or nothing: an interrupted run leaves the old set whole
+        return _write_vectors(out, out_dir, streams, meta)
+
+
+def _write_vectors(out: FileSet, out_dir: Path, streams: dict[str, LayerStream], meta: dict | None) -> Path:
     layers, first = [], None
     for name, s in streams.items():
         validate_stream(s)
@@ -129,7 +134,7 @@ def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | N
                                                                         s.sparse.value_bf16.tolist())) + "\n"
         names = vector_files(name, sparse=len(s.sparse) > 0)
         for kind, text in files.items():
-            write_atomic(out_dir / names[kind], text.encode())
+            out.write(out_dir / names[kind], text.encode())
         layers.append({"name": name, "rows": s.rows, "cols": s.cols, "n_blocks": s.n_blocks,
                        "offset": s.offset, "luts": s.luts.tolist(), "sparse": len(s.sparse), "files": names,
                        "sha256": {k: _sha(t.encode()) for k, t in files.items()}})
@@ -140,7 +145,7 @@ def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | N
                       "header_bits": lay.header_bits, "block_bytes": lay.block_bytes},
            "hif": {"ebits": first.hif.ebits, "mbits": first.hif.mbits, "bias": first.hif.bias},
            "layers": layers}
-    write_atomic(out_dir / "vectors.json", (json.dumps(doc, indent=1) + "\n").encode())
+    out.write(out_dir / "vectors.json", (json.dumps(doc, indent=1) + "\n").encode())
     return out_dir / "vectors.json"
 
 

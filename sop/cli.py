@@ -41,6 +41,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from sop.golden.hif import DEFAULT_HIF
 from sop.golden.points import board_points, operating_points, vector_points
 from sop.quantize.jobs import WorkerError
 from sop.quantize.memory import release_freed_memory
+from sop.quantize.models import model_inputs
 
 
 def _describe(fmt) -> dict:
@@ -90,7 +92,8 @@ def _quantizers() -> list[dict]:
 
 
 def codebook_doc(name: str) -> dict:
-    """Values in code order (null for NaN) and, for the tables a LUT holds, their HIF codes."""
+    """Values in code order (null for NaN, the strings "inf" and "-inf" for the infinities: JSON has
+    no number for them) and, for the tables a LUT holds, their HIF codes."""
     key = name.lower()
     if key in codebook_names():
         cb = get_codebook(key)          # dd4 raises: it has no fixed table
@@ -104,7 +107,7 @@ def codebook_doc(name: str) -> dict:
                              f"{', '.join(ELEMENT_FORMATS)}") from None
         values, hif = fmt.values, None  # a number format, not a LUT table
     return {"name": key, "bits": int(math.log2(len(values))),
-            "values": [None if math.isnan(v) else float(v) for v in values],
+            "values": [None if math.isnan(v) else float(v) if math.isfinite(v) else f"{v:g}" for v in values],
             "hif": hif, "hif_format": DEFAULT_HIF.name}
 
 
@@ -117,7 +120,7 @@ def _print_table(rows: list[dict], keys: list[str]) -> None:
 def cmd_formats(args) -> int:
     doc = formats_doc()
     if args.json:
-        print(json.dumps(doc, indent=1))
+        print(json.dumps(doc, indent=1, allow_nan=False))
         return 0
     for section in ("element", "scale", "output"):
         print(f"\n{section} formats")
@@ -137,7 +140,7 @@ def cmd_formats(args) -> int:
 def cmd_codebook(args) -> int:
     doc = codebook_doc(args.name)
     if args.json:
-        print(json.dumps(doc, indent=1))
+        print(json.dumps(doc, indent=1, allow_nan=False))
     else:
         print(f"{doc['name']}: {doc['bits']} bits, LUT format {doc['hif_format']}")
         for code, v in enumerate(doc["values"]):
@@ -168,7 +171,7 @@ def cmd_eval(args) -> int:
 
     settings = _search_settings(args)
     if args.json:
-        check_output(args.json, _model_inputs(args.model))
+        check_output(args.json, model_inputs(args.model))
     _check_calibration(args)
     with settings:
         doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,
@@ -186,7 +189,7 @@ def cmd_eval(args) -> int:
 def cmd_vectors(args) -> int:
     from sop.sim.vectors import make_vectors
 
-    check_output(args.out, _model_inputs(args.model), folder=True)
+    check_output(args.out, model_inputs(args.model), folder=True)
     path = make_vectors(args.model, args.format, args.layer, args.out, rows=args.rows)
     print(f"wrote {path}")
     return 0
@@ -199,7 +202,7 @@ def cmd_quantize(args) -> int:
     from sop.quantize.models import including_lm_head
 
     settings = _search_settings(args)
-    check_output(args.out, _model_inputs(args.model))
+    check_output(args.out, model_inputs(args.model))
     _check_calibration(args)
     t0 = time.time()
     with including_lm_head(args.include_lm_head), settings:
@@ -207,7 +210,8 @@ def cmd_quantize(args) -> int:
                               exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
                               n_calib=_calib_size(args), cache_dir=args.cache_dir, progress=not args.quiet,
                               jobs=args.jobs)
-    print(f"wrote {info['path']}: {info['format']}, {info['layers']} layers, {info['weights']:,} weights, "
+    layers = f"{info['layers']} layer{'s' if info['layers'] != 1 else ''}"
+    print(f"wrote {info['path']}: {info['format']}, {layers}, {info['weights']:,} weights, "
           f"{info['bpw']:.4f} bpw, SQNR {info['sqnr_db']:.2f} dB, {info['bytes']:,} bytes "
           f"({time.time() - t0:.1f} s)")
     if "f32" in info["records"]:
@@ -223,8 +227,7 @@ def cmd_dequantize(args) -> int:
     if args.model_folder:
         from sop.quantize.hf_export import export_model_folder
 
-        if args.out.exists() and not args.out.is_dir():      # the folder itself is made only at the end
-            raise OutputError(f"{args.out}: the output folder exists and is not a folder")
+        check_output(args.out, [args.file], folder=True)    # and against the source model, once it is known
         t0 = time.time()
         info = export_model_folder(args.file, args.out, model=args.model, progress=not args.quiet)
         print(f"wrote {info['path']}: a transformers model folder ({', '.join(info['files'])}), "
@@ -261,9 +264,12 @@ def _load_vectors(path: Path, cols: int, layer: str):
     import numpy as np
 
     input_file(path, "--x file")
-    try:
-        x = np.load(path, allow_pickle=False)
+    try:        # mapped, not read: a header claiming more data than the file holds is refused, not allocated
+        x = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as err:
+        if "mmap length is greater than file size" in str(err):
+            raise ValueError(f"{path}: truncated .npy file: its header claims more data than the file "
+                             f"holds") from None
         raise ValueError(f"{path}: not a .npy array: {_one_line(err)}") from None
     if not isinstance(x, np.ndarray):                    # an .npz archive
         x.close()
@@ -275,7 +281,7 @@ def _load_vectors(path: Path, cols: int, layer: str):
     if x.shape[-1] != cols:
         raise ValueError(f"{path}: X has {x.shape[-1]} entries per vector; layer {layer} takes {cols} "
                          f"(its input width)")
-    return x.astype(np.float32)                          # native byte order
+    return np.array(x, dtype=np.float32)                 # read, in native byte order
 
 
 def cmd_gemv(args) -> int:
@@ -390,9 +396,10 @@ def _board_gemv(args) -> int:
                                                                    x_source=source, timeout=args.timeout))
 
 
-def _number(kind, minimum, inclusive: bool):
+def _number(kind, minimum, inclusive: bool, maximum=None):
     """An argparse type: a finite number of ``kind`` above ``minimum`` (at or above it if
-    ``inclusive``); anything else is a usage error naming the value."""
+    ``inclusive``) and, given a ``maximum``, at most that; anything else is a usage error naming
+    the value."""
     what = "an integer" if kind is int else "a finite number"
 
     def parse(text: str):
@@ -401,26 +408,21 @@ def _number(kind, minimum, inclusive: bool):
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
         ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
-        if not ok:                                          # NaN and Inf too
+        if not ok or (maximum is not None and value > maximum):     # NaN and Inf too
+            most = f" and at most {maximum:g}" if maximum is not None else ""
             raise argparse.ArgumentTypeError(f"must be {what} {'at least' if inclusive else 'above'} "
-                                             f"{minimum}, got {text}")
+                                             f"{minimum}{most}, got {text}")
         return value
     return parse
 
 
-def _positive(kind):
-    """An argparse type: a finite number of ``kind`` above zero."""
-    return _number(kind, 0, inclusive=False)
+def _positive(kind, maximum=None):
+    """An argparse type: a finite number of ``kind`` above zero (at most ``maximum``, if given)."""
+    return _number(kind, 0, inclusive=False, maximum=maximum)
 
 
-def _model_inputs(spec: str) -> list[Path]:
-    """Every file a model spec may read (all the files of a folder): no output may be one of them."""
-    from sop.quantize.models import builtin_path
-
-    p = builtin_path(spec) or Path(spec)
-    if p.is_dir():
-        return [f for f in p.iterdir() if f.is_file()]
-    return [p]
+#: The longest wait for one board reply (`sop board --timeout`): a wait is always bounded.
+MAX_REPLY_TIMEOUT = 3600.0
 
 
 def _search_options(p) -> None:
@@ -432,8 +434,8 @@ def _search_options(p) -> None:
                    help="where the SOP search runs: numpy (default), cpu (torch on the CPU), cuda or cuda:N "
                         "(torch on a GPU); the same output bits on every device")
     p.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
-                   help="quantize N layers at once in worker processes, one core each (default 1; the "
-                        "same results; peak memory about N times one layer's)")
+                   help="quantize N layers at once in worker processes, one core each (default 1; at most "
+                        "one per CPU; the same results; peak memory about N times one layer's)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
                         "sop4-g16)")
     b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")
     b.add_argument("--baud", type=_positive(int), default=115200, help="baud rate (default 115200)")
-    b.add_argument("--timeout", type=_positive(float), default=1.0, metavar="S",
-                   help="seconds to wait for each reply (default 1)")
+    b.add_argument("--timeout", type=_positive(float, MAX_REPLY_TIMEOUT), default=1.0, metavar="S",
+                   help=f"seconds to wait for each reply (default 1, at most {MAX_REPLY_TIMEOUT:g})")
     b.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of the layer")
     b.add_argument("--x", type=Path, default=None, metavar="X.npy",
                    help="with --gemv: the activation vector, (in,) float values E4M3 holds exactly (default: "
@@ -565,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sop: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left",
                   file=sys.stderr)
             return 128 + getattr(sig, "number", signal.SIGINT)
+        except BrokenPipeError:                          # `sop codebook bf16 | head`: the reader is done
+            with contextlib.suppress(OSError, ValueError):   # and Python's exit flush must not complain
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         except (ValueError, OSError) as err:
             print(f"sop: error: {_one_line(err)}", file=sys.stderr)
             return 2

@@ -289,7 +289,8 @@ def test_a_baud_the_port_refuses_is_a_usage_error_naming_it(capsys):
 
 
 @pytest.mark.parametrize("option, value", [("--timeout", "inf"), ("--timeout", "nan"), ("--timeout", "-1"),
-                                           ("--timeout", "0"), ("--timeout", "1e999"), ("--rows", "-1"),
+                                           ("--timeout", "0"), ("--timeout", "1e999"), ("--timeout", "1e308"),
+                                           ("--timeout", "3601"), ("--rows", "-1"),
                                            ("--rows", "0"), ("--baud", "-5"), ("--baud", "fast")])
 def test_a_bad_number_is_a_one_line_usage_error_naming_the_option(capsys, option, value):
     """``--timeout inf`` would let the host wait forever: refused before anything runs."""

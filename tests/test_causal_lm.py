@@ -420,6 +420,28 @@ def test_quantize_then_a_model_folder_transformers_loads(folders, tmp_path, caps
         assert "--model applies with --model-folder only" in err
 
 
+def test_a_model_folder_export_never_writes_over_its_source_or_half_a_folder(folders, tmp_path, capsys):
+    art = tmp_path / "m.sopq"
+    src = _copy(folders["llama"], tmp_path / "src")
+    assert main(["quantize", str(src), "--format", "sop4-g16", "--out", str(art), "--quiet", "--no-calib",
+                 "--include", "model.layers.0.mlp.*"]) == 0
+    source = {f.name: f.read_bytes() for f in src.iterdir()}
+    for out in (src, tmp_path / "new" / ".." / "src"):
+        err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(out)])
+        assert "source model's folder" in err
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == source and not (tmp_path / "new").exists()
+    # a folder whose config.json is the user's and whose tokenizer.json is a FIFO: refused before any
+    # file is written, so config.json stays the user's (not a new config beside an old tokenizer)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    os.mkfifo(out / "tokenizer.json")
+    err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(out), "--quiet"])
+    assert "tokenizer.json" in err and "FIFO" in err
+    assert (out / "config.json").read_text() == "mine" and sorted(f.name for f in out.iterdir()) == \
+        ["config.json", "tokenizer.json"]
+
+
 # -- bad input: one line, exit 2, nothing written -------------------------------------------------------------
 
 def one_error(capsys, argv):

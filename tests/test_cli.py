@@ -2,6 +2,9 @@
 
 import json
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,9 +18,14 @@ from sop.quantize.blockwise import encode_layer
 from sop.quantize.weights import minilm_linear_weights
 
 
+def _not_json(constant):
+    raise ValueError(f"{constant} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
 def run_json(capsys, *argv):
+    """The command's JSON output, parsed strictly: a bare NaN or Infinity fails."""
     assert main(list(argv)) == 0
-    return json.loads(capsys.readouterr().out)
+    return json.loads(capsys.readouterr().out, parse_constant=_not_json)
 
 
 def test_formats_json_lists_every_format_with_its_width(capsys):
@@ -43,6 +51,19 @@ def test_codebook_json_of_an_element_format_is_the_decode_of_every_code(capsys, 
     assert len(doc["values"]) == 2 ** bits and doc["values"].count(None) == nans
     if name == "e4m3":
         assert doc["values"][0x7E] == 448.0 and doc["values"][0x7F] is None
+    if name == "e5m2":                                  # 0 11111 00 and 1 11111 00 are the infinities
+        assert doc["values"][0x7C] == "inf" and doc["values"][0xFC] == "-inf"
+        assert doc["values"][0x7B] == 57344.0
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path):
+    """`sop codebook bf16 | head -1`: the closed pipe ends the command quietly (exit 128 + SIGPIPE)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sop.cli", "codebook", "bf16"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().startswith(b"bf16: 16 bits")
+    proc.stdout.close()                                    # 65536 lines still to print
+    _, err = proc.communicate(timeout=60)
+    assert err == b"" and proc.returncode == 128 + signal.SIGPIPE
 
 
 def test_unknown_names_list_the_valid_ones(capsys):

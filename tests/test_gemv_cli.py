@@ -127,6 +127,18 @@ def test_files_that_are_not_one_npy_array(artifacts, tmp_path, capsys):
         assert said in err, err
 
 
+def test_a_npy_header_claiming_terabytes_is_refused_naming_the_file(artifacts, tmp_path, capsys):
+    """The header is trusted for nothing: 10**12 claimed float32 values in a 200-byte file are a
+    truncated file, not a 4 TB allocation (an out-of-memory error that names no file)."""
+    x = tmp_path / "x.npy"
+    with open(x, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+        f.write(bytes(40 * 4))
+    err = one_error_line(capsys, ["gemv", artifacts["sop4-g16"], "--layer", PADDED, "--x", x,
+                                  "--out", tmp_path / "y.npy"])
+    assert str(x) in err and "truncated" in err, err
+
+
 def test_an_unknown_layer_lists_valid_ones_and_a_float32_layer_is_refused(artifacts, tmp_path, capsys):
     x = bad_x(tmp_path, "x.npy", np.zeros(40, np.float32))
     err = one_error_line(capsys, ["gemv", artifacts["sop4-g16"], "--layer", "blk.9.nope", "--x", x,

@@ -125,6 +125,15 @@ def test_results_come_in_order_and_the_first_error_in_order_is_raised():
         list(pool.map(square, [(-1, 0.3), (-2, 0.0)]))
 
 
+def test_a_pool_starts_no_more_workers_than_cpus(monkeypatch):
+    """--jobs 100000 once started processes until the machine stalled: a pool is capped at the CPUs."""
+    assert 1 <= J.usable_cpus() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(J, "usable_cpus", lambda: 1)
+    with J.LayerPool(10**5) as pool:
+        assert pool.jobs == 1 and len(pool.workers) == 1
+        assert [m for m, _ in pool.map(square, [(2, 0.0), (3, 0.0)])] == [4, 9]
+
+
 def test_a_dying_worker_is_a_clear_error_not_a_hang(capsys):
     with J.LayerPool(2) as pool, pytest.raises(J.WorkerError) as exc:
         list(pool.map(os._exit, [(3,), (0,)], label=lambda i: f"layer {i}"))

@@ -60,17 +60,31 @@ def refused(capsys, argv, *phrases) -> str:
 
 # -- the output is an input ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("how", ["same path", "symlink", "hard link"])
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "new folder/.."])
 @pytest.mark.parametrize("cmd", ["quantize", "dequantize", "eval"])
 def test_an_output_that_is_an_input_is_refused(files, tmp_path, capsys, cmd, how):
     src = {"quantize": files["ckpt"], "eval": files["ckpt"], "dequantize": files["sopq"]}[cmd]
     out = src
-    if how != "same path":
+    if how == "new folder/..":                     # the writer would make 'new', then '..' leads back
+        out = src.parent / f"new-{cmd}" / ".." / src.name
+    elif how != "same path":
         out = tmp_path / f"alias{src.suffix}"
         (os.symlink if how == "symlink" else os.link)(src, out)
     before = snapshot([src])
     refused(capsys, commands(files, out)[cmd], "is the input", "refusing to overwrite an input")
     assert snapshot([src]) == before
+    assert not (src.parent / f"new-{cmd}").exists()
+
+
+@pytest.mark.parametrize("target", ["x", "out"])
+def test_gemv_never_writes_over_its_inputs(files, tmp_path, capsys, target):
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones(64, np.float32))
+    dest = {"x": x, "out": files["sopq"]}[target]
+    before = snapshot([x, files["sopq"]])
+    refused(capsys, ["gemv", str(files["sopq"]), "--layer", LAYER, "--x", str(x),
+                     "--out", str(dest.parent / "new" / ".." / dest.name)], "is the input")
+    assert snapshot([x, files["sopq"]]) == before
 
 
 def test_report_outputs_that_are_its_input_are_refused(files, tmp_path, capsys):
@@ -78,6 +92,14 @@ def test_report_outputs_that_are_its_input_are_refused(files, tmp_path, capsys):
     os.link(files["json"], alias)                  # r.md would be written over the JSON
     before = snapshot([files["json"]])
     refused(capsys, ["report", str(files["json"]), "--out", str(tmp_path / "r")], "is the input")
+    assert snapshot([files["json"]]) == before
+
+
+def test_report_outputs_through_a_new_folder_are_checked_too(files, tmp_path, capsys):
+    alias = tmp_path / "r.md"
+    os.link(files["json"], alias)
+    before = snapshot([files["json"]])
+    refused(capsys, ["report", str(files["json"]), "--out", str(tmp_path / "new" / ".." / "r")], "is the input")
     assert snapshot([files["json"]]) == before
 
 
@@ -89,6 +111,35 @@ def test_vector_files_that_are_an_input_are_refused(files, tmp_path, capsys):
     refused(capsys, ["vectors", str(files["ckpt"]), "--format", "sop4-g16", "--out", str(out)],
             "vectors.json", "is the input")
     assert snapshot([files["ckpt"]]) == before
+
+
+def test_a_refused_vector_run_leaves_no_output_folder(files, tmp_path, capsys):
+    out = tmp_path / "vec"
+    refused(capsys, ["vectors", str(files["ckpt"]), "--format", "sop4-g16", "--layer", "no.such.weight",
+                     "--out", str(out)], "no.such.weight")
+    assert not out.exists()
+
+
+def test_an_interrupted_vector_rewrite_leaves_the_old_set_whole(files, tmp_path, monkeypatch):
+    """Every file of a vector set and its index change together: a run that fails after writing some
+    files (here: the index, the last one) leaves the earlier set readable, and no temporary file."""
+    from sop.sim.vectors import read_vectors
+
+    out = tmp_path / "vec"
+    argv = ["vectors", str(files["ckpt"]), "--format", "sop4-g16", "--out", str(out)]
+    assert main([*argv, "--rows", "4"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_temp = G.temp_file_in
+
+    def interrupted_at_the_index(folder, name):
+        if name == "vectors.json":
+            raise KeyboardInterrupt
+        return real_temp(folder, name)
+
+    monkeypatch.setattr(G, "temp_file_in", interrupted_at_the_index)
+    assert main([*argv, "--rows", "8"]) == 128 + signal.SIGINT
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert read_vectors(out)[0].headers.shape[0] == 4 * 64 // 16
 
 
 def test_an_output_in_the_input_folder_under_another_name_is_allowed(files, tmp_path):
