@@ -150,7 +150,16 @@ def decode_record(entry: "LayerEntry", data: bytes) -> np.ndarray:
         return decode_layer(s, dest=np.empty((rows, cols), dtype=np.float32))
     if len(data) != 4 * rows * cols:
         raise ArtifactError(f"layer {entry.name}: float32 record of {len(data)} bytes for {rows} x {cols}")
-    return np.frombuffer(data, dtype="<f4").reshape(rows, cols)        # a view of the record, no copy
+    w = np.frombuffer(data, dtype="<f4").reshape(rows, cols)           # a view of the record, no copy
+    # The writer rounds by the float32 output rule, which saturates: a NaN or Inf here was put there
+    # by someone else (the CRC is no proof of origin), and would reach every file decoded from it.
+    bad = np.flatnonzero(~np.isfinite(w))
+    if len(bad):
+        r, c = divmod(int(bad[0]), cols)
+        raise ArtifactError(f"layer {entry.name}: float32 record holds {len(bad)} non-finite value"
+                            f"{'s' if len(bad) > 1 else ''} (the first, {w[r, c]}, at row {r}, column {c}); "
+                            f"sop never writes one: the artifact was altered")
+    return w
 
 
 # -- the header --------------------------------------------------------------------------------------

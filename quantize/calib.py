@@ -32,7 +32,10 @@ metrics (quantize/metrics.py) weight input column ``j`` by
   atomically; ``key`` is a SHA-256 of the procedure version, the checkpoint
   files' contents (for a causal-LM folder also its configuration and tokenizer
   files), the window shape and the calibration text, so a changed model or text
-  is never served stale statistics; a cache hit loads no model.
+  is never served stale statistics; a cache hit loads no model. A damaged cache
+  file (truncated, emptied, altered: the zip's CRC-32 catches it, and every
+  statistic must be a finite, non-negative float vector) is a miss: recomputed
+  and replaced, never an error and never a figure.
 * Any other model has no forward pass here: ``Calibration.weighted`` is False,
   every error is unweighted (``a = 1``), and ``note`` says so, with the reason
   (`sop eval` prints it and writes it to the JSON).
@@ -44,6 +47,7 @@ import hashlib
 import io
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -170,16 +174,29 @@ def collect_stats(bert, sentences: list[str]) -> tuple[dict[str, np.ndarray], in
     return {n: sums[n] / counts[n] for n in sums}, tokens
 
 
+#: What reading a damaged cache file raises (truncated, emptied, altered: the zip's CRC-32 fails).
+_DAMAGED = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile)
+
+
 def _load_cached(path: Path, key: str, note: str) -> Calibration | None:
+    """The calibration cached at ``path``, or None: absent, another key's, or damaged. A damaged
+    file is a miss like any other (it is only a cache): recomputed, and replaced atomically."""
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z[_META]))
-        if meta.get("key") != key:
-            return None
-        stats = {n: z[n] for n in z.files if n != _META}
-    return Calibration(True, note, stats, key, meta["sentences"], meta["tokens"], cached=True,
-                       seqs=meta.get("seqs", 0), seq_len=meta.get("seq_len", 0))
+    try:
+        # opened here: np.load leaves its own file open when the zip is damaged
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+            meta = json.loads(str(z[_META]))
+            if meta.get("key") != key:
+                return None
+            stats = {n: z[n] for n in z.files if n != _META}
+            hit = Calibration(True, note, stats, key, int(meta["sentences"]), int(meta["tokens"]), cached=True,
+                              seqs=int(meta.get("seqs", 0)), seq_len=int(meta.get("seq_len", 0)))
+    except _DAMAGED:
+        return None
+    whole = all(a.dtype.kind == "f" and a.ndim == 1 and np.isfinite(a).all() and (a >= 0).all()
+                for a in stats.values())
+    return hit if whole else None
 
 
 def _save(path: Path, cal: Calibration) -> None:

@@ -390,7 +390,11 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     (``BudgetResult.results``); see the module docstring."""
     opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
     n_weights = opts.n_weights
-    budget_bits = int(math.floor(budget_bpw * n_weights))
+    # A budget past every layer's dearest option buys exactly that option everywhere; clamped here,
+    # so that any finite budget works (1e308 bpw times the weights is no integer)
+    most = sum(max(b for b, _ in row) for row in opts.costs)
+    wanted = budget_bpw * n_weights
+    budget_bits = int(math.floor(wanted)) if wanted < most else most
     sol = solve_mckp(opts.costs, budget_bits, resolution)
     choice, table = {}, []
     for lname, row, i in zip(opts.names, opts.costs, sol.choice):
@@ -411,7 +415,7 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
 def budget_report(res: BudgetResult, budget_bpw: float, n_weights: int) -> str:
     sol = res.solution
     base = res.table[0]["options"] and next(iter(res.table[0]["options"]))
-    lines = [f"budget {budget_bpw:.3f} bpw = {sol.budget_bits:,} bits over {n_weights:,} weights; "
+    lines = [f"budget {budget_bpw:.4g} bpw = {sol.budget_bits:,} bits over {n_weights:,} weights; "
              f"used {sol.bits:,} bits ({sol.bits / n_weights:.4f} bpw)",
              f"total weighted error {sol.error:.6g}; Lagrangian lower bound {sol.lower_bound:.6g} "
              f"(gap {sol.gap:.3g}, {100 * sol.gap / sol.error if sol.error else 0:.3f}%); "

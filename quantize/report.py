@@ -33,8 +33,9 @@ layer), and a user choosing a format sees them as one cost. A null SQNR in the J
 is an exact reconstruction (the evaluator writes infinity as null) and counts as
 +infinity: it is listed as ``inf`` and left out of the plot (noted under it).
 
-Bad input (a missing file, not JSON, a missing or mistyped field) raises
-``ValueError`` naming the file and the field.
+Bad input (a missing file, not JSON, a missing or mistyped field, a number outside its
+``FIELD_RANGES`` range: NaN, Infinity, a negative bpw) raises ``ValueError`` naming the file
+and the field.
 """
 
 from __future__ import annotations
@@ -75,7 +76,27 @@ def pareto_front(bpw, sqnr, bpw_tol: float = 0.0) -> np.ndarray:
 
 # -- reading the eval JSON ------------------------------------------------------------------------
 
+#: The values each number of an eval result may take: (lowest, highest, lowest excluded). What
+#: ``sop eval`` can write lies well inside; the bounds keep a hand-edited file from printing NaN or
+#: overflowing the plot (a bpw of 10**400 is no float, 1e308 dB no axis).
+FIELD_RANGES = {
+    "bpw": (0.0, 64.0, True),               # a weight costs something, and no more than a float64
+    "sqnr_db": (-1000.0, 1000.0, False),    # exact is null; 1000 dB is far past float64's precision
+    "rel_mse": (0.0, 1e300, False),
+    "acos": (-1.0, 1.0, False),             # a cosine (activation-weighted)
+    "cos_mean": (-1.0, 1.0, False),
+    "cos_min": (-1.0, 1.0, False),
+    "ppl": (1.0, 1e300, False),
+    "ppl_ref": (1.0, 1e300, False),
+    "kld": (0.0, 1e300, False),
+    "top1": (0.0, 1.0, False),
+    "tokens": (0.0, 1e300, False),
+}
+
+
 def _num(d: dict, key: str, where: str, nullable: bool = False) -> float:
+    """Field ``key`` of ``d`` as a float in its ``FIELD_RANGES`` range; ``ValueError`` naming the
+    file, the field and the value otherwise (NaN, Infinity and numbers too big for a float too)."""
     if not isinstance(d, dict) or key not in d:
         raise ValueError(f"{where}: field {key!r} is missing")
     v = d[key]
@@ -83,7 +104,17 @@ def _num(d: dict, key: str, where: str, nullable: bool = False) -> float:
         return math.inf
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"{where}: field {key!r} must be a number, got {v!r}")
-    return float(v)
+    low, high, open_low = FIELD_RANGES[key]
+    try:
+        x = float(v)
+    except OverflowError:                   # an integer of 400 digits
+        x = math.inf
+    if not (low < x if open_low else low <= x) or not x <= high:       # NaN fails both
+        shown = v if not isinstance(v, int) or abs(v) < 10**20 else f"an integer of {len(str(abs(v)))} digits"
+        raise ValueError(f"{where}: field {key!r} must be a finite number {'above' if open_low else 'from'} "
+                         f"{low:g}{'' if open_low else ' to'}{' and at most' if open_low else ''} {high:g}, "
+                         f"got {shown}")
+    return x
 
 
 def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> list[dict]:
@@ -99,8 +130,6 @@ def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> 
             cos = (_num(e2e, "cos_mean", f"{w}.e2e"), _num(e2e, "cos_min", f"{w}.e2e"))
         if isinstance(e2e, dict) and e2e.get("metric") == "causal-lm":
             llm = {k: _num(e2e, k, f"{w}.e2e") for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
-            if not (llm["kld"] >= 0 and math.isfinite(llm["kld"])):
-                raise ValueError(f"{w}.e2e: field 'kld' must be a finite number >= 0, got {llm['kld']!r}")
         rows.append({"format": name, "bpw": _num(f, "bpw", w), "sqnr_db": _num(f, "sqnr_db", w, nullable=True),
                      "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})
     rows.sort(key=lambda r: (r["bpw"], -r["sqnr_db"], r["format"]))

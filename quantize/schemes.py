@@ -180,7 +180,7 @@ def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
     opts = kw.pop("prepared", None) or knapsack.layer_options(padded, options, sop4_kw, rows=rows)
     # the budget is per real weight: padded zeros cost bits but are not weights
     real = sum(padded.real.values()) if padded.real else sum(np.asarray(w).size for w, _ in layers.values())
-    return knapsack.quantize_budget(padded, budget * real / opts.n_weights, prepared=opts,
+    return knapsack.quantize_budget(padded, budget * (real / opts.n_weights), prepared=opts,
                                     cols=dict(padded.cols), **kw)
 
 

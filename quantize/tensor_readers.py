@@ -192,11 +192,18 @@ class TorchReader(Reader):
         check_layer_size(self.where[name], name, tuple(t.shape))
 
     def get(self, name) -> np.ndarray:
+        import torch
+
         t = self.tensors[name]
         f = self.where[name]
         if f in self.crcs:
             self._verify(name, t, f)
-        return t.detach().float().numpy()
+        t = t.detach()
+        if t.dtype not in (torch.float16, torch.float32, torch.float64):    # BF16, FP8: numpy has no type
+            t = t.float()
+        # float64 is read as float64: made float32 first, 1e300 would pass as a non-finite weight and
+        # 1e-320 as zero, ahead of the range checks every reader's weights go through
+        return t.numpy()
 
     def _verify(self, name, t, f: Path) -> None:
         """The tensor's storage against the zip's CRC-32 of its member (torch's memory map checks none).

@@ -241,6 +241,20 @@ def _bad_stream(meta, body):
     return body[:e["offset"]] + bytes(rec) + body[e["offset"] + e["length"]:]
 
 
+def _nonfinite_f32(meta, body):
+    """Layer 0 (16 x 48) replaced by an f32 record holding a NaN and an Inf; every CRC made good."""
+    e = meta["layers"][0]
+    w = np.zeros((16, 48), "<f4")
+    w[3, 5], w[7, 1] = np.nan, np.inf
+    rec = w.tobytes()
+    start, end = e["offset"], e["offset"] + e["length"]
+    for later in meta["layers"][1:]:
+        later["offset"] += len(rec) - e["length"]
+    meta["data_bytes"] += len(rec) - e["length"]
+    e.update(record="f32", padded_shape=[16, 48], length=len(rec), crc32=zlib.crc32(rec))
+    return body[:start] + rec + body[end:]
+
+
 INCONSISTENT = {
     "missing field": (lambda m, b: m["layers"][1].pop("crc32"), "field 'crc32' is missing"),
     "mistyped field": (lambda m, b: m["layers"][0].update(shape="16x48"), "must be list"),
@@ -259,6 +273,7 @@ INCONSISTENT = {
     "fingerprint of the wrong type": (lambda m, b: m["model"].update(fingerprint=7), "'fingerprint' must be str"),
     "negative bits": (lambda m, b: m["layers"][2].update(bits=-5), "'bits' is negative"),
     "hif bias out of range": (lambda m, b: _edit_stream(m, b, 0, 16, -3), "HIF bias -3 out of range"),
+    "non-finite float32 record": (_nonfinite_f32, "holds 2 non-finite values (the first, nan, at row 3, column 5)"),
 }
 
 

@@ -106,6 +106,27 @@ def test_calibration_is_cached_by_model_and_text(tmp_path):
     assert C.cache_key("model-b", "", C.calibration_sentences(12)) != first.key
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "byte flipped", "negative statistic"])
+def test_a_damaged_cache_file_is_rebuilt_not_an_error(tmp_path, damage):
+    """Only a cache: a file cut short, emptied or altered is recomputed and replaced, never a
+    traceback (BadZipFile, EOFError) and never statistics served from it."""
+    src = open_model("minilm")
+    first = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
+    path = tmp_path / f"{first.key[:32]}.npz"
+    data = path.read_bytes()
+    if damage == "negative statistic":
+        name = next(iter(first.act_ms))
+        stats = {**first.act_ms, name: -first.act_ms[name]}
+        C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens))
+    else:
+        path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"",
+                          "byte flipped": data[:200] + bytes([data[200] ^ 1]) + data[201:]}[damage])
+    again = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
+    assert not again.cached and path.read_bytes() == data
+    for k, v in first.act_ms.items():
+        np.testing.assert_array_equal(again.act_ms[k], v)
+
+
 def test_models_without_a_forward_pass_fall_back_to_unweighted(tmp_path):
     save_file({"l.0.fc.weight": torch.ones(4, 4)}, tmp_path / "m.safetensors")
     cal = C.calibrate(open_model(str(tmp_path / "m.safetensors")), cache_dir=tmp_path)

@@ -138,9 +138,17 @@ def test_vector_layers_whose_files_would_collide_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize("scale, said", [(1e300, "beyond float32's range"), (1e-300, "below float32's smallest "
                                                                                      "normal number")])
 @pytest.mark.parametrize("cmd", ["quantize", "eval", "vectors"])
-def test_a_float64_layer_outside_float32_is_refused(tmp_path, capsys, cmd, scale, said):
-    path = tmp_path / "f64.safetensors"
-    save_file({LAYER: np.random.default_rng(0).standard_normal((16, 32)) * scale}, str(path))
+@pytest.mark.parametrize("kind", ["safetensors", "pt"])
+def test_a_float64_layer_outside_float32_is_refused(tmp_path, capsys, cmd, scale, said, kind):
+    """Every reader hands float64 on as float64: a torch file's 1e300 is no 'inf', its 1e-300 no 0."""
+    w = np.random.default_rng(0).standard_normal((16, 32)) * scale
+    path = tmp_path / f"f64.{kind}"
+    if kind == "pt":
+        import torch
+
+        torch.save({LAYER: torch.from_numpy(w)}, str(path))
+    else:
+        save_file({LAYER: w}, str(path))
     out = str(tmp_path / "o")
     argv = {"quantize": ["quantize", str(path), "--format", "sop4-g16", "--out", out, "--quiet"],
             "eval": ["eval", str(path), "--format", "fp8-e4m3-pot", "--quiet"],

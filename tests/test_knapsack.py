@@ -100,6 +100,10 @@ def test_quantize_budget_promotes_within_the_budget():
     errs = {row["layer"]: row["error"] for row in mid.table}
     w3, a3 = layers["l3"]
     assert errs["l3"] == pytest.approx(((w3 - mid.results["l3"].recon) ** 2 * a3).sum())
+    # any finite budget works: past every layer's dearest option it buys what 9 bpw buys (1e308 bpw
+    # times the weights overflowed to inf and then an integer)
+    for huge in (1e308, 1e30):
+        assert quantize_budget(layers, huge, prepared=prep).choice == high.choice
 
 
 @pytest.mark.parametrize("chunk", [5, 64, 1 << 18])
