@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
-from sop.quantize.models import is_lm_head, model_inputs, open_model
+from sop.quantize.models import builtin_path, is_lm_head, model_inputs, open_model
 
 
 def _same_folder(a, b) -> bool:
@@ -44,7 +44,8 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     src = open_model(spec, include=[glob.escape(n) for n in names], lm_head=head)
     inputs = model_inputs(spec)
     check_output(out, [art.path, *inputs], folder=True)
-    if any(_same_folder(out, f.parent) for f in inputs):
+    folder = builtin_path(spec) or Path(spec)
+    if folder.is_dir() and _same_folder(out, folder):   # a folder model: its config, its tokenizer
         raise OutputError(f"{out}: the output folder is the source model's folder ({spec}); refusing to "
                           f"write over the model (choose another --out)")
     fp = meta.get("fingerprint")
