@@ -32,6 +32,7 @@ streams and artifacts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import signal
@@ -171,16 +172,40 @@ def reclaim_temps(folder: Path, name: str) -> list[Path]:
 _DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+#: A write that fails for want of room: said as the target's error (the OSError names no file).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed write made (innermost first), where they are still empty."""
+    for p in reversed(folders):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
 @contextlib.contextmanager
-def temp_file_in(folder: Path, name: str) -> Iterator[tuple[BinaryIO, Path]]:
-    """A temporary file (normal permissions) for ``folder/name``; removed if the block raises.
+def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterator[tuple[BinaryIO, Path]]:
+    """A temporary file (normal permissions) for ``folder/name``; removed if the block raises,
+    with the folders made for it (where still empty). A full disk is an ``OutputError`` naming
+    ``target`` (default ``folder/name``: the file the temporary one is for).
 
     Stale temporary files of earlier, killed writes to the same name are removed first."""
+    made = _missing_folders(folder)
+    target = target or folder / name
     try:
         folder.mkdir(parents=True, exist_ok=True)
         reclaim_temps(folder, name)
     except OSError as err:
-        raise OutputError(f"{folder / name}: cannot write there: {err.strerror or err}") from None
+        raise OutputError(f"{target}: cannot write there: {err.strerror or err}") from None
     # The signals that unwind a run are held back from the file's creation until the
     # clean-up below is armed, so that no interrupt lands between the two.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
@@ -190,7 +215,7 @@ def temp_file_in(folder: Path, name: str) -> Iterator[tuple[BinaryIO, Path]]:
             fd, path = tempfile.mkstemp(prefix=_temp_prefix(name) + f"{os.getpid()}-", suffix=TEMP_SUFFIX,
                                         dir=folder)
         except OSError as err:
-            raise OutputError(f"{folder / name}: cannot write there: {err.strerror or err}") from None
+            raise OutputError(f"{target}: cannot write there: {err.strerror or err}") from None
         tmp = Path(path)
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         umask = os.umask(0)
@@ -198,9 +223,13 @@ def temp_file_in(folder: Path, name: str) -> Iterator[tuple[BinaryIO, Path]]:
         os.fchmod(fd, 0o666 & ~umask)          # mkstemp makes 0600
         with os.fdopen(fd, "w+b") as f:
             yield f, tmp
-    except BaseException:
+    except BaseException as err:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        _remove_empty(made)
+        if isinstance(err, OSError) and err.errno in _NO_ROOM and err.filename is None:
+            raise OutputError(f"{target}: {err.strerror}; nothing was written (the target is as "
+                              f"it was)") from None
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -234,6 +263,7 @@ class FileSet:
 
     def __init__(self):
         self._staged: dict[Path, Path] = {}     # target -> its complete temporary file, in writing order
+        self._made: list[Path] = []             # the folders made for the set, removed if it fails
 
     @contextlib.contextmanager
     def open(self, path: str | os.PathLike) -> Iterator[BinaryIO]:
@@ -243,6 +273,7 @@ class FileSet:
         target = _real_target(path)
         if target in self._staged:
             raise OutputError(f"{path}: written twice in one set of files")
+        self._made += _missing_folders(target.parent)
         with temp_file_in(target.parent, target.name) as (f, tmp):
             self._staged[target] = tmp          # first, so that an interrupt below still removes it
             yield f
@@ -269,6 +300,7 @@ class FileSet:
         for tmp in self._staged.values():
             tmp.unlink(missing_ok=True)
         self._staged.clear()
+        _remove_empty(self._made)               # none is empty once the set is in place
 
 
 @contextlib.contextmanager

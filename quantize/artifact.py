@@ -460,10 +460,9 @@ def _layer_outcomes(src, fmt, cal, nan_policy: str, want: str, pool):
 
 def _write_artifact(src, fmt, out: Path, budget, cal, nan_policy: str, outcomes, say) -> dict:
     """The records of ``outcomes`` streamed to a temporary file beside ``out``, then the container."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     entries, stats, pos = [], [], 0
     n = len(src.layers)
-    with temp_file_in(out.parent, out.name + ".records") as (spool, spool_path):
+    with temp_file_in(out.parent, out.name + ".records", target=out) as (spool, spool_path):
         try:
             for i, (o, chunks) in enumerate(outcomes, 1):
                 lay = src.layers[i - 1]

@@ -142,6 +142,27 @@ def test_an_interrupted_vector_rewrite_leaves_the_old_set_whole(files, tmp_path,
     assert read_vectors(out)[0].headers.shape[0] == 4 * 64 // 16
 
 
+def test_a_full_disk_names_the_target_and_leaves_no_file_or_folder(tmp_path):
+    """ENOSPC's OSError names no file: said as the target's error; the folders made for it go too."""
+    import errno
+
+    target = tmp_path / "new" / "deep" / "w.safetensors"
+    with pytest.raises(G.OutputError, match=r"new/deep/w.safetensors: No space left on device; nothing was "
+                                            r"written"):
+        with G.atomic_output(target) as f:
+            f.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()                     # a folder that was there stays, even empty
+    with pytest.raises(G.OutputError):
+        with G.atomic_files() as out:
+            out.write(tmp_path / "kept" / "a.hex", b"a")
+            out.write(tmp_path / "vec" / "b.hex", b"b")
+            with out.open(tmp_path / "vec" / "c.hex"):       # the disk fills up on the third file
+                raise OSError(errno.ENOSPC, "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_an_output_in_the_input_folder_under_another_name_is_allowed(files, tmp_path):
     """The check is on the file, not the folder: a new name beside the input is fine."""
     folder = tmp_path / "model"
