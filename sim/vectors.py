@@ -201,7 +201,11 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
             raise VectorError(f"{lw}: field 'sparse' must be a count of entries, got {n_sparse!r}")
         texts = {}
         for kind in ("blocks", "bf16", "exact") + (("sparse",) if n_sparse else ()):
-            path = directory / _field(files, kind, f"{lw} files", str)
+            fname = _field(files, kind, f"{lw} files", str)
+            if Path(fname).name != fname or fname in ("", ".", ".."):     # read nothing outside the set
+                raise VectorError(f"{index}: {lw} files.{kind} must be a file name in the vector folder, "
+                                  f"got {fname!r}")
+            path = directory / fname
             try:
                 input_file(path, f"vector file named by {lw} files.{kind}")
             except InputError as err:

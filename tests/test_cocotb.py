@@ -173,6 +173,14 @@ def test_vectors_round_trip_and_bad_files(tmp_path):
     with pytest.raises(VectorError, match=r"blocks.hex: SHA-256 does not match .*sha256.blocks"):
         read_vectors(out)
     blocks.write_text(good)
+    outside = tmp_path / "elsewhere.hex"                              # a name that leaves the folder
+    outside.write_text(good)
+    for name in ("../elsewhere.hex", str(outside), ".."):
+        bad = json.loads(json.dumps(doc))
+        bad["layers"][0]["files"]["blocks"] = name
+        (out / "vectors.json").write_text(json.dumps(bad))
+        with pytest.raises(VectorError, match=r"layers\[0\] files.blocks must be a file name in the vector folder"):
+            read_vectors(out)
     del doc["layers"][0]["offset"]
     (out / "vectors.json").write_text(json.dumps(doc))
     with pytest.raises(VectorError, match=r"vectors.json layers\[0\]: field 'offset' is missing"):
