@@ -33,9 +33,11 @@ metrics (quantize/metrics.py) weight input column ``j`` by
   files' contents (for a causal-LM folder also its configuration and tokenizer
   files), the window shape and the calibration text, so a changed model or text
   is never served stale statistics; a cache hit loads no model. A damaged cache
-  file (truncated, emptied, altered: the zip's CRC-32 catches it, and every
-  statistic must be a finite, non-negative float vector) is a miss: recomputed
-  and replaced, never an error and never a figure.
+  file (truncated, emptied, altered: the zip's CRC-32 catches it; every count
+  must be a whole number >= 0, every statistic a finite, non-negative float
+  vector as long as its layer's input channels) is a miss: recomputed and
+  replaced atomically, never an error and never a figure; ``say`` (when given)
+  gets one line naming the file and what is wrong with it.
 * Any other model has no forward pass here: ``Calibration.weighted`` is False,
   every error is unweighted (``a = 1``), and ``note`` says so, with the reason
   (`sop eval` prints it and writes it to the JSON).
@@ -48,6 +50,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -174,29 +177,73 @@ def collect_stats(bert, sentences: list[str]) -> tuple[dict[str, np.ndarray], in
     return {n: sums[n] / counts[n] for n in sums}, tokens
 
 
-#: What reading a damaged cache file raises (truncated, emptied, altered: the zip's CRC-32 fails).
-_DAMAGED = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile)
+#: What reading a damaged cache file raises: truncated, emptied or altered (the zip's CRC-32 fails,
+#: BadZipFile, EOFError, zlib.error), a member of another kind (ValueError: allow_pickle is off, an
+#: encrypted or unknown compression: RuntimeError, NotImplementedError), a metadata record that is
+#: not the JSON ``_save`` writes (KeyError, TypeError, AttributeError; nested: RecursionError).
+_DAMAGED = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RuntimeError,
+            zipfile.BadZipFile, zlib.error)
+#: The metadata's counts (whole numbers >= 0) and their value when absent (None: required; a file
+#: written before causal LMs has no window shape).
+_COUNTS = {"sentences": None, "tokens": None, "seqs": 0, "seq_len": 0}
 
 
-def _load_cached(path: Path, key: str, note: str) -> Calibration | None:
-    """The calibration cached at ``path``, or None: absent, another key's, or damaged. A damaged
-    file is a miss like any other (it is only a cache): recomputed, and replaced atomically."""
-    if not path.is_file():
-        return None
+class _Damaged(Exception):
+    """A cache file that cannot be what ``_save`` wrote; the message says why, in a few words."""
+
+
+def _read_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(metadata, statistics)`` of a cache file as ``_save`` writes it; ``_Damaged`` otherwise."""
     try:
         # opened here: np.load leaves its own file open when the zip is damaged
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             meta = json.loads(str(z[_META]))
-            if meta.get("key") != key:
-                return None
+            if not isinstance(meta, dict):
+                raise TypeError(f"metadata is a JSON {type(meta).__name__}")
             stats = {n: z[n] for n in z.files if n != _META}
-            hit = Calibration(True, note, stats, key, int(meta["sentences"]), int(meta["tokens"]), cached=True,
-                              seqs=int(meta.get("seqs", 0)), seq_len=int(meta.get("seq_len", 0)))
-    except _DAMAGED:
-        return None
-    whole = all(a.dtype.kind == "f" and a.ndim == 1 and np.isfinite(a).all() and (a >= 0).all()
-                for a in stats.values())
-    return hit if whole else None
+    except _DAMAGED as err:
+        said = (str(err).splitlines() or [""])[0][:120]
+        raise _Damaged(f"unreadable: {type(err).__name__}{': ' + said if said else ''}") from None
+    return meta, stats
+
+
+def _check_cache(meta: dict, stats: dict[str, np.ndarray], widths: dict[str, int]) -> None:
+    """``_Damaged`` unless every count is a whole number >= 0 and every statistic a finite, non-negative
+    float vector, as long as its layer's input channels (``widths``: layer -> columns) where it has one."""
+    for k, absent in _COUNTS.items():
+        v = meta.get(k, absent)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _Damaged(f"its {k!r} is not a whole number >= 0")
+    for name, a in stats.items():
+        if not (a.dtype.kind == "f" and a.ndim == 1 and np.isfinite(a).all() and (a >= 0).all()):
+            raise _Damaged(f"the statistic of {name} is not a vector of finite, non-negative floats")
+        if name in widths and a.shape[0] != widths[name]:
+            raise _Damaged(f"the statistic of {name} has {a.shape[0]} values for {widths[name]} input channels")
+
+
+def _load_cached(path: Path, key: str, note: str, widths: dict[str, int]) -> tuple[Calibration | None, str]:
+    """``(the calibration cached at path, "")``, or ``(None, why)``: ``why`` is "" when the file is
+    absent or another key's, else what is damaged. A damaged file is a miss like any other (it is
+    only a cache): recomputed, and replaced atomically by ``_save``."""
+    if not path.is_file():
+        return None, ""
+    try:
+        meta, stats = _read_cache(path)
+        if meta.get("key") != key:
+            return None, ""
+        _check_cache(meta, stats, widths)
+    except _Damaged as err:
+        return None, str(err)
+    return Calibration(True, note, stats, key, meta["sentences"], meta["tokens"], cached=True,
+                       seqs=meta.get("seqs", 0), seq_len=meta.get("seq_len", 0)), ""
+
+
+def _cached(path: Path, key: str, note: str, src, say) -> Calibration | None:
+    """The cache hit for ``src``, or None; a damaged file is said in one line (``say``), not raised."""
+    hit, why = _load_cached(path, key, note, {lay.name: lay.shape[1] for lay in src.layers})
+    if why and say is not None:
+        say(f"calibration cache {path} is damaged ({why}): recomputing it, the file will be replaced")
+    return hit
 
 
 def _save(path: Path, cal: Calibration) -> None:
@@ -219,8 +266,10 @@ def _sentences_used(runner, sentences: list[str], n_tokens: int) -> int:
     return int(np.searchsorted(starts, end, side="left"))
 
 
-def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: bool = True) -> Calibration:
-    """Activation statistics of a causal LM (quantize/causal_lm.py), cached on disk."""
+def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: bool = True,
+                     say=None) -> Calibration:
+    """Activation statistics of a causal LM (quantize/causal_lm.py), cached on disk (``say``: as
+    ``calibrate``)."""
     from sop.quantize import causal_lm
 
     sentences = calibration_sentences(max_calibration_sentences())
@@ -230,7 +279,7 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     note = (f"mean square of each linear's input over {size.seqs} x {size.seq_len} tokens of pydoc_data.topics "
             f"text (transformers forward pass, hooks on every linear)")
     if use_cache:
-        hit = _load_cached(path, key, note)
+        hit = _cached(path, key, note, src, say)
         if hit is not None:
             return hit
     runner = causal_lm.load(src)
@@ -250,17 +299,18 @@ def no_forward_note(src) -> str:
 
 
 def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_CACHE,
-              use_cache: bool = True) -> Calibration:
+              use_cache: bool = True, say=None) -> Calibration:
     """Activation statistics for a ModelSource (quantize/models.py), cached on disk.
 
     ``n_sentences``: the sentence count (sentence encoders), or a ``CalibSize`` that also gives
-    the causal-LM window shape."""
+    the causal-LM window shape. ``say`` (a progress printer, or None) gets one line when a
+    damaged cache file is recomputed."""
     size = n_sentences if isinstance(n_sentences, CalibSize) else None
     _count(size.sentences if size else n_sentences, "--calib-sentences",
            max_calibration_sentences())                    # refused for any model
     size = size or CalibSize(int(n_sentences))
     if getattr(src, "forward", None) == "causal-lm":
-        return calibrate_causal(src, size, cache_dir, use_cache)
+        return calibrate_causal(src, size, cache_dir, use_cache, say)
     if src.bert_folder is None:
         return unweighted(no_forward_note(src))
     n_sentences = size.sentences
@@ -271,7 +321,7 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
     path = Path(cache_dir) / f"{key[:32]}.npz"
     note = f"mean square of each linear's input over {len(sentences)} pydoc_data.topics sentences"
     if use_cache:
-        hit = _load_cached(path, key, note)
+        hit = _cached(path, key, note, src, say)
         if hit is not None:
             return hit
     stats, tokens = collect_stats(Bert(src.bert_folder, src.bert_prefix), sentences)

@@ -187,7 +187,7 @@ def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bo
         check_fits(E.memory_needed(src) - 4 * src.n_weights, f"{src.spec}: the forward pass for calibration "
                    f"(the BERT model in float32)", "--no-calib skips it (unweighted search)")
         say(f"calibrating on {size.sentences} sentences (cache {cache_dir})")
-    return (C.calibrate(src, size, cache_dir) if calibrate
+    return (C.calibrate(src, size, cache_dir, say=say) if calibrate
             else C.unweighted("calibration disabled; errors are unweighted (a = 1)"))
 
 

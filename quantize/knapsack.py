@@ -388,14 +388,11 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     ``layer_options``) reuses the quantized options for another budget; ``cols`` crops the
     results (padded layers). The results are built one at a time as they are asked for
     (``BudgetResult.results``); see the module docstring."""
+    if not budget_bpw > 0:                          # NaN too: it would compare as no budget at all
+        raise ValueError(f"--budget must be a number above 0, got {budget_bpw!r}")
     opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
     n_weights = opts.n_weights
-    # A budget past every layer's dearest option buys exactly that option everywhere; clamped here,
-    # so that any finite budget works (1e308 bpw times the weights is no integer)
-    most = sum(max(b for b, _ in row) for row in opts.costs)
-    wanted = budget_bpw * n_weights
-    budget_bits = int(math.floor(wanted)) if wanted < most else most
-    sol = solve_mckp(opts.costs, budget_bits, resolution)
+    sol = solve_mckp(opts.costs, budget_bits(opts.costs, budget_bpw, n_weights), resolution)
     choice, table = {}, []
     for lname, row, i in zip(opts.names, opts.costs, sol.choice):
         choice[lname] = opts.parsed[i][0]
@@ -412,10 +409,29 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     return res
 
 
+def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weights: int) -> int:
+    """``floor(budget_bpw * n_weights)``: the bits the knapsack may spend, for any budget above 0.
+
+    A budget past every layer's dearest option buys exactly that option everywhere: it is capped
+    there before it becomes an integer (1e308 bpw times the weights is inf, no integer). A budget
+    below every layer's cheapest option is refused naming ``--budget``."""
+    cheapest = sum(min(b for b, _ in row) for row in costs)
+    dearest = sum(max(b for b, _ in row) for row in costs)
+    wanted = budget_bpw * n_weights
+    if wanted >= dearest:
+        return dearest
+    if wanted < cheapest:
+        # in bits: with layers padded to whole blocks ``budget_bpw`` is not the user's figure
+        raise ValueError(f"--budget is too small: it buys {math.floor(wanted):,} bits, below the cheapest "
+                         f"choice, {cheapest:,} bits (every layer in its cheapest option)")
+    return int(math.floor(wanted))
+
+
 def budget_report(res: BudgetResult, budget_bpw: float, n_weights: int) -> str:
     sol = res.solution
     base = res.table[0]["options"] and next(iter(res.table[0]["options"]))
-    lines = [f"budget {budget_bpw:.4g} bpw = {sol.budget_bits:,} bits over {n_weights:,} weights; "
+    capped = " (capped at every layer's dearest option)" if sol.budget_bits < budget_bpw * n_weights - 1 else ""
+    lines = [f"budget {budget_bpw:.4g} bpw = {sol.budget_bits:,} bits{capped} over {n_weights:,} weights; "
              f"used {sol.bits:,} bits ({sol.bits / n_weights:.4f} bpw)",
              f"total weighted error {sol.error:.6g}; Lagrangian lower bound {sol.lower_bound:.6g} "
              f"(gap {sol.gap:.3g}, {100 * sol.gap / sol.error if sol.error else 0:.3f}%); "

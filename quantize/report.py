@@ -34,8 +34,10 @@ is an exact reconstruction (the evaluator writes infinity as null) and counts as
 +infinity: it is listed as ``inf`` and left out of the plot (noted under it).
 
 Bad input (a missing file, not JSON, a missing or mistyped field, a number outside its
-``FIELD_RANGES`` range: NaN, Infinity, a negative bpw) raises ``ValueError`` naming the file
-and the field.
+``FIELD_RANGES`` range: NaN, Infinity, a negative bpw, an integer of any length past float64's,
+a positive KLD the log panel cannot span) raises ``ValueError`` naming the file and the field;
+every number checked there, once, so the table and the plot never meet a NaN, an overflow or a
+warning.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,22 +80,73 @@ def pareto_front(bpw, sqnr, bpw_tol: float = 0.0) -> np.ndarray:
 
 # -- reading the eval JSON ------------------------------------------------------------------------
 
-#: The values each number of an eval result may take: (lowest, highest, lowest excluded). What
-#: ``sop eval`` can write lies well inside; the bounds keep a hand-edited file from printing NaN or
-#: overflowing the plot (a bpw of 10**400 is no float, 1e308 dB no axis).
+@dataclass(frozen=True)
+class Range:
+    """The values one number of an eval result may take: finite, from ``low`` to ``high`` (``low``
+    itself excluded when ``open_low``), or exactly 0 besides when ``zero``; whole when ``integer``."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    zero: bool = False
+    integer: bool = False
+
+    def holds(self, x: float) -> bool:
+        if self.zero and x == 0:
+            return True
+        inside = (self.low < x if self.open_low else self.low <= x) and x <= self.high    # NaN fails both
+        return inside and (not self.integer or x.is_integer())
+
+    def __str__(self) -> str:
+        span = f"above {self.low:g} and at most {self.high:g}" if self.open_low else \
+            f"from {self.low:g} to {self.high:g}"
+        return f"{'0 or ' if self.zero else ''}{'a whole' if self.integer else 'a finite'} number {span}"
+
+
+#: What each number of an eval result may be. What ``sop eval`` can write lies inside; the bounds
+#: keep a hand-edited file from printing NaN, overflowing, or drawing a plot whose axis limits
+#: leave float64 (a bpw of 10**400 is no float, 1e308 dB no axis, and the KLD panel's log axis
+#: pads its range by 12 % of the decades it spans: 1e-100 .. 1e100 keeps 10**limit a normal float).
 FIELD_RANGES = {
-    "bpw": (0.0, 64.0, True),               # a weight costs something, and no more than a float64
-    "sqnr_db": (-1000.0, 1000.0, False),    # exact is null; 1000 dB is far past float64's precision
-    "rel_mse": (0.0, 1e300, False),
-    "acos": (-1.0, 1.0, False),             # a cosine (activation-weighted)
-    "cos_mean": (-1.0, 1.0, False),
-    "cos_min": (-1.0, 1.0, False),
-    "ppl": (1.0, 1e300, False),
-    "ppl_ref": (1.0, 1e300, False),
-    "kld": (0.0, 1e300, False),
-    "top1": (0.0, 1.0, False),
-    "tokens": (0.0, 1e300, False),
+    "bpw": Range(0.0, 64.0, open_low=True),  # a weight costs something, and no more than a float64
+    "sqnr_db": Range(-1000.0, 1000.0),       # exact is null; 1000 dB is far past float64's precision
+    "rel_mse": Range(0.0, 1e300),
+    "acos": Range(-1.0, 1.0),                # a cosine (activation-weighted)
+    "cos_mean": Range(-1.0, 1.0),
+    "cos_min": Range(-1.0, 1.0),
+    "ppl": Range(1.0, sys.float_info.max),   # exp(mean NLL): 1 or more, up to exp(709)
+    "ppl_ref": Range(1.0, sys.float_info.max),
+    "kld": Range(1e-100, 1e100, zero=True),  # 0 exactly (lossless), else far from float64's ends
+    "top1": Range(0.0, 1.0),
+    "tokens": Range(1.0, 2.0 ** 53, integer=True),
 }
+
+
+class _LongInt(float):
+    """A JSON integer of more digits than any float64 (Python would refuse past 4300 digits, in
+    words that name neither the file nor the field): infinity with its sign, and its length."""
+
+    digits: int
+
+
+def _json_int(text: str) -> int | float:
+    """``json.loads``' ``parse_int``: the integer, or a ``_LongInt`` past 308 digits."""
+    digits = len(text.lstrip("-"))
+    if digits <= 308:                        # below 1e308: a float64 holds it
+        return int(text)
+    big = _LongInt(-math.inf if text.startswith("-") else math.inf)
+    big.digits = digits
+    return big
+
+
+def _shown(v) -> str:
+    """``v`` for a one-line message: an integer too long to print as its length, anything long cut."""
+    if isinstance(v, _LongInt):
+        return f"an integer of {v.digits} digits"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**20:
+        return f"an integer of {len(str(abs(v)))} digits"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _num(d: dict, key: str, where: str, nullable: bool = False) -> float:
@@ -103,17 +158,13 @@ def _num(d: dict, key: str, where: str, nullable: bool = False) -> float:
     if v is None and nullable:
         return math.inf
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{where}: field {key!r} must be a number, got {v!r}")
-    low, high, open_low = FIELD_RANGES[key]
+        raise ValueError(f"{where}: field {key!r} must be a number, got {_shown(v)}")
     try:
         x = float(v)
-    except OverflowError:                   # an integer of 400 digits
+    except OverflowError:                   # an integer of 400 digits, from a caller's dict
         x = math.inf
-    if not (low < x if open_low else low <= x) or not x <= high:       # NaN fails both
-        shown = v if not isinstance(v, int) or abs(v) < 10**20 else f"an integer of {len(str(abs(v)))} digits"
-        raise ValueError(f"{where}: field {key!r} must be a finite number {'above' if open_low else 'from'} "
-                         f"{low:g}{'' if open_low else ' to'}{' and at most' if open_low else ''} {high:g}, "
-                         f"got {shown}")
+    if not FIELD_RANGES[key].holds(x):
+        raise ValueError(f"{where}: field {key!r} must be {FIELD_RANGES[key]}, got {_shown(v)}")
     return x
 
 
@@ -142,6 +193,11 @@ def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> 
     return rows
 
 
+def _ppl_cell(ppl: float) -> str:
+    """A perplexity may be as large as exp(709): past a million in exponent form, not 300 digits."""
+    return f"{ppl:.3f}" if ppl < 1e6 else f"{ppl:.4e}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     has_e2e = any(r["e2e"] is not None for r in rows)
     has_llm = any(r.get("llm") is not None for r in rows)
@@ -159,7 +215,7 @@ def markdown_table(rows: list[dict]) -> str:
             cells += [f"{r['e2e'][0]:.5f}", f"{r['e2e'][1]:.5f}"] if r["e2e"] else ["-", "-"]
         if has_llm:
             m = r.get("llm")
-            cells += [f"{m['ppl']:.3f}", f"{m['kld']:.3e}", f"{m['top1']:.4f}"] if m else ["-", "-", "-"]
+            cells += [_ppl_cell(m["ppl"]), f"{m['kld']:.3e}", f"{m['top1']:.4f}"] if m else ["-", "-", "-"]
         cells.append("yes" if r["pareto"] else "")
         if has_llm:
             cells.append("yes" if r.get("kld_front") else "")
@@ -280,7 +336,7 @@ def report(json_path: str | Path, stem: str | Path | None = None, bpw_tol: float
     """Write ``<stem>.md`` and ``<stem>.png`` for an eval JSON; returns paths, markdown and rows."""
     json_path = input_file(json_path, "eval JSON (write one with `sop eval ... --json FILE`)")
     try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
+        doc = json.loads(json_path.read_text(encoding="utf-8"), parse_int=_json_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{json_path}: not valid JSON ({err})") from None
     except RecursionError:

@@ -106,25 +106,48 @@ def test_calibration_is_cached_by_model_and_text(tmp_path):
     assert C.cache_key("model-b", "", C.calibration_sentences(12)) != first.key
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "byte flipped", "negative statistic"])
+DAMAGE = {   # how a cache file is damaged: what the one-line note says is wrong with it
+    "truncated": "unreadable: BadZipFile", "empty": "unreadable: EOFError",
+    "byte flipped": "unreadable: BadZipFile: Bad CRC-32",
+    "negative statistic": "the statistic of {layer} is not a vector of finite, non-negative floats",
+    # re-saved with the right key (a valid zip): once an OverflowError traceback, and statistics of
+    # the wrong length once served, then refused far later without naming the cache
+    "metadata count 1e400": "its 'sentences' is not a whole number >= 0",
+    "statistic too short": "the statistic of {layer} has 100 values for 384 input channels",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_cache_file_is_rebuilt_not_an_error(tmp_path, damage):
     """Only a cache: a file cut short, emptied or altered is recomputed and replaced, never a
-    traceback (BadZipFile, EOFError) and never statistics served from it."""
+    traceback (BadZipFile, EOFError, OverflowError) and never statistics served from it; the
+    progress printer gets one line naming the file and what is wrong."""
     src = open_model("minilm")
     first = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
     path = tmp_path / f"{first.key[:32]}.npz"
     data = path.read_bytes()
+    layer = next(iter(first.act_ms))
     if damage == "negative statistic":
-        name = next(iter(first.act_ms))
-        stats = {**first.act_ms, name: -first.act_ms[name]}
+        stats = {**first.act_ms, layer: -first.act_ms[layer]}
         C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens))
+    elif damage == "statistic too short":
+        stats = {**first.act_ms, layer: first.act_ms[layer][:100]}
+        C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens))
+    elif damage == "metadata count 1e400":
+        meta = '{"key": "%s", "sentences": 1e400, "tokens": 5, "version": 1}' % first.key
+        np.savez(path, **first.act_ms, **{C._META: np.array(meta)})
     else:
         path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"",
                           "byte flipped": data[:200] + bytes([data[200] ^ 1]) + data[201:]}[damage])
-    again = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
+    said = []
+    again = C.calibrate(src, n_sentences=12, cache_dir=tmp_path, say=said.append)
     assert not again.cached and path.read_bytes() == data
     for k, v in first.act_ms.items():
         np.testing.assert_array_equal(again.act_ms[k], v)
+    assert len(said) == 1 and said[0].startswith(f"calibration cache {path} is damaged (") and \
+        DAMAGE[damage].format(layer=layer) in said[0] and "\n" not in said[0], said
+    assert said[0].endswith("): recomputing it, the file will be replaced")
+    assert C.calibrate(src, n_sentences=12, cache_dir=tmp_path, say=said.append).cached and len(said) == 1
 
 
 def test_models_without_a_forward_pass_fall_back_to_unweighted(tmp_path):

@@ -77,6 +77,20 @@ def test_a_bad_option_is_one_line_naming_it(ckpt, tmp_path, capsys, case):
     assert list(tmp_path.iterdir()) == []                       # refused before anything was written
 
 
+@pytest.mark.parametrize("cmd", ["eval", "quantize"])
+def test_any_budget_above_0_is_capped_or_refused_in_one_line(ckpt, tmp_path, capsys, cmd):
+    """A finite --budget the parser accepts: 1e308 buys every layer's dearest option (it once
+    overflowed into an internal error); one below the cheapest option is one line naming --budget."""
+    out = tmp_path / ("r.json" if cmd == "eval" else "q.sopq")
+    argv = [cmd, str(ckpt), "--format", "sop-budget", "--quiet", "--no-calib"] + \
+        (["--no-e2e", "--json", str(out)] if cmd == "eval" else ["--out", str(out)])
+    assert run(argv + ["--budget", "1e308"]) == 0 and out.is_file()
+    out.unlink()
+    err = one_error_line(capsys, argv + ["--budget", "0.5"])
+    assert err.startswith("sop: error: --budget is too small: it buys 512 bits, below the cheapest choice"), err
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- paths ---------------------------------------------------------------------------------------------
 
 def test_a_missing_model_names_the_path(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """quantize.knapsack: the DP against brute force, the Lagrangian bound, and the budgeted quantizer."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -104,6 +105,29 @@ def test_quantize_budget_promotes_within_the_budget():
     # times the weights overflowed to inf and then an integer)
     for huge in (1e308, 1e30):
         assert quantize_budget(layers, huge, prepared=prep).choice == high.choice
+
+
+def test_a_budget_past_every_option_is_capped_and_one_below_every_option_is_refused():
+    """Any budget above 0: past the dearest options it is capped there (and the report says so),
+    below the cheapest it is refused naming --budget; 0, a negative and NaN never buy anything."""
+    rng = np.random.default_rng(11)
+    layers = {f"l{i}": (rng.standard_normal((16, 64)) * s, None) for i, s in enumerate((0.02, 0.3))}
+    n = sum(w.size for w, _ in layers.values())
+    prep = layer_options(layers, ("sop4-g16", "e2m3-ue4m4-g16"))
+    cheapest = sum(min(b for b, _ in row) for row in prep.costs)
+    dearest = sum(max(b for b, _ in row) for row in prep.costs)
+    for huge in (1e308, 1.7976931348623157e308, dearest / n + 1):
+        res = quantize_budget(layers, huge, prepared=prep)
+        assert res.solution.budget_bits == dearest and res.solution.bits == dearest
+        assert f"= {dearest:,} bits (capped at every layer's dearest option) over" in res.report
+    exact = quantize_budget(layers, dearest / n, prepared=prep)
+    assert exact.solution.budget_bits == dearest and "capped" not in exact.report
+    with pytest.raises(ValueError, match=rf"^--budget is too small: it buys {(cheapest - 1):,} bits, below the "
+                                         rf"cheapest choice, {cheapest:,} bits \(every layer in its cheapest"):
+        quantize_budget(layers, (cheapest - 0.5) / n, prepared=prep)
+    for bad in (0.0, -4.5, math.nan):
+        with pytest.raises(ValueError, match=r"^--budget must be a number above 0, got"):
+            quantize_budget(layers, bad, prepared=prep)
 
 
 @pytest.mark.parametrize("chunk", [5, 64, 1 << 18])

@@ -127,8 +127,29 @@ def test_causal_lm_columns_kld_front_and_panel(eval_json, tmp_path):
     assert w > 2 * h
     doc["formats"]["nvfp4"]["e2e"]["kld"] = -0.1                       # a KL divergence is never negative
     src.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=r"formats.nvfp4.e2e: field 'kld' must be a finite number from 0 to"):
+    with pytest.raises(ValueError, match=r"formats.nvfp4.e2e: field 'kld' must be 0 or a finite number from "
+                                         r"1e-100 to 1e\+100, got -0.1$"):
         report(src)
+
+
+def test_numbers_at_the_ends_of_their_ranges_make_a_whole_report(tmp_path):
+    """Every number at an end of its ``FIELD_RANGES`` range: a report, no warning (they are errors
+    here), a perplexity of exp(709) as a figure of a few characters, not 309 digits."""
+    def lm(kld, ppl, top1, tokens=2032):
+        return {"metric": "causal-lm", "tokens": tokens, "ppl": ppl, "ppl_ref": 1.0, "kld": kld, "top1": top1}
+    doc = {"model": "m", "formats": {
+        "a": {"bpw": 5e-324, "sqnr_db": -1000, "rel_mse": 0, "acos": -1, "e2e": lm(1e-100, 1.7976931348623157e308, 0,
+                                                                              tokens=2 ** 53)},
+        "b": {"bpw": 64, "sqnr_db": 1000, "rel_mse": 1e300, "acos": 1, "e2e": lm(1e100, 1.0, 1)},
+        "c": {"bpw": 8, "sqnr_db": None, "rel_mse": 0, "acos": 1, "e2e": lm(0, 1e6, 1)}}}
+    src = tmp_path / "ends.json"
+    src.write_text(json.dumps(doc))
+    assert main(["report", str(src)]) == 0
+    rows = {r[0]: r for r in table_rows((tmp_path / "ends.md").read_text())}
+    assert rows["a"][5:8] == ["1.7977e+308", "1.000e-100", "0.0000"]
+    assert rows["b"][5:8] == ["1.000", "1.000e+100", "1.0000"]
+    assert rows["c"][2] == "inf" and rows["c"][5:7] == ["1.0000e+06", "0.000e+00"]
+    check_png((tmp_path / "ends.png").read_bytes())
 
 
 def test_pareto_front_on_hand_made_points():
@@ -186,6 +207,20 @@ def test_pareto_front_against_the_definition_on_random_points():
      "field 'sqnr_db' must be a finite number from -1000 to 1000, got -1e+308"),
     ('{"formats": {"nf4-g64": {"bpw": 4.5, "sqnr_db": 1e308, "rel_mse": 0.01, "acos": 0.99}}}',
      "field 'sqnr_db' must be a finite number from -1000 to 1000, got 1e+308"),
+    # past Python's 4300 digits: once "Exceeds the limit (4300 digits) ...", naming neither file nor field
+    ('{"formats": {"nf4-g64": {"bpw": 1%s, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}' % ("0" * 5000),
+     "formats.nf4-g64: field 'bpw' must be a finite number above 0 and at most 64, got an integer of 5001 digits"),
+    ('{"formats": {"nf4-g64": {"bpw": -1%s, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}' % ("0" * 5000),
+     "field 'bpw' must be a finite number above 0 and at most 64, got an integer of 5001 digits"),
+    ('{"formats": {"nf4-g64": {"bpw": "%s", "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}' % ("4" * 5000),
+     "field 'bpw' must be a number, got '444"),                      # cut short: one short line
+    # a positive KLD the log panel cannot span (its padded limits left float64: an overflow warning)
+    ('{"formats": {"nf4-g64": {"bpw": 4.5, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99, "e2e": {"metric": '
+     '"causal-lm", "tokens": 2032, "ppl": 36.1, "ppl_ref": 36, "kld": 5e-324, "top1": 0.9}}}}',
+     "formats.nf4-g64.e2e: field 'kld' must be 0 or a finite number from 1e-100 to 1e+100, got 5e-324"),
+    ('{"formats": {"nf4-g64": {"bpw": 4.5, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99, "e2e": {"metric": '
+     '"causal-lm", "tokens": 0.5, "ppl": 36.1, "ppl_ref": 36, "kld": 0.1, "top1": 0.9}}}}',
+     "formats.nf4-g64.e2e: field 'tokens' must be a whole number from 1 to 9.0072e+15, got 0.5"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, content, want):
     src = tmp_path / "e.json"
@@ -194,5 +229,5 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, content
     assert main(["report", str(src)]) == 2
     err = capsys.readouterr().err
     assert want in err and err.startswith(f"sop: error: {src}" if content else "sop: error: ") and \
-        err.count("\n") == 1, err
+        err.count("\n") == 1 and len(err) < 300 + len(str(src)), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if content is None else ["e.json"])
