@@ -341,8 +341,12 @@ def _check_calibration(args) -> None:
 
     if not args.no_calib:
         calibration_sentences(args.calib_sentences)       # ValueError naming --calib-sentences
-    if Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
-        raise OutputError(f"--cache-dir {args.cache_dir}: exists and is not a folder")
+    cache = Path(args.cache_dir)
+    for p in (cache, *cache.parents):                     # the folder, or the first of its parents there
+        if p.exists():
+            if not p.is_dir():
+                raise OutputError(f"--cache-dir {args.cache_dir}: {p} exists and is not a folder")
+            break
 
 
 def cmd_board(args) -> int:

@@ -129,8 +129,9 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(ckpt, capsys, cm
 def test_a_cache_dir_that_is_a_file_is_refused(ckpt, tmp_path, capsys):
     f = tmp_path / "cache"
     f.write_text("x")
-    err = one_error_line(capsys, ["eval", str(ckpt), "--format", "nvfp4", "--cache-dir", str(f)])
-    assert "--cache-dir" in err and "not a folder" in err
+    for cache in (f, f / "sub"):                   # under a file: refused before calibrating, not after
+        err = one_error_line(capsys, ["eval", str(ckpt), "--format", "nvfp4", "--cache-dir", str(cache)])
+        assert "--cache-dir" in err and f"{f} exists and is not a folder" in err, err
 
 
 def test_an_unknown_vector_layer_lists_the_layers(ckpt, tmp_path, capsys):
