@@ -51,6 +51,7 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -468,7 +469,7 @@ class CausalLM:
                 for j in range(q.shape[0]):
                     acc += next_token_sums(ref[i + j], q[j], windows[i + j, first + 1:])
         kld, nll_ref, nll, top1, n = acc
-        return {"metric": "causal-lm", "tokens": int(n), "ppl": math.exp(nll / n), "ppl_ref": math.exp(nll_ref / n),
+        return {"metric": "causal-lm", "tokens": int(n), "ppl": perplexity(nll, n), "ppl_ref": perplexity(nll_ref, n),
                 "kld": kld / n, "top1": top1 / n, "windows": int(len(windows)), "seq_len": int(windows.shape[1])}
 
     # -- generation and export ----------------------------------------------------------------------------
@@ -501,6 +502,17 @@ class CausalLM:
                     with open(f, "rb") as src, files.open(out / f.name) as dst:
                         shutil.copyfileobj(src, dst, 1 << 22)
         return [out / f.name for f in made]
+
+
+#: The largest mean NLL (nats) whose exponential a float64 holds.
+MAX_LOG_PPL = math.log(sys.float_info.max)
+
+
+def perplexity(nll_sum: float, tokens: float) -> float:
+    """``exp(mean NLL)``; inf (JSON null, the table's "inf") for a model so broken that its mean NLL
+    passes 709 nats, where ``math.exp`` would raise OverflowError."""
+    mean = nll_sum / tokens
+    return math.exp(mean) if mean <= MAX_LOG_PPL else math.inf
 
 
 def next_token_sums(ref_logits, logits, targets) -> np.ndarray:

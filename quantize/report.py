@@ -180,7 +180,9 @@ def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> 
         if isinstance(e2e, dict) and "cos_mean" in e2e:
             cos = (_num(e2e, "cos_mean", f"{w}.e2e"), _num(e2e, "cos_min", f"{w}.e2e"))
         if isinstance(e2e, dict) and e2e.get("metric") == "causal-lm":
-            llm = {k: _num(e2e, k, f"{w}.e2e") for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
+            # a null perplexity is one past float64 (a mean NLL over 709 nats: causal_lm.perplexity)
+            llm = {k: _num(e2e, k, f"{w}.e2e", nullable=k in ("ppl", "ppl_ref"))
+                   for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
         rows.append({"format": name, "bpw": _num(f, "bpw", w), "sqnr_db": _num(f, "sqnr_db", w, nullable=True),
                      "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})
     rows.sort(key=lambda r: (r["bpw"], -r["sqnr_db"], r["format"]))

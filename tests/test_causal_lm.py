@@ -442,6 +442,13 @@ def test_a_model_folder_export_never_writes_over_its_source_or_half_a_folder(fol
         ["config.json", "tokenizer.json"]
 
 
+def test_perplexity_past_float64_is_inf_not_an_overflow():
+    """A broken model's mean NLL can pass 709 nats: exp() of it is no float64 (an OverflowError once)."""
+    assert L.perplexity(2 * 100.0, 2) == math.exp(100.0)
+    assert L.perplexity(L.MAX_LOG_PPL * 3, 3) < math.inf
+    assert L.perplexity(1000.0 * 7, 7) == math.inf
+
+
 # -- bad input: one line, exit 2, nothing written -------------------------------------------------------------
 
 def one_error(capsys, argv):

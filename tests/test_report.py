@@ -141,7 +141,8 @@ def test_numbers_at_the_ends_of_their_ranges_make_a_whole_report(tmp_path):
         "a": {"bpw": 5e-324, "sqnr_db": -1000, "rel_mse": 0, "acos": -1, "e2e": lm(1e-100, 1.7976931348623157e308, 0,
                                                                               tokens=2 ** 53)},
         "b": {"bpw": 64, "sqnr_db": 1000, "rel_mse": 1e300, "acos": 1, "e2e": lm(1e100, 1.0, 1)},
-        "c": {"bpw": 8, "sqnr_db": None, "rel_mse": 0, "acos": 1, "e2e": lm(0, 1e6, 1)}}}
+        "c": {"bpw": 8, "sqnr_db": None, "rel_mse": 0, "acos": 1, "e2e": lm(0, 1e6, 1)},
+        "d": {"bpw": 9, "sqnr_db": 1, "rel_mse": 1, "acos": 0, "e2e": lm(30, None, 0)}}}     # exp(NLL) past float64
     src = tmp_path / "ends.json"
     src.write_text(json.dumps(doc))
     assert main(["report", str(src)]) == 0
@@ -149,6 +150,7 @@ def test_numbers_at_the_ends_of_their_ranges_make_a_whole_report(tmp_path):
     assert rows["a"][5:8] == ["1.7977e+308", "1.000e-100", "0.0000"]
     assert rows["b"][5:8] == ["1.000", "1.000e+100", "1.0000"]
     assert rows["c"][2] == "inf" and rows["c"][5:7] == ["1.0000e+06", "0.000e+00"]
+    assert rows["d"][5] == "inf"
     check_png((tmp_path / "ends.png").read_bytes())
 
 
