@@ -200,6 +200,11 @@ def _ppl_cell(ppl: float) -> str:
     return f"{ppl:.3f}" if ppl < 1e6 else f"{ppl:.4e}"
 
 
+def _cell_text(text: str) -> str:
+    """A name as one markdown table cell: on one line, its pipes escaped (a JSON key may hold both)."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def markdown_table(rows: list[dict]) -> str:
     has_e2e = any(r["e2e"] is not None for r in rows)
     has_llm = any(r.get("llm") is not None for r in rows)
@@ -212,7 +217,7 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|" + "---:|" * (len(head) - 1 - centered) + ":---:|" * centered]
     for r in rows:
         sq = "inf" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.2f}"
-        cells = [r["format"], f"{r['bpw']:.3f}", sq, f"{r['rel_mse']:.3e}", f"{r['acos']:.6f}"]
+        cells = [_cell_text(r["format"]), f"{r['bpw']:.3f}", sq, f"{r['rel_mse']:.3e}", f"{r['acos']:.6f}"]
         if has_e2e:
             cells += [f"{r['e2e'][0]:.5f}", f"{r['e2e'][1]:.5f}"] if r["e2e"] else ["-", "-"]
         if has_llm:

@@ -154,6 +154,16 @@ def test_numbers_at_the_ends_of_their_ranges_make_a_whole_report(tmp_path):
     check_png((tmp_path / "ends.png").read_bytes())
 
 
+def test_a_format_name_with_a_pipe_or_a_newline_stays_one_table_cell(tmp_path):
+    row = {"bpw": 4.5, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}
+    src = tmp_path / "names.json"
+    src.write_text(json.dumps({"model": "m", "formats": {"a|b": row, "c\nd": {**row, "bpw": 6.5}}}))
+    assert main(["report", str(src)]) == 0
+    lines = [l for l in (tmp_path / "names.md").read_text().splitlines() if l.startswith("| ")]
+    assert [l.replace("\\|", "").count("|") for l in lines] == [7] * 3          # six columns on each line
+    assert lines[1].startswith("| a\\|b | 4.500 |") and lines[2].startswith("| c d | 6.500 |")
+
+
 def test_pareto_front_on_hand_made_points():
     #            bpw    SQNR
     pts = [(4.25, 18.6),     # 0 cheapest: on the front
