@@ -135,12 +135,13 @@ def record_payload(res: QuantResult, shape: tuple[int, int], name: str):
     return kind, np.frombuffer(b"".join(chunks), dtype=np.uint8), padded
 
 
-def decode_record(entry: "LayerEntry", data: bytes) -> np.ndarray:
-    """The layer's float32 ``(out, in)`` weights from its record (padding cropped)."""
+def decode_record(entry: "LayerEntry", data: bytes | bytearray) -> np.ndarray:
+    """The layer's float32 ``(out, in)`` weights from its record (padding cropped): an ``f32``
+    record's are a view of ``data`` (writable where ``data`` is), refused if one is not finite."""
     rows, cols = entry.shape
     if entry.kind == "sopl":
         try:
-            s = unpack_layer(data)
+            s = unpack_layer(bytes(data))
         except LayoutError as err:
             raise ArtifactError(f"layer {entry.name}: bad layer stream: {err}") from None
         if [s.rows, s.cols] != list(entry.padded_shape):
@@ -266,14 +267,17 @@ class Artifact:
                 return e
         raise KeyError(f"{name} is not a layer of {self.path}")
 
-    def record(self, entry: LayerEntry) -> bytes:
-        """A layer's record bytes, CRC-checked."""
+    def record(self, entry: LayerEntry) -> bytearray:
+        """A layer's record bytes, CRC-checked: a new buffer of the caller's own, writable, so that an
+        f32 record's weights (``weights``: a view of it, no copy) are a writable array that torch
+        takes without a warning (the --model-folder export)."""
+        data = bytearray(entry.length)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + entry.offset)
-            data = f.read(entry.length)
-        if len(data) != entry.length:
+            got = f.readinto(data)
+        if got != entry.length:
             raise ArtifactError(f"{self.path}: layer {entry.name}: record truncated "
-                                f"({len(data)} of {entry.length} bytes)")
+                                f"({got} of {entry.length} bytes)")
         if crc32(data) != entry.crc32:
             raise ArtifactError(f"{self.path}: layer {entry.name}: record checksum mismatch (corrupted)")
         return data
@@ -283,7 +287,7 @@ class Artifact:
         if entry.kind != "sopl":
             return None
         try:
-            return unpack_layer(self.record(entry))
+            return unpack_layer(bytes(self.record(entry)))
         except LayoutError as err:
             raise ArtifactError(f"{self.path}: layer {entry.name}: bad layer stream: {err}") from None
 

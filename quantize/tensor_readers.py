@@ -12,8 +12,12 @@ Contract, the same for every reader, built from a list of files:
   ``file_of(name)``: the file that holds it;
 * ``check(name)``: raises ``CheckpointError`` for a selected layer the quantizer cannot read
   (sparse, meta, zero-size, a GGUF type the gguf package cannot dequantize), before any work;
-* ``get(name)``: the tensor as a numpy array, as the file stores it (``open_model``'s
-  ``ModelSource.load`` makes it float64 and ``(out, in)``);
+* ``get(name)``: the tensor as a numpy array, as the file stores it: float16, float32 and float64
+  in their own type, every value kept (the same numbers from every reader, so the same range
+  checks and refusals downstream); only BF16 and FP8 (numpy has no such type; float32 holds
+  them exactly) and GGUF's quantized types (as gguf dequantizes them) come as float32; read-only
+  where it is a view of data the reader keeps (torch, GGUF's float types). ``open_model``'s
+  ``ModelSource.load`` makes it float64 and ``(out, in)``;
 * GGUF only: ``quantized(name)`` (its quantization type, or None) and ``field(key)`` (a metadata
   value).
 
@@ -203,7 +207,11 @@ class TorchReader(Reader):
             t = t.float()
         # float64 is read as float64: made float32 first, 1e300 would pass as a non-finite weight and
         # 1e-320 as zero, ahead of the range checks every reader's weights go through
-        return t.numpy()
+        a = t.numpy()
+        # float16/32/64: a view of the tensor this reader keeps (of the memory-mapped file, for a
+        # zip): a caller that wrote into it would change every later read of the layer, unchecked
+        a.flags.writeable = False
+        return a
 
     def _verify(self, name, t, f: Path) -> None:
         """The tensor's storage against the zip's CRC-32 of its member (torch's memory map checks none).

@@ -145,6 +145,41 @@ def test_artifact_record_mutations(made, tmp_path_factory, data):
     check_artifact(bad, d / "x.safetensors")
 
 
+def f32_record_edit(meta: dict, body: bytes, layer: int, values: dict) -> bytes:
+    """``body`` with ``values`` ({flat index: float}) written into the f32 record of layer ``layer``, whose
+    CRC in ``meta`` is made good (``container`` makes the header's and the file's good)."""
+    e = meta["layers"][layer]
+    assert e["record"] == "f32"
+    rec = np.frombuffer(body, "<f4", e["length"] // 4, e["offset"]).copy()
+    rec[list(values)] = list(values.values())
+    e["crc32"] = crc32(rec.tobytes())
+    return body[:e["offset"]] + rec.tobytes() + body[e["offset"] + e["length"]:]
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_artifact_float32_record_mutations(made, tmp_path_factory, data):
+    """Values of a baseline layer's f32 record changed (NaN, Inf, subnormals, the float32 maxima among
+    them), every CRC recomputed: refused naming the layer exactly when a value is not finite, else
+    decoded to those values."""
+    meta, body = split(made["fp8-e4m3-pot"].read_bytes())
+    layer = data.draw(st.integers(0, len(meta["layers"]) - 1))
+    n = meta["layers"][layer]["length"] // 4
+    values = data.draw(st.dictionaries(st.integers(0, n - 1), st.floats(width=32), min_size=1, max_size=4))
+    d = tmp_path_factory.mktemp("f")
+    bad, out = d / "x.sopq", d / "x.safetensors"
+    bad.write_bytes(container(meta, f32_record_edit(meta, body, layer, values)))
+    check_artifact(bad, out)
+    assert out.exists() == bool(np.isfinite(list(values.values())).all())
+    if out.exists():                                     # the file holds them, in the checkpoint's orientation
+        from safetensors.numpy import load_file
+
+        e = A.open_artifact(bad).layers[layer]
+        w = load_file(str(out))[e.name]
+        got = (w.T if e.transposed else w).ravel()
+        assert np.array_equal(got[list(values)], np.float32(list(values.values())))
+
+
 # -- golden layer streams ------------------------------------------------------------------------------------
 
 @fuzz(150)

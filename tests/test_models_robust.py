@@ -233,12 +233,18 @@ def test_torch_legacy_storage_size_claim_is_bounded_by_the_file(tmp_path):
     bad(p, match=f"elements, the pickle declares {2 ** 62})")
 
 
-def test_torch_zip_data_corruption_fails_the_crc(tmp_path):
-    sd = torch_state()
-    data = bytearray(torch_bytes(False))
-    i = bytes(data).index(sd["a.weight"].numpy().tobytes())
-    data[i + 5] ^= 0x40
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["float32", "float64", "float16", "bfloat16"])
+def test_torch_zip_data_corruption_fails_the_crc(tmp_path, dtype):
+    """The memory-mapped zip is CRC-checked on each read path: numpy's own type (float16, 32, 64) and
+    torch's float32 conversion (bfloat16)."""
+    torch.manual_seed(0)
+    t = torch.randn(4, 8).to(dtype)
     p = tmp_path / "m.pt"
+    torch.save({"a.weight": t, "c.bias": torch.randn(3)}, p)
+    data = bytearray(p.read_bytes())
+    i = bytes(data).index(t.view(torch.uint8).numpy().tobytes())
+    data[i + 5] ^= 0x40
     p.write_bytes(bytes(data))
     bad(p, match="tensor a.weight: its data fails the zip archive's CRC-32 check")
 
@@ -283,6 +289,31 @@ def test_torch_sparse_csr_is_refused(tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         csr = torch.randn(4, 8).to_sparse_csr()
     bad(_torch_file(tmp_path, csr), at=tmp_path / "m.pt")
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """A float64 array's bit patterns: -0.0, subnormals and NaN payloads compared exactly."""
+    return np.ascontiguousarray(a, np.float64).view(np.uint64)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_torch_float64_and_float16_are_read_as_stored_like_safetensors(tmp_path, legacy):
+    """A torch file's float64 reaches the loader unrounded, as a safetensors file's does: 1/3 is not
+    float32's 1/3, 1e300 no Inf, 1e-320 (a float64 subnormal) no 0, and the range checks downstream
+    see the same numbers from either file. Read-only: the array is a view of the reader's tensor."""
+    w64 = np.array([[1 / 3, 1e300, -1e-320, -0.0], [np.pi, 2.0 ** -1074, -1e-300, -1.7e308]])
+    w16 = f32(3, 5).astype(np.float16)
+    p, st = tmp_path / "m.pt", tmp_path / "m.safetensors"
+    torch.save({"a.weight": torch.from_numpy(w64), "b.weight": torch.from_numpy(w16)}, p,
+               _use_new_zipfile_serialization=not legacy)
+    save_file({"a.weight": w64, "b.weight": w16}, str(st))
+    m, ref = open_model(str(p)), open_model(str(st))
+    for name, want in (("a.weight", w64), ("b.weight", w16)):
+        got = m.load(name)
+        np.testing.assert_array_equal(bits(got), bits(want), err_msg=name)
+        np.testing.assert_array_equal(bits(got), bits(ref.load(name)), err_msg=name)
+        assert not m._reader.get(name).flags.writeable
+        np.testing.assert_array_equal(bits(m.load(name)), bits(want), err_msg=name)      # read again: the same
 
 
 def test_torch_non_contiguous_tensor_reads_correctly(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from cli_run import run
 from sop.cli import main
 from sop.golden.decoder import decode_layer
 from sop.golden.formats import FLOAT32_MAX, to_float32
@@ -103,3 +104,144 @@ def test_a_non_finite_reconstruction_is_a_bug_not_a_figure():
     q[1, 3] = np.inf
     with pytest.raises(RuntimeError, match="not finite"):
         ErrorStats.of(w, q)
+
+
+# -- a float64 checkpoint: the same numbers, refusals and results from torch as from safetensors ------------
+
+def float64_checkpoints(tmp_path, w: np.ndarray) -> list:
+    """The float64 layer ``w`` as safetensors, a torch zip (read memory-mapped) and a legacy torch pickle."""
+    import torch
+
+    files = [tmp_path / "w.safetensors", tmp_path / "w.pt", tmp_path / "w.bin"]
+    save_file({LAYER: w}, str(files[0]))
+    torch.save({LAYER: torch.from_numpy(w)}, files[1])
+    torch.save({LAYER: torch.from_numpy(w)}, files[2], _use_new_zipfile_serialization=False)
+    return files
+
+
+def out_of_float32(case: str) -> np.ndarray:
+    w = np.random.default_rng(4).standard_normal((16, 32))
+    if case == "1e300":
+        w[2, 3] = 1e300
+    elif case == "-1e300 and a NaN":
+        w[2, 3], w[0, 0] = -1e300, np.nan
+    else:                                                # a float64 subnormal everywhere: float32's 0
+        w = np.full((16, 32), 1e-320)
+    return w
+
+
+REFUSED = {("1e300", "error"): "weight 1e+300 at row 2, column 3 is beyond float32's range",
+           ("1e300", "zero"): "weight 1e+300 at row 2, column 3 is beyond float32's range",
+           ("-1e300 and a NaN", "error"): "non-finite weight nan at row 0, column 0 (1 in the layer)",
+           ("-1e300 and a NaN", "zero"): "weight -1e+300 at row 2, column 3 is beyond float32's range",
+           ("1e-320 everywhere", "error"): "every weight lies below float32's smallest normal number",
+           ("1e-320 everywhere", "zero"): "every weight lies below float32's smallest normal number"}
+
+
+@pytest.mark.parametrize("case, policy", list(REFUSED))
+@pytest.mark.parametrize("cmd", ["eval", "quantize"])
+def test_a_float64_checkpoint_is_refused_alike_from_torch_and_safetensors(tmp_path, capsys, case, policy, cmd):
+    """A finite float64 weight that float32 cannot hold is refused from every file kind with the same
+    line: never read as Inf (which --nan-policy zero would zero) or as a layer of zeros."""
+    files = float64_checkpoints(tmp_path, out_of_float32(case))
+    lines = []
+    for f in files:
+        out = ["--json", tmp_path / "e.json"] if cmd == "eval" else ["--out", tmp_path / "q.sopq"]
+        assert run([cmd, f, "--format", "sop4-g16", "--nan-policy", policy, "--quiet", *out]) == 2, f
+        err = capsys.readouterr().err
+        assert err.startswith(f"sop: error: {LAYER}: ") and err.count("\n") == 1, err
+        lines.append(err)
+    assert REFUSED[case, policy] in lines[0] and lines[1:] == lines[:-1], lines
+    assert sorted(tmp_path.iterdir()) == sorted(files)                    # nothing written
+
+
+@pytest.mark.parametrize("fmt", ["sop4-g16", "fp8-e4m3-pot", "nvfp4"])
+def test_a_float64_torch_checkpoint_quantizes_bit_for_bit_like_its_safetensors(tmp_path, capsys, fmt):
+    """Weights that are no float32 (read unrounded from every kind): the same records, choices and
+    measured error, whether the layer comes from safetensors or torch."""
+    files = float64_checkpoints(tmp_path, np.random.default_rng(8).standard_normal((32, 48)) * 0.05)
+    made = []
+    for f in files:
+        art = tmp_path / f"{f.suffix[1:]}.sopq"
+        assert run(["quantize", f, "--format", fmt, "--out", art, "--quiet"]) == 0
+        a = A.open_artifact(art)
+        made.append((a.meta["summary"], [e.as_dict() for e in a.layers], [a.record(e) for e in a.layers]))
+    capsys.readouterr()
+    assert made[1] == made[0] and made[2] == made[0]
+
+
+# -- a crafted artifact: an f32 record holding NaN or Inf, every CRC good ------------------------------------
+
+BASELINE_LAYERS = {"blk.0.fc.weight": (16, 48), "h.0.attn.c_attn.weight": (32, 24)}   # the second transposed
+
+
+@pytest.fixture(scope="module")
+def baseline_sopq(tmp_path_factory):
+    """An fp8-e4m3-pot artifact: its layers are f32 records."""
+    d = tmp_path_factory.mktemp("f32")
+    rng = np.random.default_rng(12)
+    save_file({n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in BASELINE_LAYERS.items()},
+              str(d / "m.safetensors"))
+    assert main(["quantize", str(d / "m.safetensors"), "--format", "fp8-e4m3-pot", "--out", str(d / "b.sopq"),
+                 "--quiet"]) == 0
+    return d / "b.sopq"
+
+
+def with_f32_value(sopq, dest, layer: int, r: int, c: int, value: float) -> tuple:
+    """``sopq`` with ``value`` at row r, column c of layer ``layer``'s f32 record, written to ``dest`` with
+    every CRC recomputed; (the layer's name, the value as float32 prints it)."""
+    from test_fuzz_files import container, f32_record_edit, split
+
+    meta, body = split(sopq.read_bytes())
+    e = meta["layers"][layer]
+    dest.write_bytes(container(meta, f32_record_edit(meta, body, layer, {r * e["shape"][1] + c: value})))
+    return e["name"], str(np.float32(value))
+
+
+@pytest.mark.parametrize("layer, value", [(0, np.nan), (1, np.inf), (1, -np.inf)])
+def test_a_non_finite_float32_record_is_refused_not_written(baseline_sopq, tmp_path, capsys, layer, value):
+    """sop never writes one (its float32 rule saturates), so the CRCs prove nothing: the record is
+    refused where it is read, naming the file and the layer, and no output file is left."""
+    bad = tmp_path / "x.sopq"
+    name, said = with_f32_value(baseline_sopq, bad, layer, 3, 5, value)
+    art = A.open_artifact(bad)                           # the CRCs are good: the refusal is the record's own
+    with pytest.raises(A.ArtifactError) as info:
+        art.weights(art.layers[layer])
+    assert str(info.value).startswith(f"{bad}: layer {name}: float32 record holds 1 non-finite value "
+                                      f"(the first, {said}, at row 3, column 5)"), info.value
+    assert np.isfinite(art.weights(art.layers[1 - layer])).all()           # the other layer reads
+    assert run(["dequantize", bad, "--out", tmp_path / "w.safetensors", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sop: error: {info.value}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.sopq"]        # no output, no temporary file
+    with_f32_value(baseline_sopq, bad, layer, 3, 5, 0.5)                   # the control: a finite value
+    assert run(["dequantize", bad, "--out", tmp_path / "w.safetensors", "--quiet"]) == 0
+
+
+def test_a_non_finite_float32_record_is_refused_by_the_model_folder_export(tmp_path, capsys):
+    """`sop dequantize --model-folder` reads the records through the same check: one line, no folder."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
+
+    from sop.quantize import calib as C
+    from test_causal_lm import make_folder
+
+    tk = Tokenizer(models.BPE())                        # test_causal_lm's tokenizer, trained on less text
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(C.corpus()[:50], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = make_folder(tmp_path / "llama", "llama",
+                         PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>"))
+    good, bad, out = tmp_path / "g.sopq", tmp_path / "x.sopq", tmp_path / "out"
+    assert main(["quantize", str(folder), "--format", "fp8-e4m3-pot", "--out", str(good), "--quiet",
+                 "--no-calib", "--include", "model.layers.0.mlp.*"]) == 0
+    name, _ = with_f32_value(good, bad, 1, 2, 7, np.nan)
+    assert run(["dequantize", bad, "--model-folder", "--out", out, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sop: error: {bad}: layer {name}: float32 record holds 1 non-finite value (the "
+                          f"first, nan, at row 2, column 7)") and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    with_f32_value(good, bad, 1, 2, 7, 0.5)                                # the control: a finite value
+    assert run(["dequantize", bad, "--model-folder", "--out", out, "--quiet"]) == 0
