@@ -126,9 +126,8 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
                 raise OutputError(f"{path}: the output is the input {src}; refusing to overwrite an "
                                   f"input (choose another --out)")
     parent = path if folder else _real_target(path).parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
+    missing = _missing_folders(parent)
+    existing = missing[0].parent if missing else parent
     if not existing.is_dir():
         raise OutputError(f"{path}: cannot create the output folder: {existing} is not a folder")
     if existing == parent:                      # a real probe: os.access says yes to root everywhere
@@ -237,19 +236,13 @@ def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterato
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Stream a file to ``path``: renamed into place when the block ends normally.
+    """Stream a file to ``path``: renamed into place when the block ends normally (a set of one
+    file, ``atomic_files``).
 
     Refuses (``OutputError``) a target that exists and is not a regular file, before
     writing and again just before the rename."""
-    path = Path(path)
-    _refuse_non_regular(path)
-    target = _real_target(path)
-    with temp_file_in(target.parent, target.name) as (f, tmp):
+    with atomic_files() as files, files.open(path) as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
-        _refuse_non_regular(target)
-        os.replace(tmp, target)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
