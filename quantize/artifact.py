@@ -72,9 +72,8 @@ from sop.golden.formats import to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
-from sop.quantize.blockwise import narrow_weights
 from sop.quantize.evaluate import (LayerOutcome, _BudgetOutcomes, budget_model, calibration_for,
-                                   check_options, jsonable, layer_line, quantize_layer, reporter, sanitize)
+                                   check_options, jsonable, layer_line, quantize_layer, read_weight, reporter)
 from sop.quantize.evaluate import _layer_outcomes as evaluate_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
@@ -432,8 +431,7 @@ class _BudgetRecords(_BudgetOutcomes):
         b = self.budgeted
         for lay in self.src.layers:
             t0 = time.perf_counter()
-            w, n_bad = sanitize(lay.name, self.src.load(lay.name), self.nan_policy)
-            w = narrow_weights(w)                   # float32 where exact: 4 bytes a weight held
+            w, n_bad = read_weight(self.src, lay.name, self.nan_policy)
             act = self.cal.get(lay.name)
             res = b.results.pop(lay.name)
             s = ErrorStats.of(w, res.recon, act, res.bits)

@@ -37,7 +37,9 @@ metrics (quantize/metrics.py) weight input column ``j`` by
   must be a whole number >= 0, every statistic a finite, non-negative float
   vector as long as its layer's input channels) is a miss: recomputed and
   replaced atomically, never an error and never a figure; ``say`` (when given)
-  gets one line naming the file and what is wrong with it.
+  gets one line naming the file and what is wrong with it. A cache file that
+  cannot be written (a full disk, a read-only folder) is said the same way and
+  the run goes on: the cache only saves the next run's time.
 * Any other model has no forward pass here: ``Calibration.weighted`` is False,
   every error is unweighted (``a = 1``), and ``note`` says so, with the reason
   (`sop eval` prints it and writes it to the JSON).
@@ -57,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import write_atomic
+from sop.golden.files import OutputError, write_atomic
 
 CALIB_VERSION = 1
 CAUSAL_VERSION = 1
@@ -246,12 +248,20 @@ def _cached(path: Path, key: str, note: str, src, say) -> Calibration | None:
     return hit
 
 
-def _save(path: Path, cal: Calibration) -> None:
+def _save(path: Path, cal: Calibration, say) -> None:
+    """The cache file written atomically. One that cannot be written (a full disk, a read-only
+    folder) costs only the next run's calibration: the run goes on, ``say`` told why."""
     buf = io.BytesIO()
     meta = {"key": cal.key, "sentences": cal.sentences, "tokens": cal.tokens, "version": CALIB_VERSION,
             "seqs": cal.seqs, "seq_len": cal.seq_len}
     np.savez(buf, **cal.act_ms, **{_META: np.array(json.dumps(meta))})
-    write_atomic(path, buf.getvalue())
+    try:
+        write_atomic(path, buf.getvalue())
+    except (OSError, OutputError) as err:
+        if say is not None:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(err).removeprefix(f"{path}: ")
+            why = " ".join(why.split())
+            say(f"calibration cache {path} not saved ({why}): going on without it; the next run calibrates again")
 
 
 def _sentences_used(runner, sentences: list[str], n_tokens: int) -> int:
@@ -289,7 +299,7 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     cal = Calibration(True, note, stats, key, _sentences_used(runner, sentences, tokens), tokens,
                       seqs=size.seqs, seq_len=size.seq_len)
     if use_cache:
-        _save(path, cal)
+        _save(path, cal, say)
     return cal
 
 
@@ -327,5 +337,5 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
     stats, tokens = collect_stats(Bert(src.bert_folder, src.bert_prefix), sentences)
     cal = Calibration(True, note, stats, key, len(sentences), tokens)
     if use_cache:
-        _save(path, cal)
+        _save(path, cal, say)
     return cal

@@ -63,6 +63,7 @@ from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import ErrorStats, abs_max, aggregate
+from sop.quantize.checkpoint_files import CheckpointError
 from sop.quantize.models import kept_text, open_model
 
 NAN_POLICIES = ("error", "zero")
@@ -71,33 +72,48 @@ NAN_POLICIES = ("error", "zero")
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)      # the smallest normal float32, 2^-126
 
 
+class WeightError(ValueError):
+    """A weight that no output can hold (``sanitize``); the message starts with the layer's name."""
+
+
 def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarray, int]:
     """The weight with non-finite entries handled by ``policy``, and how many there were.
 
     A weight beyond float32's range, or a nonzero layer whose every weight lies
     below float32's smallest normal number (possible only in a float64
-    checkpoint), is refused: the outputs (float32 files, BF16 hardware values)
-    could not hold it, the first as Inf, the second as all zeros."""
+    checkpoint), is refused (``WeightError``): the outputs (float32 files, BF16
+    hardware values) could not hold it, the first as Inf, the second as all zeros."""
     if policy not in NAN_POLICIES:
         raise ValueError(f"unknown NaN policy {policy!r}; valid: {', '.join(NAN_POLICIES)}")
     bad = ~np.isfinite(w)
     n = int(bad.sum())
     if n and policy == "error":
         r, c = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
-                         f"--nan-policy zero replaces them with 0")
+        raise WeightError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
+                          f"--nan-policy zero replaces them with 0")
     w = np.where(bad, 0.0, w) if n else w
     peak = abs_max(w)
     if peak > FLOAT32_MAX:
         r, c = (int(i) for i in np.argwhere(np.abs(w) > FLOAT32_MAX)[0])
-        raise ValueError(f"{name}: weight {w[r, c]:.6g} at row {r}, column {c} is beyond float32's range "
-                         f"(+-{FLOAT32_MAX:.6g}); the quantized outputs are float32 and BF16: rescale the "
-                         f"checkpoint")
+        raise WeightError(f"{name}: weight {w[r, c]:.6g} at row {r}, column {c} is beyond float32's range "
+                          f"(+-{FLOAT32_MAX:.6g}); the quantized outputs are float32 and BF16: rescale the "
+                          f"checkpoint")
     if 0 < peak < FLOAT32_TINY:
-        raise ValueError(f"{name}: every weight lies below float32's smallest normal number "
-                         f"({FLOAT32_TINY:.6g}; the largest is {peak:.6g}): the layer would decode to "
-                         f"zeros; rescale the checkpoint")
+        raise WeightError(f"{name}: every weight lies below float32's smallest normal number "
+                          f"({FLOAT32_TINY:.6g}; the largest is {peak:.6g}): the layer would decode to "
+                          f"zeros; rescale the checkpoint")
     return w, n
+
+
+def read_weight(src, name: str, policy: str = "error") -> tuple[np.ndarray, int]:
+    """A layer of ``src`` read and checked by ``sanitize``, narrowed to float32 where exact (4 bytes
+    a weight held), and its count of non-finite entries. A weight the outputs cannot hold is a
+    ``CheckpointError`` naming the file that holds it, as every other fault of a checkpoint is."""
+    try:
+        w, n_bad = sanitize(name, src.load(name), policy)
+    except WeightError as e:
+        raise CheckpointError(src.file_of(name), str(e)) from None
+    return narrow_weights(w), n_bad
 
 
 def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = 16, seq_len: int = 256):
@@ -152,10 +168,11 @@ def check_options(fmts, budget: float | None, nan_policy: str) -> None:
 
 
 def reporter(progress: bool):
-    """A ``say(msg)`` that prints status lines to stderr when ``progress`` is on."""
+    """A ``say(msg)`` that prints status lines to stderr when ``progress`` is on, each one line
+    (a layer's name may hold a line break: a tensor name is any string)."""
     def say(msg):
         if progress:
-            print(msg, file=sys.stderr, flush=True)
+            print(" ".join(str(msg).splitlines()), file=sys.stderr, flush=True)
     return say
 
 
@@ -164,7 +181,7 @@ def announce(src, say) -> None:
     printed even when quiet (a warning is no progress)."""
     say(f"{src.spec}: {src.kept_line()}")
     for note in src.notes:
-        print(f"warning: {note}", file=sys.stderr, flush=True)
+        print(" ".join(f"warning: {note}".splitlines()), file=sys.stderr, flush=True)
 
 
 def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bool = False):
@@ -206,7 +223,7 @@ def budget_inputs(src, cal, nan_policy: str, say=None):
         if say is not None and len(seen) < n:
             _budget_line(say, seen, n, shapes)
             seen.append((name, time.perf_counter()))
-        return narrow_weights(sanitize(name, src.load(name), nan_policy)[0]), cal.get(name)
+        return read_weight(src, name, nan_policy)[0], cal.get(name)
 
     class Inputs(LazyLayers):
         progress = (say, seen, n, shapes)          # for budget_done
@@ -261,8 +278,7 @@ def layer_line(what: str, i: int, n: int, name: str, shape, seconds: float) -> s
 def quantize_layer(src, name: str, fmt, act, nan_policy: str):
     """One layer read, checked and quantized: ``(QuantResult, ErrorStats, non-finite count)``.
     The computation of every command, in this process or a --jobs worker (quantize/jobs.py)."""
-    w, n_bad = sanitize(name, src.load(name), nan_policy)
-    w = narrow_weights(w)               # float32 where exact: the layer held costs 4 bytes a weight
+    w, n_bad = read_weight(src, name, nan_policy)
     res = fmt.quantize(w, act_ms=act, name=name)
     return res, ErrorStats.of(w, res.recon, act, res.bits), n_bad
 
@@ -452,8 +468,7 @@ class _BudgetOutcomes:
         b = self.budgeted
         for lay in self.src.layers:
             t0 = time.perf_counter()
-            w, n_bad = sanitize(lay.name, self.src.load(lay.name), self.nan_policy)
-            w = narrow_weights(w)
+            w, n_bad = read_weight(self.src, lay.name, self.nan_policy)
             act = self.cal.get(lay.name)
             res = b.results.pop(lay.name)
             s = ErrorStats.of(w, res.recon, act, res.bits)

@@ -416,10 +416,10 @@ def budget_layer(opened_with: tuple, name: str, act, nan_policy: str):
     """One layer's sop-budget options in a worker (quantize.schemes.budget_row):
     ``((LayerRow, real columns, real weights, seconds), [])``; the layer read and checked as the
     parent's ``evaluate.budget_inputs`` reads it."""
-    from sop.quantize.evaluate import narrow_weights, sanitize
+    from sop.quantize.evaluate import read_weight
     from sop.quantize.schemes import budget_row
 
     t0 = time.perf_counter()
-    w = narrow_weights(sanitize(name, source(opened_with).load(name), nan_policy)[0])
+    w = read_weight(source(opened_with), name, nan_policy)[0]
     row, cols, real = budget_row(name, w, act)
     return (row, cols, real, time.perf_counter() - t0), []

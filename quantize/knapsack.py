@@ -422,8 +422,10 @@ def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weigh
         return dearest
     if wanted < cheapest:
         # in bits: with layers padded to whole blocks ``budget_bpw`` is not the user's figure
+        least = math.ceil(cheapest / n_weights * 1e4) / 1e4    # the 4-decimal budget that buys it
         raise ValueError(f"--budget is too small: it buys {math.floor(wanted):,} bits, below the cheapest "
-                         f"choice, {cheapest:,} bits (every layer in its cheapest option)")
+                         f"choice, {cheapest:,} bits (every layer in its cheapest option): give --budget "
+                         f"{least:.4f} or more")
     return int(math.floor(wanted))
 
 

@@ -79,7 +79,7 @@ from pathlib import Path
 import numpy as np
 
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
-from sop.quantize.tensor_readers import READERS
+from sop.quantize.tensor_readers import READERS, Reader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -182,7 +182,7 @@ class ModelSource:
     lm_head: str = ""                           # what happened to the output head, one line ("" if none)
     tied_to: str | None = None                  # a quantized tied head: the embedding tensor it shares
     notes: list[str] = field(default_factory=list)   # warnings about the reference (once per model)
-    _reader: object = None
+    _reader: Reader = None  # type: ignore[assignment]  # set by open_model
     _fingerprint: str | None = None
     _runner: object = None                      # the loaded forward pass (quantize/causal_lm.py), cached
     #: the arguments of ``open_model`` that opened it: a worker process (quantize/jobs.py) reopens
@@ -202,7 +202,7 @@ class ModelSource:
             w = np.asarray(self._reader.get(name), dtype=np.float64)
         stored = lay.shape[::-1] if lay.transposed else lay.shape
         if w.shape != stored:                     # never hand on a tensor that was read differently
-            raise CheckpointError(self._reader.file_of(name), f"tensor {name} was read as shape {w.shape}, "
+            raise CheckpointError(self.file_of(name), f"tensor {name} was read as shape {w.shape}, "
                                                               f"the file declares {stored}")
         return np.ascontiguousarray(w.T) if lay.transposed else w
 
@@ -235,8 +235,13 @@ class ModelSource:
         """A tensor's shape as the file stores it."""
         return tuple(self._reader.info(name)[0])
 
+    def file_of(self, name: str) -> Path:
+        """The file that holds tensor ``name``."""
+        return self._reader.file_of(name)
+
     def read_tensor(self, name: str) -> np.ndarray:
-        """Any tensor of the checkpoint as the file stores it (float32 for the float types)."""
+        """Any tensor of the checkpoint as its reader's ``get`` hands it on (quantize/tensor_readers.py):
+        float16, float32 and float64 as stored; BF16, FP8 and GGUF's quantized types as float32."""
         return np.asarray(self._reader.get(name))
 
     def kept(self) -> dict[str, int]:

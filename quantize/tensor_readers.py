@@ -51,6 +51,14 @@ class Reader:
     def file_of(self, name) -> Path:
         return self.where[name]
 
+    def info(self, name) -> tuple:
+        """``(shape, dtype name, is floating point)``, read from the header alone."""
+        raise NotImplementedError
+
+    def get(self, name) -> np.ndarray:
+        """The tensor (the module docstring says which dtype each kind comes as)."""
+        raise NotImplementedError
+
 
 class SafetensorsReader(Reader):
     def __init__(self, files: list[Path]):

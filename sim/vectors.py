@@ -339,6 +339,7 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     ``rows`` keeps only the first rows of each layer (small, fast vector sets).
     """
     from sop.golden.files import check_output
+    from sop.quantize.evaluate import read_weight
     from sop.quantize.models import open_model
 
     if rows is not None and rows <= 0:
@@ -358,6 +359,6 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
         check_output(out_dir / f, source.files)          # no vector file may replace an input
     streams = {}
     for name in names:                      # one layer in memory at a time
-        w = source.load(name)
+        w = read_weight(source, name)[0]    # a weight no output can hold: refused naming its file
         streams[name] = quantize_layer(fmt, w if rows is None else w[:rows], name)
     return write_vectors(out_dir, streams, {"model": model, "format": fmt})

@@ -562,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
                         "and the throughput; a layer's sparse residuals too (the ULX3S's engine adds them; the iCEBreaker's "
                         "has no residual path and refuses such a layer)")
     b.set_defaults(func=cmd_board)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra:                                 # named by the command's own parser: `see sop eval --help`
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     with signals_as_interrupts():
         try:
             return args.func(args)

@@ -1,6 +1,8 @@
 """quantize.calib and the plain-torch BERT of quantize.e2e: the offline text, the forward pass
 against sentence-transformers, statistics with the padding masked, the cache, and the fallback."""
 
+import errno
+import os
 from typing import Any, cast
 
 import numpy as np
@@ -129,10 +131,10 @@ def test_a_damaged_cache_file_is_rebuilt_not_an_error(tmp_path, damage):
     layer = next(iter(first.act_ms))
     if damage == "negative statistic":
         stats = {**first.act_ms, layer: -first.act_ms[layer]}
-        C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens))
+        C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens), None)
     elif damage == "statistic too short":
         stats = {**first.act_ms, layer: first.act_ms[layer][:100]}
-        C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens))
+        C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens), None)
     elif damage == "metadata count 1e400":
         meta = '{"key": "%s", "sentences": 1e400, "tokens": 5, "version": 1}' % first.key
         np.savez(path, **first.act_ms, **{C._META: np.array(meta)})
@@ -148,6 +150,31 @@ def test_a_damaged_cache_file_is_rebuilt_not_an_error(tmp_path, damage):
         DAMAGE[damage].format(layer=layer) in said[0] and "\n" not in said[0], said
     assert said[0].endswith("): recomputing it, the file will be replaced")
     assert C.calibrate(src, n_sentences=12, cache_dir=tmp_path, say=said.append).cached and len(said) == 1
+
+
+@pytest.mark.parametrize("fault", ["disk full", "a folder in the way"])
+def test_a_cache_that_cannot_be_saved_is_said_and_the_run_goes_on(tmp_path, monkeypatch, fault):
+    """The cache only saves the next run's time: a full disk or a folder where the cache file goes
+    costs that, not the statistics just computed (the run once failed after calibrating)."""
+    src = open_model("minilm")
+    ref = C.calibrate(src, n_sentences=12, use_cache=False)
+    path = tmp_path / f"{C.calibrate(src, n_sentences=12, cache_dir=tmp_path / 'probe').key[:32]}.npz"
+    if fault == "disk full":
+        def no_room(target, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        monkeypatch.setattr(C, "write_atomic", no_room)
+    else:
+        (path / "x").mkdir(parents=True)
+    said = []
+    cal = C.calibrate(src, n_sentences=12, cache_dir=tmp_path, say=said.append)
+    assert cal.weighted and not cal.cached and cal.act_ms.keys() == ref.act_ms.keys()
+    for k, v in ref.act_ms.items():
+        np.testing.assert_array_equal(cal.act_ms[k], v)
+    saved = [line for line in said if "not saved" in line]
+    assert len(saved) == 1 and saved[0].startswith(f"calibration cache {path} not saved (") and \
+        "going on without it" in saved[0], said
+    assert ("No space left on device" if fault == "disk full" else "folder") in saved[0]
+    assert (path / "x").is_dir() if fault != "disk full" else not path.exists()
 
 
 def test_models_without_a_forward_pass_fall_back_to_unweighted(tmp_path):

@@ -80,7 +80,8 @@ def test_a_bad_option_is_one_line_naming_it(ckpt, tmp_path, capsys, case):
 @pytest.mark.parametrize("cmd", ["eval", "quantize"])
 def test_any_budget_above_0_is_capped_or_refused_in_one_line(ckpt, tmp_path, capsys, cmd):
     """A finite --budget the parser accepts: 1e308 buys every layer's dearest option (it once
-    overflowed into an internal error); one below the cheapest option is one line naming --budget."""
+    overflowed into an internal error); one below the cheapest option is one line naming --budget and the
+    least budget that runs."""
     out = tmp_path / ("r.json" if cmd == "eval" else "q.sopq")
     argv = [cmd, str(ckpt), "--format", "sop-budget", "--quiet", "--no-calib"] + \
         (["--no-e2e", "--json", str(out)] if cmd == "eval" else ["--out", str(out)])
@@ -89,9 +90,22 @@ def test_any_budget_above_0_is_capped_or_refused_in_one_line(ckpt, tmp_path, cap
     err = one_error_line(capsys, argv + ["--budget", "0.5"])
     assert err.startswith("sop: error: --budget is too small: it buys 512 bits, below the cheapest choice"), err
     assert list(tmp_path.iterdir()) == []
+    least = float(err.split("give --budget ")[1].split()[0])        # the budget it names is the least that runs
+    assert run(argv + ["--budget", f"{least - 1e-4:.4f}"]) == 2 and not out.exists()
+    assert run(argv + ["--budget", f"{least:.4f}"]) == 0 and out.is_file()
 
 
 # -- paths ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, said", [
+    (["eval", "M", "--format", "sop4-g16", "--layers", "x"],
+     "sop: error: sop eval: unrecognized arguments: --layers x (see sop eval --help)"),
+    (["codebook", "nf4", "extra"], "sop: error: sop codebook: unrecognized arguments: extra (see sop codebook --help)"),
+    (["nosuch"], "sop: error: sop: argument cmd: invalid choice: 'nosuch'")])
+def test_an_unknown_argument_points_at_its_commands_help(capsys, argv, said):
+    """A mistyped option is the subcommand's, so its help is the one to read, not `sop --help`."""
+    assert one_error_line(capsys, argv).startswith(said)
+
 
 def test_a_missing_model_names_the_path(tmp_path, capsys):
     err = one_error_line(capsys, ["eval", str(tmp_path / "nope.safetensors"), "--format", "nvfp4"])
@@ -169,7 +183,7 @@ def test_a_float64_layer_outside_float32_is_refused(tmp_path, capsys, cmd, scale
             "eval": ["eval", str(path), "--format", "fp8-e4m3-pot", "--quiet"],
             "vectors": ["vectors", str(path), "--format", "sop4-g16", "--out", out]}[cmd]
     err = one_error_line(capsys, argv)
-    assert LAYER in err and said in err
+    assert f"{path}: {LAYER}: " in err and said in err
 
 
 # -- what is not the user's fault ---------------------------------------------------------------------------

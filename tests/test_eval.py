@@ -56,6 +56,22 @@ def test_eval_prints_the_table(capsys, tmp_path):
     assert "mxfp4" in out and "6 linear layers" in out and "unweighted" in out and "SQNR" in out
 
 
+@pytest.mark.parametrize("cmd", ["eval", "quantize"])
+@pytest.mark.parametrize("fmt", ["sop4-g16", "sop-budget"])
+def test_progress_lines_stay_one_line_whatever_a_layer_is_called(tmp_path, capsys, cmd, fmt):
+    """A tensor name is any string: one holding line breaks still gives one progress line a layer,
+    so a reader (or a log parser) never sees a line that starts inside a name."""
+    names = ["a\nFAKE: line.weight", "b\r\nFAKE\u2028FAKE.weight"]
+    save_file({n: torch.ones(16, 32) * (i + 1) for i, n in enumerate(names)}, tmp_path / "m.safetensors")
+    out = ["--json", str(tmp_path / "e.json")] if cmd == "eval" else ["--out", str(tmp_path / "q.sopq")]
+    budget = ["--budget", "6"] if fmt == "sop-budget" else []
+    assert main([cmd, str(tmp_path / "m.safetensors"), "--format", fmt, *budget, *out]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert not any(line.startswith("FAKE") for line in lines), lines
+    assert any("a FAKE: line.weight 16x32" in line for line in lines), lines
+    assert any("b FAKE FAKE.weight 16x32" in line for line in lines), lines
+
+
 def _toy(tmp_path, w):
     save_file({"l.0.fc.weight": torch.from_numpy(w.astype(np.float32)),
                "l.1.fc.weight": torch.ones(8, 64)}, tmp_path / "m.safetensors")

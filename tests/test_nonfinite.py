@@ -142,15 +142,16 @@ REFUSED = {("1e300", "error"): "weight 1e+300 at row 2, column 3 is beyond float
 @pytest.mark.parametrize("cmd", ["eval", "quantize"])
 def test_a_float64_checkpoint_is_refused_alike_from_torch_and_safetensors(tmp_path, capsys, case, policy, cmd):
     """A finite float64 weight that float32 cannot hold is refused from every file kind with the same
-    line: never read as Inf (which --nan-policy zero would zero) or as a layer of zeros."""
+    line, naming the file: never read as Inf (which --nan-policy zero would zero) or as a layer of
+    zeros."""
     files = float64_checkpoints(tmp_path, out_of_float32(case))
     lines = []
     for f in files:
         out = ["--json", tmp_path / "e.json"] if cmd == "eval" else ["--out", tmp_path / "q.sopq"]
         assert run([cmd, f, "--format", "sop4-g16", "--nan-policy", policy, "--quiet", *out]) == 2, f
         err = capsys.readouterr().err
-        assert err.startswith(f"sop: error: {LAYER}: ") and err.count("\n") == 1, err
-        lines.append(err)
+        assert err.startswith(f"sop: error: {f}: {LAYER}: ") and err.count("\n") == 1, err
+        lines.append(err.replace(str(f), "FILE"))
     assert REFUSED[case, policy] in lines[0] and lines[1:] == lines[:-1], lines
     assert sorted(tmp_path.iterdir()) == sorted(files)                    # nothing written
 
