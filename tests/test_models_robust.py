@@ -476,6 +476,98 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, capsys, name, content):
     assert not (tmp_path / "o.sopq").exists()
 
 
+# -- sharded folders: what transformers loads, and every shard its index names --------------------------
+
+SHARDS = {"model-00001-of-00002": {"l.0.fc.weight": (16, 32), "l.1.fc.weight": (16, 32)},
+          "model-00002-of-00002": {"l.2.fc.weight": (32, 16)}}
+
+
+def sharded(folder: Path, kind: str = "safetensors") -> dict[str, np.ndarray]:
+    """A sharded checkpoint as transformers writes it (shards + index); its tensors."""
+    folder.mkdir()
+    ext, index = ("safetensors", "model.safetensors.index.json") if kind == "safetensors" else \
+        ("bin", "pytorch_model.bin.index.json")
+    tensors, weight_map = {}, {}
+    for shard, shapes in SHARDS.items():
+        part = {n: f32(*shape) for n, shape in shapes.items()}
+        name = f"{shard}.{ext}" if kind == "safetensors" else f"pytorch_{shard}.{ext}"
+        if kind == "safetensors":
+            save_file(part, str(folder / name))
+        else:
+            torch.save({n: torch.from_numpy(w) for n, w in part.items()}, folder / name)
+        tensors.update(part)
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return tensors
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_a_sharded_folder_reads_what_its_index_names(tmp_path, kind):
+    """Every layer of every shard, and nothing else in the folder: a stray checkpoint beside the
+    shards (Mistral ships a consolidated.safetensors in other names) is not what transformers loads."""
+    tensors = sharded(tmp_path / "m", kind)
+    save_file({"layers.0.attention.wq.weight": f32(16, 16)}, str(tmp_path / "m" / "consolidated.safetensors"))
+    m = open_model(str(tmp_path / "m"))
+    assert {lay.name for lay in m.layers} == set(tensors)
+    for name, w in tensors.items():
+        np.testing.assert_array_equal(m.load(name), w)
+
+
+def test_a_single_model_file_wins_over_other_checkpoints_in_its_folder(tmp_path):
+    """As transformers chooses: model.safetensors, not every *.safetensors beside it."""
+    (tmp_path / "m").mkdir()
+    w = f32(16, 32)
+    save_file({"l.0.fc.weight": w}, str(tmp_path / "m" / "model.safetensors"))
+    save_file({"adapter.fc.weight": f32(8, 32)}, str(tmp_path / "m" / "adapter_model.safetensors"))
+    m = open_model(str(tmp_path / "m"))
+    assert [lay.name for lay in m.layers] == ["l.0.fc.weight"] and m.files == [tmp_path / "m" / "model.safetensors"]
+
+
+def _damage_index(folder: Path, damage: str) -> str:
+    index = folder / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    if damage == "missing shard":
+        (folder / "model-00002-of-00002.safetensors").unlink()
+        return "names shard model-00002-of-00002.safetensors (1 tensor), which is missing: the checkpoint is incomplete"
+    if damage == "shard is a folder":
+        (folder / "model-00002-of-00002.safetensors").unlink()
+        (folder / "model-00002-of-00002.safetensors").mkdir()
+        return "which is not a regular file"
+    if damage == "swapped shards":
+        doc["weight_map"]["l.2.fc.weight"] = "model-00001-of-00002.safetensors"
+        doc["weight_map"]["l.0.fc.weight"] = "model-00002-of-00002.safetensors"
+        index.write_text(json.dumps(doc))
+        return "puts tensor l.0.fc.weight in model-00002-of-00002.safetensors, which does not hold it " \
+               "(model-00001-of-00002.safetensors does)"
+    if damage == "a tensor no shard holds":
+        doc["weight_map"]["l.9.fc.weight"] = "model-00002-of-00002.safetensors"
+        index.write_text(json.dumps(doc))
+        return "puts tensor l.9.fc.weight in model-00002-of-00002.safetensors, which does not hold it"
+    if damage == "shard outside the folder":
+        doc["weight_map"]["l.2.fc.weight"] = "../model-00002-of-00002.safetensors"
+        index.write_text(json.dumps(doc))
+        return "names shard '../model-00002-of-00002.safetensors', which is no file name in its folder"
+    if damage == "weight_map a list":
+        index.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}))
+        return "its weight_map is not an object of tensor names to shard files"
+    index.write_text("{")
+    return "not valid JSON"
+
+
+@pytest.mark.parametrize("damage", ["missing shard", "shard is a folder", "swapped shards", "a tensor no shard holds",
+                                    "shard outside the folder", "weight_map a list", "index not JSON"])
+def test_a_sharded_folder_whose_index_and_shards_disagree_is_refused(tmp_path, capsys, damage):
+    """A missing shard once quantized the other shards as the whole model, without a word."""
+    sharded(tmp_path / "m")
+    said = _damage_index(tmp_path / "m", damage)
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    bad(tmp_path / "m", at=index, match=said)
+    rc = main(["quantize", str(tmp_path / "m"), "--format", "sop4-g16", "--out", str(tmp_path / "o.sopq"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"sop: error: {index}: ") and err.count("\n") == 1 and said in err, err
+    assert not (tmp_path / "o.sopq").exists()
+
+
 # -- fuzz: mutated checkpoints of each kind ------------------------------------------------------------
 #
 # The property: open_model + loading every layer either raises CheckpointError naming the file, or
