@@ -12,7 +12,8 @@
   ``*.bin`` / ``*.pt``; otherwise one ``*.gguf``);
 * a torch state dict (``.bin``, ``.pt``, ``.pth``), loaded on the CPU with
   ``weights_only=True`` (memory-mapped where the file is in the zip format;
-  nested ``{"state_dict": ...}`` / ``{"model": ...}`` dicts are flattened with dots);
+  nested ``{"state_dict": ...}`` / ``{"model": ...}`` dicts are flattened with dots, and two
+  tensors that come to one dotted name are refused);
 * a GGUF file (needs the ``gguf`` package, a dependency of the project). F32, F16,
   F64 and BF16 tensors are read as they are; a quantized tensor (Q4_1, Q8_0, ...)
   is dequantized to float32. Its values already sit on a low-bit grid, so they are

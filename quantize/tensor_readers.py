@@ -112,15 +112,21 @@ class SafetensorsReader(Reader):
             raise CheckpointError(f, f"tensor {name} cannot be read ({err.strerror or describe_error(err)})") from None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def _flatten(d: dict, f: Path, prefix: str = "", out: dict | None = None) -> dict:
+    """The tensors of a nested state dict under dotted names. Two that come to one name
+    (``{"a.b": x, "a": {"b": y}}``) are refused: keeping either would quantize a tensor the
+    checkpoint's other reader (transformers, the user's own code) may not mean by that name."""
     import torch
 
-    out = {}
+    out = {} if out is None else out
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            _flatten(v, f, key + ".", out)
         elif isinstance(v, torch.Tensor):
+            if key in out:
+                raise CheckpointError(f, f"two tensors are named {key} once its nested dicts are joined "
+                                         f"with dots")
             out[key] = v
     return out
 
@@ -176,7 +182,7 @@ class TorchReader(Reader):
             for key in ("state_dict", "model"):
                 if key in sd and isinstance(sd[key], dict) and len(sd) == 1:
                     sd = sd[key]
-            for k, v in _flatten(sd).items():
+            for k, v in _flatten(sd, f).items():
                 if k in self.where:
                     raise CheckpointError(f, f"tensor {k} is also in {self.where[k]}")
                 self.tensors[k], self.where[k] = v, f

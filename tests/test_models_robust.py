@@ -291,6 +291,20 @@ def test_torch_sparse_csr_is_refused(tmp_path):
     bad(_torch_file(tmp_path, csr), at=tmp_path / "m.pt")
 
 
+@pytest.mark.parametrize("sd", [
+    {"l.0.fc.weight": torch.ones(16, 32), "l.0": {"fc.weight": torch.full((16, 32), 2.0)}},
+    {"model": {"l.0.fc.weight": torch.ones(16, 32), "l": {"0": {"fc": {"weight": torch.zeros(16, 32)}}}}},
+    {"l": {0: {"fc.weight": torch.ones(16, 32)}, "0": {"fc.weight": torch.zeros(16, 32)}}}],
+    ids=["dotted and nested", "under model", "int and str keys"])
+def test_torch_nested_names_that_flatten_to_one_are_refused(tmp_path, sd):
+    """Two tensors under one dotted name: the last one read was kept, the other quantized away
+    without a word."""
+    torch.save(sd, tmp_path / "m.pt")
+    bad(tmp_path / "m.pt", match="two tensors are named l.0.fc.weight once its nested dicts are joined with dots")
+    torch.save({"l": {"0": {"fc.weight": torch.ones(16, 32)}}, "l.1.fc.weight": torch.ones(8, 32)}, tmp_path / "ok.pt")
+    assert [lay.name for lay in open_model(str(tmp_path / "ok.pt")).layers] == ["l.0.fc.weight", "l.1.fc.weight"]
+
+
 def bits(a: np.ndarray) -> np.ndarray:
     """A float64 array's bit patterns: -0.0, subnormals and NaN payloads compared exactly."""
     return np.ascontiguousarray(a, np.float64).view(np.uint64)
