@@ -207,7 +207,7 @@ class ModelSource:
         stored = lay.shape[::-1] if lay.transposed else lay.shape
         if w.shape != stored:                     # never hand on a tensor that was read differently
             raise CheckpointError(self.file_of(name), f"tensor {name} was read as shape {w.shape}, "
-                                                              f"the file declares {stored}")
+                                                      f"the file declares {stored}")
         return np.ascontiguousarray(w.T) if lay.transposed else w
 
     def iter_layers(self):
@@ -436,8 +436,8 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None
     p = Path(spec)
     if p.is_dir():
         for kind, single, index in HF_WEIGHTS:
-            if (p / single).is_file():
-                return kind, [p / single], p, None
+            if (p / single).exists() or (p / single).is_symlink():   # a FIFO, a dangling link: the
+                return kind, [p / single], p, None                    # reader says what is wrong
             if (p / index).exists():
                 files, shards = _read_index(p / index)
                 return kind, files, p, shards

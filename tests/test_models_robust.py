@@ -537,6 +537,14 @@ def test_a_single_model_file_wins_over_other_checkpoints_in_its_folder(tmp_path)
     assert [lay.name for lay in m.layers] == ["l.0.fc.weight"] and m.files == [tmp_path / "m" / "model.safetensors"]
 
 
+def test_a_dangling_model_file_link_is_refused_not_passed_over(tmp_path):
+    """A Hugging Face cache snapshot whose model.safetensors link lost its blob (an interrupted
+    download) is an error naming the link, not a quiet fall back to other files in the folder."""
+    sharded(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").symlink_to(tmp_path / "blobs" / "gone")
+    bad(tmp_path / "m", at=tmp_path / "m" / "model.safetensors", match="cannot be read (No such file or directory)")
+
+
 def _damage_index(folder: Path, damage: str) -> str:
     index = folder / "model.safetensors.index.json"
     doc = json.loads(index.read_text())
