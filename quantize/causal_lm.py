@@ -12,7 +12,12 @@ end-to-end check of any causal LM (quantize/calib.py, quantize/evaluate.py).
   support), the model built from that configuration, and every tensor read by the project's own
   GGUF reader (quantized types dequantized to float32, as the quantizer reads them), converted to
   ``transformers``' names and layout by ``transformers``' own GGUF tables (name map, the Llama
-  Q/K row permutation, GPT-2's transposes).
+  Q/K row permutation, GPT-2's transposes); a file that holds its own
+  ``output.weight`` runs it as the head, never tied over the input embedding (transformers ties
+  Falcon's and BLOOM's whatever the file holds).
+
+A tokenizer whose ids pass the model's input embeddings (another model's tokenizer) is refused
+when the windows are cut (``CheckpointError`` naming the folder or GGUF file).
 
 **Names.** ``CausalLM.targets`` maps every checkpoint tensor that is the weight of an
 ``nn.Linear`` or HF ``Conv1D`` module to that module (``Target``); a tied output head maps to the
@@ -229,6 +234,11 @@ def _load_gguf(src):
                                  f"calibration and of the end-to-end check needs one; {HINT}")
     try:
         cfg = AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
+        if "output.weight" in reader.names() and getattr(cfg, "tie_word_embeddings", False):
+            # transformers ties Falcon's and BLOOM's head to the input embedding whatever the file holds;
+            # tied, the one matrix would be output.weight's (loaded last) and token_embd.weight's rows
+            # would be lost: the file's own head is what llama.cpp runs
+            cfg.tie_word_embeddings = False
         tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         convert = _GGUFConvert(model, reader.field("general.architecture"), cfg.to_dict())
@@ -396,6 +406,13 @@ class CausalLM:
         w = torch.tensor(ids[:need], dtype=torch.long).view(n, seq_len)
         if self.bos is not None:
             w[:, 0] = self.bos
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        top = int(w.max())
+        if top >= rows or int(w.min()) < 0:
+            where = self.src.files[0] if self.convert is not None else Path(self.src.folder)
+            raise CheckpointError(where, f"its tokenizer gives token id {top if top >= rows else int(w.min())} "
+                                         f"for the {what}, and the model has {rows} input embeddings "
+                                         f"(0 to {rows - 1}): the tokenizer is not this model's; {HINT}")
         return w
 
     # -- calibration ------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ Contract, the same for every reader, built from a list of files:
   ``ModelSource.load`` makes it float64 and ``(out, in)``;
 * GGUF only: ``quantized(name)`` (its quantization type, or None) and ``field(key)`` (a metadata
   value).
+  A GGUF that would be read silently wrong is refused at open: one part of a split model
+  (``split.count`` > 1), or a file in the other byte order than this machine's holding BF16 or
+  quantized tensors (gguf dequantizes those in the machine's byte order only).
 
 Each reader validates its files' structure when it opens them (quantize/checkpoint_files.py:
 headers only, never the whole file) and translates the exceptions its library raises on damaged
@@ -29,6 +32,7 @@ input, type by type, into ``CheckpointError``, whose message starts with the fil
 from __future__ import annotations
 
 import pickle
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -244,6 +248,47 @@ class TorchReader(Reader):
         self.verified.add(key)
 
 
+def _gguf_scalar(fields: dict, key: str):
+    """A scalar metadata value of a gguf.GGUFReader's ``fields`` (str or number), or None."""
+    fl = fields.get(key)
+    if fl is None or not fl.data:
+        return None
+    try:
+        part = fl.parts[fl.data[0]]
+        if fl.types and fl.types[0].name == "STRING":
+            return bytes(part).decode("utf-8", "replace")
+        return part.tolist()[0] if hasattr(part, "tolist") else part
+    except (IndexError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _check_whole_and_in_order(f: Path, r, plain: tuple) -> None:
+    """Refuse a GGUF that would be read silently wrong: one part of a split model (``split.count``
+    > 1: the other parts' layers would be left out without a word), or a file in the other byte
+    order than this machine's that holds BF16 or quantized tensors. gguf reads F32/F16/F64 (and
+    the integer types) of such a file in its byte order, but dequantizes BF16 and the quantized
+    blocks (their f16 scales) in this machine's: a file swapped by gguf_convert_endian.py would
+    come out as other numbers (a Q8_0 weight of 1e6, a BF16 one of 1e38), not as an error."""
+    count = _gguf_scalar(r.fields, "split.count")
+    if isinstance(count, int) and count > 1:
+        no = _gguf_scalar(r.fields, "split.no")
+        part = f"part {no + 1} of " if isinstance(no, int) and 0 <= no < count else "one part of "
+        total = _gguf_scalar(r.fields, "split.tensors.count")
+        held = f" ({len(r.tensors)} of its {total} tensors)" if isinstance(total, int) else ""
+        raise CheckpointError(f, f"{part}a GGUF model split into {count} files (split.count){held}: the "
+                                 f"other parts' layers would be left out; merge the parts into one file "
+                                 f"first (llama-gguf-split --merge)")
+    if r.byte_order == "S":
+        odd = next((t for t in r.tensors if t.tensor_type.name not in plain), None)
+        if odd is not None:
+            order = "big" if sys.byteorder == "little" else "little"
+            raise CheckpointError(f, f"a {order}-endian GGUF holding {odd.tensor_type.name} tensors "
+                                     f"({odd.name}): the gguf package dequantizes BF16 and quantized "
+                                     f"blocks in this machine's byte order ({sys.byteorder}-endian) only, "
+                                     f"so their values would be misread; convert the file to "
+                                     f"{sys.byteorder}-endian first")
+
+
 class GGUFReader(Reader):
     PLAIN = ("F32", "F16", "F64")
     INTS = ("I8", "I16", "I32", "I64")
@@ -268,6 +313,7 @@ class GGUFReader(Reader):
                 raise CheckpointError(f, f"corrupt or truncated GGUF file ({describe_error(err)})") from None
             except OSError as err:
                 raise CheckpointError(f, f"cannot be read ({err.strerror or describe_error(err)})") from None
+            _check_whole_and_in_order(f, r, self.PLAIN + self.INTS)
             spans = []
             for t in r.tensors:
                 start, n = int(t.data_offset), int(t.n_bytes)
@@ -295,16 +341,7 @@ class GGUFReader(Reader):
 
     def field(self, key: str):
         """A scalar metadata value (str or number), or None when the file has none."""
-        fl = self.fields.get(key)
-        if fl is None or not fl.data:
-            return None
-        try:
-            part = fl.parts[fl.data[0]]
-            if fl.types and fl.types[0].name == "STRING":
-                return bytes(part).decode("utf-8", "replace")
-            return part.tolist()[0] if hasattr(part, "tolist") else part
-        except (IndexError, ValueError, TypeError, AttributeError):
-            return None
+        return _gguf_scalar(self.fields, key)
 
     def quantized(self, name: str) -> str | None:
         """The GGUF type of a tensor stored quantized (Q4_1, Q8_0, ...), None for a float type."""

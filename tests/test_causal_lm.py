@@ -47,6 +47,10 @@ def configs():
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    return bpe_tokenizer()
+
+
+def bpe_tokenizer():
     """A byte-level BPE of 320 tokens trained on the calibration part of the corpus (offline, ms)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
@@ -276,14 +280,7 @@ def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True):
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(VOCAB)
-    vocab = tokenizer.backend_tokenizer.get_vocab()
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
-    w.add_token_types([3, 3] + [1] * (VOCAB - 2))
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_gguf_tokenizer(w, tokenizer)
     T = gguf.GGMLQuantizationType
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -302,11 +299,28 @@ def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True):
                 w.add_tensor(f"blk.{i}.{n}.weight", t)
         w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+    return finish_gguf(w, path)
+
+
+def add_gguf_tokenizer(w, tokenizer) -> None:
+    """``tokenizer`` (``bpe_tokenizer``) as a GGUF's gpt2-style tokenizer metadata."""
+    vocab = tokenizer.backend_tokenizer.get_vocab()
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
+    w.add_token_types([3, 3] + [1] * (VOCAB - 2))
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+
+def finish_gguf(w, result):
+    """A GGUFWriter's header, metadata and tensors written and the file closed; ``result`` back."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return result
 
 
 def test_gguf_runs_with_the_folders_logits_and_one_warning_line(folders, tokenizer, tmp_path):
