@@ -75,6 +75,9 @@ BATCH = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken",
                    "vocab.txt")
 HINT = "--no-calib --no-e2e quantizes it without a forward pass"
+#: GGUF tensors that are no parameter of any model: llama.cpp's RoPE tables, which transformers
+#: computes from the configuration
+GGUF_NO_PARAMETER = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 #: Files of a model folder besides the weights that change what the forward pass computes.
 AUX_SUFFIXES = (".json", ".model", ".txt", ".tiktoken")
 
@@ -246,16 +249,26 @@ def _load_gguf(src):
         raise CheckpointError(f, f"transformers cannot build a causal LM from its metadata "
                                  f"({describe_error(err)}); {HINT}") from None
     expect = model.state_dict()
-    state = {}
+    state, unused = {}, []
     for name in src.tensor_names():
         hf, w = convert(name, src.read_tensor(name))
         if hf is None or hf not in expect:
-            continue                              # rope_freqs and the like: no parameter of the model
+            if name not in GGUF_NO_PARAMETER:
+                unused.append(name)
+            continue
         if tuple(w.shape) != tuple(expect[hf].shape):
             raise CheckpointError(f, f"does not match its metadata: tensor {name} ({hf}) is "
                                      f"{tuple(w.shape)}, the model the metadata describes has it "
                                      f"{tuple(expect[hf].shape)}")
         state[hf] = torch.from_numpy(np.array(w, dtype=np.float32))
+    if unused:
+        # llama.cpp would run them (a Llama GGUF with attention biases): the reference is not the file's model
+        note = (f"{len(unused)} tensor{'s' * (len(unused) > 1)} of the GGUF ({', '.join(unused[:3])}"
+                f"{', ...' if len(unused) > 3 else ''}) {'have' if len(unused) > 1 else 'has'} no place in "
+                f"the model transformers builds from its metadata: calibration and the end-to-end check "
+                f"run that model without {'them' if len(unused) > 1 else 'it'}")
+        src.notes.append(note)
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     missing, _ = model.load_state_dict(state, strict=False)
     tied_head = _tied_head_name(model)
     missing = [k for k in missing if k != tied_head]

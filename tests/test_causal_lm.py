@@ -265,7 +265,7 @@ def _permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True):
+def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True, extra=None):
     """The tiny Llama of ``folder`` as a GGUF file, the way llama.cpp's converter lays it out."""
     gguf = pytest.importorskip("gguf")
     cfg = json.loads((folder / "config.json").read_text())
@@ -299,6 +299,8 @@ def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True):
                 w.add_tensor(f"blk.{i}.{n}.weight", t)
         w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+    for name, t in (extra or {}).items():
+        w.add_tensor(name, t)
     return finish_gguf(w, path)
 
 
@@ -348,6 +350,28 @@ def test_gguf_eval_prints_the_warning_once(folders, tokenizer, tmp_path, capsys)
                  "--cache-dir", str(tmp_path / "c")]) == 0
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "Q8_0 x4" in err
+
+
+def test_a_gguf_tensor_the_transformers_model_has_no_place_for_is_a_warning(folders, tokenizer, tmp_path, capsys):
+    """A Llama GGUF with attention biases: llama.cpp runs them, the model transformers builds from the
+    metadata has none, so the reference silently differed from the file's model. Now said once, in
+    the warning lines and the JSON; llama.cpp's RoPE table is no parameter and is not mentioned."""
+    cols = json.loads((folders["llama"] / "config.json").read_text())["hidden_size"]
+    extra = {"blk.0.attn_q.bias": np.ones(cols, np.float32), "rope_freqs.weight": np.ones(4, np.float32)}
+    path = write_llama_gguf(tmp_path / "b.gguf", folders["llama"], tokenizer, quantize_ffn=False, extra=extra)
+    out = tmp_path / "e.json"
+    assert main(["eval", str(path), "--format", "fp8-e4m3-pot", "--quiet", *SMALL, "--json", str(out),
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    said = ("1 tensor of the GGUF (blk.0.attn_q.bias) has no place in the model transformers builds from its "
+            "metadata: calibration and the end-to-end check run that model without it")
+    assert err.count("warning:") == 1 and f"warning: {said}\n" in err and "rope_freqs" not in err, err
+    assert json.loads(out.read_text())["source"]["notes"] == [said]
+    plain = write_llama_gguf(tmp_path / "p.gguf", folders["llama"], tokenizer, quantize_ffn=False,
+                             extra={"rope_freqs.weight": np.ones(4, np.float32)})
+    assert main(["eval", str(plain), "--format", "fp8-e4m3-pot", "--quiet", *SMALL, "--json", str(out),
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "warning" not in capsys.readouterr().err and "notes" not in json.loads(out.read_text())["source"]
 
 
 # -- the command line ---------------------------------------------------------------------------------------
