@@ -78,7 +78,7 @@ from sop.quantize.evaluate import _layer_outcomes as evaluate_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import ErrorStats, aggregate
-from sop.quantize.models import open_model
+from sop.quantize.models import linear_layers, open_model
 from sop.quantize.result import QuantResult
 
 MAGIC = b"SOPQ"
@@ -406,7 +406,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     out = Path(out)
     say = reporter(progress)
     src = open_model(model, include, exclude)
-    say(f"{model}: {len(src.layers)} linear layers, {src.n_weights:,} weights -> {out} ({fmt.name})")
+    say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights -> {out} ({fmt.name})")
     with contextlib.ExitStack() as stack:
         # started first, so that the workers start while the model is calibrated here
         pool = stack.enter_context(LayerPool(jobs)) if jobs > 1 else None

@@ -64,7 +64,7 @@ from sop.quantize.blockwise import narrow_weights
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import ErrorStats, abs_max, aggregate
 from sop.quantize.checkpoint_files import CheckpointError
-from sop.quantize.models import kept_text, open_model
+from sop.quantize.models import kept_text, linear_layers, open_model
 
 NAN_POLICIES = ("error", "zero")
 
@@ -372,7 +372,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
         raise ValueError(f"--e2e-windows must be a positive integer, got {e2e_windows!r}")
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head)
-    say(f"{model}: {len(src.layers)} linear layers, {src.n_weights:,} weights")
+    say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights")
     announce(src, say)
     check_e2e_memory(src, e2e, e2e_windows, size.seq_len, jobs)        # before any work
     with contextlib.ExitStack() as stack:
@@ -508,7 +508,7 @@ def _causal(doc: dict) -> bool:
 def format_table(doc: dict) -> str:
     """The human-readable summary `sop eval` prints."""
     src, cal = doc["source"], doc["calibration"]
-    lines = [f"model {doc['model']} ({src['kind']}): {src['layers']} linear layers, {src['weights']:,} weights"]
+    lines = [f"model {doc['model']} ({src['kind']}): {linear_layers(src['layers'])}, {src['weights']:,} weights"]
     if isinstance(src.get("kept"), dict):
         lines.append(kept_text(src["kept"], src.get("lm_head", "")))
     lines += [f"warning: {n}" for n in src.get("notes", [])]

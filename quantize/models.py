@@ -296,6 +296,11 @@ def builtin_path(spec: str) -> Path | None:
     return None
 
 
+def linear_layers(n: int) -> str:
+    """``n linear layers``, singular for one (a progress or table line)."""
+    return f"{n} linear layer{'s' * (n != 1)}"
+
+
 def model_inputs(spec: str) -> list[Path]:
     """Every file a model spec may read (all the files of a folder): no output may be one of them."""
     p = builtin_path(spec) or Path(spec)

@@ -70,6 +70,14 @@ def test_progress_lines_stay_one_line_whatever_a_layer_is_called(tmp_path, capsy
     assert not any(line.startswith("FAKE") for line in lines), lines
     assert any("a FAKE: line.weight 16x32" in line for line in lines), lines
     assert any("b FAKE FAKE.weight 16x32" in line for line in lines), lines
+    assert any("m.safetensors: 2 linear layers, 1,024 weights" in line for line in lines), lines
+
+
+def test_one_layer_is_one_linear_layer(tmp_path, capsys):
+    save_file({"l.0.fc.weight": torch.ones(16, 32)}, tmp_path / "m.safetensors")
+    assert main(["eval", str(tmp_path / "m.safetensors"), "--format", "sop4-g16"]) == 0
+    out, err = capsys.readouterr()
+    assert "m.safetensors: 1 linear layer, 512 weights\n" in err and "(safetensors): 1 linear layer, 512 weights\n" in out
 
 
 def _toy(tmp_path, w):
