@@ -137,11 +137,16 @@ def make_checkpoint(folder: Path, scale: float, blocks: int) -> dict:
     return manifest
 
 
+#: the longest one `sop` run may take (a 7B-size layer at one job takes minutes): past it the child
+#: is killed and ``subprocess.TimeoutExpired`` raised, so the bench never waits forever
+CHILD_TIMEOUT_S = 4 * 3600
+
+
 def run_sop(args: list[str], cwd: Path, env: dict | None = None) -> dict:
     """`sop ARGS` in a fresh process: exit status, wall seconds, peak RSS, progress lines, stderr."""
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=cwd, capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
+                       env={**os.environ, **(env or {})}, timeout=CHILD_TIMEOUT_S)
     wall = time.perf_counter() - t0
     lines = p.stderr.splitlines()
     peak = next((int(l.split()[1]) for l in lines if l.startswith("@@peak ")), None)

@@ -96,11 +96,16 @@ def write_checkpoint(path: Path, size: int, dtype: str) -> None:
         save_file({LAYER: w}, str(path))
 
 
+#: the longest one measured command may take: past it the child is killed and
+#: ``subprocess.TimeoutExpired`` raised, so the bench never waits forever
+CHILD_TIMEOUT_S = 4 * 3600
+
+
 def run_child(cmd: str, model: Path, fmt: str, work: Path, budget: float | None, n: int) -> dict:
     sopq, out = work / f"{fmt}.sopq", work / f"{fmt}.safetensors"
     args = [sys.executable, "-c", CHILD, cmd, str(model), fmt, str(sopq), str(out),
             "-" if budget is None else str(budget), str(n)]
-    p = subprocess.run(args, cwd=work, capture_output=True, text=True)
+    p = subprocess.run(args, cwd=work, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     if p.returncode:
         raise RuntimeError(f"{cmd} {fmt} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

@@ -193,8 +193,10 @@ def yosys_exe() -> str:
     return exe
 
 
-def yosys(script: str, work: Path, log: str, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Run a yosys script in ``work``; the log goes to ``work/log``."""
+def yosys(script: str, work: Path, log: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run a yosys script in ``work``; the log goes to ``work/log``. Past ``timeout`` seconds (the
+    elaboration and ``mutate -list`` take seconds; a proof batch passes its own) it is killed and
+    ``subprocess.TimeoutExpired`` raised: nothing waits forever."""
     path = work / (Path(log).stem + ".ys")
     path.write_text(script)
     return subprocess.run([yosys_exe(), "-q", "-l", log, "-s", path.name], cwd=work, capture_output=True,

@@ -36,8 +36,10 @@ Structure (cocotb's ``examples/matrix_multiplier``)::
   output beat taken to the ``Scoreboard``, which compares it at once with the
   next beat owed (a mismatch is logged with its beat and lane as it happens);
   an output beat nobody owes is an error, and a reset drops what was owed.
-* ``Testbench`` wires them and runs the jobs: each job's host sequence, then
-  the drain (every owed beat must come within a cycle bound), then a quiet
+* ``Testbench`` wires them and runs the jobs: each job's host sequence (which
+  must end within a cycle bound: a decoder that stops taking input fails the
+  test, it does not hang it), then the drain (every owed beat must come within
+  a cycle bound), then a quiet
   window in which nothing more may come out. One clock loop calls each
   component's phase every cycle: in ReadOnly before the edge the monitors
   sample what the edge takes (output first, so a reset never races an output
@@ -65,7 +67,7 @@ from pathlib import Path
 import cocotb
 import numpy as np
 from cocotb.clock import Clock
-from cocotb.triggers import Event, ReadOnly, RisingEdge
+from cocotb.triggers import Event, ReadOnly, RisingEdge, with_timeout
 from cocotb.types import Logic
 
 from sop.hdl import reference
@@ -77,6 +79,10 @@ from sop.sim.stimulus import HostCycle
 from sop.sim.vectors import read_vectors
 
 QUIET_CYCLES = 12                # after a job: cycles in which no output beat may come
+CLOCK_NS = 10
+#: a job's host sequence may take this many cycles per unit (a table write, an input beat, a sparse
+#: entry) plus SEQUENCE_SLACK: at the plans' idle and stall rates it takes about 2
+SEQUENCE_CYCLES_PER_UNIT, SEQUENCE_SLACK = 100, 10_000
 MISMATCHES_LOGGED = 10
 ONE = Logic(1)                   # a 1-bit value read from the DUT is this object (Logic is interned)
 
@@ -338,7 +344,13 @@ class Testbench:
         out.stalled = job.cut_after is not None         # the cut layer's output stays in the decoder
         self.driver.start(stimulus.host_sequence(self.cfg, job.layers, self.timing, p_idle=self.p_idle,
                                                  cut_after=job.cut_after))
-        await self.driver.done.wait()
+        units = sum(len(L.writes()) + L.codes.size // self.cfg.lanes + len(L.sparse_index) for L in job.layers)
+        bound = SEQUENCE_CYCLES_PER_UNIT * units + SEQUENCE_SLACK
+        try:
+            await with_timeout(self.driver.done.wait(), bound * CLOCK_NS, "ns")
+        except TimeoutError:            # cocotb's SimTimeoutError: the decoder stopped taking input
+            raise AssertionError(f"job {job.kind}: the host sequence ran past {bound} cycles (the decoder "
+                                 f"stopped taking its input)") from None
         out.stalled = False
         limit = self.cycles + 100 * len(self.scoreboard.owed) + 10_000
         while self.scoreboard.owed and self.cycles < limit:
@@ -376,7 +388,7 @@ async def regression(dut):
         if job["kind"] == "vectors":
             check_vector_expectations(cfg, Path(job["dir"]))
     tb = Testbench(dut, cfg, timing, plan.get("p_idle", 0.2), plan.get("p_stall", 0.2))
-    Clock(dut.clk, 10, unit="ns").start()
+    Clock(dut.clk, CLOCK_NS, unit="ns").start()
     tb.driver.apply(HostCycle())
     dut.load__payload.value = 0
     dut.offset.value = 0

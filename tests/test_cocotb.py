@@ -78,9 +78,9 @@ def test_regression_quick(cfg, sim, tmp_path):
         assert s["sparse_entries"] > 100 and not any(s["sparse_errors"].values())
 
 
-class DropsABeat(wiring.Component):
-    """The decoder with its ``index``-th output beat swallowed (taken from the decoder, never
-    offered): every beat after it comes one place early."""
+class Tampered(wiring.Component):
+    """The decoder with one of its streams tampered with after its ``index``-th beat
+    (``tamper``); its tables and offset wired straight through."""
 
     def __init__(self, cfg: DecoderConfig, index: int = 40):
         self.decoder, self.index = Decoder(cfg), index
@@ -89,16 +89,49 @@ class DropsABeat(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.decoder = dec = self.decoder
-        wiring.connect(m, wiring.flipped(self.blocks), dec.blocks)
         wiring.connect(m, wiring.flipped(self.load), dec.load)
         m.d.comb += [dec.offset.eq(self.offset), dec.offset_we.eq(self.offset_we)]
+        self.tamper(m, dec)
+        return m
+
+
+class DropsABeat(Tampered):
+    """The ``index``-th output beat swallowed (taken from the decoder, never offered): every beat
+    after it comes one place early."""
+
+    def tamper(self, m, dec):
+        wiring.connect(m, wiring.flipped(self.blocks), dec.blocks)
         count = Signal(range(self.index + 2))
         drop = count == self.index
         m.d.comb += [self.values.payload.eq(dec.values.payload), self.values.valid.eq(dec.values.valid & ~drop),
                      dec.values.ready.eq(self.values.ready | drop)]
         with m.If(dec.values.valid & dec.values.ready & (count <= self.index)):
             m.d.sync += count.eq(count + 1)
-        return m
+
+
+class StopsTaking(Tampered):
+    """``blocks.ready`` low for good after the ``index``-th input beat: a design that stops taking
+    input (the host sequence would wait for it forever)."""
+
+    def tamper(self, m, dec):
+        wiring.connect(m, wiring.flipped(self.values), dec.values)
+        count = Signal(range(self.index + 1))
+        stop = count == self.index
+        m.d.comb += [dec.blocks.payload.eq(self.blocks.payload), dec.blocks.valid.eq(self.blocks.valid & ~stop),
+                     self.blocks.ready.eq(dec.blocks.ready & ~stop)]
+        with m.If(self.blocks.valid & self.blocks.ready):
+            m.d.sync += count.eq(count + 1)
+
+
+def test_a_design_that_stops_taking_input_fails_the_regression_not_hangs_it(tmp_path):
+    """Every wait has a bound: the host sequence of a job ends within its cycle bound or the test
+    fails naming it (the driver used to wait for ``blocks.ready`` forever)."""
+    cfg = CONFIGS["sop4-g16"]
+    v = tmp_path / "broken.v"
+    v.write_text(verilog.convert(StopsTaking(cfg), name=module_name(cfg), emit_src=False))
+    s = runner.run(cfg, "icarus", quick=True, verilog=v, build_dir=tmp_path / "build", vectors=False)
+    assert s["failed_tests"] == 1
+    assert "the host sequence ran past" in (tmp_path / "build" / "sim.log").read_text()
 
 
 @pytest.mark.parametrize("mutant", ["bank", "mux", "drop"])

@@ -175,9 +175,9 @@ def rtl_state() -> str:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     try:
         head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "."], cwd=hdl, capture_output=True,
-                              text=True, check=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=hdl).returncode != 0
-    except (OSError, subprocess.CalledProcessError):
+                              text=True, check=True, timeout=60).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=hdl, timeout=60).returncode != 0
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         head, dirty = "unknown", False
     return f"hdl/ of git {head}{' + uncommitted changes' if dirty else ''}, hdl/*.py sha256 {h.hexdigest()[:12]}"
 
