@@ -344,7 +344,7 @@ class Testbench:
         out.stalled = job.cut_after is not None         # the cut layer's output stays in the decoder
         self.driver.start(stimulus.host_sequence(self.cfg, job.layers, self.timing, p_idle=self.p_idle,
                                                  cut_after=job.cut_after))
-        units = sum(len(L.writes()) + L.codes.size // self.cfg.lanes + len(L.sparse_index) for L in job.layers)
+        units = sum(L.luts.size + 1 + L.codes.size // self.cfg.lanes + len(L.sparse_index) for L in job.layers)
         bound = SEQUENCE_CYCLES_PER_UNIT * units + SEQUENCE_SLACK
         try:
             await with_timeout(self.driver.done.wait(), bound * CLOCK_NS, "ns")
