@@ -126,8 +126,7 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
                 raise OutputError(f"{path}: the output is the input {src}; refusing to overwrite an "
                                   f"input (choose another --out)")
     parent = path if folder else _real_target(path).parent
-    missing = _missing_folders(parent)
-    existing = missing[0].parent if missing else parent
+    existing = nearest_existing(parent)
     if not existing.is_dir():
         raise OutputError(f"{path}: cannot create the output folder: {existing} is not a folder")
     if existing == parent:                      # a real probe: os.access says yes to root everywhere
@@ -182,6 +181,13 @@ def _missing_folders(folder: Path) -> list[Path]:
         missing.append(folder)
         folder = folder.parent
     return missing[::-1]
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else the nearest of its parents that does (what a folder to be made
+    would be made in)."""
+    missing = _missing_folders(path)
+    return missing[0].parent if missing else path
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -280,15 +280,13 @@ def _read_sparse(path: Path, text: str, where: str, count: int, n: int) -> tuple
 def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:
     """The golden stream of one layer in a hardware format (the quantizer's choice).
 
-    The weights are checked as every command checks them (``quantize.evaluate.sanitize``:
-    no NaN/Inf, nothing a float32 or BF16 output could not hold)."""
+    ``w`` as ``quantize.evaluate.read_weight`` hands it on: checked as every command checks
+    weights (no NaN/Inf, nothing a float32 or BF16 output could not hold)."""
     from sop.golden.points import vector_points
-    from sop.quantize.evaluate import sanitize
     from sop.quantize.schemes import get_quant_format
 
     if fmt not in vector_points():
         raise ValueError(f"format {fmt!r} has no hardware stream; valid: {', '.join(vector_points())}")
-    w, _ = sanitize(name, np.asarray(w, dtype=np.float64))
     return get_quant_format(fmt).quantize(w, name=name).stream
 
 

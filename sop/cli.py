@@ -50,7 +50,8 @@ import sys
 from pathlib import Path
 
 from sop.golden.dot import ACT_FORMATS
-from sop.golden.files import OutputError, check_output, input_file, signals_as_interrupts, write_atomic
+from sop.golden.files import (OutputError, check_output, input_file, nearest_existing, signals_as_interrupts,
+                              write_atomic)
 from sop.golden.codebooks import codebook_names, get_codebook
 from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, get_format
 from sop.golden.hif import DEFAULT_HIF
@@ -341,12 +342,9 @@ def _check_calibration(args) -> None:
 
     if not args.no_calib:
         calibration_sentences(args.calib_sentences)       # ValueError naming --calib-sentences
-    cache = Path(args.cache_dir)
-    for p in (cache, *cache.parents):                     # the folder, or the first of its parents there
-        if p.exists():
-            if not p.is_dir():
-                raise OutputError(f"--cache-dir {args.cache_dir}: {p} exists and is not a folder")
-            break
+    there = nearest_existing(Path(args.cache_dir))       # the folder, or the parent it would be made in
+    if not there.is_dir():
+        raise OutputError(f"--cache-dir {args.cache_dir}: {there} exists and is not a folder")
 
 
 def cmd_board(args) -> int:
