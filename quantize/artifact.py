@@ -72,12 +72,12 @@ from sop.golden.formats import to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
-from sop.quantize.evaluate import (LayerOutcome, _BudgetOutcomes, budget_model, calibration_for,
-                                   check_options, jsonable, layer_line, quantize_layer, read_weight, reporter)
+from sop.quantize.evaluate import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for,
+                                   check_options, jsonable, layer_line, quantize_layer, reporter)
 from sop.quantize.evaluate import _layer_outcomes as evaluate_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
-from sop.quantize.metrics import ErrorStats, aggregate
+from sop.quantize.metrics import aggregate
 from sop.quantize.models import linear_layers, open_model
 from sop.quantize.result import QuantResult
 
@@ -413,34 +413,18 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
         cal = calibration_for(src, calibrate, n_calib, cache_dir, say)
         if fmt.model_level:                               # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
-            outcomes = _BudgetRecords(budget_model(fmt, src, cal, nan_policy, budget, say, pool)[1], src, cal,
-                                      nan_policy)
+            outcomes = BudgetOutcomes(budget_model(fmt, src, cal, nan_policy, budget, say, pool)[1], src, cal,
+                                      nan_policy, _budget_record)
         else:
             outcomes = _layer_outcomes(src, fmt, cal, nan_policy, "record", pool)
         return _write_artifact(src, fmt, out, budget, cal, nan_policy, outcomes, say)
 
 
-class _BudgetRecords(_BudgetOutcomes):
-    """``(LayerOutcome, record chunks)`` of every layer of a budgeted format, in order, built one at
-    a time from the knapsack's lazy results (``budgeted``: the knapsack's result)."""
-
-    def __init__(self, budgeted, src, cal, nan_policy: str):
-        super().__init__(budgeted, src, cal, nan_policy, False)
-
-    def __iter__(self):
-        b = self.budgeted
-        for lay in self.src.layers:
-            t0 = time.perf_counter()
-            w, n_bad = read_weight(self.src, lay.name, self.nan_policy)
-            act = self.cal.get(lay.name)
-            res = b.results.pop(lay.name)
-            s = ErrorStats.of(w, res.recon, act, res.bits)
-            del w
-            kind, chunks, padded = encode_record(res, lay.shape, lay.name)
-            out = LayerOutcome(lay.name, s, f"{b.choice[lay.name]}: {res.choice}", int(res.bits), n_bad,
-                               time.perf_counter() - t0, (kind, padded))
-            del res
-            yield out, chunks                       # an f32 record in row chunks: no copy of the layer
+def _budget_record(res, lay):
+    """A budgeted layer's ``.sopq`` record and its row chunks (``BudgetOutcomes``'s ``pack``): no
+    copy of the layer."""
+    kind, chunks, padded = encode_record(res, lay.shape, lay.name)
+    return (kind, padded), chunks
 
 
 def _layer_outcomes(src, fmt, cal, nan_policy: str, want: str, pool):

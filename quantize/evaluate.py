@@ -402,7 +402,9 @@ def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_held
         if fmt.model_level:                 # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
             inputs, budgeted = budget_model(fmt, src, cal, nan_policy, budget, say, pool)
-            outcomes = _BudgetOutcomes(budgeted, src, cal, nan_policy, runner is not None)
+            want_recon = runner is not None
+            outcomes = BudgetOutcomes(budgeted, src, cal, nan_policy,
+                                      lambda res, lay: (None, [recon_float32(res.recon)] if want_recon else []))
             entry_budget = outcomes.budgeted
         else:
             outcomes = _layer_outcomes(src, fmt, cal, nan_policy, "recon" if runner is not None else None, pool)
@@ -456,13 +458,15 @@ def _layer_outcomes(src, fmt, cal, nan_policy: str, want: str | None, pool):
         yield layer_outcome(src, lay.name, fmt.name, cal.get(lay.name), nan_policy, want)
 
 
-class _BudgetOutcomes:
-    """The chosen result of every layer of a budgeted format as ``(LayerOutcome, arrays)``, in
-    order, built one at a time (``BudgetResult.results`` is lazy); ``budgeted`` is the result."""
+class BudgetOutcomes:
+    """The chosen result of every layer of a budgeted format as ``(LayerOutcome, payload)``, in
+    order, built one at a time (``BudgetResult.results`` is lazy); ``budgeted`` is the result.
+    ``pack(result, layer)`` gives the outcome's ``record`` and the payload beside it: for
+    ``sop eval`` no record and the float32 reconstruction or nothing, for ``sop quantize`` the
+    ``.sopq`` record and its row chunks (quantize/artifact.py)."""
 
-    def __init__(self, budgeted, src, cal, nan_policy: str, want_recon: bool):
-        self.budgeted, self.src, self.cal, self.nan_policy, self.want_recon = (budgeted, src, cal, nan_policy,
-                                                                                 want_recon)
+    def __init__(self, budgeted, src, cal, nan_policy: str, pack):
+        self.budgeted, self.src, self.cal, self.nan_policy, self.pack = budgeted, src, cal, nan_policy, pack
 
     def __iter__(self):
         b = self.budgeted
@@ -473,11 +477,11 @@ class _BudgetOutcomes:
             res = b.results.pop(lay.name)
             s = ErrorStats.of(w, res.recon, act, res.bits)
             del w
-            arrays = [recon_float32(res.recon)] if self.want_recon else []
+            record, payload = self.pack(res, lay)
             out = LayerOutcome(lay.name, s, f"{b.choice[lay.name]}: {res.choice}", int(res.bits), n_bad,
-                               time.perf_counter() - t0)
+                               time.perf_counter() - t0, record)
             del res
-            yield out, arrays
+            yield out, payload
 
 
 def jsonable(x):
