@@ -8,7 +8,8 @@ The contract:
   device such as ``/dev/null``, a FIFO, a socket, a folder), a target that is
   the same file as one of the command's inputs (``os.path.samefile`` on the path the
   write reaches: through symbolic and hard links, and through ``..`` after a folder
-  still to be made), and a target whose folder cannot be made. It makes nothing.
+  still to be made), a file target written as a folder (``out/``: pathlib would drop the
+  slash and write a file ``out``), and a target whose folder cannot be made. It makes nothing.
   ``atomic_output`` repeats the regular-file check just before the rename, so
   no writer of the project can turn a device into a regular file. A target
   that is a symbolic link is written through it: the link stays, the file it
@@ -18,7 +19,8 @@ The contract:
   or the complete new one, never a partial one. If anything raises (Ctrl-C,
   and SIGTERM/SIGHUP, which ``signals_as_interrupts`` turns into exceptions for
   the CLI, included) the
-  temporary file is removed and the target is left as it was.
+  temporary file is removed and the target is left as it was. A replaced file keeps
+  its permissions (a private 0600 file is not widened to the umask's 0644).
 * **No litter.** A temporary file is named ``.<target name>.<pid>-<random>.sop-tmp``
   (the target name cut to ``NAME_KEEP`` characters): plainly ours, and naming
   the process that writes it. A run killed outright (SIGKILL, power loss) leaves
@@ -35,6 +37,7 @@ import contextlib
 import errno
 import glob
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -110,6 +113,9 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     ``inputs``: every file the command reads. ``folder``: the target is a folder
     the command writes files into (``sop vectors --out DIR``), not a file.
     """
+    if not folder and os.fspath(path).endswith(os.sep):
+        raise OutputError(f"{os.fspath(path)}: names a folder (it ends with {os.sep}); give the output "
+                          f"file's name")
     path = Path(path)
     if folder:                                  # checked, not made: a refused run leaves no folder behind
         if path.exists() and not path.is_dir():
@@ -155,14 +161,18 @@ def _alive(pid: int) -> bool:
 
 
 def reclaim_temps(folder: Path, name: str) -> list[Path]:
-    """Remove the temporary files of writes to ``folder/name`` whose process has died; returns them."""
+    """Remove the temporary files (and ``staging_folder``s) of writes to ``folder/name`` whose
+    process has died; returns them."""
     removed = []
     for p in glob.glob(glob.escape(str(folder / _temp_prefix(name))) + "*" + TEMP_SUFFIX):
         middle = Path(p).name[len(_temp_prefix(name)):-len(TEMP_SUFFIX)]
         pid = middle.split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                else:
+                    os.unlink(p)
                 removed.append(Path(p))
     return removed
 
@@ -197,9 +207,20 @@ def _remove_empty(folders: list[Path]) -> None:
             p.rmdir()
 
 
+def _mode_for(target: Path) -> int:
+    """The permissions of a new file for ``target``: those of the file it replaces (a private file
+    stays private), else the usual ones (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterator[tuple[BinaryIO, Path]]:
-    """A temporary file (normal permissions) for ``folder/name``; removed if the block raises,
+    """A temporary file (the permissions of the file it replaces, or normal ones) for ``folder/name``; removed if the block raises,
     with the folders made for it (where still empty). A full disk is an ``OutputError`` naming
     ``target`` (default ``folder/name``: the file the temporary one is for).
 
@@ -223,9 +244,7 @@ def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterato
             raise OutputError(f"{target}: cannot write there: {err.strerror or err}") from None
         tmp = Path(path)
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)          # mkstemp makes 0600
+        os.fchmod(fd, _mode_for(folder / name))  # mkstemp makes 0600
         with os.fdopen(fd, "w+b") as f:
             yield f, tmp
     except BaseException as err:
@@ -237,6 +256,42 @@ def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterato
                               f"it was)") from None
         raise
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextlib.contextmanager
+def staging_folder(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target``, named as a temporary file for it is, for files another
+    library makes (a model folder's ``save_pretrained``) before they are written into place; removed
+    with its content when the block ends, and the folders made for it where still empty if the
+    block raises. A killed run's folder is removed by the next write to ``target`` (``reclaim_temps``)."""
+    target = Path(target)
+    made = _missing_folders(target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        reclaim_temps(target.parent, target.name)
+    except OSError as err:
+        _remove_empty(made)
+        raise OutputError(f"{target}: cannot write there: {err.strerror or err}") from None
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)   # no interrupt before the clean-up is armed
+    tmp = None
+    try:
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name) + f"{os.getpid()}-",
+                                        suffix=TEMP_SUFFIX, dir=target.parent))
+        except OSError as err:
+            raise OutputError(f"{target}: cannot write there: {err.strerror or err}") from None
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        yield tmp
+    except BaseException:
+        if tmp is not None:                     # first, so that the folders made for it are empty
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = None
+        _remove_empty(made)
+        raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 

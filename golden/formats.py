@@ -359,18 +359,31 @@ def format_names() -> list[str]:
     return sorted(FORMATS)
 
 
+class UnknownFormat(ValueError):
+    """No format of that name (a parametric name whose bias float64 cannot hold is a plain ValueError)."""
+
+
 def get_format(name: str) -> CodeTable:
     """A format by name: a named one, or parametric ``[u]e<E>m<M>[b<bias>]``.
 
     Parametric formats have every code finite (no Inf/NaN), subnormals, and the
-    bias ``2^(E-1) - 1`` unless ``b<bias>`` is given; ``u`` drops the sign bit.
+    bias ``2^(E-1) - 1`` unless ``b<bias>`` is given; ``u`` drops the sign bit. A
+    bias whose values float64 cannot hold (past 2^1024, or a nonzero code below
+    2^-1074) is refused, and so is E = 11 with its default bias.
     """
     key = name.lower()
     if key in FORMATS:
         return FORMATS[key]
     m = _PARAMETRIC.match(key)
     if m and 1 <= int(m["E"]) <= 11 and 0 <= int(m["M"]) <= 15 and int(m["E"]) + int(m["M"]) <= 16:
-        return _fp(key, int(m["E"]), int(m["M"]),
-                   bias=None if m["bias"] is None else int(m["bias"]), signed=not m["u"])
-    raise ValueError(f"unknown format {name!r}; valid: {', '.join(format_names())}, "
+        E, M = int(m["E"]), int(m["M"])
+        bias = (1 << (E - 1)) - 1 if m["bias"] is None else int(m["bias"])
+        # every code a finite float64, the smallest nonzero one too: top exponent (2^E - 1) - bias at
+        # most 1023, the smallest subnormal 2^(1 - bias - M) at least 2^-1074
+        lo, hi = (1 << E) - 1 - 1023, 1075 - M
+        if not lo <= bias <= hi:
+            raise ValueError(f"format {name!r}: with bias {bias} its values do not fit float64 (every code "
+                             f"finite and nonzero); e{E}m{M} takes a bias from {lo} to {hi}")
+        return _fp(key, E, M, bias=bias, signed=not m["u"])
+    raise UnknownFormat(f"unknown format {name!r}; valid: {', '.join(format_names())}, "
                      f"or parametric [u]e<E>m<M>[b<bias>] (for example ue4m4b7)")

@@ -66,7 +66,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from sop.golden.files import InputError, atomic_output, crc32, input_file, temp_file_in
+from sop.golden.files import InputError, atomic_output, check_output, crc32, input_file, temp_file_in
 from sop.golden.decoder import decode_layer
 from sop.golden.formats import to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
@@ -78,7 +78,7 @@ from sop.quantize.evaluate import _layer_outcomes as evaluate_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import aggregate
-from sop.quantize.models import linear_layers, open_model
+from sop.quantize.models import linear_layers, model_inputs, open_model
 from sop.quantize.result import QuantResult
 
 MAGIC = b"SOPQ"
@@ -202,6 +202,19 @@ def _pair(d, key: str, where: str) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
+def name_problem(name: str) -> str:
+    """Why a layer name cannot be a ``.sopq`` layer (it becomes a safetensors tensor name when the
+    artifact is decoded), or "" when it can: the writer refuses such a model before any work, the
+    reader such a header."""
+    if name in RESERVED_NAMES or not name or len(name) > MAX_NAME:
+        return f"cannot be written to safetensors (empty, reserved or over {MAX_NAME} characters)"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:                  # a lone surrogate: a torch checkpoint's key may hold one
+        return "cannot be written to safetensors (not valid Unicode: a lone surrogate)"
+    return ""
+
+
 def parse_entries(meta: dict) -> list[LayerEntry]:
     """The layer entries of a header, checked field by field; records must tile the data section."""
     layers = _get(meta, "layers", "top level", list)
@@ -211,9 +224,9 @@ def parse_entries(meta: dict) -> list[LayerEntry]:
     for i, d in enumerate(layers):
         where = f"layers[{i}]"
         name = _get(d, "name", where, str)
-        if name in RESERVED_NAMES or not name or len(name) > MAX_NAME:
-            raise ArtifactError(f"header: {where}: layer name {name[:80]!r} cannot be written to "
-                                f"safetensors (empty, reserved or over {MAX_NAME} characters)")
+        why = name_problem(name)
+        if why:
+            raise ArtifactError(f"header: {where}: layer name {name[:80]!r} {why}")
         where = f"layer {name}"
         if name in seen:
             raise ArtifactError(f"header: {where} appears twice")
@@ -406,6 +419,11 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     out = Path(out)
     say = reporter(progress)
     src = open_model(model, include, exclude)
+    for lay in src.layers:
+        why = name_problem(lay.name)
+        if why:
+            raise ArtifactError(f"{src.file_of(lay.name)}: layer {lay.name[:80]!r} {why}; a .sopq cannot "
+                                f"hold it")
     say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights -> {out} ({fmt.name})")
     with contextlib.ExitStack() as stack:
         # started first, so that the workers start while the model is calibrated here
@@ -507,9 +525,25 @@ def _safetensors_header(art: Artifact) -> bytes:
     return hb + b" " * (-len(hb) % 8)               # pad to 8 bytes, as the safetensors library does
 
 
+def source_files(art: Artifact) -> list:
+    """The files of the checkpoint the artifact records it was made from (as ``sop quantize`` named
+    them: its weights files, and every file its model spec reads, ``models.model_inputs``)."""
+    model = art.meta["model"]
+    files = [f for f in model.get("files", []) if isinstance(f, str) and f] \
+        if isinstance(model.get("files"), list) else []
+    spec = model.get("spec")
+    try:
+        return files + (model_inputs(spec) if isinstance(spec, str) and spec else [])
+    except (OSError, ValueError):                 # a spec no path can be (a NUL in it): no file to keep
+        return files
+
+
 def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> dict:
-    """Decode every layer of the artifact ``path`` into the float32 safetensors file ``out``."""
+    """Decode every layer of the artifact ``path`` into the float32 safetensors file ``out``, which
+    may be neither the artifact nor a file of the checkpoint it was made from (replaced by its
+    quantized layers alone, the source would lose every other tensor)."""
     art = open_artifact(path)
+    check_output(out, [path, *source_files(art)])
     hb = _safetensors_header(art)
     say = reporter(progress)
     n = len(art.layers)

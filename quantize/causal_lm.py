@@ -57,13 +57,12 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import atomic_files, check_output
+from sop.golden.files import OutputError, atomic_files, check_output, staging_folder
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -518,20 +517,36 @@ class CausalLM:
     def save_folder(self, out: Path, weights: dict | None = None, inputs=()) -> list[Path]:
         """A model folder ``transformers`` loads (config, float32 safetensors, tokenizer) of the model
         with ``weights`` substituted; written all or nothing (golden.files.atomic_files), every file
-        checked against ``inputs`` (golden.files.check_output) before any is written."""
+        checked against ``inputs`` (golden.files.check_output) and the folder against files of
+        another model (``refuse_other_files``) before any is written."""
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with self.substituted(weights), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        with self.substituted(weights), staging_folder(out) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            made = sorted(f for f in Path(tmp).iterdir() if f.is_file())
+            made = sorted(f for f in tmp.iterdir() if f.is_file())
             for f in made:
                 check_output(out / f.name, inputs)
+            refuse_other_files(out, {f.name for f in made})
             with atomic_files() as files:
                 for f in made:
                     with open(f, "rb") as src, files.open(out / f.name) as dst:
                         shutil.copyfileobj(src, dst, 1 << 22)
         return [out / f.name for f in made]
+
+
+def refuse_other_files(out: Path, names: set[str]) -> None:
+    """Refuse (``OutputError``) an existing folder that holds files a model folder export does not
+    write (``names``): transformers would read them with the new model. An earlier export's
+    ``model.safetensors`` beside new shards is loaded in their place; an old chat template is used.
+    Hidden files (``.gitattributes``, temporary files) and subfolders are not read as the model."""
+    if not out.is_dir():
+        return
+    other = sorted(p.name for p in out.iterdir()
+                   if p.name not in names and not p.name.startswith(".") and not p.is_dir())
+    if other:
+        more = f" and {len(other) - 1} more" if len(other) > 1 else ""
+        raise OutputError(f"{out}: holds {other[0]}{more}, which this export does not write; transformers "
+                          f"would load it with the new model: give a new or empty folder")
 
 
 #: The largest mean NLL (nats) whose exponential a float64 holds.

@@ -80,8 +80,8 @@ def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarra
     """The weight with non-finite entries handled by ``policy``, and how many there were.
 
     A weight beyond float32's range, or a nonzero layer whose every weight lies
-    below float32's smallest normal number (possible only in a float64
-    checkpoint), is refused (``WeightError``): the outputs (float32 files, BF16
+    below float32's smallest normal number (a float64 layer, or a float32 one of
+    subnormals alone), is refused (``WeightError``): the outputs (float32 files, BF16
     hardware values) could not hold it, the first as Inf, the second as all zeros."""
     if policy not in NAN_POLICIES:
         raise ValueError(f"unknown NaN policy {policy!r}; valid: {', '.join(NAN_POLICIES)}")
@@ -95,12 +95,13 @@ def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarra
     peak = abs_max(w)
     if peak > FLOAT32_MAX:
         r, c = (int(i) for i in np.argwhere(np.abs(w) > FLOAT32_MAX)[0])
-        raise WeightError(f"{name}: weight {w[r, c]:.6g} at row {r}, column {c} is beyond float32's range "
-                          f"(+-{FLOAT32_MAX:.6g}); the quantized outputs are float32 and BF16: rescale the "
+        # repr, not %g: a weight just past FLT_MAX would print as FLT_MAX itself
+        raise WeightError(f"{name}: weight {float(w[r, c])!r} at row {r}, column {c} is beyond float32's range "
+                          f"(+-{float(FLOAT32_MAX)!r}); the quantized outputs are float32 and BF16: rescale the "
                           f"checkpoint")
     if 0 < peak < FLOAT32_TINY:
         raise WeightError(f"{name}: every weight lies below float32's smallest normal number "
-                          f"({FLOAT32_TINY:.6g}; the largest is {peak:.6g}): the layer would decode to "
+                          f"({float(FLOAT32_TINY)!r}; the largest is {float(peak)!r}): the layer would decode to "
                           f"zeros; rescale the checkpoint")
     return w, n
 
@@ -533,7 +534,7 @@ def format_table(doc: dict) -> str:
         sq = f["sqnr_db"]
         sq = f"{sq:9.2f}" if sq is not None else f"{'inf':>9}"
         lines.append(f"{name:<16}{f['bpw']:8.4f}{sq}{f['rel_mse']:11.3e}{1 - f['acos']:11.3e}"
-                     f"{f['max_abs_err']:10.4f}{e2e}")
+                     f"{f['max_abs_err']:10.4g}{e2e}")      # .4g: any size in its column
     if ref is not None:
         lines.append(f"e2e: next-token perplexity, mean KL divergence (nats/token) against the unquantized model "
                      f"and top-1 agreement on {ref['tokens']:,} held-out tokens ({ref['windows']} windows of "

@@ -39,6 +39,9 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     spec = model if model is not None else meta.get("spec")
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"{art.path}: the artifact names no source model; give --model")
+    if model is None and builtin_path(spec) is None and not os.path.exists(spec):
+        raise ValueError(f"{art.path}: its source model {spec!r} (the path sop quantize was given) is not "
+                         f"found from here; give it with --model")
     names = [e.name for e in art.layers]
     head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
     src = open_model(spec, include=[glob.escape(n) for n in names], lm_head=head)

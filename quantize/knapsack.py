@@ -379,19 +379,23 @@ def layer_options(layers: Mapping, options=DEFAULT_OPTIONS, sop4_kw: dict | None
 
 def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
                     resolution: int = DEFAULT_RESOLUTION, sop4_kw: dict | None = None,
-                    prepared: LayerOptions | None = None, cols: dict[str, int] | None = None) -> BudgetResult:
+                    prepared: LayerOptions | None = None, cols: dict[str, int] | None = None,
+                    real_weights: int | None = None) -> BudgetResult:
     """Quantize every layer under an average of ``budget_bpw`` bits per weight.
 
     ``layers``: name -> ``(w, act_ms)`` (``act_ms`` may be None: unweighted error); a
     ``LazyLayers`` loads each when needed. The first option of ``options`` should be the
     cheapest (it is the base the report measures promotions against). ``prepared`` (from
     ``layer_options``) reuses the quantized options for another budget; ``cols`` crops the
-    results (padded layers). The results are built one at a time as they are asked for
+    results (padded layers) and ``real_weights`` (their weights before padding; default: the
+    layers' own count) is what ``budget_bpw`` counts bits per: the padded zeros cost bits but are
+    not weights, so the bits to spend, the least budget a refusal names and the report are all per
+    real weight. The results are built one at a time as they are asked for
     (``BudgetResult.results``); see the module docstring."""
     if not budget_bpw > 0:                          # NaN too: it would compare as no budget at all
         raise ValueError(f"--budget must be a number above 0, got {budget_bpw!r}")
     opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
-    n_weights = opts.n_weights
+    n_weights = opts.n_weights if real_weights is None else real_weights
     sol = solve_mckp(opts.costs, budget_bits(opts.costs, budget_bpw, n_weights), resolution)
     choice, table = {}, []
     for lname, row, i in zip(opts.names, opts.costs, sol.choice):
@@ -421,7 +425,6 @@ def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weigh
     if wanted >= dearest:
         return dearest
     if wanted < cheapest:
-        # in bits: with layers padded to whole blocks ``budget_bpw`` is not the user's figure
         least = math.ceil(cheapest / n_weights * 1e4) / 1e4    # the 4-decimal budget that buys it
         raise ValueError(f"--budget is too small: it buys {math.floor(wanted):,} bits, below the cheapest "
                          f"choice, {cheapest:,} bits (every layer in its cheapest option): give --budget "

@@ -224,7 +224,7 @@ class ModelSource:
         if self._fingerprint is None:
             h = hashlib.sha256()
             for f in self.files:
-                h.update(f.name.encode() + b"\0")
+                h.update(os.fsencode(f.name) + b"\0")      # any file name, UTF-8 or not
                 with open(f, "rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 22), b""):
                         h.update(chunk)
@@ -301,12 +301,18 @@ def linear_layers(n: int) -> str:
     return f"{n} linear layer{'s' * (n != 1)}"
 
 
+# What open_model reads beside a weights file given alone (``_folder_config``, ``_bert_info``)
+CONFIG_JSON, TOKENIZER_JSON = "config.json", "tokenizer.json"
+SIBLINGS_READ = (CONFIG_JSON, TOKENIZER_JSON)
+
+
 def model_inputs(spec: str) -> list[Path]:
-    """Every file a model spec may read (all the files of a folder): no output may be one of them."""
+    """Every file a model spec may read (all the files of a folder; a file and the ``SIBLINGS_READ``
+    beside it): no output may be one of them."""
     p = builtin_path(spec) or Path(spec)
     if p.is_dir():
         return [f for f in p.iterdir() if f.is_file()]
-    return [p]
+    return [p] + [p.parent / name for name in SIBLINGS_READ]
 
 
 def _read_json(path: Path) -> dict:
@@ -328,8 +334,8 @@ def _read_json(path: Path) -> dict:
 
 def _folder_config(folder: Path, whole_folder: bool) -> dict | None:
     """The folder's config.json, read when the model is the folder or the folder holds a BERT tokenizer."""
-    cfg = folder / "config.json"
-    if not (cfg.exists() and (whole_folder or (folder / "tokenizer.json").is_file())):
+    cfg = folder / CONFIG_JSON
+    if not (cfg.exists() and (whole_folder or (folder / TOKENIZER_JSON).is_file())):
         return None
     if not cfg.is_file():
         raise CheckpointError(cfg, "is not a regular file")
@@ -338,9 +344,9 @@ def _folder_config(folder: Path, whole_folder: bool) -> dict | None:
 
 def _bert_info(folder: Path, cfg: dict | None) -> bool:
     """Whether the folder is one the BERT forward pass runs: model_type bert and a tokenizer.json."""
-    if cfg is None or cfg.get("model_type") != "bert" or not (folder / "tokenizer.json").is_file():
+    if cfg is None or cfg.get("model_type") != "bert" or not (folder / TOKENIZER_JSON).is_file():
         return False
-    _read_json(folder / "tokenizer.json")
+    _read_json(folder / TOKENIZER_JSON)
     return True
 
 

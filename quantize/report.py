@@ -45,6 +45,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import input_file, write_atomic
+from sop.golden.files import OutputError, input_file, write_atomic
+from sop.quantize.models import linear_layers
 
 BPW_TOL = 0.01          # default: bit costs this close count as equal on the Pareto front
 
@@ -183,7 +185,7 @@ def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> 
             # a null perplexity is one past float64 (a mean NLL over 709 nats: causal_lm.perplexity)
             llm = {k: _num(e2e, k, f"{w}.e2e", nullable=k in ("ppl", "ppl_ref"))
                    for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
-        rows.append({"format": name, "bpw": _num(f, "bpw", w), "sqnr_db": _num(f, "sqnr_db", w, nullable=True),
+        rows.append({"format": shown_text(name), "bpw": _num(f, "bpw", w), "sqnr_db": _num(f, "sqnr_db", w, nullable=True),
                      "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})
     rows.sort(key=lambda r: (r["bpw"], -r["sqnr_db"], r["format"]))
     front = pareto_front([r["bpw"] for r in rows], [r["sqnr_db"] for r in rows], bpw_tol)
@@ -200,9 +202,21 @@ def _ppl_cell(ppl: float) -> str:
     return f"{ppl:.3f}" if ppl < 1e6 else f"{ppl:.4e}"
 
 
+def shown_text(text) -> str:
+    """A name from the JSON as text the outputs can hold: on one line, and a lone surrogate (a
+    file name that was no UTF-8, written by `sop eval` as ``\\udcff``) shown as that escape, since
+    neither UTF-8 nor the plot's font takes it."""
+    return " ".join(str(text).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _plot_text(text: str) -> str:
+    """``text`` drawn as it is: a ``$`` pair would be parsed as mathtext (and a bad one fail)."""
+    return text.replace("$", "\\$")
+
+
 def _cell_text(text: str) -> str:
     """A name as one markdown table cell: on one line, its pipes escaped (a JSON key may hold both)."""
-    return " ".join(text.split()).replace("|", "\\|")
+    return shown_text(text).replace("|", "\\|")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -231,6 +245,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 # -- the plot -----------------------------------------------------------------------------------------
+
+MAX_LABELS = 60                 # formats a panel labels; past it, points alone (the table names them)
+
 
 def _spread(y: np.ndarray, x: np.ndarray, min_gap: float, x_near: float) -> np.ndarray:
     """Label heights: ``y`` pushed apart to at least ``min_gap`` among labels whose x are near
@@ -274,10 +291,15 @@ def _panel(ax, pts: list[dict], v: np.ndarray, on: np.ndarray, higher_better: bo
     ax.scatter(x[~on], shown(v[~on]), s=36, facecolors="white", edgecolors="tab:gray", lw=1.4, label="dominated",
                zorder=3)
     ax.scatter(x[on], shown(v[on]), s=44, color="tab:red", label="on the front", zorder=4)
-    lv = _spread(v, x, min_gap=0.045 * (hi - lo), x_near=0.25 * xr)
+    # past MAX_LABELS, points alone: labels would be unreadable, and _spread is quadratic
+    lv = _spread(v, x, min_gap=0.045 * (hi - lo), x_near=0.25 * xr) if len(pts) <= MAX_LABELS else []
     for r, xi, vi, li in zip(pts, x, v, lv):
-        ax.annotate(label(r), (xi, shown(vi)), xytext=(xi + 0.035 * xr, shown(li)), textcoords="data", fontsize=8,
+        ax.annotate(_plot_text(label(r)), (xi, shown(vi)), xytext=(xi + 0.035 * xr, shown(li)), textcoords="data", fontsize=8,
                     va="center", arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}, zorder=5)
+    _finish_panel(ax, higher_better)
+
+
+def _finish_panel(ax, higher_better: bool) -> None:
     ax.legend(loc="lower right" if higher_better else "upper right", fontsize=8)
     ax.set_xlabel("bits per weight")
     ax.grid(True, alpha=0.3)
@@ -302,9 +324,11 @@ def plot_png(rows: list[dict], title: str) -> bytes:
                lambda r: f"{r['format']}  ({r['sqnr_db']:.2f} dB)")
     ax.set_xlabel("bits per weight")
     ax.set_ylabel("aggregate SQNR (dB)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_plot_text(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     notes = []
+    if len(pts) > MAX_LABELS or len(llm) > MAX_LABELS:
+        notes.append(f"points not labelled: more than {MAX_LABELS} formats (the table names them)")
     if left_out:
         notes.append(f"not plotted (exact, infinite SQNR): {', '.join(left_out)}")
     if two:
@@ -321,11 +345,13 @@ def plot_png(rows: list[dict], title: str) -> bytes:
         if zero_kld:
             notes.append(f"not on the KLD panel (KLD exactly 0): {', '.join(zero_kld)}")
     if notes:
-        fig.text(0.01, 0.01, "; ".join(notes), fontsize=7)
+        fig.text(0.01, 0.01, _plot_text("; ".join(notes)), fontsize=7)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # A name with a character the font lacks (from a user's JSON) is drawn as a box, not a warning.
         warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        # A very long name leaves no room to lay out: the figure is drawn as it is.
+        warnings.filterwarnings("ignore", message="Tight layout not applied", category=UserWarning)
         fig.tight_layout()
         fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -335,6 +361,9 @@ def plot_png(rows: list[dict], title: str) -> bytes:
 
 def output_paths(json_path: str | Path, stem: str | Path | None = None) -> tuple[Path, Path]:
     """(``<stem>.md``, ``<stem>.png``); the stem defaults to the JSON's path without its suffix."""
+    if stem is not None and os.fspath(stem).endswith(os.sep):      # pathlib would drop the slash
+        raise OutputError(f"{os.fspath(stem)}: names a folder (it ends with {os.sep}); give the stem of "
+                          f"the files to write (STEM.md, STEM.png)")
     stem = Path(stem) if stem is not None else Path(json_path).with_suffix("")
     return stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".png")
 
@@ -356,9 +385,10 @@ def report(json_path: str | Path, stem: str | Path | None = None, bpw_tol: float
     md_path, png_path = output_paths(json_path, stem)
     src = doc.get("source") if isinstance(doc.get("source"), dict) else {}
     cal = doc.get("calibration") if isinstance(doc.get("calibration"), dict) else {}
-    model = doc.get("model", "?")
-    desc = f"{model}: {src.get('layers', '?')} linear layers, {src.get('weights', '?'):,} weights" \
-        if isinstance(src.get("weights"), int) else f"{model}"
+    model = shown_text(doc.get("model", "?"))
+    layers = src.get("layers")
+    desc = f"{model}: {linear_layers(layers) if isinstance(layers, int) else '? linear layers'}, " \
+           f"{src['weights']:,} weights" if isinstance(src.get("weights"), int) else f"{model}"
     weighted = "calibrated, activation-weighted" if cal.get("weighted") else "uncalibrated, unweighted"
     table = markdown_table(rows)
     front = ", ".join(r["format"] for r in rows if r["pareto"])

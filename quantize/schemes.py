@@ -163,8 +163,7 @@ def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
 
     ``layers``: name -> ``(w, act_ms)`` (a ``knapsack.LazyLayers`` loads each only when
     needed, so that no two layers are held at once); widths are padded to 16 like the other
-    SOP points, and ``budget`` counts bits per *real* weight (the knapsack gets
-    ``budget * real / padded``). ``rows``: each layer's ``budget_row``, in layer order, measured
+    SOP points, and ``budget`` counts bits per *real* weight (the knapsack's ``real_weights``). ``rows``: each layer's ``budget_row``, in layer order, measured
     elsewhere with the same options (--jobs workers); ``layers`` is then read only for the
     chosen results. Returns the
     knapsack's ``BudgetResult`` (``results``: name -> QuantResult, built as asked for;
@@ -180,8 +179,7 @@ def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
     opts = kw.pop("prepared", None) or knapsack.layer_options(padded, options, sop4_kw, rows=rows)
     # the budget is per real weight: padded zeros cost bits but are not weights
     real = sum(padded.real.values()) if padded.real else sum(np.asarray(w).size for w, _ in layers.values())
-    return knapsack.quantize_budget(padded, budget * (real / opts.n_weights), prepared=opts,
-                                    cols=dict(padded.cols), **kw)
+    return knapsack.quantize_budget(padded, budget, prepared=opts, cols=dict(padded.cols), real_weights=real, **kw)
 
 
 # -- the registry ---------------------------------------------------------------------------------

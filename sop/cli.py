@@ -53,7 +53,7 @@ from sop.golden.dot import ACT_FORMATS
 from sop.golden.files import (OutputError, check_output, input_file, nearest_existing, signals_as_interrupts,
                               write_atomic)
 from sop.golden.codebooks import codebook_names, get_codebook
-from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, get_format
+from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, UnknownFormat, get_format
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.points import board_points, operating_points, vector_points
 from sop.quantize.jobs import WorkerError
@@ -102,7 +102,7 @@ def codebook_doc(name: str) -> dict:
     else:
         try:
             fmt = get_format(key)
-        except ValueError:
+        except UnknownFormat:
             raise ValueError(f"unknown codebook or format {name!r}; codebooks: "
                              f"{', '.join(codebook_names())}; formats: "
                              f"{', '.join(ELEMENT_FORMATS)}") from None
@@ -260,11 +260,18 @@ def _artifact_layer(art, name: str):
                      f"{', '.join(names[:LAYERS_NAMED])}{more}")
 
 
+NPY_MAGIC = b"\x93NUMPY"                # the .npy format's first bytes (an .npz is a zip: "PK")
+
+
 def _load_vectors(path: Path, cols: int, layer: str):
     """X from a .npy file: a 1-D (in,) or 2-D (batch, in) float32 array, anything else refused."""
     import numpy as np
 
     input_file(path, "--x file")
+    with open(path, "rb") as f:             # numpy takes any other file for a pickle: "contains pickled data"
+        magic = f.read(len(NPY_MAGIC))
+    if magic != NPY_MAGIC and not magic.startswith(b"PK"):
+        raise ValueError(f"{path}: not a .npy array (no .npy header; write one with numpy.save)")
     try:        # mapped, not read: a header claiming more data than the file holds is refused, not allocated
         x = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as err:
@@ -392,7 +399,10 @@ def _board_gemv(args) -> int:
             raise ValueError(f"{args.x}: the board takes one vector (in,), got shape {x.shape}")
     else:
         x, source = gemv_bringup.layer_activation(name, stream.cols)
-    codes = activation_codes(x, "e4m3")
+    try:
+        codes = activation_codes(x, "e4m3")
+    except ValueError as err:               # a value E4M3 does not hold: said of the file it came from
+        raise ValueError(f"{source}: {err}") from None
     gemv_bringup.check_x(codes, stream.cols)
     return _on_board(args, lambda transport: gemv_bringup.run_gemv(transport, stream, codes, args.format, name=name,
                                                                    x_source=source, timeout=args.timeout))
@@ -491,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
     q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
     q.add_argument("--format", required=True, metavar="F", help="a format name; `sop formats` lists them")
-    q.add_argument("--out", required=True, type=Path, help="the artifact to write (atomically)")
+    q.add_argument("--out", required=True, help="the artifact to write (atomically)")
     q.add_argument("--budget", type=_positive(float), default=None,
                    help="average bits per weight for sop-budget")
     q.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
@@ -510,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     q.set_defaults(func=cmd_quantize)
     dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
     dq.add_argument("file", type=Path, help="the .sopq artifact")
-    dq.add_argument("--out", required=True, type=Path,
+    dq.add_argument("--out", required=True,
                     help="the .safetensors file to write (atomically); with --model-folder, a folder")
     dq.add_argument("--model-folder", action="store_true",
                     help="write a whole model folder transformers loads: the reference causal LM with every "
@@ -528,12 +538,12 @@ def main(argv: list[str] | None = None) -> int:
                          "by --x-format")
     gm.add_argument("--x-format", choices=list(ACT_FORMATS), default="bf16",
                     help="the activation format (default bf16)")
-    gm.add_argument("--out", required=True, type=Path, metavar="Y.npy",
+    gm.add_argument("--out", required=True, metavar="Y.npy",
                     help="the float32 .npy result to write (atomically): (out,) or (batch, out)")
     gm.set_defaults(func=cmd_gemv)
     r = sub.add_parser("report", help="markdown table and SQNR-vs-bpw plot of a `sop eval --json` file")
     r.add_argument("json", type=Path, help="the `sop eval --json` output")
-    r.add_argument("--out", type=Path, default=None, metavar="STEM",
+    r.add_argument("--out", default=None, metavar="STEM",
                    help="write STEM.md and STEM.png (default: next to the JSON, same name)")
     r.add_argument("--bpw-tol", type=_number(float, 0, inclusive=True), default=0.01, metavar="T",
                    help="bit costs within T bpw count as equal on the Pareto front (default 0.01)")

@@ -3,6 +3,7 @@ layout as documented, every truncation and byte flip a clear error, and no parti
 file after an interrupted run."""
 
 import dataclasses
+import os
 import json
 import struct
 import zlib
@@ -269,6 +270,8 @@ INCONSISTENT = {
     "layer named __metadata__": (lambda m, b: m["layers"][0].update(name="__metadata__"),
                                  "layer name '__metadata__' cannot be written to safetensors"),
     "empty layer name": (lambda m, b: m["layers"][0].update(name=""), "cannot be written"),
+    "lone surrogate in a layer name": (lambda m, b: m["layers"][0].update(name="a\udc80b"),
+                                       "not valid Unicode: a lone surrogate"),
     "model of the wrong type": (lambda m, b: m.update(model=["x"]), "field 'model' must be dict, got list"),
     "fingerprint of the wrong type": (lambda m, b: m["model"].update(fingerprint=7), "'fingerprint' must be str"),
     "negative bits": (lambda m, b: m["layers"][2].update(bits=-5), "'bits' is negative"),
@@ -393,3 +396,28 @@ def test_cli_prints_what_it_wrote(toy, tmp_path, capsys):
     assert art.format == "fp8-e4m3-pot" and art.meta["summary"]["weights"] == sum(
         a * b for a, b in TOY_SHAPES.values())
     assert art.stream(art.layers[0]) is None
+
+
+@pytest.mark.parametrize("name, said", [("a" * (A.MAX_NAME + 1) + ".weight", f"over {A.MAX_NAME} characters"),
+                                        ("x\udc80y.weight", "not valid Unicode: a lone surrogate")])
+def test_a_layer_name_no_artifact_can_hold_is_refused_before_any_work(tmp_path, capsys, name, said):
+    """A torch checkpoint's key may be any string: one that a decoded .sopq could not name (its reader
+    refuses it; safetensors cannot load it) is refused by `sop quantize` before quantizing, naming the
+    file, instead of writing an artifact that no reader takes."""
+    ckpt = tmp_path / "w.pt"
+    torch.save({name: torch.randn(16, 32)}, ckpt)
+    assert main(["quantize", str(ckpt), "--format", "sop4-g16", "--no-calib", "--out", str(tmp_path / "q.sopq")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"sop: error: {ckpt}: layer ") and err.count("\n") == 1 and said in err, err
+    assert "a .sopq cannot hold it" in err and out == "" and sorted(tmp_path.iterdir()) == [ckpt]
+
+
+def test_a_checkpoint_whose_file_name_is_no_utf8_quantizes(tmp_path, capsys):
+    """A file name is bytes: one that is no UTF-8 (Python holds it with a lone surrogate) once failed the
+    fingerprint after every layer was quantized, with a message naming neither file nor cause."""
+    ckpt = Path(os.fsdecode(bytes(tmp_path) + b"/w\xff.safetensors"))
+    save_file({"l.weight": torch.randn(16, 32)}, str(ckpt))
+    art = tmp_path / "q.sopq"
+    assert main(["quantize", str(ckpt), "--format", "sop4-g16", "--no-calib", "--quiet", "--out", str(art)]) == 0
+    assert A.open_artifact(art).meta["model"]["fingerprint"] == open_model(str(ckpt)).fingerprint()
+    assert main(["dequantize", str(art), "--out", str(tmp_path / "w.safetensors"), "--quiet"]) == 0

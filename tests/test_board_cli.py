@@ -288,6 +288,17 @@ def test_a_baud_the_port_refuses_is_a_usage_error_naming_it(capsys):
     assert "\n" not in err
 
 
+@pytest.mark.parametrize("port, said", [("bogus://x", "not a port pyserial knows (invalid URL"),
+                                        ("loop://?x=1", "pyserial refuses the URL's options")])
+def test_a_port_url_pyserial_does_not_take_is_not_blamed_on_the_baud(capsys, port, said):
+    """An unknown protocol was said to be a bad --baud; a loop:// option pyserial lacks (its KeyError)
+    was an internal error."""
+    assert cli.main(board_args(port)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sop: error: cannot open serial port {port}: {said}"), err
+    assert "--baud" not in err and "\n" not in err
+
+
 @pytest.mark.parametrize("option, value", [("--timeout", "inf"), ("--timeout", "nan"), ("--timeout", "-1"),
                                            ("--timeout", "0"), ("--timeout", "1e999"), ("--timeout", "1e308"),
                                            ("--timeout", "3601"), ("--rows", "-1"),

@@ -250,7 +250,7 @@ def test_sop_board_gemv_refuses_a_bad_x_with_one_line_before_the_port(tmp_path, 
     assert cli.main(["board", "--port", "sim", "minilm", "--format", FMT, "--layer", LAYER, "--rows", "1",
                      "--gemv", "--x", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("sop: error: ")
+    assert len(err) == 1 and err[0].startswith(f"sop: error: {path}: ")          # the file, whatever is wrong
     assert re.search(message, err[0]), err[0]
 
 

@@ -480,6 +480,43 @@ def test_a_model_folder_export_never_writes_over_its_source_or_half_a_folder(fol
         ["config.json", "tokenizer.json"]
 
 
+def test_a_model_folder_export_refuses_a_folder_holding_another_models_files(folders, tmp_path, capsys):
+    """transformers reads the whole folder: a file an earlier export left (an old chat template, a
+    single model.safetensors beside new shards) would be loaded with the new model. Such a folder is
+    refused and left as it was; the same export again (the same files) replaces them."""
+    art = tmp_path / "m.sopq"
+    assert main(["quantize", str(folders["llama"]), "--format", "sop4-g16", "--out", str(art), "--quiet",
+                 "--no-calib", "--include", "model.layers.0.mlp.*"]) == 0
+    out = tmp_path / "exp"
+    export = ["dequantize", str(art), "--model-folder", "--out", str(out), "--quiet"]
+    assert main(export) == 0
+    written = sorted(f.name for f in out.iterdir())
+    assert main(export) == 0 and sorted(f.name for f in out.iterdir()) == written
+    assert "chat_template.jinja" not in written
+    (out / "chat_template.jinja").write_text("{{ stale }}")
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs")      # hidden: not read as the model
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    err = one_error(capsys, export)
+    assert f"{out}: holds chat_template.jinja, which this export does not write" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not list(tmp_path.glob(".exp.*"))
+
+
+def test_an_export_from_elsewhere_names_the_artifacts_relative_source_and_asks_for_model(folders, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """The artifact records the model path as `sop quantize` was given it: from another folder a relative
+    one is not found, and the line says which path it tried and that --model gives it."""
+    art = tmp_path / "m.sopq"
+    monkeypatch.chdir(folders["llama"].parent)
+    assert main(["quantize", folders["llama"].name, "--format", "sop4-g16", "--out", str(art), "--quiet",
+                 "--no-calib", "--include", "model.layers.0.mlp.*"]) == 0
+    monkeypatch.chdir(tmp_path)
+    err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", "exp", "--quiet"])
+    assert f"its source model '{folders['llama'].name}' (the path sop quantize was given) is not found from " \
+           f"here; give it with --model" in err
+    assert main(["dequantize", str(art), "--model-folder", "--out", "exp", "--quiet",
+                 "--model", str(folders["llama"])]) == 0 and (tmp_path / "exp" / "config.json").is_file()
+
+
 def test_perplexity_past_float64_is_inf_not_an_overflow():
     """A broken model's mean NLL can pass 709 nats: exp() of it is no float64 (an OverflowError once)."""
     assert L.perplexity(2 * 100.0, 2) == math.exp(100.0)

@@ -77,18 +77,31 @@ def test_a_bad_option_is_one_line_naming_it(ckpt, tmp_path, capsys, case):
     assert list(tmp_path.iterdir()) == []                       # refused before anything was written
 
 
+@pytest.fixture(scope="module")
+def padded_ckpt(tmp_path_factory):
+    """Two layers, one 40 wide: padded to 48 for the 16-wide SOP blocks (416 real weights, 448 coded)."""
+    path = tmp_path_factory.mktemp("cli") / "padded.safetensors"
+    rng = np.random.default_rng(5)
+    save_file({"a.weight": rng.standard_normal((8, 32)).astype(np.float32),
+               "b.weight": rng.standard_normal((4, 40)).astype(np.float32)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("model, buys", [("ckpt", 512), ("padded_ckpt", 208)])
 @pytest.mark.parametrize("cmd", ["eval", "quantize"])
-def test_any_budget_above_0_is_capped_or_refused_in_one_line(ckpt, tmp_path, capsys, cmd):
+def test_any_budget_above_0_is_capped_or_refused_in_one_line(request, tmp_path, capsys, cmd, model, buys):
     """A finite --budget the parser accepts: 1e308 buys every layer's dearest option (it once
     overflowed into an internal error); one below the cheapest option is one line naming --budget and the
-    least budget that runs."""
+    least budget that runs. --budget counts bits per real weight: with a padded layer too (the least
+    budget it named was once per padded weight, and itself refused)."""
+    ckpt = request.getfixturevalue(model)
     out = tmp_path / ("r.json" if cmd == "eval" else "q.sopq")
     argv = [cmd, str(ckpt), "--format", "sop-budget", "--quiet", "--no-calib"] + \
         (["--no-e2e", "--json", str(out)] if cmd == "eval" else ["--out", str(out)])
     assert run(argv + ["--budget", "1e308"]) == 0 and out.is_file()
     out.unlink()
     err = one_error_line(capsys, argv + ["--budget", "0.5"])
-    assert err.startswith("sop: error: --budget is too small: it buys 512 bits, below the cheapest choice"), err
+    assert err.startswith(f"sop: error: --budget is too small: it buys {buys} bits, below the cheapest choice"), err
     assert list(tmp_path.iterdir()) == []
     least = float(err.split("give --budget ")[1].split()[0])        # the budget it names is the least that runs
     assert run(argv + ["--budget", f"{least - 1e-4:.4f}"]) == 2 and not out.exists()

@@ -80,6 +80,21 @@ def test_one_layer_is_one_linear_layer(tmp_path, capsys):
     assert "m.safetensors: 1 linear layer, 512 weights\n" in err and "(safetensors): 1 linear layer, 512 weights\n" in out
 
 
+@pytest.mark.parametrize("scale, shown", [(1e36, "e+"), (1e-9, "e-")])
+def test_the_tables_max_error_keeps_its_column_at_any_scale(tmp_path, capsys, scale, shown):
+    """The max error of a layer near float32's top printed 40 digits into the next column (.4f); of a
+    tiny layer, 0.0000: it is shown to 4 significant digits in its 10 characters."""
+    w = np.random.default_rng(1).standard_normal((16, 32)) * scale
+    save_file({"l.fc.weight": torch.from_numpy(w.astype(np.float32))}, tmp_path / "m.safetensors")
+    assert main(["eval", str(tmp_path / "m.safetensors"), "--format", "sop4-g16", "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(l for l in out if l.startswith("format "))
+    row = next(l for l in out if l.startswith("sop4-g16 "))
+    end = head.index("max err") + len("max err")
+    cell = row[end - 10:end]
+    assert len(row) == len(head) and shown in cell and float(cell) > 0, (head, row)
+
+
 def _toy(tmp_path, w):
     save_file({"l.0.fc.weight": torch.from_numpy(w.astype(np.float32)),
                "l.1.fc.weight": torch.ones(8, 64)}, tmp_path / "m.safetensors")

@@ -157,6 +157,24 @@ def test_parametric_format_values_follow_the_formula():
     assert np.all(np.diff(fmt.values) > 0)
 
 
+@pytest.mark.parametrize("E, M, lo, hi", [(2, 1, -1020, 1074), (4, 4, -1008, 1071), (11, 4, 1024, 1071)])
+def test_a_parametric_bias_float64_cannot_hold_is_refused(E, M, lo, hi):
+    """The ends of the bias range by hand: the top code's exponent (2^E - 1) - bias at most 1023, the
+    smallest subnormal 2^(1 - bias - M) at least 2^-1074. Inside, every code is finite and every
+    nonzero code nonzero; one past either end (and a bias past int32 or int64, which the exponent
+    arithmetic once wrapped) is refused, naming the range."""
+    for bias in (lo, hi):
+        fmt = get_format(f"ue{E}m{M}b{bias}")
+        assert np.isfinite(fmt.values).all() and (fmt.values[1:] > 0).all()
+        assert fmt.min_positive == 2.0 ** (1 - bias - M) and fmt.max == (2 - 2.0 ** -M) * 2.0 ** ((1 << E) - 1 - bias)
+    for bias in (lo - 1, hi + 1, 2 ** 32 + 1, 2 ** 63):
+        with pytest.raises(ValueError, match=f"takes a bias from {lo} to {hi}$"):
+            get_format(f"e{E}m{M}b{bias}")
+    if E == 11:                                            # its default bias, 1023, is past the range
+        with pytest.raises(ValueError, match="with bias 1023 its values do not fit float64"):
+            get_format(f"e{E}m{M}")
+
+
 def test_signed_zero_and_negative_underflow():
     e2m1 = get_format("e2m1")
     assert e2m1.encode(-0.0) == 0b1000

@@ -120,7 +120,7 @@ def test_files_that_are_not_one_npy_array(artifacts, tmp_path, capsys):
     text.write_text("1 2 3\n")
     npz = tmp_path / "x.npz"
     np.savez(npz, x=np.zeros(40, np.float32))
-    for path, said in ((text, "not a .npy array"), (npz, "an .npz archive"),
+    for path, said in ((text, "not a .npy array (no .npy header"), (npz, "an .npz archive"),
                        (tmp_path / "missing.npy", "no such --x file"), (tmp_path, "is a folder")):
         err = one_error_line(capsys, ["gemv", artifacts["sop4-g16"], "--layer", PADDED, "--x", path,
                                       "--out", tmp_path / "y.npy"])

@@ -125,6 +125,8 @@ def out_of_float32(case: str) -> np.ndarray:
         w[2, 3] = 1e300
     elif case == "-1e300 and a NaN":
         w[2, 3], w[0, 0] = -1e300, np.nan
+    elif case == "one ulp past FLT_MAX":                 # said to full precision, not as FLT_MAX itself
+        w[2, 3] = np.nextafter(float(np.finfo(np.float32).max), np.inf)
     else:                                                # a float64 subnormal everywhere: float32's 0
         w = np.full((16, 32), 1e-320)
     return w
@@ -134,6 +136,8 @@ REFUSED = {("1e300", "error"): "weight 1e+300 at row 2, column 3 is beyond float
            ("1e300", "zero"): "weight 1e+300 at row 2, column 3 is beyond float32's range",
            ("-1e300 and a NaN", "error"): "non-finite weight nan at row 0, column 0 (1 in the layer)",
            ("-1e300 and a NaN", "zero"): "weight -1e+300 at row 2, column 3 is beyond float32's range",
+           ("one ulp past FLT_MAX", "error"): "weight 3.402823466385289e+38 at row 2, column 3 is beyond "
+                                               "float32's range (+-3.4028234663852886e+38)",
            ("1e-320 everywhere", "error"): "every weight lies below float32's smallest normal number",
            ("1e-320 everywhere", "zero"): "every weight lies below float32's smallest normal number"}
 

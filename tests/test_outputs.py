@@ -76,6 +76,22 @@ def test_an_output_that_is_an_input_is_refused(files, tmp_path, capsys, cmd, how
     assert not (src.parent / f"new-{cmd}").exists()
 
 
+def test_dequantize_never_writes_over_the_checkpoint_the_artifact_was_made_from(files, tmp_path, capsys):
+    """The artifact names its source: decoding it over the source checkpoint would keep its quantized
+    layers alone and lose every other tensor (a bias, the embeddings), so that is refused like an input;
+    and so is the config.json the loader read beside it."""
+    ckpt = tmp_path / "model.safetensors"
+    save_file({LAYER: np.ones((16, 64), np.float32), "blk.0.fc.bias": np.ones(16, np.float32)}, str(ckpt))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    art = tmp_path / "q.sopq"
+    assert main(["quantize", str(ckpt), "--format", "sop4-g16", "--out", str(art), "--quiet"]) == 0
+    before = snapshot([ckpt, tmp_path / "config.json"])
+    for out in (ckpt, tmp_path / "config.json"):
+        refused(capsys, ["dequantize", str(art), "--out", str(out), "--quiet"], "is the input")
+    assert snapshot([ckpt, tmp_path / "config.json"]) == before
+
+
 @pytest.mark.parametrize("target", ["x", "out"])
 def test_gemv_never_writes_over_its_inputs(files, tmp_path, capsys, target):
     x = tmp_path / "x.npy"
@@ -413,3 +429,60 @@ def test_a_stale_temporary_file_of_a_dead_process_is_reclaimed(tmp_path):
     other.write_bytes(b"partial")
     G.write_atomic(tmp_path / "out.bin", b"x")
     assert not stale.exists() and other.exists()
+
+
+def test_a_killed_exports_staging_folder_is_reclaimed_and_a_failed_one_leaves_nothing(tmp_path):
+    """A model folder export stages transformers' files in a folder beside its target: a run killed
+    outright leaves it (GBs for an LLM), so the next write to the same target removes it, as it does a
+    stale temporary file; a staging that raises removes its folder and the folders made for it."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / f".out.{int(dead.stdout)}-abc{G.TEMP_SUFFIX}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "model.safetensors").write_bytes(b"weights")
+    with G.staging_folder(tmp_path / "out") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".out.{os.getpid()}-") and not stale.exists()
+        (tmp / "x").write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt), G.staging_folder(tmp_path / "new" / "deeper" / "out") as tmp:
+        (tmp / "x").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_output_written_as_a_folder_is_refused(files, tmp_path, capsys):
+    """``--out d/`` names a folder; pathlib drops the slash, so it used to write (or replace) a file ``d``."""
+    (tmp_path / "d").write_bytes(b"mine")
+    for target in (tmp_path / "d", tmp_path / "e"):
+        for argv in commands(files, f"{target}{os.sep}").values():
+            refused(capsys, argv, "names a folder (it ends with /)")
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and (tmp_path / "d").read_bytes() == b"mine"
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    """A private file stays private: the new file takes the old one's mode, not the umask's 0644."""
+    target = tmp_path / "private.bin"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    G.write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    fresh = tmp_path / "fresh.bin"
+    G.write_atomic(fresh, b"new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_output_over_the_config_or_tokenizer_beside_a_weights_file_is_refused(files, tmp_path, capsys):
+    """Given one weights file, the loader reads the config.json and tokenizer.json beside it: they are
+    inputs too, never replaced by the artifact or the eval JSON."""
+    ckpt = tmp_path / "model.safetensors"
+    os.link(files["ckpt"], ckpt)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0"}')
+    before = snapshot(tmp_path.iterdir())
+    for sibling in ("config.json", "tokenizer.json"):
+        out = tmp_path / sibling
+        refused(capsys, ["quantize", str(ckpt), "--format", "sop4-g16", "--out", str(out), "--quiet"], "is the input")
+        refused(capsys, ["eval", str(ckpt), "--format", "sop4-g16", "--json", str(out), "--quiet"], "is the input")
+    assert snapshot(tmp_path.iterdir()) == before

@@ -243,3 +243,35 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, content
     assert want in err and err.startswith(f"sop: error: {src}" if content else "sop: error: ") and \
         err.count("\n") == 1 and len(err) < 300 + len(str(src)), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if content is None else ["e.json"])
+
+
+def test_names_no_font_or_utf8_can_hold_and_dollar_signs_make_a_whole_report(tmp_path):
+    """A model path that was no UTF-8 (`sop eval` writes its lone surrogate as \\udcff), a format name
+    with a pair of $ (mathtext to matplotlib), a bad one, a newline and a name too long to lay out: a
+    report with every name shown as written, one line each, and no warning (warnings are errors here)."""
+    row = {"bpw": 4.5, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}
+    names = ["$x^2$", "$\\notacommand$", "w\udcff", "L" * 3000]
+    src = tmp_path / "odd.json"
+    src.write_text(json.dumps({"model": "dir/w\udcff\nx.safetensors", "source": {"layers": 1, "weights": 64},
+                               "formats": {n: {**row, "bpw": 4.5 + i} for i, n in enumerate(names)}}))
+    assert main(["report", str(src)]) == 0
+    md = (tmp_path / "odd.md").read_text(encoding="utf-8")
+    assert md.startswith("# Quantization report: dir/w\\udcff x.safetensors\n")
+    assert "dir/w\\udcff x.safetensors: 1 linear layer, 64 weights" in md
+    cells = [r[0] for r in table_rows(md)]
+    assert cells == ["$x^2$", "$\\notacommand$", "w\\udcff", "L" * 3000]
+    check_png((tmp_path / "odd.png").read_bytes())
+
+
+def test_many_formats_are_plotted_without_labels(monkeypatch):
+    """Labels are spread apart by a quadratic relaxation (``_spread``): past MAX_LABELS points a panel
+    has none, so a JSON of hundreds of formats is a report, not a long wait."""
+    from sop.quantize import report as R
+
+    spread, calls = R._spread, []
+    monkeypatch.setattr(R, "_spread", lambda y, *a, **k: calls.append(len(y)) or spread(y, *a, **k))
+    rows = [{"format": f"f{i}", "bpw": 4 + i / 100, "sqnr_db": 20 + (i % 7), "pareto": i % 5 == 0}
+            for i in range(400)]
+    check_png(R.plot_png(rows[:R.MAX_LABELS], "t"))
+    check_png(R.plot_png(rows, "t"))
+    assert calls == [R.MAX_LABELS]

@@ -103,9 +103,14 @@ class SerialTransport:
             # a device path, or a pyserial URL (loop:// in tests, socket:// or rfc2217:// for a remote port)
             self.port = serial.serial_for_url(port, baud, timeout=self.READ_GRANULARITY,
                                               write_timeout=self.write_timeout)
-        except (ValueError, OverflowError) as err:       # a baud pyserial or the OS cannot set
+        except (ValueError, OverflowError) as err:       # a baud pyserial or the OS cannot set, or a bad URL
+            if "URL" in str(err):                         # pyserial's "invalid URL, protocol 'x' not known"
+                raise OSError(f"cannot open serial port {port}: not a port pyserial knows ({err}); give a "
+                              f"device such as /dev/ttyUSB1 or a URL such as socket://HOST:PORT") from None
             raise OSError(f"cannot open serial port {port}: baud rate {baud} (--baud) is not one it "
                           f"accepts ({err})") from None
+        except KeyError as err:                           # pyserial's loop:// with an option it lacks
+            raise OSError(f"cannot open serial port {port}: pyserial refuses the URL's options (no {err})") from None
         except serial.SerialException as err:
             raise OSError(f"cannot open serial port {port} at {baud} Bd: {err}; check the port name "
                           f"(ls /dev/ttyUSB* /dev/ttyACM*), that the board is plugged in and that "
