@@ -146,6 +146,9 @@ def decode_record(entry: "LayerEntry", data: bytes | bytearray) -> np.ndarray:
         if [s.rows, s.cols] != list(entry.padded_shape):
             raise ArtifactError(f"layer {entry.name}: stream is {s.rows} x {s.cols}, the header says "
                                 f"{entry.padded_shape[0]} x {entry.padded_shape[1]}")
+        if s.cols - cols >= s.layout.group:      # the writer pads a row to its next whole block, no more
+            raise ArtifactError(f"layer {entry.name}: {cols} columns padded to {s.cols}: more than one "
+                                f"block of {s.layout.group} of padding")
         # decoded in row chunks straight into float32, the padding cropped: no float64 layer
         return decode_layer(s, dest=np.empty((rows, cols), dtype=np.float32))
     if len(data) != 4 * rows * cols:
