@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from sop.argtypes import positive
 from sop.golden import dot
 from sop.golden.layout import unpack_blocks
 from sop.golden.points import get_point
@@ -30,11 +31,16 @@ from sop.hdl.block_dot_bf16 import takes_fallback
 BF16 = dot.ACT_FORMATS["bf16"]
 
 
+def _windows(text: str) -> list[int]:
+    return [positive(int)(w) for w in text.split(",")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sentences", type=int, default=8)
+    ap.add_argument("--sentences", type=positive(int), default=8)
     ap.add_argument("--layers", choices=("all", "0"), default="0")
-    ap.add_argument("--windows", default="16,20,24,28,32")
+    ap.add_argument("--windows", type=_windows, default="16,20,24,28,32",
+                    help="window widths to try, comma-separated (default 16,20,24,28,32)")
     args = ap.parse_args()
 
     from sop.quantize.calib import heldout_sentences
@@ -50,7 +56,7 @@ def main() -> None:
     if args.layers == "0":
         names = [n for n in names if n.startswith("encoder.layer.0.")]
     point = get_point("sop4-g16")
-    windows = [int(w) for w in args.windows.split(",")]
+    windows = args.windows
     total = {w: 0 for w in windows}
     blocks_all = 0
     print("| layer | tokens x blocks | " + " | ".join(f"F = {w}" for w in windows) + " |")

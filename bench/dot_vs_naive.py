@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from sop.argtypes import positive
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.hdl.block_dot import BlockDot
@@ -223,7 +224,7 @@ def main() -> None:
     p.add_argument("--target", action="append", choices=BENCH_TARGETS, help="default: both")
     p.add_argument("--design", action="append", choices=DESIGNS, help="default: all five")
     p.add_argument("--seed", type=int, default=SEED, help="nextpnr placement seed (default 1, the flow's)")
-    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--jobs", type=positive(int), default=1)
     p.add_argument("--force", action="store_true", help="run the tools again even where cached")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()

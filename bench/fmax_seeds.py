@@ -55,6 +55,7 @@ from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 
+from sop.argtypes import positive
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.golden.points import config_point
@@ -109,13 +110,13 @@ def fmax_for_seed(work: Path, seed: int, placer: str = "default") -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--seeds", type=positive(int), default=5)
+    p.add_argument("--jobs", type=positive(int), default=2)
     p.add_argument("--config", action="append", choices=list(named_configs()),
                    help=f"a named configuration (default: {', '.join(CONFIGS)})")
     p.add_argument("--lanes", action="append", type=int, default=[],
                    help="each configuration at this many lanes (sop4-g16 -> sop4-g16-xN), instead of its own")
-    p.add_argument("--copies", type=int, default=1, help="decoders side by side, each with its own ports")
+    p.add_argument("--copies", type=positive(int), default=1, help="decoders side by side, each with its own ports")
     p.add_argument("--variant", action="append", choices=VARIANTS, help="default: both")
     p.add_argument("--placer", action="append", choices=list(PLACERS),
                    help="nextpnr settings, each beside the others on the same netlists (default: the flow's)")

@@ -38,6 +38,7 @@ import numpy as np
 
 from sop.golden.bof4 import lloyd
 from sop.golden.codebooks import Codebook, get_codebook
+from sop.golden.files import OutputError, check_output, write_atomic
 from sop.golden.formats import ELEMENT_FORMATS, FloatFormat
 from sop.golden.hif import DEFAULT_HIF, HIF_BIAS, HIF_EBITS, hif_format
 from sop.quantize.weights import minilm_linear_weights
@@ -247,6 +248,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
+    try:                                        # before the measurement: a FIFO or a folder is refused, not opened
+        args.out and check_output(args.out)
+    except OutputError as err:
+        ap.error(str(err))
 
     t0 = time.perf_counter()
     layers = minilm_linear_weights()
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
     text += f"\nRuntime: {time.perf_counter() - t0:.1f} s\n"
     print(text, end="")
     if args.out:
-        args.out.write_text(text)
+        write_atomic(args.out, text.encode())
     return 0
 
 

@@ -62,6 +62,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from sop.argtypes import positive
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.golden.layout import named_layouts
@@ -208,12 +209,16 @@ def markdown(summary: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lanes", type=int, nargs="+", default=list(LANES))
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--jobs", type=positive(int), default=2)
     p.add_argument("--force", action="store_true")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--ice40-pipeline", choices=PIPELINES, default=PIPELINE["ice40"],
                    help="the build measured on iCE40 (default: the shallow pipeline)")
     args = p.parse_args()
+    try:                                            # every lane count a decoder takes, before any run
+        [sweep_config(n) for n in args.lanes]
+    except ValueError as err:
+        p.error(f"--lanes: {err}")
     pipelines = {**PIPELINE, "ice40": args.ice40_pipeline}
     toolenv.apply()
     rtl = rtl_state()

@@ -44,7 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from sop import toolenv
+from sop.argtypes import positive
+
 HIDDEN, INTER, VOCAB = 4096, 14336, 32000
 TARGET = 16.0
 # The child resets its peak first (ru_maxrss and VmHWM are inherited from the forking parent
@@ -257,8 +259,8 @@ def jobs_bench(repeats: int, work: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scale", type=float, default=1.0, help="layer dimensions times this (default 1: 7B-class)")
-    ap.add_argument("--blocks", type=int, default=4, help="transformer blocks, one shard each (default 4)")
+    ap.add_argument("--scale", type=positive(float), default=1.0, help="layer dimensions times this (default 1: 7B-class)")
+    ap.add_argument("--blocks", type=positive(int), default=4, help="transformer blocks, one shard each (default 4)")
     ap.add_argument("--format", action="append", dest="formats", help="formats over the whole model "
                     "(default nf4-g64, e2m3-ue4m4-g16; none: only the sop4-g16 run)")
     ap.add_argument("--no-sop4", dest="sop4", action="store_false", help="skip the sop4-g16 run")
@@ -267,8 +269,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-refusal", action="store_true")
     ap.add_argument("--skip-jobs", action="store_true")
-    ap.add_argument("--jobs-repeats", type=int, default=2)
-    ap.add_argument("--workdir", default=str(ROOT / "build" / "bench" / "llm_scale"))
+    ap.add_argument("--jobs-repeats", type=positive(int), default=2)
+    ap.add_argument("--workdir", default=str(toolenv.build_root() / "bench" / "llm_scale"),
+                    help="the checkpoint's folder (default build/bench/llm_scale under the working folder)")
     ap.add_argument("--json", help="also write the figures here (default WORKDIR/results.json)")
     args = ap.parse_args(argv)
     args.formats = [f for f in args.formats or ["nf4-g64", "e2m3-ue4m4-g16"] if f != "none"]

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sop.argtypes import positive
+
 LAYER = "model.layers.0.mlp.down_proj.weight"
 TARGET = 16.0
 FAMILIES = ["fp8-e4m3-pot", "int8-ch", "mxfp8-e4m3", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4", "nvfp4",
@@ -113,7 +115,7 @@ def run_child(cmd: str, model: Path, fmt: str, work: Path, budget: float | None,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=8192, help="the layer is SIZE x SIZE (default 8192)")
+    ap.add_argument("--size", type=positive(int), default=8192, help="the layer is SIZE x SIZE (default 8192)")
     ap.add_argument("--format", action="append", dest="formats", help="format(s) to measure (default: all)")
     ap.add_argument("--command", action="append", dest="commands", choices=COMMANDS,
                     help="command(s) to measure (default: all three)")
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--workdir", help="folder for the checkpoint and artifacts (default: a temporary one)")
     args = ap.parse_args(argv)
+    if args.workdir is not None and not Path(args.workdir).is_dir():
+        ap.error(f"--workdir {args.workdir}: not a folder (the temporary folder is made in it)")
     formats = args.formats or FAMILIES
     commands = [c for c in COMMANDS if c in (args.commands or COMMANDS)]
     n = args.size * args.size

@@ -39,11 +39,13 @@ import argparse
 import os
 import sys
 
+from sop.argtypes import positive    # argparse and math only: no thread pool started
+
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("--threads", type=int, default=1, help="threads for ours and the peers (default 1: per core)")
-ap.add_argument("--repeats", type=int, default=5, help="timed runs per quantizer; the best counts")
-ap.add_argument("--sop-repeats", type=int, default=2, help="timed runs of the sop4-g16 search")
-ap.add_argument("--size", type=int, nargs=2, default=(4096, 4096), metavar=("ROWS", "COLS"))
+ap.add_argument("--threads", type=positive(int), default=1, help="threads for ours and the peers (default 1: per core)")
+ap.add_argument("--repeats", type=positive(int), default=5, help="timed runs per quantizer; the best counts")
+ap.add_argument("--sop-repeats", type=positive(int), default=2, help="timed runs of the sop4-g16 search")
+ap.add_argument("--size", type=positive(int), nargs=2, default=(4096, 4096), metavar=("ROWS", "COLS"))
 ap.add_argument("--minilm", action="store_true", help="also time the largest all-MiniLM-L6-v2 layer")
 ap.add_argument("--no-sop", action="store_true", help="skip the sop4-g16 search")
 ap.add_argument("--json", default="build/bench/peer_speed.json")

@@ -45,6 +45,7 @@ import contextlib
 
 import numpy as np
 
+from sop.argtypes import positive
 from sop.quantize import baselines as B
 from sop.quantize.blockwise import THREADS
 from sop.quantize.knapsack import layer_options, quantize_budget
@@ -151,7 +152,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, nargs="*", default=[],
                     help="also run sop-budget at these bpw (the options are quantized once)")
-    ap.add_argument("--layers", type=int, default=None, help="only the first N layers")
+    ap.add_argument("--layers", type=positive(int), default=None, help="only the first N layers")
     ap.add_argument("--device", nargs="*", default=["cpu"],
                     help="torch devices to time the SOP rows on too (default cpu; none: numpy only)")
     ap.add_argument("--matrix", action="store_true", help="also the sop4-g16 search on a 4096 x 4096 matrix")

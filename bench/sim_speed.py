@@ -21,7 +21,7 @@ from sop.sim import runner
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", action="append")
+    p.add_argument("--config", action="append", choices=list(named_configs()))
     args = p.parse_args()
     configs = named_configs()
     print("| config | simulator | values checked | sim seconds | values / minute |")

@@ -61,6 +61,8 @@ from sop.golden.formats import FloatFormat
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import OFFSET_RANGE, BlockLayout
 
+from .lut_bank import lutram_depth_problem, table_depth
+
 MAX_LANES = 64
 MAX_RESIDUALS = 4
 SPARSE_INDEX_BITS = 32          # golden.layout's u32 flat index
@@ -105,10 +107,9 @@ class DecoderConfig:
             if not isinstance(fmt, FloatFormat) or fmt.specials != "finite":
                 problems.append(f"{what} format {fmt.name} has NaN/Inf codes; the hardware decodes "
                                 f"formats whose every code is a number (for example ue4m4, ue3m3)")
-        d, depth = self.lutram_depth, self.table_depth
-        if d and (d & (d - 1) or not 2 <= d < depth):
-            problems.append(f"lutram_depth must be 0 (one memory per lane) or a power of two below the "
-                            f"lane's table depth {depth}, got {d}")
+        why = lutram_depth_problem(self.lutram_depth, self.table_depth)
+        if why:
+            problems.append(why)
         if not 0 <= self.residuals <= MAX_RESIDUALS:
             problems.append(f"residuals must be 0 (no residual path) .. {MAX_RESIDUALS} residual adders, "
                             f"got {self.residuals}")
@@ -157,7 +158,7 @@ class DecoderConfig:
     @property
     def table_depth(self) -> int:
         """Words in one lane's table RAM: 2 pages x banks x 2^code_bits."""
-        return 2 * self.layout.banks << self.layout.code_bits
+        return table_depth(self.layout.code_bits, self.layout.banks)
 
     # -- datapath widths -----------------------------------------------------
     @property

@@ -34,6 +34,7 @@ from sop.golden.layout import BlockLayout, LayerStream
 from .block_dot import block_layout
 from .block_dot_folded import chunk_layout
 from .fp32_acc import STAGINGS, min_slots
+from .lut_bank import lutram_depth_problem, table_depth
 
 #: The fewest rows a tile can have: one running sum per stage of the FP32 adder's loop (the full,
 #: 16-stage adder's; ``GemvConfig.acc_adder`` "compact": ``min_slots("compact")``).
@@ -86,6 +87,9 @@ class GemvConfig:
             problems.append(f"max_cols must be {g} times a power of two, got {self.max_cols}")
         if self.max_rows < 1:
             problems.append(f"max_rows must be at least 1, got {self.max_rows}")
+        why = lutram_depth_problem(self.lutram_depth, table_depth(self.layout.code_bits, self.layout.banks))
+        if why:
+            problems.append(why)
         if not isinstance(self.act, str) or self.act not in dot.ACT_FORMATS:
             problems.append(f"act must be one of {', '.join(map(repr, dot.ACT_FORMATS))}, got {self.act!r}")
         P = self.dot_lanes

@@ -1,6 +1,6 @@
 """`make verilog`: Verilog and a JSON manifest for each named decoder configuration and GEMV engine.
 
-    python -m sop.hdl.generate [--out build/verilog] [--config NAME ...] [--lutram-depth D] [--pipeline shallow]
+    python -m sop.hdl.generate [--out DIR] [--config NAME ...] [--lutram-depth D] [--pipeline shallow]
 
 For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
 with ``_`` for ``-``) and ``NAME.json``: the parameters, every port with its
@@ -51,8 +51,13 @@ measures on ECP5: 16 for 4-bit codes, 32 for 6-bit codes.
 ``--pipeline shallow`` writes the decoders built for a low-Fmax LUT4 FPGA
 (hdl/config.py: no output skid, a four-stage formatter; what the iCE40 lane
 sweep measures), bare (no shells, no residual configurations, no engines: the
-shallow build has no residual path), under the same file names: give it its
-own ``--out``.
+shallow build has no residual path), under the same file names, so by default
+into its own folder, ``build/verilog-shallow``.
+
+Every file of a design (the Verilog and its manifest; a shell's five files) is
+written as one set, all or nothing (golden.files.atomic_files), and ``--out`` is
+checked before any work: a file, or a folder that cannot be made, is one line
+and exit 2.
 
 ``--residuals R`` writes only the residual configurations, with R adders, and
 without their shells (the bare ``NAME-sp.v`` the sparse decoder's tests read);
@@ -73,7 +78,7 @@ from amaranth.hdl import Shape
 from amaranth.lib import data, wiring
 
 from sop import toolenv
-from sop.golden.files import write_atomic
+from sop.golden.files import OutputError, atomic_files, check_output
 
 from . import axis, gemv, gemv_axis, gemv_config
 from .config import PIPELINES, DecoderConfig, named_configs, residual_configs
@@ -135,8 +140,9 @@ def _convert(top, name: str, **kwargs) -> str:
 
 def _write(out_dir: Path, name: str, text: str, doc: dict) -> tuple[Path, Path]:
     v_path, j_path = out_dir / f"{name}.v", out_dir / f"{name}.json"
-    write_atomic(v_path, text.encode())
-    write_atomic(j_path, (json.dumps(doc, indent=1) + "\n").encode())
+    with atomic_files() as files:            # the Verilog and its manifest together, or neither
+        files.write(v_path, text.encode())
+        files.write(j_path, (json.dumps(doc, indent=1) + "\n").encode())
     return v_path, j_path
 
 
@@ -494,11 +500,12 @@ def _write_shell(out_dir: Path, stem: str, text: str, doc: dict, testbench: str,
     paths = {"verilog": out_dir / f"{stem}.v", "manifest": out_dir / f"{stem}.json",
              "testbench": out_dir / f"{stem}_tb.v", "core": out_dir / f"{stem}.core",
              "waivers": out_dir / "lint.vlt"}
-    write_atomic(paths["verilog"], text.encode())
-    write_atomic(paths["manifest"], (json.dumps(doc, indent=1) + "\n").encode())
-    write_atomic(paths["testbench"], testbench.encode())
-    write_atomic(paths["core"], core.encode())
-    write_atomic(paths["waivers"], resources.files("sop.hdl").joinpath("lint.vlt").read_bytes())
+    with atomic_files() as files:            # a shell's files together, or none
+        files.write(paths["verilog"], text.encode())
+        files.write(paths["manifest"], (json.dumps(doc, indent=1) + "\n").encode())
+        files.write(paths["testbench"], testbench.encode())
+        files.write(paths["core"], core.encode())
+        files.write(paths["waivers"], resources.files("sop.hdl").joinpath("lint.vlt").read_bytes())
     return paths
 
 
@@ -511,8 +518,10 @@ def generate_axis(config: DecoderConfig, out_dir: Path) -> dict[str, Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("build/verilog"))
+    p = argparse.ArgumentParser(prog="python -m sop.hdl.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="the folder to write into (default build/verilog under the working folder; with "
+                        "--pipeline shallow, build/verilog-shallow, so that the deep build is not replaced)")
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
                    help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16 for "
@@ -526,31 +535,45 @@ def main(argv=None) -> int:
                    help="shallow: the decoders built for a low-Fmax LUT4 FPGA (iCE40), bare (no shells, "
                         "residual configurations or engines); default deep, the one design for 200 MHz")
     args = p.parse_args(argv)
+
+    def refuse(message) -> int:
+        print(f"{p.prog}: error: {message}", file=sys.stderr)
+        return 2
+
     shallow = args.pipeline != PIPELINES[0]
+    if args.out is None:
+        args.out = Path("build/verilog-shallow" if shallow else "build/verilog")
+    try:
+        check_output(args.out, folder=True)
+    except OutputError as err:
+        return refuse(err)
     try:
         configs = residual_configs(args.residuals) if args.residuals else \
             named_configs() if shallow else {**named_configs(), **residual_configs()}
     except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+        return refuse(e)
     engines = {} if args.residuals or shallow else gemv_config.gemv_configs()
     names = args.config or list(configs) + list(engines)
     unknown = [n for n in names if n not in configs and n not in engines]
     if shallow and unknown:
-        print(f"--pipeline shallow builds the bare decoders ({', '.join(configs)}), not {', '.join(unknown)}: "
-              "the shallow pipeline has no residual path, shells or engines", file=sys.stderr)
-        return 2
+        return refuse(f"--pipeline shallow builds the bare decoders ({', '.join(configs)}), not "
+                      f"{', '.join(unknown)}: the shallow pipeline has no residual path, shells or engines")
     if unknown:
-        print(f"unknown configuration(s) {unknown}; valid: {', '.join(list(configs) + list(engines))}",
-              file=sys.stderr)
-        return 2
+        return refuse(f"unknown configuration(s) {unknown}; valid: {', '.join(list(configs) + list(engines))}")
     try:
         chosen = [replace(configs[n], lutram_depth=args.lutram_depth, pipeline=args.pipeline)
                   for n in names if n in configs]
         chosen_engines = [replace(engines[n], lutram_depth=args.lutram_depth) for n in names if n in engines]
     except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+        return refuse(e)
+    try:
+        _write_all(args, chosen, chosen_engines, shallow)
+    except OutputError as err:              # a target that is no regular file: that design not written
+        return refuse(err)
+    return 0
+
+
+def _write_all(args, chosen, chosen_engines, shallow: bool) -> None:
     for cfg in chosen:
         v, _ = generate(cfg, args.out)
         what = f"{cfg.lanes} lane{'s' * (cfg.lanes > 1)}" \
@@ -568,7 +591,6 @@ def main(argv=None) -> int:
         print(f"{v}  (GEMV engine, {cfg.layout.group} MACs a cycle, {cfg.act} activations"
               + (f", lutram depth {cfg.lutram_depth}" if cfg.lutram_depth else "")
               + f"), AXI4-Stream shell {shell['verilog'].name}, FuseSoC core {shell['core'].name}")
-    return 0
 
 
 if __name__ == "__main__":

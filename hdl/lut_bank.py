@@ -59,6 +59,22 @@ from amaranth.lib.wiring import In, Out
 from . import replica as rep
 
 
+def table_depth(code_bits: int, banks: int) -> int:
+    """Words in one lane's table: 2 pages x ``banks`` x 2^``code_bits``."""
+    return 2 * banks << code_bits
+
+
+def lutram_depth_problem(lutram_depth: int, depth: int) -> str:
+    """Why a table of ``depth`` words cannot be built from memories of ``lutram_depth`` words, or ""
+    (the decoder's and the GEMV engine's configurations check it before any hardware is built). A
+    depth that is no power of two would lose words: the part select takes whole address bits."""
+    d = lutram_depth
+    if d and (d & (d - 1) or not 2 <= d < depth):
+        return (f"lutram_depth must be 0 (one memory per lane) or a power of two below the lane's table depth "
+                f"{depth}, got {d}")
+    return ""
+
+
 def read_latency(lutram_depth: int) -> int:
     """Enabled clock edges from a read's address to its word: 1 for one memory, 2 for LUT RAM
     memories (their registers, then the row select)."""
@@ -72,9 +88,10 @@ class LutBank(wiring.Component):
         # the memories' attributes: yosys's no_rw_check where asked (module docstring)
         self.mem_attrs = {"no_rw_check": 1} if no_rw_check else None
         self.word = word
-        self.depth = 2 * banks << code_bits
-        if lutram_depth >= self.depth:
-            raise ValueError(f"lutram_depth {lutram_depth} must be below the table depth {self.depth}")
+        self.depth = table_depth(code_bits, banks)
+        why = lutram_depth_problem(lutram_depth, self.depth)
+        if why:
+            raise ValueError(why)
         self.part_depth = lutram_depth or self.depth
         self.read_latency = read_latency(lutram_depth)
         lanes_of = lambda shape: data.ArrayLayout(shape, lanes)    # noqa: E731

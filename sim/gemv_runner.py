@@ -105,7 +105,7 @@ from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, QUERY, SINGLE_BIT_ROWS, a
                                  swap_layers, term_rounding_layer, terms_alone_layer, top_offset_layer,
                                  window_edge_fast_layer, window_edge_layer, window_pow2_layer, with_residuals,
                                  zero_products_fast_layer)
-from sop.sim.runner import SIMULATORS, SimulatorMissing, check_simulator, simulate
+from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, simulate
 
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
          "full": {"rows": None, "tokens": [2, 7], "sparse_tokens": [3, 5]}}
@@ -357,9 +357,7 @@ def cli(argv, description: str, run_one, line, ok, extra: dict[str, GemvConfig] 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", action="append", choices=list(configs),
                    help="a named engine (default: every named one)")
-    p.add_argument("--sim", default=os.environ.get("SIM", "icarus"), choices=list(SIMULATORS))
-    p.add_argument("--quick", action="store_true", help="the fast subset (make test)")
-    p.add_argument("--seed", type=int, default=None)
+    add_run_options(p)
     args = p.parse_args(argv)
     waves = os.environ.get("WAVES", "0") not in ("", "0")
     results = []

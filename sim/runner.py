@@ -39,6 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sop import toolenv
+from sop.argtypes import number
 from sop.golden.files import write_atomic
 from sop.golden.points import OperatingPoint, config_point, operating_points
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
@@ -49,6 +50,21 @@ SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
 
 class SimulatorMissing(RuntimeError):
     pass
+
+
+def _simulator(text: str) -> str:
+    if text not in SIMULATORS:               # argparse checks no default (here $SIM) against choices
+        raise argparse.ArgumentTypeError(f"unknown simulator {text!r} (--sim, or $SIM); valid: "
+                                         f"{', '.join(SIMULATORS)}")
+    return text
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options every bench runner shares: --sim (default $SIM, else icarus), --quick, --seed."""
+    p.add_argument("--sim", default=os.environ.get("SIM", "icarus"), type=_simulator,
+                   help=f"the simulator: {', '.join(SIMULATORS)} (default $SIM, else icarus)")
+    p.add_argument("--quick", action="store_true", help="the fast subset (make test)")
+    p.add_argument("--seed", type=number(int, 0, inclusive=True), default=None, help="the stimulus seed (default: the plan's)")
 
 
 def check_simulator(sim: str) -> None:
@@ -318,9 +334,7 @@ def summary_line(s: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
-    p.add_argument("--sim", default=os.environ.get("SIM", "icarus"), choices=list(SIMULATORS))
-    p.add_argument("--quick", action="store_true", help="the fast subset")
-    p.add_argument("--seed", type=int, default=None)
+    add_run_options(p)
     p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
                    help="the tables in D-word LUT RAM memories (hdl/lut_bank.py)")
     p.add_argument("--axis", action="store_true",

@@ -49,6 +49,7 @@ import signal
 import sys
 from pathlib import Path
 
+from sop.argtypes import number, positive
 from sop.golden.dot import ACT_FORMATS
 from sop.golden.files import (OutputError, check_output, input_file, nearest_existing, signals_as_interrupts,
                               write_atomic)
@@ -408,31 +409,6 @@ def _board_gemv(args) -> int:
                                                                    x_source=source, timeout=args.timeout))
 
 
-def _number(kind, minimum, inclusive: bool, maximum=None):
-    """An argparse type: a finite number of ``kind`` above ``minimum`` (at or above it if
-    ``inclusive``) and, given a ``maximum``, at most that; anything else is a usage error naming
-    the value."""
-    what = "an integer" if kind is int else "a finite number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-        ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
-        if not ok or (maximum is not None and value > maximum):     # NaN and Inf too
-            most = f" and at most {maximum:g}" if maximum is not None else ""
-            raise argparse.ArgumentTypeError(f"must be {what} {'at least' if inclusive else 'above'} "
-                                             f"{minimum}{most}, got {text}")
-        return value
-    return parse
-
-
-def _positive(kind, maximum=None):
-    """An argparse type: a finite number of ``kind`` above zero (at most ``maximum``, if given)."""
-    return _number(kind, 0, inclusive=False, maximum=maximum)
-
-
 #: The longest wait for one board reply (`sop board --timeout`): a wait is always bounded.
 MAX_REPLY_TIMEOUT = 3600.0
 
@@ -445,7 +421,7 @@ def _search_options(p) -> None:
     p.add_argument("--device", default="numpy", metavar="D",
                    help="where the SOP search runs: numpy (default), cpu (torch on the CPU), cuda or cuda:N "
                         "(torch on a GPU); the same output bits on every device")
-    p.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
+    p.add_argument("--jobs", type=positive(int), default=1, metavar="N",
                    help="quantize N layers at once in worker processes, one core each (default 1; at most "
                         "one per CPU; the same results; peak memory about N times one layer's)")
 
@@ -463,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_codebook)
     d = sub.add_parser("demo", help="encode and decode the built-in model, print the error per format")
-    d.add_argument("--layers", type=_positive(int), default=None,
+    d.add_argument("--layers", type=positive(int), default=None,
                    help="a short run: the first N layers, the simulated configuration's Verilog only, "
                         "layer 0 through the dot engine")
     d.set_defaults(func=cmd_demo)
@@ -471,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
     e.add_argument("--format", action="append", required=True, metavar="F",
                    help="a format name (repeat for several); `sop formats` lists them")
-    e.add_argument("--budget", type=_positive(float), default=None,
+    e.add_argument("--budget", type=positive(float), default=None,
                    help="average bits per weight for sop-budget")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON (atomically)")
     e.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
@@ -480,13 +456,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="a NaN/Inf weight is an error (default) or is replaced by 0")
     e.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted errors")
     e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end embedding check")
-    e.add_argument("--calib-sentences", type=_positive(int), default=256,
+    e.add_argument("--calib-sentences", type=positive(int), default=256,
                    help="calibration sentences of a sentence encoder (default 256)")
-    e.add_argument("--calib-seqs", type=_positive(int), default=32,
+    e.add_argument("--calib-seqs", type=positive(int), default=32,
                    help="causal LMs: calibration windows (default 32)")
-    e.add_argument("--seq-len", type=_number(int, 4, inclusive=True), default=256,
+    e.add_argument("--seq-len", type=number(int, 4, inclusive=True), default=256,
                    help="causal LMs: tokens per calibration and held-out window (default 256)")
-    e.add_argument("--e2e-windows", type=_positive(int), default=16,
+    e.add_argument("--e2e-windows", type=positive(int), default=16,
                    help="causal LMs: held-out windows for perplexity/KLD/top-1 (default 16)")
     _search_options(e)
     e.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -496,24 +472,24 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--format", required=True, choices=vector_points())
     v.add_argument("--layer", action="append", metavar="NAME", help="a linear layer (repeatable; default all)")
     v.add_argument("--out", required=True, type=Path, help="the vector directory")
-    v.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of each layer")
+    v.add_argument("--rows", type=positive(int), default=None, help="only the first N rows of each layer")
     v.set_defaults(func=cmd_vectors)
     q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
     q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
     q.add_argument("--format", required=True, metavar="F", help="a format name; `sop formats` lists them")
     q.add_argument("--out", required=True, help="the artifact to write (atomically)")
-    q.add_argument("--budget", type=_positive(float), default=None,
+    q.add_argument("--budget", type=positive(float), default=None,
                    help="average bits per weight for sop-budget")
     q.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
     q.add_argument("--nan-policy", choices=("error", "zero"), default="error",
                    help="a NaN/Inf weight is an error (default) or is replaced by 0")
     q.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted search")
-    q.add_argument("--calib-sentences", type=_positive(int), default=256,
+    q.add_argument("--calib-sentences", type=positive(int), default=256,
                    help="calibration sentences of a sentence encoder (default 256)")
-    q.add_argument("--calib-seqs", type=_positive(int), default=32,
+    q.add_argument("--calib-seqs", type=positive(int), default=32,
                    help="causal LMs: calibration windows (default 32)")
-    q.add_argument("--seq-len", type=_number(int, 4, inclusive=True), default=256,
+    q.add_argument("--seq-len", type=number(int, 4, inclusive=True), default=256,
                    help="causal LMs: tokens per calibration window (default 256)")
     _search_options(q)
     q.add_argument("--quiet", action="store_true", help="no progress output")
@@ -545,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("json", type=Path, help="the `sop eval --json` output")
     r.add_argument("--out", default=None, metavar="STEM",
                    help="write STEM.md and STEM.png (default: next to the JSON, same name)")
-    r.add_argument("--bpw-tol", type=_number(float, 0, inclusive=True), default=0.01, metavar="T",
+    r.add_argument("--bpw-tol", type=number(float, 0, inclusive=True), default=0.01, metavar="T",
                    help="bit costs within T bpw count as equal on the Pareto front (default 0.01)")
     r.set_defaults(func=cmd_report)
     b = sub.add_parser("board", help="check one quantized layer through an FPGA board over its serial port")
@@ -556,10 +532,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the format of the board's decoder or GEMV engine (the boards of synth/gateware/board.py: "
                         "sop4-g16)")
     b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")
-    b.add_argument("--baud", type=_positive(int), default=115200, help="baud rate (default 115200)")
-    b.add_argument("--timeout", type=_positive(float, MAX_REPLY_TIMEOUT), default=1.0, metavar="S",
+    b.add_argument("--baud", type=positive(int), default=115200, help="baud rate (default 115200)")
+    b.add_argument("--timeout", type=positive(float, MAX_REPLY_TIMEOUT), default=1.0, metavar="S",
                    help=f"seconds to wait for each reply (default 1, at most {MAX_REPLY_TIMEOUT:g})")
-    b.add_argument("--rows", type=_positive(int), default=None, help="only the first N rows of the layer")
+    b.add_argument("--rows", type=positive(int), default=None, help="only the first N rows of the layer")
     b.add_argument("--x", type=Path, default=None, metavar="X.npy",
                    help="with --gemv: the activation vector, (in,) float values E4M3 holds exactly (default: "
                         "MiniLM's real input to the layer for a token of a sentence, rounded to E4M3)")

@@ -20,10 +20,12 @@ is being worked on). A board's files are named after ``Board.top_name``
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 from pathlib import Path
 
+from sop import toolenv
+from sop.golden.files import OutputError, check_output
 from sop.synth.gateware.board import BOARDS, BoardTop
 
 from .yosys_nextpnr import ECP5_CLASSIC_LUT_MAP
@@ -40,7 +42,6 @@ YOSYS_NO_RW_CHECK = ("memory_collect", "setparam -set RD_COLLISION_X_MASK 1'1 a:
 
 def build(board: str, build_dir: str | os.PathLike | None = None, residuals: int | None = None):
     """Synthesize, place and route the board top with the yowasp tools; no programming."""
-    from sop import toolenv
     from sop.hdl.replica import YOSYS_KEEP
 
     if board not in BOARDS:
@@ -66,20 +67,24 @@ def build(board: str, build_dir: str | os.PathLike | None = None, residuals: int
 def main(argv=None) -> int:
     """``python -m sop.synth.flow.bitstream BOARD [--residuals R] [--out DIR]``: one board's bitstream
     (BOARD: a name of synth/gateware/board.py's ``BOARDS``)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts = dict(zip(args[1::2], args[2::2]))
-    usage = (f"usage: python -m sop.synth.flow.bitstream {{{'|'.join(BOARDS)}}} [--residuals 0|1|2] [--out DIR]"
-             f"  (--residuals: the decoder's residual adders, default the board's; 0: no sparse-residual path)")
-    if (not args or args[0] not in BOARDS or len(args) % 2 != 1 or set(opts) - {"--residuals", "--out"}
-            or opts.get("--residuals", "1") not in ("0", "1", "2")):
-        print(usage, file=sys.stderr)
-        return 2
-    residuals = int(opts["--residuals"]) if "--residuals" in opts else None
-    if residuals is not None and not BOARDS[args[0]].decoder:
-        print(f"bitstream: board {args[0]} has no decoder: --residuals does not apply", file=sys.stderr)
-        return 2
-    build(args[0], opts.get("--out"), residuals)
-    print(f"bitstream in {opts.get('--out') or Path('build', 'bitstream', args[0])}/")
+    p = argparse.ArgumentParser(prog="python -m sop.synth.flow.bitstream",
+                                description="one board's bitstream: the yowasp tools' synthesis, place and "
+                                            "route (no programming)")
+    p.add_argument("board", choices=list(BOARDS))
+    p.add_argument("--residuals", type=int, choices=(0, 1, 2), default=None,
+                   help="the decoder's residual adders (default the board's; 0: no sparse-residual path)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="the build folder (default build/bitstream/BOARD under the working folder)")
+    args = p.parse_args(argv)
+    if args.residuals is not None and not BOARDS[args.board].decoder:
+        p.error(f"board {args.board} has no decoder: --residuals does not apply")
+    out = args.out or toolenv.build_root() / "bitstream" / args.board
+    try:
+        check_output(out, folder=True)
+    except OutputError as err:
+        p.error(str(err))
+    build(args.board, out, args.residuals)
+    print(f"bitstream in {out}/")
     return 0
 
 

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from sop import toolenv
+from sop.argtypes import positive
+from sop.golden.files import OutputError, check_output
 from sop.hdl.config import named_configs
 
 from .yosys_nextpnr import (DEFAULT_OUT, DEFAULT_TARGETS, TARGETS, ToolError, markdown_table, merge_results,
@@ -30,10 +32,15 @@ def main(argv=None) -> int:
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     p.add_argument("--target", action="append",
                    help=f"one of {', '.join(TARGETS)} (default: {', '.join(DEFAULT_TARGETS)})")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--jobs", type=int, default=2, help="tool runs at a time (default 2)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                   help="the report's folder (default build/synth under the working folder)")
+    p.add_argument("--jobs", type=positive(int), default=2, help="tool runs at a time (default 2)")
     p.add_argument("--force", action="store_true", help="repeat cached runs")
     args = p.parse_args(argv)
+    try:
+        check_output(args.out, folder=True)
+    except OutputError as err:
+        p.error(str(err))
     configs = named_configs()
     names, targets = args.config or list(configs), args.target or list(DEFAULT_TARGETS)
     bad = [n for n in names if n not in configs] + [t for t in targets if t not in TARGETS]

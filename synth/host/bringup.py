@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sop.argtypes import number
 from sop.golden.layout import LayerStream, Sparse
 from sop.golden.points import board_points, get_point
 from sop.hdl import reference
@@ -428,6 +429,14 @@ def decoder_boards() -> list[str]:
     return [name for name, b in BOARDS.items() if b.decoder]
 
 
+def divisor_arg(text: str) -> int:
+    """``--divisor`` of a simulated board: whole UART clock cycles a bit, at least the receiver's
+    ``MIN_DIVISOR`` (said here, not as a baud rate the user never gave)."""
+    from sop.synth.gateware.uart import MIN_DIVISOR
+
+    return number(int, MIN_DIVISOR, inclusive=True)(text)
+
+
 def main(argv=None) -> int:
     """``python -m sop.synth.host.bringup --sim``: a real layer through the simulated board; 1 on a mismatch."""
     p = argparse.ArgumentParser(prog="python -m sop.synth.host.bringup",
@@ -444,7 +453,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
     p.add_argument("--board", default="icebreaker", choices=decoder_boards(),
                    help="the board whose core is simulated (default icebreaker)")
-    p.add_argument("--divisor", type=int, default=SIM_DIVISOR, help="UART clock cycles a bit")
+    p.add_argument("--divisor", type=divisor_arg, default=SIM_DIVISOR, help="UART clock cycles a bit")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     try:

@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="sop4-g16", choices=board_points())
     p.add_argument("--layer", default=SIM_LAYER, help=f"a linear layer (default {SIM_LAYER})")
     p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
-    p.add_argument("--divisor", type=int, default=bringup.SIM_DIVISOR, help="UART clock cycles a bit")
+    p.add_argument("--divisor", type=bringup.divisor_arg, default=bringup.SIM_DIVISOR, help="UART clock cycles a bit")
     p.add_argument("--board", default=SIM_BOARD, choices=gemv_boards(),
                    help=f"the board whose core is simulated (default {SIM_BOARD}; icebreaker-gemv: the "
                         f"iCEBreaker's GEMV-only core)")

@@ -1,0 +1,36 @@
+"""argparse types for every command line of the project (`sop`, the hardware tools, the benches):
+a number outside its range is a usage error naming the option and the value, before any work.
+
+``number(int, 0, inclusive=True)`` takes 0, 1, 2, ...; ``positive(float)`` any finite number above
+0. NaN and the infinities are never in range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def number(kind, minimum, inclusive: bool, maximum=None):
+    """An argparse type: a finite number of ``kind`` above ``minimum`` (at or above it if
+    ``inclusive``) and, given a ``maximum``, at most that; anything else is a usage error naming
+    the value."""
+    what = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
+        if not ok or (maximum is not None and value > maximum):     # NaN and Inf too
+            most = f" and at most {maximum:g}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"must be {what} {'at least' if inclusive else 'above'} "
+                                             f"{minimum}{most}, got {text}")
+        return value
+    return parse
+
+
+def positive(kind, maximum=None):
+    """An argparse type: a finite number of ``kind`` above zero (at most ``maximum``, if given)."""
+    return number(kind, 0, inclusive=False, maximum=maximum)

@@ -1,0 +1,93 @@
+"""The command lines beside `sop` on bad input: `python -m sop.hdl.generate`, the bench runners and the
+scripts under bench/ refuse with one line and exit 2 before any work, and never write half a design
+(docs/robustness.md)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from dataclasses import replace
+
+import pytest
+
+from sop.hdl import gemv_config
+from sop.hdl.generate import main as generate_main
+from sop.hdl.lut_bank import LutBank
+from sop.sim import gemv_runner, runner
+
+
+@pytest.mark.parametrize("depth", [7, 12, -4, 64, 99])
+def test_a_lutram_depth_that_would_lose_table_words_is_refused_for_the_engines_too(tmp_path, capsys, depth):
+    """A depth that is no power of two left words out of the table (the part select takes whole address
+    bits: 7 lost every address 7 mod 8), a negative one built no memory at all: the GEMV engines took
+    either and wrote wrong hardware. Refused like the decoders', before anything is written."""
+    out = tmp_path / "v"
+    assert generate_main(["--config", "gemv-sop4-g16", "--lutram-depth", str(depth), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"lutram_depth must be 0 (one memory per lane) or a power of two below the lane's table "
+                        f"depth 64, got {depth}") and "\n" not in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="power of two"):
+        replace(gemv_config.gemv_configs()["gemv-sop4-g16"], lutram_depth=depth)
+    with pytest.raises(ValueError, match="power of two"):                 # the bank itself, built by hand
+        LutBank(code_bits=4, banks=2, word=9, lanes=1, lutram_depth=depth)
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert generate_main(["--config", "sop4-g16-x1", "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m sop.hdl.generate: error: {tmp_path / 'afile'}: the output folder exists and is not " \
+                  f"a folder"
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_design_whose_manifest_is_a_fifo_is_not_half_written(tmp_path, capsys):
+    """The Verilog was written, then its manifest refused: a .v without its .json. They are one set."""
+    os.mkfifo(tmp_path / "sop4-g16-x1.json")
+    assert generate_main(["--config", "sop4-g16-x1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sop4-g16-x1.json: the output exists and is a FIFO" in err and "\n" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["sop4-g16-x1.json"]
+
+
+@pytest.mark.parametrize("main", [runner.main, gemv_runner.main], ids=["decoder", "engine"])
+@pytest.mark.parametrize("argv, env, said", [
+    ([], "foo", "argument --sim: unknown simulator 'foo' (--sim, or $SIM); valid: icarus, verilator"),
+    (["--seed", "-1"], "icarus", "argument --seed: must be an integer at least 0, got -1"),
+])
+def test_a_bench_runners_bad_simulator_or_seed_is_a_usage_error(monkeypatch, capsys, main, argv, env, said):
+    """`SIM=foo make sim` was a traceback (argparse checks no default against its choices); a negative
+    seed failed in numpy after the Verilog was built."""
+    monkeypatch.setenv("SIM", env)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize("script, argv, said", [
+    ("lane_sweep.py", ["--lanes", "3"], "--lanes: decoder config 'sop4-g16-x3': lanes must be a power of two"),
+    ("fmax_seeds.py", ["--seeds", "0"], "argument --seeds: must be an integer above 0, got 0"),
+    ("fmax_seeds.py", ["--jobs", "0"], "argument --jobs: must be an integer above 0, got 0"),
+    ("memory.py", ["--size", "0"], "argument --size: must be an integer above 0, got 0"),
+    ("memory.py", ["--workdir", "/nonexistent-folder"], "--workdir /nonexistent-folder: not a folder"),
+    ("quantize_speed.py", ["--layers", "-1"], "argument --layers: must be an integer above 0, got -1"),
+    ("peer_speed.py", ["--repeats", "0"], "argument --repeats: must be an integer above 0, got 0"),
+    ("llm_scale.py", ["--blocks", "0"], "argument --blocks: must be an integer above 0, got 0"),
+    ("sim_speed.py", ["--config", "nosuch"], "argument --config: invalid choice: 'nosuch'"),
+    ("dot_bf16.py", ["--windows", "16,x"], "argument --windows: not an integer: 'x'"),
+    ("codebook_sqnr.py", ["--out", "/dev/null"], "/dev/null: the output exists and is a character device"),
+    ("hif_sqnr.py", ["--out", "/dev/null"], "/dev/null: the output exists and is a character device"),
+])
+def test_a_benchs_bad_argument_is_one_usage_line_before_any_work(tmp_path, script, argv, said):
+    """Each of these once ran: minutes of synthesis before a StatisticsError (--seeds 0), a layer dropped
+    without a word (--layers -1), a report that then blocked on a FIFO forever (--out), a traceback."""
+    r = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and said in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ") and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []                         # nothing written, no build/ folder
