@@ -259,7 +259,8 @@ def jobs_bench(repeats: int, work: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scale", type=positive(float), default=1.0, help="layer dimensions times this (default 1: 7B-class)")
+    ap.add_argument("--scale", type=positive(float), default=1.0,
+                    help="layer dimensions times this (default 1: 7B-class)")
     ap.add_argument("--blocks", type=positive(int), default=4, help="transformer blocks, one shard each (default 4)")
     ap.add_argument("--format", action="append", dest="formats", help="formats over the whole model "
                     "(default nf4-g64, e2m3-ue4m4-g16; none: only the sop4-g16 run)")

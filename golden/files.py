@@ -211,7 +211,7 @@ def _mode_for(target: Path) -> int:
     """The permissions of a new file for ``target``: those of the file it replaces (a private file
     stays private), else the usual ones (0666 less the umask)."""
     try:
-        return stat.S_IMODE(os.stat(target).st_mode)
+        return stat.S_IMODE(os.stat(target).st_mode) & 0o777      # the permission bits, no set-id
     except OSError:
         umask = os.umask(0)
         os.umask(umask)
@@ -220,9 +220,10 @@ def _mode_for(target: Path) -> int:
 
 @contextlib.contextmanager
 def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterator[tuple[BinaryIO, Path]]:
-    """A temporary file (the permissions of the file it replaces, or normal ones) for ``folder/name``; removed if the block raises,
-    with the folders made for it (where still empty). A full disk is an ``OutputError`` naming
-    ``target`` (default ``folder/name``: the file the temporary one is for).
+    """A temporary file for ``folder/name``, with the permissions of the file it replaces (or the
+    usual ones); removed if the block raises, with the folders made for it (where still empty). A
+    full disk is an ``OutputError`` naming ``target`` (default ``folder/name``: the file the
+    temporary one is for).
 
     Stale temporary files of earlier, killed writes to the same name are removed first."""
     made = _missing_folders(folder)
