@@ -185,8 +185,8 @@ def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> 
             # a null perplexity is one past float64 (a mean NLL over 709 nats: causal_lm.perplexity)
             llm = {k: _num(e2e, k, f"{w}.e2e", nullable=k in ("ppl", "ppl_ref"))
                    for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
-        rows.append({"format": shown_text(name), "bpw": _num(f, "bpw", w), "sqnr_db": _num(f, "sqnr_db", w, nullable=True),
-                     "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})
+        rows.append({"format": shown_text(name), "bpw": _num(f, "bpw", w),
+                     "sqnr_db": _num(f, "sqnr_db", w, nullable=True), "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})
     rows.sort(key=lambda r: (r["bpw"], -r["sqnr_db"], r["format"]))
     front = pareto_front([r["bpw"] for r in rows], [r["sqnr_db"] for r in rows], bpw_tol)
     kld = [-r["llm"]["kld"] if r["llm"] else math.nan for r in rows]          # lower KLD is better
@@ -294,8 +294,8 @@ def _panel(ax, pts: list[dict], v: np.ndarray, on: np.ndarray, higher_better: bo
     # past MAX_LABELS, points alone: labels would be unreadable, and _spread is quadratic
     lv = _spread(v, x, min_gap=0.045 * (hi - lo), x_near=0.25 * xr) if len(pts) <= MAX_LABELS else []
     for r, xi, vi, li in zip(pts, x, v, lv):
-        ax.annotate(_plot_text(label(r)), (xi, shown(vi)), xytext=(xi + 0.035 * xr, shown(li)), textcoords="data", fontsize=8,
-                    va="center", arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}, zorder=5)
+        ax.annotate(_plot_text(label(r)), (xi, shown(vi)), xytext=(xi + 0.035 * xr, shown(li)), textcoords="data",
+                    fontsize=8, va="center", arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}, zorder=5)
     _finish_panel(ax, higher_better)
 
 

@@ -163,9 +163,9 @@ def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
 
     ``layers``: name -> ``(w, act_ms)`` (a ``knapsack.LazyLayers`` loads each only when
     needed, so that no two layers are held at once); widths are padded to 16 like the other
-    SOP points, and ``budget`` counts bits per *real* weight (the knapsack's ``real_weights``). ``rows``: each layer's ``budget_row``, in layer order, measured
-    elsewhere with the same options (--jobs workers); ``layers`` is then read only for the
-    chosen results. Returns the
+    SOP points, and ``budget`` counts bits per *real* weight (the knapsack's ``real_weights``).
+    ``rows``: each layer's ``budget_row``, in layer order, measured elsewhere with the same
+    options (--jobs workers); ``layers`` is then read only for the chosen results. Returns the
     knapsack's ``BudgetResult`` (``results``: name -> QuantResult, built as asked for;
     ``choice``: name -> option, ``report``)."""
     from sop.quantize import knapsack

@@ -64,7 +64,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim", default=os.environ.get("SIM", "icarus"), type=_simulator,
                    help=f"the simulator: {', '.join(SIMULATORS)} (default $SIM, else icarus)")
     p.add_argument("--quick", action="store_true", help="the fast subset (make test)")
-    p.add_argument("--seed", type=number(int, 0, inclusive=True), default=None, help="the stimulus seed (default: the plan's)")
+    p.add_argument("--seed", type=number(int, 0, inclusive=True), default=None,
+                   help="the stimulus seed (default: the plan's)")
 
 
 def check_simulator(sim: str) -> None:
