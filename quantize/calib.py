@@ -30,12 +30,15 @@ metrics (quantize/metrics.py) weight input column ``j`` by
   applies to sentence encoders only.
 * Cache: ``<cache_dir>/<key>.npz`` (default ``build/calib/``), written
   atomically; ``key`` is a SHA-256 of the procedure version, the checkpoint
-  files' contents (for a causal-LM folder also its configuration and tokenizer
-  files), the window shape and the calibration text, so a changed model or text
-  is never served stale statistics; a cache hit loads no model. A damaged cache
+  files' contents and the configuration and tokenizer files beside them (a BERT
+  or causal-LM forward pass reads both), the window shape and the calibration
+  text, so a changed model or text is never served stale statistics; a cache
+  hit loads no model. The forward pass runs the files the quantizer reads
+  (``ModelSource.files``), never a stray checkpoint beside them. A damaged cache
   file (truncated, emptied, altered: the zip's CRC-32 catches it; every count
   must be a whole number >= 0, every statistic a finite, non-negative float
-  vector as long as its layer's input channels) is a miss: recomputed and
+  vector as long as its layer's input channels, and the statistics the layers
+  the file lists) is a miss: recomputed and
   replaced atomically, never an error and never a figure; ``say`` (when given)
   gets one line naming the file and what is wrong with it. A cache file that
   cannot be written (a full disk, a read-only folder) is said the same way and
@@ -61,7 +64,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, write_atomic
 
-CALIB_VERSION = 1
+CALIB_VERSION = 2            # 2: the key covers a BERT folder's config and tokenizer; the file lists its layers
 CAUSAL_VERSION = 1
 N_CALIB = 256
 N_HELDOUT = 64
@@ -216,6 +219,10 @@ def _check_cache(meta: dict, stats: dict[str, np.ndarray], widths: dict[str, int
         v = meta.get(k, absent)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise _Damaged(f"its {k!r} is not a whole number >= 0")
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or sorted(stats) != sorted(x for x in layers if isinstance(x, str)):
+        # a statistic gone would quantize its layer unweighted under a calibration said to weight it
+        raise _Damaged("its statistics are not the layers it lists")
     for name, a in stats.items():
         if not (a.dtype.kind == "f" and a.ndim == 1 and np.isfinite(a).all() and (a >= 0).all()):
             raise _Damaged(f"the statistic of {name} is not a vector of finite, non-negative floats")
@@ -253,7 +260,7 @@ def _save(path: Path, cal: Calibration, say) -> None:
     folder) costs only the next run's calibration: the run goes on, ``say`` told why."""
     buf = io.BytesIO()
     meta = {"key": cal.key, "sentences": cal.sentences, "tokens": cal.tokens, "version": CALIB_VERSION,
-            "seqs": cal.seqs, "seq_len": cal.seq_len}
+            "seqs": cal.seqs, "seq_len": cal.seq_len, "layers": sorted(cal.act_ms)}
     np.savez(buf, **cal.act_ms, **{_META: np.array(json.dumps(meta))})
     try:
         write_atomic(path, buf.getvalue())
@@ -283,7 +290,7 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     from sop.quantize import causal_lm
 
     sentences = calibration_sentences(max_calibration_sentences())
-    key = cache_key(f"{src.fingerprint()}\n{causal_lm.aux_fingerprint(src)}",
+    key = cache_key(f"{src.fingerprint()}\n{src.aux_fingerprint()}",
                     f"causal-lm v{CAUSAL_VERSION} {size.seqs}x{size.seq_len}", sentences)
     path = Path(cache_dir) / f"{key[:32]}.npz"
     note = (f"mean square of each linear's input over {size.seqs} x {size.seq_len} tokens of pydoc_data.topics "
@@ -327,14 +334,16 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
     from sop.quantize.e2e import Bert
 
     sentences = calibration_sentences(n_sentences)
-    key = cache_key(src.fingerprint(), src.bert_prefix, sentences)
+    # the weights and the files the forward pass reads beside them (config.json's heads and epsilon,
+    # the tokenizer): a changed tokenizer is another calibration
+    key = cache_key(f"{src.fingerprint()}\n{src.aux_fingerprint()}", src.bert_prefix, sentences)
     path = Path(cache_dir) / f"{key[:32]}.npz"
     note = f"mean square of each linear's input over {len(sentences)} pydoc_data.topics sentences"
     if use_cache:
         hit = _cached(path, key, note, src, say)
         if hit is not None:
             return hit
-    stats, tokens = collect_stats(Bert(src.bert_folder, src.bert_prefix), sentences)
+    stats, tokens = collect_stats(Bert(src.bert_folder, src.bert_prefix, src.files), sentences)
     cal = Calibration(True, note, stats, key, len(sentences), tokens)
     if use_cache:
         _save(path, cal, say)

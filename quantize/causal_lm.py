@@ -77,9 +77,6 @@ HINT = "--no-calib --no-e2e quantizes it without a forward pass"
 #: GGUF tensors that are no parameter of any model: llama.cpp's RoPE tables, which transformers
 #: computes from the configuration
 GGUF_NO_PARAMETER = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
-#: Files of a model folder besides the weights that change what the forward pass computes.
-AUX_SUFFIXES = (".json", ".model", ".txt", ".tiktoken")
-
 
 def quiet_transformers() -> None:
     """transformers' logging to errors only and no progress bars (sop prints its own progress)."""
@@ -101,21 +98,6 @@ class Target:
 
 class _Stop(Exception):
     """Raised by the output head's calibration hook: the logits are not needed."""
-
-
-def aux_fingerprint(src) -> str:
-    """SHA-256 over a model folder's configuration and tokenizer files (not the weights): with
-    ``src.fingerprint()`` it keys the calibration cache."""
-    import hashlib
-
-    h = hashlib.sha256()
-    folder = getattr(src, "folder", None)
-    if folder is not None and Path(folder).is_dir() and src.kind != "gguf":
-        weights = {Path(f).resolve() for f in src.files}
-        for f in sorted(Path(folder).iterdir()):
-            if f.is_file() and f.suffix in AUX_SUFFIXES and f.resolve() not in weights:
-                h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def memory_needed(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0) -> int:

@@ -1,7 +1,8 @@
 """End-to-end fidelity: a plain-torch BERT sentence encoder, and how far quantization moves it.
 
-``Bert(folder)`` runs a BERT checkpoint (all-MiniLM-L6-v2, or any Hugging Face
-BERT folder with ``config.json``, ``tokenizer.json`` and safetensors weights)
+``Bert(folder, files=)`` runs a BERT checkpoint (all-MiniLM-L6-v2, or any Hugging Face
+BERT folder with ``config.json``, ``tokenizer.json`` and safetensors weights: the
+files the quantizer reads)
 the way sentence-transformers does for all-MiniLM-L6-v2: the shipped tokenizer
 (truncation to its 128 tokens; the batch is padded to its longest sentence and
 the padding is masked), embeddings + LayerNorm, the encoder layers (erf GELU),
@@ -42,7 +43,11 @@ LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
 
 
 class Bert:
-    def __init__(self, folder, prefix: str = ""):
+    def __init__(self, folder, prefix: str = "", files=None):
+        """``files``: the weights files to run (a ModelSource's ``files``: the ones the quantizer
+        reads, so that calibration and the end-to-end reference run the model that is quantized,
+        not a stray checkpoint beside it); default the folder's ``model.safetensors``, else every
+        ``*.safetensors`` of it (the built-in MiniLM, tests)."""
         import torch
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
@@ -58,7 +63,10 @@ class Bert:
         if cfg.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{folder}: activation {cfg.get('hidden_act')!r} not supported (gelu only)")
         self.params: dict[str, torch.Tensor] = {}
-        for f in sorted(self.folder.glob("*.safetensors")):
+        if files is None:
+            single = self.folder / "model.safetensors"
+            files = [single] if single.is_file() else sorted(self.folder.glob("*.safetensors"))
+        for f in files:
             self.params.update({k: v.float() for k, v in load_file(str(f)).items()})
         if not self.params:
             raise ValueError(f"{folder}: no safetensors weights")

@@ -134,7 +134,7 @@ def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = 16, seq_len:
         return None, {"skipped": f"no forward pass for this model ({src.forward_note or src.kind})"}
     from sop.quantize.e2e import Bert
 
-    return ("bert", Bert(src.bert_folder, src.bert_prefix), C.heldout_sentences(n_heldout)), None
+    return ("bert", Bert(src.bert_folder, src.bert_prefix, src.files), C.heldout_sentences(n_heldout)), None
 
 
 def _e2e_reference(prep):

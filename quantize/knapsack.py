@@ -196,9 +196,17 @@ def weighted_error(w, recon, act_ms=None, sparse: Sparse | None = None) -> float
     return float(sums.total()[0]) if act is None else float(per_row.sum())
 
 
-def _base_result(base: str, w, act_ms, name: str, sop4_kw: dict) -> QuantResult:
+def _base_result(base: str, w, act_ms, name: str, sop4_kw: dict, cols: int | None = None) -> QuantResult:
+    """A base format's result for ``w``; ``cols``: its real columns where ``w`` is zero-padded to a
+    block. The SOP points store their padding (a stream is whole blocks); FP8 stores none, so it is
+    quantized and costed without it (the same values: one scale for the layer, the padding's zeros
+    change no maximum) and its reconstruction padded back with zeros."""
     if base == FP8:
-        return fp8_e4m3_pot(w, act_ms, name=name)
+        if cols is None or cols == w.shape[1]:
+            return fp8_e4m3_pot(w, act_ms, name=name)
+        res = fp8_e4m3_pot(w[:, :cols], None if act_ms is None else act_ms[:cols], name=name)
+        res.recon = np.pad(res.recon, ((0, 0), (0, w.shape[1] - cols)))
+        return res
     point = get_point(base)
     return quantize_point(w, point, act_ms, name=name, **(sop4_kw if point.search == "pair" else {}))
 
@@ -261,6 +269,7 @@ class LayerOptions:
     #: (layer, base) -> (the base result without its reconstruction, the reconstruction's dtype)
     streams: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)    # layer -> weights
+    cols: dict = field(default_factory=dict)     # layer -> its real columns, where padded (``option_row``)
 
     @property
     def n_weights(self) -> int:
@@ -271,7 +280,8 @@ class LayerOptions:
         kept = self.streams.get((layer, base))
         if kept is None:
             w, act_ms = self.layers[layer]
-            return _base_result(base, float_weights(w), act_ms, layer, self.sop4_kw)   # FP8: no entries
+            return _base_result(base, float_weights(w), act_ms, layer, self.sop4_kw,   # FP8: no entries
+                                self.cols.get(layer))
         res, dtype = kept
         entries = self.entries.get((layer, option)) if density > 0 else None
         # with entries the sums need float64 (a BF16 residual on a product is not a float32 in
@@ -326,18 +336,20 @@ class LayerRow:
     streams: dict                        # base -> (the base result without its reconstruction, its dtype)
 
 
-def option_row(name: str, w, act_ms, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None) -> LayerRow:
+def option_row(name: str, w, act_ms, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None,
+               cols: int | None = None) -> LayerRow:
     """Quantize one layer in every option's base format and measure each option's bits and
     activation-weighted error (sparse variants from the base result's residuals, their error
     measured without building their reconstruction). One base result is held at a time: each
     base format's options are measured, then it is dropped. The same in this process or in a
-    --jobs worker (quantize/jobs.py), bit for bit."""
+    --jobs worker (quantize/jobs.py), bit for bit. ``cols``: the real columns of a zero-padded
+    ``w`` (``_base_result``)."""
     parsed = [(o, *parse_option(o)) for o in options]
     sop4_kw = dict(sop4_kw or {})
     w = float_weights(w)                           # float32 stays (the quantizers cast chunks, exactly)
     out = LayerRow(name, w.size, [None] * len(parsed), {}, {})
     for base in dict.fromkeys(base for _, base, _ in parsed):       # in order of first use
-        base_res = _base_result(base, w, act_ms, name, sop4_kw)
+        base_res = _base_result(base, w, act_ms, name, sop4_kw, cols)
         for i, (oname, b, density) in enumerate(parsed):
             if b != base:
                 continue
@@ -358,14 +370,17 @@ def option_row(name: str, w, act_ms, options=DEFAULT_OPTIONS, sop4_kw: dict | No
 
 
 def layer_options(layers: Mapping, options=DEFAULT_OPTIONS, sop4_kw: dict | None = None,
-                  rows: Iterable[LayerRow] | None = None) -> LayerOptions:
+                  rows: Iterable[LayerRow] | None = None, cols: Mapping | None = None) -> LayerOptions:
     """Every layer's ``option_row``, one layer held at a time. ``rows``: the rows already
     measured elsewhere (--jobs workers), in the order of ``layers``; ``layers`` is then read
-    only later, for what the chosen results need."""
+    only later, for what the chosen results need. ``cols``: layer -> real columns where ``layers``
+    pads (filled as each layer is read or its row passes: quantize/schemes.py's ``_Padded``)."""
+    cols = {} if cols is None else cols
     parsed = [(o, *parse_option(o)) for o in options]
     sop4_kw = dict(sop4_kw or {})
     if rows is None:
-        rows = (option_row(lname, w, act_ms, options, sop4_kw) for lname, (w, act_ms) in layers.items())
+        rows = (option_row(lname, w, act_ms, options, sop4_kw, cols.get(lname))
+                for lname, (w, act_ms) in layers.items())
     costs, entries, streams, sizes = [], {}, {}, {}
     for lname, row in zip(layers, rows, strict=True):
         if row.name != lname:
@@ -374,7 +389,7 @@ def layer_options(layers: Mapping, options=DEFAULT_OPTIONS, sop4_kw: dict | None
         costs.append(row.costs)
         entries.update(((lname, i), sp) for i, sp in row.entries.items())
         streams.update(((lname, base), kept) for base, kept in row.streams.items())
-    return LayerOptions(list(layers), parsed, costs, layers, entries, sop4_kw, streams, sizes)
+    return LayerOptions(list(layers), parsed, costs, layers, entries, sop4_kw, streams, sizes, dict(cols))
 
 
 def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,

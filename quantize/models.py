@@ -231,6 +231,18 @@ class ModelSource:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    def aux_fingerprint(self) -> str:
+        """SHA-256 over the configuration and tokenizer files beside the weights (``AUX_SUFFIXES``
+        in the model's folder; none for a GGUF, which holds its own): with ``fingerprint`` it keys
+        the calibration cache, since the forward pass reads them."""
+        h = hashlib.sha256()
+        if self.folder is not None and Path(self.folder).is_dir() and self.kind != "gguf":
+            weights = {Path(f).resolve() for f in self.files}
+            for f in sorted(Path(self.folder).iterdir()):
+                if f.is_file() and f.suffix in AUX_SUFFIXES and f.resolve() not in weights:
+                    h.update(os.fsencode(f.name) + b"\0" + f.read_bytes() + b"\0")
+        return h.hexdigest()
+
     def tensor_names(self) -> list[str]:
         """Every tensor of the checkpoint (selected or not)."""
         return list(self._reader.names())
@@ -300,6 +312,9 @@ def linear_layers(n: int) -> str:
     """``n linear layers``, singular for one (a progress or table line)."""
     return f"{n} linear layer{'s' * (n != 1)}"
 
+
+#: Files of a model folder besides the weights that change what a forward pass computes.
+AUX_SUFFIXES = (".json", ".model", ".txt", ".tiktoken")
 
 # What open_model reads beside a weights file given alone (``_folder_config``, ``_bert_info``)
 CONFIG_JSON, TOKENIZER_JSON = "config.json", "tokenizer.json"

@@ -155,7 +155,7 @@ def budget_row(name: str, w, act_ms, options=None, sop4_kw: dict | None = None):
     w = float_weights(w)
     cols = w.shape[1]
     wp, act_p = _pad(w, act_ms, BUDGET_GROUP)
-    return knapsack.option_row(name, wp, act_p, options or knapsack.DEFAULT_OPTIONS, sop4_kw), cols, w.size
+    return knapsack.option_row(name, wp, act_p, options or knapsack.DEFAULT_OPTIONS, sop4_kw, cols), cols, w.size
 
 
 def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
@@ -176,7 +176,8 @@ def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
     options, sop4_kw = kw.pop("options", knapsack.DEFAULT_OPTIONS), kw.pop("sop4_kw", None)
     if rows is not None:
         rows = padded.measured(rows)
-    opts = kw.pop("prepared", None) or knapsack.layer_options(padded, options, sop4_kw, rows=rows)
+    opts = kw.pop("prepared", None) or knapsack.layer_options(padded, options, sop4_kw, rows=rows,
+                                                                       cols=padded.cols)
     # the budget is per real weight: padded zeros cost bits but are not weights
     real = sum(padded.real.values()) if padded.real else sum(np.asarray(w).size for w, _ in layers.values())
     return knapsack.quantize_budget(padded, budget, prepared=opts, cols=dict(padded.cols), real_weights=real, **kw)

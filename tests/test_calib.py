@@ -2,7 +2,9 @@
 against sentence-transformers, statistics with the padding masked, the cache, and the fallback."""
 
 import errno
+import json
 import os
+import shutil
 from typing import Any, cast
 
 import numpy as np
@@ -108,6 +110,51 @@ def test_calibration_is_cached_by_model_and_text(tmp_path):
     assert C.cache_key("model-b", "", C.calibration_sentences(12)) != first.key
 
 
+def _minilm_copy(dest, config_edit=None):
+    """MiniLM's folder, its weights hard-linked (90 MB), every other file copied; ``config_edit``
+    changes config.json."""
+    dest.mkdir()
+    for f in minilm_folder().iterdir():
+        if f.is_file():
+            (os.link if f.suffix == ".safetensors" else shutil.copyfile)(f, dest / f.name)
+    if config_edit:
+        cfg = json.loads((dest / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps({**cfg, **config_edit}))
+    return dest
+
+
+def test_a_bert_folder_with_another_config_or_tokenizer_is_another_calibration(tmp_path):
+    """The forward pass reads config.json (its LayerNorm epsilon, heads) and tokenizer.json beside the
+    weights: a folder with the same weights and another of either was served the first folder's cached
+    statistics. Both files are in the key."""
+    a = open_model(str(_minilm_copy(tmp_path / "a")))
+    b = open_model(str(_minilm_copy(tmp_path / "b", {"layer_norm_eps": 0.5})))
+    c = _minilm_copy(tmp_path / "c")
+    tok = json.loads((c / "tokenizer.json").read_text())
+    tok["normalizer"]["lowercase"] = False
+    (c / "tokenizer.json").write_text(json.dumps(tok))
+    cache = tmp_path / "cache"
+    first = C.calibrate(a, n_sentences=4, cache_dir=cache)
+    for other in (b, open_model(str(c))):
+        assert a.fingerprint() == other.fingerprint()                    # the same weights
+        cal = C.calibrate(other, n_sentences=4, cache_dir=cache)
+        assert cal.key != first.key and not cal.cached
+        assert any(not np.array_equal(cal.act_ms[n], first.act_ms[n]) for n in first.act_ms)
+
+
+def test_calibration_runs_the_weights_the_quantizer_reads_not_a_stray_file_beside_them(tmp_path):
+    """The forward pass loaded every *.safetensors of the folder: a stray one beside model.safetensors
+    (which the quantizer does not read) replaced real tensors in calibration and the e2e reference."""
+    folder = _minilm_copy(tmp_path / "m")
+    clean = C.calibrate(open_model(str(folder)), n_sentences=4, cache_dir=tmp_path / "c1")
+    save_file({"embeddings.LayerNorm.weight": torch.full((384,), 5.0)}, str(folder / "zz-stray.safetensors"))
+    src = open_model(str(folder))
+    assert [f.name for f in src.files] == ["model.safetensors"]
+    stray = C.calibrate(src, n_sentences=4, cache_dir=tmp_path / "c2")
+    for n, v in clean.act_ms.items():
+        np.testing.assert_array_equal(stray.act_ms[n], v)
+
+
 DAMAGE = {   # how a cache file is damaged: what the one-line note says is wrong with it
     "truncated": "unreadable: BadZipFile", "empty": "unreadable: EOFError",
     "byte flipped": "unreadable: BadZipFile: Bad CRC-32",
@@ -116,6 +163,9 @@ DAMAGE = {   # how a cache file is damaged: what the one-line note says is wrong
     # the wrong length once served, then refused far later without naming the cache
     "metadata count 1e400": "its 'sentences' is not a whole number >= 0",
     "statistic too short": "the statistic of {layer} has 100 values for 384 input channels",
+    # re-saved with its key and metadata but one layer's statistic gone: that layer was quantized
+    # unweighted under a calibration said to weight every layer
+    "statistic gone": "its statistics are not the layers it lists",
 }
 
 
@@ -135,6 +185,10 @@ def test_a_damaged_cache_file_is_rebuilt_not_an_error(tmp_path, damage):
     elif damage == "statistic too short":
         stats = {**first.act_ms, layer: first.act_ms[layer][:100]}
         C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens), None)
+    elif damage == "statistic gone":
+        meta, stats = C._read_cache(path)
+        del stats[layer]
+        np.savez(path, **stats, **{C._META: np.array(json.dumps(meta))})
     elif damage == "metadata count 1e400":
         meta = '{"key": "%s", "sentences": 1e400, "tokens": 5, "version": 1}' % first.key
         np.savez(path, **first.act_ms, **{C._META: np.array(meta)})

@@ -175,3 +175,26 @@ def test_the_budgeted_quantizer_reads_each_layer_once_and_builds_results_one_at_
         a, b = lazy.results.pop(name), eager.results[name]
         assert np.array_equal(a.recon, b.recon) and a.stream.sparse.index.tolist() == b.stream.sparse.index.tolist()
     assert len(lazy.results) == 0 and loads == ["l0", "l1"]
+
+
+@pytest.mark.parametrize("jobs", [False, True], ids=["here", "as a worker measures it"])
+def test_the_fp8_option_of_a_padded_layer_costs_what_it_stores(jobs):
+    """sop-budget pads a layer to the 16-wide SOP block; the SOP options store that padding (a stream
+    is whole blocks), FP8 stores none: 8 bits a real weight and its scale byte, as fp8-e4m3-pot costs
+    the layer alone (the padding was charged, 32 bits on a 4 x 15 layer, and the least budget named
+    was far above an FP8 that fits). The values are FP8's own, the padding cropped."""
+    from sop.quantize import schemes
+    from sop.quantize.baselines import fp8_e4m3_pot
+
+    rng = np.random.default_rng(3)
+    layers = {"a": (rng.standard_normal((4, 15)), None), "b": (rng.standard_normal((8, 33)), None)}
+    opts = ("fp8-e4m3-pot", "sop4-g16")
+    rows = [schemes.budget_row(n, w, a, options=opts) for n, (w, a) in layers.items()] if jobs else None
+    res = schemes.quantize_sop_budget(layers, 1e9, rows=rows, options=opts)     # every layer's dearest: FP8
+    for name, (w, _) in layers.items():
+        r, c = w.shape
+        assert res.choice[name] == "fp8-e4m3-pot"
+        got = res.results[name]
+        assert got.bits == 8 * r * c + 8 == fp8_e4m3_pot(w).bits
+        np.testing.assert_array_equal(got.recon, fp8_e4m3_pot(w).recon)
+    assert res.solution.bits == sum(8 * w.size + 8 for w, _ in layers.values())
