@@ -28,7 +28,7 @@ the two strictly better. Equal points are all on it. The report compares bit
 costs with a tolerance, ``BPW_TOL`` = 0.01 bpw by default (``bpw_tol``; 0.2 % of
 4.5 bpw): formats of one nominal cost differ by a few thousandths of a bit per
 weight through their per-layer tables and scales (on MiniLM ``nf4-g64`` 4.5
-exactly, ``nvfp4`` 4.500003, ``sop4-g16`` 4.5011 with its two LUT images per
+exactly, ``nvfp4`` 4.5001 (an FP32 scale per layer), ``sop4-g16`` 4.5011 with its two LUT images per
 layer), and a user choosing a format sees them as one cost. A null SQNR in the JSON
 is an exact reconstruction (the evaluator writes infinity as null) and counts as
 +infinity: it is listed as ``inf`` and left out of the plot (noted under it).

@@ -348,13 +348,13 @@ def engines() -> dict[str, GemvConfig]:
     return {**gemv_config.gemv_configs(), **small_engines()}
 
 
-def cli(argv, description: str, run_one, line, ok, extra: dict[str, GemvConfig] | None = None) -> int:
+def cli(argv, prog: str, description: str, run_one, line, ok, extra: dict[str, GemvConfig] | None = None) -> int:
     """The command line of an engine bench (this runner's and sim.tb_gemv_axis's): ``run_one(cfg, sim,
     quick=, seed=, waves=)`` for each named engine chosen (or one of ``extra``, by name only),
     ``line(summary)`` printed, exit 0 when ``ok(summary)`` for all, 2 when the simulator is missing."""
     named = gemv_config.gemv_configs()
     configs = {**named, **(extra or {})}
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", action="append", choices=list(configs),
                    help="a named engine (default: every named one)")
     add_run_options(p)
@@ -373,7 +373,8 @@ def cli(argv, description: str, run_one, line, ok, extra: dict[str, GemvConfig] 
 
 
 def main(argv=None) -> int:
-    return cli(argv, __doc__.splitlines()[0], run, summary_line, passed, small_engines())
+    return cli(argv, "python -m sop.sim.gemv_runner", __doc__.splitlines()[0], run, summary_line, passed,
+               small_engines())
 
 
 if __name__ == "__main__":

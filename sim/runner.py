@@ -333,7 +333,7 @@ def summary_line(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sop.sim.runner", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     add_run_options(p)
     p.add_argument("--lutram-depth", type=int, default=0, metavar="D",

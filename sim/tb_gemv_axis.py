@@ -230,7 +230,7 @@ def passed(s: dict) -> bool:
 def main(argv=None) -> int:
     from sop.sim.gemv_runner import cli
 
-    return cli(argv, __doc__.splitlines()[0], run, summary_line, passed)
+    return cli(argv, "python -m sop.sim.tb_gemv_axis", __doc__.splitlines()[0], run, summary_line, passed)
 
 
 if __name__ == "__main__":

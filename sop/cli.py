@@ -133,9 +133,10 @@ def cmd_formats(args) -> int:
     _print_table(doc["points"], ["name", "code_bits", "group", "header_bits", "scale", "block_bpw", "lanes",
                                  "output"])
     print("\nquantizer formats (sop eval --format)")
+    width = max(len(q["bpw_formula"]) for q in doc["quantizers"])       # the longest formula sets the column
     for q in doc["quantizers"]:
         bpw = "-" if q["bpw"] is None else f"{q['bpw']:g}"
-        print(f"  {q['name']:<16} {bpw:>6} bpw   exact: {q['bpw_formula']:<42} {q['description']}")
+        print(f"  {q['name']:<16} {bpw:>6} bpw   exact: {q['bpw_formula']:<{width}}  {q['description']}")
     return 0
 
 

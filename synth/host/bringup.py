@@ -126,7 +126,7 @@ class BoardResult:
                f"{self.got[1]:#010x}; golden: {self.expected[0]:,} values, CRC {self.expected[1]:#010x})",
                f"throughput: {rate} over the wire ({self.wire_bytes:,} bytes in {self.seconds:.3g} s)"]
         if self.sparse:
-            out.insert(3, f"sparse residuals: {self.sparse:,} entries, added by the board's decoder")
+            out.insert(3, f"sparse residuals: {self.sparse:,} entr{'y' if self.sparse == 1 else 'ies'}, added by the board's decoder")
         if self.sparse_errors:
             out.append(f"sparse error: the board's decoder flagged {', '.join(self.sparse_errors)} "
                        f"(docs/hardware.md, Sparse residuals: the values after it are not defined); "

@@ -144,7 +144,7 @@ class GemvResult:
         rate = (f"{self.wire_bytes / self.seconds:,.0f} bytes/s, {self.macs / self.seconds:,.0f} MACs/s"
                 if self.seconds > 0 else "not measured")
         if self.sparse or self.entries_sent:
-            out.append(f"sparse residuals: {self.sparse:,} entries ({self.entries_sent:,} sent, with the +0 "
+            out.append(f"sparse residuals: {self.sparse:,} entr{'y' if self.sparse == 1 else 'ies'} ({self.entries_sent:,} sent, with the +0 "
                        f"padding of golden.dot.tile_residuals), added by the board's GEMV engine")
         out.append(f"throughput: {rate} over the wire ({self.wire_bytes:,} bytes in {self.seconds:.3g} s)")
         blocks_macs = en.blocks * en.group
