@@ -106,6 +106,13 @@ def _real_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def refuse_folder_name(path: str | os.PathLike, wanted: str) -> None:
+    """``OutputError`` for a file target written as a folder (``out/``): pathlib drops the slash,
+    and the write would make (or replace) a file ``out``. ``wanted``: what to give instead."""
+    if os.fspath(path).endswith(os.sep):
+        raise OutputError(f"{os.fspath(path)}: names a folder (it ends with {os.sep}); give {wanted}")
+
+
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
                  folder: bool = False) -> Path:
     """Refuse a target before any work (see the module docstring); returns it as a Path.
@@ -113,9 +120,8 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     ``inputs``: every file the command reads. ``folder``: the target is a folder
     the command writes files into (``sop vectors --out DIR``), not a file.
     """
-    if not folder and os.fspath(path).endswith(os.sep):
-        raise OutputError(f"{os.fspath(path)}: names a folder (it ends with {os.sep}); give the output "
-                          f"file's name")
+    if not folder:
+        refuse_folder_name(path, "the output file's name")
     path = Path(path)
     if folder:                                  # checked, not made: a refused run leaves no folder behind
         if path.exists() and not path.is_dir():

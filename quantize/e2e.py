@@ -46,8 +46,8 @@ class Bert:
     def __init__(self, folder, prefix: str = "", files=None):
         """``files``: the weights files to run (a ModelSource's ``files``: the ones the quantizer
         reads, so that calibration and the end-to-end reference run the model that is quantized,
-        not a stray checkpoint beside it); default the folder's ``model.safetensors``, else every
-        ``*.safetensors`` of it (the built-in MiniLM, tests)."""
+        not a stray checkpoint beside it); default the ones the quantizer reads from ``folder``
+        (``models.weights_files``)."""
         import torch
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
@@ -64,8 +64,9 @@ class Bert:
             raise ValueError(f"{folder}: activation {cfg.get('hidden_act')!r} not supported (gelu only)")
         self.params: dict[str, torch.Tensor] = {}
         if files is None:
-            single = self.folder / "model.safetensors"
-            files = [single] if single.is_file() else sorted(self.folder.glob("*.safetensors"))
+            from sop.quantize.models import weights_files
+
+            files = weights_files(str(self.folder))
         for f in files:
             self.params.update({k: v.float() for k, v in load_file(str(f)).items()})
         if not self.params:

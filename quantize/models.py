@@ -488,6 +488,11 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None
                      f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + GGUF_SUFFIXES)}")
 
 
+def weights_files(spec: str) -> list[Path]:
+    """The weights files a model spec reads (``_resolve``): what a forward pass must run."""
+    return _resolve(spec)[1]
+
+
 def _selected(name: str, include, exclude) -> bool:
     inc = list(include or [])
     if inc and not any(fnmatch.fnmatchcase(name, g) for g in inc):

@@ -45,7 +45,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import OutputError, input_file, write_atomic
+from sop.golden.files import input_file, refuse_folder_name, write_atomic
 from sop.quantize.models import linear_layers
 
 BPW_TOL = 0.01          # default: bit costs this close count as equal on the Pareto front
@@ -361,9 +360,8 @@ def plot_png(rows: list[dict], title: str) -> bytes:
 
 def output_paths(json_path: str | Path, stem: str | Path | None = None) -> tuple[Path, Path]:
     """(``<stem>.md``, ``<stem>.png``); the stem defaults to the JSON's path without its suffix."""
-    if stem is not None and os.fspath(stem).endswith(os.sep):      # pathlib would drop the slash
-        raise OutputError(f"{os.fspath(stem)}: names a folder (it ends with {os.sep}); give the stem of "
-                          f"the files to write (STEM.md, STEM.png)")
+    if stem is not None:
+        refuse_folder_name(stem, "the stem of the files to write (STEM.md, STEM.png)")
     stem = Path(stem) if stem is not None else Path(json_path).with_suffix("")
     return stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".png")
 
