@@ -22,6 +22,7 @@ ones.
 Widths that are not a multiple of a format's block are zero-padded per row (the
 rule of quantize/baselines.py); for the SOP points the registry pads before
 calling the quantizer and crops the reconstruction, so the padded codes count.
+The padding columns get error weight 0 (``_pad``): they are stored, not data.
 """
 
 from __future__ import annotations
@@ -69,16 +70,12 @@ def _block_bits(elem_bits: int, group: int, scale_bits: int, per_layer: int = 0)
 # -- the SOP points --------------------------------------------------------------------------------
 
 def _pad_call(fn, group: int, w, act_ms, **kw) -> QuantResult:
-    """Call a block quantizer on the zero-padded matrix; crop the reconstruction back.
+    """Call a block quantizer on the padded layer (``_pad``); crop the reconstruction back.
     A float32 layer stays float32 (the quantizers cast chunks to float64, exactly)."""
     w = float_weights(w)
     cols = w.shape[1]
-    wp = B.pad_to_block(w, group)
-    if act_ms is not None and wp.shape[1] != cols:
-        act_ms = np.asarray(act_ms, dtype=np.float64)
-        fill = float(act_ms.mean()) if act_ms.size else 1.0
-        act_ms = np.concatenate([act_ms, np.full(wp.shape[1] - cols, fill)])
-    res = fn(wp, act_ms=act_ms, **kw)
+    wp, act_p = _pad(w, act_ms, group)
+    res = fn(wp, act_ms=act_p, **kw)
     if wp.shape[1] != cols:
         res.recon = res.recon[:, :cols]
         res.extra = {**res.extra, "padded_cols": wp.shape[1]}
@@ -110,15 +107,20 @@ def _sop_budget(w, act_ms=None, **kw) -> QuantResult:
 
 
 def _pad(w: np.ndarray, act_ms, group: int):
-    """``w`` zero-padded to a multiple of ``group`` columns, ``act_ms`` padded with its mean."""
+    """``w`` zero-padded to a multiple of ``group`` columns, and the error weights its quantizer
+    sees: ``act_ms`` (all ones without it) then 0 for each padding column. The padding is stored
+    (a stream is whole blocks) but cropped on decode, so it is not data: at weight 0 nothing is
+    chosen for its sake, not a block's scale or table, not a DD4 level, not a sparse entry. A
+    layer that needs no padding is returned as it is."""
     wp = B.pad_to_block(w, group)
-    if act_ms is not None and wp.shape[1] != w.shape[1]:
-        act_ms = np.concatenate([act_ms, np.full(wp.shape[1] - w.shape[1], float(np.mean(act_ms)))])
-    return wp, act_ms
+    if wp.shape[1] == w.shape[1]:
+        return wp, act_ms
+    real = np.ones(w.shape[1]) if act_ms is None else np.asarray(act_ms, dtype=np.float64)
+    return wp, np.concatenate([real, np.zeros(wp.shape[1] - w.shape[1])])
 
 
 class _Padded(Mapping):
-    """name -> (w zero-padded to the SOP block, act_ms padded with its mean), on access;
+    """name -> (w padded to the SOP block, its error weights), as ``_pad`` pads them, on access;
     records each layer's real columns and weights as it goes."""
 
     def __init__(self, layers: Mapping, group: int):

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from sop.cli import main
 from sop.golden.decoder import decode_layer
+from sop.golden.layout import pack_layer
 from sop.quantize import schemes as F
 from sop.quantize.evaluate import evaluate, to_json
 
@@ -169,6 +170,24 @@ def test_sop4_point_through_the_registry():
     r = F.get_quant_format("sop4-g16").quantize(w, act_ms=np.linspace(0.5, 2, 64))
     np.testing.assert_array_equal(decode_layer(r.stream), r.recon)
     assert 4.5 < r.bpw < 6.5
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("name", ["sop4-g16", "e2m3-ue4m4-g16"])
+def test_a_padded_layer_is_quantized_as_if_its_padding_had_no_activation(name, weighted):
+    """The padding columns are stored but cropped on decode: not data. A 40-wide layer is quantized
+    as the 48-wide layer of its weights and 8 zero columns of activation 0, bit for bit. (Padded at
+    the mean activation, as it was, the zeros pulled the DD4 levels and the block choices toward
+    themselves: about 0.03 dB on random layers.)"""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 40))
+    a = rng.uniform(0.1, 2.0, 40) if weighted else None
+    fmt = F.get_quant_format(name)
+    got = fmt.quantize(w, act_ms=a)
+    ref = fmt.quantize(np.pad(w, ((0, 0), (0, 8))), act_ms=np.concatenate([np.ones(40) if a is None else a,
+                                                                           np.zeros(8)]))
+    assert pack_layer(got.stream) == pack_layer(ref.stream)
+    np.testing.assert_array_equal(got.recon, ref.recon[:, :40])
 
 
 def test_sop_budget_without_a_budget_is_refused():
