@@ -8,7 +8,8 @@
 * a ``.safetensors`` file, or a Hugging Face model folder: the weights ``transformers`` loads
   from it (``model.safetensors``, else the shards ``model.safetensors.index.json`` names, else
   the same two for ``pytorch_model.bin``: every shard the index names must be there and hold the
-  tensors it says), or in a folder without those names every ``*.safetensors`` (otherwise
+  tensors it says), or in a folder without those names the shards of its one other
+  ``*.safetensors.index.json`` / ``*.bin.index.json``, else every ``*.safetensors`` (otherwise
   ``*.bin`` / ``*.pt``; otherwise one ``*.gguf``);
 * a torch state dict (``.bin``, ``.pt``, ``.pth``), loaded on the CPU with
   ``weights_only=True`` (memory-mapped where the file is in the zip format;
@@ -409,6 +410,9 @@ def _check_bert_config(path: Path, cfg: dict, shapes: dict, prefix: str) -> None
 #: file, else the shards its index names (``weight_map``: tensor name -> shard file).
 HF_WEIGHTS = (("safetensors", "model.safetensors", "model.safetensors.index.json"),
               ("torch", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+#: (kind, name ending) of a shard index: a folder without the names above that holds one reads the
+#: shards it names (diffusers' ``diffusion_pytorch_model.safetensors.index.json``, ...).
+INDEX_SUFFIXES = (("safetensors", ".safetensors.index.json"), ("torch", ".bin.index.json"))
 
 
 @dataclass(frozen=True)
@@ -466,6 +470,14 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None
                 return kind, [p / single], p, None                    # reader says what is wrong
             if (p / index).exists():
                 files, shards = _read_index(p / index)
+                return kind, files, p, shards
+        for kind, suffix in INDEX_SUFFIXES:                 # another library's shard index names
+            indexes = sorted(p.glob("*" + suffix))          # (diffusion_pytorch_model...): its shards
+            if len(indexes) > 1:
+                raise ValueError(f"{p}: {len(indexes)} shard indexes ({', '.join(i.name for i in indexes)}); "
+                                 "which model is meant is unclear: keep one in the folder")
+            if indexes:
+                files, shards = _read_index(indexes[0])
                 return kind, files, p, shards
         for kind, pattern in (("safetensors", "*.safetensors"), ("torch", "*.bin"), ("torch", "*.pt"),
                               ("torch", "*.pth"), ("gguf", "*.gguf")):

@@ -527,6 +527,26 @@ def test_a_sharded_folder_reads_what_its_index_names(tmp_path, kind):
         np.testing.assert_array_equal(m.load(name), w)
 
 
+def test_a_folder_with_another_librarys_shard_index_reads_its_shards(tmp_path, capsys):
+    """diffusers names its index diffusion_pytorch_model.safetensors.index.json: the shards it names
+    are the model, checked as transformers' index is (a stale shard beside them was read too, and a
+    missing one left its layers out without a word); two such indexes are refused."""
+    tensors = sharded(tmp_path / "m")
+    folder = tmp_path / "m"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    (folder / "model.safetensors.index.json").rename(index)
+    save_file({"stale.fc.weight": f32(16, 16)}, str(folder / "old-00001-of-00001.safetensors"))
+    m = open_model(str(folder))
+    assert {lay.name for lay in m.layers} == set(tensors) and len(m.files) == 2
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    bad(folder, at=index, match="names shard model-00002-of-00002.safetensors (1 tensor), which is missing")
+    (folder / "other.safetensors.index.json").write_text(index.read_text())
+    rc = main(["quantize", str(folder), "--format", "sop4-g16", "--out", str(tmp_path / "o.sopq"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"sop: error: {folder}: 2 shard indexes (diffusion_pytorch_model.safetensors.index.json, "
+                               "other.safetensors.index.json); which model is meant is unclear: keep one in the folder\n")
+
+
 def test_a_single_model_file_wins_over_other_checkpoints_in_its_folder(tmp_path):
     """As transformers chooses: model.safetensors, not every *.safetensors beside it."""
     (tmp_path / "m").mkdir()
