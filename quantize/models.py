@@ -95,7 +95,14 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 GGUF_SUFFIXES = (".gguf",)
-CONV1D_NAMES = ("c_attn", "c_proj", "c_fc")
+#: the modules transformers builds as Conv1D (a weight stored (in, out)) in ``CONV1D_MODEL_TYPES``;
+#: GPTBigCode (StarCoder) and StarCoder2 give the same names to nn.Linear modules, stored (out, in)
+CONV1D_NAMES = ("c_attn", "q_attn", "c_proj", "c_fc")
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_encoder",
+                      "clvp_decoder")
+#: modules with more outputs than inputs in every model that names them so: their stored shape says
+#: the orientation when no config.json does
+_WIDENING = ("c_attn", "c_fc")
 
 
 @dataclass(frozen=True)
@@ -152,9 +159,22 @@ def _tied_embedding(names) -> str | None:
     return None
 
 
-def is_conv1d(name: str) -> bool:
+def _module_of(name: str) -> str:
+    """The module a weight belongs to: ``c_attn`` of ``transformer.h.0.attn.c_attn.weight``."""
     parts = re.split(r"[./]", name)
-    return len(parts) >= 2 and parts[-2] in CONV1D_NAMES
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def stores_conv1d(cfg: dict | None, shapes: dict) -> bool:
+    """Whether a checkpoint's ``CONV1D_NAMES`` weights are Conv1D, stored (in, out): as its
+    config.json's ``model_type`` says; without one, as the shapes of its ``c_attn`` / ``c_fc`` say
+    (more outputs than inputs, so wider than tall when stored (in, out); a majority of those not
+    square); GPT-2's layout when nothing tells. ``shapes``: tensor name -> stored shape."""
+    mt = (cfg or {}).get("model_type")
+    if isinstance(mt, str) and mt:
+        return mt in CONV1D_MODEL_TYPES
+    wide = [s[0] < s[1] for n, s in shapes.items() if _module_of(n) in _WIDENING and len(s) == 2 and s[0] != s[1]]
+    return not wide or 2 * sum(wide) >= len(wide)
 
 
 # -- the model ---------------------------------------------------------------------------------------
@@ -585,6 +605,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         forward_note = "a single weights file (give its folder, with config.json and the tokenizer, to run it)"
 
     names = sorted(reader.names(), key=_natural_key)
+    conv1d = kind not in ("gguf", "minilm") and any(_module_of(n) in CONV1D_NAMES for n in names) and \
+        stores_conv1d(cfg, {n: tuple(reader.info(n)[0]) for n in names})
     heads = [n for n in names if is_lm_head(n)]
     tied = None
     head_note = ""
@@ -618,7 +640,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
             skipped[name] = "filtered out by --include/--exclude"
             continue
         reader.check(name)                       # a selected layer the quantizer cannot read: say so now
-        t = kind != "gguf" and is_conv1d(name)
+        t = conv1d and _module_of(name) in CONV1D_NAMES
         out_in = (int(shape[1]), int(shape[0])) if t else (int(shape[0]), int(shape[1]))
         layers.append(LinearLayer(name, out_in, t, dtype))
     if not layers:
