@@ -252,6 +252,10 @@ def _cached(path: Path, key: str, note: str, src, say) -> Calibration | None:
     hit, why = _load_cached(path, key, note, {lay.name: lay.shape[1] for lay in src.layers})
     if why and say is not None:
         say(f"calibration cache {path} is damaged ({why}): recomputing it, the file will be replaced")
+    if hit is not None and any(lay.name not in hit.act_ms for lay in src.layers):
+        # a layer the forward pass gives no statistic: the run without the cache says why (a causal LM
+        # refuses it), where this hit would quantize it unweighted under "weighted"
+        return None
     return hit
 
 

@@ -73,7 +73,7 @@ DEFAULT_E2E_WINDOWS = 16
 BATCH = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken",
                    "vocab.txt")
-HINT = "--no-calib --no-e2e quantizes it without a forward pass"
+HINT = "--no-calib (and --no-e2e for sop eval) quantizes it without a forward pass"
 #: GGUF tensors that are no parameter of any model: llama.cpp's RoPE tables, which transformers
 #: computes from the configuration
 GGUF_NO_PARAMETER = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
@@ -321,7 +321,10 @@ class CausalLM:
             if not _is_linear(mod):
                 continue
             is_tied = tied is not None and mname == self.head_module
-            tname = self._tensor_for(embed_name if is_tied else mname, names)
+            # a tied head is its embedding's tensor, or its own where the checkpoint stores both (torch.save
+            # of a state dict): one parameter, so quantizing either changes both
+            tname = (is_tied and self._tensor_for(mname, names)) or self._tensor_for(embed_name if is_tied else mname,
+                                                                                     names)
             if tname is None:
                 raise CheckpointError(self.src.files[0], f"the weight of the model's linear module {mname} comes "
                                                          f"from no tensor of the checkpoint; {HINT}")
@@ -393,6 +396,11 @@ class CausalLM:
         """``n`` consecutive windows of ``seq_len`` tokens (BOS first where the tokenizer adds one)."""
         import torch
 
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < seq_len:
+            # a learned position table (GPT-2, OPT, StarCoder) has no row past it: an IndexError deep in torch
+            raise ValueError(f"{what}: windows of {seq_len} tokens, and the model has {positions} positions "
+                             f"(max_position_embeddings): give --seq-len {positions} or less")
         need = n * seq_len
         if len(ids) < need:
             raise ValueError(f"{what}: {n} x {seq_len} = {need:,} tokens asked, the text gives {len(ids):,} with "

@@ -206,6 +206,23 @@ def test_a_damaged_cache_file_is_rebuilt_not_an_error(tmp_path, damage):
     assert C.calibrate(src, n_sentences=12, cache_dir=tmp_path, say=said.append).cached and len(said) == 1
 
 
+def test_a_cache_without_a_selected_layers_statistic_is_a_miss(tmp_path):
+    """A cache whose layer list is whole but lacks a layer the run selects (another run's statistics;
+    a causal LM's head the forward pass could not map) is recomputed, not served: served, that layer
+    was quantized unweighted under a calibration said to weight it."""
+    src = open_model("minilm")
+    first = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
+    path = tmp_path / f"{first.key[:32]}.npz"
+    data = path.read_bytes()
+    layer = src.layers[0].name
+    stats = {k: v for k, v in first.act_ms.items() if k != layer}
+    C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens), None)
+    said = []
+    again = C.calibrate(src, n_sentences=12, cache_dir=tmp_path, say=said.append)
+    assert not again.cached and not said and path.read_bytes() == data
+    np.testing.assert_array_equal(again.act_ms[layer], first.act_ms[layer])
+
+
 @pytest.mark.parametrize("fault", ["disk full", "a folder in the way"])
 def test_a_cache_that_cannot_be_saved_is_said_and_the_run_goes_on(tmp_path, monkeypatch, fault):
     """The cache only saves the next run's time: a full disk or a folder where the cache file goes

@@ -17,6 +17,7 @@ import torch
 from sop.cli import main
 from sop.quantize import calib as C
 from sop.quantize import causal_lm as L
+from sop.quantize.artifact import open_artifact
 from sop.quantize.models import linear_reason, open_model
 
 transformers = pytest.importorskip("transformers")
@@ -154,6 +155,39 @@ def test_a_tied_head_quantized_changes_the_embedding_lookup_too(folders):
     with runner.substituted({"model.embed_tokens.weight": np.zeros_like(w)}):
         assert not model.get_input_embeddings().weight.any() and not model.get_output_embeddings().weight.any()
     np.testing.assert_array_equal(model.get_input_embeddings().weight.detach().numpy(), w)
+
+
+def test_a_tied_head_stored_twice_is_quantized_weighted_whatever_the_cache_holds(folders, tmp_path, capsys):
+    """torch.save(model.state_dict()) of a tied model stores lm_head.weight beside the embedding. With
+    --include-lm-head the head was "the weight of no linear module" on a cold cache, and quantized
+    unweighted under a calibration said to weight it on a cache filled by a run without the option."""
+    import shutil
+
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in folders["llama"].iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, d / f.name)
+    torch.save(reference_model(folders["llama"]).state_dict(), d / "pytorch_model.bin")
+    src = open_model(str(d), lm_head=True)
+    assert "lm_head.weight" in {lay.name for lay in src.layers}
+    t = L.load(src).targets["lm_head.weight"]
+    assert t.tied and t.module == L.load(src).head_module
+    run = ["--format", "sop4-g16", "--quiet", *SMALL[:4]]
+    cold, warm = tmp_path / "cold.sopq", tmp_path / "warm.sopq"
+    assert main(["quantize", str(d), *run, "--include-lm-head", "--cache-dir", str(tmp_path / "c1"), "--out",
+                 str(cold)]) == 0
+    assert main(["quantize", str(d), *run, "--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "x.sopq")]) == 0
+    assert main(["quantize", str(d), *run, "--include-lm-head", "--cache-dir", str(tmp_path / "c2"), "--out",
+                 str(warm)]) == 0
+    a, b = open_artifact(cold), open_artifact(warm)                # the same records (the headers differ in
+    assert [e.name for e in a.layers] == [e.name for e in b.layers]   # "cached")
+    assert all(a.record(e) == b.record(f) for e, f in zip(a.layers, b.layers))
+    doc = tmp_path / "e.json"
+    assert main(["eval", str(d), *run, "--include-lm-head", "--cache-dir", str(tmp_path / "c2"), "--no-e2e",
+                 "--json", str(doc)]) == 0
+    assert json.loads(doc.read_text())["formats"]["sop4-g16"]["layers"]["lm_head.weight"]["weighted"]
+    capsys.readouterr()
 
 
 # -- calibration ---------------------------------------------------------------------------------------
@@ -586,6 +620,17 @@ def test_text_shorter_than_asked_is_refused(folders, tmp_path, capsys, flag, n, 
     err = one_error(capsys, args)
     assert what in err and "tokens asked, the text gives" in err and "ask for fewer" in err
     assert not out.exists() and not list(tmp_path.glob("c/*.npz"))
+
+
+@pytest.mark.parametrize("cmd", ["eval", "quantize"])
+def test_windows_past_a_learned_position_table_are_refused(folders, tmp_path, capsys, cmd):
+    """GPT-2 here has 128 positions: the default --seq-len 256 was an IndexError inside torch, exit 70."""
+    out = tmp_path / ("r.json" if cmd == "eval" else "r.sopq")
+    err = one_error(capsys, [cmd, str(folders["gpt2"]), "--format", "nf4-g64", "--quiet", "--cache-dir",
+                             str(tmp_path / "c"), "--calib-seqs", "2", "--json" if cmd == "eval" else "--out", str(out)])
+    assert "windows of 256 tokens, and the model has 128 positions (max_position_embeddings): " \
+           "give --seq-len 128 or less" in err
+    assert not out.exists()
 
 
 def test_a_model_too_large_for_memory_is_refused(folders, monkeypatch, tmp_path, capsys):
