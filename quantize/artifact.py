@@ -422,6 +422,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     out = Path(out)
     say = reporter(progress)
     src = open_model(model, include, exclude)
+    src.nan_policy = nan_policy
     for lay in src.layers:
         why = name_problem(lay.name)
         if why:

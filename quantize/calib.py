@@ -307,11 +307,29 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     ids = runner.token_ids(sentences)
     windows = runner.windows(ids, size.seqs, size.seq_len, "calibration text (--calib-seqs x --seq-len)")
     stats, tokens = runner.collect_stats(windows)
+    _check_finite(src, stats)
     cal = Calibration(True, note, stats, key, _sentences_used(runner, sentences, tokens), tokens,
                       seqs=size.seqs, seq_len=size.seq_len)
     if use_cache:
         _save(path, cal, say)
     return cal
+
+
+def _check_finite(src, stats: dict[str, np.ndarray]) -> None:
+    """Refuse statistics that are not finite, naming the cause: a selected layer's non-finite weight
+    with the error every command gives for it (under ``--nan-policy error``), else the first layer
+    whose input is not finite (a non-finite weight elsewhere, or activations that overflow)."""
+    first = next((name for name, a in stats.items() if not np.isfinite(a).all()), None)
+    if first is None:
+        return
+    if src.nan_policy == "error":
+        from sop.quantize.evaluate import read_weight
+
+        for lay in src.layers:                  # only on this error path: one more read of the layers
+            read_weight(src, lay.name, "error")
+    raise ValueError(f"{src.spec}: calibration: the forward pass gives non-finite activations at the input of "
+                     f"{first} (a non-finite weight outside the layers quantized, or activations that overflow); "
+                     f"--no-calib quantizes without a forward pass")
 
 
 def no_forward_note(src) -> str:
@@ -335,7 +353,7 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
     if src.bert_folder is None:
         return unweighted(no_forward_note(src))
     n_sentences = size.sentences
-    from sop.quantize.e2e import Bert
+    from sop.quantize.evaluate import bert_forward
 
     sentences = calibration_sentences(n_sentences)
     # the weights and the files the forward pass reads beside them (config.json's heads and epsilon,
@@ -347,7 +365,8 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
         hit = _cached(path, key, note, src, say)
         if hit is not None:
             return hit
-    stats, tokens = collect_stats(Bert(src.bert_folder, src.bert_prefix, src.files), sentences)
+    stats, tokens = collect_stats(bert_forward(src), sentences)
+    _check_finite(src, stats)
     cal = Calibration(True, note, stats, key, len(sentences), tokens)
     if use_cache:
         _save(path, cal, say)

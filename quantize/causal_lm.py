@@ -290,6 +290,7 @@ class CausalLM:
             else None
         self.targets = self._map_targets()
         self._check_selected()
+        self._clean_selected()
         ids = tokenizer("a")["input_ids"]
         bos = tokenizer.bos_token_id
         self.bos = bos if bos is not None and ids and ids[0] == bos else None
@@ -330,6 +331,13 @@ class CausalLM:
                                                          f"from no tensor of the checkpoint; {HINT}")
             out[tname] = Target(tname, mname, type(mod).__name__ == "Conv1D", is_tied)
         return out
+
+    def _clean_selected(self) -> None:
+        """The selected layers' weights cleaned as the quantizer reads them (evaluate.clean_forward_weight)."""
+        from sop.quantize.evaluate import clean_forward_weight
+
+        for lay in self.src.layers:
+            clean_forward_weight(self.src, lay.name, self.modules[self.targets[lay.name].module].weight)
 
     def _check_selected(self) -> None:
         """Every selected layer is a mapped module's weight, with the module's shape and channel order."""
@@ -470,6 +478,10 @@ class CausalLM:
 
         with torch.inference_mode():
             ref = torch.cat([self._logits(windows[i:i + batch]) for i in range(0, len(windows), batch)])
+        if not bool(torch.isfinite(ref).all()):
+            raise ValueError(f"{self.src.spec}: the end-to-end check: the model's own logits are not finite (a "
+                             f"non-finite weight outside the layers quantized, or activations that overflow); "
+                             f"--no-e2e skips it")
         self._ref = (windows, ref)
 
     def score(self, weights: dict | None = None, batch: int = BATCH) -> dict:

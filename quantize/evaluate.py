@@ -117,6 +117,35 @@ def read_weight(src, name: str, policy: str = "error") -> tuple[np.ndarray, int]
     return narrow_weights(w), n_bad
 
 
+def clean_forward_weight(src, name: str, weight) -> None:
+    """A forward pass's torch copy of selected layer ``name`` (in place), as ``read_weight`` reads the
+    layer under ``src.nan_policy``: non-finite entries 0 (``zero``), or the error naming the first
+    (``error``). Calibration and the end-to-end reference then run the cleaned model the metrics
+    measure against (a NaN once reached the next layers' statistics, and the error named one of them)."""
+    import torch
+
+    bad = ~torch.isfinite(weight.data)
+    if not bool(bad.any()):
+        return
+    if src.nan_policy == "zero":
+        with torch.no_grad():
+            weight.data[bad] = 0
+    else:
+        read_weight(src, name, "error")                  # raises, naming the row and column
+
+
+def bert_forward(src):
+    """The BERT forward pass of ``src`` (its own files), its selected layers cleaned
+    (``clean_forward_weight``)."""
+    from sop.quantize.e2e import Bert
+
+    bert = Bert(src.bert_folder, src.bert_prefix, src.files)
+    for lay in src.layers:
+        if lay.name in bert.params:
+            clean_forward_weight(src, lay.name, bert.params[lay.name])
+    return bert
+
+
 def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = 16, seq_len: int = 256):
     """The end-to-end check, loaded and its text cut (so that a model or text that cannot serve is
     refused before any work): (("bert", runner, sentences) | ("causal-lm", runner, windows), None),
@@ -132,9 +161,7 @@ def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = 16, seq_len:
                                                     "held-out text (--e2e-windows x --seq-len)")), None
     if src.bert_folder is None:
         return None, {"skipped": f"no forward pass for this model ({src.forward_note or src.kind})"}
-    from sop.quantize.e2e import Bert
-
-    return ("bert", Bert(src.bert_folder, src.bert_prefix, src.files), C.heldout_sentences(n_heldout)), None
+    return ("bert", bert_forward(src), C.heldout_sentences(n_heldout)), None
 
 
 def _e2e_reference(prep):
@@ -373,6 +400,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
         raise ValueError(f"--e2e-windows must be a positive integer, got {e2e_windows!r}")
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head)
+    src.nan_policy = nan_policy
     say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights")
     announce(src, say)
     check_e2e_memory(src, e2e, e2e_windows, size.seq_len, jobs)        # before any work

@@ -210,6 +210,9 @@ class ModelSource:
     _reader: Reader = None  # type: ignore[assignment]  # set by open_model
     _fingerprint: str | None = None
     _runner: object = None                      # the loaded forward pass (quantize/causal_lm.py), cached
+    #: what a forward pass does with a selected layer's non-finite weights: the command's --nan-policy
+    #: (quantize/evaluate.py, ``read_weight``), so that it runs the model the metrics measure against
+    nan_policy: str = "error"
     #: the arguments of ``open_model`` that opened it: a worker process (quantize/jobs.py) reopens
     #: the same selection with ``open_model(*src.opened_with)``
     opened_with: tuple = ()

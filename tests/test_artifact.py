@@ -58,7 +58,7 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 # -- a small checkpoint: a padded width and an HF Conv1D (stored transposed) ---------------------------
 
-TOY_SHAPES = {"blk.0.fc.weight": (16, 48), "blk.1.proj.weight": (8, 40), "h.0.attn.c_attn.weight": (32, 24)}
+TOY_SHAPES = {"blk.0.fc.weight": (16, 48), "blk.1.proj.weight": (8, 40), "h.0.attn.c_attn.weight": (32, 96)}
 
 
 @pytest.fixture(scope="module")

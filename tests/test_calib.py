@@ -155,6 +155,31 @@ def test_calibration_runs_the_weights_the_quantizer_reads_not_a_stray_file_besid
         np.testing.assert_array_equal(stray.act_ms[n], v)
 
 
+def test_a_bert_forward_pass_runs_the_layers_as_the_nan_policy_reads_them(tmp_path):
+    """A NaN in a quantized layer: --nan-policy zero calibrates the model with it 0 (the statistics
+    of the same model with that weight 0 written in the file), and the default names it (row and
+    column) instead of the NaN statistics it spread into the layers after it."""
+    from safetensors.torch import load_file
+
+    name = "encoder.layer.0.intermediate.dense.weight"
+    models = {}
+    for what, value in (("nan", float("nan")), ("zero", 0.0)):
+        folder = _minilm_copy(tmp_path / what)
+        sd = load_file(str(folder / "model.safetensors"))
+        sd[name][7, 11] = value
+        (folder / "model.safetensors").unlink()          # a hard link to the installed weights: not through it
+        save_file(sd, str(folder / "model.safetensors"))
+        models[what] = open_model(str(folder))
+    models["nan"].nan_policy = "zero"
+    got, want = (C.calibrate(models[k], n_sentences=4, use_cache=False) for k in ("nan", "zero"))
+    assert sorted(got.act_ms) == sorted(want.act_ms)
+    for n, v in want.act_ms.items():
+        np.testing.assert_array_equal(got.act_ms[n], v)
+    models["nan"].nan_policy = "error"
+    with pytest.raises(ValueError, match=f"{name}: non-finite weight nan at row 7, column 11 \\(1 in the layer\\)"):
+        C.calibrate(models["nan"], n_sentences=4, use_cache=False)
+
+
 DAMAGE = {   # how a cache file is damaged: what the one-line note says is wrong with it
     "truncated": "unreadable: BadZipFile", "empty": "unreadable: EOFError",
     "byte flipped": "unreadable: BadZipFile: Bad CRC-32",

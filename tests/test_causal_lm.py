@@ -627,10 +627,69 @@ def test_windows_past_a_learned_position_table_are_refused(folders, tmp_path, ca
     """GPT-2 here has 128 positions: the default --seq-len 256 was an IndexError inside torch, exit 70."""
     out = tmp_path / ("r.json" if cmd == "eval" else "r.sopq")
     err = one_error(capsys, [cmd, str(folders["gpt2"]), "--format", "nf4-g64", "--quiet", "--cache-dir",
-                             str(tmp_path / "c"), "--calib-seqs", "2", "--json" if cmd == "eval" else "--out", str(out)])
+                             str(tmp_path / "c"), "--calib-seqs", "2",
+                             "--json" if cmd == "eval" else "--out", str(out)])
     assert "windows of 256 tokens, and the model has 128 positions (max_position_embeddings): " \
            "give --seq-len 128 or less" in err
     assert not out.exists()
+
+
+def _with_weight(folders, dest, name, value, at=(3, 5)):
+    """A copy of the tiny Llama with one entry of tensor ``name`` set to ``value``."""
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy(folders["llama"], dest)
+    sd = load_file(str(d / "model.safetensors"))
+    sd[name][at] = value
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+
+
+def test_a_nan_in_a_layer_is_named_before_calibration_spreads_it(folders, tmp_path, capsys):
+    """The forward pass ran the raw weights: the NaN reached the next layer's statistics, and the
+    error named that layer (down_proj) in internal words, with or without --nan-policy zero."""
+    d = _with_weight(folders, tmp_path / "nan", UP, np.nan)
+    err = one_error(capsys, ["quantize", str(d), "--format", "sop4-g16", "--out", str(tmp_path / "q.sopq"),
+                             "--quiet", "--cache-dir", str(tmp_path / "c"), *SMALL[:4]])
+    assert err == f"sop: error: {d / 'model.safetensors'}: {UP}: non-finite weight nan at row 3, column 5 " \
+                  f"(1 in the layer); --nan-policy zero replaces them with 0"
+    assert not (tmp_path / "q.sopq").exists() and not list(tmp_path.glob("c/*.npz"))
+
+
+def test_nan_policy_zero_runs_the_cleaned_model_end_to_end(folders, tmp_path):
+    """--nan-policy zero measures against the cleaned weight, the end-to-end reference too: the same
+    reference perplexity and statistics as the model with that weight set to 0 by hand (the reference
+    once kept the NaN: KLD nan, top-1 0, reference perplexity inf, exit 0)."""
+    docs = {}
+    for what, value in (("nan", np.nan), ("zero", 0.0)):
+        d = _with_weight(folders, tmp_path / what, UP, value)
+        out = tmp_path / f"{what}.json"
+        assert main(["eval", str(d), "--format", "sop4-g16", "--quiet", "--cache-dir", str(tmp_path / f"c-{what}"),
+                     "--nan-policy", "zero", "--json", str(out), *SMALL]) == 0
+        docs[what] = json.loads(out.read_text())
+    nan, zero = (docs[k]["formats"]["sop4-g16"] for k in ("nan", "zero"))
+    assert nan["layers"][UP]["nonfinite_replaced"] == 1 and "nonfinite_replaced" not in zero["layers"][UP]
+    assert nan["e2e"] == zero["e2e"] and math.isfinite(nan["e2e"]["kld"]) and nan["e2e"]["top1"] > 0.5
+    assert {k: v for k, v in nan["layers"].items() if k != UP} == {k: v for k, v in zero["layers"].items() if k != UP}
+
+
+def test_activations_that_are_not_finite_are_one_line(folders, tmp_path, capsys):
+    """A NaN outside the quantized layers (a norm's weight) made every statistic after it NaN: the
+    error named the next layer's "col_weight"; without calibration the end-to-end check printed nan."""
+    d = _with_weight(folders, tmp_path / "norm", "model.layers.0.post_attention_layernorm.weight", np.nan, at=3)
+    err = one_error(capsys, ["quantize", str(d), "--format", "sop4-g16", "--out", str(tmp_path / "q.sopq"),
+                             "--quiet", "--cache-dir", str(tmp_path / "c"), *SMALL[:4]])
+    assert err == f"sop: error: {d}: calibration: the forward pass gives non-finite activations at the input " \
+                  f"of model.layers.0.mlp.gate_proj.weight (a non-finite weight outside the layers quantized, or " \
+                  f"activations that overflow); --no-calib quantizes without a forward pass"
+    err = one_error(capsys, ["eval", str(d), "--format", "sop4-g16", "--quiet", "--no-calib",
+                             "--json", str(tmp_path / "e.json"), *SMALL])
+    assert err == f"sop: error: {d}: the end-to-end check: the model's own logits are not finite (a non-finite " \
+                  f"weight outside the layers quantized, or activations that overflow); --no-e2e skips it"
+    assert not (tmp_path / "q.sopq").exists() and not (tmp_path / "e.json").exists()
 
 
 def test_a_model_too_large_for_memory_is_refused(folders, monkeypatch, tmp_path, capsys):

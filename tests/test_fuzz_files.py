@@ -27,7 +27,7 @@ from sop.sim.vectors import VectorError, read_vectors, write_vectors
 
 pytestmark = pytest.mark.fuzz
 
-LAYERS = {"blk.0.fc.weight": (16, 48), "h.0.attn.c_attn.weight": (32, 24)}
+LAYERS = {"blk.0.fc.weight": (16, 48), "h.0.attn.c_attn.weight": (32, 96)}
 
 
 @pytest.fixture(scope="module")

@@ -543,8 +543,9 @@ def test_a_folder_with_another_librarys_shard_index_reads_its_shards(tmp_path, c
     (folder / "other.safetensors.index.json").write_text(index.read_text())
     rc = main(["quantize", str(folder), "--format", "sop4-g16", "--out", str(tmp_path / "o.sopq"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and err == (f"sop: error: {folder}: 2 shard indexes (diffusion_pytorch_model.safetensors.index.json, "
-                               "other.safetensors.index.json); which model is meant is unclear: keep one in the folder\n")
+    assert rc == 2 and err == (f"sop: error: {folder}: 2 shard indexes (diffusion_pytorch_model.safetensors"
+                               ".index.json, other.safetensors.index.json); which model is meant is unclear: keep "
+                               "one in the folder\n")
 
 
 def test_a_single_model_file_wins_over_other_checkpoints_in_its_folder(tmp_path):
