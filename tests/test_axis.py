@@ -353,15 +353,18 @@ def test_shell_ports_manifest_and_lint(axis_dir, name):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def fusesoc(cores_root: Path, target: str, vlnv: str, work: Path) -> subprocess.CompletedProcess:
-    """`fusesoc run --target TARGET VLNV` on the cores in ``cores_root``: its own config file and
-    XDG folders under ``work`` (nothing read from or written to the home folder), no network."""
+def fusesoc(cores_root: Path | list[Path], target: str, vlnv: str, work: Path) -> subprocess.CompletedProcess:
+    """`fusesoc run --target TARGET VLNV` on the cores in ``cores_root`` (one folder or several): its own
+    config file and XDG folders under ``work`` (nothing read from or written to the home folder), no
+    network."""
     work.mkdir(parents=True, exist_ok=True)
     conf = work / "fusesoc.conf"
     conf.write_text("[main]\n")
     env = {**os.environ, **{k: str(work / k.lower()) for k in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME")}}
     exe = Path(sys.executable).parent / "fusesoc"
-    return subprocess.run([str(exe), "--config", str(conf), "--cores-root", str(cores_root), "run",
+    roots = [a for root in (cores_root if isinstance(cores_root, list) else [cores_root])
+             for a in ("--cores-root", str(root))]
+    return subprocess.run([str(exe), "--config", str(conf), *roots, "run",
                            "--work-root", str(work / target), "--target", target, vlnv],
                           capture_output=True, text=True, env=env, cwd=work)
 
@@ -380,6 +383,48 @@ def test_fusesoc_lint_and_sim_targets(axis_dir, tmp_path):
                 else "PASS: 48 output beats, 3 layers,") in r.stdout
 
 
+@pytest.mark.parametrize("junk", [False, True], ids=["clean parent", "parent with an unused wire"])
+def test_a_parent_core_lints_the_shell_clean_and_its_own_rtl_strictly(axis_dir, tmp_path, junk):
+    """A parent core that instantiates a shell (its `default` target) and lints with -Wall: none of the
+    shell's warnings (1,714 before: the default target carried no waivers), and every one of its own
+    (the waivers are confined to the shell's file; a copy of the global ones would hide the parent's)."""
+    cfg = CONFIGS["sop4-g16"]
+    mod = axis_module_name(cfg)
+    ports = json.loads((axis_dir / "sop4-g16_axis.json").read_text())["ports"]
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    ranges = {p["name"]: f"[{p['width'] - 1}:0] " if p["width"] > 1 else "" for p in ports}
+    decl = ",\n".join(f"  {p['direction']} wire {ranges[p['name']]}{p['name']}" for p in ports)
+    conn = ", ".join(f".{p['name']}({p['name']})" for p in ports)
+    (parent / "my_top.v").write_text(f"`default_nettype none\nmodule my_top(\n{decl});\n"
+                                     + ("  wire [3:0] parent_junk;\n" if junk else "")
+                                     + f"  {mod} u_dec({conn});\nendmodule\n`default_nettype wire\n")
+    (parent / "my_top.core").write_text(f"""CAPI=2:
+name: me:test:my_top:0.1.0
+filesets:
+  rtl:
+    files: [my_top.v]
+    file_type: verilogSource
+    depend: [sop:decoder:{mod}]
+targets:
+  lint:
+    filesets: [rtl]
+    toplevel: my_top
+    flow: lint
+    flow_options:
+      tool: verilator
+      verilator_options: [-Wall]
+""")
+    shutil.copytree(axis_dir, tmp_path / "cores", ignore=shutil.ignore_patterns("*-sp*", "*-x64*", "e2m3*"))
+    r = fusesoc([tmp_path / "cores", parent], "lint", "me:test:my_top", tmp_path / "work")
+    out = r.stdout + r.stderr
+    assert "sop4-g16_axis.v:" not in out, out[-3000:]
+    if junk:
+        assert r.returncode != 0 and "%Warning-UNUSEDSIGNAL: " in out and "parent_junk" in out, out[-3000:]
+    else:
+        assert r.returncode == 0, out[-3000:]
+
+
 def test_fusesoc_targets_fail_on_a_broken_design(axis_dir, tmp_path):
     """The lint target fails on an undriven output (TLAST left unassigned); the testbench fails on a
     wrong value."""
@@ -387,7 +432,7 @@ def test_fusesoc_targets_fail_on_a_broken_design(axis_dir, tmp_path):
     vlnv = f"sop:decoder:{axis_module_name(cfg)}"
     cores = tmp_path / "cores"
     cores.mkdir()
-    for f in ("sop4-g16_axis.core", "sop4-g16_axis_tb.v", "lint.vlt"):
+    for f in ("sop4-g16_axis.core", "sop4-g16_axis_tb.v", "sop4-g16_axis.vlt"):
         shutil.copy(axis_dir / f, cores / f)
     good = (axis_dir / "sop4-g16_axis.v").read_text()
     assert good.count("  assign m_axis_tlast = m_axis__tlast;\n") == 1

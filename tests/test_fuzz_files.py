@@ -243,6 +243,36 @@ def test_vector_file_mutations_are_caught_by_the_checksums(made, tmp_path_factor
         read_vectors(d)
 
 
+EDITS = {   # (file, its first line replaced by): what the error says; each was an OverflowError, a bare
+            # ValueError without the file, or accepted (a 5-digit BF16, a sign of 7)
+    ("blocks", "1" + "0" * 18): "a block as 18 hex digits", ("blocks", "-1"): "a block as 18 hex digits",
+    ("bf16", "zz"): "a BF16 value as 4 hex digits", ("bf16", "1bdc4"): "a BF16 value as 4 hex digits",
+    ("bf16", "-1"): "a BF16 value as 4 hex digits", ("exact", "1 x 576"): "'sign exp sig' (decimal)",
+    ("exact", "7 -3 5"): "'sign exp sig' (decimal)", ("exact", "0 1 " + "9" * 30): "'sign exp sig' (decimal)",
+}
+
+
+@pytest.mark.parametrize("kind,line", list(EDITS))
+def test_a_vector_file_edited_with_its_checksum_is_one_line_naming_the_line(made, tmp_path, kind, line):
+    """A vector set edited by hand or by another tool, its SHA-256 recomputed: each malformed line is a
+    VectorError naming the file and the line."""
+    import hashlib
+
+    d = tmp_path / "v"
+    d.mkdir()
+    for f in made["vectors"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    doc = json.loads((d / "vectors.json").read_text())
+    target = d / doc["layers"][0]["files"][kind]
+    lines = target.read_text().split("\n")
+    target.write_text("\n".join([line] + lines[1:]))
+    doc["layers"][0]["sha256"][kind] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (d / "vectors.json").write_text(json.dumps(doc))
+    with pytest.raises(VectorError) as info:
+        read_vectors(d)
+    assert str(info.value) == f"{target}: line 1: expected {EDITS[kind, line]}, got {line!r}"
+
+
 # -- eval results (the input of `sop report`) ----------------------------------------------------------------
 
 def mutated_eval_json(made, tmp_path_factory, data) -> Path:

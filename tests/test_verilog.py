@@ -222,7 +222,7 @@ def test_gemv_axis_fusesoc_lint_and_sim_targets(gemv_axis_dir, tmp_path):
     cores = tmp_path / "cores"
     cores.mkdir()
     name = "gemv-sop4-g16"
-    for f in (f"{name}_axis.core", f"{name}_axis.v", "lint.vlt"):
+    for f in (f"{name}_axis.core", f"{name}_axis.v", f"{name}_axis.vlt"):
         shutil.copy(gemv_axis_dir / f, cores / f)
     tb = (gemv_axis_dir / f"{name}_axis_tb.v").read_text()
     i = tb.index("exp[5] = 33'h") + len("exp[5] = 33'h") + 3

@@ -59,6 +59,10 @@ def test_verilator_lint_and_iverilog(verilog_dir, name, tmp_path):
 def test_residuals_refused_where_they_cannot_be(tmp_path, capsys):
     assert main(["--residuals", "9", "--out", str(tmp_path)]) == 2
     assert "residual adders" in capsys.readouterr().err
+    for r in ("0", "-1"):                      # 0 wrote the whole default build (72 files, a minute)
+        assert main(["--residuals", r, "--out", str(tmp_path / "v")]) == 2
+        assert f"--residuals {r}: the residual path has 1 to 4 adders" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
     with pytest.raises(ValueError, match="need the bf16 output"):
         named_configs()["sop4-g16-exact"].__class__(**{**named_configs()["sop4-g16-exact"].__dict__, "residuals": 1})
     assert generate   # the plain generator is the same function (tests/test_verilog.py)
