@@ -284,6 +284,7 @@ class CausalLM:
         self.model = model
         self.tokenizer = tokenizer
         self.convert = convert                    # GGUF: _GGUFConvert; folders: None
+        self._renames: dict[str, str] | None = None   # _renamed, built once
         self.modules = dict(model.named_modules())
         head = model.get_output_embeddings()
         self.head_module = next((n for n, m in self.modules.items() if m is head), None) if head is not None \
@@ -307,10 +308,31 @@ class CausalLM:
                 g = "output.weight"
             return g if g in names else None
         prefix = getattr(self.model, "base_model_prefix", "") or ""
+        renamed = self._renamed(names)
         for cand in (param, param.removeprefix(f"{prefix}.") if prefix else param, f"{prefix}.{param}"):
             if cand in names:
                 return cand
+            if cand in renamed:
+                return renamed[cand]
         return None
+
+    def _renamed(self, names: set) -> dict[str, str]:
+        """transformers' own name of each checkpoint tensor that it renames on loading (its checkpoint
+        conversion's ``WeightRenaming``s: GPT-NeoX's ``embed_out`` is ``lm_head``) -> the checkpoint's
+        name. Merging conversions (fused experts) give no module weight one tensor: not followed."""
+        if self._renames is None:
+            self._renames = {}
+            try:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+                from transformers.core_model_loading import WeightRenaming, rename_source_key
+            except ImportError:             # a transformers without checkpoint conversions renames nothing
+                return self._renames
+            renamings = [t for t in get_model_conversion_mapping(self.model) if isinstance(t, WeightRenaming)]
+            for name in names:
+                new = rename_source_key(name, renamings, [])[0]
+                if new != name:
+                    self._renames[new] = name
+        return self._renames
 
     def _map_targets(self) -> dict[str, Target]:
         names = set(self.src.tensor_names())

@@ -1,5 +1,5 @@
 """Causal LMs through transformers (quantize/causal_lm.py): tiny random models built from a config
-in the test (Llama, GPT-2, GPTBigCode, Qwen2, Gemma 2; single and sharded safetensors; a GGUF), the checkpoint
+in the test (Llama, GPT-2, GPTBigCode, GPT-NeoX, Qwen2, Gemma 2; single and sharded safetensors; a GGUF), the checkpoint
 name map, calibration by hooks against the inputs recomputed here, perplexity / KL divergence /
 top-1 against an independent computation, the layer policy (lm_head, tied weights), `sop eval`'s
 JSON and table, `sop report`'s KLD panel, the dequantized model folder, and bad input."""
@@ -32,6 +32,7 @@ def configs():
     from transformers.models.gemma2 import Gemma2Config
     from transformers.models.gpt2 import GPT2Config
     from transformers.models.gpt_bigcode import GPTBigCodeConfig
+    from transformers.models.gpt_neox import GPTNeoXConfig
     from transformers.models.llama import LlamaConfig
     from transformers.models.qwen2 import Qwen2Config
 
@@ -42,6 +43,9 @@ def configs():
         "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common),
         # StarCoder's names (c_attn, c_proj, c_fc) on nn.Linear modules, stored (out, in)
         "bigcode": GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common),
+        # Pythia's layout: its head is stored as embed_out, which transformers renames lm_head on loading
+        "neox": GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              tie_word_embeddings=False, **common),
         "qwen2": Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, tie_word_embeddings=False, **common),
         "gemma2": Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -103,7 +107,7 @@ def windows_of(runner, n=3, seq=SEQ):
 
 # -- models, names, layer policy ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bigcode", "qwen2", "gemma2", "sharded", "bf16"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bigcode", "neox", "qwen2", "gemma2", "sharded", "bf16"])
 def test_every_linear_of_the_blocks_is_selected_and_mapped_to_its_module(folders, arch):
     src = open_model(str(folders[arch]))
     if arch == "bf16":
@@ -285,7 +289,7 @@ def test_ppl_kld_top1_match_an_independent_computation(folders):
                                       runner.module_weight(l.name, src.load(l.name)))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "neox"])
 def test_the_reference_itself_has_kld_exactly_zero(folders, arch):
     src = open_model(str(folders[arch]))
     runner = L.load(src)
