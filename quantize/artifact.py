@@ -362,8 +362,9 @@ def _verify(path: Path) -> Artifact:
             fmt = _get(meta, "format", "top level", dict)
             _get(fmt, "name", "format", str)
             model = _get(meta, "model", "top level", dict)
-            if not isinstance(model.get("fingerprint", ""), str):
-                raise ArtifactError("header: model: field 'fingerprint' must be str")
+            for key in ("fingerprint", "aux_fingerprint"):
+                if not isinstance(model.get(key, ""), str):
+                    raise ArtifactError(f"header: model: field '{key}' must be str")
             entries = parse_entries(meta)
         except ArtifactError as err:
             raise ArtifactError(f"{where}: {err}") from None
@@ -495,7 +496,8 @@ def _write_artifact(src, fmt, out: Path, budget, cal, nan_policy: str, outcomes,
             meta = {
                 "container": "sopq", "version": VERSION,
                 "format": fmt.describe(), "budget": budget,
-                "model": {**src.describe(), "fingerprint": src.fingerprint()},
+                "model": {**src.describe(), "fingerprint": src.fingerprint(),
+                          "aux_fingerprint": src.aux_fingerprint()},
                 "calibration": cal.describe(), "nan_policy": nan_policy,
                 "record_kinds": RECORD_KINDS,
                 "summary": {**total.as_dict(), "bits": total.bits, "weights": total.weights},

@@ -2,7 +2,8 @@
 
 ``export_model_folder(artifact, out)`` opens a ``.sopq`` artifact (quantize/artifact.py, every
 check of ``open_artifact``), opens the source model it names (or ``model``; its fingerprint must
-be the artifact's), runs that model through quantize/causal_lm.py, decodes every layer of the
+be the artifact's; configuration or tokenizer files changed since are a warning in the result's
+``warnings``), runs that model through quantize/causal_lm.py, decodes every layer of the
 artifact (``Artifact.weights``: the golden decoder for layer streams) into it in place of the
 reference, and writes the whole model as a ``transformers`` folder: ``config.json``,
 ``generation_config.json``, float32 ``model.safetensors`` (sharded where transformers shards) and
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
-from sop.quantize.models import builtin_path, is_lm_head, model_inputs, open_model
+from sop.quantize.models import AUX_SUFFIXES, builtin_path, is_lm_head, model_inputs, open_model
 
 
 def _same_folder(a, b) -> bool:
@@ -55,6 +56,10 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     if fp and src.fingerprint() != fp:
         raise ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
                          f"differ); give the source with --model")
+    aux = meta.get("aux_fingerprint")
+    warnings = [] if not aux or src.aux_fingerprint() == aux else [
+        f"{spec}: its configuration or tokenizer files ({', '.join(AUX_SUFFIXES)} beside the weights) differ "
+        f"from those sop quantize read for {art.path}: the folder is exported with the current ones"]
     missing = sorted(set(names) - {lay.name for lay in src.layers})
     if missing:
         raise ValueError(f"{art.path}: layer {missing[0]} is no linear layer of {spec}")
@@ -71,4 +76,4 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
         weights[e.name] = art.weights(e)
     files = runner.save_folder(Path(out), weights, inputs=[art.path, *inputs])
     return {"path": str(out), "files": [f.name for f in files], "layers": len(weights), "format": art.format,
-            "model": spec}
+            "model": spec, "warnings": warnings}

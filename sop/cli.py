@@ -233,6 +233,8 @@ def cmd_dequantize(args) -> int:
         check_output(args.out, [args.file], folder=True)    # and against the source model, once it is known
         t0 = time.time()
         info = export_model_folder(args.file, args.out, model=args.model, progress=not args.quiet)
+        for warning in info["warnings"]:                    # printed even when quiet: no progress
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {info['path']}: a transformers model folder ({', '.join(info['files'])}), "
               f"{info['layers']} quantized layers ({info['format']}) over the reference {info['model']} "
               f"({time.time() - t0:.1f} s)")

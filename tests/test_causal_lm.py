@@ -472,8 +472,8 @@ def test_quantize_then_a_model_folder_transformers_loads(folders, tmp_path, caps
                  *(["--include-lm-head"] if head else [])]) == 0
     out = tmp_path / "folder"
     assert main(["dequantize", str(art), "--model-folder", "--out", str(out), "--quiet"]) == 0
-    assert "a transformers model folder" in capsys.readouterr().out
-    from sop.quantize.artifact import open_artifact
+    said = capsys.readouterr()
+    assert "a transformers model folder" in said.out and not said.err
 
     a = open_artifact(art)
     loaded = reference_model(out)
@@ -497,6 +497,23 @@ def test_quantize_then_a_model_folder_transformers_loads(folders, tmp_path, caps
         err = one_error(capsys, ["dequantize", str(art), "--out", str(tmp_path / "w.safetensors"),
                                  "--model", str(folders["llama"])])
         assert "--model applies with --model-folder only" in err
+
+
+def test_a_model_folder_export_warns_when_the_config_changed_since_quantizing(folders, tmp_path, capsys):
+    """config.json edited after sop quantize (another rms_norm_eps): the export ran that other model
+    without a word; it is one warning line (printed under --quiet too), the folder written with it."""
+    d = _copy(folders["llama"], tmp_path / "m")
+    art = tmp_path / "m.sopq"
+    assert main(["quantize", str(d), "--format", "sop4-g16", "--out", str(art), "--quiet", "--no-calib"]) == 0
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 0.125}))
+    capsys.readouterr()
+    assert main(["dequantize", str(art), "--model-folder", "--out", str(tmp_path / "f"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"warning: {d}: its configuration or tokenizer files (.json, .model, .txt, .tiktoken beside the "
+                   f"weights) differ from those sop quantize read for {art}: the folder is exported with the "
+                   f"current ones\n")
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["rms_norm_eps"] == 0.125
 
 
 def test_a_model_folder_export_never_writes_over_its_source_or_half_a_folder(folders, tmp_path, capsys):
