@@ -475,7 +475,7 @@ class CausalLM:
             with torch.inference_mode():
                 for i in range(0, len(windows), batch):
                     try:
-                        self.model(input_ids=windows[i:i + batch], use_cache=False)
+                        self._run(input_ids=windows[i:i + batch], use_cache=False)
                     except _Stop:
                         pass
         finally:
@@ -486,11 +486,24 @@ class CausalLM:
 
     # -- end to end -----------------------------------------------------------------------------------------
 
+    def _run(self, **inputs):
+        """The model's forward pass; an error of transformers running this model (a configuration it
+        builds but cannot run, such as an odd rotary width) is the checkpoint's, one line, not a bug of
+        sop's. A hook's ``_Stop`` and running out of memory pass through."""
+        try:
+            return self.model(**inputs)
+        except (_Stop, MemoryError):
+            raise
+        except Exception as err:            # noqa: BLE001 - transformers raises anything from a model it cannot run
+            where = self.src.files[0] if self.convert is not None else Path(self.src.folder)
+            raise CheckpointError(where, f"transformers cannot run the model's forward pass "
+                                         f"({describe_error(err)}); {HINT}") from None
+
     def _logits(self, ids):
         """float32 logits at positions T/2 .. T-2 of each window: (batch, T - 1 - T/2, vocab)."""
         T = ids.shape[1]
         first = T // 2
-        out = self.model(input_ids=ids, use_cache=False, logits_to_keep=T - first).logits
+        out = self._run(input_ids=ids, use_cache=False, logits_to_keep=T - first).logits
         out = out[:, first:T - 1] if out.shape[1] == T else out[:, :-1]
         return out.float()
 

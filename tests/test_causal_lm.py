@@ -713,6 +713,24 @@ def test_activations_that_are_not_finite_are_one_line(folders, tmp_path, capsys)
     assert not (tmp_path / "q.sopq").exists() and not (tmp_path / "e.json").exists()
 
 
+def test_a_model_transformers_builds_but_cannot_run_is_one_line(tokenizer, tmp_path, capsys):
+    """Phi with 40-wide heads of 4 (a rotary width of 5): transformers builds it and fails inside its
+    forward pass; that was reported as a bug of sop's (exit 70)."""
+    from transformers.models.auto import AutoModelForCausalLM
+    from transformers.models.phi import PhiConfig
+
+    torch.manual_seed(0)
+    cfg = PhiConfig(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=1,
+                    num_attention_heads=4)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    err = one_error(capsys, ["quantize", str(tmp_path / "m"), "--format", "sop4-g16", "--out",
+                             str(tmp_path / "q.sopq"), "--quiet", "--cache-dir", str(tmp_path / "c"), *SMALL[:4]])
+    assert err.startswith(f"sop: error: {tmp_path / 'm'}: transformers cannot run the model's forward pass "
+                          f"(RuntimeError: The size of tensor a (5) must match") and err.endswith(L.HINT), err
+    assert not (tmp_path / "q.sopq").exists()
+
+
 def test_a_model_too_large_for_memory_is_refused(folders, monkeypatch, tmp_path, capsys):
     import psutil
 
