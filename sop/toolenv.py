@@ -10,6 +10,7 @@ cocotb 2). The test suite, the CLI and the Makefile all go through it.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -58,6 +59,23 @@ def apply(env: dict | None = None) -> dict:
         front.insert(0, str(vbin))
     env["PATH"] = os.pathsep.join(front + [p for p in path if p not in front])
     return env
+
+
+class ToolMissing(RuntimeError):
+    """A tool of the dev extras that a hardware command needs is not installed."""
+
+
+#: how a user without the dev extras (a plain wheel install) gets the hardware tools
+DEV_EXTRAS = "pip install 'sop-decoder[dev]' (or make setup in a checkout)"
+
+
+def require(tools, what: str) -> None:
+    """``ToolMissing`` naming the first of ``tools`` (executables) that is not on the tool ``PATH``
+    (``apply``'s): one line before any work, not a FileNotFoundError halfway through."""
+    path = apply(dict(os.environ))["PATH"]
+    for tool in tools:
+        if shutil.which(tool, path=path) is None:
+            raise ToolMissing(f"{tool} is not installed: {what} needs the project's dev extras: {DEV_EXTRAS}")
 
 
 if __name__ == "__main__":     # `eval "$(python -m sop.toolenv)"` for a shell that wants it

