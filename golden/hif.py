@@ -26,7 +26,7 @@ def hif_format(mbits: int, ebits: int = HIF_EBITS, bias: int = HIF_BIAS) -> Floa
         raise ValueError(f"HIF widths out of range: E{ebits} M{mbits} (E 1..5, M 0..10)")
     if not 0 <= bias < 1 << ebits:
         raise ValueError(f"HIF bias {bias} out of range for E{ebits}: 0 .. {(1 << ebits) - 1} (the "
-                         f"largest binade must reach 1 and the smallest normal must not exceed 1)")
+                         f"largest binade must reach 1, and a negative bias would add nothing below it)")
     return FloatFormat(name=f"hif-e{ebits}m{mbits}b{bias}", bits=1 + ebits + mbits,
                        ebits=ebits, mbits=mbits, bias=bias, specials="finite")
 

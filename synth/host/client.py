@@ -259,7 +259,8 @@ class BoardLink:
         if rcmd != cmd | REPLY_BIT:
             raise BoardError(f"unexpected reply {rcmd:#04x} to {_cmd_name(cmd)} (expected "
                              f"{cmd | REPLY_BIT:#04x} or an error reply): out of step or not this "
-                             f"protocol (call resync())")
+                             f"protocol (is this project's bitstream on the board? Client.resync() drops "
+                             f"a stale reply)")
         want = REPLY_PAYLOAD_BYTES.get(cmd)
         if want is not None and len(payload) != want:
             raise BoardError(f"malformed {_cmd_name(cmd)} reply from the board: {len(payload)} payload "
