@@ -138,6 +138,10 @@ def test_the_wheel_holds_real_files_of_every_folder(installed):
     assert tops == {"sop"}, f"top-level names besides sop: {tops}"
     for data in ("sop/golden/data/bof4.json", "sop/hdl/lint.vlt", "sop/sim/tb_decoder.py"):
         assert data in names
+    licenses = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]   # the text pyproject's
+    assert len(licenses) == 1, sorted(names)                                      # Apache-2.0 promises
+    with zipfile.ZipFile(installed.wheel) as z:
+        assert z.read(licenses[0]).startswith(b"                                 Apache License\n")
     assert (installed.site / "sop" / "golden" / "formats.py").is_file()
     assert not (installed.site / "sop" / "golden").is_symlink()
 
