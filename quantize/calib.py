@@ -252,9 +252,10 @@ def _cached(path: Path, key: str, note: str, src, say) -> Calibration | None:
     hit, why = _load_cached(path, key, note, {lay.name: lay.shape[1] for lay in src.layers})
     if why and say is not None:
         say(f"calibration cache {path} is damaged ({why}): recomputing it, the file will be replaced")
-    if hit is not None and any(lay.name not in hit.act_ms for lay in src.layers):
-        # a layer the forward pass gives no statistic: the run without the cache says why (a causal LM
-        # refuses it), where this hit would quantize it unweighted under "weighted"
+    if hit is not None and src.forward == "causal-lm" and any(lay.name not in hit.act_ms for lay in src.layers):
+        # a causal LM refuses a selected layer its forward pass gives no statistic: the run without the
+        # cache says why, where this hit would quantize it unweighted under "weighted". (A BERT model
+        # runs its encoder only: a head layer is unweighted, cold or warm.)
         return None
     return hit
 
@@ -307,29 +308,46 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     ids = runner.token_ids(sentences)
     windows = runner.windows(ids, size.seqs, size.seq_len, "calibration text (--calib-seqs x --seq-len)")
     stats, tokens = runner.collect_stats(windows)
-    _check_finite(src, stats)
+    stats, dropped = _finite_selected(src, stats)
     cal = Calibration(True, note, stats, key, _sentences_used(runner, sentences, tokens), tokens,
                       seqs=size.seqs, seq_len=size.seq_len)
     if use_cache:
-        _save(path, cal, say)
+        _save_unless_partial(path, cal, say, runner.cleaned, dropped)
     return cal
 
 
-def _check_finite(src, stats: dict[str, np.ndarray]) -> None:
-    """Refuse statistics that are not finite, naming the cause: a selected layer's non-finite weight
-    with the error every command gives for it (under ``--nan-policy error``), else the first layer
-    whose input is not finite (a non-finite weight elsewhere, or activations that overflow)."""
-    first = next((name for name, a in stats.items() if not np.isfinite(a).all()), None)
-    if first is None:
-        return
-    if src.nan_policy == "error":
-        from sop.quantize.evaluate import read_weight
+def _finite_selected(src, stats: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
+    """The statistics less those of unselected layers that are not finite (they weigh nothing here),
+    and whether any were dropped. A selected layer's that is not finite is refused, naming the cause:
+    a selected layer's non-finite weight with the error every command gives for it (under
+    ``--nan-policy error``), else the first selected layer whose input is not finite (a non-finite
+    weight elsewhere, or activations that overflow)."""
+    bad = [name for name, a in stats.items() if not np.isfinite(a).all()]
+    selected = {lay.name for lay in src.layers}
+    first = next((name for name in bad if name in selected), None)
+    if first is not None:
+        if src.nan_policy == "error":
+            from sop.quantize.evaluate import read_weight
 
-        for lay in src.layers:                  # only on this error path: one more read of the layers
-            read_weight(src, lay.name, "error")
-    raise ValueError(f"{src.spec}: calibration: the forward pass gives non-finite activations at the input of "
-                     f"{first} (a non-finite weight outside the layers quantized, or activations that overflow); "
-                     f"--no-calib quantizes without a forward pass")
+            for lay in src.layers:              # only on this error path: one more read of the layers
+                read_weight(src, lay.name, "error")
+        raise ValueError(f"{src.spec}: calibration: the forward pass gives non-finite activations at the input "
+                         f"of {first} (a non-finite weight outside the layers quantized, or activations that "
+                         f"overflow); --no-calib quantizes without a forward pass")
+    return {name: a for name, a in stats.items() if name not in bad}, bool(bad)
+
+
+def _save_unless_partial(path: Path, cal: Calibration, say, cleaned: int, dropped: bool) -> None:
+    """``_save``, unless the statistics are not the whole model's: weights replaced under
+    ``--nan-policy zero`` (another selection would run another model under the same key), or
+    unselected layers' statistics dropped as not finite (a run selecting them must meet the error)."""
+    if cleaned or dropped:
+        if say is not None:
+            say(f"calibration not cached: {'non-finite weights replaced under --nan-policy zero' if cleaned else ''}"
+                f"{'; ' if cleaned and dropped else ''}"
+                f"{'statistics of unquantized layers are not finite' if dropped else ''}")
+        return
+    _save(path, cal, say)
 
 
 def no_forward_note(src) -> str:
@@ -365,9 +383,10 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
         hit = _cached(path, key, note, src, say)
         if hit is not None:
             return hit
-    stats, tokens = collect_stats(bert_forward(src), sentences)
-    _check_finite(src, stats)
+    bert = bert_forward(src)
+    stats, tokens = collect_stats(bert, sentences)
+    stats, dropped = _finite_selected(src, stats)
     cal = Calibration(True, note, stats, key, len(sentences), tokens)
     if use_cache:
-        _save(path, cal, say)
+        _save_unless_partial(path, cal, say, bert.cleaned, dropped)
     return cal

@@ -291,6 +291,7 @@ class CausalLM:
             else None
         self.targets = self._map_targets()
         self._check_selected()
+        self.cleaned = 0
         self._clean_selected()
         ids = tokenizer("a")["input_ids"]
         bos = tokenizer.bos_token_id
@@ -355,11 +356,12 @@ class CausalLM:
         return out
 
     def _clean_selected(self) -> None:
-        """The selected layers' weights cleaned as the quantizer reads them (evaluate.clean_forward_weight)."""
+        """The selected layers' weights cleaned as the quantizer reads them (evaluate.clean_forward_weight);
+        ``cleaned``: how many entries were replaced."""
         from sop.quantize.evaluate import clean_forward_weight
 
-        for lay in self.src.layers:
-            clean_forward_weight(self.src, lay.name, self.modules[self.targets[lay.name].module].weight)
+        self.cleaned = sum(clean_forward_weight(self.src, lay.name, self.modules[self.targets[lay.name].module].weight)
+                           for lay in self.src.layers)
 
     def _check_selected(self) -> None:
         """Every selected layer is a mapped module's weight, with the module's shape and channel order."""
@@ -514,9 +516,9 @@ class CausalLM:
         with torch.inference_mode():
             ref = torch.cat([self._logits(windows[i:i + batch]) for i in range(0, len(windows), batch)])
         if not bool(torch.isfinite(ref).all()):
-            raise ValueError(f"{self.src.spec}: the end-to-end check: the model's own logits are not finite (a "
-                             f"non-finite weight outside the layers quantized, or activations that overflow); "
-                             f"--no-e2e skips it")
+            from sop.quantize.evaluate import reference_not_finite
+
+            raise reference_not_finite(self.src.spec, "logits")
         self._ref = (windows, ref)
 
     def score(self, weights: dict | None = None, batch: int = BATCH) -> dict:

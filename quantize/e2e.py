@@ -63,6 +63,7 @@ class Bert:
         if cfg.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{folder}: activation {cfg.get('hidden_act')!r} not supported (gelu only)")
         self.params: dict[str, torch.Tensor] = {}
+        self.cleaned = 0            # selected-layer entries replaced under --nan-policy zero (evaluate.bert_forward)
         if files is None:
             from sop.quantize.models import weights_files
 

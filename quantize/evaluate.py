@@ -117,32 +117,34 @@ def read_weight(src, name: str, policy: str = "error") -> tuple[np.ndarray, int]
     return narrow_weights(w), n_bad
 
 
-def clean_forward_weight(src, name: str, weight) -> None:
+def clean_forward_weight(src, name: str, weight) -> int:
     """A forward pass's torch copy of selected layer ``name`` (in place), as ``read_weight`` reads the
     layer under ``src.nan_policy``: non-finite entries 0 (``zero``), or the error naming the first
     (``error``). Calibration and the end-to-end reference then run the cleaned model the metrics
-    measure against (a NaN once reached the next layers' statistics, and the error named one of them)."""
+    measure against (a NaN once reached the next layers' statistics, and the error named one of them).
+    Returns how many entries were replaced."""
     import torch
 
     bad = ~torch.isfinite(weight.data)
-    if not bool(bad.any()):
-        return
+    n = int(bad.sum())
+    if not n:
+        return 0
     if src.nan_policy == "zero":
         with torch.no_grad():
             weight.data[bad] = 0
-    else:
-        read_weight(src, name, "error")                  # raises, naming the row and column
+        return n
+    read_weight(src, name, "error")                      # raises, naming the row and column
+    raise AssertionError(f"{name}: the forward pass's copy has {n} non-finite weights the file does not")
 
 
 def bert_forward(src):
     """The BERT forward pass of ``src`` (its own files), its selected layers cleaned
-    (``clean_forward_weight``)."""
+    (``clean_forward_weight``; ``cleaned``: how many entries were replaced)."""
     from sop.quantize.e2e import Bert
 
     bert = Bert(src.bert_folder, src.bert_prefix, src.files)
-    for lay in src.layers:
-        if lay.name in bert.params:
-            clean_forward_weight(src, lay.name, bert.params[lay.name])
+    bert.cleaned = sum(clean_forward_weight(src, lay.name, bert.params[lay.name])
+                       for lay in src.layers if lay.name in bert.params)
     return bert
 
 
@@ -172,7 +174,16 @@ def _e2e_reference(prep):
         prep[1].reference(prep[2])
         return ("causal-lm", prep[1])
     _, bert, sentences = prep
-    return ("bert", bert, sentences, bert.embed(sentences))
+    ref = bert.embed(sentences)
+    if not np.isfinite(np.asarray(ref)).all():
+        raise reference_not_finite(str(bert.folder), "sentence embeddings")
+    return ("bert", bert, sentences, ref)
+
+
+def reference_not_finite(spec: str, what: str) -> ValueError:
+    """The one-line error of an end-to-end reference (the model's own ``what``) that is not finite."""
+    return ValueError(f"{spec}: the end-to-end check: the model's own {what} are not finite (a non-finite weight "
+                      f"outside the layers quantized, or activations that overflow); --no-e2e skips it")
 
 
 def _e2e_measure(runner, recons: dict) -> dict:

@@ -46,6 +46,8 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     names = [e.name for e in art.layers]
     head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
     src = open_model(spec, include=[glob.escape(n) for n in names], lm_head=head)
+    # the forward pass reads the quantized layers as sop quantize did (their decoded weights replace them)
+    src.nan_policy = meta_policy if (meta_policy := art.meta.get("nan_policy")) in ("error", "zero") else "error"
     inputs = model_inputs(spec)
     check_output(out, [art.path, *inputs], folder=True)
     folder = builtin_path(spec) or Path(spec)

@@ -180,6 +180,26 @@ def test_a_bert_forward_pass_runs_the_layers_as_the_nan_policy_reads_them(tmp_pa
         C.calibrate(models["nan"], n_sentences=4, use_cache=False)
 
 
+def test_a_bert_reference_that_is_not_finite_is_one_line(tmp_path, capsys):
+    """A NaN in a LayerNorm no quantized layer owns: the end-to-end check printed a cosine of nan."""
+    from safetensors.torch import load_file
+
+    from sop.cli import main
+
+    folder = _minilm_copy(tmp_path / "m")
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["encoder.layer.0.output.LayerNorm.weight"][3] = float("nan")
+    (folder / "model.safetensors").unlink()              # a hard link to the installed weights: not through it
+    save_file(sd, str(folder / "model.safetensors"))
+    out = tmp_path / "e.json"
+    assert main(["eval", str(folder), "--format", "nf4-g64", "--no-calib", "--quiet", "--json", str(out),
+                 "--include", "encoder.layer.1.attention.self.query.weight"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"sop: error: {folder}: the end-to-end check: the model's own sentence embeddings are not "
+                   f"finite (a non-finite weight outside the layers quantized, or activations that overflow); "
+                   f"--no-e2e skips it\n") and not out.exists()
+
+
 DAMAGE = {   # how a cache file is damaged: what the one-line note says is wrong with it
     "truncated": "unreadable: BadZipFile", "empty": "unreadable: EOFError",
     "byte flipped": "unreadable: BadZipFile: Bad CRC-32",
@@ -229,23 +249,6 @@ def test_a_damaged_cache_file_is_rebuilt_not_an_error(tmp_path, damage):
         DAMAGE[damage].format(layer=layer) in said[0] and "\n" not in said[0], said
     assert said[0].endswith("): recomputing it, the file will be replaced")
     assert C.calibrate(src, n_sentences=12, cache_dir=tmp_path, say=said.append).cached and len(said) == 1
-
-
-def test_a_cache_without_a_selected_layers_statistic_is_a_miss(tmp_path):
-    """A cache whose layer list is whole but lacks a layer the run selects (another run's statistics;
-    a causal LM's head the forward pass could not map) is recomputed, not served: served, that layer
-    was quantized unweighted under a calibration said to weight it."""
-    src = open_model("minilm")
-    first = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
-    path = tmp_path / f"{first.key[:32]}.npz"
-    data = path.read_bytes()
-    layer = src.layers[0].name
-    stats = {k: v for k, v in first.act_ms.items() if k != layer}
-    C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens), None)
-    said = []
-    again = C.calibrate(src, n_sentences=12, cache_dir=tmp_path, say=said.append)
-    assert not again.cached and not said and path.read_bytes() == data
-    np.testing.assert_array_equal(again.act_ms[layer], first.act_ms[layer])
 
 
 @pytest.mark.parametrize("fault", ["disk full", "a folder in the way"])

@@ -17,6 +17,7 @@ import torch
 from sop.cli import main
 from sop.quantize import calib as C
 from sop.quantize import causal_lm as L
+from sop.quantize.artifact import open_artifact
 from sop.quantize.models import linear_reason, open_model
 
 transformers = pytest.importorskip("transformers")
@@ -192,6 +193,26 @@ def test_a_tied_head_stored_twice_is_quantized_weighted_whatever_the_cache_holds
 
 
 # -- calibration ---------------------------------------------------------------------------------------
+
+def test_a_cache_without_a_selected_layers_statistic_is_a_miss(folders, tmp_path):
+    """A causal LM refuses a selected layer its forward pass gives no statistic; a cache whose layer list
+    is whole but lacks one (another run's statistics) is recomputed, so the run meets that refusal or
+    the statistic, never an unweighted layer under a calibration said to weight it."""
+    src = open_model(str(folders["llama"]))
+    size = C.CalibSize(seqs=2, seq_len=SEQ)
+    first = C.calibrate(src, size, cache_dir=tmp_path)
+    path = tmp_path / f"{first.key[:32]}.npz"
+    layer = src.layers[0].name
+    stats = {k: v for k, v in first.act_ms.items() if k != layer}
+    C._save(path, C.Calibration(True, first.note, stats, first.key, first.sentences, first.tokens,
+                                seqs=first.seqs, seq_len=first.seq_len), None)
+    again = C.calibrate(src, size, cache_dir=tmp_path)
+    assert not again.cached
+    np.testing.assert_array_equal(again.act_ms[layer], first.act_ms[layer])
+    assert C.calibrate(src, size, cache_dir=tmp_path).cached
+
+
+
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_statistics_are_the_mean_square_of_each_linears_input(folders, arch):
@@ -688,10 +709,36 @@ def test_nan_policy_zero_runs_the_cleaned_model_end_to_end(folders, tmp_path):
         assert main(["eval", str(d), "--format", "sop4-g16", "--quiet", "--cache-dir", str(tmp_path / f"c-{what}"),
                      "--nan-policy", "zero", "--json", str(out), *SMALL]) == 0
         docs[what] = json.loads(out.read_text())
+    # statistics of a cleaned model are not cached: another selection would run another model
+    assert not list((tmp_path / "c-nan").glob("*.npz")) and list((tmp_path / "c-zero").glob("*.npz"))
     nan, zero = (docs[k]["formats"]["sop4-g16"] for k in ("nan", "zero"))
     assert nan["layers"][UP]["nonfinite_replaced"] == 1 and "nonfinite_replaced" not in zero["layers"][UP]
     assert nan["e2e"] == zero["e2e"] and math.isfinite(nan["e2e"]["kld"]) and nan["e2e"]["top1"] > 0.5
     assert {k: v for k, v in nan["layers"].items() if k != UP} == {k: v for k, v in zero["layers"].items() if k != UP}
+
+
+def test_a_nan_that_reaches_only_unquantized_layers_costs_nothing(folders, tmp_path, capsys):
+    """A NaN in the final norm reaches only the head's input, and the head is kept: the run quantizes as
+    before (it was refused over a statistic no selected layer uses), and that statistic is not cached."""
+    d = _with_weight(folders, tmp_path / "m", "model.norm.weight", np.nan, at=3)
+    assert main(["quantize", str(d), "--format", "sop4-g16", "--out", str(tmp_path / "q.sopq"),
+                 "--cache-dir", str(tmp_path / "c"), *SMALL[:4]]) == 0
+    assert "calibration not cached: statistics of unquantized layers are not finite" in capsys.readouterr().err
+    assert not list((tmp_path / "c").glob("*.npz"))
+
+
+def test_an_artifact_made_under_nan_policy_zero_exports(folders, tmp_path, capsys):
+    """The export loads the source model, NaN and all, and replaces every quantized layer: it reads them
+    under the policy the artifact was made with (it refused the NaN its own artifact had replaced)."""
+    d = _with_weight(folders, tmp_path / "nan", UP, np.nan)
+    art = tmp_path / "q.sopq"
+    assert main(["quantize", str(d), "--format", "sop4-g16", "--out", str(art), "--quiet", "--no-calib",
+                 "--nan-policy", "zero"]) == 0
+    assert main(["dequantize", str(art), "--model-folder", "--out", str(tmp_path / "f"), "--quiet"]) == 0
+    from safetensors.numpy import load_file
+
+    assert np.isfinite(load_file(str(tmp_path / "f" / "model.safetensors"))[UP]).all()
+    capsys.readouterr()
 
 
 def test_activations_that_are_not_finite_are_one_line(folders, tmp_path, capsys):

@@ -70,19 +70,21 @@ def test_safetensors_file(tmp_path):
     assert m.load(EXPECTED[1]).dtype == np.float64
 
 
-@pytest.mark.parametrize("layout", ["gpt2", "starcoder", "gpt2 with config.json", "starcoder with config.json"])
-def test_the_c_attn_family_is_read_in_the_orientation_its_model_stores(tmp_path, layout):
+@pytest.mark.parametrize("layout,model_type", [("gpt2", None), ("starcoder", None), ("gpt2", "gpt2"),
+                                               ("starcoder", "gpt_bigcode"), ("gpt2", "vision-encoder-decoder")])
+def test_the_c_attn_family_is_read_in_the_orientation_its_model_stores(tmp_path, layout, model_type):
     """GPT-2 stores c_attn / c_proj / c_fc as Conv1D, (in, out); StarCoder (GPTBigCode) and StarCoder2
     give the same names to nn.Linear modules, (out, in): read as Conv1D, they were quantized along the
-    wrong axis, and `sop gemv` took a 60-vector for a layer of 40 inputs. A config.json's model_type
-    decides; without one, c_attn and c_fc, which widen, are wider than tall when stored (in, out)."""
-    conv1d = layout.startswith("gpt2")
+    wrong axis, and `sop gemv` took a 60-vector for a layer of 40 inputs. c_attn and c_fc widen, so
+    stored (in, out) they are wider than tall; that holds in a composite model's GPT-2 decoder too,
+    whose config.json names no GPT-2 model_type."""
+    conv1d = layout == "gpt2"
     stored = {"attn.c_attn": (40, 60), "attn.c_proj": (40, 40), "mlp.c_fc": (40, 96), "mlp.c_proj": (96, 40)}
     sd = {f"transformer.h.0.{m}.weight": t(*(s if conv1d else s[::-1])) for m, s in stored.items()}
     (tmp_path / "m").mkdir()
     save_file(sd, tmp_path / "m" / "model.safetensors")
-    if layout.endswith("config.json"):
-        (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2" if conv1d else "gpt_bigcode"}))
+    if model_type:
+        (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": model_type}))
         m = open_model(str(tmp_path / "m"))                     # the folder: its config.json is read
     else:
         m = open_model(str(tmp_path / "m" / "model.safetensors"))
