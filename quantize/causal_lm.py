@@ -270,6 +270,15 @@ def _tied_head_name(model) -> str | None:
     return None
 
 
+def _raised_in_sop(err: BaseException) -> bool:
+    """Whether ``err`` was raised in this package's own code (a forward hook's), not in torch's or
+    transformers'."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("sop.")
+
+
 def _is_linear(module) -> bool:
     import torch
 
@@ -309,13 +318,12 @@ class CausalLM:
                 g = "output.weight"
             return g if g in names else None
         prefix = getattr(self.model, "base_model_prefix", "") or ""
-        renamed = self._renamed(names)
-        for cand in (param, param.removeprefix(f"{prefix}.") if prefix else param, f"{prefix}.{param}"):
-            if cand in names:
-                return cand
-            if cand in renamed:
-                return renamed[cand]
-        return None
+        cands = (param, param.removeprefix(f"{prefix}.") if prefix else param, f"{prefix}.{param}")
+        found = next((c for c in cands if c in names), None)
+        if found is None:                   # only then transformers' renames (private API, pinned version)
+            renamed = self._renamed(names)
+            found = next((renamed[c] for c in cands if c in renamed), None)
+        return found
 
     def _renamed(self, names: set) -> dict[str, str]:
         """transformers' own name of each checkpoint tensor that it renames on loading (its checkpoint
@@ -329,10 +337,10 @@ class CausalLM:
             except ImportError:             # a transformers without checkpoint conversions renames nothing
                 return self._renames
             renamings = [t for t in get_model_conversion_mapping(self.model) if isinstance(t, WeightRenaming)]
-            for name in names:
+            for name in sorted(names):      # two names renamed alike: the first in order, every run
                 new = rename_source_key(name, renamings, [])[0]
                 if new != name:
-                    self._renames[new] = name
+                    self._renames.setdefault(new, name)
         return self._renames
 
     def _map_targets(self) -> dict[str, Target]:
@@ -429,8 +437,9 @@ class CausalLM:
         import torch
 
         positions = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and 0 < positions < seq_len:
+        if isinstance(positions, int) and 0 < positions < seq_len and self._learned_positions():
             # a learned position table (GPT-2, OPT, StarCoder) has no row past it: an IndexError deep in torch
+            # (rotary models compute any position, and run past it as before)
             raise ValueError(f"{what}: windows of {seq_len} tokens, and the model has {positions} positions "
                              f"(max_position_embeddings): give --seq-len {positions} or less")
         need = n * seq_len
@@ -448,6 +457,13 @@ class CausalLM:
                                          f"for the {what}, and the model has {rows} input embeddings "
                                          f"(0 to {rows - 1}): the tokenizer is not this model's; {HINT}")
         return w
+
+    def _learned_positions(self) -> bool:
+        """Whether the model has a learned position table: an embedding besides its input embedding."""
+        import torch
+
+        inputs = self.model.get_input_embeddings()
+        return any(isinstance(m, torch.nn.Embedding) and m is not inputs for m in self.modules.values())
 
     # -- calibration ------------------------------------------------------------------------------------
 
@@ -497,6 +513,8 @@ class CausalLM:
         except (_Stop, MemoryError):
             raise
         except Exception as err:            # noqa: BLE001 - transformers raises anything from a model it cannot run
+            if _raised_in_sop(err) or "allocate memory" in str(err):    # our hooks' bug; out of memory
+                raise
             where = self.src.files[0] if self.convert is not None else Path(self.src.folder)
             raise CheckpointError(where, f"transformers cannot run the model's forward pass "
                                          f"({describe_error(err)}); {HINT}") from None

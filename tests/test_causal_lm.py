@@ -757,6 +757,17 @@ def test_activations_that_are_not_finite_are_one_line(folders, tmp_path, capsys)
     assert not (tmp_path / "q.sopq").exists() and not (tmp_path / "e.json").exists()
 
 
+def test_a_rotary_model_runs_past_its_max_position_embeddings(folders, tmp_path, capsys):
+    """Llama computes any position (rotary): windows past max_position_embeddings run, as before; only a
+    learned position table refuses them."""
+    d = _copy(folders["llama"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": SEQ // 2}))
+    assert main(["quantize", str(d), "--format", "sop4-g16", "--out", str(tmp_path / "q.sopq"), "--quiet",
+                 "--cache-dir", str(tmp_path / "c"), *SMALL[:4]]) == 0
+    capsys.readouterr()
+
+
 def test_a_model_transformers_builds_but_cannot_run_is_one_line(tokenizer, tmp_path, capsys):
     """Phi with 40-wide heads of 4 (a rotary width of 5): transformers builds it and fails inside its
     forward pass; that was reported as a bug of sop's (exit 70)."""
@@ -773,6 +784,20 @@ def test_a_model_transformers_builds_but_cannot_run_is_one_line(tokenizer, tmp_p
     assert err.startswith(f"sop: error: {tmp_path / 'm'}: transformers cannot run the model's forward pass "
                           f"(RuntimeError: The size of tensor a (5) must match") and err.endswith(L.HINT), err
     assert not (tmp_path / "q.sopq").exists()
+
+
+def test_an_error_of_sops_own_code_in_the_forward_pass_stays_a_bug(folders):
+    """Only errors raised in torch's or transformers' code are the checkpoint's; one raised in this
+    package's code (a statistics hook) passes through as itself, a bug to report (exit 70)."""
+    runner = L.load(open_model(str(folders["llama"])))
+    ns = {"__name__": "sop.quantize.a_hook"}
+    exec("def hook(module, args):\n    raise KeyError('a bug of ours')\n", ns)
+    handle = runner.model.get_input_embeddings().register_forward_pre_hook(ns["hook"])
+    try:
+        with pytest.raises(KeyError, match="a bug of ours"):
+            runner._run(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
+    finally:
+        handle.remove()
 
 
 def test_a_model_too_large_for_memory_is_refused(folders, monkeypatch, tmp_path, capsys):
