@@ -83,7 +83,7 @@ from sop import toolenv
 from sop.golden.files import OutputError, atomic_files, check_output
 
 from . import axis, gemv, gemv_axis, gemv_config
-from .config import PIPELINES, DecoderConfig, named_configs, residual_configs
+from .config import MAX_RESIDUALS, PIPELINES, DecoderConfig, named_configs, residual_configs
 from .decoder import Decoder
 
 CORE_VERSION = "0.1.0"
@@ -561,8 +561,8 @@ def main(argv=None) -> int:
     except OutputError as err:
         return refuse(err)
     if args.residuals is not None and args.residuals < 1:       # 0 once wrote the default build
-        return refuse(f"--residuals {args.residuals}: the residual path has 1 to 4 adders; without --residuals "
-                      f"every configuration is written")
+        return refuse(f"--residuals {args.residuals}: the residual path has 1 to {MAX_RESIDUALS} adders; without "
+                      f"--residuals every configuration is written")
     try:
         configs = residual_configs(args.residuals) if args.residuals else \
             named_configs() if shallow else {**named_configs(), **residual_configs()}

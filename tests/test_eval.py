@@ -173,12 +173,13 @@ def test_sop4_point_through_the_registry():
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-@pytest.mark.parametrize("name", ["sop4-g16", "e2m3-ue4m4-g16"])
-def test_a_padded_layer_is_quantized_as_if_its_padding_had_no_activation(name, weighted):
+def test_a_padded_layer_is_quantized_as_if_its_padding_had_no_activation(weighted):
     """The padding columns are stored but cropped on decode: not data. A 40-wide layer is quantized
     as the 48-wide layer of its weights and 8 zero columns of activation 0, bit for bit. (Padded at
     the mean activation, as it was, the zeros pulled the DD4 levels and the block choices toward
-    themselves: about 0.03 dB on random layers.)"""
+    themselves: about 0.03 dB on random layers. The FP6 point encodes zeros exactly, so its padding
+    never had an error to weigh: sop4-g16's tables, DD4 among them, are what this guards.)"""
+    name = "sop4-g16"
     rng = np.random.default_rng(5)
     w = rng.standard_normal((64, 40))
     a = rng.uniform(0.1, 2.0, 40) if weighted else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from sop import toolenv
@@ -84,10 +85,12 @@ def main(argv=None) -> int:
     except OutputError as err:
         p.error(str(err))
     family = ("NEXTPNR_ECP5", "ECPPACK") if BOARDS[args.board].kit == "ulx3s" else ("NEXTPNR_ICE40", "ICEPACK")
+    env = toolenv.apply(dict(os.environ))       # the tools Amaranth will call: a user's YOSYS=... included
     try:
-        toolenv.require([toolenv.YOWASP_TOOLS[v] for v in ("YOSYS",) + family], "make bitstream")
+        toolenv.require([env[v] for v in ("YOSYS",) + family], "make bitstream")
     except toolenv.ToolMissing as err:
-        p.error(str(err))
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
     build(args.board, out, args.residuals)
     print(f"bitstream in {out}/")
     return 0
