@@ -362,9 +362,11 @@ def _verify(path: Path) -> Artifact:
             fmt = _get(meta, "format", "top level", dict)
             _get(fmt, "name", "format", str)
             model = _get(meta, "model", "top level", dict)
-            for key in ("fingerprint", "aux_fingerprint"):
-                if not isinstance(model.get(key, ""), str):
-                    raise ArtifactError(f"header: model: field '{key}' must be str")
+            if not isinstance(model.get("fingerprint", ""), str):
+                raise ArtifactError("header: model: field 'fingerprint' must be str")
+            aux = model.get("aux_files", {})
+            if not (isinstance(aux, dict) and all(isinstance(v, str) for v in aux.values())):
+                raise ArtifactError("header: model: field 'aux_files' must be an object of file names to SHA-256")
             entries = parse_entries(meta)
         except ArtifactError as err:
             raise ArtifactError(f"{where}: {err}") from None
@@ -496,8 +498,7 @@ def _write_artifact(src, fmt, out: Path, budget, cal, nan_policy: str, outcomes,
             meta = {
                 "container": "sopq", "version": VERSION,
                 "format": fmt.describe(), "budget": budget,
-                "model": {**src.describe(), "fingerprint": src.fingerprint(),
-                          "aux_fingerprint": src.aux_fingerprint()},
+                "model": {**src.describe(), "fingerprint": src.fingerprint(), "aux_files": src.aux_files()},
                 # not whether the statistics came from the cache: the same input, the same bytes
                 "calibration": {k: v for k, v in cal.describe().items() if k != "cached"}, "nan_policy": nan_policy,
                 "record_kinds": RECORD_KINDS,

@@ -32,6 +32,20 @@ def _same_folder(a, b) -> bool:
         return False
 
 
+def _aux_changes(spec, then: dict | None, now: dict[str, str], artifact) -> list[str]:
+    """One warning naming the configuration and tokenizer files (``AUX_SUFFIXES`` beside the weights)
+    that changed, appeared or went since sop quantize read them; none for an artifact without the record."""
+    if then is None:
+        return []
+    changed = sorted(n for n in set(then) | set(now) if then.get(n) != now.get(n))
+    if not changed:
+        return []
+    what = ", ".join(f"{n} ({'changed' if n in then and n in now else 'new' if n in now else 'gone'})"
+                     for n in changed[:5]) + (f", and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return [f"{spec}: files beside the weights ({', '.join(AUX_SUFFIXES)}) differ from those sop quantize read "
+            f"for {artifact}: {what}; the folder is exported with the current ones"]
+
+
 def export_model_folder(artifact, out, model: str | None = None, progress: bool = True) -> dict:
     from sop.quantize import causal_lm
 
@@ -58,10 +72,7 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     if fp and src.fingerprint() != fp:
         raise ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
                          f"differ); give the source with --model")
-    aux = meta.get("aux_fingerprint")
-    warnings = [] if not aux or src.aux_fingerprint() == aux else [
-        f"{spec}: its configuration or tokenizer files ({', '.join(AUX_SUFFIXES)} beside the weights) differ "
-        f"from those sop quantize read for {art.path}: the folder is exported with the current ones"]
+    warnings = _aux_changes(spec, meta.get("aux_files"), src.aux_files(), art.path)
     missing = sorted(set(names) - {lay.name for lay in src.layers})
     if missing:
         raise ValueError(f"{art.path}: layer {missing[0]} is no linear layer of {spec}")

@@ -262,12 +262,23 @@ class ModelSource:
         in the model's folder; none for a GGUF, which holds its own): with ``fingerprint`` it keys
         the calibration cache, since the forward pass reads them."""
         h = hashlib.sha256()
-        if self.folder is not None and Path(self.folder).is_dir() and self.kind != "gguf":
-            weights = {Path(f).resolve() for f in self.files}
-            for f in sorted(Path(self.folder).iterdir()):
-                if f.is_file() and f.suffix in AUX_SUFFIXES and f.resolve() not in weights:
-                    h.update(os.fsencode(f.name) + b"\0" + f.read_bytes() + b"\0")
+        for f in self._aux_paths():
+            h.update(os.fsencode(f.name) + b"\0" + f.read_bytes() + b"\0")
         return h.hexdigest()
+
+    def aux_files(self) -> dict[str, str]:
+        """File name -> SHA-256 of each file ``aux_fingerprint`` covers (a ``.sopq`` header keeps them, so
+        that a later export can say which changed)."""
+        return {f.name.encode("utf-8", "backslashreplace").decode(): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in self._aux_paths()}          # a name that is no UTF-8 shown escaped
+
+    def _aux_paths(self) -> list[Path]:
+        """The configuration and tokenizer files beside the weights, in name order (``aux_fingerprint``)."""
+        if self.folder is None or not Path(self.folder).is_dir() or self.kind == "gguf":
+            return []
+        weights = {Path(f).resolve() for f in self.files}
+        return [f for f in sorted(Path(self.folder).iterdir())
+                if f.is_file() and f.suffix in AUX_SUFFIXES and f.resolve() not in weights]
 
     def tensor_names(self) -> list[str]:
         """Every tensor of the checkpoint (selected or not)."""

@@ -528,9 +528,8 @@ def test_a_model_folder_export_warns_when_the_config_changed_since_quantizing(fo
     capsys.readouterr()
     assert main(["dequantize", str(art), "--model-folder", "--out", str(tmp_path / "f"), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert err == (f"warning: {d}: its configuration or tokenizer files (.json, .model, .txt, .tiktoken beside the "
-                   f"weights) differ from those sop quantize read for {art}: the folder is exported with the "
-                   f"current ones\n")
+    assert err == (f"warning: {d}: files beside the weights (.json, .model, .txt, .tiktoken) differ from those sop "
+                   f"quantize read for {art}: config.json (changed); the folder is exported with the current ones\n")
     assert json.loads((tmp_path / "f" / "config.json").read_text())["rms_norm_eps"] == 0.125
 
 
