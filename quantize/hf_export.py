@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
+from sop.quantize.evaluate import NAN_POLICIES
 from sop.quantize.models import AUX_SUFFIXES, builtin_path, is_lm_head, model_inputs, open_model
 
 
@@ -61,7 +62,8 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
     src = open_model(spec, include=[glob.escape(n) for n in names], lm_head=head)
     # the forward pass reads the quantized layers as sop quantize did (their decoded weights replace them)
-    src.nan_policy = meta_policy if (meta_policy := art.meta.get("nan_policy")) in ("error", "zero") else "error"
+    policy = art.meta.get("nan_policy")
+    src.nan_policy = policy if policy in NAN_POLICIES else "error"
     inputs = model_inputs(spec)
     check_output(out, [art.path, *inputs], folder=True)
     folder = builtin_path(spec) or Path(spec)

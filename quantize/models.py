@@ -100,8 +100,8 @@ GGUF_SUFFIXES = (".gguf",)
 CONV1D_NAMES = ("c_attn", "q_attn", "c_proj", "c_fc")
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_encoder",
                       "clvp_decoder")
-#: modules with more outputs than inputs in every model that names them so: their stored shape says
-#: the orientation when no config.json does
+#: modules with more outputs than inputs in every model that names them so: their stored shapes say
+#: the orientation (``stores_conv1d``); ``CONV1D_MODEL_TYPES`` only where no shape tells
 _WIDENING = ("c_attn", "c_fc")
 
 
