@@ -341,13 +341,12 @@ def _save_unless_partial(path: Path, cal: Calibration, say, cleaned: int, droppe
     """``_save``, unless the statistics are not the whole model's: weights replaced under
     ``--nan-policy zero`` (another selection would run another model under the same key), or
     unselected layers' statistics dropped as not finite (a run selecting them must meet the error)."""
-    if cleaned or dropped:
-        if say is not None:
-            say(f"calibration not cached: {'non-finite weights replaced under --nan-policy zero' if cleaned else ''}"
-                f"{'; ' if cleaned and dropped else ''}"
-                f"{'statistics of unquantized layers are not finite' if dropped else ''}")
-        return
-    _save(path, cal, say)
+    why = [w for w, on in (("non-finite weights replaced under --nan-policy zero", cleaned),
+                           ("statistics of unquantized layers are not finite", dropped)) if on]
+    if not why:
+        _save(path, cal, say)
+    elif say is not None:
+        say(f"calibration not cached: {'; '.join(why)}")
 
 
 def no_forward_note(src) -> str:

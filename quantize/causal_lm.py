@@ -355,8 +355,9 @@ class CausalLM:
             is_tied = tied is not None and mname == self.head_module
             # a tied head is its embedding's tensor, or its own where the checkpoint stores both (torch.save
             # of a state dict): one parameter, so quantizing either changes both
-            tname = (is_tied and self._tensor_for(mname, names)) or self._tensor_for(embed_name if is_tied else mname,
-                                                                                     names)
+            tname = self._tensor_for(mname, names)
+            if is_tied and tname is None:
+                tname = self._tensor_for(embed_name, names)
             if tname is None:
                 raise CheckpointError(self.src.files[0], f"the weight of the model's linear module {mname} comes "
                                                          f"from no tensor of the checkpoint; {HINT}")
