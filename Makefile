@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
-# Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps the tree clean.
+# Warnings are errors in the suite (pyproject's filterwarnings); -p no:cacheprovider keeps pytest's cache out
+# of the tree (Hypothesis keeps its example database under build/: tests/conftest.py).
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 # make test and test-fast run the files in parallel (pytest-xdist, a file per worker: a module's
 # fixtures are built once), one worker per core up to 4 (each may hold a model in memory);
@@ -44,13 +45,13 @@ verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuratio
 	$(PY) -m sop.hdl.generate --out build/verilog
 
 sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines (and the small-FPGA one) and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core and of the iCEBreaker's GEMV core)
-	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM)
-	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
-	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
-	SIM=$(SIM) $(PY) -m sop.sim.runner --sim $(SIM) --axis
-	SIM=$(SIM) $(PY) -m sop.sim.gemv_runner --sim $(SIM)
-	SIM=$(SIM) $(PY) -m sop.sim.gemv_runner --sim $(SIM) --config gemv-sop4-g16-small
-	SIM=$(SIM) $(PY) -m sop.sim.tb_gemv_axis --sim $(SIM)
+	$(PY) -m sop.sim.runner --sim $(SIM)
+	$(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
+	$(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
+	$(PY) -m sop.sim.runner --sim $(SIM) --axis
+	$(PY) -m sop.sim.gemv_runner --sim $(SIM)
+	$(PY) -m sop.sim.gemv_runner --sim $(SIM) --config gemv-sop4-g16-small
+	$(PY) -m sop.sim.tb_gemv_axis --sim $(SIM)
 	$(PY) -m sop.synth.host.bringup --sim
 	$(PY) -m sop.synth.host.gemv_bringup --sim
 	$(PY) -m sop.synth.host.gemv_bringup --sim --board icebreaker-gemv
@@ -84,5 +85,10 @@ mutate: $(STAMP)  ## mutation score of both operating points, of the residual pa
 	$(PY) -m sop.sim.gemv_mutate --config gemv-sop4-g16-bf16 --mutants 200 --seed 1 --out build/mutate-gemv-bf16
 	$(PY) -m sop.sim.gemv_mutate --config gemv-sop4-g16-small --mutants 200 --seed 1 --out build/mutate-gemv-small
 
-clean:  ## remove generated files (build/), keep the venv
+clean:  ## remove generated files (build/, the calibration and YoWASP caches in it too), keep the venv
 	rm -rf build .pytest_cache .hypothesis
+
+.PHONY: wheel
+wheel: $(STAMP)  ## the wheel in build/dist/ (setuptools' staging folders build/lib and build/bdist.* emptied first)
+	rm -rf build/lib build/bdist.*
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/dist .

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,7 +85,22 @@ EVAL_WEIGHTS = 1 << 17
 #: 2048: 6.35 s against 5.47 s; `sop eval minilm` 12.6 to 13.1 s against 12.1 to 12.2 s, most of
 #: the difference system time). Cores are used by processes instead: ``--jobs N``
 #: (quantize/jobs.py), layers in parallel, 2.3x at 2 jobs (docs/benchmarks.md).
-THREADS = int(os.environ.get("SOP_THREADS", "0")) or 1
+THREADS_ENV = "SOP_THREADS"
+
+
+def _threads_from_env() -> int:
+    """``SOP_THREADS`` as a thread count: unset, empty or 0 is 1. A value that is no positive integer is said in
+    one line and read as 1 (it is read at import, before any command could report an error, and the
+    count changes the speed alone, never a bit of the output)."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if text.isdigit():
+        return max(1, int(text))
+    if text:
+        print(f"sop: warning: {THREADS_ENV}={text!r} is not a positive integer; using 1 thread", file=sys.stderr)
+    return 1
+
+
+THREADS = _threads_from_env()
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 #: Per thread, what the tables evaluated on one row chunk share: its blocks transposed and the
 #: float32 quotients' cells (BankEvaluator.chunk), of the chunk last evaluated.

@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.files import OutputError, write_atomic
+from sop.quantize.causal_lm import DEFAULT_CALIB_SEQS, DEFAULT_SEQ_LEN
 
 CALIB_VERSION = 2            # 2: the key covers a BERT folder's config and tokenizer; the file lists its layers
 CAUSAL_VERSION = 1
@@ -123,8 +124,8 @@ class CalibSize:
     ``seq_len`` tokens for causal LMs."""
 
     sentences: int = N_CALIB
-    seqs: int = 32
-    seq_len: int = 256
+    seqs: int = DEFAULT_CALIB_SEQS
+    seq_len: int = DEFAULT_SEQ_LEN
 
     def __post_init__(self):
         for what, v in (("--calib-seqs", self.seqs), ("--seq-len", self.seq_len)):

@@ -65,8 +65,10 @@ import numpy as np
 from sop.golden.files import OutputError, atomic_files, check_output, staging_folder
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")     # as models.py: whichever module loads transformers first
 
+#: The defaults of a causal LM's calibration (windows of tokens) and end-to-end check (held-out windows):
+#: calib.CalibSize, `sop eval` and `sop quantize` take them from here.
 DEFAULT_CALIB_SEQS = 32
 DEFAULT_SEQ_LEN = 256
 DEFAULT_E2E_WINDOWS = 16

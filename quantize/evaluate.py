@@ -63,6 +63,7 @@ from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import ErrorStats, abs_max, aggregate
+from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS, DEFAULT_SEQ_LEN
 from sop.quantize.checkpoint_files import CheckpointError
 from sop.quantize.models import kept_text, linear_layers, open_model
 
@@ -148,7 +149,8 @@ def bert_forward(src):
     return bert
 
 
-def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = 16, seq_len: int = 256):
+def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = DEFAULT_E2E_WINDOWS,
+                 seq_len: int = DEFAULT_SEQ_LEN):
     """The end-to-end check, loaded and its text cut (so that a model or text that cannot serve is
     refused before any work): (("bert", runner, sentences) | ("causal-lm", runner, windows), None),
     or (None, {"skipped": why})."""
@@ -388,8 +390,8 @@ def check_e2e_memory(src, e2e: bool, windows: int, seq_len: int, jobs: int = 1) 
 def evaluate(model: str, formats: list[str], *, budget: float | None = None, include=None, exclude=None,
              calibrate: bool = True, e2e: bool = True, nan_policy: str = "error",
              n_calib: "int | C.CalibSize" = C.N_CALIB, n_heldout: int = C.N_HELDOUT, cache_dir=C.DEFAULT_CACHE,
-             progress: bool = True, lm_head: bool = False, e2e_windows: int = 16, on_format=None,
-             jobs: int = 1) -> dict:
+             progress: bool = True, lm_head: bool = False, e2e_windows: int = DEFAULT_E2E_WINDOWS,
+             on_format=None, jobs: int = 1) -> dict:
     """Quantize ``model`` in every format and measure it; see the module docstring.
 
     ``n_calib``: calibration sentences, or a ``calib.CalibSize`` (causal LMs: ``seqs`` windows of

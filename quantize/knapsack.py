@@ -147,7 +147,7 @@ def parse_option(name: str) -> tuple[str, float]:
     if not m or m["base"] not in bases:
         raise ValueError(f"unknown budget option {name!r}; a base ({', '.join(sorted(bases))}) "
                          f"optionally followed by +sp<percent>%")
-    if m["pct"] and m["base"] == "fp8-e4m3-pot":
+    if m["pct"] and m["base"] == FP8:
         raise ValueError("sparse residuals apply to the SOP layouts (they have a layer stream)")
     return m["base"], float(m["pct"] or 0) / 100
 

