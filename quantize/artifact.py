@@ -74,7 +74,7 @@ from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.evaluate import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for,
                                    check_options, jsonable, layer_line, quantize_layer, reporter)
-from sop.quantize.evaluate import _layer_outcomes as evaluate_layer_outcomes
+from sop.quantize.evaluate import layer_outcomes as evaluate_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import aggregate

@@ -449,7 +449,7 @@ def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_held
                                       lambda res, lay: (None, [recon_float32(res.recon)] if want_recon else []))
             entry_budget = outcomes.budgeted
         else:
-            outcomes = _layer_outcomes(src, fmt, cal, nan_policy, "recon" if runner is not None else None, pool)
+            outcomes = layer_outcomes(src, fmt, cal, nan_policy, "recon" if runner is not None else None, pool)
             entry_budget = None
         for i, (out, arrays) in enumerate(outcomes, 1):
             lay = src.layers[i - 1]
@@ -486,7 +486,7 @@ def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_held
     return doc
 
 
-def _layer_outcomes(src, fmt, cal, nan_policy: str, want: str | None, pool):
+def layer_outcomes(src, fmt, cal, nan_policy: str, want: str | None, pool):
     """``(LayerOutcome, arrays)`` of every layer in order: quantized here one at a time, or on the
     workers of ``pool`` (at most its ``jobs`` layers in flight)."""
     if pool is not None:

@@ -238,10 +238,6 @@ def quant_formats() -> dict[str, QuantFormat]:
     return _registry()
 
 
-def quant_format_names() -> list[str]:
-    return list(quant_formats())
-
-
 def baseline_names() -> list[str]:
     return [n for n, f in quant_formats().items() if f.kind == "baseline"]
 

@@ -65,12 +65,13 @@ def quantize_and_measure(limit: int | None) -> dict:
 
 
 def golden_round_trip() -> None:
+    from sop.golden.points import operating_points
     from sop.quantize.models import open_model
-    from sop.quantize.sop_search import quantize_fp6, quantize_sop4
+    from sop.quantize.sop_search import quantize_point
 
     w = open_model("minilm").load(DEMO_LAYER)
-    for name, quantizer in (("sop4-g16", quantize_sop4), ("e2m3-ue4m4-g16", quantize_fp6)):
-        res = quantizer(w, name=DEMO_LAYER)
+    for name, point in operating_points().items():
+        res = quantize_point(w, point, name=DEMO_LAYER)
         path = OUT_DIR / f"{name}.{DEMO_LAYER}.sopl"
         write_atomic(path, pack_layer(res.stream))
         decoded = decode_layer(unpack_layer(path.read_bytes()))
