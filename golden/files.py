@@ -5,24 +5,26 @@ The contract:
 
 * **Never replace what is not ours to replace.** ``check_output(path, inputs)``
   refuses, before any work, a target that exists and is not a regular file (a
-  device such as ``/dev/null``, a FIFO, a socket, a folder), a target that is
+  device such as ``/dev/null``, a FIFO, a socket, a folder), a regular file that
+  is the process's standard input, output or error (``--out /dev/stdout`` with
+  ``>> log``: the rename would drop the file the shell opened), a target that is
   the same file as one of the command's inputs (``os.path.samefile`` on the path the
   write reaches: through symbolic and hard links, and through ``..`` after a folder
   still to be made), a file target written as a folder (``out/``: pathlib would drop the
   slash and write a file ``out``), and a target whose folder cannot be made. It makes nothing.
-  ``atomic_output`` repeats the regular-file check just before the rename, so
+  ``atomic_output`` repeats the regular-file and standard-stream checks just before the rename, so
   no writer of the project can turn a device into a regular file. A target
   that is a symbolic link is written through it: the link stays, the file it
   names is replaced.
 * **All or nothing.** The data goes to a temporary file in the target's folder,
-  is flushed to disk, then renamed over the target: a reader sees the old file
-  or the complete new one, never a partial one. If anything raises (Ctrl-C,
+  is flushed to disk, then renamed over the target, and the folder is flushed
+  too: a reader sees the old file or the complete new one, never a partial one. If anything raises (Ctrl-C,
   and SIGTERM/SIGHUP, which ``signals_as_interrupts`` turns into exceptions for
   the CLI, included) the
   temporary file is removed and the target is left as it was. A replaced file keeps
   its permissions (a private 0600 file is not widened to the umask's 0644).
 * **No litter.** A temporary file is named ``.<target name>.<pid>-<random>.sop-tmp``
-  (the target name cut to ``NAME_KEEP`` characters): plainly ours, and naming
+  (the target name cut to ``NAME_KEEP`` bytes): plainly ours, and naming
   the process that writes it. A run killed outright (SIGKILL, power loss) leaves
   its temporary file behind; the next write to the same target removes every
   such file whose process is no longer running.
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 TEMP_SUFFIX = ".sop-tmp"
-NAME_KEEP = 120                 # characters of the target name kept in a temporary file's name
+NAME_KEEP = 120                 # bytes of the target name kept in a temporary file's name (of 255)
 
 
 class OutputError(ValueError):
@@ -89,16 +91,26 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+_STREAMS = ((0, "input"), (1, "output"), (2, "error output"))
+
+
 def _refuse_non_regular(path: Path) -> None:
     try:
-        mode = os.stat(path).st_mode            # follows symbolic links: the file that would be replaced
+        st = os.stat(path)                      # follows symbolic links: the file that would be replaced
     except FileNotFoundError:
         return
     except OSError as err:
         raise OutputError(f"{path}: cannot check the output path: {err.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise OutputError(f"{path}: the output exists and is {_kind(mode)}; refusing to replace it "
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"{path}: the output exists and is {_kind(st.st_mode)}; refusing to replace it "
                           f"with a regular file")
+    # `--out /dev/stdout` with the output redirected to a file (`>> log`): the rename would put a new
+    # file in the place of the one the shell opened, and what it held is lost
+    for fd, what in _STREAMS:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.fstat(fd)):
+                raise OutputError(f"{path}: the output is this command's standard {what}, a file the "
+                                  f"shell opened; refusing to replace it (give a file name)")
 
 
 def _real_target(path: Path) -> Path:
@@ -153,7 +165,10 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
 
 
 def _temp_prefix(name: str) -> str:
-    return f".{name[:NAME_KEEP]}."
+    kept = name                                 # cut to NAME_KEEP bytes, on a character's boundary
+    while len(os.fsencode(kept)) > NAME_KEEP:
+        kept = kept[:-1]
+    return f".{kept}."
 
 
 def _alive(pid: int) -> bool:
@@ -319,6 +334,17 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the renames into it outlive a power loss; where the file system cannot
+    (EINVAL on some), the renames are made all the same."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class FileSet:
     """Files that must change together (a vector set and its index, a model folder): see ``atomic_files``."""
 
@@ -348,14 +374,20 @@ class FileSet:
     def _commit(self) -> None:
         for target in self._staged:             # every target checked before any is replaced
             _refuse_non_regular(target)
+        folders = {target.parent for target in self._staged}
         held = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
         try:                                    # no interrupt between the first rename and the last
             while self._staged:
                 target, tmp = next(iter(self._staged.items()))
-                os.replace(tmp, target)
+                try:
+                    os.replace(tmp, target)
+                except OSError as err:          # said of the target, not of the temporary file
+                    raise OutputError(f"{target}: cannot replace it: {err.strerror or err}") from None
                 del self._staged[target]
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for folder in folders:                  # the renames on disk too, not only the files' data
+            _sync_folder(folder)
 
     def _discard(self) -> None:
         for tmp in self._staged.values():
@@ -369,7 +401,13 @@ def atomic_files() -> Iterator[FileSet]:
     """A set of files written all or nothing: ``files.write(path, data)`` / ``files.open(path)``
     for each; when the block ends normally every file is renamed into place, in writing order,
     with signals held back; if anything raises, every temporary file is removed and no target
-    has changed. Write an index last: a reader then never sees the new index with old files."""
+    has changed. Write an index last: a reader then never sees the new index with old files.
+
+    The limit: a set is one rename per file, and nothing holds back SIGKILL or a power loss. One
+    of those between the first rename and the last (microseconds per file) leaves some files new
+    and the others old. A vector set's index (``vectors.json``) names each file's SHA-256, so a
+    reader refuses such a mix; a model folder (``sop dequantize --model-folder``) has no such index
+    for transformers to check (docs/robustness.md)."""
     files = FileSet()
     try:
         yield files

@@ -263,12 +263,15 @@ def _cached(path: Path, key: str, note: str, src, say) -> Calibration | None:
 
 def _save(path: Path, cal: Calibration, say) -> None:
     """The cache file written atomically. One that cannot be written (a full disk, a read-only
-    folder) costs only the next run's calibration: the run goes on, ``say`` told why."""
+    folder, a symbolic link in its place) costs only the next run's calibration: the run goes on,
+    ``say`` told why."""
     buf = io.BytesIO()
     meta = {"key": cal.key, "sentences": cal.sentences, "tokens": cal.tokens, "version": CALIB_VERSION,
             "seqs": cal.seqs, "seq_len": cal.seq_len, "layers": sorted(cal.act_ms)}
     np.savez(buf, **cal.act_ms, **{_META: np.array(json.dumps(meta))})
     try:
+        if path.is_symlink():               # written through, it would replace the file it names (a model?)
+            raise OutputError(f"{path}: a symbolic link; the cache replaces only its own files")
         write_atomic(path, buf.getvalue())
     except (OSError, OutputError) as err:
         if say is not None:

@@ -16,7 +16,11 @@ Contract, the same for every reader, built from a list of files:
   in their own type, every value kept (the same numbers from every reader, so the same range
   checks and refusals downstream); only BF16 and FP8 (numpy has no such type; float32 holds
   them exactly) and GGUF's quantized types (as gguf dequantizes them) come as float32; read-only
-  where it is a view of data the reader keeps (torch, GGUF's float types). ``open_model``'s
+  where it is a view of data the reader keeps (a legacy torch pickle, held in memory). Never a view
+  of a memory-mapped file (a torch zip, a GGUF): a file truncated while a layer is processed would
+  end the process with SIGBUS, so the tensor is copied out, after a check that the file's size,
+  modification time and inode are those it was opened with (a changed file is a
+  ``CheckpointError``, as safetensors' own reads report one). ``open_model``'s
   ``ModelSource.load`` makes it float64 and ``(out, in)``;
 * GGUF only: ``quantized(name)`` (its quantization type, or None) and ``field(key)`` (a metadata
   value).
@@ -31,6 +35,7 @@ input, type by type, into ``CheckpointError``, whose message starts with the fil
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import warnings
@@ -45,9 +50,26 @@ from sop.quantize.checkpoint_files import (GGUF_ERRORS, GGUF_MAGIC, ST_NUMPY, ST
                                            check_torch_zip, describe_error, read_at)
 
 class Reader:
-    """What every reader shares: ``where`` (each tensor's name, in the files' order, to its file)."""
+    """What every reader shares: ``where`` (each tensor's name, in the files' order, to its file), and
+    for a memory-mapped file the check that it is the file opened (``_opened``, ``_check_unchanged``)."""
 
     where: dict[str, Path]
+    _stamps: dict[Path, tuple]
+
+    def _opened(self, f: Path) -> None:
+        """Note ``f``'s size, modification time and inode as it is opened."""
+        self._stamps = getattr(self, "_stamps", {})
+        self._stamps[f] = _stamp(f)
+
+    def _check_unchanged(self, f: Path, name: str) -> None:
+        """``CheckpointError`` if ``f`` is not the file opened: its memory map may now reach past the end."""
+        try:
+            now = _stamp(f)
+        except OSError as err:
+            raise CheckpointError(f, f"tensor {name} cannot be read ({err.strerror or describe_error(err)})") from None
+        if now != self._stamps[f]:
+            raise CheckpointError(f, f"tensor {name} cannot be read: the file changed since it was opened "
+                                     f"(size, modification time or inode); run again on the file as it is now")
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -116,6 +138,11 @@ class SafetensorsReader(Reader):
             raise CheckpointError(f, f"tensor {name} cannot be read ({err.strerror or describe_error(err)})") from None
 
 
+def _stamp(f: Path) -> tuple:
+    st = os.stat(f)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
 def _flatten(d: dict, f: Path, prefix: str = "", out: dict | None = None) -> dict:
     """The tensors of a nested state dict under dotted names. Two that come to one name
     (``{"a.b": x, "a": {"b": y}}``) are refused: keeping either would quantize a tensor the
@@ -163,6 +190,7 @@ class TorchReader(Reader):
         self.verified: set = set()               # storages whose CRC matched
         for f in files:
             size = check_file(f)
+            self._opened(f)
             is_zip = read_at(f, 0, 4) == ZIP_MAGIC
             if is_zip:
                 self.crcs[f] = check_torch_zip(f, size)
@@ -218,16 +246,20 @@ class TorchReader(Reader):
 
         t = self.tensors[name]
         f = self.where[name]
-        if f in self.crcs:
+        mapped = f in self.crcs                 # a zip: memory-mapped
+        if mapped:
+            self._check_unchanged(f, name)
             self._verify(name, t, f)
         t = t.detach()
         if t.dtype not in (torch.float16, torch.float32, torch.float64):    # BF16, FP8: numpy has no type
             t = t.float()
+        elif mapped:                            # out of the map: a later truncation cannot reach it
+            t = t.clone()
         # float64 is read as float64: made float32 first, 1e300 would pass as a non-finite weight and
         # 1e-320 as zero, ahead of the range checks every reader's weights go through
         a = t.numpy()
-        # float16/32/64: a view of the tensor this reader keeps (of the memory-mapped file, for a
-        # zip): a caller that wrote into it would change every later read of the layer, unchecked
+        # a legacy pickle's float16/32/64: a view of the tensor this reader keeps, and a caller that
+        # wrote into it would change every later read of the layer, unchecked
         a.flags.writeable = False
         return a
 
@@ -304,6 +336,7 @@ class GGUFReader(Reader):
         self.fields: dict[str, object] = {}      # the first file's metadata: architecture, tokenizer
         for f in files:
             size = check_file(f)
+            self._opened(f)
             if read_at(f, 0, 4) != GGUF_MAGIC:
                 raise CheckpointError(f, "not a GGUF file (it does not start with the GGUF magic)")
             check_gguf(f, size)
@@ -368,8 +401,9 @@ class GGUFReader(Reader):
 
         t = self.tensors[name]
         kind = t.tensor_type.name
+        self._check_unchanged(self.where[name], name)           # the file is memory-mapped
         if kind in self.PLAIN:
-            return np.asarray(t.data)
+            return np.array(t.data)             # a copy: out of the map
         try:                                     # quantized (or BF16): ModelSource.notes says so, once
             return quants.dequantize(t.data, t.tensor_type).reshape(self.info(name)[0])
         except NotImplementedError:

@@ -49,20 +49,25 @@ import signal
 import sys
 from pathlib import Path
 
-from sop.argtypes import number, positive
-from sop.golden.dot import ACT_FORMATS
-from sop.golden.files import (OutputError, check_output, input_file, nearest_existing, signals_as_interrupts,
-                              write_atomic)
-from sop.golden.codebooks import codebook_names, get_codebook
-from sop.golden.formats import ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, UnknownFormat, get_format
-from sop.golden.hif import DEFAULT_HIF
-from sop.golden.points import board_points, operating_points, vector_points
-from sop.quantize.calib import DEFAULT_CACHE, CalibSize
-from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
-from sop.quantize.evaluate import NAN_POLICIES
-from sop.quantize.jobs import WorkerError
-from sop.quantize.memory import release_freed_memory
-from sop.quantize.models import model_inputs
+try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
+    from sop.argtypes import number, positive
+    from sop.golden.dot import ACT_FORMATS
+    from sop.golden.files import (OutputError, check_output, input_file, nearest_existing, signals_as_interrupts,
+                                  write_atomic)
+    from sop.golden.codebooks import codebook_names, get_codebook
+    from sop.golden.formats import (ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, UnknownFormat,
+                                    get_format)
+    from sop.golden.hif import DEFAULT_HIF
+    from sop.golden.points import board_points, operating_points, vector_points
+    from sop.quantize.calib import DEFAULT_CACHE, CalibSize
+    from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
+    from sop.quantize.evaluate import NAN_POLICIES
+    from sop.quantize.jobs import WorkerError
+    from sop.quantize.memory import release_freed_memory
+    from sop.quantize.models import model_inputs
+except KeyboardInterrupt:
+    print("sop: interrupted (SIGINT) while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(128 + signal.SIGINT) from None
 
 
 def _describe(fmt) -> dict:
@@ -450,6 +455,12 @@ def _model_options(p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     release_freed_memory()              # the peak-memory figures of docs/benchmarks.md assume it
+    try:
+        os.getcwd()
+    except FileNotFoundError:           # else torch's MKL stops the process with a FATAL line, no sop: line
+        print("sop: error: the current folder was removed; change to an existing folder and run again",
+              file=sys.stderr)
+        return 2
     p = _Parser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
     sub = p.add_subparsers(dest="cmd", required=True)

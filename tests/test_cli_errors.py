@@ -3,6 +3,8 @@ the file and what is wrong, exit 2, before any work and with nothing written; an
 error says that it is a bug and how to report it (docs/robustness.md lists every class)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -220,6 +222,35 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_formats", interrupted)
     assert main(["formats"]) == 130
     assert capsys.readouterr().err.strip() == "sop: interrupted (SIGINT); no partial file was left"
+
+
+_CTRL_C_WHILE_IMPORTING = """
+import sys
+class Interrupt:                        # Ctrl-C lands while sop.cli's imports run
+    def find_spec(self, name, path=None, target=None):
+        if name == "sop.quantize.models":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+from sop.cli import main
+"""
+
+
+def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path):
+    """A Ctrl-C in the first tenths of a second (the imports, before main runs) was a traceback."""
+    run = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stderr) == (130, "sop: interrupted (SIGINT) while starting; nothing was written\n")
+
+
+def test_a_removed_current_folder_is_one_line(tmp_path):
+    """Calibration in a removed working folder ended in torch's ``Intel oneMKL FATAL ERROR``, exit 2, no
+    ``sop:`` line; a relative path gave ``[Errno 2] No such file or directory`` naming none."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    run = subprocess.run(["bash", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "{sys.executable}" -m sop.cli '
+                          f'quantize minilm --format sop4-g16 --out x.sopq'], capture_output=True, text=True,
+                         timeout=120)
+    assert (run.returncode, run.stderr) == (2, "sop: error: the current folder was removed; change to an existing "
+                                               "folder and run again\n")
 
 
 def test_a_usage_error_is_one_line(capsys):

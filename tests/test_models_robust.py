@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -771,3 +773,38 @@ def test_fuzz_torch_legacy(orig, m):
 def test_fuzz_gguf(orig, m):
     # an overwrite in the header (no checksum) may be a valid, different file
     check_unchecksummed(orig.dir / "m.gguf", orig.gguf, orig.gguf_want, orig.gguf_spans, m)
+
+
+_TRUNCATED_WHILE_OPEN = """
+import sys, numpy as np
+from sop.quantize.models import CheckpointError, open_model
+path, name = sys.argv[1], sys.argv[2]
+m = open_model(path)
+first = m.load(name)
+total = float(first.sum())
+with open(path, "r+b") as f:                # in place: the same inode, shorter
+    f.truncate(64)
+assert float(first.sum()) == total          # read before: a copy, out of the memory map
+try:
+    m.load(name)
+except CheckpointError as err:
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "gguf"])
+def test_a_memory_mapped_checkpoint_truncated_while_open(tmp_path, kind):
+    """A torch zip (``torch.load(mmap=True)``) and a GGUF are memory-mapped: a layer handed out as a view
+    of the map, then the file truncated, was a SIGBUS (exit 135, no line, a temporary file left). Now a
+    layer read is a copy, and a read after the change is a ``CheckpointError``. In a child process, so
+    that a regression fails this test instead of killing the test run."""
+    if kind == "gguf":
+        p, name = tmp_path / "m.gguf", "blk.0.attn_q.weight"
+        gguf_file(p, {name: f32(64, 64)})
+    else:
+        p, name = tmp_path / "m.pt", "a.weight"
+        torch.save({name: torch.randn(64, 64)}, p)
+    run = subprocess.run([sys.executable, "-c", _TRUNCATED_WHILE_OPEN, str(p), name], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert run.stdout.startswith(f"{p}: tensor {name} cannot be read: the file changed since it was opened"), run

@@ -486,3 +486,59 @@ def test_an_output_over_the_config_or_tokenizer_beside_a_weights_file_is_refused
         refused(capsys, ["quantize", str(ckpt), "--format", "sop4-g16", "--out", str(out), "--quiet"], "is the input")
         refused(capsys, ["eval", str(ckpt), "--format", "sop4-g16", "--json", str(out), "--quiet"], "is the input")
     assert snapshot(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_an_output_that_is_a_standard_stream_redirected_to_a_file_is_refused(files, tmp_path, stream):
+    """``--out /dev/stdout >> log``: /dev/stdout is a link to the log the shell opened, and the rename
+    put a new file in its place; what the log held was lost (exit 0). Now refused in one line."""
+    log = tmp_path / "keep.txt"
+    log.write_bytes(b"precious\n")
+    with open(log, "ab") as f:
+        run = subprocess.run([sys.executable, "-m", "sop.cli", "dequantize", str(files["sopq"]), "--out",
+                              f"/dev/{stream}", "--quiet"], stdout=f if stream == "stdout" else subprocess.PIPE,
+                             stderr=f if stream == "stderr" else subprocess.PIPE, timeout=300)
+    said = log.read_bytes() if stream == "stderr" else run.stderr
+    assert run.returncode == 2 and log.read_bytes().startswith(b"precious\n"), (run, said)
+    what = {"stdout": "output", "stderr": "error output"}[stream]
+    assert f"sop: error: /dev/{stream}: the output is this command's standard {what}, ".encode() in said, said
+
+
+def test_a_long_name_of_multibyte_characters_is_written(tmp_path):
+    """A 247-byte name (legal: 255 is the limit) of 3-byte characters was refused as "File name too long":
+    the temporary file kept 120 *characters* of it, 360 bytes."""
+    target = tmp_path / ("漢" * 81 + ".sop")
+    assert len(os.fsencode(target.name)) == 247
+    G.write_atomic(target, b"data")
+    assert target.read_bytes() == b"data" and os.listdir(tmp_path) == [target.name]
+
+
+def test_a_target_that_cannot_be_replaced_is_named_not_its_temporary_file(tmp_path, monkeypatch):
+    """An immutable target (``chattr +i``) fails at the rename: the error named the temporary file,
+    already removed. It names the target now, which stays as it was, and no temporary file is left."""
+    target = tmp_path / "imm.sopq"
+    target.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+    monkeypatch.setattr(G.os, "replace", refuse)
+    with pytest.raises(G.OutputError, match=f"^{target}: cannot replace it: Operation not permitted$"):
+        G.write_atomic(target, b"new")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == [target.name]
+
+
+def test_a_set_of_files_flushes_its_folders_after_the_renames(tmp_path, monkeypatch):
+    """The files' data was flushed before the renames, the renames themselves never: after a power loss
+    the folder could still name the old files. Each folder of the set is flushed once they are made."""
+    synced = []
+    real = G.os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(G.os, "fsync", fsync)
+    with G.atomic_files() as files:
+        files.write(tmp_path / "a" / "x.bin", b"x")
+        files.write(tmp_path / "b" / "y.bin", b"y")
+        assert not any(Path(p).is_dir() for p in synced)          # before the commit: the files' data only
+    assert sorted(p for p in synced if Path(p).is_dir()) == [str(tmp_path / "a"), str(tmp_path / "b")]
