@@ -76,6 +76,8 @@ VARIANTS = ("lutram", "one-memory")
 PLACERS = {"default": (),
            "timing40": ("--placer-heap-timingweight", "40", "--placer-heap-critexp", "4"),
            "static": ("--placer", "static"),
+           "tmg-ripup": ("--tmg-ripup",),
+           "timing40-ripup": ("--placer-heap-timingweight", "40", "--placer-heap-critexp", "4", "--tmg-ripup"),
            "speed7": ("--speed", "7"),
            "speed8": ("--speed", "8")}
 
