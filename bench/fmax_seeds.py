@@ -72,6 +72,7 @@ CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 VARIANTS = ("lutram", "one-memory")
 # nextpnr settings added to the flow's ECP5 command (``default``: none): HeAP's timing weight
 # (default 10) and criticality exponent (default 2) raised; the electrostatic placer in place of HeAP;
+# the router's timing-driven rip-up, alone and after timing40's placement (docs/fmax64.md);
 # speed grade 7, or the fastest, 8, in place of nextpnr's default 6 (the ULX3S's LFE5U-85F-6BG381C)
 PLACERS = {"default": (),
            "timing40": ("--placer-heap-timingweight", "40", "--placer-heap-critexp", "4"),
