@@ -58,53 +58,15 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.files import write_atomic
-from sop.golden.formats import FLOAT32_MAX, to_float32
+from sop.golden.formats import to_float32
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.schemes import get_quant_format
-from sop.quantize.metrics import ErrorStats, abs_max, aggregate
+from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS, DEFAULT_SEQ_LEN
 from sop.quantize.checkpoint_files import CheckpointError
+from sop.quantize.inputs import NAN_POLICIES, WeightError, sanitize
 from sop.quantize.models import kept_text, linear_layers, open_model
-
-NAN_POLICIES = ("error", "zero")
-
-
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)      # the smallest normal float32, 2^-126
-
-
-class WeightError(ValueError):
-    """A weight that no output can hold (``sanitize``); the message starts with the layer's name."""
-
-
-def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarray, int]:
-    """The weight with non-finite entries handled by ``policy``, and how many there were.
-
-    A weight beyond float32's range, or a nonzero layer whose every weight lies
-    below float32's smallest normal number (a float64 layer, or a float32 one of
-    subnormals alone), is refused (``WeightError``): the outputs (float32 files, BF16
-    hardware values) could not hold it, the first as Inf, the second as all zeros."""
-    if policy not in NAN_POLICIES:
-        raise ValueError(f"unknown NaN policy {policy!r}; valid: {', '.join(NAN_POLICIES)}")
-    bad = ~np.isfinite(w)
-    n = int(bad.sum())
-    if n and policy == "error":
-        r, c = (int(i) for i in np.argwhere(bad)[0])
-        raise WeightError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
-                          f"--nan-policy zero replaces them with 0")
-    w = np.where(bad, 0.0, w) if n else w
-    peak = abs_max(w)
-    if peak > FLOAT32_MAX:
-        r, c = (int(i) for i in np.argwhere(np.abs(w) > FLOAT32_MAX)[0])
-        # repr, not %g: a weight just past FLT_MAX would print as FLT_MAX itself
-        raise WeightError(f"{name}: weight {float(w[r, c])!r} at row {r}, column {c} is beyond float32's range "
-                          f"(+-{float(FLOAT32_MAX)!r}); the quantized outputs are float32 and BF16: rescale the "
-                          f"checkpoint")
-    if 0 < peak < FLOAT32_TINY:
-        raise WeightError(f"{name}: every weight lies below float32's smallest normal number "
-                          f"({float(FLOAT32_TINY)!r}; the largest is {float(peak)!r}): the layer would decode to "
-                          f"zeros; rescale the checkpoint")
-    return w, n
 
 
 def read_weight(src, name: str, policy: str = "error") -> tuple[np.ndarray, int]:

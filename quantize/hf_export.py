@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
-from sop.quantize.evaluate import NAN_POLICIES
+from sop.quantize.inputs import NAN_POLICIES
 from sop.quantize.models import AUX_SUFFIXES, builtin_path, is_lm_head, model_inputs, open_model
 
 

@@ -1,7 +1,10 @@
 """The quantizer's format registry: every name `sop eval --format` accepts, with its exact bit cost.
 
 ``get_quant_format(name)`` returns a ``QuantFormat``: a name, a quantizer
-``quantize(w, act_ms=None, **kw) -> QuantResult`` (quantize/result.py), the
+``quantize(w, act_ms=None, name="layer", **kw) -> QuantResult`` (quantize/result.py: the
+reconstruction ``recon``, the stored ``bits``, the ``choice``, a SOP point's golden ``stream``),
+behind the checks of quantize/inputs.py (a 2-D matrix of finite reals inside float32's range, a
+torch tensor too; ``act_ms`` one non-negative value per column; else one ``ValueError``), the
 nominal bits per weight of a large layer, and, where the cost depends only on
 the shape, ``bits(rows, cols)``: every stored bit of a ``rows x cols`` layer
 (padding included). An unknown name raises ``ValueError`` listing the valid
@@ -28,12 +31,13 @@ The padding columns get error weight 0 (``_pad``): they are stored, not data.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from sop.quantize import baselines as B
 from sop.quantize.blockwise import float_weights
+from sop.quantize.inputs import column_weights, sanitize, weight_matrix
 from sop.quantize.result import QuantResult
 
 
@@ -127,8 +131,7 @@ class _Padded(Mapping):
         self.layers, self.group, self.cols, self.real = layers, group, {}, {}
 
     def __getitem__(self, name):
-        w, act_ms = self.layers[name]
-        w = float_weights(w)
+        w, act_ms = _checked_layer(name, *self.layers[name])
         self.cols[name], self.real[name] = w.shape[1], w.size
         return _pad(w, act_ms, self.group)
 
@@ -154,7 +157,7 @@ def budget_row(name: str, w, act_ms, options=None, sop4_kw: dict | None = None):
     a --jobs worker (quantize/jobs.py), with the default options; the same bits in this process."""
     from sop.quantize import knapsack
 
-    w = float_weights(w)
+    w, act_ms = _checked_layer(name, w, act_ms)
     cols = w.shape[1]
     wp, act_p = _pad(w, act_ms, BUDGET_GROUP)
     return knapsack.option_row(name, wp, act_p, options or knapsack.DEFAULT_OPTIONS, sop4_kw, cols), cols, w.size
@@ -188,11 +191,28 @@ def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
 # -- the registry ---------------------------------------------------------------------------------
 
 def _mx(element: str):
-    return lambda w, act_ms=None, name="layer", **kw: B.mx(w, element, name=name)
+    return lambda w, act_ms=None, name="layer": B.mx(w, element, name=name)
 
 
 def _baseline(fn):
-    return lambda w, act_ms=None, name="layer", **kw: fn(w, name=name)
+    return lambda w, act_ms=None, name="layer": fn(w, name=name)        # act_ms: the baselines weigh no error
+
+
+def _checked_layer(name: str, w, act_ms):
+    """``(w, act_ms)`` through the checks of quantize/inputs.py: a weight matrix of real, finite numbers
+    inside float32's range (float16/32/64 as given, else float64) and its ``act_ms``, or one
+    ``ValueError`` naming the layer."""
+    w = float_weights(weight_matrix(w, name))
+    act_ms = column_weights(act_ms, w.shape[1], name)
+    sanitize(name, w)
+    return w, act_ms
+
+
+def _checked(quantize: Callable[..., QuantResult]) -> Callable[..., QuantResult]:
+    """A registry quantizer behind ``_checked_layer``."""
+    def checked(w, act_ms=None, name: str = "layer", **kw) -> QuantResult:
+        return quantize(*_checked_layer(name, w, act_ms), name=name, **kw)
+    return checked
 
 
 def _registry() -> dict[str, QuantFormat]:
@@ -230,7 +250,7 @@ def _registry() -> dict[str, QuantFormat]:
                     model_level=True, quantize_model=quantize_sop_budget),
     ]
     fmts[-1:-1] = [_point_format(p) for p in operating_points().values()]    # before sop-budget
-    return {f.name: f for f in fmts}
+    return {f.name: replace(f, quantize=_checked(f.quantize)) for f in fmts}
 
 
 def quant_formats() -> dict[str, QuantFormat]:

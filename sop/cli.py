@@ -61,7 +61,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.golden.points import board_points, operating_points, vector_points
     from sop.quantize.calib import DEFAULT_CACHE, CalibSize
     from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
-    from sop.quantize.evaluate import NAN_POLICIES
+    from sop.quantize.inputs import NAN_POLICIES
     from sop.quantize.jobs import WorkerError
     from sop.quantize.memory import release_freed_memory
     from sop.quantize.models import model_inputs

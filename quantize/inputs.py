@@ -1,0 +1,109 @@
+"""What every quantizer accepts: the checks at the registry's door (quantize/schemes.py).
+
+Role: the one place that turns a caller's weight matrix and activation statistics into what the
+quantizers assume, or refuses them in one ``ValueError`` whose message starts with the layer's
+name. The command line reads a layer through ``evaluate.read_weight`` (which applies ``sanitize``
+under ``--nan-policy``) and then calls the registry like any Python caller, so the two paths share
+these rules:
+
+* ``weight_matrix(w, name)``: a 2-D array of real numbers with at least one row and one column;
+  a torch tensor (a ``Parameter`` that requires grad, BF16 or FP8, on any device) is read as
+  numpy would be given it, float16/32/64 kept, other float types as float32 (which holds them);
+  a meta tensor (no values), a complex one or a non-numeric array is refused. Never a copy where
+  the caller's array is already one the quantizers take; the caller's array is never written.
+* ``sanitize(name, w, policy)``: non-finite weights refused (``policy`` "error") or replaced by 0
+  ("zero"); a weight beyond float32's range, or a nonzero layer below float32's smallest normal
+  number, refused (``WeightError``): the outputs (float32 files, BF16 hardware values) could not
+  hold it, and a finite weight must never come back as Inf or NaN.
+* ``column_weights(act_ms, cols, name)``: the activation mean squares, one finite, non-negative
+  value per input column (the error weights of the activation-weighted search), or None.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sop.golden.formats import FLOAT32_MAX
+from sop.quantize.metrics import abs_max
+
+NAN_POLICIES = ("error", "zero")
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)      # the smallest normal float32, 2^-126
+
+
+class WeightError(ValueError):
+    """A weight that no output can hold (``sanitize``); the message starts with the layer's name."""
+
+
+def _from_torch(w, name: str):
+    """A torch tensor as numpy reads it (see the module docstring); anything else as it is."""
+    if type(w).__module__.split(".")[0] != "torch" or not hasattr(w, "detach"):
+        return w
+    import torch
+
+    if w.is_meta:
+        raise ValueError(f"{name}: a meta tensor holds no values (load the weights first)")
+    if w.is_complex():
+        raise ValueError(f"{name}: weights must be real numbers, got a {w.dtype} tensor")
+    w = w.detach().cpu()
+    if w.layout != torch.strided:               # sparse: its zeros are weights too
+        w = w.to_dense()
+    if w.is_floating_point() and w.dtype not in (torch.float16, torch.float32, torch.float64):
+        w = w.float()                           # BF16, FP8: numpy has no such type; float32 holds them
+    return w.numpy()
+
+
+def weight_matrix(w, name: str = "layer") -> np.ndarray:
+    """``w`` as the quantizers take it, or ``ValueError`` (module docstring)."""
+    a = np.asarray(_from_torch(w, name))
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: weights must be real numbers, got dtype {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D weight matrix (out, in), got shape {a.shape}")
+    if 0 in a.shape:
+        raise ValueError(f"{name}: a weight matrix with no {'rows' if a.shape[0] == 0 else 'columns'} "
+                         f"(shape {a.shape})")
+    return a
+
+
+def column_weights(act_ms, cols: int, name: str = "layer") -> np.ndarray | None:
+    """``act_ms`` checked against a layer of ``cols`` input columns (module docstring)."""
+    if act_ms is None:
+        return None
+    a = np.asarray(_from_torch(act_ms, name))
+    if a.dtype.kind not in "biuf" or a.shape != (cols,):
+        raise ValueError(f"{name}: act_ms must hold one number per input column ({cols}), got shape {a.shape} "
+                         f"of {a.dtype}")
+    a = a.astype(np.float64, copy=False)
+    if not (np.isfinite(a).all() and (a >= 0).all()):
+        raise ValueError(f"{name}: act_ms must be finite and non-negative (mean squares of the layer's inputs)")
+    return a
+
+
+def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarray, int]:
+    """The weight with non-finite entries handled by ``policy``, and how many there were.
+
+    A weight beyond float32's range, or a nonzero layer whose every weight lies
+    below float32's smallest normal number (a float64 layer, or a float32 one of
+    subnormals alone), is refused (``WeightError``): the outputs (float32 files, BF16
+    hardware values) could not hold it, the first as Inf, the second as all zeros."""
+    if policy not in NAN_POLICIES:
+        raise ValueError(f"unknown NaN policy {policy!r}; valid: {', '.join(NAN_POLICIES)}")
+    bad = ~np.isfinite(w)
+    n = int(bad.sum())
+    if n and policy == "error":
+        r, c = (int(i) for i in np.argwhere(bad)[0])
+        raise WeightError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
+                          f"--nan-policy zero replaces them with 0")
+    w = np.where(bad, 0.0, w) if n else w
+    peak = abs_max(w)
+    if peak > FLOAT32_MAX:
+        r, c = (int(i) for i in np.argwhere(np.abs(w) > FLOAT32_MAX)[0])
+        # repr, not %g: a weight just past FLT_MAX would print as FLT_MAX itself
+        raise WeightError(f"{name}: weight {float(w[r, c])!r} at row {r}, column {c} is beyond float32's range "
+                          f"(+-{float(FLOAT32_MAX)!r}); the quantized outputs are float32 and BF16: rescale the "
+                          f"checkpoint")
+    if 0 < peak < FLOAT32_TINY:
+        raise WeightError(f"{name}: every weight lies below float32's smallest normal number "
+                          f"({float(FLOAT32_TINY)!r}; the largest is {float(peak)!r}): the layer would decode to "
+                          f"zeros; rescale the checkpoint")
+    return w, n

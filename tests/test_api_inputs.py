@@ -1,0 +1,84 @@
+"""The quantizers called from Python (``get_quant_format(name).quantize``, ``quantize_model``) check
+their input as the command line does (quantize/inputs.py). An outside probe found the registry
+trusting its caller: float64 weights past float32's range came back as NaN or as nonsense (``nvfp4``:
+6 for weights of 1e200), tiny ones as an OverflowError, a 1-D or empty matrix as an IndexError, a
+``torch.nn.Parameter`` as torch's "requires grad" error, a BF16 tensor as a TypeError, a complex array
+with its imaginary part dropped, and a misspelt keyword to a baseline silently ignored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sop.quantize.schemes import get_quant_format, quant_formats
+
+PER_LAYER = [n for n, f in quant_formats().items() if not f.model_level]
+
+
+def weights(rows=8, cols=48, seed=0):
+    return np.random.default_rng(seed).standard_normal((rows, cols))
+
+
+@pytest.mark.parametrize("fmt", PER_LAYER)
+@pytest.mark.parametrize("scale, said", [(1e200, "beyond float32's range"),
+                                         (2.0 ** -1070, "below float32's smallest normal number")])
+def test_weights_no_output_can_hold_are_refused_by_every_format(fmt, scale, said):
+    with pytest.raises(ValueError, match=f"^my.layer: .*{said}"):
+        get_quant_format(fmt).quantize(weights() * scale, name="my.layer")
+
+
+@pytest.mark.parametrize("fmt", PER_LAYER)
+@pytest.mark.parametrize("w, said", [(np.ones(64), r"expected a 2-D weight matrix \(out, in\), got shape \(64,\)"),
+                                     (np.ones((0, 64)), "a weight matrix with no rows"),
+                                     (np.ones((8, 0)), "a weight matrix with no columns"),
+                                     (np.ones((4, 16), complex), "weights must be real numbers"),
+                                     (np.full((4, 16), np.nan), "non-finite weight nan at row 0, column 0")])
+def test_a_bad_matrix_is_one_error_naming_the_layer(fmt, w, said):
+    with pytest.raises(ValueError, match=f"^my.layer: {said}"):
+        get_quant_format(fmt).quantize(w, name="my.layer")
+
+
+@pytest.mark.parametrize("fmt", ["sop4-g16", "e2m3-ue4m4-g16", "nvfp4"])
+@pytest.mark.parametrize("act_ms, said", [(np.ones(16), r"one number per input column \(17\), got shape \(16,\)"),
+                                          (-np.ones(17), "finite and non-negative"),
+                                          (np.full(17, np.inf), "finite and non-negative")])
+def test_act_ms_is_checked_against_the_real_columns(fmt, act_ms, said):
+    """Said of ``act_ms`` and the layer's 17 columns, not of the padded 32 (``col_weight``)."""
+    with pytest.raises(ValueError, match=f"^my.layer: act_ms must .*{said}"):
+        get_quant_format(fmt).quantize(weights(cols=17), act_ms=act_ms, name="my.layer")
+
+
+@pytest.mark.parametrize("fmt", ["sop4-g16", "nvfp4", "fp8-e4m3-pot"])
+def test_torch_tensors_as_a_model_holds_them(fmt):
+    """A Parameter that requires grad, and BF16, read as numpy reads them, with the same bits."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16)
+    q = get_quant_format(fmt).quantize
+    assert np.array_equal(q(lin.weight).recon, q(lin.weight.detach().numpy()).recon)
+    bf16 = lin.weight.detach().bfloat16()
+    assert np.array_equal(q(bf16).recon, q(bf16.float().numpy()).recon)
+    with pytest.raises(ValueError, match="^w: a meta tensor holds no values"):
+        q(torch.empty(4, 16, device="meta"), name="w")
+    with pytest.raises(ValueError, match="^w: weights must be real numbers"):
+        q(torch.ones(4, 16, dtype=torch.complex64), name="w")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "sop4-g16"])
+def test_a_misspelt_keyword_is_an_error(fmt):
+    with pytest.raises(TypeError, match="scale_serach"):
+        get_quant_format(fmt).quantize(weights(), scale_serach=3)
+
+
+def test_the_budget_quantizer_checks_each_layer_too():
+    fmt = get_quant_format("sop-budget")
+    with pytest.raises(ValueError, match="^big: .*beyond float32's range"):
+        fmt.quantize_model({"ok": (weights(), None), "big": (weights() * 1e200, None)}, 6.0)
+
+
+def test_the_callers_arrays_are_not_written():
+    w, act = weights(cols=17), np.arange(17.0)
+    w0, act0 = w.copy(), act.copy()
+    for fmt in PER_LAYER:
+        get_quant_format(fmt).quantize(w, act_ms=act)
+    assert np.array_equal(w, w0) and np.array_equal(act, act0)
