@@ -13,10 +13,10 @@ cycle (one block of ``g`` = 16 weights a cycle), and both are built from the pro
   buffer, no sequencer): what the engine costs and reaches without its front end.
 * **SOP engine, folded** (``sop-engine-folded``, not in the ratios): the same engine folded
   (``GemvConfig(dot_lanes=1, dot_tail="serial")``: hdl/block_dot_folded.py and the front end in
-  chunks): one MAC a cycle, for FPGAs too small for 16 lanes (docs/dot.md 7.2). On iCE40 it is built
-  at MiniLM's size with the compact FP32 adder (``max_cols`` 2048, ``max_rows`` 1536,
-  ``acc_adder="compact"``, ``tile=4``: the iCEBreaker's engine, with its residual path), the one
-  that fits the UP5K.
+  chunks): one MAC a cycle, for FPGAs too small for 16 lanes (docs/dot.md 7.2). On iCE40 it is
+  hdl.gemv_config's ``small_engines()["gemv-sop4-g16-small"]``, at MiniLM's size with the compact FP32
+  adder (``max_cols`` 2048, ``max_rows`` 1536, ``acc_adder="compact"``, ``tile=4``: the iCEBreaker's
+  engine, with its residual path), the one that fits the UP5K.
 * **naive path** (hdl/naive_dot.py): the decoder (16 lanes, one block a cycle, BF16 weights), a
   BF16 x E4M3 multiply per lane into FP32, and FP32 additions, in its two reductions: ``tree``
   (the block's 16 products through an FP32 adder tree, then one ring of running sums: 16 FP32
@@ -90,15 +90,14 @@ def sop_engine(target: str, folded: bool = False) -> tuple[str, list[tuple[str, 
         from amaranth.back import rtlil
 
         from sop.hdl.gemv import GemvEngine
-        from sop.hdl.gemv_config import gemv_configs, small_fpga_config
-        cfg = gemv_configs()[f"gemv-{POINT}"]
+        from sop.hdl.gemv_config import SMALL_SIM, gemv_configs, small_engines
+        small = folded and target == "ice40"      # the size and adder that fit the UP5K (module docstring)
+        cfg = small_engines()[SMALL_SIM] if small else gemv_configs()[f"gemv-{POINT}"]
         cfg = replace(cfg, lutram_depth=depth) if depth else cfg
         if target == "ecp5":          # the x buffer's DP16KDs with their output register (hdl/gemv_x_buffer.py)
             cfg = replace(cfg, x_ram="dp16kd")
-        if folded:
+        if folded and not small:
             cfg = replace(cfg, dot_lanes=1, dot_tail="serial")
-            if target == "ice40":     # the size and adder that fit the UP5K (module docstring)
-                cfg = small_fpga_config(cfg, max_cols=2048, max_rows=1536)
         rtlil.convert(GemvEngine(cfg))                       # elaborates, or the stand-in
         return (f"hdl.gemv.GemvEngine({cfg.name}: tile {cfg.tile}, max_cols {cfg.max_cols}, "
                 f"lutram_depth {cfg.lutram_depth}, x_ram {cfg.x_ram}, macs_per_cycle {cfg.macs_per_cycle}, "
@@ -223,7 +222,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", action="append", choices=BENCH_TARGETS, help="default: both")
     p.add_argument("--design", action="append", choices=DESIGNS, help="default: all five")
-    p.add_argument("--seed", type=int, default=SEED, help="nextpnr placement seed (default 1, the flow's)")
+    p.add_argument("--seed", type=positive(int), default=SEED, help="nextpnr placement seed (default 1, the flow's)")
     p.add_argument("--jobs", type=positive(int), default=1)
     p.add_argument("--force", action="store_true", help="run the tools again even where cached")
     p.add_argument("--out", type=Path, default=OUT)

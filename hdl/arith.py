@@ -145,7 +145,6 @@ class PipelinedMultiplier(wiring.Component):
 
     def __init__(self, a_bits: int, b_bits: int):
         self.a_bits, self.b_bits = a_bits, b_bits
-        self.latency = self.stages(b_bits)
         super().__init__({"en": In(1), "a": In(unsigned(a_bits)), "b": In(unsigned(b_bits)),
                           "p": Out(unsigned(a_bits + b_bits))})
 
@@ -153,6 +152,11 @@ class PipelinedMultiplier(wiring.Component):
     def stages(b_bits: int) -> int:
         """One stage per adder-tree level (at least one: the result is registered)."""
         return max(1, (b_bits - 1).bit_length())
+
+    @property
+    def latency(self) -> int:
+        """Enabled edges from ``a``, ``b`` to ``p``: ``stages(b_bits)``."""
+        return self.stages(self.b_bits)
 
     def elaborate(self, platform):
         m = Module()
@@ -176,3 +180,6 @@ class PipelinedMultiplier(wiring.Component):
 def model(a, b) -> np.ndarray:
     """The multiplier's product (unsigned integers)."""
     return np.asarray(a, dtype=np.int64) * np.asarray(b, dtype=np.int64)
+
+
+PipelinedMultiplier.model = staticmethod(model)

@@ -351,6 +351,9 @@ def model(cfg: DecoderConfig, layers) -> list[tuple[int, int]]:
     return out
 
 
+AxisDecoder.model = AxisTop.model = staticmethod(model)
+
+
 def to_bytes(beats, data_bits: int) -> bytes:
     """The bytes of a packet of beats (each ``(tdata, tlast)``), beat 0 first, byte 0 of each
     beat its TDATA[7:0]: what an AXI4-Stream BFM sends or receives."""

@@ -391,3 +391,6 @@ def model(config: DecoderConfig, beats, swap, valid, en) -> dict[str, np.ndarray
             pre = (headers, codes, active)
     out.update({f"fields.{name}": v for name, v in fields.items()})
     return out
+
+
+BeatIssue.model = staticmethod(model)

@@ -161,7 +161,6 @@ class BlockDot(wiring.Component):
         e_min = self.acc.lsb_exp + s_lo + OFFSET_RANGE[0]
         self.headroom = max(0, -(nq - 1 + e_min + 126))
         self.nq = nq + self.headroom
-        self.latency = self.stages()
         super().__init__({
             "blocks": In(stream.Signature(self.input_layout())),
             "values": Out(stream.Signature(unsigned(32))),
@@ -172,6 +171,11 @@ class BlockDot(wiring.Component):
         return block_layout(self.hif, self.act, self.layout)
 
     # -- pipeline shape ----------------------------------------------------------------------------
+    @property
+    def latency(self) -> int:
+        """Cycles from a block taken on ``blocks`` to its value on ``values`` (``stages``)."""
+        return self.stages()
+
     def stages(self) -> int:
         """Pipeline stages from a block taken to its value (the section list of the module docstring):
         the lanes, the adder tree, the tail."""
@@ -422,3 +426,6 @@ def model(layout: BlockLayout, hif: FloatFormat, act, hif_codes, act_codes, scal
         s = LayerStream(lay, hif, luts, int(offset[b]), 1, g, pack_blocks(lay, header, codes))
         out[b] = dot.block_values(s, x[b], fmt).reshape(-1).view(np.uint32)[0]
     return out
+
+
+BlockDot.model = staticmethod(model)

@@ -119,13 +119,17 @@ class BlockDotBF16(BlockDot):
         # hand-over 1
         self.slow_cycles_max = 1 + (g + 5 + self.mul_s) + 2 * self.nl + 1 + (3 * self.nl - 1) + 1 + 67 + 4 + 1
         self.front = int(g).bit_length() - 1 + 5
-        self.latency = self.front + self.stages()
         #: high in a cycle where a slow block enters the main pipeline (for the tests' path counts)
         self.took_slow = Signal(name="took_slow")
         wiring.Component.__init__(self, {
             "blocks": In(stream.Signature(block_layout(self.hif, self.act, layout))),
             "values": Out(stream.Signature(unsigned(32))),
         })
+
+    @property
+    def latency(self) -> int:
+        """Cycles from a block taken to its value on the fast path: the front's, then ``stages``."""
+        return self.front + self.stages()
 
     def stages(self) -> int:
         """Main pipeline stages (after the front) from a fast block taken to its value."""

@@ -56,6 +56,8 @@ model = scale_decoder.block_model
 
 
 class BlockFields(wiring.Component):
+    model = staticmethod(model)         # hdl.scale_decoder.block_model
+
     def __init__(self, config: DecoderConfig, *, read_latency: int | None = None):
         self.config = config
         self.read_latency = table_read_latency(config.lutram_depth) if read_latency is None else read_latency

@@ -22,6 +22,8 @@ from amaranth.lib.wiring import In, Out
 
 
 class CodebookMux(wiring.Component):
+    latency = 0                         # combinational
+
     def __init__(self, *, lanes: int, group: int):
         self.lanes, self.group = lanes, group
         self.blocks = max(1, lanes // group)
@@ -45,3 +47,6 @@ def model(lanes: int, group: int, select) -> np.ndarray:
     lane ``i`` belongs to block ``i // group`` (the one block when lanes <= group)."""
     select = np.asarray(select, dtype=np.int64)
     return select[..., np.minimum(np.arange(lanes) // group, select.shape[-1] - 1)]
+
+
+CodebookMux.model = staticmethod(model)

@@ -116,6 +116,8 @@ model = reference.expected_beats
 
 
 class Decoder(wiring.Component):
+    model = staticmethod(model)         # hdl.reference.expected_beats
+
     def __init__(self, config: DecoderConfig, *, formatter=HifFormatter, mux=CodebookMux, bank=LutBank,
                  merge=None, path=None):
         # formatter / mux / bank (and merge / path with residuals): the component classes used,

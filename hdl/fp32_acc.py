@@ -189,8 +189,12 @@ class Fp32Add(wiring.Component):
     def __init__(self, stages: str = "full"):
         self.stages = stages
         self.registered = _staging(stages)
-        self.latency = len(self.registered)
         super().__init__({"en": In(1), "a": In(unsigned(32)), "b": In(unsigned(32)), "s": Out(unsigned(32))})
+
+    @property
+    def latency(self) -> int:
+        """Enabled edges from ``a``, ``b`` to ``s``: its registered stages (``adder_latency``)."""
+        return len(self.registered)
 
     def elaborate(self, platform):
         m = Module()
@@ -293,6 +297,9 @@ def add_model(a, b) -> np.ndarray:
     return dot.fp32_add(a, b).view(np.uint32)
 
 
+Fp32Add.model = staticmethod(add_model)
+
+
 def value_layout(slots: int) -> data.StructLayout:
     return data.StructLayout({"value": unsigned(32), "slot": range(slots), "first": unsigned(1),
                               "last": unsigned(1)})
@@ -315,9 +322,13 @@ class RowAccumulator(wiring.Component):
                              f"latency, {need}")
         self._MustUse__silence = False
         self.slots, self.adder = slots, adder
-        self.latency = need
         super().__init__({"values": In(stream.Signature(value_layout(slots))),
                           "sums": Out(stream.Signature(sum_layout(slots)))})
+
+    @property
+    def latency(self) -> int:
+        """Cycles from a row's last value taken to its sum (the adder's + 1: ``min_slots``)."""
+        return min_slots(self.adder)
 
     def elaborate(self, platform):
         m = Module()
@@ -386,3 +397,6 @@ def model(values, slots, first, last) -> list[tuple[int, int]]:
             y = dot.accumulate_blocks(values[row][None, :])[0]
             out.append((int(np.float32(y).view(np.uint32)), int(s)))
     return out
+
+
+RowAccumulator.model = staticmethod(model)

@@ -287,6 +287,10 @@ class GemvAxisTop(wiring.Component):
     def latency(self) -> int:
         return self.core.latency
 
+    def model(self, layers) -> list[tuple[int, int]]:
+        """``m_axis_y`` beats owed for ``layers``: the shell's (module ``model``)."""
+        return self.core.model(layers)
+
     def ports(self) -> dict:
         return axis.axi_ports(self)
 

@@ -11,7 +11,8 @@ the decoder).
   the largest layer, the RAMs' shapes, the folding for small FPGAs; an impossible combination is
   refused in its constructor with what to change. ``gemv_configs`` the named engines
   (``gemv-<point>``, ``gemv-sop4-g16-bf16``); ``small_fpga_config`` one folded for the smallest
-  FPGAs (``SMALL_FPGA``).
+  FPGAs (``SMALL_FPGA``); ``small_engines`` the registry of the folded ones by name, at MiniLM's size
+  (``MINILM_COLS`` x ``MINILM_ROWS``): the simulated one and the iCEBreaker's.
 * Payload layouts: of the ports (``x_layout``, ``layer_layout``, ``sparse_layout``,
   ``load_layout``, ``y_layout``, ``status_layout`` with ``error_layout``) and of what passes
   between the engine's parts (``tag_layout``, ``front_layout``, ``entry_layout``, ``table_word``).
@@ -31,6 +32,7 @@ from sop.golden import dot
 from sop.golden.formats import FloatFormat
 from sop.golden.layout import BlockLayout, LayerStream
 
+from . import GEMV_ERRORS
 from .block_dot import block_layout
 from .block_dot_folded import chunk_layout
 from .fp32_acc import STAGINGS, min_slots
@@ -137,9 +139,14 @@ class GemvConfig:
 
 #: What folds an engine for the smallest FPGAs (the iCEBreaker's iCE40UP5K at 12 MHz): one MAC a cycle
 #: (the folded block dot unit with its serial tail, the front end in chunks) and the compact FP32 adder
-#: with tiles of 4 rows (docs/dot.md 7.2). The iCEBreaker's GEMV core adds ``sparse=False``
-#: (synth/gateware/board.py); ``small_fpga_config`` applies it.
+#: with tiles of 4 rows (docs/dot.md 7.2); ``small_fpga_config`` applies it, ``small_engines`` names
+#: the engines built with it.
 SMALL_FPGA = (("dot_lanes", 1), ("dot_tail", "serial"), ("acc_adder", "compact"), ("tile", 4))
+#: MiniLM's size, the largest layer of the small engines and of the boards' engines: its widest input
+#: (1536) rounded up to ``g`` times a power of two, and its most rows (the intermediate layers).
+MINILM_COLS, MINILM_ROWS = 2048, 1536
+#: The names of ``small_engines``: the one simulated (with the residual path) and the iCEBreaker's.
+SMALL_SIM, SMALL_ICEBREAKER = "gemv-sop4-g16-small", "gemv-sop4-g16-icebreaker"
 
 
 def small_fpga_config(config: GemvConfig, **fields) -> GemvConfig:
@@ -148,17 +155,32 @@ def small_fpga_config(config: GemvConfig, **fields) -> GemvConfig:
 
 
 def gemv_configs() -> dict[str, GemvConfig]:
-    """The named engines: ``gemv-<point>`` for each operating point with E4M3 activations, and
-    ``gemv-sop4-g16-bf16`` (sop4-g16, BF16 activations)."""
-    from sop.golden.points import get_point
+    """The named engines: ``gemv-<point>`` for each operating point (golden.points.operating_points)
+    with E4M3 activations, and ``gemv-sop4-g16-bf16`` (sop4-g16, BF16 activations)."""
+    from sop.golden.points import get_point, operating_points
 
-    configs = {f"gemv-{name}": GemvConfig(f"gemv-{name}", get_point(name).layout, get_point(name).hif)
-               for name in ("sop4-g16", "e2m3-ue4m4-g16")}
+    configs = {f"gemv-{name}": GemvConfig(f"gemv-{name}", p.layout, p.hif) for name, p in operating_points().items()}
     # and sop4-g16 with BF16 activations: the block dot unit's window and fallback (hdl.block_dot_bf16),
     # the term unit's rounding (ResidualTermBF16), x words of 16 bits an activation
     p = get_point("sop4-g16")
     configs["gemv-sop4-g16-bf16"] = GemvConfig("gemv-sop4-g16-bf16", p.layout, p.hif, act="bf16")
     return configs
+
+
+def small_engines() -> dict[str, GemvConfig]:
+    """The engines folded for the smallest FPGAs (``SMALL_FPGA``), by name: sop4-g16 at MiniLM's size
+    (``MINILM_COLS`` x ``MINILM_ROWS``). Everything that builds one looks it up here."""
+    small = small_fpga_config(gemv_configs()["gemv-sop4-g16"], name=SMALL_SIM, max_cols=MINILM_COLS,
+                              max_rows=MINILM_ROWS)
+    return {
+        # With the residual path (``sparse``), so that its folded term unit is checked: the one
+        # sim/gemv_runner.py simulates (`make sim`), sim/gemv_mutate.py mutates and
+        # bench/dot_vs_naive.py measures on iCE40 (``sop-engine-folded``).
+        SMALL_SIM: small,
+        # Without it: the iCEBreaker's GEMV core (synth/gateware/board.py, ``icebreaker-gemv``), where
+        # the term unit and its entry queue do not fit the iCE40UP5K beside the rest.
+        SMALL_ICEBREAKER: replace(small, name=SMALL_ICEBREAKER, sparse=False),
+    }
 
 
 
@@ -199,8 +221,8 @@ def y_layout() -> data.StructLayout:
 
 
 def error_layout() -> data.StructLayout:
-    return data.StructLayout({"w_before_x": unsigned(1), "x_length": unsigned(1), "x_nan": unsigned(1),
-                              "layer": unsigned(1), "sparse": unsigned(1)})
+    """The sticky error bits, LSB first: one per name of hdl's ``GEMV_ERRORS`` (synth/wire.py reads it too)."""
+    return data.StructLayout({name: unsigned(1) for name in GEMV_ERRORS})
 
 
 def status_layout() -> data.StructLayout:

@@ -73,12 +73,17 @@ class ResidualTerm(wiring.Component):
     golden.dot.residual_terms' rounding."""
 
     ACT = "e4m3"        #: the activation format the unit is built for (``model`` decodes it)
+    TAIL = 5            #: the stages beside stages 1-4 and the product's: 5 and 8-11 above
 
     def __init__(self, config: GemvConfig):
         self.config = config
         self.multiplier = PipelinedMultiplier(BF16.mbits + 1, config.act_format.mbits + 1)
-        self.latency = 4 + self.multiplier.latency + 5
         super().__init__(term_signature(config))
+
+    @property
+    def latency(self) -> int:
+        """Cycles from an entry taken to its term: stages 1-4, the product's and the ``TAIL``."""
+        return 4 + self.multiplier.latency + self.TAIL
 
     def front(self, m, rho_exponent):
         """The part both term units share: the credits and the FIFO at the end, and stages 1-4 (the x
@@ -228,11 +233,11 @@ class ResidualTermBF16(ResidualTerm):
     rounding increment and the conditions; 14 the binary32 pattern."""
 
     ACT = "bf16"
+    TAIL = 7            #: the stages beside stages 1-4 and the product's: 5 and 9-14 above
 
     def __init__(self, config: GemvConfig):
         super().__init__(config)
         assert config.act_format is BF16, config.act
-        self.latency = 4 + self.multiplier.latency + 7
 
     def elaborate(self, platform):
         m = Module()

@@ -80,6 +80,7 @@ from amaranth.hdl import Shape
 from amaranth.lib import data, wiring
 
 from sop import toolenv
+from sop.argtypes import number
 from sop.golden.files import OutputError, atomic_files, check_output
 
 from . import axis, gemv, gemv_axis, gemv_config
@@ -540,10 +541,12 @@ def main(argv=None) -> int:
                    help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16 for "
                         "4-bit codes, 32 for 6-bit codes); "
                         "default 0: one memory per lane with a registered read (block RAM)")
-    p.add_argument("--residuals", type=int, default=None, metavar="R",
-                   help="only the configurations with the sparse-residual path of R adders (NAME-sp), "
-                        "without AXI4-Stream shells; by default every named configuration and each "
-                        "NAME-sp of one adder, all with shells")
+    # (0 once wrote the whole default build: refused, as every R the residual path cannot have)
+    p.add_argument("--residuals", type=number(int, 1, inclusive=True, maximum=MAX_RESIDUALS), default=None,
+                   metavar="R",
+                   help=f"only the configurations with the sparse-residual path of R adders (NAME-sp; 1 to "
+                        f"{MAX_RESIDUALS}), without AXI4-Stream shells; by default (no --residuals) every named "
+                        f"configuration and each NAME-sp of one adder, all with shells")
     p.add_argument("--pipeline", choices=PIPELINES, default=PIPELINES[0],
                    help="shallow: the decoders built for a low-Fmax LUT4 FPGA (iCE40), bare (no shells, "
                         "residual configurations or engines); default deep, the one design for 200 MHz")
@@ -560,9 +563,6 @@ def main(argv=None) -> int:
         check_output(args.out, folder=True)
     except OutputError as err:
         return refuse(err)
-    if args.residuals is not None and args.residuals < 1:       # 0 once wrote the default build
-        return refuse(f"--residuals {args.residuals}: the residual path has 1 to {MAX_RESIDUALS} adders; without "
-                      f"--residuals every configuration is written")
     try:
         configs = residual_configs(args.residuals) if args.residuals else \
             named_configs() if shallow else {**named_configs(), **residual_configs()}

@@ -81,7 +81,6 @@ MAX_SHIFT = 10                   # from a right shift of 10 on, everything round
 class HifFormatter(wiring.Component):
     def __init__(self, config: DecoderConfig):
         self.config = config
-        self.latency = self.stages(config)
         super().__init__({
             "en": In(1),
             "word": In(lut_word.word(config)),
@@ -89,6 +88,11 @@ class HifFormatter(wiring.Component):
             **({"plus0": In(1)} if config.residuals else {}),
             "out": Out(config.lane_layout),
         })
+
+    @property
+    def latency(self) -> int:
+        """Enabled edges from ``word``/``block`` to ``out``: ``stages(config)``."""
+        return self.stages(self.config)
 
     @staticmethod
     def _multiplier_stages(config: DecoderConfig) -> int:
@@ -293,6 +297,9 @@ def model(config: DecoderConfig, words, block: dict, plus0=0) -> np.ndarray:
     value = product_values(cfg, words, block)
     value = np.where((value == 0) & (np.asarray(plus0) == 1), 0.0, value)
     return BF16.encode(value).astype(np.int64)
+
+
+HifFormatter.model = staticmethod(model)
 
 
 def product_values(config: DecoderConfig, words, block: dict) -> np.ndarray:

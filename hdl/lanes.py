@@ -130,3 +130,6 @@ def model(config: DecoderConfig, tables, page, bank, addr, block: dict) -> np.nd
     (HIF codes) with the blocks' fields ``block`` (``scale_decoder.block(config)`` arrays)."""
     codes = np.asarray(tables, dtype=np.int64)[np.asarray(page), np.asarray(bank), np.asarray(addr)]
     return hif_formatter.model(config, lut_word.encode(config, codes), block)
+
+
+Lanes.model = staticmethod(model)

@@ -112,6 +112,11 @@ class LutBank(wiring.Component):
             "read_data": Out(lanes_of(word)),
         })
 
+    @property
+    def latency(self) -> int:
+        """Enabled edges from a read to its word on ``read_data``: ``read_latency``."""
+        return self.read_latency
+
     def stored_word(self, addr, data):
         """The word the RAM stores for a write (the identity; tests override it to inject a bug)."""
         return data
@@ -175,3 +180,6 @@ def model(tables, page, bank, addr) -> np.ndarray:
     """The word each read ``(page, bank, addr)`` returns: ``tables[page, bank, addr]`` (the last
     word written there)."""
     return np.asarray(tables)[np.asarray(page), np.asarray(bank), np.asarray(addr)]
+
+
+LutBank.model = staticmethod(model)

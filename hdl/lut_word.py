@@ -70,6 +70,9 @@ model = encode
 class LutWordEncoder(wiring.Component):
     """HIF code in, stored word out (combinational)."""
 
+    latency = 0                         # combinational
+    model = staticmethod(encode)
+
     def __init__(self, config: DecoderConfig):
         self.config = config
         super().__init__({"hif": In(unsigned(config.hif.bits)), "word": Out(word(config))})

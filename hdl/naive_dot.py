@@ -134,7 +134,6 @@ class NaiveDot(wiring.Component):
         self.product_latency = 1 + PipelinedMultiplier.stages(self.act.mbits + 1) + 3 + \
             shift_stages(2 ** Shape.cast(range(PRODUCT_WINDOW + 1)).width - 1) + 3
         self.tree_latency = (g.bit_length() - 1) * ADD_LATENCY
-        self.latency = self.product_latency + self.tree_latency + 1 + ADD_LATENCY
         self.weights_latency = self.decoder.latency + WEIGHT_FIFO_LATENCY
         super().__init__({
             "blocks": In(stream.Signature(config.beat_layout)),
@@ -144,6 +143,12 @@ class NaiveDot(wiring.Component):
             "acts": In(stream.Signature(act_layout(g, slots))),
             "sums": Out(stream.Signature(sum_layout(slots))),
         })
+
+    @property
+    def latency(self) -> int:
+        """Cycles from the join of a row's last block to its sum (module docstring): the products, the
+        adder tree, the ring's operand register and its adder."""
+        return self.product_latency + self.tree_latency + 1 + ADD_LATENCY
 
     def elaborate(self, platform):
         m = Module()

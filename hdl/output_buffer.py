@@ -61,6 +61,8 @@ from .pipeline import OutputControlSignature, buffers
 
 
 class OutputBuffer(wiring.Component):
+    latency = 0                         # a beat in the last stage is on ``values`` in its cycle (skid empty)
+
     def __init__(self, payload_shape, *, delay: int = 1):
         self.delay = delay
         super().__init__({
@@ -196,3 +198,6 @@ def model(delay: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
         out["valid"][t], out["payload"][t] = int(valid), payload if valid else 0
         out["en_next"][t] = int(moves if delay == 0 else len(fifo) + last_valid <= 1)
     return {k: v.astype(np.int64) if k != "payload" else v for k, v in out.items()}
+
+
+OutputBuffer.model = OutputStage.model = staticmethod(model)

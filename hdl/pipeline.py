@@ -219,3 +219,6 @@ def model(lanes: int, depth: int, en_next, valid, levels: int | None = None) -> 
     upcoming = delayed(en_next, levels - 1) if levels else np.zeros_like(en)
     return {"en": en, "lane": np.repeat(en[:, None], lanes, axis=1), "buffer_en": per_buffer(en),
             "en_upcoming": per_buffer(upcoming), "entering_valid": per_buffer(entering)}
+
+
+PipelineControl.model = staticmethod(model)

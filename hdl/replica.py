@@ -8,7 +8,8 @@ values once per lane or per group of lanes, and places each copy's loads beside 
 Synthesis tools merge identical flip-flops. Every copy is made by ``replica``
 and carries the wire attribute ``sop_replica``; a flow keeps those flip-flops
 apart by marking their cells ``keep`` before optimizing. In yosys, right after
-reading the design (synth/flow.py and synth/board.py do this)::
+reading the design, ``YOSYS_KEEP`` (synth/flow/yosys_nextpnr.py and synth/flow/bitstream.py
+run it before synthesis, sim/mutate.py and sim/gemv_mutate.py before mutating)::
 
     proc; select -set sop_replicas a:sop_replica %ci1:+[Q]; setattr -set keep 1 @sop_replicas
 

@@ -37,7 +37,7 @@ from amaranth.lib.wiring import In, Out
 from sop.golden.decoder import sum_to_bf16_grid
 from sop.golden.formats import get_format
 
-from . import hif_formatter, lut_word, replica as rep, scale_decoder
+from . import SPARSE_ERRORS, hif_formatter, lut_word, replica as rep, scale_decoder
 from .arith import PipelinedMultiplier, Stages, delay, leading_zeros_tree
 from .config import SPARSE_INDEX_BITS, DecoderConfig
 from .hif_formatter import HifFormatter
@@ -46,8 +46,9 @@ from .pipeline import EnableSignature
 BF16 = get_format("bf16")
 SATURATED = hif_formatter.SATURATED
 GUARD = 3                   # exact bits kept below the larger operand (>= 2 for the one rounding)
-#: The sticky error bits of ``SparseMerge.error`` (docs/hardware.md "Sparse residuals").
-ERRORS = ("order", "past_layer", "no_layer", "not_finite")
+#: The sticky error bits of ``SparseMerge.error``, LSB first (docs/hardware.md "Sparse residuals"):
+#: hdl's ``SPARSE_ERRORS``, the one definition (synth/wire.py reads it too).
+ERRORS = SPARSE_ERRORS
 
 
 def lane_bits(config: DecoderConfig) -> int:
@@ -145,7 +146,6 @@ class ResidualAdder(wiring.Component):
             raise ValueError("the residual adder produces BF16")
         self.config = config
         self.multiplier_stages = PipelinedMultiplier.stages(config.scale.mbits + 1)
-        self.latency = self.stages(config)
         super().__init__({
             "en": In(1),
             "word": In(lut_word.word(config)),
@@ -157,6 +157,11 @@ class ResidualAdder(wiring.Component):
     @staticmethod
     def stages(config: DecoderConfig) -> int:
         return max(PipelinedMultiplier.stages(config.scale.mbits + 1), 2) + 11
+
+    @property
+    def latency(self) -> int:
+        """Enabled edges from the inputs to ``out``: ``stages(config)``."""
+        return self.stages(self.config)
 
     def elaborate(self, platform):
         m = Module()

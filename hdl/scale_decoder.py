@@ -96,6 +96,8 @@ def with_layer_term(config: DecoderConfig, f, layer_term):
 
 
 class ScaleDecoder(wiring.Component):
+    latency = 0                         # combinational
+
     def __init__(self, config: DecoderConfig):
         self.config = config
         super().__init__({
@@ -150,6 +152,9 @@ def model(config: DecoderConfig, headers) -> dict[str, np.ndarray]:
     lz, norm = _normalized(sig, M + 1)
     return {"select": select, "frac": norm & ((1 << M) - 1), "exp": exp - lz,
             "zero": (sig == 0).astype(np.int64), "sign": sign}
+
+
+ScaleDecoder.model = staticmethod(model)
 
 
 def block_model(config: DecoderConfig, headers, offset) -> dict[str, np.ndarray]:

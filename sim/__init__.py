@@ -1,1 +1,55 @@
-"""cocotb regression of the generated Verilog against golden/."""
+"""The simulations of the generated Verilog against golden/: cocotb regressions, their runners, the
+mutation runs, and the contract between a runner and its testbench.
+
+* The decoder: ``runner`` (`make sim`) runs ``tb_decoder`` (driver, monitors, scoreboard) against
+  ``model`` (the decoder as a transaction-level model), on ``stimulus``'s layers and host sequences
+  (shared with the amaranth.sim harness) and ``vectors``' real layers; ``tb_axis`` is its AXI4-Stream
+  shell's bench; ``sparse_stalls`` measures the residual path's stall rate.
+* The GEMV engine: ``gemv_runner`` runs ``tb_gemv`` on the plans of ``gemv_layers``; ``tb_gemv_axis``
+  is its AXI4-Stream shell's bench.
+* The mutation scores: ``mutate`` with its testbench ``tb_mutants`` (the decoder, `make mutate`),
+  ``gemv_mutate`` (the GEMV engine, its testbench in the same module).
+
+The runner <-> testbench contract, defined here and nowhere else: a runner writes a plan (JSON)
+and starts the simulator with the plan's path in the testbench's environment, ``SIM_PLAN`` for a
+regression, ``MUT_PLAN`` for a mutation run (``sim_env``, ``mut_env``); the testbench reads it
+(``read_plan``) and writes its summary, one JSON object, to the file ``SIM_REPORT`` names
+(``write_report``), or its results, a JSON line per design, to the file ``MUT_RESULTS`` names
+(``results_path``). Plain Python: a testbench imports it inside the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+#: The environment variables a runner sets for its testbench: a regression's plan and report ...
+SIM_PLAN, SIM_REPORT = "SOP_SIM_PLAN", "SOP_SIM_REPORT"
+#: ... and a mutation run's plan and results.
+MUT_PLAN, MUT_RESULTS = "SOP_MUT_PLAN", "SOP_MUT_RESULTS"
+
+
+def sim_env(plan: Path, report: Path) -> dict[str, str]:
+    """A regression's testbench environment (the runner's side): its plan and its report file."""
+    return {SIM_PLAN: str(plan), SIM_REPORT: str(report)}
+
+
+def mut_env(plan: Path, results: Path) -> dict[str, str]:
+    """A mutation run's testbench environment: its plan and its results file."""
+    return {MUT_PLAN: str(plan), MUT_RESULTS: str(results)}
+
+
+def read_plan(variable: str = SIM_PLAN) -> dict:
+    """The plan the runner wrote (the testbench's side): ``SIM_PLAN``'s, or ``MUT_PLAN``'s."""
+    return json.loads(Path(os.environ[variable]).read_text())
+
+
+def write_report(summary: dict) -> None:
+    """A regression's summary into the report file the runner reads back."""
+    Path(os.environ[SIM_REPORT]).write_text(json.dumps(summary))
+
+
+def results_path() -> Path:
+    """A mutation run's results file (JSON lines, appended as each design is decided)."""
+    return Path(os.environ[MUT_RESULTS])

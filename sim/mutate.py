@@ -65,8 +65,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sop import toolenv
+from sop.argtypes import number, positive
 from sop.golden.files import write_atomic
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
+from sop.sim import mut_env
 
 DEFAULT_CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 DEFAULT_MUTANTS = 1000
@@ -417,7 +419,7 @@ def simulate(cfg: DecoderConfig, work: Path, top: str, mutants_v: Path, indices:
     try:
         runner.test(test_module="sop.sim.tb_mutants", hdl_toplevel=top, build_dir=sim_dir, seed=seed,
                     timescale=("1ns", "1ps"), results_xml=str(sim_dir / "results.xml"),
-                    extra_env={"SOP_MUT_PLAN": str(plan_path), "SOP_MUT_RESULTS": str(results.resolve())},
+                    extra_env=mut_env(plan_path, results.resolve()),
                     log_file=sim_dir / "sim.log")
     except SystemExit:
         pass
@@ -775,28 +777,40 @@ def markdown(summaries: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: ``--seed``'s argparse type (yosys's ``mutate -seed``, the simulation's): 0, 1, 2, ...
+SEED_ARG = number(int, 0, inclusive=True)
+
+
+def mutant_indices(text: str) -> list[int]:
+    """``--only``'s argparse type: mutant indices of the list, comma-separated (1, 2, ...: 0 is the
+    original design); anything else is a usage error naming the bad item."""
+    index = positive(int)
+    return [index(item) for item in text.split(",")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help=f"a named configuration (default: {', '.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--mutants", type=int, default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
-    p.add_argument("--sparse-mutants", type=int, default=DEFAULT_SPARSE_MUTANTS, metavar="N",
+    p.add_argument("--mutants", type=positive(int), default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
+    p.add_argument("--sparse-mutants", type=positive(int), default=DEFAULT_SPARSE_MUTANTS, metavar="N",
                    help="mutate -list N for a configuration with residuals (NAME-sp: the residual path's "
                         "cells, the sparse regression)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--seed", type=SEED_ARG, default=DEFAULT_SEED)
     p.add_argument("--sim", default="verilator", choices=("verilator", "icarus"))
-    p.add_argument("--lutram-depth", type=int, default=0, metavar="D")
-    p.add_argument("--lanes", type=int, default=None, help="override the configuration's lanes")
+    p.add_argument("--lutram-depth", type=number(int, 0, inclusive=True), default=0, metavar="D",
+                   help="0, or a power of two below the table depth (the configuration checks it)")
+    p.add_argument("--lanes", type=positive(int), default=None, help="override the configuration's lanes")
     p.add_argument("--out", type=Path, default=None, help="default build/mutate")
     p.add_argument("--no-prove", action="store_true", help="skip the equivalence checks of the survivors")
-    p.add_argument("--prove-timeout", type=float, default=60.0, metavar="S")
-    p.add_argument("--induction", type=int, default=2, metavar="K",
+    p.add_argument("--prove-timeout", type=positive(float), default=60.0, metavar="S")
+    p.add_argument("--induction", type=number(int, 0, inclusive=True), default=2, metavar="K",
                    help="k-induction (one state, from power-up) of the survivors the one-step check "
                         "leaves, up to K steps; 0: none")
-    p.add_argument("--bmc-depth", type=int, default=0, metavar="K",
+    p.add_argument("--bmc-depth", type=number(int, 0, inclusive=True), default=0, metavar="K",
                    help="also a bounded check from reset, K cycles, of each survivor not proven (slow)")
     p.add_argument("--no-vectors", action="store_true", help="no MiniLM vectors in the regression")
     p.add_argument("--tiny", action="store_true", help="the self-test's short regression")
-    p.add_argument("--only", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="I,J,...",
+    p.add_argument("--only", type=mutant_indices, default=None, metavar="I,J,...",
                    help="run only these mutants of the list (investigating survivors)")
     args = p.parse_args(argv)
     configs = {**named_configs(), **residual_configs()}

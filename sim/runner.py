@@ -45,6 +45,7 @@ from sop.golden.files import write_atomic
 from sop.golden.points import OperatingPoint, config_point, operating_points
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
 from sop.hdl.generate import module_name
+from sop.sim import sim_env
 
 SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
 
@@ -264,7 +265,7 @@ def simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module:
     try:
         runner.test(test_module=test_module, hdl_toplevel=top, build_dir=build_dir,
                     seed=seed, waves=waves, timescale=("1ns", "1ps"), results_xml=str(results_xml),
-                    extra_env={"SOP_SIM_PLAN": str(plan_path), "SOP_SIM_REPORT": str(report_path)},
+                    extra_env=sim_env(plan_path, report_path),
                     log_file=build_dir / "sim.log")
         _, failed = get_results(results_xml)
     except SystemExit:           # under pytest the runner exits on a failing test; the report tells
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sop.sim.runner", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     add_run_options(p)
-    p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
+    p.add_argument("--lutram-depth", type=number(int, 0, inclusive=True), default=0, metavar="D",
                    help="the tables in D-word LUT RAM memories (hdl/lut_bank.py)")
     p.add_argument("--axis", action="store_true",
                    help="the AXI4-Stream shell (NAME_axis.v, sim/tb_axis.py) instead of the bare decoder")

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sop.argtypes import number, positive
 from sop.golden.files import write_atomic
-from sop.hdl.config import DecoderConfig
+from sop.hdl.config import MAX_RESIDUALS, DecoderConfig
 from sop.hdl.residual import MergeModel
 
 DEFAULT_BUDGETS = (4.75, 5.0, 5.5, 6.0)
@@ -147,9 +148,10 @@ def measure(budgets, lanes, residuals, out_dir: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=float, action="append")
-    p.add_argument("--lanes", type=int, action="append")
-    p.add_argument("--residuals", type=int, action="append")
+    p.add_argument("--budget", type=positive(float), action="append", help="sop-budget's bits per weight")
+    p.add_argument("--lanes", type=positive(int), action="append", help="the decoder's lanes")
+    p.add_argument("--residuals", type=number(int, 1, inclusive=True, maximum=MAX_RESIDUALS), action="append",
+                   help=f"residual adders (1 to {MAX_RESIDUALS})")
     p.add_argument("--out", type=Path, default=Path("build/bench/sparse_stalls.json"))
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

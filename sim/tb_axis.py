@@ -37,10 +37,7 @@ sparse entries, mismatches, protocol errors, the ``sparse_error`` bits, cycles, 
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import cocotb
 import numpy as np
@@ -51,7 +48,7 @@ from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStream
 from sop.hdl import axis, reference
 from sop.hdl.residual import ERRORS
 from sop.hdl.config import DecoderConfig
-from sop.sim import stimulus
+from sop.sim import read_plan, stimulus, write_report
 
 MISMATCHES_LOGGED = 10
 
@@ -152,7 +149,7 @@ class Scoreboard:
 
 @cocotb.test()
 async def regression(dut):
-    plan = json.loads(Path(os.environ["SOP_SIM_PLAN"]).read_text())
+    plan = read_plan()
     cfg = DecoderConfig.from_description(plan["decoder"])
     seed = cocotb.RANDOM_SEED
     dut._log.info(f"config {cfg.name} (AXI4-Stream shell), random seed {seed} "
@@ -220,7 +217,7 @@ async def regression(dut):
                "beats": sb.beats, "layers": sb.layers, "sparse_entries": entries, "mismatches": sb.mismatches,
                "protocol_errors": monitor.errors, "sparse_errors": errors, "stalled_cycles": monitor.stalls,
                "cycles": monitor.cycles, "lane_bits": reference.lane_word_bits(cfg), "seconds": time.time() - t0}
-    Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
+    write_report(summary)
     dut._log.info(f"{cfg.name} AXI4-Stream: {sb.checked} values in {sb.beats} beats of {sb.layers} layers checked"
                   f"{f', {entries} sparse entries' if cfg.residuals else ''}, {sb.mismatches} mismatches, "
                   f"{monitor.errors} protocol errors")

@@ -59,8 +59,6 @@ blocks whose output was checked, and its bitmap) is written to ``SOP_SIM_REPORT`
 from __future__ import annotations
 
 import collections
-import json
-import os
 import time
 from pathlib import Path
 
@@ -73,7 +71,7 @@ from cocotb.types import Logic
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.hdl.residual import ERRORS
-from sop.sim import stimulus
+from sop.sim import read_plan, stimulus, write_report
 from sop.sim.model import DecoderModel
 from sop.sim.stimulus import HostCycle
 from sop.sim.vectors import read_vectors
@@ -378,7 +376,7 @@ def check_vector_expectations(cfg: DecoderConfig, vectors_dir: Path) -> None:
 
 @cocotb.test()
 async def regression(dut):
-    plan = json.loads(Path(os.environ["SOP_SIM_PLAN"]).read_text())
+    plan = read_plan()
     cfg = DecoderConfig.from_description(plan["decoder"])
     seed = cocotb.RANDOM_SEED
     dut._log.info(f"config {cfg.name}, random seed {seed} (rerun with COCOTB_RANDOM_SEED={seed})")
@@ -416,7 +414,7 @@ async def regression(dut):
                "coverage_map": sb.coverage.bitmap(), "sparse_errors": errors,
                "sparse_entries": sum(len(layer.sparse_index) for job in jobs for layer in job.checked),
                "seconds": time.time() - t0}
-    Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
+    write_report(summary)
     dut._log.info(f"{cfg.name}: {sb.checked} vectors checked, {sb.mismatches} mismatches, "
                   f"coverage {hit}/{total} = {hit / total:.3f}")
     assert sb.mismatches == 0, f"{sb.mismatches} mismatching values"

@@ -68,11 +68,8 @@ any mismatch or status error.
 from __future__ import annotations
 
 import collections
-import json
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import cocotb
 import numpy as np
@@ -83,6 +80,7 @@ from cocotb.types import Logic
 from sop.golden.points import get_point
 from sop.hdl import gemv_config
 from sop.hdl.gemv_config import GemvConfig
+from sop.sim import read_plan, write_report
 
 ONE = Logic(1)                    # a 1-bit value read from the DUT is this object
 QUIET_CYCLES = 12                 # after a job: cycles in which no y word may come
@@ -539,7 +537,7 @@ class Testbench:
 
 @cocotb.test()
 async def gemv_regression(dut):
-    plan = json.loads(Path(os.environ["SOP_SIM_PLAN"]).read_text())
+    plan = read_plan()
     cfg = engine_config(plan)
     seed = plan["seed"]
     dut._log.info(f"engine {cfg.name}, plan {plan['size']}, seed {seed} (rerun: gemv_runner --seed {seed})")
@@ -564,7 +562,7 @@ async def gemv_regression(dut):
                "layers": tb.layers, "entries": tb.entries, "cycles": tb.cycles, "long_stalls": tb.long_stalls,
                "long_stall_cycles": tb.long_stall_cycles, "junk": tb.driver.junk, "jobs": tb.jobs,
                "seconds": time.time() - t0}
-    Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
+    write_report(summary)
     dut._log.info(f"{cfg.name}: {sb.checked} words checked, {sb.counted} counted, {sb.mismatches} mismatches, "
                   f"{tb.status_errors} status errors, {tb.timing_errors} timing errors, {tb.cycles} cycles "
                   f"({tb.long_stalls} long stalls of y, "

@@ -43,8 +43,6 @@ Summary (``SOP_SIM_REPORT``): words checked, mismatches, protocol errors,
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +56,7 @@ from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStream
 from sop import toolenv
 from sop.hdl import axis, gemv_axis
 from sop.hdl.gemv_config import GemvConfig
+from sop.sim import read_plan, write_report
 from sop.sim.tb_axis import MISMATCHES_LOGGED, monitor_out_of_reset, pauses
 
 INPUTS = ("s_axis_load", "s_axis_x", "s_axis_w", "s_axis_sparse")
@@ -124,7 +123,7 @@ class Scoreboard:
 
 @cocotb.test()
 async def gemv_axis_regression(dut):
-    plan = json.loads(Path(os.environ["SOP_SIM_PLAN"]).read_text())
+    plan = read_plan()
     cfg = engine_config(plan)
     seed = cocotb.RANDOM_SEED
     dut._log.info(f"{cfg.name} AXI4-Stream shell, plan {plan['size']}, random seed {seed} "
@@ -177,7 +176,7 @@ async def gemv_axis_regression(dut):
                "packets": sb.packets, "protocol_errors": monitor.errors, "status": status,
                "layers": len(plan["layers"]), "entries": sum(layer["entries"] for layer in plan["layers"]),
                "stalled_cycles": monitor.stalls, "cycles": monitor.cycles, "seconds": time.time() - t0}
-    Path(os.environ["SOP_SIM_REPORT"]).write_text(json.dumps(summary))
+    write_report(summary)
     dut._log.info(summary_line(summary))
     assert sb.mismatches == 0 and monitor.errors == 0 and status == 0, \
         f"{sb.mismatches} mismatches, {monitor.errors} protocol errors, status {status:#x}"

@@ -40,7 +40,6 @@ One JSON line per design (``"mutant": 0`` is the original) goes to the file name
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from dataclasses import replace
@@ -56,7 +55,7 @@ from sop.golden.formats import get_format
 from sop.hdl import reference
 from sop.hdl.residual import ERRORS
 from sop.hdl.config import DecoderConfig
-from sop.sim import stimulus
+from sop.sim import MUT_PLAN, read_plan, results_path, stimulus
 from sop.sim.vectors import read_vectors
 
 
@@ -965,7 +964,7 @@ class Bench:
 
 @cocotb.test()
 async def mutants(dut):
-    plan = json.loads(Path(os.environ["SOP_MUT_PLAN"]).read_text())
+    plan = read_plan(MUT_PLAN)
     cfg = DecoderConfig.from_description(plan["decoder"])
     bench = Bench(dut, cfg, plan)
     Clock(dut.clk, 10, unit="ns").start()
@@ -973,7 +972,7 @@ async def mutants(dut):
                  "blocks__payload", "mutsel") + (("sparse__valid", "sparse__payload", "layer_sparse")
                                                  if cfg.residuals else ()):
         bench._set(name, 0)
-    results = Path(os.environ["SOP_MUT_RESULTS"])
+    results = results_path()
     with results.open("a") as out:
         def record(r: dict) -> None:
             out.write(json.dumps(r) + "\n")

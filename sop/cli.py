@@ -65,6 +65,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.quantize.jobs import WorkerError
     from sop.quantize.memory import release_freed_memory
     from sop.quantize.models import model_inputs
+    from sop.synth.wire import DEFAULT_BAUD
 except KeyboardInterrupt:
     print("sop: interrupted (SIGINT) while starting; nothing was written", file=sys.stderr)
     raise SystemExit(128 + signal.SIGINT) from None
@@ -538,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the format of the board's decoder or GEMV engine (the boards of synth/gateware/board.py: "
                         "sop4-g16)")
     b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")
-    b.add_argument("--baud", type=positive(int), default=115200, help="baud rate (default 115200)")
+    b.add_argument("--baud", type=positive(int), default=DEFAULT_BAUD, help=f"baud rate (default {DEFAULT_BAUD})")
     b.add_argument("--timeout", type=positive(float, MAX_REPLY_TIMEOUT), default=1.0, metavar="S",
                    help=f"seconds to wait for each reply (default 1, at most {MAX_REPLY_TIMEOUT:g})")
     b.add_argument("--rows", type=positive(int), default=None, help="only the first N rows of the layer")

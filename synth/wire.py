@@ -12,7 +12,8 @@ imports the other.
 * ``Cmd`` (request commands) and ``Err`` (error codes);
 * ``Status`` and ``STATUS_FORMAT`` (the STATUS reply payload), ``SparseStatus`` and
   ``SPARSE_STATUS_FORMAT`` (the SPARSE_STATUS reply), ``SPARSE_ERRORS`` (the names of the
-  decoder's sticky ``sparse_error`` bits, LSB first), ``CHECKSUM_FORMAT``,
+  decoder's sticky ``sparse_error`` bits, LSB first: imported from hdl, which defines them and builds
+  the hardware's layout from them), ``CHECKSUM_FORMAT``,
   ``REPLY_PAYLOAD_BYTES`` (the OK reply payload of each command);
 * ``encode_frame``: ``0x55 | cmd | len u16 LE | payload | crc32 LE``, the CRC
   being zlib's CRC-32 (golden.files.crc32) over ``cmd``, ``len`` and ``payload``;
@@ -26,7 +27,8 @@ imports the other.
   (GEMV_SPARSE's entries), the ``X_SWAP`` / ``X_LAST`` flags of GEMV_X,
   ``Y_MAX_WORDS`` (the most FP32 words one GEMV_Y reply carries), ``GemvStatus``
   and ``GEMV_STATUS_FORMAT`` (the GEMV_STATUS reply), ``GEMV_ERRORS`` (the
-  engine's sticky error bits, LSB first: hdl.gemv_config.error_layout).
+  engine's sticky error bits, LSB first: imported from hdl, hdl.gemv_config.error_layout's names);
+* ``DEFAULT_BAUD``: the serial line's rate, the boards' and the host's default.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import struct
 from dataclasses import dataclass
 
 from sop.golden.files import crc32
+from sop.hdl import GEMV_ERRORS, SPARSE_ERRORS   # plain Python, the hardware's names
 
 PROTOCOL_VERSION = 1
 START = 0x55
@@ -52,6 +55,7 @@ SPARSE_ENTRY_BYTES = 6                 # SPARSE entries: flat index u32 LE, BF16
 LAST_FLAG = 0x01                       # SPARSE flags: the frame's last entry is the layer's last
 DEFAULT_SPARSE_QUEUE = 64              # the boards' queue of sparse entries (SPARSE_STATUS reports it)
 DEFAULT_MAX_PAYLOAD = 256
+DEFAULT_BAUD = 115200                  # the serial line's bit rate (8N1): the boards' and the host's default
 CRC_INIT = 0xFFFFFFFF                  # the raw CRC-32 register before the first byte
 CRC_RESIDUE = 0xDEBB20E3               # the raw register after data + its own CRC-32 (LE): ~0x2144DF1C
 
@@ -100,8 +104,6 @@ class Status:
 
 STATUS_FORMAT = "<8BHH"
 CHECKSUM_FORMAT = "<II"
-#: The decoder's sticky sparse error bits, LSB first (hdl.residual.ERRORS, docs/hardware.md).
-SPARSE_ERRORS = ("order", "past_layer", "no_layer", "not_finite")
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,6 @@ X_SWAP = 0x01                          # GEMV_X flags: the frame's first beat st
 X_LAST = 0x02                          # GEMV_X flags: the frame's last beat is the vector's last
 Y_MAX_WORDS = 64                       # the most y words one GEMV_Y reply carries (256 bytes)
 Y_WORD_BYTES = 4
-#: The engine's sticky error bits, LSB first (hdl.gemv_config.error_layout, docs/dot.md).
-GEMV_ERRORS = ("w_before_x", "x_length", "x_nan", "layer", "sparse")
 
 
 @dataclass(frozen=True)

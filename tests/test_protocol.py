@@ -308,11 +308,27 @@ def send_sparse_layer(link, layer, entries=None):
 
 
 def test_the_sparse_numbers_are_the_decoders():
-    assert wire.SPARSE_ERRORS == residual.ERRORS
     assert RCFG.sparse_layout.size == 8 * wire.SPARSE_ENTRY_BYTES + 1      # index, value, last
     assert wire.SparseStatus(1, 0b1010, 64).error_names() == ["past_layer", "not_finite"]
     frame = encode_frame(Cmd.SPARSE, bytes([wire.LAST_FLAG]) + struct.pack("<IH", 383, 0x3F80))
     assert frame[1:4] == bytes([Cmd.SPARSE, 7, 0])
+
+
+def test_the_error_bits_are_hdls_in_the_order_the_wire_docs_state():
+    """The sticky error bits' names are defined once, in hdl (plain Python: the host needs no Amaranth);
+    the hardware's layouts are built from them, bit ``i`` the ``i``-th name, the wire's replies name
+    them the same, and docs/board-protocol.md states the same bit order for both replies."""
+    from pathlib import Path
+
+    from sop.hdl import GEMV_ERRORS, SPARSE_ERRORS, gemv_config
+
+    assert (wire.SPARSE_ERRORS, wire.GEMV_ERRORS, residual.ERRORS) == (SPARSE_ERRORS, GEMV_ERRORS, SPARSE_ERRORS)
+    for names, layout in ((SPARSE_ERRORS, residual.error_layout()), (GEMV_ERRORS, gemv_config.error_layout())):
+        assert [(n, f.offset, f.width) for n, f in layout] == [(n, i, 1) for i, n in enumerate(names)]
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "board-protocol.md").read_text()
+    for names in (SPARSE_ERRORS, GEMV_ERRORS):
+        stated = "bit " + ", ".join(f"{i} `{n}`" for i, n in enumerate(names))
+        assert stated in doc, stated
 
 
 def test_a_decoder_without_the_residual_path_refuses_the_sparse_commands():

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from test_verilog import LINT_WAIVERS, verilog_ports
 
-from sop.hdl.config import named_configs, residual_configs
+from sop.hdl.config import MAX_RESIDUALS, named_configs, residual_configs
 from sop.hdl.generate import generate, main
 
 SPARSE = residual_configs()
@@ -57,11 +57,17 @@ def test_verilator_lint_and_iverilog(verilog_dir, name, tmp_path):
 
 
 def test_residuals_refused_where_they_cannot_be(tmp_path, capsys):
-    assert main(["--residuals", "9", "--out", str(tmp_path)]) == 2
-    assert "residual adders" in capsys.readouterr().err
-    for r in ("0", "-1"):                      # 0 wrote the whole default build (72 files, a minute)
-        assert main(["--residuals", r, "--out", str(tmp_path / "v")]) == 2
-        assert f"--residuals {r}: the residual path has 1 to 4 adders" in capsys.readouterr().err
+    """One usage line (sop.argtypes) before any work: 0 once wrote the whole default build (72 files,
+    a minute)."""
+    for r, why in [("9", f"must be an integer at least 1 and at most {MAX_RESIDUALS}, got 9"),
+                   ("0", f"must be an integer at least 1 and at most {MAX_RESIDUALS}, got 0"),
+                   ("-1", f"must be an integer at least 1 and at most {MAX_RESIDUALS}, got -1"),
+                   ("two", "not an integer: 'two'")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--residuals", r, "--out", str(tmp_path / "v")])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            f"python -m sop.hdl.generate: error: argument --residuals: {why}"
     assert not (tmp_path / "v").exists()
     with pytest.raises(ValueError, match="need the bf16 output"):
         named_configs()["sop4-g16-exact"].__class__(**{**named_configs()["sop4-g16-exact"].__dict__, "residuals": 1})

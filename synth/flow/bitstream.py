@@ -13,8 +13,9 @@ its LUTs with classic ABC (``ECP5_CLASSIC_LUT_MAP``, shared with
 synth/flow/yosys_nextpnr.py). The ULX3S top holds the GEMV engine beside the
 decoder (synth/gateware/board.py, ``Board.gemv``); the iCEBreaker has two
 cores, ``icebreaker`` (the decoder) and ``icebreaker-gemv`` (the GEMV engine
-without the decoder, which takes no ``--residuals``; its fit on the iCE40UP5K
-is being worked on). A board's files are named after ``Board.top_name``
+without the decoder, which takes no ``--residuals``). ``--residuals`` takes 0 to
+hdl.config's ``MAX_RESIDUALS``, what the decoder builds (whether a board's device
+holds it is the tools' verdict). A board's files are named after ``Board.top_name``
 (``sop_icebreaker_gemv``: '-' as '_').
 """
 
@@ -26,7 +27,9 @@ import sys
 from pathlib import Path
 
 from sop import toolenv
+from sop.argtypes import number
 from sop.golden.files import OutputError, check_output
+from sop.hdl.config import MAX_RESIDUALS
 from sop.synth.gateware.board import BOARDS, BoardTop
 
 from .yosys_nextpnr import ECP5_CLASSIC_LUT_MAP
@@ -72,8 +75,9 @@ def main(argv=None) -> int:
                                 description="one board's bitstream: the yowasp tools' synthesis, place and "
                                             "route (no programming)")
     p.add_argument("board", choices=list(BOARDS))
-    p.add_argument("--residuals", type=int, choices=(0, 1, 2), default=None,
-                   help="the decoder's residual adders (default the board's; 0: no sparse-residual path)")
+    p.add_argument("--residuals", type=number(int, 0, inclusive=True, maximum=MAX_RESIDUALS), default=None,
+                   help=f"the decoder's residual adders, 0 to {MAX_RESIDUALS} (default the board's; 0: no "
+                        f"sparse-residual path)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="the build folder (default build/bitstream/BOARD under the working folder)")
     args = p.parse_args(argv)

@@ -17,20 +17,23 @@ the board's configuration (``BOARDS``, each core one entry, its FPGA board
 (``icebreaker``), 8 on the ECP5-85F of the ULX3S (``ulx3s``), both sop4-g16 with BF16
 output and the sparse-residual path (R = 1 residual adder: the point's
 ``-sp`` configuration of ``hdl.config.residual_configs`` with the board's
-lanes; ``residuals=0`` builds the decoder without it, as before), 115200 Bd.
+lanes; ``residuals=0`` builds the decoder without it, as before), at
+synth.wire's ``DEFAULT_BAUD`` (115200 Bd).
 ``elaborate_for(board)`` checks a top against its platform with ``prepare()``
 (no toolchain). The bitstream build (yowasp tools) is synth/flow/bitstream.py's.
 
 The GEMV engine (hdl/gemv.py, the GEMV_* commands through
 synth/gateware/gemv_port.py) is in two cores (``Board.gemv``), sized for MiniLM
-(``gemv_config``: the board's point, ``max_cols`` 2048, ``max_rows`` 1536, a y
-FIFO of ``gemv_y_depth`` words, default ``max_rows``):
+(``gemv_config``: the board's point, ``max_cols`` 2048, ``max_rows`` 1536:
+hdl.gemv_config's ``MINILM_COLS``, ``MINILM_ROWS``; a y FIFO of ``gemv_y_depth``
+words, default ``max_rows``):
 
 * ``ulx3s``: beside the decoder, the full engine (16 BlockDot lanes);
 * ``icebreaker-gemv``: the iCEBreaker's second core, the GEMV engine **without
   the decoder** (``lanes`` 0: ``Board.decoder`` is false), as the iCE40UP5K
   (5,280 LC, 30 RAM40) cannot hold both: the full engine needs about 12,300 LC
-  and 55 RAM40. Its engine (``gemv_options``) is the folded one (hdl.gemv's
+  and 55 RAM40. Its engine (``gemv_engine``: hdl.gemv_config's
+  ``small_engines()["gemv-sop4-g16-icebreaker"]``) is the folded one (hdl.gemv's
   ``dot_lanes`` 1, serial tail: 1 MAC a cycle, the front end in chunks), with
   the compact FP32 adder (tiles of 4 rows) and no residual path (``sparse``
   False: the term unit and entry queue do not fit beside the rest); its y FIFO
@@ -55,7 +58,8 @@ from amaranth.lib.wiring import In, Out
 
 from sop.golden.points import get_point
 from sop.hdl.config import RESIDUAL_SUFFIX, DecoderConfig, residual_configs
-from sop.hdl.gemv_config import SMALL_FPGA, GemvConfig
+from sop.hdl.gemv_config import MINILM_COLS, MINILM_ROWS, SMALL_ICEBREAKER, GemvConfig, small_engines
+from sop.synth.wire import DEFAULT_BAUD
 
 from .protocol import ProtocolEngine
 from .uart import UartRx, UartTx
@@ -105,15 +109,14 @@ class Board:
 
     name: str
     lanes: int                          # the decoder's lanes; 0: no decoder (a GEMV-only core)
-    baud: int = 115200
+    baud: int = DEFAULT_BAUD
     activity_led: bool = True
     point: str = "sop4-g16"             # the operating point of its decoder and GEMV engine (golden/points.py)
     residuals: int = 1                  # residual adders of its decoder (0: no sparse-residual path)
     gemv: bool = False                  # the GEMV engine (GEMV_* commands)
-    gemv_cols: int = 2048               # its largest layer: MiniLM's widest input (1536) rounded up to 16 * 2^k
-    gemv_rows: int = 1536               # ... and MiniLM's most rows (the intermediate layers)
+    gemv_engine: str = ""               # which: a name of hdl.gemv_config.small_engines(), or "": the point's
+                                        # full engine at MiniLM's size (MINILM_COLS x MINILM_ROWS)
     gemv_y_depth: int | None = None     # the y FIFO's words (32 bits each; None: gemv_rows, a whole layer)
-    gemv_options: tuple[tuple[str, object], ...] = ()   # more hdl.gemv_config.GemvConfig fields: (name, value) pairs
     kit: str = ""                       # the FPGA board (KITS; default: the name)
 
     def __post_init__(self):
@@ -122,6 +125,10 @@ class Board:
             raise ValueError(f"board {self.name}: unknown FPGA board {self.kit!r}; kits: {', '.join(KITS)}")
         if self.lanes < 0 or not (self.lanes or self.gemv):
             raise ValueError(f"board {self.name}: needs a decoder (lanes >= 1) or the GEMV engine (gemv)")
+        engine = small_engines().get(self.gemv_engine) if self.gemv_engine else None
+        if self.gemv_engine and not (self.gemv and engine and engine.layout == get_point(self.point).layout):
+            raise ValueError(f"board {self.name}: gemv_engine {self.gemv_engine!r} needs gemv and an engine of "
+                             f"its point {self.point} among {', '.join(small_engines())}")
 
     @property
     def decoder(self) -> bool:
@@ -156,13 +163,28 @@ class Board:
 
 
     def gemv_config(self) -> GemvConfig | None:
-        """The board's GEMV engine (the point's layout and HIF, E4M3 activations, ``gemv_options``),
+        """The board's GEMV engine, named ``board-<name>-gemv``: ``gemv_engine`` of hdl.gemv_config's
+        ``small_engines``, else the point's layout and HIF with E4M3 activations at MiniLM's size;
         None without one."""
         if not self.gemv:
             return None
+        name = f"board-{self.name}-gemv"
+        if self.gemv_engine:
+            return replace(small_engines()[self.gemv_engine], name=name)
         point = get_point(self.point)
-        return GemvConfig(f"board-{self.name}-gemv", point.layout, point.hif, max_cols=self.gemv_cols,
-                          max_rows=self.gemv_rows, **dict(self.gemv_options))
+        return GemvConfig(name, point.layout, point.hif, max_cols=MINILM_COLS, max_rows=MINILM_ROWS)
+
+    @property
+    def gemv_cols(self) -> int | None:
+        """The engine's largest layer's columns (``max_cols``), None without one."""
+        cfg = self.gemv_config()
+        return cfg.max_cols if cfg else None
+
+    @property
+    def gemv_rows(self) -> int | None:
+        """... and its rows (``max_rows``)."""
+        cfg = self.gemv_config()
+        return cfg.max_rows if cfg else None
 
     def gemv_args(self) -> dict:
         """``BoardCore`` / ``ProtocolEngine`` keyword arguments of the board's GEMV engine ({} without one)."""
@@ -174,12 +196,11 @@ class Board:
 BOARDS = {
     "icebreaker": Board("icebreaker", 2),       # the iCEBreaker's decoder core (no GEMV engine: module docstring)
     "ulx3s": Board("ulx3s", 8, activity_led=False, gemv=True),
-    # The iCEBreaker's GEMV-only core. ITS ENGINE CONFIGURATION AND Y FIFO ARE SET HERE, and only here:
-    # gemv_cols / gemv_rows (GemvConfig's max_cols / max_rows), gemv_options (GemvConfig's other
-    # fields: the folded front end, the compact adder, no residual path) and gemv_y_depth (the y
-    # FIFO: 384 x 32 bits = 4 of the UP5K's 30 RAM40). 97.6 % of its LCs (module docstring).
-    "icebreaker-gemv": Board("icebreaker-gemv", 0, kit="icebreaker", gemv=True, gemv_cols=2048, gemv_rows=1536,
-                             gemv_options=SMALL_FPGA + (("sparse", False),), gemv_y_depth=384),
+    # The iCEBreaker's GEMV-only core: its engine is hdl.gemv_config's small_engines() entry of that
+    # name (MiniLM's size, the folded front end, the compact adder, no residual path), its y FIFO is
+    # set here (384 x 32 bits = 4 of the UP5K's 30 RAM40). 97.6 % of its LCs (module docstring).
+    "icebreaker-gemv": Board("icebreaker-gemv", 0, kit="icebreaker", gemv=True, gemv_engine=SMALL_ICEBREAKER,
+                             gemv_y_depth=384),
 }
 
 

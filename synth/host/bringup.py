@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sop.argtypes import number
+from sop.argtypes import number, positive
 from sop.golden.layout import LayerStream, Sparse
 from sop.golden.points import board_points, get_point
 from sop.hdl import reference
@@ -450,7 +450,8 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="sop4-g16", choices=board_points())
     p.add_argument("--layer", default=None,
                    help="a linear layer (default: the model's first; of an artifact, its first with sparse entries)")
-    p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
+    p.add_argument("--rows", type=positive(int), default=SIM_ROWS,
+                   help=f"first N rows of the layer (default {SIM_ROWS})")
     p.add_argument("--board", default="icebreaker", choices=decoder_boards(),
                    help="the board whose core is simulated (default icebreaker)")
     p.add_argument("--divisor", type=divisor_arg, default=SIM_DIVISOR, help="UART clock cycles a bit")

@@ -56,7 +56,7 @@ import time
 from sop.golden.files import crc32
 import bisect
 
-from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_MAX_PAYLOAD, ENTRY_LAST,
+from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_BAUD, DEFAULT_MAX_PAYLOAD, ENTRY_LAST,
                             ERROR_PAYLOAD_BYTES, ERROR_REPLY, GEMV_ENTRY_FORMAT, GEMV_LAYER_FORMAT,
                             GEMV_STATUS_FORMAT, HEADER_BYTES, LAST_FLAG, LOAD_ENTRY_BYTES, REPLY_BIT,
                             REPLY_PAYLOAD_BYTES, SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG,
@@ -94,7 +94,7 @@ class SerialTransport:
 
     READ_GRANULARITY = 0.05
 
-    def __init__(self, port: str, baud: int = 115200):
+    def __init__(self, port: str, baud: int = DEFAULT_BAUD):
         import serial                  # noqa: PLC0415  (only real boards need it: imported on use)
         self.name, self.serial = port, serial
         # the longest frame twice over on the wire (10 bits a byte), and a second for the OS

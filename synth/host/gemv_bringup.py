@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sop.argtypes import number, positive
 from sop.golden import dot
 from sop.golden.layout import LayerStream
 from sop.golden.points import board_points
@@ -75,7 +76,9 @@ SENTENCE = "The quick brown fox jumps over the lazy dog."     # sim/gemv_layers.
 TOKEN = 2                                                     # the token whose activations are x
 X_SEED = 15
 SIM_BOARD = "ulx3s"                                           # --sim's default board (gemv_boards())
-SIM_ROWS = 17                                                 # `make sim`: one tile (34 rows: ~6 min of CPU)
+# `make sim`'s rows: one tile of the ULX3S's engine (hdl.gemv_config.MIN_TILE, 17 rows: 4 tiles and one row
+# of the iCEBreaker's, whose tiles are 4); two tiles took about 6 min of CPU
+SIM_ROWS = 17
 SIM_LAYER = "encoder.layer.0.attention.self.query.weight"
 SPARSE_ROWS = 3                                               # `make sim`'s sop-budget slice (6 entries, 15 sent)
 NO_ENGINE = ("this board has no GEMV engine (it answers GEMV_STATUS with UNKNOWN_CMD): the ULX3S core has "
@@ -403,17 +406,16 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a model path, 'minilm' (default) or a .sopq artifact")
     p.add_argument("--format", default="sop4-g16", choices=board_points())
     p.add_argument("--layer", default=SIM_LAYER, help=f"a linear layer (default {SIM_LAYER})")
-    p.add_argument("--rows", type=int, default=SIM_ROWS, help=f"first N rows of the layer (default {SIM_ROWS})")
+    p.add_argument("--rows", type=positive(int), default=SIM_ROWS,
+                   help=f"first N rows of the layer (default {SIM_ROWS})")
     p.add_argument("--divisor", type=bringup.divisor_arg, default=bringup.SIM_DIVISOR, help="UART clock cycles a bit")
     p.add_argument("--board", default=SIM_BOARD, choices=gemv_boards(),
                    help=f"the board whose core is simulated (default {SIM_BOARD}; icebreaker-gemv: the "
                         f"iCEBreaker's GEMV-only core)")
-    p.add_argument("--sparse-rows", type=int, default=SPARSE_ROWS,
+    p.add_argument("--sparse-rows", type=number(int, 0, inclusive=True), default=SPARSE_ROWS,
                    help=f"then the first N rows of the sop-budget artifact's first layer with sparse entries, "
                         f"with them (default {SPARSE_ROWS}; 0: skip)")
     args = p.parse_args(argv)
-    if args.sparse_rows < 0:
-        p.error(f"--sparse-rows must be 0 or more, got {args.sparse_rows}")
     t0 = time.monotonic()
     try:
         results = [simulate(args.model, args.format, args.layer, args.rows, args.divisor, args.board)]
