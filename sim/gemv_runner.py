@@ -341,7 +341,7 @@ def small_engines() -> dict[str, GemvConfig]:
     """The engines this runner takes beside the named ones (module docstring): of hdl.gemv_config's
     ``small_engines``, the one with the residual path (``SMALL_SIM``); the iCEBreaker's, without it,
     would fail the plan's sparse layers."""
-    return {name: gemv_config.small_engines()[name] for name in (gemv_config.SMALL_SIM,)}
+    return {gemv_config.SMALL_SIM: gemv_config.small_engines()[gemv_config.SMALL_SIM]}
 
 
 def engines() -> dict[str, GemvConfig]:
