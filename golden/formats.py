@@ -319,9 +319,9 @@ SCALE_FORMATS = {
     "ue4m3": _fp("ue4m3", 4, 3, signed=False, specials="fn"),
     "ue4m4": _fp("ue4m4", 4, 4, signed=False),
     "ue5m3": _fp("ue5m3", 5, 3, signed=False),
-    "se4m3": _fp("se4m3", 4, 3, specials="fn"),
     # 6-bit magnitudes for the 8-bit SOP4 header (selection + sign + scale).
     "ue3m3": _fp("ue3m3", 3, 3, signed=False),
+    "ue2m4": _fp("ue2m4", 2, 4, signed=False),
     "ue4m2": _fp("ue4m2", 4, 2, signed=False),
     "ue5m1": _fp("ue5m1", 5, 1, signed=False),
 }

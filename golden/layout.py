@@ -57,8 +57,9 @@ class BlockLayout:
         if self.group not in GROUP_SIZES:
             raise ValueError(f"block size {self.group} not supported; valid: {GROUP_SIZES}")
         if self.scale.signed:
-            raise ValueError(f"scale format {self.scale.name} must be unsigned: "
-                             f"the header carries the sign separately (signed_scale=True)")
+            raise ValueError(f"scale format {self.scale.name} is signed: a block scale is an unsigned "
+                             f"magnitude (ue3m3, ue4m3, ...), and a layout with signed scales carries the "
+                             f"sign in a header bit of its own (signed_scale)")
         if self.block_bits % 8:
             raise ValueError(f"a block of {self.block_bits} bits is not whole bytes")
 

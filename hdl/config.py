@@ -76,7 +76,9 @@ def _float_exponent_range(fmt: FloatFormat) -> tuple[int, int]:
     return emin - fmt.bias - fmt.mbits, (1 << fmt.ebits) - 1 - fmt.bias - fmt.mbits
 
 
-def _signed_width(lo: int, hi: int) -> int:
+def signed_width(lo: int, hi: int) -> int:
+    """The fewest bits of a two's-complement signal that holds every integer of ``[lo, hi]``
+    (signed even where ``lo >= 0``, unlike ``Shape.cast(range(...))``: the exponent sums it sizes are)."""
     w = 1
     while not (-(1 << (w - 1)) <= lo and hi < (1 << (w - 1))):
         w += 1
@@ -178,7 +180,7 @@ class DecoderConfig:
 
     @property
     def exp_shape(self):
-        return signed(_signed_width(*self.exp_range))
+        return signed(signed_width(*self.exp_range))
 
     @property
     def lane_layout(self):

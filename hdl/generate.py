@@ -13,7 +13,7 @@ Beside them, the AXI4-Stream shell (hdl/axis.py): ``NAME_axis.v`` (top module
 ``NAME_axis.json`` (its ports, TDATA widths, load-word fields, latency), a
 self-checking Verilog testbench ``NAME_axis_tb.v`` (golden's values for three
 random layers, random TVALID gaps and TREADY pauses) and a FuseSoC CAPI2 core
-``NAME_axis.core`` (VLNV ``sop:decoder:<module>:0.1.0``) with the targets
+``NAME_axis.core`` (VLNV ``sop:decoder:<module>:<version>``) with the targets
 ``default`` (for a parent core), ``lint`` (Verilator ``--lint-only -Wall``), both
 with the waivers ``NAME_axis.vlt`` (hdl/lint.vlt confined to the shell's file),
 and ``sim`` (Icarus, the testbench)::
@@ -41,7 +41,7 @@ AXI4-Stream shell (hdl/gemv_axis.py; docs/dot.md, "AXI4-Stream shell"):
 widths and fields, status bits, latency), a self-checking testbench
 ``NAME_axis_tb.v`` (two random layers, the second with residual entries, every
 packet queued at once, golden.dot.gemv's words) and a FuseSoC core
-``NAME_axis.core`` (VLNV ``sop:gemv:<module>:0.1.0``, targets ``lint`` and ``sim``)::
+``NAME_axis.core`` (VLNV ``sop:gemv:<module>:<version>``, targets ``lint`` and ``sim``)::
 
     fusesoc --cores-root build/verilog run --target sim sop:gemv:sop_gemv_sop4_g16_axis
 
@@ -79,7 +79,7 @@ from amaranth.back import verilog
 from amaranth.hdl import Shape
 from amaranth.lib import data, wiring
 
-from sop import toolenv
+from sop import __version__, toolenv
 from sop.argtypes import number
 from sop.golden.files import OutputError, atomic_files, check_output
 
@@ -87,7 +87,7 @@ from . import axis, gemv, gemv_axis, gemv_config
 from .config import MAX_RESIDUALS, PIPELINES, DecoderConfig, named_configs, residual_configs
 from .decoder import Decoder
 
-CORE_VERSION = "0.1.0"
+CORE_VERSION = __version__                       # the cores' VLNV version: the package's
 TB_LAYERS, TB_BLOCKS, TB_SEED = 3, 8, 1          # the FuseSoC sim target's testbench
 TB_DENSITY = 0.1                                 # its sparse layers' entries (with residuals)
 #: the GEMV shell's testbench: (rows, columns, vectors, residual entries) of each layer

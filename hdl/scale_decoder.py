@@ -44,7 +44,7 @@ from sop.golden.layout import OFFSET_RANGE
 
 from . import lut_word
 from .arith import leading_zeros
-from .config import DecoderConfig, _signed_width
+from .config import DecoderConfig, signed_width
 
 BF16 = get_format("bf16")
 BF16_BIAS, BF16_M = BF16.bias, BF16.mbits
@@ -67,13 +67,13 @@ def exp_constant(config: DecoderConfig) -> int:
 def layer_term_shape(config: DecoderConfig):
     """Shape of ``offset + exp_constant`` (the per-page register of the decoder)."""
     c = exp_constant(config)
-    return signed(_signed_width(OFFSET_RANGE[0] + c, OFFSET_RANGE[1] + c))
+    return signed(signed_width(OFFSET_RANGE[0] + c, OFFSET_RANGE[1] + c))
 
 
 def fields(config: DecoderConfig) -> data.StructLayout:
     """What the scale decoder produces from a header alone."""
     scale = config.scale
-    exp = signed(_signed_width(1 - scale.mbits, (1 << scale.ebits) - 1))
+    exp = signed(signed_width(1 - scale.mbits, (1 << scale.ebits) - 1))
     if config.output == "exact":
         return data.StructLayout({"sig": unsigned(scale.mbits + 1), "exp": exp, "sign": unsigned(1)})
     return data.StructLayout({"frac": unsigned(scale.mbits), "exp": exp, "zero": unsigned(1), "sign": unsigned(1)})
@@ -82,7 +82,7 @@ def fields(config: DecoderConfig) -> data.StructLayout:
 def block(config: DecoderConfig) -> data.StructLayout:
     """The fields with the layer term added: what a lane's formatter takes."""
     scale, c = config.scale, exp_constant(config)
-    exp = signed(_signed_width(1 - scale.mbits + OFFSET_RANGE[0] + c, (1 << scale.ebits) - 1 + OFFSET_RANGE[1] + c))
+    exp = signed(signed_width(1 - scale.mbits + OFFSET_RANGE[0] + c, (1 << scale.ebits) - 1 + OFFSET_RANGE[1] + c))
     if config.output == "exact":
         return data.StructLayout({"sig": unsigned(scale.mbits + 1), "exp": exp, "sign": unsigned(1)})
     return data.StructLayout({"frac": unsigned(scale.mbits), "kb": exp, "zero": unsigned(1), "sign": unsigned(1)})

@@ -356,7 +356,9 @@ def option_row(name: str, w, act_ms, options=DEFAULT_OPTIONS, sop4_kw: dict | No
             if density > 0:
                 if len(base_res.stream.sparse):
                     raise ValueError("the stream already carries sparse entries")
-                sp = sparse_residuals(w, base_res.recon, int(round(density * w.size)), act_ms)
+                # a density of the layer's real weights, not of its zero padding (whose residuals are 0)
+                real = w.shape[0] * (w.shape[1] if cols is None else cols)
+                sp = sparse_residuals(w, base_res.recon, int(round(density * real)), act_ms)
                 out.entries[i] = sp
                 out.costs[i] = (dataclasses.replace(base_res.stream, sparse=sp).bits,
                                 weighted_error(w, base_res.recon, act_ms, sparse=sp))

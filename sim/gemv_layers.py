@@ -29,10 +29,10 @@ from sop import toolenv
 from sop.golden import dot
 from sop.golden.layout import LayerStream, Sparse, pack_blocks
 from sop.golden.points import get_point
+from sop.quantize.weights import QUERY_LAYER
 
 E4M3 = dot.ACT_FORMATS["e4m3"]
 BF16 = dot.FORMATS["bf16"]
-QUERY = "encoder.layer.0.attention.self.query.weight"
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 #: E4M3 codes the corner vectors draw from: +-0, subnormals, the smallest normal, +-448 (the largest)
 SPECIAL_CODES = [0x00, 0x80, 0x01, 0x81, 0x02, 0x05, 0x87, 0x07, 0x08, 0x88, 0x7E, 0xFE]
@@ -55,7 +55,7 @@ def minilm_activations(act: str = "e4m3") -> np.ndarray:
         from sop.quantize.models import minilm_folder
 
         seen = []
-        Bert(minilm_folder()).embed([SENTENCE], hook=lambda name, x: seen.append(x) if name == QUERY else None)
+        Bert(minilm_folder()).embed([SENTENCE], hook=lambda name, x: seen.append(x) if name == QUERY_LAYER else None)
         if fmt is E4M3:
             codes = E4M3.encode(np.clip(seen[0], -E4M3.max, E4M3.max)).astype(np.uint8)
         else:
@@ -74,7 +74,7 @@ def minilm_layers(point: str, rows: int | None) -> tuple[LayerStream, LayerStrea
     from sop.quantize.sparse import add_sparse
     from sop.quantize.weights import minilm_linear_weights
 
-    w = minilm_linear_weights()[QUERY].astype(np.float32)
+    w = minilm_linear_weights()[QUERY_LAYER].astype(np.float32)
     fmt = get_quant_format(point)
     plain = fmt.quantize(w if rows is None else w[:rows]).stream
     head = w[:40]

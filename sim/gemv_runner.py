@@ -100,7 +100,8 @@ from sop import toolenv
 from sop.golden.layout import LayerStream
 from sop.hdl import gemv, gemv_config
 from sop.hdl.gemv_config import GemvConfig
-from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, QUERY, SINGLE_BIT_ROWS, adder_sticky_layer, corner_layers,
+from sop.quantize.weights import QUERY_LAYER
+from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, SINGLE_BIT_ROWS, adder_sticky_layer, corner_layers,
                                  deep_cancel_layer, finite_codes, lane_align_layer, minilm_activations, minilm_layers,
                                  random_layer, reused_table_layers, subnormal_barrier_layer, subnormal_block_layers,
                                  swap_layers, term_rounding_layer, terms_alone_layer, top_offset_layer,
@@ -194,7 +195,7 @@ def timing_job(cfg: GemvConfig, point: str, x: np.ndarray, latency: int, seed: i
     settle = random_layer(point, cfg.tile, 2 * cfg.group, rng, offset=0)
     plain, _ = minilm_layers(point, 2 * cfg.tile)
     layers = [layer_entry(cfg, "timing-settle", settle, [finite_codes(cfg.act_format, rng, 2 * cfg.group)]),
-              layer_entry(cfg, f"{QUERY}[:{plain.rows}]", plain, x[TIMING_TOKENS])]
+              layer_entry(cfg, f"{QUERY_LAYER}[:{plain.rows}]", plain, x[TIMING_TOKENS])]
     if cfg.act_format is BF16:
         edge = np.random.default_rng([seed, 24])
         layers += [layer_entry(cfg, "window-edge-fast", *window_edge_fast_layer(point, edge, cfg.tile)),
@@ -212,8 +213,8 @@ def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) 
     s = SIZES[size]
     x = minilm_activations(cfg.act)
     plain, sparse = minilm_layers(point, s["rows"])
-    minilm = [layer_entry(cfg, f"{QUERY}[:{plain.rows}]", plain, x[s["tokens"]]),
-              layer_entry(cfg, f"{QUERY}[:40]+2%sparse", sparse, x[s["sparse_tokens"]])]
+    minilm = [layer_entry(cfg, f"{QUERY_LAYER}[:{plain.rows}]", plain, x[s["tokens"]]),
+              layer_entry(cfg, f"{QUERY_LAYER}[:40]+2%sparse", sparse, x[s["sparse_tokens"]])]
     corners = [layer_entry(cfg, name, layer, v) for name, layer, v in corner_layers(point, rng, cfg.act_format)]
     if cfg.act_format is BF16:
         # the term unit's rounding (after every other draw, from a generator of its own: the plan's

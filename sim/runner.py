@@ -45,6 +45,7 @@ from sop.golden.files import write_atomic
 from sop.golden.points import OperatingPoint, config_point, operating_points
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
 from sop.hdl.generate import module_name
+from sop.quantize.weights import FFN_OUT_LAYER, QUERY_LAYER
 from sop.sim import sim_env
 
 SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
@@ -140,8 +141,7 @@ def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
             art, names = sparse_artifact(fmt)
             make_vectors(str(art), fmt, names[:1] if quick else names[:2], out, rows=rows)
             return out
-        layers = ["encoder.layer.0.attention.self.query.weight"] if quick else \
-            ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.output.dense.weight"]
+        layers = [QUERY_LAYER] if quick else [QUERY_LAYER, FFN_OUT_LAYER]
         make_vectors("minilm", fmt, layers, out, rows=rows)
     return out
 

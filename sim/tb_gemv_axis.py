@@ -56,6 +56,7 @@ from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStream
 from sop import toolenv
 from sop.hdl import axis, gemv_axis
 from sop.hdl.gemv_config import GemvConfig
+from sop.quantize.weights import QUERY_LAYER
 from sop.sim import read_plan, write_report
 from sop.sim.tb_axis import MISMATCHES_LOGGED, monitor_out_of_reset, pauses
 
@@ -82,7 +83,7 @@ def plan_for(cfg: GemvConfig, size: str) -> dict:
     x = gemv_layers.minilm_activations(cfg.act)
     plain, sparse = gemv_layers.minilm_layers(point, rows)
     head = plain if rows == 40 else gemv_layers.minilm_layers(point, 40)[0]
-    q = gemv_layers.QUERY
+    q = QUERY_LAYER
     layers = [layer_entry(cfg, f"{q}[:{plain.rows}]", plain, x[plain_tokens]),
               layer_entry(cfg, f"{q}[:40]+2%sparse", sparse, x[sparse_tokens]),
               layer_entry(cfg, f"{q}[:40]", head, x[last_tokens])]

@@ -55,8 +55,8 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.golden.files import (OutputError, check_output, input_file, nearest_existing, signals_as_interrupts,
                                   write_atomic)
     from sop.golden.codebooks import codebook_names, get_codebook
-    from sop.golden.formats import (ELEMENT_FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat, UnknownFormat,
-                                    get_format)
+    from sop.golden.formats import (ELEMENT_FORMATS, FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat,
+                                    UnknownFormat, get_format)
     from sop.golden.hif import DEFAULT_HIF
     from sop.golden.points import board_points, operating_points, vector_points
     from sop.quantize.calib import DEFAULT_CACHE, CalibSize
@@ -105,21 +105,33 @@ def _quantizers() -> list[dict]:
 def codebook_doc(name: str) -> dict:
     """Values in code order (null for NaN, the strings "inf" and "-inf" for the infinities: JSON has
     no number for them) and, for the tables a LUT holds, their HIF codes."""
+    import numpy as np
+
     key = name.lower()
+    note = None
     if key in codebook_names():
         cb = get_codebook(key)          # dd4 raises: it has no fixed table
         values, hif = cb.values, cb.hif_codes.tolist()
+        if key in FORMATS and not np.array_equal(values, FORMATS[key].values, equal_nan=True):
+            # int4: the codebook is sign-magnitude (-0 at code 8), the element format two's complement
+            note = (f"{key} is also an element format ({_describe(FORMATS[key]).get('kind', 'a float')}, "
+                    f"`sop formats --json`); this is the codebook")
+    elif key == DEFAULT_HIF.name:
+        values, hif = DEFAULT_HIF.values, None
     else:
         try:
             fmt = get_format(key)
         except UnknownFormat:
-            raise ValueError(f"unknown codebook or format {name!r}; codebooks: "
-                             f"{', '.join(codebook_names())}; formats: "
-                             f"{', '.join(ELEMENT_FORMATS)}") from None
+            raise ValueError(f"unknown codebook or format {name!r}; codebooks: {', '.join(codebook_names())}; "
+                             f"formats: {', '.join(FORMATS)}, {DEFAULT_HIF.name}, or any eNmM, ueNmM, "
+                             f"eNmMbB (docs/formats.md, section 2)") from None
         values, hif = fmt.values, None  # a number format, not a LUT table
-    return {"name": key, "bits": int(math.log2(len(values))),
-            "values": [None if math.isnan(v) else float(v) if math.isfinite(v) else f"{v:g}" for v in values],
-            "hif": hif, "hif_format": DEFAULT_HIF.name}
+    doc = {"name": key, "bits": int(math.log2(len(values))),
+           "values": [None if math.isnan(v) else float(v) if math.isfinite(v) else f"{v:g}" for v in values],
+           "hif": hif, "hif_format": DEFAULT_HIF.name}
+    if note:
+        doc["note"] = note
+    return doc
 
 
 def _print_table(rows: list[dict], keys: list[str]) -> None:
@@ -155,6 +167,8 @@ def cmd_codebook(args) -> int:
         print(json.dumps(doc, indent=1, allow_nan=False))
     else:
         print(f"{doc['name']}: {doc['bits']} bits, LUT format {doc['hif_format']}")
+        if "note" in doc:
+            print(f"note: {doc['note']}")
         for code, v in enumerate(doc["values"]):
             h = doc["hif"][code] if doc["hif"] is not None else "-"
             print(f"  {code:3d}  {v!s:>24}  hif {h}")

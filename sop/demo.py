@@ -36,11 +36,12 @@ import numpy as np
 from sop.golden.files import write_atomic
 from sop.golden.decoder import decode_layer
 from sop.golden.layout import pack_layer, unpack_layer
+from sop.quantize.weights import FFN_OUT_LAYER
 
 OUT_DIR = Path("build/demo")
 FORMATS = ["fp8-e4m3-pot", "nf4-g64", "nvfp4", "if4", "e2m3-ue4m4-g16", "sop4-g16", "sop-budget"]
 BUDGET = 5.0
-DEMO_LAYER = "encoder.layer.0.output.dense.weight"      # the layer with the 7.9 outlier
+DEMO_LAYER = FFN_OUT_LAYER                                # the layer with the 7.9 outlier
 
 
 def _step(title: str) -> None:

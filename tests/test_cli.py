@@ -70,6 +70,26 @@ def test_unknown_names_list_the_valid_ones(capsys):
     assert main(["codebook", "nf5"]) == 2
     err = capsys.readouterr().err
     assert "nf4" in err and "e2m3" in err
+    assert "ue3m3" in err and "bf16" in err and "hif-e3m6b5" in err and "eNmM" in err   # the scale formats too
+
+
+def test_codebook_prints_hif_and_says_which_int4_it_is(capsys):
+    """The LUT's output format is printable; ``int4`` names two tables (formats.md sections 2 and 5):
+    the codebook (sign-magnitude, -0 at code 8) wins, and says so; e2m1, the same table both ways,
+    gets no note."""
+    doc = run_json(capsys, "codebook", "hif-e3m6b5", "--json")
+    assert doc["bits"] == 10 and doc["values"][1] == 2.0 ** -10 and doc["values"][511] == 7.9375
+    doc = run_json(capsys, "codebook", "int4", "--json")
+    assert doc["values"][8] == -0.0 and str(doc["values"][8]) == "-0.0" and "two's complement" in doc["note"]
+    assert "note" not in run_json(capsys, "codebook", "e2m1", "--json")
+
+
+def test_formats_lists_every_scale_format_of_the_docs_and_no_signed_one(capsys):
+    """docs/formats.md section 3's table, row for row: every scale a block layout accepts (unsigned)."""
+    doc = run_json(capsys, "formats", "--json")
+    assert [f["name"] for f in doc["scale"]] == ["ue8m0", "ue4m3", "ue4m4", "ue5m3", "ue3m3", "ue2m4", "ue4m2",
+                                                 "ue5m1"]
+    assert not any(f["signed"] for f in doc["scale"])
 
 
 def test_demo_runs_on_real_layers(capsys):

@@ -20,7 +20,6 @@ ORACLES = [
     ("e3m2", ml_dtypes.float6_e3m2fn, np.uint8),
     ("e4m3", ml_dtypes.float8_e4m3fn, np.uint8),
     ("e5m2", ml_dtypes.float8_e5m2, np.uint8),
-    ("se4m3", ml_dtypes.float8_e4m3fn, np.uint8),
     ("ue8m0", ml_dtypes.float8_e8m0fnu, np.uint8),
     ("bf16", ml_dtypes.bfloat16, np.uint16),
     # The parametric class covers ml_dtypes' IEEE-style 8-bit floats too.

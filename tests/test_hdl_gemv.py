@@ -37,6 +37,7 @@ from sop.hdl.gemv import GemvEngine
 from sop.hdl.gemv_config import GemvConfig, gemv_configs
 from sop.hdl.gemv_sequencer import BlockSequencer
 from sop.hdl.gemv_term import ResidualTerm
+from sop.quantize.weights import QUERY_LAYER
 
 import mutants
 
@@ -398,7 +399,6 @@ def test_the_checks_catch_a_broken_residual_path():
 
 # -- a real layer -------------------------------------------------------------------------------------------
 
-QUERY = "encoder.layer.0.attention.self.query.weight"
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +411,7 @@ def minilm_query():
 
     from sop.quantize.sparse import add_sparse
 
-    w = minilm_linear_weights()[QUERY][:40].astype(np.float32)
+    w = minilm_linear_weights()[QUERY_LAYER][:40].astype(np.float32)
     res = get_quant_format("sop4-g16").quantize(w)
     # and with sparse residuals at the knapsack's SOP4 density, 2 % (quantize/sparse.py)
     return res.stream, add_sparse(res.stream, w, res.recon, int(0.02 * w.size))[0], real_inputs()
@@ -425,7 +425,7 @@ def real_inputs() -> np.ndarray:
 
     seen = []
     Bert(minilm_folder()).embed(["The quick brown fox jumps over the lazy dog."],
-                                hook=lambda name, x: seen.append(x) if name == QUERY else None)
+                                hook=lambda name, x: seen.append(x) if name == QUERY_LAYER else None)
     return E4M3.quantize(np.clip(seen[0], -E4M3.max, E4M3.max)).astype(np.float32)
 
 
@@ -438,7 +438,7 @@ def test_whole_minilm_query_layer():
     from sop.quantize.schemes import get_quant_format
     from sop.quantize.weights import minilm_linear_weights
 
-    layer = get_quant_format("sop4-g16").quantize(minilm_linear_weights()[QUERY].astype(np.float32)).stream
+    layer = get_quant_format("sop4-g16").quantize(minilm_linear_weights()[QUERY_LAYER].astype(np.float32)).stream
     x = real_inputs()
     check(GemvEngine(config(max_cols=512, max_rows=1023)), [Job(layer, x[[2, 7]])], seed=6, p_idle=0.1,
           p_stall=0.1, max_cycles=400_000)

@@ -33,6 +33,7 @@ from sop.hdl.gemv import GemvEngine
 from sop.hdl.gemv_config import GemvConfig, gemv_configs
 from sop.hdl.gemv_sequencer import BlockSequencer
 from sop.hdl.gemv_term import ResidualTermBF16
+from sop.quantize.weights import QUERY_LAYER
 
 from test_hdl_gemv import Job, check, no_bubble, random_layer, rows_wrong, with_residuals
 from test_hdl_gemv import run_terms as run_gemv_terms  # noqa: E402  (the shared term bench)
@@ -306,7 +307,6 @@ def dot_slow_blocks(layer: LayerStream, x) -> int:
 
 # -- a real layer -------------------------------------------------------------------------------------------
 
-QUERY = "encoder.layer.0.attention.self.query.weight"
 
 
 @pytest.fixture(scope="module")
@@ -320,11 +320,11 @@ def minilm_query():
     from sop.quantize.sparse import add_sparse
     from sop.quantize.weights import minilm_linear_weights
 
-    w = minilm_linear_weights()[QUERY][:40].astype(np.float32)
+    w = minilm_linear_weights()[QUERY_LAYER][:40].astype(np.float32)
     res = get_quant_format("sop4-g16").quantize(w)
     seen = []
     Bert(minilm_folder()).embed(["The quick brown fox jumps over the lazy dog."],
-                                hook=lambda name, x: seen.append(x) if name == QUERY else None)
+                                hook=lambda name, x: seen.append(x) if name == QUERY_LAYER else None)
     x = BF16.quantize(seen[0]).astype(np.float32)
     return res.stream, add_sparse(res.stream, w, res.recon, int(0.02 * w.size))[0], x
 

@@ -198,3 +198,19 @@ def test_the_fp8_option_of_a_padded_layer_costs_what_it_stores(jobs):
         assert got.bits == 8 * r * c + 8 == fp8_e4m3_pot(w).bits
         np.testing.assert_array_equal(got.recon, fp8_e4m3_pot(w).recon)
     assert res.solution.bits == sum(8 * w.size + 8 for w, _ in layers.values())
+
+
+@pytest.mark.parametrize("jobs", [False, True], ids=["here", "as a worker measures it"])
+def test_a_sparse_density_counts_the_real_weights_not_the_padding(jobs):
+    """``+sp0.5%`` of a 16 x 40 layer keeps round(0.005 * 640) = 3 entries: the layer is padded to 48
+    columns (three 16-wide blocks), and 0.5 % of the padded 768 would be 4 (which the option did)."""
+    from sop.quantize import schemes
+
+    rng = np.random.default_rng(5)
+    layers = {"a": (rng.standard_normal((16, 40)), None), "b": (rng.standard_normal((8, 96)), None)}
+    opts = ("sop4-g16", "sop4-g16+sp0.5%")
+    rows = [schemes.budget_row(n, w, a, options=opts) for n, (w, a) in layers.items()] if jobs else None
+    res = schemes.quantize_sop_budget(layers, 1e9, rows=rows, options=opts)     # the dearer option
+    for name, (w, _) in layers.items():
+        assert res.choice[name] == "sop4-g16+sp0.5%"
+        assert len(res.results[name].stream.sparse) == round(0.005 * w.size), name   # 3 and 4 (3.84)

@@ -143,7 +143,7 @@ def test_unpack_blocks_refuses_a_partial_block():
 def test_invalid_layouts_and_streams_are_refused():
     with pytest.raises(ValueError, match="block size 12"):
         BlockLayout(4, 12, get_format("ue4m4"))
-    with pytest.raises(ValueError, match="unsigned"):
+    with pytest.raises(ValueError, match="scale format e4m3 is signed: a block scale is an unsigned magnitude"):
         BlockLayout(4, 16, get_format("e4m3"))
     with pytest.raises(ValueError, match="whole bytes"):
         BlockLayout(4, 16, get_format("ue4m3"))            # 7-bit header + 64 bits

@@ -146,6 +146,14 @@ def test_the_wheel_holds_real_files_of_every_folder(installed):
     assert not (installed.site / "sop" / "golden").is_symlink()
 
 
+def test_the_wheel_version_is_the_package_version(installed):
+    """pyproject's version is dynamic: the wheel's name and metadata carry sop.__version__."""
+    import sop
+    assert installed.wheel.name.startswith(f"sop_decoder-{sop.__version__}-"), installed.wheel.name
+    r = installed.run("python", "-c", "import importlib.metadata as m; print(m.version('sop-decoder'))")
+    assert r.stdout.strip() == sop.__version__
+
+
 def test_sop_comes_from_the_wheel(installed):
     r = installed.run("python", "-c",
                       "import sys, sop, sop.golden.codebooks, sop.synth; from sop import toolenv; "

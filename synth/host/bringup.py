@@ -56,6 +56,7 @@ from sop.golden.layout import LayerStream, Sparse
 from sop.golden.points import board_points, get_point
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
+from sop.quantize.weights import ATTENTION_OUT_LAYER
 from sop.sim.stimulus import from_stream
 from sop.synth import wire
 from sop.synth.wire import Status
@@ -66,7 +67,7 @@ from .client import BoardLink
 SIM_DIVISOR = 4                                    # simulated UART: clock cycles a bit
 SIM_STALL = 4096                                   # simulated board: cycles without decoder progress
 SIM_ROWS = 96                                      # `make sim`: rows of the layer (about 3.5 min of CPU)
-SIM_LAYER = "encoder.layer.0.attention.output.dense.weight"   # sop-budget stores it with sparse entries
+SIM_LAYER = ATTENTION_OUT_LAYER                    # sop-budget stores it with sparse entries
 
 
 class BoardConfigError(RuntimeError):
@@ -139,7 +140,7 @@ class BoardResult:
         return "SPARSE ERROR" if self.sparse_errors else "OK"
 
 
-class _Metered:
+class MeteredTransport:
     """A transport that counts the bytes going both ways (the throughput over the wire)."""
 
     def __init__(self, inner):
@@ -329,7 +330,7 @@ def run_board(transport, stream: LayerStream, fmt: str, *, name: str = "", timeo
     the host's check (``check_sparse``), to show the board's own."""
     if check_table:
         check_sparse(stream, name)             # before a byte is sent
-    meter = _Metered(transport)
+    meter = MeteredTransport(transport)
     link = BoardLink(meter, timeout=timeout)
     st = link.status()
     cfg = check_status(st, fmt)

@@ -65,10 +65,11 @@ from sop.argtypes import number, positive
 from sop.golden import dot
 from sop.golden.layout import LayerStream
 from sop.golden.points import board_points
+from sop.quantize.weights import QUERY_LAYER
 from sop.synth.wire import Err, GemvStatus, Status
 
 from . import bringup, client
-from .bringup import BOARD_FAILURES, BoardConfigError, _Metered
+from .bringup import BOARD_FAILURES, BoardConfigError, MeteredTransport
 from .client import BoardLink
 
 E4M3 = dot.ACT_FORMATS["e4m3"]
@@ -79,7 +80,7 @@ SIM_BOARD = "ulx3s"                                           # --sim's default 
 # `make sim`'s rows: one tile of the ULX3S's engine (hdl.gemv_config.MIN_TILE, 17 rows: 4 tiles and one row
 # of the iCEBreaker's, whose tiles are 4); two tiles took about 6 min of CPU
 SIM_ROWS = 17
-SIM_LAYER = "encoder.layer.0.attention.self.query.weight"
+SIM_LAYER = QUERY_LAYER
 SPARSE_ROWS = 3                                               # `make sim`'s sop-budget slice (6 entries, 15 sent)
 NO_ENGINE = ("this board has no GEMV engine (it answers GEMV_STATUS with UNKNOWN_CMD): the ULX3S core has "
              "one beside its decoder, the iCEBreaker's decoder core has none (the iCE40UP5K cannot hold both: "
@@ -257,7 +258,7 @@ def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "",
     if check:
         check_x(codes, stream.cols)            # before a byte is sent
         bringup.check_sparse(stream, name)
-    meter = _Metered(transport)
+    meter = MeteredTransport(transport)
     link = BoardLink(meter, timeout=timeout)
     st = link.status()
     bringup.check_point(st, fmt)
