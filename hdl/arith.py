@@ -140,8 +140,15 @@ def _chunk_lz(value):
     return lz
 
 
+def model(a, b) -> np.ndarray:
+    """The multiplier's product (unsigned integers)."""
+    return np.asarray(a, dtype=np.int64) * np.asarray(b, dtype=np.int64)
+
+
 class PipelinedMultiplier(wiring.Component):
     """``p = a * b`` (unsigned), ``stages(b_bits)`` cycles after ``a``, ``b`` with ``en`` high."""
+
+    model = staticmethod(model)
 
     def __init__(self, a_bits: int, b_bits: int):
         self.a_bits, self.b_bits = a_bits, b_bits
@@ -175,11 +182,3 @@ class PipelinedMultiplier(wiring.Component):
         assert len(terms) == 1, "the adder tree must end in one sum after its levels"
         m.d.comb += self.p.eq(terms[0][0])
         return m
-
-
-def model(a, b) -> np.ndarray:
-    """The multiplier's product (unsigned integers)."""
-    return np.asarray(a, dtype=np.int64) * np.asarray(b, dtype=np.int64)
-
-
-PipelinedMultiplier.model = staticmethod(model)

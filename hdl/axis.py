@@ -155,9 +155,74 @@ def widths(cfg: DecoderConfig) -> dict[str, int]:
     return out
 
 
+# -- the beat-level model (golden/ only) ----------------------------------------------------------
+def block_beats(cfg: DecoderConfig, headers, codes) -> list[tuple[int, int]]:
+    """``s_axis`` beats ``(tdata, tlast)`` of one layer's blocks (whole beats: stimulus.pad_to_beats)."""
+    beats = reference.input_beats(cfg, headers, codes)
+    return [(b, int(i == len(beats) - 1)) for i, b in enumerate(beats)]
+
+
+def load_word(cfg: DecoderConfig, *, bank: int = 0, addr: int = 0, data: int = 0, offset: bool = False,
+              sparse: bool = False) -> int:
+    if sparse and not (offset and cfg.residuals):
+        raise ValueError("the sparse flag goes on the offset word of a configuration with residuals")
+    f = load_fields(cfg)
+    return (bank * CTRL_BANK | offset * CTRL_OFFSET | sparse * CTRL_SPARSE) | (addr << f["addr"][0]) \
+        | (data << f["data"][0])
+
+
+def load_beats(cfg: DecoderConfig, luts, offset: int, sparse: bool = False) -> list[tuple[int, int]]:
+    """``s_axis_load`` beats ``(tdata, tlast)`` of one layer: every table word (bank, then
+    address), then the offset word with TLAST (and ``CTRL_SPARSE`` when the layer has entries)."""
+    words = [load_word(cfg, bank=b, addr=a, data=int(luts[b][a]))
+             for b in range(len(luts)) for a in range(len(luts[b]))]
+    words.append(load_word(cfg, data=int(offset) & 0xFF, offset=True, sparse=sparse))
+    return [(w, int(i == len(words) - 1)) for i, w in enumerate(words)]
+
+
+def sparse_beats(index, values) -> list[tuple[int, int]]:
+    """``s_axis_sparse`` beats ``(tdata, tlast)`` of one layer's entries: the flat index in bytes
+    0-3, the BF16 value in bytes 4-5, TLAST on the last (no beats for a layer without entries)."""
+    n = len(index)
+    return [((int(i) & 0xFFFF_FFFF) | (int(v) & 0xFFFF) << (8 * SPARSE_INDEX_BYTES), int(k == n - 1))
+            for k, (i, v) in enumerate(zip(index, values))]
+
+
+def pack_lanes(cfg: DecoderConfig, words) -> int:
+    """``m_axis`` TDATA of one output beat: lane words, each zero-extended to ``lane_bytes``."""
+    lb = 8 * lane_bytes(cfg)
+    return sum(int(v) << (i * lb) for i, v in enumerate(words))
+
+
+def model(cfg: DecoderConfig, layers) -> list[tuple[int, int]]:
+    """``m_axis`` beats ``(tdata, tlast)`` owed for ``layers``, each ``(luts, offset, headers,
+    codes)``, or ``(luts, offset, headers, codes, index, values)`` with sparse entries, loaded
+    and streamed in turn: golden's values (hdl.reference; with entries
+    hdl.residual.expected_words, golden.decoder's residual sum), TLAST on each layer's last beat."""
+    out = []
+    for luts, offset, headers, codes, *entries in layers:
+        if entries and len(entries[0]):
+            from .residual import expected_words
+
+            words = expected_words(cfg, luts, offset, headers, codes, *entries)
+            beats = [words[i:i + cfg.lanes] for i in range(0, len(words), cfg.lanes)]
+        else:
+            beats = reference.expected_beats(cfg, luts, offset, headers, codes)
+        out += [(pack_lanes(cfg, b), int(i == len(beats) - 1)) for i, b in enumerate(beats)]
+    return out
+
+
+def to_bytes(beats, data_bits: int) -> bytes:
+    """The bytes of a packet of beats (each ``(tdata, tlast)``), beat 0 first, byte 0 of each
+    beat its TDATA[7:0]: what an AXI4-Stream BFM sends or receives."""
+    return b"".join(int(d).to_bytes(data_bits // 8, "little") for d, _ in beats)
+
+
 # -- the shell ------------------------------------------------------------------------------------
 class AxisDecoder(wiring.Component):
     """The decoder behind AXI4-Stream interfaces, in the ``sync`` domain (see the module docstring)."""
+
+    model = staticmethod(model)
 
     def __init__(self, config: DecoderConfig, *, decoder=None, tlast_depth: int | None = None):
         self.config = config
@@ -268,6 +333,8 @@ class AxisTop(wiring.Component):
     """``AxisDecoder`` with AXI's ``aclk`` and ``aresetn`` (active low, synchronous) as ports: the
     top of ``NAME_axis.v``. ``ports()`` names its Verilog ports as AMBA does (``s_axis_tdata``)."""
 
+    model = staticmethod(model)
+
     def __init__(self, config: DecoderConfig, *, core: AxisDecoder | None = None, **kwargs):
         # core: the shell used (tests put a broken one in); kwargs: AxisDecoder's
         self.config = config
@@ -292,69 +359,3 @@ class AxisTop(wiring.Component):
         if self.config.residuals:
             m.d.comb += self.sparse_error.eq(core.sparse_error)
         return m
-
-
-# -- the beat-level model (golden/ only) ----------------------------------------------------------
-def block_beats(cfg: DecoderConfig, headers, codes) -> list[tuple[int, int]]:
-    """``s_axis`` beats ``(tdata, tlast)`` of one layer's blocks (whole beats: stimulus.pad_to_beats)."""
-    beats = reference.input_beats(cfg, headers, codes)
-    return [(b, int(i == len(beats) - 1)) for i, b in enumerate(beats)]
-
-
-def load_word(cfg: DecoderConfig, *, bank: int = 0, addr: int = 0, data: int = 0, offset: bool = False,
-              sparse: bool = False) -> int:
-    if sparse and not (offset and cfg.residuals):
-        raise ValueError("the sparse flag goes on the offset word of a configuration with residuals")
-    f = load_fields(cfg)
-    return (bank * CTRL_BANK | offset * CTRL_OFFSET | sparse * CTRL_SPARSE) | (addr << f["addr"][0]) \
-        | (data << f["data"][0])
-
-
-def load_beats(cfg: DecoderConfig, luts, offset: int, sparse: bool = False) -> list[tuple[int, int]]:
-    """``s_axis_load`` beats ``(tdata, tlast)`` of one layer: every table word (bank, then
-    address), then the offset word with TLAST (and ``CTRL_SPARSE`` when the layer has entries)."""
-    words = [load_word(cfg, bank=b, addr=a, data=int(luts[b][a]))
-             for b in range(len(luts)) for a in range(len(luts[b]))]
-    words.append(load_word(cfg, data=int(offset) & 0xFF, offset=True, sparse=sparse))
-    return [(w, int(i == len(words) - 1)) for i, w in enumerate(words)]
-
-
-def sparse_beats(index, values) -> list[tuple[int, int]]:
-    """``s_axis_sparse`` beats ``(tdata, tlast)`` of one layer's entries: the flat index in bytes
-    0-3, the BF16 value in bytes 4-5, TLAST on the last (no beats for a layer without entries)."""
-    n = len(index)
-    return [((int(i) & 0xFFFF_FFFF) | (int(v) & 0xFFFF) << (8 * SPARSE_INDEX_BYTES), int(k == n - 1))
-            for k, (i, v) in enumerate(zip(index, values))]
-
-
-def pack_lanes(cfg: DecoderConfig, words) -> int:
-    """``m_axis`` TDATA of one output beat: lane words, each zero-extended to ``lane_bytes``."""
-    lb = 8 * lane_bytes(cfg)
-    return sum(int(v) << (i * lb) for i, v in enumerate(words))
-
-
-def model(cfg: DecoderConfig, layers) -> list[tuple[int, int]]:
-    """``m_axis`` beats ``(tdata, tlast)`` owed for ``layers``, each ``(luts, offset, headers,
-    codes)``, or ``(luts, offset, headers, codes, index, values)`` with sparse entries, loaded
-    and streamed in turn: golden's values (hdl.reference; with entries
-    hdl.residual.expected_words, golden.decoder's residual sum), TLAST on each layer's last beat."""
-    out = []
-    for luts, offset, headers, codes, *entries in layers:
-        if entries and len(entries[0]):
-            from .residual import expected_words
-
-            words = expected_words(cfg, luts, offset, headers, codes, *entries)
-            beats = [words[i:i + cfg.lanes] for i in range(0, len(words), cfg.lanes)]
-        else:
-            beats = reference.expected_beats(cfg, luts, offset, headers, codes)
-        out += [(pack_lanes(cfg, b), int(i == len(beats) - 1)) for i, b in enumerate(beats)]
-    return out
-
-
-AxisDecoder.model = AxisTop.model = staticmethod(model)
-
-
-def to_bytes(beats, data_bits: int) -> bytes:
-    """The bytes of a packet of beats (each ``(tdata, tlast)``), beat 0 first, byte 0 of each
-    beat its TDATA[7:0]: what an AXI4-Stream BFM sends or receives."""
-    return b"".join(int(d).to_bytes(data_bits // 8, "little") for d, _ in beats)

@@ -94,7 +94,81 @@ class GroupIssueSignature(wiring.Signature):
                           "write_page": Out(config.regions)})
 
 
+def model(config: DecoderConfig, beats, swap, valid, en) -> dict[str, np.ndarray]:
+    """Cycle model: the outputs in every cycle ``t`` from the inputs of that cycle.
+
+    Inputs per cycle: the offered beat ``beats[t]`` (an integer, as the payload's ``blocks``
+    field), its ``swap[t]``, ``blocks.valid`` ``valid[t]`` and the enable ``en[t]``. Returns per
+    cycle ``ready``, ``valid``, ``write_page``, per lane ``addr``, ``bank``, ``page`` (T, N) and per
+    lane group the ``scale_decoder.model`` fields of its block and ``group_page`` (T, groups); lane
+    and group values are 0 where ``valid`` is 0.
+
+    The contract, without the hardware's ``take`` register: a beat is taken on an enabled
+    cycle when stage 0 is empty or issues its block's last codes; a taken beat with ``swap``
+    flips the active page; it then issues chunk ``c = 0 .. C - 1`` on successive enabled cycles.
+    ``write_page`` is the other page than the newest taken beat's. A wide decoder (``config.wide``)
+    holds a beat taken in cycle ``t`` in its input register in cycle ``t + 1``, and stage 0 takes it
+    at that edge: ``ready[t]`` is ``en[t + 1]`` and the take of cycle ``t + 1`` (0 in the last cycle)."""
+    cfg, lay = config, config.layout
+    N, g, B, C = cfg.lanes, lay.group, cfg.blocks_per_beat, cfg.beats_per_block
+    n_groups = rep.groups(N)
+    per_group = N // n_groups
+    T = len(valid)
+    z = lambda *shape: np.zeros(shape, dtype=np.int64)        # noqa: E731
+    out = {"ready": z(T), "valid": z(T), "write_page": z(T), "addr": z(T, N), "bank": z(T, N),
+           "page": z(T, N), "group_page": z(T, n_groups)}
+    fields = {name: z(T, n_groups) for name in scale_decoder.fields(cfg).members}
+    lane_block = np.array([i // g if B > 1 else 0 for i in range(N)])
+    group_block = lane_block[np.arange(n_groups) * per_group]
+    cur, chunk, active, pre = None, 0, 0, None     # pre: the beat in the input register (``config.wide``)
+    for t in range(T):
+        take = cur is None or chunk == C - 1
+        out["ready"][t], out["write_page"][t] = int(bool(en[t]) and take), 1 - active
+        if cur is not None:
+            headers, codes, page = cur
+            _, _, select = lay.split_header(headers)
+            index = [i % g if B > 1 else i + chunk * N for i in range(N)]
+            out["valid"][t] = 1
+            out["addr"][t] = codes[lane_block, index]
+            out["bank"][t] = select[lane_block]
+            out["page"][t] = page
+            out["group_page"][t] = page
+            for name, v in scale_decoder.model(cfg, headers[group_block]).items():
+                if name in fields:
+                    fields[name][t] = v
+        if not cfg.wide:
+            if en[t]:
+                if take:
+                    cur, chunk = None, 0
+                    if valid[t]:
+                        active ^= int(swap[t])
+                        headers, codes = unpack_blocks(lay, int(beats[t]).to_bytes(cfg.beat_bits // 8, "little"))
+                        cur = (headers, codes, active)
+                else:
+                    chunk += 1
+            continue
+        # wide: stage 0 takes the input register's beat; the ready of this cycle is for the next
+        # edge (the enable and the take of the next cycle), so a beat taken now enters stage 0 then
+        assert pre is None or (en[t] and take), "the input register's beat must enter stage 0"
+        if en[t]:
+            if take:
+                cur, chunk = pre, 0
+            else:
+                chunk += 1
+        take_next = cur is None or chunk == C - 1
+        out["ready"][t] = int(t + 1 < T and bool(en[t + 1]) and take_next)
+        pre = None
+        if valid[t] and out["ready"][t]:
+            active ^= int(swap[t])
+            headers, codes = unpack_blocks(lay, int(beats[t]).to_bytes(cfg.beat_bits // 8, "little"))
+            pre = (headers, codes, active)
+    out.update({f"fields.{name}": v for name, v in fields.items()})
+    return out
+
+
 class BeatIssue(wiring.Component):
+    model = staticmethod(model)
+
     def __init__(self, config: DecoderConfig, *, mux=CodebookMux):
         # mux: the codebook mux class (tests replace it with a broken one)
         self.config, self._mux_cls = config, mux
@@ -319,78 +393,3 @@ class BeatIssue(wiring.Component):
                 m.d.comb += [rd.addr.eq(codes[:k]), rd.bank.eq(lane_bank), rd.page.eq(lane_page)]
         m.d.comb += self.valid.eq(self.region_valid[0])
         return m
-
-
-def model(config: DecoderConfig, beats, swap, valid, en) -> dict[str, np.ndarray]:
-    """Cycle model: the outputs in every cycle ``t`` from the inputs of that cycle.
-
-    Inputs per cycle: the offered beat ``beats[t]`` (an integer, as the payload's ``blocks``
-    field), its ``swap[t]``, ``blocks.valid`` ``valid[t]`` and the enable ``en[t]``. Returns per
-    cycle ``ready``, ``valid``, ``write_page``, per lane ``addr``, ``bank``, ``page`` (T, N) and per
-    lane group the ``scale_decoder.model`` fields of its block and ``group_page`` (T, groups); lane
-    and group values are 0 where ``valid`` is 0.
-
-    The contract, without the hardware's ``take`` register: a beat is taken on an enabled
-    cycle when stage 0 is empty or issues its block's last codes; a taken beat with ``swap``
-    flips the active page; it then issues chunk ``c = 0 .. C - 1`` on successive enabled cycles.
-    ``write_page`` is the other page than the newest taken beat's. A wide decoder (``config.wide``)
-    holds a beat taken in cycle ``t`` in its input register in cycle ``t + 1``, and stage 0 takes it
-    at that edge: ``ready[t]`` is ``en[t + 1]`` and the take of cycle ``t + 1`` (0 in the last cycle)."""
-    cfg, lay = config, config.layout
-    N, g, B, C = cfg.lanes, lay.group, cfg.blocks_per_beat, cfg.beats_per_block
-    n_groups = rep.groups(N)
-    per_group = N // n_groups
-    T = len(valid)
-    z = lambda *shape: np.zeros(shape, dtype=np.int64)        # noqa: E731
-    out = {"ready": z(T), "valid": z(T), "write_page": z(T), "addr": z(T, N), "bank": z(T, N),
-           "page": z(T, N), "group_page": z(T, n_groups)}
-    fields = {name: z(T, n_groups) for name in scale_decoder.fields(cfg).members}
-    lane_block = np.array([i // g if B > 1 else 0 for i in range(N)])
-    group_block = lane_block[np.arange(n_groups) * per_group]
-    cur, chunk, active, pre = None, 0, 0, None     # pre: the beat in the input register (``config.wide``)
-    for t in range(T):
-        take = cur is None or chunk == C - 1
-        out["ready"][t], out["write_page"][t] = int(bool(en[t]) and take), 1 - active
-        if cur is not None:
-            headers, codes, page = cur
-            _, _, select = lay.split_header(headers)
-            index = [i % g if B > 1 else i + chunk * N for i in range(N)]
-            out["valid"][t] = 1
-            out["addr"][t] = codes[lane_block, index]
-            out["bank"][t] = select[lane_block]
-            out["page"][t] = page
-            out["group_page"][t] = page
-            for name, v in scale_decoder.model(cfg, headers[group_block]).items():
-                if name in fields:
-                    fields[name][t] = v
-        if not cfg.wide:
-            if en[t]:
-                if take:
-                    cur, chunk = None, 0
-                    if valid[t]:
-                        active ^= int(swap[t])
-                        headers, codes = unpack_blocks(lay, int(beats[t]).to_bytes(cfg.beat_bits // 8, "little"))
-                        cur = (headers, codes, active)
-                else:
-                    chunk += 1
-            continue
-        # wide: stage 0 takes the input register's beat; the ready of this cycle is for the next
-        # edge (the enable and the take of the next cycle), so a beat taken now enters stage 0 then
-        assert pre is None or (en[t] and take), "the input register's beat must enter stage 0"
-        if en[t]:
-            if take:
-                cur, chunk = pre, 0
-            else:
-                chunk += 1
-        take_next = cur is None or chunk == C - 1
-        out["ready"][t] = int(t + 1 < T and bool(en[t + 1]) and take_next)
-        pre = None
-        if valid[t] and out["ready"][t]:
-            active ^= int(swap[t])
-            headers, codes = unpack_blocks(lay, int(beats[t]).to_bytes(cfg.beat_bits // 8, "little"))
-            pre = (headers, codes, active)
-    out.update({f"fields.{name}": v for name, v in fields.items()})
-    return out
-
-
-BeatIssue.model = staticmethod(model)

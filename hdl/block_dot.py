@@ -133,7 +133,42 @@ def code_fields(fmt: FloatFormat, code):
     return sign, Cat(mant, Const(1, 1)), e
 
 
+def _surrogate(layout: BlockLayout) -> BlockLayout:
+    """A layout like ``layout`` whose table holds ``g`` entries: one block's HIF codes become its LUT."""
+    if layout.group <= 1 << layout.code_bits:
+        return layout
+    return dataclasses.replace(layout, code_bits=6)
+
+
+def model(layout: BlockLayout, hif: FloatFormat, act, hif_codes, act_codes, scale, sign, offset) -> np.ndarray:
+    """``V_b`` (uint32 binary32 patterns, (n,)) of ``n`` blocks: ``hif_codes`` and ``act_codes`` (n, g),
+    ``scale``, ``sign``, ``offset`` (n,), by golden.dot.block_values.
+
+    Each block becomes a one-block layer stream whose LUT bank A holds the block's ``g`` HIF codes
+    at entries ``0 .. g-1`` (codes ``0 .. g-1``, selection bit 0, the block's header and offset), with
+    the block's activations: golden's exact sum and single rounding of exactly these products. One
+    call per block (a loop over blocks, not weights)."""
+    fmt = dot.act_format(act)
+    hif_codes, act_codes = (np.asarray(a, dtype=np.int64) for a in (hif_codes, act_codes))
+    scale, sign, offset = (np.broadcast_to(np.asarray(a, dtype=np.int64), (len(hif_codes),))
+                           for a in (scale, sign, offset))
+    lay = _surrogate(layout)
+    g = lay.group
+    x = fmt.decode(act_codes).astype(np.float32)
+    codes = np.arange(g, dtype=np.int64)[None, :]
+    out = np.empty(len(hif_codes), np.uint32)
+    for b in range(len(hif_codes)):
+        luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
+        luts[0, :g] = hif_codes[b]
+        header = lay.make_header(scale[b:b + 1], sign[b:b + 1], 0)
+        s = LayerStream(lay, hif, luts, int(offset[b]), 1, g, pack_blocks(lay, header, codes))
+        out[b] = dot.block_values(s, x[b], fmt).reshape(-1).view(np.uint32)[0]
+    return out
+
+
 class BlockDot(wiring.Component):
+    model = staticmethod(model)
+
     def __new__(cls, layout=None, hif=None, act="e4m3", *args, **kwargs):
         # BF16 activations: the window fast path and its exact fallback (hdl.block_dot_bf16)
         if cls is BlockDot and dot.act_format(act) is dot.ACT_FORMATS["bf16"]:
@@ -393,39 +428,3 @@ def round_fp32(m: Module, en, q, ebm1, zero, sign, zero_sign, round_up, name: st
     sat = word[23:] >= 255
     return stage_reg(m, en, f"{name}_out", Mux(zero, Cat(Const(0, 31), zero_sign),
                                                  Cat(Mux(sat, FP32_MAX_BITS, word[:31]), sign)), unsigned(32))
-
-
-def _surrogate(layout: BlockLayout) -> BlockLayout:
-    """A layout like ``layout`` whose table holds ``g`` entries: one block's HIF codes become its LUT."""
-    if layout.group <= 1 << layout.code_bits:
-        return layout
-    return dataclasses.replace(layout, code_bits=6)
-
-
-def model(layout: BlockLayout, hif: FloatFormat, act, hif_codes, act_codes, scale, sign, offset) -> np.ndarray:
-    """``V_b`` (uint32 binary32 patterns, (n,)) of ``n`` blocks: ``hif_codes`` and ``act_codes`` (n, g),
-    ``scale``, ``sign``, ``offset`` (n,), by golden.dot.block_values.
-
-    Each block becomes a one-block layer stream whose LUT bank A holds the block's ``g`` HIF codes
-    at entries ``0 .. g-1`` (codes ``0 .. g-1``, selection bit 0, the block's header and offset), with
-    the block's activations: golden's exact sum and single rounding of exactly these products. One
-    call per block (a loop over blocks, not weights)."""
-    fmt = dot.act_format(act)
-    hif_codes, act_codes = (np.asarray(a, dtype=np.int64) for a in (hif_codes, act_codes))
-    scale, sign, offset = (np.broadcast_to(np.asarray(a, dtype=np.int64), (len(hif_codes),))
-                           for a in (scale, sign, offset))
-    lay = _surrogate(layout)
-    g = lay.group
-    x = fmt.decode(act_codes).astype(np.float32)
-    codes = np.arange(g, dtype=np.int64)[None, :]
-    out = np.empty(len(hif_codes), np.uint32)
-    for b in range(len(hif_codes)):
-        luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
-        luts[0, :g] = hif_codes[b]
-        header = lay.make_header(scale[b:b + 1], sign[b:b + 1], 0)
-        s = LayerStream(lay, hif, luts, int(offset[b]), 1, g, pack_blocks(lay, header, codes))
-        out[b] = dot.block_values(s, x[b], fmt).reshape(-1).view(np.uint32)[0]
-    return out
-
-
-BlockDot.model = staticmethod(model)

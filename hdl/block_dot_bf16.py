@@ -62,7 +62,7 @@ from sop.golden.layout import OFFSET_RANGE
 from . import replica as rep
 from .arith import PipelinedMultiplier, shift_stages, stage_reg, trailing_zeros
 from .arith import delay as arith_delay
-from .block_dot import BlockDot, adder_tree, block_layout, code_fields, output_pipeline, round_fp32
+from .block_dot import BlockDot, adder_tree, block_layout, code_fields, model, output_pipeline, round_fp32
 
 #: Fraction bits of the window below the block's largest product (docs/dot.md section 7: no MiniLM
 #: block with real BF16 activations drops a bit at F = 28; 32 leaves margin).
@@ -84,6 +84,8 @@ def shift_right(m: Module, en, value, amount, name: str):
 
 
 class BlockDotBF16(BlockDot):
+    model = staticmethod(model)         # hdl.block_dot.model: BlockDot's value, bit for bit
+
     #: The slow result waits for the previous slow block to leave the pipeline (``since``) before it is
     #: handed over: the register that holds it is read at the pipeline's end (mutants clear it).
     HOLD_WORD = True

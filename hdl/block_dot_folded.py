@@ -85,8 +85,7 @@ from sop.golden.layout import OFFSET_RANGE, BlockLayout
 
 from .arith import stage_reg
 from .arith import delay as arith_delay
-from .block_dot import MAX_ACC_BITS, BlockDot, adder_tree, code_fields, output_pipeline, round_fp32
-from .block_dot import model as block_model
+from .block_dot import MAX_ACC_BITS, BlockDot, adder_tree, code_fields, model, output_pipeline, round_fp32
 
 
 def chunk_layout(hif: FloatFormat, act: FloatFormat, layout: BlockLayout, lanes: int) -> data.StructLayout:
@@ -104,6 +103,8 @@ def chunk_layout(hif: FloatFormat, act: FloatFormat, layout: BlockLayout, lanes:
 
 
 class BlockDotFolded(BlockDot):
+    model = staticmethod(model)         # hdl.block_dot.model: BlockDot's value, bit for bit
+
     def __init__(self, layout: BlockLayout, hif: FloatFormat, act="e4m3", *, lanes: int = 4,
                  tail: str = "pipelined", chunked: bool = False):
         g = layout.group
@@ -331,7 +332,3 @@ class BlockDotFolded(BlockDot):
     def restart(first, acc):
         """What a chunk's sum adds to: 0 for a block's first chunk, else the running sum."""
         return Mux(first, 0, acc)
-
-
-#: ``V_b`` of blocks: the same as ``BlockDot``'s (``hdl.block_dot.model``, through golden.dot.block_values).
-model = block_model

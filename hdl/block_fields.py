@@ -52,7 +52,7 @@ from .config import DecoderConfig
 from .lut_bank import read_latency as table_read_latency
 from .pipeline import EnableSignature
 
-model = scale_decoder.block_model
+model = scale_decoder.block_model       # ``block_fields.model``: the name tests and docs/hardware.md use
 
 
 class BlockFields(wiring.Component):

@@ -21,8 +21,16 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 
+def model(lanes: int, group: int, select) -> np.ndarray:
+    """Bank of each lane (..., lanes) from the selection bits (..., blocks) of the beat's blocks:
+    lane ``i`` belongs to block ``i // group`` (the one block when lanes <= group)."""
+    select = np.asarray(select, dtype=np.int64)
+    return select[..., np.minimum(np.arange(lanes) // group, select.shape[-1] - 1)]
+
+
 class CodebookMux(wiring.Component):
     latency = 0                         # combinational
+    model = staticmethod(model)
 
     def __init__(self, *, lanes: int, group: int):
         self.lanes, self.group = lanes, group
@@ -40,13 +48,3 @@ class CodebookMux(wiring.Component):
         for lane in range(self.lanes):
             m.d.comb += self.bank[lane].eq(self.select[self.block_of(lane)])
         return m
-
-
-def model(lanes: int, group: int, select) -> np.ndarray:
-    """Bank of each lane (..., lanes) from the selection bits (..., blocks) of the beat's blocks:
-    lane ``i`` belongs to block ``i // group`` (the one block when lanes <= group)."""
-    select = np.asarray(select, dtype=np.int64)
-    return select[..., np.minimum(np.arange(lanes) // group, select.shape[-1] - 1)]
-
-
-CodebookMux.model = staticmethod(model)

@@ -112,11 +112,9 @@ from .lut_bank import LutBank
 from .output_buffer import OutputStage
 from .pipeline import PipelineControl, levels_for
 
-model = reference.expected_beats
-
 
 class Decoder(wiring.Component):
-    model = staticmethod(model)         # hdl.reference.expected_beats
+    model = staticmethod(reference.expected_beats)       # golden's output beats (hdl.reference)
 
     def __init__(self, config: DecoderConfig, *, formatter=HifFormatter, mux=CodebookMux, bank=LutBank,
                  merge=None, path=None):

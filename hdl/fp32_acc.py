@@ -181,10 +181,18 @@ class _CombDomains:
         pass
 
 
+def add_model(a, b) -> np.ndarray:
+    """``Fp32Add``'s sums (uint32 patterns) of patterns ``a``, ``b``: golden.dot.fp32_add."""
+    a, b = (np.asarray(x, np.uint32).view(np.float32) for x in (a, b))
+    return dot.fp32_add(a, b).view(np.uint32)
+
+
 class Fp32Add(wiring.Component):
     """``s = a + b`` (binary32, finite operands), ``latency`` enabled edges after ``a``, ``b`` with
     ``en`` high. ``stages``: a name in ``STAGINGS``, which stages end in a register ("full": all 16;
     "compact": 3, its sum a combinational function of the last register, held while ``en`` is low)."""
+
+    model = staticmethod(add_model)
 
     def __init__(self, stages: str = "full"):
         self.stages = stages
@@ -291,15 +299,6 @@ class Fp32Add(wiring.Component):
         return guard & (sticky | lsb)
 
 
-def add_model(a, b) -> np.ndarray:
-    """``Fp32Add``'s sums (uint32 patterns) of patterns ``a``, ``b``: golden.dot.fp32_add."""
-    a, b = (np.asarray(x, np.uint32).view(np.float32) for x in (a, b))
-    return dot.fp32_add(a, b).view(np.uint32)
-
-
-Fp32Add.model = staticmethod(add_model)
-
-
 def value_layout(slots: int) -> data.StructLayout:
     return data.StructLayout({"value": unsigned(32), "slot": range(slots), "first": unsigned(1),
                               "last": unsigned(1)})
@@ -309,10 +308,27 @@ def sum_layout(slots: int) -> data.StructLayout:
     return data.StructLayout({"value": unsigned(32), "slot": range(slots)})
 
 
+def model(values, slots, first, last) -> list[tuple[int, int]]:
+    """The sums (binary32 pattern, slot) in the order they leave: each slot's values summed from +0
+    (at ``first``) in arrival order, one sum out at each ``last``, by golden.dot.accumulate_blocks."""
+    values = np.asarray(values, np.uint32).view(np.float32)
+    open_rows: dict[int, list[int]] = {}
+    out = []
+    for i, (s, f, l) in enumerate(zip(slots, first, last)):         # one pass over the values
+        row = [i] if f else open_rows.get(int(s), []) + [i]
+        open_rows[int(s)] = row
+        if l:
+            y = dot.accumulate_blocks(values[row][None, :])[0]
+            out.append((int(np.float32(y).view(np.uint32)), int(s)))
+    return out
+
+
 class RowAccumulator(wiring.Component):
     """``slots`` running binary32 sums around a ring (module docstring); ``adder``: the ``Fp32Add``
     staging ("full" or "compact"), which sets ``latency`` (the adder's + 1) and the fewest slots
     (``min_slots(adder)``)."""
+
+    model = staticmethod(model)
 
     def __init__(self, slots: int, adder: str = "full"):
         self._MustUse__silence = True            # until accepted: a refused one is never elaborated, no
@@ -382,21 +398,3 @@ class RowAccumulator(wiring.Component):
             cycles.append(t)
             t, pos = t + 1, (int(s) + 1) % S
         return np.array(cycles, np.int64)
-
-
-def model(values, slots, first, last) -> list[tuple[int, int]]:
-    """The sums (binary32 pattern, slot) in the order they leave: each slot's values summed from +0
-    (at ``first``) in arrival order, one sum out at each ``last``, by golden.dot.accumulate_blocks."""
-    values = np.asarray(values, np.uint32).view(np.float32)
-    open_rows: dict[int, list[int]] = {}
-    out = []
-    for i, (s, f, l) in enumerate(zip(slots, first, last)):         # one pass over the values
-        row = [i] if f else open_rows.get(int(s), []) + [i]
-        open_rows[int(s)] = row
-        if l:
-            y = dot.accumulate_blocks(values[row][None, :])[0]
-            out.append((int(np.float32(y).view(np.uint32)), int(s)))
-    return out
-
-
-RowAccumulator.model = staticmethod(model)

@@ -203,9 +203,18 @@ VALUE_FIFO_LATENCY = 2
 
 # -- the engine --------------------------------------------------------------------------------------------------
 
+def model(config: GemvConfig, layer: LayerStream, x) -> np.ndarray:
+    """``y`` (float32, (rows,) or (batch, rows)) of ``layer`` and activations ``x`` (values of ``config.act``):
+    golden.dot.gemv."""
+    return dot.gemv(layer, x, config.act)
+
+
 class GemvEngine(wiring.Component):
     """The engine of ``config``: ports, host sequence, latency and throughput as the module docstring
     states; ``model`` is golden.dot.gemv, ``latencies`` the shares of ``latency``."""
+
+    def model(self, stream_: LayerStream, x) -> np.ndarray:
+        return model(self.config, stream_, x)
 
     def __init__(self, config: GemvConfig, *, sequencer=BlockSequencer, bank=LutBank, mux=CodebookMux,
                  term=None, acc=RowAccumulator):
@@ -411,15 +420,6 @@ class GemvEngine(wiring.Component):
     def x_chunk(self, chunk):
         """Folded: the chunk of the x word a block's chunk reads, its own (tests override it)."""
         return chunk
-
-    def model(self, stream_: LayerStream, x) -> np.ndarray:
-        return model(self.config, stream_, x)
-
-
-def model(config: GemvConfig, layer: LayerStream, x) -> np.ndarray:
-    """``y`` (float32, (rows,) or (batch, rows)) of ``layer`` and activations ``x`` (values of ``config.act``):
-    golden.dot.gemv."""
-    return dot.gemv(layer, x, config.act)
 
 
 def describe(config: GemvConfig, engine: GemvEngine) -> dict:

@@ -147,8 +147,78 @@ def _field(word, fields, name):
     return word[lsb:lsb + bits]
 
 
+# -- the beat-level model and the host side (golden/ only) ----------------------------------------------------
+def _framed(words) -> list[tuple[int, int]]:
+    """``(tdata, tlast)`` of one packet: TLAST on its last word."""
+    return [(int(w), int(i == len(words) - 1)) for i, w in enumerate(words)]
+
+
+def layer_word(cfg: GemvConfig, layer: LayerStream, vectors: int) -> int:
+    """The layer word of ``layer``, used by ``vectors`` vectors."""
+    f = layer_fields(cfg)
+    values = {"ctrl": CTRL_LAYER | CTRL_SPARSE * int(len(layer.sparse) > 0), "offset": layer.offset & 0xFF,
+              "rows": layer.rows, "blocks_per_row": layer.cols // cfg.group, "vectors": vectors}
+    return sum((int(v) & ((1 << f[k][1]) - 1)) << f[k][0] for k, v in values.items())
+
+
+def load_beats(cfg: GemvConfig, layer: LayerStream, vectors: int) -> list[tuple[int, int]]:
+    """``s_axis_load`` beats of one layer: every table word (bank, then address; the decoder
+    shell's words), then the layer word with TLAST."""
+    words = [axis.load_word(cfg, bank=b, addr=a, data=int(layer.luts[b][a]))
+             for b in range(len(layer.luts)) for a in range(len(layer.luts[b]))]
+    return _framed(words + [layer_word(cfg, layer, vectors)])
+
+
+def x_beats(cfg: GemvConfig, codes) -> list[tuple[int, int]]:
+    """``s_axis_x`` beats of one vector (codes of the engine's activation format)."""
+    return _framed(gemv_config.x_beats(cfg, codes))
+
+
+def w_beats(cfg: GemvConfig, layer: LayerStream) -> list[tuple[int, int]]:
+    """``s_axis_w`` beats of one pass: the blocks in tile order, TLAST on the last."""
+    return _framed(gemv_config.w_beats(cfg, layer))
+
+
+def sparse_beats(cfg: GemvConfig, layer: LayerStream) -> list[tuple[int, int]]:
+    """``s_axis_sparse`` beats of one pass (none without entries), TLAST on the last."""
+    f = sparse_fields(cfg)
+    if not len(layer.sparse):
+        return _framed([])
+    return _framed([(e["row"] << f["row"][0]) | (e["col"] << f["col"][0]) | (e["value"] << f["value"][0])
+                    | (e["last"] << f["flags"][0]) for e in gemv_config.sparse_beats(cfg, layer)])
+
+
+def stream_beats(cfg: GemvConfig, layers) -> dict[str, list[tuple[int, int]]]:
+    """Every input stream's beats for ``layers`` (each ``(layer, vectors)``), in order: what a host
+    may queue at once (a load packet per layer; per vector an x, a w and a sparse packet)."""
+    out = {"s_axis_load": [], "s_axis_x": [], "s_axis_w": [], "s_axis_sparse": []}
+    for layer, vectors in layers:
+        out["s_axis_load"] += load_beats(cfg, layer, len(vectors))
+        for v in vectors:
+            out["s_axis_x"] += x_beats(cfg, v)
+            out["s_axis_w"] += w_beats(cfg, layer)
+            out["s_axis_sparse"] += sparse_beats(cfg, layer)
+    return out
+
+
+def vector_y(cfg: GemvConfig, layer: LayerStream, vectors) -> np.ndarray:
+    """``y`` words (uint32, (vectors, rows)) of ``layer`` and activation code vectors (the engine's
+    format, ``cfg.act``): golden.dot.gemv."""
+    x = cfg.act_format.decode(np.asarray(vectors, np.int64).reshape(-1, layer.cols)).astype(np.float32)
+    return gemv.model(cfg, layer, x).reshape(-1, layer.rows).view(np.uint32)
+
+
+def model(cfg: GemvConfig, layers) -> list[tuple[int, int]]:
+    """``m_axis_y`` beats ``(tdata, tlast)`` owed for ``layers``, each ``(layer, vectors)`` (activation
+    codes), loaded and streamed in turn: one packet per vector, TLAST on its last row."""
+    return [b for layer, vectors in layers for y in vector_y(cfg, layer, vectors) for b in _framed(y)]
+
+
 class GemvAxis(wiring.Component):
     """The GEMV engine behind AXI4-Stream interfaces, in the ``sync`` domain (module docstring)."""
+
+    def model(self, layers) -> list[tuple[int, int]]:
+        return model(self.config, layers)
 
     def __init__(self, config: GemvConfig, *, engine: GemvEngine | None = None):
         # engine: the engine used (tests put a broken one in)
@@ -169,10 +239,6 @@ class GemvAxis(wiring.Component):
     def latency(self) -> int:
         """Cycles from a row's last block taken on ``s_axis_w`` to its word's handshake: the engine's."""
         return self.engine.latency
-
-    def model(self, layers) -> list[tuple[int, int]]:
-        """``m_axis_y`` beats owed for ``layers`` (module ``model``: golden.dot.gemv)."""
-        return model(self.config, layers)
 
     def elaborate(self, platform):
         m = Module()
@@ -275,6 +341,9 @@ class GemvAxisTop(wiring.Component):
     """``GemvAxis`` with AXI's ``aclk`` and ``aresetn`` (active low, synchronous) as ports: the top of
     ``gemv-<point>_axis.v``; ``ports()`` names its Verilog ports as AMBA does (``s_axis_x_tdata``)."""
 
+    def model(self, layers) -> list[tuple[int, int]]:
+        return model(self.config, layers)
+
     def __init__(self, config: GemvConfig, *, core: GemvAxis | None = None, **kwargs):
         # core: the shell used (tests put a broken one in); kwargs: GemvAxis's
         self.config = config
@@ -286,10 +355,6 @@ class GemvAxisTop(wiring.Component):
     @property
     def latency(self) -> int:
         return self.core.latency
-
-    def model(self, layers) -> list[tuple[int, int]]:
-        """``m_axis_y`` beats owed for ``layers``: the shell's (module ``model``)."""
-        return self.core.model(layers)
 
     def ports(self) -> dict:
         return axis.axi_ports(self)
@@ -308,70 +373,3 @@ class GemvAxisTop(wiring.Component):
 
 def module_name(config: GemvConfig) -> str:
     return gemv.module_name(config) + "_axis"
-
-
-# -- the beat-level model and the host side (golden/ only) ----------------------------------------------------
-def _framed(words) -> list[tuple[int, int]]:
-    """``(tdata, tlast)`` of one packet: TLAST on its last word."""
-    return [(int(w), int(i == len(words) - 1)) for i, w in enumerate(words)]
-
-
-def layer_word(cfg: GemvConfig, layer: LayerStream, vectors: int) -> int:
-    """The layer word of ``layer``, used by ``vectors`` vectors."""
-    f = layer_fields(cfg)
-    values = {"ctrl": CTRL_LAYER | CTRL_SPARSE * int(len(layer.sparse) > 0), "offset": layer.offset & 0xFF,
-              "rows": layer.rows, "blocks_per_row": layer.cols // cfg.group, "vectors": vectors}
-    return sum((int(v) & ((1 << f[k][1]) - 1)) << f[k][0] for k, v in values.items())
-
-
-def load_beats(cfg: GemvConfig, layer: LayerStream, vectors: int) -> list[tuple[int, int]]:
-    """``s_axis_load`` beats of one layer: every table word (bank, then address; the decoder
-    shell's words), then the layer word with TLAST."""
-    words = [axis.load_word(cfg, bank=b, addr=a, data=int(layer.luts[b][a]))
-             for b in range(len(layer.luts)) for a in range(len(layer.luts[b]))]
-    return _framed(words + [layer_word(cfg, layer, vectors)])
-
-
-def x_beats(cfg: GemvConfig, codes) -> list[tuple[int, int]]:
-    """``s_axis_x`` beats of one vector (codes of the engine's activation format)."""
-    return _framed(gemv_config.x_beats(cfg, codes))
-
-
-def w_beats(cfg: GemvConfig, layer: LayerStream) -> list[tuple[int, int]]:
-    """``s_axis_w`` beats of one pass: the blocks in tile order, TLAST on the last."""
-    return _framed(gemv_config.w_beats(cfg, layer))
-
-
-def sparse_beats(cfg: GemvConfig, layer: LayerStream) -> list[tuple[int, int]]:
-    """``s_axis_sparse`` beats of one pass (none without entries), TLAST on the last."""
-    f = sparse_fields(cfg)
-    if not len(layer.sparse):
-        return _framed([])
-    return _framed([(e["row"] << f["row"][0]) | (e["col"] << f["col"][0]) | (e["value"] << f["value"][0])
-                    | (e["last"] << f["flags"][0]) for e in gemv_config.sparse_beats(cfg, layer)])
-
-
-def stream_beats(cfg: GemvConfig, layers) -> dict[str, list[tuple[int, int]]]:
-    """Every input stream's beats for ``layers`` (each ``(layer, vectors)``), in order: what a host
-    may queue at once (a load packet per layer; per vector an x, a w and a sparse packet)."""
-    out = {"s_axis_load": [], "s_axis_x": [], "s_axis_w": [], "s_axis_sparse": []}
-    for layer, vectors in layers:
-        out["s_axis_load"] += load_beats(cfg, layer, len(vectors))
-        for v in vectors:
-            out["s_axis_x"] += x_beats(cfg, v)
-            out["s_axis_w"] += w_beats(cfg, layer)
-            out["s_axis_sparse"] += sparse_beats(cfg, layer)
-    return out
-
-
-def vector_y(cfg: GemvConfig, layer: LayerStream, vectors) -> np.ndarray:
-    """``y`` words (uint32, (vectors, rows)) of ``layer`` and activation code vectors (the engine's
-    format, ``cfg.act``): golden.dot.gemv."""
-    x = cfg.act_format.decode(np.asarray(vectors, np.int64).reshape(-1, layer.cols)).astype(np.float32)
-    return gemv.model(cfg, layer, x).reshape(-1, layer.rows).view(np.uint32)
-
-
-def model(cfg: GemvConfig, layers) -> list[tuple[int, int]]:
-    """``m_axis_y`` beats ``(tdata, tlast)`` owed for ``layers``, each ``(layer, vectors)`` (activation
-    codes), loaded and streamed in turn: one packet per vector, TLAST on its last row."""
-    return [b for layer, vectors in layers for y in vector_y(cfg, layer, vectors) for b in _framed(y)]

@@ -33,6 +33,17 @@ class IssueSignature(wiring.Signature):
                           "tag": Out(tag_layout(config))})
 
 
+def model(rows: int, blocks_per_row: int, tile: int) -> dict[str, np.ndarray]:
+    """Per block in stream order (``golden.dot.tile_order``): ``col``, ``slot``, ``first``, ``last``,
+    ``end``."""
+    order = dot.tile_order(rows, blocks_per_row, tile)
+    row, col = order // blocks_per_row, order % blocks_per_row
+    end = np.zeros(len(order), np.int64)
+    end[-1] = 1
+    return {"col": col, "slot": row % tile, "first": (col == 0).astype(np.int64),
+            "last": (col == blocks_per_row - 1).astype(np.int64), "end": end}
+
+
 class BlockSequencer(wiring.Component):
     """Stage 0 of the engine. Takes x beats (into the x buffer) and blocks (into stage 0, with their
     tags from the counters of ``golden.dot.tile_order``), holds the layer registers of both pages
@@ -50,6 +61,7 @@ class BlockSequencer(wiring.Component):
     ``issue.x_page`` is the page a block reads, ``term_page`` the one a tile's entries read."""
 
     latency = 1
+    model = staticmethod(model)
 
     def __init__(self, config: GemvConfig):
         self.config = config
@@ -296,15 +308,4 @@ class BlockSequencer(wiring.Component):
     def tag(self, slot, first, last, end):
         """A block's tag (tests override it to inject a bug)."""
         return Cat(slot, first, last, end)
-
-    @staticmethod
-    def model(rows: int, blocks_per_row: int, tile: int) -> dict[str, np.ndarray]:
-        """Per block in stream order (``golden.dot.tile_order``): ``col``, ``slot``, ``first``, ``last``,
-        ``end``."""
-        order = dot.tile_order(rows, blocks_per_row, tile)
-        row, col = order // blocks_per_row, order % blocks_per_row
-        end = np.zeros(len(order), np.int64)
-        end[-1] = 1
-        return {"col": col, "slot": row % tile, "first": (col == 0).astype(np.int64),
-                "last": (col == blocks_per_row - 1).astype(np.int64), "end": end}
 

@@ -47,6 +47,14 @@ def term_signature(config: GemvConfig) -> wiring.Signature:
     })
 
 
+def model(rho_bf16, x_codes, act: str) -> np.ndarray:
+    """The terms (binary32 patterns) of BF16 values ``rho_bf16`` times codes ``x_codes`` of activation
+    format ``act`` (a unit's ``ACT``): golden.dot.residual_terms' rounding."""
+    rho = BF16.decode(np.asarray(rho_bf16, np.int64))
+    x = dot.ACT_FORMATS[act].decode(np.asarray(x_codes, np.int64))
+    return to_float32(rho * x).view(np.uint32)
+
+
 class ResidualTerm(wiring.Component):
     """One sparse entry's term ``T = RNE_fp32(rho * x_j)`` with E4M3 activations (golden.dot step 4),
     ``latency`` (11) cycles (BF16 activations: ``ResidualTermBF16``).
@@ -74,6 +82,10 @@ class ResidualTerm(wiring.Component):
 
     ACT = "e4m3"        #: the activation format the unit is built for (``model`` decodes it)
     TAIL = 5            #: the stages beside stages 1-4 and the product's: 5 and 8-11 above
+
+    @classmethod
+    def model(cls, rho_bf16, x_codes) -> np.ndarray:
+        return model(rho_bf16, x_codes, cls.ACT)
 
     def __init__(self, config: GemvConfig):
         self.config = config
@@ -188,14 +200,6 @@ class ResidualTerm(wiring.Component):
     def sign(rho_sign, x_sign):
         """The product's sign (tests override it to inject a bug)."""
         return rho_sign ^ x_sign
-
-    @classmethod
-    def model(cls, rho_bf16, x_codes) -> np.ndarray:
-        """The terms (binary32 patterns) of BF16 values ``rho_bf16`` times codes ``x_codes`` of the
-        unit's activation format (``ACT``)."""
-        rho = BF16.decode(np.asarray(rho_bf16, np.int64))
-        x = dot.ACT_FORMATS[cls.ACT].decode(np.asarray(x_codes, np.int64))
-        return to_float32(rho * x).view(np.uint32)
 
 
 class ResidualTermBF16(ResidualTerm):

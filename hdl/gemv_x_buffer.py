@@ -27,6 +27,11 @@ class XWriteSignature(wiring.Signature):
                           "data": Out(unsigned(config.act_format.bits * config.group))})
 
 
+def model(words, addr) -> np.ndarray:
+    """The word each read returns: the last written at its address."""
+    return np.asarray(words)[np.asarray(addr)]
+
+
 class XBuffer(wiring.Component):
     """Two activation vectors: two pages of ``max_blocks`` words of ``g`` codes (``8 g`` bits for E4M3,
     ``16 g`` for BF16; the page the top
@@ -45,6 +50,7 @@ class XBuffer(wiring.Component):
     ``g``; DP16KDs: after their output registers."""
 
     latency = 2
+    model = staticmethod(model)
 
     def __init__(self, config: GemvConfig):
         self.config = config
@@ -126,9 +132,4 @@ class XBuffer(wiring.Component):
             word = word.word_select(chunk, len(self.read_data))
         m.d.comb += self.read_data.eq(word)
         return m
-
-    @staticmethod
-    def model(words, addr) -> np.ndarray:
-        """The word each read returns: the last written at its address."""
-        return np.asarray(words)[np.asarray(addr)]
 

@@ -78,7 +78,47 @@ SATURATED = int(BF16.encode(BF16.max))      # 0x7F7F: the largest finite BF16
 MAX_SHIFT = 10                   # from a right shift of 10 on, everything rounds to zero
 
 
+def model(config: DecoderConfig, words, block: dict, plus0=0) -> np.ndarray:
+    """Output words of table words ``words`` (integers, ``lut_word.word(config)``) times blocks
+    ``block`` (arrays of the ``scale_decoder.block(config)`` fields).
+
+    Exact: the word is a HIF code; golden.decoder.float_fields gives ``(sign, Sh, Xh)`` and the
+    block ``(sig, exp, sign)`` is the scale times ``2^offset`` (golden's product fields), so the
+    lane is ``{Sh * sig, Xh + exp, sign_h ^ sign}`` (packed as hdl.reference packs it).
+    BF16: the word is ``(2^M + frac) * 2^(exp + exp_base)`` (zero where ``exp == 0``,
+    hdl.lut_word) and ``kb`` is defined so that ``e0 = exp + kb`` is the BF16 biased exponent
+    minus one of the ``P``-bit significand product ``p`` with its leading one at bit ``P - 2``
+    (hdl.scale_decoder): the value is ``p * 2^(e0 + 1 - bias - (P - 2))``, rounded by golden's
+    BF16 encoder (to nearest, ties to even, saturating, subnormals kept). ``plus0`` (residual
+    configurations): where set, a zero product is +0 (golden's +0 residual added)."""
+    cfg, hif = config, config.hif
+    words = np.asarray(words, dtype=np.int64)
+    if cfg.output == "exact":
+        sign_h, sig_h, x_h = float_fields(hif, words)
+        return reference.pack_exact(cfg, sign_h ^ block["sign"], sig_h * block["sig"], x_h + block["exp"])
+    value = product_values(cfg, words, block)
+    value = np.where((value == 0) & (np.asarray(plus0) == 1), 0.0, value)
+    return BF16.encode(value).astype(np.int64)
+
+
+def product_values(config: DecoderConfig, words, block: dict) -> np.ndarray:
+    """The exact products (float64, a zero signed by the word's and block's signs) of BF16-form
+    table words ``words`` times ``block`` fields, as their contracts define them (hdl.lut_word,
+    hdl.scale_decoder): ``(2^M + frac) * (2^Ms + frac_s) * 2^(e0 + 1 - bias - (P - 2))`` with
+    ``e0 = exp + kb``, zero where the word's ``exp`` is 0 or the block is ``zero``."""
+    words = np.asarray(words, dtype=np.int64)
+    M, eb, Ms, P = config.hif.mbits, lut_word.exp_bits(config), config.scale.mbits, config.sig_bits
+    frac, exp, sign = words & ((1 << M) - 1), (words >> M) & ((1 << eb) - 1), (words >> (M + eb)) & 1
+    p = (frac + (1 << M)) * (np.asarray(block["frac"], dtype=np.int64) + (1 << Ms))
+    e0 = exp + np.asarray(block["kb"], dtype=np.int64)
+    mag = np.ldexp(p.astype(np.float64), (e0 + 1 - BF16.bias - (P - 2)).astype(np.int32))
+    mag = np.where((exp == 0) | (np.asarray(block["zero"]) == 1), 0.0, mag)
+    return np.where((sign ^ np.asarray(block["sign"])) == 1, -mag, mag)
+
+
 class HifFormatter(wiring.Component):
+    model = staticmethod(model)
+
     def __init__(self, config: DecoderConfig):
         self.config = config
         super().__init__({
@@ -274,44 +314,3 @@ class HifFormatter(wiring.Component):
     def round_up(r0, guard, sticky):
         """Round to nearest, ties to even: up when past the half, or at it with R0 odd."""
         return guard & (sticky | r0[0])
-
-
-def model(config: DecoderConfig, words, block: dict, plus0=0) -> np.ndarray:
-    """Output words of table words ``words`` (integers, ``lut_word.word(config)``) times blocks
-    ``block`` (arrays of the ``scale_decoder.block(config)`` fields).
-
-    Exact: the word is a HIF code; golden.decoder.float_fields gives ``(sign, Sh, Xh)`` and the
-    block ``(sig, exp, sign)`` is the scale times ``2^offset`` (golden's product fields), so the
-    lane is ``{Sh * sig, Xh + exp, sign_h ^ sign}`` (packed as hdl.reference packs it).
-    BF16: the word is ``(2^M + frac) * 2^(exp + exp_base)`` (zero where ``exp == 0``,
-    hdl.lut_word) and ``kb`` is defined so that ``e0 = exp + kb`` is the BF16 biased exponent
-    minus one of the ``P``-bit significand product ``p`` with its leading one at bit ``P - 2``
-    (hdl.scale_decoder): the value is ``p * 2^(e0 + 1 - bias - (P - 2))``, rounded by golden's
-    BF16 encoder (to nearest, ties to even, saturating, subnormals kept). ``plus0`` (residual
-    configurations): where set, a zero product is +0 (golden's +0 residual added)."""
-    cfg, hif = config, config.hif
-    words = np.asarray(words, dtype=np.int64)
-    if cfg.output == "exact":
-        sign_h, sig_h, x_h = float_fields(hif, words)
-        return reference.pack_exact(cfg, sign_h ^ block["sign"], sig_h * block["sig"], x_h + block["exp"])
-    value = product_values(cfg, words, block)
-    value = np.where((value == 0) & (np.asarray(plus0) == 1), 0.0, value)
-    return BF16.encode(value).astype(np.int64)
-
-
-HifFormatter.model = staticmethod(model)
-
-
-def product_values(config: DecoderConfig, words, block: dict) -> np.ndarray:
-    """The exact products (float64, a zero signed by the word's and block's signs) of BF16-form
-    table words ``words`` times ``block`` fields, as their contracts define them (hdl.lut_word,
-    hdl.scale_decoder): ``(2^M + frac) * (2^Ms + frac_s) * 2^(e0 + 1 - bias - (P - 2))`` with
-    ``e0 = exp + kb``, zero where the word's ``exp`` is 0 or the block is ``zero``."""
-    words = np.asarray(words, dtype=np.int64)
-    M, eb, Ms, P = config.hif.mbits, lut_word.exp_bits(config), config.scale.mbits, config.sig_bits
-    frac, exp, sign = words & ((1 << M) - 1), (words >> M) & ((1 << eb) - 1), (words >> (M + eb)) & 1
-    p = (frac + (1 << M)) * (np.asarray(block["frac"], dtype=np.int64) + (1 << Ms))
-    e0 = exp + np.asarray(block["kb"], dtype=np.int64)
-    mag = np.ldexp(p.astype(np.float64), (e0 + 1 - BF16.bias - (P - 2)).astype(np.int32))
-    mag = np.where((exp == 0) | (np.asarray(block["zero"]) == 1), 0.0, mag)
-    return np.where((sign ^ np.asarray(block["sign"])) == 1, -mag, mag)

@@ -53,7 +53,16 @@ from .lut_bank import LutBank
 from .pipeline import EnableSignature
 
 
+def model(config: DecoderConfig, tables, page, bank, addr, block: dict) -> np.ndarray:
+    """Output words of reads ``(page, bank, addr)`` (arrays) of ``tables[page, bank, addr]``
+    (HIF codes) with the blocks' fields ``block`` (``scale_decoder.block(config)`` arrays)."""
+    codes = np.asarray(tables, dtype=np.int64)[np.asarray(page), np.asarray(bank), np.asarray(addr)]
+    return hif_formatter.model(config, lut_word.encode(config, codes), block)
+
+
 class Lanes(wiring.Component):
+    model = staticmethod(model)
+
     def __init__(self, config: DecoderConfig, *, formatter=HifFormatter, bank=LutBank):
         # formatter / bank: the component classes used (tests replace them with broken ones)
         self.config = config
@@ -123,13 +132,3 @@ class Lanes(wiring.Component):
             if self.config.residuals:
                 m.d.comb += [fmt.plus0.eq(self.plus0[i]), self.word[i].eq(bank.read_data[i])]
         return m
-
-
-def model(config: DecoderConfig, tables, page, bank, addr, block: dict) -> np.ndarray:
-    """Output words of reads ``(page, bank, addr)`` (arrays) of ``tables[page, bank, addr]``
-    (HIF codes) with the blocks' fields ``block`` (``scale_decoder.block(config)`` arrays)."""
-    codes = np.asarray(tables, dtype=np.int64)[np.asarray(page), np.asarray(bank), np.asarray(addr)]
-    return hif_formatter.model(config, lut_word.encode(config, codes), block)
-
-
-Lanes.model = staticmethod(model)

@@ -81,7 +81,15 @@ def read_latency(lutram_depth: int) -> int:
     return 1 if lutram_depth == 0 else 2
 
 
+def model(tables, page, bank, addr) -> np.ndarray:
+    """The word each read ``(page, bank, addr)`` returns: ``tables[page, bank, addr]`` (the last
+    word written there)."""
+    return np.asarray(tables)[np.asarray(page), np.asarray(bank), np.asarray(addr)]
+
+
 class LutBank(wiring.Component):
+    model = staticmethod(model)
+
     def __init__(self, *, code_bits: int, banks: int, word, lanes: int, lutram_depth: int = 0,
                  no_rw_check: bool = False, regions: int = 1):
         self.code_bits, self.banks, self.lanes, self.regions = code_bits, banks, lanes, regions
@@ -174,12 +182,3 @@ class LutBank(wiring.Component):
                 m.d.sync += [part.eq(addr[part_bits:]), data_reg.eq(chosen)]
             m.d.comb += self.read_data[lane].eq(data_reg)
         return m
-
-
-def model(tables, page, bank, addr) -> np.ndarray:
-    """The word each read ``(page, bank, addr)`` returns: ``tables[page, bank, addr]`` (the last
-    word written there)."""
-    return np.asarray(tables)[np.asarray(page), np.asarray(bank), np.asarray(addr)]
-
-
-LutBank.model = staticmethod(model)

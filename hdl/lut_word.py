@@ -64,7 +64,7 @@ def encode(config: DecoderConfig, codes) -> np.ndarray:
     return frac | field << M | sign << (M + exp_bits(config))
 
 
-model = encode
+model = encode                          # ``lut_word.model``: the name tests and docs/hardware.md use
 
 
 class LutWordEncoder(wiring.Component):

@@ -110,7 +110,41 @@ def act_layout(lanes: int, slots: int) -> data.StructLayout:
                               "first": unsigned(1), "last": unsigned(1)})
 
 
+def products(weights, acts) -> np.ndarray:
+    """``RNE_fp32(w * x)`` (float32, saturating) of BF16 codes and E4M3 codes: exact in float64, one rounding."""
+    w = BF16.decode(np.asarray(weights, np.int64))
+    x = dot.act_format("e4m3").decode(np.asarray(acts, np.int64))
+    return to_float32(w * x)
+
+
+def tree_sum(values: np.ndarray) -> np.ndarray:
+    """The adder tree's sum along the last axis (a power of two): adjacent pairs, level by level."""
+    while values.shape[-1] > 1:
+        values = dot.fp32_add(values[..., 0::2], values[..., 1::2])
+    return values[..., 0]
+
+
+def model(weights, acts, slots, first, last, reduction: str = "tree") -> list[tuple[int, int]]:
+    """NaiveDot's sums (binary32 pattern, slot) in the order they leave (its docstring's arithmetic), for
+    the joined blocks in order: ``weights`` (n, g) BF16 codes (the decoder's output), ``acts`` (n, g)
+    E4M3 codes, the tags (n,); ``reduction`` the unit's (``NaiveDot.reduction``)."""
+    p = products(weights, acts)                                          # (n, g)
+    terms = tree_sum(p)[:, None] if reduction == "tree" else p          # what each ring adds
+    running: dict[int, np.ndarray] = {}
+    out = []
+    for i, (s, f, l) in enumerate(zip(slots, first, last)):
+        acc = np.zeros(terms.shape[1], np.float32) if f else running.get(int(s), np.zeros(terms.shape[1], np.float32))
+        running[int(s)] = acc = dot.fp32_add(acc, terms[i])
+        if l:
+            y = acc[0] if reduction == "tree" else tree_sum(acc)
+            out.append((int(np.float32(y).view(np.uint32)), int(s)))
+    return out
+
+
 class NaiveDot(wiring.Component):
+    def model(self, weights, acts, slots, first, last) -> list[tuple[int, int]]:
+        return model(weights, acts, slots, first, last, self.reduction)
+
     def __init__(self, config: DecoderConfig, *, slots: int = ADD_LATENCY + 1, reduction: str = "tree",
                  adder=Fp32Add):
         # adder: the FP32 adder class, replaceable so that a test can show a broken one is caught
@@ -287,38 +321,3 @@ class NaiveDot(wiring.Component):
         b = stage_reg(m, en, f"{name}_opb", Mux(take, value, 0), unsigned(32))
         m.d.comb += [add.en.eq(en), add.a.eq(a), add.b.eq(b)]
         return add.s
-
-    # -- the model ------------------------------------------------------------------------------------
-    def model(self, weights, acts, slots, first, last) -> list[tuple[int, int]]:
-        """The sums (binary32 pattern, slot) in the order they leave, for the joined blocks in order:
-        ``weights`` (n, g) BF16 codes (the decoder's output), ``acts`` (n, g) E4M3 codes, the tags (n,)."""
-        return model(weights, acts, slots, first, last, self.reduction)
-
-
-def products(weights, acts) -> np.ndarray:
-    """``RNE_fp32(w * x)`` (float32, saturating) of BF16 codes and E4M3 codes: exact in float64, one rounding."""
-    w = BF16.decode(np.asarray(weights, np.int64))
-    x = dot.act_format("e4m3").decode(np.asarray(acts, np.int64))
-    return to_float32(w * x)
-
-
-def tree_sum(values: np.ndarray) -> np.ndarray:
-    """The adder tree's sum along the last axis (a power of two): adjacent pairs, level by level."""
-    while values.shape[-1] > 1:
-        values = dot.fp32_add(values[..., 0::2], values[..., 1::2])
-    return values[..., 0]
-
-
-def model(weights, acts, slots, first, last, reduction: str = "tree") -> list[tuple[int, int]]:
-    """NaiveDot's sums (binary32 pattern, slot) in the order they leave (its docstring's arithmetic)."""
-    p = products(weights, acts)                                          # (n, g)
-    terms = tree_sum(p)[:, None] if reduction == "tree" else p          # what each ring adds
-    running: dict[int, np.ndarray] = {}
-    out = []
-    for i, (s, f, l) in enumerate(zip(slots, first, last)):
-        acc = np.zeros(terms.shape[1], np.float32) if f else running.get(int(s), np.zeros(terms.shape[1], np.float32))
-        running[int(s)] = acc = dot.fp32_add(acc, terms[i])
-        if l:
-            y = acc[0] if reduction == "tree" else tree_sum(acc)
-            out.append((int(np.float32(y).view(np.uint32)), int(s)))
-    return out

@@ -60,8 +60,41 @@ from . import replica as rep
 from .pipeline import OutputControlSignature, buffers
 
 
+def model(delay: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
+    """Cycle model of an ``OutputBuffer`` (or an ``OutputStage``: its buffers side by side).
+
+    Inputs per cycle ``t``: ``en[t]`` (``en_upcoming[t]`` is ``en[t + 1]``), ``entering_valid[t]``,
+    the last stage's payload ``last[t]`` (an integer) and ``values.ready`` ``ready[t]``. Returns per
+    cycle ``valid``, ``payload`` (0 where not valid) and ``en_next``. The rule: the output is the
+    oldest beat held; a beat that leaves the last stage (``en`` high) without being sent waits in
+    a FIFO of at most ``delay`` entries; ``en_next`` is high when at most one beat (FIFO plus last
+    stage) will be held next cycle. With ``delay`` 0 ``en_next`` is this cycle's enable (``en[t]``
+    must equal it): high when the last stage is empty or its beat is taken now."""
+    n = len(en)
+    out = {k: np.zeros(n, dtype=object) for k in ("valid", "payload", "en_next")}
+    fifo: list[int] = []
+    last_valid = False
+    for t in range(n):
+        valid = bool(fifo) or last_valid
+        payload = fifo[0] if fifo else int(last[t])
+        pop = valid and bool(ready[t])
+        pop_fifo, pop_last = pop and bool(fifo), pop and not fifo
+        if pop_fifo:
+            fifo.pop(0)
+        if en[t] and last_valid and not pop_last:
+            fifo.append(int(last[t]))
+        if len(fifo) > delay:
+            raise AssertionError(f"cycle {t}: {len(fifo)} beats in a skid of {delay}")
+        moves = not last_valid or pop_last                  # delay 0: the enable of this cycle
+        last_valid = bool(entering_valid[t]) if en[t] else (last_valid and not pop_last)
+        out["valid"][t], out["payload"][t] = int(valid), payload if valid else 0
+        out["en_next"][t] = int(moves if delay == 0 else len(fifo) + last_valid <= 1)
+    return {k: v.astype(np.int64) if k != "payload" else v for k, v in out.items()}
+
+
 class OutputBuffer(wiring.Component):
     latency = 0                         # a beat in the last stage is on ``values`` in its cycle (skid empty)
+    model = staticmethod(model)
 
     def __init__(self, payload_shape, *, delay: int = 1):
         self.delay = delay
@@ -138,6 +171,8 @@ class OutputBuffer(wiring.Component):
 
 
 class OutputStage(wiring.Component):
+    model = staticmethod(model)
+
     def __init__(self, lane_shape, lanes: int, *, delay: int = 1):
         self.lane_shape, self.lanes, self.delay = lane_shape, lanes, delay
         self.n_buffers = buffers(lanes, delay)
@@ -166,38 +201,3 @@ class OutputStage(wiring.Component):
         m.d.comb += [self.values.valid.eq(outs[0].values.valid),
                      self.values.payload.eq(Cat(ob.values.payload for ob in outs))]
         return m
-
-
-def model(delay: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
-    """Cycle model of an ``OutputBuffer`` (or an ``OutputStage``: its buffers side by side).
-
-    Inputs per cycle ``t``: ``en[t]`` (``en_upcoming[t]`` is ``en[t + 1]``), ``entering_valid[t]``,
-    the last stage's payload ``last[t]`` (an integer) and ``values.ready`` ``ready[t]``. Returns per
-    cycle ``valid``, ``payload`` (0 where not valid) and ``en_next``. The rule: the output is the
-    oldest beat held; a beat that leaves the last stage (``en`` high) without being sent waits in
-    a FIFO of at most ``delay`` entries; ``en_next`` is high when at most one beat (FIFO plus last
-    stage) will be held next cycle. With ``delay`` 0 ``en_next`` is this cycle's enable (``en[t]``
-    must equal it): high when the last stage is empty or its beat is taken now."""
-    n = len(en)
-    out = {k: np.zeros(n, dtype=object) for k in ("valid", "payload", "en_next")}
-    fifo: list[int] = []
-    last_valid = False
-    for t in range(n):
-        valid = bool(fifo) or last_valid
-        payload = fifo[0] if fifo else int(last[t])
-        pop = valid and bool(ready[t])
-        pop_fifo, pop_last = pop and bool(fifo), pop and not fifo
-        if pop_fifo:
-            fifo.pop(0)
-        if en[t] and last_valid and not pop_last:
-            fifo.append(int(last[t]))
-        if len(fifo) > delay:
-            raise AssertionError(f"cycle {t}: {len(fifo)} beats in a skid of {delay}")
-        moves = not last_valid or pop_last                  # delay 0: the enable of this cycle
-        last_valid = bool(entering_valid[t]) if en[t] else (last_valid and not pop_last)
-        out["valid"][t], out["payload"][t] = int(valid), payload if valid else 0
-        out["en_next"][t] = int(moves if delay == 0 else len(fifo) + last_valid <= 1)
-    return {k: v.astype(np.int64) if k != "payload" else v for k, v in out.items()}
-
-
-OutputBuffer.model = OutputStage.model = staticmethod(model)

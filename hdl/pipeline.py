@@ -101,7 +101,36 @@ def levels_for(config) -> int:
     return 0 if config.shallow else rep.enable_levels(config.lanes)
 
 
+def model(lanes: int, depth: int, en_next, valid, levels: int | None = None) -> dict[str, np.ndarray]:
+    """Cycle model: per cycle ``t`` the enable copies and ``entering_valid`` (per buffer), from the buffers'
+    ``en_next[t]`` (the same for every buffer) and stage 0's ``valid[t]``.
+
+    Every copy is ``en_next`` delayed by ``levels`` cycles (1 before that: the initial value;
+    ``levels`` None: ``replica.enable_levels(lanes)``); ``en_upcoming`` is that delayed by one
+    cycle less (0 with no levels); the valid chain is a shift register of ``depth - 1`` bits that
+    shifts on enabled cycles."""
+    en_next, valid = np.asarray(en_next, dtype=np.int64), np.asarray(valid, dtype=np.int64)
+    levels = rep.enable_levels(lanes) if levels is None else levels
+
+    def delayed(x, d):
+        return np.concatenate([np.ones(d, dtype=np.int64), x[:len(x) - d]]) if d else x.copy()
+
+    en = delayed(en_next, levels)
+    chain = [0] * (depth - 1)                 # chain[s]: the valid bit of stage s + 1
+    entering = np.zeros(len(valid), dtype=np.int64)
+    for t in range(len(valid)):
+        entering[t] = chain[-1] if chain else valid[t]
+        if en[t]:
+            chain = [int(valid[t])] + chain[:-1]
+    per_buffer = lambda x: np.repeat(x[:, None], buffers(lanes, levels), axis=1)     # noqa: E731
+    upcoming = delayed(en_next, levels - 1) if levels else np.zeros_like(en)
+    return {"en": en, "lane": np.repeat(en[:, None], lanes, axis=1), "buffer_en": per_buffer(en),
+            "en_upcoming": per_buffer(upcoming), "entering_valid": per_buffer(entering)}
+
+
 class PipelineControl(wiring.Component):
+    model = staticmethod(model)
+
     def __init__(self, lanes: int, depth: int, *, levels: int | None = None, valids: int = 1,
                  upcoming: bool = False):
         # levels: the enable's register levels; None: replica.enable_levels(lanes)
@@ -192,33 +221,3 @@ class PipelineControl(wiring.Component):
                 m.d.sync += nxt.eq(valid)
             valid = nxt
         return valid
-
-
-def model(lanes: int, depth: int, en_next, valid, levels: int | None = None) -> dict[str, np.ndarray]:
-    """Cycle model: per cycle ``t`` the enable copies and ``entering_valid`` (per buffer), from the buffers'
-    ``en_next[t]`` (the same for every buffer) and stage 0's ``valid[t]``.
-
-    Every copy is ``en_next`` delayed by ``levels`` cycles (1 before that: the initial value;
-    ``levels`` None: ``replica.enable_levels(lanes)``); ``en_upcoming`` is that delayed by one
-    cycle less (0 with no levels); the valid chain is a shift register of ``depth - 1`` bits that
-    shifts on enabled cycles."""
-    en_next, valid = np.asarray(en_next, dtype=np.int64), np.asarray(valid, dtype=np.int64)
-    levels = rep.enable_levels(lanes) if levels is None else levels
-
-    def delayed(x, d):
-        return np.concatenate([np.ones(d, dtype=np.int64), x[:len(x) - d]]) if d else x.copy()
-
-    en = delayed(en_next, levels)
-    chain = [0] * (depth - 1)                 # chain[s]: the valid bit of stage s + 1
-    entering = np.zeros(len(valid), dtype=np.int64)
-    for t in range(len(valid)):
-        entering[t] = chain[-1] if chain else valid[t]
-        if en[t]:
-            chain = [int(valid[t])] + chain[:-1]
-    per_buffer = lambda x: np.repeat(x[:, None], buffers(lanes, levels), axis=1)     # noqa: E731
-    upcoming = delayed(en_next, levels - 1) if levels else np.zeros_like(en)
-    return {"en": en, "lane": np.repeat(en[:, None], lanes, axis=1), "buffer_en": per_buffer(en),
-            "en_upcoming": per_buffer(upcoming), "entering_valid": per_buffer(entering)}
-
-
-PipelineControl.model = staticmethod(model)

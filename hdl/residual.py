@@ -106,6 +106,13 @@ def leading_one(m: Module, value, name: str):
     return out
 
 
+def adder_model(config: DecoderConfig, words, block: dict, residuals) -> np.ndarray:
+    """``ResidualAdder``'s output words: golden's exact sum of the product and the BF16
+    residual, rounded once to BF16 (golden.decoder.sum_to_bf16_grid, then golden's BF16)."""
+    r = BF16.decode(np.asarray(residuals, dtype=np.int64))
+    return BF16.encode(sum_to_bf16_grid(hif_formatter.product_values(config, words, block), r)).astype(np.int64)
+
+
 class ResidualAdder(wiring.Component):
     """``round_bf16(word x block + residual)``, the exact sum rounded once (one lane's value).
 
@@ -136,6 +143,8 @@ class ResidualAdder(wiring.Component):
        exponent); saturation detected as in the formatter;
     13. ``0x7F7F`` on saturation; an exact zero is ``+0`` unless both terms are ``-0``.
     """
+
+    model = staticmethod(adder_model)
 
     #: the bits shifted out of the smaller operand are ORed into its LSB (tests break this)
     jam = True
@@ -281,16 +290,6 @@ class ResidualAdder(wiring.Component):
         return m
 
 
-def adder_model(config: DecoderConfig, words, block: dict, residuals) -> np.ndarray:
-    """``ResidualAdder``'s output words: golden's exact sum of the product and the BF16
-    residual, rounded once to BF16 (golden.decoder.sum_to_bf16_grid, then golden's BF16)."""
-    r = BF16.decode(np.asarray(residuals, dtype=np.int64))
-    return BF16.encode(sum_to_bf16_grid(hif_formatter.product_values(config, words, block), r)).astype(np.int64)
-
-
-ResidualAdder.model = staticmethod(adder_model)
-
-
 # -- the merge at stage 0 -------------------------------------------------------------------------
 #: The window keeps entries fewer than NEAR chunks ahead of the one stage 0 presents (a farther
 #: one waits in the inbox, and proves on its own that the chunks before it are complete), so
@@ -312,6 +311,93 @@ class MergeIssueSignature(wiring.Signature):
     def __init__(self):
         super().__init__({"present": Out(1), "present_next": Out(1), "taken": Out(1), "swap": Out(1),
                           "page": Out(1), "write_page": Out(1), "hold_next": In(1)})
+
+
+class MergeModel:
+    """Cycle model of ``SparseMerge``, one cycle a ``step``: the rule of the class docstring with
+    Python lists (the window holds ``(chunk, lane, value)`` in order)."""
+
+    def __init__(self, config: DecoderConfig, *, window: int | None = None):
+        self.R, self.N = config.residuals, config.lanes
+        self.K = window if window is not None else default_window(self.R)
+        self.win: list[tuple[int, int, int]] = []
+        self.inbox = None
+        self.hold, self.in_layer, self.closed, self.have_last, self.last_index, self.c = 0, 0, 1, 0, 0, 0
+        self.flags = [0, 0]
+        self.entries, self.final = [(0, 0, 0)] * self.R, 0
+        self.err = dict.fromkeys(ERRORS, 0)
+
+    def comb(self, cy: dict) -> dict:
+        """What the merge drives in a cycle before its edge: ``ready`` and ``hold_next``."""
+        R, K, win = self.R, self.K, self.win
+        adv = bool(cy["en"] and cy["present"])
+        fin = adv and not self.hold
+        used = 0
+        while adv and used < min(R, len(win)) and win[used][0] == self.c:
+            used += 1
+        rest = win[used:]
+        newlayer = bool(cy["taken"] and cy["swap"])
+        inbox = self.inbox
+        moves = inbox is not None and inbox[3] and len(win) < K
+        if newlayer:
+            safe = not self.flags[cy["page"]]
+        else:
+            cb = self.c + 1 if fin else self.c
+            # the entries after this pass: the window's, then the inbox's (a far one: beyond)
+            after = [e[0] == cb for e in rest] + ([bool(inbox[3]) and inbox[0] == cb] if inbox else [])
+            beyond = any(not inside for inside in after[:R + 1])
+            done = self.closed and inbox is None
+            safe = beyond or (done and not (len(after) > R and after[R]))
+        return {"ready": int(self.inbox is None or moves), "hold_next": int(bool(cy["present_next"]) and not safe),
+                "used": used, "rest": rest, "moves": moves, "fin": fin, "newlayer": newlayer}
+
+    def step(self, cy: dict) -> dict:
+        """One cycle: ``cy`` holds that cycle's inputs (``present``, ``present_next``, ``taken``, ``swap``, ``page``, ``write_page``, ``en``, ``offset_we``, ``layer_sparse``, ``valid``,
+        ``entry`` = ``(index, value, last)``). Returns ``ready`` and ``hold_next`` (before the edge),
+        ``entries``, ``final`` and ``error`` (after it)."""
+        cb = self.comb(cy)
+        used, rest, moves, fin, newlayer = cb["used"], cb["rest"], cb["moves"], cb["fin"], cb["newlayer"]
+        took = bool(cy["valid"]) and bool(cb["ready"])
+        expected = self.in_layer and not self.closed
+        old_inbox = self.inbox
+        index = cy["entry"][0]
+        near = int((index // self.N if took else (old_inbox or (0,))[0]) < self.c + NEAR)
+        if cy["en"]:
+            self.entries = [(int(j < used), self.win[j][1] if j < len(self.win) else 0,
+                             self.win[j][2] if j < len(self.win) else 0) for j in range(self.R)]
+            self.final = int(not self.hold)
+        self.win = [] if newlayer else rest + ([self.inbox[:3]] if moves else [])
+        if moves or newlayer:
+            self.inbox = None
+        if self.inbox is not None:
+            self.inbox = (*self.inbox[:3], near)
+        if took:
+            index, value, last = cy["entry"]
+            if expected:
+                self.inbox = (index // self.N, index % self.N, value, near)
+                self.err["order"] |= int(bool(self.have_last) and index <= self.last_index)
+                self.err["not_finite"] |= int((value >> 7) & 0xFF == 0xFF)
+                self.last_index, self.have_last = index, 1
+                self.closed = self.closed or bool(last)
+            else:
+                self.err["no_layer"] = 1
+        if newlayer:
+            self.err["past_layer"] |= int(bool(expected or old_inbox is not None or rest))
+            self.in_layer, self.closed, self.have_last = 1, int(not self.flags[cy["page"]]), 0
+            if took:
+                self.inbox = None
+        if cy["offset_we"]:
+            self.flags[cy["write_page"]] = int(cy["layer_sparse"])
+        self.c = 0 if newlayer else self.c + 1 if fin else self.c
+        self.hold = cb["hold_next"]
+        return {"ready": cb["ready"], "hold_next": cb["hold_next"], "entries": list(self.entries),
+                "final": self.final, "error": dict(self.err)}
+
+
+def merge_model(config: DecoderConfig, cycles, *, window: int | None = None) -> list[dict]:
+    """``SparseMerge``'s outputs per cycle from a list of each cycle's inputs (``MergeModel.step``)."""
+    model = MergeModel(config, window=window)
+    return [model.step(cy) for cy in cycles]
 
 
 class SparseMerge(wiring.Component):
@@ -354,6 +440,8 @@ class SparseMerge(wiring.Component):
     ``past_layer`` (a layer ends, the next swap beat is taken, while its entries are
     not all applied: an index past the layer; they are dropped).
     """
+
+    model = staticmethod(merge_model)
 
     #: the error bits stay set until reset (tests break this)
     sticky = True
@@ -553,96 +641,6 @@ class SparseMerge(wiring.Component):
         return m
 
 
-class MergeModel:
-    """Cycle model of ``SparseMerge``, one cycle a ``step``: the rule of the class docstring with
-    Python lists (the window holds ``(chunk, lane, value)`` in order)."""
-
-    def __init__(self, config: DecoderConfig, *, window: int | None = None):
-        self.R, self.N = config.residuals, config.lanes
-        self.K = window if window is not None else default_window(self.R)
-        self.win: list[tuple[int, int, int]] = []
-        self.inbox = None
-        self.hold, self.in_layer, self.closed, self.have_last, self.last_index, self.c = 0, 0, 1, 0, 0, 0
-        self.flags = [0, 0]
-        self.entries, self.final = [(0, 0, 0)] * self.R, 0
-        self.err = dict.fromkeys(ERRORS, 0)
-
-    def comb(self, cy: dict) -> dict:
-        """What the merge drives in a cycle before its edge: ``ready`` and ``hold_next``."""
-        R, K, win = self.R, self.K, self.win
-        adv = bool(cy["en"] and cy["present"])
-        fin = adv and not self.hold
-        used = 0
-        while adv and used < min(R, len(win)) and win[used][0] == self.c:
-            used += 1
-        rest = win[used:]
-        newlayer = bool(cy["taken"] and cy["swap"])
-        inbox = self.inbox
-        moves = inbox is not None and inbox[3] and len(win) < K
-        if newlayer:
-            safe = not self.flags[cy["page"]]
-        else:
-            cb = self.c + 1 if fin else self.c
-            # the entries after this pass: the window's, then the inbox's (a far one: beyond)
-            after = [e[0] == cb for e in rest] + ([bool(inbox[3]) and inbox[0] == cb] if inbox else [])
-            beyond = any(not inside for inside in after[:R + 1])
-            done = self.closed and inbox is None
-            safe = beyond or (done and not (len(after) > R and after[R]))
-        return {"ready": int(self.inbox is None or moves), "hold_next": int(bool(cy["present_next"]) and not safe),
-                "used": used, "rest": rest, "moves": moves, "fin": fin, "newlayer": newlayer}
-
-    def step(self, cy: dict) -> dict:
-        """One cycle: ``cy`` holds that cycle's inputs (``present``, ``present_next``, ``taken``, ``swap``, ``page``, ``write_page``, ``en``, ``offset_we``, ``layer_sparse``, ``valid``,
-        ``entry`` = ``(index, value, last)``). Returns ``ready`` and ``hold_next`` (before the edge),
-        ``entries``, ``final`` and ``error`` (after it)."""
-        cb = self.comb(cy)
-        used, rest, moves, fin, newlayer = cb["used"], cb["rest"], cb["moves"], cb["fin"], cb["newlayer"]
-        took = bool(cy["valid"]) and bool(cb["ready"])
-        expected = self.in_layer and not self.closed
-        old_inbox = self.inbox
-        index = cy["entry"][0]
-        near = int((index // self.N if took else (old_inbox or (0,))[0]) < self.c + NEAR)
-        if cy["en"]:
-            self.entries = [(int(j < used), self.win[j][1] if j < len(self.win) else 0,
-                             self.win[j][2] if j < len(self.win) else 0) for j in range(self.R)]
-            self.final = int(not self.hold)
-        self.win = [] if newlayer else rest + ([self.inbox[:3]] if moves else [])
-        if moves or newlayer:
-            self.inbox = None
-        if self.inbox is not None:
-            self.inbox = (*self.inbox[:3], near)
-        if took:
-            index, value, last = cy["entry"]
-            if expected:
-                self.inbox = (index // self.N, index % self.N, value, near)
-                self.err["order"] |= int(bool(self.have_last) and index <= self.last_index)
-                self.err["not_finite"] |= int((value >> 7) & 0xFF == 0xFF)
-                self.last_index, self.have_last = index, 1
-                self.closed = self.closed or bool(last)
-            else:
-                self.err["no_layer"] = 1
-        if newlayer:
-            self.err["past_layer"] |= int(bool(expected or old_inbox is not None or rest))
-            self.in_layer, self.closed, self.have_last = 1, int(not self.flags[cy["page"]]), 0
-            if took:
-                self.inbox = None
-        if cy["offset_we"]:
-            self.flags[cy["write_page"]] = int(cy["layer_sparse"])
-        self.c = 0 if newlayer else self.c + 1 if fin else self.c
-        self.hold = cb["hold_next"]
-        return {"ready": cb["ready"], "hold_next": cb["hold_next"], "entries": list(self.entries),
-                "final": self.final, "error": dict(self.err)}
-
-
-def merge_model(config: DecoderConfig, cycles, *, window: int | None = None) -> list[dict]:
-    """``SparseMerge``'s outputs per cycle from a list of each cycle's inputs (``MergeModel.step``)."""
-    model = MergeModel(config, window=window)
-    return [model.step(cy) for cy in cycles]
-
-
-SparseMerge.model = staticmethod(merge_model)
-
-
 # -- the adders beside the lanes, and the override -------------------------------------------------
 def delay_ram(m: Module, en, value, stages: int, name: str):
     """``value`` delayed by ``stages`` enabled edges (as ``arith.delay`` builds it from registers)
@@ -661,6 +659,29 @@ def delay_ram(m: Module, en, value, stages: int, name: str):
         m.d.sync += ptr.eq(Mux(ptr == depth - 1, 0, ptr + 1))
     m.d.comb += [wr.addr.eq(ptr), wr.data.eq(value), wr.en.eq(en), rd.addr.eq(ptr), rd.en.eq(en)]
     return rd.data
+
+
+def path_model(config: DecoderConfig, passes) -> list[list[int]]:
+    """``ResidualPath``'s output per pass: ``passes`` is a list of ``(lanes, words, block,
+    entries, final)``: the formatters' outputs, the table words and block fields (dict of
+    per-lane arrays) of the pass, its entries ``[(valid, lane, value)] * R`` and ``final``.
+    Each pass's output: a lane an entry hits takes ``adder_model`` of its word, block and
+    value; a lane hit earlier in the chunk (passes since the last ``final`` one) keeps that
+    result; other lanes pass through."""
+    outs, kept = [], {}
+    for lanes, words, block, entries, final in passes:
+        row = [int(v) for v in lanes]
+        hits = {}
+        for valid, lane, value in entries:
+            if valid:
+                b = {k: np.asarray(v)[lane] for k, v in block.items()}
+                hits[lane] = int(adder_model(config, [words[lane]], {k: [v] for k, v in b.items()}, [value])[0])
+        for lane in range(len(row)):
+            row[lane] = hits.get(lane, kept.get(lane, row[lane]))
+        kept = {} if final else {**kept, **hits}
+        outs.append(row)
+    return outs
+
 
 class ResidualPath(wiring.Component):
     """R adders beside the lanes; each lane's output delayed to meet them; the override.
@@ -689,6 +710,8 @@ class ResidualPath(wiring.Component):
     adders' results meet the lanes' outputs of the same pass. ``model`` gives ``out``
     per pass from golden/ (``adder_model``) and the override rule.
     """
+
+    model = staticmethod(path_model)
 
     #: an adder's result goes to lane ``entry.lane + lane_offset`` (tests break this)
     lane_offset = 0
@@ -757,31 +780,6 @@ class ResidualPath(wiring.Component):
                     m.d.sync += [ovr_valid.eq(1), ovr.eq(value)]
             m.d.comb += self.out[i].eq(out)
         return m
-
-
-def path_model(config: DecoderConfig, passes) -> list[list[int]]:
-    """``ResidualPath``'s output per pass: ``passes`` is a list of ``(lanes, words, block,
-    entries, final)``: the formatters' outputs, the table words and block fields (dict of
-    per-lane arrays) of the pass, its entries ``[(valid, lane, value)] * R`` and ``final``.
-    Each pass's output: a lane an entry hits takes ``adder_model`` of its word, block and
-    value; a lane hit earlier in the chunk (passes since the last ``final`` one) keeps that
-    result; other lanes pass through."""
-    outs, kept = [], {}
-    for lanes, words, block, entries, final in passes:
-        row = [int(v) for v in lanes]
-        hits = {}
-        for valid, lane, value in entries:
-            if valid:
-                b = {k: np.asarray(v)[lane] for k, v in block.items()}
-                hits[lane] = int(adder_model(config, [words[lane]], {k: [v] for k, v in b.items()}, [value])[0])
-        for lane in range(len(row)):
-            row[lane] = hits.get(lane, kept.get(lane, row[lane]))
-        kept = {} if final else {**kept, **hits}
-        outs.append(row)
-    return outs
-
-
-ResidualPath.model = staticmethod(path_model)
 
 
 # -- the decoder's expected output with sparse entries ---------------------------------------------

@@ -95,8 +95,59 @@ def with_layer_term(config: DecoderConfig, f, layer_term):
     return {"frac": f.frac, "kb": f.exp + layer_term, "zero": f.zero, "sign": f.sign}
 
 
+def _normalized(sig: np.ndarray, bits: int):
+    """(leading zeros within ``bits`` bits, the significand shifted up to its leading one)."""
+    lz = np.zeros_like(sig)                      # 0 for a zero significand, as in the hardware
+    for i in range(bits):
+        lz = np.where(sig >> i == 1, bits - 1 - i, lz)
+    return lz, np.where(sig == 0, 0, sig << lz)
+
+
+def model(config: DecoderConfig, headers) -> dict[str, np.ndarray]:
+    """``select`` and the ``fields(config)`` of each header, from golden's scale fields.
+
+    golden.decoder.float_fields gives the scale as ``sig * 2^X`` with
+    ``X = max(e, 1) - bias - M``; ``exp`` is ``X`` without the constant ``-bias - M``. BF16:
+    the significand normalized (its leading one at bit M, ``lz`` places up), ``frac`` below it,
+    ``exp = X + bias + M - lz``; ``zero`` for a zero scale."""
+    lay, scale = config.layout, config.scale
+    code, sign, select = lay.split_header(np.asarray(headers, dtype=np.int64))
+    _, sig, x = float_fields(scale, code)
+    M = scale.mbits
+    exp = x + scale.bias + M
+    if config.output == "exact":
+        return {"select": select, "sig": sig, "exp": exp, "sign": sign}
+    lz, norm = _normalized(sig, M + 1)
+    return {"select": select, "frac": norm & ((1 << M) - 1), "exp": exp - lz,
+            "zero": (sig == 0).astype(np.int64), "sign": sign}
+
+
+def block_model(config: DecoderConfig, headers, offset) -> dict[str, np.ndarray]:
+    """The ``block(config)`` values of each header at the layer offset(s) ``offset``.
+
+    Exact: the scale times ``2^offset`` as golden.decoder.product_fields has it,
+    ``sig * 2^(X + offset)``. BF16: ``kb`` such that a lane's ``e0 = word.exp + kb`` is the BF16
+    biased exponent, minus one, of its product when the product's leading one is at its
+    second-highest bit: with the word ``(2^M + frac) * 2^(exp + exp_base)`` (hdl.lut_word) and the
+    scale ``(2^Ms + frac_s) * 2^(X - lz + offset)``, the ``P``-bit product has its leading one at
+    bit ``P - 2`` times ``2^(exp + exp_base + X - lz + offset)``, so
+    ``kb = X - lz + offset + exp_base + P - 2 + BF16 bias - 1``."""
+    lay, scale = config.layout, config.scale
+    code, sign, _ = lay.split_header(np.asarray(headers, dtype=np.int64))
+    offset = np.broadcast_to(np.asarray(offset, dtype=np.int64), code.shape)
+    _, sig, x = float_fields(scale, code)
+    if config.output == "exact":
+        return {"sig": sig, "exp": x + offset, "sign": sign}
+    M = scale.mbits
+    lz, norm = _normalized(sig, M + 1)
+    kb = x - lz + offset + lut_word.exp_base(config) + config.sig_bits - 2 + BF16.bias - 1
+    return {"frac": norm & ((1 << M) - 1), "kb": kb,
+            "zero": (sig == 0).astype(np.int64), "sign": sign}
+
+
 class ScaleDecoder(wiring.Component):
     latency = 0                         # combinational
+    model = staticmethod(model)
 
     def __init__(self, config: DecoderConfig):
         self.config = config
@@ -125,56 +176,3 @@ class ScaleDecoder(wiring.Component):
         if lay.select_bit:
             m.d.comb += self.select.eq(self.header[lay.select_position])
         return m
-
-
-def _normalized(sig: np.ndarray, bits: int):
-    """(leading zeros within ``bits`` bits, the significand shifted up to its leading one)."""
-    lz = np.zeros_like(sig)                      # 0 for a zero significand, as in the hardware
-    for i in range(bits):
-        lz = np.where(sig >> i == 1, bits - 1 - i, lz)
-    return lz, np.where(sig == 0, 0, sig << lz)
-
-
-def model(config: DecoderConfig, headers) -> dict[str, np.ndarray]:
-    """``select`` and the ``fields(config)`` of each header, from golden's scale fields.
-
-    golden.decoder.float_fields gives the scale as ``sig * 2^X`` with
-    ``X = max(e, 1) - bias - M``; ``exp`` is ``X`` without the constant ``-bias - M``. BF16:
-    the significand normalized (its leading one at bit M, ``lz`` places up), ``frac`` below it,
-    ``exp = X + bias + M - lz``; ``zero`` for a zero scale."""
-    lay, scale = config.layout, config.scale
-    code, sign, select = lay.split_header(np.asarray(headers, dtype=np.int64))
-    _, sig, x = float_fields(scale, code)
-    M = scale.mbits
-    exp = x + scale.bias + M
-    if config.output == "exact":
-        return {"select": select, "sig": sig, "exp": exp, "sign": sign}
-    lz, norm = _normalized(sig, M + 1)
-    return {"select": select, "frac": norm & ((1 << M) - 1), "exp": exp - lz,
-            "zero": (sig == 0).astype(np.int64), "sign": sign}
-
-
-ScaleDecoder.model = staticmethod(model)
-
-
-def block_model(config: DecoderConfig, headers, offset) -> dict[str, np.ndarray]:
-    """The ``block(config)`` values of each header at the layer offset(s) ``offset``.
-
-    Exact: the scale times ``2^offset`` as golden.decoder.product_fields has it,
-    ``sig * 2^(X + offset)``. BF16: ``kb`` such that a lane's ``e0 = word.exp + kb`` is the BF16
-    biased exponent, minus one, of its product when the product's leading one is at its
-    second-highest bit: with the word ``(2^M + frac) * 2^(exp + exp_base)`` (hdl.lut_word) and the
-    scale ``(2^Ms + frac_s) * 2^(X - lz + offset)``, the ``P``-bit product has its leading one at
-    bit ``P - 2`` times ``2^(exp + exp_base + X - lz + offset)``, so
-    ``kb = X - lz + offset + exp_base + P - 2 + BF16 bias - 1``."""
-    lay, scale = config.layout, config.scale
-    code, sign, _ = lay.split_header(np.asarray(headers, dtype=np.int64))
-    offset = np.broadcast_to(np.asarray(offset, dtype=np.int64), code.shape)
-    _, sig, x = float_fields(scale, code)
-    if config.output == "exact":
-        return {"sig": sig, "exp": x + offset, "sign": sign}
-    M = scale.mbits
-    lz, norm = _normalized(sig, M + 1)
-    kb = x - lz + offset + lut_word.exp_base(config) + config.sig_bits - 2 + BF16.bias - 1
-    return {"frac": norm & ((1 << M) - 1), "kb": kb,
-            "zero": (sig == 0).astype(np.int64), "sign": sign}

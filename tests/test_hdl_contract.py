@@ -2,10 +2,15 @@
 
 Each ``wiring.Component`` subclass defined in a module of sop.hdl has, on the class, ``latency``
 (a class attribute or a property: cycles from an input taken to its output valid, 0 for a
-combinational block) and ``model`` (its reference: a static method, a class method or a method;
-where the module has a reference function the class's delegates to it). The walk finds the
-classes itself, so a new block without them fails here; the check is shown to fail on a block
-that lacks them.
+combinational block) and ``model`` (its bit-exact reference), both written in the class body, so
+that a reader of the class sees them. The convention: the reference is a function of the module,
+defined above the class (``module.model``, or a name of its own where the module has several), and
+the top of the class body, beside ``latency``, says ``model = staticmethod(model)`` (with a comment
+where the function lives in another module); where the reference needs the instance's configuration
+(or the class's: hdl.gemv_term's ``ACT``), ``model`` is a method (a class method) at the top of the
+body whose one line calls the module's function with it (hdl.gemv, hdl.gemv_axis, hdl.naive_dot).
+Never ``Cls.model = ...`` after the class. The walk finds the classes itself, so a new block without
+them fails here; the checks are shown to fail on a block that lacks them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
 
 from amaranth.hdl import Module
 from amaranth.lib import wiring
@@ -50,6 +56,17 @@ def missing(cls: type) -> list[str]:
     return out
 
 
+def stated_in_class(cls: type) -> bool:
+    """Whether the class that has ``model`` (``cls`` or a base) says so in its body: ``model = ...`` or
+    ``def model(``, not ``Cls.model = ...`` set from outside after the class."""
+    owner = next((c for c in cls.__mro__ if "model" in vars(c)), None)
+    if owner is None:
+        return False
+    source = inspect.getsource(owner)
+    body = " " * (len(source) - len(source.lstrip(" ")) + 4)          # the class body's indentation
+    return re.search(rf"^{body}(model = |def model\()", source, re.M) is not None
+
+
 def test_the_walk_finds_the_blocks_of_every_part():
     found = components()
     assert {"sop.hdl.decoder.Decoder", "sop.hdl.codebook_mux.CodebookMux", "sop.hdl.scale_decoder.ScaleDecoder",
@@ -63,6 +80,11 @@ def test_every_component_has_latency_and_model():
     lacking = {name: what for name, cls in components().items() if (what := missing(cls)) and name not in EXEMPT}
     assert lacking == {}
     assert set(EXEMPT) <= set(components()), "an exemption names a block that no longer exists"
+
+
+def test_every_model_is_written_in_its_class_body():
+    outside = sorted(name for name, cls in components().items() if name not in EXEMPT and not stated_in_class(cls))
+    assert outside == []
 
 
 def test_the_combinational_blocks_and_the_fixed_ones_state_their_cycles():
@@ -95,7 +117,13 @@ def test_the_check_fails_on_a_block_without_them():
         def model(a):
             return a
 
+    class Patched(Bare):
+        latency = 0
+
+    Patched.model = staticmethod(lambda a: a)         # set after the class: the class body does not say it
+
     assert missing(Bare) == missing(InstanceOnly) == ["latency", "model"]
-    assert missing(Complete) == []
+    assert missing(Complete) == [] == missing(Patched)
+    assert stated_in_class(Complete) and not stated_in_class(Patched) and not stated_in_class(Bare)
     for bad in (True, -1, 1.0):                       # a flag, a negative or a fraction of a cycle is no latency
         assert missing(type("Odd", (Complete,), {"latency": bad})) == ["latency"]
