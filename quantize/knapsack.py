@@ -330,7 +330,7 @@ class LayerRow:
     """One layer's options, measured (``option_row``): what ``layer_options`` keeps of it."""
 
     name: str
-    size: int                            # weights
+    size: int                            # weights (the real ones: the padding left out)
     costs: list                          # per option: (bits, weighted error)
     entries: dict                        # option index -> sparse entries
     streams: dict                        # base -> (the base result without its reconstruction, its dtype)
@@ -347,7 +347,10 @@ def option_row(name: str, w, act_ms, options=DEFAULT_OPTIONS, sop4_kw: dict | No
     parsed = [(o, *parse_option(o)) for o in options]
     sop4_kw = dict(sop4_kw or {})
     w = float_weights(w)                           # float32 stays (the quantizers cast chunks, exactly)
-    out = LayerRow(name, w.size, [None] * len(parsed), {}, {})
+    # the layer's real weights, not the zero columns padding it to whole blocks: the densities and the
+    # table's bits per weight count these
+    real = w.shape[0] * (w.shape[1] if cols is None else cols)
+    out = LayerRow(name, real, [None] * len(parsed), {}, {})
     for base in dict.fromkeys(base for _, base, _ in parsed):       # in order of first use
         base_res = _base_result(base, w, act_ms, name, sop4_kw, cols)
         for i, (oname, b, density) in enumerate(parsed):
@@ -356,8 +359,6 @@ def option_row(name: str, w, act_ms, options=DEFAULT_OPTIONS, sop4_kw: dict | No
             if density > 0:
                 if len(base_res.stream.sparse):
                     raise ValueError("the stream already carries sparse entries")
-                # a density of the layer's real weights, not of its zero padding (whose residuals are 0)
-                real = w.shape[0] * (w.shape[1] if cols is None else cols)
                 sp = sparse_residuals(w, base_res.recon, int(round(density * real)), act_ms)
                 out.entries[i] = sp
                 out.costs[i] = (dataclasses.replace(base_res.stream, sparse=sp).bits,

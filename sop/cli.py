@@ -418,20 +418,22 @@ def _board_gemv(args) -> int:
     from sop.synth.host import gemv_bringup
 
     # the layer and x first: a wrong layer, a bad sparse table or a bad vector is reported without the port
-    name, stream = gemv_bringup.gemv_layer_stream(args.model, args.format, args.layer, args.rows)
+    name, stream, width = gemv_bringup.gemv_layer_stream(args.model, args.format, args.layer, args.rows)
     if args.x is not None:                  # the host's checks: a float32 .npy of the layer's width
-        x, source = _load_vectors(args.x, stream.cols, name), str(args.x)
+        x, source = _load_vectors(args.x, width, name), str(args.x)
         if x.ndim != 1:
             raise ValueError(f"{args.x}: the board takes one vector (in,), got shape {x.shape}")
     else:
-        x, source = gemv_bringup.layer_activation(name, stream.cols)
+        x, source = gemv_bringup.layer_activation(name, width)
     try:
         codes = activation_codes(x, "e4m3")
     except ValueError as err:               # a value E4M3 does not hold: said of the file it came from
         raise ValueError(f"{source}: {err}") from None
+    codes = gemv_bringup.padded_x(codes, stream.cols)      # +0 on the padding columns, as `sop gemv`
     gemv_bringup.check_x(codes, stream.cols)
     return _on_board(args, lambda transport: gemv_bringup.run_gemv(transport, stream, codes, args.format, name=name,
-                                                                   x_source=source, timeout=args.timeout))
+                                                                   x_source=source, timeout=args.timeout,
+                                                                   width=width))
 
 
 #: The longest wait for one board reply (`sop board --timeout`): a wait is always bounded.
@@ -507,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--format", required=True, choices=vector_points())
     v.add_argument("--layer", action="append", metavar="NAME", help="a linear layer (repeatable; default all)")
     v.add_argument("--out", required=True, type=Path, help="the vector directory")
-    v.add_argument("--rows", type=positive(int), default=None, help="only the first N rows of each layer")
+    v.add_argument("--rows", type=positive(int), default=None,
+                   help="only the first N rows of each layer (a model's quantized as a layer of their own; "
+                        "docs/vectors.md)")
     v.set_defaults(func=cmd_vectors)
     q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
     q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
@@ -556,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--baud", type=positive(int), default=DEFAULT_BAUD, help=f"baud rate (default {DEFAULT_BAUD})")
     b.add_argument("--timeout", type=positive(float, MAX_REPLY_TIMEOUT), default=1.0, metavar="S",
                    help=f"seconds to wait for each reply (default 1, at most {MAX_REPLY_TIMEOUT:g})")
-    b.add_argument("--rows", type=positive(int), default=None, help="only the first N rows of the layer")
+    b.add_argument("--rows", type=positive(int), default=None,
+                   help="only the first N rows of the layer (a model's quantized as a layer of their own; "
+                        "docs/vectors.md)")
     b.add_argument("--x", type=Path, default=None, metavar="X.npy",
                    help="with --gemv: the activation vector, (in,) float values E4M3 holds exactly (default: "
                         "MiniLM's real input to the layer for a token of a sentence, rounded to E4M3)")

@@ -67,8 +67,8 @@ def board_engine(port: GemvPort | None = None, board=ULX3S, **kw) -> ProtocolEng
 @pytest.fixture(scope="module")
 def layer():
     """(name, 17-row stream, its first row, real x codes, where x comes from)."""
-    name, stream = gemv_bringup.gemv_layer_stream("minilm", FMT, LAYER, 17)
-    _, row = gemv_bringup.gemv_layer_stream("minilm", FMT, LAYER, 1)
+    name, stream, _ = gemv_bringup.gemv_layer_stream("minilm", FMT, LAYER, 17)
+    _, row, _ = gemv_bringup.gemv_layer_stream("minilm", FMT, LAYER, 1)
     x, source = gemv_bringup.layer_activation(name, stream.cols)
     return name, stream, row, dot.activation_codes(x, "e4m3"), source
 
@@ -77,7 +77,7 @@ def layer():
 def sparse_layer():
     """(name, its first 18 rows: two row tiles, real x codes) of the sop-budget artifact's default layer
     (bringup.model_layer_stream's: its first with sparse entries)."""
-    name, stream = gemv_bringup.gemv_layer_stream(bringup.sparse_model(FMT), FMT, None, 18)
+    name, stream, _ = gemv_bringup.gemv_layer_stream(bringup.sparse_model(FMT), FMT, None, 18)
     x, _ = gemv_bringup.layer_activation(name, stream.cols)
     return name, stream, dot.activation_codes(x, "e4m3")
 
@@ -209,6 +209,37 @@ def test_sop_board_gemv_prints_ok_and_exits_0_else_1(monkeypatch, capsys, board,
     assert cli_board(monkeypatch, stream_port(ProtocolEngine(BOARDS["icebreaker"].config()), period=PERIOD)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "this board has no GEMV engine" in err[0]
+
+
+def test_a_layer_padded_to_whole_blocks_takes_an_x_of_its_own_width(tmp_path, monkeypatch, capsys, board):
+    """A 3 x 40 layer is stored as 3 x 48 (whole blocks of 16): the board's GEMV takes x of 40, as
+    `sop gemv` does, and sends +0 for the 8 padding columns, whose codes decode to nonzero weights
+    under a block's scale; y and the float64 reference are then the layer's own W x (the host sent the
+    padded width's x, random values on the padding included, and refused 40 entries)."""
+    from safetensors.numpy import save_file
+
+    from sop.golden.decoder import decode_layer
+
+    rng = np.random.default_rng(8)
+    ckpt = tmp_path / "odd.safetensors"
+    save_file({"blk.w40.weight": rng.standard_normal((3, 40)).astype(np.float32)}, str(ckpt))
+    name, stream, width = gemv_bringup.gemv_layer_stream(str(ckpt), FMT, "blk.w40.weight")
+    assert (width, stream.cols) == (40, 48) and decode_layer(stream)[:, 40:].any()   # the padding is not zero
+    x = dot.ACT_FORMATS["e4m3"].decode(rng.integers(0, 0x7E, 40)).astype(np.float32)
+    codes = gemv_bringup.padded_x(dot.activation_codes(x, "e4m3"), stream.cols)
+    assert codes.shape == (48,) and not codes[40:].any()
+    result = on(board, stream, codes, name=name, width=width)
+    assert result.ok
+    np.testing.assert_allclose(result.reference, decode_layer(stream)[:, :40] @ x.astype(np.float64), rtol=1e-12)
+    assert "layer: blk.w40.weight (3 x 40, sop4-g16; 48 columns with the padding" in "\n".join(result.lines())
+    np.save(tmp_path / "x40.npy", x)
+    np.save(tmp_path / "x48.npy", np.zeros(48, np.float32))
+    monkeypatch.setattr(client, "SerialTransport", lambda name, baud: board)
+    argv = ["board", "--port", "sim", str(ckpt), "--format", FMT, "--gemv", "--timeout", str(TIMEOUT), "--x"]
+    assert cli.main([*argv, str(tmp_path / "x40.npy")]) == 0
+    assert "result: OK: 3 of 3 y words bit-exact" in capsys.readouterr().out
+    assert cli.main([*argv, str(tmp_path / "x48.npy")]) == 2
+    assert "X has 48 entries per vector; layer blk.w40.weight takes 40" in capsys.readouterr().err
 
 
 def test_sop_board_gemv_refuses_a_layer_too_large_with_one_line(monkeypatch, capsys):

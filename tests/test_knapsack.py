@@ -214,3 +214,18 @@ def test_a_sparse_density_counts_the_real_weights_not_the_padding(jobs):
     for name, (w, _) in layers.items():
         assert res.choice[name] == "sop4-g16+sp0.5%"
         assert len(res.results[name].stream.sparse) == round(0.005 * w.size), name   # 3 and 4 (3.84)
+
+
+@pytest.mark.parametrize("jobs", [False, True], ids=["here", "as a worker measures it"])
+def test_the_table_bits_per_weight_count_the_real_weights(jobs):
+    """The per-layer table's bpw is the layer's bits over its real weights, as its QuantResult and the
+    budget count them: an 8 x 20 layer stored padded to 32 columns (it was bits / 256)."""
+    from sop.quantize import schemes
+
+    rng = np.random.default_rng(6)
+    layers = {"a": (rng.standard_normal((8, 20)), None)}
+    opts = ("sop4-g16", "e2m3-ue4m4-g16")
+    rows = [schemes.budget_row(n, w, a, options=opts) for n, (w, a) in layers.items()] if jobs else None
+    res = schemes.quantize_sop_budget(layers, 100.0, rows=rows, options=opts)
+    (row,) = res.table
+    assert row["option"] == "e2m3-ue4m4-g16" and row["bpw"] == row["bits"] / 160 == res.results["a"].bits / 160

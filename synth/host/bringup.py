@@ -251,8 +251,9 @@ def check_sparse(stream: LayerStream, name: str = "") -> None:
 
 
 def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
-                          rows: int | None = None) -> tuple[str, LayerStream]:
-    """(name, stored stream) of ``layer`` of a ``.sopq`` artifact, its sparse entries included."""
+                          rows: int | None = None) -> tuple[str, LayerStream, int]:
+    """(name, stored stream, real input width) of ``layer`` of a ``.sopq`` artifact, its sparse entries
+    included."""
     from sop.quantize.artifact import open_artifact
     from sop.sim.vectors import crop_rows
 
@@ -268,13 +269,24 @@ def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
     if name not in mine:
         raise ValueError(f"{path}: layer {name} is stored as {entry.choice}, not in the {fmt} layout; "
                          f"layers in it: {', '.join(mine) or 'none'}")
-    return name, st if rows is None else crop_rows(st, rows)
+    return name, st if rows is None else crop_rows(st, rows), entry.shape[1]
 
 
 def model_layer_stream(model: str, fmt: str, layer: str | None = None,
-                   rows: int | None = None) -> tuple[str, LayerStream]:
-    """(name, golden stream) of ``layer`` of ``model`` (default: its first linear layer), first ``rows`` rows;
-    a ``.sopq`` artifact gives its stored stream (``artifact_layer_stream``)."""
+                       rows: int | None = None) -> tuple[str, LayerStream]:
+    """(name, golden stream) of ``layer`` of ``model`` (``model_layer``'s, without the width)."""
+    name, stream, _ = model_layer(model, fmt, layer, rows)
+    return name, stream
+
+
+def model_layer(model: str, fmt: str, layer: str | None = None,
+                rows: int | None = None) -> tuple[str, LayerStream, int]:
+    """(name, golden stream, real input width) of ``layer`` of ``model`` (default: its first linear
+    layer), first ``rows`` rows; a ``.sopq`` artifact gives its stored stream
+    (``artifact_layer_stream``). The width is the layer's own: ``stream.cols`` is it rounded up to
+    whole blocks, the padding columns' codes decoding to whatever the block's scale gives them.
+    With ``rows``, a model's first rows are quantized as a layer of their own (their own tables and
+    offset, as ``sop vectors --rows`` does), an artifact's stored layer is cropped."""
     from sop.quantize.models import open_model
     from sop.sim.vectors import quantize_layer as quantize_weights
 
@@ -289,7 +301,7 @@ def model_layer_stream(model: str, fmt: str, layer: str | None = None,
     if name not in names:
         raise ValueError(f"{model}: no linear layer {name!r}; linear layers: {', '.join(names)}")
     w = source.load(name)
-    return name, quantize_weights(fmt, w if rows is None else w[:rows], name)
+    return name, quantize_weights(fmt, w if rows is None else w[:rows], name), w.shape[1]
 
 
 def sparse_status(link: BoardLink, entries: int) -> wire.SparseStatus | None:

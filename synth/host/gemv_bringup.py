@@ -9,8 +9,8 @@ default) or the iCEBreaker's GEMV-only core ``icebreaker-gemv``
 answers the GEMV_* commands UNKNOWN_CMD, which the host reports as "this board
 has no GEMV engine".
 
-* ``gemv_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream) of
-  one linear layer, ``bringup.model_layer_stream``'s (default: a model's first;
+* ``gemv_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream, the
+  layer's real input width) of one linear layer, ``bringup.model_layer``'s (default: a model's first;
   an artifact's first stored in ``fmt``'s layout with sparse residual entries,
   else its first in that layout), its sparse entries included (the engine adds
   them) and their table checked (``bringup.check_sparse``: ``ValueError``, one line).
@@ -104,6 +104,7 @@ class GemvResult:
     engine: GemvStatus                 # GEMV_STATUS after the run
     sparse: int = 0                    # the layer's sparse residual entries
     entries_sent: int = 0              # GEMV_SPARSE entries sent (the padding of tile_residuals included)
+    width: int | None = None           # the layer's real input width (``cols``: whole blocks; None: the same)
 
     @property
     def errors(self) -> list[str]:
@@ -133,7 +134,9 @@ class GemvResult:
         st, en = self.status, self.engine
         out = [f"board: protocol {st.version}, GEMV engine: {en.group} MACs a block, tile {en.tile}, up to "
                f"{en.max_rows} x {en.max_cols}, y FIFO {en.y_depth} words",
-               f"layer: {self.layer} ({self.rows} x {self.cols}, {self.fmt}), x: {self.x_source}"]
+               f"layer: {self.layer} ({self.rows} x {self.width or self.cols}, {self.fmt}"
+               + (f"; {self.cols} columns with the padding to whole blocks, x +0 there"
+                  if self.width and self.width != self.cols else "") + f"), x: {self.x_source}"]
         if self.expected is None:
             out.append(f"result: NOT CHECKED (the x sent is not a valid vector); {len(self.got)} y words read")
         else:
@@ -164,11 +167,22 @@ class GemvResult:
 
 
 def gemv_layer_stream(model: str, fmt: str, layer: str | None = None,
-                      rows: int | None = None) -> tuple[str, LayerStream]:
-    """(name, stream) of one layer, sparse entries included, its sparse table checked."""
-    name, stream = bringup.model_layer_stream(model, fmt, layer, rows)
+                      rows: int | None = None) -> tuple[str, LayerStream, int]:
+    """(name, stream, the layer's real input width) of one layer (``bringup.model_layer``), sparse
+    entries included, its sparse table checked."""
+    name, stream, width = bringup.model_layer(model, fmt, layer, rows)
     bringup.check_sparse(stream, name)
-    return name, stream
+    return name, stream, width
+
+
+def padded_x(codes, cols: int) -> np.ndarray:
+    """An x of the layer's real width as the engine takes it, ``cols`` (whole blocks) codes: the
+    columns that pad the layer get E4M3 +0 (code 0), so they add exactly 0, as ``sop gemv`` gives
+    them (docs/dot.md). A longer x is left to ``check_x``."""
+    codes = np.asarray(codes, np.int64)
+    if codes.ndim != 1 or codes.size >= cols:
+        return codes
+    return np.concatenate([codes, np.zeros(cols - codes.size, np.int64)])
 
 
 def gemv_entries(stream: LayerStream, tile: int) -> list[list[tuple[int, int, int, int]]]:
@@ -249,9 +263,11 @@ def engine_status(link: BoardLink, clear: bool = False) -> GemvStatus:
 
 
 def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "", x_source: str = "",
-             timeout: float = 1.0, clock=time.monotonic, check: bool = True, entries=None) -> GemvResult:
+             timeout: float = 1.0, clock=time.monotonic, check: bool = True, entries=None,
+             width: int | None = None) -> GemvResult:
     """``y = W x`` of ``stream`` (its sparse residuals included) and the E4M3 ``codes`` on the board's
-    engine, against golden/. ``entries`` (``gemv_entries``' form, for the board's tile): sent instead
+    engine, against golden/. ``codes``: ``stream.cols`` of them (``padded_x``: +0 past the layer's real
+    ``width``, which the result reports). ``entries`` (``gemv_entries``' form, for the board's tile): sent instead
     of the layer's own. ``check=False`` sends ``codes``, the sparse table and ``entries`` without the
     host's checks (``check_x``, ``bringup.check_sparse``, ``check_entries``), to show the engine's."""
     codes = np.asarray(codes, np.int64)
@@ -304,7 +320,7 @@ def run_gemv(transport, stream: LayerStream, codes, fmt: str, *, name: str = "",
         expected = dot.gemv(stream, x.astype(np.float32), "e4m3").view(np.uint32)
         reference = decode_layer(stream) @ x.astype(np.float64)
     return GemvResult(name, fmt, stream.rows, stream.cols, x_source, st, got, expected, reference, seconds,
-                      wire_bytes, after, len(stream.sparse), sum(map(len, tiles)))
+                      wire_bytes, after, len(stream.sparse), sum(map(len, tiles)), width)
 
 
 def gemv_boards() -> list[str]:
@@ -346,11 +362,11 @@ def sim_residuals(board: str) -> bool:
 def simulate(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = SIM_LAYER,
              rows: int | None = SIM_ROWS, divisor: int = bringup.SIM_DIVISOR, board: str = SIM_BOARD) -> GemvResult:
     """``run_gemv`` on a real layer's first ``rows`` rows against the simulated ``board``."""
-    name, stream = gemv_layer_stream(model or default_model(), fmt, layer, rows)
-    x, source = layer_activation(name, stream.cols)
+    name, stream, width = gemv_layer_stream(model or default_model(), fmt, layer, rows)
+    x, source = layer_activation(name, width)
     port, timeout = sim_gemv_board(divisor, board=board)
-    return run_gemv(port, stream, dot.activation_codes(x, "e4m3"), fmt, name=name, x_source=source,
-                    timeout=timeout, clock=port.now)
+    return run_gemv(port, stream, padded_x(dot.activation_codes(x, "e4m3"), stream.cols), fmt, name=name,
+                    x_source=source, timeout=timeout, clock=port.now, width=width)
 
 
 def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: str | None = SIM_LAYER,
@@ -360,9 +376,9 @@ def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: s
     sop-budget layer (``bringup.sparse_model``) with its sparse entry moved beyond the layer's columns
     (``beyond_the_layer``) past the host's check (the engine's sticky bits). Returns what each case
     gave, by case."""
-    name, stream = gemv_layer_stream(model or default_model(), fmt, layer, 1)
-    x, _ = layer_activation(name, stream.cols)
-    codes = dot.activation_codes(x, "e4m3")
+    name, stream, width = gemv_layer_stream(model or default_model(), fmt, layer, 1)
+    x, _ = layer_activation(name, width)
+    codes = padded_x(dot.activation_codes(x, "e4m3"), stream.cols)
     port, timeout = sim_gemv_board(divisor, board=board)
     link = BoardLink(port, timeout=timeout)
     seen = {}
@@ -377,11 +393,12 @@ def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: s
     for case, bad in (("NaN in x", nan), ("x one beat short", short)):
         result = run_gemv(port, stream, bad, fmt, name=name, timeout=timeout, clock=port.now, check=False)
         seen[case] = ", ".join(result.errors) or "nothing"
-    name, stream = gemv_layer_stream(bringup.sparse_model(fmt), fmt, None, 1)
-    x, _ = layer_activation(name, stream.cols)
+    name, stream, width = gemv_layer_stream(bringup.sparse_model(fmt), fmt, None, 1)
+    x, _ = layer_activation(name, width)
     tiles = beyond_the_layer(gemv_entries(stream, link.gemv_status().tile), stream.cols)
     try:
-        result = run_gemv(port, stream, dot.activation_codes(x, "e4m3"), fmt, name=name, timeout=timeout,
+        result = run_gemv(port, stream, padded_x(dot.activation_codes(x, "e4m3"), stream.cols), fmt, name=name,
+                          timeout=timeout,
                           clock=port.now, check=False, entries=tiles)
         seen["sparse entry beyond the layer"] = ", ".join(result.errors) or "nothing"
     except BoardConfigError as err:            # an engine without the residual path: the host refuses
