@@ -9,7 +9,8 @@ included) in amaranth.sim.
   one linear layer (or its first ``rows`` rows), as ``sop vectors`` quantizes it;
   for a ``.sopq`` artifact (`sop quantize`) the layer's stream as stored, its
   sparse residuals included (default layer: the first stored in ``fmt``'s
-  layout with sparse entries, else the first in that layout).
+  layout with sparse entries, else the first in that layout); ``model_layer`` also
+  gives the layer's own input width (``stream.cols`` is it in whole blocks).
 * ``check_sparse(stream, name)``: the layer's sparse table is one the decoder
   can take (indices strictly increasing and inside the layer, finite BF16
   values); ``ValueError`` with one line naming the first bad entry otherwise.
