@@ -47,7 +47,9 @@ packet queued at once, golden.dot.gemv's words) and a FuseSoC core
 
 ``--lutram-depth D`` builds each lane's table from ``D``-word memories
 (hdl/lut_bank.py) instead of one block-RAM-shaped memory. What ``make synth``
-measures on ECP5: 16 for 4-bit codes, 32 for 6-bit codes.
+measures on ECP5: 16 for 4-bit codes, 32 for 6-bit codes. The files have the
+same names, so by default they go into a folder of their own,
+``build/verilog-lutramD``.
 
 ``--pipeline shallow`` writes the decoders built for a low-Fmax LUT4 FPGA
 (hdl/config.py: no output skid, a four-stage formatter; what the iCE40 lane
@@ -534,8 +536,9 @@ def generate_axis(config: DecoderConfig, out_dir: Path) -> dict[str, Path]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sop.hdl.generate", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="the folder to write into (default build/verilog under the working folder; with "
-                        "--pipeline shallow, build/verilog-shallow, so that the deep build is not replaced)")
+                   help="the folder to write into (default build/verilog under the working folder; each other "
+                        "build shape in its own, so that one never replaces another's files of the same names: "
+                        "--pipeline shallow, build/verilog-shallow; --lutram-depth D, build/verilog-lutramD)")
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
                    help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16 for "
@@ -557,8 +560,9 @@ def main(argv=None) -> int:
         return 2
 
     shallow = args.pipeline != PIPELINES[0]
-    if args.out is None:
-        args.out = Path("build/verilog-shallow" if shallow else "build/verilog")
+    if args.out is None:                 # (the shapes' files have the same names: a folder each)
+        args.out = Path("build/verilog" + ("-shallow" if shallow else "")
+                        + (f"-lutram{args.lutram_depth}" if args.lutram_depth else ""))
     try:
         check_output(args.out, folder=True)
     except OutputError as err:

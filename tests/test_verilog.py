@@ -123,10 +123,14 @@ def test_unknown_configuration_is_refused(capsys):
     assert "sop4-g16" in capsys.readouterr().err
 
 
-def test_lutram_depth_option(tmp_path, capsys):
-    assert main(["--config", "sop4-g16", "--lutram-depth", "16", "--out", str(tmp_path)]) == 0
-    doc = json.loads((tmp_path / "sop4-g16.json").read_text())
+def test_lutram_depth_option(tmp_path, monkeypatch, capsys):
+    """Without --out the LUT RAM build goes into a folder of its own (it wrote build/verilog's
+    sop4-g16.v, the block-RAM build's file of the same name, as README's command line does)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "sop4-g16", "--lutram-depth", "16"]) == 0
+    doc = json.loads((tmp_path / "build" / "verilog-lutram16" / "sop4-g16.json").read_text())
     assert doc["parameters"]["lutram_depth"] == 16 and doc["latency_cycles"] == LATENCY["sop4-g16"] + 1
+    assert not (tmp_path / "build" / "verilog").exists()
     # 64 words is a sop4 lane's whole table: no split to make
     assert main(["--config", "sop4-g16", "--lutram-depth", "64", "--out", str(tmp_path)]) == 2
     assert "lutram_depth must be 0" in capsys.readouterr().err
