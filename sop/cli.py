@@ -389,10 +389,10 @@ def cmd_board(args) -> int:
         raise ValueError("--x (an activation vector) goes with --gemv")
     # the layer first: a wrong model or layer name, or a bad sparse table, is reported without
     # touching the port
-    name, stream = bringup.model_layer_stream(args.model, args.format, args.layer, args.rows)
+    name, stream, width = bringup.model_layer(args.model, args.format, args.layer, args.rows)
     bringup.check_sparse(stream, name)
     return _on_board(args, lambda transport: bringup.run_board(transport, stream, args.format, name=name,
-                                                               timeout=args.timeout))
+                                                               timeout=args.timeout, width=width))
 
 
 def _on_board(args, run) -> int:

@@ -72,6 +72,22 @@ def test_run_board_checks_a_real_minilm_layer_through_the_uart(board):
     assert "result: OK" in text and "bytes/s over the wire" in text
 
 
+def test_a_padded_layer_names_its_own_width_and_the_padded_one(tmp_path):
+    """A 2 x 40 layer goes to the board as 2 x 48 (whole blocks): the output says both widths, and that
+    the 16 padding values are among those checked (it said 2 x 48 alone)."""
+    from safetensors.numpy import save_file
+
+    ckpt = tmp_path / "odd.safetensors"
+    save_file({"w40.weight": np.random.default_rng(9).standard_normal((2, 40)).astype(np.float32)}, str(ckpt))
+    name, stream, width = bringup.model_layer(str(ckpt), "sop4-g16")
+    port, timeout = bringup.sim_board("icebreaker")
+    result = bringup.run_board(port, stream, "sop4-g16", name=name, timeout=timeout, clock=port.now, width=width)
+    assert result.ok and (width, result.cols) == (40, 48) and result.values == 96
+    text = "\n".join(result.lines())
+    assert "layer: w40.weight (2 x 40, sop4-g16; 48 columns with the padding to whole blocks, decoded and " \
+           "checked too)" in text and "values checked: 96" in text
+
+
 def test_cli_prints_ok_and_exits_0(sim_port, capsys):
     timeout = sim_port()
     assert cli.main(board_args("sim", "--timeout", str(timeout))) == 0
@@ -315,13 +331,13 @@ def test_a_bad_number_is_a_one_line_usage_error_naming_the_option(capsys, option
 
 
 # -- sparse residuals: the entries go to the board, its decoder adds them ---------------------------
-MODEL_LAYER_STREAM = bringup.model_layer_stream     # (the tests below replace it in bringup)
+MODEL_LAYER = bringup.model_layer                   # (the tests below replace it in bringup)
 ENTRIES = ([0, 17, 100, 383], [0x3F80, 0xBC00, 0x0001, 0x4120])      # a row's first and last value among them
 
 
 def sparse_stream(index=ENTRIES[0], values=ENTRIES[1]):
     """One row of the MiniLM layer with sparse entries (as a sop-budget artifact stores them)."""
-    name, stream = MODEL_LAYER_STREAM("minilm", "sop4-g16", LAYER, rows=1)
+    name, stream, _ = MODEL_LAYER("minilm", "sop4-g16", LAYER, rows=1)
     return name, replace(stream, sparse=Sparse(np.array(index, np.uint32), np.array(values, np.uint16)))
 
 
@@ -340,7 +356,7 @@ def test_the_board_adds_the_sparse_residuals_bit_exact():
 
 def test_cli_sends_the_sparse_entries_and_exits_0(sim_port, monkeypatch, capsys):
     timeout = sim_port()
-    monkeypatch.setattr(bringup, "model_layer_stream", lambda *a: sparse_stream())
+    monkeypatch.setattr(bringup, "model_layer", lambda *a: (*sparse_stream(), 384))
     assert cli.main(board_args("sim", "--timeout", str(timeout))) == 0
     out = capsys.readouterr().out
     assert "sparse residuals: 4 entries" in out and "result: OK" in out
@@ -349,7 +365,7 @@ def test_cli_sends_the_sparse_entries_and_exits_0(sim_port, monkeypatch, capsys)
 def test_a_host_that_drops_the_last_entry_is_caught(sim_port, monkeypatch, capsys):
     """An injected host bug: the layer's last entry not sent (``last`` on the one before): MISMATCH."""
     timeout = sim_port()
-    monkeypatch.setattr(bringup, "model_layer_stream", lambda *a: sparse_stream())
+    monkeypatch.setattr(bringup, "model_layer", lambda *a: (*sparse_stream(), 384))
     send = client.BoardLink.sparse
 
     def drops_last(self, entries, *, last):
@@ -367,7 +383,7 @@ def test_a_host_that_drops_the_last_entry_is_caught(sim_port, monkeypatch, capsy
     ([3, 9], [0x3F80, 0xFF80], "entry 1 of 2: value 0xff80 at index 9 is not a finite BF16 number"),
 ])
 def test_a_bad_sparse_table_is_refused_with_one_line_before_the_port(monkeypatch, capsys, index, values, message):
-    monkeypatch.setattr(bringup, "model_layer_stream", lambda *a: sparse_stream(index, values))
+    monkeypatch.setattr(bringup, "model_layer", lambda *a: (*sparse_stream(index, values), 384))
     monkeypatch.setattr(client, "SerialTransport", lambda *a: pytest.fail("the port was opened"))
     assert cli.main(board_args("sim")) == 2
     err = capsys.readouterr().err.strip()
@@ -378,7 +394,7 @@ def test_a_bad_sparse_table_is_refused_with_one_line_before_the_port(monkeypatch
 def test_a_sparse_layer_on_a_board_without_the_residual_path_is_refused(monkeypatch, capsys):
     port, timeout = bringup.sim_board("icebreaker", residuals=0)
     monkeypatch.setattr(client, "SerialTransport", lambda name, baud: port)
-    monkeypatch.setattr(bringup, "model_layer_stream", lambda *a: sparse_stream())
+    monkeypatch.setattr(bringup, "model_layer", lambda *a: (*sparse_stream(), 384))
     assert cli.main(board_args("sim", "--timeout", str(timeout))) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("sop board: the board's decoder has no sparse-residual path") and "\n" not in err

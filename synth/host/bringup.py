@@ -98,6 +98,7 @@ class BoardResult:
     wire_bytes: int                    # bytes both ways in that phase
     sparse: int = 0                    # sparse entries of the layer, applied by the board's decoder
     sparse_errors: tuple[str, ...] = ()   # the decoder's sticky sparse error bits set after the run
+    width: int | None = None           # the layer's own input width (``cols``: whole blocks; None: the same)
 
     @property
     def ok(self) -> bool:
@@ -122,7 +123,9 @@ class BoardResult:
         out = [f"board: protocol {st.version}, {st.lanes} lanes, {st.code_bits}-bit codes in blocks of "
                f"{st.group}, {st.banks} LUT bank(s), {8 * st.lane_bytes}-bit values, max payload "
                f"{st.max_payload}",
-               f"layer: {self.layer} ({self.rows} x {self.cols}, {self.fmt})",
+               f"layer: {self.layer} ({self.rows} x {self.width or self.cols}, {self.fmt}"
+               + (f"; {self.cols} columns with the padding to whole blocks, decoded and checked too"
+                  if self.width and self.width != self.cols else "") + ")",
                f"values checked: {self.values:,}",
                f"result: {self._verdict()} (board: {self.got[0]:,} values, CRC "
                f"{self.got[1]:#010x}; golden: {self.expected[0]:,} values, CRC {self.expected[1]:#010x})",
@@ -337,7 +340,7 @@ def _stalled(link: BoardLink, err: client.BoardError) -> client.BoardError:
 
 
 def run_board(transport, stream: LayerStream, fmt: str, *, name: str = "", timeout: float = 1.0,
-              clock=time.monotonic, check_table: bool = True) -> BoardResult:
+              clock=time.monotonic, check_table: bool = True, width: int | None = None) -> BoardResult:
     """Check STATUS, load the layer's tables, stream its blocks and sparse entries, compare the board's
     checksum and sparse error bits with golden/. ``check_table=False`` sends a sparse table without
     the host's check (``check_sparse``), to show the board's own."""
@@ -372,7 +375,7 @@ def run_board(transport, stream: LayerStream, fmt: str, *, name: str = "", timeo
     seconds, wire_bytes = clock() - t0, meter.bytes - b0
     flagged = tuple(link.sparse_status().error_names()) if ss is not None else ()
     return BoardResult(name, fmt, stream.rows, stream.cols, st, expected, got, seconds, wire_bytes,
-                       n_sparse, flagged)
+                       n_sparse, flagged, width)
 
 
 def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=None, residuals: int | None = None):
@@ -410,9 +413,9 @@ def simulate(model: str | None = None, fmt: str = "sop4-g16", layer: str | None 
              rows: int | None = SIM_ROWS, board: str = "icebreaker", divisor: int = SIM_DIVISOR) -> BoardResult:
     """``run_board`` on a real layer against the simulated board (simulated time for the throughput);
     ``model`` None: MiniLM's sop-budget artifact and its first layer with sparse entries."""
-    name, stream = model_layer_stream(model or sparse_model(fmt), fmt, layer, rows)
+    name, stream, width = model_layer(model or sparse_model(fmt), fmt, layer, rows)
     port, timeout = sim_board(board, divisor)
-    return run_board(port, stream, fmt, name=name, timeout=timeout, clock=port.now)
+    return run_board(port, stream, fmt, name=name, timeout=timeout, clock=port.now, width=width)
 
 
 def bad_entries_stream(stream: LayerStream) -> LayerStream:
