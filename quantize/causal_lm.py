@@ -75,7 +75,9 @@ DEFAULT_E2E_WINDOWS = 16
 BATCH = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken",
                    "vocab.txt")
-HINT = "--no-calib (and --no-e2e for sop eval) quantizes it without a forward pass"
+#: what a refused forward pass leaves the user (every command that needs the forward model says it)
+HINT = ("--no-calib quantizes it without a forward pass (sop eval: with --no-e2e too), into a .sopq; "
+        "a model folder (sop dequantize --model-folder) needs the forward pass's model in any case")
 #: GGUF tensors that are no parameter of any model: llama.cpp's RoPE tables, which transformers
 #: computes from the configuration
 GGUF_NO_PARAMETER = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")

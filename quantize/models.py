@@ -634,7 +634,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                                      f"quantizes it)")
     elif heads:
         head_note = "lm_head quantized (--include-lm-head)" if lm_head else \
-            f"lm_head ({heads[0]}) kept (--include-lm-head quantizes it)"
+            f"lm_head ({next((h for h in heads if h.endswith('weight')), heads[0])}) kept (--include-lm-head " \
+            f"quantizes it)"
     elif lm_head:
         raise ValueError(f"{spec}: --include-lm-head: the checkpoint has no output head (lm_head) and no "
                          f"input embedding a causal LM ties it to")
@@ -663,6 +664,15 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates"
                          f"{', check --include/--exclude' if candidates else ''})")
     notes = []
+    deep = {n: int(np.prod(reader.info(n)[0])) for n in names
+            if reader.info(n)[2] and len(reader.info(n)[0]) > 2}
+    if deep:                                     # fused MoE experts (experts, out, in): most of such a model
+        total = sum(int(np.prod(reader.info(n)[0])) for n in names if reader.info(n)[2])
+        notes.append(f"{len(deep)} floating-point tensor(s) of 3 or more dimensions kept as they are "
+                     f"({sum(deep.values()):,} weights, {100 * sum(deep.values()) / total:.0f} % of the "
+                     f"checkpoint's floating-point weights; e.g. {next(iter(deep))}): sop quantizes 2-D linear "
+                     f"layers only, so fused MoE experts stay in full precision and the bits per weight count "
+                     f"the quantized layers alone")
     if kind == "gguf":
         types: dict[str, int] = {}
         for lay in layers:
