@@ -664,10 +664,10 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates"
                          f"{', check --include/--exclude' if candidates else ''})")
     notes = []
-    deep = {n: int(np.prod(reader.info(n)[0])) for n in names
-            if reader.info(n)[2] and len(reader.info(n)[0]) > 2}
+    floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}
+    deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2}
     if deep:                                     # fused MoE experts (experts, out, in): most of such a model
-        total = sum(int(np.prod(reader.info(n)[0])) for n in names if reader.info(n)[2])
+        total = sum(int(np.prod(shape)) for shape in floats.values())
         notes.append(f"{len(deep)} floating-point tensor(s) of 3 or more dimensions kept as they are "
                      f"({sum(deep.values()):,} weights, {100 * sum(deep.values()) / total:.0f} % of the "
                      f"checkpoint's floating-point weights; e.g. {next(iter(deep))}): sop quantizes 2-D linear "

@@ -123,9 +123,7 @@ class BoardResult:
         out = [f"board: protocol {st.version}, {st.lanes} lanes, {st.code_bits}-bit codes in blocks of "
                f"{st.group}, {st.banks} LUT bank(s), {8 * st.lane_bytes}-bit values, max payload "
                f"{st.max_payload}",
-               f"layer: {self.layer} ({self.rows} x {self.width or self.cols}, {self.fmt}"
-               + (f"; {self.cols} columns with the padding to whole blocks, decoded and checked too"
-                  if self.width and self.width != self.cols else "") + ")",
+               f"layer: {layer_text(self, 'decoded and checked too')}",
                f"values checked: {self.values:,}",
                f"result: {self._verdict()} (board: {self.got[0]:,} values, CRC "
                f"{self.got[1]:#010x}; golden: {self.expected[0]:,} values, CRC {self.expected[1]:#010x})",
@@ -142,6 +140,14 @@ class BoardResult:
         if self.got != self.expected:
             return "MISMATCH"
         return "SPARSE ERROR" if self.sparse_errors else "OK"
+
+
+def layer_text(result, padding: str) -> str:
+    """``name (rows x width, fmt)`` of a run's layer, and where the stream pads it to whole blocks, the
+    padded width and what the run did with the padding (``padding``)."""
+    pad = (f"; {result.cols} columns with the padding to whole blocks, {padding}"
+           if result.width and result.width != result.cols else "")
+    return f"{result.layer} ({result.rows} x {result.width or result.cols}, {result.fmt}{pad})"
 
 
 class MeteredTransport:

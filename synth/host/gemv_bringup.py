@@ -134,9 +134,7 @@ class GemvResult:
         st, en = self.status, self.engine
         out = [f"board: protocol {st.version}, GEMV engine: {en.group} MACs a block, tile {en.tile}, up to "
                f"{en.max_rows} x {en.max_cols}, y FIFO {en.y_depth} words",
-               f"layer: {self.layer} ({self.rows} x {self.width or self.cols}, {self.fmt}"
-               + (f"; {self.cols} columns with the padding to whole blocks, x +0 there"
-                  if self.width and self.width != self.cols else "") + f"), x: {self.x_source}"]
+               f"layer: {bringup.layer_text(self, 'x +0 there')}, x: {self.x_source}"]
         if self.expected is None:
             out.append(f"result: NOT CHECKED (the x sent is not a valid vector); {len(self.got)} y words read")
         else:
