@@ -15,7 +15,8 @@ A vector directory holds ``vectors.json`` and, per layer, three text files:
   values with the residuals added (rounded once); ``exact.txt`` stays the
   product without them (the exact-output decoder does not add residuals).
 
-``vectors.json`` carries the layout, the HIF, and per layer its shape, offset,
+``vectors.json`` carries the layout, the HIF, and per layer its shape (the stream's ``cols``
+and the layer's own ``width``, fewer where the stream holds padding), offset,
 LUT images, its number of sparse entries and the SHA-256 of each file. Expected
 values come from golden/ only. Reading checks everything and raises
 ``VectorError`` naming the file and the field that is missing or malformed; a
@@ -104,18 +105,25 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | None = None) -> Path:
-    """Write ``streams`` (name -> golden LayerStream, sparse entries included) as vectors."""
+def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | None = None,
+                  widths: dict[str, int] | None = None) -> Path:
+    """Write ``streams`` (name -> golden LayerStream, sparse entries included) as vectors; ``widths``
+    names a layer's own width where the stream's ``cols`` holds padding (the stream's width otherwise)."""
     out_dir = Path(out_dir)
     _check_distinct(list(streams))
     with atomic_files() as out:             # all or nothing: an interrupted run leaves the old set whole
-        return _write_vectors(out, out_dir, streams, meta)
+        return _write_vectors(out, out_dir, streams, meta, widths or {})
 
 
-def _write_vectors(out: FileSet, out_dir: Path, streams: dict[str, LayerStream], meta: dict | None) -> Path:
+def _write_vectors(out: FileSet, out_dir: Path, streams: dict[str, LayerStream], meta: dict | None,
+                   widths: dict[str, int]) -> Path:
     layers, first = [], None
     for name, s in streams.items():
         validate_stream(s)
+        width = widths.get(name, s.cols)
+        if not s.cols - s.layout.group < width <= s.cols:
+            raise ValueError(f"{name}: width {width} does not pad to the stream's {s.cols} columns "
+                             f"(blocks of {s.layout.group})")
         first = first or s
         if (s.layout, s.hif) != (first.layout, first.hif):
             raise ValueError("all layers of a vector set share one layout and HIF")
@@ -135,7 +143,7 @@ def _write_vectors(out: FileSet, out_dir: Path, streams: dict[str, LayerStream],
         names = vector_files(name, sparse=len(s.sparse) > 0)
         for kind, text in files.items():
             out.write(out_dir / names[kind], text.encode())
-        layers.append({"name": name, "rows": s.rows, "cols": s.cols, "n_blocks": s.n_blocks,
+        layers.append({"name": name, "rows": s.rows, "cols": s.cols, "width": width, "n_blocks": s.n_blocks,
                        "offset": s.offset, "luts": s.luts.tolist(), "sparse": len(s.sparse), "files": names,
                        "sha256": {k: _sha(t.encode()) for k, t in files.items()}})
     lay = first.layout
@@ -329,7 +337,7 @@ def artifact_vectors(path: Path, fmt: str, layers: list[str] | None, out_dir: Pa
     layout = get_point(fmt).layout
     entries = [e for e in art.layers if e.kind == "sopl"]
     names = list(dict.fromkeys(layers or [e.name for e in entries if art.stream(e).layout == layout]))
-    streams = {}
+    streams, widths = {}, {}
     for name in names:
         entry = next((e for e in art.layers if e.name == name), None)
         if entry is None:
@@ -338,12 +346,13 @@ def artifact_vectors(path: Path, fmt: str, layers: list[str] | None, out_dir: Pa
         if s is None or s.layout != layout:
             raise ValueError(f"{path}: layer {name} is stored as {entry.choice}, not in the {fmt} layout")
         streams[name] = s if rows is None else crop_rows(s, rows)
+        widths[name] = entry.shape[1]
     if not streams:
         raise ValueError(f"{path}: no layer is stored in the {fmt} layout")
     _check_distinct(list(streams))
     for f in ["vectors.json", *(f for n in streams for f in vector_files(n, True).values())]:
         check_output(out_dir / f, [Path(path)])
-    return write_vectors(out_dir, streams, {"model": str(path), "format": fmt})
+    return write_vectors(out_dir, streams, {"model": str(path), "format": fmt}, widths)
 
 
 def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
@@ -372,8 +381,9 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     _check_distinct(names)
     for f in ["vectors.json", *(f for n in names for f in vector_files(n).values())]:
         check_output(out_dir / f, source.files)          # no vector file may replace an input
-    streams = {}
+    streams, widths = {}, {}
     for name in names:                      # one layer in memory at a time
         w = read_weight(source, name)[0]    # a weight no output can hold: refused naming its file
         streams[name] = quantize_layer(fmt, w if rows is None else w[:rows], name)
-    return write_vectors(out_dir, streams, {"model": model, "format": fmt})
+        widths[name] = w.shape[1]
+    return write_vectors(out_dir, streams, {"model": model, "format": fmt}, widths)

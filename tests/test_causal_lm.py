@@ -482,6 +482,15 @@ def test_eval_table_shows_ppl_kld_top1(folders, tmp_path, capsys):
     assert "lm_head (lm_head.weight) kept" in out and "unweighted" in out
 
 
+def test_eval_table_without_e2e_keeps_the_causal_lm_columns(folders, tmp_path, capsys):
+    assert main(["eval", str(folders["qwen2"]), "--format", "mxfp4", "--quiet", "--no-calib", "--no-e2e",
+                 "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    head = next(line for line in out.splitlines() if line.startswith("format"))
+    assert head.split()[-3:] == ["ppl", "KLD", "top-1"] and "cos" not in out
+    assert out.splitlines()[-1] == "e2e: skipped (disabled)"
+
+
 @pytest.mark.parametrize("head", [False, True], ids=["blocks", "with-tied-head"])
 def test_quantize_then_a_model_folder_transformers_loads(folders, tmp_path, capsys, head):
     art = tmp_path / "m.sopq"

@@ -3,6 +3,8 @@ in one line `sop: error: ...`."""
 
 import json
 
+import numpy as np
+import pytest
 from cli_run import run
 
 from sop.sim import runner
@@ -22,6 +24,23 @@ def test_vectors_of_a_budget_artifact_carry_the_residuals(tmp_path, capsys):
     assert run(["vectors", art, "--format", "sop4-g16", "--out", tmp_path / "all", "--rows", 2]) == 0
     assert len(read_vectors(tmp_path / "all")) == len(
         [e for e in json.loads((tmp_path / "all" / "vectors.json").read_text())["layers"]])
+
+
+@pytest.mark.parametrize("source", ["model", "sopq"])
+def test_a_padded_layers_vectors_name_its_own_width(tmp_path, source):
+    from safetensors.numpy import save_file
+
+    model = tmp_path / "m.safetensors"
+    save_file({"w40.weight": np.random.default_rng(4).standard_normal((3, 40)).astype(np.float32),
+               "w32.weight": np.random.default_rng(5).standard_normal((2, 32)).astype(np.float32)}, str(model))
+    src = model
+    if source == "sopq":
+        src = tmp_path / "m.sopq"
+        assert run(["quantize", model, "--format", "sop4-g16", "--out", src, "--quiet"]) == 0
+    assert run(["vectors", src, "--format", "sop4-g16", "--out", tmp_path / "v"]) == 0
+    layers = {e["name"]: e for e in json.loads((tmp_path / "v" / "vectors.json").read_text())["layers"]}
+    assert [(e["rows"], e["cols"], e["width"]) for e in (layers["w40.weight"], layers["w32.weight"])] == \
+        [(3, 48, 40), (2, 32, 32)]
 
 
 def one_error_line(capsys, argv) -> str:
