@@ -33,6 +33,10 @@ torch on any device (``--device``, quantize/device.py) perform the same addition
 device gives the same bits, and a block's result does not depend on the chunk it is evaluated
 in.
 
+The error weights are held scaled by a power of two (``metrics.unit_scaled``: the largest in
+[0.5, 1), ``Prepared.a_exp``): exact, so every choice is the unscaled weights' choice, and no sum
+overflows or underflows whatever the size of ``col_weight`` (``Encoded.error`` is scaled back).
+
 The per-layer power-of-two offset is the smallest that lets the largest block
 fit under the scale format's maximum (over every bank and sign). Width must be a
 multiple of the block size; NaN/Inf weights are refused.
@@ -71,6 +75,7 @@ from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, pack_block
 from . import device
 from .block_sum import block_sum, halved_sum, sum_order
 from .fast_table import fast_table, work_array
+from .metrics import unit_scaled
 
 #: Weights per chunk: temporaries of this size (512 KB in float64) stay in L2.
 CHUNK_WEIGHTS = 1 << 16
@@ -225,7 +230,8 @@ def run_chunks(fn, chunks: list) -> None:
 
 @dataclass
 class Prepared:
-    """A layer split into blocks: ``blocks`` (rows, blocks per row, g); ``a`` (blocks per row, g) or None."""
+    """A layer split into blocks: ``blocks`` (rows, blocks per row, g); ``a`` (blocks per row, g) or None,
+    the error weights times ``2^-a_exp`` (``unit_scaled``)."""
 
     name: str
     layout: BlockLayout
@@ -235,6 +241,7 @@ class Prepared:
     bmax: np.ndarray          # (rows, bpr) largest weight of each block
     bmin: np.ndarray          # (rows, bpr) smallest weight of each block
     ww: np.ndarray            # (rows, bpr) sum_j a_j w_j^2 of each block
+    a_exp: int = 0            # ``a`` is ``col_weight`` times 2^-a_exp
     _cover: dict = field(default_factory=dict, repr=False)
     _batch_idx: dict = field(default_factory=dict, repr=False)     # BankEvaluator.prime
     #: never reused (unlike id()): names this layer in the per-thread memo of BankEvaluator.chunk
@@ -308,7 +315,7 @@ def prepare(w, layout: BlockLayout, col_weight=None, name: str = "layer") -> Pre
     float64: every use casts a chunk of ``blocks`` to float64 first (exact), so the results
     are those of the float64 layer. The per-block statistics are computed in row chunks."""
     w = as_weights(name, w, layout.group)
-    a = check_col_weight(name, col_weight, w.shape[1])
+    a, a_exp = unit_scaled(a) if (a := check_col_weight(name, col_weight, w.shape[1])) is not None else (None, 0)
     g = layout.group
     blocks = w.reshape(w.shape[0], -1, g)
     a = None if a is None else a.reshape(-1, g)
@@ -321,7 +328,7 @@ def prepare(w, layout: BlockLayout, col_weight=None, name: str = "layer") -> Pre
         ww[r:r + step] = (w2 if a is None else w2 * a).sum(axis=-1)
         bmax[r:r + step] = block_reduce(blk, np.maximum)
         bmin[r:r + step] = block_reduce(blk, np.minimum)
-    return Prepared(name, layout, w, blocks, a, bmax, bmin, ww)
+    return Prepared(name, layout, w, blocks, a, bmax, bmin, ww, a_exp=a_exp)
 
 
 def _sorted_scales(layout: BlockLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -740,14 +747,16 @@ class Encoded:
     stream: LayerStream
     recon: np.ndarray          # (rows, cols) == golden.decoder.decode_layer(stream), bit for bit;
                                # float32 where that holds every product exactly (products_fit_float32)
-    err: np.ndarray            # (rows, bpr) weighted squared error per block
+    err: np.ndarray            # (rows, bpr) weighted squared error per block  (these three: times 2^-a_exp)
     select: np.ndarray         # (rows, bpr) bank chosen per block (0 = A)
     wq: np.ndarray             # (rows, bpr) sum_j a_j w_j q_j
     qq: np.ndarray             # (rows, bpr) sum_j a_j q_j^2
+    a_exp: int = 0             # Prepared.a_exp
 
     @property
     def error(self) -> float:
-        return float(self.err.sum())
+        """The layer's weighted squared error, at the scale of the ``col_weight`` given."""
+        return float(np.ldexp(self.err.sum(), self.a_exp))
 
 
 def merge_banks(evals: list[BankEval]) -> np.ndarray:
@@ -839,8 +848,8 @@ def assemble(prep: Prepared, evals: list[BankEval], select: np.ndarray | None = 
     luts = np.stack([ev.cb.hif_codes.astype(np.int64) for ev in evals])
     stream = LayerStream(lay, hif, luts, offset, rows, cols, blocks)
     if not full:
-        return Encoded(stream, recon, None, select, None, None)
-    return Encoded(stream, recon, pick("err"), select, pick("wq"), pick("qq"))
+        return Encoded(stream, recon, None, select, None, None, prep.a_exp)
+    return Encoded(stream, recon, pick("err"), select, pick("wq"), pick("qq"), prep.a_exp)
 
 
 def products_fit_float32(evals: list[BankEval]) -> bool:

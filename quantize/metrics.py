@@ -13,9 +13,11 @@ without calibration), with ``a_j = sqrt(m_j)``:
 * ``max_abs_err = max |W - Q|``.
 
 **Range.** Every sum is kept scaled by one power of two per layer (``2^-2k``
-with ``2^k`` above the layer's largest magnitude, exact), so that no square
-overflows to Inf or underflows to zero: the metrics are right for any finite
-float64 layer, from ``1e-300`` to ``1e300``. An all-zero reconstruction of a
+with ``2^k`` above the layer's largest magnitude, exact), and the weighted ones
+by a second (``unit_scaled``: the largest ``m_j`` brought into [0.5, 1), exact),
+so that no square overflows to Inf or underflows to zero: the metrics are right
+for any finite float64 layer, from ``1e-300`` to ``1e300``, under any finite
+``m`` (only ACos uses it, and a cosine does not change when ``m`` is scaled). An all-zero reconstruction of a
 nonzero layer is ``0 dB``, an exact one ``inf`` dB; a NaN is never produced.
 A non-finite reconstruction is a bug of the quantizer and raises
 ``RuntimeError``. ``ErrorStats.of`` works through the layer in row chunks of
@@ -32,6 +34,7 @@ sum (W - Q)^2)``, not a mean of per-layer decibels), likewise ``rel_mse`` and
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,15 +44,16 @@ CHUNK = 1 << 18          # weights per chunk of ErrorStats.of (a few MB of float
 
 @dataclass(frozen=True)
 class ErrorStats:
-    signal: float = 0.0          # sum W^2           (these five: times 2^-scale_exp)
+    signal: float = 0.0          # sum W^2           (these two: times 2^-scale_exp)
     noise: float = 0.0           # sum (W - Q)^2
-    wq: float = 0.0              # sum m_j W Q
+    wq: float = 0.0              # sum m_j W Q       (these three: times 2^-weighted_exp)
     ww: float = 0.0              # sum m_j W^2
     qq: float = 0.0              # sum m_j Q^2
     max_abs_err: float = 0.0     # unscaled
     weights: int = 0
     bits: int = 0
-    scale_exp: int = 0           # the sums above are the true sums times 2^-scale_exp
+    scale_exp: int = 0           # signal and noise are the true sums times 2^-scale_exp
+    weighted_exp: int = 0        # wq, ww and qq are the true sums times 2^-weighted_exp
 
     @classmethod
     def of(cls, w, q, act_ms=None, bits: int = 0) -> "ErrorStats":
@@ -61,6 +65,7 @@ class ErrorStats:
             raise ValueError(f"activation statistics of length {m.shape} for {w.shape[-1]} input channels")
         if (m < 0).any() or not np.isfinite(m).all():
             raise ValueError("activation mean squares must be finite and non-negative")
+        m, j = unit_scaled(m)
         w2 = w.reshape(-1, w.shape[-1]) if w.ndim else w.reshape(1, 1)
         q2 = q.reshape(w2.shape)
         # The power of two 2^k above every magnitude: scaling by 2^-k is exact.
@@ -81,17 +86,19 @@ class ErrorStats:
             if d.size:
                 max_err = max(max_err, float(np.abs(d).max()))
         return cls(*(float(x) for x in sums), max_abs_err=math.ldexp(max_err, k), weights=int(w.size),
-                   bits=int(bits), scale_exp=2 * k)
-
-    def _sums(self) -> tuple[float, ...]:
-        return self.signal, self.noise, self.wq, self.ww, self.qq
+                   bits=int(bits), scale_exp=2 * k, weighted_exp=2 * k + j)
 
     def __add__(self, other: "ErrorStats") -> "ErrorStats":
-        e = max(self.scale_exp, other.scale_exp)       # both brought to the larger scale
-        a = [math.ldexp(x, self.scale_exp - e) for x in self._sums()]
-        b = [math.ldexp(x, other.scale_exp - e) for x in other._sums()]
-        return ErrorStats(*(x + y for x, y in zip(a, b)), max_abs_err=max(self.max_abs_err, other.max_abs_err),
-                          weights=self.weights + other.weights, bits=self.bits + other.bits, scale_exp=e)
+        def added(xs, ex, ys, ey):          # both brought to the larger scale (exact: powers of two)
+            e = max(ex, ey)
+            return [math.ldexp(x, ex - e) + math.ldexp(y, ey - e) for x, y in zip(xs, ys)], e
+
+        plain, e = added((self.signal, self.noise), self.scale_exp, (other.signal, other.noise), other.scale_exp)
+        weighted, we = added((self.wq, self.ww, self.qq), self.weighted_exp,
+                             (other.wq, other.ww, other.qq), other.weighted_exp)
+        return ErrorStats(*plain, *weighted, max_abs_err=max(self.max_abs_err, other.max_abs_err),
+                          weights=self.weights + other.weights, bits=self.bits + other.bits, scale_exp=e,
+                          weighted_exp=we)
 
     @property
     def sqnr_db(self) -> float:
@@ -107,9 +114,7 @@ class ErrorStats:
 
     @property
     def acos(self) -> float:
-        if self.ww <= 0 or self.qq <= 0:          # two zero matrices are identical; zero vs nonzero: 0
-            return 1.0 if self.ww <= 0 and self.qq <= 0 else 0.0
-        return self.wq / math.sqrt(self.ww * self.qq)
+        return cosine(self.wq, self.ww, self.qq)
 
     @property
     def bpw(self) -> float:
@@ -118,6 +123,27 @@ class ErrorStats:
     def as_dict(self) -> dict:
         return {"bpw": self.bpw, "sqnr_db": self.sqnr_db, "rel_mse": self.rel_mse, "acos": self.acos,
                 "max_abs_err": self.max_abs_err}
+
+
+def cosine(wq: float, ww: float, qq: float) -> float:
+    """``wq / sqrt(ww * qq)``: the cosine from its three sums (quantize/sop_search.py scores pairs with it
+    too). Two zero sides are identical (1), a zero against a nonzero 0. Where ``ww * qq`` would overflow or
+    fall below float64's normal range, the two roots are taken apart (the product's own bits otherwise)."""
+    if ww <= 0 or qq <= 0:
+        return 1.0 if ww <= 0 and qq <= 0 else 0.0
+    d = ww * qq
+    if sys.float_info.min <= d < math.inf:
+        return float(wq / math.sqrt(d))
+    return float(wq / math.sqrt(ww) / math.sqrt(qq))
+
+
+def unit_scaled(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(a * 2^-j, j)`` with ``2^j`` the power of two that puts ``a``'s largest entry in [0.5, 1) (``j`` = 0
+    for an ``a`` of zeros): exact (entries more than 2^1074 below the largest become zero), so every
+    comparison of sums weighted by ``a`` comes out as it would unscaled, and none of those sums overflows."""
+    peak = float(a.max()) if a.size else 0.0
+    j = math.frexp(peak)[1] if peak > 0 else 0
+    return (np.ldexp(a, -j) if j else a), j
 
 
 def abs_max(x: np.ndarray) -> float:

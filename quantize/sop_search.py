@@ -63,6 +63,7 @@ from . import device
 from .blockwise import (BankEvaluator, Prepared, assemble, bank_offset, choose_offset, encode, prepare,
                         run_chunks)
 from .dd4 import fit_dd4
+from .metrics import cosine
 from .result import QuantResult
 from .sparse import add_sparse
 
@@ -90,13 +91,6 @@ def quantize_blockwise(w, point: OperatingPoint, act_ms=None, scale_search: int 
 def quantize_fp6(w, act_ms=None, scale_search: int = 2, name: str = "layer") -> QuantResult:
     """The FP6 point ``e2m3-ue4m4-g16``; see the module docstring."""
     return quantize_blockwise(w, get_point(FP6), act_ms, scale_search, name)
-
-
-def acos(ww: float, wq: float, qq: float) -> float:
-    """Cosine from its three sums; two zero matrices are identical (1), a zero against a nonzero 0."""
-    if ww <= 0 or qq <= 0:
-        return 1.0 if ww <= 0 and qq <= 0 else 0.0
-    return float(wq / np.sqrt(ww * qq))
 
 
 #: Blocks per batch of the pair search (every table's evaluation of one batch is held at once).
@@ -260,7 +254,8 @@ def score_pairs(prep: Prepared, sources: list[_Source], pairs: list[tuple[int, i
     prep._batch_idx.clear()
     tot = sums.total()
     ww = float(prep.ww.sum())
-    scores = [(acos(ww, float(tot[3 * p]), float(tot[3 * p + 1])), float(tot[3 * p + 2]))
+    # the cosine does not see the error weights' scale; the error is given back at the caller's
+    scores = [(cosine(float(tot[3 * p]), ww, float(tot[3 * p + 1])), float(np.ldexp(tot[3 * p + 2], prep.a_exp)))
               for p in range(len(pairs))]
     return scores, masks
 

@@ -28,6 +28,7 @@ import numpy as np
 from sop.golden.formats import get_format
 from sop.golden.layout import LayerStream, Sparse
 from sop.quantize.blockwise import float_weights, row_slices
+from sop.quantize.metrics import unit_scaled
 
 BF16 = get_format("bf16")
 
@@ -98,7 +99,8 @@ def sparse_residuals(w, recon, k: int, act_ms=None) -> Sparse:
         w, recon = w.reshape(1, -1), recon.reshape(1, -1)
     if k <= 0 or w.size == 0:
         return Sparse()
-    act = None if act_ms is None else np.asarray(act_ms, dtype=np.float64)
+    # scaled by a power of two (exact): the same order of energies, none of them Inf
+    act = None if act_ms is None else unit_scaled(np.asarray(act_ms, dtype=np.float64))[0]
     idx = _top_k(w, recon, min(int(k), w.size), act)
     rows, cols = idx // w.shape[1], idx % w.shape[1]
     rv = np.asarray(w[rows, cols], dtype=np.float64) - recon[rows, cols]

@@ -53,3 +53,20 @@ def test_bad_shapes_and_statistics_are_refused():
         ErrorStats.of(np.ones((2, 3)), np.ones((2, 3)), act_ms=[1.0, 1.0])
     with pytest.raises(ValueError, match="non-negative"):
         ErrorStats.of(np.ones((1, 2)), np.ones((1, 2)), act_ms=[1.0, -1.0])
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -1000, 1e-300, 1e160, 1e300])
+def test_acos_does_not_see_the_scale_of_the_activations(scale):
+    """ACos is a cosine: scaling every m_j by one constant changes nothing (the weighted sums were
+    Inf or 0 past 1e154 or below 1e-154: ACos 0, or a ZeroDivisionError)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 64))
+    q = w + 0.05 * rng.standard_normal(w.shape)
+    m = rng.uniform(0.1, 2.0, 64)
+    ref = ErrorStats.of(w, q, m)
+    s = ErrorStats.of(w, q, m * scale)
+    if math.frexp(scale)[0] == 0.5:                      # a power of two: the same bits
+        assert s.acos == ref.acos
+    assert s.acos == pytest.approx(ref.acos, abs=1e-15) and 0.99 < s.acos < 1
+    both = aggregate([s, ErrorStats.of(2 * w, q, m * scale)]).acos          # layers of one scale of m
+    assert both == pytest.approx(aggregate([ref, ErrorStats.of(2 * w, q, m)]).acos, abs=1e-15) and 0.8 < both < 0.99

@@ -302,6 +302,35 @@ def test_activation_weighting_changes_choices_where_it_must():
     assert werr(fp6_w.recon, left).sum() < werr(fp6_u.recon, left).sum()
 
 
+@pytest.mark.parametrize("exp", [-1000, -700, 520, 1000])
+def test_the_scale_of_act_ms_changes_no_choice(exp):
+    """act_ms times a power of two (1e-301 .. 1e301): the same stream, sparse entries and ACos, the error
+    times that power (the search's sums overflowed to Inf past about 1e154, or underflowed to 0, and the
+    first pair won with every score 0 or Inf)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    act = rng.uniform(0.2, 3.0, 64)
+    ref = quantize_sop4(w, act, sparse_k=5)
+    res = quantize_sop4(w, np.ldexp(act, exp), sparse_k=5)
+    assert ref.choice == "nf4+dd4" and res.choice == ref.choice
+    assert res.stream.blocks == ref.stream.blocks and np.array_equal(res.stream.luts, ref.stream.luts)
+    assert np.array_equal(res.stream.sparse.index, ref.stream.sparse.index)
+    assert res.extra["acos"] == ref.extra["acos"] and res.extra["error"] == np.ldexp(ref.extra["error"], exp)
+    fp6, fp6_ref = quantize_fp6(w, np.ldexp(act, exp)), quantize_fp6(w, act)
+    assert fp6.stream.blocks == fp6_ref.stream.blocks and fp6.extra["error"] == np.ldexp(fp6_ref.extra["error"], exp)
+
+
+def test_a_layer_of_zeros_takes_offset_0_and_the_first_pair():
+    """docs/sop.md: no scale is needed (offset 0, scale codes 0) and every pair's ACos is 1 (first pair)."""
+    w = np.zeros((4, 32), np.float32)
+    res, fp6 = quantize_sop4(w), quantize_fp6(w)
+    assert res.choice == "nf4+bof4" and res.extra["acos"] == 1.0
+    for r in (res, fp6):
+        headers, _ = unpack_blocks(r.stream.layout, r.stream.blocks)
+        assert r.stream.offset == 0 and not r.recon.any()
+        assert not (headers & ((1 << r.stream.layout.scale.bits) - 1)).any()
+
+
 def test_sop4_refuses_bad_pairs():
     with pytest.raises(ValueError, match="twice"):
         quantize_sop4(weights(17, 2, 32), pairs=[("nf4", "nf4")])
