@@ -315,7 +315,9 @@ def prepare(w, layout: BlockLayout, col_weight=None, name: str = "layer") -> Pre
     float64: every use casts a chunk of ``blocks`` to float64 first (exact), so the results
     are those of the float64 layer. The per-block statistics are computed in row chunks."""
     w = as_weights(name, w, layout.group)
-    a, a_exp = unit_scaled(a) if (a := check_col_weight(name, col_weight, w.shape[1])) is not None else (None, 0)
+    a, a_exp = check_col_weight(name, col_weight, w.shape[1]), 0
+    if a is not None:
+        a, a_exp = unit_scaled(a)
     g = layout.group
     blocks = w.reshape(w.shape[0], -1, g)
     a = None if a is None else a.reshape(-1, g)
