@@ -17,8 +17,9 @@ with ``2^k`` above the layer's largest magnitude, exact), and the weighted ones
 by a second (``unit_scaled``: the largest ``m_j`` brought into [0.5, 1), exact),
 so that no square overflows to Inf or underflows to zero: the metrics are right
 for any finite float64 layer, from ``1e-300`` to ``1e300``, under any finite
-``m`` (only ACos uses it, and a cosine does not change when ``m`` is scaled). An all-zero reconstruction of a
-nonzero layer is ``0 dB``, an exact one ``inf`` dB; a NaN is never produced.
+``m`` (only ACos uses it, and a cosine does not change when ``m`` is scaled).
+An all-zero reconstruction of a nonzero layer is ``0 dB``, an exact one ``inf``
+dB; a NaN is never produced.
 A non-finite reconstruction is a bug of the quantizer and raises
 ``RuntimeError``. ``ErrorStats.of`` works through the layer in row chunks of
 about ``CHUNK`` weights: its temporaries do not grow with the layer.
