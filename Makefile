@@ -63,11 +63,12 @@ synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s|icebreaker-gemv (the iCEBreaker's GEMV-only core) in build/bitstream/$(BOARD)/ (no programming)
 	$(PY) -m sop.synth.flow.bitstream $(BOARD)
 
-bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, quantizer speed, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight
+bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, quantizer speed, the searches' variants, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight
 	$(PY) bench/hif_sqnr.py
 	$(PY) bench/codebook_sqnr.py
 	$(PY) bench/header_sqnr.py
 	$(PY) bench/quantize_speed.py
+	$(PY) bench/search_ablation.py
 	$(PY) bench/sim_speed.py
 	$(PY) bench/lane_sweep.py
 	$(PY) bench/fmax_seeds.py

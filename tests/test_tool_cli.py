@@ -81,6 +81,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("dot_bf16.py", ["--windows", "16,x"], "argument --windows: not an integer: 'x'"),
     ("codebook_sqnr.py", ["--out", "/dev/null"], "/dev/null: the output exists and is a character device"),
     ("hif_sqnr.py", ["--out", "/dev/null"], "/dev/null: the output exists and is a character device"),
+    ("search_ablation.py", ["--skip-weighted", "x"], "unrecognized arguments: x"),
 ])
 def test_a_benchs_bad_argument_is_one_usage_line_before_any_work(tmp_path, script, argv, said):
     """Each of these once ran: minutes of synthesis before a StatisticsError (--seeds 0), a layer dropped
