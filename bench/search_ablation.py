@@ -27,30 +27,31 @@ from collections import Counter
 
 import numpy as np
 
+from sop.quantize.knapsack import weighted_error
+from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.sop_search import quantize_fp6, quantize_sop4
 from sop.quantize.weights import minilm_linear_weights
 
 
 def run(weights: dict, quantize, act: dict | None = None, weighted_search: bool = False) -> dict:
     """Quantize every layer (``quantize(w, act_ms)``; the layer's ``act`` only for a ``weighted_search``):
-    the aggregate plain SQNR (and, given ``act``, weighted), the choices, the bank-B share."""
-    signal = noise = wsignal = wnoise = 0.0
+    the aggregate plain SQNR (``metrics.aggregate``) and, given ``act``, the weighted one (the weighted
+    energies of ``knapsack.weighted_error``: of ``w - 0`` and of ``w - q``), the choices, the bank-B share."""
+    stats, wsignal, wnoise = [], 0.0, 0.0
     blocks = blocks_b = 0.0
     choices: Counter = Counter()
     t0 = time.perf_counter()
     for name, w in weights.items():
         res = quantize(w, act[name] if weighted_search else None)
-        w64 = w.astype(np.float64)
-        d = w64 - res.recon.astype(np.float64)
-        signal, noise = signal + float((w64 * w64).sum()), noise + float((d * d).sum())
+        stats.append(ErrorStats.of(w, res.recon))
         if act is not None:
-            wsignal += float(((w64 * w64) * act[name]).sum())
-            wnoise += float(((d * d) * act[name]).sum())
+            wsignal += weighted_error(w, np.zeros_like(w), act[name])
+            wnoise += weighted_error(w, res.recon, act[name])
         choices[res.choice] += 1
         if "share_b" in res.extra:
             n = res.stream.n_blocks
             blocks, blocks_b = blocks + n, blocks_b + res.extra["share_b"] * n
-    return {"sqnr": 10 * np.log10(signal / noise), "seconds": time.perf_counter() - t0,
+    return {"sqnr": aggregate(stats).sqnr_db, "seconds": time.perf_counter() - t0,
             "wsqnr": 10 * np.log10(wsignal / wnoise) if act is not None else None,
             "choices": dict(choices.most_common()), "share_b": blocks_b / blocks if blocks else None}
 

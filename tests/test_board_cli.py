@@ -59,7 +59,7 @@ def sim_port(monkeypatch):
 
 @pytest.mark.parametrize("board", [name for name, board in BOARDS.items() if board.decoder])
 def test_run_board_checks_a_real_minilm_layer_through_the_uart(board):
-    name, stream = bringup.model_layer_stream("minilm", "sop4-g16", LAYER, rows=2)
+    name, stream, _ = bringup.model_layer("minilm", "sop4-g16", LAYER, rows=2)
     port, timeout = bringup.sim_board(board)
     result = bringup.run_board(port, stream, "sop4-g16", name=name, timeout=timeout, clock=port.now)
     assert result.ok and result.got == result.expected

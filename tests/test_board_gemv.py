@@ -76,7 +76,7 @@ def layer():
 @pytest.fixture(scope="module")
 def sparse_layer():
     """(name, its first 18 rows: two row tiles, real x codes) of the sop-budget artifact's default layer
-    (bringup.model_layer_stream's: its first with sparse entries)."""
+    (bringup.model_layer's: its first with sparse entries)."""
     name, stream, _ = gemv_bringup.gemv_layer_stream(bringup.sparse_model(FMT), FMT, None, 18)
     x, _ = gemv_bringup.layer_activation(name, stream.cols)
     return name, stream, dot.activation_codes(x, "e4m3")

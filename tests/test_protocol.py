@@ -35,7 +35,7 @@ from sop.synth import wire
 from sop.synth.gateware.board import BOARDS, BoardCore, elaborate_for
 from sop.synth.gateware.protocol import ProtocolEngine
 from sop.synth.gateware.simboard import SimSerial, stream_port, uart_port, uart_timeout
-from sop.synth.host.bringup import model_layer_stream
+from sop.synth.host.bringup import model_layer
 from sop.synth.host.client import BoardError, BoardLink, BoardTimeout, beat_bytes_of
 from sop.synth.wire import Cmd, Err, encode_frame
 
@@ -78,7 +78,7 @@ def send_layers(link, layers):
 
 @pytest.fixture(scope="module")
 def minilm_layer():
-    name, stream = model_layer_stream("minilm", "sop4-g16", "encoder.layer.0.attention.self.query.weight", rows=8)
+    name, stream, _ = model_layer("minilm", "sop4-g16", "encoder.layer.0.attention.self.query.weight", rows=8)
     return from_stream(CFG, stream, name)
 
 

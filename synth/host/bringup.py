@@ -5,12 +5,12 @@ behind the board step of ``make sim``, ``python -m sop.synth.host.bringup --sim`
 which runs the same host code against the whole board design (UART pins
 included) in amaranth.sim.
 
-* ``model_layer_stream(model, fmt, layer, rows)``: (name, golden layer stream) of
-  one linear layer (or its first ``rows`` rows), as ``sop vectors`` quantizes it;
-  for a ``.sopq`` artifact (`sop quantize`) the layer's stream as stored, its
-  sparse residuals included (default layer: the first stored in ``fmt``'s
-  layout with sparse entries, else the first in that layout); ``model_layer`` also
-  gives the layer's own input width (``stream.cols`` is it in whole blocks).
+* ``model_layer(model, fmt, layer, rows)``: (name, golden layer stream, the layer's
+  own input width; ``stream.cols`` is it in whole blocks) of one linear layer (or
+  its first ``rows`` rows), as ``sop vectors`` quantizes it; for a ``.sopq``
+  artifact (`sop quantize`) the layer's stream as stored, its sparse residuals
+  included (default layer: the first stored in ``fmt``'s layout with sparse
+  entries, else the first in that layout).
 * ``check_sparse(stream, name)``: the layer's sparse table is one the decoder
   can take (indices strictly increasing and inside the layer, finite BF16
   values); ``ValueError`` with one line naming the first bad entry otherwise.
@@ -282,13 +282,6 @@ def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
     return name, st if rows is None else crop_rows(st, rows), entry.shape[1]
 
 
-def model_layer_stream(model: str, fmt: str, layer: str | None = None,
-                       rows: int | None = None) -> tuple[str, LayerStream]:
-    """(name, golden stream) of ``layer`` of ``model`` (``model_layer``'s, without the width)."""
-    name, stream, _ = model_layer(model, fmt, layer, rows)
-    return name, stream
-
-
 def model_layer(model: str, fmt: str, layer: str | None = None,
                 rows: int | None = None) -> tuple[str, LayerStream, int]:
     """(name, golden stream, real input width) of ``layer`` of ``model`` (default: its first linear
@@ -439,7 +432,7 @@ def simulate_bad_entries(model: str | None = None, fmt: str = "sop4-g16", layer:
                          board: str = "icebreaker", divisor: int = SIM_DIVISOR) -> BoardResult:
     """A sparse table that is not strictly increasing, sent past the host's check: the simulated
     board's decoder must flag it (``order``); the result is not ``ok``."""
-    name, stream = model_layer_stream(model or sparse_model(fmt), fmt, layer, 2)
+    name, stream, _ = model_layer(model or sparse_model(fmt), fmt, layer, 2)
     port, timeout = sim_board(board, divisor)
     return run_board(port, bad_entries_stream(stream), fmt, name=f"{name} (bad entries)", timeout=timeout,
                      clock=port.now, check_table=False)

@@ -396,8 +396,7 @@ def simulate_bad_input(model: str | None = None, fmt: str = "sop4-g16", layer: s
     tiles = beyond_the_layer(gemv_entries(stream, link.gemv_status().tile), stream.cols)
     try:
         result = run_gemv(port, stream, padded_x(dot.activation_codes(x, "e4m3"), stream.cols), fmt, name=name,
-                          timeout=timeout,
-                          clock=port.now, check=False, entries=tiles)
+                          timeout=timeout, clock=port.now, check=False, entries=tiles)
         seen["sparse entry beyond the layer"] = ", ".join(result.errors) or "nothing"
     except BoardConfigError as err:            # an engine without the residual path: the host refuses
         seen["sparse entry beyond the layer"] = f"refused: {err}"
