@@ -312,6 +312,9 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     ids = runner.token_ids(sentences)
     windows = runner.windows(ids, size.seqs, size.seq_len, "calibration text (--calib-seqs x --seq-len)")
     stats, tokens = runner.collect_stats(windows)
+    if runner.unrouted and say is not None:
+        say(f"calibration: no calibration token was routed to {len(runner.unrouted)} expert matrices (e.g. "
+            f"{runner.unrouted[0]}): their errors are unweighted (a = 1)")
     stats, dropped = _finite_selected(src, stats)
     cal = Calibration(True, note, stats, key, _sentences_used(runner, sentences, tokens), tokens,
                       seqs=size.seqs, seq_len=size.seq_len)

@@ -21,14 +21,18 @@ when the windows are cut (``CheckpointError`` naming the folder or GGUF file).
 
 **Names.** ``CausalLM.targets`` maps every checkpoint tensor that is the weight of an
 ``nn.Linear`` or HF ``Conv1D`` module to that module (``Target``); a tied output head maps to the
-input embedding's tensor. It must cover every selected layer (``CheckpointError`` otherwise,
-before any work), and the module must take the layer's input channels in the layer's column
-order (checked on an index matrix for GGUF conversions).
+input embedding's tensor. A MoE router (a module of its own in transformers 5) maps like a linear
+module; a per-expert matrix of a folder maps to its expert's rows of the fused ``(experts, rows,
+in)`` parameter that transformers loads it into, found by its values (``Target.slot``). It must
+cover every selected layer (``CheckpointError`` otherwise, before any work), and the module must
+take the layer's input channels in the layer's column order (checked on an index matrix for GGUF
+conversions).
 
 **Calibration** (``collect_stats``): forward pre-hooks on every mapped module accumulate the
 per-input-channel sum of squares of its input over every token of the windows (no padding: every
 window is full), in float64. The output head is the last module: its hook records its input and
-stops the pass, so no logits are computed.
+stops the pass, so no logits are computed. A hook on each experts module does the same per expert
+over the tokens routed to it (``_expert_hook``); an expert no token reaches gets ones (``unrouted``).
 
 **End to end** (``reference`` then ``score``), the convention of llama.cpp's
 ``perplexity --kl-divergence``: the held-out text is tokenized once and cut into ``n`` windows of
@@ -55,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -95,9 +100,13 @@ class Target:
     """Where a checkpoint tensor sits in the running model."""
 
     name: str           # the checkpoint tensor (the quantizer's layer name)
-    module: str         # the nn.Linear / Conv1D module that uses it as its weight
+    module: str         # the nn.Linear / Conv1D module (or MoE router) that uses it as its weight, or the
+                        # MoE experts module whose fused parameter holds it (``slot``)
     conv1d: bool        # HF Conv1D: the module's weight is (in, out)
     tied: bool = False  # the output head, tied to the input embedding
+    #: one expert's matrix inside the experts module's fused ``(experts, rows, in)`` parameter:
+    #: (the parameter's name, the expert, its first row); None: the module's own ``weight``
+    slot: tuple[str, int, int] | None = None
 
 
 class _Stop(Exception):
@@ -289,6 +298,63 @@ def _is_linear(module) -> bool:
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _is_router(module) -> bool:
+    """A MoE router as transformers 5 builds it (``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``, ...): a module
+    of its own whose forward applies ``F.linear`` to its input and its 2-D ``weight``."""
+    import torch
+
+    w = getattr(module, "weight", None)
+    return type(module).__name__.endswith("Router") and isinstance(w, torch.nn.Parameter) and w.dim() == 2
+
+
+#: an experts module's fused parameters that take the expert's input (the rest, ``down_proj``, take its
+#: gated intermediate)
+_EXPERT_INPUT = ("gate_up_proj", "up_proj")
+
+
+def _block_of(name: str) -> str:
+    """A name up to its first number (``model.layers.3``): a transformer block, whatever the checkpoint
+    calls the MoE inside it (Mixtral's ``block_sparse_moe`` is transformers' ``mlp``)."""
+    m = re.match(r"(.*?\.\d+)(\.|$)", name)
+    return m[1] if m else ""
+
+
+def _expert_hook(targets: list[Target], add):
+    """A forward pre-hook on a MoE experts module (transformers 5: ``forward(hidden_states, top_k_index,
+    top_k_weights)``) that ``add``s, for each of ``targets`` (its mapped expert matrices), the per-column sum
+    of squares of what that expert's matrix takes over the tokens the router sent to it, and their count: the
+    hidden states for gate and up; for down the gated intermediate, recomputed here from those tokens with
+    the module's own parameters and gate (``_apply_gate``, or ``act_fn`` without one)."""
+    by_expert: dict[int, list[Target]] = {}
+    for t in targets:
+        by_expert.setdefault(t.slot[1], []).append(t)
+
+    def hook(mod, args, kwargs):
+        import torch
+
+        x, idx = (list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs])[:2]
+        x = x.detach().reshape(-1, x.shape[-1])
+        idx = idx.reshape(x.shape[0], -1)
+        for e, ts in by_expert.items():
+            tok = (idx == e).any(dim=1).nonzero()[:, 0]
+            if not tok.numel():
+                continue
+            xe, done = x[tok], {}
+            for t in ts:
+                into = t.slot[0] not in _EXPERT_INPUT
+                if into not in done:
+                    a = xe
+                    if into:
+                        up = "gate_up_proj" if mod.has_gate else "up_proj"
+                        bias = getattr(mod, f"{up}_bias")[e] if mod.has_bias else None
+                        h = torch.nn.functional.linear(xe, getattr(mod, up)[e], bias)
+                        a = mod._apply_gate(h) if mod.has_gate else mod.act_fn(h)
+                    done[into] = (a.double() ** 2).sum(0)
+                add(t.name, done[into], int(tok.numel()))
+
+    return hook
+
+
 class CausalLM:
     """A loaded causal LM with its checkpoint-name map (see the module docstring)."""
 
@@ -310,6 +376,7 @@ class CausalLM:
         bos = tokenizer.bos_token_id
         self.bos = bos if bos is not None and ids and ids[0] == bos else None
         self._ref = None
+        self.unrouted: list[str] = []           # collect_stats: expert matrices no calibration token reached
 
     # -- names ----------------------------------------------------------------------------------------
 
@@ -366,14 +433,66 @@ class CausalLM:
                 raise CheckpointError(self.src.files[0], f"the weight of the model's linear module {mname} comes "
                                                          f"from no tensor of the checkpoint; {HINT}")
             out[tname] = Target(tname, mname, type(mod).__name__ == "Conv1D", is_tied)
+        for mname, mod in self.modules.items():
+            # a MoE router (transformers 5: a module of its own, F.linear of its input and its weight)
+            if _is_router(mod):
+                tname = self._tensor_for(mname, names)
+                if tname is not None:
+                    out[tname] = Target(tname, mname, False)
+        if self.convert is None:
+            out.update(self._expert_slots(names - set(out)))
         return out
+
+    def _expert_slots(self, names: set) -> dict[str, Target]:
+        """The checkpoint's per-expert matrices (``...experts.<e>.w1.weight``, ``...experts.<e>.gate_proj.weight``)
+        that transformers fuses on loading into one ``(experts, rows, in)`` parameter of an experts module
+        (``gate_up_proj`` holding gate over up, ``up_proj``, ``down_proj``): each found by its values, in the
+        parameter of its own block (the name up to the block's number) at its expert's index, at exactly one
+        row offset; a matrix found nowhere, or at two places, is left unmapped (then refused if selected)."""
+        import torch
+
+        fused: dict[str, list] = {}
+        for mname, mod in self.modules.items():
+            if getattr(mod, "is_transposed", True):     # transformers' experts modules say False; others: not ours
+                continue
+            for pname in _EXPERT_INPUT + ("down_proj",):
+                p = getattr(mod, pname, None)
+                if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
+                    fused.setdefault(_block_of(mname), []).append((mname, pname, p))
+        out = {}
+        for tname in sorted(names):
+            m = re.search(r"\.experts\.(\d+)\.", tname)
+            shape = self.src.tensor_shape(tname)
+            if m is None or len(shape) != 2:
+                continue
+            e, (rows, cols) = int(m[1]), shape
+            cands = [(mn, pn, p) for mn, pn, p in fused.get(_block_of(tname), ())
+                     if p.shape[0] > e and p.shape[2] == cols and p.shape[1] % rows == 0]
+            if not cands:
+                continue
+            w = torch.from_numpy(np.asarray(self.src.read_tensor(tname), dtype=np.float32))
+            hits = [(mn, pn, r0) for mn, pn, p in cands for r0 in range(0, p.shape[1], rows)
+                    if bool(((p.data[e, r0:r0 + rows] == w) | (p.data[e, r0:r0 + rows].isnan() & w.isnan())).all())]
+            if len(hits) == 1:
+                mn, pn, r0 = hits[0]
+                out[tname] = Target(tname, mn, False, slot=(pn, e, r0))
+        return out
+
+    def weight_of(self, t: Target):
+        """The tensor holding ``t``'s matrix in the running model: the module's weight, or the expert's rows of
+        its fused parameter (a view: writing it writes the parameter)."""
+        mod = self.modules[t.module]
+        if t.slot is None:
+            return mod.weight
+        pname, e, r0 = t.slot
+        return getattr(mod, pname).data[e, r0:r0 + self.src.tensor_shape(t.name)[0]]
 
     def _clean_selected(self) -> None:
         """The selected layers' weights cleaned as the quantizer reads them (evaluate.clean_forward_weight);
         ``cleaned``: how many entries were replaced."""
         from sop.quantize.evaluate import clean_forward_weight
 
-        self.cleaned = sum(clean_forward_weight(self.src, lay.name, self.modules[self.targets[lay.name].module].weight)
+        self.cleaned = sum(clean_forward_weight(self.src, lay.name, self.weight_of(self.targets[lay.name]))
                            for lay in self.src.layers)
 
     def _check_selected(self) -> None:
@@ -384,6 +503,8 @@ class CausalLM:
                 raise CheckpointError(self.src.files[0], f"layer {lay.name} is the weight of no linear module of "
                                                          f"the {type(self.model).__name__} that transformers "
                                                          f"runs; --exclude it, or {HINT}")
+            if t.slot is not None:              # found by its values at that place: nothing more to check
+                continue
             if t.conv1d != lay.transposed and self.convert is None:
                 raise CheckpointError(self.src.files[0], f"layer {lay.name}: the checkpoint stores it "
                                                          f"{'(in, out)' if lay.transposed else '(out, in)'}, the "
@@ -419,17 +540,25 @@ class CausalLM:
         reference; the reference is restored after, whatever happens."""
         import torch
 
-        saved = {}
+        saved = {}                      # id(parameter) -> (the parameter, its reference data)
         try:
             for name, w in (weights or {}).items():
-                param = self.modules[self.targets[name].module].weight
-                new = np.ascontiguousarray(self.module_weight(name, np.asarray(w)), dtype=np.float32)
-                saved[name] = param.data
-                param.data = torch.from_numpy(new)
+                t = self.targets[name]
+                new = torch.from_numpy(np.ascontiguousarray(self.module_weight(name, np.asarray(w)), dtype=np.float32))
+                if t.slot is None:
+                    param = self.modules[t.module].weight
+                    saved.setdefault(id(param), (param, param.data))
+                    param.data = new
+                    continue
+                param = getattr(self.modules[t.module], t.slot[0])
+                if id(param) not in saved:  # a fused experts parameter: a copy, its expert's rows written
+                    saved[id(param)] = (param, param.data)
+                    param.data = param.data.clone()
+                self.weight_of(t).copy_(new)
             yield self
         finally:
-            for name, data in saved.items():
-                self.modules[self.targets[name].module].weight.data = data
+            for param, data in saved.values():
+                param.data = data
 
     # -- text and windows ------------------------------------------------------------------------------
 
@@ -491,10 +620,21 @@ class CausalLM:
                     raise _Stop
             return hook
 
+        def add(tname: str, s, n: int):
+            sums[tname] = sums[tname] + s if tname in sums else s
+            counts[tname] = counts.get(tname, 0) + n
+
+        experts: dict[str, list[Target]] = {}
+        for t in self.targets.values():
+            if t.slot is not None:
+                experts.setdefault(t.module, []).append(t)
         try:
             for t in self.targets.values():
-                handles.append(self.modules[t.module].register_forward_pre_hook(
-                    hook_for(t.name, t.module == self.head_module), with_kwargs=True))
+                if t.slot is None:
+                    handles.append(self.modules[t.module].register_forward_pre_hook(
+                        hook_for(t.name, t.module == self.head_module), with_kwargs=True))
+            for mname, ts in experts.items():
+                handles.append(self.modules[mname].register_forward_pre_hook(_expert_hook(ts, add), with_kwargs=True))
             with torch.inference_mode():
                 for i in range(0, len(windows), batch):
                     try:
@@ -505,7 +645,11 @@ class CausalLM:
             for h in handles:
                 h.remove()
         tokens = int(windows.numel())
-        return {n: (sums[n] / counts[n]).numpy() for n in sums}, tokens
+        # an expert no calibration token reached: weighted alike in every column (the unweighted error)
+        self.unrouted = sorted(t.name for t in self.targets.values() if t.slot is not None and not counts.get(t.name))
+        stats = {n: (sums[n] / counts[n]).numpy() for n in sums if counts[n]}
+        stats.update((n, np.ones(self.src.tensor_shape(n)[1])) for n in self.unrouted)
+        return stats, tokens
 
     # -- end to end -----------------------------------------------------------------------------------------
 
