@@ -1,7 +1,7 @@
 """Mixture-of-experts causal LMs under calibration (quantize/causal_lm.py): tiny random Mixtral and
-Qwen2-MoE folders as transformers 5 saves them (one 2-D matrix per expert, the router a tensor of its
-own), which transformers fuses on loading into ``(experts, rows, in)`` parameters and router modules.
-Every expert matrix is found in the running model, its statistics are the mean square of what it takes
+Qwen2-MoE folders (and Qwen3-MoE, OLMoE, PhiMoE, DeepSeek-V3 for the mapping) as transformers 5
+saves them (one 2-D matrix per expert, the router a tensor of its own), which transformers fuses on
+loading into ``(experts, rows, in)`` parameters and router modules. Every expert matrix is found in the running model, its statistics are the mean square of what it takes
 over the tokens routed to it (recomputed here from the checkpoint's own matrices, not the fused ones),
 the model runs with the reconstructions in place and exports a folder that holds them."""
 
@@ -24,16 +24,32 @@ HIDDEN, EXPERTS = 32, 4
 
 
 def moe_config(arch: str, top_k: int = 2):
+    from transformers.models.deepseek_v3 import DeepseekV3Config
     from transformers.models.mixtral import MixtralConfig
+    from transformers.models.olmoe import OlmoeConfig
+    from transformers.models.phimoe import PhimoeConfig
     from transformers.models.qwen2_moe import Qwen2MoeConfig
+    from transformers.models.qwen3_moe import Qwen3MoeConfig
 
     common = {"vocab_size": VOCAB, "initializer_range": 0.25, "bos_token_id": 0, "eos_token_id": 1,
               "hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "num_experts_per_tok": top_k}
     if arch == "mixtral":
         return MixtralConfig(intermediate_size=48, num_local_experts=EXPERTS, **common)
-    return Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                          num_experts=EXPERTS, **common)
+    if arch == "qwen2moe":
+        return Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                              num_experts=EXPERTS, **common)
+    if arch == "qwen3moe":
+        return Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=EXPERTS, head_dim=8, **common)
+    if arch == "olmoe":
+        return OlmoeConfig(intermediate_size=16, num_experts=EXPERTS, **common)
+    if arch == "phimoe":
+        return PhimoeConfig(intermediate_size=16, num_local_experts=EXPERTS, **common)
+    # DeepSeek-V3: a dense first block, a shared expert beside the routed ones, a router with a score bias
+    return DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=EXPERTS,
+                            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
+                            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8,
+                            **(common | {"num_key_value_heads": 4}))
 
 
 def make_moe(path, arch: str, top_k: int = 2):
@@ -56,29 +72,38 @@ NAMES = {"mixtral": ("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
                       "model.layers.{i}.mlp.gate.weight")}
 
 
+#: tiny models of more MoE families: each expert matrix and router found, each statistic taken
+OTHERS = ("qwen3moe", "olmoe", "phimoe", "deepseek_v3")
+
+
 @pytest.fixture(scope="module")
 def moe_folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe")
-    return {arch: make_moe(base / arch, arch) for arch in NAMES}
+    return {arch: make_moe(base / arch, arch) for arch in (*NAMES, *OTHERS)}
 
 
-@pytest.mark.parametrize("arch", sorted(NAMES))
+@pytest.mark.parametrize("arch", [*sorted(NAMES), *OTHERS])
 def test_every_expert_matrix_and_router_is_found_in_the_running_model(moe_folders, arch):
     src = open_model(str(moe_folders[arch]))
     runner = L.load(src)
     ckpt = load_file(str(moe_folders[arch] / "model.safetensors"))
     selected = {lay.name for lay in src.layers}
-    for i in range(2):
-        for e in range(EXPERTS):
-            assert {n.format(i=i, e=e) for n in NAMES[arch][:3]} <= selected
-        assert NAMES[arch][3].format(i=i) in selected
+    experts = {n for n in ckpt if ".experts." in n and ".shared" not in n}
+    routers = {n for n in ckpt if n.endswith("gate.weight") and ckpt[n].shape[0] == EXPERTS}
+    assert len(experts) == 3 * EXPERTS * (1 if arch == "deepseek_v3" else 2) and len(routers) == len(experts) // 12
+    assert experts | routers <= selected
+    assert all(runner.targets[n].slot is not None for n in experts)
+    assert all(runner.targets[n].slot is None for n in routers)
     for lay in src.layers:                  # the matrix the model runs is the checkpoint's, value for value
         np.testing.assert_array_equal(runner.weight_of(runner.targets[lay.name]).detach().numpy(), ckpt[lay.name],
                                       err_msg=lay.name)
-    gate, up, down = (runner.targets[n.format(i=1, e=2)] for n in NAMES[arch][:3])
-    rows = {"mixtral": 48, "qwen2moe": 16}[arch]           # an expert's intermediate width: gate over up
-    assert (gate.slot, up.slot, down.slot) == (("gate_up_proj", 2, 0), ("gate_up_proj", 2, rows), ("down_proj", 2, 0))
-    assert runner.targets[NAMES[arch][3].format(i=1)].slot is None
+    stats, _ = runner.collect_stats(windows_of(runner, 2))
+    assert selected <= set(stats) and runner.unrouted == []
+    if arch in NAMES:
+        gate, up, down = (runner.targets[n.format(i=1, e=2)] for n in NAMES[arch][:3])
+        rows = {"mixtral": 48, "qwen2moe": 16}[arch]           # an expert's intermediate width: gate over up
+        assert (gate.slot, up.slot, down.slot) == (("gate_up_proj", 2, 0), ("gate_up_proj", 2, rows),
+                                                   ("down_proj", 2, 0))
 
 
 def routed_statistics(folder, arch, wins):
