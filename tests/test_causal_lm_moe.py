@@ -2,8 +2,9 @@
 Qwen2-MoE folders (and Qwen3-MoE, OLMoE, PhiMoE, DeepSeek-V3 for the mapping) as transformers 5
 saves them (one 2-D matrix per expert, the router a tensor of its own), which transformers fuses on
 loading into ``(experts, rows, in)`` parameters and router modules. Every expert matrix is found in
-the running model, its statistics are the mean square of what it takes over the tokens routed to it (recomputed here from the checkpoint's own matrices, not the fused ones),
-the model runs with the reconstructions in place and exports a folder that holds them."""
+the running model, its statistics are the mean square of what it takes over the tokens routed to it
+(recomputed here from the checkpoint's own matrices, not the fused ones), the model runs with the
+reconstructions in place and exports a folder that holds them."""
 
 import numpy as np
 import pytest
