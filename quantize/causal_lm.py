@@ -602,27 +602,26 @@ class CausalLM:
     # -- calibration ------------------------------------------------------------------------------------
 
     def collect_stats(self, windows, batch: int = BATCH) -> tuple[dict[str, np.ndarray], int]:
-        """Per-input-channel mean square of every mapped module's input over every token of ``windows``."""
+        """Per-input-channel mean square of every mapped module's input over every token of ``windows``
+        (of an expert's matrix: over the tokens routed to that expert)."""
         import torch
 
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         handles = []
 
+        def add(tname: str, s, n: int):
+            sums[tname] = sums[tname] + s if tname in sums else s
+            counts[tname] = counts.get(tname, 0) + n
+
         def hook_for(tname: str, stop: bool):
             def hook(_module, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
                 x = x.detach().reshape(-1, x.shape[-1]).double()
-                s = (x * x).sum(0)
-                sums[tname] = sums[tname] + s if tname in sums else s
-                counts[tname] = counts.get(tname, 0) + x.shape[0]
+                add(tname, (x * x).sum(0), x.shape[0])
                 if stop:
                     raise _Stop
             return hook
-
-        def add(tname: str, s, n: int):
-            sums[tname] = sums[tname] + s if tname in sums else s
-            counts[tname] = counts.get(tname, 0) + n
 
         experts: dict[str, list[Target]] = {}
         for t in self.targets.values():
