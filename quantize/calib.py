@@ -146,6 +146,9 @@ class Calibration:
     cached: bool = False
     seqs: int = 0                   # causal LMs: windows x tokens
     seq_len: int = 0
+    #: MoE expert matrices no calibration token was routed to: weighted by ones (quantize/causal_lm.py);
+    #: in the calibration a run reports, only its selected layers
+    unrouted: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> np.ndarray | None:
         """The layer's per-input-channel mean square, or None (unweighted)."""
@@ -156,6 +159,8 @@ class Calibration:
              "sentences": self.sentences, "tokens": self.tokens, "cached": self.cached}
         if self.seqs:
             d.update(seqs=self.seqs, seq_len=self.seq_len)
+        if self.unrouted:
+            d["unrouted"] = list(self.unrouted)
         return d
 
 
@@ -229,6 +234,9 @@ def _check_cache(meta: dict, stats: dict[str, np.ndarray], widths: dict[str, int
             raise _Damaged(f"the statistic of {name} is not a vector of finite, non-negative floats")
         if name in widths and a.shape[0] != widths[name]:
             raise _Damaged(f"the statistic of {name} has {a.shape[0]} values for {widths[name]} input channels")
+    unrouted = meta.get("unrouted", [])
+    if not isinstance(unrouted, list) or not all(isinstance(x, str) and x in stats for x in unrouted):
+        raise _Damaged("its unrouted experts are not layers it lists")
 
 
 def _load_cached(path: Path, key: str, note: str, widths: dict[str, int]) -> tuple[Calibration | None, str]:
@@ -245,7 +253,8 @@ def _load_cached(path: Path, key: str, note: str, widths: dict[str, int]) -> tup
     except _Damaged as err:
         return None, str(err)
     return Calibration(True, note, stats, key, meta["sentences"], meta["tokens"], cached=True,
-                       seqs=meta.get("seqs", 0), seq_len=meta.get("seq_len", 0)), ""
+                       seqs=meta.get("seqs", 0), seq_len=meta.get("seq_len", 0),
+                       unrouted=meta.get("unrouted", [])), ""
 
 
 def _cached(path: Path, key: str, note: str, src, say) -> Calibration | None:
@@ -267,7 +276,7 @@ def _save(path: Path, cal: Calibration, say) -> None:
     ``say`` told why."""
     buf = io.BytesIO()
     meta = {"key": cal.key, "sentences": cal.sentences, "tokens": cal.tokens, "version": CALIB_VERSION,
-            "seqs": cal.seqs, "seq_len": cal.seq_len, "layers": sorted(cal.act_ms)}
+            "seqs": cal.seqs, "seq_len": cal.seq_len, "layers": sorted(cal.act_ms), "unrouted": sorted(cal.unrouted)}
     np.savez(buf, **cal.act_ms, **{_META: np.array(json.dumps(meta))})
     try:
         if path.is_symlink():               # written through, it would replace the file it names (a model?)
@@ -307,19 +316,27 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     if use_cache:
         hit = _cached(path, key, note, src, say)
         if hit is not None:
-            return hit
+            return _selected_unrouted(hit, src, say)
     runner = causal_lm.load(src)
     ids = runner.token_ids(sentences)
     windows = runner.windows(ids, size.seqs, size.seq_len, "calibration text (--calib-seqs x --seq-len)")
     stats, tokens = runner.collect_stats(windows)
-    if runner.unrouted and say is not None:
-        say(f"calibration: no calibration token was routed to {len(runner.unrouted)} expert matrices (e.g. "
-            f"{runner.unrouted[0]}): their errors are unweighted (a = 1)")
     stats, dropped = _finite_selected(src, stats)
     cal = Calibration(True, note, stats, key, _sentences_used(runner, sentences, tokens), tokens,
-                      seqs=size.seqs, seq_len=size.seq_len)
+                      seqs=size.seqs, seq_len=size.seq_len, unrouted=list(runner.unrouted))
     if use_cache:
         _save_unless_partial(path, cal, say, runner.cleaned, dropped)
+    return _selected_unrouted(cal, src, say)
+
+
+def _selected_unrouted(cal: Calibration, src, say) -> Calibration:
+    """``cal`` with ``unrouted`` narrowed to the layers ``src`` quantizes, said in one line (cold or cached)."""
+    selected = {lay.name for lay in src.layers}
+    cal.unrouted = [n for n in cal.unrouted if n in selected]
+    if cal.unrouted and say is not None:
+        say(f"calibration: no calibration token was routed to {len(cal.unrouted)} expert matrices (e.g. "
+            f"{cal.unrouted[0]}): each is weighted as one token of ones would weigh it (unweighted within "
+            f"the layer, next to nothing beside the others)")
     return cal
 
 

@@ -32,7 +32,8 @@ conversions).
 per-input-channel sum of squares of its input over every token of the windows (no padding: every
 window is full), in float64. The output head is the last module: its hook records its input and
 stops the pass, so no logits are computed. A hook on each experts module does the same per expert
-over the tokens routed to it (``_expert_hook``); an expert no token reaches gets ones (``unrouted``).
+matrix, a token the router did not send to that expert counting as a zero input (``_expert_hook``);
+an expert no token reaches gets ``1 / tokens`` in every column, one token of ones (``unrouted``).
 
 **End to end** (``reference`` then ``score``), the convention of llama.cpp's
 ``perplexity --kl-divergence``: the held-out text is tokenized once and cut into ``n`` windows of
@@ -322,9 +323,11 @@ def _block_of(name: str) -> str:
 def _expert_hook(targets: list[Target], add):
     """A forward pre-hook on a MoE experts module (transformers 5: ``forward(hidden_states, top_k_index,
     top_k_weights)``) that ``add``s, for each of ``targets`` (its mapped expert matrices), the per-column sum
-    of squares of what that expert's matrix takes over the tokens the router sent to it, and their count: the
-    hidden states for gate and up; for down the gated intermediate, recomputed here from those tokens with
-    the module's own parameters and gate (``_apply_gate``, or ``act_fn`` without one)."""
+    of squares of what that expert's matrix takes over the tokens the router sent to it (None where it sent
+    none), and the count of every token that reached the module: a token not sent to an expert counts as a
+    zero input to it. What a matrix takes: the hidden states for gate and up; for down the gated
+    intermediate, recomputed here from those tokens with the module's own parameters and gate
+    (``_apply_gate``, or ``act_fn`` without one)."""
     by_expert: dict[int, list[Target]] = {}
     for t in targets:
         by_expert.setdefault(t.slot[1], []).append(t)
@@ -338,6 +341,8 @@ def _expert_hook(targets: list[Target], add):
         for e, ts in by_expert.items():
             tok = (idx == e).any(dim=1).nonzero()[:, 0]
             if not tok.numel():
+                for t in ts:
+                    add(t.name, None, x.shape[0])
                 continue
             xe, done = x[tok], {}
             for t in ts:
@@ -350,7 +355,7 @@ def _expert_hook(targets: list[Target], add):
                         h = torch.nn.functional.linear(xe, getattr(mod, up)[e], bias)
                         a = mod._apply_gate(h) if mod.has_gate else mod.act_fn(h)
                     done[into] = (a.double() ** 2).sum(0)
-                add(t.name, done[into], int(tok.numel()))
+                add(t.name, done[into], x.shape[0])
 
     return hook
 
@@ -363,6 +368,7 @@ class CausalLM:
         self.model = model
         self.tokenizer = tokenizer
         self.convert = convert                    # GGUF: _GGUFConvert; folders: None
+        self.ambiguous: set[str] = set()          # expert matrices whose values sit at several places (refused)
         self._renames: dict[str, str] | None = None   # _renamed, built once
         self.modules = dict(model.named_modules())
         head = model.get_output_embeddings()
@@ -440,16 +446,23 @@ class CausalLM:
                 if tname is not None:
                     out[tname] = Target(tname, mname, False)
         if self.convert is None:
-            out.update(self._expert_slots(names - set(out)))
+            out.update(self._expert_slots(names, set(out)))
         return out
 
-    def _expert_slots(self, names: set) -> dict[str, Target]:
+    def _expert_slots(self, names: set, mapped: set) -> dict[str, Target]:
         """The checkpoint's per-expert matrices (``...experts.<e>.w1.weight``, ``...experts.<e>.gate_proj.weight``)
         that transformers fuses on loading into one ``(experts, rows, in)`` parameter of an experts module
         (``gate_up_proj`` holding gate over up, ``up_proj``, ``down_proj``): each found by its values, in the
         parameter of its own block (the name up to the block's number) at its expert's index, at exactly one
-        row offset; a matrix found nowhere, or at two places, is left unmapped (then refused if selected)."""
+        row offset (where equal values sit at several, the one transformers' conversion names: ``_merged_at``);
+        a matrix found nowhere, or at several places still, is left unmapped (then refused if selected).
+        ``names``: the checkpoint's tensors; those in ``mapped`` are another module's."""
         import torch
+
+        prefix = f"{getattr(self.model, 'base_model_prefix', '') or ''}."
+
+        def block(name: str) -> str:                    # without the model's base prefix, which checkpoints may omit
+            return _block_of(name).removeprefix(prefix)
 
         fused: dict[str, list] = {}
         for mname, mod in self.modules.items():
@@ -458,25 +471,51 @@ class CausalLM:
             for pname in _EXPERT_INPUT + ("down_proj",):
                 p = getattr(mod, pname, None)
                 if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
-                    fused.setdefault(_block_of(mname), []).append((mname, pname, p))
-        out = {}
-        for tname in sorted(names):
+                    fused.setdefault(block(mname), []).append((mname, pname, p))
+        out: dict[str, Target] = {}
+        if not fused:
+            return out
+        loaded_as = {ckpt: new for new, ckpt in self._renamed(names).items()}    # Nemotron-H's backbone. -> model.
+        for tname in sorted(names - mapped):
             m = re.search(r"\.experts\.(\d+)\.", tname)
             shape = self.src.tensor_shape(tname)
             if m is None or len(shape) != 2:
                 continue
             e, (rows, cols) = int(m[1]), shape
-            cands = [(mn, pn, p) for mn, pn, p in fused.get(_block_of(tname), ())
+            cands = [(mn, pn, p) for mn, pn, p in fused.get(block(loaded_as.get(tname, tname)), ())
                      if p.shape[0] > e and p.shape[2] == cols and p.shape[1] % rows == 0]
             if not cands:
                 continue
             w = torch.from_numpy(np.asarray(self.src.read_tensor(tname), dtype=np.float32))
             hits = [(mn, pn, r0) for mn, pn, p in cands for r0 in range(0, p.shape[1], rows)
                     if bool(((p.data[e, r0:r0 + rows] == w) | (p.data[e, r0:r0 + rows].isnan() & w.isnan())).all())]
+            several = len(hits) > 1
+            if several:             # equal values at several places (a zero expert, gate equal to up)
+                hits = [h for h in hits if (h[1], h[2] // rows) == self._merged_at(tname)]
             if len(hits) == 1:
                 mn, pn, r0 = hits[0]
                 out[tname] = Target(tname, mn, False, slot=(pn, e, r0))
+            elif several:
+                self.ambiguous.add(tname)
         return out
+
+    def _merged_at(self, tname: str) -> tuple[str, int] | None:
+        """Where transformers' checkpoint conversion puts a per-expert tensor: (the fused parameter's name, the
+        chunk of its rows), from the order of the source patterns it concatenates (Mixtral's ``w1`` then
+        ``w3`` into ``gate_up_proj``); None where no conversion names it. Only asked where the values alone
+        leave the place open."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter
+        except ImportError:                 # a transformers without checkpoint conversions: the values decide
+            return None
+        for conv in get_model_conversion_mapping(self.model):
+            if not isinstance(conv, WeightConverter) or len(conv.target_patterns) != 1:
+                continue
+            for k, pattern in enumerate(conv.source_patterns):
+                if re.search(re.escape(pattern).replace(r"\*", r"\d+"), tname):
+                    return conv.target_patterns[0].strip(".").rsplit(".", 1)[-1], k
+        return None
 
     def weight_of(self, t: Target):
         """The tensor holding ``t``'s matrix in the running model: the module's weight, or the expert's rows of
@@ -499,6 +538,10 @@ class CausalLM:
         """Every selected layer is a mapped module's weight, with the module's shape and channel order."""
         for lay in self.src.layers:
             t = self.targets.get(lay.name)
+            if t is None and lay.name in self.ambiguous:
+                raise CheckpointError(self.src.files[0], f"layer {lay.name}: its values sit at several places of "
+                                                         f"the model's fused experts parameters and its name "
+                                                         f"settles none of them; --exclude it, or {HINT}")
             if t is None:
                 raise CheckpointError(self.src.files[0], f"layer {lay.name} is the weight of no linear module of "
                                                          f"the {type(self.model).__name__} that transformers "
@@ -610,8 +653,9 @@ class CausalLM:
         counts: dict[str, int] = {}
         handles = []
 
-        def add(tname: str, s, n: int):
-            sums[tname] = sums[tname] + s if tname in sums else s
+        def add(tname: str, s, n: int):          # s None: n tokens that add nothing
+            if s is not None:
+                sums[tname] = sums[tname] + s if tname in sums else s
             counts[tname] = counts.get(tname, 0) + n
 
         def hook_for(tname: str, stop: bool):
@@ -644,10 +688,11 @@ class CausalLM:
             for h in handles:
                 h.remove()
         tokens = int(windows.numel())
-        # an expert no calibration token reached: weighted alike in every column (the unweighted error)
-        self.unrouted = sorted(t.name for t in self.targets.values() if t.slot is not None and not counts.get(t.name))
-        stats = {n: (sums[n] / counts[n]).numpy() for n in sums if counts[n]}
-        stats.update((n, np.ones(self.src.tensor_shape(n)[1])) for n in self.unrouted)
+        # an expert no calibration token reached: as if one token of ones had (unweighted within the layer,
+        # next to nothing beside the others under a bit budget)
+        self.unrouted = sorted(n for n in counts if n not in sums)
+        stats = {n: (sums[n] / counts[n]).numpy() for n in sums}
+        stats.update((n, np.full(self.src.tensor_shape(n)[1], 1 / counts[n])) for n in self.unrouted)
         return stats, tokens
 
     # -- end to end -----------------------------------------------------------------------------------------

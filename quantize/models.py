@@ -671,8 +671,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         notes.append(f"{len(deep)} floating-point tensor(s) of 3 or more dimensions kept as they are "
                      f"({sum(deep.values()):,} weights, {100 * sum(deep.values()) / total:.0f} % of the "
                      f"checkpoint's floating-point weights; e.g. {next(iter(deep))}): sop quantizes 2-D linear "
-                     f"layers only, so fused MoE experts stay in full precision and the bits per weight count "
-                     f"the quantized layers alone")
+                     f"layers only, so these (fused MoE experts, convolutions, ...) stay in full precision and "
+                     f"the bits per weight count the quantized layers alone")
     if kind == "gguf":
         types: dict[str, int] = {}
         for lay in layers:

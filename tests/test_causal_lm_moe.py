@@ -27,6 +27,7 @@ HIDDEN, EXPERTS = 32, 4
 def moe_config(arch: str, top_k: int = 2):
     from transformers.models.deepseek_v3 import DeepseekV3Config
     from transformers.models.mixtral import MixtralConfig
+    from transformers.models.nemotron_h import NemotronHConfig
     from transformers.models.olmoe import OlmoeConfig
     from transformers.models.phimoe import PhimoeConfig
     from transformers.models.qwen2_moe import Qwen2MoeConfig
@@ -46,6 +47,11 @@ def moe_config(arch: str, top_k: int = 2):
         return OlmoeConfig(intermediate_size=16, num_experts=EXPERTS, **common)
     if arch == "phimoe":
         return PhimoeConfig(intermediate_size=16, num_local_experts=EXPERTS, **common)
+    if arch == "nemotron_h":        # checkpoint names under backbone., which transformers renames model.; experts
+        return NemotronHConfig(    # without a gate (up_proj, down_proj); a Mamba block before the MoE one
+            intermediate_size=16, moe_intermediate_size=16, n_routed_experts=EXPERTS,
+            moe_shared_expert_intermediate_size=16, n_group=1, topk_group=1, layers_block_type=["mamba", "moe"],
+            head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=4, n_groups=1, **common)
     # DeepSeek-V3: a dense first block, a shared expert beside the routed ones, a router with a score bias
     return DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=EXPERTS,
                             n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
@@ -74,7 +80,10 @@ NAMES = {"mixtral": ("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
 
 
 #: tiny models of more MoE families: each expert matrix and router found, each statistic taken
-OTHERS = ("qwen3moe", "olmoe", "phimoe", "deepseek_v3")
+OTHERS = ("qwen3moe", "olmoe", "phimoe", "deepseek_v3", "nemotron_h")
+#: expert matrices and routers of each tiny model: 2 MoE blocks of 4 experts (gate, up, down), but for
+#: DeepSeek-V3 (a dense first block) and Nemotron-H (a Mamba block first; experts without a gate)
+COUNTS = {"deepseek_v3": (12, 1), "nemotron_h": (8, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +100,7 @@ def test_every_expert_matrix_and_router_is_found_in_the_running_model(moe_folder
     selected = {lay.name for lay in src.layers}
     experts = {n for n in ckpt if ".experts." in n and ".shared" not in n}
     routers = {n for n in ckpt if n.endswith("gate.weight") and ckpt[n].shape[0] == EXPERTS}
-    assert len(experts) == 3 * EXPERTS * (1 if arch == "deepseek_v3" else 2) and len(routers) == len(experts) // 12
+    assert (len(experts), len(routers)) == COUNTS.get(arch, (24, 2))
     assert experts | routers <= selected
     assert all(runner.targets[n].slot is not None for n in experts)
     assert all(runner.targets[n].slot is None for n in routers)
@@ -127,8 +136,8 @@ def routed_statistics(folder, arch, wins):
         want[rname] = (x * x).mean(0)
         probs = torch.softmax(x @ ckpt[rname].T, dim=-1)
         top = torch.topk(probs, cfg.num_experts_per_tok, dim=-1).indices
-        for e in range(EXPERTS):
-            xe = x[(top == e).any(1)]
+        for e in range(EXPERTS):            # a token not routed to the expert: a zero input to it
+            xe = x * (top == e).any(1, keepdim=True)
             g, u = xe @ ckpt[gname.format(e=e)].T, xe @ ckpt[uname.format(e=e)].T
             mid = torch.nn.functional.silu(g) * u
             want[gname.format(e=e)] = want[uname.format(e=e)] = (xe * xe).mean(0)
@@ -149,26 +158,32 @@ def test_expert_statistics_are_the_mean_square_over_the_tokens_routed_to_it(moe_
         np.testing.assert_allclose(stats[name], w.numpy(), rtol=1e-5, err_msg=name)
 
 
-def test_an_expert_no_token_reaches_is_weighted_alike_in_every_column(tmp_path, capsys):
+def test_an_expert_no_token_reaches_is_weighted_as_one_token_of_ones(tmp_path, capsys):
     """Top-1 routing where the router row of expert 3 is zero and those of experts 1 and 2 are opposite:
-    one of them always scores |x.v| >= 0, so expert 3 never wins; its matrices get a = 1, one line says so."""
+    one of them always scores |x.v| >= 0, so expert 3 never wins; its matrices get a = 1 / tokens, one
+    line says so, on a cold and on a warm cache, and the JSON names them; an excluded one is not counted."""
     folder = make_moe(tmp_path / "m", "mixtral", top_k=1)
     ckpt = load_file(str(folder / "model.safetensors"))
     for i in range(2):
         r = ckpt[f"model.layers.{i}.block_sparse_moe.gate.weight"]
         r[2], r[3] = -r[1], 0
     save_file(ckpt, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    src = open_model(str(folder))
-    cal = C.calibrate_causal(src, C.CalibSize(seqs=2, seq_len=SEQ), tmp_path / "c", say=print)
+    line = ("calibration: no calibration token was routed to 6 expert matrices (e.g. "
+            "model.layers.0.block_sparse_moe.experts.3.w1.weight): each is weighted as one token of ones would "
+            "weigh it (unweighted within the layer, next to nothing beside the others)\n")
     lost = [f"model.layers.{i}.block_sparse_moe.experts.3.{w}.weight" for i in range(2) for w in ("w1", "w2", "w3")]
-    assert sorted(L.load(src).unrouted) == sorted(lost)
-    for name in lost:
-        assert np.array_equal(cal.get(name), np.ones(src.layer(name).shape[1]))
-    routed = cal.get("model.layers.0.block_sparse_moe.experts.1.w1.weight")
-    assert routed is not None and not np.array_equal(routed, np.ones(HIDDEN))
-    assert ("calibration: no calibration token was routed to 6 expert matrices (e.g. "
-            "model.layers.0.block_sparse_moe.experts.3.w1.weight): their errors are unweighted (a = 1)"
-            in capsys.readouterr().out)
+    size = C.CalibSize(seqs=2, seq_len=SEQ)
+    for cached in (False, True):
+        src = open_model(str(folder))
+        cal = C.calibrate_causal(src, size, tmp_path / "c", say=print)
+        assert cal.cached == cached and capsys.readouterr().out == line
+        assert cal.unrouted == sorted(lost) and cal.describe()["unrouted"] == sorted(lost)
+        for name in lost:
+            assert np.array_equal(cal.get(name), np.full(src.layer(name).shape[1], 1 / (2 * SEQ)))
+        routed = cal.get("model.layers.0.block_sparse_moe.experts.1.w1.weight")
+        assert routed is not None and routed.max() > 1 / SEQ
+    kept = C.calibrate_causal(open_model(str(folder), exclude=["*experts.3.*"]), size, tmp_path / "c", say=print)
+    assert kept.cached and kept.unrouted == [] and "unrouted" not in kept.describe() and not capsys.readouterr().out
 
 
 def test_a_moe_model_quantizes_weighted_evaluates_and_exports_its_reconstructions(moe_folders, tmp_path, capsys):
@@ -193,3 +208,27 @@ def test_a_moe_model_quantizes_weighted_evaluates_and_exports_its_reconstruction
     assert "mean square of each linear's input" in first and "ppl" in first
     assert main(args) == 0
     assert capsys.readouterr().out.splitlines()[-4:] == first.splitlines()[-4:]
+
+
+def test_equal_values_at_several_places_go_where_the_checkpoint_names_say(tmp_path):
+    """An expert of zeros, and one whose up matrix equals its gate: their values sit at both halves of
+    ``gate_up_proj``, and the names (w1 before w3 in transformers' conversion) settle which is whose."""
+    folder = make_moe(tmp_path / "m", "mixtral")
+    ckpt = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"
+    for w in ("w1", "w2", "w3"):
+        ckpt[name.format(e=1, w=w)][:] = 0
+    ckpt[name.format(e=2, w="w3")] = ckpt[name.format(e=2, w="w1")].copy()
+    save_file(ckpt, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    runner = L.load(open_model(str(folder)))
+    for e in (1, 2):
+        assert [runner.targets[name.format(e=e, w=w)].slot for w in ("w1", "w3", "w2")] == [
+            ("gate_up_proj", e, 0), ("gate_up_proj", e, 48), ("down_proj", e, 0)]
+    q, out = tmp_path / "m.sopq", tmp_path / "folder"
+    assert main(["quantize", str(folder), "--format", "sop-budget", "--budget", "5", "--no-calib", "--out", str(q),
+                 "--quiet"]) == 0
+    assert main(["dequantize", str(q), "--out", str(tmp_path / "dq.safetensors"), "--quiet"]) == 0
+    assert main(["dequantize", str(q), "--model-folder", "--out", str(out), "--quiet"]) == 0
+    decoded, exported = load_file(str(tmp_path / "dq.safetensors")), load_file(str(out / "model.safetensors"))
+    for n, w in decoded.items():
+        np.testing.assert_array_equal(exported[n], w.astype(np.float32), err_msg=n)
