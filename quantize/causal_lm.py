@@ -335,7 +335,12 @@ def _expert_hook(targets: list[Target], add):
     def hook(mod, args, kwargs):
         import torch
 
-        x, idx = (list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs])[:2]
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        idx = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+        if not (isinstance(x, torch.Tensor) and isinstance(idx, torch.Tensor) and not idx.is_floating_point()):
+            raise ValueError(f"calibration: the experts module {type(mod).__name__} is not called as transformers' "
+                             f"experts are (hidden_states, top_k_index, top_k_weights), so which tokens reach an "
+                             f"expert is unknown; --exclude its experts, or --no-calib")
         x = x.detach().reshape(-1, x.shape[-1])
         idx = idx.reshape(x.shape[0], -1)
         for e, ts in by_expert.items():

@@ -232,3 +232,22 @@ def test_equal_values_at_several_places_go_where_the_checkpoint_names_say(tmp_pa
     decoded, exported = load_file(str(tmp_path / "dq.safetensors")), load_file(str(out / "model.safetensors"))
     for n, w in decoded.items():
         np.testing.assert_array_equal(exported[n], w.astype(np.float32), err_msg=n)
+
+
+def test_experts_called_otherwise_are_refused_in_one_line(moe_folders, tmp_path, monkeypatch, capsys):
+    """A MoE block that calls its experts with other argument names: which tokens reach an expert is unknown."""
+    from transformers.models.mixtral import modeling_mixtral as mm
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, weights, index = self.gate(x)
+        return self.experts(x, router_indices=index, routing_weights=weights).reshape(hidden_states.shape)
+
+    monkeypatch.setattr(mm.MixtralSparseMoeBlock, "forward", forward)
+    args = ["eval", str(moe_folders["mixtral"]), "--format", "e2m3-ue4m4-g16", *SMALL[:4], "--no-e2e",
+            "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "sop: error: calibration: the experts module MixtralExperts is not called as transformers' experts are "
+        "(hidden_states, top_k_index, top_k_weights), so which tokens reach an expert is unknown; --exclude its "
+        "experts, or --no-calib")
