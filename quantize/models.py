@@ -84,6 +84,8 @@ from pathlib import Path
 import numpy as np
 
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
+from sop.quantize.fp8_scales import Fp8Scale, scale_of
+from sop.quantize.fp8_scales import apply as apply_fp8_scale
 from sop.quantize.tensor_readers import READERS, Reader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,6 +113,7 @@ class LinearLayer:
     shape: tuple[int, int]          # (out, in), after any transpose
     transposed: bool = False        # stored (in, out) in the file (HF Conv1D)
     dtype: str = ""                 # the stored type, as the file names it
+    scale: Fp8Scale | None = None   # an FP8 layer's scale tensor: the weight is their product (fp8_scales.py)
 
     @property
     def size(self) -> int:
@@ -182,7 +185,8 @@ def stores_conv1d(cfg: dict | None, shapes: dict) -> bool:
 # -- the model ---------------------------------------------------------------------------------------
 
 _KEPT_LABEL = {"1-D": "1-D (norms, biases)", "embedding": "embedding", "norm": "norm", "lm_head": "lm_head",
-               "not a floating-point tensor": "integer", "not a weight": "2-D non-weight"}
+               "not a floating-point tensor": "integer", "not a weight": "2-D non-weight",
+               "fp8 scale": "FP8 scale (applied to its layer)"}
 
 
 def kept_text(kept: dict[str, int], lm_head: str = "") -> str:
@@ -230,6 +234,8 @@ class ModelSource:
         lay = self.layer(name)
         with np.errstate(invalid="ignore"):      # a signalling NaN stays NaN: --nan-policy meets it
             w = np.asarray(self._reader.get(name), dtype=np.float64)
+            if lay.scale is not None and w.ndim == 2:
+                w = apply_fp8_scale(w, self._reader.get(lay.scale.name), lay.scale.block)
         stored = lay.shape[::-1] if lay.transposed else lay.shape
         if w.shape != stored:                     # never hand on a tensor that was read differently
             raise CheckpointError(self.file_of(name), f"tensor {name} was read as shape {w.shape}, "
@@ -621,6 +627,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         forward_note = "a single weights file (give its folder, with config.json and the tokenizer, to run it)"
 
     names = sorted(reader.names(), key=_natural_key)
+    name_set = set(names)
     conv1d = kind not in ("gguf", "minilm") and any(_module_of(n) in CONV1D_NAMES for n in names) and \
         stores_conv1d(cfg, {n: tuple(reader.info(n)[0]) for n in names})
     heads = [n for n in names if is_lm_head(n)]
@@ -659,7 +666,11 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         reader.check(name)                       # a selected layer the quantizer cannot read: say so now
         t = conv1d and _module_of(name) in CONV1D_NAMES
         out_in = (int(shape[1]), int(shape[0])) if t else (int(shape[0]), int(shape[1]))
-        layers.append(LinearLayer(name, out_in, t, dtype))
+        scale = scale_of(name, shape, dtype, name_set, lambda n: reader.info(n)[0], cfg, reader.file_of(name))
+        layers.append(LinearLayer(name, out_in, t, dtype, scale))
+    for lay in layers:
+        if lay.scale is not None:
+            skipped[lay.scale.name] = "fp8 scale"
     if not layers:
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates"
                          f"{', check --include/--exclude' if candidates else ''})")

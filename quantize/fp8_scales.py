@@ -1,0 +1,96 @@
+"""The scales of FP8 checkpoints: a layer stored in FP8 beside a scale tensor is its product with that scale.
+
+FP8 releases of LLMs store each linear weight as FP8 values ``q`` and a float32 scale ``s`` beside it;
+the weight is ``q * s``, ``s`` broadcast over blocks of the matrix. Read alone, ``q`` is the weight
+divided by up to thousands: quantizing it would write a model off by those factors, without a word.
+The two conventions in use, found by the tensor's name (``X.weight`` -> its sibling):
+
+* ``X.weight_scale_inv`` (DeepSeek-V3, Qwen3 FP8, transformers' ``fp8`` quantization config): one
+  scale per block of ``b0 x b1`` weights, shape ``(ceil(rows / b0), ceil(cols / b1))``, the block from
+  ``config.json``'s ``quantization_config.weight_block_size``, else 128 x 128 where the shape fits it;
+* ``X.weight_scale`` (compressed-tensors, FBGEMM, ModelOpt): one scale for the tensor (``()``,
+  ``(1,)``), one per row (``(rows,)``, ``(rows, 1)``), or one per group of columns (``(rows, groups)``,
+  ``groups`` dividing ``cols``).
+
+``scale_of`` names the scale of an FP8 layer and how it spreads, or ``None`` for an FP8 layer with no
+scale beside it (plain FP8 values); a scale it cannot place (another shape, both conventions at once,
+a scale tensor of another name such as Mistral's ``qscale_weight``) is a ``CheckpointError``: never
+the unscaled values. ``apply`` forms ``q * s`` in float64, exactly (an FP8 value has at most 4
+significant bits, a float32 scale 24). Activation scales (``input_scale``, ``k_scale``, ...) do not
+change a weight and are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from sop.quantize.checkpoint_files import CheckpointError
+
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2")
+#: scale tensors that belong to the activations, not the weight
+ACTIVATION_SCALES = ("input_scale", "output_scale", "k_scale", "v_scale", "q_scale")
+DEFAULT_BLOCK = (128, 128)
+
+
+@dataclass(frozen=True)
+class Fp8Scale:
+    """The scale tensor of an FP8 layer and the block of weights each of its values covers."""
+
+    name: str                   # the scale tensor
+    block: tuple[int, int]      # (rows, columns) of weights per scale value
+
+
+def scale_of(name: str, shape: tuple, dtype: str, names, shape_of, cfg: dict | None, where) -> Fp8Scale | None:
+    """The scale of layer ``name`` (stored ``shape``, ``dtype``) among the checkpoint's ``names``
+    (``shape_of(n)``: a tensor's stored shape; ``cfg``: config.json or None; ``where``: the file named by
+    an error). None: not FP8, or FP8 with no scale beside it."""
+    if dtype not in FP8_DTYPES or not name.endswith("weight"):
+        return None
+    module = name[:-len("weight")]
+    found = [n for n in (f"{name}_scale_inv", f"{name}_scale") if n in names]
+    others = [n for n in names if n.startswith(module) and n != name and n not in found and "scale" in n[len(module):]
+              and not n[len(module):].endswith(ACTIVATION_SCALES)]
+    if len(found) > 1 or others:
+        raise CheckpointError(where, f"layer {name} is stored in FP8 beside scale tensors this reader does not "
+                                     f"apply ({', '.join(found[1:] + others)}): its values alone are not the "
+                                     f"weights; --exclude it")
+    if not found:
+        return None
+    rows, cols = (int(v) for v in shape)
+    s = tuple(int(v) for v in shape_of(found[0]))
+    block = _block(found[0], rows, cols, s, cfg)
+    if block is None:
+        raise CheckpointError(where, f"layer {name} is stored in FP8 with a scale {found[0]} of shape {s}, which "
+                                     f"spreads over its {rows} x {cols} weights in no way this reader knows; "
+                                     f"--exclude it")
+    return Fp8Scale(found[0], block)
+
+
+def _block(scale: str, rows: int, cols: int, s: tuple, cfg: dict | None) -> tuple[int, int] | None:
+    """The weights per scale value, or None where ``s`` fits no convention."""
+    if math.prod(s) == 1 and len(s) <= 2:
+        return rows, cols                                   # one scale for the tensor
+    if s in ((rows,), (rows, 1)):
+        return 1, cols                                      # one per row
+    if len(s) != 2:
+        return None
+    if scale.endswith("_scale_inv"):
+        qc = (cfg or {}).get("quantization_config") or {}
+        b = qc.get("weight_block_size") if isinstance(qc, dict) else None
+        b0, b1 = (int(b[0]), int(b[1])) if isinstance(b, list) and len(b) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in b) else DEFAULT_BLOCK
+        return (b0, b1) if s == (-(-rows // b0), -(-cols // b1)) else None
+    if s[0] == rows and cols % s[1] == 0:
+        return 1, cols // s[1]                              # groups of columns
+    return None
+
+
+def apply(q: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """``q * s`` in float64, each scale value over its ``block`` of ``q`` (stored ``(rows, cols)``)."""
+    q = np.asarray(q, dtype=np.float64)
+    s = np.asarray(scale, dtype=np.float64).reshape(-(-q.shape[0] // block[0]), -(-q.shape[1] // block[1]))
+    full = np.repeat(np.repeat(s, block[0], axis=0), block[1], axis=1)[:q.shape[0], :q.shape[1]]
+    return q * full

@@ -1,0 +1,124 @@
+"""FP8 checkpoints with scale tensors (quantize/fp8_scales.py): a layer stored in FP8 beside its
+``weight_scale_inv`` (blocks) or ``weight_scale`` (tensor, row, column groups) is read as their product,
+checked against torch's own broadcast; a checkpoint with power-of-two scales quantizes, calibrates and
+evaluates exactly as the float32 checkpoint of the same weights; a scale that cannot be placed is one
+error line, never the unscaled values."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sop.cli import main
+from sop.quantize import fp8_scales
+from sop.quantize.models import open_model
+
+NAME = "model.layers.0.mlp.down_proj.weight"
+
+
+def fp8_and_scale(w: torch.Tensor, block, pow2=False):
+    """``w`` as FP8 values and a float32 scale per ``block`` (rows, cols), torch's computation."""
+    R, C = w.shape
+    b0, b1 = block
+    pad = torch.zeros(-(-R // b0) * b0, -(-C // b1) * b1)
+    pad[:R, :C] = w
+    s = pad.reshape(pad.shape[0] // b0, b0, pad.shape[1] // b1, b1).abs().amax(dim=(1, 3)) / 448
+    if pow2:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    full = s.repeat_interleave(b0, 0).repeat_interleave(b1, 1)[:R, :C]
+    return (w / full).to(torch.float8_e4m3fn), s.float(), full
+
+
+@pytest.mark.parametrize("block,suffix,shape", [
+    ((128, 128), "_scale_inv", None), ((300, 200), "_scale", ()), ((300, 200), "_scale", (1,)),
+    ((1, 200), "_scale", (300, 1)), ((1, 200), "_scale", (300,)), ((1, 50), "_scale", None)])
+def test_an_fp8_layer_reads_as_its_values_times_its_scale(tmp_path, block, suffix, shape):
+    torch.manual_seed(0)
+    w = torch.randn(300, 200) * 0.02                 # ragged against 128 x 128 blocks
+    q, s, full = fp8_and_scale(w, block)
+    if shape is not None:
+        s = s.reshape(shape)
+    save_file({NAME: q, NAME + suffix: s, "model.layers.0.mlp.down_proj.input_scale": torch.ones(())},
+              str(tmp_path / "m.safetensors"))
+    src = open_model(str(tmp_path / "m.safetensors"))
+    want = q.double() * full.double()
+    np.testing.assert_array_equal(src.load(NAME), want.numpy())
+    assert src.layer(NAME).scale == fp8_scales.Fp8Scale(NAME + suffix, block)
+    assert "1 FP8 scale (applied to its layer)" in src.kept_line()
+
+
+def test_the_block_comes_from_config_json(tmp_path):
+    torch.manual_seed(1)
+    w = torch.randn(64, 96) * 0.1
+    q, s, full = fp8_and_scale(w, (32, 32))
+    save_file({NAME: q, NAME + "_scale_inv": s}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 32]}}))
+    src = open_model(str(tmp_path))
+    np.testing.assert_array_equal(src.load(NAME), (q.double() * full.double()).numpy())
+
+
+@pytest.mark.parametrize("extra,why", [
+    ({NAME + "_scale_inv": torch.ones(3, 1)}, "of shape (3, 1), which spreads over its 64 x 96 weights in no way"),
+    ({NAME + "_scale": torch.ones(()), NAME + "_scale_inv": torch.ones(1, 1)}, "beside scale tensors this reader "
+                                                                                "does not apply"),
+    ({"model.layers.0.mlp.down_proj.qscale_weight": torch.ones(())}, "beside scale tensors this reader does not "
+                                                                     "apply (model.layers.0.mlp.down_proj.qscale")])
+def test_a_scale_that_cannot_be_placed_is_one_line(tmp_path, capsys, extra, why):
+    q = (torch.randn(64, 96)).to(torch.float8_e4m3fn)
+    save_file({NAME: q, **extra}, str(tmp_path / "m.safetensors"))
+    assert main(["quantize", str(tmp_path / "m.safetensors"), "--format", "nf4-g64", "--out",
+                 str(tmp_path / "o.sopq")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sop: error: ") and why in err[0] and NAME in err[0]
+    assert not (tmp_path / "o.sopq").exists()
+
+
+def test_a_plain_fp8_layer_without_a_scale_reads_as_its_values(tmp_path):
+    q = (torch.randn(16, 32)).to(torch.float8_e4m3fn)
+    save_file({NAME: q}, str(tmp_path / "m.safetensors"))
+    src = open_model(str(tmp_path / "m.safetensors"))
+    assert src.layer(NAME).scale is None
+    np.testing.assert_array_equal(src.load(NAME), q.double().numpy())
+
+
+def test_an_fp8_model_quantizes_calibrates_and_evaluates_as_its_float32_weights(tmp_path, capsys):
+    """Power-of-two block scales, so that each product is a float32: the FP8 folder (config with transformers'
+    fp8 quantization_config, which transformers dequantizes to run on the CPU) and the float32 folder of the
+    same weights give the same reconstructions and the same end-to-end figures."""
+    from test_causal_lm import SMALL, bpe_tokenizer, make_folder
+
+    f32 = make_folder(tmp_path / "f32", "llama", bpe_tokenizer())
+    sd = load_file(str(f32 / "model.safetensors"))
+    fp8_dir = tmp_path / "fp8"
+    fp8_dir.mkdir()
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("proj.weight"):
+            q, s, full = fp8_and_scale(v, (16, 16), pow2=True)
+            out[k], out[k + "_scale_inv"] = q, s
+            sd[k] = (q.float() * full).contiguous()      # the float32 weights the FP8 ones stand for
+        else:
+            out[k] = v
+    save_file(sd, str(f32 / "model.safetensors"), metadata={"format": "pt"})
+    save_file(out, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((f32 / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16], "activation_scheme": "dynamic"}
+    (fp8_dir / "config.json").write_text(json.dumps(cfg))
+    bpe_tokenizer().save_pretrained(fp8_dir)
+    figures = []
+    for d in (f32, fp8_dir):
+        assert main(["eval", str(d), "--format", "e2m3-ue4m4-g16", "--format", "sop4-g16", *SMALL,
+                     "--cache-dir", str(tmp_path / "c"), "--json", str(tmp_path / f"{d.name}.json")]) == 0
+        assert main(["quantize", str(d), "--format", "sop4-g16", *SMALL[:4], "--cache-dir", str(tmp_path / "c"),
+                     "--out", str(tmp_path / f"{d.name}.sopq"), "--quiet"]) == 0
+        assert main(["dequantize", str(tmp_path / f"{d.name}.sopq"), "--out", str(tmp_path / f"{d.name}.st"),
+                     "--quiet"]) == 0
+        res = json.loads((tmp_path / f"{d.name}.json").read_text())["formats"]
+        figures.append([(f, r["sqnr_db"], r["e2e"]["kld"], r["e2e"]["ppl"]) for f, r in res.items()])
+    capsys.readouterr()
+    assert figures[0] == figures[1]
+    a, b = load_file(str(tmp_path / "f32.st")), load_file(str(tmp_path / "fp8.st"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
