@@ -43,16 +43,27 @@ class Fp8Scale:
     block: tuple[int, int]      # (rows, columns) of weights per scale value
 
 
-def scale_of(name: str, shape: tuple, dtype: str, names, shape_of, cfg: dict | None, where) -> Fp8Scale | None:
-    """The scale of layer ``name`` (stored ``shape``, ``dtype``) among the checkpoint's ``names``
-    (``shape_of(n)``: a tensor's stored shape; ``cfg``: config.json or None; ``where``: the file named by
-    an error). None: not FP8, or FP8 with no scale beside it."""
+def scale_tensors(names) -> dict[str, list[str]]:
+    """The checkpoint's tensors whose last name part says ``scale``, by their module (the name up to and
+    with its last dot): what ``scale_of`` looks among, found once for every layer."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        module, _, last = n.rpartition(".")
+        if "scale" in last:
+            out.setdefault(f"{module}." if module else "", []).append(n)
+    return out
+
+
+def scale_of(name: str, shape: tuple, dtype: str, scales: dict[str, list[str]], shape_of, cfg: dict | None,
+             where) -> Fp8Scale | None:
+    """The scale of layer ``name`` (stored ``shape``, ``dtype``) among ``scales`` (``scale_tensors``;
+    ``shape_of(n)``: a tensor's stored shape; ``cfg``: config.json or None; ``where``: the file named by an
+    error). None: not FP8, or FP8 with no scale beside it."""
     if dtype not in FP8_DTYPES or not name.endswith("weight"):
         return None
-    module = name[:-len("weight")]
-    found = [n for n in (f"{name}_scale_inv", f"{name}_scale") if n in names]
-    others = [n for n in names if n.startswith(module) and n != name and n not in found and "scale" in n[len(module):]
-              and not n[len(module):].endswith(ACTIVATION_SCALES)]
+    siblings = scales.get(name[:-len("weight")], [])
+    found = [n for n in (f"{name}_scale_inv", f"{name}_scale") if n in siblings]
+    others = [n for n in siblings if n not in found and not n.endswith(ACTIVATION_SCALES)]
     if len(found) > 1 or others:
         raise CheckpointError(where, f"layer {name} is stored in FP8 beside scale tensors this reader does not "
                                      f"apply ({', '.join(found[1:] + others)}): its values alone are not the "

@@ -84,7 +84,7 @@ from pathlib import Path
 import numpy as np
 
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
-from sop.quantize.fp8_scales import Fp8Scale, scale_of
+from sop.quantize.fp8_scales import Fp8Scale, scale_of, scale_tensors
 from sop.quantize.fp8_scales import apply as apply_fp8_scale
 from sop.quantize.tensor_readers import READERS, Reader
 
@@ -627,7 +627,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         forward_note = "a single weights file (give its folder, with config.json and the tokenizer, to run it)"
 
     names = sorted(reader.names(), key=_natural_key)
-    name_set = set(names)
+    scales = scale_tensors(names)                # FP8 layers' scales, by module
     conv1d = kind not in ("gguf", "minilm") and any(_module_of(n) in CONV1D_NAMES for n in names) and \
         stores_conv1d(cfg, {n: tuple(reader.info(n)[0]) for n in names})
     heads = [n for n in names if is_lm_head(n)]
@@ -666,7 +666,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         reader.check(name)                       # a selected layer the quantizer cannot read: say so now
         t = conv1d and _module_of(name) in CONV1D_NAMES
         out_in = (int(shape[1]), int(shape[0])) if t else (int(shape[0]), int(shape[1]))
-        scale = scale_of(name, shape, dtype, name_set, lambda n: reader.info(n)[0], cfg, reader.file_of(name))
+        scale = scale_of(name, shape, dtype, scales, lambda n: reader.info(n)[0], cfg, reader.file_of(name))
         layers.append(LinearLayer(name, out_in, t, dtype, scale))
     for lay in layers:
         if lay.scale is not None:
