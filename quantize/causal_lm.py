@@ -381,6 +381,7 @@ class CausalLM:
             else None
         self.targets = self._map_targets()
         self._check_selected()
+        self._check_fp8()
         self.cleaned = 0
         self._clean_selected()
         ids = tokenizer("a")["input_ids"]
@@ -569,6 +570,24 @@ class CausalLM:
             if not bool((cols_seen == np.arange(cols)).all()):
                 raise CheckpointError(self.src.files[0], f"layer {lay.name}: its input channels reach "
                                                          f"{t.module} in another order; {HINT}")
+
+    def _check_fp8(self) -> None:
+        """Every FP8 tensor with a scale that a module runs holds what the quantizer reads: its values times
+        its scale, rounded to float32 (transformers dequantizes such a model to run it on the CPU, and places
+        the scales of a block grid that does not divide the matrix otherwise: 32 x 48 in blocks of 32 is
+        read as blocks of 24 columns)."""
+        for tname, t in self.targets.items():
+            scale = self.src.fp8_scale_of.get(tname)
+            if scale is None or t.slot is not None or self.convert is not None:
+                continue
+            want = self.src.scaled_tensor(tname).astype(np.float32)
+            got = self.modules[t.module].weight.detach().numpy()
+            if want.shape != got.shape or not np.array_equal(want, got, equal_nan=True):
+                raise CheckpointError(self.src.file_of(tname), f"transformers runs the FP8 layer {tname} with "
+                                                               f"other weights than its values times its scale "
+                                                               f"{scale.name} in blocks of {scale.block[0]} x "
+                                                               f"{scale.block[1]}: the forward pass would not run "
+                                                               f"this checkpoint's model; {HINT}")
 
     def module_weight(self, name: str, w: np.ndarray) -> np.ndarray:
         """A layer's ``(out, in)`` matrix (as ModelSource.load gives it) in the module's layout."""

@@ -84,8 +84,8 @@ from pathlib import Path
 import numpy as np
 
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
-from sop.quantize.fp8_scales import Fp8Scale, scale_of, scale_tensors
-from sop.quantize.fp8_scales import apply as apply_fp8_scale
+from sop.quantize import fp8_scales
+from sop.quantize.fp8_scales import Fp8Scale
 from sop.quantize.tensor_readers import READERS, Reader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -219,6 +219,8 @@ class ModelSource:
     #: what a forward pass does with a selected layer's non-finite weights: the command's --nan-policy
     #: (quantize/evaluate.py, ``read_weight``), so that it runs the model the metrics measure against
     nan_policy: str = "error"
+    #: every FP8 tensor with a scale that fits it (fp8_scales.py), selected or not: tensor -> its scale
+    fp8_scale_of: dict = field(default_factory=dict)
     #: the arguments of ``open_model`` that opened it: a worker process (quantize/jobs.py) reopens
     #: the same selection with ``open_model(*src.opened_with)``
     opened_with: tuple = ()
@@ -235,12 +237,25 @@ class ModelSource:
         with np.errstate(invalid="ignore"):      # a signalling NaN stays NaN: --nan-policy meets it
             w = np.asarray(self._reader.get(name), dtype=np.float64)
             if lay.scale is not None and w.ndim == 2:
-                w = apply_fp8_scale(w, self._reader.get(lay.scale.name), lay.scale.block)
+                w = self._scaled(name, w, lay.scale)
         stored = lay.shape[::-1] if lay.transposed else lay.shape
         if w.shape != stored:                     # never hand on a tensor that was read differently
             raise CheckpointError(self.file_of(name), f"tensor {name} was read as shape {w.shape}, "
                                                       f"the file declares {stored}")
         return np.ascontiguousarray(w.T) if lay.transposed else w
+
+    def _scaled(self, name: str, q: np.ndarray, scale: Fp8Scale) -> np.ndarray:
+        """FP8 values ``q`` (stored orientation, float64) of tensor ``name`` times its ``scale``, in place."""
+        return fp8_scales.apply(q, fp8_scales.values(self._reader.get(scale.name), scale, name,
+                                                     self.file_of(scale.name)), scale.block)
+
+    def scaled_tensor(self, name: str) -> np.ndarray | None:
+        """Any FP8 tensor with a scale (``fp8_scales``) as its values times its scale, float64, as stored;
+        None for every other tensor."""
+        scale = self.fp8_scale_of.get(name)
+        if scale is None:
+            return None
+        return self._scaled(name, np.asarray(self._reader.get(name), dtype=np.float64), scale)
 
     def iter_layers(self):
         """(LinearLayer, weight) for every selected layer, one at a time."""
@@ -627,7 +642,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         forward_note = "a single weights file (give its folder, with config.json and the tokenizer, to run it)"
 
     names = sorted(reader.names(), key=_natural_key)
-    scales = scale_tensors(names)                # FP8 layers' scales, by module
+    scales = fp8_scales.scale_tensors(names)     # FP8 layers' scales, by module
     conv1d = kind not in ("gguf", "minilm") and any(_module_of(n) in CONV1D_NAMES for n in names) and \
         stores_conv1d(cfg, {n: tuple(reader.info(n)[0]) for n in names})
     heads = [n for n in names if is_lm_head(n)]
@@ -666,11 +681,20 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         reader.check(name)                       # a selected layer the quantizer cannot read: say so now
         t = conv1d and _module_of(name) in CONV1D_NAMES
         out_in = (int(shape[1]), int(shape[0])) if t else (int(shape[0]), int(shape[1]))
-        scale = scale_of(name, shape, dtype, scales, lambda n: reader.info(n)[0], cfg, reader.file_of(name))
+        scale = fp8_scales.scale_of(name, shape, dtype, scales, reader.info, cfg, reader.file_of(name))
+        if scale is not None and kind == "torch":
+            reader.check(scale.name)             # a sparse or meta scale: one line, not torch's error
         layers.append(LinearLayer(name, out_in, t, dtype, scale))
-    for lay in layers:
-        if lay.scale is not None:
-            skipped[lay.scale.name] = "fp8 scale"
+    fp8 = {lay.name: lay.scale for lay in layers if lay.scale is not None}
+    for name in names:                           # the others (a forward pass runs them): where a scale fits
+        shape, dtype, _ = reader.info(name)
+        if name not in fp8 and len(shape) == 2 and dtype in fp8_scales.FP8_DTYPES:
+            with contextlib.suppress(CheckpointError):
+                scale = fp8_scales.scale_of(name, shape, dtype, scales, reader.info, cfg, reader.file_of(name))
+                if scale is not None:
+                    fp8[name] = scale
+    for scale in fp8.values():
+        skipped[scale.name] = "fp8 scale"
     if not layers:
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates"
                          f"{', check --include/--exclude' if candidates else ''})")
@@ -701,4 +725,4 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
                        folder if forward else None, head_note, tied if (tied and lm_head) else None,
                        notes, reader, opened_with=(spec, list(include or []) or None,
-                                                   list(exclude or []) or None, lm_head))
+                                                   list(exclude or []) or None, lm_head), fp8_scale_of=fp8)

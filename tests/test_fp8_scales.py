@@ -76,6 +76,28 @@ def test_a_scale_that_cannot_be_placed_is_one_line(tmp_path, capsys, extra, why)
     assert not (tmp_path / "o.sopq").exists()
 
 
+def test_e8m0_bytes_are_powers_of_two_and_other_types_are_refused(tmp_path, capsys):
+    """MXFP8's scales as unsigned bytes of E8M0 exponents: 2 ** (byte - 127) (they were multiplied in as the
+    byte itself); 255 (NaN), a NaN float scale and an integer scale are one line each."""
+    torch.manual_seed(2)
+    q = (torch.randn(256, 256) * 100).to(torch.float8_e4m3fn)
+    e = torch.tensor([[119, 120], [127, 130]], dtype=torch.uint8)
+    save_file({NAME: q, NAME + "_scale_inv": e}, str(tmp_path / "m.safetensors"))
+    src = open_model(str(tmp_path / "m.safetensors"))
+    full = torch.exp2(e.double() - 127).repeat_interleave(128, 0).repeat_interleave(128, 1)
+    np.testing.assert_array_equal(src.load(NAME), (q.double() * full).numpy())
+    bad = {"e8m0 NaN": e.clone().fill_(255), "float NaN": torch.tensor([[1.0, float("nan")], [1.0, 1.0]]),
+           "integer": e.to(torch.int32)}
+    for what, scale in bad.items():
+        save_file({NAME: q, NAME + "_scale_inv": scale}, str(tmp_path / "b.safetensors"))
+        assert main(["quantize", str(tmp_path / "b.safetensors"), "--format", "nf4-g64", "--out",
+                     str(tmp_path / "o.sopq"), "--quiet"]) == 2, what
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("sop: error: ") and NAME + "_scale_inv" in err, (what, err)
+        assert ("of type I32, which this reader does not apply" if what == "integer" else "holds nan") in err
+        assert not (tmp_path / "o.sopq").exists()
+
+
 def test_a_plain_fp8_layer_without_a_scale_reads_as_its_values(tmp_path):
     q = (torch.randn(16, 32)).to(torch.float8_e4m3fn)
     save_file({NAME: q}, str(tmp_path / "m.safetensors"))
@@ -88,26 +110,9 @@ def test_an_fp8_model_quantizes_calibrates_and_evaluates_as_its_float32_weights(
     """Power-of-two block scales, so that each product is a float32: the FP8 folder (config with transformers'
     fp8 quantization_config, which transformers dequantizes to run on the CPU) and the float32 folder of the
     same weights give the same reconstructions and the same end-to-end figures."""
-    from test_causal_lm import SMALL, bpe_tokenizer, make_folder
+    from test_causal_lm import SMALL
 
-    f32 = make_folder(tmp_path / "f32", "llama", bpe_tokenizer())
-    sd = load_file(str(f32 / "model.safetensors"))
-    fp8_dir = tmp_path / "fp8"
-    fp8_dir.mkdir()
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("proj.weight"):
-            q, s, full = fp8_and_scale(v, (16, 16), pow2=True)
-            out[k], out[k + "_scale_inv"] = q, s
-            sd[k] = (q.float() * full).contiguous()      # the float32 weights the FP8 ones stand for
-        else:
-            out[k] = v
-    save_file(sd, str(f32 / "model.safetensors"), metadata={"format": "pt"})
-    save_file(out, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((f32 / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16], "activation_scheme": "dynamic"}
-    (fp8_dir / "config.json").write_text(json.dumps(cfg))
-    bpe_tokenizer().save_pretrained(fp8_dir)
+    f32, fp8_dir = fp8_folder(tmp_path, (16, 16), pow2=True)
     figures = []
     for d in (f32, fp8_dir):
         assert main(["eval", str(d), "--format", "e2m3-ue4m4-g16", "--format", "sop4-g16", *SMALL,
@@ -122,3 +127,53 @@ def test_an_fp8_model_quantizes_calibrates_and_evaluates_as_its_float32_weights(
     assert figures[0] == figures[1]
     a, b = load_file(str(tmp_path / "f32.st")), load_file(str(tmp_path / "fp8.st"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fp8_folder(tmp_path, block, pow2):
+    """The tiny Llama of tests/test_causal_lm.py with every projection in FP8 under block scales, and the
+    float32 folder of the weights those stand for (each product rounded to float32 once)."""
+    from test_causal_lm import bpe_tokenizer, make_folder
+
+    f32 = make_folder(tmp_path / "f32", "llama", bpe_tokenizer())
+    sd = load_file(str(f32 / "model.safetensors"))
+    fp8_dir = tmp_path / "fp8"
+    fp8_dir.mkdir()
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("proj.weight"):
+            q, s, full = fp8_and_scale(v, block, pow2=pow2)
+            out[k], out[k + "_scale_inv"] = q, s
+            sd[k] = (q.double() * full.double()).float().contiguous()
+        else:
+            out[k] = v
+    save_file(sd, str(f32 / "model.safetensors"), metadata={"format": "pt"})
+    save_file(out, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((f32 / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block),
+                                  "activation_scheme": "dynamic"}
+    (fp8_dir / "config.json").write_text(json.dumps(cfg))
+    bpe_tokenizer().save_pretrained(fp8_dir)
+    return f32, fp8_dir
+
+
+def test_the_forward_pass_runs_the_weights_the_quantizer_reads_or_is_refused(tmp_path, capsys):
+    """Blocks of 16 divide every matrix: transformers' dequantized model holds exactly the products the
+    quantizer reads (rounded to float32). Blocks of 32 leave the 48 x 32 gate_proj a grid of 2 x 1, which
+    transformers reads as blocks of 24 rows: refused in one line, where --no-calib quantizes it."""
+    from sop.quantize import causal_lm as L
+
+    f32, fp8_dir = fp8_folder(tmp_path / "a", (16, 16), pow2=False)
+    runner = L.load(open_model(str(fp8_dir)))
+    ref = L.load(open_model(str(f32)))
+    for t in runner.targets.values():
+        assert torch.equal(runner.modules[t.module].weight, ref.modules[t.module].weight), t.name
+    _, ragged = fp8_folder(tmp_path / "b", (32, 32), pow2=False)
+    args = ["quantize", str(ragged), "--format", "e2m3-ue4m4-g16", "--calib-seqs", "2", "--seq-len", "16",
+            "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r.sopq"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sop: error: ") and err[-1].endswith(
+        "transformers runs the FP8 layer model.layers.0.mlp.gate_proj.weight with other weights than its values "
+        "times its scale model.layers.0.mlp.gate_proj.weight_scale_inv in blocks of 32 x 32: the forward pass "
+        "would not run this checkpoint's model; " + L.HINT)
+    assert main([*args, "--no-calib"]) == 0
