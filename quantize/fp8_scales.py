@@ -15,14 +15,14 @@ The two conventions in use, found by the tensor's name (``X.weight`` -> its sibl
 A scale is a float (F32, F16, BF16, F64, E8M0) or unsigned bytes holding E8M0 exponents (MXFP8:
 ``2 ** (byte - 127)``, 255 NaN); any other type is refused, and so is a scale that is not finite.
 
-``scale_of`` names the scale of an FP8 layer and how it spreads, or ``None`` for an FP8 layer with no
-scale beside it (plain FP8 values); a scale it cannot place (another shape, both conventions at once,
-a scale tensor of another name such as Mistral's ``qscale_weight``) is a ``CheckpointError``: never
-the unscaled values. ``values`` decodes a scale tensor (refusing one that is not finite); ``apply``
-forms ``q * s`` in float64, exactly (an FP8 value has at most 4
-significant bits, a float32 scale 24; a float64 scale rounds once), in place, block row by block row
-(the product's 8 bytes a weight and no broadcast copy). Activation scales (``input_scale``,
-``k_scale``, ...) do not change a weight and are left alone.
+``scale_of`` names the scale of an FP8 layer and how it spreads, or ``None`` for an FP8 layer with
+no scale beside it (plain FP8 values); a scale it cannot place (another shape, both conventions at
+once, a scale tensor of another name such as Mistral's ``qscale_weight``) is a ``CheckpointError``:
+never the unscaled values. ``values`` decodes a scale tensor (refusing one that is not finite);
+``apply`` forms ``q * s`` in float64, exactly (an FP8 value has at most 4 significant bits, a
+float32 scale 24; a float64 scale rounds once), in place, block row by block row (the product's 8
+bytes a weight and no broadcast copy). Activation scales (``input_scale``, ``k_scale``, ...) do not
+change a weight and are left alone.
 """
 
 from __future__ import annotations

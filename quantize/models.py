@@ -83,8 +83,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.quantize.checkpoint_files import CheckpointError, describe_error
 from sop.quantize import fp8_scales
+from sop.quantize.checkpoint_files import CheckpointError, describe_error
 from sop.quantize.fp8_scales import Fp8Scale
 from sop.quantize.tensor_readers import READERS, Reader
 
