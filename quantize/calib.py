@@ -146,8 +146,8 @@ class Calibration:
     cached: bool = False
     seqs: int = 0                   # causal LMs: windows x tokens
     seq_len: int = 0
-    #: MoE expert matrices no calibration token was routed to: weighted by ones (quantize/causal_lm.py);
-    #: in the calibration a run reports, only its selected layers
+    #: MoE expert matrices no calibration token was routed to: 1 / tokens in every column
+    #: (quantize/causal_lm.py); in the calibration a run reports, only its selected layers
     unrouted: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> np.ndarray | None:

@@ -351,16 +351,16 @@ def _expert_hook(targets: list[Target], add):
                 continue
             xe, done = x[tok], {}
             for t in ts:
-                into = t.slot[0] not in _EXPERT_INPUT
-                if into not in done:
+                down = t.slot[0] not in _EXPERT_INPUT          # takes the gated intermediate
+                if down not in done:
                     a = xe
-                    if into:
+                    if down:
                         up = "gate_up_proj" if mod.has_gate else "up_proj"
                         bias = getattr(mod, f"{up}_bias")[e] if mod.has_bias else None
                         h = torch.nn.functional.linear(xe, getattr(mod, up)[e], bias)
                         a = mod._apply_gate(h) if mod.has_gate else mod.act_fn(h)
-                    done[into] = (a.double() ** 2).sum(0)
-                add(t.name, done[into], x.shape[0])
+                    done[down] = (a.double() ** 2).sum(0)
+                add(t.name, done[down], x.shape[0])
 
     return hook
 
