@@ -458,7 +458,8 @@ class CausalLM:
     def _expert_slots(self, names: set, mapped: set) -> dict[str, Target]:
         """The checkpoint's per-expert matrices (``...experts.<e>.w1.weight``, ``...experts.<e>.gate_proj.weight``)
         that transformers fuses on loading into one ``(experts, rows, in)`` parameter of an experts module
-        (``gate_up_proj`` holding gate over up, ``up_proj``, ``down_proj``): each found by its values, in the
+        (``gate_up_proj`` holding gate over up, ``up_proj``, ``down_proj``): each found by its values (an FP8
+        matrix's times its scale, rounded to float32, as transformers dequantizes it there), in the
         parameter of its own block (the name up to the block's number) at its expert's index, at exactly one
         row offset (where equal values sit at several, the one transformers' conversion names: ``_merged_at``);
         a matrix found nowhere, or at several places still, is left unmapped (then refused if selected).
@@ -492,7 +493,9 @@ class CausalLM:
                      if p.shape[0] > e and p.shape[2] == cols and p.shape[1] % rows == 0]
             if not cands:
                 continue
-            w = torch.from_numpy(np.asarray(self.src.read_tensor(tname), dtype=np.float32))
+            scaled = self.src.scaled_tensor(tname)          # an FP8 matrix: its values times its scale
+            w = torch.from_numpy(np.asarray(self.src.read_tensor(tname) if scaled is None else scaled,
+                                            dtype=np.float32))
             hits = [(mn, pn, r0) for mn, pn, p in cands for r0 in range(0, p.shape[1], rows)
                     if bool(((p.data[e, r0:r0 + rows] == w) | (p.data[e, r0:r0 + rows].isnan() & w.isnan())).all())]
             several = len(hits) > 1

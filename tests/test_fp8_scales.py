@@ -177,3 +177,35 @@ def test_the_forward_pass_runs_the_weights_the_quantizer_reads_or_is_refused(tmp
         "times its scale model.layers.0.mlp.gate_proj.weight_scale_inv in blocks of 32 x 32: the forward pass "
         "would not run this checkpoint's model; " + L.HINT)
     assert main([*args, "--no-calib"]) == 0
+
+
+def test_an_fp8_moe_model_calibrates_as_its_float32_weights(tmp_path, capsys):
+    """A Mixtral whose projections and per-expert matrices are FP8 under power-of-two block scales:
+    transformers dequantizes the experts into its fused parameters, each found there by its values times
+    its scale; the eval figures are those of the float32 folder of the same weights."""
+    from test_causal_lm import SMALL
+    from test_causal_lm_moe import make_moe
+
+    f32 = make_moe(tmp_path / "f32", "mixtral")
+    fp8_dir = make_moe(tmp_path / "fp8", "mixtral")
+    sd, out = load_file(str(f32 / "model.safetensors")), {}
+    for k, v in sd.items():
+        if v.dim() == 2 and ("proj" in k or ".experts." in k):
+            q, s, full = fp8_and_scale(v, (16, 16), pow2=True)
+            out[k], out[k + "_scale_inv"] = q, s
+            sd[k] = (q.double() * full.double()).float().contiguous()
+        else:
+            out[k] = v
+    save_file(sd, str(f32 / "model.safetensors"), metadata={"format": "pt"})
+    save_file(out, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((fp8_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16], "activation_scheme": "dynamic"}
+    (fp8_dir / "config.json").write_text(json.dumps(cfg))
+    figures = []
+    for d in (f32, fp8_dir):
+        assert main(["eval", str(d), "--format", "sop4-g16", *SMALL, "--cache-dir", str(tmp_path / "c"),
+                     "--json", str(tmp_path / f"{d.name}.json"), "--quiet"]) == 0
+        res = json.loads((tmp_path / f"{d.name}.json").read_text())["formats"]["sop4-g16"]
+        figures.append((res["sqnr_db"], res["e2e"]["kld"], res["e2e"]["ppl"], res["e2e"]["top1"]))
+    capsys.readouterr()
+    assert figures[0] == figures[1]
