@@ -129,18 +129,16 @@ def test_an_fp8_model_quantizes_calibrates_and_evaluates_as_its_float32_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def fp8_folder(tmp_path, block, pow2):
-    """The tiny Llama of tests/test_causal_lm.py with every projection in FP8 under block scales, and the
-    float32 folder of the weights those stand for (each product rounded to float32 once)."""
-    from test_causal_lm import bpe_tokenizer, make_folder
+def to_fp8(f32, fp8_dir, block, pow2, fp8_name):
+    """A copy of model folder ``f32`` into ``fp8_dir`` whose 2-D tensors ``fp8_name`` picks are FP8 under
+    block scales (transformers' ``fp8`` quantization config), and ``f32`` rewritten to the float32 weights
+    those stand for (each product rounded to float32 once)."""
+    import shutil
 
-    f32 = make_folder(tmp_path / "f32", "llama", bpe_tokenizer())
-    sd = load_file(str(f32 / "model.safetensors"))
-    fp8_dir = tmp_path / "fp8"
-    fp8_dir.mkdir()
-    out = {}
+    shutil.copytree(f32, fp8_dir)
+    sd, out = load_file(str(f32 / "model.safetensors")), {}
     for k, v in sd.items():
-        if k.endswith("proj.weight"):
+        if v.dim() == 2 and fp8_name(k):
             q, s, full = fp8_and_scale(v, block, pow2=pow2)
             out[k], out[k + "_scale_inv"] = q, s
             sd[k] = (q.double() * full.double()).float().contiguous()
@@ -152,8 +150,15 @@ def fp8_folder(tmp_path, block, pow2):
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block),
                                   "activation_scheme": "dynamic"}
     (fp8_dir / "config.json").write_text(json.dumps(cfg))
-    bpe_tokenizer().save_pretrained(fp8_dir)
     return f32, fp8_dir
+
+
+def fp8_folder(tmp_path, block, pow2):
+    """The tiny Llama of tests/test_causal_lm.py with every projection in FP8 (``to_fp8``)."""
+    from test_causal_lm import bpe_tokenizer, make_folder
+
+    f32 = make_folder(tmp_path / "f32", "llama", bpe_tokenizer())
+    return to_fp8(f32, tmp_path / "fp8", block, pow2, lambda k: k.endswith("proj.weight"))
 
 
 def test_the_forward_pass_runs_the_weights_the_quantizer_reads_or_is_refused(tmp_path, capsys):
@@ -186,21 +191,8 @@ def test_an_fp8_moe_model_calibrates_as_its_float32_weights(tmp_path, capsys):
     from test_causal_lm import SMALL
     from test_causal_lm_moe import make_moe
 
-    f32 = make_moe(tmp_path / "f32", "mixtral")
-    fp8_dir = make_moe(tmp_path / "fp8", "mixtral")
-    sd, out = load_file(str(f32 / "model.safetensors")), {}
-    for k, v in sd.items():
-        if v.dim() == 2 and ("proj" in k or ".experts." in k):
-            q, s, full = fp8_and_scale(v, (16, 16), pow2=True)
-            out[k], out[k + "_scale_inv"] = q, s
-            sd[k] = (q.double() * full.double()).float().contiguous()
-        else:
-            out[k] = v
-    save_file(sd, str(f32 / "model.safetensors"), metadata={"format": "pt"})
-    save_file(out, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((fp8_dir / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16], "activation_scheme": "dynamic"}
-    (fp8_dir / "config.json").write_text(json.dumps(cfg))
+    f32, fp8_dir = to_fp8(make_moe(tmp_path / "f32", "mixtral"), tmp_path / "fp8", (16, 16), True,
+                          lambda k: "proj" in k or ".experts." in k)
     figures = []
     for d in (f32, fp8_dir):
         assert main(["eval", str(d), "--format", "sop4-g16", *SMALL, "--cache-dir", str(tmp_path / "c"),
