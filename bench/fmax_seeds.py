@@ -146,7 +146,7 @@ def main() -> None:
             cfg = for_target(cfg, "ecp5") if variant == "lutram" else replace(cfg, lutram_depth=0)
             label = f"{name}-{variant}{suffix}"
             dut = Decoder(cfg) if args.copies == 1 else Copies(cfg, args.copies)
-            run_design(dut, label, "ecp5", OUT, top="synth_" + module_name(cfg))
+            run_design(dut, label, "ecp5", OUT, top="synth_" + module_name(cfg, variant=False))
             works[label], depths[label] = OUT / "runs" / label / "ecp5", cfg.lutram_depth
     jobs = [(label, placer, seed) for label in works for placer in placers for seed in range(1, args.seeds + 1)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -70,6 +70,14 @@ PIPELINES = ("deep", "shallow")  # DecoderConfig.pipeline: 200 MHz ECP5 (default
 RESIDUAL_SUFFIX = "sp"          # a named configuration with the residual path: <name>-sp (residual_configs)
 
 
+def variant_suffix(lutram_depth: int, pipeline: str = "deep") -> str:
+    """What a generated module's name adds for a build other than the default one (block-RAM
+    tables, the deep pipeline): ``_lutramD`` and ``_shallow``. Verilog module names (and the FuseSoC
+    VLNVs made from them) are global, so the LUT-RAM or shallow build of a configuration can sit
+    in one design, or one FuseSoC cores root, beside the default build of the same name."""
+    return (f"_lutram{lutram_depth}" if lutram_depth else "") + ("_shallow" if pipeline == "shallow" else "")
+
+
 def _float_exponent_range(fmt: FloatFormat) -> tuple[int, int]:
     """Range of the exponent X in value = sig * 2^X (golden.decoder's fields)."""
     emin = 1 if fmt.subnormals else 0

@@ -182,6 +182,7 @@ from .arith import delay
 from .block_dot import BlockDot, output_pipeline
 from .block_dot_folded import BlockDotFolded
 from .codebook_mux import CodebookMux
+from .config import variant_suffix
 from .fp32_acc import RowAccumulator
 from .gemv_config import (GemvConfig, error_layout, front_layout, layer_layout, load_layout, sparse_layout,
                           status_layout, table_word, tag_layout, x_layout, y_layout)
@@ -434,4 +435,5 @@ def describe(config: GemvConfig, engine: GemvEngine) -> dict:
 
 
 def module_name(config: GemvConfig) -> str:
-    return "sop_" + config.name.replace("-", "_")
+    """``sop_<name>``, plus ``config.variant_suffix`` for a LUT-RAM build."""
+    return "sop_" + config.name.replace("-", "_") + variant_suffix(config.lutram_depth)

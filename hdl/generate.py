@@ -86,7 +86,7 @@ from sop.argtypes import number
 from sop.golden.files import OutputError, atomic_files, check_output
 
 from . import axis, gemv, gemv_axis, gemv_config
-from .config import MAX_RESIDUALS, PIPELINES, DecoderConfig, named_configs, residual_configs
+from .config import MAX_RESIDUALS, PIPELINES, DecoderConfig, named_configs, residual_configs, variant_suffix
 from .decoder import Decoder
 
 CORE_VERSION = __version__                       # the cores' VLNV version: the package's
@@ -96,8 +96,12 @@ TB_DENSITY = 0.1                                 # its sparse layers' entries (w
 GEMV_TB_LAYERS = ((20, 48, 2, 0), (18, 32, 1, 12))
 
 
-def module_name(config: DecoderConfig) -> str:
-    return "sop_decoder_" + config.name.replace("-", "_")
+def module_name(config: DecoderConfig, variant: bool = True) -> str:
+    """``sop_decoder_<name>``, plus ``config.variant_suffix`` for a LUT-RAM or shallow build
+    (``variant=False``: without it, the name synth/ gives its netlists, so that their recorded
+    placements reproduce whatever the build)."""
+    return "sop_decoder_" + config.name.replace("-", "_") + (
+        variant_suffix(config.lutram_depth, config.pipeline) if variant else "")
 
 
 def ports(dut: wiring.Component) -> list[dict]:

@@ -233,3 +233,23 @@ def test_gemv_axis_fusesoc_lint_and_sim_targets(gemv_axis_dir, tmp_path):
     (cores / f"{name}_axis_tb.v").write_text(tb[:i] + "%x" % (int(tb[i], 16) ^ 1) + tb[i + 1:])
     r = fusesoc(cores, "sim", f"sop:gemv:{gemv_axis.module_name(gemv_config.gemv_configs()[name])}", tmp_path / "broken")
     assert r.returncode != 0 and "FAIL: y word 5" in r.stdout
+
+
+def test_the_lutram_and_shallow_builds_sit_beside_the_default_in_one_design(tmp_path):
+    """A LUT-RAM or shallow build's modules (and its shell's FuseSoC VLNV) carry the build in their
+    names (config.variant_suffix): Icarus compiles the three builds of sop4-g16, both shells and
+    the two GEMV engines in one design (with one name for all it refused every module as declared
+    twice), and the cores of one cores root are distinct."""
+    builds = {"default": [], "lutram": ["--lutram-depth", "16"], "shallow": ["--pipeline", "shallow"]}
+    for folder, extra in builds.items():
+        configs = ["sop4-g16"] + (["gemv-sop4-g16"] if folder != "shallow" else [])
+        assert main(["--out", str(tmp_path / folder), *[a for c in configs for a in ("--config", c)], *extra]) == 0
+    modules = {json.loads(p.read_text())["module"] for p in tmp_path.glob("*/*.json") if not p.name.endswith("_tb.json")}
+    assert {"sop_decoder_sop4_g16", "sop_decoder_sop4_g16_lutram16", "sop_decoder_sop4_g16_shallow",
+            "sop_gemv_sop4_g16", "sop_gemv_sop4_g16_lutram16"} <= modules
+    vlnvs = [re.search(r"^name: (\S+)", p.read_text(), re.M)[1] for p in tmp_path.glob("*/*.core")]
+    assert len(vlnvs) == 4 and len(set(vlnvs)) == 4, vlnvs
+    sources = sorted(str(p) for p in tmp_path.glob("*/*.v") if not p.name.endswith("_tb.v"))
+    cc = subprocess.run(["iverilog", "-g2005", "-o", str(tmp_path / "all.vvp"), *sources],
+                        capture_output=True, text=True, timeout=300)
+    assert cc.returncode == 0, cc.stderr[-2000:]

@@ -414,7 +414,7 @@ def for_target(cfg: DecoderConfig, target: str | Target) -> DecoderConfig:
 def run_config(cfg: DecoderConfig, target: str, out: Path = DEFAULT_OUT, *, force: bool = False) -> dict:
     """One decoder configuration on one target (with the target's table RAM shape, ``for_target``)."""
     cfg = for_target(cfg, target)
-    rec = run_design(Decoder(cfg), cfg.name, target, out, top="synth_" + module_name(cfg), force=force)
+    rec = run_design(Decoder(cfg), cfg.name, target, out, top="synth_" + module_name(cfg, variant=False), force=force)
     rec["lutram_depth"] = cfg.lutram_depth
     return rec
 
