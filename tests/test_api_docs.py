@@ -11,10 +11,10 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[1] / "docs" / "quantizer.md"
 
 
-def python_block() -> str:
+def python_block(index: int = 0) -> str:
     text = DOC.read_text()
     section = text[text.index("## 7. From Python"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
 def test_the_python_example_runs():
@@ -24,3 +24,14 @@ def test_the_python_example_runs():
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("fp8-e4m3-pot") and any(line.startswith("sop4-g16 ") for line in lines)
     assert re.fullmatch(r"\{'a': '[^']+', 'b': '[^']+'\}", lines[-1]), lines[-1]
+
+
+def test_the_in_memory_example_runs():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(python_block(1), str(DOC), "exec"), {})        # noqa: S102 - the doc's own code
+    # 2 blocks x 7 projections at 4.5 bpw (4-bit codes, an 8-bit header per 16) and the tables, the
+    # embedding and the head kept
+    m = re.fullmatch(r"14 layers, (4\.\d{4}) bpw, kept: \['lm_head', 'not the weight of a linear module "
+                     r"\(torch\.nn\.Linear, Conv1D\)'\]", out.getvalue().strip())
+    assert m and 4.5 < float(m[1]) < 4.6, out.getvalue()

@@ -1,0 +1,178 @@
+"""A model held in memory, quantized in place (quantize/in_memory.py): the statistics against inputs
+recomputed here and against calibration on disk, the layers and bits against the checkpoint path
+(`artifact.quantize_model` on the same model saved), sop-budget, what is kept, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from sop.quantize import causal_lm as L
+from sop.quantize.artifact import open_artifact, quantize_model
+from sop.quantize.in_memory import quantize_module
+from sop.quantize.models import open_model
+from sop.quantize.schemes import get_quant_format
+
+transformers = pytest.importorskip("transformers")
+L.quiet_transformers()
+
+from test_causal_lm import bpe_tokenizer, make_folder, windows_of  # noqa: E402
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = torch.nn.Embedding(10, 40)
+        self.up = torch.nn.Linear(40, 24)
+        self.down = torch.nn.Linear(24, 8, bias=False)
+        self.unused = torch.nn.Linear(8, 8)         # no token reaches it
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_statistics_are_the_inputs_mean_squares_and_the_weights_their_formats_bits():
+    model = MLP().double()
+    x = [torch.randn(3, 5, 40, dtype=torch.float64), torch.randn(7, 40, dtype=torch.float64) * 3]
+    w_up, w_down, w_unused = (m.weight.detach().numpy().copy() for m in (model.up, model.down, model.unused))
+    # the inputs recomputed here: x itself for up, relu(up(x)) for down; 22 tokens
+    rows = np.concatenate([t.numpy().reshape(-1, 40) for t in x])
+    hidden = np.maximum(rows @ w_up.T + model.up.bias.detach().numpy(), 0)
+    want = {"up.weight": (rows ** 2).mean(0), "down.weight": (hidden ** 2).mean(0),
+            "unused.weight": np.full(8, 1 / 22)}
+    res = quantize_module(model, "sop4-g16", x)
+    assert res.tokens == 22 and list(res.layers) == ["up.weight", "down.weight", "unused.weight"]
+    for name in want:
+        np.testing.assert_allclose(res.act_ms[name], want[name], rtol=1e-12)
+    assert res.kept == {"emb.weight": "not the weight of a linear module (torch.nn.Linear, Conv1D)"}
+    fmt = get_quant_format("sop4-g16")
+    for name, w in (("up.weight", w_up), ("down.weight", w_down), ("unused.weight", w_unused)):
+        ref = fmt.quantize(w, act_ms=res.act_ms[name], name=name)
+        got = dict(model.named_parameters())[name].detach().numpy()
+        assert np.array_equal(got, ref.recon) and not np.array_equal(got, w)
+        assert res.layers[name].bits == ref.bits and res.layers[name].stream.blocks == ref.stream.blocks
+    assert res.bits == sum(r.bits for r in res.layers.values()) and model.training   # its mode restored
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("lm") / "qwen2", "qwen2", bpe_tokenizer())     # an untied head
+
+
+def fresh(folder):
+    from transformers.models.auto import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+
+
+def test_the_statistics_equal_calibration_on_disk(qwen2):
+    """The same windows through the checkpoint path's runner (causal_lm.collect_stats) and through a
+    model held in memory: the same statistic for every layer, bit for bit."""
+    runner = L.load(open_model(str(qwen2)))
+    win = windows_of(runner)
+    disk, _ = runner.collect_stats(win)
+    res = quantize_module(fresh(qwen2), "nf4-g64", [{"input_ids": win, "use_cache": False}])
+    assert set(res.act_ms) == set(disk) - {"lm_head.weight"} and len(res.act_ms) == 14   # the head kept
+    for name, s in res.act_ms.items():
+        assert np.array_equal(disk[name], s), name
+
+
+@pytest.mark.parametrize("fmt", ["sop4-g16", "e2m3-ue4m4-g16", "mxfp4", "fp8-e4m3-pot"])
+def test_unweighted_the_same_layers_and_weights_as_the_checkpoint_path(qwen2, tmp_path, fmt):
+    out = tmp_path / "m.sopq"
+    quantize_model(str(qwen2), fmt, out, calibrate=False, progress=False)
+    art = open_artifact(out)
+    model = fresh(qwen2)
+    res = quantize_module(model, fmt)
+    params = dict(model.named_parameters())
+    assert sorted(e.name for e in art.layers) == sorted(res.layers) and len(res.layers) == 14
+    for entry in art.layers:
+        assert np.array_equal(params[entry.name].detach().numpy(), art.weights(entry)), entry.name
+    assert res.kept["lm_head.weight"] == "lm_head" and "model.embed_tokens.weight" in res.kept
+
+
+def test_gpt2_conv1d_is_quantized_as_its_transpose(tmp_path):
+    folder = make_folder(tmp_path / "gpt2", "gpt2", bpe_tokenizer())
+    out = tmp_path / "m.sopq"
+    quantize_model(str(folder), "sop4-g16", out, calibrate=False, progress=False)
+    art = open_artifact(out)
+    from transformers.models.auto import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    quantize_module(model, "sop4-g16")
+    params = dict(model.named_parameters())
+    assert len(art.layers) == 8
+    for entry in art.layers:                      # Conv1D stores (in, out): the artifact holds (out, in)
+        assert np.array_equal(params[entry.name].detach().numpy().T, art.weights(entry)), entry.name
+
+
+def test_sop_budget_chooses_as_the_checkpoint_path(qwen2, tmp_path):
+    out = tmp_path / "b.sopq"
+    quantize_model(str(qwen2), "sop-budget", out, budget=5.0, calibrate=False, progress=False)
+    art = open_artifact(out)
+    model = fresh(qwen2)
+    res = quantize_module(model, "sop-budget", budget=5.0)
+    params = dict(model.named_parameters())
+    assert {e.name: e.choice for e in art.layers} == {n: f"{res.budget.choice[n]}: {r.choice}"
+                                                      for n, r in res.layers.items()}
+    assert len(set(res.budget.choice.values())) > 1          # promotions happened: the test can see them
+    for entry in art.layers:
+        assert np.array_equal(params[entry.name].detach().numpy(), art.weights(entry)), entry.name
+
+
+def test_a_tied_head_is_quantized_once_with_its_embedding(tmp_path):
+    folder = make_folder(tmp_path / "llama", "llama", bpe_tokenizer())      # tie_word_embeddings
+    model = fresh(folder)
+    emb = model.model.embed_tokens.weight
+    assert model.lm_head.weight is emb
+    res = quantize_module(model, "sop4-g16", lm_head=True, include=["lm_head.weight"])
+    assert list(res.layers) == ["lm_head.weight"]
+    ref = get_quant_format("sop4-g16").quantize(fresh(folder).lm_head.weight.detach().numpy())
+    assert np.array_equal(emb.detach().numpy(), ref.recon)
+    assert res.kept["model.layers.0.mlp.up_proj.weight"] == "not selected (include/exclude)"
+
+
+def test_a_reconstruction_past_float16_is_refused_and_the_model_unchanged():
+    """65504 is float16's largest; a power-of-two scale makes it 256 x 256 = 65536 in E4M3."""
+    model = MLP().half()
+    with torch.no_grad():
+        model.down.weight[0, 0] = 65504.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"layer down.weight: its reconstruction does not fit the parameter's "
+                                         r"torch.float16 \(largest magnitude 65536\)"):
+        quantize_module(model, "fp8-e4m3-pot")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_bad_input_is_one_value_error():
+    model = MLP()
+    with pytest.raises(ValueError, match="unknown format"):
+        quantize_module(model, "nf5")
+    with pytest.raises(ValueError, match="budget is for sop-budget, not sop4-g16"):
+        quantize_module(model, "sop4-g16", budget=4.0)
+    with pytest.raises(ValueError, match="needs --budget"):
+        quantize_module(model, "sop-budget")
+    with pytest.raises(ValueError, match="reached no linear layer"):
+        quantize_module(model, "sop4-g16", [])
+    with pytest.raises(ValueError, match="no linear layer to quantize"):
+        quantize_module(model, "sop4-g16", exclude=["*"])
+    with pytest.raises(ValueError, match="layer up.weight: its input's mean square is not finite"):
+        quantize_module(model, "sop4-g16", [torch.full((2, 40), float("inf"))])
+    with torch.no_grad():
+        model.up.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="up.weight"):
+        quantize_module(model, "sop4-g16")
+
+
+def test_sop_budget_under_calibration_weighs_each_layer_by_its_statistics(qwen2):
+    runner = L.load(open_model(str(qwen2)))
+    model = fresh(qwen2)
+    ref_model = fresh(qwen2)
+    res = quantize_module(model, "sop-budget", [{"input_ids": windows_of(runner)}], budget=5.0)
+    layers = {n: (dict(ref_model.named_parameters())[n].detach().double().numpy(), res.act_ms[n]) for n in res.layers}
+    ref = get_quant_format("sop-budget").quantize_model(layers, 5.0)
+    assert ref.choice == res.budget.choice
+    assert ref.choice != quantize_module(fresh(qwen2), "sop-budget", budget=5.0).budget.choice   # the weights matter
+    params = dict(model.named_parameters())
+    for n in res.layers:
+        assert np.array_equal(params[n].detach().numpy(), ref.results[n].recon.astype(np.float32)), n
