@@ -46,6 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from sop.golden.codebooks import Codebook
+from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import named_layouts
 
 from .blockwise import Prepared, bank_offset, evaluate_bank, prepare
@@ -136,8 +137,20 @@ def _reseed_empty(levels, den, sum_y2, num, top) -> None:
 
 
 def table(levels) -> Codebook:
-    """The DD4 codebook of the given levels, rounded into HIF (golden.codebooks)."""
-    return Codebook.from_values("dd4", np.sort(np.asarray(levels, dtype=np.float64)))
+    """The DD4 codebook of the given levels, rounded into HIF (golden.codebooks), 16 distinct values.
+
+    Levels closer than HIF's spacing (a cell of near-equal weights) would round to one value: two
+    codes that decode alike, one of them wasted. Going down from the top (pinned at the peak), a
+    value at or above the one after it moves to the next HIF value below that; a table whose levels
+    round apart, which is every MiniLM layer's, is untouched."""
+    hif = DEFAULT_HIF                            # the HIF Codebook.from_values rounds into
+    grid = np.unique(hif.values[np.isfinite(hif.values)])       # every HIF value, ascending (-0 is 0)
+    lv = np.sort(np.asarray(levels, dtype=np.float64))
+    first = np.searchsorted(grid, hif.quantize(lv))
+    idx = first.copy()
+    for i in range(len(idx) - 2, -1, -1):       # 16 entries: a loop over the table, not the weights
+        idx[i] = min(idx[i], idx[i + 1] - 1)    # (the top is +1: hundreds of HIF values lie below it)
+    return Codebook.from_values("dd4", np.where(idx == first, lv, grid[idx]))
 
 
 def fit_dd4(w, act_ms=None, *, layout=None, iters: int = 6, scale_search: int = 1,
