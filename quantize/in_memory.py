@@ -3,22 +3,30 @@
 ``quantize_module(model, fmt, batches)`` does for a ``torch.nn.Module`` what ``sop quantize``
 does for a checkpoint on disk, with the same rules and the same bits:
 
-* **layers**: every ``torch.nn.Linear`` and transformers ``Conv1D`` (GPT-2 style, weight stored
-  ``(in, out)``: quantized as its transpose), named ``<module>.weight`` as in a checkpoint, selected
-  by the file path's rules (quantize/models.py: ``linear_reason``, ``include`` / ``exclude`` globs,
-  the output head kept unless ``lm_head``). A parameter shared by several linear modules is quantized
-  once, under its first name; a head tied to the input embedding (``lm_head=True``) changes the
-  embedding with it, the one shared matrix, as on disk. Every other parameter of two or more
-  dimensions (embeddings, fused 3-D MoE experts, convolutions) is left as it is and listed in
-  ``kept`` with the reason.
-* **calibration**: with ``batches`` (an iterable of a dict of model keywords, such as a tokenizer's
-  output, or of one positional input), the model runs once on each in ``eval`` mode under
-  ``torch.inference_mode`` (its mode is restored after), and each layer's ``act_ms`` is the mean
-  square of its input per input column over every token that reached it, in float64, as
-  calibration on disk computes it (quantize/causal_lm.py ``collect_stats``); a layer no token
-  reached gets ``1/tokens`` in every column, as an unrouted expert does. A non-finite input
-  statistic is refused naming the layer, and batches that reach no layer are refused. Without
-  ``batches`` every layer is unweighted.
+* **layers**: every ``torch.nn.Linear``, transformers ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``:
+  quantized as its transpose) and MoE router (``causal_lm._is_router``), named ``<module>.weight`` as
+  the model names its parameters (transformers renames some checkpoint tensors on loading: GPT-NeoX's
+  ``embed_out`` is ``lm_head``, Mixtral's ``block_sparse_moe`` is ``mlp``), selected by the file path's
+  rules (quantize/models.py: ``linear_reason``, ``include`` / ``exclude`` globs, the output head kept
+  unless ``lm_head``). A head whose weight is an ``nn.Embedding``'s (a tied head, whatever its name:
+  ``lm_head``, BERT's ``cls.predictions.decoder``) is kept with it, or with ``lm_head=True`` quantized
+  once under the embedding's name, as on disk. A weight several linear modules apply is one layer.
+  Kept, each with its reason in ``kept``: every other parameter of two or more dimensions
+  (embeddings, fused 3-D MoE experts, convolutions), ``nn.MultiheadAttention``'s weights (it applies
+  them without calling a module, so no hook sees their input) and a weight computed at each call (a
+  parametrization such as ``weight_norm``: writing it would change nothing). A weight on the meta
+  device is refused.
+* **calibration**: with ``batches`` (an iterable of batches, each a mapping of model keywords such as
+  a tokenizer's output, a tuple of positional inputs or one tensor), the model runs once on each in
+  ``eval`` mode under ``torch.inference_mode`` (every submodule's mode is restored after), and each
+  layer's ``act_ms`` is the mean square of its input per input column, in float64, over every token
+  that reached it through any module applying its weight, as calibration on disk computes it
+  (quantize/causal_lm.py ``collect_stats``; the same windows in the same batches give the same bits).
+  A position whose ``attention_mask`` is 0 is left out wherever a layer's input has one row per
+  position of the mask (section 2's "every non-padding token"). A layer no token reached (its module
+  not called, or called on no row: an unrouted expert) gets ``1/tokens`` in every column and is
+  listed in ``unreached``. A non-finite statistic is refused naming the layer, and batches that reach
+  no layer are refused. Without ``batches`` every layer is unweighted.
 * **quantization**: ``schemes.get_quant_format(fmt)``: a per-layer format quantizes each layer
   alone, ``sop-budget`` chooses over every layer at once under ``budget`` bits per weight.
 * **write back**: each weight gets its reconstruction cast to the parameter's own dtype and device
@@ -39,13 +47,15 @@ Writing a ``.sopq`` still goes through a model on disk (``save_pretrained``, the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 
 import numpy as np
 
 from sop.golden.layout import LayerStream
 
-from .causal_lm import _is_linear
+from .causal_lm import _is_linear, _is_router
 from .knapsack import LazyLayers
 from .models import _selected, linear_reason
 from .schemes import get_quant_format
@@ -72,6 +82,7 @@ class InMemoryResult:
     kept: dict[str, str] = field(default_factory=dict)     # a parameter left as it is -> why
     budget: object | None = None                    # sop-budget: the knapsack's BudgetResult
     tokens: int = 0                                 # calibration tokens (the most rows any layer saw)
+    unreached: list[str] = field(default_factory=list)     # layers no calibration token reached (1/tokens)
 
     @property
     def bits(self) -> int:
@@ -83,86 +94,142 @@ class InMemoryResult:
         return self.bits / weights if weights else 0.0
 
 
+_MHA = ("nn.MultiheadAttention's: it applies its weights without calling a module, so no hook sees their "
+        "input (no statistic)")
+_TIED = "a head tied to the input embedding {}: kept (lm_head=True quantizes the shared matrix, under that name)"
+
+
+def _stored_weight(module):
+    """The module's ``weight`` if it is a parameter the module stores, else None (a parametrization such
+    as weight_norm computes it at each access: writing it would change nothing)."""
+    return dict(module.named_parameters(recurse=False)).get("weight")
+
+
 def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> tuple[dict, dict[str, str]]:
-    """``({layer name: module}, {kept parameter: why})`` by the checkpoint rules (module docstring);
-    ``kept`` names every parameter of two or more dimensions that is not quantized."""
-    layers, kept, owner = {}, {}, {}
+    """``({layer name: [the modules that apply its weight]}, {kept parameter: why})`` by the checkpoint
+    rules (module docstring); ``kept`` names every parameter of two or more dimensions not quantized."""
+    import torch
+
+    embeddings = {id(m.weight): f"{n}.weight" if n else "weight" for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Embedding)}
+    in_mha = {id(sub) for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention) for sub in m.modules()}
+    layers: dict[str, list] = {}
+    kept: dict[str, str] = {}
+    decided: dict[int, str | None] = {}             # id(weight) -> its layer name, None where kept
     for mname, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not _is_linear(module) or weight is None:
+        if not (_is_linear(module) or _is_router(module)):
             continue
         name = f"{mname}.weight" if mname else "weight"
-        why = linear_reason(name, tuple(weight.shape), weight.is_floating_point())
-        if why == "lm_head" and lm_head:
-            why = None
-        if why is None and id(weight) in owner:
-            why = f"the parameter of {owner[id(weight)]} (quantized once, under that name)"
+        weight = _stored_weight(module)
+        if weight is None:
+            if getattr(module, "weight", None) is not None:
+                kept[name] = ("computed at each call (a parametrization such as weight_norm), not a stored "
+                              "parameter: writing it would change nothing")
+            continue
+        if id(weight) in decided:                   # a weight two modules apply: one layer, both inputs
+            if decided[id(weight)] is not None:
+                layers[decided[id(weight)]].append(module)
+            continue
+        tied = embeddings.get(id(weight))
+        if id(module) in in_mha:
+            why = _MHA
+        elif tied is not None:                      # named as on disk: the embedding's tensor
+            why, name = (None, tied) if lm_head else (_TIED.format(tied), name)
+        else:
+            why = linear_reason(name, tuple(weight.shape), weight.is_floating_point())
+            why = None if why == "lm_head" and lm_head else why
         if why is None and not _selected(name, include, exclude):
             why = "not selected (include/exclude)"
-        if why is not None:
+        if why is None and weight.is_meta:
+            raise ValueError(f"layer {name}: its weight is on the meta device (not loaded): nothing to quantize")
+        decided[id(weight)] = None if why else name
+        if why:
             kept[name] = why
-            continue
-        owner[id(weight)] = name
-        layers[name] = module
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        if p.ndim >= 2 and id(p) not in owner and pname not in kept:
-            kept[pname] = "not the weight of a linear module (torch.nn.Linear, Conv1D)"
+        else:
+            layers[name] = [module]
+    for mname, module in model.named_modules():     # the rest, each with its owner's kind
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if p.ndim >= 2 and id(p) not in decided and full not in kept:
+                kept[full] = ("an embedding" if isinstance(module, torch.nn.Embedding) else _MHA
+                              if isinstance(module, torch.nn.MultiheadAttention) else
+                              f"a parameter of {type(module).__name__}, not the weight of a linear module")
     return layers, kept
+
+
+def _is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"
 
 
 def _matrix(module) -> np.ndarray:
     """The layer's ``(out, in)`` matrix, float64 (what ModelSource.load gives)."""
     w = module.weight.detach().to("cpu").double().numpy()
-    return w.T if type(module).__name__ == "Conv1D" else w
+    return w.T if _is_conv1d(module) else w
 
 
-def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray], int]:
-    """Per-input-column mean square of each layer's input over every token of ``batches``, and the
-    tokens: the most rows any layer saw (every token passes a dense model's linear layers)."""
+def _run(model, batch, i: int) -> None:
+    if isinstance(batch, Mapping):                  # a dict, a tokenizer's BatchEncoding
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    elif hasattr(batch, "shape"):
+        model(batch)
+    else:
+        raise ValueError(f"calibration batch {i} is a {type(batch).__name__}: each batch is a dict of the model's "
+                         f"keyword inputs (a tokenizer's output), a tensor, or a tuple of positional inputs")
+
+
+def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray], int, list[str]]:
+    """Per-input-column mean square of each layer's input over every token of ``batches`` (a position
+    whose ``attention_mask`` is 0 left out where the input has one row per position), the tokens (the
+    most rows any layer saw: every token passes a dense model's linear layers) and the layers that
+    no token reached (their modules not called, or called on no row)."""
     import torch
 
+    if isinstance(batches, (Mapping, torch.Tensor)) or not hasattr(batches, "__iter__"):
+        raise ValueError(f"batches is an iterable of batches, got a {type(batches).__name__}: for one batch, "
+                         f"pass [batch]")
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
+    mask = None                                     # the running batch's attention mask, flattened
 
     def hook_for(name: str):
         def hook(_module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().reshape(-1, x.shape[-1]).double()
+            x = x.detach().reshape(-1, x.shape[-1])
+            if mask is not None and mask.numel() == x.shape[0]:
+                x = x[mask.to(x.device)]
+            x = x.double()
             s = (x * x).sum(0).cpu()
             sums[name] = sums[name] + s if name in sums else s
             counts[name] += x.shape[0]
         return hook
 
-    was_training = model.training
-    handles = [m.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, m in layers.items()]
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, ms in layers.items() for m in ms]
     try:
         model.eval()
         with torch.inference_mode():
-            for batch in batches:
-                if isinstance(batch, dict):
-                    model(**batch)
-                else:
-                    model(batch)
+            for i, batch in enumerate(batches):
+                am = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                mask = None if am is None else torch.as_tensor(am).reshape(-1).bool()
+                _run(model, batch, i)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     tokens = max(counts.values())
     if tokens == 0:
         raise ValueError("the calibration batches reached no linear layer (none given, or the model ran none)")
-    stats = {}
-    for name, module in layers.items():         # a layer no token reached: one token of ones, as on disk
-        stats[name] = (sums[name] / counts[name]).numpy() if name in sums else np.full(_matrix_cols(module),
+    stats, unreached = {}, [n for n, c in counts.items() if c == 0]
+    for name, ms in layers.items():             # a layer no token reached: one token of ones, as on disk
+        stats[name] = (sums[name] / counts[name]).numpy() if counts[name] else np.full(_matrix(ms[0]).shape[1],
                                                                                        1 / tokens)
         if not np.isfinite(stats[name]).all():
             raise ValueError(f"layer {name}: its input's mean square is not finite (an Inf or NaN reached it, "
                              f"or its square overflowed): no calibration statistic")
-    return stats, tokens
-
-
-def _matrix_cols(module) -> int:
-    w = module.weight
-    return int(w.shape[0] if type(module).__name__ == "Conv1D" else w.shape[1])
+    return stats, tokens, unreached
 
 
 def quantize_module(model, fmt: str, batches=None, *, budget: float | None = None, include=None, exclude=None,
@@ -173,31 +240,36 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
     qfmt = get_quant_format(fmt)
     if budget is not None and not qfmt.model_level:
         raise ValueError(f"budget is for sop-budget, not {fmt}: a fixed format has its own bits per weight")
+    if qfmt.model_level and (budget is None or isinstance(budget, bool) or not isinstance(budget, Real)):
+        raise ValueError(f"{fmt} needs budget=B, the average bits per weight (a number), got {budget!r}")
     layers, kept = linear_modules(model, include, exclude, lm_head)
     if not layers:
-        raise ValueError("the model has no linear layer to quantize (torch.nn.Linear or Conv1D, selected by "
-                         "the checkpoint rules: quantize/models.py)")
-    stats, tokens = activation_stats(model, layers, batches) if batches is not None else (None, 0)
+        globs = f" (include {include}, exclude {exclude})" if include or exclude else ""
+        raise ValueError(f"the model has no linear layer to quantize{globs}: torch.nn.Linear, Conv1D or a MoE "
+                         f"router, selected by the checkpoint rules (quantize/models.py)")
+    stats, tokens, unreached = activation_stats(model, layers, batches) if batches is not None else (None, 0, [])
     act = (lambda n: None) if stats is None else stats.get
     if qfmt.model_level:
-        budget_res = qfmt.quantize_model(LazyLayers(layers, lambda n: (_matrix(layers[n]), act(n))), budget)
+        budget_res = qfmt.quantize_model(LazyLayers(layers, lambda n: (_matrix(layers[n][0]), act(n))), budget)
         results = (budget_res.results.pop(n) for n in layers)
     else:
         budget_res = None
-        results = (qfmt.quantize(_matrix(m), act_ms=act(m_name), name=m_name) for m_name, m in layers.items())
+        results = (qfmt.quantize(_matrix(ms[0]), act_ms=act(n), name=n) for n, ms in layers.items())
     records, new = {}, {}
-    for (name, module), res in zip(layers.items(), results):    # every layer cast before the first is written
+    for (name, ms), res in zip(layers.items(), results):    # every layer cast before the first is written
         recon = np.asarray(res.recon)
         records[name] = LayerRecord(recon.shape, res.bits, res.choice, res.stream)
-        w = module.weight
-        t = torch.from_numpy(np.ascontiguousarray(recon.T if type(module).__name__ == "Conv1D" else recon))
+        w = ms[0].weight
+        t = torch.from_numpy(np.ascontiguousarray(recon.T if _is_conv1d(ms[0]) else recon))
         t = t.to(dtype=w.dtype, device=w.device)
         if not torch.isfinite(t).all():
             raise ValueError(f"layer {name}: its reconstruction does not fit the parameter's {w.dtype} "
                              f"(largest magnitude {np.abs(recon).max():.6g}): the model is unchanged")
         new[name] = t
         del res, recon                              # one layer's reconstruction at a time
-    with torch.no_grad():
-        for name, module in layers.items():
-            module.weight.copy_(new.pop(name))
-    return InMemoryResult(records, stats, kept, budget_res, tokens)
+    for name, ms in layers.items():
+        w = ms[0].weight
+        # a model built under inference_mode holds inference tensors: written in place only there
+        with torch.inference_mode() if w.is_inference() else torch.no_grad():
+            w.copy_(new.pop(name))
+    return InMemoryResult(records, stats, kept, budget_res, tokens, unreached)

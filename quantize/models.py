@@ -30,8 +30,8 @@ read by one reader per format (quantize/tensor_readers.py).
 
 **Which tensors are linear layers.** A floating-point tensor is one when it is
 2-D, its name ends in ``weight``, and no dotted part of its name names an
-embedding (contains ``embed``/``embd``, or is ``wte``, ``wpe``, ``shared``) or a
-norm (contains ``norm``, or starts with ``ln_``). HF ``Conv1D`` layers (GPT-2
+embedding (contains ``embed``/``embd``, or is ``wte``, ``wpe``, ``shared``, T5's
+``relative_attention_bias``) or a norm (contains ``norm``, or starts with ``ln_``). HF ``Conv1D`` layers (GPT-2
 style ``c_attn``, ``c_proj``, ``c_fc``) store ``(in, out)`` and are transposed.
 GGUF stores ``ne = [in, out]``, which numpy reads as ``(out, in)``.
 ``include`` / ``exclude`` are lists of shell globs (``fnmatch``, case-sensitive)
@@ -136,7 +136,7 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
     parts = re.split(r"[./]", low)
     if is_lm_head(name):
         return "lm_head"
-    if any("embed" in p or "embd" in p or p in ("wte", "wpe", "shared") for p in parts):
+    if any("embed" in p or "embd" in p or p in ("wte", "wpe", "shared", "relative_attention_bias") for p in parts):
         return "embedding"
     if any("norm" in p or p.startswith("ln_") for p in parts):
         return "norm"

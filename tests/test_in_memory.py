@@ -44,7 +44,7 @@ def test_statistics_are_the_inputs_mean_squares_and_the_weights_their_formats_bi
     assert res.tokens == 22 and list(res.layers) == ["up.weight", "down.weight", "unused.weight"]
     for name in want:
         np.testing.assert_allclose(res.act_ms[name], want[name], rtol=1e-12)
-    assert res.kept == {"emb.weight": "not the weight of a linear module (torch.nn.Linear, Conv1D)"}
+    assert res.kept == {"emb.weight": "an embedding"} and res.unreached == ["unused.weight"]
     fmt = get_quant_format("sop4-g16")
     for name, w in (("up.weight", w_up), ("down.weight", w_down), ("unused.weight", w_unused)):
         ref = fmt.quantize(w, act_ms=res.act_ms[name], name=name)
@@ -125,8 +125,10 @@ def test_a_tied_head_is_quantized_once_with_its_embedding(tmp_path):
     model = fresh(folder)
     emb = model.model.embed_tokens.weight
     assert model.lm_head.weight is emb
-    res = quantize_module(model, "sop4-g16", lm_head=True, include=["lm_head.weight"])
-    assert list(res.layers) == ["lm_head.weight"]
+    kept = quantize_module(fresh(folder), "sop4-g16").kept
+    assert kept["lm_head.weight"].startswith("a head tied to the input embedding model.embed_tokens.weight")
+    res = quantize_module(model, "sop4-g16", lm_head=True, include=["model.embed_tokens.weight"])
+    assert list(res.layers) == ["model.embed_tokens.weight"]           # the checkpoint's name, as on disk
     ref = get_quant_format("sop4-g16").quantize(fresh(folder).lm_head.weight.detach().numpy())
     assert np.array_equal(emb.detach().numpy(), ref.recon)
     assert res.kept["model.layers.0.mlp.up_proj.weight"] == "not selected (include/exclude)"
@@ -150,11 +152,17 @@ def test_bad_input_is_one_value_error():
         quantize_module(model, "nf5")
     with pytest.raises(ValueError, match="budget is for sop-budget, not sop4-g16"):
         quantize_module(model, "sop4-g16", budget=4.0)
-    with pytest.raises(ValueError, match="needs --budget"):
+    with pytest.raises(ValueError, match="sop-budget needs budget=B, the average bits per weight"):
         quantize_module(model, "sop-budget")
+    with pytest.raises(ValueError, match="got '5'"):
+        quantize_module(model, "sop-budget", budget="5")
+    with pytest.raises(ValueError, match="batches is an iterable of batches, got a Tensor: for one batch, pass"):
+        quantize_module(model, "sop4-g16", torch.zeros(2, 40))
+    with pytest.raises(ValueError, match="calibration batch 0 is a str: each batch is a dict"):
+        quantize_module(model, "sop4-g16", ["some text"])
     with pytest.raises(ValueError, match="reached no linear layer"):
         quantize_module(model, "sop4-g16", [])
-    with pytest.raises(ValueError, match="no linear layer to quantize"):
+    with pytest.raises(ValueError, match=r"no linear layer to quantize \(include None, exclude \['\*'\]\)"):
         quantize_module(model, "sop4-g16", exclude=["*"])
     with pytest.raises(ValueError, match="layer up.weight: its input's mean square is not finite"):
         quantize_module(model, "sop4-g16", [torch.full((2, 40), float("inf"))])
@@ -176,3 +184,134 @@ def test_sop_budget_under_calibration_weighs_each_layer_by_its_statistics(qwen2)
     params = dict(model.named_parameters())
     for n in res.layers:
         assert np.array_equal(params[n].detach().numpy(), ref.results[n].recon.astype(np.float32)), n
+
+
+# -- what an outside probe found (each failed before its fix) ---------------------------------------------
+
+class Tokens(torch.nn.Module):
+    """ids -> embedding -> up -> relu -> down; a tokenizer's keywords."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = torch.nn.Embedding(50, 32)
+        self.up = torch.nn.Linear(32, 16)
+        self.down = torch.nn.Linear(16, 32)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.down(torch.relu(self.up(self.emb(input_ids))))
+
+
+def test_padded_positions_are_left_out_and_a_tokenizer_output_is_keywords():
+    """Section 2's rule (every non-padding token): the padded positions of a batch's attention_mask
+    counted as tokens (a tokenizer's padded batch: statistics off by up to 2.7e3 relative), and a
+    ``BatchEncoding`` (a UserDict, no dict) was passed as one positional input."""
+    from transformers.tokenization_utils_base import BatchEncoding
+
+    model = Tokens()
+    ids = torch.randint(0, 50, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    emb = model.emb.weight.detach().double().numpy()
+    real = emb[ids.numpy()[mask.numpy().astype(bool)]]                 # the 12 real positions' inputs of up
+    res = quantize_module(model, "sop4-g16", [BatchEncoding({"input_ids": ids, "attention_mask": mask})])
+    np.testing.assert_allclose(res.act_ms["up.weight"], (real ** 2).mean(0), rtol=1e-12)
+    assert res.tokens == 12
+
+
+def test_heads_tied_to_an_embedding_by_any_name_are_kept_with_it():
+    """BERT's MLM decoder (``cls.predictions.decoder``) is the word embedding's parameter: it was
+    quantized by default, the embedding with it, without a word."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=48))
+    emb = model.bert.embeddings.word_embeddings.weight
+    before = emb.detach().clone()
+    res = quantize_module(model, "sop4-g16")
+    assert torch.equal(emb, before) and len(res.layers) == 7
+    assert res.kept["cls.predictions.decoder.weight"] == (
+        "a head tied to the input embedding bert.embeddings.word_embeddings.weight: kept (lm_head=True quantizes "
+        "the shared matrix, under that name)")
+
+
+def test_weights_applied_without_a_module_call_or_computed_at_each_call_are_kept():
+    """nn.MultiheadAttention applies ``out_proj.weight`` without calling ``out_proj``: its statistic
+    was the no-token fallback (0.05 in every column, against 0.6 to 2.5); a weight_norm Linear was
+    reported quantized and its weight never changed."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                                weight_norm(torch.nn.Linear(16, 16)))
+    res = quantize_module(model, "sop4-g16", [torch.randn(2, 5, 16)])
+    assert sorted(res.layers) == ["0.linear1.weight", "0.linear2.weight"] and res.unreached == []
+    assert res.kept["0.self_attn.out_proj.weight"].startswith("nn.MultiheadAttention's") == \
+        res.kept["0.self_attn.in_proj_weight"].startswith("nn.MultiheadAttention's") is True
+    assert res.kept["1.weight"].startswith("computed at each call (a parametrization such as weight_norm)")
+
+
+class TwoUses(torch.nn.Module):
+    """One weight applied by two modules (to different inputs), and an expert called on no row."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = torch.nn.Linear(16, 16, bias=False)
+        self.b = torch.nn.Linear(16, 16, bias=False)
+        self.b.weight = self.a.weight
+        self.expert = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.b(3 * x) + self.a(x) + self.expert(x[:0]).sum()
+
+
+def test_a_shared_weight_counts_both_inputs_and_an_expert_called_on_no_row_is_unreached():
+    """The statistic of a weight two modules apply came from the first module's input only; an expert
+    called on a (0, d) slice was refused as 'not finite' (0/0) instead of the 1/tokens rule."""
+    x = torch.randn(10, 16, dtype=torch.float64)
+    model = TwoUses().double()
+    res = quantize_module(model, "sop4-g16", [x])
+    xs = x.numpy()
+    np.testing.assert_allclose(res.act_ms["a.weight"], ((xs ** 2).sum(0) * 10) / 20, rtol=1e-12)
+    assert list(res.layers) == ["a.weight", "expert.weight"] and res.unreached == ["expert.weight"]
+    assert np.array_equal(res.act_ms["expert.weight"], np.full(16, 1 / 20))
+    assert model.b.weight is model.a.weight
+
+
+def test_every_submodule_keeps_its_mode_and_inference_tensors_are_written():
+    model = MLP()
+    model.down.eval()
+    quantize_module(model, "sop4-g16", [torch.randn(4, 40)])
+    assert model.training and model.up.training and not model.down.training   # only the top was restored
+    with torch.inference_mode():                     # its parameters are inference tensors
+        frozen = MLP()
+    before = frozen.up.weight.clone()
+    quantize_module(frozen, "sop4-g16")              # a RuntimeError after the first layer was written
+    assert not torch.equal(frozen.up.weight, before)
+
+
+def test_a_model_on_the_meta_device_is_one_value_error():
+    with torch.device("meta"):
+        model = MLP()
+    with pytest.raises(ValueError, match=r"layer up.weight: its weight is on the meta device \(not loaded\)"):
+        quantize_module(model, "sop4-g16")
+
+
+def test_moe_routers_are_quantized_as_on_disk(tmp_path):
+    """A router (transformers 5 builds it as a module of its own, no nn.Linear) is quantized as the
+    checkpoint path quantizes it; the fused 3-D experts are kept."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2))
+    model.save_pretrained(tmp_path / "mixtral")
+    quantize_model(str(tmp_path / "mixtral"), "sop4-g16", tmp_path / "m.sopq", calibrate=False, progress=False)
+    art = open_artifact(tmp_path / "m.sopq")
+    router = next(e for e in art.layers if e.name.endswith("gate.weight"))
+    res = quantize_module(model, "sop4-g16")
+    assert "model.layers.0.mlp.gate.weight" in res.layers
+    assert np.array_equal(model.model.layers[0].mlp.gate.weight.detach().numpy(), art.weights(router))
+    assert res.kept["model.layers.0.mlp.experts.gate_up_proj"].startswith("a parameter of MixtralExperts")

@@ -48,6 +48,9 @@ def test_linear_rule():
     assert linear_reason("a.q_proj.weight", (4,), True) == "1-D"
     assert linear_reason("embeddings.word_embeddings.weight", (4, 4), True) == "embedding"
     assert linear_reason("token_embd.weight", (4, 4), True) == "embedding"
+    # T5's position-bucket table (buckets x heads), a lookup: was quantized as a linear layer
+    assert linear_reason("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", (32, 8),
+                         True) == "embedding"
     assert linear_reason("h.0.ln_1.weight", (4, 4), True) == "norm"
     assert linear_reason("x.LayerNorm.weight", (4, 4), True) == "norm"
 
