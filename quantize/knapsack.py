@@ -92,29 +92,34 @@ def solve_mckp(options: list[list[tuple[int, float]]], budget_bits: int,
                resolution: int = DEFAULT_RESOLUTION) -> Solution:
     """One option per layer, minimum total error, total bits <= ``budget_bits``; see the module docstring.
 
-    ``options[l]`` is a list of ``(bits, error)``. Ties go to the earlier option."""
+    ``options[l]`` is a list of ``(bits, error)``. Where two totals are equal the option of the lower
+    error of its own wins, then the earlier: a layer whose error is below the last bit of the total
+    so far (an earlier layer's error 1e10 times larger) still takes its better option when it fits.
+    A budget that buys every layer's least-error option gets it, with no DP."""
     if not options or any(not o for o in options):
         raise ValueError("every layer needs at least one option")
     min_bits = [min(b for b, _ in opts) for opts in options]
     extra = int(budget_bits) - sum(min_bits)
     if extra < 0:
         raise ValueError(f"budget of {budget_bits} bits is below the cheapest choice ({sum(min_bits)} bits)")
+    best = [min(range(len(opts)), key=lambda i, o=opts: (o[i][1], i)) for opts in options]
+    if sum(opts[i][0] for opts, i in zip(options, best)) <= budget_bits:
+        return _solution(options, best, budget_bits, 1)
     unit = max(1, math.ceil(extra / resolution))
     cap = extra // unit
     dp = np.zeros(cap + 1)                          # min error over the layers so far, using <= c units
     picks = []
     for opts, mb in zip(options, min_bits):
         new = np.full(cap + 1, np.inf)
+        own = np.full(cap + 1, np.inf)              # the error of the option picked in each cell
         pick = np.zeros(cap + 1, dtype=np.int32)
         for i, (b, e) in enumerate(opts):
             cost = -(-(b - mb) // unit)               # rounded up: a discrete fit is a real fit
             if cost > cap:
                 continue
-            cand = np.full(cap + 1, np.inf)
-            cand[cost:] = dp[:cap + 1 - cost] + e
-            better = cand < new
-            new = np.where(better, cand, new)
-            pick = np.where(better, i, pick)
+            cand = dp[:cap + 1 - cost] + e
+            better = (cand < new[cost:]) | ((cand == new[cost:]) & (e < own[cost:]))
+            new[cost:][better], own[cost:][better], pick[cost:][better] = cand[better], e, i
         dp, picks = new, picks + [pick]
     c = cap
     choice = []
@@ -123,10 +128,15 @@ def solve_mckp(options: list[list[tuple[int, float]]], budget_bits: int,
         choice.append(i)
         c -= -(-(opts[i][0] - mb) // unit)
     choice.reverse()
+    return _solution(options, choice, budget_bits, unit)
+
+
+def _solution(options, choice: list[int], budget_bits: int, unit: int) -> Solution:
     bits = sum(options[l][i][0] for l, i in enumerate(choice))
     error = sum(options[l][i][1] for l, i in enumerate(choice))
-    return Solution(choice, int(bits), float(error), lagrangian_bound(options, budget_bits), unit,
-                    int(budget_bits))
+    # the bound is at most the optimum in exact arithmetic; its float sums of errors 1e300 apart are not
+    bound = min(lagrangian_bound(options, budget_bits), float(error))
+    return Solution(choice, int(bits), float(error), bound, unit, int(budget_bits))
 
 
 # -- the per-layer options and the model-level quantizer -----------------------------------------
@@ -454,16 +464,18 @@ def budget_report(res: BudgetResult, budget_bpw: float, n_weights: int) -> str:
     sol = res.solution
     base = res.table[0]["options"] and next(iter(res.table[0]["options"]))
     capped = " (capped at every layer's dearest option)" if sol.budget_bits < budget_bpw * n_weights - 1 else ""
-    lines = [f"budget {budget_bpw:.4g} bpw = {sol.budget_bits:,} bits{capped} over {n_weights:,} weights; "
+    lines = [f"budget {budget_bpw:.10g} bpw = {sol.budget_bits:,} bits{capped} over {n_weights:,} weights; "
              f"used {sol.bits:,} bits ({sol.bits / n_weights:.4f} bpw)",
              f"total weighted error {sol.error:.6g}; Lagrangian lower bound {sol.lower_bound:.6g} "
              f"(gap {sol.gap:.3g}, {100 * sol.gap / sol.error if sol.error else 0:.3f}%); "
              f"DP unit {sol.unit} bits",
-             f"promoted above {base} (sorted by error reduction per extra bit):"]
-    promoted = sorted((t for t in res.table if t["extra_bits"] > 0), key=lambda t: -t["reduction_per_bit"])
-    for t in promoted:
-        lines.append(f"  {t['layer']:<50} {t['option']:<24} +{t['extra_bits']:>9,} bits  "
-                     f"error -{t['error_reduction']:.4g} ({t['reduction_per_bit']:.3g}/bit)")
-    if not promoted:
+             f"layers not in {base}: promoted (sorted by error reduction per extra bit), then cheaper:"]
+    moved = sorted((t for t in res.table if t["option"] != base),
+                   key=lambda t: (t["extra_bits"] <= 0, -t["reduction_per_bit"]))
+    for t in moved:
+        per_bit = f" ({t['reduction_per_bit']:.3g}/bit)" if t["extra_bits"] > 0 else ""
+        lines.append(f"  {t['layer']:<50} {t['option']:<24} {t['extra_bits']:>+10,} bits  "
+                     f"error {-t['error_reduction']:+.4g}{per_bit}")
+    if not moved:
         lines.append("  (none)")
     return "\n".join(lines)

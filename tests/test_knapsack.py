@@ -49,7 +49,10 @@ def test_coarse_discretization_stays_feasible_and_bounded(seed):
     opts, budget = random_case(100 + seed, layers=6)
     sol = solve_mckp(opts, budget, resolution=7)   # units of many bits, costs rounded up
     err, _ = brute_force(opts, budget)
-    assert sol.unit > 1 and sol.bits <= budget
+    least = sum(min(o, key=lambda x: x[1])[0] for o in opts)
+    # a budget that buys every layer's least-error option gets it without the DP: the optimum, exactly
+    assert (sol.unit > 1) if least > budget else (sol.unit == 1 and sol.error == err)
+    assert sol.bits <= budget
     assert sol.error >= err - 1e-12                # it can lose, but never beats the true optimum
     assert sol.lower_bound <= err + 1e-9 and sol.gap >= -1e-9
 
@@ -229,3 +232,41 @@ def test_the_table_bits_per_weight_count_the_real_weights(jobs):
     res = schemes.quantize_sop_budget(layers, 100.0, rows=rows, options=opts)
     (row,) = res.table
     assert row["option"] == "e2m3-ue4m4-g16" and row["bpw"] == row["bits"] / 160 == res.results["a"].bits / 160
+
+
+def test_a_layer_whose_error_is_below_the_totals_last_bit_still_takes_its_better_option():
+    """An earlier layer's error 1e18 times larger absorbed the later layer's in the float total, and
+    the tie went to the earlier (cheaper, worse) option, even with bits to spare (an outside probe:
+    a MiniLM layer scaled by 1e10 placed first left the next two on sop4-g16)."""
+    opts = [[(100, 1e12), (200, 5e11)], [(100, 1e-6), (110, 1e-7)]]
+    assert solve_mckp(opts, 210).choice == [0, 1]            # only layer 1's promotion fits
+    sol = solve_mckp(opts, 10 ** 6)                          # every least-error option fits
+    assert sol.choice == [1, 1] and sol.unit == 1 and sol.bits == 310
+
+
+def test_the_bound_is_never_above_the_solution():
+    """Errors 1e300 apart: the bound's float sums came out at 3e284 for an optimum of 3.0 (gap -3e284)."""
+    sol = solve_mckp([[(5, 2.0)], [(0, 1e300), (2, 1.0)]], 7)
+    assert sol.error == 3.0 and sol.lower_bound <= 3.0 and sol.gap >= 0
+
+
+def test_the_report_gives_the_budget_as_typed_and_every_layer_off_the_base():
+    """5.38088 and 5.38098 both printed as 5.381; a layer in a cheaper option than the base (FP8 on a
+    layer too small for the LUT tables' cost) was left out ('promoted above sop4-g16: (none)')."""
+    from types import SimpleNamespace
+
+    from sop.quantize.knapsack import Solution, budget_report
+
+    opts = {"sop4-g16": {}, "fp8-e4m3-pot": {}, "e2m3-ue4m4-g16": {}}
+    table = [{"layer": "a", "option": "sop4-g16", "extra_bits": 0, "error_reduction": 0.0, "reduction_per_bit": 0.0,
+              "options": opts},
+             {"layer": "b", "option": "fp8-e4m3-pot", "extra_bits": -152, "error_reduction": 0.5,
+              "reduction_per_bit": 0.0, "options": opts},
+             {"layer": "c", "option": "e2m3-ue4m4-g16", "extra_bits": 100, "error_reduction": 1.0,
+              "reduction_per_bit": 0.01, "options": opts}]
+    text = budget_report(SimpleNamespace(solution=Solution([0, 1, 2], 900, 3.0, 2.5, 1, 1076), table=table),
+                         5.38088, 200)
+    lines = text.splitlines()
+    assert lines[0].startswith("budget 5.38088 bpw = 1,076 bits")
+    assert [ln.split()[0] for ln in lines[3:]] == ["c", "b"]
+    assert lines[3].endswith("+100 bits  error -1 (0.01/bit)") and lines[4].endswith("-152 bits  error -0.5")
