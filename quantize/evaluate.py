@@ -53,6 +53,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,8 @@ def check_options(fmts, budget: float | None, nan_policy: str) -> None:
     if budget is None and any(f.model_level for f in fmts):
         raise ValueError(f"{next(f.name for f in fmts if f.model_level)} needs --budget B "
                          f"(average bits per weight)")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, Real)):
+        raise ValueError(f"--budget must be a number (average bits per weight), got {budget!r}")
 
 
 def reporter(progress: bool):

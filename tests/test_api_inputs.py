@@ -82,3 +82,13 @@ def test_the_callers_arrays_are_not_written():
     for fmt in PER_LAYER:
         get_quant_format(fmt).quantize(w, act_ms=act)
     assert np.array_equal(w, w0) and np.array_equal(act, act0)
+
+
+@pytest.mark.parametrize("budget", ["5", True, [5.0]])
+def test_a_budget_that_is_not_a_number_is_one_value_error(tmp_path, budget):
+    """`quantize_model(..., budget="5")` raised TypeError ('>' between str and int) from the knapsack."""
+    from sop.quantize.artifact import quantize_model
+
+    with pytest.raises(ValueError, match=r"--budget must be a number \(average bits per weight\), got"):
+        quantize_model("minilm", "sop-budget", tmp_path / "m.sopq", budget=budget, calibrate=False, progress=False)
+    assert not (tmp_path / "m.sopq").exists()
