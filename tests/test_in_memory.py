@@ -221,7 +221,7 @@ def test_padded_positions_are_left_out_and_a_tokenizer_output_is_keywords():
 def test_heads_tied_to_an_embedding_by_any_name_are_kept_with_it():
     """BERT's MLM decoder (``cls.predictions.decoder``) is the word embedding's parameter: it was
     quantized by default, the embedding with it, without a word."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers.models.bert import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -301,7 +301,7 @@ def test_a_model_on_the_meta_device_is_one_value_error():
 def test_moe_routers_are_quantized_as_on_disk(tmp_path):
     """A router (transformers 5 builds it as a module of its own, no nn.Linear) is quantized as the
     checkpoint path quantizes it; the fused 3-D experts are kept."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers.models.mixtral import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
