@@ -115,7 +115,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
     in_mha = {id(sub) for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention) for sub in m.modules()}
     layers: dict[str, list] = {}
     kept: dict[str, str] = {}
-    decided: dict[int, str | None] = {}             # id(weight) -> its layer name, None where kept
+    decided: dict[int, tuple[str, bool]] = {}       # id(weight) -> (its first name, quantized)
     for mname, module in model.named_modules():
         if not (_is_linear(module) or _is_router(module)):
             continue
@@ -127,8 +127,11 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
                               "parameter: writing it would change nothing")
             continue
         if id(weight) in decided:                   # a weight two modules apply: one layer, both inputs
-            if decided[id(weight)] is not None:
-                layers[decided[id(weight)]].append(module)
+            first, quantized = decided[id(weight)]
+            if quantized:
+                layers[first].append(module)
+            else:
+                kept[name] = f"the weight of {first}, kept"
             continue
         tied = embeddings.get(id(weight))
         if id(module) in in_mha:
@@ -142,7 +145,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
             why = "not selected (include/exclude)"
         if why is None and weight.is_meta:
             raise ValueError(f"layer {name}: its weight is on the meta device (not loaded): nothing to quantize")
-        decided[id(weight)] = None if why else name
+        decided[id(weight)] = (name, not why)
         if why:
             kept[name] = why
         else:
@@ -150,10 +153,13 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
     for mname, module in model.named_modules():     # the rest, each with its owner's kind
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
-            if p.ndim >= 2 and id(p) not in decided and full not in kept:
-                kept[full] = ("an embedding" if isinstance(module, torch.nn.Embedding) else _MHA
-                              if isinstance(module, torch.nn.MultiheadAttention) else
-                              f"a parameter of {type(module).__name__}, not the weight of a linear module")
+            state = decided.get(id(p))
+            if p.ndim < 2 or full in kept or (state is not None and state[1]):
+                continue
+            kept[full] = ("an embedding" if isinstance(module, torch.nn.Embedding) else
+                          f"the weight of {state[0]}, kept" if state is not None else
+                          _MHA if isinstance(module, torch.nn.MultiheadAttention) else
+                          f"a parameter of {type(module).__name__}, not the weight of a linear module")
     return layers, kept
 
 

@@ -8,7 +8,7 @@ import torch
 
 from sop.quantize import causal_lm as L
 from sop.quantize.artifact import open_artifact, quantize_model
-from sop.quantize.in_memory import quantize_module
+from sop.quantize.in_memory import _TIED, quantize_module
 from sop.quantize.models import open_model
 from sop.quantize.schemes import get_quant_format
 
@@ -315,3 +315,25 @@ def test_moe_routers_are_quantized_as_on_disk(tmp_path):
     assert "model.layers.0.mlp.gate.weight" in res.layers
     assert np.array_equal(model.model.layers[0].mlp.gate.weight.detach().numpy(), art.weights(router))
     assert res.kept["model.layers.0.mlp.experts.gate_up_proj"].startswith("a parameter of MixtralExperts")
+
+
+def test_kept_names_every_parameter_left_as_it_is_once():
+    """A tied head kept left the embedding out of ``kept`` (its parameter was 'decided'); a weight two
+    kept modules share, or a tied head outside the include globs, got the wrong reason or none."""
+    model = Tokens()
+    model.head = torch.nn.Linear(32, 50, bias=False)
+    model.head.weight = model.emb.weight                      # tied, not named lm_head
+    model.twin = torch.nn.Linear(16, 32)
+    model.twin.weight = model.down.weight                     # shares down's weight
+    res = quantize_module(model, "sop4-g16", exclude=["down.weight"])
+    assert list(res.layers) == ["up.weight"]
+    assert res.kept == {"emb.weight": "an embedding",
+                        "down.weight": "not selected (include/exclude)",
+                        "head.weight": _TIED.format("emb.weight"),
+                        "twin.weight": "the weight of down.weight, kept"}
+    model = Tokens()
+    model.head = torch.nn.Linear(32, 50, bias=False)
+    model.head.weight = model.emb.weight
+    res = quantize_module(model, "sop4-g16", lm_head=True, include=["up.weight"])
+    assert res.kept == {"emb.weight": "not selected (include/exclude)", "down.weight": "not selected (include/exclude)",
+                        "head.weight": "the weight of emb.weight, kept"}
