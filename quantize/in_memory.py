@@ -9,10 +9,12 @@ does for a checkpoint on disk, with the same rules and the same bits:
   ``embed_out`` is ``lm_head``, Mixtral's ``block_sparse_moe`` is ``mlp``), selected by the file path's
   rules (quantize/models.py: ``linear_reason``, ``include`` / ``exclude`` globs, the output head kept
   unless ``lm_head``). A head whose weight is an ``nn.Embedding``'s (a tied head, whatever its name:
-  ``lm_head``, BERT's ``cls.predictions.decoder``) is kept with it, or with ``lm_head=True`` quantized
-  once under the embedding's name, as on disk. A weight several linear modules apply is one layer.
-  Kept, each with its reason in ``kept``: every other parameter of two or more dimensions
-  (embeddings, fused 3-D MoE experts, convolutions), ``nn.MultiheadAttention``'s weights (it applies
+  ``lm_head``, BERT's ``cls.predictions.decoder``; the same Parameter, or another over the same memory
+  seen the same way, ``_view``) is kept with it, or with ``lm_head=True`` quantized once under the
+  first embedding's name, as on disk. A weight several linear modules apply is one layer. Kept, each
+  with its reason in ``kept``: every other parameter of two or more dimensions (embeddings, fused
+  3-D MoE experts, convolutions), weights that are views of another tensor's memory (writing one
+  would change the other), ``nn.MultiheadAttention``'s weights (it applies
   them without calling a module, so no hook sees their input) and a weight computed at each call (a
   parametrization such as ``weight_norm``: writing it would change nothing). A weight on the meta
   device is refused.
@@ -22,8 +24,10 @@ does for a checkpoint on disk, with the same rules and the same bits:
   layer's ``act_ms`` is the mean square of its input per input column, in float64, over every token
   that reached it through any module applying its weight, as calibration on disk computes it
   (quantize/causal_lm.py ``collect_stats``; the same windows in the same batches give the same bits).
-  A position whose ``attention_mask`` is 0 is left out wherever a layer's input has one row per
-  position of the mask (section 2's "every non-padding token"). A layer no token reached (its module
+  A position whose mask is 0 is left out (docs/quantizer.md section 2's "every non-padding token"):
+  a mapping batch's ``attention_mask``, and in an encoder-decoder model the encoder's for the
+  encoder's layers and ``decoder_attention_mask`` for the rest, matched to each layer's input
+  (``_positions``); a tuple's or a tensor's batch counts every position. A layer no token reached (its module
   not called, or called on no row: an unrouted expert) gets ``1/tokens`` in every column and is
   listed in ``unreached``. A non-finite statistic is refused naming the layer, and batches that reach
   no layer are refused. Without ``batches`` every layer is unweighted.
@@ -32,11 +36,12 @@ does for a checkpoint on disk, with the same rules and the same bits:
 * **write back**: each weight gets its reconstruction cast to the parameter's own dtype and device
   (round to nearest: float32 holds the SOP points' values and the MX and FP8 baselines' exactly,
   not those of int8, NVFP4, IF4, NF4 or of sparse entries; BF16 and float16 round in general).
-  Every layer is quantized and cast before the first is written: a bad input or a reconstruction
-  that the parameter's dtype cannot hold (float16 past 65504) raises ``ValueError`` naming the
-  layer and leaves the model untouched. Peak memory is therefore the model, the cast copy of its
-  quantized layers, and one layer's float64 matrix and reconstruction (``sop-budget`` reads each
-  layer twice, as on disk).
+  Every layer is quantized and cast before the first is written: a bad input (a weight with a NaN is
+  named before calibration runs) or a reconstruction that the parameter's dtype cannot hold (float16
+  past 65504) raises ``ValueError`` naming the layer and leaves the parameters untouched (a buffer the
+  forward pass updates itself, such as dynamic RoPE's, is as the last batch left it). Peak memory
+  is therefore the model, the cast copy of its quantized layers, and one layer's float64 matrix and
+  reconstruction (``sop-budget`` reads each layer twice, as on disk).
 
 The result (``InMemoryResult``) holds for each layer what it stores (``LayerRecord``: ``bits``,
 ``bpw``, ``choice``, a SOP point's golden ``stream``; the reconstruction is the model's weight now),
@@ -80,7 +85,8 @@ class InMemoryResult:
     layers: dict[str, LayerRecord]                  # layer name -> what it stores, in the model's module order
     act_ms: dict[str, np.ndarray] | None            # layer name -> input mean squares (None: unweighted)
     kept: dict[str, str] = field(default_factory=dict)     # a parameter left as it is -> why
-    budget: object | None = None                    # sop-budget: the knapsack's BudgetResult
+    budget: object | None = None                    # sop-budget: the knapsack's BudgetResult (its results
+    #                                                 consumed as written: each layer's record is in layers)
     tokens: int = 0                                 # calibration tokens (the most rows any layer saw)
     unreached: list[str] = field(default_factory=list)     # layers no calibration token reached (1/tokens)
 
@@ -110,12 +116,14 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
     rules (module docstring); ``kept`` names every parameter of two or more dimensions not quantized."""
     import torch
 
-    embeddings = {id(m.weight): f"{n}.weight" if n else "weight" for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.Embedding)}
+    embeddings: dict[tuple, str] = {}               # a weight's view -> the first embedding holding it
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Embedding):
+            embeddings.setdefault(_view(m.weight), f"{n}.weight" if n else "weight")
     in_mha = {id(sub) for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention) for sub in m.modules()}
     layers: dict[str, list] = {}
     kept: dict[str, str] = {}
-    decided: dict[int, tuple[str, bool]] = {}       # id(weight) -> (its first name, quantized)
+    decided: dict[tuple, tuple[str, bool]] = {}     # a weight's view -> (its first name, quantized)
     for mname, module in model.named_modules():
         if not (_is_linear(module) or _is_router(module)):
             continue
@@ -126,14 +134,14 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
                 kept[name] = ("computed at each call (a parametrization such as weight_norm), not a stored "
                               "parameter: writing it would change nothing")
             continue
-        if id(weight) in decided:                   # a weight two modules apply: one layer, both inputs
-            first, quantized = decided[id(weight)]
+        if _view(weight) in decided:                # a weight two modules apply: one layer, both inputs
+            first, quantized = decided[_view(weight)]
             if quantized:
                 layers[first].append(module)
             else:
                 kept[name] = f"the weight of {first}, kept"
             continue
-        tied = embeddings.get(id(weight))
+        tied = embeddings.get(_view(weight))
         if id(module) in in_mha:
             why = _MHA
         elif tied is not None:                      # named as on disk: the embedding's tensor
@@ -145,7 +153,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
             why = "not selected (include/exclude)"
         if why is None and weight.is_meta:
             raise ValueError(f"layer {name}: its weight is on the meta device (not loaded): nothing to quantize")
-        decided[id(weight)] = (name, not why)
+        decided[_view(weight)] = (name, not why)
         if why:
             kept[name] = why
         else:
@@ -153,14 +161,49 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
     for mname, module in model.named_modules():     # the rest, each with its owner's kind
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
-            state = decided.get(id(p))
+            state = decided.get(_view(p))
             if p.ndim < 2 or full in kept or (state is not None and state[1]):
                 continue
             kept[full] = ("an embedding" if isinstance(module, torch.nn.Embedding) else
                           f"the weight of {state[0]}, kept" if state is not None else
                           _MHA if isinstance(module, torch.nn.MultiheadAttention) else
                           f"a parameter of {type(module).__name__}, not the weight of a linear module")
+    for name, ms in list(layers.items()):          # a view of another tensor's memory: writing it writes that
+        other = _overlapping(model, ms[0].weight)
+        if other is not None:
+            del layers[name]
+            kept[name] = f"shares memory with {other} (views of one tensor): writing it would change that one"
     return layers, kept
+
+
+def _view(p) -> tuple:
+    """What makes two parameters one tensor: the same memory seen the same way (a head tied by
+    ``.data = embedding.data`` is another Parameter over the embedding's storage); a meta tensor has
+    no memory, only itself."""
+    if p.is_meta:
+        return ("meta", id(p))
+    return (str(p.device), p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()))
+
+
+def _span(p) -> tuple[int, int, int]:
+    """``(storage, first byte, end byte)`` of the memory ``p`` reads."""
+    extent = 1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride())) if p.numel() else 0
+    start = p.storage_offset() * p.element_size()
+    return p.untyped_storage().data_ptr(), start, start + extent * p.element_size()
+
+
+def _overlapping(model, weight) -> str | None:
+    """The first other parameter or buffer whose memory overlaps ``weight``'s but is not the same view."""
+    if weight.is_meta:
+        return None
+    mine, (ptr, lo, hi) = _view(weight), _span(weight)
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        if t.is_meta or t.device != weight.device or _view(t) == mine:
+            continue
+        p2, lo2, hi2 = _span(t)
+        if p2 == ptr and lo2 < hi and lo < hi2:
+            return name
+    return None
 
 
 def _is_conv1d(module) -> bool:
@@ -185,11 +228,54 @@ def _run(model, batch, i: int) -> None:
                          f"keyword inputs (a tokenizer's output), a tensor, or a tuple of positional inputs")
 
 
+def _encoder_modules(model) -> set[int]:
+    """The modules of an encoder-decoder model's encoder (``get_encoder()``, transformers' own
+    accessor): their inputs are the source positions ``attention_mask`` covers; every other module's
+    are the target positions (``decoder_attention_mask``)."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+        return set()
+    return {id(m) for m in model.get_encoder().modules()}
+
+
+def _positions(x, mask):
+    """The rows of the layer input ``x`` (``(..., in)``) at the positions ``mask`` (batch, seq) keeps: ``x``
+    batch-first ``(batch, seq, in)``, sequence-first ``(seq, batch, in)`` (batch != seq) or flattened
+    batch-first ``(batch * seq, in)``; any other layout (gathered expert tokens, another length) has
+    no position to match, and every row counts."""
+    if mask is None:
+        return x.reshape(-1, x.shape[-1])
+    mask = mask.to(x.device)
+    if x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    if x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape[::-1]) and mask.shape[0] != mask.shape[1]:
+        return x[mask.T]
+    if x.ndim == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _masks(batch) -> tuple:
+    """``(attention_mask, decoder_attention_mask)`` of a mapping batch as boolean (batch, seq) tensors,
+    each None where absent or not two-dimensional (a positional batch has none)."""
+    import torch
+
+    if not isinstance(batch, Mapping):
+        return None, None
+    out = []
+    for key in ("attention_mask", "decoder_attention_mask"):
+        m = batch.get(key)
+        m = None if m is None else torch.as_tensor(m)
+        out.append(m.bool() if m is not None and m.ndim == 2 else None)
+    return tuple(out)
+
+
 def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray], int, list[str]]:
-    """Per-input-column mean square of each layer's input over every token of ``batches`` (a position
-    whose ``attention_mask`` is 0 left out where the input has one row per position), the tokens (the
-    most rows any layer saw: every token passes a dense model's linear layers) and the layers that
-    no token reached (their modules not called, or called on no row)."""
+    """Per-input-column mean square of each layer's input over every token of ``batches`` (the
+    positions a mapping batch's ``attention_mask`` zeroes left out, ``_positions``; in an
+    encoder-decoder model the encoder's layers by ``attention_mask``, the others by
+    ``decoder_attention_mask`` or none), the tokens (the most rows any layer saw: every token passes
+    a dense model's linear layers) and the layers that no token reached (their modules not called,
+    or called on no row)."""
     import torch
 
     if isinstance(batches, (Mapping, torch.Tensor)) or not hasattr(batches, "__iter__"):
@@ -197,28 +283,27 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
                          f"pass [batch]")
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
-    mask = None                                     # the running batch's attention mask, flattened
+    encoder = _encoder_modules(model)
+    masks = (None, None)                            # the running batch's (source, target) masks
 
-    def hook_for(name: str):
+    def hook_for(name: str, module):
+        side = 0 if not encoder or id(module) in encoder else 1
+
         def hook(_module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().reshape(-1, x.shape[-1])
-            if mask is not None and mask.numel() == x.shape[0]:
-                x = x[mask.to(x.device)]
-            x = x.double()
+            x = _positions(x.detach(), masks[side]).double()
             s = (x * x).sum(0).cpu()
             sums[name] = sums[name] + s if name in sums else s
             counts[name] += x.shape[0]
         return hook
 
     modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, ms in layers.items() for m in ms]
+    handles = [m.register_forward_pre_hook(hook_for(n, m), with_kwargs=True) for n, ms in layers.items() for m in ms]
     try:
         model.eval()
         with torch.inference_mode():
             for i, batch in enumerate(batches):
-                am = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                mask = None if am is None else torch.as_tensor(am).reshape(-1).bool()
+                masks = _masks(batch)
                 _run(model, batch, i)
     finally:
         for h in handles:
@@ -253,6 +338,9 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
         globs = f" (include {include}, exclude {exclude})" if include or exclude else ""
         raise ValueError(f"the model has no linear layer to quantize{globs}: torch.nn.Linear, Conv1D or a MoE "
                          f"router, selected by the checkpoint rules (quantize/models.py)")
+    for name, ms in layers.items():                 # before calibration, which would blame a later layer's input
+        if not torch.isfinite(ms[0].weight.detach()).all():
+            raise ValueError(f"layer {name}: its weight holds a NaN or an Inf: nothing is quantized")
     stats, tokens, unreached = activation_stats(model, layers, batches) if batches is not None else (None, 0, [])
     act = (lambda n: None) if stats is None else stats.get
     if qfmt.model_level:

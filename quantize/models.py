@@ -40,10 +40,11 @@ is given) and no exclude.
 
 **Layer policy.** The linear layers inside the transformer blocks are quantized;
 embeddings, norms and the output head (``lm_head``, GPT-NeoX ``embed_out``, GGUF
-``output``) stay as they are. ``lm_head=True`` (``--include-lm-head``) quantizes
-the head too; where it is tied to the input embedding (no head tensor in the
-checkpoint of a causal LM) the one shared matrix is quantized once, under the
-embedding's name, and both the embedding lookup and the head use it.
+``output``, a masked LM's ``predictions.decoder`` / ``vocab_projector``) stay as they
+are. ``lm_head=True`` (``--include-lm-head``) quantizes the head too; where it is
+tied to the input embedding (no head tensor in the checkpoint of a causal LM) the
+one shared matrix is quantized once, under the embedding's name, and both the
+embedding lookup and the head use it.
 ``ModelSource.kept()`` says what was kept and why.
 
 **Forward pass.** ``ModelSource.forward`` names the forward pass calibration and
@@ -144,9 +145,11 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
 
 
 def is_lm_head(name: str) -> bool:
-    """The output head's tensor: HF ``lm_head``, GPT-NeoX ``embed_out``, GGUF ``output``."""
+    """The output head's tensor: HF ``lm_head``, GPT-NeoX ``embed_out``, GGUF ``output``, a masked LM's
+    vocabulary projection (BERT's and ALBERT's ``predictions.decoder``, DistilBERT's ``vocab_projector``)."""
     parts = re.split(r"[./]", name.lower())
-    return "lm_head" in parts or "embed_out" in parts or name == "output.weight"
+    return ("lm_head" in parts or "embed_out" in parts or "vocab_projector" in parts or name == "output.weight"
+            or "predictions.decoder" in ".".join(parts))
 
 
 #: Input-embedding tensors a tied output head shares (HF Llama/Qwen/Gemma, GPT-2, GGUF, BERT-style).

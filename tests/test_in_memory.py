@@ -9,7 +9,7 @@ import torch
 from sop.quantize import causal_lm as L
 from sop.quantize.artifact import open_artifact, quantize_model
 from sop.quantize.in_memory import _TIED, quantize_module
-from sop.quantize.models import open_model
+from sop.quantize.models import linear_reason, open_model
 from sop.quantize.schemes import get_quant_format
 
 transformers = pytest.importorskip("transformers")
@@ -337,3 +337,112 @@ def test_kept_names_every_parameter_left_as_it_is_once():
     res = quantize_module(model, "sop4-g16", lm_head=True, include=["up.weight"])
     assert res.kept == {"emb.weight": "not selected (include/exclude)", "down.weight": "not selected (include/exclude)",
                         "head.weight": "the weight of emb.weight, kept"}
+
+
+# -- a second outside probe (each failed before its fix) ----------------------------------------------
+
+def test_an_encoder_decoder_masks_each_side_with_its_own_mask():
+    """The encoder's attention_mask was applied to decoder layers whose input happened to have as many
+    rows (BART's decoder self-attention statistic off by up to 47 %). The decoder's first q_proj reads
+    the decoder's own embeddings: the encoder's padding must not change its statistic."""
+    from transformers.models.bart import BartConfig, BartForConditionalGeneration
+
+    import copy
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)
+    model = BartForConditionalGeneration(cfg)
+    ids, dec = torch.randint(3, 64, (2, 6)), torch.randint(3, 64, (2, 6))
+    mask, dmask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3]), torch.tensor([[1] * 6, [1] * 2 + [0] * 4])
+
+    def stats(**batch):
+        return quantize_module(copy.deepcopy(model), "sop4-g16", [{"input_ids": ids, "decoder_input_ids": dec,
+                                                                   **batch}]).act_ms
+
+    padded, plain, both = stats(attention_mask=mask), stats(), stats(attention_mask=mask, decoder_attention_mask=dmask)
+    q, enc = "model.decoder.layers.0.self_attn.q_proj.weight", "model.encoder.layers.0.self_attn.q_proj.weight"
+    assert np.array_equal(padded[q], plain[q])
+    assert not np.array_equal(padded[enc], plain[enc])                   # the encoder's mask still applies
+    assert not np.array_equal(both[q], plain[q])                         # the decoder's own mask
+
+
+class SeqFirst(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lin(self.emb(input_ids).transpose(0, 1))             # (seq, batch, hidden), as XLNet runs
+
+
+def test_a_sequence_first_layer_masks_the_right_positions():
+    """XLNet's layers take (seq, batch, hidden): the batch-first mask was applied to its flattened rows."""
+    model = SeqFirst()
+    ids = torch.randint(0, 50, (2, 5))
+    mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    res = quantize_module(model, "sop4-g16", [{"input_ids": ids, "attention_mask": mask}])
+    real = model.emb.weight.detach().double().numpy()[ids.numpy()[mask.numpy().astype(bool)]]
+    np.testing.assert_allclose(res.act_ms["lin.weight"], (real ** 2).mean(0), rtol=1e-12)
+
+
+def test_weights_that_share_memory_are_one_tensor_or_kept():
+    """A head tied the old way (``head.weight.data = emb.weight.data``: another Parameter, the same memory)
+    was quantized as a plain layer and changed the embedding; a Linear over rows of another's weight
+    (q taken from a fused qkv) was written after it, so qkv no longer held its own record."""
+    model = Tokens()
+    model.head = torch.nn.Linear(32, 50, bias=False)
+    model.head.weight.data = model.emb.weight.data
+    emb = model.emb.weight.detach().clone()
+    res = quantize_module(model, "sop4-g16")
+    assert torch.equal(model.emb.weight, emb) and res.kept["head.weight"] == _TIED.format("emb.weight")
+    fused = torch.nn.Module()
+    fused.qkv, fused.q = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+    fused.q.weight = torch.nn.Parameter(fused.qkv.weight.data[:16])
+    fused.other = torch.nn.Linear(16, 16)
+    before = fused.qkv.weight.detach().clone()
+    res = quantize_module(fused, "sop4-g16")
+    assert list(res.layers) == ["other.weight"] and torch.equal(fused.qkv.weight, before)
+    assert res.kept["qkv.weight"].startswith("shares memory with q.weight")
+    assert res.kept["q.weight"].startswith("shares memory with qkv.weight")
+
+
+def test_a_head_tied_to_several_embeddings_takes_the_first_name():
+    """T5 shares one matrix as `shared`, `encoder.embed_tokens` and `decoder.embed_tokens`: the layer was
+    named after the last (the checkpoint stores `shared.weight`)."""
+    model = torch.nn.Module()
+    model.shared = torch.nn.Embedding(40, 16)
+    model.encoder, model.decoder = torch.nn.Module(), torch.nn.Module()
+    for side in (model.encoder, model.decoder):                     # modules of their own, one Parameter
+        side.embed_tokens = torch.nn.Embedding(40, 16)
+        side.embed_tokens.weight = model.shared.weight
+    model.lm_head = torch.nn.Linear(16, 40, bias=False)
+    model.lm_head.weight = model.shared.weight
+    assert list(quantize_module(model, "sop4-g16", lm_head=True).layers) == ["shared.weight"]
+
+
+def test_a_nan_weight_is_named_before_calibration_blames_a_later_layer():
+    model = MLP()
+    with torch.no_grad():
+        model.up.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer up.weight: its weight holds a NaN or an Inf: nothing is quantized"):
+        quantize_module(model, "sop4-g16", [torch.randn(2, 40)])
+
+
+def test_a_masked_lms_vocabulary_projection_is_the_head_on_both_paths(tmp_path):
+    """An untied BERT MLM with lm_head=True: the disk path took the word embedding for a tied head
+    (no tensor named lm_head) and quantized it; ``cls.predictions.decoder`` is the head now."""
+    from transformers.models.bert import BertConfig, BertForMaskedLM
+
+    assert linear_reason("cls.predictions.decoder.weight", (64, 32), True) == "lm_head"
+    assert linear_reason("distilbert.vocab_projector.weight", (64, 32), True) == "lm_head"
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=48, tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "bert")
+    disk = [lay.name for lay in open_model(str(tmp_path / "bert"), lm_head=True).layers]
+    assert "cls.predictions.decoder.weight" in disk and "bert.embeddings.word_embeddings.weight" not in disk
+    assert "cls.predictions.decoder.weight" not in [lay.name for lay in open_model(str(tmp_path / "bert")).layers]
+    assert sorted(quantize_module(model, "sop4-g16", lm_head=True).layers) == sorted(disk)
