@@ -11,14 +11,18 @@ offset, sparse entries) and its activation-weighted squared error
 
 * every layer's cheapest option is taken as the base; only the *extra* bits over
   it are budgeted: ``X = B - sum_l min_o b_lo`` (infeasible if negative);
-* the extra bits are counted in units of ``u = max(1, ceil(X / resolution))``
-  bits, each option's extra cost rounded **up** to whole units, the capacity
-  rounded down (``floor(X / u)`` units). So every solution of the discrete
-  problem fits the real budget;
+* the extra bits are counted in units of ``u = max(1, ceil(S / resolution))``
+  bits, ``S`` the span (the extra bits of every layer's dearest option), each
+  option's extra cost rounded **up** to whole units, the capacity rounded down
+  (``floor(min(X, S) / u)`` units). So every solution of the discrete problem
+  fits the real budget. The unit depends on the options, not on the budget: a
+  larger budget only adds capacity, so the error never rises with the budget;
 * the DP over (layer, units used) is exact for those discretized costs: it
   returns a minimum-error choice among all choices whose rounded-up costs fit.
-  With ``u = 1`` (all extra bits fit in ``resolution`` states) it is the exact
-  optimum of the real problem.
+  With ``u = 1`` (the span fits in ``resolution`` states) it is the exact
+  optimum of the real problem. Equal totals go to the option of the lower own
+  error (a layer's error below the last bit of the total still counts), and a
+  budget that buys every layer's least-error option gets it without the DP.
 
 What the rounding can cost is bounded by the **Lagrangian lower bound**
 ``max_{lambda >= 0} sum_l min_o (e_lo + lambda b_lo) - lambda B``, which is at most
@@ -51,7 +55,7 @@ from .result import QuantResult
 from .sop_search import StreamSums, quantize_point
 from .sparse import apply_sparse, sparse_residuals, sparse_values
 
-DEFAULT_RESOLUTION = 1 << 15
+DEFAULT_RESOLUTION = 1 << 18      # DP states over the span of the extra bits (solve_mckp)
 
 
 @dataclass
@@ -105,14 +109,15 @@ def solve_mckp(options: list[list[tuple[int, float]]], budget_bits: int,
     best = [min(range(len(opts)), key=lambda i, o=opts: (o[i][1], i)) for opts in options]
     if sum(opts[i][0] for opts, i in zip(options, best)) <= budget_bits:
         return _solution(options, best, budget_bits, 1)
-    unit = max(1, math.ceil(extra / resolution))
-    cap = extra // unit
+    span = sum(max(b for b, _ in opts) - mb for opts, mb in zip(options, min_bits))
+    unit = max(1, math.ceil(span / resolution))     # the options' own scale, not the budget's: monotone
+    cap = min(extra, span) // unit
     dp = np.zeros(cap + 1)                          # min error over the layers so far, using <= c units
     picks = []
     for opts, mb in zip(options, min_bits):
         new = np.full(cap + 1, np.inf)
         own = np.full(cap + 1, np.inf)              # the error of the option picked in each cell
-        pick = np.zeros(cap + 1, dtype=np.int32)
+        pick = np.zeros(cap + 1, dtype=np.int8 if len(opts) <= 127 else np.int32)
         for i, (b, e) in enumerate(opts):
             cost = -(-(b - mb) // unit)               # rounded up: a discrete fit is a real fit
             if cost > cap:

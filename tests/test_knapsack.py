@@ -57,6 +57,19 @@ def test_coarse_discretization_stays_feasible_and_bounded(seed):
     assert sol.lower_bound <= err + 1e-9 and sol.gap >= -1e-9
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_more_budget_never_gives_more_error(seed):
+    """Every budget from the cheapest choice to the dearest, in coarse units: the error never rises.
+    The unit grew with the budget, and a choice that fitted in finer units could be lost one bit
+    later (an outside probe: 18 of MiniLM's 383 unit steps, up to 0.19 % more error for the bit)."""
+    opts, _ = random_case(200 + seed, layers=6)
+    lo = sum(min(b for b, _ in o) for o in opts)
+    hi = sum(max(b for b, _ in o) for o in opts)
+    errors = [solve_mckp(opts, b, resolution=7).error for b in range(lo, hi + 1)]
+    assert all(b <= a for a, b in zip(errors, errors[1:]))
+    assert solve_mckp(opts, lo, resolution=7).unit > 1                    # coarse units, rounded costs
+
+
 def test_lagrangian_bound_by_hand():
     # one layer, options (0 bits, err 10) and (10 bits, err 0), budget 5: the LP mixes
     # half of each (error 5); the integer optimum is 10
