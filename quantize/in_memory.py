@@ -315,8 +315,8 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
         raise ValueError("the calibration batches reached no linear layer (none given, or the model ran none)")
     stats, unreached = {}, [n for n, c in counts.items() if c == 0]
     for name, ms in layers.items():             # a layer no token reached: one token of ones, as on disk
-        stats[name] = (sums[name] / counts[name]).numpy() if counts[name] else np.full(_matrix(ms[0]).shape[1],
-                                                                                       1 / tokens)
+        cols = ms[0].weight.shape[0 if _is_conv1d(ms[0]) else 1]          # its (out, in) matrix's in
+        stats[name] = (sums[name] / counts[name]).numpy() if counts[name] else np.full(cols, 1 / tokens)
         if not np.isfinite(stats[name]).all():
             raise ValueError(f"layer {name}: its input's mean square is not finite (an Inf or NaN reached it, "
                              f"or its square overflowed): no calibration statistic")
