@@ -11,9 +11,13 @@ does for a checkpoint on disk, with the same rules and the same bits:
   unless ``lm_head``). A head whose weight is an ``nn.Embedding``'s (a tied head, whatever its name:
   ``lm_head``, BERT's ``cls.predictions.decoder``; the same Parameter, or another over the same memory
   seen the same way, ``_view``) is kept with it, or with ``lm_head=True`` quantized once under the
-  first embedding's name, as on disk. A weight several linear modules apply is one layer. Kept, each
+  first embedding's name, as on disk. A weight several linear modules apply is one layer. A
+  transformers experts module's fused ``(experts, rows, in)`` parameters are split as ``save_pretrained``
+  writes them, one layer per expert matrix (``_expert_conversions``: Mixtral's ``gate_up_proj`` is each
+  expert's ``w1`` over its ``w3``), named ``<experts module>.<expert>.<its name on disk>``
+  (``model.layers.0.mlp.experts.3.w1.weight``): the tensors the disk path quantizes. Kept, each
   with its reason in ``kept``: every other parameter of two or more dimensions (embeddings, fused
-  3-D MoE experts, convolutions), weights that are views of another tensor's memory (writing one
+  experts no conversion splits, convolutions), weights that are views of another tensor's memory (writing one
   would change the other), ``nn.MultiheadAttention``'s weights (it applies
   them without calling a module, so no hook sees their input) and a weight computed at each call (a
   parametrization such as ``weight_norm``: writing it would change nothing). A weight on the meta
@@ -27,8 +31,10 @@ does for a checkpoint on disk, with the same rules and the same bits:
   A position whose mask is 0 is left out (docs/quantizer.md section 2's "every non-padding token"):
   a mapping batch's ``attention_mask``, and in an encoder-decoder model the encoder's for the
   encoder's layers and ``decoder_attention_mask`` for the rest, matched to each layer's input
-  (``_positions``); a tuple's or a tensor's batch counts every position. A layer no token reached (its module
-  not called, or called on no row: an unrouted expert) gets ``1/tokens`` in every column and is
+  (``_positions``); a tuple's or a tensor's batch counts every position. An expert's matrix takes the
+  tokens that reach its experts module, a token the router sent elsewhere a zero input, as on disk
+  (``causal_lm._expert_hook``). A layer no token reached (its module not called, or called on no row,
+  an expert no token was routed to) gets one token of ones (``1/tokens`` in every column) and is
   listed in ``unreached``. A non-finite statistic is refused naming the layer, and batches that reach
   no layer are refused. Without ``batches`` every layer is unweighted.
 * **quantization**: ``schemes.get_quant_format(fmt)``: a per-layer format quantizes each layer
@@ -52,6 +58,7 @@ Writing a ``.sopq`` still goes through a model on disk (``save_pretrained``, the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Real
@@ -60,7 +67,7 @@ import numpy as np
 
 from sop.golden.layout import LayerStream
 
-from .causal_lm import _is_linear, _is_router
+from .causal_lm import _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router
 from .knapsack import LazyLayers
 from .models import _selected, linear_reason
 from .schemes import get_quant_format
@@ -82,7 +89,8 @@ class LayerRecord:
 
 @dataclass
 class InMemoryResult:
-    layers: dict[str, LayerRecord]                  # layer name -> what it stores, in the model's module order
+    layers: dict[str, LayerRecord]                  # layer name -> what it stores: the linear modules' in the
+    #                                                 model's module order, then each expert's matrices
     act_ms: dict[str, np.ndarray] | None            # layer name -> input mean squares (None: unweighted)
     kept: dict[str, str] = field(default_factory=dict)     # a parameter left as it is -> why
     budget: object | None = None                    # sop-budget: the knapsack's BudgetResult (its results
@@ -105,6 +113,87 @@ _MHA = ("nn.MultiheadAttention's: it applies its weights without calling a modul
 _TIED = "a head tied to the input embedding {}: kept (lm_head=True quantizes the shared matrix, under that name)"
 
 
+@dataclass
+class _Layer:
+    """One layer to quantize: the weight of ``modules`` (each applies it; their hooks see its input), or
+    with ``expert`` one expert's matrix inside the fused ``(experts, rows, in)`` parameter of ``modules[0]``,
+    a transformers experts module (``expert.slot``: the parameter, the expert, the first of ``rows`` rows)."""
+
+    modules: list
+    expert: Target | None = None
+    rows: int = 0
+
+    def stored(self):
+        """The parameter that holds the layer (the fused parameter of an expert's matrix)."""
+        return self.modules[0].weight if self.expert is None else getattr(self.modules[0], self.expert.slot[0])
+
+    def tensor(self):
+        """The layer's matrix as the model holds it: the weight, or a view of the expert's rows."""
+        if self.expert is None:
+            return self.modules[0].weight
+        _, e, r0 = self.expert.slot
+        return self.stored()[e, r0:r0 + self.rows]
+
+    @property
+    def conv1d(self) -> bool:
+        return self.expert is None and _is_conv1d(self.modules[0])
+
+    def matrix(self) -> np.ndarray:
+        """The layer's ``(out, in)`` matrix, float64 (what ModelSource.load gives)."""
+        w = self.tensor().detach().to("cpu").double().numpy()
+        return w.T if self.conv1d else w
+
+    def in_features(self) -> int:
+        return self.tensor().shape[0 if self.conv1d else 1]
+
+
+def _expert_conversions(model) -> list[tuple[re.Pattern, list[str]]]:
+    """transformers' checkpoint conversions that stack one 2-D matrix per expert into a fused parameter, as
+    ``(the fused parameter's name pattern, the per-expert names of its sources in row order)``: Mixtral's
+    ``gate_up_proj`` is ``w1.weight`` over ``w3.weight`` of each expert, its ``down_proj`` each ``w2.weight``.
+    Only a stack along the experts (``MergeModulelist(dim=0)``) and for several sources a row concatenation
+    (``Concatenate(dim=1)``): the sources are then equal row chunks of each expert's matrix, the tensors
+    ``save_pretrained`` writes and the disk path quantizes. Private API of the pinned transformers: without
+    it, no conversion (the fused experts are kept)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    except ImportError:
+        return []
+    out = []
+    for conv in get_model_conversion_mapping(model):
+        if not isinstance(conv, WeightConverter) or len(conv.target_patterns) != 1:
+            continue
+        ops, tails = list(conv.operations), [re.fullmatch(r".*experts\.\*\.(.+)", p) for p in conv.source_patterns]
+        stacked = bool(ops) and type(ops[0]) is MergeModulelist and ops[0].dim == 0
+        rows = len(ops) == 1 if len(tails) == 1 else (len(ops) == 2 and type(ops[1]) is Concatenate
+                                                      and ops[1].dim == 1 and ops[1].num_shards_attribute is None)
+        if stacked and rows and all(tails):
+            target = re.escape(conv.target_patterns[0].strip(".")).replace(r"\*", r"\d+")
+            out.append((re.compile(rf"(^|\.){target}$"), [t[1] for t in tails]))
+    return out
+
+
+def _fused_experts(model):
+    """``(module name, experts module, parameter name, the parameter, its per-expert names or None)`` for each
+    fused ``(experts, rows, in)`` parameter of a transformers experts module (``is_transposed`` False, as the
+    disk path's ``causal_lm._expert_slots`` takes them); the names from ``_expert_conversions``, None where
+    no conversion splits the parameter (GraniteMoE's, stored fused on disk too)."""
+    import torch
+
+    conversions = _expert_conversions(model)
+    for mname, module in model.named_modules():
+        if getattr(module, "is_transposed", True):
+            continue
+        for pname in (*_EXPERT_INPUT, "down_proj"):
+            p = module._parameters.get(pname)
+            if not isinstance(p, torch.nn.Parameter) or p.dim() != 3:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            tails = next((t for pattern, t in conversions if pattern.search(full)), None)
+            yield mname, module, pname, p, None if tails is None or p.shape[1] % len(tails) else tails
+
+
 def _stored_weight(module):
     """The module's ``weight`` if it is a parameter the module stores, else None (a parametrization such
     as weight_norm computes it at each access: writing it would change nothing)."""
@@ -112,8 +201,8 @@ def _stored_weight(module):
 
 
 def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> tuple[dict, dict[str, str]]:
-    """``({layer name: [the modules that apply its weight]}, {kept parameter: why})`` by the checkpoint
-    rules (module docstring); ``kept`` names every parameter of two or more dimensions not quantized."""
+    """``({layer name: _Layer}, {kept parameter: why})`` by the checkpoint rules (module docstring);
+    ``kept`` names every parameter of two or more dimensions not quantized."""
     import torch
 
     embeddings: dict[tuple, str] = {}               # a weight's view -> the first embedding holding it
@@ -121,7 +210,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
         if isinstance(m, torch.nn.Embedding):
             embeddings.setdefault(_view(m.weight), f"{n}.weight" if n else "weight")
     in_mha = {id(sub) for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention) for sub in m.modules()}
-    layers: dict[str, list] = {}
+    layers: dict[str, _Layer] = {}
     kept: dict[str, str] = {}
     decided: dict[tuple, tuple[str, bool]] = {}     # a weight's view -> (its first name, quantized)
     for mname, module in model.named_modules():
@@ -137,7 +226,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
         if _view(weight) in decided:                # a weight two modules apply: one layer, both inputs
             first, quantized = decided[_view(weight)]
             if quantized:
-                layers[first].append(module)
+                layers[first].modules.append(module)
             else:
                 kept[name] = f"the weight of {first}, kept"
             continue
@@ -157,7 +246,28 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
         if why:
             kept[name] = why
         else:
-            layers[name] = [module]
+            layers[name] = _Layer([module])
+    for mname, module, pname, p, tails in _fused_experts(model):   # each expert's matrices, named as on disk
+        full = f"{mname}.{pname}" if mname else pname
+        decided[_view(p)] = (full, tails is not None)
+        if tails is None:
+            kept[full] = ("fused MoE experts that transformers' checkpoint conversion does not split into one "
+                          "matrix per expert (as on disk, where such a checkpoint stores them fused)")
+            continue
+        rows = p.shape[1] // len(tails)
+        for e in range(p.shape[0]):
+            for k, tail in enumerate(tails):
+                name = f"{mname}.{e}.{tail}"
+                why = linear_reason(name, (rows, p.shape[2]), p.is_floating_point())
+                if why is None and not _selected(name, include, exclude):
+                    why = "not selected (include/exclude)"
+                if why:
+                    kept[name] = why
+                    continue
+                if p.is_meta:
+                    raise ValueError(f"layer {name}: its weight is on the meta device (not loaded): nothing to "
+                                     f"quantize")
+                layers[name] = _Layer([module], Target(name, mname, False, slot=(pname, e, k * rows)), rows)
     for mname, module in model.named_modules():     # the rest, each with its owner's kind
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
@@ -168,8 +278,10 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
                           f"the weight of {state[0]}, kept" if state is not None else
                           _MHA if isinstance(module, torch.nn.MultiheadAttention) else
                           f"a parameter of {type(module).__name__}, not the weight of a linear module")
-    for name, ms in list(layers.items()):          # a view of another tensor's memory: writing it writes that
-        other = _overlapping(model, ms[0].weight)
+    shared: dict[int, str | None] = {}             # a stored parameter -> the other tensor its memory overlaps
+    for name, lay in list(layers.items()):         # a view of another tensor's memory: writing it writes that
+        p = lay.stored()
+        other = shared[id(p)] = shared[id(p)] if id(p) in shared else _overlapping(model, p)
         if other is not None:
             del layers[name]
             kept[name] = f"shares memory with {other} (views of one tensor): writing it would change that one"
@@ -210,12 +322,6 @@ def _is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def _matrix(module) -> np.ndarray:
-    """The layer's ``(out, in)`` matrix, float64 (what ModelSource.load gives)."""
-    w = module.weight.detach().to("cpu").double().numpy()
-    return w.T if _is_conv1d(module) else w
-
-
 def _run(model, batch, i: int) -> None:
     if isinstance(batch, Mapping):                  # a dict, a tokenizer's BatchEncoding
         model(**batch)
@@ -237,21 +343,29 @@ def _encoder_modules(model) -> set[int]:
     return {id(m) for m in model.get_encoder().modules()}
 
 
-def _positions(x, mask):
-    """The rows of the layer input ``x`` (``(..., in)``) at the positions ``mask`` (batch, seq) keeps: ``x``
-    batch-first ``(batch, seq, in)``, sequence-first ``(seq, batch, in)`` (batch != seq) or flattened
-    batch-first ``(batch * seq, in)``; any other layout (gathered expert tokens, another length) has
-    no position to match, and every row counts."""
+def _kept_rows(x, mask):
+    """Which rows of the layer input ``x`` (``(..., in)``, its rows in order) sit at the positions ``mask``
+    (batch, seq) keeps: ``x`` batch-first ``(batch, seq, in)``, sequence-first ``(seq, batch, in)`` (batch !=
+    seq) or flattened batch-first ``(batch * seq, in)`` (the hidden states an experts module takes); None
+    where there is no mask, or for any other layout (gathered expert tokens, another length): no position
+    to match, every row counts."""
     if mask is None:
-        return x.reshape(-1, x.shape[-1])
+        return None
     mask = mask.to(x.device)
     if x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask]
+        return mask.reshape(-1)
     if x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape[::-1]) and mask.shape[0] != mask.shape[1]:
-        return x[mask.T]
+        return mask.T.reshape(-1)
     if x.ndim == 2 and x.shape[0] == mask.numel():
-        return x[mask.reshape(-1)]
-    return x.reshape(-1, x.shape[-1])
+        return mask.reshape(-1)
+    return None
+
+
+def _positions(x, mask):
+    """The rows of the layer input ``x`` at the positions ``mask`` keeps (``_kept_rows``), as ``(rows, in)``."""
+    keep = _kept_rows(x, mask)
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if keep is None else rows[keep]
 
 
 def _masks(batch) -> tuple:
@@ -275,7 +389,8 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
     encoder-decoder model the encoder's layers by ``attention_mask``, the others by
     ``decoder_attention_mask`` or none), the tokens (the most rows any layer saw: every token passes
     a dense model's linear layers) and the layers that no token reached (their modules not called,
-    or called on no row)."""
+    or called on no row). An expert's matrix: over the tokens that reached its experts module, a token not
+    routed to the expert a zero input, as on disk (``causal_lm._expert_hook``, on the unmasked tokens)."""
     import torch
 
     if isinstance(batches, (Mapping, torch.Tensor)) or not hasattr(batches, "__iter__"):
@@ -286,19 +401,42 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
     encoder = _encoder_modules(model)
     masks = (None, None)                            # the running batch's (source, target) masks
 
-    def hook_for(name: str, module):
-        side = 0 if not encoder or id(module) in encoder else 1
+    def add(name: str, s, n: int):                  # s None: n tokens that add nothing (not routed to it)
+        if s is not None:
+            s = s.cpu()
+            sums[name] = sums[name] + s if name in sums else s
+        counts[name] += n
 
+    def side(module) -> int:
+        return 0 if not encoder or id(module) in encoder else 1
+
+    def hook_for(name: str, module):
         def hook(_module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            x = _positions(x.detach(), masks[side]).double()
-            s = (x * x).sum(0).cpu()
-            sums[name] = sums[name] + s if name in sums else s
-            counts[name] += x.shape[0]
+            x = _positions(x.detach(), masks[side(module)]).double()
+            add(name, (x * x).sum(0), x.shape[0])
         return hook
 
+    def experts_hook_for(module, targets: list):
+        routed = _expert_hook(targets, add)
+
+        def hook(mod, args, kwargs):                # the masked positions' rows out of the tokens and their experts
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            idx = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            keep = _kept_rows(x, masks[side(module)]) if isinstance(x, torch.Tensor) else None
+            if keep is not None and isinstance(idx, torch.Tensor) and idx.numel() % keep.numel() == 0:
+                args, kwargs = (x.reshape(keep.numel(), -1)[keep], idx.reshape(keep.numel(), -1)[keep]), {}
+            routed(mod, args, kwargs)
+        return hook
+
+    experts: dict[int, tuple] = {}                  # an experts module -> (it, its layers' targets)
+    for lay in layers.values():
+        if lay.expert is not None:
+            experts.setdefault(id(lay.modules[0]), (lay.modules[0], []))[1].append(lay.expert)
     modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(hook_for(n, m), with_kwargs=True) for n, ms in layers.items() for m in ms]
+    handles = [m.register_forward_pre_hook(hook_for(n, m), with_kwargs=True)
+               for n, lay in layers.items() if lay.expert is None for m in lay.modules]
+    handles += [m.register_forward_pre_hook(experts_hook_for(m, ts), with_kwargs=True) for m, ts in experts.values()]
     try:
         model.eval()
         with torch.inference_mode():
@@ -313,10 +451,11 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
     tokens = max(counts.values())
     if tokens == 0:
         raise ValueError("the calibration batches reached no linear layer (none given, or the model ran none)")
-    stats, unreached = {}, [n for n, c in counts.items() if c == 0]
-    for name, ms in layers.items():             # a layer no token reached: one token of ones, as on disk
-        cols = ms[0].weight.shape[0 if _is_conv1d(ms[0]) else 1]          # its (out, in) matrix's in
-        stats[name] = (sums[name] / counts[name]).numpy() if counts[name] else np.full(cols, 1 / tokens)
+    stats, unreached = {}, [n for n in layers if not (counts[n] and n in sums)]
+    for name, lay in layers.items():            # a layer no token reached: one token of ones, as on disk
+        reached = counts[name] and name in sums
+        stats[name] = ((sums[name] / counts[name]).numpy() if reached else
+                       np.full(lay.in_features(), 1 / (counts[name] or tokens)))
         if not np.isfinite(stats[name]).all():
             raise ValueError(f"layer {name}: its input's mean square is not finite (an Inf or NaN reached it, "
                              f"or its square overflowed): no calibration statistic")
@@ -338,32 +477,31 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
         globs = f" (include {include}, exclude {exclude})" if include or exclude else ""
         raise ValueError(f"the model has no linear layer to quantize{globs}: torch.nn.Linear, Conv1D or a MoE "
                          f"router, selected by the checkpoint rules (quantize/models.py)")
-    for name, ms in layers.items():                 # before calibration, which would blame a later layer's input
-        if not torch.isfinite(ms[0].weight.detach()).all():
+    for name, lay in layers.items():                # before calibration, which would blame a later layer's input
+        if not torch.isfinite(lay.tensor().detach()).all():
             raise ValueError(f"layer {name}: its weight holds a NaN or an Inf: nothing is quantized")
     stats, tokens, unreached = activation_stats(model, layers, batches) if batches is not None else (None, 0, [])
     act = (lambda n: None) if stats is None else stats.get
     if qfmt.model_level:
-        budget_res = qfmt.quantize_model(LazyLayers(layers, lambda n: (_matrix(layers[n][0]), act(n))), budget)
+        budget_res = qfmt.quantize_model(LazyLayers(layers, lambda n: (layers[n].matrix(), act(n))), budget)
         results = (budget_res.results.pop(n) for n in layers)
     else:
         budget_res = None
-        results = (qfmt.quantize(_matrix(ms[0]), act_ms=act(n), name=n) for n, ms in layers.items())
+        results = (qfmt.quantize(lay.matrix(), act_ms=act(n), name=n) for n, lay in layers.items())
     records, new = {}, {}
-    for (name, ms), res in zip(layers.items(), results):    # every layer cast before the first is written
+    for (name, lay), res in zip(layers.items(), results):   # every layer cast before the first is written
         recon = np.asarray(res.recon)
         records[name] = LayerRecord(recon.shape, res.bits, res.choice, res.stream)
-        w = ms[0].weight
-        t = torch.from_numpy(np.ascontiguousarray(recon.T if _is_conv1d(ms[0]) else recon))
+        w = lay.stored()
+        t = torch.from_numpy(np.ascontiguousarray(recon.T if lay.conv1d else recon))
         t = t.to(dtype=w.dtype, device=w.device)
         if not torch.isfinite(t).all():
             raise ValueError(f"layer {name}: its reconstruction does not fit the parameter's {w.dtype} "
                              f"(largest magnitude {np.abs(recon).max():.6g}): the model is unchanged")
         new[name] = t
         del res, recon                              # one layer's reconstruction at a time
-    for name, ms in layers.items():
-        w = ms[0].weight
+    for name, lay in layers.items():
         # a model built under inference_mode holds inference tensors: written in place only there
-        with torch.inference_mode() if w.is_inference() else torch.no_grad():
-            w.copy_(new.pop(name))
+        with torch.inference_mode() if lay.stored().is_inference() else torch.no_grad():
+            lay.tensor().copy_(new.pop(name))
     return InMemoryResult(records, stats, kept, budget_res, tokens, unreached)
