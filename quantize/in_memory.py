@@ -52,13 +52,18 @@ does for a checkpoint on disk, with the same rules and the same bits:
 The result (``InMemoryResult``) holds for each layer what it stores (``LayerRecord``: ``bits``,
 ``bpw``, ``choice``, a SOP point's golden ``stream``; the reconstruction is the model's weight now),
 the statistics, what was kept and why, and for ``sop-budget`` the knapsack's ``BudgetResult``.
-Writing a ``.sopq`` still goes through a model on disk (``save_pretrained``, then
-``artifact.quantize_model``): the container records its source files.
+With ``out`` the layers also go into a ``.sopq`` file: the records, bits, choices and error summary
+``artifact.quantize_model`` writes for the same model saved (the file in the model's layer order); its
+header records no source (``spec`` and ``fingerprint`` empty, no files: ``sop dequantize --model-folder``
+needs ``--model``), the model's class, and the batches' tokens. The target is refused before any work
+as the commands refuse one (a folder, a non-regular file, a layer name a ``.sopq`` cannot hold), and
+the file is written (atomically) before the model: a refused or failed write leaves both as they were.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Real
@@ -462,9 +467,100 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
     return stats, tokens, unreached
 
 
+def _silent(_msg) -> None:
+    """``_write_artifact``'s progress: none (a caller in Python prints its own)."""
+
+
+def _check_sopq(out, layers: dict):
+    """The ``.sopq`` target refused before any work (``golden.files.check_output``; a layer name a
+    ``.sopq`` cannot hold, ``artifact.name_problem``)."""
+    from sop.golden.files import check_output
+
+    from .artifact import ArtifactError, name_problem
+
+    out = check_output(out)
+    for name in layers:
+        why = name_problem(name)
+        if why:
+            raise ArtifactError(f"layer {name[:80]!r} {why}; a .sopq cannot hold it")
+    return out
+
+
+@dataclass(frozen=True)
+class _HeldLayer:
+    name: str
+    shape: tuple[int, int]                          # (out, in)
+    transposed: bool                                # a Conv1D: the model holds it (in, out)
+
+
+class _HeldModel:
+    """What a ``.sopq`` header records of its source (the role ``artifact._write_artifact`` gives a
+    ``ModelSource``), for a model held in memory: no file, so no spec, fingerprint or files beside it
+    (``sop dequantize --model-folder`` then needs ``--model``); the model's class and what was kept."""
+
+    def __init__(self, model, layers: dict, kept: dict):
+        self.layers = []
+        for name, lay in layers.items():
+            rows, cols = lay.tensor().shape
+            self.layers.append(_HeldLayer(name, (cols, rows) if lay.conv1d else (rows, cols), lay.conv1d))
+        self.cls, self.kept = type(model).__name__, kept
+
+    def describe(self) -> dict:
+        reasons: dict[str, int] = {}
+        for why in self.kept.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        return {"spec": "", "kind": "in-memory", "class": self.cls, "files": [], "layers": len(self.layers),
+                "weights": sum(r * c for r, c in (lay.shape for lay in self.layers)), "kept": reasons,
+                "forward": None}
+
+    def fingerprint(self) -> str:
+        return ""
+
+    def aux_files(self) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class _HeldCalibration:
+    """A ``.sopq`` header's calibration (the role of a ``Calibration``): the caller's batches."""
+
+    weighted: bool
+    tokens: int
+    unreached: tuple
+
+    def describe(self) -> dict:
+        d = {"weighted": self.weighted, "note": "the caller's batches (a model held in memory)" if self.weighted
+             else "unweighted: no batches", "tokens": self.tokens}
+        if self.unreached:
+            d["unreached"] = list(self.unreached)
+        return d
+
+
+class _Outcomes:
+    """``quantize_module``'s layers as ``_write_artifact`` takes them: ``(LayerOutcome, the record's chunks)``
+    in order, the choice of a ``sop-budget`` layer ``option: choice`` as on disk; ``budgeted``: the knapsack's
+    result (its report goes into the header) or None."""
+
+    def __init__(self, layers, budgeted, act):
+        self.layers, self.budgeted, self.act = layers, budgeted, act
+
+    def __iter__(self):
+        from .artifact import encode_record
+        from .evaluate import LayerOutcome
+        from .metrics import ErrorStats
+
+        for name, w, res in self.layers:
+            t0 = time.perf_counter()
+            kind, chunks, padded = encode_record(res, w.shape, name)
+            choice = res.choice if self.budgeted is None else f"{self.budgeted.choice[name]}: {res.choice}"
+            yield LayerOutcome(name, ErrorStats.of(w, res.recon, self.act(name), res.bits), choice, int(res.bits), 0,
+                               time.perf_counter() - t0, (kind, padded)), chunks
+
+
 def quantize_module(model, fmt: str, batches=None, *, budget: float | None = None, include=None, exclude=None,
-                    lm_head: bool = False) -> InMemoryResult:
-    """Quantize ``model``'s linear layers in place with format ``fmt`` (module docstring)."""
+                    lm_head: bool = False, out=None) -> InMemoryResult:
+    """Quantize ``model``'s linear layers in place with format ``fmt`` (module docstring); with ``out``, also
+    into the ``.sopq`` file ``out`` (``_HeldModel``), written before the model."""
     import torch
 
     qfmt = get_quant_format(fmt)
@@ -477,29 +573,45 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
         globs = f" (include {include}, exclude {exclude})" if include or exclude else ""
         raise ValueError(f"the model has no linear layer to quantize{globs}: torch.nn.Linear, Conv1D or a MoE "
                          f"router, selected by the checkpoint rules (quantize/models.py)")
+    if out is not None:
+        out = _check_sopq(out, layers)
     for name, lay in layers.items():                # before calibration, which would blame a later layer's input
         if not torch.isfinite(lay.tensor().detach()).all():
             raise ValueError(f"layer {name}: its weight holds a NaN or an Inf: nothing is quantized")
     stats, tokens, unreached = activation_stats(model, layers, batches) if batches is not None else (None, 0, [])
     act = (lambda n: None) if stats is None else stats.get
-    if qfmt.model_level:
-        budget_res = qfmt.quantize_model(LazyLayers(layers, lambda n: (layers[n].matrix(), act(n))), budget)
-        results = (budget_res.results.pop(n) for n in layers)
-    else:
-        budget_res = None
-        results = (qfmt.quantize(lay.matrix(), act_ms=act(n), name=n) for n, lay in layers.items())
+    budget_res = (qfmt.quantize_model(LazyLayers(layers, lambda n: (layers[n].matrix(), act(n))), budget)
+                  if qfmt.model_level else None)
     records, new = {}, {}
-    for (name, lay), res in zip(layers.items(), results):   # every layer cast before the first is written
-        recon = np.asarray(res.recon)
-        records[name] = LayerRecord(recon.shape, res.bits, res.choice, res.stream)
-        w = lay.stored()
-        t = torch.from_numpy(np.ascontiguousarray(recon.T if lay.conv1d else recon))
-        t = t.to(dtype=w.dtype, device=w.device)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"layer {name}: its reconstruction does not fit the parameter's {w.dtype} "
-                             f"(largest magnitude {np.abs(recon).max():.6g}): the model is unchanged")
-        new[name] = t
-        del res, recon                              # one layer's reconstruction at a time
+
+    def quantized():
+        """Each layer quantized and cast into ``new`` (every layer before the first is written), yielded
+        with its matrix (read only where the .sopq's error statistics need it) for the .sopq."""
+        for name, lay in layers.items():
+            w = lay.matrix() if out is not None or budget_res is None else None
+            res = (budget_res.results.pop(name) if budget_res is not None else
+                   qfmt.quantize(w, act_ms=act(name), name=name))
+            recon = np.asarray(res.recon)
+            records[name] = LayerRecord(recon.shape, res.bits, res.choice, res.stream)
+            p = lay.stored()
+            t = torch.from_numpy(np.ascontiguousarray(recon.T if lay.conv1d else recon))
+            t = t.to(dtype=p.dtype, device=p.device)
+            if not torch.isfinite(t).all():
+                raise ValueError(f"layer {name}: its reconstruction does not fit the parameter's {p.dtype} "
+                                 f"(largest magnitude {np.abs(recon).max():.6g}): the model is unchanged")
+            new[name] = t
+            yield name, w, res
+            del res, recon, w                       # one layer's reconstruction at a time
+
+    if out is None:
+        for _ in quantized():
+            pass
+    else:                                           # the file first: a refused write leaves the model as it was
+        from .artifact import _write_artifact
+
+        _write_artifact(_HeldModel(model, layers, kept), qfmt, out, budget,
+                        _HeldCalibration(stats is not None, tokens, tuple(unreached)), "error",
+                        _Outcomes(quantized(), budget_res, act), _silent)
     for name, lay in layers.items():
         # a model built under inference_mode holds inference tensors: written in place only there
         with torch.inference_mode() if lay.stored().is_inference() else torch.no_grad():
