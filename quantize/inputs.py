@@ -21,6 +21,8 @@ these rules:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from sop.golden.formats import FLOAT32_MAX
@@ -88,14 +90,16 @@ def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarra
     hardware values) could not hold it, the first as Inf, the second as all zeros."""
     if policy not in NAN_POLICIES:
         raise ValueError(f"unknown NaN policy {policy!r}; valid: {', '.join(NAN_POLICIES)}")
-    bad = ~np.isfinite(w)
-    n = int(bad.sum())
-    if n and policy == "error":
-        r, c = (int(i) for i in np.argwhere(bad)[0])
-        raise WeightError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
-                          f"--nan-policy zero replaces them with 0")
-    w = np.where(bad, 0.0, w) if n else w
-    peak = abs_max(w)
+    peak, n = abs_max(w), 0
+    if not math.isfinite(peak):             # a NaN or an Inf somewhere (max |w| is finite otherwise): find them
+        bad = ~np.isfinite(w)
+        n = int(bad.sum())
+        if policy == "error":
+            r, c = (int(i) for i in np.argwhere(bad)[0])
+            raise WeightError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
+                              f"--nan-policy zero replaces them with 0")
+        w = np.where(bad, 0.0, w)
+        peak = abs_max(w)
     if peak > FLOAT32_MAX:
         r, c = (int(i) for i in np.argwhere(np.abs(w) > FLOAT32_MAX)[0])
         # repr, not %g: a weight just past FLT_MAX would print as FLT_MAX itself
