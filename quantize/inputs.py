@@ -81,8 +81,15 @@ def column_weights(act_ms, cols: int, name: str = "layer") -> np.ndarray | None:
     return a
 
 
-def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarray, int]:
-    """The weight with non-finite entries handled by ``policy``, and how many there were.
+#: what a refusal of a non-finite weight offers: the commands' option (and ``quantize_model``'s
+#: ``nan_policy``); a caller of the registry has none and is told what to do
+NAN_HINT = "--nan-policy zero replaces them with 0"
+REGISTRY_NAN_HINT = "replace them (with 0, say) before quantizing"
+
+
+def sanitize(name: str, w: np.ndarray, policy: str = "error", hint: str = NAN_HINT) -> tuple[np.ndarray, int]:
+    """The weight with non-finite entries handled by ``policy``, and how many there were (refused
+    with ``hint``).
 
     A weight beyond float32's range, or a nonzero layer whose every weight lies
     below float32's smallest normal number (a float64 layer, or a float32 one of
@@ -97,7 +104,7 @@ def sanitize(name: str, w: np.ndarray, policy: str = "error") -> tuple[np.ndarra
         if policy == "error":
             r, c = (int(i) for i in np.argwhere(bad)[0])
             raise WeightError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
-                              f"--nan-policy zero replaces them with 0")
+                              f"{hint}")
         w = np.where(bad, 0.0, w)
         peak = abs_max(w)
     if peak > FLOAT32_MAX:

@@ -37,7 +37,7 @@ import numpy as np
 
 from sop.quantize import baselines as B
 from sop.quantize.blockwise import float_weights
-from sop.quantize.inputs import column_weights, sanitize, weight_matrix
+from sop.quantize.inputs import REGISTRY_NAN_HINT, column_weights, sanitize, weight_matrix
 from sop.quantize.result import QuantResult
 
 
@@ -204,7 +204,7 @@ def _checked_layer(name: str, w, act_ms):
     ``ValueError`` naming the layer."""
     w = float_weights(weight_matrix(w, name))
     act_ms = column_weights(act_ms, w.shape[1], name)
-    sanitize(name, w)
+    sanitize(name, w, hint=REGISTRY_NAN_HINT)
     return w, act_ms
 
 

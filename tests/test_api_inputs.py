@@ -33,7 +33,9 @@ def test_weights_no_output_can_hold_are_refused_by_every_format(fmt, scale, said
                                      (np.ones((0, 64)), "a weight matrix with no rows"),
                                      (np.ones((8, 0)), "a weight matrix with no columns"),
                                      (np.ones((4, 16), complex), "weights must be real numbers"),
-                                     (np.full((4, 16), np.nan), "non-finite weight nan at row 0, column 0")])
+                                     (np.full((4, 16), np.nan), r"non-finite weight nan at row 0, column 0 "
+                                                                r"\(64 in the layer\); replace them \(with 0, say\) "
+                                                                r"before quantizing$")])
 def test_a_bad_matrix_is_one_error_naming_the_layer(fmt, w, said):
     with pytest.raises(ValueError, match=f"^my.layer: {said}"):
         get_quant_format(fmt).quantize(w, name="my.layer")
