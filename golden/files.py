@@ -201,6 +201,30 @@ def reclaim_temps(folder: Path, name: str) -> list[Path]:
 _DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP held back within the block and raised again when it ends, each to the
+    handler it had: for a short change in memory that must happen whole or not at all (a model's
+    parameters written back). Python's handlers are swapped, not the thread's signal mask: a signal
+    sent to the process reaches whichever thread does not block it (torch's own), and Python runs
+    the handler in the main thread. Outside the main thread (no handler can be set) the block runs
+    unchanged."""
+    caught: list[int] = []
+    old: dict = {}
+    try:
+        for s in _DEFERRED:
+            old[s] = signal.signal(s, lambda number, _frame: caught.append(number))
+    except ValueError:                                   # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
+
+
 #: A write that fails for want of room: said as the target's error (the OSError names no file).
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

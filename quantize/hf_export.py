@@ -3,9 +3,11 @@
 ``export_model_folder(artifact, out)`` opens a ``.sopq`` artifact (quantize/artifact.py, every
 check of ``open_artifact``), opens the source model it names (or ``model``; its fingerprint must
 be the artifact's; configuration or tokenizer files changed since are a warning in the result's
-``warnings``), runs that model through quantize/causal_lm.py, decodes every layer of the
-artifact (``Artifact.weights``: the golden decoder for layer streams) into it in place of the
-reference, and writes the whole model as a ``transformers`` folder: ``config.json``,
+``warnings``; an artifact written from a model held in memory, ``in_memory.quantize_module``, names
+no source and has no fingerprint: ``model`` is needed, and a warning says that nothing checks it),
+runs that model through quantize/causal_lm.py, decodes every layer of the artifact
+(``Artifact.weights``: the golden decoder for layer streams) into it in place of the reference, and
+writes the whole model as a ``transformers`` folder: ``config.json``,
 ``generation_config.json``, float32 ``model.safetensors`` (sharded where transformers shards) and
 the tokenizer files. Every tensor that was not quantized (embeddings, norms, a kept ``lm_head``)
 is the reference's: for a GGUF source that is the GGUF dequantized to float32. The folder is
@@ -74,7 +76,11 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     if fp and src.fingerprint() != fp:
         raise ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
                          f"differ); give the source with --model")
-    warnings = _aux_changes(spec, meta.get("aux_files"), src.aux_files(), art.path)
+    if meta.get("kind") == "in-memory":      # quantize_module(..., out=): no source to check against
+        warnings = [f"{art.path} was quantized from a model held in memory ({meta.get('class', 'a model')}): "
+                    f"nothing checks that {spec} is that model; every tensor it did not quantize comes from {spec}"]
+    else:
+        warnings = _aux_changes(spec, meta.get("aux_files"), src.aux_files(), art.path)
     missing = sorted(set(names) - {lay.name for lay in src.layers})
     if missing:
         raise ValueError(f"{art.path}: layer {missing[0]} is no linear layer of {spec}")

@@ -52,29 +52,38 @@ does for a checkpoint on disk, with the same rules and the same bits:
 The result (``InMemoryResult``) holds for each layer what it stores (``LayerRecord``: ``bits``,
 ``bpw``, ``choice``, a SOP point's golden ``stream``; the reconstruction is the model's weight now),
 the statistics, what was kept and why, and for ``sop-budget`` the knapsack's ``BudgetResult``.
-With ``out`` the layers also go into a ``.sopq`` file: the records, bits, choices and error summary
-``artifact.quantize_model`` writes for the same model saved (the file in the model's layer order); its
-header records no source (``spec`` and ``fingerprint`` empty, no files: ``sop dequantize --model-folder``
-needs ``--model``), the model's class, and the batches' tokens. The target is refused before any work
-as the commands refuse one (a folder, a non-regular file, a layer name a ``.sopq`` cannot hold), and
-the file is written (atomically) before the model: a refused or failed write leaves both as they were.
+The layers are taken in the disk path's order (their names on disk, ``_saved_names``, naturally sorted),
+so that ``sop-budget`` breaks exact ties as it does there. With ``out`` the layers also go into a
+``.sopq`` file: the one ``artifact.quantize_model`` writes for the same model saved (each layer under
+its name on disk, the same records, bits, choices and error summary); its header records no spec and
+no fingerprint (``sop dequantize --model-folder`` needs ``--model``), the model's class, the batches'
+tokens, and the files the model was loaded from (``_source_files``: no output replaces them). The
+target is refused before any work as the commands refuse one (a folder, a non-regular file, one of
+those files, a layer name a ``.sopq`` cannot hold), and the file is written (atomically) before the
+model: a refused or failed write leaves both as they were. The parameters are written with SIGINT,
+SIGTERM and SIGHUP held (``golden.files.signals_held``): the model is quantized whole or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Real
+from pathlib import Path
 
 import numpy as np
 
+from sop.golden.files import signals_held
 from sop.golden.layout import LayerStream
 
 from .causal_lm import _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router
 from .knapsack import LazyLayers
-from .models import _selected, linear_reason
+from .models import _natural_key, _selected, linear_reason
 from .schemes import get_quant_format
 
 
@@ -94,8 +103,8 @@ class LayerRecord:
 
 @dataclass
 class InMemoryResult:
-    layers: dict[str, LayerRecord]                  # layer name -> what it stores: the linear modules' in the
-    #                                                 model's module order, then each expert's matrices
+    layers: dict[str, LayerRecord]                  # layer name -> what it stores, in the checkpoint path's
+    #                                                 order (the names on disk, ``_saved_names``, naturally sorted)
     act_ms: dict[str, np.ndarray] | None            # layer name -> input mean squares (None: unweighted)
     kept: dict[str, str] = field(default_factory=dict)     # a parameter left as it is -> why
     budget: object | None = None                    # sop-budget: the knapsack's BudgetResult (its results
@@ -199,6 +208,15 @@ def _fused_experts(model):
             yield mname, module, pname, p, None if tails is None or p.shape[1] % len(tails) else tails
 
 
+def _unsplit_experts(module) -> str:
+    """Why an experts module's fused parameter that ``_fused_experts`` does not take is kept."""
+    kind = type(module).__name__
+    if getattr(module, "is_transposed", None) is True:
+        return f"fused MoE experts of {kind}, stored (experts, in, rows) (is_transposed): kept, as on disk"
+    return (f"fused MoE experts of {kind}, which does not say how it stores them (is_transposed): kept (on disk "
+            f"these experts are refused: --exclude them there)")
+
+
 def _stored_weight(module):
     """The module's ``weight`` if it is a parameter the module stores, else None (a parametrization such
     as weight_norm computes it at each access: writing it would change nothing)."""
@@ -282,6 +300,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
             kept[full] = ("an embedding" if isinstance(module, torch.nn.Embedding) else
                           f"the weight of {state[0]}, kept" if state is not None else
                           _MHA if isinstance(module, torch.nn.MultiheadAttention) else
+                          _unsplit_experts(module) if p.ndim == 3 and pname in (*_EXPERT_INPUT, "down_proj") else
                           f"a parameter of {type(module).__name__}, not the weight of a linear module")
     shared: dict[int, str | None] = {}             # a stored parameter -> the other tensor its memory overlaps
     for name, lay in list(layers.items()):         # a view of another tensor's memory: writing it writes that
@@ -351,18 +370,18 @@ def _encoder_modules(model) -> set[int]:
 def _kept_rows(x, mask):
     """Which rows of the layer input ``x`` (``(..., in)``, its rows in order) sit at the positions ``mask``
     (batch, seq) keeps: ``x`` batch-first ``(batch, seq, in)``, sequence-first ``(seq, batch, in)`` (batch !=
-    seq) or flattened batch-first ``(batch * seq, in)`` (the hidden states an experts module takes); None
-    where there is no mask, or for any other layout (gathered expert tokens, another length): no position
-    to match, every row counts."""
-    if mask is None:
+    seq), either with axes of length 1 between (DeepSeek's ``kv_b_proj`` takes ``(batch, 1, seq, in)``), or
+    flattened batch-first ``(batch * seq, in)`` (the hidden states an experts module takes); None where
+    there is no mask, or for any other layout (gathered expert tokens, heads beside the positions, another
+    length): no position to match, every row counts."""
+    if mask is None or math.prod(x.shape[:-1]) != mask.numel():
         return None
     mask = mask.to(x.device)
-    if x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+    lead, axes = [d for d in x.shape[:-1] if d != 1], [d for d in mask.shape if d != 1]
+    if lead == axes or x.ndim == 2:
         return mask.reshape(-1)
-    if x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape[::-1]) and mask.shape[0] != mask.shape[1]:
+    if lead == axes[::-1]:
         return mask.T.reshape(-1)
-    if x.ndim == 2 and x.shape[0] == mask.numel():
-        return mask.reshape(-1)
     return None
 
 
@@ -461,6 +480,7 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
         reached = counts[name] and name in sums
         stats[name] = ((sums[name] / counts[name]).numpy() if reached else
                        np.full(lay.in_features(), 1 / (counts[name] or tokens)))
+    for name in sums:                           # in the order the forward pass reached them: the first named
         if not np.isfinite(stats[name]).all():
             raise ValueError(f"layer {name}: its input's mean square is not finite (an Inf or NaN reached it, "
                              f"or its square overflowed): no calibration statistic")
@@ -471,15 +491,53 @@ def _silent(_msg) -> None:
     """``_write_artifact``'s progress: none (a caller in Python prints its own)."""
 
 
-def _check_sopq(out, layers: dict):
-    """The ``.sopq`` target refused before any work (``golden.files.check_output``; a layer name a
-    ``.sopq`` cannot hold, ``artifact.name_problem``)."""
+def _source_files(model) -> list[Path]:
+    """The files the model was loaded from, as far as it says (transformers' ``name_or_path``): every
+    file of that folder, or that file. No ``sop`` output replaces one of them."""
+    where = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(where, (str, os.PathLike)) or not str(where):
+        return []
+    where = Path(where)
+    with contextlib.suppress(OSError):
+        if where.is_dir():
+            return sorted(f for f in where.iterdir() if f.is_file())
+        if where.is_file():
+            return [where]
+    return []
+
+
+def _saved_names(model, names) -> dict[str, str]:
+    """Each layer's name as ``save_pretrained`` writes it: transformers' checkpoint renames undone
+    (``revert_weight_conversion``, run on a placeholder per name: Mixtral's ``mlp`` is
+    ``block_sparse_moe`` on disk, GPT-NeoX's ``lm_head`` is ``embed_out``); an expert's name already
+    carries its checkpoint name. A name transformers would not write one to one keeps its own."""
+    import torch
+
+    names = list(names)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        placeholders = {n: torch.empty(0) for n in names}
+        reverted = revert_weight_conversion(model, dict(placeholders))
+    except Exception:                   # noqa: BLE001 - no transformers model, or a conversion we do not follow
+        return {n: n for n in names}
+    back = {id(t): n for n, t in placeholders.items()}
+    saved = {back[id(t)]: new for new, t in reverted.items() if id(t) in back}
+    out = {n: saved.get(n, n) for n in names}
+    return out if len(set(out.values())) == len(out) else {n: n for n in names}
+
+
+def _check_sopq(out, names, inputs) -> Path:
+    """The ``.sopq`` target refused before any work (``golden.files.check_output``: a folder, a
+    non-regular file, one of ``inputs``; a layer name a ``.sopq`` cannot hold, ``artifact.name_problem``)."""
     from sop.golden.files import check_output
 
     from .artifact import ArtifactError, name_problem
 
-    out = check_output(out)
-    for name in layers:
+    if not isinstance(out, (str, os.PathLike)) or isinstance(os.fspath(out), bytes):
+        raise ValueError(f"out is the .sopq file's path (a str or os.PathLike), got {type(out).__name__} {out!r}")
+    out = check_output(out, inputs)
+    for name in names:
         why = name_problem(name)
         if why:
             raise ArtifactError(f"layer {name[:80]!r} {why}; a .sopq cannot hold it")
@@ -495,23 +553,25 @@ class _HeldLayer:
 
 class _HeldModel:
     """What a ``.sopq`` header records of its source (the role ``artifact._write_artifact`` gives a
-    ``ModelSource``), for a model held in memory: no file, so no spec, fingerprint or files beside it
-    (``sop dequantize --model-folder`` then needs ``--model``); the model's class and what was kept."""
+    ``ModelSource``), for a model held in memory: each layer under its name on disk (``_saved_names``),
+    the model's class, what was kept, and the files it was loaded from (``_source_files``: no command
+    writes over them); no spec or fingerprint (what is in memory may not be what those files hold:
+    ``sop dequantize --model-folder`` then needs ``--model``, and nothing can check it)."""
 
-    def __init__(self, model, layers: dict, kept: dict):
+    def __init__(self, model, layers: dict, kept: dict, saved: dict, files: list):
         self.layers = []
         for name, lay in layers.items():
             rows, cols = lay.tensor().shape
-            self.layers.append(_HeldLayer(name, (cols, rows) if lay.conv1d else (rows, cols), lay.conv1d))
-        self.cls, self.kept = type(model).__name__, kept
+            self.layers.append(_HeldLayer(saved[name], (cols, rows) if lay.conv1d else (rows, cols), lay.conv1d))
+        self.cls, self.kept, self.files = type(model).__name__, kept, files
 
     def describe(self) -> dict:
         reasons: dict[str, int] = {}
         for why in self.kept.values():
             reasons[why] = reasons.get(why, 0) + 1
-        return {"spec": "", "kind": "in-memory", "class": self.cls, "files": [], "layers": len(self.layers),
-                "weights": sum(r * c for r, c in (lay.shape for lay in self.layers)), "kept": reasons,
-                "forward": None}
+        return {"spec": "", "kind": "in-memory", "class": self.cls, "files": [str(f) for f in self.files],
+                "layers": len(self.layers), "weights": sum(r * c for r, c in (lay.shape for lay in self.layers)),
+                "kept": reasons, "forward": None}
 
     def fingerprint(self) -> str:
         return ""
@@ -573,8 +633,13 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
         globs = f" (include {include}, exclude {exclude})" if include or exclude else ""
         raise ValueError(f"the model has no linear layer to quantize{globs}: torch.nn.Linear, Conv1D or a MoE "
                          f"router, selected by the checkpoint rules (quantize/models.py)")
+    # in the checkpoint path's order (its tensors' names on disk, in natural order): sop-budget breaks exact
+    # ties between layers by order, and the .sopq lists them in it
+    saved = _saved_names(model, layers)
+    layers = dict(sorted(layers.items(), key=lambda kv: _natural_key(saved[kv[0]])))
     if out is not None:
-        out = _check_sopq(out, layers)
+        files = _source_files(model)
+        out = _check_sopq(out, saved.values(), files)
     for name, lay in layers.items():                # before calibration, which would blame a later layer's input
         if not torch.isfinite(lay.tensor().detach()).all():
             raise ValueError(f"layer {name}: its weight holds a NaN or an Inf: nothing is quantized")
@@ -609,11 +674,12 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
     else:                                           # the file first: a refused write leaves the model as it was
         from .artifact import _write_artifact
 
-        _write_artifact(_HeldModel(model, layers, kept), qfmt, out, budget,
+        _write_artifact(_HeldModel(model, layers, kept, saved, files), qfmt, out, budget,
                         _HeldCalibration(stats is not None, tokens, tuple(unreached)), "error",
                         _Outcomes(quantized(), budget_res, act), _silent)
-    for name, lay in layers.items():
-        # a model built under inference_mode holds inference tensors: written in place only there
-        with torch.inference_mode() if lay.stored().is_inference() else torch.no_grad():
-            lay.tensor().copy_(new.pop(name))
+    with signals_held():                            # every parameter written, or (before the loop) none
+        for name, lay in layers.items():
+            # a model built under inference_mode holds inference tensors: written in place only there
+            with torch.inference_mode() if lay.stored().is_inference() else torch.no_grad():
+                lay.tensor().copy_(new.pop(name))
     return InMemoryResult(records, stats, kept, budget_res, tokens, unreached)

@@ -145,11 +145,12 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
 
 
 def is_lm_head(name: str) -> bool:
-    """The output head's tensor: HF ``lm_head``, GPT-NeoX ``embed_out``, GGUF ``output``, a masked LM's
-    vocabulary projection (BERT's and ALBERT's ``predictions.decoder``, DistilBERT's ``vocab_projector``)."""
+    """The output head's tensor: HF ``lm_head``, GPT-NeoX ``embed_out``, GGUF ``output`` and DeepSeek-V4's
+    ``head`` at the top level (transformers loads it as ``lm_head``), a masked LM's vocabulary projection
+    (BERT's and ALBERT's ``predictions.decoder``, DistilBERT's ``vocab_projector``)."""
     parts = re.split(r"[./]", name.lower())
-    return ("lm_head" in parts or "embed_out" in parts or "vocab_projector" in parts or name == "output.weight"
-            or "predictions.decoder" in ".".join(parts))
+    return ("lm_head" in parts or "embed_out" in parts or "vocab_projector" in parts
+            or name in ("output.weight", "head.weight") or "predictions.decoder" in ".".join(parts))
 
 
 #: Input-embedding tensors a tied output head shares (HF Llama/Qwen/Gemma, GPT-2, GGUF, BERT-style).

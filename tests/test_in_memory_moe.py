@@ -110,20 +110,25 @@ def test_an_expert_no_token_reaches_is_unreached_as_on_disk(tmp_path):
             assert np.array_equal(res.act_ms[in_memory_name(runner, tname)], s), tname
 
 
-def test_padded_positions_reach_no_expert_statistic():
+@pytest.mark.parametrize(("arch", "names"), [
+    ("mixtral", ("model.layers.1.mlp.experts.2.w1.weight", "model.layers.1.mlp.experts.2.w2.weight",
+                 "model.layers.0.mlp.experts.0.w3.weight")),
+    # DeepSeek's latent attention applies kv_b_proj to a (batch, 1, seq, rank) input: its padded positions
+    # were counted (an outside probe)
+    ("deepseek_v3", ("model.layers.1.mlp.experts.1.gate_proj.weight", "model.layers.0.self_attn.kv_b_proj.weight",
+                     "model.layers.1.self_attn.kv_b_proj.weight"))])
+def test_padded_positions_reach_no_statistic(arch, names):
     """A padded batch: the experts module takes the flattened hidden states, the mask matched to them; the
     statistics are those of the real tokens run unpadded (right padding: a real token attends to none)."""
     from transformers.models.auto import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(moe_config("mixtral")).eval()
+    model = AutoModelForCausalLM.from_config(moe_config(arch)).eval()
     ids = torch.randint(2, 64, (2, 8))
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
-    names = ("model.layers.1.mlp.experts.2.w1.weight", "model.layers.1.mlp.experts.2.w2.weight",
-             "model.layers.0.mlp.experts.0.w3.weight")
     padded = quantize_module(model, "nf4-g64", [{"input_ids": ids, "attention_mask": mask}], include=list(names))
     torch.manual_seed(0)
-    fresh = AutoModelForCausalLM.from_config(moe_config("mixtral")).eval()
+    fresh = AutoModelForCausalLM.from_config(moe_config(arch)).eval()
     alone = quantize_module(fresh, "nf4-g64", [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :5]}],
                             include=list(names))
     assert padded.tokens == alone.tokens == 13
@@ -152,8 +157,29 @@ def test_excluded_expert_matrices_are_kept_by_name_and_unsplit_experts_fused():
     common = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
               "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
     for cfg, why in ((GraniteMoeConfig(**common), "fused MoE experts that transformers' checkpoint conversion"),
-                     (GptOssConfig(**common), "a parameter of GptOssExperts")):
+                     (GptOssConfig(**common), "fused MoE experts of GptOssExperts, stored (experts, in, rows)")):
         res = quantize_module(AutoModelForCausalLM.from_config(cfg), "sop4-g16")
         fused = [k for k in res.kept if k.endswith(("gate_up_proj", "down_proj"))]
         assert len(fused) == 2 and all(res.kept[k].startswith(why) for k in fused), res.kept
         assert not [n for n in res.layers if ".experts." in n]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sop_budget_breaks_exact_ties_as_the_checkpoint_path(folders, tmp_path, dtype):
+    """An outside probe: on a bf16 / float16 Nemotron-H two promotions gained exactly the same, and the
+    knapsack, which breaks such ties by layer order, promoted one layer in memory (module order, the
+    experts last) and another on disk (the names' order). The layers are now taken in the checkpoint
+    path's order."""
+    from transformers.models.auto import AutoModelForCausalLM
+
+    folder = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(str(folders["nemotron_h"]), dtype=dtype).save_pretrained(folder)
+    bpe_tokenizer().save_pretrained(folder)
+    quantize_model(str(folder), "sop-budget", tmp_path / "m.sopq", budget=5.5, calibrate=False, progress=False)
+    art = open_artifact(tmp_path / "m.sopq")
+    runner = L.load(open_model(str(folder)))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    res = quantize_module(model, "sop-budget", budget=5.5)
+    assert [in_memory_name(runner, e.name) for e in art.layers] == list(res.layers)
+    assert {in_memory_name(runner, e.name): e.choice for e in art.layers} == {
+        n: f"{res.budget.choice[n]}: {r.choice}" for n, r in res.layers.items()}

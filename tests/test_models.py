@@ -246,3 +246,14 @@ def test_the_kept_head_is_named_by_its_weight_not_its_bias(tmp_path):
     save_file({"blk.0.w.weight": torch.randn(4, 64), "lm_head.bias": torch.zeros(10),
                "lm_head.weight": torch.randn(10, 64)}, str(tmp_path / "m.safetensors"))
     assert "lm_head (lm_head.weight) kept" in open_model(str(tmp_path / "m.safetensors")).kept_line()
+
+
+def test_deepseek_v4s_top_level_head_is_the_output_head(tmp_path):
+    """DeepSeek-V4 stores its output head as ``head.weight`` (transformers loads it as ``lm_head``): it was
+    quantized by default, where the model in memory kept it (an outside probe). A ``head`` inside a block
+    is no output head."""
+    save_file({"blk.0.w.weight": torch.randn(4, 64), "head.weight": torch.randn(10, 64),
+               "blk.0.attn.head.weight": torch.randn(4, 64)}, str(tmp_path / "m.safetensors"))
+    assert [lay.name for lay in open_model(str(tmp_path / "m.safetensors")).layers] == [
+        "blk.0.attn.head.weight", "blk.0.w.weight"]
+    assert "head.weight" in [lay.name for lay in open_model(str(tmp_path / "m.safetensors"), lm_head=True).layers]
