@@ -313,6 +313,21 @@ def _is_router(module) -> bool:
 _EXPERT_INPUT = ("gate_up_proj", "up_proj")
 
 
+def fused_expert_params(named_modules):
+    """``(module name, module, parameter name, parameter)`` for each fused ``(experts, rows, in)`` parameter
+    of transformers' experts modules among ``named_modules`` (they say ``is_transposed`` False; a module
+    that says True, or nothing, is not taken): ``gate_up_proj`` / ``up_proj`` and ``down_proj``."""
+    import torch
+
+    for mname, mod in named_modules:
+        if getattr(mod, "is_transposed", True):
+            continue
+        for pname in _EXPERT_INPUT + ("down_proj",):
+            p = getattr(mod, pname, None)
+            if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
+                yield mname, mod, pname, p
+
+
 def _block_of(name: str) -> str:
     """A name up to its first number (``model.layers.3``): a transformer block, whatever the checkpoint
     calls the MoE inside it (Mixtral's ``block_sparse_moe`` is transformers' ``mlp``)."""
@@ -472,13 +487,8 @@ class CausalLM:
             return _block_of(name).removeprefix(prefix)
 
         fused: dict[str, list] = {}
-        for mname, mod in self.modules.items():
-            if getattr(mod, "is_transposed", True):     # transformers' experts modules say False; others: not ours
-                continue
-            for pname in _EXPERT_INPUT + ("down_proj",):
-                p = getattr(mod, pname, None)
-                if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
-                    fused.setdefault(block(mname), []).append((mname, pname, p))
+        for mname, _, pname, p in fused_expert_params(self.modules.items()):
+            fused.setdefault(block(mname), []).append((mname, pname, p))
         out: dict[str, Target] = {}
         if not fused:
             return out

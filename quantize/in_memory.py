@@ -71,6 +71,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Real
@@ -81,7 +82,7 @@ import numpy as np
 from sop.golden.files import signals_held
 from sop.golden.layout import LayerStream
 
-from .causal_lm import _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router
+from .causal_lm import _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, fused_expert_params
 from .knapsack import LazyLayers
 from .models import _natural_key, _selected, linear_reason
 from .schemes import get_quant_format
@@ -193,19 +194,11 @@ def _fused_experts(model):
     fused ``(experts, rows, in)`` parameter of a transformers experts module (``is_transposed`` False, as the
     disk path's ``causal_lm._expert_slots`` takes them); the names from ``_expert_conversions``, None where
     no conversion splits the parameter (GraniteMoE's, stored fused on disk too)."""
-    import torch
-
     conversions = _expert_conversions(model)
-    for mname, module in model.named_modules():
-        if getattr(module, "is_transposed", True):
-            continue
-        for pname in (*_EXPERT_INPUT, "down_proj"):
-            p = module._parameters.get(pname)
-            if not isinstance(p, torch.nn.Parameter) or p.dim() != 3:
-                continue
-            full = f"{mname}.{pname}" if mname else pname
-            tails = next((t for pattern, t in conversions if pattern.search(full)), None)
-            yield mname, module, pname, p, None if tails is None or p.shape[1] % len(tails) else tails
+    for mname, module, pname, p in fused_expert_params(model.named_modules()):
+        full = f"{mname}.{pname}" if mname else pname
+        tails = next((t for pattern, t in conversions if pattern.search(full)), None)
+        yield mname, module, pname, p, None if tails is None or p.shape[1] % len(tails) else tails
 
 
 def _unsplit_experts(module) -> str:
@@ -566,12 +559,9 @@ class _HeldModel:
         self.cls, self.kept, self.files = type(model).__name__, kept, files
 
     def describe(self) -> dict:
-        reasons: dict[str, int] = {}
-        for why in self.kept.values():
-            reasons[why] = reasons.get(why, 0) + 1
         return {"spec": "", "kind": "in-memory", "class": self.cls, "files": [str(f) for f in self.files],
                 "layers": len(self.layers), "weights": sum(r * c for r, c in (lay.shape for lay in self.layers)),
-                "kept": reasons, "forward": None}
+                "kept": dict(Counter(self.kept.values())), "forward": None}
 
     def fingerprint(self) -> str:
         return ""
