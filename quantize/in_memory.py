@@ -73,7 +73,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Real
 from pathlib import Path
 
@@ -83,8 +83,8 @@ from sop.golden.files import signals_held
 from sop.golden.layout import LayerStream
 
 from .causal_lm import _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, fused_expert_params
-from .knapsack import LazyLayers
-from .models import _natural_key, _selected, linear_reason
+from .knapsack import LazyLayers, budget_report
+from .models import _natural_key, _selected, folder_inputs, linear_reason
 from .schemes import get_quant_format
 
 
@@ -485,15 +485,15 @@ def _silent(_msg) -> None:
 
 
 def _source_files(model) -> list[Path]:
-    """The files the model was loaded from, as far as it says (transformers' ``name_or_path``): every
-    file of that folder, or that file. No ``sop`` output replaces one of them."""
+    """The files the model was loaded from, as far as it says (transformers' ``name_or_path``): that
+    folder's ``folder_inputs``, or that file. No ``sop`` output replaces one of them."""
     where = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not isinstance(where, (str, os.PathLike)) or not str(where):
         return []
     where = Path(where)
     with contextlib.suppress(OSError):
         if where.is_dir():
-            return sorted(f for f in where.iterdir() if f.is_file())
+            return folder_inputs(where)
         if where.is_file():
             return [where]
     return []
@@ -589,10 +589,14 @@ class _HeldCalibration:
 class _Outcomes:
     """``quantize_module``'s layers as ``_write_artifact`` takes them: ``(LayerOutcome, the record's chunks)``
     in order, the choice of a ``sop-budget`` layer ``option: choice`` as on disk; ``budgeted``: the knapsack's
-    result (its report goes into the header) or None."""
+    result or None, its report (which goes into the header) naming each layer as on disk (``saved``)."""
 
-    def __init__(self, layers, budgeted, act):
-        self.layers, self.budgeted, self.act = layers, budgeted, act
+    def __init__(self, layers, budgeted, act, saved: dict, budget):
+        self.layers, self.act, self.budgeted = layers, act, budgeted
+        if budgeted is not None:                    # the table in the disk path's order: the report sorts it stably
+            on_disk = [{**t, "layer": saved[t["layer"]]} for t in budgeted.table]
+            self.budgeted = replace(budgeted, table=on_disk)
+            self.budgeted.report = budget_report(self.budgeted, budget, budgeted.n_weights)
 
     def __iter__(self):
         from .artifact import encode_record
@@ -666,7 +670,7 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
 
         _write_artifact(_HeldModel(model, layers, kept, saved, files), qfmt, out, budget,
                         _HeldCalibration(stats is not None, tokens, tuple(unreached)), "error",
-                        _Outcomes(quantized(), budget_res, act), _silent)
+                        _Outcomes(quantized(), budget_res, act, saved, budget), _silent)
     with signals_held():                            # every parameter written, or (before the loop) none
         for name, lay in layers.items():
             # a model built under inference_mode holds inference tensors: written in place only there

@@ -383,12 +383,18 @@ CONFIG_JSON, TOKENIZER_JSON = "config.json", "tokenizer.json"
 SIBLINGS_READ = (CONFIG_JSON, TOKENIZER_JSON)
 
 
+def folder_inputs(folder: Path) -> list[Path]:
+    """The files of a model folder that a model may read, in name order: every file but a ``.sopq``
+    (sop's own container, which no model reads: a second ``--out`` into the folder replaces the first)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() != ".sopq")
+
+
 def model_inputs(spec: str) -> list[Path]:
-    """Every file a model spec may read (all the files of a folder; a file and the ``SIBLINGS_READ``
+    """Every file a model spec may read (a folder's ``folder_inputs``; a file and the ``SIBLINGS_READ``
     beside it): no output may be one of them."""
     p = builtin_path(spec) or Path(spec)
     if p.is_dir():
-        return [f for f in p.iterdir() if f.is_file()]
+        return folder_inputs(p)
     return [p] + [p.parent / name for name in SIBLINGS_READ]
 
 

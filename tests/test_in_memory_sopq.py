@@ -44,10 +44,13 @@ def same_records(a, b) -> None:
 
 @pytest.mark.parametrize(("arch", "fmt", "head"), [("qwen2", "sop4-g16", False), ("qwen2", "nf4-g64", False),
                                                    ("gpt2", "e2m3-ue4m4-g16", False), ("qwen2", "sop-budget", False),
-                                                   ("mixtral", "sop4-g16", False), ("neox", "nf4-g64", True)])
+                                                   ("mixtral", "sop4-g16", False), ("mixtral", "sop-budget", False),
+                                                   ("neox", "nf4-g64", True)])
 def test_the_file_holds_the_checkpoint_paths_records(folders, tmp_path, arch, fmt, head):
     """Mixtral's layers are named on disk after ``block_sparse_moe`` (``mlp`` in the running model), its
-    experts after their own tensors; GPT-NeoX's head is ``embed_out`` on disk (``lm_head`` running)."""
+    experts after their own tensors, in the records and in the sop-budget report (an outside probe: the
+    report named them as the running model does); GPT-NeoX's head is ``embed_out`` on disk (``lm_head``
+    running)."""
     budget = {"budget": 5.0} if fmt == "sop-budget" else {}
     with including_lm_head(head):
         quantize_model(str(folders[arch]), fmt, tmp_path / "disk.sopq", calibrate=False, progress=False, **budget)
@@ -56,6 +59,8 @@ def test_the_file_holds_the_checkpoint_paths_records(folders, tmp_path, arch, fm
     disk, mem = open_artifact(tmp_path / "disk.sopq"), open_artifact(tmp_path / "mem.sopq")
     same_records(mem, disk)
     assert mem.meta.get("budget_report") == disk.meta.get("budget_report")
+    if arch == "mixtral" and fmt == "sop-budget":     # the report names promoted layers, so renamed ones
+        assert "block_sparse_moe" in mem.meta["budget_report"]
     assert mem.meta["model"]["kind"] == "in-memory" and mem.meta["model"]["spec"] == ""
     assert mem.meta["model"]["fingerprint"] == "" and mem.meta["calibration"]["weighted"] is False
     assert mem.meta["model"]["files"] == [str(f) for f in sorted(folders[arch].iterdir())]
@@ -141,6 +146,18 @@ def test_no_output_replaces_a_file_the_model_was_loaded_from(folders, tmp_path, 
     for bad in (b"/tmp/m.sopq", 3):
         with pytest.raises(ValueError, match="out is the .sopq file's path"):
             quantize_module(reference_model(folders["qwen2"]), "sop4-g16", out=bad)
+
+
+def test_a_second_file_into_the_models_own_folder_replaces_the_first(tmp_path):
+    """An outside probe: every file of the model's folder was an input, the .sopq written there before
+    too, so a second run into it was refused as 'the input'. A .sopq is no model's input (models.folder_inputs),
+    and the header lists only the model's files."""
+    folder = make_folder(tmp_path / "qwen2", "qwen2", bpe_tokenizer())
+    model_files = [str(f) for f in sorted(folder.iterdir())]
+    for fmt in ("sop4-g16", "nf4-g64"):
+        quantize_module(reference_model(folder), fmt, out=folder / "q.sopq")
+        art = open_artifact(folder / "q.sopq")
+        assert art.format == fmt and art.meta["model"]["files"] == model_files
 
 
 def test_a_model_folder_from_a_file_made_in_memory_says_nothing_checks_its_model(folders, tmp_path, capsys):

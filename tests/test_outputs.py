@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 from sop.cli import main
 from sop.golden import files as G
+from sop.quantize.artifact import open_artifact
 
 LAYER = "blk.0.fc.weight"
 
@@ -179,14 +180,17 @@ def test_a_full_disk_names_the_target_and_leaves_no_file_or_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
 
 
-def test_an_output_in_the_input_folder_under_another_name_is_allowed(files, tmp_path):
-    """The check is on the file, not the folder: a new name beside the input is fine."""
+def test_an_output_in_the_input_folder_under_another_name_is_allowed(files, tmp_path, capsys):
+    """The check is on the file, not the folder: a new name beside the input is fine, and so is a second
+    run into it (a .sopq in the folder is no input of the model: it was refused as 'the input')."""
     folder = tmp_path / "model"
     folder.mkdir()
     os.link(files["ckpt"], folder / "model.safetensors")
-    assert main(["quantize", str(folder), "--format", "sop4-g16", "--out", str(folder / "q.sopq"),
-                 "--quiet"]) == 0
-    assert (folder / "q.sopq").stat().st_size > 0
+    for fmt in ("sop4-g16", "nf4-g64"):
+        assert main(["quantize", str(folder), "--format", fmt, "--out", str(folder / "q.sopq"), "--quiet"]) == 0, \
+            capsys.readouterr().err
+        assert open_artifact(folder / "q.sopq").format == fmt
+    refused(capsys, commands({**files, "ckpt": folder}, folder / "model.safetensors")["quantize"], "is the input")
 
 
 # -- targets that are not regular files -----------------------------------------------------------------
