@@ -335,14 +335,15 @@ def _block_of(name: str) -> str:
     return m[1] if m else ""
 
 
-def _expert_hook(targets: list[Target], add):
+def _expert_hook(targets: list[Target], add, fix: str = "--exclude its experts, or --no-calib"):
     """A forward pre-hook on a MoE experts module (transformers 5: ``forward(hidden_states, top_k_index,
     top_k_weights)``) that ``add``s, for each of ``targets`` (its mapped expert matrices), the per-column sum
     of squares of what that expert's matrix takes over the tokens the router sent to it (None where it sent
     none), and the count of every token that reached the module: a token not sent to an expert counts as a
     zero input to it. What a matrix takes: the hidden states for gate and up; for down the gated
     intermediate, recomputed here from those tokens with the module's own parameters and gate
-    (``_apply_gate``, or ``act_fn`` without one)."""
+    (``_apply_gate``, or ``act_fn`` without one). ``fix``: what the caller can do where the module is called
+    otherwise (a command's flags; a Python caller's arguments)."""
     by_expert: dict[int, list[Target]] = {}
     for t in targets:
         by_expert.setdefault(t.slot[1], []).append(t)
@@ -355,7 +356,7 @@ def _expert_hook(targets: list[Target], add):
         if not (isinstance(x, torch.Tensor) and isinstance(idx, torch.Tensor) and not idx.is_floating_point()):
             raise ValueError(f"calibration: the experts module {type(mod).__name__} is not called as transformers' "
                              f"experts are (hidden_states, top_k_index, top_k_weights), so which tokens reach an "
-                             f"expert is unknown; --exclude its experts, or --no-calib")
+                             f"expert is unknown; {fix}")
         x = x.detach().reshape(-1, x.shape[-1])
         idx = idx.reshape(x.shape[0], -1)
         for e, ts in by_expert.items():

@@ -435,7 +435,7 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
         return hook
 
     def experts_hook_for(module, targets: list):
-        routed = _expert_hook(targets, add)
+        routed = _expert_hook(targets, add, "exclude= its experts, or give no batches")
 
         def hook(mod, args, kwargs):                # the masked positions' rows out of the tokens and their experts
             x = kwargs.get("hidden_states", args[0] if args else None)

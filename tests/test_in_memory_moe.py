@@ -164,6 +164,29 @@ def test_excluded_expert_matrices_are_kept_by_name_and_unsplit_experts_fused():
         assert not [n for n in res.layers if ".experts." in n]
 
 
+def test_experts_called_otherwise_are_refused_with_what_a_python_caller_can_do(monkeypatch):
+    """A MoE block that calls its experts with other argument names: one ValueError that names the
+    arguments of quantize_module (it named the commands' flags), and the model unchanged."""
+    from transformers.models.auto import AutoModelForCausalLM
+    from transformers.models.mixtral import modeling_mixtral as mm
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, weights, index = self.gate(x)
+        return self.experts(x, router_indices=index, routing_weights=weights).reshape(hidden_states.shape)
+
+    monkeypatch.setattr(mm.MixtralSparseMoeBlock, "forward", forward)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(moe_config("mixtral"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = [{"input_ids": torch.randint(0, 64, (2, 8))}]
+    with pytest.raises(ValueError, match=r"MixtralExperts is not called as transformers' experts are .*; "
+                                         r"exclude= its experts, or give no batches$"):
+        quantize_module(model, "sop4-g16", batch)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert quantize_module(model, "sop4-g16").layers          # no batches, as the message says: quantized
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sop_budget_breaks_exact_ties_as_the_checkpoint_path(folders, tmp_path, dtype):
     """An outside probe: on a bf16 / float16 Nemotron-H two promotions gained exactly the same, and the
