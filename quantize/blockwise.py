@@ -757,8 +757,10 @@ class Encoded:
 
     @property
     def error(self) -> float:
-        """The layer's weighted squared error, at the scale of the ``col_weight`` given."""
-        return float(np.ldexp(self.err.sum(), self.a_exp))
+        """The layer's weighted squared error, at the scale of the ``col_weight`` given (Inf past float64's
+        range: the choices were made at the held scale, and the sop-budget knapsack refuses it)."""
+        with np.errstate(over="ignore"):
+            return float(np.ldexp(self.err.sum(), self.a_exp))
 
 
 def merge_banks(evals: list[BankEval]) -> np.ndarray:

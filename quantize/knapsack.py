@@ -206,9 +206,11 @@ def weighted_error(w, recon, act_ms=None, sparse: Sparse | None = None) -> float
         if act is None:
             sums.push(d.reshape(1, -1))
         else:
-            d *= act
-            per_row[r:r + step] = d.sum(axis=1)        # pairwise per row: independent of the chunking
-    return float(sums.total()[0]) if act is None else float(per_row.sum())
+            with np.errstate(over="ignore"):            # Inf past float64: quantize_budget refuses it
+                d *= act
+                per_row[r:r + step] = d.sum(axis=1)    # pairwise per row: independent of the chunking
+    with np.errstate(over="ignore"):
+        return float(sums.total()[0]) if act is None else float(per_row.sum())
 
 
 def _base_result(base: str, w, act_ms, name: str, sop4_kw: dict, cols: int | None = None) -> QuantResult:
@@ -410,6 +412,21 @@ def layer_options(layers: Mapping, options=DEFAULT_OPTIONS, sop4_kw: dict | None
     return LayerOptions(list(layers), parsed, costs, layers, entries, sop4_kw, streams, sizes, dict(cols))
 
 
+def _check_finite_errors(opts: LayerOptions) -> None:
+    """Every option's weighted error finite, and the largest the knapsack forms from them (the sum of each
+    layer's largest error times every bit it could spend: the Lagrangian's multiplier times the budget is
+    below it): a layer's own search holds its errors at a power of two of their own (any finite
+    ``act_ms``), but the knapsack adds them up across layers at their true scale, and an Inf there would
+    choose by nothing."""
+    bad = next((n for n, row in zip(opts.names, opts.costs) if not all(math.isfinite(e) for _, e in row)), None)
+    errors = sum(max(e for _, e in row) for row in opts.costs)
+    if bad is None and math.isfinite(errors * max(1, sum(max(b for b, _ in row) for row in opts.costs))):
+        return
+    where = f"layer {bad}'s weighted error overflows" if bad is not None else "the weighted errors overflow"
+    raise ValueError(f"sop-budget: {where} float64 in the knapsack's sums (act_ms of about 1e280 or more): "
+                     f"only the ratios between act_ms matter, so divide every layer's act_ms by one factor")
+
+
 def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
                     resolution: int = DEFAULT_RESOLUTION, sop4_kw: dict | None = None,
                     prepared: LayerOptions | None = None, cols: dict[str, int] | None = None,
@@ -428,6 +445,7 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     if not budget_bpw > 0:                          # NaN too: it would compare as no budget at all
         raise ValueError(f"--budget must be a number above 0, got {budget_bpw!r}")
     opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
+    _check_finite_errors(opts)
     n_weights = opts.n_weights if real_weights is None else real_weights
     sol = solve_mckp(opts.costs, budget_bits(opts.costs, budget_bpw, n_weights), resolution)
     choice, table = {}, []

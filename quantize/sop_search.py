@@ -254,9 +254,11 @@ def score_pairs(prep: Prepared, sources: list[_Source], pairs: list[tuple[int, i
     prep._batch_idx.clear()
     tot = sums.total()
     ww = float(prep.ww.sum())
-    # the cosine does not see the error weights' scale; the error is given back at the caller's
-    scores = [(cosine(float(tot[3 * p]), ww, float(tot[3 * p + 1])), float(np.ldexp(tot[3 * p + 2], prep.a_exp)))
-              for p in range(len(pairs))]
+    # the cosine does not see the error weights' scale; the error is given back at the caller's (Inf past
+    # float64's range: the sop-budget knapsack, which adds errors at that scale, refuses it)
+    with np.errstate(over="ignore"):
+        scores = [(cosine(float(tot[3 * p]), ww, float(tot[3 * p + 1])), float(np.ldexp(tot[3 * p + 2], prep.a_exp)))
+                  for p in range(len(pairs))]
     return scores, masks
 
 

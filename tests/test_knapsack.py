@@ -283,3 +283,20 @@ def test_the_report_gives_the_budget_as_typed_and_every_layer_off_the_base():
     assert lines[0].startswith("budget 5.38088 bpw = 1,076 bits")
     assert [ln.split()[0] for ln in lines[3:]] == ["c", "b"]
     assert lines[3].endswith("+100 bits  error -1 (0.01/bit)") and lines[4].endswith("-152 bits  error -0.5")
+
+
+@pytest.mark.parametrize(("act", "where"), [(1e308, "layer a's weighted error overflows"),
+                                           (1e305, "the weighted errors overflow")])
+def test_weighted_errors_past_float64_are_refused_not_chosen_by(act, where):
+    """act_ms of 1e308 from Python: a layer's errors came out Inf (its own search holds them at a power of
+    two, the knapsack at their true scale) and sop-budget chose by them, its report saying 'total weighted
+    error inf (gap nan); at 1e305 the errors were finite but the Lagrangian bound's products overflowed.
+    At 1e285 it quantizes."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    layers = {n: (w * k, np.full(64, act)) for n, k in (("a", 1.0), ("b", 0.9), ("c", 0.8))}
+    with pytest.raises(ValueError, match=f"^sop-budget: {where} float64 in the knapsack's sums .* divide every "
+                                         f"layer's act_ms by one factor$"):
+        quantize_budget(layers, 5.0)
+    res = quantize_budget({n: (x, a / 1e20) for n, (x, a) in layers.items()}, 5.0)
+    assert math.isfinite(res.solution.error) and "inf" not in res.report and "nan" not in res.report
