@@ -17,8 +17,10 @@ A ``.sopq`` file holds one model quantized in one format (docs/quantizer.md,
 A layer's header entry gives its name (as in the source checkpoint), its
 ``(out, in)`` shape, its padded shape, whether the checkpoint stores it
 transposed, the record kind, the record's offset (from the start of the data)
-and length, the record's CRC-32, its bits, bpw and the quantizer's choice.
-Two record kinds:
+and length, the record's CRC-32, its bits, bpw and the quantizer's choice; an
+expert of a fused experts tensor also ``stack``: ``[tensor, expert, experts]``
+(its name is ``tensor[expert]``, and a tensor's experts follow one another in
+order). Two record kinds:
 
 * ``"sopl"``: exactly ``golden.layout.pack_layer(stream)`` (its own magic, LUT
   images, offset, blocks, sparse table and CRC-32), for every format with a
@@ -47,7 +49,8 @@ Contract.
 * ``dequantize`` decodes every layer through ``golden.decoder.decode_layer``
   (exact output) or reads its float32 record, crops the padding, restores the
   checkpoint's orientation and writes float32 safetensors (the quantized linear
-  layers only, under their source names), streamed through a temporary file and
+  layers only, under their source names; the experts of a fused tensor as that
+  one ``(experts, ...)`` tensor), streamed through a temporary file and
   renamed: the same all-or-nothing guarantee. For every layer the result equals
   ``QuantResult.recon.astype(float32)`` bit for bit.
 """
@@ -78,7 +81,7 @@ from sop.quantize.evaluate import layer_outcomes as evaluate_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import aggregate
-from sop.quantize.models import linear_layers, model_inputs, open_model
+from sop.quantize.models import expert_layer_name, linear_layers, model_inputs, open_model
 from sop.quantize.result import QuantResult
 
 MAGIC = b"SOPQ"
@@ -179,12 +182,18 @@ class LayerEntry:
     crc32: int
     bits: int
     choice: str
+    #: one expert of a fused experts tensor: (the tensor, the expert, how many experts it holds); decoded,
+    #: the experts of a tensor are that tensor again, ``(experts, ...)``
+    stack: tuple[str, int, int] | None = None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "padded_shape": list(self.padded_shape),
-                "transposed": self.transposed, "record": self.kind, "offset": self.offset,
-                "length": self.length, "crc32": self.crc32, "bits": self.bits,
-                "bpw": self.bits / (self.shape[0] * self.shape[1]), "choice": self.choice}
+        d = {"name": self.name, "shape": list(self.shape), "padded_shape": list(self.padded_shape),
+             "transposed": self.transposed, "record": self.kind, "offset": self.offset,
+             "length": self.length, "crc32": self.crc32, "bits": self.bits,
+             "bpw": self.bits / (self.shape[0] * self.shape[1]), "choice": self.choice}
+        if self.stack is not None:
+            d["stack"] = list(self.stack)
+        return d
 
 
 def _get(d, key: str, where: str, kind):
@@ -254,11 +263,42 @@ def parse_entries(meta: dict) -> list[LayerEntry]:
         if bits < 0:
             raise ArtifactError(f"header: {where}: field 'bits' is negative ({bits})")
         entries.append(LayerEntry(name, shape, padded, _get(d, "transposed", where, bool), kind, offset,
-                                  length, crc, bits, _get(d, "choice", where, str)))
+                                  length, crc, bits, _get(d, "choice", where, str), _stack(d, name, where)))
         pos += length
     if _get(meta, "data_bytes", "top level", int) != pos:
         raise ArtifactError(f"header: data_bytes {meta['data_bytes']} is not the sum of the records ({pos})")
+    _check_stacks(entries, seen)
     return entries
+
+
+def _stack(d: dict, name: str, where: str) -> tuple[str, int, int] | None:
+    """An entry's optional ``stack`` field: ``[tensor, expert, experts]``, the name ``tensor[expert]``."""
+    if "stack" not in d:
+        return None
+    v = _get(d, "stack", where, list)
+    ok = len(v) == 3 and isinstance(v[0], str) and all(isinstance(x, int) and not isinstance(x, bool) for x in v[1:])
+    if not ok or not 0 <= v[1] < v[2] or name != expert_layer_name(v[0], v[1]) or name_problem(v[0]):
+        raise ArtifactError(f"header: {where}: field 'stack' must be [tensor, expert, experts] with "
+                            f"0 <= expert < experts and the layer named tensor[expert], got {v!r}")
+    return v[0], v[1], v[2]
+
+
+def _check_stacks(entries: list, names: set) -> None:
+    """The experts of each fused tensor: all of them, in order, one after another, alike in shape and
+    orientation, and the tensor's name no layer's (decoded, it is one tensor again)."""
+    i = 0
+    while i < len(entries):
+        first = entries[i]
+        if first.stack is None:
+            i += 1
+            continue
+        tensor, _, n = first.stack
+        group = entries[i:i + n]
+        if tensor in names or [e.stack for e in group] != [(tensor, k, n) for k in range(n)] or \
+                len({(e.shape, e.transposed) for e in group}) != 1:
+            raise ArtifactError(f"header: the experts of {tensor[:80]!r} are not its {n} experts in order, one "
+                                f"after another, of one shape and orientation, under a name no other layer has")
+        i += n
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -487,7 +527,7 @@ def _write_artifact(src, fmt, out: Path, budget, cal, nan_policy: str, outcomes,
                 crc &= 0xFFFFFFFF
                 del chunks
                 e = LayerEntry(lay.name, tuple(lay.shape), tuple(padded), lay.transposed, kind, pos, length,
-                               crc, o.bits, o.choice)
+                               crc, o.bits, o.choice, getattr(lay, "stack", None))
                 d = e.as_dict()
                 if o.n_bad:
                     d["nonfinite_replaced"] = o.n_bad
@@ -527,7 +567,11 @@ def _safetensors_header(art: Artifact) -> bytes:
     for e in art.layers:
         shape = [e.shape[1], e.shape[0]] if e.transposed else list(e.shape)
         n = 4 * e.shape[0] * e.shape[1]
-        header[e.name] = {"dtype": "F32", "shape": shape, "data_offsets": [pos, pos + n]}
+        if e.stack is None:
+            header[e.name] = {"dtype": "F32", "shape": shape, "data_offsets": [pos, pos + n]}
+        elif e.stack[1] == 0:                       # the experts follow one another: one (experts, ...) tensor
+            header[e.stack[0]] = {"dtype": "F32", "shape": [e.stack[2], *shape],
+                                  "data_offsets": [pos, pos + e.stack[2] * n]}
         pos += n
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return hb + b" " * (-len(hb) % 8)               # pad to 8 bytes, as the safetensors library does

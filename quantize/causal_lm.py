@@ -23,7 +23,9 @@ when the windows are cut (``CheckpointError`` naming the folder or GGUF file).
 ``nn.Linear`` or HF ``Conv1D`` module to that module (``Target``); a tied output head maps to the
 input embedding's tensor. A MoE router (a module of its own in transformers 5) maps like a linear
 module; a per-expert matrix of a folder maps to its expert's rows of the fused ``(experts, rows,
-in)`` parameter that transformers loads it into, found by its values (``Target.slot``). It must
+in)`` parameter that transformers loads it into, found by its values (``Target.slot``), and an expert
+of a fused tensor of the checkpoint (``LinearLayer.stack``) to its index of the parameter loaded from
+that tensor, found by name (``_stack_slots``). It must
 cover every selected layer (``CheckpointError`` otherwise, before any work), and the module must
 take the layer's input channels in the layer's column order (checked on an index matrix for GGUF
 conversions).
@@ -32,7 +34,8 @@ conversions).
 per-input-channel sum of squares of its input over every token of the windows (no padding: every
 window is full), in float64. The output head is the last module: its hook records its input and
 stops the pass, so no logits are computed. A hook on each experts module does the same per expert
-matrix, a token the router did not send to that expert counting as a zero input (``_expert_hook``);
+matrix, a token the router did not send to that expert counting as a zero input (``_expert_hook``;
+Llama 4's experts take every token times its router score: ``_bmm_expert_hook``);
 an expert no token reaches gets ``1 / tokens`` in every column, one token of ones (``unrouted``).
 
 **End to end** (``reference`` then ``score``), the convention of llama.cpp's
@@ -70,6 +73,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, atomic_files, check_output, staging_folder
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
+from sop.quantize.models import expert_layer_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # as models.py: whichever module loads transformers first
 
@@ -103,7 +107,7 @@ class Target:
     name: str           # the checkpoint tensor (the quantizer's layer name)
     module: str         # the nn.Linear / Conv1D module (or MoE router) that uses it as its weight, or the
                         # MoE experts module whose fused parameter holds it (``slot``)
-    conv1d: bool        # HF Conv1D: the module's weight is (in, out)
+    conv1d: bool        # HF Conv1D: the module's weight is (in, out) (an expert's slot: the fused parameter is)
     tied: bool = False  # the output head, tied to the input embedding
     #: one expert's matrix inside the experts module's fused ``(experts, rows, in)`` parameter:
     #: (the parameter's name, the expert, its first row); None: the module's own ``weight``
@@ -335,6 +339,50 @@ def _block_of(name: str) -> str:
     return m[1] if m else ""
 
 
+#: experts modules called with one ``(experts * tokens, in)`` input, each expert's rows together (every token,
+#: times the router's score for that expert: 0 where it sent the token elsewhere), that hold their fused
+#: parameters ``(experts, in, out)`` and apply them with ``bmm``: transformers' Llama 4
+_BMM_EXPERTS = ("Llama4TextExperts",)
+
+
+def experts_transposed(module) -> bool | None:
+    """Whether an experts module holds its fused parameters ``(experts, in, out)``: its ``is_transposed``
+    (transformers' experts modules), True for ``_BMM_EXPERTS``; None for any other module."""
+    if type(module).__name__ in _BMM_EXPERTS:
+        return True
+    held = getattr(module, "is_transposed", None)
+    return held if isinstance(held, bool) else None
+
+
+def expert_hook(module, targets: list[Target], add, fix: str = "--exclude its experts, or --no-calib"):
+    """The forward pre-hook that takes the statistics of ``targets``, expert matrices of ``module``."""
+    return _bmm_expert_hook(targets, add) if type(module).__name__ in _BMM_EXPERTS else _expert_hook(targets, add, fix)
+
+
+def _bmm_expert_hook(targets: list[Target], add):
+    """A forward pre-hook on a ``_BMM_EXPERTS`` module that ``add``s, for each of ``targets``, the per-column
+    sum of squares of what its expert's matrix takes (gate and up: the expert's rows of the input, each token
+    times the router's score; down: the gated intermediate recomputed from them) over every token, and the
+    count of tokens; None where the router sent the expert none (all its rows zero)."""
+    def hook(mod, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        x = x.detach().reshape(mod.gate_up_proj.shape[0], -1, x.shape[-1])
+        done: dict[tuple, object] = {}
+        for t in targets:
+            e, down = t.slot[1], t.slot[0] not in _EXPERT_INPUT
+            if not bool(x[e].any()):
+                add(t.name, None, x.shape[1])
+                continue
+            if (e, down) not in done:
+                a = x[e]
+                if down:
+                    gate, up = (a @ mod.gate_up_proj[e]).chunk(2, dim=-1)
+                    a = up * mod.act_fn(gate)
+                done[e, down] = (a.double() ** 2).sum(0)
+            add(t.name, done[e, down], x.shape[1])
+    return hook
+
+
 def _expert_hook(targets: list[Target], add, fix: str = "--exclude its experts, or --no-calib"):
     """A forward pre-hook on a MoE experts module (transformers 5: ``forward(hidden_states, top_k_index,
     top_k_weights)``) that ``add``s, for each of ``targets`` (its mapped expert matrices), the per-column sum
@@ -373,7 +421,8 @@ def _expert_hook(targets: list[Target], add, fix: str = "--exclude its experts, 
                     if down:
                         up = "gate_up_proj" if mod.has_gate else "up_proj"
                         bias = getattr(mod, f"{up}_bias")[e] if mod.has_bias else None
-                        h = torch.nn.functional.linear(xe, getattr(mod, up)[e], bias)
+                        w = getattr(mod, up)[e]
+                        h = torch.nn.functional.linear(xe, w.T if mod.is_transposed else w, bias)
                         a = mod._apply_gate(h) if mod.has_gate else mod.act_fn(h)
                     done[down] = (a.double() ** 2).sum(0)
                 add(t.name, done[down], x.shape[0])
@@ -416,13 +465,7 @@ class CausalLM:
             if g is None and module_name == self.head_module and "output.weight" in names:
                 g = "output.weight"
             return g if g in names else None
-        prefix = getattr(self.model, "base_model_prefix", "") or ""
-        cands = (param, param.removeprefix(f"{prefix}.") if prefix else param, f"{prefix}.{param}")
-        found = next((c for c in cands if c in names), None)
-        if found is None:                   # only then transformers' renames (private API, pinned version)
-            renamed = self._renamed(names)
-            found = next((renamed[c] for c in cands if c in renamed), None)
-        return found
+        return self._param_tensor(param, names)
 
     def _renamed(self, names: set) -> dict[str, str]:
         """transformers' own name of each checkpoint tensor that it renames on loading (its checkpoint
@@ -469,7 +512,57 @@ class CausalLM:
                     out[tname] = Target(tname, mname, False)
         if self.convert is None:
             out.update(self._expert_slots(names, set(out)))
+            out.update(self._stack_slots(names))
         return out
+
+    def _stack_slots(self, names: set) -> dict[str, Target]:
+        """The experts of the selected fused experts tensors (``LinearLayer.stack``): each at its index of the
+        transformers experts module's fused parameter loaded from that tensor (by its name, through transformers'
+        renames: GraniteMoE's ``input_linear.weight`` is ``experts.gate_up_proj``), held ``(experts, in, out)``
+        where the module says so (``experts_transposed``: GPT-OSS, Llama 4). The checkpoint's orientation must
+        be the module's, and the first and last experts' values must be the parameter's (a loading conversion
+        that reorders them leaves the tensor unmapped: refused if selected)."""
+        import torch
+
+        stacks = {lay.tensor: lay for lay in self.src.layers if lay.stack is not None}
+        if not stacks:
+            return {}
+        out: dict[str, Target] = {}
+        for mname, mod in self.modules.items():
+            transposed = experts_transposed(mod)
+            if transposed is None:                      # no experts module
+                continue
+            for pname in _EXPERT_INPUT + ("down_proj",):
+                p = getattr(mod, pname, None)
+                full = f"{mname}.{pname}" if mname else pname
+                tname = self._param_tensor(full, names) if isinstance(p, torch.nn.Parameter) else None
+                lay = stacks.get(tname)
+                if lay is None or lay.transposed != transposed or p.shape[0] != lay.stack[2]:
+                    continue
+                n = lay.stack[2]
+                if all(self._holds(p.data[e], lay.tensor, e) for e in {0, n - 1}):
+                    out.update((name, Target(name, mname, transposed, slot=(pname, e, 0)))
+                               for e in range(n) for name in [expert_layer_name(tname, e)])
+        return out
+
+    def _param_tensor(self, full: str, names: set) -> str | None:
+        """The checkpoint tensor a parameter named ``full`` was loaded from (as ``_tensor_for`` finds a module's
+        weight's)."""
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        cands = (full, full.removeprefix(f"{prefix}.") if prefix else full, f"{prefix}.{full}")
+        found = next((c for c in cands if c in names), None)
+        if found is None:
+            renamed = self._renamed(names)
+            found = next((renamed[c] for c in cands if c in renamed), None)
+        return found
+
+    def _holds(self, held, tname: str, e: int) -> bool:
+        """Whether ``held`` (an expert of a fused parameter, as the model holds it) is expert ``e`` of tensor
+        ``tname`` read from the checkpoint, rounded to float32 (as transformers loads it to run on the CPU)."""
+        import torch
+
+        w = torch.from_numpy(np.asarray(self.src.read_tensor(tname, e), dtype=np.float32))
+        return held.shape == w.shape and bool(((held == w) | (held.isnan() & w.isnan())).all())
 
     def _expert_slots(self, names: set, mapped: set) -> dict[str, Target]:
         """The checkpoint's per-expert matrices (``...experts.<e>.w1.weight``, ``...experts.<e>.gate_proj.weight``)
@@ -544,7 +637,8 @@ class CausalLM:
         if t.slot is None:
             return mod.weight
         pname, e, r0 = t.slot
-        return getattr(mod, pname).data[e, r0:r0 + self.src.tensor_shape(t.name)[0]]
+        held = getattr(mod, pname).data[e]
+        return held if t.conv1d else held[r0:r0 + self.src.matrix_shape(t.name)[0]]
 
     def _clean_selected(self) -> None:
         """The selected layers' weights cleaned as the quantizer reads them (evaluate.clean_forward_weight);
@@ -715,7 +809,8 @@ class CausalLM:
                     handles.append(self.modules[t.module].register_forward_pre_hook(
                         hook_for(t.name, t.module == self.head_module), with_kwargs=True))
             for mname, ts in experts.items():
-                handles.append(self.modules[mname].register_forward_pre_hook(_expert_hook(ts, add), with_kwargs=True))
+                handles.append(self.modules[mname].register_forward_pre_hook(expert_hook(self.modules[mname], ts, add),
+                                                                             with_kwargs=True))
             with torch.inference_mode():
                 for i in range(0, len(windows), batch):
                     try:
@@ -730,7 +825,7 @@ class CausalLM:
         # next to nothing beside the others under a bit budget)
         self.unrouted = sorted(n for n in counts if n not in sums)
         stats = {n: (sums[n] / counts[n]).numpy() for n in sums}
-        stats.update((n, np.full(self.src.tensor_shape(n)[1], 1 / counts[n])) for n in self.unrouted)
+        stats.update((n, np.full(self.src.matrix_shape(n)[1], 1 / counts[n])) for n in self.unrouted)
         return stats, tokens
 
     # -- end to end -----------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ does for a checkpoint on disk, with the same rules and the same bits:
   transformers experts module's fused ``(experts, rows, in)`` parameters are split as ``save_pretrained``
   writes them, one layer per expert matrix (``_expert_conversions``: Mixtral's ``gate_up_proj`` is each
   expert's ``w1`` over its ``w3``), named ``<experts module>.<expert>.<its name on disk>``
-  (``model.layers.0.mlp.experts.3.w1.weight``): the tensors the disk path quantizes. Kept, each
-  with its reason in ``kept``: every other parameter of two or more dimensions (embeddings, fused
-  experts no conversion splits, convolutions), weights that are views of another tensor's memory (writing one
+  (``model.layers.0.mlp.experts.3.w1.weight``): the tensors the disk path quantizes; a fused parameter
+  that no conversion splits (stored fused on disk too: GraniteMoE's, GPT-OSS's ``(experts, in, out)``)
+  is one layer per expert, ``<parameter>[<expert>]`` (``_stacked_experts``). Kept, each
+  with its reason in ``kept``: every other parameter of two or more dimensions (embeddings, FP8 and
+  Llama 4's fused experts, convolutions), weights that are views of another tensor's memory (writing one
   would change the other), ``nn.MultiheadAttention``'s weights (it applies
   them without calling a module, so no hook sees their input) and a weight computed at each call (a
   parametrization such as ``weight_norm``: writing it would change nothing). A weight on the meta
@@ -82,9 +84,10 @@ import numpy as np
 from sop.golden.files import signals_held
 from sop.golden.layout import LayerStream
 
-from .causal_lm import _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, fused_expert_params
+from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, experts_transposed,
+                        fused_expert_params)
 from .knapsack import LazyLayers, budget_report
-from .models import _natural_key, _selected, folder_inputs, linear_reason
+from .models import _natural_key, _selected, expert_layer_name, folder_inputs, is_expert_stack, linear_reason
 from .schemes import get_quant_format
 
 
@@ -132,11 +135,14 @@ _TIED = "a head tied to the input embedding {}: kept (lm_head=True quantizes the
 class _Layer:
     """One layer to quantize: the weight of ``modules`` (each applies it; their hooks see its input), or
     with ``expert`` one expert's matrix inside the fused ``(experts, rows, in)`` parameter of ``modules[0]``,
-    a transformers experts module (``expert.slot``: the parameter, the expert, the first of ``rows`` rows)."""
+    a transformers experts module (``expert.slot``: the parameter, the expert, the first of ``rows`` rows),
+    or with ``stack`` (the parameter's name, the expert, how many) the whole of one expert of a fused
+    parameter that the checkpoint stores fused too (``(experts, in, out)`` where ``expert.conv1d``)."""
 
     modules: list
     expert: Target | None = None
     rows: int = 0
+    stack: tuple[str, int, int] | None = None
 
     def stored(self):
         """The parameter that holds the layer (the fused parameter of an expert's matrix)."""
@@ -147,11 +153,12 @@ class _Layer:
         if self.expert is None:
             return self.modules[0].weight
         _, e, r0 = self.expert.slot
-        return self.stored()[e, r0:r0 + self.rows]
+        return self.stored()[e] if self.stack else self.stored()[e, r0:r0 + self.rows]
 
     @property
     def conv1d(self) -> bool:
-        return self.expert is None and _is_conv1d(self.modules[0])
+        """The model holds it ``(in, out)``: a Conv1D's weight, an expert of GPT-OSS."""
+        return self.expert.conv1d if self.expert is not None else _is_conv1d(self.modules[0])
 
     def matrix(self) -> np.ndarray:
         """The layer's ``(out, in)`` matrix, float64 (what ModelSource.load gives)."""
@@ -201,13 +208,22 @@ def _fused_experts(model):
         yield mname, module, pname, p, None if tails is None or p.shape[1] % len(tails) else tails
 
 
-def _unsplit_experts(module) -> str:
-    """Why an experts module's fused parameter that ``_fused_experts`` does not take is kept."""
+def _unsplit_experts(module, p) -> str:
+    """Why an experts module's fused parameter that neither ``_fused_experts`` nor ``_stacked_experts`` takes
+    is kept."""
     kind = type(module).__name__
-    if getattr(module, "is_transposed", None) is True:
-        return f"fused MoE experts of {kind}, stored (experts, in, rows) (is_transposed): kept, as on disk"
+    if _fp8(p):
+        return f"fused MoE experts of {kind} in {p.dtype}: kept, as on disk"
+    if type(module).__name__ in _BMM_EXPERTS:
+        return (f"fused MoE experts of {kind}, called with every token scaled by its router score and no routed "
+                f"indices: kept (on disk they are quantized)")
     return (f"fused MoE experts of {kind}, which does not say how it stores them (is_transposed): kept (on disk "
             f"these experts are refused: --exclude them there)")
+
+
+def _fp8(p) -> bool:
+    """An FP8 parameter (its fused experts are kept, as on disk)."""
+    return str(p.dtype) in ("torch.float8_e4m3fn", "torch.float8_e5m2")
 
 
 def _stored_weight(module):
@@ -264,12 +280,10 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
         else:
             layers[name] = _Layer([module])
     for mname, module, pname, p, tails in _fused_experts(model):   # each expert's matrices, named as on disk
-        full = f"{mname}.{pname}" if mname else pname
-        decided[_view(p)] = (full, tails is not None)
-        if tails is None:
-            kept[full] = ("fused MoE experts that transformers' checkpoint conversion does not split into one "
-                          "matrix per expert (as on disk, where such a checkpoint stores them fused)")
+        if tails is None:                           # stored fused on disk too: ``_stacked_experts``
             continue
+        full = f"{mname}.{pname}" if mname else pname
+        decided[_view(p)] = (full, True)
         rows = p.shape[1] // len(tails)
         for e in range(p.shape[0]):
             for k, tail in enumerate(tails):
@@ -284,6 +298,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
                     raise ValueError(f"layer {name}: its weight is on the meta device (not loaded): nothing to "
                                      f"quantize")
                 layers[name] = _Layer([module], Target(name, mname, False, slot=(pname, e, k * rows)), rows)
+    _stacked_experts(model, include, exclude, layers, kept, decided)
     for mname, module in model.named_modules():     # the rest, each with its owner's kind
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
@@ -293,7 +308,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
             kept[full] = ("an embedding" if isinstance(module, torch.nn.Embedding) else
                           f"the weight of {state[0]}, kept" if state is not None else
                           _MHA if isinstance(module, torch.nn.MultiheadAttention) else
-                          _unsplit_experts(module) if p.ndim == 3 and pname in (*_EXPERT_INPUT, "down_proj") else
+                          _unsplit_experts(module, p) if p.ndim == 3 and pname in (*_EXPERT_INPUT, "down_proj") else
                           f"a parameter of {type(module).__name__}, not the weight of a linear module")
     shared: dict[int, str | None] = {}             # a stored parameter -> the other tensor its memory overlaps
     for name, lay in list(layers.items()):         # a view of another tensor's memory: writing it writes that
@@ -303,6 +318,37 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
             del layers[name]
             kept[name] = f"shares memory with {other} (views of one tensor): writing it would change that one"
     return layers, kept
+
+
+def _stacked_experts(model, include, exclude, layers: dict, kept: dict, decided: dict) -> None:
+    """Into ``layers``, each expert of the fused parameters that no conversion splits (stored fused on disk
+    too: GraniteMoE's, GPT-OSS's ``(experts, in, out)``): one layer per expert, ``<parameter>[<expert>]``,
+    selected as one parameter by its name, as the disk path selects the fused tensor. Llama 4's experts (no
+    routed indices to hook, ``causal_lm._BMM_EXPERTS``) and FP8 ones are kept (``_unsplit_experts``)."""
+    import torch
+
+    for mname, module in model.named_modules():
+        transposed = experts_transposed(module)
+        if transposed is None or type(module).__name__ in _BMM_EXPERTS:
+            continue
+        for pname in (*_EXPERT_INPUT, "down_proj"):
+            p = getattr(module, pname, None)
+            full = f"{mname}.{pname}" if mname else pname
+            if not isinstance(p, torch.nn.Parameter) or p.ndim != 3 or _view(p) in decided or _fp8(p) \
+                    or not is_expert_stack(full, tuple(p.shape), p.is_floating_point()):
+                continue
+            selected = _selected(full, include, exclude)
+            decided[_view(p)] = (full, selected)
+            if not selected:
+                kept[full] = "not selected (include/exclude)"
+                continue
+            if p.is_meta:
+                raise ValueError(f"layer {full}: its weight is on the meta device (not loaded): nothing to quantize")
+            n = p.shape[0]
+            for e in range(n):
+                name = expert_layer_name(full, e)
+                layers[name] = _Layer([module], Target(name, mname, transposed, slot=(pname, e, 0)),
+                                      stack=(full, e, n))
 
 
 def _view(p) -> tuple:
@@ -499,8 +545,18 @@ def _source_files(model) -> list[Path]:
     return []
 
 
-def _saved_names(model, names) -> dict[str, str]:
-    """Each layer's name as ``save_pretrained`` writes it: transformers' checkpoint renames undone
+def _saved_names(model, layers: dict) -> dict[str, str]:
+    """Each layer's name as ``save_pretrained`` writes it (``_reverted``); an expert of a fused parameter
+    that the checkpoint stores fused is ``<the parameter's name on disk>[<expert>]`` (GraniteMoE's
+    ``experts.gate_up_proj`` is ``input_linear.weight`` there)."""
+    base = {name: lay.stack[0] if lay.stack else name for name, lay in layers.items()}
+    saved = _reverted(model, sorted(set(base.values())))
+    return {name: expert_layer_name(saved[base[name]], lay.stack[1]) if lay.stack else saved[name]
+            for name, lay in layers.items()}
+
+
+def _reverted(model, names) -> dict[str, str]:
+    """Each of ``names`` as ``save_pretrained`` writes it: transformers' checkpoint renames undone
     (``revert_weight_conversion``, run on a placeholder per name: Mixtral's ``mlp`` is
     ``block_sparse_moe`` on disk, GPT-NeoX's ``lm_head`` is ``embed_out``); an expert's name already
     carries its checkpoint name. A name transformers would not write one to one keeps its own."""
@@ -542,6 +598,7 @@ class _HeldLayer:
     name: str
     shape: tuple[int, int]                          # (out, in)
     transposed: bool                                # a Conv1D: the model holds it (in, out)
+    stack: tuple[str, int, int] | None = None       # an expert of a fused tensor, as LinearLayer.stack on disk
 
 
 class _HeldModel:
@@ -555,7 +612,9 @@ class _HeldModel:
         self.layers = []
         for name, lay in layers.items():
             rows, cols = lay.tensor().shape
-            self.layers.append(_HeldLayer(saved[name], (cols, rows) if lay.conv1d else (rows, cols), lay.conv1d))
+            stack = None if lay.stack is None else (saved[name].rsplit("[", 1)[0], *lay.stack[1:])
+            self.layers.append(_HeldLayer(saved[name], (cols, rows) if lay.conv1d else (rows, cols), lay.conv1d,
+                                          stack))
         self.cls, self.kept, self.files = type(model).__name__, kept, files
 
     def describe(self) -> dict:

@@ -33,7 +33,11 @@ read by one reader per format (quantize/tensor_readers.py).
 embedding (contains ``embed``/``embd``, or is ``wte``, ``wpe``, ``shared``, T5's
 ``relative_attention_bias``) or a norm (contains ``norm``, or starts with ``ln_``). HF ``Conv1D`` layers (GPT-2
 style ``c_attn``, ``c_proj``, ``c_fc``) store ``(in, out)`` and are transposed.
-GGUF stores ``ne = [in, out]``, which numpy reads as ``(out, in)``.
+GGUF stores ``ne = [in, out]``, which numpy reads as ``(out, in)``. A 3-D tensor of fused MoE experts
+(``is_expert_stack``; safetensors and torch checkpoints, not FP8) is one layer per expert,
+``expert_layer_name(tensor, e)`` with ``LinearLayer.stack``, read alone (``Reader.get(name, e)``), stored
+``(experts, out, in)`` or, for the model types of ``EXPERTS_IN_OUT``, ``(experts, in, out)``; the
+tensor is selected as one by its name.
 ``include`` / ``exclude`` are lists of shell globs (``fnmatch``, case-sensitive)
 on the tensor name: a layer is kept when it matches some include (all, if none
 is given) and no exclude.
@@ -112,13 +116,53 @@ _WIDENING = ("c_attn", "c_fc")
 class LinearLayer:
     name: str
     shape: tuple[int, int]          # (out, in), after any transpose
-    transposed: bool = False        # stored (in, out) in the file (HF Conv1D)
+    transposed: bool = False        # stored (in, out) in the file (HF Conv1D; an expert of GPT-OSS, Llama 4)
     dtype: str = ""                 # the stored type, as the file names it
     scale: Fp8Scale | None = None   # an FP8 layer's scale tensor: the weight is their product (fp8_scales.py)
+    #: one expert's matrix of a fused experts tensor ``(experts, ...)``: (the tensor, the expert, how many
+    #: experts it holds); the layer's name is ``expert_layer_name(tensor, expert)``
+    stack: tuple[str, int, int] | None = None
 
     @property
     def size(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    @property
+    def tensor(self) -> str:
+        """The checkpoint tensor that holds the layer (an expert's: the fused tensor)."""
+        return self.name if self.stack is None else self.stack[0]
+
+
+def expert_layer_name(tensor: str, expert: int) -> str:
+    """The layer of expert ``expert`` of the fused experts tensor ``tensor``: ``...experts.gate_up_proj[3]``."""
+    return f"{tensor}[{expert}]"
+
+
+#: model types whose fused experts tensors the checkpoint stores ``(experts, in, out)`` (transformers runs
+#: them with ``is_transposed``, or as ``bmm(x, w)``); every other stores them ``(experts, out, in)``
+EXPERTS_IN_OUT = ("gpt_oss", "llama4", "llama4_text", "aria", "aria_text", "openai_privacy_filter")
+
+
+def is_expert_stack(name: str, shape: tuple, is_float: bool) -> bool:
+    """Whether tensor ``name`` holds fused MoE experts, one matrix per expert along its first axis: a 3-D
+    floating-point tensor under a module whose name says experts or MoE (``mlp.experts.gate_up_proj``,
+    GraniteMoE's ``block_sparse_moe.input_linear.weight``), named as a weight or a bare projection
+    (``*_proj``) that is no embedding, norm or head by ``linear_reason``. A convolution's 3-D weight is not."""
+    if not is_float or len(shape) != 3:
+        return False
+    parts = re.split(r"[./]", name.lower())
+    if not any("expert" in part or "moe" in part for part in parts[:-1]):
+        return False
+    as_weight = f"{name}.weight" if parts[-1].endswith("_proj") else name
+    return linear_reason(as_weight, (1, 1), True) is None
+
+
+def _experts_in_out(cfg: dict | None) -> bool:
+    """Whether config.json names a model type whose fused experts are stored ``(experts, in, out)``."""
+    cfg = cfg or {}
+    types = [cfg.get("model_type"), (cfg.get("text_config") or {}).get("model_type")
+             if isinstance(cfg.get("text_config"), dict) else None]
+    return any(t in EXPERTS_IN_OUT for t in types if isinstance(t, str))
 
 
 def _natural_key(name: str):
@@ -228,18 +272,26 @@ class ModelSource:
     #: the arguments of ``open_model`` that opened it: a worker process (quantize/jobs.py) reopens
     #: the same selection with ``open_model(*src.opened_with)``
     opened_with: tuple = ()
+    _index: tuple | None = None                 # ``_by_name``'s cache
 
     def layer(self, name: str) -> LinearLayer:
-        for lay in self.layers:
-            if lay.name == name:
-                return lay
-        raise KeyError(f"{name} is not a selected linear layer of {self.spec}")
+        lay = self._by_name().get(name)
+        if lay is None:
+            raise KeyError(f"{name} is not a selected linear layer of {self.spec}")
+        return lay
+
+    def _by_name(self) -> dict[str, LinearLayer]:
+        """The selected layers by name (a MoE model has thousands), rebuilt whenever ``layers`` changed."""
+        if self._index is None or self._index[0] is not self.layers or len(self._index[1]) != len(self.layers):
+            self._index = (self.layers, {lay.name: lay for lay in self.layers})
+        return self._index[1]
 
     def load(self, name: str) -> np.ndarray:
         """The layer's weight as float64, (out, in)."""
         lay = self.layer(name)
         with np.errstate(invalid="ignore"):      # a signalling NaN stays NaN: --nan-policy meets it
-            w = np.asarray(self._reader.get(name), dtype=np.float64)
+            w = np.asarray(self._reader.get(lay.tensor, None if lay.stack is None else lay.stack[1]),
+                           dtype=np.float64)
             if lay.scale is not None and w.ndim == 2:
                 w = self._scaled(name, w, lay.scale)
         stored = lay.shape[::-1] if lay.transposed else lay.shape
@@ -314,13 +366,21 @@ class ModelSource:
         return tuple(self._reader.info(name)[0])
 
     def file_of(self, name: str) -> Path:
-        """The file that holds tensor ``name``."""
+        """The file that holds tensor ``name`` (or layer ``name``: an expert's, its fused tensor)."""
+        if name not in self._reader.where:
+            name = self.layer(name).tensor
         return self._reader.file_of(name)
 
-    def read_tensor(self, name: str) -> np.ndarray:
-        """Any tensor of the checkpoint as its reader's ``get`` hands it on (quantize/tensor_readers.py):
-        float16, float32 and float64 as stored; BF16, FP8 and GGUF's quantized types as float32."""
-        return np.asarray(self._reader.get(name))
+    def matrix_shape(self, name: str) -> tuple:
+        """A selected layer's ``(out, in)``, else tensor ``name``'s shape as stored."""
+        lay = self._by_name().get(name)
+        return lay.shape if lay is not None else self.tensor_shape(name)
+
+    def read_tensor(self, name: str, index: int | None = None) -> np.ndarray:
+        """Any tensor of the checkpoint (with ``index``: its ``tensor[index]``) as its reader's ``get`` hands it
+        on (quantize/tensor_readers.py): float16, float32 and float64 as stored; BF16, FP8 and GGUF's quantized
+        types as float32."""
+        return np.asarray(self._reader.get(name, index))
 
     def kept(self) -> dict[str, int]:
         """How many tensors were kept as they are, by reason (embedding, norm, lm_head, 1-D, ...)."""
@@ -674,8 +734,19 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
 
     layers, skipped = [], {}
     candidates = 0
+    in_out = _experts_in_out(cfg)
     for name in names:
         shape, dtype, is_float = reader.info(name)
+        if kind != "gguf" and dtype not in fp8_scales.FP8_DTYPES and is_expert_stack(name, shape, is_float):
+            candidates += 1                      # fused experts: a layer per expert, selected as one tensor
+            if not _selected(name, include, exclude):
+                skipped[name] = "filtered out by --include/--exclude"
+                continue
+            reader.check(name)
+            n, rows, cols = (int(d) for d in shape)
+            layers += [LinearLayer(expert_layer_name(name, e), (cols, rows) if in_out else (rows, cols), in_out,
+                                   dtype, stack=(name, e, n)) for e in range(n)]
+            continue
         why = linear_reason(name, shape, is_float)
         if name == tied and lm_head and is_float and len(shape) == 2:
             why = None                           # the tied head: the shared matrix is the layer
@@ -710,14 +781,17 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                          f"{', check --include/--exclude' if candidates else ''})")
     notes = []
     floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}
-    deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2}
-    if deep:                                     # fused MoE experts (experts, out, in): most of such a model
+    stacks = {lay.tensor for lay in layers if lay.stack is not None}
+    deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2 and n not in stacks
+            and skipped.get(n) != "filtered out by --include/--exclude"}
+    if deep:                                     # GGUF or FP8 fused experts, convolutions: much of such a model
         total = sum(int(np.prod(shape)) for shape in floats.values())
         notes.append(f"{len(deep)} floating-point tensor(s) of 3 or more dimensions kept as they are "
                      f"({sum(deep.values()):,} weights, {100 * sum(deep.values()) / total:.0f} % of the "
                      f"checkpoint's floating-point weights; e.g. {next(iter(deep))}): sop quantizes 2-D linear "
-                     f"layers only, so these (fused MoE experts, convolutions, ...) stay in full precision and "
-                     f"the bits per weight count the quantized layers alone")
+                     f"layers and the experts of fused (experts, rows, cols) tensors in safetensors and torch "
+                     f"checkpoints, not in FP8, so these stay in full precision and the bits per weight count "
+                     f"the quantized layers alone")
     if kind == "gguf":
         types: dict[str, int] = {}
         for lay in layers:

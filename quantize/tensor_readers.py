@@ -12,7 +12,9 @@ Contract, the same for every reader, built from a list of files:
   ``file_of(name)``: the file that holds it;
 * ``check(name)``: raises ``CheckpointError`` for a selected layer the quantizer cannot read
   (sparse, meta, zero-size, a GGUF type the gguf package cannot dequantize), before any work;
-* ``get(name)``: the tensor as a numpy array, as the file stores it: float16, float32 and float64
+* ``get(name, index=None)``: the tensor as a numpy array, as the file stores it (with ``index``, its
+  ``tensor[index]`` alone, read without the rest: one expert of a fused ``(experts, ...)`` tensor):
+  float16, float32 and float64
   in their own type, every value kept (the same numbers from every reader, so the same range
   checks and refusals downstream); only BF16 and FP8 (numpy has no such type; float32 holds
   them exactly) and GGUF's quantized types (as gguf dequantizes them) come as float32; read-only
@@ -81,8 +83,8 @@ class Reader:
         """``(shape, dtype name, is floating point)``, read from the header alone."""
         raise NotImplementedError
 
-    def get(self, name) -> np.ndarray:
-        """The tensor (the module docstring says which dtype each kind comes as)."""
+    def get(self, name, index: int | None = None) -> np.ndarray:
+        """The tensor, or its ``tensor[index]`` (the module docstring says which dtype each kind comes as)."""
         raise NotImplementedError
 
 
@@ -120,7 +122,7 @@ class SafetensorsReader(Reader):
                                                     f"--exclude it")
         check_layer_size(self.where[name], name, shape)
 
-    def get(self, name) -> np.ndarray:
+    def get(self, name, index: int | None = None) -> np.ndarray:
         from safetensors import SafetensorError, safe_open
 
         _, dtype = self.meta[name]
@@ -128,9 +130,10 @@ class SafetensorsReader(Reader):
         try:
             if dtype in ST_NUMPY:
                 with safe_open(str(f), framework="np") as h:
-                    return h.get_tensor(name)
+                    return h.get_tensor(name) if index is None else h.get_slice(name)[index]
             with safe_open(str(f), framework="pt") as h:      # BF16, FP8: numpy has no type
-                return h.get_tensor(name).float().numpy()
+                t = h.get_tensor(name) if index is None else h.get_slice(name)[index]
+                return t.float().numpy()
         except SafetensorError as err:
             raise CheckpointError(f, f"tensor {name} cannot be read ({describe_error(err)}); was the file changed "
                                      f"since it was opened?") from None
@@ -241,7 +244,7 @@ class TorchReader(Reader):
             raise CheckpointError(self.where[name], f"layer {name} {why}")
         check_layer_size(self.where[name], name, tuple(t.shape))
 
-    def get(self, name) -> np.ndarray:
+    def get(self, name, index: int | None = None) -> np.ndarray:
         import torch
 
         t = self.tensors[name]
@@ -250,7 +253,7 @@ class TorchReader(Reader):
         if mapped:
             self._check_unchanged(f, name)
             self._verify(name, t, f)
-        t = t.detach()
+        t = t.detach() if index is None else t.detach()[index]
         if t.dtype not in (torch.float16, torch.float32, torch.float64):    # BF16, FP8: numpy has no type
             t = t.float()
         elif mapped:                            # out of the map: a later truncation cannot reach it
@@ -396,16 +399,17 @@ class GGUFReader(Reader):
                                                     f"package cannot dequantize; --exclude it")
         check_layer_size(self.where[name], name, self.info(name)[0])
 
-    def get(self, name) -> np.ndarray:
+    def get(self, name, index: int | None = None) -> np.ndarray:
         from gguf import quants
 
         t = self.tensors[name]
         kind = t.tensor_type.name
         self._check_unchanged(self.where[name], name)           # the file is memory-mapped
+        data, shape = (t.data, self.info(name)[0]) if index is None else (t.data[index], self.info(name)[0][1:])
         if kind in self.PLAIN:
-            return np.array(t.data)             # a copy: out of the map
+            return np.array(data)               # a copy: out of the map
         try:                                     # quantized (or BF16): ModelSource.notes says so, once
-            return quants.dequantize(t.data, t.tensor_type).reshape(self.info(name)[0])
+            return quants.dequantize(data, t.tensor_type).reshape(shape)
         except NotImplementedError:
             raise CheckpointError(self.where[name], f"layer {name} has GGUF type {kind}, which the gguf "
                                                     f"package cannot dequantize; --exclude it") from None

@@ -116,20 +116,27 @@ def test_every_expert_matrix_and_router_is_found_in_the_running_model(moe_folder
                                                    ("down_proj", 2, 0))
 
 
+def block_inputs(ref, blocks, wins) -> dict:
+    """What each of ``blocks`` (modules of the reference model ``ref``) takes when ``ref`` runs on ``wins``:
+    block index -> its input, float64, one row per token."""
+    inputs = {}
+    hooks = [block.register_forward_pre_hook(
+        lambda _m, args, i=i: inputs.__setitem__(i, args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+        for i, block in enumerate(blocks)]
+    with torch.inference_mode():
+        ref(input_ids=wins)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
 def routed_statistics(folder, arch, wins):
     """Per expert matrix and router: the mean square of its input, computed from the reference model's
     MoE block inputs, a router of our own (softmax, top-k) and the checkpoint's matrices."""
     ref = reference_model(folder)
     cfg = ref.config
     ckpt = {k: torch.from_numpy(v).double() for k, v in load_file(str(folder / "model.safetensors")).items()}
-    inputs = {}
-    hooks = [ref.model.layers[i].mlp.register_forward_pre_hook(
-        lambda _m, args, i=i: inputs.__setitem__(i, args[0].detach().reshape(-1, HIDDEN).double()))
-        for i in range(2)]
-    with torch.inference_mode():
-        ref(input_ids=wins)
-    for h in hooks:
-        h.remove()
+    inputs = block_inputs(ref, [layer.mlp for layer in ref.model.layers], wins)
     want = {}
     for i, x in inputs.items():
         gname, uname, dname, rname = (n.format(i=i, e="{e}") for n in NAMES[arch])

@@ -136,10 +136,12 @@ def test_padded_positions_reach_no_statistic(arch, names):
         np.testing.assert_allclose(padded.act_ms[name], alone.act_ms[name], rtol=1e-5, err_msg=name)
 
 
-def test_excluded_expert_matrices_are_kept_by_name_and_unsplit_experts_fused():
+def test_excluded_expert_matrices_are_kept_by_name_and_unsplit_experts_quantized_per_expert():
     """An ``exclude`` glob keeps one expert's matrices under their names (the rest of the fused parameter
     quantized, that expert's rows unchanged); experts no conversion splits (GraniteMoE stores them fused)
-    and experts stored (in, out) (GPT-OSS) are kept whole, as on disk."""
+    and experts stored (in, out) (GPT-OSS) are quantized expert by expert, as on disk
+    (tests/test_causal_lm_fused_experts.py checks them against the disk path), and a glob on the fused
+    parameter's name keeps all its experts."""
     from transformers.models.auto import AutoModelForCausalLM
     from transformers.models.granitemoe import GraniteMoeConfig
     from transformers.models.gpt_oss import GptOssConfig
@@ -156,12 +158,14 @@ def test_excluded_expert_matrices_are_kept_by_name_and_unsplit_experts_fused():
     assert len([n for n in res.layers if ".experts." in n]) == 2 * (EXPERTS - 1) * 3
     common = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
               "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
-    for cfg, why in ((GraniteMoeConfig(**common), "fused MoE experts that transformers' checkpoint conversion"),
-                     (GptOssConfig(**common), "fused MoE experts of GptOssExperts, stored (experts, in, rows)")):
+    for cfg, block in ((GraniteMoeConfig(**common), "block_sparse_moe"), (GptOssConfig(**common), "mlp")):
         res = quantize_module(AutoModelForCausalLM.from_config(cfg), "sop4-g16")
-        fused = [k for k in res.kept if k.endswith(("gate_up_proj", "down_proj"))]
-        assert len(fused) == 2 and all(res.kept[k].startswith(why) for k in fused), res.kept
-        assert not [n for n in res.layers if ".experts." in n]
+        assert not [k for k in res.kept if k.endswith(("gate_up_proj", "down_proj"))], res.kept
+        assert sorted(n for n in res.layers if ".experts." in n) == [
+            f"model.layers.0.{block}.experts.{p}[{e}]" for p in ("down_proj", "gate_up_proj") for e in range(4)]
+        res = quantize_module(AutoModelForCausalLM.from_config(cfg), "sop4-g16", exclude=["*.gate_up_proj"])
+        assert res.kept[f"model.layers.0.{block}.experts.gate_up_proj"] == "not selected (include/exclude)"
+        assert len([n for n in res.layers if ".experts." in n]) == 4
 
 
 def test_experts_called_otherwise_are_refused_with_what_a_python_caller_can_do(monkeypatch):

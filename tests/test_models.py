@@ -224,24 +224,6 @@ def test_bad_model_specs(tmp_path):
         open_model(str(tmp_path / "empty"))
 
 
-def test_tensors_of_three_dimensions_are_kept_with_a_warning_saying_how_much(tmp_path, capsys):
-    """Fused MoE experts stored (experts, out, in) are no linear layer here: kept, as the docs say, and
-    now said (it was one count in the kept line while the bits per weight read as if the model were
-    quantized): the share of the weights they hold, a warning line from `sop quantize`."""
-    from sop.cli import main
-
-    save_file({"blk.0.router.weight": torch.randn(4, 64), "blk.0.experts.gate_up_proj": torch.randn(4, 64, 96),
-               "blk.0.norm.weight": torch.ones(64)}, str(tmp_path / "moe.safetensors"))
-    (note,) = open_model(str(tmp_path / "moe.safetensors")).notes
-    assert note.startswith("1 floating-point tensor(s) of 3 or more dimensions kept as they are (24,576 weights, "
-                           "99 % of the checkpoint's floating-point weights; e.g. blk.0.experts.gate_up_proj)")
-    assert main(["quantize", str(tmp_path / "moe.safetensors"), "--format", "nf4-g64", "--no-calib",
-                 "--out", str(tmp_path / "q.sopq")]) == 0
-    assert "warning: 1 floating-point tensor(s) of 3 or more dimensions" in capsys.readouterr().err
-    save_file({"blk.0.w.weight": torch.randn(4, 64)}, str(tmp_path / "dense.safetensors"))
-    assert open_model(str(tmp_path / "dense.safetensors")).notes == []
-
-
 def test_the_kept_head_is_named_by_its_weight_not_its_bias(tmp_path):
     save_file({"blk.0.w.weight": torch.randn(4, 64), "lm_head.bias": torch.zeros(10),
                "lm_head.weight": torch.randn(10, 64)}, str(tmp_path / "m.safetensors"))
