@@ -519,9 +519,10 @@ class CausalLM:
         """The experts of the selected fused experts tensors (``LinearLayer.stack``): each at its index of the
         transformers experts module's fused parameter loaded from that tensor (by its name, through transformers'
         renames: GraniteMoE's ``input_linear.weight`` is ``experts.gate_up_proj``), held ``(experts, in, out)``
-        where the module says so (``experts_transposed``: GPT-OSS, Llama 4). The checkpoint's orientation must
-        be the module's, and the first and last experts' values must be the parameter's (a loading conversion
-        that reorders them leaves the tensor unmapped: refused if selected)."""
+        where the module says so (``experts_transposed``: GPT-OSS, Llama 4; Qwen3-VL-MoE stores them so and
+        transformers transposes them on loading). The first and last experts' values, each ``(out, in)``, must
+        be the parameter's (a loading conversion that reorders them leaves the tensor unmapped: refused if
+        selected)."""
         import torch
 
         stacks = {lay.tensor: lay for lay in self.src.layers if lay.stack is not None}
@@ -537,10 +538,10 @@ class CausalLM:
                 full = f"{mname}.{pname}" if mname else pname
                 tname = self._param_tensor(full, names) if isinstance(p, torch.nn.Parameter) else None
                 lay = stacks.get(tname)
-                if lay is None or lay.transposed != transposed or p.shape[0] != lay.stack[2]:
+                if lay is None or p.shape[0] != lay.stack[2]:
                     continue
                 n = lay.stack[2]
-                if all(self._holds(p.data[e], lay.tensor, e) for e in {0, n - 1}):
+                if all(self._holds(p.data[e].T if transposed else p.data[e], lay, e) for e in {0, n - 1}):
                     out.update((name, Target(name, mname, transposed, slot=(pname, e, 0)))
                                for e in range(n) for name in [expert_layer_name(tname, e)])
         return out
@@ -556,12 +557,13 @@ class CausalLM:
             found = next((renamed[c] for c in cands if c in renamed), None)
         return found
 
-    def _holds(self, held, tname: str, e: int) -> bool:
-        """Whether ``held`` (an expert of a fused parameter, as the model holds it) is expert ``e`` of tensor
-        ``tname`` read from the checkpoint, rounded to float32 (as transformers loads it to run on the CPU)."""
+    def _holds(self, held, lay, e: int) -> bool:
+        """Whether ``held`` (an expert of a fused parameter, ``(out, in)``) is expert ``e`` of the fused tensor of
+        layer ``lay`` read from the checkpoint, rounded to float32 (as transformers loads it to run on the CPU)."""
         import torch
 
-        w = torch.from_numpy(np.asarray(self.src.read_tensor(tname, e), dtype=np.float32))
+        w = np.asarray(self.src.read_tensor(lay.tensor, e), dtype=np.float32)
+        w = torch.from_numpy(np.ascontiguousarray(w.T if lay.transposed else w))
         return held.shape == w.shape and bool(((held == w) | (held.isnan() & w.isnan())).all())
 
     def _expert_slots(self, names: set, mapped: set) -> dict[str, Target]:

@@ -87,7 +87,8 @@ from sop.golden.layout import LayerStream
 from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, experts_transposed,
                         fused_expert_params)
 from .knapsack import LazyLayers, budget_report
-from .models import _natural_key, _selected, expert_layer_name, folder_inputs, is_expert_stack, linear_reason
+from .models import (_natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout, is_expert_stack,
+                     linear_reason)
 from .schemes import get_quant_format
 
 
@@ -217,6 +218,9 @@ def _unsplit_experts(module, p) -> str:
     if type(module).__name__ in _BMM_EXPERTS:
         return (f"fused MoE experts of {kind}, called with every token scaled by its router score and no routed "
                 f"indices: kept (on disk they are quantized)")
+    if experts_transposed(module) is not None:
+        return (f"fused MoE experts of {kind}, of a model type whose fused experts are kept, as on disk "
+                f"(models.FUSED_EXPERTS)")
     return (f"fused MoE experts of {kind}, which does not say how it stores them (is_transposed): kept (on disk "
             f"these experts are refused: --exclude them there)")
 
@@ -323,10 +327,16 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
 def _stacked_experts(model, include, exclude, layers: dict, kept: dict, decided: dict) -> None:
     """Into ``layers``, each expert of the fused parameters that no conversion splits (stored fused on disk
     too: GraniteMoE's, GPT-OSS's ``(experts, in, out)``): one layer per expert, ``<parameter>[<expert>]``,
-    selected as one parameter by its name, as the disk path selects the fused tensor. Llama 4's experts (no
-    routed indices to hook, ``causal_lm._BMM_EXPERTS``) and FP8 ones are kept (``_unsplit_experts``)."""
+    selected as one parameter by its name, as the disk path selects the fused tensor, and for the same
+    model types (``models.FUSED_EXPERTS``, or a model that names none). Llama 4's experts (no routed
+    indices to hook, ``causal_lm._BMM_EXPERTS``) and FP8 ones are kept (``_unsplit_experts``)."""
     import torch
 
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None)
+    if not fused_experts_layout({"model_type": getattr(config, "model_type", None),
+                                 "text_config": {"model_type": getattr(text, "model_type", None)}})[0]:
+        return
     for mname, module in model.named_modules():
         transposed = experts_transposed(module)
         if transposed is None or type(module).__name__ in _BMM_EXPERTS:

@@ -35,9 +35,9 @@ embedding (contains ``embed``/``embd``, or is ``wte``, ``wpe``, ``shared``, T5's
 style ``c_attn``, ``c_proj``, ``c_fc``) store ``(in, out)`` and are transposed.
 GGUF stores ``ne = [in, out]``, which numpy reads as ``(out, in)``. A 3-D tensor of fused MoE experts
 (``is_expert_stack``; safetensors and torch checkpoints, not FP8) is one layer per expert,
-``expert_layer_name(tensor, e)`` with ``LinearLayer.stack``, read alone (``Reader.get(name, e)``), stored
-``(experts, out, in)`` or, for the model types of ``EXPERTS_IN_OUT``, ``(experts, in, out)``; the
-tensor is selected as one by its name.
+``expert_layer_name(tensor, e)`` with ``LinearLayer.stack``, read alone (``Reader.get(name, e)``), in a
+checkpoint of a model type of ``FUSED_EXPERTS`` (which says how it stores them) or of none; the tensor
+is selected as one by its name.
 ``include`` / ``exclude`` are lists of shell globs (``fnmatch``, case-sensitive)
 on the tensor name: a layer is kept when it matches some include (all, if none
 is given) and no exclude.
@@ -138,9 +138,15 @@ def expert_layer_name(tensor: str, expert: int) -> str:
     return f"{tensor}[{expert}]"
 
 
-#: model types whose fused experts tensors the checkpoint stores ``(experts, in, out)`` (transformers runs
-#: them with ``is_transposed``, or as ``bmm(x, w)``); every other stores them ``(experts, out, in)``
-EXPERTS_IN_OUT = ("gpt_oss", "llama4", "llama4_text", "aria", "aria_text", "openai_privacy_filter")
+#: The model types (config.json's ``model_type``, or its ``text_config``'s) whose fused experts tensors are
+#: quantized, one layer per expert (quantize/causal_lm.py finds each in the forward pass transformers runs:
+#: ``_stack_slots``), and whether the checkpoint stores them ``(experts, in, out)`` (transformers applies them
+#: so, ``is_transposed`` or ``bmm(x, w)``, or transposes them on loading: Qwen3-VL-MoE) rather than
+#: ``(experts, out, in)``. A checkpoint that names no model type: ``(experts, out, in)``. Any other model
+#: type's (JetMoE's attention experts, whose module the forward pass does not follow) are kept.
+FUSED_EXPERTS = {"granitemoe": False, "granitemoeshared": False, "granitemoehybrid": False, "gpt_oss": True,
+                 "llama4": True, "llama4_text": True, "aria": True, "aria_text": True, "openai_privacy_filter": True,
+                 "qwen3_vl_moe": True}
 
 
 def is_expert_stack(name: str, shape: tuple, is_float: bool) -> bool:
@@ -157,12 +163,14 @@ def is_expert_stack(name: str, shape: tuple, is_float: bool) -> bool:
     return linear_reason(as_weight, (1, 1), True) is None
 
 
-def _experts_in_out(cfg: dict | None) -> bool:
-    """Whether config.json names a model type whose fused experts are stored ``(experts, in, out)``."""
-    cfg = cfg or {}
-    types = [cfg.get("model_type"), (cfg.get("text_config") or {}).get("model_type")
-             if isinstance(cfg.get("text_config"), dict) else None]
-    return any(t in EXPERTS_IN_OUT for t in types if isinstance(t, str))
+def fused_experts_layout(cfg: dict | None) -> tuple[bool, bool]:
+    """(whether the checkpoint's fused experts are quantized, whether it stores them ``(experts, in, out)``),
+    from config.json's model type (``FUSED_EXPERTS``)."""
+    cfg = cfg if isinstance(cfg, dict) else {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    types = [t for t in (cfg.get("model_type"), text.get("model_type")) if isinstance(t, str) and t]
+    known = [FUSED_EXPERTS[t] for t in types if t in FUSED_EXPERTS]
+    return (True, known[0]) if known else (not types, False)
 
 
 def _natural_key(name: str):
@@ -734,10 +742,11 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
 
     layers, skipped = [], {}
     candidates = 0
-    in_out = _experts_in_out(cfg)
+    stacks, in_out = fused_experts_layout(cfg)
+    stacks = stacks and kind != "gguf"
     for name in names:
         shape, dtype, is_float = reader.info(name)
-        if kind != "gguf" and dtype not in fp8_scales.FP8_DTYPES and is_expert_stack(name, shape, is_float):
+        if stacks and dtype not in fp8_scales.FP8_DTYPES and is_expert_stack(name, shape, is_float):
             candidates += 1                      # fused experts: a layer per expert, selected as one tensor
             if not _selected(name, include, exclude):
                 skipped[name] = "filtered out by --include/--exclude"
@@ -789,9 +798,9 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         notes.append(f"{len(deep)} floating-point tensor(s) of 3 or more dimensions kept as they are "
                      f"({sum(deep.values()):,} weights, {100 * sum(deep.values()) / total:.0f} % of the "
                      f"checkpoint's floating-point weights; e.g. {next(iter(deep))}): sop quantizes 2-D linear "
-                     f"layers and the experts of fused (experts, rows, cols) tensors in safetensors and torch "
-                     f"checkpoints, not in FP8, so these stay in full precision and the bits per weight count "
-                     f"the quantized layers alone")
+                     f"layers and the experts of fused (experts, rows, cols) tensors of the model types it follows "
+                     f"(docs/quantizer.md, \"Fused experts\"), not in FP8 or GGUF, so these stay in full precision "
+                     f"and the bits per weight count the quantized layers alone")
     if kind == "gguf":
         types: dict[str, int] = {}
         for lay in layers:

@@ -329,3 +329,38 @@ def test_every_reader_reads_one_expert_as_the_whole_tensor_holds_it(tmp_path):
                 one = reader.get(name, e)
                 assert one.dtype == whole.dtype and np.array_equal(one, whole[e]), (f, name, e)
             assert not np.array_equal(reader.get(name, 0), reader.get(name, 1))
+
+
+def test_fused_experts_of_a_model_type_the_forward_pass_does_not_follow_are_kept(tmp_path):
+    """JetMoE's attention experts (``self_attention.experts.input_linear.weight``: its experts module takes
+    its tokens sorted by expert, which no hook here follows) stay as they are, with the warning, and the
+    model calibrates (quantizing them would have refused it)."""
+    from transformers.models.auto import AutoModelForCausalLM
+    from transformers.models.jetmoe import JetMoeConfig
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(JetMoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_key_value_heads=2,
+        kv_channels=8, num_local_experts=EXPERTS, num_experts_per_tok=2, bos_token_id=0, eos_token_id=1)
+    ).save_pretrained(tmp_path)
+    bpe_tokenizer().save_pretrained(tmp_path)
+    src = open_model(str(tmp_path))
+    assert not [lay for lay in src.layers if lay.stack] and src.skipped[
+        "model.layers.0.self_attention.experts.input_linear.weight"] == "3-D"
+    (note,) = src.notes
+    assert note.startswith("8 floating-point tensor(s) of 3 or more dimensions kept as they are")
+    runner = L.load(src)
+    assert runner.collect_stats(windows_of(runner, 1))[1] == SEQ
+
+
+def test_in_memory_fused_experts_of_a_model_type_the_disk_path_keeps_are_kept(folders):
+    """The in-memory path takes fused experts for the disk path's model types alone (``FUSED_EXPERTS``):
+    GraniteMoE's experts, under a model type the disk path does not follow, are kept, saying why."""
+    from sop.quantize.in_memory import quantize_module
+
+    model = reference_model(folders["granitemoe"])
+    model.config.model_type = "not-a-type-sop-follows"
+    res = quantize_module(model, "sop4-g16")
+    fused = [k for k in res.kept if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(fused) == 4 and not [n for n in res.layers if "[" in n]
+    assert all("of a model type whose fused experts are kept, as on disk" in res.kept[k] for k in fused)
