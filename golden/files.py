@@ -39,6 +39,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import signal
 import stat
@@ -229,6 +230,16 @@ def signals_held() -> Iterator[None]:
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def _no_room(err: BaseException) -> str | None:
+    """The reason (``No space left on device``) where ``err`` says the disk or a quota is full: an OSError
+    naming no file, or another library's error that carries the system's (safetensors' ``SafetensorError``
+    while a model folder is saved: ``I/O error: No space left on device (os error 28)``); else None."""
+    if isinstance(err, OSError):
+        return err.strerror if err.errno in _NO_ROOM and err.filename is None else None
+    m = re.search(r"\(os error (\d+)\)", str(err))
+    return os.strerror(int(m[1])) if m and int(m[1]) in _NO_ROOM else None
+
+
 def _missing_folders(folder: Path) -> list[Path]:
     """``folder`` and those of its parents that do not exist yet, outermost first."""
     missing = []
@@ -297,9 +308,9 @@ def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterato
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         _remove_empty(made)
-        if isinstance(err, OSError) and err.errno in _NO_ROOM and err.filename is None:
-            raise OutputError(f"{target}: {err.strerror}; nothing was written (the target is as "
-                              f"it was)") from None
+        full = _no_room(err)
+        if full is not None:
+            raise OutputError(f"{target}: {full}; nothing was written (the target is as it was)") from None
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -329,11 +340,14 @@ def staging_folder(target: Path) -> Iterator[Path]:
             raise OutputError(f"{target}: cannot write there: {err.strerror or err}") from None
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         yield tmp
-    except BaseException:
+    except BaseException as err:
         if tmp is not None:                     # first, so that the folders made for it are empty
             shutil.rmtree(tmp, ignore_errors=True)
             tmp = None
         _remove_empty(made)
+        full = _no_room(err)                    # the library writing into the folder filled the disk
+        if full is not None:
+            raise OutputError(f"{target}: {full}; nothing was written (the target is as it was)") from None
         raise
     finally:
         if tmp is not None:

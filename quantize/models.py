@@ -736,6 +736,10 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         head_note = "lm_head quantized (--include-lm-head)" if lm_head else \
             f"lm_head ({next((h for h in heads if h.endswith('weight')), heads[0])}) kept (--include-lm-head " \
             f"quantizes it)"
+    elif lm_head and _tied_embedding(names) is not None:      # a tie only a model that runs can tell
+        raise ValueError(f"{spec}: --include-lm-head: the checkpoint stores no output head; whether its head is "
+                         f"tied to the input embedding {_tied_embedding(names)} only a causal LM that runs can "
+                         f"tell, and this checkpoint runs none: {forward_note}")
     elif lm_head:
         raise ValueError(f"{spec}: --include-lm-head: the checkpoint has no output head (lm_head) and no "
                          f"input embedding a causal LM ties it to")

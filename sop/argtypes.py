@@ -2,7 +2,8 @@
 a number outside its range is a usage error naming the option and the value, before any work.
 
 ``number(int, 0, inclusive=True)`` takes 0, 1, 2, ...; ``positive(float)`` any finite number above
-0. NaN and the infinities are never in range.
+0. NaN and the infinities are never in range. ``Once``: an option that takes one value, given twice, is
+a usage error (argparse keeps the last).
 """
 
 from __future__ import annotations
@@ -34,3 +35,15 @@ def number(kind, minimum, inclusive: bool, maximum=None):
 def positive(kind, maximum=None):
     """An argparse type: a finite number of ``kind`` above zero (at most ``maximum``, if given)."""
     return number(kind, 0, inclusive=False, maximum=maximum)
+
+
+class Once(argparse.Action):
+    """Store the option's one value; given twice, a usage error rather than the last silently kept
+    (``sop quantize --format A --format B`` wrote B: ``sop eval`` takes several ``--format``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "_once_given", set())
+        if self.dest in given:
+            parser.error(f"argument {'/'.join(self.option_strings)}: given twice; it takes one value")
+        namespace._once_given = given | {self.dest}
+        setattr(namespace, self.dest, values)

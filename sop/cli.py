@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
-    from sop.argtypes import number, positive
+    from sop.argtypes import Once, number, positive
     from sop.golden.dot import ACT_FORMATS
     from sop.golden.files import (OutputError, check_output, input_file, nearest_existing, signals_as_interrupts,
                                   write_atomic)
@@ -444,7 +444,8 @@ def _model_options(p) -> None:
     """The options ``eval`` and ``quantize`` share: what is quantized, how it is calibrated, where the search
     runs. Their defaults are the library's (quantize/calib.py, quantize/evaluate.py)."""
     size = CalibSize()
-    p.add_argument("--budget", type=positive(float), default=None, help="average bits per weight for sop-budget")
+    p.add_argument("--budget", type=positive(float), default=None, action=Once,
+                   help="average bits per weight for sop-budget")
     p.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
     p.add_argument("--nan-policy", choices=NAN_POLICIES, default=NAN_POLICIES[0],
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_eval)
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
     v.add_argument("model", help="a model path or 'minilm'")
-    v.add_argument("--format", required=True, choices=vector_points())
+    v.add_argument("--format", required=True, choices=vector_points(), action=Once)
     v.add_argument("--layer", action="append", metavar="NAME", help="a linear layer (repeatable; default all)")
     v.add_argument("--out", required=True, type=Path, help="the vector directory")
     v.add_argument("--rows", type=positive(int), default=None,
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     v.set_defaults(func=cmd_vectors)
     q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
     q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
-    q.add_argument("--format", required=True, metavar="F", help="a format name; `sop formats` lists them")
+    q.add_argument("--format", required=True, metavar="F", action=Once, help="a format name; `sop formats` lists them")
     q.add_argument("--out", required=True, help="the artifact to write (atomically)")
     _model_options(q)
     q.set_defaults(func=cmd_quantize)
@@ -553,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--port", required=True, help="the board's serial port (for example /dev/ttyUSB1)")
     b.add_argument("model", help="a model path, 'minilm', or a .sopq artifact (`sop quantize`; its stored "
                                  "layer, sparse residual entries included)")
-    b.add_argument("--format", required=True, choices=board_points(),
+    b.add_argument("--format", required=True, choices=board_points(), action=Once,
                    help="the format of the board's decoder or GEMV engine (the boards of synth/gateware/board.py: "
                         "sop4-g16)")
     b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")

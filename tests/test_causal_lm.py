@@ -657,6 +657,38 @@ def test_bad_folders_are_one_line_before_any_work(folders, tmp_path, capsys, cas
     assert not art.exists()
 
 
+def test_quantize_says_when_no_forward_pass_can_calibrate(folders, tmp_path, capsys):
+    """A folder whose config.json names no model transformers runs (a typo), or its weights file alone:
+    `sop quantize` says, even when quiet, that its errors are unweighted (an outside probe: it wrote an
+    unweighted artifact without a word, where `sop eval` says so); with --no-calib, asked for, nothing."""
+    d = _copy(folders["llama"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"model_type": "lama"}))
+    for model, why in ((d, "config.json model_type 'lama'"), (folders["llama"] / "model.safetensors",
+                                                               "a single weights file")):
+        assert main(["quantize", str(model), "--format", "nf4-g64", "--out", str(tmp_path / "q.sopq"), "--quiet",
+                     "--cache-dir", str(tmp_path / "c"), *SMALL[:4]]) == 0
+        err = capsys.readouterr().err
+        assert f"warning: calibration: no forward pass for this model ({why}" in err, err
+        assert "errors are unweighted (a = 1)" in err
+        assert open_artifact(tmp_path / "q.sopq").meta["calibration"]["weighted"] is False
+    assert main(["quantize", str(d), "--format", "nf4-g64", "--out", str(tmp_path / "q.sopq"), "--quiet",
+                 "--no-calib"]) == 0
+    assert "calibration" not in capsys.readouterr().err
+
+
+def test_include_lm_head_on_a_tied_models_weights_file_alone_says_what_it_needs(folders, tmp_path, capsys):
+    """The weights file of a tied model (no head tensor, an input embedding) without its folder: whether
+    the head is tied only a model that runs tells (the message said the file had no input embedding)."""
+    err = one_error(capsys, ["quantize", str(folders["llama"] / "model.safetensors"), "--format", "nf4-g64",
+                             "--include-lm-head", "--out", str(tmp_path / "q.sopq"), "--quiet"])
+    assert ("stores no output head; whether its head is tied to the input embedding model.embed_tokens.weight "
+            "only a causal LM that runs can tell, and this checkpoint runs none: a single weights file") in err
+    assert not (tmp_path / "q.sopq").exists()
+    assert main(["quantize", str(folders["llama"]), "--format", "nf4-g64", "--include-lm-head", "--no-calib",
+                 "--out", str(tmp_path / "q.sopq"), "--quiet"]) == 0           # its folder: the tie is known
+
+
 @pytest.mark.parametrize("flag,n,what", [("--calib-seqs", "1000", "calibration text"),
                                         ("--e2e-windows", "100", "held-out text")])
 def test_text_shorter_than_asked_is_refused(folders, tmp_path, capsys, flag, n, what):

@@ -122,6 +122,22 @@ def test_an_unknown_argument_points_at_its_commands_help(capsys, argv, said):
     assert one_error_line(capsys, argv).startswith(said)
 
 
+@pytest.mark.parametrize("argv", [
+    ["quantize", "M", "--format", "sop4-g16", "--format", "nvfp4", "--out", "q.sopq"],
+    ["quantize", "M", "--format", "sop-budget", "--budget", "5", "--budget=6", "--out", "q.sopq"],
+    ["eval", "M", "--format", "sop-budget", "--budget", "5", "--budget", "6"],
+    ["vectors", "M", "--format", "sop4-g16", "--format", "e2m3-ue4m4-g16", "--out", "v"],
+    ["board", "M", "--format", "sop4-g16", "--format", "sop4-g16", "--port", "/dev/null"]])
+def test_an_option_of_one_value_given_twice_is_refused(tmp_path, monkeypatch, capsys, argv):
+    """`sop quantize --format A --format B` wrote B, silently (an outside probe: `sop eval` takes several
+    --format); one line naming the option, before any work."""
+    opt = "--budget" if "--budget" in argv else "--format"
+    monkeypatch.chdir(tmp_path)
+    assert one_error_line(capsys, argv).startswith(f"sop: error: sop {argv[0]}: argument {opt}: given twice; "
+                                                   f"it takes one value")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_model_names_the_path(tmp_path, capsys):
     err = one_error_line(capsys, ["eval", str(tmp_path / "nope.safetensors"), "--format", "nvfp4"])
     assert "nope.safetensors" in err and "not found" in err

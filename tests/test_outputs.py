@@ -180,6 +180,25 @@ def test_a_full_disk_names_the_target_and_leaves_no_file_or_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
 
 
+def test_a_full_disk_while_a_library_writes_a_model_folder_names_the_target(tmp_path):
+    """transformers' save_pretrained into the staging folder of `sop dequantize --model-folder`: safetensors
+    reports a full disk as its own SafetensorError (an outside probe on a 100 KB tmpfs: `sop: internal error`,
+    exit 70); said as the target's full disk, the staging folder and the folders made for it removed. Any
+    other error of the library passes unchanged."""
+    from safetensors import SafetensorError
+
+    target = tmp_path / "new" / "hf"
+    with pytest.raises(G.OutputError, match=r"new/hf: No space left on device; nothing was written"):
+        with G.staging_folder(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SafetensorError, match="header too large"):
+        with G.staging_folder(target):
+            raise SafetensorError("Error while deserializing header: header too large")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_output_in_the_input_folder_under_another_name_is_allowed(files, tmp_path, capsys):
     """The check is on the file, not the folder: a new name beside the input is fine, and so is a second
     run into it (a .sopq in the folder is no input of the model: it was refused as 'the input')."""
