@@ -332,10 +332,7 @@ def _stacked_experts(model, include, exclude, layers: dict, kept: dict, decided:
     indices to hook, ``causal_lm._BMM_EXPERTS``) and FP8 ones are kept (``_unsplit_experts``)."""
     import torch
 
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None)
-    if not fused_experts_layout({"model_type": getattr(config, "model_type", None),
-                                 "text_config": {"model_type": getattr(text, "model_type", None)}})[0]:
+    if not _fused_experts_layout(model)[0]:
         return
     for mname, module in model.named_modules():
         transposed = experts_transposed(module)
@@ -359,6 +356,15 @@ def _stacked_experts(model, include, exclude, layers: dict, kept: dict, decided:
                 name = expert_layer_name(full, e)
                 layers[name] = _Layer([module], Target(name, mname, transposed, slot=(pname, e, 0)),
                                       stack=(full, e, n))
+
+
+def _fused_experts_layout(model) -> tuple[bool, bool]:
+    """``models.fused_experts_layout`` for the model's config: (whether its fused experts are quantized, whether
+    its checkpoint stores them ``(experts, in, out)``, which a ``.sopq`` records whatever the model holds)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None)
+    return fused_experts_layout({"model_type": getattr(config, "model_type", None),
+                                 "text_config": {"model_type": getattr(text, "model_type", None)}})
 
 
 def _view(p) -> tuple:
@@ -607,7 +613,7 @@ def _check_sopq(out, names, inputs) -> Path:
 class _HeldLayer:
     name: str
     shape: tuple[int, int]                          # (out, in)
-    transposed: bool                                # a Conv1D: the model holds it (in, out)
+    transposed: bool                                # stored (in, out) on disk: a Conv1D, an expert of GPT-OSS
     stack: tuple[str, int, int] | None = None       # an expert of a fused tensor, as LinearLayer.stack on disk
 
 
@@ -620,11 +626,12 @@ class _HeldModel:
 
     def __init__(self, model, layers: dict, kept: dict, saved: dict, files: list):
         self.layers = []
+        in_out = _fused_experts_layout(model)[1]    # an expert's orientation on disk (Qwen3-VL-MoE's: not held so)
         for name, lay in layers.items():
             rows, cols = lay.tensor().shape
             stack = None if lay.stack is None else (saved[name].rsplit("[", 1)[0], *lay.stack[1:])
-            self.layers.append(_HeldLayer(saved[name], (cols, rows) if lay.conv1d else (rows, cols), lay.conv1d,
-                                          stack))
+            self.layers.append(_HeldLayer(saved[name], (cols, rows) if lay.conv1d else (rows, cols),
+                                          lay.conv1d if stack is None else in_out, stack))
         self.cls, self.kept, self.files = type(model).__name__, kept, files
 
     def describe(self) -> dict:

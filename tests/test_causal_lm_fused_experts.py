@@ -364,3 +364,26 @@ def test_in_memory_fused_experts_of_a_model_type_the_disk_path_keeps_are_kept(fo
     fused = [k for k in res.kept if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert len(fused) == 4 and not [n for n in res.layers if "[" in n]
     assert all("of a model type whose fused experts are kept, as on disk" in res.kept[k] for k in fused)
+
+
+def test_in_memory_the_sopq_records_the_experts_orientation_on_disk_not_the_models(folders, tmp_path):
+    """A model type whose checkpoint stores its experts ``(experts, in, out)`` while the model holds them
+    ``(experts, out, in)`` (Qwen3-VL-MoE: transformers transposes them on loading; here GraniteMoE's model
+    under that type): the .sopq says transposed, as the disk path's would, and decodes to the stored layout."""
+    from sop.quantize.artifact import dequantize, open_artifact
+    from sop.quantize.in_memory import quantize_module
+
+    model = reference_model(folders["granitemoe"])
+    model.config.model_type = "qwen3_vl_moe"
+    held = model.model.layers[0].block_sparse_moe.experts.gate_up_proj.detach().clone()
+    quantize_module(model, "sop4-g16", out=tmp_path / "m.sopq")
+    art = open_artifact(tmp_path / "m.sopq")
+    experts = [e for e in art.layers if e.stack]
+    assert len(experts) == 2 * 2 * EXPERTS and all(e.transposed for e in experts)
+    assert all(not e.transposed for e in art.layers if not e.stack)
+    dequantize(tmp_path / "m.sopq", tmp_path / "d.safetensors", progress=False)
+    decoded = load_file(str(tmp_path / "d.safetensors"))
+    name = "model.layers.0.block_sparse_moe.input_linear.weight"            # the model class's name on disk
+    assert decoded[name].shape == (EXPERTS, HIDDEN, 2 * INTER) == held.transpose(1, 2).shape
+    now = model.model.layers[0].block_sparse_moe.experts.gate_up_proj.detach()
+    np.testing.assert_array_equal(decoded[name], now.transpose(1, 2).numpy())
