@@ -647,6 +647,10 @@ def _selected(name: str, include, exclude) -> bool:
     return not any(fnmatch.fnmatchcase(name, g) for g in (exclude or []))
 
 
+#: GGUF mixtures of experts that transformers 5.24 reads under other names (``qwen3_moe``) but builds at the
+#: experts' default width, whatever the file's: no forward pass for them here
+_GGUF_MOE = ("qwen2moe", "qwen3moe", "gpt-oss", "minimax-m2")
+
 #: GGUF architectures transformers reads that are no causal LM (or no architecture at all).
 _GGUF_NOT_CAUSAL = ("general", "tokenizer", "t5", "t5encoder", "umt5")
 
@@ -672,6 +676,10 @@ def _causal_gguf(reader) -> tuple[bool, str]:
         return False, "the GGUF names no model architecture (general.architecture, <arch>.block_count)"
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
+    if arch in _GGUF_MOE:
+        return False, (f"GGUF architecture {arch!r}: transformers reads this mixture of experts under another name "
+                       f"and builds it without the experts' width (its GGUF mapping has no moe_intermediate_size), "
+                       f"and it merges gate and up experts in a way this forward pass does not follow")
     if arch in _GGUF_NOT_CAUSAL or arch not in GGUF_SUPPORTED_ARCHITECTURES:
         return False, f"GGUF architecture {arch!r} is no causal LM that transformers reads"
     return True, ""

@@ -387,3 +387,24 @@ def test_in_memory_the_sopq_records_the_experts_orientation_on_disk_not_the_mode
     assert decoded[name].shape == (EXPERTS, HIDDEN, 2 * INTER) == held.transpose(1, 2).shape
     now = model.model.layers[0].block_sparse_moe.experts.gate_up_proj.detach()
     np.testing.assert_array_equal(decoded[name], now.transpose(1, 2).numpy())
+
+
+def test_a_moe_gguf_keeps_its_experts_and_says_why_it_has_no_forward_pass(tmp_path):
+    """A Qwen3-MoE GGUF (``ffn_*_exps``, (experts, out, in)): its experts are kept, with the warning, and it
+    has no forward pass, saying why (transformers 5.24 builds it at the experts' default width: a tiny one
+    was refused as 'does not match its metadata'; it said the architecture was no causal LM transformers
+    reads)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "qwen3moe")
+    w.add_block_count(1)
+    w.add_tensor("blk.0.ffn_gate_exps.weight", np.ones((EXPERTS, 8, 32), np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.ones((32, 32), np.float32))
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    src = open_model(str(tmp_path / "m.gguf"))
+    assert src.forward is None and src.forward_note.startswith(
+        "GGUF architecture 'qwen3moe': transformers reads this mixture of experts under another name and builds "
+        "it without the experts' width")
+    assert [lay.name for lay in src.layers] == ["blk.0.attn_q.weight"]
+    assert src.notes[0].startswith("1 floating-point tensor(s) of 3 or more dimensions kept as they are")
