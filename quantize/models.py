@@ -648,8 +648,10 @@ def _selected(name: str, include, exclude) -> bool:
 
 
 #: GGUF mixtures of experts that transformers 5.24 reads under other names (``qwen3_moe``) but builds at the
-#: experts' default width, whatever the file's: no forward pass for them here
-_GGUF_MOE = ("qwen2moe", "qwen3moe", "gpt-oss", "minimax-m2")
+#: experts' default width, whatever the file's, and the others it reads under other names: no forward pass
+#: for them here
+_GGUF_MOE = ("qwen2moe", "qwen3moe")
+_GGUF_MOE_RENAMED = {"gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
 
 #: GGUF architectures transformers reads that are no causal LM (or no architecture at all).
 _GGUF_NOT_CAUSAL = ("general", "tokenizer", "t5", "t5encoder", "umt5")
@@ -680,6 +682,9 @@ def _causal_gguf(reader) -> tuple[bool, str]:
         return False, (f"GGUF architecture {arch!r}: transformers reads this mixture of experts under another name "
                        f"and builds it without the experts' width (its GGUF mapping has no moe_intermediate_size), "
                        f"and it merges gate and up experts in a way this forward pass does not follow")
+    if arch in _GGUF_MOE_RENAMED:
+        return False, (f"GGUF architecture {arch!r}: transformers reads this mixture of experts as "
+                       f"{_GGUF_MOE_RENAMED[arch]!r}, a forward pass not run here")
     if arch in _GGUF_NOT_CAUSAL or arch not in GGUF_SUPPORTED_ARCHITECTURES:
         return False, f"GGUF architecture {arch!r} is no causal LM that transformers reads"
     return True, ""
