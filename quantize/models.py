@@ -807,8 +807,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                          f"{', check --include/--exclude' if candidates else ''})")
     notes = []
     floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}
-    stacks = {lay.tensor for lay in layers if lay.stack is not None}
-    deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2 and n not in stacks
+    stacked = {lay.tensor for lay in layers if lay.stack is not None}
+    deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2 and n not in stacked
             and skipped.get(n) != "filtered out by --include/--exclude"}
     if deep:                                     # GGUF or FP8 fused experts, convolutions: much of such a model
         total = sum(int(np.prod(shape)) for shape in floats.values())
