@@ -61,7 +61,6 @@ import contextlib
 import json
 import os
 import struct
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -477,8 +476,8 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
         # started first, so that the workers start while the model is calibrated here
         pool = stack.enter_context(LayerPool(jobs)) if jobs > 1 else None
         cal = calibration_for(src, calibrate, n_calib, cache_dir, say)
-        if calibrate and not cal.weighted:              # asked for and impossible: said even when quiet, as
-            print(f"warning: calibration: {cal.note}", file=sys.stderr, flush=True)   # sop eval says it
+        if calibrate and not cal.weighted:              # asked for and impossible: said, as sop eval says it
+            say(f"calibration: {cal.note}")
         if fmt.model_level:                               # the knapsack needs every layer at once
             say(f"{fmt.name}: building every layer's options and solving under {budget} bpw")
             outcomes = BudgetOutcomes(budget_model(fmt, src, cal, nan_policy, budget, say, pool)[1], src, cal,

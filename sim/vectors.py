@@ -283,10 +283,12 @@ def _read_sparse(path: Path, text: str, where: str, count: int, n: int) -> tuple
     lines = text.splitlines()
     if len(lines) != count:
         raise VectorError(f"{path}: {len(lines)} sparse entries, {where} sparse says {count}")
-    index, values = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+    # Python ints until checked: an index past int64 is past the layer, said so, not an OverflowError
+    index, values = np.zeros(count, dtype=object), np.zeros(count, dtype=np.int64)
     for k, line in enumerate(lines):
         parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit() or not re.fullmatch(r"[0-9a-fA-F]{4}", parts[1]):
+        # ASCII digits only: str.isdigit took '²' (then int() failed naming no file) and '٣' (read as 3)
+        if len(parts) != 2 or not re.fullmatch(r"[0-9]+", parts[0]) or not re.fullmatch(r"[0-9a-fA-F]{4}", parts[1]):
             raise VectorError(f"{path}: line {k + 1}: expected 'index value' (decimal, 4 hex digits), got {line!r}")
         index[k], values[k] = int(parts[0]), int(parts[1], 16)
     bad = np.flatnonzero(np.diff(index) <= 0)
@@ -299,7 +301,7 @@ def _read_sparse(path: Path, text: str, where: str, count: int, n: int) -> tuple
     nonfinite = np.flatnonzero((values >> 7) & 0xFF == 0xFF)
     if len(nonfinite):
         raise VectorError(f"{path}: line {nonfinite[0] + 1}: value {values[nonfinite[0]]:04x} is not a finite BF16")
-    return index, values
+    return index.astype(np.int64), values
 
 
 def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:

@@ -2,6 +2,7 @@
 in one line `sop: error: ...`."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,3 +61,41 @@ def test_bad_artifact_requests_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.sopq"
     bad.write_bytes(b"not an artifact")
     assert "bad.sopq" in one_error_line(capsys, ["vectors", bad, "--format", "sop4-g16", "--out", tmp_path / "c"])
+
+
+@pytest.fixture(scope="module")
+def sparse_set(tmp_path_factory):
+    """A vector set of one layer with sparse entries (the first rows of a sop-budget layer)."""
+    art, names = runner.sparse_artifact("sop4-g16")
+    out = tmp_path_factory.mktemp("v") / "v"
+    assert run(["vectors", art, "--format", "sop4-g16", "--layer", names[0], "--out", out, "--rows", 8]) == 0
+    return out
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda lines: [lines[1], lines[0], *lines[2:]], "must be strictly increasing"),
+    (lambda lines: [*lines[:-1], "99999999999999999999999 3f80"], "index 99999999999999999999999 is past the layer"),
+    (lambda lines: ["\u00b2 3f80", *lines[1:]], "line 1: expected 'index value' (decimal, 4 hex digits)"),
+    (lambda lines: ["\u0663 3f80", *lines[1:]], "line 1: expected 'index value' (decimal, 4 hex digits)"),
+    (lambda lines: [lines[0].split()[0] + " 7f80", *lines[1:]], "line 1: value 7f80 is not a finite BF16"),
+], ids=["out of order", "past int64", "superscript digit", "arabic-indic digit", "infinite value"])
+def test_a_sparse_file_with_a_bad_entry_is_one_vector_error_naming_the_line(sparse_set, tmp_path, edit, said):
+    """The set's checksums made good, so that the entry itself is what is read: an index past int64 was an
+    OverflowError, '²' a ValueError naming no file, and '٣' was read as 3 (an outside probe)."""
+    import hashlib
+    import shutil
+
+    from sop.sim.vectors import VectorError
+
+    d = tmp_path / "v"
+    shutil.copytree(sparse_set, d)
+    doc = json.loads((d / "vectors.json").read_text())
+    (entry,) = doc["layers"]
+    path = d / entry["files"]["sparse"]
+    data = ("\n".join(edit(path.read_text().splitlines())) + "\n").encode()
+    path.write_bytes(data)
+    entry["sha256"]["sparse"] = hashlib.sha256(data).hexdigest()
+    (d / "vectors.json").write_text(json.dumps(doc))
+    with pytest.raises(VectorError, match=re.escape(said)) as err:
+        read_vectors(d)
+    assert str(path) in str(err.value)
