@@ -230,14 +230,16 @@ def signals_held() -> Iterator[None]:
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _no_room(err: BaseException) -> str | None:
-    """The reason (``No space left on device``) where ``err`` says the disk or a quota is full: an OSError
-    naming no file, or another library's error that carries the system's (safetensors' ``SafetensorError``
-    while a model folder is saved: ``I/O error: No space left on device (os error 28)``); else None."""
+def _no_room(err: BaseException, target: Path) -> OutputError | None:
+    """The target's one-line error where ``err`` says the disk or a quota is full: an OSError naming no
+    file, or another library's error that carries the system's (safetensors' ``SafetensorError`` while a
+    model folder is saved: ``I/O error: No space left on device (os error 28)``); else None."""
     if isinstance(err, OSError):
-        return err.strerror if err.errno in _NO_ROOM and err.filename is None else None
-    m = re.search(r"\(os error (\d+)\)", str(err))
-    return os.strerror(int(m[1])) if m and int(m[1]) in _NO_ROOM else None
+        why = err.strerror if err.errno in _NO_ROOM and err.filename is None else None
+    else:
+        m = re.search(r"\(os error (\d+)\)", str(err))
+        why = os.strerror(int(m[1])) if m and int(m[1]) in _NO_ROOM else None
+    return None if why is None else OutputError(f"{target}: {why}; nothing was written (the target is as it was)")
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -308,9 +310,9 @@ def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterato
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         _remove_empty(made)
-        full = _no_room(err)
+        full = _no_room(err, target)
         if full is not None:
-            raise OutputError(f"{target}: {full}; nothing was written (the target is as it was)") from None
+            raise full from None
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -345,9 +347,9 @@ def staging_folder(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp = None
         _remove_empty(made)
-        full = _no_room(err)                    # the library writing into the folder filled the disk
+        full = _no_room(err, target)            # the library writing into the folder filled the disk
         if full is not None:
-            raise OutputError(f"{target}: {full}; nothing was written (the target is as it was)") from None
+            raise full from None
         raise
     finally:
         if tmp is not None:

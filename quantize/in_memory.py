@@ -86,6 +86,7 @@ from sop.golden.layout import LayerStream
 
 from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, experts_transposed,
                         fused_expert_params)
+from .fp8_scales import FP8_DTYPES
 from .knapsack import LazyLayers, budget_report
 from .models import (_natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout, is_expert_stack,
                      linear_reason)
@@ -226,8 +227,8 @@ def _unsplit_experts(module, p) -> str:
 
 
 def _fp8(p) -> bool:
-    """An FP8 parameter (its fused experts are kept, as on disk)."""
-    return str(p.dtype) in ("torch.float8_e4m3fn", "torch.float8_e5m2")
+    """An FP8 parameter (its fused experts are kept, as on disk): a dtype of ``fp8_scales.FP8_DTYPES``."""
+    return str(p.dtype).removeprefix("torch.") in FP8_DTYPES
 
 
 def _stored_weight(module):
