@@ -625,5 +625,26 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def entry() -> None:
+    """The ``sop`` console script: ``main``, then an exit that a late Ctrl-C cannot turn into a traceback.
+
+    Once ``main`` has returned, the command's files are written and its output is flushed here; a SIGINT
+    while Python shuts down (torch's and weakref's atexit callbacks, a few tenths of a second) printed an
+    ``Exception ignored in atexit callback`` traceback and kept exit 0. From here on SIGINT has its default
+    action: the process ends at once as interrupted (exit 128 + 2 to the shell), with no traceback and
+    nothing lost. A Ctrl-C outside ``main``'s own handler (while the command line is parsed, or as ``main``
+    returns) is its one line, exit 130."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("sop: interrupted (SIGINT); no partial file was left", file=sys.stderr)
+        code = 128 + signal.SIGINT
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

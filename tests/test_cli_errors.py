@@ -3,6 +3,7 @@ the file and what is wrong, exit 2, before any work and with nothing written; an
 error says that it is a bug and how to report it (docs/robustness.md lists every class)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -255,6 +256,39 @@ def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path):
     """A Ctrl-C in the first tenths of a second (the imports, before main runs) was a traceback."""
     run = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING], capture_output=True, text=True, timeout=120)
     assert (run.returncode, run.stderr) == (130, "sop: interrupted (SIGINT) while starting; nothing was written\n")
+
+
+_CTRL_C_AS_PYTHON_EXITS = """
+import atexit, os, signal, sys, time
+import sop.cli as cli
+def finished():                         # the command is done; Ctrl-C lands in an atexit callback (torch's)
+    print("the table")
+    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(1)))
+    return 0
+cli.main = finished
+cli.entry()
+"""
+
+
+def test_ctrl_c_while_python_exits_is_no_traceback():
+    """A Ctrl-C after the command finished, while Python ran its atexit callbacks, printed ``Exception ignored
+    in atexit callback ... KeyboardInterrupt`` and kept exit 0 (seen by an outside probe on `sop eval`); now
+    the process ends as interrupted, its output whole."""
+    run = subprocess.run([sys.executable, "-c", _CTRL_C_AS_PYTHON_EXITS], capture_output=True, text=True,
+                         timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (-signal.SIGINT, "the table\n", "")
+
+
+def test_ctrl_c_outside_mains_handler_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C while the command line is parsed (before main's handler) or as main returns."""
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)      # leave pytest's own SIGINT handler alone
+    with pytest.raises(SystemExit) as exit_:
+        cli.entry()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "sop: interrupted (SIGINT); no partial file was left\n"
 
 
 def test_a_removed_current_folder_is_one_line(tmp_path):
