@@ -34,10 +34,10 @@ embedding (contains ``embed``/``embd``, or is ``wte``, ``wpe``, ``shared``, T5's
 ``relative_attention_bias``) or a norm (contains ``norm``, or starts with ``ln_``). HF ``Conv1D`` layers (GPT-2
 style ``c_attn``, ``c_proj``, ``c_fc``) store ``(in, out)`` and are transposed.
 GGUF stores ``ne = [in, out]``, which numpy reads as ``(out, in)``. A 3-D tensor of fused MoE experts
-(``is_expert_stack``; safetensors and torch checkpoints, not FP8) is one layer per expert,
+(``is_expert_stack``; not FP8) is one layer per expert,
 ``expert_layer_name(tensor, e)`` with ``LinearLayer.stack``, read alone (``Reader.get(name, e)``), in a
-checkpoint of a model type of ``FUSED_EXPERTS`` (which says how it stores them) or of none; the tensor
-is selected as one by its name.
+checkpoint of a model type of ``FUSED_EXPERTS`` (which says how it stores them) or of none, and in any
+GGUF (llama.cpp's ``ffn_*_exps``, ``(experts, out, in)``); the tensor is selected as one by its name.
 ``include`` / ``exclude`` are lists of shell globs (``fnmatch``, case-sensitive)
 on the tensor name: a layer is kept when it matches some include (all, if none
 is given) and no exclude.
@@ -152,12 +152,13 @@ FUSED_EXPERTS = {"granitemoe": False, "granitemoeshared": False, "granitemoehybr
 def is_expert_stack(name: str, shape: tuple, is_float: bool) -> bool:
     """Whether tensor ``name`` holds fused MoE experts, one matrix per expert along its first axis: a 3-D
     floating-point tensor under a module whose name says experts or MoE (``mlp.experts.gate_up_proj``,
-    GraniteMoE's ``block_sparse_moe.input_linear.weight``), named as a weight or a bare projection
-    (``*_proj``) that is no embedding, norm or head by ``linear_reason``. A convolution's 3-D weight is not."""
+    GraniteMoE's ``block_sparse_moe.input_linear.weight``, llama.cpp's ``blk.0.ffn_gate_exps.weight``),
+    named as a weight or a bare projection (``*_proj``) that is no embedding, norm or head by
+    ``linear_reason``. A convolution's 3-D weight is not."""
     if not is_float or len(shape) != 3:
         return False
     parts = re.split(r"[./]", name.lower())
-    if not any("expert" in part or "moe" in part for part in parts[:-1]):
+    if not any("expert" in part or "moe" in part or part.endswith("_exps") for part in parts[:-1]):
         return False
     as_weight = f"{name}.weight" if parts[-1].endswith("_proj") else name
     return linear_reason(as_weight, (1, 1), True) is None
@@ -687,6 +688,13 @@ def _causal_gguf(reader) -> tuple[bool, str]:
                        f"{_GGUF_MOE_RENAMED[arch]!r}, a forward pass not run here")
     if arch in _GGUF_NOT_CAUSAL or arch not in GGUF_SUPPORTED_ARCHITECTURES:
         return False, f"GGUF architecture {arch!r} is no causal LM that transformers reads"
+    experts = reader.field(f"{arch}.expert_count")
+    fused = next((n for n in reader.names() if is_expert_stack(n, reader.info(n)[0], True)), None)
+    if (isinstance(experts, (int, float)) and experts > 0) or fused:
+        # a Mixtral GGUF is architecture 'llama': transformers would build a dense Llama and find no MLP
+        return False, (f"GGUF architecture {arch!r} with mixture-of-experts blocks "
+                       f"({f'{experts:g} experts' if isinstance(experts, (int, float)) else fused}): "
+                       f"transformers reads it as a dense model, without its experts")
     return True, ""
 
 
@@ -759,8 +767,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
 
     layers, skipped = [], {}
     candidates = 0
-    stacks, in_out = fused_experts_layout(cfg)
-    stacks = stacks and kind != "gguf"
+    # GGUF stores every fused experts tensor ne = [in, out, experts], numpy's (experts, out, in)
+    stacks, in_out = (True, False) if kind == "gguf" else fused_experts_layout(cfg)
     for name in names:
         shape, dtype, is_float = reader.info(name)
         if stacks and dtype not in fp8_scales.FP8_DTYPES and is_expert_stack(name, shape, is_float):
@@ -810,18 +818,18 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
     stacked = {lay.tensor for lay in layers if lay.stack is not None}
     deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2 and n not in stacked
             and skipped.get(n) != "filtered out by --include/--exclude"}
-    if deep:                                     # GGUF or FP8 fused experts, convolutions: much of such a model
+    if deep:                                     # FP8 fused experts, convolutions: much of such a model
         total = sum(int(np.prod(shape)) for shape in floats.values())
         notes.append(f"{len(deep)} floating-point tensor(s) of 3 or more dimensions kept as they are "
                      f"({sum(deep.values()):,} weights, {100 * sum(deep.values()) / total:.0f} % of the "
                      f"checkpoint's floating-point weights; e.g. {next(iter(deep))}): sop quantizes 2-D linear "
                      f"layers and the experts of fused (experts, rows, cols) tensors of the model types it follows "
-                     f"(docs/quantizer.md, \"Fused experts\"), not in FP8 or GGUF, so these stay in full precision "
+                     f"(docs/quantizer.md, \"Fused experts\"), not in FP8, so these stay in full precision "
                      f"and the bits per weight count the quantized layers alone")
     if kind == "gguf":
         types: dict[str, int] = {}
         for lay in layers:
-            q = reader.quantized(lay.name)
+            q = reader.quantized(lay.tensor)
             if q is not None:
                 types[q] = types.get(q, 0) + 1
         if types:
