@@ -38,6 +38,8 @@ GGUF stores ``ne = [in, out]``, which numpy reads as ``(out, in)``. A 3-D tensor
 ``expert_layer_name(tensor, e)`` with ``LinearLayer.stack``, read alone (``Reader.get(name, e)``), in a
 checkpoint of a model type of ``FUSED_EXPERTS`` (which says how it stores them) or of none, and in any
 GGUF (llama.cpp's ``ffn_*_exps``, ``(experts, out, in)``); the tensor is selected as one by its name.
+GPT-OSS's MXFP4 experts (a ``_blocks`` / ``_scales`` pair) are such a tensor of dtype ``MXFP4``, read
+as their exact values (quantize/tensor_readers.py).
 ``include`` / ``exclude`` are lists of shell globs (``fnmatch``, case-sensitive)
 on the tensor name: a layer is kept when it matches some include (all, if none
 is given) and no exclude.
@@ -91,7 +93,7 @@ import numpy as np
 from sop.quantize import fp8_scales
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
 from sop.quantize.fp8_scales import Fp8Scale
-from sop.quantize.tensor_readers import READERS, Reader
+from sop.quantize.tensor_readers import MXFP4, READERS, Reader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -840,6 +842,11 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
             notes.append(f"{who}: {n} of the {len(layers)} selected layers are already quantized in the GGUF "
                          f"({what}); the reference is the GGUF dequantized to float32, not a full-precision "
                          f"model")
+    mxfp4 = sum(lay.dtype == MXFP4 for lay in layers)
+    if mxfp4:                                    # GPT-OSS as released: its experts are 4.25 bits per weight already
+        notes.append(f"{mxfp4} of the {len(layers)} selected layers are MXFP4 in the checkpoint (4.25 bits per "
+                     f"weight: E2M1 values, an E8M0 scale per 32); they are read as their exact values, which are "
+                     f"the reference, and a format of more bits per weight makes them no smaller")
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
                        folder if forward else None, head_note, tied if (tied and lm_head) else None,
                        notes, reader, opened_with=(spec, list(include or []) or None,

@@ -26,6 +26,14 @@ Contract, the same for every reader, built from a list of files:
   ``ModelSource.load`` makes it float64 and ``(out, in)``;
 * GGUF only: ``quantized(name)`` (its quantization type, or None) and ``field(key)`` (a metadata
   value).
+* safetensors: MXFP4 fused experts as GPT-OSS stores them, a ``X_blocks`` (U8, ``(experts, out, groups,
+  16)``: two E2M1 codes a byte, the low nibble first) and ``X_scales`` (U8, ``(experts, out, groups)``:
+  E8M0, one for each 32 values) pair, are listed as the one tensor ``X`` of dtype ``MXFP4``, shape
+  ``(experts, in, out)``, the tensor transformers dequantizes them into (``convert_moe_packed_tensors``)
+  and runs; ``get`` decodes it exactly (golden.formats' E2M1 times 2^(scale - 127), float32 holds every
+  value but those past its range, which stay float64), one expert alone with ``index``. A scale of 255
+  (E8M0's NaN) is a ``CheckpointError`` naming the tensor. ``where`` still names the stored pair (a shard
+  index lists those).
   A GGUF that would be read silently wrong is refused at open: one part of a split model
   (``split.count`` > 1), or a file in the other byte order than this machine's holding BF16 or
   quantized tensors (gguf dequantizes those in the machine's byte order only).
@@ -88,6 +96,37 @@ class Reader:
         raise NotImplementedError
 
 
+#: The dtype name of an MXFP4 pair read as one tensor (``SafetensorsReader``).
+MXFP4 = "MXFP4"
+
+
+def _mxfp4_pairs(meta: dict) -> dict[str, tuple[str, str]]:
+    """The MXFP4 ``X_blocks`` / ``X_scales`` pairs of a safetensors checkpoint, by the name ``X``."""
+    pairs = {}
+    for name, (shape, dtype) in meta.items():
+        if not name.endswith("_blocks") or dtype != "U8" or len(shape) != 4 or shape[-1] != 16:
+            continue
+        base = name.removesuffix("_blocks")
+        scales = meta.get(base + "_scales")
+        if scales is not None and scales[1] == "U8" and tuple(scales[0]) == tuple(shape[:-1]) and base not in meta:
+            pairs[base] = (name, base + "_scales")
+    return pairs
+
+
+def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str, f: Path) -> np.ndarray:
+    """``(..., out, groups, 16)`` code bytes and ``(..., out, groups)`` E8M0 scales as the ``(..., in, out)``
+    values they hold (in = 32 * groups), float32 where every value fits it."""
+    from sop.golden.formats import get_format
+
+    blocks, scales = np.asarray(blocks, np.uint8), np.asarray(scales, np.uint8)
+    if (scales == 255).any():
+        raise CheckpointError(f, f"tensor {name}: an MXFP4 scale is 255 (E8M0's NaN); its values are not numbers")
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    values = get_format("e2m1").decode(codes) * get_format("ue8m0").decode(scales)[..., None]
+    values = values.reshape(*blocks.shape[:-2], -1).swapaxes(-1, -2)
+    return values.astype(np.float32) if np.abs(values).max(initial=0) <= np.finfo(np.float32).max else values
+
+
 class SafetensorsReader(Reader):
     def __init__(self, files: list[Path]):
         from safetensors import SafetensorError, safe_open
@@ -109,13 +148,25 @@ class SafetensorsReader(Reader):
                 raise CheckpointError(f, f"not a valid safetensors file ({describe_error(err)})") from None
             except OSError as err:
                 raise CheckpointError(f, f"cannot be read ({err.strerror or describe_error(err)})") from None
+        self.mxfp4 = _mxfp4_pairs(self.meta)
+        for base, (blocks, _) in self.mxfp4.items():
+            experts, out, groups, _ = self.meta[blocks][0]
+            self.meta[base] = ((experts, 32 * groups, out), MXFP4)
+            self.where[base] = self.where[blocks]
+        self._hidden = {n for pair in self.mxfp4.values() for n in pair}
+
+    def names(self) -> list[str]:
+        return [n for n in self.where if n not in self._hidden]
 
     def info(self, name):
         shape, dtype = self.meta[name]
-        return shape, dtype, dtype.startswith(("F", "BF"))
+        return shape, dtype, dtype.startswith(("F", "BF")) or dtype == MXFP4
 
     def check(self, name) -> None:
         shape, dtype = self.meta[name]
+        if dtype == MXFP4:
+            check_layer_size(self.where[name], name, shape)
+            return
         if dtype not in ST_NUMPY + ST_TORCH:
             raise CheckpointError(self.where[name], f"layer {name} has dtype {dtype}, which is not read "
                                                     f"(F16, F32, F64, BF16, F8_E4M3, F8_E5M2 are); "
@@ -123,17 +174,22 @@ class SafetensorsReader(Reader):
         check_layer_size(self.where[name], name, shape)
 
     def get(self, name, index: int | None = None) -> np.ndarray:
+        _, dtype = self.meta[name]
+        if dtype == MXFP4:
+            blocks, scales = self.mxfp4[name]
+            return decode_mxfp4(self._read(blocks, index, "np"), self._read(scales, index, "np"), name,
+                                self.where[name])
+        if dtype in ST_NUMPY:
+            return self._read(name, index, "np")
+        return self._read(name, index, "pt").float().numpy()      # BF16, FP8: numpy has no type
+
+    def _read(self, name, index, framework):
         from safetensors import SafetensorError, safe_open
 
-        _, dtype = self.meta[name]
         f = self.where[name]
         try:
-            if dtype in ST_NUMPY:
-                with safe_open(str(f), framework="np") as h:
-                    return h.get_tensor(name) if index is None else h.get_slice(name)[index]
-            with safe_open(str(f), framework="pt") as h:      # BF16, FP8: numpy has no type
-                t = h.get_tensor(name) if index is None else h.get_slice(name)[index]
-                return t.float().numpy()
+            with safe_open(str(f), framework=framework) as h:
+                return h.get_tensor(name) if index is None else h.get_slice(name)[index]
         except SafetensorError as err:
             raise CheckpointError(f, f"tensor {name} cannot be read ({describe_error(err)}); was the file changed "
                                      f"since it was opened?") from None
