@@ -239,3 +239,33 @@ def test_deepseek_v4s_top_level_head_is_the_output_head(tmp_path):
     assert [lay.name for lay in open_model(str(tmp_path / "m.safetensors")).layers] == [
         "blk.0.attn.head.weight", "blk.0.w.weight"]
     assert "head.weight" in [lay.name for lay in open_model(str(tmp_path / "m.safetensors"), lm_head=True).layers]
+
+
+def test_a_checkpoint_quantized_by_another_method_says_so(tmp_path):
+    """A GPTQ/AWQ checkpoint (``qweight`` int32), bitsandbytes 4-bit (``weight`` uint8) or compressed-tensors
+    int4 (``weight_packed``): its weights were counted as 'integer' tensors kept, and with none left the error
+    was 'no linear layer selected (0 candidates)' (with --include-lm-head the head alone was quantized without a
+    word). Now the warning, and the error, say that the checkpoint is quantized already and what to give."""
+    packed = {"model.layers.0.self_attn.q_proj.qweight": torch.zeros(8, 64, dtype=torch.int32),
+              "model.layers.0.self_attn.q_proj.qzeros": torch.zeros(1, 8, dtype=torch.int32),
+              "model.layers.0.self_attn.q_proj.scales": torch.ones(1, 64, dtype=torch.float16),
+              "model.layers.0.mlp.up_proj.weight": torch.zeros(96, 1, dtype=torch.uint8),
+              "model.layers.0.mlp.down_proj.weight_packed": torch.zeros(64, 12, dtype=torch.int32),
+              "model.layers.0.self_attn.q_proj.g_idx": torch.zeros(64, dtype=torch.int32),
+              "position_ids": torch.arange(8)[None], "lm_head.weight": torch.randn(100, 64)}
+    save_file(packed, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    said = ("3 integer tensor(s) named as weights (e.g. model.layers.0.mlp.down_proj.weight_packed, I32) are kept "
+            "as they are: the checkpoint is already quantized by another method (config.json's quantization_config: "
+            "'gptq'), packed in a way sop does not read (it reads float, FP8 and GPT-OSS's MXFP4 weights); quantize "
+            "the unquantized checkpoint")
+    with pytest.raises(ValueError) as err:
+        open_model(str(tmp_path))
+    assert str(err.value) == f"{tmp_path}: no linear layer selected (0 candidates): {said}"
+    assert open_model(str(tmp_path), lm_head=True).notes == [said]
+    (tmp_path / "config.json").unlink()                  # the tensors say it without a configuration
+    assert open_model(str(tmp_path), lm_head=True).notes == [said.replace(" (config.json's quantization_config: "
+                                                                          "'gptq')", "")]
+    save_file({"w.weight": torch.randn(4, 64), "position_ids": torch.arange(8)[None]},
+              str(tmp_path / "model.safetensors"))
+    assert open_model(str(tmp_path)).notes == []         # an integer tensor that is no weight says nothing
