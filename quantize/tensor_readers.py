@@ -26,6 +26,9 @@ Contract, the same for every reader, built from a list of files:
   ``ModelSource.load`` makes it float64 and ``(out, in)``;
 * GGUF only: ``quantized(name)`` (its quantization type, or None) and ``field(key)`` (a metadata
   value).
+  A GGUF that would be read silently wrong is refused at open: one part of a split model
+  (``split.count`` > 1), or a file in the other byte order than this machine's holding BF16 or
+  quantized tensors (gguf dequantizes those in the machine's byte order only).
 * safetensors: MXFP4 fused experts as GPT-OSS stores them, a ``X_blocks`` (U8, ``(experts, out, groups,
   16)``: two E2M1 codes a byte, the low nibble first) and ``X_scales`` (U8, ``(experts, out, groups)``:
   E8M0, one for each 32 values) pair, are listed as the one tensor ``X`` of dtype ``MXFP4``, shape
@@ -34,9 +37,6 @@ Contract, the same for every reader, built from a list of files:
   value but those past its range, which stay float64), one expert alone with ``index``. A scale of 255
   (E8M0's NaN) is a ``CheckpointError`` naming the tensor. ``where`` still names the stored pair (a shard
   index lists those).
-  A GGUF that would be read silently wrong is refused at open: one part of a split model
-  (``split.count`` > 1), or a file in the other byte order than this machine's holding BF16 or
-  quantized tensors (gguf dequantizes those in the machine's byte order only).
 
 Each reader validates its files' structure when it opens them (quantize/checkpoint_files.py:
 headers only, never the whole file) and translates the exceptions its library raises on damaged
