@@ -796,7 +796,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                 continue
             reader.check(name)
             n, rows, cols = (int(d) for d in shape)
-            layers += [LinearLayer(expert_layer_name(name, e), (cols, rows) if in_out else (rows, cols), in_out,
+            t = in_out or dtype == MXFP4         # an MXFP4 pair reads (experts, in, out) whatever the config says
+            layers += [LinearLayer(expert_layer_name(name, e), (cols, rows) if t else (rows, cols), t,
                                    dtype, stack=(name, e, n)) for e in range(n)]
             continue
         why = linear_reason(name, shape, is_float)

@@ -57,6 +57,10 @@ def test_an_mxfp4_pair_reads_as_the_tensor_transformers_dequantizes(tmp_path):
     for e in range(3):
         assert np.array_equal(reader.get("m.experts.down_proj", e), want[e])
     assert len(np.unique(want)) > 150                                 # many codes times many scales
+    src = open_model(str(tmp_path / "m.safetensors"))                 # a file alone, no config.json: its
+    lay = src.layers[1]                                               # orientation is the pair's own
+    assert (lay.name, lay.shape, lay.transposed) == ("m.experts.down_proj[1]", (8, 64), True)
+    np.testing.assert_array_equal(src.load(lay.name), want[1].T)
 
 
 def test_an_mxfp4_scale_of_255_is_refused_naming_the_tensor(tmp_path):
