@@ -216,6 +216,10 @@ def _unsplit_experts(module, p) -> str:
     kind = type(module).__name__
     if _fp8(p):
         return f"fused MoE experts of {kind} in {p.dtype}: kept, as on disk"
+    if not p.is_floating_point():               # GPT-OSS on transformers' MXFP4 kernels: packed codes
+        return (f"fused MoE experts of {kind}, packed as {str(p.dtype).removeprefix('torch.')} codes (MXFP4 as "
+                f"transformers' kernels hold them): kept; a model loaded dequantized (on the CPU, or with "
+                f"Mxfp4Config(dequantize=True)) has them as values, and on disk they are quantized")
     if type(module).__name__ in _BMM_EXPERTS:
         return (f"fused MoE experts of {kind}, called with every token scaled by its router score and no routed "
                 f"indices: kept (on disk they are quantized)")

@@ -140,3 +140,27 @@ def test_gpt_oss_mxfp4_experts_are_quantized_calibrated_and_exported(tmp_path, c
     model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     held = model.model.layers[1].mlp.experts.gate_up_proj.detach().numpy()
     np.testing.assert_array_equal(held, decoded[GATE_UP.format(i=1)])
+
+
+def test_in_memory_experts_packed_by_the_mxfp4_kernels_are_kept_saying_why():
+    """A GPT-OSS held on transformers' MXFP4 kernels (``Mxfp4GptOssExperts``: uint8 codes, no values): its
+    experts are kept, saying what they are and how to load them as values (the reason said the module did not
+    say how it stores them, and that on disk they are refused)."""
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+    from transformers.models.auto import AutoModelForCausalLM
+    from transformers.models.gpt_oss import GptOssConfig
+
+    from sop.quantize.in_memory import quantize_module
+
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS, num_experts_per_tok=2,
+                       head_dim=16)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.model.layers[0].mlp.experts = Mxfp4GptOssExperts(cfg)
+    res = quantize_module(model, "sop4-g16")
+    assert not [n for n in res.layers if "experts" in n]
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        assert res.kept[name] == (
+            "fused MoE experts of Mxfp4GptOssExperts, packed as uint8 codes (MXFP4 as transformers' kernels hold "
+            "them): kept; a model loaded dequantized (on the CPU, or with Mxfp4Config(dequantize=True)) has them "
+            "as values, and on disk they are quantized")
