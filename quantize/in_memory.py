@@ -115,7 +115,7 @@ class InMemoryResult:
     kept: dict[str, str] = field(default_factory=dict)     # a parameter left as it is -> why
     budget: object | None = None                    # sop-budget: the knapsack's BudgetResult (its results
     #                                                 consumed as written: each layer's record is in layers)
-    tokens: int = 0                                 # calibration tokens (the most rows any layer saw)
+    tokens: int = 0                                 # calibration tokens (activation_stats says how counted)
     unreached: list[str] = field(default_factory=list)     # layers no calibration token reached (1/tokens)
 
     @property
@@ -467,12 +467,31 @@ def _masks(batch) -> tuple:
     return tuple(out)
 
 
+def _batch_tokens(batch) -> int | None:
+    """The tokens a calibration batch runs: its ``attention_mask``'s ones, else the positions of its
+    ``input_ids`` (or ``inputs_embeds``; a positional batch's first input: integer ids, or float
+    ``(..., features)`` rows); None where it says none."""
+    import torch
+
+    if isinstance(batch, Mapping):
+        mask = _masks(batch)[0]
+        if mask is not None:
+            return int(mask.sum())
+        batch = batch.get("input_ids", batch.get("inputs_embeds"))
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0] if batch else None
+    if not isinstance(batch, torch.Tensor):
+        return None
+    return batch.numel() if not batch.is_floating_point() else math.prod(batch.shape[:-1])
+
+
 def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray], int, list[str]]:
     """Per-input-column mean square of each layer's input over every token of ``batches`` (the
     positions a mapping batch's ``attention_mask`` zeroes left out, ``_positions``; in an
     encoder-decoder model the encoder's layers by ``attention_mask``, the others by
-    ``decoder_attention_mask`` or none), the tokens (the most rows any layer saw: every token passes
-    a dense model's linear layers) and the layers that no token reached (their modules not called,
+    ``decoder_attention_mask`` or none), the tokens (the batches' own, ``_batch_tokens``; where a batch
+    says none, the most rows any layer saw: every token passes a dense model's linear layers, but a layer
+    applied per head sees a row per head and token) and the layers that no token reached (their modules not called,
     or called on no row). An expert's matrix: over the tokens that reached its experts module, a token not
     routed to the expert a zero input, as on disk (``causal_lm._expert_hook``, on the unmasked tokens)."""
     import torch
@@ -484,6 +503,7 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
     counts = dict.fromkeys(layers, 0)
     encoder = _encoder_modules(model)
     masks = (None, None)                            # the running batch's (source, target) masks
+    ran: list[int | None] = []                      # each batch's tokens
 
     def add(name: str, s, n: int):                  # s None: n tokens that add nothing (not routed to it)
         if s is not None:
@@ -526,15 +546,16 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
         with torch.inference_mode():
             for i, batch in enumerate(batches):
                 masks = _masks(batch)
+                ran.append(_batch_tokens(batch))
                 _run(model, batch, i)
     finally:
         for h in handles:
             h.remove()
         for m, training in modes:
             m.training = training
-    tokens = max(counts.values())
-    if tokens == 0:
+    if max(counts.values()) == 0:
         raise ValueError("the calibration batches reached no linear layer (none given, or the model ran none)")
+    tokens = sum(ran) if None not in ran and sum(ran) else max(counts.values())
     stats, unreached = {}, [n for n in layers if not (counts[n] and n in sums)]
     for name, lay in layers.items():            # a layer no token reached: one token of ones, as on disk
         reached = counts[name] and name in sums

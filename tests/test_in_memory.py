@@ -202,6 +202,33 @@ class Tokens(torch.nn.Module):
         return self.down(torch.relu(self.up(self.emb(input_ids))))
 
 
+class PerHead(torch.nn.Module):
+    """ids -> embedding -> 4 heads of 8 -> a projection applied per head (DeepSeek-V4's ``o_a_proj``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(50, 32)
+        self.per_head = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.per_head(self.emb(input_ids).unflatten(-1, (4, 8)))
+
+
+@pytest.mark.parametrize("batch, tokens", [
+    ({"input_ids": torch.ones(2, 5, dtype=torch.long)}, 10),
+    ({"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2])},
+     8),
+    (torch.ones(3, 5, dtype=torch.long), 15),
+    ((torch.ones(1, 7, dtype=torch.long),), 7),
+], ids=["ids", "mask", "tensor", "tuple"])
+def test_the_tokens_are_the_batches_not_the_rows_a_layer_applied_per_head_sees(batch, tokens):
+    """A layer applied per head sees a row per head and token: the calibration's token count was the most
+    rows any layer saw (4 times the tokens here; 512 where 64 tokens ran DeepSeek-V4, an outside probe)."""
+    res = quantize_module(PerHead(), "sop4-g16", [batch])
+    assert res.tokens == tokens
+
+
 def test_padded_positions_are_left_out_and_a_tokenizer_output_is_keywords():
     """Section 2's rule (every non-padding token): the padded positions of a batch's attention_mask
     counted as tokens (a tokenizer's padded batch: statistics off by up to 2.7e3 relative), and a
@@ -275,7 +302,8 @@ def test_a_shared_weight_counts_both_inputs_and_an_expert_called_on_no_row_is_un
     xs = x.numpy()
     np.testing.assert_allclose(res.act_ms["a.weight"], ((xs ** 2).sum(0) * 10) / 20, rtol=1e-12)
     assert list(res.layers) == ["a.weight", "expert.weight"] and res.unreached == ["expert.weight"]
-    assert np.array_equal(res.act_ms["expert.weight"], np.full(16, 1 / 20))
+    assert res.tokens == 10                         # the batch's rows, not the 20 the shared weight saw
+    assert np.array_equal(res.act_ms["expert.weight"], np.full(16, 1 / 10))
     assert model.b.weight is model.a.weight
 
 
