@@ -616,4 +616,5 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
             say(layer_line("dequantize", i, n, e.name, e.shape, time.perf_counter() - t0))
         size = f.tell()
     return {"path": str(out), "bytes": size, "layers": len(art.layers), "format": art.format,
+            "tensors": len({e.stack[0] if e.stack else e.name for e in art.layers}),    # fused experts: one
             "weights": sum(e.shape[0] * e.shape[1] for e in art.layers)}

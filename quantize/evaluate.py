@@ -527,13 +527,18 @@ def format_table(doc: dict) -> str:
     lines += [f"warning: {n}" for n in src.get("notes", [])]
     lines += [f"calibration: {cal['note']}" + (" [cached]" if cal.get("cached") else ""), ""]
     causal = _causal(doc)
-    e2e_head = f"{'ppl':>9}{'KLD':>11}{'top-1':>8}" if causal else f"{'e2e cos mean':>14}{'e2e cos min':>13}"
+    # no forward pass and no check: no end-to-end columns (a sentence encoder's, dashed, said nothing)
+    none = not causal and not src.get("forward") and not any("cos_mean" in f["e2e"] for f in doc["formats"].values())
+    e2e_head = ("" if none else f"{'ppl':>9}{'KLD':>11}{'top-1':>8}" if causal
+                else f"{'e2e cos mean':>14}{'e2e cos min':>13}")
     head = f"{'format':<16}{'bpw':>8}{'SQNR dB':>9}{'rel MSE':>11}{'1-ACos':>11}{'max err':>10}{e2e_head}"
     lines.append(head)
     ref = None
     for name, f in doc["formats"].items():
         e = f["e2e"]
-        if causal:
+        if none:
+            e2e = ""
+        elif causal:
             e2e = (f"{e['ppl']:9.3f}{e['kld']:11.3e}{e['top1']:8.4f}" if "kld" in e
                    else f"{'-':>9}{'-':>11}{'-':>8}")
             ref = e if "kld" in e else ref

@@ -176,20 +176,27 @@ def fused_experts_layout(cfg: dict | None) -> tuple[bool, bool]:
     return (True, known[0]) if known else (not types, False)
 
 
-def _packed_weights(reader, names, cfg: dict | None) -> str:
+def _packed_weights(reader, names, cfg: dict | None) -> list[str]:
     """What to say of a checkpoint quantized by another method (GPTQ, AWQ, bitsandbytes, compressed-tensors'
     int4): its weights are integer tensors named as weights (``qweight``, ``weight``, ``weight_packed``),
-    which no float reading can take; "" when it has none."""
-    ints = [n for n in names if not reader.info(n)[2] and len(reader.info(n)[0]) >= 2
-            and re.split(r"[./]", n.lower())[-1].endswith(("weight", "weight_packed"))]
-    if not ints:
-        return ""
+    which no float reading can take; and of MXFP4 codes (``X_blocks``) the reader found no scales to pair
+    with (tensor_readers.MXFP4). Nothing when it has none."""
+    ints = [n for n in names if not reader.info(n)[2] and len(reader.info(n)[0]) >= 2]
+    packed = [n for n in ints if re.split(r"[./]", n.lower())[-1].endswith(("weight", "weight_packed"))]
+    codes = [n for n in ints if n.endswith("_blocks")]
     qc = (cfg or {}).get("quantization_config") if isinstance(cfg, dict) else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     said = f" (config.json's quantization_config: {method!r})" if isinstance(method, str) else ""
-    return (f"{len(ints)} integer tensor(s) named as weights (e.g. {ints[0]}, {reader.info(ints[0])[1]}) are kept as "
-            f"they are: the checkpoint is already quantized by another method{said}, packed in a way sop does not "
-            f"read (it reads float, FP8 and GPT-OSS's MXFP4 weights); quantize the unquantized checkpoint")
+    notes = [f"{len(packed)} integer tensor(s) named as weights (e.g. {packed[0]}, {reader.info(packed[0])[1]}) are "
+             f"kept as they are: the checkpoint is already quantized by another method{said}, packed in a way sop "
+             f"does not read (it reads float, FP8 and GPT-OSS's MXFP4 weights); quantize the unquantized "
+             f"checkpoint"] if packed else []
+    if codes:
+        notes.append(f"{len(codes)} MXFP4 code tensor(s) (e.g. {codes[0]}, {reader.info(codes[0])[1]} "
+                     f"{tuple(reader.info(codes[0])[0])}) are kept as they are: no scales pair with them (X_blocks "
+                     f"needs X_scales, U8, of its shape without the last axis of 16 bytes, and no other tensor "
+                     f"named X), so their values cannot be read")
+    return notes
 
 
 def _natural_key(name: str):
@@ -832,8 +839,9 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
     packed = _packed_weights(reader, names, cfg)
     if not layers:
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates"
-                         f"{', check --include/--exclude' if candidates else ''})" + (f": {packed}" if packed else ""))
-    notes = [packed] if packed else []
+                         f"{', check --include/--exclude' if candidates else ''})" +
+                         "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
+    notes = list(packed)
     floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}
     stacked = {lay.tensor for lay in layers if lay.stack is not None}
     deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2 and n not in stacked

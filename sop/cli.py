@@ -267,7 +267,8 @@ def cmd_dequantize(args) -> int:
     check_output(args.out, [args.file])
     t0 = time.time()
     info = dequantize(args.file, args.out, progress=not args.quiet)
-    print(f"wrote {info['path']}: {info['layers']} float32 tensors, {info['weights']:,} weights "
+    fused = f" ({info['layers']} layers)" if info["tensors"] != info["layers"] else ""
+    print(f"wrote {info['path']}: {info['tensors']} float32 tensors{fused}, {info['weights']:,} weights "
           f"({info['format']}, {time.time() - t0:.1f} s)")
     return 0
 
@@ -586,9 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 128 + getattr(sig, "number", signal.SIGINT)
         except BrokenPipeError:                          # `sop codebook bf16 | head`: the reader is done
-            with contextlib.suppress(OSError, ValueError):   # and Python's exit flush must not complain
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 128 + signal.SIGPIPE
+            return _reader_gone()
         except (ValueError, OSError) as err:
             print(f"sop: error: {_one_line(err)}", file=sys.stderr)
             return 2
@@ -625,24 +624,39 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _reader_gone() -> int:
+    """Standard output's reader has exited (``| head``): the exit code, with standard output sent to
+    /dev/null so that Python's own flush at exit does not complain of the broken pipe."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
 def entry() -> None:
     """The ``sop`` console script: ``main``, then an exit that a late Ctrl-C cannot turn into a traceback.
 
-    Once ``main`` has returned, the command's files are written and its output is flushed here; a SIGINT
-    while Python shuts down (torch's and weakref's atexit callbacks, a few tenths of a second) printed an
-    ``Exception ignored in atexit callback`` traceback and kept exit 0. From here on SIGINT has its default
-    action: the process ends at once as interrupted (exit 128 + 2 to the shell), with no traceback and
-    nothing lost. A Ctrl-C outside ``main``'s own handler (while the command line is parsed, or as ``main``
-    returns) is its one line, exit 130."""
+    Once ``main`` has returned, the command's files are written. A SIGINT while Python shut down (torch's
+    and weakref's atexit callbacks, a few tenths of a second) printed an ``Exception ignored in atexit
+    callback`` traceback and kept exit 0: from here on SIGINT has its default action, the process ends at
+    once as interrupted (exit 128 + 2 to the shell), with no traceback and no file lost. Standard output is
+    flushed after that (a flush blocked on a full pipe is interruptible like the rest); a reader gone by
+    then is ``main``'s broken pipe, exit 141 and no message. A Ctrl-C outside ``main``'s own handler (while
+    the command line is parsed, or as ``main`` returns) is its one line, exit 130."""
     try:
         code = main()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         print("sop: interrupted (SIGINT); no partial file was left", file=sys.stderr)
         code = 128 + signal.SIGINT
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _reader_gone()
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     sys.exit(code)
 
 

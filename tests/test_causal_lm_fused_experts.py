@@ -416,7 +416,7 @@ def _moe_gguf(path, arch, expert_count=None, expert_type=None):
     return experts
 
 
-def test_a_moe_gguf_quantizes_each_expert_and_says_why_it_has_no_forward_pass(tmp_path):
+def test_a_moe_gguf_quantizes_each_expert_and_says_why_it_has_no_forward_pass(tmp_path, capsys):
     """A Qwen3-MoE GGUF (``ffn_*_exps``, numpy's (experts, out, in) of GGUF's ne = [in, out, experts]): each
     expert is a layer of its own, read alone (a Q8_0 tensor dequantized expert by expert), and the decoded
     file holds each fused tensor again. It has no forward pass, saying why (transformers 5.24 builds it at the
@@ -441,8 +441,10 @@ def test_a_moe_gguf_quantizes_each_expert_and_says_why_it_has_no_forward_pass(tm
             np.testing.assert_array_equal(src.load(lay.name), t[e].astype(np.float64))
     assert main(["quantize", str(tmp_path / "m.gguf"), "--format", "sop4-g16", "--out", str(tmp_path / "m.sopq"),
                  "--quiet"]) == 0
+    capsys.readouterr()
     assert main(["dequantize", str(tmp_path / "m.sopq"), "--out", str(tmp_path / "d.safetensors"), "--quiet"]) == 0
     decoded = load_file(str(tmp_path / "d.safetensors"))
+    assert len(decoded) == 5 and f": 5 float32 tensors ({len(src.layers)} layers), " in capsys.readouterr().out
     for name, t in experts.items():
         assert decoded[name].shape == t.shape
         for e in range(EXPERTS):                 # each expert's reconstruction where the tensor held it

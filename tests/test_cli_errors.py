@@ -3,9 +3,11 @@ the file and what is wrong, exit 2, before any work and with nothing written; an
 error says that it is a bug and how to report it (docs/robustness.md lists every class)."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -277,6 +279,51 @@ def test_ctrl_c_while_python_exits_is_no_traceback():
     run = subprocess.run([sys.executable, "-c", _CTRL_C_AS_PYTHON_EXITS], capture_output=True, text=True,
                          timeout=120)
     assert (run.returncode, run.stdout, run.stderr) == (-signal.SIGINT, "the table\n", "")
+
+
+_FINISHED_WITH_OUTPUT = """
+import os, sys
+import sop.cli as cli
+def finished():                         # a command done, its last output still in stdout's buffer
+    if sys.argv[1] == "full":
+        os.write(1, b"x" * 65536)       # a pipe's capacity: the buffered rest must wait for the reader
+    print("y" * 100)
+    sys.stderr.write("returning\\n")
+    return 0
+cli.main = finished
+cli.entry()
+"""
+
+
+def _buffered():
+    """The environment with standard output buffered as a user's is (this shell may set PYTHONUNBUFFERED)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
+def test_ctrl_c_while_the_last_output_waits_on_a_full_pipe_is_no_traceback():
+    """A Ctrl-C while the finished command's last output waited on a full pipe (a stalled pager) was a
+    KeyboardInterrupt traceback from entry's flush (an outside probe): SIGINT has its default action first."""
+    proc = subprocess.Popen([sys.executable, "-c", _FINISHED_WITH_OUTPUT, "full"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_buffered())
+    try:
+        assert select.select([proc.stderr], [], [], 60)[0] and proc.stderr.readline() == b"returning\n"
+        time.sleep(0.5)                                         # the pipe is full: the flush waits
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err, out) == (-signal.SIGINT, b"", b"x" * 65536)
+
+
+def test_a_reader_gone_before_the_last_output_is_exit_141_and_no_message():
+    """``sop quantize ... | true``: the output left in stdout's buffer when main returned met a closed pipe in
+    Python's own flush at exit: 'Exception ignored ... BrokenPipeError', exit 120 (an outside probe)."""
+    proc = subprocess.Popen([sys.executable, "-c", _FINISHED_WITH_OUTPUT, "short"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_buffered())
+    proc.stdout.close()                                         # the reader is gone before sop writes
+    code = proc.wait(timeout=60)                                # (its few bytes of stderr fit the pipe)
+    with proc.stderr:
+        assert (code, proc.stderr.read()) == (128 + signal.SIGPIPE, b"returning\n")
 
 
 def test_ctrl_c_outside_mains_handler_is_one_line(monkeypatch, capsys):

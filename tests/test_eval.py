@@ -81,6 +81,18 @@ def test_one_layer_is_one_linear_layer(tmp_path, capsys):
     assert "m.safetensors: 1 linear layer, 512 weights\n" in err and "(safetensors): 1 linear layer, 512 weights\n" in out
 
 
+def test_a_model_without_a_forward_pass_has_no_end_to_end_columns(tmp_path, capsys):
+    """A weights file alone runs no model: its table showed a sentence encoder's dashed 'e2e cos mean' and
+    'e2e cos min' columns (a MoE GGUF's too, an outside probe); the line under the table says why none."""
+    save_file({"l.0.fc.weight": torch.ones(16, 32)}, tmp_path / "m.safetensors")
+    assert main(["eval", str(tmp_path / "m.safetensors"), "--format", "sop4-g16", "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(line for line in out if line.startswith("format "))
+    row = next(line for line in out if line.startswith("sop4-g16 "))
+    assert head.split()[-2:] == ["max", "err"] and len(row) == len(head) and "-" not in row.split()
+    assert out[-1].startswith("e2e: skipped (no forward pass for this model (")
+
+
 @pytest.mark.parametrize("scale, shown", [(1e36, "e+"), (1e-9, "e-")])
 def test_the_tables_max_error_keeps_its_column_at_any_scale(tmp_path, capsys, scale, shown):
     """The max error of a layer near float32's top printed 40 digits into the next column (.4f); of a

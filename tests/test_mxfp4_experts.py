@@ -5,6 +5,7 @@ a bf16 GPT-OSS (tests/test_causal_lm_fused_experts.py). Before, the pair was lis
 and kept, most of the model, without a warning."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,6 +75,29 @@ def test_an_mxfp4_scale_of_255_is_refused_naming_the_tensor(tmp_path):
         reader.get("e.experts.w", 1)
 
 
+@pytest.mark.parametrize("scales", ["none", "int8", "another shape", "a float tensor of the name"])
+def test_codes_no_scales_pair_with_are_kept_saying_so(tmp_path, scales):
+    """MXFP4 codes the reader pairs with no scales (none, I8 ones, another shape, or a float tensor already
+    named as the pair would be) were left out as 'integer' tensors, their experts missing without a warning
+    (an outside probe). Now a warning names them; with no layer left, the error does."""
+    blocks, good = random_pair(np.random.default_rng(9), 2, 4, 1)
+    tensors = {"e.experts.w_blocks": torch.from_numpy(blocks), "e.attn.q.weight": torch.ones(4, 32)}
+    if scales == "int8":
+        tensors["e.experts.w_scales"] = torch.from_numpy(good.astype(np.int8))
+    elif scales == "another shape":
+        tensors["e.experts.w_scales"] = torch.from_numpy(good[:1].copy())
+    elif scales == "a float tensor of the name":
+        tensors["e.experts.w_scales"], tensors["e.experts.w"] = torch.from_numpy(good), torch.ones(2, 32, 4)
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    said = ("1 MXFP4 code tensor(s) (e.g. e.experts.w_blocks, U8 (2, 4, 1, 16)) are kept as they are: no scales pair "
+            "with them (X_blocks needs X_scales, U8, of its shape without the last axis of 16 bytes, and no other "
+            "tensor named X), so their values cannot be read")
+    assert said in open_model(str(tmp_path / "m.safetensors")).notes
+    with pytest.raises(ValueError, match=re.escape(f"no linear layer selected (1 candidates, check --include/"
+                                                   f"--exclude): {said}")):
+        open_model(str(tmp_path / "m.safetensors"), include=["nothing"])
+
+
 def mxfp4_gpt_oss(path):
     """A tiny random GPT-OSS saved as released: its experts MXFP4 (random codes and scales), the rest float,
     ``quantization_config`` saying mxfp4. Returns the experts as transformers dequantizes them."""
@@ -91,7 +115,7 @@ def mxfp4_gpt_oss(path):
     for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         n, d_in, d_out = tensors.pop(name).shape
         blocks, scales = random_pair(rng, n, d_out, d_in // 32)
-        scales = scales - 100 + 115                                   # weights of 2^-12 to 2^-2 or so
+        scales = 115 + scales % 10                                    # weights of 2^-13 to 0.75
         tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
         experts[name] = transformers_dequantized(blocks, scales)
     from safetensors.numpy import save_file as save_numpy
