@@ -309,6 +309,7 @@ def test_ctrl_c_while_the_last_output_waits_on_a_full_pipe_is_no_traceback():
         assert select.select([proc.stderr], [], [], 60)[0] and proc.stderr.readline() == b"returning\n"
         time.sleep(0.5)                                         # the pipe is full: the flush waits
         proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)           # read nothing first: room in the pipe would let the flush end first
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
