@@ -527,7 +527,7 @@ def format_table(doc: dict) -> str:
     lines += [f"warning: {n}" for n in src.get("notes", [])]
     lines += [f"calibration: {cal['note']}" + (" [cached]" if cal.get("cached") else ""), ""]
     causal = _causal(doc)
-    # no forward pass and no check: no end-to-end columns (a sentence encoder's, dashed, said nothing)
+    # no forward pass and no end-to-end result: no such columns at all (a sentence encoder's dashes said nothing)
     none = not causal and not src.get("forward") and not any("cos_mean" in f["e2e"] for f in doc["formats"].values())
     e2e_head = ("" if none else f"{'ppl':>9}{'KLD':>11}{'top-1':>8}" if causal
                 else f"{'e2e cos mean':>14}{'e2e cos min':>13}")
