@@ -368,8 +368,9 @@ def _fused_experts_layout(model) -> tuple[bool, bool]:
     its checkpoint stores them ``(experts, in, out)``, which a ``.sopq`` records whatever the model holds)."""
     config = getattr(model, "config", None)
     text = getattr(config, "text_config", None)
-    return fused_experts_layout({"model_type": getattr(config, "model_type", None),
-                                 "text_config": {"model_type": getattr(text, "model_type", None)}})
+    quantized, in_out = fused_experts_layout({"model_type": getattr(config, "model_type", None),
+                                              "text_config": {"model_type": getattr(text, "model_type", None)}})
+    return quantized, bool(in_out)
 
 
 def _view(p) -> tuple:

@@ -166,14 +166,26 @@ def is_expert_stack(name: str, shape: tuple, is_float: bool) -> bool:
     return linear_reason(as_weight, (1, 1), True) is None
 
 
-def fused_experts_layout(cfg: dict | None) -> tuple[bool, bool]:
+def fused_experts_layout(cfg: dict | None) -> tuple[bool, bool | None]:
     """(whether the checkpoint's fused experts are quantized, whether it stores them ``(experts, in, out)``),
-    from config.json's model type (``FUSED_EXPERTS``)."""
+    from config.json's model type (``FUSED_EXPERTS``); None for the second where no model type says it
+    (``stored_in_out`` asks each tensor's bias)."""
     cfg = cfg if isinstance(cfg, dict) else {}
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     types = [t for t in (cfg.get("model_type"), text.get("model_type")) if isinstance(t, str) and t]
     known = [FUSED_EXPERTS[t] for t in types if t in FUSED_EXPERTS]
-    return (True, known[0]) if known else (not types, False)
+    return (True, known[0]) if known else (not types, None if not types else False)
+
+
+def stored_in_out(reader, name: str, shape: tuple) -> bool:
+    """For a checkpoint that names no model type: whether its fused experts tensor ``name`` is stored
+    ``(experts, in, out)``, as a bias beside it says (``(experts, out)``: GPT-OSS's ``gate_up_proj_bias``,
+    or ``<module>.bias``); ``(experts, out, in)`` where none tells the two axes apart."""
+    for bias in (f"{name}_bias", f"{name.removesuffix('.weight')}.bias"):
+        b = tuple(reader.info(bias)[0]) if bias in reader.where else ()
+        if len(b) == 2 and b[0] == shape[0] and shape[1] != shape[2] and b[1] in shape[1:]:
+            return b[1] == shape[2]
+    return False
 
 
 def _packed_weights(reader, names, cfg: dict | None) -> list[str]:
@@ -803,7 +815,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                 continue
             reader.check(name)
             n, rows, cols = (int(d) for d in shape)
-            t = in_out or dtype == MXFP4         # an MXFP4 pair reads (experts, in, out) whatever the config says
+            # an MXFP4 pair reads (experts, in, out) whatever the config says
+            t = dtype == MXFP4 or (in_out if in_out is not None else stored_in_out(reader, name, shape))
             layers += [LinearLayer(expert_layer_name(name, e), (cols, rows) if t else (rows, cols), t,
                                    dtype, stack=(name, e, n)) for e in range(n)]
             continue

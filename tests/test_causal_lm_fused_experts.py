@@ -467,3 +467,25 @@ def test_a_mixtral_gguf_has_no_forward_pass_and_says_why(tmp_path, expert_count)
         f"GGUF architecture 'llama' with mixture-of-experts blocks ({what}): transformers reads it as a dense "
         f"model, without its experts")
     assert len([lay for lay in src.layers if lay.stack]) == 3 * EXPERTS
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_file_alone_is_read_as_its_experts_bias_says(tmp_path, bias):
+    """A GPT-OSS weights file with no config.json (no model type to say how it stores its experts) was read
+    ``(experts, out, in)``: each expert blocked along its outputs. A bias beside the tensor, ``(experts, out)``,
+    tells the axes apart; with none the rule stays ``(experts, out, in)``."""
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(4)
+    stack = {"model.layers.0.mlp.experts.gate_up_proj": rng.standard_normal((EXPERTS, HIDDEN, 2 * INTER)),
+             "model.layers.0.mlp.experts.down_proj": rng.standard_normal((EXPERTS, INTER, HIDDEN))}
+    tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in stack.items()}
+    if bias:
+        tensors["model.layers.0.mlp.experts.gate_up_proj_bias"] = torch.zeros(EXPERTS, 2 * INTER)
+        tensors["model.layers.0.mlp.experts.down_proj_bias"] = torch.zeros(EXPERTS, HIDDEN)
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    src = open_model(str(tmp_path / "m.safetensors"))
+    for name, t in stack.items():
+        lay = next(lay for lay in src.layers if lay.name == f"{name}[2]")
+        want = t[2].T if bias else t[2]
+        assert (lay.shape, lay.transposed) == (want.shape, bias)
+        np.testing.assert_array_equal(src.load(lay.name), want.astype(np.float32).astype(np.float64))
