@@ -528,15 +528,15 @@ def format_table(doc: dict) -> str:
     lines += [f"calibration: {cal['note']}" + (" [cached]" if cal.get("cached") else ""), ""]
     causal = _causal(doc)
     # no forward pass and no end-to-end result: no such columns at all (a sentence encoder's dashes said nothing)
-    none = not causal and not src.get("forward") and not any("cos_mean" in f["e2e"] for f in doc["formats"].values())
-    e2e_head = ("" if none else f"{'ppl':>9}{'KLD':>11}{'top-1':>8}" if causal
+    no_e2e = not causal and not src.get("forward") and not any("cos_mean" in f["e2e"] for f in doc["formats"].values())
+    e2e_head = ("" if no_e2e else f"{'ppl':>9}{'KLD':>11}{'top-1':>8}" if causal
                 else f"{'e2e cos mean':>14}{'e2e cos min':>13}")
     head = f"{'format':<16}{'bpw':>8}{'SQNR dB':>9}{'rel MSE':>11}{'1-ACos':>11}{'max err':>10}{e2e_head}"
     lines.append(head)
     ref = None
     for name, f in doc["formats"].items():
         e = f["e2e"]
-        if none:
+        if no_e2e:
             e2e = ""
         elif causal:
             e2e = (f"{e['ppl']:9.3f}{e['kld']:11.3e}{e['top1']:8.4f}" if "kld" in e

@@ -194,7 +194,7 @@ def _packed_weights(reader, names, cfg: dict | None) -> list[str]:
     which no float reading can take; and of MXFP4 codes (``X_blocks``) the reader found no scales to pair
     with (tensor_readers.MXFP4). Nothing when it has none."""
     ints = [n for n in names if not reader.info(n)[2] and len(reader.info(n)[0]) >= 2]
-    packed = [n for n in ints if re.split(r"[./]", n.lower())[-1].endswith(("weight", "weight_packed"))]
+    packed = [n for n in ints if n.lower().endswith(("weight", "weight_packed"))]
     codes = [n for n in ints if n.endswith("_blocks")]
     qc = (cfg or {}).get("quantization_config") if isinstance(cfg, dict) else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
