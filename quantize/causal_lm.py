@@ -14,7 +14,10 @@ end-to-end check of any causal LM (quantize/calib.py, quantize/evaluate.py).
   ``transformers``' names and layout by ``transformers``' own GGUF tables (name map, the Llama
   Q/K row permutation, GPT-2's transposes); a file that holds its own
   ``output.weight`` runs it as the head, never tied over the input embedding (transformers ties
-  Falcon's and BLOOM's whatever the file holds).
+  Falcon's and BLOOM's whatever the file holds). A Qwen-MoE GGUF gets its experts' width from the
+  metadata (``_GGUF_CONFIG_MISSING``), a Mixtral GGUF (architecture ``llama`` with experts) is built as
+  a Mixtral, and llama.cpp's ``ffn_gate_exps`` and ``ffn_up_exps`` are each their half of
+  ``experts.gate_up_proj`` (``_GGUFConvert.stacks``).
 
 A tokenizer whose ids pass the model's input embeddings (another model's tokenizer) is refused
 when the windows are cut (``CheckpointError`` naming the folder or GGUF file).
@@ -25,7 +28,7 @@ input embedding's tensor. A MoE router (a module of its own in transformers 5) m
 module; a per-expert matrix of a folder maps to its expert's rows of the fused ``(experts, rows,
 in)`` parameter that transformers loads it into, found by its values (``Target.slot``), and an expert
 of a fused tensor of the checkpoint (``LinearLayer.stack``) to its index of the parameter loaded from
-that tensor, found by name (``_stack_slots``). It must
+that tensor, found by name (``_stack_slots``; a GGUF's: ``_gguf_stack_slots``). It must
 cover every selected layer (``CheckpointError`` otherwise, before any work), and the module must
 take the layer's input channels in the layer's column order (checked on an index matrix for GGUF
 conversions).
@@ -204,25 +207,68 @@ def _load_folder(src):
     return model.eval(), tok
 
 
+#: GGUF metadata that transformers' GGUF config mapping (5.24) leaves out, per architecture: the key after
+#: ``<arch>.`` and the config attribute it sets (without it a Qwen-MoE is built at its experts' default width)
+_GGUF_CONFIG_MISSING = {"qwen2moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                                     "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+                        "qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"}}
+
+#: llama.cpp's fused experts tensors (``(experts, out, in)``), as transformers' GGUF name map keys them
+_GGUF_EXPERTS = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps")
+
+
 class _GGUFConvert:
-    """A GGUF tensor (as the project's reader returns it) to transformers' name and layout."""
+    """A GGUF tensor (as the project's reader returns it) to transformers' name and layout.
+
+    ``stacks``: each fused experts tensor of the GGUF's model as ``(parameter, k, n)``, the ``k``-th of ``n``
+    equal chunks of the parameter's rows (dimension 1): llama.cpp's ``ffn_gate_exps`` and ``ffn_up_exps``, each
+    ``(experts, inter, hidden)``, are the halves of a Qwen-MoE's ``experts.gate_up_proj``, gate first (the
+    model's ``chunk(2)``); ``ffn_down_exps`` is all of ``experts.down_proj``. ``__call__`` gives such a tensor
+    as it is."""
 
     def __init__(self, model, arch: str, config: dict):
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map)
 
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
-        self.names = get_gguf_hf_weights_map(model, self.processor)
+        # the file's own architecture names its tensors (a Mixtral's are a Llama's)
+        self.names = get_gguf_hf_weights_map(model, self.processor, model_type=arch)
+        for hf in model.state_dict():           # fused gate and up experts (the Qwen-MoE processor maps its own)
+            m = re.fullmatch(r"(?:model\.)?layers\.(\d+)\.mlp\.experts\.gate_up_proj", hf)
+            if m is not None:
+                for part in ("gate", "up"):
+                    self.names.setdefault(f"blk.{m[1]}.ffn_{part}_exps", hf)
         self.back = {hf: g for g, hf in self.names.items()}
+        chunks: dict[str, dict[str, str]] = {}
+        for g, hf in self.names.items():
+            m = _GGUF_EXPERTS.fullmatch(g)
+            if m is not None:
+                chunks.setdefault(hf, {})[m[1]] = f"{g}.weight"
+        self.stacks = {g: (hf, k, len(gs)) for hf, gs in chunks.items()
+                       for k, g in enumerate(gs[p] for p in ("gate", "up", "down") if p in gs)}
 
     def __call__(self, name: str, w: np.ndarray):
         """(transformers parameter name or None when the model has no place for it, weights)."""
+        if name in self.stacks:                 # transformers' processor would zero a merged parameter's other half
+            return self.stacks[name][0], w
         parsed = {"tensors": {}}
         res = self.processor.process(weights=w, name=name, tensor_key_mapping=self.names, parsed_parameters=parsed)
         if res.name is None:                      # GPT-2's output.weight: the processor stores it itself
             (hf, t), = parsed["tensors"].items()
             return hf, t.numpy()
         return self.names.get(res.name), res.weights
+
+
+def _mixtral_config(cfg, reader):
+    """The Mixtral a GGUF of architecture ``llama`` with experts is (llama.cpp converts Mixtral so), from the
+    Llama configuration transformers reads from its metadata: the experts' count and top-k, each expert as
+    wide as the metadata's ``feed_forward_length``."""
+    from transformers.models.mixtral import MixtralConfig
+
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "num_experts")}
+    d["num_local_experts"] = int(reader.field("llama.expert_count"))
+    d["num_experts_per_tok"] = int(reader.field("llama.expert_used_count") or MixtralConfig().num_experts_per_tok)
+    return MixtralConfig(**d)
 
 
 def _load_gguf(src):
@@ -242,24 +288,43 @@ def _load_gguf(src):
             # would be lost: the file's own head is what llama.cpp runs
             cfg.tie_word_embeddings = False
         tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
+        arch = reader.field("general.architecture")
+        for key, attr in _GGUF_CONFIG_MISSING.get(arch, {}).items():
+            if reader.field(f"{arch}.{key}") is not None:
+                setattr(cfg, attr, int(reader.field(f"{arch}.{key}")))
+        if arch == "llama" and reader.field("llama.expert_count"):     # a Mixtral (models._causal_gguf)
+            cfg = _mixtral_config(cfg, reader)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        convert = _GGUFConvert(model, reader.field("general.architecture"), cfg.to_dict())
+        convert = _GGUFConvert(model, arch, cfg.to_dict())
     except Exception as err:            # noqa: BLE001 - transformers raises anything from a GGUF it cannot read
         raise CheckpointError(f, f"transformers cannot build a causal LM from its metadata "
                                  f"({describe_error(err)}); {HINT}") from None
     expect = model.state_dict()
-    state, unused = {}, []
+    state, unused, chunks = {}, [], {}
     for name in src.tensor_names():
         hf, w = convert(name, src.read_tensor(name))
         if hf is None or hf not in expect:
             if name not in GGUF_NO_PARAMETER:
                 unused.append(name)
             continue
-        if tuple(w.shape) != tuple(expect[hf].shape):
-            raise CheckpointError(f, f"does not match its metadata: tensor {name} ({hf}) is "
-                                     f"{tuple(w.shape)}, the model the metadata describes has it "
-                                     f"{tuple(expect[hf].shape)}")
-        state[hf] = torch.from_numpy(np.array(w, dtype=np.float32))
+        want, (_, k, n) = tuple(expect[hf].shape), convert.stacks.get(name, (hf, 0, 1))
+        if n > 1:                           # a chunk of the parameter's rows
+            want = (want[0], want[1] // n, *want[2:])
+        if tuple(w.shape) != want:
+            raise CheckpointError(f, f"does not match its metadata: tensor {name} ({hf}"
+                                     f"{f', part {k + 1} of {n}' if n > 1 else ''}) is "
+                                     f"{tuple(w.shape)}, the model the metadata describes has it {want}")
+        w = torch.from_numpy(np.array(w, dtype=np.float32))
+        if n == 1:
+            state[hf] = w
+            continue
+        state.setdefault(hf, torch.zeros(expect[hf].shape))[:, k * want[1]:(k + 1) * want[1]] = w
+        chunks.setdefault(hf, set()).add(name)
+    lacking = sorted(g for g, (hf, _, n) in convert.stacks.items() if hf in chunks and g not in chunks[hf])
+    if lacking:                             # a parameter loaded in part would run zeros in the rest
+        raise CheckpointError(f, f"does not match its metadata: the model it describes needs {lacking[0]} "
+                                 f"beside the other part of {convert.stacks[lacking[0]][0]}, which the file lacks "
+                                 f"({len(lacking)} tensor{'s' * (len(lacking) > 1)} missing)")
     if unused:
         # llama.cpp would run them (a Llama GGUF with attention biases): the reference is not the file's model
         note = (f"{len(unused)} tensor{'s' * (len(unused) > 1)} of the GGUF ({', '.join(unused[:3])}"
@@ -513,6 +578,30 @@ class CausalLM:
         if self.convert is None:
             out.update(self._expert_slots(names, set(out)))
             out.update(self._stack_slots(names))
+        else:
+            out.update(self._gguf_stack_slots())
+        return out
+
+    def _gguf_stack_slots(self) -> dict[str, Target]:
+        """The experts of a GGUF's selected fused experts tensors (llama.cpp's ``ffn_*_exps``, ``(experts, out,
+        in)``): each at its index of the parameter the conversion loads the tensor into, at the rows of its chunk
+        (``_GGUFConvert.stacks``), where the first and last experts' values are the parameter's (else unmapped:
+        refused if selected)."""
+        import torch
+
+        out: dict[str, Target] = {}
+        for tensor, lay in {lay.tensor: lay for lay in self.src.layers if lay.stack is not None}.items():
+            hf, k, n = self.convert.stacks.get(tensor, ("", 0, 1))
+            mname, _, pname = hf.rpartition(".")
+            mod = self.modules.get(mname)
+            p = getattr(mod, pname, None)
+            if not isinstance(p, torch.nn.Parameter) or p.dim() != 3 or experts_transposed(mod) is not False:
+                continue
+            rows, experts = p.shape[1] // n, lay.stack[2]
+            if p.shape[0] == experts and all(self._holds(p.data[e, k * rows:(k + 1) * rows], lay, e)
+                                             for e in {0, experts - 1}):
+                out.update((name, Target(name, mname, False, slot=(pname, e, k * rows)))
+                           for e in range(experts) for name in [expert_layer_name(tensor, e)])
         return out
 
     def _stack_slots(self, names: set) -> dict[str, Target]:
@@ -702,7 +791,7 @@ class CausalLM:
     def module_weight(self, name: str, w: np.ndarray) -> np.ndarray:
         """A layer's ``(out, in)`` matrix (as ModelSource.load gives it) in the module's layout."""
         t = self.targets[name]
-        if self.convert is not None:
+        if self.convert is not None and t.slot is None:
             hf, out = self.convert(name, w)
             if hf is None:                                        # pragma: no cover - mapped at load
                 raise CheckpointError(self.src.files[0], f"layer {name} has no place in the model")

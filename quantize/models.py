@@ -685,9 +685,11 @@ def _selected(name: str, include, exclude) -> bool:
     return not any(fnmatch.fnmatchcase(name, g) for g in (exclude or []))
 
 
-#: GGUF mixtures of experts that transformers 5.24 reads under other names (``qwen3_moe``) but builds at the
-#: experts' default width, whatever the file's, and the others it reads under other names: no forward pass
-#: for them here
+#: GGUF mixtures of experts that the forward pass runs (quantize/causal_lm.py): transformers reads them as
+#: ``qwen2_moe`` / ``qwen3_moe`` but at the experts' default width (the forward pass sets it from the metadata).
+#: A Mixtral, architecture ``llama`` with ``llama.expert_count`` and fused ``ffn_*_exps``, it reads as a dense
+#: Llama (the forward pass builds a Mixtral). Those it reads under other names have no forward pass here, nor
+#: has any other GGUF with experts.
 _GGUF_MOE = ("qwen2moe", "qwen3moe")
 _GGUF_MOE_RENAMED = {"gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
 
@@ -716,23 +718,22 @@ def _causal_gguf(reader) -> tuple[bool, str]:
         return False, "the GGUF names no model architecture (general.architecture, <arch>.block_count)"
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    if arch in _GGUF_MOE:
-        return False, (f"GGUF architecture {arch!r}: transformers reads this mixture of experts under another name "
-                       f"and builds it without the experts' width (its GGUF mapping has no moe_intermediate_size), "
-                       f"and it merges gate and up experts in a way this forward pass does not follow")
     if arch in _GGUF_MOE_RENAMED:
         return False, (f"GGUF architecture {arch!r}: transformers reads this mixture of experts as "
                        f"{_GGUF_MOE_RENAMED[arch]!r}, a forward pass not run here")
-    if arch in _GGUF_NOT_CAUSAL or arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    if arch in _GGUF_NOT_CAUSAL or (arch not in GGUF_SUPPORTED_ARCHITECTURES and arch not in _GGUF_MOE):
         return False, f"GGUF architecture {arch!r} is no causal LM that transformers reads"
     experts = reader.field(f"{arch}.expert_count")
     fused = next((n for n in reader.names() if is_expert_stack(n, reader.info(n)[0], True)), None)
-    if (isinstance(experts, (int, float)) and experts > 0) or fused:
-        # a Mixtral GGUF is architecture 'llama': transformers would build a dense Llama and find no MLP
-        return False, (f"GGUF architecture {arch!r} with mixture-of-experts blocks "
-                       f"({f'{experts:g} experts' if isinstance(experts, (int, float)) else fused}): "
-                       f"transformers reads it as a dense model, without its experts")
-    return True, ""
+    counted = isinstance(experts, (int, float)) and experts > 0
+    if not (counted or fused) or arch in _GGUF_MOE or (arch == "llama" and counted and fused):
+        return True, ""
+    # transformers would build a dense model and find no MLP weights
+    what = f"{experts:g} experts" if counted else fused
+    if arch == "llama":
+        what += ", not in fused ffn_*_exps tensors" if counted else ", no llama.expert_count"
+    return False, (f"GGUF architecture {arch!r} with mixture-of-experts blocks ({what}): transformers reads it "
+                   f"as a dense model, without its experts")
 
 
 _LM_HEAD = contextvars.ContextVar("sop_include_lm_head", default=False)

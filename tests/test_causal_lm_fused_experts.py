@@ -389,7 +389,7 @@ def test_in_memory_the_sopq_records_the_experts_orientation_on_disk_not_the_mode
     np.testing.assert_array_equal(decoded[name], now.transpose(1, 2).numpy())
 
 
-def _moe_gguf(path, arch, expert_count=None, expert_type=None):
+def _moe_gguf(path, arch, expert_type=None):
     """A one-block GGUF of llama.cpp's MoE layout: ``blk.0.ffn_{gate,up,down}_exps.weight`` (experts, out, in),
     the router ``ffn_gate_inp`` and an attention matrix; the gate experts stored as ``expert_type`` (a GGML
     quantization type) when given. Returns the experts tensors as written, float32."""
@@ -398,8 +398,6 @@ def _moe_gguf(path, arch, expert_count=None, expert_type=None):
     rng = np.random.default_rng(5)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
-    if expert_count is not None:
-        w.add_expert_count(expert_count)
     experts = {"blk.0.ffn_gate_exps.weight": rng.standard_normal((EXPERTS, 8, 32)).astype(np.float32),
                "blk.0.ffn_up_exps.weight": rng.standard_normal((EXPERTS, 8, 32)).astype(np.float32),
                "blk.0.ffn_down_exps.weight": rng.standard_normal((EXPERTS, 32, 8)).astype(np.float32)}
@@ -416,19 +414,15 @@ def _moe_gguf(path, arch, expert_count=None, expert_type=None):
     return experts
 
 
-def test_a_moe_gguf_quantizes_each_expert_and_says_why_it_has_no_forward_pass(tmp_path, capsys):
+def test_a_moe_gguf_quantizes_each_expert_read_alone(tmp_path, capsys):
     """A Qwen3-MoE GGUF (``ffn_*_exps``, numpy's (experts, out, in) of GGUF's ne = [in, out, experts]): each
     expert is a layer of its own, read alone (a Q8_0 tensor dequantized expert by expert), and the decoded
-    file holds each fused tensor again. It has no forward pass, saying why (transformers 5.24 builds it at the
-    experts' default width: a tiny one was refused as 'does not match its metadata'; before this, its experts
-    were kept in full precision, most of such a model)."""
+    file holds each fused tensor again (before this, its experts were kept in full precision, most of such a
+    model). Its forward pass: tests/test_causal_lm_moe_gguf.py."""
     import gguf
 
     experts = _moe_gguf(tmp_path / "m.gguf", "qwen3moe", expert_type=gguf.GGMLQuantizationType.Q8_0)
     src = open_model(str(tmp_path / "m.gguf"))
-    assert src.forward is None and src.forward_note.startswith(
-        "GGUF architecture 'qwen3moe': transformers reads this mixture of experts under another name and builds "
-        "it without the experts' width")
     stacked = [lay for lay in src.layers if lay.stack]
     assert len(stacked) == 3 * EXPERTS and not src.notes[0].startswith("1 floating-point tensor(s) of 3")
     assert src.notes[0].endswith(f"{EXPERTS} of the {len(src.layers)} selected layers are already quantized in "
@@ -440,7 +434,7 @@ def test_a_moe_gguf_quantizes_each_expert_and_says_why_it_has_no_forward_pass(tm
             assert lay.shape == t.shape[1:] and not lay.transposed and lay.stack == (name, e, EXPERTS)
             np.testing.assert_array_equal(src.load(lay.name), t[e].astype(np.float64))
     assert main(["quantize", str(tmp_path / "m.gguf"), "--format", "sop4-g16", "--out", str(tmp_path / "m.sopq"),
-                 "--quiet"]) == 0
+                 "--no-calib", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["dequantize", str(tmp_path / "m.sopq"), "--out", str(tmp_path / "d.safetensors"), "--quiet"]) == 0
     decoded = load_file(str(tmp_path / "d.safetensors"))
@@ -454,19 +448,33 @@ def test_a_moe_gguf_quantizes_each_expert_and_says_why_it_has_no_forward_pass(tm
         assert others > 1, name                  # a shifted expert order would not pass the loop above
 
 
-@pytest.mark.parametrize("expert_count", [4, None])
-def test_a_mixtral_gguf_has_no_forward_pass_and_says_why(tmp_path, expert_count):
-    """A Mixtral GGUF is architecture 'llama' with fused experts (``llama.expert_count``, ``ffn_*_exps``):
-    transformers builds a dense Llama for it, and calibration stopped on 'does not match its metadata: the
-    model it describes needs model.layers.0.mlp.gate_proj.weight'. It has no forward pass, saying why, and its
-    experts are quantized; with no expert count in the metadata the experts tensors say it."""
-    _moe_gguf(tmp_path / "m.gguf", "llama", expert_count=expert_count)
+@pytest.mark.parametrize("layout", ["fused, no count", "per expert"])
+def test_a_llama_gguf_with_experts_that_is_no_mixtral_here_has_no_forward_pass(tmp_path, layout):
+    """A Mixtral GGUF is architecture 'llama' with ``llama.expert_count`` and fused experts; it runs as a
+    Mixtral (tests/test_causal_lm_moe_gguf.py). Without the count, or with its experts one 2-D tensor each
+    (``blk.0.ffn_gate.3.weight``, llama.cpp's layout before 2024), transformers would build a dense Llama and
+    calibration stopped on 'does not match its metadata: the model it describes needs
+    model.layers.0.mlp.gate_proj.weight'. No forward pass, saying why; fused experts are quantized."""
+    import gguf
+
+    if layout == "per expert":
+        w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+        w.add_block_count(1)
+        w.add_expert_count(EXPERTS)
+        for e in range(EXPERTS):
+            w.add_tensor(f"blk.0.ffn_gate.{e}.weight", np.ones((8, 32), np.float32))
+        for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+            step()
+    else:
+        _moe_gguf(tmp_path / "m.gguf", "llama")
     src = open_model(str(tmp_path / "m.gguf"))
-    what = "4 experts" if expert_count else "blk.0.ffn_gate_exps.weight"
+    what = ("blk.0.ffn_gate_exps.weight, no llama.expert_count" if layout != "per expert" else
+            "4 experts, not in fused ffn_*_exps tensors")
     assert src.forward is None and src.forward_note == (
         f"GGUF architecture 'llama' with mixture-of-experts blocks ({what}): transformers reads it as a dense "
         f"model, without its experts")
-    assert len([lay for lay in src.layers if lay.stack]) == 3 * EXPERTS
+    assert len([lay for lay in src.layers if lay.stack]) == (3 * EXPERTS if layout != "per expert" else 0)
+
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_file_alone_is_read_as_its_experts_bias_says(tmp_path, bias):
