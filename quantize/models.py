@@ -195,7 +195,7 @@ def _packed_weights(reader, names, cfg: dict | None) -> list[str]:
     with (tensor_readers.MXFP4). Nothing when it has none."""
     ints = [n for n in names if not reader.info(n)[2] and len(reader.info(n)[0]) >= 2]
     packed = [n for n in ints if n.lower().endswith(("weight", "weight_packed"))]
-    codes = [n for n in ints if n.endswith("_blocks")]
+    codes = _unpaired_codes(reader, names)
     qc = (cfg or {}).get("quantization_config") if isinstance(cfg, dict) else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     said = f" (config.json's quantization_config: {method!r})" if isinstance(method, str) else ""
@@ -209,6 +209,11 @@ def _packed_weights(reader, names, cfg: dict | None) -> list[str]:
                      f"needs X_scales, U8, of its shape without the last axis of 16 bytes, and no other tensor "
                      f"named X), so their values cannot be read")
     return notes
+
+
+def _unpaired_codes(reader, names) -> list[str]:
+    """MXFP4 codes (``X_blocks``, integer) that the reader paired with no scales (tensor_readers.MXFP4)."""
+    return [n for n in names if n.endswith("_blocks") and not reader.info(n)[2] and len(reader.info(n)[0]) >= 2]
 
 
 def _natural_key(name: str):
@@ -851,6 +856,10 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
     for scale in fp8.values():
         skipped[scale.name] = "fp8 scale"
     packed = _packed_weights(reader, names, cfg)
+    unpaired = _unpaired_codes(reader, names)
+    if forward == "causal-lm" and unpaired:     # transformers stops on them with a report of its own
+        forward, forward_note = None, (f"MXFP4 codes with no scales to pair with ({unpaired[0]}): transformers "
+                                       f"cannot build the model from them")
     if not layers:
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates"
                          f"{', check --include/--exclude' if candidates else ''})" +

@@ -166,6 +166,28 @@ def test_gpt_oss_mxfp4_experts_are_quantized_calibrated_and_exported(tmp_path, c
     np.testing.assert_array_equal(held, decoded[GATE_UP.format(i=1)])
 
 
+def test_a_gpt_oss_folder_with_codes_no_scales_pair_with_has_no_forward_pass(tmp_path, capsys):
+    """transformers cannot build the model from MXFP4 codes without their scales: calibration ended in its
+    'RuntimeError: We encountered some issues during automatic conversion of the weights. For details look
+    at the `CONVERSION` entries of the above report!', a report sop hides. Now the folder has no forward
+    pass, saying why, and quantizes unweighted as any such checkpoint does."""
+    from safetensors.numpy import save_file as save_numpy
+
+    folder = tmp_path / "gpt-oss"
+    mxfp4_gpt_oss(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.mlp.experts.down_proj_scales"]
+    save_numpy(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    why = ("MXFP4 codes with no scales to pair with (model.layers.1.mlp.experts.down_proj_blocks): transformers "
+           "cannot build the model from them")
+    src = open_model(str(folder))
+    assert (src.forward, src.forward_note) == (None, why)
+    assert main(["quantize", str(folder), "--format", "sop4-g16", *SMALL[:4], "--out", str(tmp_path / "m.sopq"),
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    assert f"calibration: no forward pass for this model ({why}); errors are unweighted (a = 1)\n" in \
+        capsys.readouterr().err
+
+
 def test_in_memory_experts_packed_by_the_mxfp4_kernels_are_kept_saying_why():
     """A GPT-OSS held on transformers' MXFP4 kernels (``Mxfp4GptOssExperts``: uint8 codes, no values): its
     experts are kept, saying what they are and how to load them as values (the reason said the module did not
