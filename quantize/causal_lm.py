@@ -64,6 +64,7 @@ import check (tests/test_imports.py). The version is pinned in pyproject.toml.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -227,12 +228,19 @@ class _GGUFConvert:
     as it is."""
 
     def __init__(self, model, arch: str, config: dict):
+        import gguf
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map)
 
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
-        # the file's own architecture names its tensors (a Mixtral's are a Llama's)
-        self.names = get_gguf_hf_weights_map(model, self.processor, model_type=arch)
+        # transformers builds gguf's name table again for each submodule it visits (400 of SmolLM2's 30 blocks:
+        # 5 s); the table depends on its arguments alone, so it is built once for the call
+        build = gguf.get_tensor_name_map
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(build)
+        try:                            # the file's own architecture names its tensors (a Mixtral's are a Llama's)
+            self.names = get_gguf_hf_weights_map(model, self.processor, model_type=arch)
+        finally:
+            gguf.get_tensor_name_map = build
         for hf in model.state_dict():           # fused gate and up experts (the Qwen-MoE processor maps its own)
             m = re.fullmatch(r"(?:model\.)?layers\.(\d+)\.mlp\.experts\.gate_up_proj", hf)
             if m is not None:
@@ -299,8 +307,9 @@ def _load_gguf(src):
     except Exception as err:            # noqa: BLE001 - transformers raises anything from a GGUF it cannot read
         raise CheckpointError(f, f"transformers cannot build a causal LM from its metadata "
                                  f"({describe_error(err)}); {HINT}") from None
+    # each tensor is written into the model's own parameter (one copy of the model in memory, not two)
     expect = model.state_dict()
-    state, unused, chunks = {}, [], {}
+    loaded, unused, chunks = set(), [], {}
     for name in src.tensor_names():
         hf, w = convert(name, src.read_tensor(name))
         if hf is None or hf not in expect:
@@ -314,12 +323,12 @@ def _load_gguf(src):
             raise CheckpointError(f, f"does not match its metadata: tensor {name} ({hf}"
                                      f"{f', part {k + 1} of {n}' if n > 1 else ''}) is "
                                      f"{tuple(w.shape)}, the model the metadata describes has it {want}")
-        w = torch.from_numpy(np.array(w, dtype=np.float32))
-        if n == 1:
-            state[hf] = w
-            continue
-        state.setdefault(hf, torch.zeros(expect[hf].shape))[:, k * want[1]:(k + 1) * want[1]] = w
-        chunks.setdefault(hf, set()).add(name)
+        with torch.no_grad():
+            held = expect[hf] if n == 1 else expect[hf][:, k * want[1]:(k + 1) * want[1]]
+            held.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+        loaded.add(hf)
+        if n > 1:
+            chunks.setdefault(hf, set()).add(name)
     lacking = sorted(g for g, (hf, _, n) in convert.stacks.items() if hf in chunks and g not in chunks[hf])
     if lacking:                             # a parameter loaded in part would run zeros in the rest
         raise CheckpointError(f, f"does not match its metadata: the model it describes needs {lacking[0]} "
@@ -333,9 +342,8 @@ def _load_gguf(src):
                 f"run that model without {'them' if len(unused) > 1 else 'it'}")
         src.notes.append(note)
         print(f"warning: {note}", file=sys.stderr, flush=True)
-    missing, _ = model.load_state_dict(state, strict=False)
     tied_head = _tied_head_name(model)
-    missing = [k for k in missing if k != tied_head]
+    missing = [k for k in expect if k not in loaded and k != tied_head]
     if missing:
         raise CheckpointError(f, f"does not match its metadata: the model it describes needs {missing[0]}, "
                                  f"which the file lacks ({len(missing)} tensors missing)")

@@ -89,7 +89,13 @@ def clean_forward_weight(src, name: str, weight) -> int:
     Returns how many entries were replaced."""
     import torch
 
-    bad = ~torch.isfinite(weight.data)
+    data = weight.data
+    try:        # numpy's test of a float32 matrix is single-threaded and 20 times torch's (SmolLM2: 5 s to 0.2)
+        if np.isfinite(data.numpy()).all():
+            return 0
+    except (TypeError, RuntimeError):                   # bf16, or a tensor numpy cannot view
+        pass
+    bad = ~torch.isfinite(data)
     n = int(bad.sum())
     if not n:
         return 0
