@@ -324,12 +324,15 @@ def _permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True, extra=None):
-    """The tiny Llama of ``folder`` as a GGUF file, the way llama.cpp's converter lays it out."""
+def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True, extra=None, name=None):
+    """The tiny Llama of ``folder`` as a GGUF file, the way llama.cpp's converter lays it out (``general.name``
+    ``name`` where given)."""
     gguf = pytest.importorskip("gguf")
     cfg = json.loads((folder / "config.json").read_text())
     sd = {k: v.numpy() for k, v in reference_model(folder).state_dict().items()}
     w = gguf.GGUFWriter(str(path), "llama")
+    if name is not None:
+        w.add_name(name)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(128)
     w.add_embedding_length(cfg["hidden_size"])
@@ -401,6 +404,20 @@ def test_gguf_runs_with_the_folders_logits_and_one_warning_line(folders, tokeniz
     q = open_model(str(write_llama_gguf(tmp_path / "q.gguf", folders["llama"], tokenizer)))
     assert len(q.notes) == 1 and "4 of the 14 selected layers are already quantized" in q.notes[0] \
         and "Q8_0 x4" in q.notes[0]
+
+
+def test_a_llama_gguf_transformers_builds_as_a_mistral_runs(folders, tokenizer, tmp_path):
+    """transformers builds a Llama GGUF named 'mistral' as a MistralForCausalLM, a model type gguf's name tables
+    do not know: 'transformers cannot build a causal LM from its metadata (NotImplementedError: Unknown gguf
+    model_type: mistral ...)'. The file's own architecture names its tensors now."""
+    path = write_llama_gguf(tmp_path / "m.gguf", folders["llama"], tokenizer, quantize_ffn=False, name="mistral")
+    runner = L.load(open_model(str(path)))
+    assert type(runner.model).__name__ == "MistralForCausalLM"
+    wins = windows_of(runner, 2)
+    with torch.inference_mode():
+        got = runner.model(input_ids=wins).logits
+        want = reference_model(folders["llama"])(input_ids=wins).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_gguf_eval_prints_the_warning_once(folders, tokenizer, tmp_path, capsys):
