@@ -77,7 +77,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, atomic_files, check_output, staging_folder
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
-from sop.quantize.models import expert_layer_name
+from sop.quantize.models import GGUF_MOE, expert_layer_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # as models.py: whichever module loads transformers first
 
@@ -267,6 +267,14 @@ class _GGUFConvert:
         return self.names.get(res.name), res.weights
 
 
+def _as_shape(w: np.ndarray, shape: tuple) -> np.ndarray:
+    """``w`` in ``shape`` where the two differ by axes of one alone (transformers' processor makes a Qwen2-MoE's
+    shared expert gate ``(1, in)`` of a 1-D one, and ``(1, 1, in)`` of one stored ``(1, in)``, as llama.cpp
+    allows); else ``w`` as it is."""
+    same = tuple(w.shape) != tuple(shape) and [d for d in w.shape if d != 1] == [d for d in shape if d != 1]
+    return np.reshape(w, shape) if same else w
+
+
 def _mixtral_config(cfg, reader):
     """The Mixtral a GGUF of architecture ``llama`` with experts is (llama.cpp converts Mixtral so), from the
     Llama configuration transformers reads from its metadata: the experts' count and top-k, each expert as
@@ -275,8 +283,26 @@ def _mixtral_config(cfg, reader):
 
     d = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "num_experts")}
     d["num_local_experts"] = int(reader.field("llama.expert_count"))
-    d["num_experts_per_tok"] = int(reader.field("llama.expert_used_count") or MixtralConfig().num_experts_per_tok)
     return MixtralConfig(**d)
+
+
+def _experts_per_token(f: Path, reader, arch: str) -> int | None:
+    """A MoE GGUF's top-k, ``<arch>.expert_used_count`` (1 to ``<arch>.expert_count``); None for a GGUF
+    without experts. Missing or out of range, transformers would run its own default (Qwen3-MoE's 8) or
+    route no token anywhere (0) without a word; llama.cpp refuses such a file."""
+    experts = reader.field(f"{arch}.expert_count")
+    if arch not in GGUF_MOE and not (arch == "llama" and experts):
+        return None
+    k = reader.field(f"{arch}.expert_used_count")
+    if k is None:
+        raise CheckpointError(f, f"its metadata has no {arch}.expert_used_count (how many experts each token is "
+                                 f"routed to): the model it describes cannot be run")
+    top = experts if isinstance(experts, int) and experts > 0 else None
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or (top is not None and k > top):
+        raise CheckpointError(f, f"its metadata gives {arch}.expert_used_count {k!r} (how many experts each token "
+                                 f"is routed to): it must be 1 to {arch}.expert_count"
+                                 f"{f' ({top})' if top is not None else ''}")
+    return k
 
 
 def _load_gguf(src):
@@ -288,6 +314,8 @@ def _load_gguf(src):
     if reader.field("tokenizer.ggml.model") is None:
         raise CheckpointError(f, f"has no tokenizer (no tokenizer.ggml.* metadata): the forward pass of "
                                  f"calibration and of the end-to-end check needs one; {HINT}")
+    arch = reader.field("general.architecture")
+    top_k = _experts_per_token(f, reader, arch)
     try:
         cfg = AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
         if "output.weight" in reader.names() and getattr(cfg, "tie_word_embeddings", False):
@@ -296,12 +324,13 @@ def _load_gguf(src):
             # would be lost: the file's own head is what llama.cpp runs
             cfg.tie_word_embeddings = False
         tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
-        arch = reader.field("general.architecture")
         for key, attr in _GGUF_CONFIG_MISSING.get(arch, {}).items():
             if reader.field(f"{arch}.{key}") is not None:
                 setattr(cfg, attr, int(reader.field(f"{arch}.{key}")))
-        if arch == "llama" and reader.field("llama.expert_count"):     # a Mixtral (models._causal_gguf)
+        if arch == "llama" and top_k is not None:                      # a Mixtral (models._causal_gguf)
             cfg = _mixtral_config(cfg, reader)
+        if top_k is not None:
+            cfg.num_experts_per_tok = top_k
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         convert = _GGUFConvert(model, arch, cfg.to_dict())
     except Exception as err:            # noqa: BLE001 - transformers raises anything from a GGUF it cannot read
@@ -319,10 +348,12 @@ def _load_gguf(src):
         want, (_, k, n) = tuple(expect[hf].shape), convert.stacks.get(name, (hf, 0, 1))
         if n > 1:                           # a chunk of the parameter's rows
             want = (want[0], want[1] // n, *want[2:])
+        w = _as_shape(w, want)
         if tuple(w.shape) != want:
             raise CheckpointError(f, f"does not match its metadata: tensor {name} ({hf}"
                                      f"{f', part {k + 1} of {n}' if n > 1 else ''}) is "
-                                     f"{tuple(w.shape)}, the model the metadata describes has it {want}")
+                                     f"{tuple(src.tensor_shape(name))} in the file, the model the metadata "
+                                     f"describes has it {want}")
         with torch.no_grad():
             held = expect[hf] if n == 1 else expect[hf][:, k * want[1]:(k + 1) * want[1]]
             held.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
@@ -755,10 +786,11 @@ class CausalLM:
                 raise CheckpointError(self.src.files[0], f"layer {lay.name}: its values sit at several places of "
                                                          f"the model's fused experts parameters and its name "
                                                          f"settles none of them; --exclude it, or {HINT}")
-            if t is None:
+            if t is None:                       # an expert is excluded with its tensor (`[` is a glob's class)
+                what = "it" if lay.stack is None else f"{lay.tensor}, its experts' tensor"
                 raise CheckpointError(self.src.files[0], f"layer {lay.name} is the weight of no linear module of "
                                                          f"the {type(self.model).__name__} that transformers "
-                                                         f"runs; --exclude it, or {HINT}")
+                                                         f"runs; --exclude {what}, or {HINT}")
             if t.slot is not None:              # found by its values at that place: nothing more to check
                 continue
             if t.conv1d != lay.transposed and self.convert is None:
@@ -803,7 +835,7 @@ class CausalLM:
             hf, out = self.convert(name, w)
             if hf is None:                                        # pragma: no cover - mapped at load
                 raise CheckpointError(self.src.files[0], f"layer {name} has no place in the model")
-            return np.asarray(out)
+            return _as_shape(np.asarray(out), tuple(self.modules[t.module].weight.shape))
         return w.T if t.conv1d else w
 
     # -- substitution -----------------------------------------------------------------------------------

@@ -695,8 +695,11 @@ def _selected(name: str, include, exclude) -> bool:
 #: A Mixtral, architecture ``llama`` with ``llama.expert_count`` and fused ``ffn_*_exps``, it reads as a dense
 #: Llama (the forward pass builds a Mixtral). Those it reads under other names have no forward pass here, nor
 #: has any other GGUF with experts.
-_GGUF_MOE = ("qwen2moe", "qwen3moe")
+GGUF_MOE = ("qwen2moe", "qwen3moe")
 _GGUF_MOE_RENAMED = {"gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+
+#: one expert's matrix of a GGUF as llama.cpp wrote them before 2024 (``blk.0.ffn_gate.3.weight``)
+_GGUF_EXPERT_MATRIX = re.compile(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight")
 
 #: GGUF architectures transformers reads that are no causal LM (or no architecture at all).
 _GGUF_NOT_CAUSAL = ("general", "tokenizer", "t5", "t5encoder", "umt5")
@@ -726,19 +729,27 @@ def _causal_gguf(reader) -> tuple[bool, str]:
     if arch in _GGUF_MOE_RENAMED:
         return False, (f"GGUF architecture {arch!r}: transformers reads this mixture of experts as "
                        f"{_GGUF_MOE_RENAMED[arch]!r}, a forward pass not run here")
-    if arch in _GGUF_NOT_CAUSAL or (arch not in GGUF_SUPPORTED_ARCHITECTURES and arch not in _GGUF_MOE):
+    if arch in _GGUF_NOT_CAUSAL or (arch not in GGUF_SUPPORTED_ARCHITECTURES and arch not in GGUF_MOE):
         return False, f"GGUF architecture {arch!r} is no causal LM that transformers reads"
     experts = reader.field(f"{arch}.expert_count")
     fused = next((n for n in reader.names() if is_expert_stack(n, reader.info(n)[0], True)), None)
+    split = next((n for n in reader.names() if _GGUF_EXPERT_MATRIX.fullmatch(n)), None)
     counted = isinstance(experts, (int, float)) and experts > 0
-    if not (counted or fused) or arch in _GGUF_MOE or (arch == "llama" and counted and fused):
+    if not (counted or fused or split):
         return True, ""
-    # transformers would build a dense model and find no MLP weights
-    what = f"{experts:g} experts" if counted else fused
-    if arch == "llama":
-        what += ", not in fused ffn_*_exps tensors" if counted else ", no llama.expert_count"
-    return False, (f"GGUF architecture {arch!r} with mixture-of-experts blocks ({what}): transformers reads it "
-                   f"as a dense model, without its experts")
+    runs = arch in GGUF_MOE or (arch == "llama" and counted)        # as a MoE model (the count: a Mixtral)
+    if runs and fused and not split:
+        return True, ""
+    what = f"{experts:g} experts" if counted else "experts"
+    if split:
+        what += f", each a 2-D tensor of its own ({split}: llama.cpp's layout before 2024)"
+    elif runs:
+        what += ", not in fused ffn_*_exps tensors"
+    else:
+        what += f" in {fused}" + (", no llama.expert_count" if arch == "llama" else "")
+    return False, (f"GGUF architecture {arch!r} with mixture-of-experts blocks ({what}): " +
+                   ("the forward pass here runs fused experts only" if runs else
+                    "transformers reads it as a dense model, without its experts"))
 
 
 _LM_HEAD = contextvars.ContextVar("sop_include_lm_head", default=False)
@@ -861,8 +872,11 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         forward, forward_note = None, (f"MXFP4 codes with no scales to pair with ({unpaired[0]}): transformers "
                                        f"cannot build the model from them")
     if not layers:
-        raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates"
-                         f"{', check --include/--exclude' if candidates else ''})" +
+        hint = ", check --include/--exclude" if candidates else ""
+        expert = next((g for g in [*(include or ()), *(exclude or ())] if re.fullmatch(r".*\[\d+\]", g)), None)
+        if expert is not None:          # `[3]` is a glob's character class: an expert goes with its tensor
+            hint += f"; the experts of a fused tensor are selected by the tensor's name ({expert.rsplit('[', 1)[0]})"
+        raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
                          "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
     notes = list(packed)
     floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}

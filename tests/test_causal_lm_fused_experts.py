@@ -183,8 +183,9 @@ def test_experts_the_model_holds_otherwise_are_refused_by_name(folders, monkeypa
     read = ModelSource.read_tensor
     monkeypatch.setattr(ModelSource, "read_tensor", lambda self, t, index=None: read(
         self, t, index if t != name or index is None else (index + 1) % EXPERTS))
+    # the hint names the tensor: --exclude 'X[0]' would be a glob's character class, matching nothing
     with pytest.raises(ValueError, match=rf"layer {re.escape(name)}\[0\] is the weight of no linear module "
-                                         rf".*--exclude it"):
+                                         rf".*--exclude {re.escape(name)}, its experts' tensor, or"):
         L.load(open_model(str(folders["granitemoe"])))
     runner = L.load(open_model(str(folders["granitemoe"]), exclude=[name]))
     assert f"{FUSED['granitemoe'][0].format(i=0)}[3]" in runner.targets and f"{name}[0]" not in runner.targets
@@ -448,32 +449,18 @@ def test_a_moe_gguf_quantizes_each_expert_read_alone(tmp_path, capsys):
         assert others > 1, name                  # a shifted expert order would not pass the loop above
 
 
-@pytest.mark.parametrize("layout", ["fused, no count", "per expert"])
-def test_a_llama_gguf_with_experts_that_is_no_mixtral_here_has_no_forward_pass(tmp_path, layout):
+def test_a_llama_gguf_with_fused_experts_and_no_expert_count_has_no_forward_pass(tmp_path):
     """A Mixtral GGUF is architecture 'llama' with ``llama.expert_count`` and fused experts; it runs as a
-    Mixtral (tests/test_causal_lm_moe_gguf.py). Without the count, or with its experts one 2-D tensor each
-    (``blk.0.ffn_gate.3.weight``, llama.cpp's layout before 2024), transformers would build a dense Llama and
-    calibration stopped on 'does not match its metadata: the model it describes needs
-    model.layers.0.mlp.gate_proj.weight'. No forward pass, saying why; fused experts are quantized."""
-    import gguf
-
-    if layout == "per expert":
-        w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
-        w.add_block_count(1)
-        w.add_expert_count(EXPERTS)
-        for e in range(EXPERTS):
-            w.add_tensor(f"blk.0.ffn_gate.{e}.weight", np.ones((8, 32), np.float32))
-        for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
-            step()
-    else:
-        _moe_gguf(tmp_path / "m.gguf", "llama")
+    Mixtral (tests/test_causal_lm_moe_gguf.py, with the layout of one tensor per expert). Without the count
+    transformers would build a dense Llama and calibration stopped on 'does not match its metadata: the model
+    it describes needs model.layers.0.mlp.gate_proj.weight'. No forward pass, saying why; the experts are
+    quantized."""
+    _moe_gguf(tmp_path / "m.gguf", "llama")
     src = open_model(str(tmp_path / "m.gguf"))
-    what = ("blk.0.ffn_gate_exps.weight, no llama.expert_count" if layout != "per expert" else
-            "4 experts, not in fused ffn_*_exps tensors")
     assert src.forward is None and src.forward_note == (
-        f"GGUF architecture 'llama' with mixture-of-experts blocks ({what}): transformers reads it as a dense "
-        f"model, without its experts")
-    assert len([lay for lay in src.layers if lay.stack]) == (3 * EXPERTS if layout != "per expert" else 0)
+        "GGUF architecture 'llama' with mixture-of-experts blocks (experts in blk.0.ffn_gate_exps.weight, no "
+        "llama.expert_count): transformers reads it as a dense model, without its experts")
+    assert len([lay for lay in src.layers if lay.stack]) == 3 * EXPERTS
 
 
 @pytest.mark.parametrize("bias", [True, False])

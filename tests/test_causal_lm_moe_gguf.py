@@ -51,11 +51,14 @@ def make_folder(path, arch):
     return path
 
 
-def write_gguf(path, folder, arch, drop=(), widths=True):
+def write_gguf(path, folder, arch, drop=(), widths=True, top_k=None, split=False, count=True, gate_2d=False):
     """The model of ``folder`` as llama.cpp's converter writes a Qwen-MoE or Mixtral GGUF (each block's experts
     stacked ``(experts, out, in)``; a Qwen-MoE's shared expert's gate 1-D; a Mixtral as architecture ``llama``
     with Llama's Q/K row permutation, its experts as wide as ``feed_forward_length``), without the tensors in
-    ``drop``, and without the experts' widths in the metadata unless ``widths``."""
+    ``drop``, and without the experts' widths in the metadata unless ``widths``. ``top_k``: the
+    ``expert_used_count`` written (the folder's by default; "none": none); ``split``: each expert's matrices
+    2-D tensors of their own (``blk.0.ffn_gate.3.weight``, llama.cpp's layout before 2024); ``count``: the
+    ``expert_count`` written; ``gate_2d``: the shared expert's gate ``(1, in)``."""
     cfg = json.loads((folder / "config.json").read_text())
     sd = {k: v.numpy() for k, v in reference_model(folder).state_dict().items()}
     mixtral = arch == "mixtral"
@@ -68,8 +71,10 @@ def write_gguf(path, folder, arch, drop=(), widths=True):
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if "shared_expert_intermediate_size" in cfg:
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-    w.add_expert_count(EXPERTS)
-    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if count:
+        w.add_expert_count(EXPERTS)
+    if top_k != "none":
+        w.add_uint32(f"{w.arch}.expert_used_count", cfg["num_experts_per_tok"] if top_k is None else top_k)
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
     if cfg.get("head_dim"):
@@ -89,12 +94,15 @@ def write_gguf(path, folder, arch, drop=(), widths=True):
                     t = sd[f"{p}{h}.{suffix}"]
                     if mixtral and g in ("attn_q", "attn_k"):
                         t = _permute(t, cfg["num_attention_heads" if g == "attn_q" else "num_key_value_heads"])
-                    tensors[f"blk.{i}.{g}.{suffix}"] = t.reshape(-1) if g == "ffn_gate_inp_shexp" else t
+                    tensors[f"blk.{i}.{g}.{suffix}"] = t.reshape(-1) if g == "ffn_gate_inp_shexp" and not gate_2d else t
         gate_up = sd[p + "mlp.experts.gate_up_proj"]            # (experts, 2 inter, hidden): gate over up
         inter = gate_up.shape[1] // 2
-        tensors[f"blk.{i}.ffn_gate_exps.weight"] = np.ascontiguousarray(gate_up[:, :inter])
-        tensors[f"blk.{i}.ffn_up_exps.weight"] = np.ascontiguousarray(gate_up[:, inter:])
-        tensors[f"blk.{i}.ffn_down_exps.weight"] = sd[p + "mlp.experts.down_proj"]
+        stacks = {"gate": gate_up[:, :inter], "up": gate_up[:, inter:], "down": sd[p + "mlp.experts.down_proj"]}
+        for part, t in stacks.items():
+            if split:
+                tensors.update((f"blk.{i}.ffn_{part}.{e}.weight", np.ascontiguousarray(t[e])) for e in range(EXPERTS))
+            else:
+                tensors[f"blk.{i}.ffn_{part}_exps.weight"] = np.ascontiguousarray(t)
     for name, t in tensors.items():
         if name not in drop:
             w.add_tensor(name, t)
@@ -111,17 +119,22 @@ def moe_gguf(tmp_path_factory):
     return out
 
 
+def assert_runs_the_folders_model(runner, folder):
+    """The GGUF's forward pass gives the logits of the folder's own model."""
+    wins = windows_of(runner, 2)
+    with torch.inference_mode():
+        got = runner.model(input_ids=wins).logits
+        want = reference_model(folder)(input_ids=wins).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_moe_gguf_runs_its_folders_model_with_each_expert_at_its_rows(moe_gguf, arch):
     folder, path = moe_gguf[arch]
     src = open_model(str(path))
     assert src.forward == "causal-lm" and not src.notes
     runner = L.load(src)
-    wins = windows_of(runner, 2)
-    with torch.inference_mode():
-        got = runner.model(input_ids=wins).logits
-        want = reference_model(folder)(input_ids=wins).logits
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+    assert_runs_the_folders_model(runner, folder)
     stacked = [lay for lay in src.layers if lay.stack is not None]
     assert len(stacked) == 2 * 3 * EXPERTS
     for lay in src.layers:                  # the matrix the model runs is the file's, value for value
@@ -208,3 +221,66 @@ def test_a_moe_gguf_missing_a_half_or_its_experts_width_is_one_line(moe_gguf, tm
     err = capsys.readouterr().err
     assert err.startswith(f"sop: error: {narrow}: does not match its metadata: tensor ") and err.count("\n") == 1
     assert "the model the metadata describes has it" in err
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral"])
+@pytest.mark.parametrize("top_k", ["none", 0, EXPERTS + 1])
+def test_a_moe_ggufs_top_k_missing_or_out_of_range_is_one_line(moe_gguf, tmp_path, capsys, arch, top_k):
+    """Without ``expert_used_count`` transformers ran its own default (Qwen3-MoE's 8, Mixtral's 2) and a count
+    of 0 routed no token (or, for a Mixtral, became 2), each without a word, the export carrying that top-k;
+    one past the experts stopped in the forward pass ('selected index k out of range'). llama.cpp refuses such
+    a file; so does the forward pass here, naming the key, the export too."""
+    folder, _ = moe_gguf[arch]
+    path = write_gguf(tmp_path / "k.gguf", folder, arch, top_k=top_k)
+    key = f"{'llama' if arch == 'mixtral' else arch}.expert_used_count"
+    q = tmp_path / "m.sopq"
+    assert main(["quantize", str(path), "--format", "sop4-g16", "--no-calib", "--out", str(q), "--quiet"]) == 0
+    for args in (["eval", str(path), "--format", "sop4-g16", *SMALL, "--cache-dir", str(tmp_path / "c")],
+                 ["dequantize", str(q), "--model-folder", "--out", str(tmp_path / "f")]):
+        assert main([*args, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        want = (f"its metadata has no {key} (how many experts each token is routed to): the model it describes "
+                f"cannot be run" if top_k == "none" else
+                f"its metadata gives {key} {top_k} (how many experts each token is routed to): it must be 1 to "
+                f"{key.replace('used_count', 'count')} ({EXPERTS})")
+        assert err == f"sop: error: {path}: {want}\n", args[0]
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_qwen2_moe_shared_expert_gate_stored_2d_runs(moe_gguf, tmp_path):
+    """The shared expert's gate as (1, in), not 1-D: transformers' processor made it (1, 1, in) and the load
+    stopped on 'is (1, 1, 32), the model ... has it (1, 32)', a shape the file does not have."""
+    folder, _ = moe_gguf["qwen2moe"]
+    path = write_gguf(tmp_path / "g.gguf", folder, "qwen2moe", gate_2d=True)
+    src = open_model(str(path))
+    assert src.tensor_shape("blk.0.ffn_gate_inp_shexp.weight") == (1, 32)
+    assert_runs_the_folders_model(L.load(src), folder)
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "mixtral"])
+@pytest.mark.parametrize("count", [True, False])
+def test_a_moe_gguf_of_one_tensor_per_expert_has_no_forward_pass(moe_gguf, tmp_path, arch, count):
+    """llama.cpp's layout before 2024, ``blk.0.ffn_gate.3.weight``: a Qwen2-MoE was refused after a warning that
+    the model runs without those tensors (it does not: 'needs model.layers.0.mlp.experts.gate_up_proj'), and a
+    'llama' without an expert count built a dense Llama ('needs model.layers.0.mlp.gate_proj.weight'). Now no
+    forward pass, saying why: quantized unweighted, each matrix a layer."""
+    folder, _ = moe_gguf[arch]
+    path = write_gguf(tmp_path / "s.gguf", folder, arch, split=True, count=count)
+    src = open_model(str(path))
+    ga = "llama" if arch == "mixtral" else arch
+    what = f"{EXPERTS} experts" if count else "experts"
+    tail = ("the forward pass here runs fused experts only" if count or arch != "mixtral" else
+            "transformers reads it as a dense model, without its experts")
+    assert src.forward is None and src.forward_note == (
+        f"GGUF architecture {ga!r} with mixture-of-experts blocks ({what}, each a 2-D tensor of its own "
+        f"(blk.0.ffn_gate.0.weight: llama.cpp's layout before 2024)): {tail}")
+    assert "blk.1.ffn_up.3.weight" in {lay.name for lay in src.layers}
+
+
+def test_an_expert_given_to_include_says_experts_go_with_their_tensor(moe_gguf, capsys):
+    _, path = moe_gguf["qwen3moe"]
+    assert main(["quantize", str(path), "--format", "sop4-g16", "--no-calib", "--include",
+                 "blk.0.ffn_gate_exps.weight[3]", "--out", "/nonexistent/m.sopq"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "no linear layer selected (16 candidates, check --include/--exclude; the experts of a fused tensor are "
+        "selected by the tensor's name (blk.0.ffn_gate_exps.weight))\n")
