@@ -305,9 +305,50 @@ def _finish_panel(ax, higher_better: bool) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _matplotlib_folder() -> None:
+    """Before matplotlib's import: where its default config and cache folders (``XDG_CONFIG_HOME`` or
+    ``~/.config``, ``XDG_CACHE_HOME`` or ``~/.cache``, each ``/matplotlib``) cannot be written (a read-only
+    or missing HOME: containers, CI), ``MPLCONFIGDIR`` is a folder of sop's own in the temporary folder,
+    ``sop-matplotlib-<uid>``, kept between runs for its font cache. Matplotlib would otherwise print two
+    warning lines and build its font cache again in a new temporary folder every run. Left to matplotlib
+    where ``MPLCONFIGDIR`` is set, and where that folder is not a private one of this user's."""
+    import os
+    import stat
+    import tempfile
+
+    if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
+        return
+    try:
+        home = Path.home()
+    except RuntimeError:                    # no HOME and no password entry
+        home = None
+    for var, default in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache")):
+        base = os.environ.get(var) or (str(home / default) if home is not None else "")
+        folder = Path(base) / "matplotlib" if base else None
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                if os.access(folder, os.W_OK | os.X_OK):
+                    continue
+        except OSError:
+            pass
+        break
+    else:
+        return                              # both defaults work
+    own = Path(tempfile.gettempdir()) / f"sop-matplotlib-{os.getuid()}"
+    try:
+        own.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(own)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+        os.environ["MPLCONFIGDIR"] = str(own)
+
+
 def plot_png(rows: list[dict], title: str) -> bytes:
     """The SQNR-vs-bpw scatter with labels and the Pareto staircase, and for a causal LM the
     KLD-vs-bpw one beside it, as PNG bytes."""
+    _matplotlib_folder()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -275,3 +275,25 @@ def test_many_formats_are_plotted_without_labels(monkeypatch):
     check_png(R.plot_png(rows[:R.MAX_LABELS], "t"))
     check_png(R.plot_png(rows, "t"))
     assert calls == [R.MAX_LABELS]
+
+
+def test_a_home_matplotlib_cannot_write_is_no_warning(eval_json, tmp_path):
+    """Under a HOME where matplotlib can write no config or cache folder (read-only or missing: containers,
+    CI), `sop report` printed matplotlib's 'mkdir -p failed for path ...' and 'Matplotlib created a temporary
+    cache directory ...' and built its font cache again in a new temporary folder every run. Now one folder
+    of sop's own in the temporary folder, kept between runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME="/proc/self", TMPDIR=str(tmp_path))        # no folder can be made there, root or not
+    own = tmp_path / f"sop-matplotlib-{os.getuid()}"
+    for run in range(2):
+        stem = tmp_path / f"r{run}"
+        done = subprocess.run([sys.executable, "-m", "sop.cli", "report", str(eval_json), "--out", str(stem)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert stem.with_suffix(".png").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [own.name]
+        assert any(own.glob("fontlist-*.json")) and (own.stat().st_mode & 0o777) == 0o700
