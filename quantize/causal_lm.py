@@ -277,8 +277,8 @@ def _as_shape(w: np.ndarray, shape: tuple) -> np.ndarray:
 
 def _mixtral_config(cfg, reader):
     """The Mixtral a GGUF of architecture ``llama`` with experts is (llama.cpp converts Mixtral so), from the
-    Llama configuration transformers reads from its metadata: the experts' count and top-k, each expert as
-    wide as the metadata's ``feed_forward_length``."""
+    Llama configuration transformers reads from its metadata: the experts' count (the top-k:
+    ``_experts_per_token``), each expert as wide as the metadata's ``feed_forward_length``."""
     from transformers.models.mixtral import MixtralConfig
 
     d = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "num_experts")}
