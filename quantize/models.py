@@ -236,6 +236,8 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
         return "embedding"
     if any("norm" in p or p.startswith("ln_") for p in parts):
         return "norm"
+    if len(parts) >= 2 and (parts[-2] in ("conv", "conv1d") or parts[-2].endswith("_conv1d")):
+        return "convolution"        # a GGUF's depthwise convolution, 2-D there (Mamba's ssm_conv1d, LFM2's)
     return None
 
 

@@ -1,7 +1,7 @@
-"""LLM inputs that would be read silently wrong: a GGUF in the other byte order holding BF16 or
+"""LLM inputs that would be read silently wrong or not run: a GGUF in the other byte order holding BF16 or
 quantized blocks, one part of a split GGUF, a Falcon GGUF whose own output head transformers would
-tie to the input embedding, a tokenizer that is not the model's. Each is refused in one line or
-read as the file means it (tiny files built here, offline)."""
+tie to the input embedding, a Mamba GGUF's 2-D convolution, a tokenizer that is not the model's. Each is
+refused in one line or read as the file means it (tiny files built here, offline)."""
 
 import numpy as np
 import pytest
@@ -107,9 +107,24 @@ def test_one_part_of_a_split_gguf_is_refused(tmp_path, capsys):
 
 # -- a GGUF head transformers would tie ---------------------------------------------------------------------
 
+def gguf_of_config(path, arch: str, cfg: dict, tokenizer):
+    """A GGUFWriter for ``path`` with the metadata transformers reads back as ``cfg`` (its GGUF config
+    mapping's numbers) and ``tokenizer``."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, hf in GGUF_CONFIG_MAPPING[arch].items():
+        v = cfg.get(hf) if hf else None
+        if isinstance(v, float):
+            w.add_float32(f"{arch}.{key}", v)
+        elif isinstance(v, int):
+            w.add_uint32(f"{arch}.{key}", v)
+    add_gguf_tokenizer(w, tokenizer)
+    return w
+
+
 def falcon_gguf(path, tokenizer):
     """A tiny random Falcon (untied head) as a GGUF, with its tokenizer; returns the HF model."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
     from transformers.models.auto import AutoModelForCausalLM
     from transformers.models.falcon import FalconConfig
@@ -119,14 +134,7 @@ def falcon_gguf(path, tokenizer):
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.25,
         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)).eval()
     cfg = model.config.to_dict()
-    w = gguf.GGUFWriter(str(path), "falcon")
-    for key, hf in GGUF_CONFIG_MAPPING["falcon"].items():
-        v = cfg.get(hf) if hf else None
-        if isinstance(v, float):
-            w.add_float32(f"falcon.{key}", v)
-        elif isinstance(v, int):
-            w.add_uint32(f"falcon.{key}", v)
-    add_gguf_tokenizer(w, tokenizer)
+    w = gguf_of_config(path, "falcon", cfg, tokenizer)
     back = {hf: g for g, hf in get_gguf_hf_weights_map(model, TensorProcessor(config=cfg)).items()}
     for name, t in model.state_dict().items():
         w.add_tensor(back[name], t.numpy())
@@ -181,3 +189,47 @@ def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_one_line(tmp_path, t
     assert err.startswith(f"sop: error: {d}: its tokenizer gives token id ") and \
         "the model has 200 input embeddings (0 to 199): the tokenizer is not this model's" in err
     assert not out.exists()
+
+
+# -- a GGUF with a 2-D convolution ---------------------------------------------------------------------------
+
+def mamba_gguf(path, tokenizer):
+    """A tiny random Mamba as llama.cpp writes it (its depthwise convolution ``ssm_conv1d`` 2-D, ``ssm_a``
+    as -exp(A_log)), with its tokenizer; returns the HF model."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, get_gguf_hf_weights_map
+    from transformers.models.auto import AutoModelForCausalLM
+    from transformers.models.mamba import MambaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4, time_step_rank=4,
+        intermediate_size=64, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)).eval()
+    cfg = model.config.to_dict()
+    w = gguf_of_config(path, "mamba", cfg, tokenizer)
+    names = get_gguf_hf_weights_map(model, TENSOR_PROCESSORS["mamba"](config=cfg), model_type="mamba")
+    back = {hf: g for g, hf in names.items()}
+    for name, t in model.state_dict().items():
+        g, a = back[name], t.numpy()
+        if g.endswith("ssm_conv1d.weight"):
+            a = a[:, 0, :]                      # (channels, 1, kernel) -> (channels, kernel)
+        w.add_tensor(g, -np.exp(a) if g.endswith("ssm_a") else a)
+    return finish_gguf(w, model)
+
+
+def test_a_mamba_ggufs_2d_convolution_is_kept_and_the_model_runs(tmp_path, tokenizer, capsys):
+    """llama.cpp stores Mamba's depthwise convolution (channels, kernel), 2-D, named as a weight: it was selected
+    as a linear layer and `sop eval` stopped on 'layer blk.0.ssm_conv1d.weight is the weight of no linear
+    module of the MambaForCausalLM' (LFM2's shortconv.conv too; an outside probe). Now it is kept as a
+    convolution, and the model runs its own weights."""
+    p = tmp_path / "mamba.gguf"
+    hf = mamba_gguf(p, tokenizer)
+    src = open_model(str(p))
+    assert src.skipped["blk.0.ssm_conv1d.weight"] == "convolution"
+    assert "blk.1.ssm_in.weight" in {lay.name for lay in src.layers}
+    runner = L.load(src)
+    ids = torch.tensor([[0, 5, 9, 100, 200, 7, 8, 9, 310, 2]])
+    with torch.inference_mode():
+        np.testing.assert_allclose(runner.model(input_ids=ids).logits.numpy(), hf(input_ids=ids).logits.numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    assert main(["eval", str(p), "--format", "sop4-g16", *SMALL, "--quiet", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "2 convolution" in capsys.readouterr().out
