@@ -721,6 +721,16 @@ def _causal_config(cfg: dict | None) -> tuple[bool, str]:
     return True, ""
 
 
+def _newer_gguf_loader() -> tuple[str, ...]:
+    """The GGUF architectures transformers reads through its newer loader (``integrations.gguf``, 5.24:
+    Qwen3.5's ``qwen35``, ``qwen35moe``; LFM2 through both), where there is one."""
+    try:
+        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+    except ImportError:
+        return ()
+    return tuple(GGUF_CONFIG_ARCHS)
+
+
 def _causal_gguf(reader) -> tuple[bool, str]:
     """(a causal LM transformers runs, why not) for a GGUF file's metadata."""
     arch = reader.field("general.architecture")
@@ -731,6 +741,9 @@ def _causal_gguf(reader) -> tuple[bool, str]:
     if arch in _GGUF_MOE_RENAMED:
         return False, (f"GGUF architecture {arch!r}: transformers reads this mixture of experts as "
                        f"{_GGUF_MOE_RENAMED[arch]!r}, a forward pass not run here")
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch in _newer_gguf_loader():
+        return False, (f"GGUF architecture {arch!r}: transformers reads it through its newer GGUF loader (its "
+                       f"own reorders of the file's tensors), which the forward pass here does not follow")
     if arch in _GGUF_NOT_CAUSAL or (arch not in GGUF_SUPPORTED_ARCHITECTURES and arch not in GGUF_MOE):
         return False, f"GGUF architecture {arch!r} is no causal LM that transformers reads"
     experts = reader.field(f"{arch}.expert_count")

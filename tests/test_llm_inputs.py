@@ -233,3 +233,18 @@ def test_a_mamba_ggufs_2d_convolution_is_kept_and_the_model_runs(tmp_path, token
                                    rtol=1e-5, atol=1e-5)
     assert main(["eval", str(p), "--format", "sop4-g16", *SMALL, "--quiet", "--cache-dir", str(tmp_path / "c")]) == 0
     assert "2 convolution" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_a_gguf_only_transformers_newer_loader_reads_says_so(tmp_path, arch):
+    """Qwen3.5's GGUFs transformers 5.24 reads through its newer GGUF loader, which reorders the file's value
+    heads as it loads them: no forward pass here, and the note said it was 'no causal LM that transformers
+    reads'. It says which loader now; the layers are quantized unweighted."""
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch)
+    w.add_block_count(1)
+    w.add_tensor("blk.0.attn_qkv.weight", matrix(8, 32))
+    src = open_model(str(finish_gguf(w, tmp_path / "m.gguf")))
+    assert (src.forward, src.forward_note) == (None, f"GGUF architecture {arch!r}: transformers reads it through "
+                                               f"its newer GGUF loader (its own reorders of the file's tensors), "
+                                               f"which the forward pass here does not follow")
+    assert [lay.name for lay in src.layers] == ["blk.0.attn_qkv.weight"]
