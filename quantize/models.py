@@ -232,9 +232,11 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
     parts = re.split(r"[./]", low)
     if is_lm_head(name):
         return "lm_head"
-    if any("embed" in p or "embd" in p or p in ("wte", "wpe", "shared", "relative_attention_bias") for p in parts):
+    # a part naming an embedding (not a projection beside one: Gemma 3n's altup_unembed_projections.0)
+    if any((("embed" in p or "embd" in p) and "proj" not in p)
+           or p in ("wte", "wpe", "shared", "relative_attention_bias") for p in parts):
         return "embedding"
-    if any("norm" in p or p.startswith("ln_") for p in parts):
+    if "norm" in parts[-2] or parts[-2].startswith("ln_"):     # the module (DBRX's norm_attn_norm.attn.Wqkv: no)
         return "norm"
     if len(parts) >= 2 and (parts[-2] in ("conv", "conv1d") or parts[-2].endswith("_conv1d")):
         return "convolution"        # a GGUF's depthwise convolution, 2-D there (Mamba's ssm_conv1d, LFM2's)
@@ -906,6 +908,17 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                      f"layers and the experts of fused (experts, rows, cols) tensors of the model types it follows "
                      f"(docs/quantizer.md, \"Fused experts\"), not in FP8, so these stay in full precision "
                      f"and the bits per weight count the quantized layers alone")
+    unnamed = {n: int(np.prod(shape)) for n, shape in floats.items()
+               if skipped.get(n) == "not a weight" and not n.lower().endswith("bias")
+               and any("expert" in part for part in re.split(r"[./]", n.lower())[:-1])}
+    if unnamed:                                  # DBRX's experts.mlp.w1: each expert's rows stacked, 2-D
+        total = sum(int(np.prod(shape)) for shape in floats.values())
+        notes.append(f"{len(unnamed)} 2-D expert tensor(s) not named as weights kept as they are "
+                     f"({sum(unnamed.values()):,} weights, {100 * sum(unnamed.values()) / total:.0f} % of the "
+                     f"checkpoint's floating-point weights; e.g. {next(iter(unnamed))}): sop quantizes tensors "
+                     f"named as weights and the fused experts of the model types it follows (docs/quantizer.md, "
+                     f"\"Fused experts\"), so these stay in full precision and the bits per weight count the "
+                     f"quantized layers alone")
     if kind == "gguf":
         types: dict[str, int] = {}
         for lay in layers:

@@ -258,3 +258,32 @@ def test_experts_called_otherwise_are_refused_in_one_line(moe_folders, tmp_path,
         "sop: error: calibration: the experts module MixtralExperts is not called as transformers' experts are "
         "(hidden_states, top_k_index, top_k_weights), so which tokens reach an expert is unknown; --exclude its "
         "experts, or --no-calib")
+
+
+def test_dbrx_attention_is_quantized_and_its_experts_kept_saying_so(tmp_path, capsys):
+    """DBRX (an outside probe): its attention, under ``norm_attn_norm``, was kept as a "norm", and its experts,
+    ``ffn.experts.mlp.w1`` with each expert's rows stacked 2-D and not named as a weight, as "2-D non-weight"
+    without a word: 2 of its 38 matrices (the routers) were quantized. The attention is quantized and
+    calibrated now; the experts are kept, a warning saying how much of the model they are."""
+    from transformers.models.auto import AutoModelForCausalLM
+    from transformers.models.dbrx import DbrxConfig
+
+    cfg = DbrxConfig(vocab_size=VOCAB, initializer_range=0.25, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                     d_model=HIDDEN, n_heads=4, n_layers=2, max_seq_len=128,
+                     attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                     ffn_config={"ffn_hidden_size": 48, "moe_num_experts": EXPERTS, "moe_top_k": 2})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dbrx")
+    bpe_tokenizer().save_pretrained(tmp_path / "dbrx")
+    src = open_model(str(tmp_path / "dbrx"))
+    attention = {f"transformer.blocks.{i}.norm_attn_norm.attn.{m}.weight"
+                 for i in range(2) for m in ("Wqkv", "out_proj")}
+    assert attention <= {lay.name for lay in src.layers}
+    assert src.notes == ["6 2-D expert tensor(s) not named as weights kept as they are (36,864 weights, 58 % of the "
+                         "checkpoint's floating-point weights; e.g. transformer.blocks.0.ffn.experts.mlp.v1): sop "
+                         "quantizes tensors named as weights and the fused experts of the model types it follows "
+                         "(docs/quantizer.md, \"Fused experts\"), so these stay in full precision and the bits per "
+                         "weight count the quantized layers alone"]
+    runner = L.load(src)
+    stats, _ = runner.collect_stats(windows_of(runner, 2))
+    assert attention <= set(stats)

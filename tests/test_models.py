@@ -53,6 +53,15 @@ def test_linear_rule():
                          True) == "embedding"
     assert linear_reason("h.0.ln_1.weight", (4, 4), True) == "norm"
     assert linear_reason("x.LayerNorm.weight", (4, 4), True) == "norm"
+    # the module's name says norm, not a module above it: DBRX's attention was kept as a "norm" (an outside probe)
+    assert linear_reason("transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight", (96, 32), True) is None
+    assert linear_reason("transformer.blocks.0.norm_attn_norm.norm_1.weight", (4, 4), True) == "norm"
+    # a projection beside an embedding is no embedding table: Gemma 3n's altup_unembed_projections (nn.Linear)
+    assert linear_reason("model.altup_unembed_projections.0.weight", (32, 32), True) is None
+    assert linear_reason("model.embed_tokens_per_layer.weight", (320, 16), True) == "embedding"
+    # a GGUF's depthwise convolution, 2-D there
+    assert linear_reason("blk.0.ssm_conv1d.weight", (64, 4), True) == "convolution"
+    assert linear_reason("blk.0.shortconv.conv.weight", (32, 3), True) == "convolution"
 
 
 def test_safetensors_file(tmp_path):
