@@ -90,7 +90,7 @@ def clean_forward_weight(src, name: str, weight) -> int:
     import torch
 
     data = weight.data
-    try:        # numpy's test of a float32 matrix is single-threaded and 20 times torch's (SmolLM2: 5 s to 0.2)
+    try:        # numpy tests a float32 matrix in one thread, 20 times faster than torch (SmolLM2: 7.5 s to 0.02 s)
         if np.isfinite(data.numpy()).all():
             return 0
     except (TypeError, RuntimeError):                   # bf16, or a tensor numpy cannot view
