@@ -690,7 +690,8 @@ class CausalLM:
         layer ``lay`` read from the checkpoint, rounded to float32 (as transformers loads it to run on the CPU)."""
         import torch
 
-        w = np.asarray(self.src.read_tensor(lay.tensor, e), dtype=np.float32)
+        with np.errstate(over="ignore"):    # a value past float32 is inf there, as in the model (refused later)
+            w = np.asarray(self.src.read_tensor(lay.tensor, e), dtype=np.float32)
         w = torch.from_numpy(np.ascontiguousarray(w.T if lay.transposed else w))
         return held.shape == w.shape and bool(((held == w) | (held.isnan() & w.isnan())).all())
 
@@ -728,8 +729,9 @@ class CausalLM:
             if not cands:
                 continue
             scaled = self.src.scaled_tensor(tname)          # an FP8 matrix: its values times its scale
-            w = torch.from_numpy(np.asarray(self.src.read_tensor(tname) if scaled is None else scaled,
-                                            dtype=np.float32))
+            with np.errstate(over="ignore"):                # as in _holds
+                w = torch.from_numpy(np.asarray(self.src.read_tensor(tname) if scaled is None else scaled,
+                                                dtype=np.float32))
             hits = [(mn, pn, r0) for mn, pn, p in cands for r0 in range(0, p.shape[1], rows)
                     if bool(((p.data[e, r0:r0 + rows] == w) | (p.data[e, r0:r0 + rows].isnan() & w.isnan())).all())]
             several = len(hits) > 1

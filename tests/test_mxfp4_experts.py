@@ -188,6 +188,29 @@ def test_a_gpt_oss_folder_with_codes_no_scales_pair_with_has_no_forward_pass(tmp
         capsys.readouterr().err
 
 
+def test_an_mxfp4_value_past_float32_is_one_line_with_calibration_too(tmp_path, capsys):
+    """A scale of 254 puts 6 x 2^127 past float32: the quantizer refuses the expert (its outputs are float32 and
+    BF16). With calibration, the value check of the expert in transformers' float32 model printed numpy's
+    'RuntimeWarning: overflow encountered in cast' and its source line first (an error under the suite's
+    warnings). Now the one line, with or without calibration."""
+    from safetensors.numpy import save_file as save_numpy
+
+    folder = tmp_path / "gpt-oss"
+    mxfp4_gpt_oss(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.1.mlp.experts.down_proj_scales"][0, 0, 0] = 254
+    save_numpy(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for calib in ([*SMALL[:4], "--cache-dir", str(tmp_path / "c")], ["--no-calib"]):
+        assert main(["quantize", str(folder), "--format", "sop4-g16", *calib, "--out", str(tmp_path / "m.sopq"),
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        layer = "model.layers.1.mlp.experts.down_proj[0]"
+        assert err[-1].startswith(f"sop: error: {folder / 'model.safetensors'}: {layer}: weight ")
+        assert "is beyond float32's range" in err[-1]
+        assert all(line.startswith("warning: ") for line in err[:-1]), err
+    assert not (tmp_path / "m.sopq").exists()
+
+
 def test_in_memory_experts_packed_by_the_mxfp4_kernels_are_kept_saying_why():
     """A GPT-OSS held on transformers' MXFP4 kernels (``Mxfp4GptOssExperts``: uint8 codes, no values): its
     experts are kept, saying what they are and how to load them as values (the reason said the module did not
