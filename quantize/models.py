@@ -188,14 +188,13 @@ def stored_in_out(reader, name: str, shape: tuple) -> bool:
     return False
 
 
-def _packed_weights(reader, names, cfg: dict | None) -> list[str]:
+def _packed_weights(reader, names, cfg: dict | None, codes: list[str]) -> list[str]:
     """What to say of a checkpoint quantized by another method (GPTQ, AWQ, bitsandbytes, compressed-tensors'
     int4): its weights are integer tensors named as weights (``qweight``, ``weight``, ``weight_packed``),
     which no float reading can take; and of MXFP4 codes (``X_blocks``) the reader found no scales to pair
-    with (tensor_readers.MXFP4). Nothing when it has none."""
+    with (``codes``: ``_unpaired_codes``; tensor_readers.MXFP4). Nothing when it has none."""
     ints = [n for n in names if not reader.info(n)[2] and len(reader.info(n)[0]) >= 2]
     packed = [n for n in ints if n.lower().endswith(("weight", "weight_packed"))]
-    codes = _unpaired_codes(reader, names)
     qc = (cfg or {}).get("quantization_config") if isinstance(cfg, dict) else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     said = f" (config.json's quantization_config: {method!r})" if isinstance(method, str) else ""
@@ -236,9 +235,10 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
     if any((("embed" in p or "embd" in p) and "proj" not in p)
            or p in ("wte", "wpe", "shared", "relative_attention_bias") for p in parts):
         return "embedding"
-    if "norm" in parts[-2] or parts[-2].startswith("ln_"):     # the module (DBRX's norm_attn_norm.attn.Wqkv: no)
+    module = parts[-2] if len(parts) >= 2 else ""
+    if "norm" in module or module.startswith("ln_"):          # the module's (DBRX's norm_attn_norm.attn.Wqkv: no)
         return "norm"
-    if len(parts) >= 2 and (parts[-2] in ("conv", "conv1d") or parts[-2].endswith("_conv1d")):
+    if module in ("conv", "conv1d") or module.endswith("_conv1d"):
         return "convolution"        # a GGUF's depthwise convolution, 2-D there (Mamba's ssm_conv1d, LFM2's)
     return None
 
@@ -883,8 +883,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                     fp8[name] = scale
     for scale in fp8.values():
         skipped[scale.name] = "fp8 scale"
-    packed = _packed_weights(reader, names, cfg)
     unpaired = _unpaired_codes(reader, names)
+    packed = _packed_weights(reader, names, cfg, unpaired)
     if forward == "causal-lm" and unpaired:     # transformers stops on them with a report of its own
         forward, forward_note = None, (f"MXFP4 codes with no scales to pair with ({unpaired[0]}): transformers "
                                        f"cannot build the model from them")

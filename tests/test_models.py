@@ -56,6 +56,7 @@ def test_linear_rule():
     # the module's name says norm, not a module above it: DBRX's attention was kept as a "norm" (an outside probe)
     assert linear_reason("transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight", (96, 32), True) is None
     assert linear_reason("transformer.blocks.0.norm_attn_norm.norm_1.weight", (4, 4), True) == "norm"
+    assert linear_reason("weight", (4, 4), True) is None        # a bare name: no module to read (an IndexError)
     # a projection beside an embedding is no embedding table: Gemma 3n's altup_unembed_projections (nn.Linear)
     assert linear_reason("model.altup_unembed_projections.0.weight", (32, 32), True) is None
     assert linear_reason("model.embed_tokens_per_layer.weight", (320, 16), True) == "embedding"
