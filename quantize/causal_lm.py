@@ -307,6 +307,7 @@ def _experts_per_token(f: Path, reader, arch: str) -> int | None:
 
 def _load_gguf(src):
     import torch
+    from transformers.initialization import no_init_weights
     from transformers.models.auto import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     f = Path(src.files[0])
@@ -317,13 +318,14 @@ def _load_gguf(src):
     arch = reader.field("general.architecture")
     top_k = _experts_per_token(f, reader, arch)
     try:
-        cfg = AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
+        with _gguf_metadata_read_once():
+            cfg = AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
         if "output.weight" in reader.names() and getattr(cfg, "tie_word_embeddings", False):
             # transformers ties Falcon's and BLOOM's head to the input embedding whatever the file holds;
             # tied, the one matrix would be output.weight's (loaded last) and token_embd.weight's rows
             # would be lost: the file's own head is what llama.cpp runs
             cfg.tie_word_embeddings = False
-        tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
         for key, attr in _GGUF_CONFIG_MISSING.get(arch, {}).items():
             if reader.field(f"{arch}.{key}") is not None:
                 setattr(cfg, attr, int(reader.field(f"{arch}.{key}")))
@@ -331,7 +333,13 @@ def _load_gguf(src):
             cfg = _mixtral_config(cfg, reader)
         if top_k is not None:
             cfg.num_experts_per_tok = top_k
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        # every tensor of the state dict is the file's (checked below): transformers' random initialisation
+        # would only be overwritten (a minute of a 7B's load); tying is part of what it skips. The buffers
+        # outside the state dict (RoPE's frequencies) are the modules' constructors', which it leaves running
+        # (equal to transformers' own build for each GGUF architecture it reads, checked with 5.24)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.tie_weights()
         convert = _GGUFConvert(model, arch, cfg.to_dict())
     except Exception as err:            # noqa: BLE001 - transformers raises anything from a GGUF it cannot read
         raise CheckpointError(f, f"transformers cannot build a causal LM from its metadata "
@@ -379,6 +387,32 @@ def _load_gguf(src):
         raise CheckpointError(f, f"does not match its metadata: the model it describes needs {missing[0]}, "
                                  f"which the file lacks ({len(missing)} tensors missing)")
     return model.eval(), tok, convert
+
+
+@contextlib.contextmanager
+def _gguf_metadata_read_once():
+    """transformers' reading of a GGUF's metadata without its tensors, done once per file in the block: its
+    config and its tokenizer each read all of it (3 s apiece for SmolLM2's 49k-token vocabulary), and each
+    caller gets its own copy (they edit what they get)."""
+    import copy
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    read, done = gguf_utils.load_gguf_checkpoint, {}
+
+    def once(path, return_tensors=False, **kw):
+        if return_tensors or kw:
+            return read(path, return_tensors=return_tensors, **kw)
+        key = os.path.realpath(path)
+        if key not in done:
+            done[key] = read(path, return_tensors=False)
+        return copy.deepcopy(done[key])
+
+    gguf_utils.load_gguf_checkpoint = once
+    try:
+        yield
+    finally:
+        gguf_utils.load_gguf_checkpoint = read
 
 
 def _tied_head_name(model) -> str | None:

@@ -406,6 +406,42 @@ def test_gguf_runs_with_the_folders_logits_and_one_warning_line(folders, tokeniz
         and "Q8_0 x4" in q.notes[0]
 
 
+def test_a_ggufs_model_is_built_once_without_random_init_and_its_metadata_read_once(folders, tokenizer, tmp_path,
+                                                                                    monkeypatch):
+    """Every tensor of a GGUF's model is the file's: transformers' random initialisation (a minute of a 7B's
+    load) is skipped, so the global RNG is left as it was; the head stays tied, and the buffers outside the
+    state dict (RoPE's) are what transformers' own build gives. transformers read the file's metadata for its
+    config and again for its tokenizer (3 s apiece for SmolLM2): once now."""
+    import gguf
+    from transformers.models.auto import AutoModelForCausalLM
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", folders["llama"], tokenizer, quantize_ffn=False)
+    src = open_model(str(path))
+    reads, init = [], gguf.GGUFReader.__init__
+
+    def counted(self, *a, **kw):
+        reads.append(a)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counted)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    runner = L.load(src)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(reads) == 1
+    model = runner.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    built = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    assert dict(built.named_buffers()).keys() == dict(model.named_buffers()).keys() != set()
+    for name, b in built.named_buffers():
+        np.testing.assert_array_equal(model.get_buffer(name).numpy(), b.numpy(), err_msg=name)
+    wins = windows_of(runner, 2)
+    with torch.inference_mode():
+        got = runner.model(input_ids=wins).logits
+        want = reference_model(folders["llama"])(input_ids=wins).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_llama_gguf_transformers_builds_as_a_mistral_runs(folders, tokenizer, tmp_path):
     """transformers builds a Llama GGUF named 'mistral' as a MistralForCausalLM, a model type gguf's name tables
     do not know: 'transformers cannot build a causal LM from its metadata (NotImplementedError: Unknown gguf
