@@ -318,7 +318,7 @@ def _load_gguf(src):
     arch = reader.field("general.architecture")
     top_k = _experts_per_token(f, reader, arch)
     try:
-        with _gguf_metadata_read_once():
+        with _gguf_metadata_read_once(reader.parsed):
             cfg = AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
             tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
         if "output.weight" in reader.names() and getattr(cfg, "tie_word_embeddings", False):
@@ -390,15 +390,18 @@ def _load_gguf(src):
 
 
 @contextlib.contextmanager
-def _gguf_metadata_read_once():
-    """transformers' reading of a GGUF's metadata without its tensors, done once per file in the block: its
-    config and its tokenizer each read all of it (3 s apiece for SmolLM2's 49k-token vocabulary), and each
-    caller gets its own copy (they edit what they get)."""
+def _gguf_metadata_read_once(parsed: dict):
+    """transformers' reading of a GGUF's metadata without its tensors, done once per file in the block, from
+    the file as the project's reader parsed it (``parsed``: gguf.GGUFReader by real path). gguf parses each
+    of the vocabulary's strings one numpy access at a time (4 s for SmolLM2's 49k tokens), and transformers
+    read all of it again for its config and again for its tokenizer. Each caller gets its own copy (they
+    edit what they get)."""
     import copy
 
+    import gguf
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    read, done = gguf_utils.load_gguf_checkpoint, {}
+    read, parse, done = gguf_utils.load_gguf_checkpoint, gguf.GGUFReader, {}
 
     def once(path, return_tensors=False, **kw):
         if return_tensors or kw:
@@ -408,11 +411,15 @@ def _gguf_metadata_read_once():
             done[key] = read(path, return_tensors=False)
         return copy.deepcopy(done[key])
 
-    gguf_utils.load_gguf_checkpoint = once
+    def parsed_before(path, *a, **kw):   # transformers calls gguf.GGUFReader(path) and reads what it holds
+        r = parsed.get(os.path.realpath(path))
+        return r if r is not None and not a and not kw else parse(path, *a, **kw)
+
+    gguf_utils.load_gguf_checkpoint, gguf.GGUFReader = once, parsed_before
     try:
         yield
     finally:
-        gguf_utils.load_gguf_checkpoint = read
+        gguf_utils.load_gguf_checkpoint, gguf.GGUFReader = read, parse
 
 
 def _tied_head_name(model) -> str | None:

@@ -393,6 +393,7 @@ class GGUFReader(Reader):
         self.tensors = {}
         self.where: dict[str, Path] = {}
         self.fields: dict[str, object] = {}      # the first file's metadata: architecture, tokenizer
+        self.parsed: dict[str, object] = {}      # each file's gguf.GGUFReader, by real path (causal_lm reuses it)
         for f in files:
             size = check_file(f)
             self._opened(f)
@@ -406,6 +407,7 @@ class GGUFReader(Reader):
             except OSError as err:
                 raise CheckpointError(f, f"cannot be read ({err.strerror or describe_error(err)})") from None
             _check_whole_and_in_order(f, r, self.PLAIN + self.INTS)
+            self.parsed[os.path.realpath(f)] = r
             spans = []
             for t in r.tensors:
                 start, n = int(t.data_offset), int(t.n_bytes)
