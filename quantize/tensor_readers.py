@@ -45,6 +45,7 @@ input, type by type, into ``CheckpointError``, whose message starts with the fil
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import sys
@@ -380,13 +381,34 @@ def _check_whole_and_in_order(f: Path, r, plain: tuple) -> None:
                                      f"{sys.byteorder}-endian first")
 
 
+@functools.cache
+def _fast_gguf_reader():
+    """gguf.GGUFReader, parsing the metadata three times as fast: each value it reads is a view of a plain
+    array of the memory map, where gguf slices the ``np.memmap`` itself (whose every slice costs a memmap's
+    bookkeeping: two per vocabulary string, 11.5 s for Llama 3's 128k tokens and 280k merges, 3.7 s so).
+    The fields, their parts and the tensors hold the same values, types and offsets as gguf's own parse
+    (tests/test_models_robust.py)."""
+    import gguf
+
+    class FastGGUFReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None or plain.base is not self.data:
+                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+            count, dt = int(count), np.dtype(dtype)
+            arr = plain[offset:offset + dt.itemsize * count].view(dtype=dt)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return FastGGUFReader
+
+
 class GGUFReader(Reader):
     PLAIN = ("F32", "F16", "F64")
     INTS = ("I8", "I16", "I32", "I64")
 
     def __init__(self, files: list[Path]):
         try:
-            import gguf
+            parse = _fast_gguf_reader()
         except ModuleNotFoundError:
             raise ValueError("reading GGUF needs the `gguf` package (pip install gguf)") from None
         self.files = files
@@ -401,7 +423,7 @@ class GGUFReader(Reader):
                 raise CheckpointError(f, "not a GGUF file (it does not start with the GGUF magic)")
             check_gguf(f, size)
             try:
-                r = gguf.GGUFReader(str(f))
+                r = parse(str(f))
             except GGUF_ERRORS as err:
                 raise CheckpointError(f, f"corrupt or truncated GGUF file ({describe_error(err)})") from None
             except OSError as err:

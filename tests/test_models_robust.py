@@ -356,6 +356,50 @@ def gguf_tensors():
             "blk.0.attn_norm.weight": f32(8)}
 
 
+@pytest.mark.parametrize("order", ["little", "big"])
+def test_the_fast_gguf_parse_is_ggufs_own(tmp_path, order):
+    """The reader parses a GGUF's metadata with gguf.GGUFReader's code, each value a view of a plain array
+    rather than of the memmap (3x faster on a large vocabulary): every field and tensor as gguf's own parse
+    gives it, in either byte order: offsets, types, the indices of the values and each part's dtype and
+    values."""
+    gguf = pytest.importorskip("gguf")
+    from sop.quantize.tensor_readers import _fast_gguf_reader
+
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(p), "llama", endianess=gguf.GGUFEndian.BIG if order == "big" else gguf.GGUFEndian.LITTLE)
+    w.add_token_list([f"t{i}" for i in range(300)] + ["é", ""])
+    w.add_token_scores([i / 7 for i in range(302)])
+    w.add_token_types([1, 3] * 151)
+    w.add_uint64("x.u64", 2**40 + 3)
+    w.add_int8("x.i8", -5)
+    w.add_bool("x.flag", True)
+    w.add_float64("x.f64", -1.25)
+    w.add_array("x.nested", [[1, 2], [3]])
+    for k, v in gguf_tensors().items():
+        w.add_tensor(k, v)
+    w.add_tensor("blk.0.ffn_down.weight", gguf.quants.quantize(f32(4, 32), gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    theirs, ours = gguf.GGUFReader(str(p)), _fast_gguf_reader()(str(p))
+    assert type(ours).__mro__[1] is gguf.GGUFReader and ours.byte_order == theirs.byte_order
+    assert list(ours.fields) == list(theirs.fields) and len(theirs.fields) > 10
+    for name, want in theirs.fields.items():
+        got = ours.fields[name]
+        assert (got.offset, got.name, got.types, got.data) == (want.offset, want.name, want.types, want.data), name
+        assert len(got.parts) == len(want.parts), name
+        for a, b in zip(got.parts, want.parts):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), name
+    assert ours.fields["tokenizer.ggml.tokens"].contents()[-2:] == ["é", ""]
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, list(a.shape), a.n_elements, a.n_bytes, a.data_offset) == \
+            (b.tensor_type, list(b.shape), b.n_elements, b.n_bytes, b.data_offset)
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+
+
 def test_gguf_truncated_at_every_length(tmp_path):
     src = tmp_path / "src.gguf"
     gguf_file(src, gguf_tensors())
