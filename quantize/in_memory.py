@@ -18,8 +18,8 @@ does for a checkpoint on disk, with the same rules and the same bits:
   (``model.layers.0.mlp.experts.3.w1.weight``): the tensors the disk path quantizes; a fused parameter
   that no conversion splits (stored fused on disk too: GraniteMoE's, GPT-OSS's ``(experts, in, out)``)
   is one layer per expert, ``<parameter>[<expert>]`` (``_stacked_experts``). Kept, each
-  with its reason in ``kept``: every other parameter of two or more dimensions (embeddings, FP8 and
-  Llama 4's fused experts, convolutions), weights that are views of another tensor's memory (writing one
+  with its reason in ``kept``: every other parameter of two or more dimensions (embeddings, FP8 weights and
+  experts, Llama 4's fused experts, convolutions), weights that are views of another tensor's memory (writing one
   would change the other), ``nn.MultiheadAttention``'s weights (it applies
   them without calling a module, so no hook sees their input) and a weight computed at each call (a
   parametrization such as ``weight_norm``: writing it would change nothing). A weight on the meta
@@ -32,8 +32,10 @@ does for a checkpoint on disk, with the same rules and the same bits:
   (quantize/causal_lm.py ``collect_stats``; the same windows in the same batches give the same bits).
   A position whose mask is 0 is left out (docs/quantizer.md section 2's "every non-padding token"):
   a mapping batch's ``attention_mask``, and in an encoder-decoder model the encoder's for the
-  encoder's layers and ``decoder_attention_mask`` for the rest, matched to each layer's input
-  (``_positions``); a tuple's or a tensor's batch counts every position. An expert's matrix takes the
+  encoder's layers and for a layer that takes the encoder's output itself (cross-attention's key and
+  value), ``decoder_attention_mask`` for the rest, matched to each layer's input (``_positions``); a
+  tuple's or a tensor's batch counts every position. A batch the model cannot run is a ValueError
+  naming it (``_run``). An expert's matrix takes the
   tokens that reach its experts module, a token the router sent elsewhere a zero input, as on disk
   (``causal_lm._expert_hook``). A layer no token reached (its module not called, or called on no row,
   an expert no token was routed to) gets one token of ones (``1/tokens`` in every column) and is
@@ -84,12 +86,13 @@ import numpy as np
 from sop.golden.files import signals_held
 from sop.golden.layout import LayerStream
 
-from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, experts_transposed,
-                        fused_expert_params)
+from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, _raised_in_sop,
+                        experts_transposed, fused_expert_params)
+from .checkpoint_files import describe_error
 from .fp8_scales import FP8_DTYPES
 from .knapsack import LazyLayers, budget_report
-from .models import (_natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout, is_expert_stack,
-                     linear_reason)
+from .models import (_natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout, globs,
+                     is_expert_stack, linear_reason)
 from .schemes import get_quant_format
 
 
@@ -246,6 +249,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
     ``kept`` names every parameter of two or more dimensions not quantized."""
     import torch
 
+    include, exclude = globs(include, "include"), globs(exclude, "exclude")
     embeddings: dict[tuple, str] = {}               # a weight's view -> the first embedding holding it
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.Embedding):
@@ -254,6 +258,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
     layers: dict[str, _Layer] = {}
     kept: dict[str, str] = {}
     decided: dict[tuple, tuple[str, bool]] = {}     # a weight's view -> (its first name, quantized)
+    heads = 0                                       # output heads seen (by name, or tied to an embedding)
     for mname, module in model.named_modules():
         if not (_is_linear(module) or _is_router(module)):
             continue
@@ -276,9 +281,14 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
             why = _MHA
         elif tied is not None:                      # named as on disk: the embedding's tensor
             why, name = (None, tied) if lm_head else (_TIED.format(tied), name)
+            heads += 1
         else:
             why = linear_reason(name, tuple(weight.shape), weight.is_floating_point())
+            heads += why == "lm_head"
             why = None if why == "lm_head" and lm_head else why
+            if why is None and _fp8(weight):
+                why = (f"stored in FP8 ({str(weight.dtype).removeprefix('torch.')}): a reconstruction written "
+                       f"back would be rounded to FP8 again")
         if why is None and not _selected(name, include, exclude):
             why = "not selected (include/exclude)"
         if why is None and weight.is_meta:
@@ -307,6 +317,9 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
                     raise ValueError(f"layer {name}: its weight is on the meta device (not loaded): nothing to "
                                      f"quantize")
                 layers[name] = _Layer([module], Target(name, mname, False, slot=(pname, e, k * rows)), rows)
+    if lm_head and not heads:
+        raise ValueError("lm_head=True: the model has no output head (a linear module named as one: lm_head, "
+                         "embed_out, ...) and no linear module whose weight is an embedding's")
     _stacked_experts(model, include, exclude, layers, kept, decided)
     for mname, module in model.named_modules():     # the rest, each with its owner's kind
         for pname, p in module.named_parameters(recurse=False):
@@ -408,15 +421,30 @@ def _is_conv1d(module) -> bool:
 
 
 def _run(model, batch, i: int) -> None:
+    """The model on calibration batch ``i``. An error of the model's own (an id past its vocabulary, a batch
+    of no position) is a ValueError naming the batch, the model's exception its cause; one raised in this
+    package's hooks stays as it is."""
+    import torch
+
     if isinstance(batch, Mapping):                  # a dict, a tokenizer's BatchEncoding
-        model(**batch)
+        args, kwargs = (), batch
     elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    elif hasattr(batch, "shape"):
-        model(batch)
+        args, kwargs = tuple(batch), {}
+    elif isinstance(batch, torch.Tensor):
+        args, kwargs = (batch,), {}
     else:
-        raise ValueError(f"calibration batch {i} is a {type(batch).__name__}: each batch is a dict of the model's "
-                         f"keyword inputs (a tokenizer's output), a tensor, or a tuple of positional inputs")
+        hint = " (torch.as_tensor makes one of it)" if isinstance(batch, np.ndarray) else ""
+        kind = type(batch).__qualname__ if type(batch).__module__ == "builtins" else \
+            f"{type(batch).__module__}.{type(batch).__qualname__}"
+        raise ValueError(f"calibration batch {i} is a {kind}: each batch "
+                         f"is a dict of the model's keyword inputs (a tokenizer's output), a torch tensor{hint}, "
+                         f"or a tuple of positional inputs")
+    try:
+        model(*args, **kwargs)
+    except Exception as err:                        # noqa: BLE001 - a model raises anything on an input it cannot run
+        if _raised_in_sop(err):
+            raise
+        raise ValueError(f"calibration batch {i}: the model cannot run it ({describe_error(err)})") from err
 
 
 def _encoder_modules(model) -> set[int]:
@@ -489,7 +517,8 @@ def _batch_tokens(batch) -> int | None:
 def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray], int, list[str]]:
     """Per-input-column mean square of each layer's input over every token of ``batches`` (the
     positions a mapping batch's ``attention_mask`` zeroes left out, ``_positions``; in an
-    encoder-decoder model the encoder's layers by ``attention_mask``, the others by
+    encoder-decoder model the encoder's layers by ``attention_mask``, and so a decoder layer that takes
+    the encoder's output itself (cross-attention's key and value projections), the others by
     ``decoder_attention_mask`` or none), the tokens (the batches' own, ``_batch_tokens``; where a batch
     says none, the most rows any layer saw: every token passes a dense model's linear layers, but a layer
     applied per head sees a row per head and token) and the layers that no token reached (their modules not called,
@@ -504,6 +533,7 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
     counts = dict.fromkeys(layers, 0)
     encoder = _encoder_modules(model)
     masks = (None, None)                            # the running batch's (source, target) masks
+    source: list = []                               # the running batch's encoder output: source positions
     ran: list[int | None] = []                      # each batch's tokens
 
     def add(name: str, s, n: int):                  # s None: n tokens that add nothing (not routed to it)
@@ -512,15 +542,29 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
             sums[name] = sums[name] + s if name in sums else s
         counts[name] += n
 
-    def side(module) -> int:
-        return 0 if not encoder or id(module) in encoder else 1
+    def mask_of(module, x):
+        if not encoder or id(module) in encoder:
+            return masks[0]
+        # a decoder module that takes the encoder's output as it is (BART's, T5's, Whisper's cross-attention
+        # key and value): its rows are source positions, whatever the two lengths
+        seen = source[0] if source else None
+        same = (isinstance(x, torch.Tensor) and isinstance(seen, torch.Tensor) and x.shape == seen.shape
+                and x.data_ptr() == seen.data_ptr())
+        return masks[0] if same else masks[1]
 
     def hook_for(name: str, module):
+        width = layers[name].in_features()
+
         def hook(_module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            x = _positions(x.detach(), masks[side(module)]).double()
+            if x.shape[-1] != width:                # the module's own call refuses it, naming the shapes
+                return
+            x = _positions(x.detach(), mask_of(module, x)).double()
             add(name, (x * x).sum(0), x.shape[0])
         return hook
+
+    def encoded(_module, _args, out):
+        source[:] = [out if isinstance(out, torch.Tensor) else out[0]]
 
     def experts_hook_for(module, targets: list):
         routed = _expert_hook(targets, add, "exclude= its experts, or give no batches")
@@ -528,7 +572,7 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
         def hook(mod, args, kwargs):                # the masked positions' rows out of the tokens and their experts
             x = kwargs.get("hidden_states", args[0] if args else None)
             idx = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-            keep = _kept_rows(x, masks[side(module)]) if isinstance(x, torch.Tensor) else None
+            keep = _kept_rows(x, mask_of(module, x)) if isinstance(x, torch.Tensor) else None
             if keep is not None and isinstance(idx, torch.Tensor) and idx.numel() % keep.numel() == 0:
                 args, kwargs = (x.reshape(keep.numel(), -1)[keep], idx.reshape(keep.numel(), -1)[keep]), {}
             routed(mod, args, kwargs)
@@ -542,11 +586,15 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
     handles = [m.register_forward_pre_hook(hook_for(n, m), with_kwargs=True)
                for n, lay in layers.items() if lay.expert is None for m in lay.modules]
     handles += [m.register_forward_pre_hook(experts_hook_for(m, ts), with_kwargs=True) for m, ts in experts.values()]
+    if encoder:
+        handles.append(model.get_encoder().register_forward_hook(encoded))
     try:
         model.eval()
         with torch.inference_mode():
             for i, batch in enumerate(batches):
                 masks = _masks(batch)
+                given = batch.get("encoder_outputs") if isinstance(batch, Mapping) else None
+                source[:] = [] if given is None else [given if isinstance(given, torch.Tensor) else given[0]]
                 ran.append(_batch_tokens(batch))
                 _run(model, batch, i)
     finally:
@@ -720,6 +768,9 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
     into the ``.sopq`` file ``out`` (``_HeldModel``), written before the model."""
     import torch
 
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model is the torch.nn.Module to quantize, got {type(model).__name__}")
+    include, exclude = globs(include, "include"), globs(exclude, "exclude")
     qfmt = get_quant_format(fmt)
     if budget is not None and not qfmt.model_level:
         raise ValueError(f"budget is for sop-budget, not {fmt}: a fixed format has its own bits per weight")
@@ -727,9 +778,13 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
         raise ValueError(f"{fmt} needs budget=B, the average bits per weight (a number), got {budget!r}")
     layers, kept = linear_modules(model, include, exclude, lm_head)
     if not layers:
-        globs = f" (include {include}, exclude {exclude})" if include or exclude else ""
-        raise ValueError(f"the model has no linear layer to quantize{globs}: torch.nn.Linear, Conv1D or a MoE "
-                         f"router, selected by the checkpoint rules (quantize/models.py)")
+        given = ", ".join(f"{k} {v}" for k, v in (("include", include), ("exclude", exclude)) if v)
+        given = f" ({given})" if given else ""
+        first = next(iter(kept.items()), None)
+        why = f"; kept: {first[0]}, {first[1]}{f' (and {len(kept) - 1} more)' if len(kept) > 1 else ''}" \
+            if first else ""
+        raise ValueError(f"the model has no linear layer to quantize{given}: torch.nn.Linear, Conv1D or a MoE "
+                         f"router, selected by the checkpoint rules (quantize/models.py){why}")
     # in the checkpoint path's order (its tensors' names on disk, in natural order): sop-budget breaks exact
     # ties between layers by order, and the .sopq lists them in it
     saved = _saved_names(model, layers)
@@ -759,8 +814,10 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
             t = torch.from_numpy(np.ascontiguousarray(recon.T if lay.conv1d else recon))
             t = t.to(dtype=p.dtype, device=p.device)
             if not torch.isfinite(t).all():
+                # repr, not %g: 2^128 would print as float32's largest number itself
                 raise ValueError(f"layer {name}: its reconstruction does not fit the parameter's {p.dtype} "
-                                 f"(largest magnitude {np.abs(recon).max():.6g}): the model is unchanged")
+                                 f"(largest magnitude {float(np.abs(recon).max())!r}, the dtype's "
+                                 f"{torch.finfo(p.dtype).max!r}): the model is unchanged")
             new[name] = t
             yield name, w, res
             del res, recon, w                       # one layer's reconstruction at a time

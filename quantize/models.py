@@ -40,7 +40,7 @@ checkpoint of a model type of ``FUSED_EXPERTS`` (which says how it stores them) 
 GGUF (llama.cpp's ``ffn_*_exps``, ``(experts, out, in)``); the tensor is selected as one by its name.
 GPT-OSS's MXFP4 experts (a ``_blocks`` / ``_scales`` pair) are such a tensor of dtype ``MXFP4``, read
 as their exact values (quantize/tensor_readers.py).
-``include`` / ``exclude`` are lists of shell globs (``fnmatch``, case-sensitive)
+``include`` / ``exclude`` are a shell glob or a list of them (``fnmatch``, case-sensitive; ``globs``)
 on the tensor name: a layer is kept when it matches some include (all, if none
 is given) and no exclude.
 
@@ -85,6 +85,7 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -687,6 +688,22 @@ def weights_files(spec: str) -> list[Path]:
     return _resolve(spec)[1]
 
 
+def globs(value, what: str) -> list[str]:
+    """``include`` / ``exclude`` (``what``) as a list of shell globs: None none, a string one glob (not its
+    characters, each a glob: ``'*'`` among them would match every layer), else an iterable of strings."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{what} is a glob or a list of globs (strings), got a {type(value).__name__}")
+    out = list(value)
+    for g in out:
+        if not isinstance(g, str):
+            raise ValueError(f"{what}: each glob is a string, got {g!r} ({type(g).__name__})")
+    return out
+
+
 def _selected(name: str, include, exclude) -> bool:
     inc = list(include or [])
     if inc and not any(fnmatch.fnmatchcase(name, g) for g in inc):
@@ -789,6 +806,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
     ``lm_head``: quantize the output head too (by default it is kept, as embeddings are; None: as
     ``including_lm_head`` says, else False)."""
     spec = str(spec)
+    include, exclude = globs(include, "include"), globs(exclude, "exclude")
     lm_head = _LM_HEAD.get() if lm_head is None else bool(lm_head)
     kind, files, folder, shards = _resolve(spec)
     reader = READERS[kind](files)

@@ -141,7 +141,7 @@ def test_a_reconstruction_past_float16_is_refused_and_the_model_unchanged():
         model.down.weight[0, 0] = 65504.0
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"layer down.weight: its reconstruction does not fit the parameter's "
-                                         r"torch.float16 \(largest magnitude 65536\)"):
+                                         r"torch.float16 \(largest magnitude 65536.0, the dtype's 65504.0\)"):
         quantize_module(model, "fp8-e4m3-pot")
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
@@ -162,7 +162,8 @@ def test_bad_input_is_one_value_error():
         quantize_module(model, "sop4-g16", ["some text"])
     with pytest.raises(ValueError, match="reached no linear layer"):
         quantize_module(model, "sop4-g16", [])
-    with pytest.raises(ValueError, match=r"no linear layer to quantize \(include None, exclude \['\*'\]\)"):
+    with pytest.raises(ValueError, match=r"no linear layer to quantize \(exclude \['\*'\]\): .*; kept: up.weight, "
+                                         r"not selected \(include/exclude\) \(and 3 more\)"):
         quantize_module(model, "sop4-g16", exclude=["*"])
     with pytest.raises(ValueError, match="layer up.weight: its input's mean square is not finite"):
         quantize_module(model, "sop4-g16", [torch.full((2, 40), float("inf"))])
@@ -170,6 +171,47 @@ def test_bad_input_is_one_value_error():
         model.up.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="up.weight"):
         quantize_module(model, "sop4-g16")
+
+
+def test_a_glob_given_as_a_string_is_one_glob():
+    """A string was iterated character by character: include='up.*' held '*', which matched every layer."""
+    assert set(quantize_module(MLP(), "sop4-g16", include="up.*").layers) == {"up.weight"}
+    assert set(quantize_module(MLP(), "sop4-g16", exclude="up.*").layers) == {"down.weight", "unused.weight"}
+    assert set(quantize_module(MLP(), "sop4-g16", include=("up.*", "down.*")).layers) == {"up.weight", "down.weight"}
+    assert [lay.name for lay in open_model("minilm", include="encoder.layer.0.*").layers] == \
+        [lay.name for lay in open_model("minilm", include=["encoder.layer.0.*"]).layers] != []
+    for bad, what in (([None], "include: each glob is a string, got None"), (3, "include is a glob or a list")):
+        with pytest.raises(ValueError, match=what):
+            quantize_module(MLP(), "sop4-g16", include=bad)
+        with pytest.raises(ValueError, match=what):
+            open_model("minilm", include=bad)
+
+
+def test_what_no_batch_or_model_can_be_is_one_value_error_and_the_model_unchanged():
+    """A numpy batch passed the batch check (it has a shape) and stopped in the package's own hook
+    (AttributeError: ... no attribute 'detach'); an error of the model's own (an id past its vocabulary)
+    came out of torch naming no batch; a model that is no module, lm_head=True with no head, or an FP8
+    weight (torch's isfinite has no float8) each came out as whatever Python raised."""
+    model = MLP()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"calibration batch 0 is a numpy.ndarray: .* a torch tensor "
+                                         r"\(torch.as_tensor makes one of it\)"):
+        quantize_module(model, "sop4-g16", [np.zeros((2, 40), np.float32)])
+    with pytest.raises(ValueError, match=r"^calibration batch 1: the model cannot run it \(RuntimeError: mat1 and "
+                                         r"mat2 shapes cannot be multiplied") as err:
+        quantize_module(model, "sop4-g16", [torch.zeros(2, 40), torch.zeros(2, 39)])
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="^model is the torch.nn.Module to quantize, got OrderedDict$"):
+        quantize_module(model.state_dict(), "sop4-g16")
+    with pytest.raises(ValueError, match="^lm_head=True: the model has no output head"):
+        quantize_module(model, "sop4-g16", lm_head=True)
+    fp8 = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 8))
+    fp8[0].weight.data = fp8[0].weight.data.to(torch.float8_e4m3fn)
+    res = quantize_module(fp8, "sop4-g16")
+    assert set(res.layers) == {"1.weight"} and res.kept["0.weight"].startswith("stored in FP8 (float8_e4m3fn)")
+    with pytest.raises(ValueError, match=r"no linear layer to quantize.*; kept: 0.weight, stored in FP8"):
+        quantize_module(fp8[:1], "sop4-g16")
 
 
 def test_sop_budget_under_calibration_weighs_each_layer_by_its_statistics(qwen2):
@@ -393,6 +435,34 @@ def test_an_encoder_decoder_masks_each_side_with_its_own_mask():
     assert np.array_equal(padded[q], plain[q])
     assert not np.array_equal(padded[enc], plain[enc])                   # the encoder's mask still applies
     assert not np.array_equal(both[q], plain[q])                         # the decoder's own mask
+
+
+@pytest.mark.parametrize("dec_len", [6, 4])
+def test_cross_attentions_key_and_value_take_the_encoders_positions(dec_len):
+    """BART's cross-attention k_proj and v_proj take the encoder's output: their statistic is over the
+    source positions attention_mask keeps. They were masked with decoder_attention_mask (equal lengths:
+    the encoder's padding counted, real source tokens dropped) or with none (another length)."""
+    from transformers.models.bart import BartConfig, BartForConditionalGeneration
+
+    import copy
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)
+    model = BartForConditionalGeneration(cfg).eval()
+    mask, dmask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3]), torch.tensor([[1] * 6, [1] * 2 + [0] * 4])[:, :dec_len]
+    batch = {"input_ids": torch.randint(3, 64, (2, 6)), "attention_mask": mask,
+             "decoder_input_ids": torch.randint(3, 64, (2, dec_len)), "decoder_attention_mask": dmask}
+    attn, seen = model.model.decoder.layers[0].encoder_attn, {}
+    for name in ("k_proj", "q_proj"):
+        getattr(attn, name).register_forward_pre_hook(lambda _m, a, name=name: seen.update({name: a[0].double()}))
+    with torch.no_grad():
+        model(**batch)
+    stats = quantize_module(copy.deepcopy(model), "sop4-g16", [batch]).act_ms
+    pre = "model.decoder.layers.0.encoder_attn."
+    for name, keep in (("k_proj", mask), ("v_proj", mask), ("q_proj", dmask)):
+        x = seen["q_proj" if name == "q_proj" else "k_proj"][keep.bool()]
+        np.testing.assert_allclose(stats[f"{pre}{name}.weight"], (x * x).mean(0).numpy(), rtol=1e-12, err_msg=name)
 
 
 class SeqFirst(torch.nn.Module):
