@@ -14,6 +14,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -369,6 +370,44 @@ def fusesoc(cores_root: Path | list[Path], target: str, vlnv: str, work: Path) -
                           capture_output=True, text=True, env=env, cwd=work)
 
 
+@pytest.mark.parametrize("drive, edges", [("assignment", 1), ("initializer", 2)])
+def test_the_documented_reset_leaves_no_x_in_a_systemverilog_simulator(axis_dir, tmp_path, drive, edges):
+    """docs/hardware.md's rule for ARESETn in a SystemVerilog-mode simulator (Icarus -g2012): low for
+    one edge, driven by an assignment, or for two edges where a declaration initializer drives it
+    (`reg aresetn = 0`: no event at time 0, so the Verilog's combinational blocks, which yosys starts with
+    an initializer of its own, wait for the first edge, which loads X; one edge so left TVALID X for
+    good). After the reset every output the handshake reads is 0 or 1, and stays so. Shown to fail:
+    the initializer with one edge."""
+    assert shutil.which("iverilog"), "run `make setup`"
+    for d, n, want_x in ((drive, edges, False), ("initializer", 1, True)) if drive == "initializer" else \
+            ((drive, edges, False),):
+        decl = "reg aclk = 0, aresetn = 0;" if d == "initializer" else "reg aclk, aresetn;"
+        start = "" if d == "initializer" else "aclk = 0; aresetn = 0;"
+        tb = tmp_path / f"tb_{d}_{n}.sv"
+        tb.write_text(f"""module tb; {decl} wire r, lr, mv, ml; wire [127:0] md; integer i;
+  {axis_module_name(CONFIGS["sop4-g16"])} u(.aclk(aclk), .aresetn(aresetn), .s_axis_tdata(72'd0),
+    .s_axis_tvalid(1'b0), .s_axis_tlast(1'b0), .s_axis_tready(r), .s_axis_load_tdata(32'd0),
+    .s_axis_load_tvalid(1'b0), .s_axis_load_tlast(1'b0), .s_axis_load_tready(lr), .m_axis_tdata(md),
+    .m_axis_tvalid(mv), .m_axis_tready(1'b1), .m_axis_tlast(ml));
+  initial begin
+    {start}
+    for (i = 1; i <= {n} + 3; i = i + 1) begin
+      if (i == {n} + 1) aresetn = 1;
+      #4 aclk = 1; #1 if (i >= {n}) $display("edge %0d: %b%b%b%b", i, r, lr, mv, ml);
+      #5 aclk = 0;
+    end
+  end
+endmodule
+""")
+        exe = tmp_path / f"tb_{d}_{n}"
+        subprocess.run(["iverilog", "-g2012", "-o", str(exe), str(tb), str(axis_dir / "sop4-g16_axis.v")],
+                       check=True, capture_output=True, text=True)
+        out = subprocess.run(["vvp", "-n", str(exe)], check=True, capture_output=True, text=True).stdout
+        states = re.findall(r"edge \d+: (\S+)", out)
+        assert len(states) == 4, out
+        assert any("x" in st for st in states) == want_x, (d, n, out)
+
+
 def test_fusesoc_lint_and_sim_targets(axis_dir, tmp_path):
     assert shutil.which("iverilog") and shutil.which("verilator"), "run `make setup`"
     for name in ("sop4-g16", "sop4-g16-exact", "sop4-g16-sp"):
@@ -383,11 +422,15 @@ def test_fusesoc_lint_and_sim_targets(axis_dir, tmp_path):
                 else "PASS: 48 output beats, 3 layers,") in r.stdout
 
 
-@pytest.mark.parametrize("junk", [False, True], ids=["clean parent", "parent with an unused wire"])
-def test_a_parent_core_lints_the_shell_clean_and_its_own_rtl_strictly(axis_dir, tmp_path, junk):
+@pytest.mark.parametrize("parent_rtl", ["clean", "junk", "timescale"],
+                         ids=["clean parent", "parent with an unused wire", "parent with a timescale"])
+def test_a_parent_core_lints_the_shell_clean_and_its_own_rtl_strictly(axis_dir, tmp_path, parent_rtl):
     """A parent core that instantiates a shell (its `default` target) and lints with -Wall: none of the
     shell's warnings (1,714 before: the default target carried no waivers), and every one of its own
-    (the waivers are confined to the shell's file; a copy of the global ones would hide the parent's)."""
+    (the waivers are confined to the shell's file; a copy of the global ones would hide the parent's).
+    A parent file that sets a `timescale made Verilator ask each of the shell's modules for one
+    (TIMESCALEMOD, an error even without -Wall)."""
+    junk = parent_rtl == "junk"
     cfg = CONFIGS["sop4-g16"]
     mod = axis_module_name(cfg)
     ports = json.loads((axis_dir / "sop4-g16_axis.json").read_text())["ports"]
@@ -396,7 +439,8 @@ def test_a_parent_core_lints_the_shell_clean_and_its_own_rtl_strictly(axis_dir, 
     ranges = {p["name"]: f"[{p['width'] - 1}:0] " if p["width"] > 1 else "" for p in ports}
     decl = ",\n".join(f"  {p['direction']} wire {ranges[p['name']]}{p['name']}" for p in ports)
     conn = ", ".join(f".{p['name']}({p['name']})" for p in ports)
-    (parent / "my_top.v").write_text(f"`default_nettype none\nmodule my_top(\n{decl});\n"
+    (parent / "my_top.v").write_text(("`timescale 1ns / 1ps\n" if parent_rtl == "timescale" else "")
+                                     + f"`default_nettype none\nmodule my_top(\n{decl});\n"
                                      + ("  wire [3:0] parent_junk;\n" if junk else "")
                                      + f"  {mod} u_dec({conn});\nendmodule\n`default_nettype wire\n")
     (parent / "my_top.core").write_text(f"""CAPI=2:
