@@ -348,7 +348,13 @@ def _load_gguf(src):
     expect = model.state_dict()
     loaded, unused, chunks = set(), [], {}
     for name in src.tensor_names():
-        hf, w = convert(name, src.read_tensor(name))
+        w = src.read_tensor(name)
+        try:
+            hf, w = convert(name, w)
+        except (ValueError, RuntimeError, IndexError) as err:   # transformers' processor: a reshape the metadata sets
+            raise CheckpointError(f, f"does not match its metadata: tensor {name} {tuple(src.tensor_shape(name))} "
+                                     f"cannot be laid out as the metadata describes the model "
+                                     f"({describe_error(err)})") from None
         if hf is None or hf not in expect:
             if name not in GGUF_NO_PARAMETER:
                 unused.append(name)

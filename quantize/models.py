@@ -85,6 +85,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -757,6 +758,8 @@ def _causal_gguf(reader) -> tuple[bool, str]:
         return False, "the GGUF names no model architecture (general.architecture, <arch>.block_count)"
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
+    if any(r.byte_order == "S" for r in reader.parsed.values()) and sys.byteorder == "little":
+        return False, "a big-endian GGUF: transformers' GGUF reader reads little-endian files only"
     if arch in _GGUF_MOE_RENAMED:
         return False, (f"GGUF architecture {arch!r}: transformers reads this mixture of experts as "
                        f"{_GGUF_MOE_RENAMED[arch]!r}, a forward pass not run here")
