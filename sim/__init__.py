@@ -20,6 +20,10 @@ regression, ``MUT_PLAN`` for a mutation run (``sim_env``, ``mut_env``); the test
 
 from __future__ import annotations
 
+if not __name__.startswith("sop."):      # the checkout's folder imported as a package of its own
+    raise ImportError(f"import sop.{__name__}, not {__name__}: the checkout's {__name__}/ is the sop "
+                      f"package's, and imported apart its classes are not those sop.{__name__} returns")
+
 import json
 import os
 from pathlib import Path

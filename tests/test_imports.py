@@ -105,6 +105,20 @@ def test_the_package_tree_is_the_checkout():
         assert f"sop/{name}" in PYRIGHT["exclude"], f"[tool.pyright] exclude lacks 'sop/{name}' (checked twice)"
 
 
+def test_a_checkout_folder_imported_on_its_own_is_refused_in_one_line():
+    """From the checkout's root, `from quantize.artifact import open_artifact` and `golden.decoder` imported a
+    second tree of the same modules: an artifact's formats (sop.golden's) then failed golden.decoder's checks
+    (`ValueError: hif-e3m6b5 is not a float format`). Each folder now names the import that works."""
+    for name in package_folders():
+        r = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+            f"ImportError: import sop.{name}, not {name}: the checkout's {name}/ is the sop package's, and "
+            f"imported apart its classes are not those sop.{name} returns"), r.stderr[-500:]
+    r = subprocess.run([sys.executable, "-c", "import sop.golden.decoder, sop.quantize.artifact, sop.sim, sop.synth"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-500:]
+
+
 @pytest.mark.parametrize("folder", ["golden", "quantize", "hdl", "sim", "synth", "sop"])
 def test_every_source_folder_is_a_package(folder):
     """A folder of .py files without __init__.py is no package: the wheel would leave it out."""
