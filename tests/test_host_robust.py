@@ -289,6 +289,28 @@ def test_a_baud_the_port_refuses_is_an_os_error_naming_it(baud):
         os.close(master)
 
 
+def test_a_board_unplugged_between_write_and_flush_is_a_board_error():
+    """pyserial's flush() is termios.tcdrain: on a port whose other end is gone it raises termios.error,
+    neither a SerialException nor an OSError, and `sop board` printed 'internal error ... This is a bug
+    in sop' (exit 70), about 1 run in 25 of an unplugged board (an outside probe)."""
+    master, slave = os.openpty()
+    transport = SerialTransport(os.ttyname(slave), 115200)
+    write = transport.port.write
+
+    def write_then_unplug(data):
+        n = write(data)
+        os.close(master)                # the board goes away once the bytes are with the OS
+        return n
+
+    transport.port.write = write_then_unplug
+    try:
+        with pytest.raises(BoardError, match=rf"^serial port {os.ttyname(slave)} failed while writing: "):
+            BoardLink(transport, timeout=1.0).status()
+    finally:
+        transport.close()
+        os.close(slave)
+
+
 # -- fuzz: arbitrary bytes as replies ---------------------------------------------------------
 REPLIES = {Cmd.STATUS: (STATUS_PAYLOAD, STATUS), Cmd.CHECKSUM: (CHECKSUM_PAYLOAD, (1234, 0xDEADBEEF)),
            Cmd.OFFSET: (b"", None), Cmd.SPARSE_STATUS: (SPARSE_STATUS_PAYLOAD, SPARSE_STATUS)}

@@ -806,7 +806,9 @@ class _Parser:
     def _beat_issue(self):
         """BEAT_ISSUE: the beat on ``decoder.blocks`` until taken, ``swap`` on the frame's first if flagged."""
         m, blocks = self.m, self.dec.blocks
-        m.d.comb += [blocks.valid.eq(1), blocks.payload.blocks.eq(self.acc[:self.engine.config.beat_bits]),
+        # the beat's bytes are the last gathered (the accumulator is wider where GEMV items are longer)
+        beat = self._item(self.bb)[:self.engine.config.beat_bits]
+        m.d.comb += [blocks.valid.eq(1), blocks.payload.blocks.eq(beat),
                      blocks.payload.swap.eq(self.first & (self.flags & SWAP_FLAG).any())]
         with m.If(blocks.ready):
             m.d.sync += self.first.eq(0)

@@ -34,8 +34,9 @@ included) in amaranth.sim.
 * ``check_point(st, fmt)``: the check a GEMV run makes of STATUS (the board's
   point: ``check_status`` on a board with a decoder; without one, the version
   and the point's fields, lanes 0).
-* ``sim_board(board, divisor)``: a ``BoardCore`` with the board's decoder
-  configuration (none on a GEMV-only core) behind a bit-banged UART at
+* ``sim_board(board, divisor)``: a ``BoardCore`` as the board's bitstream builds
+  it (its decoder configuration, none on a GEMV-only core, and its GEMV engine
+  where it has one) behind a bit-banged UART at
   ``divisor`` clock cycles a bit (the gateware is imported there only: the
   rest is host code).
 * ``simulate`` / ``simulate_bad_entries``: the ``--sim`` runs of ``main``: a
@@ -378,7 +379,8 @@ def run_board(transport, stream: LayerStream, fmt: str, *, name: str = "", timeo
 
 
 def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=None, residuals: int | None = None):
-    """(transport, host timeout) of a simulated ``BoardCore`` with ``board``'s decoder, UART pins driven.
+    """(transport, host timeout) of a simulated ``BoardCore`` as ``board``'s bitstream builds it (its
+    decoder, and its GEMV engine where it has one), UART pins driven.
 
     The clock is the board's (12 MHz iCEBreaker, 25 MHz ULX3S) and the UART runs at ``divisor``
     cycles a bit (faster than the board's 115200 Bd, which would take ~100 cycles a bit);
@@ -392,9 +394,9 @@ def sim_board(board: str = "icebreaker", divisor: int = SIM_DIVISOR, decoder=Non
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
     b = BOARDS[board]
     clk = b.platform().default_clk_frequency
-    engine_args = {} if decoder is None else {"decoder": decoder}
-    if not b.decoder:            # a GEMV-only core: its engine, which STATUS describes (the host refuses it)
-        engine_args |= b.gemv_args()
+    # the core as its bitstream builds it: with the board's GEMV engine where it has one (the ULX3S's
+    # decoder once read stale bytes as its beats beside it, in no simulation that left the engine out)
+    engine_args = ({} if decoder is None else {"decoder": decoder}) | b.gemv_args()
     core = BoardCore(b.config(residuals), clk_freq=clk, baud=clk / divisor,
                      gap_cycles=40 * divisor, stall_cycles=SIM_STALL, **engine_args)
     return uart_port(core, divisor, period=1 / clk), uart_timeout(core.engine.max_payload, divisor, 1 / clk)

@@ -97,6 +97,13 @@ class SerialTransport:
     def __init__(self, port: str, baud: int = DEFAULT_BAUD):
         import serial                  # noqa: PLC0415  (only real boards need it: imported on use)
         self.name, self.serial = port, serial
+        # what an open port raises when the board goes away: pyserial's own, the OS's, and termios's from
+        # flush() (tcdrain on a pty or USB adapter that vanished), which is neither
+        try:
+            import termios             # noqa: PLC0415  (POSIX only)
+            self.io_errors = (serial.SerialException, OSError, termios.error)
+        except ImportError:
+            self.io_errors = (serial.SerialException, OSError)
         # the longest frame twice over on the wire (10 bits a byte), and a second for the OS
         self.write_timeout = 1.0 + 2 * 10 * (HEADER_BYTES + DEFAULT_MAX_PAYLOAD + CRC_BYTES) / max(baud, 1)
         try:
@@ -127,7 +134,7 @@ class SerialTransport:
         except self.serial.SerialTimeoutException:
             raise BoardTimeout(f"serial port {self.name} did not take {len(data)} bytes within "
                                f"{self.write_timeout:.3g} s; check the port and the board") from None
-        except (self.serial.SerialException, OSError) as err:
+        except self.io_errors as err:
             raise BoardError(f"serial port {self.name} failed while writing: {err}") from None
 
     def read(self, n: int, timeout: float) -> bytes:
@@ -136,7 +143,7 @@ class SerialTransport:
         try:
             while len(out) < n and time.monotonic() < deadline:     # each read blocks up to 50 ms
                 out += self.port.read(n - len(out))
-        except (self.serial.SerialException, OSError) as err:
+        except self.io_errors as err:
             raise BoardError(f"serial port {self.name} failed while reading: {err}") from None
         return bytes(out)
 
@@ -259,7 +266,7 @@ class BoardLink:
         if rcmd != cmd | REPLY_BIT:
             raise BoardError(f"unexpected reply {rcmd:#04x} to {_cmd_name(cmd)} (expected "
                              f"{cmd | REPLY_BIT:#04x} or an error reply): out of step or not this "
-                             f"protocol (is this project's bitstream on the board? Client.resync() drops "
+                             f"protocol (is this project's bitstream on the board? BoardLink.resync() drops "
                              f"a stale reply)")
         want = REPLY_PAYLOAD_BYTES.get(cmd)
         if want is not None and len(payload) != want:
