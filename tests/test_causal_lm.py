@@ -389,16 +389,21 @@ def finish_gguf(w, result):
     return result
 
 
+def assert_logits_of(runner, folder) -> None:
+    """The runner's logits on two held-out windows are those of the model saved in ``folder``."""
+    wins = windows_of(runner, 2)
+    with torch.inference_mode():
+        got = runner.model(input_ids=wins).logits
+        want = reference_model(folder)(input_ids=wins).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_gguf_runs_with_the_folders_logits_and_one_warning_line(folders, tokenizer, tmp_path):
     path = write_llama_gguf(tmp_path / "tiny.gguf", folders["llama"], tokenizer, quantize_ffn=False)
     src = open_model(str(path))
     assert src.forward == "causal-lm" and not src.notes                  # float tensors: nothing to warn
     runner = L.load(src)
-    wins = windows_of(runner, 2)
-    with torch.inference_mode():
-        got = runner.model(input_ids=wins).logits
-        want = reference_model(folders["llama"])(input_ids=wins).logits
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)   # Q/K un-permuted right
+    assert_logits_of(runner, folders["llama"])                      # Q/K un-permuted right
     for lay in src.layers:                                          # and the channel order of every layer
         t = runner.targets[lay.name]
         np.testing.assert_array_equal(runner.module_weight(lay.name, src.load(lay.name)),
@@ -437,11 +442,7 @@ def test_a_ggufs_model_is_built_once_without_random_init_and_its_metadata_read_o
     assert dict(built.named_buffers()).keys() == dict(model.named_buffers()).keys() != set()
     for name, b in built.named_buffers():
         np.testing.assert_array_equal(model.get_buffer(name).numpy(), b.numpy(), err_msg=name)
-    wins = windows_of(runner, 2)
-    with torch.inference_mode():
-        got = runner.model(input_ids=wins).logits
-        want = reference_model(folders["llama"])(input_ids=wins).logits
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    assert_logits_of(runner, folders["llama"])
 
 
 def test_a_big_endian_gguf_has_no_forward_pass_saying_why(folders, tokenizer, tmp_path, capsys):
@@ -478,11 +479,7 @@ def test_a_llama_gguf_transformers_builds_as_a_mistral_runs(folders, tokenizer, 
     path = write_llama_gguf(tmp_path / "m.gguf", folders["llama"], tokenizer, quantize_ffn=False, name="mistral")
     runner = L.load(open_model(str(path)))
     assert type(runner.model).__name__ == "MistralForCausalLM"
-    wins = windows_of(runner, 2)
-    with torch.inference_mode():
-        got = runner.model(input_ids=wins).logits
-        want = reference_model(folders["llama"])(input_ids=wins).logits
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    assert_logits_of(runner, folders["llama"])
 
 
 def test_gguf_eval_prints_the_warning_once(folders, tokenizer, tmp_path, capsys):
