@@ -329,3 +329,9 @@ def named_layouts() -> dict[str, BlockLayout]:
     from .points import operating_points      # points builds on this module
 
     return {name: p.layout for name, p in operating_points().items()}
+
+
+def layout_name(layout: BlockLayout) -> str:
+    """The operating point whose layout ``layout`` is (the first registered), else its fields."""
+    return next((name for name, lay in named_layouts().items() if lay == layout),
+                f"{layout.code_bits}-bit codes in blocks of {layout.group} with {layout.scale.name} scales")

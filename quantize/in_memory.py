@@ -776,6 +776,8 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
         raise ValueError(f"budget is for sop-budget, not {fmt}: a fixed format has its own bits per weight")
     if qfmt.model_level and (budget is None or isinstance(budget, bool) or not isinstance(budget, Real)):
         raise ValueError(f"{fmt} needs budget=B, the average bits per weight (a number), got {budget!r}")
+    if qfmt.model_level and not budget > 0:         # before calibration; NaN too
+        raise ValueError(f"budget must be a number above 0, got {budget!r}")
     layers, kept = linear_modules(model, include, exclude, lm_head)
     if not layers:
         given = ", ".join(f"{k} {v}" for k, v in (("include", include), ("exclude", exclude)) if v)
@@ -797,8 +799,8 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
             raise ValueError(f"layer {name}: its weight holds a NaN or an Inf: nothing is quantized")
     stats, tokens, unreached = activation_stats(model, layers, batches) if batches is not None else (None, 0, [])
     act = (lambda n: None) if stats is None else stats.get
-    budget_res = (qfmt.quantize_model(LazyLayers(layers, lambda n: (layers[n].matrix(), act(n))), budget)
-                  if qfmt.model_level else None)
+    budget_res = (qfmt.quantize_model(LazyLayers(layers, lambda n: (layers[n].matrix(), act(n))), budget,
+                                      option="budget") if qfmt.model_level else None)
     records, new = {}, {}
 
     def quantized():

@@ -430,7 +430,7 @@ def _check_finite_errors(opts: LayerOptions) -> None:
 def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
                     resolution: int = DEFAULT_RESOLUTION, sop4_kw: dict | None = None,
                     prepared: LayerOptions | None = None, cols: dict[str, int] | None = None,
-                    real_weights: int | None = None) -> BudgetResult:
+                    real_weights: int | None = None, option: str = "--budget") -> BudgetResult:
     """Quantize every layer under an average of ``budget_bpw`` bits per weight.
 
     ``layers``: name -> ``(w, act_ms)`` (``act_ms`` may be None: unweighted error); a
@@ -441,13 +441,14 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     layers' own count) is what ``budget_bpw`` counts bits per: the padded zeros cost bits but are
     not weights, so the bits to spend, the least budget a refusal names and the report are all per
     real weight. The results are built one at a time as they are asked for
-    (``BudgetResult.results``); see the module docstring."""
+    (``BudgetResult.results``); see the module docstring. ``option`` is what a refusal calls the
+    budget: the command line's ``--budget``, the Python API's ``budget``."""
     if not budget_bpw > 0:                          # NaN too: it would compare as no budget at all
-        raise ValueError(f"--budget must be a number above 0, got {budget_bpw!r}")
+        raise ValueError(f"{option} must be a number above 0, got {budget_bpw!r}")
     opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
     _check_finite_errors(opts)
     n_weights = opts.n_weights if real_weights is None else real_weights
-    sol = solve_mckp(opts.costs, budget_bits(opts.costs, budget_bpw, n_weights), resolution)
+    sol = solve_mckp(opts.costs, budget_bits(opts.costs, budget_bpw, n_weights, option), resolution)
     choice, table = {}, []
     for lname, row, i in zip(opts.names, opts.costs, sol.choice):
         choice[lname] = opts.parsed[i][0]
@@ -464,12 +465,13 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     return res
 
 
-def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weights: int) -> int:
+def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weights: int,
+                option: str = "--budget") -> int:
     """``floor(budget_bpw * n_weights)``: the bits the knapsack may spend, for any budget above 0.
 
     A budget past every layer's dearest option buys exactly that option everywhere: it is capped
     there before it becomes an integer (1e308 bpw times the weights is inf, no integer). A budget
-    below every layer's cheapest option is refused naming ``--budget``."""
+    below every layer's cheapest option is refused naming ``option`` and the least budget that runs."""
     cheapest = sum(min(b for b, _ in row) for row in costs)
     dearest = sum(max(b for b, _ in row) for row in costs)
     wanted = budget_bpw * n_weights
@@ -477,9 +479,9 @@ def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weigh
         return dearest
     if wanted < cheapest:
         least = math.ceil(cheapest / n_weights * 1e4) / 1e4    # the 4-decimal budget that buys it
-        raise ValueError(f"--budget is too small: it buys {math.floor(wanted):,} bits, below the cheapest "
-                         f"choice, {cheapest:,} bits (every layer in its cheapest option): give --budget "
-                         f"{least:.4f} or more")
+        give = f"{option} {least:.4f}" if option.startswith("--") else f"{option}={least:.4f}"
+        raise ValueError(f"{option} is too small: it buys {math.floor(wanted):,} bits, below the cheapest "
+                         f"choice, {cheapest:,} bits (every layer in its cheapest option): give {give} or more")
     return int(math.floor(wanted))
 
 

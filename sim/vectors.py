@@ -329,6 +329,15 @@ def crop_rows(s: LayerStream, rows: int) -> LayerStream:
     return replace(s, rows=rows, blocks=blocks, sparse=Sparse(s.sparse.index[keep], s.sparse.value_bf16[keep]))
 
 
+def not_in_layout(path, entry, stream: LayerStream | None, fmt: str) -> ValueError:
+    """The refusal of a stored layer that is not in ``fmt``'s layout: the layout it is in, or, with no
+    block layout, what it is stored as."""
+    from sop.golden.layout import layout_name
+
+    how = f"stored as {entry.choice}" if stream is None else f"in the {layout_name(stream.layout)} layout"
+    return ValueError(f"{path}: layer {entry.name} is {how}, not in the {fmt} layout")
+
+
 def artifact_vectors(path: Path, fmt: str, layers: list[str] | None, out_dir: Path, rows: int | None) -> Path:
     """Vectors of the stored layer streams of a ``.sopq`` artifact (sparse entries included)."""
     from sop.golden.files import check_output
@@ -346,7 +355,7 @@ def artifact_vectors(path: Path, fmt: str, layers: list[str] | None, out_dir: Pa
             raise ValueError(f"{path}: no layer {name}; layers: {', '.join(e.name for e in art.layers)}")
         s = art.stream(entry)
         if s is None or s.layout != layout:
-            raise ValueError(f"{path}: layer {name} is stored as {entry.choice}, not in the {fmt} layout")
+            raise not_in_layout(path, entry, s, fmt)
         streams[name] = s if rows is None else crop_rows(s, rows)
         widths[name] = entry.shape[1]
     if not streams:

@@ -422,3 +422,16 @@ def test_the_make_sim_step_runs_a_sop_budget_layer_and_a_bad_table(capsys):
     out = capsys.readouterr().out
     assert f"layer: {bringup.SIM_LAYER} (3 x 384, sop4-g16)" in out and "sparse residuals: 6 entries" in out
     assert "result: OK" in out and "the board flagged order" in out
+
+
+@pytest.mark.parametrize("n_sparse, why", [(3, "it waits for sparse entries that did not come"),
+                                           (0, "the layer has no sparse entries")])
+def test_a_stall_is_blamed_on_the_entries_only_when_the_layer_has_some(n_sparse, why):
+    """STALLED on a layer without sparse entries is no missing entry: the message says so."""
+    class Link:
+        def sparse_status(self):
+            return wire.SparseStatus(adders=1, errors=0, queue=16)
+
+    err = bringup._stalled(Link(), client.BoardError("BLOCKS: STALLED", wire.Err.STALLED, wire.Cmd.BLOCKS), n_sparse)
+    assert str(err).startswith(f"BLOCKS: STALLED: the board's decoder made no progress ({why}")
+    assert str(err).endswith("sparse error bits: none; reset the board") and err.code == wire.Err.STALLED

@@ -156,6 +156,11 @@ def test_bad_input_is_one_value_error():
         quantize_module(model, "sop-budget")
     with pytest.raises(ValueError, match="got '5'"):
         quantize_module(model, "sop-budget", budget="5")
+    for bad in (0, -1.0, float("nan")):                  # refused before calibration, named as the API names it
+        with pytest.raises(ValueError, match=r"^budget must be a number above 0, got"):
+            quantize_module(model, "sop-budget", budget=bad)
+    with pytest.raises(ValueError, match=r"^budget is too small: it buys .* give budget=\d+\.\d{4} or more$"):
+        quantize_module(model, "sop-budget", budget=0.5)   # no --budget here: there is no command line
     with pytest.raises(ValueError, match="batches is an iterable of batches, got a Tensor: for one batch, pass"):
         quantize_module(model, "sop4-g16", torch.zeros(2, 40))
     with pytest.raises(ValueError, match="calibration batch 0 is a str: each batch is a dict"):

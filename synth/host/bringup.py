@@ -266,7 +266,7 @@ def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
     """(name, stored stream, real input width) of ``layer`` of a ``.sopq`` artifact, its sparse entries
     included."""
     from sop.quantize.artifact import open_artifact
-    from sop.sim.vectors import crop_rows
+    from sop.sim.vectors import crop_rows, not_in_layout
 
     art, layout = open_artifact(path), get_point(fmt).layout
     stored = {e.name: (e, art.stream(e)) for e in art.layers}
@@ -278,8 +278,7 @@ def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
         raise ValueError(f"{path}: no layer {name!r}; layers: {', '.join(stored)}")
     entry, st = stored[name]
     if name not in mine:
-        raise ValueError(f"{path}: layer {name} is stored as {entry.choice}, not in the {fmt} layout; "
-                         f"layers in it: {', '.join(mine) or 'none'}")
+        raise ValueError(f"{not_in_layout(path, entry, st, fmt)}; layers in it: {', '.join(mine) or 'none'}")
     return name, st if rows is None else crop_rows(st, rows), entry.shape[1]
 
 
@@ -328,15 +327,18 @@ def sparse_status(link: BoardLink, entries: int) -> wire.SparseStatus | None:
     return ss
 
 
-def _stalled(link: BoardLink, err: client.BoardError) -> client.BoardError:
-    """A STALLED error reply as one line with the decoder's sparse error bits."""
+def _stalled(link: BoardLink, err: client.BoardError, n_sparse: int) -> client.BoardError:
+    """A STALLED error reply as one line with the decoder's sparse error bits. A layer with sparse
+    entries stalls when the entries a beat needs do not come; one without them has no such wait
+    (its decoder took no beat: a fault of the board, not of the layer)."""
     try:
         flagged = ", ".join(link.sparse_status().error_names()) or "none"
     except (client.BoardError, client.BoardTimeout) as again:
         flagged = f"unknown ({again})"
-    return client.BoardError(f"{err}: the board's decoder made no progress (it waits for sparse entries "
-                             f"that did not come); sparse error bits: {flagged}; reset the board",
-                             err.code, err.cmd)
+    why = ("it waits for sparse entries that did not come" if n_sparse else
+           "the layer has no sparse entries, so the decoder took no block beat: a fault of the board")
+    return client.BoardError(f"{err}: the board's decoder made no progress ({why}); sparse error bits: "
+                             f"{flagged}; reset the board", err.code, err.cmd)
 
 
 def run_board(transport, stream: LayerStream, fmt: str, *, name: str = "", timeout: float = 1.0,
@@ -370,7 +372,7 @@ def run_board(transport, stream: LayerStream, fmt: str, *, name: str = "", timeo
         got = link.checksum(clear=True)
     except client.BoardError as err:
         if err.code == wire.Err.STALLED:
-            raise _stalled(link, err) from None
+            raise _stalled(link, err, n_sparse) from None
         raise
     seconds, wire_bytes = clock() - t0, meter.bytes - b0
     flagged = tuple(link.sparse_status().error_names()) if ss is not None else ()
