@@ -37,14 +37,15 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.bof4 import lloyd
-from sop.golden.codebooks import Codebook, get_codebook
+from sop.golden.codebooks import FIXED_4BIT, Codebook, get_codebook
 from sop.golden.files import OutputError, check_output, write_atomic
 from sop.golden.formats import ELEMENT_FORMATS, FloatFormat
 from sop.golden.hif import DEFAULT_HIF, HIF_BIAS, HIF_EBITS, hif_format
 from sop.quantize.weights import minilm_linear_weights
 
 G = 16                                   # block size along the input dimension
-CODEBOOKS = ("nf4", "fp4", "int4", "bof4", "bof4-s", "split87", "sh4", "e2m3")
+#: the columns: every table the SOP pair search draws from (one added to it joins at the end) and E2M3's
+CODEBOOKS = tuple(dict.fromkeys(("nf4", "fp4", "int4", "bof4", "bof4-s", "split87", "sh4", *FIXED_4BIT, "e2m3")))
 MBITS = range(2, 9)                      # HIF widths 6 .. 12 bits
 MAX_LOSS_DB = 0.05                       # the acceptance rule for a HIF width
 SCALE_MBITS = 4                          # UE4M4 block scale: 4 mantissa bits

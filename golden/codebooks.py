@@ -114,22 +114,28 @@ class Codebook(CodeTable):
 
 
 def _raw_tables() -> dict[str, np.ndarray]:
+    """Every fixed table, by name: the one list of them. Each 16-entry table is also a candidate of
+    the SOP pair search, in this order (``FIXED_4BIT``), unless ``NOT_SEARCHED`` says why not."""
     bof = _bof4_constants()
     return {
         "nf4": np.array(NF4_VALUES),
-        "fp4": ELEMENT_FORMATS["e2m1"].values,
-        "int4": _sign_magnitude_int4(),
         "bof4": np.array(bof["bof4"]),
         "bof4-s": np.array(bof["bof4-s"]),
         "split87": split87_levels(),
         "sh4": sh4_levels(),
+        "fp4": ELEMENT_FORMATS["e2m1"].values,
+        "int4": _sign_magnitude_int4(),
         "e2m1": ELEMENT_FORMATS["e2m1"].values,
         "e2m3": ELEMENT_FORMATS["e2m3"].values,
     }
 
 
-#: The fixed 4-bit codebooks the SOP pair search draws from.
-FIXED_4BIT = ("nf4", "bof4", "bof4-s", "split87", "sh4", "fp4", "int4")
+#: The 16-entry tables the SOP pair search leaves out, each with its reason.
+NOT_SEARCHED = {"e2m1": "fp4's table under the element format's name"}
+
+#: The fixed 4-bit codebooks the SOP pair search draws from, in its order (a tie between pairs goes
+#: to the earlier one): every 16-entry table of ``_raw_tables`` but ``NOT_SEARCHED``.
+FIXED_4BIT = tuple(name for name, raw in _raw_tables().items() if len(raw) == 16 and name not in NOT_SEARCHED)
 
 
 def codebook_names() -> list[str]:

@@ -22,8 +22,14 @@ sim.runner (`make sim`)     every named configuration; a point's own configurati
                             the full plan, a variant the medium one; vectors from the
                             configuration's point
 synth bring-up, `sop board` points with ``board``
+hdl.gemv_config             a GEMV engine ``gemv-<point>`` for each point with blocks of
+                            16 (``GEMV_GROUP``)
 `sop formats`               every row, as ``points``
 ==========================  ===========================================================
+
+A few tools name points on purpose (docs/formats.md lists them: sop-budget's
+options, the BF16 GEMV engine, the board cores, the measured mutation scores and Fmax: section 7,
+"Operating points: the one registry").
 
 ``register(point)`` adds a row at run time (a test or a plugin does this);
 ``registered(point)`` does it for the length of a ``with`` block. The table is

@@ -92,8 +92,9 @@ from .decoder import Decoder
 CORE_VERSION = __version__                       # the cores' VLNV version: the package's
 TB_LAYERS, TB_BLOCKS, TB_SEED = 3, 8, 1          # the FuseSoC sim target's testbench
 TB_DENSITY = 0.1                                 # its sparse layers' entries (with residuals)
-#: the GEMV shell's testbench: (rows, columns, vectors, residual entries) of each layer
-GEMV_TB_LAYERS = ((20, 48, 2, 0), (18, 32, 1, 12))
+#: the GEMV shell's testbench: (rows, blocks per row, vectors, residual entries) of each layer (in blocks:
+#: a point with blocks of 32 has rows of 96 and 64 columns)
+GEMV_TB_LAYERS = ((20, 3, 2, 0), (18, 2, 1, 12))
 
 
 def module_name(config: DecoderConfig, variant: bool = True) -> str:
@@ -389,7 +390,8 @@ def gemv_testbench_layers(config: gemv_config.GemvConfig, seed: int = TB_SEED) -
 
     point, rng = gemv_runner.point_of(config), np.random.default_rng(seed)
     out = []
-    for rows, cols, n_vectors, entries in GEMV_TB_LAYERS:
+    for rows, blocks, n_vectors, entries in GEMV_TB_LAYERS:
+        cols = blocks * config.group
         layer = gemv_layers.random_layer(point, rows, cols, rng)
         if entries:
             layer = gemv_layers.with_residuals(layer, rng, entries)

@@ -55,3 +55,16 @@ def test_the_readme_folder_table_names_every_module_and_doc():
     assert missing_from_readme(text) == []
     # the check can fail: a module dropped from its row is reported
     assert missing_from_readme(text.replace("`dot.py`", "`d.py`")) == ["golden/dot.py"]
+
+
+def test_sop_md_counts_the_pairs_the_search_scores():
+    """docs/sop.md's pair counts are the search's (a table added to FIXED_4BIT changes them)."""
+    from sop.golden.codebooks import FIXED_4BIT
+    from sop.quantize.sop_search import default_pairs
+
+    text = " ".join(ROOT.joinpath("docs", "sop.md").read_text().split())
+    fixed, every = len(default_pairs(list(FIXED_4BIT))), len(default_pairs([*FIXED_4BIT, "dd4"]))
+    assert f"Every fixed table of `FIXED_4BIT` ({', '.join(FIXED_4BIT)})" in text
+    assert {int(n) for n in re.findall(r"all (\d+) fixed pairs", text)} == {fixed}
+    assert {int(n) for n in re.findall(r"all (\d+) pairs", text)} == {every}
+    assert {int(n) for n in re.findall(r"its (\d+) pairs are scored", text)} == {every - fixed}

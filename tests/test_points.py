@@ -8,6 +8,7 @@ and in the `make sim` plan; the registry refuses a malformed or clashing row.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from sop import cli
 from sop.golden.formats import get_format
 from sop.golden.layout import BlockLayout, named_layouts
 from sop.golden.points import OperatingPoint, Variant, get_point, operating_points, registered
+from sop.hdl import gemv_config, generate
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.sim import runner
 from sop.sim.vectors import read_vectors
@@ -54,6 +56,11 @@ def test_a_registered_point_reaches_formats_verilog_vectors_and_the_sim_plan(tmp
         assert runner.point_of(cfgs[name + "-exact"]).name == name
         plan = runner.plan_for(cfgs[name], "full", tmp_path / "v")
         assert plan["config"] == name and DecoderConfig.from_description(plan["decoder"]) == cfgs[name]
+        # the GEMV engines: only points with blocks of 16 have one (their plan is written for 16-wide
+        # x beats); the shell's testbench counts its layers in blocks, so it fits any block size
+        assert f"gemv-{name}" not in gemv_config.gemv_configs() and "gemv-e2m3-ue4m4-g16" in gemv_config.gemv_configs()
+        g32 = replace(gemv_config.gemv_configs()["gemv-e2m3-ue4m4-g16"], name="g32", layout=cfgs[name].layout)
+        assert [(layer.rows, layer.cols) for layer, _ in generate.gemv_testbench_layers(g32)] == [(20, 96), (18, 64)]
     # gone again: nothing else holds a copy
     assert name not in named_configs() and name not in named_layouts()
     assert cli.main(["formats", "--json"]) == 0
