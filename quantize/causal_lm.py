@@ -931,6 +931,15 @@ class CausalLM:
             # (rotary models compute any position, and run past it as before)
             raise ValueError(f"{what}: windows of {seq_len} tokens, and the model has {positions} positions "
                              f"(max_position_embeddings): give --seq-len {positions} or less")
+        if isinstance(positions, int) and 0 < positions < seq_len:
+            # a rotary model computes any position, but its numbers there are of a context it was not made for
+            note = (f"windows of {seq_len} tokens run past the model's {positions} positions "
+                    f"(max_position_embeddings): it computes them (rotary), but was not configured for them, so "
+                    f"the statistics and scores of those windows are of positions it may never have seen; "
+                    f"--seq-len {positions} or less keeps within them")
+            if note not in self.src.notes:
+                self.src.notes.append(note)
+                print(f"warning: {note}", file=sys.stderr, flush=True)
         need = n * seq_len
         if len(ids) < need:
             raise ValueError(f"{what}: {n} x {seq_len} = {need:,} tokens asked, the text gives {len(ids):,} with "

@@ -524,6 +524,12 @@ def _causal(doc: dict) -> bool:
             or any(f.get("e2e", {}).get("metric") == "causal-lm" for f in doc["formats"].values()))
 
 
+def _ppl_cell(ppl: float) -> str:
+    """A perplexity in its 9-wide column, a space before it whatever its size (100000.000 filled the column
+    and ran into max err's: an outside probe); past 1e5 in 4 significant digits."""
+    return f"{' ' + (f'{ppl:.3f}' if ppl < 1e5 else f'{ppl:.4g}'):>9}"
+
+
 def format_table(doc: dict) -> str:
     """The human-readable summary `sop eval` prints."""
     src, cal = doc["source"], doc["calibration"]
@@ -545,7 +551,7 @@ def format_table(doc: dict) -> str:
         if no_e2e:
             e2e = ""
         elif causal:
-            e2e = (f"{e['ppl']:9.3f}{e['kld']:11.3e}{e['top1']:8.4f}" if "kld" in e
+            e2e = (f"{_ppl_cell(e['ppl'])}{e['kld']:11.3e}{e['top1']:8.4f}" if "kld" in e
                    else f"{'-':>9}{'-':>11}{'-':>8}")
             ref = e if "kld" in e else ref
         else:

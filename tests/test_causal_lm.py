@@ -561,6 +561,24 @@ def test_eval_table_shows_ppl_kld_top1(folders, tmp_path, capsys):
     assert "lm_head (lm_head.weight) kept" in out and "unweighted" in out
 
 
+@pytest.mark.parametrize("ppl", [1.5, 99999.9994, 100000.0, 25302975577445.875])
+def test_a_perplexity_of_any_size_keeps_its_column_apart(eval_doc, ppl):
+    """The table's max err and ppl cells stay apart (a ppl of 100000 or more filled its column and ran
+    into max err's: '0.110125302975577445.875', an outside probe); each cell reads back as its value."""
+    from sop.quantize.evaluate import format_table
+
+    doc = json.loads(eval_doc.read_text())
+    scored = {n: f for n, f in doc["formats"].items() if "kld" in f["e2e"]}
+    for f in scored.values():
+        f["e2e"]["ppl"] = ppl
+    rows = {line.split()[0]: line.split() for line in format_table(doc).splitlines() if line.split()[:1] and
+            line.split()[0] in scored}
+    assert rows.keys() == scored.keys()
+    for name, cells in rows.items():
+        assert float(cells[-4]) == pytest.approx(scored[name]["max_abs_err"], rel=1e-3)
+        assert float(cells[-3]) == pytest.approx(ppl, rel=1e-3)
+
+
 def test_eval_table_without_e2e_keeps_the_causal_lm_columns(folders, tmp_path, capsys):
     assert main(["eval", str(folders["qwen2"]), "--format", "mxfp4", "--quiet", "--no-calib", "--no-e2e",
                  "--cache-dir", str(tmp_path)]) == 0
@@ -875,15 +893,25 @@ def test_activations_that_are_not_finite_are_one_line(folders, tmp_path, capsys)
     assert not (tmp_path / "q.sopq").exists() and not (tmp_path / "e.json").exists()
 
 
-def test_a_rotary_model_runs_past_its_max_position_embeddings(folders, tmp_path, capsys):
-    """Llama computes any position (rotary): windows past max_position_embeddings run, as before; only a
-    learned position table refuses them."""
+def test_a_rotary_model_runs_past_its_max_position_embeddings_with_a_warning(folders, tmp_path, capsys):
+    """Llama computes any position (rotary): windows past max_position_embeddings run, as before (only a
+    learned position table refuses them), now with one warning line, even quiet, and in the JSON's notes
+    (they ran without a word: an outside probe)."""
     d = _copy(folders["llama"], tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": SEQ // 2}))
     assert main(["quantize", str(d), "--format", "sop4-g16", "--out", str(tmp_path / "q.sopq"), "--quiet",
                  "--cache-dir", str(tmp_path / "c"), *SMALL[:4]]) == 0
-    capsys.readouterr()
+    said = f"windows of {SEQ} tokens run past the model's {SEQ // 2} positions (max_position_embeddings)"
+    err = capsys.readouterr().err
+    assert err.count(said) == 1 and err.startswith("warning: "), err
+    assert main(["eval", str(d), "--format", "nf4-g64", "--json", str(tmp_path / "e.json"), "--quiet",
+                 "--cache-dir", str(tmp_path / "c"), *SMALL]) == 0
+    assert capsys.readouterr().err.count(said) == 1
+    assert [n for n in json.loads((tmp_path / "e.json").read_text())["source"]["notes"] if said in n]
+    assert main(["eval", str(folders["llama"]), "--format", "nf4-g64", "--json", str(tmp_path / "f.json"),
+                 "--quiet", "--cache-dir", str(tmp_path / "c"), *SMALL]) == 0
+    assert "max_position_embeddings" not in capsys.readouterr().err          # within its positions: no word
 
 
 def test_a_model_transformers_builds_but_cannot_run_is_one_line(tokenizer, tmp_path, capsys):
