@@ -4,7 +4,8 @@ The README's headline (`make demo`: E2M3 + UE4M4 g16 against FP8 with a per-laye
 power-of-two scale, aggregate SQNR on all-MiniLM-L6-v2, calibrated) is measured
 again here, as `sop eval` measures it, and compared with the text to the digit
 it is quoted to; and the README's folder table names every module of golden/, quantize/, hdl/,
-sim/ and every page of docs/.
+sim/ and every page of docs/. Tables the docs keep by hand are checked against what they copy: sop.md's
+pair counts, hardware.md's named configurations, formats.md's codebook values.
 """
 
 import re
@@ -68,3 +69,35 @@ def test_sop_md_counts_the_pairs_the_search_scores():
     assert {int(n) for n in re.findall(r"all (\d+) fixed pairs", text)} == {fixed}
     assert {int(n) for n in re.findall(r"all (\d+) pairs", text)} == {every}
     assert {int(n) for n in re.findall(r"its (\d+) pairs are scored", text)} == {every - fixed}
+
+
+def test_hardware_md_lists_every_named_configuration_as_built():
+    """docs/hardware.md's table of named configurations: one row per configuration, its lanes, output,
+    beat bits and latency those of the decoder the generator builds (a hand-kept table goes stale)."""
+    from sop.hdl.config import named_configs
+    from sop.hdl.decoder import Decoder
+
+    text = ROOT.joinpath("docs", "hardware.md").read_text()
+    rows = {m[1]: [c.strip() for c in m[2].split("|")]
+            for m in re.finditer(r"^\| ([a-z0-9-]+) \| (\d+ \|.*)\|$", text, re.M)}
+    configs = named_configs()
+    assert sorted(rows) == sorted(configs)
+    for name, cfg in configs.items():
+        lanes, _, output, beat, latency = rows[name]
+        assert (int(lanes), output) == (cfg.lanes, cfg.output), name
+        assert beat.startswith(f"{cfg.beat_bits} + swap"), name
+        assert int(latency.split()[0]) == Decoder(cfg).latency, name
+
+
+def test_formats_md_codebook_table_is_every_searched_table_as_rounded():
+    """docs/formats.md section 5's table of values: a column per pair-search table, in its order, each
+    entry the rounded table's value to the 6 digits printed."""
+    from sop.golden.codebooks import FIXED_4BIT, get_codebook
+
+    text = ROOT.joinpath("docs", "formats.md").read_text()
+    head = re.search(r"^\| code \| (.*) \|$", text, re.M)
+    assert head and tuple(head[1].split(" | ")) == FIXED_4BIT
+    rows = [line.strip("|").split("|") for line in text[head.end():].split("\n\n")[0].splitlines()[2:]]
+    assert [int(r[0]) for r in rows] == list(range(16))
+    for j, name in enumerate(FIXED_4BIT):
+        assert [r[j + 1].strip() for r in rows] == [f"{v:g}" for v in get_codebook(name).values], name
