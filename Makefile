@@ -44,10 +44,9 @@ demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with cali
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, each with residuals (NAME-sp), their AXI4-Stream shells with FuseSoC cores (NAME_axis.v, NAME_axis.core), and the GEMV engines (gemv-*.v) with their AXI4-Stream shells and FuseSoC cores (gemv-*_axis.v, gemv-*_axis.core)
 	$(PY) -m sop.hdl.generate --out build/verilog
 
-sim: $(STAMP)  ## cocotb regression of every named configuration, and of the two operating points with LUT RAM tables (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines (and the small-FPGA one) and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core and of the iCEBreaker's GEMV core)
+sim: $(STAMP)  ## cocotb regression of every named configuration, and of each operating point's own configuration with the LUT RAM tables make synth builds on ECP5 (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines (and the small-FPGA one) and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core and of the iCEBreaker's GEMV core)
 	$(PY) -m sop.sim.runner --sim $(SIM)
-	$(PY) -m sop.sim.runner --sim $(SIM) --config sop4-g16 --lutram-depth 16
-	$(PY) -m sop.sim.runner --sim $(SIM) --config e2m3-ue4m4-g16 --lutram-depth 32
+	$(PY) -m sop.sim.runner --sim $(SIM) --lutram-ecp5
 	$(PY) -m sop.sim.runner --sim $(SIM) --axis
 	$(PY) -m sop.sim.gemv_runner --sim $(SIM)
 	$(PY) -m sop.sim.gemv_runner --sim $(SIM) --config gemv-sop4-g16-small

@@ -20,7 +20,8 @@ quantize.schemes            a ``--format`` of kind ``"sop"``; ``search`` picks t
 sim.vectors, `sop vectors`  points with ``vectors``
 sim.runner (`make sim`)     every named configuration; a point's own configuration gets
                             the full plan, a variant the medium one; vectors from the
-                            configuration's point
+                            configuration's point; ``--lutram-ecp5``: each point's own
+                            with ECP5's LUT RAM tables
 synth bring-up, `sop board` points with ``board``
 hdl.gemv_config             a GEMV engine ``gemv-<point>`` for each point with blocks of
                             16 (``GEMV_GROUP``)
@@ -28,7 +29,7 @@ hdl.gemv_config             a GEMV engine ``gemv-<point>`` for each point with b
 ==========================  ===========================================================
 
 A few tools name points on purpose (docs/formats.md lists them: sop-budget's
-options, the BF16 GEMV engine, the board cores, the measured mutation scores and Fmax: section 7,
+options, the BF16 GEMV engine, the board cores, the measured mutation score and Fmax: section 7,
 "Operating points: the one registry").
 
 ``register(point)`` adds a row at run time (a test or a plugin does this);

@@ -15,7 +15,9 @@ MiniLM layers, 4 x 256 random blocks), the other configurations a medium one
 (16 rows of one layer, 4 x 64 random blocks), ``--quick`` (for `make test`)
 and the 64-lane design in Icarus a quick one. ``--lutram-depth D`` runs the
 configurations built with their tables in ``D``-word LUT RAM memories (what
-``make synth`` measures on ECP5), under ``build/sim/<sim>/<config>-lutram<D>/``.
+``make synth`` measures on ECP5), under ``build/sim/<sim>/<config>-lutram<D>/``;
+``--lutram-ecp5`` each operating point's own configuration with the depth ``make synth``
+gives it on ECP5 (synth.flow.yosys_nextpnr.for_target: `make sim` runs this).
 ``--axis`` runs the AXI4-Stream shell (``NAME_axis.v``, hdl/axis.py) in
 sim/tb_axis.py instead, with cocotbext-axi's sources and sink
 (``build/sim/<sim>/<config>-axis/``); a ``-sp`` shell also gets layers with
@@ -338,26 +340,41 @@ def summary_line(s: dict) -> str:
             f"(seed {s.get('seed')}, {s['wall_seconds']:.1f} s)")
 
 
+def chosen_configs(names: list[str] | None, lutram_depth: int = 0, lutram_ecp5: bool = False) -> dict:
+    """The configurations a run simulates, by name: ``names`` (default: every named one and those with the
+    residual path; with ``lutram_ecp5``, each operating point's own), their tables in ``lutram_depth``-word
+    LUT RAM memories, or with ``lutram_ecp5`` in those `make synth` builds on ECP5. ValueError: an unknown
+    name or a depth the tables cannot take."""
+    configs = {**named_configs(), **residual_configs()}
+    names = names or (list(operating_points()) if lutram_ecp5 else list(configs))
+    if unknown := [n for n in names if n not in configs]:
+        raise ValueError(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}")
+    from sop.synth.flow.yosys_nextpnr import for_target      # the LUT RAM shape synthesis gives a target
+
+    return {n: for_target(configs[n], "ecp5") if lutram_ecp5 else replace(configs[n], lutram_depth=lutram_depth)
+            for n in names}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sop.sim.runner", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     add_run_options(p)
     p.add_argument("--lutram-depth", type=number(int, 0, inclusive=True), default=0, metavar="D",
                    help="the tables in D-word LUT RAM memories (hdl/lut_bank.py)")
+    p.add_argument("--lutram-ecp5", action="store_true",
+                   help="each operating point's own configuration (default; or --config's) with its tables in "
+                        "the LUT RAM memories `make synth` builds on ECP5 (16 words, 32 for 6-bit codes)")
     p.add_argument("--axis", action="store_true",
                    help="the AXI4-Stream shell (NAME_axis.v, sim/tb_axis.py) instead of the bare decoder")
     args = p.parse_args(argv)
-    # the configurations with the residual path too, bare or in the AXI4-Stream shell
-    configs = {**named_configs(), **residual_configs()}
-    names = args.config or list(configs)
-    if unknown := [n for n in names if n not in configs]:
-        print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
-        return 2
+    if args.lutram_ecp5 and args.lutram_depth:
+        p.error("--lutram-ecp5 chooses each configuration's LUT RAM depth: give it or --lutram-depth, not both")
     try:
-        configs = {n: replace(configs[n], lutram_depth=args.lutram_depth) for n in names}
+        configs = chosen_configs(args.config, args.lutram_depth, args.lutram_ecp5)
     except ValueError as err:
         print(f"sop sim: {err}", file=sys.stderr)
         return 2
+    names = list(configs)
     try:
         check_simulator(args.sim)
     except SimulatorMissing as err:

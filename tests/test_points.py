@@ -56,6 +56,9 @@ def test_a_registered_point_reaches_formats_verilog_vectors_and_the_sim_plan(tmp
         assert runner.point_of(cfgs[name + "-exact"]).name == name
         plan = runner.plan_for(cfgs[name], "full", tmp_path / "v")
         assert plan["config"] == name and DecoderConfig.from_description(plan["decoder"]) == cfgs[name]
+        # make sim's LUT-RAM runs: every point's own configuration, as make synth builds it on ECP5
+        lutram = runner.chosen_configs(None, lutram_ecp5=True)
+        assert {n: c.lutram_depth for n, c in lutram.items()} == {"sop4-g16": 16, "e2m3-ue4m4-g16": 32, name: 32}
         # the GEMV engines: only points with blocks of 16 have one (their plan is written for 16-wide
         # x beats); the shell's testbench counts its layers in blocks, so it fits any block size
         assert f"gemv-{name}" not in gemv_config.gemv_configs() and "gemv-e2m3-ue4m4-g16" in gemv_config.gemv_configs()

@@ -65,6 +65,14 @@ def test_a_bench_runners_bad_simulator_or_seed_is_a_usage_error(monkeypatch, cap
     assert said in capsys.readouterr().err
 
 
+def test_the_sim_runners_lutram_options_are_one_or_the_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(["--lutram-ecp5", "--lutram-depth", "16"])
+    assert exit_.value.code == 2 and "give it or --lutram-depth, not both" in capsys.readouterr().err
+    assert runner.main(["--lutram-ecp5", "--config", "nope"]) == 2
+    assert "sop sim: unknown configuration(s) ['nope']; valid: sop4-g16, " in capsys.readouterr().err
+
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
