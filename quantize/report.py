@@ -414,6 +414,13 @@ def report(json_path: str | Path, stem: str | Path | None = None, bpw_tol: float
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"), parse_int=_json_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        from sop.quantize.artifact import MAGIC
+
+        with open(json_path, "rb") as f:                  # an artifact given for its eval: a natural mistake
+            is_artifact = f.read(len(MAGIC)) == MAGIC
+        if is_artifact:
+            raise ValueError(f"{json_path}: a .sopq artifact, not an eval JSON: `sop report` reads what `sop eval "
+                             f"MODEL --format F --json FILE` writes (`sop dequantize` reads an artifact)") from None
         raise ValueError(f"{json_path}: not valid JSON ({err})") from None
     except RecursionError:
         raise ValueError(f"{json_path}: JSON nested too deeply to be an eval result") from None

@@ -468,7 +468,8 @@ def _model_options(p) -> None:
                         "(torch on a GPU); the same output bits on every device")
     p.add_argument("--jobs", type=positive(int), default=1, metavar="N",
                    help="quantize N layers at once in worker processes, one core each (default 1; at most "
-                        "one per CPU; the same results; peak memory about N times one layer's)")
+                        "one per usable CPU: a larger N is lowered to it; the same results; peak memory about N "
+                        "times one layer's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

@@ -297,3 +297,15 @@ def test_a_home_matplotlib_cannot_write_is_no_warning(eval_json, tmp_path):
         assert stem.with_suffix(".png").is_file()
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [own.name]
         assert any(own.glob("fontlist-*.json")) and (own.stat().st_mode & 0o777) == 0o700
+
+
+def test_a_sopq_given_for_its_eval_is_named_as_one(tmp_path, capsys):
+    """`sop report X.sopq` said 'not valid JSON ('utf-8' codec can't decode ...)' (an outside probe)."""
+    from sop.quantize.artifact import MAGIC
+
+    src = tmp_path / "m.sopq"
+    src.write_bytes(MAGIC + b"\x93\x00" + bytes(64))
+    assert main(["report", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sop: error: {src}: a .sopq artifact, not an eval JSON: `sop report` reads what `sop eval")
+    assert err.count("\n") == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["m.sopq"]

@@ -73,6 +73,19 @@ def test_the_sim_runners_lutram_options_are_one_or_the_other(capsys):
     assert "sop sim: unknown configuration(s) ['nope']; valid: sop4-g16, " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, code, said", [(["--help"], 0, "It writes under build/demo-llm/"),
+                                              (["--bogus"], 2, "unrecognized arguments: --bogus")])
+def test_the_llm_demo_answers_help_and_refuses_options_before_any_work(monkeypatch, capsys, argv, code, said):
+    """`python -m sop.demo_llm --help` started the 10-minute run (it read no arguments: an outside probe)."""
+    from sop import demo_llm
+
+    monkeypatch.setattr(demo_llm, "run", lambda: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit) as exit_:
+        demo_llm.main(argv)
+    out = capsys.readouterr()
+    assert exit_.value.code == code and said in " ".join((out.out + out.err).split())
+
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
