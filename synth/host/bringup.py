@@ -330,13 +330,13 @@ def sparse_status(link: BoardLink, entries: int) -> wire.SparseStatus | None:
 def _stalled(link: BoardLink, err: client.BoardError, n_sparse: int) -> client.BoardError:
     """A STALLED error reply as one line with the decoder's sparse error bits. A layer with sparse
     entries stalls when the entries a beat needs do not come; one without them has no such wait
-    (its decoder took no beat: a fault of the board, not of the layer)."""
+    (nothing the decoder waits for is missing: a fault of the board, not of the layer)."""
     try:
         flagged = ", ".join(link.sparse_status().error_names()) or "none"
     except (client.BoardError, client.BoardTimeout) as again:
         flagged = f"unknown ({again})"
     why = ("it waits for sparse entries that did not come" if n_sparse else
-           "the layer has no sparse entries, so the decoder took no block beat: a fault of the board")
+           "the layer has no sparse entries, so nothing it waits for is missing: a fault of the board")
     return client.BoardError(f"{err}: the board's decoder made no progress ({why}); sparse error bits: "
                              f"{flagged}; reset the board", err.code, err.cmd)
 
