@@ -20,9 +20,9 @@ The names of the sticky error bits are defined here, in plain Python, so that th
 (synth/wire.py) imports them without Amaranth; the hardware builds its error layouts from them.
 """
 
-if not __name__.startswith("sop."):      # the checkout's folder imported as a package of its own
-    raise ImportError(f"import sop.{__name__}, not {__name__}: the checkout's {__name__}/ is the sop "
-                      f"package's, and imported apart its classes are not those sop.{__name__} returns")
+from sop import imported_as_subpackage
+
+imported_as_subpackage(__name__)
 
 #: The decoder's sticky sparse error bits, LSB first: hdl.residual's ``ERRORS`` and
 #: ``error_layout`` (the decoder's ``sparse_error`` port), synth/wire.py's SPARSE_STATUS reply.

@@ -20,9 +20,9 @@ regression, ``MUT_PLAN`` for a mutation run (``sim_env``, ``mut_env``); the test
 
 from __future__ import annotations
 
-if not __name__.startswith("sop."):      # the checkout's folder imported as a package of its own
-    raise ImportError(f"import sop.{__name__}, not {__name__}: the checkout's {__name__}/ is the sop "
-                      f"package's, and imported apart its classes are not those sop.{__name__} returns")
+from sop import imported_as_subpackage
+
+imported_as_subpackage(__name__)
 
 import json
 import os

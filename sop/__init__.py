@@ -12,3 +12,11 @@ go under ``build/`` in the working directory (``sop.toolenv.build_root()``).
 """
 
 __version__ = "0.1.0"
+
+
+def imported_as_subpackage(name: str) -> None:
+    """Refuse the checkout's ``name``/ folder imported as a package of its own (``import golden``): it would be a
+    second tree of sop's modules, whose classes are not those ``sop.<name>`` returns (each subpackage calls this)."""
+    if not name.startswith("sop."):
+        raise ImportError(f"import sop.{name}, not {name}: the checkout's {name}/ is the sop package's, and "
+                          f"imported apart its classes are not those sop.{name} returns")
