@@ -78,7 +78,7 @@ peers: $(STAMP)  ## install the quantizers bench/peer_speed.py times ours agains
 	$(VENV)/bin/pip install -q --no-deps "torchao==0.18.0"
 	SKIP_CUDA_BUILD=1 $(VENV)/bin/pip install -q --no-deps --no-build-isolation "fouroversix==1.0.5"
 
-mutate: $(STAMP)  ## mutation score of both operating points, of the residual path and of the GEMV engine, E4M3, BF16 and the folded small-FPGA one (about 75 min on 2 cores, 9 of them the BF16 engine, 8 the folded one): yosys mutate, 1,000 mutants each (300 of sop4-g16-sp's residual path) against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
+mutate: $(STAMP)  ## mutation score of both operating points, of the residual path and of the GEMV engine, E4M3, BF16 and the folded small-FPGA one (about 75 min on 2 cores, 9 of them the BF16 engine, 8 the folded one): yosys mutate, 1,000 mutants for each decoder (300 of sop4-g16-sp's residual path) and 200 for each GEMV engine, against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
 	$(PYTEST) -q -m long
 	$(PY) -m sop.sim.mutate --mutants 1000 --seed 1 --out build/mutate
 	$(PY) -m sop.sim.gemv_mutate --mutants 200 --seed 1 --out build/mutate-gemv

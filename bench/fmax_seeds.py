@@ -124,8 +124,6 @@ def main() -> None:
     p.add_argument("--placer", action="append", choices=list(PLACERS),
                    help="nextpnr settings, each beside the others on the same netlists (default: the flow's)")
     args = p.parse_args()
-    if args.copies < 1:
-        p.error(f"--copies must be at least 1, got {args.copies}")
     named = {name: named_configs()[name] for name in args.config or CONFIGS}
     if args.lanes:          # each configuration's operating point (sop4-g16-x64's is sop4-g16) at N lanes
         points = sorted({config_point(name)[0].name for name in named})

@@ -48,9 +48,9 @@ import numpy as np
 
 from sop import toolenv
 from sop.argtypes import positive
+from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
 
 HIDDEN, INTER, VOCAB = 4096, 14336, 32000
-TARGET = 16.0
 # The child resets its peak first (ru_maxrss and VmHWM are inherited from the forking parent
 # across exec, so the bench's own resident set would be a floor), then runs `sop` as the
 # command line does and reports VmHWM.

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from sop.argtypes import positive
+from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
 
 LAYER = "model.layers.0.mlp.down_proj.weight"
-TARGET = 16.0
 FAMILIES = ["fp8-e4m3-pot", "int8-ch", "mxfp8-e4m3", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4", "nvfp4",
             "nvfp4-46", "if4", "nf4-g64", "e2m3-ue4m4-g16", "sop4-g16", "sop-budget"]
 COMMANDS = ("quantize", "dequantize", "eval")
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--format", action="append", dest="formats", help="format(s) to measure (default: all)")
     ap.add_argument("--command", action="append", dest="commands", choices=COMMANDS,
                     help="command(s) to measure (default: all three)")
-    ap.add_argument("--budget", type=float, default=5.0, help="sop-budget's --budget (default 5.0)")
+    ap.add_argument("--budget", type=positive(float), default=5.0, help="sop-budget's --budget (default 5.0)")
     ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32", help="checkpoint dtype (default f32)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--workdir", help="folder for the checkpoint and artifacts (default: a temporary one)")

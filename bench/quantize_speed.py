@@ -150,7 +150,7 @@ def matrix_rows(devices: list[str]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=float, nargs="*", default=[],
+    ap.add_argument("--budget", type=positive(float), nargs="*", default=[],
                     help="also run sop-budget at these bpw (the options are quantized once)")
     ap.add_argument("--layers", type=positive(int), default=None, help="only the first N layers")
     ap.add_argument("--device", nargs="*", default=["cpu"],
@@ -174,7 +174,10 @@ def main() -> None:
     rows = {name: measure(weights, fn) for name, fn in FORMATS.items()}
     reports = []
     if args.budget:
-        more, reports = budget_rows(weights, args.budget)
+        try:
+            more, reports = budget_rows(weights, args.budget)
+        except ValueError as err:          # a budget below the cheapest options: known once they are
+            ap.exit(2, f"{ap.prog}: error: {err}\n")
         rows.update(more)
     # the same SOP rows on each torch device: the bits must be numpy's
     on_dev = {}

@@ -91,11 +91,6 @@ class Codebook(CodeTable):
         values = tuple(float(v) for v in np.asarray(values, dtype=np.float64).ravel())
         return cls(name=name, bits=int(np.log2(max(len(values), 1))), raw=values, hif=hif)
 
-    @classmethod
-    def from_hif_codes(cls, name: str, codes, hif: FloatFormat = DEFAULT_HIF) -> "Codebook":
-        """The codebook a LUT image holds (the inverse of ``hif_codes``)."""
-        return cls.from_values(name, hif.decode(codes), hif)
-
     def _values(self) -> np.ndarray:
         return self.hif.quantize(np.asarray(self.raw, dtype=np.float64))
 
@@ -108,9 +103,6 @@ class Codebook(CodeTable):
     def peak(self) -> float:
         """Largest positive entry: the value a block's signed maximum maps to."""
         return float(self.values.max())
-
-    def with_hif(self, hif: FloatFormat) -> "Codebook":
-        return Codebook(name=self.name, bits=self.bits, raw=self.raw, hif=hif)
 
 
 def _raw_tables() -> dict[str, np.ndarray]:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import time
@@ -80,13 +81,12 @@ from sop.quantize.evaluate import (BudgetOutcomes, LayerOutcome, budget_model, c
 from sop.quantize.evaluate import layer_outcomes as evaluate_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
-from sop.quantize.metrics import aggregate
+from sop.quantize.metrics import abs_max, aggregate
 from sop.quantize.models import expert_layer_name, linear_layers, model_inputs, open_model
 from sop.quantize.result import QuantResult
 
 MAGIC = b"SOPQ"
 VERSION = 1
-SUFFIX = ".sopq"
 PREAMBLE = struct.Struct("<4sHHI")        # magic, version, reserved, header length
 CRC = struct.Struct("<I")
 RECORD_KINDS = {
@@ -159,8 +159,9 @@ def decode_record(entry: "LayerEntry", data: bytes | bytearray) -> np.ndarray:
     w = np.frombuffer(data, dtype="<f4").reshape(rows, cols)           # a view of the record, no copy
     # The writer rounds by the float32 output rule, which saturates: a NaN or Inf here was put there
     # by someone else (the CRC is no proof of origin), and would reach every file decoded from it.
-    bad = np.flatnonzero(~np.isfinite(w))
-    if len(bad):
+    # Checked by max |w| first: ~isfinite(w) would hold a byte a weight for the whole layer.
+    if not math.isfinite(abs_max(w)):
+        bad = np.flatnonzero(~np.isfinite(w))
         r, c = divmod(int(bad[0]), cols)
         raise ArtifactError(f"layer {entry.name}: float32 record holds {len(bad)} non-finite value"
                             f"{'s' if len(bad) > 1 else ''} (the first, {w[r, c]}, at row {r}, column {c}); "

@@ -380,8 +380,9 @@ class BankEval:
 
     Held compactly (the pair search keeps many): per block the error and ``qq`` (float64),
     the index of the chosen scale among the ascending scale values (``sidx``) and its sign
-    (``neg``), about 1.1 bytes per weight. ``scale_code``, ``sign``, ``sv``, ``sdiv`` and
-    ``wq`` are computed from them on access (each a new (rows, bpr) array). A *choice-only*
+    (``neg``), about 1.1 bytes per weight. ``scale_code``, ``sign``, ``sv`` and
+    ``wq`` are computed from them on access (each a new (rows, bpr) array; ``sv_of`` / ``sdiv_of`` for a
+    slice of rows). A *choice-only*
     evaluation (``err`` and ``qq`` None, 0.125 bytes per weight) is enough for ``assemble``
     when the caller gives the per-block bank selection (the SOP4 pair search does)."""
 
@@ -417,10 +418,6 @@ class BankEval:
     @property
     def sv(self) -> np.ndarray:             # (rows, bpr) the signed scale value, offset included
         return self.sv_of()
-
-    @property
-    def sdiv(self) -> np.ndarray:           # (rows, bpr) sv (1 for a zero scale) / 2^p
-        return self.sdiv_of()
 
     @property
     def wq(self) -> np.ndarray:             # (rows, bpr) sum_j a_j w_j q_j

@@ -370,11 +370,6 @@ class ModelSource:
             return None
         return self._scaled(name, np.asarray(self._reader.get(name), dtype=np.float64), scale)
 
-    def iter_layers(self):
-        """(LinearLayer, weight) for every selected layer, one at a time."""
-        for lay in self.layers:
-            yield lay, self.load(lay.name)
-
     @property
     def n_weights(self) -> int:
         return sum(lay.size for lay in self.layers)
@@ -492,6 +487,16 @@ def linear_layers(n: int) -> str:
     return f"{n} linear layer{'s' * (n != 1)}"
 
 
+#: The name ending of sop's own container (quantize/artifact.py), in any case: what ``sop vectors`` and
+#: ``sop board`` open as an artifact rather than a model, and what a model folder's inputs leave out.
+ARTIFACT_SUFFIX = ".sopq"
+
+
+def is_artifact(spec) -> bool:
+    """Whether a model argument names a ``.sopq`` artifact (by its name, as the commands choose their reader)."""
+    return Path(str(spec)).suffix.lower() == ARTIFACT_SUFFIX
+
+
 #: Files of a model folder besides the weights that change what a forward pass computes.
 AUX_SUFFIXES = (".json", ".model", ".txt", ".tiktoken")
 
@@ -503,7 +508,7 @@ SIBLINGS_READ = (CONFIG_JSON, TOKENIZER_JSON)
 def folder_inputs(folder: Path) -> list[Path]:
     """The files of a model folder that a model may read, in name order: every file but a ``.sopq``
     (sop's own container, which no model reads: a second ``--out`` into the folder replaces the first)."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() != ".sopq")
+    return sorted(f for f in folder.iterdir() if f.is_file() and not is_artifact(f))
 
 
 def model_inputs(spec: str) -> list[Path]:

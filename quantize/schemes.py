@@ -258,10 +258,6 @@ def quant_formats() -> dict[str, QuantFormat]:
     return _registry()
 
 
-def baseline_names() -> list[str]:
-    return [n for n, f in quant_formats().items() if f.kind == "baseline"]
-
-
 def get_quant_format(name: str) -> QuantFormat:
     """The format called ``name``; ``ValueError`` listing every valid name otherwise."""
     fmts = quant_formats()

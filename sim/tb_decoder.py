@@ -71,17 +71,14 @@ from cocotb.types import Logic
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.hdl.residual import ERRORS
-from sop.sim import read_plan, stimulus, write_report
+from sop.sim import CLOCK_NS, MISMATCHES_LOGGED, QUIET_CYCLES, read_plan, stimulus, write_report
 from sop.sim.model import DecoderModel
 from sop.sim.stimulus import HostCycle
 from sop.sim.vectors import read_vectors
 
-QUIET_CYCLES = 12                # after a job: cycles in which no output beat may come
-CLOCK_NS = 10
 #: a job's host sequence may take this many cycles per unit (a table write, an input beat, a sparse
 #: entry) plus SEQUENCE_SLACK: at the plans' idle and stall rates it takes about 2
 SEQUENCE_CYCLES_PER_UNIT, SEQUENCE_SLACK = 100, 10_000
-MISMATCHES_LOGGED = 10
 ONE = Logic(1)                   # a 1-bit value read from the DUT is this object (Logic is interned)
 
 

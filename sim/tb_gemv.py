@@ -80,12 +80,9 @@ from cocotb.types import Logic
 from sop.golden.points import get_point
 from sop.hdl import gemv_config
 from sop.hdl.gemv_config import GemvConfig
-from sop.sim import read_plan, write_report
+from sop.sim import CLOCK_NS, MISMATCHES_LOGGED, QUIET_CYCLES, read_plan, write_report
 
 ONE = Logic(1)                    # a 1-bit value read from the DUT is this object
-QUIET_CYCLES = 12                 # after a job: cycles in which no y word may come
-MISMATCHES_LOGGED = 10
-CLOCK_NS = 10
 X_LOADED = 1                      # status bit 0; the error bits follow in gemv_config.error_layout()'s order
 ERROR_BITS = {name: 1 << (1 + field.offset) for name, field in gemv_config.error_layout()}
 P_JUNK = 0.5                      # an input idle in a cycle: its payload becomes fresh junk with this chance

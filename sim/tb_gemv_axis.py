@@ -57,8 +57,8 @@ from sop import toolenv
 from sop.hdl import axis, gemv_axis
 from sop.hdl.gemv_config import GemvConfig
 from sop.quantize.weights import QUERY_LAYER
-from sop.sim import read_plan, write_report
-from sop.sim.tb_axis import MISMATCHES_LOGGED, monitor_out_of_reset, pauses
+from sop.sim import CLOCK_NS, MISMATCHES_LOGGED, read_plan, write_report
+from sop.sim.tb_axis import monitor_out_of_reset, pauses
 
 INPUTS = ("s_axis_load", "s_axis_x", "s_axis_w", "s_axis_sparse")
 #: (rows of the plain layer, its tokens; tokens of the 40 rows with residuals; tokens of the 40 plain rows)
@@ -131,7 +131,7 @@ async def gemv_axis_regression(dut):
                   f"(rerun with COCOTB_RANDOM_SEED={seed})")
     rng = np.random.default_rng(seed)
     widths = gemv_axis.widths(cfg)
-    Clock(dut.aclk, 10, unit="ns").start()
+    Clock(dut.aclk, CLOCK_NS, unit="ns").start()
     dut.aresetn.value = 0
     dut.clear.value = 0
     sources = {name: AxiStreamSource(AxiStreamBus.from_prefix(dut, name), dut.aclk, dut.aresetn,
@@ -157,7 +157,7 @@ async def gemv_axis_regression(dut):
     for layer in plan["layers"]:
         for i, v in enumerate(layer["vectors"]):
             label = f"{layer['name']} vector {i}"
-            budget_ns = 10 * (4 * (len(layer["w"]) + len(layer["sparse"]) + len(layer["load"])) + 2000)
+            budget_ns = CLOCK_NS * (4 * (len(layer["w"]) + len(layer["sparse"]) + len(layer["load"])) + 2000)
             try:
                 frame = await with_timeout(sink.recv(), budget_ns, "ns")
             except TimeoutError:

@@ -55,7 +55,7 @@ from sop.golden.formats import get_format
 from sop.hdl import reference
 from sop.hdl.residual import ERRORS
 from sop.hdl.config import DecoderConfig
-from sop.sim import MUT_PLAN, read_plan, results_path, stimulus
+from sop.sim import CLOCK_NS, MUT_PLAN, read_plan, results_path, stimulus
 from sop.sim.vectors import read_vectors
 
 
@@ -967,7 +967,7 @@ async def mutants(dut):
     plan = read_plan(MUT_PLAN)
     cfg = DecoderConfig.from_description(plan["decoder"])
     bench = Bench(dut, cfg, plan)
-    Clock(dut.clk, 10, unit="ns").start()
+    Clock(dut.clk, CLOCK_NS, unit="ns").start()
     for name in ("blocks__valid", "load__valid", "offset_we", "values__ready", "load__payload", "offset",
                  "blocks__payload", "mutsel") + (("sparse__valid", "sparse__payload", "layer_sparse")
                                                  if cfg.residuals else ()):

@@ -375,11 +375,11 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     """
     from sop.golden.files import check_output
     from sop.quantize.evaluate import read_weight
-    from sop.quantize.models import open_model
+    from sop.quantize.models import is_artifact, open_model
 
     if rows is not None and rows <= 0:
         raise ValueError(f"--rows must be a positive number of rows, got {rows}")
-    if str(model).endswith(".sopq"):
+    if is_artifact(model):
         return artifact_vectors(Path(model), fmt, layers, Path(out_dir), rows)
     source = open_model(model)
     names = list(dict.fromkeys(layers or [lay.name for lay in source.layers]))

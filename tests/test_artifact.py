@@ -6,6 +6,7 @@ import dataclasses
 import os
 import json
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -316,6 +317,22 @@ def test_inconsistent_content_with_good_checksums_is_refused(toy_sop4, tmp_path,
     assert main(["dequantize", str(bad), "--out", str(out), "--quiet"]) == 2
     assert want in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.sopq"]      # nothing written, no temp file
+
+
+def test_a_float32_records_finite_check_holds_no_copy_of_the_layer():
+    """The check that refuses a NaN or Inf in an f32 record reads the record in place: a
+    byte-a-weight mask of the whole layer took ``sop dequantize`` from 4 to 5 bytes a weight."""
+    rows, cols = 512, 1024
+    data = np.linspace(-3, 3, rows * cols, dtype="<f4").tobytes()
+    entry = A.LayerEntry("l", (rows, cols), (rows, cols), False, "f32", 0, len(data), 0, 32 * rows * cols, "f32")
+    tracemalloc.start()
+    try:
+        w = A.decode_record(entry, data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.shares_memory(w, np.frombuffer(data, np.uint8)) and w.shape == (rows, cols)
+    assert peak < rows * cols // 8, peak                  # a mask would be rows * cols bytes
 
 
 def test_rebuild_without_edit_is_accepted(toy_sop4, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sop.quantize import baselines as B
-from sop.quantize.schemes import baseline_names, get_quant_format
+from sop.quantize.schemes import get_quant_format, quant_formats
 
 # The NF4 table bitsandbytes publishes (its NF4 lookup table in bitsandbytes/functional.py), typed in
 # here, not imported.
@@ -284,7 +284,7 @@ NOMINAL_BPW = {"fp8-e4m3-pot": 8.0, "int8-ch": 8.0, "mxfp8-e4m3": 8.25, "mxfp6-e
 
 
 def test_every_baseline_is_checked_here():
-    assert set(baseline_names()) == set(BITS_3x70) == set(NOMINAL_BPW)
+    assert {n for n, f in quant_formats().items() if f.kind == "baseline"} == set(BITS_3x70) == set(NOMINAL_BPW)
 
 
 @pytest.mark.parametrize("name", list(BITS_3x70))

@@ -377,7 +377,8 @@ def test_the_gemv_only_core_runs_a_real_minilm_tile_bit_exact(layer, ice_board):
     assert result.got.tolist() == golden_y(stream, codes).tolist()
     assert (result.status.lanes, result.status.code_bits, result.status.group) == (0, 4, 16)
     en = result.engine
-    assert (en.max_cols, en.max_rows, en.y_depth) == (ICE.gemv_cols, ICE.gemv_rows, ICE.gemv_y_depth)
+    cfg = ICE.gemv_config()
+    assert (en.max_cols, en.max_rows, en.y_depth) == (cfg.max_cols, cfg.max_rows, ICE.gemv_y_depth)
     assert en.blocks == stream.rows * stream.cols // 16 and not en.x_loaded and en.y_waiting == 0
     assert "17 of 17 y words bit-exact" in "\n".join(result.lines())
 

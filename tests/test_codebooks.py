@@ -77,7 +77,6 @@ def test_every_codebook_is_its_raw_table_rounded_into_hif_once(name):
     cb = get_codebook(name)
     np.testing.assert_array_equal(cb.values, DEFAULT_HIF.decode(cb.hif_codes))
     np.testing.assert_array_equal(cb.values, DEFAULT_HIF.quantize(np.asarray(cb.raw)))
-    assert Codebook.from_hif_codes(name, cb.hif_codes).values.tolist() == cb.values.tolist()
     # rounding moves no entry by more than half the HIF step at it: the step of its binade, and below
     # the smallest normal the subnormals' one step (a table may have entries there: 0.03 is one)
     raw = np.asarray(cb.raw, dtype=np.float64)

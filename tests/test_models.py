@@ -65,6 +65,15 @@ def test_linear_rule():
     assert linear_reason("blk.0.shortconv.conv.weight", (32, 3), True) == "convolution"
 
 
+def test_an_artifact_is_named_by_its_suffix_in_any_case():
+    """`sop vectors` and `sop board` open a `.sopq` as an artifact and a model folder's inputs leave it out,
+    by one rule: `X.SOPQ` was read as a model (and refused as an unknown file type) by the first two."""
+    from sop.quantize.models import is_artifact
+
+    assert is_artifact("m.sopq") and is_artifact("out/M.SOPQ") and is_artifact("a.b.Sopq")
+    assert not is_artifact("m.sopq.safetensors") and not is_artifact("sopq") and not is_artifact("m.gguf")
+
+
 def test_safetensors_file(tmp_path):
     sd = toy_state()
     save_file(sd, tmp_path / "m.safetensors")
@@ -214,7 +223,8 @@ def test_layers_are_read_one_at_a_time(tmp_path):
     tracemalloc.start()
     try:
         total = 0.0
-        for _, w in m.iter_layers():
+        for lay in m.layers:
+            w = m.load(lay.name)
             total += float(w.sum())
             del w
         peak = tracemalloc.get_traced_memory()[1]

@@ -95,7 +95,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("fmax_seeds.py", ["--jobs", "0"], "argument --jobs: must be an integer above 0, got 0"),
     ("memory.py", ["--size", "0"], "argument --size: must be an integer above 0, got 0"),
     ("memory.py", ["--workdir", "/nonexistent-folder"], "--workdir /nonexistent-folder: not a folder"),
+    ("memory.py", ["--budget", "nan"], "argument --budget: must be a finite number above 0, got nan"),
     ("quantize_speed.py", ["--layers", "-1"], "argument --layers: must be an integer above 0, got -1"),
+    ("quantize_speed.py", ["--budget", "5", "-1"], "argument --budget: must be a finite number above 0, got -1"),
     ("peer_speed.py", ["--repeats", "0"], "argument --repeats: must be an integer above 0, got 0"),
     ("llm_scale.py", ["--blocks", "0"], "argument --blocks: must be an integer above 0, got 0"),
     ("sim_speed.py", ["--config", "nosuch"], "argument --config: invalid choice: 'nosuch'"),
@@ -112,6 +114,18 @@ def test_a_benchs_bad_argument_is_one_usage_line_before_any_work(tmp_path, scrip
     assert r.returncode == 2 and said in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ") and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []                         # nothing written, no build/ folder
+
+
+def test_the_stall_measurements_decoders_are_checked_before_any_quantizing(monkeypatch, capsys):
+    """`python -m sop.sim.sparse_stalls --lanes 3` quantized MiniLM for minutes, then stopped in a traceback
+    (an outside review)."""
+    from sop.sim import sparse_stalls
+
+    monkeypatch.setattr(sparse_stalls, "measure", lambda *a: pytest.fail("the measurement ran"))
+    with pytest.raises(SystemExit) as exit_:
+        sparse_stalls.main(["--lanes", "3"])
+    assert exit_.value.code == 2
+    assert "error: decoder config 'x3-r1': lanes must be a power of two in 1..64, got 3" in capsys.readouterr().err
 
 
 # -- a wheel installed without the dev extras: the hardware tools say what is missing ----------------------

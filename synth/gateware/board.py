@@ -116,7 +116,7 @@ class Board:
     gemv: bool = False                  # the GEMV engine (GEMV_* commands)
     gemv_engine: str = ""               # which: a name of hdl.gemv_config.small_engines(), or "": the point's
                                         # full engine at MiniLM's size (MINILM_COLS x MINILM_ROWS)
-    gemv_y_depth: int | None = None     # the y FIFO's words (32 bits each; None: gemv_rows, a whole layer)
+    gemv_y_depth: int | None = None     # the y FIFO's words (32 bits each; None: the engine's max_rows, a whole layer)
     kit: str = ""                       # the FPGA board (KITS; default: the name)
 
     def __post_init__(self):
@@ -173,18 +173,6 @@ class Board:
             return replace(small_engines()[self.gemv_engine], name=name)
         point = get_point(self.point)
         return GemvConfig(name, point.layout, point.hif, max_cols=MINILM_COLS, max_rows=MINILM_ROWS)
-
-    @property
-    def gemv_cols(self) -> int | None:
-        """The engine's largest layer's columns (``max_cols``), None without one."""
-        cfg = self.gemv_config()
-        return cfg.max_cols if cfg else None
-
-    @property
-    def gemv_rows(self) -> int | None:
-        """... and its rows (``max_rows``)."""
-        cfg = self.gemv_config()
-        return cfg.max_rows if cfg else None
 
     def gemv_args(self) -> dict:
         """``BoardCore`` / ``ProtocolEngine`` keyword arguments of the board's GEMV engine ({} without one)."""

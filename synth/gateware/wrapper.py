@@ -73,11 +73,6 @@ class IoWrapper(wiring.Component):
         self.fold = fold_levels(self.out_bits, dout_width)
         super().__init__({"clk": In(1), "din": In(din_width), "dout": Out(dout_width)})
 
-    @property
-    def wrapper_ffs(self) -> int:
-        """Flip-flops the wrapper adds (input shift register and fold levels), an upper bound."""
-        return self.in_bits + sum(self.fold)
-
     def elaborate(self, platform):
         m = Module()
         m.domains.sync = ClockDomain()

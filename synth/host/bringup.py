@@ -290,13 +290,13 @@ def model_layer(model: str, fmt: str, layer: str | None = None,
     whole blocks, the padding columns' codes decoding to whatever the block's scale gives them.
     With ``rows``, a model's first rows are quantized as a layer of their own (their own tables and
     offset, as ``sop vectors --rows`` does), an artifact's stored layer is cropped."""
-    from sop.quantize.models import open_model
+    from sop.quantize.models import is_artifact, open_model
     from sop.sim.vectors import quantize_layer as quantize_weights
 
     check_format(fmt)                          # before any work
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
-    if str(model).endswith(".sopq"):
+    if is_artifact(model):
         return artifact_layer_stream(model, fmt, layer, rows)
     source = open_model(model)
     names = [lay.name for lay in source.layers]
