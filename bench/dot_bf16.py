@@ -27,6 +27,7 @@ from sop.golden.layout import unpack_blocks
 from sop.golden.points import get_point
 from sop.hdl import block_dot_bf16
 from sop.hdl.block_dot_bf16 import takes_fallback
+from sop.quantize.calib import HELDOUT_RESERVE
 
 BF16 = dot.ACT_FORMATS["bf16"]
 
@@ -37,7 +38,8 @@ def _windows(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sentences", type=positive(int), default=8)
+    ap.add_argument("--sentences", type=positive(int, HELDOUT_RESERVE), default=8,
+                    help=f"held-out sentences (1 to {HELDOUT_RESERVE}; default 8)")
     ap.add_argument("--layers", choices=("all", "0"), default="0")
     ap.add_argument("--windows", type=_windows, default="16,20,24,28,32",
                     help="window widths to try, comma-separated (default 16,20,24,28,32)")

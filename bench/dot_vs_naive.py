@@ -54,7 +54,7 @@ from pathlib import Path
 
 from sop.argtypes import positive
 from sop import toolenv
-from sop.golden.files import write_atomic
+from sop.golden.files import OutputError, check_output, write_atomic
 from sop.hdl.block_dot import BlockDot
 from sop.hdl.fp32_acc import ADD_LATENCY, RowAccumulator
 from sop.hdl.naive_dot import NaiveDot, naive_config
@@ -227,6 +227,10 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="run the tools again even where cached")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
+    try:                                  # before any synthesis
+        check_output(args.out, folder=True)
+    except OutputError as err:
+        p.error(f"--out: {err}")
     toolenv.apply()
     targets, designs = args.target or list(BENCH_TARGETS), args.design or list(DESIGNS)
     out = args.out

@@ -48,6 +48,7 @@ import numpy as np
 
 from sop import toolenv
 from sop.argtypes import positive
+from sop.golden.files import OutputError, check_output, write_atomic
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
 
 HIDDEN, INTER, VOCAB = 4096, 14336, 32000
@@ -279,7 +280,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.formats = [f for f in args.formats or ["nf4-g64", "e2m3-ue4m4-g16"] if f != "none"]
     args.sop4_include = args.sop4_include or ["model.layers.0.mlp.*"]
+    from sop.quantize.schemes import quant_formats
+
+    if unknown := [f for f in args.formats if f not in quant_formats()]:
+        ap.error(f"--format: unknown format(s) {', '.join(unknown)}; valid: {', '.join(quant_formats())}, none")
     work = Path(args.workdir).resolve()
+    out = Path(args.json) if args.json else work / "results.json"
+    try:                                # before gigabytes of checkpoint are written
+        check_output(work, folder=True)
+        check_output(out)
+    except OutputError as err:
+        ap.error(str(err))
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "load": os.getloadavg()}}
     if not args.skip_memory:
@@ -288,8 +299,7 @@ def main(argv=None) -> int:
         results["refusal"] = refusal_bench(work)
     if not args.skip_jobs:
         results["jobs"] = jobs_bench(args.jobs_repeats, work)
-    out = Path(args.json) if args.json else work / "results.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    write_atomic(out, (json.dumps(results, indent=1) + "\n").encode())
     if "memory" in results:
         worst = max(c["bytes_per_weight"] for row in results["memory"]["formats"].values()
                     for k, c in row.items() if k != "include")

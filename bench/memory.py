@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from sop.argtypes import positive
+from sop.golden.files import OutputError, check_output, write_atomic
+from sop.quantize.schemes import quant_formats
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
 
 LAYER = "model.layers.0.mlp.down_proj.weight"
-FAMILIES = ["fp8-e4m3-pot", "int8-ch", "mxfp8-e4m3", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4", "nvfp4",
-            "nvfp4-46", "if4", "nf4-g64", "e2m3-ue4m4-g16", "sop4-g16", "sop-budget"]
 COMMANDS = ("quantize", "dequantize", "eval")
 
 # The child: imports everything first, takes its baseline, resets the peak, runs one command.
@@ -116,7 +116,8 @@ def run_child(cmd: str, model: Path, fmt: str, work: Path, budget: float | None,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=positive(int), default=8192, help="the layer is SIZE x SIZE (default 8192)")
-    ap.add_argument("--format", action="append", dest="formats", help="format(s) to measure (default: all)")
+    ap.add_argument("--format", action="append", dest="formats", choices=list(quant_formats()),
+                    help="format(s) to measure (default: every format of `sop formats`)")
     ap.add_argument("--command", action="append", dest="commands", choices=COMMANDS,
                     help="command(s) to measure (default: all three)")
     ap.add_argument("--budget", type=positive(float), default=5.0, help="sop-budget's --budget (default 5.0)")
@@ -126,7 +127,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.workdir is not None and not Path(args.workdir).is_dir():
         ap.error(f"--workdir {args.workdir}: not a folder (the temporary folder is made in it)")
-    formats = args.formats or FAMILIES
+    try:
+        if args.json is not None:
+            check_output(args.json)
+    except OutputError as err:
+        ap.error(f"--json: {err}")
+    formats = args.formats or list(quant_formats())
     commands = [c for c in COMMANDS if c in (args.commands or COMMANDS)]
     n = args.size * args.size
     results: dict[str, dict[str, dict]] = {}
@@ -154,8 +160,8 @@ def main(argv=None) -> int:
     worst = max(r["bpw"] for row in results.values() for r in row.values())
     print(f"worst {worst:.2f} bytes/weight: target <= {TARGET:g} {'met' if worst <= TARGET else 'MISSED'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "dtype": args.dtype, "weights": n,
-                                               "results": results}, indent=1) + "\n")
+        write_atomic(args.json, (json.dumps({"size": args.size, "dtype": args.dtype, "weights": n,
+                                             "results": results}, indent=1) + "\n").encode())
     return 0
 
 

@@ -64,6 +64,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sop.golden.files import OutputError, check_output, write_atomic  # noqa: E402
 from sop.quantize import baselines as B  # noqa: E402
 from sop.quantize import blockwise  # noqa: E402
 from sop.quantize.sop_search import quantize_sop4  # noqa: E402
@@ -181,6 +182,10 @@ def run_matrix(label: str, w: np.ndarray, table: dict) -> list[dict]:
 
 
 def main() -> None:
+    try:                                  # before minutes of timing
+        check_output(ARGS.json)
+    except OutputError as err:
+        ap.error(f"--json: {err}")
     table, missing = peers()
     for dist in missing:
         print(f"{dist} is not installed: `make peers` installs it ({dist}=={PINS[dist]}); its rows are skipped")
@@ -225,8 +230,7 @@ def main() -> None:
               f"({sop['mwps_per_core']:.2f} per core; {sop['mwps_per_cpu_second']:.2f} per CPU second) "
               f"| (none) | | |")
     path = Path(ARGS.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"env": env, "rows": rows, "sop4-g16": sop}, indent=2) + "\n")
+    write_atomic(path, (json.dumps({"env": env, "rows": rows, "sop4-g16": sop}, indent=2) + "\n").encode())
     print(f"\nwritten {path}", file=sys.stderr)
 
 

@@ -163,7 +163,10 @@ def main() -> None:
 
         from sop.quantize import device
 
-        devices = [device.check(d) for d in devices]
+        try:
+            devices = [device.check(d) for d in devices]
+        except ValueError as err:
+            ap.error(str(err))
         torch.set_num_threads(THREADS)
     # float32, as the model holds them and as sop eval / sop quantize pass them (narrow_weights):
     # the quantizers' float32 paths are the ones that run

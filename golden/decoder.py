@@ -123,7 +123,8 @@ def decode_blocks(hif: FloatFormat, luts, layout: BlockLayout, offset: int, head
 
 
 #: Weights decoded per chunk by ``decode_layer``: its integer temporaries (about 80 bytes per
-#: weight) stay a few MB whatever the layer's size.
+#: weight) stay a few MB whatever the layer's size. A chunk is whole rows, at least one: a row
+#: wider than this (65,536 columns) is one chunk, its temporaries about 80 bytes a column.
 CHUNK_WEIGHTS = 1 << 16
 
 

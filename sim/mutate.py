@@ -66,7 +66,7 @@ from pathlib import Path
 
 from sop import toolenv
 from sop.argtypes import number, positive
-from sop.golden.files import write_atomic
+from sop.golden.files import OutputError, check_output, write_atomic
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
 from sop.sim import mut_env
 
@@ -826,6 +826,10 @@ def main(argv=None) -> int:
         print(f"sop mutate: {e}", file=sys.stderr)
         return 2
     out = args.out or toolenv.build_root() / "mutate"
+    try:
+        check_output(out, folder=True)
+    except OutputError as err:
+        p.error(str(err))
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m sop.sim.mutate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     summaries = []

@@ -152,12 +152,10 @@ def sparse_artifact(fmt: str) -> tuple[Path, list[str]]:
     """MiniLM quantized with sop-budget at ``SPARSE_BUDGET`` (cached under build/vectors/), and the
     names of its layers stored in ``fmt``'s layout with sparse entries."""
     from sop.golden.points import get_point
-    from sop.quantize.artifact import open_artifact, quantize_model
+    from sop.quantize.artifact import open_artifact
+    from sop.sim.vectors import minilm_budget_artifact
 
-    path = toolenv.build_root() / "vectors" / f"minilm-sop-budget-{SPARSE_BUDGET}.sopq"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        quantize_model("minilm", "sop-budget", path, budget=SPARSE_BUDGET, progress=False)
+    path = minilm_budget_artifact(SPARSE_BUDGET)
     art, layout = open_artifact(path), get_point(fmt).layout
     names = [e.name for e in art.layers if e.kind == "sopl"
              and (s := art.stream(e)).layout == layout and len(s.sparse)]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sop.argtypes import number, positive
-from sop.golden.files import write_atomic
+from sop.golden.files import OutputError, check_output, write_atomic
 from sop.golden.points import operating_points
 from sop.hdl.config import MAX_RESIDUALS, DecoderConfig
 from sop.hdl.residual import MergeModel
@@ -102,22 +102,20 @@ def issue_cycles(config: DecoderConfig, layers, gaps=(0,)) -> dict:
             "entry_cycles": [x - t0 for x in took]}
 
 
-def budget_streams(budget: float, out_dir: Path, *, calibrate: bool = True) -> dict:
-    """``{layer: LayerStream}`` of MiniLM quantized with sop-budget at ``budget`` (cached .sopq)."""
-    from sop.quantize.artifact import open_artifact, quantize_model
+def budget_streams(budget: float) -> dict:
+    """``{layer: LayerStream}`` of MiniLM quantized with sop-budget at ``budget`` (``minilm_budget_artifact``)."""
+    from sop.quantize.artifact import open_artifact
+    from sop.sim.vectors import minilm_budget_artifact
 
-    path = out_dir / f"minilm-sop-budget-{budget}.sopq"
-    if not path.is_file():
-        quantize_model("minilm", "sop-budget", path, budget=budget, calibrate=calibrate, progress=False)
-    art = open_artifact(path)
+    art = open_artifact(minilm_budget_artifact(budget))
     return {e.name: art.stream(e) for e in art.layers if e.kind == "sopl"}
 
 
-def measure(budgets, lanes, residuals, out_dir: Path) -> dict:
+def measure(budgets, lanes, residuals) -> dict:
     points = {p.layout: p for p in operating_points().values()}
     rows = []
     for budget in budgets:
-        streams = budget_streams(budget, out_dir)
+        streams = budget_streams(budget)
         sparse = {name: s for name, s in streams.items() if len(s.sparse)}
         for n in lanes:
             for r in residuals:
@@ -159,9 +157,12 @@ def main(argv=None) -> int:
              for n in lanes for r in residuals for pt in operating_points().values()]
     except ValueError as err:
         p.error(str(err))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        doc = measure(args.budget or DEFAULT_BUDGETS, lanes, residuals, args.out.parent)
+        check_output(args.out)
+    except OutputError as err:
+        p.error(f"--out: {err}")
+    try:
+        doc = measure(args.budget or DEFAULT_BUDGETS, lanes, residuals)
     except ValueError as err:   # a budget below sop-budget's cheapest options
         p.exit(2, f"{p.prog}: error: {err}\n")
     write_atomic(args.out, (json.dumps(doc, indent=1) + "\n").encode())

@@ -304,6 +304,20 @@ def _read_sparse(path: Path, text: str, where: str, count: int, n: int) -> tuple
     return index.astype(np.int64), values
 
 
+def minilm_budget_artifact(budget: float) -> Path:
+    """MiniLM quantized with sop-budget at ``budget`` bits per weight, calibrated: the artifact whose
+    sparse layers the regressions and the stall measurement run, made once and cached under
+    build/vectors/."""
+    from sop import toolenv
+    from sop.quantize.artifact import quantize_model
+
+    path = toolenv.build_root() / "vectors" / f"minilm-sop-budget-{float(budget)}.sopq"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        quantize_model("minilm", "sop-budget", path, budget=budget, progress=False)
+    return path
+
+
 def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:
     """The golden stream of one layer in a hardware format (the quantizer's choice).
 

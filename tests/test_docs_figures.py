@@ -5,7 +5,8 @@ power-of-two scale, aggregate SQNR on all-MiniLM-L6-v2, calibrated) is measured
 again here, as `sop eval` measures it, and compared with the text to the digit
 it is quoted to; and the README's folder table names every module of golden/, quantize/, hdl/,
 sim/ and every page of docs/. Tables the docs keep by hand are checked against what they copy: sop.md's
-pair counts, hardware.md's named configurations, formats.md's codebook values.
+pair counts, hardware.md's named configurations, formats.md's codebook values. Every link between the pages,
+and every repository path they quote, resolves.
 """
 
 import re
@@ -105,3 +106,49 @@ def test_formats_md_codebook_table_is_every_searched_table_as_rounded():
     assert [int(r[0]) for r in rows] == list(range(16))
     for j, name in enumerate(FIXED_4BIT):
         assert [r[j + 1].strip() for r in rows] == [f"{v:g}" for v in get_codebook(name).values], name
+
+
+# -- links between the pages ---------------------------------------------------------------------------------
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page: each heading's slug (lower case, punctuation but '-' dropped,
+    spaces to '-', '-1', '-2', ... after a repeat) and every explicit ``<a id="...">``."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    found, seen = set(re.findall(r'<a id="([^"]+)"', text)), {}
+    for heading in re.findall(r"^#+\s+(.*)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.replace("`", "").strip().lower()).replace(" ", "-")
+        found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def broken_links(pages: list[Path]) -> list[str]:
+    """Every relative link of ``pages`` whose file or anchor does not exist, and every repository path
+    quoted in backticks (`quantize/artifact.py`) that is no file."""
+    bad = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page.resolve()
+            if not target.exists():
+                bad.append(f"{page.name}: {link}: no such file")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                bad.append(f"{page.name}: {link}: no such anchor")
+        for path in re.findall(r"`((?:golden|quantize|hdl|sim|synth|bench|sop|tests|docs)/[\w./-]+\.(?:py|md))`", text):
+            if not ROOT.joinpath(path).exists():
+                bad.append(f"{page.name}: `{path}`: no such file")
+    return bad
+
+
+def test_every_link_and_quoted_path_of_the_docs_resolves(tmp_path):
+    pages = [ROOT / "README.md", *sorted(ROOT.joinpath("docs").glob("*.md"))]
+    assert broken_links(pages) == []
+    # the checker can fail: a heading's anchor that a page does not have, a file, a quoted path
+    page = tmp_path / "p.md"
+    page.write_text("# Memory (`bench/memory.py`)\n\n[a](#memory-benchmemorypy) [b](#memory) [c](nope.md) "
+                    "`quantize/nope.py`\n")
+    assert broken_links([page]) == ["p.md: #memory: no such anchor", "p.md: nope.md: no such file",
+                                    "p.md: `quantize/nope.py`: no such file"]

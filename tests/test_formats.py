@@ -194,5 +194,8 @@ def test_bad_input_is_refused_clearly():
         get_format("ue4m4").encode([1.0, -2.0])
     with pytest.raises(ValueError, match="out of range"):
         e2m3.decode([64])
+    with pytest.raises(ValueError, match=r"codes are integers, got 1.7 \(float64\)"):
+        e2m3.decode([1.0, 1.7])                   # was read as code 1 (an outside review)
+    assert e2m3.decode(np.array([1.0, 2.0])).tolist() == e2m3.decode([1, 2]).tolist() == [0.125, 0.25]
     with pytest.raises(ValueError, match="valid: .*e2m3.*ue4m4"):
         get_format("e9m9x")

@@ -91,11 +91,21 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 @pytest.mark.parametrize("script, argv, said", [
     ("lane_sweep.py", ["--lanes", "3"], "--lanes: decoder config 'sop4-g16-x3': lanes must be a power of two"),
+    ("lane_sweep.py", ["--out", "/dev/null"], "--out: /dev/null: the output folder exists and is not a folder"),
+    ("dot_vs_naive.py", ["--out", "/dev/null"], "--out: /dev/null: the output folder exists and is not a folder"),
+    ("peer_speed.py", ["--json", "."], "--json: .: the output exists and is a folder"),
     ("fmax_seeds.py", ["--seeds", "0"], "argument --seeds: must be an integer above 0, got 0"),
     ("fmax_seeds.py", ["--jobs", "0"], "argument --jobs: must be an integer above 0, got 0"),
     ("memory.py", ["--size", "0"], "argument --size: must be an integer above 0, got 0"),
     ("memory.py", ["--workdir", "/nonexistent-folder"], "--workdir /nonexistent-folder: not a folder"),
     ("memory.py", ["--budget", "nan"], "argument --budget: must be a finite number above 0, got nan"),
+    ("memory.py", ["--format", "nope"], "argument --format: invalid choice: 'nope'"),
+    ("memory.py", ["--json", "."], "--json: .: the output exists and is a folder"),
+    ("llm_scale.py", ["--format", "nope"], "--format: unknown format(s) nope; valid: fp8-e4m3-pot,"),
+    ("llm_scale.py", ["--workdir", "/dev/null"], "/dev/null: the output folder exists and is not a folder"),
+    ("llm_scale.py", ["--json", "."], ".: the output exists and is a folder"),
+    ("quantize_speed.py", ["--device", "foo"], "--device foo: not a device"),
+    ("dot_bf16.py", ["--sentences", "300"], "argument --sentences: must be an integer above 0 and at most 256"),
     ("quantize_speed.py", ["--layers", "-1"], "argument --layers: must be an integer above 0, got -1"),
     ("quantize_speed.py", ["--budget", "5", "-1"], "argument --budget: must be a finite number above 0, got -1"),
     ("peer_speed.py", ["--repeats", "0"], "argument --repeats: must be an integer above 0, got 0"),
@@ -116,16 +126,30 @@ def test_a_benchs_bad_argument_is_one_usage_line_before_any_work(tmp_path, scrip
     assert list(tmp_path.iterdir()) == []                         # nothing written, no build/ folder
 
 
-def test_the_stall_measurements_decoders_are_checked_before_any_quantizing(monkeypatch, capsys):
-    """`python -m sop.sim.sparse_stalls --lanes 3` quantized MiniLM for minutes, then stopped in a traceback
-    (an outside review)."""
+@pytest.mark.parametrize("argv, said", [
+    (["--lanes", "3"], "error: decoder config 'x3-r1': lanes must be a power of two in 1..64, got 3"),
+    (["--out", "/dev/null"], "error: --out: /dev/null: the output exists and is a character device"),
+])
+def test_the_stall_measurements_arguments_are_checked_before_any_quantizing(monkeypatch, capsys, argv, said):
+    """`python -m sop.sim.sparse_stalls --lanes 3` (or `--out /dev/null`) quantized MiniLM for minutes, then
+    stopped in a traceback (an outside review)."""
     from sop.sim import sparse_stalls
 
     monkeypatch.setattr(sparse_stalls, "measure", lambda *a: pytest.fail("the measurement ran"))
     with pytest.raises(SystemExit) as exit_:
-        sparse_stalls.main(["--lanes", "3"])
+        sparse_stalls.main(argv)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["mutate", "gemv_mutate"])
+def test_a_mutation_runs_output_folder_is_checked_before_any_work(tool, capsys):
+    """`--out /dev/null` ended in mkdir's FileExistsError traceback (an outside review)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"sop.sim.{tool}").main(["--out", "/dev/null"])
     assert exit_.value.code == 2
-    assert "error: decoder config 'x3-r1': lanes must be a power of two in 1..64, got 3" in capsys.readouterr().err
+    assert "error: /dev/null: the output folder exists and is not a folder" in capsys.readouterr().err
 
 
 # -- a wheel installed without the dev extras: the hardware tools say what is missing ----------------------
