@@ -52,7 +52,8 @@ Contract.
   layers only, under their source names; the experts of a fused tensor as that
   one ``(experts, ...)`` tensor), streamed through a temporary file and
   renamed: the same all-or-nothing guarantee. For every layer the result equals
-  ``QuantResult.recon.astype(float32)`` bit for bit.
+  ``golden.formats.to_float32(QuantResult.recon)`` bit for bit (float32 by the output rule, which
+  saturates: a baseline's reconstruction can reach 2^128, past float32's largest).
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ evaluation per codebook.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 import threading
@@ -98,7 +99,7 @@ def _threads_from_env() -> int:
     one line and read as 1 (it is read at import, before any command could report an error, and the
     count changes the speed alone, never a bit of the output)."""
     text = os.environ.get(THREADS_ENV, "").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():           # not str.isdigit alone: '²' is a digit int() refuses
         return max(1, int(text))
     if text:
         print(f"sop: warning: {THREADS_ENV}={text!r} is not a positive integer; using 1 thread", file=sys.stderr)
@@ -361,7 +362,15 @@ def choose_offset(layout: BlockLayout, max_target: float) -> int:
     """Smallest per-layer power of two that puts ``max_target`` under the scale format's maximum."""
     if max_target <= 0:
         return 0
-    off = int(np.ceil(np.log2(max_target / layout.scale.max)))
+    smax = float(layout.scale.max)
+    # Exactly, not by log2 of the quotient (which rounds: a target an ulp above smax * 2^k gave k, and
+    # the block clipped): start from the binary exponents' difference, then step while target / 2^off,
+    # exact by ldexp (the result lies near smax, a normal number), is above smax or fits one lower.
+    off = math.frexp(max_target)[1] - math.frexp(smax)[1]
+    while math.ldexp(max_target, -off) > smax:
+        off += 1
+    while math.ldexp(max_target, 1 - off) <= smax:
+        off -= 1
     return int(np.clip(off, *OFFSET_RANGE))
 
 

@@ -38,7 +38,7 @@ take larger covering scales, which keeps the bottom level up (a fixed point the
 alternation alone does not leave). A caller may pass another start (``init``),
 and a ``partner`` table to fit DD4 as its second bank (the SOP4 search does).
 For speed the fit runs on at most ``max_weights`` weights (evenly spaced rows,
-deterministic); the final encode of the layer uses every weight.
+deterministic; one row where a row is wider); the final encode of the layer uses every weight.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ DD4_ENTRIES = 16
 
 
 def subsample(prep: Prepared, max_weights: int) -> Prepared:
-    """Evenly spaced rows of the layer, at most ``max_weights`` weights (all rows if it is small)."""
+    """Evenly spaced rows of the layer, at most ``max_weights`` weights (all rows if it is small, one
+    row if a row is wider)."""
     rows, cols = prep.w.shape
     n = max(1, min(rows, max_weights // cols))
     if n >= rows:
@@ -112,9 +113,10 @@ def initial_levels(prep: Prepared, n: int = DD4_ENTRIES, iters: int = 30) -> np.
 
 
 def _spread(levels: np.ndarray) -> np.ndarray:
-    """Make the levels distinct (quantiles of data with repeated values can coincide): going up,
+    """Spread repeated levels apart (quantiles of data with repeated values can coincide): going up,
     the lower of two equal levels moves to the midpoint between its lower neighbour and the
-    repeated value (1/64 below it at the bottom), so the order is kept."""
+    repeated value (1/64 below it at the bottom), so the order is kept. Levels an ulp apart can stay
+    equal (their midpoint is one of them): ``table`` makes the HIF entries distinct afterwards."""
     lv = np.sort(np.asarray(levels, dtype=np.float64))
     for i in range(1, len(lv)):                 # 16 levels: a loop over entries, not weights
         if lv[i] <= lv[i - 1]:

@@ -29,9 +29,10 @@ holds the whole model: peak memory is bounded by the largest layer. The files ar
 read by one reader per format (quantize/tensor_readers.py).
 
 **Which tensors are linear layers.** A floating-point tensor is one when it is
-2-D, its name ends in ``weight``, and no dotted part of its name names an
-embedding (contains ``embed``/``embd``, or is ``wte``, ``wpe``, ``shared``, T5's
-``relative_attention_bias``) or a norm (contains ``norm``, or starts with ``ln_``). HF ``Conv1D`` layers (GPT-2
+2-D, its name ends in ``weight``, no dotted part of its name names an
+embedding (contains ``embed``/``embd`` but not ``proj``, or is ``wte``, ``wpe``, ``shared``, T5's
+``relative_attention_bias``), and its module (the part before ``weight``) is no norm (contains
+``norm``, or starts with ``ln_``) and no convolution (``linear_reason``). HF ``Conv1D`` layers (GPT-2
 style ``c_attn``, ``c_proj``, ``c_fc``) store ``(in, out)`` and are transposed.
 GGUF stores ``ne = [in, out]``, which numpy reads as ``(out, in)``. A 3-D tensor of fused MoE experts
 (``is_expert_stack``; not FP8) is one layer per expert,

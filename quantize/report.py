@@ -9,7 +9,8 @@ writes (its schema is in that module's docstring), and writes, next to it
   ACos, the end-to-end embedding cosine mean and minimum when any format has
   them, and whether the format is on the Pareto front;
 * ``<stem>.png``: a scatter of aggregate SQNR (dB) against bpw, every point
-  labeled with its format, the Pareto front drawn as the staircase of the best
+  labeled with its format (up to ``MAX_LABELS``, 60 formats; past that the points alone and a note
+  under the plot: the table names them), the Pareto front drawn as the staircase of the best
   SQNR reachable at each bpw (matplotlib, Agg canvas, no display needed).
 
 For a causal LM (formats whose ``e2e`` has ``"metric": "causal-lm"``) the table

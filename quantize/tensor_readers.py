@@ -288,10 +288,10 @@ class TorchReader(Reader):
         return f"not a torch checkpoint: neither a zip archive nor a pickle ({describe_error(err)})"
 
     def info(self, name):
-        import torch
-
         t = self.tensors[name]
-        is_float = t.is_floating_point() or t.is_quantized or t.layout != torch.strided or t.is_meta
+        # by the dtype, whatever the layout or device: a sparse or meta float tensor is then selected
+        # and refused by ``check``; a sparse or meta integer one is no layer, as a dense one is not
+        is_float = t.dtype.is_floating_point or t.is_quantized
         return tuple(t.shape), str(t.dtype).removeprefix("torch."), is_float
 
     def check(self, name) -> None:

@@ -286,6 +286,15 @@ def test_torch_sparse_meta_and_quantized_tensors_are_refused(tmp_path, legacy):
     bad(p, match="layer x.weight has shape (0, 8)")
 
 
+@pytest.mark.parametrize("tensor", [torch.ones(4, 8, dtype=torch.int64).to_sparse(),
+                                    torch.empty(4, 8, dtype=torch.int64, device="meta")], ids=["sparse", "meta"])
+def test_torch_sparse_or_meta_integer_tensors_are_no_layers(tmp_path, tensor):
+    """An integer tensor is no linear layer whatever its layout: a sparse or meta one was taken for a
+    floating-point layer and refused the whole checkpoint (an outside review)."""
+    m = open_model(str(_torch_file(tmp_path, tensor)))
+    assert [lay.name for lay in m.layers] == ["ok.weight"]
+
+
 def test_torch_sparse_csr_is_refused(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -20,6 +20,8 @@
   the bits of the same layer as float64 (the float64 paths).
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -275,3 +277,19 @@ def test_stream_sums_are_np_sum_for_any_batches(n, most):
         sums.push(x[:, a:b])
         sums.push(x[:, b:b])
     assert bits(sums.total()).tobytes() == bits(x.sum(axis=1)).tobytes()
+
+
+@pytest.mark.parametrize("point", ["sop4-g16", "e2m3-ue4m4-g16"])
+def test_the_offset_is_the_smallest_that_covers_the_target_to_the_ulp(point):
+    """``choose_offset`` took the ceiling of log2 of target / smax, which rounds: a target one ulp
+    above smax * 2^k gave k, and its block's largest weight clipped (an outside review, |k| >= 4 on
+    both layouts). Each target on, one ulp above and one ulp below smax * 2^k, and far from both."""
+    lay = get_point(point).layout
+    smax = float(lay.scale.max)
+    for k in range(-60, 61):
+        edge = math.ldexp(smax, k)
+        assert blockwise.choose_offset(lay, edge) == k
+        assert blockwise.choose_offset(lay, float(np.nextafter(edge, np.inf))) == k + 1
+        assert blockwise.choose_offset(lay, float(np.nextafter(edge, 0))) == k
+        assert blockwise.choose_offset(lay, 0.77 * edge) == k
+    assert blockwise.choose_offset(lay, 1.7e308) == 127 and blockwise.choose_offset(lay, 5e-324) == -128

@@ -176,6 +176,7 @@ def test_threaded_and_inline_encoders_agree(monkeypatch):
 
 
 @pytest.mark.parametrize("value, threads, warned", [("abc", 1, True), ("-3", 1, True), ("2.5", 1, True),
+                                                     ("²", 1, True),      # a digit to str.isdigit, not to int()
                                                      ("0", 1, False), ("", 1, False), ("3", 3, False)])
 def test_sop_threads_from_the_environment(value, threads, warned):
     """A bad ``SOP_THREADS`` was a traceback at import (``sop formats`` too): now one warning line and
