@@ -29,7 +29,8 @@ and a little glue (the FIFOs' handshakes)::
   Its comparisons (last row, last slot, last column, first column) are flags
   worked out a block ahead, so none lies between a counter and its next value; a
   register holds the residual entry in hand (its slot and checks worked out on
-  the way in); the error bits reach ``status`` a cycle after the event.
+  the way in); the error bits reach ``status`` two cycles after the event (``error_seen``, then the
+  sticky register).
 * ``XBuffer``: two activation vectors, a page each, one word of ``g`` codes per
   block column, one read port (shared with the term unit) read into the RAM's latch, then its
   output register: latency 2. ``GemvConfig.x_ram``: ``lib.memory`` and a
@@ -421,6 +422,19 @@ class GemvEngine(wiring.Component):
     def x_chunk(self, chunk):
         """Folded: the chunk of the x word a block's chunk reads, its own (tests override it)."""
         return chunk
+
+
+def drive_layer_shape(m: Module, config: GemvConfig, layer, rows: Value, blocks_per_row: Value) -> None:
+    """Drive the engine's ``layer`` payload's ``rows`` and ``blocks_per_row`` from a host's wider fields,
+    each saturated to its register's largest value: a shape past the engine's limits then reaches it as
+    one (its ``layer`` error), never cut to a small shape it would take (2052 blocks as 4 in 11 bits)."""
+    for value, field, limit in ((rows, layer.rows, config.max_rows), (blocks_per_row, layer.blocks_per_row,
+                                                                      config.max_blocks)):
+        top = (1 << len(field)) - 1
+        if len(value) > len(field) and top <= limit:       # the register cannot hold "past the limit"
+            raise ValueError(f"{config.name}: a {len(value)}-bit host field cannot be saturated into the "
+                             f"{len(field)}-bit register of a limit of {limit}")
+        m.d.comb += field.eq(Mux(value > top, top, value))
 
 
 def describe(config: GemvConfig, engine: GemvEngine) -> dict:

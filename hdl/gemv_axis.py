@@ -261,10 +261,10 @@ class GemvAxis(wiring.Component):
                      eng.load.payload.addr.eq(_field(ld.tdata, lf, "addr")),
                      eng.load.payload.data.eq(_field(ld.tdata, lf, "data")),
                      eng.layer.valid.eq(layer_take),
-                     eng.layer.payload.rows.eq(_field(ld.tdata, yf, "rows")),
-                     eng.layer.payload.blocks_per_row.eq(_field(ld.tdata, yf, "blocks_per_row")),
                      eng.layer.payload.offset.eq(_field(ld.tdata, yf, "offset")),
                      eng.layer.payload.sparse.eq(sparse)]
+        gemv.drive_layer_shape(m, self.config, eng.layer.payload, _field(ld.tdata, yf, "rows"),
+                               _field(ld.tdata, yf, "blocks_per_row"))
         # the waiting layer's vectors, rows and blocks per row (minus one), copied at its swap
         next_left = Signal(range(1 << VECTORS_BITS), name="next_left", reset_less=True)
         next_rows = Signal(rows_shape, name="next_rows_m1", reset_less=True)

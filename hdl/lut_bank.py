@@ -70,8 +70,8 @@ def lutram_depth_problem(lutram_depth: int, depth: int) -> str:
     depth that is no power of two would lose words: the part select takes whole address bits."""
     d = lutram_depth
     if d and (d & (d - 1) or not 2 <= d < depth):
-        return (f"lutram_depth must be 0 (one memory per lane) or a power of two below the lane's table depth "
-                f"{depth}, got {d}")
+        return (f"lutram_depth must be 0 (one memory per lane) or a power of two from 2 to half the lane's "
+                f"table depth {depth}, got {d}")
     return ""
 
 

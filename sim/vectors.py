@@ -167,6 +167,23 @@ def _field(doc: dict, key: str, where: str, kind=None):
     return value
 
 
+def _check_shape(ld: dict, lw: str, group: int, n_blocks: int) -> None:
+    """A layer's ``rows``, ``cols`` and ``width`` (absent in sets written before it: ``cols``) as the
+    writer gives them: whole blocks a row, ``rows * cols`` the blocks' weights, the padding less than
+    a block."""
+    rows, cols = _field(ld, "rows", lw, int), _field(ld, "cols", lw, int)
+    width = ld.get("width", cols)
+    for key, v in (("rows", rows), ("cols", cols), ("width", width)):
+        if type(v) is not int or v < 0:
+            raise VectorError(f"{lw}: field {key!r} must be a count, got {v!r}")
+    if cols % group or rows * cols != n_blocks * group:
+        raise VectorError(f"{lw}: {rows} rows x {cols} columns is not {n_blocks} blocks of {group} "
+                          f"(whole blocks a row)")
+    if not cols - group < width <= cols:
+        raise VectorError(f"{lw}: field 'width' {width} must be the layer's width before padding to whole "
+                          f"blocks of {group}: more than {cols - group} and at most {cols}")
+
+
 def read_vectors(directory: Path) -> list[VectorLayer]:
     directory = Path(directory)
     index = directory / "vectors.json"
@@ -226,6 +243,7 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         n_blocks = _field(ld, "n_blocks", lw, int)
         if isinstance(n_blocks, bool) or n_blocks < 0:
             raise VectorError(f"{lw}: field 'n_blocks' must be a count, got {n_blocks!r}")
+        _check_shape(ld, lw, layout.group, n_blocks)
         luts = _field(ld, "luts", lw, list)
         shape = (layout.banks, 1 << layout.code_bits)
         if (len(luts) != shape[0] or not all(isinstance(b, list) and len(b) == shape[1] for b in luts)

@@ -273,6 +273,40 @@ def test_a_vector_file_edited_with_its_checksum_is_one_line_naming_the_line(made
     assert str(info.value) == f"{target}: line 1: expected {EDITS[kind, line]}, got {line!r}"
 
 
+SHAPE_EDITS = {   # a layer's rows / cols / width edited: read_vectors never looked at them (an outside review)
+    "rows": ("bogus", "field 'rows' must be int, got str"),
+    "cols": (-7, "field 'cols' must be a count, got -7"),
+    "width": ([1], "field 'width' must be a count, got [1]"),
+}
+
+
+@pytest.mark.parametrize("key, edit", [*(("set", k) for k in SHAPE_EDITS), ("rows+1", "rows"), ("width-g", "width"),
+                                       ("width+1", "width"), ("no width", "width")])
+def test_a_layers_shape_fields_are_checked(made, tmp_path, key, edit):
+    d = tmp_path / "v"
+    d.mkdir()
+    for f in made["vectors"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    doc = json.loads((d / "vectors.json").read_text())
+    lay, g = doc["layers"][0], doc["layout"]["group"]
+    said = {"rows+1": f"{lay['rows'] + 1} rows x {lay['cols']} columns is not {lay['n_blocks']} blocks of {g}",
+            "width-g": f"field 'width' {lay['cols'] - g} must be the layer's width before padding",
+            "width+1": f"field 'width' {lay['cols'] + 1} must be the layer's width before padding"}.get(key)
+    if key == "set":
+        lay[edit], said = SHAPE_EDITS[edit]
+    elif key == "no width":
+        del lay["width"]                                   # a set written before the field: read as cols
+    else:
+        lay[edit] = {"rows+1": lay["rows"] + 1, "width-g": lay["cols"] - g, "width+1": lay["cols"] + 1}[key]
+    (d / "vectors.json").write_text(json.dumps(doc))
+    if said is None:
+        assert len(read_vectors(d)) == len(doc["layers"])
+        return
+    with pytest.raises(VectorError) as info:
+        read_vectors(d)
+    assert said in str(info.value) and "layers[0]" in str(info.value)
+
+
 # -- eval results (the input of `sop report`) ----------------------------------------------------------------
 
 def mutated_eval_json(made, tmp_path_factory, data) -> Path:

@@ -242,6 +242,35 @@ def test_error_bits_and_clear():
     assert status == 0
 
 
+@pytest.mark.parametrize("field, value, flagged", [("blocks_per_row", 4, False), ("blocks_per_row", 1025, True),
+                                                   ("blocks_per_row", 2052, True), ("rows", 65535, False)])
+def test_a_layer_word_past_the_engines_registers_is_flagged_not_cut(field, value, flagged):
+    """The layer word's u16 shape went into the engine's narrower registers cut: 2052 blocks a row
+    (gemv-sop4-g16 takes 1024, in 11 bits) became a 4-block layer, taken without an error (an outside
+    review). Saturated now (``gemv.drive_layer_shape``), it is the ``layer`` error the docs give."""
+    cfg = gemv_config.gemv_configs()["gemv-sop4-g16"]
+    yf = gemv_axis.layer_fields(cfg)
+    shape = {"offset": 0, "rows": 17, "blocks_per_row": 4, "vectors": 1, field: value}
+    word = gemv_axis.CTRL_LAYER | sum(v << yf[k][0] for k, v in shape.items())
+    dut = GemvAxis(cfg)
+    seen = {}
+
+    async def bench(ctx):
+        ctx.set(dut.s_axis_load.tdata, word)
+        ctx.set(dut.s_axis_load.tlast, 1)
+        ctx.set(dut.s_axis_load.tvalid, 1)
+        await ctx.tick()
+        ctx.set(dut.s_axis_load.tvalid, 0)
+        await ctx.tick().repeat(4)
+        seen["layer"] = ctx.get(dut.status).errors.layer
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert seen["layer"] == flagged
+
+
 def test_the_pysim_check_catches_a_dropped_tlast():
     class NoYLast(GemvAxis):
         def elaborate(self, platform):

@@ -16,7 +16,7 @@ from sop.hdl.lut_bank import lutram_depth_problem
 from sop.sim import gemv_runner, runner
 
 
-@pytest.mark.parametrize("depth", [7, 12, -4, 64, 99])
+@pytest.mark.parametrize("depth", [1, 7, 12, -4, 64, 99])
 def test_a_lutram_depth_that_would_lose_table_words_is_refused_for_the_engines_too(tmp_path, capsys, depth):
     """A depth that is no power of two left words out of the table (the part select takes whole address
     bits: 7 lost every address 7 mod 8), a negative one built no memory at all: the GEMV engines took
@@ -24,8 +24,8 @@ def test_a_lutram_depth_that_would_lose_table_words_is_refused_for_the_engines_t
     out = tmp_path / "v"
     assert generate_main(["--config", "gemv-sop4-g16", "--lutram-depth", str(depth), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"lutram_depth must be 0 (one memory per lane) or a power of two below the lane's table "
-                        f"depth 64, got {depth}") and "\n" not in err, err
+    assert err.endswith(f"lutram_depth must be 0 (one memory per lane) or a power of two from 2 to half the "
+                        f"lane's table depth 64, got {depth}") and "\n" not in err, err
     assert not out.exists()
     with pytest.raises(ValueError, match="power of two"):
         replace(gemv_config.gemv_configs()["gemv-sop4-g16"], lutram_depth=depth)

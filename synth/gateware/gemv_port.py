@@ -48,7 +48,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from sop.hdl.gemv import GemvEngine
+from sop.hdl.gemv import GemvEngine, drive_layer_shape
 from sop.hdl.gemv_config import GemvConfig, error_layout, load_layout, sparse_layout, x_layout
 
 #: The sparse entry queue's depth (entries): more than one GEMV_SPARSE frame of the default payload.
@@ -158,9 +158,7 @@ class GemvPort(wiring.Component):
         lw, ew = self.layer.payload, eng.layer.payload
         m.d.comb += [eng.layer.valid.eq(self.layer.valid), self.layer.ready.eq(eng.layer.ready),
                      ew.offset.eq(lw.offset), ew.sparse.eq(lw.sparse)]
-        for name in ("rows", "blocks_per_row"):
-            top = (1 << len(getattr(ew, name))) - 1
-            m.d.comb += getattr(ew, name).eq(Mux(getattr(lw, name) > top, top, getattr(lw, name)))
+        drive_layer_shape(m, self.config, ew, lw.rows, lw.blocks_per_row)
 
         # y: the engine's words into the FIFO (``last`` is not kept: the host counts rows)
         m.d.comb += [fifo.w_stream.valid.eq(eng.y.valid), fifo.w_stream.payload.eq(self.y_word(eng.y.payload.value)),

@@ -64,7 +64,8 @@ from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_BAUD
                             Y_WORD_BYTES, Cmd, Err, GemvStatus, SparseStatus, Status, encode_frame)
 
 # The host's bounds on what it reads (it never waits for, or keeps, more): a reply's payload (replies
-# are at most 12 bytes in this version; the cap stays below a bogus 64 KiB length field), the garbage
+# are at most 12 bytes in this version, GEMV_STATUS 24 and GEMV_Y 256; the cap stays below a bogus
+# 64 KiB length field), the garbage
 # bytes quoted in an error message (the rest are only counted), the bytes resync() hands back.
 MAX_REPLY_PAYLOAD = DEFAULT_MAX_PAYLOAD
 GARBAGE_KEPT = 64
