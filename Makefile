@@ -41,7 +41,7 @@ demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print
 demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with calibration, ppl/KLD table, .sopq, a model folder transformers loads, greedy completions
 	$(PY) -m sop.demo_llm
 
-verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, each with residuals (NAME-sp), their AXI4-Stream shells with FuseSoC cores (NAME_axis.v, NAME_axis.core), and the GEMV engines (gemv-*.v) with their AXI4-Stream shells and FuseSoC cores (gemv-*_axis.v, gemv-*_axis.core)
+verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, those with BF16 output of up to 8 lanes also with residuals (NAME-sp), their AXI4-Stream shells with FuseSoC cores (NAME_axis.v, NAME_axis.core), and the GEMV engines (gemv-*.v) with their AXI4-Stream shells and FuseSoC cores (gemv-*_axis.v, gemv-*_axis.core)
 	$(PY) -m sop.hdl.generate --out build/verilog
 
 sim: $(STAMP)  ## cocotb regression of every named configuration, and of each operating point's own configuration with the LUT RAM tables make synth builds on ECP5 (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines (and the small-FPGA one) and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core and of the iCEBreaker's GEMV core)
@@ -78,7 +78,7 @@ peers: $(STAMP)  ## install the quantizers bench/peer_speed.py times ours agains
 	$(VENV)/bin/pip install -q --no-deps "torchao==0.18.0"
 	SKIP_CUDA_BUILD=1 $(VENV)/bin/pip install -q --no-deps --no-build-isolation "fouroversix==1.0.5"
 
-mutate: $(STAMP)  ## mutation score of both operating points, of the residual path and of the GEMV engine, E4M3, BF16 and the folded small-FPGA one (about 75 min on 2 cores, 9 of them the BF16 engine, 8 the folded one): yosys mutate, 1,000 mutants for each decoder (300 of sop4-g16-sp's residual path) and 200 for each GEMV engine, against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
+mutate: $(STAMP)  ## mutation score of both operating points, of the residual path and of the GEMV engine, E4M3, BF16 and the folded small-FPGA one (about 85 min on 2 cores, about 18 of them the BF16 engine and 8 the folded one: docs/gemv-mutation.md): yosys mutate, 1,000 mutants for each decoder (300 of sop4-g16-sp's residual path) and 200 for each GEMV engine, against the fast regression (Verilator), survivors proven equivalent or listed: build/mutate/summary.md
 	$(PYTEST) -q -m long
 	$(PY) -m sop.sim.mutate --mutants 1000 --seed 1 --out build/mutate
 	$(PY) -m sop.sim.gemv_mutate --mutants 200 --seed 1 --out build/mutate-gemv

@@ -431,7 +431,10 @@ def drive_layer_shape(m: Module, config: GemvConfig, layer, rows: Value, blocks_
     for value, field, limit in ((rows, layer.rows, config.max_rows), (blocks_per_row, layer.blocks_per_row,
                                                                       config.max_blocks)):
         top = (1 << len(field)) - 1
-        if len(value) > len(field) and top <= limit:       # the register cannot hold "past the limit"
+        if len(value) <= len(field):                        # it fits: no comparison (a constant one lints)
+            m.d.comb += field.eq(value)
+            continue
+        if top <= limit:                                    # the register cannot hold "past the limit"
             raise ValueError(f"{config.name}: a {len(value)}-bit host field cannot be saturated into the "
                              f"{len(field)}-bit register of a limit of {limit}")
         m.d.comb += field.eq(Mux(value > top, top, value))

@@ -6,8 +6,9 @@ end-to-end check of any causal LM (quantize/calib.py, quantize/evaluate.py).
 
 * a folder (``config.json``, tokenizer files, safetensors single or sharded, or torch ``.bin``):
   ``AutoModelForCausalLM.from_pretrained``; every tensor the configuration needs must be in the
-  checkpoint with its shape, and every checkpoint tensor must have a place in the model, else
-  ``CheckpointError`` naming ``config.json`` and the first mismatch;
+  checkpoint with its shape, and every checkpoint tensor must have a place in the model (but those
+  transformers ignores by design, its ``_keys_to_ignore_on_load_unexpected``: an old Llama's
+  ``rotary_emb.inv_freq``), else ``CheckpointError`` naming ``config.json`` and the first mismatch;
 * a GGUF file: the configuration and tokenizer from its metadata (``transformers``' GGUF
   support), the model built from that configuration, and every tensor read by the project's own
   GGUF reader (quantized types dequantized to float32, as the quantizer reads them), converted to
@@ -124,14 +125,16 @@ class _Stop(Exception):
 
 def memory_needed(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0) -> int:
     """Bytes the forward pass needs, roughly: the model in float32, and for the end-to-end check
-    (``windows`` > 0) one format's float32 reconstructions and the reference logits; plus ``extra``
-    (what the layer search holds beside it: quantize/evaluate.py, ``search_memory``)."""
+    (``windows`` > 0) one batch's logits, one format's float32 reconstructions and the reference
+    logits; plus ``extra`` (what the layer search holds beside it: quantize/evaluate.py,
+    ``search_memory``). Calibration makes no logits (its head hook stops the pass, ``_Stop``)."""
     shapes = [src.tensor_shape(n) for n in src.tensor_names()]
     params = sum(math.prod(s) for s in shapes)
     vocab = max((s[0] for s in shapes if len(s) == 2), default=0)
-    need = 4 * params + 4 * BATCH * seq_len * vocab          # the model; one batch's logits
+    need = 4 * params                                        # the model
     if windows:
-        need += 4 * src.n_weights + 4 * windows * (seq_len - 1 - seq_len // 2) * vocab
+        need += (4 * BATCH * seq_len * vocab + 4 * src.n_weights
+                 + 4 * windows * (seq_len - 1 - seq_len // 2) * vocab)
     return need + extra
 
 
@@ -967,7 +970,8 @@ class CausalLM:
 
     def collect_stats(self, windows, batch: int = BATCH) -> tuple[dict[str, np.ndarray], int]:
         """Per-input-channel mean square of every mapped module's input over every token of ``windows``
-        (of an expert's matrix: over the tokens routed to that expert)."""
+        (of an expert's matrix: over every token that reached its experts module, a token routed
+        elsewhere counting as a zero input)."""
         import torch
 
         sums: dict[str, torch.Tensor] = {}

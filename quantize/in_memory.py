@@ -32,9 +32,10 @@ does for a checkpoint on disk, with the same rules and the same bits:
   (quantize/causal_lm.py ``collect_stats``; the same windows in the same batches give the same bits).
   A position whose mask is 0 is left out (docs/quantizer.md section 2's "every non-padding token"):
   a mapping batch's ``attention_mask``, and in an encoder-decoder model the encoder's for the
-  encoder's layers and for a layer that takes the encoder's output itself (cross-attention's key and
-  value), ``decoder_attention_mask`` for the rest, matched to each layer's input (``_positions``); a
-  tuple's or a tensor's batch counts every position. A batch the model cannot run is a ValueError
+  encoder's layers and for a layer that takes the encoder's output itself or a transposed view of it
+  (cross-attention's key and value; FSMT's, sequence first), ``decoder_attention_mask`` for the
+  rest, matched to each layer's input (``_positions``); a tuple's or a tensor's batch counts every
+  position. A batch the model cannot run is a ValueError
   naming it (``_run``). An expert's matrix takes the
   tokens that reach its experts module, a token the router sent elsewhere a zero input, as on disk
   (``causal_lm._expert_hook``). A layer no token reached (its module not called, or called on no row,
@@ -50,8 +51,9 @@ does for a checkpoint on disk, with the same rules and the same bits:
   named before calibration runs) or a reconstruction that the parameter's dtype cannot hold (float16
   past 65504) raises ``ValueError`` naming the layer and leaves the parameters untouched (a buffer the
   forward pass updates itself, such as dynamic RoPE's, is as the last batch left it). Peak memory
-  is therefore the model, the cast copy of its quantized layers, and one layer's float64 matrix and
-  reconstruction (``sop-budget`` reads each layer twice, as on disk).
+  is therefore the model, the cast copy of its quantized layers, one layer's float64 matrix and
+  reconstruction (``sop-budget`` reads each layer twice, as on disk), and the packed stream of every
+  SOP layer, which the result keeps (its bits: about bpw / 8 bytes a weight).
 
 The result (``InMemoryResult``) holds for each layer what it stores (``LayerRecord``: ``bits``,
 ``bpw``, ``choice``, a SOP point's golden ``stream``; the reconstruction is the model's weight now),
@@ -546,10 +548,11 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
         if not encoder or id(module) in encoder:
             return masks[0]
         # a decoder module that takes the encoder's output as it is (BART's, T5's, Whisper's cross-attention
-        # key and value): its rows are source positions, whatever the two lengths
+        # key and value), or a transposed view of it (FSMT's, sequence first): its rows are source
+        # positions, whatever the two lengths (``_positions`` lays the mask on either layout)
         seen = source[0] if source else None
-        same = (isinstance(x, torch.Tensor) and isinstance(seen, torch.Tensor) and x.shape == seen.shape
-                and x.data_ptr() == seen.data_ptr())
+        same = (isinstance(x, torch.Tensor) and isinstance(seen, torch.Tensor) and x.data_ptr() == seen.data_ptr()
+                and sorted(x.shape) == sorted(seen.shape))
         return masks[0] if same else masks[1]
 
     def hook_for(name: str, module):

@@ -25,6 +25,7 @@ from sop import imported_as_subpackage
 
 imported_as_subpackage(__name__)
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -50,6 +51,19 @@ def sim_env(plan: Path, report: Path) -> dict[str, str]:
 def mut_env(plan: Path, results: Path) -> dict[str, str]:
     """A mutation run's testbench environment: its plan and its results file."""
     return {MUT_PLAN: str(plan), MUT_RESULTS: str(results)}
+
+
+@contextlib.contextmanager
+def runner_owns_environment(seed: int | None):
+    """While a runner's cocotb test runs: the variables it gives its testbench (the plan, the report or
+    results, and the seed where it names one) taken out of this process's environment, which cocotb's
+    runner lays over what it is given; an exported ``COCOTB_RANDOM_SEED`` replaced ``--seed``."""
+    names = [SIM_PLAN, SIM_REPORT, MUT_PLAN, MUT_RESULTS] + (["COCOTB_RANDOM_SEED"] if seed is not None else [])
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def read_plan(variable: str = SIM_PLAN) -> dict:

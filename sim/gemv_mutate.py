@@ -13,9 +13,10 @@ what differs is the design and the bench.
    unit and ``ResidualTermBF16``, with the BF16 quick plan; and sim/gemv_runner.py's
    ``gemv-sop4-g16-small``: the folded small-FPGA engine, one MAC a cycle) with its ``x``
    buffer cut to ``MAX_COLS`` columns (the widest layer of the quick plan is 384; the shipped
-   16384 makes the proofs map a 128-Kbit memory to flip-flops; every other parameter, and the
-   logic, as named), converted by sim/gemv_runner.py's ``build_verilog`` and elaborated as
-   sim/mutate.py does (``hierarchy; proc`` with the register copies kept, ``flatten; opt``).
+   16384 makes the proofs map a 256-Kbit memory, two pages, to flip-flops, 512 Kbit with BF16
+   activations; every other parameter, and the logic, as named), converted by sim/gemv_runner.py's
+   ``build_verilog`` and elaborated as sim/mutate.py does (``hierarchy; proc`` with the register
+   copies kept, ``flatten; opt``).
 2. **Mutations.** ``mutate -list N -seed S`` over every cell but the memories' initial contents,
    applied with ``-ctrl mutsel W i`` into one design (``mutants.v``): the simulator builds it
    once; mutant ``i`` is live while the input ``mutsel`` is ``i`` (0: the original).
@@ -70,7 +71,7 @@ from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 from sop import toolenv
 from sop.argtypes import number, positive
 from sop.golden.files import OutputError, check_output, write_atomic
-from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path
+from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path, runner_owns_environment
 from sop.sim import mutate as mu
 from sop.sim.tb_gemv import IDLE, HostDriver, Scoreboard, Testbench, engine_config
 
@@ -175,10 +176,11 @@ def simulate(cfg, work: Path, top: str, mutants_v: Path, indices: list[int], *, 
         plan_path = sim_dir / "plan.json"
         write_atomic(plan_path, json.dumps(plan).encode())
         try:
-            runner.test(test_module="sop.sim.gemv_mutate", hdl_toplevel=top, build_dir=sim_dir, seed=seed,
-                        timescale=("1ns", "1ps"), results_xml=str(sim_dir / "results.xml"),
-                        extra_env=mut_env(plan_path, results.resolve()),
-                        log_file=sim_dir / f"sim{attempt}.log")
+            with runner_owns_environment(seed):
+                runner.test(test_module="sop.sim.gemv_mutate", hdl_toplevel=top, build_dir=sim_dir, seed=seed,
+                            timescale=("1ns", "1ps"), results_xml=str(sim_dir / "results.xml"),
+                            extra_env=mut_env(plan_path, results.resolve()),
+                            log_file=sim_dir / f"sim{attempt}.log")
         except SystemExit:
             pass
         lines = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
@@ -348,11 +350,7 @@ def run_engine(cfg, out: Path, *, n: int, seed: int, sim: str, prove_survivors: 
         shutil.rmtree(work)
     t0 = time.time()
     top, mutants, sites = prepare(cfg, work, n, seed, extra=extra, none=none, count_sites=count_sites)
-    if only:
-        missing = sorted(set(only) - {m.index for m in mutants})
-        if missing:
-            raise mu.MutateError(f"--only: no mutant {missing} in the list of {len(mutants)}")
-        mutants = [m for m in mutants if m.index in set(only)]
+    mutants = mu.only_mutants(mutants, only)
     width = mu.ctrl_width(n, extra)
     mutants_v = mu.build_mutants(work, mutants)
     t_build = time.time() - t0
@@ -372,7 +370,8 @@ def run_engine(cfg, out: Path, *, n: int, seed: int, sim: str, prove_survivors: 
 
 
 def by_location(s: dict) -> str:
-    """Markdown: the survivors counted by module (the cell's path), then each with its wire."""
+    """Markdown: the survivors counted by module (the cell's path), and the timeouts (each survivor with
+    its wire is in ``mu.markdown``'s table before it)."""
     alive = [r for r in s["mutants"] if r["verdict"] in ("survived", "not run")]
     modules: dict[str, int] = {}
     for r in alive:
@@ -401,6 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", type=mu.mutant_indices, default=None, metavar="I,J,...",
                    help="run only these mutants of the list (investigating survivors; same --mutants and --seed)")
     args = p.parse_args(argv)
+    if args.only and max(args.only) > args.mutants:
+        p.error(f"--only: mutant {max(args.only)} is past the list of {args.mutants}")
     out = args.out or toolenv.build_root() / "mutate-gemv"
     try:
         check_output(out, folder=True)
@@ -413,9 +414,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m sop.sim.gemv_mutate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    s = run_engine(mutation_config(args.config), out, n=args.mutants, seed=args.seed, sim=args.sim,
-                   prove_survivors=not args.no_prove, prove_timeout=args.prove_timeout, induction=args.induction,
-                   only=args.only, count_sites=not args.only)
+    try:
+        s = run_engine(mutation_config(args.config), out, n=args.mutants, seed=args.seed, sim=args.sim,
+                       prove_survivors=not args.no_prove, prove_timeout=args.prove_timeout, induction=args.induction,
+                       only=args.only, count_sites=not args.only)
+    except mu.MutateError as err:               # yosys missing or failing, an --only the list lacks
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 1
     print(f"{s['config']}: {s['total']} mutants of {s['sites']} sites: {s['killed']} killed ({s['timeouts']} by "
           f"timeout), {s['equivalent']} proven equivalent, {s['survived']} survived; score {100 * s['score']:.1f} % "
           f"({s['timing_s']['total']:.0f} s)" + (" -- VOID: the original failed" if s["void"] else ""), flush=True)

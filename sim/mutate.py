@@ -68,7 +68,7 @@ from sop import toolenv
 from sop.argtypes import number, positive
 from sop.golden.files import OutputError, check_output, write_atomic
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
-from sop.sim import mut_env
+from sop.sim import mut_env, runner_owns_environment
 
 DEFAULT_CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 DEFAULT_MUTANTS = 1000
@@ -417,10 +417,11 @@ def simulate(cfg: DecoderConfig, work: Path, top: str, mutants_v: Path, indices:
     results.unlink(missing_ok=True)
     runner = build_mutant_sim(sim, mutants_v, top, sim_dir)
     try:
-        runner.test(test_module="sop.sim.tb_mutants", hdl_toplevel=top, build_dir=sim_dir, seed=seed,
-                    timescale=("1ns", "1ps"), results_xml=str(sim_dir / "results.xml"),
-                    extra_env=mut_env(plan_path, results.resolve()),
-                    log_file=sim_dir / "sim.log")
+        with runner_owns_environment(seed):
+            runner.test(test_module="sop.sim.tb_mutants", hdl_toplevel=top, build_dir=sim_dir, seed=seed,
+                        timescale=("1ns", "1ps"), results_xml=str(sim_dir / "results.xml"),
+                        extra_env=mut_env(plan_path, results.resolve()),
+                        log_file=sim_dir / "sim.log")
     except SystemExit:
         pass
     lines = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
@@ -661,8 +662,7 @@ def run_config(cfg: DecoderConfig, out: Path, *, n: int, seed: int, sim: str, pr
         shutil.rmtree(work)
     t0 = time.time()
     manifest, mutants, sites = prepare(cfg, work, n, seed, extra=extra, none=none)
-    if only:
-        mutants = [m for m in mutants if m.index in set(only)]
+    mutants = only_mutants(mutants, only)
     top, latency = manifest["module"], manifest["latency_cycles"]
     width = ctrl_width(n, extra)
     mutants_v = build_mutants(work, mutants)
@@ -781,6 +781,17 @@ def markdown(summaries: list[dict], command: str) -> str:
 SEED_ARG = number(int, 0, inclusive=True)
 
 
+def only_mutants(mutants: list, only: list[int] | None) -> list:
+    """The mutants ``--only`` names (all without it); ``MutateError`` for a number the list does not hold
+    (it ran none, and reported a score of 100 %)."""
+    if not only:
+        return mutants
+    missing = sorted(set(only) - {m.index for m in mutants})
+    if missing:
+        raise MutateError(f"--only: no mutant {missing} in the list of {len(mutants)}")
+    return [m for m in mutants if m.index in set(only)]
+
+
 def mutant_indices(text: str) -> list[int]:
     """``--only``'s argparse type: mutant indices of the list, comma-separated (1, 2, ...: 0 is the
     original design); anything else is a usage error naming the bad item."""
@@ -798,7 +809,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=SEED_ARG, default=DEFAULT_SEED)
     p.add_argument("--sim", default="verilator", choices=("verilator", "icarus"))
     p.add_argument("--lutram-depth", type=number(int, 0, inclusive=True), default=0, metavar="D",
-                   help="0, or a power of two below the table depth (the configuration checks it)")
+                   help="0, or a power of two from 2 to half the table depth (the configuration checks it)")
     p.add_argument("--lanes", type=positive(int), default=None, help="override the configuration's lanes")
     p.add_argument("--out", type=Path, default=None, help="default build/mutate")
     p.add_argument("--no-prove", action="store_true", help="skip the equivalence checks of the survivors")
@@ -813,6 +824,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", type=mutant_indices, default=None, metavar="I,J,...",
                    help="run only these mutants of the list (investigating survivors)")
     args = p.parse_args(argv)
+    if args.only and max(args.only) > max(args.mutants, args.sparse_mutants):
+        p.error(f"--only: mutant {max(args.only)} is past the list of {max(args.mutants, args.sparse_mutants)}")
     configs = {**named_configs(), **residual_configs()}
     names = args.config or list(DEFAULT_CONFIGS + DEFAULT_SPARSE_CONFIGS)
     if unknown := [n for n in names if n not in configs]:
@@ -834,9 +847,14 @@ def main(argv=None) -> int:
     command = "python -m sop.sim.mutate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     summaries = []
     for cfg in chosen:
-        s = run_config(cfg, out, n=args.sparse_mutants if cfg.residuals else args.mutants, seed=args.seed, sim=args.sim, prove_survivors=not args.no_prove,
-                       prove_timeout=args.prove_timeout, depth=args.bmc_depth, vectors=not args.no_vectors,
-                       size="tiny" if args.tiny else "full", only=args.only, induction=args.induction)
+        try:
+            s = run_config(cfg, out, n=args.sparse_mutants if cfg.residuals else args.mutants, seed=args.seed,
+                           sim=args.sim, prove_survivors=not args.no_prove, prove_timeout=args.prove_timeout,
+                           depth=args.bmc_depth, vectors=not args.no_vectors, size="tiny" if args.tiny else "full",
+                           only=args.only, induction=args.induction)
+        except MutateError as err:              # yosys missing or failing, an --only the list lacks
+            print(f"{p.prog}: error: {cfg.name}: {err}", file=sys.stderr)
+            return 1
         summaries.append(s)
         print(f"{s['config']}: {s['total']} mutants of {s['sites']} sites: {s['killed']} killed, "
               f"{s['equivalent']} proven equivalent, {s['survived']} survived; score {100 * s['score']:.1f} % "

@@ -35,6 +35,7 @@ import argparse
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -48,7 +49,7 @@ from sop.golden.points import OperatingPoint, config_point, operating_points
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
 from sop.hdl.generate import module_name
 from sop.quantize.weights import FFN_OUT_LAYER, QUERY_LAYER
-from sop.sim import sim_env
+from sop.sim import runner_owns_environment, sim_env
 
 SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
 
@@ -70,7 +71,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help=f"the simulator: {', '.join(SIMULATORS)} (default $SIM, else icarus)")
     p.add_argument("--quick", action="store_true", help="the fast subset (make test)")
     p.add_argument("--seed", type=number(int, 0, inclusive=True), default=None,
-                   help="the stimulus seed (default: the plan's)")
+                   help="the stimulus seed (default: a new one each run, printed: --seed N reruns it)")
 
 
 def check_simulator(sim: str) -> None:
@@ -249,9 +250,15 @@ def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = F
 def simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module: str, plan: dict, size: str,
              build_dir: Path, *, seed: int | None, waves: bool) -> dict:
     """Build ``verilog`` (top ``top``) in ``build_dir``, run the cocotb ``test_module`` on ``plan``;
-    the summary it reported, with the simulator, plan size, failed tests and wall time."""
+    the summary it reported, with the simulator, plan size, failed tests and wall time.
+
+    The stimulus seed is the plan's ``seed``: ``seed``, else a new one (the testbench draws from it and
+    reports it, so ``--seed`` reruns a run; cocotb's own ``RANDOM_SEED`` is a hash of it with the
+    test's name, which reruns nothing when given back as ``COCOTB_RANDOM_SEED``)."""
     from cocotb_tools.check_results import get_results
 
+    seed = plan.get("seed", secrets.randbelow(1 << 31) if seed is None else seed)
+    plan = {**plan, "seed": seed}
     plan_path, report_path = build_dir / "plan.json", build_dir / "report.json"
     write_atomic(plan_path, json.dumps(plan).encode())
     report_path.unlink(missing_ok=True)
@@ -263,10 +270,11 @@ def simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module:
     t0 = time.time()
     results_xml = build_dir / "results.xml"
     try:
-        runner.test(test_module=test_module, hdl_toplevel=top, build_dir=build_dir,
-                    seed=seed, waves=waves, timescale=("1ns", "1ps"), results_xml=str(results_xml),
-                    extra_env=sim_env(plan_path, report_path),
-                    log_file=build_dir / "sim.log")
+        with runner_owns_environment(seed):
+            runner.test(test_module=test_module, hdl_toplevel=top, build_dir=build_dir,
+                        seed=seed, waves=waves, timescale=("1ns", "1ps"), results_xml=str(results_xml),
+                        extra_env=sim_env(plan_path, report_path),
+                        log_file=build_dir / "sim.log")
         _, failed = get_results(results_xml)
     except SystemExit:           # under pytest the runner exits on a failing test; the report tells
         failed = 1

@@ -112,7 +112,8 @@ def with_sparse(cfg: DecoderConfig, layer: Layer, rng: np.random.Generator, patt
     ``Layer.expected``). ``pattern``:
 
     * ``random``: each value an entry with probability ``density``, random BF16 values;
-    * ``burst``: whole output beats of entries (``lanes`` in one beat), and pairs;
+    * ``burst``: whole output beats of entries (``lanes`` in one beat), with random entries at
+      ``density`` between them;
     * ``boundaries``: the first and last value of every block and of every output beat;
     * ``ends``: the layer's first and last value, and the swap beat's (the first beat) every value;
     * ``swap``: only in the first output beat (the beat that swaps the tables);

@@ -49,11 +49,11 @@ Structure (cocotb's ``examples/matrix_multiplier``)::
   the regression's main cost.)
 
 For vector jobs the files' expected values must agree with golden too. The
-random seed is ``cocotb.RANDOM_SEED`` (printed): the layers are drawn from one
-stream of it and the idles and stalls from another (``stimulus.seeded_rngs``),
-so a failure reproduces with ``COCOTB_RANDOM_SEED`` and a test can rebuild the
-layers from the seed. A summary (values checked, mismatches, coverage of the
-blocks whose output was checked, and its bitmap) is written to ``SOP_SIM_REPORT``.
+random seed is the plan's ``seed`` (the runner's ``--seed``, else a new one; printed): the layers
+are drawn from one stream of it and the idles and stalls from another (``stimulus.seeded_rngs``),
+so a failure reproduces with ``--seed`` and a test can rebuild the layers from the seed. A summary
+(values checked, mismatches, coverage of the blocks whose output was checked, and its bitmap) is
+written to ``SOP_SIM_REPORT``.
 """
 
 from __future__ import annotations
@@ -375,8 +375,8 @@ def check_vector_expectations(cfg: DecoderConfig, vectors_dir: Path) -> None:
 async def regression(dut):
     plan = read_plan()
     cfg = DecoderConfig.from_description(plan["decoder"])
-    seed = cocotb.RANDOM_SEED
-    dut._log.info(f"config {cfg.name}, random seed {seed} (rerun with COCOTB_RANDOM_SEED={seed})")
+    seed = plan["seed"]
+    dut._log.info(f"config {cfg.name}, random seed {seed} (rerun: --seed {seed})")
     content, timing = stimulus.seeded_rngs(seed)
     jobs = stimulus.plan_jobs(cfg, plan, content)
     for job in plan["jobs"]:

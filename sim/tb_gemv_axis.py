@@ -31,7 +31,7 @@ Bench (``gemv_axis_regression``)::
   a sparse packet): the shell's sequencing alone keeps the pages and the
   vectors apart.
 * The sources pause at random (TVALID gaps, ``p_idle``), the sink too (TREADY
-  low, ``p_stall``), drawn from ``cocotb.RANDOM_SEED``.
+  low, ``p_stall``), drawn from the plan's ``seed`` (``--seed``).
 * Each output packet (beats up to TLAST) must be the vector's words exactly: a
   misplaced TLAST gives a packet of the wrong length ("TLAST misplaced"), a wrong
   word is logged with its layer, vector and row.
@@ -126,9 +126,8 @@ class Scoreboard:
 async def gemv_axis_regression(dut):
     plan = read_plan()
     cfg = engine_config(plan)
-    seed = cocotb.RANDOM_SEED
-    dut._log.info(f"{cfg.name} AXI4-Stream shell, plan {plan['size']}, random seed {seed} "
-                  f"(rerun with COCOTB_RANDOM_SEED={seed})")
+    seed = plan["seed"]
+    dut._log.info(f"{cfg.name} AXI4-Stream shell, plan {plan['size']}, random seed {seed} (rerun: --seed {seed})")
     rng = np.random.default_rng(seed)
     widths = gemv_axis.widths(cfg)
     Clock(dut.aclk, CLOCK_NS, unit="ns").start()

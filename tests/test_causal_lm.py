@@ -213,6 +213,15 @@ def test_a_cache_without_a_selected_layers_statistic_is_a_miss(folders, tmp_path
     assert C.calibrate(src, size, cache_dir=tmp_path).cached
 
 
+def test_calibrations_memory_estimate_is_the_model_alone(folders, monkeypatch):
+    """Calibration's head hook stops the pass before any logits, but its estimate held one batch's
+    (0.5 GB with Llama 3's vocabulary): a model that fits was refused (an outside review)."""
+    src = open_model(str(folders["llama"]))
+    params = sum(math.prod(src.tensor_shape(n)) for n in src.tensor_names())
+    assert L.memory_needed(src) == 4 * params
+    assert L.memory_needed(src, windows=2) > 4 * params                # the end-to-end check's logits
+    monkeypatch.setenv("SOP_MEMORY_LIMIT", str(4 * params + 1024))
+    L.check_memory(src)                                          # the model fits: calibration runs
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -470,6 +470,35 @@ def test_cross_attentions_key_and_value_take_the_encoders_positions(dec_len):
         np.testing.assert_allclose(stats[f"{pre}{name}.weight"], (x * x).mean(0).numpy(), rtol=1e-12, err_msg=name)
 
 
+def test_a_sequence_first_cross_attention_takes_the_encoders_positions():
+    """FSMT's decoder gives its cross-attention the encoder's output transposed, (source, batch, d), a view
+    of the same memory: it was taken for a decoder input and masked with the decoder's mask, or none (the
+    source's padding counted; an outside review). Its statistic is over the source positions kept."""
+    from transformers.models.fsmt import FSMTConfig, FSMTForConditionalGeneration
+
+    import copy
+
+    torch.manual_seed(0)
+    cfg = FSMTConfig(langs=["en", "de"], src_vocab_size=100, tgt_vocab_size=100, d_model=32, encoder_layers=1,
+                     decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                     decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=1)
+    model = FSMTForConditionalGeneration(cfg).eval()
+    src, mask = torch.randint(4, 100, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:], src[1, 6:] = 0, 1
+    batch = {"input_ids": src, "attention_mask": mask, "decoder_input_ids": torch.randint(4, 100, (2, 7))}
+    seen = {}
+    attn = model.model.decoder.layers[0].encoder_attn
+    attn.k_proj.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0].double()))
+    with torch.no_grad():
+        model(**batch)
+    assert seen["x"].shape == (9, 2, 32)                                  # sequence first
+    stats = quantize_module(copy.deepcopy(model), "sop4-g16", [batch]).act_ms
+    x = seen["x"].transpose(0, 1)[mask.bool()]                            # the 15 source positions kept
+    for name in ("k_proj", "v_proj"):
+        np.testing.assert_allclose(stats[f"model.decoder.layers.0.encoder_attn.{name}.weight"],
+                                   (x * x).mean(0).numpy(), rtol=1e-12, err_msg=name)
+
+
 class SeqFirst(torch.nn.Module):
     def __init__(self):
         super().__init__()

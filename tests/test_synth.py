@@ -202,6 +202,30 @@ def test_a_failing_synthesis_falls_back_and_says_so(tmp_path):
     assert (tmp_path / "runs" / "one-flop" / "ice40-fb" / "yosys-failed.log").exists()
 
 
+def test_a_failed_place_and_route_is_recorded_tried_again_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    """nextpnr failing (or past its time limit) left `make synth` at exit 0 with the failure cached, so
+    the next run printed it again without trying (an outside review). It is recorded, never reused,
+    and `python -m sop.synth` exits 1 after writing its report."""
+    from sop.synth.flow import cli, yosys_nextpnr
+
+    broken = Target(**{**TARGETS["ice40"].__dict__, "name": "ice40-pnr-fails",
+                       "pnr": (*TARGETS["ice40"].pnr, "--no-such-option")})
+    first = run_design(OneFlop(), "one-flop", broken, tmp_path)
+    assert first["fmax_mhz"] is None and first["pnr_error"] and "place and route failed" in first["note"]
+    again = run_design(OneFlop(), "one-flop", broken, tmp_path)
+    assert not again["cached"] and again["pnr_error"]          # tried again, not taken from run.json
+    assert run_design(OneFlop(), "one-flop", "ice40", tmp_path)["pnr_error"] is None
+    monkeypatch.setattr(cli, "run_many", lambda order, *a, **k: {c.name: {t: first for _, t in order}
+                                                                 for c, _ in order})
+    assert cli.main(["--config", "sop4-g16-x1", "--target", "ice40", "--out", str(tmp_path / "r")]) == 1
+    assert "error: place and route failed for sop4-g16-x1 on ice40" in capsys.readouterr().err
+    assert (tmp_path / "r" / "report.json").exists()
+    # the cache key covers the whole yosys script: a register keep changed is another run
+    key = yosys_nextpnr.run_key("x", TARGETS["ice40"], "top", 12.0)
+    monkeypatch.setattr(yosys_nextpnr, "YOSYS_KEEP", ("proc",))
+    assert yosys_nextpnr.run_key("x", TARGETS["ice40"], "top", 12.0) != key
+
+
 def test_generic_target_counts_memories_abstractly(tmp_path):
     cfg = named_configs()["sop4-g16-x1"]
     rec = run_config(cfg, "generic", tmp_path)

@@ -142,14 +142,30 @@ def test_the_stall_measurements_arguments_are_checked_before_any_quantizing(monk
 
 
 @pytest.mark.parametrize("tool", ["mutate", "gemv_mutate"])
-def test_a_mutation_runs_output_folder_is_checked_before_any_work(tool, capsys):
-    """`--out /dev/null` ended in mkdir's FileExistsError traceback (an outside review)."""
+@pytest.mark.parametrize("argv, said", [
+    (["--out", "/dev/null"], "/dev/null: the output folder exists and is not a folder"),
+    (["--only", "3,99999"], "--only: mutant 99999 is past the list of")])
+def test_a_mutation_runs_arguments_are_checked_before_any_work(tool, argv, said, capsys):
+    """`--out /dev/null` ended in mkdir's FileExistsError traceback; `--only 99999` ran no mutant and
+    reported a score of 100 % (the decoder's) or a traceback after yosys (the engine's): an outside review."""
     import importlib
 
     with pytest.raises(SystemExit) as exit_:
-        importlib.import_module(f"sop.sim.{tool}").main(["--out", "/dev/null"])
-    assert exit_.value.code == 2
-    assert "error: /dev/null: the output folder exists and is not a folder" in capsys.readouterr().err
+        importlib.import_module(f"sop.sim.{tool}").main(argv)
+    assert exit_.value.code == 2 and f"error: {said}" in capsys.readouterr().err
+
+
+def test_only_names_mutants_the_list_holds():
+    """Past the check above, a number yosys's list does not hold (a smaller mutation space) is an error,
+    not a run of no mutant."""
+    from types import SimpleNamespace
+
+    from sop.sim.mutate import MutateError, only_mutants
+
+    listed = [SimpleNamespace(index=i) for i in (1, 2, 3)]
+    assert only_mutants(listed, None) == listed and [m.index for m in only_mutants(listed, [3, 1])] == [1, 3]
+    with pytest.raises(MutateError, match=r"--only: no mutant \[4\] in the list of 3"):
+        only_mutants(listed, [2, 4])
 
 
 # -- a wheel installed without the dev extras: the hardware tools say what is missing ----------------------

@@ -7,8 +7,9 @@ Writes ``report.json``, ``details.json`` and ``report.md`` under ``--out``
 (schema in synth/flow/yosys_nextpnr.py and docs/synthesis.md), prints the markdown table
 and the wall time. A run of some configurations or targets updates their
 entries and keeps the others. Runs whose Verilog, commands and tools are
-unchanged are taken from the cache (``--force`` repeats them). Exit status 2 for an
-unknown configuration or target, 1 if a tool failed.
+unchanged are taken from the cache (``--force`` repeats them); a failed place and route is
+recorded but never taken from the cache. Exit status 2 for an unknown configuration or target,
+1 if a tool failed (synthesis, or place and route: a crash or the time limit).
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ def main(argv=None) -> int:
         per.update(per_sorted)
     write_reports(results, args.out)
     print(f"wrote {args.out / 'report.json'}, details.json, report.md in {time.monotonic() - t0:.0f} s")
+    failed = [f"{n} on {t}" for n in names for t in targets if done[n][t].get("pnr_error")]
+    if failed:                  # recorded (the next run tries them again), and the run is a failure
+        print(f"error: place and route failed for {', '.join(failed)} (details.json names why)", file=sys.stderr)
+        return 1
     return 0
 
 

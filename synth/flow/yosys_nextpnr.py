@@ -45,7 +45,7 @@ Outputs, under ``--out`` (default ``build/synth/``):
 
 * ``report.json``: ``{config: {target: {"luts": int, "ffs": int, "brams": int,
   "dsps": int, "fmax_mhz": float | null}}}``; ``fmax_mhz`` is null where there
-  was no place and route (``generic``, or a design larger than the device);
+  was no place and route (``generic``, or a design larger than the device) or it failed;
 * ``details.json``: per config and target, every cell type, the placed
   utilisation, the critical path, the wall time, the RTL measured
   (``rtl_state``), the reason for a missing Fmax;
@@ -53,9 +53,10 @@ Outputs, under ``--out`` (default ``build/synth/``):
 * ``runs/<config>/<target>/``: Verilog, yosys and nextpnr logs and JSON.
 
 A run is cached: its ``run.json`` records a hash of the Verilog, the
-commands, the seed and the tool versions, and the tools do not run again for
-an unchanged design (``--force`` makes them); the counts and the critical
-path are always read afresh from the tools' output files.
+commands (the whole yosys scripts), the seed and the tool versions, and the tools do not run
+again for an unchanged design (``--force`` makes them); a place and route that failed (a crash,
+the time limit) runs again. The counts and the critical path are always read afresh from the
+tools' output files.
 
     python -m sop.synth [--config NAME ...] [--target T ...] [--jobs N] [--force]
 """
@@ -210,6 +211,18 @@ def count_cells(by_type: dict[str, int], weights: dict[str, int]) -> int:
     return total
 
 
+def yosys_script(target: Target, top: str, command: str) -> str:
+    """The yosys script that maps ``design.v`` with ``command`` (``target.synth`` or its fallback)."""
+    lines = ["read_verilog design.v"]
+    if target.wrap:
+        lines.append(f"setattr -mod -set keep_hierarchy 1 {top}.dut")
+    lines += YOSYS_KEEP                     # keep the decoder's register copies apart
+    lines += [command.format(top=top), "tee -q -o stat.json stat -json"]
+    if target.pnr:
+        lines += ["setattr -mod -unset keep_hierarchy A:keep_hierarchy", "flatten", "write_json netlist.json"]
+    return "; ".join(lines)
+
+
 def synthesize(work: Path, top: str, target: Target) -> str | None:
     """Yosys in ``work`` on ``design.v``: writes ``stat.json`` and, for place and route, ``netlist.json``.
 
@@ -217,14 +230,7 @@ def synthesize(work: Path, top: str, target: Target) -> str | None:
     is kept as ``yosys-failed.log``); returns the first command's error then, None otherwise.
     """
     def script(command: str) -> str:
-        lines = ["read_verilog design.v"]
-        if target.wrap:
-            lines.append(f"setattr -mod -set keep_hierarchy 1 {top}.dut")
-        lines += YOSYS_KEEP                     # keep the decoder's register copies apart
-        lines += [command.format(top=top), "tee -q -o stat.json stat -json"]
-        if target.pnr:
-            lines += ["setattr -mod -unset keep_hierarchy A:keep_hierarchy", "flatten", "write_json netlist.json"]
-        return "; ".join(lines)
+        return yosys_script(target, top, command)
 
     what = f"yosys {target.synth.split()[0]}"
     try:
@@ -329,10 +335,12 @@ def read_pnr(work: Path, freq_mhz: float | None = None) -> dict:
     return out
 
 
-def run_key(text: str, target: Target, freq_mhz: float | None) -> str:
-    """What the tools' outputs depend on: the Verilog, the commands, the seed and the tool versions."""
+def run_key(text: str, target: Target, top: str, freq_mhz: float | None) -> str:
+    """What the tools' outputs depend on: the Verilog, the commands (the whole yosys scripts, register
+    keeps included), the seed and the tool versions."""
     h = hashlib.sha256()
-    for part in (text, target.synth, target.fallback, " ".join(target.pnr), str(freq_mhz), str(SEED),
+    scripts = [yosys_script(target, top, c) for c in (target.synth, target.fallback) if c]
+    for part in (text, *scripts, " ".join(target.pnr), str(freq_mhz), str(SEED),
                  json.dumps(tool_versions(), sort_keys=True)):
         h.update(part.encode())
         h.update(b"\0")
@@ -355,15 +363,15 @@ def run_design(dut: wiring.Component, name: str, target: str | Target, out: Path
     work = Path(out) / "runs" / name / target.name
     work.mkdir(parents=True, exist_ok=True)
     text = elaborate(dut, top, wrap=target.wrap)
-    key = run_key(text, target, freq_mhz)
+    key = run_key(text, target, top, freq_mhz)
     meta_path = work / "run.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     cached = not force and meta.get("key") == key
+    t0 = time.monotonic()
     if not cached:
         meta_path.unlink(missing_ok=True)
         for stale in ("netlist.json", "pnr.json", "stat.json", "yosys-failed.log"):
             (work / stale).unlink(missing_ok=True)
-        t0 = time.monotonic()
         (work / "design.v").write_text(text)
         meta = {"key": key, "pnr_error": None, "fallback_after": synthesize(work, top, target)}
     cells = read_cells(work, top, target)
@@ -375,15 +383,19 @@ def run_design(dut: wiring.Component, name: str, target: str | Target, out: Path
     if target.pnr and over:
         rec["note"] = "does not fit the device: " + ", ".join(over) + "; not placed"
     elif target.pnr:
-        if not cached:
+        retry = cached and bool(meta.get("pnr_error"))     # a failed place and route is never reused
+        if not cached or retry:
             try:
                 place_and_route(work, target, freq_mhz)
+                meta["pnr_error"] = None
             except ToolError as e:
                 meta["pnr_error"] = e.detail
+            cached = cached and not retry
         if meta["pnr_error"]:
             rec["note"] = f"place and route failed: {meta['pnr_error']}"
         else:
             rec.update(read_pnr(work, freq_mhz))
+    rec["pnr_error"] = meta.get("pnr_error")
     if meta.get("fallback_after"):
         rec["note"] = (f"{target.synth.split()[0]} failed ({meta['fallback_after']}): mapped with the "
                        f"fallback script; " + rec["note"]).rstrip("; ")
