@@ -351,7 +351,10 @@ def _load_gguf(src):
     expect = model.state_dict()
     loaded, unused, chunks = set(), [], {}
     for name in src.tensor_names():
-        w = src.read_tensor(name)
+        try:
+            w = src.read_tensor(name)
+        except CheckpointError as err:          # a tensor the forward pass alone reads (an embedding, a norm)
+            raise CheckpointError(f, f"{err.what}, and the forward pass needs it; {HINT}") from None
         try:
             hf, w = convert(name, w)
         except (ValueError, RuntimeError, IndexError) as err:   # transformers' processor: a reshape the metadata sets

@@ -7,7 +7,9 @@ The two conventions in use, found by the tensor's name (``X.weight`` -> its sibl
 
 * ``X.weight_scale_inv`` (DeepSeek-V3, Qwen3 FP8, transformers' ``fp8`` quantization config): one
   scale per block of ``b0 x b1`` weights, shape ``(ceil(rows / b0), ceil(cols / b1))``, the block from
-  ``config.json``'s ``quantization_config.weight_block_size``, else 128 x 128 where the shape fits it;
+  ``config.json``'s ``quantization_config.weight_block_size`` (the config of the folder, or the one
+  beside a weights file given alone), else 128 x 128 where the shape fits it; like ``weight_scale``
+  it also takes one scale for the tensor or one per row (the only reading of those shapes);
 * ``X.weight_scale`` (compressed-tensors, FBGEMM, ModelOpt): one scale for the tensor (``()``,
   ``(1,)``), one per row (``(rows,)``, ``(rows, 1)``), or one per group of columns (``(rows, groups)``,
   ``groups`` dividing ``cols``).

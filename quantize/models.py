@@ -865,6 +865,11 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
 
     layers, skipped = [], {}
     candidates = 0
+    # a weight_scale_inv's block size is config.json's, which sits beside a weights file given alone too
+    # (read then for it only: a 96 x 96 block read as the 128 x 128 default gave wrong weights silently)
+    fp8_cfg = cfg
+    if fp8_cfg is None and folder is not None and any(n.endswith("_scale_inv") for n in names):
+        fp8_cfg = _folder_config(folder, True)
     # GGUF stores every fused experts tensor ne = [in, out, experts], numpy's (experts, out, in)
     stacks, in_out = (True, False) if kind == "gguf" else fused_experts_layout(cfg)
     for name in names:
@@ -896,16 +901,17 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         reader.check(name)                       # a selected layer the quantizer cannot read: say so now
         t = conv1d and _module_of(name) in CONV1D_NAMES
         out_in = (int(shape[1]), int(shape[0])) if t else (int(shape[0]), int(shape[1]))
-        scale = fp8_scales.scale_of(name, shape, dtype, scales, reader.info, cfg, reader.file_of(name))
+        scale = fp8_scales.scale_of(name, shape, dtype, scales, reader.info, fp8_cfg, reader.file_of(name))
         if scale is not None and kind == "torch":
-            reader.check(scale.name)             # a sparse or meta scale: one line, not torch's error
+            reader.check_scale(scale.name)       # a sparse or meta scale: one line, not torch's error
         layers.append(LinearLayer(name, out_in, t, dtype, scale))
     fp8 = {lay.name: lay.scale for lay in layers if lay.scale is not None}
     for name in names:                           # the others (a forward pass runs them): where a scale fits
         shape, dtype, _ = reader.info(name)
         if name not in fp8 and len(shape) == 2 and dtype in fp8_scales.FP8_DTYPES:
             with contextlib.suppress(CheckpointError):
-                scale = fp8_scales.scale_of(name, shape, dtype, scales, reader.info, cfg, reader.file_of(name))
+                scale = fp8_scales.scale_of(name, shape, dtype, scales, reader.info, fp8_cfg,
+                                            reader.file_of(name))
                 if scale is not None:
                     fp8[name] = scale
     for scale in fp8.values():

@@ -222,8 +222,9 @@ def _flatten(d: dict, f: Path, prefix: str = "", out: dict | None = None) -> dic
     return out
 
 
-def _torch_problem(t) -> str | None:
-    """Why a torch tensor cannot be read as a dense floating-point matrix, or None."""
+def _torch_problem(t, of_dtype: bool = True) -> str | None:
+    """Why a torch tensor cannot be read as a dense floating-point matrix, or None (``of_dtype`` False:
+    whatever its dtype; an FP8 scale's, E8M0 bytes too, is fp8_scales' to judge)."""
     import torch
 
     if t.layout != torch.strided:
@@ -233,8 +234,8 @@ def _torch_problem(t) -> str | None:
     if t.is_quantized:
         return f"is a quantized torch tensor ({str(t.dtype).removeprefix('torch.')}); only dense " \
                f"floating-point tensors are read"
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn,
-                       torch.float8_e5m2):
+    if of_dtype and t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                    torch.float8_e4m3fn, torch.float8_e5m2):
         return f"has dtype {str(t.dtype).removeprefix('torch.')}, which is not read"
     return None
 
@@ -300,6 +301,12 @@ class TorchReader(Reader):
         if why is not None:
             raise CheckpointError(self.where[name], f"layer {name} {why}")
         check_layer_size(self.where[name], name, tuple(t.shape))
+
+    def check_scale(self, name) -> None:
+        """An FP8 scale tensor's layout (its dtype is fp8_scales' to judge): dense, with data."""
+        why = _torch_problem(self.tensors[name], of_dtype=False)
+        if why is not None:
+            raise CheckpointError(self.where[name], f"FP8 scale {name} {why}")
 
     def get(self, name, index: int | None = None) -> np.ndarray:
         import torch
@@ -490,9 +497,9 @@ class GGUFReader(Reader):
             return np.array(data)               # a copy: out of the map
         try:                                     # quantized (or BF16): ModelSource.notes says so, once
             return quants.dequantize(data, t.tensor_type).reshape(shape)
-        except NotImplementedError:
-            raise CheckpointError(self.where[name], f"layer {name} has GGUF type {kind}, which the gguf "
-                                                    f"package cannot dequantize; --exclude it") from None
+        except NotImplementedError:             # (a selected layer was refused by check, naming --exclude)
+            raise CheckpointError(self.where[name], f"tensor {name} has GGUF type {kind}, which the gguf "
+                                                    f"package cannot dequantize") from None
 
 
 #: The reader of each checkpoint kind (quantize/models.py's ``_resolve``).

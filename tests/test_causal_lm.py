@@ -335,9 +335,10 @@ def _permute(w, n_head):
 
 
 def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True, extra=None, name=None, big_endian=False,
-                     kv_heads=None):
+                     kv_heads=None, embd_raw=None):
     """The tiny Llama of ``folder`` as a GGUF file, the way llama.cpp's converter lays it out (``general.name``
-    ``name`` where given; ``kv_heads`` in the metadata in place of the model's)."""
+    ``name`` where given; ``kv_heads`` in the metadata in place of the model's; ``embd_raw``: the embedding's
+    bytes and GGUF type in place of its values)."""
     gguf = pytest.importorskip("gguf")
     cfg = json.loads((folder / "config.json").read_text())
     sd = {k: v.numpy() for k, v in reference_model(folder).state_dict().items()}
@@ -355,7 +356,10 @@ def write_llama_gguf(path, folder, tokenizer, quantize_ffn=True, extra=None, nam
     w.add_vocab_size(VOCAB)
     add_gguf_tokenizer(w, tokenizer)
     T = gguf.GGMLQuantizationType
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    if embd_raw is None:
+        w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    else:
+        w.add_tensor("token_embd.weight", embd_raw[0], raw_dtype=embd_raw[1])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     for i in range(cfg["num_hidden_layers"]):
@@ -479,6 +483,20 @@ def test_a_gguf_whose_tensors_its_metadata_cannot_lay_out_is_one_line(folders, t
                                               r"\(16, 32\) cannot be laid out as the metadata describes the model "
                                               r"\(ValueError: cannot reshape"):
         L.load(open_model(str(path)))
+
+
+def test_a_gguf_tensor_only_the_forward_pass_reads_names_the_remedy_that_works(folders, tokenizer, tmp_path):
+    """An embedding of a GGUF type gguf cannot dequantize (Q8_K) is no layer: `--exclude` it, as the message
+    said, did nothing; without the forward pass (--no-calib) the file quantizes (an outside review)."""
+    gguf = pytest.importorskip("gguf")
+    raw = (np.zeros((VOCAB, 292), np.uint8), gguf.GGMLQuantizationType.Q8_K)     # a row: one 256-value block
+    path = write_llama_gguf(tmp_path / "q8k.gguf", folders["llama"], tokenizer, embd_raw=raw)
+    src = open_model(str(path))
+    assert "token_embd.weight" not in {lay.name for lay in src.layers}
+    with pytest.raises(CheckpointError, match=r"q8k.gguf: tensor token_embd.weight has GGUF type Q8_K, which the "
+                                              r"gguf package cannot dequantize, and the forward pass needs it; "
+                                              r"--no-calib quantizes it"):
+        L.load(src)
 
 
 def test_a_llama_gguf_transformers_builds_as_a_mistral_runs(folders, tokenizer, tmp_path):

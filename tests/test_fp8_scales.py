@@ -49,15 +49,19 @@ def test_an_fp8_layer_reads_as_its_values_times_its_scale(tmp_path, block, suffi
     assert "1 FP8 scale (applied to its layer)" in src.kept_line()
 
 
-def test_the_block_comes_from_config_json(tmp_path):
+@pytest.mark.parametrize("shape, block", [((64, 96), 32), ((192, 192), 96)])
+def test_the_block_comes_from_config_json(tmp_path, shape, block):
+    """The folder's config.json, or the one beside the weights file given alone: a 192 x 192 layer in
+    blocks of 96 has a 2 x 2 scale, as 128 x 128 blocks would, and given alone (no tokenizer beside it) the
+    config was not read and the default block applied, wrong weights without a word (an outside review)."""
     torch.manual_seed(1)
-    w = torch.randn(64, 96) * 0.1
-    q, s, full = fp8_and_scale(w, (32, 32))
+    w = torch.randn(*shape) * 0.1
+    q, s, full = fp8_and_scale(w, (block, block))
     save_file({NAME: q, NAME + "_scale_inv": s}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 32]}}))
-    src = open_model(str(tmp_path))
-    np.testing.assert_array_equal(src.load(NAME), (q.double() * full.double()).numpy())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [block, block]}}))
+    for spec in (tmp_path, tmp_path / "model.safetensors"):
+        np.testing.assert_array_equal(open_model(str(spec)).load(NAME), (q.double() * full.double()).numpy())
 
 
 @pytest.mark.parametrize("extra,why", [
@@ -96,6 +100,19 @@ def test_e8m0_bytes_are_powers_of_two_and_other_types_are_refused(tmp_path, caps
         assert err.startswith("sop: error: ") and NAME + "_scale_inv" in err, (what, err)
         assert ("of type I32, which this reader does not apply" if what == "integer" else "holds nan") in err
         assert not (tmp_path / "o.sopq").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float8_e8m0fnu])
+def test_e8m0_scales_in_a_torch_checkpoint_are_read_as_in_safetensors(tmp_path, dtype):
+    """A torch checkpoint's E8M0 scale (bytes or float8_e8m0fnu) was refused as a layer of a dtype not read,
+    where the same tensors in safetensors were applied (an outside review)."""
+    torch.manual_seed(2)
+    q = (torch.randn(256, 256) * 100).to(torch.float8_e4m3fn)
+    e = torch.tensor([[119, 120], [127, 130]], dtype=torch.uint8)
+    scale = e if dtype == torch.uint8 else torch.exp2(e.float() - 127).to(dtype)
+    torch.save({NAME: q, NAME + "_scale_inv": scale}, tmp_path / "m.pt")
+    full = torch.exp2(e.double() - 127).repeat_interleave(128, 0).repeat_interleave(128, 1)
+    np.testing.assert_array_equal(open_model(str(tmp_path / "m.pt")).load(NAME), (q.double() * full).numpy())
 
 
 def test_a_plain_fp8_layer_without_a_scale_reads_as_its_values(tmp_path):
