@@ -28,7 +28,8 @@ metrics (quantize/metrics.py) weight input column ``j`` by
   ``--seq-len``; default 32 x 256), are run. A text shorter than that is refused
   with a ``ValueError`` before any layer is quantized. ``--calib-sentences``
   applies to sentence encoders only.
-* Cache: ``<cache_dir>/<key>.npz`` (default ``build/calib/``), written
+* Cache: ``<cache_dir>/<key[:32]>.npz`` (the key's first 32 hex digits; the file records the whole
+  key, and another is a miss; default ``build/calib/``), written
   atomically; ``key`` is a SHA-256 of the procedure version, the checkpoint
   files' contents and the configuration and tokenizer files beside them (a BERT
   or causal-LM forward pass reads both), the window shape and the calibration

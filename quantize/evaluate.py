@@ -371,14 +371,14 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     called after each format's end-to-end check with the causal-LM runner and that format's
     float32 reconstructions (the demo prints a greedy completion there). ``jobs``: layers
     quantized in that many worker processes (quantize/jobs.py; the same results)."""
-    from sop.quantize.jobs import LayerPool, check_jobs
+    from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
 
     names = list(dict.fromkeys(formats))
     if not names:
         raise ValueError("no format given")
     fmts = [get_quant_format(n) for n in names]          # unknown names fail here, before any work
     check_options(fmts, budget, nan_policy)
-    jobs = check_jobs(jobs)
+    jobs = min(check_jobs(jobs), usable_cpus())           # as the pool lowers it: the memory estimate's too
     size = n_calib if isinstance(n_calib, C.CalibSize) else C.CalibSize(n_calib)
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"--e2e-windows must be a positive integer, got {e2e_windows!r}")

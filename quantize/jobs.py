@@ -257,6 +257,10 @@ class LayerPool:
                     p.start()
                 child.close()
                 self.workers.append(_Worker(p, parent))
+        except Exception as err:                        # a process that could not start (the forkserver gone)
+            self.close(abort=True)
+            raise WorkerError(f"a --jobs worker process could not start ({type(err).__name__}: {err}); "
+                              f"nothing was written; --jobs 1 runs without workers") from err
         except BaseException:
             self.close(abort=True)
             raise
@@ -287,7 +291,11 @@ class LayerPool:
         while done < n:
             while idle and sent < n and sent - done < self.jobs:
                 w = idle.pop(0)
-                w.conn.send((sent, fn, argss[sent]))
+                try:
+                    w.conn.send((sent, fn, argss[sent]))
+                except OSError:                         # it died idle (a broken pipe is no closed stdout here)
+                    w.item = sent
+                    self._died(w, label, before=True)
                 w.item, w.started = sent, time.monotonic()
                 w.limit = layer_limit(None if weights is None else weights(sent), self.limit_override)
                 busy.append(w)
@@ -356,12 +364,13 @@ class LayerPool:
         raise WorkerError(f"a --jobs worker process (pid {pid}) was still working on {item} after {spent:.0f} s, "
                           f"its time limit ({limit:g} s: {how}); it was stopped and nothing was written")
 
-    def _died(self, w: _Worker, label):
+    def _died(self, w: _Worker, label, before: bool = False):
         w.process.join(1.0)
         what = _exit_text(w.process.exitcode)
         item = label(w.item) if w.item is not None else "no item"
         self.close(abort=True)
-        raise WorkerError(f"a --jobs worker process (pid {w.process.pid}) died while working on {item} ({what}); "
+        raise WorkerError(f"a --jobs worker process (pid {w.process.pid}) died "
+                          f"{'before it took' if before else 'while working on'} {item} ({what}); "
                           f"nothing was written; fewer --jobs use less memory")
 
     def close(self, abort: bool = False) -> None:

@@ -15,9 +15,12 @@ without calibration), with ``a_j = sqrt(m_j)``:
 **Range.** Every sum is kept scaled by one power of two per layer (``2^-2k``
 with ``2^k`` above the layer's largest magnitude, exact), and the weighted ones
 by a second (``unit_scaled``: the largest ``m_j`` brought into [0.5, 1), exact),
-so that no square overflows to Inf or underflows to zero: the metrics are right
-for any finite float64 layer, from ``1e-300`` to ``1e300``, under any finite
-``m`` (only ACos uses it, and a cosine does not change when ``m`` is scaled).
+so that no square overflows to Inf and the layer's own squares do not underflow: the metrics are
+right for any finite float64 layer, from ``1e-300`` to ``1e300``, under any finite ``m`` (only ACos
+uses it, and a cosine does not change when ``m`` is scaled), to float64's precision: an error more
+than about 2^-537 below the layer's largest magnitude squares to zero (a float64 layer of such a
+range alone; float32, float16 and bfloat16 layers cannot reach it), and ``max_abs_err`` resolves
+errors to about 2^-1074 times that magnitude.
 An all-zero reconstruction of a nonzero layer is ``0 dB``, an exact one ``inf``
 dB; a NaN is never produced.
 A non-finite reconstruction is a bug of the quantizer and raises

@@ -829,6 +829,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
     if kind in ("minilm", "safetensors") and _bert_info(folder, cfg):
         _check_bert_config(folder / "config.json", cfg, {n: reader.info(n)[0] for n in reader.names()}, prefix)
         bert, forward = folder, "bert"
+    elif kind == "torch" and _bert_info(folder, cfg):        # not transformers' BertLMHeadModel, a causal LM
+        forward_note = "a BERT folder runs its forward pass from safetensors weights only (save it so to calibrate)"
     elif kind == "gguf":
         ok, forward_note = _causal_gguf(reader)
         forward = "causal-lm" if ok else None

@@ -134,12 +134,47 @@ def test_a_pool_starts_no_more_workers_than_cpus(monkeypatch):
         assert [m for m, _ in pool.map(square, [(2, 0.0), (3, 0.0)])] == [4, 9]
 
 
+def test_a_large_jobs_is_lowered_before_the_memory_estimate(tmp_path, capsys):
+    """`sop eval --jobs 100000` was refused for memory (879 GiB: a layer search per job), where the
+    docs say a large N is lowered to the usable CPUs without a word (an outside review)."""
+    out = tmp_path / "e.json"
+    assert run(["eval", "minilm", "--format", "fp8-e4m3-pot", "--jobs", "100000", "--no-calib", "--include",
+                "encoder.layer.0.attention.self.query.weight", "--json", str(out), "--quiet"]) == 0, \
+        capsys.readouterr().err
+    assert json.loads(out.read_text())["formats"]["fp8-e4m3-pot"]["e2e"] is not None
+
+
 def test_a_dying_worker_is_a_clear_error_not_a_hang(capsys):
     with J.LayerPool(2) as pool, pytest.raises(J.WorkerError) as exc:
         list(pool.map(os._exit, [(3,), (0,)], label=lambda i: f"layer {i}"))
     msg = str(exc.value)
     assert "died while working on layer" in msg and "exit status" in msg, msg
     assert pool.workers == []                     # every worker ended
+
+
+def test_a_worker_that_dies_idle_is_the_same_clear_error(no_hang):
+    """A worker killed while it waited (the parent calibrating, or between two layers) broke the next send's
+    pipe: the BrokenPipeError reached `sop` as a closed stdout, exit 141 and no word (an outside review)."""
+    import signal
+
+    with J.LayerPool(2) as pool, pytest.raises(J.WorkerError) as exc:
+        os.kill(pool.workers[1].process.pid, signal.SIGKILL)
+        pool.workers[1].process.join(10)
+        list(pool.map(square, [(1, 0.0), (2, 0.0), (3, 0.0)], label=lambda i: f"layer {i}"))
+    assert "died before it took layer" in str(exc.value) and "SIGKILL" in str(exc.value), exc.value
+    assert pool.workers == []
+
+
+def test_a_worker_that_cannot_start_is_a_worker_error(monkeypatch):
+    """A process start failing (the forkserver gone: EOFError) came out as an internal error, exit 70."""
+    ctx = J._context()
+
+    def broken(*a, **k):
+        raise EOFError("unexpected EOF")
+
+    monkeypatch.setattr(type(ctx.Process(target=print)), "start", broken)
+    with pytest.raises(J.WorkerError, match=r"could not start \(EOFError: unexpected EOF\)"):
+        J.LayerPool(2)
 
 
 def test_sop_budget_options_on_two_jobs_give_the_same_bytes_and_json(model, tmp_path, capsys):

@@ -493,6 +493,18 @@ def test_bert_folder_whose_config_matches_is_run(tmp_path):
     assert open_model(str(d)).bert_folder == d
 
 
+def test_a_bert_folder_of_torch_weights_says_it_runs_from_safetensors(tmp_path):
+    """A BERT folder with pytorch_model.bin went to transformers' causal-LM loader (BertLMHeadModel) and was
+    refused for a head it does not have (an outside review): it has no forward pass now, saying why."""
+    d = bert_folder(tmp_path, bert_state())
+    sd = {k: torch.from_numpy(v) for k, v in bert_state().items()}
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin")
+    src = open_model(str(d))
+    assert src.forward is None and "runs its forward pass from safetensors weights only" in src.forward_note
+    assert len(src.layers) == 12
+
+
 @pytest.mark.parametrize("cfg,match", [
     ({"hidden_size": 384}, "model_type bert, hidden_size 384, intermediate_size 16, num_hidden_layers 2 gives "
                            "embeddings.word_embeddings.weight the shape ('*', 384), the weights have (30, 8)"),
