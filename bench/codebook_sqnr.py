@@ -31,8 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hif_sqnr import G, exact_nearest, signed_max, sqnr_db, squared_error, weight_blocks  # noqa: E402
 
+from sop.argtypes import output_checked  # noqa: E402
 from sop.golden.codebooks import FIXED_4BIT, SH4_ALPHA, get_codebook, sh4_levels, split87_levels  # noqa: E402
-from sop.golden.files import OutputError, check_output, write_atomic  # noqa: E402
+from sop.golden.files import write_atomic  # noqa: E402
 from sop.quantize.weights import minilm_linear_weights  # noqa: E402
 
 GAUSS_N = 1 << 22                     # ~4.2M iid N(0, 1) values
@@ -92,10 +93,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
-    try:                                        # before the sweep: a FIFO or a folder is refused, not opened
-        args.out and check_output(args.out)
-    except OutputError as err:
-        ap.error(str(err))
+    if args.out:                                # before the sweep: a FIFO or a folder is refused, not opened
+        output_checked(ap, args.out)
 
     t0 = time.perf_counter()
     layers = minilm_linear_weights()

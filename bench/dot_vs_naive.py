@@ -52,9 +52,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from sop.argtypes import positive
+from sop.argtypes import output_checked, positive
 from sop import toolenv
-from sop.golden.files import OutputError, check_output, write_atomic
+from sop.golden.files import write_atomic
 from sop.hdl.block_dot import BlockDot
 from sop.hdl.fp32_acc import ADD_LATENCY, RowAccumulator
 from sop.hdl.naive_dot import NaiveDot, naive_config
@@ -227,10 +227,7 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="run the tools again even where cached")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
-    try:                                  # before any synthesis
-        check_output(args.out, folder=True)
-    except OutputError as err:
-        p.error(f"--out: {err}")
+    output_checked(p, args.out, folder=True, option="--out")       # before any synthesis
     toolenv.apply()
     targets, designs = args.target or list(BENCH_TARGETS), args.design or list(DESIGNS)
     out = args.out

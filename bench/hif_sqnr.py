@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sop.argtypes import output_checked
 from sop.golden.bof4 import lloyd
 from sop.golden.codebooks import FIXED_4BIT, Codebook, get_codebook
-from sop.golden.files import OutputError, check_output, write_atomic
+from sop.golden.files import write_atomic
 from sop.golden.formats import ELEMENT_FORMATS, FloatFormat
 from sop.golden.hif import DEFAULT_HIF, HIF_BIAS, HIF_EBITS, hif_format
 from sop.quantize.weights import minilm_linear_weights
@@ -249,10 +250,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
-    try:                                        # before the measurement: a FIFO or a folder is refused, not opened
-        args.out and check_output(args.out)
-    except OutputError as err:
-        ap.error(str(err))
+    if args.out:                                # before the measurement: a FIFO or a folder is refused, not opened
+        output_checked(ap, args.out)
 
     t0 = time.perf_counter()
     layers = minilm_linear_weights()

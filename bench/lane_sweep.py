@@ -62,9 +62,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from sop.argtypes import positive
+from sop.argtypes import output_checked, positive
 from sop import toolenv
-from sop.golden.files import OutputError, check_output, write_atomic
+from sop.golden.files import write_atomic
 from sop.golden.layout import named_layouts
 from sop.hdl import lut_word
 from sop.hdl.config import PIPELINES, DecoderConfig, named_configs
@@ -219,10 +219,7 @@ def main() -> None:
         [sweep_config(n) for n in args.lanes]
     except ValueError as err:
         p.error(f"--lanes: {err}")
-    try:
-        check_output(args.out, folder=True)
-    except OutputError as err:
-        p.error(f"--out: {err}")
+    output_checked(p, args.out, folder=True, option="--out")
     pipelines = {**PIPELINE, "ice40": args.ice40_pipeline}
     toolenv.apply()
     rtl = rtl_state()

@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from sop import toolenv
-from sop.argtypes import positive
-from sop.golden.files import OutputError, check_output, write_atomic
+from sop.argtypes import output_checked, positive
+from sop.golden.files import write_atomic
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
 
 HIDDEN, INTER, VOCAB = 4096, 14336, 32000
@@ -286,11 +286,8 @@ def main(argv=None) -> int:
         ap.error(f"--format: unknown format(s) {', '.join(unknown)}; valid: {', '.join(quant_formats())}, none")
     work = Path(args.workdir).resolve()
     out = Path(args.json) if args.json else work / "results.json"
-    try:                                # before gigabytes of checkpoint are written
-        check_output(work, folder=True)
-        check_output(out)
-    except OutputError as err:
-        ap.error(str(err))
+    output_checked(ap, work, folder=True)   # before gigabytes of checkpoint are written
+    output_checked(ap, out)
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "load": os.getloadavg()}}
     if not args.skip_memory:

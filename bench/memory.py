@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.argtypes import positive
-from sop.golden.files import OutputError, check_output, write_atomic
+from sop.argtypes import output_checked, positive
+from sop.golden.files import write_atomic
 from sop.quantize.schemes import quant_formats
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
 
@@ -127,11 +127,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.workdir is not None and not Path(args.workdir).is_dir():
         ap.error(f"--workdir {args.workdir}: not a folder (the temporary folder is made in it)")
-    try:
-        if args.json is not None:
-            check_output(args.json)
-    except OutputError as err:
-        ap.error(f"--json: {err}")
+    if args.json is not None:
+        output_checked(ap, args.json, option="--json")
     formats = args.formats or list(quant_formats())
     commands = [c for c in COMMANDS if c in (args.commands or COMMANDS)]
     n = args.size * args.size

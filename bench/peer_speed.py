@@ -39,7 +39,7 @@ import argparse
 import os
 import sys
 
-from sop.argtypes import positive    # argparse and math only: no thread pool started
+from sop.argtypes import output_checked, positive    # argparse and math only: no thread pool started
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--threads", type=positive(int), default=1, help="threads for ours and the peers (default 1: per core)")
@@ -64,7 +64,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sop.golden.files import OutputError, check_output, write_atomic  # noqa: E402
+from sop.golden.files import write_atomic  # noqa: E402
 from sop.quantize import baselines as B  # noqa: E402
 from sop.quantize import blockwise  # noqa: E402
 from sop.quantize.sop_search import quantize_sop4  # noqa: E402
@@ -182,10 +182,7 @@ def run_matrix(label: str, w: np.ndarray, table: dict) -> list[dict]:
 
 
 def main() -> None:
-    try:                                  # before minutes of timing
-        check_output(ARGS.json)
-    except OutputError as err:
-        ap.error(f"--json: {err}")
+    output_checked(ap, ARGS.json, option="--json")                # before minutes of timing
     table, missing = peers()
     for dist in missing:
         print(f"{dist} is not installed: `make peers` installs it ({dist}=={PINS[dist]}); its rows are skipped")

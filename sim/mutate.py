@@ -65,8 +65,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sop import toolenv
-from sop.argtypes import number, positive
-from sop.golden.files import OutputError, check_output, write_atomic
+from sop.argtypes import number, output_checked, positive
+from sop.golden.files import write_atomic
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
 from sop.sim import mut_env, runner_owns_environment
 
@@ -839,10 +839,7 @@ def main(argv=None) -> int:
         print(f"sop mutate: {e}", file=sys.stderr)
         return 2
     out = args.out or toolenv.build_root() / "mutate"
-    try:
-        check_output(out, folder=True)
-    except OutputError as err:
-        p.error(str(err))
+    output_checked(p, out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m sop.sim.mutate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     summaries = []

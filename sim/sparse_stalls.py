@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.argtypes import number, positive
-from sop.golden.files import OutputError, check_output, write_atomic
+from sop.argtypes import number, output_checked, positive
+from sop.golden.files import write_atomic
 from sop.golden.points import operating_points
 from sop.hdl.config import MAX_RESIDUALS, DecoderConfig
 from sop.hdl.residual import MergeModel
@@ -157,10 +157,7 @@ def main(argv=None) -> int:
              for n in lanes for r in residuals for pt in operating_points().values()]
     except ValueError as err:
         p.error(str(err))
-    try:
-        check_output(args.out)
-    except OutputError as err:
-        p.error(f"--out: {err}")
+    output_checked(p, args.out, option="--out")
     try:
         doc = measure(args.budget or DEFAULT_BUDGETS, lanes, residuals)
     except ValueError as err:   # a budget below sop-budget's cheapest options

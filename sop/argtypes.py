@@ -3,7 +3,8 @@ a number outside its range is a usage error naming the option and the value, bef
 
 ``number(int, 0, inclusive=True)`` takes 0, 1, 2, ...; ``positive(float)`` any finite number above
 0. NaN and the infinities are never in range. ``Once``: an option that takes one value, given twice, is
-a usage error (argparse keeps the last).
+a usage error (argparse keeps the last). ``output_checked``: an output a tool cannot write (a folder
+where a file goes, a device, an input), refused as a usage line before any work.
 """
 
 from __future__ import annotations
@@ -47,3 +48,14 @@ class Once(argparse.Action):
             parser.error(f"argument {'/'.join(self.option_strings)}: given twice; it takes one value")
         namespace._once_given = given | {self.dest}
         setattr(namespace, self.dest, values)
+
+
+def output_checked(parser: argparse.ArgumentParser, path, *, folder: bool = False, option: str | None = None):
+    """``golden.files.check_output(path, folder=folder)``, its refusal a usage error (``option: ...``
+    where ``option`` names it); the path back."""
+    from sop.golden.files import OutputError, check_output
+
+    try:
+        return check_output(path, folder=folder)
+    except OutputError as err:
+        parser.error(f"{option}: {err}" if option else str(err))
