@@ -32,7 +32,9 @@ Definitions (docs/quantizer.md has the same list; ``numel = rows * cols``):
 * ``if4`` (IF4, arXiv 2603.28765): the NVFP4 scales (``s_t`` with 448, one E4M3
   block scale ``amax_block / 6 / s_t``); per block either E2M1 elements or INT4
   elements on the grid ``k * 6/7``, ``k = -7 .. 7`` (golden ``int4``, RNE, the
-  argument clipped to ±7 first; the value ``k * 6/7 * scale`` is not a float, so
+  argument ``w / scale * 7/6`` computed in float64, each operation rounded, and
+  clipped to ±7 first: an argument within a few ulp of a half-integer may round
+  otherwise than the exact quotient would; the value ``k * 6/7 * scale`` is not a float, so
   the reconstruction holds it correctly rounded to float64, ``if4_int_recon``),
   whichever has the lower block squared error
   (ties keep FP4). The choice is the sign bit of the scale byte, so bits are
@@ -498,7 +500,11 @@ def nf4_g64(w, act_ms=None, name: str = "layer") -> QuantResult:
         blocks = _blocks(_f64(w[sl]), NF4_BLOCK)
         absmax = _fp32(block_max(np.abs(blocks)))
         safe = np.where(absmax > 0, absmax, 1.0)[..., None]
-        x = blocks / safe                                     # in [-1, 1]
+        x = blocks / safe                                     # in [-1, 1], but:
+        if (absmax < np.finfo(np.float32).tiny).any():
+            # a float64 block whose largest magnitude FP32 holds only as a subnormal rounds it by up to half
+            # its last place, so |x| may pass 1: the nearest entry is then the end one (round_to_table's)
+            np.clip(x, -1.0, 1.0, out=x)
         codes = look.index(x) if look.ok else round_to_table(x, table, np.arange(len(table)))
         ob = _out_blocks(out, NF4_BLOCK)
         if ob is not None:

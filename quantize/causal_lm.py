@@ -9,15 +9,15 @@ end-to-end check of any causal LM (quantize/calib.py, quantize/evaluate.py).
   checkpoint with its shape, and every checkpoint tensor must have a place in the model (but those
   transformers ignores by design, its ``_keys_to_ignore_on_load_unexpected``: an old Llama's
   ``rotary_emb.inv_freq``), else ``CheckpointError`` naming ``config.json`` and the first mismatch;
-* a GGUF file: the configuration and tokenizer from its metadata (``transformers``' GGUF
-  support), the model built from that configuration, and every tensor read by the project's own
-  GGUF reader (quantized types dequantized to float32, as the quantizer reads them), converted to
-  ``transformers``' names and layout by ``transformers``' own GGUF tables (name map, the Llama
-  Q/K row permutation, GPT-2's transposes); a file that holds its own
-  ``output.weight`` runs it as the head, never tied over the input embedding (transformers ties
-  Falcon's and BLOOM's whatever the file holds). A Qwen-MoE GGUF gets its experts' width from the
-  metadata (``_GGUF_CONFIG_MISSING``), a Mixtral GGUF (architecture ``llama`` with experts) is built as
-  a Mixtral, and llama.cpp's ``ffn_gate_exps`` and ``ffn_up_exps`` are each their half of
+* a GGUF file: the configuration and tokenizer from its metadata alone (``transformers``' GGUF support;
+  a ``config.json`` or tokenizer file beside it is not read), the model built from that configuration,
+  and every tensor read by the project's own GGUF reader (quantized types dequantized to float32, as the
+  quantizer reads them), converted to ``transformers``' names and layout by ``transformers``' own GGUF
+  tables (name map, the Llama Q/K row permutation, GPT-2's transposes); a file that holds its own
+  ``output.weight`` runs it as the head, never tied over the input embedding (transformers ties Falcon's
+  and BLOOM's whatever the file holds). A Qwen-MoE GGUF gets its experts' width from the metadata
+  (``_GGUF_CONFIG_MISSING``), a Mixtral GGUF (architecture ``llama`` with experts) is built as a
+  Mixtral, and llama.cpp's ``ffn_gate_exps`` and ``ffn_up_exps`` are each their half of
   ``experts.gate_up_proj`` (``_GGUFConvert.stacks``).
 
 A tokenizer whose ids pass the model's input embeddings (another model's tokenizer) is refused
@@ -71,6 +71,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,14 +147,23 @@ def available_memory() -> int | None:
     return avail()
 
 
-def check_memory(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0) -> None:
-    """Refuse, before any work, a model whose forward pass does not fit in the memory available."""
+#: what a model loaded alone (no windows) is for, when it is not calibration: the remedy its refusal names
+EXPORT = ("the model folder", "sop dequantize without --model-folder writes the quantized layers alone "
+                              "(a .safetensors)")
+
+
+def check_memory(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0,
+                 purpose: tuple[str, str] | None = None) -> None:
+    """Refuse, before any work, a model whose forward pass does not fit in the memory available. ``purpose``:
+    (what the model is for, how to do without it) where that is neither calibration nor the end-to-end check
+    (``EXPORT``)."""
     from sop.quantize.memory import check_fits
 
-    what = "the end-to-end check" if windows else "calibration"
+    what, hint = purpose or (("the end-to-end check", "--no-e2e skips it") if windows
+                             else ("calibration", "--no-calib skips it (unweighted search)"))
     held = "the model in float32" + (", one format of reconstructions and the reference logits" if windows else "")
     check_fits(memory_needed(src, windows, seq_len, extra), f"{src.spec}: the forward pass for {what} ({held})",
-               "--no-e2e skips it" if windows else "--no-calib skips it (unweighted search)")
+               hint)
 
 
 def load(src, progress: bool = False) -> "CausalLM":
@@ -321,9 +331,12 @@ def _load_gguf(src):
     arch = reader.field("general.architecture")
     top_k = _experts_per_token(f, reader, arch)
     try:
-        with _gguf_metadata_read_once(reader.parsed):
-            cfg = AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name, local_files_only=True)
+        # transformers takes a tokenizer.json beside a GGUF over the file's own (llama.cpp's converter writes
+        # into the HF folder): read from a folder that holds the GGUF alone, its metadata is the one source
+        with tempfile.TemporaryDirectory(prefix="sop-gguf-") as alone, _gguf_metadata_read_once(reader.parsed):
+            (Path(alone) / f.name).symlink_to(f.resolve())
+            cfg = AutoConfig.from_pretrained(alone, gguf_file=f.name, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(alone, gguf_file=f.name, local_files_only=True)
         if "output.weight" in reader.names() and getattr(cfg, "tie_word_embeddings", False):
             # transformers ties Falcon's and BLOOM's head to the input embedding whatever the file holds;
             # tied, the one matrix would be output.weight's (loaded last) and token_embd.weight's rows
@@ -602,8 +615,8 @@ class CausalLM:
         self.head_module = next((n for n, m in self.modules.items() if m is head), None) if head is not None \
             else None
         self.targets = self._map_targets()
-        self._check_selected()
-        self._check_fp8()
+        self._check_fp8()                         # first: an FP8 expert run otherwise is found nowhere, and
+        self._check_selected()                    # so unmapped: its remedy is --no-calib, not --exclude
         self.cleaned = 0
         self._clean_selected()
         ids = tokenizer("a")["input_ids"]
@@ -866,17 +879,26 @@ class CausalLM:
                                                          f"{t.module} in another order; {HINT}")
 
     def _check_fp8(self) -> None:
-        """Every FP8 tensor with a scale that a module runs holds what the quantizer reads: its values times
-        its scale, rounded to float32 (transformers dequantizes such a model to run it on the CPU, and places
-        the scales of a block grid that does not divide the matrix otherwise: 32 x 48 in blocks of 32 is
-        read as blocks of 24 columns)."""
-        for tname, t in self.targets.items():
-            scale = self.src.fp8_scale_of.get(tname)
-            if scale is None or t.slot is not None or self.convert is not None:
-                continue
+        """Every FP8 tensor with a scale that the model runs holds what the quantizer reads: its values times its
+        scale, rounded to float32 (transformers dequantizes such a model to run it on the CPU, and places the
+        scales of a block grid that does not divide the matrix otherwise: 32 x 48 in blocks of 32 is read as
+        blocks of 24 columns). Selected or not: an excluded layer still runs in the reference model. A per-expert
+        matrix is checked where it is found by those values (``_expert_slots``); one found nowhere is refused."""
+        if self.convert is not None or not self.src.fp8_scale_of:      # a GGUF has no FP8 scales
+            return
+        names = set(self.src.tensor_names())
+        params = {}                                   # checkpoint tensor -> the parameter loaded from it
+        for pname, p in self.model.named_parameters():
+            params.setdefault(self._param_tensor(pname, names), p)
+        fp8 = self.src.fp8_scale_of
+        for tname in [n for n in self.targets if n in fp8] + [n for n in fp8 if n not in self.targets]:
+            t, scale = self.targets.get(tname), fp8[tname]        # the model's modules in order, then the rest
+            if (t is not None and t.slot is not None) or tname in self.ambiguous:
+                continue                              # found by its values: holds them
+            p = self.modules[t.module].weight if t is not None else params.get(tname)
             want = self.src.scaled_tensor(tname).astype(np.float32)
-            got = self.modules[t.module].weight.detach().numpy()
-            if want.shape != got.shape or not np.array_equal(want, got, equal_nan=True):
+            got = None if p is None else p.detach().numpy()
+            if got is None or want.shape != got.shape or not np.array_equal(want, got, equal_nan=True):
                 raise CheckpointError(self.src.file_of(tname), f"transformers runs the FP8 layer {tname} with "
                                                                f"other weights than its values times its scale "
                                                                f"{scale.name} in blocks of {scale.block[0]} x "

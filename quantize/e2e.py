@@ -4,8 +4,9 @@
 BERT folder with ``config.json``, ``tokenizer.json`` and safetensors weights: the
 files the quantizer reads)
 the way sentence-transformers does for all-MiniLM-L6-v2: the shipped tokenizer
-(truncation to its 128 tokens; the batch is padded to its longest sentence and
-the padding is masked), embeddings + LayerNorm, the encoder layers (erf GELU),
+(truncation where sentence-transformers cuts, its ``sentence_bert_config.json``'s
+``max_seq_length``: 256 tokens for all-MiniLM-L6-v2; the batch is padded to its
+longest sentence and the padding is masked), embeddings + LayerNorm, the encoder layers (erf GELU),
 mean pooling over the attention mask, then L2 normalization. It is checked
 against ``sentence_transformers`` in tests/test_calib.py.
 
@@ -78,8 +79,24 @@ class Bert:
             raise ValueError(f"{self.folder / 'tokenizer.json'}: not a tokenizer the `tokenizers` "
                              f"library can load ({' '.join(str(err).split())[:200]})") from None
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")      # pad to the longest in the batch
-        if self.tokenizer.truncation is None:
-            self.tokenizer.enable_truncation(max_length=int(cfg.get("max_position_embeddings", 512)))
+        self.tokenizer.enable_truncation(max_length=self._max_tokens(cfg))
+
+    def _max_tokens(self, cfg: dict) -> int:
+        """Where a sentence is cut: sentence-transformers' ``max_seq_length`` where the folder has its
+        ``sentence_bert_config.json`` (256 for all-MiniLM-L6-v2, whose ``tokenizer.json`` says 128), else the
+        tokenizer's own truncation, else the model's positions; never past the positions."""
+        positions = int(cfg.get("max_position_embeddings", 512))
+        st = self.folder / "sentence_bert_config.json"
+        try:
+            n = json.loads(st.read_text()).get("max_seq_length") if st.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{st}: not a sentence-transformers configuration (JSON with max_seq_length)") from None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return min(n, positions)
+        if n is not None:
+            raise ValueError(f"{st}: max_seq_length {n!r} is no positive whole number")
+        own = self.tokenizer.truncation
+        return min(int(own["max_length"]), positions) if own else positions
 
     def linear_names(self) -> list[str]:
         names = [f"{self.prefix}encoder.layer.{i}.{l}.weight" for i in range(self.layers) for l in LINEARS]

@@ -101,6 +101,7 @@ class FastTable:
         """``values(t / 2^p)``: callers fold the power of two into their division (exact)."""
         if not self.exact:
             return self.values_table[self.cb.encode(t / self.mul)]
+        t = np.ascontiguousarray(t)       # the fixes below write through flat views: a copy would lose them
         j, hits = self._cells(t)
         v = self.lut_values[j]
         fix = hits[self.on_mid[j.reshape(-1)[hits]]] if hits.size else hits
@@ -189,6 +190,7 @@ class FastTable:
         """``encode(t / 2^p)``."""
         if not self.exact:
             return self.cb.encode(t / self.mul)
+        t = np.ascontiguousarray(t)       # as in values_t
         j, hits = self._cells(t)
         c = self.lut_codes[j]
         fix = hits[self.on_mid[j.reshape(-1)[hits]] | (t.reshape(-1)[hits] == 0)] if hits.size else hits
@@ -198,8 +200,10 @@ class FastTable:
 
     def values(self, x) -> np.ndarray:
         """The table value nearest each ``x`` (``cb.values[cb.encode(x)]`` up to the sign of zero)."""
+        x = np.asarray(x, dtype=np.float64)
+        check_no_nan(x, f"round to {self.cb.name}")
         with np.errstate(over="ignore"):            # beyond 2^1023 / 2^p: ±Inf, which saturates
-            t = np.asarray(x, dtype=np.float64) * self.mul
+            t = x * self.mul
         return self.values_t(t)
 
     def encode(self, x) -> np.ndarray:

@@ -89,7 +89,7 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     if src.forward != "causal-lm":
         raise ValueError(f"{spec}: --model-folder needs a causal LM that transformers runs "
                          f"({src.forward_note or 'a ' + str(src.forward) + ' model'})")
-    causal_lm.check_memory(src)
+    causal_lm.check_memory(src, purpose=causal_lm.EXPORT)
     runner = causal_lm.load(src, progress)
     weights = {}
     for e in art.layers:

@@ -252,6 +252,21 @@ def test_nf4_matches_the_published_table_and_absmax_rule():
     assert np.isclose(np.abs(r.recon).max(axis=1), np.abs(w).max(axis=1), rtol=1e-7).all()
 
 
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_nf4_of_a_float64_block_below_fp32s_normal_range_saturates(sign):
+    """FP32 holds this block's absmax (1.45 x 2^-149) as 2^-149: its weight over that is 1.45, past the table.
+    The nearest entry is the end one (the published rule); the look-up read past its tables (the sign flipped
+    with -1.45, an IndexError with +1.45)."""
+    tiny = 2.0 ** -149
+    w = np.zeros((1, 128))
+    w[0, 0], w[0, 64], w[0, 65] = 1.0, sign * 1.45 * tiny, 0.3 * tiny
+    r = q("nf4-g64", w)
+    x = w[0, 64:] / tiny                                             # absmax as FP32: tiny
+    nearest = NF4_PUBLISHED[np.abs(x[:, None] - NF4_PUBLISHED).argmin(-1)]
+    np.testing.assert_array_equal(r.recon[0, 64:], nearest * tiny)
+    assert r.recon[0, 64] == sign * tiny
+
+
 def test_int8_per_channel_matches_a_recomputation():
     w = heavy(5, 40, seed=5)
     scale = (np.abs(w).max(axis=1, keepdims=True) / 127).astype(np.float32).astype(np.float64)

@@ -44,9 +44,27 @@ def test_bert_matches_sentence_transformers(bert):
         ref = cast(Any, SentenceTransformer)(str(minilm_folder()), device="cpu")
     except Exception as err:                                            # pragma: no cover
         pytest.skip(f"sentence-transformers cannot load the model offline: {err}")
-    expect = ref.encode(SENTENCES, convert_to_numpy=True)
-    got = bert.embed(SENTENCES)
+    # a sentence of 201 tokens and one of 301: sentence-transformers cuts at its max_seq_length (256), not
+    # at tokenizer.json's 128 (the first was run cut at 128: a cosine of 0.978 with its reference)
+    longer = [" ".join(["the"] * 199), " ".join(["dog"] * 299)]
+    assert [sum(e.attention_mask) for e in bert.tokenizer.encode_batch(longer)] == [201, 256]
+    expect = ref.encode(SENTENCES + longer, convert_to_numpy=True)
+    got = bert.embed(SENTENCES + longer)
     np.testing.assert_allclose(got, expect, atol=2e-6)
+
+
+@pytest.mark.parametrize("text, says", [("[256]", "not a sentence-transformers configuration"),
+                                         ('{"max_seq_length": 0}', "max_seq_length 0 is no positive whole number"),
+                                         ('{"max_seq_length": 4096}', None)])
+def test_a_sentence_transformers_length_is_read_and_checked(tmp_path, text, says):
+    folder = tmp_path / "m"
+    shutil.copytree(minilm_folder(), folder)
+    (folder / "sentence_bert_config.json").write_text(text)
+    if says is None:                                # past the model's positions: cut at them
+        assert Bert(folder).tokenizer.truncation["max_length"] == 512
+        return
+    with pytest.raises(ValueError, match=says):
+        Bert(folder)
 
 
 def test_padding_does_not_change_embeddings_or_statistics(bert):

@@ -426,6 +426,25 @@ def test_gguf_runs_with_the_folders_logits_and_one_warning_line(folders, tokeniz
         and "Q8_0 x4" in q.notes[0]
 
 
+def test_a_ggufs_tokenizer_is_its_metadatas_whatever_lies_beside_it(folders, tokenizer, tmp_path):
+    """transformers takes a tokenizer.json beside a GGUF over the file's own; the calibration key (no files
+    beside a GGUF) did not see it, so an edited neighbour was a stale hit. The GGUF's metadata is the source."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", folders["llama"], tokenizer, quantize_ffn=False)
+    text = C.calibration_sentences(3)
+    alone = L.load(open_model(str(path))).token_ids(text)
+    assert alone == tokenizer(" ".join(text), add_special_tokens=False)["input_ids"]     # the GGUF's BPE
+    other = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    runner = L.load(open_model(str(path)))
+    assert runner.token_ids(text) == alone
+    assert runner.model.config.num_hidden_layers == reference_model(folders["llama"]).config.num_hidden_layers
+
+
 def test_a_ggufs_model_is_built_once_without_random_init_and_its_metadata_read_once(folders, tokenizer, tmp_path,
                                                                                     monkeypatch):
     """Every tensor of a GGUF's model is the file's: transformers' random initialisation (a minute of a 7B's
@@ -981,7 +1000,20 @@ def test_a_model_too_large_for_memory_is_refused(folders, monkeypatch, tmp_path,
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny)
     err = one_error(capsys, ["eval", str(folders["llama"]), "--format", "nf4-g64", "--quiet", "--cache-dir",
                              str(tmp_path), *SMALL])
-    assert "needs about" in err and "GiB are available" in err and "--no-e2e" in err
+    assert "needs about" in err and "0.0 MiB are available" in err and "--no-e2e" in err
+
+
+def test_a_model_folder_too_large_for_memory_names_a_remedy_dequantize_has(folders, tmp_path, capsys, monkeypatch):
+    """The export's refusal said "--no-calib skips it (unweighted search)", an option sop dequantize lacks, and
+    "needs about 0.00 GiB, 0.00 GiB are available" for a tiny model."""
+    art = tmp_path / "m.sopq"
+    assert main(["quantize", str(folders["llama"]), "--format", "nf4-g64", "--out", str(art), "--quiet",
+                 "--no-calib"]) == 0
+    monkeypatch.setenv("SOP_MEMORY_LIMIT", "1K")
+    err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(tmp_path / "f"), "--quiet"])
+    assert err.startswith(f"sop: error: {folders['llama']}: the forward pass for the model folder (the model in "
+                          f"float32) needs about ") and " MiB, 0.0 MiB are available (SOP_MEMORY_LIMIT=1K): " in err
+    assert err.endswith(": " + L.EXPORT[1]) and "--no-calib" not in err and not (tmp_path / "f").exists()
 
 
 def test_the_lm_head_option_without_a_head(tmp_path, capsys):

@@ -249,6 +249,22 @@ def test_codebook_encode_and_fast_table_are_exact(cb):
     np.testing.assert_array_equal(ft.values(x), cb.values[want])    # up to the sign of zero
 
 
+@pytest.mark.parametrize("cb", _codebooks()[:3], ids=lambda c: c.name)
+def test_fast_table_is_exact_for_any_memory_layout(cb):
+    """Ties and zeros are fixed through flat views: a Fortran-ordered input (a transposed layer) made them
+    copies, and the fixes were lost (a tie came back the grid's, -0 as +0)."""
+    v, c, nz = _reference_table(cb.values)
+    x = probes(v)
+    x = x[:len(x) // 2 * 2]
+    xt = x.reshape(2, -1).T                                          # Fortran-ordered, as x.T is
+    want = exact_nearest(x, v, c, nz).reshape(2, -1).T
+    ft = FastTable(cb)
+    np.testing.assert_array_equal(ft.encode(xt), want)
+    np.testing.assert_array_equal(ft.values(xt), cb.values[want])    # up to the sign of zero
+    with pytest.raises(ValueError, match="NaN"):
+        ft.values(np.array([0.5, np.nan]))
+
+
 class _TiesFromTheGrid(FastTable):
     """An injected bug: a FastTable that answers ties and zeros from its grid, not from golden."""
 

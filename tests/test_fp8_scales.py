@@ -201,6 +201,30 @@ def test_the_forward_pass_runs_the_weights_the_quantizer_reads_or_is_refused(tmp
     assert main([*args, "--no-calib"]) == 0
 
 
+def test_excluded_fp8_experts_transformers_runs_otherwise_are_refused_too(tmp_path, capsys):
+    """Blocks of 32 leave a Mixtral expert's 48 x 32 w1 a ragged grid, which transformers dequantizes otherwise:
+    found nowhere by its values, the expert was no target, and with the experts excluded (as the refusal of
+    the selected ones advised) the reference model ran weights that are not the checkpoint's, silently."""
+    from sop.quantize import causal_lm as L
+    from test_causal_lm_moe import make_moe
+
+    _, fp8_dir = to_fp8(make_moe(tmp_path / "f32", "mixtral"), tmp_path / "fp8", (32, 32), False,
+                        lambda k: ".experts." in k)
+    args = ["quantize", str(fp8_dir), "--format", "e2m3-ue4m4-g16", "--exclude", "*.experts.*", "--calib-seqs", "2",
+            "--seq-len", "16", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r.sopq"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sop: error: ") and err[0].endswith(
+        "transformers runs the FP8 layer model.layers.0.block_sparse_moe.experts.0.w1.weight with other weights "
+        "than its values times its scale model.layers.0.block_sparse_moe.experts.0.w1.weight_scale_inv in blocks "
+        "of 32 x 32: the forward pass would not run this checkpoint's model; " + L.HINT)
+    assert not (tmp_path / "r.sopq").exists()
+    selected = [a for a in args if a not in ("--exclude", "*.experts.*")]
+    assert main(selected) == 2                    # selected, the same remedy (was: "--exclude it")
+    assert capsys.readouterr().err.strip().splitlines() == err
+    assert main([*args, "--no-calib"]) == 0
+
+
 def test_an_fp8_moe_model_calibrates_as_its_float32_weights(tmp_path, capsys):
     """A Mixtral whose projections and per-expert matrices are FP8 under power-of-two block scales:
     transformers dequantizes the experts into its fused parameters, each found there by its values times
