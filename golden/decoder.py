@@ -21,9 +21,14 @@ product, and the exact sum is rounded once into the output format
   addition of two float64 values is exactly that);
 * ``"bf16"``: the exact sum rounded once to BF16: to nearest, ties to even,
   saturating, subnormals kept (golden.formats' rule; BF16 = E8M7, bias 127).
-  ``sum_to_bf16_grid`` makes the one rounding exact: float64 alone would round
+  ``sum_rounded_to_odd`` makes the one rounding exact: float64 alone would round
   twice (a product near 2^100 plus a residual near 2^-133 first to float64, whose
   result can sit exactly on a BF16 tie that the exact sum does not).
+
+``decode_layer`` into a float32 array (what `sop dequantize` writes) rounds the exact sum once to
+float32 the same way: rounded to odd in float64, then ``to_float32`` (a product of more than 24
+significant bits, a wide HIF under a wide scale, plus a residual could otherwise land on a float32 tie
+in float64 that the exact sum is not on).
 
 The sum's zero follows IEEE round-to-nearest: ``x + (-x) = +0``, ``(-0) + (-0) = -0``,
 ``(-0) + (+0) = +0``. A layer that carries sparse entries adds its residual to
@@ -69,9 +74,10 @@ def product_fields(hif: FloatFormat, luts, layout: BlockLayout, offset: int, hea
     return sh ^ sign_b[:, None], Sh * Ss[:, None], Xh + (Xs + offset)[:, None], nan
 
 
-def sum_to_bf16_grid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def sum_rounded_to_odd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a + b`` (float64 arrays) rounded to odd in float64: a float64 whose BF16 rounding
-    (to nearest even, saturating) is the BF16 rounding of the exact sum.
+    (to nearest even, saturating) is the BF16 rounding of the exact sum, and whose float32
+    rounding (``to_float32``) the float32 rounding of it.
 
     TwoSum gives ``s = fl(a + b)`` and the exact error ``e = (a + b) - s`` (exact for any
     finite ``a``, ``b`` whose sum does not overflow, which no decoded value comes near).
@@ -79,10 +85,10 @@ def sum_to_bf16_grid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     that is the odd one of the two float64 neighbours of the exact sum (round to odd).
     A rounding to odd at p bits followed by a rounding to nearest at q <= p - 2 bits is
     the rounding to nearest of the exact value (Boldo and Melquiond): 53 >= 8 + 2 for
-    BF16's normal range, and BF16's subnormals and the saturation threshold are farther
-    apart still. A zero sum is exact (``e == 0``) and keeps IEEE's sign (``x + (-x) = +0``,
-    ``(-0) + (-0) = -0``); a nonzero sum is never rounded to float64 zero (every float64
-    sum that small is exact). NaN propagates."""
+    BF16's normal range and 53 >= 24 + 2 for float32's, and the subnormals and the
+    saturation thresholds of both are farther apart still. A zero sum is exact (``e == 0``)
+    and keeps IEEE's sign (``x + (-x) = +0``, ``(-0) + (-0) = -0``); a nonzero sum is never
+    rounded to float64 zero (every float64 sum that small is exact). NaN propagates."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     s = a + b
     bb = s - a
@@ -112,7 +118,7 @@ def decode_blocks(hif: FloatFormat, luts, layout: BlockLayout, offset: int, head
         residual = np.asarray(residual, dtype=np.float64).reshape(value.shape)
         # float64 output: one IEEE addition is the exact sum rounded once to float64;
         # BF16 output: rounded to odd, so that the BF16 rounding below is the only one
-        value = sum_to_bf16_grid(value, residual) if out == "bf16" else value + residual
+        value = sum_rounded_to_odd(value, residual) if out == "bf16" else value + residual
     if out == "bf16":
         bf16 = FORMATS["bf16"]
         finite = ~np.isnan(value)
@@ -166,7 +172,11 @@ def decode_layer(stream: LayerStream, out: str = "exact", *, dest: np.ndarray | 
             lo, hi = np.searchsorted(index, [r0 * cols, r1 * cols])
             residual = np.zeros((r1 - r0) * cols)
             residual[index[lo:hi] - r0 * cols] = svals[lo:hi]
-        values = decode_blocks(stream.hif, stream.luts, lay, stream.offset, headers, codes, out, residual)
+        to32 = dest.dtype == np.float32 and out == "exact"
+        values = decode_blocks(stream.hif, stream.luts, lay, stream.offset, headers, codes, out,
+                               None if to32 else residual)
+        if to32 and residual is not None:           # rounded once to float32 (module docstring)
+            values = sum_rounded_to_odd(values, residual.reshape(values.shape))
         values = values.reshape(r1 - r0, cols)[:, :keep]
         # float32 (the files' type) by its output rule: saturating, so a finite value stays finite
         dest[r0:r1] = to_float32(values) if dest.dtype == np.float32 else values

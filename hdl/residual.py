@@ -34,7 +34,7 @@ from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigne
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from sop.golden.decoder import sum_to_bf16_grid
+from sop.golden.decoder import sum_rounded_to_odd
 from sop.golden.formats import get_format
 
 from . import SPARSE_ERRORS, hif_formatter, lut_word, replica as rep, scale_decoder
@@ -108,9 +108,9 @@ def leading_one(m: Module, value, name: str):
 
 def adder_model(config: DecoderConfig, words, block: dict, residuals) -> np.ndarray:
     """``ResidualAdder``'s output words: golden's exact sum of the product and the BF16
-    residual, rounded once to BF16 (golden.decoder.sum_to_bf16_grid, then golden's BF16)."""
+    residual, rounded once to BF16 (golden.decoder.sum_rounded_to_odd, then golden's BF16)."""
     r = BF16.decode(np.asarray(residuals, dtype=np.int64))
-    return BF16.encode(sum_to_bf16_grid(hif_formatter.product_values(config, words, block), r)).astype(np.int64)
+    return BF16.encode(sum_rounded_to_odd(hif_formatter.product_values(config, words, block), r)).astype(np.int64)
 
 
 class ResidualAdder(wiring.Component):

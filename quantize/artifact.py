@@ -53,7 +53,9 @@ Contract.
   one ``(experts, ...)`` tensor), streamed through a temporary file and
   renamed: the same all-or-nothing guarantee. For every layer the result equals
   ``golden.formats.to_float32(QuantResult.recon)`` bit for bit (float32 by the output rule, which
-  saturates: a baseline's reconstruction can reach 2^128, past float32's largest).
+  saturates: a baseline's reconstruction can reach 2^128, past float32's largest). A layer stream is
+  decoded as the exact value rounded once to float32; that is ``to_float32`` of the float64 ``recon``
+  wherever a product has at most 24 significant bits (every registered point: HIF M6 under UE4M4).
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 import sop.golden.decoder as D
-from sop.golden.decoder import decode_blocks, decode_layer, sum_to_bf16_grid
+from sop.golden.decoder import decode_blocks, decode_layer, sum_rounded_to_odd
 from sop.golden.formats import get_format
 from sop.golden.hif import DEFAULT_HIF
-from sop.golden.layout import LayerStream, Sparse, named_layouts, pack_blocks
+from sop.golden.layout import BlockLayout, LayerStream, Sparse, named_layouts, pack_blocks
 
 BF16 = get_format("bf16")
 SOP4 = named_layouts()["sop4-g16"]
@@ -155,16 +155,52 @@ def test_exact_output_is_the_sum_rounded_once_to_float64():
     assert got.tolist() == want
 
 
+def float32_reference(x: Fraction) -> float:
+    """RNE to float32 of an exact value (normal range), as numpy rounds a float64 that holds it."""
+    e = math.floor(math.log2(abs(x))) if x else 0
+    q = Fraction(2) ** (e - 23)
+    n, rem = divmod(abs(x), q)
+    if rem > q / 2 or (rem == q / 2 and n % 2 == 1):
+        n += 1
+    return math.copysign(float(n * q), float(x))
+
+
+def test_float32_output_is_the_exact_sum_rounded_once():
+    """A layer decoded into float32 (sop dequantize) rounds the exact sum once. With a wide HIF (M10) under
+    a wide scale (UE2M14) the product (1 + 2^-10)(1 + 2^-14) has 25 significant bits: a float32 tie. A
+    residual of +2^-80 puts the exact sum above the tie (up), -2^-80 below it (down), none leaves the tie
+    (to even: down). Through the float64 sum (the old rule) the residual was lost and +2^-80 went down."""
+    from sop.golden.hif import hif_format
+
+    hif = hif_format(10)                                              # E3 M10, bias 5
+    lay = BlockLayout(4, 8, get_format("ue2m14"))
+    one_plus = (5 << 10) | 1                                          # HIF (1 + 2^-10) * 2^0
+    luts = np.zeros((1, 16), dtype=np.int64)
+    luts[0, 1], luts[0, 2] = one_plus, (1 << 13) | one_plus         # +-(1 + 2^-10)
+    scale = (1 << 14) | 1                                             # (1 + 2^-14) * 2^0 in UE2M14 (bias 1)
+    codes = np.array([[1, 2, 1, 2, 1, 0, 0, 0]])
+    blocks = pack_blocks(lay, lay.make_header(np.array([scale])), codes)
+    r = [2.0 ** -80, -2.0 ** -80, -2.0 ** -80, 2.0 ** -80]
+    sp = Sparse(np.arange(4, dtype=np.uint32), BF16.encode(np.array(r)))
+    stream = LayerStream(lay, hif, luts, 0, 1, 8, blocks, sp)
+    p = Fraction(1 + 2 ** 10, 2 ** 10) * Fraction(1 + 2 ** 14, 2 ** 14)
+    assert p.denominator == 2 ** 24 and p.numerator % 2 == 1       # 25 bits: a float32 tie
+    got = decode_layer(stream, dest=np.empty((1, 8), np.float32))[0]
+    want = [float32_reference(v * p + Fraction(ri)) for v, ri in zip((1, -1, 1, -1), r)] + [float32_reference(p)]
+    assert got[:5].tolist() == want and got[0] != got[2]              # the residual decides the tie
+    assert decode_layer(stream)[0, 0] == float(p + Fraction(r[0]))  # the exact output: once, to float64
+
+
 def test_round_to_odd_is_the_odd_neighbour():
     a = np.array([1.0, 1.0, -1.0, 2.0 ** 100, 1.5, 0.0, -0.0, 3.0])
     b = np.array([2.0 ** -70, -2.0 ** -70, 2.0 ** -70, -2.0 ** -133, 0.0, -0.0, -0.0, -3.0])
-    s = sum_to_bf16_grid(a, b)
+    s = sum_rounded_to_odd(a, b)
     one_up, one_down = np.nextafter(1.0, 2.0), np.nextafter(1.0, 0.0)
     assert s[0] == one_up and s[1] == one_down and s[2] == -one_down      # away/towards zero
     assert s[3] == np.nextafter(2.0 ** 100, 0.0)                          # below a power of two
     assert s[4] == 1.5 and s[6] == 0 and np.signbit(s[6])                 # exact sums stay
     assert s[5] == 0 and not np.signbit(s[5]) and s[7] == 0 and not np.signbit(s[7])
-    assert np.isnan(sum_to_bf16_grid(np.array([np.nan]), np.array([1.0])))[0]
+    assert np.isnan(sum_rounded_to_odd(np.array([np.nan]), np.array([1.0])))[0]
 
 
 def test_a_sparse_layer_adds_plus_zero_everywhere():
@@ -184,7 +220,7 @@ def test_a_sparse_layer_adds_plus_zero_everywhere():
 def test_the_check_fails_on_the_old_rule(monkeypatch):
     """Rounding to float64 first (the old ``value + residual``) is caught: the tie-breakers
     and the huge gaps land on BF16 ties and round to even, not towards the residual."""
-    monkeypatch.setattr(D, "sum_to_bf16_grid", lambda a, b: a + b)
+    monkeypatch.setattr(D, "sum_rounded_to_odd", lambda a, b: a + b)
     for name in ("tie-breakers", "huge gap"):
         case = next(c for c in CASES if c[0] == name)
         bad = mismatches(*case)
