@@ -226,6 +226,17 @@ def rebuild(data: bytes, edit) -> bytes:
     return out + struct.pack("<I", zlib.crc32(out))
 
 
+def _empty_first_record(meta, body):
+    """Layer 0's record cut to 0 bytes, the later offsets and data_bytes moved to match."""
+    e = meta["layers"][0]
+    for later in meta["layers"][1:]:
+        later["offset"] -= e["length"]
+    meta["data_bytes"] -= e["length"]
+    rest = body[e["length"]:]
+    e.update(length=0, crc32=0)
+    return rest
+
+
 def _swap_kind(meta, body):
     e = meta["layers"][0]                                    # 16 x 48, no padding: passes the shape check
     e["record"] = "f32"
@@ -261,6 +272,7 @@ INCONSISTENT = {
     "missing field": (lambda m, b: m["layers"][1].pop("crc32"), "field 'crc32' is missing"),
     "mistyped field": (lambda m, b: m["layers"][0].update(shape="16x48"), "must be list"),
     "overlapping records": (lambda m, b: m["layers"][1].update(offset=0), "does not follow"),
+    "an empty record": (_empty_first_record, "does not follow"),
     "wrong data size": (lambda m, b: m.update(data_bytes=m["data_bytes"] - 1), "data_bytes"),
     "unknown record kind": (lambda m, b: m["layers"][0].update(record="zip"), "unknown record kind"),
     "not a sopq header": (lambda m, b: m.update(container="zip"), "container"),
@@ -317,6 +329,16 @@ def test_inconsistent_content_with_good_checksums_is_refused(toy_sop4, tmp_path,
     assert main(["dequantize", str(bad), "--out", str(out), "--quiet"]) == 2
     assert want in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.sopq"]      # nothing written, no temp file
+
+
+@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
+def test_another_container_version_is_refused_with_good_checksums(toy_sop4, tmp_path, version):
+    data = bytearray(toy_sop4.read_bytes()[:-4])
+    struct.pack_into("<H", data, 4, version)
+    bad = tmp_path / "v.sopq"
+    bad.write_bytes(bytes(data) + struct.pack("<I", zlib.crc32(data)))
+    with pytest.raises(A.ArtifactError, match=f"container version {version} not supported"):
+        A.open_artifact(bad)
 
 
 def test_a_float32_records_finite_check_holds_no_copy_of_the_layer():

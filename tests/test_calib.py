@@ -128,6 +128,21 @@ def test_calibration_is_cached_by_model_and_text(tmp_path):
     assert C.cache_key("model-b", "", C.calibration_sentences(12)) != first.key
 
 
+def test_a_cache_file_of_another_key_with_the_same_name_is_a_miss(tmp_path):
+    """The file is named by the key's first 32 hex digits and records the whole key: a file whose key differs
+    after them (another model or text, by a collision) is never served."""
+    src = open_model("minilm")
+    first = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
+    path = tmp_path / f"{first.key[:32]}.npz"
+    other = first.key[:32] + ("0" if first.key[32] != "0" else "1") + first.key[33:]
+    fake = {k: v * 2 for k, v in first.act_ms.items()}
+    C._save(path, C.Calibration(True, first.note, fake, other, first.sentences, first.tokens), None)
+    again = C.calibrate(src, n_sentences=12, cache_dir=tmp_path)
+    assert not again.cached
+    for k, v in first.act_ms.items():
+        np.testing.assert_array_equal(again.act_ms[k], v)
+
+
 def _minilm_copy(dest, config_edit=None):
     """MiniLM's folder, its weights hard-linked (90 MB), every other file copied; ``config_edit``
     changes config.json."""

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sop.golden.decoder import decode_layer
-from sop.quantize.knapsack import lagrangian_bound, layer_options, parse_option, quantize_budget, solve_mckp
+from sop.quantize.knapsack import (budget_bits, lagrangian_bound, layer_options, parse_option, quantize_budget,
+                                   solve_mckp)
 
 
 def random_case(seed, layers=5, max_opts=4):
@@ -139,8 +140,11 @@ def test_a_budget_past_every_option_is_capped_and_one_below_every_option_is_refu
     exact = quantize_budget(layers, dearest / n, prepared=prep)
     assert exact.solution.budget_bits == dearest and "capped" not in exact.report
     with pytest.raises(ValueError, match=rf"^--budget is too small: it buys {(cheapest - 1):,} bits, below the "
-                                         rf"cheapest choice, {cheapest:,} bits \(every layer in its cheapest"):
+                                         rf"cheapest choice, {cheapest:,} bits \(every layer in its cheapest") as e:
         quantize_budget(layers, (cheapest - 0.5) / n, prepared=prep)
+    advised = float(str(e.value).split("give --budget ")[1].split()[0])      # the budget it advises runs
+    assert quantize_budget(layers, advised, prepared=prep).solution.bits >= cheapest
+    assert budget_bits([[(10, 5.0), (20, 1.0)]], 1.0, 10) == 10               # exactly the cheapest: bought
     for bad in (0.0, -4.5, math.nan):
         with pytest.raises(ValueError, match=r"^--budget must be a number above 0, got"):
             quantize_budget(layers, bad, prepared=prep)
@@ -276,13 +280,15 @@ def test_the_report_gives_the_budget_as_typed_and_every_layer_off_the_base():
              {"layer": "b", "option": "fp8-e4m3-pot", "extra_bits": -152, "error_reduction": 0.5,
               "reduction_per_bit": 0.0, "options": opts},
              {"layer": "c", "option": "e2m3-ue4m4-g16", "extra_bits": 100, "error_reduction": 1.0,
-              "reduction_per_bit": 0.01, "options": opts}]
+              "reduction_per_bit": 0.01, "options": opts},
+             {"layer": "d", "option": "e2m3-ue4m4-g16", "extra_bits": 100, "error_reduction": 2.0,
+              "reduction_per_bit": 0.02, "options": opts}]
     text = budget_report(SimpleNamespace(solution=Solution([0, 1, 2], 900, 3.0, 2.5, 1, 1076), table=table),
                          5.38088, 200)
     lines = text.splitlines()
     assert lines[0].startswith("budget 5.38088 bpw = 1,076 bits")
-    assert [ln.split()[0] for ln in lines[3:]] == ["c", "b"]
-    assert lines[3].endswith("+100 bits  error -1 (0.01/bit)") and lines[4].endswith("-152 bits  error -0.5")
+    assert [ln.split()[0] for ln in lines[3:]] == ["d", "c", "b"]          # the most reduction per bit first
+    assert lines[4].endswith("+100 bits  error -1 (0.01/bit)") and lines[5].endswith("-152 bits  error -0.5")
 
 
 @pytest.mark.parametrize(("act", "where"), [(1e308, "layer a's weighted error overflows"),

@@ -192,6 +192,17 @@ def test_a_non_finite_residual_is_refused(bf16):
         unpack_layer(_recrc(bytes(body)))
 
 
+@pytest.mark.parametrize("bit", range(2, 8))
+def test_a_reserved_flag_bit_is_refused(bit):
+    """Byte 7 holds the signed-scale and selection flags (bits 0, 1); the others are reserved: a stream
+    setting one is not this format (a bit flip there is caught by the CRC first, so this recomputes it)."""
+    data = bytearray(pack_layer(random_stream(np.random.default_rng(8), SOP4))[:-4])
+    assert data[7] == 0b11                                          # SOP4: signed scale and selection bit
+    data[7] |= 1 << bit
+    with pytest.raises(LayoutError, match=r"set reserved bits"):
+        unpack_layer(_recrc(bytes(data)))
+
+
 @pytest.mark.parametrize("bias", [-1, 8, 127, -128])
 def test_a_hif_bias_outside_the_documented_range_is_refused(bias):
     data = pack_layer(random_stream(np.random.default_rng(7), SOP4))[:-4]

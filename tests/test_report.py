@@ -213,6 +213,8 @@ def test_pareto_front_against_the_definition_on_random_points():
      "field 'bpw' must be a finite number above 0 and at most 64, got inf"),
     ('{"formats": {"nf4-g64": {"bpw": -4.5, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}',
      "field 'bpw' must be a finite number above 0 and at most 64, got -4.5"),
+    ('{"formats": {"nf4-g64": {"bpw": 0, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}',
+     "field 'bpw' must be a finite number above 0 and at most 64, got 0"),          # the open end itself
     ('{"formats": {"nf4-g64": {"bpw": 4.5, "sqnr_db": NaN, "rel_mse": 0.01, "acos": 0.99}}}',
      "field 'sqnr_db' must be a finite number from -1000 to 1000, got nan"),
     ('{"formats": {"nf4-g64": {"bpw": 4.5, "sqnr_db": -1e308, "rel_mse": 0.01, "acos": 0.99}}}',

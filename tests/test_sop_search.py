@@ -141,15 +141,23 @@ CASES = [(SOP4, ("nf4", "sh4"), 1), (SOP4, ("fp4", "int4"), 2), (SOP4, ("bof4-s"
 def test_encoder_equals_plain_reference(layout, banks, ss, weighted):
     w = weights(3, rows=16, cols=128)
     rng = np.random.default_rng(4)
-    # a few blocks sit exactly on the table's grid: ties and exact reconstructions
-    cb0 = get_codebook(banks[0])
-    w[:2, :layout.group] = cb0.values[rng.integers(0, len(cb0.values), (2, layout.group))] * 2.0 ** -5
-    a = rng.random(128) ** 3 if weighted else None
     cbs = [get_codebook(b) for b in banks]
+    # a few blocks sit exactly on the table's grid: ties and exact reconstructions
+    cb0 = cbs[0]
+    w[:2, :layout.group] = cb0.values[rng.integers(0, len(cb0.values), (2, layout.group))] * 2.0 ** -5
+    w[2, :layout.group] = 0.0                                  # every bank and scale ties: bank A's, code 0
+    # the layer's largest block, covered by exactly the top scale code (offset -3): the end of the scale range
+    tops = [v for cb in cbs for v in ((cb.values.max(), -cb.values.min()) if layout.signed_scale
+                                      else (cb.values.max(),))]
+    w[3, :layout.group] *= 1e-3
+    w[3, 0] = float(layout.scale.max) * 2.0 ** -3 * min(tops)
+    a = rng.random(128) ** 3 if weighted else None
     s = encode_layer(w, layout, cbs, scale_search=ss, col_weight=a)
     offset, blocks = reference_encode_layer(w, layout, cbs, ss, a)
-    assert s.offset == offset
+    assert s.offset == offset == -3
     assert s.blocks == blocks
+    headers, _ = unpack_blocks(layout, s.blocks)
+    assert headers[2 * (128 // layout.group)] == 0                # the zero block: bank A, code 0, sign +
 
 
 @pytest.mark.parametrize("layout", [SOP4, FP6, BlockLayout(6, 32, get_format("ue4m4")),
@@ -322,14 +330,27 @@ def test_the_scale_of_act_ms_changes_no_choice(exp):
 
 
 def test_a_layer_of_zeros_takes_offset_0_and_the_first_pair():
-    """docs/sop.md: no scale is needed (offset 0, scale codes 0) and every pair's ACos is 1 (first pair)."""
+    """docs/sop.md: no scale is needed (offset 0, scale codes 0) and every pair's ACos is 1 (first pair);
+    both banks tie on every block, and bank A wins a tie (as encode_layer): every header is 0."""
     w = np.zeros((4, 32), np.float32)
-    res, fp6 = quantize_sop4(w), quantize_fp6(w)
-    assert res.choice == "nf4+bof4" and res.extra["acos"] == 1.0
-    for r in (res, fp6):
+    res, fp6 = (quantize_sop4(w), quantize_sop4(w, dd4=False)), quantize_fp6(w)
+    assert res[0].choice == "nf4+bof4" and res[0].extra["acos"] == 1.0
+    for r in (*res, fp6):
         headers, _ = unpack_blocks(r.stream.layout, r.stream.blocks)
         assert r.stream.offset == 0 and not r.recon.any()
-        assert not (headers & ((1 << r.stream.layout.scale.bits) - 1)).any()
+        assert not headers.any()
+
+
+def test_the_registrys_fp6_point_is_the_fp6_quantizer():
+    """quantize_point (the registry's path: sop quantize, the knapsack's FP6 option) takes the point's
+    scale search, the one quantize_fp6 uses (a default of 1 there gave a larger error, unseen)."""
+    from sop.golden.points import get_point
+    from sop.quantize.sop_search import quantize_point
+
+    w = np.random.default_rng(0).standard_normal((4, 64))
+    a, b = quantize_point(w, get_point("e2m3-ue4m4-g16")), quantize_fp6(w)
+    assert pack_layer(a.stream) == pack_layer(b.stream)
+    np.testing.assert_array_equal(a.recon, b.recon)
 
 
 def test_sop4_refuses_bad_pairs():

@@ -69,6 +69,22 @@ def test_outliers_are_caught_and_zero_residuals_are_not_stored():
         add_sparse(stream, w, recon, 3)
 
 
+def test_the_edges_of_the_entry_rules():
+    """k as large as the layer takes every weight; a residual that BF16 rounds to zero costs an entry for
+    nothing and is not stored; a -0 product with no entry becomes +0, as the decoder's dense residual makes it."""
+    from sop.golden.layout import Sparse
+    from sop.quantize.sparse import apply_sparse
+
+    w = np.arange(1, 17, dtype=float).reshape(1, 16) / 7
+    assert len(sparse_residuals(w, np.zeros((1, 16)), 16)) == len(sparse_residuals(w, np.zeros((1, 16)), 99)) == 16
+    tiny = np.zeros((1, 16))
+    tiny[0, 3], tiny[0, 5] = 1e-45, 1.0                    # below BF16's smallest subnormal, and a real one
+    sp = sparse_residuals(tiny, np.zeros((1, 16)), 2)
+    assert sp.index.tolist() == [5]
+    out = apply_sparse(np.array([[-0.0, 1.0, -0.0]]), Sparse(np.array([1], np.uint32), BF16.encode(np.array([0.5]))))
+    assert out.tolist() == [[0.0, 1.5, 0.0]] and not np.signbit(out).any()
+
+
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 18])
 @pytest.mark.parametrize("k", [1, 5, 40, 199, 400])
 def test_ties_at_the_kth_energy_go_to_the_lowest_flat_indices(monkeypatch, chunk, k):
