@@ -247,6 +247,9 @@ def _as_batch(x, cols: int, act) -> tuple[np.ndarray, bool]:
 #: Whether ``_block_values`` takes the float64 route where it is exact (tests turn it off to check
 #: the limb accumulator on every block).
 FLOAT64_ROUTE = True
+#: float64's range for the float64 route: the lowest LSB it holds (2^-1074, subnormal) and the power of
+#: two every value must stay below (2^1024)
+F64_LSB_MIN, F64_TOP = -1074, 1024
 
 
 def float64_span(hif: FloatFormat, act: FloatFormat, group: int, scale_bits: int) -> int:
@@ -298,14 +301,22 @@ def _block_values(stream: LayerStream, codes_x: np.ndarray, act: FloatFormat) ->
         _, s_sig, s_exp = float_fields(lay.scale, scale_code)                      # (nb,)
         exp = acc.lsb_exp + s_exp + stream.offset
         h_spread, h_zero = _spread(h_exp[entry], h_sig[entry] != 0)                # (nb,)
+        # float64 holds the scale and the value exactly only inside its exponent range: a block of a wide
+        # scale format (ue11m4b1060) beyond it would give Inf, NaN (0 * Inf) or a lost sign there
+        s_lsb = s_exp + stream.offset
+        in_range = ((s_lsb >= F64_LSB_MIN) & (s_lsb + scale_bits <= F64_TOP) & (exp >= F64_LSB_MIN)
+                    & (exp + acc.bits + scale_bits <= F64_TOP)).reshape(nr, bpr)
         # the float64 route: (bpr, rows, g) @ (bpr, g, batch), then the block's signed scale
         a = np.matmul(h_value[entry].reshape(nr, bpr, g).transpose(1, 0, 2), x_value.transpose(0, 2, 1))
-        scale = np.where(block_sign == 1, -1.0, 1.0) * np.ldexp(s_sig.astype(np.float64), s_exp + stream.offset)
+        with np.errstate(over="ignore", under="ignore"):          # the blocks out of range are taken below
+            scale = np.where(block_sign == 1, -1.0, 1.0) * np.ldexp(s_sig.astype(np.float64), s_lsb)
+        scale = np.where(in_range.reshape(-1), scale, 0.0)
         v = a.transpose(2, 1, 0) * scale.reshape(nr, bpr)                          # (batch, rows, bpr)
-        v = to_float32(np.where(v == 0, 0.0, v))                                   # A = 0: +0
+        v = to_float32(np.where(v == 0, 0.0, v))                                   # A * Ss = 0: +0
         # the blocks float64 may not hold: their exact sums on limbs
         wide = ~(h_zero.reshape(nr, bpr)[None] | x_zero.T[:, None]) & (
-            h_spread.reshape(nr, bpr)[None] + x_spread.T[:, None] > fast_span) | (not FLOAT64_ROUTE)
+            h_spread.reshape(nr, bpr)[None] + x_spread.T[:, None] > fast_span) | ~in_range[None] \
+            | (not FLOAT64_ROUTE)
         n, r, b = np.nonzero(wide)
         if len(n):
             blk = r * bpr + b

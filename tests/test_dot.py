@@ -46,7 +46,7 @@ def rne_float32(v: Fraction) -> float:
     rem = scaled - k
     if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and k % 2 == 1):
         k += 1
-    mag = min(math.ldexp(k, q), FMAX)
+    mag = FMAX if e >= 128 else min(math.ldexp(k, q), FMAX)        # past 2^128 (and float64): saturated
     return -mag if v < 0 else mag
 
 
@@ -351,6 +351,29 @@ def test_block_values_and_rows_equal_the_exact_oracle(case):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(dot, "FLOAT64_ROUTE", False)
         assert same_float32(dot.block_values(stream, x, act), V)
+
+
+WIDE = BlockLayout(4, 16, get_format("ue11m4b1060"), signed_scale=True)     # scales from 2^-1067 to 2^988
+
+
+@pytest.mark.parametrize("blocks, offset, x", [
+    ([((2047 << 4) | 15, 0)], 127, np.ones(16)),                   # a block past float64: saturates
+    ([((2047 << 4) | 15, 0), ((2047 << 4) | 15, 1)], 127, np.ones(32)),   # +FLT_MAX + -FLT_MAX = +0
+    ([((2047 << 4) | 15, 0)], 127, np.zeros(16)),                  # A = 0 under a scale past float64: +0
+    ([(15, 1)], -128, np.ones(16)),                                # below float64's least subnormal: -0
+    ([(15, 0), (1 << 4, 1)], 100, np.ones(32))])                   # in range: the float64 route, float32's 0s
+def test_a_scale_format_past_float64s_range_takes_the_exact_route(blocks, offset, x):
+    """The float64 route holds a block exactly only inside float64's exponent range: with a scale format as
+    wide as ue11m4b1060 (which layer streams may carry) it gave Inf, NaN (0 * Inf) and +0 for a -0."""
+    luts = np.zeros((1, 16), np.int64)
+    luts[0, 1] = 5 << 6                                            # HIF 1.0
+    codes = np.ones((len(blocks), 16), np.int64)
+    headers = WIDE.make_header(np.array([c for c, _ in blocks]), np.array([sg for _, sg in blocks]))
+    stream = LayerStream(WIDE, DEFAULT_HIF, luts, offset, 1, 16 * len(blocks), pack_blocks(WIDE, headers, codes))
+    V, y = oracle(stream, x.astype(np.float32), "bf16")
+    assert same_float32(dot.block_values(stream, x.astype(np.float32), "bf16"), V)
+    assert same_float32(dot.gemv(stream, x.astype(np.float32), "bf16"), y[0])
+    assert np.isfinite(V).all()
 
 
 # -- each check can fail ----------------------------------------------------------------------------------
