@@ -18,7 +18,11 @@ product, and the exact sum is rounded once into the output format
 
 * ``"exact"``: without residuals no rounding (float64 holds every product
   exactly); with them, the exact sum rounded once to float64 (an IEEE float64
-  addition of two float64 values is exactly that);
+  addition of two float64 values is exactly that). Only a scale format as wide as
+  ``ue11m4b1060`` (with the offset) reaches past float64's range: such a product is
+  held as +-``FLOAT64_MAX`` (past 2^1024) or rounded into float64's subnormals
+  (below 2^-1074); either is beyond BF16 and float32, whose outputs are then still
+  the exact value's rounding (saturated, or a signed zero);
 * ``"bf16"``: the exact sum rounded once to BF16: to nearest, ties to even,
   saturating, subnormals kept (golden.formats' rule; BF16 = E8M7, bias 127).
   ``sum_rounded_to_odd`` makes the one rounding exact: float64 alone would round
@@ -43,6 +47,9 @@ from .formats import FORMATS, CodeTable, FloatFormat, to_float32
 from .layout import BlockLayout, LayerStream, unpack_blocks
 
 OUTPUTS = ("exact", "bf16")
+#: where a product past float64's range is held (module docstring): beyond every BF16 and float32, so
+#: those outputs saturate it as they saturate any value past their largest
+FLOAT64_MAX = float(np.finfo(np.float64).max)
 
 
 def float_fields(fmt: CodeTable, codes: np.ndarray):
@@ -110,7 +117,9 @@ def decode_blocks(hif: FloatFormat, luts, layout: BlockLayout, offset: int, head
     if out not in OUTPUTS:
         raise ValueError(f"unknown output format {out!r}; valid: {', '.join(OUTPUTS)}")
     sign, sig, exp, nan = product_fields(hif, luts, layout, offset, headers, codes)
-    magnitude = np.ldexp(sig.astype(np.float64), exp.astype(np.int32))
+    with np.errstate(over="ignore", under="ignore"):    # past float64's range: see the module docstring
+        magnitude = np.ldexp(sig.astype(np.float64), exp.astype(np.int32))
+    np.minimum(magnitude, FLOAT64_MAX, out=magnitude)
     # The sign is always HIF sign xor block sign, zero included: a zero entry under a
     # negative scale decodes to -0 (BF16 0x8000), as the datapath's sign bit does.
     value = np.where(nan, np.nan, np.where(sign == 1, -magnitude, magnitude))

@@ -213,6 +213,27 @@ def test_a_hif_bias_outside_the_documented_range_is_refused(bias):
         unpack_layer(_recrc(bad))
 
 
+@pytest.mark.parametrize("scale_code, offset, want32", [((2047 << 4) | 15, 127, -3.4028234663852886e38),
+                                                        (15, -128, -0.0)])
+def test_a_scale_format_past_float64s_range_decodes_saturated_or_to_a_signed_zero(scale_code, offset, want32):
+    """ue11m4b1060 (get_format takes it) under offset +-127 puts products past 2^1024 or below 2^-1074: the
+    float32 file output was -Inf (a finite weight never becomes Inf); it saturates, as BF16 does, and a
+    value below every float32 is -0. The exact output holds the largest float64 (or float64's rounding)."""
+    from sop.golden.decoder import FLOAT64_MAX, decode_layer
+
+    lay = BlockLayout(4, 16, get_format("ue11m4b1060"), signed_scale=True)
+    luts = np.zeros((1, 16), np.int64)
+    luts[0, 1] = 5 << 6                                          # HIF 1.0
+    blocks = pack_blocks(lay, lay.make_header(np.array([scale_code]), np.array([1])), np.ones((1, 16), np.int64))
+    s = unpack_layer(pack_layer(LayerStream(lay, DEFAULT_HIF, luts, offset, 1, 16, blocks)))
+    f32 = decode_layer(s, dest=np.empty((1, 16), np.float32))
+    assert (f32 == want32).all() and np.signbit(f32).all()
+    bf16 = decode_layer(s, "bf16")
+    assert (bf16 == (-get_format("bf16").max if want32 else 0.0)).all() and np.signbit(bf16).all()
+    exact = decode_layer(s)
+    assert np.isfinite(exact).all() and np.signbit(exact).all() and (exact == -FLOAT64_MAX).all() == bool(want32)
+
+
 def test_the_largest_valid_stream_decodes_to_finite_values():
     """Every documented extreme at once (largest HIF, largest scale, offset 127, largest residual)
     decodes to finite values in every output: float64 holds 2^(2 + 15 + 127 + 8) easily."""
