@@ -526,8 +526,10 @@ def _causal(doc: dict) -> bool:
 
 def _ppl_cell(ppl: float) -> str:
     """A perplexity in its 9-wide column, a space before it whatever its size (100000.000 filled the column
-    and ran into max err's: an outside probe); past 1e5 in 4 significant digits."""
-    return f"{' ' + (f'{ppl:.3f}' if ppl < 1e5 else f'{ppl:.4g}'):>9}"
+    and ran into max err's: an outside probe): the most decimals, 3 to 0, that fit in 8 characters, else
+    the most significant digits that do (12345.678 is 12345.68, 99999.9994 100000.0, 1.234e100 1.2e+100)."""
+    fixed = [f"{ppl:.{d}f}" for d in (3, 2, 1, 0)] + [f"{ppl:.{d}g}" for d in (3, 2, 1)]
+    return f"{' ' + next((t for t in fixed if len(t) <= 8), fixed[-1]):>9}"
 
 
 def format_table(doc: dict) -> str:

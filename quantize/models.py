@@ -279,11 +279,11 @@ def stores_conv1d(cfg: dict | None, shapes: dict) -> bool:
     its ``c_attn`` / ``c_fc`` say (they widen in every model that names them so, GPT-2's Conv1D and
     StarCoder's or GPT-Neo's nn.Linear alike: wider than tall when stored (in, out); a majority of
     those not square), which holds inside composite models too (a vision-encoder-decoder's GPT-2);
-    where no shape tells, as config.json's ``model_type`` says; else GPT-2's layout.
-    ``shapes``: tensor name -> stored shape."""
+    where no shape tells (none, or as many tall as wide), as config.json's ``model_type`` says; else
+    GPT-2's layout. ``shapes``: tensor name -> stored shape."""
     wide = [s[0] < s[1] for n, s in shapes.items() if _module_of(n) in _WIDENING and len(s) == 2 and s[0] != s[1]]
-    if wide:
-        return 2 * sum(wide) >= len(wide)
+    if 2 * sum(wide) != len(wide):
+        return 2 * sum(wide) > len(wide)
     mt = (cfg or {}).get("model_type")
     return mt in CONV1D_MODEL_TYPES if isinstance(mt, str) and mt else True
 

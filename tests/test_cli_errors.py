@@ -82,6 +82,15 @@ def test_a_bad_option_is_one_line_naming_it(ckpt, tmp_path, capsys, case):
     assert list(tmp_path.iterdir()) == []                       # refused before anything was written
 
 
+def test_an_options_documented_bounds_are_accepted(ckpt, tmp_path, capsys):
+    """--seq-len 4 (its least) and --timeout 3600 (its most) are in range: an exclusive bound refused them."""
+    assert run(["eval", str(ckpt), "--format", "nvfp4", "--seq-len", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    run(["board", "--port", str(tmp_path / "no-such-port"), str(ckpt), "--format", "sop4-g16", "--timeout", "3600"])
+    err = capsys.readouterr().err
+    assert err.startswith("sop: error: ") and "--timeout" not in err, err        # the port, not the option
+
+
 @pytest.fixture(scope="module")
 def padded_ckpt(tmp_path_factory):
     """Two layers, one 40 wide: padded to 48 for the 16-wide SOP blocks (416 real weights, 448 coded)."""

@@ -203,6 +203,22 @@ def test_a_padded_layer_is_quantized_as_if_its_padding_had_no_activation(weighte
     np.testing.assert_array_equal(got.recon, ref.recon[:, :40])
 
 
+def test_a_layers_reported_figures_are_weighted_by_its_calibration(tmp_path):
+    """quantize_layer's statistics are those of the activations it was given: the reported ACos is the
+    weighted cosine of the weights and the reconstruction, not the unweighted one (which differs here)."""
+    from sop.quantize.evaluate import quantize_layer
+    from sop.quantize.metrics import ErrorStats
+    from sop.quantize.models import open_model
+
+    w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    save_file({"l.0.proj.weight": torch.from_numpy(w)}, tmp_path / "m.safetensors")
+    src = open_model(str(tmp_path / "m.safetensors"))
+    act = np.linspace(0.01, 100, 64)
+    res, stats, _ = quantize_layer(src, "l.0.proj.weight", F.get_quant_format("sop4-g16"), act, "error")
+    weighted, plain = ErrorStats.of(w, res.recon, act), ErrorStats.of(w, res.recon)
+    assert stats.acos == weighted.acos != plain.acos and stats.sqnr_db == weighted.sqnr_db
+
+
 def test_sop_budget_without_a_budget_is_refused():
     with pytest.raises(ValueError, match="sop-budget needs --budget"):
         evaluate("minilm", ["sop-budget"])

@@ -44,6 +44,15 @@ def test_exact_and_degenerate_cases():
     assert ErrorStats.of([[1.0, -2.0]], [[1.0, -2.0]]).sqnr_db == math.inf
     assert ErrorStats.of([[1.0, 2.0]], [[0.0, 0.0]]).acos == 0.0
     assert ErrorStats.of([[0.0, 0.0]], [[0.0, 0.0]]).acos == 1.0
+    assert ErrorStats.of([[0.0, 0.0]], [[1.0, 1.0]]).sqnr_db == -math.inf    # no signal, some noise
+
+
+def test_aggregate_acos_weighs_each_layer_by_its_own_activations():
+    """Layers' sums are kept scaled by powers of two of their own; the aggregate takes them back to one
+    scale: here sum m w q = 1e6, sum m w^2 = sum m q^2 = 1e6 + 2 over both layers, by hand."""
+    a = ErrorStats.of([[1.0, 0.0]], [[1.0, 0.0]], act_ms=[1e6, 1e6])
+    b = ErrorStats.of([[1.0, 1.0]], [[1.0, -1.0]], act_ms=[1.0, 1.0])
+    assert aggregate([a, b]).acos == pytest.approx(1e6 / (1e6 + 2), rel=1e-12)
 
 
 def test_bad_shapes_and_statistics_are_refused():

@@ -41,6 +41,20 @@ EXPECTED = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_pro
             "transformer.h.0.attn.c_attn.weight"]
 
 
+def test_the_conv1d_layout_is_the_shapes_majority_else_the_model_type():
+    """c_attn / c_fc widen: wider than tall means stored (in, out), Conv1D. As many of each (or none)
+    tells nothing: the model type decides, GPT-2's layout without one (a tie was Conv1D whatever the type)."""
+    from sop.quantize.models import stores_conv1d
+
+    wide, tall = {"h.0.attn.c_attn.weight": (4, 12)}, {"h.0.mlp.c_fc.weight": (16, 4)}
+    assert stores_conv1d({"model_type": "gpt_bigcode"}, wide) is True
+    assert stores_conv1d({"model_type": "gpt2"}, tall) is False
+    tie = {**wide, **tall}
+    assert stores_conv1d(None, tie) is True and stores_conv1d({"model_type": "gpt2"}, tie) is True
+    assert stores_conv1d({"model_type": "gpt_bigcode"}, tie) is False
+    assert stores_conv1d({"model_type": "gpt_bigcode"}, {}) is False and stores_conv1d(None, {}) is True
+
+
 def test_linear_rule():
     assert linear_reason("a.q_proj.weight", (4, 4), True) is None
     assert linear_reason("a.q_proj.weight", (4, 4), False) == "not a floating-point tensor"

@@ -125,6 +125,8 @@ def test_safetensors_header_length_claims(tmp_path, claim, match):
     p = tmp_path / "m.safetensors"
     p.write_bytes(struct.pack("<Q", claim) + data[8:])
     bad(p, match=match)
+    p.write_bytes(struct.pack("<Q", len(data) - 7) + data[8:])     # one byte more than the file holds
+    bad(p, match=f"truncated: the header length field claims {len(data) - 7} bytes")
 
 
 def test_safetensors_truncated_at_every_length(tmp_path):
@@ -163,6 +165,8 @@ def test_safetensors_overlapping_tensors_and_trailing_bytes(tmp_path):
     bad(p, match="tensors overlap or leave a gap")
     p.write_bytes(data + b"\0" * 5)
     bad(p, match="5 bytes follow the last tensor's data")
+    p.write_bytes(data + b"\0")                                  # the least: one byte
+    bad(p, match="1 bytes follow the last tensor's data")
 
 
 def test_safetensors_unsupported_float_dtype_of_a_selected_layer(tmp_path):

@@ -489,6 +489,9 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path):
     target.chmod(0o600)
     G.write_atomic(target, b"new")
     assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    target.chmod(0o6755)                     # set-id bits are not permissions: the new file has none
+    G.write_atomic(target, b"newer")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
     fresh = tmp_path / "fresh.bin"
     G.write_atomic(fresh, b"new")
     umask = os.umask(0)
