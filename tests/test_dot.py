@@ -204,6 +204,28 @@ def test_a_block_past_the_float64_span_takes_the_exact_limbs():
     check_wide_block_on_the_float64_route()
 
 
+def check_the_float64_span_is_tight():
+    """Blocks one binade past ``float64_span`` (31 here: products spanning 32 binades): the sum A fits
+    float64, but A * Ss (Ss = 15) is an odd 54-bit integer whose float64 rounding lands on a binary32
+    midpoint, which float32 then breaks to even the wrong way (one ulp low with the low bits 2^29 + 1 under
+    an even kept part, one ulp high with 2^29 - 1 under an odd one). Products as (Sh * Sx, binade)."""
+    top = [(127 * 255, 32)] * 5                                   # five maximal products at the top
+    for lows in ([(8775, 0), (31125, 3), (20203, 16)], [(8645, 0), (-25645, 2), (25125, 15)]):
+        h, x = [], []
+        for p, shift in lows + top:
+            sh = next(d for d in range(64, 128) if abs(p) % d == 0 and 128 <= abs(p) // d < 256)
+            h.append(sh * 2.0 ** -4)                                # HIF's top binade
+            x.append(math.copysign(abs(p) // sh * 2.0 ** (shift - 46), p))
+        stream = small_stream([0, *h], [list(range(1, 9))], scale=1.875)
+        x = np.array(x, np.float32)
+        assert same_float32(dot.block_values(stream, x, "bf16"), oracle(stream, x, "bf16")[0])
+
+
+def test_the_float64_span_is_tight():
+    assert dot.float64_span(DEFAULT_HIF, BF16, 8, 4) == 31
+    check_the_float64_span_is_tight()
+
+
 def test_blocks_are_summed_in_block_order_each_addition_rounded():
     check_block_order()
 
@@ -391,6 +413,10 @@ def test_the_checks_catch_a_wrong_rounding_a_wrong_order_and_residuals_in_the_bl
         m.setattr(dot, "float64_span", lambda *a, real=dot.float64_span: real(*a) + 8)
         with pytest.raises(AssertionError):
             check_wide_block_on_the_float64_route()
+    with monkeypatch.context() as m:                 # ... or one bit
+        m.setattr(dot, "float64_span", lambda *a, real=dot.float64_span: real(*a) + 1)
+        with pytest.raises(AssertionError):
+            check_the_float64_span_is_tight()
     with monkeypatch.context() as m:                 # the blocks of a row summed last to first
         m.setattr(dot, "accumulate_blocks", lambda v: real_accumulate(v[..., ::-1]))
         with pytest.raises(AssertionError):
