@@ -277,6 +277,19 @@ def test_fp8_pot_matches_an_ml_dtypes_recomputation():
     w = heavy(7, 33, seed=6)
     step = 2.0 ** np.ceil(np.log2(np.abs(w).max() / 448))
     np.testing.assert_array_equal(q("fp8-e4m3-pot", w).recon, ml_round(w / step, ml_dtypes.float8_e4m3fn) * step)
+    # a float64 amax one ulp above 448 * 2^10: log2 of the quotient rounds to 10, the exact ceiling is 11
+    w = np.array([[np.nextafter(448.0 * 2.0 ** 10, np.inf), 6.0, 10.0]])
+    r = q("fp8-e4m3-pot", w)
+    assert r.extra["scale_exp"] == 11
+    np.testing.assert_array_equal(r.recon, ml_round(w / 2.0 ** 11, ml_dtypes.float8_e4m3fn) * 2.0 ** 11)
+
+
+def test_nvfp4_46_keeps_the_scale_of_six_on_a_tie():
+    """Lower block squared error wins, ties keep the 6: an all-zero block (both errors 0) takes 6."""
+    w = np.zeros((1, 32), np.float32)
+    w[0, 16:] = np.linspace(-1, 1, 16)
+    four = q("nvfp4-46", w).extra["four"]
+    assert not four[0, 0]
 
 
 # -- bits, padding, bad input -------------------------------------------------------------------------

@@ -117,6 +117,8 @@ def test_a_table_with_entries_below_the_hifs_smallest_normal_rounds_by_the_subno
 def test_a_value_the_hif_cannot_hold_is_refused():
     with pytest.raises(ValueError, match="entry 3 = 100.0 exceeds .* LUT cannot hold"):
         Codebook.from_values("dd4", [0.0, 0.5, 1.0, 100.0] + [0.0] * 12)
+    top = float(DEFAULT_HIF.max)                         # the HIF's largest value itself is held
+    assert Codebook.from_values("dd4", [-top, top] + [0.0] * 14).values.max() == top
     with pytest.raises(ValueError, match="need 16"):
         Codebook.from_values("dd4", np.zeros(15).tolist() + [1.0, 2.0])
     with pytest.raises(ValueError, match="valid: .*nf4"):

@@ -61,6 +61,8 @@ def test_halved_sum_of_the_sum_order_is_block_sum(g):
     assert bits(halved_sum(x[:, order], 1)) == bits(want)
     assert bits(np.asarray(halved_sum(torch.from_numpy(x[:, order]), 1))) == bits(want)
     assert sum_order(12) is None and sum_order(4) is None and sum_order(136) is None
+    zeros = np.full((2, g, 3), -0.0)                    # np.sum of -0s starts from +0: +0, as halving must
+    assert bits(halved_sum(zeros[:, order], 1)) == bits(np.ascontiguousarray(np.moveaxis(zeros, 1, -1)).sum(-1))
 
 
 def hard_layer(dtype=np.float32) -> np.ndarray:

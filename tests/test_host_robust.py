@@ -122,6 +122,67 @@ def test_resync_drains_a_line_and_gives_up_on_one_that_never_goes_quiet():
     assert link.transport.t <= TIMEOUT + TIMEOUT / 4 + BYTE_TIME and len(str(err.value)) < MESSAGE_MAX
 
 
+class SlowBytes:
+    """A simulated clock: a byte every 0.2 s until 1.1 s, then silence."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def now(self):
+        return self.t
+
+    def write(self, data):
+        pass
+
+    def read(self, n, timeout):
+        if self.t < 1.1:
+            step = min(0.2, timeout)
+            self.t += step
+            return b"\x00" if step >= 0.2 or self.t >= 1.1 else b""
+        self.t += timeout
+        return b""
+
+
+def test_resync_needs_the_whole_quiet_time_before_its_deadline():
+    """Quiet from 1.1 s; the deadline (timeout 1 s + quiet 0.25 s) comes at 1.25 s, before 0.25 s of quiet:
+    not quiet in time, though the last read found nothing (a resync that ended on any empty read said so)."""
+    link = BoardLink(SlowBytes(), timeout=1.0)
+    with pytest.raises(BoardTimeout, match=r"not quiet for 0.25 s within 1.25 s"):
+        link.resync(quiet=0.25)
+
+
+def test_y_words_that_keep_coming_are_read_whatever_the_total_time():
+    """The deadline is per word, not per read: one word every 0.6 s with a 1 s timeout is progress (3 s in
+    all), not a timeout after the first second."""
+    clock = [0.0]
+    link = BoardLink(object(), timeout=1.0, clock=lambda: clock[0])
+    calls = [0]
+
+    def gemv_y(count):
+        clock[0] += 0.2
+        calls[0] += 1
+        return [calls[0]] if calls[0] % 3 == 0 else []
+    link.gemv_y = gemv_y
+    assert link.read_y(5) == [3, 6, 9, 12, 15]
+
+
+def test_a_gemv_y_reply_with_more_words_than_asked_is_malformed():
+    link = BoardLink(object())
+    link.command = lambda cmd, payload=b"": struct.pack("<3I", 1, 2, 3)
+    with pytest.raises(BoardError, match="malformed GEMV_Y reply"):
+        link.gemv_y(2)
+    link.command = lambda cmd, payload=b"": struct.pack("<2I", 1, 2)
+    assert link.gemv_y(2) == [1, 2]
+
+
+def test_a_board_that_flagged_sparse_errors_does_not_pass():
+    from sop.synth.host.bringup import BoardResult
+
+    good = BoardResult("x", "sop4-g16", 1, 16, None, (16, 5), (16, 5), 1.0, 10, 1, ())
+    assert good.ok
+    assert not BoardResult("x", "sop4-g16", 1, 16, None, (16, 5), (16, 5), 1.0, 10, 1, ("order",)).ok
+
+
 @pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0.0, -1.0, "soon"])
 def test_a_timeout_that_could_hang_is_refused(timeout):
     with pytest.raises(ValueError, match="the reply timeout must be a"):

@@ -539,6 +539,11 @@ def test_weights_that_share_memory_are_one_tensor_or_kept():
     assert list(res.layers) == ["other.weight"] and torch.equal(fused.qkv.weight, before)
     assert res.kept["qkv.weight"].startswith("shares memory with q.weight")
     assert res.kept["q.weight"].startswith("shares memory with qkv.weight")
+    halves = torch.nn.Module()                  # adjacent rows of one tensor touch but do not overlap
+    halves.a, halves.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    big = torch.randn(32, 16)
+    halves.a.weight, halves.b.weight = torch.nn.Parameter(big[:16]), torch.nn.Parameter(big[16:])
+    assert sorted(quantize_module(halves, "sop4-g16").layers) == ["a.weight", "b.weight"]
 
 
 def test_a_head_tied_to_several_embeddings_takes_the_first_name():

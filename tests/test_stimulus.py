@@ -166,3 +166,13 @@ def test_the_cocotb_bench_and_the_amaranth_harness_share_the_driver():
 
 def test_an_idle_host_cycle_drives_nothing():
     assert HostCycle() == HostCycle(write=None, beat=None, swap=False, reset=False)
+
+
+def test_a_layers_sparse_stream_marks_its_last_entry():
+    """The sparse stream's `last` flag on the final entry only (the simulator tests saw a lost flag only as a
+    minute-long stall)."""
+    layer = stimulus.Layer(np.zeros((1, 16), np.int64), 0, np.zeros(1, np.int64), np.zeros((1, 16), np.int64), "x",
+                           np.array([3, 7, 9]), np.array([0x3F80, 0x4000, 0xBF80]))
+    assert layer.entries() == [(3, 0x3F80, 0), (7, 0x4000, 0), (9, 0xBF80, 1)]
+    bare = stimulus.Layer(np.zeros((1, 16), np.int64), 0, np.zeros(1, np.int64), np.zeros((1, 16), np.int64))
+    assert bare.entries() == []

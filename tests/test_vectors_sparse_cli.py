@@ -73,12 +73,14 @@ def sparse_set(tmp_path_factory):
 
 
 @pytest.mark.parametrize("edit, said", [
-    (lambda lines: [lines[1], lines[0], *lines[2:]], "must be strictly increasing"),
-    (lambda lines: [*lines[:-1], "99999999999999999999999 3f80"], "index 99999999999999999999999 is past the layer"),
-    (lambda lines: ["\u00b2 3f80", *lines[1:]], "line 1: expected 'index value' (decimal, 4 hex digits)"),
-    (lambda lines: ["\u0663 3f80", *lines[1:]], "line 1: expected 'index value' (decimal, 4 hex digits)"),
-    (lambda lines: [lines[0].split()[0] + " 7f80", *lines[1:]], "line 1: value 7f80 is not a finite BF16"),
-], ids=["out of order", "past int64", "superscript digit", "arabic-indic digit", "infinite value"])
+    (lambda lines, n: [lines[1], lines[0], *lines[2:]], "must be strictly increasing"),
+    (lambda lines, n: [*lines[:-1], "99999999999999999999999 3f80"],
+     "index 99999999999999999999999 is past the layer"),
+    (lambda lines, n: [*lines[:-1], f"{n} 3f80"], "index {n} is past the layer's {n} values"),   # the first past
+    (lambda lines, n: ["\u00b2 3f80", *lines[1:]], "line 1: expected 'index value' (decimal, 4 hex digits)"),
+    (lambda lines, n: ["\u0663 3f80", *lines[1:]], "line 1: expected 'index value' (decimal, 4 hex digits)"),
+    (lambda lines, n: [lines[0].split()[0] + " 7f80", *lines[1:]], "line 1: value 7f80 is not a finite BF16"),
+], ids=["out of order", "past int64", "one past the end", "superscript digit", "arabic-indic digit", "infinite value"])
 def test_a_sparse_file_with_a_bad_entry_is_one_vector_error_naming_the_line(sparse_set, tmp_path, edit, said):
     """The set's checksums made good, so that the entry itself is what is read: an index past int64 was an
     OverflowError, '²' a ValueError naming no file, and '٣' was read as 3 (an outside probe)."""
@@ -92,10 +94,25 @@ def test_a_sparse_file_with_a_bad_entry_is_one_vector_error_naming_the_line(spar
     doc = json.loads((d / "vectors.json").read_text())
     (entry,) = doc["layers"]
     path = d / entry["files"]["sparse"]
-    data = ("\n".join(edit(path.read_text().splitlines())) + "\n").encode()
+    n = entry["rows"] * entry["cols"]
+    said = said.format(n=n)
+    data = ("\n".join(edit(path.read_text().splitlines(), n)) + "\n").encode()
     path.write_bytes(data)
     entry["sha256"]["sparse"] = hashlib.sha256(data).hexdigest()
     (d / "vectors.json").write_text(json.dumps(doc))
     with pytest.raises(VectorError, match=re.escape(said)) as err:
         read_vectors(d)
     assert str(path) in str(err.value)
+
+
+def test_cropped_rows_keep_only_their_own_entries():
+    """--rows N keeps the entries below N * cols: index 16 is row 1's first value, outside one row."""
+    from dataclasses import replace
+
+    from sop.golden.layout import Sparse
+    from sop.sim.vectors import crop_rows, quantize_layer
+
+    s = quantize_layer("sop4-g16", np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32), "x")
+    s = replace(s, sparse=Sparse(np.array([3, 15, 16], np.uint32), np.full(3, 0x3F80, np.uint16)))
+    c = crop_rows(s, 1)
+    assert (c.rows, c.cols) == (1, 16) and c.sparse.index.tolist() == [3, 15]
