@@ -80,7 +80,7 @@ def available_memory() -> int | None:
 
 
 def gib(n: int) -> str:
-    """Bytes as GiB, two decimals below 10 GiB; in MiB below 0.01 GiB (which would read 0.00)."""
+    """Bytes as GiB, two decimals below 10 GiB; in MiB below 0.005 GiB (which would read 0.00)."""
     if n < 2**30 / 200:
         return f"{n / 2**20:.1f} MiB"
     return f"{n / 2**30:.{2 if n < 10 * 2**30 else 1}f} GiB"
