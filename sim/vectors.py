@@ -1,6 +1,6 @@
 """Test vectors: a quantized layer as files any testbench can read (docs/vectors.md).
 
-A vector directory holds ``vectors.json`` and, per layer, three text files:
+A vector directory holds ``vectors.json`` and, per layer, these text files:
 
 * ``<layer>.blocks.hex``: one block per line, the block's bytes (golden.layout
   packing) as one hexadecimal number, most significant digit first, so bit 0 of
@@ -15,9 +15,22 @@ A vector directory holds ``vectors.json`` and, per layer, three text files:
   values with the residuals added (rounded once); ``exact.txt`` stays the
   product without them (the exact-output decoder does not add residuals).
 
-``vectors.json`` carries the layout, the HIF, and per layer its shape (the stream's ``cols``
-and the layer's own ``width``, fewer where the stream holds padding), offset,
-LUT images, its number of sparse entries and the SHA-256 of each file. Expected
+And, for a testbench of the AXI4-Stream shell (hdl/axis.py) that reads files
+with ``$readmemh``, the words it sends and expects that do not depend on the
+number of lanes (``axis_files``):
+
+* ``<layer>.axis_load.hex``: the layer's ``s_axis_load`` packet
+  (``hdl.axis.load_beats``), one beat a line, ``{tlast, tdata}``;
+* ``<layer>.axis_sparse.hex`` (a layer with sparse residuals only): its
+  ``s_axis_sparse`` packet (``hdl.axis.sparse_beats``), ``{tlast, tdata}``;
+* ``<layer>.exact.hex``: the exact-output lane word of every value
+  (``hdl.reference.pack_exact``: ``{sign, exp, sig}``), what an exact
+  configuration's ``m_axis`` lanes hold, in code order.
+
+``vectors.json`` carries the layout, the HIF, the AXI words' widths (``axis``),
+and per layer its shape (the stream's ``cols`` and the layer's own ``width``,
+fewer where the stream holds padding), offset, LUT images, its number of
+sparse entries and the SHA-256 of each file. Expected
 values come from golden/ only. Reading checks everything and raises
 ``VectorError`` naming the file and the field that is missing or malformed; a
 sparse file that is not strictly increasing, indexes past the layer or holds a
@@ -42,6 +55,8 @@ from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS, get_format
 from sop.golden.hif import hif_format
 from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, unpack_blocks, validate_stream
+from sop.hdl import axis, reference
+from sop.hdl.config import DecoderConfig
 
 VERSION = 1
 
@@ -72,9 +87,58 @@ def _safe(name: str) -> str:
 def vector_files(name: str, sparse: bool = False) -> dict[str, str]:
     """The file names of a layer's vectors (in the vector directory), by kind."""
     out = {"blocks": f"{_safe(name)}.blocks.hex", "bf16": f"{_safe(name)}.bf16.hex",
-           "exact": f"{_safe(name)}.exact.txt"}
+           "exact": f"{_safe(name)}.exact.txt", "axis_load": f"{_safe(name)}.axis_load.hex",
+           "exact_hex": f"{_safe(name)}.exact.hex"}
     if sparse:
         out["sparse"] = f"{_safe(name)}.sparse.txt"
+        out["axis_sparse"] = f"{_safe(name)}.axis_sparse.hex"
+    return out
+
+
+#: the files read_vectors checks against the layer's other fields, absent in sets written before them
+AXIS_KINDS = ("axis_load", "axis_sparse", "exact_hex")
+
+
+def hex_lines(words, bits: int) -> str:
+    """``words`` (non-negative integers below ``2**bits``) as lower-case hex, ``ceil(bits / 4)``
+    digits a line, each line ended by a newline (one empty line for no words, as every vector file
+    of an empty layer); vectorized, no Python loop per word."""
+    words = np.asarray(words, dtype=np.uint64).reshape(-1)
+    if not len(words):
+        return "\n"
+    digits = -(-bits // 4)
+    shifts = np.arange(4 * (digits - 1), -1, -4, dtype=np.uint64)
+    table = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    chars = np.empty((len(words), digits + 1), dtype=np.uint8)
+    chars[:, :digits] = table[(words[:, None] >> shifts) & np.uint64(15)]
+    chars[:, digits] = ord("\n")
+    return chars.tobytes().decode("ascii")
+
+
+def axis_widths(layout: BlockLayout, hif) -> dict[str, int]:
+    """TDATA bits of the AXI files' words (``{tlast, tdata}`` is one bit more) and the exact lane
+    word's bits: each depends on the layout and HIF only, the same in every configuration that
+    decodes them (``vectors.json``'s ``axis``)."""
+    cfg = DecoderConfig("vectors", 1, layout, hif, residuals=1)
+    return {"load": axis.load_bits(cfg), "sparse": axis.SPARSE_BITS,
+            "exact_lane": reference.lane_word_bits(DecoderConfig("exact", 1, layout, hif, output="exact"))}
+
+
+def axis_files(layout: BlockLayout, hif, luts, offset: int, index, values, exact) -> dict[str, str]:
+    """A layer's AXI files' text, by kind: its load packet (``CTRL_SPARSE`` on the offset word where it
+    has entries, as a ``-sp`` shell reads it), its sparse packet (entries only) and the exact lane words
+    of ``exact``'s ``(sign, exp, sig)`` rows. A word's layout is the layout's and HIF's alone
+    (``axis_widths``), so one file serves every lane count."""
+    cfg = DecoderConfig("vectors", 1, layout, hif, residuals=1)
+    w = axis_widths(layout, hif)
+    out = {"axis_load": hex_lines([d | t << w["load"] for d, t in axis.load_beats(cfg, luts, offset, len(index) > 0)],
+                                  w["load"] + 1)}
+    if len(index):
+        out["axis_sparse"] = hex_lines([d | t << w["sparse"] for d, t in axis.sparse_beats(index, values)],
+                                       w["sparse"] + 1)
+    exact = np.asarray(exact, dtype=np.int64).reshape(-1, 3)
+    ecfg = DecoderConfig("exact", 1, layout, hif, output="exact")
+    out["exact_hex"] = hex_lines(reference.pack_exact(ecfg, exact[:, 0], exact[:, 2], exact[:, 1]), w["exact_lane"])
     return out
 
 
@@ -134,12 +198,14 @@ def _write_vectors(out: FileSet, out_dir: Path, streams: dict[str, LayerStream],
         bb = s.layout.block_bytes
         files = {
             "blocks": "\n".join(s.blocks[i:i + bb][::-1].hex() for i in range(0, len(s.blocks), bb)) + "\n",
-            "bf16": "\n".join(f"{v:04x}" for v in bf16.ravel()) + "\n",
+            "bf16": hex_lines(bf16, 16),
             "exact": "\n".join(f"{a} {b} {c}" for a, b, c in zip(sign.ravel(), exp.ravel(), sig.ravel())) + "\n",
         }
         if len(s.sparse):
             files["sparse"] = "\n".join(f"{i} {v:04x}" for i, v in zip(s.sparse.index.tolist(),
                                                                         s.sparse.value_bf16.tolist())) + "\n"
+        files |= axis_files(s.layout, s.hif, s.luts, s.offset, s.sparse.index, s.sparse.value_bf16,
+                            np.stack([sign.ravel(), exp.ravel(), sig.ravel()], axis=1))
         names = vector_files(name, sparse=len(s.sparse) > 0)
         for kind, text in files.items():
             out.write(out_dir / names[kind], text.encode())
@@ -152,7 +218,7 @@ def _write_vectors(out: FileSet, out_dir: Path, streams: dict[str, LayerStream],
                       "signed_scale": lay.signed_scale, "select_bit": lay.select_bit,
                       "header_bits": lay.header_bits, "block_bytes": lay.block_bytes},
            "hif": {"ebits": first.hif.ebits, "mbits": first.hif.mbits, "bias": first.hif.bias},
-           "layers": layers}
+           "axis": axis_widths(lay, first.hif), "layers": layers}
     out.write(out_dir / "vectors.json", (json.dumps(doc, indent=1) + "\n").encode())
     return out_dir / "vectors.json"
 
@@ -225,7 +291,8 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         if type(n_sparse) is not int or n_sparse < 0:
             raise VectorError(f"{lw}: field 'sparse' must be a count of entries, got {n_sparse!r}")
         texts = {}
-        for kind in ("blocks", "bf16", "exact") + (("sparse",) if n_sparse else ()):
+        axis_kinds = [k for k in AXIS_KINDS if k in files]      # sets written before them have none
+        for kind in ("blocks", "bf16", "exact") + (("sparse",) if n_sparse else ()) + tuple(axis_kinds):
             fname = _field(files, kind, f"{lw} files", str)
             if Path(fname).name != fname or fname in ("", ".", ".."):     # read nothing outside the set
                 raise VectorError(f"{index}: {lw} files.{kind} must be a file name in the vector folder, "
@@ -274,9 +341,30 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
             raise VectorError(f"{path}: {len(exact)} lines, expected {n} of 'sign exp sig'")
         index, values = (_read_sparse(*texts["sparse"], lw, n_sparse, n) if n_sparse
                          else (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
+        if axis_kinds:
+            _check_axis_files(texts, axis_kinds, lw, axis_files(layout, hif, luts, offset, index, values, exact))
         out.append(VectorLayer(name, layout, hif, luts, offset, headers, codes,
                                bf16, exact, index, values))
     return out
+
+
+def _check_axis_files(texts: dict, kinds: list[str], where: str, expected: dict[str, str]) -> None:
+    """The AXI files are the layer's other fields in another form: each must be the one the writer
+    makes of them (a ``VectorError`` naming the file and its first line that differs), and all of them
+    there (a sparse packet exactly where the layer has entries)."""
+    what = {"axis_load": "the s_axis_load packet of its luts and offset", "exact_hex": "the lane words of exact.txt",
+            "axis_sparse": "the s_axis_sparse packet of sparse.txt"}
+    for kind in sorted(set(kinds) ^ set(expected)):
+        if kind in expected:
+            raise VectorError(f"{where}: files.{kind} is missing (the layer's other AXI files are listed)")
+        raise VectorError(f"{where}: files.{kind} is listed, but the layer has no sparse entries")
+    for kind in kinds:
+        path, text = texts[kind]
+        if text != expected[kind]:
+            got, want = text.splitlines(), expected[kind].splitlines()
+            k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            raise VectorError(f"{path}: line {k + 1}: not {what[kind]} (hdl.axis; {len(want)} lines "
+                              f"of hex expected)")
 
 
 def _lines(path: Path, text: str, pattern: str, what: str) -> list[str]:

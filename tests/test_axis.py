@@ -408,6 +408,144 @@ endmodule
         assert any("x" in st for st in states) == want_x, (d, n, out)
 
 
+def readmemh_testbench(cfg, vdir: Path, layer: dict, expect: str, seed: int) -> str:
+    """An integrator's testbench of ``NAME_axis.v`` written from docs/vectors.md alone: every word it
+    sends or expects comes from a vector set's files through ``$readmemh`` (blocks, the load and
+    sparse packets, the expected lane words), every count from ``vectors.json``; random TVALID gaps
+    and TREADY pauses; PASS or FAIL."""
+    f = {k: (vdir / n).as_posix() for k, n in layer["files"].items()}
+    doc = json.loads((vdir / "vectors.json").read_text())
+    bb, ld, lane = 8 * doc["layout"]["block_bytes"], doc["axis"]["load"], doc["axis"]["exact_lane"]
+    lane = 16 if expect == "bf16" else lane
+    bpb = max(1, cfg.lanes // doc["layout"]["group"])           # hardware.md: N/g blocks a beat where N > g
+    lbytes = 8 * -(-lane // 8)
+    n_blk, n_sp, n_val = layer["n_blocks"], layer["sparse"], layer["rows"] * layer["cols"]
+    n_ld = sum(len(b) for b in layer["luts"]) + 1
+    sp = cfg.residuals > 0
+    return f"""`timescale 1ns/1ps
+module tb;
+  localparam BB = {bb}, BPB = {bpb}, NBEAT = {n_blk // bpb}, NLD = {n_ld}, NSP = {n_sp}, LANES = {cfg.lanes};
+  localparam NOUT = {n_val // cfg.lanes}, LB = {lbytes};
+  reg [BB-1:0] blk [0:{n_blk - 1}];
+  reg [{ld}:0] ldw [0:NLD-1];
+  reg [48:0] spw [0:{max(n_sp, 1) - 1}];
+  reg [{lane - 1}:0] expv [0:{n_val - 1}];
+  initial begin
+    $readmemh("{f["blocks"]}", blk);
+    $readmemh("{f["axis_load"]}", ldw);
+    $readmemh("{f["bf16" if expect == "bf16" else "exact_hex"]}", expv);
+    {f'$readmemh("{f["axis_sparse"]}", spw);' if n_sp else ""}
+  end
+  reg aclk = 1'b0;
+  always #5 aclk = ~aclk;
+  reg aresetn;
+  reg [BPB*BB-1:0] s_tdata = 0;  reg s_tvalid = 1'b0, s_tlast = 1'b0;  wire s_tready;
+  reg [{ld - 1}:0] l_tdata = 0;  reg l_tvalid = 1'b0, l_tlast = 1'b0;  wire l_tready;
+  reg [47:0] e_tdata = 0;  reg e_tvalid = 1'b0, e_tlast = 1'b0;  wire e_tready;  wire [3:0] sparse_error;
+  wire [LANES*LB-1:0] m_tdata;  wire m_tvalid, m_tlast;  reg m_tready = 1'b0;
+  {axis_module_name(cfg)} dut (.aclk(aclk), .aresetn(aresetn),
+    .s_axis_tdata(s_tdata), .s_axis_tvalid(s_tvalid), .s_axis_tlast(s_tlast), .s_axis_tready(s_tready),
+    .s_axis_load_tdata(l_tdata), .s_axis_load_tvalid(l_tvalid), .s_axis_load_tlast(l_tlast),
+    .s_axis_load_tready(l_tready),{'''
+    .s_axis_sparse_tdata(e_tdata), .s_axis_sparse_tvalid(e_tvalid), .s_axis_sparse_tlast(e_tlast),
+    .s_axis_sparse_tready(e_tready), .sparse_error(sparse_error),''' if sp else ""}
+    .m_axis_tdata(m_tdata), .m_axis_tvalid(m_tvalid), .m_axis_tlast(m_tlast), .m_axis_tready(m_tready));
+  {"" if sp else "assign e_tready = 1'b0;  assign sparse_error = 4'b0;"}
+  integer seed = {seed}, bi = 0, li = 0, ei = 0, oi = 0, k, cycles = 0, errors = 0;
+  reg s_took = 1'b0, l_took = 1'b0, e_took = 1'b0;
+  initial begin
+    aresetn = 1'b0;
+    @(posedge aclk); @(posedge aclk); #1 aresetn = 1'b1;
+  end
+  always @(posedge aclk) if (aresetn) begin
+    s_took = s_tvalid & s_tready;  l_took = l_tvalid & l_tready;  e_took = e_tvalid & e_tready;
+    if (s_took) bi = bi + 1;
+    if (l_took) li = li + 1;
+    if (e_took) ei = ei + 1;
+    if (m_tvalid & m_tready) begin
+      for (k = 0; k < LANES; k = k + 1)
+        if (m_tdata[k*LB +: LB] !== expv[oi*LANES + k]) begin
+          errors = errors + 1;
+          if (errors < 10) $display("FAIL: value %0d: got %h, expected %h", oi*LANES + k, m_tdata[k*LB +: LB],
+                                    expv[oi*LANES + k]);
+        end
+      if (m_tlast !== (oi == NOUT - 1)) begin
+        errors = errors + 1;
+        $display("FAIL: output beat %0d: TLAST %b", oi, m_tlast);
+      end
+      oi = oi + 1;
+    end
+    cycles = cycles + 1;
+    if (oi == NOUT) begin
+      if (sparse_error !== 4'b0) begin
+        errors = errors + 1;
+        $display("FAIL: sparse_error %b", sparse_error);
+      end
+      if (li != NLD || ei != NSP) begin
+        errors = errors + 1;
+        $display("FAIL: took %0d load and %0d sparse beats of %0d and %0d", li, ei, NLD, NSP);
+      end
+      if (errors == 0) $display("PASS: %0d values, %0d load words, %0d sparse entries", oi*LANES, li, ei);
+      else $fatal(1, "FAIL: %0d errors", errors);
+      $finish;
+    end
+    if (cycles > 40 * (NBEAT * {cfg.beats_per_block} + NLD + NSP) + 1000) $fatal(1, "FAIL: timeout at %0d", oi);
+  end
+  always @(negedge aclk) if (aresetn) begin
+    if (!s_tvalid || s_took) begin
+      s_tvalid = (bi < NBEAT) && (($random(seed) & 3) != 0);
+      for (k = 0; k < BPB; k = k + 1) s_tdata[k*BB +: BB] = blk[(bi < NBEAT ? bi : 0)*BPB + k];
+      s_tlast = bi == NBEAT - 1;
+    end
+    if (!l_tvalid || l_took) begin
+      l_tvalid = (li < NLD) && (($random(seed) & 3) != 0);
+      {{l_tlast, l_tdata}} = ldw[li < NLD ? li : 0];
+    end
+    if (!e_tvalid || e_took) begin
+      e_tvalid = (ei < NSP) && (($random(seed) & 3) != 0);
+      {{e_tlast, e_tdata}} = spw[ei < NSP ? ei : 0];
+    end
+    m_tready = ($random(seed) & 3) != 0;
+    s_took = 1'b0;  l_took = 1'b0;  e_took = 1'b0;
+  end
+endmodule
+"""
+
+
+@pytest.mark.parametrize("name, source, expect", [
+    ("sop4-g16-sp", "sparse", "bf16"), ("sop4-g16-exact", "minilm", "exact"), ("e2m3-ue4m4-g16", "minilm", "bf16"),
+    ("sop4-g16-x64", "minilm", "bf16")])
+def test_the_vector_files_drive_the_shell_through_readmemh(axis_dir, tmp_path, name, source, expect):
+    """`sop vectors`'s files are what docs/vectors.md says an integrator's testbench reads: the blocks,
+    the load and sparse packets as `{tlast, tdata}` words and the expected lane words (bf16.hex, or
+    exact.hex for an exact configuration) drive the generated shell in Icarus, 0 mismatches, every
+    packet taken, `sparse_error` 0 (a layer with entries on the -sp shell; one without on the
+    others; blocks of 4 a beat at 64 lanes)."""
+    from cli_run import run
+
+    assert shutil.which("iverilog"), "run `make setup`"
+    cfg, point = ALL[name], base_name(name).removesuffix("-exact").removesuffix("-x64")
+    if source == "sparse":
+        art, _ = runner.sparse_artifact(point)
+        layer = json.loads((runner.sparse_row_vectors(cfg) / "vectors.json").read_text())["layers"][0]["name"]
+        args, rows = [art, "--layer", layer], runner.AXIS_SPARSE_ROWS
+    else:
+        args, rows = ["minilm", "--layer", "encoder.layer.0.attention.self.query.weight"], 2
+    vdir = tmp_path / "v"
+    assert run(["vectors", *args, "--format", point, "--rows", rows, "--out", vdir]) == 0
+    (layer,) = json.loads((vdir / "vectors.json").read_text())["layers"]
+    assert (layer["sparse"] > 0) == (source == "sparse")
+    tb = tmp_path / "tb.v"
+    tb.write_text(readmemh_testbench(cfg, vdir, layer, expect, seed=11))
+    exe = tmp_path / "tb.vvp"
+    subprocess.run(["iverilog", "-g2005", "-o", str(exe), str(tb), str(axis_dir / f"{name}_axis.v")],
+                   check=True, capture_output=True, text=True)
+    r = subprocess.run(["vvp", "-n", str(exe)], capture_output=True, text=True, timeout=600)
+    values = layer["rows"] * layer["cols"]
+    assert f"PASS: {values} values, {sum(map(len, layer['luts'])) + 1} load words, {layer['sparse']} sparse" \
+        in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
 def test_fusesoc_lint_and_sim_targets(axis_dir, tmp_path):
     assert shutil.which("iverilog") and shutil.which("verilator"), "run `make setup`"
     for name in ("sop4-g16", "sop4-g16-exact", "sop4-g16-sp"):

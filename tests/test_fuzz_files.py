@@ -228,12 +228,14 @@ def test_vector_index_mutations(made, tmp_path_factory, data):
 
 
 @fuzz(40)
-@given(kind=st.sampled_from(["blocks", "bf16", "exact"]), data=st.data())
+@given(kind=st.sampled_from(["blocks", "bf16", "exact", "axis_load", "exact_hex"]), data=st.data())
 def test_vector_file_mutations_are_caught_by_the_checksums(made, tmp_path_factory, kind, data):
     d = tmp_path_factory.mktemp("w")
     for f in made["vectors"].iterdir():
         (d / f.name).write_bytes(f.read_bytes())
-    target = next(d.glob(f"*.{ {'blocks': 'blocks.hex', 'bf16': 'bf16.hex', 'exact': 'exact.txt'}[kind]}"))
+    suffix = {"blocks": "blocks.hex", "bf16": "bf16.hex", "exact": "exact.txt", "axis_load": "axis_load.hex",
+              "exact_hex": "exact.hex"}[kind]
+    target = next(d.glob(f"*.{suffix}"))
     raw = bytearray(target.read_bytes())
     at = data.draw(st.integers(0, len(raw) - 1))
     new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[at]))

@@ -116,3 +116,70 @@ def test_cropped_rows_keep_only_their_own_entries():
     s = replace(s, sparse=Sparse(np.array([3, 15, 16], np.uint32), np.full(3, 0x3F80, np.uint16)))
     c = crop_rows(s, 1)
     assert (c.rows, c.cols) == (1, 16) and c.sparse.index.tolist() == [3, 15]
+
+
+def _rewrite(d, entry, kind, text):
+    """Replace a layer's file of ``kind`` by ``text`` with its checksum made good."""
+    import hashlib
+
+    (d / entry["files"][kind]).write_text(text)
+    entry["sha256"][kind] = hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("kind, line", [("axis_load", 1), ("axis_load", "last"), ("axis_sparse", 2),
+                                        ("exact_hex", 7)])
+def test_an_axi_file_that_is_not_the_layers_other_fields_is_one_vector_error_naming_the_line(
+        sparse_set, tmp_path, kind, line):
+    """The AXI files say again what vectors.json, sparse.txt and exact.txt say: one edited with its
+    checksum made good (a table word, the offset word's CTRL_SPARSE, an entry, a lane word) is refused
+    naming the file and the line, as a testbench would otherwise run with words the set's other files
+    contradict."""
+    import shutil
+
+    from sop.sim.vectors import VectorError
+
+    d = tmp_path / "v"
+    shutil.copytree(sparse_set, d)
+    doc = json.loads((d / "vectors.json").read_text())
+    (entry,) = doc["layers"]
+    lines = (d / entry["files"][kind]).read_text().splitlines()
+    k = len(lines) if line == "last" else line
+    # a table word's address bit; CTRL_SPARSE off the offset word (the -sp shell would not take the
+    # entries); an entry's index bit; a lane word's exponent bit
+    flip = {("axis_load", 1): 1 << 8, ("axis_load", "last"): 4, ("axis_sparse", 2): 1, ("exact_hex", 7): 1 << 11}
+    lines[k - 1] = f"{int(lines[k - 1], 16) ^ flip[kind, line]:0{len(lines[k - 1])}x}"
+    _rewrite(d, entry, kind, "\n".join(lines) + "\n")
+    (d / "vectors.json").write_text(json.dumps(doc))
+    with pytest.raises(VectorError, match=re.escape(f"{d / entry['files'][kind]}: line {k}: not ")):
+        read_vectors(d)
+
+
+def test_axi_files_are_all_or_none_and_a_sparse_packet_only_with_entries(sparse_set, tmp_path):
+    """A set written before the AXI files (none listed) reads as before; one listed without the others,
+    or a sparse packet for a layer without entries, is a VectorError."""
+    import shutil
+
+    from sop.sim.vectors import AXIS_KINDS, VectorError
+
+    def edited(edit):
+        d = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(sparse_set, d)
+        doc = json.loads((d / "vectors.json").read_text())
+        edit(doc["layers"][0])
+        (d / "vectors.json").write_text(json.dumps(doc))
+        return d
+
+    def drop(*kinds):
+        return lambda e: [(e["files"].pop(k), e["sha256"].pop(k)) for k in kinds]
+
+    (whole,) = read_vectors(sparse_set)
+    (old,) = read_vectors(edited(drop(*AXIS_KINDS)))
+    assert (old.luts == whole.luts).all() and (old.sparse_index == whole.sparse_index).all()
+    with pytest.raises(VectorError, match=r"layers\[0\]: files.axis_sparse is missing"):
+        read_vectors(edited(drop("axis_sparse")))
+
+    def no_entries(e):          # the sparse file gone, its packet left listed
+        drop("sparse")(e)
+        e["sparse"] = 0
+    with pytest.raises(VectorError, match=r"files.axis_sparse is listed, but the layer has no sparse entries"):
+        read_vectors(edited(no_entries))
