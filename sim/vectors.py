@@ -99,20 +99,53 @@ def vector_files(name: str, sparse: bool = False) -> dict[str, str]:
 AXIS_KINDS = ("axis_load", "axis_sparse", "exact_hex")
 
 
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def _text(chars: np.ndarray, keep: np.ndarray | None = None) -> str:
+    """The rows of a character matrix (``keep``: the characters kept), one file's text; one empty line
+    for no rows, as every vector file of an empty layer."""
+    if not len(chars):
+        return "\n"
+    return (chars if keep is None else chars[keep]).tobytes().decode("ascii")
+
+
 def hex_lines(words, bits: int) -> str:
     """``words`` (non-negative integers below ``2**bits``) as lower-case hex, ``ceil(bits / 4)``
-    digits a line, each line ended by a newline (one empty line for no words, as every vector file
-    of an empty layer); vectorized, no Python loop per word."""
+    digits a line, each line ended by a newline; vectorized, no Python loop per word."""
     words = np.asarray(words, dtype=np.uint64).reshape(-1)
-    if not len(words):
-        return "\n"
     digits = -(-bits // 4)
     shifts = np.arange(4 * (digits - 1), -1, -4, dtype=np.uint64)
-    table = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-    chars = np.empty((len(words), digits + 1), dtype=np.uint8)
-    chars[:, :digits] = table[(words[:, None] >> shifts) & np.uint64(15)]
-    chars[:, digits] = ord("\n")
-    return chars.tobytes().decode("ascii")
+    chars = np.full((len(words), digits + 1), ord("\n"), dtype=np.uint8)
+    chars[:, :digits] = _HEX[(words[:, None] >> shifts) & np.uint64(15)]
+    return _text(chars)
+
+
+def block_lines(blocks: bytes, block_bytes: int) -> str:
+    """Packed blocks one a line, each its bytes as one hexadecimal number, most significant digit
+    first (the block's last byte first), so that bit 0 of the number is bit 0 of the block."""
+    b = np.frombuffer(blocks, dtype=np.uint8).reshape(-1, block_bytes)[:, ::-1]
+    chars = np.full((len(b), 2 * block_bytes + 1), ord("\n"), dtype=np.uint8)
+    chars[:, 0:-1:2], chars[:, 1:-1:2] = _HEX[b >> 4], _HEX[b & 15]
+    return _text(chars)
+
+
+def decimal_lines(*columns) -> str:
+    """Rows of integers (int64 columns of one length) in decimal, ``-`` before a negative one, the
+    columns parted by one space, each row a line; vectorized: every number written with the columns'
+    widest digit count, then its leading zeros (all but a zero's last) and unused signs dropped."""
+    parts, keeps = [], []
+    for j, col in enumerate(columns):
+        col = np.asarray(col, dtype=np.int64).reshape(-1)
+        mag = np.abs(col).astype(np.uint64)         # int64's least wraps to itself, then to 2**63: right
+        width = len(str(int(mag.max()))) if len(mag) else 1
+        digits = (mag[:, None] // (np.uint64(10) ** np.arange(width - 1, -1, -1, dtype=np.uint64))) % np.uint64(10)
+        nonzero = digits != 0
+        lead = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), width - 1)
+        parts += [np.full((len(col), 1), ord("-"), dtype=np.uint8), (digits + ord("0")).astype(np.uint8),
+                  np.full((len(col), 1), ord("\n" if j == len(columns) - 1 else " "), dtype=np.uint8)]
+        keeps += [(col < 0)[:, None], np.arange(width)[None, :] >= lead[:, None], np.ones((len(col), 1), bool)]
+    return _text(np.hstack(parts), np.hstack(keeps))
 
 
 def axis_widths(layout: BlockLayout, hif) -> dict[str, int]:
@@ -195,11 +228,10 @@ def _write_vectors(out: FileSet, out_dir: Path, streams: dict[str, LayerStream],
         bf16 = FORMATS["bf16"].encode(decode_blocks(s.hif, s.luts, s.layout, s.offset, headers, codes, "bf16",
                                                     dense_residual(s)))
         sign, sig, exp, _ = product_fields(s.hif, s.luts, s.layout, s.offset, headers, codes)
-        bb = s.layout.block_bytes
         files = {
-            "blocks": "\n".join(s.blocks[i:i + bb][::-1].hex() for i in range(0, len(s.blocks), bb)) + "\n",
+            "blocks": block_lines(s.blocks, s.layout.block_bytes),
             "bf16": hex_lines(bf16, 16),
-            "exact": "\n".join(f"{a} {b} {c}" for a, b, c in zip(sign.ravel(), exp.ravel(), sig.ravel())) + "\n",
+            "exact": decimal_lines(sign, exp, sig),
         }
         if len(s.sparse):
             files["sparse"] = "\n".join(f"{i} {v:04x}" for i, v in zip(s.sparse.index.tolist(),
