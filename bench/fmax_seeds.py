@@ -111,7 +111,7 @@ def fmax_for_seed(work: Path, seed: int, placer: str = "default") -> dict:
     return read_pnr(run)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=positive(int), default=5)
     p.add_argument("--jobs", type=positive(int), default=2)
@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--variant", action="append", choices=VARIANTS, help="default: both")
     p.add_argument("--placer", action="append", choices=list(PLACERS),
                    help="nextpnr settings, each beside the others on the same netlists (default: the flow's)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     named = {name: named_configs()[name] for name in args.config or CONFIGS}
     if args.lanes:          # each configuration's operating point (sop4-g16-x64's is sop4-g16) at N lanes
         points = sorted({config_point(name)[0].name for name in named})

@@ -15,7 +15,7 @@ must compute (docs/synthesis.md, "The floor"): every term is a lower bound under
 a stated cost model, not a measurement of the RTL.
 
 * RAM. ECP5: ``banks * 2 pages * ceil(2^k / 16) * ceil(W / 4)`` TRELLIS_DPR16X4
-  (W = 11 stored bits: 12 for sop4), one copy per read port. iCE40: one
+  (W = 11 stored bits for the E3M6 HIF: hdl/lut_word.py), one copy per read port. iCE40: one
   SB_RAM40_4K per lane (one read port per lane per cycle; the bits fit).
 * LUT4, cost model: one LUT4 per result bit of a function of at most four
   inputs; one LUT4 per result bit of a two-operand add on a carry chain, a gate
@@ -145,12 +145,17 @@ def floor(cfg: DecoderConfig) -> dict[str, dict[str, int]]:
 RAM_KEY = {"ecp5": "lutram", "ice40": "brams"}
 
 
-def slope(lanes: np.ndarray, values: np.ndarray) -> float:
-    """Least-squares cost of one more lane over N >= 4 (nan with fewer than two points)."""
+def slope(lanes: np.ndarray, values: np.ndarray) -> float | None:
+    """Least-squares cost of one more lane over N >= 4 (None with fewer than two such N: no slope, and
+    ``null`` in lane_sweep.json, not a NaN that strict JSON readers refuse)."""
     keep = lanes >= 4
-    if keep.sum() < 2:
-        return float("nan")
+    if len(set(lanes[keep].tolist())) < 2:
+        return None
     return float(np.polyfit(lanes[keep], values[keep], 1)[0])
+
+
+def _rounded(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 def summarize(results: dict[str, dict[str, dict]], lanes: list[int], pipelines: dict[str, str] = PIPELINE) -> dict:
@@ -167,10 +172,10 @@ def summarize(results: dict[str, dict[str, dict]], lanes: list[int], pipelines: 
         fl = {k: slope(n, n * np.array([f[t][k] for f in floors], dtype=float)) for k in per}
         out[t] = {
             "device": TARGETS[t].device, "constraint_mhz": TARGETS[t].freq_mhz, "pipeline": pipelines[t],
-            "floor_slope_per_lane": {k: round(v, 1) for k, v in fl.items()},
+            "floor_slope_per_lane": {k: _rounded(v, 1) for k, v in fl.items()},
             "floor_terms": [list(r) for r in floor_terms(cfgs[-1], t)], "floor_terms_lanes": lanes[-1],
-            "slope_per_lane": {k: round(v, 1) for k, v in per.items()},
-            "slope_over_floor": {k: round(per[k] / fl[k], 2) for k in per},
+            "slope_per_lane": {k: _rounded(v, 1) for k, v in per.items()},
+            "slope_over_floor": {k: None if per[k] is None else _rounded(per[k] / fl[k], 2) for k in per},
             "rows": [{"lanes": int(k), "luts": r["luts"], "ffs": r["ffs"], "ram": r[RAM_KEY[t]],
                       "dsps": r["dsps"], "luts_per_lane": round(r["luts"] / k, 1),
                       "ffs_per_lane": round(r["ffs"] / k, 1), "floor_luts_per_lane": f[t]["luts"],
@@ -184,7 +189,7 @@ def summarize(results: dict[str, dict[str, dict]], lanes: list[int], pipelines: 
 def markdown(summary: dict) -> str:
     lines = []
     for t, s in summary.items():
-        f = s["floor_slope_per_lane"]
+        f = {k: "-" if v is None else v for k, v in s["floor_slope_per_lane"].items()}
         ram = "DPR16X4" if t == "ecp5" else "RAM40"
         lines += [f"**{s['device']}** (constraint {s['constraint_mhz']:g} MHz; the {s['pipeline']} pipeline, "
                   f"DecoderConfig(pipeline=\"{s['pipeline']}\"); marginal floor per lane: "
@@ -196,8 +201,9 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {r['lanes']} | {r['luts']} | {r['luts_per_lane']} | {r['floor_luts_per_lane']} | "
                          f"{r['ffs']} | {r['ffs_per_lane']} | {r['floor_ffs_per_lane']} | {r['ram']} | "
                          f"{r['dsps']} | {fmax} | {r['note']} |")
-        sl, ratio = s["slope_per_lane"], s["slope_over_floor"]
-        lines += ["", f"Marginal cost of a lane (slope over N >= 4): {sl['luts']} LUT4 "
+        sl, ratio = ({k: "-" if v is None else v for k, v in s[key].items()}
+                     for key in ("slope_per_lane", "slope_over_floor"))
+        lines += ["", f"Marginal cost of a lane (slope over N >= 4, two N at least): {sl['luts']} LUT4 "
                   f"({ratio['luts']}x floor), {sl['ffs']} FF ({ratio['ffs']}x), {sl['ram']} {ram} "
                   f"({ratio['ram']}x).", "", f"Floor terms per lane at {s['floor_terms_lanes']} lanes:", "",
                   "| term | LUT4 | FF |", "|---|---:|---:|"]
@@ -206,7 +212,7 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lanes", type=int, nargs="+", default=list(LANES))
     p.add_argument("--jobs", type=positive(int), default=2)
@@ -214,7 +220,7 @@ def main() -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--ice40-pipeline", choices=PIPELINES, default=PIPELINE["ice40"],
                    help="the build measured on iCE40 (default: the shallow pipeline)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:                                            # every lane count a decoder takes, before any run
         [sweep_config(n) for n in args.lanes]
     except ValueError as err:

@@ -329,6 +329,19 @@ def test_block_fields_model_is_golden():
             np.testing.assert_array_equal(got, want.reshape(n, lay.group)[:, 0])
 
 
+def test_the_formatters_plus0_makes_a_zero_product_plus_zero():
+    """With the residual path a lane adds golden's residual, +0 where the layer has no entry, and -0 + +0
+    is +0 (IEEE 754): ``plus0`` set turns the -0 of a zero table entry (exp 0) with its sign bit set into
+    0x0000; clear, the product keeps its sign, 0x8000."""
+    cfg = dataclasses.replace(config(), residuals=1)
+    M, eb = cfg.hif.mbits, lut_word.exp_bits(cfg)
+    minus_zero = np.array([1 << (M + eb)])             # {frac 0, exp 0 (zero), sign 1}
+    block = {"frac": np.array([0]), "kb": np.array([0]), "zero": np.array([0]), "sign": np.array([0])}
+    assert hif_formatter.model(cfg, minus_zero, block, plus0=np.array([1])).tolist() == [0x0000]
+    assert hif_formatter.model(cfg, minus_zero, block, plus0=np.array([0])).tolist() == [0x8000]
+    assert hif_formatter.model(cfg, minus_zero, block).tolist() == [0x8000]
+
+
 def check_block_fields(cfg, cls=BlockFields, seed=0, cycles=300):
     """Random per-group fields and pages with random stalls and offset writes: ``block[i]`` is the
     model's value of lane i's group's header at the offset its page held when the fields were

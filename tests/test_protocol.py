@@ -94,6 +94,12 @@ def test_frame_encoding_and_crc_residue():
     assert wire.values_checksum([[1, 2], [0x1234, 0]], 16) == (4, crc32(bytes.fromhex("0100020034120000")))
 
 
+def test_a_lane_word_takes_whole_bytes_in_the_checksum():
+    """A 21-bit exact lane (sop4-g16-exact) is 3 bytes, LE: its top bits are checked too, not dropped."""
+    assert [wire.lane_bytes(b) for b in (1, 8, 9, 16, 21)] == [1, 1, 2, 2, 3]
+    assert wire.values_checksum([[0x1FA240]], 21) == (1, crc32(bytes.fromhex("40a21f")))
+
+
 # -- through the byte streams -------------------------------------------------------------
 def test_status_reports_the_configuration():
     link = stream_link(make_engine())

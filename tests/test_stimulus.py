@@ -176,3 +176,53 @@ def test_a_layers_sparse_stream_marks_its_last_entry():
     assert layer.entries() == [(3, 0x3F80, 0), (7, 0x4000, 0), (9, 0xBF80, 1)]
     bare = stimulus.Layer(np.zeros((1, 16), np.int64), 0, np.zeros(1, np.int64), np.zeros((1, 16), np.int64))
     assert bare.entries() == []
+
+
+def _packed(cfg, beats):
+    w = reference.lane_word_bits(cfg)
+    return [sum(int(v) << (i * w) for i, v in enumerate(b)) for b in beats]
+
+
+def _load(model, cfg, luts, offset):
+    for bank in range(luts.shape[0]):
+        for addr in range(luts.shape[1]):
+            model.write(bank, addr, int(luts[bank, addr]))
+    model.set_offset(offset)
+
+
+def test_the_model_tabulates_a_page_whose_blocks_are_wider_than_the_code_space():
+    """4-bit codes in blocks of 32 (a layout the configuration space allows): the page's table holds
+    every code although a block of the tabulation holds more codes than there are (it was empty:
+    ``n_codes // g`` = 0 blocks, every predicted word 0)."""
+    from sop.golden.formats import get_format
+    from sop.golden.layout import BlockLayout
+
+    cfg = DecoderConfig("g32", 4, BlockLayout(4, 32, get_format("ue4m4")))
+    layer = random_layer(cfg, np.random.default_rng(5), 4)
+    model = DecoderModel(cfg)
+    _load(model, cfg, layer.luts, layer.offset)
+    got = []
+    for i, beat in enumerate(reference.input_beats(cfg, layer.headers, layer.codes)):
+        got += model.beat(beat, swap=i == 0)
+    assert got == _packed(cfg, reference.expected_beats(cfg, layer.luts, layer.offset, layer.headers, layer.codes))
+
+
+def test_table_writes_without_an_offset_write_are_seen_by_the_next_beat():
+    """A host that reloads a page's tables and keeps its offset: the model's tabulated page is rebuilt
+    from the new entries (a table write alone must drop it, not only an offset write)."""
+    cfg = named_configs()["sop4-g16"]
+    rng = np.random.default_rng(6)
+    a, b = random_layer(cfg, rng, 2), random_layer(cfg, rng, 2)
+    beat = reference.input_beats(cfg, a.headers, a.codes)[0]
+    model = DecoderModel(cfg)
+    _load(model, cfg, a.luts, a.offset)
+    model.beat(beat, swap=True)                        # page 1 active and tabulated
+    _load(model, cfg, b.luts, b.offset)
+    model.beat(beat, swap=True)                        # page 0 active; page 1 inactive, still tabulated
+    for bank in range(b.luts.shape[0]):                # page 1's tables rewritten, its offset kept
+        for addr in range(b.luts.shape[1]):
+            model.write(bank, addr, int(b.luts[bank, addr]))
+    first = (a.headers[:1], a.codes[:1])
+    want = _packed(cfg, reference.expected_beats(cfg, b.luts, a.offset, *first))
+    assert want != _packed(cfg, reference.expected_beats(cfg, a.luts, a.offset, *first))
+    assert model.beat(beat, swap=True) == want
