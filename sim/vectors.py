@@ -338,7 +338,11 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
             if _sha(data) != _field(sums, kind, f"{lw} sha256", str):
                 raise VectorError(f"{path}: SHA-256 does not match {lw} sha256.{kind}: "
                                   f"the file is truncated or changed")
-            texts[kind] = (path, data.decode())
+            try:
+                texts[kind] = (path, data.decode())
+            except UnicodeDecodeError as err:          # its checksum made good: a hand-made or edited set
+                raise VectorError(f"{path}: not UTF-8 text (byte {err.start}: "
+                                  f"{data[err.start]:#04x})") from None
         n_blocks = _field(ld, "n_blocks", lw, int)
         if isinstance(n_blocks, bool) or n_blocks < 0:
             raise VectorError(f"{lw}: field 'n_blocks' must be a count, got {n_blocks!r}")
@@ -395,8 +399,8 @@ def _check_axis_files(texts: dict, kinds: list[str], where: str, expected: dict[
         if text != expected[kind]:
             got, want = text.splitlines(), expected[kind].splitlines()
             k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            raise VectorError(f"{path}: line {k + 1}: not {what[kind]} (hdl.axis; {len(want)} lines "
-                              f"of hex expected)")
+            raise VectorError(f"{path}: line {k + 1}: not {what[kind]} ({len(want)} lines of hex expected: "
+                              f"docs/vectors.md)")
 
 
 def _lines(path: Path, text: str, pattern: str, what: str) -> list[str]:

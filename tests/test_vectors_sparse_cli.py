@@ -183,3 +183,23 @@ def test_axi_files_are_all_or_none_and_a_sparse_packet_only_with_entries(sparse_
         e["sparse"] = 0
     with pytest.raises(VectorError, match=r"files.axis_sparse is listed, but the layer has no sparse entries"):
         read_vectors(edited(no_entries))
+
+
+def test_a_vector_file_that_is_not_text_is_one_vector_error_naming_it(sparse_set, tmp_path):
+    """Its checksum made good: it was a UnicodeDecodeError that named no file."""
+    import hashlib
+    import shutil
+
+    from sop.sim.vectors import VectorError
+
+    d = tmp_path / "v"
+    shutil.copytree(sparse_set, d)
+    doc = json.loads((d / "vectors.json").read_text())
+    (entry,) = doc["layers"]
+    path = d / entry["files"]["bf16"]
+    data = b"\xff" + path.read_bytes()[1:]
+    path.write_bytes(data)
+    entry["sha256"]["bf16"] = hashlib.sha256(data).hexdigest()
+    (d / "vectors.json").write_text(json.dumps(doc))
+    with pytest.raises(VectorError, match=re.escape(f"{path}: not UTF-8 text (byte 0: 0xff)")):
+        read_vectors(d)
