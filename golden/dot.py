@@ -444,8 +444,9 @@ def tiled_blocks(stream: LayerStream, tile: int) -> bytes:
 
 def tile_residuals(stream: LayerStream, tile: int) -> list[dict[str, np.ndarray]]:
     """Per row tile (``tile_order``'s), the sparse residual entries as the GEMV engine takes them
-    after the tile's blocks: ``row``, ``col``, ``value`` (BF16 code) and ``last`` (the row's last
-    entry), in rounds: round ``i`` holds the ``i``-th entry of every row of the tile, rows ascending.
+    after the tile's blocks: ``row`` (the layer's row), ``col``, ``value`` (BF16 code) and ``last``
+    (set on each row's entry in the last round: its own last entry or the padding after it), in
+    rounds: round ``i`` holds the ``i``-th entry of every row of the tile, rows ascending.
     Each row keeps its entries in ascending column (golden's order, step 4), then is padded to the
     tile's largest count (at least one) with entries ``rho = +0`` at column 0, which add exactly
     nothing (``y + (+-0) = y``: a row sum is never -0). So every row's ``last`` entry is in the last
