@@ -364,9 +364,14 @@ def run_engine(cfg, out: Path, *, n: int, seed: int, sim: str, prove_survivors: 
                "requested": n, "void": void, "original": originals,
                "timing_s": {"build": round(t_build, 1), "simulate": round(t_sim, 1),
                             "prove": round(t_total - t_build - t_sim, 1), "total": round(t_total, 1)},
-               **mu.counts(rows), "timeouts": sum(r.get("by") == "timeout" for r in rows), "mutants": rows}
+               **mu.counts(rows), "timeouts": timeouts(rows), "mutants": rows}
     write_atomic(work / "summary.json", (json.dumps(summary, indent=1, default=str) + "\n").encode())
     return summary
+
+
+def timeouts(rows: list[dict]) -> int:
+    """Mutants killed by the simulation's time limit (a hang), counted apart in the summary."""
+    return sum(r.get("by") == "timeout" for r in rows)
 
 
 def by_location(s: dict) -> str:
