@@ -16,13 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _bench(monkeypatch, name):
-    monkeypatch.syspath_prepend(str(BENCH))
-    return __import__(name)
+from test_bench_figures import bench_module
 
 
 def _clock(*values):
@@ -37,7 +31,7 @@ def test_memory_child_reports_peak_minus_baseline_per_weight(monkeypatch, capsys
     """The child script's figure: (VmHWM after the command - VmRSS before it) in kB x 1024 bytes,
     divided by the weights; /proc/self/status is faked (900 kB VmHWM before the peak reset, 100 kB
     VmRSS; 700 kB VmHWM and 300 kB VmRSS after the command)."""
-    mem = _bench(monkeypatch, "memory")
+    mem = bench_module(monkeypatch, "memory")
     import sop.quantize.artifact as artifact
     import sop.quantize.memory as qmem
 
@@ -69,7 +63,7 @@ def test_memory_child_reports_peak_minus_baseline_per_weight(monkeypatch, capsys
 def test_memory_main_counts_size_squared_weights_and_meets_a_target_equalled(monkeypatch, tmp_path, capsys):
     """--size 32: 32 x 32 = 1024 weights passed to the child and written; a worst figure equal to the
     target (16 bytes/weight) meets it ("at most 16")."""
-    mem = _bench(monkeypatch, "memory")
+    mem = bench_module(monkeypatch, "memory")
     monkeypatch.setattr(mem, "write_checkpoint", lambda path, size, dtype: None)
     seen = []
 
@@ -106,7 +100,7 @@ def test_dot_vs_naive_takes_the_lower_fmax_and_computes_gmacs(monkeypatch, tmp_p
     """Units synthesized apart: counts added (130 LUT4, 70 FF), the lower Fmax (120 MHz), GMAC/s =
     16 MACs x 120 MHz / 1000 = 1.92; the engine 16 x 150 / 1000 = 2.4; the folded engine does one MAC a
     cycle: 1 x 50 / 1000 = 0.05."""
-    dn = _bench(monkeypatch, "dot_vs_naive")
+    dn = bench_module(monkeypatch, "dot_vs_naive")
     _dn_records(dn, monkeypatch)
     units = dn.measure(dn.SOP_UNITS, "ecp5", tmp_path, dn.SEED, False)
     assert (units["luts"], units["ffs"], units["brams"], units["dsps"]) == (130, 70, 1, 1)
@@ -121,7 +115,7 @@ def test_dot_vs_naive_takes_the_lower_fmax_and_computes_gmacs(monkeypatch, tmp_p
 def test_dot_vs_naive_ratios_are_naive_over_sop(monkeypatch):
     """naive 3000 LUT4 / SOP 1000 = 3.0; FF 2000 / 500 = 4.0; Fmax 100 / 200 = 0.5; GMAC/s 1.6 / 3.2 = 0.5;
     a SOP figure of None gives None."""
-    dn = _bench(monkeypatch, "dot_vs_naive")
+    dn = bench_module(monkeypatch, "dot_vs_naive")
     results = {dn.SOP: {"ecp5": {"luts": 1000, "ffs": 500, "fmax_mhz": 200.0, "gmac_s": 3.2}},
                dn.SOP_UNITS: {"ecp5": {"luts": 1000, "ffs": 500, "fmax_mhz": None, "gmac_s": None}},
                "naive-tree": {"ecp5": {"luts": 3000, "ffs": 2000, "fmax_mhz": 100.0, "gmac_s": 1.6}}}
@@ -134,7 +128,7 @@ def test_dot_vs_naive_ratios_are_naive_over_sop(monkeypatch):
 def test_dot_vs_naive_reads_nextpnr_utilisation_as_used_then_available(monkeypatch, tmp_path):
     """nextpnr logs 'Info:  TRELLIS_COMB: 90000/ 83640 107%' before it gives up: used 90000, available
     83640, in that order; the last ERROR line is kept."""
-    dn = _bench(monkeypatch, "dot_vs_naive")
+    dn = bench_module(monkeypatch, "dot_vs_naive")
 
     def place_and_route(work, t, freq, seed=None):
         (work / "nextpnr.log").write_text(
@@ -165,7 +159,7 @@ def peer_speed(monkeypatch, tmp_path):
                                       "--size", "2", "2", "--json", str(tmp_path / "peer.json")])
     sys.modules.pop("peer_speed", None)
     try:
-        yield _bench(monkeypatch, "peer_speed")
+        yield bench_module(monkeypatch, "peer_speed")
     finally:
         sys.modules.pop("peer_speed", None)
         torch.set_num_threads(threads)
@@ -217,7 +211,7 @@ def test_quantize_speed_measure_bits_per_weight_and_sqnr(monkeypatch):
     """a quantized to [3, 3] in 9 bits (noise 1), b to [1, 2, 1] in 15 bits (noise 1): 24 bits / 5 weights
     = 4.8 bpw; per layer 10 log10(25 / 1) = 13.98 dB and 10 log10(9 / 1) = 9.54 dB; aggregate
     10 log10(34 / 2) = 12.30 dB."""
-    qs = _bench(monkeypatch, "quantize_speed")
+    qs = bench_module(monkeypatch, "quantize_speed")
     out = {2: ([[3.0, 3.0]], 9), 3: ([[1.0, 2.0, 1.0]], 15)}
 
     def fn(w):
@@ -234,7 +228,7 @@ def test_quantize_speed_measure_bits_per_weight_and_sqnr(monkeypatch):
 def test_quantize_speed_budget_time_includes_the_options_build(monkeypatch):
     """The options build takes 3 s wall (2 s CPU), the budget's solve 1 s (0.5 s CPU): the row's time is
     3 + 1 = 4 s, 2 + 0.5 = 2.5 s CPU; 5 weights / 4 s = 1.25 w/s, 5 / 2.5 = 2 per CPU second."""
-    qs = _bench(monkeypatch, "quantize_speed")
+    qs = bench_module(monkeypatch, "quantize_speed")
     weights = _two_layers()
     monkeypatch.setattr(qs, "layer_options", lambda layers: "prepared")
     recon = {"a": np.array([[3.0, 3.0]]), "b": np.array([[1.0, 2.0, 2.0]])}     # noise 1 + 0, signal 25 + 9
@@ -257,7 +251,7 @@ def test_quantize_speed_budget_time_includes_the_options_build(monkeypatch):
 
 def test_quantize_speed_speed_is_relative_to_nf4(monkeypatch, capsys):
     """nf4-g64 at 2 M w/s, e2m3-ue4m4-g16 at 6 M w/s: 6 / 2 = 3.000 times nf4-g64 (and nf4 1.000)."""
-    qs = _bench(monkeypatch, "quantize_speed")
+    qs = bench_module(monkeypatch, "quantize_speed")
     monkeypatch.setattr(qs, "minilm_linear_weights", lambda: {"l": np.ones((1, 16))})
     wps = {"nf4-g64": 2e6, "e2m3-ue4m4-g16": 6e6, "fp8-e4m3-pot": 4e6}
     monkeypatch.setattr(qs, "FORMATS", {name: name for name in wps})
@@ -279,7 +273,7 @@ def test_quantize_speed_speed_is_relative_to_nf4(monkeypatch, capsys):
 def test_llm_scale_dims_round_to_the_nearest_multiple_of_64(monkeypatch):
     """--scale 0.9: 4096 x 0.9 / 64 = 57.6 -> 58 x 64 = 3712; 14336 x 0.9 / 64 = 201.6 -> 202 x 64 = 12928;
     32000 x 0.9 / 64 = 450 -> 28800. A tiny scale keeps 64."""
-    ls = _bench(monkeypatch, "llm_scale")
+    ls = bench_module(monkeypatch, "llm_scale")
     assert ls.dims(0.9) == (3712, 12928, 28800)
     assert ls.dims(0.001) == (64, 64, 64)
 
@@ -288,7 +282,7 @@ def test_llm_scale_bytes_per_weight_of_the_largest_layer(monkeypatch, tmp_path, 
     """H = 64, I = 192, 2 blocks: the largest layer I x H = 12288 weights; linear weights
     2 x (4 x 64 x 64 + 3 x 64 x 192) = 2 x (16384 + 36864) = 106496. The model's peak is the tiny
     checkpoint's 1,000,000 bytes plus 10 x 12288: (1122880 - 1000000) / 12288 = 10.0 bytes/weight."""
-    ls = _bench(monkeypatch, "llm_scale")
+    ls = bench_module(monkeypatch, "llm_scale")
     monkeypatch.setattr(ls, "make_checkpoint", lambda folder, scale, blocks: {
         "scale": scale, "blocks": blocks, "hidden": 64, "intermediate": 192, "vocab": 64})
     monkeypatch.setattr(ls, "write_shard", lambda *a, **k: 0)
@@ -311,7 +305,7 @@ def test_llm_scale_bytes_per_weight_of_the_largest_layer(monkeypatch, tmp_path, 
 
 def test_llm_scale_jobs_speedup_is_one_job_over_two(monkeypatch, tmp_path, capsys):
     """--jobs 1 takes 10 s then 8 s, --jobs 2 6 s then 4 s: the best of each, 8 / 4 = 2.0x."""
-    ls = _bench(monkeypatch, "llm_scale")
+    ls = bench_module(monkeypatch, "llm_scale")
     times = {"1": [10.0, 8.0], "2": [6.0, 4.0]}
 
     def run_sop(argv, cwd, env=None):
@@ -331,7 +325,7 @@ def test_llm_scale_jobs_speedup_is_one_job_over_two(monkeypatch, tmp_path, capsy
 def test_hif_sqnr_loss_is_exact_minus_hif(monkeypatch):
     """The exact table's noise 1, the HIF-rounded one's 2: the loss is 10 log10(2) = 3.0103 dB (a loss,
     positive); a table the HIF refuses gets None."""
-    hs = _bench(monkeypatch, "hif_sqnr")
+    hs = bench_module(monkeypatch, "hif_sqnr")
     monkeypatch.setattr(hs, "exact_nearest", lambda raw: "exact")
     monkeypatch.setattr(hs, "codebook_nearest", lambda cb: "hif")
     monkeypatch.setattr(hs, "squared_error", lambda blocks, smax, peak, nearest: 1.0 if nearest == "exact" else 2.0)
@@ -355,7 +349,7 @@ def test_hif_sqnr_recommend_accepts_a_loss_equal_to_the_limit(monkeypatch):
     M = 2 cannot hold it and M = 3 is the first width (the E3 bias 5 exponents 2^-4 .. 2^2 cover
     E2M3's 0.125 .. 7.5). A loss of exactly 0.05 everywhere passes at M = 3; a loss just above it at
     M = 3 moves the choice to M = 4; a refused table (None) never passes."""
-    hs = _bench(monkeypatch, "hif_sqnr")
+    hs = bench_module(monkeypatch, "hif_sqnr")
     assert hs.recommend({m: {"a": hs.MAX_LOSS_DB, "b": 0.0} for m in hs.MBITS}) == 3
     above = {m: {"a": hs.MAX_LOSS_DB + (1e-6 if m == 3 else 0.0)} for m in hs.MBITS}
     assert hs.recommend(above) == 4
@@ -365,7 +359,7 @@ def test_hif_sqnr_recommend_accepts_a_loss_equal_to_the_limit(monkeypatch):
 def test_hif_sqnr_cost_model(monkeypatch):
     """LUT storage 2 banks x 2 buffers x 16 entries x 12 bits = 768; the multiplier of M = 6 is
     (6 + 1) x (4 + 1) = 7 x 5, about 35 LUT4."""
-    hs = _bench(monkeypatch, "hif_sqnr")
+    hs = bench_module(monkeypatch, "hif_sqnr")
     assert hs.lut_storage_bits(12) == 768
     assert hs.multiplier_size(6) == (7, 5)
     assert hs.multiplier_lut4(6) == 35
@@ -373,14 +367,14 @@ def test_hif_sqnr_cost_model(monkeypatch):
 
 def test_hif_sqnr_signed_max_is_the_largest_magnitude_with_its_sign(monkeypatch):
     """[1, -3, 2]: |-3| is the largest, so -3 (not the largest value 2); [0.5, 0.25, -0.125]: 0.5."""
-    hs = _bench(monkeypatch, "hif_sqnr")
+    hs = bench_module(monkeypatch, "hif_sqnr")
     got = hs.signed_max(np.array([[1.0, -3.0, 2.0], [0.5, 0.25, -0.125]]))
     assert got.tolist() == [-3.0, 0.5]
 
 
 def test_hif_sqnr_report_max_loss_column_is_the_worst_table(monkeypatch):
     """Tables a and b lose 0.01 and 0.2 dB at every width: the 'max loss' column reads 0.200."""
-    hs = _bench(monkeypatch, "hif_sqnr")
+    hs = bench_module(monkeypatch, "hif_sqnr")
     loss = {m: {"a": 0.01, "b": 0.2} for m in hs.MBITS}
     text = hs.report({"a": 20.0, "b": 18.0}, loss, 32, 2, np.zeros(16))
     rows = [line.strip("| ").split(" | ") for line in text.splitlines()
@@ -395,7 +389,7 @@ def test_hif_sqnr_report_max_loss_column_is_the_worst_table(monkeypatch):
 def test_codebook_sqnr_alpha_grid_and_best_alpha(monkeypatch):
     """The sweep is 0.0 .. 3.0 in steps of 0.1: 31 alphas. A data set whose SQNR peaks at alpha 1.3
     (-(a - 1.3)^2) has best alpha 1.3; one whose SQNR rises with alpha has best 3.0, the grid's end."""
-    cs = _bench(monkeypatch, "codebook_sqnr")
+    cs = bench_module(monkeypatch, "codebook_sqnr")
     assert len(cs.ALPHAS) == 31 and cs.ALPHAS[0] == 0.0 and cs.ALPHAS[-1] == 3.0
     monkeypatch.setattr(cs, "sh4_table", lambda a: a)
     peaked = SimpleNamespace(name="peaked", sqnr=lambda a: -(a - 1.3) ** 2)
@@ -408,7 +402,7 @@ def test_codebook_sqnr_alpha_grid_and_best_alpha(monkeypatch):
 def test_header_sqnr_searches_one_scale_neighbour_each_side(monkeypatch):
     """Every candidate is encoded with the covering scale code and one neighbour each side
     (scale_search=1); [3, 4] decoded as [3, 3]: 10 log10(25 / 1) = 13.98 dB."""
-    hs = _bench(monkeypatch, "header_sqnr")
+    hs = bench_module(monkeypatch, "header_sqnr")
     calls = []
 
     def encode_layer(w, layout, banks, **kw):
@@ -427,7 +421,7 @@ def test_header_sqnr_searches_one_scale_neighbour_each_side(monkeypatch):
 def test_sim_speed_values_per_minute(monkeypatch, capsys):
     """Verilator checks 6,000,000 values in 60 s: 6e6 / 60 x 60 = 6.00 M a minute; Icarus 600,000 in 60 s:
     0.60 M; the ratio 10.00x."""
-    sp = _bench(monkeypatch, "sim_speed")
+    sp = bench_module(monkeypatch, "sim_speed")
     checked = {"verilator": 6_000_000, "icarus": 600_000}
     monkeypatch.setattr(sp.runner, "run", lambda cfg, sim, build_dir: {
         "mismatches": 0, "checked": checked[sim], "seconds": 60.0})
@@ -443,7 +437,7 @@ def test_dot_bf16_fallback_rates_per_layer_and_overall(monkeypatch, capsys):
     """Blocks of g = 2. Layer a: 2 rows x 4 columns (2 blocks a row, 4 blocks), 3 tokens: 3 x 4 = 12
     (token, block) pairs; layer b: 2 rows x 2 columns (1 block a row), 2 tokens: 2 x 2 = 4. The fake
     rule falls back on the first block of each token: a 3 / 12 = 25%, b 2 / 4 = 50%, all 5 / 16 = 31.25%."""
-    db = _bench(monkeypatch, "dot_bf16")
+    db = bench_module(monkeypatch, "dot_bf16")
     import sop.quantize.calib as calib
     import sop.quantize.e2e as e2e
     import sop.quantize.models as models

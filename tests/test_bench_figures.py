@@ -4,6 +4,7 @@ floor's cost model, the per-lane and marginal figures, the median over seeds, th
 expected value is worked out by hand in the test (an outside mutation run found every one of these
 computations unchecked: a mean for the median, the fit's intercept for its slope, a seed dropped)."""
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -13,18 +14,20 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+def bench_module(monkeypatch, name):
+    """A bench script as a module (bench/ is not a package: on the path for the test only)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def lane_sweep(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import lane_sweep
-    return lane_sweep
+    return bench_module(monkeypatch, "lane_sweep")
 
 
 @pytest.fixture
 def fmax_seeds(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import fmax_seeds
-    return fmax_seeds
+    return bench_module(monkeypatch, "fmax_seeds")
 
 
 def test_the_slope_is_the_least_squares_fit_over_four_lanes_and_more(lane_sweep):
