@@ -203,7 +203,7 @@ def markdown(summary: dict) -> str:
                          f"{r['dsps']} | {fmax} | {r['note']} |")
         sl, ratio = ({k: "-" if v is None else v for k, v in s[key].items()}
                      for key in ("slope_per_lane", "slope_over_floor"))
-        lines += ["", f"Marginal cost of a lane (slope over N >= 4, two N at least): {sl['luts']} LUT4 "
+        lines += ["", f"Marginal cost of a lane (slope over N >= 4): {sl['luts']} LUT4 "
                   f"({ratio['luts']}x floor), {sl['ffs']} FF ({ratio['ffs']}x), {sl['ram']} {ram} "
                   f"({ratio['ram']}x).", "", f"Floor terms per lane at {s['floor_terms_lanes']} lanes:", "",
                   "| term | LUT4 | FF |", "|---|---:|---:|"]

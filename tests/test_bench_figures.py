@@ -88,7 +88,7 @@ def test_a_sweep_without_two_lane_counts_of_four_or_more_writes_no_nan(lane_swee
     s = lane_sweep.summarize(_sweep_results(lane_sweep, [1, 2]), [1, 2])
     text = json.dumps(s, allow_nan=False)
     assert '"slope_per_lane": {"luts": null' in text
-    assert "Marginal cost of a lane (slope over N >= 4, two N at least): - LUT4 (-x floor)" in lane_sweep.markdown(s)
+    assert "Marginal cost of a lane (slope over N >= 4): - LUT4 (-x floor)" in lane_sweep.markdown(s)
 
 
 def test_fmax_seeds_places_each_seed_and_reports_the_median(fmax_seeds, monkeypatch, tmp_path, capsys):
