@@ -266,7 +266,9 @@ class NoSparseFlag(axis.AxisDecoder):
 class TamperedTop(wiring.Component):
     """``AxisTop``'s ports around a shell whose ``m_axis`` is broken: ``"tlast"`` drops every
     second layer's TLAST (two layers in one packet), ``"hold"`` lowers TVALID every other
-    cycle while TREADY is low (a beat withdrawn before its handshake; the data stay right)."""
+    cycle while TREADY is low (a beat withdrawn before its handshake; the data stay right),
+    ``"data"`` flips TDATA's low bit every other cycle while TREADY is low (right at every
+    handshake)."""
 
     def __init__(self, cfg, how):
         self.how, self.core = how, axis.AxisDecoder(cfg)
@@ -288,12 +290,14 @@ class TamperedTop(wiring.Component):
             with m.If(c.tvalid & c.tready & c.tlast):
                 m.d.sync += odd.eq(~odd)
             m.d.comb += o.tlast.eq(c.tlast & ~odd)
+        elif self.how == "data":
+            m.d.comb += o.tdata.eq(c.tdata ^ (~o.tready & toggle))
         else:
             m.d.comb += o.tvalid.eq(c.tvalid & (o.tready | ~toggle))
         return m
 
 
-@pytest.mark.parametrize("how", ["value", "tlast", "hold", "sparse"])
+@pytest.mark.parametrize("how", ["value", "tlast", "hold", "data", "sparse"])
 def test_axis_regression_reports_a_broken_shell(how, tmp_path):
     cfg = SPARSE["sop4-g16-sp"] if how == "sparse" else CONFIGS["sop4-g16"]
     if how == "value":
@@ -307,8 +311,10 @@ def test_axis_regression_reports_a_broken_shell(how, tmp_path):
     s = runner.run_axis(cfg, "icarus", quick=True, seed=1, verilog=v, build_dir=tmp_path / "build")
     assert s["failed_tests"] == 1
     log = (tmp_path / "build" / "sim.log").read_text()
-    if how == "hold":           # the values are right; only the protocol monitor sees it
-        assert s["mismatches"] == 0 and s["protocol_errors"] > 0 and "TVALID fell before its handshake" in log
+    if how in ("hold", "data"):         # the values are right; only the protocol monitor sees it
+        said = {"hold": "TVALID fell before its handshake",
+                "data": "TDATA or TLAST changed while TVALID high and TREADY low"}[how]
+        assert s["mismatches"] == 0 and s["protocol_errors"] > 0 and said in log
     else:
         assert s["mismatches"] > 0
         assert ("TLAST misplaced" if how == "tlast" else "lane") in log
