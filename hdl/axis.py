@@ -188,6 +188,12 @@ def sparse_beats(index, values) -> list[tuple[int, int]]:
             for k, (i, v) in enumerate(zip(index, values))]
 
 
+def tlast_words(beats, data_bits: int) -> list[int]:
+    """Each beat ``(tdata, tlast)`` as one ``{tlast, tdata}`` word (TLAST in bit ``data_bits``): a
+    testbench memory's line (``$readmemh``)."""
+    return [int(last) << data_bits | int(d) for d, last in beats]
+
+
 def pack_lanes(cfg: DecoderConfig, words) -> int:
     """``m_axis`` TDATA of one output beat: lane words, each zero-extended to ``lane_bytes``."""
     lb = 8 * lane_bytes(cfg)

@@ -233,7 +233,7 @@ def testbench_layers(config: DecoderConfig, n_layers: int = TB_LAYERS, n_blocks:
 def _memory(name: str, bits: int, beats) -> str:
     """A Verilog memory of ``{tlast, tdata}`` words and its initial contents."""
     lines = [f"  reg [{bits}:0] {name} [0:{len(beats) - 1}];", "  initial begin"]
-    lines += [f"    {name}[{i}] = {bits + 1}'h{(last << bits) | d:x};" for i, (d, last) in enumerate(beats)]
+    lines += [f"    {name}[{i}] = {bits + 1}'h{w:x};" for i, w in enumerate(axis.tlast_words(beats, bits))]
     return "\n".join(lines + ["  end"])
 
 

@@ -148,29 +148,34 @@ def decimal_lines(*columns) -> str:
     return _text(np.hstack(parts), np.hstack(keeps))
 
 
+def _word_configs(layout: BlockLayout, hif) -> tuple[DecoderConfig, DecoderConfig]:
+    """Configurations whose words the AXI files hold: a BF16 one with the residual path (its load word
+    may carry ``CTRL_SPARSE``) and an exact one. The words depend on the layout and HIF only, the same
+    in every configuration that decodes them, whatever its lanes."""
+    return (DecoderConfig("vectors", 1, layout, hif, residuals=1),
+            DecoderConfig("exact", 1, layout, hif, output="exact"))
+
+
 def axis_widths(layout: BlockLayout, hif) -> dict[str, int]:
     """TDATA bits of the AXI files' words (``{tlast, tdata}`` is one bit more) and the exact lane
-    word's bits: each depends on the layout and HIF only, the same in every configuration that
-    decodes them (``vectors.json``'s ``axis``)."""
-    cfg = DecoderConfig("vectors", 1, layout, hif, residuals=1)
-    return {"load": axis.load_bits(cfg), "sparse": axis.SPARSE_BITS,
-            "exact_lane": reference.lane_word_bits(DecoderConfig("exact", 1, layout, hif, output="exact"))}
+    word's bits (``vectors.json``'s ``axis``)."""
+    cfg, ecfg = _word_configs(layout, hif)
+    return {"load": axis.load_bits(cfg), "sparse": axis.SPARSE_BITS, "exact_lane": reference.lane_word_bits(ecfg)}
 
 
 def axis_files(layout: BlockLayout, hif, luts, offset: int, index, values, exact) -> dict[str, str]:
     """A layer's AXI files' text, by kind: its load packet (``CTRL_SPARSE`` on the offset word where it
     has entries, as a ``-sp`` shell reads it), its sparse packet (entries only) and the exact lane words
     of ``exact``'s ``(sign, exp, sig)`` rows. A word's layout is the layout's and HIF's alone
-    (``axis_widths``), so one file serves every lane count."""
-    cfg = DecoderConfig("vectors", 1, layout, hif, residuals=1)
+    (``_word_configs``), so one file serves every lane count."""
+    cfg, ecfg = _word_configs(layout, hif)
     w = axis_widths(layout, hif)
-    out = {"axis_load": hex_lines([d | t << w["load"] for d, t in axis.load_beats(cfg, luts, offset, len(index) > 0)],
-                                  w["load"] + 1)}
+    load = axis.load_beats(cfg, luts, offset, len(index) > 0)
+    out = {"axis_load": hex_lines(axis.tlast_words(load, w["load"]), w["load"] + 1)}
     if len(index):
-        out["axis_sparse"] = hex_lines([d | t << w["sparse"] for d, t in axis.sparse_beats(index, values)],
-                                       w["sparse"] + 1)
+        sparse = axis.sparse_beats(index, values)
+        out["axis_sparse"] = hex_lines(axis.tlast_words(sparse, w["sparse"]), w["sparse"] + 1)
     exact = np.asarray(exact, dtype=np.int64).reshape(-1, 3)
-    ecfg = DecoderConfig("exact", 1, layout, hif, output="exact")
     out["exact_hex"] = hex_lines(reference.pack_exact(ecfg, exact[:, 0], exact[:, 2], exact[:, 1]), w["exact_lane"])
     return out
 
