@@ -361,15 +361,15 @@ def check_e2e_memory(src, e2e: bool, windows: int, seq_len: int, jobs: int = 1) 
 def evaluate(model: str, formats: list[str], *, budget: float | None = None, include=None, exclude=None,
              calibrate: bool = True, e2e: bool = True, nan_policy: str = "error",
              n_calib: "int | C.CalibSize" = C.N_CALIB, n_heldout: int = C.N_HELDOUT, cache_dir=C.DEFAULT_CACHE,
-             progress: bool = True, lm_head: bool = False, e2e_windows: int = DEFAULT_E2E_WINDOWS,
-             on_format=None, jobs: int = 1) -> dict:
+             progress: bool = True, lm_head: bool = False, routers: bool = False,
+             e2e_windows: int = DEFAULT_E2E_WINDOWS, on_format=None, jobs: int = 1) -> dict:
     """Quantize ``model`` in every format and measure it; see the module docstring.
 
     ``n_calib``: calibration sentences, or a ``calib.CalibSize`` (causal LMs: ``seqs`` windows of
     ``seq_len`` tokens; ``seq_len`` is also the length of the ``e2e_windows`` held-out windows).
-    ``lm_head``: quantize the output head too. ``on_format(name, runner, recons)``, if given, is
-    called after each format's end-to-end check with the causal-LM runner and that format's
-    float32 reconstructions (the demo prints a greedy completion there). ``jobs``: layers
+    ``lm_head``, ``routers``: quantize the output head, the MoE routers too. ``on_format(name, runner,
+    recons)``, if given, is called after each format's end-to-end check with the causal-LM runner and
+    that format's float32 reconstructions (the demo prints a greedy completion there). ``jobs``: layers
     quantized in that many worker processes (quantize/jobs.py; the same results)."""
     from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
 
@@ -383,7 +383,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"--e2e-windows must be a positive integer, got {e2e_windows!r}")
     say = reporter(progress)
-    src = open_model(model, include, exclude, lm_head=lm_head)
+    src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
     say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights")
     announce(src, say)

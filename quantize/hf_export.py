@@ -63,8 +63,9 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     names = [e.name for e in art.layers]
     head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
     # a fused experts tensor is selected by its own name, its experts with it
+    # (and a MoE router by its name: with --include-routers, or from a .sopq made when they were quantized by default)
     src = open_model(spec, include=sorted({glob.escape(e.stack[0] if e.stack else e.name) for e in art.layers}),
-                     lm_head=head)
+                     lm_head=head, routers=True)
     # the forward pass reads the quantized layers as sop quantize did (their decoded weights replace them)
     policy = art.meta.get("nan_policy")
     src.nan_policy = policy if policy in NAN_POLICIES else "error"

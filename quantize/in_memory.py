@@ -4,13 +4,14 @@
 does for a checkpoint on disk, with the same rules and the same bits:
 
 * **layers**: every ``torch.nn.Linear``, transformers ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``:
-  quantized as its transpose) and MoE router (``causal_lm._is_router``), named ``<module>.weight`` as
+  quantized as its transpose) and, with ``routers=True``, MoE router (``causal_lm._is_router``, or named as
+  one: ``models.router_weights``), named ``<module>.weight`` as
   the model names its parameters (transformers renames some checkpoint tensors on loading: GPT-NeoX's
   ``embed_out`` is ``lm_head``, Mixtral's ``block_sparse_moe`` is ``mlp``), selected by the file path's
   rules (quantize/models.py: ``linear_reason``, ``include`` / ``exclude`` globs, the output head kept
-  unless ``lm_head``). A head whose weight is an ``nn.Embedding``'s (a tied head, whatever its name:
-  ``lm_head``, BERT's ``cls.predictions.decoder``; the same Parameter, or another over the same memory
-  seen the same way, ``_view``) is kept with it, or with ``lm_head=True`` quantized once under the
+  unless ``lm_head``, the routers unless ``routers``). A head whose weight is an ``nn.Embedding``'s (a tied
+  head, whatever its name: ``lm_head``, BERT's ``cls.predictions.decoder``; the same Parameter, or another
+  over the same memory seen the same way, ``_view``) is kept with it, or with ``lm_head=True`` quantized once under the
   first embedding's name, as on disk. A weight several linear modules apply is one layer. A
   transformers experts module's fused ``(experts, rows, in)`` parameters are split as ``save_pretrained``
   writes them, one layer per expert matrix (``_expert_conversions``: Mixtral's ``gate_up_proj`` is each
@@ -94,7 +95,7 @@ from .checkpoint_files import describe_error
 from .fp8_scales import FP8_DTYPES
 from .knapsack import LazyLayers, budget_report
 from .models import (_natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout, globs,
-                     is_expert_stack, linear_reason)
+                     is_expert_stack, linear_reason, router_weights)
 from .schemes import get_quant_format
 
 
@@ -135,6 +136,7 @@ class InMemoryResult:
 
 _MHA = ("nn.MultiheadAttention's: it applies its weights without calling a module, so no hook sees their "
         "input (no statistic)")
+_ROUTER = "a MoE router: kept (routers=True quantizes it), as on disk"
 _TIED = "a head tied to the input embedding {}: kept (lm_head=True quantizes the shared matrix, under that name)"
 
 
@@ -246,12 +248,14 @@ def _stored_weight(module):
     return dict(module.named_parameters(recurse=False)).get("weight")
 
 
-def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> tuple[dict, dict[str, str]]:
+def linear_modules(model, include=None, exclude=None, lm_head: bool = False,
+                   routers: bool = False) -> tuple[dict, dict[str, str]]:
     """``({layer name: _Layer}, {kept parameter: why})`` by the checkpoint rules (module docstring);
     ``kept`` names every parameter of two or more dimensions not quantized."""
     import torch
 
     include, exclude = globs(include, "include"), globs(exclude, "exclude")
+    by_name = router_weights(n for n, _ in model.named_parameters())     # a router as the disk path names it
     embeddings: dict[tuple, str] = {}               # a weight's view -> the first embedding holding it
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.Embedding):
@@ -262,9 +266,11 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
     decided: dict[tuple, tuple[str, bool]] = {}     # a weight's view -> (its first name, quantized)
     heads = 0                                       # output heads seen (by name, or tied to an embedding)
     for mname, module in model.named_modules():
-        if not (_is_linear(module) or _is_router(module)):
+        router = _is_router(module)
+        if not (_is_linear(module) or router):
             continue
         name = f"{mname}.weight" if mname else "weight"
+        router = router or name in by_name
         weight = _stored_weight(module)
         if weight is None:
             if getattr(module, "weight", None) is not None:
@@ -288,6 +294,8 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False) -> 
             why = linear_reason(name, tuple(weight.shape), weight.is_floating_point())
             heads += why == "lm_head"
             why = None if why == "lm_head" and lm_head else why
+            if why is None and router and not routers:
+                why = _ROUTER
             if why is None and _fp8(weight):
                 why = (f"stored in FP8 ({str(weight.dtype).removeprefix('torch.')}): a reconstruction written "
                        f"back would be rounded to FP8 again")
@@ -766,7 +774,7 @@ class _Outcomes:
 
 
 def quantize_module(model, fmt: str, batches=None, *, budget: float | None = None, include=None, exclude=None,
-                    lm_head: bool = False, out=None) -> InMemoryResult:
+                    lm_head: bool = False, routers: bool = False, out=None) -> InMemoryResult:
     """Quantize ``model``'s linear layers in place with format ``fmt`` (module docstring); with ``out``, also
     into the ``.sopq`` file ``out`` (``_HeldModel``), written before the model."""
     import torch
@@ -781,15 +789,15 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
         raise ValueError(f"{fmt} needs budget=B, the average bits per weight (a number), got {budget!r}")
     if qfmt.model_level and not budget > 0:         # before calibration; NaN too
         raise ValueError(f"budget must be a number above 0, got {budget!r}")
-    layers, kept = linear_modules(model, include, exclude, lm_head)
+    layers, kept = linear_modules(model, include, exclude, lm_head, routers)
     if not layers:
         given = ", ".join(f"{k} {v}" for k, v in (("include", include), ("exclude", exclude)) if v)
         given = f" ({given})" if given else ""
         first = next(iter(kept.items()), None)
         why = f"; kept: {first[0]}, {first[1]}{f' (and {len(kept) - 1} more)' if len(kept) > 1 else ''}" \
             if first else ""
-        raise ValueError(f"the model has no linear layer to quantize{given}: torch.nn.Linear, Conv1D or a MoE "
-                         f"router, selected by the checkpoint rules (quantize/models.py){why}")
+        raise ValueError(f"the model has no linear layer to quantize{given}: torch.nn.Linear, Conv1D or (with "
+                         f"routers=True) a MoE router, selected by the checkpoint rules (quantize/models.py){why}")
     # in the checkpoint path's order (its tensors' names on disk, in natural order): sop-budget breaks exact
     # ties between layers by order, and the .sopq lists them in it
     saved = _saved_names(model, layers)

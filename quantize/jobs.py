@@ -406,8 +406,7 @@ def source(opened_with: tuple):
         from sop.quantize.models import open_model
 
         _SOURCE.clear()
-        spec, include, exclude, lm_head = opened_with
-        _SOURCE[key] = open_model(spec, include, exclude, lm_head=lm_head)
+        _SOURCE[key] = open_model(*opened_with)
     return _SOURCE[key]
 
 

@@ -246,6 +246,36 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
     return None
 
 
+#: A MoE router's module: ``router`` (Llama 4, GPT-OSS; DBRX's and Granite-MoE's ``router.layer``) wherever
+#: it is; ``GATES`` (Mixtral's, Qwen-MoE's, DeepSeek's ``gate``, Qwen2-MoE's ``shared_expert_gate``, llama.cpp's
+#: ``ffn_gate_inp`` and ``ffn_gate_inp_shexp``) only in a block that holds experts
+ROUTER = "router"
+GATES = ("gate", "shared_expert_gate", "ffn_gate_inp", "ffn_gate_inp_shexp")
+
+
+def router_weights(names) -> set[str]:
+    """The MoE routers' weights among tensor names ``names``: a name ending in ``weight`` whose module is
+    ``ROUTER`` or a module in one (``router.layer``, Switch's ``router.classifier``), or one of ``GATES``
+    beside experts (another tensor under the same parent with a later dotted part containing ``expert`` or
+    ``exps``: ``block_sparse_moe.experts.0.w1.weight``, ``mlp.experts.gate_up_proj``, GGUF's
+    ``blk.0.ffn_up_exps.weight``)."""
+    names = list(names)
+    with_experts = set()                             # parents of some experts tensor
+    for name in names:
+        parts = re.split(r"[./]", name.lower())
+        for i, p in enumerate(parts):
+            if "expert" in p or "exps" in p:
+                with_experts.add(tuple(parts[:i]))
+    out = set()
+    for name in names:
+        parts = re.split(r"[./]", name.lower())
+        if len(parts) < 2 or parts[-1] != "weight":
+            continue
+        if ROUTER in parts[-3:-1] or (parts[-2] in GATES and tuple(parts[:-2]) in with_experts):
+            out.add(name)
+    return out
+
+
 def is_lm_head(name: str) -> bool:
     """The output head's tensor: HF ``lm_head``, GPT-NeoX ``embed_out``, GGUF ``output`` and DeepSeek-V4's
     ``head`` at the top level (transformers loads it as ``lm_head``), a masked LM's vocabulary projection
@@ -292,7 +322,8 @@ def stores_conv1d(cfg: dict | None, shapes: dict) -> bool:
 
 _KEPT_LABEL = {"1-D": "1-D (norms, biases)", "embedding": "embedding", "norm": "norm", "lm_head": "lm_head",
                "not a floating-point tensor": "integer", "not a weight": "2-D non-weight",
-               "fp8 scale": "FP8 scale (applied to its layer)"}
+               "fp8 scale": "FP8 scale (applied to its layer)",
+               "router": "MoE router (--include-routers quantizes them)"}
 
 
 def kept_text(kept: dict[str, int], lm_head: str = "") -> str:
@@ -795,28 +826,32 @@ def _causal_gguf(reader) -> tuple[bool, str]:
                     "transformers reads it as a dense model, without its experts"))
 
 
-_LM_HEAD = contextvars.ContextVar("sop_include_lm_head", default=False)
+_INCLUDING = contextvars.ContextVar("sop_including", default=frozenset())
 
 
 @contextlib.contextmanager
-def including_lm_head(flag: bool = True):
-    """Within the block, ``open_model`` called without ``lm_head`` quantizes the output head too
-    (``sop quantize --include-lm-head``, whose driver opens the model itself)."""
-    token = _LM_HEAD.set(bool(flag))
+def including(*, lm_head: bool = False, routers: bool = False):
+    """Within the block, ``open_model`` called without ``lm_head`` (``routers``) quantizes the output head
+    (the MoE routers) too where the flag is set (``sop quantize --include-lm-head --include-routers``,
+    whose driver opens the model itself)."""
+    token = _INCLUDING.set(frozenset(k for k, on in (("lm_head", lm_head), ("routers", routers)) if on))
     try:
         yield
     finally:
-        _LM_HEAD.reset(token)
+        _INCLUDING.reset(token)
 
 
-def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = None) -> ModelSource:
+def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = None,
+               routers: bool | None = None) -> ModelSource:
     """The linear layers of a checkpoint, selected by the include/exclude globs.
 
-    ``lm_head``: quantize the output head too (by default it is kept, as embeddings are; None: as
-    ``including_lm_head`` says, else False)."""
+    ``lm_head``: quantize the output head too (by default it is kept, as embeddings are); ``routers``:
+    quantize the MoE routers too (``router_weights``; kept by default, as llama.cpp and vLLM keep them: a
+    router's few weights choose which experts run). None: as ``including`` says, else False."""
     spec = str(spec)
     include, exclude = globs(include, "include"), globs(exclude, "exclude")
-    lm_head = _LM_HEAD.get() if lm_head is None else bool(lm_head)
+    lm_head = "lm_head" in _INCLUDING.get() if lm_head is None else bool(lm_head)
+    routers = "routers" in _INCLUDING.get() if routers is None else bool(routers)
     kind, files, folder, shards = _resolve(spec)
     reader = READERS[kind](files)
     if shards is not None:
@@ -867,6 +902,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
 
     layers, skipped = [], {}
     candidates = 0
+    router_set = router_weights(names)
     # a weight_scale_inv's block size is config.json's, which sits beside a weights file given alone too
     # (read then for it only: a 96 x 96 block read as the 128 x 128 default gave wrong weights silently)
     fp8_cfg = cfg
@@ -889,6 +925,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
                                    dtype, stack=(name, e, n)) for e in range(n)]
             continue
         why = linear_reason(name, shape, is_float)
+        if why is None and name in router_set and not routers:
+            why = "router"
         if name == tied and lm_head and is_float and len(shape) == 2:
             why = None                           # the tied head: the shared matrix is the layer
         elif why == "lm_head" and lm_head:
@@ -931,6 +969,9 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
                          "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
     notes = list(packed)
+    if routers and not router_set:
+        notes.append("--include-routers: the checkpoint has no MoE router (a router or an experts block's gate: "
+                     "docs/quantizer.md, \"Mixture-of-experts models\")")
     floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}
     stacked = {lay.tensor for lay in layers if lay.stack is not None}
     deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2 and n not in stacked
@@ -976,4 +1017,5 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
                        folder if forward else None, head_note, tied if (tied and lm_head) else None,
                        notes, reader, opened_with=(spec, list(include or []) or None,
-                                                   list(exclude or []) or None, lm_head), fp8_scale_of=fp8)
+                                                   list(exclude or []) or None, lm_head, routers),
+                       fp8_scale_of=fp8)

@@ -204,7 +204,8 @@ def cmd_eval(args) -> int:
                                 exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
                                 nan_policy=args.nan_policy, n_calib=_calib_size(args),
                                 cache_dir=args.cache_dir, progress=not args.quiet,
-                                lm_head=args.include_lm_head, e2e_windows=args.e2e_windows, jobs=args.jobs)
+                                lm_head=args.include_lm_head, routers=args.include_routers,
+                                e2e_windows=args.e2e_windows, jobs=args.jobs)
     print(evaluate.format_table(doc))
     if args.json:
         evaluate.write_json(args.json, doc)
@@ -225,13 +226,13 @@ def cmd_quantize(args) -> int:
     import time
 
     from sop.quantize.artifact import quantize_model
-    from sop.quantize.models import including_lm_head
+    from sop.quantize.models import including
 
     settings = _search_settings(args)
     check_output(args.out, model_inputs(args.model))
     _check_calibration(args)
     t0 = time.time()
-    with including_lm_head(args.include_lm_head), settings:
+    with including(lm_head=args.include_lm_head, routers=args.include_routers), settings:
         info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
                               exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
                               n_calib=_calib_size(args), cache_dir=args.cache_dir, progress=not args.quiet,
@@ -461,6 +462,8 @@ def _model_options(p) -> None:
                         f"(default {size.seq_len})")
     p.add_argument("--include-lm-head", action="store_true",
                    help="quantize the output head too (kept by default, as the embeddings)")
+    p.add_argument("--include-routers", action="store_true",
+                   help="quantize the MoE routers too (kept by default: they choose which experts run)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                    help=f"calibration cache folder (default {DEFAULT_CACHE})")
     p.add_argument("--device", default="numpy", metavar="D",

@@ -1027,6 +1027,23 @@ def test_the_lm_head_option_without_a_head(tmp_path, capsys):
     assert "--include-lm-head" in err and "no output head" in err
 
 
+def test_the_routers_option_on_a_dense_model_warns_and_quantizes_as_without_it(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    # a gate with no experts beside it is an ordinary linear layer, with or without --include-routers
+    save_file({"l.0.fc.weight": torch.ones(4, 16), "l.0.gate.weight": torch.ones(4, 16)},
+              tmp_path / "m.safetensors")
+    args = ["eval", str(tmp_path / "m.safetensors"), "--format", "nf4-g64", "--quiet"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main([*args, "--include-routers"]) == 0
+    routed = capsys.readouterr()
+    warning = ("warning: --include-routers: the checkpoint has no MoE router (a router or an experts block's gate: "
+               "docs/quantizer.md, \"Mixture-of-experts models\")")
+    assert ": 2 linear layers, 128 weights\nkept as they are: nothing\n" in plain.out and plain.err == ""
+    assert routed.err.splitlines() == [warning] and routed.out.replace(warning + "\n", "") == plain.out
+
+
 def test_other_configs_run_unweighted_with_the_reason(tmp_path, capsys):
     from safetensors.torch import save_file
 

@@ -426,6 +426,7 @@ def test_a_moe_gguf_quantizes_each_expert_read_alone(tmp_path, capsys):
     src = open_model(str(tmp_path / "m.gguf"))
     stacked = [lay for lay in src.layers if lay.stack]
     assert len(stacked) == 3 * EXPERTS and not src.notes[0].startswith("1 floating-point tensor(s) of 3")
+    assert src.skipped["blk.0.ffn_gate_inp.weight"] == "router"            # llama.cpp's router, kept
     assert src.notes[0].endswith(f"{EXPERTS} of the {len(src.layers)} selected layers are already quantized in "
                                  f"the GGUF (Q8_0 x{EXPERTS}); the reference is the GGUF dequantized to float32, "
                                  f"not a full-precision model")
@@ -439,7 +440,7 @@ def test_a_moe_gguf_quantizes_each_expert_read_alone(tmp_path, capsys):
     capsys.readouterr()
     assert main(["dequantize", str(tmp_path / "m.sopq"), "--out", str(tmp_path / "d.safetensors"), "--quiet"]) == 0
     decoded = load_file(str(tmp_path / "d.safetensors"))
-    assert len(decoded) == 5 and f": 5 float32 tensors ({len(src.layers)} layers), " in capsys.readouterr().out
+    assert len(decoded) == 4 and f": 4 float32 tensors ({len(src.layers)} layers), " in capsys.readouterr().out
     for name, t in experts.items():
         assert decoded[name].shape == t.shape
         for e in range(EXPERTS):                 # each expert's reconstruction where the tensor held it

@@ -94,7 +94,7 @@ def moe_folders(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", [*sorted(NAMES), *OTHERS])
 def test_every_expert_matrix_and_router_is_found_in_the_running_model(moe_folders, arch):
-    src = open_model(str(moe_folders[arch]))
+    src = open_model(str(moe_folders[arch]), routers=True)
     runner = L.load(src)
     ckpt = load_file(str(moe_folders[arch] / "model.safetensors"))
     selected = {lay.name for lay in src.layers}
@@ -102,6 +102,12 @@ def test_every_expert_matrix_and_router_is_found_in_the_running_model(moe_folder
     routers = {n for n in ckpt if n.endswith("gate.weight") and ckpt[n].shape[0] == EXPERTS}
     assert (len(experts), len(routers)) == COUNTS.get(arch, (24, 2))
     assert experts | routers <= selected
+    # by default every router is kept (Qwen2-MoE's shared expert gate, one row, too), and nothing else
+    default = open_model(str(moe_folders[arch]))
+    gates = routers | {n for n in ckpt if n.endswith("shared_expert_gate.weight")}
+    assert {n for n, why in default.skipped.items() if why == "router"} == gates
+    assert {lay.name for lay in default.layers} == selected - gates
+    assert f"{len(gates)} MoE router (--include-routers quantizes them)" in default.kept_line()
     assert all(runner.targets[n].slot is not None for n in experts)
     assert all(runner.targets[n].slot is None for n in routers)
     for lay in src.layers:                  # the matrix the model runs is the checkpoint's, value for value
@@ -196,7 +202,7 @@ def test_an_expert_no_token_reaches_is_weighted_as_one_token_of_ones(tmp_path, c
 def test_a_moe_model_quantizes_weighted_evaluates_and_exports_its_reconstructions(moe_folders, tmp_path, capsys):
     folder = moe_folders["mixtral"]
     q, out = tmp_path / "m.sopq", tmp_path / "folder"
-    assert main(["quantize", str(folder), "--format", "sop4-g16", *SMALL[:4], "--out", str(q),
+    assert main(["quantize", str(folder), "--format", "sop4-g16", *SMALL[:4], "--include-routers", "--out", str(q),
                  "--cache-dir", str(tmp_path / "c"), "--quiet"]) == 0
     assert main(["dequantize", str(q), "--out", str(tmp_path / "dq.safetensors"), "--quiet"]) == 0
     assert main(["dequantize", str(q), "--model-folder", "--out", str(out), "--quiet"]) == 0
@@ -204,6 +210,8 @@ def test_a_moe_model_quantizes_weighted_evaluates_and_exports_its_reconstruction
     ckpt = load_file(str(folder / "model.safetensors"))
     experts = [n for n in decoded if ".experts." in n]
     assert len(experts) == 2 * EXPERTS * 3
+    assert {n for n in decoded if n.endswith("moe.gate.weight")} == {
+        f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)}     # --include-routers, exported too
     for name, w in decoded.items():         # the folder holds each reconstruction where the checkpoint had it
         np.testing.assert_array_equal(exported[name], w.astype(np.float32), err_msg=name)
         assert not np.array_equal(w, ckpt[name]), name

@@ -2,6 +2,8 @@
 recomputed here and against calibration on disk, the layers and bits against the checkpoint path
 (`artifact.quantize_model` on the same model saved), sop-budget, what is kept, and bad input."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from sop.quantize import causal_lm as L
 from sop.quantize.artifact import open_artifact, quantize_model
 from sop.quantize.in_memory import _TIED, quantize_module
-from sop.quantize.models import linear_reason, open_model
+from sop.quantize.models import including, linear_reason, open_model
 from sop.quantize.schemes import get_quant_format
 
 transformers = pytest.importorskip("transformers")
@@ -373,9 +375,10 @@ def test_a_model_on_the_meta_device_is_one_value_error():
         quantize_module(model, "sop4-g16")
 
 
-def test_moe_routers_are_quantized_as_on_disk(tmp_path):
-    """A router (transformers 5 builds it as a module of its own, no nn.Linear) is quantized as the
-    checkpoint path quantizes it (the experts: tests/test_in_memory_moe.py)."""
+def test_moe_routers_are_kept_or_quantized_as_on_disk(tmp_path):
+    """A router (transformers 5 builds it as a module of its own, no nn.Linear) is kept by default, as the
+    checkpoint path keeps it, and with ``routers=True`` quantized as that path quantizes it with
+    ``--include-routers`` (the experts: tests/test_in_memory_moe.py)."""
     from transformers.models.mixtral import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -383,11 +386,18 @@ def test_moe_routers_are_quantized_as_on_disk(tmp_path):
                                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                              num_experts_per_tok=2))
     model.save_pretrained(tmp_path / "mixtral")
-    quantize_model(str(tmp_path / "mixtral"), "sop4-g16", tmp_path / "m.sopq", calibrate=False, progress=False)
+    before = model.model.layers[0].mlp.gate.weight.detach().clone()
+    kept = quantize_module(copy.deepcopy(model), "sop4-g16")
+    assert kept.kept["model.layers.0.mlp.gate.weight"] == "a MoE router: kept (routers=True quantizes it), as on disk"
+    assert "model.layers.0.mlp.experts.3.w3.weight" in kept.layers
+    assert open_model(str(tmp_path / "mixtral")).skipped["model.layers.0.block_sparse_moe.gate.weight"] == "router"
+    with including(routers=True):
+        quantize_model(str(tmp_path / "mixtral"), "sop4-g16", tmp_path / "m.sopq", calibrate=False, progress=False)
     art = open_artifact(tmp_path / "m.sopq")
     router = next(e for e in art.layers if e.name.endswith("gate.weight"))
-    res = quantize_module(model, "sop4-g16")
+    res = quantize_module(model, "sop4-g16", routers=True)
     assert "model.layers.0.mlp.gate.weight" in res.layers
+    assert not torch.equal(model.model.layers[0].mlp.gate.weight, before)
     assert np.array_equal(model.model.layers[0].mlp.gate.weight.detach().numpy(), art.weights(router))
     assert "model.layers.0.mlp.experts.3.w3.weight" in res.layers
 

@@ -76,10 +76,11 @@ def test_expert_statistics_equal_calibration_on_disk(folders, arch):
     """The same windows through the checkpoint path's runner and through the model in memory: each expert
     matrix's statistic (over the tokens reaching its block, a token routed elsewhere a zero input) the
     same bit for bit."""
-    runner = L.load(open_model(str(folders[arch])))
+    runner = L.load(open_model(str(folders[arch]), routers=True))
     win = windows_of(runner, 2)
     disk, _ = runner.collect_stats(win)
-    res = quantize_module(reference_model(folders[arch]), "nf4-g64", [{"input_ids": win, "use_cache": False}])
+    res = quantize_module(reference_model(folders[arch]), "nf4-g64", [{"input_ids": win, "use_cache": False}],
+                          routers=True)
     want = {in_memory_name(runner, n): s for n, s in disk.items() if runner.targets[n].module != runner.head_module}
     assert sorted(want) == sorted(res.act_ms) and res.unreached == []
     for name, s in want.items():
@@ -97,10 +98,10 @@ def test_an_expert_no_token_reaches_is_unreached_as_on_disk(tmp_path):
             r[2], r[3] = -r[1], 0
     model.save_pretrained(tmp_path / "zeroed")
     bpe_tokenizer().save_pretrained(tmp_path / "zeroed")
-    runner = L.load(open_model(str(tmp_path / "zeroed")))
+    runner = L.load(open_model(str(tmp_path / "zeroed"), routers=True))
     win = windows_of(runner, 2)
     disk, tokens = runner.collect_stats(win)
-    res = quantize_module(model, "nf4-g64", [{"input_ids": win}])
+    res = quantize_module(model, "nf4-g64", [{"input_ids": win}], routers=True)
     lost = [f"model.layers.{i}.mlp.experts.3.{w}.weight" for i in range(2) for w in ("w1", "w2", "w3")]
     assert sorted(res.unreached) == lost == sorted(in_memory_name(runner, n) for n in runner.unrouted)
     for name in lost:

@@ -125,6 +125,19 @@ def test_results_come_in_order_and_the_first_error_in_order_is_raised():
         list(pool.map(square, [(-1, 0.3), (-2, 0.0)]))
 
 
+def test_a_worker_opens_the_selection_the_parent_opened(tmp_path):
+    """Every option of ``open_model`` reaches the workers (``opened_with``): a worker that dropped
+    ``routers`` would not know a router the parent selected (`--include-routers --jobs 2`)."""
+    from sop.quantize.models import open_model
+
+    save_file({"m.0.moe.gate.weight": torch.ones(4, 16), "m.0.moe.experts.0.w1.weight": torch.ones(8, 16),
+               "lm_head.weight": torch.ones(8, 16)}, tmp_path / "m.safetensors")
+    for lm_head, routers in ((False, False), (True, True)):
+        src = open_model(str(tmp_path / "m.safetensors"), lm_head=lm_head, routers=routers)
+        names = [lay.name for lay in J.source(src.opened_with).layers]
+        assert names == [lay.name for lay in src.layers] and len(names) == 1 + lm_head + routers
+
+
 def test_a_pool_starts_no_more_workers_than_cpus(monkeypatch):
     """--jobs 100000 once started processes until the machine stalled: a pool is capped at the CPUs."""
     assert 1 <= J.usable_cpus() <= (os.cpu_count() or 1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sop.quantize.models import SMOLLM2, linear_reason, open_model, smollm2_file
+from sop.quantize.models import SMOLLM2, linear_reason, open_model, router_weights, smollm2_file
 from sop.quantize.weights import minilm_linear_weights
 
 RNG = np.random.default_rng(0)
@@ -77,6 +77,33 @@ def test_linear_rule():
     # a GGUF's depthwise convolution, 2-D there
     assert linear_reason("blk.0.ssm_conv1d.weight", (64, 4), True) == "convolution"
     assert linear_reason("blk.0.shortconv.conv.weight", (32, 3), True) == "convolution"
+
+
+def test_moe_routers_by_the_names_each_family_gives_them():
+    """The routers of the MoE families as their checkpoints name them (the transformers modeling files and
+    llama.cpp's tensor names), and the names that look alike but are no router."""
+    experts = {"model.layers.0.block_sparse_moe.gate.weight": "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+               "model.layers.3.mlp.gate.weight": "model.layers.3.mlp.experts.7.gate_proj.weight",      # Qwen, OLMoE
+               "model.layers.3.mlp.shared_expert_gate.weight": "model.layers.3.mlp.experts.7.up_proj.weight",
+               "model.layers.1.mixer.gate.weight": "model.layers.1.mixer.experts.0.up_proj.weight",  # Nemotron-H
+               "blk.2.ffn_gate_inp.weight": "blk.2.ffn_up_exps.weight",                                # GGUF
+               "blk.2.ffn_gate_inp_shexp.weight": "blk.2.ffn_down_exps.weight"}
+    wherever = ["model.layers.0.feed_forward.router.weight",            # Llama 4
+                "model.layers.0.mlp.router.weight",                     # GPT-OSS
+                "transformer.blocks.0.ffn.router.layer.weight",         # DBRX
+                "model.layers.0.block_sparse_moe.router.layer.weight",  # Granite-MoE
+                "encoder.block.1.layer.1.mlp.router.classifier.weight"]  # Switch Transformers
+    not_routers = ["model.layers.0.mlp.gate_proj.weight",              # a dense MLP's gate
+                   "model.layers.3.mlp.experts.7.gate_proj.weight",     # an expert's own gate
+                   "blk.2.ffn_gate_exps.weight",
+                   "model.layers.0.mlp.gate.bias",
+                   "model.altup.modality_router.weight",                # Gemma 3n's AltUp, no MoE
+                   "model.layers.0.mlp.router_norm.weight"]
+    names = [*experts, *experts.values(), *wherever, *not_routers]
+    assert router_weights(names) == set(experts) | set(wherever)
+    # a gate with no experts beside it (another block's do not count) is a linear layer
+    assert router_weights(["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.experts.0.w1.weight",
+                           "model.layers.0.mlp.up_proj.weight"]) == set()
 
 
 def test_an_artifact_is_named_by_its_suffix_in_any_case():
