@@ -35,7 +35,9 @@ Structure (cocotb's ``examples/matrix_multiplier``)::
 * ``OutputMonitor`` drives ``values.ready`` with random stalls and hands each
   output beat taken to the ``Scoreboard``, which compares it at once with the
   next beat owed (a mismatch is logged with its beat and lane as it happens);
-  an output beat nobody owes is an error, and a reset drops what was owed.
+  an output beat nobody owes is an error, and a reset drops what was owed; ``values.valid``
+  at X or Z while ``values.ready`` is high is an error too (each such cycle a mismatch,
+  the first logged with its cycle).
 * ``Testbench`` wires them and runs the jobs: each job's host sequence (which
   must end within a cycle bound: a decoder that stops taking input fails the
   test, it does not hang it), then the drain (every owed beat must come within
@@ -79,7 +81,7 @@ from sop.sim.vectors import read_vectors
 #: a job's host sequence may take this many cycles per unit (a table write, an input beat, a sparse
 #: entry) plus SEQUENCE_SLACK: at the plans' idle and stall rates it takes about 2
 SEQUENCE_CYCLES_PER_UNIT, SEQUENCE_SLACK = 100, 10_000
-ONE = Logic(1)                   # a 1-bit value read from the DUT is this object (Logic is interned)
+ONE, ZERO = Logic(1), Logic(0)   # a 1-bit value read from the DUT is one of these (Logic is interned)
 
 
 class HostDriver:
@@ -187,13 +189,16 @@ class InputMonitor:
 
 class OutputMonitor:
     """The output side: drives ``values.ready`` (stalls with probability ``p_stall``, none while
-    ``stalled`` or ``always_ready``) and passes every output beat taken to ``sink(payload)``."""
+    ``stalled`` or ``always_ready``) and passes every output beat taken to ``sink(payload)``. While
+    ``ready`` is high, ``values.valid`` at X or Z is an error (a beat may hide behind it): each such
+    cycle is counted in ``x_valid``, the first passed to ``on_x(valid)``."""
 
-    def __init__(self, dut, rng: np.random.Generator, p_stall: float, sink):
-        self.dut, self.rng, self.p_stall, self.sink = dut, rng, p_stall, sink
+    def __init__(self, dut, rng: np.random.Generator, p_stall: float, sink, on_x=None):
+        self.dut, self.rng, self.p_stall, self.sink, self.on_x = dut, rng, p_stall, sink, on_x
         self.stalled = False                    # held low (output owed before a reset)
         self.always_ready = False               # the quiet window: anything that comes is taken
         self.ready = False
+        self.x_valid = 0                        # cycles with values.ready high and values.valid X or Z
 
     def drive(self) -> None:
         """After the edge: ``values.ready`` for the cycle to come."""
@@ -204,13 +209,19 @@ class OutputMonitor:
 
     def sample(self) -> None:
         """Before the edge (ReadOnly): an output beat taken at it goes to the sink (None when
-        it has X or Z bits)."""
-        if self.ready and self.dut.values__valid.value is ONE:
-            try:
-                payload = int(self.dut.values__payload.value)
-            except ValueError:                  # X or Z bits (cheaper than is_resolvable bit by bit)
-                payload = None
-            self.sink(payload)
+        it has X or Z bits); ``values.valid`` neither 0 nor 1 is counted (two identity tests a cycle)."""
+        if self.ready:
+            valid = self.dut.values__valid.value
+            if valid is ONE:
+                try:
+                    payload = int(self.dut.values__payload.value)
+                except ValueError:              # X or Z bits (cheaper than is_resolvable bit by bit)
+                    payload = None
+                self.sink(payload)
+            elif valid is not ZERO:
+                self.x_valid += 1
+                if self.x_valid == 1 and self.on_x is not None:
+                    self.on_x(valid)
 
 
 class Scoreboard:
@@ -300,9 +311,13 @@ class Testbench:
         self.driver = HostDriver(dut, cfg)
         self.model = ModelFeed(DecoderModel(cfg), self.scoreboard, on_reset=self._after_reset)
         self.input_monitor = InputMonitor(dut, cfg, self.model)
-        self.output_monitor = OutputMonitor(dut, timing, p_stall, self.scoreboard.compare)
+        self.output_monitor = OutputMonitor(dut, timing, p_stall, self.scoreboard.compare, on_x=self._x_valid)
         self.cycles = 0
         self._task = None
+
+    def _x_valid(self, valid) -> None:
+        self.dut._log.error(f"values.valid is {valid} at cycle {self.cycles} with values.ready high (a beat may "
+                            f"hide behind it; every such cycle counts as a mismatch)")
 
     def _after_reset(self) -> None:
         self.output_monitor.stalled = False     # what was owed is gone: the output may flow again
@@ -406,9 +421,11 @@ async def regression(dut):
     if any(errors.values()):
         dut._log.error(f"sparse_error set on a good stream: {errors}")
         sb.mismatches += 1
+    x_valid = tb.output_monitor.x_valid         # values.valid X or Z while ready (logged at the first)
+    sb.mismatches += x_valid
     summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": sb.checked,
                "mismatches": sb.mismatches, "coverage_hit": hit, "coverage_bins": total,
-               "coverage_map": sb.coverage.bitmap(), "sparse_errors": errors,
+               "coverage_map": sb.coverage.bitmap(), "sparse_errors": errors, "x_valid_cycles": x_valid,
                "sparse_entries": sum(len(layer.sparse_index) for job in jobs for layer in job.checked),
                "seconds": time.time() - t0}
     write_report(summary)

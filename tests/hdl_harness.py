@@ -1,4 +1,5 @@
-"""amaranth.sim harness for the decoder top: the shared host-sequence driver and a monitor.
+"""amaranth.sim harness for the decoder top: the shared host-sequence driver and a monitor; the frame
+of the tests' altered AXI4-Stream shells (``ShellTop``).
 
 ``run_decoder`` streams any number of layers through a ``Decoder`` the
 way a host does, with the cycles of ``sim.stimulus.host_sequence`` (the same
@@ -14,9 +15,10 @@ from __future__ import annotations
 import random
 
 from amaranth.hdl import ClockDomain, Module
+from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from sop.hdl import reference
+from sop.hdl import axis, reference
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
 from sop.sim.stimulus import HostCycle, Layer, corner_layer, host_sequence, random_layer  # noqa: F401  (re-exported)
@@ -118,3 +120,23 @@ def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, 
     sim.add_testbench(monitor)
     sim.run()
     return got
+
+
+class ShellTop(wiring.Component):
+    """``AxisTop``'s ports (``aclk``, ``aresetn`` and the shell's streams) around the real shell of ``cfg``
+    (``self.core``), for a test's altered shell: a subclass wires the ports to the core in ``wire(m, core)``."""
+
+    def __init__(self, cfg):
+        self.core = axis.AxisDecoder(cfg)
+        super().__init__({"aclk": wiring.In(1), "aresetn": wiring.In(1), **dict(self.core.signature.members)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.domains.sync = cd = ClockDomain("sync", local=True)
+        m.d.comb += [cd.clk.eq(self.aclk), cd.rst.eq(~self.aresetn)]
+        m.submodules.core = self.core
+        self.wire(m, self.core)
+        return m
+
+    def wire(self, m, core) -> None:
+        raise NotImplementedError

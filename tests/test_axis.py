@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import ClockDomain, Const, Module, Signal
+from amaranth.hdl import Const, Signal
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 import mutants
+from hdl_harness import ShellTop
 from sop.golden.layout import pack_blocks
 from sop.hdl import axis, reference
 from sop.hdl.config import base_name, named_configs, residual_configs
@@ -263,7 +264,7 @@ class NoSparseFlag(axis.AxisDecoder):
         super()._sparse(m, dec, offset_take, Const(0), swap_take)
 
 
-class TamperedTop(wiring.Component):
+class TamperedTop(ShellTop):
     """``AxisTop``'s ports around a shell whose ``m_axis`` is broken: ``"tlast"`` drops every
     second layer's TLAST (two layers in one packet), ``"hold"`` lowers TVALID every other
     cycle while TREADY is low (a beat withdrawn before its handshake; the data stay right),
@@ -271,14 +272,10 @@ class TamperedTop(wiring.Component):
     handshake)."""
 
     def __init__(self, cfg, how):
-        self.how, self.core = how, axis.AxisDecoder(cfg)
-        super().__init__({"aclk": wiring.In(1), "aresetn": wiring.In(1), **dict(self.core.signature.members)})
+        self.how = how
+        super().__init__(cfg)
 
-    def elaborate(self, platform):
-        m = Module()
-        m.domains.sync = cd = ClockDomain("sync", local=True)
-        m.d.comb += [cd.clk.eq(self.aclk), cd.rst.eq(~self.aresetn)]
-        m.submodules.core = core = self.core
+    def wire(self, m, core) -> None:
         wiring.connect(m, wiring.flipped(self.s_axis), core.s_axis)
         wiring.connect(m, wiring.flipped(self.s_axis_load), core.s_axis_load)
         o, c = self.m_axis, core.m_axis
@@ -294,7 +291,6 @@ class TamperedTop(wiring.Component):
             m.d.comb += o.tdata.eq(c.tdata ^ (~o.tready & toggle))
         else:
             m.d.comb += o.tvalid.eq(c.tvalid & (o.tready | ~toggle))
-        return m
 
 
 @pytest.mark.parametrize("how", ["value", "tlast", "hold", "data", "sparse"])
