@@ -34,7 +34,10 @@ sparse entries and the SHA-256 of each file. Expected
 values come from golden/ only. Reading checks everything and raises
 ``VectorError`` naming the file and the field that is missing or malformed; a
 sparse file that is not strictly increasing, indexes past the layer or holds a
-non-finite value is refused with the line that does.
+non-finite value is refused with the line that does. Each file is parsed whole
+with numpy (``_hex_matrix``, ``_fields``); a text that is not lines of the
+expected form is read line by line (``_lines``, ``_read_sparse_slow``), which
+names its first bad line (or reads a sparse file spaced by hand).
 
 ``make_vectors`` takes a model, or a ``.sopq`` artifact (`sop quantize`): its
 layers' streams as stored, sparse residuals included (``sop-budget``).
@@ -99,7 +102,8 @@ def vector_files(name: str, sparse: bool = False) -> dict[str, str]:
 AXIS_KINDS = ("axis_load", "axis_sparse", "exact_hex")
 
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+#: each byte's two hex digits, as one uint16 (its memory: the two characters in order)
+_HEX_PAIRS = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), dtype=np.uint16)
 
 
 def _text(chars: np.ndarray, keep: np.ndarray | None = None) -> str:
@@ -112,12 +116,14 @@ def _text(chars: np.ndarray, keep: np.ndarray | None = None) -> str:
 
 def hex_lines(words, bits: int) -> str:
     """``words`` (non-negative integers below ``2**bits``) as lower-case hex, ``ceil(bits / 4)``
-    digits a line, each line ended by a newline; vectorized, no Python loop per word."""
+    digits a line, each line ended by a newline; vectorized, no Python loop per word: each word's
+    bytes, most significant first, two digits each (``_HEX_PAIRS``)."""
     words = np.asarray(words, dtype=np.uint64).reshape(-1)
     digits = -(-bits // 4)
-    shifts = np.arange(4 * (digits - 1), -1, -4, dtype=np.uint64)
+    used = -(-digits // 2)                                  # the words' low bytes that hold the digits
+    pairs = _HEX_PAIRS[words.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - used:]].view(np.uint8)
     chars = np.full((len(words), digits + 1), ord("\n"), dtype=np.uint8)
-    chars[:, :digits] = _HEX[(words[:, None] >> shifts) & np.uint64(15)]
+    chars[:, :digits] = pairs[:, 2 * used - digits:]
     return _text(chars)
 
 
@@ -126,7 +132,7 @@ def block_lines(blocks: bytes, block_bytes: int) -> str:
     first (the block's last byte first), so that bit 0 of the number is bit 0 of the block."""
     b = np.frombuffer(blocks, dtype=np.uint8).reshape(-1, block_bytes)[:, ::-1]
     chars = np.full((len(b), 2 * block_bytes + 1), ord("\n"), dtype=np.uint8)
-    chars[:, 0:-1:2], chars[:, 1:-1:2] = _HEX[b >> 4], _HEX[b & 15]
+    chars[:, :-1] = _HEX_PAIRS[b].view(np.uint8)
     return _text(chars)
 
 
@@ -362,22 +368,17 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         if isinstance(offset, bool) or not OFFSET_RANGE[0] <= offset <= OFFSET_RANGE[1]:
             raise VectorError(f"{lw}: field 'offset' must be an integer in {OFFSET_RANGE}, got {offset!r}")
         path, text = texts["blocks"]
-        digits = 2 * layout.block_bytes
-        block_ints = [int(h, 16) for h in _lines(path, text, f"[0-9a-fA-F]{{{digits}}}",
-                                                    f"a block as {digits} hex digits")]
-        if len(block_ints) != n_blocks:
-            raise VectorError(f"{path}: {len(block_ints)} blocks, {lw} n_blocks says {n_blocks}")
-        raw = b"".join(b.to_bytes(layout.block_bytes, "little") for b in block_ints)
+        raw = _read_blocks(path, text, layout.block_bytes)
+        if len(raw) != n_blocks * layout.block_bytes:
+            raise VectorError(f"{path}: {len(raw) // layout.block_bytes} blocks, {lw} n_blocks says {n_blocks}")
         headers, codes = unpack_blocks(layout, raw)
         n = n_blocks * layout.group
         path, text = texts["bf16"]
-        bf16_hex = "".join(_lines(path, text, "[0-9a-fA-F]{4}", "a BF16 value as 4 hex digits"))
-        bf16 = np.frombuffer(bytes.fromhex(bf16_hex), dtype=">u2").astype(np.int64)
+        bf16 = _read_bf16(path, text)
         if len(bf16) != n:
             raise VectorError(f"{path}: {len(bf16)} values, expected {n}")
         path, text = texts["exact"]
-        exact = np.array(" ".join(_lines(path, text, "[01] -?[0-9]{1,9} [0-9]{1,18}", "'sign exp sig' (decimal)"))
-                         .split(), dtype=np.int64).reshape(-1, 3)
+        exact = _read_exact(path, text)
         if len(exact) != n:
             raise VectorError(f"{path}: {len(exact)} lines, expected {n} of 'sign exp sig'")
         index, values = (_read_sparse(*texts["sparse"], lw, n_sparse, n) if n_sparse
@@ -411,7 +412,7 @@ def _check_axis_files(texts: dict, kinds: list[str], where: str, expected: dict[
 def _lines(path: Path, text: str, pattern: str, what: str) -> list[str]:
     """The lines of a vector file (none in a file of one empty line, an empty layer's), each a match of
     ``pattern``: checked on the whole text at once, and line by line only to name the first that is
-    not (a ``VectorError``)."""
+    not (a ``VectorError``). The readers' slow path: a text their numpy parse does not take."""
     if not text.strip():
         return []
     lines = text.splitlines()
@@ -424,13 +425,140 @@ def _lines(path: Path, text: str, pattern: str, what: str) -> list[str]:
     return lines
 
 
+# The readers parse a file with numpy, no Python loop per line, where it is lines of the expected form
+# (each ended by \n or \r\n, the last maybe by nothing); any other text (an error, an empty layer's
+# file, a sparse file spaced by hand) goes the slow way, line by line (``_lines``, ``_read_sparse_slow``),
+# which names the first bad line. A fast parse takes only texts the slow one takes, and reads them the same.
+
+#: each byte's hex digit value (either case), 255 for a byte that is none
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdefABCDEF", dtype=np.uint8)] = [*range(16), *range(10, 16)]
+
+#: the fields of an exact.txt line (``[01] -?[0-9]{1,9} [0-9]{1,18}``) and of a sparse.txt line as the
+#: writer makes it (``[0-9]{1,18} [0-9a-fA-F]{4}``): (base, greatest digit, a '-' allowed, digits min, max)
+EXACT_FIELDS = ((10, 1, False, 1, 1), (10, 9, True, 1, 9), (10, 9, False, 1, 18))
+SPARSE_FIELDS = ((10, 9, False, 1, 18), (16, 15, False, 4, 4))
+
+
+def _unix_bytes(text: str) -> np.ndarray | None:
+    """A file's text as bytes, each ``\\r\\n`` made ``\\n`` and a ``\\n`` after its last line; None for
+    an empty text, one that is not ASCII or one with a ``\\r`` not followed by ``\\n``."""
+    if not text or not text.isascii():
+        return None
+    a = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    cr = a == ord("\r")
+    if cr.any():
+        if cr[-1] or (a[1:][cr[:-1]] != ord("\n")).any():
+            return None
+        a = a[~cr]
+    return a if a[-1] == ord("\n") else np.append(a, np.uint8(ord("\n")))
+
+
+def _hex_matrix(text: str, width: int) -> np.ndarray | None:
+    """The digit values, one row a line, of a text whose every line is ``width`` hex digits (the
+    whole-text match of ``_lines``); None for any other text."""
+    a = _unix_bytes(text)
+    if a is None or len(a) % (width + 1):
+        return None
+    rows = a.reshape(-1, width + 1)
+    nibbles = _NIBBLE[rows[:, :width]]
+    if (rows[:, width] != ord("\n")).any() or (nibbles > 15).any():
+        return None
+    return nibbles
+
+
+def _fields(text: str, fields: tuple) -> np.ndarray | None:
+    """The numbers, one row a line, of a text whose every line is ``fields`` (``EXACT_FIELDS``) parted
+    by one space; None for any other text. Digit by digit from each number's end, no loop per line."""
+    a = _unix_bytes(text)
+    if a is None:
+        return None
+    k, newline = len(fields), a == ord("\n")
+    ends = np.flatnonzero(newline | (a == ord(" ")))        # each field's end: a space, the last's a newline
+    if len(ends) % k or np.count_nonzero(newline) != len(ends) // k or not newline[ends[k - 1::k]].all():
+        return None
+    ends = ends.astype(np.int32 if len(a) < 2**31 else np.int64).reshape(-1, k).T.copy()    # a field's a row
+    chars = np.append(a, np.uint8(ord("0")))                # a '0' past the text: a digit left of a number
+    out = []
+    for c, (base, top, signed, least, most) in enumerate(fields):
+        e = ends[c]
+        first = ends[c - 1] + 1 if c else np.concatenate([[0], ends[-1, :-1] + 1]).astype(e.dtype)
+        neg = a[first] == ord("-") if signed else np.zeros(len(e), dtype=bool)
+        first += neg                                        # the first digit
+        count = e - first
+        if len(e) and (count.min() < least or count.max() > most):
+            return None
+        value = np.zeros(len(e), dtype=np.int64)
+        for j in range(count.max(initial=0)):               # the j-th digit from the end, of each line's
+            at = e - (1 + j)
+            if j >= count.min():
+                at = np.where(at >= first, at, len(a))
+            digit = chars[at] - np.uint8(ord("0")) if base == 10 else _NIBBLE[chars[at]]
+            if digit.max() > top:                           # one not a digit (uint8: below '0' wraps high)
+                return None
+            value += digit * np.int64(base ** j)
+        out.append(np.where(neg, -value, value))
+    return np.stack(out, axis=1)
+
+
+def _read_blocks(path: Path, text: str, block_bytes: int) -> bytes:
+    """The packed blocks of a blocks.hex file (each line one block, most significant digit first)."""
+    digits = 2 * block_bytes
+    nibbles = _hex_matrix(text, digits)
+    if nibbles is None:
+        ints = [int(h, 16) for h in _lines(path, text, f"[0-9a-fA-F]{{{digits}}}", f"a block as {digits} hex digits")]
+        return b"".join(b.to_bytes(block_bytes, "little") for b in ints)
+    return ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])[:, ::-1].tobytes()
+
+
+def _read_bf16(path: Path, text: str) -> np.ndarray:
+    """The values of a bf16.hex file (int64 BF16 codes)."""
+    nibbles = _hex_matrix(text, 4)
+    if nibbles is None:
+        digits = "".join(_lines(path, text, "[0-9a-fA-F]{4}", "a BF16 value as 4 hex digits"))
+        return np.frombuffer(bytes.fromhex(digits), dtype=">u2").astype(np.int64)
+    nibbles = nibbles.astype(np.int64)
+    return nibbles[:, 0] << 12 | nibbles[:, 1] << 8 | nibbles[:, 2] << 4 | nibbles[:, 3]
+
+
+def _read_exact(path: Path, text: str) -> np.ndarray:
+    """The ``(sign, exp, sig)`` rows of an exact.txt file (int64)."""
+    rows = _fields(text, EXACT_FIELDS)
+    if rows is None:
+        rows = np.array(" ".join(_lines(path, text, "[01] -?[0-9]{1,9} [0-9]{1,18}", "'sign exp sig' (decimal)"))
+                        .split(), dtype=np.int64).reshape(-1, 3)
+    return rows
+
+
 def _read_sparse(path: Path, text: str, where: str, count: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """A layer's sparse file: ``count`` lines of ``index value`` (decimal, 4 hex digits), strictly
     increasing indices below ``n``, finite BF16 values; a ``VectorError`` naming the line otherwise."""
+    rows = _fields(text, SPARSE_FIELDS)
+    if rows is None:
+        index, values = _read_sparse_slow(path, text, where, count)
+    elif len(rows) != count:
+        raise VectorError(f"{path}: {len(rows)} sparse entries, {where} sparse says {count}")
+    else:
+        index, values = rows[:, 0], rows[:, 1]
+    bad = np.flatnonzero(np.diff(index) <= 0)
+    if len(bad):
+        raise VectorError(f"{path}: line {bad[0] + 2}: index {int(index[bad[0] + 1])} does not follow "
+                          f"{int(index[bad[0]])}: the indices must be strictly increasing")
+    past = np.flatnonzero(index >= n)
+    if len(past):
+        raise VectorError(f"{path}: line {past[0] + 1}: index {int(index[past[0]])} is past the layer's {n} values")
+    nonfinite = np.flatnonzero((values >> 7) & 0xFF == 0xFF)
+    if len(nonfinite):
+        raise VectorError(f"{path}: line {nonfinite[0] + 1}: value {values[nonfinite[0]]:04x} is not a finite BF16")
+    return index.astype(np.int64), values
+
+
+def _read_sparse_slow(path: Path, text: str, where: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse file line by line (any line breaks and spacing ``str.split`` takes): its indices as
+    Python ints (one past int64 is past the layer, said so, not an OverflowError) and its values."""
     lines = text.splitlines()
     if len(lines) != count:
         raise VectorError(f"{path}: {len(lines)} sparse entries, {where} sparse says {count}")
-    # Python ints until checked: an index past int64 is past the layer, said so, not an OverflowError
     index, values = np.zeros(count, dtype=object), np.zeros(count, dtype=np.int64)
     for k, line in enumerate(lines):
         parts = line.split()
@@ -438,17 +566,7 @@ def _read_sparse(path: Path, text: str, where: str, count: int, n: int) -> tuple
         if len(parts) != 2 or not re.fullmatch(r"[0-9]+", parts[0]) or not re.fullmatch(r"[0-9a-fA-F]{4}", parts[1]):
             raise VectorError(f"{path}: line {k + 1}: expected 'index value' (decimal, 4 hex digits), got {line!r}")
         index[k], values[k] = int(parts[0]), int(parts[1], 16)
-    bad = np.flatnonzero(np.diff(index) <= 0)
-    if len(bad):
-        raise VectorError(f"{path}: line {bad[0] + 2}: index {index[bad[0] + 1]} does not follow "
-                          f"{index[bad[0]]}: the indices must be strictly increasing")
-    past = np.flatnonzero(index >= n)
-    if len(past):
-        raise VectorError(f"{path}: line {past[0] + 1}: index {index[past[0]]} is past the layer's {n} values")
-    nonfinite = np.flatnonzero((values >> 7) & 0xFF == 0xFF)
-    if len(nonfinite):
-        raise VectorError(f"{path}: line {nonfinite[0] + 1}: value {values[nonfinite[0]]:04x} is not a finite BF16")
-    return index.astype(np.int64), values
+    return index, values
 
 
 def minilm_budget_artifact(budget: float) -> Path:
