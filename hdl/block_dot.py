@@ -96,6 +96,7 @@ from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, pack_block
 from . import replica as rep
 from .arith import PipelinedMultiplier, chunks, leading_zeros_pipelined, shift_left, shift_stages, stage_reg
 from .arith import delay as arith_delay
+from .config import OFFSET_SHAPE
 from .output_buffer import OutputStage
 from .pipeline import PipelineControl
 
@@ -118,7 +119,7 @@ def block_layout(hif: FloatFormat, act: FloatFormat, layout: BlockLayout) -> dat
         "act": data.ArrayLayout(unsigned(act.bits), layout.group),
         "scale": unsigned(layout.scale.bits),
         "sign": unsigned(1),
-        "offset": signed(8),
+        "offset": OFFSET_SHAPE,
     })
 
 
@@ -255,7 +256,7 @@ class BlockDot(wiring.Component):
         s_lo, s_hi = dot.exponent_range(scale)
         const = NQ - 1 + self.acc.lsb_exp + s_lo + 126
         kmax_top = const + (s_hi - s_lo) + OFFSET_RANGE[1]
-        es, off = reg(en0, "es_1", es, unsigned(scale.ebits)), reg(en0, "off_1", inp.offset, signed(8))
+        es, off = reg(en0, "es_1", es, unsigned(scale.ebits)), reg(en0, "off_1", inp.offset, OFFSET_SHAPE)
         ss = reg(en0, "ss_1", Ss, unsigned(len(Ss)))
         sb = reg(en0, "sb_1", inp.sign, 1)
         eo = reg(en0, "eo_2", es + off, signed(10))
@@ -383,7 +384,7 @@ def output_pipeline(m: Module, depth: int, port, lanes: int = 1) -> tuple[Pipeli
     width = Shape.cast(port.payload.shape()).width
     per = -(-width // lanes)
     m.submodules.ctl = ctl = PipelineControl(lanes, depth)
-    m.submodules.out = out = OutputStage(unsigned(per), lanes, delay=rep.enable_levels(lanes))
+    m.submodules.out = out = OutputStage(unsigned(per), lanes, levels=rep.enable_levels(lanes))
     wiring.connect(m, control=ctl.buffers, output=out.control)
     words = Value.cast(out.values.payload)
     m.d.comb += [port.valid.eq(out.values.valid),

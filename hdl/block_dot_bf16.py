@@ -62,6 +62,7 @@ from sop.golden.layout import OFFSET_RANGE
 from . import replica as rep
 from .arith import PipelinedMultiplier, shift_stages, stage_reg, trailing_zeros
 from .arith import delay as arith_delay
+from .config import OFFSET_SHAPE
 from .block_dot import BlockDot, adder_tree, block_layout, code_fields, model, output_pipeline, round_fp32
 
 #: Fraction bits of the window below the block's largest product (docs/dot.md section 7: no MiniLM
@@ -206,7 +207,7 @@ class BlockDotBF16(BlockDot):
         # the block's fields
         _, Ss, es = code_fields(scale, inp.scale)
         ss1, es1 = freg("fss", Ss, unsigned(len(Ss))), freg("fes", es, unsigned(scale.ebits))
-        off1, sb1 = freg("foff", inp.offset, signed(8)), freg("fsb", inp.sign, 1)
+        off1, sb1 = freg("foff", inp.offset, OFFSET_SHAPE), freg("fsb", inp.sign, 1)
         eoc = freg("feoc", es1 + off1 + self.kconst, signed(12))
         eoc, es_b, off_b = fdelay(eoc, lg, "feoc"), fdelay(es1, 1 + lg, "fes"), fdelay(off1, 1 + lg, "foff")
         ss_b, sb_b = fdelay(ss1, 1 + lg, "fss"), fdelay(sb1, 1 + lg, "fsb")

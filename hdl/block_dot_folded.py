@@ -85,6 +85,7 @@ from sop.golden.layout import OFFSET_RANGE, BlockLayout
 
 from .arith import stage_reg
 from .arith import delay as arith_delay
+from .config import OFFSET_SHAPE
 from .block_dot import MAX_ACC_BITS, BlockDot, adder_tree, code_fields, model, output_pipeline, round_fp32
 
 
@@ -96,7 +97,7 @@ def chunk_layout(hif: FloatFormat, act: FloatFormat, layout: BlockLayout, lanes:
         "act": data.ArrayLayout(unsigned(act.bits), lanes),
         "scale": unsigned(layout.scale.bits),
         "sign": unsigned(1),
-        "offset": signed(8),
+        "offset": OFFSET_SHAPE,
         "first": unsigned(1),
         "last": unsigned(1),
     })
@@ -211,7 +212,7 @@ class BlockDotFolded(BlockDot):
         const = NQ - 1 + self.acc.lsb_exp + s_lo + 126
         kmax_shape = unsigned((const + (s_hi - s_lo) + OFFSET_RANGE[1]).bit_length())
         hdr = [Signal(unsigned(scale.ebits), name="hdr_es", reset_less=True),
-               Signal(signed(8), name="hdr_off", reset_less=True),
+               Signal(OFFSET_SHAPE, name="hdr_off", reset_less=True),
                Signal(unsigned(len(Ss)), name="hdr_ss", reset_less=True),
                Signal(1, name="hdr_sb", reset_less=True)]
         with m.If(hdr_en):

@@ -41,14 +41,14 @@ step with ``block``: in such a layer the formatter turns a -0 product into +0
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Module, Signal, signed
+from amaranth.hdl import Array, Module, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from . import replica as rep, scale_decoder
 from .arith import delay
 from .beat_issue import GroupIssueSignature
-from .config import DecoderConfig
+from .config import OFFSET_SHAPE, DecoderConfig
 from .lut_bank import read_latency as table_read_latency
 from .pipeline import EnableSignature
 
@@ -66,7 +66,7 @@ class BlockFields(wiring.Component):
         super().__init__({
             "enable": In(EnableSignature(config.lanes)),
             "issue": In(GroupIssueSignature(config)),
-            "offset": In(signed(8)),
+            "offset": In(OFFSET_SHAPE),
             "offset_we": In(1),
             "block": Out(data.ArrayLayout(scale_decoder.block(config), config.lanes)),
             **({"layer_sparse": In(1), "plus0": Out(data.ArrayLayout(1, config.lanes))} if config.residuals else {}),
@@ -89,7 +89,7 @@ class BlockFields(wiring.Component):
         with_term = scale_decoder.with_layer_term
         writes = []             # a wide decoder: the offset write registered per region first
         for r in range(cfg.regions if cfg.wide else 0):
-            w = rep.replica(data.StructLayout({"we": 1, "page": 1, "offset": signed(8)}), name=f"offset_r{r}",
+            w = rep.replica(data.StructLayout({"we": 1, "page": 1, "offset": OFFSET_SHAPE}), name=f"offset_r{r}",
                             reset_less=True)
             m.d.sync += [w.we.eq(self.offset_we), w.page.eq(self.issue.write_page[r]), w.offset.eq(self.offset)]
             writes.append(w)

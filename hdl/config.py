@@ -61,7 +61,11 @@ from sop.golden.formats import FloatFormat
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import OFFSET_RANGE, BlockLayout
 
+from . import lut_bank
 from .lut_bank import lutram_depth_problem, table_depth
+
+#: the per-layer offset's signal shape: golden.layout.OFFSET_RANGE, one signed byte
+OFFSET_SHAPE = signed(OFFSET_RANGE[1].bit_length() + 1)
 
 MAX_LANES = 64
 MAX_RESIDUALS = 4
@@ -199,9 +203,8 @@ class DecoderConfig:
 
     @property
     def load_layout(self) -> data.StructLayout:
-        """One LUT write: bank (0 = A, 1 = B), entry address, HIF code."""
-        return data.StructLayout({"bank": unsigned(1), "addr": unsigned(self.layout.code_bits),
-                                  "data": unsigned(self.hif.bits)})
+        """One LUT write (hdl.lut_bank.load_layout)."""
+        return lut_bank.load_layout(self.layout.code_bits, self.hif.bits)
 
     @property
     def beat_layout(self) -> data.StructLayout:

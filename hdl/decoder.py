@@ -96,7 +96,7 @@ formatter). Without residuals the decoder is built exactly as before.
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, signed
+from amaranth.hdl import Module
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -105,7 +105,7 @@ from .arith import delay
 from .beat_issue import BeatIssue
 from .block_fields import BlockFields
 from .codebook_mux import CodebookMux
-from .config import DecoderConfig
+from .config import OFFSET_SHAPE, DecoderConfig
 from .hif_formatter import HifFormatter
 from .lanes import Lanes
 from .lut_bank import LutBank
@@ -126,11 +126,11 @@ class Decoder(wiring.Component):
         self.lanes = Lanes(config, formatter=formatter, bank=bank)
         self.fields = BlockFields(config, read_latency=self.lanes.read_latency)
         levels = levels_for(config)          # the enable's register levels: 0 for the shallow pipeline
-        self.output = OutputStage(config.lane_layout, config.lanes, delay=levels)
+        self.output = OutputStage(config.lane_layout, config.lanes, levels=levels)
         members = {
             "blocks": In(stream.Signature(config.beat_layout)),
             "load": In(stream.Signature(config.load_layout)),
-            "offset": In(signed(8)),
+            "offset": In(OFFSET_SHAPE),
             "offset_we": In(1),
             "values": Out(stream.Signature(data.ArrayLayout(config.lane_layout, config.lanes))),
         }
@@ -143,7 +143,7 @@ class Decoder(wiring.Component):
         # the valid chain spans the stages after stage 0 up to the last one (hdl.pipeline)
         self.control = PipelineControl(config.lanes, depth=self.lanes.latency + self.residual_latency,
                                        levels=levels, valids=config.regions, upcoming=config.wide)
-        assert self.control.latency == self.output.delay, "the skid must cover the enable's register levels"
+        assert self.control.latency == self.output.levels, "the skid must cover the enable's register levels"
         assert self.fields.latency == self.lanes.read_latency, "block fields must arrive with the table word"
         super().__init__(members)
 

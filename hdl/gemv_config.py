@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from amaranth.hdl import signed, unsigned
+from amaranth.hdl import unsigned
 from amaranth.lib import data
 
 from sop.golden import dot
@@ -35,7 +35,9 @@ from sop.golden.layout import BlockLayout, LayerStream
 from . import GEMV_ERRORS
 from .block_dot import block_layout
 from .block_dot_folded import chunk_layout
+from .config import OFFSET_SHAPE
 from .fp32_acc import STAGINGS, min_slots
+from . import lut_bank
 from .lut_bank import lutram_depth_problem, table_depth
 
 #: The fewest rows a tile can have: one running sum per stage of the FP32 adder's loop (the full,
@@ -202,7 +204,7 @@ def x_layout(config: GemvConfig) -> data.StructLayout:
 def layer_layout(config: GemvConfig) -> data.StructLayout:
     """A layer's registers: its shape, offset, and ``sparse``: its tiles are followed by residual entries."""
     return data.StructLayout({"rows": unsigned(config.max_rows.bit_length()),
-                              "blocks_per_row": unsigned(config.max_blocks.bit_length()), "offset": signed(8),
+                              "blocks_per_row": unsigned(config.max_blocks.bit_length()), "offset": OFFSET_SHAPE,
                               "sparse": unsigned(1)})
 
 
@@ -214,9 +216,8 @@ def sparse_layout(config: GemvConfig) -> data.StructLayout:
 
 
 def load_layout(config: GemvConfig) -> data.StructLayout:
-    """One LUT write: bank (0 = A, 1 = B), entry address, HIF code (the decoder's load word)."""
-    return data.StructLayout({"bank": unsigned(1), "addr": unsigned(config.layout.code_bits),
-                              "data": unsigned(config.hif.bits)})
+    """One LUT write: the decoder's load word (hdl.lut_bank.load_layout)."""
+    return lut_bank.load_layout(config.layout.code_bits, config.hif.bits)
 
 
 def table_word(config: GemvConfig) -> data.StructLayout:

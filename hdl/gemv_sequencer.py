@@ -11,13 +11,14 @@ docstring; ``BlockSequencer.model`` the counters' values per block.
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from sop.golden import dot
 
 from .arith import stage_reg
+from .config import OFFSET_SHAPE
 from .gemv_config import (GemvConfig, entry_layout, error_layout, layer_layout, sparse_layout, status_layout,
                           tag_layout, x_layout)
 from .gemv_x_buffer import XWriteSignature
@@ -29,7 +30,7 @@ class IssueSignature(wiring.Signature):
 
     def __init__(self, config: GemvConfig):
         super().__init__({"valid": Out(1), "block": Out(unsigned(config.layout.block_bits)), "page": Out(1),
-                          "col": Out(range(config.max_blocks)), "x_page": Out(1), "offset": Out(signed(8)),
+                          "col": Out(range(config.max_blocks)), "x_page": Out(1), "offset": Out(OFFSET_SHAPE),
                           "tag": Out(tag_layout(config))})
 
 
@@ -106,7 +107,7 @@ class BlockSequencer(wiring.Component):
         active = Signal(name="active")
         rows_m1 = Array(Signal(rows_shape, name=f"rows_m1_p{p}", reset_less=True) for p in range(2))
         bpr_m1 = Array(Signal(bpr_shape, name=f"bpr_m1_p{p}", reset_less=True) for p in range(2))
-        offset = Array(Signal(signed(8), name=f"offset_p{p}", reset_less=True) for p in range(2))
+        offset = Array(Signal(OFFSET_SHAPE, name=f"offset_p{p}", reset_less=True) for p in range(2))
         sparse = Array(Signal(name=f"sparse_p{p}", reset_less=True) for p in range(2))
         # rows - 2 and blocks per row - 2: what the counters' flags below compare with a block ahead
         rows_m2 = Array(Signal(rows_shape, name=f"rows_m2_p{p}", reset_less=True) for p in range(2))
@@ -201,7 +202,7 @@ class BlockSequencer(wiring.Component):
         page0 = stage_reg(m, self.en, "page0", active, 1)
         xpage0 = stage_reg(m, self.en, "xpage0", x_rpage, 1)
         col0 = stage_reg(m, self.en, "col0", col, bpr_shape)
-        offset0 = stage_reg(m, self.en, "offset0", offset[active], signed(8))
+        offset0 = stage_reg(m, self.en, "offset0", offset[active], OFFSET_SHAPE)
         # with residual entries a row's last value is its last entry's term, not its last block's
         tag0 = stage_reg(m, self.en, "tag0", self.tag(slot, col_first, row_done & ~with_terms,
                                                       column_done & row_done & at_last_row & ~with_terms),

@@ -75,6 +75,12 @@ def lutram_depth_problem(lutram_depth: int, depth: int) -> str:
     return ""
 
 
+def load_layout(code_bits: int, hif_bits: int) -> data.StructLayout:
+    """One table write as the host gives it (the decoder's and the GEMV engine's ``load`` word): bank
+    (0 = A, 1 = B), entry address, HIF code."""
+    return data.StructLayout({"bank": unsigned(1), "addr": unsigned(code_bits), "data": unsigned(hif_bits)})
+
+
 def read_latency(lutram_depth: int) -> int:
     """Enabled clock edges from a read's address to its word: 1 for one memory, 2 for LUT RAM
     memories (their registers, then the row select)."""

@@ -71,7 +71,7 @@ addition).
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, Value, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, Value, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -82,7 +82,7 @@ from sop.golden.points import get_point
 from . import replica as rep
 from .arith import PipelinedMultiplier, delay, leading_zeros_pipelined, shift_left, shift_stages, stage_reg
 from .block_dot import code_fields, output_pipeline, round_fp32
-from .config import DecoderConfig
+from .config import OFFSET_SHAPE, DecoderConfig
 from .decoder import Decoder
 from .fp32_acc import ADD_LATENCY, Fp32Add, sum_layout
 
@@ -172,7 +172,7 @@ class NaiveDot(wiring.Component):
         super().__init__({
             "blocks": In(stream.Signature(config.beat_layout)),
             "load": In(stream.Signature(config.load_layout)),
-            "offset": In(signed(8)),
+            "offset": In(OFFSET_SHAPE),
             "offset_we": In(1),
             "acts": In(stream.Signature(act_layout(g, slots))),
             "sums": Out(stream.Signature(sum_layout(slots))),

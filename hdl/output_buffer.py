@@ -3,24 +3,24 @@
 The decoder's pipeline advances only when its last stage's beat can go
 somewhere, so the enable depends on the consumer's ``ready``. Computed
 combinationally, it is one net from ``values.ready`` to every register of every
-lane: thousands of loads at 64 lanes. Instead the enable is decided ``delay``
-cycles ahead and reaches the lanes through ``delay`` levels of register copies
-(hdl.replica). The cost of deciding early is ``delay`` beats of skid storage
+lane: thousands of loads at 64 lanes. Instead the enable is decided ``levels``
+cycles ahead and reaches the lanes through ``levels`` levels of register copies
+(hdl.replica). The cost of deciding early is ``levels`` beats of skid storage
 here: a beat that leaves the last stage while the consumer stalls goes into it.
 
 The rule: with ``S`` the beats held (skid entries plus the last stage's beat),
-the enable ``delay`` cycles from now is high when ``S`` next cycle is at most 1.
-At most ``delay - 1`` beats can arrive in between, so ``S`` never exceeds
-``delay`` when the pipeline advances, and the skid (``delay`` entries) never
+the enable ``levels`` cycles from now is high when ``S`` next cycle is at most 1.
+At most ``levels - 1`` beats can arrive in between, so ``S`` never exceeds
+``levels`` when the pipeline advances, and the skid (``levels`` entries) never
 overflows. While both sides are ready, ``S`` stays 1 and a beat leaves every
-cycle; after a stall the output may pause ``delay - 1`` cycles while the
+cycle; after a stall the output may pause ``levels - 1`` cycles while the
 pipeline restarts.
 
-``delay = 0`` (the shallow pipeline, ``DecoderConfig.shallow``): no skid and
+``levels = 0`` (the shallow pipeline, ``DecoderConfig.shallow``): no skid and
 no decision ahead; ``en_next`` is the enable of this very cycle, high unless
 the last stage holds a beat the consumer does not take (``~last_valid |
 values.ready``), so ``values.ready`` reaches the pipeline's enables
-combinationally: what a low clock on a LUT4 FPGA allows, and ``delay`` beats
+combinationally: what a low clock on a LUT4 FPGA allows, and ``levels`` beats
 of skid fewer per lane. ``en`` must then be ``en_next`` itself (hdl.pipeline
 with no levels).
 
@@ -36,7 +36,7 @@ the whole output.
 * ``last`` (in): the last stage's registers, valid when the buffer's ``last_valid``;
 * ``values`` (out stream): its payload is the oldest skid entry while the skid
   holds any (they are older), else the last stage;
-* ``en_next`` (out): the enable decided now, for ``delay`` cycles later.
+* ``en_next`` (out): the enable decided now, for ``levels`` cycles later.
 
 Latency 0: a beat in the last stage is on ``values`` in the same cycle while the
 skid is empty. ``model`` is the cycle model of the rule above (a FIFO, not the
@@ -60,15 +60,15 @@ from . import replica as rep
 from .pipeline import OutputControlSignature, buffers
 
 
-def model(delay: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
+def model(levels: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
     """Cycle model of an ``OutputBuffer`` (or an ``OutputStage``: its buffers side by side).
 
     Inputs per cycle ``t``: ``en[t]`` (``en_upcoming[t]`` is ``en[t + 1]``), ``entering_valid[t]``,
     the last stage's payload ``last[t]`` (an integer) and ``values.ready`` ``ready[t]``. Returns per
     cycle ``valid``, ``payload`` (0 where not valid) and ``en_next``. The rule: the output is the
     oldest beat held; a beat that leaves the last stage (``en`` high) without being sent waits in
-    a FIFO of at most ``delay`` entries; ``en_next`` is high when at most one beat (FIFO plus last
-    stage) will be held next cycle. With ``delay`` 0 ``en_next`` is this cycle's enable (``en[t]``
+    a FIFO of at most ``levels`` entries; ``en_next`` is high when at most one beat (FIFO plus last
+    stage) will be held next cycle. With ``levels`` 0 ``en_next`` is this cycle's enable (``en[t]``
     must equal it): high when the last stage is empty or its beat is taken now."""
     n = len(en)
     out = {k: np.zeros(n, dtype=object) for k in ("valid", "payload", "en_next")}
@@ -83,12 +83,12 @@ def model(delay: int, en, entering_valid, last, ready) -> dict[str, np.ndarray]:
             fifo.pop(0)
         if en[t] and last_valid and not pop_last:
             fifo.append(int(last[t]))
-        if len(fifo) > delay:
-            raise AssertionError(f"cycle {t}: {len(fifo)} beats in a skid of {delay}")
-        moves = not last_valid or pop_last                  # delay 0: the enable of this cycle
+        if len(fifo) > levels:
+            raise AssertionError(f"cycle {t}: {len(fifo)} beats in a skid of {levels}")
+        moves = not last_valid or pop_last                  # levels 0: the enable of this cycle
         last_valid = bool(entering_valid[t]) if en[t] else (last_valid and not pop_last)
         out["valid"][t], out["payload"][t] = int(valid), payload if valid else 0
-        out["en_next"][t] = int(moves if delay == 0 else len(fifo) + last_valid <= 1)
+        out["en_next"][t] = int(moves if levels == 0 else len(fifo) + last_valid <= 1)
     return {k: v.astype(np.int64) if k != "payload" else v for k, v in out.items()}
 
 
@@ -96,8 +96,8 @@ class OutputBuffer(wiring.Component):
     latency = 0                         # a beat in the last stage is on ``values`` in its cycle (skid empty)
     model = staticmethod(model)
 
-    def __init__(self, payload_shape, *, delay: int = 1):
-        self.delay = delay
+    def __init__(self, payload_shape, *, levels: int = 1):
+        self.levels = levels
         super().__init__({
             "en": In(1),
             "en_upcoming": In(1),
@@ -109,7 +109,7 @@ class OutputBuffer(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        D = self.delay
+        D = self.levels
         if D == 0:
             return self._no_skid(m)
         # Control state: replicas, because every group's buffer has the same. The skid's fill is
@@ -161,7 +161,7 @@ class OutputBuffer(wiring.Component):
         return m
 
     def _no_skid(self, m):
-        """``delay`` 0: the last stage is the output; the pipeline moves when it is empty or taken."""
+        """``levels`` 0: the last stage is the output; the pipeline moves when it is empty or taken."""
         last_valid = Signal(name="last_valid")
         m.d.comb += [self.values.valid.eq(last_valid), self.values.payload.eq(self.last),
                      self.en_next.eq(~last_valid | self.values.ready)]
@@ -173,9 +173,9 @@ class OutputBuffer(wiring.Component):
 class OutputStage(wiring.Component):
     model = staticmethod(model)
 
-    def __init__(self, lane_shape, lanes: int, *, delay: int = 1):
-        self.lane_shape, self.lanes, self.delay = lane_shape, lanes, delay
-        self.n_buffers = buffers(lanes, delay)
+    def __init__(self, lane_shape, lanes: int, *, levels: int = 1):
+        self.lane_shape, self.lanes, self.levels = lane_shape, lanes, levels
+        self.n_buffers = buffers(lanes, levels)
         super().__init__({
             "last": In(data.ArrayLayout(lane_shape, lanes)),
             "values": Out(stream.Signature(data.ArrayLayout(lane_shape, lanes))),
@@ -190,7 +190,7 @@ class OutputStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         per = self.lanes // self.n_buffers
-        outs = [OutputBuffer(data.ArrayLayout(self.lane_shape, per), delay=self.delay)
+        outs = [OutputBuffer(data.ArrayLayout(self.lane_shape, per), levels=self.levels)
                 for _ in range(self.n_buffers)]
         for j, ob in enumerate(outs):
             m.submodules[f"output_buffer{j}"] = ob

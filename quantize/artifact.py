@@ -457,18 +457,19 @@ def write_container(out: Path, meta: dict, spool: BinaryIO) -> int:
 def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget: float | None = None,
                    include=None, exclude=None, calibrate: bool = True, nan_policy: str = "error",
                    n_calib: int = C.N_CALIB, cache_dir=C.DEFAULT_CACHE, progress: bool = True,
-                   jobs: int = 1) -> dict:
+                   jobs: int = 1, lm_head: bool = False, routers: bool = False) -> dict:
     """Quantize ``model``'s selected linear layers in ``fmt_name`` into the artifact ``out``.
 
     ``jobs``: layers quantized in that many worker processes (quantize/jobs.py; the same bytes;
     ``sop-budget`` builds its options here). Returns a summary: path, file bytes, layers,
-    weights, bits, bpw, sqnr_db, record kinds."""
+    weights, bits, bpw, sqnr_db, record kinds. ``lm_head``, ``routers``: quantize the output head, the
+    MoE routers too (``models.open_model``)."""
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
     check_options([fmt], budget, nan_policy)
     jobs = check_jobs(jobs)
     out = Path(out)
     say = reporter(progress)
-    src = open_model(model, include, exclude)
+    src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
     for lay in src.layers:
         why = name_problem(lay.name)

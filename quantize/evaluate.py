@@ -244,13 +244,13 @@ def budget_inputs(src, cal, nan_policy: str, say=None):
 
 
 def budget_model(fmt, src, cal, nan_policy: str, budget: float, say, pool):
-    """``fmt.quantize_model`` (sop-budget) over ``src``'s layers: ``(inputs, BudgetResult)``.
+    """``fmt.solve_budget`` (sop-budget) over ``src``'s layers: ``(inputs, BudgetResult)``.
     Every layer's options measured here, or on ``pool``'s workers (quantize/jobs.py: the same
     bits, at most ``jobs`` layers in flight), then the knapsack here; ``inputs`` reads the
     layers the chosen results need as they are built."""
     if pool is None:
         inputs = budget_inputs(src, cal, nan_policy, say)
-        budgeted = fmt.quantize_model(inputs, budget)
+        budgeted = fmt.solve_budget(inputs, budget)
         budget_done(inputs)
         return inputs, budgeted
     from sop.quantize import jobs
@@ -265,7 +265,7 @@ def budget_model(fmt, src, cal, nan_policy: str, budget: float, say, pool):
             yield row, cols, real
 
     inputs = budget_inputs(src, cal, nan_policy)        # no progress: read only for the results
-    return inputs, fmt.quantize_model(inputs, budget, rows=rows())
+    return inputs, fmt.solve_budget(inputs, budget, rows=rows())
 
 
 def _budget_line(say, seen, n, shapes) -> None:

@@ -793,7 +793,9 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
     if not layers:
         given = ", ".join(f"{k} {v}" for k, v in (("include", include), ("exclude", exclude)) if v)
         given = f" ({given})" if given else ""
-        first = next(iter(kept.items()), None)
+        # the first kept parameter the include names (a router, the head: why it was kept), else the first
+        first = next(((k, v) for k, v in kept.items() if include and _selected(k, include, exclude)), None) or \
+            next(iter(kept.items()), None)
         why = f"; kept: {first[0]}, {first[1]}{f' (and {len(kept) - 1} more)' if len(kept) > 1 else ''}" \
             if first else ""
         raise ValueError(f"the model has no linear layer to quantize{given}: torch.nn.Linear, Conv1D or (with "
@@ -810,7 +812,7 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
             raise ValueError(f"layer {name}: its weight holds a NaN or an Inf: nothing is quantized")
     stats, tokens, unreached = activation_stats(model, layers, batches) if batches is not None else (None, 0, [])
     act = (lambda n: None) if stats is None else stats.get
-    budget_res = (qfmt.quantize_model(LazyLayers(layers, lambda n: (layers[n].matrix(), act(n))), budget,
+    budget_res = (qfmt.solve_budget(LazyLayers(layers, lambda n: (layers[n].matrix(), act(n))), budget,
                                       option="budget") if qfmt.model_level else None)
     records, new = {}, {}
 

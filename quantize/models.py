@@ -79,7 +79,6 @@ unless the environment already says otherwise.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import fnmatch
 import hashlib
 import importlib.util
@@ -246,19 +245,20 @@ def linear_reason(name: str, shape: tuple, is_float: bool) -> str | None:
     return None
 
 
-#: A MoE router's module: ``router`` (Llama 4, GPT-OSS; DBRX's and Granite-MoE's ``router.layer``) wherever
-#: it is; ``GATES`` (Mixtral's, Qwen-MoE's, DeepSeek's ``gate``, Qwen2-MoE's ``shared_expert_gate``, llama.cpp's
-#: ``ffn_gate_inp`` and ``ffn_gate_inp_shexp``) only in a block that holds experts
-ROUTER = "router"
-GATES = ("gate", "shared_expert_gate", "ffn_gate_inp", "ffn_gate_inp_shexp")
+#: A router's module, wherever it is: ``router`` (Llama 4's, GPT-OSS's; DBRX's and Granite-MoE's ``router.layer``,
+#: Switch's ``router.classifier``) and llama.cpp's ``ffn_gate_inp`` / ``ffn_gate_inp_shexp`` (names of MoE blocks alone)
+ROUTERS = ("router", "ffn_gate_inp", "ffn_gate_inp_shexp")
+#: ... and only in a block that holds experts: Mixtral's, Qwen-MoE's, DeepSeek's ``gate`` (HunYuan's ``gate.wg``),
+#: Qwen2-MoE's ``shared_expert_gate``
+GATES = ("gate", "shared_expert_gate")
 
 
 def router_weights(names) -> set[str]:
-    """The MoE routers' weights among tensor names ``names``: a name ending in ``weight`` whose module is
-    ``ROUTER`` or a module in one (``router.layer``, Switch's ``router.classifier``), or one of ``GATES``
-    beside experts (another tensor under the same parent with a later dotted part containing ``expert`` or
-    ``exps``: ``block_sparse_moe.experts.0.w1.weight``, ``mlp.experts.gate_up_proj``, GGUF's
-    ``blk.0.ffn_up_exps.weight``)."""
+    """The MoE routers' weights among tensor names ``names``: a name ending in ``weight`` with a module on its
+    path in ``ROUTERS``, or in ``GATES`` beside experts (another tensor under the same parent with a later
+    dotted part containing ``expert`` or ``exps``: ``block_sparse_moe.experts.0.w1.weight``,
+    ``mlp.experts.gate_up_proj``, GGUF's ``blk.0.ffn_up_exps.weight``); a module inside a router's is the
+    router's (``router.layer``, HunYuan's ``gate.wg``, Zaya's ``gate.router_mlp.fc1``)."""
     names = list(names)
     with_experts = set()                             # parents of some experts tensor
     for name in names:
@@ -271,7 +271,7 @@ def router_weights(names) -> set[str]:
         parts = re.split(r"[./]", name.lower())
         if len(parts) < 2 or parts[-1] != "weight":
             continue
-        if ROUTER in parts[-3:-1] or (parts[-2] in GATES and tuple(parts[:-2]) in with_experts):
+        if any(p in ROUTERS or (p in GATES and tuple(parts[:i]) in with_experts) for i, p in enumerate(parts[:-1])):
             out.add(name)
     return out
 
@@ -324,6 +324,11 @@ _KEPT_LABEL = {"1-D": "1-D (norms, biases)", "embedding": "embedding", "norm": "
                "not a floating-point tensor": "integer", "not a weight": "2-D non-weight",
                "fp8 scale": "FP8 scale (applied to its layer)",
                "router": "MoE router (--include-routers quantizes them)"}
+
+
+#: what a tensor kept by policy is, and the option that quantizes it
+_OPTION_OF = {"router": "a MoE router, kept unless --include-routers", "lm_head": "the output head, kept unless "
+              "--include-lm-head"}
 
 
 def kept_text(kept: dict[str, int], lm_head: str = "") -> str:
@@ -826,32 +831,15 @@ def _causal_gguf(reader) -> tuple[bool, str]:
                     "transformers reads it as a dense model, without its experts"))
 
 
-_INCLUDING = contextvars.ContextVar("sop_including", default=frozenset())
-
-
-@contextlib.contextmanager
-def including(*, lm_head: bool = False, routers: bool = False):
-    """Within the block, ``open_model`` called without ``lm_head`` (``routers``) quantizes the output head
-    (the MoE routers) too where the flag is set (``sop quantize --include-lm-head --include-routers``,
-    whose driver opens the model itself)."""
-    token = _INCLUDING.set(frozenset(k for k, on in (("lm_head", lm_head), ("routers", routers)) if on))
-    try:
-        yield
-    finally:
-        _INCLUDING.reset(token)
-
-
-def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = None,
-               routers: bool | None = None) -> ModelSource:
+def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, routers: bool = False) -> ModelSource:
     """The linear layers of a checkpoint, selected by the include/exclude globs.
 
     ``lm_head``: quantize the output head too (by default it is kept, as embeddings are); ``routers``:
     quantize the MoE routers too (``router_weights``; kept by default, as llama.cpp and vLLM keep them: a
-    router's few weights choose which experts run). None: as ``including`` says, else False."""
+    router's few weights choose which experts run)."""
     spec = str(spec)
     include, exclude = globs(include, "include"), globs(exclude, "exclude")
-    lm_head = "lm_head" in _INCLUDING.get() if lm_head is None else bool(lm_head)
-    routers = "routers" in _INCLUDING.get() if routers is None else bool(routers)
+    lm_head, routers = bool(lm_head), bool(routers)
     kind, files, folder, shards = _resolve(spec)
     reader = READERS[kind](files)
     if shards is not None:
@@ -966,6 +954,10 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool | None = Non
         expert = next((g for g in [*(include or ()), *(exclude or ())] if re.fullmatch(r".*\[\d+\]", g)), None)
         if expert is not None:          # `[3]` is a glob's character class: an expert goes with its tensor
             hint += f"; the experts of a fused tensor are selected by the tensor's name ({expert.rsplit('[', 1)[0]})"
+        asked = next((n for n, why in skipped.items()
+                      if why in _OPTION_OF and include and _selected(n, include, exclude)), None)
+        if asked is not None:           # a tensor the include names, kept by a policy that an option lifts
+            hint += f"; {asked} is {_OPTION_OF[skipped[asked]]}"
         raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
                          "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
     notes = list(packed)

@@ -16,7 +16,7 @@ ones.
 * SOP points: one format per operating point of golden/points.py (``sop4-g16``,
   ``e2m3-ue4m4-g16``, and any point registered there), quantized by
   ``quantize.sop_search.quantize_point`` (the point's ``search``). ``sop-budget``
-  is model-level: ``quantize_model(layers, budget)`` runs the multiple-choice
+  is model-level: ``solve_budget(layers, budget)`` runs the multiple-choice
   knapsack of ``quantize.knapsack`` over every layer at once (each layer is read
   once to measure its options; only their costs, sparse entries and streams are
   kept), choosing per layer among SOP4, SOP4 + sparse
@@ -53,7 +53,7 @@ class QuantFormat:
     bits: Callable[[int, int], int] | None = None   # exact bits of a (rows, cols) layer
     kind: str = "baseline"                      # "baseline" | "sop"
     model_level: bool = False                   # needs every layer at once (knapsack)
-    quantize_model: Callable | None = None      # for model-level formats: (layers, budget) -> BudgetResult
+    solve_budget: Callable | None = None        # for model-level formats: (layers, budget) -> BudgetResult
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "bpw": self.bpw, "bpw_formula": self.bpw_formula,
@@ -246,8 +246,8 @@ def _registry() -> dict[str, QuantFormat]:
                     "bitsandbytes NF4 (published table), block 64, FP32 absmax",
                     group=B.NF4_BLOCK, bits=_block_bits(4, B.NF4_BLOCK, 32)),
         QuantFormat("sop-budget", _sop_budget, None, "the --budget average (knapsack over layers)",
-                    "SOP points chosen per layer under an average bit budget", group=16, kind="sop",
-                    model_level=True, quantize_model=quantize_sop_budget),
+                    "SOP points chosen per layer under an average bit budget", group=BUDGET_GROUP, kind="sop",
+                    model_level=True, solve_budget=quantize_sop_budget),
     ]
     fmts[-1:-1] = [_point_format(p) for p in operating_points().values()]    # before sop-budget
     return {f.name: replace(f, quantize=_checked(f.quantize)) for f in fmts}

@@ -660,13 +660,14 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
         raise ValueError(f"--rows must be a positive number of rows, got {rows}")
     if is_artifact(model):
         return artifact_vectors(Path(model), fmt, layers, Path(out_dir), rows)
-    source = open_model(model)
+    source = open_model(model, routers=bool(layers))     # a MoE router named by --layer is one
     names = list(dict.fromkeys(layers or [lay.name for lay in source.layers]))
     known = {lay.name for lay in source.layers}
     for name in names:
         if name not in known:
-            raise ValueError(f"{model}: {name} is not a linear layer; linear layers: "
-                             f"{', '.join(lay.name for lay in source.layers)}")
+            why = source.skipped.get(name)
+            raise ValueError(f"{model}: {name} is not a linear layer{f' (kept as it is: {why})' if why else ''}; "
+                             f"linear layers: {', '.join(lay.name for lay in source.layers)}")
     out_dir = Path(out_dir)
     _check_distinct(names)
     for f in ["vectors.json", *(f for n in names for f in vector_files(n).values())]:

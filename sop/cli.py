@@ -226,17 +226,16 @@ def cmd_quantize(args) -> int:
     import time
 
     from sop.quantize.artifact import quantize_model
-    from sop.quantize.models import including
 
     settings = _search_settings(args)
     check_output(args.out, model_inputs(args.model))
     _check_calibration(args)
     t0 = time.time()
-    with including(lm_head=args.include_lm_head, routers=args.include_routers), settings:
+    with settings:
         info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
                               exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
                               n_calib=_calib_size(args), cache_dir=args.cache_dir, progress=not args.quiet,
-                              jobs=args.jobs)
+                              jobs=args.jobs, lm_head=args.include_lm_head, routers=args.include_routers)
     layers = f"{info['layers']} layer{'s' if info['layers'] != 1 else ''}"
     print(f"wrote {info['path']}: {info['format']}, {layers}, {info['weights']:,} weights, "
           f"{info['bpw']:.4f} bpw, SQNR {info['sqnr_db']:.2f} dB, {info['bytes']:,} bytes "

@@ -85,7 +85,7 @@ class LateEnable(OutputBuffer):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.real = real = OutputBuffer(self.last.shape(), delay=self.delay)
+        m.submodules.real = real = OutputBuffer(self.last.shape(), levels=self.levels)
         late = Signal(init=1)
         m.d.sync += late.eq(real.en_next)
         m.d.comb += [real.en.eq(self.en), real.en_upcoming.eq(self.en_upcoming),

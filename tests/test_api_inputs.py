@@ -75,7 +75,7 @@ def test_a_misspelt_keyword_is_an_error(fmt):
 def test_the_budget_quantizer_checks_each_layer_too():
     fmt = get_quant_format("sop-budget")
     with pytest.raises(ValueError, match="^big: .*beyond float32's range"):
-        fmt.quantize_model({"ok": (weights(), None), "big": (weights() * 1e200, None)}, 6.0)
+        fmt.solve_budget({"ok": (weights(), None), "big": (weights() * 1e200, None)}, 6.0)
 
 
 def test_the_callers_arrays_are_not_written():

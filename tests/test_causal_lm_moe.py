@@ -225,6 +225,23 @@ def test_a_moe_model_quantizes_weighted_evaluates_and_exports_its_reconstruction
     assert capsys.readouterr().out.splitlines()[-4:] == first.splitlines()[-4:]
 
 
+def test_a_router_named_by_layer_gets_vectors_and_a_kept_tensor_says_why(moe_folders, tmp_path, capsys):
+    """`sop vectors --layer` names its layers: a MoE router (kept by `sop quantize` by default) is one of them;
+    a tensor that is no linear layer is refused saying why it was kept (an outside probe: the router was
+    "not a linear layer" without a word)."""
+    from sop.sim.vectors import read_vectors
+
+    folder, router = moe_folders["mixtral"], "model.layers.1.block_sparse_moe.gate.weight"
+    assert main(["vectors", str(folder), "--format", "sop4-g16", "--layer", router, "--out", str(tmp_path / "v")]) == 0
+    (layer,) = read_vectors(tmp_path / "v")
+    assert layer.name == router and layer.codes.size == EXPERTS * 32
+    capsys.readouterr()
+    assert main(["vectors", str(folder), "--format", "sop4-g16", "--layer", "model.embed_tokens.weight",
+                 "--out", str(tmp_path / "w")]) == 2
+    assert ": model.embed_tokens.weight is not a linear layer (kept as it is: embedding); linear layers: " in \
+        capsys.readouterr().err
+
+
 def test_equal_values_at_several_places_go_where_the_checkpoint_names_say(tmp_path):
     """An expert of zeros, and one whose up matrix equals its gate: their values sit at both halves of
     ``gate_up_proj``, and the names (w1 before w3 in transformers' conversion) settle which is whose."""

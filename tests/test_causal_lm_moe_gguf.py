@@ -277,6 +277,7 @@ def test_a_moe_gguf_of_one_tensor_per_expert_has_no_forward_pass(moe_gguf, tmp_p
         f"GGUF architecture {ga!r} with mixture-of-experts blocks ({what}, each a 2-D tensor of its own "
         f"(blk.0.ffn_gate.0.weight: llama.cpp's layout before 2024)): {tail}")
     assert "blk.1.ffn_up.3.weight" in {lay.name for lay in src.layers}
+    assert src.skipped["blk.1.ffn_gate_inp.weight"] == "router"     # no experts tensor names it a MoE block
 
 
 def test_an_expert_given_to_include_says_experts_go_with_their_tensor(moe_gguf, capsys):

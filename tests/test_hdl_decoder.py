@@ -222,7 +222,7 @@ def test_shallow_latency_is_two_stages_shorter():
     for dut in (deep, shallow):
         Fragment.get(dut, None)              # elaborated: each component checks its stages against its latency
     assert (deep.latency, shallow.latency) == (8, 6)
-    assert shallow.control.latency == shallow.output.delay == 0
+    assert shallow.control.latency == shallow.output.levels == 0
 
 
 def test_check_catches_an_extra_stage_in_the_shallow_formatter():

@@ -774,18 +774,18 @@ def test_pipeline_control_against_model(lanes, depth, levels):
 
 class BufferedPipe(Elaboratable):
     """A 3-stage counter pipeline with the decoder's enable scheme: en is en_next through
-    ``delay`` registers."""
+    ``levels`` registers."""
 
-    def __init__(self, delay, buffer=OutputBuffer):
+    def __init__(self, levels, buffer=OutputBuffer):
         self.src_valid = Signal()
-        self.buf = buffer(16, delay=delay)
+        self.buf = buffer(16, levels=levels)
         self.entering_valid = Signal()
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.buf = buf = self.buf
-        en, upcoming = buf.en_next, 0          # delay 0: no register, en_upcoming unused
-        for i in range(self.buf.delay):
+        en, upcoming = buf.en_next, 0          # levels 0: no register, en_upcoming unused
+        for i in range(self.buf.levels):
             r = Signal(init=1, name=f"en{i}")
             m.d.sync += r.eq(en)
             upcoming, en = en, r
@@ -803,11 +803,11 @@ class BufferedPipe(Elaboratable):
         return m
 
 
-def check_output_buffer(delay, p_valid, p_ready, buffer=OutputBuffer, cycles=600):
+def check_output_buffer(levels, p_valid, p_ready, buffer=OutputBuffer, cycles=600):
     """The buffer in a pipeline that its own decision enables: every cycle its output and its
     decision are the cycle model's, and the beats leave in order, none lost or repeated."""
-    dut = BufferedPipe(delay, buffer)
-    rng = np.random.default_rng(int(p_valid * 10 + p_ready * 100) + delay)
+    dut = BufferedPipe(levels, buffer)
+    rng = np.random.default_rng(int(p_valid * 10 + p_ready * 100) + levels)
     rec = {k: [] for k in ("en", "entering", "last", "ready", "valid", "payload", "en_next")}
     got, cycles_out = [], []
 
@@ -826,7 +826,7 @@ def check_output_buffer(delay, p_valid, p_ready, buffer=OutputBuffer, cycles=600
                 cycles_out.append(cycle)
 
     simulate(dut, bench)
-    want = output_buffer.model(delay, rec["en"], rec["entering"], rec["last"], rec["ready"])
+    want = output_buffer.model(levels, rec["en"], rec["entering"], rec["last"], rec["ready"])
     for k in ("valid", "en_next"):
         np.testing.assert_array_equal(rec[k], want[k], err_msg=k)
     valid = np.array(rec["valid"]) == 1
@@ -834,10 +834,10 @@ def check_output_buffer(delay, p_valid, p_ready, buffer=OutputBuffer, cycles=600
     return got, cycles_out
 
 
-@pytest.mark.parametrize("delay", [0, 1, 2])
+@pytest.mark.parametrize("levels", [0, 1, 2])
 @pytest.mark.parametrize("p_valid,p_ready", [(1.0, 1.0), (0.7, 0.5), (1.0, 0.2), (0.3, 0.9)])
-def test_output_buffer_against_model(p_valid, p_ready, delay):
-    got, cycles = check_output_buffer(delay, p_valid, p_ready)
+def test_output_buffer_against_model(p_valid, p_ready, levels):
+    got, cycles = check_output_buffer(levels, p_valid, p_ready)
     assert len(got) > 50
     assert got == list(range(len(got)))                  # in order, none lost, none twice
     if p_valid == 1.0 and p_ready == 1.0:                # no bubble once the pipeline is full
@@ -856,7 +856,7 @@ class ControlledStage(Elaboratable):
     def __init__(self, lanes, depth=3, levels=None):
         self.lanes, self.depth, self.src_valid = lanes, depth, Signal()
         self.control = PipelineControl(lanes, depth, levels=levels)
-        self.output = OutputStage(unsigned(16), lanes, delay=self.control.latency)
+        self.output = OutputStage(unsigned(16), lanes, levels=self.control.latency)
 
     def elaborate(self, platform):
         m = Module()
@@ -904,7 +904,7 @@ def test_output_stage_with_pipeline_control(lanes, levels):
     ctl = pipeline.model(lanes, 3, en_next, rec["v0"], dut.control.levels)
     np.testing.assert_array_equal(rec["en"], ctl["en"])
     np.testing.assert_array_equal(rec["entering"], ctl["entering_valid"][:, 0])
-    want = output_buffer.model(dut.output.delay, rec["en"], rec["entering"], rec["last"], rec["ready"])
+    want = output_buffer.model(dut.output.levels, rec["en"], rec["entering"], rec["last"], rec["ready"])
     np.testing.assert_array_equal(rec["valid"], want["valid"])
     np.testing.assert_array_equal(en_next, want["en_next"])
     sent = [unpack(olay, p) for p, v, r in zip(rec["payload"], rec["valid"], rec["ready"]) if v and r]

@@ -11,7 +11,7 @@ import torch
 from sop.quantize import causal_lm as L
 from sop.quantize.artifact import open_artifact, quantize_model
 from sop.quantize.in_memory import _TIED, quantize_module
-from sop.quantize.models import including, linear_reason, open_model
+from sop.quantize.models import linear_reason, open_model
 from sop.quantize.schemes import get_quant_format
 
 transformers = pytest.importorskip("transformers")
@@ -227,7 +227,7 @@ def test_sop_budget_under_calibration_weighs_each_layer_by_its_statistics(qwen2)
     ref_model = fresh(qwen2)
     res = quantize_module(model, "sop-budget", [{"input_ids": windows_of(runner)}], budget=5.0)
     layers = {n: (dict(ref_model.named_parameters())[n].detach().double().numpy(), res.act_ms[n]) for n in res.layers}
-    ref = get_quant_format("sop-budget").quantize_model(layers, 5.0)
+    ref = get_quant_format("sop-budget").solve_budget(layers, 5.0)
     assert ref.choice == res.budget.choice
     assert ref.choice != quantize_module(fresh(qwen2), "sop-budget", budget=5.0).budget.choice   # the weights matter
     params = dict(model.named_parameters())
@@ -391,8 +391,15 @@ def test_moe_routers_are_kept_or_quantized_as_on_disk(tmp_path):
     assert kept.kept["model.layers.0.mlp.gate.weight"] == "a MoE router: kept (routers=True quantizes it), as on disk"
     assert "model.layers.0.mlp.experts.3.w3.weight" in kept.layers
     assert open_model(str(tmp_path / "mixtral")).skipped["model.layers.0.block_sparse_moe.gate.weight"] == "router"
-    with including(routers=True):
-        quantize_model(str(tmp_path / "mixtral"), "sop4-g16", tmp_path / "m.sopq", calibrate=False, progress=False)
+    # a router named alone: the error names it and why it was kept (not the first parameter kept)
+    with pytest.raises(ValueError, match=r"\(quantize/models\.py\); kept: model\.layers\.0\.mlp\.gate\.weight, a MoE "
+                                         r"router: kept \(routers=True quantizes it\), as on disk \(and 18 more\)$"):
+        quantize_module(copy.deepcopy(model), "sop4-g16", include="model.layers.0.mlp.gate.weight")
+    with pytest.raises(ValueError, match=r"; model\.layers\.0\.block_sparse_moe\.gate\.weight is a MoE router, "
+                                         r"kept unless --include-routers\)$"):
+        open_model(str(tmp_path / "mixtral"), include="*.gate.weight")
+    quantize_model(str(tmp_path / "mixtral"), "sop4-g16", tmp_path / "m.sopq", calibrate=False, progress=False,
+                   routers=True)
     art = open_artifact(tmp_path / "m.sopq")
     router = next(e for e in art.layers if e.name.endswith("gate.weight"))
     res = quantize_module(model, "sop4-g16", routers=True)

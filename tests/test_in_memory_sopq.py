@@ -14,7 +14,6 @@ from sop.golden.files import OutputError
 from sop.quantize import causal_lm as L
 from sop.quantize.artifact import open_artifact, quantize_model
 from sop.quantize.in_memory import quantize_module
-from sop.quantize.models import including
 
 transformers = pytest.importorskip("transformers")
 L.quiet_transformers()
@@ -52,8 +51,8 @@ def test_the_file_holds_the_checkpoint_paths_records(folders, tmp_path, arch, fm
     report named them as the running model does); GPT-NeoX's head is ``embed_out`` on disk (``lm_head``
     running)."""
     budget = {"budget": 5.0} if fmt == "sop-budget" else {}
-    with including(lm_head=head):
-        quantize_model(str(folders[arch]), fmt, tmp_path / "disk.sopq", calibrate=False, progress=False, **budget)
+    quantize_model(str(folders[arch]), fmt, tmp_path / "disk.sopq", calibrate=False, progress=False, lm_head=head,
+                   **budget)
     model = reference_model(folders[arch])
     res = quantize_module(model, fmt, out=tmp_path / "mem.sopq", lm_head=head, **budget)
     disk, mem = open_artifact(tmp_path / "disk.sopq"), open_artifact(tmp_path / "mem.sopq")

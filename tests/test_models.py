@@ -86,20 +86,26 @@ def test_moe_routers_by_the_names_each_family_gives_them():
                "model.layers.3.mlp.gate.weight": "model.layers.3.mlp.experts.7.gate_proj.weight",      # Qwen, OLMoE
                "model.layers.3.mlp.shared_expert_gate.weight": "model.layers.3.mlp.experts.7.up_proj.weight",
                "model.layers.1.mixer.gate.weight": "model.layers.1.mixer.experts.0.up_proj.weight",  # Nemotron-H
-               "blk.2.ffn_gate_inp.weight": "blk.2.ffn_up_exps.weight",                                # GGUF
-               "blk.2.ffn_gate_inp_shexp.weight": "blk.2.ffn_down_exps.weight"}
+               "model.layers.2.mlp.gate.wg.weight": "model.layers.2.mlp.experts.1.up_proj.weight",     # HunYuan
+               "model.layers.4.mlp.gate.router_mlp.fc1.weight": "model.layers.4.mlp.experts.down_proj"}  # Zaya
     wherever = ["model.layers.0.feed_forward.router.weight",            # Llama 4
                 "model.layers.0.mlp.router.weight",                     # GPT-OSS
                 "transformer.blocks.0.ffn.router.layer.weight",         # DBRX
-                "model.layers.0.block_sparse_moe.router.layer.weight",  # Granite-MoE
-                "encoder.block.1.layer.1.mlp.router.classifier.weight"]  # Switch Transformers
+                "model.layers.0.block_sparse_moe.router.layer.weight",  # Granite-MoE (experts: input_linear)
+                "encoder.block.1.layer.1.mlp.router.classifier.weight",  # Switch Transformers
+                "model.layers.0.mlp.router.proj.weight",                # Gemma 4
+                "blk.2.ffn_gate_inp.weight", "blk.2.ffn_gate_inp_shexp.weight",    # GGUF, fused experts or
+                "blk.3.ffn_gate_inp.weight"]                            # one tensor per expert (ffn_gate.0)
     not_routers = ["model.layers.0.mlp.gate_proj.weight",              # a dense MLP's gate
                    "model.layers.3.mlp.experts.7.gate_proj.weight",     # an expert's own gate
                    "blk.2.ffn_gate_exps.weight",
                    "model.layers.0.mlp.gate.bias",
                    "model.altup.modality_router.weight",                # Gemma 3n's AltUp, no MoE
-                   "model.layers.0.mlp.router_norm.weight"]
-    names = [*experts, *experts.values(), *wherever, *not_routers]
+                   "model.layers.0.mlp.router_norm.weight",
+                   "model.layers.3.mlp.experts.7.gate.weight",         # inside an expert: the expert's
+                   "blk.3.ffn_gate.0.weight"]
+    names = [*experts, *experts.values(), *wherever, *not_routers, "blk.2.ffn_up_exps.weight",
+             "blk.3.ffn_gate.0.weight", "blk.3.ffn_up.0.weight"]
     assert router_weights(names) == set(experts) | set(wherever)
     # a gate with no experts beside it (another block's do not count) is a linear layer
     assert router_weights(["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.experts.0.w1.weight",
