@@ -10,7 +10,7 @@ holds it as stage 0 of the decoder's pipeline:
   of the block, one per cycle (each lane's own shift register), so a block takes
   ``C = g / N`` cycles; with ``N >= g`` lane ``i`` issues code ``i mod g`` of block
   ``i // g`` in one cycle;
-* per group of ``replica.GROUP`` lanes (``groups.fields[j]``) its block's header,
+* per group of ``replica.LANES_PER_COPY`` lanes (``groups.fields[j]``) its block's header,
   decoded as the beat arrives (hdl.scale_decoder, ``fields(config)``), and the
   beat's page;
 * ``valid``: stage 0 holds a beat.
@@ -254,36 +254,49 @@ class BeatIssue(wiring.Component):
         # per lane group: its block's decoded header and the beat's page, each group's copy
         # on its own enable copy
         for grp in range(n_groups):
-            held = rep.replica(scale_decoder.fields(cfg), name=f"fields_g{grp}", reset_less=True)
-            held_page = rep.replica(1, name=f"page_g{grp}", reset_less=True)
-            with m.If(en_lane[grp * per_group] & take_g[grp] & ~hold_g[grp] if cfg.residuals
-                      else en_lane[grp * per_group] & take_g[grp]):
-                m.d.sync += [held.eq(decoders[(grp * per_group) // g if B > 1 else 0].fields),
-                             held_page.eq(page)]
-            m.d.comb += [self.groups.fields[grp].fields.eq(held), self.groups.fields[grp].page.eq(held_page)]
+            self._group_fields(m, grp, en_lane[grp * per_group] & take_g[grp] & ~hold_g[grp] if cfg.residuals
+                               else en_lane[grp * per_group] & take_g[grp],
+                               decoders[(grp * per_group) // g if B > 1 else 0].fields, page)
 
         if lay.banks == 2:
             m.submodules.mux = mux = self._mux_cls(lanes=N, group=g)
             m.d.comb += [mux.select[b].eq(sd.select) for b, sd in enumerate(decoders)]
         for i in range(N):
-            # lane i issues codes i, i + N, ... of its block, one per cycle (a shift register)
-            codes = rep.replica(unsigned(C * k), name=f"codes{i}", reset_less=True)
-            lane_page = rep.replica(1, name=f"page{i}", reset_less=True)
-            lane_bank = rep.replica(1, name=f"bank{i}", reset_less=True)
             block_base = (i // g) * lay.block_bits + H if B > 1 else H
             first = i % g if B > 1 else i
-            with m.If(en_lane[i] & ~hold_g[i // per_group] if cfg.residuals else en_lane[i]):
-                with m.If(take_g[i // per_group]):
-                    m.d.sync += [codes.eq(Cat(beat[block_base + (first + c * N) * k:][:k] for c in range(C))),
-                                 lane_page.eq(page)]
-                    if lay.banks == 2:
-                        m.d.sync += lane_bank.eq(mux.bank[i])
-                if C > 1:
-                    with m.Else():
-                        m.d.sync += codes.eq(codes >> k)
-            r = self.lanes.read[i]
-            m.d.comb += [r.addr.eq(codes[:k]), r.bank.eq(lane_bank), r.page.eq(lane_page)]
+            self._lane_codes(m, i, en_lane[i] & ~hold_g[i // per_group] if cfg.residuals else en_lane[i],
+                             take_g[i // per_group], Cat(beat[block_base + (first + c * N) * k:][:k] for c in range(C)),
+                             page, mux.bank[i] if lay.banks == 2 else None)
         return m
+
+    def _group_fields(self, m, grp: int, load, fields, page) -> None:
+        """Group ``grp``'s copy of its block's decoded header ``fields`` and of the beat's ``page``,
+        loaded where ``load`` is high (the group's enable copy and ``take``), on ``groups.fields[grp]``."""
+        held = rep.replica(scale_decoder.fields(self.config), name=f"fields_g{grp}", reset_less=True)
+        held_page = rep.replica(1, name=f"page_g{grp}", reset_less=True)
+        with m.If(load):
+            m.d.sync += [held.eq(fields), held_page.eq(page)]
+        m.d.comb += [self.groups.fields[grp].fields.eq(held), self.groups.fields[grp].page.eq(held_page)]
+
+    def _lane_codes(self, m, i: int, en, take, codes_in, page, bank) -> None:
+        """Lane ``i``'s shift register of codes: where ``en`` (its enable copy) and ``take`` (its
+        group's) are high it loads ``codes_in`` (codes ``i``, ``i + N``, ... of its block) with the
+        beat's ``page`` and the block's ``bank`` (None: one bank); each other enabled cycle it shifts
+        to the next code. Its table read is the code in front."""
+        k, C = self.config.layout.code_bits, self.config.beats_per_block
+        codes = rep.replica(unsigned(C * k), name=f"codes{i}", reset_less=True)
+        lane_page = rep.replica(1, name=f"page{i}", reset_less=True)
+        lane_bank = rep.replica(1, name=f"bank{i}", reset_less=True)
+        with m.If(en):
+            with m.If(take):
+                m.d.sync += [codes.eq(codes_in), lane_page.eq(page)]
+                if bank is not None:
+                    m.d.sync += lane_bank.eq(bank)
+            if C > 1:
+                with m.Else():
+                    m.d.sync += codes.eq(codes >> k)
+        rd = self.lanes.read[i]
+        m.d.comb += [rd.addr.eq(codes[:k]), rd.bank.eq(lane_bank), rd.page.eq(lane_page)]
 
     def _wide(self):
         """``config.wide``: the beat first into an input register, one per region of
@@ -372,24 +385,10 @@ class BeatIssue(wiring.Component):
                 m.submodules[f"mux_r{r}"] = mux = self._mux_cls(lanes=per_region, group=g)
                 m.d.comb += [mux.select[n].eq(decoders[b].select) for n, b in enumerate(blocks_r)]
             for grp in range(lanes_r[0] // per_group, (lanes_r[-1] + 1) // per_group):
-                held = rep.replica(scale_decoder.fields(cfg), name=f"fields_g{grp}", reset_less=True)
-                held_page = rep.replica(1, name=f"page_g{grp}", reset_less=True)
-                with m.If(en_lane[grp * per_group] & take_g[grp]):
-                    m.d.sync += [held.eq(decoders[block_of(grp * per_group)].fields), held_page.eq(page)]
-                m.d.comb += [self.groups.fields[grp].fields.eq(held), self.groups.fields[grp].page.eq(held_page)]
+                self._group_fields(m, grp, en_lane[grp * per_group] & take_g[grp],
+                                   decoders[block_of(grp * per_group)].fields, page)
             for i in lanes_r:
-                codes = rep.replica(unsigned(C * k), name=f"codes{i}", reset_less=True)
-                lane_page = rep.replica(1, name=f"page{i}", reset_less=True)
-                lane_bank = rep.replica(1, name=f"bank{i}", reset_less=True)
-                with m.If(en_lane[i]):
-                    with m.If(take_g[i // per_group]):
-                        m.d.sync += [codes.eq(Cat(pre[where[p]] for p in code_bits(i))), lane_page.eq(page)]
-                        if lay.banks == 2:
-                            m.d.sync += lane_bank.eq(mux.bank[i - lanes_r[0]])
-                    if C > 1:
-                        with m.Else():
-                            m.d.sync += codes.eq(codes >> k)
-                rd = self.lanes.read[i]
-                m.d.comb += [rd.addr.eq(codes[:k]), rd.bank.eq(lane_bank), rd.page.eq(lane_page)]
+                self._lane_codes(m, i, en_lane[i], take_g[i // per_group], Cat(pre[where[p]] for p in code_bits(i)),
+                                 page, mux.bank[i - lanes_r[0]] if lay.banks == 2 else None)
         m.d.comb += self.valid.eq(self.region_valid[0])
         return m

@@ -1,6 +1,6 @@
 """Block fields: each block's decoded header plus the layer's offset, registered beside its lanes.
 
-From stage 0 (hdl.beat_issue) each group of ``replica.GROUP`` lanes gets its
+From stage 0 (hdl.beat_issue) each group of ``replica.LANES_PER_COPY`` lanes gets its
 block's header fields (``scale_decoder.fields(config)``: the scale without its
 constant exponent part) and the beat's page. This component adds the page's
 *layer term*, the per-layer offset plus ``scale_decoder.exp_constant(config)``,

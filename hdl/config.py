@@ -25,8 +25,8 @@ reaches the enables combinationally (no skid, no enable registers), a
 four-stage formatter without the copies, and table memories that state their
 no-collision contract to synthesis (hdl/lut_bank.py, ``no_rw_check``); fewer
 LUT4 and flip-flops per lane, bit for bit the same outputs, a shorter latency.
-No residual path (refused). ``"deep"`` builds exactly the
-Verilog it built before the knob existed.
+No residual path (refused). ``"deep"`` (the default) is the 200 MHz ECP5 build:
+the registered, replicated enable with its skid and the six-stage formatter.
 
 Wide decoders (``wide``, derived, not a knob): a deep decoder of more than
 ``replica.REGION`` lanes without residuals registers its two inputs once per
@@ -35,7 +35,7 @@ in a register stage in front of stage 0; hdl.lanes: the table write in front of
 the LUT word encoder, one encoder per region), so that no input net crosses the
 die through logic in one cycle. Both paths get one cycle longer, so the host's
 "write, then swap" rule is the same. Up to ``REGION`` lanes (every named
-configuration but the 64-lane one) the Verilog is what it was before.
+configuration but the 64-lane one) neither register is built.
 
 Output lanes: ``"bf16"`` is 16 bits per lane; ``"exact"`` is the exact
 product as golden.decoder.product_fields gives it, ``{sig, exp, sign}``.
@@ -46,7 +46,8 @@ docs/hardware.md "Sparse residuals"): a ``sparse`` input stream of entries
 entry's BF16 value to the exact product of the lane it falls in before the one
 BF16 rounding. At most R entries are applied per output beat at full speed; a
 beat with more costs one more cycle per R entries. BF16 output only. R = 0 (the
-default) builds the decoder without it, bit for bit the same Verilog.
+default) builds no residual logic and no ``sparse``, ``layer_sparse`` or
+``sparse_error`` port.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ later). The beat's reads are one cycle later too, so the rule above holds
 as written; and since the input stage has no enable (``blocks.ready`` is
 decided for the next edge), an accepted beat enters stage 0 at the next edge,
 so the beat before it has made its reads before any write the host sends
-after the acceptance lands. Up to ``REGION`` lanes the decoder is built as before.
+after the acceptance lands. Up to ``REGION`` lanes neither input register is built.
 
 Reset (synchronous) clears every valid bit, the block in hand and the page
 pointer (page 0 active); the datapath registers have no reset. LUT RAM is not
@@ -89,7 +89,7 @@ bits), and two more components::
                                      (R adders, lane delay, override) ─▶ OutputStage
 
 The latency grows by ``ResidualPath.latency`` (the adder is longer than the
-formatter). Without residuals the decoder is built exactly as before.
+formatter). Without residuals none of the three ports or two components is built.
 
 ``model`` is hdl.reference.expected_beats (golden/ only).
 """

@@ -254,7 +254,7 @@ def axis_testbench(config: DecoderConfig, layers) -> str:
     top, sw, lw, mw = axis_module_name(config), w["s_axis"], w["s_axis_load"], w["m_axis"]
     limit = 20 * (len(blocks) * config.beats_per_block + len(loads) + len(entries)) + 1000
     ne, ew = len(entries), axis.SPARSE_BITS
-    # the sparse stream's lines (none without residuals: the testbench is the one it was before)
+    # the sparse stream's lines (none without residuals: a shell without s_axis_sparse)
     sp = {"mem": "", "regs": "", "ports": "", "take": "", "count": "", "drive": "", "clear": "", "check": "",
           "what": "", "int": ""}
     if sparse:

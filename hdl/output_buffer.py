@@ -43,7 +43,7 @@ skid is empty. ``model`` is the cycle model of the rule above (a FIFO, not the
 ring and thermometer code the hardware uses).
 
 ``OutputStage`` is the decoder's output: one ``OutputBuffer`` per
-``replica.OUT_GROUP`` lanes (all with the same control state, so the first one's
+``replica.LANES_PER_BUFFER`` lanes (all with the same control state, so the first one's
 ``valid`` is everyone's), their payloads side by side as one ``values`` stream,
 and their enable ports gathered in one ``control`` interface
 (hdl.pipeline.OutputControlSignature) for the pipeline control.

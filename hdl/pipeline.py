@@ -90,9 +90,9 @@ class OutputControlSignature(wiring.Signature):
 
 
 def buffers(lanes: int, levels: int | None = None) -> int:
-    """Output buffers of a decoder of ``lanes`` lanes: one per ``replica.OUT_GROUP`` lanes, or one
+    """Output buffers of a decoder of ``lanes`` lanes: one per ``replica.LANES_PER_BUFFER`` lanes, or one
     where the enable has no register levels (``levels`` 0: no skid, so no state to copy)."""
-    return 1 if levels == 0 else rep.groups(lanes, rep.OUT_GROUP)
+    return 1 if levels == 0 else rep.groups(lanes, rep.LANES_PER_BUFFER)
 
 
 def levels_for(config) -> int:

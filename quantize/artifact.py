@@ -79,9 +79,10 @@ from sop.golden.formats import to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
-from sop.quantize.evaluate import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for,
-                                   check_options, jsonable, layer_line, quantize_layer, reporter)
-from sop.quantize.evaluate import layer_outcomes as evaluate_layer_outcomes
+from sop.quantize.evaluate import jsonable
+from sop.quantize.layer_loop import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for, check_options,
+                                     layer_line, quantize_layer, recon_float32, reporter)
+from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import abs_max, aggregate
@@ -134,8 +135,6 @@ def record_payload(res: QuantResult, shape: tuple[int, int], name: str):
     (the chunks are its rows: the same bytes), a ``sopl`` record a uint8 array of its bytes."""
     kind, chunks, padded = encode_record(res, shape, name)
     if kind == "f32":
-        from sop.quantize.evaluate import recon_float32
-
         return kind, np.ascontiguousarray(recon_float32(res.recon), dtype="<f4"), padded
     return kind, np.frombuffer(b"".join(chunks), dtype=np.uint8), padded
 
@@ -500,11 +499,12 @@ def _budget_record(res, lay):
 
 
 def _layer_outcomes(src, fmt, cal, nan_policy: str, want: str, pool):
-    """``(LayerOutcome, record chunks)`` of every layer in order, from ``evaluate``'s loop (here, or
-    on the workers of ``pool``). Here the record is streamed as ``encode_record``'s row chunks
-    (no copy of the layer); from a worker it arrives as one array."""
+    """``(LayerOutcome, record chunks)`` of every layer in order: on the workers of ``pool``, the
+    per-layer loop's (``layer_loop.layer_outcomes``: the record comes back as one array); here its
+    serial branch, but with the record streamed as ``encode_record``'s row chunks (no copy of the
+    layer, as ``layer_outcome``'s one array would be)."""
     if pool is not None:
-        yield from evaluate_layer_outcomes(src, fmt, cal, nan_policy, want, pool)
+        yield from pooled_layer_outcomes(src, fmt, cal, nan_policy, want, pool)
         return
     for lay in src.layers:
         t0 = time.perf_counter()

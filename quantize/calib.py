@@ -352,7 +352,7 @@ def _finite_selected(src, stats: dict[str, np.ndarray]) -> tuple[dict[str, np.nd
     first = next((name for name in bad if name in selected), None)
     if first is not None:
         if src.nan_policy == "error":
-            from sop.quantize.evaluate import read_weight
+            from sop.quantize.layer_loop import read_weight
 
             for lay in src.layers:              # only on this error path: one more read of the layers
                 read_weight(src, lay.name, "error")

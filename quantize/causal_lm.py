@@ -127,7 +127,7 @@ class _Stop(Exception):
 def memory_needed(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0) -> int:
     """Bytes the forward pass needs, roughly: the model in float32, and for the end-to-end check
     (``windows`` > 0) one batch's logits, one format's float32 reconstructions and the reference
-    logits; plus ``extra`` (what the layer search holds beside it: quantize/evaluate.py,
+    logits; plus ``extra`` (what the layer search holds beside it: quantize/evaluate.py
     ``search_memory``). Calibration makes no logits (its head hook stops the pass, ``_Stop``)."""
     shapes = [src.tensor_shape(n) for n in src.tensor_names()]
     params = sum(math.prod(s) for s in shapes)

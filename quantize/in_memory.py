@@ -762,7 +762,7 @@ class _Outcomes:
 
     def __iter__(self):
         from .artifact import encode_record
-        from .evaluate import LayerOutcome
+        from .layer_loop import LayerOutcome
         from .metrics import ErrorStats
 
         for name, w, res in self.layers:

@@ -2,7 +2,7 @@
 
 Role: the one place that turns a caller's weight matrix and activation statistics into what the
 quantizers assume, or refuses them in one ``ValueError`` whose message starts with the layer's
-name. The command line reads a layer through ``evaluate.read_weight`` (which applies ``sanitize``
+name. The command line reads a layer through ``layer_loop.read_weight`` (which applies ``sanitize``
 under ``--nan-policy``) and then calls the registry like any Python caller, so the two paths share
 these rules:
 

@@ -4,7 +4,7 @@ Role: ``LayerPool(jobs)`` starts ``jobs`` worker processes (multiprocessing's ``
 start method where the platform has it, else ``spawn``: never a plain ``fork`` of a process that
 may hold threads), and ``pool.map(fn, argss)`` runs ``fn(*args)`` for each item on them and
 yields the results **in item order**, so that whatever the caller builds from them (a ``.sopq``,
-an eval JSON) is the bytes ``--jobs 1`` builds. The task function here (``eval_layer``) opens
+an eval JSON) is the bytes ``--jobs 1`` builds. The task functions here (``layer_task``, ``budget_layer``) open
 the checkpoint itself (``open_model(*src.opened_with)``, once per
 worker) and read only the layer they are given; the parent sends a layer name and its
 calibration statistics, never weights.
@@ -12,7 +12,7 @@ calibration statistics, never weights.
 Contract.
 
 * **Identical results.** A task is the computation the serial loop does
-  (``evaluate.quantize_layer``) on the same inputs; the quantizers are
+  (``layer_loop.quantize_layer``) on the same inputs; the quantizers are
   deterministic and independent of the thread count (their chunk threads write disjoint slices).
 * **Bounded memory.** At most ``jobs`` items are in flight or waiting to be consumed: a new one is
   sent only when the oldest result has been handed on. Peak memory is about ``jobs`` times the
@@ -410,12 +410,12 @@ def source(opened_with: tuple):
     return _SOURCE[key]
 
 
-def eval_layer(opened_with: tuple, name: str, fmt_name: str, act, nan_policy: str, want: str | None):
+def layer_task(opened_with: tuple, name: str, fmt_name: str, act, nan_policy: str, want: str | None):
     """One layer of `sop eval` / `sop quantize` in a worker: ``(LayerOutcome, arrays)``.
 
     ``want``: None (the statistics only), ``"recon"`` (also the float32 reconstruction, for the
     end-to-end check) or ``"record"`` (also the layer's ``.sopq`` record)."""
-    from sop.quantize.evaluate import layer_outcome
+    from sop.quantize.layer_loop import layer_outcome
 
     return layer_outcome(source(opened_with), name, fmt_name, act, nan_policy, want)
 
@@ -423,8 +423,8 @@ def eval_layer(opened_with: tuple, name: str, fmt_name: str, act, nan_policy: st
 def budget_layer(opened_with: tuple, name: str, act, nan_policy: str):
     """One layer's sop-budget options in a worker (quantize.schemes.budget_row):
     ``((LayerRow, real columns, real weights, seconds), [])``; the layer read and checked as the
-    parent's ``evaluate.budget_inputs`` reads it."""
-    from sop.quantize.evaluate import read_weight
+    parent's ``layer_loop.budget_inputs`` reads it."""
+    from sop.quantize.layer_loop import read_weight
     from sop.quantize.schemes import budget_row
 
     t0 = time.perf_counter()

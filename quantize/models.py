@@ -359,7 +359,7 @@ class ModelSource:
     _fingerprint: str | None = None
     _runner: object = None                      # the loaded forward pass (quantize/causal_lm.py), cached
     #: what a forward pass does with a selected layer's non-finite weights: the command's --nan-policy
-    #: (quantize/evaluate.py, ``read_weight``), so that it runs the model the metrics measure against
+    #: (quantize/layer_loop.py, ``read_weight``), so that it runs the model the metrics measure against
     nan_policy: str = "error"
     #: every FP8 tensor with a scale that fits it (fp8_scales.py), selected or not: tensor -> its scale
     fp8_scale_of: dict = field(default_factory=dict)

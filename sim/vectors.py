@@ -586,7 +586,7 @@ def minilm_budget_artifact(budget: float) -> Path:
 def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:
     """The golden stream of one layer in a hardware format (the quantizer's choice).
 
-    ``w`` as ``quantize.evaluate.read_weight`` hands it on: checked as every command checks
+    ``w`` as ``quantize.layer_loop.read_weight`` hands it on: checked as every command checks
     weights (no NaN/Inf, nothing a float32 or BF16 output could not hold)."""
     from sop.golden.points import vector_points
     from sop.quantize.schemes import get_quant_format
@@ -653,7 +653,7 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     ``rows`` keeps only the first rows of each layer (small, fast vector sets).
     """
     from sop.golden.files import check_output
-    from sop.quantize.evaluate import read_weight
+    from sop.quantize.layer_loop import read_weight
     from sop.quantize.models import is_artifact, open_model
 
     if rows is not None and rows <= 0:

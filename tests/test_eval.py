@@ -206,7 +206,7 @@ def test_a_padded_layer_is_quantized_as_if_its_padding_had_no_activation(weighte
 def test_a_layers_reported_figures_are_weighted_by_its_calibration(tmp_path):
     """quantize_layer's statistics are those of the activations it was given: the reported ACos is the
     weighted cosine of the weights and the reconstruction, not the unweighted one (which differs here)."""
-    from sop.quantize.evaluate import quantize_layer
+    from sop.quantize.layer_loop import quantize_layer
     from sop.quantize.metrics import ErrorStats
     from sop.quantize.models import open_model
 

@@ -248,7 +248,7 @@ def test_a_stuck_worker_is_stopped_at_its_time_limit(monkeypatch, no_hang, task)
     assert pool.workers == []                     # every worker ended, the stopped one too
 
 
-@pytest.mark.parametrize("fmt,task", [("sop4-g16", "eval_layer"), ("sop-budget", "budget_layer")])
+@pytest.mark.parametrize("fmt,task", [("sop4-g16", "layer_task"), ("sop-budget", "budget_layer")])
 def test_a_stuck_worker_ends_the_run_with_one_line_and_nothing_written(model, tmp_path, capsys, monkeypatch,
                                                                         no_hang, fmt, task):
     monkeypatch.setenv("SOP_LAYER_TIMEOUT", "2")

@@ -17,7 +17,8 @@ the board's configuration (``BOARDS``, each core one entry, its FPGA board
 (``icebreaker``), 8 on the ECP5-85F of the ULX3S (``ulx3s``), both sop4-g16 with BF16
 output and the sparse-residual path (R = 1 residual adder: the point's
 ``-sp`` configuration of ``hdl.config.residual_configs`` with the board's
-lanes; ``residuals=0`` builds the decoder without it, as before), at
+lanes; ``residuals=0`` builds the decoder without the residual path and the core without its
+SPARSE commands), at
 synth.wire's ``DEFAULT_BAUD`` (115200 Bd).
 ``elaborate_for(board)`` checks a top against its platform with ``prepare()``
 (no toolchain). The bitstream build (yowasp tools) is synth/flow/bitstream.py's.

@@ -39,7 +39,7 @@ Contract.
   first, lanes in order, one byte per cycle (``values.ready`` only on a beat's
   last byte); the CRC is zlib's CRC-32, the count is in lane words.
 * With the residual path (``config.residuals`` = R > 0; else none of this is
-  built and the engine is the same as before): OFFSET takes an optional flags
+  built: OFFSET takes no flags byte and SPARSE, SPARSE_STATUS are unknown commands): OFFSET takes an optional flags
   byte, the page's ``layer_sparse``; SPARSE writes its entries (flat index,
   BF16 value, ``last`` on the frame's last one if flagged) into a queue of
   ``sparse_queue`` entries, which feeds ``decoder.sparse`` at the decoder's
