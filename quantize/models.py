@@ -847,46 +847,12 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
     whole_folder = kind == "minilm" or Path(spec).is_dir()
     cfg = _folder_config(folder, whole_folder) if folder is not None else None
     prefix = "bert." if any(n.startswith("bert.embeddings.") for n in reader.names()) else ""
-    forward, forward_note = None, ""
-    bert = None
-    if kind in ("minilm", "safetensors") and _bert_info(folder, cfg):
-        _check_bert_config(folder / "config.json", cfg, {n: reader.info(n)[0] for n in reader.names()}, prefix)
-        bert, forward = folder, "bert"
-    elif kind == "torch" and _bert_info(folder, cfg):        # not transformers' BertLMHeadModel, a causal LM
-        forward_note = "a BERT folder runs its forward pass from safetensors weights only (save it so to calibrate)"
-    elif kind == "gguf":
-        ok, forward_note = _causal_gguf(reader)
-        forward = "causal-lm" if ok else None
-    elif whole_folder:
-        ok, forward_note = _causal_config(cfg)
-        forward = "causal-lm" if ok else None
-    else:
-        forward_note = "a single weights file (give its folder, with config.json and the tokenizer, to run it)"
-
+    bert, forward, forward_note = _forward_of(kind, folder, cfg, reader, whole_folder, prefix)
     names = sorted(reader.names(), key=_natural_key)
     scales = fp8_scales.scale_tensors(names)     # FP8 layers' scales, by module
     conv1d = kind not in ("gguf", "minilm") and any(_module_of(n) in CONV1D_NAMES for n in names) and \
         stores_conv1d(cfg, {n: tuple(reader.info(n)[0]) for n in names})
-    heads = [n for n in names if is_lm_head(n)]
-    tied = None
-    head_note = ""
-    if forward == "causal-lm" and not heads:
-        tied = _tied_embedding(names)
-    if tied is not None:
-        head_note = (f"lm_head is tied to {tied}: quantized once, the embedding lookup uses it too"
-                     if lm_head else f"lm_head is tied to {tied} and kept with it (--include-lm-head "
-                                     f"quantizes it)")
-    elif heads:
-        head_note = "lm_head quantized (--include-lm-head)" if lm_head else \
-            f"lm_head ({next((h for h in heads if h.endswith('weight')), heads[0])}) kept (--include-lm-head " \
-            f"quantizes it)"
-    elif lm_head and _tied_embedding(names) is not None:      # a tie only a model that runs can tell
-        raise ValueError(f"{spec}: --include-lm-head: the checkpoint stores no output head; whether its head is "
-                         f"tied to the input embedding {_tied_embedding(names)} only a causal LM that runs can "
-                         f"tell, and this checkpoint runs none: {forward_note}")
-    elif lm_head:
-        raise ValueError(f"{spec}: --include-lm-head: the checkpoint has no output head (lm_head) and no "
-                         f"input embedding a causal LM ties it to")
+    tied, head_note = _head_policy(spec, names, forward, forward_note, lm_head)
 
     layers, skipped = [], {}
     candidates = 0
@@ -933,15 +899,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
         if scale is not None and kind == "torch":
             reader.check_scale(scale.name)       # a sparse or meta scale: one line, not torch's error
         layers.append(LinearLayer(name, out_in, t, dtype, scale))
-    fp8 = {lay.name: lay.scale for lay in layers if lay.scale is not None}
-    for name in names:                           # the others (a forward pass runs them): where a scale fits
-        shape, dtype, _ = reader.info(name)
-        if name not in fp8 and len(shape) == 2 and dtype in fp8_scales.FP8_DTYPES:
-            with contextlib.suppress(CheckpointError):
-                scale = fp8_scales.scale_of(name, shape, dtype, scales, reader.info, fp8_cfg,
-                                            reader.file_of(name))
-                if scale is not None:
-                    fp8[name] = scale
+    fp8 = _fp8_scales(reader, names, layers, scales, fp8_cfg)
     for scale in fp8.values():
         skipped[scale.name] = "fp8 scale"
     unpaired = _unpaired_codes(reader, names)
@@ -950,18 +908,90 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
         forward, forward_note = None, (f"MXFP4 codes with no scales to pair with ({unpaired[0]}): transformers "
                                        f"cannot build the model from them")
     if not layers:
-        hint = ", check --include/--exclude" if candidates else ""
-        expert = next((g for g in [*(include or ()), *(exclude or ())] if re.fullmatch(r".*\[\d+\]", g)), None)
-        if expert is not None:          # `[3]` is a glob's character class: an expert goes with its tensor
-            hint += f"; the experts of a fused tensor are selected by the tensor's name ({expert.rsplit('[', 1)[0]})"
-        asked = next((n for n, why in skipped.items()
-                      if why in _OPTION_OF and include and _selected(n, include, exclude)), None)
-        if asked is not None:           # a tensor the include names, kept by a policy that an option lifts
-            hint += f"; {asked} is {_OPTION_OF[skipped[asked]]}"
-        raise ValueError(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
-                         "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
-    notes = list(packed)
-    if routers and not router_set:
+        raise _no_layer_error(spec, candidates, include, exclude, skipped, packed)
+    notes = packed + _source_notes(spec, kind, files, reader, names, layers, skipped, routers and not router_set)
+    return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
+                       folder if forward else None, head_note, tied if (tied and lm_head) else None,
+                       notes, reader, opened_with=(spec, list(include or []) or None,
+                                                   list(exclude or []) or None, lm_head, routers),
+                       fp8_scale_of=fp8)
+
+
+def _forward_of(kind: str, folder, cfg, reader, whole_folder: bool, prefix: str):
+    """``(bert folder or None, forward, forward_note)``: the forward pass calibration and the end-to-end
+    check can run (module docstring, "Forward pass"), or None and why not."""
+    if kind in ("minilm", "safetensors") and _bert_info(folder, cfg):
+        _check_bert_config(folder / "config.json", cfg, {n: reader.info(n)[0] for n in reader.names()}, prefix)
+        return folder, "bert", ""
+    if kind == "torch" and _bert_info(folder, cfg):        # not transformers' BertLMHeadModel, a causal LM
+        return None, None, "a BERT folder runs its forward pass from safetensors weights only (save it so to calibrate)"
+    if kind == "gguf":
+        ok, note = _causal_gguf(reader)
+        return None, "causal-lm" if ok else None, note
+    if whole_folder:
+        ok, note = _causal_config(cfg)
+        return None, "causal-lm" if ok else None, note
+    return None, None, "a single weights file (give its folder, with config.json and the tokenizer, to run it)"
+
+
+def _head_policy(spec: str, names: list[str], forward, forward_note: str, lm_head: bool):
+    """``(tied, head_note)``: the input embedding a causal LM's head is tied to (no head tensor), and
+    what happens to the head, one line; a ValueError for ``lm_head`` where there is no head to quantize."""
+    heads = [n for n in names if is_lm_head(n)]
+    tied = _tied_embedding(names) if forward == "causal-lm" and not heads else None
+    if tied is not None:
+        return tied, (f"lm_head is tied to {tied}: quantized once, the embedding lookup uses it too"
+                      if lm_head else f"lm_head is tied to {tied} and kept with it (--include-lm-head quantizes it)")
+    if heads:
+        return None, ("lm_head quantized (--include-lm-head)" if lm_head else
+                      f"lm_head ({next((h for h in heads if h.endswith('weight')), heads[0])}) kept "
+                      f"(--include-lm-head quantizes it)")
+    if lm_head and _tied_embedding(names) is not None:      # a tie only a model that runs can tell
+        raise ValueError(f"{spec}: --include-lm-head: the checkpoint stores no output head; whether its head is "
+                         f"tied to the input embedding {_tied_embedding(names)} only a causal LM that runs can "
+                         f"tell, and this checkpoint runs none: {forward_note}")
+    if lm_head:
+        raise ValueError(f"{spec}: --include-lm-head: the checkpoint has no output head (lm_head) and no "
+                         f"input embedding a causal LM ties it to")
+    return None, ""
+
+
+def _fp8_scales(reader, names: list[str], layers: list[LinearLayer], scales, fp8_cfg) -> dict:
+    """Every FP8 tensor with a scale that fits it: the selected layers' and the others' (a forward pass
+    runs them), tensor -> its scale."""
+    fp8 = {lay.name: lay.scale for lay in layers if lay.scale is not None}
+    for name in names:
+        shape, dtype, _ = reader.info(name)
+        if name not in fp8 and len(shape) == 2 and dtype in fp8_scales.FP8_DTYPES:
+            with contextlib.suppress(CheckpointError):
+                scale = fp8_scales.scale_of(name, shape, dtype, scales, reader.info, fp8_cfg,
+                                            reader.file_of(name))
+                if scale is not None:
+                    fp8[name] = scale
+    return fp8
+
+
+def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict, packed: list[str]) -> ValueError:
+    """The error of a selection with no layer, with what the include or the checkpoint explains."""
+    hint = ", check --include/--exclude" if candidates else ""
+    expert = next((g for g in [*(include or ()), *(exclude or ())] if re.fullmatch(r".*\[\d+\]", g)), None)
+    if expert is not None:          # `[3]` is a glob's character class: an expert goes with its tensor
+        hint += f"; the experts of a fused tensor are selected by the tensor's name ({expert.rsplit('[', 1)[0]})"
+    asked = next((n for n, why in skipped.items()
+                  if why in _OPTION_OF and include and _selected(n, include, exclude)), None)
+    if asked is not None:           # a tensor the include names, kept by a policy that an option lifts
+        hint += f"; {asked} is {_OPTION_OF[skipped[asked]]}"
+    return ValueError(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
+                      "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
+
+
+def _source_notes(spec: str, kind: str, files, reader, names: list[str], layers: list[LinearLayer], skipped: dict,
+                  no_router: bool) -> list[str]:
+    """The warnings about the reference, once per model: ``--include-routers`` with no router
+    (``no_router``), floating-point tensors of 3 or more dimensions or 2-D expert tensors kept, layers
+    a GGUF stores quantized, MXFP4 layers."""
+    notes = []
+    if no_router:
         notes.append("--include-routers: the checkpoint has no MoE router (a router or an experts block's gate: "
                      "docs/quantizer.md, \"Mixture-of-experts models\")")
     floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}
@@ -1006,8 +1036,4 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
         notes.append(f"{mxfp4} of the {len(layers)} selected layers are MXFP4 in the checkpoint (4.25 bits per "
                      f"weight: E2M1 values, an E8M0 scale per 32); they are read as their exact values, which are "
                      f"the reference, and a format of more bits per weight makes them no smaller")
-    return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
-                       folder if forward else None, head_note, tied if (tied and lm_head) else None,
-                       notes, reader, opened_with=(spec, list(include or []) or None,
-                                                   list(exclude or []) or None, lm_head, routers),
-                       fp8_scale_of=fp8)
+    return notes
