@@ -476,19 +476,26 @@ def signals_as_interrupts():
     def handler(number, _frame):
         raise Signalled(number)
 
+    def again(number: int) -> None:
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), number))
+        timer.daemon = True
+        timer.start()
+
     def unraisable(info):
         # Python runs a signal handler at the next bytecode boundary, which may lie in a weakref
         # callback or a __del__ (an import lock's, say): an exception raised there is printed as
         # "Exception ignored" and dropped, and the run would go on. Send the signal again shortly,
         # from a helper thread, so that it lands in ordinary code. A plain KeyboardInterrupt is
-        # Python's own SIGINT handler's (Ctrl-C).
-        if isinstance(info.exc_value, KeyboardInterrupt):
-            number = getattr(info.exc_value, "number", signal.SIGINT)
-            again = threading.Timer(0.01, os.kill, (os.getpid(), number))
-            again.daemon = True
-            again.start()
-        else:
-            previous_hook(info)
+        # Python's own SIGINT handler's (Ctrl-C). On a loaded machine the signal sent again may land
+        # in this hook itself (Python drops an exception raised here too, without calling the hook):
+        # then it is sent once more.
+        try:
+            if isinstance(info.exc_value, KeyboardInterrupt):
+                again(getattr(info.exc_value, "number", signal.SIGINT))
+            else:
+                previous_hook(info)
+        except KeyboardInterrupt as landed:
+            again(getattr(landed, "number", signal.SIGINT))
 
     caught = (signal.SIGTERM, signal.SIGHUP)
     try:

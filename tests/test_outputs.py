@@ -393,6 +393,47 @@ except KeyboardInterrupt as e:
 """
 
 
+IN_THE_HOOK = r"""
+import os, signal, sys, threading, time, weakref
+from sop.golden.files import Signalled, signals_as_interrupts
+
+
+def slow_hook(info):             # the hook before ours (it prints the unraisable exception), slow to run
+    time.sleep(0.5)
+
+
+class Thing:
+    pass
+
+
+def callback(_ref):
+    raise ValueError("an exception Python drops: the hooks run")
+
+
+sys.unraisablehook = slow_hook
+try:
+    with signals_as_interrupts():
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()     # lands in slow_hook
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing
+        for _ in range(50):
+            time.sleep(0.1)
+    print("not interrupted", flush=True)
+except KeyboardInterrupt as e:
+    print("interrupted", e.name if isinstance(e, Signalled) else "SIGINT", flush=True)
+"""
+
+
+def test_a_signal_that_lands_in_the_unraisable_hook_still_interrupts():
+    """A signal whose handler runs inside the unraisable hook (here while the hook before ours runs; in CI,
+    the signal sent again landing there on a loaded machine): Python drops an exception raised in the hook
+    without calling it again, so the hook catches it and sends the signal once more."""
+    proc = subprocess.run([sys.executable, "-c", IN_THE_HOOK], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split("\n")[0] == "interrupted SIGTERM", (proc.stdout, proc.stderr)
+    assert "Exception ignored in sys.unraisablehook" not in proc.stderr
+
+
 @pytest.mark.parametrize("name", ["TERM", "INT"])
 def test_a_signal_whose_exception_a_callback_drops_still_interrupts(name):
     """SIGTERM (or Ctrl-C's SIGINT) handled inside a weakref callback (as an import lock's was, once,
