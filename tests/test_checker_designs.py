@@ -384,9 +384,13 @@ def test_the_decoder_plans_are_the_documented_sizes():
     for size, (layers, blocks) in RANDOM_BLOCKS.items():
         (job,) = [j for j in runner.plan_for(cfg, size, None)["jobs"] if j["kind"] == "random"]
         assert (job["layers"], job["blocks"]) == (layers, blocks), size
-    # the quick plan: shorter than the medium one (`make test`'s)
+    # the quick plan (`make test`'s): 2 x 16 random blocks; the corners and a reset in every plan; the
+    # sparse job's layers 64, 16 and 8 blocks long
     (quick,) = [j for j in runner.plan_for(cfg, "quick", None)["jobs"] if j["kind"] == "random"]
-    assert quick["layers"] * quick["blocks"] < 4 * 64
+    assert (quick["layers"], quick["blocks"]) == (2, 16)
+    for size, blocks in (("full", 64), ("medium", 16), ("quick", 8)):
+        jobs = runner.plan_for(SPARSE["sop4-g16-sp"], size, None)["jobs"]
+        assert [j["kind"] for j in jobs] == ["random", "corners", "reset", "sparse"] and jobs[-1]["blocks"] == blocks
     kinds = [j["kind"] for j in runner.plan_for(SPARSE["sop4-g16-sp"], "medium", Path("v"))["jobs"]]
     assert kinds == ["vectors", "random", "corners", "reset", "sparse"]
 
@@ -427,9 +431,10 @@ def test_the_decoder_plans_vectors_are_the_documented_layers(name, tmp_path, mon
 
 def test_the_axis_plans_are_the_documented_sizes(tmp_path, monkeypatch):
     """sim/runner.py ``run_axis``, ``axis_plan``, AXIS_PLAN: per docs/hardware.md `make sim` runs every
-    shell with "ten layers back to back with their table swaps, 16 MiniLM rows among them; six for the
-    64-lane design in Icarus" (the quick plan, `make test`'s); "a -sp shell adds nine layers with every
-    entry pattern on s_axis_sparse and 16 rows of the three sop-budget layers with the most entries"."""
+    shell with "ten layers back to back with their table swaps, 16 MiniLM rows among them and six random
+    layers of 128 blocks; six for the 64-lane design in Icarus, its random layers 16 blocks long" (the quick
+    plan, `make test`'s); "a -sp shell adds nine layers with every entry pattern on s_axis_sparse, of 32
+    blocks (8 in the quick plan), and 16 rows of the three sop-budget layers with the most entries"."""
     ran = []
     monkeypatch.setattr(runner, "simulate", lambda cfg, sim, v, top, mod, plan, size, *a, **k: ran.append((plan, size)))
     monkeypatch.setattr(runner, "minilm_vectors", lambda cfg, quick: ("minilm rows", quick))
@@ -450,6 +455,10 @@ def test_the_axis_plans_are_the_documented_sizes(tmp_path, monkeypatch):
             want = "sparse rows" if cfg.residuals else ("minilm rows", True)
             assert vectors == [{"kind": "vectors", "dir": str(want)}]
     assert (runner.AXIS_SPARSE_ROWS, runner.AXIS_SPARSE_LAYERS) == (16, 3)
+    # the random layers: 128 blocks (16 in the quick plan); the -sp shell's pattern layers 32 blocks (8)
+    for size, blocks, sparse_blocks in (("full", 128, 32), ("quick", 16, 8)):
+        jobs = runner.axis_plan(SPARSE["sop4-g16-sp"], size, None)["jobs"]
+        assert [j["blocks"] for j in jobs if j["kind"] in ("random", "sparse")] == [blocks, sparse_blocks], size
     cfg, sp = CONFIGS["sop4-g16"], SPARSE["sop4-g16-sp"]
     assert owed(cfg, runner.axis_plan(cfg, "quick", None))[1] == 6
     assert owed(cfg, runner.axis_plan(cfg, "full", None))[1] == 10 - 1        # + the MiniLM rows' layer
