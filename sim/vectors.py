@@ -120,10 +120,12 @@ def hex_lines(words, bits: int) -> str:
     bytes, most significant first, two digits each (``_HEX_PAIRS``)."""
     words = np.asarray(words, dtype=np.uint64).reshape(-1)
     digits = -(-bits // 4)
-    used = -(-digits // 2)                                  # the words' low bytes that hold the digits
+    low = min(digits, 16)                                   # the digits a uint64 holds; any above are 0
+    used = -(-low // 2)                                     # the words' low bytes that hold them
     pairs = _HEX_PAIRS[words.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - used:]].view(np.uint8)
     chars = np.full((len(words), digits + 1), ord("\n"), dtype=np.uint8)
-    chars[:, :digits] = pairs[:, 2 * used - digits:]
+    chars[:, :digits - low] = ord("0")
+    chars[:, digits - low:digits] = pairs[:, 2 * used - low:]
     return _text(chars)
 
 

@@ -226,9 +226,9 @@ def test_a_moe_model_quantizes_weighted_evaluates_and_exports_its_reconstruction
 
 
 def test_a_router_named_by_layer_gets_vectors_and_a_kept_tensor_says_why(moe_folders, tmp_path, capsys):
-    """`sop vectors --layer` names its layers: a MoE router (kept by `sop quantize` by default) is one of them;
-    a tensor that is no linear layer is refused saying why it was kept (an outside probe: the router was
-    "not a linear layer" without a word)."""
+    """`sop vectors --layer` and `sop board --layer` name their layers: a MoE router (kept by `sop quantize` by
+    default) is one of them; a tensor that is no linear layer is refused saying why it was kept (an outside
+    probe: the router was "not a linear layer" without a word)."""
     from sop.sim.vectors import read_vectors
 
     folder, router = moe_folders["mixtral"], "model.layers.1.block_sparse_moe.gate.weight"
@@ -240,6 +240,13 @@ def test_a_router_named_by_layer_gets_vectors_and_a_kept_tensor_says_why(moe_fol
                  "--out", str(tmp_path / "w")]) == 2
     assert ": model.embed_tokens.weight is not a linear layer (kept as it is: embedding); linear layers: " in \
         capsys.readouterr().err
+    # `sop board --layer` (and the GEMV bring-up) take a layer by its name the same way
+    from sop.synth.host.bringup import model_layer
+
+    name, stream, cols = model_layer(str(folder), "sop4-g16", router)
+    assert name == router and cols == 32
+    with pytest.raises(ValueError, match=r"no linear layer 'model\.embed_tokens\.weight' \(kept as it is: embedding\)"):
+        model_layer(str(folder), "sop4-g16", "model.embed_tokens.weight")
 
 
 def test_equal_values_at_several_places_go_where_the_checkpoint_names_say(tmp_path):

@@ -157,9 +157,11 @@ def test_a_file_with_one_character_corrupted_is_read_or_refused_as_the_slow_path
 
 
 EDGES = {   # texts at the edges of the fast parse: each read (or refused) as the slow path does
-    "exact": ["1 -999999999 999999999999999999\n", "0 -0 0\n", "0 0000 000000000000000000000\n", "1 --1 5\n",
-              "0 1 2", "0 1 2\r\n0 1 2\n0 1 2", "0 1 2\r\r\n", "0 1 2\n\r\n", "0 1  2\n", "0 1 2 \n", " 0 1 2\n",
-              "0 1\n2\n", "0 1 2\n\n", "\n\n", " \n", "", "2 1 2\n", "0 - 2\n", "0 1 -2\n", "0 1\t2\n", "0 1 2\r"],
+    "exact": ["1 -999999999 999999999999999999\n", "0 -0 0\n", "0 123456789 1\n", "0 1234567890 1\n",
+              "0 -1234567890 1\n", "0 1 1000000000000000000\n", "0 1 9999999999999999999\n",
+              "0 0000 000000000000000000000\n", "1 --1 5\n", "0 1 2", "0 1 2\r\n0 1 2\n0 1 2", "0 1 2\r\r\n",
+              "0 1 2\n\r\n", "0 1  2\n", "0 1 2 \n", " 0 1 2\n", "0 1\n2\n", "0 1 2\n\n", "\n\n", " \n", "",
+              "2 1 2\n", "0 - 2\n", "0 1 -2\n", "0 1\t2\n", "0 1 2\r"],
     "bf16": ["3f80\n", "3F80\r\n3f80", "3f80\n\n", "3f8\n", "3f800\n", "3f80\r", "\r\n", "3f8g\n", "+f80\n"],
     "sparse": ["999999999999999999 3f80\n", "0999999999999999999 3f80\n", "1 3f80\r", "1 3f80\n\n2 3f80\n",
                "1 3f80\n1 3f80\n", "5 3f80\n", "1 7f80\n", "1 ff81\n", "1  3f80", "\n", "", "1 3f80 \n"],
@@ -189,7 +191,9 @@ def test_a_vector_set_reads_the_same_fast_slow_and_with_crlf_line_ends(tmp_path)
     s = replace(s, sparse=Sparse(np.array([0, 7, 100, 191], np.uint32), np.array([0x3F80, 0xBF80, 0x0001, 0x7F7F],
                                                                                 np.uint16)))
     V.write_vectors(tmp_path / "v", {"a/b": s}, widths={"a/b": 40})
-    (fast,) = V.read_vectors(tmp_path / "v")
+    with mock.patch.object(V, "_lines", side_effect=AssertionError("the slow path")), \
+            mock.patch.object(V, "_read_sparse_slow", side_effect=AssertionError("the slow path")):
+        (fast,) = V.read_vectors(tmp_path / "v")                # the numpy parse, every file
     with slow():
         (ref,) = V.read_vectors(tmp_path / "v")
     crlf = tmp_path / "crlf"
@@ -201,7 +205,9 @@ def test_a_vector_set_reads_the_same_fast_slow_and_with_crlf_line_ends(tmp_path)
         (crlf / entry["files"][kind]).write_bytes(data)
         entry["sha256"][kind] = hashlib.sha256(data).hexdigest()
     (crlf / "vectors.json").write_text(json.dumps(doc))
-    (windows,) = V.read_vectors(crlf)
+    with mock.patch.object(V, "_lines", side_effect=AssertionError("the slow path")), \
+            mock.patch.object(V, "_read_sparse_slow", side_effect=AssertionError("the slow path")):
+        (windows,) = V.read_vectors(crlf)
     for f in ("luts", "headers", "codes", "expected_bf16", "expected_exact", "sparse_index", "sparse_values"):
         for other in (ref, windows):
             a, b = getattr(fast, f), getattr(other, f)

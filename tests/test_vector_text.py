@@ -23,8 +23,8 @@ def test_decimal_lines_at_the_digit_boundaries():
     assert decimal_lines(np.zeros(3, np.int64), np.array([-5, 0, 7])) == "0 -5\n0 0\n0 7\n"
 
 
-@given(st.integers(1, 64).flatmap(lambda bits: st.tuples(st.just(bits), st.lists(st.integers(0, 2**bits - 1),
-                                                                                  max_size=30))))
+@given(st.integers(1, 80).flatmap(lambda bits: st.tuples(st.just(bits), st.lists(
+    st.integers(0, 2**min(bits, 64) - 1), max_size=30))))       # past 64 bits: the digits above a uint64's are 0
 def test_hex_lines_are_pythons_hex(case):
     bits, words = case
     assert hex_lines(np.array(words, dtype=np.uint64), bits) == \

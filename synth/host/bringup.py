@@ -298,11 +298,13 @@ def model_layer(model: str, fmt: str, layer: str | None = None,
         raise ValueError(f"rows must be at least 1, got {rows}")
     if is_artifact(model):
         return artifact_layer_stream(model, fmt, layer, rows)
-    source = open_model(model)
+    source = open_model(model, routers=layer is not None)     # a MoE router named by --layer is one
     names = [lay.name for lay in source.layers]
     name = layer or names[0]
     if name not in names:
-        raise ValueError(f"{model}: no linear layer {name!r}; linear layers: {', '.join(names)}")
+        why = source.skipped.get(name)
+        raise ValueError(f"{model}: no linear layer {name!r}{f' (kept as it is: {why})' if why else ''}; "
+                         f"linear layers: {', '.join(names)}")
     w = source.load(name)
     return name, quantize_weights(fmt, w if rows is None else w[:rows], name), w.shape[1]
 
