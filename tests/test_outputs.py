@@ -364,41 +364,15 @@ def test_a_killed_writer_never_leaves_a_partial_file(tmp_path, sig, stage):
     assert temps(tmp_path) == []
 
 
-SWALLOWED = r"""
-import os, signal, time, weakref
-from sop.golden.files import Signalled, signals_as_interrupts
-
-
-class Thing:
-    pass
-
-
-def callback(_ref):
-    os.kill(os.getpid(), signal.SIG{NAME})
-    for _ in range(100000):      # the handler runs here, in a weakref callback: its exception is dropped
-        pass
-
-
-signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (pytest-xdist's workers ignore it)
-try:
-    with signals_as_interrupts():
-        thing = Thing()
-        ref = weakref.ref(thing, callback)
-        del thing
-        for _ in range(50):
-            time.sleep(0.1)
-    print("not interrupted", flush=True)
-except KeyboardInterrupt as e:
-    print("interrupted", e.name if isinstance(e, Signalled) else "SIGINT", flush=True)
-"""
-
-
-IN_THE_HOOK = r"""
+def weakref_script(callback: str, before: str, inside: str = "") -> str:
+    """A script that drops a weakref inside ``signals_as_interrupts`` (its ``callback`` body runs then),
+    after ``before``; ``inside`` starts the block. It prints whether, and by what, it was interrupted."""
+    return f"""
 import os, signal, sys, threading, time, weakref
 from sop.golden.files import Signalled, signals_as_interrupts
 
 
-def slow_hook(info):             # the hook before ours (it prints the unraisable exception), slow to run
+def slow_hook(info):             # an unraisable hook slow to run (the one before ours)
     time.sleep(0.5)
 
 
@@ -407,14 +381,13 @@ class Thing:
 
 
 def callback(_ref):
-    raise ValueError("an exception Python drops: the hooks run")
+{callback}
 
 
-sys.unraisablehook = slow_hook
+{before}
 try:
     with signals_as_interrupts():
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()     # lands in slow_hook
-        thing = Thing()
+{inside}        thing = Thing()
         ref = weakref.ref(thing, callback)
         del thing
         for _ in range(50):
@@ -423,6 +396,18 @@ try:
 except KeyboardInterrupt as e:
     print("interrupted", e.name if isinstance(e, Signalled) else "SIGINT", flush=True)
 """
+
+
+#: the signal handled inside a weakref callback: its exception is dropped
+SWALLOWED = weakref_script("""    os.kill(os.getpid(), signal.SIG{NAME})
+    for _ in range(100000):      # the handler runs here, in a weakref callback: its exception is dropped
+        pass""", "signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (xdist's workers "
+                 "ignore it)")
+#: the signal handled inside the unraisable hook (while the hook before ours runs)
+IN_THE_HOOK = weakref_script('    raise ValueError("an exception Python drops: the hooks run")',
+                             "sys.unraisablehook = slow_hook",
+                             "        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()"
+                             "     # lands in slow_hook\n")
 
 
 def test_a_signal_that_lands_in_the_unraisable_hook_still_interrupts():
