@@ -5,7 +5,7 @@ does for a checkpoint on disk, with the same rules and the same bits:
 
 * **layers**: every ``torch.nn.Linear``, transformers ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``:
   quantized as its transpose) and, with ``routers=True``, MoE router (``causal_lm._is_router``, or named as
-  one: ``models.router_weights``), named ``<module>.weight`` as
+  one: ``models.router_weights``; a ``UserWarning`` when the model has none), named ``<module>.weight`` as
   the model names its parameters (transformers renames some checkpoint tensors on loading: GPT-NeoX's
   ``embed_out`` is ``lm_head``, Mixtral's ``block_sparse_moe`` is ``mlp``), selected by the file path's
   rules (quantize/models.py: ``linear_reason``, ``include`` / ``exclude`` globs, the output head kept
@@ -78,6 +78,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -94,8 +95,8 @@ from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_l
 from .checkpoint_files import describe_error
 from .fp8_scales import FP8_DTYPES
 from .knapsack import LazyLayers, budget_report
-from .models import (_natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout, globs,
-                     is_expert_stack, linear_reason, router_weights)
+from .models import (NO_ROUTER, _natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout,
+                     globs, is_expert_stack, linear_reason, router_weights)
 from .schemes import get_quant_format
 
 
@@ -248,6 +249,14 @@ def _stored_weight(module):
     return dict(module.named_parameters(recurse=False)).get("weight")
 
 
+def _router_modules(model) -> set[str]:
+    """The names of ``model``'s MoE router modules: a router module (``causal_lm._is_router``) or a module
+    whose weight the checkpoint rules name as a router (``models.router_weights``, as the disk path names it)."""
+    by_name = router_weights(n for n, _ in model.named_parameters())
+    return {mname for mname, module in model.named_modules()
+            if _is_router(module) or (f"{mname}.weight" if mname else "weight") in by_name}
+
+
 def linear_modules(model, include=None, exclude=None, lm_head: bool = False,
                    routers: bool = False) -> tuple[dict, dict[str, str]]:
     """``({layer name: _Layer}, {kept parameter: why})`` by the checkpoint rules (module docstring);
@@ -255,7 +264,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False,
     import torch
 
     include, exclude = globs(include, "include"), globs(exclude, "exclude")
-    by_name = router_weights(n for n, _ in model.named_parameters())     # a router as the disk path names it
+    routers_in = _router_modules(model)
     embeddings: dict[tuple, str] = {}               # a weight's view -> the first embedding holding it
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.Embedding):
@@ -266,11 +275,10 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False,
     decided: dict[tuple, tuple[str, bool]] = {}     # a weight's view -> (its first name, quantized)
     heads = 0                                       # output heads seen (by name, or tied to an embedding)
     for mname, module in model.named_modules():
-        router = _is_router(module)
-        if not (_is_linear(module) or router):
+        if not (_is_linear(module) or _is_router(module)):
             continue
         name = f"{mname}.weight" if mname else "weight"
-        router = router or name in by_name
+        router = mname in routers_in
         weight = _stored_weight(module)
         if weight is None:
             if getattr(module, "weight", None) is not None:
@@ -790,6 +798,8 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
     if qfmt.model_level and not budget > 0:         # before calibration; NaN too
         raise ValueError(f"budget must be a number above 0, got {budget!r}")
     layers, kept = linear_modules(model, include, exclude, lm_head, routers)
+    if routers and not _router_modules(model):
+        warnings.warn(f"routers=True: the model has {NO_ROUTER}", stacklevel=2)
     if not layers:
         given = ", ".join(f"{k} {v}" for k, v in (("include", include), ("exclude", exclude)) if v)
         given = f" ({given})" if given else ""

@@ -251,6 +251,8 @@ ROUTERS = ("router", "ffn_gate_inp", "ffn_gate_inp_shexp")
 #: ... and only in a block that holds experts: Mixtral's, Qwen-MoE's, DeepSeek's ``gate`` (HunYuan's ``gate.wg``),
 #: Qwen2-MoE's ``shared_expert_gate``
 GATES = ("gate", "shared_expert_gate")
+#: what ``--include-routers`` / ``routers=True`` says of a model with no router
+NO_ROUTER = "no MoE router (a router or an experts block's gate: docs/quantizer.md, \"Mixture-of-experts models\")"
 
 
 def router_weights(names) -> set[str]:
@@ -992,8 +994,7 @@ def _source_notes(spec: str, kind: str, files, reader, names: list[str], layers:
     a GGUF stores quantized, MXFP4 layers."""
     notes = []
     if no_router:
-        notes.append("--include-routers: the checkpoint has no MoE router (a router or an experts block's gate: "
-                     "docs/quantizer.md, \"Mixture-of-experts models\")")
+        notes.append(f"--include-routers: the checkpoint has {NO_ROUTER}")
     floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}
     stacked = {lay.tensor for lay in layers if lay.stack is not None}
     deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2 and n not in stacked

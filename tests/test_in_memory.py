@@ -409,6 +409,18 @@ def test_moe_routers_are_kept_or_quantized_as_on_disk(tmp_path):
     assert "model.layers.0.mlp.experts.3.w3.weight" in res.layers
 
 
+def test_routers_asked_of_a_model_with_none_warn_as_the_command_line_does():
+    """``routers=True`` on a dense model quantizes what it would without it, and says the model has no
+    router (``sop quantize --include-routers`` notes it: tests/test_causal_lm.py)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    plain = quantize_module(copy.deepcopy(model), "sop4-g16")
+    with pytest.warns(UserWarning, match=r"^routers=True: the model has no MoE router \(a router or an experts "
+                                         r"block's gate: docs/quantizer\.md"):
+        asked = quantize_module(model, "sop4-g16", routers=True)
+    assert list(asked.layers) == list(plain.layers) == ["0.weight", "2.weight"]
+
+
 def test_kept_names_every_parameter_left_as_it_is_once():
     """A tied head kept left the embedding out of ``kept`` (its parameter was 'decided'); a weight two
     kept modules share, or a tied head outside the include globs, got the wrong reason or none."""
