@@ -5,8 +5,9 @@ measured against, their configurations and the Verilog generator (`make verilog`
 * the decoder: ``config`` (``DecoderConfig``, the named configurations), ``decoder`` (the top) and
   its parts (``beat_issue``, ``block_fields``, ``scale_decoder``, ``codebook_mux``, ``lanes`` with
   ``lut_bank``, ``lut_word``, ``hif_formatter``, ``arith``; ``pipeline``, ``replica``,
-  ``output_buffer``), ``residual`` (the sparse-residual path), ``axis`` (its AXI4-Stream shell),
-  ``reference`` (the expected output beats);
+  ``output_buffer``), ``residual`` (the sparse-residual path, with its parts ``sparse_merge`` and
+  ``residual_adder``), ``axis`` (its AXI4-Stream shell), ``reference`` (the expected output
+  beats);
 * the GEMV engine: ``gemv_config`` (``GemvConfig``, the named and the small engines, the port
   payloads), ``gemv`` (the top) and its parts (``gemv_sequencer``, ``gemv_x_buffer``,
   ``gemv_term``, ``block_dot`` with ``block_dot_bf16`` and ``block_dot_folded``, ``fp32_acc``),
@@ -24,7 +25,7 @@ from sop import imported_as_subpackage
 
 imported_as_subpackage(__name__)
 
-#: The decoder's sticky sparse error bits, LSB first: hdl.residual's ``ERRORS`` and
+#: The decoder's sticky sparse error bits, LSB first: hdl.sparse_merge's ``ERRORS`` and
 #: ``error_layout`` (the decoder's ``sparse_error`` port), synth/wire.py's SPARSE_STATUS reply.
 SPARSE_ERRORS = ("order", "past_layer", "no_layer", "not_finite")
 #: The GEMV engine's sticky error bits, LSB first: hdl.gemv_config's ``error_layout`` (its status

@@ -36,7 +36,7 @@ bytes of every beat are data bytes)
   input beat that had TLAST: one output packet per layer.
 * ``sparse_error`` (out; only with residuals): the decoder's sticky error bits,
   LSB first ``order``, ``past_layer``, ``no_layer``, ``not_finite``
-  (hdl.residual.ERRORS), cleared by reset; a plain status port, no handshake.
+  (hdl.sparse_merge.ERRORS), cleared by reset; a plain status port, no handshake.
 
 Sequencing in hardware (no timing rule left to the host). The shell keeps one
 bit, ``loaded``: set by the load packet's TLAST, cleared when the layer's

@@ -42,7 +42,7 @@ handshake (``blocks.ready = en & take``) is the same. ``model`` is the cycle mod
 unpacks the beats, ``scale_decoder.model`` decodes the headers).
 
 Sparse residuals (``config.residuals > 0``): a ``merge`` interface
-(hdl.residual.MergeIssueSignature) tells the merge what stage 0 does and takes
+(hdl.sparse_merge.MergeIssueSignature) tells the merge what stage 0 does and takes
 back ``hold_next``; ``hold`` (registers: one for the control, one per lane group,
 all loaded with ``hold_next`` every cycle) makes stage 0 present its chunk again
 next cycle: while ``hold`` is high nothing in stage 0 moves, no beat is taken
@@ -180,7 +180,7 @@ class BeatIssue(wiring.Component):
             "groups": Out(GroupIssueSignature(config)),
         }
         if config.residuals:
-            from .residual import MergeIssueSignature
+            from .sparse_merge import MergeIssueSignature
             members["merge"] = Out(MergeIssueSignature())
         if config.wide:
             members["region_valid"] = Out(config.regions)

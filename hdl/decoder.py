@@ -135,7 +135,8 @@ class Decoder(wiring.Component):
             "values": Out(stream.Signature(data.ArrayLayout(config.lane_layout, config.lanes))),
         }
         if config.residuals:
-            from .residual import ResidualPath, SparseMerge, error_layout
+            from .residual import ResidualPath
+            from .sparse_merge import SparseMerge, error_layout
             self.merge, self.residual = (merge or SparseMerge)(config), (path or ResidualPath)(config)
             assert self.merge.latency == self.issue.latency, "entries come with the pass's table read"
             members.update({"sparse": In(stream.Signature(config.sparse_layout)), "layer_sparse": In(1),

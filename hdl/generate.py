@@ -190,7 +190,7 @@ def axis_manifest(config: DecoderConfig, top: axis.AxisTop) -> dict:
            "load_fields": {k: {"lsb": lsb, "width": w} for k, (lsb, w) in axis.load_fields(config).items()},
            "ctrl_bits": {"bank": 0, "offset": 1}, "tlast_depth": top.core.tlast_depth, "ports": ports}
     if config.residuals:
-        from .residual import ERRORS
+        from .sparse_merge import ERRORS
 
         doc["ctrl_bits"]["sparse"] = axis.CTRL_SPARSE.bit_length() - 1
         doc["sparse_fields"] = {"index": {"lsb": 0, "width": 8 * axis.SPARSE_INDEX_BYTES},
@@ -258,7 +258,7 @@ def axis_testbench(config: DecoderConfig, layers) -> str:
     sp = {"mem": "", "regs": "", "ports": "", "take": "", "count": "", "drive": "", "clear": "", "check": "",
           "what": "", "int": ""}
     if sparse:
-        from .residual import ERRORS
+        from .sparse_merge import ERRORS
 
         n_err = len(ERRORS)
         sp["mem"] = "\n" + _memory("spw", ew, entries) if ne else ""

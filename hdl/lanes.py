@@ -35,7 +35,8 @@ instances built. ``model`` composes the encoder's and the formatter's models.
 
 Sparse residuals (``config.residuals > 0``): ``plus0`` (in, per lane, with
 ``block``) goes to each formatter; ``word`` (out, per lane) is the table word
-each formatter takes this cycle, for the residual adders (hdl.residual).
+each formatter takes this cycle, for the residual adders (hdl.residual_adder, through
+hdl.residual's mux).
 """
 
 from __future__ import annotations

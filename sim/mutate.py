@@ -40,9 +40,10 @@ then the sparse scenario, ``sop4-g16-sp``):
 
 **The sparse scenario.** A configuration with residuals (``NAME-sp``, hdl.config.residual_configs)
 lists ``--sparse-mutants`` mutations (default 300) of its residual path only (``RESIDUAL_SCOPE``:
-hdl/residual.py's ``merge`` and ``residual_path`` cells) and runs them against the sparse
-regression (``sparse_scenarios``: entries on the ``sparse`` stream, golden's residual sums, the
-error bits on good and faulty streams); the proofs are the same.
+the cells of ``merge``, hdl/sparse_merge.py, and ``residual_path``, hdl/residual.py with its
+adders from hdl/residual_adder.py) and runs them against the sparse regression
+(``sparse_scenarios``: entries on the ``sparse`` stream, golden's residual sums, the error bits
+on good and faulty streams); the proofs are the same.
 
 Output under ``OUT/<config>/``: ``list.ys`` (the mutations), ``mutants.v``, ``results.jsonl``
 (the bench's verdicts), ``proofs/`` (yosys logs), ``summary.json``; and ``OUT/summary.json``,
@@ -77,8 +78,9 @@ DEFAULT_SPARSE_CONFIGS = ("sop4-g16-sp",)
 DEFAULT_SPARSE_MUTANTS = 300
 DEFAULT_SEED = 1
 CTRL = "mutsel"
-#: the cells a residual configuration's mutations are listed from: hdl/residual.py's modules
-#: (SparseMerge ``merge``, ResidualPath ``residual_path`` and its adders), found after ``flatten``
+#: the cells a residual configuration's mutations are listed from: the residual path's modules
+#: (hdl/sparse_merge.py's SparseMerge ``merge``, hdl/residual.py's ResidualPath ``residual_path``
+#: and its adders, hdl/residual_adder.py), found after ``flatten``
 #: and ``opt`` by the wires they drive (opt renames the flip-flops it splits), less the beat
 #: issue's few cells that drive the merge's inputs
 RESIDUAL_SCOPE = "w:*merge.* w:*residual_path.* %u %ci1 t:* %i c:*issue.* %d"
@@ -344,7 +346,7 @@ def sparse_scenarios(cfg: DecoderConfig, vectors_dir: Path | None, *, size: str 
       ``2^-128``);
     * ``throughput``: layers with and without entries at full speed (output ready, a beat and an
       entry offered whenever the host may); the output beats' extra cycles must be the merge's
-      rule's (hdl.residual.MergeModel, as sim.sparse_stalls counts them) and every entry must
+      rule's (hdl.sparse_merge.MergeModel, as sim.sparse_stalls counts them) and every entry must
       be taken in the cycle the rule takes it (``sparse.ready``); a layer with entries about
       ``NEAR`` chunks apart (the inbox waits); ``throughput-gaps``: the same with gaps in the
       sparse stream (the window runs dry): the holds the values never show;
@@ -354,7 +356,7 @@ def sparse_scenarios(cfg: DecoderConfig, vectors_dir: Path | None, *, size: str 
       values (MiniLM's FFN layers have 589,824): the order check's high bits.
 
     Every good stream also checks that ``sparse_error`` stays 0."""
-    from sop.hdl.residual import ERRORS
+    from sop.hdl.sparse_merge import ERRORS
 
     blocks = {"tiny": 4, "full": 32}[size]
     out = []

@@ -6,7 +6,7 @@
 Quantizes MiniLM with ``sop-budget`` at each budget (`sop quantize`, calibrated, the
 quantizer's own knapsack: the densities it really chooses), and for every layer that
 carries sparse entries counts the cycles the decoder's stage 0 spends on it with the
-residual path's rule (hdl.residual.MergeModel, the cycle model the RTL is checked
+residual path's rule (hdl.sparse_merge.MergeModel, the cycle model the RTL is checked
 against, tests/test_hdl_residual.py): the host offers a beat every cycle and the
 layer's entries from the cycle after its swap beat, one a cycle; the output is always
 ready. A stall is a cycle in which stage 0 presents a chunk it must present again (more
@@ -29,7 +29,7 @@ from sop.argtypes import number, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.golden.points import operating_points
 from sop.hdl.config import MAX_RESIDUALS, DecoderConfig
-from sop.hdl.residual import MergeModel
+from sop.hdl.sparse_merge import MergeModel
 
 DEFAULT_BUDGETS = (4.75, 5.0, 5.5, 6.0)
 

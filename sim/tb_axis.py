@@ -46,8 +46,8 @@ from cocotb.triggers import ReadOnly, RisingEdge, with_timeout
 from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
 
 from sop.hdl import axis, reference
-from sop.hdl.residual import ERRORS
 from sop.hdl.config import DecoderConfig
+from sop.hdl.sparse_merge import ERRORS
 from sop.sim import CLOCK_NS, MISMATCHES_LOGGED, read_plan, stimulus, write_report
 
 

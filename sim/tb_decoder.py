@@ -72,7 +72,7 @@ from cocotb.types import Logic
 
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
-from sop.hdl.residual import ERRORS
+from sop.hdl.sparse_merge import ERRORS
 from sop.sim import CLOCK_NS, MISMATCHES_LOGGED, QUIET_CYCLES, read_plan, stimulus, write_report
 from sop.sim.model import DecoderModel
 from sop.sim.stimulus import HostCycle

@@ -53,8 +53,8 @@ from cocotb.triggers import ReadOnly, RisingEdge
 from sop.golden.decoder import float_fields
 from sop.golden.formats import get_format
 from sop.hdl import reference
-from sop.hdl.residual import ERRORS
 from sop.hdl.config import DecoderConfig
+from sop.hdl.sparse_merge import ERRORS
 from sop.sim import CLOCK_NS, MUT_PLAN, read_plan, results_path, stimulus
 from sop.sim.vectors import read_vectors
 
@@ -279,7 +279,7 @@ def stage0_stalls(cfg: DecoderConfig, layers: list[stimulus.Layer], gaps: list[i
     """Stage 0's extra cycles (passes beyond one per chunk), and the cycle each sparse entry is
     taken (``sparse.ready``; counted from the first input beat's), for ``layers`` streamed back to
     back at full speed, output always ready, their sparse entries offered with ``gaps``: the merge's
-    cycle model (hdl.residual.MergeModel) on the stage-0 schedule of sim.sparse_stalls.issue_cycles
+    cycle model (hdl.sparse_merge.MergeModel) on the stage-0 schedule of sim.sparse_stalls.issue_cycles
     (which tests/test_sparse_stalls.py checks against the decoder)."""
     from sop.sim.sparse_stalls import issue_cycles
 
@@ -302,7 +302,7 @@ def throughput_layers(cfg: DecoderConfig, rng: np.random.Generator, blocks: int)
         if spec == "far":
             # entries 50 to 62 chunks apart, about the merge's NEAR: each waits in the inbox until
             # it is near, and the next one is taken only then (``sparse.ready``)
-            from sop.hdl.residual import NEAR
+            from sop.hdl.sparse_merge import NEAR
 
             layer = stimulus.random_layer(cfg, rng, 4 * blocks)
             step = cfg.lanes * rng.integers(NEAR - 10, NEAR + 3, layer.codes.size // (cfg.lanes * (NEAR - 10)))
@@ -318,7 +318,7 @@ def throughput_layers(cfg: DecoderConfig, rng: np.random.Generator, blocks: int)
 
 def bad_layers(cfg: DecoderConfig, rng: np.random.Generator, bad: str, blocks: int, *, at: int | None = None,
                next_blocks: int | None = None, past: int = 5) -> list[stimulus.Layer]:
-    """Two layers whose sparse stream has the fault ``bad`` (one of hdl.residual.ERRORS) in the
+    """Two layers whose sparse stream has the fault ``bad`` (one of hdl.sparse_merge.ERRORS) in the
     first: ``order`` an index equal to the one before, ``not_finite`` an infinite value,
     ``past_layer`` a last index past the layer (the second layer's swap beat ends it), ``no_layer``
     no entries (the bench offers one before the first swap beat). ``past``: how far past the
@@ -573,7 +573,7 @@ class Scenario:
         self.reset_cycles = spec.get("reset_cycles", 2)
         self.stall_after_reset = spec.get("stall_after_reset", 0)
         self.write_while_stalled = spec.get("write_while_stalled", False)
-        self.bad = spec.get("bad")                   # kind "error": the sparse fault (hdl.residual.ERRORS)
+        self.bad = spec.get("bad")                   # kind "error": the sparse fault (hdl.sparse_merge.ERRORS)
         self.gaps: list[int] | None = None           # kind "throughput": entry k offered gaps[k] cycles late
         self.entry_cycles: list[int] = []            # kind "throughput": the cycle the model takes each entry
         if self.kind == "reset":
@@ -582,7 +582,7 @@ class Scenario:
             self.parts = [Part(cfg, layers, check=self.kind != "error")]
         self.layers = layers
         if self.kind == "throughput":
-            # the residual path's throughput rule: stage 0's extra cycles (hdl.residual.MergeModel,
+            # the residual path's throughput rule: stage 0's extra cycles (hdl.sparse_merge.MergeModel,
             # counted at full speed by sim.sparse_stalls, which tests/test_sparse_stalls.py checks
             # against the decoder)
             self.p_idle = self.p_stall = 0.0
@@ -908,12 +908,12 @@ class Bench:
             extra = beats[-1] - beats[0] + 1 - len(beats)
             if extra != sc.stalls:
                 raise Killed(f"{sc.name}: the output beats took {extra} cycles more than one a cycle; the "
-                             f"residual path's rule (hdl.residual.MergeModel) gives {sc.stalls}")
+                             f"residual path's rule (hdl.sparse_merge.MergeModel) gives {sc.stalls}")
             if entries != sc.entry_cycles:
                 k = next((i for i, (a, b) in enumerate(zip(entries, sc.entry_cycles)) if a != b),
                          min(len(entries), len(sc.entry_cycles)))
                 raise Killed(f"{sc.name}: sparse entry {k} taken in cycle {entries[k] if k < len(entries) else None}, "
-                             f"the merge's rule (hdl.residual.MergeModel: sparse.ready) takes it in cycle "
+                             f"the merge's rule (hdl.sparse_merge.MergeModel: sparse.ready) takes it in cycle "
                              f"{sc.entry_cycles[k] if k < len(sc.entry_cycles) else None}")
             return n
         if sc.kind == "reset":

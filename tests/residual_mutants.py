@@ -7,7 +7,9 @@ are applied a chunk late, or not at all), a merge whose error bits are not stick
 path that puts an adder's result in the neighbouring lane.
 """
 
-from sop.hdl.residual import ResidualAdder, ResidualPath, SparseMerge
+from sop.hdl.residual import ResidualPath
+from sop.hdl.residual_adder import ResidualAdder
+from sop.hdl.sparse_merge import SparseMerge
 
 
 class AdderTiesAway(ResidualAdder):

@@ -72,7 +72,8 @@ def test_the_walk_finds_the_blocks_of_every_part():
     assert {"sop.hdl.decoder.Decoder", "sop.hdl.codebook_mux.CodebookMux", "sop.hdl.scale_decoder.ScaleDecoder",
             "sop.hdl.lut_word.LutWordEncoder", "sop.hdl.output_buffer.OutputBuffer", "sop.hdl.residual.ResidualPath",
             "sop.hdl.axis.AxisTop", "sop.hdl.gemv.GemvEngine", "sop.hdl.block_dot_bf16.BlockDotBF16",
-            "sop.hdl.gemv_axis.GemvAxisTop", "sop.hdl.naive_dot.NaiveDot"} <= set(found)
+            "sop.hdl.gemv_axis.GemvAxisTop", "sop.hdl.naive_dot.NaiveDot", "sop.hdl.sparse_merge.SparseMerge",
+            "sop.hdl.residual_adder.ResidualAdder"} <= set(found)
     assert len(found) >= 30, sorted(found)
 
 

@@ -1,4 +1,5 @@
-"""The residual path's components in amaranth.sim, each against its model (hdl/residual.py).
+"""The residual path's components in amaranth.sim, each against its model (hdl/residual.py,
+hdl/residual_adder.py, hdl/sparse_merge.py).
 
 * ``ResidualAdder``: random and adversarial products and BF16 residuals (ties broken by a
   residual 60 binades down, cancellation to +-0, sign flips, saturation, subnormal sums),
@@ -25,9 +26,11 @@ from amaranth.sim import Simulator
 
 from sop.golden.formats import get_format
 from sop.golden.layout import named_layouts
-from sop.hdl import block_fields, hif_formatter, lut_word, residual, scale_decoder
+from sop.hdl import block_fields, hif_formatter, lut_word, residual, residual_adder, scale_decoder, sparse_merge
 from sop.hdl.config import DecoderConfig
-from sop.hdl.residual import ResidualAdder, ResidualPath, SparseMerge
+from sop.hdl.residual import ResidualPath
+from sop.hdl.residual_adder import ResidualAdder
+from sop.hdl.sparse_merge import SparseMerge
 
 BF16 = get_format("bf16")
 LAY = named_layouts()
@@ -120,7 +123,7 @@ def check_adder(cfg, cls=ResidualAdder, n=2500, seed=0):
     inputs = [[(dut.word.as_value(), int(words[i])), (dut.block.as_value(), pack(blay, row(blocks, i))),
                (dut.residual, int(res[i]))] for i in range(n)]
     got = stream_through(dut, inputs, dut.latency, np.random.default_rng(seed + 1))
-    return np.array(got), residual.adder_model(cfg, words, blocks, res), (words, blocks, res)
+    return np.array(got), residual_adder.adder_model(cfg, words, blocks, res), (words, blocks, res)
 
 
 @pytest.mark.parametrize("layout", ["sop4-g16", "e2m3-ue4m4-g16"])
@@ -153,9 +156,9 @@ def test_adder_model_is_the_exact_sum_rounded_once():
     words, blocks, res = adder_vectors(cfg, 5, 1500)
     p = hif_formatter.product_values(cfg, words, blocks)
     want = [fraction_bf16(a, b) for a, b in zip(p, BF16.decode(res))]
-    np.testing.assert_array_equal(residual.adder_model(cfg, words, blocks, res), want)
+    np.testing.assert_array_equal(residual_adder.adder_model(cfg, words, blocks, res), want)
     # the cases reach what they are for: +0 from cancellation, saturation, subnormal sums
-    got = residual.adder_model(cfg, words, blocks, res)
+    got = residual_adder.adder_model(cfg, words, blocks, res)
     assert (got == 0).sum() > 50 and (got & 0x7FFF == 0x7F7F).sum() > 50
     assert ((got & 0x7F80) == 0).sum() > (got & 0x7FFF == 0).sum()
 
@@ -192,7 +195,7 @@ def no_stale(entry):
 
 
 def merge_model(cfg, ins):
-    return [{**o, "entries": [no_stale(e) for e in o["entries"]]} for o in residual.merge_model(cfg, ins)]
+    return [{**o, "entries": [no_stale(e) for e in o["entries"]]} for o in sparse_merge.merge_model(cfg, ins)]
 
 
 def drive_merge(cfg, layers, seed, *, cls=SparseMerge, bad=None, p_en=0.8, p_beat=0.8, p_entry=0.7,
@@ -248,7 +251,7 @@ def drive_merge(cfg, layers, seed, *, cls=SparseMerge, bad=None, p_en=0.8, p_bea
                                                     for f in ("valid", "lane", "value")))
                                      for j in range(cfg.residuals)],
                          "final": ctx.get(dut.final), "error": {k: ctx.get(getattr(dut.error, k))
-                                                                 for k in residual.ERRORS}})
+                                                                 for k in sparse_merge.ERRORS}})
             ins.append(cy)
             if en and present:
                 applied = [(lane, value) for v, lane, value in outs[-1]["entries"] if v]
@@ -394,7 +397,7 @@ def check_path(cfg, cls=ResidualPath, chunks=60, seed=0):
                 ctx.set(dut.block[i].as_value(), pack(blay, row(p[2], i)))
                 ctx.set(dut.lanes[i], int(q[0][i]))
             for j, (v, lane, value) in enumerate(p[3]):
-                ctx.set(dut.entries[j].as_value(), pack(residual.entry_layout(cfg),
+                ctx.set(dut.entries[j].as_value(), pack(sparse_merge.entry_layout(cfg),
                                                         {"valid": v, "lane": lane, "value": value}))
             ctx.set(dut.final, p[4])
             en = int(rng.random() < 0.8)

@@ -22,7 +22,7 @@ from hdl_harness import run_decoder
 from sop.golden.layout import named_layouts
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
 from sop.hdl.decoder import Decoder
-from sop.hdl.residual import ERRORS
+from sop.hdl.sparse_merge import ERRORS
 from sop.sim.stimulus import SPARSE_PATTERNS, Layer, random_layer, with_sparse
 
 LAY = named_layouts()

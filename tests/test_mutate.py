@@ -108,9 +108,10 @@ def sparse_run(tmp_path_factory):
 
 
 def test_sparse_scenario_kills_known_bad_mutants(sparse_run):
-    """The residual path's mutations only (hdl/residual.py's cells), the sparse scenarios: the
-    original passes them before and after, a merge that never holds is caught by an output beat
-    (chunks of more than R entries), error bits set on a good stream by the error check."""
+    """The residual path's mutations only (the cells of hdl/sparse_merge.py's merge and
+    hdl/residual.py's path with its adders), the sparse scenarios: the original passes them before
+    and after, a merge that never holds is caught by an output beat (chunks of more than R
+    entries), error bits set on a good stream by the error check."""
     s = sparse_run
     assert not s["void"], s["original"]
     names = [sc["name"] for sc in mutate.sparse_scenarios(residual_configs()["sop4-g16-sp"], None, size="tiny")]

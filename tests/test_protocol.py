@@ -27,7 +27,7 @@ from amaranth.hdl import Const
 from sop.golden.layout import named_layouts
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
-from sop.hdl import residual
+from sop.hdl import sparse_merge
 from sop.hdl.decoder import Decoder
 from sop.sim.stimulus import from_stream, random_layer, with_sparse
 from sop.golden.files import crc32
@@ -328,8 +328,8 @@ def test_the_error_bits_are_hdls_in_the_order_the_wire_docs_state():
 
     from sop.hdl import GEMV_ERRORS, SPARSE_ERRORS, gemv_config
 
-    assert (wire.SPARSE_ERRORS, wire.GEMV_ERRORS, residual.ERRORS) == (SPARSE_ERRORS, GEMV_ERRORS, SPARSE_ERRORS)
-    for names, layout in ((SPARSE_ERRORS, residual.error_layout()), (GEMV_ERRORS, gemv_config.error_layout())):
+    assert (wire.SPARSE_ERRORS, wire.GEMV_ERRORS, sparse_merge.ERRORS) == (SPARSE_ERRORS, GEMV_ERRORS, SPARSE_ERRORS)
+    for names, layout in ((SPARSE_ERRORS, sparse_merge.error_layout()), (GEMV_ERRORS, gemv_config.error_layout())):
         assert [(n, f.offset, f.width) for n, f in layout] == [(n, i, 1) for i, n in enumerate(names)]
     doc = (Path(__file__).resolve().parent.parent / "docs" / "board-protocol.md").read_text()
     for names in (SPARSE_ERRORS, GEMV_ERRORS):

@@ -1,6 +1,6 @@
 """sim.sparse_stalls: the stall count of the residual rule, and the same count from the decoder itself.
 
-The bench counts stage 0's cycles with hdl.residual.MergeModel; here the real decoder runs the
+The bench counts stage 0's cycles with hdl.sparse_merge.MergeModel; here the real decoder runs the
 same layers in amaranth.sim at full speed and its output beats' cycles must show exactly that
 many extra cycles: on hand-made layers (none, one and two entries per beat, bursts) and on
 MiniLM rows with the residuals the quantizer keeps.
