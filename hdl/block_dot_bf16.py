@@ -51,6 +51,8 @@ from ``values.ready``); each lane has its own copy of it, from its own registers
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import stream
@@ -82,6 +84,61 @@ def shift_right(m: Module, en, value, amount, name: str):
         value = stage_reg(m, en, f"{name}{i}", choices[bits], shape)
         amount = stage_reg(m, en, f"{name}_amt{i}", amount, amount.shape())
     return value
+
+
+@dataclass(frozen=True)
+class _Front:
+    """The front's enables (``fen``, the control's; ``fen_l``, each lane's) and valid chain ``vf``, with
+    its registers: ``reg`` and ``delay`` move on ``en``, by default ``fen``."""
+    m: Module
+    fen: Signal
+    fen_l: list
+    vf: list
+
+    def reg(self, name, value, shape, en=None):
+        return stage_reg(self.m, self.fen if en is None else en, name, value, shape)
+
+    def delay(self, value, n, name, en=None):
+        return arith_delay(self.m, self.fen if en is None else en, value, n, name)
+
+
+@dataclass(frozen=True)
+class _Products:
+    """Per lane at the max tree's end: the product ``p``, its sign ``s``, its exponent ``t``, the drop
+    limit ``lim`` and the nonzero flag ``nz``; the block's largest ``T``."""
+    p: list
+    s: list
+    t: list
+    lim: list
+    nz: list
+    T: Value
+
+
+@dataclass(frozen=True)
+class _BlockFields:
+    """The block's fields at the max tree's end: kmax's constant part, the scale, offset and sign."""
+    eoc: Value
+    es: Value
+    off: Value
+    ss: Value
+    sb: Value
+
+
+@dataclass(frozen=True)
+class _LastStage:
+    """The front's last stage: what the main pipeline and the slow path read."""
+    slow8: Value
+    slow9: Signal
+    c9: list
+    rot: list
+    p9: list
+    s9: list
+    t9: list
+    kmax9: Value
+    ss9: Value
+    sb9: Value
+    es9: Value
+    off9: Value
 
 
 class BlockDotBF16(BlockDot):
@@ -134,6 +191,11 @@ class BlockDotBF16(BlockDot):
         """Cycles from a block taken to its value on the fast path: the front's, then ``stages``."""
         return self.front + self.stages()
 
+    @property
+    def _t_bits(self) -> int:
+        """Bits of a product's exponent ``t`` (and of the block's largest, ``T``)."""
+        return (self.acc.span + 1).bit_length()
+
     def stages(self) -> int:
         """Main pipeline stages (after the front) from a fast block taken to its value."""
         g = self.layout.group
@@ -145,40 +207,48 @@ class BlockDotBF16(BlockDot):
     def elaborate(self, platform):
         m = Module()
         g = self.layout.group
-        hif, act, scale = self.hif, self.act, self.scale
-        P, F, Wn = self.acc.product_bits, self.F, self.window
-        lg = int(g).bit_length() - 1
-
         lanes = min(g, 32)
         depth_main = self.stages()
         ctl, out = output_pipeline(m, depth_main, self.values, lanes)
         inp = self.blocks.payload
-        en0 = ctl.enable.en
         en_lane = [ctl.enable.lane[j * lanes // g] for j in range(g)]
+        fr = self._front_control(m)
+        prods = self._front_products(fr, inp)
+        blk = self._front_block_fields(fr, inp)
+        kmax7, slow8, c8 = self._front_window_check(fr, prods, blk)
+        last = self._front_last_stage(fr, prods, blk, kmax7, slow8, c8)
+        slow_word = self._hand_over(m, ctl, fr, last, en_lane, depth_main)
+        A, depth = self._window_sum(m, en_lane, last)
+        word, use_slow = self._scaled_tail(m, ctl.enable.en, A, depth, last, depth_main)
+        m.d.comb += Value.cast(out.last).eq(Mux(use_slow, slow_word, word))
+        return m
 
-        # -- the front: its own enable, a stall of all its stages ------------------------------------
+    # -- the front: its own enable, a stall of all its stages ------------------------------------
+    def _front_control(self, m) -> _Front:
+        """The front's enables (driven by the hand-over) and its valid chain."""
         # fen: the control's copy (the valid chain, the block's fields); fen_l[j]: lane j's (the same
         # signal, from the lane's copy of the pipeline enable: no net reaches every lane's registers)
         fen = Signal()
-        fen_l = [Signal(name=f"fen{j}") for j in range(g)]
+        fen_l = [Signal(name=f"fen{j}") for j in range(self.layout.group)]
         vf = [Signal(name=f"vf{i}") for i in range(self.front)]          # valid bits, reset 0
         with m.If(fen):
             m.d.sync += vf[0].eq(self.blocks.valid)
             m.d.sync += [vf[i + 1].eq(vf[i]) for i in range(self.front - 1)]
         m.d.comb += self.blocks.ready.eq(fen)
+        return _Front(m, fen, fen_l, vf)
 
-        def freg(name, value, shape, en=fen):
-            return stage_reg(m, en, name, value, shape)
-
-        def fdelay(value, n, name, en=fen):
-            return arith_delay(m, en, value, n, name)
-
-        tbits = (self.acc.span + 1).bit_length()
+    def _front_products(self, fr, inp) -> _Products:
+        """Stages 1 to 2 + log2 g: each lane's fields, product, exponent t and drop limit; the max tree's T."""
+        g, hif, act = self.layout.group, self.hif, self.act
+        P, F = self.acc.product_bits, self.F
+        lg = int(g).bit_length() - 1
+        m, freg, fdelay = fr.m, fr.reg, fr.delay
+        tbits = self._t_bits
         mul1 = PipelinedMultiplier.stages(act.mbits + 1)
         assert 1 + mul1 <= 1 + lg + 1, "the product must be ready when T is"
         p_f, s_f, tm_f, lim_f, nz_f = [], [], [], [], []
         for j in range(g):
-            e = fen_l[j]
+            e = fr.fen_l[j]
             sh, Sh, eh = code_fields(hif, inp.hif[j])
             sx, Sx, ex = code_fields(act, inp.act[j])
             Sh1, Sx1 = freg(f"fsh{j}", Sh, unsigned(len(Sh)), e), freg(f"fsx{j}", Sx, unsigned(len(Sx)), e)
@@ -200,20 +270,32 @@ class BlockDotBF16(BlockDot):
         level, terms = 0, list(tm_f)
         while len(terms) > 1:
             terms = [freg(f"fmax{level}_{i}", Mux(terms[2 * i] > terms[2 * i + 1], terms[2 * i], terms[2 * i + 1]),
-                          unsigned(tbits), fen_l[2 * i << level]) for i in range(len(terms) // 2)]
+                          unsigned(tbits), fr.fen_l[2 * i << level]) for i in range(len(terms) // 2)]
             level += 1
         (T,) = terms
-        tm_f = [fdelay(t, lg, f"ftmd{j}", fen_l[j]) for j, t in enumerate(tm_f)]
-        # the block's fields
-        _, Ss, es = code_fields(scale, inp.scale)
-        ss1, es1 = freg("fss", Ss, unsigned(len(Ss))), freg("fes", es, unsigned(scale.ebits))
+        tm_f = [fdelay(t, lg, f"ftmd{j}", fr.fen_l[j]) for j, t in enumerate(tm_f)]
+        return _Products(p_f, s_f, tm_f, lim_f, nz_f, T)
+
+    def _front_block_fields(self, fr, inp) -> _BlockFields:
+        """The block's fields: the scale, the offset, the sign and the exponent constant of kmax."""
+        lg = int(self.layout.group).bit_length() - 1
+        freg, fdelay = fr.reg, fr.delay
+        _, Ss, es = code_fields(self.scale, inp.scale)
+        ss1, es1 = freg("fss", Ss, unsigned(len(Ss))), freg("fes", es, unsigned(self.scale.ebits))
         off1, sb1 = freg("foff", inp.offset, OFFSET_SHAPE), freg("fsb", inp.sign, 1)
         eoc = freg("feoc", es1 + off1 + self.kconst, signed(12))
         eoc, es_b, off_b = fdelay(eoc, lg, "feoc"), fdelay(es1, 1 + lg, "fes"), fdelay(off1, 1 + lg, "foff")
         ss_b, sb_b = fdelay(ss1, 1 + lg, "fss"), fdelay(sb1, 1 + lg, "fsb")
+        return _BlockFields(eoc, es_b, off_b, ss_b, sb_b)
+
+    def _front_window_check(self, fr, prods, blk):
+        """Stages 3 + log2 g and 4 + log2 g: ``d = T - t`` and kmax; the dropped bits (slow), the clamped shift."""
+        g, fen_l, freg = self.layout.group, fr.fen_l, fr.reg
+        tbits = self._t_bits
+        T, tm_f, lim_f, nz_f = prods.T, prods.t, prods.lim, prods.nz
         # stage 3 + log2 g (7): d = T - t, kmax
         d7 = [freg(f"fd{j}", T - tm_f[j], unsigned(tbits), fen_l[j]) for j in range(g)]
-        kmax7 = freg("fkmax", T + eoc, signed(12))
+        kmax7 = freg("fkmax", T + blk.eoc, signed(12))
         lim7 = [freg(f"flim7_{j}", lim_f[j], lim_f[j].shape(), fen_l[j]) for j in range(g)]
         nz7 = [freg(f"fnz7_{j}", nz_f[j], 1, fen_l[j]) for j in range(g)]
         # 8: the dropped bits, the clamped shift
@@ -224,9 +306,13 @@ class BlockDotBF16(BlockDot):
                      unsigned(len(groups)))
         c8 = [freg(f"fc{j}", Mux(d7[j] > cmax, cmax, d7[j]), unsigned(self.shift_bits), fen_l[j]) for j in range(g)]
         under8 = freg("funder", kmax7[-1], 1)
-        # 9: the block is slow; the front's last stage (everything the main pipeline and the slow
-        # path read)
-        slow8 = drop8.any() | under8
+        slow8 = drop8.any() | under8                          # the block is slow
+        return kmax7, slow8, c8
+
+    def _front_last_stage(self, fr, prods, blk, kmax7, slow8, c8) -> _LastStage:
+        """The front's last stage: everything the main pipeline and the slow path read."""
+        g, m, fen_l, freg, fdelay = self.layout.group, fr.m, fr.fen_l, fr.reg, fr.delay
+        # 9: the block is slow
         slow9 = freg("fslow", slow8, 1)
         c9 = [freg(f"fc9_{j}", c8[j], c8[j].shape(), fen_l[j]) for j in range(g)]
         # each lane's product, sign and t in the last stage: also a shift chain (lane j + 1 into lane j)
@@ -234,7 +320,7 @@ class BlockDotBF16(BlockDot):
         # front is stalled then, and the fast path's result of a slow block is never used
         rot = [rep.replica(1, name=f"slow_rot{j}") for j in range(g)]
         last = [[fdelay(v, 2, f"f{n}8_{j}", fen_l[j]) for j, v in enumerate(vs)]
-                for n, vs in (("p", p_f), ("s", s_f), ("t", tm_f))]
+                for n, vs in (("p", prods.p), ("s", prods.s), ("t", prods.t))]
         p9, s9, t9 = ([Signal.like(v, name=f"f{n}9_{j}", reset_less=True) for j, v in enumerate(vs)]
                       for n, vs in zip("pst", last))
         for vs, v9s in zip(last, (p9, s9, t9)):
@@ -244,11 +330,15 @@ class BlockDotBF16(BlockDot):
                 with m.Elif(rot[j]):
                     m.d.sync += v9s[j].eq(v9s[j + 1] if j + 1 < g else 0)
         kmax9 = fdelay(kmax7, 2, "fkmax")
-        ss9, sb9 = fdelay(ss_b, 3, "fss9"), fdelay(sb_b, 3, "fsb9")
-        es9, off9 = fdelay(es_b, 3, "fes9"), fdelay(off_b, 3, "foff9")
-        v9 = vf[-1]
+        ss9, sb9 = fdelay(blk.ss, 3, "fss9"), fdelay(blk.sb, 3, "fsb9")
+        es9, off9 = fdelay(blk.es, 3, "fes9"), fdelay(blk.off, 3, "foff9")
+        return _LastStage(slow8, slow9, c9, rot, p9, s9, t9, kmax9, ss9, sb9, es9, off9)
 
-        # -- the slow path and the hand-over -----------------------------------------------------------
+    # -- the slow path and the hand-over -----------------------------------------------------------
+    def _hand_over(self, m, ctl, fr, last, en_lane, depth_main):
+        """The slow path, the hand-over of its result (returned) and the front's enables that wait for it."""
+        g, en0, vf, slow9 = self.layout.group, ctl.enable.en, fr.vf, last.slow9
+        v9 = vf[-1]
         sdone = Signal()                          # the slow result of the block in the front's last stage
         sres = Signal(32, reset_less=True)
         # enabled edges since a slow block entered the main pipeline, and whether they are depth + 1
@@ -263,54 +353,56 @@ class BlockDotBF16(BlockDot):
         # front enable is one LUT from its own registers and its copy of the pipeline enable
         done_set = Signal(name="slow_done_set")
         v9_n = Mux(fen_c, vf[-2], v9)
-        slow9_n = Mux(fen_c, slow8, slow9)
+        slow9_n = Mux(fen_c, last.slow8, slow9)
         sdone_n = Mux(take_slow, 0, sdone | done_set)
         since_ok_n = Mux(take_slow, 0, Mux(en0 & ~since_ok, since == depth_main, since_ok))
         ok_n = ~slow9_n | (sdone_n & (since_ok_n if self.HOLD_WORD else 1))
         idle_l = [rep.replica(1, name=f"fidle{j}", init=1) for j in range(g + 1)]   # ~v9 (the last: the control's)
         ok_l = [rep.replica(1, name=f"fok{j}", init=1) for j in range(g + 1)]       # ok
         m.d.sync += [c.eq(~v9_n) for c in idle_l] + [c.eq(ok_n) for c in ok_l]
-        m.d.comb += [fen_l[j].eq(idle_l[j] | (en_lane[j] & ok_l[j])) for j in range(g)]
-        m.d.comb += fen.eq(idle_l[g] | (en0 & ok_l[g]))
+        m.d.comb += [fr.fen_l[j].eq(idle_l[j] | (en_lane[j] & ok_l[j])) for j in range(g)]
+        m.d.comb += fr.fen.eq(idle_l[g] | (en0 & ok_l[g]))
         slow_word = Signal(32, reset_less=True)
         with m.If(take_slow):
             m.d.sync += [slow_word.eq(sres), since.eq(0), since_ok.eq(0)]
         with m.Elif(en0 & ~since_ok):
             m.d.sync += [since.eq(since + 1), since_ok.eq(since == depth_main)]
-        self._slow_path(m, v9 & slow9 & ~sdone, done_set, sres, rot, p9[0], s9[0], t9[0], ss9, sb9, es9, off9)
+        self._slow_path(m, v9 & slow9 & ~sdone, done_set, sres, last.rot, last.p9[0], last.s9[0], last.t9[0],
+                        last.ss9, last.sb9, last.es9, last.off9)
         m.d.sync += sdone.eq(sdone_n)
+        return slow_word
 
-        # -- the main pipeline: negate, place in the window, sum ------------------------------------------------
-        def reg(en, name, value, shape):
-            return stage_reg(m, en, name, value, shape)
-
-        def delay(en, value, n, name):
-            return arith_delay(m, en, value, n, name)
-
+    # -- the main pipeline: negate, place in the window, sum ------------------------------------------------
+    def _window_sum(self, m, en_lane, last):
+        """Each lane's signed product placed in the window, and the adder tree: ``Wsum`` and its stages."""
+        g, P, F = self.layout.group, self.acc.product_bits, self.F
         terms = []
         for j in range(g):
             en = en_lane[j]
-            pn = reg(en, f"pn{j}", self.negate(s9[j], p9[j]), signed(P + 1))
-            c = reg(en, f"c{j}", c9[j], c9[j].shape())
+            pn = stage_reg(m, en, f"pn{j}", self.negate(last.s9[j], last.p9[j]), signed(P + 1))
+            c = stage_reg(m, en, f"c{j}", last.c9[j], last.c9[j].shape())
             terms.append(shift_right(m, en, Cat(Const(0, F), pn).as_signed(), c, f"al{j}_"))
         depth = 1 + shift_stages(2 ** self.shift_bits - 1)
         A, levels = adder_tree(m, en_lane, terms)
         depth += levels
-        assert len(A) == Wn, (len(A), Wn)
+        assert len(A) == self.window, (len(A), self.window)
+        return A, depth
 
+    def _scaled_tail(self, m, en0, A, depth, last, depth_main):
+        """The block path beside the lanes, then the E4M3 unit's tail: the fast word and the slow flag."""
+        tbits = self._t_bits
         # the block path: kmax (>= 0 on the fast path), Ss, the sign, the slow flag, delayed beside the lanes
-        kbits = (self.kconst + (1 << tbits) + (1 << scale.ebits) + OFFSET_RANGE[1]).bit_length()
-        kmax = delay(en0, kmax9.as_unsigned()[:kbits], depth, "kmax")
-        ss, sb = delay(en0, ss9, depth, "ss"), delay(en0, sb9, depth, "sb")
-        use_slow = delay(en0, slow9, depth, "slowf")
+        kbits = (self.kconst + (1 << tbits) + (1 << self.scale.ebits) + OFFSET_RANGE[1]).bit_length()
+        kmax = arith_delay(m, en0, last.kmax9.as_unsigned()[:kbits], depth, "kmax")
+        ss, sb = arith_delay(m, en0, last.ss9, depth, "ss"), arith_delay(m, en0, last.sb9, depth, "sb")
+        use_slow = arith_delay(m, en0, last.slow9, depth, "slowf")
 
         # -- the E4M3 unit's tail: |A|, Q = |A| * Ss, barrier, normalize, round -----------------------------
         word, tail = self.scaled_word(m, en0, A, kmax, ss, sb)
-        use_slow = delay(en0, use_slow, tail, "slowf_t")
+        use_slow = arith_delay(m, en0, use_slow, tail, "slowf_t")
         depth += tail
         assert depth == depth_main, (depth, depth_main)
-        m.d.comb += Value.cast(out.last).eq(Mux(use_slow, slow_word, word))
-        return m
+        return word, use_slow
 
     # -- the exact serial fallback ---------------------------------------------------------------------
     def _slow_path(self, m, start, done_set, sres, rot, p0, s0, t0, ss9, sb9, es9, off9):

@@ -10,8 +10,10 @@ docstring; ``BlockSequencer.model`` the counters' values per block.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -43,6 +45,74 @@ def model(rows: int, blocks_per_row: int, tile: int) -> dict[str, np.ndarray]:
     end[-1] = 1
     return {"col": col, "slot": row % tile, "first": (col == 0).astype(np.int64),
             "last": (col == blocks_per_row - 1).astype(np.int64), "end": end}
+
+
+@dataclass(frozen=True)
+class _Pages:
+    """The layer registers of both pages (``Array``s a page indexes) and the active page."""
+    active: Signal
+    rows_m1: Array
+    bpr_m1: Array
+    rows_m2: Array
+    bpr_m2: Array
+    offset: Array
+    sparse: Array
+
+
+@dataclass(frozen=True)
+class _XPages:
+    """The x pages' state that the blocks' side reads and frees."""
+    held: Signal
+    loaded: Signal
+    both: Signal
+    rpage: Signal
+    take: Signal
+
+
+@dataclass(frozen=True)
+class _Counters:
+    """The counters of tile_order, the active page's registers copied, and the flags on them."""
+    col: Signal
+    slot: Signal
+    row: Signal
+    tile_base: Signal
+    end_taken: Signal
+    terms: Signal
+    rows_last: Signal
+    cols_last: Signal
+    rows_last_m1: Signal
+    cols_last_m1: Signal
+    with_terms: Value
+    at_last_row: Signal
+    last_slot: Signal
+    row_done: Signal
+    col_first: Signal
+    settled: Signal
+    column_done: Value
+
+
+@dataclass(frozen=True)
+class _Stage0:
+    """Stage 0's registers, in the order of the ``issue`` port."""
+    valid: Signal
+    block: Signal
+    page: Signal
+    col: Signal
+    x_page: Signal
+    offset: Signal
+    tag: Signal
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """The tile whose residual entries come (the ``terms_*`` registers)."""
+    base: Signal
+    top: Signal
+    last: Signal
+    end: Signal
+    rows: Signal
+    all_in: Signal
+    page: Signal
 
 
 class BlockSequencer(wiring.Component):
@@ -84,11 +154,36 @@ class BlockSequencer(wiring.Component):
             "status": Out(status_layout()),
         })
 
+    @property
+    def _rows_shape(self):
+        """The shape of a row, a row count or a tile's base."""
+        return unsigned(self.config.max_rows.bit_length())
+
+    @property
+    def _bpr_shape(self):
+        """The shape of a block column or blocks per row - 1."""
+        return range(self.config.max_blocks)
+
     def elaborate(self, platform):
         m = Module()
-        cfg = self.config
-        S, B = cfg.tile, cfg.max_blocks
-        rows_shape, bpr_shape = unsigned(cfg.max_rows.bit_length()), range(B)
+        errors, error_now, x_length_late = self._error_bits(m)
+        pages = self._layer_pages(m, error_now)
+        x_pages = self._x_pages(m, pages, error_now, x_length_late)
+        cnt = self._block_flags(m, pages, x_pages)
+        w_take = self._block_handshake(m, cnt, x_pages, error_now)
+        s0 = self._stage0(m, pages, x_pages, cnt, w_take)
+        tile = self._step_counters(m, cnt, x_pages, w_take)
+        terms_done = self._entry_register(m, cnt, tile, error_now)
+        self._free_x_page(m, x_pages, cnt, s0, w_take, terms_done)
+        # stage 0 on the issue port, the term unit's x page, the status
+        m.d.comb += [self.issue.valid.eq(s0.valid), self.issue.block.eq(s0.block), self.issue.page.eq(s0.page),
+                     self.issue.col.eq(s0.col), self.issue.x_page.eq(s0.x_page), self.issue.offset.eq(s0.offset),
+                     self.issue.tag.eq(s0.tag), self.term_page.eq(tile.page),
+                     self.status.x_loaded.eq(x_pages.loaded), self.status.errors.eq(errors)]
+        return m
+
+    def _error_bits(self, m):
+        """The sticky error bits (``errors``), and ``error_now`` that the sections below drive."""
         errors = Signal(error_layout(), name="errors")
         error_now = Signal(error_layout(), name="error_now")
         # the errors found now, registered before they join the sticky bits (a cycle later on status);
@@ -102,8 +197,12 @@ class BlockSequencer(wiring.Component):
         with m.Else():
             m.d.sync += [errors.eq(errors.as_value() | error_seen.as_value() | (x_length_late << 1)),
                          error_seen.eq(error_now)]
+        return errors, error_now, x_length_late
 
-        # -- the layer registers, two pages; the host writes the inactive one --------------------
+    def _layer_pages(self, m, error_now) -> _Pages:
+        """The layer registers, two pages; the host writes the inactive one."""
+        cfg, B = self.config, self.config.max_blocks
+        rows_shape, bpr_shape = self._rows_shape, self._bpr_shape
         active = Signal(name="active")
         rows_m1 = Array(Signal(rows_shape, name=f"rows_m1_p{p}", reset_less=True) for p in range(2))
         bpr_m1 = Array(Signal(bpr_shape, name=f"bpr_m1_p{p}", reset_less=True) for p in range(2))
@@ -127,10 +226,13 @@ class BlockSequencer(wiring.Component):
                 bad = bad | lw.sparse
             m.d.comb += error_now.layer.eq(bad)
         m.d.comb += self.write_page.eq(~active)
+        return _Pages(active, rows_m1, bpr_m1, rows_m2, bpr_m2, offset, sparse)
 
-        # -- x: two pages of the buffer, a vector each; the swap beat flips the layer page ----------
+    def _x_pages(self, m, pages, error_now, x_length_late) -> _XPages:
+        """x: two pages of the buffer, a vector each; the swap beat flips the layer page."""
         # A vector loads into the free x page while the other's pass runs; a swap beat (a new layer:
         # it changes the layer registers and tables the pass uses) only while no vector is loaded.
+        B, active = self.config.max_blocks, pages.active
         x_held = Signal(range(3), name="x_held")     # vectors loaded and their passes not done
         x_loaded = Signal(name="x_loaded")          # x_held != 0
         x_both = Signal(name="x_both")              # x_held == 2: no page free
@@ -148,8 +250,9 @@ class BlockSequencer(wiring.Component):
         # the length check a cycle later, on registered copies (the beat's page's blocks per row among them)
         xl_take, xl_last = Signal(name="xl_take"), Signal(name="xl_last", reset_less=True)
         xl_count = Signal.like(x_count, name="xl_count", reset_less=True)
-        bpr_now = Signal(bpr_shape, name="xl_bpr", reset_less=True)       # the beat's page's blocks per row - 1
-        m.d.sync += [xl_take.eq(x_take), xl_last.eq(xp.last), xl_count.eq(x_count), bpr_now.eq(bpr_m1[page_now])]
+        bpr_now = Signal(self._bpr_shape, name="xl_bpr", reset_less=True)       # the beat's page's blocks per row - 1
+        m.d.sync += [xl_take.eq(x_take), xl_last.eq(xp.last), xl_count.eq(x_count),
+                     bpr_now.eq(pages.bpr_m1[page_now])]
         m.d.comb += [x_length_late.eq(xl_take & ((xl_count > bpr_now) | (xl_last & (xl_count != bpr_now)))),
                      error_now.x_length.eq(x_length_late)]
         with m.If(x_take):
@@ -159,8 +262,12 @@ class BlockSequencer(wiring.Component):
                 m.d.sync += [x_count.eq(0), x_wpage.eq(~x_wpage)]
             with m.Elif(~x_count[-1]):
                 m.d.sync += x_count.eq(x_count + 1)
+        return _XPages(x_held, x_loaded, x_both, x_rpage, x_take)
 
-        # -- blocks: the counters of tile_order -----------------------------------------------------
+    def _block_flags(self, m, pages, x_pages) -> _Counters:
+        """The counters of tile_order and their comparisons, registered flags worked out a block ahead."""
+        S, rows_shape, bpr_shape = self.config.tile, self._rows_shape, self._bpr_shape
+        active = pages.active
         col = Signal(bpr_shape, name="col")                   # block column of the next block
         slot = Signal(range(S), name="slot")                  # its row's slot (row - tile base)
         row = Signal(rows_shape, name="row")
@@ -169,11 +276,11 @@ class BlockSequencer(wiring.Component):
         terms = Signal(name="terms")                          # the tile's residual entries come now
         # the active page's registers copied every cycle (a cycle late: the flags see a swap two
         # cycles after its beat, and no block is taken in the two cycles after a swap beat)
-        rows_last = stage_reg(m, 1, "rows_last", rows_m1[active], rows_shape)
-        cols_last = stage_reg(m, 1, "cols_last", bpr_m1[active], bpr_shape)
-        rows_last_m1 = stage_reg(m, 1, "rows_last_m1", rows_m2[active], rows_shape)
-        cols_last_m1 = stage_reg(m, 1, "cols_last_m1", bpr_m2[active], bpr_shape)
-        with_terms = sparse[active]
+        rows_last = stage_reg(m, 1, "rows_last", pages.rows_m1[active], rows_shape)
+        cols_last = stage_reg(m, 1, "cols_last", pages.bpr_m1[active], bpr_shape)
+        rows_last_m1 = stage_reg(m, 1, "rows_last_m1", pages.rows_m2[active], rows_shape)
+        cols_last_m1 = stage_reg(m, 1, "cols_last_m1", pages.bpr_m2[active], bpr_shape)
+        with_terms = pages.sparse[active]
         # the counters' comparisons as flags, registers worked out a block ahead (from the counters
         # and rows - 2, blocks per row - 2) when a block is taken, else from the counters as they are:
         # no comparison lies between the counters and their next values. A block is taken only two
@@ -184,31 +291,49 @@ class BlockSequencer(wiring.Component):
         col_first = Signal(name="col_first", init=1)          # col == 0
         settled = Signal(name="settled")
         swap_take, swap_took = Signal(name="swap_take"), Signal(name="swap_took")
-        m.d.comb += swap_take.eq(x_take & xp.swap)
+        m.d.comb += swap_take.eq(x_pages.take & self.x.payload.swap)
         m.d.sync += [swap_took.eq(swap_take), settled.eq(~swap_take & ~swap_took)]
         column_done = last_slot | at_last_row                 # the tile's last row of this column
+        return _Counters(col, slot, row, tile_base, end_taken, terms, rows_last, cols_last, rows_last_m1,
+                         cols_last_m1, with_terms, at_last_row, last_slot, row_done, col_first, settled, column_done)
+
+    def _block_handshake(self, m, cnt, x_pages, error_now):
+        """The ``w`` handshake: whether a block may be taken now (``w_take``, returned)."""
         w_take = Signal(name="w_take")
         # a vector whose blocks may come: the oldest one's, until its last block is taken, then the
         # next one's if it is loaded (its page is the other: x_rpage flips at that last block)
-        pass_open = Mux(end_taken, x_both, x_loaded) & settled & ~terms & ~self.term_busy
+        pass_open = (Mux(cnt.end_taken, x_pages.both, x_pages.loaded) & cnt.settled & ~cnt.terms
+                     & ~self.term_busy)
         m.d.comb += [self.w.ready.eq(self.en & pass_open), w_take.eq(self.w.valid & self.w.ready),
                      self.offer.eq(self.w.valid & pass_open)]
-        m.d.comb += error_now.w_before_x.eq(self.w.valid & ~x_loaded)
+        m.d.comb += error_now.w_before_x.eq(self.w.valid & ~x_pages.loaded)
+        return w_take
 
+    def _stage0(self, m, pages, x_pages, cnt, w_take) -> _Stage0:
+        """Stage 0: the block in hand and its page, x page, column, offset and tag (the ``issue`` port)."""
+        cfg, bpr_shape, active = self.config, self._bpr_shape, pages.active
         valid0 = Signal(name="valid0")
         # stage 0 loads on every enabled edge, a block taken or not (valid0 says which): the enable
         # is a register, where the take is logic with a hundred loads
         block0 = stage_reg(m, self.en, "block0", self.w.payload, unsigned(cfg.layout.block_bits))
         page0 = stage_reg(m, self.en, "page0", active, 1)
-        xpage0 = stage_reg(m, self.en, "xpage0", x_rpage, 1)
-        col0 = stage_reg(m, self.en, "col0", col, bpr_shape)
-        offset0 = stage_reg(m, self.en, "offset0", offset[active], OFFSET_SHAPE)
+        xpage0 = stage_reg(m, self.en, "xpage0", x_pages.rpage, 1)
+        col0 = stage_reg(m, self.en, "col0", cnt.col, bpr_shape)
+        offset0 = stage_reg(m, self.en, "offset0", pages.offset[active], OFFSET_SHAPE)
         # with residual entries a row's last value is its last entry's term, not its last block's
-        tag0 = stage_reg(m, self.en, "tag0", self.tag(slot, col_first, row_done & ~with_terms,
-                                                      column_done & row_done & at_last_row & ~with_terms),
-                         tag_layout(cfg))
+        tag = self.tag(cnt.slot, cnt.col_first, cnt.row_done & ~cnt.with_terms,
+                       cnt.column_done & cnt.row_done & cnt.at_last_row & ~cnt.with_terms)
+        tag0 = stage_reg(m, self.en, "tag0", tag, tag_layout(cfg))
         with m.If(self.en):
             m.d.sync += valid0.eq(w_take)
+        return _Stage0(valid0, block0, page0, col0, xpage0, offset0, tag0)
+
+    def _step_counters(self, m, cnt, x_pages, w_take) -> _Tile:
+        """The counters' next values as a block is taken, and the tile whose entries come next."""
+        S, rows_shape = self.config.tile, self._rows_shape
+        slot, row, col, tile_base, x_rpage = cnt.slot, cnt.row, cnt.col, cnt.tile_base, x_pages.rpage
+        last_slot, at_last_row, row_done, col_first = cnt.last_slot, cnt.at_last_row, cnt.row_done, cnt.col_first
+        rows_last, cols_last = cnt.rows_last, cnt.cols_last
         terms_base = Signal(rows_shape, name="terms_base")    # the tile whose entries come
         terms_top = Signal(rows_shape, name="terms_top")      # its last row
         terms_last = Signal(range(S), name="terms_last")      # its last row's slot
@@ -216,14 +341,14 @@ class BlockSequencer(wiring.Component):
         terms_rows = Signal(range(S), name="terms_rows")      # its rows whose last entry has come in
         terms_in = Signal(name="terms_in")                    # its last entry has come in
         terms_page = Signal(name="terms_page")                # the x page its entries read
-        rows_before_last = row == rows_last_m1               # row + 1 is the last row
+        rows_before_last = row == cnt.rows_last_m1           # row + 1 is the last row
         with m.If(w_take):
-            with m.If(~column_done):
+            with m.If(~cnt.column_done):
                 m.d.sync += [slot.eq(slot + 1), row.eq(row + 1), last_slot.eq(slot == S - 2),
                              at_last_row.eq(rows_before_last)]
             with m.Elif(~row_done):
                 m.d.sync += [slot.eq(0), row.eq(tile_base), col.eq(col + 1), last_slot.eq(0),
-                             at_last_row.eq(tile_base == rows_last), row_done.eq(col == cols_last_m1),
+                             at_last_row.eq(tile_base == rows_last), row_done.eq(col == cnt.cols_last_m1),
                              col_first.eq(0)]
             with m.Elif(~at_last_row):                            # the next tile
                 m.d.sync += [slot.eq(0), row.eq(row + 1), tile_base.eq(row + 1), col.eq(0), last_slot.eq(0),
@@ -231,32 +356,35 @@ class BlockSequencer(wiring.Component):
             with m.Else():                                        # the pass's last block
                 m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), last_slot.eq(0), x_rpage.eq(~x_rpage),
                              at_last_row.eq(rows_last == 0), row_done.eq(cols_last == 0), col_first.eq(1)]
-            with m.If(column_done & row_done & with_terms):       # the tile's last block: its entries next
-                m.d.sync += [terms.eq(1), terms_base.eq(tile_base), terms_top.eq(row), terms_last.eq(slot),
+            with m.If(cnt.column_done & row_done & cnt.with_terms):   # the tile's last block: its entries next
+                m.d.sync += [cnt.terms.eq(1), terms_base.eq(tile_base), terms_top.eq(row), terms_last.eq(slot),
                              terms_end.eq(at_last_row), terms_rows.eq(0), terms_in.eq(0), terms_page.eq(x_rpage)]
         with m.Else():
             m.d.sync += [last_slot.eq(slot == S - 1), at_last_row.eq(row == rows_last),
                          row_done.eq(col == cols_last), col_first.eq(col == 0)]
+        return _Tile(terms_base, terms_top, terms_last, terms_end, terms_rows, terms_in, terms_page)
 
-        # -- residual entries: after each tile's blocks, once the blocks' values are all out ------------
+    def _entry_register(self, m, cnt, tile, error_now):
+        """The entry register between ``sparse`` and ``entries``: each tile's residual entries, after its blocks."""
         # An entry register between ``sparse`` and ``entries``: it takes the tile's entries (while
         # ``terms``, until the tile's last one is in) and works out their slot, whether they are
         # outside the tile and whether they are the tile's last on the way in; it hands them on
         # once the tile's blocks are out (``drained``)
+        cfg, S, terms = self.config, self.config.tile, cnt.terms
         sp, ent = self.sparse.payload, self.entries
         e_valid = Signal(name="entry_valid")
         e_col = Signal.like(sp.col, name="entry_col", reset_less=True)
         e_value = Signal.like(sp.value, name="entry_value", reset_less=True)
         e_last, e_final, e_outside = (Signal(name=f"entry_{n}", reset_less=True) for n in ("last", "final", "outside"))
         e_slot = Signal(range(S), name="entry_slot", reset_less=True)
-        entry_slot = sp.row - terms_base
-        outside = (sp.row < terms_base) | (sp.row > terms_top) | (sp.col >> (cfg.group - 1).bit_length() > cols_last)
-        final = sp.last & (terms_rows == terms_last)           # the tile's last row's last entry
+        entry_slot = sp.row - tile.base
+        outside = (sp.row < tile.base) | (sp.row > tile.top) | (sp.col >> (cfg.group - 1).bit_length() > cnt.cols_last)
+        final = sp.last & (tile.rows == tile.last)             # the tile's last row's last entry
         ent_take = Signal(name="entry_take")
         m.d.comb += [ent.valid.eq(e_valid & self.drained), ent_take.eq(ent.valid & ent.ready),
-                     self.sparse.ready.eq(terms & ~terms_in & (~e_valid | ent_take)),
+                     self.sparse.ready.eq(terms & ~tile.all_in & (~e_valid | ent_take)),
                      ent.payload.col.eq(e_col), ent.payload.value.eq(e_value),
-                     ent.payload.tag.eq(self.tag(Mux(e_outside, 0, e_slot), 0, e_last, e_final & terms_end))]
+                     ent.payload.tag.eq(self.tag(Mux(e_outside, 0, e_slot), 0, e_last, e_final & tile.end))]
         terms_done = Signal(name="terms_done")                # the pass's last entry is taken
         with m.If(self.sparse.ready):             # (loaded taken or not: e_valid says which)
             m.d.sync += [e_col.eq(sp.col), e_value.eq(sp.value), e_last.eq(sp.last), e_final.eq(final),
@@ -264,33 +392,31 @@ class BlockSequencer(wiring.Component):
         with m.If(self.sparse.valid & self.sparse.ready):
             m.d.sync += e_valid.eq(1)
             with m.If(sp.last):
-                m.d.sync += terms_rows.eq(terms_rows + 1)
+                m.d.sync += tile.rows.eq(tile.rows + 1)
                 with m.If(final):
-                    m.d.sync += terms_in.eq(1)
+                    m.d.sync += tile.all_in.eq(1)
         with m.Elif(ent_take):
             m.d.sync += e_valid.eq(0)
         with m.If(ent_take):
             m.d.comb += error_now.sparse.eq(e_outside)
             with m.If(e_final):
-                m.d.sync += [terms.eq(0), terms_done.eq(terms_end)]
+                m.d.sync += [terms.eq(0), terms_done.eq(tile.end)]
+        return terms_done
 
+    def _free_x_page(self, m, x_pages, cnt, s0, w_take, terms_done):
+        """The x pages held (``x_held``): one more as a vector loads, one fewer as its pass ends (``end_taken``)."""
         # the pass's last block leaves stage 0, or its last entry the term unit (their x words are read
         # by then): its x page is free. (A block of the next pass may be taken at that edge: its last
         # block then sets end_taken again.)
-        freed = (self.en & valid0 & tag0.end) | (terms_done & ~self.term_busy)
-        x_in = x_take & xp.last                               # a vector loaded
-        x_held_next = x_held + x_in - freed
-        m.d.sync += [x_held.eq(x_held_next), x_loaded.eq(x_held_next != 0), x_both.eq(x_held_next == 2)]
+        freed = (self.en & s0.valid & s0.tag.end) | (terms_done & ~self.term_busy)
+        x_in = x_pages.take & self.x.payload.last             # a vector loaded
+        x_held_next = x_pages.held + x_in - freed
+        m.d.sync += [x_pages.held.eq(x_held_next), x_pages.loaded.eq(x_held_next != 0),
+                     x_pages.both.eq(x_held_next == 2)]
         with m.If(freed):
-            m.d.sync += [end_taken.eq(0), terms_done.eq(0)]
-        with m.If(w_take & column_done & row_done & at_last_row):
-            m.d.sync += end_taken.eq(1)
-
-        m.d.comb += [self.issue.valid.eq(valid0), self.issue.block.eq(block0), self.issue.page.eq(page0),
-                     self.issue.col.eq(col0), self.issue.x_page.eq(xpage0), self.issue.offset.eq(offset0),
-                     self.issue.tag.eq(tag0), self.term_page.eq(terms_page),
-                     self.status.x_loaded.eq(x_loaded), self.status.errors.eq(errors)]
-        return m
+            m.d.sync += [cnt.end_taken.eq(0), terms_done.eq(0)]
+        with m.If(w_take & cnt.column_done & cnt.row_done & cnt.at_last_row):
+            m.d.sync += cnt.end_taken.eq(1)
 
     def x_ready(self, x_loaded, x_both, swap):
         """Whether an x beat may be taken: while an x page is free, and a new layer's first beat

@@ -29,7 +29,9 @@ and ``ERRORS`` (the decoder's ``sparse_error`` port), ``lane_bits``.
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, unsigned
+from dataclasses import dataclass
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -166,6 +168,37 @@ def merge_model(config: DecoderConfig, cycles, *, window: int | None = None) -> 
     return [model.step(cy) for cy in cycles]
 
 
+@dataclass(frozen=True)
+class _MergeState:
+    """``SparseMerge``'s registers, shared by the sections of its ``elaborate``."""
+    slots: list            # the window's ring: each entry's lane and value
+    order: list            # in the window's order: each entry's chunk's low bits and flags
+    flag_layout: data.StructLayout
+    head: Signal
+    count: Signal
+    hold: Signal
+    in_layer: Signal
+    closed: Signal
+    flags: Array           # each page's layer_sparse flag
+    c_near: Signal
+    c_lo: list
+    inbox: Signal
+    near_parts: Signal
+    near: Value
+    last_index: Signal
+    have_last: Signal
+    err: Signal
+
+    @property
+    def kb(self) -> int:
+        """The ring's index bits."""
+        return max(1, (len(self.slots) - 1).bit_length())
+
+    def rel(self, i, what):
+        """``what`` (a list per slot) of the slot ``i`` places after ``head``."""
+        return Array(what)[(self.head + i)[:self.kb]]
+
+
 class SparseMerge(wiring.Component):
     """The sparse stream merged into stage 0: which entries each pass applies, and when to hold.
 
@@ -241,13 +274,23 @@ class SparseMerge(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg, R, K = self.config, self.R, self.window
+        st = self._registers()
+        with m.If(self.offset_we):                      # each page's flag, written with its offset
+            m.d.sync += st.flags[self.issue.write_page].eq(self.layer_sparse)
+        fin, newlayer, used = self._pass(m, st)
+        left, moves, in_eq = self._window(m, st, fin, newlayer, used)
+        self._chunk_counter(m, st, fin, newlayer)
+        self._inbox(m, st, newlayer, moves, left)
+        self._hold(m, st, fin, newlayer, used, left, in_eq)
+        m.d.comb += self.error.eq(st.err)
+        return m
+
+    def _registers(self) -> _MergeState:
+        """The merge's state: the window, the inbox, the chunk counter, the layer's flags and the error bits."""
+        cfg, K = self.config, self.window
         n = lane_bits(cfg)
         BW = SPARSE_INDEX_BITS - n                      # the chunk part of an index
         L = NEAR_BITS
-        iss, en = self.issue, self.en
-        kb = max(1, (K - 1).bit_length())
-
         # The window: a ring of K slots holding each entry's lane and value (written once, where
         # the inbox lands), ``count`` of them valid from ``head``; beside it, in the window's
         # order (position 0: the oldest entry), the low L bits of each entry's chunk and its flags
@@ -268,22 +311,19 @@ class SparseMerge(wiring.Component):
                                           "value": unsigned(16)}), name="inbox")
         # the inbox is near (its chunk below c + NEAR): kept as the two halves' comparisons, so
         # that no carry chain spans the whole chunk number
-        H = BW // 2
         near_parts = Signal(data.StructLayout({"hi_lt": 1, "hi_eq": 1, "lo_lt": 1}), name="inbox_near")
         near = near_parts.hi_lt | (near_parts.hi_eq & near_parts.lo_lt)
         last_index = Signal(unsigned(SPARSE_INDEX_BITS), name="last_index", reset_less=True)
         have_last = Signal(name="have_last")
         err = Signal(error_layout(), name="errors")
+        return _MergeState(slots, order, flag_layout, head, count, hold, in_layer, closed, flags, c_near, c_lo,
+                           inbox, near_parts, near, last_index, have_last, err)
 
-        def rel(i, what):
-            """``what`` (a list per slot) of the slot ``i`` places after ``head``."""
-            return Array(what)[(head + i)[:kb]]
-
-        with m.If(self.offset_we):
-            m.d.sync += flags[iss.write_page].eq(self.layer_sparse)
-
+    def _pass(self, m, st):
+        """This cycle's pass: the entries of chunk c it applies, registered into ``entries`` and ``final``."""
         # this cycle: the pass (if one executes) applies the first entries of chunk c; whether
         # it is a chunk's last is a register decided with ``hold``
+        R, iss, en = self.R, self.issue, self.en
         last_pass = Signal(name="last_pass")
         m.d.sync += last_pass.eq(iss.present_next & ~iss.hold_next)
         adv = en & iss.present
@@ -292,32 +332,37 @@ class SparseMerge(wiring.Component):
         apply = []
         for j in range(R):
             a = Signal(name=f"apply{j}")
-            m.d.comb += a.eq(adv & (count > j) & order[j].eq0 & (apply[-1] if apply else 1))
+            m.d.comb += a.eq(adv & (st.count > j) & st.order[j].eq0 & (apply[-1] if apply else 1))
             apply.append(a)
         used = Signal(range(R + 1), name="used")
         m.d.comb += used.eq(sum(apply[j] for j in range(R)))
         with m.If(en):
-            m.d.sync += self.final.eq(~hold)
+            m.d.sync += self.final.eq(~st.hold)
             for j in range(R):
-                slot = rel(j, slots)
+                slot = st.rel(j, st.slots)
                 m.d.sync += [self.entries[j].valid.eq(apply[j]), self.entries[j].lane.eq(slot.lane),
                              self.entries[j].value.eq(slot.value)]
+        return fin, newlayer, used
 
+    def _window(self, m, st, fin, newlayer, used):
+        """The window after this cycle: its entries shifted by the pass, the inbox landed behind them."""
         # the inbox lands at head + count when it is near and the window has room before this
         # cycle's pass (so that neither the move nor ``sparse.ready`` waits for the pass); a new
         # layer flushes the window and the inbox whatever moves: ``ready`` does not wait for it
+        R, K, L = self.R, self.window, NEAR_BITS
+        slots, order, head, count, inbox, c_lo = st.slots, st.order, st.head, st.count, st.inbox, st.c_lo
         left = Signal(range(K + 1), name="left")
         m.d.comb += left.eq(count - used)
-        moves = inbox.valid & near & (count < K)
+        moves = inbox.valid & st.near & (count < K)
         m.d.comb += self.sparse.ready.eq(~inbox.valid | moves)
-        tail = (head + count)[:kb]
+        tail = (head + count)[:st.kb]
         in_eq = [inbox.beat[:L] == b for b in c_lo]
         for i in range(K):
             with m.If(moves & (tail == i)):
                 m.d.sync += [slots[i].lane.eq(inbox.lane), slots[i].value.eq(inbox.value)]
         # the ordered flags: shifted by this pass's entries, the inbox appended at ``left``
         for i in range(K):
-            nxt = Signal(flag_layout, name=f"pos{i}_next")
+            nxt = Signal(st.flag_layout, name=f"pos{i}_next")
             for u in range(R + 1):
                 with m.If(used == u):
                     if i + u < K:
@@ -331,15 +376,23 @@ class SparseMerge(wiring.Component):
         with m.If(newlayer):
             m.d.sync += count.eq(0)
         with m.Else():
-            m.d.sync += [count.eq(left + moves), head.eq((head + used)[:kb])]
+            m.d.sync += [count.eq(left + moves), head.eq((head + used)[:st.kb])]
+        return left, moves, in_eq
 
-        # the chunk counter
+    def _chunk_counter(self, m, st, fin, newlayer):
+        """The chunk counter: c + NEAR and the low bits of c, c + 1 and c + 2."""
+        c_near, c_lo = st.c_near, st.c_lo
         with m.If(newlayer):
             m.d.sync += [c_near.eq(NEAR)] + [lo.eq(j) for j, lo in enumerate(c_lo)]
         with m.Elif(fin):
             m.d.sync += [c_near.eq(c_near + 1), c_lo[0].eq(c_lo[1]), c_lo[1].eq(c_lo[2]), c_lo[2].eq(c_lo[2] + 1)]
 
-        # the stream into the inbox; the checks on the way
+    def _inbox(self, m, st, newlayer, moves, left):
+        """The stream into the inbox; the checks on the way (the error bits)."""
+        n = lane_bits(self.config)
+        H = (SPARSE_INDEX_BITS - n) // 2                # half the chunk part of an index
+        inbox, err, c_near, in_layer, closed = st.inbox, st.err, st.c_near, st.in_layer, st.closed
+        last_index, have_last = st.last_index, st.have_last
         if not self.sticky:
             m.d.sync += err.eq(0)              # (the settings below come later, so they win)
         take = self.sparse.valid & self.sparse.ready
@@ -350,8 +403,8 @@ class SparseMerge(wiring.Component):
         for part, (x, y) in {"hi_lt": (lambda a, b: a < b, "hi"), "hi_eq": (lambda a, b: a == b, "hi"),
                              "lo_lt": (lambda a, b: a < b, "lo")}.items():
             cut = (lambda v: v[H:]) if y == "hi" else (lambda v: v[:H])
-            m.d.sync += getattr(near_parts, part).eq(Mux(take, x(cut(e.index[n:]), cut(c_near)),
-                                                            x(cut(inbox.beat), cut(c_near))))
+            m.d.sync += getattr(st.near_parts, part).eq(Mux(take, x(cut(e.index[n:]), cut(c_near)),
+                                                               x(cut(inbox.beat), cut(c_near))))
         with m.If(moves | newlayer):
             m.d.sync += inbox.valid.eq(0)
         with m.If(take):
@@ -371,22 +424,26 @@ class SparseMerge(wiring.Component):
             # the old layer's entries must all have been applied by now
             with m.If((in_layer & ~closed) | inbox.valid | (left != 0)):
                 m.d.sync += err.past_layer.eq(1)
-            m.d.sync += [in_layer.eq(1), closed.eq(~flags[iss.page]), have_last.eq(0)]
+            m.d.sync += [in_layer.eq(1), closed.eq(~st.flags[self.issue.page]), have_last.eq(0)]
             with m.If(take):            # an entry at the swap edge: the old layer's (past it) or no layer's
                 m.d.sync += inbox.valid.eq(0)
 
+    def _hold(self, m, st, fin, newlayer, used, left, in_eq):
+        """``hold`` for next cycle: set unless the entries after this pass prove the chunk done."""
         # hold for next cycle: not provably the chunk's last pass. The entries after this pass:
         # the window from head + used, then the inbox; their flags for the next chunk (c + 1
         # after a last pass, else c): eq1 or eq0; the inbox's from its low bits (a far one is
         # beyond it).
+        R, K, iss, inbox = self.R, self.window, self.issue, st.inbox
+
         def after(i, flag):
             out = Signal(name=f"after{i}_{flag}")
             for u in range(R + 1):
                 with m.If(used == u):
-                    m.d.comb += out.eq(getattr(order[u + i], flag) if u + i < K else 0)
+                    m.d.comb += out.eq(getattr(st.order[u + i], flag) if u + i < K else 0)
             return out
 
-        inbox_in = inbox.valid & near & Mux(fin, in_eq[1], in_eq[0])
+        inbox_in = inbox.valid & st.near & Mux(fin, in_eq[1], in_eq[0])
 
         def in_next(i):
             """(the entry i places after this pass exists, it falls in the next chunk)"""
@@ -399,10 +456,8 @@ class SparseMerge(wiring.Component):
             beyond.append(exists & ~inside)
             if i == R:
                 in_r = exists & inside
-        done = closed & ~inbox.valid
-        safe = Mux(newlayer, ~flags[iss.page], Cat(*beyond).any() | (done & ~in_r))
+        done = st.closed & ~inbox.valid
+        safe = Mux(newlayer, ~st.flags[iss.page], Cat(*beyond).any() | (done & ~in_r))
         # (never while stage 0 will be empty: a beat must be taken to consume the entries)
         m.d.comb += iss.hold_next.eq(self.hold_rule(iss.present_next & ~safe))
-        m.d.sync += hold.eq(iss.hold_next)
-        m.d.comb += self.error.eq(err)
-        return m
+        m.d.sync += st.hold.eq(iss.hold_next)
