@@ -59,6 +59,21 @@ def test_the_readme_folder_table_names_every_module_and_doc():
     assert missing_from_readme(text.replace("`dot.py`", "`d.py`")) == ["golden/dot.py"]
 
 
+def hdl_modules_missing(index: str) -> list[str]:
+    """The modules of hdl/ that ``index`` (hdl/__init__.py's docstring, the package's index) does not name
+    (each as ``name`` in double backquotes)."""
+    return [p.name for p in sorted(ROOT.joinpath("hdl").glob("*.py"))
+            if p.stem != "__init__" and f"``{p.stem}``" not in index]
+
+
+def test_the_hdl_package_index_names_every_module():
+    import sop.hdl
+
+    assert hdl_modules_missing(sop.hdl.__doc__) == []
+    # the check can fail: a module dropped from the index is reported
+    assert hdl_modules_missing(sop.hdl.__doc__.replace("``gemv``", "the engine")) == ["gemv.py"]
+
+
 def test_sop_md_counts_the_pairs_the_search_scores():
     """docs/sop.md's pair counts are the search's (a table added to FIXED_4BIT changes them)."""
     from sop.golden.codebooks import FIXED_4BIT
