@@ -16,7 +16,7 @@ Ports: ``en`` (in, the lane's pipeline enable), ``word`` (in, ``lut_word.word(co
 (out, BF16). Only for BF16 output.
 
 Latency: ``ResidualAdder.latency`` = ``stages(config)`` enabled edges,
-``max(multiplier stages, 2) + 11`` (13 for the named configurations).
+``max(multiplier stages, 2) + 11`` (13 for sop4-g16-sp, 14 for e2m3-ue4m4-g16-sp).
 
 The helpers of its datapath live here too: ``window`` (the accumulator's layout),
 ``shift_right_sticky`` (a shift whose shifted-out bits are ORed into a sticky bit) and
