@@ -4,9 +4,10 @@ The README's headline (`make demo`: E2M3 + UE4M4 g16 against FP8 with a per-laye
 power-of-two scale, aggregate SQNR on all-MiniLM-L6-v2, calibrated) is measured
 again here, as `sop eval` measures it, and compared with the text to the digit
 it is quoted to; and the README's folder table names every module of golden/, quantize/, hdl/,
-sim/ and every page of docs/, as hdl/__init__.py's index names every hdl module. Tables the docs keep by hand are checked against what they copy: sop.md's
-pair counts, hardware.md's named configurations, formats.md's codebook values. Every link between the pages,
-and every repository path they quote, resolves.
+sim/ and every page of docs/, as hdl/__init__.py's index names every hdl module. Tables the docs
+keep by hand are checked against what they copy: sop.md's pair counts, hardware.md's named
+configurations, formats.md's codebook values. Every link between the pages, and every repository
+path they quote, resolves.
 """
 
 import re
