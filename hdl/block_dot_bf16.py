@@ -127,7 +127,6 @@ class _BlockFields:
 @dataclass(frozen=True)
 class _LastStage:
     """The front's last stage: what the main pipeline and the slow path read."""
-    slow8: Value
     slow9: Signal
     c9: list
     rot: list
@@ -217,7 +216,7 @@ class BlockDotBF16(BlockDot):
         blk = self._front_block_fields(fr, inp)
         kmax7, slow8, c8 = self._front_window_check(fr, prods, blk)
         last = self._front_last_stage(fr, prods, blk, kmax7, slow8, c8)
-        slow_word = self._hand_over(m, ctl, fr, last, en_lane, depth_main)
+        slow_word = self._hand_over(m, ctl, fr, last, slow8, en_lane, depth_main)
         A, depth = self._window_sum(m, en_lane, last)
         word, use_slow = self._scaled_tail(m, ctl.enable.en, A, depth, last, depth_main)
         m.d.comb += Value.cast(out.last).eq(Mux(use_slow, slow_word, word))
@@ -332,11 +331,12 @@ class BlockDotBF16(BlockDot):
         kmax9 = fdelay(kmax7, 2, "fkmax")
         ss9, sb9 = fdelay(blk.ss, 3, "fss9"), fdelay(blk.sb, 3, "fsb9")
         es9, off9 = fdelay(blk.es, 3, "fes9"), fdelay(blk.off, 3, "foff9")
-        return _LastStage(slow8, slow9, c9, rot, p9, s9, t9, kmax9, ss9, sb9, es9, off9)
+        return _LastStage(slow9, c9, rot, p9, s9, t9, kmax9, ss9, sb9, es9, off9)
 
     # -- the slow path and the hand-over -----------------------------------------------------------
-    def _hand_over(self, m, ctl, fr, last, en_lane, depth_main):
-        """The slow path, the hand-over of its result (returned) and the front's enables that wait for it."""
+    def _hand_over(self, m, ctl, fr, last, slow8, en_lane, depth_main):
+        """The slow path, the hand-over of its result (returned) and the front's enables that wait for it.
+        ``slow8`` is stage 8's slow flag, the next value of ``last.slow9`` as the front moves."""
         g, en0, vf, slow9 = self.layout.group, ctl.enable.en, fr.vf, last.slow9
         v9 = vf[-1]
         sdone = Signal()                          # the slow result of the block in the front's last stage
@@ -353,7 +353,7 @@ class BlockDotBF16(BlockDot):
         # front enable is one LUT from its own registers and its copy of the pipeline enable
         done_set = Signal(name="slow_done_set")
         v9_n = Mux(fen_c, vf[-2], v9)
-        slow9_n = Mux(fen_c, last.slow8, slow9)
+        slow9_n = Mux(fen_c, slow8, slow9)
         sdone_n = Mux(take_slow, 0, sdone | done_set)
         since_ok_n = Mux(take_slow, 0, Mux(en0 & ~since_ok, since == depth_main, since_ok))
         ok_n = ~slow9_n | (sdone_n & (since_ok_n if self.HOLD_WORD else 1))

@@ -67,6 +67,7 @@ class _XPages:
     both: Signal
     rpage: Signal
     take: Signal
+    end_taken: Signal       # the last block of x_rpage's pass is taken (its page is not yet free)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,6 @@ class _Counters:
     slot: Signal
     row: Signal
     tile_base: Signal
-    end_taken: Signal
-    terms: Signal
     rows_last: Signal
     cols_last: Signal
     rows_last_m1: Signal
@@ -105,14 +104,16 @@ class _Stage0:
 
 @dataclass(frozen=True)
 class _Tile:
-    """The tile whose residual entries come (the ``terms_*`` registers)."""
-    base: Signal
-    top: Signal
-    last: Signal
-    end: Signal
-    rows: Signal
-    all_in: Signal
-    page: Signal
+    """The tile whose residual entries come after its blocks (the ``terms`` and ``terms_*`` registers):
+    ``_step_counters`` loads it at the tile's last block, ``_entry_register`` takes its entries."""
+    pending: Signal         # its entries come now (no block is taken meanwhile)
+    base: Signal            # its first row
+    top: Signal             # its last row
+    last_slot: Signal       # its last row's slot
+    pass_end: Signal        # it is the pass's last tile
+    rows_in: Signal         # its rows whose last entry has come in
+    all_in: Signal          # its last entry has come in
+    page: Signal            # the x page its entries read
 
 
 class BlockSequencer(wiring.Component):
@@ -169,10 +170,11 @@ class BlockSequencer(wiring.Component):
         errors, error_now, x_length_late = self._error_bits(m)
         pages = self._layer_pages(m, error_now)
         x_pages = self._x_pages(m, pages, error_now, x_length_late)
-        cnt = self._block_flags(m, pages, x_pages)
-        w_take = self._block_handshake(m, cnt, x_pages, error_now)
+        cnt = self._counters(m, pages, x_pages)
+        tile = self._tile()
+        w_take = self._block_handshake(m, cnt, tile, x_pages, error_now)
         s0 = self._stage0(m, pages, x_pages, cnt, w_take)
-        tile = self._step_counters(m, cnt, x_pages, w_take)
+        self._step_counters(m, cnt, tile, x_pages, w_take)
         terms_done = self._entry_register(m, cnt, tile, error_now)
         self._free_x_page(m, x_pages, cnt, s0, w_take, terms_done)
         # stage 0 on the issue port, the term unit's x page, the status
@@ -238,6 +240,7 @@ class BlockSequencer(wiring.Component):
         x_both = Signal(name="x_both")              # x_held == 2: no page free
         x_wpage = Signal(name="x_wpage")            # the x page the next beat writes
         x_rpage = Signal(name="x_rpage")            # the x page of the pass whose blocks come now
+        end_taken = Signal(name="end_taken")        # that pass's last block is taken
         x_count = Signal(range(2 * B), name="x_count")          # beats of the vector so far (saturates)
         xp = self.x.payload
         page_now = active ^ (self.x.valid & xp.swap)            # the page of a beat taken now
@@ -262,18 +265,17 @@ class BlockSequencer(wiring.Component):
                 m.d.sync += [x_count.eq(0), x_wpage.eq(~x_wpage)]
             with m.Elif(~x_count[-1]):
                 m.d.sync += x_count.eq(x_count + 1)
-        return _XPages(x_held, x_loaded, x_both, x_rpage, x_take)
+        return _XPages(x_held, x_loaded, x_both, x_rpage, x_take, end_taken)
 
-    def _block_flags(self, m, pages, x_pages) -> _Counters:
-        """The counters of tile_order and their comparisons, registered flags worked out a block ahead."""
+    def _counters(self, m, pages, x_pages) -> _Counters:
+        """The counters of tile_order (``_step_counters`` steps them), registered copies of the active
+        page's registers, and the counters' comparisons: registered flags worked out a block ahead."""
         S, rows_shape, bpr_shape = self.config.tile, self._rows_shape, self._bpr_shape
         active = pages.active
         col = Signal(bpr_shape, name="col")                   # block column of the next block
         slot = Signal(range(S), name="slot")                  # its row's slot (row - tile base)
         row = Signal(rows_shape, name="row")
         tile_base = Signal(rows_shape, name="tile_base")
-        end_taken = Signal(name="end_taken")                  # the pass's last block is taken
-        terms = Signal(name="terms")                          # the tile's residual entries come now
         # the active page's registers copied every cycle (a cycle late: the flags see a swap two
         # cycles after its beat, and no block is taken in the two cycles after a swap beat)
         rows_last = stage_reg(m, 1, "rows_last", pages.rows_m1[active], rows_shape)
@@ -294,15 +296,23 @@ class BlockSequencer(wiring.Component):
         m.d.comb += swap_take.eq(x_pages.take & self.x.payload.swap)
         m.d.sync += [swap_took.eq(swap_take), settled.eq(~swap_take & ~swap_took)]
         column_done = last_slot | at_last_row                 # the tile's last row of this column
-        return _Counters(col, slot, row, tile_base, end_taken, terms, rows_last, cols_last, rows_last_m1,
-                         cols_last_m1, with_terms, at_last_row, last_slot, row_done, col_first, settled, column_done)
+        return _Counters(col, slot, row, tile_base, rows_last, cols_last, rows_last_m1, cols_last_m1, with_terms,
+                         at_last_row, last_slot, row_done, col_first, settled, column_done)
 
-    def _block_handshake(self, m, cnt, x_pages, error_now):
+    def _tile(self) -> _Tile:
+        """The registers of the tile whose residual entries come (loaded by ``_step_counters``)."""
+        S, rows_shape = self.config.tile, self._rows_shape
+        return _Tile(pending=Signal(name="terms"), base=Signal(rows_shape, name="terms_base"),
+                     top=Signal(rows_shape, name="terms_top"), last_slot=Signal(range(S), name="terms_last"),
+                     pass_end=Signal(name="terms_end"), rows_in=Signal(range(S), name="terms_rows"),
+                     all_in=Signal(name="terms_in"), page=Signal(name="terms_page"))
+
+    def _block_handshake(self, m, cnt, tile, x_pages, error_now):
         """The ``w`` handshake: whether a block may be taken now (``w_take``, returned)."""
         w_take = Signal(name="w_take")
         # a vector whose blocks may come: the oldest one's, until its last block is taken, then the
         # next one's if it is loaded (its page is the other: x_rpage flips at that last block)
-        pass_open = (Mux(cnt.end_taken, x_pages.both, x_pages.loaded) & cnt.settled & ~cnt.terms
+        pass_open = (Mux(x_pages.end_taken, x_pages.both, x_pages.loaded) & cnt.settled & ~tile.pending
                      & ~self.term_busy)
         m.d.comb += [self.w.ready.eq(self.en & pass_open), w_take.eq(self.w.valid & self.w.ready),
                      self.offer.eq(self.w.valid & pass_open)]
@@ -328,27 +338,21 @@ class BlockSequencer(wiring.Component):
             m.d.sync += valid0.eq(w_take)
         return _Stage0(valid0, block0, page0, col0, xpage0, offset0, tag0)
 
-    def _step_counters(self, m, cnt, x_pages, w_take) -> _Tile:
-        """The counters' next values as a block is taken, and the tile whose entries come next."""
-        S, rows_shape = self.config.tile, self._rows_shape
+    def _step_counters(self, m, cnt, tile, x_pages, w_take):
+        """The counters' next values as a block is taken, and ``tile`` loaded at a tile's last block."""
+        S = self.config.tile
         slot, row, col, tile_base, x_rpage = cnt.slot, cnt.row, cnt.col, cnt.tile_base, x_pages.rpage
         last_slot, at_last_row, row_done, col_first = cnt.last_slot, cnt.at_last_row, cnt.row_done, cnt.col_first
-        rows_last, cols_last = cnt.rows_last, cnt.cols_last
-        terms_base = Signal(rows_shape, name="terms_base")    # the tile whose entries come
-        terms_top = Signal(rows_shape, name="terms_top")      # its last row
-        terms_last = Signal(range(S), name="terms_last")      # its last row's slot
-        terms_end = Signal(name="terms_end")                  # it is the pass's last tile
-        terms_rows = Signal(range(S), name="terms_rows")      # its rows whose last entry has come in
-        terms_in = Signal(name="terms_in")                    # its last entry has come in
-        terms_page = Signal(name="terms_page")                # the x page its entries read
-        rows_before_last = row == cnt.rows_last_m1           # row + 1 is the last row
+        rows_last, cols_last, rows_last_m1 = cnt.rows_last, cnt.cols_last, cnt.rows_last_m1
+        cols_last_m1, column_done, with_terms = cnt.cols_last_m1, cnt.column_done, cnt.with_terms
+        rows_before_last = row == rows_last_m1               # row + 1 is the last row
         with m.If(w_take):
-            with m.If(~cnt.column_done):
+            with m.If(~column_done):
                 m.d.sync += [slot.eq(slot + 1), row.eq(row + 1), last_slot.eq(slot == S - 2),
                              at_last_row.eq(rows_before_last)]
             with m.Elif(~row_done):
                 m.d.sync += [slot.eq(0), row.eq(tile_base), col.eq(col + 1), last_slot.eq(0),
-                             at_last_row.eq(tile_base == rows_last), row_done.eq(col == cnt.cols_last_m1),
+                             at_last_row.eq(tile_base == rows_last), row_done.eq(col == cols_last_m1),
                              col_first.eq(0)]
             with m.Elif(~at_last_row):                            # the next tile
                 m.d.sync += [slot.eq(0), row.eq(row + 1), tile_base.eq(row + 1), col.eq(0), last_slot.eq(0),
@@ -356,21 +360,21 @@ class BlockSequencer(wiring.Component):
             with m.Else():                                        # the pass's last block
                 m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), last_slot.eq(0), x_rpage.eq(~x_rpage),
                              at_last_row.eq(rows_last == 0), row_done.eq(cols_last == 0), col_first.eq(1)]
-            with m.If(cnt.column_done & row_done & cnt.with_terms):   # the tile's last block: its entries next
-                m.d.sync += [cnt.terms.eq(1), terms_base.eq(tile_base), terms_top.eq(row), terms_last.eq(slot),
-                             terms_end.eq(at_last_row), terms_rows.eq(0), terms_in.eq(0), terms_page.eq(x_rpage)]
+            with m.If(column_done & row_done & with_terms):       # the tile's last block: its entries next
+                m.d.sync += [tile.pending.eq(1), tile.base.eq(tile_base), tile.top.eq(row), tile.last_slot.eq(slot),
+                             tile.pass_end.eq(at_last_row), tile.rows_in.eq(0), tile.all_in.eq(0),
+                             tile.page.eq(x_rpage)]
         with m.Else():
             m.d.sync += [last_slot.eq(slot == S - 1), at_last_row.eq(row == rows_last),
                          row_done.eq(col == cols_last), col_first.eq(col == 0)]
-        return _Tile(terms_base, terms_top, terms_last, terms_end, terms_rows, terms_in, terms_page)
 
     def _entry_register(self, m, cnt, tile, error_now):
         """The entry register between ``sparse`` and ``entries``: each tile's residual entries, after its blocks."""
         # An entry register between ``sparse`` and ``entries``: it takes the tile's entries (while
-        # ``terms``, until the tile's last one is in) and works out their slot, whether they are
+        # ``tile.pending``, until the tile's last one is in) and works out their slot, whether they are
         # outside the tile and whether they are the tile's last on the way in; it hands them on
         # once the tile's blocks are out (``drained``)
-        cfg, S, terms = self.config, self.config.tile, cnt.terms
+        cfg, S, pending = self.config, self.config.tile, tile.pending
         sp, ent = self.sparse.payload, self.entries
         e_valid = Signal(name="entry_valid")
         e_col = Signal.like(sp.col, name="entry_col", reset_less=True)
@@ -379,12 +383,12 @@ class BlockSequencer(wiring.Component):
         e_slot = Signal(range(S), name="entry_slot", reset_less=True)
         entry_slot = sp.row - tile.base
         outside = (sp.row < tile.base) | (sp.row > tile.top) | (sp.col >> (cfg.group - 1).bit_length() > cnt.cols_last)
-        final = sp.last & (tile.rows == tile.last)             # the tile's last row's last entry
+        final = sp.last & (tile.rows_in == tile.last_slot)     # the tile's last row's last entry
         ent_take = Signal(name="entry_take")
         m.d.comb += [ent.valid.eq(e_valid & self.drained), ent_take.eq(ent.valid & ent.ready),
-                     self.sparse.ready.eq(terms & ~tile.all_in & (~e_valid | ent_take)),
+                     self.sparse.ready.eq(pending & ~tile.all_in & (~e_valid | ent_take)),
                      ent.payload.col.eq(e_col), ent.payload.value.eq(e_value),
-                     ent.payload.tag.eq(self.tag(Mux(e_outside, 0, e_slot), 0, e_last, e_final & tile.end))]
+                     ent.payload.tag.eq(self.tag(Mux(e_outside, 0, e_slot), 0, e_last, e_final & tile.pass_end))]
         terms_done = Signal(name="terms_done")                # the pass's last entry is taken
         with m.If(self.sparse.ready):             # (loaded taken or not: e_valid says which)
             m.d.sync += [e_col.eq(sp.col), e_value.eq(sp.value), e_last.eq(sp.last), e_final.eq(final),
@@ -392,7 +396,7 @@ class BlockSequencer(wiring.Component):
         with m.If(self.sparse.valid & self.sparse.ready):
             m.d.sync += e_valid.eq(1)
             with m.If(sp.last):
-                m.d.sync += tile.rows.eq(tile.rows + 1)
+                m.d.sync += tile.rows_in.eq(tile.rows_in + 1)
                 with m.If(final):
                     m.d.sync += tile.all_in.eq(1)
         with m.Elif(ent_take):
@@ -400,7 +404,7 @@ class BlockSequencer(wiring.Component):
         with m.If(ent_take):
             m.d.comb += error_now.sparse.eq(e_outside)
             with m.If(e_final):
-                m.d.sync += [terms.eq(0), terms_done.eq(tile.end)]
+                m.d.sync += [pending.eq(0), terms_done.eq(tile.pass_end)]
         return terms_done
 
     def _free_x_page(self, m, x_pages, cnt, s0, w_take, terms_done):
@@ -414,9 +418,9 @@ class BlockSequencer(wiring.Component):
         m.d.sync += [x_pages.held.eq(x_held_next), x_pages.loaded.eq(x_held_next != 0),
                      x_pages.both.eq(x_held_next == 2)]
         with m.If(freed):
-            m.d.sync += [cnt.end_taken.eq(0), terms_done.eq(0)]
+            m.d.sync += [x_pages.end_taken.eq(0), terms_done.eq(0)]
         with m.If(w_take & cnt.column_done & cnt.row_done & cnt.at_last_row):
-            m.d.sync += cnt.end_taken.eq(1)
+            m.d.sync += x_pages.end_taken.eq(1)
 
     def x_ready(self, x_loaded, x_both, swap):
         """Whether an x beat may be taken: while an x page is free, and a new layer's first beat

@@ -170,7 +170,8 @@ def merge_model(config: DecoderConfig, cycles, *, window: int | None = None) -> 
 
 @dataclass(frozen=True)
 class _MergeState:
-    """``SparseMerge``'s registers, shared by the sections of its ``elaborate``."""
+    """``SparseMerge``'s registers and the values derived from them alone (``near``, ``inbox_eq``),
+    shared by the sections of its ``elaborate``."""
     slots: list            # the window's ring: each entry's lane and value
     order: list            # in the window's order: each entry's chunk's low bits and flags
     flag_layout: data.StructLayout
@@ -184,7 +185,8 @@ class _MergeState:
     c_lo: list
     inbox: Signal
     near_parts: Signal
-    near: Value
+    near: Value             # the inbox is near: its chunk below c + NEAR
+    inbox_eq: list          # the inbox's chunk is c, c + 1, c + 2 (from its low bits)
     last_index: Signal
     have_last: Signal
     err: Signal
@@ -274,19 +276,21 @@ class SparseMerge(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        st = self._registers()
+        st = self._state()
         with m.If(self.offset_we):                      # each page's flag, written with its offset
             m.d.sync += st.flags[self.issue.write_page].eq(self.layer_sparse)
-        fin, newlayer, used = self._pass(m, st)
-        left, moves, in_eq = self._window(m, st, fin, newlayer, used)
+        newlayer = self.issue.taken & self.issue.swap   # a new layer's swap beat is taken at this edge
+        fin, used = self._pass(m, st)
+        left, moves = self._window(m, st, fin, newlayer, used)
         self._chunk_counter(m, st, fin, newlayer)
         self._inbox(m, st, newlayer, moves, left)
-        self._hold(m, st, fin, newlayer, used, left, in_eq)
+        self._hold(m, st, fin, newlayer, used, left)
         m.d.comb += self.error.eq(st.err)
         return m
 
-    def _registers(self) -> _MergeState:
-        """The merge's state: the window, the inbox, the chunk counter, the layer's flags and the error bits."""
+    def _state(self) -> _MergeState:
+        """The merge's state: the window, the inbox, the chunk counter, the layer's flags and the error bits,
+        and the inbox's comparisons with the chunk counter."""
         cfg, K = self.config, self.window
         n = lane_bits(cfg)
         BW = SPARSE_INDEX_BITS - n                      # the chunk part of an index
@@ -313,11 +317,12 @@ class SparseMerge(wiring.Component):
         # that no carry chain spans the whole chunk number
         near_parts = Signal(data.StructLayout({"hi_lt": 1, "hi_eq": 1, "lo_lt": 1}), name="inbox_near")
         near = near_parts.hi_lt | (near_parts.hi_eq & near_parts.lo_lt)
+        inbox_eq = [inbox.beat[:L] == b for b in c_lo]
         last_index = Signal(unsigned(SPARSE_INDEX_BITS), name="last_index", reset_less=True)
         have_last = Signal(name="have_last")
         err = Signal(error_layout(), name="errors")
         return _MergeState(slots, order, flag_layout, head, count, hold, in_layer, closed, flags, c_near, c_lo,
-                           inbox, near_parts, near, last_index, have_last, err)
+                           inbox, near_parts, near, inbox_eq, last_index, have_last, err)
 
     def _pass(self, m, st):
         """This cycle's pass: the entries of chunk c it applies, registered into ``entries`` and ``final``."""
@@ -328,7 +333,6 @@ class SparseMerge(wiring.Component):
         m.d.sync += last_pass.eq(iss.present_next & ~iss.hold_next)
         adv = en & iss.present
         fin = en & last_pass
-        newlayer = iss.taken & iss.swap
         apply = []
         for j in range(R):
             a = Signal(name=f"apply{j}")
@@ -342,7 +346,7 @@ class SparseMerge(wiring.Component):
                 slot = st.rel(j, st.slots)
                 m.d.sync += [self.entries[j].valid.eq(apply[j]), self.entries[j].lane.eq(slot.lane),
                              self.entries[j].value.eq(slot.value)]
-        return fin, newlayer, used
+        return fin, used
 
     def _window(self, m, st, fin, newlayer, used):
         """The window after this cycle: its entries shifted by the pass, the inbox landed behind them."""
@@ -350,13 +354,13 @@ class SparseMerge(wiring.Component):
         # cycle's pass (so that neither the move nor ``sparse.ready`` waits for the pass); a new
         # layer flushes the window and the inbox whatever moves: ``ready`` does not wait for it
         R, K, L = self.R, self.window, NEAR_BITS
-        slots, order, head, count, inbox, c_lo = st.slots, st.order, st.head, st.count, st.inbox, st.c_lo
+        slots, order, head, count, inbox = st.slots, st.order, st.head, st.count, st.inbox
+        c_lo, in_eq = st.c_lo, st.inbox_eq
         left = Signal(range(K + 1), name="left")
         m.d.comb += left.eq(count - used)
         moves = inbox.valid & st.near & (count < K)
         m.d.comb += self.sparse.ready.eq(~inbox.valid | moves)
         tail = (head + count)[:st.kb]
-        in_eq = [inbox.beat[:L] == b for b in c_lo]
         for i in range(K):
             with m.If(moves & (tail == i)):
                 m.d.sync += [slots[i].lane.eq(inbox.lane), slots[i].value.eq(inbox.value)]
@@ -377,7 +381,7 @@ class SparseMerge(wiring.Component):
             m.d.sync += count.eq(0)
         with m.Else():
             m.d.sync += [count.eq(left + moves), head.eq((head + used)[:st.kb])]
-        return left, moves, in_eq
+        return left, moves
 
     def _chunk_counter(self, m, st, fin, newlayer):
         """The chunk counter: c + NEAR and the low bits of c, c + 1 and c + 2."""
@@ -428,7 +432,7 @@ class SparseMerge(wiring.Component):
             with m.If(take):            # an entry at the swap edge: the old layer's (past it) or no layer's
                 m.d.sync += inbox.valid.eq(0)
 
-    def _hold(self, m, st, fin, newlayer, used, left, in_eq):
+    def _hold(self, m, st, fin, newlayer, used, left):
         """``hold`` for next cycle: set unless the entries after this pass prove the chunk done."""
         # hold for next cycle: not provably the chunk's last pass. The entries after this pass:
         # the window from head + used, then the inbox; their flags for the next chunk (c + 1
@@ -443,7 +447,7 @@ class SparseMerge(wiring.Component):
                     m.d.comb += out.eq(getattr(st.order[u + i], flag) if u + i < K else 0)
             return out
 
-        inbox_in = inbox.valid & st.near & Mux(fin, in_eq[1], in_eq[0])
+        inbox_in = inbox.valid & st.near & Mux(fin, st.inbox_eq[1], st.inbox_eq[0])
 
         def in_next(i):
             """(the entry i places after this pass exists, it falls in the next chunk)"""
