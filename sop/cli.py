@@ -475,14 +475,8 @@ def _model_options(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def main(argv: list[str] | None = None) -> int:
-    release_freed_memory()              # the peak-memory figures of docs/benchmarks.md assume it
-    try:
-        os.getcwd()
-    except FileNotFoundError:           # else torch's MKL stops the process with a FATAL line, no sop: line
-        print("sop: error: the current folder was removed; change to an existing folder and run again",
-              file=sys.stderr)
-        return 2
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `sop` command line: its parser and each command's own (which names its errors)."""
     p = _Parser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -578,9 +572,21 @@ def main(argv: list[str] | None = None) -> int:
                         "and the throughput; a layer's sparse residuals too (the ULX3S's engine adds them; the "
                         "iCEBreaker's has no residual path and refuses such a layer)")
     b.set_defaults(func=cmd_board)
+    return p, sub.choices
+
+
+def main(argv: list[str] | None = None) -> int:
+    release_freed_memory()              # the peak-memory figures of docs/benchmarks.md assume it
+    try:
+        os.getcwd()
+    except FileNotFoundError:           # else torch's MKL stops the process with a FATAL line, no sop: line
+        print("sop: error: the current folder was removed; change to an existing folder and run again",
+              file=sys.stderr)
+        return 2
+    p, commands = _parser()
     args, extra = p.parse_known_args(argv)
     if extra:                                 # named by the command's own parser: `see sop eval --help`
-        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
+        commands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     with signals_as_interrupts():
         try:
             return args.func(args)
