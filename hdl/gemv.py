@@ -171,6 +171,8 @@ hdl.gemv_config's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import data, fifo, stream, wiring
@@ -209,6 +211,15 @@ def model(config: GemvConfig, layer: LayerStream, x) -> np.ndarray:
     """``y`` (float32, (rows,) or (batch, rows)) of ``layer`` and activations ``x`` (values of ``config.act``):
     golden.dot.gemv."""
     return dot.gemv(layer, x, config.act)
+
+
+@dataclass(frozen=True)
+class _Fifos:
+    """The engine's FIFOs beside its components (``GemvEngine._parts``) and the tag layout they carry."""
+    tag_shape: data.StructLayout
+    tags: fifo.SyncFIFOBuffered         # each block's tag beside the block dot unit
+    values: fifo.SyncFIFOBuffered       # (value, tag) into the row accumulator
+    marks: fifo.SyncFIFOBuffered        # each row sum's pass-end flag beside the ring (y.last)
 
 
 class GemvEngine(wiring.Component):
@@ -277,8 +288,16 @@ class GemvEngine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg, lay = self.config, self.config.layout
-        g, H, k = lay.group, lay.header_bits, lay.code_bits
+        fifos = self._parts(m)
+        front, leaves, drained = self._front_end(m)
+        self._block_dot(m, fifos, front, leaves, drained)
+        self._row_accumulator(m, fifos)
+        return m
+
+    # -- the parts and their glue --------------------------------------------------------------------------
+    def _parts(self, m) -> _Fifos:
+        """The components, the FIFOs between them, and the ports joined to them (``load``, ``status``)."""
+        cfg = self.config
         m.submodules.sequencer = seq = self.sequencer
         m.submodules.x_buffer = xbuf = self.x_buffer
         m.submodules.bank = bank = self.bank
@@ -305,10 +324,17 @@ class GemvEngine(wiring.Component):
                      bank.write.payload.addr.eq(load.addr), bank.write.payload.data.hif.eq(load.data)]
         wiring.connect(m, seq.x_write, xbuf.write)
         m.d.comb += [seq.clear.eq(self.clear), self.status.eq(seq.status), bank.write_page.eq(seq.write_page)]
+        return _Fifos(tag_shape, tags, vals, marks)
 
-        # -- the front end: stage 0 (the sequencer) and the reads, a pipeline of 1 + R stages that moves
-        #    on an enable decided ahead (hdl.pipeline, hdl.output_buffer: one copy per lane, skid
-        #    buffers at its end), so that no ready reaches the table RAM's enables
+    def _front_end(self, m):
+        """Stage 0 and the reads: the front end's pipeline, its stream into the block dot unit (``front``,
+        returned with ``leaves``, stage 0 moving on, and ``drained``, no block past stage 0)."""
+        cfg, lay = self.config, self.config.layout
+        g, H, k = lay.group, lay.header_bits, lay.code_bits
+        seq, xbuf, bank, term = self.sequencer, self.x_buffer, self.bank, self.term
+        # The front end: stage 0 (the sequencer) and the reads, a pipeline of 1 + R stages that moves
+        # on an enable decided ahead (hdl.pipeline, hdl.output_buffer: one copy per lane, skid
+        # buffers at its end), so that no ready reaches the table RAM's enables
         R, RX = self.read_latency, self.reads
         wb = (cfg.max_blocks - 1).bit_length()          # an x page's address bits
         front = stream.Signature(front_layout(cfg)).create(path=("front",))
@@ -365,8 +391,12 @@ class GemvEngine(wiring.Component):
         m.d.comb += Value.cast(out.last).eq(Cat(delay(m, en, bank.read_data.as_value(), RX - R, "hif"),
                                                 delay(m, en, xbuf.read_data, RX - xbuf.latency, "x_word"),
                                                 scale, rest[0], rest[1:9], rest[9:]))
+        return front, leaves, drained
 
-        # -- the block dot unit; its tags wait in a FIFO beside it -------------------------------------
+    def _block_dot(self, m, fifos, front, leaves, drained):
+        """The block dot unit, its tags in a FIFO beside it, and the value FIFO it fills (with residual terms)."""
+        R, seq, bdot, term = self.read_latency, self.sequencer, self.dot, self.term
+        tags, vals = fifos.tags, fifos.values
         # (the tags FIFO holds the tags of the blocks inside the block dot unit: at most its stages and
         # its two skid entries, fewer than its depth, so its w_rdy and r_rdy are left out of the
         # handshakes: front.ready is the block dot unit's enable copy, a register)
@@ -395,8 +425,10 @@ class GemvEngine(wiring.Component):
                                         Cat(bdot.values.payload, tags.r_data))),
                      tags.r_en.eq(block_in)]
 
-        # -- the row accumulator; y --------------------------------------------------------------------------
-        value, tag = vals.r_data[:32], data.View(tag_shape, vals.r_data[32:])
+    def _row_accumulator(self, m, fifos):
+        """The row accumulator from the value FIFO; ``y``, with each row sum's pass-end flag (the marks FIFO)."""
+        acc, vals, marks = self.acc, fifos.values, fifos.marks
+        value, tag = vals.r_data[:32], data.View(fifos.tag_shape, vals.r_data[32:])
         into = acc.values
         # (the marks FIFO holds a flag per row sum inside the ring and its output buffer: at most the
         # ring's latency and one skid entry, fewer than its depth, so its w_rdy and r_rdy are left
@@ -409,7 +441,6 @@ class GemvEngine(wiring.Component):
         m.d.comb += [self.y.valid.eq(acc.sums.valid), self.y.payload.value.eq(acc.sums.payload.value),
                      self.y.payload.last.eq(marks.r_data), acc.sums.ready.eq(self.y.ready),
                      marks.r_en.eq(self.y.valid & self.y.ready)]
-        return m
 
     def table_page(self, page):
         """The table page a block reads: the page it was taken with (tests override it to inject a bug)."""
