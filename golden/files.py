@@ -120,10 +120,16 @@ def _real_target(path: Path) -> Path:
 
 
 def refuse_folder_name(path: str | os.PathLike, wanted: str) -> None:
-    """``OutputError`` for a file target written as a folder (``out/``): pathlib drops the slash,
-    and the write would make (or replace) a file ``out``. ``wanted``: what to give instead."""
-    if os.fspath(path).endswith(os.sep):
-        raise OutputError(f"{os.fspath(path)}: names a folder (it ends with {os.sep}); give {wanted}")
+    """``OutputError`` for a file target written as a folder (``out/``, ``out/.``, ``..``, or the empty
+    name, which pathlib reads as ``.``): pathlib drops the slash and the ``.``, and the write would
+    make (or replace) a file ``out``. ``wanted``: what to give instead."""
+    name = os.fspath(path)
+    if not name:
+        raise OutputError(f"'': an empty name; give {wanted}")
+    last = os.path.basename(name)
+    if name.endswith(os.sep) or last in (".", ".."):
+        raise OutputError(f"{name}: names a folder (it ends with {os.sep if name.endswith(os.sep) else last}); "
+                          f"give {wanted}")
 
 
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
@@ -135,6 +141,8 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     """
     if not folder:
         refuse_folder_name(path, "the output file's name")
+    elif not os.fspath(path):                   # pathlib's '.': the files went into the working folder
+        raise OutputError("'': an empty name; give the output folder's name ('.' for the working folder)")
     path = Path(path)
     if folder:                                  # checked, not made: a refused run leaves no folder behind
         if path.exists() and not path.is_dir():

@@ -364,7 +364,8 @@ def format_names() -> list[str]:
 
 
 class UnknownFormat(ValueError):
-    """No format of that name (a parametric name whose bias float64 cannot hold is a plain ValueError)."""
+    """No format of that name (a parametric name whose sizes or bias float64 cannot hold is a plain
+    ValueError)."""
 
 
 def get_format(name: str) -> CodeTable:
@@ -379,8 +380,15 @@ def get_format(name: str) -> CodeTable:
     if key in FORMATS:
         return FORMATS[key]
     m = _PARAMETRIC.match(key)
-    if m and 1 <= int(m["E"]) <= 11 and 0 <= int(m["M"]) <= 15 and int(m["E"]) + int(m["M"]) <= 16:
+    if m:
+        long = next((t for t in (m["E"], m["M"], m["bias"]) if t is not None and len(t.lstrip("-")) > 100), None)
+        if long is not None:            # (int() of a 5000-digit text is Python's own error, naming no format)
+            raise ValueError(f"format {name[:40]!r}{'...' if len(name) > 40 else ''}: a number of {len(long)} "
+                             f"digits in a parametric [u]e<E>m<M>[b<bias>], past every size and bias")
         E, M = int(m["E"]), int(m["M"])
+        if not (1 <= E <= 11 and M <= 15 and E + M <= 16):       # it was "unknown", beside "or any eNmM"
+            raise ValueError(f"format {name!r}: a parametric [u]e<E>m<M> takes E from 1 to 11, M from 0 to 15 "
+                             f"and E + M at most 16, got E = {E}, M = {M}")
         bias = (1 << (E - 1)) - 1 if m["bias"] is None else int(m["bias"])
         # every code a finite float64, the smallest nonzero one too: top exponent (2^E - 1) - bias at
         # most 1023, the smallest subnormal 2^(1 - bias - M) at least 2^-1074

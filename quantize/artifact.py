@@ -73,7 +73,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from sop.golden.files import InputError, atomic_output, check_output, crc32, input_file, temp_file_in
+from sop.golden.files import (InputError, OutputError, atomic_output, check_output, crc32, input_file,
+                             temp_file_in)
 from sop.golden.decoder import decode_layer
 from sop.golden.formats import to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
@@ -86,7 +87,8 @@ from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import abs_max, aggregate
-from sop.quantize.models import expert_layer_name, linear_layers, model_inputs, open_model
+from sop.quantize.models import (MINILM, SIBLINGS_READ, SMOLLM2, expert_layer_name, files_fingerprint, is_artifact,
+                                 linear_layers, model_inputs, open_model)
 from sop.quantize.result import QuantResult
 
 MAGIC = b"SOPQ"
@@ -597,12 +599,60 @@ def source_files(art: Artifact) -> list:
         return files
 
 
+def _dequantized_from(path: Path, fingerprint: str) -> bool:
+    """Whether ``path`` is a file ``dequantize`` wrote from the checkpoint of that fingerprint (its
+    safetensors ``__metadata__`` names it), read from its header alone: never that checkpoint, which
+    cannot hold its own hash."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            meta = json.loads(f.read(n)).get("__metadata__") if n <= 1 << 24 else None
+    except (OSError, ValueError, struct.error, AttributeError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("sop_model_fingerprint") == fingerprint
+
+
+def source_by_contents(art: Artifact, out: str | os.PathLike) -> Path | None:
+    """The source checkpoint's folder when the existing file ``out`` is one of the files that
+    ``source_files`` names, found by contents wherever the command runs (None if it is none): the header
+    records the source as ``sop quantize`` was given it, relative to the folder it ran in, which
+    ``source_files`` resolves from here; from another folder only the contents tell. ``out`` is one
+    where its folder holds the checkpoint's weights files laid out as recorded, with the model
+    fingerprint, and ``out`` is one of them, a file the loader reads beside a weights file given alone
+    (``SIBLINGS_READ``) or, for a model folder, any file of it but a ``.sopq`` (``folder_inputs``)."""
+    target = Path(os.path.realpath(out))
+    model = art.meta.get("model")
+    if not target.is_file() or not isinstance(model, dict):
+        return None
+    fp, spec, files = model.get("fingerprint"), model.get("spec"), model.get("files")
+    if not (fp and isinstance(fp, str) and spec and isinstance(spec, str) and isinstance(files, list)) \
+            or spec in (MINILM, SMOLLM2):           # a built-in model: source_files names it from anywhere
+        return None
+    files = [f for f in files if isinstance(f, str) and f]
+    given_alone = Path(spec) in {Path(f) for f in files}
+    if given_alone and target.name not in {Path(f).name for f in files} | set(SIBLINGS_READ) \
+            or not given_alone and is_artifact(target):
+        return None
+    base = Path(spec).parent if given_alone else Path(spec)
+    with contextlib.suppress(OSError, ValueError):     # a recorded file that is not there: not this checkpoint
+        layout = [target.parent / os.path.relpath(f, base) for f in files]
+        if layout and all(f.is_file() and not _dequantized_from(f, fp) for f in layout) \
+                and files_fingerprint(layout) == fp:    # an earlier output of this checkpoint is not hashed
+            return target.parent
+    return None
+
+
 def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> dict:
     """Decode every layer of the artifact ``path`` into the float32 safetensors file ``out``, which
     may be neither the artifact nor a file of the checkpoint it was made from (replaced by its
-    quantized layers alone, the source would lose every other tensor)."""
+    quantized layers alone, the source would lose every other tensor): by its path from here, or by
+    its contents (``source_by_contents``: run from another folder than ``sop quantize``)."""
     art = open_artifact(path)
     check_output(out, [path, *source_files(art)])
+    folder = source_by_contents(art, out)
+    if folder is not None:
+        raise OutputError(f"{out}: the output is a file of the checkpoint {art.path.name} was made from (found "
+                          f"by its contents in {folder}); refusing to overwrite an input (choose another --out)")
     hb = _safetensors_header(art)
     say = reporter(progress)
     n = len(art.layers)

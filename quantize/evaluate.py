@@ -190,7 +190,9 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     quantized in that many worker processes (quantize/jobs.py; the same results)."""
     from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
 
-    names = list(dict.fromkeys(formats))
+    if isinstance(formats, str):            # one name, not its characters (it was "unknown format 's'")
+        formats = [formats]
+    names = list(dict.fromkeys(() if formats is None else formats))
     if not names:
         raise ValueError("no format given")
     fmts = [get_quant_format(n) for n in names]          # unknown names fail here, before any work

@@ -54,6 +54,9 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
 
     art = open_artifact(artifact)
     meta = art.meta.get("model", {})
+    if model is not None and not model:         # it was "names no source model; give --model"
+        raise ValueError("--model '' is an empty name: give the source model (a file, a folder, 'minilm' or "
+                         "'smollm2')")
     spec = model if model is not None else meta.get("spec")
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"{art.path}: the artifact names no source model; give --model")

@@ -167,8 +167,11 @@ def _worker(conn, dev: str = "numpy") -> None:
                 conn.send_bytes(memoryview(a).cast("B"))
             del meta, arrays
         except BaseException as err:                    # noqa: BLE001 - every failure goes back
-            conn.send((index, "error", (_kind(err), str(err) or type(err).__name__, type(err).__name__,
-                                        traceback.format_exc()), []))
+            try:
+                conn.send((index, "error", (_kind(err), str(err) or type(err).__name__, type(err).__name__,
+                                            traceback.format_exc()), []))
+            except OSError:                             # the parent is gone (killed outright: it was a
+                return                                  # double traceback from each worker on its stderr)
 
 
 # -- the parent side ---------------------------------------------------------------------------

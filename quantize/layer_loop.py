@@ -34,6 +34,7 @@ from sop.quantize.checkpoint_files import CheckpointError
 from sop.quantize.inputs import NAN_POLICIES, WeightError, sanitize
 from sop.quantize.metrics import ErrorStats
 from sop.quantize.schemes import get_quant_format
+from sop.terminal import one_line
 
 
 def read_weight(src, name: str, policy: str = "error") -> tuple[np.ndarray, int]:
@@ -61,11 +62,11 @@ def check_options(fmts, budget: float | None, nan_policy: str) -> None:
 
 
 def reporter(progress: bool):
-    """A ``say(msg)`` that prints status lines to stderr when ``progress`` is on, each one line
-    (a layer's name may hold a line break: a tensor name is any string)."""
+    """A ``say(msg)`` that prints status lines to stderr when ``progress`` is on, each one terminal line
+    (``sop.terminal.one_line``: a tensor name is any string, line breaks and escape sequences too)."""
     def say(msg):
         if progress:
-            print(" ".join(str(msg).splitlines()), file=sys.stderr, flush=True)
+            print(one_line(msg), file=sys.stderr, flush=True)
     return say
 
 
@@ -74,7 +75,7 @@ def announce(src, say) -> None:
     printed even when quiet (a warning is no progress)."""
     say(f"{src.spec}: {src.kept_line()}")
     for note in src.notes:
-        print(" ".join(f"warning: {note}".splitlines()), file=sys.stderr, flush=True)
+        print(one_line(f"warning: {note}"), file=sys.stderr, flush=True)
 
 
 def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bool = False):

@@ -196,7 +196,10 @@ def _packed_weights(reader, names, cfg: dict | None, codes: list[str]) -> list[s
     which no float reading can take; and of MXFP4 codes (``X_blocks``) the reader found no scales to pair
     with (``codes``: ``_unpaired_codes``; tensor_readers.MXFP4). Nothing when it has none."""
     ints = [n for n in names if not reader.info(n)[2] and len(reader.info(n)[0]) >= 2]
-    packed = [n for n in ints if n.lower().endswith(("weight", "weight_packed"))]
+    named = [n for n in ints if n.lower().endswith(("weight", "weight_packed"))]
+    # a boolean or complex tensor is no integer code of another method (it was said to be one)
+    unreal = [n for n in named if str(reader.info(n)[1]).lower().startswith(("bool", "complex", "c64", "c128"))]
+    packed = [n for n in named if n not in unreal]
     qc = (cfg or {}).get("quantization_config") if isinstance(cfg, dict) else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     said = f" (config.json's quantization_config: {method!r})" if isinstance(method, str) else ""
@@ -204,6 +207,9 @@ def _packed_weights(reader, names, cfg: dict | None, codes: list[str]) -> list[s
              f"kept as they are: the checkpoint is already quantized by another method{said}, packed in a way sop "
              f"does not read (it reads float, FP8 and GPT-OSS's MXFP4 weights); quantize the unquantized "
              f"checkpoint"] if packed else []
+    if unreal:
+        notes.append(f"{len(unreal)} tensor(s) named as weights hold no real numbers (e.g. {unreal[0]}, "
+                     f"{reader.info(unreal[0])[1]}): kept as they are (sop quantizes float weights)")
     if codes:
         notes.append(f"{len(codes)} MXFP4 code tensor(s) (e.g. {codes[0]}, {reader.info(codes[0])[1]} "
                      f"{tuple(reader.info(codes[0])[0])}) are kept as they are: no scales pair with them (X_blocks "
@@ -416,13 +422,7 @@ class ModelSource:
     def fingerprint(self) -> str:
         """SHA-256 over the checkpoint files' names and contents (computed once)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for f in self.files:
-                h.update(os.fsencode(f.name) + b"\0")      # any file name, UTF-8 or not
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 22), b""):
-                        h.update(chunk)
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = files_fingerprint(self.files)
         return self._fingerprint
 
     def aux_fingerprint(self) -> str:
@@ -493,6 +493,18 @@ class ModelSource:
         if self.notes:
             d["notes"] = list(self.notes)
         return d
+
+
+def files_fingerprint(files) -> str:
+    """A checkpoint's fingerprint (``ModelSource.fingerprint``, which a ``.sopq`` header keeps): SHA-256
+    over its files' names and contents, in order."""
+    h = hashlib.sha256()
+    for f in map(Path, files):
+        h.update(os.fsencode(f.name) + b"\0")      # any file name, UTF-8 or not
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def minilm_folder() -> Path:
@@ -685,6 +697,9 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None
     A folder gives the weights ``transformers`` would load from it (``HF_WEIGHTS``), so that what
     is quantized is what the forward pass runs; a folder without those names, every checkpoint
     file of the first kind it holds."""
+    if not spec:                        # Path('') is '.': an unset $MODEL quantized the current folder
+        raise ValueError(f"model '' is an empty name: give a file, a folder ('.' for the current one), "
+                         f"{MINILM!r} or {SMOLLM2!r}")
     if spec == MINILM:
         folder = minilm_folder()
         return "minilm", [folder / "model.safetensors"], folder, None

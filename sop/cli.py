@@ -66,6 +66,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.quantize.memory import release_freed_memory
     from sop.quantize.models import model_inputs
     from sop.synth.wire import DEFAULT_BAUD
+    from sop.terminal import one_line
 except KeyboardInterrupt:
     print("sop: interrupted (SIGINT) while starting; nothing was written", file=sys.stderr)
     raise SystemExit(128 + signal.SIGINT) from None
@@ -196,9 +197,9 @@ def cmd_eval(args) -> int:
     from sop.quantize import evaluate
 
     settings = _search_settings(args)
-    if args.json:
+    if args.json is not None:                   # --json '' is refused, not taken for no --json
         check_output(args.json, model_inputs(args.model))
-    _check_calibration(args)
+    _check_calibration(args, args.json)
     with settings:
         doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,
                                 exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
@@ -207,7 +208,7 @@ def cmd_eval(args) -> int:
                                 lm_head=args.include_lm_head, routers=args.include_routers,
                                 e2e_windows=args.e2e_windows, jobs=args.jobs)
     print(evaluate.format_table(doc))
-    if args.json:
+    if args.json is not None:
         evaluate.write_json(args.json, doc)
         print(f"\nwrote {args.json}")
     return 0
@@ -229,7 +230,7 @@ def cmd_quantize(args) -> int:
 
     settings = _search_settings(args)
     check_output(args.out, model_inputs(args.model))
-    _check_calibration(args)
+    _check_calibration(args, args.out)
     t0 = time.time()
     with settings:
         info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
@@ -370,8 +371,10 @@ def _calib_size(args):
     return CalibSize(args.calib_sentences, args.calib_seqs, args.seq_len)
 
 
-def _check_calibration(args) -> None:
-    """A calibration count or cache folder that cannot work is refused before any work."""
+def _check_calibration(args, out=None) -> None:
+    """A calibration count or cache folder that cannot work is refused before any work, and so is a
+    cache folder that is, or lies under, the output file ``out`` (made by the calibration, it was
+    found in the output's place after the whole run)."""
     from sop.quantize.calib import calibration_sentences
 
     if not args.no_calib:
@@ -379,6 +382,11 @@ def _check_calibration(args) -> None:
     there = nearest_existing(Path(args.cache_dir))       # the folder, or the parent it would be made in
     if not there.is_dir():
         raise OutputError(f"--cache-dir {args.cache_dir}: {there} exists and is not a folder")
+    if out is not None and not args.no_calib:
+        cache, target = Path(os.path.realpath(args.cache_dir)), Path(os.path.realpath(out))
+        if target == cache or target in cache.parents:
+            raise OutputError(f"{out}: the calibration cache folder (--cache-dir {args.cache_dir}) would be made "
+                              f"in the output's place; give another --cache-dir")
 
 
 def cmd_board(args) -> int:
@@ -507,7 +515,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     v.add_argument("model", help="a model path or 'minilm'")
     v.add_argument("--format", required=True, choices=vector_points(), action=Once)
     v.add_argument("--layer", action="append", metavar="NAME", help="a linear layer (repeatable; default all)")
-    v.add_argument("--out", required=True, type=Path, help="the vector directory")
+    v.add_argument("--out", required=True, help="the vector directory")
     v.add_argument("--rows", type=positive(int), default=None,
                    help="only the first N rows of each layer (a model's quantized as a layer of their own; "
                         "docs/vectors.md)")
@@ -625,12 +633,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _one_line(err: BaseException) -> str:
-    """An exception as one line; an OSError as ``path: reason``."""
+    """An exception as one terminal line (sop.terminal); an OSError as ``path: reason``."""
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.filename}: {err.strerror}"
     else:
         text = str(err) or type(err).__name__
-    return " ".join(text.split())
+    return one_line(text)
 
 
 def _reader_gone() -> int:

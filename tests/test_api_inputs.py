@@ -94,3 +94,19 @@ def test_a_budget_that_is_not_a_number_is_one_value_error(tmp_path, budget):
     with pytest.raises(ValueError, match=r"--budget must be a number \(average bits per weight\), got"):
         quantize_model("minilm", "sop-budget", tmp_path / "m.sopq", budget=budget, calibrate=False, progress=False)
     assert not (tmp_path / "m.sopq").exists()
+
+
+def test_evaluate_takes_one_format_name_as_a_string(tmp_path):
+    """`evaluate(path, "sop4-g16")` read the string as a list of its characters: `unknown format 's'`
+    (include and exclude take a string as one glob); None is no format, as an empty list."""
+    from safetensors.numpy import save_file
+
+    from sop.quantize.evaluate import evaluate
+
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
+    kw = {"calibrate": False, "e2e": False, "progress": False}
+    assert list(evaluate(str(ckpt), "sop4-g16", **kw)["formats"]) == ["sop4-g16"]
+    for none in (None, []):
+        with pytest.raises(ValueError, match="^no format given$"):
+            evaluate(str(ckpt), none, **kw)

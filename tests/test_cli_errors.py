@@ -155,6 +155,34 @@ def test_a_missing_model_names_the_path(tmp_path, capsys):
     assert "nope.safetensors" in err and "not found" in err
 
 
+@pytest.mark.parametrize("cmd", ["quantize", "eval"])
+def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, cmd):
+    """`sop quantize "$MODEL"` with $MODEL unset: Path('') is '.', and the model folder the command ran
+    in was quantized without a word (an outside probe)."""
+    save_file({"fc.weight": np.ones((16, 64), np.float32)}, str(tmp_path / "model.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    out = {"quantize": ["--out", "q.sopq"], "eval": ["--json", "e.json"]}[cmd]
+    err = one_error_line(capsys, [cmd, "", "--format", "sop4-g16", *out, "--quiet"])
+    assert "model '' is an empty name" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+def test_a_tensor_name_with_escape_sequences_is_printed_escaped(tmp_path, capsys):
+    """A tensor name is any string: one holding a terminal's escape sequences (retitle, clear the screen)
+    was printed raw in the progress and error lines, and the terminal ran them (an outside probe)."""
+    name = "fc\x1b]0;title\x07\x1b[2J\x9b1m.weight"
+    w = np.ones((16, 64), np.float32)
+    w[0, 0] = np.nan
+    save_file({name: w}, str(tmp_path / "m.safetensors"))
+    argv = ["quantize", str(tmp_path / "m.safetensors"), "--format", "sop4-g16", "--out", str(tmp_path / "q.sopq")]
+    err = one_error_line(capsys, [*argv, "--quiet"])
+    assert "fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m.weight: non-finite weight" in err, err
+    assert run([*argv, "--nan-policy", "zero"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/1] fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m.weight 16x64" in err, err
+    assert not any(c in err for c in "\x1b\x07\x9b"), err
+
+
 @pytest.mark.parametrize("cmd", ["dequantize", "report"])
 @pytest.mark.parametrize("kind", ["missing", "folder", "fifo", "unreadable"])
 def test_an_input_that_cannot_be_read_names_the_path(tmp_path, capsys, cmd, kind):
@@ -189,6 +217,19 @@ def test_a_cache_dir_that_is_a_file_is_refused(ckpt, tmp_path, capsys):
     for cache in (f, f / "sub"):                   # under a file: refused before calibrating, not after
         err = one_error_line(capsys, ["eval", str(ckpt), "--format", "nvfp4", "--cache-dir", str(cache)])
         assert "--cache-dir" in err and f"{f} exists and is not a folder" in err, err
+
+
+@pytest.mark.parametrize("cmd", ["eval", "quantize"])
+def test_a_cache_dir_in_the_outputs_place_is_refused_before_any_work(tmp_path, capsys, cmd):
+    """`--json r.json --cache-dir r.json` (or `--cache-dir r.json/sub`): the output was checked, then the
+    calibration made its folder there, and the output was refused after the whole run (an outside probe)."""
+    out = tmp_path / "r.json"
+    for cache in (out, out / "sub"):
+        err = one_error_line(capsys, [cmd, "minilm", "--format", "sop4-g16", "--include", "*.0.attention.self.query*",
+                                      {"eval": "--json", "quantize": "--out"}[cmd], str(out), "--cache-dir", str(cache),
+                                      "--calib-sentences", "1", "--quiet"])
+        assert "the calibration cache folder" in err and "would be made in the output's place" in err, err
+        assert not out.exists()
 
 
 def test_an_unknown_vector_layer_lists_the_layers(ckpt, tmp_path, capsys):

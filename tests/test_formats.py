@@ -181,6 +181,21 @@ def test_signed_zero_and_negative_underflow():
     assert e2m1.encode(0.25) == 0           # tie between 0 and 0.5: even code 0
 
 
+@pytest.mark.parametrize("name, got", [("e8m23", "E = 8, M = 23"), ("ue0m0", "E = 0, M = 0"),
+                                       ("e12m0", "E = 12, M = 0"), ("e1m16b3", "E = 1, M = 16")])
+def test_a_parametric_name_past_the_sizes_says_the_sizes(name, got, capsys):
+    """`sop codebook e8m23` said "unknown codebook or format 'e8m23'; ... or any eNmM": an eNmM whose
+    sizes are out of range is named with the range (docs/formats.md, section 2)."""
+    from sop.cli import main
+
+    with pytest.raises(ValueError, match=f"format '{name}': a parametric .* takes E from 1 to 11, M from 0 to 15 "
+                                         f"and E \\+ M at most 16, got {got}$"):
+        get_format(name)
+    assert main(["codebook", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sop: error: format '{name}': a parametric") and err.count("\n") == 1, err
+
+
 def test_saturation():
     e4m3 = get_format("e4m3")
     assert e4m3.decode(e4m3.encode([1e30, -np.inf, 464.0, 470.0])).tolist() == [448, -448, 448, 448]
@@ -199,3 +214,15 @@ def test_bad_input_is_refused_clearly():
     assert e2m3.decode(np.array([1.0, 2.0])).tolist() == e2m3.decode([1, 2]).tolist() == [0.125, 0.25]
     with pytest.raises(ValueError, match="valid: .*e2m3.*ue4m4"):
         get_format("e9m9x")
+
+@pytest.mark.parametrize("name", ["e" + "9" * 5000 + "m1", "e4m" + "1" * 101, "e4m3b-" + "7" * 200])
+def test_a_parametric_name_with_a_huge_number_is_one_line_naming_the_format(name, capsys):
+    """A 5000-digit size was Python's own "Exceeds the limit (4300 digits) for integer string conversion",
+    naming neither the format nor the rule."""
+    from sop.cli import main
+
+    with pytest.raises(ValueError, match=r"^format 'e.*: a number of \d+ digits in a parametric "):
+        get_format(name)
+    assert main(["codebook", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sop: error: format 'e") and err.count("\n") == 1 and len(err) < 200, err

@@ -282,3 +282,18 @@ def test_a_bad_time_limit_is_one_error_line_before_any_work(model, tmp_path, cap
     err = capsys.readouterr().err
     assert err == "sop: error: SOP_LAYER_TIMEOUT must be a positive number of seconds, got 'ten'\n"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_worker_whose_parent_is_gone_ends_quietly(capfd):
+    """The parent killed outright (SIGKILL, the OOM killer) while a worker quantized a layer: the worker's
+    reply met a closed pipe, and each worker printed a double BrokenPipeError traceback on the terminal."""
+    ctx = J._context()
+    parent, child = ctx.Pipe(duplex=True)
+    p = ctx.Process(target=J._worker, args=(child, "numpy"), daemon=True)
+    p.start()
+    child.close()
+    parent.send((0, divmod, (7, 2)))            # its result is no (meta, arrays): the error reply is sent
+    parent.close()                              # the parent gone before the worker replies
+    p.join(60)
+    assert p.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err

@@ -336,3 +336,15 @@ def test_a_checkpoint_quantized_by_another_method_says_so(tmp_path):
     save_file({"w.weight": torch.randn(4, 64), "position_ids": torch.arange(8)[None]},
               str(tmp_path / "model.safetensors"))
     assert open_model(str(tmp_path)).notes == []         # an integer tensor that is no weight says nothing
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.complex64, "C64"), (torch.bool, "BOOL")])
+def test_a_complex_or_boolean_weight_is_not_said_to_be_another_methods_integers(tmp_path, dtype, name):
+    """A complex64 or boolean weight was '1 integer tensor(s) named as weights ... already quantized by
+    another method' (an outside probe): it holds no real numbers, and no method packs its codes so."""
+    save_file({"fc.weight": torch.ones(8, 64, dtype=dtype)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError) as err:
+        open_model(str(tmp_path / "m.safetensors"))
+    assert str(err.value).endswith(f"no linear layer selected (0 candidates): 1 tensor(s) named as weights hold no "
+                                   f"real numbers (e.g. fc.weight, {name}): kept as they are (sop quantizes float "
+                                   f"weights)"), err.value

@@ -93,6 +93,35 @@ def test_dequantize_never_writes_over_the_checkpoint_the_artifact_was_made_from(
     assert snapshot([ckpt, tmp_path / "config.json"]) == before
 
 
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_dequantize_run_from_another_folder_never_writes_over_the_source(tmp_path, capsys, monkeypatch, given):
+    """The header records the source as `sop quantize` was given it, relative to the folder it ran in:
+    from another folder that path names nothing, and `sop dequantize --out ../model.safetensors` replaced
+    the checkpoint with its quantized layers alone (an outside probe). The files are found by their
+    contents (the model fingerprint); a copy under another name, or a new file, is written."""
+    model = tmp_path / "m"
+    model.mkdir()
+    ckpt = model / "model.safetensors"
+    save_file({LAYER: np.ones((16, 64), np.float32), "blk.0.fc.bias": np.ones(16, np.float32)}, str(ckpt))
+    (model / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    spec = "m/model.safetensors" if given == "file" else "m"
+    assert main(["quantize", spec, "--format", "sop4-g16", "--out", "q.sopq", "--quiet"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    before = snapshot([ckpt, model / "config.json"])
+    for out in ("../m/model.safetensors", "../m/config.json"):
+        refused(capsys, ["dequantize", "../q.sopq", "--out", out, "--quiet"], "a file of the checkpoint q.sopq",
+                "refusing to overwrite an input")
+    assert snapshot([ckpt, model / "config.json"]) == before
+    (tmp_path / "copy.safetensors").write_bytes(ckpt.read_bytes())
+    for out in ("../copy.safetensors", "model.safetensors"):
+        assert main(["dequantize", "../q.sopq", "--out", out, "--quiet"]) == 0
+    import sop.quantize.artifact as A                  # an earlier output of the checkpoint: its header tells,
+    monkeypatch.setattr(A, "files_fingerprint", None)  # nothing is hashed (a model's GBs)
+    assert main(["dequantize", "../q.sopq", "--out", "model.safetensors", "--quiet"]) == 0
+
+
 @pytest.mark.parametrize("target", ["x", "out"])
 def test_gemv_never_writes_over_its_inputs(files, tmp_path, capsys, target):
     x = tmp_path / "x.npy"
@@ -506,6 +535,32 @@ def test_a_file_output_written_as_a_folder_is_refused(files, tmp_path, capsys):
         for argv in commands(files, f"{target}{os.sep}").values():
             refused(capsys, argv, "names a folder (it ends with /)")
     assert [p.name for p in tmp_path.iterdir()] == ["d"] and (tmp_path / "d").read_bytes() == b"mine"
+
+
+def test_a_file_output_written_as_a_folder_with_a_dot_or_empty_is_refused(files, tmp_path, capsys, monkeypatch):
+    """``--out d/.`` names the folder d too: pathlib drops the ``/.``, and it replaced a file ``d`` (an
+    outside probe; ``..`` as a report stem wrote ``...md``); ``--out ''`` is pathlib's ``.``: a message
+    of pathlib's (``PosixPath('.') has an empty name``), and ``sop eval --json ''`` wrote nothing, exit 0."""
+    (tmp_path / "d").write_bytes(b"mine")
+    monkeypatch.chdir(tmp_path)
+    for target, said in (("d/.", "names a folder (it ends with .)"), ("d/..", "names a folder (it ends with ..)"),
+                         ("..", "names a folder (it ends with ..)"), ("", "'': an empty name")):
+        for argv in commands(files, target).values():
+            refused(capsys, argv, said)
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and (tmp_path / "d").read_bytes() == b"mine"
+
+
+def test_an_empty_folder_output_or_model_is_refused(files, tmp_path, capsys, monkeypatch):
+    """``sop vectors --out ''`` and ``sop dequantize --model-folder --out ''`` wrote into the working folder
+    (``wrote :``); ``--model ''`` was taken for no --model (`the artifact names no source model; give
+    --model`)."""
+    monkeypatch.chdir(tmp_path)
+    said = "'': an empty name; give the output folder's name"
+    refused(capsys, ["vectors", str(files["ckpt"]), "--format", "sop4-g16", "--out", ""], said)
+    refused(capsys, ["dequantize", str(files["sopq"]), "--model-folder", "--out", "", "--quiet"], said)
+    refused(capsys, ["dequantize", str(files["sopq"]), "--model-folder", "--out", "m", "--model", "", "--quiet"],
+            "--model '' is an empty name")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_replaced_file_keeps_its_permissions(tmp_path):

@@ -140,7 +140,7 @@ def test_numbers_at_the_ends_of_their_ranges_make_a_whole_report(tmp_path):
     doc = {"model": "m", "formats": {
         "a": {"bpw": 5e-324, "sqnr_db": -1000, "rel_mse": 0, "acos": -1, "e2e": lm(1e-100, 1.7976931348623157e308, 0,
                                                                               tokens=2 ** 53)},
-        "b": {"bpw": 64, "sqnr_db": 1000, "rel_mse": 1e300, "acos": 1, "e2e": lm(1e100, 1.0, 1)},
+        "b": {"bpw": 1024, "sqnr_db": 1000, "rel_mse": 1e300, "acos": 1, "e2e": lm(1e100, 1.0, 1)},
         "c": {"bpw": 8, "sqnr_db": None, "rel_mse": 0, "acos": 1, "e2e": lm(0, 1e6, 1)},
         "d": {"bpw": 9, "sqnr_db": 1, "rel_mse": 1, "acos": 0, "e2e": lm(30, None, 0)}}}     # exp(NLL) past float64
     src = tmp_path / "ends.json"
@@ -152,6 +152,21 @@ def test_numbers_at_the_ends_of_their_ranges_make_a_whole_report(tmp_path):
     assert rows["c"][2] == "inf" and rows["c"][5:7] == ["1.0000e+06", "0.000e+00"]
     assert rows["d"][5] == "inf"
     check_png((tmp_path / "ends.png").read_bytes())
+
+
+def test_the_eval_of_a_one_weight_model_makes_a_report(tmp_path):
+    """A layer of one weight pays a whole block and its tables (752 bpw at e2m3-ue4m4-g16, 264 at
+    mxfp8-e4m3): `sop report` refused the file `sop eval` had just written ('bpw' at most 64)."""
+    from safetensors.numpy import save_file
+
+    ckpt, out = tmp_path / "one.safetensors", tmp_path / "one.json"
+    save_file({"fc.weight": np.array([[0.75]], np.float32)}, str(ckpt))
+    formats = sum((["--format", f] for f in ("e2m3-ue4m4-g16", "mxfp8-e4m3", "sop4-g16")), [])
+    assert main(["eval", str(ckpt), *formats, "--no-calib", "--no-e2e", "--quiet", "--json", str(out)]) == 0
+    assert max(f["bpw"] for f in json.loads(out.read_text())["formats"].values()) == 752
+    assert main(["report", str(out)]) == 0
+    assert len(table_rows((tmp_path / "one.md").read_text())) == 3
+    check_png((tmp_path / "one.png").read_bytes())
 
 
 def test_a_format_name_with_a_pipe_or_a_newline_stays_one_table_cell(tmp_path):
@@ -208,13 +223,13 @@ def test_pareto_front_against_the_definition_on_random_points():
     ('{"formats": {"nf4-g64": {"bpw": 4.5, "rel_mse": 0.01, "acos": 0.99}}}', "'sqnr_db' is missing"),
     # numbers no eval writes: each refused naming the field, never a warning, an overflow or a 'nan' cell
     ('{"formats": {"nf4-g64": {"bpw": 1%s, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}' % ("0" * 400),
-     "formats.nf4-g64: field 'bpw' must be a finite number above 0 and at most 64, got an integer of 401 digits"),
+     "formats.nf4-g64: field 'bpw' must be a finite number above 0 and at most 1024, got an integer of 401 digits"),
     ('{"formats": {"nf4-g64": {"bpw": Infinity, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}',
-     "field 'bpw' must be a finite number above 0 and at most 64, got inf"),
+     "field 'bpw' must be a finite number above 0 and at most 1024, got inf"),
     ('{"formats": {"nf4-g64": {"bpw": -4.5, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}',
-     "field 'bpw' must be a finite number above 0 and at most 64, got -4.5"),
+     "field 'bpw' must be a finite number above 0 and at most 1024, got -4.5"),
     ('{"formats": {"nf4-g64": {"bpw": 0, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}',
-     "field 'bpw' must be a finite number above 0 and at most 64, got 0"),          # the open end itself
+     "field 'bpw' must be a finite number above 0 and at most 1024, got 0"),          # the open end itself
     ('{"formats": {"nf4-g64": {"bpw": 4.5, "sqnr_db": NaN, "rel_mse": 0.01, "acos": 0.99}}}',
      "field 'sqnr_db' must be a finite number from -1000 to 1000, got nan"),
     ('{"formats": {"nf4-g64": {"bpw": 4.5, "sqnr_db": -1e308, "rel_mse": 0.01, "acos": 0.99}}}',
@@ -223,9 +238,9 @@ def test_pareto_front_against_the_definition_on_random_points():
      "field 'sqnr_db' must be a finite number from -1000 to 1000, got 1e+308"),
     # past Python's 4300 digits: once "Exceeds the limit (4300 digits) ...", naming neither file nor field
     ('{"formats": {"nf4-g64": {"bpw": 1%s, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}' % ("0" * 5000),
-     "formats.nf4-g64: field 'bpw' must be a finite number above 0 and at most 64, got an integer of 5001 digits"),
+     "formats.nf4-g64: field 'bpw' must be a finite number above 0 and at most 1024, got an integer of 5001 digits"),
     ('{"formats": {"nf4-g64": {"bpw": -1%s, "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}' % ("0" * 5000),
-     "field 'bpw' must be a finite number above 0 and at most 64, got an integer of 5001 digits"),
+     "field 'bpw' must be a finite number above 0 and at most 1024, got an integer of 5001 digits"),
     ('{"formats": {"nf4-g64": {"bpw": "%s", "sqnr_db": 20, "rel_mse": 0.01, "acos": 0.99}}}' % ("4" * 5000),
      "field 'bpw' must be a number, got '444"),                      # cut short: one short line
     # a positive KLD the log panel cannot span (its padded limits left float64: an overflow warning)
