@@ -140,6 +140,45 @@ class _LastStage:
     off9: Value
 
 
+#: The slow path's states (``slow_state``): idle, accumulate, carries, sign, negation, a limb up, the limbs'
+#: flags settle, the top limb's decision, kmax's flags, bit shifts, rounding.
+IDLE, ACC, RES, SIGN, NEG, UP, CHECK, DECIDE, PREP, SHIFT, ROUND = range(11)
+
+
+@dataclass(frozen=True)
+class _SlowRegs:
+    """The slow path's registers: its state, the next state ``nxt`` and ``st`` (the state's copy per
+    limb), the limbs (``digit``: their low 32 bits; ``nzl``: each digit nonzero, a cycle late), the
+    counters ``cnt`` and ``jn`` (the lane fed), the carry, the sign ``neg`` and ``r`` (the shifts of the
+    limbs up a limb)."""
+    state: Signal
+    nxt: Signal
+    st: list
+    limbs: list
+    digit: list
+    nzl: Signal
+    cnt: Signal
+    jn: Signal
+    carry: Signal
+    neg: Signal
+    r: Signal
+
+
+@dataclass(frozen=True)
+class _SlowWindow:
+    """The slow path's window: the constant part ``kbase`` of kmax, kmax and its flags, the window
+    ``M``, its sticky bit, the zero flag, and the rounded ``word``."""
+    kbase: int
+    kmax: Signal
+    kfar: Signal
+    kneg: Signal
+    kpos: Signal
+    M: Signal
+    sticky: Signal
+    zero: Signal
+    word: Signal
+
+
 class BlockDotBF16(BlockDot):
     model = staticmethod(model)         # hdl.block_dot.model: BlockDot's value, bit for bit
 
@@ -412,9 +451,21 @@ class BlockDotBF16(BlockDot):
         Written for the clock: every wide register's next value is a short mux chosen by registers
         (a copy of the state per limb, the limb selects of a product, the flags of ``kmax``), and
         every decision on wide data waits a cycle for its flags (``CHECK`` before ``DECIDE``)."""
-        g, NL, LW, P = self.layout.group, self.nl, self.limb_bits, self.acc.product_bits
-        Ms = self.scale.mbits
-        IDLE, ACC, RES, SIGN, NEG, UP, CHECK, DECIDE, PREP, SHIFT, ROUND = range(11)
+        sl = self._slow_registers(m)
+        addend, pipe = self._slow_addends(m, rot, p0, s0, t0, ss9)
+        negpass, v = self._slow_limbs(m, sl, addend)
+        win = self._slow_window(m, sl, sb9)
+        m.d.sync += done_set.eq(0)
+
+        with m.Switch(sl.state):
+            self._slow_accumulate(m, sl, start, rot, pipe, negpass)
+            self._slow_carries(m, sl, v, negpass)
+            self._slow_top_limb(m, sl, win, es9, off9)
+            self._slow_normalize(m, sl, win, done_set, sres)
+
+    def _slow_registers(self, m) -> _SlowRegs:
+        """The slow path's state (with its copy per limb), its limbs and their flags, its counters."""
+        g, NL, LW = self.layout.group, self.nl, self.limb_bits
         state = Signal(range(11), name="slow_state", init=IDLE)
         nxt = Signal(range(11), name="slow_next")
         m.d.comb += nxt.eq(state)
@@ -431,7 +482,11 @@ class BlockDotBF16(BlockDot):
         carry = Signal(signed(LW - LIMB + 1), name="slow_carry", reset_less=True)
         neg = Signal(name="slow_neg", reset_less=True)
         r = Signal(range(NL), name="slow_r", reset_less=True)
+        return _SlowRegs(state, nxt, st, limbs, digit, nzl, cnt, jn, carry, neg, r)
 
+    def _slow_addends(self, m, rot, p0, s0, t0, ss9):
+        """The product stream: each limb's registered addend, and the cycles from ``feed`` to the addends."""
+        NL, P, Ms = self.nl, self.acc.product_bits, self.scale.mbits
         # the product stream: lane 0 of the shift chain (``rot``: lane jn there), p * Ss (pipelined),
         # << t % 32, negated, into limbs t // 32 (+1)
         feed = rot[0]
@@ -454,13 +509,17 @@ class BlockDotBF16(BlockDot):
         addend = [stage_reg(m, 1, f"slow_add{i}", Mux(sel_lo[i], lo, Mux(sel_hi[i], hi, 0)), signed(LIMB + 2))
                   for i in range(NL)]
         pipe = 1 + mul.latency + 3                             # from feed to the addends
+        return addend, pipe
 
+    def _slow_limbs(self, m, sl, addend):
+        """Each limb's next value by its state: cleared, accumulated, shifted down a limb (RES, NEG) or up (UP)."""
+        NL, LW, limbs, digit = self.nl, self.limb_bits, sl.limbs, sl.digit
         # the carry pass (RES) and the negation pass (NEG): limb 0 and the carry in, a digit out on top
         negpass = Signal(name="slow_negpass", reset_less=True)
         v = Signal(signed(LW + 1), name="slow_v")
-        m.d.comb += v.eq(Mux(negpass, (~digit[0]).as_unsigned(), limbs[0]) + carry)
+        m.d.comb += v.eq(Mux(negpass, (~digit[0]).as_unsigned(), limbs[0]) + sl.carry)
         for i in range(NL):
-            with m.Switch(st[i]):
+            with m.Switch(sl.st[i]):
                 with m.Case(IDLE):
                     m.d.sync += limbs[i].eq(0)
                 with m.Case(ACC):
@@ -469,7 +528,11 @@ class BlockDotBF16(BlockDot):
                     m.d.sync += limbs[i].eq(limbs[i + 1] if i < NL - 1 else v[:LIMB])
                 with m.Case(UP):
                     m.d.sync += limbs[i].eq(limbs[i - 1] if i else 0)
+        return negpass, v
 
+    def _slow_window(self, m, sl, sb9) -> _SlowWindow:
+        """The window ``M``, its sticky bit, kmax and its flags (stepped in SHIFT), and ``M`` rounded."""
+        NL, state = self.nl, sl.state
         # the window M (64 bits) and the sticky bit; kmax = 63 + Ew + 126, its flags a cycle later
         kbase = (self.acc.lsb_exp + self.s_lo + LIMB * (NL - 2)) + 63 + 126
         kmax = Signal(signed(13), name="slow_kmax", reset_less=True)
@@ -488,74 +551,88 @@ class BlockDotBF16(BlockDot):
                          kfar.eq(~kfar & Mux(step_up, kmax < far - 1, Mux(step_dn, kmax < far + 1, kmax < far))),
                          kneg.eq(~kfar & Mux(step_up, kmax < -1, Mux(step_dn, kmax < 1, kmax < 0))),
                          kpos.eq(~kfar & Mux(step_up, kmax > -1, Mux(step_dn, kmax > 1, kmax > 0)))]
-        word = round_fp32(m, 1, Cat(sticky, M), kmax.as_unsigned()[:10], zero, neg ^ sb9, Const(0, 1),
+        word = round_fp32(m, 1, Cat(sticky, M), kmax.as_unsigned()[:10], zero, sl.neg ^ sb9, Const(0, 1),
                           self.round_up, "slow_r")
-        m.d.sync += done_set.eq(0)
+        return _SlowWindow(kbase, kmax, kfar, kneg, kpos, M, sticky, zero, word)
 
-        with m.Switch(state):
-            with m.Case(IDLE):
-                with m.If(start):
-                    m.d.comb += nxt.eq(ACC)
-                    m.d.sync += [jn.eq(0), cnt.eq(0)] + [c.eq(1) for c in rot]
-            with m.Case(ACC):
-                with m.If(jn < g):
-                    m.d.sync += jn.eq(jn + 1)
-                with m.If(jn == g - 1):
-                    m.d.sync += [c.eq(0) for c in rot]
-                m.d.sync += cnt.eq(cnt + 1)
-                with m.If(cnt == g + pipe):
-                    m.d.comb += nxt.eq(RES)
-                    m.d.sync += [cnt.eq(0), carry.eq(0), negpass.eq(0)]
-            with m.Case(RES, NEG):
-                # one limb a cycle from the bottom: the carries (RES), then -S = ~S + 1 (NEG)
-                m.d.sync += [carry.eq(v[LIMB:]), cnt.eq(cnt + 1)]
-                with m.If(cnt == NL - 1):
-                    m.d.sync += [cnt.eq(0), r.eq(0)]
-                    m.d.comb += nxt.eq(Mux(state == RES, SIGN, CHECK))
-            with m.Case(SIGN):
-                # the top digit's sign bit: S < 0 (decided on the register, a cycle after the carries)
-                m.d.sync += neg.eq(digit[NL - 1][LIMB - 1])
-                m.d.comb += nxt.eq(CHECK)
-                with m.If(digit[NL - 1][LIMB - 1]):
-                    m.d.comb += nxt.eq(NEG)
-                    m.d.sync += [carry.eq(1), negpass.eq(1)]
-            with m.Case(UP):
-                m.d.comb += nxt.eq(CHECK)
-                m.d.sync += r.eq(r + 1)
-            with m.Case(CHECK):                                   # the limbs settle; nzl follows them
-                m.d.comb += nxt.eq(DECIDE)
-            with m.Case(DECIDE):
-                # the top nonzero limb: shift the limbs up (times 2^32) while the top one is zero
-                with m.If(nzl[NL - 1]):
-                    m.d.comb += nxt.eq(PREP)
-                    m.d.sync += [M.eq(Cat(digit[NL - 2], digit[NL - 1])), zero.eq(0),
-                                 sticky.eq(nzl[:NL - 2].any()), kmax.eq(kbase + es9 + off9 - LIMB * r)]
-                with m.Elif(r == NL - 1):
-                    m.d.comb += nxt.eq(ROUND)
-                    m.d.sync += [cnt.eq(0), zero.eq(1), M.eq(0), sticky.eq(0), kmax.eq(0)]
-                with m.Else():
-                    m.d.comb += nxt.eq(UP)
-            with m.Case(PREP):                                    # kmax's flags
-                m.d.comb += nxt.eq(SHIFT)
-            with m.Case(SHIFT):
-                # one bit a cycle: right into the subnormal range while kmax < 0 (the bits out go to
-                # the sticky bit; far below, everything does), left to the leading one while kmax > 0
-                with m.If(kfar):
-                    m.d.sync += [M.eq(0), sticky.eq(sticky | M.any())]
-                with m.Elif(kneg):
-                    m.d.sync += [M.eq(M >> 1), sticky.eq(sticky | M[0])]
-                with m.Elif(kpos & ~M[-1]):
-                    m.d.sync += M.eq(M << 1)
-                with m.Else():
-                    m.d.comb += nxt.eq(ROUND)
-                    m.d.sync += cnt.eq(0)
-            with m.Case(ROUND):
-                m.d.sync += cnt.eq(cnt + 1)
-                with m.If(cnt == 3):
-                    m.d.comb += nxt.eq(IDLE)
-                    m.d.sync += sres.eq(word)
-                with m.If(cnt == 2):
-                    m.d.sync += done_set.eq(1)      # a register: high in the cycle sres is loaded
+    def _slow_accumulate(self, m, sl, start, rot, pipe, negpass):
+        """IDLE and ACC: start on a slow block, feed its lanes from the shift chain, add them into the limbs."""
+        g, nxt, jn, cnt = self.layout.group, sl.nxt, sl.jn, sl.cnt
+        with m.Case(IDLE):
+            with m.If(start):
+                m.d.comb += nxt.eq(ACC)
+                m.d.sync += [jn.eq(0), cnt.eq(0)] + [c.eq(1) for c in rot]
+        with m.Case(ACC):
+            with m.If(jn < g):
+                m.d.sync += jn.eq(jn + 1)
+            with m.If(jn == g - 1):
+                m.d.sync += [c.eq(0) for c in rot]
+            m.d.sync += cnt.eq(cnt + 1)
+            with m.If(cnt == g + pipe):
+                m.d.comb += nxt.eq(RES)
+                m.d.sync += [cnt.eq(0), sl.carry.eq(0), negpass.eq(0)]
+
+    def _slow_carries(self, m, sl, v, negpass):
+        """RES, SIGN and NEG: the carries resolved, the sum's sign, the negation of a negative sum."""
+        NL, state, nxt, cnt, carry, digit = self.nl, sl.state, sl.nxt, sl.cnt, sl.carry, sl.digit
+        with m.Case(RES, NEG):
+            # one limb a cycle from the bottom: the carries (RES), then -S = ~S + 1 (NEG)
+            m.d.sync += [carry.eq(v[LIMB:]), cnt.eq(cnt + 1)]
+            with m.If(cnt == NL - 1):
+                m.d.sync += [cnt.eq(0), sl.r.eq(0)]
+                m.d.comb += nxt.eq(Mux(state == RES, SIGN, CHECK))
+        with m.Case(SIGN):
+            # the top digit's sign bit: S < 0 (decided on the register, a cycle after the carries)
+            m.d.sync += sl.neg.eq(digit[NL - 1][LIMB - 1])
+            m.d.comb += nxt.eq(CHECK)
+            with m.If(digit[NL - 1][LIMB - 1]):
+                m.d.comb += nxt.eq(NEG)
+                m.d.sync += [carry.eq(1), negpass.eq(1)]
+
+    def _slow_top_limb(self, m, sl, win, es9, off9):
+        """UP, CHECK and DECIDE: the limbs shifted up to the top nonzero one; the window, sticky and kmax loaded."""
+        NL, nxt, r, nzl, digit = self.nl, sl.nxt, sl.r, sl.nzl, sl.digit
+        with m.Case(UP):
+            m.d.comb += nxt.eq(CHECK)
+            m.d.sync += r.eq(r + 1)
+        with m.Case(CHECK):                                   # the limbs settle; nzl follows them
+            m.d.comb += nxt.eq(DECIDE)
+        with m.Case(DECIDE):
+            # the top nonzero limb: shift the limbs up (times 2^32) while the top one is zero
+            with m.If(nzl[NL - 1]):
+                m.d.comb += nxt.eq(PREP)
+                m.d.sync += [win.M.eq(Cat(digit[NL - 2], digit[NL - 1])), win.zero.eq(0),
+                             win.sticky.eq(nzl[:NL - 2].any()), win.kmax.eq(win.kbase + es9 + off9 - LIMB * r)]
+            with m.Elif(r == NL - 1):
+                m.d.comb += nxt.eq(ROUND)
+                m.d.sync += [sl.cnt.eq(0), win.zero.eq(1), win.M.eq(0), win.sticky.eq(0), win.kmax.eq(0)]
+            with m.Else():
+                m.d.comb += nxt.eq(UP)
+
+    def _slow_normalize(self, m, sl, win, done_set, sres):
+        """PREP, SHIFT and ROUND: the window normalized one bit a cycle, then rounded into ``sres``."""
+        nxt, cnt, M, sticky = sl.nxt, sl.cnt, win.M, win.sticky
+        with m.Case(PREP):                                    # kmax's flags
+            m.d.comb += nxt.eq(SHIFT)
+        with m.Case(SHIFT):
+            # one bit a cycle: right into the subnormal range while kmax < 0 (the bits out go to
+            # the sticky bit; far below, everything does), left to the leading one while kmax > 0
+            with m.If(win.kfar):
+                m.d.sync += [M.eq(0), sticky.eq(sticky | M.any())]
+            with m.Elif(win.kneg):
+                m.d.sync += [M.eq(M >> 1), sticky.eq(sticky | M[0])]
+            with m.Elif(win.kpos & ~M[-1]):
+                m.d.sync += M.eq(M << 1)
+            with m.Else():
+                m.d.comb += nxt.eq(ROUND)
+                m.d.sync += cnt.eq(0)
+        with m.Case(ROUND):
+            m.d.sync += cnt.eq(cnt + 1)
+            with m.If(cnt == 3):
+                m.d.comb += nxt.eq(IDLE)
+                m.d.sync += sres.eq(win.word)
+            with m.If(cnt == 2):
+                m.d.sync += done_set.eq(1)      # a register: high in the cycle sres is loaded
 
 
 # -- the path a block takes, in numpy (the fallback rate; the tests' class counts) ---------------------------

@@ -25,8 +25,10 @@ The helpers of its datapath live here too: ``window`` (the accumulator's layout)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -87,6 +89,20 @@ def adder_model(config: DecoderConfig, words, block: dict, residuals) -> np.ndar
     residual, rounded once to BF16 (golden.decoder.sum_rounded_to_odd, then golden's BF16)."""
     r = BF16.decode(np.asarray(residuals, dtype=np.int64))
     return BF16.encode(sum_rounded_to_odd(hif_formatter.product_values(config, words, block), r)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Widths:
+    """The adder's widths: the larger operand's reference bit ``T`` in the ``WA``-bit accumulator, the
+    rounding point's bound ``kmax`` and the ``kbits`` of a shift or rounding point; the shapes of the
+    product's exponent ``e0``, the residual's ``er`` and their differences ``d``."""
+    T: int
+    WA: int
+    kmax: int
+    kbits: int
+    e0: Shape
+    er: Shape
+    d: Shape
 
 
 class ResidualAdder(wiring.Component):
@@ -150,30 +166,51 @@ class ResidualAdder(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self.config
-        M, Ms, P = cfg.hif.mbits, cfg.scale.mbits, cfg.sig_bits
-        T, WA = window(cfg)
+        w = self._widths()
         stage = Stages(m, self.en)
+        mul, fields = self._operand_fields(m, stage, w)
+        terms = self._differences(m, stage, w, mul, fields)
+        ops = self._operands(stage, w, terms)
+        ops = self._jammed_shift(stage, w, ops)
+        total = self._sum(stage, w, ops)
+        point = self._rounding_point(m, stage, w, total)
+        bits = self._rounding_bits(stage, w, point)
+        out = self._rounded(stage, bits)
+        m.d.comb += self.out.eq(out)
+        assert stage.depth == self.latency, (stage.depth, self.latency)
+        return m
 
+    def _widths(self) -> _Widths:
+        """The accumulator's window, the rounding point's bound and bits, the exponents' shapes."""
+        T, WA = window(self.config)
         kmax = WA + 8                               # a rounding point past S's bits: all sticky
-        kbits = kmax.bit_length()
+        e0_shape = signed(max(len(self.block.kb), len(self.word.exp) + 1) + 1)
+        er_shape = signed(10)
+        d_shape = signed(max(e0_shape.width, er_shape.width) + 3)
+        return _Widths(T, WA, kmax, kmax.bit_length(), e0_shape, er_shape, d_shape)
+
+    def _operand_fields(self, m, stage, w):
+        """The multiplier of the significands; stage 1: the product's exponent, zero and sign, the residual's fields."""
+        cfg = self.config
+        M, Ms = cfg.hif.mbits, cfg.scale.mbits
         word, blk, r = self.word, self.block, self.residual
         m.submodules.mul = mul = PipelinedMultiplier(M + 1, Ms + 1)
         m.d.comb += [mul.en.eq(self.en), mul.a.eq(Cat(word.frac, 1)), mul.b.eq(Cat(blk.frac, 1))]
 
         # 1: the product's exponent, zero and sign; the residual's fields
-        e0_shape = signed(max(len(blk.kb), len(word.exp) + 1) + 1)
         re, rm = r[BF16.mbits:15], r[:BF16.mbits]
         rlz = leading_zeros_tree(m, rm, "rlz")
-        er_shape = signed(10)
-        e0, pzero, psign, er, rnorm, rlz1, rm1, rs, rzero = stage(
-            ("e0_1", word.exp + blk.kb, e0_shape), ("pzero1", (word.exp == 0) | blk.zero, 1),
+        return mul, stage(
+            ("e0_1", word.exp + blk.kb, w.e0), ("pzero1", (word.exp == 0) | blk.zero, 1),
             ("psign1", word.sign ^ blk.sign, 1),
-            ("er1", Mux(re != 0, re, -rlz), er_shape), ("rnorm1", re != 0, 1), ("rlz1", rlz, len(rlz)),
+            ("er1", Mux(re != 0, re, -rlz), w.er), ("rnorm1", re != 0, 1), ("rlz1", rlz, len(rlz)),
             ("rm1", rm, BF16.mbits), ("rs1", r[15], 1), ("rzero1", (re == 0) & (rm == 0), 1))
 
+    def _differences(self, m, stage, w, mul, fields):
+        """Stage 2, delayed to the product: the exponent differences, the normalized residual ``rn``, ``p``."""
+        T, d_shape = w.T, w.d
+        e0, pzero, psign, er, rnorm, rlz1, rm1, rs, rzero = fields
         # 2: the exponent differences (both signs) and the terms the later stages need
-        d_shape = signed(max(len(e0), len(er)) + 3)
         rn = Mux(rnorm, Cat(rm1, 1), (rm1 << (rlz1 + 1))[:BF16.mbits + 1])
         d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero = stage(
             ("d0_2", e0 + 1 - er, d_shape), ("nd0_2", er - e0 - 1, d_shape),
@@ -187,7 +224,13 @@ class ResidualAdder(wiring.Component):
             for s in (d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero))
         p = delay(m, self.en, mul.p, align - mul.latency, "p")
         stage.depth += align - 2
+        return d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero, p
 
+    def _operands(self, stage, w, terms):
+        """Stage 3: the larger operand ``A`` in the accumulator, the unshifted ``B``, the clamped shift, the signs."""
+        P = self.config.sig_bits
+        T, WA, kbits, d_shape = w.T, w.WA, w.kbits, w.d
+        d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero, p = terms
         # 3: which operand is larger, the accumulator's A and the unshifted B, the shift
         # (each shift clamped beside the choice, not after it: a negative one is never used)
         prod_a = ~pzero & (rzero | ~d0[-1])
@@ -197,7 +240,7 @@ class ResidualAdder(wiring.Component):
         def clamp(v):
             return Mux(v[-1] | (v >= WA), WA, v[:kbits])
 
-        a_acc, b_pre, shc, s_a, sub, eat, mmin, zero_neg = stage(
+        return stage(
             ("a_acc3", Mux(prod_a, p_acc, r_acc), unsigned(WA)),
             ("b_pre3", Mux(prod_a, Mux(rzero, 0, r_acc), Mux(pzero, 0, p_acc)), unsigned(WA)),
             ("sh3", Mux(prod_a, clamp(d0), clamp(nd0)), unsigned(kbits)),
@@ -205,6 +248,10 @@ class ResidualAdder(wiring.Component):
             ("eat3", Mux(prod_a, eat_p, eat_r), d_shape), ("mmin3", Mux(prod_a, mmin_p, mmin_r), d_shape),
             ("zneg3", pzero & rzero & psign & rs, 1))
 
+    def _jammed_shift(self, stage, w, ops):
+        """Stages 4-5: ``B`` shifted right, the bits shifted out jammed into its LSB (``B`` rounded to odd)."""
+        WA, kmax, kbits, d_shape = w.WA, w.kmax, w.kbits, w.d
+        a_acc, b_pre, shc, s_a, sub, eat, mmin, zero_neg = ops
         # 4-5: B shifted right, the lost bits jammed into its LSB; the rounding point's lower bound clamped
         b1, lost1 = shift_right_sticky(b_pre, shc[:2])
         b1, st1, shc, a_acc, s_a, sub, eat, mminc, zero_neg = stage(
@@ -213,20 +260,28 @@ class ResidualAdder(wiring.Component):
             ("mmin4", Mux(mmin[-1], 0, Mux(mmin >= kmax, kmax, mmin[:kbits])), unsigned(kbits)),
             ("zneg4", zero_neg, 1))
         b2, lost2 = shift_right_sticky(b1, shc[2:], 4)
-        b_acc, a_acc, s_a, sub, eat, mminc, zero_neg = stage(
+        return stage(
             ("b5", b2 | ((lost2 | st1) if self.jam else 0), unsigned(WA)), ("a5", a_acc, unsigned(WA)), ("sa5", s_a, 1),
             ("sub5", sub, 1), ("eat5", eat, d_shape), ("mmin5", mminc, unsigned(kbits)), ("zneg5", zero_neg, 1))
 
+    def _sum(self, stage, w, ops):
+        """Stages 6-7: ``S = |A +- B|`` and its sign."""
+        WA, kbits, d_shape = w.WA, w.kbits, w.d
+        b_acc, a_acc, s_a, sub, eat, mminc, zero_neg = ops
         # 6-7: |A +- B| and its sign
         s1, s2, s_a, sub, eat, mminc, zero_neg = stage(
             ("s1_6", Mux(sub, a_acc - b_acc, a_acc + b_acc), signed(WA + 1)),
             ("s2_6", b_acc - a_acc, unsigned(WA)), ("sa6", s_a, 1), ("sub6", sub, 1),
             ("eat6", eat, d_shape), ("mmin6", mminc, unsigned(kbits)), ("zneg6", zero_neg, 1))
         neg = sub & s1[-1]
-        s, sign, eat, mminc, zero_neg = stage(
+        return stage(
             ("s7", Mux(neg, s2, s1[:WA]), unsigned(WA)), ("sign7", s_a ^ neg, 1),
             ("eat7", eat, d_shape), ("mmin7", mminc, unsigned(kbits)), ("zneg7", zero_neg, 1))
 
+    def _rounding_point(self, m, stage, w, total):
+        """Stages 8-9: the leading one of ``S``, the bit ``k`` below which it rounds and its exponent."""
+        WA, kbits, d_shape = w.WA, w.kbits, w.d
+        s, sign, eat, mminc, zero_neg = total
         # 8: the leading one
         msb, szero, s, sign, eat, mminc, zero_neg = stage(
             ("msb8", leading_one(m, s, "s_msb"), unsigned(kbits)), ("szero8", s == 0, 1), ("s8", s, unsigned(WA)),
@@ -234,10 +289,14 @@ class ResidualAdder(wiring.Component):
 
         # 9: where S rounds, and its exponent
         normal = msb >= mminc
-        k, es, normal, szero, s, sign, zero_neg = stage(
+        return stage(
             ("k9", Mux(normal, msb, mminc), unsigned(kbits)), ("es9", eat + msb, d_shape), ("normal9", normal, 1),
             ("szero9", szero, 1), ("s9", s, unsigned(WA)), ("sign9", sign, 1), ("zneg9", zero_neg, 1))
 
+    def _rounding_bits(self, stage, w, point):
+        """Stages 10-11: ``S`` shifted right by ``k``: its 8 bits, guard and sticky; the exponent field."""
+        WA, kbits = w.WA, w.kbits
+        k, es, normal, szero, s, sign, zero_neg = point
         # 10-11: 8 bits, guard and sticky: {S, 8 zeros} shifted right by k
         s_ext = Cat(Const(0, 8), s)
         y1, lost1 = shift_right_sticky(s_ext, k[:2])
@@ -246,11 +305,14 @@ class ResidualAdder(wiring.Component):
             ("ef10", Mux(normal, es[:8], 0), unsigned(8)), ("sat10", normal & (es >= 255), 1),
             ("szero10", szero, 1), ("sign10", sign, 1), ("zneg10", zero_neg, 1))
         y2, lost2 = shift_right_sticky(y1, k[2:], 4)
-        r0, guard, sticky, ef, sat, szero, sign, zero_neg = stage(
+        return stage(
             ("r0_11", y2[1:9], unsigned(8)), ("guard11", y2[0], 1), ("sticky11", st1 | lost2, 1),
             ("ef11", ef, unsigned(8)), ("sat11", sat, 1), ("szero11", szero, 1), ("sign11", sign, 1),
             ("zneg11", zero_neg, 1))
 
+    def _rounded(self, stage, bits):
+        """Stages 12-13: the BF16 word rounded to nearest even, saturated, its zero signed: ``out``'s value."""
+        r0, guard, sticky, ef, sat, szero, sign, zero_neg = bits
         # 12: round to nearest even; whether the result reaches exponent 255 (as hdl.hif_formatter)
         up = self.round_up(r0, guard, sticky)
         word15, sat, szero, sign, zero_neg = stage(
@@ -261,6 +323,4 @@ class ResidualAdder(wiring.Component):
         # 13: saturate to 0x7F7F; an exact zero is +0 unless both terms were -0
         (out,) = stage(("out13", Mux(szero, Cat(Const(0, 15), zero_neg),
                                       Cat(Mux(sat, SATURATED, word15), sign)), unsigned(16)))
-        m.d.comb += self.out.eq(out)
-        assert stage.depth == self.latency, (stage.depth, self.latency)
-        return m
+        return out
