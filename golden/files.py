@@ -67,6 +67,8 @@ def input_file(path: str | os.PathLike, what: str = "file") -> Path:
     """``path`` if it is a regular file; ``InputError`` naming it otherwise.
 
     A FIFO or a device is refused rather than read: reading one can block forever."""
+    if not isinstance(path, (str, os.PathLike)):    # from Python: None was pathlib's TypeError
+        raise InputError(f"the {what} is given as {type(path).__name__}, not a path (str or os.PathLike)")
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -139,6 +141,8 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     ``inputs``: every file the command reads. ``folder``: the target is a folder
     the command writes files into (``sop vectors --out DIR``), not a file.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise OutputError(f"the output is given as {type(path).__name__}, not a path (str or os.PathLike)")
     if not folder:
         refuse_folder_name(path, "the output file's name")
     elif not os.fspath(path):                   # pathlib's '.': the files went into the working folder

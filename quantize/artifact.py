@@ -322,15 +322,21 @@ class Artifact:
         return self.meta["format"]["name"]
 
     def entry(self, name: str) -> LayerEntry:
+        """The layer of that name (``KeyError`` naming the file if it has none)."""
         for e in self.layers:
             if e.name == name:
                 return e
         raise KeyError(f"{name} is not a layer of {self.path}")
 
-    def record(self, entry: LayerEntry) -> bytearray:
+    def _layer(self, layer: LayerEntry | str) -> LayerEntry:
+        """A layer given as its entry or its name (``record``, ``stream`` and ``weights`` take either)."""
+        return self.entry(layer) if isinstance(layer, str) else layer
+
+    def record(self, entry: LayerEntry | str) -> bytearray:
         """A layer's record bytes, CRC-checked: a new buffer of the caller's own, writable, so that an
         f32 record's weights (``weights``: a view of it, no copy) are a writable array that torch
         takes without a warning (the --model-folder export)."""
+        entry = self._layer(entry)
         data = bytearray(entry.length)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + entry.offset)
@@ -342,8 +348,9 @@ class Artifact:
             raise ArtifactError(f"{self.path}: layer {entry.name}: record checksum mismatch (corrupted)")
         return data
 
-    def stream(self, entry: LayerEntry) -> LayerStream | None:
+    def stream(self, entry: LayerEntry | str) -> LayerStream | None:
         """The golden layer stream of a "sopl" record (None for "f32")."""
+        entry = self._layer(entry)
         if entry.kind != "sopl":
             return None
         try:
@@ -351,8 +358,9 @@ class Artifact:
         except LayoutError as err:
             raise ArtifactError(f"{self.path}: layer {entry.name}: bad layer stream: {err}") from None
 
-    def weights(self, entry: LayerEntry) -> np.ndarray:
+    def weights(self, entry: LayerEntry | str) -> np.ndarray:
         """The layer's float32 ``(out, in)`` weights, through the golden decoder where it has a stream."""
+        entry = self._layer(entry)
         data = self.record(entry)
         try:
             return decode_record(entry, data)
@@ -468,7 +476,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
     check_options([fmt], budget, nan_policy)
     jobs = check_jobs(jobs)
-    out = Path(out)
+    out = check_output(out)                               # (against the inputs too where it is written)
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy

@@ -51,7 +51,9 @@ does for a checkpoint on disk, with the same rules and the same bits:
   Every layer is quantized and cast before the first is written: a bad input (a weight with a NaN is
   named before calibration runs) or a reconstruction that the parameter's dtype cannot hold (float16
   past 65504) raises ``ValueError`` naming the layer and leaves the parameters untouched (a buffer the
-  forward pass updates itself, such as dynamic RoPE's, is as the last batch left it). Peak memory
+  forward pass updates itself, such as dynamic RoPE's, is as the last batch left it). A float32
+  parameter takes the float32 output rule (``golden.formats.to_float32``, as ``sop dequantize`` writes
+  the layer): a value past float32's largest, 2^128 from a weight near it, saturates. Peak memory
   is therefore the model, the cast copy of its quantized layers, one layer's float64 matrix and
   reconstruction (``sop-budget`` reads each layer twice, as on disk), and the packed stream of every
   SOP layer, which the result keeps (its bits: about bpw / 8 bytes a weight).
@@ -88,6 +90,7 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.files import signals_held
+from sop.golden.formats import to_float32
 from sop.golden.layout import LayerStream
 
 from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, _raised_in_sop,
@@ -836,8 +839,10 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
             recon = np.asarray(res.recon)
             records[name] = LayerRecord(recon.shape, res.bits, res.choice, res.stream)
             p = lay.stored()
-            t = torch.from_numpy(np.ascontiguousarray(recon.T if lay.conv1d else recon))
-            t = t.to(dtype=p.dtype, device=p.device)
+            r = recon.T if lay.conv1d else recon
+            if p.dtype == torch.float32:        # the float32 output rule, as `sop dequantize` writes the layer:
+                r = to_float32(r)               # past float32's largest saturated (2^128 was refused here)
+            t = torch.from_numpy(np.ascontiguousarray(r)).to(dtype=p.dtype, device=p.device)
             if not torch.isfinite(t).all():
                 # repr, not %g: 2^128 would print as float32's largest number itself
                 raise ValueError(f"layer {name}: its reconstruction does not fit the parameter's {p.dtype} "

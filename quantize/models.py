@@ -329,7 +329,7 @@ def stores_conv1d(cfg: dict | None, shapes: dict) -> bool:
 # -- the model ---------------------------------------------------------------------------------------
 
 _KEPT_LABEL = {"1-D": "1-D (norms, biases)", "embedding": "embedding", "norm": "norm", "lm_head": "lm_head",
-               "not a floating-point tensor": "integer", "not a weight": "2-D non-weight",
+               "not a floating-point tensor": "non-float (integer, boolean, complex)", "not a weight": "2-D non-weight",
                "fp8 scale": "FP8 scale (applied to its layer)",
                "router": "MoE router (--include-routers quantizes them)"}
 
@@ -691,12 +691,21 @@ def _read_index(index: Path) -> tuple[list[Path], ShardIndex]:
     return sorted(index.parent / s for s in shards), ShardIndex(index, weight_map)
 
 
+def _spec_text(spec) -> str:
+    """A model spec given from Python as text: a str or a path (None was read as the model 'None')."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"model is given as {type(spec).__name__}: give a path (a file, a folder), "
+                         f"{MINILM!r} or {SMOLLM2!r}")
+    return os.fspath(spec)
+
+
 def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None]:
     """(kind, files, folder holding config files, the shard index if any) for a model spec.
 
     A folder gives the weights ``transformers`` would load from it (``HF_WEIGHTS``), so that what
     is quantized is what the forward pass runs; a folder without those names, every checkpoint
     file of the first kind it holds."""
+    spec = _spec_text(spec)
     if not spec:                        # Path('') is '.': an unset $MODEL quantized the current folder
         raise ValueError(f"model '' is an empty name: give a file, a folder ('.' for the current one), "
                          f"{MINILM!r} or {SMOLLM2!r}")
@@ -854,7 +863,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
     ``lm_head``: quantize the output head too (by default it is kept, as embeddings are); ``routers``:
     quantize the MoE routers too (``router_weights``; kept by default, as llama.cpp and vLLM keep them: a
     router's few weights choose which experts run)."""
-    spec = str(spec)
+    spec = _spec_text(spec)
     include, exclude = globs(include, "include"), globs(exclude, "exclude")
     lm_head, routers = bool(lm_head), bool(routers)
     kind, files, folder, shards = _resolve(spec)

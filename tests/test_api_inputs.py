@@ -7,6 +7,8 @@ with its imaginary part dropped, and a misspelt keyword to a baseline silently i
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,25 @@ def test_evaluate_takes_one_format_name_as_a_string(tmp_path):
     for none in (None, []):
         with pytest.raises(ValueError, match="^no format given$"):
             evaluate(str(ckpt), none, **kw)
+
+
+def test_paths_given_as_no_path_are_one_value_error(tmp_path):
+    """From Python, None or a number as a path was pathlib's TypeError (an output, an artifact) or read
+    as the model 'None' (an outside probe): each is a ValueError naming what was given."""
+    from safetensors.numpy import save_file
+
+    from sop.quantize.artifact import dequantize, open_artifact, quantize_model
+    from sop.quantize.evaluate import evaluate
+
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
+    calls = [(lambda: quantize_model(str(ckpt), "sop4-g16", None, progress=False), "the output is given as NoneType"),
+             (lambda: quantize_model(None, "sop4-g16", tmp_path / "q.sopq", progress=False),
+              "model is given as NoneType"),
+             (lambda: evaluate(3, ["sop4-g16"], progress=False), "model is given as int"),
+             (lambda: open_artifact(None), "the .sopq file is given as NoneType"),
+             (lambda: dequantize(None, tmp_path / "w.safetensors"), "the .sopq file is given as NoneType")]
+    for call, said in calls:
+        with pytest.raises(ValueError, match=f"^{re.escape(said)}, not a path|^{re.escape(said)}: give a path"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

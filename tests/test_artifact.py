@@ -366,6 +366,19 @@ def test_rebuild_without_edit_is_accepted(toy_sop4, tmp_path):
     assert art.stream(art.layers[0]) is not None
 
 
+def test_a_layer_is_read_by_its_entry_or_its_name(toy_sop4):
+    """``weights("name")`` was an AttributeError (an outside probe): the methods took entries alone."""
+    art = A.open_artifact(toy_sop4)
+    for e in art.layers:
+        assert same_bits(art.weights(e.name), art.weights(e)) and art.record(e.name) == art.record(e)
+        by_name, by_entry = art.stream(e.name), art.stream(e)
+        assert (by_name is None) == (by_entry is None)
+        if by_entry is not None:
+            assert by_name.blocks == by_entry.blocks and by_name.offset == by_entry.offset
+    with pytest.raises(KeyError, match="nope is not a layer of"):
+        art.weights("nope")
+
+
 def test_not_an_artifact(tmp_path, capsys):
     assert main(["dequantize", str(tmp_path / "missing.sopq"), "--out", str(tmp_path / "w.safetensors")]) == 2
     assert "no such .sopq file" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sop.golden.formats import to_float32
 from sop.quantize import causal_lm as L
 from sop.quantize.artifact import open_artifact, quantize_model
 from sop.quantize.in_memory import _TIED, quantize_module
@@ -146,6 +147,22 @@ def test_a_reconstruction_past_float16_is_refused_and_the_model_unchanged():
                                          r"torch.float16 \(largest magnitude 65536.0, the dtype's 65504.0\)"):
         quantize_module(model, "fp8-e4m3-pot")
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("fmt", ["fp8-e4m3-pot", "sop4-g16", "int8-ch"])
+def test_a_float32_weight_near_its_largest_takes_the_float32_output_rule(fmt):
+    """float32's largest times a power-of-two scale reconstructs to 2^128: `sop dequantize` saturates it
+    (golden.formats.to_float32), and quantize_module refused it as a reconstruction float32 cannot hold
+    (an outside probe). Now the parameter is what `sop dequantize` writes, finite."""
+    model = MLP()
+    with torch.no_grad():
+        model.down.weight[0, 0] = float(np.finfo(np.float32).max)
+    w = model.down.weight.detach().numpy().astype(np.float64)
+    ref = get_quant_format(fmt).quantize(w).recon
+    quantize_module(model, fmt)
+    got = model.down.weight.detach().numpy()
+    assert np.abs(ref).max() > np.finfo(np.float32).max          # the case: a reconstruction past float32
+    assert np.isfinite(got).all() and np.array_equal(got, to_float32(ref))
 
 
 def test_bad_input_is_one_value_error():

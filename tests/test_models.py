@@ -348,3 +348,7 @@ def test_a_complex_or_boolean_weight_is_not_said_to_be_another_methods_integers(
     assert str(err.value).endswith(f"no linear layer selected (0 candidates): 1 tensor(s) named as weights hold no "
                                    f"real numbers (e.g. fc.weight, {name}): kept as they are (sop quantizes float "
                                    f"weights)"), err.value
+    save_file({"fc.weight": torch.ones(8, 64, dtype=dtype), "ok.weight": torch.ones(8, 64)},
+              str(tmp_path / "m2.safetensors"))
+    kept = open_model(str(tmp_path / "m2.safetensors")).kept_line()
+    assert "kept as they are: 1 non-float (integer, boolean, complex)" in kept, kept
