@@ -65,6 +65,7 @@ from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS, DEFAULT_SEQ_LEN
 from sop.quantize.layer_loop import (BudgetOutcomes, announce, budget_model, calibration_for, check_options,
                                      layer_line, layer_outcomes, read_weight, recon_float32, reporter)
 from sop.quantize.models import kept_text, linear_layers, open_model
+from sop.terminal import one_line
 
 
 def clean_forward_weight(src, name: str, weight) -> int:
@@ -317,7 +318,7 @@ def format_table(doc: dict) -> str:
     lines = [f"model {doc['model']} ({src['kind']}): {linear_layers(src['layers'])}, {src['weights']:,} weights"]
     if isinstance(src.get("kept"), dict):
         lines.append(kept_text(src["kept"], src.get("lm_head", "")))
-    lines += [f"warning: {n}" for n in src.get("notes", [])]
+    lines += [one_line(f"warning: {n}") for n in src.get("notes", [])]     # a note may name a tensor
     lines += [f"calibration: {cal['note']}" + (" [cached]" if cal.get("cached") else ""), ""]
     causal = _causal(doc)
     # no forward pass and no end-to-end result: no such columns at all (a sentence encoder's dashes said nothing)

@@ -181,6 +181,13 @@ def test_a_tensor_name_with_escape_sequences_is_printed_escaped(tmp_path, capsys
     err = capsys.readouterr().err
     assert "[1/1] fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m.weight 16x64" in err, err
     assert not any(c in err for c in "\x1b\x07\x9b"), err
+    # a warning naming the tensor, on stderr and in `sop eval`'s table on stdout
+    save_file({name: np.ones((16, 64), bool), "ok.weight": np.ones((16, 64), np.float32)}, str(tmp_path / "b.safetensors"))
+    assert run(["eval", str(tmp_path / "b.safetensors"), "--format", "sop4-g16", "--no-calib", "--no-e2e"]) == 0
+    out, err = capsys.readouterr()
+    for text in (out, err):
+        assert "(e.g. fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m.weight, BOOL)" in text, text
+        assert not any(c in text for c in "\x1b\x07\x9b"), text
 
 
 @pytest.mark.parametrize("cmd", ["dequantize", "report"])
