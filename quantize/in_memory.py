@@ -645,11 +645,12 @@ def _silent(_msg) -> None:
 
 def _source_files(model) -> list[Path]:
     """The files the model was loaded from, as far as it says (transformers' ``name_or_path``): that
-    folder's ``folder_inputs``, or that file. No ``sop`` output replaces one of them."""
+    folder's ``folder_inputs``, or that file, as absolute paths (the header keeps them so: ``sop
+    dequantize`` run from another folder still knows them). No ``sop`` output replaces one of them."""
     where = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not isinstance(where, (str, os.PathLike)) or not str(where):
         return []
-    where = Path(where)
+    where = Path(os.path.abspath(where))
     with contextlib.suppress(OSError):
         if where.is_dir():
             return folder_inputs(where)

@@ -4,6 +4,7 @@ only the header's source and calibration differing; the file written before the 
 or failed write leaves both as they were."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -145,6 +146,22 @@ def test_no_output_replaces_a_file_the_model_was_loaded_from(folders, tmp_path, 
     for bad in (b"/tmp/m.sopq", 3):
         with pytest.raises(ValueError, match="out is the .sopq file's path"):
             quantize_module(reference_model(folders["qwen2"]), "sop4-g16", out=bad)
+
+
+def test_the_files_are_recorded_absolute_so_dequantize_elsewhere_knows_them(folders, tmp_path, capsys, monkeypatch):
+    """A model loaded from a relative path (``from_pretrained("m")``) was recorded as ``m/...``: `sop
+    dequantize` run from another folder found no such file and wrote over the checkpoint (an outside
+    probe; the file records no fingerprint to find it by its contents)."""
+    shutil.copytree(folders["qwen2"], tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    quantize_module(reference_model("m"), "sop4-g16", out="q.sopq")
+    assert open_artifact("q.sopq").meta["model"]["files"] == [str(f) for f in sorted((tmp_path / "m").iterdir())]
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert main(["dequantize", "../q.sopq", "--out", "../m/model.safetensors", "--quiet"]) == 2
+    assert "refusing to overwrite an input" in capsys.readouterr().err
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
 
 
 def test_a_second_file_into_the_models_own_folder_replaces_the_first(tmp_path):
