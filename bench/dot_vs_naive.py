@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from sop.argtypes import output_checked, positive
+from sop.argtypes import out_folder, output_checked, positive
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.hdl.block_dot import BlockDot
@@ -225,7 +225,7 @@ def main() -> None:
     p.add_argument("--seed", type=positive(int), default=SEED, help="nextpnr placement seed (default 1, the flow's)")
     p.add_argument("--jobs", type=positive(int), default=1)
     p.add_argument("--force", action="store_true", help="run the tools again even where cached")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=out_folder, default=OUT)
     args = p.parse_args()
     output_checked(p, args.out, folder=True, option="--out")       # before any synthesis
     toolenv.apply()

@@ -121,6 +121,11 @@ def _real_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+#: an output folder given as the empty name, which pathlib reads as ``.`` (the files went into the working
+#: folder): the refusal of ``check_output(folder=True)`` and of the tools' ``--out`` (``argtypes.out_folder``)
+EMPTY_FOLDER_NAME = "'': an empty name; give the output folder's name ('.' for the working folder)"
+
+
 def refuse_folder_name(path: str | os.PathLike, wanted: str) -> None:
     """``OutputError`` for a file target written as a folder (``out/``, ``out/.``, ``..``, or the empty
     name, which pathlib reads as ``.``): pathlib drops the slash and the ``.``, and the write would
@@ -146,7 +151,7 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     if not folder:
         refuse_folder_name(path, "the output file's name")
     elif not os.fspath(path):                   # pathlib's '.': the files went into the working folder
-        raise OutputError("'': an empty name; give the output folder's name ('.' for the working folder)")
+        raise OutputError(EMPTY_FOLDER_NAME)
     path = Path(path)
     if folder:                                  # checked, not made: a refused run leaves no folder behind
         if path.exists() and not path.is_dir():

@@ -72,18 +72,20 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from amaranth.back import verilog
-from amaranth.hdl import Shape
+from amaranth.hdl import Shape, UnusedElaboratable
 from amaranth.lib import data, wiring
 
 from sop import __version__, toolenv
-from sop.argtypes import number
-from sop.golden.files import OutputError, atomic_files, check_output
+from sop.argtypes import number, out_folder
+from sop.golden.files import OutputError, atomic_files, check_output, signals_as_interrupts
 
 from . import axis, gemv, gemv_axis, gemv_config
 from .config import MAX_RESIDUALS, PIPELINES, DecoderConfig, named_configs, residual_configs, variant_suffix
@@ -541,7 +543,7 @@ def generate_axis(config: DecoderConfig, out_dir: Path) -> dict[str, Path]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sop.hdl.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+    p.add_argument("--out", type=out_folder, default=None, metavar="DIR",
                    help="the folder to write into (default build/verilog under the working folder; each other "
                         "build shape in its own, so that one never replaces another's files of the same names: "
                         "--pipeline shallow, build/verilog-shallow; --lutram-depth D, build/verilog-lutramD)")
@@ -592,10 +594,17 @@ def main(argv=None) -> int:
         chosen_engines = [replace(engines[n], lutram_depth=args.lutram_depth) for n in names if n in engines]
     except ValueError as e:
         return refuse(e)
-    try:
-        _write_all(args, chosen, chosen_engines, shallow)
-    except OutputError as err:              # a target that is no regular file: that design not written
-        return refuse(err)
+    with signals_as_interrupts():           # SIGTERM and SIGHUP unwind as Ctrl-C does: no temporary file left
+        try:
+            _write_all(args, chosen, chosen_engines, shallow)
+        except OutputError as err:          # a target that is no regular file: that design not written
+            return refuse(err)
+        except KeyboardInterrupt as sig:    # (a traceback; each design's files are written whole or not at all)
+            # the design cut short is never elaborated: no warning for each of its parts at exit
+            warnings.filterwarnings("ignore", category=UnusedElaboratable)
+            print(f"{p.prog}: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left",
+                  file=sys.stderr)
+            return 128 + getattr(sig, "number", signal.SIGINT)
     return 0
 
 

@@ -69,7 +69,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 
 from sop import toolenv
-from sop.argtypes import number, output_checked, positive
+from sop.argtypes import number, out_folder, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path, runner_owns_environment
 from sop.sim import mutate as mu
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     p.add_argument("--mutants", type=positive(int), default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
     p.add_argument("--seed", type=mu.SEED_ARG, default=mu.DEFAULT_SEED)
     p.add_argument("--sim", default="verilator", choices=("verilator", "icarus"))
-    p.add_argument("--out", type=Path, default=None, help="default build/mutate-gemv")
+    p.add_argument("--out", type=out_folder, default=None, help="default build/mutate-gemv")
     p.add_argument("--no-prove", action="store_true", help="skip the equivalence checks of the survivors")
     p.add_argument("--prove-timeout", type=positive(float), default=60.0, metavar="S")
     p.add_argument("--induction", type=number(int, 0, inclusive=True), default=0, metavar="K",

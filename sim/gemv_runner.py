@@ -107,7 +107,7 @@ from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, SINGLE_BIT_ROWS, adder_st
                                  swap_layers, term_rounding_layer, terms_alone_layer, top_offset_layer,
                                  window_edge_fast_layer, window_edge_layer, window_pow2_layer, with_residuals,
                                  zero_products_fast_layer)
-from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, simulate
+from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, failed_note, simulate
 
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
          "full": {"rows": None, "tokens": [2, 7], "sparse_tokens": [3, 5]}}
@@ -330,7 +330,7 @@ def summary_line(s: dict) -> str:
             f"({s.get('counted', 0)} more counted after a bad vector, {s.get('entries', 0)} sparse entries, "
             f"{s.get('layers', 0)} layers), {s['mismatches']} mismatches, {s.get('status_errors', 0)} status errors, "
             f"{s.get('timing_errors', 0)} timing errors "
-            f"(seed {s.get('seed')}, {s.get('cycles', 0)} cycles, {s['wall_seconds']:.1f} s)")
+            f"(seed {s.get('seed')}, {s.get('cycles', 0)} cycles, {s['wall_seconds']:.1f} s)" + failed_note(s))
 
 
 def passed(s: dict) -> bool:

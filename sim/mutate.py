@@ -66,7 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sop import toolenv
-from sop.argtypes import number, output_checked, positive
+from sop.argtypes import number, out_folder, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
 from sop.sim import mut_env, runner_owns_environment
@@ -813,7 +813,7 @@ def main(argv=None) -> int:
     p.add_argument("--lutram-depth", type=number(int, 0, inclusive=True), default=0, metavar="D",
                    help="0, or a power of two from 2 to half the table depth (the configuration checks it)")
     p.add_argument("--lanes", type=positive(int), default=None, help="override the configuration's lanes")
-    p.add_argument("--out", type=Path, default=None, help="default build/mutate")
+    p.add_argument("--out", type=out_folder, default=None, help="default build/mutate")
     p.add_argument("--no-prove", action="store_true", help="skip the equivalence checks of the survivors")
     p.add_argument("--prove-timeout", type=positive(float), default=60.0, metavar="S")
     p.add_argument("--induction", type=number(int, 0, inclusive=True), default=2, metavar="K",

@@ -50,6 +50,7 @@ from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_con
 from sop.hdl.generate import module_name
 from sop.quantize.weights import FFN_OUT_LAYER, QUERY_LAYER
 from sop.sim import runner_owns_environment, sim_env
+from sop.terminal import one_line
 
 SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
 
@@ -279,9 +280,26 @@ def simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module:
     except SystemExit:           # under pytest the runner exits on a failing test; the report tells
         failed = 1
     summary = json.loads(report_path.read_text()) if report_path.is_file() else \
-        {"config": cfg.name, "checked": 0, "mismatches": None, "coverage_hit": 0, "coverage_bins": 1}
+        {"config": cfg.name, "checked": 0, "mismatches": None, "coverage_hit": 0, "coverage_bins": 1,
+         "seed": seed, "error": failure_message(results_xml, build_dir / "sim.log")}
     summary.update(sim=sim, plan=size, failed_tests=failed, wall_seconds=time.time() - t0)
     return summary
+
+
+def failure_message(results_xml: Path, log: Path) -> str:
+    """Why a test ended before writing its report (a vector file that disagrees with golden, a
+    ``VectorError``, a bench that crashed), as one line naming the log: the summary line said only
+    "0 vectors checked, None mismatches ... (seed None)"."""
+    import xml.etree.ElementTree as ET
+
+    why = "the test ended without its report"
+    try:
+        failure = ET.parse(results_xml).find(".//testcase/failure")
+        if failure is not None and (failure.get("message") or "").strip():
+            why = one_line(failure.get("message").strip().splitlines()[0])
+    except (OSError, ET.ParseError):
+        pass
+    return f"{why} (the log: {log})"
 
 
 # -- the AXI4-Stream shell (hdl/axis.py, sim/tb_axis.py) -------------------------------------------
@@ -334,7 +352,8 @@ def axis_summary_line(s: dict) -> str:
             f"beats of {s.get('layers', 0)} layers checked"
             + (f", {s['sparse_entries']} sparse entries" if s.get("sparse_entries") else "")
             + f", {s['mismatches']} mismatches, "
-            f"{s.get('protocol_errors')} protocol errors (seed {s.get('seed')}, {s['wall_seconds']:.1f} s)")
+            f"{s.get('protocol_errors')} protocol errors (seed {s.get('seed')}, {s['wall_seconds']:.1f} s)"
+            + failed_note(s))
 
 
 def summary_line(s: dict) -> str:
@@ -343,7 +362,12 @@ def summary_line(s: dict) -> str:
     sparse = f", {s['sparse_entries']} sparse entries" if s.get("sparse_entries") else ""
     return (f"{name} [{s['sim']}, {s.get('plan')}]: {s['checked']} vectors checked{sparse}, {s['mismatches']} "
             f"mismatches, coverage {s['coverage_hit']}/{s['coverage_bins']} = {cov:.3f} "
-            f"(seed {s.get('seed')}, {s['wall_seconds']:.1f} s)")
+            f"(seed {s.get('seed')}, {s['wall_seconds']:.1f} s)" + failed_note(s))
+
+
+def failed_note(s: dict) -> str:
+    """What ended a run before its report, where one did (``failure_message``)."""
+    return f": FAILED: {s['error']}" if s.get("error") else ""
 
 
 def chosen_configs(names: list[str] | None, lutram_depth: int = 0, lutram_ecp5: bool = False) -> dict:

@@ -58,6 +58,7 @@ from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS, get_format
 from sop.golden.hif import hif_format
 from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, unpack_blocks, validate_stream
+from sop.golden.points import operating_points
 from sop.hdl import axis, reference
 from sop.hdl.config import DecoderConfig
 
@@ -326,6 +327,7 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         if isinstance(err, VectorError):
             raise
         raise VectorError(f"{where}: layout/hif fields are inconsistent: {err}") from None
+    _check_derived(doc, lay_doc, layout, hif, where)
     out = []
     for i, ld in enumerate(_field(doc, "layers", where, list)):
         lw = f"{where} layers[{i}]"
@@ -390,6 +392,24 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         out.append(VectorLayer(name, layout, hif, luts, offset, headers, codes,
                                bf16, exact, index, values))
     return out
+
+
+def _check_derived(doc: dict, lay_doc: dict, layout: BlockLayout, hif, where: str) -> None:
+    """The index's fields that the layout and HIF determine, each where present, must be what they give
+    (an integrator's testbench sizes its words from ``block_bytes`` and ``axis``: one edited alone was
+    read as good), and a ``format`` that names an operating point must be one of this layout and HIF."""
+    for key, want in (("header_bits", layout.header_bits), ("block_bytes", layout.block_bytes)):
+        if key in lay_doc and (type(lay_doc[key]) is not int or lay_doc[key] != want):
+            raise VectorError(f"{where}: field 'layout.{key}' is {lay_doc[key]!r}; the layout gives {want}")
+    if "axis" in doc and doc["axis"] != (want := axis_widths(layout, hif)):
+        raise VectorError(f"{where}: field 'axis' is {doc['axis']!r}; the layout and HIF give {want}")
+    fmt = doc.get("format")
+    if fmt is not None and not isinstance(fmt, str):
+        raise VectorError(f"{where}: field 'format' must be str, got {type(fmt).__name__}")
+    point = operating_points().get(fmt) if fmt is not None else None
+    if point is not None and (point.layout, point.hif) != (layout, hif):
+        raise VectorError(f"{where}: field 'format' is {fmt!r}, whose layout and HIF are not the set's "
+                          f"'layout' and 'hif' fields")
 
 
 def _check_axis_files(texts: dict, kinds: list[str], where: str, expected: dict[str, str]) -> None:

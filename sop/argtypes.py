@@ -50,6 +50,18 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def out_folder(text: str):
+    """An argparse type: an output folder's path, never the empty name (``Path('')`` is ``.``: a tool's
+    ``--out ''`` wrote into the working folder)."""
+    from pathlib import Path
+
+    from sop.golden.files import EMPTY_FOLDER_NAME
+
+    if not text:
+        raise argparse.ArgumentTypeError(EMPTY_FOLDER_NAME)
+    return Path(text)
+
+
 def output_checked(parser: argparse.ArgumentParser, path, *, folder: bool = False, option: str | None = None):
     """``golden.files.check_output(path, folder=folder)``, its refusal a usage error (``option: ...``
     where ``option`` names it); the path back."""

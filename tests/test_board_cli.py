@@ -229,6 +229,18 @@ def test_an_unknown_layer_is_a_usage_error(capsys):
     assert "no linear layer 'encoder.layer.9.nothing'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("gemv", [False, True], ids=["decode", "gemv"])
+def test_an_empty_layer_name_is_refused_not_taken_for_the_first_layer(capsys, gemv):
+    """``--layer ''`` was taken for no ``--layer``: the board ran the model's first layer, which the user
+    never named (an outside probe); ``bringup.model_layer`` serves the bring-ups too."""
+    args = board_args("loop://", *(["--gemv"] if gemv else []))
+    args[args.index(LAYER)] = ""
+    assert cli.main(args) == 2
+    assert "sop: error: minilm: no linear layer ''; linear layers: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no layer ''"):
+        bringup.model_layer(bringup.sparse_model("sop4-g16"), "sop4-g16", "")
+
+
 # -- a hostile line and options that could hang the host ---------------------------------------
 def test_a_board_sending_garbage_forever_times_out_with_one_line(monkeypatch, capsys):
     """Garbage that never stops (a wrong baud rate looks like this) ends at --timeout, exit 1."""

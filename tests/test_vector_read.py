@@ -213,3 +213,26 @@ def test_a_vector_set_reads_the_same_fast_slow_and_with_crlf_line_ends(tmp_path)
             a, b = getattr(fast, f), getattr(other, f)
             assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), f
     assert fast.sparse_index.tolist() == [0, 7, 100, 191]
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda d: d["layout"].update(block_bytes=8), "field 'layout.block_bytes' is 8; the layout gives 9"),
+    (lambda d: d["layout"].update(header_bits=9), "field 'layout.header_bits' is 9; the layout gives 8"),
+    (lambda d: d["axis"].update(load=31), "field 'axis' is {'load': 31"),
+    (lambda d: d["axis"].update(exact_lane=99), "field 'axis' is"),
+    (lambda d: d.update(format="e2m3-ue4m4-g16"), "field 'format' is 'e2m3-ue4m4-g16', whose layout and HIF"),
+    (lambda d: d["hif"].update(bias=6), "field 'format' is 'sop4-g16', whose layout and HIF"),
+    (lambda d: d.update(format=7), "field 'format' must be str, got int"),
+])
+def test_an_index_whose_derived_fields_contradict_its_layout_is_refused(tmp_path, edit, said):
+    """``block_bytes``, ``header_bits`` and ``axis`` follow from the layout and HIF, and ``format`` names
+    the point they are of; an integrator's testbench sizes its words from them (tests/test_axis.py's
+    ``readmemh_testbench``). One edited alone was read as a good set (an outside probe)."""
+    s = V.quantize_layer("sop4-g16", np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32), "w")
+    V.write_vectors(tmp_path / "v", {"w": s}, {"model": "m", "format": "sop4-g16"})
+    assert len(V.read_vectors(tmp_path / "v")) == 1
+    doc = json.loads((tmp_path / "v" / "vectors.json").read_text())
+    edit(doc)
+    (tmp_path / "v" / "vectors.json").write_text(json.dumps(doc))
+    with pytest.raises(V.VectorError, match=re.escape(said)):
+        V.read_vectors(tmp_path / "v")

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from sop import toolenv
-from sop.argtypes import number
+from sop.argtypes import number, out_folder
 from sop.golden.files import OutputError, check_output
 from sop.hdl.config import MAX_RESIDUALS
 from sop.synth.gateware.board import BOARDS, BoardTop
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--residuals", type=number(int, 0, inclusive=True, maximum=MAX_RESIDUALS), default=None,
                    help=f"the decoder's residual adders, 0 to {MAX_RESIDUALS} (default the board's; 0: no "
                         f"sparse-residual path)")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+    p.add_argument("--out", type=out_folder, default=None, metavar="DIR",
                    help="the build folder (default build/bitstream/BOARD under the working folder)")
     args = p.parse_args(argv)
     if args.residuals is not None and not BOARDS[args.board].decoder:

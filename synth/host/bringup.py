@@ -271,7 +271,8 @@ def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
     art, layout = open_artifact(path), get_point(fmt).layout
     stored = {e.name: (e, art.stream(e)) for e in art.layers}
     mine = [n for n, (_, st) in stored.items() if st is not None and st.layout == layout]
-    name = layer or next((n for n in mine if len(stored[n][1].sparse)), mine[0] if mine else None)
+    name = layer if layer is not None else \
+        next((n for n in mine if len(stored[n][1].sparse)), mine[0] if mine else None)   # '' is no layer
     if name is None:
         raise ValueError(f"{path}: no layer is stored in the {fmt} layout")
     if name not in stored:
@@ -300,7 +301,7 @@ def model_layer(model: str, fmt: str, layer: str | None = None,
         return artifact_layer_stream(model, fmt, layer, rows)
     source = open_model(model, routers=layer is not None)     # a MoE router named by --layer is one
     names = [lay.name for lay in source.layers]
-    name = layer or names[0]
+    name = layer if layer is not None else names[0]          # --layer '' names no layer: not the first
     if name not in names:
         why = source.skipped.get(name)
         raise ValueError(f"{model}: no linear layer {name!r}{f' (kept as it is: {why})' if why else ''}; "
