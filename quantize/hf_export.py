@@ -49,6 +49,17 @@ def _aux_changes(spec, then: dict | None, now: dict[str, str], artifact) -> list
             f"for {artifact}: {what}; the folder is exported with the current ones"]
 
 
+def _other_model_error(art, meta: dict, spec: str, names: list[str]) -> ValueError:
+    """The error of a model that holds none of the artifact's layers (the selection's "no linear layer
+    selected ... check --include/--exclude" named options the user never gave): its fingerprint is not the
+    artifact's (the model opened whole), else the first layer it lacks (an artifact that records none)."""
+    fp = meta.get("fingerprint")
+    if fp and open_model(spec, routers=True).fingerprint() != fp:
+        return ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
+                          f"differ); give the source with --model")
+    return ValueError(f"{art.path}: layer {names[0]} is no linear layer of {spec}")
+
+
 def export_model_folder(artifact, out, model: str | None = None, progress: bool = True) -> dict:
     from sop.quantize import causal_lm
 
@@ -67,8 +78,14 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
     # a fused experts tensor is selected by its own name, its experts with it
     # (and a MoE router by its name: with --include-routers, or from a .sopq made when they were quantized by default)
-    src = open_model(spec, include=sorted({glob.escape(e.stack[0] if e.stack else e.name) for e in art.layers}),
-                     lm_head=head, routers=True)
+    try:
+        src = open_model(spec, include=sorted({glob.escape(e.stack[0] if e.stack else e.name) for e in art.layers}),
+                         lm_head=head, routers=True)
+    except ValueError as err:
+        if "no linear layer selected" not in str(err):
+            raise
+        # none of the artifact's layers is in this model: another checkpoint (the user gave no --include)
+        raise _other_model_error(art, meta, spec, names) from None
     # the forward pass reads the quantized layers as sop quantize did (their decoded weights replace them)
     policy = art.meta.get("nan_policy")
     src.nan_policy = policy if policy in NAN_POLICIES else "error"

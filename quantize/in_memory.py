@@ -441,6 +441,40 @@ def _is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+#: each mask and the inputs it covers, position for position (where no cache holds earlier positions)
+_MASKED = {"attention_mask": ("input_ids", "inputs_embeds"),
+           "decoder_attention_mask": ("decoder_input_ids", "decoder_inputs_embeds")}
+
+
+def _check_batch(batch, i: int) -> None:
+    """What a calibration batch cannot be, refused before it runs: a tensor on the meta device (no values:
+    torch's embedding of meta ids on CPU weights returns uninitialized memory, which the statistics took in,
+    different at every run), or a (batch, seq) mask of another shape than the inputs it covers (transformers
+    runs it, a short mask's missing positions read as masked, while the statistics, finding no layer's rows
+    to lay it on, counted every row, and the tokens as its ones). A batch carrying a cache (``cache``,
+    transformers 5's name, or ``past_key_values``) masks the cached positions too: its mask is not checked."""
+    import torch
+
+    items = batch.items() if isinstance(batch, Mapping) else \
+        enumerate(batch) if isinstance(batch, (tuple, list)) else [("input", batch)]
+    for key, t in items:
+        if isinstance(t, torch.Tensor) and t.is_meta:
+            what = key if isinstance(key, str) else f"input {key}"
+            raise ValueError(f"calibration batch {i}: its {what} is on the meta device (no values); give it on "
+                             f"the model's device")
+    if not isinstance(batch, Mapping) or any(batch.get(k) is not None for k in ("cache", "past_key_values")):
+        return
+    for key, covered in _MASKED.items():
+        name = next((k for k in covered if isinstance(batch.get(k), torch.Tensor)), None)
+        if batch.get(key) is None or name is None:
+            continue
+        mask, x = torch.as_tensor(batch[key]), batch[name]
+        positions = tuple(x.shape[:-1] if name.endswith("embeds") else x.shape)
+        if mask.ndim == 2 and len(positions) == 2 and tuple(mask.shape) != positions:
+            raise ValueError(f"calibration batch {i}: its {key} is {tuple(mask.shape)} and its {name} "
+                             f"{positions} positions: a mask gives one entry per position")
+
+
 def _run(model, batch, i: int) -> None:
     """The model on calibration batch ``i``. An error of the model's own (an id past its vocabulary, a batch
     of no position) is a ValueError naming the batch, the model's exception its cause; one raised in this
@@ -614,6 +648,7 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
         model.eval()
         with torch.inference_mode():
             for i, batch in enumerate(batches):
+                _check_batch(batch, i)
                 masks = _masks(batch)
                 given = batch.get("encoder_outputs") if isinstance(batch, Mapping) else None
                 source[:] = [] if given is None else [given if isinstance(given, torch.Tensor) else given[0]]

@@ -934,7 +934,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
         forward, forward_note = None, (f"MXFP4 codes with no scales to pair with ({unpaired[0]}): transformers "
                                        f"cannot build the model from them")
     if not layers:
-        raise _no_layer_error(spec, candidates, include, exclude, skipped, packed)
+        raise _no_layer_error(spec, candidates, include, exclude, skipped, packed, tied, lm_head)
     notes = packed + _source_notes(spec, kind, files, reader, names, layers, skipped, routers and not router_set)
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
                        folder if forward else None, head_note, tied if (tied and lm_head) else None,
@@ -997,8 +997,10 @@ def _fp8_scales(reader, names: list[str], layers: list[LinearLayer], scales, fp8
     return fp8
 
 
-def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict, packed: list[str]) -> ValueError:
-    """The error of a selection with no layer, with what the include or the checkpoint explains."""
+def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict, packed: list[str],
+                    tied: str | None = None, lm_head: bool = False) -> ValueError:
+    """The error of a selection with no layer, with what the include or the checkpoint explains (``tied``:
+    the input embedding a causal LM's head is tied to, the one layer of both)."""
     hint = ", check --include/--exclude" if candidates else ""
     expert = next((g for g in [*(include or ()), *(exclude or ())] if re.fullmatch(r".*\[\d+\]", g)), None)
     if expert is not None:          # `[3]` is a glob's character class: an expert goes with its tensor
@@ -1007,6 +1009,11 @@ def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict,
                   if why in _OPTION_OF and include and _selected(n, include, exclude)), None)
     if asked is not None:           # a tensor the include names, kept by a policy that an option lifts
         hint += f"; {asked} is {_OPTION_OF[skipped[asked]]}"
+    elif tied is not None and include and not lm_head and _selected(tied, include, exclude):
+        hint += f"; {tied} is the matrix lm_head is tied to, kept unless --include-lm-head"
+    elif tied is not None and include and _selected("lm_head.weight", include, exclude):
+        hint += (f"; lm_head is tied to {tied}: the shared matrix is one layer under that name"
+                 f"{'' if lm_head else ' (with --include-lm-head)'}")
     return ValueError(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
                       "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
 

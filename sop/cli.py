@@ -52,8 +52,8 @@ from pathlib import Path
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
     from sop.argtypes import Once, number, positive
     from sop.golden.dot import ACT_FORMATS
-    from sop.golden.files import (OutputError, check_output, input_file, nearest_existing, signals_as_interrupts,
-                                  write_atomic)
+    from sop.golden.files import (EMPTY_FOLDER_NAME, OutputError, check_output, input_file, nearest_existing,
+                                  signals_as_interrupts, write_atomic)
     from sop.golden.codebooks import codebook_names, get_codebook
     from sop.golden.formats import (ELEMENT_FORMATS, FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat,
                                     UnknownFormat, get_format)
@@ -379,6 +379,8 @@ def _check_calibration(args, out=None) -> None:
 
     if not args.no_calib:
         calibration_sentences(args.calib_sentences)       # ValueError naming --calib-sentences
+    if not args.cache_dir:                               # pathlib's '.': the cache went into the working folder
+        raise OutputError(f"--cache-dir {EMPTY_FOLDER_NAME}")
     there = nearest_existing(Path(args.cache_dir))       # the folder, or the parent it would be made in
     if not there.is_dir():
         raise OutputError(f"--cache-dir {args.cache_dir}: {there} exists and is not a folder")

@@ -9,6 +9,7 @@ import math
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,23 @@ def test_lm_head_policy_tied_and_untied(folders):
     assert linear_reason("output.weight", (4, 4), True) == "lm_head"               # GGUF
     assert linear_reason("gpt_neox.embed_out.weight", (4, 4), True) == "lm_head"   # GPT-NeoX
     assert linear_reason("blk.0.attn_output.weight", (4, 4), True) is None
+
+
+def test_an_include_naming_a_tied_head_says_which_name_and_option_select_it(folders):
+    """A tied head is one layer under its embedding's name (kept without --include-lm-head): an --include of
+    either name said only `check --include/--exclude` (an outside probe), where an untied head's says why."""
+    for include, lm_head, hint in (
+            ("model.embed_tokens.weight", False, "model.embed_tokens.weight is the matrix lm_head is tied to, kept "
+                                                 "unless --include-lm-head)"),
+            ("lm_head*", False, "lm_head is tied to model.embed_tokens.weight: the shared matrix is one layer "
+                                "under that name (with --include-lm-head))"),
+            ("lm_head.weight", True, "lm_head is tied to model.embed_tokens.weight: the shared matrix is one layer "
+                                     "under that name)")):
+        with pytest.raises(ValueError, match="no linear layer selected") as err:
+            open_model(str(folders["llama"]), include=include, lm_head=lm_head)
+        assert str(err.value).endswith(hint), str(err.value)
+    assert [l.name for l in open_model(str(folders["llama"]), include="model.embed_tokens.weight",
+                                       lm_head=True).layers] == ["model.embed_tokens.weight"]
 
 
 def test_a_tied_head_quantized_changes_the_embedding_lookup_too(folders):
@@ -669,6 +687,22 @@ def test_quantize_then_a_model_folder_transformers_loads(folders, tmp_path, caps
         err = one_error(capsys, ["dequantize", str(art), "--out", str(tmp_path / "w.safetensors"),
                                  "--model", str(folders["llama"])])
         assert "--model applies with --model-folder only" in err
+
+
+def test_an_export_against_a_model_of_other_layer_names_says_it_is_another_checkpoint(folders, tokenizer,
+                                                                                      tmp_path, capsys):
+    """--model a checkpoint that holds none of the artifact's layer names (a folder's artifact against a GGUF,
+    a GGUF's against a folder): the error was the selection's `no linear layer selected (14 candidates, check
+    --include/--exclude)`, options never given (an outside probe); it is the fingerprint's line, no folder made."""
+    gguf = write_llama_gguf(tmp_path / "tiny.gguf", folders["llama"], tokenizer, quantize_ffn=False)
+    for src, other in ((folders["llama"], gguf), (gguf, folders["llama"])):
+        art = tmp_path / f"{Path(src).stem}.sopq"
+        assert main(["quantize", str(src), "--format", "sop4-g16", "--out", str(art), "--quiet", "--no-calib"]) == 0
+        out = tmp_path / f"out-{Path(src).stem}"
+        err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(out), "--model", str(other)])
+        assert err == f"sop: error: {art} was made from another checkpoint than {other} (the model fingerprints " \
+                      f"differ); give the source with --model"
+        assert not out.exists()
 
 
 def test_a_model_folder_export_warns_when_the_config_changed_since_quantizing(folders, tmp_path, capsys):

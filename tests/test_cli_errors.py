@@ -182,7 +182,8 @@ def test_a_tensor_name_with_escape_sequences_is_printed_escaped(tmp_path, capsys
     assert "[1/1] fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m.weight 16x64" in err, err
     assert not any(c in err for c in "\x1b\x07\x9b"), err
     # a warning naming the tensor, on stderr and in `sop eval`'s table on stdout
-    save_file({name: np.ones((16, 64), bool), "ok.weight": np.ones((16, 64), np.float32)}, str(tmp_path / "b.safetensors"))
+    save_file({name: np.ones((16, 64), bool), "ok.weight": np.ones((16, 64), np.float32)},
+              str(tmp_path / "b.safetensors"))
     assert run(["eval", str(tmp_path / "b.safetensors"), "--format", "sop4-g16", "--no-calib", "--no-e2e"]) == 0
     out, err = capsys.readouterr()
     for text in (out, err):
@@ -224,6 +225,19 @@ def test_a_cache_dir_that_is_a_file_is_refused(ckpt, tmp_path, capsys):
     for cache in (f, f / "sub"):                   # under a file: refused before calibrating, not after
         err = one_error_line(capsys, ["eval", str(ckpt), "--format", "nvfp4", "--cache-dir", str(cache)])
         assert "--cache-dir" in err and f"{f} exists and is not a folder" in err, err
+
+
+@pytest.mark.parametrize("cmd", ["eval", "quantize"])
+def test_a_cache_dir_given_as_the_empty_name_is_refused(tmp_path, capsys, monkeypatch, cmd):
+    """`--cache-dir ''` (pathlib's '.'): the calibration cache was written into the working folder, `(cache )`
+    in the progress line, exit 0 (an outside probe), where every other empty folder name is refused."""
+    monkeypatch.chdir(tmp_path)
+    err = one_error_line(capsys, [cmd, "minilm", "--format", "sop4-g16", "--include", "*.0.attention.self.query*",
+                                  {"eval": "--json", "quantize": "--out"}[cmd], "r.out", "--cache-dir", "",
+                                  "--calib-sentences", "1", "--quiet"])
+    assert err == "sop: error: --cache-dir '': an empty name; give the output folder's name ('.' for the working " \
+                  "folder)"
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("cmd", ["eval", "quantize"])

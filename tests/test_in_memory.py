@@ -3,6 +3,7 @@ recomputed here and against calibration on disk, the layers and bits against the
 (`artifact.quantize_model` on the same model saved), sop-budget, what is kept, and bad input."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -309,6 +310,51 @@ def test_padded_positions_are_left_out_and_a_tokenizer_output_is_keywords():
     res = quantize_module(model, "sop4-g16", [BatchEncoding({"input_ids": ids, "attention_mask": mask})])
     np.testing.assert_allclose(res.act_ms["up.weight"], (real ** 2).mean(0), rtol=1e-12)
     assert res.tokens == 12
+
+
+def test_a_mask_of_another_shape_than_its_inputs_is_one_value_error():
+    """An attention_mask (2, 8) for input_ids (2, 16): transformers ran it, reading the missing positions as
+    masked, while the statistics counted every row and the tokens as the mask's ones (16 of 32 rows: an
+    outside probe). One ValueError naming the batch, the model unchanged; a batch carrying a cache is not
+    checked (its mask covers the cached positions too)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 64, (2, 16))
+    for key, value, mask, said in (("input_ids", ids, torch.ones(2, 8), "(2, 8) and its input_ids (2, 16)"),
+                                   ("input_ids", ids, torch.ones(2, 20), "(2, 20) and its input_ids (2, 16)"),
+                                   ("inputs_embeds", torch.randn(2, 16, 32), torch.ones(2, 15),
+                                    "(2, 15) and its inputs_embeds (2, 16)")):
+        with pytest.raises(ValueError, match=rf"^calibration batch 1: its attention_mask is {re.escape(said)} "
+                                             r"positions: a mask gives one entry per position$"):
+            quantize_module(model, "nf4-g64", [{"input_ids": ids}, {key: value, "attention_mask": mask}])
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    res = quantize_module(model, "nf4-g64", [{"input_ids": ids, "attention_mask": torch.ones(2, 16)}])
+    assert res.tokens == 32
+    with torch.no_grad():
+        cache = model(ids[:, :8], use_cache=True).cache
+    res = quantize_module(model, "nf4-g64", [{"input_ids": ids[:, 8:], "attention_mask": torch.ones(2, 16),
+                                              "cache": cache}])
+    assert res.layers
+
+
+def test_a_batch_on_the_meta_device_is_one_value_error():
+    """input_ids on the meta device: torch's embedding of them on CPU weights returns uninitialized memory
+    (values such as 6.9e24, other at every run), which the statistics took in without a word (an outside
+    probe). One ValueError naming the batch and the input, the model unchanged, for every kind of batch."""
+    model = Tokens()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 50, (2, 6))
+    for batch, what in (({"input_ids": ids.to("meta")}, "input_ids"), ((ids.to("meta"),), "input 0"),
+                        (ids.to("meta"), "input"), ({"input_ids": ids, "attention_mask": ids.to("meta")},
+                                                    "attention_mask")):
+        with pytest.raises(ValueError, match=rf"^calibration batch 1: its {what} is on the meta device \(no "
+                                             r"values\); give it on the model's device$"):
+            quantize_module(model, "nf4-g64", [ids, batch])
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 def test_heads_tied_to_an_embedding_by_any_name_are_kept_with_it():
