@@ -368,7 +368,7 @@ class GemvEngine(wiring.Component):
             m.d.comb += [bank.read_en[j].eq(en_lane[j]), bank.read_page[j].eq(self.table_page(issue.page)),
                          bank.read_bank[j].eq(mux.bank[j] if self.mux is not None else 0),
                          bank.read_addr[j].eq(codes[j * k:][:k])]
-        drained = Signal(name="drained")      # no block past stage 0 (below)
+        drained = Signal(name="drained")      # no block past stage 0 (driven by _block_dot)
         # the x buffer's one read port: a block's read, or (with no block in the engine) a residual
         # entry's. The front end reads on every enabled edge (stage 0 valid or not: its latch and output
         # register move with the pipeline) at stage 0's column while stage 0 holds a block, else at the

@@ -109,7 +109,7 @@ class _Tile:
     pending: Signal         # its entries come now (no block is taken meanwhile)
     base: Signal            # its first row
     top: Signal             # its last row
-    last_slot: Signal       # its last row's slot
+    top_slot: Signal        # its last row's slot
     pass_end: Signal        # it is the pass's last tile
     rows_in: Signal         # its rows whose last entry has come in
     all_in: Signal          # its last entry has come in
@@ -303,7 +303,7 @@ class BlockSequencer(wiring.Component):
         """The registers of the tile whose residual entries come (loaded by ``_step_counters``)."""
         S, rows_shape = self.config.tile, self._rows_shape
         return _Tile(pending=Signal(name="terms"), base=Signal(rows_shape, name="terms_base"),
-                     top=Signal(rows_shape, name="terms_top"), last_slot=Signal(range(S), name="terms_last"),
+                     top=Signal(rows_shape, name="terms_top"), top_slot=Signal(range(S), name="terms_last"),
                      pass_end=Signal(name="terms_end"), rows_in=Signal(range(S), name="terms_rows"),
                      all_in=Signal(name="terms_in"), page=Signal(name="terms_page"))
 
@@ -361,7 +361,7 @@ class BlockSequencer(wiring.Component):
                 m.d.sync += [slot.eq(0), row.eq(0), tile_base.eq(0), col.eq(0), last_slot.eq(0), x_rpage.eq(~x_rpage),
                              at_last_row.eq(rows_last == 0), row_done.eq(cols_last == 0), col_first.eq(1)]
             with m.If(column_done & row_done & with_terms):       # the tile's last block: its entries next
-                m.d.sync += [tile.pending.eq(1), tile.base.eq(tile_base), tile.top.eq(row), tile.last_slot.eq(slot),
+                m.d.sync += [tile.pending.eq(1), tile.base.eq(tile_base), tile.top.eq(row), tile.top_slot.eq(slot),
                              tile.pass_end.eq(at_last_row), tile.rows_in.eq(0), tile.all_in.eq(0),
                              tile.page.eq(x_rpage)]
         with m.Else():
@@ -383,7 +383,7 @@ class BlockSequencer(wiring.Component):
         e_slot = Signal(range(S), name="entry_slot", reset_less=True)
         entry_slot = sp.row - tile.base
         outside = (sp.row < tile.base) | (sp.row > tile.top) | (sp.col >> (cfg.group - 1).bit_length() > cnt.cols_last)
-        final = sp.last & (tile.rows_in == tile.last_slot)     # the tile's last row's last entry
+        final = sp.last & (tile.rows_in == tile.top_slot)     # the tile's last row's last entry
         ent_take = Signal(name="entry_take")
         m.d.comb += [ent.valid.eq(e_valid & self.drained), ent_take.eq(ent.valid & ent.ready),
                      self.sparse.ready.eq(pending & ~tile.all_in & (~e_valid | ent_take)),

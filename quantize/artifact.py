@@ -476,7 +476,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
     check_options([fmt], budget, nan_policy)
     jobs = check_jobs(jobs)
-    out = check_output(out)                               # (against the inputs too where it is written)
+    out = check_output(out, model_inputs(model))          # before any work: never one of the model's files
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
@@ -627,26 +627,30 @@ def source_by_contents(art: Artifact, out: str | os.PathLike) -> Path | None:
     ``source_files`` resolves from here; from another folder only the contents tell. ``out`` is one
     where its folder holds the checkpoint's weights files laid out as recorded, with the model
     fingerprint, and ``out`` is one of them, a file the loader reads beside a weights file given alone
-    (``SIBLINGS_READ``) or, for a model folder, any file of it but a ``.sopq`` (``folder_inputs``)."""
-    target = Path(os.path.realpath(out))
+    (``SIBLINGS_READ``) or, for a model folder, any file of it but a ``.sopq`` (``folder_inputs``).
+    The target is looked at as named and, where that is a link, as the file it points to (a hub cache's
+    ``snapshots/X/model.safetensors`` links into ``blobs/``: the write would replace the blob)."""
     model = art.meta.get("model")
-    if not target.is_file() or not isinstance(model, dict):
+    if not os.path.isfile(out) or not isinstance(model, dict):
         return None
     fp, spec, files = model.get("fingerprint"), model.get("spec"), model.get("files")
     if not (fp and isinstance(fp, str) and spec and isinstance(spec, str) and isinstance(files, list)) \
             or spec in (MINILM, SMOLLM2):           # a built-in model: source_files names it from anywhere
         return None
+    if _dequantized_from(out, fp):                  # an earlier output of this checkpoint (a re-run): no hashing
+        return None
     files = [f for f in files if isinstance(f, str) and f]
     given_alone = Path(spec) in {Path(f) for f in files}
-    if given_alone and target.name not in {Path(f).name for f in files} | set(SIBLINGS_READ) \
-            or not given_alone and is_artifact(target):
-        return None
     base = Path(spec).parent if given_alone else Path(spec)
-    with contextlib.suppress(OSError, ValueError):     # a recorded file that is not there: not this checkpoint
-        layout = [target.parent / os.path.relpath(f, base) for f in files]
-        if layout and all(f.is_file() and not _dequantized_from(f, fp) for f in layout) \
-                and files_fingerprint(layout) == fp:    # an earlier output of this checkpoint is not hashed
-            return target.parent
+    for target in dict.fromkeys((Path(os.path.abspath(out)), Path(os.path.realpath(out)))):
+        if given_alone and target.name not in {Path(f).name for f in files} | set(SIBLINGS_READ) \
+                or not given_alone and is_artifact(target):
+            continue
+        with contextlib.suppress(OSError, ValueError):     # a recorded file that is not there: not this checkpoint
+            layout = [target.parent / os.path.relpath(f, base) for f in files]
+            if layout and all(f.is_file() and not _dequantized_from(f, fp) for f in layout) \
+                    and files_fingerprint(layout) == fp:    # an earlier output of this checkpoint is not hashed
+                return target.parent
     return None
 
 

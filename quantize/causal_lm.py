@@ -80,6 +80,7 @@ import numpy as np
 from sop.golden.files import OutputError, atomic_files, check_output, staging_folder
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
 from sop.quantize.models import GGUF_MOE, expert_layer_name
+from sop.terminal import one_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # as models.py: whichever module loads transformers first
 
@@ -405,7 +406,7 @@ def _load_gguf(src):
                 f"the model transformers builds from its metadata: calibration and the end-to-end check "
                 f"run that model without {'them' if len(unused) > 1 else 'it'}")
         src.notes.append(note)
-        print(f"warning: {note}", file=sys.stderr, flush=True)
+        print(one_line(f"warning: {note}"), file=sys.stderr, flush=True)
     tied_head = _tied_head_name(model)
     missing = [k for k in expect if k not in loaded and k != tied_head]
     if missing:
@@ -967,7 +968,7 @@ class CausalLM:
                     f"--seq-len {positions} or less keeps within them")
             if note not in self.src.notes:
                 self.src.notes.append(note)
-                print(f"warning: {note}", file=sys.stderr, flush=True)
+                print(one_line(f"warning: {note}"), file=sys.stderr, flush=True)
         need = n * seq_len
         if len(ids) < need:
             raise ValueError(f"{what}: {n} x {seq_len} = {need:,} tokens asked, the text gives {len(ids):,} with "

@@ -565,6 +565,7 @@ def folder_inputs(folder: Path) -> list[Path]:
 def model_inputs(spec: str) -> list[Path]:
     """Every file a model spec may read (a folder's ``folder_inputs``; a file and the ``SIBLINGS_READ``
     beside it): no output may be one of them."""
+    spec = _spec_text(spec)
     p = builtin_path(spec) or Path(spec)
     if p.is_dir():
         return folder_inputs(p)

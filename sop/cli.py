@@ -258,7 +258,7 @@ def cmd_dequantize(args) -> int:
         t0 = time.time()
         info = export_model_folder(args.file, args.out, model=args.model, progress=not args.quiet)
         for warning in info["warnings"]:                    # printed even when quiet: no progress
-            print(f"warning: {warning}", file=sys.stderr)
+            print(one_line(f"warning: {warning}"), file=sys.stderr)
         print(f"wrote {info['path']}: a transformers model folder ({', '.join(info['files'])}), "
               f"{info['layers']} quantized layers ({info['format']}) over the reference {info['model']} "
               f"({time.time() - t0:.1f} s)")
@@ -379,7 +379,7 @@ def _check_calibration(args, out=None) -> None:
 
     if not args.no_calib:
         calibration_sentences(args.calib_sentences)       # ValueError naming --calib-sentences
-    if not args.cache_dir:                               # pathlib's '.': the cache went into the working folder
+    if not args.cache_dir and not args.no_calib:         # pathlib's '.': the cache went into the working folder
         raise OutputError(f"--cache-dir {EMPTY_FOLDER_NAME}")
     there = nearest_existing(Path(args.cache_dir))       # the folder, or the parent it would be made in
     if not there.is_dir():

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import re
 
-#: C0 controls, DEL and C1 controls (CSI is 0x9b) left after the whitespace is folded
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: C0 controls, DEL and C1 controls (CSI is 0x9b) left after the whitespace is folded, and the
+#: bidirectional marks and overrides, which would reorder what the line shows
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def one_line(text) -> str:
     """``text`` as one line: each run of whitespace (line breaks too) one space, every other control
-    character as ``\\xNN``, so that it is seen, not run."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", " ".join(str(text).split()))
+    character as ``\\xNN`` (a bidirectional one as ``\\uNNNN``), so that it is seen, not run."""
+    return _CONTROL.sub(_escape, " ".join(str(text).split()))
+
+
+def _escape(m: re.Match) -> str:
+    """A control character as the escape Python writes for it."""
+    c = ord(m[0])
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"

@@ -134,3 +134,21 @@ def test_paths_given_as_no_path_are_one_value_error(tmp_path):
         with pytest.raises(ValueError, match=f"^{re.escape(said)}, not a path|^{re.escape(said)}: give a path"):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_quantize_model_from_python_never_writes_over_its_model(tmp_path):
+    """A review: from Python the output was checked alone, and `quantize_model(p, fmt, p)` replaced the
+    checkpoint with a .sopq (the command line checked it against the model's files)."""
+    from safetensors.numpy import save_file
+
+    from sop.golden.files import OutputError
+    from sop.quantize.artifact import quantize_model
+
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
+    (tmp_path / "config.json").write_text("{}")
+    before = ckpt.read_bytes()
+    for out in (ckpt, tmp_path / "config.json"):
+        with pytest.raises(OutputError, match="the output is the input"):
+            quantize_model(str(ckpt), "sop4-g16", out, calibrate=False, progress=False)
+    assert ckpt.read_bytes() == before and (tmp_path / "config.json").read_text() == "{}"

@@ -170,25 +170,25 @@ def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path,
 def test_a_tensor_name_with_escape_sequences_is_printed_escaped(tmp_path, capsys):
     """A tensor name is any string: one holding a terminal's escape sequences (retitle, clear the screen)
     was printed raw in the progress and error lines, and the terminal ran them (an outside probe)."""
-    name = "fc\x1b]0;title\x07\x1b[2J\x9b1m.weight"
+    name = "fc\x1b]0;title\x07\x1b[2J\x9b1m\u202e.weight"
     w = np.ones((16, 64), np.float32)
     w[0, 0] = np.nan
     save_file({name: w}, str(tmp_path / "m.safetensors"))
     argv = ["quantize", str(tmp_path / "m.safetensors"), "--format", "sop4-g16", "--out", str(tmp_path / "q.sopq")]
     err = one_error_line(capsys, [*argv, "--quiet"])
-    assert "fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m.weight: non-finite weight" in err, err
+    assert "fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m\\u202e.weight: non-finite weight" in err, err
     assert run([*argv, "--nan-policy", "zero"]) == 0
     err = capsys.readouterr().err
-    assert "[1/1] fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m.weight 16x64" in err, err
-    assert not any(c in err for c in "\x1b\x07\x9b"), err
+    assert "[1/1] fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m\\u202e.weight 16x64" in err, err
+    assert not any(c in err for c in "\x1b\x07\x9b\u202e"), err
     # a warning naming the tensor, on stderr and in `sop eval`'s table on stdout
     save_file({name: np.ones((16, 64), bool), "ok.weight": np.ones((16, 64), np.float32)},
               str(tmp_path / "b.safetensors"))
     assert run(["eval", str(tmp_path / "b.safetensors"), "--format", "sop4-g16", "--no-calib", "--no-e2e"]) == 0
     out, err = capsys.readouterr()
     for text in (out, err):
-        assert "(e.g. fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m.weight, BOOL)" in text, text
-        assert not any(c in text for c in "\x1b\x07\x9b"), text
+        assert "(e.g. fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m\\u202e.weight, BOOL)" in text, text
+        assert not any(c in text for c in "\x1b\x07\x9b\u202e"), text
 
 
 @pytest.mark.parametrize("cmd", ["dequantize", "report"])

@@ -215,6 +215,7 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match="valid: .*e2m3.*ue4m4"):
         get_format("e9m9x")
 
+
 @pytest.mark.parametrize("name", ["e" + "9" * 5000 + "m1", "e4m" + "1" * 101, "e4m3b-" + "7" * 200])
 def test_a_parametric_name_with_a_huge_number_is_one_line_naming_the_format(name, capsys):
     """A 5000-digit size was Python's own "Exceeds the limit (4300 digits) for integer string conversion",

@@ -4,6 +4,7 @@ regular file; a writer killed at any point leaves the old target intact, no part
 final name, and no temporary file once the next write to that target has run."""
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -93,6 +94,14 @@ def test_dequantize_never_writes_over_the_checkpoint_the_artifact_was_made_from(
     assert snapshot([ckpt, tmp_path / "config.json"]) == before
 
 
+def quantize_then_go_elsewhere(tmp_path, monkeypatch, spec: str) -> None:
+    """`sop quantize SPEC --out q.sopq` run in tmp_path, then the working folder tmp_path/elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", spec, "--format", "sop4-g16", "--out", "q.sopq", "--quiet"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+
 @pytest.mark.parametrize("given", ["file", "folder"])
 def test_dequantize_run_from_another_folder_never_writes_over_the_source(tmp_path, capsys, monkeypatch, given):
     """The header records the source as `sop quantize` was given it, relative to the folder it ran in:
@@ -104,11 +113,7 @@ def test_dequantize_run_from_another_folder_never_writes_over_the_source(tmp_pat
     ckpt = model / "model.safetensors"
     save_file({LAYER: np.ones((16, 64), np.float32), "blk.0.fc.bias": np.ones(16, np.float32)}, str(ckpt))
     (model / "config.json").write_text("{}")
-    monkeypatch.chdir(tmp_path)
-    spec = "m/model.safetensors" if given == "file" else "m"
-    assert main(["quantize", spec, "--format", "sop4-g16", "--out", "q.sopq", "--quiet"]) == 0
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    quantize_then_go_elsewhere(tmp_path, monkeypatch, "m/model.safetensors" if given == "file" else "m")
     before = snapshot([ckpt, model / "config.json"])
     for out in ("../m/model.safetensors", "../m/config.json"):
         refused(capsys, ["dequantize", "../q.sopq", "--out", out, "--quiet"], "a file of the checkpoint q.sopq",
@@ -120,6 +125,28 @@ def test_dequantize_run_from_another_folder_never_writes_over_the_source(tmp_pat
     import sop.quantize.artifact as A                  # an earlier output of the checkpoint: its header tells,
     monkeypatch.setattr(A, "files_fingerprint", None)  # nothing is hashed (a model's GBs)
     assert main(["dequantize", "../q.sopq", "--out", "model.safetensors", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_dequantize_finds_a_linked_source_and_lets_a_copy_be_rewritten(tmp_path, capsys, monkeypatch, given):
+    """A review: a checkpoint of symbolic links (a hub cache's ``snapshots/X/model.safetensors`` ->
+    ``blobs/<sha>``) was looked for beside the blob, not found, and the write replaced the blob; and a
+    second dequantize into a copy of the checkpoint's folder was refused as the checkpoint (after hashing
+    it), the first run's output being a file of that name with the checkpoint's files beside it."""
+    blobs, snap = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snap"
+    blobs.mkdir(parents=True)
+    snap.mkdir()
+    save_file({LAYER: np.ones((16, 64), np.float32)}, str(blobs / "abc123"))
+    (snap / "model.safetensors").symlink_to("../blobs/abc123")
+    (snap / "config.json").write_text("{}")
+    quantize_then_go_elsewhere(tmp_path, monkeypatch, "hub/snap/model.safetensors" if given == "file" else "hub/snap")
+    before = (blobs / "abc123").read_bytes()
+    refused(capsys, ["dequantize", "../q.sopq", "--out", "../hub/snap/model.safetensors", "--quiet"],
+            "a file of the checkpoint q.sopq")
+    assert (blobs / "abc123").read_bytes() == before
+    shutil.copytree(snap, tmp_path / "copy", symlinks=False)
+    for _ in range(2):                              # the second run replaces the first run's output
+        assert main(["dequantize", "../q.sopq", "--out", "../copy/deq.safetensors", "--quiet"]) == 0
 
 
 @pytest.mark.parametrize("target", ["x", "out"])
