@@ -317,7 +317,7 @@ def test_a_mask_of_another_shape_than_its_inputs_is_one_value_error():
     masked, while the statistics counted every row and the tokens as the mask's ones (16 of 32 rows: an
     outside probe). One ValueError naming the batch, the model unchanged; a batch carrying a cache is not
     checked (its mask covers the cached positions too)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,

@@ -61,7 +61,10 @@ def test_generate_interrupted_is_one_line_and_leaves_no_partial_file(tmp_path, s
     """Ctrl-C while designs are written was a KeyboardInterrupt traceback; SIGTERM ended the process
     where it stood, leaving its temporary file (an outside probe). Now one line, exit 128 + N, every
     design written whole or not at all."""
-    proc = subprocess.Popen([sys.executable, "-m", "sop.hdl.generate", "--out", str(tmp_path / "v")],
+    # SIGINT as in a terminal: a suite run as a background job hands its children SIGINT ignored
+    child = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "runpy.run_module('sop.hdl.generate', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", child, "--out", str(tmp_path / "v")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     first = proc.stdout.readline()                  # the first design written: the run is under way
