@@ -481,6 +481,14 @@ class Signalled(KeyboardInterrupt):
         super().__init__(self.name)
 
 
+def interrupted(prog: str, sig: BaseException) -> int:
+    """A run ended by a signal (Ctrl-C's KeyboardInterrupt, or ``Signalled``): its one line on stderr,
+    ``PROG: interrupted (SIGNAME); no partial file was left`` (every writer here is atomic), and the
+    exit status 128 + N."""
+    print(f"{prog}: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left", file=sys.stderr)
+    return 128 + getattr(sig, "number", signal.SIGINT)
+
+
 @contextlib.contextmanager
 def signals_as_interrupts():
     """Within the block, SIGTERM and SIGHUP raise ``Signalled`` (a KeyboardInterrupt), as SIGINT does.

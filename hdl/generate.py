@@ -72,7 +72,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import sys
 import warnings
 from dataclasses import replace
@@ -85,7 +84,7 @@ from amaranth.lib import data, wiring
 
 from sop import __version__, toolenv
 from sop.argtypes import number, out_folder
-from sop.golden.files import OutputError, atomic_files, check_output, signals_as_interrupts
+from sop.golden.files import OutputError, atomic_files, check_output, interrupted, signals_as_interrupts
 
 from . import axis, gemv, gemv_axis, gemv_config
 from .config import MAX_RESIDUALS, PIPELINES, DecoderConfig, named_configs, residual_configs, variant_suffix
@@ -602,9 +601,7 @@ def main(argv=None) -> int:
         except KeyboardInterrupt as sig:    # (a traceback; each design's files are written whole or not at all)
             # the design cut short is never elaborated: no warning for each of its parts at exit
             warnings.filterwarnings("ignore", category=UnusedElaboratable)
-            print(f"{p.prog}: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left",
-                  file=sys.stderr)
-            return 128 + getattr(sig, "number", signal.SIGINT)
+            return interrupted(p.prog, sig)
     return 0
 
 

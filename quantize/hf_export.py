@@ -25,7 +25,7 @@ from pathlib import Path
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
 from sop.quantize.inputs import NAN_POLICIES
-from sop.quantize.models import AUX_SUFFIXES, builtin_path, is_lm_head, model_inputs, open_model
+from sop.quantize.models import AUX_SUFFIXES, NoLayerSelected, builtin_path, is_lm_head, model_inputs, open_model
 
 
 def _same_folder(a, b) -> bool:
@@ -81,9 +81,7 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     try:
         src = open_model(spec, include=sorted({glob.escape(e.stack[0] if e.stack else e.name) for e in art.layers}),
                          lm_head=head, routers=True)
-    except ValueError as err:
-        if "no linear layer selected" not in str(err):
-            raise
+    except NoLayerSelected:
         # none of the artifact's layers is in this model: another checkpoint (the user gave no --include)
         raise _other_model_error(art, meta, spec, names) from None
     # the forward pass reads the quantized layers as sop quantize did (their decoded weights replace them)

@@ -998,8 +998,12 @@ def _fp8_scales(reader, names: list[str], layers: list[LinearLayer], scales, fp8
     return fp8
 
 
+class NoLayerSelected(ValueError):
+    """A model and selection with no linear layer (``open_model``; its message says what explains it)."""
+
+
 def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict, packed: list[str],
-                    tied: str | None = None, lm_head: bool = False) -> ValueError:
+                    tied: str | None = None, lm_head: bool = False) -> NoLayerSelected:
     """The error of a selection with no layer, with what the include or the checkpoint explains (``tied``:
     the input embedding a causal LM's head is tied to, the one layer of both)."""
     hint = ", check --include/--exclude" if candidates else ""
@@ -1015,7 +1019,7 @@ def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict,
     elif tied is not None and include and _selected("lm_head.weight", include, exclude):
         hint += (f"; lm_head is tied to {tied}: the shared matrix is one layer under that name"
                  f"{'' if lm_head else ' (with --include-lm-head)'}")
-    return ValueError(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
+    return NoLayerSelected(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
                       "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
 
 

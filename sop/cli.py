@@ -52,8 +52,8 @@ from pathlib import Path
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
     from sop.argtypes import Once, number, positive
     from sop.golden.dot import ACT_FORMATS
-    from sop.golden.files import (EMPTY_FOLDER_NAME, OutputError, check_output, input_file, nearest_existing,
-                                  signals_as_interrupts, write_atomic)
+    from sop.golden.files import (EMPTY_FOLDER_NAME, OutputError, check_output, input_file, interrupted,
+                                  nearest_existing, signals_as_interrupts, write_atomic)
     from sop.golden.codebooks import codebook_names, get_codebook
     from sop.golden.formats import (ELEMENT_FORMATS, FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat,
                                     UnknownFormat, get_format)
@@ -601,10 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.func(args)
         except KeyboardInterrupt as sig:
-            # every file is written whole or not at all, so none is left half-written
-            print(f"sop: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left",
-                  file=sys.stderr)
-            return 128 + getattr(sig, "number", signal.SIGINT)
+            return interrupted("sop", sig)      # every file is written whole or not at all
         except BrokenPipeError:                          # `sop codebook bf16 | head`: the reader is done
             return _reader_gone()
         except (ValueError, OSError) as err:
