@@ -140,9 +140,14 @@ class _LastStage:
     off9: Value
 
 
-#: The slow path's states (``slow_state``): idle, accumulate, carries, sign, negation, a limb up, the limbs'
-#: flags settle, the top limb's decision, kmax's flags, bit shifts, rounding.
-IDLE, ACC, RES, SIGN, NEG, UP, CHECK, DECIDE, PREP, SHIFT, ROUND = range(11)
+class _SlowState:
+    """The slow path's states (``slow_state``): idle, accumulate, carries, sign, negation, a limb up, the
+    limbs' flags settle, the top limb's decision, kmax's flags, bit shifts, rounding; ``ALL``, their range.
+
+    Plain ints in a namespace, not an ``enum.IntEnum``: Amaranth casts an enum member to a constant of
+    the enum's width (4 bits), not the value's own, which would change the state's compares and muxes."""
+    ALL = range(11)
+    IDLE, ACC, RES, SIGN, NEG, UP, CHECK, DECIDE, PREP, SHIFT, ROUND = ALL
 
 
 @dataclass(frozen=True)
@@ -466,12 +471,12 @@ class BlockDotBF16(BlockDot):
     def _slow_registers(self, m) -> _SlowRegs:
         """The slow path's state (with its copy per limb), its limbs and their flags, its counters."""
         g, NL, LW = self.layout.group, self.nl, self.limb_bits
-        state = Signal(range(11), name="slow_state", init=IDLE)
-        nxt = Signal(range(11), name="slow_next")
+        state = Signal(_SlowState.ALL, name="slow_state", init=_SlowState.IDLE)
+        nxt = Signal(_SlowState.ALL, name="slow_next")
         m.d.comb += nxt.eq(state)
         m.d.sync += state.eq(nxt)
         # a copy of the state per limb: each limb's mux decodes its own (hdl.replica)
-        st = [rep.replica(range(11), name=f"slow_state_l{i}", init=IDLE) for i in range(NL)]
+        st = [rep.replica(_SlowState.ALL, name=f"slow_state_l{i}", init=_SlowState.IDLE) for i in range(NL)]
         m.d.sync += [c.eq(nxt) for c in st]
         limbs = [Signal(signed(LW), name=f"limb{i}", reset_less=True) for i in range(NL)]
         digit = [lmb[:LIMB] for lmb in limbs]
@@ -520,13 +525,13 @@ class BlockDotBF16(BlockDot):
         m.d.comb += v.eq(Mux(negpass, (~digit[0]).as_unsigned(), limbs[0]) + sl.carry)
         for i in range(NL):
             with m.Switch(sl.st[i]):
-                with m.Case(IDLE):
+                with m.Case(_SlowState.IDLE):
                     m.d.sync += limbs[i].eq(0)
-                with m.Case(ACC):
+                with m.Case(_SlowState.ACC):
                     m.d.sync += limbs[i].eq(limbs[i] + addend[i])
-                with m.Case(RES, NEG):
+                with m.Case(_SlowState.RES, _SlowState.NEG):
                     m.d.sync += limbs[i].eq(limbs[i + 1] if i < NL - 1 else v[:LIMB])
-                with m.Case(UP):
+                with m.Case(_SlowState.UP):
                     m.d.sync += limbs[i].eq(limbs[i - 1] if i else 0)
         return negpass, v
 
@@ -542,9 +547,9 @@ class BlockDotBF16(BlockDot):
         zero = Signal(name="slow_zero", reset_less=True)
         knext = Signal(signed(13), name="slow_knext")
         m.d.comb += knext.eq(Mux(kfar, 0, Mux(kneg, kmax + 1, Mux(kpos & ~M[-1], kmax - 1, kmax))))
-        with m.If(state == PREP):
+        with m.If(state == _SlowState.PREP):
             m.d.sync += [kfar.eq(kmax < -(2 * LIMB + 1)), kneg.eq(kmax < 0), kpos.eq(kmax > 0)]
-        with m.If(state == SHIFT):
+        with m.If(state == _SlowState.SHIFT):
             # the flags of kmax + 1, kmax - 1 or 0 as compares of kmax itself (beside the adds)
             far, step_up, step_dn = -(2 * LIMB + 1), kneg, kpos & ~M[-1]
             m.d.sync += [kmax.eq(knext),
@@ -558,63 +563,63 @@ class BlockDotBF16(BlockDot):
     def _slow_accumulate(self, m, sl, start, rot, pipe, negpass):
         """IDLE and ACC: start on a slow block, feed its lanes from the shift chain, add them into the limbs."""
         g, nxt, jn, cnt = self.layout.group, sl.nxt, sl.jn, sl.cnt
-        with m.Case(IDLE):
+        with m.Case(_SlowState.IDLE):
             with m.If(start):
-                m.d.comb += nxt.eq(ACC)
+                m.d.comb += nxt.eq(_SlowState.ACC)
                 m.d.sync += [jn.eq(0), cnt.eq(0)] + [c.eq(1) for c in rot]
-        with m.Case(ACC):
+        with m.Case(_SlowState.ACC):
             with m.If(jn < g):
                 m.d.sync += jn.eq(jn + 1)
             with m.If(jn == g - 1):
                 m.d.sync += [c.eq(0) for c in rot]
             m.d.sync += cnt.eq(cnt + 1)
             with m.If(cnt == g + pipe):
-                m.d.comb += nxt.eq(RES)
+                m.d.comb += nxt.eq(_SlowState.RES)
                 m.d.sync += [cnt.eq(0), sl.carry.eq(0), negpass.eq(0)]
 
     def _slow_carries(self, m, sl, v, negpass):
         """RES, SIGN and NEG: the carries resolved, the sum's sign, the negation of a negative sum."""
         NL, state, nxt, cnt, carry, digit = self.nl, sl.state, sl.nxt, sl.cnt, sl.carry, sl.digit
-        with m.Case(RES, NEG):
+        with m.Case(_SlowState.RES, _SlowState.NEG):
             # one limb a cycle from the bottom: the carries (RES), then -S = ~S + 1 (NEG)
             m.d.sync += [carry.eq(v[LIMB:]), cnt.eq(cnt + 1)]
             with m.If(cnt == NL - 1):
                 m.d.sync += [cnt.eq(0), sl.r.eq(0)]
-                m.d.comb += nxt.eq(Mux(state == RES, SIGN, CHECK))
-        with m.Case(SIGN):
+                m.d.comb += nxt.eq(Mux(state == _SlowState.RES, _SlowState.SIGN, _SlowState.CHECK))
+        with m.Case(_SlowState.SIGN):
             # the top digit's sign bit: S < 0 (decided on the register, a cycle after the carries)
             m.d.sync += sl.neg.eq(digit[NL - 1][LIMB - 1])
-            m.d.comb += nxt.eq(CHECK)
+            m.d.comb += nxt.eq(_SlowState.CHECK)
             with m.If(digit[NL - 1][LIMB - 1]):
-                m.d.comb += nxt.eq(NEG)
+                m.d.comb += nxt.eq(_SlowState.NEG)
                 m.d.sync += [carry.eq(1), negpass.eq(1)]
 
     def _slow_top_limb(self, m, sl, win, es9, off9):
         """UP, CHECK and DECIDE: the limbs shifted up to the top nonzero one; the window, sticky and kmax loaded."""
         NL, nxt, r, nzl, digit = self.nl, sl.nxt, sl.r, sl.nzl, sl.digit
-        with m.Case(UP):
-            m.d.comb += nxt.eq(CHECK)
+        with m.Case(_SlowState.UP):
+            m.d.comb += nxt.eq(_SlowState.CHECK)
             m.d.sync += r.eq(r + 1)
-        with m.Case(CHECK):                                   # the limbs settle; nzl follows them
-            m.d.comb += nxt.eq(DECIDE)
-        with m.Case(DECIDE):
+        with m.Case(_SlowState.CHECK):                        # the limbs settle; nzl follows them
+            m.d.comb += nxt.eq(_SlowState.DECIDE)
+        with m.Case(_SlowState.DECIDE):
             # the top nonzero limb: shift the limbs up (times 2^32) while the top one is zero
             with m.If(nzl[NL - 1]):
-                m.d.comb += nxt.eq(PREP)
+                m.d.comb += nxt.eq(_SlowState.PREP)
                 m.d.sync += [win.M.eq(Cat(digit[NL - 2], digit[NL - 1])), win.zero.eq(0),
                              win.sticky.eq(nzl[:NL - 2].any()), win.kmax.eq(win.kbase + es9 + off9 - LIMB * r)]
             with m.Elif(r == NL - 1):
-                m.d.comb += nxt.eq(ROUND)
+                m.d.comb += nxt.eq(_SlowState.ROUND)
                 m.d.sync += [sl.cnt.eq(0), win.zero.eq(1), win.M.eq(0), win.sticky.eq(0), win.kmax.eq(0)]
             with m.Else():
-                m.d.comb += nxt.eq(UP)
+                m.d.comb += nxt.eq(_SlowState.UP)
 
     def _slow_normalize(self, m, sl, win, done_set, sres):
         """PREP, SHIFT and ROUND: the window normalized one bit a cycle, then rounded into ``sres``."""
         nxt, cnt, M, sticky = sl.nxt, sl.cnt, win.M, win.sticky
-        with m.Case(PREP):                                    # kmax's flags
-            m.d.comb += nxt.eq(SHIFT)
-        with m.Case(SHIFT):
+        with m.Case(_SlowState.PREP):                         # kmax's flags
+            m.d.comb += nxt.eq(_SlowState.SHIFT)
+        with m.Case(_SlowState.SHIFT):
             # one bit a cycle: right into the subnormal range while kmax < 0 (the bits out go to
             # the sticky bit; far below, everything does), left to the leading one while kmax > 0
             with m.If(win.kfar):
@@ -624,12 +629,12 @@ class BlockDotBF16(BlockDot):
             with m.Elif(win.kpos & ~M[-1]):
                 m.d.sync += M.eq(M << 1)
             with m.Else():
-                m.d.comb += nxt.eq(ROUND)
+                m.d.comb += nxt.eq(_SlowState.ROUND)
                 m.d.sync += cnt.eq(0)
-        with m.Case(ROUND):
+        with m.Case(_SlowState.ROUND):
             m.d.sync += cnt.eq(cnt + 1)
             with m.If(cnt == 3):
-                m.d.comb += nxt.eq(IDLE)
+                m.d.comb += nxt.eq(_SlowState.IDLE)
                 m.d.sync += sres.eq(win.word)
             with m.If(cnt == 2):
                 m.d.sync += done_set.eq(1)      # a register: high in the cycle sres is loaded

@@ -25,10 +25,10 @@ The helpers of its datapath live here too: ``window`` (the accumulator's layout)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Shape, Signal, Value, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -105,6 +105,116 @@ class _Widths:
     d: Shape
 
 
+def _stage(stage: Stages, cls, **regs):
+    """One register stage read by name: a ``cls`` (a stage's dataclass below) of the registers built
+    from ``field=(name, value, shape)``. The fields come in ``cls``'s order, the order the registers
+    are built in, so that the Verilog lists them as before."""
+    assert tuple(regs) == tuple(f.name for f in fields(cls)), (tuple(regs), cls)
+    return cls(**dict(zip(regs, stage(*regs.values()))))
+
+
+# -- each stage method's outputs, the next one's inputs (in the order the stage builds them) ------------------
+
+@dataclass(frozen=True)
+class _Fields:
+    """Stage 1: the product's exponent ``e0 = word.exp + kb``, zero flag and sign; the residual's
+    biased exponent ``er`` (minus its leading zeros when subnormal), whether it is normal, its
+    mantissa's leading zeros ``rlz``, its mantissa ``rm``, sign ``rs`` and zero flag."""
+    e0: Value
+    pzero: Value
+    psign: Value
+    er: Value
+    rnorm: Value
+    rlz: Value
+    rm: Value
+    rs: Value
+    rzero: Value
+
+
+@dataclass(frozen=True)
+class _Differences:
+    """Stage 2, delayed to the product: ``d0 = e0 + 1 - Er`` and ``nd0 = -d0``; with the product
+    (``_p``) or the residual (``_r``) as ``A``, the accumulator LSB's exponent ``eat = E_A - T`` and
+    the rounding point's lower bound ``mmin = 1 - eat``; the residual's normalized significand ``rn``;
+    the terms' zero flags and signs."""
+    d0: Value
+    nd0: Value
+    eat_p: Value
+    eat_r: Value
+    mmin_p: Value
+    mmin_r: Value
+    rn: Value
+    pzero: Value
+    psign: Value
+    rs: Value
+    rzero: Value
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """Stage 3: the larger operand ``a`` in the accumulator, the other ``b`` unshifted and its clamped
+    shift ``sh``; ``A``'s sign ``sa``, ``sub`` (the signs differ), ``eat`` and ``mmin`` of ``A``;
+    ``zneg``: both terms ``-0``."""
+    a: Value
+    b: Value
+    sh: Value
+    sa: Value
+    sub: Value
+    eat: Value
+    mmin: Value
+    zneg: Value
+
+
+@dataclass(frozen=True)
+class _Aligned:
+    """Stage 5: ``b`` shifted right with its lost bits jammed into its LSB, ``a``; ``mmin`` clamped to
+    ``[0, kmax]``; the rest as in ``_Operands``."""
+    b: Value
+    a: Value
+    sa: Value
+    sub: Value
+    eat: Value
+    mmin: Value
+    zneg: Value
+
+
+@dataclass(frozen=True)
+class _Sum:
+    """Stage 7: ``s = |A +- B|`` and the sum's ``sign``; ``eat``, ``mmin`` and ``zneg`` passed on."""
+    s: Value
+    sign: Value
+    eat: Value
+    mmin: Value
+    zneg: Value
+
+
+@dataclass(frozen=True)
+class _Point:
+    """Stage 9: the bit ``k`` below which ``s`` rounds, the exponent ``es``, ``normal`` (``k`` is the
+    leading one, not the subnormal bound), ``szero`` (``s == 0``); ``s``, ``sign``, ``zneg``."""
+    k: Value
+    es: Value
+    normal: Value
+    szero: Value
+    s: Value
+    sign: Value
+    zneg: Value
+
+
+@dataclass(frozen=True)
+class _Bits:
+    """Stage 11: the 8 bits ``r0`` kept, the ``guard`` and ``sticky`` bits, the exponent field ``ef``,
+    ``sat`` (the exponent reaches 255); ``szero``, ``sign``, ``zneg``."""
+    r0: Value
+    guard: Value
+    sticky: Value
+    ef: Value
+    sat: Value
+    szero: Value
+    sign: Value
+    zneg: Value
+
+
 class ResidualAdder(wiring.Component):
     """``round_bf16(word x block + residual)``, the exact sum rounded once (one lane's value).
 
@@ -168,11 +278,11 @@ class ResidualAdder(wiring.Component):
         m = Module()
         w = self._widths()
         stage = Stages(m, self.en)
-        mul, fields = self._operand_fields(m, stage, w)
-        terms = self._differences(m, stage, w, mul, fields)
-        ops = self._operands(stage, w, terms)
-        ops = self._jammed_shift(stage, w, ops)
-        total = self._sum(stage, w, ops)
+        mul, operand_fields = self._operand_fields(m, stage, w)
+        terms, p = self._differences(m, stage, w, mul, operand_fields)
+        ops = self._operands(stage, w, terms, p)
+        aligned = self._jammed_shift(stage, w, ops)
+        total = self._sum(stage, w, aligned)
         point = self._rounding_point(m, stage, w, total)
         bits = self._rounding_bits(stage, w, point)
         out = self._rounded(stage, bits)
@@ -189,7 +299,7 @@ class ResidualAdder(wiring.Component):
         d_shape = signed(max(e0_shape.width, er_shape.width) + 3)
         return _Widths(T, WA, kmax, kmax.bit_length(), e0_shape, er_shape, d_shape)
 
-    def _operand_fields(self, m, stage, w):
+    def _operand_fields(self, m, stage, w) -> tuple[PipelinedMultiplier, _Fields]:
         """The multiplier of the significands; stage 1: the product's exponent, zero and sign, the residual's fields."""
         cfg = self.config
         M, Ms = cfg.hif.mbits, cfg.scale.mbits
@@ -200,125 +310,135 @@ class ResidualAdder(wiring.Component):
         # 1: the product's exponent, zero and sign; the residual's fields
         re, rm = r[BF16.mbits:15], r[:BF16.mbits]
         rlz = leading_zeros_tree(m, rm, "rlz")
-        return mul, stage(
-            ("e0_1", word.exp + blk.kb, w.e0), ("pzero1", (word.exp == 0) | blk.zero, 1),
-            ("psign1", word.sign ^ blk.sign, 1),
-            ("er1", Mux(re != 0, re, -rlz), w.er), ("rnorm1", re != 0, 1), ("rlz1", rlz, len(rlz)),
-            ("rm1", rm, BF16.mbits), ("rs1", r[15], 1), ("rzero1", (re == 0) & (rm == 0), 1))
+        return mul, _stage(
+            stage, _Fields,
+            e0=("e0_1", word.exp + blk.kb, w.e0), pzero=("pzero1", (word.exp == 0) | blk.zero, 1),
+            psign=("psign1", word.sign ^ blk.sign, 1),
+            er=("er1", Mux(re != 0, re, -rlz), w.er), rnorm=("rnorm1", re != 0, 1), rlz=("rlz1", rlz, len(rlz)),
+            rm=("rm1", rm, BF16.mbits), rs=("rs1", r[15], 1), rzero=("rzero1", (re == 0) & (rm == 0), 1))
 
-    def _differences(self, m, stage, w, mul, fields):
-        """Stage 2, delayed to the product: the exponent differences, the normalized residual ``rn``, ``p``."""
+    def _differences(self, m, stage, w, mul, f: _Fields) -> tuple[_Differences, Value]:
+        """Stage 2, delayed to the product: the exponent differences, the normalized residual ``rn``; ``p``."""
         T, d_shape = w.T, w.d
-        e0, pzero, psign, er, rnorm, rlz1, rm1, rs, rzero = fields
+        e0, er = f.e0, f.er
         # 2: the exponent differences (both signs) and the terms the later stages need
-        rn = Mux(rnorm, Cat(rm1, 1), (rm1 << (rlz1 + 1))[:BF16.mbits + 1])
-        d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero = stage(
-            ("d0_2", e0 + 1 - er, d_shape), ("nd0_2", er - e0 - 1, d_shape),
-            ("eat_p2", e0 + 1 - T, d_shape), ("eat_r2", er - T, d_shape),
-            ("mmin_p2", T - e0, d_shape), ("mmin_r2", T + 1 - er, d_shape),
-            ("rn2", rn, BF16.mbits + 1), ("pzero2", pzero, 1), ("psign2", psign, 1), ("rs2", rs, 1),
-            ("rzero2", rzero, 1))
+        rn = Mux(f.rnorm, Cat(f.rm, 1), (f.rm << (f.rlz + 1))[:BF16.mbits + 1])
+        diff = _stage(
+            stage, _Differences,
+            d0=("d0_2", e0 + 1 - er, d_shape), nd0=("nd0_2", er - e0 - 1, d_shape),
+            eat_p=("eat_p2", e0 + 1 - T, d_shape), eat_r=("eat_r2", er - T, d_shape),
+            mmin_p=("mmin_p2", T - e0, d_shape), mmin_r=("mmin_r2", T + 1 - er, d_shape),
+            rn=("rn2", rn, BF16.mbits + 1), pzero=("pzero2", f.pzero, 1), psign=("psign2", f.psign, 1),
+            rs=("rs2", f.rs, 1), rzero=("rzero2", f.rzero, 1))
         align = max(mul.latency, 2)
-        d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero = (
-            delay(m, self.en, s, align - 2, s.name)
-            for s in (d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero))
+        # each register delayed under its own name (vars: the fields in their order, the registers' order)
+        diff = _Differences(**{k: delay(m, self.en, s, align - 2, s.name) for k, s in vars(diff).items()})
         p = delay(m, self.en, mul.p, align - mul.latency, "p")
         stage.depth += align - 2
-        return d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero, p
+        return diff, p
 
-    def _operands(self, stage, w, terms):
+    def _operands(self, stage, w, t: _Differences, p) -> _Operands:
         """Stage 3: the larger operand ``A`` in the accumulator, the unshifted ``B``, the clamped shift, the signs."""
         P = self.config.sig_bits
         T, WA, kbits, d_shape = w.T, w.WA, w.kbits, w.d
-        d0, nd0, eat_p, eat_r, mmin_p, mmin_r, rn, pzero, psign, rs, rzero, p = terms
+        pzero, psign, rs, rzero = t.pzero, t.psign, t.rs, t.rzero
         # 3: which operand is larger, the accumulator's A and the unshifted B, the shift
         # (each shift clamped beside the choice, not after it: a negative one is never used)
-        prod_a = ~pzero & (rzero | ~d0[-1])
+        prod_a = ~pzero & (rzero | ~t.d0[-1])
         p_acc = Cat(Const(0, T - (P - 2)), p)
-        r_acc = Cat(Const(0, T - BF16.mbits), rn)
+        r_acc = Cat(Const(0, T - BF16.mbits), t.rn)
 
         def clamp(v):
             return Mux(v[-1] | (v >= WA), WA, v[:kbits])
 
-        return stage(
-            ("a_acc3", Mux(prod_a, p_acc, r_acc), unsigned(WA)),
-            ("b_pre3", Mux(prod_a, Mux(rzero, 0, r_acc), Mux(pzero, 0, p_acc)), unsigned(WA)),
-            ("sh3", Mux(prod_a, clamp(d0), clamp(nd0)), unsigned(kbits)),
-            ("sa3", Mux(prod_a, psign, rs), 1), ("sub3", psign ^ rs, 1),
-            ("eat3", Mux(prod_a, eat_p, eat_r), d_shape), ("mmin3", Mux(prod_a, mmin_p, mmin_r), d_shape),
-            ("zneg3", pzero & rzero & psign & rs, 1))
+        return _stage(
+            stage, _Operands,
+            a=("a_acc3", Mux(prod_a, p_acc, r_acc), unsigned(WA)),
+            b=("b_pre3", Mux(prod_a, Mux(rzero, 0, r_acc), Mux(pzero, 0, p_acc)), unsigned(WA)),
+            sh=("sh3", Mux(prod_a, clamp(t.d0), clamp(t.nd0)), unsigned(kbits)),
+            sa=("sa3", Mux(prod_a, psign, rs), 1), sub=("sub3", psign ^ rs, 1),
+            eat=("eat3", Mux(prod_a, t.eat_p, t.eat_r), d_shape),
+            mmin=("mmin3", Mux(prod_a, t.mmin_p, t.mmin_r), d_shape),
+            zneg=("zneg3", pzero & rzero & psign & rs, 1))
 
-    def _jammed_shift(self, stage, w, ops):
+    def _jammed_shift(self, stage, w, ops: _Operands) -> _Aligned:
         """Stages 4-5: ``B`` shifted right, the bits shifted out jammed into its LSB (``B`` rounded to odd)."""
         WA, kmax, kbits, d_shape = w.WA, w.kmax, w.kbits, w.d
-        a_acc, b_pre, shc, s_a, sub, eat, mmin, zero_neg = ops
+        mmin = ops.mmin
         # 4-5: B shifted right, the lost bits jammed into its LSB; the rounding point's lower bound clamped
-        b1, lost1 = shift_right_sticky(b_pre, shc[:2])
+        b1, lost1 = shift_right_sticky(ops.b, ops.sh[:2])
         b1, st1, shc, a_acc, s_a, sub, eat, mminc, zero_neg = stage(
-            ("b4", b1, unsigned(WA)), ("st4", lost1, 1), ("sh4", shc, unsigned(kbits)), ("a4", a_acc, unsigned(WA)),
-            ("sa4", s_a, 1), ("sub4", sub, 1), ("eat4", eat, d_shape),
+            ("b4", b1, unsigned(WA)), ("st4", lost1, 1), ("sh4", ops.sh, unsigned(kbits)), ("a4", ops.a, unsigned(WA)),
+            ("sa4", ops.sa, 1), ("sub4", ops.sub, 1), ("eat4", ops.eat, d_shape),
             ("mmin4", Mux(mmin[-1], 0, Mux(mmin >= kmax, kmax, mmin[:kbits])), unsigned(kbits)),
-            ("zneg4", zero_neg, 1))
+            ("zneg4", ops.zneg, 1))
         b2, lost2 = shift_right_sticky(b1, shc[2:], 4)
-        return stage(
-            ("b5", b2 | ((lost2 | st1) if self.jam else 0), unsigned(WA)), ("a5", a_acc, unsigned(WA)), ("sa5", s_a, 1),
-            ("sub5", sub, 1), ("eat5", eat, d_shape), ("mmin5", mminc, unsigned(kbits)), ("zneg5", zero_neg, 1))
+        return _stage(
+            stage, _Aligned,
+            b=("b5", b2 | ((lost2 | st1) if self.jam else 0), unsigned(WA)), a=("a5", a_acc, unsigned(WA)),
+            sa=("sa5", s_a, 1), sub=("sub5", sub, 1), eat=("eat5", eat, d_shape),
+            mmin=("mmin5", mminc, unsigned(kbits)), zneg=("zneg5", zero_neg, 1))
 
-    def _sum(self, stage, w, ops):
+    def _sum(self, stage, w, ops: _Aligned) -> _Sum:
         """Stages 6-7: ``S = |A +- B|`` and its sign."""
         WA, kbits, d_shape = w.WA, w.kbits, w.d
-        b_acc, a_acc, s_a, sub, eat, mminc, zero_neg = ops
+        a_acc, b_acc = ops.a, ops.b
         # 6-7: |A +- B| and its sign
         s1, s2, s_a, sub, eat, mminc, zero_neg = stage(
-            ("s1_6", Mux(sub, a_acc - b_acc, a_acc + b_acc), signed(WA + 1)),
-            ("s2_6", b_acc - a_acc, unsigned(WA)), ("sa6", s_a, 1), ("sub6", sub, 1),
-            ("eat6", eat, d_shape), ("mmin6", mminc, unsigned(kbits)), ("zneg6", zero_neg, 1))
+            ("s1_6", Mux(ops.sub, a_acc - b_acc, a_acc + b_acc), signed(WA + 1)),
+            ("s2_6", b_acc - a_acc, unsigned(WA)), ("sa6", ops.sa, 1), ("sub6", ops.sub, 1),
+            ("eat6", ops.eat, d_shape), ("mmin6", ops.mmin, unsigned(kbits)), ("zneg6", ops.zneg, 1))
         neg = sub & s1[-1]
-        return stage(
-            ("s7", Mux(neg, s2, s1[:WA]), unsigned(WA)), ("sign7", s_a ^ neg, 1),
-            ("eat7", eat, d_shape), ("mmin7", mminc, unsigned(kbits)), ("zneg7", zero_neg, 1))
+        return _stage(
+            stage, _Sum,
+            s=("s7", Mux(neg, s2, s1[:WA]), unsigned(WA)), sign=("sign7", s_a ^ neg, 1),
+            eat=("eat7", eat, d_shape), mmin=("mmin7", mminc, unsigned(kbits)), zneg=("zneg7", zero_neg, 1))
 
-    def _rounding_point(self, m, stage, w, total):
+    def _rounding_point(self, m, stage, w, total: _Sum) -> _Point:
         """Stages 8-9: the leading one of ``S``, the bit ``k`` below which it rounds and its exponent."""
         WA, kbits, d_shape = w.WA, w.kbits, w.d
-        s, sign, eat, mminc, zero_neg = total
+        s = total.s
         # 8: the leading one
         msb, szero, s, sign, eat, mminc, zero_neg = stage(
             ("msb8", leading_one(m, s, "s_msb"), unsigned(kbits)), ("szero8", s == 0, 1), ("s8", s, unsigned(WA)),
-            ("sign8", sign, 1), ("eat8", eat, d_shape), ("mmin8", mminc, unsigned(kbits)), ("zneg8", zero_neg, 1))
+            ("sign8", total.sign, 1), ("eat8", total.eat, d_shape), ("mmin8", total.mmin, unsigned(kbits)),
+            ("zneg8", total.zneg, 1))
 
         # 9: where S rounds, and its exponent
         normal = msb >= mminc
-        return stage(
-            ("k9", Mux(normal, msb, mminc), unsigned(kbits)), ("es9", eat + msb, d_shape), ("normal9", normal, 1),
-            ("szero9", szero, 1), ("s9", s, unsigned(WA)), ("sign9", sign, 1), ("zneg9", zero_neg, 1))
+        return _stage(
+            stage, _Point,
+            k=("k9", Mux(normal, msb, mminc), unsigned(kbits)), es=("es9", eat + msb, d_shape),
+            normal=("normal9", normal, 1), szero=("szero9", szero, 1), s=("s9", s, unsigned(WA)),
+            sign=("sign9", sign, 1), zneg=("zneg9", zero_neg, 1))
 
-    def _rounding_bits(self, stage, w, point):
+    def _rounding_bits(self, stage, w, point: _Point) -> _Bits:
         """Stages 10-11: ``S`` shifted right by ``k``: its 8 bits, guard and sticky; the exponent field."""
         WA, kbits = w.WA, w.kbits
-        k, es, normal, szero, s, sign, zero_neg = point
+        normal, es = point.normal, point.es
         # 10-11: 8 bits, guard and sticky: {S, 8 zeros} shifted right by k
-        s_ext = Cat(Const(0, 8), s)
-        y1, lost1 = shift_right_sticky(s_ext, k[:2])
+        s_ext = Cat(Const(0, 8), point.s)
+        y1, lost1 = shift_right_sticky(s_ext, point.k[:2])
         y1, st1, k, ef, sat, szero, sign, zero_neg = stage(
-            ("y10", y1, unsigned(WA + 8)), ("st10", lost1, 1), ("k10", k, unsigned(kbits)),
+            ("y10", y1, unsigned(WA + 8)), ("st10", lost1, 1), ("k10", point.k, unsigned(kbits)),
             ("ef10", Mux(normal, es[:8], 0), unsigned(8)), ("sat10", normal & (es >= 255), 1),
-            ("szero10", szero, 1), ("sign10", sign, 1), ("zneg10", zero_neg, 1))
+            ("szero10", point.szero, 1), ("sign10", point.sign, 1), ("zneg10", point.zneg, 1))
         y2, lost2 = shift_right_sticky(y1, k[2:], 4)
-        return stage(
-            ("r0_11", y2[1:9], unsigned(8)), ("guard11", y2[0], 1), ("sticky11", st1 | lost2, 1),
-            ("ef11", ef, unsigned(8)), ("sat11", sat, 1), ("szero11", szero, 1), ("sign11", sign, 1),
-            ("zneg11", zero_neg, 1))
+        return _stage(
+            stage, _Bits,
+            r0=("r0_11", y2[1:9], unsigned(8)), guard=("guard11", y2[0], 1), sticky=("sticky11", st1 | lost2, 1),
+            ef=("ef11", ef, unsigned(8)), sat=("sat11", sat, 1), szero=("szero11", szero, 1),
+            sign=("sign11", sign, 1), zneg=("zneg11", zero_neg, 1))
 
-    def _rounded(self, stage, bits):
+    def _rounded(self, stage, bits: _Bits):
         """Stages 12-13: the BF16 word rounded to nearest even, saturated, its zero signed: ``out``'s value."""
-        r0, guard, sticky, ef, sat, szero, sign, zero_neg = bits
+        r0, ef = bits.r0, bits.ef
         # 12: round to nearest even; whether the result reaches exponent 255 (as hdl.hif_formatter)
-        up = self.round_up(r0, guard, sticky)
+        up = self.round_up(r0, bits.guard, bits.sticky)
         word15, sat, szero, sign, zero_neg = stage(
             ("word12", Cat(r0[:BF16.mbits], ef) + up, unsigned(15)),
-            ("sat12", sat | ef.all() | (ef[1:].all() & r0[:BF16.mbits].all() & up), 1),
-            ("szero12", szero, 1), ("sign12", sign, 1), ("zneg12", zero_neg, 1))
+            ("sat12", bits.sat | ef.all() | (ef[1:].all() & r0[:BF16.mbits].all() & up), 1),
+            ("szero12", bits.szero, 1), ("sign12", bits.sign, 1), ("zneg12", bits.zneg, 1))
 
         # 13: saturate to 0x7F7F; an exact zero is +0 unless both terms were -0
         (out,) = stage(("out13", Mux(szero, Cat(Const(0, 15), zero_neg),
