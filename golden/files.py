@@ -268,6 +268,12 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
+def _resolved(folder: Path) -> Path:
+    """The folder an output goes into, symbolic links followed even where they lead to a folder not made
+    yet (a file output writes through a link to a missing file alike; mkdir on the link says EEXIST)."""
+    return Path(os.path.realpath(folder))
+
+
 def nearest_existing(path: Path) -> Path:
     """``path`` if it exists, else the nearest of its parents that does (what a folder to be made
     would be made in)."""
@@ -301,10 +307,10 @@ def temp_file_in(folder: Path, name: str, target: Path | None = None) -> Iterato
     temporary one is for).
 
     Stale temporary files of earlier, killed writes to the same name are removed first."""
-    made = _missing_folders(folder)
+    made = _missing_folders(_resolved(folder))
     target = target or folder / name
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        _resolved(folder).mkdir(parents=True, exist_ok=True)
         reclaim_temps(folder, name)
     except OSError as err:
         raise OutputError(f"{target}: cannot write there: {err.strerror or err}") from None
@@ -342,9 +348,9 @@ def staging_folder(target: Path) -> Iterator[Path]:
     with its content when the block ends, and the folders made for it where still empty if the
     block raises. A killed run's folder is removed by the next write to ``target`` (``reclaim_temps``)."""
     target = Path(target)
-    made = _missing_folders(target.parent)
+    made = _missing_folders(_resolved(target.parent))
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _resolved(target.parent).mkdir(parents=True, exist_ok=True)
         reclaim_temps(target.parent, target.name)
     except OSError as err:
         _remove_empty(made)

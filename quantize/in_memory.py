@@ -462,17 +462,34 @@ def _check_batch(batch, i: int) -> None:
             what = key if isinstance(key, str) else f"input {key}"
             raise ValueError(f"calibration batch {i}: its {what} is on the meta device (no values); give it on "
                              f"the model's device")
-    if not isinstance(batch, Mapping) or any(batch.get(k) is not None for k in ("cache", "past_key_values")):
+    if not isinstance(batch, Mapping) or _cached(batch):
         return
     for key, covered in _MASKED.items():
-        name = next((k for k in covered if isinstance(batch.get(k), torch.Tensor)), None)
+        name, positions = _covered(batch, covered)
         if batch.get(key) is None or name is None:
             continue
-        mask, x = torch.as_tensor(batch[key]), batch[name]
-        positions = tuple(x.shape[:-1] if name.endswith("embeds") else x.shape)
+        mask = torch.as_tensor(batch[key])
         if mask.ndim == 2 and len(positions) == 2 and tuple(mask.shape) != positions:
             raise ValueError(f"calibration batch {i}: its {key} is {tuple(mask.shape)} and its {name} "
                              f"{positions} positions: a mask gives one entry per position")
+
+
+def _cached(batch) -> bool:
+    """A mapping batch carries a cache (``cache``, transformers 5's name, or ``past_key_values``): its
+    ``attention_mask`` covers the cached positions, then the batch's own."""
+    return any(batch.get(k) is not None for k in ("cache", "past_key_values"))
+
+
+def _covered(batch, covered: tuple[str, str]) -> tuple[str | None, tuple]:
+    """The input of a mapping batch that a mask covers (ids or embeddings: ``covered``) and its positions'
+    shape, ``(None, ())`` where the batch has neither as a tensor."""
+    import torch
+
+    name = next((k for k in covered if isinstance(batch.get(k), torch.Tensor)), None)
+    if name is None:
+        return None, ()
+    x = batch[name]
+    return name, tuple(x.shape[:-1] if name.endswith("embeds") else x.shape)
 
 
 def _run(model, batch, i: int) -> None:
@@ -538,16 +555,23 @@ def _positions(x, mask):
 
 def _masks(batch) -> tuple:
     """``(attention_mask, decoder_attention_mask)`` of a mapping batch as boolean (batch, seq) tensors,
-    each None where absent or not two-dimensional (a positional batch has none)."""
+    each None where absent or not two-dimensional (a positional batch has none). A batch with a cache:
+    the mask's last columns, those of the batch's own positions (the cached ones ran in an earlier call)."""
     import torch
 
     if not isinstance(batch, Mapping):
         return None, None
     out = []
-    for key in ("attention_mask", "decoder_attention_mask"):
+    for key, covered in _MASKED.items():
         m = batch.get(key)
         m = None if m is None else torch.as_tensor(m)
-        out.append(m.bool() if m is not None and m.ndim == 2 else None)
+        if m is None or m.ndim != 2:
+            out.append(None)
+            continue
+        positions = _covered(batch, covered)[1]
+        if _cached(batch) and len(positions) == 2 and m.shape[1] > positions[1]:
+            m = m[:, -positions[1]:]
+        out.append(m.bool())
     return tuple(out)
 
 

@@ -361,7 +361,7 @@ class ModelSource:
     forward_note: str = ""                      # why there is none
     folder: Path | None = None                  # the folder holding config.json / tokenizer files
     lm_head: str = ""                           # what happened to the output head, one line ("" if none)
-    tied_to: str | None = None                  # a quantized tied head: the embedding tensor it shares
+    tied_to: str | None = None                  # the input embedding a causal LM's head is tied to (no head)
     notes: list[str] = field(default_factory=list)   # warnings about the reference (once per model)
     _reader: Reader = None  # type: ignore[assignment]  # set by open_model
     _fingerprint: str | None = None
@@ -381,6 +381,19 @@ class ModelSource:
         if lay is None:
             raise KeyError(f"{name} is not a selected linear layer of {self.spec}")
         return lay
+
+    def not_selected_why(self, name: str) -> str:
+        """Why tensor ``name`` is not a selected linear layer, one clause (an option that would select it,
+        the matrix a tied head is), or "" when the checkpoint says nothing of it."""
+        why = self.skipped.get(name)
+        if why in _OPTION_OF:
+            return _OPTION_OF[why]
+        if why:
+            return f"kept as it is: {why}"
+        if is_lm_head(name) and self.tied_to is not None:
+            return f"the head is tied to {self.tied_to}, one matrix under that name" + \
+                ("" if self.tied_to in self._by_name() else ", a layer with --include-lm-head")
+        return ""
 
     def _by_name(self) -> dict[str, LinearLayer]:
         """The selected layers by name (a MoE model has thousands), rebuilt whenever ``layers`` changed."""
@@ -938,7 +951,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
         raise _no_layer_error(spec, candidates, include, exclude, skipped, packed, tied, lm_head)
     notes = packed + _source_notes(spec, kind, files, reader, names, layers, skipped, routers and not router_set)
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
-                       folder if forward else None, head_note, tied if (tied and lm_head) else None,
+                       folder if forward else None, head_note, tied,
                        notes, reader, opened_with=(spec, list(include or []) or None,
                                                    list(exclude or []) or None, lm_head, routers),
                        fp8_scale_of=fp8)

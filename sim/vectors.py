@@ -668,11 +668,12 @@ def artifact_vectors(path: Path, fmt: str, layers: list[str] | None, out_dir: Pa
 
 
 def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
-                 rows: int | None = None) -> Path:
+                 rows: int | None = None, lm_head: bool = False) -> Path:
     """Quantize ``layers`` of ``model`` (all linear layers if None) into vectors under ``out_dir``;
     a ``.sopq`` artifact gives its stored streams instead (``artifact_vectors``).
 
-    ``rows`` keeps only the first rows of each layer (small, fast vector sets).
+    ``rows`` keeps only the first rows of each layer (small, fast vector sets); ``lm_head`` counts the
+    output head as a linear layer (``open_model``'s option: ``--include-lm-head``).
     """
     from sop.golden.files import check_output
     from sop.quantize.layer_loop import read_weight
@@ -682,13 +683,13 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
         raise ValueError(f"--rows must be a positive number of rows, got {rows}")
     if is_artifact(model):
         return artifact_vectors(Path(model), fmt, layers, Path(out_dir), rows)
-    source = open_model(model, routers=bool(layers))     # a MoE router named by --layer is one
+    source = open_model(model, lm_head=lm_head, routers=bool(layers))   # a MoE router named by --layer is one
     names = list(dict.fromkeys(layers or [lay.name for lay in source.layers]))
     known = {lay.name for lay in source.layers}
     for name in names:
         if name not in known:
-            why = source.skipped.get(name)
-            raise ValueError(f"{model}: {name} is not a linear layer{f' (kept as it is: {why})' if why else ''}; "
+            why = source.not_selected_why(name)
+            raise ValueError(f"{model}: {name} is not a linear layer{f' ({why})' if why else ''}; "
                              f"linear layers: {', '.join(lay.name for lay in source.layers)}")
     out_dir = Path(out_dir)
     _check_distinct(names)

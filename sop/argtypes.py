@@ -3,7 +3,8 @@ a number outside its range is a usage error naming the option and the value, bef
 
 ``number(int, 0, inclusive=True)`` takes 0, 1, 2, ...; ``positive(float)`` any finite number above
 0. NaN and the infinities are never in range. ``Once``: an option that takes one value, given twice, is
-a usage error (argparse keeps the last). ``output_checked``: an output a tool cannot write (a folder
+a usage error (argparse keeps the last). ``in_file``, ``out_folder``, ``layer_name``: never the empty name.
+``output_checked``: an output a tool cannot write (a folder
 where a file goes, a device, an input), refused as a usage line before any work.
 """
 
@@ -60,6 +61,24 @@ def out_folder(text: str):
     if not text:
         raise argparse.ArgumentTypeError(EMPTY_FOLDER_NAME)
     return Path(text)
+
+
+def in_file(text: str):
+    """An argparse type: an input file's path, never the empty name (``Path('')`` is ``.``: ``sop gemv
+    --x ''`` was refused as the working folder, ``sop report ''`` with a repr)."""
+    from pathlib import Path
+
+    if not text:
+        raise argparse.ArgumentTypeError("'': an empty name; give the file's name")
+    return Path(text)
+
+
+def layer_name(text: str) -> str:
+    """An argparse type: a layer's name, never the empty one (``--layer ''`` was looked up and refused
+    as an unquoted blank name)."""
+    if not text:
+        raise argparse.ArgumentTypeError("'': an empty name; give a layer's name")
+    return text
 
 
 def output_checked(parser: argparse.ArgumentParser, path, *, folder: bool = False, option: str | None = None):

@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
-    from sop.argtypes import Once, number, positive
+    from sop.argtypes import Once, in_file, layer_name, number, positive
     from sop.golden.dot import ACT_FORMATS
     from sop.golden.files import (EMPTY_FOLDER_NAME, OutputError, check_output, input_file, interrupted,
                                   nearest_existing, signals_as_interrupts, write_atomic)
@@ -218,7 +218,7 @@ def cmd_vectors(args) -> int:
     from sop.sim.vectors import make_vectors
 
     check_output(args.out, model_inputs(args.model), folder=True)
-    path = make_vectors(args.model, args.format, args.layer, args.out, rows=args.rows)
+    path = make_vectors(args.model, args.format, args.layer, args.out, rows=args.rows, lm_head=args.include_lm_head)
     print(f"wrote {path}")
     return 0
 
@@ -516,7 +516,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
     v.add_argument("model", help="a model path or 'minilm'")
     v.add_argument("--format", required=True, choices=vector_points(), action=Once)
-    v.add_argument("--layer", action="append", metavar="NAME", help="a linear layer (repeatable; default all)")
+    v.add_argument("--layer", action="append", type=layer_name, metavar="NAME",
+                   help="a linear layer (repeatable; default all)")
+    v.add_argument("--include-lm-head", action="store_true",
+                   help="the output head is a linear layer too (kept by default, as in `sop quantize`)")
     v.add_argument("--out", required=True, help="the vector directory")
     v.add_argument("--rows", type=positive(int), default=None,
                    help="only the first N rows of each layer (a model's quantized as a layer of their own; "
@@ -529,7 +532,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     _model_options(q)
     q.set_defaults(func=cmd_quantize)
     dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
-    dq.add_argument("file", type=Path, help="the .sopq artifact")
+    dq.add_argument("file", type=in_file, help="the .sopq artifact")
     dq.add_argument("--out", required=True,
                     help="the .safetensors file to write (atomically); with --model-folder, a folder")
     dq.add_argument("--model-folder", action="store_true",
@@ -541,9 +544,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     dq.add_argument("--quiet", action="store_true", help="no progress lines")
     dq.set_defaults(func=cmd_dequantize)
     gm = sub.add_parser("gemv", help="y = W x of one quantized layer by the golden dot-product engine")
-    gm.add_argument("file", type=Path, help="the .sopq artifact")
-    gm.add_argument("--layer", required=True, metavar="NAME", help="the layer (its name in the artifact)")
-    gm.add_argument("--x", required=True, type=Path, metavar="X.npy",
+    gm.add_argument("file", type=in_file, help="the .sopq artifact")
+    gm.add_argument("--layer", required=True, type=layer_name, metavar="NAME",
+                    help="the layer (its name in the artifact)")
+    gm.add_argument("--x", required=True, type=in_file, metavar="X.npy",
                     help="activations: a float32 .npy array, (in,) or (batch, in), every value held exactly "
                          "by --x-format")
     gm.add_argument("--x-format", choices=list(ACT_FORMATS), default="bf16",
@@ -552,7 +556,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                     help="the float32 .npy result to write (atomically): (out,) or (batch, out)")
     gm.set_defaults(func=cmd_gemv)
     r = sub.add_parser("report", help="markdown table and SQNR-vs-bpw plot of a `sop eval --json` file")
-    r.add_argument("json", type=Path, help="the `sop eval --json` output")
+    r.add_argument("json", type=in_file, help="the `sop eval --json` output")
     r.add_argument("--out", default=None, metavar="STEM",
                    help="write STEM.md and STEM.png (default: next to the JSON, same name)")
     r.add_argument("--bpw-tol", type=number(float, 0, inclusive=True), default=0.01, metavar="T",
@@ -565,14 +569,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     b.add_argument("--format", required=True, choices=board_points(), action=Once,
                    help="the format of the board's decoder or GEMV engine (the boards of synth/gateware/board.py: "
                         "sop4-g16)")
-    b.add_argument("--layer", metavar="NAME", default=None, help="a linear layer (default: the first)")
+    b.add_argument("--layer", type=layer_name, metavar="NAME", default=None, help="a linear layer (default: the first)")
     b.add_argument("--baud", type=positive(int), default=DEFAULT_BAUD, help=f"baud rate (default {DEFAULT_BAUD})")
     b.add_argument("--timeout", type=positive(float, MAX_REPLY_TIMEOUT), default=1.0, metavar="S",
                    help=f"seconds to wait for each reply (default 1, at most {MAX_REPLY_TIMEOUT:g})")
     b.add_argument("--rows", type=positive(int), default=None,
                    help="only the first N rows of the layer (a model's quantized as a layer of their own; "
                         "docs/vectors.md)")
-    b.add_argument("--x", type=Path, default=None, metavar="X.npy",
+    b.add_argument("--x", type=in_file, default=None, metavar="X.npy",
                    help="with --gemv: the activation vector, (in,) float values E4M3 holds exactly (default: "
                         "MiniLM's real input to the layer for a token of a sentence, rounded to E4M3)")
     b.add_argument("--gemv", action="store_true",

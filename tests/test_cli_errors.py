@@ -167,6 +167,24 @@ def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["gemv", "a.sopq", "--layer", "fc.weight", "--x", "", "--out", "y.npy"], "--x"),
+    (["gemv", "", "--layer", "fc.weight", "--x", "x.npy", "--out", "y.npy"], "file"),
+    (["gemv", "a.sopq", "--layer", "", "--x", "x.npy", "--out", "y.npy"], "--layer"),
+    (["dequantize", "", "--out", "w.safetensors"], "file"),
+    (["report", ""], "json"),
+    (["vectors", "M", "--format", "sop4-g16", "--layer", "", "--out", "v"], "--layer"),
+    (["board", "--port", "p", "M", "--format", "sop4-g16", "--layer", ""], "--layer"),
+])
+def test_an_empty_input_or_layer_name_is_refused_as_empty(tmp_path, capsys, monkeypatch, argv, option):
+    """Path('') is '.': `sop gemv --x ''` was refused as a folder, `sop report ''` with a repr, `sop vectors
+    --layer ''` as an unquoted blank name (an outside probe)."""
+    monkeypatch.chdir(tmp_path)
+    err = one_error_line(capsys, argv)
+    assert f"argument {option}: '': an empty name; give " in err, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_tensor_name_with_escape_sequences_is_printed_escaped(tmp_path, capsys):
     """A tensor name is any string: one holding a terminal's escape sequences (retitle, clear the screen)
     was printed raw in the progress and error lines, and the terminal ran them (an outside probe)."""
@@ -257,6 +275,23 @@ def test_an_unknown_vector_layer_lists_the_layers(ckpt, tmp_path, capsys):
     err = one_error_line(capsys, ["vectors", str(ckpt), "--format", "sop4-g16", "--layer", "x.weight",
                                   "--out", str(tmp_path / "v")])
     assert "x.weight is not a linear layer" in err and LAYER in err
+
+
+def test_a_vector_layer_naming_the_head_says_how_to_include_it(tmp_path, capsys):
+    """`sop vectors` had no --include-lm-head: a head named by --layer was refused with no way to select it,
+    and a tied head's matrix is the embedding's (an outside probe)."""
+    path = tmp_path / "h.safetensors"
+    rng = np.random.default_rng(5)
+    save_file({"fc.weight": rng.standard_normal((16, 64)).astype(np.float32),
+               "lm_head.weight": rng.standard_normal((32, 64)).astype(np.float32)}, str(path))
+    argv = ["vectors", str(path), "--format", "sop4-g16", "--layer", "lm_head.weight", "--out", str(tmp_path / "v")]
+    err = one_error_line(capsys, argv)
+    assert "lm_head.weight is not a linear layer" in err and "--include-lm-head" in err, err
+    assert run([*argv, "--include-lm-head"]) == 0
+    assert sorted(f for f in os.listdir(tmp_path / "v") if f.endswith(".blocks.hex")) == ["lm_head.weight.blocks.hex"]
+    tied = ["vectors", "smollm2", "--format", "sop4-g16", "--layer", "lm_head.weight", "--out", str(tmp_path / "t")]
+    err = one_error_line(capsys, tied)
+    assert "(the head is tied to token_embd.weight, one matrix under that name, a layer with --include-lm-head)" in err
 
 
 def test_vector_layers_whose_files_would_collide_are_refused(tmp_path, capsys):

@@ -316,7 +316,8 @@ def test_a_mask_of_another_shape_than_its_inputs_is_one_value_error():
     """An attention_mask (2, 8) for input_ids (2, 16): transformers ran it, reading the missing positions as
     masked, while the statistics counted every row and the tokens as the mask's ones (16 of 32 rows: an
     outside probe). One ValueError naming the batch, the model unchanged; a batch carrying a cache is not
-    checked (its mask covers the cached positions too)."""
+    checked (its mask covers the cached positions too), and its tokens are its own positions (the cached ones
+    were counted too: a second probe)."""
     from transformers.models.llama import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -338,7 +339,11 @@ def test_a_mask_of_another_shape_than_its_inputs_is_one_value_error():
         cache = model(ids[:, :8], use_cache=True).cache
     res = quantize_module(model, "nf4-g64", [{"input_ids": ids[:, 8:], "attention_mask": torch.ones(2, 16),
                                               "cache": cache}])
-    assert res.layers
+    assert res.layers and res.tokens == 16          # the batch's own 2 x 8 positions, not the cached ones too
+    mask = torch.ones(2, 16)
+    mask[1, 15] = 0                                 # a padded position of the batch's own
+    res = quantize_module(model, "nf4-g64", [{"input_ids": ids[:, 8:], "attention_mask": mask, "cache": cache}])
+    assert res.tokens == 15
 
 
 def test_a_batch_on_the_meta_device_is_one_value_error():

@@ -333,6 +333,24 @@ def test_a_symlinked_target_is_written_through_the_link(tmp_path):
     assert link.is_symlink() and real.read_bytes() == b"new"
 
 
+def test_an_output_folder_through_a_link_to_a_folder_not_made_yet_is_made(files, tmp_path, capsys):
+    """A folder output that is a symbolic link to a missing folder: the link's target is made, as a file
+    output writes through a link to a missing file (mkdir on the link said "cannot write there: File
+    exists", an outside probe); a failed write removes the folders it made, the link stays."""
+    link = tmp_path / "vec"
+    os.symlink(tmp_path / "made" / "here", link)
+    assert main(["vectors", str(files["ckpt"]), "--format", "sop4-g16", "--out", str(link)]) == 0
+    assert link.is_symlink() and (tmp_path / "made" / "here" / "vectors.json").is_file()
+    for d in (tmp_path / "gone", tmp_path / "staged"):
+        os.symlink(d / "a", d.with_name(d.name + ".link"))
+    with pytest.raises(RuntimeError), G.temp_file_in(tmp_path / "gone.link", "x.bin"):
+        raise RuntimeError
+    with pytest.raises(RuntimeError), G.staging_folder(tmp_path / "staged.link" / "model"):
+        raise RuntimeError
+    assert not (tmp_path / "gone").exists() and not (tmp_path / "staged").exists()
+    assert (tmp_path / "gone.link").is_symlink() and (tmp_path / "staged.link").is_symlink()
+
+
 def test_an_output_under_a_file_is_a_clear_error(files, capsys):
     refused(capsys, commands(files, files["ckpt"] / "x.sopq")["quantize"], str(files["ckpt"]))
 
