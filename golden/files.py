@@ -46,6 +46,7 @@ import stat
 import sys
 import tempfile
 import threading
+import types
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -492,7 +493,12 @@ def interrupted(prog: str, sig: BaseException) -> int:
     ``PROG: interrupted (SIGNAME); no partial file was left`` (every writer here is atomic), and the
     exit status 128 + N."""
     print(f"{prog}: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left", file=sys.stderr)
+    _run_state.interrupted = True       # what the run leaves to collect is no news now (signals_as_interrupts)
     return 128 + getattr(sig, "number", signal.SIGINT)
+
+
+#: ``interrupted``: whether the run within ``signals_as_interrupts`` has said it was interrupted
+_run_state = types.SimpleNamespace(interrupted=False)
 
 
 @contextlib.contextmanager
@@ -520,10 +526,13 @@ def signals_as_interrupts():
         # Python's own SIGINT handler's (Ctrl-C). On a loaded machine the signal sent again may land
         # in this hook itself (Python drops an exception raised here too, without calling the hook):
         # then it is sent once more.
+        # Once the run has said it was interrupted, an object the signal cut short in its constructor
+        # may fail in its __del__ as the unwinding frees it (an Amaranth part: "Exception ignored ... has
+        # no attribute '_MustUse__context'", seen under load): printed after that line, it is no news.
         try:
             if isinstance(info.exc_value, KeyboardInterrupt):
                 again(getattr(info.exc_value, "number", signal.SIGINT))
-            else:
+            elif not _run_state.interrupted:
                 previous_hook(info)
         except KeyboardInterrupt as landed:
             again(getattr(landed, "number", signal.SIGINT))
@@ -535,6 +544,7 @@ def signals_as_interrupts():
         yield
         return
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    _run_state.interrupted = False
     try:
         yield
     finally:

@@ -599,15 +599,10 @@ def main(argv=None) -> int:
         except OutputError as err:          # a target that is no regular file: that design not written
             return refuse(err)
         except KeyboardInterrupt as sig:    # (a traceback; each design's files are written whole or not at all)
-            stopped = sig
-        else:
-            return 0
-    # The design cut short is never elaborated: no warning for each of its parts at exit, and a part the
-    # signal stopped inside Amaranth's constructor fails in its __del__ ("Exception ignored ... has no
-    # attribute '_MustUse__context'", seen under load): the run is over, nothing of it is the user's news.
-    warnings.filterwarnings("ignore", category=UnusedElaboratable)
-    sys.unraisablehook = lambda _info: None
-    return interrupted(p.prog, stopped)
+            # the design cut short is never elaborated: no warning for each of its parts at exit
+            warnings.filterwarnings("ignore", category=UnusedElaboratable)
+            return interrupted(p.prog, sig)
+    return 0
 
 
 def _write_all(args, chosen, chosen_engines, shallow: bool) -> None:

@@ -349,6 +349,30 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "sop: interrupted (SIGINT); no partial file was left"
 
 
+_CUT_SHORT_IN_A_CONSTRUCTOR = """
+import sys
+from amaranth.hdl import UnusedElaboratable
+from sop import cli
+from sop.hdl import block_fields
+def cut(args):
+    UnusedElaboratable._MustUse__silence = False      # as once a first design is elaborated (sop demo)
+    part = object.__new__(block_fields.BlockFields)   # as if the signal stopped MustUse.__new__
+    part._MustUse__used = False                       # between its two attributes
+    raise KeyboardInterrupt
+cli.cmd_demo = cut
+sys.exit(cli.main(["demo"]))
+"""
+
+
+def test_ctrl_c_inside_a_parts_constructor_is_still_one_line():
+    """Under load (CI, the generate tool) Ctrl-C landed inside Amaranth's constructor of a part: as the
+    unwinding freed it its __del__ printed "Exception ignored ... has no attribute '_MustUse__context'"
+    after the interrupt line. `sop demo` writes Verilog too."""
+    r = subprocess.run([sys.executable, "-c", _CUT_SHORT_IN_A_CONSTRUCTOR], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 130 and r.stderr == "sop: interrupted (SIGINT); no partial file was left\n", r.stderr
+
+
 _CTRL_C_WHILE_IMPORTING = """
 import sys
 class Interrupt:                        # Ctrl-C lands while sop.cli's imports run
