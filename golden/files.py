@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import types
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -493,7 +494,10 @@ def interrupted(prog: str, sig: BaseException) -> int:
     ``PROG: interrupted (SIGNAME); no partial file was left`` (every writer here is atomic), and the
     exit status 128 + N."""
     print(f"{prog}: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left", file=sys.stderr)
-    _run_state.interrupted = True       # what the run leaves to collect is no news now (signals_as_interrupts)
+    # What the run leaves to collect is no news now: its exceptions in finalizers (signals_as_interrupts)
+    # and the warnings of its objects cut short (Amaranth's unused parts, asyncio's coroutines never awaited)
+    _run_state.interrupted = True
+    warnings.simplefilter("ignore")
     return 128 + getattr(sig, "number", signal.SIGINT)
 
 

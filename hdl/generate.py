@@ -73,13 +73,12 @@ import argparse
 import json
 import re
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from amaranth.back import verilog
-from amaranth.hdl import Shape, UnusedElaboratable
+from amaranth.hdl import Shape
 from amaranth.lib import data, wiring
 
 from sop import __version__, toolenv
@@ -599,9 +598,7 @@ def main(argv=None) -> int:
         except OutputError as err:          # a target that is no regular file: that design not written
             return refuse(err)
         except KeyboardInterrupt as sig:    # (a traceback; each design's files are written whole or not at all)
-            # the design cut short is never elaborated: no warning for each of its parts at exit
-            warnings.filterwarnings("ignore", category=UnusedElaboratable)
-            return interrupted(p.prog, sig)
+            return interrupted(p.prog, sig)     # (and no warning for each part of the design cut short)
     return 0
 
 

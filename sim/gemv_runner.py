@@ -107,7 +107,7 @@ from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, SINGLE_BIT_ROWS, adder_st
                                  swap_layers, term_rounding_layer, terms_alone_layer, top_offset_layer,
                                  window_edge_fast_layer, window_edge_layer, window_pow2_layer, with_residuals,
                                  zero_products_fast_layer)
-from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, failed_note, simulate
+from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, failed_note, interruptible, simulate
 
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
          "full": {"rows": None, "tokens": [2, 7], "sparse_tokens": [3, 5]}}
@@ -353,7 +353,8 @@ def engines() -> dict[str, GemvConfig]:
 def cli(argv, prog: str, description: str, run_one, line, ok, extra: dict[str, GemvConfig] | None = None) -> int:
     """The command line of an engine bench (this runner's and sim.tb_gemv_axis's): ``run_one(cfg, sim,
     quick=, seed=, waves=)`` for each named engine chosen (or one of ``extra``, by name only),
-    ``line(summary)`` printed, exit 0 when ``ok(summary)`` for all, 2 when the simulator is missing."""
+    ``line(summary)`` printed, exit 0 when ``ok(summary)`` for all, 2 when the simulator is missing; an
+    interrupt is one line, exit 128 + N, the simulators killed (runner.interruptible)."""
     named = gemv_config.gemv_configs()
     configs = {**named, **(extra or {})}
     p = argparse.ArgumentParser(prog=prog, description=description)
@@ -362,16 +363,19 @@ def cli(argv, prog: str, description: str, run_one, line, ok, extra: dict[str, G
     add_run_options(p)
     args = p.parse_args(argv)
     waves = os.environ.get("WAVES", "0") not in ("", "0")
-    results = []
-    try:
-        for name in args.config or list(named):
-            results.append(run_one(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves))
-            print(line(results[-1]), flush=True)
-    except SimulatorMissing as err:
-        print(f"sop sim: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(["", "summary:"] + [line(s) for s in results]))
-    return 0 if all(ok(s) for s in results) else 1
+
+    def run_all() -> int:
+        results = []
+        try:
+            for name in args.config or list(named):
+                results.append(run_one(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves))
+                print(line(results[-1]), flush=True)
+        except SimulatorMissing as err:
+            print(f"sop sim: {err}", file=sys.stderr)
+            return 2
+        print("\n".join(["", "summary:"] + [line(s) for s in results]))
+        return 0 if all(ok(s) for s in results) else 1
+    return interruptible(prog, run_all)
 
 
 def main(argv=None) -> int:

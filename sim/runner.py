@@ -26,17 +26,21 @@ every pattern of sparse entries on ``s_axis_sparse`` and, in the full plan,
 (``sparse_row_vectors``). ``WAVES=1`` writes waveforms. Each run
 ends with the summary line: vectors checked, mismatches, functional coverage
 (for the shell: values, beats and layers checked, mismatches, AXI protocol
-errors). Exit status 1 if anything mismatched.
+errors). Exit status 1 if anything mismatched. Ctrl-C (SIGTERM, SIGHUP) ends
+a run with one line and exit status 128 + N, every simulator and compiler it
+started killed (``interruptible``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -44,7 +48,7 @@ from pathlib import Path
 
 from sop import toolenv
 from sop.argtypes import number
-from sop.golden.files import write_atomic
+from sop.golden.files import interrupted, signals_as_interrupts, write_atomic
 from sop.golden.points import OperatingPoint, config_point, operating_points
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
 from sop.hdl.generate import module_name
@@ -385,6 +389,70 @@ def chosen_configs(names: list[str] | None, lutram_depth: int = 0, lutram_ecp5: 
             for n in names}
 
 
+def _descendants() -> list[int]:
+    """Every process under this one, each after its parent (Linux's /proc; none without it)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):     # (a process that ended meanwhile)
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _end_descendants() -> None:
+    """Every process under this one killed: each stopped first, parents first, until no new one shows
+    (a stopped process starts no other), then all killed."""
+    stopped: list[int] = []
+    while new := [pid for pid in _descendants() if pid not in stopped]:
+        for pid in new:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped += new
+    for pid in stopped:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def simulators_ended():
+    """Within the block, a signal that interrupts the run (Ctrl-C's SIGINT; SIGTERM and SIGHUP inside
+    ``signals_as_interrupts``) first kills every process this one started and theirs, then unwinds as
+    before. ``subprocess.run`` (cocotb's runner) kills only its own child: iverilog's compiler and make's
+    C++ jobs for Verilator went on without it. A signal ignored, or left to its default action, is left
+    so; outside the main thread the block runs unchanged."""
+    def ending(number, frame):
+        _end_descendants()
+        return previous[number](number, frame)
+
+    previous = {s: h for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if callable(h := signal.getsignal(s))}
+    try:
+        for s in previous:
+            signal.signal(s, ending)
+    except ValueError:                                   # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def interruptible(prog: str, run_all) -> int:
+    """``run_all()``, the runs of a bench runner or a simulated bring-up, with SIGTERM and SIGHUP unwinding
+    them as Ctrl-C does and the simulators they started killed (``simulators_ended``): an interrupt is one
+    line, ``PROG: interrupted (SIGNAME); no partial file was left``, and the exit status 128 + N, not a
+    traceback."""
+    with signals_as_interrupts(), simulators_ended():
+        try:
+            return run_all()
+        except KeyboardInterrupt as sig:
+            return interrupted(prog, sig)       # (and no warning for each part of a design cut short)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sop.sim.runner", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
@@ -404,20 +472,23 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"sop sim: {err}", file=sys.stderr)
         return 2
-    names = list(configs)
     try:
         check_simulator(args.sim)
     except SimulatorMissing as err:
         print(f"sop sim: {err}", file=sys.stderr)
         return 2
+    return interruptible(p.prog, lambda: _run_all(args, configs))
+
+
+def _run_all(args, configs: dict) -> int:
     waves = os.environ.get("WAVES", "0") not in ("", "0")
     ok, lines = True, []
-    for name in names:
+    for cfg in configs.values():
         if args.axis:
-            s = run_axis(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves)
+            s = run_axis(cfg, args.sim, quick=args.quick, seed=args.seed, waves=waves)
             lines.append(axis_summary_line(s))
         else:
-            s = run(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves)
+            s = run(cfg, args.sim, quick=args.quick, seed=args.seed, waves=waves)
             lines.append(summary_line(s))
         print(lines[-1], flush=True)
         ok &= s["mismatches"] == 0 and s["failed_tests"] == 0

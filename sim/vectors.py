@@ -397,17 +397,24 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
 def _check_derived(doc: dict, lay_doc: dict, layout: BlockLayout, hif, where: str) -> None:
     """The index's fields that the layout and HIF determine, each where present, must be what they give
     (an integrator's testbench sizes its words from ``block_bytes`` and ``axis``: one edited alone was
-    read as good), and a ``format`` that names an operating point must be one of this layout and HIF."""
+    read as good), and a ``format``, where present, must name an operating point (golden/points.py) of
+    this layout and HIF."""
     for key, want in (("header_bits", layout.header_bits), ("block_bytes", layout.block_bytes)):
         if key in lay_doc and (type(lay_doc[key]) is not int or lay_doc[key] != want):
             raise VectorError(f"{where}: field 'layout.{key}' is {lay_doc[key]!r}; the layout gives {want}")
     if "axis" in doc and doc["axis"] != (want := axis_widths(layout, hif)):
         raise VectorError(f"{where}: field 'axis' is {doc['axis']!r}; the layout and HIF give {want}")
     fmt = doc.get("format")
-    if fmt is not None and not isinstance(fmt, str):
+    if fmt is None:
+        return
+    if not isinstance(fmt, str):
         raise VectorError(f"{where}: field 'format' must be str, got {type(fmt).__name__}")
-    point = operating_points().get(fmt) if fmt is not None else None
-    if point is not None and (point.layout, point.hif) != (layout, hif):
+    points = operating_points()
+    if fmt not in points:                       # (a name no point has was read as a good set)
+        raise VectorError(f"{where}: field 'format' is {fmt!r}, which names no operating point; valid: "
+                          f"{', '.join(points)} (golden/points.py; `sop formats` lists them)")
+    point = points[fmt]
+    if (point.layout, point.hif) != (layout, hif):
         raise VectorError(f"{where}: field 'format' is {fmt!r}, whose layout and HIF are not the set's "
                           f"'layout' and 'hif' fields")
 

@@ -18,7 +18,10 @@ import functools
 import itertools
 import os
 import re
+import signal
 import struct
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -37,7 +40,7 @@ from sop.sim.stimulus import from_stream
 from sop.synth import wire
 from sop.synth.gateware import protocol
 from sop.synth.gateware.board import BOARDS
-from sop.synth.host import bringup, client
+from sop.synth.host import bringup, client, gemv_bringup
 
 LAYER = "encoder.layer.0.attention.self.query.weight"
 
@@ -109,6 +112,61 @@ def test_the_make_sim_step_fails_on_a_mismatch(monkeypatch, capsys):
     assert bringup.main(["--sim", "--model", "minilm", "--rows", "1", "--layer", LAYER]) == 1
     out = capsys.readouterr().out
     assert "simulated icebreaker board core" in out and "result: MISMATCH" in out
+
+
+@pytest.mark.parametrize("tool, builder, sig", [("bringup", "sim_board", signal.SIGINT),
+                                                ("bringup", "sim_board", signal.SIGTERM),
+                                                ("gemv_bringup", "sim_gemv_board", signal.SIGINT)])
+def test_a_simulated_bring_up_interrupted_is_one_line(tmp_path, tool, builder, sig):
+    """Ctrl-C in `python -m sop.synth.host.bringup --sim` (a run of minutes: make sim's last step) was a
+    KeyboardInterrupt traceback out of amaranth.sim, SIGTERM ended it without a word (an outside probe):
+    now one line, exit 128 + N; the GEMV engine's bring-up the same."""
+    from safetensors.numpy import save_file
+
+    model = tmp_path / "w.safetensors"             # 64 rows: a run far longer than the signal takes to come
+    save_file({"w.weight": np.random.default_rng(2).standard_normal((64, 256)).astype(np.float32)}, str(model))
+    # SIGINT as in a terminal: a suite run as a background job hands its children SIGINT ignored; a line on
+    # standard output once the simulated board is built, so that the signal lands in the simulation
+    child = "\n".join(["import signal, sys", "signal.signal(signal.SIGINT, signal.default_int_handler)",
+                       f"from sop.synth.host import {tool} as tool", f"built = tool.{builder}",
+                       "def board(*args, **kw):", "    port = built(*args, **kw)",
+                       "    print('simulating', flush=True)", "    return port",
+                       f"tool.{builder} = board", "sys.exit(tool.main(sys.argv[1:]))"])
+    argv = ["--sim", "--model", str(model)] if tool == "bringup" else ["--sim"]      # (GEMV: MiniLM's own x)
+    proc = subprocess.Popen([sys.executable, "-c", child, *argv], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert first == "simulating\n", (first, err)
+    assert (proc.returncode, err) == (128 + sig, f"python -m sop.synth.host.{tool}: interrupted ({sig.name}); no "
+                                                 f"partial file was left\n"), err
+    assert "result" not in out, out
+
+
+@pytest.mark.parametrize("tool", [bringup, gemv_bringup], ids=["decoder", "engine"])
+@pytest.mark.parametrize("divisor", ["218", "1" + "0" * 30])
+def test_a_simulated_bring_ups_divisor_beyond_a_real_boards_is_refused(monkeypatch, capsys, tool, divisor):
+    """`--sim --divisor` had no upper bound (an outside probe): the simulated time grows with it, and a huge
+    one ran for as long as it was let. It goes up to the slowest real board's UART, the ULX3S's 25 MHz at
+    115200 Bd (217 cycles a bit), and past it is a usage error before any work."""
+    class Simulated(Exception):
+        pass
+
+    def simulate(*args):
+        raise Simulated(args)
+
+    monkeypatch.setattr(tool, "simulate", simulate)
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--sim", "--divisor", divisor])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"{tool.__name__.replace('sop.', 'python -m sop.')}: error: argument --divisor: must be an integer at " \
+        f"least 4 and at most 217, got {divisor}"
+    with pytest.raises(Simulated) as ran:                # a real board's timing is still taken
+        tool.main(["--sim", "--divisor", "217"])
+    assert 217 in ran.value.args[0]
+    assert bringup.board_divisor() == round(25e6 / wire.DEFAULT_BAUD) == 217
 
 
 def test_a_board_with_another_decoder_is_refused(sim_port, capsys):
@@ -232,11 +290,15 @@ def test_an_unknown_layer_is_a_usage_error(capsys):
 @pytest.mark.parametrize("gemv", [False, True], ids=["decode", "gemv"])
 def test_an_empty_layer_name_is_refused_not_taken_for_the_first_layer(capsys, gemv):
     """``--layer ''`` was taken for no ``--layer``: the board ran the model's first layer, which the user
-    never named (an outside probe); ``bringup.model_layer`` serves the bring-ups too."""
+    never named (an outside probe); `sop board` refuses it as a usage error, ``bringup.model_layer`` (which
+    serves the bring-ups too) by itself."""
     args = board_args("loop://", *(["--gemv"] if gemv else []))
     args[args.index(LAYER)] = ""
-    assert cli.main(args) == 2
-    assert "sop: error: minilm: no linear layer ''; linear layers: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    assert stop.value.code == 2
+    assert "sop: error: sop board: argument --layer: '': an empty name; give a layer's name" in \
+        capsys.readouterr().err
     with pytest.raises(ValueError, match="no layer ''"):
         bringup.model_layer(bringup.sparse_model("sop4-g16"), "sop4-g16", "")
 

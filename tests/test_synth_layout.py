@@ -187,9 +187,9 @@ def test_the_makefile_and_cli_name_modules_that_exist():
     (["-m", "sop.synth", "--out", "README.md"], 2, "README.md: the output folder exists and is not a folder"),
     (["-m", "sop.synth", "--jobs", "0"], 2, "argument --jobs: must be an integer above 0, got 0"),
     (["-m", "sop.synth.host.bringup", "--sim", "--divisor", "0"], 2, "argument --divisor: must be an integer "
-                                                                     "at least 4, got 0"),
-    (["-m", "sop.synth.host.gemv_bringup", "--sim", "--divisor", "-4"], 2, "argument --divisor: must be an "
-                                                                           "integer at least 4, got -4"),
+                                                                     "at least 4 and at most 217, got 0"),
+    (["-m", "sop.synth.host.gemv_bringup", "--sim", "--divisor", "-4"], 2,
+     "argument --divisor: must be an integer at least 4 and at most 217, got -4"),
     (["-m", "sop.synth.host.bringup", "--help"], 0, "--sim"),
     (["-m", "sop.synth.host.gemv_bringup", "--help"], 0, "--sim"),
 ])

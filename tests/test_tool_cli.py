@@ -3,9 +3,11 @@ scripts under bench/ refuse with one line and exit 2 before any work, and never 
 (docs/robustness.md)."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from dataclasses import replace
 
@@ -95,6 +97,51 @@ def test_generate_interrupted_is_one_line_and_leaves_no_partial_file(tmp_path, s
     assert not [n for n in names if n.endswith(".sop-tmp")], names
     for v in (n for n in names if n.endswith(".v") and not n.endswith("_tb.v")):   # each with its manifest
         assert v[:-2] + ".json" in names, names
+
+
+def _running_in(folder: Path) -> list[str]:
+    """The names of the processes whose working folder lies in ``folder`` (Linux's /proc)."""
+    names = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if Path(os.readlink(cwd)).is_relative_to(folder):
+                names.append((cwd.parent / "comm").read_text().strip())
+        except OSError:                                 # ended meanwhile, or not ours to read
+            pass
+    return names
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="finds the simulators through Linux's /proc")
+@pytest.mark.parametrize("bench, argv, sim, sig, running", [
+    ("runner", "--config sop4-g16", "icarus", signal.SIGINT, "vvp"),
+    ("runner", "--config sop4-g16", "icarus", signal.SIGTERM, "vvp"),
+    ("runner", "--config sop4-g16", "verilator", signal.SIGINT, "cc1plus"),          # make's C++ jobs
+    ("gemv_runner", "--config gemv-sop4-g16 --quick", "icarus", signal.SIGINT, "vvp")])
+def test_a_bench_run_interrupted_is_one_line_and_leaves_no_simulator_running(tmp_path, bench, argv, sim, sig, running):
+    """Ctrl-C in `python -m sop.sim.runner` (and the engine's runner) was a KeyboardInterrupt traceback, and
+    left the C++ compilers of a Verilator build running after it (an outside probe): now one line, exit
+    128 + N, and nothing the run started is left; SIGTERM and SIGHUP the same."""
+    if shutil.which(runner.SIMULATORS[sim]) is None:
+        pytest.skip(f"{sim} is not installed")
+    # SIGINT as in a terminal (a suite run as a background job hands its children SIGINT ignored); no MiniLM
+    # vectors (their quantization takes half a minute): the random layers keep the simulator busy for seconds
+    child = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from sop.sim import gemv_runner, runner; runner.minilm_vectors = lambda cfg, quick: None; "
+             f"sys.exit({bench}.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", child, *argv.split(), "--sim", sim], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    builds, deadline = tmp_path / "build" / "sim", time.monotonic() + 300
+    while running not in _running_in(builds) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen = _running_in(builds)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert running in seen, (seen, out, err)
+    assert (proc.returncode, err) == (128 + sig, f"python -m sop.sim.{bench}: interrupted ({sig.name}); no "
+                                                 f"partial file was left\n"), err
+    assert "summary" not in out, out
+    time.sleep(0.5)                                     # (a process killed may take a moment to go)
+    assert _running_in(builds) == [], seen
 
 
 def test_a_design_whose_manifest_is_a_fifo_is_not_half_written(tmp_path, capsys):

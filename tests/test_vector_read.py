@@ -236,3 +236,20 @@ def test_an_index_whose_derived_fields_contradict_its_layout_is_refused(tmp_path
     (tmp_path / "v" / "vectors.json").write_text(json.dumps(doc))
     with pytest.raises(V.VectorError, match=re.escape(said)):
         V.read_vectors(tmp_path / "v")
+
+
+@pytest.mark.parametrize("name", ["sop9-g99", "", "SOP4-G16", "sop4-g16-x1"])
+def test_an_index_whose_format_names_no_operating_point_is_refused(tmp_path, name):
+    """A ``format`` that named no operating point (a typo, a configuration's name) was read as a good set:
+    only a point's name was checked against the layout (an outside probe). Refused in one line naming the
+    field, the value and where the valid names come from."""
+    s = V.quantize_layer("sop4-g16", np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32), "w")
+    V.write_vectors(tmp_path / "v", {"w": s}, {"model": "m", "format": "sop4-g16"})
+    doc = json.loads((tmp_path / "v" / "vectors.json").read_text())
+    doc["format"] = name
+    (tmp_path / "v" / "vectors.json").write_text(json.dumps(doc))
+    with pytest.raises(V.VectorError) as refused:
+        V.read_vectors(tmp_path / "v")
+    said = str(refused.value)
+    assert said == (f"{tmp_path / 'v' / 'vectors.json'}: field 'format' is {name!r}, which names no operating "
+                    f"point; valid: sop4-g16, e2m3-ue4m4-g16 (golden/points.py; `sop formats` lists them)"), said

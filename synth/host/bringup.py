@@ -452,12 +452,32 @@ def decoder_boards() -> list[str]:
     return [name for name, b in BOARDS.items() if b.decoder]
 
 
+def board_divisor() -> int:
+    """The most UART clock cycles a bit of a board's own core, its bitstream's clock over its baud rate:
+    217, the ULX3S's 25 MHz at 115200 Bd (the iCEBreaker's 12 MHz: 104)."""
+    from sop.synth.gateware.board import BOARDS
+    from sop.synth.gateware.uart import divisor_for
+
+    return max(divisor_for(b.platform().default_clk_frequency, b.baud) for b in BOARDS.values())
+
+
 def divisor_arg(text: str) -> int:
     """``--divisor`` of a simulated board: whole UART clock cycles a bit, at least the receiver's
-    ``MIN_DIVISOR`` (said here, not as a baud rate the user never gave)."""
+    ``MIN_DIVISOR`` (said here, not as a baud rate the user never gave) and at most ``board_divisor()``,
+    a real board's timing: the simulation's time grows with it (217 takes about 54 times the default's),
+    and a huge one ran as long as it was let."""
     from sop.synth.gateware.uart import MIN_DIVISOR
 
-    return number(int, MIN_DIVISOR, inclusive=True)(text)
+    return number(int, MIN_DIVISOR, inclusive=True, maximum=board_divisor())(text)
+
+
+def divisor_help() -> str:
+    """``--divisor``'s help: its range and what the bounds are."""
+    from sop.synth.gateware.uart import MIN_DIVISOR
+
+    return (f"UART clock cycles a bit (default {SIM_DIVISOR}): at least {MIN_DIVISOR}, the receiver's minimum, and "
+            f"at most {board_divisor()}, a real board's timing (the ULX3S's 25 MHz at 115200 Bd; the simulation "
+            f"takes longer in proportion)")
 
 
 def main(argv=None) -> int:
@@ -477,8 +497,14 @@ def main(argv=None) -> int:
                    help=f"first N rows of the layer (default {SIM_ROWS})")
     p.add_argument("--board", default="icebreaker", choices=decoder_boards(),
                    help="the board whose core is simulated (default icebreaker)")
-    p.add_argument("--divisor", type=divisor_arg, default=SIM_DIVISOR, help="UART clock cycles a bit")
+    p.add_argument("--divisor", type=divisor_arg, default=SIM_DIVISOR, help=divisor_help())
     args = p.parse_args(argv)
+    from sop.sim.runner import interruptible          # (SIGTERM and SIGHUP too: one line, exit 128 + N)
+
+    return interruptible(p.prog, lambda: _simulated(args))
+
+
+def _simulated(args) -> int:
     t0 = time.monotonic()
     try:
         result = simulate(args.model, args.format, args.layer, args.rows, args.board, args.divisor)

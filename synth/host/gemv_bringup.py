@@ -419,7 +419,7 @@ def main(argv=None) -> int:
     p.add_argument("--layer", default=SIM_LAYER, help=f"a linear layer (default {SIM_LAYER})")
     p.add_argument("--rows", type=positive(int), default=SIM_ROWS,
                    help=f"first N rows of the layer (default {SIM_ROWS})")
-    p.add_argument("--divisor", type=bringup.divisor_arg, default=bringup.SIM_DIVISOR, help="UART clock cycles a bit")
+    p.add_argument("--divisor", type=bringup.divisor_arg, default=bringup.SIM_DIVISOR, help=bringup.divisor_help())
     p.add_argument("--board", default=SIM_BOARD, choices=gemv_boards(),
                    help=f"the board whose core is simulated (default {SIM_BOARD}; icebreaker-gemv: the "
                         f"iCEBreaker's GEMV-only core)")
@@ -427,6 +427,12 @@ def main(argv=None) -> int:
                    help=f"then the first N rows of the sop-budget artifact's first layer with sparse entries, "
                         f"with them (default {SPARSE_ROWS}; 0: skip)")
     args = p.parse_args(argv)
+    from sop.sim.runner import interruptible          # (SIGTERM and SIGHUP too: one line, exit 128 + N)
+
+    return interruptible(p.prog, lambda: _simulated(args))
+
+
+def _simulated(args) -> int:
     t0 = time.monotonic()
     try:
         results = [simulate(args.model, args.format, args.layer, args.rows, args.divisor, args.board)]
