@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	scripts/setup.sh
 
 test: $(STAMP)  ## the whole suite but the checks `make mutate` runs (set-up first if needed; TEST_JOBS=N workers, 0: none)
-	$(PYTEST) -q $(PARALLEL) -m "not long"
+	$(PYTEST) -q $(PARALLEL) -m "not long" --durations=20
 
 test-fast: $(STAMP)  ## the suite without the slow tests
 	$(PYTEST) -q $(PARALLEL) -m "not slow and not long"
