@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import glob
 import os
 import re
@@ -425,7 +426,7 @@ class FileSet:
         target = _real_target(path)
         if target in self._staged:
             raise OutputError(f"{path}: written twice in one set of files")
-        self._made += _missing_folders(target.parent)
+        self._made += _missing_folders(_resolved(target.parent))     # (those made through a link too)
         with temp_file_in(target.parent, target.name) as (f, tmp):
             self._staged[target] = tmp          # first, so that an interrupt below still removes it
             yield f
@@ -495,14 +496,19 @@ def interrupted(prog: str, sig: BaseException) -> int:
     exit status 128 + N."""
     print(f"{prog}: interrupted ({getattr(sig, 'name', 'SIGINT')}); no partial file was left", file=sys.stderr)
     # What the run leaves to collect is no news now: its exceptions in finalizers (signals_as_interrupts)
-    # and the warnings of its objects cut short (Amaranth's unused parts, asyncio's coroutines never awaited)
+    # and the warnings of its objects cut short (Amaranth's unused parts, asyncio's coroutines never awaited),
+    # until signals_as_interrupts ends: then the filters are as they were (a Python caller's later warnings)
     _run_state.interrupted = True
+    if _run_state.quiet is None:
+        _run_state.quiet = warnings.catch_warnings()
+        _run_state.quiet.__enter__()
     warnings.simplefilter("ignore")
     return 128 + getattr(sig, "number", signal.SIGINT)
 
 
-#: ``interrupted``: whether the run within ``signals_as_interrupts`` has said it was interrupted
-_run_state = types.SimpleNamespace(interrupted=False)
+#: ``interrupted``: whether the run within ``signals_as_interrupts`` has said it was interrupted, and the
+#: warnings filters it quieted (restored as the block ends)
+_run_state = types.SimpleNamespace(interrupted=False, quiet=None)
 
 
 @contextlib.contextmanager
@@ -548,10 +554,15 @@ def signals_as_interrupts():
         yield
         return
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    _run_state.interrupted = False
+    outer = (_run_state.interrupted, _run_state.quiet)
+    _run_state.interrupted, _run_state.quiet = False, None
     try:
         yield
     finally:
+        if _run_state.quiet is not None:         # the run's objects cut short collected while still quiet
+            gc.collect()
+            _run_state.quiet.__exit__(None, None, None)
+        _run_state.interrupted, _run_state.quiet = outer
         sys.unraisablehook = previous_hook
         for s, h in old.items():
             signal.signal(s, h)

@@ -389,25 +389,26 @@ def chosen_configs(names: list[str] | None, lutram_depth: int = 0, lutram_ecp5: 
             for n in names}
 
 
-def _descendants() -> list[int]:
-    """Every process under this one, each after its parent (Linux's /proc; none without it)."""
+def _descendants(skip: frozenset[int] = frozenset()) -> list[int]:
+    """Every process under this one, each after its parent (Linux's /proc; none without it), but those of
+    ``skip`` and theirs."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):     # (a process that ended meanwhile)
             children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
     found, todo = [], [os.getpid()]
     while todo:
-        kids = children.get(todo.pop(), [])
+        kids = [pid for pid in children.get(todo.pop(), []) if pid not in skip]
         found += kids
         todo += kids
     return found
 
 
-def _end_descendants() -> None:
-    """Every process under this one killed: each stopped first, parents first, until no new one shows
-    (a stopped process starts no other), then all killed."""
+def _end_descendants(skip: frozenset[int] = frozenset()) -> None:
+    """Every process under this one but those of ``skip`` (and theirs) killed: each stopped first, parents
+    first, until no new one shows (a stopped process starts no other), then all killed."""
     stopped: list[int] = []
-    while new := [pid for pid in _descendants() if pid not in stopped]:
+    while new := [pid for pid in _descendants(skip) if pid not in stopped]:
         for pid in new:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGSTOP)
@@ -422,13 +423,15 @@ def simulators_ended():
     """Within the block, a signal that interrupts the run (Ctrl-C's SIGINT; SIGTERM and SIGHUP inside
     ``signals_as_interrupts``) first kills every process this one started and theirs, then unwinds as
     before. ``subprocess.run`` (cocotb's runner) kills only its own child: iverilog's compiler and make's
-    C++ jobs for Verilator went on without it. A signal ignored, or left to its default action, is left
-    so; outside the main thread the block runs unchanged."""
+    C++ jobs for Verilator went on without it. The processes already running as the block starts (a Python
+    caller's own) are left. A signal ignored, or left to its default action, is left so; outside the main
+    thread the block runs unchanged."""
     def ending(number, frame):
-        _end_descendants()
+        _end_descendants(before)
         return previous[number](number, frame)
 
     previous = {s: h for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if callable(h := signal.getsignal(s))}
+    before = frozenset(_descendants()) if previous else frozenset()
     try:
         for s in previous:
             signal.signal(s, ending)

@@ -351,6 +351,35 @@ def test_an_output_folder_through_a_link_to_a_folder_not_made_yet_is_made(files,
     assert (tmp_path / "gone.link").is_symlink() and (tmp_path / "staged.link").is_symlink()
 
 
+def test_a_failed_set_through_a_link_to_a_folder_not_made_yet_removes_the_folders_it_made(tmp_path):
+    """A set of files (a vector set) through a link to a missing folder, failing after a file was staged: the
+    folders made for it were left, empty (the set noted the link, not its target, as made)."""
+    os.symlink(tmp_path / "made" / "here", tmp_path / "link")
+    with pytest.raises(RuntimeError), G.atomic_files() as fs:
+        fs.write(tmp_path / "link" / "a.bin", b"x")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"] and (tmp_path / "link").is_symlink()
+
+
+def test_an_interrupted_run_leaves_the_warnings_of_the_process_as_they_were(monkeypatch, capsys):
+    """An interrupted run's warnings are quiet (its objects cut short); a Python caller's warnings after it (a
+    second sop.cli.main, quantize_module's) were silenced for the rest of the process."""
+    import warnings
+
+    import sop.cli
+
+    def cut(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sop.cli, "cmd_formats", cut)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["formats"]) == 130
+        warnings.warn("after the run")
+    assert [str(w.message) for w in seen] == ["after the run"]
+    assert capsys.readouterr().err == "sop: interrupted (SIGINT); no partial file was left\n"
+
+
 def test_an_output_under_a_file_is_a_clear_error(files, capsys):
     refused(capsys, commands(files, files["ckpt"] / "x.sopq")["quantize"], str(files["ckpt"]))
 

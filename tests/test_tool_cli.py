@@ -144,6 +144,32 @@ def test_a_bench_run_interrupted_is_one_line_and_leaves_no_simulator_running(tmp
     assert _running_in(builds) == [], seen
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the processes through Linux's /proc")
+def test_an_interrupted_run_kills_its_own_processes_not_those_its_caller_started(capsys):
+    """runner.interruptible killed every process under this one: a Python caller's own child, started before
+    the run (a server, a notebook's helper), was SIGKILLed with the run's simulators."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    started = []
+
+    def run_all():
+        started.append(subprocess.Popen(["sleep", "60"]))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        return 0
+
+    try:
+        assert runner.interruptible("bench", run_all) == 128 + signal.SIGTERM
+        assert started[0].wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+        for p in started:
+            p.kill()
+            p.wait()
+    assert capsys.readouterr().err == "bench: interrupted (SIGTERM); no partial file was left\n"
+
+
 def test_a_design_whose_manifest_is_a_fifo_is_not_half_written(tmp_path, capsys):
     """The Verilog was written, then its manifest refused: a .v without its .json. They are one set."""
     os.mkfifo(tmp_path / "sop4-g16-x1.json")
