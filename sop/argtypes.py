@@ -3,9 +3,9 @@ a number outside its range is a usage error naming the option and the value, bef
 
 ``number(int, 0, inclusive=True)`` takes 0, 1, 2, ...; ``positive(float)`` any finite number above
 0. NaN and the infinities are never in range. ``Once``: an option that takes one value, given twice, is
-a usage error (argparse keeps the last). ``in_file``, ``out_folder``, ``layer_name``: never the empty name.
-``output_checked``: an output a tool cannot write (a folder
-where a file goes, a device, an input), refused as a usage line before any work.
+a usage error (argparse keeps the last). ``in_file``, ``out_folder``, ``layer_name``: a path or name,
+never the empty one. ``output_checked``: an output a tool cannot write (a folder where a file goes, a
+device, an input), refused as a usage line before any work.
 """
 
 from __future__ import annotations
