@@ -660,7 +660,10 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
     quantized layers alone, the source would lose every other tensor): by its path from here, or by
     its contents (``source_by_contents``: run from another folder than ``sop quantize``)."""
     art = open_artifact(path)
-    check_output(out, [path, *source_files(art)])
+    fp = art.meta["model"].get("fingerprint")
+    # an earlier output of this checkpoint written into its folder is no file of it: the re-run replaces it
+    earlier = isinstance(fp, str) and bool(fp) and os.path.isfile(out) and _dequantized_from(Path(out), fp)
+    check_output(out, [path] if earlier else [path, *source_files(art)])
     folder = source_by_contents(art, out)
     if folder is not None:
         raise OutputError(f"{out}: the output is a file of the checkpoint {art.path.name} was made from (found "

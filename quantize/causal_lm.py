@@ -50,7 +50,7 @@ each window the logits at positions ``T/2 .. T-2`` predict tokens ``T/2+1 .. T-1
 and ``q`` the quantized model's, both ``softmax`` of float32 logits taken in float64:
 
 * ``ppl = exp(mean(-log q[next token]))``, ``ppl_ref`` the same with ``p``;
-* ``kld = mean(sum_v p_v (log p_v - log q_v))`` in nats per token;
+* ``kld = mean(max(0, sum_v p_v (log p_v - log q_v)))`` in nats per token (rounding put a position at -4e-15);
 * ``top1`` = the fraction of tokens where ``argmax q == argmax p``.
 
 A reconstruction equal to the reference gives exactly ``kld == 0``, ``top1 == 1`` and
@@ -955,9 +955,9 @@ class CausalLM:
         import torch
 
         positions = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and 0 < positions < seq_len and self._learned_positions():
-            # a learned position table (GPT-2, OPT, StarCoder) has no row past it: an IndexError deep in torch
-            # (rotary models compute any position, and run past it as before)
+        if isinstance(positions, int) and 0 < positions < seq_len and self._position_table():
+            # a learned position table (GPT-2, OPT, StarCoder), or GPT-J's rotary one made once, has no row past
+            # it: an IndexError deep in torch (other rotary models compute any position, and run past it as before)
             raise ValueError(f"{what}: windows of {seq_len} tokens, and the model has {positions} positions "
                              f"(max_position_embeddings): give --seq-len {positions} or less")
         if isinstance(positions, int) and 0 < positions < seq_len:
@@ -985,12 +985,16 @@ class CausalLM:
                                          f"(0 to {rows - 1}): the tokenizer is not this model's; {HINT}")
         return w
 
-    def _learned_positions(self) -> bool:
-        """Whether the model has a learned position table: an embedding besides its input embedding."""
+    def _position_table(self) -> bool:
+        """Whether the model has a position table of fixed size: a learned embedding besides its input
+        embedding, or a rotary table computed once for its positions (GPT-J's and CodeGen's buffer
+        ``embed_positions``: past it the forward pass was an IndexError, reported as a model that cannot run,
+        after a warning that it computes any position)."""
         import torch
 
         inputs = self.model.get_input_embeddings()
-        return any(isinstance(m, torch.nn.Embedding) and m is not inputs for m in self.modules.values())
+        return any(isinstance(m, torch.nn.Embedding) and m is not inputs for m in self.modules.values()) \
+            or any(name.rsplit(".", 1)[-1] == "embed_positions" for name, _ in self.model.named_buffers())
 
     # -- calibration ------------------------------------------------------------------------------------
 
@@ -1170,7 +1174,9 @@ def next_token_sums(ref_logits, logits, targets) -> np.ndarray:
 
     lp = torch.log_softmax(ref_logits.double(), dim=-1)
     lq = torch.log_softmax(logits.double(), dim=-1)
-    kld = (lp.exp() * (lp - lq)).sum(-1)
+    # each position's KL divergence is >= 0; where q is p moved by float32 ulps (small logits: a near-uniform
+    # model) the float64 rounding of the two log-softmaxes put it at -4e-15, which sop report refuses
+    kld = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
     tgt = targets.long()[:, None]
     nll_p = -lp.gather(-1, tgt).squeeze(-1)
     nll_q = -lq.gather(-1, tgt).squeeze(-1)

@@ -459,7 +459,7 @@ class ModelSource:
             return []
         weights = {Path(f).resolve() for f in self.files}
         return [f for f in sorted(Path(self.folder).iterdir())
-                if f.is_file() and f.suffix in AUX_SUFFIXES and f.resolve() not in weights]
+                if f.is_file() and f.suffix in AUX_SUFFIXES and f.resolve() not in weights and not is_eval_result(f)]
 
     def tensor_names(self) -> list[str]:
         """Every tensor of the checkpoint (selected or not)."""
@@ -561,6 +561,28 @@ def is_artifact(spec) -> bool:
     return Path(str(spec)).suffix.lower() == ARTIFACT_SUFFIX
 
 
+#: How a ``sop eval --json`` result begins (``quantize.evaluate.to_json``: indent 1, "model" first) and
+#: the keys it holds: what ``is_eval_result`` recognises in a model folder.
+EVAL_JSON_START, EVAL_JSON_KEYS = b'{\n "model": ', {"model", "source", "calibration", "formats"}
+
+
+def is_eval_result(path: Path) -> bool:
+    """Whether a file of a model folder is a ``sop eval --json`` result, which no model reads (written into
+    the folder, it was an input: the same run again was refused as "the output is the input", and it
+    changed the calibration key and an export's files beside the weights). Only a file that begins as
+    sop eval writes one is parsed."""
+    if path.suffix != ".json":
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(EVAL_JSON_START)) != EVAL_JSON_START:
+                return False
+            doc = json.loads(EVAL_JSON_START + f.read())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and EVAL_JSON_KEYS <= doc.keys()
+
+
 #: Files of a model folder besides the weights that change what a forward pass computes.
 AUX_SUFFIXES = (".json", ".model", ".txt", ".tiktoken")
 
@@ -571,8 +593,9 @@ SIBLINGS_READ = (CONFIG_JSON, TOKENIZER_JSON)
 
 def folder_inputs(folder: Path) -> list[Path]:
     """The files of a model folder that a model may read, in name order: every file but a ``.sopq``
-    (sop's own container, which no model reads: a second ``--out`` into the folder replaces the first)."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and not is_artifact(f))
+    (sop's own container, which no model reads: a second ``--out`` into the folder replaces the first) and
+    a ``sop eval --json`` result (``is_eval_result``)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not is_artifact(f) and not is_eval_result(f))
 
 
 def model_inputs(spec: str) -> list[Path]:

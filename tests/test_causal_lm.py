@@ -7,6 +7,7 @@ JSON and table, `sop report`'s KLD panel, the dequantized model folder, and bad 
 import json
 import math
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -267,6 +268,20 @@ def test_statistics_are_the_mean_square_of_each_linears_input(folders, arch):
     np.testing.assert_allclose(stats[head], (hs[-1].double() ** 2).reshape(-1, 32).mean(0).numpy(), rtol=1e-6)
 
 
+def test_an_eval_json_in_the_model_folder_leaves_the_calibration_key(folders, tmp_path, capsys):
+    """`sop eval M --json M/eval.json`: the JSON counted among the files beside the weights, so the next
+    run calibrated again (another cache key) and an export warned of it (`eval.json (new)`)."""
+    d = tmp_path / "m"
+    shutil.copytree(folders["llama"], d)
+    src = open_model(str(d))
+    before = src.aux_files(), src.aux_fingerprint()
+    assert main(["eval", str(d), "--format", "nf4-g64", "--no-calib", "--no-e2e", "--quiet",
+                 "--json", str(d / "eval.json")]) == 0, capsys.readouterr().err
+    assert (src.aux_files(), src.aux_fingerprint()) == before
+    (d / "chat.json").write_text("{}")                 # any other JSON beside the weights still counts
+    assert "chat.json" in open_model(str(d)).aux_files()
+
+
 def test_calibration_is_cached_by_model_text_and_window_shape(folders, tmp_path, tokenizer):
     d = make_folder(tmp_path / "m", "llama", tokenizer)
     size = C.CalibSize(seqs=2, seq_len=SEQ)
@@ -343,6 +358,17 @@ def test_the_reference_itself_has_kld_exactly_zero(folders, arch):
     same = runner.score({l.name: src.load(l.name).astype(np.float32) for l in src.layers})
     assert same["kld"] == 0.0 and same["top1"] == 1.0 and same["ppl"] == same["ppl_ref"]
     assert runner.score(None) == same
+
+
+def test_a_kld_of_logits_that_differ_by_ulps_is_never_negative():
+    """Small logits (a near-uniform model) moved by float32 ulps: the float64 rounding of the two
+    log-softmaxes gave a KLD of -5e-17 in `sop eval`'s table and JSON, which `sop report` then refused."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, VOCAB, generator=gen) * 1e-3
+    moved = torch.where(torch.rand(ref.shape, generator=gen) < 0.3, torch.nextafter(ref, ref - 1), ref)
+    sums = np.array([L.next_token_sums(ref[i:i + 4], moved[i:i + 4], torch.zeros(4))[0] for i in range(0, 64, 4)])
+    assert (sums >= 0).all() and sums.max() > 0
+    assert L.next_token_sums(ref, ref, torch.zeros(64))[0] == 0.0
 
 
 # -- GGUF ----------------------------------------------------------------------------------------------------
@@ -889,6 +915,23 @@ def test_windows_past_a_learned_position_table_are_refused(folders, tmp_path, ca
     assert "windows of 256 tokens, and the model has 128 positions (max_position_embeddings): " \
            "give --seq-len 128 or less" in err
     assert not out.exists()
+
+
+def test_windows_past_gptjs_rotary_table_are_refused_naming_seq_len(tokenizer, tmp_path, capsys):
+    """GPT-J and CodeGen make their rotary table once, for max_position_embeddings rows: past it the run warned
+    that a rotary model computes any position, then stopped on `transformers cannot run the model's forward
+    pass (IndexError ...); --no-calib ...`, a remedy that was not the one (an outside probe)."""
+    from transformers.models.auto import AutoModelForCausalLM
+    from transformers.models.gptj import GPTJConfig
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
+                                                n_positions=16)).save_pretrained(tmp_path / "gptj")
+    tokenizer.save_pretrained(tmp_path / "gptj")
+    err = one_error(capsys, ["quantize", str(tmp_path / "gptj"), "--format", "nf4-g64", "--quiet", "--cache-dir",
+                             str(tmp_path / "c"), "--calib-seqs", "2", "--seq-len", "32", "--out", str(tmp_path / "q")])
+    assert "windows of 32 tokens, and the model has 16 positions (max_position_embeddings): " \
+           "give --seq-len 16 or less" in err and "warning" not in err
 
 
 def _with_weight(folders, dest, name, value, at=(3, 5)):

@@ -149,6 +149,21 @@ def test_dequantize_finds_a_linked_source_and_lets_a_copy_be_rewritten(tmp_path,
         assert main(["dequantize", "../q.sopq", "--out", "../copy/deq.safetensors", "--quiet"]) == 0
 
 
+def test_dequantize_into_the_models_own_folder_a_second_time_replaces_the_first(files, tmp_path, capsys):
+    """`sop dequantize M/q.sopq --out M/deq.safetensors` again, from the folder sop quantize ran in: every
+    file of a model folder was an input, the first run's output too, and the second run was refused as
+    "the output is the input" (an outside probe); from another folder it was written (the test above)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.link(files["ckpt"], folder / "model.safetensors")
+    assert main(["quantize", str(folder), "--format", "sop4-g16", "--out", str(folder / "q.sopq"), "--quiet"]) == 0
+    for _ in range(2):
+        assert main(["dequantize", str(folder / "q.sopq"), "--out", str(folder / "deq.safetensors"),
+                     "--quiet"]) == 0, capsys.readouterr().err
+    refused(capsys, ["dequantize", str(folder / "q.sopq"), "--out", str(folder / "model.safetensors"), "--quiet"],
+            "is the input")
+
+
 @pytest.mark.parametrize("target", ["x", "out"])
 def test_gemv_never_writes_over_its_inputs(files, tmp_path, capsys, target):
     x = tmp_path / "x.npy"
@@ -266,6 +281,22 @@ def test_an_output_in_the_input_folder_under_another_name_is_allowed(files, tmp_
             capsys.readouterr().err
         assert open_artifact(folder / "q.sopq").format == fmt
     refused(capsys, commands({**files, "ckpt": folder}, folder / "model.safetensors")["quantize"], "is the input")
+
+
+def test_an_eval_json_written_into_the_model_folder_is_no_input_of_the_model(files, tmp_path, capsys):
+    """`sop eval M --json M/eval.json` a second time was refused as "the output is the input": every
+    file of a model folder but a .sopq was one (for what it does to the calibration key:
+    tests/test_causal_lm.py::test_an_eval_json_in_the_model_folder_leaves_the_calibration_key)."""
+    from sop.quantize.models import model_inputs
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.link(files["ckpt"], folder / "model.safetensors")
+    (folder / "notes.json").write_text('{\n "model": "a file of the user\'s"}')   # not sop eval's: still an input
+    for _ in range(2):
+        assert main(["eval", str(folder), "--format", "sop4-g16", "--json", str(folder / "eval.json"),
+                     "--quiet"]) == 0, capsys.readouterr().err
+    assert folder / "eval.json" not in model_inputs(str(folder)) and folder / "notes.json" in model_inputs(str(folder))
 
 
 # -- targets that are not regular files -----------------------------------------------------------------
