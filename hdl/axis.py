@@ -231,6 +231,10 @@ class AxisDecoder(wiring.Component):
     model = staticmethod(model)
 
     def __init__(self, config: DecoderConfig, *, decoder=None, tlast_depth: int | None = None):
+        if config.shallow:               # (its values.ready reaches blocks.ready: TREADY to TREADY)
+            self._MustUse__silence = True    # refused: never elaborated, no unused-component warning
+            raise ValueError(f"decoder config {config.name!r}: the AXI4-Stream shell is built on the deep "
+                             f"pipeline, whose TREADYs come from registers; the shallow one has no shell")
         self.config = config
         self.decoder = decoder if decoder is not None else Decoder(config)
         # input beats in flight: stage 0, the pipeline's stages, the skid; 4 to spare

@@ -64,7 +64,9 @@ and exit 2.
 
 ``--residuals R`` writes only the residual configurations, with R adders, and
 without their shells (the bare ``NAME-sp.v`` the sparse decoder's tests read);
-``--config NAME-sp`` picks one of the default run's, shell included.
+``--config NAME-sp`` picks one of the default run's, shell included. With R above 1
+the designs are not the default run's ``NAME-sp.v`` of one adder, but have its file
+names, so by default they go into ``build/verilog-spR``.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ from sop.argtypes import number, out_folder
 from sop.golden.files import OutputError, atomic_files, check_output, interrupted, signals_as_interrupts
 
 from . import axis, gemv, gemv_axis, gemv_config
-from .config import MAX_RESIDUALS, PIPELINES, DecoderConfig, named_configs, residual_configs, variant_suffix
+from .config import (MAX_RESIDUALS, PIPELINES, RESIDUAL_SUFFIX, DecoderConfig, named_configs, residual_configs,
+                     variant_suffix)
 from .decoder import Decoder
 
 CORE_VERSION = __version__                       # the cores' VLNV version: the package's
@@ -544,7 +547,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=out_folder, default=None, metavar="DIR",
                    help="the folder to write into (default build/verilog under the working folder; each other "
                         "build shape in its own, so that one never replaces another's files of the same names: "
-                        "--pipeline shallow, build/verilog-shallow; --lutram-depth D, build/verilog-lutramD)")
+                        "--pipeline shallow, build/verilog-shallow; --lutram-depth D, build/verilog-lutramD; "
+                        "--residuals R above 1, build/verilog-spR)")
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
                    help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16 for "
@@ -568,11 +572,15 @@ def main(argv=None) -> int:
     shallow = args.pipeline != PIPELINES[0]
     if args.out is None:                 # (the shapes' files have the same names: a folder each)
         args.out = Path("build/verilog" + ("-shallow" if shallow else "")
-                        + (f"-lutram{args.lutram_depth}" if args.lutram_depth else ""))
+                        + (f"-lutram{args.lutram_depth}" if args.lutram_depth else "")
+                        + (f"-{RESIDUAL_SUFFIX}{args.residuals}" if args.residuals and args.residuals > 1 else ""))
     try:
         check_output(args.out, folder=True)
     except OutputError as err:
         return refuse(err)
+    if shallow and args.residuals:      # (before the names: a bare name then read as one the shallow run builds)
+        return refuse("--pipeline shallow has no residual path (hdl/residual.py is timed against the deep "
+                      "formatter): give --residuals with the deep pipeline")
     try:
         configs = residual_configs(args.residuals) if args.residuals else \
             named_configs() if shallow else {**named_configs(), **residual_configs()}

@@ -220,6 +220,16 @@ def test_shell_full_speed_latency_and_no_bubble(name):
     assert out_cycles == list(range(out_cycles[0], out_cycles[0] + len(got)))   # no bubble, across layers
 
 
+def test_a_shallow_decoder_gets_no_shell():
+    """The shallow pipeline's ``values.ready`` reaches ``blocks.ready`` combinationally: an ``AxisDecoder``
+    around it was built, its ``s_axis_tready`` following ``m_axis_tready`` in the same cycle, where the
+    shell's contract is TREADYs from registers only (an outside probe; `generate` writes it no shell)."""
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="the shallow one has no shell"):
+        axis.AxisDecoder(replace(CONFIGS["sop4-g16"], pipeline="shallow"))
+
+
 # -- cocotb (Icarus) with cocotbext-axi -------------------------------------------------------------
 def plan_values(summary, build_dir, cfg):
     """(values, layers) of the plan the runner wrote, rebuilt from the seed the bench reported."""

@@ -69,6 +69,22 @@ def test_residuals_refused_where_they_cannot_be(tmp_path, capsys):
         assert capsys.readouterr().err.splitlines()[-1] == \
             f"python -m sop.hdl.generate: error: argument --residuals: {why}"
     assert not (tmp_path / "v").exists()
+    for names in [[], ["--config", "sop4-g16"], ["--config", "sop4-g16-sp"]]:   # (a bare name was listed as
+        assert main(["--residuals", "1", "--pipeline", "shallow", *names, "--out", str(tmp_path / "v")]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            "python -m sop.hdl.generate: error: --pipeline shallow has no residual path (hdl/residual.py is " \
+            "timed against the deep formatter): give --residuals with the deep pipeline"   # -sp "bare decoders")
+    assert not (tmp_path / "v").exists()
     with pytest.raises(ValueError, match="need the bf16 output"):
         named_configs()["sop4-g16-exact"].__class__(**{**named_configs()["sop4-g16-exact"].__dict__, "residuals": 1})
     assert generate   # the plain generator is the same function (tests/test_verilog.py)
+
+
+def test_more_adders_go_into_a_folder_of_their_own(tmp_path, monkeypatch):
+    """Without --out, --residuals 2 wrote build/verilog/sop4-g16-sp.v, replacing `make verilog`'s design of
+    one adder under the same file and module names, beside that design's shell (an outside probe)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "sop4-g16-sp", "--residuals", "2"]) == 0
+    doc = json.loads((tmp_path / "build" / "verilog-sp2" / "sop4-g16-sp.json").read_text())
+    assert doc["parameters"]["residuals"] == 2
+    assert not (tmp_path / "build" / "verilog").exists()
