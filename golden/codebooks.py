@@ -89,6 +89,9 @@ class Codebook(CodeTable):
     @classmethod
     def from_values(cls, name: str, values, hif: FloatFormat = DEFAULT_HIF) -> "Codebook":
         values = tuple(float(v) for v in np.asarray(values, dtype=np.float64).ravel())
+        if len(values) & (len(values) - 1) or not values:     # was "3 entries, need 2" (log2 rounded down)
+            raise ValueError(f"codebook {name}: {len(values)} entries, need a power of two (16 for 4-bit codes, "
+                             f"64 for 6-bit)")
         return cls(name=name, bits=int(np.log2(max(len(values), 1))), raw=values, hif=hif)
 
     def _values(self) -> np.ndarray:

@@ -149,14 +149,18 @@ def decode_layer(stream: LayerStream, out: str = "exact", *, dest: np.ndarray | 
     The layer is decoded in chunks of whole rows (``CHUNK_WEIGHTS`` weights), each
     exactly as ``decode_blocks`` decodes the whole layer, so the values do not depend on
     the chunking. ``dest``, if given, is a preallocated ``(rows, c)`` array with
-    ``c <= cols`` (of any float dtype): the first ``c`` columns of every row are written
-    into it (each chunk rounded to its dtype; float32 by ``to_float32``, which saturates)
-    and it is returned; the padding is cropped without a float64 copy of the layer."""
+    ``c <= cols``, float64 or float32: the first ``c`` columns of every row are written
+    into it (float32 by ``to_float32``, which saturates) and it is returned; the padding is
+    cropped without a float64 copy of the layer. Another dtype is refused: numpy's cast to
+    float16 made a finite value Inf, and ml_dtypes' to bfloat16 rounds through float32, twice."""
     if out not in OUTPUTS:
         raise ValueError(f"unknown output format {out!r}; valid: {', '.join(OUTPUTS)}")
     rows, cols, lay = stream.rows, stream.cols, stream.layout
     if dest is None:
         dest = np.empty((rows, cols))
+    elif dest.dtype not in (np.float64, np.float32):
+        raise ValueError(f"dest is {dest.dtype}: decode_layer writes float64 or float32 (round those, or take "
+                         f"out='bf16' for BF16)")
     elif dest.ndim != 2 or dest.shape[0] != rows or dest.shape[1] > cols:
         raise ValueError(f"dest of shape {dest.shape} cannot hold a {rows} x {cols} layer (cropped)")
     keep = dest.shape[1]

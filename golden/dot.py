@@ -138,12 +138,31 @@ def _where(pos: tuple, ndim: int) -> str:
     return f"x[{pos[-1]}]" if ndim == 1 else f"x[{pos[0]}, {pos[1]}]"
 
 
+def _floating(dtype: np.dtype) -> bool:
+    """numpy's floats and ml_dtypes' (``bfloat16``, ``float8_e4m3fn``: numpy's kind ``V``, not ``f``)."""
+    if dtype.kind != "V":
+        return dtype.kind == "f"
+    import ml_dtypes
+    try:
+        ml_dtypes.finfo(dtype)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _as_array(x) -> np.ndarray:
+    if not isinstance(x, np.ndarray) and hasattr(x, "detach") and getattr(x, "is_floating_point", bool)():
+        x = x.detach().cpu().double()       # exact for every torch float; numpy has no torch.bfloat16
+    return np.asarray(x)
+
+
 def activation_codes(x, act) -> np.ndarray:
     """The ``act`` codes of ``x`` (int64, same shape); ``ValueError`` naming the first element
-    that is not finite or that ``act`` does not hold exactly."""
+    that is not finite or that ``act`` does not hold exactly. ``x`` is any float array: numpy's,
+    ml_dtypes' (a ``bfloat16`` array) or a torch tensor (its ``bfloat16`` too, which numpy cannot take)."""
     fmt = act_format(act)
-    x = np.asarray(x)
-    if x.dtype.kind != "f":
+    x = _as_array(x)
+    if not _floating(x.dtype):
         raise ValueError(f"activations must be floating point, got {x.dtype}")
     x64 = x.astype(np.float64)
     bad = ~np.isfinite(x64)
@@ -235,7 +254,7 @@ def round_to_float32(negative: np.ndarray, limbs: np.ndarray, exp: np.ndarray) -
 # -- the engine -------------------------------------------------------------------------------------------
 
 def _as_batch(x, cols: int, act) -> tuple[np.ndarray, bool]:
-    x = np.asarray(x)
+    x = _as_array(x)
     if x.ndim not in (1, 2):
         raise ValueError(f"activations must be 1-D (cols,) or 2-D (batch, cols), got shape {x.shape}")
     if x.shape[-1] != cols:

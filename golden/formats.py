@@ -10,11 +10,11 @@ Contract (documented in docs/formats.md, tested exhaustively against ml_dtypes):
 * ``encode(x)`` rounds to the nearest representable value (decided exactly for
   every float64 ``x``, by comparison with exact midpoints), **ties to the even
   code** (to the larger magnitude for a float without mantissa bits, E8M0,
-  where both neighbours have significand 1), and **saturates**: anything beyond the largest finite value, ±Inf
-  included, becomes ±max. It never returns a NaN or Inf code. A zero result
-  keeps the sign of ``x`` where the format has a negative zero. NaN input raises
-  ``ValueError`` naming the first NaN's position; a negative input to an
-  unsigned format raises too.
+  where both neighbours have significand 1; a tie beside zero goes to zero), and
+  **saturates**: anything beyond the largest finite value, ±Inf included, becomes ±max.
+  It never returns a NaN or Inf code. A zero result keeps the sign of ``x`` where the
+  format has a negative zero. NaN input raises ``ValueError`` naming the first NaN's
+  position; a negative input to an unsigned format raises too.
 
 Float formats are sign-magnitude, ``[sign][exponent E][mantissa M]``, with
 value ``(1 + m/2^M) * 2^(e - bias)`` for ``e > 0`` and, where subnormals exist,
@@ -105,7 +105,9 @@ def round_to_table(x: np.ndarray, values: np.ndarray, codes: np.ndarray,
 
     ``ties="away"`` sends ties to the larger magnitude instead: the rule for a
     float with no mantissa bits (E8M0), whose neighbours both have significand 1,
-    so that "even" does not decide (IEEE 754 and ml_dtypes agree on this).
+    so that "even" does not decide (IEEE 754 and ml_dtypes agree on this). A tie
+    between zero and its neighbour (a parametric ``e3m0``'s 0 and 2^-2) goes to
+    zero there too: its significand 0 is the even one.
 
     ``values`` must be sorted ascending and free of duplicates, NaN and Inf; ``codes``
     gives the code of each value. Where the nearest value is 0 and ``x`` carries a
@@ -140,7 +142,10 @@ def round_to_table(x: np.ndarray, values: np.ndarray, codes: np.ndarray,
         eq = eq[zero[hi_i] > zero[lo_i]]
     if eq.size:                                            # ties between j and j + 1
         je = j[eq]
-        up = (codes[je + 1] & 1) == 0 if ties == "even" else flat[eq] > 0
+        if ties == "even":
+            up = (codes[je + 1] & 1) == 0
+        else:   # away from zero, but for a tie beside zero (significand 0, even: IEEE's choice too)
+            up = np.where(values[je + 1] == 0, True, (flat[eq] > 0) & (values[je] != 0))
         j[eq] = je + up
     out = codes[j]
     if neg_zero_code is not None:
@@ -216,6 +221,9 @@ class CodeTable:
 
     def encode(self, x) -> np.ndarray:
         """Round to nearest, ties to even code, saturating; see the module contract."""
+        if np.iscomplexobj(x):          # numpy's cast drops the imaginary part with a warning alone
+            raise ValueError(f"encode to {self.name}: complex input ({np.asarray(x).dtype}); the format holds "
+                             f"real numbers")
         x = np.asarray(x, dtype=np.float64)
         check_no_nan(x, f"encode to {self.name}")
         if not self.signed and (x < 0).any():

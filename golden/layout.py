@@ -96,7 +96,8 @@ class BlockLayout:
         return self.scale.bits + int(self.signed_scale)
 
     def make_header(self, scale_code, sign=0, select=0) -> np.ndarray:
-        scale_code, sign, select = (np.asarray(a, dtype=np.int64) for a in (scale_code, sign, select))
+        scale_code, sign, select = (_integers(a, f"header {what}") for a, what in
+                                    ((scale_code, "scale codes"), (sign, "signs"), (select, "selections")))
         S = self.scale.bits
         if (scale_code < 0).any() or (scale_code >= 1 << S).any():
             raise ValueError(f"scale code out of range for {self.scale.name}")
@@ -118,6 +119,16 @@ class BlockLayout:
         return scale_code, sign, select
 
 
+def _integers(a, what: str) -> np.ndarray:
+    """``a`` as int64, refusing a value that is no integer (the cast truncated 1.7 to code 1)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "iub":
+        frac = a != np.trunc(a) if a.dtype.kind == "f" else np.ones(a.shape, bool)
+        if frac.any():
+            raise ValueError(f"{what} are integers, got {a[frac].flat[0]} ({a.dtype})")
+    return a.astype(np.int64, copy=False)
+
+
 def _to_bits(values: np.ndarray, width: int) -> np.ndarray:
     """(..., n) integers -> (..., n*width) bits, LSB first."""
     v = np.asarray(values, dtype=np.int64)[..., None]
@@ -131,8 +142,8 @@ def _from_bits(bits: np.ndarray, width: int) -> np.ndarray:
 
 def pack_blocks(layout: BlockLayout, headers, codes) -> bytes:
     """Pack ``headers`` (n,) and ``codes`` (n, g) into the block stream."""
-    headers = np.asarray(headers, dtype=np.int64).reshape(-1)
-    codes = np.asarray(codes, dtype=np.int64)
+    headers = _integers(headers, "headers").reshape(-1)
+    codes = _integers(codes, "codes")
     if codes.ndim != 2 or codes.shape != (len(headers), layout.group):
         raise ValueError(f"codes must be (n_blocks, {layout.group}) with n_blocks = {len(headers)}; "
                          f"got {codes.shape}")

@@ -8,7 +8,8 @@ these rules:
 
 * ``weight_matrix(w, name)``: a 2-D array of real numbers with at least one row and one column;
   a torch tensor (a ``Parameter`` that requires grad, BF16 or FP8, on any device) is read as
-  numpy would be given it, float16/32/64 kept, other float types as float32 (which holds them);
+  numpy would be given it, float16/32/64 kept, other float types as float32 (which holds them), and
+  so is an ml_dtypes array (``bfloat16``, ``float8_*``; its ``int4`` as int64);
   a meta tensor (no values), a complex one or a non-numeric array is refused. Never a copy where
   the caller's array is already one the quantizers take; the caller's array is never written.
 * ``sanitize(name, w, policy)``: non-finite weights refused (``policy`` "error") or replaced by 0
@@ -54,9 +55,25 @@ def _from_torch(w, name: str):
     return w.numpy()
 
 
+def _from_ml_dtypes(a: np.ndarray) -> np.ndarray:
+    """An ml_dtypes array (``bfloat16``, ``float8_e4m3fn``, ``int4``: numpy's kind ``V``) as the numpy type
+    that holds it exactly, float32 or int64 (as a torch BF16 tensor is read); anything else as it is."""
+    if a.dtype.kind != "V":
+        return a
+    import ml_dtypes
+
+    for info, to in ((ml_dtypes.finfo, np.float32), (ml_dtypes.iinfo, np.int64)):
+        try:
+            info(a.dtype)
+        except (TypeError, ValueError):
+            continue
+        return a.astype(to)
+    return a
+
+
 def weight_matrix(w, name: str = "layer") -> np.ndarray:
     """``w`` as the quantizers take it, or ``ValueError`` (module docstring)."""
-    a = np.asarray(_from_torch(w, name))
+    a = _from_ml_dtypes(np.asarray(_from_torch(w, name)))
     if a.dtype.kind not in "biuf":
         raise ValueError(f"{name}: weights must be real numbers, got dtype {a.dtype}")
     if a.ndim != 2:
@@ -71,7 +88,7 @@ def column_weights(act_ms, cols: int, name: str = "layer") -> np.ndarray | None:
     """``act_ms`` checked against a layer of ``cols`` input columns (module docstring)."""
     if act_ms is None:
         return None
-    a = np.asarray(_from_torch(act_ms, name))
+    a = _from_ml_dtypes(np.asarray(_from_torch(act_ms, name)))
     if a.dtype.kind not in "biuf" or a.shape != (cols,):
         raise ValueError(f"{name}: act_ms must hold one number per input column ({cols}), got shape {a.shape} "
                          f"of {a.dtype}")

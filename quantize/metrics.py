@@ -73,8 +73,9 @@ class ErrorStats:
         w2 = w.reshape(-1, w.shape[-1]) if w.ndim else w.reshape(1, 1)
         q2 = q.reshape(w2.shape)
         # The power of two 2^k above every magnitude: scaling by 2^-k is exact.
-        peak = max(abs_max(w2), abs_max(q2))
-        if not math.isfinite(peak):
+        peaks = abs_max(w2), abs_max(q2)
+        peak = max(peaks)                   # (Python's max drops a NaN after a number: each is checked)
+        if not all(math.isfinite(p) for p in peaks):
             raise RuntimeError("a weight or its reconstruction is not finite: the quantizer must not "
                                "produce one (a bug)")
         k = math.frexp(peak)[1] if peak > 0 else 0

@@ -68,6 +68,24 @@ def test_torch_tensors_as_a_model_holds_them(fmt):
         q(torch.ones(4, 16, dtype=torch.complex64), name="w")
 
 
+@pytest.mark.parametrize("fmt", ["sop4-g16", "nvfp4", "fp8-e4m3-pot"])
+def test_ml_dtypes_arrays_are_read_as_the_numbers_they_hold(fmt):
+    """An ml_dtypes ``bfloat16`` or ``float8_e4m3fn`` array (numpy's kind "V") was refused as "weights must be
+    real numbers, got dtype bfloat16" (an outside probe): read as float32, as a torch BF16 tensor is."""
+    import ml_dtypes
+
+    q = get_quant_format(fmt).quantize
+    w = weights(cols=40)
+    for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn):
+        held = w.astype(t)
+        res = q(held, act_ms=np.linspace(0.5, 2, 40).astype(t))
+        want = q(held.astype(np.float32), act_ms=np.linspace(0.5, 2, 40).astype(t).astype(np.float32))
+        assert np.array_equal(res.recon, want.recon) and res.bits == want.bits
+    assert np.array_equal(q(np.ones((4, 16), ml_dtypes.int4)).recon, q(np.ones((4, 16), np.int8)).recon)
+    with pytest.raises(ValueError, match="^layer: weights must be real numbers, got dtype"):
+        q(np.zeros((4, 16), np.dtype([("a", np.float32)])))
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "sop4-g16"])
 def test_a_misspelt_keyword_is_an_error(fmt):
     with pytest.raises(TypeError, match="scale_serach"):

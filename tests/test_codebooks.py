@@ -119,8 +119,11 @@ def test_a_value_the_hif_cannot_hold_is_refused():
         Codebook.from_values("dd4", [0.0, 0.5, 1.0, 100.0] + [0.0] * 12)
     top = float(DEFAULT_HIF.max)                         # the HIF's largest value itself is held
     assert Codebook.from_values("dd4", [-top, top] + [0.0] * 14).values.max() == top
-    with pytest.raises(ValueError, match="need 16"):
+    with pytest.raises(ValueError, match=r"17 entries, need a power of two \(16 for 4-bit codes"):
         Codebook.from_values("dd4", np.zeros(15).tolist() + [1.0, 2.0])
+    for n in (3, 24, 0):                # "3 entries, need 2", "24 entries, need 16": log2 rounded down
+        with pytest.raises(ValueError, match=f"^codebook dd4: {n} entries, need a power of two"):
+            Codebook.from_values("dd4", np.zeros(n))
     with pytest.raises(ValueError, match="valid: .*nf4"):
         get_codebook("nf5")
 

@@ -119,6 +119,27 @@ def test_sparse_residual_is_added_before_rounding():
     np.testing.assert_array_equal(diff, expect)
 
 
+def test_a_dest_of_another_dtype_than_float64_or_float32_is_refused():
+    # An outside probe: dest=float16 made a weight past 65504 Inf (numpy's cast), and dest=bfloat16 rounded
+    # through float32 first (ml_dtypes' cast): a product on a BF16 tie plus a residual 2^-30 of it, whose
+    # exact sum rounds up (out="bf16": 0.00872802734375), came back rounded down to the tie's even neighbour.
+    big = np.full((1, 16), 70000.0)
+    s16 = encode_layer(big, SOP4, [get_codebook("fp4"), get_codebook("nf4")])
+    with pytest.raises(ValueError, match="dest is float16: decode_layer writes float64 or float32"):
+        decode_layer(s16, dest=np.empty((1, 16), np.float16))
+    luts = np.zeros((2, 16), np.int64)
+    luts[0, 1] = 19                                  # HIF 19 x UE3M3 15 = 0.008697509765625, a BF16 tie
+    codes = np.zeros((1, 16), np.int64)
+    codes[0, 0] = 1
+    tie = DEFAULT_HIF.values[19] * SOP4.scale.values[15]
+    residual = Sparse(np.array([0], np.uint32), get_format("bf16").encode([tie * 2.0 ** -30]).astype(np.uint16))
+    s = LayerStream(SOP4, DEFAULT_HIF, luts, 0, 1, 16, pack_blocks(SOP4, SOP4.make_header([15]), codes), residual)
+    assert decode_layer(s, "bf16")[0, 0] == 0.00872802734375
+    with pytest.raises(ValueError, match="dest is bfloat16"):
+        decode_layer(s, dest=np.empty((1, 16), ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(decode_layer(s, dest=np.empty((1, 8))), decode_layer(s)[:, :8])
+
+
 # -- the checker catches injected bugs ------------------------------------------------------
 
 def test_reference_check_catches_a_flipped_lut_bit():

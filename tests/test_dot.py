@@ -280,6 +280,22 @@ def test_activations_that_are_not_finite_or_not_held_are_refused(bad, what):
         dot.gemv(s, np.zeros(9, np.float32))
 
 
+def test_bfloat16_activations_numpy_cannot_name_as_floats_are_taken():
+    # an ml_dtypes bfloat16 or float8 array (numpy's kind "V") was refused as "not floating point", and a
+    # torch bfloat16 tensor was torch's TypeError "Got unsupported ScalarType BFloat16" (an outside probe)
+    import ml_dtypes
+    import torch
+
+    s = small_stream([0, 1, 2], [[1, 2, 0, 0, 0, 0, 0, 0], [2, 2, 0, 0, 0, 0, 0, 0]], rows=2)
+    x = np.array([[1, 1, 0, 0, 0, 0, 0, -3], [0.5, -1, 0, 0, 0, 0, 0, 0]], np.float32)
+    want = dot.gemv(s, x)
+    assert same_float32(dot.gemv(s, x.astype(ml_dtypes.bfloat16)), want)
+    assert same_float32(dot.gemv(s, torch.from_numpy(x).bfloat16()), want)
+    assert same_float32(dot.gemv(s, x.astype(ml_dtypes.float8_e4m3fn), "e4m3"), dot.gemv(s, x, "e4m3"))
+    with pytest.raises(ValueError, match="must be floating point, got int4"):
+        dot.gemv(s, np.zeros(8, ml_dtypes.int4))
+
+
 # -- the accumulator width ----------------------------------------------------------------------------
 
 def test_the_documented_widths_of_the_operating_points():

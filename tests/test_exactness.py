@@ -2,8 +2,9 @@
 rational arithmetic (``fractions.Fraction``), never against float differences.
 
 ``exact_nearest`` is the reference: the nearest table value by exact distance, ties
-to the even code (to the larger magnitude for ``ties="away"``), ±Inf to the ends, the
-negative-zero code for a negative input whose nearest value is zero. It is compared
+to the even code (to the larger magnitude for ``ties="away"``, but to a zero neighbour),
+±Inf to the ends, the negative-zero code for a negative input whose nearest value is
+zero. It is compared
 with golden's ``round_to_table`` (and ``CodeTable.encode``) and with the quantizer's
 ``FastTable`` on
 
@@ -56,7 +57,8 @@ def exact_nearest(x, values, codes, neg_zero=None, ties="even") -> np.ndarray:
             else:
                 lo, hi = best
                 assert codes[lo] % 2 != codes[hi] % 2, "ambiguous tie rule for this table"
-                up = codes[hi] % 2 == 0 if ties == "even" else xi > 0
+                # "away": the larger magnitude, but a tie beside zero goes to zero (its significand is even)
+                up = codes[hi] % 2 == 0 if ties == "even" else vals[hi] == 0 or (xi > 0 and vals[lo] != 0)
                 i = hi if up else lo
         c = int(codes[i])
         if neg_zero is not None and vals[i] == 0 and np.signbit(xi):

@@ -181,6 +181,21 @@ def test_signed_zero_and_negative_underflow():
     assert e2m1.encode(0.25) == 0           # tie between 0 and 0.5: even code 0
 
 
+@pytest.mark.parametrize("name", ["e3m0", "ue4m0", "e2m0b-3"])
+def test_a_tie_beside_zero_goes_to_zero_in_a_format_without_mantissa_bits(name):
+    # An outside probe: e3m0 took its tie between 0 and 2^-2 away from zero (code 1, odd), as E8M0's rule
+    # does between two powers of two; zero's significand 0 is the even one, as every other format rounds
+    # (e2m1's 0.25 above). The ties between two powers of two still go to the larger magnitude.
+    fmt = get_format(name)
+    lo, nxt = fmt.min_positive, 2 * fmt.min_positive
+    x = np.array([lo / 2, (lo + nxt) / 2, np.nextafter(lo / 2, np.inf)])
+    np.testing.assert_array_equal(fmt.decode(fmt.encode(x)), [0, nxt, lo])
+    if fmt.signed:
+        codes = fmt.encode(-x)
+        np.testing.assert_array_equal(fmt.decode(codes), [-0.0, -nxt, -lo])
+        assert np.signbit(fmt.decode(codes[0]))                # the tie's zero keeps the sign
+
+
 @pytest.mark.parametrize("name, got", [("e8m23", "E = 8, M = 23"), ("ue0m0", "E = 0, M = 0"),
                                        ("e12m0", "E = 12, M = 0"), ("e1m16b3", "E = 1, M = 16")])
 def test_a_parametric_name_past_the_sizes_says_the_sizes(name, got, capsys):
@@ -212,6 +227,8 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match=r"codes are integers, got 1.7 \(float64\)"):
         e2m3.decode([1.0, 1.7])                   # was read as code 1 (an outside review)
     assert e2m3.decode(np.array([1.0, 2.0])).tolist() == e2m3.decode([1, 2]).tolist() == [0.125, 0.25]
+    with pytest.raises(ValueError, match=r"^encode to e2m3: complex input \(complex128\); the format holds real"):
+        e2m3.encode([1 + 2j, 3])                  # was code of 1.0, the imaginary part dropped (an outside probe)
     with pytest.raises(ValueError, match="valid: .*e2m3.*ue4m4"):
         get_format("e9m9x")
 

@@ -50,6 +50,18 @@ def test_header_fields_split_back():
     assert [x.tolist() for x in lay.split_header(hdr)] == [[0, 63, 17], [1, 0, 1], [0, 1, 1]]
     with pytest.raises(ValueError, match="select"):
         FP6.make_header(3, 0, 1)          # FP6 has no selection bit
+    # a value that is no integer was truncated (scale code 1.7 packed as 1; an outside probe), as decode's
+    # codes were; whole floats are taken, as an index would be
+    with pytest.raises(ValueError, match=r"^header scale codes are integers, got 1.7 \(float64\)"):
+        lay.make_header([1.7])
+    with pytest.raises(ValueError, match=r"^header signs are integers, got 0.5"):
+        lay.make_header([1], [0.5])
+    assert lay.make_header(np.array([17.0]), 1.0, 1).tolist() == hdr[2:].tolist()
+    with pytest.raises(ValueError, match=r"^headers are integers, got 1.5"):
+        pack_blocks(lay, [1.5], np.zeros((1, 16), int))
+    with pytest.raises(ValueError, match=r"^codes are integers, got 2.25"):
+        pack_blocks(lay, [1], np.full((1, 16), 2.25))
+    assert pack_blocks(lay, np.array([5.0]), np.ones((1, 16))) == pack_blocks(lay, [5], np.ones((1, 16), int))
 
 
 LAYOUTS = [BlockLayout(k, g, get_format(s), sign, sel)

@@ -104,6 +104,13 @@ def test_a_non_finite_reconstruction_is_a_bug_not_a_figure():
     q[1, 3] = np.inf
     with pytest.raises(RuntimeError, match="not finite"):
         ErrorStats.of(w, q)
+    # a NaN in the reconstruction (not in the weight) gave SQNR nan and max_abs_err 0.0 without a word: the
+    # peak was Python's max(finite, nan), which keeps the first (an outside probe)
+    q[1, 3] = np.nan
+    with pytest.raises(RuntimeError, match="not finite"):
+        ErrorStats.of(w, q)
+    with pytest.raises(RuntimeError, match="not finite"):
+        ErrorStats.of(q, w)
 
 
 # -- a float64 checkpoint: the same numbers, refusals and results from torch as from safetensors ------------
