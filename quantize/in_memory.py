@@ -21,10 +21,10 @@ does for a checkpoint on disk, with the same rules and the same bits:
   is one layer per expert, ``<parameter>[<expert>]`` (``_stacked_experts``). Kept, each
   with its reason in ``kept``: every other parameter of two or more dimensions (embeddings, FP8 weights and
   experts, Llama 4's fused experts, convolutions), weights that are views of another tensor's memory (writing one
-  would change the other), ``nn.MultiheadAttention``'s weights (it applies
-  them without calling a module, so no hook sees their input) and a weight computed at each call (a
-  parametrization such as ``weight_norm``: writing it would change nothing). A weight on the meta
-  device is refused.
+  would change the other) or whose elements share memory (an ``expand``ed weight), ``nn.MultiheadAttention``'s
+  weights (it applies them without calling a module, so no hook sees their input) and a weight computed at each
+  call (a parametrization such as ``weight_norm``: writing it would change nothing). A weight on the meta
+  device, or a lazy module's not yet initialized, is refused.
 * **calibration**: with ``batches`` (an iterable of batches, each a mapping of model keywords such as
   a tokenizer's output, a tuple of positional inputs or one tensor), the model runs once on each in
   ``eval`` mode under ``torch.inference_mode`` (every submodule's mode is restored after), and each
@@ -42,7 +42,9 @@ does for a checkpoint on disk, with the same rules and the same bits:
   (``causal_lm._expert_hook``). A layer no token reached (its module not called, or called on no row,
   an expert no token was routed to) gets one token of ones (``1/tokens`` in every column) and is
   listed in ``unreached``. A non-finite statistic is refused naming the layer, and batches that reach
-  no layer are refused. Without ``batches`` every layer is unweighted.
+  no layer are refused, as is a parameter or buffer on the meta device that the forward pass would read
+  (``_meta_tensor``: the layers after it would take in uninitialized memory). Without ``batches`` every layer
+  is unweighted.
 * **quantization**: ``schemes.get_quant_format(fmt)``: a per-layer format quantizes each layer
   alone, ``sop-budget`` chooses over every layer at once under ``budget`` bits per weight.
 * **write back**: each weight gets its reconstruction cast to the parameter's own dtype and device
@@ -288,6 +290,9 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False,
                 kept[name] = ("computed at each call (a parametrization such as weight_norm), not a stored "
                               "parameter: writing it would change nothing")
             continue
+        if isinstance(weight, torch.nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {name}: its weight is not initialized yet (a lazy module, {type(module).__name__}:"
+                             f" run the model once on a batch first)")
         if _view(weight) in decided:                # a weight two modules apply: one layer, both inputs
             first, quantized = decided[_view(weight)]
             if quantized:
@@ -356,6 +361,11 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False,
     shared: dict[int, str | None] = {}             # a stored parameter -> the other tensor its memory overlaps
     for name, lay in list(layers.items()):         # a view of another tensor's memory: writing it writes that
         p = lay.stored()
+        if _overlaps_itself(p):                    # copy_ refused it after the layers before it were written
+            del layers[name]
+            kept[name] = ("its elements share memory (an expanded view, a stride of 0): no reconstruction can "
+                          "be written into it")
+            continue
         other = shared[id(p)] = shared[id(p)] if id(p) in shared else _overlapping(model, p)
         if other is not None:
             del layers[name]
@@ -421,6 +431,12 @@ def _span(p) -> tuple[int, int, int]:
     extent = 1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride())) if p.numel() else 0
     start = p.storage_offset() * p.element_size()
     return p.untyped_storage().data_ptr(), start, start + extent * p.element_size()
+
+
+def _overlaps_itself(p) -> bool:
+    """Some elements of ``p`` share memory (``expand``: a stride of 0 along an axis of several, or strides
+    that fold the tensor onto itself): fewer memory places than elements."""
+    return not p.is_meta and 1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride())) < p.numel()
 
 
 def _overlapping(model, weight) -> str | None:
@@ -608,6 +624,11 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
     if isinstance(batches, (Mapping, torch.Tensor)) or not hasattr(batches, "__iter__"):
         raise ValueError(f"batches is an iterable of batches, got a {type(batches).__name__}: for one batch, "
                          f"pass [batch]")
+    meta = _meta_tensor(model)
+    if meta is not None:
+        raise ValueError(f"calibration: the model's {meta} is on the meta device (not loaded): the forward pass "
+                         f"would compute with no values (a linear module's output uninitialized memory), and the "
+                         f"statistics after it would be garbage; load it, or give no batches")
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
     encoder = _encoder_modules(model)
@@ -684,7 +705,9 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
         for m, training in modes:
             m.training = training
     if max(counts.values()) == 0:
-        raise ValueError("the calibration batches reached no linear layer (none given, or the model ran none)")
+        why = ("none given" if not ran else "every position masked: each batch's attention_mask is all 0"
+               if all(n == 0 for n in ran) else "the model ran none")
+        raise ValueError(f"the calibration batches reached no linear layer ({why})")
     tokens = sum(ran) if None not in ran and sum(ran) else max(counts.values())
     stats, unreached = {}, [n for n in layers if not (counts[n] and n in sums)]
     for name, lay in layers.items():            # a layer no token reached: one token of ones, as on disk
@@ -696,6 +719,21 @@ def activation_stats(model, layers: dict, batches) -> tuple[dict[str, np.ndarray
             raise ValueError(f"layer {name}: its input's mean square is not finite (an Inf or NaN reached it, "
                              f"or its square overflowed): no calibration statistic")
     return stats, tokens, unreached
+
+
+def _meta_tensor(model) -> str | None:
+    """The first parameter or buffer of ``model`` on the meta device that its forward pass would read as it is
+    (a module that accelerate offloads, ``_hf_hook.offload``, has its own loaded at each call), else None: torch
+    computes a CPU input against a meta weight into uninitialized memory (a linear module without bias), so every
+    statistic after it is garbage, where a selected layer's meta weight is refused anyway (``linear_modules``)."""
+    for mname, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if any(getattr(h, "offload", False) for h in (hook, *getattr(hook, "hooks", ()))):
+            continue
+        for pname, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+            if t is not None and t.is_meta:
+                return f"{mname}.{pname}" if mname else pname
+    return None
 
 
 def _silent(_msg) -> None:
