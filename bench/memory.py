@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     n = args.size * args.size
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        work = Path(tmp)
+        work = Path(tmp).absolute()         # the children run in it: a relative --workdir named nothing there
         model = work / "model.safetensors"
         t0 = time.perf_counter()
         write_checkpoint(model, args.size, args.dtype)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sop.argtypes import number, positive
 from sop.sim import vectors
 
 #: the last revision with the line-by-line reader
@@ -30,12 +31,22 @@ OLD = "aadb5a5628c3da68cf243bee423f2a0f5dbbd85c"
 FIELDS = ("luts", "offset", "headers", "codes", "expected_bf16", "expected_exact", "sparse_index", "sparse_values")
 
 
-def old_module(rev: str, tmp: Path):
-    """sim/vectors.py as it was at ``rev``, imported as a module of its own."""
-    root = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def old_source(rev: str) -> bytes | None:
+    """sim/vectors.py as it was at ``rev`` (None: no such revision, or no such file in it; a ``rev``
+    beginning with ``-`` would be an option of git's)."""
+    if rev.startswith("-"):
+        return None
+    p = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:sim/vectors.py"], capture_output=True)
+    return p.stdout if p.returncode == 0 else None
+
+
+def old_module(source: bytes, tmp: Path):
+    """``source`` (an earlier sim/vectors.py) imported as a module of its own."""
     path = tmp / "vectors_old.py"
-    path.write_bytes(subprocess.run(["git", "-C", str(root), "show", f"{rev}:sim/vectors.py"], check=True,
-                                    capture_output=True).stdout)
+    path.write_bytes(source)
     spec = importlib.util.spec_from_file_location("vectors_old", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module                 # dataclasses look their module up
@@ -50,16 +61,20 @@ def same(a, b) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=6, help="MiniLM's first N linear layers (0: all 37)")
+    p.add_argument("--layers", type=number(int, 0, inclusive=True), default=6,
+                   help="MiniLM's first N linear layers (0: all 37)")
     p.add_argument("--sparse", action="store_true", help="also the sop-budget artifact's sop4-g16 layers")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=positive(int), default=3)
     p.add_argument("--old", default=OLD, help="the revision whose reader is timed as before")
     args = p.parse_args()
+    source = old_source(args.old)           # before any work: a bad revision was a traceback after none
+    if source is None:
+        p.error(f"--old {args.old}: no sim/vectors.py at that revision in {ROOT} (git show failed)")
     from sop.quantize.models import open_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        old = old_module(args.old, tmp)
+        old = old_module(source, tmp)
         names = [lay.name for lay in open_model("minilm").layers]
         names = names[:args.layers] if args.layers else names
         sets = {f"minilm, {len(names)} layers": vectors.make_vectors("minilm", "sop4-g16", names, tmp / "dense")}

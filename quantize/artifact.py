@@ -17,8 +17,9 @@ A ``.sopq`` file holds one model quantized in one format (docs/quantizer.md,
 A layer's header entry gives its name (as in the source checkpoint), its
 ``(out, in)`` shape, its padded shape, whether the checkpoint stores it
 transposed, the record kind, the record's offset (from the start of the data)
-and length, the record's CRC-32, its bits, bpw and the quantizer's choice; an
-expert of a fused experts tensor also ``stack``: ``[tensor, expert, experts]``
+and length, the record's CRC-32 (a ``sopl`` record's own, its last 4 bytes:
+``record_crc_ok``), its bits, bpw and the quantizer's choice; an expert of a
+fused experts tensor also ``stack``: ``[tensor, expert, experts]``
 (its name is ``tensor[expert]``, and a tensor's experts follow one another in
 order). Two record kinds:
 
@@ -102,6 +103,8 @@ RECORD_KINDS = {
 MAX_HEADER = 1 << 30                      # a sanity bound on the header length field
 MAX_NAME = 1024                           # longest layer name (a checkpoint tensor name)
 RESERVED_NAMES = ("__metadata__",)        # the safetensors header's own key
+#: CRC-32 (zlib's) of any bytes followed by their own CRC-32, little-endian: every intact ``sopl`` record's
+SOPL_RESIDUE = 0x2144DF1C
 _CHUNK = 1 << 20
 
 
@@ -171,6 +174,17 @@ def decode_record(entry: "LayerEntry", data: bytes | bytearray) -> np.ndarray:
                             f"{'s' if len(bad) > 1 else ''} (the first, {w[r, c]}, at row {r}, column {c}); "
                             f"sop never writes one: the artifact was altered")
     return w
+
+
+def record_crc_ok(entry: "LayerEntry", crc: int, tail: bytes) -> bool:
+    """Whether a record whose CRC-32 is ``crc`` and whose last 4 bytes are ``tail`` is the one its
+    header entry names. An ``f32`` record's CRC is the entry's. A ``sopl`` record ends in its own CRC,
+    so the CRC of the whole is the residue for every intact record, and the whole-file CRC does not
+    change when two records of one length trade places: the entry names the record by its own CRC
+    (the residue in files written before 2026-12-06, which cannot tell such records apart)."""
+    if entry.kind != "sopl":
+        return crc == entry.crc32
+    return crc == SOPL_RESIDUE and entry.crc32 in (SOPL_RESIDUE, int.from_bytes(tail[-4:], "little"))
 
 
 # -- the header --------------------------------------------------------------------------------------
@@ -344,7 +358,7 @@ class Artifact:
         if got != entry.length:
             raise ArtifactError(f"{self.path}: layer {entry.name}: record truncated "
                                 f"({got} of {entry.length} bytes)")
-        if crc32(data) != entry.crc32:
+        if not record_crc_ok(entry, crc32(data), bytes(data[-4:])):
             raise ArtifactError(f"{self.path}: layer {entry.name}: record checksum mismatch (corrupted)")
         return data
 
@@ -430,14 +444,14 @@ def _verify(path: Path) -> Artifact:
                                 f"{size} bytes, its header says {expected}")
         running = zlib.crc32(pre + hbytes + CRC.pack(hcrc))
         for e in entries:              # in chunks: no record (4 bytes a weight for f32) is held
-            crc, left = 0, e.length
+            crc, left, tail = 0, e.length, b""
             while left:
                 chunk = f.read(min(_CHUNK, left))
                 if not chunk:
                     break
                 crc, running = zlib.crc32(chunk, crc), zlib.crc32(chunk, running)
-                left -= len(chunk)
-            if left or crc & 0xFFFFFFFF != e.crc32:
+                left, tail = left - len(chunk), (tail + chunk[-4:])[-4:]
+            if left or not record_crc_ok(e, crc & 0xFFFFFFFF, tail):
                 raise ArtifactError(f"{where}: layer {e.name}: record checksum mismatch (corrupted)")
         (fcrc,) = CRC.unpack(f.read(CRC.size))
         if running & 0xFFFFFFFF != fcrc:
@@ -536,12 +550,13 @@ def _write_artifact(src, fmt, out: Path, budget, cal, nan_policy: str, outcomes,
                 lay = src.layers[i - 1]
                 stats.append(o.stats)
                 kind, padded = o.record
-                length, crc = 0, 0
+                length, crc, tail = 0, 0, b""
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
                     spool.write(view)
-                    crc, length = zlib.crc32(view, crc), length + len(view)
-                crc &= 0xFFFFFFFF
+                    crc, length, tail = zlib.crc32(view, crc), length + len(view), (tail + bytes(view[-4:]))[-4:]
+                # a sopl record's CRC is the residue, whichever it is: the entry holds its own CRC (record_crc_ok)
+                crc = int.from_bytes(tail, "little") if kind == "sopl" else crc & 0xFFFFFFFF
                 del chunks
                 e = LayerEntry(lay.name, tuple(lay.shape), tuple(padded), lay.transposed, kind, pos, length,
                                crc, o.bits, o.choice, getattr(lay, "stack", None))

@@ -42,7 +42,10 @@ def parse_container(data: bytes):
     records = {}
     for e in meta["layers"]:
         rec = data[start + e["offset"]:start + e["offset"] + e["length"]]
-        assert zlib.crc32(rec) == e["crc32"]
+        if e["record"] == "sopl":       # the record ends in its own CRC: the whole's is the residue
+            assert zlib.crc32(rec) == 0x2144DF1C and e["crc32"] == struct.unpack("<I", rec[-4:])[0]
+        else:
+            assert zlib.crc32(rec) == e["crc32"]
         records[e["name"]] = rec
     return meta, records
 
@@ -214,6 +217,37 @@ def test_every_byte_flip_is_caught_and_named(toy_sop4, tmp_path):
             assert want in msg, (i, mask, msg)
 
 
+def test_two_records_of_one_length_trading_places_are_caught(tmp_path, capsys):
+    """A sopl record ends in its own CRC, so the CRC of every intact one is the same residue, and the
+    whole-file CRC does not change when two records of one length trade places: such a file decoded
+    each layer as the other's without a word (an outside probe, 2026-12-06). The header names a sopl
+    record by its own CRC; a file written before, whose entries hold the residue, still opens."""
+    art = tmp_path / "m.sopq"
+    names = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.key.weight"]
+    assert main(["quantize", "minilm", "--format", "sop4-g16", "--out", str(art), "--no-calib", "--quiet",
+                 "--include", names[0], "--include", names[1]]) == 0
+    capsys.readouterr()
+    data = art.read_bytes()
+    meta, records = parse_container(data)
+    a, b = meta["layers"]
+    assert a["length"] == b["length"] and records[a["name"]] != records[b["name"]]
+    start = 16 + struct.unpack_from("<I", data, 8)[0]
+    swapped = data[:start] + records[b["name"]] + records[a["name"]] + data[-4:]
+    assert zlib.crc32(swapped[:-4]) == zlib.crc32(data[:-4])           # the whole-file CRC cannot see it
+    bad, out = tmp_path / "swapped.sopq", tmp_path / "w.safetensors"
+    bad.write_bytes(swapped)
+    assert main(["dequantize", str(bad), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sop: error: ") and err.count("\n") == 1 and not out.exists()
+    assert f"{bad}: layer {a['name']}: record checksum mismatch" in err
+    # a file written before the fix: its sopl entries hold the residue; it opens and decodes as it did
+    old = tmp_path / "old.sopq"
+    old.write_bytes(rebuild(data, lambda m, body: [e.update(crc32=zlib.crc32(records[e["name"]]))
+                                                   for e in m["layers"]]))
+    for e in meta["layers"]:
+        assert same_bits(A.open_artifact(old).weights(e["name"]), A.open_artifact(art).weights(e["name"]))
+
+
 def rebuild(data: bytes, edit) -> bytes:
     """The container with its header changed by ``edit(meta)`` and every checksum recomputed."""
     hlen = struct.unpack_from("<I", data, 8)[0]
@@ -282,7 +316,8 @@ INCONSISTENT = {
     "shape cropped by a block": (lambda m, b: m["layers"][0].update(shape=[m["layers"][0]["shape"][0],
                                                                           m["layers"][0]["shape"][1] - 16]),
                                  "padded to"),
-    "corrupt stream, good crc": (_bad_stream, "bad layer stream"),
+    # the entry's crc32 that of the corrupt record: a sopl record's whole CRC must be the residue
+    "corrupt stream, good crc": (_bad_stream, "layer blk.0.fc.weight: record checksum mismatch"),
     "layer named __metadata__": (lambda m, b: m["layers"][0].update(name="__metadata__"),
                                  "layer name '__metadata__' cannot be written to safetensors"),
     "empty layer name": (lambda m, b: m["layers"][0].update(name=""), "cannot be written"),

@@ -81,6 +81,26 @@ def test_memory_main_counts_size_squared_weights_and_meets_a_target_equalled(mon
     assert f"worst {mem.TARGET:.2f} bytes/weight: target <= {mem.TARGET:g} met" in text
 
 
+def test_memory_with_a_relative_workdir_gives_its_children_paths_they_find(monkeypatch, tmp_path, capsys):
+    """`bench/memory.py --workdir .`: each child runs in the temporary folder, and was given the checkpoint
+    as `tmpXXXX/model.safetensors`, relative to the bench's folder (a RuntimeError traceback, "model ...
+    not found": an outside probe). The paths a child gets name the files from its own folder."""
+    mem = bench_module(monkeypatch, "memory")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def run(args, cwd, **kw):
+        model, sopq = Path(cwd, args[4]), Path(cwd, args[6])
+        seen.append((args[3], model.is_file(), sopq.parent == Path(cwd) and sopq.parent.is_dir()))
+        return SimpleNamespace(returncode=0, stdout=json.dumps({"base": 0, "peak": 0, "bpw": 1.0, "seconds": 1.0}),
+                               stderr="")
+
+    monkeypatch.setattr(mem.subprocess, "run", run)
+    assert mem.main(["--size", "4", "--format", "nf4-g64", "--command", "quantize", "--workdir", "."]) == 0
+    assert seen == [("quantize", True, True)]
+    assert list(tmp_path.iterdir()) == []                 # the temporary folder removed
+
+
 # -- bench/dot_vs_naive.py -------------------------------------------------------------------------
 
 def _dn_records(dn, monkeypatch):

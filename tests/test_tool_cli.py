@@ -244,10 +244,16 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("codebook_sqnr.py", ["--out", "/dev/null"], "/dev/null: the output exists and is a character device"),
     ("hif_sqnr.py", ["--out", "/dev/null"], "/dev/null: the output exists and is a character device"),
     ("search_ablation.py", ["--skip-weighted", "x"], "unrecognized arguments: x"),
+    ("read_vectors.py", ["--layers", "-1"], "argument --layers: must be an integer at least 0, got -1"),
+    ("read_vectors.py", ["--rounds", "0"], "argument --rounds: must be an integer above 0, got 0"),
+    ("read_vectors.py", ["--old", "no-such-rev"], "--old no-such-rev: no sim/vectors.py at that revision"),
+    ("read_vectors.py", ["--old=--output=x"], "--old --output=x: no sim/vectors.py at that revision"),
 ])
 def test_a_benchs_bad_argument_is_one_usage_line_before_any_work(tmp_path, script, argv, said):
     """Each of these once ran: minutes of synthesis before a StatisticsError (--seeds 0), a layer dropped
-    without a word (--layers -1), a report that then blocked on a FIFO forever (--out), a traceback."""
+    without a word (--layers -1), a report that then blocked on a FIFO forever (--out), a traceback
+    (read_vectors.py: `--rounds 0` an UnboundLocalError after the vectors were written, `--old` a
+    revision git has not a CalledProcessError, `--layers -1` MiniLM's last layer dropped; an outside probe)."""
     r = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and said in r.stderr, r.stderr
