@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decoder import float_fields
-from .formats import FLOAT32_MAX, FORMATS, FloatFormat, to_float32
+from .formats import FLOAT32_MAX, FORMATS, FloatFormat, exact_numpy, to_float32
 from .layout import LayerStream, unpack_blocks, validate_stream
 
 
@@ -138,18 +138,6 @@ def _where(pos: tuple, ndim: int) -> str:
     return f"x[{pos[-1]}]" if ndim == 1 else f"x[{pos[0]}, {pos[1]}]"
 
 
-def _floating(dtype: np.dtype) -> bool:
-    """numpy's floats and ml_dtypes' (``bfloat16``, ``float8_e4m3fn``: numpy's kind ``V``, not ``f``)."""
-    if dtype.kind != "V":
-        return dtype.kind == "f"
-    import ml_dtypes
-    try:
-        ml_dtypes.finfo(dtype)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def _as_array(x) -> np.ndarray:
     if not isinstance(x, np.ndarray) and hasattr(x, "detach") and getattr(x, "is_floating_point", bool)():
         x = x.detach().cpu().double()       # exact for every torch float; numpy has no torch.bfloat16
@@ -161,9 +149,10 @@ def activation_codes(x, act) -> np.ndarray:
     that is not finite or that ``act`` does not hold exactly. ``x`` is any float array: numpy's,
     ml_dtypes' (a ``bfloat16`` array) or a torch tensor (its ``bfloat16`` too, which numpy cannot take)."""
     fmt = act_format(act)
-    x = _as_array(x)
-    if not _floating(x.dtype):
-        raise ValueError(f"activations must be floating point, got {x.dtype}")
+    given = _as_array(x)
+    x = exact_numpy(given)                  # an ml_dtypes float (kind "V") as float32, which holds it
+    if x.dtype.kind != "f":
+        raise ValueError(f"activations must be floating point, got {given.dtype}")
     x64 = x.astype(np.float64)
     bad = ~np.isfinite(x64)
     if bad.any():

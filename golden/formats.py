@@ -98,6 +98,22 @@ def table_midpoints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     return m, r.astype(np.int8), exact
 
 
+def exact_numpy(a: np.ndarray) -> np.ndarray:
+    """An ml_dtypes array (``bfloat16``, ``float8_e4m3fn``, ``int4``: numpy's kind ``V``) as the numpy type
+    that holds every value of it exactly, float32 or int64; any other array as it is."""
+    if a.dtype.kind != "V":
+        return a
+    import ml_dtypes
+
+    for info, to in ((ml_dtypes.finfo, np.float32), (ml_dtypes.iinfo, np.int64)):
+        try:
+            info(a.dtype)
+        except (TypeError, ValueError):
+            continue
+        return a.astype(to)
+    return a
+
+
 def round_to_table(x: np.ndarray, values: np.ndarray, codes: np.ndarray,
                    neg_zero_code: int | None = None, ties: str = "even",
                    midpoints: tuple | None = None) -> np.ndarray:

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from sop.golden.formats import FLOAT32_MAX
+from sop.golden.formats import FLOAT32_MAX, exact_numpy
 from sop.quantize.metrics import abs_max
 
 NAN_POLICIES = ("error", "zero")
@@ -55,25 +55,9 @@ def _from_torch(w, name: str):
     return w.numpy()
 
 
-def _from_ml_dtypes(a: np.ndarray) -> np.ndarray:
-    """An ml_dtypes array (``bfloat16``, ``float8_e4m3fn``, ``int4``: numpy's kind ``V``) as the numpy type
-    that holds it exactly, float32 or int64 (as a torch BF16 tensor is read); anything else as it is."""
-    if a.dtype.kind != "V":
-        return a
-    import ml_dtypes
-
-    for info, to in ((ml_dtypes.finfo, np.float32), (ml_dtypes.iinfo, np.int64)):
-        try:
-            info(a.dtype)
-        except (TypeError, ValueError):
-            continue
-        return a.astype(to)
-    return a
-
-
 def weight_matrix(w, name: str = "layer") -> np.ndarray:
     """``w`` as the quantizers take it, or ``ValueError`` (module docstring)."""
-    a = _from_ml_dtypes(np.asarray(_from_torch(w, name)))
+    a = exact_numpy(np.asarray(_from_torch(w, name)))
     if a.dtype.kind not in "biuf":
         raise ValueError(f"{name}: weights must be real numbers, got dtype {a.dtype}")
     if a.ndim != 2:
@@ -88,7 +72,7 @@ def column_weights(act_ms, cols: int, name: str = "layer") -> np.ndarray | None:
     """``act_ms`` checked against a layer of ``cols`` input columns (module docstring)."""
     if act_ms is None:
         return None
-    a = _from_ml_dtypes(np.asarray(_from_torch(act_ms, name)))
+    a = exact_numpy(np.asarray(_from_torch(act_ms, name)))
     if a.dtype.kind not in "biuf" or a.shape != (cols,):
         raise ValueError(f"{name}: act_ms must hold one number per input column ({cols}), got shape {a.shape} "
                          f"of {a.dtype}")
