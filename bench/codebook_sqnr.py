@@ -29,7 +29,8 @@ import numpy as np
 
 # The shared quantizer lives next to this file (bench/ is a folder of scripts, not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hif_sqnr import G, exact_nearest, signed_max, sqnr_db, squared_error, weight_blocks  # noqa: E402
+from hif_sqnr import (G, exact_nearest, report_inputs, signed_max, sqnr_db, squared_error,  # noqa: E402
+                      weight_blocks)
 
 from sop.argtypes import output_checked  # noqa: E402
 from sop.golden.codebooks import FIXED_4BIT, SH4_ALPHA, get_codebook, sh4_levels, split87_levels  # noqa: E402
@@ -93,8 +94,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
-    if args.out:                                # before the sweep: a FIFO or a folder is refused, not opened
-        output_checked(ap, args.out)
+    if args.out:                                # before the sweep: a FIFO, a folder or an input is refused
+        output_checked(ap, args.out, inputs=report_inputs(__file__))
 
     t0 = time.perf_counter()
     layers = minilm_linear_weights()

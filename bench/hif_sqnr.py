@@ -246,12 +246,23 @@ def report(exact, loss, n_weights: int, n_layers: int, dd4: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_inputs(script: str) -> list[Path]:
+    """The files a report of ``script`` (this one, or codebook_sqnr.py, which imports it) reads: no
+    ``--out`` may be one of them (``--out bench/codebook_sqnr.py`` replaced the script with its report)."""
+    from importlib import resources
+
+    from sop.quantize.models import model_inputs
+
+    return [Path(script), Path(__file__), *model_inputs("minilm"),
+            Path(str(resources.files("sop.golden").joinpath("data/bof4.json")))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
     if args.out:                                # before the measurement: a FIFO or a folder is refused, not opened
-        output_checked(ap, args.out)
+        output_checked(ap, args.out, inputs=report_inputs(__file__))
 
     t0 = time.perf_counter()
     layers = minilm_linear_weights()

@@ -11,13 +11,25 @@ a fresh Python process:
 * ``dequantize``: ``quantize.artifact.dequantize`` of that artifact into float32 safetensors;
 * ``eval``: ``quantize.evaluate.evaluate(..., calibrate=False, e2e=False)``.
 
+Two more, asked for by ``--command``, quantize the same layer held in memory (the in-memory path,
+quantize/in_memory.py): the child loads it into a ``torch.nn.Linear`` of the checkpoint's dtype
+(``model.layers.0.mlp.down_proj``) before its baseline is taken, so the model itself is not counted:
+
+* ``module``: ``quantize.in_memory.quantize_module(model, fmt, budget=...)``, no calibration;
+* ``module-sopq``: the same with ``out=`` a ``.sopq`` (the layer's matrix then stays until its record
+  is written, as the disk path's ``quantize`` holds it).
+
+Their figure includes the cast copy of the quantized layer, which ``quantize_module`` holds until it
+writes the model (2 bytes per weight in bf16, 4 in float32): what the disk path does not hold.
+
 The figure is the child's peak resident set (``VmHWM`` of ``/proc/self/status``)
 minus its resident set after every import (the interpreter's baseline; the peak
 is reset there through ``/proc/self/clear_refs``), divided by the layer's
 weights. The target of issue 11 is at most 16 bytes per weight. Wall seconds
 of each command are printed too (indicative: other jobs share the machine).
 
-Run: .venv/bin/python bench/memory.py [--size 8192] [--format F ...] [--budget 5.0] [--json FILE]
+Run: .venv/bin/python bench/memory.py [--size 8192] [--format F ...] [--command C ...] [--budget 5.0]
+[--dtype bf16] [--json FILE] (the commands by default: the three of the disk path)
 
 To measure another source tree (a "before" figure), put its ``sop`` package on
 ``PYTHONPATH``: the children run outside the repository, so it takes precedence
@@ -42,7 +54,8 @@ from sop.quantize.schemes import quant_formats
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
 
 LAYER = "model.layers.0.mlp.down_proj.weight"
-COMMANDS = ("quantize", "dequantize", "eval")
+COMMANDS = ("quantize", "dequantize", "eval", "module", "module-sopq")
+DISK_COMMANDS = COMMANDS[:3]                        # the default
 
 # The child: imports everything first, takes its baseline, resets the peak, runs one command.
 CHILD = r"""
@@ -53,6 +66,10 @@ from sop.quantize import artifact, evaluate, schemes, knapsack, sop_search, base
 from sop.golden import decoder
 from sop.quantize.memory import release_freed_memory
 release_freed_memory()                             # as `sop` does at start
+try:                                               # a bf16 layer is read through torch, which would count its
+    import torch                                   # import (11 bytes per weight of fp8-e4m3-pot's 24.4 at 4096)
+except ImportError:
+    pass
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -63,6 +80,21 @@ def status(key):
 
 cmd, model, fmt, sopq, out, budget, n = sys.argv[1:8]
 budget = None if budget == "-" else float(budget)
+if cmd.startswith("module"):                       # the layer in a torch model, loaded before the baseline
+    import torch
+    from safetensors.torch import load_file
+    from sop.quantize import in_memory
+    # what quantize_module imports on its first call (transformers' experts conversions, some 700 modules):
+    # a fixed cost (about 145 MB, 8.7 bytes per weight at 4096 x 4096) that a script holding a model has paid
+    in_memory.linear_modules(torch.nn.Linear(2, 2))
+    (name, w), = load_file(model).items()
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(w.clone())    # resident: load_file's tensor may be pages of the file, read
+    #                                                (and counted) only when the quantizer first reads them
+    net = torch.nn.ModuleDict({"down_proj": lin})
+    for part in reversed(name.split(".")[:-2]):    # model.layers.0.mlp: the layer's name on disk
+        net = torch.nn.ModuleList([net]) if part.isdigit() else torch.nn.ModuleDict({part: net})
+    del w
 gc.collect()
 base = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:      # reset VmHWM to the current RSS
@@ -72,8 +104,10 @@ if cmd == "quantize":
     artifact.quantize_model(model, fmt, sopq, budget=budget, calibrate=False, progress=False)
 elif cmd == "dequantize":
     artifact.dequantize(sopq, out, progress=False)
-else:
+elif cmd == "eval":
     evaluate.evaluate(model, [fmt], budget=budget, calibrate=False, e2e=False, progress=False)
+else:
+    in_memory.quantize_module(net, fmt, budget=budget, out=sopq if cmd == "module-sopq" else None)
 wall = time.perf_counter() - t0
 peak = status("VmHWM")
 print(json.dumps({"base": base, "peak": peak, "bpw": (peak - base) / int(n), "seconds": wall}))
@@ -119,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--format", action="append", dest="formats", choices=list(quant_formats()),
                     help="format(s) to measure (default: every format of `sop formats`)")
     ap.add_argument("--command", action="append", dest="commands", choices=COMMANDS,
-                    help="command(s) to measure (default: all three)")
+                    help="command(s) to measure (default: the disk path's three)")
     ap.add_argument("--budget", type=positive(float), default=5.0, help="sop-budget's --budget (default 5.0)")
     ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32", help="checkpoint dtype (default f32)")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -130,7 +164,7 @@ def main(argv=None) -> int:
     if args.json is not None:
         output_checked(ap, args.json, option="--json")
     formats = args.formats or list(quant_formats())
-    commands = [c for c in COMMANDS if c in (args.commands or COMMANDS)]
+    commands = [c for c in COMMANDS if c in (args.commands or DISK_COMMANDS)]
     n = args.size * args.size
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

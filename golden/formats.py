@@ -14,7 +14,8 @@ Contract (documented in docs/formats.md, tested exhaustively against ml_dtypes):
   **saturates**: anything beyond the largest finite value, ±Inf included, becomes ±max.
   It never returns a NaN or Inf code. A zero result keeps the sign of ``x`` where the
   format has a negative zero. NaN input raises ``ValueError`` naming the first NaN's
-  position; a negative input to an unsigned format raises too.
+  position; a negative input to an unsigned format raises too. Input that is no number
+  (a string, bytes, an object array) raises ``TypeError``.
 
 Float formats are sign-magnitude, ``[sign][exponent E][mantissa M]``, with
 value ``(1 + m/2^M) * 2^(e - bias)`` for ``e > 0`` and, where subnormals exist,
@@ -226,8 +227,16 @@ class CodeTable:
     def decode(self, codes) -> np.ndarray:
         """Exact value of each code (float64); raises on codes out of range or not integers."""
         codes = np.asarray(codes)
-        if codes.dtype.kind not in "iub":           # a float array of whole numbers is taken, as an index would
-            frac = codes != np.trunc(codes) if codes.dtype.kind == "f" else np.ones(codes.shape, bool)
+        if codes.dtype.kind == "V":                     # an ml_dtypes array: it was "got 1.0 (bfloat16)"
+            exact = exact_numpy(codes)
+            if exact.dtype.kind == "f":                 # values, not codes: bfloat16 1.0 is the code 0x3f80
+                raise TypeError(f"{self.name}: codes are integers, got an array of {codes.dtype} values (a "
+                                f"{codes.dtype} array's codes are its bits: .view(np.uint{codes.dtype.itemsize * 8}))")
+            codes = exact                               # int4, uint4: integers, as int64
+        if codes.dtype.kind not in "iubf":              # strings, bytes, objects, dates: no codes at all
+            raise TypeError(f"{self.name}: codes are integers, got an array of dtype {codes.dtype}")
+        if codes.dtype.kind == "f":                     # a float array of whole numbers is taken, as an index would
+            frac = ~np.isfinite(codes) | (codes != np.trunc(codes))     # (Inf was an OverflowError from int())
             if frac.any():
                 raise ValueError(f"{self.name}: codes are integers, got {codes[frac].flat[0]} ({codes.dtype})")
         if codes.size and (codes.min() < 0 or codes.max() >= (1 << self.bits)):
@@ -240,7 +249,11 @@ class CodeTable:
         if np.iscomplexobj(x):          # numpy's cast drops the imaginary part with a warning alone
             raise ValueError(f"encode to {self.name}: complex input ({np.asarray(x).dtype}); the format holds "
                              f"real numbers")
-        x = np.asarray(x, dtype=np.float64)
+        x = exact_numpy(np.asarray(x))  # (bfloat16, float8_*, int4: their values, exactly)
+        if x.dtype.kind not in "biuf":  # numpy's cast parsed "1.0" and b"1.0", and took objects and dates
+            raise TypeError(f"encode to {self.name}: non-numeric input ({x.dtype}); the format encodes numbers "
+                            f"(bool, integer or float arrays)")
+        x = x.astype(np.float64, copy=False)
         check_no_nan(x, f"encode to {self.name}")
         if not self.signed and (x < 0).any():
             pos = np.argwhere(x < 0)[0]

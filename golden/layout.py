@@ -47,11 +47,16 @@ class BlockLayout:
 
     code_bits: int
     group: int
-    scale: CodeTable              # the scale's magnitude format (unsigned)
+    scale: CodeTable              # the scale's magnitude format (unsigned), or its name
     signed_scale: bool = False
     select_bit: bool = False
 
     def __post_init__(self):
+        if isinstance(self.scale, str):         # a format's name, as the docs and `sop formats` spell it
+            object.__setattr__(self, "scale", get_format(self.scale))
+        if not isinstance(self.scale, CodeTable):
+            raise TypeError(f"scale must be a format (golden.formats.get_format) or its name, "
+                            f"not {type(self.scale).__name__}")
         if self.code_bits not in CODE_BITS:
             raise ValueError(f"code width {self.code_bits} not supported; valid: {CODE_BITS}")
         if self.group not in GROUP_SIZES:

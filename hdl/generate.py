@@ -5,7 +5,8 @@
 For configuration NAME it writes ``NAME.v`` (top module ``sop_decoder_<NAME>``
 with ``_`` for ``-``) and ``NAME.json``: the parameters, every port with its
 width and direction, the pipeline latency (and each component's share) and the
-fields of an output lane word (docs/hardware.md explains every field). Files are
+fields of an output lane word (docs/hardware.md explains every field); and
+``NAME.vlt``, hdl/lint.vlt's waivers confined to ``NAME.v``. Files are
 written atomically.
 
 Beside them, the AXI4-Stream shell (hdl/axis.py): ``NAME_axis.v`` (top module
@@ -66,7 +67,8 @@ and exit 2.
 without their shells (the bare ``NAME-sp.v`` the sparse decoder's tests read);
 ``--config NAME-sp`` picks one of the default run's, shell included. With R above 1
 the designs are not the default run's ``NAME-sp.v`` of one adder, but have its file
-names, so by default they go into ``build/verilog-spR``.
+names, so by default they go into ``build/verilog-spR``; their modules end in ``_rR``
+(``sop_decoder_sop4_g16_sp_r2``), so one design can hold both.
 """
 
 from __future__ import annotations
@@ -101,10 +103,14 @@ GEMV_TB_LAYERS = ((20, 3, 2, 0), (18, 2, 1, 12))
 
 
 def module_name(config: DecoderConfig, variant: bool = True) -> str:
-    """``sop_decoder_<name>``, plus ``config.variant_suffix`` for a LUT-RAM or shallow build
-    (``variant=False``: without it, the name synth/ gives its netlists, so that their recorded
-    placements reproduce whatever the build)."""
+    """``sop_decoder_<name>``, plus ``_r<R>`` for a residual path of R > 1 adders and
+    ``config.variant_suffix`` for a LUT-RAM or shallow build (``variant=False``: without the
+    variant suffix, the name synth/ gives its netlists, so that their recorded placements reproduce
+    whatever the build). ``--residuals R`` builds ``NAME-sp`` under the one-adder design's name and
+    files: a Verilog module name is global, so without ``_r<R>`` the two could not sit in one design
+    (an outside probe); R = 1 keeps the name it always had."""
     return "sop_decoder_" + config.name.replace("-", "_") + (
+        f"_r{config.residuals}" if config.residuals > 1 else "") + (
         variant_suffix(config.lutram_depth, config.pipeline) if variant else "")
 
 
@@ -152,10 +158,14 @@ def _convert(top, name: str, **kwargs) -> str:
 
 
 def _write(out_dir: Path, name: str, text: str, doc: dict) -> tuple[Path, Path]:
+    """``NAME.v``, its manifest ``NAME.json`` and its lint waivers ``NAME.vlt`` (``scoped_waivers``: an
+    integrator's ``verilator -Wall`` of a parent design beside the bare decoder saw about 1,650 of its
+    warnings, or with hdl/lint.vlt none of the parent's own), together or none."""
     v_path, j_path = out_dir / f"{name}.v", out_dir / f"{name}.json"
-    with atomic_files() as files:            # the Verilog and its manifest together, or neither
+    with atomic_files() as files:
         files.write(v_path, text.encode())
         files.write(j_path, (json.dumps(doc, indent=1) + "\n").encode())
+        files.write(out_dir / f"{name}.vlt", scoped_waivers(name))
     return v_path, j_path
 
 
@@ -510,11 +520,15 @@ def generate_gemv_axis(config: gemv_config.GemvConfig, out_dir: Path) -> dict[st
 def scoped_waivers(stem: str) -> bytes:
     """hdl/lint.vlt with each waiver confined to ``STEM.v`` (Verilator's ``-file``): the core's
     ``default`` target carries it, so that a parent core's ``-Wall`` lint sees none of the shell's
-    warnings and every one of its own (a copy of the global waivers silenced the parent's too)."""
+    warnings and every one of its own (a copy of the global waivers silenced the parent's too).
+    Verilator matches ``-file`` against the path as given (FuseSoC's ``src/CORE/STEM.v``), so each
+    waiver has two patterns: ``STEM.v`` alone and ``*/STEM.v``; one ``*STEM.v`` also took in every
+    file whose name ends so (``gemv-sop4-g16_axis.v``, a parent's ``my_sop4-g16_axis.v``)."""
     from importlib import resources
 
     text = resources.files("sop.hdl").joinpath("lint.vlt").read_text()
-    scoped, n = re.subn(r"^(lint_off -rule \w+)$", rf'\1 -file "*{stem}.v"', text, flags=re.M)
+    scoped, n = re.subn(r"^(lint_off -rule \w+)$", rf'\1 -file "{stem}.v"\n\1 -file "*/{stem}.v"', text,
+                        flags=re.M)
     if not n or re.search(r"^lint_off(?! .* -file )", scoped, flags=re.M):
         raise AssertionError("hdl/lint.vlt holds a waiver scoped_waivers does not confine")
     return scoped.encode()
@@ -558,8 +572,8 @@ def main(argv=None) -> int:
     p.add_argument("--residuals", type=number(int, 1, inclusive=True, maximum=MAX_RESIDUALS), default=None,
                    metavar="R",
                    help=f"only the configurations with the sparse-residual path of R adders (NAME-sp; 1 to "
-                        f"{MAX_RESIDUALS}), without AXI4-Stream shells; by default (no --residuals) every named "
-                        f"configuration and each NAME-sp of one adder, all with shells")
+                        f"{MAX_RESIDUALS}; above 1, modules named ..._rR), without AXI4-Stream shells; by default "
+                        f"(no --residuals) every named configuration and each NAME-sp of one adder, all with shells")
     p.add_argument("--pipeline", choices=PIPELINES, default=PIPELINES[0],
                    help="shallow: the decoders built for a low-Fmax LUT4 FPGA (iCE40), bare (no shells, "
                         "residual configurations or engines); default deep, the one design for 200 MHz")

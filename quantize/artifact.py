@@ -336,11 +336,16 @@ class Artifact:
         return self.meta["format"]["name"]
 
     def entry(self, name: str) -> LayerEntry:
-        """The layer of that name (``KeyError`` naming the file if it has none)."""
+        """The layer of that name (``KeyError`` naming the file and a few of its layers if it has none)."""
         for e in self.layers:
             if e.name == name:
                 return e
-        raise KeyError(f"{name} is not a layer of {self.path}")
+        raise KeyError(f"{name} is not a layer of {self.path}; its layers: {self.some_layer_names()}")
+
+    def some_layer_names(self, shown: int = 5) -> str:
+        """The first ``shown`` layer names and how many there are, for an error line (an LLM has hundreds)."""
+        names = [e.name for e in self.layers]
+        return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
     def _layer(self, layer: LayerEntry | str) -> LayerEntry:
         """A layer given as its entry or its name (``record``, ``stream`` and ``weights`` take either)."""

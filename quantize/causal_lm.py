@@ -79,7 +79,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, atomic_files, check_output, staging_folder
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
-from sop.quantize.models import GGUF_MOE, expert_layer_name
+from sop.quantize.models import GGUF_MOE, expert_layer_name, read_json
 from sop.terminal import one_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # as models.py: whichever module loads transformers first
@@ -183,6 +183,32 @@ def load(src, progress: bool = False) -> "CausalLM":
     return src._runner
 
 
+#: the generation settings of a model folder, which a model folder export carries (``save_folder``)
+GENERATION_CONFIG = "generation_config.json"
+
+
+def check_generation_config(folder: Path) -> None:
+    """A model folder's ``generation_config.json``, where there is one, is a JSON object transformers reads;
+    else ``CheckpointError`` naming it. transformers' loader ignores one that is no JSON (it makes a default
+    one from config.json), and ``save_folder`` wrote that default in its place: the source's end-of-text ids
+    and sampling settings lost without a word; as an unreadable config.json or tokenizer is, it is refused,
+    before the model is loaded. An absent one is the user's choice: transformers' default, as it was."""
+    f = Path(folder) / GENERATION_CONFIG
+    if not (f.exists() or f.is_symlink()):           # a dangling link is a file that cannot be read
+        return
+    fix = "fix it, or remove it for transformers' default"
+    try:
+        read_json(f)
+    except CheckpointError as err:
+        raise CheckpointError(f, f"{err.what}; {fix}") from None
+    from transformers.generation.configuration_utils import GenerationConfig
+
+    try:
+        GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:            # noqa: BLE001 - transformers raises anything from a bad value
+        raise CheckpointError(f, f"transformers cannot read it ({describe_error(err)}); {fix}") from None
+
+
 def _load_folder(src):
     import torch
     from transformers.models.auto import AutoModelForCausalLM, AutoTokenizer
@@ -192,6 +218,7 @@ def _load_folder(src):
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(folder, f"has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): the forward "
                                       f"pass of calibration and of the end-to-end check needs one; add it, or {HINT}")
+    check_generation_config(folder)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:            # noqa: BLE001 - transformers raises anything from a bad tokenizer

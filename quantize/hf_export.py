@@ -7,10 +7,12 @@ be the artifact's; configuration or tokenizer files changed since are a warning 
 no source and has no fingerprint: ``model`` is needed, and a warning says that nothing checks it),
 runs that model through quantize/causal_lm.py, decodes every layer of the artifact
 (``Artifact.weights``: the golden decoder for layer streams) into it in place of the reference, and
-writes the whole model as a ``transformers`` folder: ``config.json``,
-``generation_config.json``, float32 ``model.safetensors`` (sharded where transformers shards) and
-the tokenizer files. Every tensor that was not quantized (embeddings, norms, a kept ``lm_head``)
-is the reference's: for a GGUF source that is the GGUF dequantized to float32. The folder is
+writes the whole model as a ``transformers`` folder: ``config.json``, ``generation_config.json``
+(the source's as transformers reads it: one it cannot read is refused before any output,
+``causal_lm.check_generation_config``, never replaced by a default one), float32
+``model.safetensors`` (sharded where transformers shards) and the tokenizer files. Every tensor
+that was not quantized (embeddings, norms, a kept ``lm_head``) is the reference's: for a GGUF
+source that is the GGUF dequantized to float32. The folder is
 written all or nothing (``golden.files.atomic_files``): an error or an interrupt at any point
 leaves every file there as it was. No file written may be an input (the artifact, a file of the
 source model), and the output folder may not be the source model's folder.

@@ -56,9 +56,14 @@ does for a checkpoint on disk, with the same rules and the same bits:
   forward pass updates itself, such as dynamic RoPE's, is as the last batch left it). A float32
   parameter takes the float32 output rule (``golden.formats.to_float32``, as ``sop dequantize`` writes
   the layer): a value past float32's largest, 2^128 from a weight near it, saturates. Peak memory
-  is therefore the model, the cast copy of its quantized layers, one layer's float64 matrix and
-  reconstruction (``sop-budget`` reads each layer twice, as on disk), and the packed stream of every
-  SOP layer, which the result keeps (its bits: about bpw / 8 bytes a weight).
+  is therefore the model, the cast copy of its quantized layers, one layer quantized as on disk (its
+  matrix as the disk path reads it, ``_Layer.matrix``: float32 from a float32, bfloat16 or float16
+  parameter, a float32 one on the CPU not copied; the format's working set and reconstruction;
+  ``sop-budget`` reads each layer twice, as on disk; with ``out`` the matrix is held until the layer's
+  record is written, for its error statistics), and the packed stream of every SOP layer, which the
+  result keeps (its bits: about bpw / 8 bytes a weight). On one bf16 layer that is at most the disk
+  path's peak, or with ``out`` about 2 bytes a weight (the layer's cast copy) above it (docs/benchmarks.md,
+  "Memory").
 
 The result (``InMemoryResult``) holds for each layer what it stores (``LayerRecord``: ``bits``,
 ``bpw``, ``choice``, a SOP point's golden ``stream``; the reconstruction is the model's weight now),
@@ -95,6 +100,7 @@ from sop.golden.files import signals_held
 from sop.golden.formats import to_float32
 from sop.golden.layout import LayerStream
 
+from .blockwise import narrow_weights
 from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_linear, _is_router, _raised_in_sop,
                         experts_transposed, fused_expert_params)
 from .checkpoint_files import describe_error
@@ -176,12 +182,40 @@ class _Layer:
         return self.expert.conv1d if self.expert is not None else _is_conv1d(self.modules[0])
 
     def matrix(self) -> np.ndarray:
-        """The layer's ``(out, in)`` matrix, float64 (what ModelSource.load gives)."""
-        w = self.tensor().detach().to("cpu").double().numpy()
-        return w.T if self.conv1d else w
+        """The layer's ``(out, in)`` matrix as the disk path hands it to the format (``ModelSource.load``
+        narrowed by ``blockwise.narrow_weights``: the same bits out): C-contiguous, float32 where every
+        weight is one (a float32, bfloat16 or float16 parameter: 4 bytes a weight, not float64's 8), read
+        in one copy with no float64 step. A float32 parameter on the CPU held ``(out, in)`` contiguous is
+        not copied at all: a read-only view of it (nothing is written before every layer is quantized,
+        and a format that wrote its input would raise instead of changing the model)."""
+        import torch
+
+        t = self.tensor().detach()
+        t = t.T if self.conv1d else t
+        if t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous():
+            w = t.numpy()
+            w.flags.writeable = False
+            return w
+        exact = t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        w = torch.empty(t.shape, dtype=torch.float32 if exact else torch.float64).copy_(t).numpy()
+        return w if exact else narrow_weights(w)
 
     def in_features(self) -> int:
         return self.tensor().shape[0 if self.conv1d else 1]
+
+
+#: weights per chunk of ``_finite``'s check (a few MB of temporaries)
+_FINITE_CHUNK = 1 << 20
+
+
+def _finite(t) -> bool:
+    """Whether every element of the 2-D tensor ``t`` is finite, checked in row chunks (any strides):
+    ``torch.isfinite`` of a whole layer holds about 5 bytes a weight of temporaries in bfloat16 (its
+    abs and masks), which on the cast copy was the in-memory path's peak."""
+    import torch
+
+    step = max(1, _FINITE_CHUNK // max(1, t.shape[-1]))
+    return all(bool(torch.isfinite(c).all()) for c in t.split(step))
 
 
 def _expert_conversions(model) -> list[tuple[re.Pattern, list[str]]]:
@@ -919,7 +953,7 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
         files = _source_files(model)
         out = _check_sopq(out, saved.values(), files)
     for name, lay in layers.items():                # before calibration, which would blame a later layer's input
-        if not torch.isfinite(lay.tensor().detach()).all():
+        if not _finite(lay.tensor().detach()):
             raise ValueError(f"layer {name}: its weight holds a NaN or an Inf: nothing is quantized")
     stats, tokens, unreached = activation_stats(model, layers, batches) if batches is not None else (None, 0, [])
     act = (lambda n: None) if stats is None else stats.get
@@ -929,19 +963,21 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
 
     def quantized():
         """Each layer quantized and cast into ``new`` (every layer before the first is written), yielded
-        with its matrix (read only where the .sopq's error statistics need it) for the .sopq."""
+        with its matrix for the .sopq. The matrix is held past the format's call only where the .sopq's
+        error statistics need it (``out``): without, the cast copy is made without it."""
         for name, lay in layers.items():
-            w = lay.matrix() if out is not None or budget_res is None else None
+            w = lay.matrix() if out is not None else None
             res = (budget_res.results.pop(name) if budget_res is not None else
-                   qfmt.quantize(w, act_ms=act(name), name=name))
+                   qfmt.quantize(lay.matrix() if w is None else w, act_ms=act(name), name=name))
             recon = np.asarray(res.recon)
             records[name] = LayerRecord(recon.shape, res.bits, res.choice, res.stream)
             p = lay.stored()
             r = recon.T if lay.conv1d else recon
             if p.dtype == torch.float32:        # the float32 output rule, as `sop dequantize` writes the layer:
                 r = to_float32(r)               # past float32's largest saturated (2^128 was refused here)
-            t = torch.from_numpy(np.ascontiguousarray(r)).to(dtype=p.dtype, device=p.device)
-            if not torch.isfinite(t).all():
+            # a transpose's strides are kept (no contiguous copy of it); copy_ writes any layout
+            t = torch.from_numpy(r).to(dtype=p.dtype, device=p.device)
+            if not _finite(t):
                 # repr, not %g: 2^128 would print as float32's largest number itself
                 raise ValueError(f"layer {name}: its reconstruction does not fit the parameter's {p.dtype} "
                                  f"(largest magnitude {float(np.abs(recon).max())!r}, the dtype's "

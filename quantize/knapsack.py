@@ -430,7 +430,7 @@ def _check_finite_errors(opts: LayerOptions) -> None:
 def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
                     resolution: int = DEFAULT_RESOLUTION, sop4_kw: dict | None = None,
                     prepared: LayerOptions | None = None, cols: dict[str, int] | None = None,
-                    real_weights: int | None = None, option: str = "--budget") -> BudgetResult:
+                    real_weights: int | None = None, option: str = "budget") -> BudgetResult:
     """Quantize every layer under an average of ``budget_bpw`` bits per weight.
 
     ``layers``: name -> ``(w, act_ms)`` (``act_ms`` may be None: unweighted error); a
@@ -442,7 +442,8 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     not weights, so the bits to spend, the least budget a refusal names and the report are all per
     real weight. The results are built one at a time as they are asked for
     (``BudgetResult.results``); see the module docstring. ``option`` is what a refusal calls the
-    budget: the command line's ``--budget``, the Python API's ``budget``."""
+    budget: the Python API's ``budget`` (the default: a caller from Python has no ``--budget`` to
+    give), the command line's ``--budget`` (quantize/layer_loop.py passes it)."""
     if not budget_bpw > 0:                          # NaN too: it would compare as no budget at all
         raise ValueError(f"{option} must be a number above 0, got {budget_bpw!r}")
     opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
@@ -466,7 +467,7 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
 
 
 def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weights: int,
-                option: str = "--budget") -> int:
+                option: str = "budget") -> int:
     """``floor(budget_bpw * n_weights)``: the bits the knapsack may spend, for any budget above 0.
 
     A budget past every layer's dearest option buys exactly that option everywhere: it is capped

@@ -132,7 +132,7 @@ def budget_model(fmt, src, cal, nan_policy: str, budget: float, say, pool):
     layers the chosen results need as they are built."""
     if pool is None:
         inputs = budget_inputs(src, cal, nan_policy, say)
-        budgeted = fmt.solve_budget(inputs, budget)
+        budgeted = fmt.solve_budget(inputs, budget, option="--budget")     # (sop eval, sop quantize)
         budget_done(inputs)
         return inputs, budgeted
     from sop.quantize import jobs
@@ -147,7 +147,7 @@ def budget_model(fmt, src, cal, nan_policy: str, budget: float, say, pool):
             yield row, cols, real
 
     inputs = budget_inputs(src, cal, nan_policy)        # no progress: read only for the results
-    return inputs, fmt.solve_budget(inputs, budget, rows=rows())
+    return inputs, fmt.solve_budget(inputs, budget, rows=rows(), option="--budget")
 
 
 def _budget_line(say, seen, n, shapes) -> None:

@@ -57,8 +57,9 @@ embedding lookup and the head use it.
 **Forward pass.** ``ModelSource.forward`` names the forward pass calibration and
 the end-to-end check can run: ``"bert"`` (minilm, BERT folders; quantize/e2e.py),
 ``"causal-lm"`` (a folder whose ``config.json`` names a causal-LM architecture
-``transformers`` runs, or a GGUF of an architecture ``transformers`` reads;
-quantize/causal_lm.py), or None, with the reason in ``forward_note``.
+``transformers`` runs, and not as ``architectures`` task heads alone, a ``...ForSequenceClassification``;
+or a GGUF of an architecture ``transformers`` reads; quantize/causal_lm.py), or None, with the reason in
+``forward_note``.
 
 **Bad input.** Every damaged or unusable checkpoint raises ``CheckpointError``
 (a ``ValueError``) whose one-line message starts with the file at fault: from
@@ -510,7 +511,11 @@ class ModelSource:
 
 def files_fingerprint(files) -> str:
     """A checkpoint's fingerprint (``ModelSource.fingerprint``, which a ``.sopq`` header keeps): SHA-256
-    over its files' names and contents, in order."""
+    over its files' names and contents, in order. The names are in it on purpose: a ``.sopq`` records
+    its source's files by path, and ``artifact.source_by_contents`` and the model folder export find
+    and check them by those names, so a byte-identical copy under another name (shards renamed with
+    their index) counts as another checkpoint, which the model folder export refuses as ``--model``
+    (conservative: a contents-only fingerprint would need another ``.sopq`` header field)."""
     h = hashlib.sha256()
     for f in map(Path, files):
         h.update(os.fsencode(f.name) + b"\0")      # any file name, UTF-8 or not
@@ -608,8 +613,9 @@ def model_inputs(spec: str) -> list[Path]:
     return [p] + [p.parent / name for name in SIBLINGS_READ]
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from a model folder's config file; a clean error when it is none."""
+def read_json(path: Path) -> dict:
+    """A JSON object from a model folder's config file (config.json, a tokenizer's, a shard index, the
+    generation config: quantize/causal_lm.py); a ``CheckpointError`` naming it when it is none."""
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as err:
@@ -632,14 +638,14 @@ def _folder_config(folder: Path, whole_folder: bool) -> dict | None:
         return None
     if not cfg.is_file():
         raise CheckpointError(cfg, "is not a regular file")
-    return _read_json(cfg)
+    return read_json(cfg)
 
 
 def _bert_info(folder: Path, cfg: dict | None) -> bool:
     """Whether the folder is one the BERT forward pass runs: model_type bert and a tokenizer.json."""
     if cfg is None or cfg.get("model_type") != "bert" or not (folder / TOKENIZER_JSON).is_file():
         return False
-    _read_json(folder / TOKENIZER_JSON)
+    read_json(folder / TOKENIZER_JSON)
     return True
 
 
@@ -711,7 +717,7 @@ class ShardIndex:
 def _read_index(index: Path) -> tuple[list[Path], ShardIndex]:
     """The shard files a ``*.index.json`` names, each checked to be there: a missing shard would
     otherwise leave its layers out of the model without a word."""
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or \
             not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(index, "its weight_map is not an object of tensor names to shard files")
@@ -832,6 +838,11 @@ _GGUF_EXPERT_MATRIX = re.compile(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight")
 _GGUF_NOT_CAUSAL = ("general", "tokenizer", "t5", "t5encoder", "umt5")
 
 
+#: the classes of ``architectures`` that hold a task head in place of a causal LM's (score.weight, classifier,
+#: qa_outputs): transformers loads none of them as ``AutoModelForCausalLM`` with its head
+_NOT_CAUSAL_HEAD = re.compile(r"For(Sequence|Token)Classification$|ForQuestionAnswering$|ForMultipleChoice$")
+
+
 def _causal_config(cfg: dict | None) -> tuple[bool, str]:
     """(a causal LM transformers runs, why not) for a folder's config.json."""
     if cfg is None:
@@ -843,6 +854,13 @@ def _causal_config(cfg: dict | None) -> tuple[bool, str]:
 
     if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return False, f"config.json model_type {mt!r} is no causal LM that transformers runs"
+    arch = cfg.get("architectures")
+    heads = arch if isinstance(arch, list) and arch and all(isinstance(a, str) for a in arch) else []
+    if heads and all(_NOT_CAUSAL_HEAD.search(a) for a in heads):
+        # a Llama classifier is model_type llama too: AutoModelForCausalLM built it with an lm_head the
+        # checkpoint lacks (tied to the embedding, which gave a false "lm_head is tied" note) and no place
+        # for its own head (score.weight), refused only when the forward pass loaded
+        return False, f"config.json names {heads[0]}, a model with no causal-LM head"
     return True, ""
 
 

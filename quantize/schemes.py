@@ -172,11 +172,14 @@ def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
     ``rows``: each layer's ``budget_row``, in layer order, measured elsewhere with the same
     options (--jobs workers); ``layers`` is then read only for the chosen results. Returns the
     knapsack's ``BudgetResult`` (``results``: name -> QuantResult, built as asked for;
-    ``choice``: name -> option, ``report``)."""
+    ``choice``: name -> option, ``report``). A refusal names the budget as ``option`` (a ``kw``
+    of ``knapsack.quantize_budget``): ``budget`` from Python, ``--budget`` from the command line."""
     from sop.quantize import knapsack
 
     if budget is None:
-        raise ValueError("format sop-budget needs --budget B (average bits per weight)")
+        option = kw.get("option", "budget")
+        give = f"{option} B" if option.startswith("--") else f"{option}=B"
+        raise ValueError(f"format sop-budget needs {give} (average bits per weight)")
     padded = _Padded(layers, BUDGET_GROUP)
     options, sop4_kw = kw.pop("options", knapsack.DEFAULT_OPTIONS), kw.pop("sop4_kw", None)
     if rows is not None:

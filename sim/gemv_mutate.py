@@ -391,7 +391,7 @@ def by_location(s: dict) -> str:
 def main(argv=None) -> int:
     from sop.sim.gemv_runner import engines
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sop.sim.gemv_mutate", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(engines()))
     p.add_argument("--mutants", type=positive(int), default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
     p.add_argument("--seed", type=mu.SEED_ARG, default=mu.DEFAULT_SEED)

@@ -802,7 +802,7 @@ def mutant_indices(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sop.sim.mutate", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help=f"a named configuration (default: {', '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--mutants", type=positive(int), default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
     p.add_argument("--sparse-mutants", type=positive(int), default=DEFAULT_SPARSE_MUTANTS, metavar="N",

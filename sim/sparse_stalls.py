@@ -144,7 +144,7 @@ def measure(budgets, lanes, residuals) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sop.sim.sparse_stalls", description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=positive(float), action="append", help="sop-budget's bits per weight")
     p.add_argument("--lanes", type=positive(int), action="append", help="the decoder's lanes")
     p.add_argument("--residuals", type=number(int, 1, inclusive=True, maximum=MAX_RESIDUALS), action="append",

@@ -660,7 +660,7 @@ def artifact_vectors(path: Path, fmt: str, layers: list[str] | None, out_dir: Pa
     for name in names:
         entry = next((e for e in art.layers if e.name == name), None)
         if entry is None:
-            raise ValueError(f"{path}: no layer {name}; layers: {', '.join(e.name for e in art.layers)}")
+            raise ValueError(f"{path}: no layer {name}; its layers: {art.some_layer_names()}")
         s = art.stream(entry)
         if s is None or s.layout != layout:
             raise not_in_layout(path, entry, s, fmt)

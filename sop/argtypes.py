@@ -81,12 +81,14 @@ def layer_name(text: str) -> str:
     return text
 
 
-def output_checked(parser: argparse.ArgumentParser, path, *, folder: bool = False, option: str | None = None):
-    """``golden.files.check_output(path, folder=folder)``, its refusal a usage error (``option: ...``
-    where ``option`` names it); the path back."""
+def output_checked(parser: argparse.ArgumentParser, path, *, folder: bool = False, option: str | None = None,
+                   inputs=()):
+    """``golden.files.check_output(path, inputs, folder=folder)``, its refusal a usage error (``option: ...``
+    where ``option`` names it); the path back. ``inputs``: every file the tool reads, its own source
+    included (a bench script's ``--out`` once replaced the script itself)."""
     from sop.golden.files import OutputError, check_output
 
     try:
-        return check_output(path, folder=folder)
+        return check_output(path, inputs, folder=folder)
     except OutputError as err:
         parser.error(f"{option}: {err}" if option else str(err))

@@ -274,19 +274,12 @@ def cmd_dequantize(args) -> int:
     return 0
 
 
-#: How many layer names an unknown --layer lists.
-LAYERS_NAMED = 5
-
-
 def _artifact_layer(art, name: str):
     """The entry of layer ``name``; a ValueError naming a few valid layers otherwise."""
     for e in art.layers:
         if e.name == name:
             return e
-    names = [e.name for e in art.layers]
-    more = f", ... ({len(names)} in all)" if len(names) > LAYERS_NAMED else ""
-    raise ValueError(f"--layer {name!r} is not a layer of {art.path}; its layers: "
-                     f"{', '.join(names[:LAYERS_NAMED])}{more}")
+    raise ValueError(f"--layer {name!r} is not a layer of {art.path}; its layers: {art.some_layer_names()}")
 
 
 NPY_MAGIC = b"\x93NUMPY"                # the .npy format's first bytes (an .npz is a zip: "PK")

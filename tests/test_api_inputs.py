@@ -98,6 +98,22 @@ def test_the_budget_quantizer_checks_each_layer_too():
         fmt.solve_budget({"ok": (weights(), None), "big": (weights() * 1e200, None)}, 6.0)
 
 
+def test_the_budget_quantizer_names_its_budget_in_python_terms():
+    """``solve_budget`` from Python refused a budget below every layer's cheapest option with the command
+    line's ``give --budget 4.8204 or more``, a flag no Python caller has (an outside probe): ``budget=``
+    here, as ``quantize_module`` says it; ``sop eval`` and ``sop quantize`` keep ``--budget``
+    (tests/test_cli_errors.py)."""
+    fmt, layers = get_quant_format("sop-budget"), {"a": (weights(), None)}
+    with pytest.raises(ValueError, match=r"^budget is too small: it buys .* give budget=\d+\.\d{4} or more$") as e:
+        fmt.solve_budget(layers, 0.5)
+    least = float(str(e.value).split("give budget=")[1].split()[0])       # the least budget that runs
+    assert set(fmt.solve_budget(layers, least).choice) == {"a"}
+    for bad, said in [(None, r"^format sop-budget needs budget=B \(average bits per weight\)$"),
+                      (0.0, r"^budget must be a number above 0, got 0\.0$")]:
+        with pytest.raises(ValueError, match=said):
+            fmt.solve_budget(layers, bad)
+
+
 def test_the_callers_arrays_are_not_written():
     w, act = weights(cols=17), np.arange(17.0)
     w0, act0 = w.copy(), act.copy()

@@ -414,6 +414,17 @@ def test_a_layer_is_read_by_its_entry_or_its_name(toy_sop4):
         art.weights("nope")
 
 
+def test_an_unknown_layer_names_a_few_layers_and_their_count(toy_sop4):
+    """`sop vectors --layer nope` listed every layer in its one error line (hundreds for an LLM; a docs
+    walkthrough); now it names five and the count, as `sop gemv` does, through one helper."""
+    art = A.open_artifact(toy_sop4)
+    many = dataclasses.replace(art, layers=[dataclasses.replace(art.layers[0], name=f"blk.{i}.w") for i in range(12)])
+    assert many.some_layer_names() == "blk.0.w, blk.1.w, blk.2.w, blk.3.w, blk.4.w, ... (12 in all)"
+    assert art.some_layer_names(shown=len(art.layers)) == ", ".join(e.name for e in art.layers)
+    with pytest.raises(KeyError, match=r"blk.9.x is not a layer of .*blk.4.w, \.\.\. \(12 in all\)"):
+        many.entry("blk.9.x")
+
+
 def test_not_an_artifact(tmp_path, capsys):
     assert main(["dequantize", str(tmp_path / "missing.sopq"), "--out", str(tmp_path / "w.safetensors")]) == 2
     assert "no such .sopq file" in capsys.readouterr().err

@@ -220,6 +220,28 @@ def test_shell_full_speed_latency_and_no_bubble(name):
     assert out_cycles == list(range(out_cycles[0], out_cycles[0] + len(got)))   # no bubble, across layers
 
 
+def test_the_documented_shortest_layer_without_a_bubble():
+    """docs/hardware.md's bound for no bubble across layers at full speed, measured: the next
+    layer's load packet (33 words for sop4-g16's tables) starts the cycle after this layer's first
+    beat and the next first beat the cycle after its TLAST, so a layer of 33 cycles leaves one
+    bubble and 34 none (an outside probe found the page saying 33 was enough). A 16-lane sop4-g16
+    takes one beat a cycle, so a layer can last any number of cycles."""
+    from dataclasses import replace
+
+    text = Path(__file__).resolve().parent.parent.joinpath("docs", "hardware.md").read_text()
+    m = re.search(r"words: 33 for sop4-g16, so (\d+) cycles or more", " ".join(text.split()))
+    assert m, "docs/hardware.md no longer states the shortest layer without a bubble in the expected words"
+    documented = int(m[1])
+    cfg = replace(CONFIGS["sop4-g16"], lanes=16, name="sop4-g16-x16")
+    lengths = [documented - 1, documented, 4]                 # cycles (= beats = blocks) of each layer
+    layers = [random_layers(cfg, 1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    got, out_cycles, _, _, _ = simulate_shell(cfg, layers, p_idle=0.0, p_stall=0.0)
+    assert got == axis.model(cfg, as_model_layers(layers))
+    starts = np.cumsum([0] + lengths[:-1])                    # each layer's first output beat
+    bubbles = [out_cycles[s] - out_cycles[s - 1] - 1 for s in starts[1:]]
+    assert bubbles == [1, 0], f"bubbles before layers 2 and 3: {bubbles}"
+
+
 def test_a_shallow_decoder_gets_no_shell():
     """The shallow pipeline's ``values.ready`` reaches ``blocks.ready`` combinationally: an ``AxisDecoder``
     around it was built, its ``s_axis_tready`` following ``m_axis_tready`` in the same cycle, where the
@@ -617,6 +639,33 @@ targets:
         assert r.returncode != 0 and "%Warning-UNUSEDSIGNAL: " in out and "parent_junk" in out, out[-3000:]
     else:
         assert r.returncode == 0, out[-3000:]
+
+
+def test_the_shell_waivers_reach_the_shell_file_and_no_other(tmp_path):
+    """A shell's ``.vlt`` waives its warnings in ``sop4-g16_axis.v`` however the path is given (bare from
+    its folder, or with folders: FuseSoC's ``src/CORE/``) and in no other file: a parent's
+    ``my_sop4-g16_axis.v`` and the GEMV shell's ``gemv-sop4-g16_axis.v`` end in the same name, and the
+    pattern ``*sop4-g16_axis.v`` hid their warnings (an outside probe). Stand-in files with one unused
+    wire each keep it fast."""
+    from sop.hdl.generate import scoped_waivers
+
+    assert shutil.which("verilator"), "run `make setup`"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "sop4-g16_axis.vlt").write_bytes(scoped_waivers("sop4-g16_axis"))
+
+    def warnings(rel: str) -> str:
+        module = re.sub(r"\W", "_", Path(rel).stem)
+        (tmp_path / rel).write_text(f"module {module}(input wire a, output wire y);\n"
+                                    f"  wire [3:0] dangling;\n  assign y = a;\nendmodule\n")
+        r = subprocess.run(["verilator", "--lint-only", "-Wall", "sop4-g16_axis.vlt", rel],
+                           capture_output=True, text=True, cwd=tmp_path)
+        return r.stdout + r.stderr
+
+    for rel in ("sop4-g16_axis.v", "src/sop4-g16_axis.v"):
+        assert "%Warning" not in warnings(rel), rel
+    for rel in ("my_sop4-g16_axis.v", "src/gemv-sop4-g16_axis.v"):
+        out = warnings(rel)
+        assert "%Warning-UNUSEDSIGNAL" in out and "dangling" in out, (rel, out[-2000:])
 
 
 def test_fusesoc_targets_fail_on_a_broken_design(axis_dir, tmp_path):

@@ -60,6 +60,32 @@ def test_memory_child_reports_peak_minus_baseline_per_weight(monkeypatch, capsys
     assert got["bpw"] == pytest.approx((700 - 100) * 1024 / 1024)     # 614400 / 1024 = 600.0
 
 
+@pytest.mark.parametrize("cmd", ["module", "module-sopq"])
+def test_memory_child_quantizes_the_layer_held_in_a_torch_model(monkeypatch, tmp_path, capsys, cmd):
+    """The in-memory commands: the child loads the checkpoint's one layer into a torch model under its
+    name on disk, before the baseline, and passes it to quantize_module (module-sopq: out= the .sopq)."""
+    import torch
+
+    mem = bench_module(monkeypatch, "memory")
+    import sop.quantize.in_memory as in_memory
+
+    mem.write_checkpoint(tmp_path / "m.safetensors", 8, "bf16")
+    from safetensors.torch import load_file
+    want = load_file(str(tmp_path / "m.safetensors"))[mem.LAYER]
+    seen = []
+
+    def quantize_module(model, fmt, budget=None, out=None):
+        (name, p), = model.named_parameters()
+        seen.append((name, p.dtype, torch.equal(p, want), fmt, budget, out))
+
+    monkeypatch.setattr(in_memory, "quantize_module", quantize_module)
+    monkeypatch.setattr(sys, "argv", ["-c", cmd, str(tmp_path / "m.safetensors"), "sop-budget", "o.sopq", "o.st",
+                                      "5.0", "64"])
+    exec(mem.CHILD, {"__name__": "__child__"})
+    assert seen == [(mem.LAYER, torch.bfloat16, True, "sop-budget", 5.0, "o.sopq" if cmd == "module-sopq" else None)]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bpw"] >= 0
+
+
 def test_memory_main_counts_size_squared_weights_and_meets_a_target_equalled(monkeypatch, tmp_path, capsys):
     """--size 32: 32 x 32 = 1024 weights passed to the child and written; a worst figure equal to the
     target (16 bytes/weight) meets it ("at most 16")."""

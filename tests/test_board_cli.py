@@ -62,16 +62,18 @@ def sim_port(monkeypatch):
 
 @pytest.mark.parametrize("board", [name for name, board in BOARDS.items() if board.decoder])
 def test_run_board_checks_a_real_minilm_layer_through_the_uart(board):
-    name, stream, _ = bringup.model_layer("minilm", "sop4-g16", LAYER, rows=2)
+    # the ULX3S core (8 lanes and a GEMV engine beside them) simulates a third as fast: one row, its 48 beats
+    rows = 2 if board == "icebreaker" else 1
+    name, stream, _ = bringup.model_layer("minilm", "sop4-g16", LAYER, rows=rows)
     port, timeout = bringup.sim_board(board)
     result = bringup.run_board(port, stream, "sop4-g16", name=name, timeout=timeout, clock=port.now)
     assert result.ok and result.got == result.expected
-    assert result.values == 2 * 384 and (result.rows, result.cols) == (2, 384)
+    assert result.values == rows * 384 and (result.rows, result.cols) == (rows, 384)
     assert result.status.lanes == BOARDS[board].lanes
     assert result.wire_bytes > len(stream.blocks)          # the blocks plus frames and replies
     assert 0 < result.values_per_s and 0 < result.bytes_per_s
     text = "\n".join(result.lines())
-    assert f"layer: {LAYER} (2 x 384, sop4-g16)" in text and "values checked: 768" in text
+    assert f"layer: {LAYER} ({rows} x 384, sop4-g16)" in text and f"values checked: {rows * 384}" in text
     assert "result: OK" in text and "bytes/s over the wire" in text
 
 

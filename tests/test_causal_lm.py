@@ -747,6 +747,31 @@ def test_a_model_folder_export_warns_when_the_config_changed_since_quantizing(fo
     assert json.loads((tmp_path / "f" / "config.json").read_text())["rms_norm_eps"] == 0.125
 
 
+def test_a_generation_config_transformers_cannot_read_is_one_line_naming_it_before_any_output(folders,
+                                                                                            tmp_path, capsys):
+    """A generation_config.json that is no JSON was left out by transformers' loader without a word, and the
+    export wrote a default one in its place: the source's generation settings lost (an outside probe). As an
+    unreadable config.json or tokenizer, it is refused in one line naming it, by the export and by every
+    forward pass, before any output; the source is left as it was."""
+    d = _copy(folders["llama"], tmp_path / "m")
+    art = tmp_path / "m.sopq"
+    assert main(["quantize", str(d), "--format", "nf4-g64", "--out", str(art), "--quiet", "--no-calib",
+                 "--include", "model.layers.0.mlp.*"]) == 0
+    gen = d / "generation_config.json"
+    for bad, what in ((b'{"eos_token_id": [1, 2],', "not valid JSON"), (b"[1, 2]", "not a JSON object"),
+                      (b'{"eos_token_id": "\xe9"}', "not UTF-8 text"),
+                      (b'{"max_new_tokens": "seven"}', "transformers cannot read it")):
+        gen.write_bytes(bad)
+        source = {f.name: f.read_bytes() for f in d.iterdir()}
+        err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(tmp_path / "f")])
+        assert err.startswith(f"sop: error: {gen}: {what}") and err.endswith("; fix it, or remove it for "
+                                                                             "transformers' default"), err
+        assert not (tmp_path / "f").exists() and {f.name: f.read_bytes() for f in d.iterdir()} == source
+    err = one_error(capsys, ["quantize", str(d), "--format", "nf4-g64", "--out", str(tmp_path / "q.sopq"),
+                             "--quiet", "--cache-dir", str(tmp_path / "c"), *SMALL[:4]])
+    assert err.startswith(f"sop: error: {gen}: transformers cannot read it") and not (tmp_path / "q.sopq").exists()
+
+
 def test_a_model_folder_export_never_writes_over_its_source_or_half_a_folder(folders, tmp_path, capsys):
     art = tmp_path / "m.sopq"
     src = _copy(folders["llama"], tmp_path / "src")
@@ -879,6 +904,34 @@ def test_quantize_says_when_no_forward_pass_can_calibrate(folders, tmp_path, cap
         assert open_artifact(tmp_path / "q.sopq").meta["calibration"]["weighted"] is False
     assert main(["quantize", str(d), "--format", "nf4-g64", "--out", str(tmp_path / "q.sopq"), "--no-calib"]) == 0
     assert "calibration" not in capsys.readouterr().err
+
+
+def test_a_sequence_classifier_folder_is_no_causal_lm_and_its_head_no_tied_one(tokenizer, tmp_path, capsys):
+    """A Llama classifier (config.json model_type llama, architectures LlamaForSequenceClassification, head
+    score.weight): `sop quantize` printed `lm_head is tied to model.embed_tokens.weight` (it has no lm_head),
+    then failed in the forward pass on score.weight, `the model config.json describes has no place for` it (an
+    outside probe). It is a model with no causal-LM forward pass, as a T5 folder: one reason, no tie, the
+    classifier's layers quantized unweighted, and an export refused in one line naming the class."""
+    from transformers.models.llama import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = configs()["llama"]
+    cfg.pad_token_id = 1
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "cls")
+    tokenizer.save_pretrained(tmp_path / "cls")
+    src = open_model(str(tmp_path / "cls"))
+    why = "config.json names LlamaForSequenceClassification, a model with no causal-LM head"
+    assert (src.forward, src.forward_note, src.tied_to, src.lm_head) == (None, why, None, "")
+    assert "score.weight" in {lay.name for lay in src.layers}
+    art = tmp_path / "q.sopq"
+    assert main(["quantize", str(tmp_path / "cls"), "--format", "nf4-g64", "--out", str(art), "--include",
+                 "score.*", "--cache-dir", str(tmp_path / "c"), *SMALL[:4]]) == 0
+    err = capsys.readouterr().err
+    assert "tied" not in err and f"\ncalibration: no forward pass for this model ({why}); errors are unweighted" in err
+    assert open_artifact(art).meta["calibration"]["weighted"] is False
+    err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(tmp_path / "f")])
+    assert err == f"sop: error: {tmp_path / 'cls'}: --model-folder needs a causal LM that transformers runs ({why})"
+    assert not (tmp_path / "f").exists()
 
 
 def test_include_lm_head_on_a_tied_models_weights_file_alone_says_what_it_needs(folders, tmp_path, capsys):

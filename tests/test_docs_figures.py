@@ -6,8 +6,9 @@ again here, as `sop eval` measures it, and compared with the text to the digit
 it is quoted to; and the README's folder table names every module of golden/, quantize/, hdl/,
 sim/ and every page of docs/, as hdl/__init__.py's index names every hdl module. Tables the docs
 keep by hand are checked against what they copy: sop.md's pair counts, hardware.md's named
-configurations, formats.md's codebook values. Every link between the pages, and every repository
-path they quote, resolves.
+configurations, formats.md's codebook values. Every link between the pages, every repository
+path and test they quote, and every name of the package they quote resolves; every `sop` command
+line they show names options the command has, and its synopses name them all.
 """
 
 import re
@@ -138,9 +139,17 @@ def _anchors(page: Path) -> set[str]:
     return found
 
 
+#: A repository path as the pages quote it, in backticks or bare (`quantize/artifact.py`, tests/test_dot.py,
+#: golden/data/bof4.json), not the tail of a longer path or address; then, optionally, ``::name``: a test
+#: (or class) of that file, which the pages cite as the evidence of a claim.
+_REPO_PATH = re.compile(r"(?<![\w./-])((?:golden|quantize|hdl|sim|synth|bench|sop|tests|docs|scripts)/[\w./-]*?"
+                        r"\.(?:py|md|json|vlt|sh|toml))(?![\w/-])(?:::(\w+))?")
+
+
 def broken_links(pages: list[Path]) -> list[str]:
-    """Every relative link of ``pages`` whose file or anchor does not exist, and every repository path
-    quoted in backticks (`quantize/artifact.py`) that is no file."""
+    """Every relative link of ``pages`` whose file or anchor does not exist, every repository path they
+    quote (`quantize/artifact.py`, bare or in backticks) that is no file, and every test they cite
+    (`tests/test_dot.py::test_name`) that its file does not define."""
     bad = []
     for page in pages:
         text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
@@ -153,9 +162,12 @@ def broken_links(pages: list[Path]) -> list[str]:
                 bad.append(f"{page.name}: {link}: no such file")
             elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
                 bad.append(f"{page.name}: {link}: no such anchor")
-        for path in re.findall(r"`((?:golden|quantize|hdl|sim|synth|bench|sop|tests|docs)/[\w./-]+\.(?:py|md))`", text):
-            if not ROOT.joinpath(path).exists():
+        for path, name in _REPO_PATH.findall(re.sub(r"\]\([^)\s]+\)", "]", text)):   # links: checked above
+            if not ROOT.joinpath(path).is_file():
                 bad.append(f"{page.name}: `{path}`: no such file")
+            elif name and not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b",
+                                        ROOT.joinpath(path).read_text(), re.M):
+                bad.append(f"{page.name}: `{path}::{name}`: no such test")
     return bad
 
 
@@ -165,6 +177,100 @@ def test_every_link_and_quoted_path_of_the_docs_resolves(tmp_path):
     # the checker can fail: a heading's anchor that a page does not have, a file, a quoted path
     page = tmp_path / "p.md"
     page.write_text("# Memory (`bench/memory.py`)\n\n[a](#memory-benchmemorypy) [b](#memory) [c](nope.md) "
-                    "`quantize/nope.py`\n")
+                    "`quantize/nope.py`, tests/test_dot.py::test_minilm_layers_are_within_the_derived_float64_bound "
+                    "and tests/test_dot.py::test_nope; golden/data/nope.json, the tail of a/golden/nope.py\n")
     assert broken_links([page]) == ["p.md: #memory: no such anchor", "p.md: nope.md: no such file",
-                                    "p.md: `quantize/nope.py`: no such file"]
+                                    "p.md: `quantize/nope.py`: no such file",
+                                    "p.md: `tests/test_dot.py::test_nope`: no such test",
+                                    "p.md: `golden/data/nope.json`: no such file"]
+
+
+def unresolved_names(pages: list[Path]) -> list[str]:
+    """Every name of the package the pages quote in backticks, dotted from a subpackage
+    (`golden.dot.tile_order`, `sop.quantize.models.open_model(path)`), that does not import or is no
+    attribute of what it names."""
+    import importlib
+
+    bad = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for name in re.findall(r"`((?:sop\.)?(?:golden|quantize|hdl|sim|synth)(?:\.\w+)+)(?:\([^`]*\))?`", text):
+            parts = ["sop", *name.removeprefix("sop.").split(".")]
+            for i in range(len(parts), 1, -1):      # the longest importable module (at least sop.X), then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:i]))
+                    break
+                except ModuleNotFoundError:
+                    continue
+            for attr in parts[i:]:
+                if not hasattr(obj, attr):
+                    bad.append(f"{page.name}: `{name}`: no {attr}")
+                    break
+                obj = getattr(obj, attr)
+    return bad
+
+
+def test_every_name_of_the_package_the_docs_quote_exists(tmp_path):
+    pages = [ROOT / "README.md", *sorted(ROOT.joinpath("docs").glob("*.md"))]
+    assert unresolved_names(pages) == []
+    # the check can fail: a renamed function, a module that is not there
+    page = tmp_path / "p.md"
+    page.write_text("`golden.dot.tile_order` and `sop.golden.dot.tile_ordr(rows)`, `quantize.nope.f`\n")
+    assert unresolved_names([page]) == ["p.md: `sop.golden.dot.tile_ordr`: no tile_ordr",
+                                        "p.md: `quantize.nope.f`: no nope"]
+
+
+# -- the command lines the pages show ------------------------------------------------------------------------
+
+def sop_command_lines(text: str) -> list[str]:
+    """Every `sop` command line in ``text``'s code blocks (`.venv/bin/sop eval ...`, and the synopses,
+    `sop eval MODEL [--json FILE] ...`), its continuation lines joined and its comment dropped."""
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        block = re.sub(r"\s*\\\n\s*", " ", block)                  # a shell continuation
+        block = re.sub(r"\n\s+(?=\[|--)", " ", block)               # a synopsis' indented continuation
+        lines += [line.split(" #")[0].strip() for line in block.splitlines()
+                  if re.match(r"\s*(?:\.venv/bin/)?sop [a-z]", line)]
+    return lines
+
+
+def option_drift(pages: dict[str, str], commands: dict) -> list[str]:
+    """What the pages' `sop` command lines get wrong against the parsers ``commands`` (command -> its
+    argparse parser): a command or an option that does not exist, and, for a command the pages give a
+    synopsis of (a line with optional `[--...]` parts), an option that no synopsis of it names."""
+    bad, named = [], {}
+    for page, text in pages.items():
+        for line in sop_command_lines(text):
+            cmd = line.split()[1]
+            if cmd not in commands:
+                bad.append(f"{page}: `{line}`: no command {cmd}")
+                continue
+            known = {s for a in commands[cmd]._actions for s in a.option_strings}
+            given = set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", line))
+            bad += [f"{page}: `{line}`: sop {cmd} has no {opt}" for opt in sorted(given - known)]
+            if "[--" in line:
+                named.setdefault(cmd, set()).update(given)
+    for cmd, given in sorted(named.items()):
+        missing = {s for a in commands[cmd]._actions for s in a.option_strings if s.startswith("--")} - given
+        bad += [f"the synopses of sop {cmd} lack {opt}" for opt in sorted(missing - {"--help"})]
+    return bad
+
+
+def test_every_sop_command_line_of_the_docs_has_its_options():
+    """Each `sop` command line of README and docs/ names options that command has, and the synopses
+    (`sop eval MODEL --format F [--json FILE] ...`) name every option it has: `sop X --help` and the pages
+    agree."""
+    from sop.cli import _parser
+
+    _, commands = _parser()
+    pages = {p.name: p.read_text() for p in [ROOT / "README.md", *sorted(ROOT.joinpath("docs").glob("*.md"))]}
+    assert sum(len(sop_command_lines(t)) for t in pages.values()) > 30     # the lines are found
+    assert option_drift(pages, commands) == []
+    # the check can fail: a renamed option, an option left out of a synopsis, a command that does not exist
+    page = ("```sh\n.venv/bin/sop eval minilm --format sop4-g16 --jsn x.json   # a typo\n"
+            "sop report FILE.json [--out STEM]\n"
+            ".venv/bin/sop evaluate minilm \\\n    --format nf4-g64\n```\n")
+    assert option_drift({"p.md": page}, commands) == [
+        "p.md: `.venv/bin/sop eval minilm --format sop4-g16 --jsn x.json`: sop eval has no --jsn",
+        "p.md: `.venv/bin/sop evaluate minilm --format nf4-g64`: no command evaluate",
+        "the synopses of sop report lack --bpw-tol"]

@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import re
 
 import ml_dtypes
 import numpy as np
@@ -231,6 +232,40 @@ def test_bad_input_is_refused_clearly():
         e2m3.encode([1 + 2j, 3])                  # was code of 1.0, the imaginary part dropped (an outside probe)
     with pytest.raises(ValueError, match="valid: .*e2m3.*ue4m4"):
         get_format("e9m9x")
+
+
+@pytest.mark.parametrize("x", ["1.0", b"1.0", np.array(["1.0", "2"]), ["1.0", 2], np.array([1.0], dtype=object),
+                               None, np.array([1, 2], dtype="timedelta64[s]")])
+def test_encode_refuses_what_is_no_number(x):
+    """A numeric string was parsed by numpy's cast (``encode("1.0")`` gave the code of 1.0), as were bytes,
+    object arrays and dates (an outside probe): no number, a ``TypeError``; ml_dtypes arrays are numbers."""
+    e2m3 = get_format("e2m3")
+    with pytest.raises(TypeError, match=r"^encode to e2m3: non-numeric input \(.+\); the format encodes numbers"):
+        e2m3.encode(x)
+    bf16 = np.array([0.125, -7.5], dtype=ml_dtypes.bfloat16)
+    assert e2m3.encode(bf16).tolist() == e2m3.encode([0.125, -7.5]).tolist()
+    assert e2m3.encode(np.array([3, -8], dtype=ml_dtypes.int4)).tolist() == e2m3.encode([3.0, -8.0]).tolist()
+
+
+def test_decode_names_what_it_was_given_when_it_is_no_code():
+    """A bfloat16 array of codes was "codes are integers, got 1.0 (bfloat16)": 1.0 is a whole number, and
+    the array's codes are its bits, which the message did not say; ml_dtypes' int4 codes were refused as
+    no integers; an Inf code was an OverflowError from ``int`` (an outside probe)."""
+    bf16, e2m1 = get_format("bf16"), get_format("e2m1")
+    values = np.array([1.0, -2.5], dtype=ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"^bf16: codes are integers, got an array of bfloat16 values \(a bfloat16 "
+                                        r"array's codes are its bits: \.view\(np\.uint16\)\)$"):
+        bf16.decode(values)
+    assert bf16.decode(values.view(np.uint16)).tolist() == [1.0, -2.5]        # the advice works
+    with pytest.raises(TypeError, match=r"float8_e4m3fn values .*\.view\(np\.uint8\)"):
+        e2m1.decode(np.array([1.0], dtype=ml_dtypes.float8_e4m3fn))
+    assert e2m1.decode(np.array([1, 7], dtype=ml_dtypes.uint4)).tolist() == [0.5, 6.0]
+    for codes, dtype in [(["1"], "<U1"), (np.array([1], dtype=object), "object"), ([b"1"], "|S1")]:
+        with pytest.raises(TypeError, match=rf"^e2m1: codes are integers, got an array of dtype {re.escape(dtype)}$"):
+            e2m1.decode(codes)
+    for inf in (np.inf, -np.inf, np.nan):
+        with pytest.raises(ValueError, match=rf"^e2m1: codes are integers, got {inf} \(float64\)$"):
+            e2m1.decode([1.0, inf])
 
 
 @pytest.mark.parametrize("name", ["e" + "9" * 5000 + "m1", "e4m" + "1" * 101, "e4m3b-" + "7" * 200])

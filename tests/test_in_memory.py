@@ -743,3 +743,76 @@ def test_a_masked_lms_vocabulary_projection_is_the_head_on_both_paths(tmp_path):
     assert "cls.predictions.decoder.weight" in disk and "bert.embeddings.word_embeddings.weight" not in disk
     assert "cls.predictions.decoder.weight" not in [lay.name for lay in open_model(str(tmp_path / "bert")).layers]
     assert sorted(quantize_module(model, "sop4-g16", lm_head=True).layers) == sorted(disk)
+
+
+class _Spy:
+    """A format that records each matrix it is handed, then quantizes it as the format ``name`` does."""
+
+    def __init__(self, name):
+        self.fmt, self.seen = get_quant_format(name), {}
+
+    def __getattr__(self, attr):
+        return getattr(self.fmt, attr)
+
+    def quantize(self, w, act_ms=None, name="layer"):
+        self.seen[name] = (w.dtype, w.flags.c_contiguous, w.flags.writeable, w.copy())
+        return self.fmt.quantize(w, act_ms=act_ms, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_each_layer_is_handed_to_its_format_as_the_disk_path_reads_it(tmp_path, monkeypatch, dtype):
+    """Held in memory, a layer went to its format as float64 (8 bytes a weight, 4 more than the disk
+    path's float32 of a bf16, float16 or float32 layer: an outside probe measured the peak at about
+    twice the disk path's). Now the matrix the format gets is the one the disk path reads (``read_weight``:
+    dtype, values, C order), a Conv1D's as its ``(out, in)`` transpose; a float32 one on the CPU is the
+    parameter itself, read-only. The model then holds each reconstruction cast to its dtype."""
+    from safetensors.torch import save_file
+    from transformers.pytorch_utils import Conv1D
+
+    from sop.quantize import in_memory
+    from sop.quantize.layer_loop import read_weight
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Module()
+    mlp.down_proj, mlp.c_fc = torch.nn.Linear(48, 32, bias=False), Conv1D(24, 48)    # Conv1D holds (in, out)
+    model = torch.nn.ModuleDict({"model": torch.nn.ModuleDict({"layers": torch.nn.ModuleList(
+        [torch.nn.ModuleDict({"mlp": mlp})])})}).to(dtype)
+    if dtype == torch.float64:                          # weights float32 cannot hold: read as float64
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 1e-9)
+    name = "model.layers.0.mlp.down_proj.weight"
+    w_fc = mlp.c_fc.weight.detach().clone()
+    save_file({name: mlp.down_proj.weight.detach().contiguous()}, str(tmp_path / "m.safetensors"))
+    disk, _ = read_weight(open_model(str(tmp_path / "m.safetensors")), name)
+    spy = _Spy("fp8-e4m3-pot")
+    monkeypatch.setattr(in_memory, "get_quant_format", lambda fmt: spy)
+    quantize_module(model, "fp8-e4m3-pot")
+    got_dtype, c_order, writeable, w = spy.seen[name]
+    assert got_dtype == disk.dtype and c_order and np.array_equal(w, disk)
+    assert disk.dtype == (np.float64 if dtype == torch.float64 else np.float32)
+    assert writeable == (dtype != torch.float32)            # a view of the parameter is never written through
+    fc_dtype, fc_c_order, _, w = spy.seen["model.layers.0.mlp.c_fc.weight"]
+    assert fc_c_order and np.array_equal(w, w_fc.double().numpy().T) and fc_dtype == disk.dtype
+    ref = get_quant_format("fp8-e4m3-pot").quantize(w_fc.double().numpy().T).recon.T
+    assert torch.equal(mlp.c_fc.weight.detach(), torch.from_numpy(np.ascontiguousarray(ref)).to(dtype))
+
+
+def test_a_non_finite_weight_or_cast_in_any_row_chunk_is_found(monkeypatch):
+    """The finite checks of a weight and of its cast copy run in row chunks (``torch.isfinite`` of a whole
+    bfloat16 layer holds 5 bytes a weight): with chunks of one row, a NaN or an overflow in the last row is
+    still found, and the model is unchanged."""
+    from sop.quantize import in_memory
+
+    monkeypatch.setattr(in_memory, "_FINITE_CHUNK", 1)
+    model = MLP().half()
+    with torch.no_grad():
+        model.down.weight[-1, -1] = 65504.0                  # E4M3 with a power-of-two scale: 65536
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"layer down.weight: its reconstruction does not fit"):
+        quantize_module(model, "fp8-e4m3-pot")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with torch.no_grad():
+        model.up.weight[-1, -1] = float("nan")
+    with pytest.raises(ValueError, match="layer up.weight: its weight holds a NaN or an Inf"):
+        quantize_module(model, "fp8-e4m3-pot")

@@ -139,14 +139,14 @@ def test_a_budget_past_every_option_is_capped_and_one_below_every_option_is_refu
         assert f"= {dearest:,} bits (capped at every layer's dearest option) over" in res.report
     exact = quantize_budget(layers, dearest / n, prepared=prep)
     assert exact.solution.budget_bits == dearest and "capped" not in exact.report
-    with pytest.raises(ValueError, match=rf"^--budget is too small: it buys {(cheapest - 1):,} bits, below the "
+    with pytest.raises(ValueError, match=rf"^budget is too small: it buys {(cheapest - 1):,} bits, below the "
                                          rf"cheapest choice, {cheapest:,} bits \(every layer in its cheapest") as e:
-        quantize_budget(layers, (cheapest - 0.5) / n, prepared=prep)
-    advised = float(str(e.value).split("give --budget ")[1].split()[0])      # the budget it advises runs
+        quantize_budget(layers, (cheapest - 0.5) / n, prepared=prep)        # (Python: budget=, not --budget)
+    advised = float(str(e.value).split("give budget=")[1].split()[0])       # the budget it advises runs
     assert quantize_budget(layers, advised, prepared=prep).solution.bits >= cheapest
     assert budget_bits([[(10, 5.0), (20, 1.0)]], 1.0, 10) == 10               # exactly the cheapest: bought
     for bad in (0.0, -4.5, math.nan):
-        with pytest.raises(ValueError, match=r"^--budget must be a number above 0, got"):
+        with pytest.raises(ValueError, match=r"^budget must be a number above 0, got"):
             quantize_budget(layers, bad, prepared=prep)
 
 

@@ -159,6 +159,13 @@ def test_invalid_layouts_and_streams_are_refused():
         BlockLayout(4, 16, get_format("e4m3"))
     with pytest.raises(ValueError, match="whole bytes"):
         BlockLayout(4, 16, get_format("ue4m3"))            # 7-bit header + 64 bits
+    # a scale given by its name is that format; anything else one TypeError (was an AttributeError on
+    # `.signed`, a docs walkthrough)
+    assert BlockLayout(4, 16, "ue4m4") == BlockLayout(4, 16, get_format("ue4m4"))
+    with pytest.raises(TypeError, match="scale must be a format .* not int"):
+        BlockLayout(4, 16, 8)
+    with pytest.raises(ValueError, match="scale format e4m3 is signed"):
+        BlockLayout(4, 16, "e4m3")
     s = random_stream(np.random.default_rng(4), SOP4)
     import dataclasses
     with pytest.raises(ValueError, match="multiple of the block size"):

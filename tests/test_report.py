@@ -326,3 +326,16 @@ def test_a_sopq_given_for_its_eval_is_named_as_one(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"sop: error: {src}: a .sopq artifact, not an eval JSON: `sop report` reads what `sop eval")
     assert err.count("\n") == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["m.sopq"]
+
+
+def test_rows_are_sorted_by_the_exact_bpw_then_by_sqnr_highest_first():
+    """docs/quantizer.md's order: bpw unrounded (4.5 before 4.5001, both printed 4.500), then, at one
+    bpw, the higher SQNR first (nvfp4-46 above nvfp4 at their common cost); a name breaks a full tie."""
+    from sop.quantize.report import load_rows
+
+    row = {"rel_mse": 0.01, "acos": 0.99}
+    formats = {"nvfp4": {**row, "bpw": 4.5001, "sqnr_db": 20.50}, "nf4-g64": {**row, "bpw": 4.5, "sqnr_db": 20.55},
+               "nvfp4-46": {**row, "bpw": 4.5001, "sqnr_db": 21.24}, "b": {**row, "bpw": 6.0, "sqnr_db": 30.0},
+               "if4": {**row, "bpw": 4.5001, "sqnr_db": 22.01}, "a": {**row, "bpw": 6.0, "sqnr_db": 30.0}}
+    rows = load_rows({"model": "m", "formats": formats})
+    assert [r["format"] for r in rows] == ["nf4-g64", "if4", "nvfp4-46", "nvfp4", "a", "b"]

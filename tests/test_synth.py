@@ -249,6 +249,34 @@ def test_ecp5_builds_the_tables_from_lut_ram_rows(tmp_path):
     assert rec["fmax_mhz"] is not None
 
 
+def test_jobs_above_the_usable_cpus_run_that_many_at_a_time(monkeypatch):
+    """`python -m sop.synth --jobs 100000` started a yosys or nextpnr run (a few GB each) for every
+    configuration and target at once: at most one per usable CPU, as the quantizer's --jobs pool."""
+    import threading
+    import time
+
+    from sop.quantize import jobs
+    from sop.synth.flow import yosys_nextpnr
+
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def fake_run(cfg, target, out, force=False):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.1)                 # the others start meanwhile, as many as the pool lets
+        with lock:
+            running[0] -= 1
+        return {"luts": 1, "ffs": 1, "brams": 0, "dsps": 0, "fmax_mhz": None, "wall_s": 0, "note": ""}
+
+    monkeypatch.setattr(yosys_nextpnr, "run_config", fake_run)
+    monkeypatch.setattr(jobs, "usable_cpus", lambda: 2)
+    pairs = [(cfg, t) for cfg in list(named_configs().values())[:4] for t in ("ice40", "ecp5")]
+    done = yosys_nextpnr.run_many(pairs, jobs=100000, log=lambda *a: None)
+    assert sum(len(per) for per in done.values()) == len(pairs) == 8
+    assert peak[0] == 2
+
+
 def test_cli_refuses_unknown_names(capsys):
     assert main(["--config", "nope"]) == 2
     assert main(["--target", "virtex"]) == 2

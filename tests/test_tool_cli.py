@@ -261,6 +261,28 @@ def test_a_benchs_bad_argument_is_one_usage_line_before_any_work(tmp_path, scrip
     assert list(tmp_path.iterdir()) == []                         # nothing written, no build/ folder
 
 
+@pytest.mark.parametrize("script", ["codebook_sqnr", "hif_sqnr"])
+def test_a_codebook_reports_out_is_never_one_of_its_inputs(monkeypatch, capsys, script):
+    """`bench/codebook_sqnr.py --out bench/codebook_sqnr.py` measured for a minute, then replaced the script
+    with its report (an outside probe): the script, hif_sqnr.py (which both run), MiniLM's weights and the
+    BOF4 constants are inputs, refused as --out in one usage line before any work."""
+    import importlib
+
+    from sop.quantize.models import model_inputs
+
+    monkeypatch.syspath_prepend(str(BENCH))          # (bench/ is a folder of scripts, not a package)
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "minilm_linear_weights", lambda: pytest.fail("the measurement ran"))
+    weights = next(p for p in model_inputs("minilm") if p.suffix == ".safetensors")
+    for target in (BENCH / f"{script}.py", BENCH / "hif_sqnr.py", weights):
+        before = target.stat().st_mtime_ns
+        with pytest.raises(SystemExit) as exit_:
+            module.main(["--out", str(target)])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and f": error: {target}: the output is the input " in err, err
+        assert target.stat().st_mtime_ns == before
+
+
 @pytest.mark.parametrize("argv, said", [
     (["--lanes", "3"], "error: decoder config 'x3-r1': lanes must be a power of two in 1..64, got 3"),
     (["--out", "/dev/null"], "error: --out: /dev/null: the output exists and is a character device"),

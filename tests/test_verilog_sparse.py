@@ -80,11 +80,22 @@ def test_residuals_refused_where_they_cannot_be(tmp_path, capsys):
     assert generate   # the plain generator is the same function (tests/test_verilog.py)
 
 
-def test_more_adders_go_into_a_folder_of_their_own(tmp_path, monkeypatch):
+def test_more_adders_go_into_a_folder_of_their_own(verilog_dir, tmp_path, monkeypatch):
     """Without --out, --residuals 2 wrote build/verilog/sop4-g16-sp.v, replacing `make verilog`'s design of
-    one adder under the same file and module names, beside that design's shell (an outside probe)."""
+    one adder under the same file and module names, beside that design's shell (an outside probe). Its top
+    module was the one-adder design's ``sop_decoder_<NAME>`` too (and so every submodule's name): Icarus
+    refused the two in one design, every module declared twice (an outside probe). With R > 1 the name
+    says R; R = 1 keeps its name."""
     monkeypatch.chdir(tmp_path)
     assert main(["--config", "sop4-g16-sp", "--residuals", "2"]) == 0
-    doc = json.loads((tmp_path / "build" / "verilog-sp2" / "sop4-g16-sp.json").read_text())
+    two = tmp_path / "build" / "verilog-sp2" / "sop4-g16-sp"
+    doc = json.loads(two.with_suffix(".json").read_text())
     assert doc["parameters"]["residuals"] == 2
     assert not (tmp_path / "build" / "verilog").exists()
+    one = json.loads((verilog_dir / "sop4-g16-sp.json").read_text())["module"]
+    assert (one, doc["module"]) == ("sop_decoder_sop4_g16_sp", "sop_decoder_sop4_g16_sp_r2")
+    assert verilog_ports(two.with_suffix(".v").read_text(), doc["module"])       # the Verilog's top, so named
+    r = subprocess.run(["iverilog", "-g2005", "-o", str(tmp_path / "both.vvp"), str(verilog_dir / "sop4-g16-sp.v"),
+                        str(two.with_suffix(".v"))], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
                    help=f"one of {', '.join(TARGETS)} (default: {', '.join(DEFAULT_TARGETS)})")
     p.add_argument("--out", type=out_folder, default=DEFAULT_OUT, metavar="DIR",
                    help="the report's folder (default build/synth under the working folder)")
-    p.add_argument("--jobs", type=positive(int), default=2, help="tool runs at a time (default 2)")
+    p.add_argument("--jobs", type=positive(int), default=2,
+                   help="tool runs at a time (default 2; at most the CPUs this process may use)")
     p.add_argument("--force", action="store_true", help="repeat cached runs")
     args = p.parse_args(argv)
     try:

@@ -433,7 +433,12 @@ def run_config(cfg: DecoderConfig, target: str, out: Path = DEFAULT_OUT, *, forc
 
 def run_many(jobs_list: list[tuple[DecoderConfig, str]], out: Path = DEFAULT_OUT, *, jobs: int = 1,
              force: bool = False, log=functools.partial(print, flush=True)) -> dict[str, dict[str, dict]]:
-    """Run (config, target) pairs, ``jobs`` at a time; returns {config: {target: record}}."""
+    """Run (config, target) pairs, ``jobs`` at a time, at most one per usable CPU (as the quantizer's
+    --jobs pool: each run is a yosys or nextpnr process of up to a few GB, and ``--jobs 100000``
+    started one for every pair at once); returns {config: {target: record}}."""
+    from sop.quantize.jobs import usable_cpus
+
+    jobs = max(1, min(jobs, usable_cpus()))
     results: dict[str, dict[str, dict]] = {}
 
     def one(item):
@@ -445,7 +450,7 @@ def run_many(jobs_list: list[tuple[DecoderConfig, str]], out: Path = DEFAULT_OUT
             + f"  ({rec['wall_s']} s{', cached' if rec.get('cached') else ''}) {rec['note']}")
         return cfg.name, target, rec
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         for name, target, rec in pool.map(one, jobs_list):
             results.setdefault(name, {})[target] = rec
     return results
