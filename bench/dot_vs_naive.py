@@ -59,7 +59,7 @@ from sop.hdl.block_dot import BlockDot
 from sop.hdl.fp32_acc import ADD_LATENCY, RowAccumulator
 from sop.hdl.naive_dot import NaiveDot, naive_config
 from sop.synth.flow.yosys_nextpnr import (SEED, TARGETS, ToolError, for_target, place_and_route, read_pnr,
-                                          rtl_state, run_design)
+                                          rtl_state, run_design, tool_runs_at_once)
 
 OUT = toolenv.build_root() / "dot_vs_naive"
 POINT = "sop4-g16"
@@ -223,7 +223,7 @@ def main() -> None:
     p.add_argument("--target", action="append", choices=BENCH_TARGETS, help="default: both")
     p.add_argument("--design", action="append", choices=DESIGNS, help="default: all five")
     p.add_argument("--seed", type=positive(int), default=SEED, help="nextpnr placement seed (default 1, the flow's)")
-    p.add_argument("--jobs", type=positive(int), default=1)
+    p.add_argument("--jobs", type=positive(int), default=1, help="synthesis runs at once (at most one per usable CPU)")
     p.add_argument("--force", action="store_true", help="run the tools again even where cached")
     p.add_argument("--out", type=out_folder, default=OUT)
     args = p.parse_args()
@@ -245,7 +245,7 @@ def main() -> None:
         return design, target, rec
 
     jobs = [(d, t) for t in targets for d in designs]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=tool_runs_at_once(args.jobs)) as pool:
         for design, target, rec in pool.map(one, jobs):
             results.setdefault(design, {})[target] = rec
     rat = ratios(results)

@@ -62,7 +62,8 @@ from sop.golden.points import config_point
 from sop.hdl.config import DecoderConfig, named_configs
 from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
-from sop.synth.flow.yosys_nextpnr import SEED, TARGETS, for_target, place_and_route, read_pnr, run_design
+from sop.synth.flow.yosys_nextpnr import (SEED, TARGETS, for_target, place_and_route, read_pnr, run_design,
+                                          tool_runs_at_once)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lane_sweep import sweep_config  # noqa: E402  (a sibling script: bench/ is not a package)
@@ -114,7 +115,7 @@ def fmax_for_seed(work: Path, seed: int, placer: str = "default") -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=positive(int), default=5)
-    p.add_argument("--jobs", type=positive(int), default=2)
+    p.add_argument("--jobs", type=positive(int), default=2, help="nextpnr runs at once (at most one per usable CPU)")
     p.add_argument("--config", action="append", choices=list(named_configs()),
                    help=f"a named configuration (default: {', '.join(CONFIGS)})")
     p.add_argument("--lanes", action="append", type=int, default=[],
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             run_design(dut, label, "ecp5", OUT, top="synth_" + module_name(cfg, variant=False))
             works[label], depths[label] = OUT / "runs" / label / "ecp5", cfg.lutram_depth
     jobs = [(label, placer, seed) for label in works for placer in placers for seed in range(1, args.seeds + 1)]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    with ThreadPoolExecutor(max_workers=tool_runs_at_once(args.jobs)) as pool:
         got = list(pool.map(lambda j: fmax_for_seed(works[j[0]], j[2], j[1]), jobs))
     fmax = {(label, placer): [] for label in works for placer in placers}
     for (label, placer, _), rec in zip(jobs, got):

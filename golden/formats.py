@@ -51,9 +51,13 @@ def check_no_nan(x: np.ndarray, what: str) -> None:
     """Raise ValueError naming the first NaN of ``x`` (by multi-index), if any."""
     nan = np.isnan(x)
     if nan.any():
-        pos = tuple(int(i) for i in np.argwhere(nan)[0])
-        raise ValueError(f"{what}: NaN at position {pos if len(pos) != 1 else pos[0]}; "
-                         f"NaN cannot be encoded")
+        raise ValueError(f"{what}: NaN at position {_position(np.argwhere(nan)[0])}; NaN cannot be encoded")
+
+
+def _position(index) -> int | tuple[int, ...]:
+    """An element's position for an error line: its index in a 1-D array, its multi-index otherwise."""
+    pos = tuple(int(i) for i in index)
+    return pos[0] if len(pos) == 1 else pos
 
 
 def table_midpoints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -258,7 +262,7 @@ class CodeTable:
         if not self.signed and (x < 0).any():
             pos = np.argwhere(x < 0)[0]
             raise ValueError(f"encode to {self.name}: negative value {float(x[tuple(pos)])!r} at position "
-                             f"{tuple(int(i) for i in pos)}; the format is unsigned")
+                             f"{_position(pos)}; the format is unsigned")
         vals, codes, neg_zero = self._encode_table
         return round_to_table(x, vals, codes, neg_zero, self.ties,
                               self._midpoints).astype(_code_dtype(self.bits))

@@ -275,6 +275,8 @@ def test_jobs_above_the_usable_cpus_run_that_many_at_a_time(monkeypatch):
     done = yosys_nextpnr.run_many(pairs, jobs=100000, log=lambda *a: None)
     assert sum(len(per) for per in done.values()) == len(pairs) == 8
     assert peak[0] == 2
+    # the bench scripts that place in threads (bench/fmax_seeds.py, bench/dot_vs_naive.py) take the same cap
+    assert [yosys_nextpnr.tool_runs_at_once(n) for n in (1, 2, 100000)] == [1, 2, 2]
 
 
 def test_cli_refuses_unknown_names(capsys):

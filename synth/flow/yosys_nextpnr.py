@@ -431,14 +431,19 @@ def run_config(cfg: DecoderConfig, target: str, out: Path = DEFAULT_OUT, *, forc
     return rec
 
 
-def run_many(jobs_list: list[tuple[DecoderConfig, str]], out: Path = DEFAULT_OUT, *, jobs: int = 1,
-             force: bool = False, log=functools.partial(print, flush=True)) -> dict[str, dict[str, dict]]:
-    """Run (config, target) pairs, ``jobs`` at a time, at most one per usable CPU (as the quantizer's
-    --jobs pool: each run is a yosys or nextpnr process of up to a few GB, and ``--jobs 100000``
-    started one for every pair at once); returns {config: {target: record}}."""
+def tool_runs_at_once(jobs: int) -> int:
+    """How many yosys or nextpnr runs go at once for ``--jobs jobs``: at most one per usable CPU, as the
+    quantizer's --jobs pool (each is a process of up to a few GB, and ``--jobs 100000`` started one for
+    every run at once). ``run_many`` and the bench scripts that place designs in threads take it."""
     from sop.quantize.jobs import usable_cpus
 
-    jobs = max(1, min(jobs, usable_cpus()))
+    return max(1, min(jobs, usable_cpus()))
+
+
+def run_many(jobs_list: list[tuple[DecoderConfig, str]], out: Path = DEFAULT_OUT, *, jobs: int = 1,
+             force: bool = False, log=functools.partial(print, flush=True)) -> dict[str, dict[str, dict]]:
+    """Run (config, target) pairs, ``tool_runs_at_once(jobs)`` at a time; returns {config: {target: record}}."""
+    jobs = tool_runs_at_once(jobs)
     results: dict[str, dict[str, dict]] = {}
 
     def one(item):
