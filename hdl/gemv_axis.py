@@ -31,13 +31,17 @@ Ports (every TDATA a whole number of bytes, LSB first, no TKEEP/TSTRB/TID/TDEST/
   ``CTRL_SPARSE``: the layer has residual entries) with TLAST: ``LAYER_FIELDS``,
   the offset (s8), rows (u16), blocks per row (u16) and ``vectors`` (u16): how
   many vectors use the layer. Everything lands in the engine's inactive page.
-  A packet whose TLAST word is not a layer word sets ``load_tlast``; a layer
-  word with 0 vectors sets the engine's ``layer`` bit (and counts as 1).
+  A packet whose TLAST word is not a layer word, or a layer word without TLAST,
+  sets ``load_tlast``; a layer word with 0 vectors sets the engine's ``layer``
+  bit (and counts as 1).
 * ``m_axis_y`` (out): one FP32 word (binary32 pattern of ``y_r``) per beat, rows
   in ascending order; TLAST on the pass's last row: one packet per vector.
 * ``status`` (out, plain, ``status_layout``): ``x_loaded`` and the engine's
   sticky errors (gemv_config.error_layout), then the shell's: ``w_tlast``,
-  ``load_tlast``. ``clear`` (in, plain): clears every sticky bit. Reset too.
+  ``load_tlast``. ``clear`` (in, plain): clears every sticky bit. Reset too. After
+  ``layer``, ``load_tlast`` or ``x_length`` the shell is out of step with the host
+  (``clear`` does not mend that): the host resets and starts every stream again at a
+  layer's load packet, tables included (docs/dot.md, section 9, "After an error").
 
 Sequencing, all in hardware (no timing rule left to the host: it may queue
 every packet of every layer at once on each stream). Two registers, as the
@@ -325,7 +329,10 @@ class GemvAxis(wiring.Component):
         seen = Signal(shell_error_layout(), name="shell_seen")
         zero_vectors = Signal(name="zero_vectors")
         m.d.sync += [seen.w_tlast.eq(w_take & (ws.tlast != pass_end)),
-                     seen.load_tlast.eq(load_take & ld.tlast & ~is_layer),
+                     # a packet is table words then its layer word with TLAST: TLAST on a table word
+                     # cuts it short, a layer word without TLAST runs it into the next layer's packet
+                     # (whose tables then overwrite the waiting page, silently when the shapes agree)
+                     seen.load_tlast.eq(load_take & (ld.tlast != is_layer)),
                      zero_vectors.eq(Mux(self.clear, 0, zero_vectors | (layer_take & (vectors == 0))))]
         with m.If(self.clear):
             m.d.sync += shell.eq(0)

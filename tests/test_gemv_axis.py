@@ -6,7 +6,8 @@
   never depends on TREADY (probed every cycle); the sequencing rule (a layer's first
   vector waits for its load packet, the next packet waits for that vector, a layer's
   ``vectors`` count decides where the next swap is); the shell's error bits and ``clear``;
-  the same queued packets with a BF16 engine.
+  the recovery docs/dot.md gives after an error that leaves the shell out of step (a reset, then
+  every stream again from a layer's load packet); the same queued packets with a BF16 engine.
 * (tests/test_verilog.py: the generated shells, their manifests, lint, FuseSoC targets.)
 * cocotb with cocotbext-axi (sim/tb_gemv_axis.py) on ``gemv-sop4-g16_axis.v``: two layers
   of a real MiniLM slice with real E4M3 activations, one with sparse residuals, page
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Signal
+from amaranth.hdl import Module, ResetInserter, Signal
 from amaranth.sim import Simulator
 
 from sop.golden.points import get_point
@@ -41,18 +42,35 @@ def two_layers(seed=0):
     return [(a, [rng.integers(0, 0x7F, 64), rng.integers(0, 0xFF, 64) & 0xF7]), (b, [rng.integers(0, 0x7F, 48)])]
 
 
-def simulate(dut, streams, n_out, *, p_idle=0.3, p_stall=0.3, seed=0, max_cycles=30_000, clear_at=None):
+def simulate(dut, streams, n_out, *, p_idle=0.3, p_stall=0.3, seed=0, max_cycles=30_000, clear_at=None,
+             reset_at=None, restart=None, before_reset=None):
     """Drive ``dut`` (a ``GemvAxis``) as an AXI host: each stream's beats held until taken, random
     gaps, random TREADY pauses on ``m_axis_y``. Returns the output beats, the handshake cycles of
     every stream, the cycles where ``m_axis_y`` changed with TREADY or a TREADY with TVALID, and
-    ``status`` at the end."""
+    ``status`` at the end. ``reset_at``: in that cycle the host drops every TVALID and holds the
+    reset for one edge, then starts afresh on ``restart`` (streams); ``before_reset`` (a dict) gets
+    the output beats and ``status`` of the cycles before, which the returned ones leave out."""
     rng = np.random.default_rng(seed)
     got, taken, depends, final = [], {name: [] for name in [*streams, "m_axis_y"]}, [], []
+    rst = Signal(name="host_reset")
 
     async def host(ctx):
+        nonlocal streams
         pos, on = dict.fromkeys(streams, 0), dict.fromkeys(streams, False)
         y = dut.m_axis_y
         for cycle in range(max_cycles):
+            if cycle == reset_at:
+                if before_reset is not None:
+                    before_reset.update(got=list(got), status=ctx.get(dut.status.as_value()))
+                for name in streams:
+                    ctx.set(getattr(dut, name).tvalid, 0)
+                ctx.set(rst, 1)
+                await ctx.tick()
+                ctx.set(rst, 0)
+                streams = restart
+                pos, on = dict.fromkeys(streams, 0), dict.fromkeys(streams, False)
+                got.clear()
+                taken.update({name: [] for name in [*streams, "m_axis_y"]})
             for name, beats in streams.items():
                 port = getattr(dut, name)
                 if not on[name] and pos[name] < len(beats) and rng.random() >= p_idle:
@@ -85,7 +103,7 @@ def simulate(dut, streams, n_out, *, p_idle=0.3, p_stall=0.3, seed=0, max_cycles
                 got.append((seen[1][1], seen[1][2]))
                 taken["m_axis_y"].append(cycle)
             if len(got) == n_out and all(pos[n] == len(b) for n, b in streams.items()) \
-                    and (clear_at is None or cycle > clear_at):
+                    and (clear_at is None or cycle > clear_at) and (reset_at is None or cycle > reset_at):
                 for _ in range(8):
                     await ctx.tick()
                 final.append(ctx.get(dut.status.as_value()))
@@ -93,7 +111,11 @@ def simulate(dut, streams, n_out, *, p_idle=0.3, p_stall=0.3, seed=0, max_cycles
             await ctx.tick()
         final.append(ctx.get(dut.status.as_value()))
 
-    sim = Simulator(dut)
+    top = dut
+    if reset_at is not None:            # the reset as aresetn gives it: synchronous, every register of the shell
+        top = Module()
+        top.submodules.dut = ResetInserter({"sync": rst})(dut)
+    sim = Simulator(top)
     sim.add_clock(1e-8)
     sim.add_testbench(host)
     sim.run()
@@ -240,6 +262,63 @@ def test_error_bits_and_clear():
     assert bits["load_tlast"] == 1 and bits["layer"] == 1 and bits["w_tlast"] == 0
     *_, status = simulate(GemvAxis(SMALL), bad, 0, max_cycles=200, clear_at=150)
     assert status == 0
+
+
+def test_a_layer_word_without_tlast_is_flagged():
+    """A load packet is its table words, then its layer word with TLAST. A layer word without TLAST ran
+    the packet on into the next layer's: those tables overwrote the page the first layer waits in and
+    their layer word took its place, so the first layer's vectors ran on the second's tables and
+    offset; with two layers of one shape (an LLM's q, k and v) no bit was set, and the second layer's
+    vector then waited for a packet already taken (an outside probe, 2026-12-07). ``load_tlast`` marks
+    it now, as it marks TLAST on a table word."""
+    rng = np.random.default_rng(9)
+    a, b = (gemv_layers.random_layer("sop4-g16", 20, 64, rng) for _ in range(2))
+    good = gemv_axis.load_beats(SMALL, a, 1) + gemv_axis.load_beats(SMALL, b, 1)
+    end = len(good) // 2 - 1                # the first packet's layer word
+    bad = good[:end] + [(good[end][0], 0)] + good[end + 1:]
+    *_, status = simulate(GemvAxis(SMALL), {"s_axis_load": bad}, 0, p_idle=0.0, max_cycles=120)
+    bits = status_bits(status)
+    assert bits["load_tlast"] == 1 and sum(bits.values()) == 1, bits
+    *_, status = simulate(GemvAxis(SMALL), {"s_axis_load": good}, 0, p_idle=0.0, max_cycles=120)
+    assert status == 0, status_bits(status)
+
+
+def _misplace(streams, error):
+    """``streams`` with one error that leaves the shell out of step with the host (docs/dot.md, section 9,
+    "After an error"): the first vector's TLAST dropped (its two vectors become one: ``x_length``), a
+    layer word of 0 rows (``layer``), the first load packet's TLAST on its sixth table word (``load_tlast``)."""
+    if error == "x_length":
+        x = streams["s_axis_x"]
+        last = [i for i, (_, t) in enumerate(x) if t][0]
+        x[last] = (x[last][0], 0)
+    elif error == "layer":
+        ld = streams["s_axis_load"]
+        end = [i for i, (_, t) in enumerate(ld) if t][0]
+        lsb, bits = gemv_axis.layer_fields(SMALL)["rows"]
+        ld[end] = (ld[end][0] & ~(((1 << bits) - 1) << lsb), 1)
+    else:
+        ld = streams["s_axis_load"]
+        ld[5] = (ld[5][0], 1)
+    return streams
+
+
+@pytest.mark.parametrize("error", ["x_length", "layer", "load_tlast"])
+def test_after_an_error_that_needs_one_a_reset_and_a_fresh_start_give_golden_words(error):
+    """docs/dot.md's recovery, as an integrator does it: the error bit is set, the host's words are
+    wrong or missing (the two vectors of layer A's packets taken as one, and then nothing; a layer of 0
+    rows; a page swapped in with the power-up layer registers, one row of one block: one word, with
+    TLAST); then ``aresetn`` for one edge, every stream started again at a packet's start with the
+    layer's whole load packet: golden's words, status 0."""
+    layers = two_layers(seed=5)[:1]
+    want = gemv_axis.model(SMALL, layers)
+    seen = {}
+    got, _, _, status = simulate(GemvAxis(SMALL), _misplace(gemv_axis.stream_beats(SMALL, layers), error),
+                                 len(want), seed=4, reset_at=200, restart=gemv_axis.stream_beats(SMALL, layers),
+                                 before_reset=seen)
+    assert status_bits(seen["status"])[error] == 1 and seen["got"] != want
+    if error == "load_tlast":
+        assert seen["got"][0][1] == 1
+    assert got == want and status == 0, status_bits(status)
 
 
 @pytest.mark.parametrize("field, value, flagged", [("blocks_per_row", 4, False), ("blocks_per_row", 1025, True),
