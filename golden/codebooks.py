@@ -21,11 +21,21 @@ Tables (docs/formats.md has every value):
   near zero like NF4, but with Split87's exact zero and 8/7 split.
 * ``e2m1``, ``e2m3``: the element formats as LUTs (16 and 64 entries); exact in HIF.
 * ``dd4``: no fixed table; ``Codebook.from_values("dd4", ...)`` holds a layer's fitted one.
+
+``register_codebook(name, values)`` adds a table at run time (``registered_codebook`` for the
+length of a ``with`` block), for an operating point of golden/points.py to name in its
+``codebooks``: a researcher's table needs no edit here. It is refused unless it has 16 or 64
+finite entries (4- or 6-bit codes), distinct in HIF, under a name no table has. Entries are
+in *code order*, which need not be ascending (``fp4`` and ``int4`` are not). A registered table
+is not a candidate of the SOP pair search: ``FIXED_4BIT`` is the project's set, measured as one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -34,6 +44,7 @@ import numpy as np
 
 from .formats import ELEMENT_FORMATS, CodeTable, FloatFormat
 from .hif import DEFAULT_HIF
+from .layout import CODE_BITS
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -133,14 +144,85 @@ NOT_SEARCHED = {"e2m1": "fp4's table under the element format's name"}
 FIXED_4BIT = tuple(name for name, raw in _raw_tables().items() if len(raw) == 16 and name not in NOT_SEARCHED)
 
 
+#: Tables added at run time (``register_codebook``), by name: raw values in code order.
+_REGISTERED: dict[str, tuple[float, ...]] = {}
+
+#: A table's or an operating point's name: it becomes a `--format` or `sop codebook` argument, a
+#: file name (build/verilog/NAME.v) and, with '-' as '_', part of a Verilog module name, so lower
+#: case (one file on a case-insensitive disk) and no '_' (``a_b`` and ``a-b`` would be one module).
+NAME_PATTERN = r"[a-z0-9][a-z0-9-]*"
+
+
+def name_problem(what: str, name) -> str | None:
+    """Why ``name`` cannot name a ``what`` (``NAME_PATTERN``), or None."""
+    if isinstance(name, str) and re.fullmatch(NAME_PATTERN, name):
+        return None
+    return (f"{what} name must be lower-case letters, digits and '-' (not first), got {name!r}: it becomes "
+            f"a file and Verilog module name")
+
+
+def distinct_problem(cb: Codebook) -> str | None:
+    """Two entries of one HIF code (a repeated value, or two that round to one value) waste a code
+    the encoder never tells apart: why ``cb`` has them, or None. +0 and -0 are two codes (fp4, int4)."""
+    codes = [int(c) for c in cb.hif_codes]
+    seen: dict[int, int] = {}
+    for j, c in enumerate(codes):
+        if c in seen:
+            i = seen[c]
+            return (f"codebook {cb.name}: entries {i} and {j} ({cb.raw[i]!r}, {cb.raw[j]!r}) are one "
+                    f"{cb.hif.name} value, {float(cb.values[j])!r}; a LUT's entries must be distinct")
+        seen[c] = j
+    return None
+
+
+def _tables() -> dict[str, np.ndarray]:
+    """The fixed tables and those registered at run time."""
+    return {**_raw_tables(), **{n: np.array(v) for n, v in _REGISTERED.items()}}
+
+
 def codebook_names() -> list[str]:
-    return sorted(_raw_tables()) + ["dd4"]
+    return sorted(_tables()) + ["dd4"]
+
+
+def register_codebook(name: str, values) -> Codebook:
+    """Add a table at run time (module docstring); returns it rounded into the default HIF.
+    A ``ValueError`` says what is wrong with a table that is refused."""
+    if why := name_problem("codebook", name):
+        raise ValueError(why)
+    if name in _tables() or name == "dd4":
+        raise ValueError(f"codebook {name!r} is already defined; valid names are free ones, not: "
+                         f"{', '.join(codebook_names())}")
+    cb = Codebook.from_values(name, values)
+    if cb.bits not in CODE_BITS:
+        raise ValueError(f"codebook {name}: {len(cb.raw)} entries; a LUT bank holds "
+                         f"{' or '.join(str(1 << b) for b in CODE_BITS)} (code widths {CODE_BITS})")
+    if why := distinct_problem(cb):
+        raise ValueError(why)
+    _REGISTERED[name] = cb.raw
+    get_codebook.cache_clear()
+    return cb
+
+
+@contextlib.contextmanager
+def registered_codebook(name: str, values) -> Iterator[Codebook]:
+    """The table ``name`` is registered for the length of the block."""
+    cb = register_codebook(name, values)
+    try:
+        yield cb
+    finally:
+        del _REGISTERED[name]
+        get_codebook.cache_clear()
+
+
+def registered_codebooks() -> dict[str, tuple[float, ...]]:
+    """The tables registered at run time, by name (what a --jobs worker registers again)."""
+    return dict(_REGISTERED)
 
 
 @cache
 def get_codebook(name: str, hif: FloatFormat = DEFAULT_HIF) -> Codebook:
-    """A fixed codebook by name, rounded into ``hif`` (the default HIF unless given)."""
-    tables = _raw_tables()
+    """A fixed (or registered) codebook by name, rounded into ``hif`` (the default HIF unless given)."""
+    tables = _tables()
     key = name.lower()
     if key == "dd4":
         raise ValueError("dd4 has no fixed table: it is fitted per layer "

@@ -47,6 +47,32 @@ from .formats import FORMATS, CodeTable, FloatFormat, to_float32
 from .layout import BlockLayout, LayerStream, unpack_blocks
 
 OUTPUTS = ("exact", "bf16")
+#: The most output lanes a decoder instance has (hdl/config.py builds 1, 2, 4, ... up to it).
+MAX_LANES = 64
+
+
+def decoder_problems(lanes, layout: BlockLayout, hif: FloatFormat, output: str) -> list[str]:
+    """What keeps the hardware from decoding ``layout`` into ``lanes`` lanes of ``output``: one
+    sentence per problem, none where it can. Here, beside the decoder it implements, so that
+    ``hdl.config.DecoderConfig`` and the operating-point registry (golden/points.py, which may not
+    import Amaranth) refuse the same configurations: a point the hardware cannot build is refused
+    when it is defined, not later by every `make verilog` (an outside probe registered lanes=3)."""
+    problems = []
+    g = layout.group
+    if (not isinstance(lanes, (int, np.integer)) or isinstance(lanes, bool) or not 1 <= lanes <= MAX_LANES
+            or lanes & (lanes - 1)):
+        problems.append(f"lanes must be a power of two in 1..{MAX_LANES}, got {lanes!r}")
+    elif g % lanes and lanes % g:
+        problems.append(f"lanes {lanes} and block size {g} must divide one another")
+    if output not in OUTPUTS:
+        problems.append(f"output must be one of {OUTPUTS}, got {output!r}")
+    for what, fmt in (("scale", layout.scale), ("HIF", hif)):
+        if not isinstance(fmt, FloatFormat) or fmt.specials != "finite":
+            problems.append(f"{what} format {fmt.name} has NaN/Inf codes; the hardware decodes "
+                            f"formats whose every code is a number (for example ue4m4, ue3m3)")
+    return problems
+
+
 #: where a product past float64's range is held (module docstring): beyond every BF16 and float32, so
 #: those outputs saturate it as they saturate any value past their largest
 FLOAT64_MAX = float(np.finfo(np.float64).max)

@@ -32,18 +32,25 @@ A few tools name points on purpose (docs/formats.md lists them: sop-budget's
 options, the BF16 GEMV engine, the board cores, the measured mutation score and Fmax: section 7,
 "Operating points: the one registry").
 
-``register(point)`` adds a row at run time (a test or a plugin does this);
-``registered(point)`` does it for the length of a ``with`` block. The table is
-data only: golden/ stays free of the quantizer and of Amaranth.
+``register(point)`` adds a row at run time (a test or a script does this; its own
+tables come from ``golden.codebooks.register_codebook``); ``registered(point)`` does
+it for the length of a ``with`` block. A row is checked when it is made (its name,
+its tables, each configuration against ``golden.decoder.decoder_problems``, the
+decoder's rule), so a point that cannot be quantized or built is never registered.
+Run-time rows reach the process's --jobs workers (quantize/jobs.py) and its sim
+testbenches (sim/__init__.py) through ``adopt``, not a command line started afresh.
+The table is data only: golden/ stays free of the quantizer and of Amaranth.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .decoder import OUTPUTS
+from .codebooks import distinct_problem, get_codebook, name_problem
+from .decoder import decoder_problems
 from .formats import FloatFormat, get_format
 from .hif import DEFAULT_HIF
 from .layout import BlockLayout
@@ -79,22 +86,58 @@ class OperatingPoint:
     notes: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        problems = []
+        problems = [why for why in [name_problem("operating point", self.name)] if why]
         if self.search not in SEARCHES:
             problems.append(f"search must be one of {SEARCHES}, got {self.search!r}")
-        if self.search == "blockwise" and len(self.codebooks) != self.layout.banks:
-            problems.append(f"a blockwise point names one codebook per LUT bank ({self.layout.banks}), "
-                            f"got {len(self.codebooks)}")
-        if self.search == "pair" and not (self.layout.select_bit and self.layout.code_bits == 4):
-            problems.append("the pair search needs 4-bit codes and a selection bit")
-        for out in {self.output} | {v.output for v in self.variants if v.output}:
-            if out not in OUTPUTS:
-                problems.append(f"output must be one of {OUTPUTS}, got {out!r}")
+        if self.search == "blockwise":
+            problems += self._table_problems()
+        if self.search == "pair":
+            if not (self.layout.select_bit and self.layout.code_bits == 4):
+                problems.append("the pair search needs 4-bit codes and a selection bit")
+            # the search draws its tables (FIXED_4BIT, DD4) in the default HIF: another HIF here would
+            # build a decoder for one HIF and write streams in the other
+            if self.hif != DEFAULT_HIF:
+                problems.append(f"the pair search writes {DEFAULT_HIF.name} tables; hif must be that, "
+                                f"got {getattr(self.hif, 'name', self.hif)!r}")
+            if self.codebooks:
+                problems.append("a pair point's tables are the search's (golden.codebooks.FIXED_4BIT and DD4): "
+                                f"codebooks must be empty, got {self.codebooks!r}")
         suffixes = [v.suffix for v in self.variants]
         if len(set(suffixes)) != len(suffixes) or "" in suffixes:
             problems.append(f"variant suffixes must be distinct and nonempty, got {suffixes}")
+        problems += [why for v in self.variants if v.suffix and (why := name_problem("variant suffix", v.suffix))]
+        if not problems:        # every configuration must be one the decoder can be built as (hdl/config.py)
+            for cfg, (lanes, output) in self.configs().items():
+                where = "" if cfg == self.name else f"configuration {cfg}: "
+                problems += [where + why for why in decoder_problems(lanes, self.layout, self.hif, output)]
         if problems:
             raise ValueError(f"operating point {self.name!r}: " + "; ".join(problems))
+
+    def _table_problems(self) -> list[str]:
+        """A blockwise point's ``codebooks``: one table per bank, each a defined table (a fixed one, or
+        one of golden.codebooks.register_codebook) of the layout's code width, held in the point's HIF
+        with distinct entries. Checked here so that a point that cannot be quantized is never registered."""
+        if isinstance(self.codebooks, str) or not all(isinstance(c, str) for c in self.codebooks):
+            got = (repr(self.codebooks) if isinstance(self.codebooks, str) else
+                   ", ".join(repr(c) if isinstance(c, str) else f"a {type(c).__name__}" for c in self.codebooks))
+            return [f"codebooks must be a tuple of table names (golden.codebooks.register_codebook names "
+                    f"a table of your own), got {got}"]
+        if len(self.codebooks) != self.layout.banks:
+            return [f"a blockwise point names one codebook per LUT bank ({self.layout.banks}), "
+                    f"got {len(self.codebooks)}"]
+        problems = []
+        for name in self.codebooks:
+            try:
+                cb = get_codebook(name, self.hif)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            if cb.bits != self.layout.code_bits:
+                problems.append(f"codebook {name} has {len(cb.raw)} entries, {cb.bits}-bit codes; the layout's "
+                                f"codes are {self.layout.code_bits}-bit ({1 << self.layout.code_bits} entries)")
+            elif why := distinct_problem(cb):
+                problems.append(why)
+        return problems
 
     @property
     def bpw(self) -> float:
@@ -121,6 +164,28 @@ class OperatingPoint:
 _POINTS: dict[str, OperatingPoint] = {}
 
 
+def point_spec(point: OperatingPoint) -> dict:
+    """``point`` as JSON data (``point_from_spec`` reads it back, equal): how a run-time point travels
+    to a process that did not register it, a simulator's testbench (sim/__init__.py). ``notes`` stays."""
+    def fmt(f: FloatFormat) -> dict:
+        return dataclasses.asdict(f)
+
+    lay = point.layout
+    return {"name": point.name, "description": point.description, "search": point.search,
+            "layout": {"code_bits": lay.code_bits, "group": lay.group, "scale": fmt(lay.scale),
+                       "signed_scale": lay.signed_scale, "select_bit": lay.select_bit},
+            "codebooks": list(point.codebooks), "hif": fmt(point.hif), "lanes": point.lanes, "output": point.output,
+            "variants": [dataclasses.asdict(v) for v in point.variants], "vectors": point.vectors, "board": point.board}
+
+
+def point_from_spec(d: dict) -> OperatingPoint:
+    lay = d["layout"]
+    return OperatingPoint(d["name"], BlockLayout(lay["code_bits"], lay["group"], FloatFormat(**lay["scale"]),
+                                                 lay["signed_scale"], lay["select_bit"]),
+                          d["description"], d["search"], tuple(d["codebooks"]), FloatFormat(**d["hif"]), d["lanes"],
+                          d["output"], tuple(Variant(**v) for v in d["variants"]), d["vectors"], d["board"])
+
+
 def register(point: OperatingPoint) -> OperatingPoint:
     """Add ``point`` to the registry; a name (or a configuration name) already taken is refused."""
     taken = {c for p in _POINTS.values() for c in p.configs()}
@@ -138,6 +203,20 @@ def registered(point: OperatingPoint) -> Iterator[OperatingPoint]:
         yield point
     finally:
         del _POINTS[point.name]
+
+
+def adopt(tables: dict, points) -> None:
+    """Register in this process whatever it lacks of another's run-time tables (name -> raw values,
+    golden.codebooks.registered_codebooks) and ``points``: a --jobs worker (quantize/jobs.py) and a
+    simulator's testbench (sim/__init__.py) start from the modules as imported."""
+    from .codebooks import codebook_names, register_codebook
+
+    for name, raw in tables.items():
+        if name not in codebook_names():
+            register_codebook(name, raw)
+    for p in points:
+        if p.name not in _POINTS:
+            register(p)
 
 
 def operating_points() -> dict[str, OperatingPoint]:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from amaranth.hdl import signed, unsigned
 from amaranth.lib import data
 
-from sop.golden.decoder import OUTPUTS
+from sop.golden.decoder import decoder_problems
 from sop.golden.formats import FloatFormat
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import OFFSET_RANGE, BlockLayout
@@ -68,7 +68,6 @@ from .lut_bank import lutram_depth_problem, table_depth
 #: the per-layer offset's signal shape: golden.layout.OFFSET_RANGE, one signed byte
 OFFSET_SHAPE = signed(OFFSET_RANGE[1].bit_length() + 1)
 
-MAX_LANES = 64
 MAX_RESIDUALS = 4
 SPARSE_INDEX_BITS = 32          # golden.layout's u32 flat index
 PIPELINES = ("deep", "shallow")  # DecoderConfig.pipeline: 200 MHz ECP5 (default) / low-Fmax LUT4 FPGA
@@ -110,18 +109,7 @@ class DecoderConfig:
     pipeline: str = "deep"
 
     def __post_init__(self):
-        problems = []
-        n, g = self.lanes, self.layout.group
-        if not 1 <= n <= MAX_LANES or n & (n - 1):
-            problems.append(f"lanes must be a power of two in 1..{MAX_LANES}, got {n}")
-        elif g % n and n % g:
-            problems.append(f"lanes {n} and block size {g} must divide one another")
-        if self.output not in OUTPUTS:
-            problems.append(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        for what, fmt in (("scale", self.layout.scale), ("HIF", self.hif)):
-            if not isinstance(fmt, FloatFormat) or fmt.specials != "finite":
-                problems.append(f"{what} format {fmt.name} has NaN/Inf codes; the hardware decodes "
-                                f"formats whose every code is a number (for example ue4m4, ue3m3)")
+        problems = decoder_problems(self.lanes, self.layout, self.hif, self.output)
         why = lutram_depth_problem(self.lutram_depth, self.table_depth)
         if why:
             problems.append(why)

@@ -143,14 +143,27 @@ def _kind(err: BaseException) -> str:
     return "other"
 
 
-def _worker(conn, dev: str = "numpy") -> None:
+def registrations() -> tuple[dict, tuple]:
+    """The parent's run-time registrations: its tables (golden.codebooks.register_codebook) and
+    operating points (golden.points.register). A worker starts from the modules as imported, so
+    a point a script registered was an "unknown format" there (an outside probe, --jobs 2)."""
+    from sop.golden.codebooks import registered_codebooks
+    from sop.golden.points import operating_points
+
+    return registered_codebooks(), tuple(operating_points().values())
+
+
+def _worker(conn, dev: str = "numpy", regs: tuple[dict, tuple] = ({}, ())) -> None:
     """A worker's loop: receive ``(index, fn, args)``, send back ``fn(*args)``; ``None`` ends it.
-    ``dev``: the parent's ``--device`` (quantize/device.py)."""
+    ``dev``: the parent's ``--device`` (quantize/device.py); ``regs``: its ``registrations()``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the parent's to handle
     _single_thread()
     from sop.quantize import device
 
     device.set_default(dev)
+    from sop.golden.points import adopt
+
+    adopt(*regs)
     while True:
         try:
             msg = conn.recv()
@@ -247,6 +260,7 @@ class LayerPool:
         self.jobs = min(check_jobs(jobs), usable_cpus())
         self.limit_override = limit_override()          # a bad SOP_LAYER_TIMEOUT: before any work
         ctx = _context()
+        regs = registrations()
         self.workers: list[_Worker] = []
         saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
         try:
@@ -254,7 +268,7 @@ class LayerPool:
             os.environ.update(SINGLE_THREAD_ENV)
             for i in range(self.jobs):
                 parent, child = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=_worker, args=(child, device.active()), name=f"sop-job-{i}",
+                p = ctx.Process(target=_worker, args=(child, device.active(), regs), name=f"sop-job-{i}",
                                 daemon=True)
                 with _caller_main_hidden():
                     p.start()

@@ -252,6 +252,11 @@ def _registry() -> dict[str, QuantFormat]:
                     "SOP points chosen per layer under an average bit budget", group=BUDGET_GROUP, kind="sop",
                     model_level=True, solve_budget=quantize_sop_budget),
     ]
+    # a point of a quantizer's name would replace that quantizer (or be hidden by it) in this table:
+    # golden/points.py cannot see these names, so a clash is refused here, on every look-up
+    if clash := sorted({f.name for f in fmts} & set(operating_points())):
+        raise ValueError(f"operating point(s) {', '.join(clash)}: the name of a quantizer format "
+                         f"(quantize/schemes.py); register the point under another name")
     fmts[-1:-1] = [_point_format(p) for p in operating_points().values()]    # before sop-budget
     return {f.name: replace(f, quantize=_checked(f.quantize)) for f in fmts}
 

@@ -83,7 +83,8 @@ def quantize_point(w, point: OperatingPoint, act_ms=None, name: str = "layer", *
 def quantize_blockwise(w, point: OperatingPoint, act_ms=None, scale_search: int = 2,
                        name: str = "layer") -> QuantResult:
     """A point with fixed tables: the block encoder with the activation-weighted scale search."""
-    enc = encode(w, point.layout, [get_codebook(c) for c in point.codebooks], scale_search, name, act_ms)
+    # the tables in the point's HIF: the HIF its decoder is built for (hdl.config.named_configs)
+    enc = encode(w, point.layout, [get_codebook(c, point.hif) for c in point.codebooks], scale_search, name, act_ms)
     return QuantResult(enc.recon, enc.stream.bits, point.name, enc.stream,
                        extra={"error": enc.error, "scale_search": scale_search})
 

@@ -15,8 +15,10 @@ and starts the simulator with the plan's path in the testbench's environment, ``
 regression, ``MUT_PLAN`` for a mutation run (``sim_env``, ``mut_env``); the testbench reads it
 (``read_plan``) and writes its summary, one JSON object, to the file ``SIM_REPORT`` names
 (``write_report``), or its results, a JSON line per design, to the file ``MUT_RESULTS`` names
-(``results_path``). Plain Python: a testbench imports it inside the simulator. The conventions every
-bench keeps (its clock, the quiet cycles after a job, how many mismatches it logs) are here too.
+(``results_path``). Tables and operating points registered at run time in the runner's process travel in
+``REGISTRATIONS`` (``registrations_env``), registered again by ``read_plan``. Plain Python: a testbench
+imports it inside the simulator. The conventions every bench keeps (its clock, the quiet cycles after a
+job, how many mismatches it logs) are here too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ SIM_PLAN, SIM_REPORT = "SOP_SIM_PLAN", "SOP_SIM_REPORT"
 #: ... and a mutation run's plan and results.
 MUT_PLAN, MUT_RESULTS = "SOP_MUT_PLAN", "SOP_MUT_RESULTS"
 
+#: ... and the parent's run-time tables and operating points (``registrations_env``).
+REGISTRATIONS = "SOP_SIM_REGISTRATIONS"
+
 #: Every bench's clock period (its timeouts are counted in these cycles) ...
 CLOCK_NS = 10
 #: ... the cycles after a job in which no output may come ...
@@ -43,14 +48,36 @@ QUIET_CYCLES = 12
 MISMATCHES_LOGGED = 10
 
 
+def registrations_env() -> dict[str, str]:
+    """The tables and operating points registered in this process (golden.codebooks.register_codebook,
+    golden.points.register), as JSON for a testbench: the simulator's Python starts from the modules as
+    imported, where a point a script registered named no point (its vectors were refused, its GEMV
+    engine's ``get_point`` failed; an outside probe). ``read_plan`` registers them there."""
+    from sop.golden.codebooks import registered_codebooks
+    from sop.golden.points import operating_points, point_spec
+
+    return {REGISTRATIONS: json.dumps({"codebooks": registered_codebooks(),
+                                       "points": [point_spec(p) for p in operating_points().values()]})}
+
+
+def adopt_registrations() -> None:
+    """The testbench's side of ``registrations_env``: what of it this process lacks, registered."""
+    from sop.golden.points import adopt, point_from_spec
+
+    if REGISTRATIONS in os.environ:
+        doc = json.loads(os.environ[REGISTRATIONS])
+        adopt({n: tuple(v) for n, v in doc["codebooks"].items()}, ())    # first: a point checks its tables
+        adopt({}, [point_from_spec(d) for d in doc["points"]])
+
+
 def sim_env(plan: Path, report: Path) -> dict[str, str]:
     """A regression's testbench environment (the runner's side): its plan and its report file."""
-    return {SIM_PLAN: str(plan), SIM_REPORT: str(report)}
+    return {SIM_PLAN: str(plan), SIM_REPORT: str(report), **registrations_env()}
 
 
 def mut_env(plan: Path, results: Path) -> dict[str, str]:
     """A mutation run's testbench environment: its plan and its results file."""
-    return {MUT_PLAN: str(plan), MUT_RESULTS: str(results)}
+    return {MUT_PLAN: str(plan), MUT_RESULTS: str(results), **registrations_env()}
 
 
 @contextlib.contextmanager
@@ -58,7 +85,8 @@ def runner_owns_environment(seed: int | None):
     """While a runner's cocotb test runs: the variables it gives its testbench (the plan, the report or
     results, and the seed where it names one) taken out of this process's environment, which cocotb's
     runner lays over what it is given; an exported ``COCOTB_RANDOM_SEED`` replaced ``--seed``."""
-    names = [SIM_PLAN, SIM_REPORT, MUT_PLAN, MUT_RESULTS] + (["COCOTB_RANDOM_SEED"] if seed is not None else [])
+    names = [SIM_PLAN, SIM_REPORT, MUT_PLAN, MUT_RESULTS, REGISTRATIONS]
+    names += ["COCOTB_RANDOM_SEED"] if seed is not None else []
     saved = {name: os.environ.pop(name) for name in names if name in os.environ}
     try:
         yield
@@ -67,7 +95,9 @@ def runner_owns_environment(seed: int | None):
 
 
 def read_plan(variable: str = SIM_PLAN) -> dict:
-    """The plan the runner wrote (the testbench's side): ``SIM_PLAN``'s, or ``MUT_PLAN``'s."""
+    """The plan the runner wrote (the testbench's side): ``SIM_PLAN``'s, or ``MUT_PLAN``'s; the runner's
+    run-time registrations are registered here first (``adopt_registrations``)."""
+    adopt_registrations()
     return json.loads(Path(os.environ[variable]).read_text())
 
 

@@ -34,3 +34,18 @@ def test_the_in_memory_example_runs():
     # embedding and the head kept
     m = re.fullmatch(r"14 layers, (4\.\d{4}) bpw, kept: \['an embedding', 'lm_head'\]", out.getvalue().strip())
     assert m and 4.5 < float(m[1]) < 4.6, out.getvalue()
+
+
+def test_the_own_table_and_point_example_runs():
+    """A researcher's table and point, registered for a ``with`` block: 64 x 200 weights padded to 13 blocks
+    of 16 a row, 4-bit codes and an 8-bit scale each, a 16-entry table of 10-bit HIF and an offset byte;
+    gone again afterwards."""
+    from sop.golden.codebooks import codebook_names
+    from sop.golden.points import operating_points
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(python_block(2), str(DOC), "exec"), {})        # noqa: S102 - the doc's own code
+    bits = 64 * 13 * (16 * 4 + 8) + 16 * 10 + 8
+    assert out.getvalue().strip() == f"tanh4-ue4m4-g16 {bits / (64 * 200):.4f} bpw"
+    assert "tanh4" not in codebook_names() and "tanh4-ue4m4-g16" not in operating_points()

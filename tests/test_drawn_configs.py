@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from sop.golden.formats import get_format
 from sop.golden.hif import hif_format
 from sop.golden.layout import CODE_BITS, GROUP_SIZES, OFFSET_RANGE, BlockLayout
-from sop.hdl.config import MAX_LANES, OUTPUTS, DecoderConfig
+from sop.golden.decoder import MAX_LANES, OUTPUTS
+from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
 
 LONG = os.environ.get("SOP_FUZZ") == "1"

@@ -125,6 +125,33 @@ def test_results_come_in_order_and_the_first_error_in_order_is_raised():
         list(pool.map(square, [(-1, 0.3), (-2, 0.0)]))
 
 
+def quantized_in_worker(fmt: str, w):
+    """A task: ``fmt``'s quantization of ``w`` in a worker: (its bits, [its reconstruction])."""
+    from sop.quantize.schemes import get_quant_format
+
+    r = get_quant_format(fmt).quantize(w)
+    return r.bits, [r.recon]
+
+
+def test_a_point_and_table_registered_at_run_time_reach_the_workers():
+    """A worker starts from the modules as imported: a point a script registered (with its own table)
+    was "unknown format" there, so `quantize_model(..., jobs=2)` failed where jobs=1 worked (an outside probe)."""
+    from sop.golden.codebooks import registered_codebook
+    from sop.golden.formats import get_format
+    from sop.golden.layout import BlockLayout
+    from sop.golden.points import OperatingPoint, registered
+    from sop.quantize.schemes import get_quant_format
+
+    w = np.random.default_rng(2).standard_normal((4, 64))
+    with registered_codebook("probe4", np.tanh(np.linspace(-2, 2, 16))), \
+            registered(OperatingPoint("probe4-g16", BlockLayout(4, 16, get_format("ue4m4")), "d",
+                                      codebooks=("probe4",))):
+        here = get_quant_format("probe4-g16").quantize(w)
+        with J.LayerPool(1) as pool:
+            ((bits, (recon,)),) = list(pool.map(quantized_in_worker, [("probe4-g16", w)]))
+    assert bits == here.bits and np.array_equal(recon, here.recon)
+
+
 def test_a_worker_opens_the_selection_the_parent_opened(tmp_path):
     """Every option of ``open_model`` reaches the workers (``opened_with``): a worker that dropped
     ``routers`` would not know a router the parent selected (`--include-routers --jobs 2`)."""

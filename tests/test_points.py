@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from sop import cli
+from sop.golden.codebooks import Codebook, get_codebook, register_codebook, registered_codebook
 from sop.golden.formats import get_format
+from sop.golden.hif import DEFAULT_HIF, hif_format
 from sop.golden.layout import BlockLayout, named_layouts
 from sop.golden.points import OperatingPoint, Variant, get_point, operating_points, registered
 from sop.hdl import gemv_config, generate
@@ -100,6 +102,35 @@ def test_the_named_configs_are_the_points_and_their_variants():
                             output="fp16"), "output must be one of"),
     (lambda: OperatingPoint("x", BlockLayout(6, 16, get_format("ue4m4")), "d", codebooks=("e2m3",),
                             variants=(Variant("a"), Variant("a"))), "suffixes must be distinct"),
+    # an outside probe: each of these was accepted, then failed later (at quantize time, or in every
+    # `make verilog` once registered) or, for the HIF of a pair point, gave streams the decoder was not built for
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("mine",)),
+     "unknown codebook 'mine'"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("e2m3",)),
+     "codebook e2m3 has 64 entries, 6-bit codes; the layout's codes are 4-bit"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("dd4",)),
+     "dd4 has no fixed table"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks="nf4"),
+     "codebooks must be a tuple of table names .* got 'nf4'"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d",
+                            codebooks=(Codebook.from_values("t", np.linspace(-1, 1, 16)),)),
+     "codebooks must be a tuple of table names .* got a Codebook"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",), lanes=3),
+     "lanes must be a power of two in 1..64, got 3"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",),
+                            variants=(Variant("wide", lanes=128),)), "configuration x-wide: lanes must be"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue8m0")), "d", codebooks=("nf4",)),
+     "scale format ue8m0 has NaN/Inf codes"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue3m3"), True, True), "d", search="pair",
+                            hif=hif_format(4)), "the pair search writes hif-e3m6b5 tables; hif must be that"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue3m3"), True, True), "d", search="pair",
+                            codebooks=("nf4", "sh4")), "codebooks must be empty"),
+    (lambda: OperatingPoint("My point", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",)),
+     "name must be lower-case letters, digits and '-'"),
+    (lambda: OperatingPoint("a_b", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",)),
+     "name must be lower-case letters"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",),
+                            variants=(Variant("x/1"),)), "variant suffix name must be"),
 ])
 def test_malformed_points_are_refused(point, message):
     with pytest.raises(ValueError, match=message):
@@ -112,3 +143,109 @@ def test_a_name_taken_by_a_point_or_a_configuration_is_refused():
         with registered(clash):
             pass
     assert "sop4-g16-x64" not in operating_points()
+
+
+# -- a researcher's own table and point (an outside probe) -----------------------------------------------
+
+#: a 16-entry table in code order, as a paper would give it: tanh-companded levels
+TANH4 = tuple(np.tanh(np.linspace(-2, 2, 16)) / np.tanh(2))
+
+
+def test_a_registered_table_reaches_a_point_the_quantizer_and_the_golden_decoder():
+    from sop.golden.decoder import decode_layer
+    from sop.quantize.schemes import get_quant_format
+
+    w = np.random.default_rng(7).standard_normal((4, 64))
+    with registered_codebook("tanh4", TANH4) as cb, \
+            registered(OperatingPoint("tanh4-g16", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("tanh4",))):
+        assert cb.bits == 4 and get_codebook("tanh4") == cb
+        r = get_quant_format("tanh4-g16").quantize(w)
+        # the LUT image is the table's, each entry rounded into HIF by golden's rule
+        assert np.array_equal(r.stream.luts[0], DEFAULT_HIF.encode(np.array(TANH4)))
+        np.testing.assert_array_equal(decode_layer(r.stream), r.recon)
+        assert cli.main(["codebook", "tanh4", "--json"]) == 0
+    with pytest.raises(ValueError, match="unknown codebook 'tanh4'"):        # gone again, cache included
+        get_codebook("tanh4")
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("t15", TANH4[:15], "15 entries, need a power of two"),
+    ("t17", TANH4 + (0.5,), "17 entries, need a power of two"),
+    ("t8", TANH4[::2], "8 entries; a LUT bank holds 16 or 64"),
+    ("tdup", TANH4[:15] + (TANH4[14],), "entries 14 and 15 .* are one hif-e3m6b5 value"),
+    ("tnear", TANH4[:15] + (TANH4[14] + 1e-4,), "entries 14 and 15"),        # one value once rounded into HIF
+    ("tnan", TANH4[:15] + (float("nan"),), "entries must be finite"),
+    ("tinf", TANH4[:15] + (float("inf"),), "entries must be finite"),
+    ("tbig", TANH4[:15] + (1e3,), "exceeds the largest hif-e3m6b5 value"),
+    ("nf4", TANH4, "codebook 'nf4' is already defined"),
+    ("dd4", TANH4, "codebook 'dd4' is already defined"),
+    ("My Table", TANH4, "codebook name must be lower-case"),
+])
+def test_a_bad_table_is_refused_in_one_error(name, values, message):
+    with pytest.raises(ValueError, match=message):
+        register_codebook(name, values)
+    assert name in ("nf4", "dd4") or name not in cli_codebooks()
+
+
+def cli_codebooks() -> list[str]:
+    from sop.golden.codebooks import codebook_names
+
+    return codebook_names()
+
+
+def test_a_table_in_descending_or_sign_magnitude_order_is_kept_in_code_order():
+    """Code order is the table's (fp4 and int4 are not ascending), so an unsorted table is no error."""
+    with registered_codebook("tanh4-rev", TANH4[::-1]) as cb:
+        assert np.array_equal(cb.values, get_codebook("tanh4-rev").values) and cb.values[0] == 1.0
+    with registered_codebook("signed0", (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0,
+                                         -3.0, -4.0, -6.0)) as cb:     # E2M1's +0 and -0 are two codes
+        assert np.array_equal(cb.values, get_codebook("fp4").values)
+
+
+def test_a_point_quantizes_its_tables_in_its_own_hif():
+    """A blockwise point's streams carry its HIF, the one its decoder is built for: it was the default
+    HIF's tables, while hdl.config built the decoder for the point's (a silent mismatch)."""
+    from sop.quantize.schemes import get_quant_format
+
+    h = hif_format(4)
+    with registered(OperatingPoint("nf4-h4", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",), hif=h)):
+        r = get_quant_format("nf4-h4").quantize(np.random.default_rng(3).standard_normal((2, 32)))
+        assert r.stream.hif == h == named_configs()["nf4-h4"].hif
+        assert np.array_equal(r.stream.luts[0], get_codebook("nf4", h).hif_codes)
+
+
+def test_a_point_of_a_quantizer_name_is_refused_where_formats_are_listed():
+    """A point named like a baseline replaced that baseline in `--format` (or was hidden behind
+    sop-budget), silently."""
+    from sop.quantize.schemes import get_quant_format
+
+    for name in ("nvfp4", "sop-budget"):
+        with registered(OperatingPoint(name, BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",))):
+            with pytest.raises(ValueError, match=f"operating point\\(s\\) {name}: the name of a quantizer format"):
+                get_quant_format("sop4-g16")
+    assert get_quant_format("nvfp4").kind == "baseline"
+
+
+def test_a_point_travels_to_a_testbench_process(tmp_path):
+    """A simulator's Python imports the modules afresh: a run-time table and point must reach it
+    through the runner's environment (sim.sim_env), or its vectors name no point (an outside probe)."""
+    import os
+    import subprocess
+    import sys
+
+    from sop.golden.points import point_from_spec, point_spec
+    from sop.sim import sim_env
+
+    (tmp_path / "plan.json").write_text("{}")
+    with registered_codebook("tanh4", TANH4):
+        pt = OperatingPoint("tanh4-g32", BlockLayout(4, 32, get_format("ue4m4")), "d", codebooks=("tanh4",),
+                            lanes=4, variants=(Variant("exact", output="exact"),), hif=hif_format(5))
+        want = [pt.describe(), get_codebook("tanh4", pt.hif).values.tolist()]
+        with registered(pt):
+            assert point_from_spec(json.loads(json.dumps(point_spec(pt)))) == pt
+            env = {**os.environ, **sim_env(tmp_path / "plan.json", tmp_path / "report.json")}
+    code = ("import json; from sop.sim import read_plan; read_plan(); from sop.golden.points import get_point; "
+            "from sop.golden.codebooks import get_codebook; p = get_point('tanh4-g32'); "
+            "print(json.dumps([p.describe(), get_codebook('tanh4', p.hif).values.tolist()]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == json.loads(json.dumps(want))
