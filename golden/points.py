@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -57,6 +58,12 @@ from .layout import BlockLayout
 
 #: How the quantizer fills a point (quantize/schemes.py maps each to a function).
 SEARCHES = ("blockwise", "pair")
+#: The names the tools derive from a configuration's (``<config>-sp``, ``<config>-sp2``: the residual
+#: path, hdl/config.py; ``gemv-<point>``: an engine, hdl/gemv_config.py; ``board-<board>``: a board core)
+#: share build/verilog and its module names with the points': a point named so would be replaced by
+#: (or replace) the derived design of another, silently. ``RESIDUAL_SUFFIX`` is hdl/config.py's.
+RESIDUAL_SUFFIX = "sp"
+_DERIVED = re.compile(rf"-{RESIDUAL_SUFFIX}\d*$|^(gemv|board)-")
 #: The 6-bit scale magnitude of the SOP4 header, chosen by bench/header_sqnr.py.
 SOP4_SCALE = "ue3m3"
 
@@ -107,6 +114,8 @@ class OperatingPoint:
             problems.append(f"variant suffixes must be distinct and nonempty, got {suffixes}")
         problems += [why for v in self.variants if v.suffix and (why := name_problem("variant suffix", v.suffix))]
         if not problems:        # every configuration must be one the decoder can be built as (hdl/config.py)
+            problems += [f"configuration {cfg}: a name the tools derive (-{RESIDUAL_SUFFIX}, -{RESIDUAL_SUFFIX}N, "
+                         f"gemv-, board-) for another design" for cfg in self.configs() if _DERIVED.search(cfg)]
             for cfg, (lanes, output) in self.configs().items():
                 where = "" if cfg == self.name else f"configuration {cfg}: "
                 problems += [where + why for why in decoder_problems(lanes, self.layout, self.hif, output)]

@@ -58,6 +58,7 @@ from amaranth.hdl import signed, unsigned
 from amaranth.lib import data
 
 from sop.golden.decoder import decoder_problems
+from sop.golden.points import RESIDUAL_SUFFIX   # a named configuration with the residual path: <name>-sp
 from sop.golden.formats import FloatFormat
 from sop.golden.hif import DEFAULT_HIF
 from sop.golden.layout import OFFSET_RANGE, BlockLayout
@@ -71,7 +72,6 @@ OFFSET_SHAPE = signed(OFFSET_RANGE[1].bit_length() + 1)
 MAX_RESIDUALS = 4
 SPARSE_INDEX_BITS = 32          # golden.layout's u32 flat index
 PIPELINES = ("deep", "shallow")  # DecoderConfig.pipeline: 200 MHz ECP5 (default) / low-Fmax LUT4 FPGA
-RESIDUAL_SUFFIX = "sp"          # a named configuration with the residual path: <name>-sp (residual_configs)
 
 
 def variant_suffix(lutram_depth: int, pipeline: str = "deep") -> str:

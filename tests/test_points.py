@@ -131,6 +131,14 @@ def test_the_named_configs_are_the_points_and_their_variants():
      "name must be lower-case letters"),
     (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",),
                             variants=(Variant("x/1"),)), "variant suffix name must be"),
+    # names the tools derive for other designs: `make verilog` wrote sop4-g16-sp's residual design over a
+    # point of that name, and gemv-/board- are the engines' and board cores' (the registry probe)
+    (lambda: OperatingPoint("sop4-g16-sp", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",)),
+     "configuration sop4-g16-sp: a name the tools derive"),
+    (lambda: OperatingPoint("gemv-x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",)),
+     "configuration gemv-x: a name the tools derive"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",),
+                            variants=(Variant("sp2"),)), "configuration x-sp2: a name the tools derive"),
 ])
 def test_malformed_points_are_refused(point, message):
     with pytest.raises(ValueError, match=message):
