@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -185,6 +187,15 @@ def point_spec(point: OperatingPoint) -> dict:
                        "signed_scale": lay.signed_scale, "select_bit": lay.select_bit},
             "codebooks": list(point.codebooks), "hif": fmt(point.hif), "lanes": point.lanes, "output": point.output,
             "variants": [dataclasses.asdict(v) for v in point.variants], "vectors": point.vectors, "board": point.board}
+
+
+def point_digest(point: OperatingPoint) -> str:
+    """Eight hex digits of ``point``'s definition, its tables' values included: what a cache of its
+    outputs is keyed by (sim/runner.py's vectors), not the name alone, which a table registered again
+    with other values keeps (the old vectors then went on being simulated: an outside probe)."""
+    tables = {c: [float(v) for v in get_codebook(c, point.hif).raw] for c in point.codebooks}
+    doc = json.dumps({"point": point_spec(point), "tables": tables}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:8]
 
 
 def point_from_spec(d: dict) -> OperatingPoint:

@@ -49,7 +49,7 @@ from pathlib import Path
 from sop import toolenv
 from sop.argtypes import number
 from sop.golden.files import interrupted, signals_as_interrupts, write_atomic
-from sop.golden.points import OperatingPoint, config_point, operating_points
+from sop.golden.points import OperatingPoint, config_point, operating_points, point_digest
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
 from sop.hdl.generate import module_name
 from sop.quantize.weights import FFN_OUT_LAYER, QUERY_LAYER
@@ -141,8 +141,7 @@ def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
     point = point_of(cfg)
     if point is None or not point.vectors:
         return None
-    fmt = point.name
-    out = toolenv.build_root() / "vectors" / (fmt + ("-sparse" if cfg.residuals else "") + ("-quick" if quick else ""))
+    fmt, out = point.name, vectors_folder(point, cfg, quick)
     if not (out / "vectors.json").is_file():
         rows = 16 if quick else None
         if cfg.residuals:
@@ -152,6 +151,13 @@ def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
         layers = [QUERY_LAYER] if quick else [QUERY_LAYER, FFN_OUT_LAYER]
         make_vectors("minilm", fmt, layers, out, rows=rows)
     return out
+
+
+def vectors_folder(point: OperatingPoint, cfg: DecoderConfig, quick: bool) -> Path:
+    """Where ``minilm_vectors`` caches ``point``'s vectors: under its name and ``point_digest`` (its
+    definition, tables included: a point or table defined again under one name is not the old one)."""
+    tail = ("-sparse" if cfg.residuals else "") + ("-quick" if quick else "")
+    return toolenv.build_root() / "vectors" / f"{point.name}-{point_digest(point)}{tail}"
 
 
 def sparse_artifact(fmt: str) -> tuple[Path, list[str]]:

@@ -257,3 +257,22 @@ def test_a_point_travels_to_a_testbench_process(tmp_path):
             "print(json.dumps([p.describe(), get_codebook('tanh4', p.hif).values.tolist()]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == json.loads(json.dumps(want))
+
+
+def test_the_sim_caches_a_points_vectors_by_its_definition_not_its_name():
+    """`build/vectors/<point>-quick` was keyed by the name alone: a table registered again with other
+    values under one name reused the old table's vectors (they carry their own LUTs, so the run still
+    passed, testing the old table; the registry probe). Now the folder names the definition's digest."""
+    cfg = named_configs()["sop4-g16"]
+    layout = BlockLayout(4, 16, get_format("ue4m4"))
+
+    def folder(values, **kw):
+        with registered_codebook("tanh4", values), \
+                registered(OperatingPoint("tanh4-g16", layout, "d", codebooks=("tanh4",), **kw)) as pt:
+            return runner.vectors_folder(pt, cfg, quick=True)
+
+    first = folder(TANH4)
+    assert first == folder(TANH4)                                   # the same definition: the same cache
+    assert first.name.startswith("tanh4-g16-") and first.name.endswith("-quick")
+    others = {folder(TANH4[::-1]), folder(TANH4, hif=hif_format(5)), folder(TANH4, lanes=4)}
+    assert first not in others and len(others) == 3                  # other values, HIF or lanes: not it
