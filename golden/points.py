@@ -38,7 +38,7 @@ it for the length of a ``with`` block. A row is checked when it is made (its nam
 its tables, each configuration against ``golden.decoder.decoder_problems``, the
 decoder's rule), so a point that cannot be quantized or built is never registered.
 Run-time rows reach the process's --jobs workers (quantize/jobs.py) and its sim
-testbenches (sim/__init__.py) through ``adopt``, not a command line started afresh.
+testbenches (sim/__init__.py) through ``registrations`` and ``adopt``, not a command line started afresh.
 The table is data only: golden/ stays free of the quantizer and of Amaranth.
 """
 
@@ -225,18 +225,27 @@ def registered(point: OperatingPoint) -> Iterator[OperatingPoint]:
         del _POINTS[point.name]
 
 
-def adopt(tables: dict, points) -> None:
-    """Register in this process whatever it lacks of another's run-time tables (name -> raw values,
-    golden.codebooks.registered_codebooks) and ``points``: a --jobs worker (quantize/jobs.py) and a
-    simulator's testbench (sim/__init__.py) start from the modules as imported."""
+def registrations() -> dict:
+    """This process's run-time tables (golden.codebooks.register_codebook: name -> raw values) and its
+    points (``point_spec``), as JSON data: what ``adopt`` registers in a process started from the modules
+    as imported, a --jobs worker (quantize/jobs.py) or a simulator's testbench (sim/__init__.py)."""
+    from .codebooks import registered_codebooks
+
+    return {"codebooks": {n: list(v) for n, v in registered_codebooks().items()},
+            "points": [point_spec(p) for p in _POINTS.values()]}
+
+
+def adopt(regs: dict) -> None:
+    """Register whatever this process lacks of another's ``registrations()``: the tables first, which
+    a point's check reads."""
     from .codebooks import codebook_names, register_codebook
 
-    for name, raw in tables.items():
+    for name, raw in regs["codebooks"].items():
         if name not in codebook_names():
             register_codebook(name, raw)
-    for p in points:
-        if p.name not in _POINTS:
-            register(p)
+    for spec in regs["points"]:
+        if spec["name"] not in _POINTS:
+            register(point_from_spec(spec))
 
 
 def operating_points() -> dict[str, OperatingPoint]:

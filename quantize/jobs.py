@@ -143,19 +143,11 @@ def _kind(err: BaseException) -> str:
     return "other"
 
 
-def registrations() -> tuple[dict, tuple]:
-    """The parent's run-time registrations: its tables (golden.codebooks.register_codebook) and
-    operating points (golden.points.register). A worker starts from the modules as imported, so
-    a point a script registered was an "unknown format" there (an outside probe, --jobs 2)."""
-    from sop.golden.codebooks import registered_codebooks
-    from sop.golden.points import operating_points
-
-    return registered_codebooks(), tuple(operating_points().values())
-
-
-def _worker(conn, dev: str = "numpy", regs: tuple[dict, tuple] = ({}, ())) -> None:
+def _worker(conn, dev: str = "numpy", regs: dict | None = None) -> None:
     """A worker's loop: receive ``(index, fn, args)``, send back ``fn(*args)``; ``None`` ends it.
-    ``dev``: the parent's ``--device`` (quantize/device.py); ``regs``: its ``registrations()``."""
+    ``dev``: the parent's ``--device`` (quantize/device.py); ``regs``: its run-time tables and points
+    (``golden.points.registrations``: a worker starts from the modules as imported, where a point a
+    script registered was an "unknown format"; an outside probe, --jobs 2)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the parent's to handle
     _single_thread()
     from sop.quantize import device
@@ -163,7 +155,8 @@ def _worker(conn, dev: str = "numpy", regs: tuple[dict, tuple] = ({}, ())) -> No
     device.set_default(dev)
     from sop.golden.points import adopt
 
-    adopt(*regs)
+    if regs is not None:
+        adopt(regs)
     while True:
         try:
             msg = conn.recv()
@@ -253,6 +246,7 @@ class LayerPool:
     """``jobs`` worker processes; see the module docstring. Use as a context manager."""
 
     def __init__(self, jobs: int):
+        from sop.golden import points
         from sop.quantize import device
 
         # One core per worker: more workers than CPUs only add processes and memory (and --jobs
@@ -260,7 +254,7 @@ class LayerPool:
         self.jobs = min(check_jobs(jobs), usable_cpus())
         self.limit_override = limit_override()          # a bad SOP_LAYER_TIMEOUT: before any work
         ctx = _context()
-        regs = registrations()
+        regs = points.registrations()
         self.workers: list[_Worker] = []
         saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
         try:

@@ -49,25 +49,13 @@ MISMATCHES_LOGGED = 10
 
 
 def registrations_env() -> dict[str, str]:
-    """The tables and operating points registered in this process (golden.codebooks.register_codebook,
-    golden.points.register), as JSON for a testbench: the simulator's Python starts from the modules as
-    imported, where a point a script registered named no point (its vectors were refused, its GEMV
-    engine's ``get_point`` failed; an outside probe). ``read_plan`` registers them there."""
-    from sop.golden.codebooks import registered_codebooks
-    from sop.golden.points import operating_points, point_spec
+    """The tables and operating points registered in this process (``golden.points.registrations``), as
+    JSON for a testbench: the simulator's Python starts from the modules as imported, where a point a
+    script registered named no point (its vectors were refused, its GEMV engine's ``get_point`` failed;
+    an outside probe). ``read_plan`` registers them there (``golden.points.adopt``)."""
+    from sop.golden.points import registrations
 
-    return {REGISTRATIONS: json.dumps({"codebooks": registered_codebooks(),
-                                       "points": [point_spec(p) for p in operating_points().values()]})}
-
-
-def adopt_registrations() -> None:
-    """The testbench's side of ``registrations_env``: what of it this process lacks, registered."""
-    from sop.golden.points import adopt, point_from_spec
-
-    if REGISTRATIONS in os.environ:
-        doc = json.loads(os.environ[REGISTRATIONS])
-        adopt({n: tuple(v) for n, v in doc["codebooks"].items()}, ())    # first: a point checks its tables
-        adopt({}, [point_from_spec(d) for d in doc["points"]])
+    return {REGISTRATIONS: json.dumps(registrations())}
 
 
 def sim_env(plan: Path, report: Path) -> dict[str, str]:
@@ -96,8 +84,11 @@ def runner_owns_environment(seed: int | None):
 
 def read_plan(variable: str = SIM_PLAN) -> dict:
     """The plan the runner wrote (the testbench's side): ``SIM_PLAN``'s, or ``MUT_PLAN``'s; the runner's
-    run-time registrations are registered here first (``adopt_registrations``)."""
-    adopt_registrations()
+    run-time registrations are registered here first (``registrations_env``)."""
+    if REGISTRATIONS in os.environ:
+        from sop.golden.points import adopt
+
+        adopt(json.loads(os.environ[REGISTRATIONS]))
     return json.loads(Path(os.environ[variable]).read_text())
 
 
