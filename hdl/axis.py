@@ -21,8 +21,14 @@ bytes of every beat are data bytes)
   word, the layer has sparse entries (``CTRL_SPARSE``; reserved without
   residuals), other bits reserved, send 0), then ``addr_bytes`` bytes of table
   address (the code), then ``data_bytes`` bytes of data: the HIF code (table word) or the layer offset,
-  signed 8 bits in the low byte (offset word). One packet per layer, TLAST on
-  its last word: the page is then complete.
+  signed 8 bits in the low byte (offset word). One packet per layer: its table
+  words in any order, then its one offset word with TLAST; the page is then complete.
+* ``load_error`` (out): sticky, set by a load word taken with TLAST on a table
+  word or an offset word taken without TLAST (a packet cut short, or one that
+  runs on into the next layer's: the layer would decode with a page the host
+  did not mean, with no other sign); cleared by reset only. The shell still
+  frames packets by TLAST; after ``load_error`` it is out of step with the host,
+  which resets it and starts again from a layer's load packet.
 * ``s_axis_sparse`` (in; only with residuals, ``config.residuals`` > 0): a
   layer's sparse entries, one per beat, ``SPARSE_BITS`` = 48 bits: bytes 0-3
   the flat index within the layer (``row * cols + col``, little-endian u32),
@@ -79,7 +85,7 @@ accepted at rising edge ``t`` has its first output beat's handshake at
 ``t + latency`` when ``m_axis_tready`` is high. With both sides ready, ``N``
 values leave every cycle, across layers (with sparse entries, less: the
 decoder's hold rule, docs/hardware.md "Sparse residuals"). Reset (``aresetn`` low, synchronous)
-clears the decoder (hdl/decoder.py), ``loaded``, the FIFO and the first-beat
+clears the decoder (hdl/decoder.py), ``loaded``, ``load_error``, the FIFO and the first-beat
 flag (and ``sparse_open``, ``sparse_next``): the next block beat is a layer's
 first beat and waits for a load packet. Without residuals nothing of the
 sparse port is built: the Verilog is the same, byte for byte.
@@ -244,6 +250,7 @@ class AxisDecoder(wiring.Component):
             "s_axis": In(AxiStreamSignature(w["s_axis"])),
             "s_axis_load": In(AxiStreamSignature(w["s_axis_load"])),
             "m_axis": Out(AxiStreamSignature(w["m_axis"])),
+            "load_error": Out(1),
         }
         if config.residuals:
             members.update({"s_axis_sparse": In(AxiStreamSignature(w["s_axis_sparse"])),
@@ -288,6 +295,10 @@ class AxisDecoder(wiring.Component):
                 m.d.sync += loaded.eq(0)
         with m.If(load_take & ld.tlast):
             m.d.sync += loaded.eq(1)
+        # a packet ends with its offset word and only there: TLAST anywhere else, or an offset
+        # word without it, is a framing error the host must see (the page would be another's)
+        with m.If(load_take & (ld.tlast != ctrl[1])):
+            m.d.sync += self.load_error.eq(1)
         if cfg.residuals:
             self._sparse(m, dec, load_take & ctrl[1], ctrl[2], s.tvalid & s.tready & first)
 
@@ -366,6 +377,7 @@ class AxisTop(wiring.Component):
         for name in ("s_axis", "s_axis_load") + (("s_axis_sparse",) if self.config.residuals else ()):
             wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(core, name))
         wiring.connect(m, core.m_axis, wiring.flipped(self.m_axis))
+        m.d.comb += self.load_error.eq(core.load_error)
         if self.config.residuals:
             m.d.comb += self.sparse_error.eq(core.sparse_error)
         return m

@@ -21,7 +21,7 @@ the corner layers, real MiniLM vectors), their expected output from
   (hdl.axis.sparse_beats: index and BF16 value, TLAST on the last entry), queued
   with the rest, so the shell alone holds it until its layer's first beat; the
   expected values are golden's residual sums (hdl.residual.expected_words), and
-  ``sparse_error`` must read 0 at the end.
+  ``sparse_error`` must read 0 at the end. ``load_error`` must read 0 at the end (every configuration).
 * The sources pause at random (TVALID gaps, ``p_idle``), the sink too (TREADY
   low, ``p_stall``); the pause generators draw from the plan's ``seed`` (``--seed``).
 * Each output packet (the beats up to TLAST) must be exactly the model's bytes
@@ -32,7 +32,7 @@ the corner layers, real MiniLM vectors), their expected output from
   TVALID is never X or Z after reset.
 
 Summary (``SOP_SIM_REPORT``): values and output beats checked, layers,
-sparse entries, mismatches, protocol errors, the ``sparse_error`` bits, cycles, seed.
+sparse entries, mismatches, protocol errors, the ``sparse_error`` bits, ``load_error``, cycles, seed.
 """
 
 from __future__ import annotations
@@ -210,13 +210,18 @@ async def regression(dut):
         errors = {name: bits[i] for i, name in enumerate(ERRORS) if bits[i] != "0"}
         if errors:
             dut._log.error(f"sparse_error set on a good stream: {errors}")
+    load_error = str(dut.load_error.value) != "0"          # X counts as set
+    if load_error:
+        dut._log.error("load_error set on a good stream: the shell saw a misframed load packet")
     summary = {"config": cfg.name, "lutram_depth": cfg.lutram_depth, "seed": seed, "checked": sb.checked,
                "beats": sb.beats, "layers": sb.layers, "sparse_entries": entries, "mismatches": sb.mismatches,
-               "protocol_errors": monitor.errors, "sparse_errors": errors, "stalled_cycles": monitor.stalls,
+               "protocol_errors": monitor.errors, "sparse_errors": errors, "load_error": load_error,
+               "stalled_cycles": monitor.stalls,
                "cycles": monitor.cycles, "lane_bits": reference.lane_word_bits(cfg), "seconds": time.time() - t0}
     write_report(summary)
     dut._log.info(f"{cfg.name} AXI4-Stream: {sb.checked} values in {sb.beats} beats of {sb.layers} layers checked"
                   f"{f', {entries} sparse entries' if cfg.residuals else ''}, {sb.mismatches} mismatches, "
                   f"{monitor.errors} protocol errors")
-    assert sb.mismatches == 0 and monitor.errors == 0 and not errors, \
-        f"{sb.mismatches} mismatching values, {monitor.errors} protocol errors, sparse errors {errors}"
+    assert sb.mismatches == 0 and monitor.errors == 0 and not errors and not load_error, \
+        f"{sb.mismatches} mismatching values, {monitor.errors} protocol errors, sparse errors {errors}, " \
+        f"load_error {int(load_error)}"

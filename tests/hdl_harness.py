@@ -124,7 +124,8 @@ def run_decoder(cfg: DecoderConfig, layers: list[Layer], *, seed=0, p_idle=0.2, 
 
 class ShellTop(wiring.Component):
     """``AxisTop``'s ports (``aclk``, ``aresetn`` and the shell's streams) around the real shell of ``cfg``
-    (``self.core``), for a test's altered shell: a subclass wires the ports to the core in ``wire(m, core)``."""
+    (``self.core``), for a test's altered shell: a subclass wires the ports to the core in ``wire(m, core)``
+    (``load_error`` is the core's unless ``wire`` drives it)."""
 
     def __init__(self, cfg):
         self.core = axis.AxisDecoder(cfg)
@@ -135,6 +136,7 @@ class ShellTop(wiring.Component):
         m.domains.sync = cd = ClockDomain("sync", local=True)
         m.d.comb += [cd.clk.eq(self.aclk), cd.rst.eq(~self.aresetn)]
         m.submodules.core = self.core
+        m.d.comb += self.load_error.eq(self.core.load_error)
         self.wire(m, self.core)
         return m
 

@@ -12,6 +12,7 @@
   `--target sim` pass on the generated core, and fail on a broken design.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -87,17 +88,24 @@ class ValidWaitsForReady(axis.AxisDecoder):
         return m
 
 
-def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, shell=axis.AxisDecoder):
+def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, shell=axis.AxisDecoder,
+                   n_out=None, load_packets=None):
     """Drive an ``AxisDecoder`` as an AXI host does: all load packets on ``s_axis_load``, all
     block packets on ``s_axis``, beats held until taken, random gaps and pauses. Returns the
     output beats ``(tdata, tlast)``, their handshake cycles, the block beats' handshake cycles,
-    the cycles where ``m_axis`` changed with TREADY, and the shell simulated."""
+    the cycles where ``m_axis`` changed with TREADY, and the shell simulated (``final_errors``:
+    its ``sparse_error`` at the end, with residuals; ``final_load_error``). ``load_packets``:
+    each layer's load beats, where a test frames them otherwise than ``axis.load_beats``;
+    ``n_out``: the output beats to wait for, where fewer than the layers' come."""
     dut = shell(cfg)
     rng = np.random.default_rng(seed)
     blocks = [b for la in layers for b in axis.block_beats(cfg, la.headers, la.codes)]
-    loads = [b for la in layers for b in axis.load_beats(cfg, la.luts, la.offset, la.has_sparse)]
+    if load_packets is None:
+        load_packets = [axis.load_beats(cfg, la.luts, la.offset, la.has_sparse) for la in layers]
+    loads = [b for packet in load_packets for b in packet]
     entries = [b for la in layers for b in axis.sparse_beats(la.sparse_index, la.sparse_values)]
-    n_out = sum(len(la.expected(cfg)) for la in layers)
+    if n_out is None:
+        n_out = sum(len(la.expected(cfg)) for la in layers)
     got, out_cycles, in_cycles, depends, errors = [], [], [], [], []
     dut.final_errors = errors                   # the sparse_error bits at the end (with residuals)
 
@@ -152,6 +160,7 @@ def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, s
                 if len(got) == n_out:
                     if sp is not None:
                         errors.append(ctx.get(dut.sparse_error))
+                    dut.final_load_error = ctx.get(dut.load_error)
                     return
             await ctx.tick()
 
@@ -166,8 +175,8 @@ def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, s
 def test_shell_matches_its_model_and_valid_never_waits_for_ready(name):
     cfg = CONFIGS[name]
     layers = random_layers(cfg, 3, 8 if cfg.lanes <= 8 else 16, seed=2)
-    got, _, _, depends, _ = simulate_shell(cfg, layers, p_idle=0.3, p_stall=0.3, seed=3)
-    assert got == axis.model(cfg, as_model_layers(layers))
+    got, _, _, depends, dut = simulate_shell(cfg, layers, p_idle=0.3, p_stall=0.3, seed=3)
+    assert got == axis.model(cfg, as_model_layers(layers)) and dut.final_load_error == 0
     assert depends == [], f"m_axis changed with TREADY (or a TREADY with TVALID) in cycles {depends[:5]}"
 
 
@@ -194,7 +203,30 @@ def test_sparse_shell_matches_golden_with_gaps_and_pauses():
     assert got == axis.model(cfg, as_model_layers(layers))
     assert depends == [], f"a TREADY depends on TVALID, or m_axis on TREADY, in cycles {depends[:5]}"
     assert axis.widths(cfg) == {"s_axis": 72, "s_axis_load": 32, "m_axis": 128, "s_axis_sparse": 48}
-    assert dut.latency == dut.decoder.latency and dut.final_errors == [0]
+    assert dut.latency == dut.decoder.latency and dut.final_errors == [0] and dut.final_load_error == 0
+
+
+@pytest.mark.parametrize("fault", ["offset word without TLAST", "TLAST on a table word"])
+def test_a_misframed_load_packet_sets_load_error(fault):
+    """A load packet ends with its offset word, TLAST on it and nowhere else. An offset word
+    without TLAST ran the packet on into the next layer's, whose tables and offset replaced the
+    waiting page's: layer A came out decoded with layer B's page and nothing said so (an outside
+    review, after the same bug in the GEMV shell). Now ``load_error`` is set; a packet cut short
+    by TLAST on a table word sets it too. Good packets leave it 0 (the tests above)."""
+    cfg = CONFIGS["sop4-g16"]
+    a, b = random_layers(cfg, 2, 4, seed=8)
+    packets = [axis.load_beats(cfg, la.luts, la.offset) for la in (a, b)]
+    if fault == "offset word without TLAST":
+        packets[0][-1] = (packets[0][-1][0], 0)
+    else:
+        packets[0][4] = (packets[0][4][0], 1)
+    n_a = len(a.expected(cfg))
+    got, _, _, _, dut = simulate_shell(cfg, [a, b], p_idle=0.2, p_stall=0.2, seed=9, n_out=n_a,
+                                       load_packets=packets)
+    assert dut.final_load_error == 1
+    if fault == "offset word without TLAST":      # what the flag reports: A on B's page, no other sign
+        b_page = dataclasses.replace(a, luts=b.luts, offset=b.offset)
+        assert got == axis.model(cfg, as_model_layers([b_page])) != axis.model(cfg, as_model_layers([a]))
 
 
 def test_valid_check_catches_valid_that_waits_for_ready():
@@ -280,6 +312,7 @@ def test_sparse_axis_regression_quick(name, sim, tmp_path):
     s = runner.run_axis(cfg, sim, quick=True, seed=1, build_dir=tmp_path / "build")
     print(runner.axis_summary_line(s))
     assert s["failed_tests"] == 0 and s["mismatches"] == 0 and s["protocol_errors"] == 0 and not s["sparse_errors"]
+    assert s["load_error"] is False
     plan = json.loads((tmp_path / "build" / "plan.json").read_text())
     content, _ = stimulus.seeded_rngs(s["seed"])
     layers = [la for job in stimulus.plan_jobs(cfg, plan, content) for la in job.layers]
@@ -301,7 +334,7 @@ class TamperedTop(ShellTop):
     second layer's TLAST (two layers in one packet), ``"hold"`` lowers TVALID every other
     cycle while TREADY is low (a beat withdrawn before its handshake; the data stay right),
     ``"data"`` flips TDATA's low bit every other cycle while TREADY is low (right at every
-    handshake)."""
+    handshake), ``"load_error"`` reports a misframed load packet on a good stream."""
 
     def __init__(self, cfg, how):
         self.how = how
@@ -314,6 +347,8 @@ class TamperedTop(ShellTop):
         toggle = Signal()
         m.d.sync += toggle.eq(~toggle)
         m.d.comb += [o.tdata.eq(c.tdata), c.tready.eq(o.tready), o.tvalid.eq(c.tvalid), o.tlast.eq(c.tlast)]
+        if self.how == "load_error":
+            m.d.comb += self.load_error.eq(1)              # (replaces ShellTop's core.load_error)
         if self.how == "tlast":
             odd = Signal()
             with m.If(c.tvalid & c.tready & c.tlast):
@@ -321,11 +356,11 @@ class TamperedTop(ShellTop):
             m.d.comb += o.tlast.eq(c.tlast & ~odd)
         elif self.how == "data":
             m.d.comb += o.tdata.eq(c.tdata ^ (~o.tready & toggle))
-        else:
+        elif self.how == "hold":
             m.d.comb += o.tvalid.eq(c.tvalid & (o.tready | ~toggle))
 
 
-@pytest.mark.parametrize("how", ["value", "tlast", "hold", "data", "sparse"])
+@pytest.mark.parametrize("how", ["value", "tlast", "hold", "data", "sparse", "load_error"])
 def test_axis_regression_reports_a_broken_shell(how, tmp_path):
     cfg = SPARSE["sop4-g16-sp"] if how == "sparse" else CONFIGS["sop4-g16"]
     if how == "value":
@@ -343,6 +378,8 @@ def test_axis_regression_reports_a_broken_shell(how, tmp_path):
         said = {"hold": "TVALID fell before its handshake",
                 "data": "TDATA or TLAST changed while TVALID high and TREADY low"}[how]
         assert s["mismatches"] == 0 and s["protocol_errors"] > 0 and said in log
+    elif how == "load_error":           # the values are right; only the status bit says otherwise
+        assert s["mismatches"] == 0 and s["load_error"] is True and "load_error set on a good stream" in log
     else:
         assert s["mismatches"] > 0
         assert ("TLAST misplaced" if how == "tlast" else "lane") in log
@@ -372,7 +409,7 @@ def test_shell_ports_manifest_and_lint(axis_dir, name):
                         for sig, d, n in (("tdata", "input", w[f"s_axis{s}"]), ("tvalid", "input", 1),
                                           ("tready", "output", 1), ("tlast", "input", 1))},
                      "m_axis_tdata": ("output", w["m_axis"]), "m_axis_tvalid": ("output", 1),
-                     "m_axis_tready": ("input", 1), "m_axis_tlast": ("output", 1),
+                     "m_axis_tready": ("input", 1), "m_axis_tlast": ("output", 1), "load_error": ("output", 1),
                      **({"sparse_error": ("output", 4)} if cfg.residuals else {})}
     if cfg.residuals:       # the decoder's latency with its residual stage (tests/test_verilog_sparse.py)
         bare = json.loads((axis_dir / f"{name}.json").read_text())          # the decoder's manifest
@@ -410,7 +447,8 @@ def test_the_documented_reset_leaves_no_x_in_a_systemverilog_simulator(axis_dir,
     one edge, driven by an assignment, or for two edges where a declaration initializer drives it
     (`reg aresetn = 0`: no event at time 0, so the Verilog's combinational blocks, which yosys starts with
     an initializer of its own, wait for the first edge, which loads X; one edge so left TVALID X for
-    good). After the reset every output the handshake reads is 0 or 1, and stays so. Shown to fail:
+    good). After the reset every output the handshake reads, and ``load_error``, is 0 or 1, and stays so.
+    Shown to fail:
     the initializer with one edge."""
     assert shutil.which("iverilog"), "run `make setup`"
     for d, n, want_x in ((drive, edges, False), ("initializer", 1, True)) if drive == "initializer" else \
@@ -418,16 +456,16 @@ def test_the_documented_reset_leaves_no_x_in_a_systemverilog_simulator(axis_dir,
         decl = "reg aclk = 0, aresetn = 0;" if d == "initializer" else "reg aclk, aresetn;"
         start = "" if d == "initializer" else "aclk = 0; aresetn = 0;"
         tb = tmp_path / f"tb_{d}_{n}.sv"
-        tb.write_text(f"""module tb; {decl} wire r, lr, mv, ml; wire [127:0] md; integer i;
+        tb.write_text(f"""module tb; {decl} wire r, lr, mv, ml, le; wire [127:0] md; integer i;
   {axis_module_name(CONFIGS["sop4-g16"])} u(.aclk(aclk), .aresetn(aresetn), .s_axis_tdata(72'd0),
     .s_axis_tvalid(1'b0), .s_axis_tlast(1'b0), .s_axis_tready(r), .s_axis_load_tdata(32'd0),
     .s_axis_load_tvalid(1'b0), .s_axis_load_tlast(1'b0), .s_axis_load_tready(lr), .m_axis_tdata(md),
-    .m_axis_tvalid(mv), .m_axis_tready(1'b1), .m_axis_tlast(ml));
+    .m_axis_tvalid(mv), .m_axis_tready(1'b1), .m_axis_tlast(ml), .load_error(le));
   initial begin
     {start}
     for (i = 1; i <= {n} + 3; i = i + 1) begin
       if (i == {n} + 1) aresetn = 1;
-      #4 aclk = 1; #1 if (i >= {n}) $display("edge %0d: %b%b%b%b", i, r, lr, mv, ml);
+      #4 aclk = 1; #1 if (i >= {n}) $display("edge %0d: %b%b%b%b%b", i, r, lr, mv, ml, le);
       #5 aclk = 0;
     end
   end
@@ -476,11 +514,11 @@ module tb;
   reg [BPB*BB-1:0] s_tdata = 0;  reg s_tvalid = 1'b0, s_tlast = 1'b0;  wire s_tready;
   reg [{ld - 1}:0] l_tdata = 0;  reg l_tvalid = 1'b0, l_tlast = 1'b0;  wire l_tready;
   reg [47:0] e_tdata = 0;  reg e_tvalid = 1'b0, e_tlast = 1'b0;  wire e_tready;  wire [3:0] sparse_error;
-  wire [LANES*LB-1:0] m_tdata;  wire m_tvalid, m_tlast;  reg m_tready = 1'b0;
+  wire [LANES*LB-1:0] m_tdata;  wire m_tvalid, m_tlast;  reg m_tready = 1'b0;  wire load_error;
   {axis_module_name(cfg)} dut (.aclk(aclk), .aresetn(aresetn),
     .s_axis_tdata(s_tdata), .s_axis_tvalid(s_tvalid), .s_axis_tlast(s_tlast), .s_axis_tready(s_tready),
     .s_axis_load_tdata(l_tdata), .s_axis_load_tvalid(l_tvalid), .s_axis_load_tlast(l_tlast),
-    .s_axis_load_tready(l_tready),{'''
+    .s_axis_load_tready(l_tready), .load_error(load_error),{'''
     .s_axis_sparse_tdata(e_tdata), .s_axis_sparse_tvalid(e_tvalid), .s_axis_sparse_tlast(e_tlast),
     .s_axis_sparse_tready(e_tready), .sparse_error(sparse_error),''' if sp else ""}
     .m_axis_tdata(m_tdata), .m_axis_tvalid(m_tvalid), .m_axis_tlast(m_tlast), .m_axis_tready(m_tready));
@@ -511,9 +549,9 @@ module tb;
     end
     cycles = cycles + 1;
     if (oi == NOUT) begin
-      if (sparse_error !== 4'b0) begin
+      if (sparse_error !== 4'b0 || load_error !== 1'b0) begin
         errors = errors + 1;
-        $display("FAIL: sparse_error %b", sparse_error);
+        $display("FAIL: sparse_error %b load_error %b", sparse_error, load_error);
       end
       if (li != NLD || ei != NSP) begin
         errors = errors + 1;
@@ -670,7 +708,7 @@ def test_the_shell_waivers_reach_the_shell_file_and_no_other(tmp_path):
 
 def test_fusesoc_targets_fail_on_a_broken_design(axis_dir, tmp_path):
     """The lint target fails on an undriven output (TLAST left unassigned); the testbench fails on a
-    wrong value."""
+    wrong value and on ``load_error`` set at the end (one run: each has its own FAIL line)."""
     cfg = CONFIGS["sop4-g16"]
     vlnv = f"sop:decoder:{axis_module_name(cfg)}"
     cores = tmp_path / "cores"
@@ -682,10 +720,12 @@ def test_fusesoc_targets_fail_on_a_broken_design(axis_dir, tmp_path):
     (cores / "sop4-g16_axis.v").write_text(good.replace("  assign m_axis_tlast = m_axis__tlast;\n", ""))
     r = fusesoc(cores, "lint", vlnv, tmp_path / "lint")
     assert r.returncode != 0 and "UNDRIVEN" in r.stdout + r.stderr
-    # the testbench's 6th expected beat with one bit flipped
-    (cores / "sop4-g16_axis.v").write_text(good)
+    # the testbench's 6th expected beat with one bit flipped; the shell's load_error register set for good
+    stuck, n = re.subn(r"(\n    load_error <= )[^;]*;", r"\g<1>1'h1;", good)
+    assert n == 1
+    (cores / "sop4-g16_axis.v").write_text(stuck)
     tb = (cores / "sop4-g16_axis_tb.v").read_text()
     i = tb.index("exp[5] = 129'h") + len("exp[5] = 129'h") + 5
     (cores / "sop4-g16_axis_tb.v").write_text(tb[:i] + "%x" % (int(tb[i], 16) ^ 1) + tb[i + 1:])
     r = fusesoc(cores, "sim", vlnv, tmp_path / "sim")
-    assert r.returncode != 0 and "FAIL: output beat 5" in r.stdout
+    assert r.returncode != 0 and "FAIL: output beat 5" in r.stdout and "FAIL: load_error 1" in r.stdout
