@@ -348,8 +348,14 @@ class Artifact:
         return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
     def _layer(self, layer: LayerEntry | str) -> LayerEntry:
-        """A layer given as its entry or its name (``record``, ``stream`` and ``weights`` take either)."""
-        return self.entry(layer) if isinstance(layer, str) else layer
+        """A layer given as its entry or its name (``record``, ``stream`` and ``weights`` take either);
+        anything else a TypeError saying so (an index, ``stream(0)``, was "'int' object has no attribute 'kind'")."""
+        if isinstance(layer, str):
+            return self.entry(layer)
+        if not isinstance(layer, LayerEntry):
+            raise TypeError(f"a layer of {self.path} is given as its entry (in .layers) or its name, got "
+                            f"{type(layer).__name__} {layer!r:.80}")
+        return layer
 
     def record(self, entry: LayerEntry | str) -> bytearray:
         """A layer's record bytes, CRC-checked: a new buffer of the caller's own, writable, so that an
@@ -493,7 +499,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     weights, bits, bpw, sqnr_db, record kinds. ``lm_head``, ``routers``: quantize the output head, the
     MoE routers too (``models.open_model``)."""
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
-    check_options([fmt], budget, nan_policy)
+    budget = check_options([fmt], budget, nan_policy)
     jobs = check_jobs(jobs)
     out = check_output(out, model_inputs(model))          # before any work: never one of the model's files
     say = reporter(progress)

@@ -60,6 +60,7 @@ import numpy as np
 from sop.golden.files import write_atomic
 from sop.quantize import calib as C
 from sop.quantize.schemes import get_quant_format
+from sop.quantize.inputs import option
 from sop.quantize.metrics import aggregate
 from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS, DEFAULT_SEQ_LEN
 from sop.quantize.layer_loop import (BudgetOutcomes, announce, budget_model, calibration_for, check_options,
@@ -193,15 +194,19 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
 
     if isinstance(formats, str):            # one name, not its characters (it was "unknown format 's'")
         formats = [formats]
-    names = list(dict.fromkeys(() if formats is None else formats))
+    given = list(() if formats is None else formats)
+    for name in given:
+        if not isinstance(name, str):       # get_quant_format's one line, not dict.fromkeys' "unhashable type"
+            get_quant_format(name)
+    names = list(dict.fromkeys(given))
     if not names:
         raise ValueError("no format given")
     fmts = [get_quant_format(n) for n in names]          # unknown names fail here, before any work
-    check_options(fmts, budget, nan_policy)
+    budget = check_options(fmts, budget, nan_policy)
     jobs = min(check_jobs(jobs), usable_cpus())           # as the pool lowers it: the memory estimate's too
     size = n_calib if isinstance(n_calib, C.CalibSize) else C.CalibSize(n_calib)
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
-        raise ValueError(f"--e2e-windows must be a positive integer, got {e2e_windows!r}")
+        raise ValueError(f"{option('e2e_windows')} must be a positive integer, got {e2e_windows!r}")
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy

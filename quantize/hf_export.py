@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
-from sop.quantize.inputs import NAN_POLICIES
+from sop.quantize.inputs import NAN_POLICIES, option
 from sop.quantize.models import AUX_SUFFIXES, NoLayerSelected, builtin_path, is_lm_head, model_inputs, open_model
 
 
@@ -58,7 +58,7 @@ def _other_model_error(art, meta: dict, spec: str, names: list[str]) -> ValueErr
     fp = meta.get("fingerprint")
     if fp and open_model(spec, routers=True).fingerprint() != fp:
         return ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
-                          f"differ); give the source with --model")
+                          f"differ); give the source with {option('model', '')}")
     return ValueError(f"{art.path}: layer {names[0]} is no linear layer of {spec}")
 
 
@@ -68,14 +68,14 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     art = open_artifact(artifact)
     meta = art.meta.get("model", {})
     if model is not None and not model:         # it was "names no source model; give --model"
-        raise ValueError("--model '' is an empty name: give the source model (a file, a folder, 'minilm' or "
-                         "'smollm2')")
+        raise ValueError(f"{option('model')} '' is an empty name: give the source model (a file, a folder, "
+                         f"'minilm' or 'smollm2')")
     spec = model if model is not None else meta.get("spec")
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"{art.path}: the artifact names no source model; give --model")
+        raise ValueError(f"{art.path}: the artifact names no source model; give {option('model', '')}")
     if model is None and builtin_path(spec) is None and not os.path.exists(spec):
         raise ValueError(f"{art.path}: its source model {spec!r} (the path sop quantize was given) is not "
-                         f"found from here; give it with --model")
+                         f"found from here; give it with {option('model', '')}")
     names = [e.name for e in art.layers]
     head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
     # a fused experts tensor is selected by its own name, its experts with it
@@ -98,7 +98,7 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     fp = meta.get("fingerprint")
     if fp and src.fingerprint() != fp:
         raise ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
-                         f"differ); give the source with --model")
+                         f"differ); give the source with {option('model', '')}")
     if meta.get("kind") == "in-memory":      # quantize_module(..., out=): no source to check against
         warnings = [f"{art.path} was quantized from a model held in memory ({meta.get('class', 'a model')}): "
                     f"nothing checks that {spec} is that model; every tensor it did not quantize comes from {spec}"]

@@ -18,11 +18,16 @@ these rules:
   hold it, and a finite weight must never come back as Inf or NaN.
 * ``column_weights(act_ms, cols, name)``: the activation mean squares, one finite, non-negative
   value per input column (the error weights of the activation-weighted search), or None.
+* ``option(keyword)``: how a refusal names a setting that both callers give: the Python keyword
+  (``budget=B``) from Python, the option (``--budget B``) inside ``sop``'s ``command_line()``: the checks
+  are shared, and each caller must read the name it typed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -31,6 +36,33 @@ from sop.quantize.metrics import abs_max
 
 NAN_POLICIES = ("error", "zero")
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)      # the smallest normal float32, 2^-126
+
+
+_COMMAND_LINE = ContextVar("sop_command_line", default=False)
+
+
+@contextlib.contextmanager
+def command_line():
+    """Inside (sop/cli.py runs every command in it), ``option`` spells a setting as the command line's option."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def option(keyword: str, value: str | None = None, flag: str | None = None) -> str:
+    """``keyword`` (a Python parameter, ``e2e_windows``) as its caller gave it: ``e2e_windows`` from Python,
+    ``--e2e-windows`` from the command line; with ``value``, as given with one (``e2e_windows=N``,
+    ``--e2e-windows N``; ``""``: ``e2e_windows=``, ``--e2e-windows``). ``flag``: a switch named otherwise on
+    the command line, given there alone (``lm_head=True``, ``--include-lm-head``). A Python caller told to
+    give ``--budget`` has no such thing to give."""
+    if _COMMAND_LINE.get():
+        if flag is not None:
+            return flag
+        flag = "--" + keyword.replace("_", "-")
+        return f"{flag} {value}" if value else flag
+    return keyword if value is None else f"{keyword}={value}"
 
 
 class WeightError(ValueError):

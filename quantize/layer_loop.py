@@ -3,7 +3,7 @@
 ``sop eval`` (quantize/evaluate.py) and ``sop quantize`` (quantize/artifact.py) both run it; in-memory
 quantization (quantize/in_memory.py) builds the same ``LayerOutcome``. The steps, in order:
 
-* ``check_options`` refuses a bad ``--nan-policy`` or ``--budget`` before any work; ``reporter`` is the
+* ``check_options`` refuses a bad NaN policy or budget before any work; ``reporter`` is the
   progress printer, ``announce`` says what was kept and warns about the reference;
 * ``calibration_for`` gathers the activation statistics (quantize/calib.py), or says why there are none;
 * ``read_weight`` reads and checks one layer (quantize/inputs.py ``sanitize``: a non-finite weight is an
@@ -20,6 +20,7 @@ Each layer prints one progress line (``layer_line``: name, shape, seconds).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from sop.golden.formats import to_float32
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.checkpoint_files import CheckpointError
-from sop.quantize.inputs import NAN_POLICIES, WeightError, sanitize
+from sop.quantize.inputs import NAN_POLICIES, WeightError, option, sanitize
 from sop.quantize.metrics import ErrorStats
 from sop.quantize.schemes import get_quant_format
 from sop.terminal import one_line
@@ -48,17 +49,29 @@ def read_weight(src, name: str, policy: str = "error") -> tuple[np.ndarray, int]
     return narrow_weights(w), n_bad
 
 
-def check_options(fmts, budget: float | None, nan_policy: str) -> None:
-    """Refuse a NaN policy, or a budget given to / missing from the formats, before any work."""
+def check_options(fmts, budget: float | None, nan_policy: str) -> float | None:
+    """Refuse a NaN policy, or a budget given to / missing from the formats or not above 0, before any work
+    (a budget of 0 was refused only once calibration was done); the budget as a float (a Python ``Fraction``
+    or an int past float's range, a budget past every option as ``inf`` is, were a TypeError and an
+    OverflowError from the knapsack). The budget is named as its caller gave it (``inputs.option``):
+    ``budget=`` from Python, ``--budget`` from the command line."""
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"unknown NaN policy {nan_policy!r}; valid: {', '.join(NAN_POLICIES)}")
     if budget is not None and not any(f.model_level for f in fmts):
-        raise ValueError("--budget applies to a budgeted format (sop-budget) only")
+        raise ValueError(f"{option('budget')} applies to a budgeted format (sop-budget) only")
     if budget is None and any(f.model_level for f in fmts):
-        raise ValueError(f"{next(f.name for f in fmts if f.model_level)} needs --budget B "
+        raise ValueError(f"{next(f.name for f in fmts if f.model_level)} needs {option('budget', 'B')} "
                          f"(average bits per weight)")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, Real)):
-        raise ValueError(f"--budget must be a number (average bits per weight), got {budget!r}")
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, Real):
+        raise ValueError(f"{option('budget')} must be a number (average bits per weight), got {budget!r}")
+    if not budget > 0:                                  # NaN too
+        raise ValueError(f"{option('budget')} must be a number above 0, got {budget!r}")
+    try:
+        return float(budget)
+    except OverflowError:                               # an int past float's range: past every option too
+        return math.inf
 
 
 def reporter(progress: bool):
@@ -132,7 +145,7 @@ def budget_model(fmt, src, cal, nan_policy: str, budget: float, say, pool):
     layers the chosen results need as they are built."""
     if pool is None:
         inputs = budget_inputs(src, cal, nan_policy, say)
-        budgeted = fmt.solve_budget(inputs, budget, option="--budget")     # (sop eval, sop quantize)
+        budgeted = fmt.solve_budget(inputs, budget, option=option("budget"))     # as its caller named it
         budget_done(inputs)
         return inputs, budgeted
     from sop.quantize import jobs
@@ -147,7 +160,7 @@ def budget_model(fmt, src, cal, nan_policy: str, budget: float, say, pool):
             yield row, cols, real
 
     inputs = budget_inputs(src, cal, nan_policy)        # no progress: read only for the results
-    return inputs, fmt.solve_budget(inputs, budget, rows=rows(), option="--budget")
+    return inputs, fmt.solve_budget(inputs, budget, rows=rows(), option=option("budget"))
 
 
 def _budget_line(say, seen, n, shapes) -> None:

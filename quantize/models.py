@@ -96,6 +96,7 @@ import numpy as np
 from sop.quantize import fp8_scales
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
 from sop.quantize.fp8_scales import Fp8Scale
+from sop.quantize.inputs import option
 from sop.quantize.tensor_readers import MXFP4, READERS, Reader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -335,6 +336,10 @@ _KEPT_LABEL = {"1-D": "1-D (norms, biases)", "embedding": "embedding", "norm": "
                "router": "MoE router (--include-routers quantizes them)"}
 
 
+#: ``skipped``'s reason for an input embedding whose matrix is the quantized head's: a tied head stored twice
+#: (``torch.save`` of a tied model's state dict), quantized under its own name; not kept as it is
+TIED_HEAD_COPY = "the quantized head's matrix (tied)"
+
 #: what a tensor kept by policy is, and the option that quantizes it
 _OPTION_OF = {"router": "a MoE router, kept unless --include-routers", "lm_head": "the output head, kept unless "
               "--include-lm-head"}
@@ -363,6 +368,7 @@ class ModelSource:
     folder: Path | None = None                  # the folder holding config.json / tokenizer files
     lm_head: str = ""                           # what happened to the output head, one line ("" if none)
     tied_to: str | None = None                  # the input embedding a causal LM's head is tied to (no head)
+    tied_head: str = ""                          # a stored head, quantized, whose matrix the embedding lookup runs too
     notes: list[str] = field(default_factory=list)   # warnings about the reference (once per model)
     _reader: Reader = None  # type: ignore[assignment]  # set by open_model
     _fingerprint: str | None = None
@@ -387,6 +393,8 @@ class ModelSource:
         """Why tensor ``name`` is not a selected linear layer, one clause (an option that would select it,
         the matrix a tied head is), or "" when the checkpoint says nothing of it."""
         why = self.skipped.get(name)
+        if why == TIED_HEAD_COPY:
+            return f"the matrix of the tied head, quantized as {self.tied_head}"
         if why in _OPTION_OF:
             return _OPTION_OF[why]
         if why:
@@ -491,7 +499,8 @@ class ModelSource:
         """How many tensors were kept as they are, by reason (embedding, norm, lm_head, 1-D, ...)."""
         out: dict[str, int] = {}
         for why in self.skipped.values():
-            out[why] = out.get(why, 0) + 1
+            if why != TIED_HEAD_COPY:               # replaced by the quantized head, as the model runs it
+                out[why] = out.get(why, 0) + 1
         return out
 
     def kept_line(self) -> str:
@@ -933,7 +942,9 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
     scales = fp8_scales.scale_tensors(names)     # FP8 layers' scales, by module
     conv1d = kind not in ("gguf", "minilm") and any(_module_of(n) in CONV1D_NAMES for n in names) and \
         stores_conv1d(cfg, {n: tuple(reader.info(n)[0]) for n in names})
-    tied, head_note = _head_policy(spec, names, forward, forward_note, lm_head)
+    # a GGUF's stored head is never tied (quantize/causal_lm.py); a kept head's tie changes nothing
+    tied, head, embedding = _head_policy(spec, names, forward, forward_note, lm_head, lm_head and
+                                         forward == "causal-lm" and kind != "gguf" and _config_ties_head(cfg))
 
     layers, skipped = [], {}
     candidates = 0
@@ -990,9 +1001,14 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
                                        f"cannot build the model from them")
     if not layers:
         raise _no_layer_error(spec, candidates, include, exclude, skipped, packed, tied, lm_head)
+    selected = {lay.name for lay in layers}
+    head_note = _head_note(tied, head, embedding, lm_head, selected)
+    copy_of = head if lm_head and embedding is not None and head in selected else ""
+    if copy_of and skipped.get(embedding) == "embedding":
+        skipped[embedding] = TIED_HEAD_COPY         # not kept: the quantized head's matrix, as the model runs
     notes = packed + _source_notes(spec, kind, files, reader, names, layers, skipped, routers and not router_set)
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
-                       folder if forward else None, head_note, tied,
+                       folder if forward else None, head_note, tied, copy_of,
                        notes, reader, opened_with=(spec, list(include or []) or None,
                                                    list(exclude or []) or None, lm_head, routers),
                        fp8_scale_of=fp8)
@@ -1015,26 +1031,64 @@ def _forward_of(kind: str, folder, cfg, reader, whole_folder: bool, prefix: str)
     return None, None, "a single weights file (give its folder, with config.json and the tokenizer, to run it)"
 
 
-def _head_policy(spec: str, names: list[str], forward, forward_note: str, lm_head: bool):
-    """``(tied, head_note)``: the input embedding a causal LM's head is tied to (no head tensor), and
-    what happens to the head, one line; a ValueError for ``lm_head`` where there is no head to quantize."""
+def _head_policy(spec: str, names: list[str], forward, forward_note: str, lm_head: bool, ties: bool = False):
+    """``(tied, head, embedding)``: the input embedding a causal LM's head is tied to (no head tensor), the
+    head's weight tensor (None when there is none), and, for a head stored and tied to the input embedding
+    all the same (``ties``: config.json says so; a ``torch.save`` of a tied model's state dict), that
+    embedding: the forward pass and the model folder export use one matrix for both. A ValueError for
+    ``lm_head`` where there is no head to quantize."""
     heads = [n for n in names if is_lm_head(n)]
     tied = _tied_embedding(names) if forward == "causal-lm" and not heads else None
-    if tied is not None:
-        return tied, (f"lm_head is tied to {tied}: quantized once, the embedding lookup uses it too"
-                      if lm_head else f"lm_head is tied to {tied} and kept with it (--include-lm-head quantizes it)")
     if heads:
-        return None, ("lm_head quantized (--include-lm-head)" if lm_head else
-                      f"lm_head ({next((h for h in heads if h.endswith('weight')), heads[0])}) kept "
-                      f"(--include-lm-head quantizes it)")
+        return None, next((h for h in heads if h.endswith("weight")), heads[0]), \
+            _tied_embedding(names) if ties else None
+    if tied is not None:
+        return tied, None, None
+    asked = option("lm_head", "True", flag="--include-lm-head")      # as its caller gave it
     if lm_head and _tied_embedding(names) is not None:      # a tie only a model that runs can tell
-        raise ValueError(f"{spec}: --include-lm-head: the checkpoint stores no output head; whether its head is "
+        raise ValueError(f"{spec}: {asked}: the checkpoint stores no output head; whether its head is "
                          f"tied to the input embedding {_tied_embedding(names)} only a causal LM that runs can "
                          f"tell, and this checkpoint runs none: {forward_note}")
     if lm_head:
-        raise ValueError(f"{spec}: --include-lm-head: the checkpoint has no output head (lm_head) and no "
+        raise ValueError(f"{spec}: {asked}: the checkpoint has no output head (lm_head) and no "
                          f"input embedding a causal LM ties it to")
-    return None, ""
+    return None, None, None
+
+
+def _head_note(tied, head, embedding, lm_head: bool, selected) -> str:
+    """What happened to the output head, one line, once the layers are selected (``selected``: their names):
+    with ``--include-lm-head`` the head is said quantized only where --include/--exclude left it in (it was
+    said quantized when excluded), and a head tied to ``embedding`` says that the embedding lookup runs the
+    quantized matrix (it was said "1 embedding" kept: a review)."""
+    if tied is not None:
+        if not lm_head:
+            return f"lm_head is tied to {tied} and kept with it (--include-lm-head quantizes it)"
+        if tied in selected:
+            return f"lm_head is tied to {tied}: quantized once, the embedding lookup uses it too"
+        return f"lm_head is tied to {tied} and kept with it: --include/--exclude leaves it out"
+    if head is None:
+        return ""
+    if not lm_head:
+        return f"lm_head ({head}) kept (--include-lm-head quantizes it)"
+    if head not in selected:
+        return f"lm_head ({head}) kept: --include/--exclude leaves it out"
+    if embedding is not None:
+        return (f"lm_head quantized (--include-lm-head) as {head}, tied to {embedding}: the embedding lookup "
+                f"uses the quantized matrix too")
+    return "lm_head quantized (--include-lm-head)"
+
+
+def _config_ties_head(cfg: dict | None) -> bool:
+    """Whether transformers ties a causal LM's output head to its input embedding (one parameter), as
+    config.json says: its ``tie_word_embeddings``, else its model type's default (GPT-2's and Gemma's
+    tie, Llama's and Qwen2's do not)."""
+    tie = (cfg or {}).get("tie_word_embeddings")
+    if isinstance(tie, bool):
+        return tie
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    mt = (cfg or {}).get("model_type")
+    return isinstance(mt, str) and mt in CONFIG_MAPPING and CONFIG_MAPPING[mt]().tie_word_embeddings is True
 
 
 def _fp8_scales(reader, names: list[str], layers: list[LinearLayer], scales, fp8_cfg) -> dict:

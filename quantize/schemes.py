@@ -269,6 +269,9 @@ def quant_formats() -> dict[str, QuantFormat]:
 def get_quant_format(name: str) -> QuantFormat:
     """The format called ``name``; ``ValueError`` listing every valid name otherwise."""
     fmts = quant_formats()
+    if not isinstance(name, str):   # `quantize_model(m, ["nf4-g64"], out)` was TypeError "unhashable type: 'list'"
+        raise ValueError(f"a format is one name (a string), got {type(name).__name__} {name!r}; valid: "
+                         f"{', '.join(fmts)}")
     if name not in fmts:
         raise ValueError(f"unknown format {name!r}; valid: {', '.join(fmts)}")
     return fmts[name]

@@ -61,7 +61,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.golden.points import board_points, operating_points, vector_points
     from sop.quantize.calib import DEFAULT_CACHE, CalibSize
     from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
-    from sop.quantize.inputs import NAN_POLICIES
+    from sop.quantize.inputs import NAN_POLICIES, command_line
     from sop.quantize.jobs import WorkerError
     from sop.quantize.memory import release_freed_memory
     from sop.quantize.models import model_inputs
@@ -218,9 +218,26 @@ def cmd_vectors(args) -> int:
     from sop.sim.vectors import make_vectors
 
     check_output(args.out, model_inputs(args.model), folder=True)
+    _not_the_model_folder(args.out, args.model)
     path = make_vectors(args.model, args.format, args.layer, args.out, rows=args.rows, lm_head=args.include_lm_head)
     print(f"wrote {path}")
     return 0
+
+
+def _not_the_model_folder(out, model) -> None:
+    """Refuse an output folder that is the source model's own folder (a folder model), as `sop dequantize
+    --model-folder` does: `sop vectors` wrote its 5 files a layer there, and its `.txt` and `.json` files became
+    the model's configuration files (hashed into every later `.sopq`'s record of them, and a change to them a
+    warning of the model folder export)."""
+    if not os.path.isdir(model):
+        return
+    try:
+        same = os.path.samefile(out, model)
+    except OSError:                                     # an output folder still to be made is no model folder
+        same = False
+    if same:
+        raise OutputError(f"{out}: the output folder is the source model's folder ({model}); refusing to write "
+                          f"into the model (choose another --out)")
 
 
 def cmd_quantize(args) -> int:
@@ -594,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra:                                 # named by the command's own parser: `see sop eval --help`
         commands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
-    with signals_as_interrupts():
+    with signals_as_interrupts(), command_line():       # a refusal names --budget, not Python's budget=
         try:
             return args.func(args)
         except KeyboardInterrupt as sig:

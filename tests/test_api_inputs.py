@@ -127,9 +127,92 @@ def test_a_budget_that_is_not_a_number_is_one_value_error(tmp_path, budget):
     """`quantize_model(..., budget="5")` raised TypeError ('>' between str and int) from the knapsack."""
     from sop.quantize.artifact import quantize_model
 
-    with pytest.raises(ValueError, match=r"--budget must be a number \(average bits per weight\), got"):
+    with pytest.raises(ValueError, match=r"^budget must be a number \(average bits per weight\), got"):
         quantize_model("minilm", "sop-budget", tmp_path / "m.sopq", budget=budget, calibrate=False, progress=False)
     assert not (tmp_path / "m.sopq").exists()
+
+
+def test_quantize_model_and_evaluate_name_the_budget_as_python_callers_give_it(tmp_path, capsys):
+    """A review: `quantize_model` and `evaluate` said `--budget must be a number`, `needs --budget B`, `give
+    --budget 4.8 or more`, options a Python caller has not got (the check is the command line's too): each
+    says `budget` / `budget=B` from Python, as `quantize_module` does; `sop quantize` and `sop eval` keep
+    `--budget`, and a Python call after a command in the same process is named as Python's again. A budget
+    of 0, below 0 or NaN is refused before any work, not once the model is calibrated."""
+    from safetensors.numpy import save_file
+
+    from sop.cli import main
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.evaluate import evaluate
+
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
+    out = tmp_path / "q.sopq"
+    kw = {"calibrate": False, "progress": False}
+    calls = {"quantize_model": lambda fmt, **b: quantize_model(str(ckpt), fmt, out, **b, **kw),
+             "evaluate": lambda fmt, **b: evaluate(str(ckpt), [fmt], e2e=False, **b, **kw)}
+    cases = [("sop-budget", {"budget": "5"}, r"^budget must be a number \(average bits per weight\), got '5'$"),
+             ("sop-budget", {}, r"^sop-budget needs budget=B \(average bits per weight\)$"),
+             ("nvfp4", {"budget": 4.0}, r"^budget applies to a budgeted format \(sop-budget\) only$"),
+             ("sop-budget", {"budget": 0}, r"^budget must be a number above 0, got 0$"),
+             ("sop-budget", {"budget": -4.5}, r"^budget must be a number above 0, got -4\.5$"),
+             ("sop-budget", {"budget": float("nan")}, r"^budget must be a number above 0, got nan$"),
+             ("sop-budget", {"budget": 0.5}, r"^budget is too small: it buys 512 bits, .* give budget=\d+\.\d{4} "
+                                             r"or more$")]
+    for name, call in calls.items():
+        for fmt, budget, said in cases:
+            with pytest.raises(ValueError, match=said):
+                call(fmt, **budget)
+        for argv in (["quantize", str(ckpt), "--format", "sop-budget", "--budget", "0.5", "--out", str(out)],
+                     ["eval", str(ckpt), "--format", "nvfp4", "--budget", "4"]):
+            assert main(argv + ["--quiet", "--no-calib"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("sop: error: --budget ") and "budget=" not in err, err
+        with pytest.raises(ValueError, match="^budget is too small: .* give budget="):     # Python's again
+            call("sop-budget", budget=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_a_budget_any_real_number_above_0_runs_as_its_float(tmp_path):
+    """`budget=Fraction(11, 2)` was TypeError (Fraction's format has no `.4f`) and `budget=10**400` (past every
+    option, as inf is) OverflowError, from the knapsack: each runs as the float it is (10**400 capped at every
+    layer's dearest option, as 1e308 is), with the header's budget that float."""
+    from fractions import Fraction
+
+    from safetensors.numpy import save_file
+
+    from sop.quantize.artifact import open_artifact, quantize_model
+
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
+    kw = {"calibrate": False, "progress": False}
+    runs = {b: quantize_model(str(ckpt), "sop-budget", tmp_path / f"{i}.sopq", budget=b, **kw)
+            for i, b in enumerate((Fraction(11, 2), 5.5, 10 ** 400, 1e308))}
+    assert runs[Fraction(11, 2)]["bits"] == runs[5.5]["bits"] and runs[10 ** 400]["bits"] == runs[1e308]["bits"]
+    assert open_artifact(runs[Fraction(11, 2)]["path"]).meta["budget"] == 5.5
+
+
+@pytest.mark.parametrize("windows", [0, 2.5, True])
+def test_evaluate_names_e2e_windows_as_python_callers_give_it(windows):
+    """`evaluate(..., e2e_windows=0)` said `--e2e-windows must be a positive integer`: a keyword, not an option
+    (the command line's parser refuses its bad values itself)."""
+    from sop.quantize.evaluate import evaluate
+
+    with pytest.raises(ValueError, match=rf"^e2e_windows must be a positive integer, got {windows!r}$"):
+        evaluate("minilm", ["nvfp4"], e2e_windows=windows, progress=False)
+
+
+def test_a_format_that_is_no_name_is_one_value_error(tmp_path):
+    """`quantize_model(m, ["nf4-g64"], out)` (a list, as `evaluate` takes) was TypeError "unhashable type:
+    'list'" from the registry's dict; a number or None, "unknown format 3": each says a format is one name."""
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.evaluate import evaluate
+
+    for bad in (["nf4-g64"], 3, None):
+        with pytest.raises(ValueError, match=r"^a format is one name \(a string\), got \w+ .*; valid: .*nf4-g64"):
+            quantize_model("minilm", bad, tmp_path / "q.sopq", calibrate=False, progress=False)
+    with pytest.raises(ValueError, match=r"^a format is one name \(a string\), got list \['nf4-g64'\]"):
+        evaluate("minilm", [["nf4-g64"]], progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_takes_one_format_name_as_a_string(tmp_path):
@@ -168,6 +251,66 @@ def test_paths_given_as_no_path_are_one_value_error(tmp_path):
         with pytest.raises(ValueError, match=f"^{re.escape(said)}, not a path|^{re.escape(said)}: give a path"):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_an_artifacts_layer_given_as_no_entry_or_name_is_one_type_error(tmp_path):
+    """`open_artifact(p).stream(0)` (an index, as into `.layers`) was AttributeError "'int' object has no
+    attribute 'kind'" (an outside probe): a TypeError saying what a layer is given as; a name or an entry work."""
+    from safetensors.numpy import save_file
+
+    from sop.quantize.artifact import open_artifact, quantize_model
+
+    ckpt = tmp_path / "m.safetensors"
+    w = weights(16, 64).astype(np.float32)
+    save_file({"fc.weight": w}, str(ckpt))
+    art = open_artifact(quantize_model(str(ckpt), "sop4-g16", tmp_path / "q.sopq", calibrate=False,
+                                       progress=False)["path"])
+    for call in (art.stream, art.weights, art.record):
+        for bad in (0, None, art.layers):
+            with pytest.raises(TypeError, match=r"is given as its entry \(in \.layers\) or its name, got "):
+                call(bad)
+    by_name, by_entry = art.weights("fc.weight"), art.weights(art.layers[0])
+    assert by_name.shape == w.shape and np.array_equal(by_name, by_entry)
+
+
+def test_export_model_folder_names_its_model_argument_as_python_callers_give_it(tmp_path, capsys):
+    """`export_model_folder(sopq, out, model="")` said `--model '' is an empty name`, and a source not found
+    `give it with --model`: Python's `model` / `model=` there; `sop dequantize --model-folder` keeps --model."""
+    from safetensors.numpy import save_file
+
+    from sop.cli import main
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.hf_export import export_model_folder
+
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
+    sopq = quantize_model(str(ckpt), "sop4-g16", tmp_path / "q.sopq", calibrate=False, progress=False)["path"]
+    with pytest.raises(ValueError, match=r"^model '' is an empty name: give the source model"):
+        export_model_folder(sopq, tmp_path / "out", model="")
+    ckpt.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(ValueError, match=r"is not found from here; give it with model=$"):
+        export_model_folder(sopq, tmp_path / "out", progress=False)
+    assert main(["dequantize", sopq, "--model-folder", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("is not found from here; give it with --model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_lm_head_without_a_head_is_named_as_python_callers_give_it(tmp_path, capsys):
+    """`quantize_model(..., lm_head=True)` on a checkpoint with no head said `--include-lm-head: the checkpoint
+    has no output head`: `lm_head=True` from Python; `sop quantize --include-lm-head` keeps its option."""
+    from safetensors.numpy import save_file
+
+    from sop.cli import main
+    from sop.quantize.artifact import quantize_model
+
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"l.0.fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
+    with pytest.raises(ValueError, match=r": lm_head=True: the checkpoint has no output head \(lm_head\)"):
+        quantize_model(str(ckpt), "nf4-g64", tmp_path / "q.sopq", lm_head=True, calibrate=False, progress=False)
+    assert main(["quantize", str(ckpt), "--format", "nf4-g64", "--out", str(tmp_path / "q.sopq"),
+                 "--include-lm-head", "--quiet"]) == 2
+    assert ": --include-lm-head: the checkpoint has no output head (lm_head)" in capsys.readouterr().err
+    assert not (tmp_path / "q.sopq").exists()
 
 
 def test_quantize_model_from_python_never_writes_over_its_model(tmp_path):

@@ -181,18 +181,58 @@ def test_a_tied_head_quantized_changes_the_embedding_lookup_too(folders):
     np.testing.assert_array_equal(model.get_input_embeddings().weight.detach().numpy(), w)
 
 
-def test_a_tied_head_stored_twice_is_quantized_weighted_whatever_the_cache_holds(folders, tmp_path, capsys):
-    """torch.save(model.state_dict()) of a tied model stores lm_head.weight beside the embedding. With
-    --include-lm-head the head was "the weight of no linear module" on a cold cache, and quantized
-    unweighted under a calibration said to weight it on a cache filled by a run without the option."""
-    import shutil
-
-    d = tmp_path / "m"
+def stored_twice(folders, d, config=None):
+    """The tied Llama as torch.save(model.state_dict()) writes it: lm_head.weight beside the embedding, equal;
+    ``config``: edits config.json (a key given None is removed)."""
     d.mkdir()
     for f in folders["llama"].iterdir():
         if f.suffix == ".json":
             shutil.copy(f, d / f.name)
     torch.save(reference_model(folders["llama"]).state_dict(), d / "pytorch_model.bin")
+    if config:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(config)
+        (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return d
+
+
+@pytest.mark.parametrize("tie", [True, None])
+def test_a_tied_head_stored_twice_and_quantized_is_said_to_be_the_embeddings_matrix_too(folders, tmp_path, tie):
+    """A review: with --include-lm-head the kept line of a tied model storing lm_head.weight beside its
+    embedding said `1 embedding` kept, while the forward pass (and the model folder export) runs the quantized
+    head's matrix as the embedding too: the line says so, and counts no embedding kept. Without
+    tie_word_embeddings in config.json, Llama's default (untied) is what the model runs: one embedding kept.
+    The forward pass's own tie (``Target.tied``) is the reference; kept, the head is said kept either way."""
+    d = stored_twice(folders, tmp_path / "m", config={"tie_word_embeddings": tie})
+    src = open_model(str(d), lm_head=True)
+    runs_tied = L.load(src).targets["lm_head.weight"].tied
+    assert runs_tied is (tie is True)
+    line = src.kept_line()
+    if runs_tied:
+        assert "embedding" not in src.kept() and src.skipped["model.embed_tokens.weight"] != "embedding", line
+        assert line.endswith("lm_head quantized (--include-lm-head) as lm_head.weight, tied to "
+                             "model.embed_tokens.weight: the embedding lookup uses the quantized matrix too"), line
+    else:
+        assert src.kept()["embedding"] == 1 and line.endswith("; lm_head quantized (--include-lm-head)"), line
+    kept = open_model(str(d))
+    assert kept.kept()["embedding"] == 1 and kept.kept()["lm_head"] == 1, kept.kept_line()
+    assert kept.kept_line().endswith("lm_head (lm_head.weight) kept (--include-lm-head quantizes it)")
+
+
+@pytest.mark.parametrize("arch, exclude", [("qwen2", "lm_head*"), ("llama", "model.embed_tokens*")])
+def test_a_head_the_exclude_leaves_out_is_said_kept_not_quantized(folders, arch, exclude):
+    """--include-lm-head with an --exclude of the head (or of the tied matrix) said `lm_head quantized` /
+    `quantized once, the embedding lookup uses it too`, while no head layer was selected."""
+    src = open_model(str(folders[arch]), lm_head=True, exclude=exclude)
+    assert not any("lm_head" in lay.name or "embed" in lay.name for lay in src.layers)
+    assert "quantized" not in src.lm_head and src.lm_head.endswith("--include/--exclude leaves it out"), src.lm_head
+
+
+def test_a_tied_head_stored_twice_is_quantized_weighted_whatever_the_cache_holds(folders, tmp_path, capsys):
+    """torch.save(model.state_dict()) of a tied model stores lm_head.weight beside the embedding. With
+    --include-lm-head the head was "the weight of no linear module" on a cold cache, and quantized
+    unweighted under a calibration said to weight it on a cache filled by a run without the option."""
+    d = stored_twice(folders, tmp_path / "m")
     src = open_model(str(d), lm_head=True)
     assert "lm_head.weight" in {lay.name for lay in src.layers}
     t = L.load(src).targets["lm_head.weight"]

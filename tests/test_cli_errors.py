@@ -496,3 +496,18 @@ def test_a_tokenizer_the_library_cannot_load_is_one_line(tmp_path, capsys):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')
     err = one_error_line(capsys, ["eval", str(tmp_path), "--format", "nvfp4", "--quiet"])
     assert "tokenizer.json: not a tokenizer the `tokenizers` library can load" in err
+
+
+def test_vectors_into_the_source_models_own_folder_are_refused(tmp_path, capsys):
+    """`sop vectors FOLDER --out FOLDER` wrote 5 files a layer into the model's folder, and its `.txt` and
+    `vectors.json` became the model's configuration files (recorded by every later `.sopq`): refused as
+    `sop dequantize --model-folder` refuses it, in one line; a folder inside the model's is no model folder."""
+    model = tmp_path / "m"
+    model.mkdir()
+    save_file({LAYER: (np.random.default_rng(3).standard_normal((16, 64)) * 0.02).astype(np.float32)},
+              str(model / "model.safetensors"))
+    for out in (model, tmp_path / "." / "m"):
+        err = one_error_line(capsys, ["vectors", str(model), "--format", "sop4-g16", "--rows", "1", "--out", str(out)])
+        assert "the output folder is the source model's folder" in err and "--out" in err, err
+    assert sorted(p.name for p in model.iterdir()) == ["model.safetensors"]
+    assert run(["vectors", str(model), "--format", "sop4-g16", "--rows", "1", "--out", str(model / "v")]) == 0

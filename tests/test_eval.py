@@ -146,7 +146,7 @@ def test_unknown_format_lists_the_valid_names(capsys):
 
 
 def test_budget_needs_a_budgeted_format():
-    with pytest.raises(ValueError, match="--budget"):
+    with pytest.raises(ValueError, match="^budget applies to a budgeted format"):     # Python's name, not --budget
         evaluate("minilm", ["nvfp4"], budget=4.5)
 
 
@@ -220,7 +220,7 @@ def test_a_layers_reported_figures_are_weighted_by_its_calibration(tmp_path):
 
 
 def test_sop_budget_without_a_budget_is_refused():
-    with pytest.raises(ValueError, match="sop-budget needs --budget"):
+    with pytest.raises(ValueError, match=r"sop-budget needs budget=B \(average"):
         evaluate("minilm", ["sop-budget"])
 
 
