@@ -84,7 +84,9 @@ Ports
   ``{bank, addr, data}`` (``data`` a HIF code) into the inactive page.
 * ``layer`` (in stream, ``ready`` tied high, ``layer_layout``): ``{rows,
   blocks_per_row, offset, sparse}`` of the next layer, into the inactive page.
-* ``clear`` (in): clears the sticky error bits.
+* ``clear`` (in): clears the sticky error bits ``status`` shows in its cycle; an error event not
+  on ``status`` yet (in that cycle or the one before: a bit reaches ``status`` two cycles after
+  its event) is kept and shows after it (set wins over clear).
 * ``y`` (out stream, ``y_layout``): ``value`` (binary32 pattern of ``y_r``),
   ``last`` (the pass's last row); rows in ascending order, one word per row per
   vector.
@@ -99,7 +101,7 @@ Ports
   NaN, an exponent of all ones), ``layer`` (a layer write with 0 rows, more
   than ``max_rows``, 0 blocks per row or more than ``max_cols / g``),
   ``sparse`` (an entry whose row is not in the tile or whose column is beyond
-  the layer). Reset and ``clear`` clear them.
+  the layer). Reset and ``clear`` clear them (``clear`` as above).
 
 Host sequence per layer: write its tables (``load``) and ``layer`` into the
 inactive page (while the previous layer runs, after that layer's swap); for

@@ -38,7 +38,9 @@ Ports (every TDATA a whole number of bytes, LSB first, no TKEEP/TSTRB/TID/TDEST/
   in ascending order; TLAST on the pass's last row: one packet per vector.
 * ``status`` (out, plain, ``status_layout``): ``x_loaded`` and the engine's
   sticky errors (gemv_config.error_layout), then the shell's: ``w_tlast``,
-  ``load_tlast``. ``clear`` (in, plain): clears every sticky bit. Reset too. After
+  ``load_tlast``. ``clear`` (in, plain): clears every sticky bit ``status`` shows in its
+  cycle (an event not on ``status`` yet is kept and shows after it: set wins over clear, the
+  engine's rule). Reset too. After
   ``layer``, ``load_tlast`` or ``x_length`` the shell is out of step with the host
   (``clear`` does not mend that): the host resets and starts every stream again at a
   layer's load packet, tables included (docs/dot.md, section 9, "After an error").
@@ -324,7 +326,10 @@ class GemvAxis(wiring.Component):
         m.d.comb += [ys.tdata.eq(eng.y.payload.value), ys.tlast.eq(eng.y.payload.last), ys.tvalid.eq(eng.y.valid),
                      eng.y.ready.eq(ys.tready)]
 
-        # -- status: the engine's, and the shell's sticky bits (registered a cycle, as the engine's)
+        # -- status: the engine's, and the shell's sticky bits (registered a cycle, as the engine's).
+        # ``clear`` clears what status shows in its cycle; an event not on it yet (in ``seen``, or
+        # in the cycle of clear) is kept, set wins over clear, as in the engine's bits: a host that
+        # clears in the cycle it reads status loses no error it did not read
         shell = Signal(shell_error_layout(), name="shell_errors")
         seen = Signal(shell_error_layout(), name="shell_seen")
         zero_vectors = Signal(name="zero_vectors")
@@ -333,11 +338,8 @@ class GemvAxis(wiring.Component):
                      # cuts it short, a layer word without TLAST runs it into the next layer's packet
                      # (whose tables then overwrite the waiting page, silently when the shapes agree)
                      seen.load_tlast.eq(load_take & (ld.tlast != is_layer)),
-                     zero_vectors.eq(Mux(self.clear, 0, zero_vectors | (layer_take & (vectors == 0))))]
-        with m.If(self.clear):
-            m.d.sync += shell.eq(0)
-        with m.Else():
-            m.d.sync += shell.eq(shell.as_value() | seen.as_value())
+                     zero_vectors.eq(Mux(self.clear, 0, zero_vectors) | (layer_take & (vectors == 0))),
+                     shell.eq(Mux(self.clear, 0, shell.as_value()) | seen.as_value())]
         m.d.comb += [eng.clear.eq(self.clear), self.status.x_loaded.eq(eng.status.x_loaded),
                      self.status.errors.eq(eng.status.errors), self.status.shell.eq(shell)]
         m.d.comb += self.status.errors.layer.eq(eng.status.errors.layer | zero_vectors)

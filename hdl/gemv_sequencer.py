@@ -189,16 +189,21 @@ class BlockSequencer(wiring.Component):
         errors = Signal(error_layout(), name="errors")
         error_now = Signal(error_layout(), name="error_now")
         # the errors found now, registered before they join the sticky bits (a cycle later on status);
-        # the x length check (error_late) is worked out on registers already, a cycle after the beat
+        # the x length check (x_length_late) is worked out on registers already, a cycle after the
+        # beat, and joins the sticky bits straight (error_seen leaves its bit out: else a clear in
+        # the cycle it shows would see it come back a cycle later)
         # (every bit of error_now is driven by an expression: a comb process that only assigns a
         # constant never runs in a 4-state simulator such as Icarus, and leaves its bit X)
         error_seen = Signal(error_layout(), name="error_seen")
         x_length_late = Signal(name="x_length_late")
-        with m.If(self.clear):
-            m.d.sync += [errors.eq(0), error_seen.eq(0)]
-        with m.Else():
-            m.d.sync += [errors.eq(errors.as_value() | error_seen.as_value() | (x_length_late << 1)),
-                         error_seen.eq(error_now)]
+        # ``clear`` clears the bits status shows in its cycle; an event not on status yet (in the
+        # cycle of clear, or the cycle before: in error_seen) is kept, set wins over clear: a host
+        # that clears in the cycle it reads status loses no error it did not read (the shell's rule
+        # too). Until 2026-12-07 clear dropped those events: a pass gone wrong then left no bit
+        x_length, width = error_layout()["x_length"].offset, error_layout().size
+        kept = Mux(self.clear, 0, errors.as_value())
+        m.d.sync += [errors.eq(kept | error_seen.as_value() | (x_length_late << x_length)),
+                     error_seen.eq(error_now.as_value() & ((1 << width) - 1 - (1 << x_length)))]
         return errors, error_now, x_length_late
 
     def _layer_pages(self, m, error_now) -> _Pages:

@@ -5,9 +5,11 @@
   gaps and TREADY pauses: golden's words, TLAST on each vector's last row; ``m_axis_y``
   never depends on TREADY (probed every cycle); the sequencing rule (a layer's first
   vector waits for its load packet, the next packet waits for that vector, a layer's
-  ``vectors`` count decides where the next swap is); the shell's error bits and ``clear``;
-  the recovery docs/dot.md gives after an error that leaves the shell out of step (a reset, then
-  every stream again from a layer's load packet); the same queued packets with a BF16 engine.
+  ``vectors`` count decides where the next swap is); the shell's error bits and ``clear`` (an
+  event not on ``status`` yet is kept); the recovery docs/dot.md gives after an error that leaves
+  the shell out of step (a reset, then every stream again from a layer's load packet), and a reset
+  while a load packet waits and vectors of a layer are left; the same queued packets with a BF16
+  engine.
 * (tests/test_verilog.py: the generated shells, their manifests, lint, FuseSoC targets.)
 * cocotb with cocotbext-axi (sim/tb_gemv_axis.py) on ``gemv-sop4-g16_axis.v``: two layers
   of a real MiniLM slice with real E4M3 activations, one with sparse residuals, page
@@ -47,21 +49,25 @@ def simulate(dut, streams, n_out, *, p_idle=0.3, p_stall=0.3, seed=0, max_cycles
     """Drive ``dut`` (a ``GemvAxis``) as an AXI host: each stream's beats held until taken, random
     gaps, random TREADY pauses on ``m_axis_y``. Returns the output beats, the handshake cycles of
     every stream, the cycles where ``m_axis_y`` changed with TREADY or a TREADY with TVALID, and
-    ``status`` at the end. ``reset_at``: in that cycle the host drops every TVALID and holds the
-    reset for one edge, then starts afresh on ``restart`` (streams); ``before_reset`` (a dict) gets
-    the output beats and ``status`` of the cycles before, which the returned ones leave out."""
+    ``status`` at the end. ``reset_at`` (a cycle, or a function of the handshake cycles so far that
+    says when): in that cycle the host drops every TVALID and holds the reset for one edge, then
+    starts afresh on ``restart`` (streams); ``before_reset`` (a dict) gets the output beats, the
+    handshake cycles and ``status`` of the cycles before, which the returned ones leave out."""
     rng = np.random.default_rng(seed)
     got, taken, depends, final = [], {name: [] for name in [*streams, "m_axis_y"]}, [], []
     rst = Signal(name="host_reset")
+    reset_done = reset_at is None
 
     async def host(ctx):
-        nonlocal streams
+        nonlocal streams, reset_done
         pos, on = dict.fromkeys(streams, 0), dict.fromkeys(streams, False)
         y = dut.m_axis_y
         for cycle in range(max_cycles):
-            if cycle == reset_at:
+            if not reset_done and (reset_at(taken) if callable(reset_at) else cycle == reset_at):
+                reset_done = True
                 if before_reset is not None:
-                    before_reset.update(got=list(got), status=ctx.get(dut.status.as_value()))
+                    before_reset.update(got=list(got), status=ctx.get(dut.status.as_value()),
+                                        taken={k: list(v) for k, v in taken.items()})
                 for name in streams:
                     ctx.set(getattr(dut, name).tvalid, 0)
                 ctx.set(rst, 1)
@@ -103,7 +109,7 @@ def simulate(dut, streams, n_out, *, p_idle=0.3, p_stall=0.3, seed=0, max_cycles
                 got.append((seen[1][1], seen[1][2]))
                 taken["m_axis_y"].append(cycle)
             if len(got) == n_out and all(pos[n] == len(b) for n, b in streams.items()) \
-                    and (clear_at is None or cycle > clear_at) and (reset_at is None or cycle > reset_at):
+                    and (clear_at is None or cycle > clear_at) and reset_done:
                 for _ in range(8):
                     await ctx.tick()
                 final.append(ctx.get(dut.status.as_value()))
@@ -264,6 +270,59 @@ def test_error_bits_and_clear():
     assert status == 0
 
 
+def test_an_error_in_the_cycle_of_clear_is_kept():
+    """``clear`` clears what ``status`` shows in its cycle; an error event not on ``status`` yet is kept
+    (set wins over clear), for the shell's bits as for the engine's: a layer word of 0 vectors (the
+    shell's own ``layer``, on ``status`` a cycle after the word) in the cycle of ``clear`` is kept, a
+    cycle before (on ``status`` by then) cleared; a load packet cut short (``load_tlast``, two cycles
+    to ``status``) in the cycle of ``clear`` and in the cycle before is kept. Until 2026-12-07 the
+    0-vector word with ``clear`` and the cut packet a cycle before it were dropped. Each case after a
+    reset (a fresh shell); a bit cleared in a cycle it shows stays 0."""
+    dut, rst = GemvAxis(SMALL), Signal(name="host_reset")
+    top = Module()
+    top.submodules.dut = ResetInserter({"sync": rst})(dut)
+    yf = gemv_axis.layer_fields(SMALL)
+    zero_vectors = gemv_axis.CTRL_LAYER | (20 << yf["rows"][0]) | (4 << yf["blocks_per_row"][0])   # vectors 0
+    table_word = gemv_axis.load_beats(SMALL, two_layers()[0][0], 1)[0][0]
+    cases = {"layer": [(zero_vectors, 1)], "load_tlast": [(table_word, 1)]}
+    # (error, clear in the word's cycle (0) or the next (1)): whether the bit shows after the clear
+    want = {("layer", 0): 1, ("layer", 1): 0, ("load_tlast", 0): 1, ("load_tlast", 1): 1}
+    seen = {}
+
+    async def bench(ctx):
+        ld = dut.s_axis_load
+        for name, clear_at in want:
+            words = cases[name]
+            ctx.set(rst, 1)
+            await ctx.tick()
+            ctx.set(rst, 0)
+            # the word (taken at once: nothing is loaded after a reset), clear with it or a cycle after
+            for i in range(2):
+                ctx.set(ld.tvalid, i == 0)
+                ctx.set(ld.tdata, words[0][0])
+                ctx.set(ld.tlast, words[0][1])
+                ctx.set(dut.clear, clear_at == i)
+                assert i or ctx.get(ld.tready)
+                await ctx.tick()
+            ctx.set(dut.clear, 0)
+            await ctx.tick().repeat(3)
+            shows = ctx.get(dut.status.as_value())
+            ctx.set(dut.clear, 1)                               # cleared in a cycle it shows: gone for good
+            await ctx.tick()
+            ctx.set(dut.clear, 0)
+            await ctx.tick().repeat(3)
+            seen[name, clear_at] = (status_bits(shows), ctx.get(dut.status.as_value()))
+
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert seen.keys() == want.keys()
+    for (name, clear_at), (bits, after) in seen.items():
+        assert bits[name] == want[name, clear_at] and sum(bits.values()) == bits[name], (name, clear_at, bits)
+        assert after == 0, (name, clear_at, status_bits(after))
+
+
 def test_a_layer_word_without_tlast_is_flagged():
     """A load packet is its table words, then its layer word with TLAST. A layer word without TLAST ran
     the packet on into the next layer's: those tables overwrote the page the first layer waits in and
@@ -321,6 +380,36 @@ def test_after_an_error_that_needs_one_a_reset_and_a_fresh_start_give_golden_wor
     assert got == want and status == 0, status_bits(status)
 
 
+def test_a_reset_while_a_packet_waits_and_vectors_are_left_starts_afresh():
+    """A reset clears the shell's sequencing registers, ``loaded`` (a load packet waits for its layer's
+    first vector) and ``left`` (the layer's vectors still to start), not only the streams: the reset
+    comes once layer B's packet is complete (``loaded`` 1) while layer A, for 6 vectors, has vectors
+    left to start (``left`` at least 1; the scenarios above reset where both are 0). After it two
+    other layers' packets (2 vectors, then 1) give golden's words: a ``loaded`` kept through the reset
+    would swap the first vector in before its packet, a ``left`` kept (its ``left == 0`` flag, which
+    decides the swap: the count is reloaded at each swap) would take it as A's."""
+    rng = np.random.default_rng(11)
+    a, b, c, d = (gemv_layers.random_layer("sop4-g16", rows, cols, rng)
+                  for rows, cols in ((20, 64), (18, 32), (17, 32), (5, 16)))
+    before = [(a, [rng.integers(0, 0x7F, 64) for _ in range(6)]), (b, [rng.integers(0, 0x7F, 32)])]
+    after = [(c, [rng.integers(0, 0x7F, 32) for _ in range(2)]), (d, [rng.integers(0, 0x7F, 16)])]
+    loads = [len(gemv_axis.load_beats(SMALL, layer, len(v))) for layer, v in before]
+    x_beats = len(gemv_axis.x_beats(SMALL, before[0][1][0]))
+
+    def b_waits(taken):         # B's packet is in, A's last vector has not started (loaded 1, left >= 1)
+        return len(taken["s_axis_load"]) == sum(loads) and len(taken["s_axis_x"]) < 5 * x_beats
+
+    want = gemv_axis.model(SMALL, after)
+    seen = {}
+    got, _, _, status = simulate(GemvAxis(SMALL), gemv_axis.stream_beats(SMALL, before), len(want), seed=6,
+                                 reset_at=b_waits, restart=gemv_axis.stream_beats(SMALL, after),
+                                 before_reset=seen, max_cycles=4000)
+    assert seen, "the reset never came: A's vectors all started before B's packet was in"
+    started = len(seen["taken"]["s_axis_x"]) // x_beats + (len(seen["taken"]["s_axis_x"]) % x_beats > 0)
+    assert 1 <= started <= 5 and seen["status"] == 1     # A runs, no error; vectors left: left = 6 - started
+    assert got == want and status == 0, status_bits(status)
+
+
 @pytest.mark.parametrize("field, value, flagged", [("blocks_per_row", 4, False), ("blocks_per_row", 1025, True),
                                                    ("blocks_per_row", 2052, True), ("rows", 65535, False)])
 def test_a_layer_word_past_the_engines_registers_is_flagged_not_cut(field, value, flagged):
@@ -364,9 +453,19 @@ def test_the_pysim_check_catches_a_dropped_tlast():
 
 
 # -- cocotb ------------------------------------------------------------------------------------------------
-def test_cocotb_quick_icarus(tmp_path):
+@pytest.fixture(scope="module")
+def shell_verilog(tmp_path_factory):
+    """gemv-sop4-g16's shell as `make verilog` writes it, generated once for the runs on it (about 5 s
+    each, which every run spent on its own copy before)."""
+    from sop.hdl.generate import generate_gemv_axis
+
+    return generate_gemv_axis(NAMED["gemv-sop4-g16"], tmp_path_factory.mktemp("gemv_axis_rtl"))["verilog"]
+
+
+def test_cocotb_quick_icarus(tmp_path, shell_verilog):
     """40 MiniLM rows for two tokens, with 2 % residuals for one, plain again for one: three swaps."""
-    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
+    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "icarus", quick=True, seed=1, verilog=shell_verilog,
+                         build_dir=tmp_path / "build")
     print(tb_gemv_axis.summary_line(s))
     assert tb_gemv_axis.passed(s), tb_gemv_axis.summary_line(s)
     assert s["checked"] == s["expected"] == 4 * 40 and s["packets"] == 4 and s["layers"] == 3
@@ -374,10 +473,11 @@ def test_cocotb_quick_icarus(tmp_path):
 
 
 @pytest.mark.slow
-def test_cocotb_quick_verilator(tmp_path):
+def test_cocotb_quick_verilator(tmp_path, shell_verilog):
     """The quick plan in Verilator, another seed (most of its time is Verilator's C++ build; the whole
     query layer, 384 rows for two tokens, is `make sim`'s full plan, in either simulator)."""
-    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "verilator", quick=True, seed=2, build_dir=tmp_path / "build")
+    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "verilator", quick=True, seed=2, verilog=shell_verilog,
+                         build_dir=tmp_path / "build")
     print(tb_gemv_axis.summary_line(s))
     assert tb_gemv_axis.passed(s), tb_gemv_axis.summary_line(s)
     assert s["checked"] == s["expected"] == 4 * 40 and s["layers"] == 3
@@ -413,14 +513,14 @@ def test_cocotb_reports_a_dropped_tlast(tmp_path):
     assert "packet of 80 words, expected 40 (TLAST misplaced)" in (tmp_path / "build" / "sim.log").read_text()
 
 
-def test_cocotb_reports_a_byte_swapped_word(tmp_path):
+def test_cocotb_reports_a_byte_swapped_word(tmp_path, shell_verilog):
     def swap_bytes(plan):
         first_layer_only(plan)
         expect = plan["layers"][0]["vectors"][1]["expect"]
         expect[3] = int.from_bytes(expect[3].to_bytes(4, "little"), "big")
 
-    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "icarus", quick=True, seed=1, build_dir=tmp_path / "build",
-                         plan_edit=swap_bytes)
+    s = tb_gemv_axis.run(NAMED["gemv-sop4-g16"], "icarus", quick=True, seed=1, verilog=shell_verilog,
+                         build_dir=tmp_path / "build", plan_edit=swap_bytes)
     print(tb_gemv_axis.summary_line(s))
     assert s["failed_tests"] == 1 and s["mismatches"] == 1 and s["checked"] == s["expected"] == 80
     assert "vector 1 row 3: got" in (tmp_path / "build" / "sim.log").read_text()

@@ -10,7 +10,8 @@ tile), random layers over every code, table swaps, LUT RAM tables, sparse residu
 (terms that saturate or are subnormal; the term unit alone), a real MiniLM layer
 quantized to sop4-g16, without and with sparse residuals, with real E4M3
 activations (the layer's inputs in the BERT forward pass on a sentence, rounded to
-E4M3), throughput (one block a cycle) and latency, the error bits, the Verilog; and
+E4M3), throughput (one block a cycle) and latency, the error bits (an event not on ``status``
+yet kept through ``clear``; the words a flagged sparse entry changes), the Verilog; and
 that injected bugs (a wrong slot, a wrong x word, the wrong table page, an inverted
 bank select, a flipped table bit, a term without x's sign, a block order that
 reverses each row) are caught.
@@ -126,16 +127,18 @@ def host_items(cfg: GemvConfig, jobs: list[Job]):
 
 
 def run_engine(dut: GemvEngine, jobs: list[Job], *, seed=0, p_idle=0.2, p_stall=0.3, max_cycles=100_000,
-               w_before_x=0, x_ahead=True) -> Trace:
+               w_before_x=0, x_ahead=True, edit=None) -> Trace:
     """Drive ``jobs`` through ``dut``: the next layer's writes once the current layer has swapped in,
     each vector's x beats once its layer's writes are done and (``x_ahead``) as soon as the vector
     before's x is taken (the engine holds them while both x pages are in use, and a layer's first
     vector until no vector is loaded), else once the vector before's blocks are all taken; its
     blocks once its x is taken (with ``w_before_x`` > 0, the first vector's blocks are offered that
-    many cycles before its x)."""
+    many cycles before its x). ``edit(items)`` changes ``host_items``' beats (a host's bad entries)."""
     cfg = dut.config
     rng = np.random.default_rng(seed)
     items = host_items(cfg, jobs)
+    if edit is not None:
+        edit(items)
     vectors = [(j, v) for j, (_, vs) in enumerate(items) for v in range(len(vs))]
     n_y = sum(j.layer.rows * len(j.x) for j in jobs)
     tr = Trace()
@@ -385,6 +388,48 @@ def test_sparse_residuals_after_each_tile():
     check(GemvEngine(cfg), [Job(a, xa), Job(b, act_vectors(rng, 1, 16))], seed=9)
 
 
+def test_a_flagged_sparse_entry_goes_to_its_tiles_first_row():
+    """docs/dot.md's ``sparse`` row: an entry whose row is outside its tile is flagged and goes to slot 0,
+    the tile's first row: its term is added there (row 0: golden's with the entry moved to it, the
+    entry's own row without it); with ``last`` (the tile's last round) it closes that sum again, and
+    that word takes the place of the row whose last entry it stood for, whatever the term (a +0
+    padding entry: row 0's word again; a term: row 17's sum plus it, row 17's own word right). Every
+    other word, and the next pass (the entries good), golden's."""
+    rng = np.random.default_rng(21)
+    cfg = config()
+    rho = [int(v) for v in BF16.encode(np.array([1.5, -2.25, 1.5, 0.75]))]
+    # row 3: columns 5 and 9 (two rounds in tile 0), row 5: column 7; row 20: column 3 (tile 1, one round)
+    at = [(3, 5), (3, 9), (5, 7), (20, 3)]
+    base = random_layer(SOP4, 34, 16, rng)
+
+    def layer(entries):
+        keep = sorted(entries)
+        return LayerStream(base.layout, base.hif, base.luts, base.offset, base.rows, base.cols, base.blocks,
+                           Sparse(np.array([r * 16 + c for r, c, _ in keep], np.uint32),
+                                  np.array([v for *_, v in keep], np.uint16)))
+
+    good = [(r, c, v) for (r, c), v in zip(at, rho)]
+    x = act_vectors(rng, 2, 16)
+    assert all(x[0, c] != 0 for _, c in at)                # every term is not 0
+    beats = gemv_config.sparse_beats(cfg, layer(good))
+    find = {(b["row"], b["col"], b["last"]): i for i, b in enumerate(beats)}
+    # tile 0: (3, 5) in round 1 and row 7's +0 padding in round 2 (last) moved to row 30; tile 1: (20, 3) to row 5
+    moved = {find[3, 5, 0]: 30, find[7, 0, 1]: 30, find[20, 3, 1]: 5}
+
+    def bad_entries(items):
+        xs, ws, sp = items[0][1][0]
+        items[0][1][0] = (xs, ws, [{**b, "row": moved.get(i, b["row"])} for i, b in enumerate(sp)])
+
+    tr = run_engine(GemvEngine(cfg), [Job(layer(good), x)], p_idle=0, p_stall=0, edit=bad_entries)
+    g1 = gemv.model(cfg, layer([(0, 5, rho[0])] + good[1:3]), x[:1]).view(np.uint32)[0]
+    g2 = gemv.model(cfg, layer(good[:3] + [(17, 3, rho[3])]), x[:1]).view(np.uint32)[0]
+    want = [int(w) for w in g1]
+    want[7], want[20] = want[0], int(g2[17])
+    assert [w for w, _ in tr.y[:34]] == want
+    assert tr.y[34:] == expected(cfg, [Job(layer(good), x)])[34:]
+    assert tr.status[-1] == ERR["sparse"]
+
+
 def test_the_checks_catch_a_broken_residual_path():
     class UnsignedTerm(ResidualTerm):
         @staticmethod
@@ -625,6 +670,78 @@ def test_error_bits():
     assert seen["x too short"] == ERR["x_length"] | X_LOADED
     assert seen["x nan"] == seen["x -nan"] == ERR["x_nan"] | X_LOADED
     assert seen["x 448"] == X_LOADED
+
+
+def test_an_error_in_the_cycle_of_clear_is_kept():
+    """``clear`` clears the bits ``status`` shows in its cycle; an error event not on ``status`` yet (in
+    the cycle of ``clear``, or the cycle before, the bit then in ``error_seen``) is kept, set wins
+    over clear, as the shell's bits do. Until 2026-12-07 such an event was dropped: a host that
+    reads status and clears could lose the error of a pass gone wrong (silently wrong ``y``)."""
+    cfg = config()
+    dut = GemvEngine(cfg)
+    seen = {}
+
+    async def bench(ctx):
+        def status():
+            return ctx.get(dut.status.as_value())
+
+        async def cycle(*, clear=0, rows=None, x=None, last=0, swap=0):
+            """One edge: ``clear``, a layer write of ``rows`` rows (2 blocks a row), an x beat."""
+            ctx.set(dut.clear, clear)
+            ctx.set(dut.layer.valid, rows is not None)
+            ctx.set(dut.layer.payload.rows, rows or 0)
+            ctx.set(dut.layer.payload.blocks_per_row, 2)
+            ctx.set(dut.x.valid, x is not None)
+            ctx.set(dut.x.payload.codes.as_value(), x or 0)
+            ctx.set(dut.x.payload.last, last)
+            ctx.set(dut.x.payload.swap, swap)
+            assert x is None or ctx.get(dut.x.ready)
+            await ctx.tick()
+
+        async def after(n=4):
+            """``status`` in each of the next ``n`` cycles (nothing sent)."""
+            out = []
+            for _ in range(n):
+                await cycle()
+                out.append(status())
+            return out
+
+        await cycle(rows=0, clear=1)                      # a bad layer word in the cycle of clear
+        seen["event with clear"] = await after()
+        await cycle(clear=1)
+        seen["cleared"] = await after()
+        await cycle(rows=0)                                # the event, then clear in the next cycle
+        await cycle(clear=1)
+        seen["event a cycle before clear"] = await after()
+        await cycle(clear=1)                               # clear in the first cycle the bit shows
+        await cycle(rows=0)
+        await cycle()
+        shows = status()
+        await cycle(clear=1)
+        seen["shown, then cleared"] = (shows, await after())
+        ONE = int(sum(0x38 << (8 * j) for j in range(16)))
+        await cycle(rows=3)
+        await cycle()
+        # x_length: its check comes a cycle after the beat, straight into the sticky bits; clear then
+        await cycle(x=ONE, swap=1)
+        await cycle(x=ONE)
+        await cycle(x=ONE, last=1)                         # one beat too many
+        await cycle(clear=1)
+        seen["x_length a cycle after its beat, with clear"] = status()
+        await cycle(clear=1)                               # clear in the first cycle it shows: gone for good
+        seen["x_length cleared"] = await after(6)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    layer, xl = ERR["layer"], ERR["x_length"] | X_LOADED
+    assert seen["event with clear"] == [layer] * 4, seen
+    assert seen["cleared"] == [0] * 4, seen
+    assert seen["event a cycle before clear"] == [layer] * 4, seen
+    assert seen["shown, then cleared"] == (layer, [0] * 4), seen
+    assert seen["x_length a cycle after its beat, with clear"] == xl, seen
+    assert seen["x_length cleared"] == [X_LOADED] * 6, seen
 
 
 def test_blocks_offered_before_x_wait_and_are_flagged():
