@@ -143,11 +143,13 @@ def refuse_folder_name(path: str | os.PathLike, wanted: str) -> None:
 
 
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
-                 folder: bool = False) -> Path:
+                 folder: bool = False, option: str = "--out") -> Path:
     """Refuse a target before any work (see the module docstring); returns it as a Path.
 
     ``inputs``: every file the command reads. ``folder``: the target is a folder
-    the command writes files into (``sop vectors --out DIR``), not a file.
+    the command writes files into (``sop vectors --out DIR``), not a file. ``option``: how
+    the caller gave the target, for the refusal's "choose another": a tool's ``--out``, a
+    Python function's keyword (``quantize_model``'s ``out``: its caller has no ``--out``).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise OutputError(f"the output is given as {type(path).__name__}, not a path (str or os.PathLike)")
@@ -169,7 +171,7 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
         with contextlib.suppress(OSError):      # an input that does not exist cannot be overwritten
             if os.path.samefile(reached, src):
                 raise OutputError(f"{path}: the output is the input {src}; refusing to overwrite an "
-                                  f"input (choose another --out)")
+                                  f"input (choose another {option})")
     parent = path if folder else _real_target(path).parent
     existing = nearest_existing(parent)
     if not existing.is_dir():

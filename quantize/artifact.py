@@ -82,6 +82,7 @@ from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.evaluate import jsonable
+from sop.quantize.inputs import boolean, option, path_argument
 from sop.quantize.layer_loop import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for, check_options,
                                      layer_line, quantize_layer, recon_float32, reporter)
 from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
@@ -498,10 +499,15 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     ``sop-budget`` builds its options here). Returns a summary: path, file bytes, layers,
     weights, bits, bpw, sqnr_db, record kinds. ``lm_head``, ``routers``: quantize the output head, the
     MoE routers too (``models.open_model``)."""
+    calibrate, progress = boolean("calibrate", calibrate), boolean("progress", progress)
+    lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
     budget = check_options([fmt], budget, nan_policy)
     jobs = check_jobs(jobs)
-    out = check_output(out, model_inputs(model))          # before any work: never one of the model's files
+    n_calib = C.calib_size(n_calib, "n_calib", sentences=calibrate)
+    cache_dir = path_argument(option("cache_dir"), cache_dir)
+    # before any work: never one of the model's files
+    out = check_output(out, model_inputs(model), option=option("out"))
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
@@ -685,15 +691,17 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
     may be neither the artifact nor a file of the checkpoint it was made from (replaced by its
     quantized layers alone, the source would lose every other tensor): by its path from here, or by
     its contents (``source_by_contents``: run from another folder than ``sop quantize``)."""
+    progress = boolean("progress", progress)
     art = open_artifact(path)
     fp = art.meta["model"].get("fingerprint")
     # an earlier output of this checkpoint written into its folder is no file of it: the re-run replaces it
     earlier = isinstance(fp, str) and bool(fp) and os.path.isfile(out) and _dequantized_from(Path(out), fp)
-    check_output(out, [path] if earlier else [path, *source_files(art)])
+    check_output(out, [path] if earlier else [path, *source_files(art)], option=option("out"))
     folder = source_by_contents(art, out)
     if folder is not None:
         raise OutputError(f"{out}: the output is a file of the checkpoint {art.path.name} was made from (found "
-                          f"by its contents in {folder}); refusing to overwrite an input (choose another --out)")
+                          f"by its contents in {folder}); refusing to overwrite an input (choose another "
+                          f"{option('out')})")
     hb = _safetensors_header(art)
     say = reporter(progress)
     n = len(art.layers)

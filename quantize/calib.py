@@ -65,6 +65,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, write_atomic
 from sop.quantize.causal_lm import DEFAULT_CALIB_SEQS, DEFAULT_SEQ_LEN
+from sop.quantize.inputs import boolean, option, path_argument
 
 CALIB_VERSION = 2            # 2: the key covers a BERT folder's config and tokenizer; the file lists its layers
 CAUSAL_VERSION = 1
@@ -107,8 +108,14 @@ def _count(n, what: str, most: int) -> int:
 
 def calibration_sentences(n: int = N_CALIB) -> list[str]:
     """The first ``n`` sentences of the corpus outside the held-out reserve."""
-    n = _count(n, "--calib-sentences", max_calibration_sentences())
+    n = _count(n, _sentences("n"), max_calibration_sentences())
     return list(corpus()[:n])
+
+
+def _sentences(keyword: str) -> str:
+    """The calibration sentence count as its caller named it: ``--calib-sentences`` on the command line, the
+    Python keyword that took it (``n_calib``, ``n_sentences``) from Python (``inputs.option``)."""
+    return option(keyword, flag="--calib-sentences")
 
 
 def heldout_sentences(n: int = N_HELDOUT) -> list[str]:
@@ -129,11 +136,24 @@ class CalibSize:
     seq_len: int = DEFAULT_SEQ_LEN
 
     def __post_init__(self):
-        for what, v in (("--calib-seqs", self.seqs), ("--seq-len", self.seq_len)):
+        # named as the caller gave them: CalibSize's seqs= and seq_len= from Python, --calib-seqs and --seq-len
+        # from the command line
+        for what, v in ((option("seqs", flag="--calib-seqs"), self.seqs), (option("seq_len"), self.seq_len)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{what} must be a positive integer, got {v!r}")
         if self.seq_len < 4:
-            raise ValueError(f"--seq-len must be at least 4 tokens, got {self.seq_len}")
+            raise ValueError(f"{option('seq_len')} must be at least 4 tokens, got {self.seq_len}")
+
+
+def calib_size(n: "int | CalibSize", keyword: str, sentences: bool = True) -> CalibSize:
+    """``n``, a sentence count or a ``CalibSize``, as a CalibSize; with ``sentences`` (calibration reads them)
+    its sentence count is checked first, named ``keyword`` (the Python parameter that took ``n``; a
+    CalibSize's count as ``keyword.sentences``) or ``--calib-sentences`` on the command line."""
+    if isinstance(n, CalibSize):
+        if sentences:
+            _count(n.sentences, _sentences(f"{keyword}.sentences"), max_calibration_sentences())
+        return n
+    return CalibSize(_count(n, _sentences(keyword), max_calibration_sentences()) if sentences else n)
 
 
 @dataclass
@@ -320,7 +340,8 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
             return _selected_unrouted(hit, src, say)
     runner = causal_lm.load(src)
     ids = runner.token_ids(sentences)
-    windows = runner.windows(ids, size.seqs, size.seq_len, "calibration text (--calib-seqs x --seq-len)")
+    windows = runner.windows(ids, size.seqs, size.seq_len, f"calibration text ({option('seqs', flag='--calib-seqs')} "
+                                                           f"x {option('seq_len')})")
     stats, tokens = runner.collect_stats(windows)
     stats, dropped = _finite_selected(src, stats)
     cal = Calibration(True, note, stats, key, _sentences_used(runner, sentences, tokens), tokens,
@@ -386,10 +407,9 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
     ``n_sentences``: the sentence count (sentence encoders), or a ``CalibSize`` that also gives
     the causal-LM window shape. ``say`` (a progress printer, or None) gets one line when a
     damaged cache file is recomputed."""
-    size = n_sentences if isinstance(n_sentences, CalibSize) else None
-    _count(size.sentences if size else n_sentences, "--calib-sentences",
-           max_calibration_sentences())                    # refused for any model
-    size = size or CalibSize(int(n_sentences))
+    size = calib_size(n_sentences, "n_sentences")         # refused for any model
+    path_argument(option("cache_dir"), cache_dir)
+    use_cache = boolean("use_cache", use_cache)
     if getattr(src, "forward", None) == "causal-lm":
         return calibrate_causal(src, size, cache_dir, use_cache, say)
     if src.bert_folder is None:

@@ -79,6 +79,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, atomic_files, check_output, staging_folder
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
+from sop.quantize.inputs import option
 from sop.quantize.models import GGUF_MOE, expert_layer_name, read_json
 from sop.terminal import one_line
 
@@ -215,6 +216,10 @@ def _load_folder(src):
 
     folder = Path(src.folder)
     cfg = folder / "config.json"
+    for f in TOKENIZER_FILES:           # it was "has no tokenizer", which sent the user looking for a missing file
+        if (folder / f).is_dir():
+            raise CheckpointError(folder / f, f"is a folder, not a file: the tokenizer the forward pass of "
+                                              f"calibration and of the end-to-end check reads; {HINT}")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(folder, f"has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): the forward "
                                       f"pass of calibration and of the end-to-end check needs one; add it, or {HINT}")
@@ -986,13 +991,13 @@ class CausalLM:
             # a learned position table (GPT-2, OPT, StarCoder), or GPT-J's rotary one made once, has no row past
             # it: an IndexError deep in torch (other rotary models compute any position, and run past it as before)
             raise ValueError(f"{what}: windows of {seq_len} tokens, and the model has {positions} positions "
-                             f"(max_position_embeddings): give --seq-len {positions} or less")
+                             f"(max_position_embeddings): give {option('seq_len', str(positions))} or less")
         if isinstance(positions, int) and 0 < positions < seq_len:
             # a rotary model computes any position, but its numbers there are of a context it was not made for
             note = (f"windows of {seq_len} tokens run past the model's {positions} positions "
                     f"(max_position_embeddings): it computes them (rotary), but was not configured for them, so "
                     f"the statistics and scores of those windows are of positions it may never have seen; "
-                    f"--seq-len {positions} or less keeps within them")
+                    f"{option('seq_len', str(positions))} or less keeps within them")
             if note not in self.src.notes:
                 self.src.notes.append(note)
                 print(one_line(f"warning: {note}"), file=sys.stderr, flush=True)
@@ -1147,18 +1152,18 @@ class CausalLM:
                                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    def save_folder(self, out: Path, weights: dict | None = None, inputs=()) -> list[Path]:
+    def save_folder(self, out: Path, weights: dict | None = None, inputs=(), out_option: str = "--out") -> list[Path]:
         """A model folder ``transformers`` loads (config, float32 safetensors, tokenizer) of the model
         with ``weights`` substituted; written all or nothing (golden.files.atomic_files), every file
-        checked against ``inputs`` (golden.files.check_output) and the folder against files of
-        another model (``refuse_other_files``) before any is written."""
+        checked against ``inputs`` (golden.files.check_output; ``out_option``: how the caller gave ``out``) and
+        the folder against files of another model (``refuse_other_files``) before any is written."""
         out = Path(out)
         with self.substituted(weights), staging_folder(out) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             made = sorted(f for f in tmp.iterdir() if f.is_file())
             for f in made:
-                check_output(out / f.name, inputs)
+                check_output(out / f.name, inputs, option=out_option)
             refuse_other_files(out, {f.name for f in made})
             with atomic_files() as files:
                 for f in made:

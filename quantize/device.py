@@ -61,6 +61,8 @@ import threading
 
 import numpy as np
 
+from sop.quantize.inputs import on_command_line
+
 #: The default: numpy on the CPU, no torch.
 NUMPY = "numpy"
 #: Candidate weights per row chunk of the search on a torch device (``Prepared.eval_chunks``):
@@ -72,35 +74,43 @@ _active = NUMPY
 _NAME = re.compile(r"^(numpy|cpu|cuda(:\d+)?)$")
 
 
+def _given(name) -> str:
+    """Device ``name`` as its caller gave it: ``--device cuda`` on the command line, ``device 'cuda'`` from
+    Python (``use``, ``set_default`` and ``check`` take it; a Python caller has no ``--device``)."""
+    return f"--device {name}" if on_command_line() else f"device {str(name)!r}"
+
+
 def parse(name) -> str:
     """``name`` as a device name (``numpy``, ``cpu``, ``cuda``, ``cuda:N``), or a ValueError."""
     text = str(name).strip().lower()
     if not _NAME.match(text):
-        raise ValueError(f"--device {name}: not a device; numpy (the default), cpu (torch on the CPU), "
+        raise ValueError(f"{_given(name)}: not a device; numpy (the default), cpu (torch on the CPU), "
                          f"cuda or cuda:N (torch on a GPU)")
     return text
 
 
 def check(name) -> str:
     """``parse(name)``, and for a torch device that torch can use it here (CUDA present, the index
-    in range): else one ValueError naming ``--device``, raised before any work."""
+    in range): else one ValueError naming the device as its caller gave it (``_given``), raised before any
+    work."""
     name = parse(name)
     if name == NUMPY:
         return name
     try:
         import torch
     except ImportError as err:                       # pragma: no cover - torch is a dependency
-        raise ValueError(f"--device {name}: torch cannot be imported ({err}); --device numpy needs no torch") from None
+        raise ValueError(f"{_given(name)}: torch cannot be imported ({err}); {_given(NUMPY)} needs no "
+                         f"torch") from None
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             why = ("this torch build has no CUDA" if torch.version.cuda is None
                    else "torch sees no CUDA device")
-            raise ValueError(f"--device {name}: {why} (torch {torch.__version__}); "
-                             f"use --device cpu or numpy")
+            raise ValueError(f"{_given(name)}: {why} (torch {torch.__version__}); "
+                             f"use {_given('cpu')} or {'numpy' if on_command_line() else repr(NUMPY)}")
         index = int(name.split(":")[1]) if ":" in name else 0
         count = torch.cuda.device_count()
         if index >= count:
-            raise ValueError(f"--device {name}: torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+            raise ValueError(f"{_given(name)}: torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
     return name
 
 

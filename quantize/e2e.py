@@ -39,6 +39,8 @@ from typing import Callable
 
 import numpy as np
 
+from sop.quantize.checkpoint_files import CheckpointError
+
 LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
            "attention.output.dense", "intermediate.dense", "output.dense")
 
@@ -73,6 +75,9 @@ class Bert:
             self.params.update({k: v.float() for k, v in load_file(str(f)).items()})
         if not self.params:
             raise ValueError(f"{folder}: no safetensors weights")
+        if (self.folder / "tokenizer.json").is_dir():       # (models._bert_info: a BERT folder all the same)
+            raise CheckpointError(self.folder / "tokenizer.json", "is a folder, not a file: the tokenizer the BERT "
+                                                                 "forward pass reads")
         try:
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         except Exception as err:            # noqa: BLE001 - the tokenizers library raises bare Exception

@@ -60,7 +60,7 @@ import numpy as np
 from sop.golden.files import write_atomic
 from sop.quantize import calib as C
 from sop.quantize.schemes import get_quant_format
-from sop.quantize.inputs import option
+from sop.quantize.inputs import boolean, option, path_argument
 from sop.quantize.metrics import aggregate
 from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS, DEFAULT_SEQ_LEN
 from sop.quantize.layer_loop import (BudgetOutcomes, announce, budget_model, calibration_for, check_options,
@@ -119,7 +119,8 @@ def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = DEFAULT_E2E_
         runner = causal_lm.load(src)
         ids = runner.token_ids(C.heldout_sentences(C.HELDOUT_RESERVE))
         return ("causal-lm", runner, runner.windows(ids, windows, seq_len,
-                                                    "held-out text (--e2e-windows x --seq-len)")), None
+                                                    f"held-out text ({option('e2e_windows')} x "
+                                                    f"{option('seq_len')})")), None
     if src.bert_folder is None:
         return None, {"skipped": f"no forward pass for this model ({src.forward_note or src.kind})"}
     return ("bert", bert_forward(src), C.heldout_sentences(n_heldout)), None
@@ -192,6 +193,8 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     quantized in that many worker processes (quantize/jobs.py; the same results)."""
     from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
 
+    calibrate, e2e, progress = boolean("calibrate", calibrate), boolean("e2e", e2e), boolean("progress", progress)
+    lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)
     if isinstance(formats, str):            # one name, not its characters (it was "unknown format 's'")
         formats = [formats]
     given = list(() if formats is None else formats)
@@ -204,7 +207,8 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     fmts = [get_quant_format(n) for n in names]          # unknown names fail here, before any work
     budget = check_options(fmts, budget, nan_policy)
     jobs = min(check_jobs(jobs), usable_cpus())           # as the pool lowers it: the memory estimate's too
-    size = n_calib if isinstance(n_calib, C.CalibSize) else C.CalibSize(n_calib)
+    size = C.calib_size(n_calib, "n_calib", sentences=calibrate)     # (only calibration reads the sentences)
+    cache_dir = path_argument(option("cache_dir"), cache_dir)
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"{option('e2e_windows')} must be a positive integer, got {e2e_windows!r}")
     say = reporter(progress)

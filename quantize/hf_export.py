@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
-from sop.quantize.inputs import NAN_POLICIES, option
+from sop.quantize.inputs import NAN_POLICIES, boolean, option
 from sop.quantize.models import AUX_SUFFIXES, NoLayerSelected, builtin_path, is_lm_head, model_inputs, open_model
 
 
@@ -65,6 +65,7 @@ def _other_model_error(art, meta: dict, spec: str, names: list[str]) -> ValueErr
 def export_model_folder(artifact, out, model: str | None = None, progress: bool = True) -> dict:
     from sop.quantize import causal_lm
 
+    progress = boolean("progress", progress)
     art = open_artifact(artifact)
     meta = art.meta.get("model", {})
     if model is not None and not model:         # it was "names no source model; give --model"
@@ -90,11 +91,11 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     policy = art.meta.get("nan_policy")
     src.nan_policy = policy if policy in NAN_POLICIES else "error"
     inputs = model_inputs(spec)
-    check_output(out, [art.path, *inputs], folder=True)
+    check_output(out, [art.path, *inputs], folder=True, option=option("out"))
     folder = builtin_path(spec) or Path(spec)
     if folder.is_dir() and _same_folder(out, folder):   # a folder model: its config, its tokenizer
         raise OutputError(f"{out}: the output folder is the source model's folder ({spec}); refusing to "
-                          f"write over the model (choose another --out)")
+                          f"write over the model (choose another {option('out')})")
     fp = meta.get("fingerprint")
     if fp and src.fingerprint() != fp:
         raise ValueError(f"{art.path} was made from another checkpoint than {spec} (the model fingerprints "
@@ -118,6 +119,6 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
             raise ValueError(f"{art.path}: layer {e.name} is {tuple(e.shape)}, {spec} has it "
                              f"{tuple(src.layer(e.name).shape)}")
         weights[e.name] = art.weights(e)
-    files = runner.save_folder(Path(out), weights, inputs=[art.path, *inputs])
+    files = runner.save_folder(Path(out), weights, inputs=[art.path, *inputs], out_option=option("out"))
     return {"path": str(out), "files": [f.name for f in files], "layers": len(weights), "format": art.format,
             "model": spec, "warnings": warnings}

@@ -105,6 +105,7 @@ from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_l
                         experts_transposed, fused_expert_params)
 from .checkpoint_files import describe_error
 from .fp8_scales import FP8_DTYPES
+from .inputs import boolean, option
 from .knapsack import LazyLayers, budget_report
 from .models import (NO_ROUTER, _natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout,
                      globs, is_expert_stack, linear_reason, router_weights)
@@ -303,6 +304,7 @@ def linear_modules(model, include=None, exclude=None, lm_head: bool = False,
     import torch
 
     include, exclude = globs(include, "include"), globs(exclude, "exclude")
+    lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)    # lm_head="no" was True
     routers_in = _router_modules(model)
     embeddings: dict[tuple, str] = {}               # a weight's view -> the first embedding holding it
     for n, m in model.named_modules():
@@ -830,7 +832,7 @@ def _check_sopq(out, names, inputs) -> Path:
 
     if not isinstance(out, (str, os.PathLike)) or isinstance(os.fspath(out), bytes):
         raise ValueError(f"out is the .sopq file's path (a str or os.PathLike), got {type(out).__name__} {out!r}")
-    out = check_output(out, inputs)
+    out = check_output(out, inputs, option=option("out"))
     for name in names:
         why = name_problem(name)
         if why:

@@ -21,12 +21,17 @@ these rules:
 * ``option(keyword)``: how a refusal names a setting that both callers give: the Python keyword
   (``budget=B``) from Python, the option (``--budget B``) inside ``sop``'s ``command_line()``: the checks
   are shared, and each caller must read the name it typed.
+* ``boolean(keyword, value)``, ``path_argument(keyword, value)``: an on/off or a path parameter of the
+  Python API (``lm_head``, ``cache_dir``) refused in one ``TypeError`` naming it, before any work, when
+  it is no bool (any truthy value was taken: ``lm_head="no"`` quantized the head) or no path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import reprlib
 from contextvars import ContextVar
 
 import numpy as np
@@ -51,18 +56,49 @@ def command_line():
         _COMMAND_LINE.reset(token)
 
 
+def on_command_line() -> bool:
+    """Whether this runs inside ``command_line()``: a message that ``option`` cannot spell (``--device cuda``
+    against Python's ``device 'cuda'``) asks this."""
+    return _COMMAND_LINE.get()
+
+
 def option(keyword: str, value: str | None = None, flag: str | None = None) -> str:
     """``keyword`` (a Python parameter, ``e2e_windows``) as its caller gave it: ``e2e_windows`` from Python,
     ``--e2e-windows`` from the command line; with ``value``, as given with one (``e2e_windows=N``,
     ``--e2e-windows N``; ``""``: ``e2e_windows=``, ``--e2e-windows``). ``flag``: a switch named otherwise on
     the command line, given there alone (``lm_head=True``, ``--include-lm-head``). A Python caller told to
     give ``--budget`` has no such thing to give."""
-    if _COMMAND_LINE.get():
+    if on_command_line():
         if flag is not None:
             return flag
         flag = "--" + keyword.replace("_", "-")
         return f"{flag} {value}" if value else flag
     return keyword if value is None else f"{keyword}={value}"
+
+
+def _shown(value) -> str:
+    """``value`` for an error line: its repr, shortened (an array) and on one line, and its type."""
+    return f"{' '.join(reprlib.repr(value).split())} ({type(value).__name__})"
+
+
+def boolean(keyword: str, value) -> bool:
+    """``value`` of the on/off parameter ``keyword`` (``lm_head``, ``calibrate``, ``progress``) as a bool: True
+    or False, numpy's bool too; anything else is a ``TypeError`` naming ``keyword``, raised before any work.
+    Every truthy value was taken as on (``lm_head="no"`` quantized the head, ``calibrate="no"`` calibrated): a
+    string or a number there is a caller's mistake, which a guess would turn into another run than the one
+    meant. (The command line's switches are bools: only a Python caller meets this.)"""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{keyword} must be True or False, got {_shown(value)}")
+
+
+def path_argument(keyword: str, value):
+    """``value`` of the path parameter ``keyword`` (``cache_dir``) as given, or a ``TypeError`` naming it when
+    it is no ``str`` or ``os.PathLike`` (``cache_dir=3`` was pathlib's "expected str, bytes or os.PathLike
+    object, not int", naming nothing, once calibration reached it)."""
+    if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes):
+        raise TypeError(f"{keyword} must be a path (a str or os.PathLike), got {_shown(value)}")
+    return value
 
 
 class WeightError(ValueError):

@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from sop.quantize.inputs import option
+
 #: Seconds between checks of the busy workers' health while waiting for a result.
 POLL = 1.0
 #: Seconds a worker gets to exit after being told to, before it is terminated.
@@ -109,9 +111,10 @@ def usable_cpus() -> int:
 
 
 def check_jobs(jobs) -> int:
-    """``jobs`` as a positive int; anything else is a ``ValueError`` naming ``--jobs``."""
+    """``jobs`` as a positive int; anything else is a ``ValueError`` naming it as its caller did: ``jobs``
+    from Python, ``--jobs`` from the command line (``inputs.option``)."""
     if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
-        raise ValueError(f"--jobs must be a positive integer, got {jobs!r}")
+        raise ValueError(f"{option('jobs')} must be a positive integer, got {jobs!r}")
     return int(jobs)
 
 
@@ -211,7 +214,7 @@ def _raise_task_error(kind: str, message: str, type_name: str, tb: str):
     if kind == "memory":
         raise MemoryError(message)
     err = RuntimeError(f"{type_name}: {message}")
-    err.add_note(f"in a --jobs worker process:\n{tb}")
+    err.add_note(f"in a {option('jobs')} worker process:\n{tb}")
     raise err
 
 
@@ -270,8 +273,8 @@ class LayerPool:
                 self.workers.append(_Worker(p, parent))
         except Exception as err:                        # a process that could not start (the forkserver gone)
             self.close(abort=True)
-            raise WorkerError(f"a --jobs worker process could not start ({type(err).__name__}: {err}); "
-                              f"nothing was written; --jobs 1 runs without workers") from err
+            raise WorkerError(f"a {option('jobs')} worker process could not start ({type(err).__name__}: {err}); "
+                              f"nothing was written; {option('jobs', '1')} runs without workers") from err
         except BaseException:
             self.close(abort=True)
             raise
@@ -372,17 +375,17 @@ class LayerPool:
         how = (f"{LIMIT_ENV}={limit:g}" if self.limit_override is not None else
                f"{LIMIT_BASE:g} s plus {LIMIT_PER_WEIGHT * 1e6:g} s per million weights; {LIMIT_ENV}=S sets "
                f"S seconds")
-        raise WorkerError(f"a --jobs worker process (pid {pid}) was still working on {item} after {spent:.0f} s, "
-                          f"its time limit ({limit:g} s: {how}); it was stopped and nothing was written")
+        raise WorkerError(f"a {option('jobs')} worker process (pid {pid}) was still working on {item} after "
+                          f"{spent:.0f} s, its time limit ({limit:g} s: {how}); it was stopped and nothing was written")
 
     def _died(self, w: _Worker, label, before: bool = False):
         w.process.join(1.0)
         what = _exit_text(w.process.exitcode)
         item = label(w.item) if w.item is not None else "no item"
         self.close(abort=True)
-        raise WorkerError(f"a --jobs worker process (pid {w.process.pid}) died "
+        raise WorkerError(f"a {option('jobs')} worker process (pid {w.process.pid}) died "
                           f"{'before it took' if before else 'while working on'} {item} ({what}); "
-                          f"nothing was written; fewer --jobs use less memory")
+                          f"nothing was written; fewer {option('jobs')} use less memory")
 
     def close(self, abort: bool = False) -> None:
         """End every worker: told to exit (``abort``: terminated at once), killed after a timeout."""

@@ -96,7 +96,7 @@ import numpy as np
 from sop.quantize import fp8_scales
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
 from sop.quantize.fp8_scales import Fp8Scale
-from sop.quantize.inputs import option
+from sop.quantize.inputs import boolean, option
 from sop.quantize.tensor_readers import MXFP4, READERS, Reader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -651,8 +651,14 @@ def _folder_config(folder: Path, whole_folder: bool) -> dict | None:
 
 
 def _bert_info(folder: Path, cfg: dict | None) -> bool:
-    """Whether the folder is one the BERT forward pass runs: model_type bert and a tokenizer.json."""
-    if cfg is None or cfg.get("model_type") != "bert" or not (folder / TOKENIZER_JSON).is_file():
+    """Whether the folder is one the BERT forward pass runs: model_type bert and a tokenizer.json. One that is a
+    folder is refused where the forward pass reads it (``e2e.BertModel``: ``--no-calib --no-e2e`` reads no
+    tokenizer); taken for no tokenizer, the BERT model was run as a causal LM, refused for its config.json."""
+    if cfg is None or cfg.get("model_type") != "bert":
+        return False
+    if (folder / TOKENIZER_JSON).is_dir():
+        return True
+    if not (folder / TOKENIZER_JSON).is_file():
         return False
     read_json(folder / TOKENIZER_JSON)
     return True
@@ -929,7 +935,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
     router's few weights choose which experts run)."""
     spec = _spec_text(spec)
     include, exclude = globs(include, "include"), globs(exclude, "exclude")
-    lm_head, routers = bool(lm_head), bool(routers)
+    lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)    # lm_head="no" was True
     kind, files, folder, shards = _resolve(spec)
     reader = READERS[kind](files)
     if shards is not None:

@@ -198,7 +198,7 @@ def cmd_eval(args) -> int:
 
     settings = _search_settings(args)
     if args.json is not None:                   # --json '' is refused, not taken for no --json
-        check_output(args.json, model_inputs(args.model))
+        check_output(args.json, model_inputs(args.model), option="--json")
     _check_calibration(args, args.json)
     with settings:
         doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,

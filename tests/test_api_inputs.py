@@ -320,12 +320,101 @@ def test_quantize_model_from_python_never_writes_over_its_model(tmp_path):
 
     from sop.golden.files import OutputError
     from sop.quantize.artifact import quantize_model
+    from sop.quantize.in_memory import quantize_module
 
     ckpt = tmp_path / "m.safetensors"
     save_file({"fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
     (tmp_path / "config.json").write_text("{}")
     before = ckpt.read_bytes()
+    # named as Python's `out` (it said `choose another --out`, the command line's option)
+    said = r"the output is the input .*; refusing to overwrite an input \(choose another out\)$"
     for out in (ckpt, tmp_path / "config.json"):
-        with pytest.raises(OutputError, match="the output is the input"):
+        with pytest.raises(OutputError, match=said):
             quantize_model(str(ckpt), "sop4-g16", out, calibrate=False, progress=False)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    module.name_or_path = str(ckpt)                 # as transformers records where a model was loaded from
+    with pytest.raises(OutputError, match=said):
+        quantize_module(module, "sop4-g16", out=ckpt)
     assert ckpt.read_bytes() == before and (tmp_path / "config.json").read_text() == "{}"
+
+
+def test_on_off_parameters_take_a_bool_only(tmp_path, capsys):
+    """A review: every on/off parameter of the whole-model API took any truthy value (`lm_head="no"` quantized
+    the head, `calibrate="no"` calibrated, `use_cache="no"` used the cache): anything but True or False is a
+    TypeError naming it, before any work (the model and the artifact here do not even exist, and the module is
+    left as it was); numpy's bool is one, and the command line's switches run as before."""
+    from safetensors.numpy import save_file
+
+    from sop.cli import main
+    from sop.quantize import calib as C
+    from sop.quantize.artifact import dequantize, quantize_model
+    from sop.quantize.evaluate import evaluate
+    from sop.quantize.hf_export import export_model_folder
+    from sop.quantize.in_memory import quantize_module
+    from sop.quantize.models import open_model
+
+    gone, sopq, out = str(tmp_path / "no-model"), str(tmp_path / "no.sopq"), tmp_path / "q.sopq"
+    module = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    before = module[0].weight.detach().clone()
+    toy = type("Src", (), {"bert_folder": None, "kind": "toy"})()      # no forward pass: nothing to calibrate
+    calls = [(k, lambda v, k=k: quantize_model(gone, "nf4-g64", out, **{k: v}))
+             for k in ("calibrate", "progress", "lm_head", "routers")]
+    calls += [(k, lambda v, k=k: evaluate(gone, ["nf4-g64"], **{k: v}))
+              for k in ("calibrate", "e2e", "progress", "lm_head", "routers")]
+    calls += [(k, lambda v, k=k: open_model(gone, **{k: v})) for k in ("lm_head", "routers")]
+    calls += [(k, lambda v, k=k: quantize_module(module, "nf4-g64", **{k: v})) for k in ("lm_head", "routers")]
+    calls += [("use_cache", lambda v: C.calibrate(toy, use_cache=v)),
+              ("progress", lambda v: dequantize(sopq, tmp_path / "w.safetensors", progress=v)),
+              ("progress", lambda v: export_model_folder(sopq, tmp_path / "folder", progress=v))]
+    for keyword, call in calls:
+        for bad, shown in (("no", "'no' (str)"), (1, "1 (int)"), (None, "None (NoneType)")):
+            with pytest.raises(TypeError, match=f"^{keyword} must be True or False, got {re.escape(shown)}$"):
+                call(bad)
+    assert torch.equal(module[0].weight, before) and list(tmp_path.iterdir()) == []
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"fc.weight": weights(16, 64).astype(np.float32)}, str(ckpt))
+    assert open_model(str(ckpt), lm_head=np.False_, routers=np.bool_(False)).opened_with[3:] == (False, False)
+    assert quantize_model(str(ckpt), "nf4-g64", out, calibrate=np.False_, progress=np.bool_(False))["layers"] == 1
+    assert main(["quantize", str(ckpt), "--format", "nf4-g64", "--out", str(tmp_path / "c.sopq"), "--quiet",
+                 "--no-calib"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_cache_dir_that_is_no_path_is_one_type_error_naming_it(tmp_path):
+    """`evaluate("minilm", ..., cache_dir=3)` ran until calibration, then raised pathlib's "argument should be a
+    str or an os.PathLike object ..., not 'int'", naming no argument: refused first, naming `cache_dir`."""
+    from sop.quantize import calib as C
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.evaluate import evaluate
+
+    toy = type("Src", (), {"bert_folder": None, "kind": "toy"})()
+    for call in (lambda: evaluate("minilm", ["nf4-g64"], cache_dir=3, progress=False),
+                 lambda: quantize_model("minilm", "nf4-g64", tmp_path / "q.sopq", cache_dir=3, progress=False),
+                 lambda: C.calibrate(toy, cache_dir=b"bytes")):
+        with pytest.raises(TypeError, match=r"^cache_dir must be a path \(a str or os\.PathLike\), got "
+                                            r"(3 \(int\)|b'bytes' \(bytes\))$"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_device_is_named_as_its_caller_gave_it(tmp_path, capsys, monkeypatch):
+    """`device.use("tpu")` said `--device tpu: not a device`, and a CUDA device torch cannot see `use --device
+    cpu or numpy`: options a Python caller has not got. From Python `device 'tpu'`; `sop quantize --device`
+    keeps its wording."""
+    from sop.cli import main
+    from sop.quantize import device
+    from sop.quantize.inputs import command_line
+
+    with pytest.raises(ValueError, match=r"^device 'tpu': not a device; numpy \(the default\), cpu"):
+        with device.use("tpu"):
+            pass
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device 'cuda:1': .*\(torch [^)]*\); use device 'cpu' or 'numpy'$"):
+        device.check("cuda:1")
+    with command_line(), pytest.raises(ValueError, match=r"^--device cuda: .*\(torch [^)]*\); use --device cpu "
+                                                         r"or numpy$"):
+        device.check("cuda")
+    assert main(["quantize", "minilm", "--format", "sop4-g16", "--out", str(tmp_path / "x.sopq"),
+                 "--device", "gpu"]) == 2
+    assert capsys.readouterr().err.startswith("sop: error: --device gpu: not a device; numpy (the default)")
+    assert device.active() == device.NUMPY and list(tmp_path.iterdir()) == []

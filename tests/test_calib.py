@@ -4,6 +4,7 @@ against sentence-transformers, statistics with the padding masked, the cache, an
 import errno
 import json
 import os
+import re
 import shutil
 from typing import Any, cast
 
@@ -348,12 +349,42 @@ def test_the_largest_calibration_set_and_the_reserve_are_the_whole_corpus():
 
 
 @pytest.mark.parametrize("n", [0, -1, MAX_CALIB + 1, len(C.corpus()), 10 ** 9, 2.5, True])
-def test_calib_sentences_out_of_range_is_refused_naming_the_option_and_the_maximum(n):
-    with pytest.raises(ValueError, match=rf"--calib-sentences must be an integer from 1 to {MAX_CALIB}\b"):
+def test_calib_sentences_out_of_range_is_refused_naming_the_argument_and_the_maximum(n):
+    """Named as the caller gave the count (a review: each said `--calib-sentences`, an option no Python
+    caller has): `n`, `n_sentences`, `evaluate`'s and `quantize_model`'s `n_calib` (a CalibSize's as
+    `n_calib.sentences`), before any work; inside the command line, `--calib-sentences`."""
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.evaluate import evaluate
+    from sop.quantize.inputs import command_line
+
+    said = rf"must be an integer from 1 to {MAX_CALIB} \(the pydoc_data"
+    with pytest.raises(ValueError, match=rf"^n {said}"):
         C.calibration_sentences(n)
     src = type("Src", (), {"bert_folder": None, "kind": "toy"})()   # refused before any model runs
-    with pytest.raises(ValueError, match="--calib-sentences"):
+    with pytest.raises(ValueError, match=rf"^n_sentences {said}"):
         C.calibrate(src, n_sentences=n)
+    gone = "no-such-model"                                          # before the model is even looked for
+    with pytest.raises(ValueError, match=rf"^n_calib {said}"):
+        evaluate(gone, ["nf4-g64"], n_calib=n, progress=False)
+    with pytest.raises(ValueError, match=rf"^n_calib\.sentences {said}"):
+        quantize_model(gone, "nf4-g64", "q.sopq", n_calib=C.CalibSize(n), progress=False)
+    with command_line(), pytest.raises(ValueError, match=rf"^--calib-sentences {said}"):
+        C.calibrate(src, n_sentences=n)
+
+
+def test_the_window_shape_is_named_as_the_caller_gave_it():
+    """`CalibSize(seqs=0)` said `--calib-seqs must be ...`, `seq_len=2` `--seq-len ...`: Python's names from
+    Python; the command line's inside it (its parser refuses these values first: `sop eval --calib-seqs 0`)."""
+    from sop.quantize.inputs import command_line
+
+    for kw, said in (({"seqs": 0}, "seqs must be a positive integer, got 0"),
+                     ({"seq_len": 2.5}, "seq_len must be a positive integer, got 2.5"),
+                     ({"seq_len": 2}, "seq_len must be at least 4 tokens, got 2")):
+        with pytest.raises(ValueError, match=f"^{re.escape(said)}$"):
+            C.CalibSize(**kw)
+        flag = "--calib-seqs" if "seqs" in kw else "--seq-len"
+        with command_line(), pytest.raises(ValueError, match=f"^{flag} {re.escape(said.split(' ', 1)[1])}$"):
+            C.CalibSize(**kw)
 
 
 @pytest.mark.parametrize("n", [0, C.HELDOUT_RESERVE + 1])
@@ -370,5 +401,6 @@ def test_cli_refuses_too_many_calibration_sentences_with_exit_2(tmp_path, capsys
     args = ["quantize", str(tmp_path / "m.safetensors"), "--format", "nf4-g64", "--out", str(out), "--quiet",
             "--cache-dir", str(tmp_path)]
     assert main([*args, "--calib-sentences", str(MAX_CALIB + 1)]) == 2
-    assert f"--calib-sentences must be an integer from 1 to {MAX_CALIB}" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"sop: error: --calib-sentences must be an integer from 1 to "
+                                              f"{MAX_CALIB} (the pydoc_data")
     assert not out.exists()

@@ -19,7 +19,10 @@ import torch
 from sop.cli import main
 from sop.quantize import calib as C
 from sop.quantize import causal_lm as L
-from sop.quantize.artifact import open_artifact
+from sop.golden.files import OutputError
+from sop.quantize.artifact import open_artifact, quantize_model
+from sop.quantize.evaluate import evaluate
+from sop.quantize.hf_export import export_model_folder
 from sop.quantize.checkpoint_files import CheckpointError
 from sop.quantize.models import linear_reason, open_model
 
@@ -820,7 +823,14 @@ def test_a_model_folder_export_never_writes_over_its_source_or_half_a_folder(fol
     source = {f.name: f.read_bytes() for f in src.iterdir()}
     for out in (src, tmp_path / "new" / ".." / "src"):
         err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(out)])
-        assert "source model's folder" in err
+        assert "source model's folder" in err and err.endswith("(choose another --out)"), err
+        with pytest.raises(OutputError, match=r"source model's folder .*\(choose another out\)$"):
+            export_model_folder(art, out, progress=False)       # Python's name (it said --out, as the command)
+    linked = tmp_path / "linked"                                # a file of the export there is the source's
+    linked.mkdir()
+    (linked / "config.json").symlink_to(src / "config.json")
+    with pytest.raises(OutputError, match=r"config\.json: the output is the input .*\(choose another out\)$"):
+        export_model_folder(art, linked, progress=False)
     assert {f.name: f.read_bytes() for f in src.iterdir()} == source and not (tmp_path / "new").exists()
     # a folder whose config.json is the user's and whose tokenizer.json is a FIFO: refused before any
     # file is written, so config.json stays the user's (not a new config beside an old tokenizer)
@@ -894,11 +904,14 @@ def _copy(folder, dest):
     return dest
 
 
-@pytest.mark.parametrize("case", ["no tokenizer", "bad tokenizer", "mismatch", "missing", "unused", "bad config"])
+@pytest.mark.parametrize("case", ["no tokenizer", "tokenizer folder", "bad tokenizer", "mismatch", "missing", "unused",
+                                  "bad config"])
 def test_bad_folders_are_one_line_before_any_work(folders, tmp_path, capsys, case):
+    """"tokenizer folder": a tokenizer.json that is a folder was said to be no tokenizer at all."""
     d = _copy(folders["llama"], tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
     expect = {"no tokenizer": "has no tokenizer", "bad tokenizer": "cannot load its tokenizer",
+              "tokenizer folder": f"{d / 'tokenizer.json'}: is a folder, not a file",
               "mismatch": "config.json: does not match the weights: model.layers.0.mlp.down_proj.weight is",
               "missing": "config.json: does not match the weights: the model config.json describes needs model.layers.2",
               "unused": "config.json: does not match the weights: the checkpoint holds model.layers.1",
@@ -908,6 +921,9 @@ def test_bad_folders_are_one_line_before_any_work(folders, tmp_path, capsys, cas
             (d / f).unlink()
     elif case == "bad tokenizer":
         (d / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')
+    elif case == "tokenizer folder":
+        (d / "tokenizer.json").unlink()
+        (d / "tokenizer.json").mkdir()
     elif case == "mismatch":
         (d / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 40}))
     elif case == "missing":
@@ -919,7 +935,8 @@ def test_bad_folders_are_one_line_before_any_work(folders, tmp_path, capsys, cas
     out = tmp_path / "r.json"
     err = one_error(capsys, ["eval", str(d), "--format", "nf4-g64", "--json", str(out), "--quiet",
                              "--cache-dir", str(tmp_path / "c"), *SMALL])
-    assert expect in err and (case in ("no tokenizer", "bad tokenizer", "bad config") or "config.json" in err)
+    assert expect in err and (case in ("no tokenizer", "tokenizer folder", "bad tokenizer", "bad config") or
+                              "config.json" in err)
     assert not out.exists() and not (tmp_path / "c").exists()
     art = tmp_path / "m.sopq"                                  # quantize refuses it the same way
     one_error(capsys, ["quantize", str(d), "--format", "nf4-g64", "--out", str(art), "--quiet",
@@ -1005,9 +1022,20 @@ def test_windows_past_a_learned_position_table_are_refused(folders, tmp_path, ca
     err = one_error(capsys, [cmd, str(folders["gpt2"]), "--format", "nf4-g64", "--quiet", "--cache-dir",
                              str(tmp_path / "c"), "--calib-seqs", "2",
                              "--json" if cmd == "eval" else "--out", str(out)])
-    assert "windows of 256 tokens, and the model has 128 positions (max_position_embeddings): " \
+    text = "held-out text (--e2e-windows x --seq-len)" if cmd == "eval" else \
+        "calibration text (--calib-seqs x --seq-len)"
+    assert f"{text}: windows of 256 tokens, and the model has 128 positions (max_position_embeddings): " \
            "give --seq-len 128 or less" in err
-    assert not out.exists()
+    # from Python, the names it took them by (they were the options above): CalibSize's, evaluate's
+    said = r": windows of 256 tokens, and the model has 128 positions \(max_position_embeddings\): give " \
+           r"seq_len=128 or less$"
+    size = C.CalibSize(seqs=2)
+    with pytest.raises(ValueError, match=r"^held-out text \(e2e_windows x seq_len\)" + said):
+        evaluate(str(folders["gpt2"]), ["nf4-g64"], n_calib=size, cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match=r"^calibration text \(seqs x seq_len\)" + said):
+        quantize_model(str(folders["gpt2"]), "nf4-g64", tmp_path / "q.sopq", n_calib=size, cache_dir=tmp_path / "c",
+                       progress=False)
+    assert not out.exists() and not (tmp_path / "q.sopq").exists()
 
 
 def test_windows_past_gptjs_rotary_table_are_refused_naming_seq_len(tokenizer, tmp_path, capsys):

@@ -498,6 +498,24 @@ def test_a_tokenizer_the_library_cannot_load_is_one_line(tmp_path, capsys):
     assert "tokenizer.json: not a tokenizer the `tokenizers` library can load" in err
 
 
+def test_a_bert_tokenizer_json_that_is_a_folder_is_said_to_be_one(tmp_path, capsys):
+    """A BERT folder whose tokenizer.json is a folder was taken for a causal LM without a tokenizer, and refused
+    for its config.json ("needs cls.predictions.bias"); said to be a folder where the forward pass reads it, so
+    that --no-calib --no-e2e, which reads no tokenizer, still quantizes the model."""
+    from sop.quantize.models import minilm_folder
+
+    src = minilm_folder()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(src / name, tmp_path / name)
+    (tmp_path / "tokenizer.json").mkdir()
+    one = ["--include", "*layer.0.attention.self.query*", "--quiet", "--cache-dir", str(tmp_path / "c")]
+    for extra in ([], ["--no-calib"]):                   # calibration, then the end-to-end check, read it
+        err = one_error_line(capsys, ["eval", str(tmp_path), "--format", "nf4-g64", *one, *extra])
+        assert err == f"sop: error: {tmp_path / 'tokenizer.json'}: is a folder, not a file: the tokenizer the " \
+                      f"BERT forward pass reads", err
+    assert run(["eval", str(tmp_path), "--format", "nf4-g64", *one, "--no-calib", "--no-e2e"]) == 0
+
+
 def test_vectors_into_the_source_models_own_folder_are_refused(tmp_path, capsys):
     """`sop vectors FOLDER --out FOLDER` wrote 5 files a layer into the model's folder, and its `.txt` and
     `vectors.json` became the model's configuration files (recorded by every later `.sopq`): refused as

@@ -87,7 +87,7 @@ def test_a_bad_jobs_value_is_one_error_line(model, tmp_path, capsys, value):
     err = capsys.readouterr().err.strip()
     assert err.startswith("sop: error: ") and "--jobs" in err and "\n" not in err, err
     assert not out.exists()
-    with pytest.raises(ValueError, match="--jobs must be a positive integer"):
+    with pytest.raises(ValueError, match="^jobs must be a positive integer, got 0$"):     # Python's name there
         evaluate(str(model), ["nf4-g64"], jobs=0, progress=False)
 
 
@@ -270,6 +270,7 @@ def test_a_stuck_worker_is_stopped_at_its_time_limit(monkeypatch, no_hang, task)
     with J.LayerPool(2) as pool, pytest.raises(J.WorkerError) as exc:
         list(pool.map(task, [(1,), (2,)], label=lambda i: f"layer {i}"))
     msg = str(exc.value)
+    assert msg.startswith("a jobs worker process (pid ")           # Python's name: `sop quantize` says --jobs
     assert "was still working on layer 0 after" in msg and "SOP_LAYER_TIMEOUT=1.5" in msg, msg
     assert "nothing was written" in msg and "\n" not in msg
     assert pool.workers == []                     # every worker ended, the stopped one too

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from sop.cli import main
 from sop.golden import files as G
-from sop.quantize.artifact import open_artifact
+from sop.quantize.artifact import dequantize, open_artifact, quantize_model
 
 LAYER = "blk.0.fc.weight"
 
@@ -78,6 +78,23 @@ def test_an_output_that_is_an_input_is_refused(files, tmp_path, capsys, cmd, how
     assert not (src.parent / f"new-{cmd}").exists()
 
 
+def test_an_output_that_is_an_input_is_named_as_the_caller_gave_it(files, capsys):
+    """From Python the refusal said `(choose another --out)`, an option that `quantize_model(..., out)` and
+    `dequantize(..., out)` have not got: `out` there. The commands keep `--out`, and `sop eval` names its own
+    `--json` (it said `--out`, which it has not got either)."""
+    before = snapshot([files["ckpt"], files["sopq"]])
+    for call in (lambda: quantize_model(str(files["ckpt"]), "sop4-g16", files["ckpt"], progress=False),
+                 lambda: dequantize(str(files["sopq"]), files["sopq"], progress=False)):
+        with pytest.raises(G.OutputError, match=r": the output is the input .*; refusing to overwrite an input "
+                                                r"\(choose another out\)$"):
+            call()
+    for cmd, option in (("quantize", "--out"), ("dequantize", "--out"), ("eval", "--json")):
+        src = files["sopq"] if cmd == "dequantize" else files["ckpt"]
+        err = refused(capsys, commands(files, src)[cmd], "is the input")
+        assert err.endswith(f"refusing to overwrite an input (choose another {option})"), err
+    assert snapshot([files["ckpt"], files["sopq"]]) == before
+
+
 def test_dequantize_never_writes_over_the_checkpoint_the_artifact_was_made_from(files, tmp_path, capsys):
     """The artifact names its source: decoding it over the source checkpoint would keep its quantized
     layers alone and lose every other tensor (a bias, the embeddings), so that is refused like an input;
@@ -116,8 +133,11 @@ def test_dequantize_run_from_another_folder_never_writes_over_the_source(tmp_pat
     quantize_then_go_elsewhere(tmp_path, monkeypatch, "m/model.safetensors" if given == "file" else "m")
     before = snapshot([ckpt, model / "config.json"])
     for out in ("../m/model.safetensors", "../m/config.json"):
-        refused(capsys, ["dequantize", "../q.sopq", "--out", out, "--quiet"], "a file of the checkpoint q.sopq",
-                "refusing to overwrite an input")
+        err = refused(capsys, ["dequantize", "../q.sopq", "--out", out, "--quiet"], "a file of the checkpoint q.sopq",
+                      "refusing to overwrite an input")
+        assert err.endswith("(choose another --out)"), err
+        with pytest.raises(G.OutputError, match=r"a file of the checkpoint q\.sopq .* \(choose another out\)$"):
+            dequantize("../q.sopq", out, progress=False)            # Python's name: it has no --out
     assert snapshot([ckpt, model / "config.json"]) == before
     (tmp_path / "copy.safetensors").write_bytes(ckpt.read_bytes())
     for out in ("../copy.safetensors", "model.safetensors"):
