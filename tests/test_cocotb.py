@@ -254,3 +254,55 @@ def test_missing_simulator_says_how_to_install(monkeypatch):
     monkeypatch.setenv("PATH", os.environ["PATH"])
     with pytest.raises(runner.SimulatorMissing, match="make setup"):
         runner.check_simulator("icarus")
+
+
+FAKE_CC = """import pathlib, sys
+args = sys.argv[1:]
+out = pathlib.Path(args[args.index("-o") + 1])
+src = pathlib.Path(next(a for a in args if a.endswith(".cpp")))
+header = pathlib.Path(args[args.index("-include") + 1])
+runs = pathlib.Path(args[args.index("-runs") + 1])
+runs.write_text(runs.read_text() + "x")
+out.write_bytes(src.read_bytes() + header.read_bytes())
+out.with_suffix(".d").write_text(f"{out.name}: {src} \\\\\\n {header}\\n")
+"""
+
+
+def test_verilators_library_objects_are_compiled_once_and_reused_while_their_sources_hold(tmp_path):
+    """sim/objcache.py, the ``OBJCACHE`` of every Verilator build (runner.build): an object compiled
+    from a file outside the build folder comes back in another build folder without the compiler;
+    a header it depends on changed, or another flag, compiles it again; an object that depends on a
+    file of the build folder (cocotb's verilator.cpp includes the design's Vtop.h) is never kept."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    objcache = Path(runner.__file__).with_name("objcache.py")
+    lib, cache, runs = tmp_path / "include", tmp_path / "cache", tmp_path / "runs"
+    lib.mkdir()
+    (lib / "verilated.cpp").write_text("library ")
+    (lib / "verilated.h").write_text("header one")
+    runs.write_text("")
+    cc = tmp_path / "fakecc.py"
+    cc.write_text(FAKE_CC)
+
+    def build(folder, header=lib / "verilated.h", flag="-O0"):
+        folder.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-S", str(objcache), str(cache), sys.executable, str(cc), flag, "-MMD", "-include",
+               str(header), "-runs", str(runs), "-c", "-o", "verilated.o", str(lib / "verilated.cpp")]
+        assert subprocess.run(cmd, cwd=folder).returncode == 0
+        return (folder / "verilated.o").read_text(), len(runs.read_text())
+
+    assert build(tmp_path / "a") == ("library header one", 1)
+    assert build(tmp_path / "b") == ("library header one", 1)                  # from the cache
+    assert (tmp_path / "b" / "verilated.d").read_text() == (tmp_path / "a" / "verilated.d").read_text()
+    assert build(tmp_path / "c", flag="-Os") == ("library header one", 2)     # another command
+    (lib / "verilated.h").write_text("header two")
+    assert build(tmp_path / "d") == ("library header two", 3)                 # a dependency changed
+    assert build(tmp_path / "e") == ("library header two", 3)
+    own = tmp_path / "f" / "Vtop.h"
+    own.parent.mkdir()
+    own.write_text("the design's")
+    assert build(tmp_path / "f", header=own) == ("library the design's", 4)
+    assert build(tmp_path / "f", header=own) == ("library the design's", 5)   # not kept
+    assert runner.objcache_flag()[0].startswith("OBJCACHE=")

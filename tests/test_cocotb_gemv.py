@@ -1,39 +1,98 @@
 """The GEMV engine's cocotb regression (sim/gemv_runner.py, sim/tb_gemv.py): its fast subset.
 
-Icarus on ``gemv-sop4-g16``'s Verilog with the quick plan (40 real MiniLM rows
-with real E4M3 activations, without and with sparse residuals, the corner layers
-back to back, the bad vectors): every expected ``y`` word checked, none
-mismatched, the status bits as they should be. The checker can fail: an engine
-whose table bank stores one bit of entry 5 flipped (tests/mutants.py), and a plan
-with one expected word off by one bit and a NaN vector said to be good, must be
-reported (on the parts of the plan they need); the bench's junk on idle payloads and long ``y``
-stalls are checked without a simulator. The small-FPGA engine (``gemv-sop4-g16-small``: folded
-to one MAC a cycle, the compact adder, tiles of 4; the iCEBreaker's) runs the quick plan in
-Icarus here too. The BF16 engine's quick plan in Verilator is a slow test of its own file
-(tests/test_cocotb_gemv_verilator.py, so that it runs on the other worker; in Icarus it took 52 s
-here, over the suite's budget). Every engine's full plan is `make sim`'s, in Icarus by default;
-the e2m3-ue4m4-g16 engine, whose Verilog differs from sop4-g16's in parameters only (one bank,
-6-bit codes, unsigned scales: tests/test_hdl_gemv.py runs it in amaranth.sim, tests/test_verilog.py
-lints and compiles it), is left to `make sim` (its quick plan here took 30 to 40 s).
+Icarus on ``gemv-sop4-g16``'s Verilog with the quick plan (40 real MiniLM rows with real E4M3
+activations, without and with sparse residuals, the corner layers back to back, the bad vectors):
+every expected ``y`` word checked, none mismatched, the status bits as they should be. The checker
+can fail: an engine whose table bank stores one bit of entry 5 flipped (tests/mutants.py) must be
+reported (on the corner layers up to the one of every code), and so must a plan with one expected
+word off by one bit, a NaN vector said to be good and a latency a cycle too long: those three are
+planted in the quick plan's own run, each reported with the engine's right answer (one simulation
+checks both); the bench's junk on idle payloads and long ``y`` stalls are checked without a
+simulator. The small-FPGA engine (``gemv-sop4-g16-small``: folded to one MAC a cycle, the compact
+adder, tiles of 4; the iCEBreaker's) runs the quick plan in Icarus here too. The BF16 engine's quick
+plan in Verilator is a slow test of its own file (tests/test_cocotb_gemv_verilator.py, so that it
+runs on the other worker; in Icarus it took 52 s here, over the suite's budget). Every engine's full
+plan is `make sim`'s, in Icarus by default; the e2m3-ue4m4-g16 engine, whose Verilog differs from
+sop4-g16's in parameters only (one bank, 6-bit codes, unsigned scales: tests/test_hdl_gemv.py runs
+it in amaranth.sim, tests/test_verilog.py lints and compiles it), is left to `make sim` (its quick
+plan here took 30 to 40 s).
 """
+
+import re
+
+import pytest
 
 import mutants
 from sop.hdl import gemv, gemv_config
-from sop.sim import gemv_runner
+from sop.sim import gemv_runner, tb_gemv
 
 CONFIGS = gemv_config.gemv_configs()
 SOP4 = CONFIGS["gemv-sop4-g16"]
 SMALL = gemv_runner.small_engines()["gemv-sop4-g16-small"]
 
 
-def test_quick_regression_icarus(tmp_path):
-    s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
+def break_plan(plan: dict) -> None:
+    """Three bugs planted in the quick plan, each where the bench must find it: one bit of one
+    expected word (the corners' cancellation-and-zero-blocks layer, vector 0, row 5), the first NaN
+    vector of the errors job said to be good, and the engine's latency said a cycle longer. Nothing
+    else changes: the bench drives the same beats in the same cycles as for the plan unbroken."""
+    corners = next(job for job in plan["jobs"] if job.get("name") == "corners")
+    layer = corners["layers"][3]
+    assert layer["name"] == "cancellation-and-zero-blocks"
+    layer["vectors"][0]["expect"][5] ^= 1                       # one bit of one word
+    errors = next(job for job in plan["jobs"] if job["kind"] == "errors")
+    assert errors["cases"][3]["error"] == "x_nan"
+    errors["cases"][3]["error"] = None                          # the first NaN vector, said to be good
+    timing = next(job for job in plan["jobs"] if job.get("name") == "timing")
+    timing["timing"]["latency"] += 1                            # the engine's latency, said a cycle longer
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """sop4-g16's quick plan in Icarus, with ``break_plan``'s three bugs: one run (the Verilog, its
+    build and the plan once) checks the engine on the whole plan and the checker on the three bugs,
+    which were a second run of a part of the same plan on the same Verilog (10 s in the suite). Each
+    planted bug is reported with what the engine really did, and that is what the plan unbroken
+    expects (the tests below): so nothing else mismatching, no other status or timing error, is the
+    unbroken plan's pass."""
+    build = tmp_path_factory.mktemp("gemv-quick") / "build"
+    s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, build_dir=build, plan_edit=break_plan)
     print(gemv_runner.summary_line(s))
-    assert s["failed_tests"] == 0 and s["mismatches"] == 0 and s["status_errors"] == 0
+    return s, (build / "sim.log").read_text()
+
+
+def status_errors(log: str) -> list[tuple[str, int, int]]:
+    """(when, status read, status expected) of each status error the bench logged."""
+    return [(m[1], int(m[2], 16), int(m[3], 16))
+            for m in re.finditer(r"status (.+?): (0x[0-9a-f]+) \[[^]]*\], expected (0x[0-9a-f]+)", log)]
+
+
+def test_quick_regression_icarus(quick_run):
+    """Every word of the plan checked and every status and timing check passed, but for the three
+    bugs ``break_plan`` planted (each reported as the engine's right answer: the test below)."""
+    s, log = quick_run
+    assert s["mismatches"] == 1 and s["timing_errors"] == 1 and s["failed_tests"] == 1   # the planted ones
+    assert [when for when, _, _ in status_errors(log)] == ["errors case 3, vector loaded",
+                                                          "errors case 3, after the pass"]
+    assert s["status_errors"] == 2
     assert s["checked"] == s["expected"] > 250 and s["counted"] == 3 * 19   # 18 bad vectors of 3 rows, the bad entry's
     assert s["entries"] > 550 and s["layers"] == 36          # terms-alone, swap-RxC, lane-align, ... included
     assert [job["name"] for job in s["jobs"]] == ["minilm", "corners", "errors", "timing"]   # timing: 2 layers
-    assert gemv_runner.passed(s)
+
+
+def test_a_wrong_expected_word_and_a_wrong_status_are_reported(quick_run):
+    """The three planted bugs reported, each with the engine's own answer, which is the unbroken
+    plan's: the golden word (the planted one with its bit back), the NaN vector's ``x_nan`` bit while
+    it is loaded and after its pass, the engine's latency of 47 cycles (docs/dot.md)."""
+    s, log = quick_run
+    m = re.search(r"\(cancellation-and-zero-blocks vector 0 row 5\): got (0x[0-9a-f]{8}) last (\d), "
+                  r"expected (0x[0-9a-f]{8}) last (\d)", log)
+    assert m and int(m[1], 16) == int(m[3], 16) ^ 1 and m[2] == m[4] == "0", log[-3000:]
+    nan = tb_gemv.ERROR_BITS["x_nan"]
+    assert status_errors(log) == [("errors case 3, vector loaded", tb_gemv.X_LOADED | nan, tb_gemv.X_LOADED),
+                                  ("errors case 3, after the pass", nan, 0)]
+    assert "the timing job's last y word 47 cycles after its last block, not 48" in log
+    assert not gemv_runner.passed(s)
 
 
 def test_small_fpga_engine_quick_regression_icarus(tmp_path):
@@ -57,31 +116,22 @@ def keep(plan: dict, *names: str, layers: int | None = None) -> None:
 
 
 def test_a_broken_engine_is_reported(tmp_path):
+    """Entry 5 of every table stored with a bit flipped: mismatches, word by word. The corner layers up
+    to the one of every code in every bank (entry 5 of each table read, with both signs: 36 mismatches
+    at seed 1); the 26 after it (6,000 of the corners' 7,500 cycles) read the same tables and add
+    nothing to the finding."""
     verilog = gemv_runner.build_verilog(SOP4, tmp_path / "rtl", gemv.GemvEngine(SOP4, bank=mutants.FlippedLutBit))
+
+    def corners_to_every_code(plan):
+        keep(plan, "corners", layers=5)
+        assert plan["jobs"][0]["layers"][-1]["name"] == "every-code-bank-sign"
+
     s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, verilog=verilog, build_dir=tmp_path / "build",
-                        plan_edit=lambda plan: keep(plan, "corners"))
+                        plan_edit=corners_to_every_code)
     print(gemv_runner.summary_line(s))
     assert s["mismatches"] > 0 and s["failed_tests"] == 1 and not gemv_runner.passed(s)
     log = (tmp_path / "build" / "sim.log").read_text()
     assert "expected 0x" in log                                   # reported word by word, with its layer and row
-
-
-def test_a_wrong_expected_word_and_a_wrong_status_are_reported(tmp_path):
-    def break_plan(plan):
-        keep(plan, "corners", "errors", "timing", layers=4)
-        layer = plan["jobs"][0]["layers"][3]                       # cancellation-and-zero-blocks
-        layer["vectors"][0]["expect"][5] ^= 1                      # one bit of one word
-        errors = next(job for job in plan["jobs"] if job["kind"] == "errors")
-        errors["cases"][3]["error"] = None                         # the first NaN vector, said to be good
-        timing = next(job for job in plan["jobs"] if job.get("name") == "timing")
-        timing["timing"]["latency"] += 1                           # the engine's latency, said a cycle longer
-
-    s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, build_dir=tmp_path / "build", plan_edit=break_plan)
-    print(gemv_runner.summary_line(s))
-    assert s["mismatches"] == 1 and s["status_errors"] >= 1 and s["timing_errors"] == 1 and s["failed_tests"] == 1
-    log = (tmp_path / "build" / "sim.log").read_text()
-    assert "cancellation-and-zero-blocks vector 0 row 5" in log and "status errors case 3" in log
-    assert "the timing job's last y word 47 cycles after its last block, not 48" in log
 
 
 def test_the_bench_drives_junk_while_idle_and_long_stalls_of_y_within_its_bounds():
@@ -92,8 +142,6 @@ def test_the_bench_drives_junk_while_idle_and_long_stalls_of_y_within_its_bounds
     from types import SimpleNamespace
 
     import numpy as np
-
-    from sop.sim import tb_gemv
 
     class Port:
         def __init__(self, width):
