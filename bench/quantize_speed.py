@@ -162,9 +162,11 @@ def main() -> None:
         import torch
 
         from sop.quantize import device
+        from sop.quantize.inputs import command_line
 
         try:
-            devices = [device.check(d) for d in devices]
+            with command_line():            # a refusal names --device, as this script's user gave it
+                devices = [device.check(d) for d in devices]
         except ValueError as err:
             ap.error(str(err))
         torch.set_num_threads(THREADS)
