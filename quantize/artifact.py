@@ -82,7 +82,7 @@ from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.evaluate import jsonable
-from sop.quantize.inputs import boolean, option, path_argument
+from sop.quantize.inputs import boolean, cache_folder, option
 from sop.quantize.layer_loop import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for, check_options,
                                      layer_line, quantize_layer, recon_float32, reporter)
 from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
@@ -505,7 +505,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     budget = check_options([fmt], budget, nan_policy)
     jobs = check_jobs(jobs)
     n_calib = C.calib_size(n_calib, "n_calib", sentences=calibrate)
-    cache_dir = path_argument(option("cache_dir"), cache_dir)
+    cache_dir = cache_folder(cache_dir, calibrate)
     # before any work: never one of the model's files
     out = check_output(out, model_inputs(model), option=option("out"))
     say = reporter(progress)

@@ -65,7 +65,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, write_atomic
 from sop.quantize.causal_lm import DEFAULT_CALIB_SEQS, DEFAULT_SEQ_LEN
-from sop.quantize.inputs import boolean, option, path_argument
+from sop.quantize.inputs import boolean, cache_folder, no_calib, nan_zero, option
 
 CALIB_VERSION = 2            # 2: the key covers a BERT folder's config and tokenizer; the file lists its layers
 CAUSAL_VERSION = 1
@@ -379,7 +379,7 @@ def _finite_selected(src, stats: dict[str, np.ndarray]) -> tuple[dict[str, np.nd
                 read_weight(src, lay.name, "error")
         raise ValueError(f"{src.spec}: calibration: the forward pass gives non-finite activations at the input "
                          f"of {first} (a non-finite weight outside the layers quantized, or activations that "
-                         f"overflow); --no-calib quantizes without a forward pass")
+                         f"overflow); {no_calib()} quantizes without a forward pass")
     return {name: a for name, a in stats.items() if name not in bad}, bool(bad)
 
 
@@ -387,7 +387,7 @@ def _save_unless_partial(path: Path, cal: Calibration, say, cleaned: int, droppe
     """``_save``, unless the statistics are not the whole model's: weights replaced under
     ``--nan-policy zero`` (another selection would run another model under the same key), or
     unselected layers' statistics dropped as not finite (a run selecting them must meet the error)."""
-    why = [w for w, on in (("non-finite weights replaced under --nan-policy zero", cleaned),
+    why = [w for w, on in ((f"non-finite weights replaced under {nan_zero()}", cleaned),
                            ("statistics of unquantized layers are not finite", dropped)) if on]
     if not why:
         _save(path, cal, say)
@@ -408,7 +408,7 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
     the causal-LM window shape. ``say`` (a progress printer, or None) gets one line when a
     damaged cache file is recomputed."""
     size = calib_size(n_sentences, "n_sentences")         # refused for any model
-    path_argument(option("cache_dir"), cache_dir)
+    cache_folder(cache_dir)
     use_cache = boolean("use_cache", use_cache)
     if getattr(src, "forward", None) == "causal-lm":
         return calibrate_causal(src, size, cache_dir, use_cache, say)

@@ -79,7 +79,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, atomic_files, check_output, staging_folder
 from sop.quantize.checkpoint_files import CheckpointError, describe_error
-from sop.quantize.inputs import option
+from sop.quantize.inputs import no_calib, no_e2e, on_command_line, option
 from sop.quantize.models import GGUF_MOE, expert_layer_name, read_json
 from sop.terminal import one_line
 
@@ -93,12 +93,21 @@ DEFAULT_E2E_WINDOWS = 16
 BATCH = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken",
                    "vocab.txt")
-#: what a refused forward pass leaves the user (every command that needs the forward model says it)
+#: what a refused forward pass leaves the user (every command that needs the forward model says it; a Python
+#: caller is told its own parameters and functions: ``hint``)
 HINT = ("--no-calib quantizes it without a forward pass (sop eval: with --no-e2e too), into a .sopq; "
         "a model folder (sop dequantize --model-folder) needs the forward pass's model in any case")
+PYTHON_HINT = ("calibrate=False quantizes it without a forward pass (evaluate: with e2e=False too), into a .sopq; "
+               "a model folder (export_model_folder) needs the forward pass's model in any case")
 #: GGUF tensors that are no parameter of any model: llama.cpp's RoPE tables, which transformers
 #: computes from the configuration
 GGUF_NO_PARAMETER = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def hint() -> str:
+    """``HINT`` as its caller reads it: the command's options, or (from Python) ``PYTHON_HINT``."""
+    return HINT if on_command_line() else PYTHON_HINT
+
 
 def quiet_transformers() -> None:
     """transformers' logging to errors only and no progress bars (sop prints its own progress)."""
@@ -152,20 +161,21 @@ def available_memory() -> int | None:
 #: what a model loaded alone (no windows) is for, when it is not calibration: the remedy its refusal names
 EXPORT = ("the model folder", "sop dequantize without --model-folder writes the quantized layers alone "
                               "(a .safetensors)")
+PYTHON_EXPORT = (EXPORT[0], "dequantize writes the quantized layers alone (a .safetensors)")    # from Python
 
 
 def check_memory(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0,
                  purpose: tuple[str, str] | None = None) -> None:
     """Refuse, before any work, a model whose forward pass does not fit in the memory available. ``purpose``:
     (what the model is for, how to do without it) where that is neither calibration nor the end-to-end check
-    (``EXPORT``)."""
+    (``EXPORT``, ``PYTHON_EXPORT``)."""
     from sop.quantize.memory import check_fits
 
-    what, hint = purpose or (("the end-to-end check", "--no-e2e skips it") if windows
-                             else ("calibration", "--no-calib skips it (unweighted search)"))
+    what, fix = purpose or (("the end-to-end check", f"{no_e2e()} skips it") if windows
+                            else ("calibration", f"{no_calib()} skips it (unweighted search)"))
     held = "the model in float32" + (", one format of reconstructions and the reference logits" if windows else "")
     check_fits(memory_needed(src, windows, seq_len, extra), f"{src.spec}: the forward pass for {what} ({held})",
-               hint)
+               fix)
 
 
 def load(src, progress: bool = False) -> "CausalLM":
@@ -219,23 +229,23 @@ def _load_folder(src):
     for f in TOKENIZER_FILES:           # it was "has no tokenizer", which sent the user looking for a missing file
         if (folder / f).is_dir():
             raise CheckpointError(folder / f, f"is a folder, not a file: the tokenizer the forward pass of "
-                                              f"calibration and of the end-to-end check reads; {HINT}")
+                                              f"calibration and of the end-to-end check reads; {hint()}")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(folder, f"has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): the forward "
-                                      f"pass of calibration and of the end-to-end check needs one; add it, or {HINT}")
+                                      f"pass of calibration and of the end-to-end check needs one; add it, or {hint()}")
     check_generation_config(folder)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:            # noqa: BLE001 - transformers raises anything from a bad tokenizer
         raise CheckpointError(folder, f"transformers cannot load its tokenizer ({describe_error(err)}); "
-                                      f"{HINT}") from None
+                                      f"{hint()}") from None
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, local_files_only=True, output_loading_info=True,
             ignore_mismatched_sizes=True)
     except Exception as err:            # noqa: BLE001 - transformers raises anything from a bad folder
         raise CheckpointError(folder, f"transformers cannot load it as a causal LM ({describe_error(err)}); "
-                                      f"{HINT}") from None
+                                      f"{hint()}") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:
         name, ckpt, want = mismatched[0]
@@ -360,7 +370,7 @@ def _load_gguf(src):
     reader = src._reader
     if reader.field("tokenizer.ggml.model") is None:
         raise CheckpointError(f, f"has no tokenizer (no tokenizer.ggml.* metadata): the forward pass of "
-                                 f"calibration and of the end-to-end check needs one; {HINT}")
+                                 f"calibration and of the end-to-end check needs one; {hint()}")
     arch = reader.field("general.architecture")
     top_k = _experts_per_token(f, reader, arch)
     try:
@@ -392,7 +402,7 @@ def _load_gguf(src):
         convert = _GGUFConvert(model, arch, cfg.to_dict())
     except Exception as err:            # noqa: BLE001 - transformers raises anything from a GGUF it cannot read
         raise CheckpointError(f, f"transformers cannot build a causal LM from its metadata "
-                                 f"({describe_error(err)}); {HINT}") from None
+                                 f"({describe_error(err)}); {hint()}") from None
     # each tensor is written into the model's own parameter (one copy of the model in memory, not two)
     expect = model.state_dict()
     loaded, unused, chunks = set(), [], {}
@@ -400,7 +410,7 @@ def _load_gguf(src):
         try:
             w = src.read_tensor(name)
         except CheckpointError as err:          # a tensor the forward pass alone reads (an embedding, a norm)
-            raise CheckpointError(f, f"{err.what}, and the forward pass needs it; {HINT}") from None
+            raise CheckpointError(f, f"{err.what}, and the forward pass needs it; {hint()}") from None
         try:
             hf, w = convert(name, w)
         except (ValueError, RuntimeError, IndexError) as err:   # transformers' processor: a reshape the metadata sets
@@ -557,7 +567,7 @@ def experts_transposed(module) -> bool | None:
     return held if isinstance(held, bool) else None
 
 
-def expert_hook(module, targets: list[Target], add, fix: str = "--exclude its experts, or --no-calib"):
+def expert_hook(module, targets: list[Target], add, fix: str | None = None):
     """The forward pre-hook that takes the statistics of ``targets``, expert matrices of ``module``."""
     return _bmm_expert_hook(targets, add) if type(module).__name__ in _BMM_EXPERTS else _expert_hook(targets, add, fix)
 
@@ -586,7 +596,7 @@ def _bmm_expert_hook(targets: list[Target], add):
     return hook
 
 
-def _expert_hook(targets: list[Target], add, fix: str = "--exclude its experts, or --no-calib"):
+def _expert_hook(targets: list[Target], add, fix: str | None = None):
     """A forward pre-hook on a MoE experts module (transformers 5: ``forward(hidden_states, top_k_index,
     top_k_weights)``) that ``add``s, for each of ``targets`` (its mapped expert matrices), the per-column sum
     of squares of what that expert's matrix takes over the tokens the router sent to it (None where it sent
@@ -594,7 +604,9 @@ def _expert_hook(targets: list[Target], add, fix: str = "--exclude its experts, 
     zero input to it. What a matrix takes: the hidden states for gate and up; for down the gated
     intermediate, recomputed here from those tokens with the module's own parameters and gate
     (``_apply_gate``, or ``act_fn`` without one). ``fix``: what the caller can do where the module is called
-    otherwise (a command's flags; a Python caller's arguments)."""
+    otherwise (a command's flags; a Python caller's arguments; by default the disk path's, as its caller gives
+    them)."""
+    fix = fix or f"{option('exclude', '')} its experts, or {no_calib()}"
     by_expert: dict[int, list[Target]] = {}
     for t in targets:
         by_expert.setdefault(t.slot[1], []).append(t)
@@ -705,7 +717,7 @@ class CausalLM:
                 tname = self._tensor_for(embed_name, names)
             if tname is None:
                 raise CheckpointError(self.src.files[0], f"the weight of the model's linear module {mname} comes "
-                                                         f"from no tensor of the checkpoint; {HINT}")
+                                                         f"from no tensor of the checkpoint; {hint()}")
             out[tname] = Target(tname, mname, type(mod).__name__ == "Conv1D", is_tied)
         for mname, mod in self.modules.items():
             # a MoE router (transformers 5: a module of its own, F.linear of its input and its weight)
@@ -886,12 +898,13 @@ class CausalLM:
             if t is None and lay.name in self.ambiguous:
                 raise CheckpointError(self.src.files[0], f"layer {lay.name}: its values sit at several places of "
                                                          f"the model's fused experts parameters and its name "
-                                                         f"settles none of them; --exclude it, or {HINT}")
+                                                         f"settles none of them; {option('exclude', '')} it, or "
+                                                         f"{hint()}")
             if t is None:                       # an expert is excluded with its tensor (`[` is a glob's class)
                 what = "it" if lay.stack is None else f"{lay.tensor}, its experts' tensor"
                 raise CheckpointError(self.src.files[0], f"layer {lay.name} is the weight of no linear module of "
                                                          f"the {type(self.model).__name__} that transformers "
-                                                         f"runs; --exclude {what}, or {HINT}")
+                                                         f"runs; {option('exclude', '')} {what}, or {hint()}")
             if t.slot is not None:              # found by its values at that place: nothing more to check
                 continue
             if t.conv1d != lay.transposed and self.convert is None:
@@ -909,7 +922,7 @@ class CausalLM:
             cols_seen = (w.T if t.conv1d else w) % cols           # (out, in): each column's source column
             if not bool((cols_seen == np.arange(cols)).all()):
                 raise CheckpointError(self.src.files[0], f"layer {lay.name}: its input channels reach "
-                                                         f"{t.module} in another order; {HINT}")
+                                                         f"{t.module} in another order; {hint()}")
 
     def _check_fp8(self) -> None:
         """Every FP8 tensor with a scale that the model runs holds what the quantizer reads: its values times its
@@ -936,7 +949,7 @@ class CausalLM:
                                                                f"other weights than its values times its scale "
                                                                f"{scale.name} in blocks of {scale.block[0]} x "
                                                                f"{scale.block[1]}: the forward pass would not run "
-                                                               f"this checkpoint's model; {HINT}")
+                                                               f"this checkpoint's model; {hint()}")
 
     def module_weight(self, name: str, w: np.ndarray) -> np.ndarray:
         """A layer's ``(out, in)`` matrix (as ModelSource.load gives it) in the module's layout."""
@@ -1014,7 +1027,7 @@ class CausalLM:
             where = self.src.files[0] if self.convert is not None else Path(self.src.folder)
             raise CheckpointError(where, f"its tokenizer gives token id {top if top >= rows else int(w.min())} "
                                          f"for the {what}, and the model has {rows} input embeddings "
-                                         f"(0 to {rows - 1}): the tokenizer is not this model's; {HINT}")
+                                         f"(0 to {rows - 1}): the tokenizer is not this model's; {hint()}")
         return w
 
     def _position_table(self) -> bool:
@@ -1098,7 +1111,7 @@ class CausalLM:
                 raise
             where = self.src.files[0] if self.convert is not None else Path(self.src.folder)
             raise CheckpointError(where, f"transformers cannot run the model's forward pass "
-                                         f"({describe_error(err)}); {HINT}") from None
+                                         f"({describe_error(err)}); {hint()}") from None
 
     def _logits(self, ids):
         """float32 logits at positions T/2 .. T-2 of each window: (batch, T - 1 - T/2, vocab)."""

@@ -60,7 +60,7 @@ import numpy as np
 from sop.golden.files import write_atomic
 from sop.quantize import calib as C
 from sop.quantize.schemes import get_quant_format
-from sop.quantize.inputs import boolean, option, path_argument
+from sop.quantize.inputs import boolean, cache_folder, no_e2e, option
 from sop.quantize.metrics import aggregate
 from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS, DEFAULT_SEQ_LEN
 from sop.quantize.layer_loop import (BudgetOutcomes, announce, budget_model, calibration_for, check_options,
@@ -143,7 +143,7 @@ def _e2e_reference(prep):
 def reference_not_finite(spec: str, what: str) -> ValueError:
     """The one-line error of an end-to-end reference (the model's own ``what``) that is not finite."""
     return ValueError(f"{spec}: the end-to-end check: the model's own {what} are not finite (a non-finite weight "
-                      f"outside the layers quantized, or activations that overflow); --no-e2e skips it")
+                      f"outside the layers quantized, or activations that overflow); {no_e2e()} skips it")
 
 
 def _e2e_measure(runner, recons: dict) -> dict:
@@ -175,7 +175,7 @@ def check_e2e_memory(src, e2e: bool, windows: int, seq_len: int, jobs: int = 1) 
 
         check_fits(E.memory_needed(src, search_memory(src, jobs)),
                    f"{src.spec}: the end-to-end check (the BERT model in float32 and one format of float32 "
-                   f"reconstructions, beside the layer search)", "--no-e2e skips it")
+                   f"reconstructions, beside the layer search)", f"{no_e2e()} skips it")
 
 
 def evaluate(model: str, formats: list[str], *, budget: float | None = None, include=None, exclude=None,
@@ -208,7 +208,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     budget = check_options(fmts, budget, nan_policy)
     jobs = min(check_jobs(jobs), usable_cpus())           # as the pool lowers it: the memory estimate's too
     size = C.calib_size(n_calib, "n_calib", sentences=calibrate)     # (only calibration reads the sentences)
-    cache_dir = path_argument(option("cache_dir"), cache_dir)
+    cache_dir = cache_folder(cache_dir, calibrate)
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"{option('e2e_windows')} must be a positive integer, got {e2e_windows!r}")
     say = reporter(progress)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sop.quantize.checkpoint_files import CheckpointError
+from sop.quantize.inputs import option
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2")
 #: scale types read as their values, and those that hold E8M0 exponents as bytes
@@ -78,7 +79,7 @@ def scale_of(name: str, shape: tuple, dtype: str, scales: dict[str, list[str]], 
     if len(found) > 1 or others:
         raise CheckpointError(where, f"layer {name} is stored in FP8 beside scale tensors this reader does not "
                                      f"apply ({', '.join(found[1:] + others)}): its values alone are not the "
-                                     f"weights; --exclude it")
+                                     f"weights; {option('exclude', '')} it")
     if not found:
         return None
     rows, cols = (int(v) for v in shape)
@@ -87,12 +88,12 @@ def scale_of(name: str, shape: tuple, dtype: str, scales: dict[str, list[str]], 
     if stype not in FLOAT_SCALES + BYTE_SCALES:
         raise CheckpointError(where, f"layer {name} is stored in FP8 with a scale {found[0]} of type {stype}, "
                                      f"which this reader does not apply (a float, or bytes of E8M0 exponents); "
-                                     f"--exclude it")
+                                     f"{option('exclude', '')} it")
     block = _block(found[0], rows, cols, s, cfg)
     if block is None:
         raise CheckpointError(where, f"layer {name} is stored in FP8 with a scale {found[0]} of shape {s}, which "
                                      f"spreads over its {rows} x {cols} weights in no way this reader knows; "
-                                     f"--exclude it")
+                                     f"{option('exclude', '')} it")
     return Fp8Scale(found[0], block, stype in BYTE_SCALES)
 
 
@@ -124,7 +125,7 @@ def values(scale: np.ndarray, fp8: Fp8Scale, layer: str, where) -> np.ndarray:
     if bad.any():
         raise CheckpointError(where, f"layer {layer}: its FP8 scale {fp8.name} holds {s[bad].flat[0]} "
                                      f"({int(bad.sum())} of {s.size}): the weights it scales are not numbers; "
-                                     f"--exclude it")
+                                     f"{option('exclude', '')} it")
     return s
 
 

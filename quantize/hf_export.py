@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
-from sop.quantize.inputs import NAN_POLICIES, boolean, option
+from sop.quantize.inputs import NAN_POLICIES, boolean, on_command_line, option
 from sop.quantize.models import AUX_SUFFIXES, NoLayerSelected, builtin_path, is_lm_head, model_inputs, open_model
 
 
@@ -109,9 +109,9 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     if missing:
         raise ValueError(f"{art.path}: layer {missing[0]} is no linear layer of {spec}")
     if src.forward != "causal-lm":
-        raise ValueError(f"{spec}: --model-folder needs a causal LM that transformers runs "
-                         f"({src.forward_note or 'a ' + str(src.forward) + ' model'})")
-    causal_lm.check_memory(src, purpose=causal_lm.EXPORT)
+        raise ValueError(f"{spec}: {'--model-folder' if on_command_line() else 'export_model_folder'} needs a "
+                         f"causal LM that transformers runs ({src.forward_note or 'a ' + str(src.forward) + ' model'})")
+    causal_lm.check_memory(src, purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT)
     runner = causal_lm.load(src, progress)
     weights = {}
     for e in art.layers:

@@ -21,9 +21,12 @@ these rules:
 * ``option(keyword)``: how a refusal names a setting that both callers give: the Python keyword
   (``budget=B``) from Python, the option (``--budget B``) inside ``sop``'s ``command_line()``: the checks
   are shared, and each caller must read the name it typed.
+* ``no_calib()``, ``no_e2e()``, ``nan_zero()``: the remedies many refusals name (``--no-calib``,
+  ``calibrate=False``), spelt as ``option`` spells a setting.
 * ``boolean(keyword, value)``, ``path_argument(keyword, value)``: an on/off or a path parameter of the
   Python API (``lm_head``, ``cache_dir``) refused in one ``TypeError`` naming it, before any work, when
-  it is no bool (any truthy value was taken: ``lm_head="no"`` quantized the head) or no path.
+  it is no bool (any truthy value was taken: ``lm_head="no"`` quantized the head) or no path;
+  ``cache_folder(value, calibrate)``: ``cache_dir`` so, and refused as the empty name where calibration uses it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from contextvars import ContextVar
 
 import numpy as np
 
+from sop.golden.files import EMPTY_FOLDER_NAME, OutputError
 from sop.golden.formats import FLOAT32_MAX, exact_numpy
 from sop.quantize.metrics import abs_max
 
@@ -76,6 +80,22 @@ def option(keyword: str, value: str | None = None, flag: str | None = None) -> s
     return keyword if value is None else f"{keyword}={value}"
 
 
+def no_calib() -> str:
+    """The switch that skips calibration (the remedy of a forward pass refused): ``--no-calib``, ``calibrate=False``."""
+    return option("calibrate", "False", flag="--no-calib")
+
+
+def no_e2e() -> str:
+    """The switch that skips the end-to-end check: ``--no-e2e``, ``e2e=False``."""
+    return option("e2e", "False", flag="--no-e2e")
+
+
+def nan_zero() -> str:
+    """The NaN policy that replaces non-finite weights: ``--nan-policy zero``, ``nan_policy='zero'`` (a string from
+    Python, which ``option`` would leave unquoted)."""
+    return "--nan-policy zero" if on_command_line() else "nan_policy='zero'"
+
+
 def _shown(value) -> str:
     """``value`` for an error line: its repr, shortened (an array) and on one line, and its type."""
     return f"{' '.join(reprlib.repr(value).split())} ({type(value).__name__})"
@@ -98,6 +118,16 @@ def path_argument(keyword: str, value):
     object, not int", naming nothing, once calibration reached it)."""
     if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes):
         raise TypeError(f"{keyword} must be a path (a str or os.PathLike), got {_shown(value)}")
+    return value
+
+
+def cache_folder(value, calibrate: bool = True):
+    """``cache_dir`` as ``path_argument`` takes it, and refused as the empty name (an ``OutputError``, a
+    ``ValueError``) where ``calibrate`` uses it: pathlib reads ``""`` as ``.``, and the cache went into the working
+    folder, which the command line refuses as ``--cache-dir ''`` (sop/cli.py) before it gets here."""
+    value = path_argument(option("cache_dir"), value)
+    if calibrate and not os.fspath(value):
+        raise OutputError(("--cache-dir " if on_command_line() else "cache_dir=") + EMPTY_FOLDER_NAME)
     return value
 
 
@@ -150,15 +180,14 @@ def column_weights(act_ms, cols: int, name: str = "layer") -> np.ndarray | None:
     return a
 
 
-#: what a refusal of a non-finite weight offers: the commands' option (and ``quantize_model``'s
-#: ``nan_policy``); a caller of the registry has none and is told what to do
-NAN_HINT = "--nan-policy zero replaces them with 0"
+#: what a refusal of a non-finite weight offers a caller of the registry, who has no NaN policy to give (the
+#: commands and ``quantize_model`` are offered theirs: ``nan_zero``)
 REGISTRY_NAN_HINT = "replace them (with 0, say) before quantizing"
 
 
-def sanitize(name: str, w: np.ndarray, policy: str = "error", hint: str = NAN_HINT) -> tuple[np.ndarray, int]:
+def sanitize(name: str, w: np.ndarray, policy: str = "error", hint: str | None = None) -> tuple[np.ndarray, int]:
     """The weight with non-finite entries handled by ``policy``, and how many there were (refused
-    with ``hint``).
+    with ``hint``; by default the policy that replaces them, as its caller gives it: ``nan_zero``).
 
     A weight beyond float32's range, or a nonzero layer whose every weight lies
     below float32's smallest normal number (a float64 layer, or a float32 one of
@@ -173,7 +202,7 @@ def sanitize(name: str, w: np.ndarray, policy: str = "error", hint: str = NAN_HI
         if policy == "error":
             r, c = (int(i) for i in np.argwhere(bad)[0])
             raise WeightError(f"{name}: non-finite weight {w[r, c]} at row {r}, column {c} ({n} in the layer); "
-                              f"{hint}")
+                              f"{hint or nan_zero() + ' replaces them with 0'}")
         w = np.where(bad, 0.0, w)
         peak = abs_max(w)
     if peak > FLOAT32_MAX:

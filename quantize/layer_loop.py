@@ -32,7 +32,7 @@ from sop.golden.formats import to_float32
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.checkpoint_files import CheckpointError
-from sop.quantize.inputs import NAN_POLICIES, WeightError, option, sanitize
+from sop.quantize.inputs import NAN_POLICIES, WeightError, no_calib, option, sanitize
 from sop.quantize.metrics import ErrorStats
 from sop.quantize.schemes import get_quant_format
 from sop.terminal import one_line
@@ -109,7 +109,7 @@ def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bo
         from sop.quantize.memory import check_fits
 
         check_fits(E.memory_needed(src) - 4 * src.n_weights, f"{src.spec}: the forward pass for calibration "
-                   f"(the BERT model in float32)", "--no-calib skips it (unweighted search)")
+                   f"(the BERT model in float32)", f"{no_calib()} skips it (unweighted search)")
         say(f"calibrating on {size.sentences} sentences (cache {cache_dir})")
     return (C.calibrate(src, size, cache_dir, say=say) if calibrate
             else C.unweighted("calibration disabled; errors are unweighted (a = 1)"))

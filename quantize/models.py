@@ -1120,7 +1120,7 @@ def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict,
                     tied: str | None = None, lm_head: bool = False) -> NoLayerSelected:
     """The error of a selection with no layer, with what the include or the checkpoint explains (``tied``:
     the input embedding a causal LM's head is tied to, the one layer of both)."""
-    hint = ", check --include/--exclude" if candidates else ""
+    hint = f", check {option('include')}/{option('exclude')}" if candidates else ""
     expert = next((g for g in [*(include or ()), *(exclude or ())] if re.fullmatch(r".*\[\d+\]", g)), None)
     if expert is not None:          # `[3]` is a glob's character class: an expert goes with its tensor
         hint += f"; the experts of a fused tensor are selected by the tensor's name ({expert.rsplit('[', 1)[0]})"

@@ -59,6 +59,7 @@ from sop.quantize.checkpoint_files import (GGUF_ERRORS, GGUF_MAGIC, ST_NUMPY, ST
                                            ZIP_MAGIC, CheckpointError, check_file, check_gguf,
                                            check_layer_size, check_safetensors, check_torch_legacy,
                                            check_torch_zip, describe_error, read_at)
+from sop.quantize.inputs import option
 
 class Reader:
     """What every reader shares: ``where`` (each tensor's name, in the files' order, to its file), and
@@ -171,7 +172,7 @@ class SafetensorsReader(Reader):
         if dtype not in ST_NUMPY + ST_TORCH:
             raise CheckpointError(self.where[name], f"layer {name} has dtype {dtype}, which is not read "
                                                     f"(F16, F32, F64, BF16, F8_E4M3, F8_E5M2 are); "
-                                                    f"--exclude it")
+                                                    f"{option('exclude', '')} it")
         check_layer_size(self.where[name], name, shape)
 
     def get(self, name, index: int | None = None) -> np.ndarray:
@@ -483,7 +484,7 @@ class GGUFReader(Reader):
         traits = getattr(quants, "_type_traits", None)      # the types gguf can dequantize
         if kind not in self.PLAIN and kind != "BF16" and traits is not None and t.tensor_type not in traits:
             raise CheckpointError(self.where[name], f"layer {name} has GGUF type {kind}, which the gguf "
-                                                    f"package cannot dequantize; --exclude it")
+                                                    f"package cannot dequantize; {option('exclude', '')} it")
         check_layer_size(self.where[name], name, self.info(name)[0])
 
     def get(self, name, index: int | None = None) -> np.ndarray:

@@ -199,6 +199,13 @@ def dense_residual(s: LayerStream) -> np.ndarray | None:
     return r
 
 
+def out_option() -> str:
+    """The output folder as its caller gives it: ``sop vectors``' ``--out``, ``make_vectors``' ``out_dir``."""
+    from sop.quantize.inputs import option
+
+    return option("out_dir", flag="--out")
+
+
 def _check_distinct(names: list[str]) -> None:
     """Two layers whose file names would coincide (``a/b`` and ``a_b``) would overwrite each other."""
     seen: dict[str, str] = {}
@@ -206,7 +213,7 @@ def _check_distinct(names: list[str]) -> None:
         stem = _safe(name)
         if stem in seen:
             raise ValueError(f"layers {seen[stem]!r} and {name!r} would share the vector files {stem}.*; "
-                             f"write them to separate --out folders")
+                             f"write them to separate {out_option()} folders")
         if len(stem) > 200:
             raise ValueError(f"layer {name[:60]!r}...: name too long for a vector file name")
         seen[stem] = name
@@ -670,7 +677,7 @@ def artifact_vectors(path: Path, fmt: str, layers: list[str] | None, out_dir: Pa
         raise ValueError(f"{path}: no layer is stored in the {fmt} layout")
     _check_distinct(list(streams))
     for f in ["vectors.json", *(f for n in streams for f in vector_files(n, True).values())]:
-        check_output(out_dir / f, [Path(path)])
+        check_output(out_dir / f, [Path(path)], option=out_option())
     return write_vectors(out_dir, streams, {"model": str(path), "format": fmt}, widths)
 
 
@@ -683,11 +690,12 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     output head as a linear layer (``open_model``'s option: ``--include-lm-head``).
     """
     from sop.golden.files import check_output
+    from sop.quantize.inputs import option
     from sop.quantize.layer_loop import read_weight
     from sop.quantize.models import is_artifact, open_model
 
     if rows is not None and rows <= 0:
-        raise ValueError(f"--rows must be a positive number of rows, got {rows}")
+        raise ValueError(f"{option('rows')} must be a positive number of rows, got {rows}")
     if is_artifact(model):
         return artifact_vectors(Path(model), fmt, layers, Path(out_dir), rows)
     source = open_model(model, lm_head=lm_head, routers=bool(layers))   # a MoE router named by --layer is one
@@ -701,7 +709,7 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     out_dir = Path(out_dir)
     _check_distinct(names)
     for f in ["vectors.json", *(f for n in names for f in vector_files(n).values())]:
-        check_output(out_dir / f, source.files)          # no vector file may replace an input
+        check_output(out_dir / f, source.files, option=out_option())     # no vector file may replace an input
     streams, widths = {}, {}
     for name in names:                      # one layer in memory at a time
         w = read_weight(source, name)[0]    # a weight no output can hold: refused naming its file

@@ -7,6 +7,7 @@ with its imaginary part dropped, and a misspelt keyword to a baseline silently i
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -418,3 +419,104 @@ def test_a_device_is_named_as_its_caller_gave_it(tmp_path, capsys, monkeypatch):
                  "--device", "gpu"]) == 2
     assert capsys.readouterr().err.startswith("sop: error: --device gpu: not a device; numpy (the default)")
     assert device.active() == device.NUMPY and list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_checkpoint_names_the_remedy_as_python_callers_give_it(tmp_path, capsys):
+    """`quantize_model` on a NaN weight said `--nan-policy zero replaces them with 0`, `open_model` selecting
+    nothing `check --include/--exclude`, and `export_model_folder` of a model with no forward pass
+    `--model-folder needs a causal LM`: options a Python caller has not got. From Python `nan_policy='zero'`,
+    `include/exclude`, `export_model_folder`; the commands keep their options."""
+    from safetensors.numpy import save_file
+
+    from sop.cli import main
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.hf_export import export_model_folder
+    from sop.quantize.models import open_model
+
+    w = weights(16, 64).astype(np.float32)
+    save_file({"fc.weight": w}, str(tmp_path / "m.safetensors"))
+    w[1, 2] = np.nan
+    save_file({"fc.weight": w}, str(tmp_path / "nan.safetensors"))
+    nan, ckpt, out = str(tmp_path / "nan.safetensors"), str(tmp_path / "m.safetensors"), tmp_path / "q.sopq"
+    kw = {"calibrate": False, "progress": False}
+    with pytest.raises(ValueError, match=r": fc\.weight: non-finite weight nan at row 1, column 2 \(1 in the layer\); "
+                                         r"nan_policy='zero' replaces them with 0$"):
+        quantize_model(nan, "sop4-g16", out, **kw)
+    assert main(["quantize", nan, "--format", "sop4-g16", "--out", str(out), "--quiet", "--no-calib"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("; --nan-policy zero replaces them with 0")
+    with pytest.raises(ValueError, match=r": no linear layer selected \(1 candidates, check include/exclude\)$"):
+        open_model(ckpt, include="nothing*")
+    assert main(["quantize", ckpt, "--format", "sop4-g16", "--out", str(out), "--quiet", "--no-calib",
+                 "--include", "nothing*"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("(1 candidates, check --include/--exclude)")
+    sopq = quantize_model(ckpt, "sop4-g16", out, **kw)["path"]
+    with pytest.raises(ValueError, match=r"^\S+: export_model_folder needs a causal LM that transformers runs \("):
+        export_model_folder(sopq, tmp_path / "f", progress=False)
+    assert main(["dequantize", sopq, "--model-folder", "--out", str(tmp_path / "f"), "--quiet"]) == 2
+    assert ": --model-folder needs a causal LM that transformers runs (" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "nan.safetensors", "q.sopq"]
+
+
+def test_a_forward_pass_too_large_names_the_switches_as_python_callers_give_them(monkeypatch):
+    """A BERT forward pass past the memory available said `--no-calib skips it`, `--no-e2e skips it` from
+    `quantize_model` and `evaluate`: from Python `calibrate=False`, `e2e=False`."""
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.evaluate import evaluate
+
+    monkeypatch.setenv("SOP_MEMORY_LIMIT", "1K")
+    one = "*.0.attention.self.query*"
+    with pytest.raises(ValueError, match=r"^minilm: the forward pass for calibration .*\(SOP_MEMORY_LIMIT=1K\): "
+                                         r"calibrate=False skips it \(unweighted search\)$"):
+        quantize_model("minilm", "nf4-g64", "never.sopq", include=one, progress=False)
+    with pytest.raises(ValueError, match=r"^minilm: the end-to-end check .*\(SOP_MEMORY_LIMIT=1K\): e2e=False skips "
+                                         r"it$"):
+        evaluate("minilm", ["nf4-g64"], include=one, calibrate=False, progress=False)
+
+
+def test_make_vectors_names_its_parameters_as_python_callers_give_them(tmp_path):
+    """`make_vectors` said `--rows must be a positive number`, `choose another --out` and `write them to separate
+    --out folders`: from Python its parameters, `rows` and `out_dir` (`sop vectors` keeps `--out`)."""
+    from safetensors.numpy import save_file
+
+    from sop.quantize.inputs import command_line
+    from sop.sim.vectors import make_vectors
+
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"a/b.weight": weights(16, 64).astype(np.float32), "a_b.weight": weights(16, 64).astype(np.float32)},
+              str(ckpt))
+    with pytest.raises(ValueError, match=r"^rows must be a positive number of rows, got 0$"):
+        make_vectors(str(ckpt), "sop4-g16", None, tmp_path / "v", rows=0)
+    for given, said in ((make_vectors, "out_dir"), (None, "--out")):
+        with command_line() if given is None else contextlib.nullcontext():
+            with pytest.raises(ValueError, match=rf"would share the vector files a_b\.weight\.\*; write them to "
+                                                 rf"separate {said} folders$"):
+                make_vectors(str(ckpt), "sop4-g16", None, tmp_path / "v")
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "vectors.json").symlink_to(ckpt)
+    with pytest.raises(ValueError, match=r"refusing to overwrite an input \(choose another out_dir\)$"):
+        make_vectors(str(ckpt), "sop4-g16", ["a_b.weight"], tmp_path / "v")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["m.safetensors", "v", "vectors.json"]
+
+
+def test_an_empty_cache_dir_is_refused_from_python_as_on_the_command_line(tmp_path, monkeypatch):
+    """`quantize_model(..., cache_dir="")` (pathlib's '.') wrote the calibration cache into the working folder,
+    where `sop quantize --cache-dir ''` is refused: a ValueError naming `cache_dir`, before any work; without
+    calibration the cache is not used, and not refused (as `--no-calib --cache-dir ''` is not)."""
+    from sop.quantize import calib as C
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    one = "*.0.attention.self.query*"
+    toy = type("Src", (), {"bert_folder": None, "kind": "toy"})()
+    for call in (lambda: quantize_model("minilm", "nf4-g64", "q.sopq", include=one, cache_dir="", n_calib=1,
+                                        progress=False),
+                 lambda: evaluate("minilm", ["nf4-g64"], include=one, e2e=False, cache_dir="", n_calib=1,
+                                  progress=False),
+                 lambda: C.calibrate(toy, cache_dir="")):
+        with pytest.raises(ValueError, match=r"^cache_dir='': an empty name; give the output folder's name \('\.' "
+                                             r"for the working folder\)$"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+    assert quantize_model("minilm", "nf4-g64", "q.sopq", include=one, cache_dir="", calibrate=False,
+                          progress=False)["layers"] == 1

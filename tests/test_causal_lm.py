@@ -601,7 +601,7 @@ def test_a_gguf_tensor_only_the_forward_pass_reads_names_the_remedy_that_works(f
     assert "token_embd.weight" not in {lay.name for lay in src.layers}
     with pytest.raises(CheckpointError, match=r"q8k.gguf: tensor token_embd.weight has GGUF type Q8_K, which the "
                                               r"gguf package cannot dequantize, and the forward pass needs it; "
-                                              r"--no-calib quantizes it"):
+                                              r"calibrate=False quantizes it"):      # Python's, not --no-calib
         L.load(src)
 
 
@@ -1109,6 +1109,19 @@ def test_a_nan_that_reaches_only_unquantized_layers_costs_nothing(folders, tmp_p
     assert not list((tmp_path / "c").glob("*.npz"))
 
 
+def test_a_calibration_not_cached_names_the_nan_policy_as_its_caller_gave_it(folders, tmp_path, capsys):
+    """`quantize_model(..., nan_policy="zero")` said its calibration was not cached for weights `replaced under
+    --nan-policy zero`: from Python `nan_policy='zero'`; `sop quantize` keeps its option."""
+    d = _with_weight(folders, tmp_path / "nan", UP, np.nan)
+    quantize_model(str(d), "sop4-g16", tmp_path / "q.sopq", nan_policy="zero", n_calib=C.CalibSize(seqs=3, seq_len=SEQ),
+                   cache_dir=tmp_path / "c")
+    assert "calibration not cached: non-finite weights replaced under nan_policy='zero'\n" in capsys.readouterr().err
+    assert main(["quantize", str(d), "--format", "sop4-g16", "--out", str(tmp_path / "q.sopq"), "--cache-dir",
+                 str(tmp_path / "c"), "--nan-policy", "zero", *SMALL[:4]]) == 0
+    assert "calibration not cached: non-finite weights replaced under --nan-policy zero\n" in capsys.readouterr().err
+    assert not list((tmp_path / "c").glob("*.npz"))
+
+
 def test_an_artifact_made_under_nan_policy_zero_exports(folders, tmp_path, capsys):
     """The export loads the source model, NaN and all, and replaces every quantized layer: it reads them
     under the policy the artifact was made with (it refused the NaN its own artifact had replaced)."""
@@ -1136,6 +1149,13 @@ def test_activations_that_are_not_finite_are_one_line(folders, tmp_path, capsys)
                              "--json", str(tmp_path / "e.json"), *SMALL])
     assert err == f"sop: error: {d}: the end-to-end check: the model's own logits are not finite (a non-finite " \
                   f"weight outside the layers quantized, or activations that overflow); --no-e2e skips it"
+    # from Python the parameters (they said `--no-calib`, `--no-e2e`, options a Python caller has not got)
+    size = C.CalibSize(seqs=3, seq_len=SEQ)
+    with pytest.raises(ValueError, match=r"overflow\); calibrate=False quantizes without a forward pass$"):
+        quantize_model(str(d), "sop4-g16", tmp_path / "q.sopq", n_calib=size, cache_dir=tmp_path / "c",
+                       progress=False)
+    with pytest.raises(ValueError, match=r"overflow\); e2e=False skips it$"):
+        evaluate(str(d), ["sop4-g16"], calibrate=False, n_calib=size, e2e_windows=3, progress=False)
     assert not (tmp_path / "q.sopq").exists() and not (tmp_path / "e.json").exists()
 
 
@@ -1175,6 +1195,12 @@ def test_a_model_transformers_builds_but_cannot_run_is_one_line(tokenizer, tmp_p
                              str(tmp_path / "q.sopq"), "--quiet", "--cache-dir", str(tmp_path / "c"), *SMALL[:4]])
     assert err.startswith(f"sop: error: {tmp_path / 'm'}: transformers cannot run the model's forward pass "
                           f"(RuntimeError: The size of tensor a (5) must match") and err.endswith(L.HINT), err
+    with pytest.raises(CheckpointError) as info:         # from Python: its parameters, not the commands' options
+        quantize_model(str(tmp_path / "m"), "sop4-g16", tmp_path / "q.sopq", n_calib=C.CalibSize(seqs=2, seq_len=SEQ),
+                       cache_dir=tmp_path / "c", progress=False)
+    assert str(info.value).endswith("; calibrate=False quantizes it without a forward pass (evaluate: with e2e=False "
+                                    "too), into a .sopq; a model folder (export_model_folder) needs the forward "
+                                    "pass's model in any case"), info.value
     assert not (tmp_path / "q.sopq").exists()
 
 
@@ -1201,6 +1227,10 @@ def test_a_model_too_large_for_memory_is_refused(folders, monkeypatch, tmp_path,
     err = one_error(capsys, ["eval", str(folders["llama"]), "--format", "nf4-g64", "--quiet", "--cache-dir",
                              str(tmp_path), *SMALL])
     assert "needs about" in err and "0.0 MiB are available" in err and "--no-e2e" in err
+    with pytest.raises(ValueError, match=r"needs about .*, 0\.0 MiB are available: e2e=False skips it$"):
+        evaluate(str(folders["llama"]), ["nf4-g64"], cache_dir=tmp_path, progress=False)     # Python's switch
+    with pytest.raises(ValueError, match=r"0\.0 MiB are available: calibrate=False skips it \(unweighted search\)$"):
+        quantize_model(str(folders["llama"]), "nf4-g64", tmp_path / "q.sopq", cache_dir=tmp_path, progress=False)
 
 
 def test_a_model_folder_too_large_for_memory_names_a_remedy_dequantize_has(folders, tmp_path, capsys, monkeypatch):
@@ -1214,6 +1244,10 @@ def test_a_model_folder_too_large_for_memory_names_a_remedy_dequantize_has(folde
     assert err.startswith(f"sop: error: {folders['llama']}: the forward pass for the model folder (the model in "
                           f"float32) needs about ") and " MiB, 0.0 MiB are available (SOP_MEMORY_LIMIT=1K): " in err
     assert err.endswith(": " + L.EXPORT[1]) and "--no-calib" not in err and not (tmp_path / "f").exists()
+    with pytest.raises(ValueError, match=r"0\.0 MiB are available \(SOP_MEMORY_LIMIT=1K\): dequantize writes the "
+                                         r"quantized layers alone \(a \.safetensors\)$"):     # Python's function
+        export_model_folder(art, tmp_path / "f", progress=False)
+    assert not (tmp_path / "f").exists()
 
 
 def test_the_lm_head_option_without_a_head(tmp_path, capsys):

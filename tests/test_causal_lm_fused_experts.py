@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from sop.cli import main
 from sop.quantize import artifact as A
 from sop.quantize import causal_lm as L
+from sop.quantize.inputs import command_line
 from sop.quantize.models import open_model
 
 transformers = pytest.importorskip("transformers")
@@ -183,9 +184,14 @@ def test_experts_the_model_holds_otherwise_are_refused_by_name(folders, monkeypa
     read = ModelSource.read_tensor
     monkeypatch.setattr(ModelSource, "read_tensor", lambda self, t, index=None: read(
         self, t, index if t != name or index is None else (index + 1) % EXPERTS))
-    # the hint names the tensor: --exclude 'X[0]' would be a glob's character class, matching nothing
+    # the hint names the tensor: --exclude 'X[0]' would be a glob's character class, matching nothing; from
+    # Python the parameters (it said `--exclude X, ..., or --no-calib ...`)
     with pytest.raises(ValueError, match=rf"layer {re.escape(name)}\[0\] is the weight of no linear module "
-                                         rf".*--exclude {re.escape(name)}, its experts' tensor, or"):
+                                         rf".*; exclude= {re.escape(name)}, its experts' tensor, or "
+                                         rf"calibrate=False quantizes it"):
+        L.load(open_model(str(folders["granitemoe"])))
+    with command_line(), pytest.raises(ValueError, match=rf"; --exclude {re.escape(name)}, its experts' tensor, "
+                                                         rf"or --no-calib quantizes it"):
         L.load(open_model(str(folders["granitemoe"])))
     runner = L.load(open_model(str(folders["granitemoe"]), exclude=[name]))
     assert f"{FUSED['granitemoe'][0].format(i=0)}[3]" in runner.targets and f"{name}[0]" not in runner.targets

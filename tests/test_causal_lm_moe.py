@@ -290,6 +290,13 @@ def test_experts_called_otherwise_are_refused_in_one_line(moe_folders, tmp_path,
         "sop: error: calibration: the experts module MixtralExperts is not called as transformers' experts are "
         "(hidden_states, top_k_index, top_k_weights), so which tokens reach an expert is unknown; --exclude its "
         "experts, or --no-calib")
+    from sop.quantize.evaluate import evaluate
+
+    # from Python the parameters (it said `--exclude its experts, or --no-calib`, options it has not got)
+    with pytest.raises(ValueError, match=r"^calibration: the experts module MixtralExperts is not called as .* an "
+                                         r"expert is unknown; exclude= its experts, or calibrate=False$"):
+        evaluate(str(moe_folders["mixtral"]), ["e2m3-ue4m4-g16"], e2e=False, n_calib=C.CalibSize(seqs=3, seq_len=SEQ),
+                 cache_dir=tmp_path / "c", progress=False)
 
 
 def test_dbrx_attention_is_quantized_and_its_experts_kept_saying_so(tmp_path, capsys):

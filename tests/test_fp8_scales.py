@@ -5,6 +5,7 @@ evaluates exactly as the float32 checkpoint of the same weights; a scale that ca
 error line, never the unscaled values."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -77,7 +78,10 @@ def test_a_scale_that_cannot_be_placed_is_one_line(tmp_path, capsys, extra, why)
                  str(tmp_path / "o.sopq")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sop: error: ") and why in err[0] and NAME in err[0]
-    assert not (tmp_path / "o.sopq").exists()
+    assert err[0].endswith("; --exclude it") and not (tmp_path / "o.sopq").exists()
+    # from Python the parameter (it said `--exclude it`, an option a Python caller has not got)
+    with pytest.raises(ValueError, match=rf"{re.escape(why)}.*; exclude= it$"):
+        open_model(str(tmp_path / "m.safetensors"))
 
 
 def test_e8m0_bytes_are_powers_of_two_and_other_types_are_refused(tmp_path, capsys):
@@ -99,7 +103,9 @@ def test_e8m0_bytes_are_powers_of_two_and_other_types_are_refused(tmp_path, caps
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("sop: error: ") and NAME + "_scale_inv" in err, (what, err)
         assert ("of type I32, which this reader does not apply" if what == "integer" else "holds nan") in err
-        assert not (tmp_path / "o.sopq").exists()
+        assert err.endswith("; --exclude it") and not (tmp_path / "o.sopq").exists()
+        with pytest.raises(ValueError, match=r"(does not apply|holds nan).*; exclude= it$"):     # Python's name
+            open_model(str(tmp_path / "b.safetensors")).load(NAME)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float8_e8m0fnu])

@@ -169,13 +169,16 @@ def test_safetensors_overlapping_tensors_and_trailing_bytes(tmp_path):
     bad(p, match="1 bytes follow the last tensor's data")
 
 
-def test_safetensors_unsupported_float_dtype_of_a_selected_layer(tmp_path):
+def test_safetensors_unsupported_float_dtype_of_a_selected_layer(tmp_path, capsys):
     data = st_save({"a.weight": np.zeros((4, 8), np.uint8)})
     _, h = st_header(data)
     h["a.weight"]["dtype"] = "F8_E8M0"
     p = tmp_path / "m.safetensors"
     p.write_bytes(st_with_header(data, h))
-    bad(p, match="layer a.weight has dtype F8_E8M0, which is not read")
+    bad(p, match="layer a.weight has dtype F8_E8M0, which is not read (F16, F32, F64, BF16, F8_E4M3, F8_E5M2 are); "
+                 "exclude= it")                              # from Python its parameter; the command's option:
+    assert main(["quantize", str(p), "--format", "nf4-g64", "--out", str(tmp_path / "q.sopq"), "--no-calib"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("are); --exclude it") and not (tmp_path / "q.sopq").exists()
     with pytest.raises(ValueError, match="no linear layer selected"):    # excluded, it is no problem
         open_model(str(p), exclude=["a.*"])
 
