@@ -340,9 +340,15 @@ _KEPT_LABEL = {"1-D": "1-D (norms, biases)", "embedding": "embedding", "norm": "
 #: (``torch.save`` of a tied model's state dict), quantized under its own name; not kept as it is
 TIED_HEAD_COPY = "the quantized head's matrix (tied)"
 
-#: what a tensor kept by policy is, and the option that quantizes it
-_OPTION_OF = {"router": "a MoE router, kept unless --include-routers", "lm_head": "the output head, kept unless "
-              "--include-lm-head"}
+#: what a tensor kept by policy is, and the setting that quantizes it (keyword, command-line flag): ``_option_of``
+_OPTION_OF = {"router": ("a MoE router", "routers", "--include-routers"),
+              "lm_head": ("the output head", "lm_head", "--include-lm-head")}
+
+
+def _option_of(why: str) -> str:
+    """``the output head, kept unless --include-lm-head`` (``lm_head=True`` from Python) for a ``_OPTION_OF`` key."""
+    what, keyword, flag = _OPTION_OF[why]
+    return f"{what}, kept unless {option(keyword, 'True', flag=flag)}"
 
 
 def kept_text(kept: dict[str, int], lm_head: str = "") -> str:
@@ -396,7 +402,7 @@ class ModelSource:
         if why == TIED_HEAD_COPY:
             return f"the matrix of the tied head, quantized as {self.tied_head}"
         if why in _OPTION_OF:
-            return _OPTION_OF[why]
+            return _option_of(why)
         if why:
             return f"kept as it is: {why}"
         if is_lm_head(name) and self.tied_to is not None:
@@ -1121,18 +1127,19 @@ def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict,
     """The error of a selection with no layer, with what the include or the checkpoint explains (``tied``:
     the input embedding a causal LM's head is tied to, the one layer of both)."""
     hint = f", check {option('include')}/{option('exclude')}" if candidates else ""
+    head = option("lm_head", "True", flag="--include-lm-head")          # as its caller gives it
     expert = next((g for g in [*(include or ()), *(exclude or ())] if re.fullmatch(r".*\[\d+\]", g)), None)
     if expert is not None:          # `[3]` is a glob's character class: an expert goes with its tensor
         hint += f"; the experts of a fused tensor are selected by the tensor's name ({expert.rsplit('[', 1)[0]})"
     asked = next((n for n, why in skipped.items()
                   if why in _OPTION_OF and include and _selected(n, include, exclude)), None)
     if asked is not None:           # a tensor the include names, kept by a policy that an option lifts
-        hint += f"; {asked} is {_OPTION_OF[skipped[asked]]}"
+        hint += f"; {asked} is {_option_of(skipped[asked])}"
     elif tied is not None and include and not lm_head and _selected(tied, include, exclude):
-        hint += f"; {tied} is the matrix lm_head is tied to, kept unless --include-lm-head"
+        hint += f"; {tied} is the matrix lm_head is tied to, kept unless {head}"
     elif tied is not None and include and _selected("lm_head.weight", include, exclude):
         hint += (f"; lm_head is tied to {tied}: the shared matrix is one layer under that name"
-                 f"{'' if lm_head else ' (with --include-lm-head)'}")
+                 f"{'' if lm_head else f' (with {head})'}")
     return NoLayerSelected(f"{spec}: no linear layer selected ({candidates} candidates{hint})" +
                       "".join(f": {note}" for note in packed[:1]) + "".join(f"; {note}" for note in packed[1:]))
 

@@ -160,6 +160,8 @@ def test_lm_head_policy_tied_and_untied(folders):
 def test_an_include_naming_a_tied_head_says_which_name_and_option_select_it(folders):
     """A tied head is one layer under its embedding's name (kept without --include-lm-head): an --include of
     either name said only `check --include/--exclude` (an outside probe), where an untied head's says why."""
+    from sop.quantize.inputs import command_line
+
     for include, lm_head, hint in (
             ("model.embed_tokens.weight", False, "model.embed_tokens.weight is the matrix lm_head is tied to, kept "
                                                  "unless --include-lm-head)"),
@@ -167,9 +169,13 @@ def test_an_include_naming_a_tied_head_says_which_name_and_option_select_it(fold
                                 "under that name (with --include-lm-head))"),
             ("lm_head.weight", True, "lm_head is tied to model.embed_tokens.weight: the shared matrix is one layer "
                                      "under that name)")):
-        with pytest.raises(ValueError, match="no linear layer selected") as err:
+        with pytest.raises(ValueError, match="no linear layer selected") as err, command_line():
             open_model(str(folders["llama"]), include=include, lm_head=lm_head)
         assert str(err.value).endswith(hint), str(err.value)
+        # a Python caller reads its own keyword (it read the command's flag)
+        with pytest.raises(ValueError, match="no linear layer selected") as err:
+            open_model(str(folders["llama"]), include=include, lm_head=lm_head)
+        assert str(err.value).endswith(hint.replace("--include-lm-head", "lm_head=True")), str(err.value)
     assert [l.name for l in open_model(str(folders["llama"]), include="model.embed_tokens.weight",
                                        lm_head=True).layers] == ["model.embed_tokens.weight"]
 

@@ -2,6 +2,7 @@
 recomputed here and against calibration on disk, the layers and bits against the checkpoint path
 (`artifact.quantize_model` on the same model saved), sop-budget, what is kept, and bad input."""
 
+import contextlib
 import copy
 import re
 
@@ -13,6 +14,7 @@ from sop.golden.formats import to_float32
 from sop.quantize import causal_lm as L
 from sop.quantize.artifact import open_artifact, quantize_model
 from sop.quantize.in_memory import _TIED, quantize_module
+from sop.quantize.inputs import command_line
 from sop.quantize.models import linear_reason, open_model
 from sop.quantize.schemes import get_quant_format
 
@@ -513,9 +515,10 @@ def test_moe_routers_are_kept_or_quantized_as_on_disk(tmp_path):
     with pytest.raises(ValueError, match=r"\(quantize/models\.py\); kept: model\.layers\.0\.mlp\.gate\.weight, a MoE "
                                          r"router: kept \(routers=True quantizes it\), as on disk \(and 18 more\)$"):
         quantize_module(copy.deepcopy(model), "sop4-g16", include="model.layers.0.mlp.gate.weight")
-    with pytest.raises(ValueError, match=r"; model\.layers\.0\.block_sparse_moe\.gate\.weight is a MoE router, "
-                                         r"kept unless --include-routers\)$"):
-        open_model(str(tmp_path / "mixtral"), include="*.gate.weight")
+    for flag, context in (("routers=True", contextlib.nullcontext()), ("--include-routers", command_line())):
+        with pytest.raises(ValueError, match=r"; model\.layers\.0\.block_sparse_moe\.gate\.weight is a MoE router, "
+                                             rf"kept unless {flag}\)$"), context:
+            open_model(str(tmp_path / "mixtral"), include="*.gate.weight")
     quantize_model(str(tmp_path / "mixtral"), "sop4-g16", tmp_path / "m.sopq", calibrate=False, progress=False,
                    routers=True)
     art = open_artifact(tmp_path / "m.sopq")
