@@ -1,7 +1,9 @@
 """`make verilog`: every named configuration generates, lints clean and compiles; the manifest
 says what the Verilog has (its ports parsed from the module's header and declarations)."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import re
 import shutil
@@ -14,7 +16,7 @@ import pytest
 from sop.hdl import reference
 from sop.hdl.config import named_configs
 from sop.hdl import gemv_axis, gemv_config
-from sop.hdl.generate import generate, generate_gemv_axis, main
+from sop.hdl.generate import generate, main
 
 LINT_WAIVERS = Path(str(resources.files("sop.hdl").joinpath("lint.vlt")))      # the documented waivers
 CONFIGS = named_configs()
@@ -159,33 +161,44 @@ def main_manifest(out: Path) -> str:
 ENGINE_LATENCY = {"gemv-sop4-g16": 47, "gemv-e2m3-ue4m4-g16": 48, "gemv-sop4-g16-bf16": 53}
 
 
+@pytest.fixture(scope="module")
+def engines_build(tmp_path_factory):
+    """`make verilog`'s files of the three GEMV engines, written once by ``main`` (each engine and its
+    AXI4-Stream shell take seconds to convert; the tests below read them, none writes them again):
+    the folder, what ``main`` printed and the names of the files it wrote."""
+    out = tmp_path_factory.mktemp("gemv")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--out", str(out), *[a for name in ENGINE_LATENCY for a in ("--config", name)]]) == 0
+    return out, printed.getvalue(), sorted(p.name for p in out.iterdir())
+
+
 @pytest.mark.parametrize("name", ENGINE_LATENCY)
-def test_gemv_engines_generate_with_a_manifest_lint_clean_and_compile(tmp_path, capsys, name):
-    assert main(["--config", name, "--out", str(tmp_path)]) == 0
-    assert f"{name}.v" in capsys.readouterr().out
-    doc = json.loads((tmp_path / f"{name}.json").read_text())
-    text = (tmp_path / f"{name}.v").read_text()
+def test_gemv_engines_generate_with_a_manifest_lint_clean_and_compile(engines_build, tmp_path, name):
+    out, printed, _ = engines_build
+    assert f"{out / name}.v  (GEMV engine" in printed
+    doc = json.loads((out / f"{name}.json").read_text())
+    text = (out / f"{name}.v").read_text()
     assert doc["module"] == "sop_gemv_" + name.removeprefix("gemv-").replace("-", "_")
     assert verilog_ports(text, doc["module"]) == {p["name"]: (p["direction"], p["width"]) for p in doc["ports"]}
     ports = {p["name"]: p for p in doc["ports"]}
     assert ports["y__payload"]["direction"] == "output" and ports["y__payload"]["width"] == 33   # value, last
     assert doc["latency_cycles"] == ENGINE_LATENCY[name] == sum(doc["latency_stages"].values())
     assert doc["block_order"] == "golden.dot.tile_order" and doc["tile"] >= 17
-    lint = subprocess.run(["verilator", "--lint-only", "-Wall", f"{name}.vlt", f"{name}.v"], cwd=tmp_path,
+    lint = subprocess.run(["verilator", "--lint-only", "-Wall", f"{name}.vlt", f"{name}.v"], cwd=out,
                           capture_output=True, text=True)
     assert lint.returncode == 0, lint.stderr[-3000:]
-    cc = subprocess.run(["iverilog", "-g2005", "-o", str(tmp_path / "a.vvp"), str(tmp_path / f"{name}.v")],
+    cc = subprocess.run(["iverilog", "-g2005", "-o", str(tmp_path / "a.vvp"), str(out / f"{name}.v")],
                         capture_output=True, text=True)
     assert cc.returncode == 0, cc.stderr[-3000:]
 
 
-# The GEMV engines' AXI4-Stream shells (hdl/gemv_axis.py), written beside the engines.
+# The GEMV engines' AXI4-Stream shells (hdl/gemv_axis.py), written beside the engines (main calls
+# generate_gemv_axis for each).
 @pytest.fixture(scope="module")
-def gemv_axis_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gemv_axis")
-    for cfg in gemv_config.gemv_configs().values():
-        generate_gemv_axis(cfg, out)
-    return out
+def gemv_axis_dir(engines_build):
+    assert set(gemv_config.gemv_configs()) == set(ENGINE_LATENCY)        # every engine's shell
+    return engines_build[0]
 
 
 @pytest.mark.parametrize("name", ENGINE_LATENCY)
@@ -237,15 +250,19 @@ def test_gemv_axis_fusesoc_lint_and_sim_targets(gemv_axis_dir, tmp_path):
     assert r.returncode != 0 and "FAIL: y word 5" in r.stdout
 
 
-def test_the_lutram_and_shallow_builds_sit_beside_the_default_in_one_design(tmp_path):
+def test_the_lutram_and_shallow_builds_sit_beside_the_default_in_one_design(engines_build, tmp_path):
     """A LUT-RAM or shallow build's modules (and its shell's FuseSoC VLNV) carry the build in their
     names (config.variant_suffix): Icarus compiles the three builds of sop4-g16, both shells and
     the two GEMV engines in one design (with one name for all it refused every module as declared
     twice), and the cores of one cores root are distinct."""
     builds = {"default": [], "lutram": ["--lutram-depth", "16"], "shallow": ["--pipeline", "shallow"]}
     for folder, extra in builds.items():
-        configs = ["sop4-g16"] + (["gemv-sop4-g16"] if folder != "shallow" else [])
+        configs = ["sop4-g16"] + (["gemv-sop4-g16"] if folder == "lutram" else [])
         assert main(["--out", str(tmp_path / folder), *[a for c in configs for a in ("--config", c)], *extra]) == 0
+    # the default build's gemv-sop4-g16 (engine and shell): the files main wrote for engines_build
+    engines, _, written = engines_build
+    for f in (n for n in written if n.startswith("gemv-sop4-g16") and not n.startswith("gemv-sop4-g16-")):
+        shutil.copy(engines / f, tmp_path / "default" / f)
     modules = {json.loads(p.read_text())["module"] for p in tmp_path.glob("*/*.json")}
     assert {"sop_decoder_sop4_g16", "sop_decoder_sop4_g16_lutram16", "sop_decoder_sop4_g16_shallow",
             "sop_gemv_sop4_g16", "sop_gemv_sop4_g16_lutram16"} <= modules
