@@ -12,7 +12,7 @@ named where one was); tests/test_gemv_mutate.py checks that reach from golden's 
   ``minilm_layers`` (its weights quantized to an operating point, and with sparse residuals).
 * Building blocks: ``make_layer``, ``random_layer``, ``with_residuals``, ``finite_codes`` and the
   special activation vectors.
-* Corners for every engine (``corner_layers``, ``swap_layers``); BF16 only (``term_rounding_layer``,
+* Corners for every engine (``corner_layers``, ``swap_layers``, ``tall_layers``); BF16 only (``term_rounding_layer``,
   ``window_edge_layer``, ``window_pow2_layer``, ``subnormal_barrier_layer``, ``adder_sticky_layer``;
   for the timing job, ``window_edge_fast_layer`` (with ``layer_rows``) and ``zero_products_fast_layer``);
   E4M3 only (``terms_alone_layer``, ``deep_cancel_layer``, ``top_offset_layer``,
@@ -327,6 +327,27 @@ def terms_alone_layer(point: str, rng, rows: int = 48, cols: int = 32) -> tuple[
                         Sparse(np.asarray(index, np.uint32), value))
     one = int(E4M3.encode(np.array([1.0]))[0])
     return layer, [special_vector(rng, cols), finite_codes(E4M3, rng, cols), np.full(cols, one)]
+
+
+#: ``tall_layers``' rows: 257, so that rows - 1 (the sequencer's row count registers, 16 bits) is 256, bit
+#: 8 alone; and 240, so that with tiles of 17 the last tile is partial and starts at row 238
+TALL_ROWS = (257, 240)
+
+
+def tall_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, list[np.ndarray]]]:
+    """(name, layer, vectors) of three random layers of one block a row, one vector each, back to back:
+    every other layer of the quick plans has at most 75 rows. Two of 257 rows (one in each page of the
+    sequencer's layer registers): a row count (rows - 1) of 256, whose bit 8 no layer set before
+    (gemv-sop4-g16's survivor with ``rows_m1_p1[8]`` stuck at 0 reads it as 0, which the flags' refresh
+    before the first block takes for the last row). One of 240 rows: with tiles of 17 its partial last
+    tile starts at row 238 (0xEE). Its survivor with the next tile's first row (``row`` and
+    ``tile_base``, one mux) bit 8 XORed with bit 7 moves the tiles at 136, 170, 204 and 238 up by 256
+    (each flip undoes the one before: 153, 187, 221 and 255 come out right): a last tile there never
+    meets its last row."""
+    g = get_point(point).layout.group
+    rows = [TALL_ROWS[0], TALL_ROWS[0], TALL_ROWS[1]]
+    return [(f"tall-{r}x{g}" + ("-again" if k == 1 else ""), random_layer(point, r, g, rng),
+             [finite_codes(act, rng, g)]) for k, r in enumerate(rows)]
 
 
 def swap_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, list[np.ndarray]]]:

@@ -36,7 +36,8 @@ what differs is the design and the bench.
    missing, a wrong ``status``, or cycles the ``timing`` job does not allow (``cycles``: blocks
    not back to back, the last word at another latency); it **times out** (also killed: the regression sees the hang)
    when a job runs past twice the original's cycles for it plus ``SLACK`` cycles, or a host
-   sequence gives up on a beat that is never taken. One JSON line per design goes to
+   sequence gives up on a beat that is never taken; a beat taken that must not be (a block with no
+   vector loaded: tb_gemv's ``HandshakeError``) kills it by ``handshake``. One JSON line per design goes to
    ``results.jsonl`` as it is decided; a simulator that stops (a crash) is restarted after the
    mutant it was running, which counts as killed ("simulator stopped").
 4. **Proofs.** Survivors go through sim/mutate.py's one-step check (its ``prove``: same outputs
@@ -73,7 +74,7 @@ from sop.argtypes import number, out_folder, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path, runner_owns_environment
 from sop.sim import mutate as mu
-from sop.sim.tb_gemv import IDLE, HostDriver, Scoreboard, Testbench, engine_config
+from sop.sim.tb_gemv import IDLE, HandshakeError, HostDriver, Scoreboard, Testbench, engine_config
 
 DEFAULT_CONFIG = "gemv-sop4-g16"
 DEFAULT_MUTANTS = 200
@@ -229,12 +230,15 @@ class MutantBench(Testbench):
         self.errors = _FirstError()
         self.scoreboard = Scoreboard(self.errors)
         self.failure: str | None = None
+        self.failure_by = "timeout"           # a beat never taken; "handshake": one taken that must not be
 
     def _guard(self, sequence):
         try:
             yield from sequence
         except AssertionError as e:
             self.failure = str(e)
+            if isinstance(e, HandshakeError):
+                self.failure_by = "handshake"
 
     def layers_sequence(self, layers, max_cycles):
         return self._guard(super().layers_sequence(layers, max_cycles))
@@ -285,12 +289,15 @@ async def _run_design(dut, index: int, plan: dict, limits: list[int] | None) -> 
             try:
                 await with_timeout(tb.run(job), bound * CLOCK_NS, "ns")
             except SimTimeoutError:
-                verdict.update(verdict="killed", by="timeout", reason=f"job {job_name(job)} ran past {bound} cycles")
+                # (a host sequence that stopped on a beat taken wrongly leaves words owed: the drain
+                # may then run past the bound; the beat is the verdict)
+                by, why = (tb.failure_by, tb.failure) if tb.failure else ("timeout", f"ran past {bound} cycles")
+                verdict.update(verdict="killed", by=by, reason=f"job {job_name(job)}: {why}")
                 break
             cycles.append(tb.cycles - start)
             name = job_name(job)
             if tb.failure:
-                verdict.update(verdict="killed", by="timeout", reason=f"{name}: {tb.failure}")
+                verdict.update(verdict="killed", by=tb.failure_by, reason=f"{name}: {tb.failure}")
                 break
             if tb.scoreboard.mismatches or tb.status_errors or tb.timing_errors:
                 by = "y word" if tb.scoreboard.mismatches else "status" if tb.status_errors else "cycles"

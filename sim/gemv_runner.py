@@ -59,12 +59,17 @@ each run, printed: ``--seed`` reruns it):
   products at every alignment shift in every lane, exact block values (``lane_align_layer``),
   a subnormal block value at every block exponent where one can be, one layer per offset
   (``subnormal_block_layers``), and ``t + u - t`` of powers of two, a single one bit at every
-  position of the row adder's word (``deep_cancel_layer`` with ``SINGLE_BIT_ROWS``).
+  position of the row adder's word (``deep_cancel_layer`` with ``SINGLE_BIT_ROWS``). Last, with
+  either activation and from a generator of its own, random layers of one block a row and 257
+  rows, twice (one in each page of layer registers: a row count with bit 8 set), then 240 rows
+  (a partial last tile at row 238) (``tall_layers``).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
   after ``clear``; their ``y`` words are counted, not compared), then a good
-  vector (compared) and a clear status.
+  vector (compared) and a clear status; the good vector again, its block offered
+  from the cycle after its pass's last block on with no vector after it: never
+  taken, ``w_before_x`` (the x page must be free once the pass is done).
 * ``timing`` (``timing_job``; with the engine's latency, from the manifest
   ``build_verilog`` writes beside the Verilog): hdl/gemv.py's throughput and
   latency with no idle input and no stall: a one-tile layer that leaves the ring
@@ -104,7 +109,7 @@ from sop.quantize.weights import QUERY_LAYER
 from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, SINGLE_BIT_ROWS, adder_sticky_layer, corner_layers,
                                  deep_cancel_layer, finite_codes, lane_align_layer, minilm_activations, minilm_layers,
                                  random_layer, reused_table_layers, subnormal_barrier_layer, subnormal_block_layers,
-                                 swap_layers, term_rounding_layer, terms_alone_layer, top_offset_layer,
+                                 swap_layers, tall_layers, term_rounding_layer, terms_alone_layer, top_offset_layer,
                                  window_edge_fast_layer, window_edge_layer, window_pow2_layer, with_residuals,
                                  zero_products_fast_layer)
 from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, failed_note, interruptible, simulate
@@ -141,11 +146,18 @@ def layer_entry(cfg: GemvConfig, name: str, layer: LayerStream, vectors, write_t
             "vectors": [{"x": gemv_config.x_beats(cfg, v), "expect": [int(w) for w in yv]} for v, yv in zip(vectors, y)]}
 
 
+#: The errors job's block offered after a pass: from the cycle after the pass's last block until status
+#: has shown no vector loaded for this many cycles (then ``w_before_x`` is on status)
+AFTER_PASS = 3
+
+
 def error_job(cfg: GemvConfig, point: str, rng) -> dict:
     """A 3-row, 2-block layer; a block offered before any vector; vectors too long, too short, with a
     NaN in each lane of a beat (one vector a lane, +NaN and -NaN in turn: every lane's detector must
-    fire on its own; their ``y`` counted, not compared), then a good one with 448 (compared); a layer
-    word with no rows; the layer with a sparse entry beyond its columns."""
+    fire on its own; their ``y`` counted, not compared), then a good one with 448 (compared), twice:
+    the second time a block offered right after the pass's last one, with no vector loaded after it
+    (``AFTER_PASS``: never taken, ``w_before_x``); a layer word with no rows; the layer with a sparse
+    entry beyond its columns."""
     act = cfg.act_format
     ext, bits = EXTREMES[act.name], act.bits
     layer = random_layer(point, 3, 2 * cfg.group, rng, offset=0)
@@ -158,8 +170,11 @@ def error_job(cfg: GemvConfig, point: str, rng) -> dict:
     mask = (1 << bits) - 1
     nans = [beats[1] & ~(mask << bits * k) | bad[k] << bits * k for k in range(cfg.group)]
     cases = [("x_length", beats + [beats[0]]), ("x_length", beats[:1])] + [("x_nan", [beats[0], n]) for n in nans]
+    # the good vector twice: the second time its first block offered from right after its last on, with
+    # no vector after it (``AFTER_PASS``; its y compared; w_before_x once the pass has freed its page)
     entry["cases"] = [{"error": "w_before_x", "offer": 5}] + [{"error": e, "x": x} for e, x in cases] + \
-        [{"error": None, **entry["vectors"][0]}]
+        [{"error": None, **entry["vectors"][0]}, {"error": "w_before_x", "after_pass": AFTER_PASS,
+                                                   **entry["vectors"][0]}]
     # the layer registers: a layer word with no rows (nothing else is sent)
     entry["cases"].append({"error": "layer", "layer": [0, *entry["layer"][1:]]})
     # the sparse side: the same layer with entries, one moved beyond the layer's columns: its tables
@@ -253,6 +268,9 @@ def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) 
         corners += [layer_entry(cfg, name, layer, v) for name, layer, v in subnormal_block_layers(point, last)]
         corners.append(layer_entry(cfg, "single-bit-cancel",
                                    *deep_cancel_layer(point, last, rows=SINGLE_BIT_ROWS, powers_of_two=True)))
+    # layers of 257 rows (one in each page) and 240 (a generator of their own, after every other draw)
+    corners += [layer_entry(cfg, name, layer, v)
+                for name, layer, v in tall_layers(point, np.random.default_rng([seed, 25]), cfg.act_format)]
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}
@@ -270,7 +288,7 @@ def expected_words(plan: dict) -> int:
         if job["kind"] == "layers":
             n += sum(len(v["expect"]) for layer in job["layers"] for v in layer["vectors"])
         else:
-            n += sum(len(c.get("expect") or []) for c in job["cases"] if c["error"] is None)
+            n += sum(len(c.get("expect") or []) for c in job["cases"])
     return n
 
 

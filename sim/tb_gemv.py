@@ -25,7 +25,10 @@ computes nothing, it drives beats and compares every ``y`` word bit for bit,
   ``w_before_x``): while each is loaded ``status`` must hold
   ``x_loaded`` and its bit (``x_length``, ``x_nan``), after its pass the bit
   alone; ``clear`` must clear it. Their ``y`` words are counted (and ``last``
-  checked), not compared; a good vector after them is compared. Then a layer
+  checked), not compared; a good vector after them is compared, and again
+  with its block offered from the cycle after its pass's last one on, no vector
+  after it (never taken: ``HandshakeError``; ``w_before_x`` after the pass,
+  compared). Then a layer
   word with 0 rows (``layer`` at once, cleared), and the layer again with
   sparse entries, one beyond its columns: ``sparse`` once the engine takes it
   (its ``y`` counted).
@@ -90,6 +93,11 @@ LONG_STALL = (150, 300)           # y.ready: a long stall's length in cycles (un
 P_LONG_STALL = 1 / 550            # ... the chance that a cycle starts one, once LONG_GAP cycles have
 LONG_GAP = 450                    # passed since the last one ended (LONG_GAP > LONG_STALL[1]: see with_long_stalls)
 WAIT_CYCLES = 500                 # the errors job: a beat's (and a pass's) wait, long stalls not counted
+
+
+class HandshakeError(AssertionError):
+    """A beat the engine took that it must not take (a block with no vector loaded): the host sequence
+    stops there (sim/gemv_mutate.py counts it apart from the waits that run out)."""
 
 
 def with_long_stalls(cycles: int) -> int:
@@ -407,8 +415,10 @@ class Testbench:
         ``clear``), or its own tables and layer word if it has them (a layer word
         alone: ``status`` with its bit, ``clear``, ``status`` 0), its x beats (the first with swap in
         the first case and a case with its own layer), ``status`` with its error bit while loaded
-        (``sparse`` is flagged later, when its entry is taken), its blocks and entries, ``status``
-        after the pass, ``clear``, ``status`` 0."""
+        (``sparse`` is flagged later, when its entry is taken, and a case's ``after_pass`` block after
+        the pass), its blocks and entries, with ``after_pass`` its first block offered from the cycle
+        after its last on until ``status`` has shown no vector loaded for that many cycles (never
+        taken: ``HandshakeError``), ``status`` after the pass, ``clear``, ``status`` 0."""
         for c in self.writes(job):
             yield c
         for _ in range(3):
@@ -419,7 +429,7 @@ class Testbench:
             if "offer" in case:            # a block offered with no vector loaded: never taken, flagged
                 for _ in range(case["offer"]):
                     if (yield HostCycle(w=job["w"][0])).w:
-                        raise AssertionError(f"errors case {i}: a block taken before any x")
+                        raise HandshakeError(f"errors case {i}: a block taken before any x")
                 yield IDLE
                 self.check_status((yield from self.read_status()), bit, f"errors case {i}, block before x")
                 yield HostCycle(clear=True)
@@ -442,8 +452,9 @@ class Testbench:
                 else:
                     raise AssertionError(f"errors case {i}: x beat {k} not taken in {max_wait} cycles")
             yield IDLE
-            # a bad sparse entry is flagged when the engine takes it, after the blocks: not yet
-            loaded_bit = 0 if case["error"] == "sparse" else bit
+            # a bad sparse entry is flagged when the engine takes it, after the blocks: not yet; nor a
+            # block offered after the pass
+            loaded_bit = 0 if case["error"] == "sparse" or "after_pass" in case else bit
             self.check_status((yield from self.read_status()), X_LOADED | loaded_bit,
                               f"errors case {i}, vector loaded")
             ws, ss, wp, sp = job["w"], case.get("sparse", []), 0, 0
@@ -456,6 +467,21 @@ class Testbench:
             else:
                 raise AssertionError(f"errors case {i}: {wp} of {len(ws)} blocks, {sp} of {len(ss)} entries "
                                      f"taken in {max_wait} cycles each")
+            # a block offered from the cycle after the pass's last one on, with no vector after it, until
+            # status has shown no vector loaded for ``after_pass`` cycles: the pass frees its x page once
+            # its last block leaves stage 0 (later under a stall of y), and from then on nothing is
+            # loaded (the sequencer's x_held count: one that frees the page a cycle late takes the block)
+            free = 0
+            for _ in range(max_wait if "after_pass" in case else 0):
+                reply = yield HostCycle(w=ws[0], read_status=True)
+                if reply.w:
+                    raise HandshakeError(f"errors case {i}: a block taken after the pass, no vector loaded")
+                free = 0 if reply.status & X_LOADED else free + 1
+                if free == case["after_pass"]:
+                    break
+            else:
+                if "after_pass" in case:
+                    raise AssertionError(f"errors case {i}: the pass not done in {max_wait} cycles")
             for _ in range(max_wait):
                 status = yield from self.read_status()
                 if not status & X_LOADED:

@@ -9,12 +9,15 @@ behind its own ports, a scale decoder whose subnormal scales are one binade too
 large, block fields that take the other page's layer offset, and an output
 buffer whose enable decision arrives a cycle late, and a formatter that builds one
 stage more than it declares (an off-by-one stage, shown on the shallow pipeline).
+For the GEMV engine's cocotb bench: a block sequencer that still says a vector is
+loaded in the cycle after a pass has freed its x page.
 """
 
 from amaranth.hdl import Module, Mux, Signal
 
 from sop.hdl.block_fields import BlockFields
 from sop.hdl.codebook_mux import CodebookMux
+from sop.hdl.gemv_sequencer import BlockSequencer
 from sop.hdl.hif_formatter import HifFormatter
 from sop.hdl.lut_bank import LutBank
 from sop.hdl.output_buffer import OutputBuffer
@@ -108,3 +111,16 @@ class ExtraStage(HifFormatter):
         m.d.comb += [real.en.eq(self.en), real.word.eq(self.word), real.block.eq(self.block),
                      self.out.eq(late)]
         return m
+
+
+class LateFreedPage(BlockSequencer):
+    """``x_loaded`` stays high for the cycle after a pass's last block frees the only loaded x page (the
+    mutation run's survivor 107 of gemv-sop4-g16, a bit of ``x_held``'s adder, did exactly this): a
+    block offered in that cycle is taken with no vector loaded, and ``w_before_x`` not flagged."""
+
+    def _free_x_page(self, m, x_pages, cnt, s0, w_take, terms_done):
+        super()._free_x_page(m, x_pages, cnt, s0, w_take, terms_done)
+        freed = (self.en & s0.valid & s0.tag.end) | (terms_done & ~self.term_busy)
+        x_in = x_pages.take & self.x.payload.last
+        with m.If(freed & ~x_in & (x_pages.held == 1)):          # (the last assignment wins)
+            m.d.sync += x_pages.loaded.eq(1)

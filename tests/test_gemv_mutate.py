@@ -190,6 +190,39 @@ def test_the_quick_plans_swap_in_layers_of_one_and_two_x_beats(engine):
                                                 (True, False, False, True), (False, True, False, True)}
 
 
+def _next_tile_starts_flipped(rows: int, tile: int) -> list[int]:
+    """The row each tile of a pass starts at in a sequencer whose next tile's first row (``row + 1``, into
+    ``row`` and ``tile_base`` through one mux) has bit 8 XORed with bit 7: gemv-sop4-g16's survivor 185.
+    A tile's rows run on from its start, so the next one starts ``tile`` rows on, flipped again."""
+    starts, row = [], 0
+    for _ in range(0, rows, tile):
+        starts.append(row)
+        row += tile
+        row ^= (row >> 7 & 1) << 8
+    return starts
+
+
+@pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-sop4-g16-bf16", "gemv-sop4-g16-small"])
+def test_the_quick_plans_tall_layers_set_bit_8_of_the_row_count_in_each_page(engine):
+    """The quick plans' ``tall-*`` layers: a row count (rows - 1) with bit 8 set in each page of the
+    sequencer's layer registers (the ``k``-th layer swapped in after reset was written into page ``k %
+    2``; every other layer has at most 75 rows), and with tiles of 17 a partial last tile that a
+    next-tile row with bit 8 XORed with bit 7 starts at another row, so that it never meets its last
+    row (gemv-sop4-g16's survivors 174, ``rows_m1_p1[8]`` stuck at 0, and 185, both killed by them)."""
+    from sop.sim.gemv_runner import engines, plan_for
+
+    cfg = engines()[engine]
+    plan = plan_for(cfg, "quick", 1)
+    layers = [lay["layer"] for job in plan["jobs"][:2] for lay in job["layers"]]     # minilm, corners
+    assert [job["name"] for job in plan["jobs"][:2]] == ["minilm", "corners"]
+    assert {k % 2 for k, (rows, *_) in enumerate(layers, 1) if (rows - 1) & 256} == {0, 1}
+    if cfg.tile == 17:
+        moved = [rows for rows, *_ in layers if rows % cfg.tile
+                 and _next_tile_starts_flipped(rows, cfg.tile)[-1] != (rows - 1) // cfg.tile * cfg.tile]
+        assert moved, sorted({rows for rows, *_ in layers})
+    assert _next_tile_starts_flipped(262, 17)[-1] == 255 and _next_tile_starts_flipped(240, 17)[-1] == 238 + 256
+
+
 def _quick_corners(engine: str = "gemv-sop4-g16") -> dict:
     """The corner layers of an engine's quick plan (seed 1), by name."""
     from sop.hdl.gemv_config import gemv_configs
@@ -276,9 +309,9 @@ def test_the_e4m3_plans_reuse_a_pages_tables(engine):
 
 
 def _e4m3_last_layers(engine: str, seed: int) -> tuple:
-    """The E4M3 quick plan's layers from ``lane-align`` on, drawn again as plan_for draws them (a
-    generator of their own, ``[seed, 22]``), checked against the plan's entries: (cfg, layers as
-    (name, LayerStream, vectors), the entries by name)."""
+    """The E4M3 quick plan's layers from ``lane-align`` to ``single-bit-cancel`` (the ``tall-*`` ones
+    follow), drawn again as plan_for draws them (a generator of their own, ``[seed, 22]``), checked
+    against the plan's entries: (cfg, layers as (name, LayerStream, vectors), the entries by name)."""
     from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_layers import SINGLE_BIT_ROWS, deep_cancel_layer, lane_align_layer, subnormal_block_layers
     from sop.sim.gemv_runner import layer_entry, plan_for
@@ -291,7 +324,9 @@ def _e4m3_last_layers(engine: str, seed: int) -> tuple:
     layers += subnormal_block_layers(plan["point"], last)
     layers += [("single-bit-cancel", *deep_cancel_layer(plan["point"], last, rows=SINGLE_BIT_ROWS,
                                                         powers_of_two=True))]
-    assert list(entries)[-len(layers):] == [name for name, _, _ in layers]
+    names = list(entries)
+    at = names.index("lane-align")
+    assert names[at:at + len(layers)] == [name for name, _, _ in layers]
     for name, layer, vectors in layers:
         assert layer_entry(cfg, name, layer, vectors) == entries[name]
     return cfg, layers, entries
