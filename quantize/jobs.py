@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from sop.quantize.inputs import option
+from sop.quantize.inputs import command_line, on_command_line, option
 
 #: Seconds between checks of the busy workers' health while waiting for a result.
 POLL = 1.0
@@ -146,11 +146,13 @@ def _kind(err: BaseException) -> str:
     return "other"
 
 
-def _worker(conn, dev: str = "numpy", regs: dict | None = None) -> None:
+def _worker(conn, dev: str = "numpy", regs: dict | None = None, cli: bool = False) -> None:
     """A worker's loop: receive ``(index, fn, args)``, send back ``fn(*args)``; ``None`` ends it.
     ``dev``: the parent's ``--device`` (quantize/device.py); ``regs``: its run-time tables and points
     (``golden.points.registrations``: a worker starts from the modules as imported, where a point a
-    script registered was an "unknown format"; an outside probe, --jobs 2)."""
+    script registered was an "unknown format"; an outside probe, --jobs 2); ``cli``: the parent runs
+    inside ``inputs.command_line()`` (a context variable no process inherits: a refusal a worker raises
+    must name the command's options, as one raised in the parent does)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the parent's to handle
     _single_thread()
     from sop.quantize import device
@@ -160,6 +162,12 @@ def _worker(conn, dev: str = "numpy", regs: dict | None = None) -> None:
 
     if regs is not None:
         adopt(regs)
+    with command_line() if cli else contextlib.nullcontext():
+        _serve(conn)
+
+
+def _serve(conn) -> None:
+    """``_worker``'s loop, in the worker's settings."""
     while True:
         try:
             msg = conn.recv()
@@ -265,8 +273,8 @@ class LayerPool:
             os.environ.update(SINGLE_THREAD_ENV)
             for i in range(self.jobs):
                 parent, child = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=_worker, args=(child, device.active(), regs), name=f"sop-job-{i}",
-                                daemon=True)
+                p = ctx.Process(target=_worker, args=(child, device.active(), regs, on_command_line()),
+                                name=f"sop-job-{i}", daemon=True)
                 with _caller_main_hidden():
                     p.start()
                 child.close()

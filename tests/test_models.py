@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sop.quantize.inputs import command_line
 from sop.quantize.models import SMOLLM2, linear_reason, open_model, router_weights, smollm2_file
 from sop.quantize.weights import minilm_linear_weights
 
@@ -170,7 +171,10 @@ def test_include_exclude_globs(tmp_path):
     assert [l.name for l in m.layers] == EXPECTED[:2]
     m = open_model(path, include=["*c_attn*", "*q_proj*"])
     assert [l.name for l in m.layers] == [EXPECTED[1], EXPECTED[4]]
-    with pytest.raises(ValueError, match="no linear layer selected .*include/--exclude"):
+    with pytest.raises(ValueError, match=r"no linear layer selected \(5 candidates, check include/exclude\)$"):
+        open_model(path, exclude=["*"])
+    with pytest.raises(ValueError, match=r"no linear layer selected \(5 candidates, check --include/--exclude\)$"), \
+            command_line():
         open_model(path, exclude=["*"])
 
 

@@ -93,8 +93,8 @@ def test_codes_no_scales_pair_with_are_kept_saying_so(tmp_path, scales):
             "with them (X_blocks needs X_scales, U8, of its shape without the last axis of 16 bytes, and no other "
             "tensor named X), so their values cannot be read")
     assert said in open_model(str(tmp_path / "m.safetensors")).notes
-    with pytest.raises(ValueError, match=re.escape(f"no linear layer selected (1 candidates, check --include/"
-                                                   f"--exclude): {said}")):
+    with pytest.raises(ValueError, match=re.escape(f"no linear layer selected (1 candidates, check include/"
+                                                   f"exclude): {said}")):
         open_model(str(tmp_path / "m.safetensors"), include=["nothing"])
 
 
