@@ -16,7 +16,7 @@ named where one was); tests/test_gemv_mutate.py checks that reach from golden's 
   ``window_edge_layer``, ``window_pow2_layer``, ``subnormal_barrier_layer``, ``adder_sticky_layer``;
   for the timing job, ``window_edge_fast_layer`` (with ``layer_rows``) and ``zero_products_fast_layer``);
   E4M3 only (``terms_alone_layer``, ``deep_cancel_layer``, ``top_offset_layer``,
-  ``reused_table_layers``, ``lane_align_layer``, ``subnormal_block_layers``).
+  ``reused_table_layers``, ``lane_align_layer``, ``subnormal_block_layers``, ``near_nan_layer``).
 """
 
 from __future__ import annotations
@@ -348,6 +348,19 @@ def tall_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, list[
     rows = [TALL_ROWS[0], TALL_ROWS[0], TALL_ROWS[1]]
     return [(f"tall-{r}x{g}" + ("-again" if k == 1 else ""), random_layer(point, r, g, rng),
              [finite_codes(act, rng, g)]) for k, r in enumerate(rows)]
+
+
+def near_nan_layer(point: str, rng, g: int = 16) -> tuple[LayerStream, list[np.ndarray]]:
+    """A random layer of one row and one vector whose ``x`` beats put in every lane each E4M3 code one bit
+    short of NaN (S.1111.111 with one of its low 7 bits cleared: 448, 416, 384, 320, 240, 120, 30 and
+    1.875), with both signs: beat ``j`` gives lane ``k`` the code with bit ``(j + k) % 7`` cleared, the
+    sign bit set from beat 7 on. The sequencer's NaN detect compares each lane's low 7 bits with
+    all ones; a compare bit stuck at 1 flags one of these finite codes (``x_nan`` after the job).
+    Random vectors leave most of them out of most lanes: the small-FPGA engine's survivor 133 (lane 3's
+    compare, bit 4 tied to 1: 120 read as NaN) lived on the plan before."""
+    beat, lane = np.arange(14)[:, None], np.arange(g)[None, :]
+    x = (0x7F ^ (1 << (beat + lane) % 7)) | (beat >= 7) << 7
+    return random_layer(point, 1, x.size, rng), [x.reshape(-1)]
 
 
 def swap_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, list[np.ndarray]]]:

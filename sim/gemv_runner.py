@@ -62,7 +62,9 @@ each run, printed: ``--seed`` reruns it):
   position of the row adder's word (``deep_cancel_layer`` with ``SINGLE_BIT_ROWS``). Last, with
   either activation and from a generator of its own, random layers of one block a row and 257
   rows, twice (one in each page of layer registers: a row count with bit 8 set), then 240 rows
-  (a partial last tile at row 238) (``tall_layers``).
+  (a partial last tile at row 238) (``tall_layers``); with E4M3, after them (a generator of its
+  own), one row whose vector puts in every lane each code one bit short of NaN, with both signs
+  (``near_nan_layer``: a NaN detect with a compare bit stuck at 1 sets ``x_nan``).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
@@ -108,10 +110,10 @@ from sop.hdl.gemv_config import GemvConfig
 from sop.quantize.weights import QUERY_LAYER
 from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, SINGLE_BIT_ROWS, adder_sticky_layer, corner_layers,
                                  deep_cancel_layer, finite_codes, lane_align_layer, minilm_activations, minilm_layers,
-                                 random_layer, reused_table_layers, subnormal_barrier_layer, subnormal_block_layers,
-                                 swap_layers, tall_layers, term_rounding_layer, terms_alone_layer, top_offset_layer,
-                                 window_edge_fast_layer, window_edge_layer, window_pow2_layer, with_residuals,
-                                 zero_products_fast_layer)
+                                 near_nan_layer, random_layer, reused_table_layers, subnormal_barrier_layer,
+                                 subnormal_block_layers, swap_layers, tall_layers, term_rounding_layer,
+                                 terms_alone_layer, top_offset_layer, window_edge_fast_layer, window_edge_layer,
+                                 window_pow2_layer, with_residuals, zero_products_fast_layer)
 from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, failed_note, interruptible, simulate
 
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
@@ -157,7 +159,7 @@ def error_job(cfg: GemvConfig, point: str, rng) -> dict:
     fire on its own; their ``y`` counted, not compared), then a good one with 448 (compared), twice:
     the second time a block offered right after the pass's last one, with no vector loaded after it
     (``AFTER_PASS``: never taken, ``w_before_x``); a layer word with no rows; the layer with a sparse
-    entry beyond its columns."""
+    entry beyond its columns, and with one beyond its rows."""
     act = cfg.act_format
     ext, bits = EXTREMES[act.name], act.bits
     layer = random_layer(point, 3, 2 * cfg.group, rng, offset=0)
@@ -181,10 +183,17 @@ def error_job(cfg: GemvConfig, point: str, rng) -> dict:
     # and layer word into the inactive page, its x swaps them in, then the blocks and the entries
     # (its y counted)
     sparse = layer_entry(cfg, "errors+sparse", with_residuals(layer, rng, 4), [good])
+    beyond_rows = [list(e) for e in sparse["sparse"]]
     bad = sparse["sparse"][1]
     bad[1] = layer.cols + cfg.group * int(rng.integers(0, 4))
     entry["cases"].append({"error": "sparse", "loads": sparse["loads"], "layer": sparse["layer"], "x": beats,
                            "sparse": sparse["sparse"]})
+    # and again with an entry beyond the layer's rows instead, so beyond its tile's last row: the
+    # sequencer's compare of an entry's row with that row is reached alone (with the column one's, the
+    # sticky bit is set either way; the small-FPGA engine's survivors 3 and 8 lived on that)
+    beyond_rows[1][0] = layer.rows + int(rng.integers(0, 4))
+    entry["cases"].append({"error": "sparse", "loads": sparse["loads"], "layer": sparse["layer"], "x": beats,
+                           "sparse": beyond_rows})
     return {"kind": "errors", **entry}
 
 
@@ -271,6 +280,10 @@ def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) 
     # layers of 257 rows (one in each page) and 240 (a generator of their own, after every other draw)
     corners += [layer_entry(cfg, name, layer, v)
                 for name, layer, v in tall_layers(point, np.random.default_rng([seed, 25]), cfg.act_format)]
+    if cfg.act_format is E4M3:
+        # every lane's NaN detect against each code one bit short of NaN (a generator of its own, last)
+        corners.append(layer_entry(cfg, "near-nan-x", *near_nan_layer(point, np.random.default_rng([seed, 26]),
+                                                                       cfg.group)))
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}

@@ -31,7 +31,7 @@ computes nothing, it drives beats and compares every ``y`` word bit for bit,
   compared). Then a layer
   word with 0 rows (``layer`` at once, cleared), and the layer again with
   sparse entries, one beyond its columns: ``sparse`` once the engine takes it
-  (its ``y`` counted).
+  (its ``y`` counted); and again with one beyond its rows (its tile's last row) instead.
 * a ``layers`` job with ``timing`` (the plan's last, ``timing``): no idle input and
   no stall (nor a long one) while it runs; each measured layer's (``layers``) blocks
   must be taken one every ``block_cycles`` cycles from its first to its last, and the

@@ -223,6 +223,52 @@ def test_the_quick_plans_tall_layers_set_bit_8_of_the_row_count_in_each_page(eng
     assert _next_tile_starts_flipped(262, 17)[-1] == 255 and _next_tile_starts_flipped(240, 17)[-1] == 238 + 256
 
 
+@pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-sop4-g16-small"])
+def test_the_e4m3_quick_plans_send_every_code_one_bit_short_of_nan_in_every_lane(engine):
+    """Every lane of an ``x`` beat gets, in the plan's good vectors (every job but the errors job's NaN
+    cases), each E4M3 code one bit short of NaN (S.1111.111 with one of its low 7 bits cleared), with
+    both signs: a NaN detect whose compare has a bit stuck at 1 flags one of them, and the job's
+    ``status`` check reports ``x_nan`` (the small-FPGA engine's survivor 133, lane 3's bit 4, lived on
+    the plan before, which left 2 to 6 of the 7 out of every lane)."""
+    from sop.sim.gemv_runner import engines, plan_for
+
+    cfg = engines()[engine]
+    plan = plan_for(cfg, "quick", 1)
+    beats = [b for job in plan["jobs"] if job["kind"] == "layers"
+             for lay in job["layers"] for v in lay["vectors"] for b in v["x"]]
+    beats += [b for case in plan["jobs"][2]["cases"] if case["error"] != "x_nan" for b in case.get("x", [])]
+    codes = (np.array(beats, dtype=object)[:, None] >> (8 * np.arange(cfg.group))) & 0xFF
+    near = [0x7F ^ (1 << i) | sign for i in range(7) for sign in (0, 0x80)]
+    missing = {lane: [hex(c) for c in near if c not in set(codes[:, lane].tolist())] for lane in range(cfg.group)}
+    assert missing == {lane: [] for lane in range(cfg.group)}
+
+
+@pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-sop4-g16-bf16", "gemv-sop4-g16-small"])
+def test_the_errors_job_sends_an_entry_beyond_the_tiles_last_row_alone(engine):
+    """The errors job's ``sparse`` cases: one whose only entry outside its tile is beyond the layer's
+    columns, and one whose only one is beyond the tile's last row (the layer's: it has fewer rows than
+    a tile), below row 256. The sequencer's compare of an entry's row with the tile's last row is
+    then the only one that flags the second: the small-FPGA engine's survivors 3 (that compare tied
+    to 0) and 8 (bit 8 of the tile's last row inverted in it) lived on the plan before, whose one
+    case had the column compare flag its entry either way."""
+    from sop.sim.gemv_runner import engines, plan_for
+
+    cfg = engines()[engine]
+    errors = plan_for(cfg, "quick", 1)["jobs"][2]
+    rows, bpr = errors["layer"][:2]
+    assert rows <= cfg.tile
+    outside = []
+    for case in errors["cases"]:
+        if case["error"] == "sparse":
+            assert case["layer"][:2] == [rows, bpr]
+            out = [("row" if r >= rows else "col", r) for r, c, *_ in case["sparse"]
+                   if r >= rows or c >= bpr * cfg.group]
+            assert len(out) == 1, case["sparse"]
+            outside.append(out[0])
+    assert sorted(kind for kind, _ in outside) == ["col", "row"]
+    assert all(r < 256 for kind, r in outside if kind == "row")
+
+
 def _quick_corners(engine: str = "gemv-sop4-g16") -> dict:
     """The corner layers of an engine's quick plan (seed 1), by name."""
     from sop.hdl.gemv_config import gemv_configs
