@@ -345,10 +345,16 @@ _OPTION_OF = {"router": ("a MoE router", "routers", "--include-routers"),
               "lm_head": ("the output head", "lm_head", "--include-lm-head")}
 
 
+def _switch(why: str) -> str:
+    """The setting that quantizes what ``_OPTION_OF[why]`` keeps, as its caller gives it: ``--include-lm-head``
+    from ``sop``, ``lm_head=True`` from Python."""
+    _, keyword, flag = _OPTION_OF[why]
+    return option(keyword, "True", flag=flag)
+
+
 def _option_of(why: str) -> str:
     """``the output head, kept unless --include-lm-head`` (``lm_head=True`` from Python) for a ``_OPTION_OF`` key."""
-    what, keyword, flag = _OPTION_OF[why]
-    return f"{what}, kept unless {option(keyword, 'True', flag=flag)}"
+    return f"{_OPTION_OF[why][0]}, kept unless {_switch(why)}"
 
 
 def kept_text(kept: dict[str, int], lm_head: str = "") -> str:
@@ -1056,7 +1062,7 @@ def _head_policy(spec: str, names: list[str], forward, forward_note: str, lm_hea
             _tied_embedding(names) if ties else None
     if tied is not None:
         return tied, None, None
-    asked = option("lm_head", "True", flag="--include-lm-head")      # as its caller gave it
+    asked = _switch("lm_head")
     if lm_head and _tied_embedding(names) is not None:      # a tie only a model that runs can tell
         raise ValueError(f"{spec}: {asked}: the checkpoint stores no output head; whether its head is "
                          f"tied to the input embedding {_tied_embedding(names)} only a causal LM that runs can "
@@ -1127,7 +1133,7 @@ def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict,
     """The error of a selection with no layer, with what the include or the checkpoint explains (``tied``:
     the input embedding a causal LM's head is tied to, the one layer of both)."""
     hint = f", check {option('include')}/{option('exclude')}" if candidates else ""
-    head = option("lm_head", "True", flag="--include-lm-head")          # as its caller gives it
+    head = _switch("lm_head")
     expert = next((g for g in [*(include or ()), *(exclude or ())] if re.fullmatch(r".*\[\d+\]", g)), None)
     if expert is not None:          # `[3]` is a glob's character class: an expert goes with its tensor
         hint += f"; the experts of a fused tensor are selected by the tensor's name ({expert.rsplit('[', 1)[0]})"
