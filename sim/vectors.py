@@ -48,6 +48,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -615,8 +617,37 @@ def minilm_budget_artifact(budget: float) -> Path:
     path = toolenv.build_root() / "vectors" / f"minilm-sop-budget-{float(budget)}.sopq"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        quantize_model("minilm", "sop-budget", path, budget=budget, progress=False)
+        with _only_builder(path):
+            if not path.is_file():                  # another process built it while this one waited
+                quantize_model("minilm", "sop-budget", path, budget=budget, progress=False)
     return path
+
+
+_BUILD_WAIT_S = 900.0           # a cold build takes about 30 s on 2 cores; a lock held longer is stuck
+
+
+@contextmanager
+def _only_builder(path: Path, wait_s: float = _BUILD_WAIT_S):
+    """Hold an exclusive lock beside ``path`` (``<path>.lock``) while it is built, so that two processes
+    (pytest-xdist workers, two ``make sim`` runs) build it once, not side by side. The lock goes with its
+    holder's process, however that ends; a lock not freed within ``wait_s`` seconds raises
+    ``TimeoutError`` naming the lock file instead of waiting for ever."""
+    import fcntl
+
+    deadline = time.monotonic() + wait_s
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock.name}: held by another process for over {wait_s:.0f} s") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def quantize_layer(fmt: str, w: np.ndarray, name: str) -> LayerStream:

@@ -203,3 +203,60 @@ def test_a_vector_file_that_is_not_text_is_one_vector_error_naming_it(sparse_set
     (d / "vectors.json").write_text(json.dumps(doc))
     with pytest.raises(VectorError, match=re.escape(f"{path}: not UTF-8 text (byte 0: 0xff)")):
         read_vectors(d)
+
+
+_HOLDER = """
+import fcntl, sys, time
+from pathlib import Path
+path, hold_s = Path(sys.argv[1]), float(sys.argv[2])
+with open(str(path) + ".lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(hold_s)
+    if len(sys.argv) > 3:
+        path.write_bytes(sys.argv[3].encode())
+"""
+
+
+def _hold_lock(path, hold_s, writes=None):
+    """Another process that takes ``path``'s build lock, holds it ``hold_s`` seconds, writes ``path``
+    (when ``writes`` is given) and exits; returned once the lock is held."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), str(hold_s)] + ([writes] if writes else []),
+                              stdout=subprocess.PIPE, text=True)
+    said = holder.stdout.readline().strip()
+    holder.stdout.close()
+    assert said == "locked"
+    return holder
+
+
+def test_the_budget_artifact_is_built_by_one_process_while_another_waits(tmp_path, monkeypatch):
+    """Two xdist workers asking for the sop-budget artifact at once: the second waits for the first's
+    build and reads its file (it built a second copy beside it, 26 CPU-s on 2 cores)."""
+    from sop.sim.vectors import minilm_budget_artifact
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "build" / "vectors" / "minilm-sop-budget-5.5.sopq"
+    path.parent.mkdir(parents=True)
+    holder = _hold_lock(path, 1.0, writes="the other process's build")
+    try:
+        assert minilm_budget_artifact(5.5) == path
+        assert path.read_text() == "the other process's build"
+    finally:
+        assert holder.wait(timeout=30) == 0
+
+
+def test_a_build_lock_held_too_long_is_a_timeout_naming_it(tmp_path):
+    from sop.sim.vectors import _only_builder
+
+    path = tmp_path / "artifact.sopq"
+    holder = _hold_lock(path, 30.0)
+    try:
+        with pytest.raises(TimeoutError, match=r"artifact\.sopq\.lock: held by another process for over 1 s"):
+            with _only_builder(path, wait_s=1.0):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
