@@ -82,16 +82,18 @@ from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.evaluate import jsonable
-from sop.quantize.inputs import boolean, cache_folder, option
+from sop.quantize.inputs import boolean, cache_folder, on_command_line, option
 from sop.quantize.layer_loop import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for, check_options,
                                      layer_line, quantize_layer, recon_float32, reporter)
 from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import abs_max, aggregate
-from sop.quantize.models import (MINILM, SIBLINGS_READ, SMOLLM2, expert_layer_name, files_fingerprint, is_artifact,
-                                 linear_layers, model_inputs, open_model)
+from sop.quantize.models import (ARTIFACT_SUFFIX, CHECKPOINT_SUFFIXES, MINILM, SIBLINGS_READ, SMOLLM2,
+                                 expert_layer_name, files_fingerprint, is_artifact, linear_layers, model_inputs,
+                                 open_model)
 from sop.quantize.result import QuantResult
+from sop.terminal import some_names
 
 MAGIC = b"SOPQ"
 VERSION = 1
@@ -345,8 +347,7 @@ class Artifact:
 
     def some_layer_names(self, shown: int = 5) -> str:
         """The first ``shown`` layer names and how many there are, for an error line (an LLM has hundreds)."""
-        names = [e.name for e in self.layers]
-        return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+        return some_names((e.name for e in self.layers), shown)
 
     def _layer(self, layer: LayerEntry | str) -> LayerEntry:
         """A layer given as its entry or its name (``record``, ``stream`` and ``weights`` take either);
@@ -508,6 +509,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     cache_dir = cache_folder(cache_dir, calibrate)
     # before any work: never one of the model's files
     out = check_output(out, model_inputs(model), option=option("out"))
+    named_as_written(out, "quantize_model()")
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
@@ -686,6 +688,25 @@ def source_by_contents(art: Artifact, out: str | os.PathLike) -> Path | None:
     return None
 
 
+def named_as_written(out, call: str) -> None:
+    """Refuse an output named as what the other writer writes: every reader takes a model or an artifact by
+    its name's ending (``models.is_artifact``), so an artifact named ``.safetensors`` was read as a damaged
+    checkpoint (``header length field claims 5659184979 bytes``) and decoded weights named ``.sopq`` as a
+    damaged artifact. ``call``: the Python function writing ``out``, ``"dequantize()"`` (safetensors) or one
+    that writes an artifact (``"quantize_model()"``, ``"quantize_module()"``); the command line's is named
+    ``sop quantize`` or ``sop dequantize``."""
+    suffix = Path(out).suffix.lower()
+    artifact = call != "dequantize()"
+    name = f"`sop {'quantize' if artifact else 'dequantize'}`" if on_command_line() else call
+    if artifact and suffix in CHECKPOINT_SUFFIXES:
+        raise OutputError(f"{out}: {name} writes a {ARTIFACT_SUFFIX} artifact, which every reader would take by "
+                          f"this name for a {suffix} checkpoint; name it {Path(out).with_suffix(ARTIFACT_SUFFIX)}")
+    if not artifact and suffix == ARTIFACT_SUFFIX:
+        raise OutputError(f"{out}: {name} writes decoded weights as safetensors, which every reader would take "
+                          f"by this name for a {ARTIFACT_SUFFIX} artifact; name it "
+                          f"{Path(out).with_suffix('.safetensors')}")
+
+
 def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> dict:
     """Decode every layer of the artifact ``path`` into the float32 safetensors file ``out``, which
     may be neither the artifact nor a file of the checkpoint it was made from (replaced by its
@@ -697,6 +718,7 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
     # an earlier output of this checkpoint written into its folder is no file of it: the re-run replaces it
     earlier = isinstance(fp, str) and bool(fp) and os.path.isfile(out) and _dequantized_from(Path(out), fp)
     check_output(out, [path] if earlier else [path, *source_files(art)], option=option("out"))
+    named_as_written(out, "dequantize()")
     folder = source_by_contents(art, out)
     if folder is not None:
         raise OutputError(f"{out}: the output is a file of the checkpoint {art.path.name} was made from (found "

@@ -828,11 +828,12 @@ def _check_sopq(out, names, inputs) -> Path:
     non-regular file, one of ``inputs``; a layer name a ``.sopq`` cannot hold, ``artifact.name_problem``)."""
     from sop.golden.files import check_output
 
-    from .artifact import ArtifactError, name_problem
+    from .artifact import ArtifactError, name_problem, named_as_written
 
     if not isinstance(out, (str, os.PathLike)) or isinstance(os.fspath(out), bytes):
         raise ValueError(f"out is the .sopq file's path (a str or os.PathLike), got {type(out).__name__} {out!r}")
     out = check_output(out, inputs, option=option("out"))
+    named_as_written(out, "quantize_module()")
     for name in names:
         why = name_problem(name)
         if why:

@@ -108,6 +108,8 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 GGUF_SUFFIXES = (".gguf",)
+#: every ending a checkpoint file is read by (``open_model``)
+CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + GGUF_SUFFIXES
 #: the modules transformers builds as Conv1D (a weight stored (in, out)) in ``CONV1D_MODEL_TYPES``;
 #: GPTBigCode (StarCoder) and StarCoder2 give the same names to nn.Linear modules, stored (out, in)
 CONV1D_NAMES = ("c_attn", "q_attn", "c_proj", "c_fc")
@@ -808,7 +810,7 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None
                 if kind == "gguf" and len(files) > 1:
                     raise ValueError(f"{p}: {len(files)} GGUF files; name one")
                 return kind, files, p, None
-        known = p.suffix.lower() in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + GGUF_SUFFIXES
+        known = p.suffix.lower() in CHECKPOINT_SUFFIXES
         raise ValueError(f"{p}: {'is a directory, not a checkpoint file, and holds ' if known else ''}"
                          f"no *.safetensors, *.bin, *.pt, *.pth or *.gguf file{'' if known else ' in the folder'}")
     if not p.exists():
@@ -819,7 +821,7 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None
         if suffix in suffixes:
             return kind, [p], p.parent, None
     raise ValueError(f"{p}: unsupported file type {suffix!r}; supported: "
-                     f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + GGUF_SUFFIXES)}")
+                     f"{', '.join(CHECKPOINT_SUFFIXES)}")
 
 
 def weights_files(spec: str) -> list[Path]:

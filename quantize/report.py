@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import input_file, refuse_folder_name, write_atomic
+from sop.golden.files import OutputError, input_file, refuse_folder_name, write_atomic
 from sop.quantize.models import linear_layers
 
 BPW_TOL = 0.01          # default: bit costs this close count as equal on the Pareto front
@@ -407,6 +407,10 @@ def output_paths(json_path: str | Path, stem: str | Path | None = None) -> tuple
     """(``<stem>.md``, ``<stem>.png``); the stem defaults to the JSON's path without its suffix."""
     if stem is not None:
         refuse_folder_name(stem, "the stem of the files to write (STEM.md, STEM.png)")
+        given = Path(stem)
+        if given.suffix.lower() in (".md", ".png"):     # `--out report.md` wrote report.md.md and report.md.png
+            raise OutputError(f"{stem}: a file's name, not the stem of the files to write, which takes .md and .png "
+                              f"after it ({given.name}.md, {given.name}.png); give {given.with_suffix('')}")
     stem = Path(stem) if stem is not None else Path(json_path).with_suffix("")
     return stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".png")
 

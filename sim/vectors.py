@@ -724,6 +724,7 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     from sop.quantize.inputs import option
     from sop.quantize.layer_loop import read_weight
     from sop.quantize.models import is_artifact, open_model
+    from sop.terminal import some_names
 
     if rows is not None and rows <= 0:
         raise ValueError(f"{option('rows')} must be a positive number of rows, got {rows}")
@@ -736,7 +737,7 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
         if name not in known:
             why = source.not_selected_why(name)
             raise ValueError(f"{model}: {name} is not a linear layer{f' ({why})' if why else ''}; "
-                             f"linear layers: {', '.join(lay.name for lay in source.layers)}")
+                             f"linear layers: {some_names(lay.name for lay in source.layers)}")
     out_dir = Path(out_dir)
     _check_distinct(names)
     for f in ["vectors.json", *(f for n in names for f in vector_files(n).values())]:

@@ -524,7 +524,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     _model_options(e)
     e.set_defaults(func=cmd_eval)
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
-    v.add_argument("model", help="a model path or 'minilm'")
+    v.add_argument("model", help="a model (a file, a HF folder, 'minilm' or 'smollm2') or a .sopq artifact (its "
+                                 "stored layers, sparse residuals included; docs/vectors.md)")
     v.add_argument("--format", required=True, choices=vector_points(), action=Once)
     v.add_argument("--layer", action="append", type=layer_name, metavar="NAME",
                    help="a linear layer (repeatable; default all)")
@@ -538,7 +539,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
     q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
     q.add_argument("--format", required=True, metavar="F", action=Once, help="a format name; `sop formats` lists them")
-    q.add_argument("--out", required=True, help="the artifact to write (atomically)")
+    q.add_argument("--out", required=True, help="the .sopq artifact to write (atomically)")
     _model_options(q)
     q.set_defaults(func=cmd_quantize)
     dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
@@ -579,7 +580,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     b.add_argument("--format", required=True, choices=board_points(), action=Once,
                    help="the format of the board's decoder or GEMV engine (the boards of synth/gateware/board.py: "
                         "sop4-g16)")
-    b.add_argument("--layer", type=layer_name, metavar="NAME", default=None, help="a linear layer (default: the first)")
+    b.add_argument("--layer", type=layer_name, metavar="NAME", default=None,
+                   help="a linear layer (default: a model's first; an artifact's first in --format's layout with "
+                        "sparse entries, else its first in that layout)")
     b.add_argument("--baud", type=positive(int), default=DEFAULT_BAUD, help=f"baud rate (default {DEFAULT_BAUD})")
     b.add_argument("--timeout", type=positive(float, MAX_REPLY_TIMEOUT), default=1.0, metavar="S",
                    help=f"seconds to wait for each reply (default 1, at most {MAX_REPLY_TIMEOUT:g})")

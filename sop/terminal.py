@@ -3,7 +3,7 @@
 A tensor name, a path or a library's message is any string. A line break in it would split a
 ``sop: error:`` line in two; an escape sequence (ESC, BEL, a CSI) would be run by the terminal, which
 a checkpoint's tensor names could then recolour, retitle or clear. Every error, warning and progress
-line of ``sop`` passes through ``one_line``.
+line of ``sop`` passes through ``one_line``; a list of names in such a line, through ``some_names``.
 """
 
 from __future__ import annotations
@@ -33,3 +33,10 @@ def _escape(m: re.Match) -> str:
     """A control character as the escape Python writes for it."""
     c = ord(m[0])
     return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def some_names(names, shown: int = 5) -> str:
+    """The first ``shown`` of ``names`` and how many there are, for an error line: an LLM has hundreds of
+    layers, and a line listing them all ran to kilobytes (SmolLM2's 210: 4.9 kB)."""
+    names = list(names)
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")

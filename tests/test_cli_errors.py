@@ -277,6 +277,29 @@ def test_an_unknown_vector_layer_lists_the_layers(ckpt, tmp_path, capsys):
     assert "x.weight is not a linear layer" in err and LAYER in err
 
 
+def test_an_unknown_model_layer_names_a_few_layers_and_their_count(tmp_path, capsys):
+    """`sop vectors MODEL --layer` and `sop board MODEL --layer` listed every linear layer of a model in their
+    one error line (SmolLM2's 210: 4.9 kB); now five and the count, as for an artifact's layer."""
+    from sop.synth.host.bringup import model_layer
+
+    path = tmp_path / "m.safetensors"
+    rng = np.random.default_rng(4)
+    save_file({f"blk.{i}.fc.weight": rng.standard_normal((16, 64)).astype(np.float32) for i in range(12)}, str(path))
+    err = one_error_line(capsys, ["vectors", str(path), "--format", "sop4-g16", "--layer", "blk.0.fx.weight",
+                                  "--out", str(tmp_path / "v")])
+    first = ", ".join(f"blk.{i}.fc.weight" for i in range(5))
+    assert err.endswith(f"blk.0.fx.weight is not a linear layer; linear layers: {first}, ... (12 in all)"), err
+    with pytest.raises(ValueError) as refused:                                 # `sop board`'s layer
+        model_layer(str(path), "sop4-g16", "blk.0.fx.weight")
+    assert str(refused.value).endswith(f"no linear layer 'blk.0.fx.weight'; linear layers: {first}, ... (12 in all)")
+    assert not (tmp_path / "v").exists()
+    art = tmp_path / "m.sopq"                                                   # `sop board ART --layer`
+    assert run(["quantize", str(path), "--format", "sop4-g16", "--out", str(art), "--quiet", "--no-calib"]) == 0
+    with pytest.raises(ValueError) as refused:
+        model_layer(str(art), "sop4-g16", "blk.0.fx.weight")
+    assert str(refused.value).endswith(f"no layer 'blk.0.fx.weight'; layers: {first}, ... (12 in all)")
+
+
 def test_a_vector_layer_naming_the_head_says_how_to_include_it(tmp_path, capsys):
     """`sop vectors` had no --include-lm-head: a head named by --layer was refused with no way to select it,
     and a tied head's matrix is the embedding's (an outside probe)."""

@@ -97,6 +97,10 @@ def test_a_refused_or_failed_write_leaves_the_model_and_the_target_as_they_were(
     with pytest.raises(OutputError, match="dir.sopq"):
         quantize_module(model, "sop4-g16", out=tmp_path / "dir.sopq")
     assert unchanged()
+    with pytest.raises(OutputError, match=r"quantize_module\(\) writes a \.sopq artifact, .* for a \.safetensors "
+                                          r"checkpoint; name it .*m\.sopq$"):
+        quantize_module(model, "sop4-g16", out=tmp_path / "m.safetensors")
+    assert unchanged() and not (tmp_path / "m.safetensors").exists()
     target = tmp_path / "old.sopq"
     target.write_bytes(b"the user's file")
     with torch.no_grad():                           # float16 cannot hold E4M3's 256 x 256 = 65536

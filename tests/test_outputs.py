@@ -774,3 +774,25 @@ def test_a_set_of_files_flushes_its_folders_after_the_renames(tmp_path, monkeypa
         files.write(tmp_path / "b" / "y.bin", b"y")
         assert not any(Path(p).is_dir() for p in synced)          # before the commit: the files' data only
     assert sorted(p for p in synced if Path(p).is_dir()) == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def test_an_output_named_as_the_other_commands_file_is_refused(files, tmp_path, capsys):
+    """Every command takes a model or an artifact by its name's ending: `sop quantize --out m.safetensors`
+    wrote a .sopq container under a checkpoint's name, which `sop eval`, `sop vectors` and `sop board` then
+    read as a damaged checkpoint (`header length field claims 5659184979 bytes`), and `sop dequantize --out
+    w.sopq` wrote safetensors that `sop vectors` read as a damaged artifact. Refused before any work."""
+    for name in ("m.safetensors", "m.BIN", "m.pt", "m.pth", "m.gguf"):
+        refused(capsys, commands(files, tmp_path / name)["quantize"], "`sop quantize` writes a .sopq artifact",
+                f"for a {Path(name).suffix.lower()} checkpoint; name it {tmp_path / 'm.sopq'}")
+    refused(capsys, commands(files, tmp_path / "w.sopq")["dequantize"], "`sop dequantize` writes decoded weights",
+            f"name it {tmp_path / 'w.safetensors'}")
+    assert list(tmp_path.iterdir()) == []
+    assert main(commands(files, tmp_path / "m.sopq")["quantize"]) == 0                  # the names they document
+    assert main(commands(files, tmp_path / "w.safetensors")["dequantize"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.sopq", "w.safetensors"]
+    # from Python the same refusals, naming the functions
+    with pytest.raises(G.OutputError, match=r"quantize_model\(\) writes a \.sopq artifact"):
+        quantize_model(str(files["ckpt"]), "sop4-g16", tmp_path / "x.safetensors", calibrate=False)
+    with pytest.raises(G.OutputError, match=r"dequantize\(\) writes decoded weights"):
+        dequantize(tmp_path / "m.sopq", tmp_path / "x.sopq")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.sopq").exists()

@@ -339,3 +339,18 @@ def test_rows_are_sorted_by_the_exact_bpw_then_by_sqnr_highest_first():
                "if4": {**row, "bpw": 4.5001, "sqnr_db": 22.01}, "a": {**row, "bpw": 6.0, "sqnr_db": 30.0}}
     rows = load_rows({"model": "m", "formats": formats})
     assert [r["format"] for r in rows] == ["nf4-g64", "if4", "nvfp4-46", "nvfp4", "a", "b"]
+
+
+def test_a_stem_named_as_one_of_its_files_is_refused(eval_json, tmp_path, capsys):
+    """`sop report E.json --out figs/report.md` (or `.png`) wrote figs/report.md.md and figs/report.md.png, exit 0:
+    the stem takes the suffixes after it. One line naming the stem to give, nothing written."""
+    for name in ("report.md", "report.png", "report.MD"):
+        assert main(["report", str(eval_json), "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sop: error: ") and "\n" not in err, err
+        assert f"({name}.md, {name}.png); give {tmp_path / 'report'}" in err, err
+        with pytest.raises(ValueError, match=r"not the stem of the files to write"):
+            report(eval_json, stem=tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    assert main(["report", str(eval_json), "--out", str(tmp_path / "report.v2")]) == 0   # another dot is the stem's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.v2.md", "report.v2.png"]

@@ -276,7 +276,7 @@ def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
     if name is None:
         raise ValueError(f"{path}: no layer is stored in the {fmt} layout")
     if name not in stored:
-        raise ValueError(f"{path}: no layer {name!r}; layers: {', '.join(stored)}")
+        raise ValueError(f"{path}: no layer {name!r}; layers: {art.some_layer_names()}")
     entry, st = stored[name]
     if name not in mine:
         raise ValueError(f"{not_in_layout(path, entry, st, fmt)}; layers in it: {', '.join(mine) or 'none'}")
@@ -293,6 +293,7 @@ def model_layer(model: str, fmt: str, layer: str | None = None,
     offset, as ``sop vectors --rows`` does), an artifact's stored layer is cropped."""
     from sop.quantize.models import is_artifact, open_model
     from sop.sim.vectors import quantize_layer as quantize_weights
+    from sop.terminal import some_names
 
     check_format(fmt)                          # before any work
     if rows is not None and rows < 1:
@@ -305,7 +306,7 @@ def model_layer(model: str, fmt: str, layer: str | None = None,
     if name not in names:
         why = source.skipped.get(name)
         raise ValueError(f"{model}: no linear layer {name!r}{f' (kept as it is: {why})' if why else ''}; "
-                         f"linear layers: {', '.join(names)}")
+                         f"linear layers: {some_names(names)}")
     w = source.load(name)
     return name, quantize_weights(fmt, w if rows is None else w[:rows], name), w.shape[1]
 
