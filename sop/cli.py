@@ -499,7 +499,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     """The `sop` command line: its parser and each command's own (which names its errors)."""
     p = _Parser(prog="sop", description="SOP weight quantization: golden model, "
                                 "quantizer and decoder hardware")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     f = sub.add_parser("formats", help="list every format, codebook and operating point")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_formats)
@@ -644,7 +644,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with usage errors on one line: ``sop: error: ...``, exit 2."""
 
     def error(self, message):
-        print(f"sop: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        where = "" if self.prog == "sop" else f"{self.prog}: "          # `sop: error: sop: ...` said it twice
+        print(f"sop: error: {where}{message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -128,7 +128,8 @@ def test_any_budget_above_0_is_capped_or_refused_in_one_line(request, tmp_path, 
     (["eval", "M", "--format", "sop4-g16", "--layers", "x"],
      "sop: error: sop eval: unrecognized arguments: --layers x (see sop eval --help)"),
     (["codebook", "nf4", "extra"], "sop: error: sop codebook: unrecognized arguments: extra (see sop codebook --help)"),
-    (["nosuch"], "sop: error: sop: argument cmd: invalid choice: 'nosuch'")])
+    (["nosuch"], "sop: error: argument COMMAND: invalid choice: 'nosuch'"),
+    ([], "sop: error: the following arguments are required: COMMAND (see sop --help)")])
 def test_an_unknown_argument_points_at_its_commands_help(capsys, argv, said):
     """A mistyped option is the subcommand's, so its help is the one to read, not `sop --help`."""
     assert one_error_line(capsys, argv).startswith(said)
