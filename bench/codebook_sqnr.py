@@ -20,7 +20,6 @@ Run: ``.venv/bin/python bench/codebook_sqnr.py [--out FILE.md]`` (under a minute
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hif_sqnr import (G, exact_nearest, report_inputs, signed_max, sqnr_db, squared_error,  # noqa: E402
                       weight_blocks)
 
-from sop.argtypes import output_checked  # noqa: E402
+from sop.argtypes import ToolParser, output_checked  # noqa: E402
 from sop.golden.codebooks import FIXED_4BIT, SH4_ALPHA, get_codebook, sh4_levels, split87_levels  # noqa: E402
 from sop.golden.files import write_atomic  # noqa: E402
 from sop.quantize.weights import minilm_linear_weights  # noqa: E402
@@ -91,7 +90,7 @@ def alpha_sweep(datasets: list[DataSet]) -> tuple[str, dict[str, float]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ToolParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
     if args.out:                                # before the sweep: a FIFO, a folder or an input is refused

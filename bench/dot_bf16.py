@@ -16,12 +16,11 @@ all six encoder layers).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
-from sop.argtypes import positive
+from sop.argtypes import ToolParser, positive
 from sop.golden import dot
 from sop.golden.layout import unpack_blocks
 from sop.golden.points import get_point
@@ -37,7 +36,7 @@ def _windows(text: str) -> list[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ToolParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sentences", type=positive(int, HELDOUT_RESERVE), default=8,
                     help=f"held-out sentences (1 to {HELDOUT_RESERVE}; default 8)")
     ap.add_argument("--layers", choices=("all", "0"), default="0")

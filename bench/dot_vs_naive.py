@@ -43,7 +43,6 @@ Run: .venv/bin/python bench/dot_vs_naive.py [--target ecp5] [--design naive-tree
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -52,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from sop.argtypes import out_folder, output_checked, positive
+from sop.argtypes import ToolParser, out_folder, output_checked, positive
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.hdl.block_dot import BlockDot
@@ -219,7 +218,7 @@ def markdown(results: dict, rat: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ToolParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", action="append", choices=BENCH_TARGETS, help="default: both")
     p.add_argument("--design", action="append", choices=DESIGNS, help="default: all five")
     p.add_argument("--seed", type=positive(int), default=SEED, help="nextpnr placement seed (default 1, the flow's)")

@@ -41,7 +41,6 @@ Run: .venv/bin/python bench/fmax_seeds.py [--seeds 5] [--jobs 2]    (about 5 min
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -55,7 +54,7 @@ from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 
-from sop.argtypes import positive
+from sop.argtypes import ToolParser, positive
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.golden.points import config_point
@@ -113,7 +112,7 @@ def fmax_for_seed(work: Path, seed: int, placer: str = "default") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ToolParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=positive(int), default=5)
     p.add_argument("--jobs", type=positive(int), default=2, help="nextpnr runs at once (at most one per usable CPU)")
     p.add_argument("--config", action="append", choices=list(named_configs()),

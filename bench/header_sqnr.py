@@ -16,11 +16,11 @@ Run: .venv/bin/python bench/header_sqnr.py   (about 3 minutes on 2 cores)
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
+from sop.argtypes import ToolParser
 from sop.golden.codebooks import get_codebook
 from sop.golden.decoder import decode_layer
 from sop.golden.formats import get_format
@@ -52,7 +52,7 @@ def aggregate_sqnr(weights: dict[str, np.ndarray], layout: BlockLayout, banks) -
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    ToolParser(description=__doc__.splitlines()[0]).parse_args()
     weights = minilm_linear_weights()
     cands = candidates()
     print("| header | " + " | ".join(f"{a}+{b}" for a, b in PAIRS) + " |")

@@ -28,7 +28,6 @@ Run: ``.venv/bin/python bench/hif_sqnr.py [--out FILE.md]`` (about a minute).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.argtypes import output_checked
+from sop.argtypes import ToolParser, output_checked
 from sop.golden.bof4 import lloyd
 from sop.golden.codebooks import FIXED_4BIT, Codebook, get_codebook
 from sop.golden.files import write_atomic
@@ -258,7 +257,7 @@ def report_inputs(script: str) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ToolParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
     if args.out:                                # before the measurement: a FIFO or a folder is refused, not opened

@@ -55,14 +55,13 @@ Run: .venv/bin/python bench/lane_sweep.py [--lanes 1 2 4 ...] [--jobs N] [--ice4
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace
 
 import numpy as np
 
-from sop.argtypes import output_checked, positive
+from sop.argtypes import ToolParser, output_checked, positive
 from sop import toolenv
 from sop.golden.files import write_atomic
 from sop.golden.layout import named_layouts
@@ -213,7 +212,7 @@ def markdown(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ToolParser(description=__doc__.splitlines()[0])
     p.add_argument("--lanes", type=int, nargs="+", default=list(LANES))
     p.add_argument("--jobs", type=positive(int), default=2)
     p.add_argument("--force", action="store_true")

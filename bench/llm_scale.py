@@ -33,7 +33,6 @@ Run: .venv/bin/python bench/llm_scale.py [--scale 1.0] [--blocks 4] [--format F 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from sop import toolenv
-from sop.argtypes import output_checked, positive
+from sop.argtypes import ToolParser, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
 
@@ -261,7 +260,7 @@ def jobs_bench(repeats: int, work: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ToolParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", type=positive(float), default=1.0,
                     help="layer dimensions times this (default 1: 7B-class)")
     ap.add_argument("--blocks", type=positive(int), default=4, help="transformer blocks, one shard each (default 4)")

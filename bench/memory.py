@@ -38,7 +38,6 @@ over the editable install.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.argtypes import output_checked, positive
+from sop.argtypes import ToolParser, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.quantize.schemes import quant_formats
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
@@ -148,7 +147,7 @@ def run_child(cmd: str, model: Path, fmt: str, work: Path, budget: float | None,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ToolParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=positive(int), default=8192, help="the layer is SIZE x SIZE (default 8192)")
     ap.add_argument("--format", action="append", dest="formats", choices=list(quant_formats()),
                     help="format(s) to measure (default: every format of `sop formats`)")

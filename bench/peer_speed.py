@@ -35,13 +35,12 @@ Run: .venv/bin/python bench/peer_speed.py [--threads 1] [--repeats 5] [--minilm]
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from sop.argtypes import output_checked, positive    # argparse and math only: no thread pool started
+from sop.argtypes import ToolParser, output_checked, positive  # argparse and math only: no thread pool started
 
-ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap = ToolParser(description=__doc__.splitlines()[0])
 ap.add_argument("--threads", type=positive(int), default=1, help="threads for ours and the peers (default 1: per core)")
 ap.add_argument("--repeats", type=positive(int), default=5, help="timed runs per quantizer; the best counts")
 ap.add_argument("--sop-repeats", type=positive(int), default=2, help="timed runs of the sop4-g16 search")

@@ -38,14 +38,13 @@ Run: SOP_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/quantize_speed.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import contextlib
 
 import numpy as np
 
-from sop.argtypes import positive
+from sop.argtypes import ToolParser, positive
 from sop.quantize import baselines as B
 from sop.quantize.blockwise import THREADS
 from sop.quantize.knapsack import layer_options, quantize_budget
@@ -149,7 +148,7 @@ def matrix_rows(devices: list[str]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ToolParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=positive(float), nargs="*", default=[],
                     help="also run sop-budget at these bpw (the options are quantized once)")
     ap.add_argument("--layers", type=positive(int), default=None, help="only the first N layers")

@@ -13,7 +13,6 @@ Run: .venv/bin/python bench/read_vectors.py [--layers 6] [--sparse] [--rounds 3]
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.argtypes import number, positive
+from sop.argtypes import ToolParser, number, positive
 from sop.sim import vectors
 
 #: the last revision with the line-by-line reader
@@ -60,7 +59,7 @@ def same(a, b) -> bool:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ToolParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=number(int, 0, inclusive=True), default=6,
                    help="MiniLM's first N linear layers (0: all 37)")
     p.add_argument("--sparse", action="store_true", help="also the sop-budget artifact's sop4-g16 layers")

@@ -21,12 +21,12 @@ the SQNR figures are deterministic. ``--skip-weighted`` leaves out part 3 (no fo
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import Counter
 
 import numpy as np
 
+from sop.argtypes import ToolParser
 from sop.quantize.knapsack import weighted_error
 from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.sop_search import quantize_fp6, quantize_sop4
@@ -65,7 +65,7 @@ def calibration(weights: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ToolParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-weighted", action="store_true", help="leave out the calibrated part (no forward pass)")
     args = ap.parse_args(argv)
     weights = minilm_linear_weights()

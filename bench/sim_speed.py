@@ -11,16 +11,16 @@ Run: .venv/bin/python bench/sim_speed.py [--config sop4-g16-x64]
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+from sop.argtypes import ToolParser
 from sop.hdl.config import named_configs
 from sop.sim import runner
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ToolParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", choices=list(named_configs()))
     args = p.parse_args()
     configs = named_configs()

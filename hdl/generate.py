@@ -73,7 +73,6 @@ names, so by default they go into ``build/verilog-spR``; their modules end in ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -86,7 +85,7 @@ from amaranth.hdl import Shape
 from amaranth.lib import data, wiring
 
 from sop import __version__, toolenv
-from sop.argtypes import number, out_folder
+from sop.argtypes import ToolParser, number, out_folder
 from sop.golden.files import OutputError, atomic_files, check_output, interrupted, signals_as_interrupts
 
 from . import axis, gemv, gemv_axis, gemv_config
@@ -562,7 +561,7 @@ def generate_axis(config: DecoderConfig, out_dir: Path) -> dict[str, Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sop.hdl.generate", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m sop.hdl.generate", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=out_folder, default=None, metavar="DIR",
                    help="the folder to write into (default build/verilog under the working folder; each other "
                         "build shape in its own, so that one never replaces another's files of the same names: "

@@ -55,7 +55,6 @@ fails the regression (the run is void).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import shutil
@@ -70,7 +69,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 
 from sop import toolenv
-from sop.argtypes import number, out_folder, output_checked, positive
+from sop.argtypes import ToolParser, number, out_folder, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path, runner_owns_environment
 from sop.sim import mutate as mu
@@ -398,7 +397,7 @@ def by_location(s: dict) -> str:
 def main(argv=None) -> int:
     from sop.sim.gemv_runner import engines
 
-    p = argparse.ArgumentParser(prog="python -m sop.sim.gemv_mutate", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m sop.sim.gemv_mutate", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(engines()))
     p.add_argument("--mutants", type=positive(int), default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
     p.add_argument("--seed", type=mu.SEED_ARG, default=mu.DEFAULT_SEED)

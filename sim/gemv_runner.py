@@ -94,7 +94,6 @@ simulator.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -104,6 +103,7 @@ from pathlib import Path
 import numpy as np
 
 from sop import toolenv
+from sop.argtypes import ToolParser
 from sop.golden.layout import LayerStream
 from sop.hdl import gemv, gemv_config
 from sop.hdl.gemv_config import GemvConfig
@@ -388,7 +388,7 @@ def cli(argv, prog: str, description: str, run_one, line, ok, extra: dict[str, G
     interrupt is one line, exit 128 + N, the simulators killed (runner.interruptible)."""
     named = gemv_config.gemv_configs()
     configs = {**named, **(extra or {})}
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = ToolParser(prog=prog, description=description)
     p.add_argument("--config", action="append", choices=list(configs),
                    help="a named engine (default: every named one)")
     add_run_options(p)

@@ -53,7 +53,6 @@ Exit status 1 if the original design fails the regression (the run is void).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -66,7 +65,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sop import toolenv
-from sop.argtypes import number, out_folder, output_checked, positive
+from sop.argtypes import ToolParser, number, out_folder, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
 from sop.sim import mut_env, runner_owns_environment
@@ -802,7 +801,7 @@ def mutant_indices(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sop.sim.mutate", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m sop.sim.mutate", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help=f"a named configuration (default: {', '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--mutants", type=positive(int), default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
     p.add_argument("--sparse-mutants", type=positive(int), default=DEFAULT_SPARSE_MUTANTS, metavar="N",

@@ -48,7 +48,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sop import toolenv
-from sop.argtypes import number
+from sop.argtypes import ToolParser, number
 from sop.golden.files import interrupted, signals_as_interrupts, write_atomic
 from sop.golden.points import OperatingPoint, config_point, operating_points, point_digest
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
@@ -479,7 +479,7 @@ def interruptible(prog: str, run_all) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sop.sim.runner", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m sop.sim.runner", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     add_run_options(p)
     p.add_argument("--lutram-depth", type=number(int, 0, inclusive=True), default=0, metavar="D",

@@ -17,7 +17,6 @@ decoder itself in amaranth.sim on a MiniLM layer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.argtypes import number, output_checked, positive
+from sop.argtypes import ToolParser, number, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.golden.points import operating_points
 from sop.hdl.config import MAX_RESIDUALS, DecoderConfig
@@ -144,7 +143,7 @@ def measure(budgets, lanes, residuals) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sop.sim.sparse_stalls", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m sop.sim.sparse_stalls", description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=positive(float), action="append", help="sop-budget's bits per weight")
     p.add_argument("--lanes", type=positive(int), action="append", help="the decoder's lanes")
     p.add_argument("--residuals", type=number(int, 1, inclusive=True, maximum=MAX_RESIDUALS), action="append",

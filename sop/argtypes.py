@@ -5,13 +5,28 @@ a number outside its range is a usage error naming the option and the value, bef
 0. NaN and the infinities are never in range. ``Once``: an option that takes one value, given twice, is
 a usage error (argparse keeps the last). ``in_file``, ``out_folder``, ``layer_name``: a path or name,
 never the empty one. ``output_checked``: an output a tool cannot write (a folder where a file goes, a
-device, an input), refused as a usage line before any work.
+device, an input), refused as a usage line before any work. ``ToolParser``: the parser of every tool,
+its usage error one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+
+
+class ToolParser(argparse.ArgumentParser):
+    """argparse with a usage error on one line, ``PROG: error: MESSAGE (see PROG --help)``, exit 2 (argparse's
+    own prints the usage block first: several lines for a tool with many options). A subcommand's parser is
+    one too (argparse makes them of the parent's class)."""
+
+    def error(self, message):
+        print(self.error_line(message), file=sys.stderr)
+        sys.exit(2)
+
+    def error_line(self, message: str) -> str:
+        return f"{self.prog}: error: {message} (see {self.prog} --help)"
 
 
 def number(kind, minimum, inclusive: bool, maximum=None):

@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
-    from sop.argtypes import Once, in_file, layer_name, number, positive
+    from sop.argtypes import Once, ToolParser, in_file, layer_name, number, positive
     from sop.golden.dot import ACT_FORMATS
     from sop.golden.files import (EMPTY_FOLDER_NAME, OutputError, check_output, input_file, interrupted,
                                   nearest_existing, signals_as_interrupts, write_atomic)
@@ -640,13 +640,12 @@ def main(argv: list[str] | None = None) -> int:
             return 70                                    # EX_SOFTWARE
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors on one line: ``sop: error: ...``, exit 2."""
+class _Parser(ToolParser):
+    """The tools' one-line usage error, as every ``sop`` error starts: ``sop: error: [sop CMD: ]...``."""
 
-    def error(self, message):
+    def error_line(self, message: str) -> str:
         where = "" if self.prog == "sop" else f"{self.prog}: "          # `sop: error: sop: ...` said it twice
-        print(f"sop: error: {where}{message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        return f"sop: error: {where}{message} (see {self.prog} --help)"
 
 
 def _one_line(err: BaseException) -> str:

@@ -144,9 +144,9 @@ def run(formats=FORMATS, include=None) -> int:
 
 def main(argv=None) -> int:
     """``python -m sop.demo_llm``: no options (``--help`` says what it does; anything else is refused)."""
-    import argparse
+    from sop.argtypes import ToolParser
 
-    p = argparse.ArgumentParser(
+    p = ToolParser(
         prog="python -m sop.demo_llm", description=__doc__.splitlines()[0],
         epilog=f"It writes under {OUT_DIR}/ and its calibration cache under build/calib/, both in the working "
                f"folder; about 10 to 20 minutes on 2 cores (`make demo-llm` runs it from the checkout).")

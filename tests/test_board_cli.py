@@ -162,9 +162,9 @@ def test_a_simulated_bring_ups_divisor_beyond_a_real_boards_is_refused(monkeypat
     with pytest.raises(SystemExit) as exit_:
         tool.main(["--sim", "--divisor", divisor])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == \
-        f"{tool.__name__.replace('sop.', 'python -m sop.')}: error: argument --divisor: must be an integer at " \
-        f"least 4 and at most 217, got {divisor}"
+    prog = tool.__name__.replace('sop.', 'python -m sop.')
+    assert capsys.readouterr().err.splitlines() == [f"{prog}: error: argument --divisor: must be an integer at least 4 "
+                                                    f"and at most 217, got {divisor} (see {prog} --help)"]
     with pytest.raises(Simulated) as ran:                # a real board's timing is still taken
         tool.main(["--sim", "--divisor", "217"])
     assert 217 in ran.value.args[0]

@@ -21,13 +21,12 @@ holds it is the tools' verdict). A board's files are named after ``Board.top_nam
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 from sop import toolenv
-from sop.argtypes import number, out_folder
+from sop.argtypes import ToolParser, number, out_folder
 from sop.golden.files import OutputError, check_output
 from sop.hdl.config import MAX_RESIDUALS
 from sop.synth.gateware.board import BOARDS, BoardTop
@@ -71,7 +70,7 @@ def build(board: str, build_dir: str | os.PathLike | None = None, residuals: int
 def main(argv=None) -> int:
     """``python -m sop.synth.flow.bitstream BOARD [--residuals R] [--out DIR]``: one board's bitstream
     (BOARD: a name of synth/gateware/board.py's ``BOARDS``)."""
-    p = argparse.ArgumentParser(prog="python -m sop.synth.flow.bitstream",
+    p = ToolParser(prog="python -m sop.synth.flow.bitstream",
                                 description="one board's bitstream: the yowasp tools' synthesis, place and "
                                             "route (no programming)")
     p.add_argument("board", choices=list(BOARDS))

@@ -14,12 +14,11 @@ recorded but never taken from the cache. Exit status 2 for an unknown configurat
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from sop import toolenv
-from sop.argtypes import out_folder, positive
+from sop.argtypes import ToolParser, out_folder, positive
 from sop.golden.files import OutputError, check_output
 from sop.hdl.config import named_configs
 
@@ -28,7 +27,7 @@ from .yosys_nextpnr import (DEFAULT_OUT, DEFAULT_TARGETS, TARGETS, ToolError, ma
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sop.synth", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m sop.synth", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="a named configuration (default: all)")
     p.add_argument("--target", action="append",
                    help=f"one of {', '.join(TARGETS)} (default: {', '.join(DEFAULT_TARGETS)})")

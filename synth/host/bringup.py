@@ -46,14 +46,13 @@ included) in amaranth.sim.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from sop.argtypes import number, positive
+from sop.argtypes import ToolParser, number, positive
 from sop.golden.layout import LayerStream, Sparse
 from sop.golden.points import board_points, get_point
 from sop.hdl import reference
@@ -483,7 +482,7 @@ def divisor_help() -> str:
 
 def main(argv=None) -> int:
     """``python -m sop.synth.host.bringup --sim``: a real layer through the simulated board; 1 on a mismatch."""
-    p = argparse.ArgumentParser(prog="python -m sop.synth.host.bringup",
+    p = ToolParser(prog="python -m sop.synth.host.bringup",
                                 description="a real quantized layer through the whole board design "
                                             "(UART pins included) in amaranth.sim, checked against golden/; "
                                             "for a real board use `sop board --port PORT`")

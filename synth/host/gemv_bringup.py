@@ -54,14 +54,13 @@ has no GEMV engine".
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from sop.argtypes import number, positive
+from sop.argtypes import ToolParser, number, positive
 from sop.golden import dot
 from sop.golden.layout import LayerStream
 from sop.golden.points import board_points
@@ -409,7 +408,7 @@ def beyond_the_layer(tiles, cols: int):
 def main(argv=None) -> int:
     """``python -m sop.synth.host.gemv_bringup --sim [--board B]``: a real layer's y = W x on a simulated
     board core with the engine (default the ULX3S's)."""
-    p = argparse.ArgumentParser(prog="python -m sop.synth.host.gemv_bringup",
+    p = ToolParser(prog="python -m sop.synth.host.gemv_bringup",
                                 description="a real MiniLM layer's y = W x through a board design's GEMV "
                                             "engine (UART pins included) in amaranth.sim, bit-exact against "
                                             "golden/dot.py; for a real board use `sop board --gemv --port PORT`")
