@@ -13,8 +13,9 @@ named where one was); tests/test_gemv_mutate.py checks that reach from golden's 
 * Building blocks: ``make_layer``, ``random_layer``, ``with_residuals``, ``finite_codes`` and the
   special activation vectors.
 * Corners for every engine (``corner_layers``, ``swap_layers``, ``tall_layers``); BF16 only (``term_rounding_layer``,
-  ``window_edge_layer``, ``window_pow2_layer``, ``subnormal_barrier_layer``, ``adder_sticky_layer``;
-  for the timing job, ``window_edge_fast_layer`` (with ``layer_rows``) and ``zero_products_fast_layer``);
+  ``window_edge_layer``, ``window_pow2_layer``, ``subnormal_barrier_layer``, ``adder_sticky_layer``,
+  ``ulp_cancel_layer``; for the timing job, ``window_edge_fast_layer`` (with ``layer_rows``) and
+  ``zero_products_fast_layer``);
   E4M3 only (``terms_alone_layer``, ``deep_cancel_layer``, ``top_offset_layer``,
   ``reused_table_layers``, ``lane_align_layer``, ``subnormal_block_layers``, ``near_nan_layer``).
 """
@@ -777,6 +778,35 @@ def adder_sticky_layer(point: str, rng, rows: int = 8, cols: int = 32) -> tuple[
     vector[:3 * rows] = x[:, hit].T.ravel()
     sparse = Sparse(index.astype(np.uint32), e[:, hit].T.ravel().astype(np.uint16))
     return LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, rows, cols, base.blocks, sparse), [vector]
+
+
+#: ``ulp_cancel_layer``'s rows: the biased exponent of ``t``. 2 .. 27 put the row adder's barrier at every
+#: bit from 25 down to 0 (1 has no binade below it with the last place ``u``); above 27 there is none
+ULP_CANCEL_EXPONENTS = list(range(2, 28)) + [28, 127, 254]
+
+
+def ulp_cancel_layer(point: str, rng, cols: int = 16) -> tuple[LayerStream, list[np.ndarray]]:
+    """BF16 only: residual terms alone (all-zero tables, one block a row), row ``r`` three entries
+    ``rho, -rho, -rho`` on columns 0, 1, 2 against activations ``1, 2^-24, 1``: the terms ``t, -u, -t``
+    with ``t = +-2^(e - 127)`` (``e`` from ``ULP_CANCEL_EXPONENTS``, the sign drawn) and ``u =
+    2^(e - 151)``, the last place of the binade below ``t``. The running sum ``t - u`` (24 one bits)
+    and ``-t`` are one binade apart, and they cancel to ``-u``: the row adder's last add has the
+    alignment shift 1 and the sum ``R = 4``, its leading one at bit 2, the lowest any cancellation
+    leaves (a shift of 0 keeps bits 0 .. 2 clear; one of 2 or more cancels less than a binade). Its
+    leading-zero count is then 25 above exponent 27 and the barrier's ``e`` at and below it (``-u`` a
+    subnormal below 25): the count's nonzero flag of the chunk ``R[11:4]`` stuck at 1 (24, not 25)
+    and the barrier's bit 21 stuck at 0 (``e = 6``: 25, not 6) survived the mutation run, on plans
+    whose BF16 layers never cancelled that deep in the row adder. Returns the layer and its vector."""
+    n = len(ULP_CANCEL_EXPONENTS)
+    sign = rng.integers(0, 2, n) << 15
+    rho = (np.asarray(ULP_CANCEL_EXPONENTS) << 7) | sign                   # +-2^(e - 127), exact in BF16
+    value = np.stack([rho, rho ^ 0x8000, rho ^ 0x8000], axis=1).ravel()
+    index = (np.arange(n)[:, None] * cols + np.arange(3)).ravel()
+    base = random_layer(point, n, cols, rng, offset=0)
+    vector = np.full(cols, 0x3F80, np.int64)                                # 1.0
+    vector[1] = (127 - 24) << 7                                             # 2^-24
+    sparse = Sparse(index.astype(np.uint32), value.astype(np.uint16))
+    return LayerStream(base.layout, base.hif, np.zeros_like(base.luts), 0, n, cols, base.blocks, sparse), [vector]
 
 
 def subnormal_barrier_layer(point: str, rng, rows_per_kmax: int = 2) -> tuple[LayerStream, list[np.ndarray]]:

@@ -64,7 +64,10 @@ each run, printed: ``--seed`` reruns it):
   rows, twice (one in each page of layer registers: a row count with bit 8 set), then 240 rows
   (a partial last tile at row 238) (``tall_layers``); with E4M3, after them (a generator of its
   own), one row whose vector puts in every lane each code one bit short of NaN, with both signs
-  (``near_nan_layer``: a NaN detect with a compare bit stuck at 1 sets ``x_nan``).
+  (``near_nan_layer``: a NaN detect with a compare bit stuck at 1 sets ``x_nan``); with BF16, after
+  them (a generator of its own), residual terms alone ``(t - u) - t``, ``u`` the last place of the
+  binade below ``t``: the row adder cancels to its word's bit 2, above and beside its barrier at
+  every bit (``ulp_cancel_layer``).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
@@ -112,8 +115,8 @@ from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, SINGLE_BIT_ROWS, adder_st
                                  deep_cancel_layer, finite_codes, lane_align_layer, minilm_activations, minilm_layers,
                                  near_nan_layer, random_layer, reused_table_layers, subnormal_barrier_layer,
                                  subnormal_block_layers, swap_layers, tall_layers, term_rounding_layer,
-                                 terms_alone_layer, top_offset_layer, window_edge_fast_layer, window_edge_layer,
-                                 window_pow2_layer, with_residuals, zero_products_fast_layer)
+                                 terms_alone_layer, top_offset_layer, ulp_cancel_layer, window_edge_fast_layer,
+                                 window_edge_layer, window_pow2_layer, with_residuals, zero_products_fast_layer)
 from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, failed_note, interruptible, simulate
 
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
@@ -284,6 +287,10 @@ def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) 
         # every lane's NaN detect against each code one bit short of NaN (a generator of its own, last)
         corners.append(layer_entry(cfg, "near-nan-x", *near_nan_layer(point, np.random.default_rng([seed, 26]),
                                                                        cfg.group)))
+    if cfg.act_format is BF16:
+        # the row adder's cancellations to its word's bit 2, beside the barrier at every bit (a generator
+        # of its own, last)
+        corners.append(layer_entry(cfg, "ulp-cancel", *ulp_cancel_layer(point, np.random.default_rng([seed, 27]))))
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}

@@ -591,6 +591,54 @@ def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
         assert y == (kept + 1) * q, (r, y, s)
 
 
+def _adder_fields(v: float) -> tuple[int, int, int]:
+    """(sign, significand with its hidden bit, ``e' = max(e, 1)``) of a binary32 value, as the row
+    adder unpacks it (hdl/fp32_acc.py ``_unpack``)."""
+    bits = int(np.float32(v).view(np.uint32))
+    e = bits >> 23 & 0xFF
+    return bits >> 31, bits & 0x7FFFFF | (e > 0) << 23, max(e, 1)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_bf16_plans_ulp_cancel_layer_cancels_the_row_adders_sum_to_bit_2_beside_every_barrier_bit(seed):
+    """The BF16 quick plan's ``ulp-cancel`` layer: in every row, ``y = (t1 + t2) + t3`` of three exact
+    terms whose last add cancels, its operands of opposite signs one binade apart (the alignment shift
+    1), to the adder's word ``R = 4`` (hdl/fp32_acc.py ``Fp32Add``: the larger significand with 3 bits
+    below it, minus the smaller one shifted under it): its leading one at bit 2, the lowest that any
+    cancellation leaves. The larger operand's biased exponent takes every value from 2 to 27 (the
+    normalization barrier at each bit from 25 down to 0, which caps the leading-zero count below 25: a
+    subnormal ``y``) and some above 27 (no barrier: the count 25 from ``R`` alone). Checked from the
+    values (the adder's fields in integers, the sums in float64, exact) against the plan's ``y``. (The
+    count's chunk flag of ``R[11:4]`` stuck at 1, 24 for 25, and the barrier's bit 21 stuck at 0 survived
+    the mutation run on the plan before, whose BF16 layers never cancelled that deep in the row adder.)"""
+    from sop.golden.dot import FORMATS
+    from sop.hdl.gemv_config import gemv_configs
+    from sop.sim.gemv_layers import ulp_cancel_layer
+    from sop.sim.gemv_runner import layer_entry, plan_for
+
+    cfg = gemv_configs()["gemv-sop4-g16-bf16"]
+    plan = plan_for(cfg, "quick", seed)
+    (entry,) = [lay for lay in plan["jobs"][1]["layers"] if lay["name"] == "ulp-cancel"]
+    layer, (x,) = ulp_cancel_layer(plan["point"], np.random.default_rng([seed, 27]))
+    assert layer_entry(cfg, "ulp-cancel", layer, [x]) == entry
+    assert not layer.luts.any()                                                 # every block's value 0
+    rows, cols = layer.rows, layer.cols
+    assert layer.sparse.index.tolist() == [r * cols + i for r in range(rows) for i in range(3)]
+    bf16 = FORMATS["bf16"]
+    terms = (bf16.decode(layer.sparse.value_bf16) * np.tile(bf16.decode(x[:3]), rows)).reshape(rows, 3)
+    e_big = []
+    for r, t in enumerate(terms.tolist()):
+        a = float(np.float32(t[0] + t[1]))                                      # the running sum, rounded
+        (sa, ma, ea), (sb, mb, eb) = _adder_fields(a), _adder_fields(t[2])
+        (big, e1), (small, e2) = sorted([(mb, eb), (ma, ea)], key=lambda f: (f[1], f[0]), reverse=True)
+        assert sa != sb and e1 - e2 == 1, (r, a, t[2])                          # a subtraction, shift 1
+        assert (big << 3) - ((small << 3) >> 1) == 4, (r, a, t[2])              # R = 4: nothing shifted out
+        y = float(np.uint32(entry["vectors"][0]["expect"][r]).view(np.float32))
+        assert y == a + t[2] != 0, (r, y, a, t[2])                              # exact in float64
+        e_big.append(e1)
+    assert set(range(2, 28)) <= set(e_big) and max(e_big) > 27, sorted(e_big)
+
+
 def _bf16_timing_layers(seed: int) -> tuple:
     """The BF16 quick plan's timing job's measured layers after MiniLM's, drawn again as plan_for
     draws them (a generator of their own, ``[seed, 24]``) and checked against the plan's entries:
