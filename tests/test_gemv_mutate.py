@@ -566,15 +566,9 @@ def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
     even. Checked here from the values in float64 (exact) against the plan's ``y``, which is the
     rounded-up value. (The row adder's sticky OR with its bit 0 tied to 0 survived the mutation run.)"""
     from sop.golden.dot import FORMATS
-    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_layers import adder_sticky_layer
-    from sop.sim.gemv_runner import layer_entry, plan_for
 
-    cfg = gemv_configs()["gemv-sop4-g16-bf16"]
-    plan = plan_for(cfg, "quick", seed)
-    (entry,) = [lay for lay in plan["jobs"][1]["layers"] if lay["name"] == "adder-sticky"]
-    layer, (x,) = adder_sticky_layer(plan["point"], np.random.default_rng([seed, 21]))
-    assert layer_entry(cfg, "adder-sticky", layer, [x]) == entry
+    entry, layer, x = _bf16_corner(seed, "adder-sticky", adder_sticky_layer, 21)
     assert not layer.luts.any()                                                 # every block's value 0
     rows = layer.rows
     assert layer.sparse.index.tolist() == [r * layer.cols + 3 * r + i for r in range(rows) for i in range(3)]
@@ -589,6 +583,20 @@ def test_the_bf16_plans_adder_sticky_layer_rounds_by_the_sticky_bit_alone(seed):
         assert kept % 2 == 0 and q / 2 < rest < q / 2 + q / 8, (r, s, rest / q)
         y = float(np.uint32(entry["vectors"][0]["expect"][r]).view(np.float32))
         assert y == (kept + 1) * q, (r, y, s)
+
+
+def _bf16_corner(seed: int, name: str, make, stream: int):
+    """The BF16 quick plan's corner layer ``name``: (its plan entry, the layer and its vector made again by
+    ``make`` from the corner's own generator ``[seed, stream]``), the entry checked to be theirs."""
+    from sop.hdl.gemv_config import gemv_configs
+    from sop.sim.gemv_runner import layer_entry, plan_for
+
+    cfg = gemv_configs()["gemv-sop4-g16-bf16"]
+    plan = plan_for(cfg, "quick", seed)
+    (entry,) = [lay for lay in plan["jobs"][1]["layers"] if lay["name"] == name]
+    layer, (x,) = make(plan["point"], np.random.default_rng([seed, stream]))
+    assert layer_entry(cfg, name, layer, [x]) == entry
+    return entry, layer, x
 
 
 def _adder_fields(v: float) -> tuple[int, int, int]:
@@ -612,15 +620,9 @@ def test_the_bf16_plans_ulp_cancel_layer_cancels_the_row_adders_sum_to_bit_2_bes
     count's chunk flag of ``R[11:4]`` stuck at 1, 24 for 25, and the barrier's bit 21 stuck at 0 survived
     the mutation run on the plan before, whose BF16 layers never cancelled that deep in the row adder.)"""
     from sop.golden.dot import FORMATS
-    from sop.hdl.gemv_config import gemv_configs
     from sop.sim.gemv_layers import ulp_cancel_layer
-    from sop.sim.gemv_runner import layer_entry, plan_for
 
-    cfg = gemv_configs()["gemv-sop4-g16-bf16"]
-    plan = plan_for(cfg, "quick", seed)
-    (entry,) = [lay for lay in plan["jobs"][1]["layers"] if lay["name"] == "ulp-cancel"]
-    layer, (x,) = ulp_cancel_layer(plan["point"], np.random.default_rng([seed, 27]))
-    assert layer_entry(cfg, "ulp-cancel", layer, [x]) == entry
+    entry, layer, x = _bf16_corner(seed, "ulp-cancel", ulp_cancel_layer, 27)
     assert not layer.luts.any()                                                 # every block's value 0
     rows, cols = layer.rows, layer.cols
     assert layer.sparse.index.tolist() == [r * cols + i for r in range(rows) for i in range(3)]
