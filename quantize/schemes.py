@@ -273,5 +273,6 @@ def get_quant_format(name: str) -> QuantFormat:
         raise ValueError(f"a format is one name (a string), got {type(name).__name__} {name!r}; valid: "
                          f"{', '.join(fmts)}")
     if name not in fmts:
-        raise ValueError(f"unknown format {name!r}; valid: {', '.join(fmts)}")
+        case = f": names are lower case ({name.lower()})" if name.lower() in fmts else ""   # `sop codebook NF4` reads
+        raise ValueError(f"unknown format {name!r}{case}; valid: {', '.join(fmts)}")
     return fmts[name]

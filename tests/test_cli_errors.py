@@ -67,6 +67,8 @@ OPTIONS = {
     "board baud zero": (["board", "--port", "P", "M", "--format", "sop4-g16", "--baud", "0"], "--baud",
                         "integer above 0"),
     "unknown format": (["eval", "M", "--format", "nf5"], "nf5", "valid:"),
+    "format in capitals": (["quantize", "M", "--format", "SOP4-G16", "--out", "O"], "'SOP4-G16'",
+                           "names are lower case (sop4-g16); valid:"),
     "budget without sop-budget": (["eval", "M", "--format", "nvfp4", "--budget", "4"], "--budget",
                                   "budgeted format"),
     "sop-budget without budget": (["eval", "M", "--format", "sop-budget"], "sop-budget", "needs --budget"),

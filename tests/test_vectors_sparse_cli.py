@@ -58,6 +58,16 @@ def test_bad_artifact_requests_are_one_line(tmp_path, capsys):
     assert err.endswith(f"layer {e2m3[0]} is in the e2m3-ue4m4-g16 layout, not in the sop4-g16 layout"), err
     err = one_error_line(capsys, ["vectors", art, "--format", "sop4-g16", "--layer", "nope", "--out", tmp_path / "b"])
     assert "no layer nope" in err
+    from sop.golden.points import get_point
+    from sop.quantize.artifact import open_artifact
+    from sop.synth.host.bringup import artifact_layer_stream
+
+    a = open_artifact(art)
+    mine = [e.name for e in a.layers if (st := a.stream(e)) is not None and st.layout == get_point("sop4-g16").layout]
+    assert len(mine) > 5
+    with pytest.raises(ValueError) as refused:           # `sop board ART --layer`: five of the layout's, and the count
+        artifact_layer_stream(str(art), "sop4-g16", e2m3[0])
+    assert str(refused.value).endswith(f"; layers in it: {', '.join(mine[:5])}, ... ({len(mine)} in all)")
     bad = tmp_path / "bad.sopq"
     bad.write_bytes(b"not an artifact")
     assert "bad.sopq" in one_error_line(capsys, ["vectors", bad, "--format", "sop4-g16", "--out", tmp_path / "c"])

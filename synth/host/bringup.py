@@ -61,6 +61,7 @@ from sop.quantize.weights import ATTENTION_OUT_LAYER
 from sop.sim.stimulus import from_stream
 from sop.synth import wire
 from sop.synth.wire import Status
+from sop.terminal import some_names
 
 from . import client
 from .client import BoardLink
@@ -278,7 +279,7 @@ def artifact_layer_stream(path: str, fmt: str, layer: str | None = None,
         raise ValueError(f"{path}: no layer {name!r}; layers: {art.some_layer_names()}")
     entry, st = stored[name]
     if name not in mine:
-        raise ValueError(f"{not_in_layout(path, entry, st, fmt)}; layers in it: {', '.join(mine) or 'none'}")
+        raise ValueError(f"{not_in_layout(path, entry, st, fmt)}; layers in it: {some_names(mine) or 'none'}")
     return name, st if rows is None else crop_rows(st, rows), entry.shape[1]
 
 
@@ -292,7 +293,6 @@ def model_layer(model: str, fmt: str, layer: str | None = None,
     offset, as ``sop vectors --rows`` does), an artifact's stored layer is cropped."""
     from sop.quantize.models import is_artifact, open_model
     from sop.sim.vectors import quantize_layer as quantize_weights
-    from sop.terminal import some_names
 
     check_format(fmt)                          # before any work
     if rows is not None and rows < 1:
