@@ -74,7 +74,11 @@ each run, printed: ``--seed`` reruns it):
   after ``clear``; their ``y`` words are counted, not compared), then a good
   vector (compared) and a clear status; the good vector again, its block offered
   from the cycle after its pass's last block on with no vector after it: never
-  taken, ``w_before_x`` (the x page must be free once the pass is done).
+  taken, ``w_before_x`` (the x page must be free once the pass is done); a layer
+  word with no rows (``layer``); the layer with one sparse entry beyond its
+  columns, then one beyond its rows; last, a layer of two tiles whose one bad
+  entry, among the second tile's, lies in the first tile's rows (``sparse``, once
+  the engine takes the entry; their ``y`` words counted).
 * ``timing`` (``timing_job``; with the engine's latency, from the manifest
   ``build_verilog`` writes beside the Verilog): hdl/gemv.py's throughput and
   latency with no idle input and no stall: a one-tile layer that leaves the ring
@@ -156,13 +160,15 @@ def layer_entry(cfg: GemvConfig, name: str, layer: LayerStream, vectors, write_t
 AFTER_PASS = 3
 
 
-def error_job(cfg: GemvConfig, point: str, rng) -> dict:
+def error_job(cfg: GemvConfig, point: str, rng, seed: int) -> dict:
     """A 3-row, 2-block layer; a block offered before any vector; vectors too long, too short, with a
     NaN in each lane of a beat (one vector a lane, +NaN and -NaN in turn: every lane's detector must
     fire on its own; their ``y`` counted, not compared), then a good one with 448 (compared), twice:
     the second time a block offered right after the pass's last one, with no vector loaded after it
     (``AFTER_PASS``: never taken, ``w_before_x``); a layer word with no rows; the layer with a sparse
-    entry beyond its columns, and with one beyond its rows."""
+    entry beyond its columns, and with one beyond its rows; last (from a generator of its own,
+    ``[seed, 28]``), a layer of two tiles, one block a row, whose one bad entry, among the second
+    tile's, has the first tile's last row (a case with its own ``rows`` and ``w``)."""
     act = cfg.act_format
     ext, bits = EXTREMES[act.name], act.bits
     layer = random_layer(point, 3, 2 * cfg.group, rng, offset=0)
@@ -197,6 +203,19 @@ def error_job(cfg: GemvConfig, point: str, rng) -> dict:
     beyond_rows[1][0] = layer.rows + int(rng.integers(0, 4))
     entry["cases"].append({"error": "sparse", "loads": sparse["loads"], "layer": sparse["layer"], "x": beats,
                            "sparse": beyond_rows})
+    # last, a layer of two tiles (a tile and one row, one block a row: its own blocks and row count),
+    # whose one bad entry is the second tile's first, moved to the first tile's last row: below its
+    # tile's first row, where neither the last-row compare nor the column one flags it, so the
+    # sequencer's compare with the tile's first row is reached alone (and at its edge: a first row
+    # taken a row or more too low misses it). No case before had an entry below its tile's first row.
+    # A generator of its own: every case above is drawn as before.
+    gen = np.random.default_rng([seed, 28])
+    two = with_residuals(random_layer(point, cfg.tile + 1, cfg.group, gen, offset=0), gen, 2)
+    below = layer_entry(cfg, "errors+sparse-below", two, [finite_codes(act, gen, cfg.group, signed=False)])
+    moved = next(e for e in below["sparse"] if e[0] >= cfg.tile)
+    moved[0] = cfg.tile - 1
+    entry["cases"].append({"error": "sparse", "rows": two.rows, "loads": below["loads"], "layer": below["layer"],
+                           "w": below["w"], "x": below["vectors"][0]["x"], "sparse": below["sparse"]})
     return {"kind": "errors", **entry}
 
 
@@ -297,7 +316,7 @@ def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) 
     return {"config": cfg.name, "point": point, "seed": seed, "engine": engine,
             "size": size, "p_idle": 0.25, "p_stall": 0.3,
             "jobs": [{"kind": "layers", "name": "minilm", "layers": minilm},
-                     {"kind": "layers", "name": "corners", "layers": corners}, error_job(cfg, point, rng)]
+                     {"kind": "layers", "name": "corners", "layers": corners}, error_job(cfg, point, rng, seed)]
             + ([timing_job(cfg, point, x, latency, seed)] if latency is not None else [])}
 
 

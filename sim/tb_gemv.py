@@ -418,7 +418,8 @@ class Testbench:
         (``sparse`` is flagged later, when its entry is taken, and a case's ``after_pass`` block after
         the pass), its blocks and entries, with ``after_pass`` its first block offered from the cycle
         after its last on until ``status`` has shown no vector loaded for that many cycles (never
-        taken: ``HandshakeError``), ``status`` after the pass, ``clear``, ``status`` 0."""
+        taken: ``HandshakeError``), ``status`` after the pass, ``clear``, ``status`` 0. A case with its
+        own layer word may bring its own blocks (``w``) and row count (``rows``: its words counted)."""
         for c in self.writes(job):
             yield c
         for _ in range(3):
@@ -457,7 +458,7 @@ class Testbench:
             loaded_bit = 0 if case["error"] == "sparse" or "after_pass" in case else bit
             self.check_status((yield from self.read_status()), X_LOADED | loaded_bit,
                               f"errors case {i}, vector loaded")
-            ws, ss, wp, sp = job["w"], case.get("sparse", []), 0, 0
+            ws, ss, wp, sp = case.get("w", job["w"]), case.get("sparse", []), 0, 0     # (a case's own layer's)
             for _ in range(max_wait * (len(ws) + len(ss))):
                 if wp == len(ws) and sp == len(ss):
                     break
@@ -533,9 +534,11 @@ class Testbench:
         else:
             for i, case in enumerate(job["cases"]):
                 if "x" in case:
-                    sb.expect(case.get("expect") or [None] * job["rows"], f"errors case {i} ({case['error']})")
+                    sb.expect(case.get("expect") or [None] * case.get("rows", job["rows"]),
+                              f"errors case {i} ({case['error']})")
             self.layers += 1
-            max_cycles = with_long_stalls(200 * (len(job["loads"]) + len(job["w"]) * len(job["cases"]) + 100))
+            blocks = sum(len(case.get("w", job["w"])) for case in job["cases"])
+            max_cycles = with_long_stalls(200 * (len(job["loads"]) + blocks + 100))
             self.driver.start(self.errors_sequence(job, with_long_stalls(WAIT_CYCLES)))
         start, stalls = self.cycles, self.long_stalls
         await with_timeout(self.driver.done.wait(), max_cycles * CLOCK_NS, "ns")

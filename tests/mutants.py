@@ -10,7 +10,8 @@ large, block fields that take the other page's layer offset, and an output
 buffer whose enable decision arrives a cycle late, and a formatter that builds one
 stage more than it declares (an off-by-one stage, shown on the shallow pipeline).
 For the GEMV engine's cocotb bench: a block sequencer that still says a vector is
-loaded in the cycle after a pass has freed its x page.
+loaded in the cycle after a pass has freed its x page, and one whose ``sparse`` error bit
+misses a residual entry below its tile's first row.
 """
 
 from amaranth.hdl import Module, Mux, Signal
@@ -124,3 +125,21 @@ class LateFreedPage(BlockSequencer):
         x_in = x_pages.take & self.x.payload.last
         with m.If(freed & ~x_in & (x_pages.held == 1)):          # (the last assignment wins)
             m.d.sync += x_pages.loaded.eq(1)
+
+
+class EntryBelowTileUnflagged(BlockSequencer):
+    """The ``sparse`` error bit without its compare of an entry's row with its tile's first row (``row <
+    terms_base`` tied to 0, as a mutation of that compare would leave it): an entry below its tile's
+    first row is not flagged. Only the flag: the entry still goes to slot 0, as a flagged one does
+    (so that ``status`` is the one place where the bug shows)."""
+
+    def _entry_register(self, m, cnt, tile, error_now):
+        terms_done = super()._entry_register(m, cnt, tile, error_now)
+        sp, group_bits = self.sparse.payload, (self.config.group - 1).bit_length()
+        # the other two compares, registered as the entry register registers its ``outside``
+        rest = Signal(name="entry_outside_rest", reset_less=True)
+        with m.If(self.sparse.ready):
+            m.d.sync += rest.eq((sp.row > tile.top) | (sp.col >> group_bits > cnt.cols_last))
+        with m.If(self.entries.valid & self.entries.ready):      # (the last assignment wins)
+            m.d.comb += error_now.sparse.eq(rest)
+        return terms_done

@@ -75,7 +75,8 @@ def test_quick_regression_icarus(quick_run):
     assert [when for when, _, _ in status_errors(log)] == ["errors case 3, vector loaded",
                                                           "errors case 3, after the pass"]
     assert s["status_errors"] == 2
-    assert s["checked"] == s["expected"] > 250 and s["counted"] == 3 * 20   # 18 bad vectors of 3 rows, 2 bad entries'
+    # 18 bad vectors of 3 rows, 2 bad entries' of 3, the two-tile case's (a tile and one row)
+    assert s["checked"] == s["expected"] > 250 and s["counted"] == 3 * 20 + SOP4.tile + 1
     assert s["entries"] > 550 and s["layers"] == 40          # terms-alone, swap-RxC, tall-*, near-nan-x, ... included
     assert [job["name"] for job in s["jobs"]] == ["minilm", "corners", "errors", "timing"]   # timing: 2 layers
 
@@ -147,6 +148,24 @@ def test_a_sequencer_that_frees_the_x_page_late_is_reported(tmp_path):
     assert s["failed_tests"] == 1 and not gemv_runner.passed(s)
     log = (tmp_path / "build" / "sim.log").read_text()
     assert "a block taken after the pass, no vector loaded" in log, log[-3000:]
+
+
+def test_a_sequencer_that_misses_an_entry_below_its_tiles_first_row_is_reported(tmp_path):
+    """A sequencer whose ``sparse`` bit lacks the compare of an entry's row with its tile's first row
+    (``mutants.EntryBelowTileUnflagged``): the errors job's last case, a layer of two tiles whose one
+    bad entry (among the second tile's) has the first tile's last row, must have ``sparse`` on
+    ``status`` after its pass, and that one read is reported. The errors job alone."""
+    verilog = gemv_runner.build_verilog(SOP4, tmp_path / "rtl",
+                                        gemv.GemvEngine(SOP4, sequencer=mutants.EntryBelowTileUnflagged))
+    plans = []
+    s = gemv_runner.run(SOP4, "icarus", quick=True, seed=1, verilog=verilog, build_dir=tmp_path / "build",
+                        plan_edit=lambda plan: (keep(plan, "errors"), plans.append(plan)))
+    print(gemv_runner.summary_line(s))
+    last = len(plans[0]["jobs"][0]["cases"]) - 1
+    assert s["status_errors"] == 1 and s["mismatches"] == 0 and not gemv_runner.passed(s)
+    log = (tmp_path / "build" / "sim.log").read_text()
+    sparse = tb_gemv.ERROR_BITS["sparse"]
+    assert f"status errors case {last}, after the pass: 0x0 [], expected {sparse:#x}" in log, log[-3000:]
 
 
 def test_the_bench_drives_junk_while_idle_and_long_stalls_of_y_within_its_bounds():

@@ -259,7 +259,7 @@ def test_the_errors_job_sends_an_entry_beyond_the_tiles_last_row_alone(engine):
     assert rows <= cfg.tile
     outside = []
     for case in errors["cases"]:
-        if case["error"] == "sparse":
+        if case["error"] == "sparse" and "w" not in case:          # (on the errors job's layer)
             assert case["layer"][:2] == [rows, bpr]
             out = [("row" if r >= rows else "col", r) for r, c, *_ in case["sparse"]
                    if r >= rows or c >= bpr * cfg.group]
@@ -267,6 +267,51 @@ def test_the_errors_job_sends_an_entry_beyond_the_tiles_last_row_alone(engine):
             outside.append(out[0])
     assert sorted(kind for kind, _ in outside) == ["col", "row"]
     assert all(r < 256 for kind, r in outside if kind == "row")
+
+
+def _outside_their_tiles(cfg, case: dict) -> list[tuple[str, int, int]]:
+    """A ``sparse`` errors case's entries that lie outside their tile, as ``(kind, row, tile's first
+    row)``: ``below`` the tile's first row, ``beyond`` its last, or its column (``col``) beyond the
+    layer's. The tiles from the layer word and the engine's tile (``golden.dot.tile_residuals``'
+    tiles), each tile's entries in rounds, closed by its rows' ``last`` entries, one a row."""
+    rows, bpr = case["layer"][:2]
+    bases = list(range(0, rows, cfg.tile))
+    t, closed, out = 0, 0, []
+    for r, c, _, last in case["sparse"]:
+        first, top = bases[t], min(rows, bases[t] + cfg.tile) - 1
+        kind = "below" if r < first else "beyond" if r > top else "col" if c >= bpr * cfg.group else None
+        if kind:
+            out.append((kind, r, first))
+        closed += last
+        if closed == top - first + 1:
+            t, closed = t + 1, 0
+    assert t == len(bases) and closed == 0, "a tile's entries not closed by its rows' last ones"
+    return out
+
+
+@pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-e2m3-ue4m4-g16", "gemv-sop4-g16-bf16",
+                                    "gemv-sop4-g16-small"])
+def test_the_errors_job_sends_an_entry_below_its_tiles_first_row_alone(engine):
+    """The errors job's last ``sparse`` case: a layer of two tiles (its own blocks and row count),
+    whose only entry outside its tile, among the second tile's entries, has the first tile's last
+    row: below the tile's first row, inside the layer's rows and columns, so the sequencer's compare
+    of an entry's row with its tile's first row is the only one that flags it, at that compare's
+    edge; ``sparse`` is the bit the plan expects (dot.md, section 8, the error bits: an entry whose
+    row is not in the current tile). No case of the plan before had an entry below its tile's first
+    row: that compare tied to 0 (``mutants.EntryBelowTileUnflagged``) passed it."""
+    from sop.sim.gemv_runner import engines, plan_for
+
+    cfg = engines()[engine]
+    errors = plan_for(cfg, "quick", 1)["jobs"][2]
+    sparse = [case for case in errors["cases"] if case["error"] == "sparse"]
+    below = [case for case in sparse if [k for k, *_ in _outside_their_tiles(cfg, case)] == ["below"]]
+    assert len(below) == 1 and below[0] is sparse[-1]
+    case = below[0]
+    rows, bpr = case["layer"][:2]
+    assert rows > cfg.tile and case["rows"] == rows and len(case["w"]) == rows * bpr and case["layer"][3] == 1
+    (_, row, first), = _outside_their_tiles(cfg, case)
+    assert first > 0 and row == first - 1
+    assert all(k != "below" for other in sparse[:-1] for k, *_ in _outside_their_tiles(cfg, other))
 
 
 def _quick_corners(engine: str = "gemv-sop4-g16") -> dict:
