@@ -89,9 +89,9 @@ from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
 from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import abs_max, aggregate
-from sop.quantize.models import (ARTIFACT_SUFFIX, CHECKPOINT_SUFFIXES, MINILM, SIBLINGS_READ, SMOLLM2,
-                                 expert_layer_name, files_fingerprint, is_artifact, linear_layers, model_inputs,
-                                 open_model)
+from sop.quantize.models import (ARTIFACT_SUFFIX, CHECKPOINT_SUFFIXES, MINILM, SAFETENSORS_SUFFIXES, SIBLINGS_READ,
+                                 SMOLLM2, expert_layer_name, files_fingerprint, is_artifact, linear_layers,
+                                 model_inputs, open_model)
 from sop.quantize.result import QuantResult
 from sop.terminal import some_names
 
@@ -689,22 +689,29 @@ def source_by_contents(art: Artifact, out: str | os.PathLike) -> Path | None:
 
 
 def named_as_written(out, call: str) -> None:
-    """Refuse an output named as what the other writer writes: every reader takes a model or an artifact by
-    its name's ending (``models.is_artifact``), so an artifact named ``.safetensors`` was read as a damaged
-    checkpoint (``header length field claims 5659184979 bytes``) and decoded weights named ``.sopq`` as a
-    damaged artifact. ``call``: the Python function writing ``out``, ``"dequantize()"`` (safetensors) or one
-    that writes an artifact (``"quantize_model()"``, ``"quantize_module()"``); the command line's is named
-    ``sop quantize`` or ``sop dequantize``."""
+    """Refuse an output whose name's ending is not what it holds: every reader takes a model or an artifact
+    by its name's ending (``models.is_artifact``, ``models.open_model``), so an artifact named
+    ``.safetensors`` was read as a damaged checkpoint (``header length field claims 5659184979 bytes``),
+    one named with no ending as an ``unsupported file type ''``, and decoded weights named ``.sopq`` as a
+    damaged artifact. An artifact ends in ``.sopq``, decoded weights in ``.safetensors`` (any case).
+    ``call``: the Python function writing ``out``, ``"dequantize()"`` (safetensors) or one that writes an
+    artifact (``"quantize_model()"``, ``"quantize_module()"``); the command line's is named ``sop quantize``
+    or ``sop dequantize``."""
     suffix = Path(out).suffix.lower()
     artifact = call != "dequantize()"
     name = f"`sop {'quantize' if artifact else 'dequantize'}`" if on_command_line() else call
-    if artifact and suffix in CHECKPOINT_SUFFIXES:
-        raise OutputError(f"{out}: {name} writes a {ARTIFACT_SUFFIX} artifact, which every reader would take by "
-                          f"this name for a {suffix} checkpoint; name it {Path(out).with_suffix(ARTIFACT_SUFFIX)}")
-    if not artifact and suffix == ARTIFACT_SUFFIX:
-        raise OutputError(f"{out}: {name} writes decoded weights as safetensors, which every reader would take "
-                          f"by this name for a {ARTIFACT_SUFFIX} artifact; name it "
-                          f"{Path(out).with_suffix('.safetensors')}")
+    holds, ending = (f"a {ARTIFACT_SUFFIX} artifact", ARTIFACT_SUFFIX) if artifact else \
+        ("decoded weights as safetensors", SAFETENSORS_SUFFIXES[0])
+    if suffix == ending:
+        return
+    if suffix in CHECKPOINT_SUFFIXES + (ARTIFACT_SUFFIX,):      # another reader's: the same name, its ending changed
+        read_as = f"as a {suffix} {'checkpoint' if suffix in CHECKPOINT_SUFFIXES else 'artifact'}"
+        fix = Path(out).with_suffix(ending)
+    else:                                                       # no reader's: the name kept, the ending added
+        read_as, fix = "as no file type" if not suffix else f"as a {suffix} file, which no reader takes", \
+            f"{out}{ending}"
+    raise OutputError(f"{out}: {name} writes {holds}, which every reader takes by its name's ending: this name "
+                      f"would be read {read_as}; name it {fix}")
 
 
 def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> dict:
@@ -718,12 +725,12 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
     # an earlier output of this checkpoint written into its folder is no file of it: the re-run replaces it
     earlier = isinstance(fp, str) and bool(fp) and os.path.isfile(out) and _dequantized_from(Path(out), fp)
     check_output(out, [path] if earlier else [path, *source_files(art)], option=option("out"))
-    named_as_written(out, "dequantize()")
     folder = source_by_contents(art, out)
     if folder is not None:
         raise OutputError(f"{out}: the output is a file of the checkpoint {art.path.name} was made from (found "
                           f"by its contents in {folder}); refusing to overwrite an input (choose another "
                           f"{option('out')})")
+    named_as_written(out, "dequantize()")          # (after the refusals to overwrite an input: they say more)
     hb = _safetensors_header(art)
     say = reporter(progress)
     n = len(art.layers)

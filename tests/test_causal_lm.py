@@ -1056,7 +1056,7 @@ def test_windows_past_gptjs_rotary_table_are_refused_naming_seq_len(tokenizer, t
                                                 n_positions=16)).save_pretrained(tmp_path / "gptj")
     tokenizer.save_pretrained(tmp_path / "gptj")
     err = one_error(capsys, ["quantize", str(tmp_path / "gptj"), "--format", "nf4-g64", "--quiet", "--cache-dir",
-                             str(tmp_path / "c"), "--calib-seqs", "2", "--seq-len", "32", "--out", str(tmp_path / "q")])
+                             str(tmp_path / "c"), "--calib-seqs", "2", "--seq-len", "32", "--out", str(tmp_path / "q.sopq")])
     assert "windows of 32 tokens, and the model has 16 positions (max_position_embeddings): " \
            "give --seq-len 16 or less" in err and "warning" not in err
 

@@ -345,7 +345,7 @@ def test_a_float64_layer_outside_float32_is_refused(tmp_path, capsys, cmd, scale
     else:
         save_file({LAYER: w}, str(path))
     out = str(tmp_path / "o")
-    argv = {"quantize": ["quantize", str(path), "--format", "sop4-g16", "--out", out, "--quiet"],
+    argv = {"quantize": ["quantize", str(path), "--format", "sop4-g16", "--out", out + ".sopq", "--quiet"],
             "eval": ["eval", str(path), "--format", "fp8-e4m3-pot", "--quiet"],
             "vectors": ["vectors", str(path), "--format", "sop4-g16", "--out", out]}[cmd]
     err = one_error_line(capsys, argv)

@@ -142,13 +142,13 @@ def test_an_fp8_model_quantizes_calibrates_and_evaluates_as_its_float32_weights(
                      "--cache-dir", str(tmp_path / "c"), "--json", str(tmp_path / f"{d.name}.json")]) == 0
         assert main(["quantize", str(d), "--format", "sop4-g16", *SMALL[:4], "--cache-dir", str(tmp_path / "c"),
                      "--out", str(tmp_path / f"{d.name}.sopq"), "--quiet"]) == 0
-        assert main(["dequantize", str(tmp_path / f"{d.name}.sopq"), "--out", str(tmp_path / f"{d.name}.st"),
+        assert main(["dequantize", str(tmp_path / f"{d.name}.sopq"), "--out", str(tmp_path / f"{d.name}.safetensors"),
                      "--quiet"]) == 0
         res = json.loads((tmp_path / f"{d.name}.json").read_text())["formats"]
         figures.append([(f, r["sqnr_db"], r["e2e"]["kld"], r["e2e"]["ppl"]) for f, r in res.items()])
     capsys.readouterr()
     assert figures[0] == figures[1]
-    a, b = load_file(str(tmp_path / "f32.st")), load_file(str(tmp_path / "fp8.st"))
+    a, b = load_file(str(tmp_path / "f32.safetensors")), load_file(str(tmp_path / "fp8.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

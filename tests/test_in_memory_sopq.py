@@ -97,7 +97,7 @@ def test_a_refused_or_failed_write_leaves_the_model_and_the_target_as_they_were(
     with pytest.raises(OutputError, match="dir.sopq"):
         quantize_module(model, "sop4-g16", out=tmp_path / "dir.sopq")
     assert unchanged()
-    with pytest.raises(OutputError, match=r"quantize_module\(\) writes a \.sopq artifact, .* for a \.safetensors "
+    with pytest.raises(OutputError, match=r"quantize_module\(\) writes a \.sopq artifact, .* read as a \.safetensors "
                                           r"checkpoint; name it .*m\.sopq$"):
         quantize_module(model, "sop4-g16", out=tmp_path / "m.safetensors")
     assert unchanged() and not (tmp_path / "m.safetensors").exists()

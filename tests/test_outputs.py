@@ -777,15 +777,23 @@ def test_a_set_of_files_flushes_its_folders_after_the_renames(tmp_path, monkeypa
 
 
 def test_an_output_named_as_the_other_commands_file_is_refused(files, tmp_path, capsys):
-    """Every command takes a model or an artifact by its name's ending: `sop quantize --out m.safetensors`
+    """Every command takes a model or an artifact by its name's ending (`.sopq`, `.safetensors`, ...), so an
+    output is named by what it holds. `sop quantize --out m.safetensors`
     wrote a .sopq container under a checkpoint's name, which `sop eval`, `sop vectors` and `sop board` then
     read as a damaged checkpoint (`header length field claims 5659184979 bytes`), and `sop dequantize --out
-    w.sopq` wrote safetensors that `sop vectors` read as a damaged artifact. Refused before any work."""
+    w.sopq` wrote safetensors that `sop vectors` read as a damaged artifact, and `--out m` a file no command
+    reads. Refused before any work."""
     for name in ("m.safetensors", "m.BIN", "m.pt", "m.pth", "m.gguf"):
         refused(capsys, commands(files, tmp_path / name)["quantize"], "`sop quantize` writes a .sopq artifact",
-                f"for a {Path(name).suffix.lower()} checkpoint; name it {tmp_path / 'm.sopq'}")
+                f"read as a {Path(name).suffix.lower()} checkpoint; name it {tmp_path / 'm.sopq'}")
     refused(capsys, commands(files, tmp_path / "w.sopq")["dequantize"], "`sop dequantize` writes decoded weights",
             f"name it {tmp_path / 'w.safetensors'}")
+    # a name no reader takes (`sop vectors m`: "unsupported file type ''"): the ending added to the name
+    refused(capsys, commands(files, tmp_path / "m")["quantize"], "read as no file type; name it "
+            f"{tmp_path / 'm.sopq'}")
+    refused(capsys, commands(files, tmp_path / "m.v2")["quantize"], "read as a .v2 file, which no reader takes; "
+            f"name it {tmp_path / 'm.v2.sopq'}")
+    refused(capsys, commands(files, tmp_path / "w")["dequantize"], f"name it {tmp_path / 'w.safetensors'}")
     assert list(tmp_path.iterdir()) == []
     assert main(commands(files, tmp_path / "m.sopq")["quantize"]) == 0                  # the names they document
     assert main(commands(files, tmp_path / "w.safetensors")["dequantize"]) == 0
