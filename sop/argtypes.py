@@ -15,14 +15,17 @@ import argparse
 import math
 import sys
 
+from sop.terminal import one_line
+
 
 class ToolParser(argparse.ArgumentParser):
     """argparse with a usage error on one line, ``PROG: error: MESSAGE (see PROG --help)``, exit 2 (argparse's
-    own prints the usage block first: several lines for a tool with many options). A subcommand's parser is
-    one too (argparse makes them of the parent's class)."""
+    own prints the usage block first: several lines for a tool with many options), through
+    ``sop.terminal.one_line`` (an unknown argument's escape sequence was printed raw). A subcommand's parser
+    is one too (argparse makes them of the parent's class)."""
 
     def error(self, message):
-        print(self.error_line(message), file=sys.stderr)
+        print(one_line(self.error_line(message)), file=sys.stderr)     # an argument's text is any string
         sys.exit(2)
 
     def error_line(self, message: str) -> str:

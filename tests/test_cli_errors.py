@@ -131,7 +131,9 @@ def test_any_budget_above_0_is_capped_or_refused_in_one_line(request, tmp_path, 
      "sop: error: sop eval: unrecognized arguments: --layers x (see sop eval --help)"),
     (["codebook", "nf4", "extra"], "sop: error: sop codebook: unrecognized arguments: extra (see sop codebook --help)"),
     (["nosuch"], "sop: error: argument COMMAND: invalid choice: 'nosuch'"),
-    ([], "sop: error: the following arguments are required: COMMAND (see sop --help)")])
+    ([], "sop: error: the following arguments are required: COMMAND (see sop --help)"),
+    (["codebook", "nf4", "--x\x1b[31m\nred"],                     # run by the terminal, split in two: escaped
+     "sop: error: sop codebook: unrecognized arguments: --x\\x1b[31m red (see sop codebook --help)")])
 def test_an_unknown_argument_points_at_its_commands_help(capsys, argv, said):
     """A mistyped option is the subcommand's, so its help is the one to read, not `sop --help`."""
     assert one_error_line(capsys, argv).startswith(said)
