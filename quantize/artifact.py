@@ -509,7 +509,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     cache_dir = cache_folder(cache_dir, calibrate)
     # before any work: never one of the model's files
     out = check_output(out, model_inputs(model), option=option("out"))
-    named_as_written(out, "quantize_model()")
+    named_as_written(out, ARTIFACT_SUFFIX, "quantize_model()")
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
@@ -688,22 +688,20 @@ def source_by_contents(art: Artifact, out: str | os.PathLike) -> Path | None:
     return None
 
 
-def named_as_written(out, call: str) -> None:
+def named_as_written(out, ending: str, call: str) -> None:
     """Refuse an output whose name's ending is not what it holds: every reader takes a model or an artifact
     by its name's ending (``models.is_artifact``, ``models.open_model``), so an artifact named
     ``.safetensors`` was read as a damaged checkpoint (``header length field claims 5659184979 bytes``),
     one named with no ending as an ``unsupported file type ''``, and decoded weights named ``.sopq`` as a
-    damaged artifact. An artifact ends in ``.sopq``, decoded weights in ``.safetensors`` (any case).
-    ``call``: the Python function writing ``out``, ``"dequantize()"`` (safetensors) or one that writes an
-    artifact (``"quantize_model()"``, ``"quantize_module()"``); the command line's is named ``sop quantize``
-    or ``sop dequantize``."""
+    damaged artifact. ``ending``: what ``out`` holds, ``ARTIFACT_SUFFIX`` (an artifact) or ``.safetensors``
+    (decoded weights), in any case; ``call``: the Python function writing it (``"quantize_model()"``,
+    ``"quantize_module()"``, ``"dequantize()"``); the command line's is ``sop quantize`` or ``sop dequantize``."""
     suffix = Path(out).suffix.lower()
-    artifact = call != "dequantize()"
-    name = f"`sop {'quantize' if artifact else 'dequantize'}`" if on_command_line() else call
-    holds, ending = (f"a {ARTIFACT_SUFFIX} artifact", ARTIFACT_SUFFIX) if artifact else \
-        ("decoded weights as safetensors", SAFETENSORS_SUFFIXES[0])
     if suffix == ending:
         return
+    artifact = ending == ARTIFACT_SUFFIX
+    name = f"`sop {'quantize' if artifact else 'dequantize'}`" if on_command_line() else call
+    holds = f"a {ARTIFACT_SUFFIX} artifact" if artifact else "decoded weights as safetensors"
     if suffix in CHECKPOINT_SUFFIXES + (ARTIFACT_SUFFIX,):      # another reader's: the same name, its ending changed
         read_as = f"as a {suffix} {'checkpoint' if suffix in CHECKPOINT_SUFFIXES else 'artifact'}"
         fix = Path(out).with_suffix(ending)
@@ -730,7 +728,7 @@ def dequantize(path: str | os.PathLike, out: str | os.PathLike, progress: bool =
         raise OutputError(f"{out}: the output is a file of the checkpoint {art.path.name} was made from (found "
                           f"by its contents in {folder}); refusing to overwrite an input (choose another "
                           f"{option('out')})")
-    named_as_written(out, "dequantize()")          # (after the refusals to overwrite an input: they say more)
+    named_as_written(out, SAFETENSORS_SUFFIXES[0], "dequantize()")    # after the refusals to overwrite an input
     hb = _safetensors_header(art)
     say = reporter(progress)
     n = len(art.layers)

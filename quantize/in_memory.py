@@ -829,11 +829,12 @@ def _check_sopq(out, names, inputs) -> Path:
     from sop.golden.files import check_output
 
     from .artifact import ArtifactError, name_problem, named_as_written
+    from .models import ARTIFACT_SUFFIX
 
     if not isinstance(out, (str, os.PathLike)) or isinstance(os.fspath(out), bytes):
         raise ValueError(f"out is the .sopq file's path (a str or os.PathLike), got {type(out).__name__} {out!r}")
     out = check_output(out, inputs, option=option("out"))
-    named_as_written(out, "quantize_module()")
+    named_as_written(out, ARTIFACT_SUFFIX, "quantize_module()")
     for name in names:
         why = name_problem(name)
         if why:
