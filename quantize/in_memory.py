@@ -274,8 +274,9 @@ def _unsplit_experts(module, p) -> str:
     if experts_transposed(module) is not None:
         return (f"fused MoE experts of {kind}, of a model type whose fused experts are kept, as on disk "
                 f"(models.FUSED_EXPERTS)")
-    return (f"fused MoE experts of {kind}, which does not say how it stores them (is_transposed): kept (on disk "
-            f"these experts are refused: --exclude them there)")
+    return (f"fused MoE experts of {kind}, which does not say how it stores them (is_transposed): kept (a "
+            f"checkpoint on disk with these experts is refused: quantize_model's exclude, or sop quantize's "
+            f"--exclude, leaves them out)")
 
 
 def _fp8(p) -> bool:

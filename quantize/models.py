@@ -332,10 +332,13 @@ def stores_conv1d(cfg: dict | None, shapes: dict) -> bool:
 
 # -- the model ---------------------------------------------------------------------------------------
 
+#: ``skipped``'s reason for a linear layer that ``include`` / ``exclude`` left out (a key, as every reason is:
+#: ``_kept_label`` says it as its caller names the settings)
+FILTERED = "filtered out"
+
 _KEPT_LABEL = {"1-D": "1-D (norms, biases)", "embedding": "embedding", "norm": "norm", "lm_head": "lm_head",
                "not a floating-point tensor": "non-float (integer, boolean, complex)", "not a weight": "2-D non-weight",
-               "fp8 scale": "FP8 scale (applied to its layer)",
-               "router": "MoE router (--include-routers quantizes them)"}
+               "fp8 scale": "FP8 scale (applied to its layer)"}
 
 
 #: ``skipped``'s reason for an input embedding whose matrix is the quantized head's: a tied head stored twice
@@ -359,9 +362,19 @@ def _option_of(why: str) -> str:
     return f"{_OPTION_OF[why][0]}, kept unless {_switch(why)}"
 
 
+def _kept_label(why: str) -> str:
+    """A ``skipped`` reason as ``kept_text`` counts it, a setting named as its caller gives it (``--include``
+    from ``sop``, ``include`` from Python); a reason of no label (an older report's) as it is."""
+    if why == FILTERED:
+        return f"{FILTERED} by {option('include')}/{option('exclude')}"
+    if why == "router":
+        return f"MoE router ({_switch(why)} quantizes them)"
+    return _KEPT_LABEL.get(why, why)
+
+
 def kept_text(kept: dict[str, int], lm_head: str = "") -> str:
     """``kept as they are: 61 1-D (norms, biases), 1 embedding; lm_head ...`` from ``ModelSource.kept()``."""
-    parts = [f"{n} {_KEPT_LABEL.get(why, why)}" for why, n in sorted(kept.items(), key=lambda kv: (-kv[1], kv[0]))]
+    parts = [f"{n} {_kept_label(why)}" for why, n in sorted(kept.items(), key=lambda kv: (-kv[1], kv[0]))]
     line = f"kept as they are: {', '.join(parts) if parts else 'nothing'}"
     return line + (f"; {lm_head}" if lm_head else "")
 
@@ -415,7 +428,7 @@ class ModelSource:
             return f"kept as it is: {why}"
         if is_lm_head(name) and self.tied_to is not None:
             return f"the head is tied to {self.tied_to}, one matrix under that name" + \
-                ("" if self.tied_to in self._by_name() else ", a layer with --include-lm-head")
+                ("" if self.tied_to in self._by_name() else f", a layer with {_switch('lm_head')}")
         return ""
 
     def _by_name(self) -> dict[str, LinearLayer]:
@@ -981,7 +994,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
         if stacks and dtype not in fp8_scales.FP8_DTYPES and is_expert_stack(name, shape, is_float):
             candidates += 1                      # fused experts: a layer per expert, selected as one tensor
             if not _selected(name, include, exclude):
-                skipped[name] = "filtered out by --include/--exclude"
+                skipped[name] = FILTERED
                 continue
             reader.check(name)
             n, rows, cols = (int(d) for d in shape)
@@ -1002,7 +1015,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
             continue
         candidates += 1
         if not _selected(name, include, exclude):
-            skipped[name] = "filtered out by --include/--exclude"
+            skipped[name] = FILTERED
             continue
         reader.check(name)                       # a selected layer the quantizer cannot read: say so now
         t = conv1d and _module_of(name) in CONV1D_NAMES
@@ -1154,16 +1167,16 @@ def _no_layer_error(spec: str, candidates: int, include, exclude, skipped: dict,
 
 def _source_notes(spec: str, kind: str, files, reader, names: list[str], layers: list[LinearLayer], skipped: dict,
                   no_router: bool) -> list[str]:
-    """The warnings about the reference, once per model: ``--include-routers`` with no router
+    """The warnings about the reference, once per model: ``routers`` (``--include-routers``) with no router
     (``no_router``), floating-point tensors of 3 or more dimensions or 2-D expert tensors kept, layers
     a GGUF stores quantized, MXFP4 layers."""
     notes = []
     if no_router:
-        notes.append(f"--include-routers: the checkpoint has {NO_ROUTER}")
+        notes.append(f"{_switch('router')}: the checkpoint has {NO_ROUTER}")
     floats = {n: shape for n in names for shape, _, is_float in [reader.info(n)] if is_float}
     stacked = {lay.tensor for lay in layers if lay.stack is not None}
     deep = {n: int(np.prod(shape)) for n, shape in floats.items() if len(shape) > 2 and n not in stacked
-            and skipped.get(n) != "filtered out by --include/--exclude"}
+            and skipped.get(n) != FILTERED}
     if deep:                                     # FP8 fused experts, convolutions: much of such a model
         total = sum(int(np.prod(shape)) for shape in floats.values())
         notes.append(f"{len(deep)} floating-point tensor(s) of 3 or more dimensions kept as they are "

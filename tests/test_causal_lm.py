@@ -1280,6 +1280,9 @@ def test_the_routers_option_on_a_dense_model_warns_and_quantizes_as_without_it(t
                "docs/quantizer.md, \"Mixture-of-experts models\")")
     assert ": 2 linear layers, 128 weights\nkept as they are: nothing\n" in plain.out and plain.err == ""
     assert routed.err.splitlines() == [warning] and routed.out.replace(warning + "\n", "") == plain.out
+    # from Python the note names the keyword the caller gave
+    assert open_model(str(tmp_path / "m.safetensors"), routers=True).notes == \
+        [warning.replace("warning: --include-routers", "routers=True")]
 
 
 def test_other_configs_run_unweighted_with_the_reason(tmp_path, capsys):

@@ -20,7 +20,7 @@ from sop.cli import main
 from sop.quantize import artifact as A
 from sop.quantize import causal_lm as L
 from sop.quantize.inputs import command_line
-from sop.quantize.models import open_model
+from sop.quantize.models import FILTERED, open_model
 
 transformers = pytest.importorskip("transformers")
 L.quiet_transformers()
@@ -100,7 +100,11 @@ def test_each_expert_of_a_fused_tensor_is_a_layer_read_alone(folders, arch):
     only = open_model(str(folders[arch]), exclude=[down.format(i="*")])
     assert [lay.stack[:2] for lay in only.layers if lay.stack] == [(gate_up.format(i=i), e) for i in range(2)
                                                                     for e in range(EXPERTS)]
-    assert only.skipped[down.format(i=1)] == "filtered out by --include/--exclude" and only.notes == []
+    assert only.skipped[down.format(i=1)] == FILTERED and only.notes == []
+    # the count of them says the settings as its caller names them
+    assert "2 filtered out by include/exclude" in only.kept_line()
+    with command_line():
+        assert "2 filtered out by --include/--exclude" in only.kept_line()
 
 
 def test_three_dimensional_tensors_that_are_no_experts_stay_with_a_warning(tmp_path, capsys):

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from sop.cli import main
 from sop.quantize import calib as C
 from sop.quantize import causal_lm as L
+from sop.quantize.inputs import command_line
 from sop.quantize.models import open_model
 
 transformers = pytest.importorskip("transformers")
@@ -107,7 +108,9 @@ def test_every_expert_matrix_and_router_is_found_in_the_running_model(moe_folder
     gates = routers | {n for n in ckpt if n.endswith("shared_expert_gate.weight")}
     assert {n for n, why in default.skipped.items() if why == "router"} == gates
     assert {lay.name for lay in default.layers} == selected - gates
-    assert f"{len(gates)} MoE router (--include-routers quantizes them)" in default.kept_line()
+    assert f"{len(gates)} MoE router (routers=True quantizes them)" in default.kept_line()      # from Python
+    with command_line():
+        assert f"{len(gates)} MoE router (--include-routers quantizes them)" in default.kept_line()
     assert all(runner.targets[n].slot is not None for n in experts)
     assert all(runner.targets[n].slot is None for n in routers)
     for lay in src.layers:                  # the matrix the model runs is the checkpoint's, value for value

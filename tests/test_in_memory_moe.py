@@ -169,6 +169,28 @@ def test_excluded_expert_matrices_are_kept_by_name_and_unsplit_experts_quantized
         assert len([n for n in res.layers if ".experts." in n]) == 4
 
 
+def test_experts_of_a_module_that_does_not_say_how_it_stores_them_are_kept_naming_both_callers_settings():
+    """Fused experts whose module says nothing of their layout (no ``is_transposed``: LongCat-Flash's) are
+    kept, and the reason names what leaves them out of a checkpoint on disk for a Python caller too (it
+    named the command line's ``--exclude`` alone)."""
+    from transformers.models.auto import AutoModelForCausalLM
+    from transformers.models.granitemoe import GraniteMoeConfig
+
+    model = AutoModelForCausalLM.from_config(GraniteMoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+    experts = model.model.layers[0].block_sparse_moe.experts
+    del experts.is_transposed
+    before = experts.down_proj.detach().clone()
+    res = quantize_module(model, "sop4-g16")
+    for p in ("gate_up_proj", "down_proj"):
+        assert res.kept[f"model.layers.0.block_sparse_moe.experts.{p}"] == (
+            "fused MoE experts of GraniteMoeExperts, which does not say how it stores them (is_transposed): kept "
+            "(a checkpoint on disk with these experts is refused: quantize_model's exclude, or sop quantize's "
+            "--exclude, leaves them out)")
+    assert torch.equal(experts.down_proj.detach(), before) and not [n for n in res.layers if "[" in n]
+
+
 def test_experts_called_otherwise_are_refused_with_what_a_python_caller_can_do(monkeypatch):
     """A MoE block that calls its experts with other argument names: one ValueError that names the
     arguments of quantize_module (it named the commands' flags), and the model unchanged."""
