@@ -137,11 +137,13 @@ def _integers(a, what: str) -> np.ndarray:
 def _to_bits(values: np.ndarray, width: int) -> np.ndarray:
     """(..., n) integers -> (..., n*width) bits, LSB first."""
     v = np.asarray(values, dtype=np.int64)[..., None]
-    return ((v >> np.arange(width)) & 1).astype(np.uint8).reshape(*v.shape[:-2], -1)
+    # (the bit count given, not -1: numpy cannot infer it for no values, and a layer of no blocks
+    # must pack and unpack too)
+    return ((v >> np.arange(width)) & 1).astype(np.uint8).reshape(*v.shape[:-2], v.shape[-2] * width)
 
 
 def _from_bits(bits: np.ndarray, width: int) -> np.ndarray:
-    b = bits.reshape(*bits.shape[:-1], -1, width).astype(np.int64)
+    b = bits.reshape(*bits.shape[:-1], bits.shape[-1] // width, width).astype(np.int64)
     return (b << np.arange(width)).sum(axis=-1)
 
 

@@ -428,7 +428,7 @@ def cli(argv, prog: str, description: str, run_one, line, ok, extra: dict[str, G
                 results.append(run_one(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves))
                 print(line(results[-1]), flush=True)
         except SimulatorMissing as err:
-            print(f"sop sim: {err}", file=sys.stderr)
+            print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
         print("\n".join(["", "summary:"] + [line(s) for s in results]))
         return 0 if all(ok(s) for s in results) else 1

@@ -830,14 +830,14 @@ def main(argv=None) -> int:
     configs = {**named_configs(), **residual_configs()}
     names = args.config or list(DEFAULT_CONFIGS + DEFAULT_SPARSE_CONFIGS)
     if unknown := [n for n in names if n not in configs]:
-        print(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
+        print(f"{p.prog}: error: unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
         return 2
     try:
         chosen = [replace(configs[n], lutram_depth=args.lutram_depth,
                           **({"lanes": args.lanes, "name": f"{n}-x{args.lanes}"} if args.lanes else {}))
                   for n in names]
     except ValueError as e:
-        print(f"sop mutate: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     out = args.out or toolenv.build_root() / "mutate"
     output_checked(p, out, folder=True)

@@ -492,15 +492,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.lutram_ecp5 and args.lutram_depth:
         p.error("--lutram-ecp5 chooses each configuration's LUT RAM depth: give it or --lutram-depth, not both")
+    # (one prefix, the parser's: these said `sop sim:`, a command sop does not have, without `error:`)
     try:
         configs = chosen_configs(args.config, args.lutram_depth, args.lutram_ecp5)
     except ValueError as err:
-        print(f"sop sim: {err}", file=sys.stderr)
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2
     try:
         check_simulator(args.sim)
     except SimulatorMissing as err:
-        print(f"sop sim: {err}", file=sys.stderr)
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2
     return interruptible(p.prog, lambda: _run_all(args, configs))
 

@@ -721,7 +721,7 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     output head as a linear layer (``open_model``'s option: ``--include-lm-head``).
     """
     from sop.golden.files import check_output
-    from sop.quantize.inputs import option
+    from sop.quantize.inputs import boolean, option
     from sop.quantize.layer_loop import read_weight
     from sop.quantize.models import is_artifact, open_model
     from sop.terminal import some_names
@@ -729,6 +729,12 @@ def make_vectors(model: str, fmt: str, layers: list[str] | None, out_dir: Path,
     if rows is not None and rows <= 0:
         raise ValueError(f"{option('rows')} must be a positive number of rows, got {rows}")
     if is_artifact(model):
+        # (an artifact's layers are those `sop quantize` stored: the switch was passed over, and a head
+        # the artifact does not hold was silently missing from the vectors asked for with it)
+        if boolean("lm_head", lm_head):
+            flag = option("lm_head", "True", flag="--include-lm-head")
+            raise ValueError(f"{model}: {flag} goes with a model, not a .sopq artifact, whose layers are "
+                             f"the ones `sop quantize` stored (quantize with {flag} to store the head)")
         return artifact_vectors(Path(model), fmt, layers, Path(out_dir), rows)
     source = open_model(model, lm_head=lm_head, routers=bool(layers))   # a MoE router named by --layer is one
     names = list(dict.fromkeys(layers or [lay.name for lay in source.layers]))

@@ -530,7 +530,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     v.add_argument("--layer", action="append", type=layer_name, metavar="NAME",
                    help="a linear layer (repeatable; default all)")
     v.add_argument("--include-lm-head", action="store_true",
-                   help="the output head is a linear layer too (kept by default, as in `sop quantize`)")
+                   help="the output head is a linear layer too (kept by default, as in `sop quantize`; a model only: a "
+                        ".sopq artifact's layers are those it stores)")
     v.add_argument("--out", required=True, help="the vector directory")
     v.add_argument("--rows", type=positive(int), default=None,
                    help="only the first N rows of each layer (a model's quantized as a layer of their own; "

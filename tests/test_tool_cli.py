@@ -200,7 +200,20 @@ def test_the_sim_runners_lutram_options_are_one_or_the_other(capsys):
         runner.main(["--lutram-ecp5", "--lutram-depth", "16"])
     assert exit_.value.code == 2 and "give it or --lutram-depth, not both" in capsys.readouterr().err
     assert runner.main(["--lutram-ecp5", "--config", "nope"]) == 2
-    assert "sop sim: unknown configuration(s) ['nope']; valid: sop4-g16, " in capsys.readouterr().err
+    err = capsys.readouterr().err            # the parser's prefix, as its own refusals (no `sop sim` command)
+    assert err.startswith("python -m sop.sim.runner: error: unknown configuration(s) ['nope']; valid: sop4-g16, ")
+    assert err.count("\n") == 1, err
+
+
+def test_the_gemv_runners_missing_simulator_is_one_line_under_its_own_name(capsys):
+    """An engine bench whose simulator is missing says so under its own name (it said `sop sim:`, a
+    command sop does not have): ``run_one`` is the bench's, given to ``cli`` as a parameter."""
+    def missing(cfg, sim, **_):
+        raise runner.SimulatorMissing(f"{sim} is not installed: run `make setup`")
+
+    prog = "python -m sop.sim.gemv_runner"
+    assert gemv_runner.cli(["--config", "gemv-sop4-g16", "--sim", "icarus"], prog, "d", missing, str, bool) == 2
+    assert capsys.readouterr().err == f"{prog}: error: icarus is not installed: run `make setup`\n"
 
 
 @pytest.mark.parametrize("argv, code, said", [(["--help"], 0, "It writes under build/demo-llm/"),
@@ -312,6 +325,18 @@ def test_a_mutation_runs_arguments_are_checked_before_any_work(tool, argv, said,
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(f"sop.sim.{tool}").main(argv)
     assert exit_.value.code == 2 and f"error: {said}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--config", "nope"], "unknown configuration(s) ['nope']; valid: sop4-g16, "),
+    (["--config", "sop4-g16", "--lanes", "3"], "decoder config 'sop4-g16-x3': lanes must be a power of two")])
+def test_the_decoder_mutation_runs_refusals_are_one_line_under_its_own_name(argv, said, capsys):
+    """An unknown configuration had no prefix at all, a refused lane count `sop mutate:` (no such command)."""
+    from sop.sim import mutate
+
+    assert mutate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m sop.sim.mutate: error: {said}") and err.count("\n") == 1, err
 
 
 def test_only_names_mutants_the_list_holds():

@@ -253,3 +253,28 @@ def test_an_index_whose_format_names_no_operating_point_is_refused(tmp_path, nam
     said = str(refused.value)
     assert said == (f"{tmp_path / 'v' / 'vectors.json'}: field 'format' is {name!r}, which names no operating "
                     f"point; valid: sop4-g16, e2m3-ue4m4-g16 (golden/points.py; `sop formats` lists them)"), said
+
+
+@pytest.mark.parametrize("fmt", ["sop4-g16", "e2m3-ue4m4-g16"])
+def test_a_layer_of_no_blocks_is_written_and_read_back_empty(tmp_path, fmt):
+    """The files of a layer of no blocks are one empty line each (``_text``), and the reader takes them
+    (``_lines``); but golden.layout's bit (un)packing asked numpy to infer a dimension of no values, and
+    such a set, hand-made or written, ended in numpy's "cannot reshape array of size 0", naming nothing."""
+    from sop.golden.layout import LayerStream, pack_blocks, unpack_blocks
+    from sop.golden.points import get_point
+
+    point = get_point(fmt)
+    lay = point.layout
+    assert pack_blocks(lay, np.zeros(0, np.int64), np.zeros((0, lay.group), np.int64)) == b""
+    headers, codes = unpack_blocks(lay, b"")
+    assert headers.shape == (0,) and codes.shape == (0, lay.group)
+    luts = np.zeros((lay.banks, 1 << lay.code_bits), np.int64)
+    V.write_vectors(tmp_path / "v", {"w": LayerStream(lay, point.hif, luts, 0, 0, 2 * lay.group, b"")},
+                    {"model": "m", "format": fmt})
+    (entry,) = json.loads((tmp_path / "v" / "vectors.json").read_text())["layers"]
+    assert (entry["rows"], entry["n_blocks"]) == (0, 0)
+    for kind in ("blocks", "bf16", "exact", "exact_hex"):
+        assert (tmp_path / "v" / entry["files"][kind]).read_text() == "\n", kind
+    (layer,) = V.read_vectors(tmp_path / "v")
+    assert layer.headers.shape == (0,) and layer.codes.shape == (0, lay.group)
+    assert layer.expected_bf16.shape == (0,) and layer.expected_exact.shape == (0, 3)

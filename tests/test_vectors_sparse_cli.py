@@ -44,6 +44,27 @@ def test_a_padded_layers_vectors_name_its_own_width(tmp_path, source):
         [(3, 48, 40), (2, 32, 32)]
 
 
+def test_include_lm_head_with_an_artifact_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """An artifact's layers are the ones `sop quantize` stored: `--include-lm-head` cannot add a head to
+    them, and was passed over (vectors written, the head missing from them without a word)."""
+    from safetensors.numpy import save_file
+
+    from sop.sim.vectors import make_vectors
+
+    model = tmp_path / "m.safetensors"
+    save_file({"w.weight": np.random.default_rng(6).standard_normal((2, 32)).astype(np.float32)}, str(model))
+    art = tmp_path / "m.sopq"
+    assert run(["quantize", model, "--format", "sop4-g16", "--out", art, "--quiet"]) == 0
+    capsys.readouterr()
+    err = one_error_line(capsys, ["vectors", art, "--format", "sop4-g16", "--include-lm-head", "--out", tmp_path / "v"])
+    assert err.endswith("--include-lm-head goes with a model, not a .sopq artifact, whose layers are the ones "
+                        "`sop quantize` stored (quantize with --include-lm-head to store the head)"), err
+    assert not (tmp_path / "v").exists()
+    with pytest.raises(ValueError, match=r"lm_head=True goes with a model, .*\(quantize with lm_head=True"):
+        make_vectors(str(art), "sop4-g16", None, tmp_path / "p", lm_head=True)
+    assert run(["vectors", art, "--format", "sop4-g16", "--out", tmp_path / "v"]) == 0     # without it: written
+
+
 def one_error_line(capsys, argv) -> str:
     assert run(argv) == 2
     err = capsys.readouterr().err.strip()
