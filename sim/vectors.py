@@ -230,6 +230,8 @@ def write_vectors(out_dir: Path, streams: dict[str, LayerStream], meta: dict | N
     """Write ``streams`` (name -> golden LayerStream, sparse entries included) as vectors; ``widths``
     names a layer's own width where the stream's ``cols`` holds padding (the stream's width otherwise)."""
     out_dir = Path(out_dir)
+    if not streams:                         # (an AttributeError on the first layer's layout)
+        raise ValueError(f"{out_dir}: no layers to write (a vector set holds one at least)")
     _check_distinct(list(streams))
     with atomic_files() as out:             # all or nothing: an interrupted run leaves the old set whole
         return _write_vectors(out, out_dir, streams, meta, widths or {})
@@ -338,7 +340,10 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         raise VectorError(f"{where}: layout/hif fields are inconsistent: {err}") from None
     _check_derived(doc, lay_doc, layout, hif, where)
     out = []
-    for i, ld in enumerate(_field(doc, "layers", where, list)):
+    layer_docs = _field(doc, "layers", where, list)
+    if not layer_docs:                      # a testbench over it would check nothing and pass
+        raise VectorError(f"{where}: field 'layers' is empty; a vector set holds one layer at least")
+    for i, ld in enumerate(layer_docs):
         lw = f"{where} layers[{i}]"
         name = _field(ld, "name", lw, str)
         files = _field(ld, "files", lw, dict)

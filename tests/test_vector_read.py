@@ -278,3 +278,18 @@ def test_a_layer_of_no_blocks_is_written_and_read_back_empty(tmp_path, fmt):
     (layer,) = V.read_vectors(tmp_path / "v")
     assert layer.headers.shape == (0,) and layer.codes.shape == (0, lay.group)
     assert layer.expected_bf16.shape == (0,) and layer.expected_exact.shape == (0, 3)
+
+
+def test_a_vector_set_of_no_layers_is_refused_written_or_read(tmp_path):
+    """``write_vectors`` of no layers ended in an AttributeError; an index whose ``layers`` is empty (edited)
+    was read as a set of nothing, over which an integrator's testbench checks nothing and passes."""
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'e'}: no layers to write")):
+        V.write_vectors(tmp_path / "e", {}, {"model": "m", "format": "sop4-g16"})
+    assert not (tmp_path / "e").exists()
+    s = V.quantize_layer("sop4-g16", np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32), "w")
+    V.write_vectors(tmp_path / "v", {"w": s}, {"model": "m", "format": "sop4-g16"})
+    doc = json.loads((tmp_path / "v" / "vectors.json").read_text())
+    doc["layers"] = []
+    (tmp_path / "v" / "vectors.json").write_text(json.dumps(doc))
+    with pytest.raises(V.VectorError, match=re.escape("vectors.json: field 'layers' is empty; a vector set holds")):
+        V.read_vectors(tmp_path / "v")
