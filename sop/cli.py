@@ -557,14 +557,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     dq.set_defaults(func=cmd_dequantize)
     gm = sub.add_parser("gemv", help="y = W x of one quantized layer by the golden dot-product engine")
     gm.add_argument("file", type=in_file, help="the .sopq artifact")
-    gm.add_argument("--layer", required=True, type=layer_name, metavar="NAME",
+    # each option once: `--layer A --layer B` ran B alone without a word (sop vectors takes several --layer)
+    gm.add_argument("--layer", required=True, type=layer_name, metavar="NAME", action=Once,
                     help="the layer (its name in the artifact)")
-    gm.add_argument("--x", required=True, type=in_file, metavar="X.npy",
+    gm.add_argument("--x", required=True, type=in_file, metavar="X.npy", action=Once,
                     help="activations: a float32 .npy array, (in,) or (batch, in), every value held exactly "
                          "by --x-format")
-    gm.add_argument("--x-format", choices=list(ACT_FORMATS), default="bf16",
+    gm.add_argument("--x-format", choices=list(ACT_FORMATS), default="bf16", action=Once,
                     help="the activation format (default bf16)")
-    gm.add_argument("--out", required=True, metavar="Y.npy",
+    gm.add_argument("--out", required=True, metavar="Y.npy", action=Once,
                     help="the float32 .npy result to write (atomically): (out,) or (batch, out)")
     gm.set_defaults(func=cmd_gemv)
     r = sub.add_parser("report", help="markdown table and SQNR-vs-bpw plot of a `sop eval --json` file")
@@ -581,7 +582,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     b.add_argument("--format", required=True, choices=board_points(), action=Once,
                    help="the format of the board's decoder or GEMV engine (the boards of synth/gateware/board.py: "
                         "sop4-g16)")
-    b.add_argument("--layer", type=layer_name, metavar="NAME", default=None,
+    b.add_argument("--layer", type=layer_name, metavar="NAME", default=None, action=Once,
                    help="a linear layer (default: a model's first; an artifact's first in --format's layout with "
                         "sparse entries, else its first in that layout)")
     b.add_argument("--baud", type=positive(int), default=DEFAULT_BAUD, help=f"baud rate (default {DEFAULT_BAUD})")
@@ -590,7 +591,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     b.add_argument("--rows", type=positive(int), default=None,
                    help="only the first N rows of the layer (a model's quantized as a layer of their own; "
                         "docs/vectors.md)")
-    b.add_argument("--x", type=in_file, default=None, metavar="X.npy",
+    b.add_argument("--x", type=in_file, default=None, metavar="X.npy", action=Once,
                    help="with --gemv: the activation vector, (in,) float values E4M3 holds exactly (default: "
                         "MiniLM's real input to the layer for a token of a sentence, rounded to E4M3)")
     b.add_argument("--gemv", action="store_true",

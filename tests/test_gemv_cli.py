@@ -167,3 +167,24 @@ def test_the_output_never_replaces_an_input_and_a_failed_run_keeps_the_old_outpu
     one_error_line(capsys, ["gemv", artifacts["sop4-g16"], "--layer", PADDED, "--x", bad, "--out", out])
     assert out.read_bytes() == b"old"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".sop-tmp")]
+
+
+@pytest.mark.parametrize("option", ["--layer", "--x", "--x-format", "--out"])
+def test_an_option_given_twice_is_refused_not_the_last_taken(artifacts, tmp_path, capsys, option):
+    """`sop gemv --layer A --layer B` computed B alone and said nothing (`sop vectors` takes several
+    --layer, so a user may think two run): each option of `sop gemv`, and `sop board`'s --layer and --x,
+    is refused when given twice, with nothing written."""
+    x1, x2 = (bad_x(tmp_path, name, vectors(np.random.default_rng(1), 40, E4M3)) for name in ("x1.npy", "x2.npy"))
+    values = {"--layer": [PADDED, "blk.1.proj.weight"], "--x": [x1, x2], "--x-format": ["bf16", "e4m3"],
+              "--out": [tmp_path / "y1.npy", tmp_path / "y2.npy"]}
+    argv = ["gemv", artifacts["sop4-g16"]]
+    for opt, (first, second) in values.items():
+        argv += [opt, first, opt, second] if opt == option else [opt, second]
+    err = one_error_line(capsys, argv)
+    assert f"argument {option}: given twice" in err
+    assert not list(tmp_path.glob("y*"))
+    if option in ("--layer", "--x"):                          # refused before the port is opened
+        first, second = values[option]
+        err = one_error_line(capsys, ["board", "--port", tmp_path / "no-port", artifacts["sop4-g16"], "--format",
+                                      "sop4-g16", "--gemv", option, first, option, second])
+        assert f"argument {option}: given twice" in err
