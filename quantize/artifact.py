@@ -83,6 +83,7 @@ from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
 from sop.quantize.evaluate import jsonable
 from sop.quantize.inputs import boolean, cache_folder, on_command_line, option
+from sop.quantize.knapsack import check_budget_shapes
 from sop.quantize.layer_loop import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for, check_options,
                                      layer_line, quantize_layer, recon_float32, reporter)
 from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
@@ -513,6 +514,8 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
+    if fmt.model_level:                 # a budget below every cheapest option: refused before any layer is read
+        check_budget_shapes([lay.shape for lay in src.layers], budget, option("budget"))
     for lay in src.layers:
         why = name_problem(lay.name)
         if why:

@@ -61,6 +61,7 @@ from sop.golden.files import write_atomic
 from sop.quantize import calib as C
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.inputs import boolean, cache_folder, no_e2e, option
+from sop.quantize.knapsack import check_budget_shapes
 from sop.quantize.metrics import aggregate
 from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS, DEFAULT_SEQ_LEN
 from sop.quantize.layer_loop import (BudgetOutcomes, announce, budget_model, calibration_for, check_options,
@@ -214,6 +215,8 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     say = reporter(progress)
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
+    if budget is not None:              # a budget below every cheapest option: refused before any layer is read
+        check_budget_shapes([lay.shape for lay in src.layers], budget, option("budget"))
     say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights")
     announce(src, say)
     check_e2e_memory(src, e2e, e2e_windows, size.seq_len, jobs)        # before any work

@@ -106,9 +106,9 @@ from .causal_lm import (_BMM_EXPERTS, _EXPERT_INPUT, Target, _expert_hook, _is_l
 from .checkpoint_files import describe_error
 from .fp8_scales import FP8_DTYPES
 from .inputs import boolean, option
-from .knapsack import LazyLayers, budget_report
+from .knapsack import LazyLayers, budget_report, check_budget_shapes
 from .models import (NO_ROUTER, _natural_key, _selected, expert_layer_name, folder_inputs, fused_experts_layout,
-                     globs, is_expert_stack, linear_reason, router_weights)
+                     globs, is_expert_stack, linear_reason, router_weights, unmatched_globs)
 from .schemes import get_quant_format
 
 
@@ -950,6 +950,9 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
             if first else ""
         raise ValueError(f"the model has no linear layer to quantize{given}: torch.nn.Linear, Conv1D or (with "
                          f"routers=True) a MoE router, selected by the checkpoint rules (quantize/models.py){why}")
+    names = {*layers, *kept, *(n for n, _ in model.named_parameters(remove_duplicate=False))}
+    for note in unmatched_globs(names, include, exclude, "parameter of the model", next(iter(layers))):
+        warnings.warn(note, stacklevel=2)
     # in the checkpoint path's order (its tensors' names on disk, in natural order): sop-budget breaks exact
     # ties between layers by order, and the .sopq lists them in it
     saved = _saved_names(model, layers)
@@ -960,6 +963,9 @@ def quantize_module(model, fmt: str, batches=None, *, budget: float | None = Non
     for name, lay in layers.items():                # before calibration, which would blame a later layer's input
         if not _finite(lay.tensor().detach()):
             raise ValueError(f"layer {name}: its weight holds a NaN or an Inf: nothing is quantized")
+    if qfmt.model_level:                # a budget below every cheapest option: refused before calibration
+        check_budget_shapes([tuple(lay.tensor().shape)[::-1] if lay.conv1d else tuple(lay.tensor().shape)
+                             for lay in layers.values()], budget)
     stats, tokens, unreached = activation_stats(model, layers, batches) if batches is not None else (None, 0, [])
     act = (lambda n: None) if stats is None else stats.get
     budget_res = (qfmt.solve_budget(LazyLayers(layers, lambda n: (layers[n].matrix(), act(n))), budget,

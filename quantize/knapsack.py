@@ -42,6 +42,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 
 import numpy as np
 
@@ -427,6 +428,19 @@ def _check_finite_errors(opts: LayerOptions) -> None:
                      f"only the ratios between act_ms matter, so divide every layer's act_ms by one factor")
 
 
+def check_budget(budget_bpw, option: str = "budget") -> float:
+    """``budget_bpw`` as a float above 0, or one ``ValueError`` naming it as ``option`` (a string compared
+    with 0 was a TypeError, ``True`` a budget of 1 bit per weight)."""
+    if isinstance(budget_bpw, bool) or not isinstance(budget_bpw, Real):
+        raise ValueError(f"{option} must be a number (average bits per weight), got {budget_bpw!r}")
+    if not budget_bpw > 0:                          # NaN too: it would compare as no budget at all
+        raise ValueError(f"{option} must be a number above 0, got {budget_bpw!r}")
+    try:
+        return float(budget_bpw)
+    except OverflowError:                           # an int past float's range: past every option too
+        return math.inf
+
+
 def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
                     resolution: int = DEFAULT_RESOLUTION, sop4_kw: dict | None = None,
                     prepared: LayerOptions | None = None, cols: dict[str, int] | None = None,
@@ -444,8 +458,7 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     (``BudgetResult.results``); see the module docstring. ``option`` is what a refusal calls the
     budget: the Python API's ``budget`` (the default: a caller from Python has no ``--budget`` to
     give), the command line's ``--budget`` (quantize/layer_loop.py passes it)."""
-    if not budget_bpw > 0:                          # NaN too: it would compare as no budget at all
-        raise ValueError(f"{option} must be a number above 0, got {budget_bpw!r}")
+    budget_bpw = check_budget(budget_bpw, option)
     opts = prepared if prepared is not None else layer_options(layers, options, sop4_kw)
     _check_finite_errors(opts)
     n_weights = opts.n_weights if real_weights is None else real_weights
@@ -466,6 +479,46 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
     return res
 
 
+def least_bits(rows: int, cols: int, options=DEFAULT_OPTIONS) -> int:
+    """The bits of a ``rows x cols`` layer's cheapest option, from its shape alone: each base format's
+    bits (``option_row``'s: a SOP point's stream of the width padded to 16, then to its block, with its LUT
+    images and offset byte; FP8 unpadded, with its scale byte), a sparse variant costing no fewer. Exact
+    for options that include their bases, as the built-in ones do; a lower bound otherwise."""
+    padded16 = -(-cols // 16) * 16                  # schemes.BUDGET_GROUP: sop-budget pads each layer first
+    least = None
+    for base in dict.fromkeys(parse_option(o)[0] for o in options):
+        if base == FP8:
+            bits = 8 * rows * cols + 8
+        else:
+            point = get_point(base)
+            lay = point.layout
+            blocks = rows * (-(-padded16 // lay.group))
+            bits = blocks * lay.block_bits + lay.banks * 2 ** lay.code_bits * point.hif.bits + 8
+        least = bits if least is None else min(least, bits)
+    return least
+
+
+def refuse_small_budget(wanted: float, cheapest: int, n_weights: int, option: str = "budget") -> None:
+    """The refusal of a budget that buys ``wanted`` bits, below ``cheapest`` (every layer in its cheapest
+    option): it names the least budget that runs, as ``option`` (``budget=`` or ``--budget``)."""
+    least = math.ceil(cheapest / n_weights * 1e4) / 1e4    # the 4-decimal budget that buys it
+    give = f"{option} {least:.4f}" if option.startswith("--") else f"{option}={least:.4f}"
+    raise ValueError(f"{option} is too small: it buys {math.floor(wanted):,} bits, below the cheapest "
+                     f"choice, {cheapest:,} bits (every layer in its cheapest option): give {give} or more")
+
+
+def check_budget_shapes(shapes, budget_bpw: float, option: str = "budget", options=DEFAULT_OPTIONS) -> None:
+    """Refuse, from the layers' ``(rows, cols)`` alone, a budget below every layer's cheapest option
+    (``least_bits``): before any layer is read (it was refused after every layer's options were built,
+    hours of a large model's), as ``budget_bits`` refuses it then."""
+    shapes = [(int(r), int(c)) for r, c in shapes]
+    n_weights = sum(r * c for r, c in shapes)
+    cheapest = sum(least_bits(r, c, options) for r, c in shapes)
+    wanted = check_budget(budget_bpw, option) * n_weights
+    if n_weights and wanted < cheapest:
+        refuse_small_budget(wanted, cheapest, n_weights, option)
+
+
 def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weights: int,
                 option: str = "budget") -> int:
     """``floor(budget_bpw * n_weights)``: the bits the knapsack may spend, for any budget above 0.
@@ -479,10 +532,7 @@ def budget_bits(costs: list[list[tuple[int, float]]], budget_bpw: float, n_weigh
     if wanted >= dearest:
         return dearest
     if wanted < cheapest:
-        least = math.ceil(cheapest / n_weights * 1e4) / 1e4    # the 4-decimal budget that buys it
-        give = f"{option} {least:.4f}" if option.startswith("--") else f"{option}={least:.4f}"
-        raise ValueError(f"{option} is too small: it buys {math.floor(wanted):,} bits, below the cheapest "
-                         f"choice, {cheapest:,} bits (every layer in its cheapest option): give {give} or more")
+        refuse_small_budget(wanted, cheapest, n_weights, option)
     return int(math.floor(wanted))
 
 

@@ -32,7 +32,7 @@ from sop.golden.formats import to_float32
 from sop.quantize import calib as C
 from sop.quantize.blockwise import narrow_weights
 from sop.quantize.checkpoint_files import CheckpointError
-from sop.quantize.inputs import NAN_POLICIES, WeightError, no_calib, option, sanitize
+from sop.quantize.inputs import NAN_POLICIES, WeightError, no_calib, on_command_line, option, sanitize
 from sop.quantize.metrics import ErrorStats
 from sop.quantize.schemes import get_quant_format
 from sop.terminal import one_line
@@ -91,6 +91,26 @@ def announce(src, say) -> None:
         print(one_line(f"warning: {note}"), file=sys.stderr, flush=True)
 
 
+def unused_size_warning(src, size) -> None:
+    """One warning line where the calibration size given is of the other kind of model than ``src``'s forward
+    pass runs, and so unused: ``--calib-sentences 64`` on a causal LM calibrated on the default 32 x 256
+    tokens, ``--calib-seqs`` / ``--seq-len`` on a sentence encoder on 256 sentences, without a word."""
+    default, cli = C.CalibSize(), on_command_line()
+    if src.forward == "causal-lm" and size.sentences != default.sentences:
+        given, rule = (f"--calib-sentences {size.sentences}", "--calib-seqs x --seq-len") if cli else \
+            (f"n_calib={size.sentences}", "n_calib=CalibSize(seqs=, seq_len=)")
+        said = (f"{given} counts a sentence encoder's (BERT) calibration sentences, unused here: a causal LM "
+                f"calibrates on {rule} tokens ({size.seqs} x {size.seq_len})")
+    elif src.bert_folder is not None and (size.seqs, size.seq_len) != (default.seqs, default.seq_len):
+        given, rule = (f"--calib-seqs {size.seqs} --seq-len {size.seq_len} set", "--calib-sentences") if cli else \
+            (f"n_calib=CalibSize(seqs={size.seqs}, seq_len={size.seq_len}) sets", "n_calib")
+        said = (f"{given} a causal LM's calibration windows, unused here: a sentence encoder (BERT) calibrates "
+                f"on {rule} sentences ({size.sentences})")
+    else:
+        return
+    print(one_line(f"warning: {said}"), file=sys.stderr, flush=True)
+
+
 def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bool = False):
     """The model's activation statistics (unweighted when disabled or the model cannot run).
 
@@ -99,6 +119,8 @@ def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bo
     if not announced:
         announce(src, say)
     size = n_calib if isinstance(n_calib, C.CalibSize) else C.CalibSize(n_calib)
+    if calibrate:
+        unused_size_warning(src, size)
     if calibrate and src.forward == "causal-lm":
         from sop.quantize import causal_lm
 

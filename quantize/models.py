@@ -410,7 +410,13 @@ class ModelSource:
     opened_with: tuple = ()
     _index: tuple | None = None                 # ``_by_name``'s cache
 
-    def layer(self, name: str) -> LinearLayer:
+    def layer(self, name: str | LinearLayer) -> LinearLayer:
+        """A selected layer by its name or as its entry of ``layers`` (as ``open_artifact``'s take one)."""
+        if isinstance(name, LinearLayer):
+            name = name.name
+        if not isinstance(name, str):
+            raise TypeError(f"a layer of {self.spec} is given as its entry (in .layers) or its name, got "
+                            f"{type(name).__name__} {name!r}")
         lay = self._by_name().get(name)
         if lay is None:
             raise KeyError(f"{name} is not a selected linear layer of {self.spec}")
@@ -437,9 +443,10 @@ class ModelSource:
             self._index = (self.layers, {lay.name: lay for lay in self.layers})
         return self._index[1]
 
-    def load(self, name: str) -> np.ndarray:
-        """The layer's weight as float64, (out, in)."""
+    def load(self, name: str | LinearLayer) -> np.ndarray:
+        """The layer's weight as float64, (out, in); the layer by its name or its entry of ``layers``."""
         lay = self.layer(name)
+        name = lay.name
         with np.errstate(invalid="ignore"):      # a signalling NaN stays NaN: --nan-policy meets it
             w = np.asarray(self._reader.get(lay.tensor, None if lay.stack is None else lay.stack[1]),
                            dtype=np.float64)
@@ -858,6 +865,24 @@ def globs(value, what: str) -> list[str]:
     return out
 
 
+def unmatched_globs(names, include, exclude, where: str, example: str) -> list[str]:
+    """One warning per ``include`` / ``exclude`` glob that matches none of ``names`` (``where``: "tensor of
+    the checkpoint", "parameter of the model"; ``example``: a layer's name): a typo there (``--exclude fc``,
+    not ``fc.weight``) quantized the layer it meant to keep, or left out the one it meant to add, without a
+    word."""
+    names = list(names)
+    out = []
+    for key, given, effect in (("include", include, "selects nothing"), ("exclude", exclude, "changes nothing")):
+        for g in given or ():
+            if not any(fnmatch.fnmatchcase(n, g) for n in names):
+                # X[3] is a character class: a fused tensor's experts are selected together, by its name
+                why = ("[N] in a glob is a character class: a fused tensor's experts are selected together, by "
+                       "the tensor's name" if re.fullmatch(r".*\[\d+\]", g) else
+                       f"a glob matches a whole name, such as {example}, case-sensitive")
+                out.append(f"{option(key)} {g!r} matches no {where}: it {effect} ({why})")
+    return out
+
+
 def _selected(name: str, include, exclude) -> bool:
     inc = list(include or [])
     if inc and not any(fnmatch.fnmatchcase(name, g) for g in inc):
@@ -1040,6 +1065,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
     if copy_of and skipped.get(embedding) == "embedding":
         skipped[embedding] = TIED_HEAD_COPY         # not kept: the quantized head's matrix, as the model runs
     notes = packed + _source_notes(spec, kind, files, reader, names, layers, skipped, routers and not router_set)
+    notes += unmatched_globs(names, include, exclude, "tensor of the checkpoint", layers[0].tensor)
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
                        folder if forward else None, head_note, tied, copy_of,
                        notes, reader, opened_with=(spec, list(include or []) or None,

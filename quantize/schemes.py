@@ -131,7 +131,11 @@ class _Padded(Mapping):
         self.layers, self.group, self.cols, self.real = layers, group, {}, {}
 
     def __getitem__(self, name):
-        w, act_ms = _checked_layer(name, *self.layers[name])
+        pair = self.layers[name]
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:    # a bare matrix was unpacked row by row
+            raise ValueError(f"sop-budget layer {name!r}: give a (w, act_ms) pair (act_ms None for an unweighted "
+                             f"layer), got {type(pair).__name__}")
+        w, act_ms = _checked_layer(name, *pair)
         self.cols[name], self.real[name] = w.shape[1], w.size
         return _pad(w, act_ms, self.group)
 
@@ -180,6 +184,9 @@ def quantize_sop_budget(layers: Mapping, budget: float | None, rows=None, **kw):
         option = kw.get("option", "budget")
         give = f"{option} B" if option.startswith("--") else f"{option}=B"
         raise ValueError(f"format sop-budget needs {give} (average bits per weight)")
+    knapsack.check_budget(budget, kw.get("option", "budget"))      # before any layer is quantized
+    if not isinstance(layers, Mapping):
+        raise ValueError(f"sop-budget's layers are a mapping of name -> (w, act_ms), got {type(layers).__name__}")
     padded = _Padded(layers, BUDGET_GROUP)
     options, sop4_kw = kw.pop("options", knapsack.DEFAULT_OPTIONS), kw.pop("sop4_kw", None)
     if rows is not None:

@@ -115,6 +115,27 @@ def test_the_budget_quantizer_names_its_budget_in_python_terms():
             fmt.solve_budget(layers, bad)
 
 
+@pytest.mark.parametrize("budget", ["5", True, np.array(5.0)])
+def test_solve_budget_refuses_a_budget_that_is_no_number_before_any_work(budget):
+    """``solve_budget({...}, "5")`` was a TypeError ('>' between str and int) from the knapsack, after every
+    layer's options were built; ``True`` ran as a budget of 1 bit per weight."""
+    layers = {"a": (weights(), None)}
+    with pytest.raises(ValueError, match=r"^budget must be a number \(average bits per weight\), got"):
+        get_quant_format("sop-budget").solve_budget(layers, budget)
+
+
+def test_solve_budget_refuses_layers_given_otherwise_than_name_to_pair():
+    """A list of pairs was ``TypeError: list indices must be integers or slices, not tuple``, and a bare
+    matrix for (w, act_ms) ``_checked_layer() takes 3 positional arguments but 9 were given``."""
+    fmt, w = get_quant_format("sop-budget"), weights()
+    with pytest.raises(ValueError, match=r"^sop-budget's layers are a mapping of name -> \(w, act_ms\), got list$"):
+        fmt.solve_budget([("a", (w, None))], 6.0)
+    with pytest.raises(ValueError, match=r"^sop-budget layer 'a': give a \(w, act_ms\) pair \(act_ms None for an "
+                                         r"unweighted layer\), got ndarray$"):
+        fmt.solve_budget({"a": w}, 6.0)
+    assert fmt.solve_budget({"a": [w, None]}, 6.0).choice.keys() == {"a"}        # a list pair is a pair
+
+
 def test_the_callers_arrays_are_not_written():
     w, act = weights(cols=17), np.arange(17.0)
     w0, act0 = w.copy(), act.copy()

@@ -347,6 +347,31 @@ def test_calibration_is_cached_by_model_text_and_window_shape(folders, tmp_path,
     assert C.calibrate(open_model(str(d)), size, tmp_path / "c").key != first.key   # tokenizer files count
 
 
+def test_a_calibration_size_of_the_other_kind_of_model_is_one_warning_line(folders, tmp_path, capsys):
+    """``--calib-sentences 64`` on a causal LM (``n_calib=64`` from Python) calibrated on the default 32 x 256
+    tokens, and ``--calib-seqs`` / ``--seq-len`` on a sentence encoder on 256 sentences, without a word."""
+    out, cache = tmp_path / "m.sopq", tmp_path / "c"
+    assert main(["quantize", str(folders["llama"]), "--format", "nf4-g64", "--out", str(out), "--calib-sentences",
+                 "64", "--calib-seqs", "2", "--seq-len", str(SEQ), "--cache-dir", str(cache), "--quiet"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --calib-sentences 64 counts a sentence encoder's (BERT) calibration sentences, unused here: a "
+        f"causal LM calibrates on --calib-seqs x --seq-len tokens (2 x {SEQ})"]
+    quantize_model(str(folders["llama"]), "nf4-g64", out, n_calib=64, cache_dir=cache, progress=False)
+    assert "warning: n_calib=64 counts a sentence encoder's (BERT) calibration sentences, unused here: a causal " \
+        "LM calibrates on n_calib=CalibSize(seqs=, seq_len=) tokens (32 x 256)" in capsys.readouterr().err
+    quantize_model(str(folders["llama"]), "nf4-g64", out, n_calib=C.CalibSize(seqs=2, seq_len=SEQ), cache_dir=cache,
+                   progress=False)
+    assert "warning" not in capsys.readouterr().err                    # the causal LM's own size: nothing to say
+    from sop.quantize.layer_loop import unused_size_warning          # a BERT model, without its calibration
+
+    unused_size_warning(open_model("minilm"), C.CalibSize(seqs=4))
+    assert capsys.readouterr().err == ("warning: n_calib=CalibSize(seqs=4, seq_len=256) sets a causal LM's "
+                                       "calibration windows, unused here: a sentence encoder (BERT) calibrates on "
+                                       "n_calib sentences (256)\n")
+    unused_size_warning(open_model("minilm"), C.CalibSize(sentences=64))
+    assert capsys.readouterr().err == ""
+
+
 # -- end to end: perplexity, KL divergence, top-1 ----------------------------------------------------------
 
 def independent_e2e(folder, wins, weights):

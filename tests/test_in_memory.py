@@ -214,6 +214,18 @@ def test_a_glob_given_as_a_string_is_one_glob():
             open_model("minilm", include=bad)
 
 
+def test_a_glob_that_matches_no_parameter_is_one_user_warning():
+    """``exclude='up'`` (not ``up.weight`` or ``up.*``) quantized the layer it meant to keep without a word."""
+    with pytest.warns(UserWarning, match=r"^exclude 'up' matches no parameter of the model: it changes nothing "
+                                         r"\(a glob matches a whole name, such as (up|down|unused)\.weight, "
+                                         r"case-sensitive\)$") as said:
+        res = quantize_module(MLP(), "nf4-g64", exclude=["up", "emb.*"])
+    assert set(res.layers) == {"up.weight", "down.weight", "unused.weight"} and len(said) == 1
+    with pytest.warns(UserWarning, match=r"^include 'dwn\.\*' matches no parameter of the model: it selects "
+                                         r"nothing"):
+        assert set(quantize_module(MLP(), "nf4-g64", include=["up.*", "dwn.*"]).layers) == {"up.weight"}
+
+
 def test_what_no_batch_or_model_can_be_is_one_value_error_and_the_model_unchanged():
     """A numpy batch passed the batch check (it has a shape) and stopped in the package's own hook
     (AttributeError: ... no attribute 'detach'); an error of the model's own (an id past its vocabulary)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from sop.golden.decoder import decode_layer
-from sop.quantize.knapsack import (budget_bits, lagrangian_bound, layer_options, parse_option, quantize_budget,
-                                   solve_mckp)
+from sop.quantize.knapsack import (DEFAULT_OPTIONS, budget_bits, lagrangian_bound, layer_options, parse_option,
+                                   quantize_budget, solve_mckp)
 
 
 def random_case(seed, layers=5, max_opts=4):
@@ -148,6 +148,50 @@ def test_a_budget_past_every_option_is_capped_and_one_below_every_option_is_refu
     for bad in (0.0, -4.5, math.nan):
         with pytest.raises(ValueError, match=r"^budget must be a number above 0, got"):
             quantize_budget(layers, bad, prepared=prep)
+
+
+def test_the_cheapest_option_is_known_from_the_shape_and_a_budget_under_it_refused_before_any_work(tmp_path, capsys):
+    """A budget below every layer's cheapest option was refused only after every layer's options were built
+    (12 s of MiniLM, hours of a large model's): ``least_bits`` gives each layer's cheapest option from its
+    shape, exactly the bits the options measure (FP8 the cheapest on the smallest layers), and
+    ``quantize_model``, ``evaluate`` and ``quantize_module`` refuse before reading a layer, in the words
+    and with the least budget the knapsack gives."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from sop.quantize import schemes
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.evaluate import evaluate
+    from sop.quantize.in_memory import quantize_module
+
+    # the commands: no layer read, no option built (a NaN weight, read first, would be the error otherwise)
+    rng = np.random.default_rng(5)
+    w = {"a.weight": rng.standard_normal((16, 64)).astype(np.float32), "b.weight": np.full((16, 32), np.nan, "f4")}
+    save_file(w, str(tmp_path / "m.safetensors"))
+    said = r"^budget is too small: it buys 3,072 bits, below the cheapest choice, 7,568 bits \(every layer in its " \
+           r"cheapest option\): give budget=4\.9271 or more$"
+    with pytest.raises(ValueError, match=said):
+        quantize_model(str(tmp_path / "m.safetensors"), "sop-budget", tmp_path / "m.sopq", budget=2.0)
+    with pytest.raises(ValueError, match=said):
+        evaluate(str(tmp_path / "m.safetensors"), ["nf4-g64", "sop-budget"], budget=2.0)
+    assert "options" not in capsys.readouterr().err and not (tmp_path / "m.sopq").exists()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Linear(16, 32))
+    with pytest.raises(ValueError, match=r"^budget is too small: .* give budget=4\.\d{4} or more$"):
+        quantize_module(model, "sop-budget", [torch.zeros(2, 3)], budget=2.0)     # before the batch (cannot run)
+
+    # each layer's cheapest option from its shape: exactly what the options measure
+    from sop.quantize.knapsack import check_budget_shapes, least_bits
+
+    shapes = [(1, 1), (1, 16), (2, 5), (5, 91), (1, 100), (16, 17), (7, 33), (40, 24), (3, 160)]
+    layers = {f"l{i}": (rng.standard_normal(s), None) for i, s in enumerate(shapes)}
+    for opts in (DEFAULT_OPTIONS, ("sop4-g16", "fp8-e4m3-pot"), ("e2m3-ue4m4-g16",)):
+        rows = [schemes.budget_row(n, w, a, options=opts)[0] for n, (w, a) in layers.items()]   # padded as it pads
+        assert [least_bits(r, c, opts) for r, c in shapes] == [min(b for b, _ in row.costs) for row in rows]
+    assert least_bits(1, 1) == 16 and least_bits(40, 24) == 40 * 2 * 72 + 328    # FP8; SOP4 + 2 LUTs + offset
+    cheapest, n = sum(least_bits(r, c) for r, c in shapes), sum(r * c for r, c in shapes)
+    with pytest.raises(ValueError, match=rf"^--budget is too small: .* cheapest choice, {cheapest:,} bits"):
+        check_budget_shapes(shapes, (cheapest - 1) / n, "--budget")
+    check_budget_shapes(shapes, cheapest / n)                                   # exactly the cheapest: runs
 
 
 @pytest.mark.parametrize("chunk", [5, 64, 1 << 18])

@@ -178,6 +178,50 @@ def test_include_exclude_globs(tmp_path):
         open_model(path, exclude=["*"])
 
 
+def test_a_glob_that_matches_no_tensor_is_one_warning_line(tmp_path, capsys):
+    """``--exclude q_proj`` (not ``*q_proj*``) quantized the layer it meant to keep without a word, and an
+    ``--include`` beside one that matched added nothing silently: each glob that matches no tensor of the
+    checkpoint is a note (a ``warning:`` line, the JSON's ``source.notes``), named as its caller gave it."""
+    from sop.quantize.artifact import quantize_model
+
+    save_file(toy_state(), tmp_path / "m.safetensors")
+    path = str(tmp_path / "m.safetensors")
+    m = open_model(path, include=["model.layers.*", "model.layer.9.*"], exclude=["q_proj", "*lm_head*"])
+    assert [lay.name for lay in m.layers] == EXPECTED[:4]
+    assert m.notes == [
+        "include 'model.layer.9.*' matches no tensor of the checkpoint: it selects nothing (a glob matches a whole "
+        "name, such as model.layers.0.mlp.up_proj.weight, case-sensitive)",
+        "exclude 'q_proj' matches no tensor of the checkpoint: it changes nothing (a glob matches a whole name, "
+        "such as model.layers.0.mlp.up_proj.weight, case-sensitive)",
+        "exclude '*lm_head*' matches no tensor of the checkpoint: it changes nothing (a glob matches a whole name, "
+        "such as model.layers.0.mlp.up_proj.weight, case-sensitive)"]
+    with command_line():
+        assert open_model(path, exclude="*.q_proj.weight[0]").notes == [
+            "--exclude '*.q_proj.weight[0]' matches no tensor of the checkpoint: it changes nothing ([N] in a "
+            "glob is a character class: a fused tensor's experts are selected together, by the tensor's name)"]
+    # a glob that matches a kept tensor (the embedding) or a layer says nothing
+    assert open_model(path, include="model.*", exclude=["*embed*", "*.10.*"]).notes == []
+    quantize_model(path, "nf4-g64", tmp_path / "m.sopq", exclude="q_proj", progress=False)
+    assert capsys.readouterr().err.splitlines() == ["warning: exclude 'q_proj' matches no tensor of the checkpoint: "
+                                                    "it changes nothing (a glob matches a whole name, such as "
+                                                    "model.layers.0.mlp.up_proj.weight, case-sensitive)"]
+
+
+def test_a_layer_is_loaded_by_its_name_or_its_entry(tmp_path):
+    """``for lay in src.layers: src.load(lay)`` was ``KeyError: "LinearLayer(name=...) is not a selected linear
+    layer"``: ``load`` takes a layer's entry as ``open_artifact``'s ``weights`` does."""
+    sd = toy_state()
+    save_file(sd, tmp_path / "m.safetensors")
+    m = open_model(str(tmp_path / "m.safetensors"))
+    for lay in m.layers:
+        np.testing.assert_array_equal(m.load(lay), m.load(lay.name))
+    np.testing.assert_array_equal(m.load(m.layers[1]), sd[EXPECTED[1]].numpy())
+    with pytest.raises(TypeError, match=r"m.safetensors is given as its entry \(in .layers\) or its name, got int 0$"):
+        m.load(0)
+    with pytest.raises(KeyError, match="nope is not a selected linear layer"):
+        m.load("nope")
+
+
 def test_hf_folder_with_shards(tmp_path):
     sd = toy_state()
     keys = list(sd)
