@@ -6,6 +6,8 @@
 
 import dataclasses
 import re
+from fractions import Fraction
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from sop.golden import formats
 from sop.golden.formats import FloatFormat, get_format
+from sop.golden.hif import hif_format
 
 # (our format, ml_dtypes type, storage dtype of the ml type's bits)
 ORACLES = [
@@ -281,3 +284,102 @@ def test_a_parametric_name_with_a_huge_number_is_one_line_naming_the_format(name
     assert main(["codebook", name]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sop: error: format 'e") and err.count("\n") == 1 and len(err) < 200, err
+
+
+# -- the docs' format tables against the field formula, every code ------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def field_values(bits: int, E: int, M: int, bias: int, specials: str, signed: bool) -> list:
+    """Every code's value by the formula of docs/formats.md section 2, in exact rationals (None: NaN,
+    "inf"/"-inf": Inf): ``(1 + m/2^M) 2^(e-b)``, subnormal ``(m/2^M) 2^(1-b)``; E8M0 ``2^(e-b)``."""
+    out = []
+    for code in range(1 << bits):
+        m, e = code & ((1 << M) - 1), (code >> M) & ((1 << E) - 1)
+        neg = signed and (code >> (E + M)) & 1
+        top = e == (1 << E) - 1
+        if specials == "ieee" and top:
+            out.append(None if m else "-inf" if neg else "inf")
+            continue
+        if specials in ("fn", "e8m0") and top and m == (1 << M) - 1:
+            out.append(None)
+            continue
+        if specials == "e8m0":
+            mag = Fraction(2) ** (e - bias)
+        else:
+            mag = Fraction(m + (e > 0 and 1 << M), 1 << M) * Fraction(2) ** (max(e, 1) - bias)
+        out.append((-mag if neg else mag, bool(neg)))
+    return out
+
+
+def _number(cell: str) -> Fraction:
+    cell = cell.strip().strip("`")
+    m = re.fullmatch(r"2\^\(?(-?\d+)\)?", cell)
+    return Fraction(2) ** int(m[1]) if m else Fraction(cell)
+
+
+def doc_table_problems(formats_md: str, hif_md: str) -> list[str]:
+    """Where the format tables of docs/formats.md (sections 2 and 3) and docs/hif.md ("The format") are
+    not what the field formula gives from their own columns, or not golden's formats, code for code."""
+    problems = []
+
+    def check(name: str, fmt, bits, E, M, bias, specials, signed, top=None, bottom=None):
+        if (fmt.bits, fmt.ebits, fmt.mbits, fmt.bias, fmt.specials, fmt.signed) != (bits, E, M, bias, specials, signed):
+            problems.append(f"{name}: doc row {(bits, E, M, bias, specials, signed)}, golden "
+                            f"{(fmt.bits, fmt.ebits, fmt.mbits, fmt.bias, fmt.specials, fmt.signed)}")
+            return
+        want = field_values(bits, E, M, bias, specials, signed)
+        for code, (w, g) in enumerate(zip(want, fmt.values)):
+            same = (np.isnan(g) if w is None else g == np.inf if w == "inf" else g == -np.inf if w == "-inf"
+                    else np.isfinite(g) and Fraction(g) == w[0] and bool(np.signbit(g)) == w[1])
+            if not same:
+                problems.append(f"{name}: code {code} is {g!r} in golden, {w} by the formula")
+        finite = [w[0] for w in want if isinstance(w, tuple)]
+        if top is not None and max(finite) != top:
+            problems.append(f"{name}: the doc's largest value {top}, the formula's {max(finite)}")
+        if bottom is not None and min(v for v in finite if v > 0) != bottom:
+            problems.append(f"{name}: the doc's smallest value {bottom}, the formula's "
+                            f"{min(v for v in finite if v > 0)}")
+
+    def rows(text: str, head: str) -> list[list[str]]:
+        start = text.index(head)
+        lines = text[start:].splitlines()[2:]
+        return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in
+                lines[:next(i for i, ln in enumerate(lines) if not ln.startswith("|"))]]
+
+    def kind(cell: str) -> str:
+        return "ieee" if "ieee" in cell else "e8m0" if "0xFF" in cell else "fn" if "NaN" in cell else "finite"
+
+    section_2 = rows(formats_md, "| name | bits | E | M | bias | specials | max |")
+    for name, bits, E, M, bias, specials, top, bottom in section_2:
+        if name.startswith("int"):
+            continue
+        check(name, get_format(name), int(bits), int(E), int(M), int(bias), kind(specials), True,
+              _number(top), _number(bottom))
+    for names, bits, E, M, bias, specials, _ in rows(formats_md, "| name | bits | E | M | bias | specials | use |"):
+        for name in names.split(", "):
+            Ei, Mi = (int(E), int(M)) if E else (int(name[2]), int(name[4]))     # "ue2m4, ...": from the names
+            b = int(bias) if bias.lstrip("-").isdigit() else (1 << (Ei - 1)) - 1         # "2^(E-1)-1"
+            check(name, get_format(name), int(bits), Ei, Mi, b, kind(specials), False)
+    if "code 0 is 2^-127" in formats_md and get_format("ue8m0").values[0] != 2.0 ** -127:
+        problems.append("ue8m0: code 0 is not 2^-127")
+    for M, width, top, normal, sub in rows(hif_md, "| M | width | largest value"):
+        hif = hif_format(int(M))
+        check(hif.name, hif, int(width), 3, int(M), 5, "finite", True, _number(top), _number(sub))
+        if min(v for v in hif.values if v >= 2.0 ** -4) != _number(normal):
+            problems.append(f"{hif.name}: smallest normal is not {normal}")
+    return problems
+
+
+def test_the_docs_format_tables_are_the_field_formula_and_golden_code_for_code():
+    """docs/formats.md sections 2 and 3 and docs/hif.md's table, every row: golden's format has the row's
+    fields, each of its codes the formula's exact value (the scale formats and HIFs ml_dtypes lacks
+    included), and the row's largest and smallest values are the formula's."""
+    formats_md, hif_md = (DOCS / "formats.md").read_text(), (DOCS / "hif.md").read_text()
+    assert doc_table_problems(formats_md, hif_md) == []
+    # the check can fail: a wrong bias, a wrong largest value and a wrong subnormal in the docs are reported
+    assert doc_table_problems(formats_md.replace("| e4m3 | 8 | 4 | 3 | 7 |", "| e4m3 | 8 | 4 | 3 | 8 |"), hif_md)
+    assert doc_table_problems(formats_md.replace("| 57344 |", "| 61440 |"), hif_md)
+    assert doc_table_problems(formats_md, hif_md.replace("| 6 | 10 | 7.9375 | 0.0625 | 2^-10 |",
+                                                         "| 6 | 10 | 7.9375 | 0.0625 | 2^-11 |"))
