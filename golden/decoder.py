@@ -20,8 +20,9 @@ product, and the exact sum is rounded once into the output format
   exactly); with them, the exact sum rounded once to float64 (an IEEE float64
   addition of two float64 values is exactly that). Only a scale format as wide as
   ``ue11m4b1060`` (with the offset) reaches past float64's range: such a product is
-  held as +-``FLOAT64_MAX`` (past 2^1024) or rounded into float64's subnormals
-  (below 2^-1074); either is beyond BF16 and float32, whose outputs are then still
+  held as +-``FLOAT64_MAX`` (past 2^1024) or rounded where it reaches float64's
+  subnormals (below 2^-1022, with more significant bits than they hold; below
+  2^-1074, to a signed zero or 2^-1074); either is beyond BF16 and float32, whose outputs are then still
   the exact value's rounding (saturated, or a signed zero);
 * ``"bf16"``: the exact sum rounded once to BF16: to nearest, ties to even,
   saturating, subnormals kept (golden.formats' rule; BF16 = E8M7, bias 127).
