@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Large models and parallel search: peak memory per weight of the largest layer on a sharded
-multi-GB bf16 checkpoint, the end-to-end memory refusal, and the `--jobs 2` speed-up.
+"""Large models and parallel search: peak memory per weight, the memory refusal, the --jobs 2 speed-up.
+
+Peak memory per weight of the largest layer on a sharded multi-GB bf16 checkpoint, the end-to-end
+memory refusal, and the `--jobs 2` speed-up.
 
 1. **Checkpoint.** Under ``--workdir`` (default ``build/bench/llm_scale``; the script writes
    nowhere else) a synthetic Llama-shaped checkpoint: ``--blocks`` transformer blocks of 7B-class

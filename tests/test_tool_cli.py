@@ -2,6 +2,7 @@
 scripts under bench/ refuse with one line and exit 2 before any work, and never write half a design
 (docs/robustness.md)."""
 
+import ast
 import os
 import shutil
 import signal
@@ -274,6 +275,14 @@ def test_a_benchs_bad_argument_is_one_usage_line_before_any_work(tmp_path, scrip
     (line,) = r.stderr.strip().splitlines()               # one line: argparse printed its usage block first
     assert line.startswith(f"{script}: error: ") and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []                         # nothing written, no build/ folder
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_a_benchs_help_opens_with_a_whole_sentence(script):
+    """Each script's --help describes it by its docstring's first line; llm_scale.py's once stopped mid-sentence
+    ("... of the largest layer on a sharded"), its first line being the start of a wrapped paragraph."""
+    first = ast.get_docstring(ast.parse((BENCH / script).read_text()), clean=False).split("\n")[0]
+    assert first.strip().endswith(".") and len(first) <= 120, first
 
 
 @pytest.mark.parametrize("script", ["codebook_sqnr", "hif_sqnr"])
