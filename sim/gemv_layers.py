@@ -17,7 +17,8 @@ named where one was); tests/test_gemv_mutate.py checks that reach from golden's 
   ``ulp_cancel_layer``; for the timing job, ``window_edge_fast_layer`` (with ``layer_rows``) and
   ``zero_products_fast_layer``);
   E4M3 only (``terms_alone_layer``, ``deep_cancel_layer``, ``top_offset_layer``,
-  ``reused_table_layers``, ``lane_align_layer``, ``subnormal_block_layers``, ``near_nan_layer``).
+  ``reused_table_layers``, ``lane_align_layer``, ``subnormal_block_layers``, ``near_nan_layer``); the folded
+  engines' ``paced_layer``.
 """
 
 from __future__ import annotations
@@ -362,6 +363,33 @@ def near_nan_layer(point: str, rng, g: int = 16) -> tuple[LayerStream, list[np.n
     beat, lane = np.arange(14)[:, None], np.arange(g)[None, :]
     x = (0x7F ^ (1 << (beat + lane) % 7)) | (beat >= 7) << 7
     return random_layer(point, 1, x.size, rng), [x.reshape(-1)]
+
+
+#: ``paced_layer``'s rows (of two blocks): more blocks than a held ``y`` lets the small-FPGA engine take
+#: before its block dot unit stops (18 at seed 1: its value FIFO, ring and output buffers), a block more
+#: for each of its stops, and some to spare
+PACED_ROWS = 24
+
+
+def paced_layer(point: str, rng, rows: int = PACED_ROWS, act=E4M3) -> tuple[LayerStream, list[np.ndarray]]:
+    """A random layer of two blocks a row, every block value positive and nonzero (positive table
+    entries, positive scales at offset 0, a positive vector with no zero code), and one vector: the
+    folded engine's ``paced`` layers (sim/gemv_runner.py, ``paced_gaps``), where the bench holds ``y``
+    and spaces the blocks so that the front end's skid is left holding a block's last chunk, or the
+    one before it. A sign set there negates a word; a row's first block's tag there with its slot
+    changed starts the row's sum in another row's slot, which the row's second block does not read:
+    the small-FPGA engine's survivors 10 (the skid's ``tag.slot`` bit 0 XORed with its ``tag.first``)
+    and 67 (its ``block.sign`` held at 1) lived on every plan before, whose skid held a block's
+    tenth chunk."""
+    p = get_point(point)
+    lay, hif = p.layout, p.hif
+    luts = rng.integers(1, 1 << (hif.bits - 1), (lay.banks, 1 << lay.code_bits))     # sign bit clear, not 0
+    n = 2 * rows
+    headers = lay.make_header(rng.integers(1, 1 << lay.scale.bits, n), 0,
+                              rng.integers(0, 2, n) if lay.select_bit else 0)
+    x = finite_codes(act, rng, 2 * lay.group, signed=False)
+    x[x == 0] = 1
+    return make_layer(point, luts, 0, rows, headers, rng.integers(0, 1 << lay.code_bits, (n, lay.group))), [x]
 
 
 def swap_layers(point: str, rng, act=E4M3) -> list[tuple[str, LayerStream, list[np.ndarray]]]:

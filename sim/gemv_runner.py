@@ -67,7 +67,10 @@ each run, printed: ``--seed`` reruns it):
   (``near_nan_layer``: a NaN detect with a compare bit stuck at 1 sets ``x_nan``); with BF16, after
   them (a generator of its own), residual terms alone ``(t - u) - t``, ``u`` the last place of the
   binade below ``t``: the row adder cancels to its word's bit 2, above and beside its barrier at
-  every bit (``ulp_cancel_layer``).
+  every bit (``ulp_cancel_layer``). With a folded block dot unit (the small-FPGA engine), last
+  and from a generator of its own, two ``paced`` layers (``paced_layer``, ``paced_gaps``): ``y``
+  held and the blocks spaced so that the front end's skid is left holding a block's last chunk
+  (whose tag the tags FIFO takes), then the chunk before it (whose sign and scale the unit takes).
 * ``errors``: a vector one beat too long, one too short, then one vector for each
   lane of a beat with an E4M3 NaN there (+NaN and -NaN in turn: each lane's
   detector alone; BF16: +NaN, -NaN, +Inf, -Inf in turn) (``x_length``, ``x_nan`` must be set while it is loaded, clear
@@ -117,10 +120,11 @@ from sop.hdl.gemv_config import GemvConfig
 from sop.quantize.weights import QUERY_LAYER
 from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, SINGLE_BIT_ROWS, adder_sticky_layer, corner_layers,
                                  deep_cancel_layer, finite_codes, lane_align_layer, minilm_activations, minilm_layers,
-                                 near_nan_layer, random_layer, reused_table_layers, subnormal_barrier_layer,
-                                 subnormal_block_layers, swap_layers, tall_layers, term_rounding_layer,
-                                 terms_alone_layer, top_offset_layer, ulp_cancel_layer, window_edge_fast_layer,
-                                 window_edge_layer, window_pow2_layer, with_residuals, zero_products_fast_layer)
+                                 near_nan_layer, paced_layer, random_layer, reused_table_layers,
+                                 subnormal_barrier_layer, subnormal_block_layers, swap_layers, tall_layers,
+                                 term_rounding_layer, terms_alone_layer, top_offset_layer, ulp_cancel_layer,
+                                 window_edge_fast_layer, window_edge_layer, window_pow2_layer, with_residuals,
+                                 zero_products_fast_layer)
 from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, failed_note, interruptible, simulate
 
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
@@ -310,6 +314,13 @@ def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) 
         # the row adder's cancellations to its word's bit 2, beside the barrier at every bit (a generator
         # of its own, last)
         corners.append(layer_entry(cfg, "ulp-cancel", *ulp_cancel_layer(point, np.random.default_rng([seed, 27]))))
+    if cfg.dot_lanes:
+        # folded: y held and the blocks spaced so that the front end's skid keeps a block's last chunk,
+        # then the one before it (a generator of its own, last)
+        paced = np.random.default_rng([seed, 29])
+        for name, pace in paced_gaps(cfg).items():
+            corners.append({**layer_entry(cfg, f"paced-{name}", *paced_layer(point, paced, act=cfg.act_format)),
+                            "paced": pace})
     engine = {"tile": cfg.tile, "max_cols": cfg.max_cols, "max_rows": cfg.max_rows, "lutram_depth": cfg.lutram_depth,
               "act": cfg.act, "dot_lanes": cfg.dot_lanes, "dot_tail": cfg.dot_tail, "acc_adder": cfg.acc_adder,
               "sparse": cfg.sparse}
@@ -318,6 +329,29 @@ def plan_for(cfg: GemvConfig, size: str, seed: int, latency: int | None = None) 
             "jobs": [{"kind": "layers", "name": "minilm", "layers": minilm},
                      {"kind": "layers", "name": "corners", "layers": corners}, error_job(cfg, point, rng, seed)]
             + ([timing_job(cfg, point, x, latency, seed)] if latency is not None else [])}
+
+
+def paced_gaps(cfg: GemvConfig) -> dict[str, int]:
+    """A folded engine's ``paced`` layers: per chunk of a block (its last, the one before), the gap in
+    cycles between blocks (``w.ready`` high, no block offered: an empty stage 0 on an enabled edge, a
+    bubble in the chunk stream) that leaves that chunk in the front end's skid when a held ``y`` stops
+    the block dot unit.
+
+    Why: the unit's enable drops in the cycle its last stage gets a value while its skid holds one (the
+    value FIFO full); that value's block's last chunk went in ``L`` cycles before (``L`` the unit's
+    latency, ``stages()``: 26 at g = 16, P = 1). The chunk the front end offers in that cycle is not
+    taken and goes into its skid: the ``L``-th position after that last chunk. With ``n = g / P`` chunks
+    a block and ``G`` bubbles after each block it is the next block's chunk ``L - G - 1`` (mod ``n``), so
+    ``G = L mod n`` leaves the last chunk there and ``G = (L + 1) mod n`` the one before. With no gap
+    (every plan before) it is chunk ``(L - 1) mod n``: the tenth; random idle cycles on ``w`` add a
+    bubble or two at a block's edge, about 0.25^10 for the ten the last chunk needs. The tags FIFO
+    takes a block's tag from its last chunk, the unit its sign and scale from the one before."""
+    from sop.hdl.block_dot_folded import BlockDotFolded
+
+    unit = BlockDotFolded(cfg.layout, cfg.hif, cfg.act, lanes=cfg.dot_lanes, tail=cfg.dot_tail, chunked=True)
+    unit._MustUse__silence = True                # asked for its latency only, never elaborated
+    n, L = unit.cycles_per_block, unit.latency
+    return {"last-chunk": {"gap": L % n, "stops": cfg.tile + 1}, "chunk-before-last": {"gap": (L + 1) % n, "stops": 1}}
 
 
 def expected_words(plan: dict) -> int:

@@ -55,6 +55,11 @@ Random idle cycles on every input (``p_idle``: ``x``, ``w``, ``sparse``, ``load`
   16 cycles, 8 entries). About one long stall per 1,200 cycles: 10 in gemv-sop4-g16's
   quick plan at seed 1 (minilm 5, corners 5, errors 0), 53 in the small-FPGA engine's.
 
+**Paced layers** (a layer with ``paced``: the folded engine's; ``Pacer``): ``y`` held until the
+engine stops, the layer's blocks spaced by a set number of empty stage-0 cycles, so that the front
+end's skid is left holding the chunk the plan aims at; then ``y`` free for one word and held again,
+as many stops as the layer says (``paced_stops`` in the summary).
+
 Every wait is bounded: each job runs under ``with_timeout`` and its drain under a
 cycle limit, the errors job's waits under a count, each a bound without long stalls
 widened by ``with_long_stalls`` (the gap makes their share of any window at most
@@ -93,6 +98,7 @@ LONG_STALL = (150, 300)           # y.ready: a long stall's length in cycles (un
 P_LONG_STALL = 1 / 550            # ... the chance that a cycle starts one, once LONG_GAP cycles have
 LONG_GAP = 450                    # passed since the last one ended (LONG_GAP > LONG_STALL[1]: see with_long_stalls)
 WAIT_CYCLES = 500                 # the errors job: a beat's (and a pass's) wait, long stalls not counted
+PACED_STUCK = 64                  # a paced layer: y held until w.ready has been low this long (the engine stopped)
 
 
 class HandshakeError(AssertionError):
@@ -147,6 +153,7 @@ class Reply:
     w: bool
     sparse: bool
     status: int | None
+    w_ready: bool = False         # w.ready before the edge, a block offered or not (a paced layer's gaps)
 
 
 IDLE = HostCycle()
@@ -202,7 +209,7 @@ class HostDriver:
         c, d = self.cycle, self.dut
         self.reply = Reply(c.x is not None and d.x__ready.value is ONE, c.w is not None and d.w__ready.value is ONE,
                            c.sparse is not None and d.sparse__ready.value is ONE,
-                           int(d.status.value) if c.read_status else None)
+                           int(d.status.value) if c.read_status else None, d.w__ready.value is ONE)
 
     def step(self) -> None:
         """After the edge: the generator's next cycle (none running: an idle one)."""
@@ -264,6 +271,40 @@ class Scoreboard:
             self.owed.clear()
 
 
+class Pacer:
+    """A ``paced`` layer's blocks and ``y`` (sim/gemv_runner.py, ``paced_gaps``: the folded engines'):
+    ``y`` held from the first block offered; each block after the first offered only once ``w.ready``
+    has been high in ``gap`` cycles with no block offered since the block before was taken (each an
+    empty stage 0 on an enabled edge: ``gap`` bubbles in the chunk stream between blocks, however
+    the engine stalls); a stop is ``w.ready`` low for ``PACED_STUCK`` cycles under the hold (more
+    than a block's chunks: the engine has stopped, its value FIFO and block dot unit's output buffer
+    full and the front end's skid holding a chunk). At a stop ``y`` goes free for one word (one value
+    into the ring, one block more through the unit before it stops again: the next stop's chunk is
+    the next block's) and is held again, ``stops`` times; then, or once the layer's blocks have all
+    been taken, the layer's blocks come as any layer's, ``y`` free."""
+
+    def __init__(self, tb: Testbench, paced: dict):
+        self.tb, self.gap, self.stops = tb, paced["gap"], paced["stops"]
+        self.active, self.bubbles, self.low, self.seen = True, 0, 0, None
+
+    def offer(self, wp: int) -> bool:
+        if wp == 0 and self.seen is None:
+            self.tb.hold_y = True
+        return wp == 0 or self.bubbles >= self.gap
+
+    def after(self, offered: bool, reply: Reply, all_taken: bool) -> None:
+        self.bubbles = 0 if reply.w else self.bubbles + (not offered and reply.w_ready)
+        self.low = 0 if reply.w_ready else self.low + 1
+        tb = self.tb
+        if tb.hold_y and self.low >= PACED_STUCK:
+            tb.hold_y, self.seen, self.stops = False, tb.scoreboard.seen, self.stops - 1
+            tb.paced_stops += 1
+        elif self.seen is not None and not tb.hold_y and tb.scoreboard.seen > self.seen and self.stops:
+            tb.hold_y, self.low = True, 0
+        if all_taken or (not self.stops and not tb.hold_y):
+            tb.hold_y, self.active = False, False
+
+
 class Testbench:
     def __init__(self, dut, cfg: GemvConfig, rng: np.random.Generator, p_idle: float, p_stall: float,
                  p_junk: float = P_JUNK, p_long_stall: float = P_LONG_STALL):
@@ -275,6 +316,8 @@ class Testbench:
         self.scoreboard = Scoreboard(dut._log)
         self.y_ready = False
         self.always_ready = False
+        self.hold_y = False                             # a paced layer's hold (layers_sequence)
+        self.paced_stops = 0                            # ... and its stops
         self.cycles = self.status_errors = self.timing_errors = self.layers = self.entries = 0
         self.timing: dict | None = None                 # a timing job's bounds, while it runs
         self.w_cycles: dict[int, list[int]] = {}        # ... the cycle of each block taken (per measured
@@ -315,6 +358,8 @@ class Testbench:
             if self.stall_left:
                 self.stall_left, self.stall_gap = 0, LONG_GAP
             return True
+        if self.hold_y:
+            return False
         if not self.stall_left:
             if self.stall_gap:
                 self.stall_gap -= 1
@@ -355,12 +400,14 @@ class Testbench:
         vector's x (the layer's first with ``swap``, two cycles after its last write at the soonest)
         as soon as the vector before's x is taken (the engine holds it while both x pages hold a
         vector, and a layer's first vector until no vector is loaded), its w and sparse beats once
-        its x is taken, with random idle cycles on each."""
+        its x is taken, with random idle cycles on each; a ``paced`` layer's first vector's blocks as
+        its ``Pacer`` lets them go."""
         writes = [self.writes(layer) for layer in layers]
         vectors = [(li, v) for li, layer in enumerate(layers) for v in range(len(layer["vectors"]))]
         load_layer, load_pos, swapped, loads_done_at = 0, 0, -1, {}
         xv = xp = wv = wp = sp = 0
         cycle = 0
+        pacers: dict[int, Pacer] = {}
         while wv < len(vectors):
             assert cycle < max_cycles, f"the host sequence ran past {max_cycles} cycles (vector {wv} of {len(vectors)})"
             write = None
@@ -373,8 +420,17 @@ class Testbench:
                 ready_to_swap = vec > 0 or loads_done_at.get(li, max_cycles) <= cycle
                 if ready_to_swap and self.offered():
                     c.x = self.x_cycle(xs, xp, vec == 0 and xp == 0).x
-            ws, ss = layers[vectors[wv][0]]["w"], layers[vectors[wv][0]]["sparse"]
-            if xv > wv and wp < len(ws) and self.offered():
+            lw = vectors[wv][0]
+            ws, ss = layers[lw]["w"], layers[lw]["sparse"]
+            pacer = None
+            if xv > wv and wp < len(ws) and "paced" in layers[lw] and vectors[wv][1] == 0:
+                if lw not in pacers:
+                    pacers[lw] = Pacer(self, layers[lw]["paced"])
+                pacer = pacers[lw]
+            if pacer is not None and pacer.active:
+                if pacer.offer(wp):
+                    c.w = ws[wp]
+            elif xv > wv and wp < len(ws) and self.offered():
                 c.w = ws[wp]
             if xv > wv and sp < len(ss) and self.offered():
                 row, col, value, last = ss[sp]
@@ -392,6 +448,8 @@ class Testbench:
                 xp += 1
                 if xp == len(layers[li]["vectors"][vec]["x"]):
                     xv, xp = xv + 1, 0
+            if pacer is not None and pacer.active:
+                pacer.after(c.w is not None, reply, wp + reply.w == len(ws))
             wp += reply.w
             sp += reply.sparse
             if reply.w and self.timing is not None and vectors[wv][0] in self.timing["layers"]:
@@ -586,7 +644,8 @@ async def gemv_regression(dut):
     summary = {"config": cfg.name, "seed": seed, "checked": sb.checked, "counted": sb.counted,
                "mismatches": sb.mismatches, "status_errors": tb.status_errors, "timing_errors": tb.timing_errors,
                "layers": tb.layers, "entries": tb.entries, "cycles": tb.cycles, "long_stalls": tb.long_stalls,
-               "long_stall_cycles": tb.long_stall_cycles, "junk": tb.driver.junk, "jobs": tb.jobs,
+               "long_stall_cycles": tb.long_stall_cycles, "paced_stops": tb.paced_stops, "junk": tb.driver.junk,
+               "jobs": tb.jobs,
                "seconds": time.time() - t0}
     write_report(summary)
     dut._log.info(f"{cfg.name}: {sb.checked} words checked, {sb.counted} counted, {sb.mismatches} mismatches, "

@@ -11,13 +11,16 @@ buffer whose enable decision arrives a cycle late, and a formatter that builds o
 stage more than it declares (an off-by-one stage, shown on the shallow pipeline).
 For the GEMV engine's cocotb bench: a block sequencer that still says a vector is
 loaded in the cycle after a pass has freed its x page, and one whose ``sparse`` error bit
-misses a residual entry below its tile's first row.
+misses a residual entry below its tile's first row; for the folded (small-FPGA) engine, two whose
+front end's skid changes the chunk it hands on (a tag's slot, a block's sign).
 """
 
 from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import stream
 
 from sop.hdl.block_fields import BlockFields
 from sop.hdl.codebook_mux import CodebookMux
+from sop.hdl.gemv import GemvEngine
 from sop.hdl.gemv_sequencer import BlockSequencer
 from sop.hdl.hif_formatter import HifFormatter
 from sop.hdl.lut_bank import LutBank
@@ -143,3 +146,50 @@ class EntryBelowTileUnflagged(BlockSequencer):
         with m.If(self.entries.valid & self.entries.ready):      # (the last assignment wins)
             m.d.comb += error_now.sparse.eq(rest)
         return terms_done
+
+
+class _SkidPopped(GemvEngine):
+    """A folded engine whose front end's output buffer changes a chunk as it leaves the skid (``skid``,
+    to override): the chunk stream into the block dot unit goes through a copy that, while the
+    buffer's skid holds a chunk (the payload is then the skid's), hands on ``skid(payload)`` instead.
+    The skid's fill is worked out beside the buffer from its control ports, as hdl.output_buffer does
+    for one entry (``held_gt0``: a beat that leaves the last stage, ``capture``, and is not taken
+    stays; one taken from the skid leaves it). What the mutation runs' yosys mutants of the skid's
+    output bits do, on the folded engine's one skid entry (the drawn mutants themselves are sites in
+    the flattened design, not components to build)."""
+
+    def skid(self, m, payload, out):
+        raise NotImplementedError
+
+    def _block_dot(self, m, fifos, front, leaves, drained):
+        ctl = m.submodules.out.control          # the front end's output stage (the unit's is inside it)
+        assert len(ctl.en) == 1 and self.fold, "one output buffer, one skid entry: the folded engine's"
+        en, upcoming, entering = ctl.en[0], ctl.en_upcoming[0], ctl.entering_valid[0]
+        last_valid, held, capture = Signal(name="m_last_valid"), Signal(name="m_held"), Signal(name="m_capture")
+        pop = front.valid & front.ready
+        pop_last = pop & ~held
+        last_next = Mux(en, entering, last_valid & ~pop_last)
+        stays = capture & ~pop_last
+        m.d.sync += [last_valid.eq(last_next), capture.eq(upcoming & last_next),
+                     held.eq(Mux(held, stays | ~pop, stays))]
+        mutated = stream.Signature(front.payload.shape()).create(path=("front_mutated",))
+        m.d.comb += [mutated.valid.eq(front.valid), front.ready.eq(mutated.ready), mutated.payload.eq(front.payload)]
+        with m.If(held):
+            self.skid(m, front.payload, mutated.payload)
+        super()._block_dot(m, fifos, mutated, leaves, drained)
+
+
+class SkidSlotFlip(_SkidPopped):
+    """The skid's ``tag.slot`` bit 0 XORed with its ``tag.first`` (the small-FPGA engine's survivor 10):
+    a row's first block whose last chunk waited in the skid starts its sum in the next slot."""
+
+    def skid(self, m, payload, out):
+        m.d.comb += out.tag.slot[0].eq(payload.tag.slot[0] ^ payload.tag.first)
+
+
+class SkidSignSet(_SkidPopped):
+    """The skid's ``block.sign`` held at 1 (the small-FPGA engine's survivor 67): a positive block whose
+    chunk before the last waited in the skid (the folded unit reads the sign there) comes out negated."""
+
+    def skid(self, m, payload, out):
+        m.d.comb += out.block.sign.eq(1)

@@ -99,12 +99,13 @@ def test_a_wrong_expected_word_and_a_wrong_status_are_reported(quick_run):
 def test_small_fpga_engine_quick_regression_icarus(tmp_path):
     """The folded engine's Verilog (a chunk of one code a cycle, one table copy, the compact adder)
     under the same plan: real MiniLM rows with and without sparse residuals, the corners, the bad
-    vectors; about 84,000 cycles (a block every 16)."""
+    vectors, the ``paced-*`` layers (its front end's skid left holding a block's last chunk, then the
+    one before); about 87,000 cycles (a block every 16)."""
     assert (SMALL.dot_lanes, SMALL.acc_adder, SMALL.tile, SMALL.sparse) == (1, "compact", 4, True)
     s = gemv_runner.run(SMALL, "icarus", quick=True, seed=1, build_dir=tmp_path / "build")
     print(gemv_runner.summary_line(s))
     assert gemv_runner.passed(s), gemv_runner.summary_line(s)
-    assert s["checked"] == s["expected"] > 450 and s["entries"] > 550 and s["layers"] == 40
+    assert s["checked"] == s["expected"] > 450 and s["entries"] > 550 and s["layers"] == 42
 
 
 def keep(plan: dict, *names: str, layers: int | None = None) -> None:
@@ -168,6 +169,35 @@ def test_a_sequencer_that_misses_an_entry_below_its_tiles_first_row_is_reported(
     assert f"status errors case {last}, after the pass: 0x0 [], expected {sparse:#x}" in log, log[-3000:]
 
 
+@pytest.mark.parametrize("mutant, layer", [(mutants.SkidSlotFlip, "paced-last-chunk"),
+                                           (mutants.SkidSignSet, "paced-chunk-before-last")])
+def test_a_folded_front_end_whose_skid_changes_a_blocks_last_chunks_is_reported(tmp_path, mutant, layer):
+    """The folded engine's front end with its skid changing the chunk it hands on (tests/mutants.py): the
+    tag's slot bit 0 XORed with its ``first`` (the tags FIFO reads a block's last chunk's), or the
+    block's sign set (the unit reads the chunk's before the last). Each is reported by the ``paced``
+    layer that leaves that chunk in the skid (its blocks spaced by ``gemv_runner.paced_gaps``, ``y``
+    held), a ``y`` word of it wrong, and not by the other: the gaps put the chunk they name there and
+    no other. Every plan before passed both (docs/gemv-mutation.md). The two layers alone."""
+    verilog = gemv_runner.build_verilog(SMALL, tmp_path / "rtl", mutant(SMALL))
+    counts = {}
+    for name in ("paced-last-chunk", "paced-chunk-before-last"):
+        def paced_alone(plan, name=name):
+            keep(plan, "corners")
+            plan["jobs"][0]["layers"] = [lay for lay in plan["jobs"][0]["layers"] if lay["name"] == name]
+            assert len(plan["jobs"][0]["layers"]) == 1
+
+        s = gemv_runner.run(SMALL, "icarus", quick=True, seed=1, verilog=verilog, build_dir=tmp_path / name,
+                            plan_edit=paced_alone)
+        print(gemv_runner.summary_line(s))
+        counts[name] = s["mismatches"]
+        assert s["status_errors"] == 0
+        if name == layer:
+            assert s["mismatches"] > 0 and not gemv_runner.passed(s)
+            assert f"({name} vector 0 row" in (tmp_path / name / "sim.log").read_text()
+        else:
+            assert gemv_runner.passed(s), counts
+
+
 def test_the_bench_drives_junk_while_idle_and_long_stalls_of_y_within_its_bounds():
     """sim/tb_gemv.py's two stresses without a simulator: an idle input's payload turns to junk (valid
     low) while an offered beat is driven as it is; and ``y.ready``'s long stalls are 150 to 300
@@ -199,8 +229,9 @@ def test_the_bench_drives_junk_while_idle_and_long_stalls_of_y_within_its_bounds
     assert (dut.w__payload.value, dut.w__valid.value) == (0x123, 1)
 
     def stalls(seed, n=300_000):
-        tb = SimpleNamespace(always_ready=False, stall_left=0, stall_gap=0, long_stalls=0, long_stall_cycles=0,
-                             p_long_stall=tb_gemv.P_LONG_STALL, p_stall=0.3, rng=np.random.default_rng(seed))
+        tb = SimpleNamespace(always_ready=False, hold_y=False, stall_left=0, stall_gap=0, long_stalls=0,
+                             long_stall_cycles=0, p_long_stall=tb_gemv.P_LONG_STALL, p_stall=0.3,
+                             rng=np.random.default_rng(seed))
         long = []
         for _ in range(n):
             before = tb.long_stall_cycles

@@ -244,6 +244,39 @@ def test_the_e4m3_quick_plans_send_every_code_one_bit_short_of_nan_in_every_lane
 
 
 @pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-sop4-g16-bf16", "gemv-sop4-g16-small"])
+def test_the_folded_plan_paces_its_blocks_to_leave_a_last_chunk_and_the_one_before_in_the_skid(engine):
+    """The folded engine's ``paced`` layers (last in its corners; no other engine's plan has them: their
+    front end hands on whole blocks): the gaps between blocks that leave in the front end's skid, when
+    the held ``y`` stops the block dot unit (latency 26 at g = 16, P = 1: the 26th chunk position after
+    a block's last chunk), a block's last chunk (the tags FIFO's) and the one before (the sign's and
+    scale's). Every word positive, nonzero (a sign set is a wrong word), rows of two blocks (a row's
+    first block's slot is read again by its second: a first chunk's tag in the wrong slot is a wrong
+    sum), and more stops than a tile's rows, so that one of them meets a row's first block whatever
+    the held words before (the small-FPGA engine's survivors 10 and 67 lived on the plan before)."""
+    from sop.sim.gemv_runner import engines, paced_gaps, plan_for
+
+    cfg = engines()[engine]
+    corners = plan_for(cfg, "quick", 1)["jobs"][1]["layers"]
+    paced = [lay for lay in corners if "paced" in lay]
+    if not cfg.dot_lanes:
+        assert paced == []
+        return
+    n, latency = cfg.group // cfg.dot_lanes, 26
+    assert (n, cfg.dot_tail) == (16, "serial")
+    assert paced == corners[-2:] and [lay["name"] for lay in paced] == ["paced-last-chunk", "paced-chunk-before-last"]
+    assert [lay["paced"] for lay in paced] == list(paced_gaps(cfg).values())
+    # the chunk in the skid: the next block's (latency - gap - 1) mod n
+    assert [(latency - lay["paced"]["gap"] - 1) % n for lay in paced] == [n - 1, n - 2]
+    assert paced[0]["paced"]["stops"] > cfg.tile
+    for lay in paced:
+        rows, blocks_per_row, offset, sparse = lay["layer"]
+        assert blocks_per_row == 2 and rows > 2 * cfg.tile and not sparse
+        assert len(lay["vectors"]) == 1
+        words = np.array(lay["vectors"][0]["expect"], np.uint32)
+        assert (words > 0).all() and (words < 0x7F800000).all()
+
+
+@pytest.mark.parametrize("engine", ["gemv-sop4-g16", "gemv-sop4-g16-bf16", "gemv-sop4-g16-small"])
 def test_the_errors_job_sends_an_entry_beyond_the_tiles_last_row_alone(engine):
     """The errors job's ``sparse`` cases: one whose only entry outside its tile is beyond the layer's
     columns, and one whose only one is beyond the tile's last row (the layer's: it has fewer rows than
