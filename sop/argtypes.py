@@ -6,7 +6,7 @@ a number outside its range is a usage error naming the option and the value, bef
 a usage error (argparse keeps the last). ``in_file``, ``out_folder``, ``layer_name``: a path or name,
 never the empty one. ``output_checked``: an output a tool cannot write (a folder where a file goes, a
 device, an input), refused as a usage line before any work. ``ToolParser``: the parser of every tool,
-its usage error one line.
+its usage error one line, each list option's values once.
 """
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ class ToolParser(argparse.ArgumentParser):
     def error(self, message):
         print(one_line(self.error_line(message)), file=sys.stderr)     # an argument's text is any string
         sys.exit(2)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, with each list option's values once, in the order first given: every such option
+        names a set of things to run or select (``bench/lane_sweep.py --lanes 8 8`` synthesized the same
+        netlist twice into one folder at once, and counted it twice in the slope; ``sop eval --format A
+        --format A`` already evaluated A once)."""
+        namespace, extra = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            values = getattr(namespace, action.dest, None)
+            if isinstance(values, list) and (isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*")):
+                setattr(namespace, action.dest, list(dict.fromkeys(values)))
+        return namespace, extra
 
     def error_line(self, message: str) -> str:
         return f"{self.prog}: error: {message} (see {self.prog} --help)"

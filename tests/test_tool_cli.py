@@ -285,6 +285,26 @@ def test_a_benchs_help_opens_with_a_whole_sentence(script):
     assert first.strip().endswith(".") and len(first) <= 120, first
 
 
+def test_a_list_option_takes_each_value_once_in_the_order_first_given():
+    """Every tool's list options name sets of things to run: `bench/lane_sweep.py --lanes 8 8` synthesized
+    the same netlist twice into one folder at once and counted it twice in the slope, `fmax_seeds.py
+    --variant lutram --variant lutram` placed it twice. Fixed-count pairs (nargs=2) stay as given; a
+    subcommand's parser (`sop`'s) does the same."""
+    from sop.argtypes import ToolParser
+    from sop.cli import _parser
+
+    p = ToolParser(prog="t")
+    p.add_argument("--lanes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--variant", action="append")
+    p.add_argument("--pair", type=int, nargs=2)
+    args = p.parse_args(["--lanes", "8", "4", "8", "--variant", "b", "--variant", "a", "--variant", "b",
+                         "--pair", "3", "3"])
+    assert (args.lanes, args.variant, args.pair) == ([8, 4], ["b", "a"], [3, 3])
+    args, _ = _parser()[0].parse_known_args(["vectors", "m", "--format", "sop4-g16", "--out", "v",
+                                             "--layer", "a", "--layer", "b", "--layer", "a"])
+    assert args.layer == ["a", "b"]
+
+
 @pytest.mark.parametrize("script", ["codebook_sqnr", "hif_sqnr"])
 def test_a_codebook_reports_out_is_never_one_of_its_inputs(monkeypatch, capsys, script):
     """`bench/codebook_sqnr.py --out bench/codebook_sqnr.py` measured for a minute, then replaced the script
