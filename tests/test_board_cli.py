@@ -171,6 +171,17 @@ def test_a_simulated_bring_ups_divisor_beyond_a_real_boards_is_refused(monkeypat
     assert bringup.board_divisor() == round(25e6 / wire.DEFAULT_BAUD) == 217
 
 
+@pytest.mark.parametrize("tool", [bringup, gemv_bringup], ids=["decoder", "engine"])
+def test_a_simulated_bring_ups_errors_name_the_tool_as_its_usage_errors_do(tmp_path, capsys, tool):
+    """A bad input found after the command line was said as `bringup: error: ...` (`gemv bringup: ...`),
+    a prefix that is neither the tool's name nor that of its own argparse errors and its interrupt line
+    (a bring-up walk): one prefix, the tool's."""
+    missing = tmp_path / "none.sopq"
+    assert tool.main(["--sim", "--model", str(missing)]) == 2
+    prog = tool.__name__.replace("sop.", "python -m sop.")
+    assert capsys.readouterr().err.splitlines() == [f"{prog}: error: {missing}: no such .sopq file"]
+
+
 def test_a_board_with_another_decoder_is_refused(sim_port, capsys):
     timeout = sim_port()
     assert cli.main(board_args("sim", "--timeout", str(timeout), fmt="e2m3-ue4m4-g16")) == 1

@@ -19,6 +19,7 @@ the timeout.
 
 import itertools
 import os
+import re
 import struct
 import time
 
@@ -429,3 +430,28 @@ def test_fuzz_damaged_replies_never_give_a_different_result(cmd, garbage, tail, 
         assert value == expected
     if intact and wire.START not in garbage:                 # a clean line: it must be read right
         assert (kind, value) == ("ok", expected)
+
+
+def _no_port(folder, what: str) -> str:
+    """A path that exists and is no serial port (``what``: file, fifo, folder or dev-null)."""
+    if what == "file":
+        (folder / "port.txt").write_bytes(b"")
+        return str(folder / "port.txt")
+    if what == "fifo":
+        os.mkfifo(folder / "fifo")
+        return str(folder / "fifo")
+    return {"folder": str(folder), "dev-null": "/dev/null"}[what]
+
+
+@pytest.mark.parametrize("what, kind", [("file", "a regular file"), ("folder", "a folder"),
+                                        ("fifo", r"a FIFO \(named pipe\)"),
+                                        ("dev-null", "a device that is not a terminal")])
+def test_a_path_that_is_no_serial_device_is_named_so(tmp_path, what, kind):
+    """A bring-up's natural slip: a port path that exists but is no serial port. pyserial said only
+    "Could not configure port: (25, 'Inappropriate ioctl for device')" (an empty FIFO the same: it
+    is refused at once, not waited on)."""
+    port = _no_port(tmp_path, what)
+    with pytest.raises(OSError, match=rf"^cannot open serial port {re.escape(port)}: it is {kind}, not a serial "
+                                      r"device; give the board's port") as err:
+        SerialTransport(port)
+    assert "\n" not in str(err.value)

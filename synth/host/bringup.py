@@ -501,10 +501,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from sop.sim.runner import interruptible          # (SIGTERM and SIGHUP too: one line, exit 128 + N)
 
-    return interruptible(p.prog, lambda: _simulated(args))
+    return interruptible(p.prog, lambda: _simulated(args, p.prog))
 
 
-def _simulated(args) -> int:
+def _simulated(args, prog: str) -> int:
     t0 = time.monotonic()
     try:
         result = simulate(args.model, args.format, args.layer, args.rows, args.board, args.divisor)
@@ -517,10 +517,10 @@ def _simulated(args) -> int:
             return 0
         bad = simulate_bad_entries(args.model, args.format, args.layer, args.board, args.divisor)
     except BOARD_FAILURES as err:
-        print(f"bringup: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as err:
-        print(f"bringup: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     print(f"bad entries (indices going down, past the host's check): the board flagged "
           f"{', '.join(bad.sparse_errors) or 'nothing'}")

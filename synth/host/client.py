@@ -50,6 +50,8 @@ one (simulated seconds for synth/gateware/simboard.py), else ``time.monotonic``.
 from __future__ import annotations
 
 import math
+import os
+import stat
 import struct
 import time
 
@@ -86,7 +88,7 @@ class BoardTimeout(TimeoutError):
 
 class SerialTransport:
     """A pyserial port (a device or a pyserial URL) as a transport; ``OSError`` naming the port
-    when it cannot be opened.
+    when it cannot be opened (and what the path is when it exists but is no serial device).
 
     Reads wait in pyserial's 50 ms reads (the granularity of a timeout); writes give up after
     ``write_timeout`` (a stuck port must not hang the host either) with ``BoardTimeout``, and an
@@ -120,6 +122,11 @@ class SerialTransport:
         except KeyError as err:                           # pyserial's loop:// with an option it lacks
             raise OSError(f"cannot open serial port {port}: pyserial refuses the URL's options (no {err})") from None
         except serial.SerialException as err:
+            if kind := _not_a_port(port):
+                # pyserial's own words for these ("Could not configure port: (25, 'Inappropriate ioctl
+                # for device')") name no cause a bring-up can act on
+                raise OSError(f"cannot open serial port {port}: it is {kind}, not a serial device; give the "
+                              f"board's port (ls /dev/ttyUSB* /dev/ttyACM*)") from None
             raise OSError(f"cannot open serial port {port} at {baud} Bd: {err}; check the port name "
                           f"(ls /dev/ttyUSB* /dev/ttyACM*), that the board is plugged in and that "
                           f"you may use the port (the dialout group)") from None
@@ -150,6 +157,29 @@ class SerialTransport:
 
     def close(self) -> None:
         self.port.close()
+
+
+def _not_a_port(port: str) -> str:
+    """What the existing path ``port`` is when it cannot be a serial port (a regular file, a folder,
+    a FIFO, a socket, a device that is not a terminal such as /dev/null), else ''."""
+    try:
+        mode = os.stat(port).st_mode
+    except (OSError, ValueError):                 # absent, unreadable, or a pyserial URL
+        return ""
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    if stat.S_ISCHR(mode):
+        try:
+            fd = os.open(port, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError:                           # no access: pyserial's message says so
+            return ""
+        try:
+            return "" if os.isatty(fd) else "a device that is not a terminal"
+        finally:
+            os.close(fd)
+    return ""
 
 
 def _check_seconds(what: str, value) -> float:

@@ -428,10 +428,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from sop.sim.runner import interruptible          # (SIGTERM and SIGHUP too: one line, exit 128 + N)
 
-    return interruptible(p.prog, lambda: _simulated(args))
+    return interruptible(p.prog, lambda: _simulated(args, p.prog))
 
 
-def _simulated(args) -> int:
+def _simulated(args, prog: str) -> int:
     t0 = time.monotonic()
     try:
         results = [simulate(args.model, args.format, args.layer, args.rows, args.divisor, args.board)]
@@ -446,10 +446,10 @@ def _simulated(args) -> int:
             return 1
         bad = simulate_bad_input(args.model, args.format, args.layer, args.divisor, args.board)
     except BOARD_FAILURES as err:
-        print(f"gemv bringup: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as err:
-        print(f"gemv bringup: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     for case, what in bad.items():
         print(f"bad input, {case}: {what}")
