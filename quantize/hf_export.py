@@ -12,7 +12,8 @@ writes the whole model as a ``transformers`` folder: ``config.json``, ``generati
 ``causal_lm.check_generation_config``, never replaced by a default one), float32
 ``model.safetensors`` (sharded where transformers shards) and the tokenizer files. Every tensor
 that was not quantized (embeddings, norms, a kept ``lm_head``) is the reference's: for a GGUF
-source that is the GGUF dequantized to float32. The folder is
+source that is the GGUF dequantized to float32, and so are the linear weights an artifact of some
+layers (``sop quantize --include``) does not hold: the result's ``reference_layers`` counts them. The folder is
 written all or nothing (``golden.files.atomic_files``): an error or an interrupt at any point
 leaves every file there as it was. No file written may be an input (the artifact, a file of the
 source model), and the output folder may not be the source model's folder.
@@ -27,7 +28,8 @@ from pathlib import Path
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
 from sop.quantize.inputs import NAN_POLICIES, boolean, on_command_line, option
-from sop.quantize.models import AUX_SUFFIXES, NoLayerSelected, builtin_path, is_lm_head, model_inputs, open_model
+from sop.quantize.models import (AUX_SUFFIXES, FILTERED, NoLayerSelected, builtin_path, is_lm_head, model_inputs,
+                                 open_model)
 
 
 def _same_folder(a, b) -> bool:
@@ -120,5 +122,7 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
                              f"{tuple(src.layer(e.name).shape)}")
         weights[e.name] = art.weights(e)
     files = runner.save_folder(Path(out), weights, inputs=[art.path, *inputs], out_option=option("out"))
+    # an artifact of some layers (sop quantize --include) makes a working model whose other linear
+    # weights are the reference's: said, so a partial artifact is not taken for the quantized model
     return {"path": str(out), "files": [f.name for f in files], "layers": len(weights), "format": art.format,
-            "model": spec, "warnings": warnings}
+            "model": spec, "warnings": warnings, "reference_layers": src.kept().get(FILTERED, 0)}

@@ -22,10 +22,15 @@ class ToolParser(argparse.ArgumentParser):
     """argparse with a usage error on one line, ``PROG: error: MESSAGE (see PROG --help)``, exit 2 (argparse's
     own prints the usage block first: several lines for a tool with many options), through
     ``sop.terminal.one_line`` (an unknown argument's escape sequence was printed raw). A subcommand's parser
-    is one too (argparse makes them of the parent's class)."""
+    is one too (argparse makes them of the parent's class). ``hint``, where a parser sets one: a function of
+    its arguments and the message, one more clause for the error (a mistake whose plain message misleads)."""
+
+    hint = None
+    _argv: list = []
 
     def error(self, message):
-        print(one_line(self.error_line(message)), file=sys.stderr)     # an argument's text is any string
+        extra = self.hint(self._argv, message) if self.hint is not None else ""
+        print(one_line(self.error_line(message + (f"; {extra}" if extra else ""))), file=sys.stderr)
         sys.exit(2)
 
     def parse_known_args(self, args=None, namespace=None):
@@ -33,6 +38,7 @@ class ToolParser(argparse.ArgumentParser):
         names a set of things to run or select (``bench/lane_sweep.py --lanes 8 8`` synthesized the same
         netlist twice into one folder at once, and counted it twice in the slope; ``sop eval --format A
         --format A`` already evaluated A once)."""
+        self._argv = list(sys.argv[1:] if args is None else args)    # a subcommand's own, for its hint
         namespace, extra = super().parse_known_args(args, namespace)
         for action in self._actions:
             values = getattr(namespace, action.dest, None)

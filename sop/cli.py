@@ -263,6 +263,23 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _model_folder_hint(argv: list[str], message: str) -> str:
+    """`sop dequantize A.sopq --model-folder DIR` reads as the folder given: it said only that --out is
+    required (DIR unused), then, with an --out, that DIR is an unrecognized argument (`--model-folder=DIR`:
+    an ignored explicit argument)."""
+    hint = "--model-folder takes no value: the folder to write is --out DIR"
+    if message.startswith("argument --model-folder: ignored explicit argument"):
+        return hint
+    if "--model-folder" not in argv:
+        return ""
+    after = argv[argv.index("--model-folder") + 1:]
+    valued = bool(after) and not after[0].startswith("-") and after[0] in message.split(": ", 1)[-1].split()
+    if message.startswith("the following arguments are required:") and "--out" in message \
+            or message.startswith("unrecognized arguments:") and valued:
+        return hint
+    return ""
+
+
 def cmd_dequantize(args) -> int:
     import time
 
@@ -276,9 +293,11 @@ def cmd_dequantize(args) -> int:
         info = export_model_folder(args.file, args.out, model=args.model, progress=not args.quiet)
         for warning in info["warnings"]:                    # printed even when quiet: no progress
             print(one_line(f"warning: {warning}"), file=sys.stderr)
+        n, rest = info["layers"], info["reference_layers"]
+        others = f"; its other {rest} linear weights, not in the artifact, are the reference's" if rest else ""
         print(f"wrote {info['path']}: a transformers model folder ({', '.join(info['files'])}), "
-              f"{info['layers']} quantized layers ({info['format']}) over the reference {info['model']} "
-              f"({time.time() - t0:.1f} s)")
+              f"{n} quantized layer{'s' if n != 1 else ''} ({info['format']}) over the reference {info['model']}"
+              f"{others} ({time.time() - t0:.1f} s)")
         return 0
     if args.model is not None:
         raise ValueError("--model applies with --model-folder only")
@@ -555,6 +574,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                          "fingerprint must match)")
     dq.add_argument("--quiet", action="store_true", help="no progress lines")
     dq.set_defaults(func=cmd_dequantize)
+    dq.hint = _model_folder_hint
     gm = sub.add_parser("gemv", help="y = W x of one quantized layer by the golden dot-product engine")
     gm.add_argument("file", type=in_file, help="the .sopq artifact")
     # each option once: `--layer A --layer B` ran B alone without a word (sop vectors takes several --layer)

@@ -789,6 +789,29 @@ def test_quantize_then_a_model_folder_transformers_loads(folders, tmp_path, caps
         assert "--model applies with --model-folder only" in err
 
 
+def test_a_model_folder_of_a_partial_artifact_says_the_rest_is_the_reference(folders, tmp_path, capsys):
+    """An artifact of one layer (sop quantize --include) exports a working model whose other 13 linear
+    weights are the reference's: the closing line said "1 quantized layers ... over the reference" and
+    nothing of the 13, so a partial artifact's folder read as the quantized model."""
+    art = tmp_path / "one.sopq"
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert main(["quantize", str(folders["llama"]), "--format", "sop4-g16", "--out", str(art), "--quiet",
+                 "--no-calib", "--include", name]) == 0
+    capsys.readouterr()
+    out = tmp_path / "folder"
+    assert main(["dequantize", str(art), "--model-folder", "--out", str(out), "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert " 1 quantized layer (sop4-g16) over the reference " in said.out and not said.err, said.out
+    assert "its other 13 linear weights, not in the artifact, are the reference's" in said.out, said.out
+    sd, ref = reference_model(out).state_dict(), reference_model(folders["llama"]).state_dict()
+    a = open_artifact(art)
+    np.testing.assert_array_equal(sd[name].numpy(), a.weights(a.layers[0]))
+    assert not np.array_equal(sd[name].numpy(), ref[name].numpy())
+    for k, v in ref.items():                                   # a working model: the rest the reference's
+        if k != name:
+            np.testing.assert_array_equal(sd[k].numpy(), v.numpy(), err_msg=k)
+
+
 def test_an_export_against_a_model_of_other_layer_names_says_it_is_another_checkpoint(folders, tokenizer,
                                                                                       tmp_path, capsys):
     """--model a checkpoint that holds none of the artifact's layer names (a folder's artifact against a GGUF,

@@ -190,6 +190,26 @@ def test_an_empty_input_or_layer_name_is_refused_as_empty(tmp_path, capsys, monk
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["dequantize", "a.sopq", "--model-folder", "f"], "the following arguments are required: --out; "),
+    (["dequantize", "a.sopq", "--model-folder", "f", "--out", "g"], "unrecognized arguments: f; "),
+    (["dequantize", "a.sopq", "--model-folder=f", "--out", "g"], "argument --model-folder: ignored explicit "
+                                                                   "argument 'f'; "),
+])
+def test_a_folder_given_to_model_folder_says_it_takes_no_value(tmp_path, capsys, monkeypatch, argv, said):
+    """`sop dequantize A.sopq --model-folder DIR` reads as the folder given: it said only that --out is
+    required, then, with one, that DIR is an unrecognized argument, and not why."""
+    monkeypatch.chdir(tmp_path)
+    err = one_error_line(capsys, argv)
+    assert said + "--model-folder takes no value: the folder to write is --out DIR (see sop dequantize --help)" \
+        in err, err
+    assert os.listdir(tmp_path) == []
+    err = one_error_line(capsys, ["dequantize", "a.sopq"])                 # no --model-folder: no hint
+    assert err.endswith("the following arguments are required: --out (see sop dequantize --help)"), err
+    err = one_error_line(capsys, ["dequantize", "a.sopq", "--model-folder", "--out", "g", "x"])   # not its value
+    assert err.endswith("unrecognized arguments: x (see sop dequantize --help)"), err
+
+
 def test_a_tensor_name_with_escape_sequences_is_printed_escaped(tmp_path, capsys):
     """A tensor name is any string: one holding a terminal's escape sequences (retitle, clear the screen)
     was printed raw in the progress and error lines, and the terminal ran them (an outside probe)."""
