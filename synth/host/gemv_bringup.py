@@ -153,9 +153,11 @@ class GemvResult:
         blocks_macs = en.blocks * en.group
         per_active = blocks_macs / en.offered_cycles if en.offered_cycles else 0.0
         per_pass = blocks_macs / en.pass_cycles if en.pass_cycles else 0.0
-        out.append(f"engine: {blocks_macs:,} MACs, {per_active:.2f} MACs per active cycle ({en.offered_cycles:,} "
-                   f"cycles with a block offered; at most {en.group}), {per_pass:.3g} per cycle of the pass "
-                   f"({en.pass_cycles:,} cycles: the wire's pace)")
+        # (blocks * g / offered is g whenever the engine took each block as offered: a measure of how often
+        # it held the wire off, not of its compute rate, which the folded engine's 1 MAC a cycle is below)
+        out.append(f"engine: {blocks_macs:,} MACs, {per_active:.2f} per cycle with a block offered "
+                   f"({en.offered_cycles:,} cycles; {en.group} when it never held a block off), {per_pass:.3g} "
+                   f"per cycle of the pass ({en.pass_cycles:,} cycles: the wire's pace)")
         if self.errors:
             out.append(f"engine error: the board's GEMV engine flagged {', '.join(self.errors)} "
                        f"(docs/board-protocol.md, GEMV_STATUS)")
