@@ -216,9 +216,16 @@ class LayerStream:
 
     @property
     def bits(self) -> int:
-        """Every bit the layer costs: blocks, LUT images, offset and sparse entries."""
-        lut_bits = self.luts.size * self.hif.bits
-        return len(self.blocks) * 8 + lut_bits + 8 + len(self.sparse) * SPARSE_ENTRY_BITS
+        """Every bit the layer costs: blocks, LUT images, offset and sparse entries (``layer_bits``)."""
+        return layer_bits(self.layout, self.hif, self.rows, self.cols, len(self.sparse))
+
+
+def layer_bits(layout: BlockLayout, hif: FloatFormat, rows: int, cols: int, n_sparse: int = 0) -> int:
+    """The bits of a ``rows x cols`` layer's stream, from its shape: its blocks (each row padded to whole
+    blocks), the LUT images, the offset byte and ``n_sparse`` sparse entries."""
+    blocks = rows * -(-cols // layout.group)
+    return (blocks * layout.block_bits + layout.banks * (1 << layout.code_bits) * hif.bits + 8
+            + n_sparse * SPARSE_ENTRY_BITS)
 
     @property
     def bpw(self) -> float:

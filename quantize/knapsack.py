@@ -481,21 +481,14 @@ def quantize_budget(layers: Mapping, budget_bpw: float, options=DEFAULT_OPTIONS,
 
 def least_bits(rows: int, cols: int, options=DEFAULT_OPTIONS) -> int:
     """The bits of a ``rows x cols`` layer's cheapest option, from its shape alone: each base format's
-    bits (``option_row``'s: a SOP point's stream of the width padded to 16, then to its block, with its LUT
-    images and offset byte; FP8 unpadded, with its scale byte), a sparse variant costing no fewer. Exact
-    for options that include their bases, as the built-in ones do; a lower bound otherwise."""
-    padded16 = -(-cols // 16) * 16                  # schemes.BUDGET_GROUP: sop-budget pads each layer first
-    least = None
-    for base in dict.fromkeys(parse_option(o)[0] for o in options):
-        if base == FP8:
-            bits = 8 * rows * cols + 8
-        else:
-            point = get_point(base)
-            lay = point.layout
-            blocks = rows * (-(-padded16 // lay.group))
-            bits = blocks * lay.block_bits + lay.banks * 2 ** lay.code_bits * point.hif.bits + 8
-        least = bits if least is None else min(least, bits)
-    return least
+    ``bits`` of the registry (quantize/schemes.py; ``option_row`` measures the same: a SOP point's stream of
+    the width padded to 16 first, FP8 unpadded), a sparse variant costing no fewer. Exact for options that
+    include their bases, as the built-in ones do; a lower bound otherwise."""
+    from sop.quantize.schemes import BUDGET_GROUP, get_quant_format
+
+    padded = -(-cols // BUDGET_GROUP) * BUDGET_GROUP          # sop-budget pads each layer first
+    return min(get_quant_format(base).bits(rows, cols if base == FP8 else padded)
+               for base in dict.fromkeys(parse_option(o)[0] for o in options))
 
 
 def refuse_small_budget(wanted: float, cheapest: int, n_weights: int, option: str = "budget") -> None:

@@ -97,12 +97,15 @@ def _point_quantizer(point) -> Callable[..., QuantResult]:
 
 
 def _point_format(point) -> QuantFormat:
+    from sop.golden.layout import layer_bits
+
     lay = point.layout
     tables = f"{lay.banks} LUT image{'s' if lay.banks > 1 else ''} + offset byte"
     return QuantFormat(point.name, _point_quantizer(point), lay.bpw,
                        f"{lay.code_bits} + {lay.header_bits}/{lay.group} + ({tables})/numel"
                        + (" + sparse" if point.search == "pair" else ""),
-                       point.description, group=lay.group, kind="sop")
+                       point.description, group=lay.group, kind="sop",
+                       bits=lambda r, c: layer_bits(lay, point.hif, r, c))     # without sparse entries
 
 
 def _sop_budget(w, act_ms=None, **kw) -> QuantResult:
