@@ -567,7 +567,9 @@ def main(argv=None) -> int:
                         "build shape in its own, so that one never replaces another's files of the same names: "
                         "--pipeline shallow, build/verilog-shallow; --lutram-depth D, build/verilog-lutramD; "
                         "--residuals R above 1, build/verilog-spR)")
-    p.add_argument("--config", action="append", help="a named configuration (default: all)")
+    every = [*named_configs(), *residual_configs(), *gemv_config.gemv_configs()]
+    p.add_argument("--config", action="append", metavar="NAME",
+                   help=f"a named configuration, repeatable (default: all): {', '.join(every)}")
     p.add_argument("--lutram-depth", type=int, default=0, metavar="D",
                    help="tables from D-word LUT RAM memories, one more cycle of latency (ECP5: 16 for "
                         "4-bit codes, 32 for 6-bit codes); "

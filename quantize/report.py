@@ -36,7 +36,7 @@ is an exact reconstruction (the evaluator writes infinity as null) and counts as
 
 Bad input (a missing file, not JSON, a missing or mistyped field, a number outside its
 ``FIELD_RANGES`` range: NaN, Infinity, a negative bpw, an integer of any length past float64's,
-a positive KLD the log panel cannot span) raises ``ValueError`` naming the file and the field;
+a positive KLD the log panel cannot span, an ``e2e`` entry of a metric it does not know) raises ``ValueError`` naming the file and the field;
 every number checked there, once, so the table and the plot never meet a NaN, an overflow or a
 warning.
 """
@@ -172,6 +172,30 @@ def _num(d: dict, key: str, where: str, nullable: bool = False) -> float:
     return x
 
 
+#: the end-to-end metrics `sop eval` writes (quantize/e2e.py, quantize/causal_lm.py)
+E2E_METRICS = ("sentence-embedding cosine", "causal-lm")
+
+
+def _e2e_cells(e2e, where: str) -> tuple[tuple[float, float] | None, dict | None]:
+    """A format's ``e2e`` entry as (cosine mean and minimum, the causal LM's numbers), each None
+    where absent: no entry and a skipped one (``{"skipped": reason}``) give neither. A metric this
+    report does not know is refused, not dropped from the table without a word."""
+    if e2e is None or (isinstance(e2e, dict) and "skipped" in e2e and "metric" not in e2e):
+        return None, None
+    if not isinstance(e2e, dict):
+        raise ValueError(f"{where}: field 'e2e' must be an object, got {_shown(e2e)}")
+    where, metric = f"{where}.e2e", e2e.get("metric")
+    if metric == "sentence-embedding cosine":
+        return (_num(e2e, "cos_mean", where), _num(e2e, "cos_min", where)), None
+    if metric == "causal-lm":
+        # a null perplexity is one past float64 (a mean NLL over 709 nats: causal_lm.perplexity)
+        return None, {k: _num(e2e, k, where, nullable=k in ("ppl", "ppl_ref"))
+                      for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
+    known = " or ".join(repr(m) for m in E2E_METRICS)
+    raise ValueError(f"{where}: field 'metric' must be {known} (or the entry {{\"skipped\": reason}}), "
+                     f"got {_shown(metric) if 'metric' in e2e else 'none'}")
+
+
 def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> list[dict]:
     """One row per format: name, bpw, sqnr_db, rel_mse, acos, e2e (mean, min) or None; sorted by bpw."""
     if not isinstance(doc, dict) or not isinstance(doc.get("formats"), dict) or not doc["formats"]:
@@ -179,14 +203,7 @@ def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> 
     rows = []
     for name, f in doc["formats"].items():
         w = f"{where}: formats.{name}"
-        e2e = f.get("e2e") if isinstance(f, dict) else None
-        cos = llm = None
-        if isinstance(e2e, dict) and "cos_mean" in e2e:
-            cos = (_num(e2e, "cos_mean", f"{w}.e2e"), _num(e2e, "cos_min", f"{w}.e2e"))
-        if isinstance(e2e, dict) and e2e.get("metric") == "causal-lm":
-            # a null perplexity is one past float64 (a mean NLL over 709 nats: causal_lm.perplexity)
-            llm = {k: _num(e2e, k, f"{w}.e2e", nullable=k in ("ppl", "ppl_ref"))
-                   for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
+        cos, llm = _e2e_cells(f.get("e2e") if isinstance(f, dict) else None, w)
         rows.append({"format": shown_text(name), "bpw": _num(f, "bpw", w),
                      "sqnr_db": _num(f, "sqnr_db", w, nullable=True), "rel_mse": _num(f, "rel_mse", w),
                      "acos": _num(f, "acos", w), "e2e": cos, "llm": llm})

@@ -6,7 +6,7 @@ a number outside its range is a usage error naming the option and the value, bef
 a usage error (argparse keeps the last). ``in_file``, ``out_folder``, ``layer_name``: a path or name,
 never the empty one. ``output_checked``: an output a tool cannot write (a folder where a file goes, a
 device, an input), refused as a usage line before any work. ``ToolParser``: the parser of every tool,
-its usage error one line, each list option's values once.
+its usage error one line, each list option's values once, its help's names never cut at a hyphen.
 """
 
 from __future__ import annotations
@@ -18,6 +18,22 @@ import sys
 from sop.terminal import one_line
 
 
+class _NamesWhole(argparse.HelpFormatter):
+    """argparse's help, its lines broken at spaces only: textwrap also breaks after a hyphen, and a
+    format or configuration name in a list (``gemv-sop4-g16-bf16``) came out cut over two lines."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
 class ToolParser(argparse.ArgumentParser):
     """argparse with a usage error on one line, ``PROG: error: MESSAGE (see PROG --help)``, exit 2 (argparse's
     own prints the usage block first: several lines for a tool with many options), through
@@ -27,6 +43,10 @@ class ToolParser(argparse.ArgumentParser):
 
     hint = None
     _argv: list = []
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _NamesWhole)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         extra = self.hint(self._argv, message) if self.hint is not None else ""

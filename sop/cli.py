@@ -193,12 +193,26 @@ def _search_settings(args):
     return device.use(dev)
 
 
+def _refuse_report_name(path: str) -> None:
+    """``--json X.md`` (or ``.png``) wrote JSON under the name of one of `sop report`'s outputs: `sop report
+    X.md` then refuses to write its table over its input, and anything else reading X.md takes JSON for
+    markdown. Refused before any work, as `sop report --out X.md` is."""
+    from sop.golden.files import OutputError
+
+    given = Path(path)
+    if given.suffix.lower() in (".md", ".png"):
+        raise OutputError(f"--json {path}: `sop eval` writes JSON, and `sop report` writes its table and plot as "
+                          f"{given.with_suffix('.md').name} and {given.with_suffix('.png').name}; "
+                          f"give {given.with_suffix('.json')}")
+
+
 def cmd_eval(args) -> int:
     from sop.quantize import evaluate
 
     settings = _search_settings(args)
     if args.json is not None:                   # --json '' is refused, not taken for no --json
         check_output(args.json, model_inputs(args.model), option="--json")
+        _refuse_report_name(args.json)
     _check_calibration(args, args.json)
     with settings:
         doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,

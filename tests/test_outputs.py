@@ -203,6 +203,15 @@ def test_report_outputs_that_are_its_input_are_refused(files, tmp_path, capsys):
     assert snapshot([files["json"]]) == before
 
 
+@pytest.mark.parametrize("name", ["e.md", "E.PNG"])
+def test_eval_json_under_a_report_output_name_is_refused(files, tmp_path, capsys, name):
+    """`sop eval --json e.md` wrote JSON where `sop report e.md` then refuses to write its own table."""
+    out = tmp_path / name
+    refused(capsys, ["eval", str(files["ckpt"]), "--format", "sop4-g16", "--json", str(out), "--quiet"],
+            f"--json {out}: `sop eval` writes JSON", f"give {out.with_suffix('.json')}")
+    assert not out.exists()
+
+
 def test_report_outputs_through_a_new_folder_are_checked_too(files, tmp_path, capsys):
     alias = tmp_path / "r.md"
     os.link(files["json"], alias)

@@ -127,6 +127,22 @@ def test_unknown_configuration_is_refused(capsys):
     assert "sop4-g16" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("columns", [40, 57, 80, 200])
+def test_help_names_every_configuration_whole(capsys, monkeypatch, columns):
+    """`--help` said only "a named configuration": the names were in the error of a wrong one alone. Each
+    name stays whole at any terminal width (argparse's wrap broke `gemv-sop4-g16-bf16` after a hyphen)."""
+    from sop.hdl.config import named_configs, residual_configs
+    from sop.hdl.gemv_config import gemv_configs
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    words = set(capsys.readouterr().out.replace(",", " ").split())
+    assert exit_.value.code == 0
+    for name in [*named_configs(), *residual_configs(), *gemv_configs()]:
+        assert name in words, name
+
+
 def test_lutram_depth_option(tmp_path, monkeypatch, capsys):
     """Without --out the LUT RAM build goes into a folder of its own (it wrote build/verilog's
     sop4-g16.v, the block-RAM build's file of the same name, as README's command line does)."""
