@@ -14,9 +14,9 @@ Procedure (data-driven Lloyd, the paper's "end-to-end" objective):
   normalized values: each sample carries the weight ``s^2``, and the Lloyd
   centroid of a cell is the ``s^2``-weighted mean of the samples in it.
 * Levels where the normalization puts point masses or where exactness matters
-  are pinned: BOF4 pins {-1, 0, +1}, BOF4-S pins {0, +1}. The others start at
-  NF4-like quantiles and move by Lloyd iterations until no level moves by more
-  than ``tol``.
+  are pinned: BOF4 pins {-1, 0, +1}, BOF4-S pins {0, +1}. The others start
+  evenly spaced in NF4's layout (7 levels in [-1, 0), zero, 8 in (0, 1]) and move
+  by Lloyd iterations until no level moves by ``tol`` or more (at most ``iters``).
 """
 
 from __future__ import annotations

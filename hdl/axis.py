@@ -19,8 +19,9 @@ bytes of every beat are data bytes)
   ``load_bits(config)`` wide (32 for every named configuration), LSB first:
   byte 0 ``ctrl`` (bit 0: bank, bit 1: 1 = offset word, bit 2: on the offset
   word, the layer has sparse entries (``CTRL_SPARSE``; reserved without
-  residuals), other bits reserved, send 0), then ``addr_bytes`` bytes of table
-  address (the code), then ``data_bytes`` bytes of data: the HIF code (table word) or the layer offset,
+  residuals), other bits reserved, send 0), then the ``addr`` field, whole bytes of table
+  address (the code), then the ``data`` field, whole bytes of data (``load_fields(config)``
+  places both): the HIF code (table word) or the layer offset,
   signed 8 bits in the low byte (offset word). One packet per layer: its table
   words in any order, then its one offset word with TLAST; the page is then complete.
 * ``load_error`` (out): sticky, set by a load word taken with TLAST on a table

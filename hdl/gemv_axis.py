@@ -14,13 +14,13 @@ Ports (every TDATA a whole number of bytes, LSB first, no TKEEP/TSTRB/TID/TDEST/
   last beat (the engine's ``x.last``: a vector of another length than the
   layer's blocks per row sets ``x_length``).
 * ``s_axis_w`` (in): one packed block per beat, exactly golden.layout's bytes
-  (``w_bits`` = the block's bytes), in ``golden.dot.tile_order``; a vector's
+  (TDATA ``widths(cfg)["s_axis_w"]`` bits: the block's bytes), in ``golden.dot.tile_order``; a vector's
   pass is one packet, TLAST on its last block. The shell counts the pass
   (``rows * blocks_per_row`` of the layer) and sets ``w_tlast`` where TLAST is
   missing on that block or set on another one; the engine frames the pass by
   its own counters either way.
 * ``s_axis_sparse`` (in): the engine's residual entries (``gemv_config.sparse_beats``,
-  ``golden.dot.tile_residuals``' order), ``SPARSE_FIELDS``: row (u16), column
+  ``golden.dot.tile_residuals``' order), ``sparse_fields(cfg)``: row (u16), column
   (u16), BF16 value, a flags byte (bit 0: the row's last entry); TLAST on the
   pass's last entry (for the host's framing; the engine takes a tile's entries
   after its blocks, whatever TLAST says). Only for layers loaded with
@@ -28,7 +28,7 @@ Ports (every TDATA a whole number of bytes, LSB first, no TKEEP/TSTRB/TID/TDEST/
 * ``s_axis_load`` (in): a layer's load packet, 64-bit words: table words as the
   decoder shell's (``axis.load_fields``: ctrl byte, bit 0 the bank; the
   address; the HIF code), then the layer word (ctrl bit 1, ``CTRL_LAYER``; bit 2
-  ``CTRL_SPARSE``: the layer has residual entries) with TLAST: ``LAYER_FIELDS``,
+  ``CTRL_SPARSE``: the layer has residual entries) with TLAST: ``layer_fields(cfg)``,
   the offset (s8), rows (u16), blocks per row (u16) and ``vectors`` (u16): how
   many vectors use the layer. Everything lands in the engine's inactive page.
   A packet whose TLAST word is not a layer word, or a layer word without TLAST,

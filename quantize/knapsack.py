@@ -29,10 +29,10 @@ What the rounding can cost is bounded by the **Lagrangian lower bound**
 the real optimum; ``Solution.gap`` = DP error - bound bounds the loss of the
 DP solution against the true optimum (discretization plus the LP duality gap).
 
-``quantize_budget`` builds the options of every layer (SOP4 with the pair search,
-SOP4 plus sparse residuals at a few densities, the FP6 point, FP8 E4M3 with a
-per-layer power-of-two scale), solves, and reports which layers were promoted
-above the base option and why: their error reduction per extra bit.
+``quantize_budget`` builds the options of every layer (``DEFAULT_OPTIONS``: SOP4 with the
+pair search, SOP4 plus sparse residuals at four densities, the FP6 point alone and with
+0.25 % residuals, FP8 E4M3 with a per-layer power-of-two scale), solves, and reports which
+layers were promoted above the base option and why: their error reduction per extra bit.
 """
 
 from __future__ import annotations

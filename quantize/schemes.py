@@ -19,8 +19,9 @@ ones.
   is model-level: ``solve_budget(layers, budget)`` runs the multiple-choice
   knapsack of ``quantize.knapsack`` over every layer at once (each layer is read
   once to measure its options; only their costs, sparse entries and streams are
-  kept), choosing per layer among SOP4, SOP4 + sparse
-  residuals, the FP6 point and FP8 under the average ``--budget``.
+  kept), choosing per layer among ``knapsack.DEFAULT_OPTIONS``
+  (SOP4, SOP4 + sparse residuals, the FP6 point alone and with residuals, FP8) under the
+  average ``--budget``.
 
 Widths that are not a multiple of a format's block are zero-padded per row (the
 rule of quantize/baselines.py); for the SOP points the registry pads before

@@ -41,6 +41,9 @@ MUT_PLAN, MUT_RESULTS = "SOP_MUT_PLAN", "SOP_MUT_RESULTS"
 #: ... and the parent's run-time tables and operating points (``registrations_env``).
 REGISTRATIONS = "SOP_SIM_REGISTRATIONS"
 
+#: The simulators the runners drive (cocotb's names) and the program each needs on PATH.
+SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
+
 #: Every bench's clock period (its timeouts are counted in these cycles) ...
 CLOCK_NS = 10
 #: ... the cycles after a job in which no output may come ...

@@ -71,7 +71,8 @@ from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 from sop import toolenv
 from sop.argtypes import ToolParser, number, out_folder, output_checked, positive
 from sop.golden.files import write_atomic
-from sop.sim import CLOCK_NS, MUT_PLAN, mut_env, read_plan, results_path, runner_owns_environment
+from sop.sim import (CLOCK_NS, MUT_PLAN, SIMULATORS, mut_env, read_plan, results_path,
+                     runner_owns_environment)
 from sop.sim import mutate as mu
 from sop.sim.tb_gemv import IDLE, HandshakeError, HostDriver, Scoreboard, Testbench, engine_config
 
@@ -401,7 +402,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(engines()))
     p.add_argument("--mutants", type=positive(int), default=DEFAULT_MUTANTS, metavar="N", help="mutate -list N")
     p.add_argument("--seed", type=mu.SEED_ARG, default=mu.DEFAULT_SEED)
-    p.add_argument("--sim", default="verilator", choices=("verilator", "icarus"))
+    p.add_argument("--sim", default="verilator", choices=tuple(SIMULATORS))
     p.add_argument("--out", type=out_folder, default=None, help="default build/mutate-gemv")
     p.add_argument("--no-prove", action="store_true", help="skip the equivalence checks of the survivors")
     p.add_argument("--prove-timeout", type=positive(float), default=60.0, metavar="S")

@@ -68,7 +68,7 @@ from sop import toolenv
 from sop.argtypes import ToolParser, number, out_folder, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
-from sop.sim import mut_env, runner_owns_environment
+from sop.sim import SIMULATORS, mut_env, runner_owns_environment
 
 DEFAULT_CONFIGS = ("sop4-g16", "e2m3-ue4m4-g16")
 DEFAULT_MUTANTS = 1000
@@ -808,7 +808,7 @@ def main(argv=None) -> int:
                    help="mutate -list N for a configuration with residuals (NAME-sp: the residual path's "
                         "cells, the sparse regression)")
     p.add_argument("--seed", type=SEED_ARG, default=DEFAULT_SEED)
-    p.add_argument("--sim", default="verilator", choices=("verilator", "icarus"))
+    p.add_argument("--sim", default="verilator", choices=tuple(SIMULATORS))
     p.add_argument("--lutram-depth", type=number(int, 0, inclusive=True), default=0, metavar="D",
                    help="0, or a power of two from 2 to half the table depth (the configuration checks it)")
     p.add_argument("--lanes", type=positive(int), default=None, help="override the configuration's lanes")

@@ -1,7 +1,7 @@
 """`make sim`: the cocotb regression of every named configuration, in Icarus or Verilator.
 
     python -m sop.sim.runner [--config NAME ...] [--sim icarus|verilator] [--quick] [--seed N]
-                             [--lutram-depth D] [--axis]
+                             [--lutram-depth D | --lutram-ecp5] [--axis]
 
 For each configuration (the named ones and those with the residual path,
 ``<name>-sp``: hdl.config.residual_configs) it writes the Verilog
@@ -54,10 +54,8 @@ from sop.golden.points import OperatingPoint, config_point, operating_points, po
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
 from sop.hdl.generate import module_name
 from sop.quantize.weights import FFN_OUT_LAYER, QUERY_LAYER
-from sop.sim import runner_owns_environment, sim_env
+from sop.sim import SIMULATORS, runner_owns_environment, sim_env
 from sop.terminal import one_line
-
-SIMULATORS = {"icarus": "iverilog", "verilator": "verilator"}
 
 
 class SimulatorMissing(RuntimeError):

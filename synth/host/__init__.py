@@ -1,2 +1,3 @@
 """Board host software (plain Python): ``client`` (the protocol client: ``BoardLink``,
-``SerialTransport``) and ``bringup`` (`sop board`, ``python -m sop.synth.host.bringup --sim``)."""
+``SerialTransport``), ``bringup`` (`sop board`, ``python -m sop.synth.host.bringup --sim``) and
+``gemv_bringup`` (`sop board --gemv`, ``python -m sop.synth.host.gemv_bringup --sim``)."""

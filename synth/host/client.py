@@ -10,7 +10,8 @@ The protocol's numbers, frames and CRC are synth/wire.py's, which the gateware
   entries and the sparse status) over any byte transport, request then reply;
   ``sparse_layer`` streams a layer with sparse entries, its SPARSE and BLOCKS
   frames interleaved so that the board's entry queue never blocks; on a board
-  with the GEMV engine, ``gemv_status`` / ``gemv_load`` / ``gemv_layer`` /
+  with the GEMV engine, ``gemv_status`` / ``gemv_layer`` (GEMV_LOAD's tables through
+  ``load(words, Cmd.GEMV_LOAD)``, then GEMV_LAYER) /
   ``gemv_x`` / ``gemv_w`` / ``gemv_sparse`` / ``gemv_y`` / ``read_y`` (a board
   without it answers them UNKNOWN_CMD: a ``BoardError`` with that code);
   ``gemv_pass`` streams a layer's blocks tile by tile, each tile's sparse
