@@ -69,6 +69,7 @@ from sop.quantize import blockwise  # noqa: E402
 from sop.quantize.sop_search import quantize_sop4  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
+#: the releases `make peers` installs (tests/test_bench_arithmetic.py checks the Makefile against it)
 PINS = {"bitsandbytes": "0.50.2", "torchao": "0.18.0", "fouroversix": "1.0.5"}
 
 

