@@ -24,8 +24,9 @@ Tables (docs/formats.md has every value):
 
 ``register_codebook(name, values)`` adds a table at run time (``registered_codebook`` for the
 length of a ``with`` block), for an operating point of golden/points.py to name in its
-``codebooks``: a researcher's table needs no edit here. It is refused unless it has 16 or 64
-finite entries (4- or 6-bit codes), distinct in HIF, under a name no table has. Entries are
+``codebooks``: a researcher's table needs no edit here. It is refused unless it is one list of 16
+or 64 finite real numbers (4- or 6-bit codes; ``real_entries``), distinct in HIF, under a name no
+table has. Entries are
 in *code order*, which need not be ascending (``fp4`` and ``int4`` are not). A registered table
 is not a candidate of the SOP pair search: ``FIXED_4BIT`` is the project's set, measured as one.
 """
@@ -78,6 +79,24 @@ def _bof4_constants() -> dict[str, list[float]]:
     return json.loads(text)["codebooks"]
 
 
+def real_entries(name: str, values) -> np.ndarray:
+    """``values`` as one float64 list of entries in code order; one ``ValueError`` naming the table for
+    anything else. Cast to float64 as they came, a complex table lost its imaginary parts (a
+    ComplexWarning, then accepted), strings were parsed as numbers (or failed without the table's name),
+    a 4 x 4 array was read row by row and a torch bfloat16 tensor was torch's TypeError (an outside probe)."""
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError, RuntimeError) as err:    # torch's bfloat16, ragged lists
+        raise ValueError(f"codebook {name}: entries must be real numbers numpy can read ({err}); "
+                         f"pass a list or a float32/float64 array") from None
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"codebook {name}: entries must be real numbers, got an array of {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"codebook {name}: entries must be one list in code order, got an array of shape "
+                         f"{arr.shape}")
+    return arr.astype(np.float64)
+
+
 @dataclass(frozen=True)
 class Codebook(CodeTable):
     """A LUT table: raw definition, rounded into ``hif`` once."""
@@ -99,7 +118,7 @@ class Codebook(CodeTable):
 
     @classmethod
     def from_values(cls, name: str, values, hif: FloatFormat = DEFAULT_HIF) -> "Codebook":
-        values = tuple(float(v) for v in np.asarray(values, dtype=np.float64).ravel())
+        values = tuple(float(v) for v in real_entries(name, values))
         if len(values) & (len(values) - 1) or not values:     # was "3 entries, need 2" (log2 rounded down)
             raise ValueError(f"codebook {name}: {len(values)} entries, need a power of two (16 for 4-bit codes, "
                              f"64 for 6-bit)")

@@ -24,7 +24,7 @@ sim.runner (`make sim`)     every named configuration; a point's own configurati
                             with ECP5's LUT RAM tables
 synth bring-up, `sop board` points with ``board``
 hdl.gemv_config             a GEMV engine ``gemv-<point>`` for each point with blocks of
-                            16 (``GEMV_GROUP``)
+                            16 (``GEMV_GROUP``; one named like a built-in engine refused)
 `sop formats`               every row, as ``points``
 ==========================  ===========================================================
 
@@ -63,9 +63,16 @@ SEARCHES = ("blockwise", "pair")
 #: The names the tools derive from a configuration's (``<config>-sp``, ``<config>-sp2``: the residual
 #: path, hdl/config.py; ``gemv-<point>``: an engine, hdl/gemv_config.py; ``board-<board>``: a board core)
 #: share build/verilog and its module names with the points': a point named so would be replaced by
-#: (or replace) the derived design of another, silently. ``RESIDUAL_SUFFIX`` is hdl/config.py's.
+#: (or replace) the derived design of another, silently. So do the module names' endings (hdl/generate.py:
+#: ``_axis``, a shell; ``_lutramD`` and ``_shallow``, hdl.config.variant_suffix; ``_rR`` after ``-sp``, R
+#: adders) and the sim runner's build folders (``<config>-lutramD``, ``<config>-axis``): a point
+#: ``sop4-g16-axis`` was module ``sop_decoder_sop4_g16_axis``, sop4-g16's shell (an outside probe).
+#: ``RESIDUAL_SUFFIX`` is hdl/config.py's.
 RESIDUAL_SUFFIX = "sp"
-_DERIVED = re.compile(rf"-{RESIDUAL_SUFFIX}\d*$|^(gemv|board)-")
+_DERIVED = re.compile(rf"-{RESIDUAL_SUFFIX}\d*(-r\d+)?$|-(axis|shallow|lutram\d+)$|^(gemv|board)-")
+#: the endings and prefixes ``_DERIVED`` refuses, as its refusal lists them
+_DERIVED_NAMES = (f"-{RESIDUAL_SUFFIX}, -{RESIDUAL_SUFFIX}N, -{RESIDUAL_SUFFIX}-rR, -axis, -shallow, -lutramD, "
+                  f"gemv-, board-")
 #: The 6-bit scale magnitude of the SOP4 header, chosen by bench/header_sqnr.py.
 SOP4_SCALE = "ue3m3"
 
@@ -116,8 +123,8 @@ class OperatingPoint:
             problems.append(f"variant suffixes must be distinct and nonempty, got {suffixes}")
         problems += [why for v in self.variants if v.suffix and (why := name_problem("variant suffix", v.suffix))]
         if not problems:        # every configuration must be one the decoder can be built as (hdl/config.py)
-            problems += [f"configuration {cfg}: a name the tools derive (-{RESIDUAL_SUFFIX}, -{RESIDUAL_SUFFIX}N, "
-                         f"gemv-, board-) for another design" for cfg in self.configs() if _DERIVED.search(cfg)]
+            problems += [f"configuration {cfg}: a name the tools derive ({_DERIVED_NAMES}) for another design"
+                         for cfg in self.configs() if _DERIVED.search(cfg)]
             for cfg, (lanes, output) in self.configs().items():
                 where = "" if cfg == self.name else f"configuration {cfg}: "
                 problems += [where + why for why in decoder_problems(lanes, self.layout, self.hif, output)]

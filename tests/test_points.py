@@ -139,10 +139,53 @@ def test_the_named_configs_are_the_points_and_their_variants():
      "configuration gemv-x: a name the tools derive"),
     (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",),
                             variants=(Variant("sp2"),)), "configuration x-sp2: a name the tools derive"),
+    # module names' endings (an outside probe): sop4-g16-axis was module sop_decoder_sop4_g16_axis, sop4-g16's
+    # AXI4-Stream shell, and build/sim/icarus/sop4-g16-axis its bench's folder; -shallow and -lutram16 the
+    # shallow and LUT-RAM builds' modules (and -lutram16 the LUT-RAM sim's folder), -sp-r2 the two-adder path's
+    (lambda: OperatingPoint("sop4-g16-axis", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",)),
+     "configuration sop4-g16-axis: a name the tools derive"),
+    (lambda: OperatingPoint("sop4-g16-shallow", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",)),
+     "configuration sop4-g16-shallow: a name the tools derive"),
+    (lambda: OperatingPoint("sop4-g16-lutram16", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",)),
+     "configuration sop4-g16-lutram16: a name the tools derive"),
+    (lambda: OperatingPoint("sop4-g16-sp-r2", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",)),
+     "configuration sop4-g16-sp-r2: a name the tools derive"),
+    (lambda: OperatingPoint("x", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",),
+                            variants=(Variant("axis"),)), "configuration x-axis: a name the tools derive"),
 ])
 def test_malformed_points_are_refused(point, message):
     with pytest.raises(ValueError, match=message):
         point()
+
+
+def test_the_derived_names_refused_are_the_module_names_the_generator_gives():
+    """Each ending refused is one hdl/generate.py adds to a configuration's module name: the point's own
+    module would be that design of another configuration (checked here from the generator itself)."""
+    from sop.hdl.config import residual_configs
+
+    cfg, sp = named_configs()["sop4-g16"], residual_configs(2)["sop4-g16-sp"]
+    derived = {generate.axis_module_name(cfg): "sop4-g16-axis",
+               generate.module_name(replace(cfg, pipeline="shallow")): "sop4-g16-shallow",
+               generate.module_name(replace(cfg, lutram_depth=16)): "sop4-g16-lutram16",
+               generate.module_name(sp): "sop4-g16-sp-r2"}
+    for module, name in derived.items():
+        assert module == "sop_decoder_" + name.replace("-", "_")
+        with pytest.raises(ValueError, match=f"configuration {name}: a name the tools derive"):
+            OperatingPoint(name, BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",))
+    # a name that only contains such a word is no clash
+    assert OperatingPoint("axis-shallow1", BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",))
+
+
+def test_a_point_named_after_a_built_in_gemv_engine_is_refused_where_engines_are_listed():
+    """A point sop4-g16-bf16 had its engine gemv-sop4-g16-bf16 replaced by sop4-g16's BF16 one, silently
+    (and sop4-g16-small shared the small engine's name): an outside probe."""
+    for name in ("sop4-g16-bf16", "sop4-g16-small", "sop4-g16-icebreaker"):
+        with registered(OperatingPoint(name, BlockLayout(4, 16, get_format("ue4m4")), "d", codebooks=("nf4",))):
+            with pytest.raises(ValueError, match=f"operating point\\(s\\) {name}: its GEMV engine would be named"):
+                gemv_config.gemv_configs()
+    assert gemv_config.gemv_configs()["gemv-sop4-g16-bf16"].act == "bf16"
+    with registered(OperatingPoint("sop4-g32-bf16", BlockLayout(4, 32, get_format("ue4m4")), "d", codebooks=("nf4",))):
+        assert "gemv-sop4-g32-bf16" not in gemv_config.gemv_configs()     # blocks of 32: no engine, no clash
 
 
 def test_a_name_taken_by_a_point_or_a_configuration_is_refused():
@@ -188,11 +231,27 @@ def test_a_registered_table_reaches_a_point_the_quantizer_and_the_golden_decoder
     ("nf4", TANH4, "codebook 'nf4' is already defined"),
     ("dd4", TANH4, "codebook 'dd4' is already defined"),
     ("My Table", TANH4, "codebook name must be lower-case"),
+    # anything but one list of real numbers (an outside probe): a complex table lost its imaginary parts
+    # (a ComplexWarning), strings were parsed, a 4 x 4 array read row by row, None was "must be finite"
+    ("tcplx", np.array(TANH4) + 0.5j, "entries must be real numbers, got an array of complex128"),
+    ("tstr", tuple(str(v) for v in TANH4), "entries must be real numbers, got an array of <U"),
+    ("tnone", TANH4[:15] + (None,), "entries must be real numbers, got an array of object"),
+    ("t4x4", np.array(TANH4).reshape(4, 4), "entries must be one list in code order, got an array of shape \\(4, 4\\)"),
 ])
 def test_a_bad_table_is_refused_in_one_error(name, values, message):
     with pytest.raises(ValueError, match=message):
         register_codebook(name, values)
     assert name in ("nf4", "dd4") or name not in cli_codebooks()
+
+
+def test_a_bfloat16_table_is_refused_in_one_value_error():
+    """A torch bfloat16 tensor was torch's TypeError out of numpy's cast, without the table's name."""
+    import torch
+
+    with pytest.raises(ValueError, match="codebook tbf: entries must be real numbers numpy can read .*BFloat16"):
+        register_codebook("tbf", torch.tensor(TANH4, dtype=torch.bfloat16))
+    with registered_codebook("tf32", torch.tensor(TANH4, dtype=torch.float32)) as cb:    # float32: read as is
+        assert np.array_equal(cb.raw, np.array(TANH4, dtype=np.float32).astype(np.float64))
 
 
 def cli_codebooks() -> list[str]:
