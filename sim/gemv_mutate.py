@@ -159,8 +159,8 @@ def simulate(cfg, work: Path, top: str, mutants_v: Path, indices: list[int], *, 
     from sop.sim.gemv_runner import latency_of, plan_for
     from sop.sim.runner import check_simulator
 
-    check_simulator(sim)
     sim_dir = (work / "sim" / sim).resolve()
+    check_simulator(sim, sim_dir)
     sim_dir.mkdir(parents=True, exist_ok=True)
     plan = {"regression": plan_for(cfg, "quick", seed, latency=latency_of(work / f"{top}.v")),
             "scrub": scrub_jobs(cfg, seed)}
@@ -420,6 +420,13 @@ def main(argv=None) -> int:
     # `make verilog` and sim/mutate.py do), else through its built-in one, whose text differs, and so
     # would the mutants drawn from it
     toolenv.apply()
+    from sop.sim.runner import SimulatorMissing, check_simulator
+
+    try:                                        # before the engine's mutants are drawn (minutes of yosys)
+        check_simulator(args.sim, out)
+    except SimulatorMissing as err:
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m sop.sim.gemv_mutate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -400,9 +400,9 @@ def run(cfg: GemvConfig, sim: str = "icarus", *, quick: bool = False, seed: int 
     """Build and run the regression of ``cfg``; the summary (words checked, mismatches, failed tests,
     seconds). ``verilog`` replaces the generated design and ``plan_edit(plan)`` changes the plan
     (tests inject bugs with them)."""
-    check_simulator(sim)
     size = "quick" if quick else "full"
     build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / cfg.name).resolve()
+    check_simulator(sim, build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     if verilog is None:
         verilog = build_verilog(cfg, build_dir / "rtl")

@@ -408,8 +408,8 @@ def simulate(cfg: DecoderConfig, work: Path, top: str, mutants_v: Path, indices:
     """Build the all-mutant design in ``sim`` and run sim/tb_mutants.py; the verdicts (mutant 0 first)."""
     from sop.sim.runner import check_simulator
 
-    check_simulator(sim)
     sim_dir = (work / "sim" / sim).resolve()
+    check_simulator(sim, sim_dir)
     sim_dir.mkdir(parents=True, exist_ok=True)
     plan = {"decoder": cfg.describe(), "latency": latency, "seed": seed, "mutants": indices,
             "scenarios": scenarios(cfg, vectors_dir, size=size)}
@@ -841,6 +841,13 @@ def main(argv=None) -> int:
         return 2
     out = args.out or toolenv.build_root() / "mutate"
     output_checked(p, out, folder=True)
+    from sop.sim.runner import SimulatorMissing, check_simulator
+
+    try:                                        # before the mutants are drawn (minutes of yosys)
+        check_simulator(args.sim, out)
+    except SimulatorMissing as err:
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m sop.sim.mutate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     summaries = []

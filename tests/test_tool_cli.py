@@ -417,3 +417,53 @@ def test_without_the_dev_extras_each_hardware_tool_is_one_line(monkeypatch, tmp_
     assert bitstream.main(["icebreaker", "--out", str(tmp_path / "b")]) == 2
     assert "error: yosys-of-mine is not installed" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("tool, argv", [
+    ("runner", ["--config", "sop4-g16", "--quick"]), ("runner", ["--config", "sop4-g16", "--quick", "--axis"]),
+    ("gemv_runner", ["--config", "gemv-sop4-g16", "--quick"]), ("tb_gemv_axis", ["--config", "gemv-sop4-g16"]),
+    ("mutate", ["--config", "sop4-g16-x1", "--mutants", "2", "--no-prove"]),
+    ("gemv_mutate", ["--mutants", "2", "--no-prove"])])
+def test_verilator_from_a_folder_with_a_space_is_one_line_before_any_work(tool, argv, tmp_path, monkeypatch, capsys):
+    """Verilator cannot build under a path with a space ("~/My Projects"): its verilated.mk stops there,
+    and its script and makefiles leave its own paths unquoted (toolenv.verilator_refusal). Each bench that
+    runs it said so as a RuntimeError from deep in the build (the mutation tool after drawing its mutants);
+    now one line, exit 2, and nothing written under the working folder. (Non-ASCII letters build.)"""
+    import importlib
+
+    work = tmp_path / "my sóp"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    main = importlib.import_module(f"sop.sim.{tool}").main
+    assert main(argv + ["--sim", "verilator"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m sop.sim.{tool}: error: Verilator cannot run here: ") and err.count("\n") == 1
+    assert "has a space in its path" in err and "--sim icarus" in err, err
+    assert list(work.iterdir()) == []
+
+
+def test_a_verilator_build_folder_with_a_space_is_refused_by_the_python_api_too(tmp_path):
+    """``run`` with a ``build_dir`` of its own, and ``build`` (every Verilator build, the mutation runs'
+    too), check the folder they are given, before creating it."""
+    from sop.hdl.config import named_configs
+
+    spaced = tmp_path / "a b"
+    with pytest.raises(runner.SimulatorMissing, match=r"^Verilator cannot run here: .* has a space in its path"):
+        runner.run(named_configs()["sop4-g16-x1"], "verilator", quick=True, build_dir=spaced / "run")
+    with pytest.raises(runner.SimulatorMissing, match=r"^Verilator cannot run here: .* has a space in its path"):
+        runner.build("verilator", [], "top", spaced / "build")
+    assert not spaced.exists()
+
+
+def test_the_tool_environment_evaluates_in_a_folder_with_a_quote_a_space_and_an_accent(tmp_path):
+    """`eval "$(python -m sop.toolenv)"` (scripts/setup.sh, docs/hardware.md): each value was written
+    inside '...', which a folder named "Bob's work" ended early; the shell stopped, and make setup with it."""
+    import shlex
+
+    work = tmp_path / "Bob's wórk $HOME"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "YOWASP_CACHE_DIR"}   # (conftest's apply() set it)
+    python = shlex.quote(sys.executable)
+    r = subprocess.run(["bash", "-c", f'eval "$({python} -m sop.toolenv)" && printf %s "$YOWASP_CACHE_DIR"'],
+                       cwd=work, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == str(work / "build" / "yowasp-cache"), r.stderr
