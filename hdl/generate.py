@@ -87,6 +87,7 @@ from amaranth.lib import data, wiring
 from sop import __version__, toolenv
 from sop.argtypes import ToolParser, number, out_folder
 from sop.golden.files import OutputError, atomic_files, check_output, interrupted, signals_as_interrupts
+from sop.terminal import run_command
 
 from . import axis, gemv, gemv_axis, gemv_config
 from .config import (MAX_RESIDUALS, PIPELINES, RESIDUAL_SUFFIX, DecoderConfig, named_configs, residual_configs,
@@ -651,4 +652,4 @@ def _write_all(args, chosen, chosen_engines, shallow: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command("python -m sop.hdl.generate", main)

@@ -474,5 +474,5 @@ def report(json_path: str | Path, stem: str | Path | None = None, bpw_tol: float
     md += f"\n![SQNR against bpw]({png_path.name})\n"
     png = plot_png(rows, f"{model}: aggregate SQNR against bits per weight ({weighted})")
     write_atomic(png_path, png)
-    write_atomic(md_path, md.encode("utf-8"))
+    write_atomic(md_path, md.encode("utf-8", "surrogateescape"))   # a file name's undecoded bytes as they were
     return {"md": md_path, "png": png_path, "markdown": table, "rows": rows}

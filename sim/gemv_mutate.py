@@ -447,4 +447,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sop.terminal import run_command
+
+    run_command("python -m sop.sim.gemv_mutate", main)

@@ -55,7 +55,7 @@ from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_con
 from sop.hdl.generate import module_name
 from sop.quantize.weights import FFN_OUT_LAYER, QUERY_LAYER
 from sop.sim import SIMULATORS, runner_owns_environment, sim_env
-from sop.terminal import one_line
+from sop.terminal import one_line, run_command
 
 
 class SimulatorMissing(RuntimeError):
@@ -530,4 +530,4 @@ def _run_all(args, configs: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command("python -m sop.sim.runner", main)

@@ -18,7 +18,6 @@ decoder itself in amaranth.sim on a MiniLM layer.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -167,5 +166,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sop.terminal import run_command
+
+    run_command("python -m sop.sim.sparse_stalls", main)
 

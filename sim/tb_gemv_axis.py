@@ -43,7 +43,6 @@ Summary (``SOP_SIM_REPORT``): words checked, mismatches, protocol errors,
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -233,4 +232,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sop.terminal import run_command
+
+    run_command("python -m sop.sim.tb_gemv_axis", main)

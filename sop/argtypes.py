@@ -69,6 +69,21 @@ class ToolParser(argparse.ArgumentParser):
     def error_line(self, message: str) -> str:
         return f"{self.prog}: error: {message} (see {self.prog} --help)"
 
+    def _print_message(self, message, file=None):
+        """argparse's, but a failed write of ``--help`` to standard output is not dropped (``> /dev/full``:
+        exit 0, nothing written): one line and exit 2, or exit 141 where the reader is gone (``| head``)."""
+        if file is None or file is not sys.stdout:
+            return super()._print_message(message, file)
+        from sop.terminal import reader_gone
+
+        try:
+            file.write(message)
+        except BrokenPipeError:
+            sys.exit(reader_gone())
+        except OSError as err:
+            print(one_line(f"{self.prog}: error: standard output: {err.strerror or err}"), file=sys.stderr)
+            sys.exit(2)
+
 
 def number(kind, minimum, inclusive: bool, maximum=None):
     """An argparse type: a finite number of ``kind`` above ``minimum`` (at or above it if
@@ -130,11 +145,22 @@ def in_file(text: str):
 
 
 def layer_name(text: str) -> str:
-    """An argparse type: a layer's name, never the empty one (``--layer ''`` was looked up and refused
-    as an unquoted blank name)."""
+    """An argparse type: a layer's name (``as_typed``), never the empty one (``--layer ''`` was looked up
+    and refused as an unquoted blank name)."""
     if not text:
         raise argparse.ArgumentTypeError("'': an empty name; give a layer's name")
-    return text
+    return as_typed(text)
+
+
+def as_typed(text: str) -> str:
+    """An argparse type: a name (a layer's, a glob of them) as typed. Under a locale that is not UTF-8
+    (``LC_ALL=C``) Python decodes each non-ASCII byte of an argument as a surrogate escape, and
+    ``--layer couche.\u00e9.weight`` matched no layer: a checkpoint's names are Unicode (UTF-8 in a
+    safetensors header). Such bytes are read as the UTF-8 they are; bytes that are not UTF-8 stay escaped."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        return text
 
 
 def output_checked(parser: argparse.ArgumentParser, path, *, folder: bool = False, option: str | None = None,

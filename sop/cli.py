@@ -41,7 +41,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -50,7 +49,7 @@ import sys
 from pathlib import Path
 
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
-    from sop.argtypes import Once, ToolParser, in_file, layer_name, number, positive
+    from sop.argtypes import Once, ToolParser, as_typed, in_file, layer_name, number, positive
     from sop.golden.dot import ACT_FORMATS
     from sop.golden.files import (EMPTY_FOLDER_NAME, OutputError, check_output, input_file, interrupted,
                                   nearest_existing, signals_as_interrupts, write_atomic)
@@ -66,7 +65,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.quantize.memory import release_freed_memory
     from sop.quantize.models import model_inputs
     from sop.synth.wire import DEFAULT_BAUD
-    from sop.terminal import one_line
+    from sop.terminal import finish_output, one_line, os_error_text, prepare_streams, reader_gone
 except KeyboardInterrupt:
     print("sop: interrupted (SIGINT) while starting; nothing was written", file=sys.stderr)
     raise SystemExit(128 + signal.SIGINT) from None
@@ -500,8 +499,10 @@ def _model_options(p) -> None:
     size = CalibSize()
     p.add_argument("--budget", type=positive(float), default=None, action=Once,
                    help="average bits per weight for sop-budget")
-    p.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
-    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching (repeatable)")
+    p.add_argument("--include", action="append", type=as_typed, metavar="GLOB",
+                   help="only layers matching (repeatable)")
+    p.add_argument("--exclude", action="append", type=as_typed, metavar="GLOB",
+                   help="skip layers matching (repeatable)")
     p.add_argument("--nan-policy", choices=NAN_POLICIES, default=NAN_POLICIES[0],
                    help="a NaN/Inf weight is an error (default) or is replaced by 0")
     p.add_argument("--no-calib", action="store_true", help="skip calibration: an unweighted search and error")
@@ -656,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as sig:
             return interrupted("sop", sig)      # every file is written whole or not at all
         except BrokenPipeError:                          # `sop codebook bf16 | head`: the reader is done
-            return _reader_gone()
+            return reader_gone()
         except (ValueError, OSError) as err:
             print(f"sop: error: {_one_line(err)}", file=sys.stderr)
             return 2
@@ -686,19 +687,7 @@ class _Parser(ToolParser):
 
 def _one_line(err: BaseException) -> str:
     """An exception as one terminal line (sop.terminal); an OSError as ``path: reason``."""
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        text = f"{err.filename}: {err.strerror}"
-    else:
-        text = str(err) or type(err).__name__
-    return one_line(text)
-
-
-def _reader_gone() -> int:
-    """Standard output's reader has exited (``| head``): the exit code, with standard output sent to
-    /dev/null so that Python's own flush at exit does not complain of the broken pipe."""
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 128 + signal.SIGPIPE
+    return one_line(os_error_text(err) if isinstance(err, OSError) else str(err) or type(err).__name__)
 
 
 def entry() -> None:
@@ -709,24 +698,26 @@ def entry() -> None:
     callback`` traceback and kept exit 0: from here on SIGINT has its default action, the process ends at
     once as interrupted (exit 128 + 2 to the shell), with no traceback and no file lost. Standard output is
     flushed after that (a flush blocked on a full pipe is interruptible like the rest); a reader gone by
-    then is ``main``'s broken pipe, exit 141 and no message. A Ctrl-C outside ``main``'s own handler (while
-    the command line is parsed, or as ``main`` returns) is its one line, exit 130."""
+    then is ``main``'s broken pipe, exit 141 and no message, a failed write (``> /dev/full``) one line, exit
+    2 (``sop.terminal.finish_output``; argparse's ``--help`` too). A Ctrl-C outside ``main``'s own handler
+    (while the command line is parsed, or as ``main`` returns) is its one line, exit 130. The standard
+    streams are made safe first (``sop.terminal.prepare_streams``: closed ones, an ASCII locale)."""
+    code = prepare_streams("sop")
+    if code is not None:
+        sys.exit(code)
     try:
-        code = main()
+        try:
+            code = main()
+        except SystemExit as stop:                  # argparse's --help and usage errors: flushed below too
+            if stop.code is not None and not isinstance(stop.code, int):
+                raise
+            code = stop.code or 0
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         print("sop: interrupted (SIGINT); no partial file was left", file=sys.stderr)
         code = 128 + signal.SIGINT
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        code = _reader_gone()
-    except (OSError, ValueError):
-        pass
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.flush()
-    sys.exit(code)
+    sys.exit(finish_output("sop", code))
 
 
 if __name__ == "__main__":

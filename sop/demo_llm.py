@@ -20,7 +20,6 @@ real activations, but no full-precision one). The steps:
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -155,4 +154,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sop.terminal import run_command
+
+    run_command("python -m sop.demo_llm", main)

@@ -100,4 +100,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sop.terminal import run_command
+
+    run_command("python -m sop.synth.flow.bitstream", main)

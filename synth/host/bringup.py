@@ -528,4 +528,6 @@ def _simulated(args, prog: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sop.terminal import run_command
+
+    run_command("python -m sop.synth.host.bringup", main)
