@@ -420,14 +420,23 @@ def main(argv=None) -> int:
     # `make verilog` and sim/mutate.py do), else through its built-in one, whose text differs, and so
     # would the mutants drawn from it
     toolenv.apply()
-    from sop.sim.runner import SimulatorMissing, check_simulator
+    from sop.sim.runner import BuildFolderBusy, SimulatorMissing, check_simulator, held_build_folder
 
     try:                                        # before the engine's mutants are drawn (minutes of yosys)
         check_simulator(args.sim, out)
     except SimulatorMissing as err:
         print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    try:                                        # (two runs into one folder replaced each other's results)
+        with held_build_folder(out):
+            return _run_engine_cli(p, args, out, argv)
+    except BuildFolderBusy as err:
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_engine_cli(p, args, out: Path, argv) -> int:
+    """``main``'s run of the engine into ``out``, which it holds."""
     command = "python -m sop.sim.gemv_mutate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:

@@ -125,7 +125,8 @@ from sop.sim.gemv_layers import (BF16, E4M3, EXTREMES, SINGLE_BIT_ROWS, adder_st
                                  term_rounding_layer, terms_alone_layer, top_offset_layer, ulp_cancel_layer,
                                  window_edge_fast_layer, window_edge_layer, window_pow2_layer, with_residuals,
                                  zero_products_fast_layer)
-from sop.sim.runner import SimulatorMissing, add_run_options, check_simulator, failed_note, interruptible, simulate
+from sop.sim.runner import (BuildFolderBusy, SimulatorMissing, add_run_options, check_simulator, failed_note,
+                            held_build_folder, interruptible, simulate)
 
 SIZES = {"quick": {"rows": 40, "tokens": [1], "sparse_tokens": [3]},
          "full": {"rows": None, "tokens": [2, 7], "sparse_tokens": [3, 5]}}
@@ -403,15 +404,15 @@ def run(cfg: GemvConfig, sim: str = "icarus", *, quick: bool = False, seed: int 
     size = "quick" if quick else "full"
     build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / cfg.name).resolve()
     check_simulator(sim, build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if verilog is None:
-        verilog = build_verilog(cfg, build_dir / "rtl")
-    seed = secrets.randbelow(1 << 31) if seed is None else seed
-    plan = plan_for(cfg, size, seed, latency=latency_of(verilog))
-    if plan_edit is not None:
-        plan_edit(plan)
-    summary = simulate(cfg, sim, Path(verilog), gemv.module_name(cfg), "sop.sim.tb_gemv", plan, size, build_dir,
-                        seed=seed, waves=waves)
+    with held_build_folder(build_dir):               # (a second run there is refused: sim/runner.py)
+        if verilog is None:
+            verilog = build_verilog(cfg, build_dir / "rtl")
+        seed = secrets.randbelow(1 << 31) if seed is None else seed
+        plan = plan_for(cfg, size, seed, latency=latency_of(verilog))
+        if plan_edit is not None:
+            plan_edit(plan)
+        summary = simulate(cfg, sim, Path(verilog), gemv.module_name(cfg), "sop.sim.tb_gemv", plan, size,
+                           build_dir, seed=seed, waves=waves)
     summary.update(seed=seed, expected=expected_words(plan))
     return summary
 
@@ -461,7 +462,7 @@ def cli(argv, prog: str, description: str, run_one, line, ok, extra: dict[str, G
             for name in args.config or list(named):
                 results.append(run_one(configs[name], args.sim, quick=args.quick, seed=args.seed, waves=waves))
                 print(line(results[-1]), flush=True)
-        except SimulatorMissing as err:
+        except (SimulatorMissing, BuildFolderBusy) as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
         print("\n".join(["", "summary:"] + [line(s) for s in results]))

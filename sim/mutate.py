@@ -841,14 +841,23 @@ def main(argv=None) -> int:
         return 2
     out = args.out or toolenv.build_root() / "mutate"
     output_checked(p, out, folder=True)
-    from sop.sim.runner import SimulatorMissing, check_simulator
+    from sop.sim.runner import BuildFolderBusy, SimulatorMissing, check_simulator, held_build_folder
 
     try:                                        # before the mutants are drawn (minutes of yosys)
         check_simulator(args.sim, out)
     except SimulatorMissing as err:
         print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    try:                                        # (two runs into one folder replaced each other's results)
+        with held_build_folder(out):
+            return _run_chosen(p, args, chosen, out, argv)
+    except BuildFolderBusy as err:
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_chosen(p, args, chosen: list, out: Path, argv) -> int:
+    """``main``'s runs of the chosen configurations into ``out``, which it holds."""
     command = "python -m sop.sim.mutate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     summaries = []
     for cfg in chosen:

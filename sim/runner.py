@@ -28,7 +28,9 @@ ends with the summary line: vectors checked, mismatches, functional coverage
 (for the shell: values, beats and layers checked, mismatches, AXI protocol
 errors). Exit status 1 if anything mismatched. Ctrl-C (SIGTERM, SIGHUP) ends
 a run with one line and exit status 128 + N, every simulator and compiler it
-started killed (``interruptible``).
+started killed (``interruptible``). A run holds its build folder: a second run
+of the same design there (two `make sim` in one working folder) is refused
+before any work, one line and exit status 2 (``held_build_folder``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,48 @@ class SimulatorMissing(RuntimeError):
 
 class SimulatorUnusable(SimulatorMissing):
     """The simulator is installed but cannot run here (Verilator from a path with a space: toolenv)."""
+
+
+class BuildFolderBusy(OSError):
+    """Another run holds the build folder (``held_build_folder``): an ``OSError``, so that a command that
+    reaches it (`sop demo`) says it in one line as it says a folder it cannot write."""
+
+
+#: The lock file of a run's build folder (``held_build_folder``).
+BUILD_LOCK = ".sop-run.lock"
+
+
+@contextlib.contextmanager
+def held_build_folder(build_dir: Path):
+    """``build_dir`` made, and held by this run until the block ends: a second run of the same design in
+    the same folder (two `make sim` in one checkout, `make sim` beside `sop demo`) is refused at once with
+    ``BuildFolderBusy`` naming the process that holds it. Two runs there replaced each other's plan,
+    simulator build and report: one printed the other's summary, a pass it never checked (its seed was
+    the other's), or failed with a traceback (Icarus's ``sim.vvp`` gone, Verilator's binary "Text file
+    busy"). A private folder per run would lose `make sim`'s documented place for the logs and waves;
+    waiting could last a whole full regression. The lock (``flock``) goes with its holder's process,
+    however that ends; the simulators it starts do not inherit it (Python opens files non-inheritable)."""
+    import fcntl
+
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / BUILD_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise BuildFolderBusy(f"{build_dir}: another run ({who}) is simulating in this build folder; wait "
+                                  f"for it to end, or run this one from another working folder (its build/ "
+                                  f"is its own)") from None
+        lock.truncate(0)                    # (append mode: the write lands at the start of the emptied file)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield build_dir
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _simulator(text: str) -> str:
@@ -225,13 +269,13 @@ def run(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, seed: i
     variant = cfg.name + (f"-lutram{cfg.lutram_depth}" if cfg.lutram_depth else "")
     build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / variant).resolve()
     check_simulator(sim, build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if verilog is None:
-        verilog, _ = generate(cfg, build_dir / "rtl")
-    size = plan_size(cfg, sim, quick)
-    plan = plan_for(cfg, size, minilm_vectors(cfg, size != "full") if vectors else None)
-    return simulate(cfg, sim, Path(verilog), module_name(cfg), "sop.sim.tb_decoder", plan, size, build_dir,
-                     seed=seed, waves=waves)
+    with held_build_folder(build_dir):
+        if verilog is None:
+            verilog, _ = generate(cfg, build_dir / "rtl")
+        size = plan_size(cfg, sim, quick)
+        plan = plan_for(cfg, size, minilm_vectors(cfg, size != "full") if vectors else None)
+        return simulate(cfg, sim, Path(verilog), module_name(cfg), "sop.sim.tb_decoder", plan, size, build_dir,
+                        seed=seed, waves=waves)
 
 
 def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = False, build_args=(),
@@ -367,16 +411,16 @@ def run_axis(cfg: DecoderConfig, sim: str = "icarus", *, quick: bool = False, se
     variant = cfg.name + (f"-lutram{cfg.lutram_depth}" if cfg.lutram_depth else "") + "-axis"
     build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / variant).resolve()
     check_simulator(sim, build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if verilog is None:
-        verilog = generate_axis(cfg, build_dir / "rtl")["verilog"]
-    size = "quick" if quick or (sim == "icarus" and cfg.lanes > 8) else "full"
-    vdir = None
-    if vectors and size == "full":
-        vdir = sparse_row_vectors(cfg) if cfg.residuals else minilm_vectors(cfg, True)
-    plan = axis_plan(cfg, size, vdir)
-    return simulate(cfg, sim, Path(verilog), axis_module_name(cfg), "sop.sim.tb_axis", plan, size, build_dir,
-                     seed=seed, waves=waves)
+    with held_build_folder(build_dir):
+        if verilog is None:
+            verilog = generate_axis(cfg, build_dir / "rtl")["verilog"]
+        size = "quick" if quick or (sim == "icarus" and cfg.lanes > 8) else "full"
+        vdir = None
+        if vectors and size == "full":
+            vdir = sparse_row_vectors(cfg) if cfg.residuals else minilm_vectors(cfg, True)
+        plan = axis_plan(cfg, size, vdir)
+        return simulate(cfg, sim, Path(verilog), axis_module_name(cfg), "sop.sim.tb_axis", plan, size, build_dir,
+                        seed=seed, waves=waves)
 
 
 def axis_summary_line(s: dict) -> str:
@@ -510,7 +554,11 @@ def main(argv=None) -> int:
     except SimulatorMissing as err:
         print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2
-    return interruptible(p.prog, lambda: _run_all(args, configs))
+    try:
+        return interruptible(p.prog, lambda: _run_all(args, configs))
+    except BuildFolderBusy as err:
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _run_all(args, configs: dict) -> int:

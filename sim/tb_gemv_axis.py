@@ -194,19 +194,19 @@ def run(cfg: GemvConfig, sim: str = "icarus", *, quick: bool = False, seed: int 
     """Build the shell of ``cfg`` and run the bench; the summary. ``verilog`` replaces the generated
     design and ``plan_edit(plan)`` changes the plan (tests inject bugs with them)."""
     from sop.hdl.generate import generate_gemv_axis
-    from sop.sim.runner import check_simulator, simulate
+    from sop.sim.runner import check_simulator, held_build_folder, simulate
 
     size = "quick" if quick else "full"
     build_dir = Path(build_dir or toolenv.build_root() / "sim" / sim / f"{cfg.name}-axis").resolve()
     check_simulator(sim, build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if verilog is None:
-        verilog = generate_gemv_axis(cfg, build_dir / "rtl")["verilog"]
-    plan = plan_for(cfg, size)
-    if plan_edit is not None:
-        plan_edit(plan)
-    summary = simulate(cfg, sim, Path(verilog), gemv_axis.module_name(cfg), "sop.sim.tb_gemv_axis", plan, size,
-                       build_dir, seed=seed, waves=waves)
+    with held_build_folder(build_dir):               # (a second run there is refused: sim/runner.py)
+        if verilog is None:
+            verilog = generate_gemv_axis(cfg, build_dir / "rtl")["verilog"]
+        plan = plan_for(cfg, size)
+        if plan_edit is not None:
+            plan_edit(plan)
+        summary = simulate(cfg, sim, Path(verilog), gemv_axis.module_name(cfg), "sop.sim.tb_gemv_axis", plan,
+                           size, build_dir, seed=seed, waves=waves)
     summary["expected"] = expected_words(plan)
     return summary
 
