@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -124,6 +125,10 @@ def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = DEFAULT_E2E_
                                                     f"{option('seq_len')})")), None
     if src.bert_folder is None:
         return None, {"skipped": f"no forward pass for this model ({src.forward_note or src.kind})"}
+    if windows != DEFAULT_E2E_WINDOWS:      # as a causal LM's calibration size on an encoder: said, not dropped
+        print(one_line(f"warning: {option('e2e_windows', str(windows))} counts a causal LM's held-out windows, "
+                       f"unused here: a sentence encoder's (BERT) end-to-end check compares the embeddings of "
+                       f"{n_heldout} held-out sentences"), file=sys.stderr, flush=True)
     return ("bert", bert_forward(src), C.heldout_sentences(n_heldout)), None
 
 

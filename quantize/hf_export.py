@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from pathlib import Path
 
 from sop.golden.files import OutputError, check_output
 from sop.quantize.artifact import open_artifact
 from sop.quantize.inputs import NAN_POLICIES, boolean, on_command_line, option
+from sop.quantize.layer_loop import layer_line, reporter
 from sop.quantize.models import (AUX_SUFFIXES, FILTERED, NoLayerSelected, builtin_path, is_lm_head, model_inputs,
                                  open_model)
 
@@ -116,11 +118,15 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     causal_lm.check_memory(src, purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT)
     runner = causal_lm.load(src, progress)
     weights = {}
-    for e in art.layers:
+    # one line a decoded layer, as `sop dequantize` without --model-folder (--quiet, progress=False: none)
+    say, n = reporter(progress), len(art.layers)
+    for i, e in enumerate(art.layers, 1):
         if tuple(e.shape) != tuple(src.layer(e.name).shape):
             raise ValueError(f"{art.path}: layer {e.name} is {tuple(e.shape)}, {spec} has it "
                              f"{tuple(src.layer(e.name).shape)}")
+        t0 = time.perf_counter()
         weights[e.name] = art.weights(e)
+        say(layer_line("dequantize", i, n, e.name, e.shape, time.perf_counter() - t0))
     files = runner.save_folder(Path(out), weights, inputs=[art.path, *inputs], out_option=option("out"))
     # an artifact of some layers (sop quantize --include) makes a working model whose other linear
     # weights are the reference's: said, so a partial artifact is not taken for the quantized model

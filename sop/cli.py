@@ -363,6 +363,20 @@ def _load_vectors(path: Path, cols: int, layer: str):
     return np.array(x, dtype=np.float32)                 # read, in native byte order
 
 
+def _npy_not_named_as_a_model(out) -> None:
+    """Refuse a ``sop gemv --out`` named as a checkpoint or an artifact (``Y.safetensors``, ``Y.sopq``): it wrote
+    the .npy there, which every model reader takes by its name's ending (a damaged checkpoint or artifact), as
+    `sop quantize` and `sop dequantize` refuse an output named as the other's (quantize/artifact.py,
+    ``named_as_written``). Another name is kept: ``numpy.load`` reads a .npy by its contents."""
+    from sop.quantize.models import ARTIFACT_SUFFIX, CHECKPOINT_SUFFIXES
+
+    suffix = Path(out).suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES + (ARTIFACT_SUFFIX,):
+        raise OutputError(f"{out}: `sop gemv` writes a .npy array, and every model reader takes a {suffix} file for "
+                          f"{'a checkpoint' if suffix in CHECKPOINT_SUFFIXES else 'an artifact'}; name it "
+                          f"{Path(out).with_suffix('.npy')}")
+
+
 def cmd_gemv(args) -> int:
     import io
 
@@ -372,6 +386,7 @@ def cmd_gemv(args) -> int:
     from sop.quantize.artifact import open_artifact
 
     check_output(args.out, [args.file, args.x])
+    _npy_not_named_as_a_model(args.out)
     art = open_artifact(args.file)
     entry = _artifact_layer(art, args.layer)
     stream = art.stream(entry)

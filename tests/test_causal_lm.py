@@ -789,6 +789,24 @@ def test_quantize_then_a_model_folder_transformers_loads(folders, tmp_path, caps
         assert "--model applies with --model-folder only" in err
 
 
+def test_a_model_folder_export_prints_a_progress_line_a_layer_unless_quiet(folders, tmp_path, capsys):
+    """`sop dequantize --model-folder` printed no progress line, so its --quiet changed nothing (an outside walk
+    through the options): it prints the lines of `sop dequantize` (README: one a layer, unless --quiet)."""
+    art = tmp_path / "two.sopq"
+    assert main(["quantize", str(folders["llama"]), "--format", "sop4-g16", "--out", str(art), "--quiet",
+                 "--no-calib", "--include", "model.layers.0.mlp.*_proj.weight"]) == 0
+    capsys.readouterr()
+
+    def lines(args):
+        assert main(["dequantize", str(art), *args]) == 0
+        return [line.rsplit(": ", 1)[0] for line in capsys.readouterr().err.splitlines()]    # less the seconds
+    plain = lines(["--out", str(tmp_path / "w.safetensors")])
+    assert plain == [f"dequantize [{i}/3] model.layers.0.mlp.{name}_proj.weight {shape}"
+                     for i, (name, shape) in enumerate([("down", "32x48"), ("gate", "48x32"), ("up", "48x32")], 1)]
+    assert lines(["--model-folder", "--out", str(tmp_path / "f")]) == plain
+    assert lines(["--model-folder", "--out", str(tmp_path / "g"), "--quiet"]) == []
+
+
 def test_a_model_folder_of_a_partial_artifact_says_the_rest_is_the_reference(folders, tmp_path, capsys):
     """An artifact of one layer (sop quantize --include) exports a working model whose other 13 linear
     weights are the reference's: the closing line said "1 quantized layers ... over the reference" and

@@ -57,6 +57,22 @@ def test_eval_prints_the_table(capsys, tmp_path):
     assert "mxfp4" in out and "6 linear layers" in out and "unweighted" in out and "SQNR" in out
 
 
+def test_e2e_windows_on_a_sentence_encoder_is_one_warning_line(tmp_path, capsys):
+    """`--e2e-windows` counts a causal LM's held-out windows: on MiniLM, whose end-to-end check embeds held-out
+    sentences, it changed nothing without a word (an outside walk through the options), where the calibration
+    size of the other kind of model is a warning line (layer_loop.unused_size_warning); printed under --quiet."""
+    base = ["eval", "minilm", "--format", "nf4-g64", "--include", "encoder.layer.0.attention.self.query.weight",
+            "--no-calib", "--quiet"]
+    assert main([*base, "--e2e-windows", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == ["warning: --e2e-windows 2 counts a causal LM's held-out windows, unused here: a "
+                                "sentence encoder's (BERT) end-to-end check compares the embeddings of 64 held-out "
+                                "sentences"]
+    assert main(base) == 0                                          # the default: nothing to say, the same result
+    again = capsys.readouterr()
+    assert again.err == "" and again.out == out
+
+
 @pytest.mark.parametrize("cmd", ["eval", "quantize"])
 @pytest.mark.parametrize("fmt", ["sop4-g16", "sop-budget"])
 def test_progress_lines_stay_one_line_whatever_a_layer_is_called(tmp_path, capsys, cmd, fmt):

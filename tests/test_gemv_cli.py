@@ -169,6 +169,19 @@ def test_the_output_never_replaces_an_input_and_a_failed_run_keeps_the_old_outpu
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".sop-tmp")]
 
 
+@pytest.mark.parametrize("name", ["y.sopq", "y.safetensors", "y.GGUF", "y.bin", "y.pt", "y.pth"])
+def test_an_output_named_as_a_model_or_an_artifact_is_refused(artifacts, tmp_path, capsys, name):
+    """`sop gemv --out y.sopq` wrote the .npy array there, and every model reader takes a file by its name's
+    ending (`sop vectors y.sopq`: a damaged artifact), where `sop quantize` / `dequantize` refuse an output
+    named as the other's (an outside walk through the options); another name is written, numpy reads it."""
+    x = bad_x(tmp_path, "x.npy", vectors(np.random.default_rng(2), 40))
+    argv = ["gemv", artifacts["sop4-g16"], "--layer", PADDED, "--x", x, "--out"]
+    err = one_error_line(capsys, [*argv, tmp_path / name])
+    assert err.endswith(f"name it {tmp_path / 'y.npy'}") and not (tmp_path / name).exists()
+    assert run([*argv, tmp_path / "y.out"]) == 0 and run([*argv, tmp_path / "y.npy"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.out"), np.load(tmp_path / "y.npy"))
+
+
 @pytest.mark.parametrize("option", ["--layer", "--x", "--x-format", "--out"])
 def test_an_option_given_twice_is_refused_not_the_last_taken(artifacts, tmp_path, capsys, option):
     """`sop gemv --layer A --layer B` computed B alone and said nothing (`sop vectors` takes several
