@@ -1,4 +1,5 @@
-"""Safe file output: targets checked before any work, atomic writes, and the project's checksum.
+"""Safe file output: targets checked before any work, atomic writes, the project's checksum, and the one
+line for a file of another format version (``another_version``).
 
 Every file the project writes goes through ``atomic_output`` (or ``write_atomic``).
 The contract:
@@ -86,6 +87,15 @@ def input_file(path: str | os.PathLike, what: str = "file") -> Path:
 
 def crc32(data: bytes) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def another_version(what: str, version: int, current: int, redo: str) -> str:
+    """The one line for a file of another version than ``current`` of a format this project versions
+    (layer stream, ``.sopq``, vector set): which side is newer and what to do, never "corrupted"."""
+    if version < current:
+        return f"{what} version {version}, written by an older sop (this one reads version {current}): {redo}"
+    return (f"{what} version {version}, written by a newer sop (this one reads version {current}): read it with "
+            f"that sop, or {redo}")
 
 
 def _kind(mode: int) -> str:

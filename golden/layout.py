@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .files import crc32
+from .files import another_version, crc32
 from .formats import CodeTable, FloatFormat, get_format
 from .hif import hif_format
 
@@ -310,13 +310,18 @@ def unpack_layer(data: bytes) -> LayerStream:
     data = bytes(data)
     if len(data) < 4 or data[:4] != MAGIC:
         raise LayoutError(f"not a SOP layer stream (magic {data[:4]!r}, expected {MAGIC!r})")
+    # another version may lay out or check its bytes otherwise: its version byte is named, not taken for
+    # a corrupted stream of this one (and where the checksum fails as well, both are)
+    other = another_version("layer stream", data[4], VERSION, "quantize the layer again to write it anew") \
+        if len(data) > 4 and data[4] != VERSION else None
     if len(data) < 8 or crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
-        raise LayoutError("layer stream checksum mismatch: the data is truncated or corrupted")
+        raise LayoutError("layer stream checksum mismatch: the data is truncated or corrupted"
+                          + (f"; or a {other}" if other else ""))
+    if other:
+        raise LayoutError(other)
     r = _Reader(data[:-4])
     r.take(4, "magic")
-    version, k, g, flags = r.unpack("<BBBB", "header")
-    if version != VERSION:
-        raise LayoutError(f"layer stream version {version} not supported (expected {VERSION})")
+    _, k, g, flags = r.unpack("<BBBB", "header")
     if flags & ~0b11:
         raise LayoutError(f"inconsistent layer header: flags {flags:#04x} set reserved bits (only bit 0, "
                           f"signed scale, and bit 1, selection bit, are defined)")

@@ -74,8 +74,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from sop.golden.files import (InputError, OutputError, atomic_output, check_output, crc32, input_file,
-                             temp_file_in)
+from sop.golden.files import (InputError, OutputError, another_version, atomic_output, check_output, crc32,
+                              input_file, temp_file_in)
 from sop.golden.decoder import decode_layer
 from sop.golden.formats import to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
@@ -420,7 +420,8 @@ def _verify(path: Path) -> Artifact:
                                 f"{PREAMBLE.size}-byte preamble")
         _, version, reserved, hlen = PREAMBLE.unpack(pre)
         if version != VERSION:
-            raise ArtifactError(f"{where}: container version {version} not supported (expected {VERSION})")
+            raise ArtifactError(f"{where}: " + another_version(".sopq container", version, VERSION,
+                                                               "run `sop quantize` again to write it anew"))
         if reserved != 0:
             raise ArtifactError(f"{where}: reserved preamble field is {reserved}, expected 0 (corrupted)")
         if hlen > MAX_HEADER or PREAMBLE.size + hlen + 2 * CRC.size > size:

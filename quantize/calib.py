@@ -68,7 +68,10 @@ from sop.quantize.causal_lm import DEFAULT_CALIB_SEQS, DEFAULT_SEQ_LEN
 from sop.quantize.inputs import boolean, cache_folder, no_calib, nan_zero, option
 
 CALIB_VERSION = 2            # 2: the key covers a BERT folder's config and tokenizer; the file lists its layers
-CAUSAL_VERSION = 1
+#: a part of the causal-LM cache key: bumped whenever what a causal LM's statistics hold changes, or a file
+#: written before is served as current. 2: an expert matrix counts every token its MoE block takes (one not
+#: routed to it a zero input; an unrouted one 1 / tokens), where 1 averaged over the routed tokens only
+CAUSAL_VERSION = 2
 N_CALIB = 256
 N_HELDOUT = 64
 #: Sentences at the end of the corpus kept for the end-to-end check, never for calibration.

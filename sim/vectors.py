@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import FileSet, InputError, atomic_files, input_file
+from sop.golden.files import FileSet, InputError, another_version, atomic_files, input_file
 from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS, get_format
 from sop.golden.hif import hif_format
@@ -322,7 +322,8 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
         raise VectorError(f"{index}: JSON nested too deeply") from None
     where = str(index)
     if _field(doc, "version", where, int) != VERSION:
-        raise VectorError(f"{where}: field 'version' is {doc['version']}, expected {VERSION}")
+        raise VectorError(f"{where}: " + another_version("vector set", doc["version"], VERSION,
+                                                         "run `sop vectors` again to write it anew"))
     lay_doc = _field(doc, "layout", where, dict)
     hif_doc = _field(doc, "hif", where, dict)
     try:

@@ -4,6 +4,7 @@ file after an interrupted run."""
 
 import dataclasses
 import os
+import re
 import json
 import struct
 import tracemalloc
@@ -366,13 +367,22 @@ def test_inconsistent_content_with_good_checksums_is_refused(toy_sop4, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.sopq"]      # nothing written, no temp file
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
-def test_another_container_version_is_refused_with_good_checksums(toy_sop4, tmp_path, version):
+@pytest.mark.parametrize("version, said", [
+    (0, "written by an older sop (this one reads version 1): run `sop quantize` again to write it anew"),
+    (2, "written by a newer sop (this one reads version 1): read it with that sop, or run `sop quantize` again"),
+    (0xFFFF, "written by a newer sop"),
+])
+def test_another_container_version_is_refused_with_good_checksums(toy_sop4, tmp_path, version, said):
+    """A file of another container version says which side is older and what to do (it said 'version 0 not
+    supported (expected 1)'), before any checksum: another version may check its bytes otherwise."""
     data = bytearray(toy_sop4.read_bytes()[:-4])
     struct.pack_into("<H", data, 4, version)
     bad = tmp_path / "v.sopq"
     bad.write_bytes(bytes(data) + struct.pack("<I", zlib.crc32(data)))
-    with pytest.raises(A.ArtifactError, match=f"container version {version} not supported"):
+    with pytest.raises(A.ArtifactError, match=re.escape(f"{bad}: .sopq container version {version}, {said}")):
+        A.open_artifact(bad)
+    bad.write_bytes(bytes(data) + b"\0\0\0\0")                # its checksums not this version's
+    with pytest.raises(A.ArtifactError, match=re.escape(f"{bad}: .sopq container version {version}, {said}")):
         A.open_artifact(bad)
 
 

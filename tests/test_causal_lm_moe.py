@@ -202,6 +202,32 @@ def test_an_expert_no_token_reaches_is_weighted_as_one_token_of_ones(tmp_path, c
     assert kept.cached and kept.unrouted == [] and "unrouted" not in kept.describe() and not capsys.readouterr().out
 
 
+def test_a_cache_file_of_the_version_before_every_token_counted_is_recomputed(moe_folders, tmp_path):
+    """Causal-LM cache version 1 (until 2026-12-04) averaged an expert matrix's squares over the tokens
+    routed to it alone; such a file, as that version wrote it under the key it gave it, was served as
+    current (an expert weighted 1.7x, without a word). Built here with version 1's fields and values
+    (each expert's statistic times the tokens over those routed to it): a miss, the statistics recomputed."""
+    import json
+
+    folder = moe_folders["mixtral"]
+    size = C.CalibSize(seqs=2, seq_len=SEQ)
+    src = open_model(str(folder))
+    cold = C.calibrate_causal(src, size, tmp_path / "cold")
+    assert not cold.cached
+    key = C.cache_key(f"{src.fingerprint()}\n{src.aux_fingerprint()}", f"causal-lm v1 {size.seqs}x{size.seq_len}",
+                      C.calibration_sentences(C.max_calibration_sentences()))
+    old = {n: a * (1.5 if ".experts." in n else 1.0) for n, a in cold.act_ms.items()}
+    meta = {"key": key, "sentences": cold.sentences, "tokens": cold.tokens, "version": 2, "seqs": size.seqs,
+            "seq_len": size.seq_len, "layers": sorted(old)}
+    (tmp_path / "c").mkdir()
+    np.savez(tmp_path / "c" / f"{key[:32]}.npz", **old, __meta__=np.array(json.dumps(meta)))
+    warm = C.calibrate_causal(open_model(str(folder)), size, tmp_path / "c")
+    assert not warm.cached and warm.key != key
+    assert sorted(warm.act_ms) == sorted(cold.act_ms)
+    for name, a in cold.act_ms.items():
+        assert np.array_equal(warm.act_ms[name], a), name
+
+
 def test_a_moe_model_quantizes_weighted_evaluates_and_exports_its_reconstructions(moe_folders, tmp_path, capsys):
     folder = moe_folders["mixtral"]
     q, out = tmp_path / "m.sopq", tmp_path / "folder"

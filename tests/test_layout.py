@@ -1,5 +1,6 @@
 """golden.layout: bit-exact packing (hand-worked bytes), round trips (hypothesis), bad buffers."""
 
+import re
 import struct
 
 import numpy as np
@@ -145,6 +146,20 @@ def test_inconsistent_stream_with_valid_checksum_is_refused():
         unpack_layer(_recrc(data[:4] + bytes([9]) + data[5:]))
     with pytest.raises(LayoutError, match="magic"):
         unpack_layer(b"XXXX" + data[4:])
+
+
+@pytest.mark.parametrize("version, said", [(0, "an older sop"), (2, "a newer sop")])
+def test_a_stream_of_another_version_is_named_so_not_a_checksum_mismatch(version, said):
+    """Another version may lay out or check its bytes otherwise: its CRC, checked as this version's, was
+    'checksum mismatch: the data is truncated or corrupted', for a stream that is merely of another version."""
+    data = pack_layer(random_stream(np.random.default_rng(5), SOP4))
+    other = data[:4] + bytes([version]) + data[5:]              # the CRC left as version 1's
+    named = f"layer stream version {version}, written by {said} (this one reads version 1)"
+    with pytest.raises(LayoutError, match="checksum mismatch: .*; or a " + re.escape(named)):
+        unpack_layer(other)                 # (one damaged byte or another version: the line names both)
+    with pytest.raises(LayoutError, match="^" + re.escape(named)) as err:
+        unpack_layer(_recrc(other))         # its checksum whole: only the version
+    assert "checksum" not in str(err.value)
 
 
 def test_unpack_blocks_refuses_a_partial_block():

@@ -238,6 +238,23 @@ def test_an_index_whose_derived_fields_contradict_its_layout_is_refused(tmp_path
         V.read_vectors(tmp_path / "v")
 
 
+@pytest.mark.parametrize("version, said", [
+    (0, "written by an older sop (this one reads version 1): run `sop vectors` again to write it anew"),
+    (2, "written by a newer sop (this one reads version 1): read it with that sop, or run `sop vectors` again"),
+])
+def test_a_set_of_another_version_says_which_side_is_older_and_what_to_do(tmp_path, version, said):
+    """A vector set of another version (its files and fields perhaps otherwise) is named so, with the command
+    that writes it anew; it said "field 'version' is 0, expected 1"."""
+    s = V.quantize_layer("sop4-g16", np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32), "w")
+    V.write_vectors(tmp_path / "v", {"w": s}, {"model": "m", "format": "sop4-g16"})
+    doc = json.loads((tmp_path / "v" / "vectors.json").read_text())
+    doc["version"] = version
+    (tmp_path / "v" / "vectors.json").write_text(json.dumps(doc))
+    with pytest.raises(V.VectorError) as refused:
+        V.read_vectors(tmp_path / "v")
+    assert str(refused.value).startswith(f"{tmp_path / 'v' / 'vectors.json'}: vector set version {version}, {said}")
+
+
 @pytest.mark.parametrize("name", ["sop9-g99", "", "SOP4-G16", "sop4-g16-x1"])
 def test_an_index_whose_format_names_no_operating_point_is_refused(tmp_path, name):
     """A ``format`` that named no operating point (a typo, a configuration's name) was read as a good set:
