@@ -238,6 +238,15 @@ def test_an_index_whose_derived_fields_contradict_its_layout_is_refused(tmp_path
         V.read_vectors(tmp_path / "v")
 
 
+def _set_with_field(folder, key, value) -> None:
+    """A sop4-g16 vector set of one small layer written into ``folder``, its index's ``key`` then set to ``value``."""
+    s = V.quantize_layer("sop4-g16", np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32), "w")
+    V.write_vectors(folder, {"w": s}, {"model": "m", "format": "sop4-g16"})
+    doc = json.loads((folder / "vectors.json").read_text())
+    doc[key] = value
+    (folder / "vectors.json").write_text(json.dumps(doc))
+
+
 @pytest.mark.parametrize("version, said", [
     (0, "written by an older sop (this one reads version 1): run `sop vectors` again to write it anew"),
     (2, "written by a newer sop (this one reads version 1): read it with that sop, or run `sop vectors` again"),
@@ -245,11 +254,7 @@ def test_an_index_whose_derived_fields_contradict_its_layout_is_refused(tmp_path
 def test_a_set_of_another_version_says_which_side_is_older_and_what_to_do(tmp_path, version, said):
     """A vector set of another version (its files and fields perhaps otherwise) is named so, with the command
     that writes it anew; it said "field 'version' is 0, expected 1"."""
-    s = V.quantize_layer("sop4-g16", np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32), "w")
-    V.write_vectors(tmp_path / "v", {"w": s}, {"model": "m", "format": "sop4-g16"})
-    doc = json.loads((tmp_path / "v" / "vectors.json").read_text())
-    doc["version"] = version
-    (tmp_path / "v" / "vectors.json").write_text(json.dumps(doc))
+    _set_with_field(tmp_path / "v", "version", version)
     with pytest.raises(V.VectorError) as refused:
         V.read_vectors(tmp_path / "v")
     assert str(refused.value).startswith(f"{tmp_path / 'v' / 'vectors.json'}: vector set version {version}, {said}")
@@ -260,11 +265,7 @@ def test_an_index_whose_format_names_no_operating_point_is_refused(tmp_path, nam
     """A ``format`` that named no operating point (a typo, a configuration's name) was read as a good set:
     only a point's name was checked against the layout (an outside probe). Refused in one line naming the
     field, the value and where the valid names come from."""
-    s = V.quantize_layer("sop4-g16", np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32), "w")
-    V.write_vectors(tmp_path / "v", {"w": s}, {"model": "m", "format": "sop4-g16"})
-    doc = json.loads((tmp_path / "v" / "vectors.json").read_text())
-    doc["format"] = name
-    (tmp_path / "v" / "vectors.json").write_text(json.dumps(doc))
+    _set_with_field(tmp_path / "v", "format", name)
     with pytest.raises(V.VectorError) as refused:
         V.read_vectors(tmp_path / "v")
     said = str(refused.value)
