@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 
 from sop.terminal import one_line
 
@@ -23,13 +24,9 @@ class _NamesWhole(argparse.HelpFormatter):
     format or configuration name in a list (``gemv-sop4-g16-bf16``) came out cut over two lines."""
 
     def _split_lines(self, text, width):
-        import textwrap
-
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _fill_text(self, text, width, indent):
-        import textwrap
-
         return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
                              break_on_hyphens=False)
 

@@ -196,8 +196,6 @@ def _refuse_report_name(path: str) -> None:
     """``--json X.md`` (or ``.png``) wrote JSON under the name of one of `sop report`'s outputs: `sop report
     X.md` then refuses to write its table over its input, and anything else reading X.md takes JSON for
     markdown. Refused before any work, as `sop report --out X.md` is."""
-    from sop.golden.files import OutputError
-
     given = Path(path)
     if given.suffix.lower() in (".md", ".png"):
         raise OutputError(f"--json {path}: `sop eval` writes JSON, and `sop report` writes its table and plot as "
