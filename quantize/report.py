@@ -57,6 +57,8 @@ from sop.golden.files import OutputError, input_file, refuse_folder_name, write_
 from sop.quantize.models import linear_layers
 
 BPW_TOL = 0.01          # default: bit costs this close count as equal on the Pareto front
+#: the endings of the files ``report`` writes: a stem that ends so, or an eval JSON named so, is refused
+REPORT_SUFFIXES = (".md", ".png")
 
 
 def pareto_front(bpw, sqnr, bpw_tol: float = 0.0) -> np.ndarray:
@@ -425,7 +427,7 @@ def output_paths(json_path: str | Path, stem: str | Path | None = None) -> tuple
     if stem is not None:
         refuse_folder_name(stem, "the stem of the files to write (STEM.md, STEM.png)")
         given = Path(stem)
-        if given.suffix.lower() in (".md", ".png"):     # `--out report.md` wrote report.md.md and report.md.png
+        if given.suffix.lower() in REPORT_SUFFIXES:     # `--out report.md` wrote report.md.md and report.md.png
             raise OutputError(f"{stem}: a file's name, not the stem of the files to write, which takes .md and .png "
                               f"after it ({given.name}.md, {given.name}.png); give {given.with_suffix('')}")
     stem = Path(stem) if stem is not None else Path(json_path).with_suffix("")

@@ -420,19 +420,7 @@ def main(argv=None) -> int:
     # `make verilog` and sim/mutate.py do), else through its built-in one, whose text differs, and so
     # would the mutants drawn from it
     toolenv.apply()
-    from sop.sim.runner import BuildFolderBusy, SimulatorMissing, check_simulator, held_build_folder
-
-    try:                                        # before the engine's mutants are drawn (minutes of yosys)
-        check_simulator(args.sim, out)
-    except SimulatorMissing as err:
-        print(f"{p.prog}: error: {err}", file=sys.stderr)
-        return 2
-    try:                                        # (two runs into one folder replaced each other's results)
-        with held_build_folder(out):
-            return _run_engine_cli(p, args, out, argv)
-    except BuildFolderBusy as err:
-        print(f"{p.prog}: error: {err}", file=sys.stderr)
-        return 2
+    return mu.run_in_held_folder(p.prog, args.sim, out, lambda: _run_engine_cli(p, args, out, argv))
 
 
 def _run_engine_cli(p, args, out: Path, argv) -> int:

@@ -841,18 +841,22 @@ def main(argv=None) -> int:
         return 2
     out = args.out or toolenv.build_root() / "mutate"
     output_checked(p, out, folder=True)
+    return run_in_held_folder(p.prog, args.sim, out, lambda: _run_chosen(p, args, chosen, out, argv))
+
+
+def run_in_held_folder(prog: str, sim: str, out: Path, run) -> int:
+    """``run()`` of a mutation tool's command line (this one's and sim/gemv_mutate.py's) with ``out`` held
+    (``runner.held_build_folder``: two runs into one folder replaced each other's results); a simulator that
+    cannot run there, or a folder another run holds, is one line and exit 2 before a mutant is drawn
+    (minutes of yosys)."""
     from sop.sim.runner import BuildFolderBusy, SimulatorMissing, check_simulator, held_build_folder
 
-    try:                                        # before the mutants are drawn (minutes of yosys)
-        check_simulator(args.sim, out)
-    except SimulatorMissing as err:
-        print(f"{p.prog}: error: {err}", file=sys.stderr)
-        return 2
-    try:                                        # (two runs into one folder replaced each other's results)
+    try:
+        check_simulator(sim, out)
         with held_build_folder(out):
-            return _run_chosen(p, args, chosen, out, argv)
-    except BuildFolderBusy as err:
-        print(f"{p.prog}: error: {err}", file=sys.stderr)
+            return run()
+    except (SimulatorMissing, BuildFolderBusy) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
 
 

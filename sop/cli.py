@@ -196,8 +196,10 @@ def _refuse_report_name(path: str) -> None:
     """``--json X.md`` (or ``.png``) wrote JSON under the name of one of `sop report`'s outputs: `sop report
     X.md` then refuses to write its table over its input, and anything else reading X.md takes JSON for
     markdown. Refused before any work, as `sop report --out X.md` is."""
+    from sop.quantize.report import REPORT_SUFFIXES
+
     given = Path(path)
-    if given.suffix.lower() in (".md", ".png"):
+    if given.suffix.lower() in REPORT_SUFFIXES:
         raise OutputError(f"--json {path}: `sop eval` writes JSON, and `sop report` writes its table and plot as "
                           f"{given.with_suffix('.md').name} and {given.with_suffix('.png').name}; "
                           f"give {given.with_suffix('.json')}")
