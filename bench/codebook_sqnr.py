@@ -35,6 +35,7 @@ from sop.argtypes import ToolParser, output_checked  # noqa: E402
 from sop.golden.codebooks import FIXED_4BIT, SH4_ALPHA, get_codebook, sh4_levels, split87_levels  # noqa: E402
 from sop.golden.files import write_atomic  # noqa: E402
 from sop.quantize.weights import minilm_linear_weights  # noqa: E402
+from sop.terminal import run_command  # noqa: E402
 
 GAUSS_N = 1 << 22                     # ~4.2M iid N(0, 1) values
 GAUSS_SEED = 20250512
@@ -117,4 +118,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command("python bench/codebook_sqnr.py", main)

@@ -27,6 +27,7 @@ from sop.golden.points import get_point
 from sop.hdl import block_dot_bf16
 from sop.hdl.block_dot_bf16 import takes_fallback
 from sop.quantize.calib import HELDOUT_RESERVE
+from sop.terminal import run_command
 
 BF16 = dot.ACT_FORMATS["bf16"]
 
@@ -92,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/dot_bf16.py", main)

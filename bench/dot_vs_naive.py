@@ -59,6 +59,7 @@ from sop.hdl.fp32_acc import ADD_LATENCY, RowAccumulator
 from sop.hdl.naive_dot import NaiveDot, naive_config
 from sop.synth.flow.yosys_nextpnr import (SEED, TARGETS, ToolError, for_target, place_and_route, read_pnr,
                                           rtl_state, run_design, tool_runs_at_once)
+from sop.terminal import run_command
 
 OUT = toolenv.build_root() / "dot_vs_naive"
 POINT = "sop4-g16"
@@ -263,4 +264,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/dot_vs_naive.py", main)

@@ -63,6 +63,7 @@ from sop.hdl.decoder import Decoder
 from sop.hdl.generate import module_name
 from sop.synth.flow.yosys_nextpnr import (SEED, TARGETS, for_target, place_and_route, read_pnr, run_design,
                                           tool_runs_at_once)
+from sop.terminal import run_command
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lane_sweep import sweep_config  # noqa: E402  (a sibling script: bench/ is not a package)
@@ -183,4 +184,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/fmax_seeds.py", main)

@@ -27,6 +27,7 @@ from sop.golden.formats import get_format
 from sop.golden.layout import BlockLayout
 from sop.quantize.blockwise import encode_layer
 from sop.quantize.weights import minilm_linear_weights
+from sop.terminal import run_command
 
 PAIRS = [("nf4", "sh4"), ("bof4-s", "split87"), ("nf4", "fp4")]
 
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/header_sqnr.py", main)

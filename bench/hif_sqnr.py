@@ -28,7 +28,6 @@ Run: ``.venv/bin/python bench/hif_sqnr.py [--out FILE.md]`` (about a minute).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from sop.golden.files import write_atomic
 from sop.golden.formats import ELEMENT_FORMATS, FloatFormat
 from sop.golden.hif import DEFAULT_HIF, HIF_BIAS, HIF_EBITS, hif_format
 from sop.quantize.weights import minilm_linear_weights
+from sop.terminal import run_command
 
 G = 16                                   # block size along the input dimension
 #: the columns: every table the SOP pair search draws from (one added to it joins at the end) and E2M3's
@@ -278,4 +278,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command("python bench/hif_sqnr.py", main)

@@ -71,6 +71,7 @@ from sop.hdl.hif_formatter import MAX_SHIFT
 from sop.hdl.replica import enable_levels
 from sop.hdl.scale_decoder import BF16_M
 from sop.synth.flow.yosys_nextpnr import DEFAULT_OUT, TARGETS, rtl_state, run_many
+from sop.terminal import run_command
 
 LANES = (1, 2, 4, 8, 16, 32, 64)
 SWEEP_TARGETS = ("ice40", "ecp5")
@@ -243,4 +244,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/lane_sweep.py", main)

@@ -51,6 +51,7 @@ from sop import toolenv
 from sop.argtypes import ToolParser, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
+from sop.terminal import run_command
 
 HIDDEN, INTER, VOCAB = 4096, 14336, 32000
 # The child resets its peak first (ru_maxrss and VmHWM are inherited from the forking parent
@@ -308,4 +309,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command("python bench/llm_scale.py", main)

@@ -51,6 +51,7 @@ from sop.argtypes import ToolParser, output_checked, positive
 from sop.golden.files import write_atomic
 from sop.quantize.schemes import quant_formats
 from sop.quantize.memory import PEAK_BYTES_PER_WEIGHT as TARGET
+from sop.terminal import run_command
 
 LAYER = "model.layers.0.mlp.down_proj.weight"
 COMMANDS = ("quantize", "dequantize", "eval", "module", "module-sopq")
@@ -196,4 +197,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command("python bench/memory.py", main)

@@ -67,6 +67,7 @@ from sop.golden.files import write_atomic  # noqa: E402
 from sop.quantize import baselines as B  # noqa: E402
 from sop.quantize import blockwise  # noqa: E402
 from sop.quantize.sop_search import quantize_sop4  # noqa: E402
+from sop.terminal import run_command
 
 torch.set_num_threads(ARGS.threads)
 #: the releases `make peers` installs (tests/test_bench_arithmetic.py checks the Makefile against it)
@@ -232,4 +233,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/peer_speed.py", main)

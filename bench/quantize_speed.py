@@ -50,6 +50,7 @@ from sop.quantize.blockwise import THREADS
 from sop.quantize.knapsack import layer_options, quantize_budget
 from sop.quantize.sop_search import quantize_fp6, quantize_sop4
 from sop.quantize.weights import minilm_linear_weights
+from sop.terminal import run_command
 
 FORMATS = {
     "nf4-g64": lambda w: B.nf4_g64(w),
@@ -217,4 +218,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/quantize_speed.py", main)

@@ -24,6 +24,7 @@ import numpy as np
 
 from sop.argtypes import ToolParser, number, positive
 from sop.sim import vectors
+from sop.terminal import run_command
 
 #: the last revision with the line-by-line reader
 OLD = "aadb5a5628c3da68cf243bee423f2a0f5dbbd85c"
@@ -101,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/read_vectors.py", main)

@@ -31,6 +31,7 @@ from sop.quantize.knapsack import weighted_error
 from sop.quantize.metrics import ErrorStats, aggregate
 from sop.quantize.sop_search import quantize_fp6, quantize_sop4
 from sop.quantize.weights import minilm_linear_weights
+from sop.terminal import run_command
 
 
 def run(weights: dict, quantize, act: dict | None = None, weighted_search: bool = False) -> dict:
@@ -97,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command("python bench/search_ablation.py", main)

@@ -17,6 +17,7 @@ from pathlib import Path
 from sop.argtypes import ToolParser
 from sop.hdl.config import named_configs
 from sop.sim import runner
+from sop.terminal import run_command
 
 
 def main() -> None:
@@ -39,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python bench/sim_speed.py", main)

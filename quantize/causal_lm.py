@@ -178,7 +178,7 @@ def check_memory(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: i
                fix)
 
 
-def load(src, progress: bool = False) -> "CausalLM":
+def load(src) -> "CausalLM":
     """The forward pass of a causal-LM ModelSource, loaded once and cached on it."""
     if src._runner is not None:
         return src._runner

@@ -116,7 +116,7 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
         raise ValueError(f"{spec}: {'--model-folder' if on_command_line() else 'export_model_folder'} needs a "
                          f"causal LM that transformers runs ({src.forward_note or 'a ' + str(src.forward) + ' model'})")
     causal_lm.check_memory(src, purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT)
-    runner = causal_lm.load(src, progress)
+    runner = causal_lm.load(src)
     weights = {}
     # one line a decoded layer, as `sop dequantize` without --model-folder (--quiet, progress=False: none)
     say, n = reporter(progress), len(art.layers)

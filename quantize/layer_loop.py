@@ -91,11 +91,20 @@ def announce(src, say) -> None:
         print(one_line(f"warning: {note}"), file=sys.stderr, flush=True)
 
 
-def unused_size_warning(src, size) -> None:
+def unused_size_warning(src, size, calibrate: bool = True) -> None:
     """One warning line where the calibration size given is of the other kind of model than ``src``'s forward
     pass runs, and so unused: ``--calib-sentences 64`` on a causal LM calibrated on the default 32 x 256
-    tokens, ``--calib-seqs`` / ``--seq-len`` on a sentence encoder on 256 sentences, without a word."""
+    tokens, ``--calib-seqs`` / ``--seq-len`` on a sentence encoder on 256 sentences, without a word; and
+    where no calibration runs (``--no-calib``), a count of sentences or windows given (``--seq-len`` is
+    left out: it also sets the length of a causal LM's held-out windows in ``sop eval``)."""
     default, cli = C.CalibSize(), on_command_line()
+    if not calibrate:
+        given = [f"{option(k, str(v))}" for k, v, d in (("calib_sentences", size.sentences, default.sentences),
+                                                         ("calib_seqs", size.seqs, default.seqs)) if v != d]
+        if cli and given:
+            print(one_line(f"warning: {' '.join(given)} unused: {no_calib()} skips the calibration"),
+                  file=sys.stderr, flush=True)
+        return
     if src.forward == "causal-lm" and size.sentences != default.sentences:
         given, rule = (f"--calib-sentences {size.sentences}", "--calib-seqs x --seq-len") if cli else \
             (f"n_calib={size.sentences}", "n_calib=CalibSize(seqs=, seq_len=)")
@@ -119,8 +128,7 @@ def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bo
     if not announced:
         announce(src, say)
     size = n_calib if isinstance(n_calib, C.CalibSize) else C.CalibSize(n_calib)
-    if calibrate:
-        unused_size_warning(src, size)
+    unused_size_warning(src, size, calibrate)
     if calibrate and src.forward == "causal-lm":
         from sop.quantize import causal_lm
 

@@ -842,6 +842,9 @@ def _resolve(spec: str) -> tuple[str, list[Path], Path | None, ShardIndex | None
                            ("gguf", GGUF_SUFFIXES)):
         if suffix in suffixes:
             return kind, [p], p.parent, None
+    if suffix == ARTIFACT_SUFFIX:           # a command that takes an artifact asks is_artifact first
+        raise ValueError(f"{p}: a quantized artifact, not a checkpoint; `sop dequantize {p} --out W.safetensors` "
+                         f"decodes it into one (with --model-folder --out DIR, a causal LM's model folder)")
     raise ValueError(f"{p}: unsupported file type {suffix!r}; supported: "
                      f"{', '.join(CHECKPOINT_SUFFIXES)}")
 

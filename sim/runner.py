@@ -207,8 +207,16 @@ def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
 def vectors_folder(point: OperatingPoint, cfg: DecoderConfig, quick: bool) -> Path:
     """Where ``minilm_vectors`` caches ``point``'s vectors: under its name and ``point_digest`` (its
     definition, tables included: a point or table defined again under one name is not the old one)."""
-    tail = ("-sparse" if cfg.residuals else "") + ("-quick" if quick else "")
-    return toolenv.build_root() / "vectors" / f"{point.name}-{point_digest(point)}{tail}"
+    return cached_vectors_folder(point, ("-sparse" if cfg.residuals else "") + ("-quick" if quick else ""))
+
+
+def cached_vectors_folder(point: OperatingPoint, tail: str) -> Path:
+    """A cached vector set of ``point`` under build/vectors/: named by the point, its ``point_digest`` and
+    the vector files' version (``sim.vectors.VERSION``: a set written by another version is made again,
+    not refused by the reader)."""
+    from sop.sim.vectors import VERSION
+
+    return toolenv.build_root() / "vectors" / f"{point.name}-{point_digest(point)}-v{VERSION}{tail}"
 
 
 def sparse_artifact(fmt: str) -> tuple[Path, list[str]]:
@@ -244,7 +252,7 @@ def sparse_row_vectors(cfg: DecoderConfig) -> Path | None:
     if point is None or not point.vectors:
         return None
     fmt = point.name
-    out = toolenv.build_root() / "vectors" / f"{fmt}-sparse-rows{AXIS_SPARSE_ROWS}"
+    out = cached_vectors_folder(point, f"-sparse-rows{AXIS_SPARSE_ROWS}")
     if not (out / "vectors.json").is_file():
         art, names = sparse_artifact(fmt)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:

@@ -318,7 +318,7 @@ def cmd_dequantize(args) -> int:
     t0 = time.time()
     info = dequantize(args.file, args.out, progress=not args.quiet)
     fused = f" ({info['layers']} layers)" if info["tensors"] != info["layers"] else ""
-    print(f"wrote {info['path']}: {info['tensors']} float32 tensors{fused}, {info['weights']:,} weights "
+    print(f"wrote {info['path']}: {info['tensors']} float32 tensor{'s' if info['tensors'] != 1 else ''}{fused}, {info['weights']:,} weights "
           f"({info['format']}, {time.time() - t0:.1f} s)")
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import io
 import os
 import re
 import signal
@@ -96,7 +97,40 @@ def prepare_streams(prog: str) -> int | None:
     if getattr(sys.stdout, "errors", None) in ("strict", "surrogateescape"):
         with contextlib.suppress(AttributeError, ValueError, OSError):     # a replaced stream keeps its own
             sys.stdout.reconfigure(errors="sop.escape")
+    _name_standard_output()
     return None
+
+
+class _StandardOutput(io.FileIO):
+    """File descriptor 1 as a raw file whose failed write names it: ``standard output: No space left on
+    device`` where a print that flushed the buffer in the middle of a command (``sop formats > /dev/full``)
+    raised ``[Errno 28] No space left on device``, which named no file. The error's class is kept
+    (``BrokenPipeError`` is a reader gone), and the rest of the output is discarded as ``reader_gone``
+    does (else the text left in the buffer failed again at the command's last flush: a second line)."""
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except OSError as err:
+            if err.filename is not None or err.errno is None:
+                raise
+            reader_gone()
+            raise type(err)(err.errno, err.strerror, "standard output") from None
+
+
+def _name_standard_output() -> None:
+    """``sys.stdout`` again, the same text stream (encoding, error handler, line buffering) over
+    ``_StandardOutput``; a stream that is not Python's own on descriptor 1 is left as it is."""
+    out = sys.stdout
+    try:
+        if type(out) is not io.TextIOWrapper or out.fileno() != 1:
+            return
+        out.flush()
+    except (AttributeError, ValueError, OSError):
+        return
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(_StandardOutput(1, "w", closefd=False)),
+                                  encoding=out.encoding, errors=out.errors, line_buffering=out.line_buffering,
+                                  write_through=out.write_through)
 
 
 def reader_gone() -> int:
@@ -155,7 +189,8 @@ def run_command(prog: str, main) -> None:
 
 
 def os_error_text(err: OSError) -> str:
-    """An OSError as ``path: reason`` where it names a path, else its message."""
+    """An OSError as ``path: reason`` where it names a path (standard output as ``standard output``:
+    ``prepare_streams``), else its message."""
     if err.filename is not None and err.strerror:
         return f"{err.filename}: {err.strerror}"
     return str(err) or type(err).__name__

@@ -160,6 +160,22 @@ def test_a_missing_model_names_the_path(tmp_path, capsys):
     assert "nope.safetensors" in err and "not found" in err
 
 
+def test_an_artifact_given_where_a_checkpoint_goes_points_at_dequantize(ckpt, tmp_path, capsys):
+    """`sop eval X.sopq` said "unsupported file type '.sopq'" (the options walk): an artifact is named as one,
+    with the command that decodes it; that command's line counts one tensor as one."""
+    art, w = tmp_path / "a.sopq", tmp_path / "w.safetensors"
+    assert run(["quantize", str(ckpt), "--format", "nf4-g64", "--no-calib", "--quiet", "--out", str(art)]) == 0
+    capsys.readouterr()
+    for cmd in (["eval"], ["quantize", "--out", str(tmp_path / "b.sopq")]):
+        err = one_error_line(capsys, [cmd[0], str(art), "--format", "nf4-g64", *cmd[1:]])
+        assert err == (f"sop: error: {art}: a quantized artifact, not a checkpoint; `sop dequantize {art} --out "
+                       f"W.safetensors` decodes it into one (with --model-folder --out DIR, a causal LM's model "
+                       f"folder)"), err
+    assert run(["dequantize", str(art), "--out", str(w), "--quiet"]) == 0
+    assert ": 1 float32 tensor, 1,024 weights (nf4-g64" in capsys.readouterr().out
+    assert run(["eval", str(w), "--format", "nf4-g64", "--no-calib", "--quiet"]) == 0
+
+
 @pytest.mark.parametrize("cmd", ["quantize", "eval"])
 def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, cmd):
     """`sop quantize "$MODEL"` with $MODEL unset: Path('') is '.', and the model folder the command ran

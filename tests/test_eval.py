@@ -73,6 +73,20 @@ def test_e2e_windows_on_a_sentence_encoder_is_one_warning_line(tmp_path, capsys)
     assert again.err == "" and again.out == out
 
 
+def test_a_calibration_size_with_no_calib_is_one_warning_line(capsys):
+    """`--calib-sentences` or `--calib-seqs` beside `--no-calib` counted a calibration that never runs, and the
+    run said nothing (the options walk); `--seq-len` alone is no warning (a causal LM's held-out windows)."""
+    base = ["eval", "minilm", "--format", "nf4-g64", "--include", "encoder.layer.0.attention.self.query.weight",
+            "--no-calib", "--no-e2e", "--quiet"]
+    assert main([*base, "--calib-sentences", "8", "--calib-seqs", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == ["warning: --calib-sentences 8 --calib-seqs 3 unused: --no-calib skips the "
+                                "calibration"]
+    assert main([*base, "--seq-len", "64"]) == 0
+    again = capsys.readouterr()
+    assert again.err == "" and again.out == out
+
+
 @pytest.mark.parametrize("cmd", ["eval", "quantize"])
 @pytest.mark.parametrize("fmt", ["sop4-g16", "sop-budget"])
 def test_progress_lines_stay_one_line_whatever_a_layer_is_called(tmp_path, capsys, cmd, fmt):

@@ -335,3 +335,17 @@ def test_the_sim_caches_a_points_vectors_by_its_definition_not_its_name():
     assert first.name.startswith("tanh4-g16-") and first.name.endswith("-quick")
     others = {folder(TANH4[::-1]), folder(TANH4, hif=hif_format(5)), folder(TANH4, lanes=4)}
     assert first not in others and len(others) == 3                  # other values, HIF or lanes: not it
+
+
+def test_the_sims_cached_vectors_are_keyed_by_the_vector_files_version(monkeypatch):
+    """A vector set cached by a run of another version of the vector files was kept under the same name, and
+    the next run's reader refused it (or, for the AXI shell's sparse rows, named by the point alone, a table
+    defined again reused it): every cached set names the point's digest and the files' version."""
+    from sop.sim import vectors
+
+    cfg, pt = named_configs()["sop4-g16"], get_point("sop4-g16")
+    now = runner.vectors_folder(pt, cfg, quick=True), runner.cached_vectors_folder(pt, "-sparse-rows16")
+    assert all(f"-v{vectors.VERSION}" in f.name and runner.point_digest(pt) in f.name for f in now)
+    monkeypatch.setattr(vectors, "VERSION", vectors.VERSION + 1)
+    later = runner.vectors_folder(pt, cfg, quick=True), runner.cached_vectors_folder(pt, "-sparse-rows16")
+    assert not set(now) & set(later)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,17 +47,35 @@ def _one_error_line(stderr: str, prog: str, *said: str) -> None:
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 @pytest.mark.parametrize("argv, prog", [
-    (["formats"], "sop"), (["codebook", "nf4"], "sop"), (["--help"], "sop"), (["eval", "--help"], "sop"),
-    (["-m", "sop.hdl.generate", "--help"], "python -m sop.hdl.generate")])
+    (["formats"], "sop"), (["codebook", "nf4"], "sop"), (["codebook", "bf16"], "sop"), (["--help"], "sop"),
+    (["eval", "--help"], "sop"), (["-m", "sop.hdl.generate", "--help"], "python -m sop.hdl.generate")])
 def test_output_to_a_full_disk_is_one_line(argv, prog):
     """``> /dev/full``: `sop formats` was exit 0 with nothing written (the failed flush at exit was dropped),
     `sop codebook nf4` Python's ``Exception ignored ... OSError`` and exit 120, `--help` exit 0 (argparse
-    drops a failed write)."""
+    drops a failed write); `sop codebook bf16` (its buffer filled and written in the middle of the command)
+    ``[Errno 28] No space left on device``, which named no file."""
     cmd = [sys.executable, *argv] if argv[0] == "-m" else SOP + argv
     with open("/dev/full", "w") as full:
         run = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, env=_env(), timeout=120)
     assert run.returncode == 2
-    _one_error_line(run.stderr, prog, "No space left on device")
+    _one_error_line(run.stderr, prog, "standard output: No space left on device")
+
+
+BENCHES = sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py"))
+
+
+def test_every_bench_script_runs_as_a_command():
+    """The benches' scripts ended in ``sys.exit(main())`` or ``main()``: ``> /dev/full`` a traceback or
+    exit 0 with nothing written; each now ends in ``run_command`` as the ``python -m`` tools do."""
+    assert len(BENCHES) >= 14
+    tails = {p.name: p.read_text().rstrip().splitlines()[-2:] for p in BENCHES}
+    assert {n: t for n, t in tails.items()
+            if t != ['if __name__ == "__main__":', f'    run_command("python bench/{n}", main)']} == {}
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "bench/sim_speed.py", "--help"], stdout=full, stderr=subprocess.PIPE,
+                             text=True, env=_env(), timeout=120, cwd=BENCHES[0].parents[1])
+    assert run.returncode == 2
+    _one_error_line(run.stderr, "python bench/sim_speed.py", "standard output: No space left on device")
 
 
 @pytest.mark.parametrize("argv", [["-m", "sop.hdl.generate", "--help"], ["-m", "sop.sim.runner", "--help"]])
