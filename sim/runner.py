@@ -68,6 +68,12 @@ class SimulatorUnusable(SimulatorMissing):
     """The simulator is installed but cannot run here (Verilator from a path with a space: toolenv)."""
 
 
+class SimulatorBuildFailed(OSError):
+    """The simulator could not build the design (no C++ compiler for Verilator, a tool that stopped): an
+    ``OSError`` as ``BuildFolderBusy`` is, so that every tool and `sop demo` say it in one line, naming the
+    build's log, where cocotb's ``RuntimeError: Command failed with return code: 2`` was a traceback."""
+
+
 class BuildFolderBusy(OSError):
     """Another run holds the build folder (``held_build_folder``): an ``OSError``, so that a command that
     reaches it (`sop demo`) says it in one line as it says a folder it cannot write."""
@@ -312,15 +318,29 @@ def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = F
         if unoptimized_cxx:
             flags += ["OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0", "VM_PARALLEL_BUILDS=0"]
         os.environ["MAKEFLAGS"] = " ".join([saved or ""] + flags).strip()
+    log = build_dir / "build.log"
     try:
         runner.build(sources=sources, hdl_toplevel=top, build_dir=build_dir, always=True, timescale=("1ns", "1ps"),
-                     waves=waves, build_args=list(build_args), log_file=build_dir / "build.log")
+                     waves=waves, build_args=list(build_args), log_file=log)
+    except RuntimeError as err:
+        raise SimulatorBuildFailed(f"{sim} could not build {top} ({err}): {last_error_line(log)}; the whole log "
+                                   f"is {log}") from None
     finally:
         if saved is None:
             os.environ.pop("MAKEFLAGS", None)
         else:
             os.environ["MAKEFLAGS"] = saved
     return runner
+
+
+def last_error_line(log: Path) -> str:
+    """The last line of a build's log that says error (else its last line), as one line."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as err:
+        return f"no log ({err.strerror})"
+    said = [line for line in lines if "error" in line.lower()] or lines or ["an empty log"]
+    return one_line(said[-1])
 
 
 def objcache_flag() -> list[str]:

@@ -119,8 +119,9 @@ class _StandardOutput(io.FileIO):
 
 
 def _name_standard_output() -> None:
-    """``sys.stdout`` again, the same text stream (encoding, error handler, line buffering) over
-    ``_StandardOutput``; a stream that is not Python's own on descriptor 1 is left as it is."""
+    """``sys.stdout`` again, the same text stream (encoding, error handler, line buffering, unbuffered
+    under ``python -u``, the buffer size ``open`` gives) over ``_StandardOutput``; a stream that is not
+    Python's own on descriptor 1 is left as it is."""
     out = sys.stdout
     try:
         if type(out) is not io.TextIOWrapper or out.fileno() != 1:
@@ -128,7 +129,11 @@ def _name_standard_output() -> None:
         out.flush()
     except (AttributeError, ValueError, OSError):
         return
-    sys.stdout = io.TextIOWrapper(io.BufferedWriter(_StandardOutput(1, "w", closefd=False)),
+    raw = _StandardOutput(1, "w", closefd=False)
+    unbuffered = isinstance(getattr(out, "buffer", None), io.RawIOBase)         # python -u, PYTHONUNBUFFERED
+    size = os.fstat(1).st_blksize
+    size = size if size > 1 else io.DEFAULT_BUFFER_SIZE                          # as open() chooses it
+    sys.stdout = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw, size),
                                   encoding=out.encoding, errors=out.errors, line_buffering=out.line_buffering,
                                   write_through=out.write_through)
 

