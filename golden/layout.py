@@ -19,10 +19,15 @@ HIF format, the LUT images of bank A (and bank B when the header has a selection
 bit), the per-layer power-of-two scale offset, the packed blocks and the sparse
 residual entries. ``pack_layer`` / ``unpack_layer`` serialize it with a CRC-32;
 unpacking a truncated or inconsistent buffer raises ``LayoutError``.
+
+``format_id(layout, hif)``: the 32-bit identity of what a decoder built for a
+layout and HIF decodes (``decoder_format``, its definition), which a board
+reports in STATUS and the host compares with the point it was asked for.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass, field
 
@@ -122,6 +127,30 @@ class BlockLayout:
         sign = (header >> self.sign_position) & 1 if self.signed_scale else np.zeros_like(header)
         select = (header >> self.select_position) & 1 if self.select_bit else np.zeros_like(header)
         return scale_code, sign, select
+
+
+def decoder_format(layout: BlockLayout, hif: FloatFormat) -> dict:
+    """What a decoder's hardware interprets of a point, as JSON data: the block layout (code width, block
+    size, the scale's float format, the sign and selection bits) and the HIF its LUT entries are in. Not
+    the tables' values (a LOAD brings them at run time), nor the formats' names (two names of one format
+    decode alike). ``format_id`` is its CRC; docs/formats.md, "The format id", spells it out."""
+    def fmt(f: CodeTable) -> dict:
+        if not isinstance(f, FloatFormat):          # (golden.decoder.decoder_problems refuses it first)
+            raise ValueError(f"{f.name} is not a float format: the hardware decodes float scales and HIFs")
+        return {"bits": f.bits, "signed": f.signed, "ebits": f.ebits, "mbits": f.mbits, "bias": f.bias,
+                "specials": f.specials}
+
+    return {"code_bits": layout.code_bits, "group": layout.group, "scale": fmt(layout.scale),
+            "signed_scale": layout.signed_scale, "select_bit": layout.select_bit, "hif": fmt(hif)}
+
+
+def format_id(layout: BlockLayout, hif: FloatFormat) -> int:
+    """The 32-bit identity of what a decoder (or GEMV engine) built for ``layout`` and ``hif`` decodes,
+    the one STATUS reports (docs/board-protocol.md): zlib's CRC-32 of ``decoder_format``'s canonical JSON
+    (keys sorted, no spaces, ASCII). Equal for equal definitions, whatever the names and tables;
+    stable across runs and Python versions (never ``hash()``, which is salted per process)."""
+    doc = json.dumps(decoder_format(layout, hif), sort_keys=True, separators=(",", ":"))
+    return crc32(doc.encode("ascii"))
 
 
 def _integers(a, what: str) -> np.ndarray:

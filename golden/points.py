@@ -38,7 +38,8 @@ it for the length of a ``with`` block. A row is checked when it is made (its nam
 its tables, each configuration against ``golden.decoder.decoder_problems``, the
 decoder's rule), so a point that cannot be quantized or built is never registered.
 Run-time rows reach the process's --jobs workers (quantize/jobs.py) and its sim
-testbenches (sim/__init__.py) through ``registrations`` and ``adopt``, not a command line started afresh.
+testbenches (sim/__init__.py) through ``registrations`` and ``adopt``; a command line started afresh
+(`sop`, the ``python -m`` tools) through a JSON file that ``SOP_POINTS`` names (``register_file``).
 The table is data only: golden/ stays free of the quantizer and of Amaranth.
 """
 
@@ -48,6 +49,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ from .codebooks import distinct_problem, get_codebook, name_problem
 from .decoder import decoder_problems
 from .formats import FloatFormat, get_format
 from .hif import DEFAULT_HIF
-from .layout import BlockLayout
+from .layout import BlockLayout, format_id
 
 #: How the quantizer fills a point (quantize/schemes.py maps each to a function).
 SEARCHES = ("blockwise", "pair")
@@ -162,6 +164,11 @@ class OperatingPoint:
         """Bits per weight of the blocks (the per-layer LUT images and offset come on top)."""
         return self.layout.bpw
 
+    @property
+    def format_id(self) -> int:
+        """What its decoder decodes (golden.layout.format_id): the id a board built for it reports in STATUS."""
+        return format_id(self.layout, self.hif)
+
     def configs(self) -> dict[str, tuple[int, str]]:
         """Named decoder configurations of this point: name -> (lanes, output)."""
         out = {self.name: (self.lanes, self.output)}
@@ -176,7 +183,8 @@ class OperatingPoint:
                 "signed_scale": lay.signed_scale, "select_bit": lay.select_bit, "banks": lay.banks,
                 "block_bpw": lay.bpw, "hif": self.hif.name, "search": self.search,
                 "codebooks": list(self.codebooks), "lanes": self.lanes, "output": self.output,
-                "configs": list(self.configs()), "vectors": self.vectors, "board": self.board}
+                "configs": list(self.configs()), "vectors": self.vectors, "board": self.board,
+                "format_id": self.format_id}
 
 
 _POINTS: dict[str, OperatingPoint] = {}
@@ -206,11 +214,21 @@ def point_digest(point: OperatingPoint) -> str:
 
 
 def point_from_spec(d: dict) -> OperatingPoint:
-    lay = d["layout"]
-    return OperatingPoint(d["name"], BlockLayout(lay["code_bits"], lay["group"], FloatFormat(**lay["scale"]),
-                                                 lay["signed_scale"], lay["select_bit"]),
-                          d["description"], d["search"], tuple(d["codebooks"]), FloatFormat(**d["hif"]), d["lanes"],
-                          d["output"], tuple(Variant(**v) for v in d["variants"]), d["vectors"], d["board"])
+    """The point of a ``point_spec``; in a spec written by hand (``register_file``) a format (the scale,
+    the HIF) may be a name, as ``sop formats`` spells it, and every field but ``name``, ``layout``
+    (``code_bits``, ``group``, ``scale``) and ``description`` may be left out for OperatingPoint's default."""
+    def fmt(f) -> FloatFormat:
+        return get_format(f) if isinstance(f, str) else FloatFormat(**f)
+
+    for key, kind in (("layout", dict), ("codebooks", list), ("variants", list)):
+        if key in d and not isinstance(d[key], kind):
+            raise TypeError(f"{key} must be a JSON {'object' if kind is dict else 'list'}, got {d[key]!r}")
+    kw = {k: d[k] for k in ("search", "lanes", "output", "vectors", "board") if k in d}
+    kw |= {"codebooks": tuple(d["codebooks"])} if "codebooks" in d else {}
+    kw |= {"hif": fmt(d["hif"])} if "hif" in d else {}
+    kw |= {"variants": tuple(Variant(**v) for v in d["variants"])} if "variants" in d else {}
+    return OperatingPoint(d["name"], BlockLayout(**{**d["layout"], "scale": fmt(d["layout"]["scale"])}),
+                          d["description"], **kw)
 
 
 def register(point: OperatingPoint) -> OperatingPoint:
@@ -253,6 +271,67 @@ def adopt(regs: dict) -> None:
     for spec in regs["points"]:
         if spec["name"] not in _POINTS:
             register(point_from_spec(spec))
+
+
+#: The environment variable naming a JSON file of the user's own tables and points, registered by every
+#: command line before it runs (`sop`, the `python -m` tools, and so `make verilog`, `make sim`):
+#: ``register_file``, called by sop.cli and sop.terminal.run_command.
+POINTS_FILE_ENV = "SOP_POINTS"
+
+_FILES_REGISTERED: set[str] = set()
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(OperatingPoint)} - {"notes"}
+
+
+def register_file(path) -> list[str]:
+    """Register the tables and operating points of the JSON file ``path``: ``{"codebooks": {NAME:
+    [values, ...]}, "points": [SPEC, ...]}``, a SPEC as ``point_from_spec`` reads it (``registrations()``
+    writes such a file from the points a script registered). Each is checked as ``register_codebook`` and
+    ``register`` check them (a name taken, a table or point the decoder cannot take), in one ValueError
+    naming the file; a file registered before in this process is not registered again. Returns the points'
+    names (docs/quantizer.md, "Your own table and operating point")."""
+    from .codebooks import register_codebook
+
+    key = os.path.realpath(path)
+    where = f"{POINTS_FILE_ENV}={path}" if os.environ.get(POINTS_FILE_ENV) == str(path) else str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as err:
+        raise ValueError(f"{where}: {err.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where}: not a JSON file ({err})") from None
+    if key in _FILES_REGISTERED:
+        return [d["name"] for d in doc.get("points", [])]
+    tables, specs = (doc.get("codebooks", {}), doc.get("points", [])) if isinstance(doc, dict) else (None, None)
+    if not (isinstance(doc, dict) and set(doc) <= {"codebooks", "points"} and isinstance(tables, dict)
+            and isinstance(specs, list) and all(isinstance(d, dict) for d in specs)):
+        raise ValueError(f"{where}: not a file of tables and points: a JSON object {{\"codebooks\": {{NAME: "
+                         f"[values]}}, \"points\": [POINT, ...]}} (docs/quantizer.md)")
+    for name, values in tables.items():
+        try:
+            register_codebook(name, values)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    names = []
+    for i, d in enumerate(specs):
+        what = f"{where}: point {d.get('name', i)!r}"
+        if unknown := sorted(set(d) - _SPEC_FIELDS):
+            raise ValueError(f"{what}: unknown field(s) {', '.join(unknown)}; a point has "
+                             f"{', '.join(sorted(_SPEC_FIELDS))}")
+        try:
+            names.append(register(point_from_spec(d)).name)
+        except KeyError as err:
+            raise ValueError(f"{what}: no {err.args[0]!r} field") from None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{what}: {err}") from None
+    _FILES_REGISTERED.add(key)
+    return names
+
+
+def register_env_file() -> None:
+    """``register_file`` of the file ``SOP_POINTS`` names, if it names one (the command lines' start)."""
+    if path := os.environ.get(POINTS_FILE_ENV):
+        register_file(path)
 
 
 def operating_points() -> dict[str, OperatingPoint]:

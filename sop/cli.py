@@ -57,7 +57,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.golden.formats import (ELEMENT_FORMATS, FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat,
                                     UnknownFormat, get_format)
     from sop.golden.hif import DEFAULT_HIF
-    from sop.golden.points import board_points, operating_points, vector_points
+    from sop.golden.points import board_points, operating_points, register_env_file, vector_points
     from sop.quantize.calib import DEFAULT_CACHE, CalibSize
     from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
     from sop.quantize.inputs import NAN_POLICIES, command_line
@@ -661,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:           # else torch's MKL stops the process with a FATAL line, no sop: line
         print("sop: error: the current folder was removed; change to an existing folder and run again",
               file=sys.stderr)
+        return 2
+    try:
+        register_env_file()             # the user's own tables and points first: the parsers list them
+    except ValueError as err:
+        print(f"sop: error: {_one_line(err)}", file=sys.stderr)
         return 2
     p, commands = _parser()
     args, extra = p.parse_known_args(argv)

@@ -176,7 +176,8 @@ def run_command(prog: str, main) -> None:
     code = prepare_streams(prog)
     if code is None:
         try:
-            code = main()
+            code = _registered_env_file(prog)
+            code = main() if code is None else code
         except SystemExit as stop:
             if stop.code is not None and not isinstance(stop.code, int):
                 raise
@@ -191,6 +192,19 @@ def run_command(prog: str, main) -> None:
             code = 2
         code = finish_output(prog, code)
     sys.exit(code)
+
+
+def _registered_env_file(prog: str) -> int | None:
+    """The user's own tables and points (``SOP_POINTS``: golden.points.register_env_file) registered, as
+    `sop` does; exit 2 and one line where the file cannot be."""
+    from sop.golden.points import register_env_file
+
+    try:
+        register_env_file()
+    except ValueError as err:
+        print(one_line(f"{prog}: error: {err}"), file=sys.stderr)
+        return 2
+    return None
 
 
 def os_error_text(err: OSError) -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from sop.golden.files import crc32
 from sop.hdl import GEMV_ERRORS, SPARSE_ERRORS   # plain Python, the hardware's names
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2                   # 2: STATUS carries the format id (version 1's STATUS was 12 bytes)
 START = 0x55
 CRC_BYTES = 4
 HEADER_BYTES = 4                       # start, cmd, len (u16 LE)
@@ -99,10 +99,11 @@ class Status:
     hif_bits: int
     banks: int
     max_payload: int
+    format_id: int         # what its decoder (or GEMV engine) decodes: golden.layout.format_id of its point
     errors: int            # error replies the board has sent since reset (mod 2^16)
 
 
-STATUS_FORMAT = "<8BHH"
+STATUS_FORMAT = "<8BHIH"
 CHECKSUM_FORMAT = "<II"
 
 
@@ -167,7 +168,7 @@ REPLY_PAYLOAD_BYTES = {Cmd.STATUS: struct.calcsize(STATUS_FORMAT), Cmd.LOAD: 0, 
                        Cmd.GEMV_STATUS: struct.calcsize(GEMV_STATUS_FORMAT), Cmd.GEMV_SPARSE: 0}
 GEMV_COMMANDS = (Cmd.GEMV_LOAD, Cmd.GEMV_LAYER, Cmd.GEMV_X, Cmd.GEMV_W, Cmd.GEMV_Y, Cmd.GEMV_STATUS,
                  Cmd.GEMV_SPARSE)
-#: The longest OK reply payload of a board without the engine (STATUS, 12 bytes): its reply buffer.
+#: The longest OK reply payload of a board without the engine (STATUS, 16 bytes): its reply buffer.
 REPLY_MAX = max(n for c, n in REPLY_PAYLOAD_BYTES.items() if c not in GEMV_COMMANDS)
 #: ... and with it: GEMV_STATUS's 24 bytes are held in the buffer (GEMV_Y's words stream from the FIFO).
 REPLY_MAX_GEMV = max(REPLY_PAYLOAD_BYTES.values())

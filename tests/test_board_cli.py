@@ -32,8 +32,8 @@ import mutants
 from serial_lines import GARBAGE, fed_pty
 
 from sop import cli
-from sop.golden.layout import Sparse
-from sop.golden.points import board_points
+from sop.golden.layout import BlockLayout, Sparse
+from sop.golden.points import OperatingPoint, board_points, get_point, registered
 from sop.hdl import reference
 from sop.hdl.decoder import Decoder
 from sop.sim.stimulus import from_stream
@@ -186,7 +186,57 @@ def test_a_board_with_another_decoder_is_refused(sim_port, capsys):
     timeout = sim_port()
     assert cli.main(board_args("sim", "--timeout", str(timeout), fmt="e2m3-ue4m4-g16")) == 1
     err = capsys.readouterr().err
-    assert "does not match format e2m3-ue4m4-g16: code_bits 4 (needs 6)" in err and "Traceback" not in err
+    ids = tuple(get_point(p).format_id for p in ("sop4-g16", "e2m3-ue4m4-g16"))
+    assert (f"the board decodes sop4-g16 (format id {ids[0]:#010x}), not e2m3-ue4m4-g16 (format id "
+            f"{ids[1]:#010x}): code_bits 4 (needs 6)") in err and "Traceback" not in err
+
+
+def same_widths_point():
+    """A point of sop4-g16's widths (4-bit codes, blocks of 16 in 9 bytes, two banks, a 10-bit HIF) and
+    another header: a selection bit and an unsigned UE3M4 scale, no sign. STATUS's widths alone took it."""
+    return OperatingPoint("sel-ue3m4-g16", BlockLayout(4, 16, "ue3m4", select_bit=True),
+                          "sop4-g16's widths, another header", codebooks=("nf4", "e2m1"))
+
+
+def test_a_board_of_another_format_of_the_same_widths_is_refused(sim_port, monkeypatch, capsys):
+    """The simulated sop4-g16 board (its STATUS as the gateware sends it) is refused for a registered point
+    of the same widths but another header, in one line naming both formats and their ids, before anything
+    is loaded: it passed the check and was decoded as sop4-g16 (a MISMATCH; with a user's own data,
+    wrong output). The GEMV-only core's STATUS (check_point) likewise."""
+    with registered(same_widths_point()) as point:
+        assert {f: getattr(point.layout, f) for f in ("code_bits", "group", "block_bytes", "banks")} == \
+            {f: getattr(get_point("sop4-g16").layout, f) for f in ("code_bits", "group", "block_bytes", "banks")}
+        assert point.format_id != get_point("sop4-g16").format_id
+        said = (f"the board decodes sop4-g16 (format id {get_point('sop4-g16').format_id:#010x}), not "
+                f"{point.name} (format id {point.format_id:#010x}): another block header or HIF; pass the format "
+                f"of the loaded bitstream (--format)")
+        timeout = sim_port()
+        assert cli.main(board_args("sim", "--timeout", str(timeout), fmt=point.name)) == 1
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sop board: ") and said in lines[0] and "result" not in out
+        port, timeout = bringup.sim_board("icebreaker-gemv")
+        st = client.BoardLink(port, timeout=timeout).status()
+        assert st.lanes == 0 and bringup.check_point(st, "sop4-g16") is None
+        with pytest.raises(bringup.BoardConfigError, match=re.escape(said)):
+            bringup.check_point(st, point.name)
+
+
+@pytest.mark.parametrize("via", ["cli", "link"])
+def test_a_board_of_the_previous_protocol_version_is_told_to_rebuild(monkeypatch, capsys, via):
+    """A version-1 board's STATUS (12 bytes, no format id) is named as a board of another protocol
+    version, what to do included, not taken for a malformed reply nor decoded."""
+    old = wire.encode_frame(wire.Cmd.STATUS | wire.REPLY_BIT, bytes([1, 2, 4, 16, 9, 2, 10, 2]) +
+                            struct.pack("<HH", 256, 0))
+    said = "the board speaks protocol version 1, this host 2: "
+    if via == "link":
+        with pytest.raises(client.BoardError, match=f"^{said}.*rebuild the bitstream from this one"):
+            client.BoardLink(Scripted([old]), timeout=0.2).status()
+        return
+    monkeypatch.setattr(client, "SerialTransport", lambda name, baud: Scripted([old]))
+    assert cli.main(board_args("loop://", "--timeout", "0.2")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sop board: {said}") and "make bitstream" in err and "\n" not in err
 
 
 class ReportsSixBitCodes(protocol.ProtocolEngine):
@@ -210,10 +260,16 @@ def test_a_board_whose_status_is_wrong_is_refused(monkeypatch, capsys):
     assert "does not match format sop4-g16: code_bits 6 (needs 4)" in err and "Traceback" not in err
 
 
+def gateware_status(config, max_payload=wire.DEFAULT_MAX_PAYLOAD, errors=0) -> wire.Status:
+    """The STATUS the gateware (synth/gateware/protocol.py) sends for ``config``, as the host decodes it."""
+    payload = bytes(protocol.status_bytes(config, max_payload)) + struct.pack("<H", errors)
+    return wire.Status(*struct.unpack(wire.STATUS_FORMAT, payload))
+
+
 def test_status_checks_version_and_lanes():
-    good = wire.Status(wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
+    good = wire.Status(wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, get_point("sop4-g16").format_id, 0)
     assert bringup.check_status(good, "sop4-g16").lanes == 2
-    with pytest.raises(bringup.BoardConfigError, match="protocol version 7"):
+    with pytest.raises(bringup.BoardConfigError, match="protocol version 7, this host 2: .*rebuild the bitstream"):
         bringup.check_status(replace(good, version=7), "sop4-g16")
     with pytest.raises(bringup.BoardConfigError, match="reports 3 lanes"):
         bringup.check_status(replace(good, lanes=3), "sop4-g16")
@@ -221,6 +277,10 @@ def test_status_checks_version_and_lanes():
         bringup.check_status(replace(good, beat_bytes=18), "sop4-g16")
     with pytest.raises(bringup.BoardConfigError, match="max payload 9 cannot hold one beat of 9 bytes"):
         bringup.check_status(replace(good, max_payload=9), "sop4-g16")
+    with pytest.raises(bringup.BoardConfigError, match="^the board decodes a format of id 0x0badf00d, which no "
+                       "operating point registered here has, not sop4-g16 [(]format id 0xc5aba8ea[)]: another block "
+                       "header or HIF; pass the format"):
+        bringup.check_status(replace(good, format_id=0x0BADF00D), "sop4-g16")
 
 
 @pytest.mark.parametrize("fmt", board_points())
@@ -228,10 +288,11 @@ def test_status_checks_version_and_lanes():
 def test_the_status_the_engine_reports_passes_the_check(fmt, lanes):
     """check_status's expectations are what the gateware's STATUS reply says for that decoder."""
     cfg = bringup.format_config(fmt, lanes)
-    st = wire.Status(*protocol.status_bytes(cfg, wire.DEFAULT_MAX_PAYLOAD)[:8], wire.DEFAULT_MAX_PAYLOAD, 0)
-    assert bringup.check_status(st, fmt) == cfg
+    st = gateware_status(cfg)
+    assert st.format_id == get_point(fmt).format_id and bringup.check_status(st, fmt) == cfg
     other = next(f for f in board_points() if f != fmt)
-    with pytest.raises(bringup.BoardConfigError, match=f"does not match format {other}"):
+    with pytest.raises(bringup.BoardConfigError, match=f"the board decodes {fmt} [(]format id 0x[0-9a-f]{{8}}[)], "
+                       f"not {other} "):
         bringup.check_status(st, other)
 
 
@@ -251,21 +312,21 @@ def test_a_status_without_a_decoder_passes_the_point_check_only(fmt):
     """check_point (a GEMV run) takes what the gateware's STATUS says for a GEMV-only core of ``fmt``
     (0 lanes, the engine's point), check_status (a decode run) refuses it; another point, or decoder
     fields that are not 0, are refused."""
-    from sop.golden.points import get_point
     from sop.hdl.gemv_config import GemvConfig
 
     point = get_point(fmt)
     engine = GemvConfig("probe", point.layout, point.hif, max_cols=2048, max_rows=16)
-    st = wire.Status(*protocol.status_bytes(engine, wire.DEFAULT_MAX_PAYLOAD)[:8], wire.DEFAULT_MAX_PAYLOAD, 0)
-    assert st.lanes == 0 and bringup.check_point(st, fmt) is None
+    st = gateware_status(engine)
+    assert st.lanes == 0 and st.format_id == point.format_id and bringup.check_point(st, fmt) is None
     with pytest.raises(bringup.BoardConfigError, match="this board has no decoder"):
         bringup.check_status(st, fmt)
     other = next(f for f in board_points() if f != fmt)
-    with pytest.raises(bringup.BoardConfigError, match=f"the board's point does not match format {other}"):
+    with pytest.raises(bringup.BoardConfigError, match=f"the board decodes {fmt} .*, not {other} "):
         bringup.check_point(st, other)
-    with pytest.raises(bringup.BoardConfigError, match="beat_bytes 9 [(]needs 0[)]"):
+    with pytest.raises(bringup.BoardConfigError, match="the board's point does not match format .*beat_bytes 9 "
+                       "[(]needs 0[)]"):
         bringup.check_point(replace(st, beat_bytes=9), fmt)
-    decoder = wire.Status(*protocol.status_bytes(bringup.format_config(fmt, 2), 256)[:8], 256, 0)
+    decoder = gateware_status(bringup.format_config(fmt, 2), 256)
     assert bringup.check_point(decoder, fmt) == bringup.check_status(decoder, fmt)     # with one: its check
 
 
@@ -359,7 +420,8 @@ class Scripted(client.SerialTransport):
 
 
 @pytest.mark.parametrize("replies, message", [
-    ([wire.encode_frame(0x81, bytes(11))], "malformed STATUS reply from the board: 11 payload bytes"),
+    ([wire.encode_frame(0x81, bytes([wire.PROTOCOL_VERSION]) + bytes(10))],
+     "malformed STATUS reply from the board: 11 payload bytes"),
     ([wire.encode_frame(wire.ERROR_REPLY, b"")], "malformed error reply from the board: 0 payload bytes"),
     ([wire.encode_frame(wire.ERROR_REPLY, b"\x01")], "malformed error reply from the board: 1 payload bytes"),
     ([wire.encode_frame(0x42, b"")], "unexpected reply 0x42 to STATUS"),

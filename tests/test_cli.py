@@ -35,6 +35,9 @@ def test_formats_json_lists_every_format_with_its_width(capsys):
     assert widths["ue4m4"] == 8 and widths["ue3m3"] == 6 and widths["ue8m0"] == 8
     assert doc["hif"]["bits"] == 10
     assert {p["name"]: p["block_bpw"] for p in doc["points"]} == {"e2m3-ue4m4-g16": 6.5, "sop4-g16": 4.5}
+    # what a board of the point reports in STATUS (docs/formats.md, "The format id", works sop4-g16's out)
+    assert {p["name"]: p["format_id"] for p in doc["points"]} == {"e2m3-ue4m4-g16": 0x4C6DD1E6,
+                                                                  "sop4-g16": 0xC5ABA8EA}
     assert {"nf4", "bof4", "bof4-s", "split87", "sh4", "dd4"} <= {c["name"] for c in doc["codebooks"]}
 
 

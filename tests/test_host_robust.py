@@ -36,7 +36,7 @@ from sop.synth.wire import Cmd, Err, Status, encode_frame
 BYTE_TIME = 1e-4               # FakeLine: seconds a byte (about 100 kBd)
 TIMEOUT = 0.05                 # FakeLine: the host's reply timeout (500 byte times)
 MESSAGE_MAX = 600              # characters: an error message quotes a bounded part of what came
-STATUS = Status(wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0)
+STATUS = Status(wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 256, 0xC5ABA8EA, 0)
 STATUS_PAYLOAD = struct.pack(wire.STATUS_FORMAT, *(getattr(STATUS, f) for f in Status.__dataclass_fields__))
 CHECKSUM_PAYLOAD = struct.pack(wire.CHECKSUM_FORMAT, 1234, 0xDEADBEEF)
 SPARSE_STATUS = wire.SparseStatus(1, 0b0001, 64)
@@ -204,8 +204,8 @@ def err_frame(payload):
 
 MALFORMED = {   # name: (command, its reply bytes, message)
     "status-short": (Cmd.STATUS, ok(Cmd.STATUS, STATUS_PAYLOAD[:11]),
-                     "malformed STATUS reply from the board: 11 payload bytes .*expected 12"),
-    "status-long": (Cmd.STATUS, ok(Cmd.STATUS, STATUS_PAYLOAD + b"\x00"), "malformed STATUS reply.*13 payload"),
+                     "malformed STATUS reply from the board: 11 payload bytes .*expected 16"),
+    "status-long": (Cmd.STATUS, ok(Cmd.STATUS, STATUS_PAYLOAD + b"\x00"), "malformed STATUS reply.*17 payload"),
     "status-empty": (Cmd.STATUS, ok(Cmd.STATUS), r"malformed STATUS reply.*0 payload bytes \(empty\)"),
     "checksum-short": (Cmd.CHECKSUM, ok(Cmd.CHECKSUM, CHECKSUM_PAYLOAD[:7]),
                        "malformed CHECKSUM reply.*7 payload bytes .*expected 8"),
@@ -237,7 +237,7 @@ MALFORMED = {   # name: (command, its reply bytes, message)
 def call(link, cmd):
     """The command as bringup.run_board uses it (decoded), its request already sent."""
     if cmd == Cmd.STATUS:
-        return Status(*struct.unpack(wire.STATUS_FORMAT, link.reply(cmd)))
+        return link.status_reply()
     if cmd == Cmd.CHECKSUM:
         return struct.unpack(wire.CHECKSUM_FORMAT, link.reply(cmd))
     if cmd == Cmd.SPARSE_STATUS:

@@ -1,7 +1,9 @@
 """golden.layout: bit-exact packing (hand-worked bytes), round trips (hypothesis), bad buffers."""
 
+import dataclasses
 import re
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from hypothesis import strategies as st
 from sop.golden.files import crc32
 from sop.golden.formats import get_format
 from sop.golden.hif import DEFAULT_HIF
-from sop.golden.layout import (BlockLayout, LayerStream, LayoutError, Sparse, named_layouts,
+from sop.golden.hif import hif_format
+from sop.golden.layout import (BlockLayout, LayerStream, LayoutError, Sparse, format_id, named_layouts,
                                pack_blocks, pack_layer, unpack_blocks, unpack_layer)
 
 SOP4 = named_layouts()["sop4-g16"]
@@ -43,6 +46,33 @@ def test_e2m3_block_bytes_by_hand():
     # byte2 = bits 16..23 = c1[2..5] + c2[0..3]        = 0b1010_1111 = 0xAF
     # byte3 = bits 24..31 = c2[4..5] + c3[0..5]        = 0b010101_10 = 0x56
     assert data[:4] == bytes([0x7C, 0xC1, 0xAF, 0x56]) and data[4:] == bytes(9)
+
+
+# -- the format id: what a decoder decodes (docs/formats.md, "The format id") -------------------------
+def test_the_format_id_is_the_crc_of_the_documented_json():
+    """Computed as docs/formats.md spells it, with zlib alone: another implementation gets the same number,
+    in any process (the value is pinned: Python's salted hash() would differ from run to run)."""
+    doc = ('{"code_bits":4,"group":16,'
+           '"hif":{"bias":5,"bits":10,"ebits":3,"mbits":6,"signed":true,"specials":"finite"},'
+           '"scale":{"bias":3,"bits":6,"ebits":3,"mbits":3,"signed":false,"specials":"finite"},'
+           '"select_bit":true,"signed_scale":true}')
+    assert format_id(SOP4, DEFAULT_HIF) == zlib.crc32(doc.encode("ascii")) == 0xC5ABA8EA
+
+
+def test_the_format_id_is_equal_for_one_definition_and_differs_for_another():
+    """Another name for the same scale, or another point of the layout with other tables: the same id (the
+    tables come with LOAD). Same widths, another header (sop4-g16's code width, block, block bytes, banks
+    and HIF width, but a selection bit and an unsigned UE3M4 scale), or any field changed: another id."""
+    same = BlockLayout(4, 16, dataclasses.replace(get_format("ue3m3"), name="my-ue3m3"), True, True)
+    assert format_id(same, hif_format(6)) == format_id(SOP4, DEFAULT_HIF)
+    widths = BlockLayout(4, 16, get_format("ue3m4"), signed_scale=False, select_bit=True)
+    assert (widths.block_bytes, widths.banks, widths.code_bits, widths.group) == (9, 2, 4, 16)
+    others = [widths, BlockLayout(4, 16, get_format("ue3m3b4"), True, True),
+              BlockLayout(4, 16, get_format("ue2m4"), True, True), BlockLayout(4, 32, "ue3m3", True, True),
+              BlockLayout(4, 16, "ue4m4"), BlockLayout(6, 16, "ue4m4"), BlockLayout(4, 16, "ue4m3", True, False)]
+    ids = {format_id(lay, DEFAULT_HIF) for lay in [SOP4, *others]}
+    ids |= {format_id(SOP4, hif_format(6, bias=4)), format_id(SOP4, hif_format(5, ebits=4))}   # HIFs of 10 bits
+    assert len(ids) == len(others) + 3
 
 
 def test_header_fields_split_back():

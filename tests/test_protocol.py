@@ -25,6 +25,7 @@ import mutants
 from amaranth.hdl import Const
 
 from sop.golden.layout import named_layouts
+from sop.golden.points import get_point
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.hdl import sparse_merge
@@ -43,6 +44,7 @@ CFG = DecoderConfig("board", 2, named_layouts()["sop4-g16"])
 PERIOD = 1e-6                  # simulated clock: 1 MHz
 GAP = 64                       # the engine's byte-gap timeout, cycles
 MAX_PAYLOAD = 64
+SOP4_G16_FORMAT_ID = 0xC5ABA8EA  # golden.layout.format_id of sop4-g16 (tests/test_layout.py derives it)
 
 
 def stream_link(engine):
@@ -106,6 +108,8 @@ def test_status_reports_the_configuration():
     st = link.status()
     assert (st.version, st.lanes, st.code_bits, st.group, st.beat_bytes, st.lane_bytes, st.hif_bits,
             st.banks, st.max_payload, st.errors) == (wire.PROTOCOL_VERSION, 2, 4, 16, 9, 2, 10, 2, 64, 0)
+    # what it decodes: sop4-g16's format id (golden.layout.format_id; tests/test_layout.py pins its value)
+    assert st.format_id == get_point("sop4-g16").format_id == SOP4_G16_FORMAT_ID
 
 
 def test_minilm_layer_and_random_layers_decode_bit_exact(minilm_layer):
@@ -270,6 +274,7 @@ def test_a_core_without_the_decoder_answers_its_commands_unknown_cmd(gemv_only_l
     assert (before.version, before.lanes, before.code_bits, before.group, before.beat_bytes, before.lane_bytes,
             before.hif_bits, before.banks, before.max_payload) == (wire.PROTOCOL_VERSION, 0, 4, 16, 0, 0, 10, 2,
                                                                     MAX_PAYLOAD)
+    assert before.format_id == SOP4_G16_FORMAT_ID           # its engine's point: sop4-g16
     decoder_commands = [(Cmd.LOAD, bytes(3)), (Cmd.OFFSET, b"\x00"), (Cmd.OFFSET, bytes([0, 1])),
                         (Cmd.BLOCKS, bytes(1 + 9)), (Cmd.CHECKSUM, b""), (Cmd.CHECKSUM, b"\x01"),
                         (Cmd.SPARSE, b"\x01" + bytes(6)), (Cmd.SPARSE_STATUS, b""),

@@ -12,7 +12,9 @@ hardware is built (no decoder, no values CRC, no sparse queue) and its commands
 (LOAD, OFFSET, BLOCKS, CHECKSUM, SPARSE, SPARSE_STATUS) answer UNKNOWN_CMD, as
 the commands of any part a core lacks do; STATUS then reports 0 lanes (no
 decoder), 0 beat and lane bytes, and the GEMV engine's point (code bits, block
-size, HIF bits, banks): ``status_bytes``.
+size, HIF bits, banks, format id): ``status_bytes``. The format id
+(golden.layout.format_id of the layout and HIF the core was built for) is an
+elaboration-time constant, as every other field but the error count.
 
 Interfaces (``sync`` domain): ``rx`` (stream of bytes in), ``tx`` (stream of
 bytes out). Nothing else: the decoder's ``values`` are consumed here, folded
@@ -109,6 +111,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from sop.golden.layout import format_id
 from sop.hdl.config import DecoderConfig
 from sop.hdl.decoder import Decoder
 from sop.hdl.gemv_config import GemvConfig
@@ -143,16 +146,17 @@ def crc32_update(crc: Value, byte: Value) -> Value:
 
 
 def status_bytes(config: DecoderConfig | GemvConfig, max_payload: int) -> list[int]:
-    """The constant part of the STATUS reply (host.Status without ``errors``) of a decoder; of a
-    GEMV-only core (``config`` its engine's ``GemvConfig``) the engine's point with lanes, beat bytes
-    and lane bytes 0: no decoder (docs/board-protocol.md, STATUS)."""
+    """The constant part of the STATUS reply (wire.Status without ``errors``, which follows it) of a
+    decoder; of a GEMV-only core (``config`` its engine's ``GemvConfig``) the engine's point with lanes,
+    beat bytes and lane bytes 0: no decoder (docs/board-protocol.md, STATUS)."""
     lay = config.layout
     if isinstance(config, GemvConfig):
         decoder = [0, lay.code_bits, lay.group, 0, 0]
     else:
         decoder = [config.lanes, lay.code_bits, lay.group, config.blocks_per_beat * lay.block_bytes,
                    lane_bytes(lane_word_bits(config))]
-    return [PROTOCOL_VERSION, *decoder, config.hif.bits, lay.banks, max_payload & 0xFF, max_payload >> 8]
+    return [PROTOCOL_VERSION, *decoder, config.hif.bits, lay.banks,
+            *struct.pack("<HI", max_payload, format_id(lay, config.hif))]
 
 
 class ProtocolEngine(wiring.Component):

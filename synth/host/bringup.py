@@ -17,8 +17,9 @@ included) in amaranth.sim.
 * ``run_board(transport, stream, fmt)``: over any byte transport
   (client.SerialTransport for a board, gateware.simboard.SimSerial for its
   simulation):
-  STATUS must report the protocol version and the decoder of ``fmt``
-  (``BoardConfigError`` if not; 0 lanes: a core without a decoder, such as
+  STATUS must report the protocol version and the decoder of ``fmt``, its
+  format id (golden.layout.format_id) included (``BoardConfigError`` if not,
+  naming the format the board decodes; 0 lanes: a core without a decoder, such as
   the iCEBreaker's GEMV-only ``icebreaker-gemv``, refused with
   ``NO_DECODER``); a layer with sparse entries needs a board with the residual path (SPARSE_STATUS; a board without it, or whose decoder
   flagged sparse errors before the run, is refused); then the LUT banks and
@@ -33,7 +34,7 @@ included) in amaranth.sim.
   frames included), timed by ``clock`` (simulated seconds in simulation).
 * ``check_point(st, fmt)``: the check a GEMV run makes of STATUS (the board's
   point: ``check_status`` on a board with a decoder; without one, the version
-  and the point's fields, lanes 0).
+  and the point's fields, its format id included, lanes 0).
 * ``sim_board(board, divisor)``: a ``BoardCore`` as the board's bitstream builds
   it (its decoder configuration, none on a GEMV-only core, and its GEMV engine
   where it has one) behind a bit-banged UART at
@@ -53,8 +54,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sop.argtypes import ToolParser, number, positive
-from sop.golden.layout import LayerStream, Sparse
-from sop.golden.points import board_points, get_point
+from sop.golden.layout import LayerStream, Sparse, format_id
+from sop.golden.points import board_points, get_point, operating_points
 from sop.hdl import reference
 from sop.hdl.config import DecoderConfig
 from sop.quantize.weights import ATTENTION_OUT_LAYER
@@ -123,7 +124,7 @@ class BoardResult:
                 else "not measured")
         out = [f"board: protocol {st.version}, {st.lanes} lanes, {st.code_bits}-bit codes in blocks of "
                f"{st.group}, {st.banks} LUT bank(s), {8 * st.lane_bytes}-bit values, max payload "
-               f"{st.max_payload}",
+               f"{st.max_payload}, format id {st.format_id:#010x}",
                f"layer: {layer_text(self, 'decoded and checked too')}",
                f"values checked: {self.values:,}",
                f"result: {self._verdict()} (board: {self.got[0]:,} values, CRC "
@@ -191,23 +192,31 @@ def point_fields(layout, hif, *, beat_bytes: int = 0, lane_bytes: int = 0) -> di
     """What STATUS reports for a point's ``layout`` and ``hif`` (the lanes aside), by wire.Status field:
     ``beat_bytes`` and ``lane_bytes`` describe the decoder (0: a core without one)."""
     return {"version": wire.PROTOCOL_VERSION, "code_bits": layout.code_bits, "group": layout.group,
-            "beat_bytes": beat_bytes, "lane_bytes": lane_bytes, "hif_bits": hif.bits, "banks": layout.banks}
+            "beat_bytes": beat_bytes, "lane_bytes": lane_bytes, "hif_bits": hif.bits, "banks": layout.banks,
+            "format_id": format_id(layout, hif)}
 
 
 def _check_version(st: Status) -> None:
     if st.version != wire.PROTOCOL_VERSION:     # the other fields may mean something else
-        raise BoardConfigError(f"the board speaks protocol version {st.version}, this host "
-                               f"{wire.PROTOCOL_VERSION}; rebuild the bitstream from this checkout")
+        raise BoardConfigError(client.version_refusal(st.version))
 
 
 def _check_fields(st: Status, wants: dict[str, int], what: str, fmt: str) -> None:
-    """``BoardConfigError`` naming each field of STATUS that is not the one ``wants``."""
+    """``BoardConfigError`` naming each field of STATUS that is not the one ``wants``; where the format id
+    differs, first the format the board decodes (a registered point of that id, if any) and ``fmt``'s: a
+    point of ``fmt``'s widths but another header passes every other field."""
+    again = f"pass the format of the loaded bitstream (--format) or load one built for {fmt}"
     wrong = [f"{field} {getattr(st, field)} (needs {want})" for field, want in wants.items()
-             if getattr(st, field) != want]
+             if field != "format_id" and getattr(st, field) != want]
+    if st.format_id != wants["format_id"]:
+        theirs = [name for name, p in operating_points().items() if p.format_id == st.format_id]
+        board = (f"{' or '.join(theirs)} (format id {st.format_id:#010x})" if theirs else
+                 f"a format of id {st.format_id:#010x}, which no operating point registered here has")
+        raise BoardConfigError(f"the board decodes {board}, not {fmt} (format id {wants['format_id']:#010x})"
+                               + (f": {', '.join(wrong)}" if wrong else ": another block header or HIF")
+                               + f"; {again}")
     if wrong:
-        raise BoardConfigError(f"the board's {what} does not match format {fmt}: {', '.join(wrong)}; "
-                               f"pass the format of the loaded bitstream (--format) or load one built "
-                               f"for {fmt}")
+        raise BoardConfigError(f"the board's {what} does not match format {fmt}: {', '.join(wrong)}; {again}")
 
 
 def check_status(st: Status, fmt: str) -> DecoderConfig:
@@ -231,7 +240,7 @@ def check_status(st: Status, fmt: str) -> DecoderConfig:
 def check_point(st: Status, fmt: str) -> DecoderConfig | None:
     """STATUS for a run on the board's GEMV engine: the board's point must be ``fmt``'s. With a decoder,
     ``check_status`` (its configuration returned); without one (0 lanes: a GEMV-only core), the version
-    and the point's fields (code bits, block size, HIF bits, banks), None returned."""
+    and the point's fields (code bits, block size, HIF bits, banks, format id), None returned."""
     if st.lanes:
         return check_status(st, fmt)
     _check_version(st)

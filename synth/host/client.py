@@ -41,7 +41,8 @@ read granularity of the transport (50 ms for ``SerialTransport``); it keeps the
 first ``GARBAGE_KEPT`` bytes of garbage for the message and only counts the
 rest, and refuses a length field over ``min(max_payload, MAX_REPLY_PAYLOAD)``
 at once. Every reply payload is length-checked before it is decoded (STATUS,
-CHECKSUM, error replies), so a short or malformed reply is a ``BoardError``
+after its version byte: ``version_refusal`` names a board of another protocol
+version; CHECKSUM, error replies), so a short or malformed reply is a ``BoardError``
 naming what was wrong, never a ``struct.error`` or ``IndexError``. ``resync()``
 gives up (``BoardTimeout``) when the line does not go quiet within
 ``timeout + quiet``. Time is the transport's: ``transport.now()`` when it has
@@ -61,13 +62,13 @@ import bisect
 
 from sop.synth.wire import (CHECKSUM_FORMAT, CLEAR_FLAG, CRC_BYTES, DEFAULT_BAUD, DEFAULT_MAX_PAYLOAD, ENTRY_LAST,
                             ERROR_PAYLOAD_BYTES, ERROR_REPLY, GEMV_ENTRY_FORMAT, GEMV_LAYER_FORMAT,
-                            GEMV_STATUS_FORMAT, HEADER_BYTES, LAST_FLAG, LOAD_ENTRY_BYTES, REPLY_BIT,
+                            GEMV_STATUS_FORMAT, HEADER_BYTES, LAST_FLAG, LOAD_ENTRY_BYTES, PROTOCOL_VERSION, REPLY_BIT,
                             REPLY_PAYLOAD_BYTES, SPARSE_ENTRY_BYTES, SPARSE_LAYER_FLAG,
                             SPARSE_STATUS_FORMAT, START, STATUS_FORMAT, SWAP_FLAG, X_LAST, X_SWAP, Y_MAX_WORDS,
                             Y_WORD_BYTES, Cmd, Err, GemvStatus, SparseStatus, Status, encode_frame)
 
 # The host's bounds on what it reads (it never waits for, or keeps, more): a reply's payload (replies
-# are at most 12 bytes in this version, GEMV_STATUS 24 and GEMV_Y 256; the cap stays below a bogus
+# are at most 16 bytes in this version, GEMV_STATUS 24 and GEMV_Y 256; the cap stays below a bogus
 # 64 KiB length field), the garbage
 # bytes quoted in an error message (the rest are only counted), the bytes resync() hands back.
 MAX_REPLY_PAYLOAD = DEFAULT_MAX_PAYLOAD
@@ -201,6 +202,13 @@ def _quote(kept: bytes, total: int) -> str:
     return kept.hex() + (f"... ({total - len(kept)} more)" if total > len(kept) else "")
 
 
+def version_refusal(version: int) -> str:
+    """The one line for a board that speaks another protocol version than this host."""
+    return (f"the board speaks protocol version {version}, this host {PROTOCOL_VERSION}: its bitstream was "
+            f"built from another checkout; rebuild the bitstream from this one and load it (make bitstream "
+            f"BOARD=...)")
+
+
 def _cmd_name(cmd: int) -> str:
     return Cmd(cmd).name if cmd in Cmd._value2member_map_ else f"{cmd:#04x}"
 
@@ -289,6 +297,11 @@ class BoardLink:
 
     def reply(self, cmd: int) -> bytes:
         """Wait for the reply to ``cmd``; ``BoardError`` for an error reply or a malformed one."""
+        return self._checked_length(cmd, self._ok_payload(cmd))
+
+    def _ok_payload(self, cmd: int) -> bytes:
+        """The payload of the OK reply to ``cmd``, its length not yet checked; ``BoardError`` for an
+        error reply or the reply to another command."""
         rcmd, payload = self.read_frame()
         if rcmd == ERROR_REPLY:
             code, seen = self._error_payload(payload)
@@ -300,6 +313,10 @@ class BoardLink:
                              f"{cmd | REPLY_BIT:#04x} or an error reply): out of step or not this "
                              f"protocol (is this project's bitstream on the board? BoardLink.resync() drops "
                              f"a stale reply)")
+        return payload
+
+    @staticmethod
+    def _checked_length(cmd: int, payload: bytes) -> bytes:
         want = REPLY_PAYLOAD_BYTES.get(cmd)
         if want is not None and len(payload) != want:
             raise BoardError(f"malformed {_cmd_name(cmd)} reply from the board: {len(payload)} payload "
@@ -343,7 +360,17 @@ class BoardLink:
 
     # -- commands ------------------------------------------------------------------------
     def status(self) -> Status:
-        return Status(*struct.unpack(STATUS_FORMAT, self.command(Cmd.STATUS)))   # length checked
+        self.send(Cmd.STATUS)
+        return self.status_reply()
+
+    def status_reply(self) -> Status:
+        """STATUS's reply, decoded. Its first byte, the protocol version, is checked before its length:
+        another version's STATUS may be of another length (version 1's had no format id: 12 bytes), and
+        its board is named so, not taken for a malformed reply."""
+        payload = self._ok_payload(Cmd.STATUS)
+        if payload and payload[0] != PROTOCOL_VERSION:
+            raise BoardError(version_refusal(payload[0]))
+        return Status(*struct.unpack(STATUS_FORMAT, self._checked_length(Cmd.STATUS, payload)))
 
     def load(self, words, cmd: Cmd = Cmd.LOAD) -> None:
         """LUT words ``(bank, addr, data)`` into the inactive page, as many frames as needed

@@ -130,8 +130,8 @@ class GemvResult:
 
     def lines(self) -> list[str]:
         st, en = self.status, self.engine
-        out = [f"board: protocol {st.version}, GEMV engine: {en.group} MACs a block, tile {en.tile}, up to "
-               f"{en.max_rows} x {en.max_cols}, y FIFO {en.y_depth} words",
+        out = [f"board: protocol {st.version}, format id {st.format_id:#010x}, GEMV engine: {en.group} MACs a "
+               f"block, tile {en.tile}, up to {en.max_rows} x {en.max_cols}, y FIFO {en.y_depth} words",
                f"layer: {bringup.layer_text(self, 'x +0 there')}, x: {self.x_source}"]
         if self.expected is None:
             out.append(f"result: NOT CHECKED (the x sent is not a valid vector); {len(self.got)} y words read")
