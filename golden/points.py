@@ -45,6 +45,7 @@ The table is data only: golden/ stays free of the quantizer and of Amaranth.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -57,7 +58,7 @@ from dataclasses import dataclass, field
 from .codebooks import distinct_problem, get_codebook, name_problem
 from .decoder import decoder_problems
 from .formats import FloatFormat, get_format
-from .hif import DEFAULT_HIF
+from .hif import DEFAULT_HIF, hif_format
 from .layout import BlockLayout, format_id
 
 #: How the quantizer fills a point (quantize/schemes.py maps each to a function).
@@ -213,21 +214,89 @@ def point_digest(point: OperatingPoint) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:8]
 
 
+#: the fields of a spec (``point_spec``), of its ``layout`` and of a ``variants`` entry
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(OperatingPoint)} - {"notes"}
+_LAYOUT_FIELDS = {f.name for f in dataclasses.fields(BlockLayout)}
+_VARIANT_FIELDS = {f.name for f in dataclasses.fields(Variant)}
+
+
+def _format_from_spec(f, what: str) -> FloatFormat:
+    """A format of a spec: a name as `sop formats` spells it, or ``point_spec``'s JSON object."""
+    if isinstance(f, str):
+        return get_format(f)
+    if not isinstance(f, dict):
+        raise ValueError(f"{what} must be a format's name (for example ue4m4) or a JSON object, got {f!r}")
+    _fields_problem(f, {g.name for g in dataclasses.fields(FloatFormat)}, "a format", f"{what}: ",
+                    required=("name", "bits"))
+    return FloatFormat(**f)
+
+
+def _hif_from_spec(f) -> FloatFormat:
+    """A spec's ``hif``: a HIF (golden.hif.hif_format: a signed float whose every code is a number, E
+    1..5, M 0..10, bias 0 .. 2^E - 1), by name (``hif-e3m8b5`` as `sop formats` spells it, or ``e3m8b5``)
+    or as ``point_spec`` writes it. A name is the HIF ``hif_format`` names, as a stream read back names it:
+    ``e3m8b5`` is that format under another name, which a point and its artifacts' streams then differed in."""
+    if isinstance(f, str) and (m := re.fullmatch(r"hif-e(\d+)m(\d+)b(\d+)", f)):
+        return hif_format(int(m[2]), int(m[1]), int(m[3]))
+    fmt = _format_from_spec(f, "hif")
+    if not (isinstance(fmt, FloatFormat) and fmt.signed and fmt.specials == "finite"):
+        raise ValueError(f"hif {fmt.name} is not a HIF: a LUT entry is a signed float whose every code is a "
+                         f"number (docs/hif.md), for example {DEFAULT_HIF.name}")
+    hif = hif_format(fmt.mbits, fmt.ebits, fmt.bias)
+    return hif if isinstance(f, str) else fmt           # (point_spec's object: the point's own, read back equal)
+
+
+def _fields_problem(d: dict, allowed, kind: str, where: str = "", required=()) -> None:
+    """A ValueError for a JSON object ``d`` (``kind``: ``a point``, ``a layout``, ...; ``where``: the
+    message's start) with a field ``allowed`` lacks (a misspelt one) or without a ``required`` one:
+    Python's ``__init__() got an unexpected keyword argument`` named no file's field."""
+    if unknown := sorted(set(d) - set(allowed), key=str):
+        raise ValueError(f"{where}unknown field(s) {', '.join(map(str, unknown))}; {kind} has "
+                         f"{', '.join(sorted(allowed))}")
+    if missing := [k for k in required if k not in d]:
+        raise ValueError(f"{where}no {', '.join(repr(k) for k in missing)} field")
+
+
+#: A spec's fields of JSON types other than a string (and a point's ``lanes``, ``decoder_problems``'s):
+#: ``"vectors": "false"`` was a point with vectors (a string is true), ``"code_bits": "4"`` refused as
+#: ``code width 4 not supported``, ``"signed_scale": "true"`` as ``invalid literal for int()``.
+_SPEC_TYPES = {"code_bits": int, "group": int, "signed_scale": bool, "select_bit": bool, "vectors": bool,
+               "board": bool, "description": str}
+
+
+def _types_problem(d: dict, what: str) -> None:
+    """A ValueError for a field of ``d`` (a spec or its layout) not of its ``_SPEC_TYPES`` JSON type."""
+    for key, kind in _SPEC_TYPES.items():
+        if key in d and (type(d[key]) is not kind):
+            name = {int: "an integer", bool: "true or false", str: "a string"}[kind]
+            raise ValueError(f"{what}{key} must be {name}, got {d[key]!r}")
+
+
 def point_from_spec(d: dict) -> OperatingPoint:
     """The point of a ``point_spec``; in a spec written by hand (``register_file``) a format (the scale,
     the HIF) may be a name, as ``sop formats`` spells it, and every field but ``name``, ``layout``
-    (``code_bits``, ``group``, ``scale``) and ``description`` may be left out for OperatingPoint's default."""
-    def fmt(f) -> FloatFormat:
-        return get_format(f) if isinstance(f, str) else FloatFormat(**f)
-
+    (``code_bits``, ``group``, ``scale``) and ``description`` may be left out for OperatingPoint's default.
+    A spec that names no point is one ValueError: a field misspelt or missing, of another JSON type."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a point is a JSON object, got {d!r}")
+    _fields_problem(d, _SPEC_FIELDS, "a point", required=("name", "layout", "description"))
     for key, kind in (("layout", dict), ("codebooks", list), ("variants", list)):
         if key in d and not isinstance(d[key], kind):
-            raise TypeError(f"{key} must be a JSON {'object' if kind is dict else 'list'}, got {d[key]!r}")
+            raise ValueError(f"{key} must be a JSON {'object' if kind is dict else 'list'}, got {d[key]!r}")
+    _types_problem(d, "")
+    lay = d["layout"]
+    _fields_problem(lay, _LAYOUT_FIELDS, "a layout", "layout: ", required=("code_bits", "group", "scale"))
+    _types_problem(lay, "layout: ")
+    for i, v in enumerate(d.get("variants", ())):
+        if not isinstance(v, dict):
+            raise ValueError(f"variant {i}: a JSON object {{\"suffix\": ..., \"lanes\": ..., \"output\": ...}}, "
+                             f"got {v!r}")
+        _fields_problem(v, _VARIANT_FIELDS, "a variant", f"variant {v.get('suffix', i)!r}: ", required=("suffix",))
     kw = {k: d[k] for k in ("search", "lanes", "output", "vectors", "board") if k in d}
     kw |= {"codebooks": tuple(d["codebooks"])} if "codebooks" in d else {}
-    kw |= {"hif": fmt(d["hif"])} if "hif" in d else {}
+    kw |= {"hif": _hif_from_spec(d["hif"])} if "hif" in d else {}
     kw |= {"variants": tuple(Variant(**v) for v in d["variants"])} if "variants" in d else {}
-    return OperatingPoint(d["name"], BlockLayout(**{**d["layout"], "scale": fmt(d["layout"]["scale"])}),
+    return OperatingPoint(d["name"], BlockLayout(**{**lay, "scale": _format_from_spec(lay["scale"], "scale")}),
                           d["description"], **kw)
 
 
@@ -279,7 +348,27 @@ def adopt(regs: dict) -> None:
 POINTS_FILE_ENV = "SOP_POINTS"
 
 _FILES_REGISTERED: set[str] = set()
-_SPEC_FIELDS = {f.name for f in dataclasses.fields(OperatingPoint)} - {"notes"}
+
+
+class _NotPointsJSON(ValueError):
+    """What json.load reads and a points file may not hold (``_json_object``, ``_json_constant``)."""
+
+
+def _json_object(pairs: list) -> dict:
+    """A JSON object of the file, refused where a key comes twice: json.load kept the last, so that a
+    second table or field of one name replaced the first without a word."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        twice = sorted(k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1)
+        raise _NotPointsJSON(f"{', '.join(map(repr, twice))} given twice in one JSON object; a name is "
+                             f"given once (the last was taken, without a word)")
+    return d
+
+
+def _json_constant(word: str):
+    """NaN, Infinity, -Infinity: Python's json reads them; JSON has no such number, and no table entry,
+    block size or lanes can be one."""
+    raise _NotPointsJSON(f"{word} in the file: not a JSON number, and no table entry or field can be one")
 
 
 def register_file(path) -> list[str]:
@@ -287,43 +376,63 @@ def register_file(path) -> list[str]:
     [values, ...]}, "points": [SPEC, ...]}``, a SPEC as ``point_from_spec`` reads it (``registrations()``
     writes such a file from the points a script registered). Each is checked as ``register_codebook`` and
     ``register`` check them (a name taken, a table or point the decoder cannot take), in one ValueError
-    naming the file; a file registered before in this process is not registered again. Returns the points'
-    names (docs/quantizer.md, "Your own table and operating point")."""
+    naming the file, and then none of the file's is registered; a point the registry holds as the file defines
+    it (a built-in one) is taken as it is; a file registered before in this process is not registered again.
+    Returns the points' names (docs/quantizer.md, "Your own table and operating point")."""
+    from .codebooks import _REGISTERED as tables_registered
     from .codebooks import register_codebook
 
     key = os.path.realpath(path)
     where = f"{POINTS_FILE_ENV}={path}" if os.environ.get(POINTS_FILE_ENV) == str(path) else str(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        with open(path, encoding="utf-8-sig") as f:         # (-sig: a byte-order mark an editor wrote)
+            doc = json.load(f, object_pairs_hook=_json_object, parse_constant=_json_constant)
     except OSError as err:
         raise ValueError(f"{where}: {err.strerror}") from None
+    except _NotPointsJSON as err:
+        raise ValueError(f"{where}: {err}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{where}: not a JSON file ({err})") from None
     if key in _FILES_REGISTERED:
         return [d["name"] for d in doc.get("points", [])]
     tables, specs = (doc.get("codebooks", {}), doc.get("points", [])) if isinstance(doc, dict) else (None, None)
-    if not (isinstance(doc, dict) and set(doc) <= {"codebooks", "points"} and isinstance(tables, dict)
+    if isinstance(doc, dict) and (unknown := sorted(set(doc) - {"codebooks", "points"})):
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; a file of tables and points has "
+                         f"codebooks, points (docs/quantizer.md)")
+    if not (isinstance(doc, dict) and isinstance(tables, dict)
             and isinstance(specs, list) and all(isinstance(d, dict) for d in specs)):
         raise ValueError(f"{where}: not a file of tables and points: a JSON object {{\"codebooks\": {{NAME: "
                          f"[values]}}, \"points\": [POINT, ...]}} (docs/quantizer.md)")
-    for name, values in tables.items():
-        try:
-            register_codebook(name, values)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-    names = []
-    for i, d in enumerate(specs):
-        what = f"{where}: point {d.get('name', i)!r}"
-        if unknown := sorted(set(d) - _SPEC_FIELDS):
-            raise ValueError(f"{what}: unknown field(s) {', '.join(unknown)}; a point has "
-                             f"{', '.join(sorted(_SPEC_FIELDS))}")
-        try:
-            names.append(register(point_from_spec(d)).name)
-        except KeyError as err:
-            raise ValueError(f"{what}: no {err.args[0]!r} field") from None
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{what}: {err}") from None
+    # all or nothing: a file refused at its third point left its tables and two points registered in the
+    # process (a script's register_file, fixed and called again, was refused: name already registered)
+    before_points, before_tables = set(_POINTS), set(tables_registered)
+    try:
+        for name, values in tables.items():
+            try:
+                register_codebook(name, values)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+        names = []
+        for i, d in enumerate(specs):
+            name = d.get("name", i)
+            what = f"{where}: point {name!r}"
+            if name in names:
+                raise ValueError(f"{what}: named twice in the file")
+            try:
+                point = point_from_spec(d)
+                # one the registry holds as it is (a built-in point: registrations() writes them all) is
+                # the file's too, as adopt takes it; a point of another definition under its name is refused
+                names.append(point.name if _POINTS.get(point.name) == point else register(point).name)
+            except (TypeError, ValueError) as err:
+                why = str(err).removeprefix(f"operating point {name!r}: ")   # (it named the point already)
+                raise ValueError(f"{what}: {why}") from None
+    except ValueError:
+        for p in set(_POINTS) - before_points:
+            del _POINTS[p]
+        for t in set(tables_registered) - before_tables:
+            del tables_registered[t]
+        get_codebook.cache_clear()
+        raise
     _FILES_REGISTERED.add(key)
     return names
 

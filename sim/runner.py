@@ -192,7 +192,8 @@ SPARSE_BUDGET = 6.0
 def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
     """Real quantized MiniLM layers for this configuration's point (cached); None where its
     point has no vectors. A configuration with residuals gets the layers `sop-budget` stores
-    with sparse entries (at ``SPARSE_BUDGET``, calibrated), as the artifact holds them."""
+    with sparse entries (at ``SPARSE_BUDGET``, calibrated), as the artifact holds them; None where it
+    stores none in the point's layout (``sparse_artifact``'s ``missing_ok``)."""
     from sop.sim.vectors import make_vectors
 
     point = point_of(cfg)
@@ -202,7 +203,9 @@ def minilm_vectors(cfg: DecoderConfig, quick: bool) -> Path | None:
     if not (out / "vectors.json").is_file():
         rows = 16 if quick else None
         if cfg.residuals:
-            art, names = sparse_artifact(fmt)
+            art, names = sparse_artifact(fmt, missing_ok=True)
+            if not names:
+                return None
             make_vectors(str(art), fmt, names[:1] if quick else names[:2], out, rows=rows)
             return out
         layers = [QUERY_LAYER] if quick else [QUERY_LAYER, FFN_OUT_LAYER]
@@ -225,9 +228,12 @@ def cached_vectors_folder(point: OperatingPoint, tail: str) -> Path:
     return toolenv.build_root() / "vectors" / f"{point.name}-{point_digest(point)}-v{VERSION}{tail}"
 
 
-def sparse_artifact(fmt: str) -> tuple[Path, list[str]]:
+def sparse_artifact(fmt: str, missing_ok: bool = False) -> tuple[Path, list[str]]:
     """MiniLM quantized with sop-budget at ``SPARSE_BUDGET`` (cached under build/vectors/), and the
-    names of its layers stored in ``fmt``'s layout with sparse entries."""
+    names of its layers stored in ``fmt``'s layout with sparse entries. None is a ValueError, or with
+    ``missing_ok`` an empty list: sop-budget's options (quantize.knapsack.DEFAULT_OPTIONS) hold two
+    layouts, and a point of another (a user's, SOP_POINTS) has no real residual layers, only the plan's
+    synthetic ones (its -sp configuration in `make sim` was a traceback: an outside walk)."""
     from sop.golden.points import get_point
     from sop.quantize.artifact import open_artifact
     from sop.sim.vectors import minilm_budget_artifact
@@ -236,7 +242,7 @@ def sparse_artifact(fmt: str) -> tuple[Path, list[str]]:
     art, layout = open_artifact(path), get_point(fmt).layout
     names = [e.name for e in art.layers if e.kind == "sopl"
              and (s := art.stream(e)).layout == layout and len(s.sparse)]
-    if not names:
+    if not (names or missing_ok):
         raise ValueError(f"{path}: no {fmt} layer with sparse residuals")
     return path, names
 
@@ -260,7 +266,9 @@ def sparse_row_vectors(cfg: DecoderConfig) -> Path | None:
     fmt = point.name
     out = cached_vectors_folder(point, f"-sparse-rows{AXIS_SPARSE_ROWS}")
     if not (out / "vectors.json").is_file():
-        art, names = sparse_artifact(fmt)
+        art, names = sparse_artifact(fmt, missing_ok=True)
+        if not names:
+            return None
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             make_vectors(str(art), fmt, names, Path(tmp), rows=AXIS_SPARSE_ROWS)
             counts = {v.name: len(v.sparse_index) for v in read_vectors(Path(tmp))}

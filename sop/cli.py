@@ -57,7 +57,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.golden.formats import (ELEMENT_FORMATS, FORMATS, OUTPUT_FORMATS, SCALE_FORMATS, FloatFormat,
                                     UnknownFormat, get_format)
     from sop.golden.hif import DEFAULT_HIF
-    from sop.golden.points import board_points, operating_points, register_env_file, vector_points
+    from sop.golden.points import board_points, operating_points, vector_points
     from sop.quantize.calib import DEFAULT_CACHE, CalibSize
     from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
     from sop.quantize.inputs import NAN_POLICIES, command_line
@@ -66,6 +66,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.quantize.models import model_inputs
     from sop.synth.wire import DEFAULT_BAUD
     from sop.terminal import finish_output, one_line, os_error_text, prepare_streams, reader_gone
+    from sop.user_points import register_env_points
 except KeyboardInterrupt:
     print("sop: interrupted (SIGINT) while starting; nothing was written", file=sys.stderr)
     raise SystemExit(128 + signal.SIGINT) from None
@@ -663,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        register_env_file()             # the user's own tables and points first: the parsers list them
+        register_env_points()           # the user's own tables and points first: the parsers list them
     except ValueError as err:
         print(f"sop: error: {_one_line(err)}", file=sys.stderr)
         return 2

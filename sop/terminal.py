@@ -195,12 +195,12 @@ def run_command(prog: str, main) -> None:
 
 
 def _registered_env_file(prog: str) -> int | None:
-    """The user's own tables and points (``SOP_POINTS``: golden.points.register_env_file) registered, as
-    `sop` does; exit 2 and one line where the file cannot be."""
-    from sop.golden.points import register_env_file
+    """The user's own tables and points (``SOP_POINTS``: sop.user_points) registered, as `sop` does; exit 2
+    and one line where the file cannot be."""
+    from sop.user_points import register_env_points
 
     try:
-        register_env_file()
+        register_env_points()
     except ValueError as err:
         print(one_line(f"{prog}: error: {err}"), file=sys.stderr)
         return 2

@@ -408,7 +408,8 @@ def test_the_decoder_plans_vectors_are_the_documented_layers(name, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sim_vectors, "make_vectors", lambda src, fmt, layers, out, rows=None:
                         calls.append((src, list(layers), rows)))
-    monkeypatch.setattr(runner, "sparse_artifact", lambda fmt: (Path("budget.sopq"), ["b0", "b1", "b2"]))
+    monkeypatch.setattr(runner, "sparse_artifact",
+                        lambda fmt, missing_ok=False: (Path("budget.sopq"), ["b0", "b1", "b2"]))
     monkeypatch.setattr(runner, "simulate", lambda cfg, sim, v, top, mod, plan, size, *a, **k: ran.append((plan, size)))
     (tmp_path / "d.v").write_text("")
     runner.run(cfg, "verilator", verilog=tmp_path / "d.v", build_dir=tmp_path / "b")

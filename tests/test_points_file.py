@@ -17,9 +17,10 @@ from sop.golden import codebooks, points
 from sop.golden.codebooks import get_codebook
 from sop.golden.decoder import decode_layer
 from sop.golden.formats import get_format
-from sop.golden.hif import DEFAULT_HIF
-from sop.golden.layout import BlockLayout, format_id
+from sop.golden.hif import DEFAULT_HIF, hif_format
+from sop.golden.layout import BlockLayout, format_id, pack_layer, unpack_layer
 from sop.quantize.artifact import open_artifact
+from sop.quantize.schemes import get_quant_format
 
 TANH4 = (np.tanh(np.linspace(-2, 2, 16)) / np.tanh(2)).tolist()
 POINT = {"name": "tanh4-ue4m4-g16", "layout": {"code_bits": 4, "group": 16, "scale": "ue4m4"},
@@ -85,11 +86,11 @@ def test_a_points_file_reaches_the_python_m_tools(tmp_path):
 BAD = {
     "not json": ("{", "not a JSON file"),
     "a list": ([POINT], "not a file of tables and points"),
-    "another key": ({"point": [POINT]}, "not a file of tables and points"),
+    "another key": ({"point": [POINT]}, "unknown key(s) point; a file of tables and points has codebooks, points"),
     "a taken table": ({"codebooks": {"nf4": TANH4}}, "codebook 'nf4' is already defined"),
     "a table of 3": ({"codebooks": {"t3": [0.0, 0.5, 1.0]}}, "codebook t3: 3 entries, need a power of two"),
     "a taken point": ({"points": [POINT | {"name": "sop4-g16", "codebooks": ["nf4"]}]},
-                      "point 'sop4-g16': operating point 'sop4-g16': name(s) already registered: sop4-g16"),
+                      "point 'sop4-g16': name(s) already registered: sop4-g16"),
     "no table": ({"points": [POINT]}, "point 'tanh4-ue4m4-g16': "),
     "no description": ({"points": [{k: v for k, v in POINT.items() if k != "description"} | {"codebooks": ["nf4"]}]},
                        "point 'tanh4-ue4m4-g16': no 'description' field"),
@@ -102,6 +103,28 @@ BAD = {
                          "point 'tanh4-ue4m4-g16': "),
     "lanes the decoder cannot build": ({"points": [POINT | {"codebooks": ["nf4"], "lanes": 3}]},
                                        "point 'tanh4-ue4m4-g16': "),
+    # an outside walk: each was registered as something else, or refused in Python's words
+    "vectors as a string": ({"points": [POINT | {"codebooks": ["nf4"], "vectors": "false"}]},
+                            "point 'tanh4-ue4m4-g16': vectors must be true or false, got 'false'"),
+    "code_bits as a string": ({"points": [POINT | {"codebooks": ["nf4"],
+                                                    "layout": POINT["layout"] | {"code_bits": "4"}}]},
+                              "point 'tanh4-ue4m4-g16': layout: code_bits must be an integer, got '4'"),
+    "a misspelt layout field": ({"points": [POINT | {"codebooks": ["nf4"], "layout": {"code_bit": 4, "group": 16,
+                                                                                       "scale": "ue4m4"}}]},
+                                "point 'tanh4-ue4m4-g16': layout: unknown field(s) code_bit; a layout has code_bits"),
+    "a misspelt variant field": ({"points": [POINT | {"codebooks": ["nf4"], "variants": [{"sufix": "x1"}]}]},
+                                 "point 'tanh4-ue4m4-g16': variant 0: unknown field(s) sufix; a variant has lanes"),
+    "a table named twice": ('{"codebooks": {"t": %s, "t": %s}}' % (json.dumps(TANH4), json.dumps(TANH4[::-1])),
+                            "'t' given twice in one JSON object"),
+    "NaN": ('{"codebooks": {"t": [NaN%s]}}' % (", 0.5" * 15), "NaN in the file: not a JSON number"),
+    "a point named twice": ({"codebooks": {"tanh4": TANH4}, "points": [POINT, POINT]},
+                            "point 'tanh4-ue4m4-g16': named twice in the file"),
+    "an unsigned HIF": ({"points": [POINT | {"codebooks": ["nf4"], "hif": "ue4m4"}]},
+                        "point 'tanh4-ue4m4-g16': hif ue4m4 is not a HIF"),
+    "a quantizer format's name": ({"points": [POINT | {"codebooks": ["nf4"], "name": "nvfp4"}]},
+                                  "operating point(s) nvfp4: the name of a quantizer format"),
+    "a built-in GEMV engine's name": ({"points": [POINT | {"codebooks": ["nf4"], "name": "sop4-g16-bf16"}]},
+                                      "its GEMV engine would be named like"),
 }
 
 
@@ -114,3 +137,67 @@ def test_a_points_file_that_cannot_serve_is_one_line(tmp_path, monkeypatch, caps
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith(f"sop: error: SOP_POINTS={path}: "), err
     assert said in err, err
+
+
+def test_a_python_m_tool_refuses_a_point_it_cannot_list_in_one_line(tmp_path):
+    """A point named like a built-in GEMV engine was a traceback in `python -m sop.hdl.generate --help`
+    (hdl.gemv_config refuses it where the engines are listed, while argparse was built)."""
+    path = _write(tmp_path, {"points": [POINT | {"codebooks": ["nf4"], "name": "sop4-g16-bf16"}]})
+    run = subprocess.run([sys.executable, "-m", "sop.hdl.generate", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "SOP_POINTS": str(path)}, timeout=300)
+    assert (run.returncode, run.stdout, run.stderr.count("\n")) == (2, "", 1), run.stderr
+    assert run.stderr.startswith(f"python -m sop.hdl.generate: error: SOP_POINTS={path}: operating point(s) "
+                                 f"sop4-g16-bf16: its GEMV engine"), run.stderr
+
+
+def test_a_hif_by_name_is_the_hif_a_stream_reads_back(tmp_path, registry):
+    """``hif`` as `sop formats` spells it (``hif-e3m8b5``) was an unknown format, and ``e3m8b5`` a format of
+    that name, not the HIF ``hif_format`` names, which a layer stream reads back: `python -m sop.sim.runner`
+    refused the point's own vectors (their format's HIF is not the set's)."""
+    path = _write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [
+        POINT | {"name": "a-g16", "hif": "hif-e3m8b5"}, POINT | {"name": "b-g16", "hif": "e3m8b5"}]})
+    assert points.register_file(path) == ["a-g16", "b-g16"]
+    assert points.get_point("a-g16").hif == points.get_point("b-g16").hif == hif_format(8)
+    w = np.random.default_rng(1).standard_normal((16, 32))
+    stream = unpack_layer(pack_layer(get_quant_format("b-g16").quantize(w).stream))
+    assert stream.hif == points.get_point("b-g16").hif
+
+
+def test_a_points_file_registers_all_or_nothing(tmp_path, registry):
+    """A file refused at its second point left its table and first point registered: the file, put right,
+    was then refused (name already registered)."""
+    good = POINT | {"name": "a-g16"}
+    path = _write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [good, POINT | {"lanes": 3}]})
+    with pytest.raises(ValueError, match="point 'tanh4-ue4m4-g16': lanes must be a power of two"):
+        points.register_file(path)
+    assert "a-g16" not in points.operating_points() and "tanh4" not in codebooks.codebook_names()
+    path = _write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [good, POINT]})
+    assert points.register_file(path) == ["a-g16", "tanh4-ue4m4-g16"]
+
+
+def test_registrations_written_to_a_file_register(tmp_path, registry):
+    """docs/quantizer.md: ``json.dump(registrations(), f)`` writes a points file; it holds the built-in
+    points too, which were refused as taken names."""
+    with codebooks.registered_codebook("tanh4", TANH4):
+        with points.registered(points.point_from_spec(POINT)) as pt:
+            path = _write(tmp_path, points.registrations())
+    assert points.register_file(path) == ["sop4-g16", "e2m3-ue4m4-g16", "tanh4-ue4m4-g16"]
+    assert points.get_point("tanh4-ue4m4-g16") == pt
+    path = _write(tmp_path, {"points": [{**points.point_spec(points.get_point("sop4-g16")), "lanes": 4}]}, "b.json")
+    with pytest.raises(ValueError, match="point 'sop4-g16': name.s. already registered"):
+        points.register_file(path)          # another definition under a taken name is still refused
+
+
+def test_a_file_point_without_sop_budget_layers_runs_its_residual_configuration(tmp_path, registry):
+    """sop-budget stores layers of two layouts: the -sp configuration of a point of another (`make sim`
+    runs every point's) was a traceback in `python -m sop.sim.runner` (sparse_artifact's ValueError); it
+    runs the plan's synthetic residual layers alone."""
+    from sop.hdl.config import residual_configs
+    from sop.sim import runner
+
+    points.register_file(_write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [POINT]}))
+    assert runner.sparse_artifact("tanh4-ue4m4-g16", missing_ok=True)[1] == []
+    cfg = residual_configs()["tanh4-ue4m4-g16-sp"]
+    assert runner.minilm_vectors(cfg, True) is None and runner.sparse_row_vectors(cfg) is None
+    with pytest.raises(ValueError, match="no tanh4-ue4m4-g16 layer with sparse residuals"):
+        runner.sparse_artifact("tanh4-ue4m4-g16")
