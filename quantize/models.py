@@ -951,7 +951,9 @@ def _causal_gguf(reader) -> tuple[bool, str]:
     arch = reader.field("general.architecture")
     if not isinstance(arch, str) or reader.field(f"{arch}.block_count") is None:
         return False, "the GGUF names no model architecture (general.architecture, <arch>.block_count)"
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    # transformers.modeling_gguf_pytorch_utils defines GGUF_SUPPORTED_ARCHITECTURES as this table's keys; its
+    # import (torch, the tensor processors) took 1.4 s more, in the parent and again in each --jobs worker
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING as GGUF_SUPPORTED_ARCHITECTURES
 
     if any(r.byte_order == "S" for r in reader.parsed.values()) and sys.byteorder == "little":
         return False, "a big-endian GGUF: transformers' GGUF reader reads little-endian files only"

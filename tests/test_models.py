@@ -413,3 +413,13 @@ def test_a_complex_or_boolean_weight_is_not_said_to_be_another_methods_integers(
               str(tmp_path / "m2.safetensors"))
     kept = open_model(str(tmp_path / "m2.safetensors")).kept_line()
     assert "kept as they are: 1 non-float (integer, boolean, complex)" in kept, kept
+
+
+def test_the_gguf_architecture_table_is_transformers_own():
+    """models._causal_gguf reads transformers.integrations.ggml's GGUF_CONFIG_MAPPING, whose keys are
+    GGUF_SUPPORTED_ARCHITECTURES (transformers.modeling_gguf_pytorch_utils), without that module's import
+    (1.4 s, in the parent and in each --jobs worker): a transformers release where they part fails here."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    assert sorted(GGUF_CONFIG_MAPPING) == sorted(GGUF_SUPPORTED_ARCHITECTURES) and "llama" in GGUF_CONFIG_MAPPING
