@@ -437,6 +437,14 @@ def register_file(path) -> list[str]:
     return names
 
 
+def own_point_hint() -> str:
+    """The end of a refusal of an unknown format or configuration where ``SOP_POINTS`` names no file: a
+    point of the user's own, from a script or an artifact made with the file, is known only with it."""
+    if os.environ.get(POINTS_FILE_ENV):
+        return ""
+    return f"; a point of your own: name its file in {POINTS_FILE_ENV} (docs/quantizer.md)"
+
+
 def register_env_file() -> None:
     """``register_file`` of the file ``SOP_POINTS`` names, if it names one (the command lines' start)."""
     if path := os.environ.get(POINTS_FILE_ENV):

@@ -87,6 +87,7 @@ from amaranth.lib import data, wiring
 from sop import __version__, toolenv
 from sop.argtypes import ToolParser, number, out_folder
 from sop.golden.files import OutputError, atomic_files, check_output, interrupted, signals_as_interrupts
+from sop.golden.points import own_point_hint
 from sop.terminal import run_command
 
 from . import axis, gemv, gemv_axis, gemv_config
@@ -614,7 +615,8 @@ def main(argv=None) -> int:
         return refuse(f"--pipeline shallow builds the bare decoders ({', '.join(configs)}), not "
                       f"{', '.join(unknown)}: the shallow pipeline has no residual path, shells or engines")
     if unknown:
-        return refuse(f"unknown configuration(s) {unknown}; valid: {', '.join(list(configs) + list(engines))}")
+        return refuse(f"unknown configuration(s) {unknown}; valid: {', '.join(list(configs) + list(engines))}"
+                      f"{own_point_hint()}")
     try:
         chosen = [replace(configs[n], lutram_depth=args.lutram_depth, pipeline=args.pipeline)
                   for n in names if n in configs]

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from sop.golden.points import own_point_hint
 from sop.quantize import baselines as B
 from sop.quantize.blockwise import float_weights
 from sop.quantize.inputs import REGISTRY_NAN_HINT, column_weights, sanitize, weight_matrix
@@ -285,5 +286,5 @@ def get_quant_format(name: str) -> QuantFormat:
                          f"{', '.join(fmts)}")
     if name not in fmts:
         case = f": names are lower case ({name.lower()})" if name.lower() in fmts else ""   # `sop codebook NF4` reads
-        raise ValueError(f"unknown format {name!r}{case}; valid: {', '.join(fmts)}")
+        raise ValueError(f"unknown format {name!r}{case}; valid: {', '.join(fmts)}{own_point_hint()}")
     return fmts[name]

@@ -67,6 +67,7 @@ from pathlib import Path
 from sop import toolenv
 from sop.argtypes import ToolParser, number, out_folder, output_checked, positive
 from sop.golden.files import write_atomic
+from sop.golden.points import own_point_hint
 from sop.hdl.config import DecoderConfig, named_configs, residual_configs
 from sop.sim import SIMULATORS, mut_env, runner_owns_environment
 
@@ -830,7 +831,8 @@ def main(argv=None) -> int:
     configs = {**named_configs(), **residual_configs()}
     names = args.config or list(DEFAULT_CONFIGS + DEFAULT_SPARSE_CONFIGS)
     if unknown := [n for n in names if n not in configs]:
-        print(f"{p.prog}: error: unknown configuration(s) {unknown}; valid: {', '.join(configs)}", file=sys.stderr)
+        print(f"{p.prog}: error: unknown configuration(s) {unknown}; valid: {', '.join(configs)}{own_point_hint()}",
+              file=sys.stderr)
         return 2
     try:
         chosen = [replace(configs[n], lutram_depth=args.lutram_depth,

@@ -52,7 +52,7 @@ from pathlib import Path
 from sop import toolenv
 from sop.argtypes import ToolParser, number
 from sop.golden.files import interrupted, signals_as_interrupts, write_atomic
-from sop.golden.points import OperatingPoint, config_point, operating_points, point_digest
+from sop.golden.points import OperatingPoint, config_point, operating_points, own_point_hint, point_digest
 from sop.hdl.config import DecoderConfig, base_name, named_configs, residual_configs
 from sop.hdl.generate import module_name
 from sop.quantize.weights import FFN_OUT_LAYER, QUERY_LAYER
@@ -491,7 +491,7 @@ def chosen_configs(names: list[str] | None, lutram_depth: int = 0, lutram_ecp5: 
     configs = {**named_configs(), **residual_configs()}
     names = names or (list(operating_points()) if lutram_ecp5 else list(configs))
     if unknown := [n for n in names if n not in configs]:
-        raise ValueError(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}")
+        raise ValueError(f"unknown configuration(s) {unknown}; valid: {', '.join(configs)}{own_point_hint()}")
     from sop.synth.flow.yosys_nextpnr import for_target      # the LUT RAM shape synthesis gives a target
 
     return {n: for_target(configs[n], "ecp5") if lutram_ecp5 else replace(configs[n], lutram_depth=lutram_depth)

@@ -47,6 +47,10 @@ class ToolParser(argparse.ArgumentParser):
 
     def error(self, message):
         extra = self.hint(self._argv, message) if self.hint is not None else ""
+        if message.startswith(("argument --format: invalid choice", "argument --config: invalid choice")):
+            from sop.golden.points import own_point_hint
+
+            message += own_point_hint()
         print(one_line(self.error_line(message + (f"; {extra}" if extra else ""))), file=sys.stderr)
         sys.exit(2)
 

@@ -201,3 +201,20 @@ def test_a_file_point_without_sop_budget_layers_runs_its_residual_configuration(
     assert runner.minilm_vectors(cfg, True) is None and runner.sparse_row_vectors(cfg) is None
     with pytest.raises(ValueError, match="no tanh4-ue4m4-g16 layer with sparse residuals"):
         runner.sparse_artifact("tanh4-ue4m4-g16")
+
+
+def test_an_unknown_point_without_a_points_file_names_sop_points(tmp_path, monkeypatch, capsys, registry):
+    """An artifact made with a file, read by a command run without it, met `unknown format` or argparse's
+    `invalid choice` and no word of where a point of one's own comes from; with the file set, no hint."""
+    monkeypatch.delenv("SOP_POINTS", raising=False)
+    hint = "; a point of your own: name its file in SOP_POINTS (docs/quantizer.md)"
+    assert main(["quantize", "minilm", "--format", "tanh4-ue4m4-g16", "--out", str(tmp_path / "q.sopq")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(hint)
+    with pytest.raises(SystemExit):
+        main(["vectors", "minilm", "--format", "tanh4-ue4m4-g16", "--out", str(tmp_path / "v")])
+    assert f"invalid choice: 'tanh4-ue4m4-g16' (choose from 'sop4-g16', 'e2m3-ue4m4-g16'){hint} (see" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("SOP_POINTS", str(_write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [POINT]})))
+    with pytest.raises(SystemExit):
+        main(["vectors", "minilm", "--format", "tanh5", "--out", str(tmp_path / "v")])
+    assert "SOP_POINTS" not in capsys.readouterr().err
