@@ -136,9 +136,12 @@ def codebook_doc(name: str) -> dict:
 
 
 def _print_table(rows: list[dict], keys: list[str]) -> None:
-    print("  ".join(f"{k:>12}" for k in keys))
+    """``rows`` in right-aligned columns, each as wide as its widest entry (12 at least): a point named
+    longer than 12 (``e2m3-ue4m4-g16``, a user's own) pushed its row's columns out of line."""
+    widths = [max([12, len(k)] + [len(str(r.get(k, ""))) for r in rows]) for k in keys]
+    print("  ".join(f"{k:>{w}}" for k, w in zip(keys, widths)))
     for r in rows:
-        print("  ".join(f"{str(r.get(k, '')):>12}" for k in keys))
+        print("  ".join(f"{str(r.get(k, '')):>{w}}" for k, w in zip(keys, widths)))
 
 
 def cmd_formats(args) -> int:
@@ -156,9 +159,10 @@ def cmd_formats(args) -> int:
                                  "output"])
     print("\nquantizer formats (sop eval --format)")
     width = max(len(q["bpw_formula"]) for q in doc["quantizers"])       # the longest formula sets the column
+    names = max([16] + [len(q["name"]) for q in doc["quantizers"]])     # and the longest name (a user's point)
     for q in doc["quantizers"]:
         bpw = "-" if q["bpw"] is None else f"{q['bpw']:g}"
-        print(f"  {q['name']:<16} {bpw:>6} bpw   exact: {q['bpw_formula']:<{width}}  {q['description']}")
+        print(f"  {q['name']:<{names}} {bpw:>6} bpw   exact: {q['bpw_formula']:<{width}}  {q['description']}")
     return 0
 
 

@@ -114,3 +114,21 @@ def test_fp6_point_beats_fp8_pot_on_every_minilm_layer():
         fp6 = decode_layer(encode_layer(w, layout, [e2m3], name=name))
         fp8 = fp8_e4m3_pot(w).recon
         assert ((w - fp6) ** 2).sum() < ((w - fp8) ** 2).sum(), name
+
+
+def test_formats_keeps_its_columns_in_line_for_long_point_names(capsys):
+    """`sop formats` printed every column 12 wide: e2m3-ue4m4-g16 (14) and a user's long point name pushed
+    their rows out of line (an outside walk of SOP_POINTS)."""
+    from sop.golden.layout import BlockLayout
+    from sop.golden.points import OperatingPoint, registered
+
+    long = "a-point-of-my-own-with-a-long-name"
+    with registered(OperatingPoint(long, BlockLayout(4, 16, "ue4m4"), "long", codebooks=("nf4",))):
+        assert main(["formats"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index("operating points (golden/points.py)") + 1:]
+    table = table[:table.index("")]
+    assert len(table) == 4 and len({len(line) for line in table}) == 1, table
+    assert table[0].split() == ["name", "code_bits", "group", "header_bits", "scale", "block_bpw", "lanes", "output"]
+    quantizers = [line for line in out if " bpw   exact: " in line]
+    assert len({line.index(" bpw ") for line in quantizers}) == 1 and any(long in q for q in quantizers)
