@@ -55,6 +55,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .codebooks import distinct_problem, get_codebook, name_problem
 from .decoder import decoder_problems
 from .formats import FloatFormat, get_format
@@ -347,7 +349,8 @@ def adopt(regs: dict) -> None:
 #: ``register_file``, called by sop.cli and sop.terminal.run_command.
 POINTS_FILE_ENV = "SOP_POINTS"
 
-_FILES_REGISTERED: set[str] = set()
+#: the files registered in this process, each as (its real path, its text): a file edited since is another
+_FILES_REGISTERED: set[tuple[str, str]] = set()
 
 
 class _NotPointsJSON(ValueError):
@@ -376,24 +379,28 @@ def register_file(path) -> list[str]:
     [values, ...]}, "points": [SPEC, ...]}``, a SPEC as ``point_from_spec`` reads it (``registrations()``
     writes such a file from the points a script registered). Each is checked as ``register_codebook`` and
     ``register`` check them (a name taken, a table or point the decoder cannot take), in one ValueError
-    naming the file, and then none of the file's is registered; a point the registry holds as the file defines
-    it (a built-in one) is taken as it is; a file registered before in this process is not registered again.
-    Returns the points' names (docs/quantizer.md, "Your own table and operating point")."""
+    naming the file, and then none of the file's is registered; a point (or table) the registry holds as the
+    file defines it (a built-in point; the file's own, registered before and the file edited since) is taken
+    as it is; the file's same text registered before in this process is not registered again. Returns the
+    points' names (docs/quantizer.md, "Your own table and operating point")."""
     from .codebooks import _REGISTERED as tables_registered
-    from .codebooks import register_codebook
+    from .codebooks import Codebook, register_codebook
 
-    key = os.path.realpath(path)
     where = f"{POINTS_FILE_ENV}={path}" if os.environ.get(POINTS_FILE_ENV) == str(path) else str(path)
     try:
         with open(path, encoding="utf-8-sig") as f:         # (-sig: a byte-order mark an editor wrote)
-            doc = json.load(f, object_pairs_hook=_json_object, parse_constant=_json_constant)
+            text = f.read()
+        doc = json.loads(text, object_pairs_hook=_json_object, parse_constant=_json_constant)
     except OSError as err:
         raise ValueError(f"{where}: {err.strerror}") from None
     except _NotPointsJSON as err:
         raise ValueError(f"{where}: {err}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{where}: not a JSON file ({err})") from None
-    if key in _FILES_REGISTERED:
+    # the same file's text again (`sop` and run_command both register SOP_POINTS's) is not registered again
+    # (its tables' names are taken); a file edited since is read as it is now (keyed by its path alone, a
+    # point added was returned by name and never registered, and a file made a list since was a traceback)
+    if (key := (os.path.realpath(path), text)) in _FILES_REGISTERED:
         return [d["name"] for d in doc.get("points", [])]
     tables, specs = (doc.get("codebooks", {}), doc.get("points", [])) if isinstance(doc, dict) else (None, None)
     if isinstance(doc, dict) and (unknown := sorted(set(doc) - {"codebooks", "points"})):
@@ -409,7 +416,11 @@ def register_file(path) -> list[str]:
     try:
         for name, values in tables.items():
             try:
-                register_codebook(name, values)
+                # a table the file registered before as it defines it now (the file edited since: a point
+                # added) is taken as it is, as a point is below; one of other values under its name is refused
+                if name not in tables_registered or not np.array_equal(tables_registered[name],
+                                                                       Codebook.from_values(name, values).raw):
+                    register_codebook(name, values)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
         names = []

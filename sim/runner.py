@@ -341,13 +341,20 @@ def build(sim: str, sources: list, top: str, build_dir: Path, *, waves: bool = F
     return runner
 
 
+#: make's own report of a command that failed (``make: *** [Vtop.mk:66: verilator.o] Error 1``, ``make[1]:
+#: ***``): it follows the compiler's error in a Verilator build's log and says only that a rule stopped
+_MAKE_REPORT = re.compile(r"\s*g?make(\[\d+\])?: \*\*\*")
+
+
 def last_error_line(log: Path) -> str:
-    """The last line of a build's log that says error (else its last line), as one line."""
+    """The last line of a build's log that says error, make's reports of a stopped rule after any other
+    (else its last line), as one line."""
     try:
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     except OSError as err:
         return f"no log ({err.strerror})"
-    said = [line for line in lines if "error" in line.lower()] or lines or ["an empty log"]
+    said = [line for line in lines if "error" in line.lower()]
+    said = [line for line in said if not _MAKE_REPORT.match(line)] or said or lines or ["an empty log"]
     return one_line(said[-1])
 
 

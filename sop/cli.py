@@ -323,7 +323,8 @@ def cmd_dequantize(args) -> int:
     t0 = time.time()
     info = dequantize(args.file, args.out, progress=not args.quiet)
     fused = f" ({info['layers']} layers)" if info["tensors"] != info["layers"] else ""
-    print(f"wrote {info['path']}: {info['tensors']} float32 tensor{'s' if info['tensors'] != 1 else ''}{fused}, {info['weights']:,} weights "
+    plural = "s" if info["tensors"] != 1 else ""
+    print(f"wrote {info['path']}: {info['tensors']} float32 tensor{plural}{fused}, {info['weights']:,} weights "
           f"({info['format']}, {time.time() - t0:.1f} s)")
     return 0
 

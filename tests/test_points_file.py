@@ -67,6 +67,26 @@ def test_a_points_file_reaches_sop(tmp_path, monkeypatch, capsys, registry):
     assert points.register_file(path) == ["tanh4-ue4m4-g16"]        # again: nothing registered twice
 
 
+def test_a_points_file_edited_after_it_registered_registers_as_it_is_now(tmp_path, registry):
+    """A file registered, then edited in the same process (a script adds a point and calls register_file
+    again): the added point is registered, its table (unchanged) taken as it is, a table given other values
+    refused, and a file made no file of points refused in one ValueError. Keyed by its path alone, the
+    second call returned the new point's name and registered nothing, and the last was an AttributeError."""
+    path = _write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [POINT]})
+    assert points.register_file(path) == ["tanh4-ue4m4-g16"]
+    other = {**POINT, "name": "tanh4-ue4m4-g32", "layout": {**POINT["layout"], "group": 32}}
+    _write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [POINT, other]})
+    assert points.register_file(path) == ["tanh4-ue4m4-g16", "tanh4-ue4m4-g32"]
+    assert points.get_point("tanh4-ue4m4-g32").layout.group == 32
+    assert points.register_file(path) == ["tanh4-ue4m4-g16", "tanh4-ue4m4-g32"]    # unchanged: once
+    _write(tmp_path, {"codebooks": {"tanh4": TANH4[::-1]}, "points": [POINT]})
+    with pytest.raises(ValueError, match="codebook 'tanh4' is already defined"):
+        points.register_file(path)
+    path.write_text("[1]")
+    with pytest.raises(ValueError, match="not a file of tables and points"):
+        points.register_file(path)
+
+
 def test_a_points_file_reaches_the_python_m_tools(tmp_path):
     """`python -m sop.hdl.generate` (what `make verilog` runs) writes the file's point's Verilog."""
     path = _write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [POINT]})

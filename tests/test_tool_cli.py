@@ -471,6 +471,23 @@ def test_the_tool_environment_evaluates_in_a_folder_with_a_quote_a_space_and_an_
     assert r.returncode == 0 and r.stdout == str(work / "build" / "yowasp-cache"), r.stderr
 
 
+def test_a_failed_build_names_the_compilers_error_not_makes_report(tmp_path):
+    """A Verilator build whose C++ stops: its log ends in make's reports (``make: *** [...] Error 1``), which
+    say only that a rule stopped; the line ``SimulatorBuildFailed`` quotes is the compiler's error before
+    them (the log's shape as a build with ``-CFLAGS '-include /nonexistent.h'`` wrote it, 2026-12-07). A
+    log of make's reports alone gives the last of them."""
+    log = tmp_path / "build.log"
+    log.write_text("g++ -Os -c -o verilator.o verilator.cpp\n"
+                   "<command-line>: fatal error: /nonexistent.h: No such file or directory\n"
+                   "compilation terminated.\n"
+                   "make: *** [Vtop.mk:66: verilator.o] Error 1\n"
+                   "make[1]: *** Waiting for unfinished jobs....\n"
+                   "make: *** [/v/include/verilated.mk:295: verilated.o] Error 1\n")
+    assert runner.last_error_line(log) == "<command-line>: fatal error: /nonexistent.h: No such file or directory"
+    log.write_text("make: *** [Vtop.mk:66: verilator.o] Error 1\nmake: *** [all] Error 2\n")
+    assert runner.last_error_line(log) == "make: *** [all] Error 2"
+
+
 def test_a_simulator_build_that_fails_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
     """A build that stops (Verilator with no C++ compiler, a source the simulator refuses) was cocotb's
     ``RuntimeError: Command failed with return code: 2``, a traceback from every bench and `sop demo`;
