@@ -346,7 +346,7 @@ def adopt(regs: dict) -> None:
 
 #: The environment variable naming a JSON file of the user's own tables and points, registered by every
 #: command line before it runs (`sop`, the `python -m` tools, and so `make verilog`, `make sim`):
-#: ``register_file``, called by sop.cli and sop.terminal.run_command.
+#: ``register_file``, called through sop.user_points by sop.cli and sop.terminal.run_command.
 POINTS_FILE_ENV = "SOP_POINTS"
 
 #: the files registered in this process, each as (its real path, its text): a file edited since is another
@@ -454,12 +454,6 @@ def own_point_hint() -> str:
     if os.environ.get(POINTS_FILE_ENV):
         return ""
     return f"; a point of your own: name its file in {POINTS_FILE_ENV} (docs/quantizer.md)"
-
-
-def register_env_file() -> None:
-    """``register_file`` of the file ``SOP_POINTS`` names, if it names one (the command lines' start)."""
-    if path := os.environ.get(POINTS_FILE_ENV):
-        register_file(path)
 
 
 def operating_points() -> dict[str, OperatingPoint]:

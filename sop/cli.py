@@ -66,7 +66,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.quantize.models import model_inputs
     from sop.synth.wire import DEFAULT_BAUD
     from sop.terminal import finish_output, one_line, os_error_text, prepare_streams, reader_gone
-    from sop.user_points import register_env_points
+    from sop.user_points import refused_at_start
 except KeyboardInterrupt:
     print("sop: interrupted (SIGINT) while starting; nothing was written", file=sys.stderr)
     raise SystemExit(128 + signal.SIGINT) from None
@@ -668,11 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         print("sop: error: the current folder was removed; change to an existing folder and run again",
               file=sys.stderr)
         return 2
-    try:
-        register_env_points()           # the user's own tables and points first: the parsers list them
-    except ValueError as err:
-        print(f"sop: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+    if (refused := refused_at_start("sop")) is not None:     # the user's own points first: the parsers list them
+        return refused
     p, commands = _parser()
     args, extra = p.parse_known_args(argv)
     if extra:                                 # named by the command's own parser: `see sop eval --help`

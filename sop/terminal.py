@@ -176,7 +176,9 @@ def run_command(prog: str, main) -> None:
     code = prepare_streams(prog)
     if code is None:
         try:
-            code = _registered_env_file(prog)
+            from sop.user_points import refused_at_start      # (it imports this module)
+
+            code = refused_at_start(prog)                   # the user's own points (SOP_POINTS), as `sop`
             code = main() if code is None else code
         except SystemExit as stop:
             if stop.code is not None and not isinstance(stop.code, int):
@@ -192,19 +194,6 @@ def run_command(prog: str, main) -> None:
             code = 2
         code = finish_output(prog, code)
     sys.exit(code)
-
-
-def _registered_env_file(prog: str) -> int | None:
-    """The user's own tables and points (``SOP_POINTS``: sop.user_points) registered, as `sop` does; exit 2
-    and one line where the file cannot be."""
-    from sop.user_points import register_env_points
-
-    try:
-        register_env_points()
-    except ValueError as err:
-        print(one_line(f"{prog}: error: {err}"), file=sys.stderr)
-        return 2
-    return None
 
 
 def os_error_text(err: OSError) -> str:

@@ -6,19 +6,22 @@ registries outside golden/ hold (docs/quantizer.md, "Your own table and operatin
 from __future__ import annotations
 
 import os
+import sys
 
-from sop.golden.points import POINTS_FILE_ENV, register_env_file
+from sop.golden.points import POINTS_FILE_ENV, register_file
+from sop.terminal import one_line
 
 
 def register_env_points() -> None:
-    """golden.points.register_env_file, and then the names of the file's points checked against those
-    golden/ cannot see: a quantizer format's (quantize.schemes) and a GEMV engine's named on purpose
-    (hdl.gemv_config): one ValueError naming the file. Those tables refuse such a point where they are
-    read, and so a point ``sop4-g16-bf16`` ran in `sop` and was a traceback in `python -m sop.hdl.generate
-    --help`, and ``nvfp4`` was built by it and refused by `sop`, in a line that named no file."""
+    """``register_file`` of the file ``SOP_POINTS`` names, if it names one, and then the names of the
+    file's points checked against those golden/ cannot see: a quantizer format's (quantize.schemes) and a
+    GEMV engine's named on purpose (hdl.gemv_config): one ValueError naming the file. Those tables refuse
+    such a point where they are read, and so a point ``sop4-g16-bf16`` ran in `sop` and was a traceback in
+    `python -m sop.hdl.generate --help`, and ``nvfp4`` was built by it and refused by `sop`, in a line that
+    named no file."""
     if not (path := os.environ.get(POINTS_FILE_ENV)):
         return
-    register_env_file()
+    register_file(path)
     from sop.hdl.gemv_config import gemv_configs          # (Amaranth's import: only with a file)
     from sop.quantize.schemes import quant_formats
 
@@ -27,3 +30,14 @@ def register_env_points() -> None:
         gemv_configs()
     except ValueError as err:
         raise ValueError(f"{POINTS_FILE_ENV}={path}: {err}") from None
+
+
+def refused_at_start(prog: str) -> int | None:
+    """``register_env_points`` at a command's start: None where it ran, else its one line
+    ``PROG: error: ...`` printed and exit code 2 (`sop` and every ``python -m`` tool alike)."""
+    try:
+        register_env_points()
+    except ValueError as err:
+        print(one_line(f"{prog}: error: {err}"), file=sys.stderr)
+        return 2
+    return None
