@@ -197,7 +197,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     recons)``, if given, is called after each format's end-to-end check with the causal-LM runner and
     that format's float32 reconstructions (the demo prints a greedy completion there). ``jobs``: layers
     quantized in that many worker processes (quantize/jobs.py; the same results)."""
-    from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
+    from sop.quantize.jobs import LayerPool, check_jobs, start_early, usable_cpus
 
     calibrate, e2e, progress = boolean("calibrate", calibrate), boolean("e2e", e2e), boolean("progress", progress)
     lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)
@@ -218,6 +218,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"{option('e2e_windows')} must be a positive integer, got {e2e_windows!r}")
     say = reporter(progress)
+    start_early(jobs)                       # the workers' imports run while the model is opened
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
     if budget is not None:              # a budget below every cheapest option: refused before any layer is read
@@ -226,7 +227,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     announce(src, say)
     check_e2e_memory(src, e2e, e2e_windows, size.seq_len, jobs)        # before any work
     with contextlib.ExitStack() as stack:
-        # started first, so that the workers start while the model is loaded and calibrated here
+        # started before the model is loaded and calibrated here
         pool = stack.enter_context(LayerPool(jobs)) if jobs > 1 else None
         return _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_heldout, cache_dir,
                          say, progress, e2e_windows, on_format, pool)

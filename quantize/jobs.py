@@ -6,8 +6,9 @@ may hold threads), and ``pool.map(fn, argss)`` runs ``fn(*args)`` for each item 
 yields the results **in item order**, so that whatever the caller builds from them (a ``.sopq``,
 an eval JSON) is the bytes ``--jobs 1`` builds. The task functions here (``layer_task``, ``budget_layer``) open
 the checkpoint itself (``open_model(*src.opened_with)``, once per
-worker) and read only the layer they are given; the parent sends a layer name and its
-calibration statistics, never weights.
+worker, with the forward pass the parent found: not decided again) and read only the layer they are
+given; the parent sends a layer name and its calibration statistics, never weights. ``start_early(jobs)``
+starts the fork server before the parent opens the model, so that the two overlap.
 
 Contract.
 
@@ -202,6 +203,36 @@ def _context():
     return mp.get_context("spawn")
 
 
+@contextlib.contextmanager
+def _worker_environment():
+    """``SINGLE_THREAD_ENV`` in this process's environment while a worker or the fork server starts
+    (each inherits it: numpy's BLAS reads it as the server imports it), restored after."""
+    saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
+    os.environ.update(SINGLE_THREAD_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def start_early(jobs) -> None:
+    """Start the fork server now, without waiting for it, where ``jobs`` will start a ``LayerPool``:
+    its imports of the quantizer (a quarter of a second, the whole of a worker's start) then run on
+    another core while this process opens the model, and the pool's workers fork from it at once.
+    Nothing for ``jobs`` 1, or where there is no fork server (``spawn`` starts each worker afresh)."""
+    if min(check_jobs(jobs), usable_cpus()) < 2 or "forkserver" not in mp.get_all_start_methods():
+        return
+    from multiprocessing import forkserver
+
+    _context()
+    with _worker_environment():            # (the server runs no main script: not in its preload)
+        forkserver.ensure_running()
+
+
 def _exit_text(code) -> str:
     if code is None:
         return "it stopped answering"
@@ -267,15 +298,12 @@ class LayerPool:
         ctx = _context()
         regs = points.registrations()
         self.workers: list[_Worker] = []
-        saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
         try:
-            # spawned / forked-from-server workers inherit this environment when they start
-            os.environ.update(SINGLE_THREAD_ENV)
             for i in range(self.jobs):
                 parent, child = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=_worker, args=(child, device.active(), regs, on_command_line()),
                                 name=f"sop-job-{i}", daemon=True)
-                with _caller_main_hidden():
+                with _worker_environment(), _caller_main_hidden():
                     p.start()
                 child.close()
                 self.workers.append(_Worker(p, parent))
@@ -286,12 +314,6 @@ class LayerPool:
         except BaseException:
             self.close(abort=True)
             raise
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def __enter__(self):
         return self

@@ -407,8 +407,8 @@ class ModelSource:
     nan_policy: str = "error"
     #: every FP8 tensor with a scale that fits it (fp8_scales.py), selected or not: tensor -> its scale
     fp8_scale_of: dict = field(default_factory=dict)
-    #: the arguments of ``open_model`` that opened it: a worker process (quantize/jobs.py) reopens
-    #: the same selection with ``open_model(*src.opened_with)``
+    #: the arguments of ``open_model`` that opened it, the forward pass it found last: a worker process
+    #: (quantize/jobs.py) reopens the same selection with ``open_model(*src.opened_with)``
     opened_with: tuple = ()
     _index: tuple | None = None                 # ``_by_name``'s cache
 
@@ -986,12 +986,16 @@ def _causal_gguf(reader) -> tuple[bool, str]:
                     "transformers reads it as a dense model, without its experts"))
 
 
-def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, routers: bool = False) -> ModelSource:
+def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, routers: bool = False,
+               forward_of: tuple | None = None) -> ModelSource:
     """The linear layers of a checkpoint, selected by the include/exclude globs.
 
     ``lm_head``: quantize the output head too (by default it is kept, as embeddings are); ``routers``:
     quantize the MoE routers too (``router_weights``; kept by default, as llama.cpp and vLLM keep them: a
-    router's few weights choose which experts run)."""
+    router's few weights choose which experts run). ``forward_of``: the forward pass an earlier
+    ``open_model`` of the same checkpoint found (the last item of its ``opened_with``), taken as it is: a
+    ``--jobs`` worker reopening the parent's selection does not decide it again (for a GGUF, the import
+    of transformers' architecture table, about 2 s a process)."""
     spec = _spec_text(spec)
     include, exclude = globs(include, "include"), globs(exclude, "exclude")
     lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)    # lm_head="no" was True
@@ -1002,7 +1006,8 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
     whole_folder = kind == "minilm" or Path(spec).is_dir()
     cfg = _folder_config(folder, whole_folder) if folder is not None else None
     prefix = "bert." if any(n.startswith("bert.embeddings.") for n in reader.names()) else ""
-    bert, forward, forward_note = _forward_of(kind, folder, cfg, reader, whole_folder, prefix)
+    decided = forward_of if forward_of is not None else _forward_of(kind, folder, cfg, reader, whole_folder, prefix)
+    bert, forward, forward_note = decided
     names = sorted(reader.names(), key=_natural_key)
     scales = fp8_scales.scale_tensors(names)     # FP8 layers' scales, by module
     conv1d = kind not in ("gguf", "minilm") and any(_module_of(n) in CONV1D_NAMES for n in names) and \
@@ -1076,7 +1081,7 @@ def open_model(spec: str, include=None, exclude=None, lm_head: bool = False, rou
     return ModelSource(spec, kind, files, layers, skipped, bert, prefix, forward, forward_note,
                        folder if forward else None, head_note, tied, copy_of,
                        notes, reader, opened_with=(spec, list(include or []) or None,
-                                                   list(exclude or []) or None, lm_head, routers),
+                                                   list(exclude or []) or None, lm_head, routers, decided),
                        fp8_scale_of=fp8)
 
 

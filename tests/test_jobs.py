@@ -165,6 +165,44 @@ def test_a_worker_opens_the_selection_the_parent_opened(tmp_path):
         assert names == [lay.name for lay in src.layers] and len(names) == 1 + lm_head + routers
 
 
+def test_a_worker_takes_the_forward_pass_the_parent_found(monkeypatch):
+    """A worker reopens the parent's selection without deciding its forward pass again (for a GGUF that
+    imported transformers' architecture table, about 2 s in every worker): ``opened_with`` carries it."""
+    from sop.quantize import models
+    from sop.quantize.models import open_model
+
+    src = open_model("minilm", ["*.attention.*"])
+
+    def decided_again(*args):
+        raise AssertionError("the worker decided the forward pass again")
+
+    monkeypatch.setattr(models, "_forward_of", decided_again)
+    monkeypatch.setattr(J, "_SOURCE", {})
+    again = J.source(src.opened_with)
+    assert (again.forward, again.forward_note, again.bert_folder) == (src.forward, src.forward_note, src.bert_folder)
+    assert src.forward == "bert" and src.bert_folder is not None
+    assert [lay.name for lay in again.layers] == [lay.name for lay in src.layers]
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """The workers, forked from the fork server that ``start_early`` started while the model was opened,
+    do not run the caller's script again (``python script.py`` with no ``if __name__ == "__main__"``
+    guard; they prepare themselves from the parent's ``__main__``): the script's work is done once."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from sop.quantize.evaluate import evaluate\n"
+                      "print('started', flush=True)\n"
+                      "evaluate('minilm', ['nf4-g64'], include=['encoder.layer.0.*'], calibrate=False, e2e=False,\n"
+                      "         progress=False, jobs=2)\n"
+                      "print('done', flush=True)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["started", "done"]
+
+
 def test_a_pool_starts_no_more_workers_than_cpus(monkeypatch):
     """--jobs 100000 once started processes until the machine stalled: a pool is capped at the CPUs."""
     assert 1 <= J.usable_cpus() <= (os.cpu_count() or 1)
