@@ -1,4 +1,5 @@
-"""The golden model: the bit-exact numpy specification of every format, codebook, layout and the decoder (docs/formats.md)."""
+"""The golden model: the bit-exact numpy specification of every format, codebook, layout, operating point,
+the decoder and the dot-product engine (docs/formats.md, docs/dot.md), and the atomic file writes they use."""
 
 from sop import imported_as_subpackage
 

@@ -7,8 +7,8 @@ no Inf, no NaN, the all-ones exponent is an ordinary binade (a LUT never needs
 specials, and the datapath needs no special-case logic).
 
 The default, chosen in docs/hif.md from bench/hif_sqnr.py, is E3 with bias 5:
-normal exponents -4 .. 2, so the E2M1 (0.5 .. 6) and E2M3 (0.125 .. 7.5) element
-values are exact for M >= 3, and normalized codebooks (entries in [-1, 1],
+normal exponents -4 .. 2, so the E2M1 (0.5 .. 6) element values are exact for M >= 1
+and the E2M3 (0.125 .. 7.5) ones for M >= 3, and normalized codebooks (entries in [-1, 1],
 smallest nonzero NF4 entry 0.0796 = 1.27 * 2^-4) sit in normal binades.
 """
 

@@ -4,7 +4,8 @@ This is the exact encoder on which the SOP search builds: for a given layout and
 codebook bank(s) it picks, per block, the bank, the scale sign and the scale code
 that minimize the block's (optionally activation-weighted) squared error
 
-    err(block) = sum_j a_j * (w_j - q_j)^2        (a_j = col_weight[j], or 1)
+    err(block) = sum_j a_j * (w_j - q_j)^2        (a_j = col_weight[j], the column's activation
+                                                  mean square, or 1: docs/sop.md's a_j^2)
 
 among
 

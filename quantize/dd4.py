@@ -6,7 +6,7 @@ search evaluates is exactly the LUT image the decoder will hold.
 
 The fit is activation-weighted Lloyd-Max (k-means in one dimension) on the
 block-normalized values, alternated with the block assignment (``a_j`` below is
-the error weight of column ``j``, its activation mean square, or 1):
+the error weight of column ``j``, its activation mean square, or 1; docs/sop.md writes it ``a_j^2``):
 
 1. *assign*: encode the layer with the current table (quantize.blockwise, the
    same per-block sign and scale search as the final encode); every weight gets a

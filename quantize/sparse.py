@@ -2,7 +2,8 @@
 
 After a layer is encoded, ``q`` is its reconstruction and ``r = w - q`` the residual.
 ``sparse_residuals`` keeps the ``k`` positions with the largest activation-weighted
-residual energy ``a_j r^2`` (``a_j`` = the column's activation mean square, or 1)
+residual energy ``a_j r^2`` (``a_j`` = the column's activation mean square, or 1;
+docs/sop.md writes it ``a_j^2``)
 as entries of ``golden.layout.Sparse``: the flat index ``row * cols + col`` (u32,
 strictly increasing) and the residual rounded to BF16 (golden's rule, via
 ``get_format("bf16").encode``). ``golden.decoder.decode_layer`` adds them to the
