@@ -11,7 +11,7 @@ written atomically.
 
 Beside them, the AXI4-Stream shell (hdl/axis.py): ``NAME_axis.v`` (top module
 ``sop_decoder_<NAME>_axis``, ports named as AMBA AXI4-Stream names them),
-``NAME_axis.json`` (its ports, TDATA widths, load-word fields, latency), a
+``NAME_axis.json`` (its ports, TDATA widths, load-word and lane fields, latency), a
 self-checking Verilog testbench ``NAME_axis_tb.v`` (golden's values for three
 random layers, random TVALID gaps and TREADY pauses) and a FuseSoC CAPI2 core
 ``NAME_axis.core`` (VLNV ``sop:decoder:<module>:<version>``) with the targets
@@ -196,11 +196,17 @@ def axi_port_list(top: wiring.Component) -> list[dict]:
 
 
 def axis_manifest(config: DecoderConfig, top: axis.AxisTop) -> dict:
-    """The shell's ports (AXI names), TDATA widths, load-word fields and latency."""
+    """The shell's ports (AXI names), TDATA widths, load-word fields, lane fields and latency: all an
+    integrator needs beside docs/hardware.md (the lane fields and the reset's polarity as the bare
+    decoder's manifest gives them; without them the exact shell's lanes were described only there)."""
     ports = axi_port_list(top)
+    for p in ports:
+        if p["name"] == "aresetn":
+            p["note"] = "synchronous, active low"
     doc = {"module": axis_module_name(config), "decoder": module_name(config), "parameters": config.describe(),
            "latency_cycles": top.latency, "tdata_bits": axis.widths(config),
            "lane_bytes": axis.lane_bytes(config), "lane_word_bits": Shape.cast(config.lane_layout).width,
+           "lane_fields": lane_fields(config),
            "load_fields": {k: {"lsb": lsb, "width": w} for k, (lsb, w) in axis.load_fields(config).items()},
            "ctrl_bits": {"bank": 0, "offset": 1}, "tlast_depth": top.core.tlast_depth, "ports": ports}
     if config.residuals:

@@ -10,6 +10,8 @@
   its handshake) are each reported.
 * Every named configuration's shell lints clean; `fusesoc run --target lint` and
   `--target sim` pass on the generated core, and fail on a broken design.
+* docs/hardware.md's port table, shell instance and manifest table are the generated shell's; its
+  manifest gives the lane fields and the reset's polarity.
 """
 
 import dataclasses
@@ -423,6 +425,76 @@ def test_shell_ports_manifest_and_lint(axis_dir, name):
     r = subprocess.run(["verilator", "--lint-only", "-Wall", str(LINT_WAIVERS), str(axis_dir / f"{name}_axis.v")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_shell_manifest_gives_the_lane_fields_and_the_reset_polarity(axis_dir, name):
+    """An integrator of the shell reads `NAME_axis.json` alone: the lane word's fields (the exact
+    lane's `sig`, `exp`, `sign` were only in the bare decoder's manifest) tile the lane, and
+    ``aresetn`` says it is synchronous and active low (the bare manifest's ``rst`` said so; the
+    shell's said nothing)."""
+    doc = json.loads((axis_dir / f"{name}_axis.json").read_text())
+    fields = doc["lane_fields"]
+    assert [f["lsb"] for f in fields] == [sum(g["width"] for g in fields[:i]) for i in range(len(fields))]
+    assert sum(f["width"] for f in fields) == doc["lane_word_bits"] <= 8 * doc["lane_bytes"]
+    want = [("sig", 11, False), ("exp", 9, True), ("sign", 1, False)] if ALL[name].output == "exact" \
+        else [("bf16", 16, False)]                      # hardware.md: sop4-g16-exact's P = 11, E = 9
+    assert [(f["name"], f["width"], f["signed"]) for f in fields] == want
+    (reset,) = [p for p in doc["ports"] if p["name"] == "aresetn"]
+    assert reset["note"] == "synchronous, active low"
+
+
+def test_the_documented_shell_instance_ports_and_manifest_are_the_generated_ones(axis_dir, tmp_path):
+    """docs/hardware.md, "AXI4-Stream shell", against the generated sop4-g16-sp shell (every port a
+    shell has): the port table (names, directions, widths), the instance an integrator copies (every
+    port connected once, each TDATA's width in its comment; it compiles in Icarus and lints clean
+    with -Wall beside the shell's waivers) and the manifest table (exactly the manifest's fields;
+    the `-sp only` rows absent from sop4-g16's). The doc had no instance of the shell and no
+    table of its manifest."""
+    text = Path(__file__).resolve().parent.parent.joinpath("docs", "hardware.md").read_text()
+    section = text[text.index("## AXI4-Stream shell"):text.index("### The FuseSoC core")]
+    name = "sop4-g16-sp"
+    doc = json.loads((axis_dir / f"{name}_axis.json").read_text())
+    ports = {p["name"]: (p["direction"], p["width"]) for p in doc["ports"]}
+    # the port table: one row per port or group of ports; "in, out" pairs with the names in order
+    table = section[section.index("| port | dir | width (sop4-g16) | meaning |"):]
+    table = table[:table.index("\n\n")]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        names, dirs = re.findall(r"`(\w+)`", cells[0]), [d.strip() for d in cells[1].split(",")]
+        dirs = dirs * len(names) if len(dirs) == 1 else dirs
+        assert len(dirs) == len(names), line
+        for n, d in zip(names, dirs):
+            rows[n] = ({"in": "input", "out": "output"}[d], int(re.findall(r"\d+", cells[2])[-1]))
+    assert rows == ports
+    # the instance
+    m = re.search(r"```verilog\n(?P<mod>\w+) u_dec \((?P<body>.*?)\n\);\n```", section, re.S)
+    assert m and m["mod"] == doc["module"], "docs/hardware.md has no instance of the shell"
+    conns = re.findall(r"\.(\w+)\((\w+)\)", m["body"])
+    assert sorted(p for p, _ in conns) == sorted(ports)
+    for line in m["body"].splitlines():
+        said = re.search(r"\.(\w+)\(.*// (\d+):", line)
+        if said:
+            assert int(said[2]) == ports[said[1]][1], line
+    assert {p for line in m["body"].splitlines() if (said := re.search(r"\.(\w+_tdata)\(.*// (\d+):", line))
+            for p in [said[1]]} == {p for p in ports if p.endswith("_tdata")}
+    decl = ",\n".join(f"  {ports[p][0]} wire {f'[{ports[p][1] - 1}:0] ' if ports[p][1] > 1 else ''}{s}"
+                      for p, s in conns)
+    (tmp_path / "my_top.v").write_text(f"module my_top(\n{decl});\n{m['mod']} u_dec ({m['body']}\n);\nendmodule\n")
+    shell, vlt = axis_dir / f"{name}_axis.v", axis_dir / f"{name}_axis.vlt"
+    subprocess.run(["iverilog", "-g2005", "-o", str(tmp_path / "a.vvp"), "my_top.v", str(shell)], cwd=tmp_path,
+                   check=True, capture_output=True, text=True)
+    r = subprocess.run(["verilator", "--lint-only", "-Wall", str(vlt), str(shell), "my_top.v"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "%Warning" not in r.stderr, r.stderr[-3000:]
+    # the manifest table
+    table = section[section.index("| field | meaning |"):]
+    table = table[:table.index("\n\n")]
+    keys = {re.match(r"\| `(\w+)`", line)[1]: "`-sp` only" in line for line in table.splitlines()[2:]}
+    assert set(keys) == set(doc)
+    plain = json.loads((axis_dir / "sop4-g16_axis.json").read_text())
+    assert set(plain) == {k for k, sp_only in keys.items() if not sp_only}
 
 
 def fusesoc(cores_root: Path | list[Path], target: str, vlnv: str, work: Path) -> subprocess.CompletedProcess:
