@@ -17,7 +17,10 @@ Contract.
   deterministic and independent of the thread count (their chunk threads write disjoint slices).
 * **Bounded memory.** At most ``jobs`` items are in flight or waiting to be consumed: a new one is
   sent only when the oldest result has been handed on. Peak memory is about ``jobs`` times the
-  single-process peak of the largest layer (docs/benchmarks.md) plus the results held.
+  single-process peak of the largest layer (docs/benchmarks.md) plus the results held. A caller whose
+  results are a few numbers (``sop eval`` without the end-to-end check: no arrays) lets the workers
+  run ahead of the oldest result (``map``'s ``ahead``): a worker done with a small layer takes the
+  next one while a large one ahead of it is still worked on, where it waited.
   Large arrays come back as raw bytes into a preallocated array (``Connection.send_bytes`` /
   ``recv_bytes_into``), not through pickle, so the parent holds each once.
 * **One core per worker.** Each worker runs its chunk loop inline (``SOP_THREADS=1``) and
@@ -321,11 +324,14 @@ class LayerPool:
     def __exit__(self, kind, value, tb):
         self.close(abort=kind is not None)
 
-    def map(self, fn, argss, label=str, weights=None):
+    def map(self, fn, argss, label=str, weights=None, ahead: int | None = None):
         """Yield ``(meta, arrays)`` of ``fn(*args)`` for each ``args`` of ``argss``, in order.
 
         ``label(i)`` names item ``i`` in an error (a layer name); ``weights(i)`` is its size, which
-        scales its time limit (``layer_limit``; without it each item has ``LIMIT_BASE`` seconds)."""
+        scales its time limit (``layer_limit``; without it each item has ``LIMIT_BASE`` seconds).
+        ``ahead``: items sent but not yet handed on, at most (default ``jobs``: no result waits in
+        this process while an earlier one is worked on; more only for results of a few numbers)."""
+        ahead = self.jobs if ahead is None else max(self.jobs, int(ahead))
         argss = list(argss)
         n = len(argss)
         results: dict[int, tuple] = {}
@@ -333,7 +339,7 @@ class LayerPool:
         busy: list[_Worker] = []
         sent = done = 0
         while done < n:
-            while idle and sent < n and sent - done < self.jobs:
+            while idle and sent < n and sent - done < ahead:
                 w = idle.pop(0)
                 try:
                     w.conn.send((sent, fn, argss[sent]))

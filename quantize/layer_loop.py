@@ -267,8 +267,9 @@ def layer_outcomes(src, fmt, cal, nan_policy: str, want: str | None, pool):
         from sop.quantize import jobs
 
         args = [(src.opened_with, lay.name, fmt.name, cal.get(lay.name), nan_policy, want) for lay in src.layers]
+        # statistics only (no arrays): every layer may be sent ahead, none waits behind a large one
         yield from pool.map(jobs.layer_task, args, label=lambda i: src.layers[i].name,
-                            weights=lambda i: src.layers[i].size)
+                            weights=lambda i: src.layers[i].size, ahead=len(args) if want is None else None)
         return
     for lay in src.layers:
         yield layer_outcome(src, lay.name, fmt.name, cal.get(lay.name), nan_policy, want)

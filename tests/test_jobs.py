@@ -165,6 +165,29 @@ def test_a_worker_opens_the_selection_the_parent_opened(tmp_path):
         assert names == [lay.name for lay in src.layers] and len(names) == 1 + lm_head + routers
 
 
+def which_worker(x, delay):
+    """A task: (this worker's pid, []) after ``delay`` seconds."""
+    import time
+
+    time.sleep(delay)
+    return os.getpid(), []
+
+
+def test_workers_run_ahead_of_a_slow_item_only_when_asked():
+    """With ``ahead``, a worker done with a small item takes the next ones while a slow item before them
+    is worked on (``sop eval`` without the end-to-end check: its results are a few numbers); by default
+    (results of a layer's size) it waits, so that no result is held here while an earlier one is
+    worked on."""
+    items = [(0, 2.0), (1, 0.0), (2, 0.0), (3, 0.0)]
+    for ahead, fast_on_one in ((None, False), (4, True)):
+        with J.LayerPool(2) as pool:
+            if pool.jobs < 2:
+                pytest.skip("one CPU")
+            pids = [pid for pid, _ in pool.map(which_worker, items, ahead=ahead)]
+        assert pids[0] not in pids[1:2]                 # the slow item and the first fast one: two workers
+        assert (len(set(pids[1:])) == 1) == fast_on_one, (ahead, pids)
+
+
 def test_a_worker_takes_the_forward_pass_the_parent_found(monkeypatch):
     """A worker reopens the parent's selection without deciding its forward pass again (for a GGUF that
     imported transformers' architecture table, about 2 s in every worker): ``opened_with`` carries it."""
