@@ -230,6 +230,7 @@ def _format_from_spec(f, what: str) -> FloatFormat:
         raise ValueError(f"{what} must be a format's name (for example ue4m4) or a JSON object, got {f!r}")
     _fields_problem(f, {g.name for g in dataclasses.fields(FloatFormat)}, "a format", f"{what}: ",
                     required=("name", "bits"))
+    _types_problem(f, _FORMAT_TYPES, f"{what}: ")
     return FloatFormat(**f)
 
 
@@ -259,19 +260,30 @@ def _fields_problem(d: dict, allowed, kind: str, where: str = "", required=()) -
         raise ValueError(f"{where}no {', '.join(repr(k) for k in missing)} field")
 
 
-#: A spec's fields of JSON types other than a string (and a point's ``lanes``, ``decoder_problems``'s):
-#: ``"vectors": "false"`` was a point with vectors (a string is true), ``"code_bits": "4"`` refused as
-#: ``code width 4 not supported``, ``"signed_scale": "true"`` as ``invalid literal for int()``.
+#: The JSON type of each field of a spec (``_SPEC_TYPES``, and a point's ``lanes``, ``decoder_problems``'s),
+#: of its ``layout`` and of a format given as an object (``point_spec``'s, ``_FORMAT_TYPES``) and of a
+#: ``variants`` entry: ``"vectors": "false"`` was a point with vectors (a string is true), ``"code_bits":
+#: "4"`` refused as ``code width 4 not supported``, ``"signed_scale": "true"`` as ``invalid literal for
+#: int()``; a format's ``"ebits": "4"`` as ``unsupported operand type(s) for +``, its ``"bias": "7"`` or
+#: ``"name": 5`` taken; a variant's ``"suffix": ["x1"]`` as ``unhashable type: 'list'``, its ``"suffix":
+#: null`` taken (a configuration ``<point>-None``).
 _SPEC_TYPES = {"code_bits": int, "group": int, "signed_scale": bool, "select_bit": bool, "vectors": bool,
                "board": bool, "description": str}
+_FORMAT_TYPES = {"name": str, "bits": int, "signed": bool, "ebits": int, "mbits": int, "bias": int, "specials": str}
+_VARIANT_TYPES = {"suffix": str, "lanes": (int, type(None)), "output": (str, type(None))}
+#: how a refusal names a JSON type
+_JSON_TYPE_NAMES = {int: "an integer", bool: "true or false", str: "a string", type(None): "null"}
 
 
-def _types_problem(d: dict, what: str) -> None:
-    """A ValueError for a field of ``d`` (a spec or its layout) not of its ``_SPEC_TYPES`` JSON type."""
-    for key, kind in _SPEC_TYPES.items():
-        if key in d and (type(d[key]) is not kind):
-            name = {int: "an integer", bool: "true or false", str: "a string"}[kind]
-            raise ValueError(f"{what}{key} must be {name}, got {d[key]!r}")
+def _types_problem(d: dict, types: dict, what: str) -> None:
+    """A ValueError for a field of ``d`` (a spec, its layout, a format, a variant) not of its JSON type in
+    ``types`` (a type, or a tuple of them: ``None`` for null), named as ``WHAT FIELD must be ..., got ...``.
+    The type itself, not ``isinstance``: JSON's true is no integer, and 1 no true."""
+    for key, kinds in types.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if key in d and type(d[key]) not in kinds:
+            raise ValueError(f"{what}{key} must be {' or '.join(_JSON_TYPE_NAMES[k] for k in kinds)}, "
+                             f"got {d[key]!r}")
 
 
 def point_from_spec(d: dict) -> OperatingPoint:
@@ -285,15 +297,20 @@ def point_from_spec(d: dict) -> OperatingPoint:
     for key, kind in (("layout", dict), ("codebooks", list), ("variants", list)):
         if key in d and not isinstance(d[key], kind):
             raise ValueError(f"{key} must be a JSON {'object' if kind is dict else 'list'}, got {d[key]!r}")
-    _types_problem(d, "")
+    _types_problem(d, _SPEC_TYPES, "")
+    # (OperatingPoint's own refusal is a Python caller's: ``got a NoneType``)
+    if bad := next(((i, c) for i, c in enumerate(d.get("codebooks", ())) if not isinstance(c, str)), None):
+        raise ValueError(f"codebooks: entry {bad[0]} must be a string (a table's name), got {bad[1]!r}")
     lay = d["layout"]
     _fields_problem(lay, _LAYOUT_FIELDS, "a layout", "layout: ", required=("code_bits", "group", "scale"))
-    _types_problem(lay, "layout: ")
+    _types_problem(lay, _SPEC_TYPES, "layout: ")
     for i, v in enumerate(d.get("variants", ())):
         if not isinstance(v, dict):
             raise ValueError(f"variant {i}: a JSON object {{\"suffix\": ..., \"lanes\": ..., \"output\": ...}}, "
                              f"got {v!r}")
-        _fields_problem(v, _VARIANT_FIELDS, "a variant", f"variant {v.get('suffix', i)!r}: ", required=("suffix",))
+        where = f"variant {v['suffix'] if isinstance(v.get('suffix'), str) else i!r}: "
+        _fields_problem(v, _VARIANT_FIELDS, "a variant", where, required=("suffix",))
+        _types_problem(v, _VARIANT_TYPES, where)
     kw = {k: d[k] for k in ("search", "lanes", "output", "vectors", "board") if k in d}
     kw |= {"codebooks": tuple(d["codebooks"])} if "codebooks" in d else {}
     kw |= {"hif": _hif_from_spec(d["hif"])} if "hif" in d else {}
@@ -410,6 +427,18 @@ def register_file(path) -> list[str]:
             and isinstance(specs, list) and all(isinstance(d, dict) for d in specs)):
         raise ValueError(f"{where}: not a file of tables and points: a JSON object {{\"codebooks\": {{NAME: "
                          f"[values]}}, \"points\": [POINT, ...]}} (docs/quantizer.md)")
+    # a file named to register something: one that holds nothing (``{}``, an editor's unsaved buffer, the
+    # wrong file) registered nothing without a word, and the point it was meant to hold was then an unknown
+    # format; registrations() never writes such a file (it holds the built-in points)
+    if not tables and not specs:
+        raise ValueError(f"{where}: holds no tables or points: nothing to register; a file of tables and points "
+                         f"is {{\"codebooks\": {{NAME: [values]}}, \"points\": [POINT, ...]}} (docs/quantizer.md)")
+    for name, values in tables.items():
+        # a JSON type register_codebook reads as another (true as 1) or refuses in numpy's words
+        if not isinstance(values, list):
+            raise ValueError(f"{where}: codebook {name}: its entries must be a JSON list of numbers, got {values!r}")
+        if bad := next(((i, v) for i, v in enumerate(values) if type(v) not in (int, float)), None):
+            raise ValueError(f"{where}: codebook {name}: entry {bad[0]} must be a number, got {bad[1]!r}")
     # all or nothing: a file refused at its third point left its tables and two points registered in the
     # process (a script's register_file, fixed and called again, was refused: name already registered)
     before_points, before_tables = set(_POINTS), set(tables_registered)

@@ -16,7 +16,11 @@ held-out text (llama.cpp's ``perplexity --kl-divergence`` convention). Only then
 are a format's reconstructions kept until its forward pass (as float32).
 ``jobs=N`` quantizes the layers of a per-layer format N at a time in worker
 processes (quantize/jobs.py), results taken in layer order: the same document.
-Each layer prints one progress line (``layer_line``: name, shape, seconds). An
+Each layer prints one progress line (``layer_line``: name, shape, seconds). Each line is said once, in the
+stream it belongs to: the summary of what was measured (the layers kept as they are, the calibration) is
+the report's (``format_table``, `sop eval`'s standard output, a file when piped), not progress too; a
+warning about the reference is standard error's, printed at the start even when quiet, and in the
+JSON's ``source.notes``, not the report's (`sop eval` printed both twice on a terminal). An
 end-to-end check or calibration that would not fit in memory is refused before
 any work (``check_e2e_memory``, quantize/memory.py). The per-layer loop itself (read, quantize,
 measure, report; ``--jobs``; sop-budget's knapsack) is quantize/layer_loop.py's, which `sop quantize`
@@ -224,7 +228,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     if budget is not None:              # a budget below every cheapest option: refused before any layer is read
         check_budget_shapes([lay.shape for lay in src.layers], budget, option("budget"))
     say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights")
-    announce(src, say)
+    announce(src, lambda _: None)       # its warnings; what was kept is the report's (the module docstring)
     check_e2e_memory(src, e2e, e2e_windows, size.seq_len, jobs)        # before any work
     with contextlib.ExitStack() as stack:
         # started before the model is loaded and calibrated here
@@ -236,9 +240,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
 def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_heldout, cache_dir, say, progress,
               e2e_windows, on_format, pool) -> dict:
     prep, e2e_skip = _e2e_prepare(src, e2e, n_heldout, e2e_windows, size.seq_len)
-    cal = calibration_for(src, calibrate, size, cache_dir, say, announced=True)
-    if not cal.weighted:
-        say(f"calibration: {cal.note}")
+    cal = calibration_for(src, calibrate, size, cache_dir, say, announced=True)    # (its note: the report's)
     if prep is not None and prep[0] == "causal-lm":
         say(f"end-to-end reference: {e2e_windows} x {size.seq_len} held-out tokens")
     runner = _e2e_reference(prep)
@@ -331,12 +333,13 @@ def _ppl_cell(ppl: float) -> str:
 
 
 def format_table(doc: dict) -> str:
-    """The human-readable summary `sop eval` prints."""
+    """The human-readable summary `sop eval` prints: the model, what was kept, the calibration and a row a
+    format. The warnings about the reference (``source.notes``) are not repeated: `sop eval` printed them on
+    standard error as the model was opened (``announce``)."""
     src, cal = doc["source"], doc["calibration"]
     lines = [f"model {doc['model']} ({src['kind']}): {linear_layers(src['layers'])}, {src['weights']:,} weights"]
     if isinstance(src.get("kept"), dict):
         lines.append(kept_text(src["kept"], src.get("lm_head", "")))
-    lines += [one_line(f"warning: {n}") for n in src.get("notes", [])]     # a note may name a tensor
     lines += [f"calibration: {cal['note']}" + (" [cached]" if cal.get("cached") else ""), ""]
     causal = _causal(doc)
     # no forward pass and no end-to-end result: no such columns at all (a sentence encoder's dashes said nothing)

@@ -2,11 +2,12 @@
 a number outside its range is a usage error naming the option and the value, before any work.
 
 ``number(int, 0, inclusive=True)`` takes 0, 1, 2, ...; ``positive(float)`` any finite number above
-0. NaN and the infinities are never in range. ``Once``: an option that takes one value, given twice, is
-a usage error (argparse keeps the last). ``in_file``, ``out_folder``, ``layer_name``: a path or name,
-never the empty one. ``output_checked``: an output a tool cannot write (a folder where a file goes, a
-device, an input), refused as a usage line before any work. ``ToolParser``: the parser of every tool,
-its usage error one line, each list option's values once, its help's names never cut at a hyphen.
+0. NaN and the infinities are never in range. ``Once``: an option that takes one value, given twice, is a
+usage error (argparse keeps the last); a ``ToolParser`` with ``options_once`` (`sop`'s) makes every such
+option one. ``in_file``, ``out_folder``, ``layer_name``: a path or name, never the empty one.
+``output_checked``: an output a tool cannot write (a folder where a file goes, a device, an input), refused as
+a usage line before any work. ``ToolParser``: the parser of every tool, its usage error one line, each list
+option's values once, its help's names never cut at a hyphen.
 """
 
 from __future__ import annotations
@@ -40,10 +41,24 @@ class ToolParser(argparse.ArgumentParser):
 
     hint = None
     _argv: list = []
+    #: every option of one value (argparse's ``store``: no ``action`` given) is ``Once``; a parser's
+    #: subcommands' too (argparse makes them of the parent's class). `sop` sets it; the other tools keep
+    #: argparse's rule (a Makefile line may repeat an option to override it).
+    options_once = False
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _NamesWhole)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        """argparse's, an option of one value made ``Once`` where ``options_once``: one rule for every
+        option of every command (``sop eval --json a.json --json b.json`` wrote b.json alone, ``sop
+        dequantize --out`` and ``sop report --out`` kept the last), not an ``action=Once`` each option's
+        author had to remember. A flag, a list option (``append``) and a positional argument are left be."""
+        if self.options_once and kwargs.get("action", "store") == "store" and args and \
+                all(a.startswith(tuple(self.prefix_chars)) for a in args):
+            kwargs["action"] = Once
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message):
         extra = self.hint(self._argv, message) if self.hint is not None else ""

@@ -49,7 +49,7 @@ import sys
 from pathlib import Path
 
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
-    from sop.argtypes import Once, ToolParser, as_typed, in_file, layer_name, number, positive
+    from sop.argtypes import ToolParser, as_typed, in_file, layer_name, number, positive
     from sop.golden.dot import ACT_FORMATS
     from sop.golden.files import (EMPTY_FOLDER_NAME, OutputError, check_output, input_file, interrupted,
                                   nearest_existing, signals_as_interrupts, write_atomic)
@@ -518,7 +518,7 @@ def _model_options(p) -> None:
     """The options ``eval`` and ``quantize`` share: what is quantized, how it is calibrated, where the search
     runs. Their defaults are the library's (quantize/calib.py, quantize/evaluate.py)."""
     size = CalibSize()
-    p.add_argument("--budget", type=positive(float), default=None, action=Once,
+    p.add_argument("--budget", type=positive(float), default=None,
                    help="average bits per weight for sop-budget")
     p.add_argument("--include", action="append", type=as_typed, metavar="GLOB",
                    help="only layers matching (repeatable)")
@@ -581,7 +581,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")
     v.add_argument("model", help="a model (a file, a HF folder, 'minilm' or 'smollm2') or a .sopq artifact (its "
                                  "stored layers, sparse residuals included; docs/vectors.md)")
-    v.add_argument("--format", required=True, choices=vector_points(), action=Once)
+    v.add_argument("--format", required=True, choices=vector_points())
     v.add_argument("--layer", action="append", type=layer_name, metavar="NAME",
                    help="a linear layer (repeatable; default all)")
     v.add_argument("--include-lm-head", action="store_true",
@@ -594,7 +594,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     v.set_defaults(func=cmd_vectors)
     q = sub.add_parser("quantize", help="quantize a model into a .sopq artifact (golden layer streams)")
     q.add_argument("model", help="a .safetensors / .bin / .pt / .gguf file, a HF folder, 'minilm' or 'smollm2'")
-    q.add_argument("--format", required=True, metavar="F", action=Once, help="a format name; `sop formats` lists them")
+    q.add_argument("--format", required=True, metavar="F", help="a format name; `sop formats` lists them")
     q.add_argument("--out", required=True, help="the .sopq artifact to write (atomically)")
     _model_options(q)
     q.set_defaults(func=cmd_quantize)
@@ -613,15 +613,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     dq.hint = _model_folder_hint
     gm = sub.add_parser("gemv", help="y = W x of one quantized layer by the golden dot-product engine")
     gm.add_argument("file", type=in_file, help="the .sopq artifact")
-    # each option once: `--layer A --layer B` ran B alone without a word (sop vectors takes several --layer)
-    gm.add_argument("--layer", required=True, type=layer_name, metavar="NAME", action=Once,
+    # each option once (ToolParser.options_once): `--layer A --layer B` ran B alone (sop vectors takes several)
+    gm.add_argument("--layer", required=True, type=layer_name, metavar="NAME",
                     help="the layer (its name in the artifact)")
-    gm.add_argument("--x", required=True, type=in_file, metavar="X.npy", action=Once,
+    gm.add_argument("--x", required=True, type=in_file, metavar="X.npy",
                     help="activations: a float32 .npy array, (in,) or (batch, in), every value held exactly "
                          "by --x-format")
-    gm.add_argument("--x-format", choices=list(ACT_FORMATS), default="bf16", action=Once,
+    gm.add_argument("--x-format", choices=list(ACT_FORMATS), default="bf16",
                     help="the activation format (default bf16)")
-    gm.add_argument("--out", required=True, metavar="Y.npy", action=Once,
+    gm.add_argument("--out", required=True, metavar="Y.npy",
                     help="the float32 .npy result to write (atomically): (out,) or (batch, out)")
     gm.set_defaults(func=cmd_gemv)
     r = sub.add_parser("report", help="markdown table and SQNR-vs-bpw plot of a `sop eval --json` file")
@@ -635,10 +635,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     b.add_argument("--port", required=True, help="the board's serial port (for example /dev/ttyUSB1)")
     b.add_argument("model", help="a model path, 'minilm', or a .sopq artifact (`sop quantize`; its stored "
                                  "layer, sparse residual entries included)")
-    b.add_argument("--format", required=True, choices=board_points(), action=Once,
+    b.add_argument("--format", required=True, choices=board_points(),
                    help="the format of the board's decoder or GEMV engine (the boards of synth/gateware/board.py: "
                         "sop4-g16)")
-    b.add_argument("--layer", type=layer_name, metavar="NAME", default=None, action=Once,
+    b.add_argument("--layer", type=layer_name, metavar="NAME", default=None,
                    help="a linear layer (default: a model's first; an artifact's first in --format's layout with "
                         "sparse entries, else its first in that layout)")
     b.add_argument("--baud", type=positive(int), default=DEFAULT_BAUD, help=f"baud rate (default {DEFAULT_BAUD})")
@@ -647,7 +647,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     b.add_argument("--rows", type=positive(int), default=None,
                    help="only the first N rows of the layer (a model's quantized as a layer of their own; "
                         "docs/vectors.md)")
-    b.add_argument("--x", type=in_file, default=None, metavar="X.npy", action=Once,
+    b.add_argument("--x", type=in_file, default=None, metavar="X.npy",
                    help="with --gemv: the activation vector, (in,) float values E4M3 holds exactly (default: "
                         "MiniLM's real input to the layer for a token of a sentence, rounded to E4M3)")
     b.add_argument("--gemv", action="store_true",
@@ -701,7 +701,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _Parser(ToolParser):
-    """The tools' one-line usage error, as every ``sop`` error starts: ``sop: error: [sop CMD: ]...``."""
+    """The tools' one-line usage error, as every ``sop`` error starts: ``sop: error: [sop CMD: ]...``; every
+    option of one value of every command refused when given twice (``ToolParser.options_once``)."""
+
+    options_once = True
 
     def error_line(self, message: str) -> str:
         where = "" if self.prog == "sop" else f"{self.prog}: "          # `sop: error: sop: ...` said it twice

@@ -1079,9 +1079,9 @@ def test_include_lm_head_on_a_tied_models_weights_file_alone_says_what_it_needs(
                                         ("--e2e-windows", "100", "held-out text")])
 def test_text_shorter_than_asked_is_refused(folders, tmp_path, capsys, flag, n, what):
     out = tmp_path / "r.json"
+    sizes = {"--calib-seqs": "2", "--e2e-windows": "2"} | {flag: n}        # each option once (sop refuses a repeat)
     args = ["eval", str(folders["llama"]), "--format", "nf4-g64", "--json", str(out), "--quiet",
-            "--cache-dir", str(tmp_path / "c"), "--seq-len", "512", "--calib-seqs", "2", "--e2e-windows", "2",
-            flag, n]
+            "--cache-dir", str(tmp_path / "c"), "--seq-len", "512", *(a for kv in sizes.items() for a in kv)]
     err = one_error(capsys, args)
     assert what in err and "tokens asked, the text gives" in err and "ask for fewer" in err
     assert not out.exists() and not list(tmp_path.glob("c/*.npz"))

@@ -132,3 +132,30 @@ def test_formats_keeps_its_columns_in_line_for_long_point_names(capsys):
     assert table[0].split() == ["name", "code_bits", "group", "header_bits", "scale", "block_bpw", "lanes", "output"]
     quantizers = [line for line in out if " bpw   exact: " in line]
     assert len({line.index(" bpw ") for line in quantizers}) == 1 and any(long in q for q in quantizers)
+
+
+def test_sop_eval_says_each_line_once_in_the_stream_it_belongs_to(tmp_path, capsys):
+    """`sop eval` printed what was kept (``kept as they are: ...``), the calibration and each warning about
+    the model on standard error as progress and again in its report on standard output: twice on a terminal.
+    The report (standard output, a file when piped) says what was kept and the calibration; a warning is
+    standard error's (at the start, under --quiet too) and the JSON's; no line is in both streams."""
+    import torch
+    from safetensors.torch import save_file
+
+    # a gate with no experts beside it: --include-routers warns that there is no router
+    save_file({"l.0.fc.weight": torch.ones(4, 16), "l.0.gate.weight": torch.ones(4, 16)},
+              tmp_path / "m.safetensors")
+    argv = ["eval", str(tmp_path / "m.safetensors"), "--format", "nf4-g64", "--no-calib", "--no-e2e",
+            "--include-routers", "--json", str(tmp_path / "e.json")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    warning = "warning: --include-routers: the checkpoint has no MoE router"
+    assert out.count("kept as they are: ") == 1 and out.count("calibration: calibration disabled") == 1, out
+    assert "kept as they are" not in err and "calibration: " not in err, err
+    assert err.count(warning) == 1 and warning not in out, (out, err)
+    assert not set(out.splitlines()) & set(err.splitlines()) - {""}, (out, err)
+    assert json.loads((tmp_path / "e.json").read_text())["source"]["notes"][0].startswith("--include-routers")
+    assert main([*argv[:-2], "--quiet"]) == 0
+    out_quiet, err = capsys.readouterr()
+    assert err.startswith(warning) and err.count("\n") == 1
+    assert out_quiet == out.replace(f"\n\nwrote {argv[-1]}\n", "\n")

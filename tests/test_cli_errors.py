@@ -155,6 +155,44 @@ def test_an_option_of_one_value_given_twice_is_refused(tmp_path, monkeypatch, ca
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv,opt", [
+    (["eval", "M", "--format", "nvfp4", "--json", "a.json", "--json", "b.json"], "--json"),
+    (["eval", "M", "--format", "nvfp4", "--nan-policy", "zero", "--nan-policy=error"], "--nan-policy"),
+    (["quantize", "M", "--format", "nvfp4", "--out", "a.sopq", "--out", "b.sopq"], "--out"),
+    (["quantize", "M", "--format", "nvfp4", "--out", "a.sopq", "--jobs", "1", "--jobs", "2"], "--jobs"),
+    (["dequantize", "q.sopq", "--out", "a.safetensors", "--out", "b.safetensors"], "--out"),
+    (["report", "e.json", "--out", "a", "--out", "b"], "--out"),
+    (["vectors", "M", "--format", "sop4-g16", "--out", "v", "--rows", "1", "--rows", "2"], "--rows"),
+    (["board", "M", "--format", "sop4-g16", "--port", "/dev/a", "--port", "/dev/b"], "--port"),
+    (["demo", "--layers", "1", "--layers", "2"], "--layers")])
+def test_every_commands_option_of_one_value_given_twice_is_refused(tmp_path, monkeypatch, capsys, argv, opt):
+    """Each command kept the last of an option given twice where its author had not marked the option
+    (`sop eval --json a.json --json b.json` wrote b.json alone, `sop dequantize --out` twice the second):
+    one rule for every option of one value of `sop` (sop.argtypes.ToolParser.options_once)."""
+    monkeypatch.chdir(tmp_path)
+    assert one_error_line(capsys, argv) == (f"sop: error: sop {argv[0]}: argument {opt}: given twice; it takes "
+                                            f"one value (see sop {argv[0]} --help)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_option_of_one_value_is_once_and_a_list_option_repeats(ckpt, tmp_path, capsys):
+    """Every subcommand's option of one value refuses a repeat (an option added later too); --format of
+    `sop eval`, --include, --exclude and --layer of `sop vectors` still take several."""
+    import argparse
+
+    from sop.argtypes import Once
+
+    _, commands = cli._parser()
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if action.option_strings and action.nargs is None and type(action) is not argparse._HelpAction:
+                assert isinstance(action, (Once, argparse._AppendAction)), (name, action.option_strings)
+    assert main(["eval", str(ckpt), "--format", "nvfp4", "--format", "nf4-g64", "--include", "blk.*",
+                 "--include", "x", "--exclude", "y", "--exclude", "z", "--no-calib", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "\nnvfp4 " in out and "\nnf4-g64 " in out
+
+
 def test_a_missing_model_names_the_path(tmp_path, capsys):
     err = one_error_line(capsys, ["eval", str(tmp_path / "nope.safetensors"), "--format", "nvfp4"])
     assert "nope.safetensors" in err and "not found" in err
@@ -240,13 +278,13 @@ def test_a_tensor_name_with_escape_sequences_is_printed_escaped(tmp_path, capsys
     err = capsys.readouterr().err
     assert "[1/1] fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m\\u202e.weight 16x64" in err, err
     assert not any(c in err for c in "\x1b\x07\x9b\u202e"), err
-    # a warning naming the tensor, on stderr and in `sop eval`'s table on stdout
+    # a warning naming the tensor, on stderr (`sop eval`'s table on stdout does not repeat it), escaped
     save_file({name: np.ones((16, 64), bool), "ok.weight": np.ones((16, 64), np.float32)},
               str(tmp_path / "b.safetensors"))
     assert run(["eval", str(tmp_path / "b.safetensors"), "--format", "sop4-g16", "--no-calib", "--no-e2e"]) == 0
     out, err = capsys.readouterr()
+    assert "(e.g. fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m\\u202e.weight, BOOL)" in err and "(e.g. fc" not in out, err
     for text in (out, err):
-        assert "(e.g. fc\\x1b]0;title\\x07\\x1b[2J\\x9b1m\\u202e.weight, BOOL)" in text, text
         assert not any(c in text for c in "\x1b\x07\x9b\u202e"), text
 
 

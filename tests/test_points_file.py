@@ -145,6 +145,16 @@ BAD = {
                                   "operating point(s) nvfp4: the name of a quantizer format"),
     "a built-in GEMV engine's name": ({"points": [POINT | {"codebooks": ["nf4"], "name": "sop4-g16-bf16"}]},
                                       "its GEMV engine would be named like"),
+    # a file of nothing registered nothing without a word; a field of another JSON type was Python's words
+    "an empty file": ({}, "holds no tables or points: nothing to register"),
+    "empty tables and points": ({"codebooks": {}, "points": []}, "holds no tables or points"),
+    "a scale's bits as a string": ({"points": [POINT | {"codebooks": ["nf4"], "layout": POINT["layout"] | {
+        "scale": {"name": "ue4m4", "bits": "8", "signed": False, "ebits": 4, "mbits": 4, "bias": 7}}}]},
+        "point 'tanh4-ue4m4-g16': scale: bits must be an integer, got '8'"),
+    "a variant suffix as a list": ({"points": [POINT | {"codebooks": ["nf4"], "variants": [{"suffix": ["x1"]}]}]},
+                                   "point 'tanh4-ue4m4-g16': variant 0: suffix must be a string, got ['x1']"),
+    "a table entry as true": ({"codebooks": {"t": TANH4[:15] + [True]}},
+                              "codebook t: entry 15 must be a number, got True"),
 }
 
 
@@ -157,6 +167,56 @@ def test_a_points_file_that_cannot_serve_is_one_line(tmp_path, monkeypatch, caps
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith(f"sop: error: SOP_POINTS={path}: "), err
     assert said in err, err
+
+
+#: a format given as point_spec's JSON object (the scale's, the HIF's)
+UE4M4 = {"name": "ue4m4", "bits": 8, "signed": False, "ebits": 4, "mbits": 4, "bias": 7, "specials": "finite"}
+#: every field of a point, of its layout, of its formats given as objects and of a variant, by path
+FIELDS = [("name",), ("description",), ("search",), ("codebooks",), ("codebooks", 0), ("hif",), ("lanes",),
+          ("output",), ("variants",), ("variants", 0), ("vectors",), ("board",), ("layout",)] + \
+         [("variants", 0, k) for k in ("suffix", "lanes", "output")] + \
+         [("layout", k) for k in ("code_bits", "group", "scale", "signed_scale", "select_bit")] + \
+         [(*f, k) for f in (("layout", "scale"), ("hif",)) for k in UE4M4]
+#: each field's JSON types, by its last key (a variant's: ``variant KEY``)
+JSON_TYPES = {"name": {str}, "description": {str}, "search": {str}, "codebooks": {list}, 0: {str}, "hif": {str, dict},
+              "lanes": {int}, "output": {str}, "variants": {list}, "vectors": {bool}, "board": {bool},
+              "layout": {dict}, "variant suffix": {str}, "variant lanes": {int, type(None)},
+              "variant output": {str, type(None)}, "code_bits": {int}, "group": {int}, "scale": {str, dict},
+              "signed_scale": {bool}, "select_bit": {bool}, "bits": {int}, "signed": {bool}, "ebits": {int},
+              "mbits": {int}, "bias": {int}, "specials": {str}}
+#: a value of each JSON type, one of them wrong for every field
+WRONG = [["x1"], {"a": 1}, 3, 2.5, True, None, "s"]
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=lambda f: ".".join(map(str, f)))
+def test_every_field_of_a_wrong_json_type_is_named_in_the_files_words(tmp_path, registry, field):
+    """Each field of a point fed each JSON type: registered as given, or refused naming the file and the
+    point, never in Python's words (a variant's suffix as a list was ``unhashable type: 'list'``, a scale's
+    ``ebits`` as a string ``unsupported operand type(s) for +``, its ``bias`` as a list or ``name`` as a
+    number taken, a variant's ``suffix: null`` a configuration ``<point>-None``)."""
+    python = ("unhashable", "unsupported operand", "int()", "__init__", "attribute", "NoneType", "not subscript",
+              "object of type", "iterable")
+    for wrong in WRONG:
+        spec = json.loads(json.dumps(POINT | {"variants": [{"suffix": "x1", "lanes": 1}]}))
+        spec["layout"]["scale"], spec["hif"] = dict(UE4M4), {**UE4M4, "name": "hif-e3m8b5", "bits": 12,
+                                                              "signed": True, "ebits": 3, "mbits": 8, "bias": 5}
+        *parents, key = (field[1:] if field[0] == "hif" and len(field) > 1 else field)
+        where = spec["hif"] if field[0] == "hif" and len(field) > 1 else spec
+        for k in parents:
+            where = where[k]
+        where[key] = wrong
+        path = _write(tmp_path, {"codebooks": {"tanh4": TANH4}, "points": [spec]})
+        try:
+            points.register_file(path)
+        except ValueError as err:
+            said = str(err)
+            assert said.startswith(f"{path}: point "), said
+            assert not any(w in said for w in python), said
+        else:           # taken: only a value of the field's JSON type (a name "s", a bias 3, a variant's lanes null)
+            kind = f"variant {field[-1]}" if field[0] == "variants" and len(field) == 3 else field[-1]
+            assert type(wrong) in JSON_TYPES[kind], (field, wrong)
+            points._POINTS.pop(spec["name"], None)
+            points._FILES_REGISTERED.clear()
 
 
 def test_a_python_m_tool_refuses_a_point_it_cannot_list_in_one_line(tmp_path):
