@@ -61,6 +61,8 @@ CHILD = r"""
 import sys
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
+from sop.quantize.job_server import start_for      # what the `sop` console script does first (sop.launch)
+start_for(sys.argv[1:])
 from sop.cli import main
 rc = main(sys.argv[1:])
 with open("/proc/self/status") as f:

@@ -87,7 +87,8 @@ from sop.quantize.knapsack import check_budget_shapes
 from sop.quantize.layer_loop import (BudgetOutcomes, LayerOutcome, budget_model, calibration_for, check_options,
                                      layer_line, quantize_layer, recon_float32, reporter)
 from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
-from sop.quantize.jobs import LayerPool, check_jobs, start_early
+from sop.quantize.job_server import start as start_server
+from sop.quantize.jobs import LayerPool, check_jobs
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import abs_max, aggregate
 from sop.quantize.models import (ARTIFACT_SUFFIX, CHECKPOINT_SUFFIXES, MINILM, SAFETENSORS_SUFFIXES, SIBLINGS_READ,
@@ -513,7 +514,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     out = check_output(out, model_inputs(model), option=option("out"))
     named_as_written(out, ARTIFACT_SUFFIX, "quantize_model()")
     say = reporter(progress)
-    start_early(jobs)                       # the workers' imports run while the model is opened
+    start_server(jobs)                      # the workers' imports run while the model is opened
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
     if fmt.model_level:                 # a budget below every cheapest option: refused before any layer is read

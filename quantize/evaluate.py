@@ -201,7 +201,8 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     recons)``, if given, is called after each format's end-to-end check with the causal-LM runner and
     that format's float32 reconstructions (the demo prints a greedy completion there). ``jobs``: layers
     quantized in that many worker processes (quantize/jobs.py; the same results)."""
-    from sop.quantize.jobs import LayerPool, check_jobs, start_early, usable_cpus
+    from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
+    from sop.quantize.job_server import start as start_server
 
     calibrate, e2e, progress = boolean("calibrate", calibrate), boolean("e2e", e2e), boolean("progress", progress)
     lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)
@@ -222,7 +223,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"{option('e2e_windows')} must be a positive integer, got {e2e_windows!r}")
     say = reporter(progress)
-    start_early(jobs)                       # the workers' imports run while the model is opened
+    start_server(jobs)                      # the workers' imports run while the model is opened
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
     if budget is not None:              # a budget below every cheapest option: refused before any layer is read

@@ -7,8 +7,8 @@ yields the results **in item order**, so that whatever the caller builds from th
 an eval JSON) is the bytes ``--jobs 1`` builds. The task functions here (``layer_task``, ``budget_layer``) open
 the checkpoint itself (``open_model(*src.opened_with)``, once per
 worker, with the forward pass the parent found: not decided again) and read only the layer they are
-given; the parent sends a layer name and its calibration statistics, never weights. ``start_early(jobs)``
-starts the fork server before the parent opens the model, so that the two overlap.
+given; the parent sends a layer name and its calibration statistics, never weights. The fork server they
+are forked from, and its early start, are quantize/job_server.py's.
 
 Contract.
 
@@ -48,7 +48,6 @@ Contract.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -63,6 +62,8 @@ from typing import Any
 import numpy as np
 
 from sop.quantize.inputs import command_line, on_command_line, option
+from sop.quantize.job_server import (SINGLE_THREAD_ENV, context, ensure_server, has_server, sigint_ignored,
+                                     usable_cpus, worker_environment)
 
 #: Seconds between checks of the busy workers' health while waiting for a result.
 POLL = 1.0
@@ -75,9 +76,6 @@ LIMIT_BASE = 300.0
 LIMIT_PER_WEIGHT = 50e-6
 #: Environment variable: every layer's time limit in seconds, instead of the scaled default.
 LIMIT_ENV = "SOP_LAYER_TIMEOUT"
-#: Environment of a worker: one thread for sop's chunk loop, BLAS, OpenMP and torch.
-SINGLE_THREAD_ENV = {"SOP_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                     "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 
 
 class WorkerError(RuntimeError):
@@ -104,14 +102,6 @@ def layer_limit(weights: int | None, override: float | None = None) -> float:
     if override is not None:
         return override
     return LIMIT_BASE + LIMIT_PER_WEIGHT * max(0, int(weights or 0))
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: a container's or ``taskset``'s share)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:                      # no affinity call (macOS)
-        return os.cpu_count() or 1
 
 
 def check_jobs(jobs) -> int:
@@ -197,45 +187,6 @@ def _serve(conn) -> None:
 
 # -- the parent side ---------------------------------------------------------------------------
 
-def _context():
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        # the server imports the quantizer once; each worker is a fork of it (fast to start)
-        ctx.set_forkserver_preload(["sop.quantize.jobs", "sop.quantize.evaluate", "sop.quantize.artifact"])
-        return ctx
-    return mp.get_context("spawn")
-
-
-@contextlib.contextmanager
-def _worker_environment():
-    """``SINGLE_THREAD_ENV`` in this process's environment while a worker or the fork server starts
-    (each inherits it: numpy's BLAS reads it as the server imports it), restored after."""
-    saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
-    os.environ.update(SINGLE_THREAD_ENV)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def start_early(jobs) -> None:
-    """Start the fork server now, without waiting for it, where ``jobs`` will start a ``LayerPool``:
-    its imports of the quantizer (a quarter of a second, the whole of a worker's start) then run on
-    another core while this process opens the model, and the pool's workers fork from it at once.
-    Nothing for ``jobs`` 1, or where there is no fork server (``spawn`` starts each worker afresh)."""
-    if min(check_jobs(jobs), usable_cpus()) < 2 or "forkserver" not in mp.get_all_start_methods():
-        return
-    from multiprocessing import forkserver
-
-    _context()
-    with _worker_environment():            # (the server runs no main script: not in its preload)
-        forkserver.ensure_running()
-
-
 def _exit_text(code) -> str:
     if code is None:
         return "it stopped answering"
@@ -298,7 +249,8 @@ class LayerPool:
         # 100000 would start processes until the machine stalls), never speed.
         self.jobs = min(check_jobs(jobs), usable_cpus())
         self.limit_override = limit_override()          # a bad SOP_LAYER_TIMEOUT: before any work
-        ctx = _context()
+        ctx = context()
+        ensure_server()                                 # Ctrl-C ignored by it from its start (job_server.py)
         regs = points.registrations()
         self.workers: list[_Worker] = []
         try:
@@ -306,7 +258,8 @@ class LayerPool:
                 parent, child = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=_worker, args=(child, device.active(), regs, on_command_line()),
                                 name=f"sop-job-{i}", daemon=True)
-                with _worker_environment(), _caller_main_hidden():
+                spawned = contextlib.nullcontext() if has_server() else sigint_ignored()
+                with worker_environment(), spawned, _caller_main_hidden():
                     p.start()
                 child.close()
                 self.workers.append(_Worker(p, parent))

@@ -7,6 +7,8 @@ work."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from cli_run import run
+from sop.quantize import job_server
 from sop.quantize import jobs as J
 from sop.quantize.evaluate import evaluate
 
@@ -208,12 +211,9 @@ def test_a_worker_takes_the_forward_pass_the_parent_found(monkeypatch):
 
 
 def test_a_script_without_a_main_guard_runs_once(tmp_path):
-    """The workers, forked from the fork server that ``start_early`` started while the model was opened,
+    """The workers, forked from the fork server that ``job_server.start`` started while the model was opened,
     do not run the caller's script again (``python script.py`` with no ``if __name__ == "__main__"``
     guard; they prepare themselves from the parent's ``__main__``): the script's work is done once."""
-    import subprocess
-    import sys
-
     script = tmp_path / "no_guard.py"
     script.write_text("from sop.quantize.evaluate import evaluate\n"
                       "print('started', flush=True)\n"
@@ -224,6 +224,59 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["started", "done"]
+
+
+@pytest.mark.parametrize("argv, jobs", [
+    (["eval", "minilm", "--format", "sop4-g16", "--jobs", "2"], 2), (["quantize", "m", "--jobs=3", "--out", "x"], 3),
+    (["eval", "minilm", "--jobs", "1"], 1), (["eval", "minilm"], 1), (["report", "r.json", "--jobs", "2"], 1),
+    (["--help"], 1), ([], 1), (["eval", "m", "--jobs", "two"], 1), (["eval", "m", "--jobs"], 1),
+    (["eval", "m", "--", "--jobs", "2"], 1)])
+def test_the_jobs_of_a_command_line_are_guessed_without_the_parser(argv, jobs):
+    """``sop.launch`` starts the fork server for `sop eval` / `sop quantize` with ``--jobs`` of 2 or
+    more, read before the parser (and numpy) is imported; what it cannot read is 1 (no early start)."""
+    assert job_server.jobs_asked(argv) == jobs
+
+
+def _in_a_fresh_python(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """``code`` run by a new Python in a session of its own (a signal to its group reaches no test), with
+    this one's path and ``tmp_path`` (where a fork server, which takes PYTHONPATH, finds a test's module)."""
+    script = tmp_path / "s.py"
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+                          start_new_session=True)
+
+
+def test_the_fork_server_starts_before_numpy_is_imported(tmp_path):
+    """``start_for`` (the ``sop`` console script's first step) starts the server with the standard library
+    alone: its imports of the quantizer run while `sop` imports its own; ``--jobs 1`` starts none."""
+    r = _in_a_fresh_python(
+        "import sys\nimport multiprocessing.forkserver as fs\nfrom sop.quantize import job_server\n"
+        "job_server.start_for(sys.argv[1:] or ['eval', 'minilm', '--jobs', '1'])\n"
+        "one = fs._forkserver._forkserver_pid\n"
+        "job_server.start_for(['eval', 'minilm', '--format', 'sop4-g16', '--jobs', '2'])\n"
+        "print(one is None, fs._forkserver._forkserver_pid is not None, 'numpy' in sys.modules)\n", tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["True", "True", "False"], r.stderr
+
+
+def test_ctrl_c_while_the_fork_server_imports_is_no_traceback(tmp_path):
+    """A Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the fork server imported
+    the quantizer stopped the server with a ``KeyboardInterrupt`` traceback after `sop`'s one line: the
+    server starts with SIGINT ignored, the parent alone handles it. (Here the server's first import
+    says it has begun and then takes 2 s, so that the signal reaches it inside its imports.)"""
+    began = tmp_path / "began"
+    (tmp_path / "slow_import.py").write_text(f"import pathlib, time\npathlib.Path({str(began)!r}).touch()\n"
+                                             "time.sleep(2)\n")
+    r = _in_a_fresh_python(
+        "import os, signal, time\nfrom sop.quantize import job_server\n"
+        "job_server.PRELOAD = ['slow_import', *job_server.PRELOAD]\n"
+        "job_server.start(2)\n"
+        "try:\n"
+        f"    for _ in range(6000):\n        if os.path.exists({str(began)!r}):\n            break\n"
+        "        time.sleep(0.01)\n"
+        "    os.killpg(0, signal.SIGINT)\n    time.sleep(10)\n"
+        "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n    time.sleep(2.5)\n", tmp_path)
+    assert r.stdout.split() == ["interrupted"] and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_pool_starts_no_more_workers_than_cpus(monkeypatch):
@@ -268,7 +321,7 @@ def test_a_worker_that_dies_idle_is_the_same_clear_error(no_hang):
 
 def test_a_worker_that_cannot_start_is_a_worker_error(monkeypatch):
     """A process start failing (the forkserver gone: EOFError) came out as an internal error, exit 70."""
-    ctx = J._context()
+    ctx = job_server.context()
 
     def broken(*a, **k):
         raise EOFError("unexpected EOF")
@@ -376,7 +429,7 @@ def test_a_bad_time_limit_is_one_error_line_before_any_work(model, tmp_path, cap
 def test_a_worker_whose_parent_is_gone_ends_quietly(capfd):
     """The parent killed outright (SIGKILL, the OOM killer) while a worker quantized a layer: the worker's
     reply met a closed pipe, and each worker printed a double BrokenPipeError traceback on the terminal."""
-    ctx = J._context()
+    ctx = job_server.context()
     parent, child = ctx.Pipe(duplex=True)
     p = ctx.Process(target=J._worker, args=(child, "numpy"), daemon=True)
     p.start()

@@ -1,0 +1,127 @@
+"""The fork server that ``--jobs`` workers are forked from (quantize/jobs.py), and starting it early.
+
+Role: ``context()`` is the multiprocessing context of every ``LayerPool``: ``forkserver`` where the
+platform has it (the server imports the quantizer once, ``PRELOAD``; each worker is a fork of it),
+else ``spawn``; never a plain ``fork`` of a process that may hold threads. ``worker_environment()``
+puts ``SINGLE_THREAD_ENV`` in the environment a worker or the server inherits as it starts.
+``start(jobs)`` starts the server without waiting for it: its imports (a quarter of a second, the
+whole of a worker's start) then run on another core while this process opens the model.
+``start_for(argv)`` does it from a command line, before `sop` has imported anything heavy
+(``sop.launch``).
+
+Contract: this module imports nothing but the standard library (no numpy), so that starting the
+server early costs the command nothing; a server started for a command that then stops before its
+pool (a refusal, a usage error) ends with the process, silently; Ctrl-C during its imports is the
+parent's alone (the server, and a spawned worker, start with SIGINT ignored, ``sigint_ignored``: the
+server's imports stopped with a ``KeyboardInterrupt`` traceback after `sop`'s one line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import threading
+
+#: Modules the fork server imports once, before it forks any worker.
+PRELOAD = ["sop.quantize.jobs", "sop.quantize.evaluate", "sop.quantize.artifact"]
+#: Environment of a worker: one thread for sop's chunk loop, BLAS, OpenMP and torch.
+SINGLE_THREAD_ENV = {"SOP_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                     "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+#: `sop` commands that start a pool for ``--jobs`` greater than 1.
+POOL_COMMANDS = ("eval", "quantize")
+
+
+def has_server() -> bool:
+    return "forkserver" in mp.get_all_start_methods()
+
+
+def context():
+    """The context a pool starts its workers in (see the module docstring)."""
+    if has_server():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        return ctx
+    return mp.get_context("spawn")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or ``taskset``'s share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                      # no affinity call (macOS)
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def worker_environment():
+    """``SINGLE_THREAD_ENV`` in this process's environment while a worker or the fork server starts
+    (each inherits it: numpy's BLAS reads it as the server imports it), restored after."""
+    saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
+    os.environ.update(SINGLE_THREAD_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """SIGINT ignored here while a process is spawned from this one (an exec keeps an ignored signal
+    ignored; it does not keep a blocked one blocked): the new process's imports, before it sets up its
+    own handling, cannot end in a ``KeyboardInterrupt`` traceback of its own. Milliseconds (a fork and
+    an exec); only in the main thread (the only one that may set a handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def ensure_server() -> None:
+    """The fork server running (started here if not, without waiting for its imports); nothing
+    without one."""
+    if not has_server():
+        return
+    from multiprocessing import forkserver
+
+    context()
+    with worker_environment(), sigint_ignored():       # (the server runs no main script: not in PRELOAD)
+        forkserver.ensure_running()
+
+
+def start(jobs: int) -> None:
+    """``ensure_server`` now, where ``jobs`` (a checked count) workers will be started; nothing for
+    fewer than 2 usable ones."""
+    if min(jobs, usable_cpus()) >= 2:
+        ensure_server()
+
+
+def jobs_asked(argv: list[str]) -> int:
+    """The ``--jobs`` of a `sop` command line that starts a pool (``POOL_COMMANDS``), else 1: read
+    without the parser, as a guess (``--jobs N``, ``--jobs=N``; anything it cannot read is 1), since a
+    wrong guess costs a server started for nothing or one started later, never a result."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or words[0] not in POOL_COMMANDS or "--" in argv:
+        return 1
+    for i, arg in enumerate(argv):
+        value = arg[len("--jobs="):] if arg.startswith("--jobs=") else \
+            argv[i + 1] if arg == "--jobs" and i + 1 < len(argv) else None
+        if value is not None and value.isdigit():
+            return int(value)
+    return 1
+
+
+def start_for(argv: list[str]) -> None:
+    """``start`` for the ``--jobs`` of a `sop` command line (``jobs_asked``)."""
+    jobs = jobs_asked(argv)
+    if jobs > 1:
+        start(jobs)
