@@ -120,8 +120,20 @@ def jobs_asked(argv: list[str]) -> int:
     return 1
 
 
+def _standard_streams_open() -> bool:
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+    return True
+
+
 def start_for(argv: list[str]) -> None:
-    """``start`` for the ``--jobs`` of a `sop` command line (``jobs_asked``)."""
+    """``start`` for the ``--jobs`` of a `sop` command line (``jobs_asked``), where the standard streams
+    are open: with one closed (``2>&-``) the server's socket would take its number, in the server too (its
+    standard error then a socket), before `sop` opens /dev/null there (``sop.terminal.prepare_streams``);
+    the pool starts the server after that instead."""
     jobs = jobs_asked(argv)
-    if jobs > 1:
+    if jobs > 1 and _standard_streams_open():
         start(jobs)

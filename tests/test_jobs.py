@@ -257,6 +257,13 @@ def test_the_fork_server_starts_before_numpy_is_imported(tmp_path):
         "job_server.start_for(['eval', 'minilm', '--format', 'sop4-g16', '--jobs', '2'])\n"
         "print(one is None, fs._forkserver._forkserver_pid is not None, 'numpy' in sys.modules)\n", tmp_path)
     assert r.returncode == 0 and r.stdout.split() == ["True", "True", "False"], r.stderr
+    # a closed standard stream (2>&-): not before `sop` has opened /dev/null on it (the server's socket
+    # took its number, in the server too)
+    r = _in_a_fresh_python(
+        "import os, sys\nimport multiprocessing.forkserver as fs\nfrom sop.quantize import job_server\n"
+        "os.close(2)\njob_server.start_for(['eval', 'minilm', '--jobs', '2'])\n"
+        "print(fs._forkserver._forkserver_pid is None)\n", tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["True"]
 
 
 def test_ctrl_c_while_the_fork_server_imports_is_no_traceback(tmp_path):
