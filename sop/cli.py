@@ -48,6 +48,8 @@ import signal
 import sys
 from pathlib import Path
 
+from sop.launch import INTERRUPTED_STARTING
+
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
     from sop.argtypes import ToolParser, as_typed, in_file, layer_name, number, positive
     from sop.golden.dot import ACT_FORMATS
@@ -68,7 +70,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.terminal import finish_output, one_line, os_error_text, prepare_streams, reader_gone
     from sop.user_points import refused_at_start
 except KeyboardInterrupt:
-    print("sop: interrupted (SIGINT) while starting; nothing was written", file=sys.stderr)
+    print(INTERRUPTED_STARTING, file=sys.stderr)
     raise SystemExit(128 + signal.SIGINT) from None
 
 

@@ -7,13 +7,21 @@ Everything else, the command line's checks included, is ``sop.cli``'s: ``--jobs`
 guess (``job_server.jobs_asked``), and a wrong guess changes when the server starts, not a result.
 """
 
+import signal
 import sys
+
+#: what `sop` says of a Ctrl-C before its command has started (here, or in sop.cli's imports)
+INTERRUPTED_STARTING = "sop: interrupted (SIGINT) while starting; nothing was written"
 
 
 def entry() -> None:
-    from sop.quantize.job_server import start_for
+    try:
+        from sop.quantize.job_server import start_for
 
-    start_for(sys.argv[1:])
+        start_for(sys.argv[1:])
+    except KeyboardInterrupt:                   # as sop.cli's own imports say it
+        print(INTERRUPTED_STARTING, file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     from sop.cli import entry as run
 
     run()

@@ -487,8 +487,14 @@ from sop.cli import main
 
 
 def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path):
-    """A Ctrl-C in the first tenths of a second (the imports, before main runs) was a traceback."""
+    """A Ctrl-C in the first tenths of a second (the imports, before main runs) was a traceback; so is one
+    while the console script (sop.launch) starts the --jobs workers' fork server, before those imports."""
     run = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stderr) == (130, "sop: interrupted (SIGINT) while starting; nothing was written\n")
+    launching = _CTRL_C_WHILE_IMPORTING.replace('"sop.quantize.models"', '"multiprocessing.forkserver"').replace(
+        "from sop.cli import main", "sys.argv = ['sop', 'eval', 'minilm', '--jobs', '2']\n"
+                                    "from sop.launch import entry\nentry()")
+    run = subprocess.run([sys.executable, "-c", launching], capture_output=True, text=True, timeout=120)
     assert (run.returncode, run.stderr) == (130, "sop: interrupted (SIGINT) while starting; nothing was written\n")
 
 
