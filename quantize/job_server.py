@@ -73,9 +73,10 @@ def worker_environment():
 @contextlib.contextmanager
 def sigint_ignored():
     """SIGINT ignored here while a process is spawned from this one (an exec keeps an ignored signal
-    ignored; it does not keep a blocked one blocked): the new process's imports, before it sets up its
-    own handling, cannot end in a ``KeyboardInterrupt`` traceback of its own. Milliseconds (a fork and
-    an exec); only in the main thread (the only one that may set a handler)."""
+    ignored; a blocked one, kept pending here, multiprocessing's spawn unblocks in the child: seen in
+    /proc): the new process's imports, before it sets up its own handling, cannot end in a
+    ``KeyboardInterrupt`` traceback of its own. About 7 ms (a fork and an exec), in which a Ctrl-C is
+    not seen; only in the main thread (the only one that may set a handler)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

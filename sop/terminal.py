@@ -88,6 +88,9 @@ def prepare_streams(prog: str) -> int | None:
             if null != fd:                  # (the lowest free number: fd itself, those below it open)
                 os.dup2(null, fd)
                 os.close(null)
+            # os.open's descriptor is close-on-exec (dup2's is not): opened at fd itself, a child (a
+            # simulator, the --jobs fork server) started with that number closed all the same
+            os.set_inheritable(fd, True)
     if 2 in closed or sys.stderr is None:
         sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)     # noqa: SIM115 - for the run
     if 1 in closed or sys.stdout is None:

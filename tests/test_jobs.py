@@ -266,6 +266,23 @@ def test_the_fork_server_starts_before_numpy_is_imported(tmp_path):
     assert r.returncode == 0 and r.stdout.split() == ["True"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads a process's descriptors in /proc")
+def test_a_closed_standard_stream_leaves_the_fork_server_to_the_pool(tmp_path):
+    """`sop eval ... --jobs 2 <&-` (or ``2>&-``): the server, started before `sop` opened the closed stream
+    on /dev/null (sop.terminal.prepare_streams), took the socket it listens on as its standard input (or
+    error), and its workers a closed one, which their first file then took. It is started by the pool
+    then, after the streams are made safe, and inherits /dev/null."""
+    if J.usable_cpus() < 2:
+        pytest.skip("one CPU: no server")
+    r = _in_a_fresh_python(
+        "import os\nos.close(0)\nimport multiprocessing.forkserver as fs\nfrom sop.quantize import job_server\n"
+        "job_server.start_for(['eval', 'minilm', '--format', 'sop4-g16', '--jobs', '2'])\n"
+        "early = fs._forkserver._forkserver_pid\n"
+        "from sop.terminal import prepare_streams\nprepare_streams('sop')\njob_server.start(2)\n"
+        "print(early is None, os.readlink(f'/proc/{fs._forkserver._forkserver_pid}/fd/0'))\n", tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["True", os.devnull], (r.stdout, r.stderr)
+
+
 def test_ctrl_c_while_the_fork_server_imports_is_no_traceback(tmp_path):
     """A Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the fork server imported
     the quantizer stopped the server with a ``KeyboardInterrupt`` traceback after `sop`'s one line: the

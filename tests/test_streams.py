@@ -112,6 +112,18 @@ def test_a_closed_standard_error_keeps_error_lines_out_of_the_output():
     assert (run.returncode, run.stdout) == (2, b"")
 
 
+@pytest.mark.parametrize("fd, redirect", [(0, "<&-"), (2, "2>&-")])
+def test_a_closed_standard_stream_is_dev_null_in_a_child_process_too(fd, redirect):
+    """The /dev/null opened on a closed fd 0 or 2 (``prepare_streams``) was close-on-exec where it took the
+    fd's own number (os.open's rule): a child process (a simulator, the --jobs fork server) started with the
+    stream closed all the same, and its first file took the number."""
+    code = ("import subprocess\nfrom sop.terminal import prepare_streams\nprepare_streams('sop')\n"
+            f"print(subprocess.run(['readlink', '/proc/self/fd/{fd}'], stdout=subprocess.PIPE).stdout.decode())")
+    run = subprocess.run(["bash", "-c", f'exec "$0" -c "$1" {redirect}', sys.executable, code],
+                         stdout=subprocess.PIPE, text=True, env=_env(), timeout=120)
+    assert (run.returncode, run.stdout.strip()) == (0, os.devnull)
+
+
 @pytest.mark.parametrize("env, shown", [
     # LC_ALL=C: standard output ASCII, and the argument's UTF-8 bytes decoded as surrogate escapes (the layer
     # was "not a layer"); then the name printed was a UnicodeEncodeError (exit 2 after writing Y)
