@@ -293,6 +293,7 @@ def test_ctrl_c_while_the_fork_server_imports_is_no_traceback(tmp_path):
                                              "time.sleep(2)\n")
     r = _in_a_fresh_python(
         "import os, signal, time\nfrom sop.quantize import job_server\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)   # (ignored in a pytest-xdist worker)\n"
         "job_server.PRELOAD = ['slow_import', *job_server.PRELOAD]\n"
         "job_server.start(2)\n"
         "try:\n"
