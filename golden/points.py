@@ -200,11 +200,22 @@ def point_spec(point: OperatingPoint) -> dict:
         return dataclasses.asdict(f)
 
     lay = point.layout
-    return {"name": point.name, "description": point.description, "search": point.search,
+    spec = {"name": point.name, "description": point.description, "search": point.search,
             "layout": {"code_bits": lay.code_bits, "group": lay.group, "scale": fmt(lay.scale),
                        "signed_scale": lay.signed_scale, "select_bit": lay.select_bit},
             "codebooks": list(point.codebooks), "hif": fmt(point.hif), "lanes": point.lanes, "output": point.output,
             "variants": [dataclasses.asdict(v) for v in point.variants], "vectors": point.vectors, "board": point.board}
+    # JSON's own types: a point a script made with numpy's (a FloatFormat's bits=np.int64(6)) is equal to
+    # its spec read back, which point_from_spec's type checks refused (its --jobs workers, its sim)
+    return json.loads(json.dumps(spec, default=_python_scalar))
+
+
+def _python_scalar(x):
+    """A numpy scalar as the Python number or bool it holds (``point_spec``'s JSON); anything else a
+    TypeError, as json's own."""
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
 
 
 def point_digest(point: OperatingPoint) -> str:

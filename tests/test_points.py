@@ -349,3 +349,20 @@ def test_the_sims_cached_vectors_are_keyed_by_the_vector_files_version(monkeypat
     monkeypatch.setattr(vectors, "VERSION", vectors.VERSION + 1)
     later = runner.vectors_folder(pt, cfg, quick=True), runner.cached_vectors_folder(pt, "-sparse-rows16")
     assert not set(now) & set(later)
+
+
+def test_a_point_a_script_made_with_numpy_numbers_travels_as_its_spec():
+    """A point whose formats a script built with numpy's integers (``FloatFormat(bits=np.int64(6))``, say from
+    an array of settings): its spec, which --jobs workers and simulators read it from, had numpy scalars in it,
+    which the spec's type checks refuse (``scale: bits must be an integer``) and json cannot write."""
+    from sop.golden.formats import FloatFormat
+    from sop.golden.points import point_from_spec, point_spec
+
+    i = np.int64
+    scale = FloatFormat("ue3m3-np", i(6), False, i(3), i(3), i(3))
+    pt = OperatingPoint("np-g16", BlockLayout(i(4), i(16), scale, signed_scale=True, select_bit=True), "numpy numbers",
+                        codebooks=("nf4", "bof4"),
+                        lanes=i(8))
+    spec = point_spec(pt)
+    assert point_from_spec(spec) == pt and point_from_spec(json.loads(json.dumps(spec))) == pt
+    assert type(spec["layout"]["scale"]["bits"]) is int and type(spec["lanes"]) is int
