@@ -34,6 +34,7 @@ POOL_COMMANDS = ("eval", "quantize")
 
 
 def has_server() -> bool:
+    """This platform starts workers from a fork server (else each is spawned afresh)."""
     return "forkserver" in mp.get_all_start_methods()
 
 

@@ -22,6 +22,8 @@ def entry() -> None:
     except KeyboardInterrupt:                   # as sop.cli's own imports say it
         print(INTERRUPTED_STARTING, file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
+    except Exception:                           # noqa: BLE001 - an early start only saves time; the pool
+        pass                                    # starts the server itself (one line if it cannot)
     from sop.cli import entry as run
 
     run()

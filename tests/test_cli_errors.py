@@ -498,6 +498,24 @@ def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path):
     assert (run.returncode, run.stderr) == (130, "sop: interrupted (SIGINT) while starting; nothing was written\n")
 
 
+def test_an_early_start_that_fails_leaves_the_command_to_run(monkeypatch):
+    """The console script's early start of the --jobs fork server (sop.launch) only saves time: one that
+    fails (a temporary folder it cannot make its socket in: OSError) was a traceback before the command
+    ran; now the command runs, and its pool starts the server itself (a failure there is one line)."""
+    from sop import launch
+    from sop.quantize import job_server
+
+    def no_socket(argv):
+        raise OSError(30, "Read-only file system")
+
+    ran = []
+    monkeypatch.setattr(job_server, "start_for", no_socket)
+    monkeypatch.setattr(cli, "entry", lambda: ran.append(True))
+    monkeypatch.setattr(sys, "argv", ["sop", "eval", "minilm", "--jobs", "2"])
+    launch.entry()
+    assert ran == [True]
+
+
 _CTRL_C_AS_PYTHON_EXITS = """
 import atexit, os, signal, sys, time
 import sop.cli as cli
