@@ -102,9 +102,13 @@ def ensure_server() -> None:
 
 def start(jobs: int) -> None:
     """``ensure_server`` now, where ``jobs`` (a checked count) workers will be started; nothing for
-    fewer than 2 usable ones."""
+    fewer than 2 usable ones. It only saves time: a server that cannot start here (no socket can be
+    made) is left to the pool, whose ``WorkerError`` says so in one line."""
     if min(jobs, usable_cpus()) >= 2:
-        ensure_server()
+        try:
+            ensure_server()
+        except Exception:                       # noqa: BLE001 - the pool tries again and reports it
+            pass
 
 
 def jobs_asked(argv: list[str]) -> int:

@@ -250,10 +250,10 @@ class LayerPool:
         self.jobs = min(check_jobs(jobs), usable_cpus())
         self.limit_override = limit_override()          # a bad SOP_LAYER_TIMEOUT: before any work
         ctx = context()
-        ensure_server()                                 # Ctrl-C ignored by it from its start (job_server.py)
         regs = points.registrations()
         self.workers: list[_Worker] = []
         try:
+            ensure_server()                             # Ctrl-C ignored by it from its start (job_server.py)
             for i in range(self.jobs):
                 parent, child = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=_worker, args=(child, device.active(), regs, on_command_line()),

@@ -354,6 +354,15 @@ def test_a_worker_that_cannot_start_is_a_worker_error(monkeypatch):
     monkeypatch.setattr(type(ctx.Process(target=print)), "start", broken)
     with pytest.raises(J.WorkerError, match=r"could not start \(EOFError: unexpected EOF\)"):
         J.LayerPool(2)
+    # the fork server that cannot start (no socket in a read-only temporary folder): the same one line
+    monkeypatch.undo()
+
+    def no_socket():
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(J, "ensure_server", no_socket)
+    with pytest.raises(J.WorkerError, match=r"could not start \(OSError: \[Errno 30\] Read-only file system\)"):
+        J.LayerPool(2)
 
 
 def test_sop_budget_options_on_two_jobs_give_the_same_bytes_and_json(model, tmp_path, capsys):
@@ -464,3 +473,18 @@ def test_a_worker_whose_parent_is_gone_ends_quietly(capfd):
     p.join(60)
     assert p.exitcode == 0
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_fork_server_that_cannot_start_early_is_left_to_the_pool(monkeypatch):
+    """``job_server.start`` (before the model is opened) only saves time: a server that cannot start there
+    (no socket: OSError) was the command's error without saying what failed; the pool's one line says it."""
+    tried = []
+
+    def no_socket():
+        tried.append(True)
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(job_server, "ensure_server", no_socket)
+    monkeypatch.setattr(job_server, "usable_cpus", lambda: 2)
+    job_server.start(2)                         # tried, and nothing raised
+    assert tried == [True]
