@@ -95,7 +95,7 @@ def ensure_server() -> None:
         return
     from multiprocessing import forkserver
 
-    context()
+    context()                                           # its PRELOAD set: the server imports it as it starts
     with worker_environment(), sigint_ignored():       # (the server runs no main script: not in PRELOAD)
         forkserver.ensure_running()
 
@@ -126,20 +126,13 @@ def jobs_asked(argv: list[str]) -> int:
     return 1
 
 
-def _standard_streams_open() -> bool:
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            return False
-    return True
-
-
 def start_for(argv: list[str]) -> None:
     """``start`` for the ``--jobs`` of a `sop` command line (``jobs_asked``), where the standard streams
     are open: with one closed (``2>&-``) the server's socket would take its number, in the server too (its
     standard error then a socket), before `sop` opens /dev/null there (``sop.terminal.prepare_streams``);
     the pool starts the server after that instead."""
+    from sop.terminal import closed_standard_streams     # (the standard library alone, as this module)
+
     jobs = jobs_asked(argv)
-    if jobs > 1 and _standard_streams_open():
+    if jobs > 1 and not closed_standard_streams():
         start(jobs)

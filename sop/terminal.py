@@ -70,6 +70,17 @@ def _escape_unencodable(err: UnicodeError):
 codecs.register_error("sop.escape", _escape_unencodable)
 
 
+def closed_standard_streams() -> list[int]:
+    """The standard file descriptors (0, 1, 2) the shell left closed (``<&-``, ``2>&-``), in order."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    return closed
+
+
 def prepare_streams(prog: str) -> int | None:
     """Make the standard streams safe for a command; an exit code where it cannot run (else None).
 
@@ -78,19 +89,15 @@ def prepare_streams(prog: str) -> int | None:
     ``sys.stderr`` None ``print(..., file=sys.stderr)`` wrote the error lines into standard output. A closed
     standard output is refused in one line (what the command prints would be lost, exit 0). Standard output
     escapes what its encoding cannot hold (``sop.escape``) instead of raising."""
-    closed = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            closed.append(fd)
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:                  # (the lowest free number: fd itself, those below it open)
-                os.dup2(null, fd)
-                os.close(null)
-            # os.open's descriptor is close-on-exec (dup2's is not): opened at fd itself, a child (a
-            # simulator, the --jobs fork server) started with that number closed all the same
-            os.set_inheritable(fd, True)
+    closed = closed_standard_streams()
+    for fd in closed:                       # in order: each the lowest free number when it is opened
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:                      # (the lowest free number: fd itself, those below it open)
+            os.dup2(null, fd)
+            os.close(null)
+        # os.open's descriptor is close-on-exec (dup2's is not): opened at fd itself, a child (a
+        # simulator, the --jobs fork server) started with that number closed all the same
+        os.set_inheritable(fd, True)
     if 2 in closed or sys.stderr is None:
         sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)     # noqa: SIM115 - for the run
     if 1 in closed or sys.stdout is None:
