@@ -533,6 +533,6 @@ register(OperatingPoint(
     variants=(Variant("x1", lanes=1), Variant("exact", output="exact"), Variant("x64", lanes=64))))
 register(OperatingPoint(
     "e2m3-ue4m4-g16", BlockLayout(6, 16, get_format("ue4m4")),
-    "the paper's FP6 point: E2M3 codes, UE4M4 block scale, block 16 (6.5 bpw); a 64-entry LUT "
-    "holding the E2M3 table",
+    "the SOP paper's FP6 point (arXiv 2605.14929): E2M3 codes, UE4M4 block scale, block 16 (6.5 bpw); "
+    "a 64-entry LUT holding the E2M3 table",
     codebooks=("e2m3",)))

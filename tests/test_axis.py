@@ -3,7 +3,8 @@
 * Its beat-level model: TDATA byte layout, load words, TLAST per layer.
 * amaranth.sim: the shell against its model with random TVALID gaps and TREADY pauses,
   every cycle checking that ``m_axis``'s TVALID, TDATA and TLAST do not depend on TREADY;
-  and at full speed: the decoder's latency handshake to handshake and no bubble across layers.
+  and at full speed: the decoder's latency handshake to handshake and no bubble across layers;
+  TLASTs tied to a constant on three MiniLM layers do what docs/hardware.md says (``-k tied``).
 * cocotb with cocotbext-axi's BFMs on the generated ``NAME_axis.v`` in Icarus (`make sim` runs
   every configuration, `--axis`): layers back to back with table swaps, bit-exact against
   golden; three broken shells (a flipped table bit, a dropped TLAST, TVALID that falls before
@@ -91,17 +92,21 @@ class ValidWaitsForReady(axis.AxisDecoder):
 
 
 def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, shell=axis.AxisDecoder,
-                   n_out=None, load_packets=None):
+                   n_out=None, load_packets=None, block_packets=None):
     """Drive an ``AxisDecoder`` as an AXI host does: all load packets on ``s_axis_load``, all
     block packets on ``s_axis``, beats held until taken, random gaps and pauses. Returns the
     output beats ``(tdata, tlast)``, their handshake cycles, the block beats' handshake cycles,
     the cycles where ``m_axis`` changed with TREADY, and the shell simulated (``final_errors``:
-    its ``sparse_error`` at the end, with residuals; ``final_load_error``). ``load_packets``:
-    each layer's load beats, where a test frames them otherwise than ``axis.load_beats``;
-    ``n_out``: the output beats to wait for, where fewer than the layers' come."""
+    its ``sparse_error`` at the end, with residuals; ``final_load_error``; ``load_cycles``: the
+    load beats' handshake cycles; ``trace``: each cycle's ``(s_axis_tready, load_error)``).
+    ``load_packets``, ``block_packets``: each layer's load or block beats, where a test frames
+    them otherwise than ``axis.load_beats`` or ``axis.block_beats``; ``n_out``: the output beats
+    to wait for, where fewer than the layers' come (the run ends at ``max_cycles`` if they do not)."""
     dut = shell(cfg)
     rng = np.random.default_rng(seed)
-    blocks = [b for la in layers for b in axis.block_beats(cfg, la.headers, la.codes)]
+    if block_packets is None:
+        block_packets = [axis.block_beats(cfg, la.headers, la.codes) for la in layers]
+    blocks = [b for packet in block_packets for b in packet]
     if load_packets is None:
         load_packets = [axis.load_beats(cfg, la.luts, la.offset, la.has_sparse) for la in layers]
     loads = [b for packet in load_packets for b in packet]
@@ -110,6 +115,7 @@ def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, s
         n_out = sum(len(la.expected(cfg)) for la in layers)
     got, out_cycles, in_cycles, depends, errors = [], [], [], [], []
     dut.final_errors = errors                   # the sparse_error bits at the end (with residuals)
+    dut.load_cycles, dut.trace = [], []
 
     async def host(ctx):
         s, ld, m = dut.s_axis, dut.s_axis_load, dut.m_axis
@@ -149,10 +155,12 @@ def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, s
                 depends.append(cycle)
             ready = rng.random() >= p_stall
             ctx.set(m.tready, ready)
+            dut.trace.append((ctx.get(s.tready), ctx.get(dut.load_error)))
             if s_on and ctx.get(s.tready):
                 in_cycles.append(cycle)
                 si, s_on = si + 1, False
             if l_on and ctx.get(ld.tready):
+                dut.load_cycles.append(cycle)
                 li, l_on = li + 1, False
             if e_on and ctx.get(sp.tready):
                 ei, e_on = ei + 1, False
@@ -160,11 +168,11 @@ def simulate_shell(cfg, layers, *, p_idle, p_stall, seed=0, max_cycles=20_000, s
                 got.append((seen[1][1], seen[1][2]))
                 out_cycles.append(cycle)
                 if len(got) == n_out:
-                    if sp is not None:
-                        errors.append(ctx.get(dut.sparse_error))
-                    dut.final_load_error = ctx.get(dut.load_error)
-                    return
+                    break
             await ctx.tick()
+        if sp is not None:
+            errors.append(ctx.get(dut.sparse_error))
+        dut.final_load_error = ctx.get(dut.load_error)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
@@ -229,6 +237,99 @@ def test_a_misframed_load_packet_sets_load_error(fault):
     if fault == "offset word without TLAST":      # what the flag reports: A on B's page, no other sign
         b_page = dataclasses.replace(a, luts=b.luts, offset=b.offset)
         assert got == axis.model(cfg, as_model_layers([b_page])) != axis.model(cfg, as_model_layers([a]))
+
+
+# -- constant TLASTs (docs/hardware.md, "Every input must be driven") -------------------------------
+MINILM_QKV = tuple(f"encoder.layer.0.attention.self.{w}.weight" for w in ("query", "key", "value"))
+
+
+@pytest.fixture(scope="module")
+def minilm_layers():
+    """Three MiniLM layers as sop4-g16 streams them (each the first row of a weight, 24 blocks),
+    each with its own page (tables and offset): what docs/hardware.md's constant-TLAST paragraph
+    streamed back to back."""
+    from sop.quantize.sop_search import quantize_sop4
+    from sop.quantize.weights import minilm_linear_weights
+
+    weights = minilm_linear_weights()
+    return [stimulus.from_stream(CONFIGS["sop4-g16"], quantize_sop4(weights[n][:1], None).stream, n)
+            for n in MINILM_QKV]
+
+
+def tied(packet, tlast: int):
+    """``packet``'s beats with TLAST tied to the constant ``tlast``."""
+    return [(d, tlast) for d, _ in packet]
+
+
+def on_page(layer, page):
+    """``layer``'s blocks with ``page``'s tables and offset: what it decodes to on that page."""
+    return dataclasses.replace(layer, luts=page.luts, offset=page.offset)
+
+
+def test_m_axis_tready_tied_high_decodes_the_layers(minilm_layers):
+    """A consumer without TREADY ties ``m_axis_tready`` high (docs/hardware.md): the three MiniLM layers
+    come out as golden decodes them, one packet each, no error bit."""
+    cfg = CONFIGS["sop4-g16"]
+    got, _, _, _, dut = simulate_shell(cfg, minilm_layers, p_idle=0.2, p_stall=0.0, seed=12)
+    assert got == axis.model(cfg, as_model_layers(minilm_layers)) and dut.final_load_error == 0
+
+
+def test_s_axis_tlast_tied_low_makes_the_stream_one_layer(minilm_layers):
+    """``s_axis_tlast`` tied low: every beat comes out, the second and third layers decoded with the
+    first's page (golden's decode of their blocks with its tables and offset, not their own), no
+    ``m_axis_tlast`` and no ``load_error``."""
+    cfg = CONFIGS["sop4-g16"]
+    blocks = [tied(axis.block_beats(cfg, la.headers, la.codes), 0) for la in minilm_layers]
+    got, _, in_cycles, _, dut = simulate_shell(cfg, minilm_layers, p_idle=0.2, p_stall=0.2, seed=13,
+                                               block_packets=blocks)
+    assert len(in_cycles) == sum(map(len, blocks))                          # every block beat taken
+    def tdata(layer):
+        return [d for d, _ in axis.model(cfg, as_model_layers([layer]))]
+
+    first, rest = minilm_layers[0], got
+    for k, la in enumerate(minilm_layers):
+        n = len(la.expected(cfg))
+        mine, rest = rest[:n], rest[n:]
+        assert [d for d, _ in mine] == tdata(on_page(la, first)), f"layer {k + 1} not on layer 1's page"
+        if k:                           # (the page matters: on its own page the layer decodes otherwise)
+            assert [d for d, _ in mine] != tdata(la), k
+        assert [t for _, t in mine] == [0] * n, f"m_axis_tlast in layer {k + 1}"
+    assert rest == [] and dut.final_load_error == 0
+
+
+def test_s_axis_tlast_tied_high_makes_every_beat_a_layer(minilm_layers):
+    """``s_axis_tlast`` tied high: every block beat is a layer of its own, the ``k``-th decoded with the
+    ``k``-th load packet's page, TLAST on its last output beat; once the three load packets are in,
+    ``s_axis_tready`` stays low (a bounded wait: 300 cycles after the last beat taken)."""
+    cfg = CONFIGS["sop4-g16"]
+    blocks = [tied(axis.block_beats(cfg, la.headers, la.codes), 1) for la in minilm_layers]
+    wait = 300
+    got, _, in_cycles, _, dut = simulate_shell(cfg, minilm_layers, p_idle=0.2, p_stall=0.2, seed=14,
+                                               block_packets=blocks, max_cycles=len(minilm_layers) * 60 + wait)
+    stream, bpb = minilm_layers[0], cfg.blocks_per_beat                 # the stream's first beats: layer 1's
+    beats = [dataclasses.replace(on_page(stream, page), headers=stream.headers[k * bpb:(k + 1) * bpb],
+                                 codes=stream.codes[k * bpb:(k + 1) * bpb]) for k, page in enumerate(minilm_layers)]
+    assert got == axis.model(cfg, as_model_layers(beats))
+    n_loads = sum(len(axis.load_beats(cfg, la.luts, la.offset)) for la in minilm_layers)
+    assert len(in_cycles) == len(minilm_layers) and len(dut.load_cycles) == n_loads < in_cycles[-1]
+    after = [r for r, _ in dut.trace[in_cycles[-1] + 1:]]
+    assert len(after) >= wait and not any(after), "s_axis_tready rose with no load packet left"
+    assert dut.final_load_error == 0
+
+
+def test_s_axis_load_tlast_tied_low_sets_load_error_and_takes_no_block(minilm_layers):
+    """``s_axis_load_tlast`` tied low: ``load_error`` rises the cycle after the first offset word's
+    handshake (0 before, sticky after), and no block beat is taken (``s_axis_tready`` low throughout)
+    while the load stream takes every word (no packet ever completes a page)."""
+    cfg = CONFIGS["sop4-g16"]
+    loads = [tied(axis.load_beats(cfg, la.luts, la.offset), 0) for la in minilm_layers]
+    got, _, in_cycles, _, dut = simulate_shell(cfg, minilm_layers, p_idle=0.2, p_stall=0.2, seed=15,
+                                               load_packets=loads, max_cycles=400)
+    offset_word = dut.load_cycles[len(loads[0]) - 1]
+    errors = [e for _, e in dut.trace]
+    assert errors == [0] * (offset_word + 1) + [1] * (len(errors) - offset_word - 1), "load_error not set then"
+    assert in_cycles == [] and got == [] and not any(r for r, _ in dut.trace)
+    assert len(dut.load_cycles) == sum(map(len, loads))
 
 
 def test_valid_check_catches_valid_that_waits_for_ready():
