@@ -88,7 +88,7 @@ from sop.quantize.layer_loop import (BudgetOutcomes, LayerOutcome, budget_model,
                                      layer_line, quantize_layer, recon_float32, reporter)
 from sop.quantize.layer_loop import layer_outcomes as pooled_layer_outcomes
 from sop.quantize.job_server import start as start_server
-from sop.quantize.jobs import LayerPool, check_jobs
+from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import abs_max, aggregate
 from sop.quantize.models import (ARTIFACT_SUFFIX, CHECKPOINT_SUFFIXES, MINILM, SAFETENSORS_SUFFIXES, SIBLINGS_READ,
@@ -507,7 +507,7 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
     budget = check_options([fmt], budget, nan_policy)
-    jobs = check_jobs(jobs)
+    jobs = min(check_jobs(jobs), usable_cpus())           # as the pool lowers it: none for one CPU (as sop eval)
     n_calib = C.calib_size(n_calib, "n_calib", sentences=calibrate)
     cache_dir = cache_folder(cache_dir, calibrate)
     # before any work: never one of the model's files

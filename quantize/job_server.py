@@ -12,8 +12,9 @@ whole of a worker's start) then run on another core while this process opens the
 Contract: this module imports nothing but the standard library (no numpy), so that starting the
 server early costs the command nothing; a server started for a command that then stops before its
 pool (a refusal, a usage error) ends with the process, silently; Ctrl-C during its imports is the
-parent's alone (the server, and a spawned worker, start with SIGINT ignored, ``sigint_ignored``: the
-server's imports stopped with a ``KeyboardInterrupt`` traceback after `sop`'s one line).
+parent's alone (the server, and a spawned worker, start with SIGINT blocked, ``sigint_blocked``: the
+server's imports stopped with a ``KeyboardInterrupt`` traceback after `sop`'s one line); a pool's open-file
+limit is raised to what it needs, or refused in one line (``allow_open_files``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ PRELOAD = ["sop.quantize.jobs", "sop.quantize.evaluate", "sop.quantize.artifact"
 #: Environment of a worker: one thread for sop's chunk loop, BLAS, OpenMP and torch.
 SINGLE_THREAD_ENV = {"SOP_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                      "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+#: Open files a pool needs (``allow_open_files``): this many, plus so many per worker (its pipe and its
+#: process's sentinel here, its status pipe in the server; measured: 16 workers failed at 56, ran at 64).
+FILES_BASE, FILES_PER_WORKER = 32, 3
 #: `sop` commands that start a pool for ``--jobs`` greater than 1.
 POOL_COMMANDS = ("eval", "quantize")
 
@@ -72,41 +76,74 @@ def worker_environment():
 
 
 @contextlib.contextmanager
-def sigint_ignored():
-    """SIGINT ignored here while a process is spawned from this one (an exec keeps an ignored signal
-    ignored; a blocked one, kept pending here, multiprocessing's spawn unblocks in the child: seen in
-    /proc): the new process's imports, before it sets up its own handling, cannot end in a
-    ``KeyboardInterrupt`` traceback of its own. About 7 ms (a fork and an exec), in which a Ctrl-C is
-    not seen; only in the main thread (the only one that may set a handler)."""
+def sigint_blocked():
+    """SIGINT blocked here while a process is spawned from this one, which inherits the mask through its
+    exec: its imports, before it sets up its own handling (the fork server ignores SIGINT, ``_worker`` too,
+    and unblocks it), cannot end in a ``KeyboardInterrupt`` traceback of its own. Here a Ctrl-C in those
+    milliseconds is kept pending and raised after, or taken at once by another thread (numpy's): it was
+    ignored here, and lost (`sop` ran on to the end and wrote its file). Where there are no signal masks
+    (Windows) it is ignored instead. Only in the main thread (the only one that may set a handler)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)       # pragma: no cover - no masks (Windows)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
 
 
-def ensure_server() -> None:
-    """The fork server running (started here if not, without waiting for its imports); nothing
-    without one."""
+def ensure_server(jobs: int) -> None:
+    """The fork server running for ``jobs`` workers (started here if not, without waiting for its imports;
+    ``allow_open_files`` first); nothing without one."""
     if not has_server():
         return
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
+    allow_open_files(jobs)
     context()                                           # its PRELOAD set: the server imports it as it starts
-    with worker_environment(), sigint_ignored():       # (the server runs no main script: not in PRELOAD)
-        forkserver.ensure_running()
+    with worker_environment():
+        # the tracker first: its start unblocks SIGINT after it, which would end sigint_blocked's block early
+        resource_tracker.ensure_running()
+        with sigint_blocked():                          # (the server runs no main script: not in PRELOAD)
+            forkserver.ensure_running()
+
+
+def allow_open_files(jobs: int) -> None:
+    """The open-file limit (``ulimit -n``) raised, up to its hard limit, to what ``jobs`` workers need
+    (``FILES_BASE`` plus ``FILES_PER_WORKER`` each); an OSError saying so where the hard limit is lower.
+    Below that the fork server ran out of descriptors as it started a worker and died with a traceback
+    of its own beside `sop`'s error line (``ulimit -n 14``). The server and its workers inherit the limit
+    this process has when the server starts."""
+    try:
+        import resource
+    except ImportError:                                 # pragma: no cover - no such limit (Windows)
+        return
+    need = FILES_BASE + FILES_PER_WORKER * jobs
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise OSError(f"{jobs} workers need {need} open files, and the limit is {soft} (ulimit -n; "
+                      f"its hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def start(jobs: int) -> None:
     """``ensure_server`` now, where ``jobs`` (a checked count) workers will be started; nothing for
     fewer than 2 usable ones. It only saves time: a server that cannot start here (no socket can be
     made) is left to the pool, whose ``WorkerError`` says so in one line."""
-    if min(jobs, usable_cpus()) >= 2:
+    jobs = min(jobs, usable_cpus())
+    if jobs >= 2:
         try:
-            ensure_server()
+            ensure_server(jobs)
         except Exception:                       # noqa: BLE001 - the pool tries again and reports it
             pass
 

@@ -34,9 +34,9 @@ Contract.
   (``layer_limit``: ``LIMIT_BASE`` seconds plus ``LIMIT_PER_WEIGHT`` per weight of the layer, 5 min
   plus 50 s per million weights, about 15 times what the slowest format takes on a loaded 2-core
   machine; ``SOP_LAYER_TIMEOUT=S`` makes it S seconds for every layer): past it, ``WorkerError``
-  says which layer and how long, every worker is ended and nothing is written. Reading a result
-  is bounded by the same limit (a reader thread), so a worker stuck halfway through sending one
-  cannot hang the parent either. An
+  says which layer and how long, every worker is ended and nothing is written. Sending an item and
+  reading a result are bounded by the same limit (a thread), so a worker stopped while idle (an item
+  over the pipe's buffer) or halfway through sending cannot hang the parent either. An
   exception inside a task comes back as its message and is raised in the parent, in item order
   (the first failing layer, as ``--jobs 1`` would report it), as the same kind (``ValueError``,
   ``OSError``, ``MemoryError``; anything else as ``RuntimeError`` with the worker's traceback as a
@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from sop.quantize.inputs import command_line, on_command_line, option
-from sop.quantize.job_server import (SINGLE_THREAD_ENV, context, ensure_server, has_server, sigint_ignored,
+from sop.quantize.job_server import (SINGLE_THREAD_ENV, context, ensure_server, has_server, sigint_blocked,
                                      usable_cpus, worker_environment)
 
 #: Seconds between checks of the busy workers' health while waiting for a result.
@@ -148,6 +148,8 @@ def _worker(conn, dev: str = "numpy", regs: dict | None = None, cli: bool = Fals
     inside ``inputs.command_line()`` (a context variable no process inherits: a refusal a worker raises
     must name the command's options, as one raised in the parent does)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the parent's to handle
+    if hasattr(signal, "pthread_sigmask"):              # blocked as the server started (sigint_blocked):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})     # not for what this process may start
     _single_thread()
     from sop.quantize import device
 
@@ -172,10 +174,10 @@ def _serve(conn) -> None:
         index, fn, args = msg
         try:
             meta, arrays = fn(*args)
-            arrays = [np.ascontiguousarray(a) for a in arrays]
+            arrays = [np.asarray(a, order="C") for a in arrays]     # (ascontiguousarray made a 0-d array 1-d)
             conn.send((index, "ok", meta, [(a.shape, a.dtype.str) for a in arrays]))
             for a in arrays:                            # raw bytes: no pickled copy on either side
-                conn.send_bytes(memoryview(a).cast("B"))
+                conn.send_bytes(_raw(a))
             del meta, arrays
         except BaseException as err:                    # noqa: BLE001 - every failure goes back
             try:
@@ -183,6 +185,12 @@ def _serve(conn) -> None:
                                             traceback.format_exc()), []))
             except OSError:                             # the parent is gone (killed outright: it was a
                 return                                  # double traceback from each worker on its stderr)
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    """The bytes of a C-contiguous array, as a flat uint8 view of it (no copy) that a pipe sends or fills:
+    ``memoryview(a).cast("B")`` refused an empty array (a zero in its shape), a TypeError on both sides."""
+    return a.reshape(-1).view(np.uint8)
 
 
 # -- the parent side ---------------------------------------------------------------------------
@@ -253,12 +261,12 @@ class LayerPool:
         regs = points.registrations()
         self.workers: list[_Worker] = []
         try:
-            ensure_server()                             # Ctrl-C ignored by it from its start (job_server.py)
+            ensure_server(self.jobs)                    # Ctrl-C kept from it from its start (job_server.py)
             for i in range(self.jobs):
                 parent, child = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=_worker, args=(child, device.active(), regs, on_command_line()),
                                 name=f"sop-job-{i}", daemon=True)
-                spawned = contextlib.nullcontext() if has_server() else sigint_ignored()
+                spawned = contextlib.nullcontext() if has_server() else sigint_blocked()
                 with worker_environment(), spawned, _caller_main_hidden():
                     p.start()
                 child.close()
@@ -294,13 +302,12 @@ class LayerPool:
         while done < n:
             while idle and sent < n and sent - done < ahead:
                 w = idle.pop(0)
-                try:
-                    w.conn.send((sent, fn, argss[sent]))
-                except OSError:                         # it died idle (a broken pipe is no closed stdout here)
-                    w.item = sent
-                    self._died(w, label, before=True)
                 w.item, w.started = sent, time.monotonic()
                 w.limit = layer_limit(None if weights is None else weights(sent), self.limit_override)
+                # within the limit: an item over the pipe's 64 kB (a layer's calibration statistics) waited with
+                # no end on a worker stopped idle; a broken pipe is one that died idle (no closed stdout here)
+                msg = (sent, fn, argss[sent])
+                self._within_limit(w, label, lambda: w.conn.send(msg), before=True)
                 busy.append(w)
                 sent += 1
             if done in results:
@@ -327,31 +334,40 @@ class LayerPool:
                     self._stuck(w, label)
 
     def _receive(self, w: _Worker, label) -> tuple:
-        """A result from ``w`` (whose pipe has data), read by a thread within the item's time
-        limit: a worker stopped halfway through sending cannot hang this process."""
+        """A result from ``w`` (whose pipe has data), read within the item's time limit
+        (``_within_limit``): a worker stopped halfway through sending cannot hang this process."""
+        def read():
+            index, status, meta, specs = w.conn.recv()
+            arrays = []
+            for shape, dtype in specs:
+                a = np.empty(shape, dtype=np.dtype(dtype))
+                w.conn.recv_bytes_into(_raw(a))
+                arrays.append(a)
+            return index, status, meta, arrays
+
+        return self._within_limit(w, label, read)
+
+    def _within_limit(self, w: _Worker, label, talk, before: bool = False):
+        """``talk()`` (a send to ``w`` or a read from it) run by a thread, its result; past the item's time
+        limit ``w`` is stuck (``_stuck``: it is ended, which ends the thread too), a pipe that breaks or
+        ends is ``w`` died (``_died``; ``before``: before it took its item), anything else is raised here."""
         box: dict = {}
 
-        def read():
+        def run():
             try:
-                index, status, meta, specs = w.conn.recv()
-                arrays = []
-                for shape, dtype in specs:
-                    a = np.empty(shape, dtype=np.dtype(dtype))
-                    w.conn.recv_bytes_into(memoryview(a).cast("B"))
-                    arrays.append(a)
-                box["result"] = (index, status, meta, arrays)
+                box["result"] = talk()
             except (EOFError, OSError) as err:
                 box["lost"] = err
             except BaseException as err:                # noqa: BLE001 - raised in the parent
                 box["error"] = err
 
-        reader = threading.Thread(target=read, name="sop-job-reader", daemon=True)
-        reader.start()
-        reader.join(max(0.0, w.started + w.limit - time.monotonic()) + POLL)
-        if reader.is_alive():
-            self._stuck(w, label)                       # ends the worker: the reader sees EOF
+        thread = threading.Thread(target=run, name="sop-job-pipe", daemon=True)
+        thread.start()
+        thread.join(max(0.0, w.started + w.limit - time.monotonic()) + POLL)
+        if thread.is_alive():
+            self._stuck(w, label)
         if "lost" in box:
-            self._died(w, label)
+            self._died(w, label, before=before)
         if "error" in box:
             self.close(abort=True)
             raise box["error"]

@@ -16,14 +16,15 @@ INTERRUPTED_STARTING = "sop: interrupted (SIGINT) while starting; nothing was wr
 
 def entry() -> None:
     try:
-        from sop.quantize.job_server import start_for
+        try:
+            from sop.quantize.job_server import start_for
 
-        start_for(sys.argv[1:])
+            start_for(sys.argv[1:])
+        except Exception:                       # noqa: BLE001 - an early start only saves time; the pool
+            pass                                # starts the server itself (one line if it cannot)
+        # inside the try: a Ctrl-C in the import machinery (before sop.cli's own try runs) was a traceback
+        from sop.cli import entry as run
     except KeyboardInterrupt:                   # as sop.cli's own imports say it
         print(INTERRUPTED_STARTING, file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
-    except Exception:                           # noqa: BLE001 - an early start only saves time; the pool
-        pass                                    # starts the server itself (one line if it cannot)
-    from sop.cli import entry as run
-
     run()

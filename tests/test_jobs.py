@@ -136,6 +136,23 @@ def quantized_in_worker(fmt: str, w):
     return r.bits, [r.recon]
 
 
+def empty_range_and_half(n):
+    """A task: (n, [an empty array, the n integers from 0, n / 2 as an array of no dimension])."""
+    return n, [np.empty((0, 3), dtype=np.float32), np.arange(n, dtype=np.int64), np.array(n / 2)]
+
+
+def test_an_empty_or_0_d_array_comes_back_as_it_was():
+    """A result with an array of no elements (a zero in its shape) was a TypeError in the worker and in this
+    process (``memoryview.cast`` refuses such a view), an internal error; one of no dimension came back with
+    one (``np.ascontiguousarray`` gives at least one)."""
+    with J.LayerPool(2) as pool:
+        got = list(pool.map(empty_range_and_half, [(0,), (3,)]))
+    assert [m for m, _ in got] == [0, 3]
+    assert [[(a.shape, a.dtype, a.tolist()) for a in arrays] for _, arrays in got] == [
+        [((0, 3), np.float32, []), ((0,), np.int64, []), ((), np.float64, 0.0)],
+        [((0, 3), np.float32, []), ((3,), np.int64, [0, 1, 2]), ((), np.float64, 1.5)]]
+
+
 def test_a_point_and_table_registered_at_run_time_reach_the_workers():
     """A worker starts from the modules as imported: a point a script registered (with its own table)
     was "unknown format" there, so `quantize_model(..., jobs=2)` failed where jobs=1 worked (an outside probe)."""
@@ -286,7 +303,7 @@ def test_a_closed_standard_stream_leaves_the_fork_server_to_the_pool(tmp_path):
 def test_ctrl_c_while_the_fork_server_imports_is_no_traceback(tmp_path):
     """A Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the fork server imported
     the quantizer stopped the server with a ``KeyboardInterrupt`` traceback after `sop`'s one line: the
-    server starts with SIGINT ignored, the parent alone handles it. (Here the server's first import
+    server starts with SIGINT blocked, the parent alone handles it. (Here the server's first import
     says it has begun and then takes 2 s, so that the signal reaches it inside its imports.)"""
     began = tmp_path / "began"
     (tmp_path / "slow_import.py").write_text(f"import pathlib, time\npathlib.Path({str(began)!r}).touch()\n"
@@ -311,6 +328,23 @@ def test_a_pool_starts_no_more_workers_than_cpus(monkeypatch):
     with J.LayerPool(10**5) as pool:
         assert pool.jobs == 1 and len(pool.workers) == 1
         assert [m for m, _ in pool.map(square, [(2, 0.0), (3, 0.0)])] == [4, 9]
+
+
+def test_one_usable_cpu_quantizes_without_a_pool(model, tmp_path, monkeypatch):
+    """`sop quantize --jobs 8` on one usable CPU (``taskset -c 0``, a one-CPU container) started the fork server
+    and a pool of one worker, this process waiting on it, where `sop eval` lowers --jobs first and runs none."""
+    from sop.quantize import artifact
+
+    for module in (artifact, J, job_server):
+        monkeypatch.setattr(module, "usable_cpus", lambda: 1, raising=False)
+
+    def no_pool(jobs):
+        raise AssertionError(f"a pool of {jobs}")
+
+    monkeypatch.setattr(artifact, "LayerPool", no_pool)
+    out = tmp_path / "x.sopq"
+    assert run(["quantize", model, "--format", "nf4-g64", "--out", out, "--jobs", "8", "--quiet", "--no-calib"]) == 0
+    assert out.exists()
 
 
 def test_a_large_jobs_is_lowered_before_the_memory_estimate(tmp_path, capsys):
@@ -357,7 +391,7 @@ def test_a_worker_that_cannot_start_is_a_worker_error(monkeypatch):
     # the fork server that cannot start (no socket in a read-only temporary folder): the same one line
     monkeypatch.undo()
 
-    def no_socket():
+    def no_socket(*_):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(J, "ensure_server", no_socket)
@@ -427,8 +461,12 @@ def test_a_stuck_worker_is_stopped_at_its_time_limit(monkeypatch, no_hang, task)
 @pytest.mark.parametrize("fmt,task", [("sop4-g16", "layer_task"), ("sop-budget", "budget_layer")])
 def test_a_stuck_worker_ends_the_run_with_one_line_and_nothing_written(model, tmp_path, capsys, monkeypatch,
                                                                         no_hang, fmt, task):
+    from sop.quantize import artifact
+
     monkeypatch.setenv("SOP_LAYER_TIMEOUT", "2")
     monkeypatch.setattr(J, task, sleep_forever)   # the workers run it in place of the layer's task
+    for module in (artifact, J):                  # workers on one CPU too (--jobs is lowered to the CPUs)
+        monkeypatch.setattr(module, "usable_cpus", lambda: 2)
     out = tmp_path / "x.sopq"
     budget = ["--budget", "5"] if fmt == "sop-budget" else []
     assert run(["quantize", model, "--format", fmt, *budget, "--out", out, "--jobs", "2",
@@ -437,6 +475,19 @@ def test_a_stuck_worker_ends_the_run_with_one_line_and_nothing_written(model, tm
     assert err.startswith("sop: error: a --jobs worker process (pid ") and err.count("\n") == 1, err
     assert "was still working on h.0.attn.k.weight after" in err          # the first layer in order
     assert not any(tmp_path.iterdir())            # no artifact, no spool, no temporary
+
+
+def test_a_large_item_for_a_worker_stopped_idle_is_stopped_at_its_time_limit(monkeypatch, no_hang):
+    """An item larger than the pipe's buffer (a large layer's calibration statistics: 88 kB for 11008 inputs)
+    sent to a worker stopped while idle (SIGSTOP) waited in the send, where no time limit is checked: a hang."""
+    import signal
+
+    monkeypatch.setenv("SOP_LAYER_TIMEOUT", "1.5")
+    with J.LayerPool(2) as pool, pytest.raises(J.WorkerError) as exc:
+        os.kill(pool.workers[0].process.pid, signal.SIGSTOP)
+        list(pool.map(square, [(np.zeros(1 << 17), 0.0), (2, 0.0)], label=lambda i: f"layer {i}"))
+    assert "was still working on layer 0 after" in str(exc.value), exc.value
+    assert pool.workers == []                     # the stopped worker ended too
 
 
 def test_the_time_limit_grows_with_the_layer_and_can_be_set(monkeypatch):
@@ -480,7 +531,7 @@ def test_a_fork_server_that_cannot_start_early_is_left_to_the_pool(monkeypatch):
     (no socket: OSError) was the command's error without saying what failed; the pool's one line says it."""
     tried = []
 
-    def no_socket():
+    def no_socket(*_):
         tried.append(True)
         raise OSError(30, "Read-only file system")
 
@@ -488,3 +539,72 @@ def test_a_fork_server_that_cannot_start_early_is_left_to_the_pool(monkeypatch):
     monkeypatch.setattr(job_server, "usable_cpus", lambda: 2)
     job_server.start(2)                         # tried, and nothing raised
     assert tried == [True]
+
+
+# -- Ctrl-C as `sop` starts, a low open-file limit (an adversarial review) ---------------------------
+
+def test_ctrl_c_as_sop_cli_is_imported_is_one_line(tmp_path):
+    """A Ctrl-C in the import machinery as ``sop.launch`` imports ``sop.cli`` (before sop.cli's own try
+    runs; here a finder raises it) was a ``KeyboardInterrupt`` traceback: it is `sop`'s one line."""
+    r = _in_a_fresh_python(
+        "import sys\n"
+        "class CtrlC:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'sop.cli':\n            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\nsys.argv = ['sop', 'formats']\n"
+        "from sop.launch import INTERRUPTED_STARTING, entry\nprint(INTERRUPTED_STARTING, flush=True)\nentry()\n",
+        tmp_path)
+    assert r.returncode == 130 and r.stderr == r.stdout, r.stderr       # the line, and nothing else
+    assert r.stderr.startswith("sop: interrupted (SIGINT) while starting")
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask") or not job_server.has_server(),
+                    reason="a fork server, and signal masks")
+@pytest.mark.parametrize("threads", ["", "import numpy  # its BLAS threads\n"])
+def test_ctrl_c_while_the_fork_server_is_spawned_is_raised(tmp_path, threads):
+    """SIGINT was ignored while the fork server was spawned (its imports must not see a Ctrl-C): one that came
+    in those milliseconds was lost, and `sop` ran on to the end and wrote its file. Blocked instead (the server
+    inherits the mask), it is raised here: after the spawn (one thread: `sop`'s early start) or at once (numpy's
+    threads take it). Here it is sent in the middle of the spawn. A worker has it unblocked."""
+    (tmp_path / "task.py").write_text("def cube(x):\n    return x ** 3, []\n")
+    r = _in_a_fresh_python(
+        f"import os, signal\n{threads}from multiprocessing import util\nfrom sop.quantize import job_server\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)   # (ignored in a pytest-xdist worker)\n"
+        "spawn, sent = util.spawnv_passfds, []\n"
+        "def ctrl_c_inside(path, args, fds):\n"
+        "    if 'forkserver' in repr(args) and not sent:\n        sent.append(1)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return spawn(path, args, fds)\n"
+        "util.spawnv_passfds = ctrl_c_inside\n"
+        "try:\n    job_server.ensure_server(2)\n    print('ran on')\nexcept KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+        "import task\nfrom sop.quantize import jobs\njobs.usable_cpus = lambda: 2\n"
+        "with jobs.LayerPool(2) as pool:\n"
+        "    assert [m for m, _ in pool.map(task.cube, [(2,), (3,)])] == [8, 27]     # each worker set up\n"
+        "    for w in pool.workers:\n"
+        "        status = open(f'/proc/{w.process.pid}/status').read()\n"
+        "        blocked = int(status.split('SigBlk:')[1].split()[0], 16)\n"
+        "        print('blocked' if blocked & (1 << (signal.SIGINT - 1)) else 'unblocked')\n", tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["interrupted", "unblocked", "unblocked"], (r.stdout, r.stderr)
+
+
+@pytest.mark.skipif(not job_server.has_server(), reason="the fork server's descriptors")
+@pytest.mark.parametrize("hard", ["14", "resource.getrlimit(resource.RLIMIT_NOFILE)[1]"])
+def test_a_low_open_file_limit_is_raised_or_one_line(tmp_path, hard):
+    """``ulimit -n 14``: the fork server ran out of descriptors as it started a worker and died with a
+    traceback of its own beside `sop`'s line. The limit is raised to what the pool needs where the hard limit
+    allows it (the pool runs), else the pool's one line says so."""
+    (tmp_path / "task.py").write_text("def cube(x):\n    return x ** 3, []\n")
+    r = _in_a_fresh_python(
+        "import resource\nfrom sop.quantize import jobs\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, (14, {hard}))\n"
+        "jobs.usable_cpus = lambda: 4\n"
+        "import task\n"
+        "try:\n    with jobs.LayerPool(4) as pool:\n"
+        "        print([m for m, _ in pool.map(task.cube, [(x,) for x in range(6)])])\n"
+        "except jobs.WorkerError as err:\n    print(err)\n", tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    if hard == "14":
+        assert r.stdout.startswith("a jobs worker process could not start (OSError: 4 workers need 44 open files, "
+                                   "and the limit is 14 (ulimit -n; its hard limit 14))"), r.stdout
+    else:
+        assert r.stdout.split("\n")[0] == "[0, 1, 8, 27, 64, 125]", r.stdout
