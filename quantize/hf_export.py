@@ -43,9 +43,15 @@ def _same_folder(a, b) -> bool:
 
 def _aux_changes(spec, then: dict | None, now: dict[str, str], artifact) -> list[str]:
     """One warning naming the configuration and tokenizer files (``AUX_SUFFIXES`` beside the weights)
-    that changed, appeared or went since sop quantize read them; none for an artifact without the record."""
+    that changed, appeared or went since sop quantize read them; none for an artifact without the record.
+    An artifact that records none (sop quantize was given a weights file alone, and read none) has nothing
+    to compare: the warning says the folder takes ``spec``'s, not that each of them is new."""
     if then is None:
         return []
+    if not then:
+        return [f"{artifact} records no configuration or tokenizer file (sop quantize read none: it was given "
+                f"the weights alone, and quantized without them); the folder is exported with those of {spec}: "
+                f"{', '.join(sorted(now))}"] if now else []
     changed = sorted(n for n in set(then) | set(now) if then.get(n) != now.get(n))
     if not changed:
         return []
@@ -113,8 +119,13 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     if missing:
         raise ValueError(f"{art.path}: layer {missing[0]} is no linear layer of {spec}")
     if src.forward != "causal-lm":
+        # a weights file given alone (sop quantize M/model.safetensors): its folder is the model that runs
+        alone = os.path.isfile(spec) and src.kind != "gguf" and (Path(spec).parent / "config.json").is_file()
+        parent = str(Path(spec).parent) if on_command_line() else repr(str(Path(spec).parent))
+        why = (f"a weights file alone: give its folder with {option('model', parent)}" if alone
+               else src.forward_note or f"a {src.forward} model")
         raise ValueError(f"{spec}: {'--model-folder' if on_command_line() else 'export_model_folder'} needs a "
-                         f"causal LM that transformers runs ({src.forward_note or 'a ' + str(src.forward) + ' model'})")
+                         f"causal LM that transformers runs ({why})")
     causal_lm.check_memory(src, purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT)
     runner = causal_lm.load(src)
     weights = {}
