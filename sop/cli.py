@@ -227,9 +227,10 @@ def cmd_eval(args) -> int:
                                 cache_dir=args.cache_dir, progress=not args.quiet,
                                 lm_head=args.include_lm_head, routers=args.include_routers,
                                 e2e_windows=args.e2e_windows, jobs=args.jobs)
+    if args.json is not None:                   # the file before the table: a reader gone (`| head`) cannot cost it
+        evaluate.write_json(args.json, doc)
     print(evaluate.format_table(doc))
     if args.json is not None:
-        evaluate.write_json(args.json, doc)
         print(f"\nwrote {args.json}")
     return 0
 

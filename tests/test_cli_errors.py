@@ -2,6 +2,7 @@
 the file and what is wrong, exit 2, before any work and with nothing written; an unexpected internal
 error says that it is a bug and how to report it (docs/robustness.md lists every class)."""
 
+import json
 import os
 import select
 import signal
@@ -655,3 +656,19 @@ def test_vectors_into_the_source_models_own_folder_are_refused(tmp_path, capsys)
         assert "the output folder is the source model's folder" in err and "--out" in err, err
     assert sorted(p.name for p in model.iterdir()) == ["model.safetensors"]
     assert run(["vectors", str(model), "--format", "sop4-g16", "--rows", "1", "--out", str(model / "v")]) == 0
+
+
+def test_a_reader_gone_at_the_eval_table_still_leaves_the_json(tmp_path, capsys, monkeypatch):
+    """`sop eval ... --json F | head -1`: the table's print met the gone reader (exit 141, as it should) before
+    F was written, so the run's results were lost (an adversarial review). F is now written before the table."""
+    from sop.quantize import evaluate
+
+    def reader_gone(doc):
+        raise BrokenPipeError(32, "Broken pipe")            # what the print of the table meets
+
+    monkeypatch.setattr(evaluate, "format_table", reader_gone)
+    out = tmp_path / "r.json"
+    code = main(["eval", "minilm", "--format", "nf4-g64", "--include", "*layer.0.attention.self.query*",
+                 "--no-e2e", "--no-calib", "--quiet", "--json", str(out)])
+    assert code == 128 + signal.SIGPIPE and capsys.readouterr().err == ""
+    assert list(json.loads(out.read_text())["formats"]) == ["nf4-g64"]
