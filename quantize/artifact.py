@@ -77,7 +77,7 @@ import numpy as np
 from sop.golden.files import (InputError, OutputError, another_version, atomic_output, check_output, crc32,
                               input_file, temp_file_in)
 from sop.golden.decoder import decode_layer
-from sop.golden.formats import to_float32
+from sop.golden.formats import FORMATS, bf16_codes_of_float32, to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
@@ -149,9 +149,12 @@ def record_payload(res: QuantResult, shape: tuple[int, int], name: str):
     return kind, np.frombuffer(b"".join(chunks), dtype=np.uint8), padded
 
 
-def decode_record(entry: "LayerEntry", data: bytes | bytearray) -> np.ndarray:
+def decode_record(entry: "LayerEntry", data: bytes | bytearray, out: str = "exact") -> np.ndarray:
     """The layer's float32 ``(out, in)`` weights from its record (padding cropped): an ``f32``
-    record's are a view of ``data`` (writable where ``data`` is), refused if one is not finite."""
+    record's are a view of ``data`` (writable where ``data`` is), refused if one is not finite.
+    ``out="bf16"``: each weight is the exact value rounded once to BF16 (golden's rule: a layer stream
+    decoded with output ``"bf16"``, an ``f32`` record's values by ``FORMATS["bf16"]``), held in float32,
+    which holds every BF16 value exactly (`sop dequantize --model-folder --dtype bfloat16`)."""
     rows, cols = entry.shape
     if entry.kind == "sopl":
         try:
@@ -165,7 +168,7 @@ def decode_record(entry: "LayerEntry", data: bytes | bytearray) -> np.ndarray:
             raise ArtifactError(f"layer {entry.name}: {cols} columns padded to {s.cols}: more than one "
                                 f"block of {s.layout.group} of padding")
         # decoded in row chunks straight into float32, the padding cropped: no float64 layer
-        return decode_layer(s, dest=np.empty((rows, cols), dtype=np.float32))
+        return decode_layer(s, out, dest=np.empty((rows, cols), dtype=np.float32))
     if len(data) != 4 * rows * cols:
         raise ArtifactError(f"layer {entry.name}: float32 record of {len(data)} bytes for {rows} x {cols}")
     w = np.frombuffer(data, dtype="<f4").reshape(rows, cols)           # a view of the record, no copy
@@ -178,7 +181,11 @@ def decode_record(entry: "LayerEntry", data: bytes | bytearray) -> np.ndarray:
         raise ArtifactError(f"layer {entry.name}: float32 record holds {len(bad)} non-finite value"
                             f"{'s' if len(bad) > 1 else ''} (the first, {w[r, c]}, at row {r}, column {c}); "
                             f"sop never writes one: the artifact was altered")
-    return w
+    if out == "exact":
+        return w
+    if out == "bf16":                           # golden's codes from the float32 bits (no float64 table search)
+        return (bf16_codes_of_float32(w).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return FORMATS[out].quantize(w).astype(np.float32)
 
 
 def record_crc_ok(entry: "LayerEntry", crc: int, tail: bytes) -> bool:
@@ -387,12 +394,13 @@ class Artifact:
         except LayoutError as err:
             raise ArtifactError(f"{self.path}: layer {entry.name}: bad layer stream: {err}") from None
 
-    def weights(self, entry: LayerEntry | str) -> np.ndarray:
-        """The layer's float32 ``(out, in)`` weights, through the golden decoder where it has a stream."""
+    def weights(self, entry: LayerEntry | str, out: str = "exact") -> np.ndarray:
+        """The layer's float32 ``(out, in)`` weights, through the golden decoder where it has a stream
+        (``out="bf16"``: rounded once to BF16, ``decode_record``)."""
         entry = self._layer(entry)
         data = self.record(entry)
         try:
-            return decode_record(entry, data)
+            return decode_record(entry, data, out)
         except ArtifactError as err:
             raise ArtifactError(f"{self.path}: {err}") from None
 

@@ -58,6 +58,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,17 @@ def _ppl_cell(ppl: float) -> str:
     return f"{' ' + next((t for t in fixed if len(t) <= 8), fixed[-1]):>9}"
 
 
+def budget_choices_line(fmt: str, bpw: float, choices: list[str]) -> str:
+    """What the knapsack of ``fmt`` (sop-budget) chose, in one line: how many layers took each option, the most
+    taken first (``budget 5 bpw (sop-budget): 12 layers sop4-g16, 3 e2m3-ue4m4-g16``). ``choices``: each layer's
+    choice as a LayerOutcome spells it, ``option: what the option chose`` (the codebook pair)."""
+    counts = Counter(c.split(": ", 1)[0] for c in choices)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    said = [f"{n} {'layer' if n == 1 else 'layers'} {opt}" if i == 0 else f"{n} {opt}"
+            for i, (opt, n) in enumerate(ranked)]
+    return f"budget {bpw:.10g} bpw ({fmt}): {', '.join(said) or 'no layer'}"
+
+
 def format_table(doc: dict) -> str:
     """The human-readable summary `sop eval` prints: the model, what was kept, the calibration and a row a
     format. The warnings about the reference (``source.notes``) are not repeated: `sop eval` printed them on
@@ -364,6 +376,8 @@ def format_table(doc: dict) -> str:
         sq = f"{sq:9.2f}" if sq is not None else f"{'inf':>9}"
         lines.append(f"{name:<16}{f['bpw']:8.4f}{sq}{f['rel_mse']:11.3e}{1 - f['acos']:11.3e}"
                      f"{f['max_abs_err']:10.4g}{e2e}")      # .4g: any size in its column
+    lines += [budget_choices_line(name, f["budget"]["bpw"], [r["choice"] for r in f["layers"].values()])
+              for name, f in doc["formats"].items() if f.get("budget")]
     if ref is not None:
         lines.append(f"e2e: next-token perplexity, mean KL divergence (nats/token) against the unquantized model "
                      f"and top-1 agreement on {ref['tokens']:,} held-out tokens ({ref['windows']} windows of "

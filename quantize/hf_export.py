@@ -9,11 +9,19 @@ runs that model through quantize/causal_lm.py, decodes every layer of the artifa
 (``Artifact.weights``: the golden decoder for layer streams) into it in place of the reference, and
 writes the whole model as a ``transformers`` folder: ``config.json``, ``generation_config.json``
 (the source's as transformers reads it: one it cannot read is refused before any output,
-``causal_lm.check_generation_config``, never replaced by a default one), float32
-``model.safetensors`` (sharded where transformers shards) and the tokenizer files. Every tensor
+``causal_lm.check_generation_config``, never replaced by a default one), ``model.safetensors``
+(sharded where transformers shards) and the tokenizer files. Every tensor
 that was not quantized (embeddings, norms, a kept ``lm_head``) is the reference's: for a GGUF
 source that is the GGUF dequantized to float32, and so are the linear weights an artifact of some
-layers (``sop quantize --include``) does not hold: the result's ``reference_layers`` counts them. The folder is
+layers (``sop quantize --include``) does not hold: the result's ``reference_layers`` counts them.
+
+``dtype`` (``--dtype``) is the type of the safetensors, ``DTYPES``: ``"float32"`` (each quantized weight
+golden's exact decode rounded once to float32, ``Artifact.weights``) or ``"bfloat16"``, half the size: each
+quantized weight golden's exact decode rounded once to BF16 (the decoder's ``"bf16"`` output, what the
+hardware's bf16-output configurations emit: to nearest, ties to even, saturating; never float32 first,
+which would round twice), and every other tensor the reference's float32 value rounded to BF16 by the
+same rule (``golden.formats.FORMATS["bf16"]``; a NaN or an infinity stays one); ``config.json`` then
+says ``"dtype": "bfloat16"``, which transformers loads as such. The folder is
 written all or nothing (``golden.files.atomic_files``): an error or an interrupt at any point
 leaves every file there as it was. No file written may be an input (the artifact, a file of the
 source model), and the output folder may not be the source model's folder.
@@ -21,12 +29,16 @@ source model), and the output folder may not be the source model's folder.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sop.golden.files import OutputError, check_output
+from sop.golden.formats import FORMATS, bf16_codes_of_float32
 from sop.quantize.artifact import open_artifact
 from sop.quantize.inputs import NAN_POLICIES, boolean, on_command_line, option
 from sop.quantize.layer_loop import layer_line, reporter
@@ -72,10 +84,73 @@ def _other_model_error(art, meta: dict, spec: str, names: list[str]) -> ValueErr
     return ValueError(f"{art.path}: layer {names[0]} is no linear layer of {spec}")
 
 
-def export_model_folder(artifact, out, model: str | None = None, progress: bool = True) -> dict:
+#: the types ``dtype`` (``--dtype``) writes the model in, the default first (module docstring)
+DTYPES = ("float32", "bfloat16")
+#: golden's decoder output of each: the exact value rounded once to float32, or to BF16
+DECODER_OUTPUT = {"float32": "exact", "bfloat16": "bf16"}
+#: values rounded to BF16 at a time: the rounding's float64 and index temporaries stay a few tens of MB
+BF16_CHUNK = 1 << 20
+
+
+def check_dtype(dtype) -> str:
+    """``dtype`` if it is one of ``DTYPES`` (a string), else a ValueError naming it as its caller gave it."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"{option('dtype', repr(dtype))}: the model folder is written in "
+                         f"{' or '.join(map(repr, DTYPES))}")
+    return dtype
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """The BF16 bit patterns (uint16) of float values ``x`` rounded once to BF16 by golden's rule
+    (``FORMATS["bf16"].encode``, whose codes are the bit patterns: to nearest, ties to even, saturating,
+    subnormals kept). A NaN stays a (quiet) NaN and an infinity one of its sign: golden rounds finite values
+    (a NaN it refuses), and a reference tensor transformers loaded with one keeps it, as float32 does."""
+    x = np.asarray(x)
+    x = x.reshape(-1) if x.dtype == np.float32 else np.asarray(x, dtype=np.float64).reshape(-1)
+    # float32 (every tensor of a model transformers loaded in float32): the same codes from the bits, faster
+    encode = bf16_codes_of_float32 if x.dtype == np.float32 else FORMATS["bf16"].encode
+    bits = np.empty(x.shape, dtype=np.uint16)
+    for i in range(0, len(x), BF16_CHUNK):
+        part = x[i:i + BF16_CHUNK]
+        finite = np.isfinite(part)
+        sign = np.where(np.signbit(part), 0x8000, 0).astype(np.uint16)
+        out = np.where(np.isnan(part), np.uint16(0x7FC0), sign | np.uint16(0x7F80)).astype(np.uint16)
+        out[finite] = encode(part[finite])
+        bits[i:i + BF16_CHUNK] = out
+    return bits
+
+
+def _bf16_tensor(t):
+    """A float torch tensor rounded to a ``torch.bfloat16`` one of its shape (``bf16_bits``)."""
+    import torch
+
+    bits = bf16_bits(t.detach().cpu().numpy())
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).reshape(t.shape)
+
+
+@contextlib.contextmanager
+def _in_bfloat16(model):
+    """Within the block every floating parameter of ``model`` is BF16 (``_bf16_tensor`` of its value), so that
+    transformers' ``save_pretrained`` writes BF16 tensors and ``"dtype": "bfloat16"``; the float32 values and
+    the config's dtype are restored after, whatever happens (the model is cached on its ModelSource)."""
+    saved = [(p, p.data) for p in model.parameters() if p.is_floating_point()]    # a tied parameter once
+    dtype = getattr(model.config, "dtype", None)
+    try:
+        for param, data in saved:
+            param.data = _bf16_tensor(data)
+        yield model
+    finally:
+        for param, data in saved:
+            param.data = data
+        model.config.dtype = dtype
+
+
+def export_model_folder(artifact, out, model: str | None = None, progress: bool = True,
+                        dtype: str = "float32") -> dict:
     from sop.quantize import causal_lm
 
     progress = boolean("progress", progress)
+    dtype = check_dtype(dtype)
     art = open_artifact(artifact)
     meta = art.meta.get("model", {})
     if model is not None and not model:         # it was "names no source model; give --model"
@@ -126,7 +201,10 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
                else src.forward_note or f"a {src.forward} model")
         raise ValueError(f"{spec}: {'--model-folder' if on_command_line() else 'export_model_folder'} needs a "
                          f"causal LM that transformers runs ({why})")
-    causal_lm.check_memory(src, purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT)
+    # a BF16 export holds a BF16 copy of the model beside the float32 one while it is saved: half as much again
+    extra = causal_lm.memory_needed(src) // 2 if dtype == "bfloat16" else 0
+    causal_lm.check_memory(src, extra=extra,
+                           purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT)
     runner = causal_lm.load(src)
     weights = {}
     # one line a decoded layer, as `sop dequantize` without --model-folder (--quiet, progress=False: none)
@@ -136,10 +214,16 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
             raise ValueError(f"{art.path}: layer {e.name} is {tuple(e.shape)}, {spec} has it "
                              f"{tuple(src.layer(e.name).shape)}")
         t0 = time.perf_counter()
-        weights[e.name] = art.weights(e)
+        weights[e.name] = art.weights(e, DECODER_OUTPUT[dtype])
         say(layer_line("dequantize", i, n, e.name, e.shape, time.perf_counter() - t0))
-    files = runner.save_folder(Path(out), weights, inputs=[art.path, *inputs], out_option=option("out"))
+    save = dict(inputs=[art.path, *inputs], out_option=option("out"))
+    if dtype == "bfloat16":     # the decoded layers are BF16 values already: rounding them again keeps them
+        with runner.substituted(weights), _in_bfloat16(runner.model):
+            files = runner.save_folder(Path(out), None, **save)
+    else:
+        files = runner.save_folder(Path(out), weights, **save)
     # an artifact of some layers (sop quantize --include) makes a working model whose other linear
     # weights are the reference's: said, so a partial artifact is not taken for the quantized model
     return {"path": str(out), "files": [f.name for f in files], "layers": len(weights), "format": art.format,
+            "dtype": dtype,
             "model": spec, "warnings": warnings, "reference_layers": src.kept().get(FILTERED, 0)}

@@ -15,7 +15,7 @@
                                   real quantized layers as test vectors for the RTL (docs/vectors.md)
     sop quantize MODEL --format F --out FILE.sopq [--budget B] [--jobs N] [--device D]
                                   write the quantized artifact (quantize/artifact.py has the container)
-    sop dequantize FILE.sopq --out W.safetensors [--model-folder]
+    sop dequantize FILE.sopq --out W.safetensors [--model-folder [--dtype float32|bfloat16]]
                                   decode every layer through the golden decoder into float32 safetensors
                                   (--model-folder: a whole causal-LM folder transformers loads)
     sop gemv FILE.sopq --layer NAME --x X.npy [--x-format bf16|e4m3] --out Y.npy
@@ -62,6 +62,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
     from sop.golden.points import board_points, operating_points, vector_points
     from sop.quantize.calib import DEFAULT_CACHE, CalibSize
     from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
+    from sop.quantize.hf_export import DTYPES
     from sop.quantize.inputs import NAN_POLICIES, command_line
     from sop.quantize.jobs import WorkerError
     from sop.quantize.memory import release_freed_memory
@@ -311,17 +312,19 @@ def cmd_dequantize(args) -> int:
 
         check_output(args.out, [args.file], folder=True)    # and against the source model, once it is known
         t0 = time.time()
-        info = export_model_folder(args.file, args.out, model=args.model, progress=not args.quiet)
+        info = export_model_folder(args.file, args.out, model=args.model, progress=not args.quiet,
+                                   dtype=args.dtype or "float32")
         for warning in info["warnings"]:                    # printed even when quiet: no progress
             print(one_line(f"warning: {warning}"), file=sys.stderr)
         n, rest = info["layers"], info["reference_layers"]
         others = f"; its other {rest} linear weights, not in the artifact, are the reference's" if rest else ""
-        print(f"wrote {info['path']}: a transformers model folder ({', '.join(info['files'])}), "
+        print(f"wrote {info['path']}: a transformers model folder in {info['dtype']} ({', '.join(info['files'])}), "
               f"{n} quantized layer{'s' if n != 1 else ''} ({info['format']}) over the reference {info['model']}"
               f"{others} ({time.time() - t0:.1f} s)")
         return 0
-    if args.model is not None:
-        raise ValueError("--model applies with --model-folder only")
+    for given, flag in ((args.model, "--model"), (args.dtype, "--dtype")):
+        if given is not None:
+            raise ValueError(f"{flag} applies with --model-folder only")
     check_output(args.out, [args.file])
     t0 = time.time()
     info = dequantize(args.file, args.out, progress=not args.quiet)
@@ -607,10 +610,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                     help="the .safetensors file to write (atomically); with --model-folder, a folder")
     dq.add_argument("--model-folder", action="store_true",
                     help="write a whole model folder transformers loads: the reference causal LM with every "
-                         "quantized layer decoded into it (config, float32 safetensors, tokenizer)")
+                         "quantized layer decoded into it (config, safetensors in --dtype, tokenizer)")
     dq.add_argument("--model", default=None, metavar="MODEL",
                     help="with --model-folder: the source model (default: the one the artifact names; its "
                          "fingerprint must match)")
+    dq.add_argument("--dtype", default=None, choices=DTYPES,
+                    help="with --model-folder: the type of its weights (default float32; bfloat16: half the size, "
+                         "each quantized weight the exact decode rounded once to BF16)")
     dq.add_argument("--quiet", action="store_true", help="no progress lines")
     dq.set_defaults(func=cmd_dequantize)
     dq.hint = _model_folder_hint

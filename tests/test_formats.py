@@ -220,6 +220,33 @@ def test_saturation():
     assert e4m3.decode(e4m3.encode([1e30, -np.inf, 464.0, 470.0])).tolist() == [448, -448, 448, 448]
 
 
+def bf16_neighbourhoods() -> np.ndarray:
+    """Every finite float32 whose lower 16 bits are a BF16 value exactly, one float32 ulp either side of it or
+    of the midpoint to the next, the midpoint (a tie) or a quarter of the way: each BF16 code's rounding
+    boundaries, subnormals and the largest finite (which saturates above) among them."""
+    lows = np.array([0, 1, 0x4000, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xFFFF], dtype=np.uint32)
+    bits = ((np.arange(1 << 16, dtype=np.uint32) << np.uint32(16))[:, None] | lows).reshape(-1)
+    x = bits.view(np.float32)
+    return x[np.isfinite(x)]
+
+
+def test_the_float32_fast_path_of_bf16_is_the_table_encode():
+    """``bf16_codes_of_float32`` (the bits) gives the table's codes (``FORMATS["bf16"].encode``) at every BF16
+    code's boundaries and on random float32 values, and refuses what the table refuses or does not take."""
+    bf16 = formats.FORMATS["bf16"]
+    x = bf16_neighbourhoods()
+    assert np.array_equal(formats.bf16_codes_of_float32(x), bf16.encode(x))
+    r = np.random.default_rng(7).integers(0, 1 << 32, 1 << 18, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    r = r[np.isfinite(r)]
+    assert np.array_equal(formats.bf16_codes_of_float32(r), bf16.encode(r))
+    assert np.array_equal(formats.bf16_codes_of_float32(x.astype(">f4")), bf16.encode(x))   # either byte order
+    for bad in (np.float32([1.0, np.nan]), np.float32([np.inf])):
+        with pytest.raises(ValueError, match="a NaN or an infinity"):
+            formats.bf16_codes_of_float32(bad)
+    with pytest.raises(TypeError, match="float64 input"):
+        formats.bf16_codes_of_float32(np.float64([1.0]))
+
+
 def test_bad_input_is_refused_clearly():
     e2m3 = get_format("e2m3")
     with pytest.raises(ValueError, match=r"NaN at position \(1, 2\)"):
