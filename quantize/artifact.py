@@ -619,7 +619,7 @@ def _write_artifact(src, fmt, out: Path, budget, cal, nan_policy: str, outcomes,
     kinds = sorted({d["record"] for d in entries})
     return {"path": str(out), "bytes": size, "layers": len(entries), "weights": total.weights,
             "bits": total.bits, "bpw": total.bpw, "sqnr_db": total.sqnr_db, "records": kinds,
-            "format": fmt.name}
+            "format": fmt.name, "budget": budget, "choices": [d["choice"] for d in entries]}
 
 
 # -- dequantize --------------------------------------------------------------------------------------

@@ -266,6 +266,7 @@ def cmd_quantize(args) -> int:
     import time
 
     from sop.quantize.artifact import quantize_model
+    from sop.quantize.evaluate import budget_choices_line
 
     settings = _search_settings(args)
     check_output(args.out, model_inputs(args.model))
@@ -280,6 +281,8 @@ def cmd_quantize(args) -> int:
     print(f"wrote {info['path']}: {info['format']}, {layers}, {info['weights']:,} weights, "
           f"{info['bpw']:.4f} bpw, SQNR {info['sqnr_db']:.2f} dB, {info['bytes']:,} bytes "
           f"({time.time() - t0:.1f} s)")
+    if info["budget"] is not None:               # what the knapsack chose, in sop eval's words
+        print(budget_choices_line(info["format"], info["budget"], info["choices"]))
     if "f32" in info["records"]:
         print("note: layers without a golden layer stream (baseline formats) are stored decoded, as float32")
     return 0

@@ -1,6 +1,6 @@
-"""`sop eval --format sop-budget` says on standard output what the knapsack chose: one line counting the layers
-that took each option (quantize/evaluate.py ``budget_choices_line``), checked against the choices `sop quantize`
-records in the .sopq header for the same model and budget."""
+"""`sop eval --format sop-budget` and `sop quantize` say on standard output what the knapsack chose: one line
+counting the layers that took each option (quantize/evaluate.py ``budget_choices_line``), checked against the
+choices `sop quantize` records in the .sopq header for the same model and budget."""
 
 import json
 import re
@@ -37,6 +37,7 @@ def test_eval_prints_how_many_layers_took_each_budget_option(tmp_path, capsys):
     assert counts == sorted(counts, reverse=True) and sum(counts) == 5
     assert main(["quantize", str(model), "--format", "sop-budget", "--budget", "6", "--quiet",
                  "--out", str(tmp_path / "q.sopq")]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("budget ")] == lines
     recorded = Counter(e.choice.split(": ")[0] for e in open_artifact(tmp_path / "q.sopq").layers)
     assert said == dict(recorded) and len(said) > 1, said        # more than one option: the count is seen
     doc = json.loads((tmp_path / "e.json").read_text())
