@@ -504,13 +504,14 @@ def write_container(out: Path, meta: dict, spool: BinaryIO) -> int:
 def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget: float | None = None,
                    include=None, exclude=None, calibrate: bool = True, nan_policy: str = "error",
                    n_calib: int = C.N_CALIB, cache_dir=C.DEFAULT_CACHE, progress: bool = True,
-                   jobs: int = 1, lm_head: bool = False, routers: bool = False) -> dict:
+                   jobs: int = 1, lm_head: bool = False, routers: bool = False, calib_text=None) -> dict:
     """Quantize ``model``'s selected linear layers in ``fmt_name`` into the artifact ``out``.
 
     ``jobs``: layers quantized in that many worker processes (quantize/jobs.py; the same bytes;
     ``sop-budget`` builds its options here). Returns a summary: path, file bytes, layers,
     weights, bits, bpw, sqnr_db, record kinds. ``lm_head``, ``routers``: quantize the output head, the
-    MoE routers too (``models.open_model``)."""
+    MoE routers too (``models.open_model``). ``calib_text``: a UTF-8 text file a causal LM calibrates on
+    instead of the built-in text (``calib.read_calib_text``)."""
     calibrate, progress = boolean("calibrate", calibrate), boolean("progress", progress)
     lm_head, routers = boolean("lm_head", lm_head), boolean("routers", routers)
     fmt = get_quant_format(fmt_name)                      # unknown names fail before any work
@@ -521,10 +522,12 @@ def quantize_model(model: str, fmt_name: str, out: str | os.PathLike, *, budget:
     # before any work: never one of the model's files
     out = check_output(out, model_inputs(model), option=option("out"))
     named_as_written(out, ARTIFACT_SUFFIX, "quantize_model()")
+    n_calib = C.with_calib_text(n_calib, calib_text, calibrate, model, outputs=(out,))
     say = reporter(progress)
     start_server(jobs)                      # the workers' imports run while the model is opened
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
+    C.check_text_model(src, n_calib)                # before the calibration says it starts
     if fmt.model_level:                 # a budget below every cheapest option: refused before any layer is read
         check_budget_shapes([lay.shape for lay in src.layers], budget, option("budget"))
     for lay in src.layers:

@@ -28,6 +28,14 @@ metrics (quantize/metrics.py) weight input column ``j`` by
   ``--seq-len``; default 32 x 256), are run. A text shorter than that is refused
   with a ``ValueError`` before any layer is quantized. ``--calib-sentences``
   applies to sentence encoders only.
+* A causal LM's own text (``--calib-text FILE``, ``calib_text=``; ``read_calib_text``): a UTF-8 file of at
+  most ``MAX_CALIB_TEXT_BYTES`` (16 MiB), tokenized whole with the model's tokenizer and cut into windows as
+  the built-in text is; the key covers its bytes' SHA-256 (never its path or time), the note names it and
+  says that the end-to-end check keeps the built-in held-out text. Refused (``ValueError``, one line) before
+  any layer is quantized: absent, a folder or no regular file, too large, not UTF-8 (the byte offset named),
+  empty or whitespace only, one of the model's files or an output, given with calibration off, too short
+  for the windows, or given to a model that is no causal LM (a sentence encoder: which lines are its
+  sentences would be a guess).
 * Cache: ``<cache_dir>/<key[:32]>.npz`` (the key's first 32 hex digits; the file records the whole
   key, and another is a miss; default ``build/calib/``), written
   atomically; ``key`` is a SHA-256 of the procedure version, the checkpoint
@@ -51,10 +59,13 @@ metrics (quantize/metrics.py) weight input column ``j`` by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -65,7 +76,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, write_atomic
 from sop.quantize.causal_lm import DEFAULT_CALIB_SEQS, DEFAULT_SEQ_LEN
-from sop.quantize.inputs import boolean, cache_folder, no_calib, nan_zero, option
+from sop.quantize.inputs import boolean, cache_folder, no_calib, nan_zero, on_command_line, option, path_argument
 
 CALIB_VERSION = 2            # 2: the key covers a BERT folder's config and tokenizer; the file lists its layers
 #: a part of the causal-LM cache key: bumped whenever what a causal LM's statistics hold changes, or a file
@@ -129,14 +140,34 @@ def heldout_sentences(n: int = N_HELDOUT) -> list[str]:
     return list(c[len(c) - n:])
 
 
+#: The largest calibration text file read (``--calib-text``, ``calib_text=``): it is read, decoded and tokenized
+#: whole, as the built-in text is, so a larger one is refused before it is read. Tokenizing costs some 330 bytes
+#: of memory a token (measured: 7 MiB of text, 5.2 million tokens of the tests' small BPE, 1.7 GB and 10 s);
+#: 16 MiB of English is a few million tokens with a real model's tokenizer, far beyond any calibration's windows
+#: (the default takes 8,192).
+MAX_CALIB_TEXT_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class CalibText:
+    """A calibration text file's contents (``read_calib_text``): ``path`` as the caller gave it, the decoded
+    ``text`` and the SHA-256 of its bytes (the cache key's: the contents, never the path or the time)."""
+
+    path: str
+    text: str = field(repr=False)
+    sha256: str = ""
+
+
 @dataclass(frozen=True)
 class CalibSize:
     """How much calibration text: ``sentences`` for sentence encoders (BERT), ``seqs`` windows of
-    ``seq_len`` tokens for causal LMs."""
+    ``seq_len`` tokens for causal LMs; ``text``: a causal LM's own calibration text (a ``CalibText``), whose
+    windows are cut as the built-in text's are, or None for the built-in text."""
 
     sentences: int = N_CALIB
     seqs: int = DEFAULT_CALIB_SEQS
     seq_len: int = DEFAULT_SEQ_LEN
+    text: CalibText | None = None
 
     def __post_init__(self):
         # named as the caller gave them: CalibSize's seqs= and seq_len= from Python, --calib-seqs and --seq-len
@@ -159,6 +190,108 @@ def calib_size(n: "int | CalibSize", keyword: str, sentences: bool = True) -> Ca
     return CalibSize(_count(n, _sentences(keyword), max_calibration_sentences()) if sentences else n)
 
 
+def _mib() -> str:
+    """``MAX_CALIB_TEXT_BYTES`` in MiB, as a refusal says it."""
+    return f"{MAX_CALIB_TEXT_BYTES / (1 << 20):g} MiB"
+
+
+def _calib_text_option(path) -> str:
+    """``--calib-text FILE`` or ``calib_text='FILE'``, as the caller gave it (``inputs.option``)."""
+    return option("calib_text", str(path)) if on_command_line() else f"calib_text={str(path)!r}"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (a link, another spelling); False where either is absent."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def calib_text_file(path, model: str, outputs=()) -> Path:
+    """The calibration text file ``path`` checked before anything is read or written: it must be a regular
+    file (not absent, not a folder, not a pipe that would block the read) of at most ``MAX_CALIB_TEXT_BYTES``,
+    and neither one of ``model``'s own files (``models.model_inputs``) nor one of ``outputs`` (the output
+    would be written over the text, or the text read as the model's); a ``ValueError`` saying which."""
+    from sop.quantize.models import model_inputs
+
+    path_argument(option("calib_text"), path)
+    what, p = _calib_text_option(path), Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file") from None
+    except OSError as err:
+        raise ValueError(f"{what}: cannot be read ({err.strerror or type(err).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{what}: a folder; give a UTF-8 text file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what}: not a regular file (a pipe or a device); give a UTF-8 text file")
+    if st.st_size > MAX_CALIB_TEXT_BYTES:
+        raise ValueError(f"{what}: {st.st_size:,} bytes, more than the {MAX_CALIB_TEXT_BYTES:,} ({_mib()}) a "
+                         f"calibration text may have; give a shorter excerpt")
+    for own in model_inputs(model):
+        if _same_file(p, own):
+            raise ValueError(f"{what}: the model's own file {own}, not a calibration text")
+    for out in outputs:
+        if out is not None and _same_file(p, Path(out)):
+            raise ValueError(f"{what}: the output {out} would be written over it; give another output")
+    return p
+
+
+def read_calib_text(path, model: str, outputs=()) -> CalibText:
+    """The calibration text file ``path`` read (``calib_text_file``'s checks first): UTF-8 (a byte order
+    mark dropped), not empty or whitespace only; a ``ValueError`` naming the file and, for a byte that is not
+    UTF-8, its offset."""
+    p = calib_text_file(path, model, outputs)
+    what = _calib_text_option(path)
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read(MAX_CALIB_TEXT_BYTES + 1)       # bounded: the file may have grown since its stat
+    except OSError as err:
+        raise ValueError(f"{what}: cannot be read ({err.strerror or type(err).__name__})") from None
+    if len(data) > MAX_CALIB_TEXT_BYTES:
+        raise ValueError(f"{what}: more than the {MAX_CALIB_TEXT_BYTES:,} bytes ({_mib()}) a calibration text may "
+                         f"have; give a shorter excerpt")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what}: not UTF-8 text (at byte offset {err.start:,}: byte 0x{data[err.start]:02x}, "
+                         f"{err.reason}); save it as UTF-8") from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise ValueError(f"{what}: {'empty' if not data else 'whitespace only'}; give a file of text to "
+                         f"calibrate on")
+    return CalibText(str(path), text, hashlib.sha256(data).hexdigest())
+
+
+def with_calib_text(size: CalibSize, calib_text, calibrate: bool, model: str, outputs=()) -> CalibSize:
+    """``size`` with the calibration text file ``calib_text`` (None: the built-in text) read into it; refused
+    (``ValueError``) where calibration is off, since the text would go unused."""
+    if calib_text is None:
+        return size
+    calib_text_used(calib_text, calibrate)
+    return dataclasses.replace(size, text=read_calib_text(calib_text, model, outputs))
+
+
+def check_text_model(src, size: CalibSize) -> None:
+    """A ``ValueError`` where ``size`` holds a text file and ``src`` (a ModelSource) is no causal LM: a sentence
+    encoder calibrates on sentences, and which lines of a file are one is a guess not made here; a model with
+    no forward pass reads no text. (``evaluate``, ``quantize_model``: once the model is opened, before the
+    calibration's progress line.)"""
+    if size.text is not None and getattr(src, "forward", None) != "causal-lm":
+        kind = "a sentence encoder" if src.bert_folder is not None else "no causal LM"
+        raise ValueError(f"{_calib_text_option(size.text.path)}: only a causal LM calibrates on a text file; "
+                         f"{src.spec} is {kind}: leave {option('calib_text')} out")
+
+
+def calib_text_used(calib_text, calibrate: bool) -> None:
+    """A ``ValueError`` where a calibration text file is given and calibration is off: it would go unread."""
+    if not calibrate:
+        raise ValueError(f"{_calib_text_option(calib_text)} given with {no_calib()}: no calibration runs to read "
+                         f"it; leave one of the two out")
+
+
 @dataclass
 class Calibration:
     weighted: bool
@@ -173,6 +306,8 @@ class Calibration:
     #: MoE expert matrices no calibration token was routed to: 1 / tokens in every column
     #: (quantize/causal_lm.py); in the calibration a run reports, only its selected layers
     unrouted: list[str] = field(default_factory=list)
+    #: a causal LM calibrated on a text file (``--calib-text``): its path as given, and its bytes' SHA-256
+    text: dict | None = None
 
     def get(self, name: str) -> np.ndarray | None:
         """The layer's per-input-channel mean square, or None (unweighted)."""
@@ -185,6 +320,8 @@ class Calibration:
             d.update(seqs=self.seqs, seq_len=self.seq_len)
         if self.unrouted:
             d["unrouted"] = list(self.unrouted)
+        if self.text:
+            d["text"] = dict(self.text)
         return d
 
 
@@ -331,27 +468,52 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     ``calibrate``)."""
     from sop.quantize import causal_lm
 
-    sentences = calibration_sentences(max_calibration_sentences())
+    own = size.text
+    # a text file is keyed by its bytes' digest (the contents, never its path or time), the built-in text by
+    # its sentences; "file" keeps the two apart
+    sentences = [f"file sha256 {own.sha256}"] if own else calibration_sentences(max_calibration_sentences())
     key = cache_key(f"{src.fingerprint()}\n{src.aux_fingerprint()}",
-                    f"causal-lm v{CAUSAL_VERSION} {size.seqs}x{size.seq_len}", sentences)
+                    f"causal-lm v{CAUSAL_VERSION} {size.seqs}x{size.seq_len}" + (" file" if own else ""), sentences)
     path = Path(cache_dir) / f"{key[:32]}.npz"
-    note = (f"mean square of each linear's input over {size.seqs} x {size.seq_len} tokens of pydoc_data.topics "
-            f"text (transformers forward pass, hooks on every linear)")
+    note = _causal_note(size)
     if use_cache:
         hit = _cached(path, key, note, src, say)
         if hit is not None:
+            hit.text = _text_record(own)
             return _selected_unrouted(hit, src, say)
     runner = causal_lm.load(src)
-    ids = runner.token_ids(sentences)
-    windows = runner.windows(ids, size.seqs, size.seq_len, f"calibration text ({option('seqs', flag='--calib-seqs')} "
-                                                           f"x {option('seq_len')})")
+    ids = runner.token_ids([own.text] if own else sentences)       # (one text: token_ids joins nothing to it)
+    shape = f"{option('seqs', flag='--calib-seqs')} x {option('seq_len')}"
+    if own:
+        fit = len(ids) // size.seq_len
+        windows = runner.windows(ids, size.seqs, size.seq_len, f"{_calib_text_option(own.path)} (its {shape} windows)",
+                                 f"give a longer text, or fewer or shorter windows ({shape}; "
+                                 f"{fit} window{'' if fit == 1 else 's'} of {size.seq_len} tokens fit)")
+    else:
+        windows = runner.windows(ids, size.seqs, size.seq_len, f"calibration text ({shape})")
     stats, tokens = runner.collect_stats(windows)
     stats, dropped = _finite_selected(src, stats)
-    cal = Calibration(True, note, stats, key, _sentences_used(runner, sentences, tokens), tokens,
-                      seqs=size.seqs, seq_len=size.seq_len, unrouted=list(runner.unrouted))
+    cal = Calibration(True, note, stats, key, 0 if own else _sentences_used(runner, sentences, tokens), tokens,
+                      seqs=size.seqs, seq_len=size.seq_len, unrouted=list(runner.unrouted), text=_text_record(own))
     if use_cache:
         _save_unless_partial(path, cal, say, runner.cleaned, dropped)
     return _selected_unrouted(cal, src, say)
+
+
+def _causal_note(size: CalibSize) -> str:
+    """The calibration's note (`sop eval`'s calibration line, the JSON's and the .sopq's note): the text its
+    windows were cut from, and, for a text file, that the end-to-end check keeps the built-in held-out text."""
+    if size.text is None:
+        return (f"mean square of each linear's input over {size.seqs} x {size.seq_len} tokens of pydoc_data.topics "
+                f"text (transformers forward pass, hooks on every linear)")
+    return (f"mean square of each linear's input over {size.seqs} windows of {size.seq_len} tokens of "
+            f"{size.text.path} (transformers forward pass, hooks on every linear); the end-to-end check, where "
+            f"one runs, keeps the built-in pydoc_data.topics held-out text")
+
+
+def _text_record(own: CalibText | None) -> dict | None:
+    """What ``Calibration.text`` records of a text file: its path as given and its bytes' SHA-256."""
+    return None if own is None else {"path": own.path, "sha256": own.sha256}
 
 
 def _selected_unrouted(cal: Calibration, src, say) -> Calibration:
@@ -415,6 +577,7 @@ def calibrate(src, n_sentences: "int | CalibSize" = N_CALIB, cache_dir=DEFAULT_C
     use_cache = boolean("use_cache", use_cache)
     if getattr(src, "forward", None) == "causal-lm":
         return calibrate_causal(src, size, cache_dir, use_cache, say)
+    check_text_model(src, size)
     if src.bert_folder is None:
         return unweighted(no_forward_note(src))
     n_sentences = size.sentences

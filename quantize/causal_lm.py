@@ -995,8 +995,9 @@ class CausalLM:
         """The sentences joined by spaces, tokenized once without special tokens."""
         return list(self.tokenizer(" ".join(sentences), add_special_tokens=False)["input_ids"])
 
-    def windows(self, ids: list[int], n: int, seq_len: int, what: str):
-        """``n`` consecutive windows of ``seq_len`` tokens (BOS first where the tokenizer adds one)."""
+    def windows(self, ids: list[int], n: int, seq_len: int, what: str, remedy: str = "ask for fewer"):
+        """``n`` consecutive windows of ``seq_len`` tokens (BOS first where the tokenizer adds one); too few
+        ``ids`` for them is a ``ValueError`` naming ``what`` and ending with ``remedy``."""
         import torch
 
         positions = getattr(self.model.config, "max_position_embeddings", None)
@@ -1017,7 +1018,7 @@ class CausalLM:
         need = n * seq_len
         if len(ids) < need:
             raise ValueError(f"{what}: {n} x {seq_len} = {need:,} tokens asked, the text gives {len(ids):,} with "
-                             f"this model's tokenizer; ask for fewer")
+                             f"this model's tokenizer; {remedy}")
         w = torch.tensor(ids[:need], dtype=torch.long).view(n, seq_len)
         if self.bos is not None:
             w[:, 0] = self.bos

@@ -31,7 +31,8 @@ The result is a JSON-ready dict (``write_json`` writes it atomically)::
     {"model": str,
      "source": {"spec", "kind", "files", "layers", "weights", "kept": {reason: count}, "forward",
                 "lm_head" (what happened to the output head), "notes" (warnings about the reference)},
-     "calibration": {"weighted", "note", "key", "sentences", "tokens", "cached", "seqs", "seq_len" (causal LMs)},
+     "calibration": {"weighted", "note", "key", "sentences", "tokens", "cached", "seqs", "seq_len" (causal LMs),
+                     "text" (``calib_text``: {"path", "sha256"})},
      "nan_policy": "error" | "zero", "budget": float | null,
      "formats": {F: {"bpw", "sqnr_db", "rel_mse", "acos", "max_abs_err", "bits", "weights", "seconds",
                      "budget": {"bpw", "report", "error", "lower_bound"}   (sop-budget only),
@@ -193,7 +194,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
              calibrate: bool = True, e2e: bool = True, nan_policy: str = "error",
              n_calib: "int | C.CalibSize" = C.N_CALIB, n_heldout: int = C.N_HELDOUT, cache_dir=C.DEFAULT_CACHE,
              progress: bool = True, lm_head: bool = False, routers: bool = False,
-             e2e_windows: int = DEFAULT_E2E_WINDOWS, on_format=None, jobs: int = 1) -> dict:
+             e2e_windows: int = DEFAULT_E2E_WINDOWS, on_format=None, jobs: int = 1, calib_text=None) -> dict:
     """Quantize ``model`` in every format and measure it; see the module docstring.
 
     ``n_calib``: calibration sentences, or a ``calib.CalibSize`` (causal LMs: ``seqs`` windows of
@@ -201,7 +202,9 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     ``lm_head``, ``routers``: quantize the output head, the MoE routers too. ``on_format(name, runner,
     recons)``, if given, is called after each format's end-to-end check with the causal-LM runner and
     that format's float32 reconstructions (the demo prints a greedy completion there). ``jobs``: layers
-    quantized in that many worker processes (quantize/jobs.py; the same results)."""
+    quantized in that many worker processes (quantize/jobs.py; the same results). ``calib_text``: a UTF-8 text
+    file a causal LM calibrates on instead of the built-in text (``calib.read_calib_text``); the end-to-end
+    check keeps the built-in held-out text."""
     from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
     from sop.quantize.job_server import start as start_server
 
@@ -220,6 +223,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     budget = check_options(fmts, budget, nan_policy)
     jobs = min(check_jobs(jobs), usable_cpus())           # as the pool lowers it: the memory estimate's too
     size = C.calib_size(n_calib, "n_calib", sentences=calibrate)     # (only calibration reads the sentences)
+    size = C.with_calib_text(size, calib_text, calibrate, model)
     cache_dir = cache_folder(cache_dir, calibrate)
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"{option('e2e_windows')} must be a positive integer, got {e2e_windows!r}")
@@ -227,6 +231,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     start_server(jobs)                      # the workers' imports run while the model is opened
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
+    C.check_text_model(src, size)                # before the calibration says it starts
     if budget is not None:              # a budget below every cheapest option: refused before any layer is read
         check_budget_shapes([lay.shape for lay in src.layers], budget, option("budget"))
     say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights")

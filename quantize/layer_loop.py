@@ -133,7 +133,8 @@ def calibration_for(src, calibrate: bool, n_calib, cache_dir, say, announced: bo
         from sop.quantize import causal_lm
 
         causal_lm.check_memory(src, 0, size.seq_len)
-        say(f"calibrating on {size.seqs} x {size.seq_len} tokens (cache {cache_dir})")
+        of = f" of {size.text.path}" if size.text is not None else ""
+        say(f"calibrating on {size.seqs} x {size.seq_len} tokens{of} (cache {cache_dir})")
     elif calibrate and src.bert_folder is not None:
         from sop.quantize import e2e as E
         from sop.quantize.memory import check_fits

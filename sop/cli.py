@@ -60,7 +60,7 @@ try:                    # the imports (numpy's) take a few tenths of a second: a
                                     UnknownFormat, get_format)
     from sop.golden.hif import DEFAULT_HIF
     from sop.golden.points import board_points, operating_points, vector_points
-    from sop.quantize.calib import DEFAULT_CACHE, CalibSize
+    from sop.quantize.calib import DEFAULT_CACHE, MAX_CALIB_TEXT_BYTES, CalibSize
     from sop.quantize.causal_lm import DEFAULT_E2E_WINDOWS
     from sop.quantize.hf_export import DTYPES
     from sop.quantize.inputs import NAN_POLICIES, command_line
@@ -227,7 +227,7 @@ def cmd_eval(args) -> int:
                                 nan_policy=args.nan_policy, n_calib=_calib_size(args),
                                 cache_dir=args.cache_dir, progress=not args.quiet,
                                 lm_head=args.include_lm_head, routers=args.include_routers,
-                                e2e_windows=args.e2e_windows, jobs=args.jobs)
+                                e2e_windows=args.e2e_windows, jobs=args.jobs, calib_text=args.calib_text)
     if args.json is not None:                   # the file before the table: a reader gone (`| head`) cannot cost it
         evaluate.write_json(args.json, doc)
     print(evaluate.format_table(doc))
@@ -276,7 +276,8 @@ def cmd_quantize(args) -> int:
         info = quantize_model(args.model, args.format, args.out, budget=args.budget, include=args.include,
                               exclude=args.exclude, calibrate=not args.no_calib, nan_policy=args.nan_policy,
                               n_calib=_calib_size(args), cache_dir=args.cache_dir, progress=not args.quiet,
-                              jobs=args.jobs, lm_head=args.include_lm_head, routers=args.include_routers)
+                              jobs=args.jobs, lm_head=args.include_lm_head, routers=args.include_routers,
+                              calib_text=args.calib_text)
     layers = f"{info['layers']} layer{'s' if info['layers'] != 1 else ''}"
     print(f"wrote {info['path']}: {info['format']}, {layers}, {info['weights']:,} weights, "
           f"{info['bpw']:.4f} bpw, SQNR {info['sqnr_db']:.2f} dB, {info['bytes']:,} bytes "
@@ -446,11 +447,15 @@ def _calib_size(args):
 def _check_calibration(args, out=None) -> None:
     """A calibration count or cache folder that cannot work is refused before any work, and so is a
     cache folder that is, or lies under, the output file ``out`` (made by the calibration, it was
-    found in the output's place after the whole run)."""
-    from sop.quantize.calib import calibration_sentences
+    found in the output's place after the whole run). A ``--calib-text`` file is checked here too (as
+    ``calib.with_calib_text`` checks it again when it reads it), against the output ``out`` as well."""
+    from sop.quantize.calib import calib_text_file, calib_text_used, calibration_sentences
 
     if not args.no_calib:
         calibration_sentences(args.calib_sentences)       # ValueError naming --calib-sentences
+    if args.calib_text is not None:                       # --no-calib refused; the model's files, the output
+        calib_text_used(args.calib_text, not args.no_calib)
+        calib_text_file(args.calib_text, args.model, (out,))
     if not args.cache_dir and not args.no_calib:         # pathlib's '.': the cache went into the working folder
         raise OutputError(f"--cache-dir {EMPTY_FOLDER_NAME}")
     there = nearest_existing(Path(args.cache_dir))       # the folder, or the parent it would be made in
@@ -543,6 +548,9 @@ def _model_options(p) -> None:
     p.add_argument("--seq-len", type=number(int, 4, inclusive=True), default=size.seq_len,
                    help=f"causal LMs: tokens per calibration (and `sop eval`'s held-out) window "
                         f"(default {size.seq_len})")
+    p.add_argument("--calib-text", metavar="FILE", default=None,
+                   help=f"causal LMs: calibrate on this UTF-8 text file (at most {MAX_CALIB_TEXT_BYTES >> 20} MiB), "
+                        "its windows cut as the built-in text's; the end-to-end check keeps the built-in held-out text")
     p.add_argument("--include-lm-head", action="store_true",
                    help="quantize the output head too (kept by default, as the embeddings)")
     p.add_argument("--include-routers", action="store_true",

@@ -1,0 +1,229 @@
+"""A calibration text of the user's own (``--calib-text FILE``, ``calib_text=``; quantize/calib.py): a causal LM's
+statistics are the mean squares of each linear's inputs over the windows cut from the file, recomputed here by
+hooks; the cache is keyed by the file's bytes (a changed file a miss, the same bytes elsewhere a hit); the
+report and the JSON name the file; every bad input is one ``sop: error:`` line, exit 2, before any layer is
+quantized; a sentence encoder refuses it."""
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from sop.quantize import calib as C
+from sop.quantize import causal_lm as L
+from sop.quantize.artifact import quantize_model
+from sop.quantize.evaluate import evaluate
+from sop.quantize.models import open_model
+
+transformers = pytest.importorskip("transformers")
+L.quiet_transformers()
+
+from cli_run import run  # noqa: E402
+from test_causal_lm import SEQ, make_folder, reference_model  # noqa: E402
+from test_causal_lm import bpe_tokenizer as _bpe_tokenizer  # noqa: E402
+
+WINDOWS = 2
+#: a text that is not the built-in one: numbered lines, so that its windows are its own
+TEXT = "".join(f"Line {i}: the cat sat on mat number {i * 7} while the dog barked twice.\n" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, tokenizer):
+    return make_folder(tmp_path_factory.mktemp("lm") / "llama", "llama", tokenizer)
+
+
+def _text(tmp_path, name="calib.txt", text=TEXT):
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def _size(path, model):
+    return C.with_calib_text(C.CalibSize(seqs=WINDOWS, seq_len=SEQ), path, True, str(model))
+
+
+def _hooked_mean_squares(folder, tokenizer, text) -> dict[str, np.ndarray]:
+    """The mean square of each q/k/v projection's input (its block's input layer norm) over the file's windows:
+    tokenized here, cut into WINDOWS x SEQ (this tokenizer adds no BOS: the windows are the text's own tokens)
+    and run through transformers' own model with hooks."""
+    assert tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:WINDOWS * SEQ]
+    wins = torch.tensor(ids).view(WINDOWS, SEQ)
+    ref = reference_model(folder)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [ref.model.layers[i].self_attn.q_proj.register_forward_hook(
+        lambda mod, args, out, i=i: seen.__setitem__(f"model.layers.{i}", args[0].detach()))
+        for i in range(2)]
+    with torch.inference_mode():
+        ref(input_ids=wins)
+    for h in hooks:
+        h.remove()
+    return {f"model.layers.{i}.self_attn.{p}_proj.weight": (seen[f"model.layers.{i}"].double() ** 2)
+            .reshape(-1, 32).mean(0).numpy() for i in range(2) for p in "qkv"}
+
+
+def test_statistics_are_the_hooked_mean_squares_over_the_files_windows(llama, tokenizer, tmp_path):
+    path = _text(tmp_path)
+    cal = C.calibrate(open_model(str(llama)), _size(path, llama), tmp_path / "c")
+    assert cal.weighted and cal.tokens == WINDOWS * SEQ and cal.seqs == WINDOWS and cal.seq_len == SEQ
+    want = _hooked_mean_squares(llama, tokenizer, TEXT)
+    for name, ms in want.items():
+        np.testing.assert_allclose(cal.act_ms[name], ms, rtol=1e-6, err_msg=name)
+    builtin = C.calibrate(open_model(str(llama)), C.CalibSize(seqs=WINDOWS, seq_len=SEQ), tmp_path / "c")
+    assert builtin.key != cal.key
+    assert not np.allclose(builtin.act_ms[next(iter(want))], cal.act_ms[next(iter(want))])
+
+
+def test_the_cache_is_keyed_by_the_files_bytes_not_its_path(llama, tmp_path):
+    path = _text(tmp_path)
+    first = C.calibrate(open_model(str(llama)), _size(path, llama), tmp_path / "c")
+    assert not first.cached
+    twin = _text(tmp_path, "elsewhere.txt")                   # the same bytes under another name: a hit
+    again = C.calibrate(open_model(str(llama)), _size(twin, llama), tmp_path / "c")
+    assert again.cached and again.key == first.key and str(twin) in again.note and str(path) not in again.note
+    assert again.text == {"path": str(twin), "sha256": first.text["sha256"]}
+    for name, ms in first.act_ms.items():
+        np.testing.assert_array_equal(again.act_ms[name], ms)
+    stat = path.stat()
+    path.write_bytes(TEXT.replace("cat", "cow").encode())       # the same size, path and time: another text
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = C.calibrate(open_model(str(llama)), _size(path, llama), tmp_path / "c")
+    assert not changed.cached and changed.key != first.key
+
+
+def test_eval_and_quantize_say_the_file_and_keep_the_held_out_text(llama, tmp_path, capsys):
+    path = _text(tmp_path)
+    js = tmp_path / "e.json"
+    small = ["--calib-seqs", str(WINDOWS), "--seq-len", str(SEQ), "--cache-dir", tmp_path / "c", "--quiet"]
+    assert run(["eval", llama, "--format", "nf4-g64", "--include", "*q_proj*", "--e2e-windows", "2",
+                "--calib-text", path, "--json", js, *small]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("calibration:"))
+    assert f"over {WINDOWS} windows of {SEQ} tokens of {path}" in line and "held-out" in line
+    doc = json.loads(js.read_text())
+    cal = doc["calibration"]
+    assert str(path) in cal["note"] and cal["text"]["path"] == str(path)
+    assert cal["text"]["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+    held = evaluate(str(llama), ["nf4-g64"], include=["*q_proj*"], n_calib=C.CalibSize(seqs=WINDOWS, seq_len=SEQ),
+                    cache_dir=tmp_path / "c", progress=False, e2e_windows=2)
+    # the end-to-end reference is the built-in held-out text's, whatever the calibration text
+    assert doc["formats"]["nf4-g64"]["e2e"]["ppl_ref"] == held["formats"]["nf4-g64"]["e2e"]["ppl_ref"]
+    assert held["calibration"]["key"] != cal["key"]
+    info = quantize_model(str(llama), "nf4-g64", tmp_path / "m.sopq", include=["*q_proj*"], progress=False,
+                          n_calib=C.CalibSize(seqs=WINDOWS, seq_len=SEQ), cache_dir=tmp_path / "c",
+                          calib_text=path)
+    assert info["path"] == str(tmp_path / "m.sopq")
+    from sop.quantize.artifact import open_artifact
+    assert open_artifact(tmp_path / "m.sopq").meta["calibration"]["text"]["path"] == str(path)
+    capsys.readouterr()
+    assert run(["quantize", llama, "--format", "nf4-g64", "--include", "*q_proj*", "--calib-text", path,
+                "--out", tmp_path / "p.sopq", *small[:-1]]) == 0           # with progress: the line names the file
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("calibrating on")]
+    assert said == [f"calibrating on {WINDOWS} x {SEQ} tokens of {path} (cache {tmp_path / 'c'})"], said
+
+
+def _bad_inputs(tmp_path, llama, tokenizer):
+    """(arguments after the model, the start of the error line after ``sop: error: ``)."""
+    short = TEXT.splitlines(keepends=True)[0]             # one window's tokens, not two
+    n_short = len(tokenizer(short, add_special_tokens=False)["input_ids"])
+    assert SEQ <= n_short < WINDOWS * SEQ
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)                         # read, it would block until a writer came
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xc3\xa9 ok, then caf\xe9")
+    return {
+        "missing": (["--calib-text", tmp_path / "nope.txt"], f"--calib-text {tmp_path / 'nope.txt'}: no such file"),
+        "folder": (["--calib-text", folder], f"--calib-text {folder}: a folder; give a UTF-8 text file"),
+        "pipe": (["--calib-text", pipe], f"--calib-text {pipe}: not a regular file (a pipe or a device); "),
+        "not-utf8": (["--calib-text", latin], f"--calib-text {latin}: not UTF-8 text (at byte offset 18: byte 0xe9, "),
+        "empty": (["--calib-text", _text(tmp_path, "empty.txt", "")], f"--calib-text {tmp_path / 'empty.txt'}: empty;"),
+        "blank": (["--calib-text", _text(tmp_path, "blank.txt", " \n\t\n")],
+                  f"--calib-text {tmp_path / 'blank.txt'}: whitespace only;"),
+        "short": (["--calib-text", _text(tmp_path, "short.txt", short)],
+                  f"--calib-text {tmp_path / 'short.txt'} (its --calib-seqs x --seq-len windows): {WINDOWS} x {SEQ} "
+                  f"= {WINDOWS * SEQ} tokens asked, the text gives {n_short} with this model's tokenizer; give a "
+                  f"longer text, or fewer or shorter windows (--calib-seqs x --seq-len; 1 window of {SEQ} tokens fit)"),
+        "no-calib": (["--calib-text", _text(tmp_path), "--no-calib"],
+                     f"--calib-text {tmp_path / 'calib.txt'} given with --no-calib: "),
+        "model-file": (["--calib-text", llama / "config.json"],
+                       f"--calib-text {llama / 'config.json'}: the model's own file "),
+        "output": (["--calib-text", _text(tmp_path, "out.json", "{}")],
+                   f"--calib-text {tmp_path / 'out.json'}: the output {tmp_path / 'out.json'} would be written over"),
+    }
+
+
+def _open_and_close_writer(pipe) -> None:
+    """A writer opened on ``pipe`` and closed (a reader blocked on it then reads the end); none without a reader."""
+    try:
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:                         # no reader: nothing blocked
+        pass
+
+
+BAD = ["missing", "folder", "pipe", "not-utf8", "empty", "blank", "short", "no-calib", "model-file", "output"]
+
+
+@pytest.mark.parametrize("case", BAD)
+@pytest.mark.parametrize("command", ["eval", "quantize"])
+def test_a_bad_calibration_text_is_one_line_exit_2_before_any_layer(llama, tokenizer, tmp_path, capsys, case,
+                                                                     command):
+    args, said = _bad_inputs(tmp_path, llama, tokenizer)[case]
+    out = tmp_path / ("out.json" if command == "eval" else "m.sopq")
+    if case == "output" and command == "quantize":
+        args = ["--calib-text", _text(tmp_path, "m.sopq", "some text")]
+        said = f"--calib-text {out}: the output {out} would be written over"
+    before = out.read_bytes() if out.exists() else None
+    where = ["--json", out, "--no-e2e"] if command == "eval" else ["--out", out]
+    # a pipe read would block: a writer comes and goes after 5 s, so that such a read fails the test, not hangs it
+    writer = threading.Timer(5, _open_and_close_writer, (tmp_path / "pipe",))
+    writer.start()
+    try:
+        code = run([command, llama, "--format", "nf4-g64", "--calib-seqs", str(WINDOWS), "--seq-len", str(SEQ),
+                    "--cache-dir", tmp_path / "c", *where, *args])
+    finally:
+        writer.cancel()
+    cap = capsys.readouterr()
+    lines = cap.err.splitlines()            # progress lines, then the error, one line
+    assert code == 2 and lines[-1].startswith(f"sop: error: {said}"), cap.err
+    assert sum("error" in x for x in lines) == 1 and not any(" [1/" in x for x in lines)   # before any layer
+    assert (out.read_bytes() if out.exists() else None) == before
+
+
+def test_a_file_above_the_size_limit_is_refused_unread(llama, tmp_path, capsys, monkeypatch):
+    path = _text(tmp_path)
+    monkeypatch.setattr(C, "MAX_CALIB_TEXT_BYTES", len(TEXT.encode()) - 1)
+    def no_read(*args, **kwargs):
+        raise AssertionError(f"opened {args}: a file above the limit must be refused unread")
+
+    monkeypatch.setattr("builtins.open", no_read)
+    with pytest.raises(ValueError, match=f"calib_text='{path}': {len(TEXT.encode()):,} bytes, more than the "):
+        C.read_calib_text(path, str(llama))
+
+
+def test_python_names_the_keyword(llama, tmp_path):
+    with pytest.raises(ValueError, match=r"^calib_text='[^']*nope.txt': no such file"):
+        evaluate(str(llama), ["nf4-g64"], calib_text=tmp_path / "nope.txt", progress=False)
+    with pytest.raises(ValueError, match=r"given with calibrate=False"):
+        quantize_model(str(llama), "nf4-g64", tmp_path / "m.sopq", calibrate=False, calib_text=_text(tmp_path),
+                       progress=False)
+    with pytest.raises(TypeError, match="calib_text must be a path"):
+        evaluate(str(llama), ["nf4-g64"], calib_text=3, progress=False)
+
+
+def test_a_sentence_encoder_refuses_a_calibration_text_in_one_line(tmp_path, capsys):
+    path = _text(tmp_path)
+    assert run(["eval", "minilm", "--format", "nf4-g64", "--no-e2e", "--cache-dir", tmp_path / "c",
+                "--calib-text", path]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"sop: error: --calib-text {path}: only a causal LM calibrates on a text file; minilm is a "
+                   f"sentence encoder: leave --calib-text out\n")
