@@ -29,7 +29,7 @@ metrics (quantize/metrics.py) weight input column ``j`` by
   with a ``ValueError`` before any layer is quantized. ``--calib-sentences``
   applies to sentence encoders only.
 * A causal LM's own text (``--calib-text FILE``, ``calib_text=``; ``read_calib_text``): a UTF-8 file of at
-  most ``MAX_CALIB_TEXT_BYTES`` (16 MiB), tokenized whole with the model's tokenizer and cut into windows as
+  most ``MAX_CALIB_TEXT_BYTES`` (4 MiB), tokenized whole with the model's tokenizer and cut into windows as
   the built-in text is; the key covers its bytes' SHA-256 (never its path or time), the note names it and
   says that the end-to-end check keeps the built-in held-out text. Refused (``ValueError``, one line) before
   any layer is quantized: absent, a folder or no regular file, too large, not UTF-8 (the byte offset named),
@@ -142,10 +142,10 @@ def heldout_sentences(n: int = N_HELDOUT) -> list[str]:
 
 #: The largest calibration text file read (``--calib-text``, ``calib_text=``): it is read, decoded and tokenized
 #: whole, as the built-in text is, so a larger one is refused before it is read. Tokenizing costs some 330 bytes
-#: of memory a token (measured: 7 MiB of text, 5.2 million tokens of the tests' small BPE, 1.7 GB and 10 s);
-#: 16 MiB of English is a few million tokens with a real model's tokenizer, far beyond any calibration's windows
-#: (the default takes 8,192).
-MAX_CALIB_TEXT_BYTES = 16 << 20
+#: of memory a token (measured: 7 MiB of text, 5.2 million tokens of the tests' small BPE, 1.7 GB and 10 s; 16 MiB
+#: of one line of "x", a token a byte, 3.6 GB and 28 s), so 4 MiB is at most about 1.4 GB: of English, about a
+#: million tokens with a real model's tokenizer, four times a 128 x 2048 calibration (the default takes 8,192).
+MAX_CALIB_TEXT_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,9 @@ def _mib() -> str:
 
 
 def _calib_text_option(path) -> str:
-    """``--calib-text FILE`` or ``calib_text='FILE'``, as the caller gave it (``inputs.option``)."""
-    return option("calib_text", str(path)) if on_command_line() else f"calib_text={str(path)!r}"
+    """``--calib-text FILE`` or ``calib_text='FILE'``, as the caller gave it (``inputs.option``; the empty name
+    quoted, ``--calib-text ''``)."""
+    return option("calib_text", str(path) or "''") if on_command_line() else f"calib_text={str(path)!r}"
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -206,6 +207,20 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_regular(what: str, mode: int) -> None:
+    """A ``ValueError`` unless ``mode`` (a stat's) is a regular file's: a folder, a pipe or a device is refused."""
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what}: a folder; give a UTF-8 text file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what}: not a regular file (a pipe or a device); give a UTF-8 text file")
+
+
+def _open_nonblocking(path, flags: int) -> int:
+    """``os.open`` without waiting: a FIFO put in the file's place since its stat opens at once (the ``fstat``
+    after it refuses it) where a plain open would wait for a writer forever."""
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def calib_text_file(path, model: str, outputs=()) -> Path:
@@ -217,16 +232,15 @@ def calib_text_file(path, model: str, outputs=()) -> Path:
 
     path_argument(option("calib_text"), path)
     what, p = _calib_text_option(path), Path(path)
+    if not os.fspath(path):             # pathlib's '.', the working folder: "a folder" would name none given
+        raise ValueError(f"{what}: an empty name; give a UTF-8 text file")
     try:
         st = p.stat()
     except FileNotFoundError:
         raise ValueError(f"{what}: no such file") from None
     except OSError as err:
         raise ValueError(f"{what}: cannot be read ({err.strerror or type(err).__name__})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"{what}: a folder; give a UTF-8 text file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{what}: not a regular file (a pipe or a device); give a UTF-8 text file")
+    _check_regular(what, st.st_mode)
     if st.st_size > MAX_CALIB_TEXT_BYTES:
         raise ValueError(f"{what}: {st.st_size:,} bytes, more than the {MAX_CALIB_TEXT_BYTES:,} ({_mib()}) a "
                          f"calibration text may have; give a shorter excerpt")
@@ -246,7 +260,8 @@ def read_calib_text(path, model: str, outputs=()) -> CalibText:
     p = calib_text_file(path, model, outputs)
     what = _calib_text_option(path)
     try:
-        with open(p, "rb") as fh:
+        with open(p, "rb", opener=_open_nonblocking) as fh:
+            _check_regular(what, os.fstat(fh.fileno()).st_mode)   # the file opened: another since its stat?
             data = fh.read(MAX_CALIB_TEXT_BYTES + 1)       # bounded: the file may have grown since its stat
     except OSError as err:
         raise ValueError(f"{what}: cannot be read ({err.strerror or type(err).__name__})") from None
@@ -260,7 +275,7 @@ def read_calib_text(path, model: str, outputs=()) -> CalibText:
                          f"{err.reason}); save it as UTF-8") from None
     text = text.removeprefix("\ufeff")
     if not text.strip():
-        raise ValueError(f"{what}: {'empty' if not data else 'whitespace only'}; give a file of text to "
+        raise ValueError(f"{what}: {'empty' if not text else 'whitespace only'}; give a file of text to "
                          f"calibrate on")
     return CalibText(str(path), text, hashlib.sha256(data).hexdigest())
 

@@ -50,13 +50,16 @@ def _size(path, model):
     return C.with_calib_text(C.CalibSize(seqs=WINDOWS, seq_len=SEQ), path, True, str(model))
 
 
-def _hooked_mean_squares(folder, tokenizer, text) -> dict[str, np.ndarray]:
+def _hooked_mean_squares(folder, tokenizer, text, bos: bool = False) -> dict[str, np.ndarray]:
     """The mean square of each q/k/v projection's input (its block's input layer norm) over the file's windows:
-    tokenized here, cut into WINDOWS x SEQ (this tokenizer adds no BOS: the windows are the text's own tokens)
-    and run through transformers' own model with hooks."""
-    assert tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id
+    tokenized here, cut into WINDOWS x SEQ (``bos``: the tokenizer adds a BOS, which takes the place of each
+    window's first token, as docs/quantizer.md says; else the windows are the text's own tokens) and run through
+    transformers' own model with hooks."""
+    assert (tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id) == bos
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:WINDOWS * SEQ]
     wins = torch.tensor(ids).view(WINDOWS, SEQ)
+    if bos:
+        wins[:, 0] = tokenizer.bos_token_id
     ref = reference_model(folder)
     seen: dict[str, torch.Tensor] = {}
     hooks = [ref.model.layers[i].self_attn.q_proj.register_forward_hook(
@@ -82,6 +85,23 @@ def test_statistics_are_the_hooked_mean_squares_over_the_files_windows(llama, to
     assert not np.allclose(builtin.act_ms[next(iter(want))], cal.act_ms[next(iter(want))])
 
 
+def test_a_tokenizer_that_adds_a_bos_puts_it_first_in_each_window(llama, tmp_path_factory, tmp_path):
+    from tokenizers import processors
+
+    tokenizer = _bpe_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    folder = make_folder(tmp_path_factory.mktemp("lm") / "llama-bos", "llama", tokenizer)
+    path = _text(tmp_path)
+    # llama's weights, its tokenizer another: the same file's statistics cached for llama are not these
+    assert (folder / "model.safetensors").read_bytes() == (llama / "model.safetensors").read_bytes()
+    other = C.calibrate(open_model(str(llama)), _size(path, llama), tmp_path / "c")
+    cal = C.calibrate(open_model(str(folder)), _size(path, folder), tmp_path / "c")
+    assert not cal.cached and cal.key != other.key and cal.tokens == WINDOWS * SEQ
+    for name, ms in _hooked_mean_squares(folder, tokenizer, TEXT, bos=True).items():
+        np.testing.assert_allclose(cal.act_ms[name], ms, rtol=1e-6, err_msg=name)
+
+
 def test_the_cache_is_keyed_by_the_files_bytes_not_its_path(llama, tmp_path):
     path = _text(tmp_path)
     first = C.calibrate(open_model(str(llama)), _size(path, llama), tmp_path / "c")
@@ -92,6 +112,10 @@ def test_the_cache_is_keyed_by_the_files_bytes_not_its_path(llama, tmp_path):
     assert again.text == {"path": str(twin), "sha256": first.text["sha256"]}
     for name, ms in first.act_ms.items():
         np.testing.assert_array_equal(again.act_ms[name], ms)
+    for seqs, seq_len in ((1, SEQ), (1, 2 * SEQ)):          # the same file and tokens, other windows: a miss
+        shape = C.with_calib_text(C.CalibSize(seqs=seqs, seq_len=seq_len), path, True, str(llama))
+        other = C.calibrate(open_model(str(llama)), shape, tmp_path / "c")
+        assert not other.cached and other.key != first.key and other.tokens == seqs * seq_len
     stat = path.stat()
     path.write_bytes(TEXT.replace("cat", "cow").encode())       # the same size, path and time: another text
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -147,6 +171,9 @@ def _bad_inputs(tmp_path, llama, tokenizer):
         "pipe": (["--calib-text", pipe], f"--calib-text {pipe}: not a regular file (a pipe or a device); "),
         "not-utf8": (["--calib-text", latin], f"--calib-text {latin}: not UTF-8 text (at byte offset 18: byte 0xe9, "),
         "empty": (["--calib-text", _text(tmp_path, "empty.txt", "")], f"--calib-text {tmp_path / 'empty.txt'}: empty;"),
+        "bom-only": (["--calib-text", _text(tmp_path, "bom.txt", "\ufeff")],       # the mark dropped, nothing left
+                     f"--calib-text {tmp_path / 'bom.txt'}: empty;"),
+        "empty-name": (["--calib-text", ""], "--calib-text '': an empty name; give a UTF-8 text file"),
         "blank": (["--calib-text", _text(tmp_path, "blank.txt", " \n\t\n")],
                   f"--calib-text {tmp_path / 'blank.txt'}: whitespace only;"),
         "short": (["--calib-text", _text(tmp_path, "short.txt", short)],
@@ -170,7 +197,8 @@ def _open_and_close_writer(pipe) -> None:
         pass
 
 
-BAD = ["missing", "folder", "pipe", "not-utf8", "empty", "blank", "short", "no-calib", "model-file", "output"]
+BAD = ["missing", "folder", "pipe", "not-utf8", "empty", "bom-only", "empty-name", "blank", "short", "no-calib",
+       "model-file", "output"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -216,6 +244,8 @@ def test_python_names_the_keyword(llama, tmp_path):
     with pytest.raises(ValueError, match=r"given with calibrate=False"):
         quantize_model(str(llama), "nf4-g64", tmp_path / "m.sopq", calibrate=False, calib_text=_text(tmp_path),
                        progress=False)
+    with pytest.raises(ValueError, match=r"^calib_text='': an empty name; give a UTF-8 text file$"):
+        evaluate(str(llama), ["nf4-g64"], calib_text="", progress=False)
     with pytest.raises(TypeError, match="calib_text must be a path"):
         evaluate(str(llama), ["nf4-g64"], calib_text=3, progress=False)
 
@@ -227,3 +257,33 @@ def test_a_sentence_encoder_refuses_a_calibration_text_in_one_line(tmp_path, cap
     err = capsys.readouterr().err
     assert err == (f"sop: error: --calib-text {path}: only a causal LM calibrates on a text file; minilm is a "
                    f"sentence encoder: leave --calib-text out\n")
+
+
+def test_a_file_swapped_for_a_pipe_after_its_check_is_refused_not_waited_on(llama, tmp_path, monkeypatch):
+    path = _text(tmp_path)
+    checked = C.calib_text_file
+
+    def then_swapped(*args):
+        """The checks pass on the regular file; a FIFO takes its place before the read opens it."""
+        got = checked(*args)
+        path.unlink()
+        os.mkfifo(path)
+        return got
+
+    monkeypatch.setattr(C, "calib_text_file", then_swapped)
+    said = []
+    reader = threading.Thread(target=lambda: said.append(_raised(C.read_calib_text, path, str(llama))), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():                   # blocked in open(): a writer comes and goes so that the test ends
+        _open_and_close_writer(path)
+        reader.join(10)
+        pytest.fail("the read waited for a writer on a FIFO put in the checked file's place")
+    assert said == [f"calib_text='{path}': not a regular file (a pipe or a device); give a UTF-8 text file"]
+
+
+def _raised(fn, *args) -> str:
+    """The message of the ValueError ``fn(*args)`` raises (none raised: the test's failure)."""
+    with pytest.raises(ValueError) as err:
+        fn(*args)
+    return str(err.value)
