@@ -76,8 +76,8 @@ import numpy as np
 
 from sop.golden.files import (InputError, OutputError, another_version, atomic_output, check_output, crc32,
                               input_file, temp_file_in)
-from sop.golden.decoder import decode_layer
-from sop.golden.formats import FORMATS, bf16_codes_of_float32, to_float32
+from sop.golden.decoder import OUTPUTS, decode_layer
+from sop.golden.formats import bf16_codes_of_float32, to_float32
 from sop.golden.layout import VERSION as LAYER_STREAM_VERSION
 from sop.golden.layout import LayerStream, LayoutError, pack_layer, unpack_layer
 from sop.quantize import calib as C
@@ -155,6 +155,8 @@ def decode_record(entry: "LayerEntry", data: bytes | bytearray, out: str = "exac
     ``out="bf16"``: each weight is the exact value rounded once to BF16 (golden's rule: a layer stream
     decoded with output ``"bf16"``, an ``f32`` record's values by ``FORMATS["bf16"]``), held in float32,
     which holds every BF16 value exactly (`sop dequantize --model-folder --dtype bfloat16`)."""
+    if out not in OUTPUTS:                  # golden's outputs for either kind (an f32 record took any format's name)
+        raise ValueError(f"unknown output format {out!r}; valid: {', '.join(OUTPUTS)}")
     rows, cols = entry.shape
     if entry.kind == "sopl":
         try:
@@ -183,9 +185,8 @@ def decode_record(entry: "LayerEntry", data: bytes | bytearray, out: str = "exac
                             f"sop never writes one: the artifact was altered")
     if out == "exact":
         return w
-    if out == "bf16":                           # golden's codes from the float32 bits (no float64 table search)
-        return (bf16_codes_of_float32(w).astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return FORMATS[out].quantize(w).astype(np.float32)
+    # "bf16": golden's codes from the float32 bits (no float64 table search)
+    return (bf16_codes_of_float32(w).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def record_crc_ok(entry: "LayerEntry", crc: int, tail: bytes) -> bool:

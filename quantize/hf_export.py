@@ -19,8 +19,9 @@ layers (``sop quantize --include``) does not hold: the result's ``reference_laye
 golden's exact decode rounded once to float32, ``Artifact.weights``) or ``"bfloat16"``, half the size: each
 quantized weight golden's exact decode rounded once to BF16 (the decoder's ``"bf16"`` output, what the
 hardware's bf16-output configurations emit: to nearest, ties to even, saturating; never float32 first,
-which would round twice), and every other tensor the reference's float32 value rounded to BF16 by the
-same rule (``golden.formats.FORMATS["bf16"]``; a NaN or an infinity stays one); ``config.json`` then
+which would round twice), and every other parameter the reference's float32 value rounded to BF16 by the
+same rule (``golden.formats.FORMATS["bf16"]``; a NaN or an infinity stays one; a persistent float buffer
+that is no parameter stays float32); ``config.json`` then
 says ``"dtype": "bfloat16"``, which transformers loads as such. The folder is
 written all or nothing (``golden.files.atomic_files``): an error or an interrupt at any point
 leaves every file there as it was. No file written may be an input (the artifact, a file of the
@@ -201,8 +202,10 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
                else src.forward_note or f"a {src.forward} model")
         raise ValueError(f"{spec}: {'--model-folder' if on_command_line() else 'export_model_folder'} needs a "
                          f"causal LM that transformers runs ({why})")
-    # a BF16 export holds a BF16 copy of the model beside the float32 one while it is saved: half as much again
-    extra = causal_lm.memory_needed(src) // 2 if dtype == "bfloat16" else 0
+    # beside the float32 model: the decoded layers in float32 (the reference's are kept to restore), and in
+    # bfloat16 a BF16 copy of the model while it is saved, half as much again (measured: a 60M-parameter Llama)
+    extra = 4 * sum(e.shape[0] * e.shape[1] for e in art.layers)
+    extra += causal_lm.memory_needed(src) // 2 if dtype == "bfloat16" else 0
     causal_lm.check_memory(src, extra=extra,
                            purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT)
     runner = causal_lm.load(src)

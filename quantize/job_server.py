@@ -82,16 +82,19 @@ def sigint_blocked():
     and unblocks it), cannot end in a ``KeyboardInterrupt`` traceback of its own. Here a Ctrl-C in those
     milliseconds is kept pending and raised after, or taken at once by another thread (numpy's): it was
     ignored here, and lost (`sop` ran on to the end and wrote its file). Where there are no signal masks
-    (Windows) it is ignored instead. Only in the main thread (the only one that may set a handler)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    (Windows) it is ignored instead, in the main thread only (the only one that may set a handler); a mask is
+    the calling thread's, so any thread blocks it. The mask found is restored after, whatever happens: a
+    caller's own block of SIGINT outlives the block (unblocking it delivered the caller's pending Ctrl-C
+    inside the caller's critical section)."""
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        found = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             yield
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_SETMASK, found)
+        return
+    if threading.current_thread() is not threading.main_thread():     # pragma: no cover - no masks (Windows)
+        yield
         return
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)       # pragma: no cover - no masks (Windows)
     try:

@@ -532,3 +532,19 @@ def test_a_checkpoint_whose_file_name_is_no_utf8_quantizes(tmp_path, capsys):
     assert main(["quantize", str(ckpt), "--format", "sop4-g16", "--no-calib", "--quiet", "--out", str(art)]) == 0
     assert A.open_artifact(art).meta["model"]["fingerprint"] == open_model(str(ckpt)).fingerprint()
     assert main(["dequantize", str(art), "--out", str(tmp_path / "w.safetensors"), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["f32", "sopl"])
+@pytest.mark.parametrize("out", ["e4m3", "fp16"])
+def test_decode_record_takes_golden_decoder_outputs_only_for_either_record_kind(toy, toy_sop4, tmp_path, kind, out):
+    """``decode_record(out=)`` (``Artifact.weights``) is the decoder's output, ``"exact"`` or ``"bf16"``: an ``f32``
+    record took any format's name (``"e4m3"`` returned the layer rounded to e4m3 as if the decoder emitted it,
+    ``"fp16"`` was a KeyError) where a layer stream's decode refused it; both are the decoder's ValueError now."""
+    art = toy_sop4 if kind == "sopl" else tmp_path / "f32.sopq"
+    if kind == "f32":
+        assert main(["quantize", str(toy), "--format", "nf4-g64", "--out", str(art), "--quiet"]) == 0
+    a = A.open_artifact(art)
+    e = a.layers[0]
+    assert e.kind == kind
+    with pytest.raises(ValueError, match=rf"^.*unknown output format '{out}'; valid: exact, bf16$"):
+        a.weights(e, out)

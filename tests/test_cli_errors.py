@@ -672,3 +672,24 @@ def test_a_reader_gone_at_the_eval_table_still_leaves_the_json(tmp_path, capsys,
                  "--no-e2e", "--no-calib", "--quiet", "--json", str(out)])
     assert code == 128 + signal.SIGPIPE and capsys.readouterr().err == ""
     assert list(json.loads(out.read_text())["formats"]) == ["nf4-g64"]
+
+
+def test_a_json_that_cannot_be_written_after_the_eval_still_prints_the_table(tmp_path, capsys, monkeypatch):
+    """F written before the table (above) lost the whole run's results when F could not be written at the end
+    (a full disk): the table was no longer printed, only the error. The table comes, then the one error line."""
+    import errno
+
+    from sop.quantize import evaluate
+
+    def disk_full(path, doc):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate, "write_json", disk_full)
+    out = tmp_path / "r.json"
+    code = main(["eval", "minilm", "--format", "nf4-g64", "--include", "*layer.0.attention.self.query*",
+                 "--no-e2e", "--no-calib", "--quiet", "--json", str(out)])
+    said = capsys.readouterr()
+    assert code == 2 and said.out.splitlines()[0].startswith("model minilm "), said.out
+    assert [line for line in said.out.splitlines() if line.startswith("nf4-g64 ")], said.out
+    err = said.err.strip()
+    assert err.startswith("sop: error: ") and "No space left on device" in err and "\n" not in err, err
