@@ -165,15 +165,16 @@ PYTHON_EXPORT = (EXPORT[0], "dequantize writes the quantized layers alone (a .sa
 
 
 def check_memory(src, windows: int = 0, seq_len: int = DEFAULT_SEQ_LEN, extra: int = 0,
-                 purpose: tuple[str, str] | None = None) -> None:
+                 purpose: tuple[str, str] | None = None, beside: str = "") -> None:
     """Refuse, before any work, a model whose forward pass does not fit in the memory available. ``purpose``:
     (what the model is for, how to do without it) where that is neither calibration nor the end-to-end check
-    (``EXPORT``, ``PYTHON_EXPORT``)."""
+    (``EXPORT``, ``PYTHON_EXPORT``); ``beside``: what ``extra`` bytes hold, as the refusal names it."""
     from sop.quantize.memory import check_fits
 
     what, fix = purpose or (("the end-to-end check", f"{no_e2e()} skips it") if windows
                             else ("calibration", f"{no_calib()} skips it (unweighted search)"))
-    held = "the model in float32" + (", one format of reconstructions and the reference logits" if windows else "")
+    held = ("the model in float32" + (", one format of reconstructions and the reference logits" if windows else "")
+            + (f", {beside}" if beside else ""))
     check_fits(memory_needed(src, windows, seq_len, extra), f"{src.spec}: the forward pass for {what} ({held})",
                fix)
 

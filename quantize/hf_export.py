@@ -207,7 +207,9 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     extra = 4 * sum(e.shape[0] * e.shape[1] for e in art.layers)
     extra += causal_lm.memory_needed(src) // 2 if dtype == "bfloat16" else 0
     causal_lm.check_memory(src, extra=extra,
-                           purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT)
+                           purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT,
+                           beside="the decoded layers in float32" + (" and a BF16 copy of the model"
+                                                                      if dtype == "bfloat16" else ""))
     runner = causal_lm.load(src)
     weights = {}
     # one line a decoded layer, as `sop dequantize` without --model-folder (--quiet, progress=False: none)

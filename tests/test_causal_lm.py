@@ -1314,7 +1314,7 @@ def test_a_model_folder_too_large_for_memory_names_a_remedy_dequantize_has(folde
     monkeypatch.setenv("SOP_MEMORY_LIMIT", "1K")
     err = one_error(capsys, ["dequantize", str(art), "--model-folder", "--out", str(tmp_path / "f"), "--quiet"])
     assert err.startswith(f"sop: error: {folders['llama']}: the forward pass for the model folder (the model in "
-                          f"float32) needs about ") and " MiB, 0.0 MiB are available (SOP_MEMORY_LIMIT=1K): " in err
+                          f"float32, the decoded layers in float32) needs about ") and " MiB, 0.0 MiB are available (SOP_MEMORY_LIMIT=1K): " in err
     assert err.endswith(": " + L.EXPORT[1]) and "--no-calib" not in err and not (tmp_path / "f").exists()
     with pytest.raises(ValueError, match=r"0\.0 MiB are available \(SOP_MEMORY_LIMIT=1K\): dequantize writes the "
                                          r"quantized layers alone \(a \.safetensors\)$"):     # Python's function
