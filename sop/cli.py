@@ -228,13 +228,11 @@ def cmd_eval(args) -> int:
                                 cache_dir=args.cache_dir, progress=not args.quiet,
                                 lm_head=args.include_lm_head, routers=args.include_routers,
                                 e2e_windows=args.e2e_windows, jobs=args.jobs, calib_text=args.calib_text)
-    if args.json is not None:                   # the file before the table: a reader gone (`| head`) cannot cost it
-        try:
+    try:
+        if args.json is not None:               # the file before the table: a reader gone (`| head`) cannot cost it
             evaluate.write_json(args.json, doc)
-        except OSError:                         # (a full disk) the table still says the results, then the error
-            print(evaluate.format_table(doc))
-            raise
-    print(evaluate.format_table(doc))
+    finally:                                    # and one that cannot be written (a full disk) costs no table
+        print(evaluate.format_table(doc))
     if args.json is not None:
         print(f"\nwrote {args.json}")
     return 0
