@@ -31,11 +31,17 @@ metrics (quantize/metrics.py) weight input column ``j`` by
 * A causal LM's own text (``--calib-text FILE``, ``calib_text=``; ``read_calib_text``): a UTF-8 file of at
   most ``MAX_CALIB_TEXT_BYTES`` (4 MiB), tokenized whole with the model's tokenizer and cut into windows as
   the built-in text is; the key covers its bytes' SHA-256 (never its path or time), the note names it and
-  says that the end-to-end check keeps the built-in held-out text. Refused (``ValueError``, one line) before
-  any layer is quantized: absent, a folder or no regular file, too large, not UTF-8 (the byte offset named),
-  empty or whitespace only, one of the model's files or an output, given with calibration off, too short
-  for the windows, or given to a model that is no causal LM (a sentence encoder: which lines are its
-  sentences would be a guess).
+  says that the end-to-end check keeps the built-in held-out text, or which file it measures on instead.
+  Refused (``ValueError``, one line) before any layer is quantized: absent, a folder or no regular file, too
+  large, not UTF-8 (the byte offset named), empty or whitespace only, one of the model's files or an output,
+  given with calibration off, too short for the windows, or given to a model that is no causal LM (a
+  sentence encoder: which lines are its sentences would be a guess).
+* A causal LM's own held-out text (`sop eval --eval-text FILE`, ``eval_text=``; ``with_eval_text``): read and
+  refused by the same functions, each message naming ``--eval-text`` (``TEXT_ROLES``; given with the
+  end-to-end check off, ``eval_text_used``), its ``--e2e-windows`` x ``--seq-len`` windows cut as the built-in
+  held-out text's (``text_windows``). No cache covers the held-out text (the reference logits are computed
+  each run; the calibration's key is the calibration text's). The same bytes as the calibration text are
+  one warning line (``same_text_warning``).
 * Cache: ``<cache_dir>/<key[:32]>.npz`` (the key's first 32 hex digits; the file records the whole
   key, and another is a miss; default ``build/calib/``), written
   atomically; ``key`` is a SHA-256 of the procedure version, the checkpoint
@@ -76,7 +82,8 @@ import numpy as np
 
 from sop.golden.files import OutputError, write_atomic
 from sop.quantize.causal_lm import DEFAULT_CALIB_SEQS, DEFAULT_SEQ_LEN
-from sop.quantize.inputs import boolean, cache_folder, no_calib, nan_zero, on_command_line, option, path_argument
+from sop.quantize.inputs import (boolean, cache_folder, no_calib, no_e2e, nan_zero, on_command_line, option,
+                                 path_argument)
 
 CALIB_VERSION = 2            # 2: the key covers a BERT folder's config and tokenizer; the file lists its layers
 #: a part of the causal-LM cache key: bumped whenever what a causal LM's statistics hold changes, or a file
@@ -145,13 +152,17 @@ def heldout_sentences(n: int = N_HELDOUT) -> list[str]:
 #: of memory a token (measured: 7 MiB of text, 5.2 million tokens of the tests' small BPE, 1.7 GB and 10 s; 16 MiB
 #: of one line of "x", a token a byte, 3.6 GB and 28 s), so 4 MiB is at most about 1.4 GB: of English, about a
 #: million tokens with a real model's tokenizer, four times a 128 x 2048 calibration (the default takes 8,192).
+#: Whole, never a prefix: a tokenizer may tokenize a text's start otherwise as the text grows (a BPE with no
+#: pre-tokenizer, as Llama 2's, chains its merges over the whole text: the first tokens of 42 characters can differ
+#: from those of its prefixes cut at each line end, which agree), so no prefix is proven to give the file's windows.
 MAX_CALIB_TEXT_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
 class CalibText:
-    """A calibration text file's contents (``read_calib_text``): ``path`` as the caller gave it, the decoded
-    ``text`` and the SHA-256 of its bytes (the cache key's: the contents, never the path or the time)."""
+    """A text file's contents (``read_calib_text``: calibration's, ``--calib-text``, or the end-to-end check's,
+    ``--eval-text``): ``path`` as the caller gave it, the decoded ``text`` and the SHA-256 of its bytes (the
+    cache key's: the contents, never the path or the time)."""
 
     path: str
     text: str = field(repr=False)
@@ -162,12 +173,15 @@ class CalibText:
 class CalibSize:
     """How much calibration text: ``sentences`` for sentence encoders (BERT), ``seqs`` windows of
     ``seq_len`` tokens for causal LMs; ``text``: a causal LM's own calibration text (a ``CalibText``), whose
-    windows are cut as the built-in text's are, or None for the built-in text."""
+    windows are cut as the built-in text's are, or None for the built-in text; ``eval_text``: a causal LM's own
+    held-out text for `sop eval`'s end-to-end check (``--eval-text``, ``with_eval_text``), or None for the
+    built-in held-out text (it is no part of the calibration or its key: the calibration's note names it)."""
 
     sentences: int = N_CALIB
     seqs: int = DEFAULT_CALIB_SEQS
     seq_len: int = DEFAULT_SEQ_LEN
     text: CalibText | None = None
+    eval_text: CalibText | None = None
 
     def __post_init__(self):
         # named as the caller gave them: CalibSize's seqs= and seq_len= from Python, --calib-seqs and --seq-len
@@ -195,10 +209,16 @@ def _mib() -> str:
     return f"{MAX_CALIB_TEXT_BYTES / (1 << 20):g} MiB"
 
 
-def _calib_text_option(path) -> str:
-    """``--calib-text FILE`` or ``calib_text='FILE'``, as the caller gave it (``inputs.option``; the empty name
-    quoted, ``--calib-text ''``)."""
-    return option("calib_text", str(path) or "''") if on_command_line() else f"calib_text={str(path)!r}"
+#: What a text file option's refusals call the file and what it is given for: ``--calib-text`` (``calib_text=``)
+#: a causal LM calibrates on, ``--eval-text`` (``eval_text=``) its end-to-end check measures on.
+TEXT_ROLES = {"calib_text": ("a calibration text", "calibrate on"),
+              "eval_text": ("a held-out text", "measure the end-to-end check on")}
+
+
+def text_option(path, keyword: str = "calib_text") -> str:
+    """``--calib-text FILE`` or ``calib_text='FILE'`` (``keyword``: ``eval_text`` gives ``--eval-text FILE``), as
+    the caller gave it (``inputs.option``; the empty name quoted, ``--calib-text ''``)."""
+    return option(keyword, str(path) or "''") if on_command_line() else f"{keyword}={str(path)!r}"
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -223,15 +243,16 @@ def _open_nonblocking(path, flags: int) -> int:
     return os.open(path, flags | os.O_NONBLOCK)
 
 
-def calib_text_file(path, model: str, outputs=()) -> Path:
-    """The calibration text file ``path`` checked before anything is read or written: it must be a regular
-    file (not absent, not a folder, not a pipe that would block the read) of at most ``MAX_CALIB_TEXT_BYTES``,
-    and neither one of ``model``'s own files (``models.model_inputs``) nor one of ``outputs`` (the output
-    would be written over the text, or the text read as the model's); a ``ValueError`` saying which."""
+def calib_text_file(path, model: str, outputs=(), keyword: str = "calib_text") -> Path:
+    """The text file ``path`` of the option ``keyword`` (``TEXT_ROLES``: ``calib_text``, ``eval_text``) checked
+    before anything is read or written: it must be a regular file (not absent, not a folder, not a pipe that
+    would block the read) of at most ``MAX_CALIB_TEXT_BYTES``, and neither one of ``model``'s own files
+    (``models.model_inputs``) nor one of ``outputs`` (the output would be written over the text, or the text
+    read as the model's); a ``ValueError`` naming the option and saying which."""
     from sop.quantize.models import model_inputs
 
-    path_argument(option("calib_text"), path)
-    what, p = _calib_text_option(path), Path(path)
+    path_argument(option(keyword), path)
+    what, p, (role, _) = text_option(path, keyword), Path(path), TEXT_ROLES[keyword]
     if not os.fspath(path):             # pathlib's '.', the working folder: "a folder" would name none given
         raise ValueError(f"{what}: an empty name; give a UTF-8 text file")
     try:
@@ -242,23 +263,23 @@ def calib_text_file(path, model: str, outputs=()) -> Path:
         raise ValueError(f"{what}: cannot be read ({err.strerror or type(err).__name__})") from None
     _check_regular(what, st.st_mode)
     if st.st_size > MAX_CALIB_TEXT_BYTES:
-        raise ValueError(f"{what}: {st.st_size:,} bytes, more than the {MAX_CALIB_TEXT_BYTES:,} ({_mib()}) a "
-                         f"calibration text may have; give a shorter excerpt")
+        raise ValueError(f"{what}: {st.st_size:,} bytes, more than the {MAX_CALIB_TEXT_BYTES:,} ({_mib()}) {role} "
+                         f"may have; give a shorter excerpt")
     for own in model_inputs(model):
         if _same_file(p, own):
-            raise ValueError(f"{what}: the model's own file {own}, not a calibration text")
+            raise ValueError(f"{what}: the model's own file {own}, not {role}")
     for out in outputs:
         if out is not None and _same_file(p, Path(out)):
             raise ValueError(f"{what}: the output {out} would be written over it; give another output")
     return p
 
 
-def read_calib_text(path, model: str, outputs=()) -> CalibText:
-    """The calibration text file ``path`` read (``calib_text_file``'s checks first): UTF-8 (a byte order
-    mark dropped), not empty or whitespace only; a ``ValueError`` naming the file and, for a byte that is not
-    UTF-8, its offset."""
-    p = calib_text_file(path, model, outputs)
-    what = _calib_text_option(path)
+def read_calib_text(path, model: str, outputs=(), keyword: str = "calib_text") -> CalibText:
+    """The text file ``path`` of the option ``keyword`` (``calib_text``, ``eval_text``) read
+    (``calib_text_file``'s checks first): UTF-8 (a byte order mark dropped), not empty or whitespace only; a
+    ``ValueError`` naming the option, the file and, for a byte that is not UTF-8, its offset."""
+    p = calib_text_file(path, model, outputs, keyword)
+    what, (role, purpose) = text_option(path, keyword), TEXT_ROLES[keyword]
     try:
         with open(p, "rb", opener=_open_nonblocking) as fh:
             _check_regular(what, os.fstat(fh.fileno()).st_mode)   # the file opened: another since its stat?
@@ -266,8 +287,8 @@ def read_calib_text(path, model: str, outputs=()) -> CalibText:
     except OSError as err:
         raise ValueError(f"{what}: cannot be read ({err.strerror or type(err).__name__})") from None
     if len(data) > MAX_CALIB_TEXT_BYTES:
-        raise ValueError(f"{what}: more than the {MAX_CALIB_TEXT_BYTES:,} bytes ({_mib()}) a calibration text may "
-                         f"have; give a shorter excerpt")
+        raise ValueError(f"{what}: more than the {MAX_CALIB_TEXT_BYTES:,} bytes ({_mib()}) {role} may have; "
+                         f"give a shorter excerpt")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -276,7 +297,7 @@ def read_calib_text(path, model: str, outputs=()) -> CalibText:
     text = text.removeprefix("\ufeff")
     if not text.strip():
         raise ValueError(f"{what}: {'empty' if not text else 'whitespace only'}; give a file of text to "
-                         f"calibrate on")
+                         f"{purpose}")
     return CalibText(str(path), text, hashlib.sha256(data).hexdigest())
 
 
@@ -289,22 +310,72 @@ def with_calib_text(size: CalibSize, calib_text, calibrate: bool, model: str, ou
     return dataclasses.replace(size, text=read_calib_text(calib_text, model, outputs))
 
 
+def with_eval_text(size: CalibSize, eval_text, e2e: bool, model: str, outputs=()) -> CalibSize:
+    """``size`` with the end-to-end check's held-out text file ``eval_text`` (None: the built-in held-out text)
+    read into it (``read_calib_text``'s checks, named ``eval_text``); refused (``ValueError``) where the
+    end-to-end check is off, since the text would go unused."""
+    if eval_text is None:
+        return size
+    eval_text_used(eval_text, e2e)
+    return dataclasses.replace(size, eval_text=read_calib_text(eval_text, model, outputs, "eval_text"))
+
+
 def check_text_model(src, size: CalibSize) -> None:
-    """A ``ValueError`` where ``size`` holds a text file and ``src`` (a ModelSource) is no causal LM: a sentence
-    encoder calibrates on sentences, and which lines of a file are one is a guess not made here; a model with
-    no forward pass reads no text. (``evaluate``, ``quantize_model``: once the model is opened, before the
-    calibration's progress line.)"""
-    if size.text is not None and getattr(src, "forward", None) != "causal-lm":
-        kind = "a sentence encoder" if src.bert_folder is not None else "no causal LM"
-        raise ValueError(f"{_calib_text_option(size.text.path)}: only a causal LM calibrates on a text file; "
-                         f"{src.spec} is {kind}: leave {option('calib_text')} out")
+    """A ``ValueError`` where ``size`` holds a text file (calibration's or the end-to-end check's) and ``src``
+    (a ModelSource) is no causal LM: a sentence encoder calibrates and is measured on sentences, and which
+    lines of a file are one is a guess not made here; a model with no forward pass reads no text.
+    (``evaluate``, ``quantize_model``: once the model is opened, before the calibration's progress line.)"""
+    if getattr(src, "forward", None) == "causal-lm":
+        return
+    kind = "a sentence encoder" if src.bert_folder is not None else "no causal LM"
+    for keyword, own, does in (("calib_text", size.text, "calibrates on"),
+                               ("eval_text", size.eval_text, "measures its end-to-end check on")):
+        if own is not None:
+            raise ValueError(f"{text_option(own.path, keyword)}: only a causal LM {does} a text file; "
+                             f"{src.spec} is {kind}: leave {option(keyword)} out")
+
+
+def _text_unread(keyword: str, path, switch: str, check: str) -> ValueError:
+    """The refusal of the text file ``path`` of option ``keyword`` given with ``switch``, which turns off the
+    ``check`` that would read it."""
+    return ValueError(f"{text_option(path, keyword)} given with {switch}: no {check} runs to read it; leave one "
+                      f"of the two out")
 
 
 def calib_text_used(calib_text, calibrate: bool) -> None:
     """A ``ValueError`` where a calibration text file is given and calibration is off: it would go unread."""
     if not calibrate:
-        raise ValueError(f"{_calib_text_option(calib_text)} given with {no_calib()}: no calibration runs to read "
-                         f"it; leave one of the two out")
+        raise _text_unread("calib_text", calib_text, no_calib(), "calibration")
+
+
+def eval_text_used(eval_text, e2e: bool) -> None:
+    """A ``ValueError`` where a held-out text file is given and the end-to-end check is off: it would go unread."""
+    if not e2e:
+        raise _text_unread("eval_text", eval_text, no_e2e(), "end-to-end check")
+
+
+def same_text_warning(size: CalibSize) -> str | None:
+    """The warning where the calibration and held-out text files hold the same bytes (one SHA-256): the
+    end-to-end figures are then measured on the text the statistics came from, not on held-out text; None
+    otherwise."""
+    cal, held = size.text, size.eval_text
+    if cal is None or held is None or cal.sha256 != held.sha256:
+        return None
+    return (f"{text_option(held.path, 'eval_text')} and {text_option(cal.path)} are the same bytes (SHA-256 "
+            f"{held.sha256}): the end-to-end figures are measured on the calibration text, not held out")
+
+
+def text_windows(runner, own: CalibText, n: int, seq_len: int, keyword: str, count: str):
+    """``n`` windows of ``seq_len`` tokens cut from the text file ``own`` of option ``keyword`` (tokenized whole,
+    as the built-in text is; ``CausalLM.windows``: BOS first where the tokenizer adds one); too short a text is
+    a ``ValueError`` naming the option, ``count`` x ``seq_len`` (``count``: the window count's option as the
+    caller gave it) and how many windows fit."""
+    ids = runner.token_ids([own.text])          # (one text: token_ids joins nothing to it)
+    shape = f"{count} x {option('seq_len')}"
+    fit = len(ids) // seq_len
+    return runner.windows(ids, n, seq_len, f"{text_option(own.path, keyword)} (its {shape} windows)",
+                          f"give a longer text, or fewer or shorter windows ({shape}; "
+                          f"{fit} window{'' if fit == 1 else 's'} of {seq_len} tokens fit)")
 
 
 @dataclass
@@ -494,22 +565,19 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
     if use_cache:
         hit = _cached(path, key, note, src, say)
         if hit is not None:
-            hit.text = _text_record(own)
+            hit.text = text_record(own)
             return _selected_unrouted(hit, src, say)
     runner = causal_lm.load(src)
-    ids = runner.token_ids([own.text] if own else sentences)       # (one text: token_ids joins nothing to it)
-    shape = f"{option('seqs', flag='--calib-seqs')} x {option('seq_len')}"
+    count = option("seqs", flag="--calib-seqs")
     if own:
-        fit = len(ids) // size.seq_len
-        windows = runner.windows(ids, size.seqs, size.seq_len, f"{_calib_text_option(own.path)} (its {shape} windows)",
-                                 f"give a longer text, or fewer or shorter windows ({shape}; "
-                                 f"{fit} window{'' if fit == 1 else 's'} of {size.seq_len} tokens fit)")
+        windows = text_windows(runner, own, size.seqs, size.seq_len, "calib_text", count)
     else:
-        windows = runner.windows(ids, size.seqs, size.seq_len, f"calibration text ({shape})")
+        windows = runner.windows(runner.token_ids(sentences), size.seqs, size.seq_len,
+                                 f"calibration text ({count} x {option('seq_len')})")
     stats, tokens = runner.collect_stats(windows)
     stats, dropped = _finite_selected(src, stats)
     cal = Calibration(True, note, stats, key, 0 if own else _sentences_used(runner, sentences, tokens), tokens,
-                      seqs=size.seqs, seq_len=size.seq_len, unrouted=list(runner.unrouted), text=_text_record(own))
+                      seqs=size.seqs, seq_len=size.seq_len, unrouted=list(runner.unrouted), text=text_record(own))
     if use_cache:
         _save_unless_partial(path, cal, say, runner.cleaned, dropped)
     return _selected_unrouted(cal, src, say)
@@ -517,17 +585,26 @@ def calibrate_causal(src, size: CalibSize, cache_dir=DEFAULT_CACHE, use_cache: b
 
 def _causal_note(size: CalibSize) -> str:
     """The calibration's note (`sop eval`'s calibration line, the JSON's and the .sopq's note): the text its
-    windows were cut from, and, for a text file, that the end-to-end check keeps the built-in held-out text."""
+    windows were cut from, and, for a text file, the end-to-end check's text: the built-in held-out text, or
+    the held-out text file (``--eval-text``) where one is given."""
     if size.text is None:
         return (f"mean square of each linear's input over {size.seqs} x {size.seq_len} tokens of pydoc_data.topics "
                 f"text (transformers forward pass, hooks on every linear)")
+    held = size.eval_text
+    if held is None:
+        e2e = "keeps the built-in pydoc_data.topics held-out text"
+    elif held.sha256 == size.text.sha256:
+        e2e = f"measures on {held.path} instead of the built-in held-out text: the same bytes, not held out"
+    else:
+        e2e = f"measures on {held.path} instead of the built-in held-out text"
     return (f"mean square of each linear's input over {size.seqs} windows of {size.seq_len} tokens of "
             f"{size.text.path} (transformers forward pass, hooks on every linear); the end-to-end check, where "
-            f"one runs, keeps the built-in pydoc_data.topics held-out text")
+            f"one runs, {e2e}")
 
 
-def _text_record(own: CalibText | None) -> dict | None:
-    """What ``Calibration.text`` records of a text file: its path as given and its bytes' SHA-256."""
+def text_record(own: CalibText | None) -> dict | None:
+    """What ``Calibration.text`` (and a causal LM's ``e2e.text``) records of a text file: its path as given and
+    its bytes' SHA-256; None for the built-in text."""
     return None if own is None else {"path": own.path, "sha256": own.sha256}
 
 

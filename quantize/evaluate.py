@@ -12,7 +12,8 @@ folders (quantize/e2e.py) the cosine between full-precision and quantized
 sentence embeddings on held-out sentences; for causal LMs (quantize/causal_lm.py:
 ``transformers`` folders, GGUF, ``smollm2``) perplexity, the KL divergence of the
 next-token distributions against the unquantized model and top-1 agreement on
-held-out text (llama.cpp's ``perplexity --kl-divergence`` convention). Only then
+held-out text (llama.cpp's ``perplexity --kl-divergence`` convention): the built-in one, or a file of the
+user's (``eval_text``, `sop eval --eval-text`). Only then
 are a format's reconstructions kept until its forward pass (as float32).
 ``jobs=N`` quantizes the layers of a per-layer format N at a time in worker
 processes (quantize/jobs.py), results taken in layer order: the same document.
@@ -40,7 +41,7 @@ The result is a JSON-ready dict (``write_json`` writes it atomically)::
                                        "shape", "weighted"}},
                      "e2e": {"metric": "sentence-embedding cosine", "sentences", "cos_mean", "cos_min"}
                           | {"metric": "causal-lm", "tokens", "ppl", "ppl_ref", "kld", "top1", "windows",
-                             "seq_len"}
+                             "seq_len", "text" (``eval_text``: {"path", "sha256"})}
                           | {"skipped": reason}}}}
 
 A non-finite number (the SQNR of an exact reconstruction) is written as null.
@@ -115,16 +116,20 @@ def bert_forward(src):
 
 
 def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = DEFAULT_E2E_WINDOWS,
-                 seq_len: int = DEFAULT_SEQ_LEN):
+                 seq_len: int = DEFAULT_SEQ_LEN, text: "C.CalibText | None" = None):
     """The end-to-end check, loaded and its text cut (so that a model or text that cannot serve is
     refused before any work): (("bert", runner, sentences) | ("causal-lm", runner, windows), None),
-    or (None, {"skipped": why})."""
+    or (None, {"skipped": why}). ``text``: a causal LM's held-out text file (``--eval-text``), its windows
+    cut as the built-in held-out text's; None: the built-in held-out text."""
     if not enabled:
         return None, {"skipped": "disabled"}
     if src.forward == "causal-lm":
         from sop.quantize import causal_lm
 
         runner = causal_lm.load(src)
+        if text is not None:
+            return ("causal-lm", runner, C.text_windows(runner, text, windows, seq_len, "eval_text",
+                                                        option("e2e_windows"))), None
         ids = runner.token_ids(C.heldout_sentences(C.HELDOUT_RESERVE))
         return ("causal-lm", runner, runner.windows(ids, windows, seq_len,
                                                     f"held-out text ({option('e2e_windows')} x "
@@ -194,7 +199,8 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
              calibrate: bool = True, e2e: bool = True, nan_policy: str = "error",
              n_calib: "int | C.CalibSize" = C.N_CALIB, n_heldout: int = C.N_HELDOUT, cache_dir=C.DEFAULT_CACHE,
              progress: bool = True, lm_head: bool = False, routers: bool = False,
-             e2e_windows: int = DEFAULT_E2E_WINDOWS, on_format=None, jobs: int = 1, calib_text=None) -> dict:
+             e2e_windows: int = DEFAULT_E2E_WINDOWS, on_format=None, jobs: int = 1, calib_text=None,
+             eval_text=None) -> dict:
     """Quantize ``model`` in every format and measure it; see the module docstring.
 
     ``n_calib``: calibration sentences, or a ``calib.CalibSize`` (causal LMs: ``seqs`` windows of
@@ -203,8 +209,10 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     recons)``, if given, is called after each format's end-to-end check with the causal-LM runner and
     that format's float32 reconstructions (the demo prints a greedy completion there). ``jobs``: layers
     quantized in that many worker processes (quantize/jobs.py; the same results). ``calib_text``: a UTF-8 text
-    file a causal LM calibrates on instead of the built-in text (``calib.read_calib_text``); the end-to-end
-    check keeps the built-in held-out text."""
+    file a causal LM calibrates on instead of the built-in text (``calib.read_calib_text``). ``eval_text``: a
+    UTF-8 text file a causal LM's end-to-end check measures on instead of the built-in held-out text (the same
+    checks, ``calib.with_eval_text``; its windows cut as the built-in text's); the same bytes as ``calib_text``
+    are one warning line (the figures are then not held out)."""
     from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
     from sop.quantize.job_server import start as start_server
 
@@ -224,6 +232,7 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     jobs = min(check_jobs(jobs), usable_cpus())           # as the pool lowers it: the memory estimate's too
     size = C.calib_size(n_calib, "n_calib", sentences=calibrate)     # (only calibration reads the sentences)
     size = C.with_calib_text(size, calib_text, calibrate, model)
+    size = C.with_eval_text(size, eval_text, e2e, model)
     cache_dir = cache_folder(cache_dir, calibrate)
     if isinstance(e2e_windows, bool) or not isinstance(e2e_windows, (int, np.integer)) or e2e_windows < 1:
         raise ValueError(f"{option('e2e_windows')} must be a positive integer, got {e2e_windows!r}")
@@ -232,6 +241,9 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     src = open_model(model, include, exclude, lm_head=lm_head, routers=routers)
     src.nan_policy = nan_policy
     C.check_text_model(src, size)                # before the calibration says it starts
+    overlap = C.same_text_warning(size)
+    if overlap is not None:                     # said with the model's warnings (announce), and in source.notes
+        src.notes.append(overlap)
     if budget is not None:              # a budget below every cheapest option: refused before any layer is read
         check_budget_shapes([lay.shape for lay in src.layers], budget, option("budget"))
     say(f"{model}: {linear_layers(len(src.layers))}, {src.n_weights:,} weights")
@@ -246,10 +258,12 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
 
 def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_heldout, cache_dir, say, progress,
               e2e_windows, on_format, pool) -> dict:
-    prep, e2e_skip = _e2e_prepare(src, e2e, n_heldout, e2e_windows, size.seq_len)
+    prep, e2e_skip = _e2e_prepare(src, e2e, n_heldout, e2e_windows, size.seq_len, size.eval_text)
     cal = calibration_for(src, calibrate, size, cache_dir, say, announced=True)    # (its note: the report's)
+    held = C.text_record(size.eval_text)
     if prep is not None and prep[0] == "causal-lm":
-        say(f"end-to-end reference: {e2e_windows} x {size.seq_len} held-out tokens")
+        say(f"end-to-end reference: {e2e_windows} x {size.seq_len} held-out tokens"
+            + (f" of {held['path']}" if held else ""))
     runner = _e2e_reference(prep)
     del prep
 
@@ -290,6 +304,8 @@ def _evaluate(src, model, fmts, budget, calibrate, e2e, nan_policy, size, n_held
         if runner is not None:
             say(f"{fmt.name}: end-to-end check")
             entry["e2e"] = e = _e2e_measure(runner, recons)
+            if held:                        # the figures name the text they were measured on
+                e["text"] = dict(held)
             if "kld" in e:
                 say(f"{fmt.name}: ppl {e['ppl']:.3f} (reference {e['ppl_ref']:.3f}), KLD {e['kld']:.3e}, "
                     f"top-1 {e['top1']:.4f}")
@@ -384,8 +400,10 @@ def format_table(doc: dict) -> str:
     lines += [budget_choices_line(name, f["budget"]["bpw"], [r["choice"] for r in f["layers"].values()])
               for name, f in doc["formats"].items() if f.get("budget")]
     if ref is not None:
+        held = ref.get("text")
+        of = f" of {held['path']} (SHA-256 {held['sha256']})" if held else ""
         lines.append(f"e2e: next-token perplexity, mean KL divergence (nats/token) against the unquantized model "
-                     f"and top-1 agreement on {ref['tokens']:,} held-out tokens ({ref['windows']} windows of "
+                     f"and top-1 agreement on {ref['tokens']:,} held-out tokens{of} ({ref['windows']} windows of "
                      f"{ref['seq_len']}, second halves scored); reference ppl {ref['ppl_ref']:.3f}")
     skipped = {e['skipped'] for f in doc["formats"].values() if "skipped" in (e := f["e2e"])}
     if skipped:

@@ -221,13 +221,15 @@ def cmd_eval(args) -> int:
         check_output(args.json, model_inputs(args.model), option="--json")
         _refuse_report_name(args.json)
     _check_calibration(args, args.json)
+    _check_eval_text(args, args.json)
     with settings:
         doc = evaluate.evaluate(args.model, args.format, budget=args.budget, include=args.include,
                                 exclude=args.exclude, calibrate=not args.no_calib, e2e=not args.no_e2e,
                                 nan_policy=args.nan_policy, n_calib=_calib_size(args),
                                 cache_dir=args.cache_dir, progress=not args.quiet,
                                 lm_head=args.include_lm_head, routers=args.include_routers,
-                                e2e_windows=args.e2e_windows, jobs=args.jobs, calib_text=args.calib_text)
+                                e2e_windows=args.e2e_windows, jobs=args.jobs, calib_text=args.calib_text,
+                                eval_text=args.eval_text)
     try:
         if args.json is not None:               # the file before the table: a reader gone (`| head`) cannot cost it
             evaluate.write_json(args.json, doc)
@@ -470,6 +472,16 @@ def _check_calibration(args, out=None) -> None:
                               f"in the output's place; give another --cache-dir")
 
 
+def _check_eval_text(args, out=None) -> None:
+    """An ``--eval-text`` file is refused before any work as a ``--calib-text`` one is (with ``--no-e2e``, one of
+    the model's files, the output ``out``), as ``calib.with_eval_text`` refuses it again when it reads it."""
+    from sop.quantize.calib import calib_text_file, eval_text_used
+
+    if args.eval_text is not None:
+        eval_text_used(args.eval_text, not args.no_e2e)
+        calib_text_file(args.eval_text, args.model, (out,), "eval_text")
+
+
 def cmd_board(args) -> int:
     from sop.synth.host import bringup
 
@@ -552,7 +564,8 @@ def _model_options(p) -> None:
                         f"(default {size.seq_len})")
     p.add_argument("--calib-text", metavar="FILE", default=None,
                    help=f"causal LMs: calibrate on this UTF-8 text file (at most {MAX_CALIB_TEXT_BYTES >> 20} MiB), "
-                        "its windows cut as the built-in text's; the end-to-end check keeps the built-in held-out text")
+                        "its windows cut as the built-in text's; the end-to-end check keeps the built-in held-out text "
+                        "(sop eval: unless --eval-text)")
     p.add_argument("--include-lm-head", action="store_true",
                    help="quantize the output head too (kept by default, as the embeddings)")
     p.add_argument("--include-routers", action="store_true",
@@ -595,6 +608,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     e.add_argument("--e2e-windows", type=positive(int), default=DEFAULT_E2E_WINDOWS,
                    help=f"causal LMs: held-out windows for perplexity/KLD/top-1 "
                         f"(default {DEFAULT_E2E_WINDOWS})")
+    e.add_argument("--eval-text", metavar="FILE", default=None,
+                   help=f"causal LMs: measure perplexity/KLD/top-1 on this UTF-8 text file (at most "
+                        f"{MAX_CALIB_TEXT_BYTES >> 20} MiB) instead of the built-in held-out text, its "
+                        f"--e2e-windows x --seq-len windows cut as the built-in text's")
     _model_options(e)
     e.set_defaults(func=cmd_eval)
     v = sub.add_parser("vectors", help="write real quantized layers as RTL test vectors")

@@ -154,8 +154,16 @@ def test_eval_and_quantize_say_the_file_and_keep_the_held_out_text(llama, tmp_pa
     assert said == [f"calibrating on {WINDOWS} x {SEQ} tokens of {path} (cache {tmp_path / 'c'})"], said
 
 
-def _bad_inputs(tmp_path, llama, tokenizer):
-    """(arguments after the model, the start of the error line after ``sop: error: ``)."""
+#: each text option: the option that counts its windows, and the switch that turns off what reads it
+TEXT_OPTIONS = {"--calib-text": ("--calib-seqs", "--no-calib"), "--eval-text": ("--e2e-windows", "--no-e2e")}
+
+
+def _bad_inputs(tmp_path, llama, tokenizer, flag="--calib-text"):
+    """(arguments after the model, the start of the error line after ``sop: error: ``), for the text option
+    ``flag`` (``TEXT_OPTIONS``: tests/test_eval_text.py's table is this one of ``--eval-text``); each run gives
+    ``WINDOWS`` windows of ``SEQ`` tokens. The case of the switch that turns the option off is named by it
+    (``no-calib``, ``no-e2e``)."""
+    count, off = TEXT_OPTIONS[flag]
     short = TEXT.splitlines(keepends=True)[0]             # one window's tokens, not two
     n_short = len(tokenizer(short, add_special_tokens=False)["input_ids"])
     assert SEQ <= n_short < WINDOWS * SEQ
@@ -166,26 +174,24 @@ def _bad_inputs(tmp_path, llama, tokenizer):
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"caf\xc3\xa9 ok, then caf\xe9")
     return {
-        "missing": (["--calib-text", tmp_path / "nope.txt"], f"--calib-text {tmp_path / 'nope.txt'}: no such file"),
-        "folder": (["--calib-text", folder], f"--calib-text {folder}: a folder; give a UTF-8 text file"),
-        "pipe": (["--calib-text", pipe], f"--calib-text {pipe}: not a regular file (a pipe or a device); "),
-        "not-utf8": (["--calib-text", latin], f"--calib-text {latin}: not UTF-8 text (at byte offset 18: byte 0xe9, "),
-        "empty": (["--calib-text", _text(tmp_path, "empty.txt", "")], f"--calib-text {tmp_path / 'empty.txt'}: empty;"),
-        "bom-only": (["--calib-text", _text(tmp_path, "bom.txt", "\ufeff")],       # the mark dropped, nothing left
-                     f"--calib-text {tmp_path / 'bom.txt'}: empty;"),
-        "empty-name": (["--calib-text", ""], "--calib-text '': an empty name; give a UTF-8 text file"),
-        "blank": (["--calib-text", _text(tmp_path, "blank.txt", " \n\t\n")],
-                  f"--calib-text {tmp_path / 'blank.txt'}: whitespace only;"),
-        "short": (["--calib-text", _text(tmp_path, "short.txt", short)],
-                  f"--calib-text {tmp_path / 'short.txt'} (its --calib-seqs x --seq-len windows): {WINDOWS} x {SEQ} "
+        "missing": ([flag, tmp_path / "nope.txt"], f"{flag} {tmp_path / 'nope.txt'}: no such file"),
+        "folder": ([flag, folder], f"{flag} {folder}: a folder; give a UTF-8 text file"),
+        "pipe": ([flag, pipe], f"{flag} {pipe}: not a regular file (a pipe or a device); "),
+        "not-utf8": ([flag, latin], f"{flag} {latin}: not UTF-8 text (at byte offset 18: byte 0xe9, "),
+        "empty": ([flag, _text(tmp_path, "empty.txt", "")], f"{flag} {tmp_path / 'empty.txt'}: empty;"),
+        "bom-only": ([flag, _text(tmp_path, "bom.txt", "\ufeff")],       # the mark dropped, nothing left
+                     f"{flag} {tmp_path / 'bom.txt'}: empty;"),
+        "empty-name": ([flag, ""], f"{flag} '': an empty name; give a UTF-8 text file"),
+        "blank": ([flag, _text(tmp_path, "blank.txt", " \n\t\n")],
+                  f"{flag} {tmp_path / 'blank.txt'}: whitespace only;"),
+        "short": ([flag, _text(tmp_path, "short.txt", short)],
+                  f"{flag} {tmp_path / 'short.txt'} (its {count} x --seq-len windows): {WINDOWS} x {SEQ} "
                   f"= {WINDOWS * SEQ} tokens asked, the text gives {n_short} with this model's tokenizer; give a "
-                  f"longer text, or fewer or shorter windows (--calib-seqs x --seq-len; 1 window of {SEQ} tokens fit)"),
-        "no-calib": (["--calib-text", _text(tmp_path), "--no-calib"],
-                     f"--calib-text {tmp_path / 'calib.txt'} given with --no-calib: "),
-        "model-file": (["--calib-text", llama / "config.json"],
-                       f"--calib-text {llama / 'config.json'}: the model's own file "),
-        "output": (["--calib-text", _text(tmp_path, "out.json", "{}")],
-                   f"--calib-text {tmp_path / 'out.json'}: the output {tmp_path / 'out.json'} would be written over"),
+                  f"longer text, or fewer or shorter windows ({count} x --seq-len; 1 window of {SEQ} tokens fit)"),
+        off[2:]: ([flag, _text(tmp_path), off], f"{flag} {tmp_path / 'calib.txt'} given with {off}: "),
+        "model-file": ([flag, llama / "config.json"], f"{flag} {llama / 'config.json'}: the model's own file "),
+        "output": ([flag, _text(tmp_path, "out.json", "{}")],
+                   f"{flag} {tmp_path / 'out.json'}: the output {tmp_path / 'out.json'} would be written over"),
     }
 
 
@@ -210,14 +216,20 @@ def test_a_bad_calibration_text_is_one_line_exit_2_before_any_layer(llama, token
     if case == "output" and command == "quantize":
         args = ["--calib-text", _text(tmp_path, "m.sopq", "some text")]
         said = f"--calib-text {out}: the output {out} would be written over"
-    before = out.read_bytes() if out.exists() else None
     where = ["--json", out, "--no-e2e"] if command == "eval" else ["--out", out]
-    # a pipe read would block: a writer comes and goes after 5 s, so that such a read fails the test, not hangs it
+    refused_in_one_line([command, llama, "--format", "nf4-g64", "--calib-seqs", str(WINDOWS), "--seq-len", str(SEQ),
+                         "--cache-dir", tmp_path / "c", *where, *args], tmp_path, out, said, capsys)
+
+
+def refused_in_one_line(argv, tmp_path, out, said, capsys) -> list[str]:
+    """`sop ARGV` refused: exit 2, its last stderr line ``sop: error: SAID...``, the only error, before any layer,
+    ``out`` as it was; the stderr lines. A ``tmp_path / "pipe"`` the command would read gets a writer after 5 s,
+    so that a read that blocks fails the test instead of hanging it."""
+    before = out.read_bytes() if out.exists() else None
     writer = threading.Timer(5, _open_and_close_writer, (tmp_path / "pipe",))
     writer.start()
     try:
-        code = run([command, llama, "--format", "nf4-g64", "--calib-seqs", str(WINDOWS), "--seq-len", str(SEQ),
-                    "--cache-dir", tmp_path / "c", *where, *args])
+        code = run(argv)
     finally:
         writer.cancel()
     cap = capsys.readouterr()
@@ -225,6 +237,7 @@ def test_a_bad_calibration_text_is_one_line_exit_2_before_any_layer(llama, token
     assert code == 2 and lines[-1].startswith(f"sop: error: {said}"), cap.err
     assert sum("error" in x for x in lines) == 1 and not any(" [1/" in x for x in lines)   # before any layer
     assert (out.read_bytes() if out.exists() else None) == before
+    return lines
 
 
 def test_a_file_above_the_size_limit_is_refused_unread(llama, tmp_path, capsys, monkeypatch):
@@ -238,16 +251,21 @@ def test_a_file_above_the_size_limit_is_refused_unread(llama, tmp_path, capsys, 
         C.read_calib_text(path, str(llama))
 
 
-def test_python_names_the_keyword(llama, tmp_path):
-    with pytest.raises(ValueError, match=r"^calib_text='[^']*nope.txt': no such file"):
-        evaluate(str(llama), ["nf4-g64"], calib_text=tmp_path / "nope.txt", progress=False)
-    with pytest.raises(ValueError, match=r"given with calibrate=False"):
-        quantize_model(str(llama), "nf4-g64", tmp_path / "m.sopq", calibrate=False, calib_text=_text(tmp_path),
-                       progress=False)
-    with pytest.raises(ValueError, match=r"^calib_text='': an empty name; give a UTF-8 text file$"):
-        evaluate(str(llama), ["nf4-g64"], calib_text="", progress=False)
-    with pytest.raises(TypeError, match="calib_text must be a path"):
-        evaluate(str(llama), ["nf4-g64"], calib_text=3, progress=False)
+@pytest.mark.parametrize("keyword, off", [("calib_text", "calibrate"), ("eval_text", "e2e")])
+def test_python_names_the_keyword(llama, tmp_path, keyword, off):
+    """From Python each refusal names the keyword as the call took it (``eval_text``: tests/test_eval_text.py)."""
+    with pytest.raises(ValueError, match=rf"^{keyword}='[^']*nope.txt': no such file"):
+        evaluate(str(llama), ["nf4-g64"], **{keyword: tmp_path / "nope.txt"}, progress=False)
+    with pytest.raises(ValueError, match=rf"^{keyword}='[^']*calib.txt' given with {off}=False: no "):
+        evaluate(str(llama), ["nf4-g64"], **{keyword: _text(tmp_path), off: False}, progress=False)
+    if keyword == "calib_text":
+        with pytest.raises(ValueError, match=r"given with calibrate=False"):
+            quantize_model(str(llama), "nf4-g64", tmp_path / "m.sopq", calibrate=False, calib_text=_text(tmp_path),
+                           progress=False)
+    with pytest.raises(ValueError, match=rf"^{keyword}='': an empty name; give a UTF-8 text file$"):
+        evaluate(str(llama), ["nf4-g64"], **{keyword: ""}, progress=False)
+    with pytest.raises(TypeError, match=f"{keyword} must be a path"):
+        evaluate(str(llama), ["nf4-g64"], **{keyword: 3}, progress=False)
 
 
 def test_a_sentence_encoder_refuses_a_calibration_text_in_one_line(tmp_path, capsys):
