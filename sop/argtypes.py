@@ -168,6 +168,16 @@ def layer_name(text: str) -> str:
     return as_typed(text)
 
 
+def serial_port(text: str) -> str:
+    """An argparse type: a board's serial port (a device path or a pyserial URL), never the empty name
+    (``--port ''``: the layer was read, then pyserial's ``could not open port : ... No such file or
+    directory: ''`` came out as "cannot open serial port  at 115200 Bd")."""
+    if not text:
+        raise argparse.ArgumentTypeError("'': an empty name; give the board's serial port (for example "
+                                         "/dev/ttyUSB1; ls /dev/ttyUSB* /dev/ttyACM*)")
+    return text
+
+
 def as_typed(text: str) -> str:
     """An argparse type: a name (a layer's, a glob of them) as typed. Under a locale that is not UTF-8
     (``LC_ALL=C``) Python decodes each non-ASCII byte of an argument as a surrogate escape, and

@@ -51,7 +51,7 @@ from pathlib import Path
 from sop.launch import INTERRUPTED_STARTING
 
 try:                    # the imports (numpy's) take a few tenths of a second: a Ctrl-C in them is one line too
-    from sop.argtypes import ToolParser, as_typed, in_file, layer_name, number, positive
+    from sop.argtypes import ToolParser, as_typed, in_file, layer_name, number, positive, serial_port
     from sop.golden.dot import ACT_FORMATS
     from sop.golden.files import (EMPTY_FOLDER_NAME, OutputError, check_output, input_file, interrupted,
                                   nearest_existing, signals_as_interrupts, write_atomic)
@@ -671,7 +671,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                    help="bit costs within T bpw count as equal on the Pareto front (default 0.01)")
     r.set_defaults(func=cmd_report)
     b = sub.add_parser("board", help="check one quantized layer through an FPGA board over its serial port")
-    b.add_argument("--port", required=True, help="the board's serial port (for example /dev/ttyUSB1)")
+    b.add_argument("--port", required=True, type=serial_port, help="the board's serial port (for example /dev/ttyUSB1)")
     b.add_argument("model", help="a model path, 'minilm', or a .sopq artifact (`sop quantize`; its stored "
                                  "layer, sparse residual entries included)")
     b.add_argument("--format", required=True, choices=board_points(),

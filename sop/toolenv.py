@@ -109,7 +109,19 @@ def require(tools, what: str) -> None:
     path = apply(dict(os.environ))["PATH"]
     for tool in tools:
         if shutil.which(tool, path=path) is None:
-            raise ToolMissing(f"{tool} is not installed: {what} needs the project's dev extras: {DEV_EXTRAS}")
+            raise ToolMissing(f"{tool} is not installed: " + (_users_tool(tool, what) or
+                                                                f"{what} needs the project's dev extras: {DEV_EXTRAS}"))
+
+
+def _users_tool(tool: str, what: str) -> str:
+    """Where the user's own environment names ``tool`` in place of a yowasp one (``YOSYS=yosys`` left
+    from another FPGA flow, as Amaranth reads it), what to do about that variable; else ''. The dev
+    extras' advice alone sent an integrator with the yowasp tools installed to reinstall them."""
+    var = next((v for v, default in YOWASP_TOOLS.items() if os.environ.get(v) == tool != default), None)
+    if var is None:
+        return ""
+    return (f"{var} in the environment names it as the tool {what} runs: set {var} to one on PATH, or unset "
+            f"{var} for the dev extras' {YOWASP_TOOLS[var]}")
 
 
 if __name__ == "__main__":     # `eval "$(python -m sop.toolenv)"` for a shell that wants it

