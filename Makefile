@@ -10,7 +10,11 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 # fixtures are built once), one worker per core up to 4 (each may hold a model in memory);
 # TEST_JOBS=0 runs them in this process, one after another.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
-PARALLEL := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+# (=, not :=: expanded by test and test-fast alone, so an empty TEST_JOBS= stops those two in one line, where
+# pytest said "argument -n/--numprocesses: expected one argument", and no other target)
+NO_JOBS := TEST_JOBS= is empty: give the number of test workers, TEST_JOBS=N (0: none, the tests in make's process)
+JOBS_GIVEN = $(if $(strip $(TEST_JOBS)),,$(error $(NO_JOBS)))
+PARALLEL = $(JOBS_GIVEN)$(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 .PHONY: help setup test test-fast fuzz demo verilog sim synth bitstream bench peers mutate clean
 
@@ -45,12 +49,12 @@ verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuratio
 	$(PY) -m sop.hdl.generate --out build/verilog
 
 sim: $(STAMP)  ## cocotb regression of every named configuration, and of each operating point's own configuration with the LUT RAM tables make synth builds on ECP5 (SIM=icarus|verilator, WAVES=1), of every AXI4-Stream shell (cocotbext-axi), of the GEMV engines (and the small-FPGA one) and their AXI4-Stream shells, then the board bring-ups in simulation (the decoder; the GEMV engine of the ULX3S core and of the iCEBreaker's GEMV core)
-	$(PY) -m sop.sim.runner --sim $(SIM)
-	$(PY) -m sop.sim.runner --sim $(SIM) --lutram-ecp5
-	$(PY) -m sop.sim.runner --sim $(SIM) --axis
-	$(PY) -m sop.sim.gemv_runner --sim $(SIM)
-	$(PY) -m sop.sim.gemv_runner --sim $(SIM) --config gemv-sop4-g16-small
-	$(PY) -m sop.sim.tb_gemv_axis --sim $(SIM)
+	$(PY) -m sop.sim.runner --sim "$(SIM)"
+	$(PY) -m sop.sim.runner --sim "$(SIM)" --lutram-ecp5
+	$(PY) -m sop.sim.runner --sim "$(SIM)" --axis
+	$(PY) -m sop.sim.gemv_runner --sim "$(SIM)"
+	$(PY) -m sop.sim.gemv_runner --sim "$(SIM)" --config gemv-sop4-g16-small
+	$(PY) -m sop.sim.tb_gemv_axis --sim "$(SIM)"
 	$(PY) -m sop.synth.host.bringup --sim
 	$(PY) -m sop.synth.host.gemv_bringup --sim
 	$(PY) -m sop.synth.host.gemv_bringup --sim --board icebreaker-gemv
@@ -60,7 +64,7 @@ synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP
 	$(PY) bench/dot_vs_naive.py --design sop-engine --design sop-units --design naive-tree --design sop-engine-folded
 
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s|icebreaker-gemv (the iCEBreaker's GEMV-only core) in build/bitstream/$(BOARD)/ (no programming)
-	$(PY) -m sop.synth.flow.bitstream $(BOARD)
+	$(PY) -m sop.synth.flow.bitstream "$(BOARD)"
 
 bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, quantizer speed, the searches' variants, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight
 	$(PY) bench/hif_sqnr.py

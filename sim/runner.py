@@ -117,6 +117,12 @@ def held_build_folder(build_dir: Path):
 
 
 def _simulator(text: str) -> str:
+    """argparse's type of ``--sim`` (its default ``$SIM`` too): a name of ``SIMULATORS``. An empty one is
+    named as such: ``make sim SIM=`` gave ``--sim`` no value, and argparse's "expected one argument" named
+    neither the variable nor the simulators."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"no simulator named (make sim's SIM= is empty, or --sim ''); valid: "
+                                         f"{', '.join(SIMULATORS)}")
     if text not in SIMULATORS:               # argparse checks no default (here $SIM) against choices
         raise argparse.ArgumentTypeError(f"unknown simulator {text!r} (--sim, or $SIM); valid: "
                                          f"{', '.join(SIMULATORS)}")

@@ -27,7 +27,8 @@ number of lanes (``axis_files``):
   (``hdl.reference.pack_exact``: ``{sign, exp, sig}``), what an exact
   configuration's ``m_axis`` lanes hold, in code order.
 
-``vectors.json`` carries the layout, the HIF, the AXI words' widths (``axis``),
+``vectors.json`` carries the layout (the scale's format by name and by its
+fields, ``scale_format``), the HIF, the AXI words' widths (``axis``),
 and per layer its shape (the stream's ``cols`` and the layer's own ``width``,
 fewer where the stream holds padding), offset, LUT images, its number of
 sparse entries and the SHA-256 of each file. Expected
@@ -59,7 +60,7 @@ from sop.golden.files import FileSet, InputError, another_version, atomic_files,
 from sop.golden.decoder import decode_blocks, product_fields
 from sop.golden.formats import FORMATS, get_format
 from sop.golden.hif import hif_format
-from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, unpack_blocks, validate_stream
+from sop.golden.layout import OFFSET_RANGE, BlockLayout, LayerStream, decoder_format, unpack_blocks, validate_stream
 from sop.golden.points import operating_points
 from sop.hdl import axis, reference
 from sop.hdl.config import DecoderConfig
@@ -272,12 +273,20 @@ def _write_vectors(out: FileSet, out_dir: Path, streams: dict[str, LayerStream],
     lay = first.layout
     doc = {"version": VERSION, **(meta or {}),
            "layout": {"code_bits": lay.code_bits, "group": lay.group, "scale": lay.scale.name,
-                      "signed_scale": lay.signed_scale, "select_bit": lay.select_bit,
-                      "header_bits": lay.header_bits, "block_bytes": lay.block_bytes},
+                      "scale_format": scale_format(lay, first.hif), "signed_scale": lay.signed_scale,
+                      "select_bit": lay.select_bit, "header_bits": lay.header_bits, "block_bytes": lay.block_bytes},
            "hif": {"ebits": first.hif.ebits, "mbits": first.hif.mbits, "bias": first.hif.bias},
            "axis": axis_widths(lay, first.hif), "layers": layers}
     out.write(out_dir / "vectors.json", (json.dumps(doc, indent=1) + "\n").encode())
     return out_dir / "vectors.json"
+
+
+def scale_format(layout: BlockLayout, hif) -> dict:
+    """The block scale's float format as the hardware decodes it, ``vectors.json``'s ``layout.scale_format``:
+    ``bits``, ``signed``, ``ebits``, ``mbits``, ``bias``, ``specials`` (docs/formats.md), golden.layout's
+    ``decoder_format`` of it (the definition the board's format id is the CRC of), so that a testbench
+    needs no table of the scale formats' names (``scale`` names it, as before)."""
+    return decoder_format(layout, hif)["scale"]
 
 
 def _field(doc: dict, key: str, where: str, kind=None):
@@ -411,12 +420,17 @@ def read_vectors(directory: Path) -> list[VectorLayer]:
 
 def _check_derived(doc: dict, lay_doc: dict, layout: BlockLayout, hif, where: str) -> None:
     """The index's fields that the layout and HIF determine, each where present, must be what they give
-    (an integrator's testbench sizes its words from ``block_bytes`` and ``axis``: one edited alone was
-    read as good), and a ``format``, where present, must name an operating point (golden/points.py) of
-    this layout and HIF."""
+    (an integrator's testbench sizes its words from ``block_bytes`` and ``axis``, and decodes the scale by
+    ``scale_format``: one edited alone was read as good), and a ``format``, where present, must name an
+    operating point (golden/points.py) of this layout and HIF."""
     for key, want in (("header_bits", layout.header_bits), ("block_bytes", layout.block_bytes)):
         if key in lay_doc and (type(lay_doc[key]) is not int or lay_doc[key] != want):
             raise VectorError(f"{where}: field 'layout.{key}' is {lay_doc[key]!r}; the layout gives {want}")
+    # compared as JSON text: 0 for false, or 3.0 for 3, is not what the writer writes
+    want = scale_format(layout, hif)
+    if "scale_format" in lay_doc and _canonical(lay_doc["scale_format"]) != _canonical(want):
+        raise VectorError(f"{where}: field 'layout.scale_format' is {lay_doc['scale_format']!r}; the layout's "
+                          f"scale {layout.scale.name} is {want}")
     if "axis" in doc and doc["axis"] != (want := axis_widths(layout, hif)):
         raise VectorError(f"{where}: field 'axis' is {doc['axis']!r}; the layout and HIF give {want}")
     fmt = doc.get("format")
@@ -432,6 +446,11 @@ def _check_derived(doc: dict, lay_doc: dict, layout: BlockLayout, hif, where: st
     if (point.layout, point.hif) != (layout, hif):
         raise VectorError(f"{where}: field 'format' is {fmt!r}, whose layout and HIF are not the set's "
                           f"'layout' and 'hif' fields")
+
+
+def _canonical(value) -> str:
+    """``value`` as JSON text, its keys sorted: equal for equal JSON data, whatever Python would call equal."""
+    return json.dumps(value, sort_keys=True)
 
 
 def _check_axis_files(texts: dict, kinds: list[str], where: str, expected: dict[str, str]) -> None:

@@ -180,8 +180,8 @@ def test_the_makefile_and_cli_name_modules_that_exist():
     (["-m", "sop.synth", "--config", "nope"], 2, "configurations"),
     # one line as the other tools': it was "unknown ['nope']; ..." without the prefix (an outside probe)
     (["-m", "sop.synth", "--target", "nope"], 2, "python -m sop.synth: error: unknown ['nope']; configurations: "),
-    (["-m", "sop.synth.flow.bitstream"], 2, "the following arguments are required: board"),
-    (["-m", "sop.synth.flow.bitstream", "--help"], 0, "{icebreaker,ulx3s,icebreaker-gemv}"),
+    (["-m", "sop.synth.flow.bitstream"], 2, "argument BOARD: no board named (make bitstream's BOARD= is empty"),
+    (["-m", "sop.synth.flow.bitstream", "--help"], 0, "the board: icebreaker, ulx3s, icebreaker-gemv"),
     (["-m", "sop.synth.flow.bitstream", "ulx3s", "--out", "README.md"], 2,
      "README.md: the output folder exists and is not a folder"),
     (["-m", "sop.synth", "--out", "README.md"], 2, "README.md: the output folder exists and is not a folder"),

@@ -181,14 +181,20 @@ def test_a_design_whose_manifest_is_a_fifo_is_not_half_written(tmp_path, capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["sop4-g16-x1.json"]
 
 
+NO_SIMULATOR = "argument --sim: no simulator named (make sim's SIM= is empty, or --sim ''); valid: icarus, verilator"
+
+
 @pytest.mark.parametrize("main", [runner.main, gemv_runner.main], ids=["decoder", "engine"])
 @pytest.mark.parametrize("argv, env, said", [
     ([], "foo", "argument --sim: unknown simulator 'foo' (--sim, or $SIM); valid: icarus, verilator"),
     (["--seed", "-1"], "icarus", "argument --seed: must be an integer at least 0, got -1"),
+    (["--sim", ""], "icarus", NO_SIMULATOR),                  # make sim SIM= (the Makefile quotes it)
+    ([], "", NO_SIMULATOR),                                   # SIM= in the environment
 ])
 def test_a_bench_runners_bad_simulator_or_seed_is_a_usage_error(monkeypatch, capsys, main, argv, env, said):
     """`SIM=foo make sim` was a traceback (argparse checks no default against its choices); a negative
-    seed failed in numpy after the Verilog was built."""
+    seed failed in numpy after the Verilog was built; `make sim SIM=` was "argument --sim: expected one
+    argument", naming neither SIM nor the simulators (an integrator's walk)."""
     monkeypatch.setenv("SIM", env)
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -379,6 +385,54 @@ def test_only_names_mutants_the_list_holds():
     assert only_mutants(listed, None) == listed and [m.index for m in only_mutants(listed, [3, 1])] == [1, 3]
     with pytest.raises(MutateError, match=r"--only: no mutant \[4\] in the list of 3"):
         only_mutants(listed, [2, 4])
+
+
+NO_BOARD = ("python -m sop.synth.flow.bitstream: error: argument BOARD: no board named (make bitstream's BOARD= is "
+            "empty, or no BOARD argument): give one of icebreaker, ulx3s, icebreaker-gemv, as make bitstream "
+            "BOARD=icebreaker (see python -m sop.synth.flow.bitstream --help)")
+
+
+@pytest.mark.parametrize("argv", [[], [""], ["  "], ["", "--residuals", "0"]])
+def test_a_bitstream_without_a_board_names_board_and_the_boards(monkeypatch, tmp_path, capsys, argv):
+    """`make bitstream BOARD=` ran the tool without a board, and argparse said "the following arguments are
+    required: board", naming neither the variable nor the boards (an integrator's walk). Now one line naming
+    both, exit 2, before the tools are looked for or anything is built."""
+    from sop import toolenv
+    from sop.synth.flow import bitstream
+
+    monkeypatch.setattr(toolenv, "require", lambda *a, **k: pytest.fail("the tools were looked for"))
+    monkeypatch.setattr(bitstream, "build", lambda *a, **k: pytest.fail("a build was started"))
+    with pytest.raises(SystemExit) as exit_:
+        bitstream.main([*argv, "--out", str(tmp_path / "b")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == NO_BOARD + "\n"
+    assert not (tmp_path / "b").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".venv" / "bin" / "python").exists(),
+                    reason="runs the checkout's Makefile, whose tools are under .venv")
+@pytest.mark.parametrize("target, said", [
+    ("bitstream BOARD=", NO_BOARD),
+    ("sim SIM=", f"python -m sop.sim.runner: error: {NO_SIMULATOR} (see python -m sop.sim.runner --help)"),
+    # -n: make stops while it expands the recipe; were it ever let through, nothing would run
+    ("-n test TEST_JOBS=", "*** TEST_JOBS= is empty: give the number of test workers, TEST_JOBS=N (0: none, "
+                           "the tests in make's process).  Stop."),
+    ("-n test-fast TEST_JOBS=", "*** TEST_JOBS= is empty: give the number of test workers, TEST_JOBS=N (0: "
+                                "none, the tests in make's process).  Stop."),
+])
+def test_a_make_variable_given_empty_is_one_line_naming_it(target, said):
+    """`make bitstream BOARD=`, `make sim SIM=` and `make test TEST_JOBS=` handed their tool an argument
+    short (argparse's "the following arguments are required: board", "argument --sim: expected one
+    argument", pytest's "argument -n/--numprocesses: expected one argument", exit 4): each now one line
+    naming the variable and what it takes, exit 2, before any work."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}   # (a make test)
+    r = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.setup-stamp", *target.split()], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert said in r.stderr.splitlines()[0], r.stderr
 
 
 # -- a wheel installed without the dev extras: the hardware tools say what is missing ----------------------

@@ -21,6 +21,7 @@ holds it is the tools' verdict). A board's files are named after ``Board.top_nam
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -67,19 +68,36 @@ def build(board: str, build_dir: str | os.PathLike | None = None, residuals: int
     return platform.build(top, name=name, build_dir=str(build_dir), do_program=False, **overrides)
 
 
+def _no_board() -> str:
+    """The usage error of a board not named: ``make bitstream BOARD=`` (empty) ran the tool without one, and
+    argparse's "the following arguments are required: board" named neither the variable nor the boards."""
+    return (f"no board named (make bitstream's BOARD= is empty, or no BOARD argument): give one of "
+            f"{', '.join(BOARDS)}, as make bitstream BOARD={next(iter(BOARDS))}")
+
+
+def _board(text: str) -> str:
+    """argparse's type of BOARD: an empty or blank name (``BOARD=`` quoted by the Makefile) is ``_no_board``."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(_no_board())
+    return text
+
+
 def main(argv=None) -> int:
     """``python -m sop.synth.flow.bitstream BOARD [--residuals R] [--out DIR]``: one board's bitstream
     (BOARD: a name of synth/gateware/board.py's ``BOARDS``)."""
-    p = ToolParser(prog="python -m sop.synth.flow.bitstream",
+    p = ToolParser(prog="python -m sop.synth.flow.bitstream", usage="%(prog)s BOARD [--residuals R] [--out DIR]",
                                 description="one board's bitstream: the yowasp tools' synthesis, place and "
                                             "route (no programming)")
-    p.add_argument("board", choices=list(BOARDS))
+    p.add_argument("board", nargs="?", type=_board, choices=list(BOARDS), metavar="BOARD",
+                   help=f"the board: {', '.join(BOARDS)}")
     p.add_argument("--residuals", type=number(int, 0, inclusive=True, maximum=MAX_RESIDUALS), default=None,
                    help=f"the decoder's residual adders, 0 to {MAX_RESIDUALS} (default the board's; 0: no "
                         f"sparse-residual path)")
     p.add_argument("--out", type=out_folder, default=None, metavar="DIR",
                    help="the build folder (default build/bitstream/BOARD under the working folder)")
     args = p.parse_args(argv)
+    if args.board is None:
+        p.error(f"argument BOARD: {_no_board()}")
     if args.residuals is not None and not BOARDS[args.board].decoder:
         p.error(f"board {args.board} has no decoder: --residuals does not apply")
     out = args.out or toolenv.build_root() / "bitstream" / args.board
