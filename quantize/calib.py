@@ -33,14 +33,15 @@ metrics (quantize/metrics.py) weight input column ``j`` by
   the built-in text is; the key covers its bytes' SHA-256 (never its path or time), the note names it and
   says that the end-to-end check keeps the built-in held-out text, or which file it measures on instead.
   Refused (``ValueError``, one line) before any layer is quantized: absent, a folder or no regular file, too
-  large, not UTF-8 (the byte offset named), empty or whitespace only, one of the model's files or an output,
-  given with calibration off, too short for the windows, or given to a model that is no causal LM (a
-  sentence encoder: which lines are its sentences would be a guess).
+  large, not UTF-8 or holding a NUL byte (the byte offset named), empty or whitespace only, one of the model's
+  files or an output, given with calibration off, too short for the windows, or given to a model that is no
+  causal LM (a sentence encoder: which lines are its sentences would be a guess).
 * A causal LM's own held-out text (`sop eval --eval-text FILE`, ``eval_text=``; ``with_eval_text``): read and
   refused by the same functions, each message naming ``--eval-text`` (``TEXT_ROLES``; given with the
   end-to-end check off, ``eval_text_used``), its ``--e2e-windows`` x ``--seq-len`` windows cut as the built-in
   held-out text's (``text_windows``). No cache covers the held-out text (the reference logits are computed
-  each run; the calibration's key is the calibration text's). The same bytes as the calibration text are
+  each run; the calibration's key is the calibration text's). The calibration text again (the same bytes, the
+  same text but for whitespace, or one of the two beginning with the whole of the other: ``text_overlap``) is
   one warning line (``same_text_warning``).
 * Cache: ``<cache_dir>/<key[:32]>.npz`` (the key's first 32 hex digits; the file records the whole
   key, and another is a miss; default ``build/calib/``), written
@@ -276,8 +277,9 @@ def calib_text_file(path, model: str, outputs=(), keyword: str = "calib_text") -
 
 def read_calib_text(path, model: str, outputs=(), keyword: str = "calib_text") -> CalibText:
     """The text file ``path`` of the option ``keyword`` (``calib_text``, ``eval_text``) read
-    (``calib_text_file``'s checks first): UTF-8 (a byte order mark dropped), not empty or whitespace only; a
-    ``ValueError`` naming the option, the file and, for a byte that is not UTF-8, its offset."""
+    (``calib_text_file``'s checks first): UTF-8 (a byte order mark dropped) with no NUL byte, not empty or
+    whitespace only; a ``ValueError`` naming the option, the file and, for a byte that is not UTF-8 or a NUL, its
+    offset."""
     p = calib_text_file(path, model, outputs, keyword)
     what, (role, purpose) = text_option(path, keyword), TEXT_ROLES[keyword]
     try:
@@ -294,6 +296,10 @@ def read_calib_text(path, model: str, outputs=(), keyword: str = "calib_text") -
     except UnicodeDecodeError as err:
         raise ValueError(f"{what}: not UTF-8 text (at byte offset {err.start:,}: byte 0x{data[err.start]:02x}, "
                          f"{err.reason}); save it as UTF-8") from None
+    nul = data.find(b"\0")
+    if nul >= 0:        # UTF-8, but no text: UTF-16 saved without its byte order mark ("a\0b\0"), or binary data
+        raise ValueError(f"{what}: a NUL byte at byte offset {nul:,}: not text (UTF-16 without a byte order mark, or "
+                         f"binary data); save it as UTF-8")
     text = text.removeprefix("\ufeff")
     if not text.strip():
         raise ValueError(f"{what}: {'empty' if not text else 'whitespace only'}; give a file of text to "
@@ -354,15 +360,42 @@ def eval_text_used(eval_text, e2e: bool) -> None:
         raise _text_unread("eval_text", eval_text, no_e2e(), "end-to-end check")
 
 
-def same_text_warning(size: CalibSize) -> str | None:
-    """The warning where the calibration and held-out text files hold the same bytes (one SHA-256): the
-    end-to-end figures are then measured on the text the statistics came from, not on held-out text; None
-    otherwise."""
+def _as_read(text: str) -> str:
+    """``text`` as a reader reads it: every run of whitespace (line ends, CRLF or LF, spacing) one space, none at
+    either end (a leading byte order mark is already dropped: ``read_calib_text``)."""
+    return " ".join(text.split())
+
+
+def text_overlap(size: CalibSize) -> tuple[str, str] | None:
+    """How the held-out text file (``--eval-text``) is the calibration text file (``--calib-text``), or None:
+    (the warning's subject, the calibration note's few words). Both cut their windows from their text's start, so
+    the end-to-end windows are calibration windows, not held out, where the two hold the same bytes, the same text
+    but for whitespace and a byte order mark (a CRLF copy), or where one of them begins with the whole of the
+    other (a calibration file grown by a line): the SHA-256 alone told only the first."""
     cal, held = size.text, size.eval_text
-    if cal is None or held is None or cal.sha256 != held.sha256:
+    if cal is None or held is None:
         return None
-    return (f"{text_option(held.path, 'eval_text')} and {text_option(cal.path)} are the same bytes (SHA-256 "
-            f"{held.sha256}): the end-to-end figures are measured on the calibration text, not held out")
+    e, c = text_option(held.path, "eval_text"), text_option(cal.path)
+    if cal.sha256 == held.sha256:
+        return f"{e} and {c} are the same bytes (SHA-256 {held.sha256})", "the same bytes"
+    a, b = _as_read(held.text), _as_read(cal.text)
+    aside = "(whitespace and a byte order mark aside)"
+    if a == b:
+        return f"{e} and {c} are the same text {aside}", "the same text"
+    if a.startswith(b):
+        return f"{e} begins with the whole text of {c} {aside}", "the calibration text's start"
+    if b.startswith(a):
+        return f"{c} begins with the whole text of {e} {aside}", "the calibration text's start"
+    return None
+
+
+def same_text_warning(size: CalibSize) -> str | None:
+    """The warning where the held-out text file is the calibration text file (``text_overlap``): the end-to-end
+    figures are then measured on the text the statistics came from, not on held-out text; None otherwise."""
+    overlap = text_overlap(size)
+    if overlap is None:
+        return None
+    return f"{overlap[0]}: the end-to-end figures are measured on the calibration text, not held out"
 
 
 def text_windows(runner, own: CalibText, n: int, seq_len: int, keyword: str, count: str):
@@ -590,13 +623,12 @@ def _causal_note(size: CalibSize) -> str:
     if size.text is None:
         return (f"mean square of each linear's input over {size.seqs} x {size.seq_len} tokens of pydoc_data.topics "
                 f"text (transformers forward pass, hooks on every linear)")
-    held = size.eval_text
+    held, overlap = size.eval_text, text_overlap(size)
     if held is None:
         e2e = "keeps the built-in pydoc_data.topics held-out text"
-    elif held.sha256 == size.text.sha256:
-        e2e = f"measures on {held.path} instead of the built-in held-out text: the same bytes, not held out"
     else:
-        e2e = f"measures on {held.path} instead of the built-in held-out text"
+        again = f": {overlap[1]}, not held out" if overlap else ""
+        e2e = f"measures on {held.path} instead of the built-in held-out text{again}"
     return (f"mean square of each linear's input over {size.seqs} windows of {size.seq_len} tokens of "
             f"{size.text.path} (transformers forward pass, hooks on every linear); the end-to-end check, where "
             f"one runs, {e2e}")

@@ -211,8 +211,9 @@ def evaluate(model: str, formats: list[str], *, budget: float | None = None, inc
     quantized in that many worker processes (quantize/jobs.py; the same results). ``calib_text``: a UTF-8 text
     file a causal LM calibrates on instead of the built-in text (``calib.read_calib_text``). ``eval_text``: a
     UTF-8 text file a causal LM's end-to-end check measures on instead of the built-in held-out text (the same
-    checks, ``calib.with_eval_text``; its windows cut as the built-in text's); the same bytes as ``calib_text``
-    are one warning line (the figures are then not held out)."""
+    checks, ``calib.with_eval_text``; its windows cut as the built-in text's); the text of ``calib_text`` again
+    (the same bytes or text, or one beginning with the other: ``calib.text_overlap``) is one warning line (the
+    figures are then not held out)."""
     from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
     from sop.quantize.job_server import start as start_server
 
@@ -368,8 +369,8 @@ def budget_choices_line(fmt: str, bpw: float, choices: list[str]) -> str:
 
 def format_table(doc: dict) -> str:
     """The human-readable summary `sop eval` prints: the model, what was kept, the calibration and a row a
-    format. The warnings about the reference (``source.notes``) are not repeated: `sop eval` printed them on
-    standard error as the model was opened (``announce``)."""
+    format, each one terminal line (``one_line``). The warnings about the reference (``source.notes``) are not
+    repeated: `sop eval` printed them on standard error as the model was opened (``announce``)."""
     src, cal = doc["source"], doc["calibration"]
     lines = [f"model {doc['model']} ({src['kind']}): {linear_layers(src['layers'])}, {src['weights']:,} weights"]
     if isinstance(src.get("kept"), dict):
@@ -408,4 +409,6 @@ def format_table(doc: dict) -> str:
     skipped = {e['skipped'] for f in doc["formats"].values() if "skipped" in (e := f["e2e"])}
     if skipped:
         lines.append(f"e2e: skipped ({'; '.join(sorted(skipped))})")
-    return "\n".join(lines)
+    # each a terminal line: a file's name (the model's, a --calib-text's or --eval-text's) may hold a line break or
+    # an escape sequence, as the progress lines' do (one_line)
+    return "\n".join(map(one_line, lines))

@@ -173,11 +173,15 @@ def _bad_inputs(tmp_path, llama, tokenizer, flag="--calib-text"):
     os.mkfifo(pipe)                         # read, it would block until a writer came
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"caf\xc3\xa9 ok, then caf\xe9")
+    utf16 = tmp_path / "utf16.txt"          # UTF-16 without its byte order mark: every byte is UTF-8, half are NUL
+    utf16.write_bytes(TEXT.encode("utf-16-le"))
     return {
         "missing": ([flag, tmp_path / "nope.txt"], f"{flag} {tmp_path / 'nope.txt'}: no such file"),
         "folder": ([flag, folder], f"{flag} {folder}: a folder; give a UTF-8 text file"),
         "pipe": ([flag, pipe], f"{flag} {pipe}: not a regular file (a pipe or a device); "),
         "not-utf8": ([flag, latin], f"{flag} {latin}: not UTF-8 text (at byte offset 18: byte 0xe9, "),
+        "nul": ([flag, utf16], f"{flag} {utf16}: a NUL byte at byte offset 1: not text (UTF-16 without a byte "
+                                 f"order mark, or binary data); save it as UTF-8"),
         "empty": ([flag, _text(tmp_path, "empty.txt", "")], f"{flag} {tmp_path / 'empty.txt'}: empty;"),
         "bom-only": ([flag, _text(tmp_path, "bom.txt", "\ufeff")],       # the mark dropped, nothing left
                      f"{flag} {tmp_path / 'bom.txt'}: empty;"),
@@ -203,8 +207,8 @@ def _open_and_close_writer(pipe) -> None:
         pass
 
 
-BAD = ["missing", "folder", "pipe", "not-utf8", "empty", "bom-only", "empty-name", "blank", "short", "no-calib",
-       "model-file", "output"]
+BAD = ["missing", "folder", "pipe", "not-utf8", "nul", "empty", "bom-only", "empty-name", "blank", "short",
+       "no-calib", "model-file", "output"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -118,8 +118,42 @@ def test_the_same_bytes_as_the_calibration_text_are_one_warning_line(llama, tmp_
     assert doc["formats"]["nf4-g64"]["e2e"]["text"] == {"path": str(twin), "sha256": digest}
 
 
-BAD = ["missing", "folder", "pipe", "not-utf8", "empty", "bom-only", "empty-name", "blank", "short", "no-e2e",
-       "model-file", "output"]
+#: the calibration text again in other bytes: (the held-out file's bytes, the warning's subject with {e} the
+#: held-out file and {c} the calibration file, the calibration note's last words)
+ASIDE = "(whitespace and a byte order mark aside)"
+AGAIN = {
+    "crlf": (TEXT.replace("\n", "\r\n").encode(), "{e} and {c} are the same text " + ASIDE, "the same text"),
+    "bom": (b"\xef\xbb\xbf" + TEXT.encode(), "{e} and {c} are the same text " + ASIDE, "the same text"),
+    "grown": ((TEXT + "One more line, written after the calibration.\n").encode(),
+              "{e} begins with the whole text of {c} " + ASIDE, "the calibration text's start"),
+    "cut": (TEXT[:len(TEXT) // 2].encode(), "{c} begins with the whole text of {e} " + ASIDE,
+            "the calibration text's start"),
+}
+
+
+@pytest.mark.parametrize("case", AGAIN)
+def test_the_calibration_text_in_other_bytes_is_one_warning_line_too(llama, tmp_path, capsys, case):
+    """Both texts' windows are cut from their start: a CRLF or BOM copy of the calibration text measures the
+    calibration text again, and the text grown by a line or cut in half gives the calibration's own windows
+    (their SHA-256s differ: those runs said nothing); said as the same bytes are, in one warning line."""
+    data, subject, last = AGAIN[case]
+    calib, held = _text(tmp_path), tmp_path / "held.txt"
+    held.write_bytes(data)
+    js = tmp_path / "e.json"
+    assert run(["eval", llama, "--format", "nf4-g64", *Q_PROJ, "--calib-text", calib, "--eval-text", held,
+                "--calib-seqs", WINDOWS, "--e2e-windows", WINDOWS, "--seq-len", SEQ, "--cache-dir", tmp_path / "c",
+                "--json", js, "--quiet"]) == 0
+    said = (subject.format(e=f"--eval-text {held}", c=f"--calib-text {calib}")
+            + ": the end-to-end figures are measured on the calibration text, not held out")
+    assert capsys.readouterr().err.splitlines() == [f"warning: {said}"]
+    doc = json.loads(js.read_text())
+    assert said in doc["source"]["notes"]
+    assert doc["calibration"]["note"].endswith(f"measures on {held} instead of the built-in held-out text: {last}, "
+                                               f"not held out")
+
+
+BAD = ["missing", "folder", "pipe", "not-utf8", "nul", "empty", "bom-only", "empty-name", "blank", "short",
+       "no-e2e", "model-file", "output"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -159,3 +193,19 @@ def test_a_held_out_text_above_the_size_limit_is_refused_unread_naming_eval_text
     with pytest.raises(ValueError, match=f"^eval_text='{path}': {len(HELD.encode()):,} bytes, more than the "
                                          f"{len(HELD.encode()) - 1:,} .* a held-out text may have; give a shorter"):
         evaluate(str(llama), ["nf4-g64"], eval_text=path, progress=False)
+
+
+def test_a_name_with_a_line_break_and_an_escape_prints_the_report_lines_whole(llama, tmp_path, capsys):
+    """The table names the held-out file (and the calibration note both files): a name holding a line break or an
+    escape sequence is printed on its report line, escaped as the progress lines escape it, not run or split."""
+    odd = _text(tmp_path, "held\n\x1b[2Jtext.txt", HELD)
+    assert run(["eval", llama, "--format", "nf4-g64", *Q_PROJ, "--calib-text", _text(tmp_path), "--eval-text", odd,
+                "--calib-seqs", WINDOWS, "--e2e-windows", WINDOWS, "--seq-len", SEQ, "--cache-dir", tmp_path / "c",
+                "--quiet"]) == 0
+    out = capsys.readouterr().out
+    shown = f"{tmp_path}/held \\x1b[2Jtext.txt"
+    e2e = [x for x in out.splitlines() if x.startswith("e2e: ")]
+    assert len(e2e) == 1 and f" held-out tokens of {shown} (SHA-256 " in e2e[0], out
+    cal = [x for x in out.splitlines() if x.startswith("calibration: ")]
+    assert len(cal) == 1 and cal[0].endswith(f"measures on {shown} instead of the built-in held-out text"), out
+    assert "\x1b" not in out
