@@ -16,7 +16,8 @@ writes (its schema is in that module's docstring), and writes, next to it
 For a causal LM (formats whose ``e2e`` has ``"metric": "causal-lm"``) the table
 also gives perplexity, the mean KL divergence against the unquantized model
 (nats per token), top-1 agreement and whether the format is on the KLD front
-(fewer bits, lower KLD), and the PNG has a second panel beside the SQNR one:
+(fewer bits, lower KLD; the line naming it says how many held-out tokens, and of which ``--eval-text`` file,
+``e2e.text``), and the PNG has a second panel beside the SQNR one:
 KLD against bpw on a logarithmic axis, with its own front (the staircase of the
 lowest KLD reachable at each bpw). A KLD of exactly 0 (a lossless format) cannot
 sit on a log axis: it is listed and left out of that panel, with a note.
@@ -191,11 +192,41 @@ def _e2e_cells(e2e, where: str) -> tuple[tuple[float, float] | None, dict | None
         return (_num(e2e, "cos_mean", where), _num(e2e, "cos_min", where)), None
     if metric == "causal-lm":
         # a null perplexity is one past float64 (a mean NLL over 709 nats: causal_lm.perplexity)
-        return None, {k: _num(e2e, k, where, nullable=k in ("ppl", "ppl_ref"))
-                      for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
+        cells = {k: _num(e2e, k, where, nullable=k in ("ppl", "ppl_ref"))
+                 for k in ("ppl", "ppl_ref", "kld", "top1", "tokens")}
+        cells["text"] = _text_file(e2e.get("text"), where)
+        return None, cells
     known = " or ".join(repr(m) for m in E2E_METRICS)
     raise ValueError(f"{where}: field 'metric' must be {known} (or the entry {{\"skipped\": reason}}), "
                      f"got {_shown(metric) if 'metric' in e2e else 'none'}")
+
+
+def _text_file(text, where: str) -> tuple[str, str] | None:
+    """A causal LM's ``e2e.text`` (`sop eval --eval-text`: ``{"path", "sha256"}``) as (path, SHA-256), None where
+    absent (the built-in held-out text); anything else a ``ValueError`` naming the field."""
+    if text is None:
+        return None
+    if not (isinstance(text, dict) and isinstance(text.get("path"), str) and isinstance(text.get("sha256"), str)):
+        raise ValueError(f"{where}: field 'text' must be {{\"path\": str, \"sha256\": str}} (sop eval --eval-text), "
+                         f"got {_shown(text)}")
+    return text["path"], text["sha256"]
+
+
+def _held_out(rows: list[dict], where: str) -> str:
+    """What the causal-LM rows' figures were measured on, for the report's KLD-front line: ``N held-out tokens``
+    (the first row's count) and, from a file (``--eval-text``), ``of `FILE` (SHA-256 ...)``; rows measured on
+    different texts (JSON documents merged by hand) a ``ValueError``: their figures do not compare."""
+    measured = [r["llm"] for r in rows if r.get("llm")]
+    if len({m["text"] for m in measured}) > 1:
+        raise ValueError(f"{where}: the formats' end-to-end figures were measured on different held-out texts "
+                         f"(e2e.text): one `sop eval` run measures every format on one")
+    tokens, text = int(measured[0]["tokens"]), measured[0]["text"]
+    if text is None:
+        return f"{tokens:,} held-out tokens"
+    path = shown_text(text[0])
+    tick = "``" if "`" in path else "`"          # a code span its own backticks cannot end
+    return f"{tokens:,} held-out tokens of {tick} {path} {tick} (SHA-256 {text[1]})" if tick == "``" else \
+        f"{tokens:,} held-out tokens of `{path}` (SHA-256 {text[1]})"
 
 
 def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> list[dict]:
@@ -470,9 +501,8 @@ def report(json_path: str | Path, stem: str | Path | None = None, bpw_tol: float
           f"{front}.\n")
     if any(r.get("llm") for r in rows):
         kfront = ", ".join(r["format"] for r in rows if r.get("kld_front"))
-        tok = next(int(r["llm"]["tokens"]) for r in rows if r.get("llm"))
         md += (f"\nKLD front (fewer bits, lower mean KL divergence of the next-token distributions against the "
-               f"unquantized model, {tok:,} held-out tokens): {kfront}.\n")
+               f"unquantized model, {_held_out(rows, str(json_path))}): {kfront}.\n")
     md += f"\n![SQNR against bpw]({png_path.name})\n"
     png = plot_png(rows, f"{model}: aggregate SQNR against bits per weight ({weighted})")
     write_atomic(png_path, png)

@@ -365,3 +365,29 @@ def test_a_stem_named_as_one_of_its_files_is_refused(eval_json, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
     assert main(["report", str(eval_json), "--out", str(tmp_path / "report.v2")]) == 0   # another dot is the stem's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.v2.md", "report.v2.png"]
+
+
+def test_the_kld_front_line_names_the_held_out_text_file(eval_json, tmp_path):
+    """`sop eval --eval-text FILE` records ``e2e.text`` ``{"path", "sha256"}``: the report's KLD-front line names
+    the file and its SHA-256 (it said only "N held-out tokens", as of the built-in text); formats measured on
+    different texts (JSON merged by hand) are refused, and a malformed ``text`` is named."""
+    doc = json.loads(eval_json.read_text())
+    digest = "ab" * 32
+    for name in doc["formats"]:
+        doc["formats"][name]["e2e"] = {"metric": "causal-lm", "tokens": 2032, "ppl": 37.0, "ppl_ref": 36.0,
+                                       "kld": 0.1, "top1": 0.9, "text": {"path": "my held.txt", "sha256": digest}}
+    src = tmp_path / "lm.json"
+    src.write_text(json.dumps(doc))
+    report(src)
+    md = (tmp_path / "lm.md").read_text()
+    assert f"2,032 held-out tokens of `my held.txt` (SHA-256 {digest})): " in md
+    first, *others = doc["formats"]
+    del doc["formats"][first]["e2e"]["text"]                 # one format on the built-in text, the others on a file
+    src.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"lm.json: the formats' end-to-end figures were measured on different "
+                                         r"held-out texts"):
+        report(src)
+    doc["formats"][first]["e2e"]["text"] = "my held.txt"
+    src.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"formats.{first}.e2e: field 'text' must be "):
+        report(src)
