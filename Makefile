@@ -66,7 +66,7 @@ synth: $(STAMP)  ## yosys + nextpnr of every named configuration (iCE40UP5K, ECP
 bitstream: $(STAMP)  ## FPGA bitstream for BOARD=icebreaker|ulx3s|icebreaker-gemv (the iCEBreaker's GEMV-only core) in build/bitstream/$(BOARD)/ (no programming)
 	$(PY) -m sop.synth.flow.bitstream "$(BOARD)"
 
-bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, quantizer speed, the searches' variants, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight
+bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, quantizer speed, the searches' variants, sim speed, lane sweep (after make synth), Fmax over placement seeds, peak memory per weight, the golden decoder's BF16 output
 	$(PY) bench/hif_sqnr.py
 	$(PY) bench/codebook_sqnr.py
 	$(PY) bench/header_sqnr.py
@@ -76,6 +76,7 @@ bench: $(STAMP)  ## the figures in docs/: HIF width, codebooks, SOP4 header, qua
 	$(PY) bench/lane_sweep.py
 	$(PY) bench/fmax_seeds.py
 	$(PY) bench/memory.py
+	$(PY) bench/decode_bf16.py
 
 peers: $(STAMP)  ## install the quantizers bench/peer_speed.py times ours against (pinned, CPU): bitsandbytes, torchao, fouroversix
 	$(VENV)/bin/pip install -q "bitsandbytes==0.50.2" packaging

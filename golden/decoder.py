@@ -25,7 +25,8 @@ product, and the exact sum is rounded once into the output format
   2^-1074, to a signed zero or 2^-1074); either is beyond BF16 and float32, whose outputs are then still
   the exact value's rounding (saturated, or a signed zero);
 * ``"bf16"``: the exact sum rounded once to BF16: to nearest, ties to even,
-  saturating, subnormals kept (golden.formats' rule; BF16 = E8M7, bias 127).
+  saturating, subnormals kept (golden.formats' rule, ``FORMATS["bf16"].quantize``; computed on the
+  bits by ``round_to_bf16``, tested against that table; BF16 = E8M7, bias 127).
   ``sum_rounded_to_odd`` makes the one rounding exact: float64 alone would round
   twice (a product near 2^100 plus a residual near 2^-133 first to float64, whose
   result can sit exactly on a BF16 tie that the exact sum does not).
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import FORMATS, CodeTable, FloatFormat, to_float32
+from .formats import FORMATS, CodeTable, FloatFormat, round_to_bf16, to_float32
 from .layout import BlockLayout, LayerStream, unpack_blocks
 
 OUTPUTS = ("exact", "bf16")
@@ -156,11 +157,8 @@ def decode_blocks(hif: FloatFormat, luts, layout: BlockLayout, offset: int, head
         # BF16 output: rounded to odd, so that the BF16 rounding below is the only one
         value = sum_rounded_to_odd(value, residual) if out == "bf16" else value + residual
     if out == "bf16":
-        bf16 = FORMATS["bf16"]
-        finite = ~np.isnan(value)
-        rounded = np.full_like(value, np.nan)
-        rounded[finite] = bf16.quantize(value[finite])
-        value = rounded
+        # FORMATS["bf16"].quantize's values, from the bits (no table search); a NaN stays NaN
+        value = round_to_bf16(value)
     return value
 
 

@@ -421,6 +421,44 @@ def bf16_codes_of_float32(x) -> np.ndarray:
     return codes
 
 
+#: BF16's largest finite value, (2 - 2^-7) * 2^127, where ``round_to_bf16`` saturates
+BF16_MAX = float.fromhex("0x1.fep127")
+#: BF16's smallest normal, 2^-126: below it the step is the subnormals' 2^-133
+_BF16_MIN_NORMAL = float.fromhex("0x1p-126")
+#: float64's 52 fraction bits less BF16's 7: the bits a normal BF16 rounding drops
+_DROPPED = np.uint64(52 - 7)
+#: added to |x| (< 2^-126) it puts the float64 sum's last bit at 2^-133 (2^-81 / 2^52): float64's own
+#: rounding of the sum is then the rounding to BF16's subnormal step, to nearest, ties to even
+_SUBNORMAL_SHIFTER = float.fromhex("0x1p-81")
+
+
+def round_to_bf16(x) -> np.ndarray:
+    """``FORMATS["bf16"].quantize(x)`` of float64 values, computed on their bits: the same values as the
+    table's rounding (to nearest, ties to even, BF16's subnormals kept, everything past BF16's largest finite
+    ``BF16_MAX`` saturated to it, +-Inf included; a value that rounds to zero keeps its sign, -0 stays -0),
+    without its search: the golden decoder's ``"bf16"`` output. A NaN stays NaN (the table refuses one; the
+    decoder's NaN scale code makes one). tests/test_formats.py checks it against the table: every BF16 value,
+    every midpoint, their float64 neighbours, the saturation threshold, random values of every exponent.
+
+    A float64 of magnitude at least 2^-126 rounds as a BF16 normal: its fraction's low 45 bits rounded
+    away (adding 2^44 - 1 and the kept last bit, the classic round-half-even on bits; a carry into the
+    exponent is the next binade's 1.0, and past float64's largest it is Inf, saturated below). The sign
+    bit is never reached. A smaller one (and a NaN, which no comparison holds) rounds by the float64 sum
+    ``|x| + 2^-81``, whose ulp is BF16's subnormal step 2^-133."""
+    x = np.asarray(x, dtype=np.float64)
+    shape, x = x.shape, x.reshape(-1)               # (a 0-d array has no array to write into)
+    u = x.view(np.uint64)
+    half = np.uint64((1 << int(_DROPPED - np.uint64(1))) - 1)
+    kept = np.uint64(0xFFFF_FFFF_FFFF_FFFF) << _DROPPED
+    out = ((u + half + ((u >> _DROPPED) & np.uint64(1))) & kept).view(np.float64)
+    small = ~(np.abs(x) >= _BF16_MIN_NORMAL)        # below BF16's normals, or NaN
+    if small.any():
+        t = x[small]
+        with np.errstate(invalid="ignore"):         # a signalling NaN's addition: NaN it stays
+            out[small] = np.copysign((np.abs(t) + _SUBNORMAL_SHIFTER) - _SUBNORMAL_SHIFTER, t)
+    return np.clip(out, -BF16_MAX, BF16_MAX, out=out).reshape(shape)
+
+
 def format_names() -> list[str]:
     return sorted(FORMATS)
 

@@ -974,21 +974,28 @@ class CausalLM:
         try:
             for name, w in (weights or {}).items():
                 t = self.targets[name]
-                new = torch.from_numpy(np.ascontiguousarray(self.module_weight(name, np.asarray(w)), dtype=np.float32))
-                if t.slot is None:
-                    param = self.modules[t.module].weight
-                    saved.setdefault(id(param), (param, param.data))
-                    param.data = new
-                    continue
-                param = getattr(self.modules[t.module], t.slot[0])
-                if id(param) not in saved:  # a fused experts parameter: a copy, its expert's rows written
+                param = self.modules[t.module].weight if t.slot is None else getattr(self.modules[t.module], t.slot[0])
+                if id(param) not in saved:
                     saved[id(param)] = (param, param.data)
-                    param.data = param.data.clone()
-                self.weight_of(t).copy_(new)
+                    if t.slot is not None:      # a fused experts parameter: a copy, its expert's rows written
+                        param.data = param.data.clone()
+                self.place(name, torch.from_numpy(np.ascontiguousarray(self.module_weight(name, np.asarray(w)),
+                                                                       dtype=np.float32)))
             yield self
         finally:
             for param, data in saved.values():
                 param.data = data
+
+    def place(self, name: str, new) -> None:
+        """The torch tensor ``new`` (layer ``name``'s weight in its module's layout, ``module_weight``) put in
+        the model: the module's weight data replaced by it, or a fused experts parameter's rows written
+        (``weight_of``: into the parameter's data as it is, so the caller has made that data a copy where the
+        reference must survive, as ``substituted`` does)."""
+        t = self.targets[name]
+        if t.slot is None:
+            self.modules[t.module].weight.data = new
+        else:
+            self.weight_of(t).copy_(new)
 
     # -- text and windows ------------------------------------------------------------------------------
 

@@ -121,12 +121,30 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     return bits
 
 
-def _bf16_tensor(t):
-    """A float torch tensor rounded to a ``torch.bfloat16`` one of its shape (``bf16_bits``)."""
+def _bf16_of_array(a: np.ndarray):
+    """A float numpy array rounded to a ``torch.bfloat16`` tensor of its shape (``bf16_bits``)."""
     import torch
 
-    bits = bf16_bits(t.detach().cpu().numpy())
-    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).reshape(t.shape)
+    return torch.from_numpy(bf16_bits(a).view(np.int16)).view(torch.bfloat16).reshape(a.shape)
+
+
+def _bf16_tensor(t):
+    """A float torch tensor rounded to a ``torch.bfloat16`` one of its shape (``bf16_bits``)."""
+    return _bf16_of_array(t.detach().cpu().numpy())
+
+
+def _put_layers_bf16(runner, layers) -> None:
+    """Each ``(name, w)`` of ``layers`` (decoded ``(out, in)`` weights, BF16 values held in float32) into
+    ``runner``'s model, which ``_in_bfloat16`` holds in BF16, one layer at a time: where and as
+    ``CausalLM.substituted`` puts a layer (``module_weight``, ``place``), as a BF16 tensor of the bits
+    ``_in_bfloat16`` would make of it, so that a float32 layer is released before the next is decoded.
+    ``_in_bfloat16``'s exit restores the reference: it replaces every parameter's data, and a fused parameter
+    written here is its BF16 copy. Not through ``substituted``: it holds every layer given to it in float32
+    until it exits."""
+    for name, w in layers:
+        new = _bf16_of_array(np.ascontiguousarray(runner.module_weight(name, np.asarray(w)), dtype=np.float32))
+        runner.place(name, new)                 # a fused parameter's rows: BF16 into BF16, the bits as they are
+        del w, new                              # not held while the next layer is decoded
 
 
 @contextlib.contextmanager
@@ -144,6 +162,45 @@ def _in_bfloat16(model):
         for param, data in saved:
             param.data = data
         model.config.dtype = dtype
+
+
+#: what an export holds beside the float32 model (the reference, kept to restore it), by ``dtype``:
+#: ``_export_memory``'s bytes as a refusal names them
+EXPORT_HOLDS = {"float32": "the decoded layers in float32",
+                "bfloat16": "a BF16 copy of the model and one decoded layer at a time"}
+#: bytes a weight of the one layer the bfloat16 export decodes at a time: its float32 decode, a float32 copy
+#: in the module's layout (a transposed or converted one: GPT-2's Conv1D, a GGUF's attention) and its BF16 bits
+BF16_LAYER_BYTES = 4 + 4 + 2
+
+
+def _export_memory(art, src, dtype: str) -> int:
+    """Bytes an export holds beside the float32 model (``EXPORT_HOLDS``). float32: every decoded layer
+    (4 bytes a weight), all substituted at once. bfloat16: the BF16 copy of the model (2 bytes a parameter,
+    half the float32 model's ``memory_needed``; the decoded layers go into it), and the one layer being
+    decoded (``BF16_LAYER_BYTES`` a weight of the largest: each is released once it is in the BF16 model,
+    where the export held every decoded layer in float32 until it saved, 4 bytes a quantized weight)."""
+    sizes = [e.shape[0] * e.shape[1] for e in art.layers]
+    if dtype == "float32":
+        return 4 * sum(sizes)
+    from sop.quantize import causal_lm
+
+    return causal_lm.memory_needed(src) // 2 + BF16_LAYER_BYTES * max(sizes, default=0)
+
+
+def _decoded_layers(art, src, spec: str, dtype: str, say):
+    """(name, decoded weights) of every layer of ``art``, one at a time, in ``dtype``'s decoder output
+    (``DECODER_OUTPUT``, float32 arrays); a layer whose shape is not ``src``'s is a ValueError; one line a
+    decoded layer said by ``say``, as `sop dequantize` without --model-folder (--quiet, progress=False: none)."""
+    n = len(art.layers)
+    for i, e in enumerate(art.layers, 1):
+        if tuple(e.shape) != tuple(src.layer(e.name).shape):
+            raise ValueError(f"{art.path}: layer {e.name} is {tuple(e.shape)}, {spec} has it "
+                             f"{tuple(src.layer(e.name).shape)}")
+        t0 = time.perf_counter()
+        w = art.weights(e, DECODER_OUTPUT[dtype])
+        say(layer_line("dequantize", i, n, e.name, e.shape, time.perf_counter() - t0))
+        yield e.name, w
+        del w                                   # not held while the next layer is decoded
 
 
 def export_model_folder(artifact, out, model: str | None = None, progress: bool = True,
@@ -202,33 +259,21 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
                else src.forward_note or f"a {src.forward} model")
         raise ValueError(f"{spec}: {'--model-folder' if on_command_line() else 'export_model_folder'} needs a "
                          f"causal LM that transformers runs ({why})")
-    # beside the float32 model: the decoded layers in float32 (the reference's are kept to restore), and in
-    # bfloat16 a BF16 copy of the model while it is saved, half as much again (measured: a 60M-parameter Llama)
-    extra = 4 * sum(e.shape[0] * e.shape[1] for e in art.layers)
-    extra += causal_lm.memory_needed(src) // 2 if dtype == "bfloat16" else 0
-    causal_lm.check_memory(src, extra=extra,
+    causal_lm.check_memory(src, extra=_export_memory(art, src, dtype),
                            purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT,
-                           beside="the decoded layers in float32" + (" and a BF16 copy of the model"
-                                                                      if dtype == "bfloat16" else ""))
+                           beside=EXPORT_HOLDS[dtype])
     runner = causal_lm.load(src)
-    weights = {}
-    # one line a decoded layer, as `sop dequantize` without --model-folder (--quiet, progress=False: none)
-    say, n = reporter(progress), len(art.layers)
-    for i, e in enumerate(art.layers, 1):
-        if tuple(e.shape) != tuple(src.layer(e.name).shape):
-            raise ValueError(f"{art.path}: layer {e.name} is {tuple(e.shape)}, {spec} has it "
-                             f"{tuple(src.layer(e.name).shape)}")
-        t0 = time.perf_counter()
-        weights[e.name] = art.weights(e, DECODER_OUTPUT[dtype])
-        say(layer_line("dequantize", i, n, e.name, e.shape, time.perf_counter() - t0))
+    decoded = _decoded_layers(art, src, spec, dtype, reporter(progress))
     save = dict(inputs=[art.path, *inputs], out_option=option("out"))
-    if dtype == "bfloat16":     # the decoded layers are BF16 values already: rounding them again keeps them
-        with runner.substituted(weights), _in_bfloat16(runner.model):
+    if dtype == "bfloat16":
+        # each layer into the BF16 model as it is decoded: one decoded layer in float32 at a time, not all
+        with _in_bfloat16(runner.model):
+            _put_layers_bf16(runner, decoded)
             files = runner.save_folder(Path(out), None, **save)
     else:
-        files = runner.save_folder(Path(out), weights, **save)
+        files = runner.save_folder(Path(out), dict(decoded), **save)
     # an artifact of some layers (sop quantize --include) makes a working model whose other linear
     # weights are the reference's: said, so a partial artifact is not taken for the quantized model
-    return {"path": str(out), "files": [f.name for f in files], "layers": len(weights), "format": art.format,
+    return {"path": str(out), "files": [f.name for f in files], "layers": len(art.layers), "format": art.format,
             "dtype": dtype,
             "model": spec, "warnings": warnings, "reference_layers": src.kept().get(FILTERED, 0)}

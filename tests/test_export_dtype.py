@@ -202,15 +202,22 @@ def test_a_bad_dtype_is_one_line_before_any_output(llama, tmp_path, capsys, argv
 
 
 def test_the_memory_estimate_of_a_bfloat16_export_counts_its_bf16_copy(llama, tmp_path, monkeypatch):
-    """The BF16 export holds a BF16 copy of the model (2 bytes a parameter) beside the float32 one (4): its
-    refusal names half as much again as the float32 export's. Either holds the decoded layers in float32 too
-    (4 bytes a quantized weight) beside the reference's, which the estimate left out (a review measured both
-    exports of a 60M-parameter Llama: 0.22 and 0.36 GB over the loaded model, against 0 and 0.12 estimated)."""
+    """The BF16 export holds a BF16 copy of the model (2 bytes a parameter) beside the float32 one (4), and
+    one decoded layer at a time: its float32 decode, a float32 copy in the module's layout and its BF16 bits
+    (10 bytes a weight of the largest layer). The float32 export holds every decoded layer in float32 (4 bytes
+    a quantized weight) beside the reference's (a review measured both exports of a 60M-parameter Llama: 0.22
+    and 0.36 GB over the loaded model, against 0 and 0.12 estimated; the BF16 one then held every decoded
+    layer too). Each refusal names what it counts."""
     from sop.quantize import causal_lm as L
 
     art = quantized(llama, tmp_path, "sop4-g16")
-    seen = []
-    monkeypatch.setattr(L, "check_memory", lambda src, **kw: seen.append(L.memory_needed(src, extra=kw["extra"])))
+    seen, said = [], []
+
+    def check_memory(src, **kw):
+        seen.append(L.memory_needed(src, extra=kw["extra"]))
+        said.append(kw["beside"])
+
+    monkeypatch.setattr(L, "check_memory", check_memory)
     monkeypatch.setattr(L, "load", lambda src: (_ for _ in ()).throw(RuntimeError("stop")))
     for dtype in ("float32", "bfloat16"):
         with pytest.raises(RuntimeError, match="stop"):
@@ -219,5 +226,39 @@ def test_the_memory_estimate_of_a_bfloat16_export_counts_its_bf16_copy(llama, tm
 
     tensors = load_file(str(llama / "model.safetensors"))
     params = sum(v.size for v in tensors.values())                          # the tied head once
-    linear = sum(v.size for k, v in tensors.items() if ".layers." in k and v.ndim == 2)    # the 14 quantized layers
-    assert seen == [4 * params + 4 * linear, 6 * params + 4 * linear]
+    linear = [v.size for k, v in tensors.items() if ".layers." in k and v.ndim == 2]    # the 14 quantized layers
+    assert len(linear) == 14 and max(linear) == 48 * 32                 # an MLP matrix (intermediate x hidden)
+    assert seen == [4 * params + 4 * sum(linear), 6 * params + 10 * max(linear)]
+    assert said == ["the decoded layers in float32", "a BF16 copy of the model and one decoded layer at a time"]
+
+
+@pytest.mark.parametrize("fmt", ["sop4-g16", "nf4-g64"], ids=["layer-streams", "f32-records"])
+def test_a_bfloat16_export_releases_each_decoded_layer_before_it_saves(llama, tmp_path, monkeypatch, fmt):
+    """The BF16 export puts each decoded layer into the BF16 model as it is decoded: when a layer is decoded
+    no other float32 decode is alive, nor when the folder is saved (it held all of them, 4 bytes a quantized
+    weight, beside the BF16 copy); the float32 export substitutes them all at once, and holds every one."""
+    import weakref
+
+    from sop.quantize import causal_lm as L
+
+    art = quantized(llama, tmp_path, fmt)
+    decoded, alive, before = [], [], []
+    weights, save_folder = A.Artifact.weights, L.CausalLM.save_folder
+
+    def tracked(self, entry, out="exact"):
+        before.append(sum(r() is not None for r in decoded))
+        w = weights(self, entry, out)
+        decoded.append(weakref.ref(w))
+        return w
+
+    def counted(self, *args, **kw):
+        alive.append(sum(r() is not None for r in decoded))
+        return save_folder(self, *args, **kw)
+
+    monkeypatch.setattr(A.Artifact, "weights", tracked)
+    monkeypatch.setattr(L.CausalLM, "save_folder", counted)
+    for dtype, held in (("bfloat16", [0] * 14), ("float32", list(range(14)))):
+        decoded.clear(), before.clear()
+        export_model_folder(art, tmp_path / dtype, dtype=dtype, progress=False)
+        assert before == held and len(decoded) == 14
+    assert alive == [0, 14]

@@ -247,6 +247,77 @@ def test_the_float32_fast_path_of_bf16_is_the_table_encode():
         formats.bf16_codes_of_float32(np.float64([1.0]))
 
 
+def neighbours(x: np.ndarray) -> np.ndarray:
+    """``x`` and the float64 either side of each value (np.nextafter both ways; float64's largest's is Inf)."""
+    with np.errstate(over="ignore"):
+        return np.concatenate([x, np.nextafter(x, -np.inf), np.nextafter(x, np.inf)])
+
+
+def bf16_float64_boundaries() -> np.ndarray:
+    """Every finite BF16 value, every midpoint between consecutive ones (the ties, subnormal ones and those
+    beside zero included; exact in float64: 9 significant bits), each with its float64 neighbours; the
+    saturation threshold (halfway from the largest finite to 2^128) and its neighbours; far past either end."""
+    vals = formats.FORMATS["bf16"].values
+    vals = np.unique(vals[np.isfinite(vals)])           # sorted, -0 and +0 as one
+    mids = (vals[:-1] + vals[1:]) / 2
+    big = float.fromhex("0x1.fep127")                   # (2 - 2^-7) 2^127, BF16's largest
+    threshold = float.fromhex("0x1.ffp127")              # halfway to 2^128: IEEE would round it to Inf
+    edges = np.array([threshold, 2.0 ** 128, 2.0 ** 1000, np.finfo(np.float64).max, np.inf,
+                      2.0 ** -134, 2.0 ** -200, 2.0 ** -1074, 0.0])
+    x = neighbours(np.concatenate([vals, mids, edges, -edges]))
+    assert big in x and threshold in x and np.signbit(x[x == 0]).any() and 2.0 ** -134 in x
+    return x
+
+
+def random_float64_of_every_exponent(n: int) -> np.ndarray:
+    """Random float64 of the whole exponent range (random bits, no NaN: far below BF16's smallest subnormal
+    and far past its largest, float64 subnormals among them) and as many of BF16's own exponents and a few
+    beyond (-160 to 140), random signs and fractions."""
+    rng = np.random.default_rng(11)
+    anywhere = rng.integers(0, 1 << 63, n, dtype=np.uint64) | (rng.integers(0, 2, n, dtype=np.uint64) << 63)
+    anywhere = anywhere.view(np.float64)
+    near = np.ldexp(rng.uniform(-1, 1, n), rng.integers(-160, 141, n))
+    return np.concatenate([anywhere[~np.isnan(anywhere)], near])
+
+
+def same_bits(a, b) -> bool:
+    """Equal as float64 bit patterns: -0 is not +0."""
+    return np.array_equal(np.asarray(a, np.float64).view(np.uint64), np.asarray(b, np.float64).view(np.uint64))
+
+
+@pytest.mark.parametrize("inputs", [bf16_float64_boundaries, lambda: random_float64_of_every_exponent(1 << 18)],
+                         ids=["boundaries", "random"])
+def test_round_to_bf16_is_the_tables_quantize(inputs):
+    """``round_to_bf16`` (the bits; the decoder's BF16 output) is ``FORMATS["bf16"].quantize`` (the table, the
+    specification) bit for bit, signed zeros included, at every BF16 value, every midpoint, their float64
+    neighbours, the saturation threshold, and random float64 of every exponent."""
+    x = inputs()
+    want = formats.FORMATS["bf16"].quantize(x)
+    got = formats.round_to_bf16(x)
+    bad = np.flatnonzero(want.view(np.uint64) != got.view(np.uint64))
+    assert not bad.size, f"{len(bad)} differ, first {x[bad[0]].hex()}: {got[bad[0]].hex()}, table {want[bad[0]].hex()}"
+
+
+def test_round_to_bf16_by_hand():
+    """Cases worked out by hand: ties to the even significand (normal and subnormal, step 2^-133), the
+    saturation (at and past the threshold, +-Inf), signed zeros of values below half the smallest subnormal,
+    a NaN kept, and the input's shape (a 0-d array too)."""
+    s = 2.0 ** -133                                     # BF16's smallest subnormal
+    big = float.fromhex("0x1.fep127")
+    x = [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1.5 * s, 2.5 * s, 0.5 * s, -0.5 * s, np.nextafter(0.5 * s, 1),
+         -0.0, 0.0, 2 ** -126 - 0.5 * s, float.fromhex("0x1.ffp127"), np.nextafter(float.fromhex("0x1.ffp127"), 0),
+         -np.inf, 2.0 ** 1023]
+    want = [1.0, 1 + 2 ** -6, -1.0, 2 * s, 2 * s, 0.0, -0.0, s,
+            -0.0, 0.0, 2 ** -126, big, big, -big, big]
+    assert same_bits(formats.round_to_bf16(np.array(x)), want)
+    # a NaN of any payload stays NaN: one of low payload bits alone would lose them to the rounding (an
+    # infinity), one of all-ones carry into the sign (-0)
+    nans = np.array([0x7FF8 << 48, 0x7FF0_0000_0000_0001, 0xFFFF_FFFF_FFFF_FFFF], dtype=np.uint64).view(np.float64)
+    assert np.isnan(formats.round_to_bf16(nans)).all()
+    assert formats.round_to_bf16(np.float64(1 + 2 ** -9)).shape == () and formats.round_to_bf16(1 + 2 ** -9) == 1.0
+    assert same_bits(formats.round_to_bf16(np.full((2, 3), -1e-50))[:, ::2], np.full((2, 2), -0.0))
+
+
 def test_bad_input_is_refused_clearly():
     e2m3 = get_format("e2m3")
     with pytest.raises(ValueError, match=r"NaN at position \(1, 2\)"):
