@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Golden decoder speed of the BF16 output: ``decode_layer(stream, "bf16")`` against ``"exact"``, and against
-the table search it used before (docs/benchmarks.md, "The golden decoder's BF16 output").
+"""The golden decoder's BF16 output timed against its exact output and against the old table search.
+
+``decode_layer(stream, "bf16")`` against ``"exact"``, and against the table search it used before
+(docs/benchmarks.md, "The golden decoder's BF16 output").
 
 A seeded ``SIZE x SIZE`` matrix, ``N(0, 1) * 0.02`` in float32 (a model's weights), is quantized to each
 format (the registry's quantizer, no calibration; not timed), once as it is and once with the 0.25 % largest

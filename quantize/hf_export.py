@@ -22,7 +22,12 @@ hardware's bf16-output configurations emit: to nearest, ties to even, saturating
 which would round twice), and every other parameter the reference's float32 value rounded to BF16 by the
 same rule (``golden.formats.FORMATS["bf16"]``; a NaN or an infinity stays one; a persistent float buffer
 that is no parameter stays float32); ``config.json`` then
-says ``"dtype": "bfloat16"``, which transformers loads as such. The folder is
+says ``"dtype": "bfloat16"``, which transformers loads as such. But the parameters transformers keeps in
+float32 when it loads the model in bfloat16 (``float32_kept``: a model class's ``_keep_in_fp32_modules_strict``,
+a DeepSeek-V3 or GLM-4-MoE router's ``gate.weight``) stay float32, as transformers' own bfloat16 folder of the
+model holds them: the reference's values, or a quantized one's (a router under ``--include-routers``) golden's
+exact decode rounded once to float32 (rounded to BF16 first, they would load as float32 with BF16's precision
+alone). The folder is
 written all or nothing (``golden.files.atomic_files``): an error or an interrupt at any point
 leaves every file there as it was. No file written may be an input (the artifact, a file of the
 source model), and the output folder may not be the source model's folder.
@@ -33,13 +38,14 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 from sop.golden.files import OutputError, check_output
-from sop.golden.formats import FORMATS, bf16_codes_of_float32
+from sop.golden.formats import bf16_codes_of_float32, round_to_bf16
 from sop.quantize.artifact import open_artifact
 from sop.quantize.inputs import NAN_POLICIES, boolean, on_command_line, option
 from sop.quantize.layer_loop import layer_line, reporter
@@ -101,6 +107,14 @@ def check_dtype(dtype) -> str:
     return dtype
 
 
+def _bf16_codes_of_float64(x: np.ndarray) -> np.ndarray:
+    """``FORMATS["bf16"].encode`` of finite float64 values (BF16's bit patterns), from golden's rounding on the
+    float64 bits (``round_to_bf16``, the table's values): a BF16 value is exact in float32, and its code is the
+    upper half of the float32 bits (tests/test_export_dtype.py: the same codes at every BF16 value, midpoint
+    and neighbour)."""
+    return (round_to_bf16(x).astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """The BF16 bit patterns (uint16) of float values ``x`` rounded once to BF16 by golden's rule
     (``FORMATS["bf16"].encode``, whose codes are the bit patterns: to nearest, ties to even, saturating,
@@ -108,8 +122,8 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     (a NaN it refuses), and a reference tensor transformers loaded with one keeps it, as float32 does."""
     x = np.asarray(x)
     x = x.reshape(-1) if x.dtype == np.float32 else np.asarray(x, dtype=np.float64).reshape(-1)
-    # float32 (every tensor of a model transformers loaded in float32): the same codes from the bits, faster
-    encode = bf16_codes_of_float32 if x.dtype == np.float32 else FORMATS["bf16"].encode
+    # float32 (every tensor of a model transformers loaded in float32) and float64: the table's codes, on the bits
+    encode = bf16_codes_of_float32 if x.dtype == np.float32 else _bf16_codes_of_float64
     bits = np.empty(x.shape, dtype=np.uint16)
     for i in range(0, len(x), BF16_CHUNK):
         part = x[i:i + BF16_CHUNK]
@@ -133,33 +147,63 @@ def _bf16_tensor(t):
     return _bf16_of_array(t.detach().cpu().numpy())
 
 
-def _put_layers_bf16(runner, layers) -> None:
-    """Each ``(name, w)`` of ``layers`` (decoded ``(out, in)`` weights, BF16 values held in float32) into
-    ``runner``'s model, which ``_in_bfloat16`` holds in BF16, one layer at a time: where and as
-    ``CausalLM.substituted`` puts a layer (``module_weight``, ``place``), as a BF16 tensor of the bits
-    ``_in_bfloat16`` would make of it, so that a float32 layer is released before the next is decoded.
-    ``_in_bfloat16``'s exit restores the reference: it replaces every parameter's data, and a fused parameter
-    written here is its BF16 copy. Not through ``substituted``: it holds every layer given to it in float32
-    until it exits."""
+def float32_kept(model):
+    """Whether a parameter name of ``model`` is one transformers keeps in float32 when it loads the model in
+    bfloat16 (a function of the name): its dtype plan for bfloat16 (``_get_dtype_plan``, what
+    ``from_pretrained`` follows: the class's ``_keep_in_fp32_modules_strict``, a DeepSeek-V3 router's
+    ``['e_score_correction_bias', 'gate.weight']``; ``_keep_in_fp32_modules``, GPT-OSS's norms, is for float16
+    alone), each pattern searched in the name as transformers' loading does (``*`` any text, the rest a regular
+    expression: ``gate.weight`` is found in ``model.layers.1.mlp.gate.weight``)."""
+    import torch
+
+    plan = (model._get_dtype_plan(torch.bfloat16) if hasattr(model, "_get_dtype_plan")
+            else dict.fromkeys(getattr(model, "_keep_in_fp32_modules_strict", None) or (), torch.float32))
+    patterns = [p for p, d in plan.items() if d == torch.float32]
+    if not patterns:
+        return lambda name: False
+    found = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    return lambda name: found.search(name) is not None
+
+
+def _layer_param(runner, name: str) -> str:
+    """The name of the model parameter that holds layer ``name`` (the module's ``weight``, or the fused experts
+    parameter its ``slot`` names): the name transformers' loading matches its float32 patterns against."""
+    t = runner.targets[name]
+    return f"{t.module}.{'weight' if t.slot is None else t.slot[0]}"
+
+
+def _put_layers_bf16(runner, layers, float32: set) -> None:
+    """Each ``(name, w)`` of ``layers`` (decoded ``(out, in)`` weights, BF16 values held in float32, or for the
+    layers in ``float32``, those of a parameter ``_in_bfloat16`` keeps float32, golden's exact decode rounded to
+    float32) into ``runner``'s model, one layer at a time: where and as ``CausalLM.substituted`` puts a layer
+    (``module_weight``, ``place``), as a BF16 tensor of the bits ``_in_bfloat16`` would make of it (a float32
+    one for a kept layer), so that a float32 layer is released before the next is decoded. ``_in_bfloat16``'s
+    exit restores the reference: it replaces every parameter's data, and a fused parameter written here is its
+    copy. Not through ``substituted``: it holds every layer given to it in float32 until it exits."""
+    import torch
+
     for name, w in layers:
-        new = _bf16_of_array(np.ascontiguousarray(runner.module_weight(name, np.asarray(w)), dtype=np.float32))
-        runner.place(name, new)                 # a fused parameter's rows: BF16 into BF16, the bits as they are
+        w = np.ascontiguousarray(runner.module_weight(name, np.asarray(w)), dtype=np.float32)
+        new = torch.from_numpy(w) if name in float32 else _bf16_of_array(w)
+        runner.place(name, new)                 # a fused parameter's rows: into its copy, the bits as they are
         del w, new                              # not held while the next layer is decoded
 
 
 @contextlib.contextmanager
-def _in_bfloat16(model):
+def _in_bfloat16(model, kept):
     """Within the block every floating parameter of ``model`` is BF16 (``_bf16_tensor`` of its value), so that
-    transformers' ``save_pretrained`` writes BF16 tensors and ``"dtype": "bfloat16"``; the float32 values and
-    the config's dtype are restored after, whatever happens (the model is cached on its ModelSource)."""
-    saved = [(p, p.data) for p in model.parameters() if p.is_floating_point()]    # a tied parameter once
+    transformers' ``save_pretrained`` writes BF16 tensors and ``"dtype": "bfloat16"``, but for those whose name
+    ``kept`` (``float32_kept``): a float32 copy (the reference's data survives a fused parameter's rows written
+    into it); the float32 values and the config's dtype are restored after, whatever happens (the model is
+    cached on its ModelSource)."""
+    saved = [(n, p, p.data) for n, p in model.named_parameters() if p.is_floating_point()]   # a tied one once
     dtype = getattr(model.config, "dtype", None)
     try:
-        for param, data in saved:
-            param.data = _bf16_tensor(data)
+        for name, param, data in saved:
+            param.data = data.clone() if kept(name) else _bf16_tensor(data)
         yield model
     finally:
-        for param, data in saved:
+        for _, param, data in saved:
             param.data = data
         model.config.dtype = dtype
 
@@ -187,17 +231,18 @@ def _export_memory(art, src, dtype: str) -> int:
     return causal_lm.memory_needed(src) // 2 + BF16_LAYER_BYTES * max(sizes, default=0)
 
 
-def _decoded_layers(art, src, spec: str, dtype: str, say):
+def _decoded_layers(art, src, spec: str, dtype: str, say, float32=frozenset()):
     """(name, decoded weights) of every layer of ``art``, one at a time, in ``dtype``'s decoder output
-    (``DECODER_OUTPUT``, float32 arrays); a layer whose shape is not ``src``'s is a ValueError; one line a
-    decoded layer said by ``say``, as `sop dequantize` without --model-folder (--quiet, progress=False: none)."""
+    (``DECODER_OUTPUT``, float32 arrays; the layers named in ``float32``: the exact decode rounded to float32);
+    a layer whose shape is not ``src``'s is a ValueError; one line a decoded layer said by ``say``, as
+    `sop dequantize` without --model-folder (--quiet, progress=False: none)."""
     n = len(art.layers)
     for i, e in enumerate(art.layers, 1):
         if tuple(e.shape) != tuple(src.layer(e.name).shape):
             raise ValueError(f"{art.path}: layer {e.name} is {tuple(e.shape)}, {spec} has it "
                              f"{tuple(src.layer(e.name).shape)}")
         t0 = time.perf_counter()
-        w = art.weights(e, DECODER_OUTPUT[dtype])
+        w = art.weights(e, DECODER_OUTPUT["float32" if e.name in float32 else dtype])
         say(layer_line("dequantize", i, n, e.name, e.shape, time.perf_counter() - t0))
         yield e.name, w
         del w                                   # not held while the next layer is decoded
@@ -263,15 +308,17 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
                            purpose=causal_lm.EXPORT if on_command_line() else causal_lm.PYTHON_EXPORT,
                            beside=EXPORT_HOLDS[dtype])
     runner = causal_lm.load(src)
-    decoded = _decoded_layers(art, src, spec, dtype, reporter(progress))
-    save = dict(inputs=[art.path, *inputs], out_option=option("out"))
+    save, say = dict(inputs=[art.path, *inputs], out_option=option("out")), reporter(progress)
     if dtype == "bfloat16":
+        kept = float32_kept(runner.model)
+        float32 = {name for name in names if kept(_layer_param(runner, name))}
+        decoded = _decoded_layers(art, src, spec, dtype, say, float32)
         # each layer into the BF16 model as it is decoded: one decoded layer in float32 at a time, not all
-        with _in_bfloat16(runner.model):
-            _put_layers_bf16(runner, decoded)
+        with _in_bfloat16(runner.model, kept):
+            _put_layers_bf16(runner, decoded, float32)
             files = runner.save_folder(Path(out), None, **save)
     else:
-        files = runner.save_folder(Path(out), dict(decoded), **save)
+        files = runner.save_folder(Path(out), dict(_decoded_layers(art, src, spec, dtype, say)), **save)
     # an artifact of some layers (sop quantize --include) makes a working model whose other linear
     # weights are the reference's: said, so a partial artifact is not taken for the quantized model
     return {"path": str(out), "files": [f.name for f in files], "layers": len(art.layers), "format": art.format,

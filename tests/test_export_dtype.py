@@ -2,7 +2,9 @@
 exact decode rounded ONCE to BF16, every other tensor the reference's float32 value rounded to BF16, checked
 against a rounding written here (numpy's frexp and round-half-even, no golden/, no ml_dtypes: ml_dtypes casts
 float64 to bfloat16 through float32, rounding twice); the folder loads in transformers as bfloat16 and runs;
-a layer whose exact value float32 rounds onto a BF16 tie shows the one rounding; bad values are one line."""
+a layer whose exact value float32 rounds onto a BF16 tie shows the one rounding; bad values are one line; the
+parameters transformers keeps in float32 in a bfloat16 model (a DeepSeek-V3 router) are float32 in the folder, as in
+transformers' own bfloat16 folder, the reference's values or the exact decode rounded once to float32."""
 
 import io
 import json
@@ -262,3 +264,123 @@ def test_a_bfloat16_export_releases_each_decoded_layer_before_it_saves(llama, tm
         export_model_folder(art, tmp_path / dtype, dtype=dtype, progress=False)
         assert before == held and len(decoded) == 14
     assert alive == [0, 14]
+
+
+@pytest.mark.parametrize("inputs", ["boundaries", "random"])
+def test_bf16_bits_of_float64_values_are_the_tables_codes(inputs):
+    """``bf16_bits``'s float64 path (a reference tensor in another type than float32) gives the codes of the table's
+    ``encode`` (the specification; golden's rounding on the bits gives them faster) at every BF16 value, every
+    midpoint between two, their float64 neighbours, the saturation threshold, and random float64 of every
+    exponent: tests/test_formats.py's cases, with ``bf16_bits``'s own rule for an infinity."""
+    from sop.golden.formats import FORMATS
+    from test_formats import bf16_float64_boundaries, random_float64_of_every_exponent
+
+    x = bf16_float64_boundaries() if inputs == "boundaries" else random_float64_of_every_exponent(1 << 16)
+    finite = np.isfinite(x)
+    got = hf_export.bf16_bits(x)
+    want = FORMATS["bf16"].encode(x[finite])
+    bad = np.flatnonzero(got[finite] != want)
+    assert not bad.size, f"{len(bad)} differ, first {x[finite][bad[0]].hex()}: {got[finite][bad[0]]:#06x}, " \
+                         f"table {want[bad[0]]:#06x}"
+    assert list(got[~finite]) == [0xFF80 if v < 0 else 0x7F80 for v in x[~finite]]      # +-Inf, no NaN here
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """A tiny DeepSeek-V3 folder in float32: its router's ``gate.weight`` is one transformers keeps in float32 in
+    a bfloat16 model (``_keep_in_fp32_modules_strict``), its ``e_score_correction_bias`` a float32 buffer."""
+    from test_causal_lm_moe import make_moe
+
+    return make_moe(tmp_path_factory.mktemp("moe") / "deepseek_v3", "deepseek_v3")
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors, as stored."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out |= {k: st.get_tensor(k) for k in st.keys()}
+    return out
+
+
+def transformers_bfloat16_folder(folder: Path, out: Path) -> Path:
+    """The folder transformers itself writes of the model loaded in bfloat16 (``from_pretrained(dtype=bfloat16)``,
+    which keeps its float32 modules, then ``save_pretrained``)."""
+    from transformers.models.auto import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, local_files_only=True).save_pretrained(out)
+    return out
+
+
+def float32_bits(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32)).view(np.uint32)
+
+
+ROUTER = "model.layers.1.mlp.gate.weight"
+
+
+@pytest.mark.parametrize("routers", [False, True], ids=["router-kept", "router-quantized"])
+def test_what_transformers_keeps_in_float32_is_exported_in_float32(deepseek, tmp_path, routers):
+    """A bfloat16 export holds each tensor in the type transformers' own bfloat16 folder of the model does:
+    DeepSeek-V3's router weight in float32, the reference's values, or (quantized, --include-routers) golden's
+    exact decode rounded once to float32, not to BF16 (transformers would load those as float32, BF16's precision
+    lost for nothing); every other quantized weight its exact decode rounded once to BF16. The folder loads in
+    transformers with the router in float32, those values, and everything else in bfloat16."""
+    from safetensors.numpy import load_file
+    from transformers.models.auto import AutoModelForCausalLM
+
+    art = tmp_path / "m.sopq"
+    assert main(["quantize", str(deepseek), "--format", "sop4-g16", "--out", str(art), "--quiet", "--no-calib",
+                 *(["--include-routers"] if routers else [])]) == 0
+    out = tmp_path / "bf16"
+    assert export_model_folder(art, out, dtype="bfloat16", progress=False)["dtype"] == "bfloat16"
+    got = saved_tensors(out)
+    want = saved_tensors(transformers_bfloat16_folder(deepseek, tmp_path / "transformers"))
+    assert {k: t.dtype for k, t in got.items()} == {k: t.dtype for k, t in want.items()}
+    assert {k for k, t in want.items() if t.dtype == torch.float32} == {ROUTER, ROUTER.replace(
+        "weight", "e_score_correction_bias")}                  # what the test is about: transformers keeps these
+    a = open_artifact(art)
+    layers = {e.name: e for e in a.layers}
+    assert (ROUTER in layers) == routers and len(layers) > 12
+    ref = load_file(str(deepseek / "model.safetensors"))
+    router = exact_values(a, layers[ROUTER]).astype(np.float32) if routers else ref[ROUTER]
+    # BF16 would differ (else this would not tell the float32 value from a BF16 one)
+    assert not np.array_equal(float32_bits(router) >> 16 << 16, float32_bits(router))
+    np.testing.assert_array_equal(float32_bits(got[ROUTER].numpy()), float32_bits(router))
+    for name in ("model.layers.1.mlp.gate.e_score_correction_bias", "model.norm.weight"):
+        stays = got[name].dtype == torch.float32
+        np.testing.assert_array_equal(float32_bits(got[name].float().numpy()), float32_bits(ref[name]) if stays
+                                      else bf16_bits_oracle(ref[name]).astype(np.uint32) << 16, err_msg=name)
+    for name, e in layers.items():                  # every other quantized weight: its exact decode rounded to BF16
+        if name != ROUTER:
+            np.testing.assert_array_equal(got[name].view(torch.int16).numpy().view(np.uint16),
+                                          bf16_bits_oracle(exact_values(a, e)), err_msg=name)
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)   # the folder's dtype
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    kept = model.get_parameter(ROUTER)
+    assert kept.dtype == torch.float32
+    np.testing.assert_array_equal(float32_bits(kept.detach().numpy()), float32_bits(router))
+    assert {p.dtype for n, p in model.named_parameters() if n != ROUTER} == {torch.bfloat16}
+
+
+def test_a_float16_only_keep_list_leaves_a_bfloat16_export_all_bfloat16(tmp_path):
+    """GPT-OSS's ``_keep_in_fp32_modules`` (its norms) is kept in float32 by transformers in a float16 model only
+    (the strict list is the one for bfloat16 too): its own bfloat16 folder holds every tensor in BF16, and so
+    does the export, whose folder loads all bfloat16."""
+    from test_causal_lm_fused_experts import make
+    from transformers.models.auto import AutoModelForCausalLM
+
+    folder = make(tmp_path / "gpt_oss", "gpt_oss")
+    art = tmp_path / "m.sopq"
+    assert main(["quantize", str(folder), "--format", "sop4-g16", "--out", str(art), "--quiet", "--no-calib"]) == 0
+    out = tmp_path / "bf16"
+    export_model_folder(art, out, dtype="bfloat16", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    assert {"norm", "input_layernorm"} <= set(model._keep_in_fp32_modules) and not model._keep_in_fp32_modules_strict
+    want = saved_tensors(transformers_bfloat16_folder(folder, tmp_path / "transformers"))
+    assert {t.dtype for t in want.values()} == {torch.bfloat16} and "model.norm.weight" in want
+    assert {k: t.dtype for k, t in saved_tensors(out).items()} == {k: t.dtype for k, t in want.items()}
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
