@@ -92,8 +92,8 @@ from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import abs_max, aggregate
 from sop.quantize.models import (ARTIFACT_SUFFIX, CHECKPOINT_SUFFIXES, MINILM, SAFETENSORS_SUFFIXES, SIBLINGS_READ,
-                                 SMOLLM2, expert_layer_name, files_fingerprint, is_artifact, linear_layers,
-                                 model_inputs, open_model)
+                                 SMOLLM2, builtin_path, expert_layer_name, files_fingerprint, is_artifact,
+                                 linear_layers, model_inputs, open_model)
 from sop.quantize.result import QuantResult
 from sop.terminal import some_names
 
@@ -657,6 +657,22 @@ def source_files(art: Artifact) -> list:
         return files + (model_inputs(spec) if isinstance(spec, str) and spec else [])
     except (OSError, ValueError):                 # a spec no path can be (a NUL in it): no file to keep
         return files
+
+
+def source_spec(art, model: str | None) -> str:
+    """The source model of an artifact: ``model`` where given, else the one the artifact names, which must
+    be found from here (the model folder and the GGUF exports: quantize/hf_export.py, quantize/gguf_export.py)."""
+    meta = art.meta.get("model", {})
+    if model is not None and not model:         # it was "names no source model; give --model"
+        raise ValueError(f"{option('model')} '' is an empty name: give the source model (a file, a folder, "
+                         f"'minilm' or 'smollm2')")
+    spec = model if model is not None else meta.get("spec")
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"{art.path}: the artifact names no source model; give {option('model', '')}")
+    if model is None and builtin_path(spec) is None and not os.path.exists(spec):
+        raise ValueError(f"{art.path}: its source model {spec!r} (the path sop quantize was given) is not "
+                         f"found from here; give it with {option('model', '')}")
+    return spec
 
 
 def _dequantized_from(path: Path, fingerprint: str) -> bool:

@@ -46,7 +46,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, check_output
 from sop.golden.formats import bf16_codes_of_float32, round_to_bf16
-from sop.quantize.artifact import open_artifact
+from sop.quantize.artifact import open_artifact, source_spec
 from sop.quantize.inputs import NAN_POLICIES, boolean, on_command_line, option
 from sop.quantize.layer_loop import layer_line, reporter
 from sop.quantize.models import (AUX_SUFFIXES, FILTERED, NoLayerSelected, builtin_path, is_lm_head, model_inputs,
@@ -99,10 +99,11 @@ DECODER_OUTPUT = {"float32": "exact", "bfloat16": "bf16"}
 BF16_CHUNK = 1 << 20
 
 
-def check_dtype(dtype) -> str:
-    """``dtype`` if it is one of ``DTYPES`` (a string), else a ValueError naming it as its caller gave it."""
+def check_dtype(dtype, written: str = "the model folder") -> str:
+    """``dtype`` if it is one of ``DTYPES`` (a string), else a ValueError naming it as its caller gave it and
+    what is ``written`` in that type (the model folder, the GGUF file)."""
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"{option('dtype', repr(dtype))}: the model folder is written in "
+        raise ValueError(f"{option('dtype', repr(dtype))}: {written} is written in "
                          f"{' or '.join(map(repr, DTYPES))}")
     return dtype
 
@@ -256,15 +257,7 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     dtype = check_dtype(dtype)
     art = open_artifact(artifact)
     meta = art.meta.get("model", {})
-    if model is not None and not model:         # it was "names no source model; give --model"
-        raise ValueError(f"{option('model')} '' is an empty name: give the source model (a file, a folder, "
-                         f"'minilm' or 'smollm2')")
-    spec = model if model is not None else meta.get("spec")
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"{art.path}: the artifact names no source model; give {option('model', '')}")
-    if model is None and builtin_path(spec) is None and not os.path.exists(spec):
-        raise ValueError(f"{art.path}: its source model {spec!r} (the path sop quantize was given) is not "
-                         f"found from here; give it with {option('model', '')}")
+    spec = source_spec(art, model)
     names = [e.name for e in art.layers]
     head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
     # a fused experts tensor is selected by its own name, its experts with it

@@ -15,9 +15,10 @@
                                   real quantized layers as test vectors for the RTL (docs/vectors.md)
     sop quantize MODEL --format F --out FILE.sopq [--budget B] [--jobs N] [--device D]
                                   write the quantized artifact (quantize/artifact.py has the container)
-    sop dequantize FILE.sopq --out W.safetensors [--model-folder [--dtype float32|bfloat16]]
+    sop dequantize FILE.sopq --out W.safetensors [--model-folder|--gguf [--dtype float32|bfloat16]]
                                   decode every layer through the golden decoder into float32 safetensors
-                                  (--model-folder: a whole causal-LM folder transformers loads)
+                                  (--model-folder: a whole causal-LM folder transformers loads; --gguf,
+                                  an artifact of a GGUF: that GGUF with the layers decoded, for llama.cpp)
     sop gemv FILE.sopq --layer NAME --x X.npy [--x-format bf16|e4m3] --out Y.npy
                                   y = W x of one quantized layer by the golden dot-product engine
                                   (golden/dot.py, docs/dot.md): X (in,) or (batch, in) float32 whose
@@ -293,20 +294,26 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+#: `sop dequantize`'s output switches, each with where its output is named instead
+_OUTPUT_SWITCHES = {"--model-folder": "the folder to write is --out DIR",
+                    "--gguf": "the file to write is --out OUT.gguf"}
+
+
 def _model_folder_hint(argv: list[str], message: str) -> str:
     """`sop dequantize A.sopq --model-folder DIR` reads as the folder given: it said only that --out is
     required (DIR unused), then, with an --out, that DIR is an unrecognized argument (`--model-folder=DIR`:
-    an ignored explicit argument)."""
-    hint = "--model-folder takes no value: the folder to write is --out DIR"
-    if message.startswith("argument --model-folder: ignored explicit argument"):
-        return hint
-    if "--model-folder" not in argv:
-        return ""
-    after = argv[argv.index("--model-folder") + 1:]
-    valued = bool(after) and not after[0].startswith("-") and after[0] in message.split(": ", 1)[-1].split()
-    if message.startswith("the following arguments are required:") and "--out" in message \
-            or message.startswith("unrecognized arguments:") and valued:
-        return hint
+    an ignored explicit argument); `--gguf OUT.gguf` alike."""
+    for switch, instead in _OUTPUT_SWITCHES.items():
+        hint = f"{switch} takes no value: {instead}"
+        if message.startswith(f"argument {switch}: ignored explicit argument"):
+            return hint
+        if switch not in argv:
+            continue
+        after = argv[argv.index(switch) + 1:]
+        valued = bool(after) and not after[0].startswith("-") and after[0] in message.split(": ", 1)[-1].split()
+        if message.startswith("the following arguments are required:") and "--out" in message \
+                or message.startswith("unrecognized arguments:") and valued:
+            return hint
     return ""
 
 
@@ -315,6 +322,21 @@ def cmd_dequantize(args) -> int:
 
     from sop.quantize.artifact import dequantize
 
+    if args.gguf and args.model_folder:
+        raise ValueError("--gguf and --model-folder are two outputs: give one (--gguf: a GGUF file llama.cpp runs, "
+                         "--model-folder: a transformers folder)")
+    if args.gguf:
+        from sop.quantize.gguf_export import export_gguf
+
+        check_output(args.out, [args.file])                 # and against the source GGUF, once it is known
+        t0 = time.time()
+        info = export_gguf(args.file, args.out, model=args.model, progress=not args.quiet,
+                           dtype=args.dtype or "float32")
+        n, tensors = info["layers"], info["tensors"]
+        print(f"wrote {info['path']}: a GGUF file of {tensors} decoded tensor{'s' if tensors != 1 else ''} in "
+              f"{info['dtype']} ({n} quantized layer{'s' if n != 1 else ''}, {info['format']}) and {info['copied']} "
+              f"copied from {info['model']}, {info['bytes']:,} bytes ({time.time() - t0:.1f} s)")
+        return 0
     if args.model_folder:
         from sop.quantize.hf_export import export_model_folder
 
@@ -332,7 +354,7 @@ def cmd_dequantize(args) -> int:
         return 0
     for given, flag in ((args.model, "--model"), (args.dtype, "--dtype")):
         if given is not None:
-            raise ValueError(f"{flag} applies with --model-folder only")
+            raise ValueError(f"{flag} applies with --model-folder only, or with --gguf")
     check_output(args.out, [args.file])
     t0 = time.time()
     info = dequantize(args.file, args.out, progress=not args.quiet)
@@ -637,16 +659,20 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     dq = sub.add_parser("dequantize", help="decode a .sopq artifact into float32 safetensors")
     dq.add_argument("file", type=in_file, help="the .sopq artifact")
     dq.add_argument("--out", required=True,
-                    help="the .safetensors file to write (atomically); with --model-folder, a folder")
+                    help="the .safetensors file to write (atomically); with --model-folder, a folder; with --gguf, "
+                         "a .gguf file")
     dq.add_argument("--model-folder", action="store_true",
                     help="write a whole model folder transformers loads: the reference causal LM with every "
                          "quantized layer decoded into it (config, safetensors in --dtype, tokenizer)")
+    dq.add_argument("--gguf", action="store_true",
+                    help="write a GGUF file llama.cpp runs (an artifact of a GGUF only): the source GGUF with every "
+                         "quantized layer decoded into it in --dtype, every other tensor and the metadata as stored")
     dq.add_argument("--model", default=None, metavar="MODEL",
-                    help="with --model-folder: the source model (default: the one the artifact names; its "
+                    help="with --model-folder or --gguf: the source model (default: the one the artifact names; its "
                          "fingerprint must match)")
     dq.add_argument("--dtype", default=None, choices=DTYPES,
-                    help="with --model-folder: the type of its weights (default float32; bfloat16: half the size, "
-                         "each quantized weight the exact decode rounded once to BF16)")
+                    help="with --model-folder or --gguf: the type of the decoded weights (default float32; bfloat16: "
+                         "half the size, each quantized weight the exact decode rounded once to BF16)")
     dq.add_argument("--quiet", action="store_true", help="no progress lines")
     dq.set_defaults(func=cmd_dequantize)
     dq.hint = _model_folder_hint
