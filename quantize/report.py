@@ -37,7 +37,8 @@ is an exact reconstruction (the evaluator writes infinity as null) and counts as
 
 Bad input (a missing file, not JSON, a missing or mistyped field, a number outside its
 ``FIELD_RANGES`` range: NaN, Infinity, a negative bpw, an integer of any length past float64's,
-a positive KLD the log panel cannot span, an ``e2e`` entry of a metric it does not know) raises ``ValueError`` naming the file and the field;
+a positive KLD the log panel cannot span, an ``e2e`` entry of a metric it does not know) raises ``ValueError``
+naming the file and the field;
 every number checked there, once, so the table and the plot never meet a NaN, an overflow or a
 warning.
 """
@@ -215,9 +216,11 @@ def _text_file(text, where: str) -> tuple[str, str] | None:
 def _held_out(rows: list[dict], where: str) -> str:
     """What the causal-LM rows' figures were measured on, for the report's KLD-front line: ``N held-out tokens``
     (the first row's count) and, from a file (``--eval-text``), ``of `FILE` (SHA-256 ...)``; rows measured on
-    different texts (JSON documents merged by hand) a ``ValueError``: their figures do not compare."""
+    different texts (JSON documents merged by hand) a ``ValueError``: their figures do not compare. A text is
+    told by its SHA-256, not its path: one file named from two folders (``held.txt``, ``/data/held.txt``) is
+    one text, and the line names the first row's path."""
     measured = [r["llm"] for r in rows if r.get("llm")]
-    if len({m["text"] for m in measured}) > 1:
+    if len({m["text"] and m["text"][1] for m in measured}) > 1:
         raise ValueError(f"{where}: the formats' end-to-end figures were measured on different held-out texts "
                          f"(e2e.text): one `sop eval` run measures every format on one")
     tokens, text = int(measured[0]["tokens"]), measured[0]["text"]

@@ -384,3 +384,51 @@ def test_a_float16_only_keep_list_leaves_a_bfloat16_export_all_bfloat16(tmp_path
     assert {k: t.dtype for k, t in saved_tensors(out).items()} == {k: t.dtype for k, t in want.items()}
     loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def model_state(model) -> dict:
+    """Each parameter of ``model`` as ``(dtype, its data's address, a copy of its values)``, and the config's dtype:
+    what an export must leave as it found it."""
+    state = {n: (p.dtype, p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    return state | {"config.dtype": getattr(model.config, "dtype", None)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss", "deepseek_v3"])
+def test_a_bfloat16_export_leaves_the_loaded_model_as_it_was(tmp_path, monkeypatch, arch):
+    """The model an export loads is cached on its ModelSource (``causal_lm.load``): after a bfloat16 export every
+    parameter is again the reference's float32 tensor, its very data (a fused experts parameter's rows and a router
+    kept in float32 written into copies, not into it), and the config's dtype is back; a second export of the same
+    loaded model writes the same bytes. Llama (each layer a module's weight), GPT-OSS (fused experts), DeepSeek-V3
+    (its router kept in float32, quantized with --include-routers)."""
+    from sop.quantize import causal_lm as L
+
+    if arch == "llama":
+        folder = make_folder(tmp_path / arch, arch, bpe_tokenizer())
+    else:
+        from test_causal_lm_fused_experts import make
+        from test_causal_lm_moe import make_moe
+
+        folder = (make if arch == "gpt_oss" else make_moe)(tmp_path / arch, arch)
+    art = tmp_path / "m.sopq"
+    assert main(["quantize", str(folder), "--format", "sop4-g16", "--out", str(art), "--quiet", "--no-calib",
+                 "--include-routers"]) == 0
+    load, runners = L.load, []
+
+    def load_once(src):                      # every export in this test runs on the one loaded model
+        if not runners:
+            runners.append(load(src))
+            runners.append(model_state(runners[0].model))
+        return runners[0]
+
+    monkeypatch.setattr(L, "load", load_once)
+    folders = [tmp_path / "first", tmp_path / "second"]
+    for out in folders:
+        export_model_folder(art, out, dtype="bfloat16", progress=False)
+        runner, before = runners
+        after = model_state(runner.model)
+        assert after.keys() == before.keys() and after["config.dtype"] == before["config.dtype"]
+        for name, (dtype, ptr, values) in ((k, v) for k, v in before.items() if k != "config.dtype"):
+            assert after[name][:2] == (dtype, ptr) == (torch.float32, ptr), name
+            assert torch.equal(after[name][2].view(torch.int32), values.view(torch.int32)), name
+    files = [{f.name: f.read_bytes() for f in sorted(d.iterdir())} for d in folders]
+    assert files[0] == files[1] and any(k.endswith(".safetensors") for k in files[0])

@@ -3,6 +3,7 @@ Pareto front on hand-made points, and bad input."""
 
 import json
 import math
+import re
 import struct
 import zlib
 
@@ -390,4 +391,25 @@ def test_the_kld_front_line_names_the_held_out_text_file(eval_json, tmp_path):
     doc["formats"][first]["e2e"]["text"] = "my held.txt"
     src.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=rf"formats.{first}.e2e: field 'text' must be "):
+        report(src)
+
+
+def test_one_held_out_text_named_by_two_paths_is_one_text(eval_json, tmp_path):
+    """Formats measured on one text file named from two folders (``held.txt``, ``/data/held.txt``: JSON documents
+    of two runs merged by hand) are measured on one text, its SHA-256 the same: the report is written, naming the
+    first row's path (it said they were "measured on different held-out texts"); another SHA-256 is refused."""
+    doc = json.loads(eval_json.read_text())
+    for i, name in enumerate(doc["formats"]):
+        doc["formats"][name]["e2e"] = {"metric": "causal-lm", "tokens": 2032, "ppl": 37.0, "ppl_ref": 36.0,
+                                       "kld": 0.1, "top1": 0.9,
+                                       "text": {"path": "/data/held.txt" if i else "held.txt", "sha256": "ab" * 32}}
+    assert len(doc["formats"]) > 1
+    src = tmp_path / "lm.json"
+    src.write_text(json.dumps(doc))
+    report(src)
+    md = (tmp_path / "lm.md").read_text()
+    assert re.search(rf"2,032 held-out tokens of `(/data/)?held.txt` \(SHA-256 {'ab' * 32}\)\): ", md), md
+    doc["formats"][name]["e2e"]["text"]["sha256"] = "cd" * 32
+    src.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"lm.json: the formats' end-to-end figures were measured on different "):
         report(src)
