@@ -42,7 +42,7 @@ demo: $(STAMP)  ## all-MiniLM-L6-v2: every format's errors, a golden decode, the
 	$(VENV)/bin/sop demo
 
 .PHONY: demo-llm
-demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with calibration, ppl/KLD table, .sopq, a model folder transformers loads, greedy completions
+demo-llm: $(STAMP)  ## SmolLM2-135M-Instruct: baselines and SOP points with calibration, ppl/KLD table, .sopq, a model folder transformers loads, a GGUF llama.cpp runs, greedy completions
 	$(PY) -m sop.demo_llm
 
 verilog: $(STAMP)  ## Verilog + JSON manifest of each named decoder configuration in build/verilog/, those with BF16 output of up to 8 lanes also with residuals (NAME-sp), their AXI4-Stream shells with FuseSoC cores (NAME_axis.v, NAME_axis.core), and the GEMV engines (gemv-*.v) with their AXI4-Stream shells and FuseSoC cores (gemv-*_axis.v, gemv-*_axis.core)

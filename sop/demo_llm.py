@@ -16,10 +16,14 @@ real activations, but no full-precision one). The steps:
    the golden decoder into the model and writes a folder ``transformers`` loads
    (``build/demo-llm/smollm2-sop4-g16/``); it is loaded back with ``AutoModelForCausalLM`` and its
    greedy completion must be the one step 1 printed for sop4-g16.
+4. **GGUF**: ``sop dequantize --gguf`` writes the source GGUF with every layer of the artifact decoded into it
+   (``build/demo-llm/smollm2-sop4-g16.gguf``, a file llama.cpp runs); ``transformers`` loads it back and its
+   completion must be the model folder's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -95,12 +99,46 @@ def targets(doc: dict) -> None:
         print("\n".join(f"  {l}" for l in lines))
 
 
-def artifact_and_folder(completions: dict, include=None) -> None:
+@contextlib.contextmanager
+def _no_tqdm():
+    """transformers' GGUF loading without its tqdm bar (``modeling_gguf_pytorch_utils.tqdm``, a bar drawn over
+    one terminal line: sop prints its own lines), restored after."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def _completion(folder: Path, gguf_file: str | None = None) -> str:
+    """The greedy completion of ``PROMPT`` by the model ``transformers`` loads from ``folder`` (a model folder,
+    or the GGUF file ``gguf_file`` in it), in float32."""
     import torch
     from transformers.models.auto import AutoModelForCausalLM, AutoTokenizer
 
-    from sop.quantize.artifact import quantize_model
     from sop.quantize.causal_lm import quiet_transformers
+
+    quiet_transformers()
+    kw = dict(local_files_only=True, **({"gguf_file": gguf_file} if gguf_file else {}))
+    with _no_tqdm():                            # transformers' GGUF loading draws its own bar, through tqdm
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             temperature=None, top_p=None, top_k=None,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def artifact_and_folder(completions: dict, include=None) -> None:
+    from sop.quantize.artifact import quantize_model
+    from sop.quantize.gguf_export import export_gguf
     from sop.quantize.hf_export import export_model_folder
 
     art = OUT_DIR / f"{MODEL}-sop4-g16.sopq"
@@ -112,15 +150,7 @@ def artifact_and_folder(completions: dict, include=None) -> None:
     _step(f"sop dequantize {art} --model-folder --out {folder}")
     out = export_model_folder(art, folder)
     print(f"wrote {folder}/: {', '.join(out['files'])}")
-    quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                             temperature=None, top_p=None, top_k=None,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    text = _completion(folder)
     _show("folder sop4-g16", text)
     if "sop4-g16" in completions:
         same = text == completions["sop4-g16"]
@@ -128,6 +158,15 @@ def artifact_and_folder(completions: dict, include=None) -> None:
               f"sop4-g16 in step 1")
         if not same:
             raise SystemExit("the dequantized model folder does not reproduce the sop4-g16 completion")
+    gguf = OUT_DIR / f"{MODEL}-sop4-g16.gguf"
+    _step(f"sop dequantize {art} --gguf --out {gguf}")
+    out = export_gguf(art, gguf, progress=False)
+    print(f"wrote {gguf}: {out['tensors']} decoded tensors, {out['copied']} copied from {MODEL}'s GGUF, "
+          f"{out['bytes']:,} bytes (llama.cpp runs it: llama-cli -m {gguf})")
+    same = _completion(OUT_DIR, gguf.name) == text
+    print(f"  the GGUF loaded by transformers {'gives' if same else 'does NOT give'} the folder's completion")
+    if not same:
+        raise SystemExit("the GGUF export does not reproduce the model folder's completion")
 
 
 def run(formats=FORMATS, include=None) -> int:
