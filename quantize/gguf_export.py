@@ -6,9 +6,10 @@ its fingerprint must be the artifact's, as for the model folder export, quantize
 writes ``out``: the source GGUF with each quantized layer replaced by its decode, everything else as
 the source holds it.
 
-* **Metadata**: every key/value of the source, in its order, with its type and its bytes (a string
-  is copied as its bytes, an array with its element type), ``general.alignment`` included and kept
-  as the file's alignment. The one change is ``general.file_type`` (``file_type_of``): llama.cpp's
+* **Metadata**: every key/value of the source, in its order, as the bytes the file holds (``metadata_bytes``:
+  not re-packed by gguf's writer, which refuses an empty array and an array of arrays and would quiet a
+  signaling NaN), in its byte order and GGUF version, ``general.alignment`` included and kept as the
+  file's alignment. The one change is ``general.file_type`` (``file_type_of``): llama.cpp's
   ``llama_ftype`` says what "most" of the file is (``MOSTLY_Q4_1``: every matrix Q4_1, the 1-D norms
   F32); after the export the decoded layers are F32 or BF16 and the tensors the artifact does not
   hold keep their type. The key stays, in its place, where one type applies: ``0`` (``ALL_F32``)
@@ -28,11 +29,14 @@ the source holds it.
   layer not in an artifact of some layers) is copied byte for byte with its type (a Q4_1 embedding
   stays Q4_1: it is the reference the layers were quantized beside).
 
-Memory: the source is memory-mapped and copied a tensor at a time, the layers decoded one at a time,
-so the peak is about one layer (float32) beside the source's metadata. The output is streamed to a
-temporary file in its folder and renamed over ``out`` at the end (``golden.files.atomic_output``): an
-error or an interrupt leaves ``out`` as it was. ``out`` may be none of the inputs (the artifact, the
-source GGUF, any file the artifact records as its source) and must end in ``.gguf``.
+Memory: the source's header is parsed from its memory map; its tensors are read (``pread``) and copied a
+chunk at a time, the layers decoded one at a time, so the peak is about one layer (float32) beside the
+source's metadata. The source is checked unchanged (size, modification time, inode: the file the
+fingerprint was taken of) before each tensor it gives and at the end; changed, truncated, it is one
+line. The output is streamed to a temporary file in its folder and renamed over ``out`` at the end
+(``golden.files.atomic_output``): an error or an interrupt leaves ``out`` as it was. ``out`` may be none
+of the inputs (the artifact, the source GGUF, any file the artifact records as its source) and must end
+in ``.gguf``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import numpy as np
 
 from sop.golden.files import OutputError, atomic_output, check_output
 from sop.quantize.artifact import open_artifact, source_files, source_spec
+from sop.quantize.checkpoint_files import CheckpointError
 from sop.quantize.hf_export import DECODER_OUTPUT, bf16_bits, check_dtype
 from sop.quantize.inputs import boolean, on_command_line, option
 from sop.quantize.layer_loop import layer_line, reporter
@@ -104,37 +109,35 @@ def file_type_of(types: list[tuple[int, int]]) -> int | None:
     return None
 
 
-def _value(field, index: int):
-    """One value of a gguf.ReaderField: a string as its bytes (copied as they are), a number as Python's."""
-    from gguf import GGUFValueType
-
-    part = field.parts[index]
-    return bytes(part) if field.types[-1] == GGUFValueType.STRING else part.item()
+def _raw(parts) -> bytes:
+    """Parts of a gguf.ReaderField as the file holds them (each is a view of the file, in its byte order): a
+    key/value whole, however it nests, or some of a tensor info's fields."""
+    return b"".join(bytes(p) for p in parts)
 
 
-def copy_metadata(writer, reader, path: Path, file_type: int | None) -> None:
-    """Every key/value of the gguf.GGUFReader ``reader`` (of ``path``) into ``writer``, in order, with its
-    type; ``general.file_type`` set to ``file_type``, or left out where it is None."""
-    from gguf import GGUFValueType
+def _packed(value: int, like) -> bytes:
+    """``value`` in the type and byte order of ``like``, a part of a gguf.ReaderField (a count, an offset, a
+    tensor type, ``general.file_type``'s value)."""
+    return np.array([value], dtype=like.dtype).tobytes()
 
-    writer.kv_data[0].clear()                   # GGUFWriter starts with general.architecture: the source's order
+
+def metadata_bytes(reader, file_type: int | None) -> tuple[bytes, int]:
+    """(every key/value of the gguf.GGUFReader ``reader``, in order, as its file holds it, ``general.file_type``
+    set to ``file_type`` in its own type or left out where it is None; how many). Copied as bytes, not
+    re-packed: an array of arrays, an empty array, a string of any bytes, a NaN's payload are kept."""
+    out, n = [], 0
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):             # the reader's pseudo-fields: version, counts
             continue
-        vtype = field.types[0]
         if key == FILE_TYPE:
-            if file_type is not None:
-                writer.add_key_value(key, file_type, GGUFValueType.UINT32)
-            continue
-        if vtype != GGUFValueType.ARRAY:
-            writer.add_key_value(key, _value(field, field.data[0]), vtype)
-        elif len(field.types) > 2 and field.types[1] == GGUFValueType.ARRAY:
-            raise ValueError(f"{path}: metadata key {key} is an array of arrays, which the GGUF export cannot "
-                             f"copy (gguf's reader flattens it)")
-        elif not field.data:                    # GGUFWriter refuses an empty array: its element type is kept
-            raise ValueError(f"{path}: metadata key {key} is an empty array, which gguf's writer cannot write")
+            if file_type is None:
+                continue
+            # name length, name, value type, value: only the value changes, in the key's type
+            out.append(_raw(field.parts[:-1]) + _packed(file_type, field.parts[-1]))
         else:
-            writer.add_key_value(key, [_value(field, i) for i in field.data], vtype, sub_type=field.types[-1])
+            out.append(_raw(field.parts))
+        n += 1
+    return b"".join(out), n
 
 
 def _plan(art, reader) -> list[tuple[object, list]]:
@@ -179,60 +182,113 @@ def export_gguf(artifact, out, model: str | None = None, progress: bool = True, 
     if Path(out).suffix.lower() not in GGUF_SUFFIXES:      # every reader takes a model by its name's ending
         raise OutputError(f"{out}: the output is a GGUF file, which every reader takes by its name's ending; "
                           f"name it {out}{GGUF_SUFFIXES[0]}")
-    src = open_gguf_source(art, spec)
-    path = Path(src.files[0])
-    reader = src._reader.parsed[os.path.realpath(path)]    # parsed once, by the project's reader
-    plan = _plan(art, reader)
-    writer, file_type = _gguf_writer(reader, path, plan, dtype)
-    with atomic_output(out) as f:
-        _write(f, writer, art, plan, dtype, reporter(progress))
-        size = f.tell()
+    with Source(open_gguf_source(art, spec)) as source:
+        plan = _plan(art, source.parsed)
+        header, file_type = _header(source.parsed, plan, dtype)
+        with atomic_output(out) as f:
+            f.write(header)
+            _write_tensors(f, source, art, plan, dtype, reporter(progress))
+            size = f.tell()
     return {"path": str(out), "bytes": size, "layers": len(art.layers), "tensors": sum(1 for _, e in plan if e),
             "copied": sum(1 for _, e in plan if not e), "format": art.format, "dtype": dtype, "model": spec,
             "file_type": file_type}
 
 
-def _gguf_writer(reader, path: Path, plan: list, dtype: str):
-    """(a gguf.GGUFWriter holding the source's metadata and the output's tensor infos, in the source's byte
-    order and alignment; the output's ``general.file_type``, None where it has none)."""
+def _header(reader, plan: list, dtype: str) -> tuple[bytes, int | None]:
+    """(the output's bytes before its tensor data: the source's header, metadata and tensor infos in its byte
+    order and version, each decoded tensor's type and every offset anew, padded to the source's alignment;
+    the output's ``general.file_type``, None where it has none)."""
     import gguf
 
     decoded = gguf.GGMLQuantizationType.F32 if dtype == "float32" else gguf.GGMLQuantizationType.BF16
     types = [(decoded if entries else t.tensor_type, len(t.shape)) for t, entries in plan]
     file_type = file_type_of(types) if reader.get_field(FILE_TYPE) is not None else None
-    writer = gguf.GGUFWriter(None, "", endianess=reader.endianess)     # no file yet: _write gives it one
-    writer.data_alignment = int(reader.alignment)
-    copy_metadata(writer, reader, path, file_type)
+    kv, n_kv = metadata_bytes(reader, file_type)
+    fields = reader.fields
+    # the magic is the bytes "GGUF" in either byte order; the version and the tensor count the source's
+    head = [gguf.GGUF_MAGIC.to_bytes(4, "little"), _raw(fields["GGUF.version"].parts),
+            _raw(fields["GGUF.tensor_count"].parts), _packed(n_kv, fields["GGUF.kv_count"].parts[0]), kv]
+    align, offset = int(reader.alignment), 0
     for (t, entries), (kind, _) in zip(plan, types):
-        shape = tuple(int(d) for d in reversed(t.shape))
-        nbytes = int(t.n_bytes) if not entries else int(np.prod(shape)) * (4 if dtype == "float32" else 2)
-        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), nbytes, raw_dtype=kind)
-    return writer, file_type
+        name_dims, kind_part, offset_part = t.field.parts[:4], t.field.parts[4], t.field.parts[5]
+        head += [_raw(name_dims), _packed(kind, kind_part), _packed(offset, offset_part)]
+        offset += _padded(_nbytes(t, entries, dtype), align)
+    head = b"".join(head)
+    return head + bytes(_padded(len(head), align) - len(head)), file_type
 
 
-def _write(f, writer, art, plan: list, dtype: str, say) -> None:
-    """The GGUF into the open file ``f``: the writer's header, metadata and tensor infos, then each tensor,
-    padded to the alignment as the infos' offsets say; one progress line a decoded layer."""
+def _padded(n: int, align: int) -> int:
+    """``n`` rounded up to a multiple of ``align`` (GGUF pads the header and each tensor's data)."""
+    return -(-n // align) * align
+
+
+def _nbytes(t, entries: list, dtype: str) -> int:
+    """The bytes of tensor ``t`` in the output: its own where it is copied, 4 or 2 a weight where decoded."""
+    return int(t.n_bytes) if not entries else int(t.n_elements) * (4 if dtype == "float32" else 2)
+
+
+class Source:
+    """The source GGUF as the export copies from it, open for reading: ``copy(f, t)`` writes tensor ``t``'s bytes
+    as the file holds them, refusing a file changed since the project's reader opened (and fingerprinted) it,
+    so that what is copied is the checkpoint the artifact was made from."""
+
+    def __init__(self, src):
+        self.path = Path(src.files[0])
+        self._reader = src._reader
+        self.parsed = src._reader.parsed[os.path.realpath(self.path)]    # parsed once, by the project's reader
+        self._file = None
+
+    def __enter__(self) -> "Source":
+        self._file = open(self.path, "rb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def check(self, name: str) -> None:
+        """A CheckpointError if the file is not the one opened (size, modification time, inode)."""
+        self._reader._check_unchanged(self.path, name)
+
+    def copy(self, f, t) -> None:
+        """Tensor ``t``'s bytes (its type, the file's byte order) into ``f``, read with ``pread``, not through
+        the memory map: a source truncated meanwhile is one line, where the map's page past the end killed
+        the process (SIGBUS) and left its temporary file behind."""
+        start, n = int(t.data_offset), int(t.n_bytes)
+        self.check(t.name)
+        for at in range(0, n, COPY_CHUNK):
+            want = min(COPY_CHUNK, n - at)
+            chunk = os.pread(self._file.fileno(), want, start + at)
+            if len(chunk) != want:
+                self.check(t.name)              # changed since it was opened: that line
+                raise CheckpointError(self.path, f"tensor {t.name} cannot be read: the file ends at byte "
+                                                 f"{start + at + len(chunk)}, inside its data")
+            f.write(chunk)
+
+
+#: bytes copied at a time from the source (an embedding may be gigabytes)
+COPY_CHUNK = 1 << 24
+
+
+def _write_tensors(f, source: Source, art, plan: list, dtype: str, say) -> None:
+    """Each tensor's data into ``f`` after the header, padded to the source's alignment as the header's offsets
+    say; one progress line a decoded layer; the source checked unchanged once every copy is made."""
     import gguf
 
-    writer.fout, writer.state = [f], gguf.gguf_writer.WriterState.EMPTY     # open_output_file's two steps
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.write_padding(f, f.tell())
-    swap = writer.endianess != (gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE)
+    here = gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE
+    swap, align = source.parsed.endianess != here, int(source.parsed.alignment)
     n, done = len(art.layers), 0
     for t, entries in plan:
         start = f.tell()
-        # f.write, not ndarray.tofile: tofile's OSError on a full disk has no errno ("N requested and 0
-        # written"), so it was no "No space left on device" line naming the target (golden.files)
-        if not entries:                         # the source's bytes, as stored (its byte order)
-            f.write(np.ascontiguousarray(t.data).data)
+        if not entries:
+            source.copy(f, t)
         for e in entries:                       # a layer, or a fused tensor's experts one after another
             t0 = time.perf_counter()
             w = _decoded(art, e, dtype)
+            # f.write, not ndarray.tofile: tofile's OSError on a full disk has no errno ("N requested and 0
+            # written"), so it was no "No space left on device" line naming the target (golden.files)
             f.write((w.byteswap() if swap else w).data)
             done += 1
             say(layer_line("dequantize", done, n, e.name, e.shape, time.perf_counter() - t0))
-        writer.write_padding(f, f.tell() - start)
-    writer.fout = None                          # the file is atomic_output's, closed by it
+        f.write(bytes(_padded(f.tell() - start, align) - (f.tell() - start)))
+    if plan:
+        source.check(plan[-1][0].name)

@@ -7,8 +7,8 @@ golden's decoder, float32 and BF16), transformers' logits on the file those of t
 of the same artifact, and every refusal one line with the files left as they were."""
 
 import contextlib
-import errno
 import hashlib
+import os
 import re
 from types import SimpleNamespace
 
@@ -338,3 +338,98 @@ def test_a_full_disk_is_one_line_naming_the_target(llama, tmp_path, capsys, tens
     assert err == f"sop: error: {out}: File too large; nothing was written (the target is as it was)"
     assert out.read_bytes() == b"an earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf", "whole.gguf"]
+
+
+class _Raw(bytes):
+    """A metadata value as the bytes a GGUF holds after its type (``_odd_metadata``): what gguf's writer
+    refuses to write (an empty array) or re-packs (a NaN's payload), written as it is."""
+
+
+def _odd_metadata(finish, alignment):
+    """``finish_gguf`` writing first values other writers than gguf's Python one put in a GGUF (llama.cpp's
+    C++ writes what it reads): an empty array, an array of arrays, strings that are not UTF-8, a signaling
+    NaN; ``general.alignment`` where ``alignment`` is given (else GGUF's default 32)."""
+    import struct
+
+    V = gguf.GGUFValueType
+
+    def more(w, result):
+        pack = w._pack_val
+
+        def raw_or_packed(val, vtype, add_vtype, sub_type=None):
+            if isinstance(val, _Raw):
+                return (struct.pack("<I", vtype) if add_vtype else b"") + bytes(val)
+            return pack(val, vtype, add_vtype, sub_type)
+
+        w._pack_val = raw_or_packed
+        w.add_file_type(7)
+        if alignment:
+            w.add_custom_alignment(alignment)
+        for key, vtype, value in (
+                ("sop.test.empty", V.ARRAY, struct.pack("<IQ", V.INT32, 0)),
+                ("sop.test.nested", V.ARRAY, struct.pack("<IQ", V.ARRAY, 2) + struct.pack("<IQi", V.INT32, 1, 5)
+                 + struct.pack("<IQii", V.INT32, 2, 6, 7)),
+                ("sop.test.latin1", V.STRING, struct.pack("<Q", 3) + b"\xfc\xe9x"),
+                ("sop.test.bytes", V.ARRAY, struct.pack("<IQQ", V.STRING, 2, 1) + b"\xff" + struct.pack("<Q", 0)),
+                ("sop.test.snan", V.FLOAT32, struct.pack("<I", 0x7F800001))):
+            w.add_key_value(key, _Raw(value), vtype)
+        return finish(w, result)
+    return more
+
+
+@pytest.mark.parametrize("alignment", [None, 256])
+def test_every_key_is_copied_as_the_bytes_the_source_holds(llama, tmp_path, alignment):
+    """An empty array and an array of arrays were refused (gguf's writer cannot write them), a signaling NaN
+    came back quiet (re-packed through a Python float): every key/value is now the source's bytes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "finish_gguf", _odd_metadata(T.finish_gguf, alignment))
+        src = T.write_llama_gguf(tmp_path / "odd.gguf", llama.folder, llama.tokenizer)
+    art, out = tmp_path / "odd.sopq", tmp_path / "out.gguf"
+    assert main(["quantize", str(src), "--format", "sop4-g16", "--out", str(art), "--include", "blk.1.*", *QUIET]) == 0
+    assert main(["dequantize", str(art), "--gguf", "--out", str(out), "--quiet"]) == 0
+    s, o = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    assert s.fields["sop.test.snan"].parts[-1].view(np.uint32)[0] == 0x7F800001     # the source is as meant
+    assert [k for k in o.fields if k != "general.file_type"] == [k for k in s.fields if k != "general.file_type"]
+    for k in o.fields:
+        if not k.startswith("GGUF.") and k != "general.file_type":
+            assert b"".join(map(bytes, o.fields[k].parts)) == b"".join(map(bytes, s.fields[k].parts)), k
+    assert int(o.alignment) == (alignment or 32) == int(s.alignment)
+    assert all((t.data_offset - o.data_offset) % (alignment or 32) == 0 for t in o.tensors)
+    for a, b in zip(s.tensors, o.tensors, strict=True):       # blk.0 kept: its Q8_0 tensors' bytes too
+        if not a.name.startswith("blk.1."):
+            assert b.tensor_type == a.tensor_type and bytes(b.data) == bytes(a.data), a.name
+
+
+@pytest.mark.parametrize("change", ["truncated", "rewritten"])
+def test_a_source_changed_during_the_export_is_one_line(llama, tmp_path, capsys, monkeypatch, change):
+    """The source GGUF truncated (or rewritten in place) while the export runs: it copied the bytes of the file
+    as it now was (rewritten), or read the memory map past the file's end, which killed the process (SIGBUS),
+    its temporary file left behind. Now the file is checked before each copy and at the end: one line."""
+    from sop.quantize import gguf_export
+
+    (tmp_path / "src").mkdir()
+    src = tmp_path / "src" / llama.gguf.name            # the same name: the same fingerprint
+    src.write_bytes(llama.gguf.read_bytes())
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns - 10 ** 10))   # a rewrite's time differs
+    later = next(t for t in gguf.GGUFReader(str(src)).tensors if t.name == "blk.1.ffn_norm.weight")
+    decoded = gguf_export._decoded
+
+    def change_the_source(*args):
+        if change == "truncated":
+            os.truncate(src, int(later.data_offset))
+        else:
+            with open(src, "r+b") as f:
+                f.seek(int(later.data_offset))
+                f.write(bytes(int(later.n_bytes)))
+        return decoded(*args)
+
+    monkeypatch.setattr(gguf_export, "_decoded", change_the_source)
+    out = tmp_path / "q.gguf"
+    out.write_bytes(b"an earlier export")
+    err = one_error(capsys, ["dequantize", str(llama.art), "--gguf", "--out", str(out), "--model", str(src),
+                             "--quiet"])
+    assert re.fullmatch(re.escape(f"sop: error: {src}: tensor ") + r"blk\.0\.\w+\.weight" + re.escape(
+        " cannot be read: the file changed since it was opened (size, modification time or inode); run again on "
+        "the file as it is now"), err), err
+    assert out.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf", "src"]
