@@ -62,6 +62,7 @@ Contract.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -92,7 +93,7 @@ from sop.quantize.jobs import LayerPool, check_jobs, usable_cpus
 from sop.quantize.schemes import get_quant_format
 from sop.quantize.metrics import abs_max, aggregate
 from sop.quantize.models import (ARTIFACT_SUFFIX, CHECKPOINT_SUFFIXES, MINILM, SAFETENSORS_SUFFIXES, SIBLINGS_READ,
-                                 SMOLLM2, builtin_path, expert_layer_name, files_fingerprint, is_artifact,
+                                 SMOLLM2, builtin_path, expert_layer_name, files_fingerprint, is_artifact, is_lm_head,
                                  linear_layers, model_inputs, open_model)
 from sop.quantize.result import QuantResult
 from sop.terminal import some_names
@@ -673,6 +674,17 @@ def source_spec(art, model: str | None) -> str:
         raise ValueError(f"{art.path}: its source model {spec!r} (the path sop quantize was given) is not "
                          f"found from here; give it with {option('model', '')}")
     return spec
+
+
+def source_selection(art) -> dict:
+    """``open_model``'s selection of an artifact's layers in its source (the model folder and the GGUF exports):
+    each layer by its name, a fused experts tensor by its own (its experts with it), a MoE router by its name
+    (with --include-routers, or from a .sopq made when they were quantized by default), and the output head
+    where the artifact holds it or an embedding (a tied head: its weights are the embedding's)."""
+    names = [e.name for e in art.layers]
+    head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
+    return {"include": sorted({glob.escape(e.stack[0] if e.stack else e.name) for e in art.layers}),
+            "lm_head": head, "routers": True}
 
 
 def _dequantized_from(path: Path, fingerprint: str) -> bool:

@@ -41,7 +41,6 @@ in ``.gguf``.
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import time
@@ -50,12 +49,12 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.files import OutputError, atomic_output, check_output
-from sop.quantize.artifact import open_artifact, source_files, source_spec
+from sop.quantize.artifact import open_artifact, source_files, source_selection, source_spec
 from sop.quantize.checkpoint_files import CheckpointError
 from sop.quantize.hf_export import DECODER_OUTPUT, bf16_bits, check_dtype
 from sop.quantize.inputs import boolean, on_command_line, option
 from sop.quantize.layer_loop import layer_line, reporter
-from sop.quantize.models import GGUF_SUFFIXES, NoLayerSelected, is_lm_head, model_inputs, open_model
+from sop.quantize.models import GGUF_SUFFIXES, NoLayerSelected, model_inputs, open_model
 
 FILE_TYPE = "general.file_type"
 #: llama.cpp's ``llama_ftype`` (llama.h) of a file of one type: every tensor F32, every matrix BF16
@@ -83,11 +82,8 @@ def open_gguf_source(art, spec: str):
     """The source GGUF of ``art`` opened (``models.open_model``: every check of its reader), with the artifact's
     layers selected; a ValueError where it is another checkpoint (its fingerprint is not the artifact's: the
     file's name is in it, so a matching file is the GGUF itself)."""
-    names = [e.name for e in art.layers]
-    head = any(is_lm_head(n) or "embed" in n or "embd" in n for n in names)
     try:
-        src = open_model(spec, include=sorted({glob.escape(e.stack[0] if e.stack else e.name) for e in art.layers}),
-                         lm_head=head, routers=True, forward_of=NO_FORWARD)
+        src = open_model(spec, **source_selection(art), forward_of=NO_FORWARD)
         same = src.fingerprint() == art.meta["model"].get("fingerprint")
     except NoLayerSelected:                     # none of the artifact's layers: another checkpoint
         same = False

@@ -36,7 +36,6 @@ source model), and the output folder may not be the source model's folder.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import re
 import time
@@ -46,10 +45,10 @@ import numpy as np
 
 from sop.golden.files import OutputError, check_output
 from sop.golden.formats import bf16_codes_of_float32, round_to_bf16
-from sop.quantize.artifact import open_artifact, source_spec
+from sop.quantize.artifact import open_artifact, source_selection, source_spec
 from sop.quantize.inputs import NAN_POLICIES, boolean, on_command_line, option
 from sop.quantize.layer_loop import layer_line, reporter
-from sop.quantize.models import (AUX_SUFFIXES, FILTERED, NoLayerSelected, builtin_path, is_lm_head, model_inputs,
+from sop.quantize.models import (AUX_SUFFIXES, FILTERED, NoLayerSelected, builtin_path, model_inputs,
                                  open_model)
 
 
@@ -259,12 +258,8 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     meta = art.meta.get("model", {})
     spec = source_spec(art, model)
     names = [e.name for e in art.layers]
-    head = any(is_lm_head(n) or "embed" in n or "embd" in n or n.endswith("wte.weight") for n in names)
-    # a fused experts tensor is selected by its own name, its experts with it
-    # (and a MoE router by its name: with --include-routers, or from a .sopq made when they were quantized by default)
     try:
-        src = open_model(spec, include=sorted({glob.escape(e.stack[0] if e.stack else e.name) for e in art.layers}),
-                         lm_head=head, routers=True)
+        src = open_model(spec, **source_selection(art))
     except NoLayerSelected:
         # none of the artifact's layers is in this model: another checkpoint (the user gave no --include)
         raise _other_model_error(art, meta, spec, names) from None
