@@ -734,20 +734,26 @@ def source_by_contents(art: Artifact, out: str | os.PathLike) -> Path | None:
     return None
 
 
+#: what ``named_as_written`` checks an output's name against: its ending -> (the command writing it, what it holds)
+WRITTEN = {ARTIFACT_SUFFIX: ("sop quantize", f"a {ARTIFACT_SUFFIX} artifact"),
+           ".safetensors": ("sop dequantize", "decoded weights as safetensors"),
+           ".gguf": ("sop dequantize --gguf", "a GGUF file")}
+
+
 def named_as_written(out, ending: str, call: str) -> None:
     """Refuse an output whose name's ending is not what it holds: every reader takes a model or an artifact
     by its name's ending (``models.is_artifact``, ``models.open_model``), so an artifact named
     ``.safetensors`` was read as a damaged checkpoint (``header length field claims 5659184979 bytes``),
     one named with no ending as an ``unsupported file type ''``, and decoded weights named ``.sopq`` as a
-    damaged artifact. ``ending``: what ``out`` holds, ``ARTIFACT_SUFFIX`` (an artifact) or ``.safetensors``
-    (decoded weights), in any case; ``call``: the Python function writing it (``"quantize_model()"``,
-    ``"quantize_module()"``, ``"dequantize()"``); the command line's is ``sop quantize`` or ``sop dequantize``."""
+    damaged artifact. ``ending``: what ``out`` holds (``WRITTEN``: ``ARTIFACT_SUFFIX``, an artifact;
+    ``.safetensors``, decoded weights; ``.gguf``, a GGUF file), in any case; ``call``: the Python function
+    writing it (``"quantize_model()"``, ``"quantize_module()"``, ``"dequantize()"``, ``"export_gguf()"``); the
+    command line's is the ``WRITTEN`` command."""
     suffix = Path(out).suffix.lower()
     if suffix == ending:
         return
-    artifact = ending == ARTIFACT_SUFFIX
-    name = f"`sop {'quantize' if artifact else 'dequantize'}`" if on_command_line() else call
-    holds = f"a {ARTIFACT_SUFFIX} artifact" if artifact else "decoded weights as safetensors"
+    command, holds = WRITTEN[ending]
+    name = f"`{command}`" if on_command_line() else call
     if suffix in CHECKPOINT_SUFFIXES + (ARTIFACT_SUFFIX,):      # another reader's: the same name, its ending changed
         read_as = f"as a {suffix} {'checkpoint' if suffix in CHECKPOINT_SUFFIXES else 'artifact'}"
         fix = Path(out).with_suffix(ending)

@@ -48,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sop.golden.files import OutputError, atomic_output, check_output
-from sop.quantize.artifact import open_artifact, source_files, source_selection, source_spec
+from sop.golden.files import atomic_output, check_output
+from sop.quantize.artifact import named_as_written, open_artifact, source_files, source_selection, source_spec
 from sop.quantize.checkpoint_files import CheckpointError
 from sop.quantize.hf_export import DECODER_OUTPUT, bf16_bits, check_dtype
 from sop.quantize.inputs import boolean, on_command_line, option
@@ -74,8 +74,8 @@ def check_gguf_source(art) -> None:
     this, folder, alone = (("--gguf", "--model-folder", "without --gguf") if on_command_line()
                            else ("export_gguf", "export_model_folder", "with dequantize"))
     raise ValueError(f"{art.path}: {this} writes a GGUF back from an artifact of a GGUF file; this one was "
-                     f"quantized from {what}: write a transformers model folder with {folder}, or the decoded "
-                     f"layers alone as safetensors {alone}")
+                     f"quantized from {what}: write the decoded layers alone as safetensors {alone}, or, of a "
+                     f"causal LM transformers runs, a model folder with {folder}")
 
 
 def open_gguf_source(art, spec: str):
@@ -175,9 +175,7 @@ def export_gguf(artifact, out, model: str | None = None, progress: bool = True, 
     check_gguf_source(art)
     spec = source_spec(art, model)
     check_output(out, [art.path, *source_files(art), *model_inputs(spec)], option=option("out"))
-    if Path(out).suffix.lower() not in GGUF_SUFFIXES:      # every reader takes a model by its name's ending
-        raise OutputError(f"{out}: the output is a GGUF file, which every reader takes by its name's ending; "
-                          f"name it {out}{GGUF_SUFFIXES[0]}")
+    named_as_written(out, GGUF_SUFFIXES[0], "export_gguf()")      # every reader takes a model by its name's ending
     with Source(open_gguf_source(art, spec)) as source:
         plan = _plan(art, source.parsed)
         header, file_type = _header(source.parsed, plan, dtype)

@@ -215,14 +215,20 @@ def _text_file(text, where: str) -> tuple[str, str] | None:
 
 def _held_out(rows: list[dict], where: str) -> str:
     """What the causal-LM rows' figures were measured on, for the report's KLD-front line: ``N held-out tokens``
-    (the first row's count) and, from a file (``--eval-text``), ``of `FILE` (SHA-256 ...)``; rows measured on
-    different texts (JSON documents merged by hand) a ``ValueError``: their figures do not compare. A text is
-    told by its SHA-256, not its path: one file named from two folders (``held.txt``, ``/data/held.txt``) is
-    one text, and the line names the first row's path."""
+    (the rows' one count) and, from a file (``--eval-text``), ``of `FILE` (SHA-256 ...)``; rows measured on
+    different texts, or on different counts of tokens of one text (JSON documents merged by hand: another
+    ``--e2e-windows`` or ``--seq-len``), a ``ValueError``: their figures do not compare, and the line would
+    name the first row's count for all. A text is told by its SHA-256, not its path: one file named from two
+    folders (``held.txt``, ``/data/held.txt``) is one text, and the line names the first row's path."""
     measured = [r["llm"] for r in rows if r.get("llm")]
     if len({m["text"] and m["text"][1] for m in measured}) > 1:
         raise ValueError(f"{where}: the formats' end-to-end figures were measured on different held-out texts "
                          f"(e2e.text): one `sop eval` run measures every format on one")
+    counts = sorted({int(m["tokens"]) for m in measured})
+    if len(counts) > 1:
+        raise ValueError(f"{where}: the formats' end-to-end figures were measured on different numbers of "
+                         f"held-out tokens (e2e.tokens: {', '.join(f'{n:,}' for n in counts)}): one `sop eval` "
+                         f"run measures every format on the same tokens")
     tokens, text = int(measured[0]["tokens"]), measured[0]["text"]
     if text is None:
         return f"{tokens:,} held-out tokens"

@@ -220,8 +220,8 @@ def test_an_artifact_of_no_gguf_is_refused_naming_the_model_folder(llama, tmp_pa
     assert main(["quantize", str(llama.folder), "--format", "sop4-g16", "--out", str(art), *QUIET]) == 0
     err = one_error(capsys, ["dequantize", str(art), "--gguf", "--out", str(out)])
     assert err == (f"sop: error: {art}: --gguf writes a GGUF back from an artifact of a GGUF file; this one was "
-                   f"quantized from '{llama.folder}' (safetensors): write a transformers model folder with "
-                   f"--model-folder, or the decoded layers alone as safetensors without --gguf")
+                   f"quantized from '{llama.folder}' (safetensors): write the decoded layers alone as safetensors "
+                   f"without --gguf, or, of a causal LM transformers runs, a model folder with --model-folder")
     assert not out.exists()
 
 
@@ -241,8 +241,11 @@ def test_the_gguf_export_refuses_a_folder_another_name_and_another_model(llama, 
     assert err == f"sop: error: {tmp_path / 'd'}: the output exists and is a folder; refusing to replace it " \
                   f"with a regular file"
     err = one_error(capsys, ["dequantize", str(llama.art), "--gguf", "--out", str(tmp_path / "q.safetensors")])
-    assert err == f"sop: error: {tmp_path / 'q.safetensors'}: the output is a GGUF file, which every reader " \
-                  f"takes by its name's ending; name it {tmp_path / 'q.safetensors'}.gguf"
+    assert err == f"sop: error: {tmp_path / 'q.safetensors'}: `sop dequantize --gguf` writes a GGUF file, which " \
+                  f"every reader takes by its name's ending: this name would be read as a .safetensors checkpoint; " \
+                  f"name it {tmp_path / 'q.gguf'}"          # (it said q.safetensors.gguf: read as a GGUF, misnamed)
+    err = one_error(capsys, ["dequantize", str(llama.art), "--gguf", "--out", str(tmp_path / "q")])
+    assert err.endswith(f": this name would be read as no file type; name it {tmp_path / 'q.gguf'}")
     other = T.write_llama_gguf(tmp_path / "other.gguf", llama.folder, llama.tokenizer)
     err = one_error(capsys, ["dequantize", str(llama.art), "--gguf", "--out", str(tmp_path / "q.gguf"),
                              "--model", str(other)])

@@ -135,12 +135,12 @@ def test_causal_lm_columns_kld_front_and_panel(eval_json, tmp_path):
 
 def test_numbers_at_the_ends_of_their_ranges_make_a_whole_report(tmp_path):
     """Every number at an end of its ``FIELD_RANGES`` range: a report, no warning (they are errors
-    here), a perplexity of exp(709) as a figure of a few characters, not 309 digits."""
-    def lm(kld, ppl, top1, tokens=2032):
-        return {"metric": "causal-lm", "tokens": tokens, "ppl": ppl, "ppl_ref": 1.0, "kld": kld, "top1": top1}
+    here), a perplexity of exp(709) as a figure of a few characters, not 309 digits. Every row holds the largest
+    token count (one `sop eval` run scores every format on the same tokens: rows of different counts are refused)."""
+    def lm(kld, ppl, top1):
+        return {"metric": "causal-lm", "tokens": 2 ** 53, "ppl": ppl, "ppl_ref": 1.0, "kld": kld, "top1": top1}
     doc = {"model": "m", "formats": {
-        "a": {"bpw": 5e-324, "sqnr_db": -1000, "rel_mse": 0, "acos": -1, "e2e": lm(1e-100, 1.7976931348623157e308, 0,
-                                                                              tokens=2 ** 53)},
+        "a": {"bpw": 5e-324, "sqnr_db": -1000, "rel_mse": 0, "acos": -1, "e2e": lm(1e-100, 1.7976931348623157e308, 0)},
         "b": {"bpw": 1024, "sqnr_db": 1000, "rel_mse": 1e300, "acos": 1, "e2e": lm(1e100, 1.0, 1)},
         "c": {"bpw": 8, "sqnr_db": None, "rel_mse": 0, "acos": 1, "e2e": lm(0, 1e6, 1)},
         "d": {"bpw": 9, "sqnr_db": 1, "rel_mse": 1, "acos": 0, "e2e": lm(30, None, 0)}}}     # exp(NLL) past float64
@@ -413,3 +413,27 @@ def test_one_held_out_text_named_by_two_paths_is_one_text(eval_json, tmp_path):
     src.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"lm.json: the formats' end-to-end figures were measured on different "):
         report(src)
+
+
+def test_formats_measured_on_different_token_counts_are_refused(eval_json, tmp_path):
+    """Two runs' JSON merged by hand, one with ``--e2e-windows 2`` (254 tokens) and one with the default 16 x 256
+    (2,032), on the built-in held-out text: the report was written, its KLD front comparing figures of different
+    tokens and its line saying "2,032 held-out tokens" for every row. Refused in one line naming both counts,
+    nothing written; the same count in every row is written as before."""
+    doc = json.loads(eval_json.read_text())
+    assert len(doc["formats"]) > 1
+    for i, name in enumerate(doc["formats"]):
+        doc["formats"][name]["e2e"] = {"metric": "causal-lm", "tokens": 254 if i else 2032, "ppl": 37.0,
+                                       "ppl_ref": 36.0, "kld": 0.1, "top1": 0.9}
+    src = tmp_path / "lm.json"
+    src.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"lm.json: the formats' end-to-end figures were measured on different "
+                                         r"numbers of held-out tokens \(e2e.tokens: 254, 2,032\)"):
+        report(src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.json"]
+    for name in doc["formats"]:
+        doc["formats"][name]["e2e"]["tokens"] = 254
+    src.write_text(json.dumps(doc))
+    report(src)
+    assert "(fewer bits, lower mean KL divergence of the next-token distributions against the unquantized model, " \
+           "254 held-out tokens): " in (tmp_path / "lm.md").read_text()
