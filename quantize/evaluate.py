@@ -122,6 +122,9 @@ def _e2e_prepare(src, enabled: bool, n_heldout: int, windows: int = DEFAULT_E2E_
     or (None, {"skipped": why}). ``text``: a causal LM's held-out text file (``--eval-text``), its windows
     cut as the built-in held-out text's; None: the built-in held-out text."""
     if not enabled:
+        if windows != DEFAULT_E2E_WINDOWS:  # as a calibration size with --no-calib: said, not dropped
+            print(one_line(f"warning: {option('e2e_windows', str(windows))} unused: {no_e2e()} skips the "
+                           f"end-to-end check"), file=sys.stderr, flush=True)
         return None, {"skipped": "disabled"}
     if src.forward == "causal-lm":
         from sop.quantize import causal_lm

@@ -71,6 +71,10 @@ def test_e2e_windows_on_a_sentence_encoder_is_one_warning_line(tmp_path, capsys)
     assert main(base) == 0                                          # the default: nothing to say, the same result
     again = capsys.readouterr()
     assert again.err == "" and again.out == out
+    # with --no-e2e no end-to-end check runs at all: it changed nothing without a word (a researcher's walk)
+    assert main([*base, "--no-e2e", "--e2e-windows", "2"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["warning: --e2e-windows 2 unused: --no-e2e skips the "
+                                                    "end-to-end check"]
 
 
 def test_a_calibration_size_with_no_calib_is_one_warning_line(capsys):
