@@ -105,7 +105,7 @@ def _no_tqdm():
     one terminal line: sop prints its own lines), restored after."""
     import functools
 
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     bar = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(bar, disable=True)
