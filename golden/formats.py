@@ -459,6 +459,14 @@ def round_to_bf16(x) -> np.ndarray:
     return np.clip(out, -BF16_MAX, BF16_MAX, out=out).reshape(shape)
 
 
+def bf16_codes_of_float64(x) -> np.ndarray:
+    """``FORMATS["bf16"].encode(x)`` of finite float64 values (BF16's bit patterns), from ``round_to_bf16`` (the
+    table's values, on the bits): a BF16 value is exact in float32, and its code is the upper half of the float32
+    bits (tests/test_export_dtype.py: the same codes as the table's at every BF16 value, midpoint and
+    neighbour)."""
+    return (round_to_bf16(x).astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
 def format_names() -> list[str]:
     return sorted(FORMATS)
 

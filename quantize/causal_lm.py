@@ -646,6 +646,12 @@ def _expert_hook(targets: list[Target], add, fix: str | None = None):
     return hook
 
 
+def _attribute(target) -> str:
+    """The attribute of a layer's module that holds its parameter: ``weight``, or a fused experts parameter's
+    name (``target.slot[0]``)."""
+    return "weight" if target.slot is None else target.slot[0]
+
+
 class CausalLM:
     """A loaded causal LM with its checkpoint-name map (see the module docstring)."""
 
@@ -974,7 +980,7 @@ class CausalLM:
         try:
             for name, w in (weights or {}).items():
                 t = self.targets[name]
-                param = self.modules[t.module].weight if t.slot is None else getattr(self.modules[t.module], t.slot[0])
+                param = getattr(self.modules[t.module], _attribute(t))
                 if id(param) not in saved:
                     saved[id(param)] = (param, param.data)
                     if t.slot is not None:      # a fused experts parameter: a copy, its expert's rows written
@@ -985,6 +991,12 @@ class CausalLM:
         finally:
             for param, data in saved.values():
                 param.data = data
+
+    def param_name(self, name: str) -> str:
+        """The model's name of the parameter that holds layer ``name`` (its module's ``weight``, or the fused
+        experts parameter its ``slot`` names): what transformers' loading matches its float32 patterns against."""
+        t = self.targets[name]
+        return f"{t.module}.{_attribute(t)}"
 
     def place(self, name: str, new) -> None:
         """The torch tensor ``new`` (layer ``name``'s weight in its module's layout, ``module_weight``) put in

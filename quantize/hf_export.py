@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from sop.golden.files import OutputError, check_output
-from sop.golden.formats import bf16_codes_of_float32, round_to_bf16
+from sop.golden.formats import bf16_codes_of_float32, bf16_codes_of_float64
 from sop.quantize.artifact import open_artifact, source_selection, source_spec
 from sop.quantize.inputs import NAN_POLICIES, boolean, on_command_line, option
 from sop.quantize.layer_loop import layer_line, reporter
@@ -107,14 +107,6 @@ def check_dtype(dtype, written: str = "the model folder") -> str:
     return dtype
 
 
-def _bf16_codes_of_float64(x: np.ndarray) -> np.ndarray:
-    """``FORMATS["bf16"].encode`` of finite float64 values (BF16's bit patterns), from golden's rounding on the
-    float64 bits (``round_to_bf16``, the table's values): a BF16 value is exact in float32, and its code is the
-    upper half of the float32 bits (tests/test_export_dtype.py: the same codes at every BF16 value, midpoint
-    and neighbour)."""
-    return (round_to_bf16(x).astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
-
-
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """The BF16 bit patterns (uint16) of float values ``x`` rounded once to BF16 by golden's rule
     (``FORMATS["bf16"].encode``, whose codes are the bit patterns: to nearest, ties to even, saturating,
@@ -123,7 +115,7 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     x = x.reshape(-1) if x.dtype == np.float32 else np.asarray(x, dtype=np.float64).reshape(-1)
     # float32 (every tensor of a model transformers loaded in float32) and float64: the table's codes, on the bits
-    encode = bf16_codes_of_float32 if x.dtype == np.float32 else _bf16_codes_of_float64
+    encode = bf16_codes_of_float32 if x.dtype == np.float32 else bf16_codes_of_float64
     bits = np.empty(x.shape, dtype=np.uint16)
     for i in range(0, len(x), BF16_CHUNK):
         part = x[i:i + BF16_CHUNK]
@@ -163,13 +155,6 @@ def float32_kept(model):
         return lambda name: False
     found = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
     return lambda name: found.search(name) is not None
-
-
-def _layer_param(runner, name: str) -> str:
-    """The name of the model parameter that holds layer ``name`` (the module's ``weight``, or the fused experts
-    parameter its ``slot`` names): the name transformers' loading matches its float32 patterns against."""
-    t = runner.targets[name]
-    return f"{t.module}.{'weight' if t.slot is None else t.slot[0]}"
 
 
 def _put_layers_bf16(runner, layers, float32: set) -> None:
@@ -299,7 +284,7 @@ def export_model_folder(artifact, out, model: str | None = None, progress: bool 
     save, say = dict(inputs=[art.path, *inputs], out_option=option("out")), reporter(progress)
     if dtype == "bfloat16":
         kept = float32_kept(runner.model)
-        float32 = {name for name in names if kept(_layer_param(runner, name))}
+        float32 = {name for name in names if kept(runner.param_name(name))}
         decoded = _decoded_layers(art, src, spec, dtype, say, float32)
         # each layer into the BF16 model as it is decoded: one decoded layer in float32 at a time, not all
         with _in_bfloat16(runner.model, kept):

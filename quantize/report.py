@@ -233,9 +233,8 @@ def _held_out(rows: list[dict], where: str) -> str:
     if text is None:
         return f"{tokens:,} held-out tokens"
     path = shown_text(text[0])
-    tick = "``" if "`" in path else "`"          # a code span its own backticks cannot end
-    return f"{tokens:,} held-out tokens of {tick} {path} {tick} (SHA-256 {text[1]})" if tick == "``" else \
-        f"{tokens:,} held-out tokens of `{path}` (SHA-256 {text[1]})"
+    span = f"`` {path} ``" if "`" in path else f"`{path}`"      # a code span its own backticks cannot end
+    return f"{tokens:,} held-out tokens of {span} (SHA-256 {text[1]})"
 
 
 def load_rows(doc: dict, where: str = "eval JSON", bpw_tol: float = BPW_TOL) -> list[dict]:
